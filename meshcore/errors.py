@@ -1,0 +1,66 @@
+"""The meshcore exception tree. Each class carries its wire meaning.
+
+Translation to the wire happens at exactly one boundary per protocol: the HBONE server maps
+`HboneError.status` to the CONNECT response status; the HTTP/2 layer maps `H2ProtocolError.code`
+to a GOAWAY/RST_STREAM error code (RFC 9113 §7); TLS peer failures close the connection before
+any application data and are counted with response_flags=TLS_FAILURE.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base of every error raised by meshcore."""
+
+
+class IdentityError(MeshError):
+    """A SPIFFE ID or identity-bearing value is malformed."""
+
+
+class CertificateError(MeshError):
+    """A certificate, key or CSR is malformed, or the CA refused to sign it."""
+
+
+class PeerVerificationError(MeshError):
+    """The TLS peer is not who we accept (chain, trust domain, SAN). Wire: close before data."""
+
+
+class ConfigError(MeshError):
+    """Configuration is invalid. `path` names the offending field (e.g. ``workloads[3].addresses``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+class HboneError(MeshError):
+    """A CONNECT request that is refused. `status` is the HTTP status sent in the response."""
+
+    status = 500
+
+
+class BadRequest(HboneError):
+    """Not CONNECT, or a malformed/forbidden :authority (400)."""
+
+    status = 400
+
+
+class Unauthorized(HboneError):
+    """Authorization denied the connection (401)."""
+
+    status = 401
+
+
+class UpstreamUnavailable(HboneError):
+    """No upstream, or the upstream TCP connect failed (503)."""
+
+    status = 503
+
+
+class H2ProtocolError(MeshError):
+    """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM."""
+
+    def __init__(self, message: str, code: int = 0x1) -> None:
+        super().__init__(message)
+        self.code = code
