@@ -1,0 +1,184 @@
+"""Mutual-TLS contexts for HBONE and verification of the peer's SPIFFE identity.
+
+Owns: building `ssl.SSLContext`s from a `WorkloadCertificate` (server and client side), caching
+them per certificate, and `verify_peer`, run right after the handshake and before any data.
+
+Invariants (the HBONE wire contract of Istio ambient):
+- TLS 1.3 only (RFC 8446), ALPN "h2" (RFC 7301) on both sides, mutual authentication against the
+  mesh trust bundle only (never the system store), no session tickets / resumption, no SNI and no
+  hostname check on the client: identity is the peer leaf's URI SAN, checked by `verify_peer`.
+- Chain and validity-period verification is OpenSSL's (RFC 5280 §6); `verify_peer` adds the
+  mesh rules: one URI SAN that is a workload SPIFFE ID, same trust domain, optionally in an
+  expected set (the client's list of acceptable server identities).
+- Private keys touch the filesystem only for the instant `load_cert_chain` needs a path (the
+  stdlib has no in-memory loader): a 0600 file in a fresh 0700 directory, on /dev/shm (tmpfs)
+  when available, unlinked before the function returns, even on error.
+- Limitation: Python's ssl module cannot restrict the TLS 1.3 cipher suites (no
+  SSL_CTX_set_ciphersuites binding), so OpenSSL's defaults apply; the server prefers its own
+  order, which puts AES-256-GCM first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import ssl
+import tempfile
+from collections.abc import Collection
+from typing import Literal
+
+from cryptography import x509
+
+from meshcore.certs import WorkloadCertificate
+from meshcore.errors import CertificateError, IdentityError, PeerVerificationError
+from meshcore.identity import SpiffeId
+
+ALPN_H2 = "h2"
+Side = Literal["server", "client"]
+
+_SHM = "/dev/shm"
+
+
+def _secret_dir() -> str | None:
+    return _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK | os.X_OK) else None
+
+
+def _presented_chain(cert: WorkloadCertificate) -> list[bytes]:
+    """Leaf + intermediates: self-issued certificates (roots) are not sent (RFC 8446 §4.4.2
+    allows omitting the trust anchor; the peer has it in its bundle)."""
+    out = [cert.chain_pem[0]]
+    for pem in cert.chain_pem[1:]:
+        c = x509.load_pem_x509_certificate(pem)
+        if c.subject != c.issuer:
+            out.append(pem)
+    return out
+
+
+def _load_identity(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
+    tmpdir = tempfile.mkdtemp(prefix="mesh-key-", dir=_secret_dir())  # mode 0700
+    try:
+        path = os.path.join(tmpdir, "identity.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, cert.key_pem + b"".join(_presented_chain(cert)))
+        finally:
+            os.close(fd)
+        try:
+            ctx.load_cert_chain(path)  # key and chain read from the same file
+        finally:
+            os.unlink(path)
+    except ssl.SSLError as e:
+        raise CertificateError(f"cannot load certificate for {cert.identity}: {e}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _common(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols([ALPN_H2])
+    ctx.options |= ssl.OP_NO_TICKET
+    try:
+        ctx.load_verify_locations(cadata=cert.roots_pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError) as e:
+        raise CertificateError(f"invalid trust bundle: {e}") from e
+    _load_identity(ctx, cert)
+    return ctx
+
+
+def server_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+    """Server side of HBONE: present `cert`, require a client certificate from the mesh roots."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.num_tickets = 0  # RFC 8446 §4.6.1: send no NewSessionTicket, so no resumption
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    return _common(ctx, cert)
+
+
+def client_context(cert: WorkloadCertificate) -> ssl.SSLContext:
+    """Client side of HBONE: present `cert` (the SOURCE identity), verify the server chain.
+
+    Hostname checking is off: callers pass ``server_hostname=None`` (or ``""`` with asyncio) so
+    no SNI is sent, and check the server's SAN with `verify_peer(..., expected=...)`.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return _common(ctx, cert)
+
+
+class ContextCache:
+    """SSL contexts per (identity, serial, side, trust bundle), so a context is built once per
+    certificate rather than per connection. Storing a context for a new certificate evicts the
+    older ones of that identity and side; connections still using them keep their reference."""
+
+    def __init__(self) -> None:
+        self._contexts: dict[tuple[SpiffeId, int, Side, bytes], ssl.SSLContext] = {}
+
+    def get(self, cert: WorkloadCertificate, side: Side) -> ssl.SSLContext:
+        key = (cert.identity, cert.serial, side, hashlib.sha256(cert.roots_pem).digest())
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = server_context(cert) if side == "server" else client_context(cert)
+            for old in [k for k in self._contexts if k[0] == key[0] and k[2] == side]:
+                del self._contexts[old]
+            self._contexts[key] = ctx
+        return ctx
+
+    def server(self, cert: WorkloadCertificate) -> ssl.SSLContext:
+        return self.get(cert, "server")
+
+    def client(self, cert: WorkloadCertificate) -> ssl.SSLContext:
+        return self.get(cert, "client")
+
+    def invalidate(self, identity: SpiffeId) -> None:
+        """Forget every context of `identity` (e.g. the workload left the node)."""
+        for k in [k for k in self._contexts if k[0] == identity]:
+            del self._contexts[k]
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+
+def verify_peer(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket,
+    *,
+    trust_domain: str,
+    expected: Collection[SpiffeId] | None,
+) -> SpiffeId:
+    """The peer's identity after a completed handshake, or PeerVerificationError.
+
+    The chain was verified by OpenSSL against the mesh roots (CERT_REQUIRED); this adds the
+    protocol and identity checks. Call before reading or writing any application data.
+    """
+    version = ssl_object.version()
+    if version != "TLSv1.3":
+        raise PeerVerificationError(f"TLS version is {version}, HBONE requires TLSv1.3")
+    alpn = ssl_object.selected_alpn_protocol()
+    if alpn != ALPN_H2:
+        raise PeerVerificationError(f"ALPN protocol is {alpn!r}, HBONE requires 'h2'")
+    peer = ssl_object.getpeercert()
+    if not peer:
+        raise PeerVerificationError("peer presented no (verified) certificate")
+    sans = peer.get("subjectAltName", ())
+    if not isinstance(sans, tuple):
+        raise PeerVerificationError("peer certificate subjectAltName is malformed")
+    uris = [str(pair[1]) for pair in sans if len(pair) == 2 and pair[0] == "URI"]
+    if len(uris) != 1:
+        raise PeerVerificationError(
+            f"peer certificate must have exactly one URI SAN, has {len(uris)}"
+        )
+    try:
+        identity = SpiffeId.parse(uris[0])
+    except IdentityError as e:
+        raise PeerVerificationError(f"peer URI SAN is not a workload SPIFFE ID: {e}") from e
+    if identity.trust_domain != trust_domain:
+        raise PeerVerificationError(
+            f"peer {identity} is in trust domain {identity.trust_domain!r}, expected "
+            f"{trust_domain!r}"
+        )
+    if expected is not None and identity not in expected:
+        allowed = ", ".join(sorted(str(e) for e in expected)) or "<none>"
+        raise PeerVerificationError(f"peer {identity} is not an expected identity ({allowed})")
+    return identity
