@@ -261,6 +261,10 @@ class HboneConnection:
         """True once the peer's SETTINGS arrived (client: safe to size streams by them)."""
         return self._settings_received
 
+    def is_open(self, stream_id: int) -> bool:
+        """The stream is open or half-closed (not yet closed both ways or reset)."""
+        return stream_id in self._streams
+
     @property
     def open_streams(self) -> int:
         return len(self._streams)

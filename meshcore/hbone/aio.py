@@ -1,0 +1,427 @@
+"""asyncio edge of HBONE: moves bytes between a TLS transport and `HboneConnection`.
+
+Owns: one `HboneProtocol` per mTLS connection (client or server role), the `HboneStream` handle
+the proxies use, and peer verification timing: the peer certificate is checked right after the
+TLS handshake and before any HTTP/2 byte is processed or sent.
+
+Transport independence: proxies see only `TunnelStream` (write / write_eof / reset) and feed a
+`TunnelSink` (data / eof / reset / backpressure). HBONE over HTTP/3 will provide the same two
+interfaces, so nothing above this module knows which transport carries a tunnel.
+
+Invariants:
+- Every event batch from `receive_data` is followed by exactly one flush of `data_to_send`.
+- Received DATA is credited back to the peer only once the sink has accepted it without being
+  paused; a paused sink acknowledges on resume, which keeps per-stream memory bounded by the
+  stream window (4 MiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
+
+from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError
+from meshcore.hbone.connection import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    HboneConnection,
+    RequestReceived,
+    ResponseReceived,
+    Role,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
+from meshcore.hbone.frames import ErrorCode
+from meshcore.identity import SpiffeId
+from meshcore.tls import verify_peer
+
+
+class TunnelSink(Protocol):
+    """What a tunnel delivers to (the local side of a relay)."""
+
+    write_paused: bool
+
+    def tunnel_data(self, data: bytes) -> None: ...
+
+    def tunnel_eof(self) -> None: ...
+
+    def tunnel_reset(self, code: int) -> None: ...
+
+    def tunnel_pause_source(self) -> None:
+        """The tunnel can't take more now: stop reading the local source."""
+
+    def tunnel_resume_source(self) -> None: ...
+
+
+class TunnelStream(Protocol):
+    """What the proxies write into: one tunnelled TCP connection, whatever the transport."""
+
+    peer_identity: SpiffeId | None
+
+    def attach(self, sink: TunnelSink) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    def reset(self, code: int = ErrorCode.CONNECT_ERROR) -> None: ...
+
+    def acknowledge(self, length: int) -> None: ...
+
+
+class HboneStream:
+    """One CONNECT stream on an `HboneProtocol`."""
+
+    __slots__ = (
+        "_early",
+        "_proto",
+        "authority",
+        "closed",
+        "headers",
+        "peer_identity",
+        "response",
+        "sink",
+        "stream_id",
+    )
+
+    def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
+        self._proto = proto
+        self.stream_id = stream_id
+        self.sink: TunnelSink | None = None
+        self.peer_identity = proto.peer_identity
+        self.headers: list[tuple[str, str]] = []
+        self.authority = ""
+        self.response: asyncio.Future[int] | None = None
+        self._early: list[bytes | None] = []  # data (None = EOF) arriving before a sink attaches
+        self.closed = False
+
+    def attach(self, sink: TunnelSink) -> None:
+        self.sink = sink
+        early, self._early = self._early, []
+        for chunk in early:
+            if chunk is None:
+                sink.tunnel_eof()
+            else:
+                sink.tunnel_data(chunk)
+                self._proto.ack(self.stream_id, len(chunk))
+
+    def respond(self, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """Server side: send the CONNECT response (200 opens the tunnel)."""
+        self._proto.conn.respond(self.stream_id, status, headers)
+        if status != 200:
+            self._proto.forget(self.stream_id)
+        self._proto.flush()
+
+    def write(self, data: bytes) -> None:
+        proto = self._proto
+        if not proto.conn.send_data(self.stream_id, data) and self.sink is not None:
+            self.sink.tunnel_pause_source()
+        proto.flush()
+
+    def write_eof(self) -> None:
+        proto = self._proto
+        proto.conn.end_stream(self.stream_id)
+        if not proto.conn.is_open(self.stream_id):
+            proto.forget(self.stream_id)  # the peer had ended too: closed both ways
+        proto.flush()
+
+    def reset(self, code: int = ErrorCode.CONNECT_ERROR) -> None:
+        if not self.closed:
+            self.closed = True
+            self._proto.conn.reset_stream(self.stream_id, code)
+            self._proto.forget(self.stream_id)
+            self._proto.flush()
+
+    def acknowledge(self, length: int) -> None:
+        self._proto.ack(self.stream_id, length)
+        self._proto.flush()
+
+
+RequestHandler = Callable[[HboneStream], None]
+
+
+class HboneProtocol(asyncio.Protocol):
+    """An mTLS connection speaking HBONE. Create with `connect()` or `HboneServer`."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        trust_domain: str,
+        expected: Collection[SpiffeId] | None = None,
+        on_request: RequestHandler | None = None,
+        on_close: Callable[[HboneProtocol], None] | None = None,
+    ) -> None:
+        self.conn = HboneConnection(role)
+        self.role = role
+        self.trust_domain = trust_domain
+        self.expected = expected
+        self.on_request = on_request
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.peer_identity: SpiffeId | None = None
+        self.streams: dict[int, HboneStream] = {}
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.idle_since = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Client role: called after the TLS handshake (create_connection with ssl=...).
+        assert isinstance(transport, asyncio.Transport)
+        self.tls_established(transport)
+
+    def tls_established(self, transport: asyncio.Transport) -> None:
+        """Verify the peer before any HTTP/2 byte moves, then send the preface/SETTINGS."""
+        self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            if ssl_object is None:
+                raise PeerVerificationError("HBONE requires TLS")
+            self.peer_identity = verify_peer(
+                ssl_object, trust_domain=self.trust_domain, expected=self.expected
+            )
+        except PeerVerificationError as err:
+            self.closed = True
+            if not self.ready.done():
+                self.ready.set_exception(err)
+            transport.abort()
+            return
+        self.conn.initiate(self._loop.time())
+        self.flush()
+        self._timer = self._loop.call_later(1.0, self._on_timer)
+        if self.role is Role.SERVER and not self.ready.done():
+            self.ready.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.ready.done():
+            self.ready.set_exception(exc or ConnectionResetError("HBONE connection closed"))
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.closed = True
+            if stream.response is not None and not stream.response.done():
+                stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
+            if stream.sink is not None:
+                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def _on_timer(self) -> None:
+        if self.closed:
+            return
+        if not self.conn.handle_timer(self._loop.time()):
+            self.abort()  # no PING answer within the timeout: the peer is gone
+            return
+        self.flush()
+        self._timer = self._loop.call_later(1.0, self._on_timer)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Graceful: GOAWAY(NO_ERROR); open streams may finish; closes when the last one ends."""
+        self.conn.close()
+        self.flush()
+        if not self.streams and self.transport is not None:
+            self.transport.close()
+
+    # ---- I/O -------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def ack(self, stream_id: int, length: int) -> None:
+        self.conn.acknowledge_received_data(stream_id, length)
+
+    def forget(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream.closed = True
+        if not self.streams:
+            self.idle_since = self._loop.time()
+            if self.conn.goaway_sent and self.transport is not None:
+                self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        events = self.conn.receive_data(data, self._loop.time())
+        if len(events) == 1 and type(events[0]) is DataReceived:
+            # Hot path: one DATA chunk for an attached, unpaused sink.
+            ev = events[0]
+            stream = self.streams.get(ev.stream_id)
+            if stream is not None and stream.sink is not None:
+                sink = stream.sink
+                sink.tunnel_data(ev.data)
+                if not sink.write_paused:
+                    self.conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+                self.flush()
+                return
+        self._dispatch(events)
+        self.flush()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for ev in events:
+            if type(ev) is DataReceived:
+                stream = self.streams.get(ev.stream_id)
+                if stream is None:
+                    self.conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+                elif stream.sink is None:
+                    stream._early.append(ev.data)
+                else:
+                    stream.sink.tunnel_data(ev.data)
+                    if not stream.sink.write_paused:
+                        self.conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+            elif type(ev) is StreamEnded:
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    if stream.sink is None:
+                        stream._early.append(None)
+                    else:
+                        stream.sink.tunnel_eof()
+            elif type(ev) is RequestReceived:
+                self._on_request(ev)
+            elif type(ev) is ResponseReceived:
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None and stream.response is not None:
+                    stream.headers = ev.headers
+                    if not stream.response.done():
+                        stream.response.set_result(ev.status)
+                    if ev.status != 200:
+                        self.forget(ev.stream_id)
+            elif type(ev) is StreamReset:
+                stream = self.streams.pop(ev.stream_id, None)
+                if stream is not None:
+                    stream.closed = True
+                    if stream.response is not None and not stream.response.done():
+                        stream.response.set_exception(
+                            ConnectionResetError(f"stream reset by peer (code {ev.error_code})")
+                        )
+                    if stream.sink is not None:
+                        stream.sink.tunnel_reset(ev.error_code)
+                    self.forget(ev.stream_id)
+            elif type(ev) is WindowOpened:
+                for sid in ev.stream_ids:
+                    stream = self.streams.get(sid)
+                    if stream is not None and stream.sink is not None:
+                        stream.sink.tunnel_resume_source()
+            elif type(ev) is ConnectionTerminated:
+                if not ev.remote:
+                    self.flush()
+                    self.abort()  # our GOAWAY for a protocol error: nothing more to say
+                elif not self.streams and self.transport is not None:
+                    self.transport.close()
+        for sid in [s for s in self.streams if not self.conn.is_open(s)]:
+            self.forget(sid)  # closed in both directions by END_STREAMs
+
+    def _on_request(self, ev: RequestReceived) -> None:
+        stream = HboneStream(self, ev.stream_id)
+        stream.headers = ev.headers
+        self.streams[ev.stream_id] = stream
+        method = next((v for k, v in ev.headers if k == ":method"), "")
+        stream.authority = next((v for k, v in ev.headers if k == ":authority"), "")
+        if method != "CONNECT" or any(
+            k in (":path", ":scheme", ":protocol") for k, _ in ev.headers
+        ):
+            stream.respond(400)  # RFC 9113 §8.5 / HBONE: only plain CONNECT is accepted
+            return
+        if self.on_request is None:
+            stream.respond(503)
+            return
+        self.on_request(stream)
+
+    # ---- client ----------------------------------------------------------------------------
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
+    ) -> HboneStream:
+        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        try:
+            sid = self.conn.open_connect(authority, headers)
+        except H2ProtocolError as err:
+            raise ConnectionResetError(str(err)) from err
+        stream = HboneStream(self, sid)
+        stream.authority = authority
+        stream.response = self._loop.create_future()
+        self.streams[sid] = stream
+        stream.sink = sink  # data only flows after 200; attach now so nothing is buffered
+        self.flush()
+        status = await stream.response
+        if status != 200:
+            refused = HboneError(f"CONNECT {authority} refused with {status}")
+            refused.status = status
+            raise refused
+        return stream
+
+
+def start_server_tls(
+    loop: asyncio.AbstractEventLoop,
+    raw: asyncio.Transport,
+    proto: HboneProtocol,
+    context: ssl.SSLContext,
+    timeout: float = 10.0,
+) -> asyncio.Task[None]:
+    """Server role: upgrade an accepted TCP transport to TLS with a context chosen by the
+    caller (from the destination address), then hand it to `proto`."""
+
+    async def upgrade() -> None:
+        try:
+            tls = await loop.start_tls(
+                raw, proto, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
+            raw.abort()
+            if not proto.ready.done():
+                proto.ready.set_exception(PeerVerificationError(f"TLS handshake failed: {err}"))
+            return
+        if tls is None:
+            return
+        assert isinstance(tls, asyncio.Transport)
+        proto.tls_established(tls)
+
+    return loop.create_task(upgrade())
+
+
+async def connect(
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    *,
+    trust_domain: str,
+    expected: Collection[SpiffeId],
+    local_addr: tuple[str, int] | None = None,
+    timeout: float = 10.0,
+    on_close: Callable[[HboneProtocol], None] | None = None,
+) -> HboneProtocol:
+    """Open an mTLS HBONE connection and verify the server is one of `expected`."""
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(
+            lambda: HboneProtocol(
+                Role.CLIENT, trust_domain=trust_domain, expected=expected, on_close=on_close
+            ),
+            host,
+            port,
+            ssl=context,
+            server_hostname="",  # HBONE sends no SNI
+            local_addr=local_addr,
+            ssl_handshake_timeout=timeout,
+        ),
+        timeout,
+    )
+    if proto.closed:
+        await proto.ready  # raises the PeerVerificationError
+    if not proto.ready.done():
+        proto.ready.set_result(None)
+    return proto

@@ -1,0 +1,152 @@
+"""HBONE connection pool: reuse mTLS connections for many CONNECT streams.
+
+Owns: the set of client `HboneProtocol`s, keyed like Istio's pool by (source identity, expected
+destination identities, destination address, source IP).
+
+Invariants (in the spirit of ztunnel's pool.rs):
+- A connection carries at most `max_streams` concurrent streams (capped again by the peer's
+  MAX_CONCURRENT_STREAMS); when every pooled connection of a key is full a new one is opened.
+- Concurrent requests for a key with no usable connection share ONE in-flight connect, so a burst
+  does not open a burst of TLS handshakes.
+- A connection that has carried no stream for `idle_timeout` is closed by `sweep(now)`; a closed
+  or GOAWAY'd connection is never handed out again.
+- The key includes the source identity, so one workload's certificate is never used for another's
+  traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from meshcore.hbone.aio import HboneProtocol, HboneStream, TunnelSink, connect
+from meshcore.identity import SpiffeId
+
+IDLE_TIMEOUT = 300.0  # Istio: idle connections are released after 5 minutes
+MAX_STREAMS_PER_CONNECTION = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolKey:
+    source: SpiffeId
+    """Identity whose certificate the client presents."""
+    expected: tuple[SpiffeId, ...]
+    """Server identities accepted for this destination."""
+    address: tuple[str, int]
+    """Where the HBONE connection goes (ip, 15008)."""
+    source_ip: str | None = None
+    """Bind the connection to this source IP (original-source mode), or None."""
+
+
+class HbonePool:
+    def __init__(
+        self,
+        context_for: Callable[[SpiffeId], Awaitable[ssl.SSLContext]],
+        *,
+        trust_domain: str,
+        max_streams: int = MAX_STREAMS_PER_CONNECTION,
+        idle_timeout: float = IDLE_TIMEOUT,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._context_for = context_for
+        self.trust_domain = trust_domain
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self._conns: dict[PoolKey, list[HboneProtocol]] = {}
+        self._connecting: dict[PoolKey, asyncio.Task[HboneProtocol]] = {}
+        self.connections_opened = 0
+
+    async def open_stream(
+        self,
+        key: PoolKey,
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        sink: TunnelSink,
+    ) -> HboneStream:
+        """A CONNECT stream on a pooled connection. Raises HboneError (non-200),
+        PeerVerificationError, or OSError/ConnectionError (connect failures)."""
+        proto = await self._connection(key)
+        return await proto.open_stream(authority, headers, sink)
+
+    async def _connection(self, key: PoolKey) -> HboneProtocol:
+        while True:
+            for proto in self._conns.get(key, ()):
+                if not proto.closed and proto.conn.can_open_stream(self.max_streams):
+                    return proto
+            task = self._connecting.get(key)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._dial(key))
+                self._connecting[key] = task
+                task.add_done_callback(functools.partial(self._dialed, key))
+            proto = await asyncio.shield(task)
+            if proto.conn.can_open_stream(self.max_streams):
+                return proto
+            # Filled up by others meanwhile: loop, and dial again if still full.
+
+    async def _dial(self, key: PoolKey) -> HboneProtocol:
+        ctx = await self._context_for(key.source)
+        local = (key.source_ip, 0) if key.source_ip else None
+        proto = await connect(
+            key.address[0],
+            key.address[1],
+            ctx,
+            trust_domain=self.trust_domain,
+            expected=key.expected,
+            local_addr=local,
+            timeout=self.connect_timeout,
+            on_close=functools.partial(self._remove, key),
+        )
+        self.connections_opened += 1
+        self._conns.setdefault(key, []).append(proto)
+        return proto
+
+    def _dialed(self, key: PoolKey, _task: asyncio.Task[HboneProtocol]) -> None:
+        self._connecting.pop(key, None)
+
+    def _remove(self, key: PoolKey, proto: HboneProtocol) -> None:
+        conns = self._conns.get(key)
+        if conns and proto in conns:
+            conns.remove(proto)
+            if not conns:
+                del self._conns[key]
+
+    def sweep(self, now: float) -> int:
+        """Close connections idle for longer than `idle_timeout`; returns how many."""
+        closed = 0
+        for conns in list(self._conns.values()):
+            for proto in list(conns):
+                if not proto.streams and now - proto.idle_since >= self.idle_timeout:
+                    proto.close()
+                    closed += 1
+        return closed
+
+    def retire(self, source: SpiffeId) -> None:
+        """Stop handing out connections that present `source`'s old certificate (after a
+        rotation): GOAWAY lets their streams finish while new streams get new connections."""
+        for key, conns in list(self._conns.items()):
+            if key.source == source:
+                for proto in list(conns):
+                    proto.close()
+                    self._remove(key, proto)
+
+    def close_all(self) -> None:
+        for conns in list(self._conns.values()):
+            for proto in list(conns):
+                proto.close()
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """For /config_dump and `ztunnel-config connections`."""
+        return [
+            {
+                "source": str(key.source),
+                "destination": f"{key.address[0]}:{key.address[1]}",
+                "peer": str(proto.peer_identity) if proto.peer_identity else None,
+                "streams": len(proto.streams),
+            }
+            for key, conns in self._conns.items()
+            for proto in conns
+        ]

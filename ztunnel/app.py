@@ -1,0 +1,286 @@
+"""The `ztunnel` process: the per-node L4 proxy.
+
+Owns: flag/env parsing into `ProxySettings`, building the `ProxyContext` (state, certificates,
+pool, telemetry), binding listeners, readiness, and graceful drain on SIGTERM.
+
+Listeners are created from sockets we make ourselves (`make_listener`), never by address inside
+asyncio, so a later zero-drop upgrade can hand the very same listening sockets to a new process.
+
+Ports (ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound HBONE,
+15000 admin (localhost), 15020 metrics, 15021 readiness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from meshcore.ca import MeshCA
+from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
+from meshcore.errors import ConfigError, MeshError
+from meshcore.hbone.pool import HbonePool
+from meshcore.model import load_mesh_config
+from meshcore.state import MeshState
+from ztunnel.admin import admin_routes, metrics_routes, readiness_routes, serve_http
+from ztunnel.metrics import ConnectionTracker, ProxyMetrics
+from ztunnel.proxy.context import ProxyContext, ProxySettings
+from ztunnel.proxy.inbound import HboneAccept, PlaintextInbound
+from ztunnel.proxy.outbound import OutboundConnection
+
+log = logging.getLogger("ztunnel")
+IP_TRANSPARENT = 19  # linux/in.h; not exported by the socket module
+
+
+def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket (the unit a process hands over)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if transparent:
+        # Accept connections for any destination address steered here by eBPF sk_assign.
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def _addr(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(what, f"{text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argparse.Namespace]:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="ztunnel", description="ambient-mesh node proxy")
+    p.add_argument("--node", default=env("NODE_NAME"), help="node name (env NODE_NAME)")
+    p.add_argument("--node-ip", default=env("NODE_IP", "0.0.0.0"), help="address of this proxy")
+    p.add_argument(
+        "--mesh-config",
+        type=Path,
+        default=env("MESH_CONFIG"),
+        help="static YAML of workloads/services/policies (no control plane)",
+    )
+    p.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=env("CA_DIR"),
+        help="mesh CA directory for local signing (static mode)",
+    )
+    p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
+    p.add_argument("--capture", choices=("bind", "transparent"), default=env("CAPTURE", "bind"))
+    p.add_argument(
+        "--outbound-listen",
+        action="append",
+        default=[],
+        help="bind mode: extra outbound listener host:port (e.g. a service VIP)",
+    )
+    p.add_argument("--cert-ttl", type=float, default=24 * 3600, help="certificate TTL, seconds")
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    for name, default in (
+        ("admin", 15000),
+        ("metrics", 15020),
+        ("readiness", 15021),
+        ("hbone", 15008),
+        ("outbound", 15001),
+        ("inbound-plaintext", 15006),
+    ):
+        p.add_argument(f"--{name}-port", type=int, default=default)
+    args = p.parse_args(argv)
+    if not args.node:
+        p.error("--node (or NODE_NAME) is required")
+    if args.mesh_config is None:
+        p.error("--mesh-config is required (the xDS client arrives with the control plane)")
+    settings = ProxySettings(
+        node=args.node,
+        node_ip=args.node_ip,
+        trust_domain=args.trust_domain,
+        capture=args.capture,
+        outbound_listen=tuple(_addr(a, "--outbound-listen") for a in args.outbound_listen),
+        outbound_port=args.outbound_port,
+        inbound_plaintext_port=args.inbound_plaintext_port,
+        hbone_port=args.hbone_port,
+        admin_port=args.admin_port,
+        metrics_port=args.metrics_port,
+        readiness_port=args.readiness_port,
+        drain_timeout=args.drain_timeout,
+    )
+    return settings, args
+
+
+class NodeProxy:
+    """One running node proxy: listeners + context. `start()`, then `drain()`."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.servers: list[asyncio.Server] = []
+        self.admin_servers: list[asyncio.Server] = []
+        self.ready = False
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _listener_specs(self) -> list[tuple[str, int, Callable[[], asyncio.Protocol], bool]]:
+        s, ctx = self.ctx.settings, self.ctx
+        out: Callable[[], asyncio.Protocol] = lambda: OutboundConnection(ctx)  # noqa: E731
+        hbone: Callable[[], asyncio.Protocol] = lambda: HboneAccept(ctx)  # noqa: E731
+        plain: Callable[[], asyncio.Protocol] = lambda: PlaintextInbound(ctx)  # noqa: E731
+        if s.capture == "transparent":
+            return [
+                ("0.0.0.0", s.outbound_port, out, True),
+                ("0.0.0.0", s.inbound_plaintext_port, plain, True),
+                ("0.0.0.0", s.hbone_port, hbone, True),
+            ]
+        specs = [(host, port, out, False) for host, port in s.outbound_listen]
+        specs.append((s.node_ip, s.outbound_port, out, False))
+        specs.append((s.node_ip, s.inbound_plaintext_port, plain, False))
+        # Bind mode: the HBONE listener is bound on each local workload's address, so the
+        # accepted socket's local address names the destination workload, as with capture.
+        for wl in ctx.state.local_workloads(s.node):
+            for ip in wl.addresses:
+                specs.append((str(ip), s.hbone_port, hbone, False))
+        return specs
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self.ctx
+        for host, port, factory, transparent in self._listener_specs():
+            sock = make_listener(host, port, transparent=transparent)
+            self.servers.append(await loop.create_server(factory, sock=sock))
+        s = ctx.settings
+        admin_host = "127.0.0.1" if s.node_ip in ("0.0.0.0", "::") else s.node_ip
+        self.admin_servers = [
+            await serve_http(admin_host, s.admin_port, admin_routes(ctx, self.stop)),
+            await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx)),
+            await serve_http(s.node_ip, s.readiness_port, readiness_routes(lambda: self.ready)),
+        ]
+        ctx.certs.on_rotate(ctx.on_rotate)
+        ctx.sync_local_identities()
+        self._tasks.append(loop.create_task(ctx.certs.run()))
+        self._tasks.append(loop.create_task(self._sweep()))
+        # Ready once every local identity has a certificate (inbound needs them at once).
+        for identity in ctx.certs.identities():
+            await ctx.certs.get(identity)
+        self.ready = True
+        log.info(
+            "node proxy %s ready: %d listeners, %d local workloads",
+            s.node,
+            len(self.servers),
+            len(ctx.state.local_workloads(s.node)),
+        )
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(30)
+            self.ctx.pool.sweep(loop.time())
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def drain(self) -> None:
+        """Graceful drain: not ready, stop accepting, GOAWAY pooled connections, wait for live
+        connections to finish (bounded by drain_timeout), then close what is left."""
+        self.ready = False
+        self.ctx.draining = True
+        for server in self.servers:
+            server.close()
+        self.ctx.pool.close_all()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.settings.drain_timeout
+        while self.ctx.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for transport in list(self.ctx.connections):
+            transport.abort()
+        for task in self._tasks:
+            task.cancel()
+        for server in self.admin_servers:
+            server.close()
+
+
+def build_context(
+    settings: ProxySettings, state: MeshState, provider: CertificateProvider
+) -> ProxyContext:
+    metrics = ProxyMetrics()
+    ctx = ProxyContext(
+        settings=settings,
+        state=state,
+        certs=CertificateManager(provider),
+        metrics=metrics,
+        tracker=ConnectionTracker(metrics),
+        pool=HbonePool(lambda ident: ctx.client_context(ident), trust_domain=settings.trust_domain),
+    )
+    return ctx
+
+
+def static_context(settings: ProxySettings, args: argparse.Namespace) -> ProxyContext:
+    """No control plane: state from --mesh-config, certificates signed by the CA in --ca-dir."""
+    state = MeshState.from_config(load_mesh_config(args.mesh_config))
+    if args.ca_dir is None:
+        raise ConfigError("--ca-dir", "static mode signs certificates locally and needs a CA dir")
+    ca = MeshCA.load_or_create(args.ca_dir, trust_domain=settings.trust_domain)
+    provider = LocalCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
+    return build_context(settings, state, provider)
+
+
+async def run(settings: ProxySettings, args: argparse.Namespace) -> None:
+    ctx = static_context(settings, args)
+    proxy = NodeProxy(ctx)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, proxy.stop)
+    await proxy.start()
+    await proxy.wait_stopped()
+    log.info("draining (timeout %.0fs)", settings.drain_timeout)
+    await proxy.drain()
+
+
+def install_event_loop() -> str:
+    """uvloop when available (and not disabled with ZTUNNEL_UVLOOP=0), else asyncio's."""
+    if os.environ.get("ZTUNNEL_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            return "uvloop"
+        except ImportError:
+            pass
+    return "asyncio"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.access_log:
+        logging.getLogger("ztunnel.access").setLevel(logging.WARNING)
+    loop_kind = install_event_loop()
+    log.info("starting node proxy %s (%s event loop)", settings.node, loop_kind)
+    try:
+        asyncio.run(run(settings, args))
+    except (MeshError, OSError) as err:
+        log.error("fatal: %s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

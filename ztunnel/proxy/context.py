@@ -1,0 +1,88 @@
+"""Runtime context shared by the node proxy's listeners.
+
+Owns: the current `MeshState` snapshot (swapped by one assignment: readers never see half an
+update), the certificate manager and TLS context cache, the HBONE pool, telemetry, and the set of
+live connections (for drain). Listeners hold a reference to one `ProxyContext`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import ssl
+from dataclasses import dataclass, field
+
+from meshcore.certs import CertificateManager, WorkloadCertificate
+from meshcore.hbone.pool import HbonePool
+from meshcore.identity import SpiffeId
+from meshcore.model import IPAddress
+from meshcore.state import MeshState
+from meshcore.tls import ContextCache
+from ztunnel.metrics import ConnectionTracker, ProxyMetrics
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    """Settings of one node proxy process (parsed once from flags/env by `ztunnel.app`)."""
+
+    node: str
+    """Kubernetes node name this proxy serves; only its workloads' identities are used."""
+    node_ip: str = "0.0.0.0"
+    """Address the admin/metrics/readiness listeners bind (admin: localhost unless loopback)."""
+    trust_domain: str = "cluster.local"
+    network: str = ""
+    capture: str = "bind"
+    """"bind": listeners bind explicit/derived addresses (loopback, no privileges).
+    "transparent": 15001/15006/15008 bind 0.0.0.0 with IP_TRANSPARENT (eBPF sk_assign)."""
+    outbound_listen: tuple[tuple[str, int], ...] = ()
+    outbound_port: int = 15001
+    inbound_plaintext_port: int = 15006
+    hbone_port: int = 15008
+    admin_port: int = 15000
+    metrics_port: int = 15020
+    readiness_port: int = 15021
+    original_source: bool = True
+    """Open upstream/HBONE connections from the source workload's IP (needs IP_TRANSPARENT
+    outside loopback)."""
+    drain_timeout: float = 30.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(slots=True)
+class ProxyContext:
+    settings: ProxySettings
+    state: MeshState
+    certs: CertificateManager
+    metrics: ProxyMetrics
+    tracker: ConnectionTracker
+    pool: HbonePool
+    contexts: ContextCache = field(default_factory=ContextCache)
+    rng: random.Random = field(default_factory=random.Random)
+    connections: set[asyncio.Transport] = field(default_factory=set)
+    draining: bool = False
+
+    @property
+    def node_proxy_ips(self) -> tuple[IPAddress, ...]:
+        ips: list[IPAddress] = [ipaddress.ip_address(self.settings.node_ip)]
+        return tuple(ips)
+
+    async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        return self.contexts.client(await self.certs.get(identity))
+
+    async def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        return self.contexts.server(await self.certs.get(identity))
+
+    def on_rotate(self, cert: WorkloadCertificate) -> None:
+        """New certificate: new connections use it; pooled ones with the old one drain."""
+        self.contexts.invalidate(cert.identity)
+        self.pool.retire(cert.identity)
+
+    def sync_local_identities(self) -> None:
+        """Manage certificates for exactly the service accounts with a workload on this node."""
+        wanted = {w.identity for w in self.state.local_workloads(self.settings.node)}
+        for identity in self.certs.identities():
+            if identity not in wanted:
+                self.certs.remove(identity)
+        for identity in wanted:
+            self.certs.add(identity)

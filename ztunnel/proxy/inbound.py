@@ -1,0 +1,230 @@
+"""Inbound: HBONE (15008) and plaintext (15006) connections arriving for local workloads.
+
+Owns: accepting a TCP connection, choosing the DESTINATION workload's certificate from the
+connection's destination address (the HBONE client sends no SNI), the TLS handshake and peer
+verification (in `meshcore.hbone.aio`), and per CONNECT: `meshcore.plan.plan_inbound` (target
+checks + L4 authorization, pure), the upstream connect, then the response: 200 only after both
+succeeded, else 400/401/503 (ambient-facts.md). No upstream connect happens for a denied request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
+from meshcore.hbone.aio import HboneProtocol, HboneStream, start_server_tls
+from meshcore.hbone.connection import Role
+from meshcore.plan import InboundPlan, plan_inbound
+from ztunnel.metrics import ConnectionRecord
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.relay import TcpSide, splice
+
+log = logging.getLogger("ztunnel.inbound")
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """`ip:port` or `[v6]:port` (RFC 9113 §8.5: CONNECT :authority is host:port)."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise BadRequest(f"bad :authority {authority!r}: want ip:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+class _Upstream(TcpSide):
+    """The connection from the node proxy to the destination workload (server side)."""
+
+    def __init__(self, ctx: ProxyContext, record: ConnectionRecord) -> None:
+        super().__init__(on_done=self._record_close)
+        self.ctx = ctx
+        self.record = record
+
+    def _record_close(self, _side: TcpSide, error: str | None) -> None:
+        rec = self.record
+        # From the client's point of view: what we read upstream is what the client received.
+        rec.bytes_sent, rec.bytes_recv = self.received, self.sent
+        rec.error = rec.error or error
+        self.ctx.tracker.closed(rec)
+
+
+async def _connect_upstream(
+    ctx: ProxyContext, plan: InboundPlan, rec: ConnectionRecord, src_ip: str
+) -> _Upstream:
+    loop = asyncio.get_running_loop()
+    host, port = plan.target_addr
+    local = (src_ip, 0) if ctx.settings.original_source and _can_bind(src_ip) else None
+    try:
+        _, upstream = await asyncio.wait_for(
+            loop.create_connection(lambda: _Upstream(ctx, rec), host, port, local_addr=local),
+            ctx.settings.connect_timeout,
+        )
+    except (TimeoutError, OSError) as err:
+        raise UpstreamUnavailable(f"upstream {host}:{port}: {err or 'timeout'}") from err
+    sock = upstream.transport.get_extra_info("socket") if upstream.transport else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return upstream
+
+
+def _can_bind(ip: str) -> bool:
+    """On loopback every 127/8 address is local, so the original source can be kept without
+    IP_TRANSPARENT; elsewhere that needs transparent sockets (capture mode, later)."""
+    return ip.startswith("127.")
+
+
+class HboneAccept(asyncio.Protocol):
+    """Accepted TCP connection on an HBONE listener, before TLS."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # nothing is read before TLS starts (start_tls resumes)
+        asyncio.get_running_loop().create_task(self._upgrade(transport))
+
+    async def _upgrade(self, raw: asyncio.Transport) -> None:
+        ctx = self.ctx
+        local_ip = raw.get_extra_info("sockname")[0]
+        peer_ip = raw.get_extra_info("peername")[0]
+        workload = ctx.state.workload_by_address(local_ip, ctx.settings.network)
+        if workload is None or workload.node != ctx.settings.node:
+            # We only ever present identities of workloads on our own node.
+            log.warning("HBONE to %s: no local workload at that address", local_ip)
+            raw.abort()
+            return
+        try:
+            tls_ctx = await ctx.server_context(workload.identity)
+        except Exception as err:
+            log.warning("HBONE to %s: no certificate for %s: %s", local_ip, workload.identity, err)
+            raw.abort()
+            return
+        proto = HboneProtocol(
+            Role.SERVER,
+            trust_domain=ctx.settings.trust_domain,
+            expected=None,
+            on_request=lambda stream: self._on_request(stream, local_ip, peer_ip),
+        )
+        ctx.connections.add(raw)
+        proto.on_close = lambda _p: ctx.connections.discard(raw)
+        start_server_tls(asyncio.get_running_loop(), raw, proto, tls_ctx)
+        try:
+            await proto.ready
+        except Exception as err:
+            rec = ConnectionRecord(
+                direction="inbound",
+                reporter="destination",
+                src_addr=peer_ip,
+                dst_addr=local_ip,
+                destination=workload,
+                response_flags="TLS_FAILURE",
+                error=str(err),
+            )
+            ctx.tracker.failed(rec)
+
+    def _on_request(self, stream: HboneStream, conn_dst_ip: str, peer_ip: str) -> None:
+        asyncio.get_running_loop().create_task(self._serve(stream, conn_dst_ip, peer_ip))
+
+    async def _serve(self, stream: HboneStream, conn_dst_ip: str, peer_ip: str) -> None:
+        ctx = self.ctx
+        rec = ConnectionRecord(
+            direction="inbound",
+            reporter="destination",
+            src_addr=peer_ip,
+            dst_addr=stream.authority,
+            source_principal=str(stream.peer_identity) if stream.peer_identity else None,
+            mtls=True,
+            hbone_addr=stream.authority,
+        )
+        src_ip = peer_ip
+        rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)
+        try:
+            dst_ip, dst_port = parse_authority(stream.authority)
+            plan = plan_inbound(
+                ctx.state,
+                dst_ip=dst_ip,
+                dst_port=dst_port,
+                src_identity=stream.peer_identity,
+                src_ip=src_ip,
+                conn_dst_ip=conn_dst_ip,
+                network=ctx.settings.network,
+                node=ctx.settings.node,
+            )
+            rec.destination = plan.destination_workload
+            rec.destination_principal = str(plan.destination_workload.identity)
+            if plan.service is not None:
+                rec.destination_service = plan.service.hostname
+                rec.destination_service_name = plan.service.name
+                rec.destination_service_namespace = plan.service.namespace
+            upstream = await _connect_upstream(ctx, plan, rec, src_ip)
+        except HboneError as err:
+            rec.response_flags = {401: "DENY", 400: "CONNECT", 503: "CONNECT"}.get(
+                err.status, "CONNECT"
+            )
+            rec.error = str(err)
+            stream.respond(err.status)
+            ctx.tracker.failed(rec)
+            return
+        if stream.closed:  # the client gave up while we were connecting
+            upstream.abort()
+            return
+        stream.respond(200)
+        ctx.tracker.opened(rec)
+        upstream.attach(stream)
+
+
+class PlaintextInbound(TcpSide):
+    """15006: a non-mesh client's connection captured on its way to a local workload."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        super().__init__(on_done=self._record_close)
+        self.ctx = ctx
+        self.record: ConnectionRecord | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        asyncio.get_running_loop().create_task(self._start())
+
+    def _record_close(self, _side: TcpSide, error: str | None) -> None:
+        if self.record is not None:
+            self.record.bytes_recv, self.record.bytes_sent = self.received, self.sent
+            self.record.error = self.record.error or error
+            self.ctx.tracker.closed(self.record)
+
+    async def _start(self) -> None:
+        assert self.transport is not None
+        ctx = self.ctx
+        src_ip, src_port = self.transport.get_extra_info("peername")[:2]
+        dst_ip, dst_port = self.transport.get_extra_info("sockname")[:2]
+        rec = ConnectionRecord(
+            direction="inbound",
+            reporter="destination",
+            src_addr=f"{src_ip}:{src_port}",
+            dst_addr=f"{dst_ip}:{dst_port}",
+        )
+        try:
+            plan = plan_inbound(
+                ctx.state,
+                dst_ip=dst_ip,
+                dst_port=dst_port,
+                src_identity=None,
+                src_ip=src_ip,
+                conn_dst_ip=dst_ip,
+                network=ctx.settings.network,
+                node=ctx.settings.node,
+            )
+            rec.destination = plan.destination_workload
+            upstream = await _connect_upstream(ctx, plan, rec, src_ip)
+        except HboneError as err:
+            rec.response_flags = "DENY" if err.status == 401 else "CONNECT"
+            rec.error = str(err)
+            ctx.tracker.failed(rec)
+            self.abort()
+            return
+        upstream._on_done = None  # this side records the connection
+        self.record = rec
+        ctx.tracker.opened(rec)
+        splice(self, upstream)

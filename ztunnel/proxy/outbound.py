@@ -1,0 +1,159 @@
+"""Outbound: a local workload's captured TCP connection -> HBONE (or passthrough).
+
+Owns: the 15001 listener's per-connection flow. The original destination is the accepted socket's
+local address (`getsockname()`): with transparent capture the kernel keeps it, and on loopback the
+listener is bound to the destination itself. The decision is `meshcore.plan.plan_outbound` (pure);
+this module only carries it out: HBONE with the SOURCE workload's certificate through the pool,
+or a plain TCP splice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.hbone.pool import PoolKey
+from meshcore.plan import OutboundPlan, PlanKind, plan_outbound
+from ztunnel.metrics import ConnectionRecord
+from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.relay import TcpSide, splice
+
+log = logging.getLogger("ztunnel.outbound")
+
+
+def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
+    """W3C baggage with Istio's keys (ambient-facts.md HBONE headers)."""
+    src = plan.source
+    if src is None:
+        return ""
+    kind = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}.get(
+        src.workload_type.name if hasattr(src.workload_type, "name") else "", "pod"
+    )
+    items = [
+        f"k8s.cluster.name={src.cluster_id or cluster}",
+        f"k8s.namespace.name={src.namespace}",
+        f"k8s.{kind}.name={src.workload_name or src.name}",
+        f"service.name={src.canonical_name or src.name}",
+        f"service.version={src.canonical_revision or 'latest'}",
+    ]
+    return ",".join(items)
+
+
+def _traceparent(ctx: ProxyContext) -> str:
+    """A new W3C trace context (version 00, sampled flag off) for this connection."""
+    rng = ctx.rng
+    return f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-00"
+
+
+class OutboundConnection(TcpSide):
+    def __init__(self, ctx: ProxyContext) -> None:
+        super().__init__(on_done=self._record_close)
+        self.ctx = ctx
+        self.record: ConnectionRecord | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.ctx.connections.add(self.transport)
+        asyncio.get_running_loop().create_task(self._start())
+
+    def _record_close(self, _side: TcpSide, error: str | None) -> None:
+        if self.transport is not None:
+            self.ctx.connections.discard(self.transport)
+        rec = self.record
+        if rec is not None:
+            rec.bytes_recv, rec.bytes_sent = self.received, self.sent
+            rec.error = rec.error or error
+            self.ctx.tracker.closed(rec)
+
+    async def _start(self) -> None:
+        assert self.transport is not None
+        ctx = self.ctx
+        src_ip, src_port = self.transport.get_extra_info("peername")[:2]
+        dst_ip, dst_port = self.transport.get_extra_info("sockname")[:2]
+        plan = plan_outbound(
+            ctx.state,
+            src_ip=src_ip,
+            dst_ip=dst_ip,
+            dst_port=dst_port,
+            node=ctx.settings.node,
+            rng=ctx.rng,
+            network=ctx.settings.network,
+            node_proxy_ips=ctx.node_proxy_ips,
+        )
+        rec = ConnectionRecord(
+            direction="outbound",
+            reporter="source",
+            src_addr=f"{src_ip}:{src_port}",
+            dst_addr=f"{dst_ip}:{dst_port}",
+            source=plan.source,
+            source_principal=str(plan.source_identity) if plan.source_identity else None,
+            destination=plan.destination_workload,
+            destination_service=plan.service.hostname if plan.service else None,
+            destination_service_name=plan.service.name if plan.service else None,
+            destination_service_namespace=plan.service.namespace if plan.service else None,
+            response_flags=plan.response_flags,
+        )
+        if plan.refused:
+            rec.error = plan.reason
+            ctx.tracker.failed(rec)
+            self.abort()
+            return
+        try:
+            if plan.kind is PlanKind.HBONE:
+                await self._hbone(plan, rec, src_ip, src_port)
+            else:
+                await self._plain(plan, rec)
+        except (TimeoutError, HboneError, PeerVerificationError, OSError) as err:
+            if isinstance(err, PeerVerificationError):
+                rec.response_flags = "TLS_FAILURE"
+            elif isinstance(err, HboneError) and err.status == 401:
+                rec.response_flags = "DENY"
+            else:
+                rec.response_flags = "CONNECT"
+            rec.error = str(err) or type(err).__name__
+            ctx.tracker.failed(rec)
+            log.debug("outbound %s -> %s failed: %s", rec.src_addr, rec.dst_addr, rec.error)
+            self.abort()
+            return
+        self.record = rec
+        ctx.tracker.opened(rec)
+
+    async def _hbone(
+        self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str, src_port: int
+    ) -> None:
+        ctx = self.ctx
+        source = plan.source_identity
+        assert source is not None and plan.authority is not None
+        key = PoolKey(
+            source=source,
+            expected=plan.expected_identities,
+            address=plan.target_addr,
+            source_ip=src_ip if ctx.settings.original_source else None,
+        )
+        headers = [("forwarded", f'for="{src_ip}:{src_port}"')]
+        if plan.service is not None:
+            headers[0] = ("forwarded", f'for="{src_ip}:{src_port}";host={plan.service.hostname}')
+        baggage = _baggage(plan)
+        if baggage:
+            headers.append(("baggage", baggage))
+        headers.append(("traceparent", _traceparent(ctx)))
+        rec.hbone_addr = plan.authority
+        stream = await ctx.pool.open_stream(key, plan.authority, headers, self)
+        rec.mtls = True
+        rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None
+        self.attach(stream)
+
+    async def _plain(self, plan: OutboundPlan, rec: ConnectionRecord) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = plan.target_addr
+        _, upstream = await asyncio.wait_for(
+            loop.create_connection(lambda: TcpSide(), host, port),
+            self.ctx.settings.connect_timeout,
+        )
+        sock = upstream.transport.get_extra_info("socket") if upstream.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        splice(self, upstream)
