@@ -1,0 +1,400 @@
+"""Pure connection planning for the node proxy: decide first, then the proxy carries it out.
+
+Owns: `plan_outbound` (a captured connection from a local workload -> where and how to send it)
+and `plan_inbound` (an HBONE CONNECT arriving at this node -> check it, authorize it, say where
+to connect). Both are pure functions of a `MeshState` snapshot and the connection's addresses;
+randomness is injected (`rng`) so tests are deterministic.
+
+Behaviour follows istio/ztunnel's outbound ``build_request`` / inbound handling (2026), in short:
+- Outbound. A destination port in {15001, 15006, 15008} on one of the node proxy's own addresses
+  is a self-call and refused (ztunnel refuses these ports on loopback; our demo runs every
+  workload on 127.0.0.0/8, so the proxy's addresses are passed in instead). The source IP must
+  be a workload of this node, else REJECT "unknown source". A service VIP: the service must
+  declare the port; if the service has a waypoint -> HBONE to the waypoint's HBONE port with
+  :authority ``VIP:port``; else pick a random usable endpoint (HEALTHY unless the service's
+  health policy is ALLOW_ALL, same network, with a resolvable target port) and map the service
+  port to the endpoint's target port; none -> NO_ENDPOINTS (response_flags NR). A workload IP:
+  via its waypoint if it has one, else HBONE to ``(ip, 15008)`` with :authority ``ip:port`` if it
+  uses HBONE, else PASSTHROUGH. Unknown IP -> PASSTHROUGH. A chosen endpoint with its own
+  waypoint (and no service waypoint) is reached via that waypoint, as in ztunnel. Traffic whose
+  source is one of the waypoint's own workloads skips that waypoint (no loop).
+- Expected server identity: the destination workload's, or the waypoint workload's when going
+  through a waypoint. A waypoint (GatewayAddress) resolves to a workload by its address (a
+  workload IP, or a service VIP whose endpoint is picked) or by hostname (a service key).
+- Inbound (Istio ambient-facts "Server checks that the CONNECT target IP equals the connection's
+  destination (pod) IP, except for waypoint/service-hostname cases"): reserved target ports ->
+  400; receiving workload unknown or on another node -> 400; target != connection destination
+  unless the receiving workload is the waypoint of the target service/workload -> 400;
+  authorization (meshcore.authz over `MeshState.policies_for(receiving workload)`) denies -> 401;
+  a service target with no usable endpoint -> 503.
+
+Deviations: no locality-aware or STRICT/FAILOVER routing preference yet (uniform random over
+usable endpoints); no network gateways (endpoints on other networks are not usable); service
+``subject_alt_names`` are not added to the expected identities.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from meshcore.authz import ConnectionInfo, Decision, evaluate
+from meshcore.errors import BadRequest, Unauthorized, UpstreamUnavailable
+from meshcore.identity import SpiffeId
+from meshcore.model import (
+    HBONE_PORT,
+    GatewayAddress,
+    HealthPolicy,
+    IPAddress,
+    Port,
+    Service,
+    TunnelProtocol,
+    Workload,
+    WorkloadStatus,
+)
+from meshcore.state import Endpoint, MeshState
+
+RESERVED_PORTS = frozenset({15001, 15006, 15008})
+"""Node-proxy listener ports that clients may not target (self-call)."""
+
+
+class PlanKind(enum.Enum):
+    """What the proxy does with an outbound connection."""
+
+    HBONE = "HBONE"
+    """mTLS + HTTP/2 CONNECT to `target_addr` with `authority`."""
+    DIRECT = "DIRECT"
+    """Plain TCP to a chosen mesh endpoint that does not speak HBONE."""
+    PASSTHROUGH = "PASSTHROUGH"
+    """Plain TCP to the original destination (not in the mesh)."""
+    NO_ENDPOINTS = "NO_ENDPOINTS"
+    """Refuse: service (or waypoint) without usable endpoint. response_flags NR."""
+    REJECT = "REJECT"
+    """Refuse: unknown source, self-call or undeclared service port."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundPlan:
+    """The outcome of `plan_outbound`."""
+
+    kind: PlanKind
+    """What to do."""
+    target_addr: tuple[str, int]
+    """Where to open the TCP connection (for refusals: the original destination)."""
+    authority: str | None
+    """HBONE CONNECT :authority (``ip:port``); None unless kind is HBONE."""
+    source: Workload | None
+    """Source workload (None only when it is unknown)."""
+    destination_workload: Workload | None
+    """Final destination workload if known (None for a service behind a waypoint)."""
+    service: Service | None
+    """Service addressed by VIP, if any."""
+    expected_identities: tuple[SpiffeId, ...]
+    """Identities the HBONE server may present (HBONE only)."""
+    reason: str
+    """Why this plan, for logs and access logs."""
+    waypoint: Workload | None = None
+    """The waypoint workload the connection goes through, if any."""
+
+    @property
+    def refused(self) -> bool:
+        """Whether the proxy must close the client connection instead of forwarding."""
+        return self.kind in (PlanKind.NO_ENDPOINTS, PlanKind.REJECT)
+
+    @property
+    def response_flags(self) -> str:
+        """Telemetry response_flags for this plan: NR when no endpoint, else ``-``."""
+        return "NR" if self.kind is PlanKind.NO_ENDPOINTS else "-"
+
+    @property
+    def source_identity(self) -> SpiffeId | None:
+        """Identity whose certificate the proxy presents (the source workload's)."""
+        return self.source.identity if self.source is not None else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundPlan:
+    """The outcome of `plan_inbound` (errors are raised instead)."""
+
+    target_addr: tuple[str, int]
+    """Where to open the upstream TCP connection."""
+    destination_workload: Workload
+    """The workload receiving the connection (the waypoint in the waypoint case)."""
+    service: Service | None
+    """The service addressed by the CONNECT target (waypoint case)."""
+    decision: Decision
+    """The (allowing) authorization decision."""
+    via_waypoint: bool
+    """True when the CONNECT target differs from the receiving workload (waypoint case)."""
+
+
+def format_authority(ip: IPAddress, port: int) -> str:
+    """``host:port`` for :authority, IPv6 in brackets (RFC 9110 §7.2, RFC 3986 §3.2.2)."""
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _ip(value: IPAddress | str) -> IPAddress:
+    return ipaddress.ip_address(value) if isinstance(value, str) else value
+
+
+def _address_on(workload: Workload, network: str) -> IPAddress | None:
+    """The workload's first address if it is reachable on `network`."""
+    if workload.network != network or not workload.addresses:
+        return None
+    return workload.addresses[0]
+
+
+def _usable_endpoints(
+    state: MeshState, service: Service, port: Port, network: str
+) -> list[tuple[Endpoint, IPAddress, int]]:
+    lb = service.load_balancing
+    allow_unhealthy = lb is not None and lb.health_policy is HealthPolicy.ALLOW_ALL
+    out: list[tuple[Endpoint, IPAddress, int]] = []
+    for ep in state.endpoints(service.key):
+        if not (ep.healthy or allow_unhealthy):
+            continue
+        addr = _address_on(ep.workload, network)
+        target = ep.target_port(port)
+        if addr is None or target is None:
+            continue
+        out.append((ep, addr, target))
+    return out
+
+
+def _waypoint_candidates(
+    state: MeshState, gw: GatewayAddress
+) -> tuple[Service | None, tuple[Workload, ...]]:
+    """The waypoint's workloads (any health), and the service fronting them if any."""
+    svc: Service | None = None
+    if gw.hostname is not None:
+        svc = state.service(gw.hostname.key)
+    elif gw.address is not None:
+        wl = state.workload_by_address(gw.address.address, gw.address.network)
+        if wl is not None:
+            return None, (wl,)
+        svc = state.service_by_vip(gw.address.address, gw.address.network)
+    if svc is None:
+        return None, ()
+    return svc, tuple(ep.workload for ep in state.endpoints(svc.key))
+
+
+def _pick_waypoint(
+    state: MeshState, gw: GatewayAddress, network: str, rng: random.Random
+) -> tuple[Workload, IPAddress] | None:
+    """A waypoint workload to send to: the addressed workload itself, or a random HEALTHY
+    endpoint of the waypoint's service."""
+    svc, candidates = _waypoint_candidates(state, gw)
+    usable: list[tuple[Workload, IPAddress]] = []
+    for wl in candidates:
+        addr = _address_on(wl, network)
+        if addr is not None and (svc is None or wl.status is WorkloadStatus.HEALTHY):
+            usable.append((wl, addr))
+    if not usable:
+        return None
+    return rng.choice(usable)
+
+
+def _is_waypoint_member(state: MeshState, gw: GatewayAddress, wl: Workload, network: str) -> bool:
+    _, candidates = _waypoint_candidates(state, gw)
+    return any(c.uid == wl.uid for c in candidates)
+
+
+def plan_outbound(
+    state: MeshState,
+    *,
+    src_ip: IPAddress | str,
+    dst_ip: IPAddress | str,
+    dst_port: int,
+    node: str,
+    rng: random.Random,
+    network: str = "",
+    node_proxy_ips: Collection[IPAddress] = (),
+) -> OutboundPlan:
+    """Plan a connection captured from `src_ip` to the original destination `dst_ip:dst_port`.
+
+    `node` is this proxy's node, `network` its network, `node_proxy_ips` the proxy's own
+    addresses (for the self-call check)."""
+    src, dst = _ip(src_ip), _ip(dst_ip)
+    original = (str(dst), dst_port)
+
+    def refuse(
+        kind: PlanKind,
+        reason: str,
+        source: Workload | None,
+        *,
+        wl: Workload | None = None,
+        svc: Service | None = None,
+    ) -> OutboundPlan:
+        return OutboundPlan(
+            kind=kind,
+            target_addr=original,
+            authority=None,
+            source=source,
+            destination_workload=wl,
+            service=svc,
+            expected_identities=(),
+            reason=reason,
+        )
+
+    if dst_port in RESERVED_PORTS and dst in node_proxy_ips:
+        return refuse(PlanKind.REJECT, f"self-call to node proxy port {dst_port}", None)
+    source = state.workload_by_address(src, network)
+    if source is None or source.node != node:
+        return refuse(PlanKind.REJECT, f"unknown source {src} on node {node!r}", None)
+
+    def via_waypoint(
+        gw: GatewayAddress, authority: str, wl: Workload | None, svc: Service | None, what: str
+    ) -> OutboundPlan:
+        picked = _pick_waypoint(state, gw, network, rng)
+        if picked is None:
+            return refuse(
+                PlanKind.NO_ENDPOINTS, f"waypoint of {what} has no usable workload", source, wl=wl
+            )
+        wp, wp_ip = picked
+        return OutboundPlan(
+            kind=PlanKind.HBONE,
+            target_addr=(str(wp_ip), gw.hbone_mtls_port),
+            authority=authority,
+            source=source,
+            destination_workload=wl,
+            service=svc,
+            expected_identities=(wp.identity,),
+            reason=f"{what} via waypoint {wp.uid}",
+            waypoint=wp,
+        )
+
+    def to_workload(wl: Workload, ip: IPAddress, port: int, svc: Service | None) -> OutboundPlan:
+        authority = format_authority(ip, port)
+        if wl.waypoint is not None and not _is_waypoint_member(state, wl.waypoint, source, network):
+            return via_waypoint(wl.waypoint, authority, wl, svc, f"workload {wl.uid}")
+        if wl.tunnel_protocol is TunnelProtocol.HBONE:
+            return OutboundPlan(
+                kind=PlanKind.HBONE,
+                target_addr=(str(ip), HBONE_PORT),
+                authority=authority,
+                source=source,
+                destination_workload=wl,
+                service=svc,
+                expected_identities=(wl.identity,),
+                reason=f"workload {wl.uid} uses HBONE",
+            )
+        return OutboundPlan(
+            kind=PlanKind.DIRECT if svc is not None else PlanKind.PASSTHROUGH,
+            target_addr=(str(ip), port),
+            authority=None,
+            source=source,
+            destination_workload=wl,
+            service=svc,
+            expected_identities=(),
+            reason=f"workload {wl.uid} does not use HBONE",
+        )
+
+    svc = state.service_by_vip(dst, network)
+    if svc is not None:
+        port = svc.port(dst_port)
+        if port is None:
+            return refuse(
+                PlanKind.REJECT, f"service {svc.key} has no port {dst_port}", source, svc=svc
+            )
+        if svc.waypoint is not None and not _is_waypoint_member(
+            state, svc.waypoint, source, network
+        ):
+            return via_waypoint(
+                svc.waypoint, format_authority(dst, dst_port), None, svc, f"service {svc.key}"
+            )
+        usable = _usable_endpoints(state, svc, port, network)
+        if not usable:
+            return refuse(
+                PlanKind.NO_ENDPOINTS,
+                f"service {svc.key} has no healthy endpoint for port {dst_port}",
+                source,
+                svc=svc,
+            )
+        ep, ep_ip, target_port = rng.choice(usable)
+        return to_workload(ep.workload, ep_ip, target_port, svc)
+
+    wl = state.workload_by_address(dst, network)
+    if wl is None:
+        return OutboundPlan(
+            kind=PlanKind.PASSTHROUGH,
+            target_addr=original,
+            authority=None,
+            source=source,
+            destination_workload=None,
+            service=None,
+            expected_identities=(),
+            reason=f"{dst} is not in the mesh",
+        )
+    return to_workload(wl, dst, dst_port, None)
+
+
+def plan_inbound(
+    state: MeshState,
+    *,
+    dst_ip: IPAddress | str,
+    dst_port: int,
+    src_identity: SpiffeId | None,
+    src_ip: IPAddress | str,
+    conn_dst_ip: IPAddress | str,
+    network: str = "",
+    node: str | None = None,
+) -> InboundPlan:
+    """Check and authorize an HBONE CONNECT to `dst_ip:dst_port` (its :authority) that arrived
+    on a connection addressed to `conn_dst_ip`, from `src_ip` presenting `src_identity`.
+
+    Raises BadRequest (400), Unauthorized (401) or UpstreamUnavailable (503). If `node` is
+    given, the receiving workload must run on it."""
+    try:
+        dst, conn_dst, src = _ip(dst_ip), _ip(conn_dst_ip), _ip(src_ip)
+    except ValueError as exc:
+        raise BadRequest(f"bad address: {exc}") from None
+    if not 0 < dst_port < 65536:
+        raise BadRequest(f"bad port {dst_port}")
+    if dst_port in RESERVED_PORTS:
+        raise BadRequest(f"self-call: port {dst_port} is reserved for the node proxy")
+    receiver = state.workload_by_address(conn_dst, network)
+    if receiver is None:
+        raise BadRequest(f"unknown destination {conn_dst}")
+    if node is not None and receiver.node != node:
+        raise BadRequest(f"destination {receiver.uid} is not on node {node!r}")
+
+    service: Service | None = None
+    via_waypoint = dst != conn_dst
+    if via_waypoint:
+        # The one exception to "CONNECT target == connection destination": the receiver is the
+        # waypoint of the addressed service or workload.
+        service = state.service_by_vip(dst, network)
+        target_wl = state.workload_by_address(dst, network)
+        gw = (
+            service.waypoint
+            if service is not None
+            else target_wl.waypoint
+            if target_wl is not None
+            else None
+        )
+        if gw is None or not _is_waypoint_member(state, gw, receiver, network):
+            raise BadRequest(
+                f"CONNECT target {dst} does not match connection destination {conn_dst}"
+            )
+
+    decision = evaluate(
+        state.policies_for(receiver),
+        ConnectionInfo(src_identity=src_identity, src_ip=src, dst_ip=conn_dst, dst_port=dst_port),
+    )
+    if not decision.allowed:
+        raise Unauthorized(decision.reason)
+
+    if service is not None:
+        port = service.port(dst_port)
+        if port is None or not _usable_endpoints(state, service, port, network):
+            raise UpstreamUnavailable(f"service {service.key} has no usable endpoint on {dst_port}")
+    return InboundPlan(
+        target_addr=(str(dst), dst_port),
+        destination_workload=receiver,
+        service=service,
+        decision=decision,
+        via_waypoint=via_waypoint,
+    )
