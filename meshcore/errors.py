@@ -26,7 +26,7 @@ class PeerVerificationError(MeshError):
 
 
 class ConfigError(MeshError):
-    """Configuration is invalid. `path` names the offending field (e.g. ``workloads[3].addresses``)."""
+    """Configuration is invalid. `path` names the offending field (``workloads[3].addresses``)."""
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}" if path else message)

@@ -32,7 +32,7 @@ from meshcore.state import MeshState
 from ztunnel.admin import admin_routes, metrics_routes, readiness_routes, serve_http
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.context import ProxyContext, ProxySettings
-from ztunnel.proxy.inbound import HboneAccept, PlaintextInbound
+from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
 from ztunnel.proxy.outbound import OutboundConnection
 
 log = logging.getLogger("ztunnel")
@@ -127,15 +127,17 @@ class NodeProxy:
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.servers: list[asyncio.Server] = []
+        self.hbone_listeners: list[HboneListener] = []
         self.admin_servers: list[asyncio.Server] = []
         self.ready = False
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _listener_specs(self) -> list[tuple[str, int, Callable[[], asyncio.Protocol], bool]]:
+    def _listener_specs(self) -> list[tuple[str, int, Callable[[], asyncio.Protocol] | None, bool]]:
+        """(host, port, protocol factory or None for HBONE, transparent)."""
         s, ctx = self.ctx.settings, self.ctx
         out: Callable[[], asyncio.Protocol] = lambda: OutboundConnection(ctx)  # noqa: E731
-        hbone: Callable[[], asyncio.Protocol] = lambda: HboneAccept(ctx)  # noqa: E731
+        hbone = None
         plain: Callable[[], asyncio.Protocol] = lambda: PlaintextInbound(ctx)  # noqa: E731
         if s.capture == "transparent":
             return [
@@ -143,7 +145,9 @@ class NodeProxy:
                 ("0.0.0.0", s.inbound_plaintext_port, plain, True),
                 ("0.0.0.0", s.hbone_port, hbone, True),
             ]
-        specs = [(host, port, out, False) for host, port in s.outbound_listen]
+        specs: list[tuple[str, int, Callable[[], asyncio.Protocol] | None, bool]] = [
+            (host, port, out, False) for host, port in s.outbound_listen
+        ]
         specs.append((s.node_ip, s.outbound_port, out, False))
         specs.append((s.node_ip, s.inbound_plaintext_port, plain, False))
         # Bind mode: the HBONE listener is bound on each local workload's address, so the
@@ -158,7 +162,12 @@ class NodeProxy:
         ctx = self.ctx
         for host, port, factory, transparent in self._listener_specs():
             sock = make_listener(host, port, transparent=transparent)
-            self.servers.append(await loop.create_server(factory, sock=sock))
+            if factory is None:
+                listener = HboneListener(ctx, sock)
+                listener.start()
+                self.hbone_listeners.append(listener)
+            else:
+                self.servers.append(await loop.create_server(factory, sock=sock))
         s = ctx.settings
         admin_host = "127.0.0.1" if s.node_ip in ("0.0.0.0", "::") else s.node_ip
         self.admin_servers = [
@@ -200,6 +209,8 @@ class NodeProxy:
         self.ctx.draining = True
         for server in self.servers:
             server.close()
+        for listener in self.hbone_listeners:
+            listener.close()
         self.ctx.pool.close_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.settings.drain_timeout

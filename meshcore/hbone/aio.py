@@ -18,9 +18,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable, Collection, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError
 from meshcore.hbone.connection import (
@@ -175,8 +176,7 @@ class HboneProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Client role: called after the TLS handshake (create_connection with ssl=...).
-        assert isinstance(transport, asyncio.Transport)
-        self.tls_established(transport)
+        self.tls_established(cast(asyncio.Transport, transport))
 
     def tls_established(self, transport: asyncio.Transport) -> None:
         """Verify the peer before any HTTP/2 byte moves, then send the preface/SETTINGS."""
@@ -365,32 +365,26 @@ class HboneProtocol(asyncio.Protocol):
         return stream
 
 
-def start_server_tls(
-    loop: asyncio.AbstractEventLoop,
-    raw: asyncio.Transport,
-    proto: HboneProtocol,
+async def accept_tls(
+    sock: socket.socket,
     context: ssl.SSLContext,
+    proto: HboneProtocol,
     timeout: float = 10.0,
-) -> asyncio.Task[None]:
-    """Server role: upgrade an accepted TCP transport to TLS with a context chosen by the
-    caller (from the destination address), then hand it to `proto`."""
-
-    async def upgrade() -> None:
-        try:
-            tls = await loop.start_tls(
-                raw, proto, context, server_side=True, ssl_handshake_timeout=timeout
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
-            raw.abort()
-            if not proto.ready.done():
-                proto.ready.set_exception(PeerVerificationError(f"TLS handshake failed: {err}"))
-            return
-        if tls is None:
-            return
-        assert isinstance(tls, asyncio.Transport)
-        proto.tls_established(tls)
-
-    return loop.create_task(upgrade())
+) -> None:
+    """Server role: TLS handshake on an accepted socket with a context chosen by the caller
+    (from the destination address: HBONE clients send no SNI), then peer verification.
+    `loop.connect_accepted_socket` works the same on asyncio and uvloop (start_tls does not)."""
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.connect_accepted_socket(
+            lambda: proto, sock, ssl=context, ssl_handshake_timeout=timeout
+        )
+    except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
+        sock.close()
+        if not proto.ready.done():
+            proto.ready.set_exception(PeerVerificationError(f"TLS handshake failed: {err}"))
+        return
+    await proto.ready
 
 
 async def connect(

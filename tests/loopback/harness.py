@@ -1,9 +1,9 @@
 """Two node proxies, a backend and a client on 127.0.0.0/8, all in one event loop.
 
 Addresses (loopback is all local on Linux, so no privileges are needed):
-  node-a 127.0.1.1, client pod 127.0.1.10 (sa sleep)
-  node-b 127.0.2.1, server pod 127.0.2.10 (sa echo), backend listening on 127.0.2.10:8080
-  service echo.default.svc.cluster.local VIP 127.0.3.10:80 -> 8080
+  node-a 127.0.21.1, client pod 127.0.21.10 (sa sleep)
+  node-b 127.0.22.1, server pod 127.0.22.10 (sa echo), backend listening on 127.0.22.10:8080
+  service echo.default.svc.cluster.local VIP 127.0.23.10:80 -> 8080
 Node A's outbound listener is bound on the VIP, so `getsockname()` gives the original destination
 exactly as transparent capture does.
 """
@@ -29,9 +29,9 @@ from meshcore.state import MeshState
 from ztunnel.app import NodeProxy, build_context
 from ztunnel.proxy.context import ProxySettings
 
-CLIENT_IP = "127.0.1.10"
-SERVER_IP = "127.0.2.10"
-VIP = "127.0.3.10"
+CLIENT_IP = "127.0.21.10"
+SERVER_IP = "127.0.22.10"
+VIP = "127.0.23.10"
 BACKEND_PORT = 8080
 SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 ECHO = "spiffe://cluster.local/ns/default/sa/echo"
@@ -143,9 +143,9 @@ async def running_mesh(
     ca = MeshCA.load_or_create(tmp / "ca")
     provider = LocalCAProvider(ca, ttl=cert_ttl, clock=clock)
     node_a = NodeProxy(
-        build_context(settings("node-a", "127.0.1.1", ((VIP, 80),)), state, provider)
+        build_context(settings("node-a", "127.0.21.1", ((VIP, 80),)), state, provider)
     )
-    node_b = NodeProxy(build_context(settings("node-b", "127.0.2.1"), state, provider))
+    node_b = NodeProxy(build_context(settings("node-b", "127.0.22.1"), state, provider))
     backend = backend or await start_backend()
     await node_a.start()
     await node_b.start()

@@ -95,7 +95,7 @@ def test_denied_connection_never_reaches_backend(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_mesh(tmp_path, mesh_config([deny_sleep])) as mesh:
             reader, writer = await asyncio.open_connection(
-                "127.0.3.10", 80, local_addr=(CLIENT_IP, 0)
+                "127.0.23.10", 80, local_addr=(CLIENT_IP, 0)
             )
             writer.write(b"\0" * 8)
             try:

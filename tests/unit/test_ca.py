@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from certfixtures import NOW, TD, make_csr, pem, sid, uri, write_plugin_ca
+from tests.unit.certfixtures import NOW, TD, make_csr, pem, sid, uri, write_plugin_ca
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa

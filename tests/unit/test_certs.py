@@ -8,7 +8,7 @@ import random
 from datetime import datetime, timedelta
 
 import pytest
-from certfixtures import NOW, sid
+from tests.unit.certfixtures import NOW, sid
 from cryptography import x509
 
 from meshcore.ca import MeshCA, generate_csr

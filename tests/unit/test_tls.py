@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from certfixtures import (
+from tests.unit.certfixtures import (
     TD,
     handshake,
     key_pem,

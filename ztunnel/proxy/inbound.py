@@ -14,7 +14,7 @@ import logging
 import socket
 
 from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
-from meshcore.hbone.aio import HboneProtocol, HboneStream, start_server_tls
+from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
 from meshcore.plan import InboundPlan, plan_inbound
 from ztunnel.metrics import ConnectionRecord
@@ -75,44 +75,63 @@ def _can_bind(ip: str) -> bool:
     return ip.startswith("127.")
 
 
-class HboneAccept(asyncio.Protocol):
-    """Accepted TCP connection on an HBONE listener, before TLS."""
+class HboneListener:
+    """Accept loop of one HBONE listening socket. Accepting by hand (not `create_server`) lets
+    us pick the server certificate from the accepted socket's destination address before TLS."""
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, sock: socket.socket) -> None:
         self.ctx = ctx
+        self.sock = sock
+        self._task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # nothing is read before TLS starts (start_tls resumes)
-        asyncio.get_running_loop().create_task(self._upgrade(transport))
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
 
-    async def _upgrade(self, raw: asyncio.Transport) -> None:
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as err:  # EMFILE and friends: back off instead of spinning
+                log.warning("HBONE accept failed: %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._handshake(conn))
+            self._handshakes.add(task)  # keep a reference until done (asyncio holds weak refs)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
         ctx = self.ctx
-        local_ip = raw.get_extra_info("sockname")[0]
-        peer_ip = raw.get_extra_info("peername")[0]
+        local_ip = conn.getsockname()[0]
+        peer_ip = conn.getpeername()[0]
         workload = ctx.state.workload_by_address(local_ip, ctx.settings.network)
         if workload is None or workload.node != ctx.settings.node:
             # We only ever present identities of workloads on our own node.
             log.warning("HBONE to %s: no local workload at that address", local_ip)
-            raw.abort()
+            conn.close()
             return
         try:
             tls_ctx = await ctx.server_context(workload.identity)
         except Exception as err:
             log.warning("HBONE to %s: no certificate for %s: %s", local_ip, workload.identity, err)
-            raw.abort()
+            conn.close()
             return
         proto = HboneProtocol(
             Role.SERVER,
             trust_domain=ctx.settings.trust_domain,
             expected=None,
             on_request=lambda stream: self._on_request(stream, local_ip, peer_ip),
+            on_close=lambda p: ctx.connections.discard(p.transport) if p.transport else None,
         )
-        ctx.connections.add(raw)
-        proto.on_close = lambda _p: ctx.connections.discard(raw)
-        start_server_tls(asyncio.get_running_loop(), raw, proto, tls_ctx)
         try:
-            await proto.ready
+            await accept_tls(conn, tls_ctx, proto)
         except Exception as err:
             rec = ConnectionRecord(
                 direction="inbound",
@@ -124,6 +143,9 @@ class HboneAccept(asyncio.Protocol):
                 error=str(err),
             )
             ctx.tracker.failed(rec)
+            return
+        if proto.transport is not None:
+            ctx.connections.add(proto.transport)
 
     def _on_request(self, stream: HboneStream, conn_dst_ip: str, peer_ip: str) -> None:
         asyncio.get_running_loop().create_task(self._serve(stream, conn_dst_ip, peer_ip))

@@ -18,6 +18,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from meshcore.hbone.aio import TunnelSink, TunnelStream
 from meshcore.hbone.frames import ErrorCode
@@ -57,10 +58,10 @@ class TcpSide(asyncio.Protocol):
     # ---- TCP side (asyncio.Protocol) ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: cast, don't assert.
+        self.transport = cast(asyncio.Transport, transport)
         if self.stream is None:
-            transport.pause_reading()  # nothing to send into yet
+            self.transport.pause_reading()  # nothing to send into yet
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
