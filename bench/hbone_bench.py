@@ -598,7 +598,7 @@ workloads:
 node: node-a, tunnelProtocol: HBONE}
 - {uid: s1, name: server, namespace: default, serviceAccount: echo, addresses: ["127.0.2.10"], \
 node: node-b, tunnelProtocol: HBONE, services: {"default/echo.default.svc.cluster.local": \
-[{servicePort: 80, targetPort: 8080}]}}
+{ports: [{servicePort: 80, targetPort: 8080}]}}}
 services:
 - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, \
 addresses: [{address: "127.0.3.10"}], ports: [{servicePort: 80, targetPort: 8080}]}
@@ -665,7 +665,7 @@ def smoke_get(addr: tuple[str, int]) -> None:
 
 def port_free(addr: tuple[str, int]) -> bool:
     with socket.socket() as s:
-        # SO_REUSEADDR like the servers themselves: TIME_WAIT leftovers from a previous run are fine.
+        # SO_REUSEADDR as the servers use: TIME_WAIT leftovers of an earlier run are fine.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(addr)
@@ -903,6 +903,12 @@ def ztunnel_available() -> str | None:
     return None
 
 
+def ztunnel_flags() -> set[str]:
+    """The long options the installed ztunnel command accepts (from its --help)."""
+    out = run_cmd([str(VENV_BIN / "ztunnel"), "--help"], timeout=30)
+    return set(re.findall(r"--[a-z][a-z0-9-]*", out))
+
+
 def start_ztunnel_pair(sup: Supervisor, workdir: Path, ca_dir: Path, workers: int) -> PathRuntime:
     if (why := ztunnel_available()) is not None:
         raise BenchError(why)
@@ -911,6 +917,16 @@ def start_ztunnel_pair(sup: Supervisor, workdir: Path, ca_dir: Path, workers: in
             raise BenchError(f"{addr[0]}:{addr[1]} is in use")
     mesh = workdir / "mesh.yaml"
     mesh.write_text(MESH_CONFIG)
+    flags = ztunnel_flags()
+    extra: list[str] = []
+    if "--workers" in flags:
+        extra += ["--workers", str(workers)]
+    else:
+        log("ztunnel has no --workers flag yet: running it single-worker")
+        workers = 1
+    if "--no-access-log" in flags:
+        # The Envoy pair logs nothing per connection; compare like with like.
+        extra.append("--no-access-log")
     procs = []
     for node in ("node-b", "node-a"):
         argv = [
@@ -925,8 +941,7 @@ def start_ztunnel_pair(sup: Supervisor, workdir: Path, ca_dir: Path, workers: in
             "bind",
             "--node-ip",
             NODE_IP[node],
-            "--workers",
-            str(workers),
+            *extra,
         ]
         if node == "node-a":
             argv += ["--outbound-listen", f"{SERVICE_VIP[0]}:{SERVICE_VIP[1]}"]
@@ -993,7 +1008,7 @@ def _fmt(v: float | None, nd: int = 2, signed: bool = False) -> str:
     return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
 
 
-def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[str, Any]]:
     """Rows: metric, per-path values, ratios and the target verdict (targets: vs the Envoy pair)."""
     d, e, z = (summary.get(p, {}) for p in PATHS)
 
@@ -1050,7 +1065,7 @@ def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         e.get("rps"),
         z.get("rps"),
         ">= 0.9x envoy",
-        lambda: zr is not None and zr >= 0.9,
+        lambda: None if zr is None else zr >= 0.9,
         nd=0,
     )
     zc = ratio(z.get("cps"), e.get("cps"))
@@ -1060,11 +1075,11 @@ def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         e.get("cps"),
         z.get("cps"),
         ">= 0.7x envoy",
-        lambda: zc is not None and zc >= 0.7,
+        lambda: None if zc is None else zc >= 0.7,
         nd=0,
     )
     for q in ("p50_ms", "p90_ms", "p99_ms"):
-        row(f"latency {q[:3]} @{1000} rps (ms)", d.get(q), e.get(q), z.get(q), "", None, nd=3)
+        row(f"latency {q[:3]} @{rate:g} rps (ms)", d.get(q), e.get(q), z.get(q), "", None, nd=3)
     za50, za99 = added(z, "p50_ms"), added(z, "p99_ms")
     row(
         "added latency p50 vs direct (ms)",
@@ -1072,7 +1087,7 @@ def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         added(e, "p50_ms"),
         za50,
         "<= +0.25 ms",
-        lambda: za50 is not None and za50 <= 0.25,
+        lambda: None if za50 is None else za50 <= 0.25,
         nd=3,
         signed=True,
     )
@@ -1082,7 +1097,7 @@ def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         added(e, "p99_ms"),
         za99,
         "<= +1 ms",
-        lambda: za99 is not None and za99 <= 1.0,
+        lambda: None if za99 is None else za99 <= 1.0,
         nd=3,
         signed=True,
     )
@@ -1094,7 +1109,7 @@ def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         e.get("cpu_s_per_gbit"),
         z.get("cpu_s_per_gbit"),
         "<= 1.0x envoy",
-        lambda: zg is not None and zg <= 1.0,
+        lambda: None if zg is None else zg <= 1.0,
         nd=3,
     )
     zk = max_of(z, "vcpu_per_krps")
@@ -1104,7 +1119,7 @@ def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         max_of(e, "vcpu_per_krps"),
         zk,
         "<= 0.06 vCPU",
-        lambda: zk is not None and zk <= 0.06,
+        lambda: None if zk is None else zk <= 0.06,
         nd=3,
     )
     zm = max_of(z, "rss", "per_worker_mib")
@@ -1114,7 +1129,7 @@ def build_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         max_of(e, "rss", "per_worker_mib"),
         zm,
         "<= 40 MiB",
-        lambda: zm is not None and zm <= 40.0,
+        lambda: None if zm is None else zm <= 40.0,
         nd=1,
     )
     return rows
@@ -1218,7 +1233,10 @@ def guarded(time_limit: float) -> Iterator[None]:
             raise Timeout(f"time limit of {time_limit:.0f}s exceeded")
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGALRM)}
+    old = {
+        sig: signal.signal(sig, on_signal)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+    }
     signal.alarm(int(time_limit))
     try:
         yield
@@ -1251,6 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.time_limit or (120 + s.reps * per_rep * 1.5)
 
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    # Never leave a previous run's results looking like this run's (this one may be aborted).
+    args.json.unlink(missing_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_ROOT))
     workdir.chmod(0o755)
     sup = Supervisor(workdir)
@@ -1318,8 +1338,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    zt = runtimes.get("ztunnel")
+    zt_workers = zt.workers if zt is not None else "-"
     summary = summarize(raw, runtimes)
-    rows = build_table(summary)
+    rows = build_table(summary, s.fixed_rate)
     print()
     print(render_table(rows))
     for p, why in skipped.items():
@@ -1328,13 +1350,13 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{s.reps} rep(s), medians; {s.duration:g}s per run; wrk -t{s.wrk_threads} "
         f"-c{s.wrk_conns} (rps) / -c{s.cps_conns} + 'Connection: close' (new conns); "
         f"latency: open-loop {s.fixed_rate:g} rps; bulk {s.bulk_duration:g}s on 1 connection; "
-        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel --workers {s.ztunnel_workers}."
+        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {zt_workers}."
     )
     doc = {
         "started": started.isoformat(),
         "finished": datetime.now(UTC).isoformat(),
         "machine": machine_info(),
-        "settings": s.__dict__,
+        "settings": {**s.__dict__, "ztunnel_workers_used": zt_workers},
         "certificates": certs_source,
         "skipped": skipped,
         "summary": summary,
