@@ -37,20 +37,43 @@ SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 ECHO = "spiffe://cluster.local/ns/default/sa/echo"
 
 
-def mesh_config(policies: list[dict[str, Any]] | None = None, target_port: int = 8080) -> dict[str, Any]:
+def mesh_config(
+    policies: list[dict[str, Any]] | None = None, target_port: int = 8080
+) -> dict[str, Any]:
     return {
         "workloads": [
-            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
-             "addresses": [CLIENT_IP], "node": "node-a", "tunnelProtocol": "HBONE"},
-            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
-             "addresses": [SERVER_IP], "node": "node-b", "tunnelProtocol": "HBONE",
-             "services": {"default/echo.default.svc.cluster.local": {"ports": [
-                 {"servicePort": 80, "targetPort": target_port}]}}},
+            {
+                "uid": "c1",
+                "name": "sleep",
+                "namespace": "default",
+                "serviceAccount": "sleep",
+                "addresses": [CLIENT_IP],
+                "node": "node-a",
+                "tunnelProtocol": "HBONE",
+            },
+            {
+                "uid": "s1",
+                "name": "echo",
+                "namespace": "default",
+                "serviceAccount": "echo",
+                "addresses": [SERVER_IP],
+                "node": "node-b",
+                "tunnelProtocol": "HBONE",
+                "services": {
+                    "default/echo.default.svc.cluster.local": {
+                        "ports": [{"servicePort": 80, "targetPort": target_port}]
+                    }
+                },
+            },
         ],
         "services": [
-            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
-             "addresses": [{"address": VIP}],
-             "ports": [{"servicePort": 80, "targetPort": target_port}]},
+            {
+                "name": "echo",
+                "namespace": "default",
+                "hostname": "echo.default.svc.cluster.local",
+                "addresses": [{"address": VIP}],
+                "ports": [{"servicePort": 80, "targetPort": target_port}],
+            },
         ],
         "policies": policies or [],
     }
@@ -159,7 +182,7 @@ async def running_mesh(
 
 
 async def call_service(seed: int, up: int, down: int) -> tuple[tuple[str, int], str]:
-    """Client pod -> VIP: send `up` bytes, receive `down` bytes. Returns (what we got, sha of up)."""
+    """Client pod -> VIP: send `up` bytes, receive `down` bytes. Returns (got, sha of sent)."""
     reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
     head = seed.to_bytes(4, "big") + down.to_bytes(4, "big")
     body = payload_for(seed + 1_000_000, up)

@@ -59,28 +59,24 @@ def test_64mib_each_way_on_concurrent_streams_arrive_intact(tmp_path: Path) -> N
 def test_identities_in_metrics_and_both_sides(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_mesh(tmp_path) as mesh:
-            (got, n), _ = await call_service(7, 1000, 5000)
+            (_got, n), _ = await call_service(7, 1000, 5000)
             assert n == 5000
             await asyncio.sleep(0.1)
             dest = metric_text(mesh.node_b)
             src = metric_text(mesh.node_a)
             line = next(
-                x for x in dest.splitlines()
-                if x.startswith("istio_tcp_connections_opened_total{")
+                x for x in dest.splitlines() if x.startswith("istio_tcp_connections_opened_total{")
             )
             assert 'reporter="destination"' in line
             assert f'source_principal="{SLEEP}"' in line
             assert f'destination_principal="{ECHO}"' in line
             assert 'connection_security_policy="mutual_tls"' in line
             line = next(
-                x for x in src.splitlines()
-                if x.startswith("istio_tcp_connections_opened_total{")
+                x for x in src.splitlines() if x.startswith("istio_tcp_connections_opened_total{")
             )
             assert 'reporter="source"' in line and f'destination_principal="{ECHO}"' in line
             assert 'destination_service="echo.default.svc.cluster.local"' in line
-            sent = [
-                x for x in dest.splitlines() if x.startswith("istio_tcp_sent_bytes_total{")
-            ]
+            sent = [x for x in dest.splitlines() if x.startswith("istio_tcp_sent_bytes_total{")]
             assert sent and float(sent[0].rsplit(" ", 1)[1]) == 5000
 
     run(main())
@@ -88,8 +84,17 @@ def test_identities_in_metrics_and_both_sides(tmp_path: Path) -> None:
 
 def test_denied_connection_never_reaches_backend(tmp_path: Path) -> None:
     deny_sleep = {
-        "name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE", "action": "DENY",
-        "rules": [{"clauses": [{"matches": [{"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}]}]}],
+        "name": "deny-sleep",
+        "namespace": "default",
+        "scope": "NAMESPACE",
+        "action": "DENY",
+        "rules": [
+            {
+                "clauses": [
+                    {"matches": [{"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}]}
+                ]
+            }
+        ],
     }
 
     async def main() -> None:

@@ -8,7 +8,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from tests.unit.certfixtures import NOW, TD, make_csr, pem, sid, uri, write_plugin_ca
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -18,6 +17,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from meshcore.ca import MeshCA, generate_csr
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import CertificateError
+from tests.unit.certfixtures import NOW, TD, make_csr, pem, sid, uri, write_plugin_ca
 
 ALICE = sid("apps", "alice")
 

@@ -8,7 +8,6 @@ import random
 from datetime import datetime, timedelta
 
 import pytest
-from tests.unit.certfixtures import NOW, sid
 from cryptography import x509
 
 from meshcore.ca import MeshCA, generate_csr
@@ -21,6 +20,7 @@ from meshcore.certs import (
 )
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
+from tests.unit.certfixtures import NOW, sid
 
 ALICE = sid("apps", "alice")
 BOB = sid("apps", "bob")

@@ -1,4 +1,4 @@
-"""Sans-I/O HBONE connection tests: in-memory pairs, and interop with the `h2` library as the peer."""
+"""Sans-I/O HBONE connection tests: in-memory pairs, and interop with the `h2` library."""
 
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def frame_types(wire: bytes) -> list[int]:
     ],
 )
 def test_malformed_frames_get_precise_error_codes(frame: bytes, code: int) -> None:
-    client, server = pair()
+    _client, server = pair()
     ev = server.receive_data(frame)
     assert isinstance(ev[-1], ConnectionTerminated)
     assert ev[-1].error_code == code

@@ -10,6 +10,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshcore.ca import MeshCA
+from meshcore.certs import WorkloadCertificate
+from meshcore.errors import PeerVerificationError
+from meshcore.identity import SpiffeId
+from meshcore.tls import ContextCache, client_context, server_context, verify_peer
 from tests.unit.certfixtures import (
     TD,
     handshake,
@@ -20,15 +29,6 @@ from tests.unit.certfixtures import (
     uri,
     write_plugin_ca,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from meshcore.ca import MeshCA
-from meshcore.certs import WorkloadCertificate
-from meshcore.errors import PeerVerificationError
-from meshcore.identity import SpiffeId
-from meshcore.tls import ContextCache, client_context, server_context, verify_peer
 
 ALICE = sid("apps", "alice")  # server (destination) in most tests
 BOB = sid("apps", "bob")  # client (source)
