@@ -1,0 +1,20 @@
+"""Entry point of `ambient-controlplane`: the control plane is not built yet (issue #4 builds it).
+
+Until then the command refuses to run with a clear message instead of pretending to work.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    print(
+        "ambient-controlplane: the control plane is not built yet (tracked in issue #4)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
