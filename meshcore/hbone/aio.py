@@ -347,6 +347,11 @@ class HboneProtocol(asyncio.Protocol):
         self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
     ) -> HboneStream:
         """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        if self.closed:
+            # connection_lost already failed every pending response; a stream opened after it
+            # would wait forever (e.g. TLS 1.3: the server rejects our certificate only after
+            # our side of the handshake completed, so connect() returned a doomed connection).
+            raise ConnectionResetError("HBONE connection closed")
         try:
             sid = self.conn.open_connect(authority, headers)
         except H2ProtocolError as err:
@@ -381,9 +386,13 @@ async def accept_tls(
         )
     except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
         sock.close()
+        # Raise, don't return: the caller records TLS_FAILURE only when this raises, and a
+        # client certificate OpenSSL rejects (unknown CA, expired) fails right here.
+        failure = PeerVerificationError(f"TLS handshake failed: {err}")
         if not proto.ready.done():
-            proto.ready.set_exception(PeerVerificationError(f"TLS handshake failed: {err}"))
-        return
+            proto.ready.set_exception(failure)
+            proto.ready.exception()  # mark retrieved: we raise it ourselves
+        raise failure from err
     await proto.ready
 
 

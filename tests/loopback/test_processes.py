@@ -1,0 +1,176 @@
+"""Two `ztunnel` console-script processes carrying traffic over HBONE on loopback.
+
+Addresses are disjoint from the in-process harness (127.0.2x) and the bench:
+  node-a 127.0.31.1, client pod 127.0.31.10 (sa sleep)
+  node-b 127.0.32.1, server pod 127.0.32.10 (sa echo), backend (in this test) on :8080
+  service echo VIP 127.0.33.10:80 -> 8080 (node-a's process listens on it: --outbound-listen)
+Both processes sign with one CA directory (created under a file lock by whichever starts first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NODE_A, CLIENT = "127.0.31.1", "127.0.31.10"
+NODE_B, SERVER = "127.0.32.1", "127.0.32.10"
+SVC_VIP = "127.0.33.10"
+SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
+ECHO = "spiffe://cluster.local/ns/default/sa/echo"
+DRAIN = 3.0
+
+
+def config() -> dict[str, Any]:
+    port = {"servicePort": 80, "targetPort": 8080}
+    return {
+        "workloads": [
+            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
+             "addresses": [CLIENT], "node": "node-a", "tunnelProtocol": "HBONE"},
+            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
+             "addresses": [SERVER], "node": "node-b", "tunnelProtocol": "HBONE",
+             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
+        ],
+        "services": [
+            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
+             "addresses": [{"address": SVC_VIP}], "ports": [port]},
+        ],
+        "policies": [],
+    }  # fmt: skip
+
+
+def ztunnel_exe() -> str:
+    exe = Path(sys.executable).parent / "ztunnel"
+    assert exe.exists(), f"console script not installed at {exe}"
+    return str(exe)
+
+
+async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def wait_ready(proc: asyncio.subprocess.Process, node_ip: str, timeout: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        assert proc.returncode is None, f"ztunnel on {node_ip} exited with {proc.returncode}"
+        with suppress(OSError, TimeoutError, IndexError, ValueError):
+            if (await http_get(node_ip, 15021, "/healthz/ready"))[0] == 200:
+                return
+        assert loop.time() < deadline, f"ztunnel on {node_ip} not ready after {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+    writer.close()
+
+
+def test_two_ztunnel_processes(tmp_path: Path) -> None:
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text(yaml.safe_dump(config()))
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("node-a", "node-b")}
+
+    async def spawn(node: str, ip: str, *extra: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            ztunnel_exe(), "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
+            "--ca-dir", str(tmp_path / "ca"), "--capture", "bind",
+            "--drain-timeout", str(DRAIN), *extra,
+            stdin=asyncio.subprocess.DEVNULL, stdout=logs[node], stderr=logs[node],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+
+    async def main() -> None:
+        peers: list[str] = []
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer.get_extra_info("peername")[0])
+            await echo(reader, writer)
+
+        backend = await asyncio.start_server(accept, SERVER, 8080)
+        procs = [
+            await spawn("node-a", NODE_A, "--outbound-listen", f"{SVC_VIP}:80"),
+            await spawn("node-b", NODE_B),
+        ]
+        try:
+            await asyncio.gather(wait_ready(procs[0], NODE_A), wait_ready(procs[1], NODE_B))
+
+            # Bytes through: client pod -> VIP -> node-a -> HBONE -> node-b -> backend, and back.
+            reader, writer = await asyncio.open_connection(SVC_VIP, 80, local_addr=(CLIENT, 0))
+            data = hashlib.shake_256(b"processes").digest(1 << 20)
+            writer.write(data)
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+            assert peers == [CLIENT]  # original source kept end to end
+
+            status, body = await http_get(NODE_A, 15000, "/config_dump")
+            assert status == 200
+            dump = json.loads(body)
+            assert {w["name"] for w in dump["workloads"]} == {"sleep", "echo"}
+            (cert,) = dump["certificates"]  # node-a manages only its local identity
+            assert cert["identity"] == SLEEP and cert["state"] == "available"
+            assert int(cert["serial"]) > 0
+            assert [c["peer"] for c in dump["connections"]] == [ECHO]
+
+            await asyncio.sleep(0.1)  # let both sides record the closed connection
+            for ip, reporter in ((NODE_A, "source"), (NODE_B, "destination")):
+                status, body = await http_get(ip, 15020, "/stats/prometheus")
+                assert status == 200
+                text = body.decode()
+                opened = [
+                    x for x in text.splitlines()
+                    if x.startswith("istio_tcp_connections_opened_total{")
+                ]  # fmt: skip
+                assert len(opened) == 1, text
+                assert f'reporter="{reporter}"' in opened[0]
+                assert f'source_principal="{SLEEP}"' in opened[0]
+                assert f'destination_principal="{ECHO}"' in opened[0]
+
+            # SIGTERM: both drain and exit 0 well within the drain timeout.
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            codes = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), DRAIN + 5)
+            assert codes == [0, 0]
+            # No live connection is left, so neither process waits out its drain timeout.
+            assert loop.time() - started < DRAIN, loop.time() - started
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            backend.close()
+            await backend.wait_closed()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    except BaseException:
+        for name, f in logs.items():
+            f.flush()
+            sys.stderr.write(f"--- {name} ---\n{(tmp_path / f'{name}.log').read_text()[-4000:]}\n")
+        raise
+    finally:
+        for f in logs.values():
+            f.close()

@@ -1,0 +1,500 @@
+"""What node B's real HBONE listener (127.0.22.10:15008) refuses, and what must keep working.
+
+Every test uses real certificates and real loopback sockets against the in-process mesh of
+`tests.loopback.harness`. Refusals are checked on both ends: the client sees the failure (or the
+right status / GOAWAY code) and the backend behind node B never accepts a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import yaml
+from cryptography import x509
+from prometheus_client import generate_latest
+
+from meshcore.ca import MeshCA
+from meshcore.certs import LocalCAProvider, WorkloadCertificate, utcnow
+from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.hbone.aio import HboneProtocol, connect
+from meshcore.identity import SpiffeId
+from meshcore.model import load_mesh_config
+from meshcore.state import MeshState
+from meshcore.tls import client_context
+from tests.loopback.harness import (
+    BACKEND_PORT,
+    CLIENT_IP,
+    ECHO,
+    SERVER_IP,
+    SLEEP,
+    VIP,
+    Mesh,
+    mesh_config,
+    running_mesh,
+    settings,
+    start_backend,
+)
+from ztunnel.app import NodeProxy, build_context
+
+HBONE = (SERVER_IP, 15008)
+SLEEP_ID = SpiffeId.parse(SLEEP)
+ECHO_ID = SpiffeId.parse(ECHO)
+TD = "cluster.local"
+
+
+def run(coro: Awaitable[Any], timeout: float = 60, loop: str = "asyncio") -> Any:
+    runner: Callable[[Awaitable[Any]], Any] = asyncio.run  # type: ignore[assignment]
+    if loop == "uvloop":
+        runner = pytest.importorskip("uvloop").run
+    return runner(asyncio.wait_for(coro, timeout))
+
+
+def metric_text(proxy: NodeProxy) -> str:
+    return generate_latest(proxy.ctx.metrics.registry).decode()
+
+
+def failed_lines(proxy: NodeProxy) -> list[str]:
+    return [
+        x
+        for x in metric_text(proxy).splitlines()
+        if x.startswith("istio_tcp_connections_failed_total{")
+    ]
+
+
+def access_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The `error` field of every access-log record (JSON lines from ztunnel.access)."""
+    out = []
+    for rec in caplog.records:
+        if rec.name == "ztunnel.access":
+            out.append(str(json.loads(rec.getMessage()).get("error")))
+    return out
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+class Sink:
+    """A TunnelSink that collects what the tunnel delivers."""
+
+    write_paused = False
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = asyncio.Event()
+        self.reset_code: int | None = None
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.data += data
+
+    def tunnel_eof(self) -> None:
+        self.eof.set()
+
+    def tunnel_reset(self, code: int) -> None:
+        self.reset_code = code
+        self.eof.set()
+
+    def tunnel_pause_source(self) -> None:
+        pass
+
+    def tunnel_resume_source(self) -> None:
+        pass
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+    writer.close()
+
+
+async def dial(
+    cert: WorkloadCertificate,
+    *,
+    expected: SpiffeId = ECHO_ID,
+    trust_domain: str = TD,
+) -> HboneProtocol:
+    """A raw HBONE client connection to node B's listener, from the client pod's address."""
+    return await connect(
+        *HBONE,
+        client_context(cert),
+        trust_domain=trust_domain,
+        expected=[expected],
+        local_addr=(CLIENT_IP, 0),
+        timeout=5.0,
+    )
+
+
+async def connect_through(cert: WorkloadCertificate, *, settle: float = 0.0) -> None:
+    """Dial node B with `cert` and try to open a stream to the backend; must fail.
+
+    `settle` waits before the CONNECT, so that a refusal the server sends after the client's
+    side of the TLS 1.3 handshake (client certificates are checked last) has already arrived."""
+    proto = await dial(cert)
+    try:
+        if settle:
+            await asyncio.sleep(settle)
+        await asyncio.wait_for(proto.open_stream(f"{SERVER_IP}:{BACKEND_PORT}", [], Sink()), 5)
+    finally:
+        proto.abort()
+
+
+REFUSED = (ConnectionError, PeerVerificationError, ssl.SSLError, HboneError)
+
+
+@asynccontextmanager
+async def mesh_with_ca(
+    tmp: Path, ca: MeshCA, config: dict[str, Any] | None = None
+) -> AsyncIterator[Mesh]:
+    """Like `running_mesh`, but with a CA built by the test (e.g. trusting an extra root)."""
+    cfg_path = tmp / "mesh.yaml"
+    cfg_path.write_text(yaml.safe_dump(config or mesh_config()))
+    state = MeshState.from_config(load_mesh_config(cfg_path))
+    provider = LocalCAProvider(ca)
+    node_a = NodeProxy(
+        build_context(settings("node-a", "127.0.21.1", ((VIP, 80),)), state, provider)
+    )
+    node_b = NodeProxy(build_context(settings("node-b", "127.0.22.1"), state, provider))
+    backend = await start_backend()
+    await node_a.start()
+    await node_b.start()
+    try:
+        yield Mesh(ca=ca, node_a=node_a, node_b=node_b, backend=backend, tmp=tmp)
+    finally:
+        await node_a.drain()
+        await node_b.drain()
+        if backend.server is not None:
+            backend.server.close()
+
+
+# ---- 1-3: client certificates node B must refuse ------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("settle", [0.0, 0.3])
+def test_certificate_from_another_ca_is_refused(
+    tmp_path: Path, settle: float, loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TLS handshake itself fails on node B (accept_tls, under both event loops)."""
+    caplog.set_level(logging.INFO, logger="ztunnel.access")
+
+    async def main() -> None:
+        async with running_mesh(tmp_path) as mesh:
+            rogue = MeshCA.create_root(trust_domain=TD)
+            issued = rogue.issue(SLEEP_ID, now=utcnow())
+            # The client trusts node B (so the refusal is node B's), node B does not trust it.
+            cert = WorkloadCertificate.from_chain(
+                SLEEP_ID, issued.key_pem, issued.chain_pem, rogue.roots_pem + mesh.ca.roots_pem
+            )
+            with pytest.raises(REFUSED):
+                await connect_through(cert, settle=settle)
+            await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
+            assert mesh.backend.accepted == 0
+            assert "istio_tcp_connections_opened_total{" not in metric_text(mesh.node_b)
+
+    run(main(), loop=loop)
+    assert any("certificate verify failed" in e for e in access_errors(caplog))
+
+
+def test_other_trust_domain_chaining_to_a_trusted_root_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ztunnel.access")
+
+    async def main() -> None:
+        other = MeshCA.create_root(trust_domain="other.local")
+        ca = MeshCA.create_root(trust_domain=TD)
+        ca.add_trusted_root(other.root_pem)  # before any workload certificate is issued
+        async with mesh_with_ca(tmp_path, ca) as mesh:
+            b_cert = await mesh.node_b.ctx.certs.get(ECHO_ID)
+            assert other.root_pem in b_cert.roots_pem  # node B's TLS accepts the chain...
+            foreign = SpiffeId.parse("spiffe://other.local/ns/default/sa/sleep")
+            issued = other.issue(foreign, now=utcnow())
+            cert = WorkloadCertificate.from_chain(
+                foreign, issued.key_pem, issued.chain_pem, ca.roots_pem
+            )
+            with pytest.raises(REFUSED):
+                await connect_through(cert, settle=0.2)
+            # ...and verify_peer refuses the trust domain.
+            await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
+            assert mesh.backend.accepted == 0
+
+    run(main())
+    assert any("trust domain 'other.local'" in e for e in access_errors(caplog))
+
+
+def test_expired_client_certificate_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ztunnel.access")
+
+    async def main() -> None:
+        async with running_mesh(tmp_path) as mesh:
+            cert = mesh.ca.issue(
+                SLEEP_ID, ttl=timedelta(minutes=5), now=utcnow() - timedelta(days=1)
+            )
+            assert cert.expired(utcnow())
+            with pytest.raises(REFUSED):
+                await connect_through(cert, settle=0.2)
+            await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
+            assert mesh.backend.accepted == 0
+
+    run(main())
+    assert any("expired" in e for e in access_errors(caplog))
+
+
+# ---- 4: the client refuses the server -------------------------------------------------------
+
+
+def test_unexpected_server_san_raises_before_connect(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path) as mesh:
+            cert = mesh.ca.issue(SLEEP_ID, now=utcnow())
+            other = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/other")
+            with pytest.raises(PeerVerificationError, match="not an expected identity"):
+                await dial(cert, expected=other)
+            await asyncio.sleep(0.1)
+            assert mesh.backend.accepted == 0
+            text = metric_text(mesh.node_b)
+            assert "istio_tcp_connections_opened_total{" not in text
+            assert 'response_flags="CONNECT"' not in text  # no CONNECT reached node B
+
+    run(main())
+
+
+# ---- 5-7: CONNECT-level refusals -------------------------------------------------------------
+
+
+async def h2_over_tls(
+    cert: WorkloadCertificate,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, h2.connection.H2Connection]:
+    reader, writer = await asyncio.open_connection(
+        *HBONE, ssl=client_context(cert), server_hostname="", local_addr=(CLIENT_IP, 0)
+    )
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    await writer.drain()
+    return reader, writer, conn
+
+
+async def h2_events(
+    reader: asyncio.StreamReader, conn: h2.connection.H2Connection, until: type
+) -> list[h2.events.Event]:
+    """Feed received bytes to `conn` until an event of type `until` (or EOF)."""
+    seen: list[h2.events.Event] = []
+    while True:
+        try:
+            data = await reader.read(65536)
+        except ConnectionError:
+            data = b""
+        if not data:
+            return seen
+        seen += conn.receive_data(data)
+        if any(isinstance(e, until) for e in seen):
+            return seen
+
+
+def test_non_connect_request_gets_400(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path) as mesh:
+            reader, writer, conn = await h2_over_tls(mesh.ca.issue(SLEEP_ID, now=utcnow()))
+            conn.send_headers(
+                1,
+                [
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/"),
+                    (":authority", f"{SERVER_IP}:{BACKEND_PORT}"),
+                ],
+                end_stream=True,
+            )
+            writer.write(conn.data_to_send())
+            events = await h2_events(reader, conn, h2.events.ResponseReceived)
+            writer.close()
+            resp = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+            assert dict(resp.headers)[":status"] == "400"
+            assert mesh.backend.accepted == 0
+
+    run(main())
+
+
+def test_connect_denied_by_policy_gets_401_without_upstream(tmp_path: Path) -> None:
+    deny_sleep = {
+        "name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE", "action": "DENY",
+        "rules": [{"clauses": [{"matches": [{"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}]}]}],
+    }  # fmt: skip
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, mesh_config([deny_sleep])) as mesh:
+            proto = await dial(mesh.ca.issue(SLEEP_ID, now=utcnow()))
+            with pytest.raises(HboneError) as info:
+                await proto.open_stream(f"{SERVER_IP}:{BACKEND_PORT}", [], Sink())
+            assert getattr(info.value, "status", None) == 401
+            assert mesh.backend.accepted == 0
+            assert any('response_flags="DENY"' in x for x in failed_lines(mesh.node_b))
+            # The connection itself survives a refused stream.
+            assert not proto.closed
+            proto.abort()
+
+    run(main())
+
+
+def test_refused_upstream_gets_503(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path) as mesh:
+            proto = await dial(mesh.ca.issue(SLEEP_ID, now=utcnow()))
+            with pytest.raises(HboneError) as info:
+                await proto.open_stream(f"{SERVER_IP}:9", [], Sink())
+            assert getattr(info.value, "status", None) == 503
+            assert mesh.backend.accepted == 0
+            # A good CONNECT on the same connection still works afterwards.
+            sink = Sink()
+            stream = await proto.open_stream(f"{SERVER_IP}:{BACKEND_PORT}", [], sink)
+            assert stream.peer_identity == ECHO_ID
+            stream.write((1).to_bytes(4, "big") + (1000).to_bytes(4, "big"))
+            stream.write_eof()
+            await asyncio.wait_for(sink.eof.wait(), 5)
+            assert len(sink.data) == 1000 and sink.reset_code is None
+            assert mesh.backend.accepted == 1
+            proto.abort()
+
+    run(main())
+
+
+# ---- 8: certificate rotation under live traffic ----------------------------------------------
+
+
+async def echo_round(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seed: int, size: int
+) -> None:
+    data = hashlib.shake_256(seed.to_bytes(8, "big")).digest(size)
+    writer.write(data)
+    await writer.drain()
+    got = await asyncio.wait_for(reader.readexactly(size), 10)
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def peer_serial(transport: asyncio.BaseTransport) -> int:
+    der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(tmp_path: Path) -> None:
+    async def main() -> None:
+        backend = await start_backend(echo_handler)
+        async with running_mesh(tmp_path, backend=backend, cert_ttl=timedelta(minutes=10)) as mesh:
+            a, b = mesh.node_a.ctx, mesh.node_b.ctx
+            reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
+            await echo_round(reader, writer, 1, 100_000)
+            old_sleep, old_echo = await a.certs.get(SLEEP_ID), await b.certs.get(ECHO_ID)
+            assert a.pool.connections_opened == 1
+            (old_conn,) = [t for t in b.connections]
+            assert peer_serial(old_conn) == old_sleep.serial
+
+            # Both nodes reach their refresh time (the clock is injected through tick's `now`).
+            for ctx, cert in ((a, old_sleep), (b, old_echo)):
+                due = cert.refresh_at + timedelta(seconds=1)
+                assert cert.identity in await ctx.certs.tick(due)
+            new_sleep, new_echo = await a.certs.get(SLEEP_ID), await b.certs.get(ECHO_ID)
+            assert new_sleep.serial != old_sleep.serial
+            assert new_echo.serial != old_echo.serial
+
+            # The old stream keeps working both ways, on its old connection.
+            for seed in range(2, 6):
+                await echo_round(reader, writer, seed, 300_000)
+
+            # A new connection after rotation: a new HBONE connection with the new certs.
+            r2, w2 = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
+            await echo_round(r2, w2, 9, 50_000)
+            assert a.pool.connections_opened == 2
+            (proto,) = [p for conns in a.pool._conns.values() for p in conns]
+            assert proto.transport is not None and peer_serial(proto.transport) == new_echo.serial
+            serials = {peer_serial(t) for t in b.connections}
+            assert serials == {old_sleep.serial, new_sleep.serial}
+
+            # Old stream still fine after the new connection came up; then both finish cleanly.
+            await echo_round(reader, writer, 10, 10_000)
+            for r, w in ((reader, writer), (r2, w2)):
+                w.write_eof()
+                assert await asyncio.wait_for(r.read(), 5) == b""
+                w.close()
+            # The retired connection closes once its last stream has ended.
+            await wait_until(lambda: old_conn not in b.connections)
+            assert mesh.backend.accepted == 2
+
+    run(main())
+
+
+# ---- 9: malformed HTTP/2 from an authenticated peer ------------------------------------------
+
+
+def frame(ftype: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    """RFC 9113 §4.1 frame header + payload."""
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes([ftype, flags])
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (frame(0x8, 0, 0, (0).to_bytes(4, "big")), 0x1),  # §6.9 zero WINDOW_UPDATE: PROTOCOL_ERROR
+        (frame(0x4, 0, 0, b"\0" * 5), 0x6),  # §6.5 SETTINGS length % 6 != 0: FRAME_SIZE_ERROR
+        (frame(0x0, 0, 0, b"x"), 0x1),  # §6.1 DATA on stream 0: PROTOCOL_ERROR
+        (frame(0x6, 0, 0, b"\0" * 7), 0x6),  # §6.7 PING of 7 octets: FRAME_SIZE_ERROR
+        (frame(0x1, 0x4, 1, b"\xff\xff\xff\xff"), 0x9),  # §4.3 undecodable HPACK: COMPRESSION_ERROR
+    ],
+)
+def test_malformed_h2_gets_goaway_and_others_keep_working(
+    tmp_path: Path, bad: bytes, code: int
+) -> None:
+    async def main() -> None:
+        backend = await start_backend(echo_handler)
+        async with running_mesh(tmp_path, backend=backend) as mesh:
+            # A healthy stream through the mesh, open across the bad peer's lifetime.
+            reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
+            await echo_round(reader, writer, 1, 10_000)
+
+            r, w, conn = await h2_over_tls(mesh.ca.issue(SLEEP_ID, now=utcnow()))
+            w.write(bad)
+            events = await asyncio.wait_for(h2_events(r, conn, h2.events.ConnectionTerminated), 5)
+            w.close()
+            goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            assert goaway and goaway[0].error_code == code
+            assert mesh.backend.accepted == 1
+
+            await echo_round(reader, writer, 2, 10_000)
+            r2, w2 = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
+            await echo_round(r2, w2, 3, 10_000)
+            for rr, ww in ((reader, writer), (r2, w2)):
+                ww.write_eof()
+                assert await asyncio.wait_for(rr.read(), 5) == b""
+                ww.close()
+
+    run(main())
