@@ -38,6 +38,7 @@ from meshcore.hbone.connection import (
 )
 from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
+from meshcore.sockets import connect_tcp
 from meshcore.tls import verify_peer
 
 
@@ -403,26 +404,33 @@ async def connect(
     *,
     trust_domain: str,
     expected: Collection[SpiffeId],
-    local_addr: tuple[str, int] | None = None,
+    source_ip: str | None = None,
+    transparent: bool = False,
     timeout: float = 10.0,
     on_close: Callable[[HboneProtocol], None] | None = None,
 ) -> HboneProtocol:
-    """Open an mTLS HBONE connection and verify the server is one of `expected`."""
+    """Open an mTLS HBONE connection (from `source_ip`, transparently if asked) and verify the
+    server is one of `expected`."""
     loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(
-        loop.create_connection(
-            lambda: HboneProtocol(
-                Role.CLIENT, trust_domain=trust_domain, expected=expected, on_close=on_close
-            ),
-            host,
-            port,
-            ssl=context,
-            server_hostname="",  # HBONE sends no SNI
-            local_addr=local_addr,
-            ssl_handshake_timeout=timeout,
-        ),
-        timeout,
+    sock = await connect_tcp(
+        host, port, source_ip=source_ip, transparent=transparent, timeout=timeout
     )
+    try:
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: HboneProtocol(
+                    Role.CLIENT, trust_domain=trust_domain, expected=expected, on_close=on_close
+                ),
+                sock=sock,
+                ssl=context,
+                server_hostname="",  # HBONE sends no SNI
+                ssl_handshake_timeout=timeout,
+            ),
+            timeout,
+        )
+    except BaseException:
+        sock.close()
+        raise
     if proto.closed:
         await proto.ready  # raises the PeerVerificationError
     if not proto.ready.done():

@@ -39,6 +39,8 @@ class PoolKey:
     """Where the HBONE connection goes (ip, 15008)."""
     source_ip: str | None = None
     """Bind the connection to this source IP (original-source mode), or None."""
+    transparent: bool = False
+    """Bind `source_ip` with IP_TRANSPARENT (it is not an address of this node)."""
 
 
 class HbonePool:
@@ -89,14 +91,14 @@ class HbonePool:
 
     async def _dial(self, key: PoolKey) -> HboneProtocol:
         ctx = await self._context_for(key.source)
-        local = (key.source_ip, 0) if key.source_ip else None
         proto = await connect(
             key.address[0],
             key.address[1],
             ctx,
             trust_domain=self.trust_domain,
             expected=key.expected,
-            local_addr=local,
+            source_ip=key.source_ip,
+            transparent=key.transparent,
             timeout=self.connect_timeout,
             on_close=functools.partial(self._remove, key),
         )

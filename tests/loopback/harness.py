@@ -159,6 +159,7 @@ async def running_mesh(
     backend: Backend | None = None,
     cert_ttl: timedelta = timedelta(hours=24),
     clock: Callable[[], Any] = utcnow,
+    node_b_outbound: tuple[tuple[str, int], ...] = (),
 ) -> AsyncIterator[Mesh]:
     cfg_path = tmp / "mesh.yaml"
     cfg_path.write_text(yaml.safe_dump(config or mesh_config()))
@@ -168,7 +169,9 @@ async def running_mesh(
     node_a = NodeProxy(
         build_context(settings("node-a", "127.0.21.1", ((VIP, 80),)), state, provider)
     )
-    node_b = NodeProxy(build_context(settings("node-b", "127.0.22.1"), state, provider))
+    node_b = NodeProxy(
+        build_context(settings("node-b", "127.0.22.1", node_b_outbound), state, provider)
+    )
     backend = backend or await start_backend()
     await node_a.start()
     await node_b.start()

@@ -17,6 +17,7 @@ from tests.loopback.harness import (
     mesh_config,
     payload_for,
     running_mesh,
+    stream_exchange,
 )
 
 
@@ -135,3 +136,81 @@ def test_event_loops(tmp_path: Path, uvloop_enabled: bool) -> None:
                 assert h == hashlib.sha256(payload_for(seed, 200_000)).hexdigest()
 
     runner(asyncio.wait_for(main(), 60))
+
+
+def test_same_node_fast_path_keeps_identity_policy_and_source(tmp_path: Path) -> None:
+    """A client on node-b calling a service whose endpoint is also on node-b: the node proxy
+    handles both halves in-process, still authorizing with the client's identity."""
+    local_client, vip2 = "127.0.22.20", "127.0.23.20"
+    config = mesh_config()
+    config["workloads"].append(
+        {
+            "uid": "c2",
+            "name": "local",
+            "namespace": "default",
+            "serviceAccount": "local",
+            "addresses": [local_client],
+            "node": "node-b",
+            "tunnelProtocol": "HBONE",
+        }
+    )
+    config["services"].append(
+        {
+            "name": "echo2",
+            "namespace": "default",
+            "hostname": "echo2.default.svc.cluster.local",
+            "addresses": [{"address": vip2}],
+            "ports": [{"servicePort": 80, "targetPort": 8080}],
+        }
+    )
+    config["workloads"][1]["services"]["default/echo2.default.svc.cluster.local"] = {
+        "ports": [{"servicePort": 80, "targetPort": 8080}]
+    }
+    config["policies"] = [
+        {
+            "name": "only-sleep",
+            "namespace": "default",
+            "scope": "NAMESPACE",
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "clauses": [
+                        {
+                            "matches": [
+                                {"principals": [{"exact": "cluster.local/ns/default/sa/local"}]}
+                            ]
+                        }
+                    ]
+                }
+            ],
+        },
+    ]
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, config, node_b_outbound=((vip2, 80),)) as mesh:
+            reader, writer = await asyncio.open_connection(vip2, 80, local_addr=(local_client, 0))
+            head = (3).to_bytes(4, "big") + (4096).to_bytes(4, "big")
+            got = await stream_exchange(reader, writer, head + b"x" * 1000)
+            writer.close()
+            assert got == (hashlib.sha256(payload_for(3, 4096)).hexdigest(), 4096)
+            assert local_client in mesh.backend.peers  # original source kept
+            await asyncio.sleep(0.05)
+            text = metric_text(mesh.node_b)
+            dest = [
+                x
+                for x in text.splitlines()
+                if x.startswith("istio_tcp_connections_opened_total{")
+                and 'reporter="destination"' in x
+            ]
+            assert (
+                dest and 'source_principal="spiffe://cluster.local/ns/default/sa/local"' in dest[0]
+            )
+            assert mesh.node_b.ctx.pool.connections_opened == 0  # no HBONE connection needed
+            # The same policy still applies: the node-a client (sa sleep) is now denied.
+            try:
+                (_h, n), _ = await call_service(1, 10, 10)
+            except ConnectionResetError:
+                n = 0
+            assert n == 0
+
+    run(main())

@@ -140,7 +140,7 @@ async def dial(
         client_context(cert),
         trust_domain=trust_domain,
         expected=[expected],
-        local_addr=(CLIENT_IP, 0),
+        source_ip=CLIENT_IP,
         timeout=5.0,
     )
 

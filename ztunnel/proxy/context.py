@@ -17,6 +17,7 @@ from meshcore.certs import CertificateManager, WorkloadCertificate
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
 from meshcore.model import IPAddress
+from meshcore.sockets import can_bind_without_privilege
 from meshcore.state import MeshState
 from meshcore.tls import ContextCache
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
@@ -72,6 +73,18 @@ class ProxyContext:
 
     async def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
         return self.contexts.server(await self.certs.get(identity))
+
+    def source_binding(self, src_ip: str) -> tuple[str | None, bool]:
+        """(source IP to bind, needs IP_TRANSPARENT) for connections made on behalf of `src_ip`.
+
+        Transparent capture keeps the original client IP (the destination sees the real client,
+        and the eBPF established lookup steers replies back to us). In bind mode only loopback
+        addresses can be kept (they are all local); otherwise the node's own address is used."""
+        if not self.settings.original_source:
+            return None, False
+        if self.settings.capture == "transparent":
+            return src_ip, True
+        return (src_ip, False) if can_bind_without_privilege(src_ip) else (None, False)
 
     def on_rotate(self, cert: WorkloadCertificate) -> None:
         """New certificate: new connections use it; pooled ones with the old one drain."""

@@ -17,6 +17,7 @@ from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
 from meshcore.plan import InboundPlan, plan_inbound
+from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
@@ -50,29 +51,26 @@ class _Upstream(TcpSide):
         self.ctx.tracker.closed(rec)
 
 
-async def _connect_upstream(
+async def connect_upstream(
     ctx: ProxyContext, plan: InboundPlan, rec: ConnectionRecord, src_ip: str
 ) -> _Upstream:
+    """Connect to the destination workload from the original client IP when possible.
+    Raises UpstreamUnavailable (503) on failure."""
     loop = asyncio.get_running_loop()
     host, port = plan.target_addr
-    local = (src_ip, 0) if ctx.settings.original_source and _can_bind(src_ip) else None
+    source_ip, transparent = ctx.source_binding(src_ip)
     try:
-        _, upstream = await asyncio.wait_for(
-            loop.create_connection(lambda: _Upstream(ctx, rec), host, port, local_addr=local),
-            ctx.settings.connect_timeout,
+        sock = await connect_tcp(
+            host,
+            port,
+            source_ip=source_ip,
+            transparent=transparent,
+            timeout=ctx.settings.connect_timeout,
         )
+        _, upstream = await loop.create_connection(lambda: _Upstream(ctx, rec), sock=sock)
     except (TimeoutError, OSError) as err:
         raise UpstreamUnavailable(f"upstream {host}:{port}: {err or 'timeout'}") from err
-    sock = upstream.transport.get_extra_info("socket") if upstream.transport else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return upstream
-
-
-def _can_bind(ip: str) -> bool:
-    """On loopback every 127/8 address is local, so the original source can be kept without
-    IP_TRANSPARENT; elsewhere that needs transparent sockets (capture mode, later)."""
-    return ip.startswith("127.")
 
 
 class HboneListener:
@@ -181,7 +179,7 @@ class HboneListener:
                 rec.destination_service = plan.service.hostname
                 rec.destination_service_name = plan.service.name
                 rec.destination_service_namespace = plan.service.namespace
-            upstream = await _connect_upstream(ctx, plan, rec, src_ip)
+            upstream = await connect_upstream(ctx, plan, rec, src_ip)
         except HboneError as err:
             rec.response_flags = {401: "DENY", 400: "CONNECT", 503: "CONNECT"}.get(
                 err.status, "CONNECT"
@@ -239,7 +237,7 @@ class PlaintextInbound(TcpSide):
                 node=ctx.settings.node,
             )
             rec.destination = plan.destination_workload
-            upstream = await _connect_upstream(ctx, plan, rec, src_ip)
+            upstream = await connect_upstream(ctx, plan, rec, src_ip)
         except HboneError as err:
             rec.response_flags = "DENY" if err.status == 401 else "CONNECT"
             rec.error = str(err)

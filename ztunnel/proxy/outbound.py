@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import PoolKey
-from meshcore.plan import OutboundPlan, PlanKind, plan_outbound
+from meshcore.plan import OutboundPlan, PlanKind, plan_inbound, plan_outbound
+from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.proxy.context import ProxyContext
+from ztunnel.proxy.inbound import connect_upstream, parse_authority
 from ztunnel.proxy.relay import TcpSide, splice
 
 log = logging.getLogger("ztunnel.outbound")
@@ -102,10 +103,12 @@ class OutboundConnection(TcpSide):
             self.abort()
             return
         try:
-            if plan.kind is PlanKind.HBONE:
+            if plan.kind is PlanKind.HBONE and self._is_local(plan):
+                await self._local(plan, rec, src_ip, src_port)
+            elif plan.kind is PlanKind.HBONE:
                 await self._hbone(plan, rec, src_ip, src_port)
             else:
-                await self._plain(plan, rec)
+                await self._plain(plan, rec, src_ip)
         except (TimeoutError, HboneError, PeerVerificationError, OSError) as err:
             if isinstance(err, PeerVerificationError):
                 rec.response_flags = "TLS_FAILURE"
@@ -127,11 +130,13 @@ class OutboundConnection(TcpSide):
         ctx = self.ctx
         source = plan.source_identity
         assert source is not None and plan.authority is not None
+        source_ip, transparent = ctx.source_binding(src_ip)
         key = PoolKey(
             source=source,
             expected=plan.expected_identities,
             address=plan.target_addr,
-            source_ip=src_ip if ctx.settings.original_source else None,
+            source_ip=source_ip,
+            transparent=transparent,
         )
         headers = [("forwarded", f'for="{src_ip}:{src_port}"')]
         if plan.service is not None:
@@ -146,14 +151,66 @@ class OutboundConnection(TcpSide):
         rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None
         self.attach(stream)
 
-    async def _plain(self, plan: OutboundPlan, rec: ConnectionRecord) -> None:
-        loop = asyncio.get_running_loop()
-        host, port = plan.target_addr
-        _, upstream = await asyncio.wait_for(
-            loop.create_connection(lambda: TcpSide(), host, port),
-            self.ctx.settings.connect_timeout,
+    def _is_local(self, plan: OutboundPlan) -> bool:
+        """The HBONE target runs on this node (and no waypoint is in between)."""
+        dst = plan.destination_workload
+        return plan.waypoint is None and dst is not None and dst.node == self.ctx.settings.node
+
+    async def _local(
+        self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str, src_port: int
+    ) -> None:
+        """Same-node fast path: the inbound half runs in-process instead of over a loopback
+        HBONE connection (with eBPF capture, a connection from the node to a local pod's :15008
+        is not redirected back to us). Authorization is evaluated exactly as for HBONE, with
+        the source workload's identity, which this proxy itself vouches for."""
+        ctx = self.ctx
+        assert plan.authority is not None and plan.destination_workload is not None
+        dst_ip, dst_port = parse_authority(plan.authority)
+        dest_rec = ConnectionRecord(
+            direction="inbound",
+            reporter="destination",
+            src_addr=f"{src_ip}:{src_port}",
+            dst_addr=plan.authority,
+            source=plan.source,
+            source_principal=rec.source_principal,
+            destination=plan.destination_workload,
+            destination_principal=str(plan.destination_workload.identity),
+            destination_service=rec.destination_service,
+            destination_service_name=rec.destination_service_name,
+            destination_service_namespace=rec.destination_service_namespace,
+            mtls=True,
         )
-        sock = upstream.transport.get_extra_info("socket") if upstream.transport else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            inbound = plan_inbound(
+                ctx.state,
+                dst_ip=dst_ip,
+                dst_port=dst_port,
+                src_identity=plan.source_identity,
+                src_ip=src_ip,
+                conn_dst_ip=dst_ip,
+                network=ctx.settings.network,
+                node=ctx.settings.node,
+            )
+            upstream = await connect_upstream(ctx, inbound, dest_rec, src_ip)
+        except HboneError as err:
+            dest_rec.response_flags = "DENY" if err.status == 401 else "CONNECT"
+            dest_rec.error = str(err)
+            ctx.tracker.failed(dest_rec)
+            raise
+        ctx.tracker.opened(dest_rec)
+        rec.mtls = True
+        rec.destination_principal = dest_rec.destination_principal
+        splice(self, upstream)
+
+    async def _plain(self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str) -> None:
+        host, port = plan.target_addr
+        source_ip, transparent = self.ctx.source_binding(src_ip)
+        sock = await connect_tcp(
+            host,
+            port,
+            source_ip=source_ip,
+            transparent=transparent,
+            timeout=self.ctx.settings.connect_timeout,
+        )
+        _, upstream = await asyncio.get_running_loop().create_connection(TcpSide, sock=sock)
         splice(self, upstream)
