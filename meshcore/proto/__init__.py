@@ -1,0 +1,7 @@
+"""Protocol buffers of the control-plane contract (Istio-compatible names and numbers).
+
+Owns: our own .proto files (workload, authorization, discovery = delta xDS, ca) and the code
+generated from them by ``scripts/gen-proto`` (``*_pb2.py`` + ``.pyi``; never edited by hand),
+plus `convert`, the only place that maps between the records of `meshcore.model` and the wire
+messages.
+"""
