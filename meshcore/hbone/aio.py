@@ -116,31 +116,31 @@ class HboneStream:
         self._proto.conn.respond(self.stream_id, status, headers)
         if status != 200:
             self._proto.forget(self.stream_id)
-        self._proto.flush()
+        self._proto.schedule_flush()
 
     def write(self, data: bytes) -> None:
         proto = self._proto
         if not proto.conn.send_data(self.stream_id, data) and self.sink is not None:
             self.sink.tunnel_pause_source()
-        proto.flush()
+        proto.schedule_flush()
 
     def write_eof(self) -> None:
         proto = self._proto
         proto.conn.end_stream(self.stream_id)
         if not proto.conn.is_open(self.stream_id):
             proto.forget(self.stream_id)  # the peer had ended too: closed both ways
-        proto.flush()
+        proto.schedule_flush()
 
     def reset(self, code: int = ErrorCode.CONNECT_ERROR) -> None:
         if not self.closed:
             self.closed = True
             self._proto.conn.reset_stream(self.stream_id, code)
             self._proto.forget(self.stream_id)
-            self._proto.flush()
+            self._proto.schedule_flush()
 
     def acknowledge(self, length: int) -> None:
         self._proto.ack(self.stream_id, length)
-        self._proto.flush()
+        self._proto.schedule_flush()
 
 
 RequestHandler = Callable[[HboneStream], None]
@@ -172,6 +172,7 @@ class HboneProtocol(asyncio.Protocol):
         self.idle_since = asyncio.get_running_loop().time()
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
+        self._flush_pending = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -240,9 +241,18 @@ class HboneProtocol(asyncio.Protocol):
     # ---- I/O -------------------------------------------------------------------------------
 
     def flush(self) -> None:
+        self._flush_pending = False
         data = self.conn.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
+
+    def schedule_flush(self) -> None:
+        """Coalesce: frames queued by many streams in one loop iteration (each fed by its own
+        TCP socket) leave in ONE TLS write, i.e. one record batch and one syscall, at the end
+        of the iteration (call_soon runs after this iteration's I/O callbacks)."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush)
 
     def ack(self, stream_id: int, length: int) -> None:
         self.conn.acknowledge_received_data(stream_id, length)

@@ -43,7 +43,12 @@ def test_64mib_each_way_on_concurrent_streams_arrive_intact(tmp_path: Path) -> N
                 # The backend saw exactly what the client sent (after the 8-byte header).
                 assert up_hash  # computed by the client over what it sent
             # Backend records "sha:len" of what it received per connection; check all of them.
-            received = sorted(p for p in mesh.backend.peers if ":" in p and len(p) > 20)
+            # It records after its own read loop ends, which may be just after ours: wait.
+            for _ in range(200):
+                received = sorted(p for p in mesh.backend.peers if ":" in p and len(p) > 20)
+                if len(received) == streams:
+                    break
+                await asyncio.sleep(0.01)
             expected = sorted(
                 f"{hashlib.sha256(payload_for(s + 1_000_000, per_stream)).hexdigest()}:{per_stream}"
                 for s in range(streams)
