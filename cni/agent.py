@@ -1,0 +1,416 @@
+"""The node agent: enrolls pods into capture, for the CNI plugin and for live label changes.
+
+Owns, per node: the local API (cni.protocol, JSON lines on a unix socket), the pod registry
+(``pods.json`` in the state dir: every pod the CNI plugin ADDed and not yet DELeted), and the
+reconciliation that makes capture match the labels:
+    desired(pod) = wants_ambient(namespace labels, pod labels)      (cni.labels)
+    desired and not enrolled -> capture.enroll(uid, ip, veth)       (redirection "enabled")
+    not desired              -> capture.unenroll(ip); capture.observe(ip, veth)
+    pinned-map entry with no live pod in the registry -> capture.unenroll(ip)  (leftover)
+Capture is `ebpf.redirect.NodeCapture` in production; tests inject any object with the same
+methods (`Capture`).
+
+Invariants:
+- The registry is written (atomically: temp file + rename) before the answer to ADD/DEL is sent,
+  so an agent restart never forgets a pod the runtime believes exists.
+- Enrollment lives in the pinned map, not in this process: stopping or restarting the agent
+  never uninstalls capture (only `python -m cni.agent uninstall` does: the inverse of install).
+- An ambient pod whose enrollment failed is answered with EnrollFailed (101) so the plugin fails
+  the ADD (no pod runs un-captured); it stays in the registry as "pending" until the runtime's DEL.
+- Every operation is idempotent: ADD twice, DEL of an unknown pod, reconcile at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from cni import protocol
+from cni.errors import AgentProtocolError, CniError, EnrollFailed, NotEnrolled
+from cni.labels import LabelSource, ManifestLabels, wants_ambient
+
+log = logging.getLogger("ambient.agent")
+
+
+class CaptureEntry(Protocol):
+    @property
+    def uid(self) -> str: ...
+    @property
+    def ip(self) -> str: ...
+
+
+class Capture(Protocol):
+    """The subset of ebpf.redirect.NodeCapture the agent drives."""
+
+    def install(self) -> None: ...
+    def uninstall(self) -> None: ...
+    def enroll(self, *, uid: str, ip: str, host_ifname: str) -> Any: ...
+    def unenroll(self, *, ip: str) -> None: ...
+    def enrolled(self) -> Mapping[str, Any]: ...
+    def observe(self, *, ip: str, host_ifname: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodRecord:
+    """One pod the runtime ADDed on this node."""
+
+    uid: str
+    namespace: str
+    name: str
+    container_id: str
+    netns: str
+    ips: tuple[str, ...]
+    host_ifname: str
+    ambient: bool = False
+    """What the labels said at the last reconcile."""
+    redirection: str = ""
+    """"enabled" (enrolled), "pending" (ambient, not enrolled yet) or "" (not ambient)."""
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ips"] = list(self.ips)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PodRecord:
+        fields = dict(d)
+        fields["ips"] = tuple(fields.get("ips", ()))
+        return cls(**fields)
+
+
+def _default_exists(pod: PodRecord) -> bool:
+    """A pod is alive while its netns path and its host veth (in our netns) exist."""
+    if pod.netns and not os.path.exists(pod.netns):
+        return False
+    try:
+        socket.if_nametoindex(pod.host_ifname)
+    except OSError:
+        return False
+    return True
+
+
+def _default_pick_veth(candidates: Sequence[str], guess: str) -> str:
+    """Among the host-side interfaces of a CNI result, the one that is a veth (asks netlink)."""
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:  # pragma: no cover - pyroute2 is a dependency
+        return guess
+    with IPRoute() as ipr:
+        for name in candidates:
+            links = ipr.get_links(ifname=name) if name else []
+            for link in links:
+                info = link.get_attr("IFLA_LINKINFO")
+                if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
+                    return name
+    return guess
+
+
+@dataclass(slots=True, kw_only=True)
+class Agent:
+    """The agent's logic around an injected capture and label source (no sockets here)."""
+
+    node: str
+    capture: Capture
+    labels: LabelSource
+    state_dir: Path
+    exists: Callable[[PodRecord], bool] = _default_exists
+    pick_veth: Callable[[Sequence[str], str], str] = _default_pick_veth
+    pods: dict[str, PodRecord] = field(default_factory=dict)
+    _label_version: object = None
+
+    # -- registry ---------------------------------------------------------------------------
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "pods.json"
+
+    def load(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.registry_path.exists():
+            raw = json.loads(self.registry_path.read_text() or "{}")
+            self.pods = {uid: PodRecord.from_dict(d) for uid, d in raw.get("pods", {}).items()}
+
+    def save(self) -> None:
+        tmp = self.registry_path.with_suffix(".tmp")
+        data = {"node": self.node, "pods": {u: p.to_dict() for u, p in sorted(self.pods.items())}}
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, self.registry_path)
+
+    # -- capture ----------------------------------------------------------------------------
+    def _enrolled_ips(self) -> dict[str, str]:
+        """ip -> uid, from the pinned map (the kernel's truth, survives restarts)."""
+        out: dict[str, str] = {}
+        for key, entry in self.capture.enrolled().items():
+            ip = getattr(entry, "ip", key)
+            out[str(ip)] = str(getattr(entry, "uid", ""))
+        return out
+
+    def _apply(self, pod: PodRecord, enrolled: Mapping[str, str]) -> PodRecord:
+        """Make capture match the labels for one pod; returns the updated record."""
+        ns_labels, pod_labels = self.labels.labels(pod.namespace, pod.name)
+        ambient = wants_ambient(ns_labels, pod_labels)
+        if ambient:
+            try:
+                for ip in pod.ips:
+                    if enrolled.get(ip) != pod.uid:
+                        self.capture.enroll(uid=pod.uid, ip=ip, host_ifname=pod.host_ifname)
+            except Exception as err:  # capture errors come from the kernel/bcc; keep them
+                log.error("enroll %s/%s failed: %s", pod.namespace, pod.name, err)
+                return replace(pod, ambient=True, redirection="pending", error=str(err))
+            return replace(pod, ambient=True, redirection="enabled", error="")
+        for ip in pod.ips:
+            if ip in enrolled:
+                self.capture.unenroll(ip=ip)
+            self.capture.observe(ip=ip, host_ifname=pod.host_ifname)
+        return replace(pod, ambient=False, redirection="", error="")
+
+    def reconcile(self) -> list[str]:
+        """Registry vs labels vs pinned map; returns human-readable changes (for logs/tests)."""
+        changes: list[str] = []
+        self._label_version = self.labels.version()
+        for uid, pod in list(self.pods.items()):
+            if not self.exists(pod):
+                changes.append(f"gone {pod.namespace}/{pod.name}")
+                del self.pods[uid]
+        enrolled = self._enrolled_ips()
+        live_ips = {ip for pod in self.pods.values() for ip in pod.ips}
+        for ip in sorted(set(enrolled) - live_ips):
+            changes.append(f"leftover {ip} removed")
+            self.capture.unenroll(ip=ip)
+        for uid, pod in list(self.pods.items()):
+            updated = self._apply(pod, enrolled)
+            if updated.redirection != pod.redirection:
+                changes.append(
+                    f"{pod.namespace}/{pod.name} redirection "
+                    f"{pod.redirection or 'disabled'} -> {updated.redirection or 'disabled'}"
+                )
+            self.pods[uid] = updated
+        self.save()
+        for change in changes:
+            log.info("reconcile: %s", change)
+        return changes
+
+    def labels_changed(self) -> bool:
+        return self.labels.version() != self._label_version
+
+    # -- API --------------------------------------------------------------------------------
+    def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        try:
+            if op == "enroll":
+                return self.enroll(request)
+            if op == "unenroll":
+                return self.unenroll(request)
+            if op == "check":
+                return self.check(request)
+            if op == "status":
+                return self.status()
+            if op == "sync":
+                return protocol.ok(changes=self.reconcile())
+            raise AgentProtocolError(f"unknown op {op!r}", f"expected one of {protocol.OPS}")
+        except CniError as err:
+            return protocol.failure(err)
+
+    @staticmethod
+    def _str(request: Mapping[str, Any], key: str, *, required: bool = True) -> str:
+        value = request.get(key, "")
+        if not isinstance(value, str) or (required and not value):
+            raise AgentProtocolError(f"request field {key!r} must be a non-empty string")
+        return value
+
+    def _find(self, request: Mapping[str, Any]) -> PodRecord | None:
+        uid = request.get("uid")
+        if isinstance(uid, str) and uid in self.pods:
+            return self.pods[uid]
+        cid = request.get("containerId")
+        for pod in self.pods.values():
+            if cid and pod.container_id == cid:
+                return pod
+        return None
+
+    def enroll(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        ips = request.get("ips")
+        if not isinstance(ips, list) or not ips or not all(isinstance(i, str) for i in ips):
+            raise AgentProtocolError("request field 'ips' must be a non-empty list of strings")
+        candidates = request.get("hostInterfaces") or []
+        guess = self._str(request, "hostIfname", required=False)
+        host_ifname = self.pick_veth([str(c) for c in candidates], guess)
+        if not host_ifname:
+            raise AgentProtocolError("no host-side interface in the CNI result")
+        pod = PodRecord(
+            uid=self._str(request, "uid"),
+            namespace=self._str(request, "namespace", required=False),
+            name=self._str(request, "name", required=False),
+            container_id=self._str(request, "containerId", required=False),
+            netns=self._str(request, "netns", required=False),
+            ips=tuple(ips),
+            host_ifname=host_ifname,
+        )
+        previous = self.pods.get(pod.uid)
+        if previous is not None:
+            pod = replace(pod, redirection=previous.redirection)
+        pod = self._apply(pod, self._enrolled_ips())
+        self.pods[pod.uid] = pod
+        self.save()
+        log.info(
+            "ADD %s/%s %s veth %s: %s",
+            pod.namespace,
+            pod.name,
+            ",".join(pod.ips),
+            pod.host_ifname,
+            pod.redirection or "not ambient",
+        )
+        if pod.redirection == "pending":
+            raise EnrollFailed(f"cannot enroll ambient pod {pod.namespace}/{pod.name}", pod.error)
+        return protocol.ok(result="enrolled" if pod.ambient else "not-ambient")
+
+    def unenroll(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        pod = self._find(request)
+        if pod is None:
+            return protocol.ok(result="unenrolled")
+        enrolled = self._enrolled_ips()
+        for ip in pod.ips:
+            if ip in enrolled:
+                self.capture.unenroll(ip=ip)
+        del self.pods[pod.uid]
+        self.save()
+        log.info("DEL %s/%s", pod.namespace, pod.name)
+        return protocol.ok(result="unenrolled")
+
+    def check(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        pod = self._find(request)
+        if pod is None:
+            raise NotEnrolled("pod unknown to the node agent", repr(request.get("uid")))
+        ns_labels, pod_labels = self.labels.labels(pod.namespace, pod.name)
+        if not wants_ambient(ns_labels, pod_labels):
+            return protocol.ok(result="not-ambient")
+        enrolled = self._enrolled_ips()
+        missing = [ip for ip in pod.ips if enrolled.get(ip) != pod.uid]
+        if missing:
+            raise NotEnrolled(
+                f"ambient pod {pod.namespace}/{pod.name} is not enrolled",
+                f"not in the capture map: {', '.join(missing)}",
+            )
+        return protocol.ok(result="enrolled")
+
+    def status(self) -> dict[str, Any]:
+        return protocol.ok(node=self.node, pods=[p.to_dict() for _, p in sorted(self.pods.items())])
+
+
+# -- process ---------------------------------------------------------------------------------
+
+
+class AgentServer:
+    """asyncio edge: the unix socket, the label watcher, signals."""
+
+    def __init__(self, agent: Agent, socket_path: Path, *, poll: float = 0.5) -> None:
+        self.agent = agent
+        self.socket_path = socket_path
+        self.poll = poll
+        self._stop = asyncio.Event()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            try:
+                answer = self.agent.handle(protocol.decode(line))
+            except CniError as err:
+                answer = protocol.failure(err)
+            writer.write(protocol.encode(answer))
+            await writer.drain()
+        except (TimeoutError, ConnectionError) as err:
+            log.warning("client dropped: %s", err)
+        finally:
+            writer.close()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            try:
+                if self.agent.labels_changed():
+                    self.agent.reconcile()
+            except Exception:  # keep watching; the next change retries
+                log.exception("reconcile after a label change failed")
+
+    async def run(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        server = await asyncio.start_unix_server(self._serve_one, path=str(self.socket_path))
+        os.chmod(self.socket_path, 0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        watcher = loop.create_task(self._watch())
+        log.info("node agent %s listening on %s", self.agent.node, self.socket_path)
+        await self._stop.wait()
+        watcher.cancel()
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        log.info("node agent %s stopped (capture stays installed)", self.agent.node)
+
+
+def make_capture(args: argparse.Namespace) -> Capture:
+    from ebpf.redirect import CaptureConfig, NodeCapture
+
+    config = CaptureConfig(
+        uplink=args.uplink, bpffs_dir=Path(args.bpffs_dir), fail_closed=not args.fail_open
+    )
+    capture: Capture = NodeCapture(config)
+    return capture
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cni.agent", description="ambient node agent")
+    p.add_argument("command", nargs="?", default="run", choices=("run", "uninstall"))
+    p.add_argument("--node", required=True)
+    p.add_argument("--socket", type=Path, default=Path("/run/ambient/cni.sock"))
+    p.add_argument("--state-dir", type=Path, default=Path("/run/ambient/agent"))
+    p.add_argument("--uplink", default="eth0", help="the node's uplink interface")
+    p.add_argument("--bpffs-dir", default="/sys/fs/bpf/ambient", help="pin dir (on a bpffs)")
+    p.add_argument("--fail-open", action="store_true", help="do not drop when no proxy listens")
+    p.add_argument("--manifests", type=Path, help="lab: directory of Namespace/Pod manifests")
+    p.add_argument("--label-overrides", type=Path, help="lab: JSON label overrides file")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between label checks")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    capture = make_capture(args)
+    if args.command == "uninstall":
+        capture.uninstall()
+        log.info("capture uninstalled on node %s", args.node)
+        return 0
+    if args.manifests is None:
+        log.error("--manifests is required (the Kubernetes label source arrives later)")
+        return 2
+    labels = ManifestLabels(args.manifests, args.label_overrides)
+    agent = Agent(node=args.node, capture=capture, labels=labels, state_dir=args.state_dir)
+    agent.load()
+    capture.install()
+    agent.reconcile()
+    asyncio.run(AgentServer(agent, args.socket, poll=args.poll).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
