@@ -1,0 +1,1 @@
+"""Config sources feeding the `ConfigStore`: a manifest directory and the Kubernetes API."""

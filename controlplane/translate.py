@@ -1,0 +1,784 @@
+"""Translation: store snapshot -> the xDS records node proxies consume (sans-I/O, pure).
+
+Owns: ambient enrollment, Workload and Service records, waypoint binding, AuthorizationPolicy
+-> L4 `Authorization`, PeerAuthentication -> L4 `Authorization`, per-object warnings, and the
+`Translator` that memoises per-namespace results and produces deltas.
+
+Rules (Istio ambient, see ambient-facts.md "Enrollment, labels, waypoints"):
+- Enrollment: a pod is in the mesh when its label ``istio.io/dataplane-mode`` is ``ambient``, or
+  its namespace's is and the pod's is not ``none``. Every pod with an IP (not host-network, not
+  finished) becomes a Workload; mesh pods get ``tunnel_protocol = HBONE``, the others NONE
+  (reached in plaintext).
+- Workload uid ``<cluster>//Pod/<ns>/<name>``; identity = trust domain + namespace + pod's
+  ``serviceAccountName``; services = each Service of the namespace whose selector matches the
+  pod's labels (or whose EndpointSlices name the pod), with per-port targets (named target
+  ports resolved against the pod's container ports; unresolvable ports are left out).
+- Waypoints: ``istio.io/use-waypoint`` (+ optional ``istio.io/use-waypoint-namespace``) on the
+  pod, else its ServiceAccount (a waypoint per service account), else its namespace, binds a
+  mesh workload; on the Service, else its namespace, binds a service. ``none`` stops
+  inheritance. A binding applies only if the waypoint Gateway's ``istio.io/waypoint-for``
+  (default ``service``) covers that kind (``workload``/``service``/``all``). Waypoint pods
+  themselves (label ``gateway.networking.k8s.io/gateway-name``) never get a waypoint.
+- AuthorizationPolicy: root namespace without selector -> GLOBAL; other namespaces without
+  selector -> NAMESPACE; with selector -> WORKLOAD_SELECTOR, listed in the matching workloads'
+  ``authorization_policies`` (a root-namespace selector policy matches pods of every namespace).
+  Policies with targetRef(s) are for waypoints and are not sent to node proxies; AUDIT and
+  CUSTOM are not enforced by node proxies (warning).
+- L7 attributes in a policy a node proxy enforces (requestPrincipals, remoteIpBlocks, hosts,
+  methods, paths, request.* conditions, ...) raise a warning and take the SAFE reading:
+  an ALLOW rule with an L7 attribute is dropped (it matches nothing, so it cannot widen access;
+  if no rule is left the policy allows nothing); in a DENY rule the L7 attributes are ignored
+  (the rule matches on its L4 attributes alone, so it denies more, never less). This is
+  Istio's own ztunnel translation.
+- Malformed AuthorizationPolicy (rules unreadable): fail closed, i.e. an ALLOW policy with no
+  rules in the policy's scope (allows nothing) plus a warning, until it is fixed.
+- PeerAuthentication: effective mode per workload = its selector policy, else namespace policy,
+  else mesh policy (root namespace, no selector), UNSET inheriting; default PERMISSIVE. STRICT at
+  L4 is a DENY of connections without a principal (plaintext) (ambient-facts.md). DISABLE is
+  treated like PERMISSIVE by node proxies (they never originate plaintext inside the mesh).
+  Port-level modes (selector policies only) become per-policy DENY records with port lists.
+
+Invariants: every function here is pure (input records -> output records); equal inputs give
+equal outputs. The `Translator` only caches: its result equals translating from scratch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from controlplane.objects import (
+    AuthorizationPolicy,
+    KubeService,
+    Labels,
+    PeerAuthentication,
+    Pod,
+    PolicyRule,
+    labels_match,
+)
+from controlplane.store import NamespaceObjects, StoreSnapshot
+from meshcore.identity import SpiffeId
+from meshcore.model import (
+    Action,
+    AppProtocol,
+    Authorization,
+    Clause,
+    GatewayAddress,
+    IPNetwork,
+    Match,
+    MatchKind,
+    NamespacedHostname,
+    NetworkAddress,
+    Port,
+    Rule,
+    Scope,
+    Service,
+    StringMatch,
+    TunnelProtocol,
+    Workload,
+    WorkloadStatus,
+    WorkloadType,
+)
+
+DATAPLANE_MODE = "istio.io/dataplane-mode"
+USE_WAYPOINT = "istio.io/use-waypoint"
+USE_WAYPOINT_NS = "istio.io/use-waypoint-namespace"
+WAYPOINT_FOR = "istio.io/waypoint-for"
+GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
+STATIC_STRICT = "istio_converted_static_strict"
+"""Name of the shared "STRICT mTLS" DENY policy (in the root namespace)."""
+
+Record = Workload | Service | Authorization
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TranslateOptions:
+    cluster_id: str = "Kubernetes"
+    trust_domain: str = "cluster.local"
+    domain_suffix: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    network: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class ConfigWarning:
+    """A problem with one object that did not stop translation."""
+
+    ref: str
+    """``Kind ns/name``."""
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshWide:
+    """Inputs of every namespace's translation that come from outside the namespace."""
+
+    mesh_mtls: str = "UNSET"
+    root_selector_policies: tuple[AuthorizationPolicy, ...] = ()
+    waypoint_for: tuple[tuple[tuple[str, str], str], ...] = ()
+    """((namespace, gateway name), istio.io/waypoint-for) of known Gateways."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NamespaceResult:
+    workloads: Mapping[str, Workload] = field(default_factory=dict)
+    services: Mapping[str, Service] = field(default_factory=dict)
+    policies: Mapping[str, Authorization] = field(default_factory=dict)
+    warnings: tuple[ConfigWarning, ...] = ()
+    node_identities: frozenset[tuple[str, str]] = frozenset()
+    """(node, service account) of every pod of the namespace: the CA's impersonation check."""
+
+
+# --------------------------------------------------------------------------------- mesh-wide
+
+
+def mesh_wide(snapshot: StoreSnapshot, opts: TranslateOptions) -> MeshWide:
+    root = snapshot.namespaces.get(opts.root_namespace)
+    mode = "UNSET"
+    selector_policies: tuple[AuthorizationPolicy, ...] = ()
+    if root is not None:
+        mesh_pas = sorted(
+            (p for p in root.peer_authentications.values() if p.selector is None),
+            key=lambda p: p.name,
+        )
+        if mesh_pas:
+            mode = mesh_pas[0].mode
+        selector_policies = tuple(
+            sorted(
+                (
+                    p
+                    for p in root.authorization_policies.values()
+                    if p.selector is not None and not p.targeted
+                ),
+                key=lambda p: p.name,
+            )
+        )
+    gateways = []
+    for ns, objs in snapshot.namespaces.items():
+        for obj in objs.stored.values():
+            if obj.kind == "Gateway":
+                gateways.append(((ns, obj.name), dict(obj.labels).get(WAYPOINT_FOR, "service")))
+    return MeshWide(
+        mesh_mtls=mode,
+        root_selector_policies=selector_policies,
+        waypoint_for=tuple(sorted(gateways)),
+    )
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def hostname(name: str, namespace: str, opts: TranslateOptions) -> str:
+    return f"{name}.{namespace}.svc.{opts.domain_suffix}"
+
+
+def _label(labels: Labels, key: str) -> str | None:
+    for k, v in labels:
+        if k == key:
+            return v
+    return None
+
+
+def is_ambient(pod: Pod, ns_labels: Labels) -> bool:
+    mode = _label(pod.labels, DATAPLANE_MODE)
+    if mode is not None:
+        return mode == "ambient"
+    return _label(ns_labels, DATAPLANE_MODE) == "ambient"
+
+
+def _waypoint_ref(labels: Labels, own_ns: str) -> tuple[str, str] | bool | None:
+    """(namespace, name) named by the labels; False = explicit "none"; None = not set."""
+    name = _label(labels, USE_WAYPOINT)
+    if name is None or name == "":
+        return None
+    if name == "none":
+        return False
+    return (_label(labels, USE_WAYPOINT_NS) or own_ns, name)
+
+
+def _resolve_waypoint(
+    chain: Iterable[tuple[Labels, str]],
+    kind: str,
+    mesh: MeshWide,
+    opts: TranslateOptions,
+    ref: str,
+    warnings: list[ConfigWarning],
+) -> GatewayAddress | None:
+    """First binding in `chain` (most specific first) that is set; None if opted out/none."""
+    for labels, ns in chain:
+        target = _waypoint_ref(labels, ns)
+        if target is None:
+            continue
+        if target is False:
+            return None
+        assert isinstance(target, tuple)
+        wns, wname = target
+        serves = dict(mesh.waypoint_for).get((wns, wname), "service")
+        if serves not in (kind, "all"):
+            warnings.append(
+                ConfigWarning(
+                    ref=ref,
+                    message=f"waypoint {wns}/{wname} is for {serves!r} traffic, not {kind}; "
+                    "binding ignored",
+                )
+            )
+            return None
+        return GatewayAddress(
+            hostname=NamespacedHostname(namespace=wns, hostname=hostname(wname, wns, opts))
+        )
+    return None
+
+
+def _app_protocol(port_name: str, app_protocol: str) -> AppProtocol:
+    p = (app_protocol or port_name.split("-", 1)[0]).lower()
+    if p in ("http", "http1", "http11"):
+        return AppProtocol.HTTP11
+    if p in ("http2", "h2c", "kubernetes.io/h2c"):
+        return AppProtocol.HTTP2
+    if p == "grpc":
+        return AppProtocol.GRPC
+    return AppProtocol.UNKNOWN
+
+
+def _workload_type(pod: Pod) -> tuple[WorkloadType, str]:
+    if pod.owner_kind == "ReplicaSet":
+        # Deployment pods are owned by a ReplicaSet named <deployment>-<pod-template-hash>.
+        base, dash, _ = pod.owner_name.rpartition("-")
+        return WorkloadType.DEPLOYMENT, base if dash else pod.owner_name
+    if pod.owner_kind == "Job":
+        return WorkloadType.JOB, pod.owner_name
+    if pod.owner_kind in ("StatefulSet", "DaemonSet", "Deployment"):
+        return WorkloadType.DEPLOYMENT, pod.owner_name
+    return WorkloadType.POD, pod.name
+
+
+def _target_for(pod: Pod, target: int | str) -> int | None:
+    if isinstance(target, int):
+        return target
+    for cp in pod.container_ports:
+        if cp.name == target:
+            return cp.port
+    return None
+
+
+# --------------------------------------------------------------------------------- services
+
+
+def translate_service(svc: KubeService, ns_labels: Labels, mesh: MeshWide, opts: TranslateOptions,
+                      warnings: list[ConfigWarning]) -> Service | None:  # fmt: skip
+    if svc.type == "ExternalName":
+        return None
+    ref = f"Service {svc.namespace}/{svc.name}"
+    ports = []
+    seen: set[int] = set()
+    for p in svc.ports:
+        if p.protocol not in ("TCP", ""):
+            continue  # node proxies carry TCP only
+        if p.port in seen:
+            warnings.append(ConfigWarning(ref=ref, message=f"duplicate port {p.port} ignored"))
+            continue
+        seen.add(p.port)
+        ports.append(
+            Port(
+                service_port=p.port,
+                target_port=p.target_port if isinstance(p.target_port, int) else 0,
+                app_protocol=_app_protocol(p.name, p.app_protocol),
+            )
+        )
+    waypoint = _resolve_waypoint(
+        ((svc.labels, svc.namespace), (ns_labels, svc.namespace)),
+        "service",
+        mesh,
+        opts,
+        ref,
+        warnings,
+    )
+    return Service(
+        name=svc.name,
+        namespace=svc.namespace,
+        hostname=hostname(svc.name, svc.namespace, opts),
+        addresses=tuple(
+            NetworkAddress(network=opts.network, address=ipaddress.ip_address(ip))
+            for ip in svc.cluster_ips
+        ),
+        ports=tuple(ports),
+        waypoint=waypoint,
+    )
+
+
+# --------------------------------------------------------------------------------- policies
+
+
+def _string_match(value: str) -> StringMatch | None:
+    """AuthorizationPolicy wildcard syntax; None if the value is not expressible."""
+    if value == "*":
+        return StringMatch(kind=MatchKind.PRESENCE)
+    if "*" in value[1:-1] or value.count("*") > 1:
+        return None
+    if value.endswith("*"):
+        return StringMatch(kind=MatchKind.PREFIX, value=value[:-1])
+    if value.startswith("*"):
+        return StringMatch(kind=MatchKind.SUFFIX, value=value[1:])
+    return StringMatch(kind=MatchKind.EXACT, value=value)
+
+
+def _principal_match(value: str) -> StringMatch | None:
+    return _string_match(value.removeprefix("spiffe://"))
+
+
+class _Unsupported(Exception):
+    """A rule part a node proxy cannot evaluate (reason in args[0])."""
+
+
+def _strings(values: Iterable[str], principal: bool = False) -> tuple[StringMatch, ...]:
+    out = []
+    for v in values:
+        m = _principal_match(v) if principal else _string_match(v)
+        if m is None:
+            raise _Unsupported(f"value {v!r} uses '*' other than at the start or end")
+        out.append(m)
+    return tuple(out)
+
+
+def _nets(values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    except ValueError as exc:
+        raise _Unsupported(str(exc)) from None
+
+
+def _ports(values: Iterable[str]) -> tuple[int, ...]:
+    out = []
+    for v in values:
+        if not v.isdigit() or not 1 <= int(v) <= 65535:
+            raise _Unsupported(f"{v!r} is not a port")
+        out.append(int(v))
+    return tuple(out)
+
+
+_L4_CONDITIONS = frozenset(
+    ("source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port")
+)
+
+
+def _condition_match(key: str, values: tuple[str, ...], not_values: tuple[str, ...]) -> Match:
+    if key == "source.ip":
+        return Match(source_ips=_nets(values), not_source_ips=_nets(not_values))
+    if key == "destination.ip":
+        return Match(destination_ips=_nets(values), not_destination_ips=_nets(not_values))
+    if key == "destination.port":
+        return Match(destination_ports=_ports(values), not_destination_ports=_ports(not_values))
+    if key == "source.namespace":
+        return Match(namespaces=_strings(values), not_namespaces=_strings(not_values))
+    return Match(principals=_strings(values, True), not_principals=_strings(not_values, True))
+
+
+def _rule(rule: PolicyRule, deny: bool) -> tuple[Rule | None, list[str]]:
+    """One AuthorizationPolicy rule -> L4 Rule (None = the rule matches nothing) + the
+    L7/unsupported parts found. See the module docstring for the safe reading."""
+    l7: list[str] = []
+    clauses: list[Clause] = []
+    # from: entries ORed. An entry whose L4 part is empty matches any L4 connection (its L7
+    # part is ignored for DENY), so then the whole clause matches everything and is left out.
+    if rule.sources:
+        matches = []
+        match_all = False
+        for s in rule.sources:
+            l7.extend(f"from.source.{f}" for f in s.l7_fields)
+            m = Match(
+                principals=_strings(s.principals, True),
+                not_principals=_strings(s.not_principals, True),
+                namespaces=_strings(s.namespaces),
+                not_namespaces=_strings(s.not_namespaces),
+                source_ips=_nets(s.ip_blocks),
+                not_source_ips=_nets(s.not_ip_blocks),
+            )
+            if m.is_empty():
+                match_all = True
+            else:
+                matches.append(m)
+        if not match_all:
+            clauses.append(Clause(matches=tuple(matches)))
+    if rule.operations:
+        matches = []
+        match_all = False
+        for o in rule.operations:
+            l7.extend(f"to.operation.{f}" for f in o.l7_fields)
+            m = Match(destination_ports=o.ports, not_destination_ports=o.not_ports)
+            if m.is_empty():
+                match_all = True
+            else:
+                matches.append(m)
+        if not match_all:
+            clauses.append(Clause(matches=tuple(matches)))
+    for c in rule.conditions:
+        if c.key not in _L4_CONDITIONS:
+            l7.append(f"when.{c.key}")
+            continue
+        m = _condition_match(c.key, c.values, c.not_values)
+        if not m.is_empty():
+            clauses.append(Clause(matches=(m,)))
+    if l7 and not deny:
+        return None, l7
+    return Rule(clauses=tuple(clauses)), l7
+
+
+def translate_authorization_policy(
+    ap: AuthorizationPolicy, opts: TranslateOptions, warnings: list[ConfigWarning]
+) -> Authorization | None:
+    """The L4 Authorization a node proxy enforces for `ap`, or None if node proxies do not
+    enforce it (targetRef policies, AUDIT, CUSTOM)."""
+    ref = f"AuthorizationPolicy {ap.namespace}/{ap.name}"
+    if ap.targeted:
+        return None  # waypoint/gateway policy (a later issue translates it for waypoints)
+    if ap.selector is not None:
+        scope = Scope.WORKLOAD_SELECTOR
+    elif ap.namespace == opts.root_namespace:
+        scope = Scope.GLOBAL
+    else:
+        scope = Scope.NAMESPACE
+    if ap.error is not None:
+        warnings.append(
+            ConfigWarning(
+                ref=ref,
+                message=f"invalid, enforced fail-closed (allows nothing) until fixed: {ap.error}",
+            )
+        )
+        return Authorization(name=ap.name, namespace=ap.namespace, scope=scope)
+    if ap.action in ("AUDIT", "CUSTOM"):
+        warnings.append(
+            ConfigWarning(ref=ref, message=f"action {ap.action} is not enforced by node proxies")
+        )
+        return None
+    deny = ap.action == "DENY"
+    rules: list[Rule] = []
+    for i, r in enumerate(ap.rules or ()):
+        try:
+            rule, l7 = _rule(r, deny)
+        except _Unsupported as exc:
+            rule, l7 = (Rule() if deny else None), [str(exc)]
+        if l7:
+            effect = (
+                "the rule is enforced on its L4 attributes only (denies more)"
+                if deny
+                else "the rule is dropped (it allows nothing)"
+            )
+            warnings.append(
+                ConfigWarning(
+                    ref=ref,
+                    message=f"rules[{i}] uses {', '.join(sorted(set(l7)))} which node proxies "
+                    f"cannot evaluate; {effect}",
+                )
+            )
+        if rule is not None:
+            rules.append(rule)
+    return Authorization(
+        name=ap.name,
+        namespace=ap.namespace,
+        scope=scope,
+        action=Action.DENY if deny else Action.ALLOW,
+        rules=tuple(rules),
+    )
+
+
+_NO_PRINCIPAL = Match(not_principals=(StringMatch(kind=MatchKind.PRESENCE),))
+
+
+def static_strict_policy(opts: TranslateOptions) -> Authorization:
+    """DENY of plaintext (no principal): STRICT mTLS at L4."""
+    return Authorization(
+        name=STATIC_STRICT,
+        namespace=opts.root_namespace,
+        scope=Scope.WORKLOAD_SELECTOR,
+        action=Action.DENY,
+        rules=(Rule(clauses=(Clause(matches=(_NO_PRINCIPAL,)),)),),
+    )
+
+
+def _port_level_policy(pa: PeerAuthentication, base_strict: bool) -> Authorization | None:
+    """A DENY of plaintext on exactly the ports where `pa` makes the mode STRICT."""
+    strict_ports = tuple(p for p, m in pa.port_modes if m == "STRICT")
+    open_ports = tuple(p for p, m in pa.port_modes if m in ("PERMISSIVE", "DISABLE"))
+    if base_strict:
+        match = Match(not_principals=_NO_PRINCIPAL.not_principals, not_destination_ports=open_ports)
+    elif strict_ports:
+        match = Match(not_principals=_NO_PRINCIPAL.not_principals, destination_ports=strict_ports)
+    else:
+        return None
+    return Authorization(
+        name=f"istio_converted_peer_authn_{pa.name}",
+        namespace=pa.namespace,
+        scope=Scope.WORKLOAD_SELECTOR,
+        action=Action.DENY,
+        rules=(Rule(clauses=(Clause(matches=(match,)),)),),
+    )
+
+
+def _effective(*modes: str) -> str:
+    for m in modes:
+        if m != "UNSET":
+            return m
+    return "PERMISSIVE"
+
+
+# --------------------------------------------------------------------------------- namespace
+
+
+def translate_namespace(
+    objs: NamespaceObjects, mesh: MeshWide, opts: TranslateOptions
+) -> NamespaceResult:
+    """Every record contributed by one namespace (pure)."""
+    warnings: list[ConfigWarning] = []
+    ns = objs.name
+    ns_labels = objs.namespace.labels if objs.namespace is not None else ()
+
+    services: dict[str, Service] = {}
+    for svc in objs.services.values():
+        rec = translate_service(svc, ns_labels, mesh, opts, warnings)
+        if rec is not None:
+            services[rec.key] = rec
+
+    policies: dict[str, Authorization] = {}
+    selector_policies: list[tuple[Labels, str]] = []
+    for ap in objs.authorization_policies.values():
+        pol = translate_authorization_policy(ap, opts, warnings)
+        if pol is None:
+            continue
+        policies[pol.key] = pol
+        root = ns == opts.root_namespace
+        if pol.scope is Scope.WORKLOAD_SELECTOR and ap.selector is not None and not root:
+            selector_policies.append((ap.selector, pol.key))
+    for ap in mesh.root_selector_policies:  # root-namespace selector policies: every namespace
+        if ap.selector is not None:
+            selector_policies.append((ap.selector, f"{ap.namespace}/{ap.name}"))
+    if ns == opts.root_namespace:
+        strict = static_strict_policy(opts)
+        policies[strict.key] = strict
+
+    # PeerAuthentication
+    ns_pas = sorted(
+        (p for p in objs.peer_authentications.values() if p.selector is None), key=lambda p: p.name
+    )
+    ns_mode = ns_pas[0].mode if ns_pas else "UNSET"
+    for extra in ns_pas[1:]:
+        warnings.append(
+            ConfigWarning(
+                ref=f"PeerAuthentication {ns}/{extra.name}",
+                message=f"ignored: namespace already has PeerAuthentication {ns_pas[0].name}",
+            )
+        )
+    pa_selectors = sorted(
+        (p for p in objs.peer_authentications.values() if p.selector is not None),
+        key=lambda p: p.name,
+    )
+
+    # Services by selector, and selector-less services' endpoints from EndpointSlices.
+    selected = [s for s in objs.services.values() if s.selector and s.type != "ExternalName"]
+    slice_members: dict[str, list[KubeService]] = {}
+    for sl in objs.slices.values():
+        backing = objs.services.get(sl.service_name)
+        if backing is None or backing.selector is not None:
+            continue
+        for ep in sl.endpoints:
+            if ep.pod_name:
+                slice_members.setdefault(ep.pod_name, []).append(backing)
+
+    workloads: dict[str, Workload] = {}
+    node_identities: set[tuple[str, str]] = set()
+    for pod in objs.pods.values():
+        if pod.node:
+            node_identities.add((pod.node, pod.service_account))
+        if pod.host_network or not pod.ips or pod.phase in ("Succeeded", "Failed"):
+            continue
+        ref = f"Pod {ns}/{pod.name}"
+        ambient = is_ambient(pod, ns_labels)
+        svc_ports: dict[str, tuple[Port, ...]] = {}
+        members = [s for s in selected if s.selector and labels_match(s.selector, pod.labels)]
+        for svc in [*members, *slice_members.get(pod.name, ())]:
+            ports = []
+            for p in svc.ports:
+                target = _target_for(pod, p.target_port)
+                if target is not None and p.protocol in ("TCP", ""):
+                    ports.append(Port(service_port=p.port, target_port=target))
+            svc_ports[f"{ns}/{hostname(svc.name, ns, opts)}"] = tuple(ports)
+        waypoint = None
+        if ambient and _label(pod.labels, GATEWAY_NAME) is None:
+            sa = objs.service_accounts.get(pod.service_account)
+            chain = [(pod.labels, ns)]
+            if sa is not None:
+                chain.append((sa.labels, ns))
+            chain.append((ns_labels, ns))
+            # Namespace-level bindings apply to workloads only if the waypoint serves them;
+            # a mismatch there is normal (service waypoints), so it is not warned about.
+            quiet: list[ConfigWarning] = []
+            explicit = _waypoint_ref(pod.labels, ns) is not None or (
+                sa is not None and _waypoint_ref(sa.labels, ns) is not None
+            )
+            waypoint = _resolve_waypoint(
+                chain, "workload", mesh, opts, ref, warnings if explicit else quiet
+            )
+        authz: list[str] = [key for sel, key in selector_policies if labels_match(sel, pod.labels)]
+        # PeerAuthentication for this pod
+        pa = next(
+            (
+                p
+                for p in pa_selectors
+                if p.selector is not None and labels_match(p.selector, pod.labels)
+            ),
+            None,
+        )
+        base = _effective(pa.mode if pa else "UNSET", ns_mode, mesh.mesh_mtls)
+        if pa is not None and pa.port_modes:
+            pol = _port_level_policy(pa, base == "STRICT")
+            if pol is not None:
+                policies[pol.key] = pol
+                authz.append(pol.key)
+        elif base == "STRICT":
+            authz.append(f"{opts.root_namespace}/{STATIC_STRICT}")
+        wtype, wname = _workload_type(pod)
+        status = WorkloadStatus.HEALTHY
+        if pod.ready is False or pod.terminating or pod.phase not in ("", "Running"):
+            status = WorkloadStatus.UNHEALTHY
+        canonical = (
+            _label(pod.labels, "service.istio.io/canonical-name")
+            or _label(pod.labels, "app.kubernetes.io/name")
+            or _label(pod.labels, "app")
+            or wname
+        )
+        revision = (
+            _label(pod.labels, "service.istio.io/canonical-revision")
+            or _label(pod.labels, "app.kubernetes.io/version")
+            or _label(pod.labels, "version")
+            or "latest"
+        )
+        try:
+            SpiffeId(
+                trust_domain=opts.trust_domain, namespace=ns, service_account=pod.service_account
+            )
+        except Exception as exc:
+            warnings.append(ConfigWarning(ref=ref, message=f"skipped: invalid identity: {exc}"))
+            continue
+        w = Workload(
+            uid=f"{opts.cluster_id}//Pod/{ns}/{pod.name}",
+            name=pod.name,
+            namespace=ns,
+            addresses=tuple(ipaddress.ip_address(ip) for ip in pod.ips),
+            network=opts.network,
+            tunnel_protocol=TunnelProtocol.HBONE if ambient else TunnelProtocol.NONE,
+            trust_domain=opts.trust_domain,
+            service_account=pod.service_account,
+            waypoint=waypoint,
+            node=pod.node,
+            canonical_name=canonical,
+            canonical_revision=revision,
+            workload_type=wtype,
+            workload_name=wname,
+            authorization_policies=tuple(sorted(set(authz))),
+            status=status,
+            cluster_id=opts.cluster_id,
+            services=tuple(sorted(svc_ports.items())),
+        )
+        workloads[w.uid] = w
+    return NamespaceResult(
+        workloads=MappingProxyType(workloads),
+        services=MappingProxyType(services),
+        policies=MappingProxyType(policies),
+        warnings=tuple(sorted(warnings)),
+        node_identities=frozenset(node_identities),
+    )
+
+
+# --------------------------------------------------------------------------------- translator
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delta:
+    """What changed between two translations."""
+
+    upserts: tuple[Record, ...] = ()
+    removed_addresses: tuple[str, ...] = ()
+    """Workload uids and service keys no longer present."""
+    removed_policies: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.removed_addresses or self.removed_policies)
+
+
+def _diff(old: Mapping[str, Record], new: Mapping[str, Record]) -> tuple[list[Record], list[str]]:
+    ups = [r for k, r in new.items() if old.get(k) != r]
+    gone = [k for k in old if k not in new]
+    return ups, gone
+
+
+class Translator:
+    """Translates snapshots, re-translating only namespaces whose objects (or the mesh-wide
+    inputs) changed, and reports the delta since the previous call."""
+
+    def __init__(self, opts: TranslateOptions) -> None:
+        self.opts = opts
+        self._mesh = MeshWide()
+        self._inputs: dict[str, NamespaceObjects] = {}
+        self._results: dict[str, NamespaceResult] = {}
+
+    @property
+    def results(self) -> Mapping[str, NamespaceResult]:
+        return self._results
+
+    def update(self, snapshot: StoreSnapshot) -> Delta:
+        mesh = mesh_wide(snapshot, self.opts)
+        mesh_changed = mesh != self._mesh
+        self._mesh = mesh
+        ups: list[Record] = []
+        gone_addr: list[str] = []
+        gone_pol: list[str] = []
+        names = set(snapshot.namespaces) | set(self._results)
+        if self.opts.root_namespace not in snapshot.namespaces:
+            names.add(self.opts.root_namespace)  # the static STRICT policy always exists
+        for ns in sorted(names):
+            objs = snapshot.namespaces.get(ns) or (
+                NamespaceObjects(name=ns) if ns == self.opts.root_namespace else None
+            )
+            old = self._results.get(ns, NamespaceResult())
+            if objs is None:
+                new = NamespaceResult()
+                self._inputs.pop(ns, None)
+                self._results.pop(ns, None)
+            elif self._inputs.get(ns) is objs and not mesh_changed and ns in self._results:
+                continue
+            else:
+                new = translate_namespace(objs, mesh, self.opts)
+                self._inputs[ns] = objs
+                self._results[ns] = new
+            for old_map, new_map in (
+                (old.workloads, new.workloads),
+                (old.services, new.services),
+            ):
+                u, g = _diff(old_map, new_map)
+                ups.extend(u)
+                gone_addr.extend(g)
+            u, g = _diff(old.policies, new.policies)
+            ups.extend(u)
+            gone_pol.extend(g)
+        return Delta(
+            upserts=tuple(ups), removed_addresses=tuple(gone_addr), removed_policies=tuple(gone_pol)
+        )
+
+    def records(self) -> list[Record]:
+        out: list[Record] = []
+        for r in self._results.values():
+            out.extend(r.workloads.values())
+            out.extend(r.services.values())
+            out.extend(r.policies.values())
+        return out
+
+    def warnings(self) -> list[ConfigWarning]:
+        return [w for r in self._results.values() for w in r.warnings]
+
+    def may_impersonate(self, node: str, identity: SpiffeId) -> bool:
+        """True if a pod of `identity`'s service account runs on `node` (CA check)."""
+        if identity.trust_domain != self.opts.trust_domain:
+            return False
+        r = self._results.get(identity.namespace)
+        return r is not None and (node, identity.service_account) in r.node_identities
