@@ -38,6 +38,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -233,6 +234,19 @@ def _enum(obj: Mapping[str, Any], key: str, path: str, cls: type[_E], default: _
             raise ConfigError(_join(path, key), "required field is missing")
         return default
     return _enum_value(obj[key], _join(path, key), cls)
+
+
+@functools.lru_cache(maxsize=65536)
+def _identity_of(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    """Memoised: identities are immutable values, built (and validated) once."""
+    return SpiffeId(trust_domain=trust_domain, namespace=namespace, service_account=service_account)
+
+
+@functools.lru_cache(maxsize=65536)
+def ip_from_text(text: str) -> IPAddress:
+    """Parse an address, memoised: the proxies look up the same few thousand addresses on
+    every connection, and ipaddress parsing costs microseconds each time. Raises ValueError."""
+    return ipaddress.ip_address(text)
 
 
 def _ip(value: object, path: str) -> IPAddress:
@@ -461,11 +475,7 @@ class Workload:
     @property
     def identity(self) -> SpiffeId:
         """The workload's SPIFFE identity (raises IdentityError if the parts are invalid)."""
-        return SpiffeId(
-            trust_domain=self.trust_domain,
-            namespace=self.namespace,
-            service_account=self.service_account,
-        )
+        return _identity_of(self.trust_domain, self.namespace, self.service_account)
 
     @property
     def services_map(self) -> dict[str, tuple[Port, ...]]:

@@ -36,7 +36,6 @@ usable endpoints); no network gateways (endpoints on other networks are not usab
 from __future__ import annotations
 
 import enum
-import ipaddress
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from meshcore.model import (
     TunnelProtocol,
     Workload,
     WorkloadStatus,
+    ip_from_text,
 )
 from meshcore.state import Endpoint, MeshState
 
@@ -137,7 +137,7 @@ def format_authority(ip: IPAddress, port: int) -> str:
 
 
 def _ip(value: IPAddress | str) -> IPAddress:
-    return ipaddress.ip_address(value) if isinstance(value, str) else value
+    return ip_from_text(value) if isinstance(value, str) else value
 
 
 def _address_on(workload: Workload, network: str) -> IPAddress | None:

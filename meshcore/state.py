@@ -22,7 +22,6 @@ Invariants:
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -38,6 +37,7 @@ from meshcore.model import (
     Workload,
     WorkloadStatus,
     check_unique,
+    ip_from_text,
 )
 
 Record = Workload | Service | Authorization
@@ -67,7 +67,7 @@ class Endpoint:
 
 
 def _as_ip(ip: IPAddress | str) -> IPAddress:
-    return ip if not isinstance(ip, str) else ipaddress.ip_address(ip)
+    return ip if not isinstance(ip, str) else ip_from_text(ip)
 
 
 class MeshState:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -91,29 +92,34 @@ class ConnectionRecord:
     started: float = field(default_factory=time.monotonic)
     bytes_sent: int = 0
     bytes_recv: int = 0
+    series: _Series | None = None
+
+    def label_values(self) -> tuple[str, ...]:
+        """Label values in LABELS order."""
+        src, dst = self.source, self.destination
+        return (
+            self.reporter,
+            _unknown(src and (src.workload_name or src.name)),
+            _unknown(src and src.namespace),
+            _unknown(self.source_principal),
+            _unknown(src and src.canonical_name),
+            _unknown(src and src.canonical_revision),
+            _unknown(src and src.canonical_name),
+            _unknown(self.destination_service),
+            _unknown(self.destination_service_name),
+            _unknown(self.destination_service_namespace),
+            _unknown(dst and (dst.workload_name or dst.name)),
+            _unknown(dst and dst.namespace),
+            _unknown(self.destination_principal),
+            _unknown(dst and dst.canonical_name),
+            _unknown(dst and dst.canonical_revision),
+            "tcp",
+            "mutual_tls" if self.mtls else "unknown",
+            self.response_flags,
+        )
 
     def labels(self) -> dict[str, str]:
-        src, dst = self.source, self.destination
-        return {
-            "reporter": self.reporter,
-            "source_workload": _unknown(src and (src.workload_name or src.name)),
-            "source_workload_namespace": _unknown(src and src.namespace),
-            "source_principal": _unknown(self.source_principal),
-            "source_app": _unknown(src and src.canonical_name),
-            "source_version": _unknown(src and src.canonical_revision),
-            "source_canonical_service": _unknown(src and src.canonical_name),
-            "destination_service": _unknown(self.destination_service),
-            "destination_service_name": _unknown(self.destination_service_name),
-            "destination_service_namespace": _unknown(self.destination_service_namespace),
-            "destination_workload": _unknown(dst and (dst.workload_name or dst.name)),
-            "destination_workload_namespace": _unknown(dst and dst.namespace),
-            "destination_principal": _unknown(self.destination_principal),
-            "destination_app": _unknown(dst and dst.canonical_name),
-            "destination_version": _unknown(dst and dst.canonical_revision),
-            "request_protocol": "tcp",
-            "connection_security_policy": "mutual_tls" if self.mtls else "unknown",
-            "response_flags": self.response_flags,
-        }
+        return dict(zip(LABELS, self.label_values(), strict=True))
 
     def log_fields(self) -> dict[str, object]:
         """Istio's access-log field names (ambient-facts.md)."""
@@ -136,30 +142,60 @@ class ConnectionRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """The metric children of one label set, resolved once (prometheus `labels()` is slow)."""
+
+    opened: Any
+    closed: Any
+    received: Any
+    sent: Any
+
+
 class ConnectionTracker:
     """Records open/close of connections in metrics and the access log."""
 
+    MAX_CACHED_SERIES = 10_000
+
     def __init__(self, metrics: ProxyMetrics) -> None:
         self.metrics = metrics
+        self._series: dict[tuple[str, ...], _Series] = {}
+        self._active = {d: metrics.active.labels(d) for d in ("inbound", "outbound")}
+
+    def _series_for(self, rec: ConnectionRecord) -> _Series:
+        key = rec.label_values()
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= self.MAX_CACHED_SERIES:
+                self._series.clear()  # label cardinality is bounded by the mesh; just in case
+            m = self.metrics
+            series = _Series(
+                opened=m.opened.labels(*key),
+                closed=m.closed.labels(*key),
+                received=m.received.labels(*key),
+                sent=m.sent.labels(*key),
+            )
+            self._series[key] = series
+        return series
 
     def opened(self, rec: ConnectionRecord) -> None:
-        self.metrics.opened.labels(**rec.labels()).inc()
-        self.metrics.active.labels(rec.direction).inc()
+        rec.series = self._series_for(rec)
+        rec.series.opened.inc()
+        self._active[rec.direction].inc()
 
     def closed(self, rec: ConnectionRecord) -> None:
-        labels = rec.labels()
-        m = self.metrics
-        m.closed.labels(**labels).inc()
-        m.active.labels(rec.direction).dec()
+        series = rec.series or self._series_for(rec)
+        series.closed.inc()
+        self._active[rec.direction].dec()
         if rec.bytes_recv:
-            m.received.labels(**labels).inc(rec.bytes_recv)
+            series.received.inc(rec.bytes_recv)
         if rec.bytes_sent:
-            m.sent.labels(**labels).inc(rec.bytes_sent)
+            series.sent.inc(rec.bytes_sent)
         self.log(rec)
 
     def failed(self, rec: ConnectionRecord) -> None:
         """A connection that never opened (denied, no upstream, TLS failure)."""
-        self.metrics.failed.labels(**rec.labels()).inc()
+        self.metrics.failed.labels(*rec.label_values()).inc()
         self.log(rec)
 
     @staticmethod

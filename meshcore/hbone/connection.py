@@ -50,6 +50,8 @@ from meshcore.hbone.frames import (
     encode_window_update,
     frame_header,
 )
+from meshcore.hbone.headers import decode_simple
+from meshcore.hbone.headers import encode as encode_headers
 
 Headers = list[tuple[str, str]]
 
@@ -203,7 +205,6 @@ class HboneConnection:
         self._streams: dict[int, _Stream] = {}
         self._next_stream_id = 1 if role is Role.CLIENT else 2
         self._highest_peer_stream = 0
-        self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
         # Local settings (what the peer must honour) and the peer's (what we must honour).
         self.local_max_streams = max_concurrent_streams
@@ -310,7 +311,7 @@ class HboneConnection:
     def _send_headers(
         self, stream_id: int, headers: Sequence[tuple[str, str]], *, end_stream: bool
     ) -> None:
-        block = self._encoder.encode(headers)
+        block = encode_headers(headers)
         flags = Flag.END_STREAM if end_stream else 0
         limit = self.peer_max_frame
         first, rest = block[:limit], block[limit:]
@@ -637,7 +638,12 @@ class HboneConnection:
     ) -> None:
         try:
             # Always decode: the HPACK table is connection state even for refused streams (§4.3).
-            headers: Headers = [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
+            simple = decode_simple(block)
+            headers: Headers = (
+                simple
+                if simple is not None
+                else [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
+            )
         except Exception as err:  # hpack raises several unrelated classes
             raise H2ProtocolError(f"HPACK: {err}", ErrorCode.COMPRESSION_ERROR) from err
         stream = self._streams.get(stream_id)
@@ -799,12 +805,10 @@ class HboneConnection:
             self.peer_max_frame = value
         elif ident == Setting.MAX_CONCURRENT_STREAMS:
             self.peer_max_streams = value
-        elif ident == Setting.ENABLE_PUSH:
-            if value > 1 or (value == 1 and self.role is Role.CLIENT):
-                raise H2ProtocolError("invalid ENABLE_PUSH", ErrorCode.PROTOCOL_ERROR)
-        elif ident == Setting.HEADER_TABLE_SIZE:
-            self._encoder.header_table_size = value
-        # MAX_HEADER_LIST_SIZE is advisory for us; unknown settings are ignored (§6.5.2).
+        elif ident == Setting.ENABLE_PUSH and (value > 1 or (value and self.role is Role.CLIENT)):
+            raise H2ProtocolError("invalid ENABLE_PUSH", ErrorCode.PROTOCOL_ERROR)
+        # HEADER_TABLE_SIZE only bounds a dynamic table our encoder never uses;
+        # MAX_HEADER_LIST_SIZE is advisory; unknown settings are ignored (§6.5.2).
 
     def _on_ping(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id != 0:
