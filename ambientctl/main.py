@@ -1,16 +1,126 @@
-"""Entry point of `ambientctl`: the operator CLI is not built yet (issue #6 builds it).
+"""`ambientctl`: the operator CLI. This issue builds its `lab` command group.
 
-Until then the command refuses to run with a clear message instead of pretending to work.
+    ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
+    ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
+    ambientctl lab node-exec NODE -- CMD...     (a command in a node's netns, e.g. curl metrics)
+    ambientctl lab demo [--keep]                (the README demo, examples/lab)
+
+Errors are `ambientctl.errors.CtlError` (message on stderr, `exit_code` as status), translated
+here and nowhere else.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ambientctl.errors import CtlError
+from ambientctl.lab import topology
+from ambientctl.lab.lab import Lab
 
 
-def main() -> int:
-    print("ambientctl: the operator CLI is not built yet (tracked in issue #6)", file=sys.stderr)
-    return 2
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _label_changes(items: Sequence[str]) -> dict[str, str | None]:
+    changes: dict[str, str | None] = {}
+    for item in items:
+        if item.endswith("-") and "=" not in item:
+            changes[item[:-1]] = None
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CtlError(f"label {item!r}: expected key=value or key-")
+        changes[key] = value
+    return changes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ambientctl", description="ambient-mesh operator CLI")
+    sub = p.add_subparsers(dest="group", required=True)
+    lab = sub.add_parser("lab", help="a whole mesh on one machine (network namespaces)")
+    lab.add_argument("--name", default=os.environ.get("AMBIENT_LAB", "lab"), help="lab name")
+    lab.add_argument("--state-root", type=Path, default=topology.STATE_ROOT)
+    cmds = lab.add_subparsers(dest="command", required=True)
+    up = cmds.add_parser("up", help="build the lab from a directory of manifests")
+    up.add_argument("dir", type=Path)
+    up.add_argument("--node", action="append", default=[], help="node names (order = index)")
+    up.add_argument("--capture", choices=("ebpf", "off"), default="ebpf",
+                    help="off: plain network, no agents/node proxies")  # fmt: skip
+    cmds.add_parser("down", help="tear the lab down, leaving nothing behind")
+    cmds.add_parser("pods", help="list pods with their redirection state")
+    ex = cmds.add_parser("exec", help="run a command in a pod's network namespace")
+    ex.add_argument("pod")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    nx = cmds.add_parser("node-exec", help="run a command in a node's network namespace")
+    nx.add_argument("node")
+    nx.add_argument("cmd", nargs=argparse.REMAINDER)
+    lb = cmds.add_parser("label", help="label a namespace live (kubectl label style)")
+    lb.add_argument("kind", choices=("namespace", "ns"))
+    lb.add_argument("target")
+    lb.add_argument("labels", nargs="+")
+    demo = cmds.add_parser("demo", help="the README demo: two nodes, mTLS between pods")
+    demo.add_argument("--keep", action="store_true", help="leave the lab running")
+    return p
+
+
+def _strip_dashes(cmd: list[str]) -> list[str]:
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise CtlError("missing command after --")
+    return cmd
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    lab = Lab(args.name, state_root=args.state_root, log=_say)
+    if args.command == "up":
+        lab.up(args.dir, capture=args.capture, nodes=args.node)
+        for row in lab.pods():
+            _say(f"  {row['namespace']}/{row['name']} {row['node']} {row['ip']}")
+    elif args.command == "down":
+        lab.down()
+    elif args.command == "pods":
+        rows = lab.pods()
+        header = ("NAMESPACE", "NAME", "NODE", "IP", "STATUS", "REDIRECTION")
+        table = [header] + [
+            (r["namespace"], r["name"], r["node"], r["ip"], r["status"], r["redirection"])
+            for r in rows
+        ]
+        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+        for line in table:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+        print("(REDIRECTION = annotation ambient.istio.io/redirection)", file=sys.stderr)
+    elif args.command == "exec":
+        argv2 = lab.exec_argv(args.pod, _strip_dashes(args.cmd))
+        os.chdir(lab.paths.manifests)
+        os.execvp(argv2[0], argv2)
+    elif args.command == "node-exec":
+        argv2 = lab.node_argv(args.node, _strip_dashes(args.cmd))
+        os.execvp(argv2[0], argv2)
+    elif args.command == "label":
+        for line in lab.label_namespace(args.target, _label_changes(args.labels)):
+            print(line)
+    elif args.command == "demo":
+        from ambientctl.lab.demo import run_demo
+
+        return run_demo(lab, keep=args.keep)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except CtlError as err:
+        print(f"ambientctl: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -84,10 +84,16 @@ def install(
     if updated != conflist:
         _write_atomic(conflist_path, _dump(updated))
     if bin_dir is not None:
-        launcher = f'#!/bin/sh\n{MARKER}\nexec {python} -m cni.plugin "$@"\n'
-        target = bin_dir / PLUGIN_TYPE
-        if not target.exists() or target.read_text() != launcher:
-            _write_atomic(target, launcher, 0o755)
+        write_launcher(bin_dir, python)
+
+
+def write_launcher(bin_dir: Path, python: str = sys.executable) -> Path:
+    """`bin_dir/ambient-cni`: a launcher running this package's plugin with `python`."""
+    launcher = f'#!/bin/sh\n{MARKER}\nexec {python} -m cni.plugin "$@"\n'
+    target = bin_dir / PLUGIN_TYPE
+    if not target.exists() or target.read_text() != launcher:
+        _write_atomic(target, launcher, 0o755)
+    return target
 
 
 def uninstall(conflist_path: Path, *, bin_dir: Path | None = None) -> None:

@@ -285,7 +285,7 @@ def run_plugin(command: str, sock: Path, version: str = "1.0.0", **kw: Any) -> t
     }
     if version != "1.0.0":
         prev["ips"][0]["version"] = "4"  # type: ignore[index]
-    config = {"cniVersion": version, "name": "lab", "type": "ambient-cni"}
+    config: dict[str, Any] = {"cniVersion": version, "name": "lab", "type": "ambient-cni"}
     config.update({"agentSocket": str(sock), "agentTimeout": 2, "prevResult": prev})
     config.update(kw)
     out = io.StringIO()
