@@ -1,0 +1,311 @@
+"""The node proxy's delta xDS client: keeps a `MeshState` in sync with the control plane.
+
+Owns: `ControlPlaneEndpoint` (address, node credential, TLS trust for the control plane; shared
+with `meshcore.caclient`), `apply_response` (pure: state + one DeltaDiscoveryResponse -> new
+state + per-resource errors), and `XdsClient` (stream, ACK/NACK, reconnect).
+
+Invariants:
+- Per-resource application: each resource of a response is decoded and validated on its own
+  (`meshcore.proto.convert.unpack`, the model's strict parsers). Bad ones are left out and the
+  response is NACKed naming them (error_detail INVALID_ARGUMENT, message ``name: error; ...``);
+  the good ones are applied. Removals are always applied.
+- The new `MeshState` is built completely, then published with one call of `on_update`
+  (the proxy swaps `ProxyContext.state` by one assignment): readers never see half a response.
+- While the control plane is unreachable the last good state stays in force (nothing is
+  cleared on disconnect). Reconnects back off exponentially (0.5 s x2, jitter +-20%, capped
+  at `backoff_cap`); the attempt counter resets once a stream delivered a response.
+- On reconnect the client sends ``initial_resource_versions`` (what it has), so the control
+  plane sends only what changed meanwhile plus removals: a restarted control plane that
+  computes the same content sends nothing new.
+- `synced` is set once the first response of every type URL has been applied (full state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from meshcore.errors import ConfigError
+from meshcore.model import Authorization, Service, Workload
+from meshcore.proto import discovery_pb2 as dpb
+from meshcore.proto.convert import AUTHORIZATION_TYPE, TYPE_URLS, unpack
+from meshcore.state import MeshState
+
+log = logging.getLogger(__name__)
+
+DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+DEFAULT_SERVER_NAME = "ambient-controlplane.istio-system.svc"
+_INVALID_ARGUMENT = 3  # google.rpc.Code
+
+
+def read_token_file(path: Path) -> str:
+    """A node credential file: the token on its first line."""
+    try:
+        lines = path.read_text(encoding="utf-8").strip().splitlines()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the node credential: {exc}") from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(str(path), "node credential file is empty")
+    return lines[0].strip()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlPlaneEndpoint:
+    """How to reach and authenticate to the control plane (xDS and CA share it)."""
+
+    address: str
+    """host:port (15012)."""
+    token: str | None = None
+    """Node credential sent as ``authorization: Bearer <token>``."""
+    tls_roots: bytes | None = None
+    """PEM roots that sign the control plane's serving certificate; None = plaintext (lab,
+    loopback only)."""
+    server_name: str = DEFAULT_SERVER_NAME
+    """DNS name expected in the control plane's certificate."""
+
+    def channel(self) -> grpc.aio.Channel:
+        options: list[tuple[str, int | str]] = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        if self.tls_roots is None:
+            return grpc.aio.insecure_channel(self.address, options=options)
+        creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots)
+        options.append(("grpc.ssl_target_name_override", self.server_name))
+        return grpc.aio.secure_channel(self.address, creds, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+# ------------------------------------------------------------------------------ pure apply
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Applied:
+    """Result of applying one response."""
+
+    state: MeshState
+    versions: dict[str, str]
+    """name -> version of the resources applied (for initial_resource_versions)."""
+    removed: tuple[str, ...]
+    errors: tuple[tuple[str, str], ...]
+    """(resource name, message) of resources NACKed."""
+
+
+def apply_response(state: MeshState, resp: dpb.DeltaDiscoveryResponse) -> Applied:
+    """Decode every resource of `resp` on its own and apply the good ones and all removals."""
+    upserts: list[Workload | Service | Authorization] = []
+    versions: dict[str, str] = {}
+    errors: list[tuple[str, str]] = []
+    for res in resp.resources:
+        try:
+            record = unpack(resp.type_url, res.name, res.resource)
+        except ConfigError as exc:
+            errors.append((res.name, str(exc)))
+            continue
+        if (resp.type_url == AUTHORIZATION_TYPE) != isinstance(record, Authorization):
+            errors.append((res.name, "record kind does not match the type URL"))
+            continue
+        upserts.append(record)
+        versions[res.name] = res.version
+    removed = tuple(resp.removed_resources)
+    if resp.type_url == AUTHORIZATION_TYPE:
+        new = state.with_updates(upserts, policy_removals=removed)
+    else:
+        new = state.with_updates(upserts, removed)
+    return Applied(state=new, versions=versions, removed=removed, errors=tuple(errors))
+
+
+def nack_message(errors: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"{name}: {msg}" for name, msg in errors)
+
+
+# ------------------------------------------------------------------------------ client
+
+
+def backoff(attempt: int, rng: random.Random, *, initial: float = 0.5, cap: float = 10.0) -> float:
+    base = min(cap, initial * 2.0 ** min(attempt, 32))
+    return base * (1.0 + rng.uniform(-0.2, 0.2))
+
+
+@dataclass(slots=True)
+class ClientStats:
+    connects: int = 0
+    responses: int = 0
+    acks: int = 0
+    nacks: int = 0
+    last_error: str = ""
+    last_nack: str = ""
+    last_update: float | None = None
+    connected: bool = False
+    versions: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+class XdsClient:
+    """Delta ADS client for one node proxy. `run()` forever; cancel to stop."""
+
+    def __init__(
+        self,
+        endpoint: ControlPlaneEndpoint,
+        *,
+        node: str,
+        on_update: Callable[[MeshState], None] | None = None,
+        state: MeshState | None = None,
+        backoff_cap: float = 10.0,
+        build_state: bool = True,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.endpoint = endpoint
+        self.node = node
+        self.on_update = on_update
+        self.state = state if state is not None else MeshState.empty()
+        self.backoff_cap = backoff_cap
+        self.build_state = build_state
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.stats = ClientStats(versions={t: {} for t in TYPE_URLS})
+        self.synced = asyncio.Event()
+        self.updated = asyncio.Event()
+        """Set after every applied response (tests/bench clear and wait on it)."""
+        self.on_response: Callable[[dpb.DeltaDiscoveryResponse], None] | None = None
+
+    def _node_pb(self) -> dpb.Node:
+        meta = struct_pb2.Struct()
+        meta.fields["NODE_NAME"].string_value = self.node
+        return dpb.Node(id=f"ztunnel~{self.node}", metadata=meta)
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            delivered = False
+            try:
+                delivered = await self._session()
+                self.stats.last_error = "stream closed by the control plane"
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                self.stats.last_error = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.stats.connected = False
+            if delivered:
+                attempt = 0
+            delay = backoff(attempt, self.rng, cap=self.backoff_cap)
+            attempt += 1
+            log.warning(
+                "xDS stream to %s ended (%s); keeping the last config, retry in %.1fs",
+                self.endpoint.address,
+                self.stats.last_error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> bool:
+        """One stream; returns whether it delivered at least one response."""
+        outbox: asyncio.Queue[dpb.DeltaDiscoveryRequest | None] = asyncio.Queue()
+        node = self._node_pb()
+        for type_url in TYPE_URLS:
+            outbox.put_nowait(
+                dpb.DeltaDiscoveryRequest(
+                    node=node,
+                    type_url=type_url,
+                    resource_names_subscribe=["*"],
+                    initial_resource_versions=self.stats.versions[type_url],
+                )
+            )
+
+        async def requests() -> AsyncIterator[dpb.DeltaDiscoveryRequest]:
+            while (req := await outbox.get()) is not None:
+                yield req
+
+        delivered = False
+        seen_types: set[str] = set()
+        async with self.endpoint.channel() as channel:
+            method = channel.stream_stream(
+                DELTA_METHOD,
+                request_serializer=dpb.DeltaDiscoveryRequest.SerializeToString,
+                response_deserializer=dpb.DeltaDiscoveryResponse.FromString,
+            )
+            call: Any = method(requests(), metadata=self.endpoint.metadata())
+            self.stats.connects += 1
+            try:
+                async for resp in call:
+                    self.stats.connected = True
+                    delivered = True
+                    outbox.put_nowait(self._handle(resp))
+                    seen_types.add(resp.type_url)
+                    if seen_types >= set(TYPE_URLS):
+                        self.synced.set()
+            finally:
+                outbox.put_nowait(None)
+                call.cancel()
+        return delivered
+
+    def _handle(self, resp: dpb.DeltaDiscoveryResponse) -> dpb.DeltaDiscoveryRequest:
+        self.stats.responses += 1
+        if resp.type_url not in TYPE_URLS:
+            self.stats.nacks += 1
+            return dpb.DeltaDiscoveryRequest(
+                type_url=resp.type_url,
+                response_nonce=resp.nonce,
+                error_detail=dpb.Status(
+                    code=_INVALID_ARGUMENT, message=f"unknown type {resp.type_url}"
+                ),
+            )
+        if self.build_state:
+            applied = apply_response(self.state, resp)
+        else:
+            applied = _decode_only(self.state, resp)
+        versions = self.stats.versions[resp.type_url]
+        for name in applied.removed:
+            versions.pop(name, None)
+        versions.update(applied.versions)
+        self.state = applied.state
+        self.stats.last_update = self.clock()
+        if self.on_update is not None and self.build_state:
+            self.on_update(applied.state)
+        if self.on_response is not None:
+            self.on_response(resp)
+        self.updated.set()
+        if applied.errors:
+            self.stats.nacks += 1
+            self.stats.last_nack = nack_message(applied.errors)
+            log.warning("NACK %s: %s", resp.nonce, self.stats.last_nack)
+            return dpb.DeltaDiscoveryRequest(
+                type_url=resp.type_url,
+                response_nonce=resp.nonce,
+                error_detail=dpb.Status(code=_INVALID_ARGUMENT, message=self.stats.last_nack),
+            )
+        self.stats.acks += 1
+        return dpb.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+
+
+def _decode_only(state: MeshState, resp: dpb.DeltaDiscoveryResponse) -> Applied:
+    """Decode and validate every resource but do not rebuild the state (benchmark clients)."""
+    versions: dict[str, str] = {}
+    errors: list[tuple[str, str]] = []
+    for res in resp.resources:
+        try:
+            unpack(resp.type_url, res.name, res.resource)
+        except ConfigError as exc:
+            errors.append((res.name, str(exc)))
+            continue
+        versions[res.name] = res.version
+    return Applied(
+        state=state, versions=versions, removed=tuple(resp.removed_resources), errors=tuple(errors)
+    )
