@@ -39,7 +39,8 @@ async def connect_tcp(
             if transparent:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.bind((source_ip, 0))
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), timeout)
+        async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
     except BaseException:
         sock.close()
         raise
