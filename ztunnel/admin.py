@@ -86,7 +86,7 @@ def admin_routes(ctx: ProxyContext, shutdown: Callable[[], None]) -> dict[str, H
 
 def metrics_routes(ctx: ProxyContext) -> dict[str, Handler]:
     async def metrics(_m: str, _q: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        return 200, CONTENT_TYPE_LATEST, generate_latest(ctx.metrics.registry)
+        return 200, CONTENT_TYPE_LATEST, generate_latest(ctx.metrics.exposition_registry())
 
     return {"/metrics": metrics, "/stats/prometheus": metrics}
 

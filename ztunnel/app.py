@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -89,6 +94,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     )
     p.add_argument("--cert-ttl", type=float, default=24 * 3600, help="certificate TTL, seconds")
     p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(env("WORKERS", "1")),
+        help="worker processes sharing the listeners (env WORKERS)",
+    )
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     for name, default in (
@@ -122,11 +133,51 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     return settings, args
 
 
-class NodeProxy:
-    """One running node proxy: listeners + context. `start()`, then `drain()`."""
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A bound listening socket and what it serves. Created before any worker forks, so every
+    worker accepts on the same sockets (and a successor process could inherit them)."""
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    role: str  # "outbound" | "plaintext" | "hbone"
+    sock: socket.socket
+
+
+def bind_listeners(settings: ProxySettings, state: MeshState) -> list[Listener]:
+    s = settings
+    if s.capture == "transparent":
+        return [
+            Listener("outbound", make_listener("0.0.0.0", s.outbound_port, transparent=True)),
+            Listener(
+                "plaintext", make_listener("0.0.0.0", s.inbound_plaintext_port, transparent=True)
+            ),
+            Listener("hbone", make_listener("0.0.0.0", s.hbone_port, transparent=True)),
+        ]
+    specs = [("outbound", host, port) for host, port in s.outbound_listen]
+    specs.append(("outbound", s.node_ip, s.outbound_port))
+    specs.append(("plaintext", s.node_ip, s.inbound_plaintext_port))
+    # Bind mode: the HBONE listener is bound on each local workload's address, so the accepted
+    # socket's local address names the destination workload, as it does with capture.
+    for wl in state.local_workloads(s.node):
+        specs.extend(("hbone", str(ip), s.hbone_port) for ip in wl.addresses)
+    return [Listener(role, make_listener(host, port)) for role, host, port in specs]
+
+
+class NodeProxy:
+    """One running node proxy worker: listeners + context. `start()`, then `drain()`.
+
+    `serve_admin` is False in the extra workers of a multi-worker proxy: only the first worker
+    answers admin/metrics/readiness (metrics are aggregated across workers)."""
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        listeners: list[Listener] | None = None,
+        *,
+        serve_admin: bool = True,
+    ) -> None:
         self.ctx = ctx
+        self.listeners = listeners
+        self.serve_admin = serve_admin
         self.servers: list[asyncio.Server] = []
         self.hbone_listeners: list[HboneListener] = []
         self.admin_servers: list[asyncio.Server] = []
@@ -134,48 +185,31 @@ class NodeProxy:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _listener_specs(self) -> list[tuple[str, int, Callable[[], asyncio.Protocol] | None, bool]]:
-        """(host, port, protocol factory or None for HBONE, transparent)."""
-        s, ctx = self.ctx.settings, self.ctx
-        out: Callable[[], asyncio.Protocol] = lambda: OutboundConnection(ctx)  # noqa: E731
-        hbone = None
-        plain: Callable[[], asyncio.Protocol] = lambda: PlaintextInbound(ctx)  # noqa: E731
-        if s.capture == "transparent":
-            return [
-                ("0.0.0.0", s.outbound_port, out, True),
-                ("0.0.0.0", s.inbound_plaintext_port, plain, True),
-                ("0.0.0.0", s.hbone_port, hbone, True),
-            ]
-        specs: list[tuple[str, int, Callable[[], asyncio.Protocol] | None, bool]] = [
-            (host, port, out, False) for host, port in s.outbound_listen
-        ]
-        specs.append((s.node_ip, s.outbound_port, out, False))
-        specs.append((s.node_ip, s.inbound_plaintext_port, plain, False))
-        # Bind mode: the HBONE listener is bound on each local workload's address, so the
-        # accepted socket's local address names the destination workload, as with capture.
-        for wl in ctx.state.local_workloads(s.node):
-            for ip in wl.addresses:
-                specs.append((str(ip), s.hbone_port, hbone, False))
-        return specs
-
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ctx
-        for host, port, factory, transparent in self._listener_specs():
-            sock = make_listener(host, port, transparent=transparent)
-            if factory is None:
-                listener = HboneListener(ctx, sock)
-                listener.start()
-                self.hbone_listeners.append(listener)
+        if self.listeners is None:
+            self.listeners = bind_listeners(ctx.settings, ctx.state)
+        factories: dict[str, Callable[[], asyncio.Protocol]] = {
+            "outbound": lambda: OutboundConnection(ctx),
+            "plaintext": lambda: PlaintextInbound(ctx),
+        }
+        for listener in self.listeners:
+            if listener.role == "hbone":
+                hbone = HboneListener(ctx, listener.sock)
+                hbone.start()
+                self.hbone_listeners.append(hbone)
             else:
-                self.servers.append(await loop.create_server(factory, sock=sock))
+                server = await loop.create_server(factories[listener.role], sock=listener.sock)
+                self.servers.append(server)
         s = ctx.settings
-        admin_host = "127.0.0.1" if s.node_ip in ("0.0.0.0", "::") else s.node_ip
-        self.admin_servers = [
-            await serve_http(admin_host, s.admin_port, admin_routes(ctx, self.stop)),
-            await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx)),
-            await serve_http(s.node_ip, s.readiness_port, readiness_routes(lambda: self.ready)),
-        ]
+        if self.serve_admin:
+            admin_host = "127.0.0.1" if s.node_ip in ("0.0.0.0", "::") else s.node_ip
+            self.admin_servers = [
+                await serve_http(admin_host, s.admin_port, admin_routes(ctx, self.stop)),
+                await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx)),
+                await serve_http(s.node_ip, s.readiness_port, readiness_routes(lambda: self.ready)),
+            ]
         ctx.certs.on_rotate(ctx.on_rotate)
         ctx.sync_local_identities()
         self._tasks.append(loop.create_task(ctx.certs.run()))
@@ -185,9 +219,10 @@ class NodeProxy:
             await ctx.certs.get(identity)
         self.ready = True
         log.info(
-            "node proxy %s ready: %d listeners, %d local workloads",
+            "node proxy %s worker %d ready: %d listeners, %d local workloads",
             s.node,
-            len(self.servers),
+            os.getpid(),
+            len(self.listeners),
             len(ctx.state.local_workloads(s.node)),
         )
 
@@ -250,17 +285,113 @@ def static_context(settings: ProxySettings, args: argparse.Namespace) -> ProxyCo
     return build_context(settings, state, provider)
 
 
-async def run(settings: ProxySettings, args: argparse.Namespace) -> None:
+async def run_worker(
+    settings: ProxySettings,
+    args: argparse.Namespace,
+    listeners: list[Listener],
+    *,
+    serve_admin: bool,
+    children: Sequence[int] = (),
+) -> int:
+    """Run one worker until SIGTERM/SIGINT (or /quitquitquit), then drain. The first worker
+    also forwards the signal to the other workers and waits for them."""
     ctx = static_context(settings, args)
-    proxy = NodeProxy(ctx)
+    proxy = NodeProxy(ctx, listeners, serve_admin=serve_admin)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stop)
+    lost: list[int] = []
+
+    async def watch_children() -> None:
+        # Polling, because uvloop reserves SIGCHLD for its own subprocess support.
+        while not ctx.draining:
+            for pid in children:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, -1
+                if done and not ctx.draining:
+                    # Fail fast: a proxy with a dead worker is restarted whole by its supervisor
+                    # (kubelet) rather than limping on with fewer workers.
+                    log.error("worker %d exited (status %d): stopping", pid, status)
+                    lost.append(pid)
+                    proxy.stop()
+                    return
+            await asyncio.sleep(0.5)
+
+    watcher = loop.create_task(watch_children()) if children else None
     await proxy.start()
     tune_gc()
     await proxy.wait_stopped()
     log.info("draining (timeout %.0fs)", settings.drain_timeout)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     await proxy.drain()
+    if watcher is not None:
+        watcher.cancel()
+    for pid in children:
+        if pid not in lost:
+            await _wait_child(pid, settings.drain_timeout + 5)
+    return 1 if lost else 0
+
+
+async def _wait_child(pid: int, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        await asyncio.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM): a worker never outlives the first worker."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG (linux/prctl.h)
+
+
+def enable_multiprocess_metrics() -> str:
+    """Counters of all workers go to per-process files that the first worker aggregates
+    (prometheus-client's multiprocess mode). Must run before any metric is created."""
+    from prometheus_client import values
+
+    directory = tempfile.mkdtemp(prefix="ztunnel-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return directory
+
+
+def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
+    """Bind the listeners once, fork `--workers - 1` more workers, run the first one here."""
+    state = MeshState.from_config(load_mesh_config(args.mesh_config))
+    listeners = bind_listeners(settings, state)
+    if args.workers <= 1:
+        return asyncio.run(run_worker(settings, args, listeners, serve_admin=True))
+    metrics_dir = enable_multiprocess_metrics()
+    children: list[int] = []
+    try:
+        for _ in range(args.workers - 1):
+            pid = os.fork()
+            if pid == 0:  # child: its own event loop on the shared sockets
+                _die_with_parent()
+                code = 1
+                try:
+                    code = asyncio.run(run_worker(settings, args, listeners, serve_admin=False))
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        return asyncio.run(
+            run_worker(settings, args, listeners, serve_admin=True, children=children)
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def tune_gc() -> None:
@@ -297,11 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop_kind = install_event_loop()
     log.info("starting node proxy %s (%s event loop)", settings.node, loop_kind)
     try:
-        asyncio.run(run(settings, args))
+        return serve(settings, args)
     except (MeshError, OSError) as err:
         log.error("fatal: %s", err)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

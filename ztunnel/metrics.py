@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
 from meshcore.model import Workload
 
@@ -43,6 +44,15 @@ access_log = logging.getLogger("ztunnel.access")
 
 
 class ProxyMetrics:
+    def exposition_registry(self) -> CollectorRegistry:
+        """What /metrics serves: this process's registry, or, with several workers, all
+        workers' values aggregated from prometheus-client's multiprocess directory."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return registry
+        return self.registry
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -62,7 +72,11 @@ class ProxyMetrics:
             "istio_tcp_sent_bytes", "Bytes sent to the client side", LABELS, registry=r
         )
         self.active = Gauge(
-            "ztunnel_active_connections", "Connections currently proxied", ["direction"], registry=r
+            "ztunnel_active_connections",
+            "Connections currently proxied",
+            ["direction"],
+            registry=r,
+            multiprocess_mode="livesum",  # summed over live workers (multi-worker mode)
         )
 
 

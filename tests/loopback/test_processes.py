@@ -19,6 +19,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 NODE_A, CLIENT = "127.0.31.1", "127.0.31.10"
@@ -85,7 +86,13 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.close()
 
 
-def test_two_ztunnel_processes(tmp_path: Path) -> None:
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_ztunnel_processes(tmp_path: Path, workers: int) -> None:
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(config()))
     logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("node-a", "node-b")}
@@ -94,7 +101,7 @@ def test_two_ztunnel_processes(tmp_path: Path) -> None:
         return await asyncio.create_subprocess_exec(
             ztunnel_exe(), "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
             "--ca-dir", str(tmp_path / "ca"), "--capture", "bind",
-            "--drain-timeout", str(DRAIN), *extra,
+            "--drain-timeout", str(DRAIN), "--workers", str(workers), *extra,
             stdin=asyncio.subprocess.DEVNULL, stdout=logs[node], stderr=logs[node],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
@@ -113,6 +120,9 @@ def test_two_ztunnel_processes(tmp_path: Path) -> None:
         ]
         try:
             await asyncio.gather(wait_ready(procs[0], NODE_A), wait_ready(procs[1], NODE_B))
+            # --workers N: N-1 forked workers share the first one's listening sockets.
+            workers_of = {p.pid: children_of(p.pid) for p in procs}
+            assert all(len(c) == workers - 1 for c in workers_of.values()), workers_of
 
             # Bytes through: client pod -> VIP -> node-a -> HBONE -> node-b -> backend, and back.
             reader, writer = await asyncio.open_connection(SVC_VIP, 80, local_addr=(CLIENT, 0))
@@ -123,6 +133,15 @@ def test_two_ztunnel_processes(tmp_path: Path) -> None:
             writer.close()
             assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
             assert peers == [CLIENT]  # original source kept end to end
+            # More connections, so that with several workers more than one carries traffic;
+            # the metrics served by the first worker must count all of them.
+            extra_conns = 11
+            for i in range(extra_conns):
+                r2, w2 = await asyncio.open_connection(SVC_VIP, 80, local_addr=(CLIENT, 0))
+                w2.write(b"n%d" % i)
+                w2.write_eof()
+                assert await asyncio.wait_for(r2.read(), 10) == b"n%d" % i
+                w2.close()
 
             status, body = await http_get(NODE_A, 15000, "/config_dump")
             assert status == 200
@@ -131,7 +150,8 @@ def test_two_ztunnel_processes(tmp_path: Path) -> None:
             (cert,) = dump["certificates"]  # node-a manages only its local identity
             assert cert["identity"] == SLEEP and cert["state"] == "available"
             assert int(cert["serial"]) > 0
-            assert [c["peer"] for c in dump["connections"]] == [ECHO]
+            if workers == 1:  # with several workers the pool shown is the first worker's
+                assert [c["peer"] for c in dump["connections"]] == [ECHO]
 
             await asyncio.sleep(0.1)  # let both sides record the closed connection
             for ip, reporter in ((NODE_A, "source"), (NODE_B, "destination")):
@@ -143,6 +163,7 @@ def test_two_ztunnel_processes(tmp_path: Path) -> None:
                     if x.startswith("istio_tcp_connections_opened_total{")
                 ]  # fmt: skip
                 assert len(opened) == 1, text
+                assert float(opened[0].rsplit(" ", 1)[1]) == 1 + extra_conns
                 assert f'reporter="{reporter}"' in opened[0]
                 assert f'source_principal="{SLEEP}"' in opened[0]
                 assert f'destination_principal="{ECHO}"' in opened[0]
@@ -154,6 +175,12 @@ def test_two_ztunnel_processes(tmp_path: Path) -> None:
                 proc.send_signal(signal.SIGTERM)
             codes = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), DRAIN + 5)
             assert codes == [0, 0]
+            for pids in workers_of.values():  # no worker outlives the drain
+                for pid in pids:
+                    assert (
+                        not Path(f"/proc/{pid}").exists()
+                        or "zombie" in Path(f"/proc/{pid}/status").read_text()
+                    )
             # No live connection is left, so neither process waits out its drain timeout.
             assert loop.time() - started < DRAIN, loop.time() - started
         finally:
