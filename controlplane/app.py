@@ -1,19 +1,339 @@
-"""Entry point of `ambient-controlplane`: the control plane is not built yet (issue #4 builds it).
+"""The `ambient-controlplane` process: config sources -> store -> translation -> xDS + CA.
 
-Until then the command refuses to run with a clear message instead of pretending to work.
+Owns: flag parsing into `ControlPlaneSettings`, the `ControlPlane` object (used as is by tests
+and the benchmark), the translate-and-publish loop, and serving gRPC (xDS + CA on one port,
+15012) and debug HTTP (15014).
+
+Invariants:
+- One port for xDS and CA, TLS with a serving certificate from the mesh CA (DNS SANs
+  ``ambient-controlplane.<ns>.svc`` etc.); ``--plaintext`` serves without TLS and is refused on
+  anything but a loopback address (lab only).
+- gRPC is served only after every configured source has done its first full read (bounded by
+  ``--sync-timeout``), so the first full state a node proxy receives is complete.
+- Translation runs on the latest store snapshot, coalescing bursts of changes: the loop wakes
+  on any change and translates whatever the store holds then.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
 import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from controlplane.auth import Authenticator, NodeCredentials, ServiceAccountTokenReview
+from controlplane.ca import CertificateService, serving_certificate
+from controlplane.debug import json_response, metrics_response, serve_debug
+from controlplane.metrics import ControlPlaneMetrics
+from controlplane.sources.files import ManifestDirectory
+from controlplane.store import ConfigStore
+from controlplane.translate import TranslateOptions, Translator
+from controlplane.xds import XdsServer
+from meshcore.ca import MeshCA
+from meshcore.certs import utcnow
+from meshcore.errors import ConfigError, MeshError
+from meshcore.identity import SpiffeId
+
+log = logging.getLogger("controlplane")
 
 
-def main() -> int:
-    print(
-        "ambient-controlplane: the control plane is not built yet (tracked in issue #4)",
-        file=sys.stderr,
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlPlaneSettings:
+    listen: str = "0.0.0.0:15012"
+    """xDS + CA gRPC address."""
+    debug_listen: str | None = "127.0.0.1:15014"
+    manifest_dir: Path | None = None
+    kubernetes: bool = False
+    kubeconfig: Path | None = None
+    ca_dir: Path | None = None
+    additional_roots: Path | None = None
+    """PEM file of extra trusted roots (root rollover)."""
+    node_credentials: Path | None = None
+    plaintext: bool = False
+    options: TranslateOptions = field(default_factory=TranslateOptions)
+    namespace: str = "istio-system"
+    """Where the control plane runs (its serving certificate's DNS names)."""
+    poll_interval: float = 0.2
+    sync_timeout: float = 30.0
+    cert_ttl: float = 24 * 3600
+
+
+class ControlPlane:
+    """Sources, store, translator, xDS and CA, wired together. `start()` then `stop()`."""
+
+    def __init__(self, settings: ControlPlaneSettings, *, ca: MeshCA | None = None) -> None:
+        self.settings = settings
+        self.metrics = ControlPlaneMetrics()
+        self.store = ConfigStore()
+        self.translator = Translator(settings.options)
+        self.authenticator: Authenticator = (
+            NodeCredentials.load(settings.node_credentials)
+            if settings.node_credentials is not None
+            else ServiceAccountTokenReview()
+        )
+        self.xds = XdsServer(
+            metrics=self.metrics,
+            authenticator=self.authenticator if settings.node_credentials else None,
+        )
+        if ca is None:
+            if settings.ca_dir is None:
+                raise ConfigError("--ca-dir", "the control plane needs a CA directory")
+            ca = MeshCA.load_or_create(settings.ca_dir, trust_domain=settings.options.trust_domain)
+        if settings.additional_roots is not None:
+            ca.add_trusted_root(settings.additional_roots.read_bytes())
+        self.ca = ca
+        self.ca_service = CertificateService(
+            ca,
+            authenticator=self.authenticator,
+            may_impersonate=self.translator.may_impersonate,
+            metrics=self.metrics,
+            default_ttl=timedelta(seconds=settings.cert_ttl),
+        )
+        self.files = (
+            ManifestDirectory(
+                settings.manifest_dir, self.store, poll_interval=settings.poll_interval
+            )
+            if settings.manifest_dir is not None
+            else None
+        )
+        self.kube: Any = None
+        self.server: grpc.aio.Server | None = None
+        self.debug_server: asyncio.Server | None = None
+        self.port = 0
+        self.debug_port = 0
+        self.ready = False
+        self._dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.translations = 0
+        self.store.subscribe(lambda _snap: self._dirty.set())
+
+    # ---- translation
+
+    def translate_now(self) -> None:
+        """Translate the current snapshot and publish the delta (also used by the loop)."""
+        t0 = time.monotonic()
+        delta = self.translator.update(self.store.snapshot)
+        if delta:
+            self.xds.publish(delta, changed_at=t0)
+        self.translations += 1
+        self.metrics.translate_seconds.observe(time.monotonic() - t0)
+        self.metrics.objects.set(self.store.snapshot.count())
+        self.metrics.warnings.set(len(self.warnings()))
+
+    async def _translate_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                self.translate_now()
+            except Exception:
+                log.exception("translation failed; keeping the previous config")
+
+    def warnings(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for ref, msg in self.store.source_warnings().items():
+            out.setdefault(ref, []).append(msg)
+        for w in self.translator.warnings():
+            out.setdefault(w.ref, []).append(w.message)
+        return out
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        host, _, _port = s.listen.rpartition(":")
+        host = host.strip("[]")
+        if s.plaintext and not ipaddress.ip_address(host or "0.0.0.0").is_loopback:
+            raise ConfigError("--plaintext", f"plaintext serving is for loopback only, not {host}")
+        loop = asyncio.get_running_loop()
+        if self.files is not None:
+            self.files.scan()
+            self._tasks.append(loop.create_task(self.files.run()))
+        if s.kubernetes:
+            from controlplane.sources.kube import KubernetesSource
+
+            self.kube = KubernetesSource(self.store, kubeconfig=s.kubeconfig)
+            self._tasks.append(loop.create_task(self.kube.run()))
+            try:
+                await asyncio.wait_for(self.kube.synced.wait(), s.sync_timeout)
+            except TimeoutError:
+                log.warning("Kubernetes not synced after %.0fs; serving anyway", s.sync_timeout)
+        self.translate_now()
+        self._dirty.clear()
+        self._tasks.append(loop.create_task(self._translate_loop()))
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ]
+        )
+        server.add_generic_rpc_handlers(
+            (self.xds.method_handlers(), self.ca_service.method_handlers())
+        )
+        if s.plaintext:
+            self.port = server.add_insecure_port(s.listen)
+        else:
+            dns = [
+                f"ambient-controlplane.{s.namespace}.svc",
+                f"ambient-controlplane.{s.namespace}.svc.{s.options.domain_suffix}",
+            ]
+            key, chain = serving_certificate(
+                self.ca,
+                dns_names=dns,
+                spiffe_id=SpiffeId(
+                    trust_domain=s.options.trust_domain,
+                    namespace=s.namespace,
+                    service_account="ambient-controlplane",
+                ),
+                now=utcnow(),
+            )
+            creds = grpc.ssl_server_credentials([(key, chain)])
+            self.port = server.add_secure_port(s.listen, creds)
+        if self.port == 0:
+            raise ConfigError("--listen", f"cannot listen on {s.listen}")
+        await server.start()
+        self.server = server
+        if s.debug_listen:
+            dhost, _, dport = s.debug_listen.rpartition(":")
+            self.debug_server = await serve_debug(dhost.strip("[]"), int(dport), self._routes())
+            self.debug_port = self.debug_server.sockets[0].getsockname()[1]
+        self.ready = True
+        log.info(
+            "control plane serving xDS+CA on %s:%d (%s), %d objects, %d records",
+            host,
+            self.port,
+            "plaintext" if s.plaintext else "TLS",
+            self.store.snapshot.count(),
+            len(self.translator.records()),
+        )
+
+    def _routes(self) -> dict[str, Any]:
+        def store_counts() -> Any:
+            return {
+                ns: {
+                    "pods": len(o.pods),
+                    "services": len(o.services),
+                    "authorization_policies": len(o.authorization_policies),
+                    "peer_authentications": len(o.peer_authentications),
+                    "other": len(o.stored) + len(o.slices) + len(o.service_accounts),
+                }
+                for ns, o in sorted(self.store.snapshot.namespaces.items())
+            }
+
+        return {
+            "/debug/connections": lambda: json_response(self.xds.debug_connections()),
+            "/debug/warnings": lambda: json_response(self.warnings()),
+            "/debug/config": lambda: json_response(
+                sorted((r.to_dict() for r in self.translator.records()), key=str)
+            ),
+            "/debug/store": lambda: json_response(store_counts()),
+            "/metrics": lambda: metrics_response(self.metrics.registry),
+            "/ready": lambda: (
+                (200, "text/plain", b"ready\n")
+                if self.ready
+                else (503, "text/plain", b"not ready\n")
+            ),
+        }
+
+    async def stop(self, grace: float = 0.0) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.debug_server is not None:
+            self.debug_server.close()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="ambient-controlplane", description=__doc__.split("\n")[0])
+    p.add_argument("--listen", default=env("LISTEN", "0.0.0.0:15012"), help="xDS + CA address")
+    p.add_argument("--debug-listen", default="127.0.0.1:15014", help="debug/metrics; '' = off")
+    p.add_argument("--manifest-dir", type=Path, default=env("MANIFEST_DIR"))
+    p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API")
+    p.add_argument("--kubeconfig", type=Path, default=env("KUBECONFIG"))
+    p.add_argument("--ca-dir", type=Path, default=env("CA_DIR"), required=env("CA_DIR") is None)
+    p.add_argument("--additional-roots", type=Path, help="extra trusted roots (rollover)")
+    p.add_argument("--node-credentials", type=Path, help="YAML {node: token} (lab)")
+    p.add_argument("--plaintext", action="store_true", help="no TLS (loopback lab only)")
+    p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
+    p.add_argument("--cluster-id", default=env("CLUSTER_ID", "Kubernetes"))
+    p.add_argument("--domain-suffix", default="cluster.local")
+    p.add_argument("--root-namespace", default="istio-system")
+    p.add_argument("--namespace", default=env("POD_NAMESPACE", "istio-system"))
+    p.add_argument("--network", default="")
+    p.add_argument("--poll-interval", type=float, default=0.2)
+    p.add_argument("--cert-ttl", type=float, default=24 * 3600)
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    args = p.parse_args(argv)
+    if args.manifest_dir is None and not args.kubernetes:
+        p.error("give --manifest-dir and/or --kubernetes")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
     )
-    return 2
+    return ControlPlaneSettings(
+        listen=args.listen,
+        debug_listen=args.debug_listen or None,
+        manifest_dir=args.manifest_dir,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        ca_dir=args.ca_dir,
+        additional_roots=args.additional_roots,
+        node_credentials=args.node_credentials,
+        plaintext=args.plaintext,
+        namespace=args.namespace,
+        poll_interval=args.poll_interval,
+        cert_ttl=args.cert_ttl,
+        options=TranslateOptions(
+            cluster_id=args.cluster_id,
+            trust_domain=args.trust_domain,
+            domain_suffix=args.domain_suffix,
+            root_namespace=args.root_namespace,
+            network=args.network,
+        ),
+    )
+
+
+async def run(settings: ControlPlaneSettings) -> None:
+    cp = ControlPlane(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await cp.start()
+    await stop.wait()
+    log.info("stopping")
+    await cp.stop(grace=1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    try:
+        asyncio.run(run(settings))
+    except (MeshError, OSError) as err:
+        log.error("fatal: %s", err)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

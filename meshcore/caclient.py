@@ -1,0 +1,105 @@
+"""A `CertificateProvider` that asks the control plane's CA (IstioCertificateService).
+
+Owns: building the CreateCertificate request (fresh ECDSA P-256 key + CSR per fetch,
+``ImpersonatedIdentity`` metadata, requested TTL), the call with the node credential, and
+validating the answer before it is installed.
+
+Invariants:
+- The private key never leaves the node proxy; only the CSR is sent.
+- The answer is accepted only if the leaf's single URI SAN equals the identity asked for, the
+  key matches, and the chain links up to a root of the returned trust bundle
+  (`WorkloadCertificate.from_chain`); otherwise `CertificateError` (the manager retries with
+  backoff and keeps serving the previous certificate).
+- Response layout (ours, Istio-compatible): leaf first, intermediates, and as last element the
+  trust bundle (one or more roots; more than one during a root rollover).
+- gRPC failures become `CertificateError` carrying the gRPC status name and the server's
+  message (e.g. PERMISSION_DENIED for an impersonation the control plane refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import grpc
+from google.protobuf import struct_pb2
+
+from meshcore.ca import generate_csr
+from meshcore.certs import WorkloadCertificate, split_pem_chain
+from meshcore.errors import CertificateError
+from meshcore.identity import SpiffeId
+from meshcore.proto import ca_pb2
+from meshcore.xds import ControlPlaneEndpoint
+
+CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
+IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+
+
+def build_request(
+    identity: SpiffeId, csr_pem: bytes, ttl: timedelta
+) -> ca_pb2.IstioCertificateRequest:
+    meta = struct_pb2.Struct()
+    meta.fields[IMPERSONATED_IDENTITY].string_value = identity.uri
+    return ca_pb2.IstioCertificateRequest(
+        csr=csr_pem.decode(), validity_duration=int(ttl.total_seconds()), metadata=meta
+    )
+
+
+def parse_response(identity: SpiffeId, key_pem: bytes, chain: list[str]) -> WorkloadCertificate:
+    """Validate a CreateCertificate answer for `identity` (see module invariants)."""
+    if len(chain) < 2:
+        raise CertificateError(
+            f"CA answer for {identity} has {len(chain)} element(s); expected leaf .. roots"
+        )
+    roots_pem = chain[-1].encode()
+    if not split_pem_chain(roots_pem):
+        raise CertificateError("CA answer carries no trust bundle")
+    body = [p.encode() for p in chain[:-1]]
+    # from_chain checks SAN == identity, key match, and chain linkage to a bundle root.
+    return WorkloadCertificate.from_chain(identity, key_pem, body, roots_pem)
+
+
+class ControlPlaneCAProvider:
+    """Fetches workload certificates from the control plane (one channel, reused)."""
+
+    def __init__(
+        self,
+        endpoint: ControlPlaneEndpoint,
+        *,
+        ttl: timedelta = timedelta(hours=24),
+        timeout: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.ttl = ttl
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+
+    def _call(self) -> grpc.aio.UnaryUnaryMultiCallable:
+        if self._channel is None:
+            self._channel = self.endpoint.channel()
+        return self._channel.unary_unary(
+            CREATE_CERTIFICATE,
+            request_serializer=ca_pb2.IstioCertificateRequest.SerializeToString,
+            response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
+        )
+
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        # Key generation is CPU work (~1 ms for P-256); fine on the loop.
+        key_pem, csr_pem = generate_csr(identity)
+        request = build_request(identity, csr_pem, self.ttl)
+        try:
+            resp = await self._call()(
+                request, metadata=self.endpoint.metadata(), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CertificateError(
+                f"CA refused {identity}: {exc.code().name}: {exc.details()}"
+            ) from None
+        except asyncio.CancelledError:
+            raise
+        return parse_response(identity, key_pem, list(resp.cert_chain))
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

@@ -1,0 +1,201 @@
+"""A STAND-IN for the Kubernetes API server, served over real HTTP on loopback by the tests.
+
+This is not Kubernetes: it implements only the protocol the control plane's Kubernetes source
+relies on, faithfully enough to exercise it (Kubernetes API concepts, "Efficient detection of
+changes" and "Watch bookmarks"):
+- discovery: ``GET /api`` (APIVersions) and ``GET /apis`` (APIGroupList) listing only the
+  groups given to the constructor (so "CRD not installed" can be tested);
+- list: ``GET /api/v1/pods``, ``GET /apis/<group>/<version>/<plural>`` (cluster-wide), with a
+  collection ``metadata.resourceVersion``;
+- watch: ``?watch=true&resourceVersion=<rv>&allowWatchBookmarks=true&timeoutSeconds=N``: a
+  chunked stream of JSON lines ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object"}``,
+  replaying events after ``rv``; a resourceVersion older than the compaction point yields one
+  ERROR event whose object is a Status with ``code: 410`` (reason Expired), as the real API
+  server does; BOOKMARK events carry only ``metadata.resourceVersion``;
+- resourceVersion is one global counter, every write increments it.
+Test controls: `upsert`, `delete`, `compact` (forget history: older watches get 410),
+`close_watches` (end every open watch stream, as an API server restart or timeout would),
+`available = False` (answer 503: an outage during which history can be compacted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+from typing import Any
+
+from aiohttp import web
+
+CORE = {"namespaces", "pods", "services", "serviceaccounts"}
+GROUPS = {
+    "discovery.k8s.io/v1": {"endpointslices"},
+    "security.istio.io/v1": {"authorizationpolicies", "peerauthentications"},
+    "networking.istio.io/v1": {"virtualservices", "destinationrules"},
+    "gateway.networking.k8s.io/v1": {"gateways", "httproutes"},
+}
+
+
+class KubeApiStandIn:
+    def __init__(self, *, groups: set[str] | None = None, bookmark_interval: float = 0.2) -> None:
+        self.groups = set(GROUPS) if groups is None else groups
+        self.bookmark_interval = bookmark_interval
+        self.rv = 100
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # rv, plural, type, obj
+        self.compacted = 0
+        self.requests: list[str] = []
+        self._changed = asyncio.Condition()
+        self._watch_generation = 0
+        self.available = True
+        """False: every request is answered 503 (an API server outage)."""
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ---- test controls
+
+    async def upsert(self, plural: str, obj: dict[str, Any]) -> int:
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        key = (meta.get("namespace", ""), meta["name"])
+        self.rv += 1
+        meta["resourceVersion"] = str(self.rv)
+        kind = "MODIFIED" if key in self.objects.setdefault(plural, {}) else "ADDED"
+        self.objects[plural][key] = obj
+        self.events.append((self.rv, plural, kind, obj))
+        async with self._changed:
+            self._changed.notify_all()
+        return self.rv
+
+    async def delete(self, plural: str, namespace: str, name: str) -> int:
+        obj = self.objects.get(plural, {}).pop((namespace, name))
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.events.append((self.rv, plural, "DELETED", obj))
+        async with self._changed:
+            self._changed.notify_all()
+        return self.rv
+
+    def compact(self) -> None:
+        """Forget all history up to now: a watch from an older resourceVersion gets 410."""
+        self.compacted = self.rv
+        self.events.clear()
+
+    async def close_watches(self) -> None:
+        self._watch_generation += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    # ---- HTTP
+
+    async def start(self, host: str = "127.0.0.1") -> None:
+        app = web.Application()
+        app.router.add_get("/api", self._api)
+        app.router.add_get("/apis", self._apis)
+        app.router.add_get("/api/v1/{plural}", self._collection)
+        app.router.add_get("/apis/{group}/{version}/{plural}", self._collection)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        await self.close_watches()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _api(self, request: web.Request) -> web.Response:
+        return web.json_response({"kind": "APIVersions", "versions": ["v1"]})
+
+    async def _apis(self, request: web.Request) -> web.Response:
+        groups = {}
+        for gv in sorted(self.groups):
+            g, v = gv.split("/")
+            groups.setdefault(g, []).append({"groupVersion": gv, "version": v})
+        return web.json_response(
+            {
+                "kind": "APIGroupList",
+                "groups": [
+                    {"name": g, "versions": vs, "preferredVersion": vs[0]}
+                    for g, vs in groups.items()
+                ],
+            }
+        )
+
+    def _served(self, request: web.Request) -> str:
+        plural = request.match_info["plural"]
+        if "group" in request.match_info:
+            gv = f"{request.match_info['group']}/{request.match_info['version']}"
+            if gv not in self.groups or plural not in GROUPS.get(gv, set()):
+                raise web.HTTPNotFound()
+        elif plural not in CORE:
+            raise web.HTTPNotFound()
+        return plural
+
+    async def _collection(self, request: web.Request) -> web.StreamResponse:
+        if not self.available:
+            raise web.HTTPServiceUnavailable()
+        plural = self._served(request)
+        q = request.query
+        self.requests.append(f"{plural}?{request.query_string}")
+        if q.get("watch") in ("true", "1"):
+            return await self._watch(request, plural)
+        items = [copy.deepcopy(o) for _, o in sorted(self.objects.get(plural, {}).items())]
+        return web.json_response(
+            {"kind": "List", "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+        )
+
+    async def _watch(self, request: web.Request, plural: str) -> web.StreamResponse:
+        q = request.query
+        since = int(q.get("resourceVersion") or self.rv)
+        bookmarks = q.get("allowWatchBookmarks") == "true"
+        timeout = float(q.get("timeoutSeconds") or 300)
+        resp = web.StreamResponse()
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+
+        async def send(event: dict[str, Any]) -> None:
+            await resp.write(json.dumps(event).encode() + b"\n")
+
+        if since < self.compacted:
+            await send(
+                {
+                    "type": "ERROR",
+                    "object": {
+                        "kind": "Status",
+                        "apiVersion": "v1",
+                        "status": "Failure",
+                        "message": f"too old resource version: {since} ({self.compacted})",
+                        "reason": "Expired",
+                        "code": 410,
+                    },
+                }
+            )
+            return resp
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        generation = self._watch_generation
+        sent_rv = since
+        try:
+            while loop.time() < deadline and generation == self._watch_generation:
+                for rv, p, etype, obj in list(self.events):
+                    if rv > sent_rv and p == plural:
+                        await send({"type": etype, "object": obj})
+                        sent_rv = rv
+                if bookmarks and self.rv > sent_rv:
+                    sent_rv = self.rv
+                    await send(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {"metadata": {"resourceVersion": str(self.rv)}},
+                        }
+                    )
+                async with self._changed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), self.bookmark_interval)
+        except ConnectionResetError:
+            pass
+        return resp
