@@ -39,14 +39,14 @@ def compile_and_pin(pin_dir: Path) -> None:
 
     src = render_source(pin_dir)
     try:
-        bpf = BPF(text=src)
+        bpf = BPF(text=src.encode())
     except Exception as exc:  # bcc raises bare Exception on compile errors
         raise BpfLoadError(f"compiling {SOURCE.name}: {exc}") from exc
     try:
         for name in PROGRAMS:
             # On a verifier refusal libbcc writes the verifier log to fd 2 itself.
             try:
-                fn = bpf.load_func(name, BPF.SCHED_CLS)
+                fn = bpf.load_func(name.encode(), BPF.SCHED_CLS)
             except Exception as exc:
                 raise BpfLoadError(f"loading {name}: {exc}") from exc
             obj_pin(fn.fd, pin_dir / name)

@@ -31,8 +31,8 @@
 //     no proxy listener is dropped instead of leaking in plaintext.
 //   * IPv4 only. Non-IPv4 frames (ARP, IPv6) pass unchanged (IPv6 is documented as not done).
 //
-// The literal @PIN_DIR@ is replaced by the loader with the node's bpffs directory; bcc creates the
-// pinned maps there on first load and re-uses them afterwards (BPF_TABLE_PINNED), which is how
+// The loader substitutes the node's bpffs directory for the PIN_DIR placeholder (written with '@'
+// on both sides in the map declarations below); bcc creates the pinned maps there on first load and re-uses them afterwards (BPF_TABLE_PINNED), which is how
 // enrollment survives a restart of the agent.
 
 #include <uapi/linux/bpf.h>
