@@ -30,11 +30,13 @@ from datetime import timedelta
 from pathlib import Path
 
 from meshcore.ca import MeshCA
+from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.model import load_mesh_config
 from meshcore.state import MeshState
+from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from ztunnel.admin import admin_routes, metrics_routes, readiness_routes, serve_http
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.context import ProxyContext, ProxySettings
@@ -84,6 +86,34 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         default=env("CA_DIR"),
         help="mesh CA directory for local signing (static mode)",
     )
+    # Control-plane mode (issue 4): config over delta xDS, certificates from the control plane's
+    # CA. Replaces --mesh-config / --ca-dir when given.
+    p.add_argument(
+        "--xds-address",
+        default=env("XDS_ADDRESS"),
+        help="control plane host:port (15012) for delta xDS; replaces --mesh-config",
+    )
+    p.add_argument(
+        "--ca-address",
+        default=env("CA_ADDRESS"),
+        help="control plane host:port for CreateCertificate (default: --xds-address)",
+    )
+    p.add_argument(
+        "--node-credential-file",
+        type=Path,
+        default=env("NODE_CREDENTIAL_FILE"),
+        help="file holding this node's control-plane token (sent as Bearer)",
+    )
+    p.add_argument(
+        "--controlplane-roots",
+        type=Path,
+        default=env("CONTROLPLANE_ROOTS"),
+        help="PEM roots to verify the control plane's TLS certificate; absent = plaintext",
+    )
+    p.add_argument(
+        "--controlplane-server-name",
+        default=env("CONTROLPLANE_SERVER_NAME", "ambient-controlplane.istio-system.svc"),
+    )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--capture", choices=("bind", "transparent"), default=env("CAPTURE", "bind"))
     p.add_argument(
@@ -114,8 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     args = p.parse_args(argv)
     if not args.node:
         p.error("--node (or NODE_NAME) is required")
-    if args.mesh_config is None:
-        p.error("--mesh-config is required (the xDS client arrives with the control plane)")
+    if args.mesh_config is None and not args.xds_address:
+        p.error("--mesh-config or --xds-address is required")
     settings = ProxySettings(
         node=args.node,
         node_ip=args.node_ip,
@@ -292,10 +322,12 @@ async def run_worker(
     *,
     serve_admin: bool,
     children: Sequence[int] = (),
+    ctx: ProxyContext | None = None,
 ) -> int:
     """Run one worker until SIGTERM/SIGINT (or /quitquitquit), then drain. The first worker
-    also forwards the signal to the other workers and waits for them."""
-    ctx = static_context(settings, args)
+    also forwards the signal to the other workers and waits for them. `ctx`: a prepared
+    context (control-plane mode); default: static mode from --mesh-config/--ca-dir."""
+    ctx = ctx if ctx is not None else static_context(settings, args)
     proxy = NodeProxy(ctx, listeners, serve_admin=serve_admin)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -368,8 +400,65 @@ def enable_multiprocess_metrics() -> str:
     return directory
 
 
+def controlplane_context(
+    settings: ProxySettings, args: argparse.Namespace
+) -> tuple[ProxyContext, XdsClient]:
+    """Control-plane mode: state from delta xDS; certificates from the control plane's CA
+    (--ca-address, default the xDS address) unless --ca-dir is given without --ca-address
+    (local signing)."""
+    token = read_token_file(args.node_credential_file) if args.node_credential_file else None
+    roots = args.controlplane_roots.read_bytes() if args.controlplane_roots else None
+
+    def endpoint(address: str) -> ControlPlaneEndpoint:
+        return ControlPlaneEndpoint(
+            address=address,
+            token=token,
+            tls_roots=roots,
+            server_name=args.controlplane_server_name,
+        )
+
+    provider: CertificateProvider
+    if args.ca_address or args.ca_dir is None:
+        provider = ControlPlaneCAProvider(
+            endpoint(args.ca_address or args.xds_address), ttl=timedelta(seconds=args.cert_ttl)
+        )
+    else:
+        ca = MeshCA.load_or_create(args.ca_dir, trust_domain=settings.trust_domain)
+        provider = LocalCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
+    ctx = build_context(settings, MeshState.empty(), provider)
+
+    def on_update(state: MeshState) -> None:
+        ctx.state = state  # one assignment: readers see the old or the new snapshot
+        ctx.sync_local_identities()
+
+    client = XdsClient(endpoint(args.xds_address), node=settings.node, on_update=on_update)
+    return ctx, client
+
+
+async def run_controlplane_mode(settings: ProxySettings, args: argparse.Namespace) -> int:
+    """Control-plane mode (one worker): wait for the full state over xDS (bind mode binds
+    HBONE listeners on local workloads' IPs), then run like static mode. The xDS client keeps
+    running and swaps the state on every update; while the control plane is down the proxy
+    keeps serving the last good state."""
+    ctx, xds = controlplane_context(settings, args)
+    task = asyncio.get_running_loop().create_task(xds.run())
+    try:
+        while not xds.synced.is_set():
+            log.info("waiting for the full state from %s", args.xds_address)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(xds.synced.wait(), 5)
+        listeners = bind_listeners(settings, ctx.state)
+        return await run_worker(settings, args, listeners, serve_admin=True, ctx=ctx)
+    finally:
+        task.cancel()
+
+
 def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
     """Bind the listeners once, fork `--workers - 1` more workers, run the first one here."""
+    if args.xds_address:
+        if args.workers > 1:
+            raise ConfigError("--workers", "control-plane mode runs one worker (for now)")
+        return asyncio.run(run_controlplane_mode(settings, args))
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
     listeners = bind_listeners(settings, state)
     if args.workers <= 1:
