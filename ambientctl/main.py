@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--node", action="append", default=[], help="node names (order = index)")
     up.add_argument("--capture", choices=("ebpf", "off"), default="ebpf",
                     help="off: plain network, no agents/node proxies")  # fmt: skip
+    up.add_argument("--cni", choices=topology.PRIMARY_PLUGINS, default="ptp",
+                    help="primary CNI plugin (before ambient-cni)")  # fmt: skip
     cmds.add_parser("down", help="tear the lab down, leaving nothing behind")
     cmds.add_parser("pods", help="list pods with their redirection state")
     ex = cmds.add_parser("exec", help="run a command in a pod's network namespace")
@@ -80,7 +82,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     lab = Lab(args.name, state_root=args.state_root, log=_say)
     if args.command == "up":
-        lab.up(args.dir, capture=args.capture, nodes=args.node)
+        lab.up(args.dir, capture=args.capture, nodes=args.node, primary=args.cni)
         for row in lab.pods():
             _say(f"  {row['namespace']}/{row['name']} {row['node']} {row['ip']}")
     elif args.command == "down":

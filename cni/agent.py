@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +59,7 @@ class Capture(Protocol):
     def enroll(self, *, uid: str, ip: str, host_ifname: str) -> Any: ...
     def unenroll(self, *, ip: str) -> None: ...
     def enrolled(self) -> Mapping[str, Any]: ...
+    def observed(self) -> Mapping[str, Any]: ...
     def observe(self, *, ip: str, host_ifname: str) -> None: ...
 
 
@@ -149,12 +151,12 @@ class Agent:
 
     # -- capture ----------------------------------------------------------------------------
     def _enrolled_ips(self) -> dict[str, str]:
-        """ip -> uid, from the pinned map (the kernel's truth, survives restarts)."""
-        out: dict[str, str] = {}
-        for key, entry in self.capture.enrolled().items():
-            ip = getattr(entry, "ip", key)
-            out[str(ip)] = str(getattr(entry, "uid", ""))
-        return out
+        """ip -> uid of enrolled pods, from the pinned map (the kernel's truth)."""
+        return {str(getattr(e, "ip", k)): str(getattr(e, "uid", "")) for k, e in
+                self.capture.enrolled().items()}  # fmt: skip
+
+    def _observed_ips(self) -> set[str]:
+        return {str(getattr(e, "ip", k)) for k, e in self.capture.observed().items()}
 
     def _apply(self, pod: PodRecord, enrolled: Mapping[str, str]) -> PodRecord:
         """Make capture match the labels for one pod; returns the updated record."""
@@ -169,9 +171,9 @@ class Agent:
                 log.error("enroll %s/%s failed: %s", pod.namespace, pod.name, err)
                 return replace(pod, ambient=True, redirection="pending", error=str(err))
             return replace(pod, ambient=True, redirection="enabled", error="")
+        # observe() on an enrolled pod releases it in place (the entry's flag changes; the
+        # filter stays for anti-spoofing and same-node inbound capture).
         for ip in pod.ips:
-            if ip in enrolled:
-                self.capture.unenroll(ip=ip)
             self.capture.observe(ip=ip, host_ifname=pod.host_ifname)
         return replace(pod, ambient=False, redirection="", error="")
 
@@ -185,9 +187,10 @@ class Agent:
                 del self.pods[uid]
         enrolled = self._enrolled_ips()
         live_ips = {ip for pod in self.pods.values() for ip in pod.ips}
-        for ip in sorted(set(enrolled) - live_ips):
+        for ip in sorted((set(enrolled) | self._observed_ips()) - live_ips):
             changes.append(f"leftover {ip} removed")
             self.capture.unenroll(ip=ip)
+            enrolled.pop(ip, None)
         for uid, pod in list(self.pods.items()):
             updated = self._apply(pod, enrolled)
             if updated.redirection != pod.redirection:
@@ -279,10 +282,8 @@ class Agent:
         pod = self._find(request)
         if pod is None:
             return protocol.ok(result="unenrolled")
-        enrolled = self._enrolled_ips()
         for ip in pod.ips:
-            if ip in enrolled:
-                self.capture.unenroll(ip=ip)
+            self.capture.unenroll(ip=ip)  # enrolled or observed; idempotent
         del self.pods[pod.uid]
         self.save()
         log.info("DEL %s/%s", pod.namespace, pod.name)
@@ -312,34 +313,54 @@ class Agent:
 
 
 class AgentServer:
-    """asyncio edge: the unix socket, the label watcher, signals."""
+    """asyncio edge: the unix socket, the label watcher, signals.
+
+    Every Agent call runs on ONE worker thread: calls are serialized (no two enrollments
+    interleave) and blocking kernel work (netlink, bpf) never runs inside the event loop
+    (pyroute2's synchronous API refuses to run under a running loop)."""
 
     def __init__(self, agent: Agent, socket_path: Path, *, poll: float = 0.5) -> None:
         self.agent = agent
         self.socket_path = socket_path
         self.poll = poll
         self._stop = asyncio.Event()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent")
+
+    def _handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return self.agent.handle(request)
+        except Exception as err:  # an agent bug must still answer (the plugin fails the ADD)
+            log.exception("request %s failed", request.get("op"))
+            return protocol.failure(CniError("node agent internal error", repr(err)))
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
         try:
             line = await asyncio.wait_for(reader.readline(), timeout=10)
+            if not line:
+                return  # a liveness probe: connected and left
             try:
-                answer = self.agent.handle(protocol.decode(line))
+                request = protocol.decode(line)
+                answer = await loop.run_in_executor(self._worker, self._handle, request)
             except CniError as err:
                 answer = protocol.failure(err)
             writer.write(protocol.encode(answer))
             await writer.drain()
         except (TimeoutError, ConnectionError) as err:
-            log.warning("client dropped: %s", err)
+            log.debug("client dropped: %s", err)
         finally:
             writer.close()
 
+    def _reconcile_if_changed(self) -> None:
+        if self.agent.labels_changed():
+            self.agent.reconcile()
+
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.poll)
             try:
-                if self.agent.labels_changed():
-                    self.agent.reconcile()
+                await loop.run_in_executor(self._worker, self._reconcile_if_changed)
             except Exception:  # keep watching; the next change retries
                 log.exception("reconcile after a label change failed")
 
@@ -357,6 +378,7 @@ class AgentServer:
         await self._stop.wait()
         watcher.cancel()
         server.close()
+        self._worker.shutdown(wait=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         log.info("node agent %s stopped (capture stays installed)", self.agent.node)

@@ -80,6 +80,7 @@ class LabState:
     name: str
     capture: str
     source: str
+    primary: str = "ptp"
     nodes: list[NodeState] = field(default_factory=list)
     pods: dict[str, PodState] = field(default_factory=dict)
     bpffs: bool = False
@@ -89,6 +90,7 @@ class LabState:
             "name": self.name,
             "capture": self.capture,
             "source": self.source,
+            "primary": self.primary,
             "bpffs": self.bpffs,
             "nodes": [
                 {"plan": asdict(n.plan), "agent_pid": n.agent_pid, "ztunnel_pid": n.ztunnel_pid}
@@ -103,6 +105,7 @@ class LabState:
             name=d["name"],
             capture=d["capture"],
             source=d.get("source", ""),
+            primary=d.get("primary", "ptp"),
             bpffs=d.get("bpffs", False),
             nodes=[
                 NodeState(
@@ -166,14 +169,23 @@ class Lab:
         return {p.key: manifests.is_ambient(p, ns_labels) for p in spec.pods}
 
     # -- up ----------------------------------------------------------------------------------
-    def up(self, source: Path, *, capture: str = "ebpf", nodes: Sequence[str] = ()) -> None:
+    def up(
+        self,
+        source: Path,
+        *,
+        capture: str = "ebpf",
+        nodes: Sequence[str] = (),
+        primary: str = "ptp",
+    ) -> None:
         if self.paths.root.exists():
             raise LabStateError(
                 f"lab {self.name!r} exists ({self.paths.root}); run `ambientctl lab down` first"
             )
         spec = manifests.load(source, tuple(nodes))  # validate before creating anything
         self.paths.root.mkdir(parents=True)
-        self.state = LabState(name=self.name, capture=capture, source=str(source.resolve()))
+        self.state = LabState(
+            name=self.name, capture=capture, source=str(source.resolve()), primary=primary
+        )
         try:
             shutil.copytree(source, self.paths.manifests)
             self.paths.labels.write_text("{}\n")
@@ -181,7 +193,11 @@ class Lab:
             self.save()
             self._up(spec)
         except BaseException:
-            self.log("up failed; tearing down what was built")
+            kept = Path(f"/tmp/ambient-lab-{self.name}-failed-logs")
+            shutil.rmtree(kept, ignore_errors=True)
+            if self.paths.logs.exists():
+                shutil.copytree(self.paths.logs, kept)
+            self.log(f"up failed; logs kept in {kept}; tearing down what was built")
             self.down()
             raise
 
@@ -284,7 +300,10 @@ class Lab:
         assert st is not None
         sock = self.paths.agent_socket(node.plan.name) if st.capture == "ebpf" else None
         return topology.conflist(
-            node.plan, ipam_dir=self.paths.node_dir(node.plan.name) / "ipam", agent_socket=sock
+            node.plan,
+            ipam_dir=self.paths.node_dir(node.plan.name) / "ipam",
+            agent_socket=sock,
+            primary=st.primary,
         )
 
     def cni_path(self) -> list[Path]:
@@ -351,7 +370,6 @@ class Lab:
     def _start_ztunnel(self, node: NodeState) -> None:
         p = node.plan
         log = self.paths.logs / f"ztunnel-{p.name}.log"
-        start = log.stat().st_size if log.exists() else 0
         argv = system.nsenter(p.netns, [
             ZTUNNEL,
             "--node", p.name,
@@ -364,9 +382,9 @@ class Lab:
         node.ztunnel_pid = system.spawn(argv, log=log)
         self.save()
         pid = node.ztunnel_pid
-        marker = f"node proxy {p.name} ready"
+        ready = f"http://{p.ip}:15021/healthz/ready"
         system.wait_for(
-            lambda: marker in _read_from(log, start) or not system.alive(pid),
+            lambda: system.http_ok(p.netns, ready) or not system.alive(pid),
             timeout=60,
             what=f"node proxy {p.name}",
         )

@@ -19,6 +19,8 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,25 @@ def mount_bpffs(path: Path) -> None:
 def umount(path: Path) -> None:
     if path.exists() and is_mounted(path):
         run(["umount", str(path)], check=False)
+
+
+def http_get(netns: str, url: str, *, timeout: float = 5.0) -> tuple[int, str]:
+    """GET `url` from inside a named netns (only this thread enters it, see ebpf.netns)."""
+    from ebpf.netns import entered
+
+    with entered(netns):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return int(resp.status), resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as err:
+            return int(err.code), err.read().decode(errors="replace")
+
+
+def http_ok(netns: str, url: str) -> bool:
+    try:
+        return http_get(netns, url, timeout=1.0)[0] == 200
+    except OSError:
+        return False
 
 
 # -- processes ---------------------------------------------------------------------------------

@@ -122,24 +122,30 @@ class StatePaths:
         return self.bpffs / node
 
 
+PRIMARY_PLUGINS = ("ptp", "bridge")
+
+
 def conflist(
-    node: NodePlan, *, ipam_dir: Path, agent_socket: Path | None, cni_version: str = "1.0.0"
+    node: NodePlan,
+    *,
+    ipam_dir: Path,
+    agent_socket: Path | None,
+    primary: str = "ptp",
+    cni_version: str = "1.0.0",
 ) -> dict[str, object]:
-    """The node's CNI chain: bridge + host-local, then ambient-cni (unless capture is off)."""
-    plugins: list[dict[str, object]] = [
-        {
-            "type": "bridge",
-            "bridge": "cni0",
-            "isGateway": True,
-            "ipMasq": False,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": node.pod_subnet, "gateway": node.gateway}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
-                "dataDir": str(ipam_dir),
-            },
-        }
-    ]
+    """The node's CNI chain: the primary plugin (ptp or bridge) with host-local IPAM, then
+    ambient-cni (unless capture is off). ptp gives each pod a routed veth; bridge makes the
+    veth a port of ``cni0``."""
+    ipam = {
+        "type": "host-local",
+        "ranges": [[{"subnet": node.pod_subnet, "gateway": node.gateway}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dataDir": str(ipam_dir),
+    }
+    first: dict[str, object] = {"type": primary, "ipMasq": False, "ipam": ipam}
+    if primary == "bridge":
+        first.update({"bridge": "cni0", "isGateway": True})
+    plugins: list[dict[str, object]] = [first]
     if agent_socket is not None:
         plugins.append({"type": "ambient-cni", "agentSocket": str(agent_socket)})
     return {"cniVersion": cni_version, "name": CNI_NETWORK, "plugins": plugins}
