@@ -111,7 +111,7 @@ class KubeApiStandIn:
         return web.json_response({"kind": "APIVersions", "versions": ["v1"]})
 
     async def _apis(self, request: web.Request) -> web.Response:
-        groups = {}
+        groups: dict[str, list[dict[str, str]]] = {}
         for gv in sorted(self.groups):
             g, v = gv.split("/")
             groups.setdefault(g, []).append({"groupVersion": gv, "version": v})

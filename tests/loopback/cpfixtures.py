@@ -73,7 +73,7 @@ def base_manifests() -> list[dict[str, object]]:
     ]
 
 
-DENY_SLEEP = {
+DENY_SLEEP: dict[str, object] = {
     "apiVersion": "security.istio.io/v1",
     "kind": "AuthorizationPolicy",
     "metadata": {"name": "deny-sleep", "namespace": "default"},
