@@ -106,8 +106,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         argv2 = lab.node_argv(args.node, _strip_dashes(args.cmd))
         os.execvp(argv2[0], argv2)
     elif args.command == "label":
-        for line in lab.label_namespace(args.target, _label_changes(args.labels)):
-            print(line)
+        for change in lab.label_namespace(args.target, _label_changes(args.labels)):
+            print(change)
     elif args.command == "demo":
         from ambientctl.lab.demo import run_demo
 
