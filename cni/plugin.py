@@ -30,7 +30,7 @@ from cni.errors import CniError, InvalidNetworkConfig, IOFailure
 
 
 def _request(env: spec.CniEnv, conf: spec.NetConf, op: str) -> dict[str, Any]:
-    pod = spec.pod_ref(env)
+    pod = spec.pod_ref(env, conf.default_namespace)
     req: dict[str, Any] = {
         "op": op,
         "uid": pod.uid,

@@ -128,6 +128,8 @@ class NetConf:
     """Unix socket of the node agent (key ``agentSocket``)."""
     timeout: float = DEFAULT_TIMEOUT
     """Seconds to wait for the agent (key ``agentTimeout``)."""
+    default_namespace: str = "default"
+    """Namespace for runtimes that send no K8S_POD_NAMESPACE (podman sends only the name)."""
     prev_result: Mapping[str, Any] | None = None
     """The previous plugin's result, as given (None if the runtime gave none)."""
     raw: Mapping[str, Any] = field(default_factory=dict)
@@ -181,6 +183,9 @@ def parse_netconf(data: bytes) -> NetConf:
     timeout = obj.get("agentTimeout", DEFAULT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise InvalidNetworkConfig("agentTimeout must be a positive number", repr(timeout))
+    default_ns = obj.get("defaultNamespace", "default")
+    if not isinstance(default_ns, str) or not default_ns:
+        raise InvalidNetworkConfig("defaultNamespace must be a non-empty string", repr(default_ns))
     prev = obj.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise InvalidNetworkConfig("prevResult must be an object", repr(prev)[:200])
@@ -192,6 +197,7 @@ def parse_netconf(data: bytes) -> NetConf:
         type=obj["type"],
         agent_socket=socket_path,
         timeout=float(timeout),
+        default_namespace=default_ns,
         prev_result=prev,
         raw=obj,
     )
@@ -294,10 +300,10 @@ class PodRef:
     name: str
 
 
-def pod_ref(env: CniEnv) -> PodRef:
+def pod_ref(env: CniEnv, default_namespace: str = "default") -> PodRef:
     return PodRef(
         uid=env.arg("K8S_POD_UID") or env.container_id,
-        namespace=env.arg("K8S_POD_NAMESPACE"),
+        namespace=env.arg("K8S_POD_NAMESPACE") or default_namespace,
         name=env.arg("K8S_POD_NAME"),
     )
 

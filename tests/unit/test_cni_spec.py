@@ -57,7 +57,9 @@ def test_env_parsed_with_pod_ref() -> None:
 
 def test_pod_uid_falls_back_to_container_id() -> None:
     ref = spec.pod_ref(spec.parse_env(env(CNI_ARGS="IgnoreUnknown=1")))
-    assert (ref.uid, ref.namespace, ref.name) == ("c1", "", "")
+    assert (ref.uid, ref.namespace, ref.name) == ("c1", "default", "")
+    podman = spec.parse_env(env(CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAME=bb"))
+    assert spec.pod_ref(podman, "pm") == spec.PodRef(uid="c1", namespace="pm", name="bb")
 
 
 @pytest.mark.parametrize(
