@@ -205,6 +205,12 @@ class OutboundConnection(TcpSide):
     async def _plain(self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str) -> None:
         host, port = plan.target_addr
         source_ip, transparent = self.ctx.source_binding(src_ip)
+        if plan.kind is PlanKind.PASSTHROUGH and transparent:
+            # The original destination may be a VIP that netfilter DNATs on this node: its
+            # replies would come back from the endpoint's address, which no socket of ours
+            # matches, so the eBPF established lookup could not steer them back. Leave from
+            # the node's own address instead (like an SNAT).
+            source_ip, transparent = None, False
         sock = await connect_tcp(
             host,
             port,
