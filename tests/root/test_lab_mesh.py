@@ -1,0 +1,232 @@
+"""The lab on the real kernel: pods in netns, real CNI, eBPF capture, two node proxies.
+
+One lab (2 nodes, examples/lab + a non-mesh pod on node-2) serves the module; tests that
+disturb it (agent restart, node proxy stop, label changes) restore what they changed, and run
+after the read-only ones (file order). The fixture always tears the lab down.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ambientctl.lab import system
+from ambientctl.lab.lab import Lab
+from tests.root.labfixture import (
+    ECHO,
+    SLEEP,
+    access,
+    build,
+    call,
+    log_size,
+    metrics,
+    redirection,
+    wait_access,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    yield from build(f"tm{os.getpid() % 10000}", tmp_path_factory.mktemp("lab"))
+
+
+def test_pods_enrolled_by_namespace_label(lab: Lab) -> None:
+    assert redirection(lab) == {
+        "demo/client": "enabled",
+        "demo/echo": "enabled",
+        "demo/echo-local": "enabled",
+        "legacy/outsider": "-",
+        "legacy/outsider-2": "-",
+    }
+
+
+def test_cross_node_service_through_both_proxies(lab: Lab) -> None:
+    n1, n2 = log_size(lab, "node-1"), log_size(lab, "node-2")
+    code, out = call(lab, "demo/client", "echo", 80, "cross")
+    client_ip = lab.pod("demo/client").ip
+    assert code == 0, out
+    assert f"hello from echo (demo): you are {client_ip}:" in out  # the app sees the real IP
+    assert "echo: cross" in out
+    outbound = wait_access(lab, "node-1", n1, lambda a: a["direction"] == "outbound")
+    assert outbound and outbound[0]["src.identity"] == SLEEP
+    assert outbound[0]["dst.addr"] == "10.96.0.10:80"
+    assert outbound[0]["dst.hbone_addr"] == f"{lab.pod('demo/echo').ip}:8080"
+    inbound = wait_access(lab, "node-2", n2, lambda a: a["direction"] == "inbound")
+    assert inbound and inbound[0]["src.identity"] == SLEEP and inbound[0]["dst.identity"] == ECHO
+    text = metrics(lab, "node-2")
+    assert any(
+        line.startswith("istio_tcp_connections_opened_total")
+        and 'connection_security_policy="mutual_tls"' in line
+        and f'source_principal="{SLEEP}"' in line
+        and 'reporter="destination"' in line
+        for line in text.splitlines()
+    )
+
+
+def test_same_node_service_through_the_proxy(lab: Lab) -> None:
+    n1 = log_size(lab, "node-1")
+    code, out = call(lab, "demo/client", "echo-local", 80, "local")
+    assert code == 0, out
+    assert f"you are {lab.pod('demo/client').ip}:" in out
+    inbound = wait_access(lab, "node-1", n1, lambda a: a["direction"] == "inbound")
+    assert inbound and inbound[0]["src.identity"] == SLEEP
+    assert inbound[0]["dst.workload"] == "echo-local"
+
+
+def test_unenrolled_pod_traffic_untouched(lab: Lab) -> None:
+    n1, n2 = log_size(lab, "node-1"), log_size(lab, "node-2")
+    target = lab.pod("legacy/outsider-2").ip
+    code, out = call(lab, "legacy/outsider", target, 8080, "plain")
+    assert code == 0, out
+    assert f"you are {lab.pod('legacy/outsider').ip}:" in out
+    time.sleep(0.5)
+    assert access(lab, "node-1", n1) == [] and access(lab, "node-2", n2) == []
+
+
+def test_non_mesh_client_to_mesh_pod_is_captured_inbound(lab: Lab) -> None:
+    n2 = log_size(lab, "node-2")
+    code, out = call(lab, "legacy/outsider", lab.pod("demo/echo").ip, 8080, "in")
+    assert code == 0, out
+    assert f"you are {lab.pod('legacy/outsider').ip}:" in out
+    inbound = wait_access(lab, "node-2", n2, lambda a: a["direction"] == "inbound")
+    assert inbound and inbound[0]["src.identity"] is None  # plaintext, via 15006
+
+
+class Session:
+    """A long-lived connection from a pod: one line in, one echo out, on demand."""
+
+    SCRIPT = (
+        "import socket,sys\n"
+        "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\n"
+        "f=s.makefile('rwb')\n"
+        "print(f.readline().decode().rstrip(),flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    f.write(line.encode()); f.flush()\n"
+        "    print(f.readline().decode().rstrip(),flush=True)\n"
+    )
+
+    def __init__(self, lab: Lab, pod: str, host: str, port: int) -> None:
+        argv = lab.exec_argv(pod, ["python3", "-c", self.SCRIPT, host, str(port)])
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.greeting = self._line()
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        assert ready, "no answer within 10 s"
+        return self.proc.stdout.readline().rstrip()
+
+    def ask(self, text: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+def test_agent_restart_keeps_capture_and_connections(lab: Lab) -> None:
+    session = Session(lab, "demo/client", "echo", 80)
+    try:
+        assert "hello from echo" in session.greeting
+        assert session.ask("before") == "echo: before"
+        old = lab.load().node("node-1").agent_pid
+        lab.restart_agent("node-1")
+        assert lab.load().node("node-1").agent_pid != old
+        assert session.ask("after") == "echo: after"  # established flow survived
+        n1 = log_size(lab, "node-1")
+        code, out = call(lab, "demo/client", "echo", 80, "new")  # capture still on
+        assert code == 0, out
+        assert wait_access(lab, "node-1", n1, lambda a: a["src.identity"] == SLEEP)
+        assert redirection(lab)["demo/client"] == "enabled"
+    finally:
+        session.close()
+
+
+def test_node_proxy_stopped_fails_closed(lab: Lab) -> None:
+    lab.stop_ztunnel("node-1")
+    try:
+        code, out = call(lab, "demo/client", "echo", 80)
+        assert code == 1 and "call failed" in out
+        # direct to the pod IP: no plaintext leak either
+        code, out = call(lab, "demo/client", lab.pod("demo/echo").ip, 8080)
+        assert code == 1 and "call failed" in out
+        code, out = call(lab, "legacy/outsider", lab.pod("legacy/outsider-2").ip, 8080)
+        assert code == 0, out
+    finally:
+        lab.start_ztunnel("node-1")
+    code, out = call(lab, "demo/client", "echo", 80)
+    assert code == 0, out
+
+
+def test_label_namespace_enrolls_and_releases_running_pod(lab: Lab) -> None:
+    pid = lab.pod("legacy/outsider").pid
+    lab.label_namespace("legacy", {"istio.io/dataplane-mode": "ambient"})
+    try:
+        system.wait_for(
+            lambda: redirection(lab)["legacy/outsider"] == "enabled", timeout=10, what="enroll"
+        )
+        assert lab.pod("legacy/outsider").pid == pid and system.alive(pid)  # no restart
+        n1 = log_size(lab, "node-1")
+        code, out = call(lab, "legacy/outsider", "echo.demo", 80, "now-meshed")
+        assert code == 0, out
+        out_lines = wait_access(lab, "node-1", n1, lambda a: a["direction"] == "outbound")
+        assert out_lines
+        assert out_lines[0]["src.identity"] == "spiffe://cluster.local/ns/legacy/sa/default"
+    finally:
+        lab.label_namespace("legacy", {"istio.io/dataplane-mode": None})
+    system.wait_for(lambda: redirection(lab)["legacy/outsider"] == "-", timeout=10, what="release")
+    n1, n2 = log_size(lab, "node-1"), log_size(lab, "node-2")
+    code, out = call(lab, "legacy/outsider", lab.pod("legacy/outsider-2").ip, 8080)
+    assert code == 0, out
+    time.sleep(0.5)
+    assert access(lab, "node-1", n1) == [] and access(lab, "node-2", n2) == []
+
+
+def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    before = {
+        "rules": system.run(["ip", "rule"]),
+        "routes": system.run(["ip", "route", "show", "table", "all"]),
+        "qdisc": system.run(["tc", "qdisc", "show"]),
+    }
+    netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    name = f"td{os.getpid() % 10000}"
+    gen = build(name, tmp_path)
+    lab = next(gen)
+    state_root = lab.paths.root
+    bpffs = lab.paths.bpffs
+    st = lab.load()
+    pids = [p.pid for p in st.pods.values()]
+    pids += [n.agent_pid for n in st.nodes] + [n.ztunnel_pid for n in st.nodes]
+    assert all(system.alive(pid) for pid in pids)
+    assert any(f.startswith(name) for f in os.listdir("/run/netns"))
+    assert system.is_mounted(bpffs)
+    with pytest.raises(StopIteration):
+        next(gen)  # runs lab.down()
+    assert not state_root.exists()
+    assert not any(system.alive(pid) for pid in pids)
+    assert not any(f.startswith(name) for f in os.listdir("/run/netns"))
+    assert not any(d.startswith(name) for d in os.listdir("/etc/netns"))
+    assert not system.is_mounted(bpffs)
+    assert system.run(["ip", "rule"]) == before["rules"]
+    assert system.run(["ip", "route", "show", "table", "all"]) == before["routes"]
+    assert system.run(["tc", "qdisc", "show"]) == before["qdisc"]
+    netns_now = set(os.listdir("/run/netns"))
+    assert not {n for n in netns_now - netns_before if n.startswith(name)}
