@@ -34,7 +34,7 @@ import types
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,29 +212,21 @@ class CertFiles:
 
 
 def make_certs(workdir: Path, ca_dir: Path) -> CertFiles:
-    """Certificates for the Envoy pair: from our CA (meshcore.ca) if it exists, else a local CA."""
+    """Certificates for the Envoy pair, issued by our CA (the node-proxy pair uses the same)."""
+    from meshcore.ca import MeshCA
+    from meshcore.identity import SpiffeId
+
     out = workdir / "certs"
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
-    mesh_ca: Any = None
-    with contextlib.suppress(ImportError):
-        from meshcore.ca import MeshCA
-        from meshcore.identity import SpiffeId
-
-        mesh_ca = MeshCA
-    if mesh_ca is not None:
-        ca: Any = mesh_ca.load_or_create(ca_dir, trust_domain="cluster.local")
-        files: dict[str, bytes] = {}
-        for role, sa in (("client", "sleep"), ("server", "echo")):
-            ident = SpiffeId(trust_domain="cluster.local", namespace="default", service_account=sa)
-            wc: Any = ca.issue(ident, now=now)
-            files[f"{role}_chain"] = b"".join(wc.chain_pem)
-            files[f"{role}_key"] = wc.key_pem
-            files["root"] = wc.roots_pem
-        source = "meshcore.ca.MeshCA"
-    else:
-        files = _fallback_certs(now)
-        source = "bench-local CA (meshcore.ca not available)"
+    ca = MeshCA.load_or_create(ca_dir, trust_domain="cluster.local")
+    files: dict[str, bytes] = {}
+    for role, sa in (("client", "sleep"), ("server", "echo")):
+        ident = SpiffeId(trust_domain="cluster.local", namespace="default", service_account=sa)
+        wc = ca.issue(ident, now=now)
+        files[f"{role}_chain"] = b"".join(wc.chain_pem)
+        files[f"{role}_key"] = wc.key_pem
+        files["root"] = wc.roots_pem
     paths = {}
     for name, data in files.items():
         p = out / f"{name}.pem"
@@ -247,92 +239,8 @@ def make_certs(workdir: Path, ca_dir: Path) -> CertFiles:
         client_key=paths["client_key"],
         server_chain=paths["server_chain"],
         server_key=paths["server_key"],
-        source=source,
+        source="meshcore.ca.MeshCA",
     )
-
-
-def _fallback_certs(now: datetime) -> dict[str, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    root_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-    out = {"root": root_pem}
-    for role, sa in (("client", "sleep"), ("server", "echo")):
-        key = ec.generate_private_key(ec.SECP256R1())
-        uri = f"spiffe://cluster.local/ns/default/sa/{sa}"
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(hours=24))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        out[f"{role}_chain"] = cert.public_bytes(serialization.Encoding.PEM) + root_pem
-        out[f"{role}_key"] = pem_key(key)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
