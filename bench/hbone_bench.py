@@ -182,19 +182,27 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / CLK_TCK
 
 
-def tree_rss_mib(pid: int) -> tuple[float, int]:
-    """Sum of VmRSS over the process tree (MiB) and the number of processes."""
-    kib, n = 0, 0
+def tree_rss_mib(pid: int) -> tuple[float, int, float]:
+    """Over the process tree: sum of VmRSS (MiB), the number of processes, and sum of Pss (MiB).
+
+    VmRSS counts a page shared by forked workers (library text, pre-fork heap) once in EVERY
+    process; Pss (proc(5) smaps_rollup) splits it among the sharers, so the Pss sum is the memory
+    the tree really uses. For one multi-threaded process (Envoy) the two are nearly equal."""
+    kib, n, pss = 0, 0, 0
     for p in process_tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
+            rollup = Path(f"/proc/{p}/smaps_rollup").read_text()
         except OSError:
             continue
         m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
         if m:
             kib += int(m.group(1))
             n += 1
-    return kib / 1024, n
+        m = re.search(r"^Pss:\s+(\d+) kB", rollup, re.M)
+        if m:
+            pss += int(m.group(1))
+    return kib / 1024, n, pss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,7 +613,7 @@ class PathRuntime:
     addr: tuple[str, int]
     proxies: list[Proc]  # the proxy process trees charged for CPU/RSS ("A", "B")
     workers: int
-    rss_samples: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    rss_samples: dict[str, list[tuple[float, int, float]]] = field(default_factory=dict)
 
     def sample_rss(self) -> None:
         for p in self.proxies:
@@ -898,11 +906,14 @@ def summarize(
         if rt is not None and rt.proxies:
             rss = {}
             for name, samples in rt.rss_samples.items():
-                mib = max(m for m, _ in samples)
+                mib = max(m for m, _, _ in samples)
+                pss = max(p for _, _, p in samples)
                 rss[name] = {
                     "rss_mib": mib,
                     "per_worker_mib": mib / rt.workers,
-                    "processes": max(n for _, n in samples),
+                    "pss_mib": pss,
+                    "pss_per_worker_mib": pss / rt.workers,
+                    "processes": max(n for _, n, _ in samples),
                 }
             s["rss"] = rss
         s["errors"] = sum(r.get("errors", 0) for rs in by_metric.values() for r in rs)
@@ -1038,6 +1049,16 @@ def build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[st
         zm,
         "<= 40 MiB",
         lambda: None if zm is None else zm <= 40.0,
+        nd=1,
+    )
+    zp = max_of(z, "rss", "pss_per_worker_mib")
+    row(
+        "PSS per worker, largest proxy (MiB)",
+        None,
+        max_of(e, "rss", "pss_per_worker_mib"),
+        zp,
+        "<= 40 MiB",
+        lambda: None if zp is None else zp <= 40.0,
         nd=1,
     )
     return rows
