@@ -327,8 +327,10 @@ class XdsServer:
     ) -> None:
         while not reader.done():
             waiter = asyncio.ensure_future(conn.wake.wait())
-            await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
+            try:
+                await asyncio.wait((waiter, reader), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
             if reader.done():
                 break
             conn.wake.clear()
