@@ -300,9 +300,15 @@ class PodRef:
     name: str
 
 
+MAX_UID = 63
+"""The capture map stores a uid of at most 63 bytes (a Kubernetes UID is 36)."""
+
+
 def pod_ref(env: CniEnv, default_namespace: str = "default") -> PodRef:
+    # Without K8S_POD_UID (podman) the container id stands in; it is 64 hex characters, and a
+    # 63-character prefix is still unique, and the same for ADD, CHECK and DEL.
     return PodRef(
-        uid=env.arg("K8S_POD_UID") or env.container_id,
+        uid=(env.arg("K8S_POD_UID") or env.container_id)[:MAX_UID],
         namespace=env.arg("K8S_POD_NAMESPACE") or default_namespace,
         name=env.arg("K8S_POD_NAME"),
     )
