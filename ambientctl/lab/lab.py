@@ -23,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -434,6 +435,8 @@ class Lab:
         system.netns_del(topology.underlay_netns(self.name))
         system.umount(self.paths.bpffs)
         shutil.rmtree(self.paths.root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.paths.root.parent.rmdir()  # only if no other lab lives there
         self.log(f"lab {self.name} is down")
 
     def _del_pod(self, st: LabState, ps: PodState) -> None:
