@@ -27,12 +27,12 @@ class Entry:
     uid: str
     ip: str
     host_ifname: str
+    enrolled: bool = True
 
 
 @dataclass
 class FakeCapture:
     entries: dict[str, Entry] = field(default_factory=dict)
-    observed: set[tuple[str, str]] = field(default_factory=set)
     fail_enroll: bool = False
 
     def install(self) -> None:
@@ -51,10 +51,13 @@ class FakeCapture:
         self.entries.pop(ip, None)
 
     def enrolled(self) -> dict[str, Entry]:
-        return dict(self.entries)
+        return {ip: e for ip, e in self.entries.items() if e.enrolled}
+
+    def observed(self) -> dict[str, Entry]:
+        return {ip: e for ip, e in self.entries.items() if not e.enrolled}
 
     def observe(self, *, ip: str, host_ifname: str) -> None:
-        self.observed.add((ip, host_ifname))
+        self.entries[ip] = Entry("", ip, host_ifname, enrolled=False)
 
 
 MANIFESTS = """
@@ -130,8 +133,11 @@ def test_enroll_decides_by_labels(setup: tuple[Agent, FakeCapture, Path, set[str
     assert agent.handle(enroll_req("c", "mesh", "optout", "10.0.0.4", "veth3"))["result"] == (
         "not-ambient"
     )
-    assert set(capture.entries) == {"10.0.0.2"}
-    assert capture.observed == {("10.0.0.3", "veth2"), ("10.0.0.4", "veth3")}
+    assert set(capture.enrolled()) == {"10.0.0.2"}
+    assert {(e.ip, e.host_ifname) for e in capture.observed().values()} == {
+        ("10.0.0.3", "veth2"),
+        ("10.0.0.4", "veth3"),
+    }
     pods = {p["name"]: p["redirection"] for p in agent.handle({"op": "status"})["pods"]}
     assert pods == {"client": "enabled", "other": "", "optout": ""}
     # idempotent ADD, and the registry is on disk
@@ -182,8 +188,8 @@ def test_label_change_enrolls_and_releases_live(
     (tmp / "overrides.json").write_text(json.dumps(overrides))
     assert agent.labels_changed()
     changes = agent.reconcile()
-    assert set(capture.entries) == {"10.0.0.3"}
-    assert ("10.0.0.2", "veth1") in capture.observed
+    assert set(capture.enrolled()) == {"10.0.0.3"}
+    assert set(capture.observed()) == {"10.0.0.2"}
     assert any("plain/other redirection disabled -> enabled" in c for c in changes)
 
 
@@ -199,6 +205,7 @@ def test_restart_reconciles_registry_and_leftovers(
     alive.discard("b")
     capture.entries.pop("10.0.0.2")
     capture.entries["10.0.0.99"] = Entry("ghost", "10.0.0.99", "vethZ")
+    capture.entries["10.0.0.98"] = Entry("", "10.0.0.98", "vethY", enrolled=False)
     again = Agent(
         node="n1",
         capture=capture,
