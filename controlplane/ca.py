@@ -24,14 +24,11 @@ from datetime import datetime, timedelta
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from controlplane.auth import Authenticator, bearer_token
 from controlplane.errors import ControlPlaneError, InvalidRequest, PermissionDenied
 from controlplane.metrics import ControlPlaneMetrics
-from meshcore.ca import CLOCK_SKEW, MeshCA
+from meshcore.ca import MeshCA
 from meshcore.certs import split_pem_chain, uri_sans, utcnow
 from meshcore.errors import CertificateError, IdentityError
 from meshcore.identity import SpiffeId
@@ -150,38 +147,5 @@ def serving_certificate(
     ttl: timedelta = timedelta(days=30),
 ) -> tuple[bytes, bytes]:
     """(key PEM, chain PEM) of the control plane's gRPC serving certificate, signed by the mesh
-    CA, with DNS SANs (what gRPC clients verify) and the control plane's SPIFFE ID.
-
-    `MeshCA.sign_csr` issues workload certificates only (exactly one URI SAN), so this builds
-    the certificate with the CA's signing key directly. TODO(meshcore/ca.py owner): a public
-    ``MeshCA.issue_serving(...)`` would avoid reaching into the CA's private attributes.
-    """
-    signing_cert: x509.Certificate = ca._signing_cert
-    signing_key = ca._signing_key
-    key = ec.generate_private_key(ec.SECP256R1())
-    not_after = min(now + ttl, signing_cert.not_valid_after_utc)
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-    sans.append(x509.UniformResourceIdentifier(spiffe_id.uri))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(signing_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(signing_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    chain = cert.public_bytes(serialization.Encoding.PEM)
-    for pem in split_pem_chain(ca.signing_cert_pem):
-        if pem.strip() not in {r.strip() for r in split_pem_chain(ca.roots_pem)}:
-            chain += pem
-    return key_pem, chain
+    CA, with DNS SANs (what gRPC clients verify) and the control plane's SPIFFE ID."""
+    return ca.issue_serving(dns_names=dns_names, identity=spiffe_id, now=now, ttl=ttl)

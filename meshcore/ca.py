@@ -487,6 +487,41 @@ class MeshCA:
         chain = self.sign_csr(csr_pem, ttl=ttl, now=now, identity=identity)
         return WorkloadCertificate.from_chain(identity, key_pem, chain, self.roots_pem)
 
+    def issue_serving(
+        self,
+        *,
+        dns_names: list[str],
+        identity: SpiffeId,
+        now: datetime,
+        ttl: timedelta = timedelta(days=30),
+    ) -> tuple[bytes, bytes]:
+        """(key PEM, chain PEM without the root) of a TLS SERVER certificate for a mesh service
+        (the control plane's gRPC endpoint): DNS SANs, which gRPC clients verify, plus the
+        service's SPIFFE ID. Workload certificates (exactly one URI SAN) come from `sign_csr`;
+        this is the one other kind of certificate the CA issues."""
+        if not dns_names:
+            raise CertificateError("a serving certificate needs at least one DNS name")
+        key = ec.generate_private_key(ec.SECP256R1())
+        not_after = min(now + ttl, self._signing_cert.not_valid_after_utc)
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        sans.append(x509.UniformResourceIdentifier(identity.uri))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self._signing_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self._signing_key, hashes.SHA256())
+        )
+        roots = {r.strip() for r in split_pem_chain(self.roots_pem)}
+        above = [p for p in split_pem_chain(self.signing_cert_pem) if p.strip() not in roots]
+        return _key_pem(key), b"".join([_pem(cert), *above])
+
     def _csr_identity(self, csr: x509.CertificateSigningRequest) -> SpiffeId:
         try:
             san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
