@@ -332,6 +332,15 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stop)
+    if args.mesh_config is not None and not getattr(args, "xds_address", None):
+
+        def reload() -> None:
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+            reload_static_config(ctx, args.mesh_config)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
     lost: list[int] = []
 
     async def watch_children() -> None:
@@ -366,6 +375,28 @@ async def run_worker(
         if pid not in lost:
             await _wait_child(pid, settings.drain_timeout + 5)
     return 1 if lost else 0
+
+
+def reload_static_config(ctx: ProxyContext, path: Path) -> bool:
+    """SIGHUP in static mode: re-read the mesh config and swap the state in one assignment.
+    A bad file is reported and the running config kept (never a half-applied or empty state).
+    In bind capture, listeners for newly added local workloads need a restart (transparent
+    capture has none to add)."""
+    try:
+        state = MeshState.from_config(load_mesh_config(path))
+    except (MeshError, OSError) as err:
+        log.error("config reload from %s refused, keeping the running config: %s", path, err)
+        return False
+    ctx.state = state
+    ctx.sync_local_identities()
+    log.info(
+        "config reloaded from %s: %d workloads, %d services, %d policies",
+        path,
+        len(state.workloads),
+        len(state.services),
+        len(state.policies),
+    )
+    return True
 
 
 async def _wait_child(pid: int, timeout: float) -> None:
