@@ -77,6 +77,8 @@ def test_identities_in_metrics_and_both_sides(tmp_path: Path) -> None:
             assert f'source_principal="{SLEEP}"' in line
             assert f'destination_principal="{ECHO}"' in line
             assert 'connection_security_policy="mutual_tls"' in line
+            # The destination learns the addressed service from `forwarded: ...;host=`.
+            assert 'destination_service="echo.default.svc.cluster.local"' in line
             line = next(
                 x for x in src.splitlines() if x.startswith("istio_tcp_connections_opened_total{")
             )

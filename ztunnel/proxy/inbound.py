@@ -16,6 +16,7 @@ import socket
 from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
+from meshcore.model import Service
 from meshcore.plan import InboundPlan, plan_inbound
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
@@ -71,6 +72,26 @@ async def connect_upstream(
     except (TimeoutError, OSError) as err:
         raise UpstreamUnavailable(f"upstream {host}:{port}: {err or 'timeout'}") from err
     return upstream
+
+
+def addressed_service(
+    ctx: ProxyContext, headers: list[tuple[str, str]], plan: InboundPlan
+) -> Service | None:
+    """The service the client addressed, for telemetry only: the source proxy names it in
+    `forwarded: for=...;host=<hostname>` (ambient-facts.md). Trusted only if the destination
+    workload really is an endpoint of it, so a peer cannot relabel metrics arbitrarily."""
+    forwarded = next((v for k, v in headers if k == "forwarded"), "")
+    host = next(
+        (p.strip()[5:].strip('"') for p in forwarded.split(";") if p.strip().startswith("host=")),
+        "",
+    )
+    parts = host.split(".")
+    if len(parts) < 2:
+        return None
+    service = ctx.state.service(f"{parts[1]}/{host}")  # Kubernetes: <name>.<namespace>.svc...
+    if service is None or plan.destination_workload.service_ports(service.key) is None:
+        return None
+    return service
 
 
 class HboneListener:
@@ -175,10 +196,11 @@ class HboneListener:
             )
             rec.destination = plan.destination_workload
             rec.destination_principal = str(plan.destination_workload.identity)
-            if plan.service is not None:
-                rec.destination_service = plan.service.hostname
-                rec.destination_service_name = plan.service.name
-                rec.destination_service_namespace = plan.service.namespace
+            service = plan.service or addressed_service(ctx, stream.headers, plan)
+            if service is not None:
+                rec.destination_service = service.hostname
+                rec.destination_service_name = service.name
+                rec.destination_service_namespace = service.namespace
             upstream = await connect_upstream(ctx, plan, rec, src_ip)
         except HboneError as err:
             rec.response_flags = {401: "DENY", 400: "CONNECT", 503: "CONNECT"}.get(
