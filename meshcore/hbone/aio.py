@@ -173,7 +173,6 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_pending = False
-        self._read_view = memoryview(bytearray(self._READ_BUFFER))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -269,8 +268,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     # BufferedProtocol: the TLS layer decrypts straight into our buffer. With a plain Protocol,
     # uvloop's TLS reader allocates a fresh 256 KiB bytes object per read, which costs more than
-    # the decryption of a small record.
-    _READ_BUFFER = 256 * 1024
+    # the decryption of a small record. One buffer serves every connection of the process: the
+    # event loop is single-threaded and `buffer_updated` copies the bytes out before any other
+    # protocol is asked for the buffer.
+    _read_view = memoryview(bytearray(256 * 1024))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_view
