@@ -13,10 +13,12 @@ from tests.loopback.harness import (
     CLIENT_IP,
     ECHO,
     SLEEP,
+    VIP,
     call_service,
     mesh_config,
     payload_for,
     running_mesh,
+    start_backend,
     stream_exchange,
 )
 
@@ -219,5 +221,52 @@ def test_same_node_fast_path_keeps_identity_policy_and_source(tmp_path: Path) ->
             except ConnectionResetError:
                 n = 0
             assert n == 0
+
+    run(main())
+
+
+def test_resets_propagate_both_ways(tmp_path: Path) -> None:
+    """TCP RST <-> RST_STREAM(CONNECT_ERROR) <-> TCP RST (RFC 9113 §8.5), in both directions."""
+    import socket
+    import struct
+
+    server_saw: list[str] = []
+
+    def rst(writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(100)
+        if first.startswith(b"reset-me"):
+            rst(writer)  # the backend resets: the client must see a reset, not a clean EOF
+            return
+        try:
+            while await reader.read(65536):
+                pass
+            server_saw.append("eof")
+        except ConnectionResetError:
+            server_saw.append("reset")
+
+    async def main() -> None:
+        backend = await start_backend(handler)
+        async with running_mesh(tmp_path, backend=backend):
+            reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
+            writer.write(b"reset-me")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(100), 10)
+            writer.close()
+            # The client resets: the backend must see a reset too.
+            reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
+            writer.write(b"hello")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            rst(writer)
+            for _ in range(100):
+                if server_saw:
+                    break
+                await asyncio.sleep(0.02)
+            assert server_saw == ["reset"]
 
     run(main())
