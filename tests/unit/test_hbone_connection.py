@@ -268,3 +268,23 @@ def test_our_client_against_h2_server() -> None:
     assert ended
     with pytest.raises(h2.exceptions.StreamClosedError):
         peer.send_data(sid, b"late")  # h2 agrees the stream is fully closed
+
+
+def test_keepalive_ping_and_dead_peer_detection() -> None:
+    """Istio's keepalive: PING after 10 s of quiet; no answer within 20 s -> the peer is dead."""
+    client, _server = pair()
+    client.receive_data(b"", now=0.0)
+    assert client.handle_timer(5.0) and client.data_to_send() == b""  # quiet < 10 s: no PING
+    assert client.handle_timer(10.0)
+    assert frame_types(client.data_to_send()) == [FrameType.PING]
+    assert client.handle_timer(29.0)  # still within the 20 s answer timeout
+    assert not client.handle_timer(30.5)  # no PING ACK for > 20 s: dead
+
+    client2, server2 = pair()
+    client2.receive_data(b"", now=0.0)
+    client2.handle_timer(10.0)
+    acks = server2.receive_data(client2.data_to_send(), now=10.0)
+    assert acks == []  # the server answers a PING with a PING ACK (no event for it)
+    events = client2.receive_data(server2.data_to_send(), now=10.1)
+    assert any(type(e).__name__ == "PingAcked" for e in events)
+    assert client2.handle_timer(35.0)  # answered: alive, and a new PING may go out
