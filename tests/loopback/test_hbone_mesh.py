@@ -270,3 +270,28 @@ def test_resets_propagate_both_ways(tmp_path: Path) -> None:
             assert server_saw == ["reset"]
 
     run(main())
+
+
+def test_idle_pooled_connection_is_released(tmp_path: Path) -> None:
+    """A pooled HBONE connection with no stream for the idle timeout (5 min) is closed."""
+
+    async def main() -> None:
+        async with running_mesh(tmp_path) as mesh:
+            pool = mesh.node_a.ctx.pool
+            (_h, n), _ = await call_service(1, 100, 100)
+            assert n == 100 and len(pool.snapshot()) == 1
+            now = asyncio.get_running_loop().time()
+            assert pool.sweep(now + 10) == 0  # idle, but not for long enough
+            for _ in range(50):  # the stream is forgotten once both sides ended
+                if pool.sweep(now + pool.idle_timeout + 1):
+                    break
+                await asyncio.sleep(0.02)
+            for _ in range(50):
+                if not pool.snapshot():
+                    break
+                await asyncio.sleep(0.02)
+            assert pool.snapshot() == []
+            (_h, n), _ = await call_service(2, 100, 100)  # a new connection is dialled
+            assert n == 100 and pool.connections_opened == 2
+
+    run(main())
