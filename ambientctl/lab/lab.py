@@ -1,24 +1,41 @@
 """The lab's commands: up, down, pods, exec, label.
 
-Owns the order in which a lab is built and torn down, and the lab state file
-(/run/ambient-lab/<name>/state.json) that every later command reads.
+Owns the order in which a lab is built and torn down, the lab state file
+(/run/ambient-lab/<name>/state.json) that every later command reads, and the writes the lab
+makes into its copy of the manifest directory (the cluster state; see below).
 
-up:   manifests validated -> underlay + node netns (uplinks, routes, forwarding) -> bpffs mount ->
-      node agents (nsenter into the node netns, so /sys keeps the real bpffs) -> per pod: netns,
-      REAL CNI chain (bridge + host-local, then ambient-cni) run in the node netns, /etc/netns
-      hosts file -> mesh config from the pods' IPs -> node proxies (ztunnel, transparent) ->
-      pod processes (`ip netns exec`, so /etc/netns/<pod>/hosts is their /etc/hosts).
-down: pods stopped -> CNI DEL chain per pod -> node proxies and agents stopped -> capture
-      uninstalled per node -> netns and /etc/netns dirs deleted -> bpffs unmounted -> state dir
-      removed.
+up:   manifests validated -> underlay + node netns (uplinks, routes, forwarding; br0 gets the
+      control plane's address) -> bpffs mount -> node agents (nsenter into the node netns, so
+      /sys keeps the real bpffs) -> per pod: netns, REAL CNI chain (ptp/bridge + host-local,
+      then ambient-cni) run in the node netns, /etc/netns hosts file -> each Pod's node and
+      status (pod IP) written into the manifests -> mesh CA + node tokens -> control plane
+      (ambient-controlplane in the underlay netns, TLS) -> node proxies (ztunnel, transparent,
+      config over xDS, certificates from the control plane's CA) -> pod processes
+      (`ip netns exec`, so /etc/netns/<pod>/hosts is their /etc/hosts).
+down: pods stopped -> CNI DEL chain per pod -> node proxies, control plane and agents stopped
+      -> capture uninstalled per node -> netns and /etc/netns dirs deleted -> bpffs unmounted
+      -> state dir (manifests, CA, tokens, logs) removed.
+
+The manifest directory (``<state>/manifests``) is the lab's API server: the control plane
+watches it (every kind it reads: Namespaces, Pods, Services, AuthorizationPolicies,
+PeerAuthentications, ...), the node agents read Namespace/Pod labels from it, pods run in it.
+The lab writes into it what Kubernetes components write into API objects: Pod spec.nodeName,
+metadata.uid and status.podIP (scheduler/kubelet, at `up`), Namespace labels (`lab label`).
+Anyone may drop or remove other manifests (e.g. an AuthorizationPolicy) there at any time.
 
 Invariants:
 - The state file is written before each resource is created, and every name is recomputable
   from (lab, manifests) (ambientctl.lab.topology), so `down` cleans up after any partial `up`.
 - A failing `up` tears down what it built before raising.
-- Label changes: the overrides file is rewritten (the agents watch it), agents are asked to
-  sync, and when the set of ambient pods changed the mesh config is rewritten and the node
-  proxies restarted (static config has no reload yet).
+- The control plane is the only source of node-proxy config and certificates: node proxies get
+  no mesh config file and no CA directory, only the control plane's address, the CA roots to
+  verify it, and their node's token (which lets them obtain certificates only for service
+  accounts with a pod on their node).
+- Manifest files are replaced atomically (temp file + rename), so a reader (control plane,
+  agent) sees the old or the new file, never a partial one.
+- Label changes never restart a node proxy: the new labels are written, agents are told to
+  sync (capture changes at once), and `label_namespace` returns once every running node proxy
+  has applied the control plane's push.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -42,10 +60,18 @@ from ambientctl.lab.topology import NodePlan, StatePaths
 from cni import protocol
 from cni.errors import CniError
 from cni.install import write_launcher
+from meshcore.ca import MeshCA
 
 CNI_PATH_SYSTEM = Path("/usr/lib/cni")
 PYTHON = sys.executable
 ZTUNNEL = str(Path(sys.executable).with_name("ztunnel"))
+CONTROLPLANE = str(Path(sys.executable).with_name("ambient-controlplane"))
+XDS_ADDRESS = f"{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_PORT}"
+CONTROLPLANE_DEBUG = f"http://{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_DEBUG_PORT}"
+MANIFEST_HEADER = (
+    "# Lab copy of {source}, written by `ambientctl lab`: Pod nodeName/uid/status (the\n"
+    "# scheduler's and kubelet's part) and Namespace labels (`lab label`) are filled in.\n"
+)
 LogFn = Callable[[str], None]
 
 
@@ -81,10 +107,11 @@ class LabState:
     name: str
     capture: str
     source: str
-    primary: str = "ptp"
+    primary: str = topology.DEFAULT_PRIMARY_PLUGIN
     nodes: list[NodeState] = field(default_factory=list)
     pods: dict[str, PodState] = field(default_factory=dict)
     bpffs: bool = False
+    controlplane_pid: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +120,7 @@ class LabState:
             "source": self.source,
             "primary": self.primary,
             "bpffs": self.bpffs,
+            "controlplane_pid": self.controlplane_pid,
             "nodes": [
                 {"plan": asdict(n.plan), "agent_pid": n.agent_pid, "ztunnel_pid": n.ztunnel_pid}
                 for n in self.nodes
@@ -106,8 +134,9 @@ class LabState:
             name=d["name"],
             capture=d["capture"],
             source=d.get("source", ""),
-            primary=d.get("primary", "ptp"),
+            primary=d.get("primary", topology.DEFAULT_PRIMARY_PLUGIN),
             bpffs=d.get("bpffs", False),
+            controlplane_pid=d.get("controlplane_pid", 0),
             nodes=[
                 NodeState(
                     plan=NodePlan(**n["plan"]),
@@ -158,16 +187,84 @@ class Lab:
     def spec(self) -> manifests.LabSpec:
         return manifests.load(self.paths.manifests)
 
-    def overrides(self) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(self.paths.labels.read_text() or "{}")
-            return data
-        except FileNotFoundError:
-            return {}
+    @staticmethod
+    def ambient_map(spec: manifests.LabSpec) -> dict[str, bool]:
+        return {p.key: manifests.is_ambient(p, spec.namespaces) for p in spec.pods}
 
-    def ambient_map(self, spec: manifests.LabSpec) -> dict[str, bool]:
-        ns_labels = manifests.effective_namespace_labels(spec, self.overrides())
-        return {p.key: manifests.is_ambient(p, ns_labels) for p in spec.pods}
+    # -- the manifest directory (the lab's API server) ---------------------------------------
+    def _manifest_files(self) -> list[Path]:
+        """The files the lab and the agents read (top level, like `manifests.load`)."""
+        d = self.paths.manifests
+        return sorted([*d.glob("*.yaml"), *d.glob("*.yml")])
+
+    def _rewrite_objects(
+        self, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> set[tuple[str, str, str]]:
+        """Apply `change` to every Pod/Namespace document of the top-level manifest files
+        (None = leave it); rewrite changed files atomically. Returns the refs it changed."""
+        st = self.state
+        done: set[tuple[str, str, str]] = set()
+        for path in self._manifest_files():
+            docs = list(yaml.safe_load_all(path.read_text()))
+            changed = False
+            for i, doc in enumerate(docs):
+                ref = manifests.object_ref(doc) if isinstance(doc, dict) else None
+                if ref is None:
+                    continue
+                new = change(doc)
+                if new is not None and new != doc:
+                    docs[i] = new
+                    changed = True
+                    done.add(ref)
+            if changed:
+                header = MANIFEST_HEADER.format(source=st.source if st else "the manifests")
+                _atomic_write(path, header + yaml.safe_dump_all(docs, sort_keys=False))
+        return done
+
+    def _write_pod_facts(self, spec: manifests.LabSpec) -> None:
+        st = self.state
+        assert st is not None
+        facts = {
+            key: manifests.PodFacts(
+                node=ps.node, ip=ps.ip, host_ip=st.node(ps.node).plan.ip, uid=ps.uid
+            )
+            for key, ps in st.pods.items()
+            if ps.ip
+        }
+
+        def change(doc: dict[str, Any]) -> dict[str, Any] | None:
+            ref = manifests.object_ref(doc)
+            if ref is None or ref[0] != "Pod":
+                return None
+            f = facts.get(f"{ref[1]}/{ref[2]}")
+            return manifests.with_pod_facts(doc, f) if f is not None else None
+
+        self._rewrite_objects(change)
+        self.log(f"pod nodes and IPs written into {self.paths.manifests}")
+
+    def _write_namespace_labels(self, namespace: str, changes: dict[str, str | None]) -> None:
+        def change(doc: dict[str, Any]) -> dict[str, Any] | None:
+            ref = manifests.object_ref(doc)
+            if ref != ("Namespace", "", namespace):
+                return None
+            return manifests.with_labels(doc, changes)
+
+        self._rewrite_objects(change)
+        declared = {
+            ref
+            for path in self._manifest_files()
+            for doc in yaml.safe_load_all(path.read_text())
+            if isinstance(doc, dict) and (ref := manifests.object_ref(doc)) is not None
+        }
+        if ("Namespace", "", namespace) in declared:
+            return
+        # A namespace only implied by its pods: create its Namespace object.
+        path = self.paths.lab_namespaces
+        docs = list(yaml.safe_load_all(path.read_text())) if path.exists() else []
+        labels = {k: v for k, v in changes.items() if v is not None}
+        docs.append(manifests.namespace_doc(namespace, labels))
+        header = "# Namespaces created by `ambientctl lab label`\n"
+        _atomic_write(path, header + yaml.safe_dump_all(docs, sort_keys=False))
 
     # -- up ----------------------------------------------------------------------------------
     def up(
@@ -176,7 +273,7 @@ class Lab:
         *,
         capture: str = "ebpf",
         nodes: Sequence[str] = (),
-        primary: str = "ptp",
+        primary: str = topology.DEFAULT_PRIMARY_PLUGIN,
     ) -> None:
         if self.paths.root.exists():
             raise LabStateError(
@@ -189,7 +286,6 @@ class Lab:
         )
         try:
             shutil.copytree(source, self.paths.manifests)
-            self.paths.labels.write_text("{}\n")
             self.paths.logs.mkdir()
             self.save()
             self._up(spec)
@@ -220,8 +316,10 @@ class Lab:
                 self._start_agent(node)
         for pod in spec.pods:
             self._add_pod(spec, pod)
-        self.write_mesh_config(spec)
+        self._write_pod_facts(spec)
         if meshed:
+            self._write_credentials()
+            self._start_controlplane()
             for node in st.nodes:
                 self._start_ztunnel(node)
         for pod in spec.pods:
@@ -234,6 +332,8 @@ class Lab:
         if "br0" not in system.ip(under, "-br", "link", "show", check=False):
             system.ip(under, "link", "add", "br0", "type", "bridge")
         system.ip(under, "link", "set", "br0", "up")
+        # The control plane listens on the bridge's own address in the underlay netns.
+        system.ip(under, "addr", "replace", f"{topology.CONTROLPLANE_IP}/24", "dev", "br0")
         for p in plans:
             system.netns_add(p.netns)
             if topology.UPLINK not in system.ip(p.netns, "-br", "link", "show", check=False):
@@ -275,7 +375,6 @@ class Lab:
             "--uplink", topology.UPLINK,
             "--bpffs-dir", str(self.paths.bpf_dir(p.name)),
             "--manifests", str(self.paths.manifests),
-            "--label-overrides", str(self.paths.labels),
         ])  # fmt: skip
         node.agent_pid = system.spawn(argv, log=self.paths.logs / f"agent-{p.name}.log")
         self.save()
@@ -355,19 +454,66 @@ class Lab:
         )
         self.save()
 
-    def write_mesh_config(self, spec: manifests.LabSpec) -> dict[str, Any]:
+    # -- control plane ---------------------------------------------------------------------
+    def _write_credentials(self) -> None:
+        """The mesh CA (created here, kept in <state>/ca for the control plane only), the roots
+        node proxies verify the control plane with, and one random token per node."""
         st = self.state
         assert st is not None
-        ips = {k: p.ip for k, p in st.pods.items() if p.ip}
-        config = manifests.mesh_config(spec, ips, self.ambient_map(spec))
-        text = "# written by `ambientctl lab`; shape: meshcore/model.py\n"
-        text += yaml.safe_dump(config, sort_keys=False)
-        for node in st.nodes:
-            path = self.paths.mesh_config(node.plan.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        return config
+        ca = MeshCA.load_or_create(self.paths.ca, trust_domain=topology.TRUST_DOMAIN)
+        self.paths.controlplane.mkdir(parents=True, exist_ok=True)
+        self.paths.roots.write_bytes(ca.roots_pem)
+        tokens = {n.plan.name: secrets.token_urlsafe(32) for n in st.nodes}
+        _atomic_write(self.paths.node_credentials, yaml.safe_dump(tokens), mode=0o600)
+        for node, token in tokens.items():
+            self.paths.node_dir(node).mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.paths.node_token(node), token + "\n", mode=0o600)
 
+    def _start_controlplane(self) -> None:
+        st = self.state
+        assert st is not None
+        under = topology.underlay_netns(self.name)
+        log = self.paths.logs / "controlplane.log"
+        argv = system.nsenter(under, [
+            CONTROLPLANE,
+            "--manifest-dir", str(self.paths.manifests),
+            "--ca-dir", str(self.paths.ca),
+            "--node-credentials", str(self.paths.node_credentials),
+            "--listen", XDS_ADDRESS,
+            "--debug-listen", f"{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_DEBUG_PORT}",
+            "--trust-domain", topology.TRUST_DOMAIN,
+            "--poll-interval", "0.1",
+        ])  # fmt: skip
+        st.controlplane_pid = system.spawn(argv, log=log)
+        self.save()
+        pid = st.controlplane_pid
+        system.wait_for(
+            lambda: system.http_ok(under, f"{CONTROLPLANE_DEBUG}/ready") or not system.alive(pid),
+            timeout=60,
+            what="control plane",
+        )
+        if not system.alive(pid):
+            raise LabCommandError(f"control plane exited during start:\n{_tail(log)}")
+        self.log(f"control plane up (pid {pid}) on {XDS_ADDRESS} (TLS), watching the manifests")
+
+    def stop_controlplane(self) -> None:
+        st = self.state or self.load()
+        system.stop(st.controlplane_pid)
+
+    def start_controlplane(self) -> None:
+        self.state or self.load()
+        self._start_controlplane()
+
+    def controlplane_debug(self, path: str) -> Any:
+        """GET a control-plane debug endpoint (JSON), e.g. ``/debug/connections``."""
+        status, body = system.http_get(
+            topology.underlay_netns(self.name), f"{CONTROLPLANE_DEBUG}{path}"
+        )
+        if status != 200:
+            raise LabCommandError(f"control plane {path}: HTTP {status}: {body.strip()}")
+        return body if path == "/metrics" else json.loads(body)
+
+    # -- node proxies ------------------------------------------------------------------------
     def _start_ztunnel(self, node: NodeState) -> None:
         p = node.plan
         log = self.paths.logs / f"ztunnel-{p.name}.log"
@@ -376,8 +522,11 @@ class Lab:
             "--node", p.name,
             "--node-ip", p.ip,
             "--capture", "transparent",
-            "--mesh-config", str(self.paths.mesh_config(p.name)),
-            "--ca-dir", str(self.paths.ca),
+            "--xds-address", XDS_ADDRESS,
+            "--ca-address", XDS_ADDRESS,
+            "--node-credential-file", str(self.paths.node_token(p.name)),
+            "--controlplane-roots", str(self.paths.roots),
+            "--trust-domain", topology.TRUST_DOMAIN,
             "--drain-timeout", "1",
         ])  # fmt: skip
         node.ztunnel_pid = system.spawn(argv, log=log)
@@ -391,7 +540,32 @@ class Lab:
         )
         if not system.alive(pid):
             raise LabCommandError(f"node proxy {p.name} exited during start:\n{_tail(log)}")
-        self.log(f"node proxy {p.name} up (pid {pid}) on {p.ip}")
+        self.log(f"node proxy {p.name} up (pid {pid}) on {p.ip}, fed by the control plane")
+
+    def proxy_config(self, node_name: str) -> dict[str, Any]:
+        """The node proxy's /config_dump (workloads, services, policies, certificates)."""
+        st = self.state or self.load()
+        p = st.node(node_name).plan
+        status, body = system.http_get(p.netns, f"http://{p.ip}:15000/config_dump")
+        if status != 200:
+            raise LabCommandError(f"node proxy {node_name} /config_dump: HTTP {status}")
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def wait_proxies(
+        self, predicate: Callable[[dict[str, Any]], bool], *, what: str, timeout: float = 15
+    ) -> None:
+        """Until every running node proxy's config_dump satisfies `predicate`."""
+        st = self.state or self.load()
+        running = [n for n in st.nodes if n.ztunnel_pid and system.alive(n.ztunnel_pid)]
+
+        def check() -> bool:
+            try:
+                return all(predicate(self.proxy_config(n.plan.name)) for n in running)
+            except (OSError, LabCommandError, ValueError):
+                return False
+
+        system.wait_for(check, timeout=timeout, what=what, interval=0.1)
 
     def stop_ztunnel(self, node_name: str) -> None:
         st = self.state or self.load()
@@ -421,6 +595,8 @@ class Lab:
             for node in st.nodes:
                 if node.ztunnel_pid:
                     system.stop(node.ztunnel_pid)
+            if st.controlplane_pid:
+                system.stop(st.controlplane_pid)
             for node in st.nodes:
                 if node.agent_pid:
                     system.stop(node.agent_pid)
@@ -545,34 +721,40 @@ class Lab:
         return self._pod(self.state or self.load(), key)
 
     def label_namespace(self, namespace: str, changes: dict[str, str | None]) -> list[str]:
+        """`kubectl label namespace` for the lab: the Namespace object in the manifests is
+        rewritten; the agents are told to sync (capture follows at once) and the control plane
+        pushes the workloads' new tunnel protocol to the node proxies, which apply it live.
+        Returns when every running node proxy has applied it (no restart, connections kept)."""
         st = self.state or self.load()
+        self._write_namespace_labels(namespace, changes)
         spec = self.spec()
-        before = self.ambient_map(spec)
-        overrides = self.overrides()
-        ns_over = overrides.setdefault("namespaces", {}).setdefault(namespace, {})
-        ns_over.update(changes)
-        tmp = self.paths.labels.with_suffix(".tmp")
-        tmp.write_text(json.dumps(overrides, indent=2))
-        os.replace(tmp, self.paths.labels)
         out: list[str] = []
-        if st.capture == "ebpf":
-            for node in st.nodes:
-                try:
-                    answer = protocol.call(
-                        str(self.paths.agent_socket(node.plan.name)), {"op": "sync"}, timeout=10
-                    )
-                    out.extend(f"{node.plan.name}: {c}" for c in answer.get("changes", []))
-                except CniError as err:
-                    out.append(f"{node.plan.name}: agent not reachable ({err}); it syncs on start")
-        if self.ambient_map(spec) != before:
-            self.write_mesh_config(spec)
-            if st.capture == "ebpf":
-                # The static node proxy has no config reload yet: restart it.
-                for node in st.nodes:
-                    if node.ztunnel_pid and system.alive(node.ztunnel_pid):
-                        system.stop(node.ztunnel_pid)
-                        self._start_ztunnel(node)
-                out.append("mesh config rewritten; node proxies restarted")
+        if st.capture != "ebpf":
+            return out
+        for node in st.nodes:
+            try:
+                answer = protocol.call(
+                    str(self.paths.agent_socket(node.plan.name)), {"op": "sync"}, timeout=10
+                )
+                out.extend(f"{node.plan.name}: {c}" for c in answer.get("changes", []))
+            except CniError as err:
+                out.append(f"{node.plan.name}: agent not reachable ({err}); it syncs on start")
+        want = {
+            manifests.workload_uid(key): "HBONE" if ambient else "NONE"
+            for key, ambient in self.ambient_map(spec).items()
+            if st.pods.get(key) is not None and st.pods[key].ip
+        }
+
+        def applied(dump: dict[str, Any]) -> bool:
+            have = {w["uid"]: w.get("tunnelProtocol", "NONE") for w in dump.get("workloads", [])}
+            return all(have.get(uid) == proto for uid, proto in want.items())
+
+        self.wait_proxies(applied, what=f"node proxies to apply the labels of {namespace}")
+        mesh = sum(1 for proto in want.values() if proto == "HBONE")
+        out.append(
+            f"node proxies updated live by the control plane ({mesh} of {len(want)} pods in "
+            "the mesh; no restart)"
+        )
         return out
 
 
@@ -592,6 +774,15 @@ def _pod_env(pod: manifests.PodSpec) -> dict[str, str]:
         "NODE_NAME": pod.node,
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def _atomic_write(path: Path, text: str, *, mode: int = 0o644) -> None:
+    """Write via a temp file (``.name.tmp``: no reader globs it) and rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _answers(sock: Path) -> bool:

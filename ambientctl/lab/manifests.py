@@ -1,4 +1,4 @@
-"""Lab manifests: Kubernetes-style YAML documents -> `LabSpec`, and LabSpec -> mesh config.
+"""Lab manifests: Kubernetes-style YAML documents -> `LabSpec`, and what the lab writes back.
 
 Owns the subset of Kubernetes objects the lab understands and their strict reading:
 - Namespace: metadata.name, metadata.labels.
@@ -6,10 +6,11 @@ Owns the subset of Kubernetes objects the lab understands and their strict readi
   "default"), spec.nodeName (default: the first node), spec.containers[0].command (+ args).
 - Service: metadata.{name, namespace}, spec.selector, spec.ports[].{port, targetPort, name},
   spec.clusterIP (required: the lab has no IP allocator for services).
-Other kinds are ignored (later issues read Istio and Gateway API resources).
-And `mesh_config`: the node proxies' static configuration in the xDS-record shape of
-meshcore/model.py (workloads, services; policies later), from the spec, the pod IPs that CNI
-(host-local) assigned and which pods are ambient.
+Other kinds (AuthorizationPolicy, PeerAuthentication, ...) are left to the control plane, which
+reads the same directory (controlplane/sources/files.py).
+And the documents the lab writes back into its copy of the directory, as the scheduler, the
+kubelet and `kubectl label` would into API objects: `with_pod_facts` (spec.nodeName,
+metadata.uid, status.podIP/phase/hostIP), `with_labels`, `namespace_doc`.
 
 Invariants: pure (no I/O but `load`), deterministic output order; every error is a
 `ManifestError` naming the file/document/field.
@@ -27,9 +28,11 @@ from typing import Any
 import yaml
 
 from ambientctl.errors import ManifestError
-from cni.labels import wants_ambient
+from cni.labels import apply_overrides, wants_ambient
 
 CLUSTER_DOMAIN = "cluster.local"
+CLUSTER_ID = "Kubernetes"
+"""The control plane's default --cluster-id (first part of a workload uid)."""
 UID_NAMESPACE = uuid.UUID("5c1d2b54-8a1e-4d0f-9c55-2f8f6a0b7e11")
 """uuid5 namespace for lab pod uids (stable across `lab up` runs of the same manifests)."""
 
@@ -84,7 +87,7 @@ class PodSpec:
 
     @property
     def workload_uid(self) -> str:
-        return f"Kubernetes//Pod/{self.namespace}/{self.name}"
+        return workload_uid(self.key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +105,12 @@ class LabSpec:
                 f"no pod {key!r}" if not matches else f"pod name {key!r} is ambiguous; use ns/name"
             )
         return matches[0]
+
+
+def workload_uid(pod_key: str) -> str:
+    """The control plane's workload uid for pod ``ns/name`` (default cluster id)."""
+    namespace, _, name = pod_key.partition("/")
+    return f"{CLUSTER_ID}//Pod/{namespace}/{name}"
 
 
 def _labels(meta: Mapping[str, Any], where: str) -> dict[str, str]:
@@ -211,65 +220,77 @@ def load(directory: Path, nodes: tuple[str, ...] = ()) -> LabSpec:
     return parse(docs, nodes)
 
 
-def effective_namespace_labels(
-    spec: LabSpec, overrides: Mapping[str, Any]
-) -> dict[str, dict[str, str]]:
-    from cni.labels import apply_overrides
-
-    out = {ns: dict(labels) for ns, labels in spec.namespaces.items()}
-    for ns, changes in (overrides.get("namespaces") or {}).items():
-        out[ns] = apply_overrides(out.get(ns, {}), changes)
-    return out
-
-
 def is_ambient(pod: PodSpec, ns_labels: Mapping[str, Mapping[str, str]]) -> bool:
     return wants_ambient(ns_labels.get(pod.namespace, {}), pod.labels)
 
 
-def mesh_config(
-    spec: LabSpec, pod_ips: Mapping[str, str], ambient: Mapping[str, bool]
-) -> dict[str, Any]:
-    """The node proxies' static config (meshcore/model.py shape). `pod_ips` and `ambient` are
-    keyed by pod key (``ns/name``); pods without an IP yet are left out."""
-    workloads: list[dict[str, Any]] = []
-    for pod in spec.pods:
-        ip = pod_ips.get(pod.key)
-        if not ip:
-            continue
-        wl: dict[str, Any] = {
-            "uid": pod.workload_uid,
-            "name": pod.name,
-            "namespace": pod.namespace,
-            "serviceAccount": pod.service_account,
-            "addresses": [ip],
-            "node": pod.node,
-            "tunnelProtocol": "HBONE" if ambient.get(pod.key) else "NONE",
-            "canonicalName": pod.labels.get("app", pod.name),
-            "canonicalRevision": pod.labels.get("version", "latest"),
-            "workloadName": pod.name,
-            "workloadType": "POD",
-        }
-        services = {
-            svc.key: {
-                "ports": [{"servicePort": p.port, "targetPort": p.target_port} for p in svc.ports]
-            }
-            for svc in spec.services
-            if svc.selects(pod)
-        }
-        if services:
-            wl["services"] = services
-        workloads.append(wl)
-    services_out = [
+# -- the lab as the cluster's writer ------------------------------------------------------------
+# The lab's copy of the manifest directory is the cluster state the control plane and the node
+# agents read. The lab writes into it what Kubernetes components would write into API objects:
+# a pod's node and status (the scheduler and kubelet) and namespace labels (`kubectl label`).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodFacts:
+    """What the lab decided/learned about a pod: its node and the IP host-local assigned."""
+
+    node: str
+    ip: str
+    host_ip: str
+    uid: str
+
+
+def with_pod_facts(doc: Mapping[str, Any], facts: PodFacts) -> dict[str, Any]:
+    """`doc` (a Pod) with spec.nodeName, metadata.uid and status (phase Running, podIP(s),
+    hostIP) set: the fields the control plane translates into the workload's node, address
+    and the CA's impersonation check (controlplane/objects.py `_parse_pod`)."""
+    out = dict(doc)
+    meta = dict(out.get("metadata") or {})
+    meta["uid"] = facts.uid
+    spec = dict(out.get("spec") or {})
+    spec["nodeName"] = facts.node
+    status = dict(out.get("status") or {})
+    status.update(
         {
-            "name": svc.name,
-            "namespace": svc.namespace,
-            "hostname": svc.hostname,
-            "addresses": [{"address": svc.cluster_ip}],
-            "ports": [{"servicePort": p.port, "targetPort": p.target_port} for p in svc.ports],
+            "phase": "Running",
+            "hostIP": facts.host_ip,
+            "podIP": facts.ip,
+            "podIPs": [{"ip": facts.ip}],
         }
-        for svc in spec.services
-    ]
-    return {"workloads": workloads, "services": services_out, "policies": []}
+    )
+    out.update(metadata=meta, spec=spec, status=status)
+    return out
+
+
+def with_labels(doc: Mapping[str, Any], changes: Mapping[str, str | None]) -> dict[str, Any]:
+    """`doc` with metadata.labels changed: ``value`` sets, ``None`` removes (``key-``)."""
+    out = dict(doc)
+    meta = dict(out.get("metadata") or {})
+    labels = apply_overrides({str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+                             changes)  # fmt: skip
+    if labels:
+        meta["labels"] = labels
+    else:
+        meta.pop("labels", None)
+    out["metadata"] = meta
+    return out
+
+
+def namespace_doc(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if labels:
+        meta["labels"] = dict(labels)
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
+def object_ref(doc: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(kind, namespace, name) of a Pod or Namespace document; None for anything else."""
+    kind = doc.get("kind")
+    meta = doc.get("metadata")
+    if kind not in ("Pod", "Namespace") or not isinstance(meta, dict):
+        return None
+    namespace = "" if kind == "Namespace" else str(meta.get("namespace", "default"))
+    return str(kind), namespace, str(meta.get("name", ""))
 
 
 def hosts_file(spec: LabSpec, pod: PodSpec) -> str:

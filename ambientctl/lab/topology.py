@@ -3,8 +3,11 @@
 Layout for a lab named L with nodes n_1..n_k (k <= 200):
 - underlay: netns ``L-underlay`` holding bridge ``br0``; node i's uplink is ``eth0`` in netns
   ``L-<node>`` with 172.30.0.(10+i)/24, its peer ``up<i>`` is a port of br0.
-- pods of node i: subnet 10.240.i.0/24 (host-local), bridge ``cni0`` (10.240.i.1) in the node
-  netns, made by the containernetworking bridge plugin; a pod's netns is ``L-<ns>-<name>``.
+- control plane: ``ambient-controlplane`` in the underlay netns, on br0's address 172.30.0.2
+  (xDS + CA 15012, TLS; debug 15014), reachable from every node netns over its uplink.
+- pods of node i: subnet 10.240.i.0/24 (host-local); the primary CNI plugin is
+  `DEFAULT_PRIMARY_PLUGIN` (``ptp``: a routed veth per pod, gateway 10.240.i.1 on the host
+  side) or ``bridge`` (veth ports of ``cni0``); a pod's netns is ``L-<ns>-<name>``.
 - node i routes 10.240.j.0/24 via 172.30.0.(10+j) for every other node j.
 State lives in /run/ambient-lab/L/ (`StatePaths`).
 
@@ -24,6 +27,11 @@ UNDERLAY_NET = ipaddress.IPv4Network("172.30.0.0/24")
 POD_SUPERNET = ipaddress.IPv4Network("10.240.0.0/16")
 CNI_NETWORK = "ambient-lab"
 UPLINK = "eth0"
+CONTROLPLANE_IP = str(UNDERLAY_NET.network_address + 2)
+"""The control plane's address on the underlay bridge (nodes start at .11)."""
+CONTROLPLANE_PORT = 15012
+CONTROLPLANE_DEBUG_PORT = 15014
+TRUST_DOMAIN = "cluster.local"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,14}[a-z0-9])?$")
 
 
@@ -87,8 +95,9 @@ class StatePaths:
         return self.root / "manifests"
 
     @property
-    def labels(self) -> Path:
-        return self.root / "labels.json"
+    def lab_namespaces(self) -> Path:
+        """Namespace objects `lab label` creates for namespaces no manifest declares."""
+        return self.manifests / "lab-namespaces.yaml"
 
     @property
     def bin(self) -> Path:
@@ -97,6 +106,20 @@ class StatePaths:
     @property
     def ca(self) -> Path:
         return self.root / "ca"
+
+    @property
+    def controlplane(self) -> Path:
+        return self.root / "controlplane"
+
+    @property
+    def node_credentials(self) -> Path:
+        """The control plane's ``{node: token}`` file (controlplane/auth.py)."""
+        return self.controlplane / "node-credentials.yaml"
+
+    @property
+    def roots(self) -> Path:
+        """The mesh CA roots: what node proxies verify the control plane's TLS with."""
+        return self.controlplane / "roots.pem"
 
     @property
     def logs(self) -> Path:
@@ -112,8 +135,9 @@ class StatePaths:
     def agent_socket(self, node: str) -> Path:
         return self.node_dir(node) / "agent.sock"
 
-    def mesh_config(self, node: str) -> Path:
-        return self.node_dir(node) / "mesh.yaml"
+    def node_token(self, node: str) -> Path:
+        """The node proxy's control-plane credential (first line: the token)."""
+        return self.node_dir(node) / "token"
 
     def conflist(self, node: str) -> Path:
         return self.node_dir(node) / f"{CNI_NETWORK}.conflist"
@@ -123,6 +147,10 @@ class StatePaths:
 
 
 PRIMARY_PLUGINS = ("ptp", "bridge")
+DEFAULT_PRIMARY_PLUGIN = "ptp"
+"""The primary CNI plugin when none is asked for. ``ptp`` because with ``bridge`` the
+``bpf_sk_assign`` done at the pod veth's tc ingress is lost on the way through ``cni0``
+(docs/lab.md, Known limits); switch this once ebpf/ captures bridge ports."""
 
 
 def conflist(
@@ -130,7 +158,7 @@ def conflist(
     *,
     ipam_dir: Path,
     agent_socket: Path | None,
-    primary: str = "ptp",
+    primary: str = DEFAULT_PRIMARY_PLUGIN,
     cni_version: str = "1.0.0",
 ) -> dict[str, object]:
     """The node's CNI chain: the primary plugin (ptp or bridge) with host-local IPAM, then
