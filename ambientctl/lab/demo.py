@@ -3,13 +3,17 @@
 Builds the lab from examples/lab (2 nodes; client on node-1 in the ambient namespace ``demo``;
 the ``echo`` service's pod on node-2), calls the service from the client pod, and prints what
 each piece saw: the app's view (the client's real pod IP), both node proxies' access-log lines
-(SPIFFE identities of source and destination, mTLS), and the destination proxy's metrics.
+(SPIFFE identities of source and destination, mTLS), the destination proxy's metrics, and where
+config and certificates came from: the control plane's view of both node proxies (connected,
+last ACK per type) and the certificates its CA signed for each node, matched against the
+certificates each node proxy holds (the node proxies have no CA and no config file).
 Then tears the lab down (unless --keep). Exit 0 only if every step showed what it should.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -38,7 +42,8 @@ def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES) -> int:
     ok = True
     try:
         for row in lab.pods():
-            say(f"  pod {row['namespace']}/{row['name']:<11} {row['node']} {row['ip']:<11} "
+            key = f"{row['namespace']}/{row['name']}"
+            say(f"  pod {key:<18} {row['node']} {row['ip']:<11} "
                 f"redirection={row['redirection']}")  # fmt: skip
         marks = {n: (lab.paths.logs / f"ztunnel-{n}.log").stat().st_size
                  for n in ("node-1", "node-2")}  # fmt: skip
@@ -64,6 +69,7 @@ def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES) -> int:
             for line in body.splitlines():
                 if line.startswith("istio_tcp_connections_opened_total") and "mutual_tls" in line:
                     say("  " + line)
+        ok &= _show_controlplane(lab)
         say("\ndemo " + ("OK: the client's connection crossed both node proxies over mTLS"
                          if ok else "FAILED"))  # fmt: skip
     finally:
@@ -72,6 +78,40 @@ def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES) -> int:
         else:
             say("lab kept: `ambientctl lab pods`, `ambientctl lab down` when done")
     return 0 if ok else 1
+
+
+SIGNED = re.compile(r"signed (spiffe://\S+) for node (\S+)")
+
+
+def _show_controlplane(lab: Lab) -> bool:
+    """Print the control plane's view of the node proxies and the certificates it signed;
+    True if both node proxies are connected with every type ACKed and hold exactly
+    certificates the control plane signed for their node."""
+    say = lab.log
+    ok = True
+    say("\ncontrol plane /debug/connections (config pushed over delta xDS, ACKed):")
+    conns = lab.controlplane_debug("/debug/connections")
+    for c in sorted(conns, key=lambda c: str(c["node"])):
+        acks = ", ".join(
+            f"{t.rsplit('.', 1)[-1]}: {v['resources']} resources, last ACK "
+            f"{v['last_ack_s_ago']:.1f}s ago, {v['nacks']} NACKs"
+            for t, v in sorted(c["types"].items())
+            if v["last_ack_s_ago"] is not None
+        )
+        say(f"  {c['node']} from {c['peer']}: {acks}")
+        ok &= all(v["last_ack_nonce"] and not v["nacks"] for v in c["types"].values())
+    ok &= sorted(str(c["node"]) for c in conns) == ["node-1", "node-2"]
+    log = (lab.paths.logs / "controlplane.log").read_text(errors="replace")
+    signed = {(node, ident) for ident, node in SIGNED.findall(log)}
+    say("\ncertificates held by the node proxies (signed by the control plane's CA):")
+    for node in ("node-1", "node-2"):
+        for cert in lab.proxy_config(node).get("certificates", []):
+            from_cp = (node, cert["identity"]) in signed
+            seen = f"signed for {node}" if from_cp else "NOT FOUND"
+            say(f"  {node} {cert['identity']} serial {str(cert['serial'])[:12]}.. "
+                f"{cert['state']}; control plane log: {seen}")  # fmt: skip
+            ok &= from_cp
+    return ok
 
 
 if __name__ == "__main__":
