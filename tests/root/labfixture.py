@@ -14,11 +14,13 @@ from ambientctl.lab.lab import Lab
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "lab"
 SLEEP = "spiffe://cluster.local/ns/demo/sa/sleep"
 ECHO = "spiffe://cluster.local/ns/demo/sa/echo"
+# outsider-2 has a service account of its own, with no pod on node-1 (the CA check's test).
 EXTRA = """
 apiVersion: v1
 kind: Pod
 metadata: {name: outsider-2, namespace: legacy, labels: {app: outsider-2}}
 spec:
+  serviceAccountName: outsider-2
   nodeName: node-2
   containers: [{name: echo, command: ["python3", "echo.py", "8080"]}]
 """
@@ -80,6 +82,10 @@ def wait_access(
 def metrics(lab: Lab, node: str) -> str:
     plan = lab.load().node(node).plan
     return system.http_get(plan.netns, f"http://{plan.ip}:15020/metrics")[1]
+
+
+def ztunnel_pids(lab: Lab) -> dict[str, int]:
+    return {n.plan.name: n.ztunnel_pid for n in lab.load().nodes}
 
 
 def redirection(lab: Lab) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The lab on the real kernel: pods in netns, real CNI, eBPF capture, two node proxies.
+"""The lab on the real kernel: pods in netns, real CNI, eBPF capture, two node proxies fed by
+the control plane (config over delta xDS, certificates from its CA).
 
 One lab (2 nodes, examples/lab + a non-mesh pod on node-2) serves the module; tests that
 disturb it (agent restart, node proxy stop, label changes) restore what they changed, and run
@@ -27,6 +28,7 @@ from tests.root.labfixture import (
     metrics,
     redirection,
     wait_access,
+    ztunnel_pids,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -174,26 +176,54 @@ def test_node_proxy_stopped_fails_closed(lab: Lab) -> None:
     assert code == 0, out
 
 
+def _tunnel(lab: Lab, node: str, pod: str) -> str:
+    uid = f"Kubernetes//Pod/{pod}"
+    return next(
+        str(w["tunnelProtocol"]) for w in lab.proxy_config(node)["workloads"] if w["uid"] == uid
+    )
+
+
 def test_label_namespace_enrolls_and_releases_running_pod(lab: Lab) -> None:
     pid = lab.pod("legacy/outsider").pid
-    lab.label_namespace("legacy", {"istio.io/dataplane-mode": "ambient"})
+    proxies = ztunnel_pids(lab)
+    assert _tunnel(lab, "node-2", "legacy/outsider") == "NONE"
+    # An established mesh connection across both node proxies, kept open throughout.
+    session = Session(lab, "demo/client", "echo", 80)
     try:
-        system.wait_for(
-            lambda: redirection(lab)["legacy/outsider"] == "enabled", timeout=10, what="enroll"
-        )
-        assert lab.pod("legacy/outsider").pid == pid and system.alive(pid)  # no restart
-        n1 = log_size(lab, "node-1")
-        code, out = call(lab, "legacy/outsider", "echo.demo", 80, "now-meshed")
-        assert code == 0, out
-        out_lines = wait_access(lab, "node-1", n1, lambda a: a["direction"] == "outbound")
-        assert out_lines
-        assert out_lines[0]["src.identity"] == "spiffe://cluster.local/ns/legacy/sa/default"
+        assert session.ask("before") == "echo: before"
+        out = lab.label_namespace("legacy", {"istio.io/dataplane-mode": "ambient"})
+        assert "node-1: legacy/outsider redirection disabled -> enabled" in out
+        try:
+            # label_namespace returned: the capture is on and both node proxies have the
+            # control plane's push (the workload is HBONE now), without a restart.
+            assert redirection(lab)["legacy/outsider"] == "enabled"
+            assert _tunnel(lab, "node-1", "legacy/outsider") == "HBONE"
+            assert _tunnel(lab, "node-2", "legacy/outsider") == "HBONE"
+            assert ztunnel_pids(lab) == proxies
+            assert all(system.alive(p) for p in proxies.values())
+            assert lab.pod("legacy/outsider").pid == pid and system.alive(pid)  # no restart
+            assert session.ask("during") == "echo: during"  # established flow survived
+            n1, n2 = log_size(lab, "node-1"), log_size(lab, "node-2")
+            code, out_ = call(lab, "legacy/outsider", "echo.demo", 80, "now-meshed")
+            assert code == 0, out_
+            out_lines = wait_access(lab, "node-1", n1, lambda a: a["direction"] == "outbound")
+            assert out_lines
+            assert out_lines[0]["src.identity"] == "spiffe://cluster.local/ns/legacy/sa/default"
+            # The destination's node proxy verified the new identity's certificate, which the
+            # control plane's CA signed for node-1 after the push.
+            inbound = wait_access(lab, "node-2", n2, lambda a: a["direction"] == "inbound")
+            assert inbound and inbound[0]["src.identity"] == out_lines[0]["src.identity"]
+        finally:
+            lab.label_namespace("legacy", {"istio.io/dataplane-mode": None})
+        assert redirection(lab)["legacy/outsider"] == "-"
+        assert _tunnel(lab, "node-1", "legacy/outsider") == "NONE"
+        assert ztunnel_pids(lab) == proxies
+        assert session.ask("after") == "echo: after"
     finally:
-        lab.label_namespace("legacy", {"istio.io/dataplane-mode": None})
-    system.wait_for(lambda: redirection(lab)["legacy/outsider"] == "-", timeout=10, what="release")
+        session.close()
     n1, n2 = log_size(lab, "node-1"), log_size(lab, "node-2")
-    code, out = call(lab, "legacy/outsider", lab.pod("legacy/outsider-2").ip, 8080)
-    assert code == 0, out
+    code, out_ = call(lab, "legacy/outsider", lab.pod("legacy/outsider-2").ip, 8080)
+    assert code == 0, out_
     time.sleep(0.5)
     assert access(lab, "node-1", n1) == [] and access(lab, "node-2", n2) == []
 
@@ -215,13 +245,15 @@ def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
     st = lab.load()
     pids = [p.pid for p in st.pods.values()]
     pids += [n.agent_pid for n in st.nodes] + [n.ztunnel_pid for n in st.nodes]
+    pids.append(st.controlplane_pid)
     assert all(system.alive(pid) for pid in pids)
+    assert (lab.paths.node_token("node-1")).exists() and lab.paths.node_credentials.exists()
     assert any(f.startswith(name) for f in os.listdir("/run/netns"))
     assert system.is_mounted(bpffs)
     with pytest.raises(StopIteration):
         next(gen)  # runs lab.down()
-    assert not state_root.exists()
-    assert not any(system.alive(pid) for pid in pids)
+    assert not state_root.exists()  # manifests, CA, tokens, logs
+    assert not any(system.alive(pid) for pid in pids)  # incl. the control plane
     assert not any(f.startswith(name) for f in os.listdir("/run/netns"))
     assert not any(d.startswith(name) for d in os.listdir("/etc/netns"))
     assert not system.is_mounted(bpffs)
