@@ -1,12 +1,18 @@
-"""`ambientctl`: the operator CLI. This issue builds its `lab` command group.
+"""`ambientctl`: the operator CLI (one entry point, istioctl habits).
 
+    ambientctl install [-f values.yaml] [--set k=v]   (helm upgrade --install; needs a cluster)
+    ambientctl manifest generate [-f ...] [--set ...] (render the chart offline)
+    ambientctl analyze [-d DIR | FILE ...] [--lab N]  (configuration problems, codes AMB0xxx)
+    ambientctl ztunnel-config workload|service|policy|certificate|connections|all [-o ...]
+    ambientctl proxy-status                           (node proxies vs the control plane)
+    ambientctl completion bash|zsh
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
     ambientctl lab node-exec NODE -- CMD...     (a command in a node's netns, e.g. curl metrics)
     ambientctl lab demo [--keep]                (the README demo, examples/lab)
 
-Errors are `ambientctl.errors.CtlError` (message on stderr, `exit_code` as status), translated
-here and nowhere else.
+The non-lab commands live in `ambientctl.commands`. Errors are `ambientctl.errors.CtlError`
+(message on stderr, `exit_code` as status), translated here and nowhere else.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ambientctl import commands
 from ambientctl.errors import CtlError
 from ambientctl.lab import topology
 from ambientctl.lab.lab import Lab
@@ -41,7 +48,8 @@ def _label_changes(items: Sequence[str]) -> dict[str, str | None]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ambientctl", description="ambient-mesh operator CLI")
-    sub = p.add_subparsers(dest="group", required=True)
+    sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    commands.register(sub)
     lab = sub.add_parser("lab", help="a whole mesh on one machine (network namespaces)")
     lab.add_argument("--name", default=os.environ.get("AMBIENT_LAB", "lab"), help="lab name")
     lab.add_argument("--state-root", type=Path, default=topology.STATE_ROOT)
@@ -79,7 +87,10 @@ def _strip_dashes(cmd: list[str]) -> list[str]:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.group != "lab":
+        return commands.run(args, p)
     lab = Lab(args.name, state_root=args.state_root, log=_say)
     if args.command == "up":
         lab.up(args.dir, capture=args.capture, nodes=args.node, primary=args.cni)

@@ -1,0 +1,243 @@
+"""The CLI's non-lab commands: argument parsing and dispatch (the `lab` group is in main.py).
+
+Owns each command's flags, help text and exit status; the work is in `install`, `analyze`,
+`ztunnelconfig`, `proxystatus`, `admin` and `completion`. Output goes to stdout (data) and
+stderr (progress, summaries), so `-o json` output pipes cleanly.
+
+Exit statuses: 0 ok; 1 generic failure; 3 `analyze` found problems at or above
+--failure-threshold; 5 no cluster (`install`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ambientctl import admin, analyze, completion, output, proxystatus, ztunnelconfig
+from ambientctl import install as installer
+from ambientctl.errors import CtlError
+from controlplane.translate import TranslateOptions
+
+ANALYZE_FOUND = 3
+
+
+def _chart_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chart", type=Path, help="chart directory (default: charts/ambient)")
+    p.add_argument("-n", "--namespace", default=installer.NAMESPACE, help="install namespace")
+    p.add_argument("--release", default=installer.RELEASE, help="helm release name")
+    p.add_argument(
+        "-f", "--values", type=Path, action="append", default=[], help="values file (repeatable)"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a chart value (repeatable), e.g. --set cni.enabled=false",
+    )
+
+
+def _target_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a node proxy's admin endpoint (default 127.0.0.1:15000; repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        action="append",
+        type=Path,
+        default=[],
+        help="a saved /config_dump instead of a live proxy (repeatable)",
+    )
+    p.add_argument("--lab", metavar="NAME", help="the node proxies of a running lab")
+    p.add_argument("--node", help="with --lab: only this node")
+    p.add_argument("-o", "--output", choices=output.FORMATS, default="table")
+
+
+def register(sub: Any) -> None:
+    """Add the commands to the top-level subparsers of `ambientctl`."""
+    inst = sub.add_parser(
+        "install",
+        help="install or upgrade the mesh in the current cluster",
+        description="Runs `helm upgrade --install` of the chart into the "
+        "cluster of the current kubectl context.",
+    )
+    _chart_flags(inst)
+    inst.add_argument("--no-wait", action="store_true", help="do not wait for rollout")
+
+    man = sub.add_parser("manifest", help="render the mesh's manifests")
+    mcmd = man.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = mcmd.add_parser("generate", help="render the chart offline (helm template) to stdout")
+    _chart_flags(gen)
+    gen.add_argument("--kube-version", default="1.33.0", help="Kubernetes version to render for")
+
+    an = sub.add_parser(
+        "analyze",
+        help="find configuration problems in manifests",
+        description=analyze.__doc__.split("\n\n")[0] if analyze.__doc__ else None,
+        epilog="codes: AMB0001 unreadable object, AMB0101 namespace labelled but "
+        "pod not captured, AMB0102 missing waypoint, AMB0103 L7 rules at a node "
+        "proxy, AMB0104 conflicting VirtualServices, AMB0105 STRICT with non-mesh "
+        "clients, AMB0106 unreadable policy (fail-closed), AMB0100 other",
+    )
+    an.add_argument("paths", nargs="*", type=Path, help="manifest files or directories")
+    an.add_argument(
+        "-d",
+        "--dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="a directory of manifests (repeatable)",
+    )
+    an.add_argument(
+        "--lab",
+        metavar="NAME",
+        help="analyze a running lab: its manifests and live pod redirection",
+    )
+    an.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    an.add_argument(
+        "--failure-threshold",
+        choices=analyze.LEVELS,
+        default="Warning",
+        help="exit 3 if a message at or above this level is found (default Warning)",
+    )
+    an.add_argument("--root-namespace", default="istio-system")
+
+    zc = sub.add_parser(
+        "ztunnel-config",
+        aliases=["zc"],
+        help="what a node proxy has: workloads, services, policies, certificates",
+    )
+    zc.add_argument("section", choices=ztunnelconfig.SECTIONS)
+    _target_flags(zc)
+
+    ps = sub.add_parser(
+        "proxy-status",
+        aliases=["ps"],
+        help="node proxies vs the control plane (synced, stale, NACKed)",
+    )
+    ps.add_argument(
+        "--controlplane",
+        default=admin.DEBUG_ADDRESS,
+        metavar="HOST:PORT",
+        help="the control plane's debug endpoint (default 127.0.0.1:15014)",
+    )
+    _target_flags(ps)
+    ps.set_defaults(address=[])
+
+    comp = sub.add_parser("completion", help="shell completion script")
+    comp.add_argument("shell", choices=("bash", "zsh"))
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    paths = [*args.paths, *args.dir]
+    live = None
+    if args.lab:
+        from ambientctl.lab.lab import Lab
+
+        lab = Lab(args.lab)
+        lab.load()
+        paths.append(lab.paths.manifests)
+        live = {f"{r['namespace']}/{r['name']}": _redirection(r) for r in lab.pods()}
+    if not paths:
+        raise CtlError("nothing to analyze: give manifest files/directories, -d DIR or --lab NAME")
+    inp = analyze.load(paths, live)
+    msgs = analyze.analyze(inp, TranslateOptions(root_namespace=args.root_namespace))
+    if args.output == "text":
+        for m in msgs:
+            _out(m.render())
+        where = ", ".join(map(str, paths))
+        if not msgs:
+            print(f"\u2714 No validation issues found when analyzing {where}.", file=sys.stderr)
+        else:
+            counts = {lvl: sum(m.level == lvl for m in msgs) for lvl in analyze.LEVELS}
+            print(
+                f"{len(msgs)} message(s) for {where}: "
+                + ", ".join(f"{n} {lvl}" for lvl, n in counts.items() if n),
+                file=sys.stderr,
+            )
+    else:
+        _out(output.document([m.to_dict() for m in msgs], args.output))
+    threshold = analyze.LEVELS.index(args.failure_threshold)
+    return ANALYZE_FOUND if any(m.level_rank >= threshold for m in msgs) else 0
+
+
+def _redirection(row: dict[str, Any]) -> str:
+    value = str(row.get("redirection", ""))
+    return "" if value == "-" else value
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    group = args.group
+    if group == "install":
+        ctx = installer.current_context()
+        print(
+            f"installing into the cluster of context {ctx!r}, namespace {args.namespace}",
+            file=sys.stderr,
+        )
+        _out(
+            installer.install(
+                chart=args.chart,
+                namespace=args.namespace,
+                release=args.release,
+                values=args.values,
+                sets=args.sets,
+                wait=not args.no_wait,
+            )
+        )
+        return 0
+    if group == "manifest":
+        _out(
+            installer.generate(
+                chart=args.chart,
+                namespace=args.namespace,
+                release=args.release,
+                values=args.values,
+                sets=args.sets,
+                kube_version=args.kube_version,
+            )
+        )
+        return 0
+    if group == "analyze":
+        return _analyze(args)
+    if group in ("ztunnel-config", "zc"):
+        targets = admin.targets_from_args(args.address, args.file, args.lab, args.node)
+        dumps = [(t.label, admin.config_dump(t)) for t in targets]
+        _out(ztunnelconfig.render(args.section, dumps, args.output))
+        return 0
+    if group in ("proxy-status", "ps"):
+        return _proxy_status(args)
+    if group == "completion":
+        _out(completion.bash(parser) if args.shell == "bash" else completion.zsh(parser))
+        return 0
+    raise CtlError(f"unknown command {group!r}")
+
+
+def _proxy_status(args: argparse.Namespace) -> int:
+    base = f"http://{args.controlplane}"
+    records = admin.get_json(
+        f"{base}/debug/config", what="the control plane", hint=admin.CONTROLPLANE_HINT
+    )
+    connections = admin.get_json(
+        f"{base}/debug/connections", what="the control plane", hint=admin.CONTROLPLANE_HINT
+    )
+    dumps = []
+    if args.address or args.file or args.lab:
+        for t in admin.targets_from_args(args.address, args.file, args.lab, args.node):
+            dumps.append((t.label, admin.config_dump(t)))
+    rows = proxystatus.status_rows(records, connections, dumps)
+    if args.output == "table":
+        _out(output.table(rows, proxystatus.COLUMNS))
+    else:
+        _out(output.document(rows, args.output))
+    return 0 if all(r["status"] in ("SYNCED", "CONNECTED") for r in rows) else 1
