@@ -1,6 +1,8 @@
-"""`ambientctl lab`: a whole ambient mesh on one machine (nodes and pods as network namespaces).
+"""`ambientctl lab`: a whole ambient mesh on one machine (nodes and pods as network namespaces,
+node proxies fed by one control plane).
 
-Modules: `manifests` (pure: Kubernetes-style YAML -> LabSpec, LabSpec -> mesh config),
-`topology` (pure: names and addresses), `system` (the I/O edge: ip, nsenter, processes, CNI
-exec), `lab` (up/down/pods/exec/label), `demo` (the README demo).
+Modules: `manifests` (pure: Kubernetes-style YAML -> LabSpec, and the Pod/Namespace documents
+the lab writes back), `topology` (pure: names and addresses), `system` (the I/O edge: ip,
+nsenter, processes, CNI exec), `lab` (up/down/pods/exec/label, control plane and node proxies),
+`demo` (the README demo).
 """

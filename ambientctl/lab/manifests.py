@@ -266,8 +266,8 @@ def with_labels(doc: Mapping[str, Any], changes: Mapping[str, str | None]) -> di
     """`doc` with metadata.labels changed: ``value`` sets, ``None`` removes (``key-``)."""
     out = dict(doc)
     meta = dict(out.get("metadata") or {})
-    labels = apply_overrides({str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
-                             changes)  # fmt: skip
+    current = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    labels = apply_overrides(current, changes)
     if labels:
         meta["labels"] = labels
     else:
