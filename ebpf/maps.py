@@ -7,6 +7,8 @@ Owns the byte layout shared with `programs/capture.c` (keep both in sync):
   config  array  [0] -> struct capture_config {u32 mark, mask, outbound_port, inbound_port,
                  hbone_port, flags}                                     (24 bytes)
   stats   percpu array of u64 counters, index = `STATS` position
+  ports   hash   key u32 veth ifindex -> struct port_entry {u32 bridge_ifindex; u8 mac[6];
+                 u16 pad} (12 bytes): pod veths that are ports of a bridge, and that bridge's MAC
 
 Maps are opened from their bpffs pins with BPF_OBJ_GET, so any process (a restarted agent) sees
 what a previous one wrote, without compiling anything. libbpf >= 1.0 returns -errno, which is
@@ -14,6 +16,7 @@ carried in the raised `MapError` / `NotInstalledError`.
 
 Invariants: a record whose size differs from the layout above is refused (MapError), never
 half-decoded; strings are NUL-padded and must fit (ifname <= 15 bytes, uid <= 63 bytes).
+`STATS` only ever grows at the end (old indexes keep their meaning).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ POD_OBSERVED = 2
 CFG_FAIL_CLOSED = 1
 
 POD_ENTRY = struct.Struct("=II16s64s")
+PORT_ENTRY = struct.Struct("=I6s2x")
+IFINDEX = struct.Struct("=I")
 CONFIG = struct.Struct("=IIIIII")
 KEY = struct.Struct("=4s")  # IPv4 address as on the wire
 
@@ -49,6 +54,7 @@ STATS = (
     "no_listener_drop",
     "no_listener_pass",
     "assign_error",
+    "bridge",
 )
 
 BPF_ANY = 0
@@ -71,6 +77,8 @@ _bpf.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
 _bpf.bpf_map_delete_elem.restype = ctypes.c_int
 _bpf.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _bpf.bpf_map_get_next_key.restype = ctypes.c_int
+_bpf.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_bpf.bpf_obj_get_info_by_fd.restype = ctypes.c_int
 
 
 def _err(ret: int) -> int:
@@ -103,6 +111,34 @@ def obj_pin(fd: int, path: Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise BpfLoadError(f"rename pin {tmp} -> {path}", errno=exc.errno) from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MapShape:
+    """The part of `struct bpf_map_info` (uapi/linux/bpf.h) that says whether a pin fits."""
+
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def map_shape(path: Path) -> MapShape:
+    """Type and sizes of the map pinned at `path` (BPF_OBJ_GET_INFO_BY_FD)."""
+    fd = obj_get(path)
+    try:
+        # struct bpf_map_info starts with u32 type, id, key_size, value_size, max_entries.
+        info = ctypes.create_string_buffer(80)
+        size = ctypes.c_uint32(len(info))
+        ret = _bpf.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
+        if ret < 0:
+            raise MapError(f"bpf_obj_get_info_by_fd({path})", errno=_err(ret))
+        map_type, _id, key_size, value_size, max_entries = struct.unpack_from("=5I", info.raw)
+        return MapShape(
+            map_type=map_type, key_size=key_size, value_size=value_size, max_entries=max_entries
+        )
+    finally:
+        os.close(fd)
 
 
 def possible_cpus() -> int:
@@ -221,6 +257,41 @@ def decode_pod(key: bytes, value: bytes) -> PodRecord:
         ifname=name_b.rstrip(b"\0").decode(errors="replace"),
         uid=uid_b.rstrip(b"\0").decode(errors="replace"),
     )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortRecord:
+    """One decoded `ports` map entry: a pod veth that is a port of a bridge."""
+
+    ifindex: int
+    bridge_ifindex: int
+    mac: str  # the bridge's MAC, aa:bb:cc:dd:ee:ff
+
+
+def port_key(ifindex: int) -> bytes:
+    return IFINDEX.pack(ifindex)
+
+
+def encode_port(*, bridge_ifindex: int, mac: str) -> bytes:
+    raw = bytes.fromhex(mac.replace(":", ""))
+    if len(raw) != 6:
+        raise MapError(f"bridge MAC {mac!r} is not a 6-byte Ethernet address")
+    return PORT_ENTRY.pack(bridge_ifindex, raw)
+
+
+def decode_port(key: bytes, value: bytes) -> PortRecord:
+    if len(key) != IFINDEX.size or len(value) != PORT_ENTRY.size:
+        raise MapError(f"ports entry of {len(key)}/{len(value)} bytes does not match the layout")
+    bridge_ifindex, raw = PORT_ENTRY.unpack(value)
+    return PortRecord(
+        ifindex=IFINDEX.unpack(key)[0],
+        bridge_ifindex=bridge_ifindex,
+        mac=":".join(f"{b:02x}" for b in raw),
+    )
+
+
+def open_ports(pin_dir: Path) -> PinnedMap:
+    return PinnedMap(pin_dir / "ports", key_size=IFINDEX.size, value_size=PORT_ENTRY.size)
 
 
 def open_pods(pin_dir: Path) -> PinnedMap:

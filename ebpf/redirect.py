@@ -2,9 +2,12 @@
 
 Owns everything the kernel needs so that enrolled pods' TCP goes through the node proxy:
 
-* two tc programs (`programs/capture.c`) on clsact INGRESS: `capture_pod` on each enrolled or
-  observed pod's host-side veth, `capture_uplink` on the node uplink;
-* pinned maps under `CaptureConfig.bpffs_dir` (`pods`, `config`, `stats`) and pinned programs;
+* tc programs (`programs/capture.c`) on clsact INGRESS: `capture_pod` on each enrolled or
+  observed pod's host-side veth, `capture_uplink` on the node uplink, and `capture_bridge` on
+  every bridge device one of those veths is a port of (CNI `bridge` plugin: cni0), discovered
+  from the veth's master (no configuration);
+* pinned maps under `CaptureConfig.bpffs_dir` (`pods`, `config`, `stats`, `ports`) and pinned
+  programs;
 * policy routing: `ip rule fwmark MARK/MASK lookup TABLE` (priority `rule_priority`) and, in
   that table, `local 0.0.0.0/0 dev lo scope host`, so packets the programs assigned to a proxy
   socket (and marked) are delivered locally whatever their destination address;
@@ -24,7 +27,9 @@ Invariants:
     stateless; ownership is decided by the kernel's socket tables).
   * Ordering keeps the datapath safe at every step: routing and notrack exist before any program
     can mark a packet; a pod's map entry is written before its filter is attached and removed
-    after its filter is detached (so a filter never runs without its entry).
+    after its filter is detached (so a filter never runs without its entry); for a bridge port,
+    the bridge's filter and the port's `ports` entry exist before the veth's filter, and the
+    bridge's filter goes only when no recorded port of that bridge is left.
   * The pinned `pods` map is the source of truth for enrollment: a new `NodeCapture` (a new
     process) reads it back, and attaching uses the pinned program (no recompilation).
   * IPv4 only: an IPv6 pod address is refused with EAFNOSUPPORT.
@@ -66,11 +71,16 @@ from ebpf.maps import (
     POD_ENROLLED,
     POD_OBSERVED,
     PodRecord,
+    PortRecord,
     decode_pod,
+    decode_port,
     encode_pod,
+    encode_port,
     open_config,
     open_pods,
+    open_ports,
     pod_key,
+    port_key,
     read_stats,
 )
 from ebpf.netns import entered
@@ -82,6 +92,8 @@ TC_INGRESS_ID = 0xFFFFFFF2
 TC_EGRESS_ID = 0xFFFFFFF3
 FILTER_POD = "ambient_pod"  # TCA_BPF_NAME of our filters: how we recognise them
 FILTER_UPLINK = "ambient_uplink"
+FILTER_BRIDGE = "ambient_bridge"
+OUR_FILTERS = (FILTER_POD, FILTER_UPLINK, FILTER_BRIDGE)
 NFT_CHAIN = "prerouting"
 NFT_PRIORITY_RAW = -300  # NF_IP_PRI_RAW: before conntrack (-200) and DNAT (-100)
 NFT_META_MARK = 3
@@ -136,6 +148,7 @@ class PodEntry:
     ip: str
     host_ifname: str
     ifindex: int
+    bridge_ifindex: int | None = None  # the bridge this veth is a port of (CNI `bridge`), if any
 
 
 def _ipv4(ip: str) -> str:
@@ -293,9 +306,70 @@ class NodeCapture:
             idx = int(link["index"])
             for msg in self._filters(ipr, idx, TC_INGRESS_ID):
                 name = _filter_name(msg)
-                if name in (FILTER_POD, FILTER_UPLINK):
+                if name in OUR_FILTERS:
                     out.setdefault(idx, set()).add(name)
         return out
+
+    # ---------------------------------------------------------------- bridge ports
+
+    def _bridge_of(self, ipr: Any, index: int) -> tuple[int, str] | None:
+        """(ifindex, MAC) of the Linux bridge `index` is a port of, or None (routed veth)."""
+        try:
+            (link,) = ipr.get_links(index)
+            master = link.get_attr("IFLA_MASTER")
+            if not master:
+                return None
+            (dev,) = ipr.get_links(int(master))
+        except NetlinkError as exc:
+            raise InterfaceNotFoundError(
+                f"ifindex {index} or its master in netns {self.netns or '(current)'}",
+                errno=exc.code,
+            ) from exc
+        info = dev.get_attr("IFLA_LINKINFO")
+        if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
+            return None  # another kind of master (vrf, bond): not a bridge port
+        return int(master), str(dev.get_attr("IFLA_ADDRESS"))
+
+    def _sync_port(self, ipr: Any, index: int, bridge_fd: int | None) -> int | None:
+        """Record (or forget) veth `index` as a bridge port; attach `capture_bridge` to its
+        bridge first. Returns the bridge's ifindex, or None for a routed veth."""
+        bridge = self._bridge_of(ipr, index)
+        try:
+            ports = open_ports(self.pin_dir)
+        except NotInstalledError:
+            if bridge is None:
+                return None  # pins of an older version: no bridge support needed here
+            raise
+        with ports:
+            if bridge is None:
+                ports.delete(port_key(index))
+                return None
+            bridge_index, mac = bridge
+            if bridge_fd is not None:
+                self._attach(ipr, bridge_index, bridge_fd, FILTER_BRIDGE)
+            else:
+                fd = loader.open_program(self.pin_dir, loader.PROG_BRIDGE)
+                try:
+                    self._attach(ipr, bridge_index, fd, FILTER_BRIDGE)
+                finally:
+                    loader.close_fd(fd)
+            ports.update(port_key(index), encode_port(bridge_ifindex=bridge_index, mac=mac))
+            return bridge_index
+
+    def _ports(self) -> dict[int, PortRecord]:
+        """veth ifindex -> its `ports` entry."""
+        try:
+            ports = open_ports(self.pin_dir)
+        except NotInstalledError:
+            return {}
+        with ports:
+            out = {}
+            for key in ports.all_keys():
+                value = ports.lookup(key)
+                if value is not None:
+                    rec = decode_port(key, value)
+                    out[rec.ifindex] = rec
+            return out
 
     # ---------------------------------------------------------------- routing
 
@@ -514,8 +588,10 @@ class NodeCapture:
                 self._attach(ipr, uplink, fd, FILTER_UPLINK)
             finally:
                 loader.close_fd(fd)
-            wanted: set[int] = {uplink}
+            veths: set[int] = set()
+            bridges: set[int] = set()
             fd = loader.open_program(self.pin_dir, loader.PROG_POD)
+            bridge_fd = loader.open_program(self.pin_dir, loader.PROG_BRIDGE)
             try:
                 links = {
                     int(link["index"]): link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
@@ -523,25 +599,36 @@ class NodeCapture:
                 for rec in self._records():
                     # A recorded veth that is gone (pod deleted while no agent ran) is left for
                     # the agent's reconcile to unenroll; never attach to a reused index.
-                    if links.get(rec.ifindex) == rec.ifname:
+                    if links.get(rec.ifindex) == rec.ifname and rec.ifindex not in veths:
+                        # Bridge filter + port entry (the bridge's MAC, re-read) before the
+                        # veth's filter, which relies on them.
+                        bridge = self._sync_port(ipr, rec.ifindex, bridge_fd)
+                        if bridge is not None:
+                            bridges.add(bridge)
                         self._attach(ipr, rec.ifindex, fd, FILTER_POD)
-                        wanted.add(rec.ifindex)
+                        veths.add(rec.ifindex)
             finally:
                 loader.close_fd(fd)
+                loader.close_fd(bridge_fd)
+            with open_ports(self.pin_dir) as ports:
+                for idx in set(self._ports()) - veths:
+                    ports.delete(port_key(idx))  # veth no longer recorded or gone
             for idx, names in self._ours_on(ipr).items():
-                if idx == uplink:
-                    names = names - {FILTER_UPLINK}
-                elif idx in wanted:
-                    names = names - {FILTER_POD}
-                if names:
-                    self._detach(ipr, idx, tuple(names))
+                keep = {
+                    FILTER_UPLINK: idx == uplink,
+                    FILTER_POD: idx in veths,
+                    FILTER_BRIDGE: idx in bridges,
+                }
+                stale = tuple(n for n in names if not keep[n])
+                if stale:
+                    self._detach(ipr, idx, stale)
 
     def uninstall(self) -> None:
         """Exact inverse of install() + every enroll()/observe(); idempotent."""
         try:
             with self._ipr() as ipr:
                 for idx in self._ours_on(ipr):
-                    self._detach(ipr, idx, (FILTER_POD, FILTER_UPLINK))
+                    self._detach(ipr, idx, OUR_FILTERS)
                 self._remove_routing(ipr)
             self._remove_nft()
         except NamespaceError as exc:
@@ -564,13 +651,16 @@ class NodeCapture:
             index = self._ifindex(ipr, host_ifname)
             fd = loader.open_program(self.pin_dir, loader.PROG_POD)
             try:
+                bridge = self._sync_port(ipr, index, None)  # before the veth's filter
                 with open_pods(self.pin_dir) as pods:
                     value = encode_pod(ifindex=index, flags=flags, ifname=host_ifname, uid=uid)
                     pods.update(pod_key(ip), value)  # entry first: the filter reads it
                 self._attach(ipr, index, fd, FILTER_POD)
             finally:
                 loader.close_fd(fd)
-        return PodEntry(uid=uid, ip=ip, host_ifname=host_ifname, ifindex=index)
+        return PodEntry(
+            uid=uid, ip=ip, host_ifname=host_ifname, ifindex=index, bridge_ifindex=bridge
+        )
 
     def enroll(self, *, uid: str, ip: str, host_ifname: str) -> PodEntry:
         """Capture the pod at `ip` behind `host_ifname` (idempotent; upgrades an observed pod)."""
@@ -607,11 +697,30 @@ class NodeCapture:
                     link = ipr.link_lookup(ifname=rec.ifname)
                     if link and int(link[0]) == rec.ifindex:
                         self._detach(ipr, rec.ifindex, (FILTER_POD,))
+                    self._forget_port(ipr, rec.ifindex)
             pods.delete(pod_key(ip))
 
+    def _forget_port(self, ipr: Any, index: int) -> None:
+        """Drop veth `index`'s `ports` entry (its filter is off); the bridge's filter goes with
+        the last recorded port of that bridge."""
+        port = self._ports().get(index)
+        if port is None:
+            return
+        with open_ports(self.pin_dir) as ports:
+            ports.delete(port_key(index))
+        if not any(p.bridge_ifindex == port.bridge_ifindex for p in self._ports().values()):
+            self._detach(ipr, port.bridge_ifindex, (FILTER_BRIDGE,))
+
     def _by_flag(self, flag: int) -> dict[str, PodEntry]:
+        ports = self._ports()
         return {
-            r.ip: PodEntry(uid=r.uid, ip=r.ip, host_ifname=r.ifname, ifindex=r.ifindex)
+            r.ip: PodEntry(
+                uid=r.uid,
+                ip=r.ip,
+                host_ifname=r.ifname,
+                ifindex=r.ifindex,
+                bridge_ifindex=p.bridge_ifindex if (p := ports.get(r.ifindex)) else None,
+            )
             for r in self._records()
             if r.flags & flag
         }

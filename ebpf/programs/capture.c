@@ -4,6 +4,7 @@
 //
 //   capture_pod     on every enrolled / observed pod's host-side veth (ingress = leaving the pod)
 //   capture_uplink  on the node's uplink (traffic arriving from other hosts)
+//   capture_bridge  on the bridge device (e.g. cni0) whose ports are pod veths (CNI `bridge`)
 //
 // Both steer TCP to the node proxy with bpf_sk_assign() and set OUR mark bit so that the
 // policy-routing rule (fwmark MARK/MASK -> table with "local 0.0.0.0/0 dev lo") delivers the
@@ -21,6 +22,23 @@
 //     configuration to receive the packet towards the socket, will cause skb to be delivered to
 //     the specified socket ... only valid from TC ingress path." -ENETUNREACH for another netns.
 //   bpf_sk_release(sk): every non-NULL lookup result must be released (verifier-enforced).
+//
+// Bridge ports (CNI `bridge` plugin: pod veths enslaved to cni0, which holds the gateway IP).
+// A port's frames never reach the IP stack through the veth: the bridge's rx_handler
+// (br_handle_frame) takes them after tc ingress and either forwards them at L2 to another port
+// (same-subnet pod -> pod: the node's IP stack never sees them) or passes them up through the
+// bridge device (br_pass_frame_up -> netif_receive_skb(cni0)). On the way, br_netfilter
+// (bridge-nf-call-iptables=1, the default of every netns) runs the IPv4 PREROUTING hooks from
+// NF_BR_PRE_ROUTING, and its setup_pre_routing() calls skb_orphan() unconditionally ("Must drop
+// socket now because of tproxy"), unlike ip_rcv_core(), which keeps a bpf_sk_assign()ed socket
+// (skb_sk_is_prefetched). The mark survives. So on a bridge port, a steered packet needs:
+//   1. its destination MAC set to the bridge's own MAC (ports map), so the bridge passes it up
+//      (br_handle_frame sets PACKET_HOST only for the bridge's dev_addr) instead of forwarding it
+//      at L2 to the destination pod;
+//   2. the assignment done again at the bridge device's tc ingress (capture_bridge), which runs
+//      after the bridge hooks and before ip_rcv. It acts only on packets carrying OUR mark bit,
+//      which only capture_pod sets, after anti-spoofing, and which a pod cannot forge (marks are
+//      scrubbed when crossing the veth from the pod's netns).
 //
 // Invariants:
 //   * Only packets whose source or destination is an ENROLLED pod are ever assigned or marked;
@@ -58,7 +76,8 @@ enum stat_index {
     ST_SPOOF_DROP,        // pod veth: source IP is not the pod's
     ST_NO_LISTENER_DROP,  // fail-closed: no proxy listener
     ST_NO_LISTENER_PASS,  // fail-open: no proxy listener
-    ST_ASSIGN_ERROR,      // bpf_sk_assign refused
+    ST_ASSIGN_ERROR,      // bpf_sk_assign refused (or a bridge port's MAC rewrite failed)
+    ST_BRIDGE,            // a steered packet assigned again at the bridge device
     ST_MAX,
 };
 
@@ -81,6 +100,15 @@ struct capture_config {
 BPF_TABLE_PINNED("hash", __u32, struct pod_entry, pods, 16384, "@PIN_DIR@/pods");
 BPF_TABLE_PINNED("array", __u32, struct capture_config, config, 1, "@PIN_DIR@/config");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, stats, ST_MAX, "@PIN_DIR@/stats");
+
+// Pod veths that are ports of a bridge: key = veth ifindex.
+struct port_entry {
+    __u32 bridge_ifindex;
+    __u8 mac[6];     // the bridge device's own MAC address
+    __u16 pad;
+};
+
+BPF_TABLE_PINNED("hash", __u32, struct port_entry, ports, 16384, "@PIN_DIR@/ports");
 
 struct flow {
     __u32 saddr;    // network byte order, as on the wire
@@ -131,7 +159,7 @@ static __always_inline void set_mark(struct __sk_buff *skb, struct capture_confi
 // A non-LISTEN socket of the node netns already owns this 4-tuple (proxy's accepted socket,
 // proxy's transparent upstream socket, request/timewait sockets): assign it. 1 = handled.
 static __always_inline int assign_established(struct __sk_buff *skb, struct flow *f,
-                                              struct capture_config *cfg) {
+                                              struct capture_config *cfg, __u32 stat) {
     struct bpf_sock_tuple tuple = {};
     tuple.ipv4.saddr = f->saddr;
     tuple.ipv4.daddr = f->daddr;
@@ -152,12 +180,16 @@ static __always_inline int assign_established(struct __sk_buff *skb, struct flow
         return 0;
     }
     set_mark(skb, cfg);
-    count(ST_ESTABLISHED);
+    count(stat);
     return 1;
 }
 
 // A new connection (SYN): hand it to the proxy listener on `port` (bound 0.0.0.0 or 127.0.0.1,
 // IP_TRANSPARENT). The lookup tuple's daddr is loopback so either binding matches.
+// Returns STEERED (assigned + marked), PASS (fail-open, untouched) or DROP (fail-closed).
+#define STEERED 1
+#define PASS 0
+#define DROP (-1)
 static __always_inline int to_listener(struct __sk_buff *skb, struct flow *f,
                                        struct capture_config *cfg, __u32 port, __u32 stat) {
     struct bpf_sock_tuple tuple = {};
@@ -176,16 +208,16 @@ static __always_inline int to_listener(struct __sk_buff *skb, struct flow *f,
     if (err == 0) {
         set_mark(skb, cfg);
         count(stat);
-        return TC_ACT_OK;
+        return STEERED;
     }
     if (lsk)
         count(ST_ASSIGN_ERROR);
     if (cfg->flags & CFG_FAIL_CLOSED) {
         count(ST_NO_LISTENER_DROP);
-        return TC_ACT_SHOT;
+        return DROP;
     }
     count(ST_NO_LISTENER_PASS);
-    return TC_ACT_OK;
+    return PASS;
 }
 
 static __always_inline int is_syn(struct flow *f) {
@@ -194,10 +226,42 @@ static __always_inline int is_syn(struct flow *f) {
 
 // Inbound port choice: HBONE (dport == hbone port) or plaintext.
 static __always_inline int to_inbound(struct __sk_buff *skb, struct flow *f,
-                                      struct capture_config *cfg) {
+                                      struct capture_config *cfg, __u32 plain, __u32 hbone) {
     if (f->dport == bpf_htons((__u16)cfg->hbone_port))
-        return to_listener(skb, f, cfg, cfg->hbone_port, ST_HBONE);
-    return to_listener(skb, f, cfg, cfg->inbound_port, ST_INBOUND);
+        return to_listener(skb, f, cfg, cfg->hbone_port, hbone);
+    return to_listener(skb, f, cfg, cfg->inbound_port, plain);
+}
+
+static __always_inline int verdict(int r) {
+    return r == DROP ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+// A packet steered on a bridge port must reach the node's IP stack through the bridge device:
+// address it to the bridge (see the header). Returns DROP if the rewrite failed: letting the
+// frame be forwarded at L2 with our socket assigned would bypass the proxy.
+static __always_inline int up_to_bridge(struct __sk_buff *skb, int r) {
+    if (r != STEERED)
+        return r;
+    __u32 ifindex = skb->ifindex;
+    struct port_entry *port = ports.lookup(&ifindex);
+    if (!port)
+        return r;  // routed veth (ptp): already addressed to this host
+    __u8 dst[6];
+    if (bpf_skb_load_bytes(skb, 0, dst, sizeof(dst)) < 0)
+        goto fail;
+    int same = 1;  // byte loop, not memcmp: bcc has no libc to call
+#pragma unroll
+    for (int i = 0; i < 6; i++)
+        if (dst[i] != port->mac[i])
+            same = 0;
+    if (same)
+        return r;  // addressed to the gateway (the bridge) already
+    if (bpf_skb_store_bytes(skb, 0, port->mac, sizeof(dst), 0) < 0)
+        goto fail;
+    return r;
+fail:
+    count(ST_ASSIGN_ERROR);
+    return DROP;
 }
 
 int capture_pod(struct __sk_buff *skb) {
@@ -223,13 +287,16 @@ int capture_pod(struct __sk_buff *skb) {
     if (!src_enrolled && !dst_enrolled)
         return TC_ACT_OK;  // non-mesh to non-mesh: untouched
 
-    if (assign_established(skb, &f, cfg))
-        return TC_ACT_OK;
+    if (assign_established(skb, &f, cfg, ST_ESTABLISHED))
+        return verdict(up_to_bridge(skb, STEERED));
     if (!is_syn(&f))
         return TC_ACT_OK;  // mid-flow packet with no local owner (e.g. pre-enrollment flow)
+    int r;
     if (src_enrolled)
-        return to_listener(skb, &f, cfg, cfg->outbound_port, ST_OUTBOUND);
-    return to_inbound(skb, &f, cfg);  // same-node non-mesh pod -> enrolled pod
+        r = to_listener(skb, &f, cfg, cfg->outbound_port, ST_OUTBOUND);
+    else
+        r = to_inbound(skb, &f, cfg, ST_INBOUND, ST_HBONE);  // same-node non-mesh -> enrolled
+    return verdict(up_to_bridge(skb, r));
 }
 
 int capture_uplink(struct __sk_buff *skb) {
@@ -245,9 +312,41 @@ int capture_uplink(struct __sk_buff *skb) {
     struct capture_config *cfg = config.lookup(&zero);
     if (!cfg)
         return TC_ACT_OK;
-    if (assign_established(skb, &f, cfg))
+    if (assign_established(skb, &f, cfg, ST_ESTABLISHED))
         return TC_ACT_OK;
     if (!is_syn(&f))
         return TC_ACT_OK;
-    return to_inbound(skb, &f, cfg);
+    return verdict(to_inbound(skb, &f, cfg, ST_INBOUND, ST_HBONE));
+}
+
+// Bridge device ingress: a packet capture_pod steered on one of the bridge's ports, passed up
+// by the bridge, possibly orphaned by br_netfilter on the way. Redo the same decision (the
+// kernel's socket tables decide, so it is the same one) and assign again. Everything without
+// our mark bit (non-mesh traffic, ports we are not attached to) passes untouched. Counters:
+// only ST_BRIDGE (the decision was counted once, on the veth), plus drops.
+int capture_bridge(struct __sk_buff *skb) {
+    struct flow f = {};
+    if (parse_ipv4(skb, &f) < 0)
+        return TC_ACT_OK;
+    if (f.proto != IPPROTO_TCP || !f.l4)
+        return TC_ACT_OK;
+    __u32 zero = 0;
+    struct capture_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return TC_ACT_OK;
+    if ((skb->mark & cfg->mask) != (cfg->mark & cfg->mask))
+        return TC_ACT_OK;
+    struct pod_entry *src = pods.lookup(&f.saddr);
+    int src_enrolled = src && (src->flags & POD_ENROLLED);
+    struct pod_entry *dst = pods.lookup(&f.daddr);
+    int dst_enrolled = dst && (dst->flags & POD_ENROLLED);
+    if (!src_enrolled && !dst_enrolled)
+        return TC_ACT_OK;  // unenrolled since the veth saw it: local delivery by mark only
+    if (assign_established(skb, &f, cfg, ST_BRIDGE))
+        return TC_ACT_OK;
+    if (!is_syn(&f))
+        return TC_ACT_OK;  // its owner closed in between: the TCP stack answers by 4-tuple
+    if (src_enrolled)
+        return verdict(to_listener(skb, &f, cfg, cfg->outbound_port, ST_BRIDGE));
+    return verdict(to_inbound(skb, &f, cfg, ST_BRIDGE, ST_BRIDGE));
 }

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -269,11 +269,21 @@ class Server:
 class Conn:
     """A client connection made from inside a namespace; `hello` is the server's greeting."""
 
-    def __init__(self, ns: str, dst: tuple[str, int], *, timeout: float = WAIT) -> None:
+    def __init__(
+        self,
+        ns: str,
+        dst: tuple[str, int],
+        *,
+        timeout: float = WAIT,
+        on_bound: Callable[[int], None] | None = None,
+    ) -> None:
         with entered(ns):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
+            if on_bound is not None:  # the client's port, known before its first packet
+                self.sock.bind(("0.0.0.0", 0))
+                on_bound(self.sock.getsockname()[1])
             self.sock.connect(dst)
             self.reader = self.sock.makefile("rb")
             line = self.reader.readline()
@@ -317,7 +327,8 @@ def connect_fails(ns: str, dst: tuple[str, int], timeout: float = 1.0) -> bool:
 class Proxy:
     """The node proxy stand-in subprocess (in the node netns) and its event stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: str | None = None) -> None:
+        self.node = node or NODE
         self.proc: subprocess.Popen[str] | None = None
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
 
@@ -327,7 +338,7 @@ class Proxy:
         self.proc = subprocess.Popen(
             [
                 "nsenter",
-                f"--net=/var/run/netns/{NODE}",
+                f"--net=/var/run/netns/{self.node}",
                 sys.executable,
                 __file__,
                 "proxy",
@@ -517,9 +528,11 @@ def test_install_is_idempotent_and_complete(capture: NodeCapture) -> None:
     assert {p.name for p in PIN_DIR.iterdir()} == {
         "capture_pod",
         "capture_uplink",
+        "capture_bridge",
         "pods",
         "config",
         "stats",
+        "ports",
     }
     assert set(capture.enrolled()) == {POD1_IP}
     assert capture.enrolled()[POD1_IP].host_ifname == "vp1"
