@@ -142,8 +142,9 @@ def test_clean_mesh_is_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_namespace_labelled_but_not_captured(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    running = "  annotations: {ambient.istio.io/redirection: pending}\nstatus:\n  phase: Running\n  podIP: 10.240.1.5"
-    captured = "  annotations: {ambient.istio.io/redirection: enabled}\nstatus:\n  phase: Running\n  podIP: 10.240.1.6"
+    status = "\nstatus:\n  phase: Running\n  podIP: 10.240.1.5"
+    running = "  annotations: {ambient.istio.io/redirection: pending}" + status
+    captured = "  annotations: {ambient.istio.io/redirection: enabled}" + status
     docs = [
         NS_AMBIENT,
         pod("stuck", extra=running),
@@ -151,7 +152,8 @@ def test_namespace_labelled_but_not_captured(
         pod("host").replace("  serviceAccountName", "  hostNetwork: true\n  serviceAccountName"),
         pod("optout", labels="{app: optout, istio.io/dataplane-mode: none}", extra=running),
         pod("notyet"),  # no status: not running yet, nothing to say
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: typo\n  labels: {istio.io/dataplane-mode: Ambient}",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: typo\n"
+        "  labels: {istio.io/dataplane-mode: Ambient}",
     ]
     code, msgs = run(capsys, "-d", str(write(tmp_path / "nc", docs)))
     assert code == 3
@@ -179,7 +181,8 @@ def test_service_bound_to_missing_waypoint(
         ),
         service("fine", labels="{istio.io/use-waypoint: waypoint}"),
         service("optout", labels="{istio.io/use-waypoint: none}"),
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: ingress, namespace: demo}\n"
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+        "metadata: {name: ingress, namespace: demo}\n"
         "spec: {gatewayClassName: nginx, listeners: [{name: http, port: 80, protocol: HTTP}]}",
         service("ingressed", labels="{istio.io/use-waypoint: ingress}"),
         pod("wl", labels="{app: wl, istio.io/use-waypoint: waypoint}"),
@@ -298,7 +301,8 @@ spec:
     # A workload-level PERMISSIVE override exempts the pod: quiet again.
     docs[3] = pod("curl", ns="legacy")
     docs.append(
-        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: echo, namespace: demo}\n"
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: echo, namespace: demo}\n"
         "spec: {selector: {matchLabels: {app: echo}}, mtls: {mode: PERMISSIVE}}"
     )
     code, msgs = run(capsys, "-d", str(write(tmp_path / "strict3", docs)))
@@ -321,9 +325,13 @@ def test_unreadable_objects_and_thresholds(
     assert {m["code"] for m in msgs} == {"AMB0001"}
     assert len(msgs) == 2
     # Threshold: warnings alone do not fail with --failure-threshold Error.
-    w = write(tmp_path / "warn", [NS_AMBIENT, NS_LEGACY, pod("echo"), pod("c", ns="legacy"),
-                                  "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
-                                  "metadata: {name: s, namespace: demo}\nspec: {mtls: {mode: STRICT}}"])  # fmt: skip
+    strict = (
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+        "metadata: {name: s, namespace: demo}\nspec: {mtls: {mode: STRICT}}"
+    )
+    w = write(
+        tmp_path / "warn", [NS_AMBIENT, NS_LEGACY, pod("echo"), pod("c", ns="legacy"), strict]
+    )
     assert main(["analyze", str(w), "--failure-threshold", "Error"]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("Warning [AMB0105] (PeerAuthentication demo/s)")
