@@ -37,8 +37,24 @@ def tree(p: argparse.ArgumentParser, path: str = "") -> dict[str, list[str]]:
     return out
 
 
+def option_choices(p: argparse.ArgumentParser, path: str = "") -> dict[str, list[str]]:
+    """ "<command path>|<option>" -> the option's choices (e.g. "analyze|-o" -> text json yaml)."""
+    out: dict[str, list[str]] = {}
+    for action in p._actions:
+        if action.option_strings and action.choices:
+            for opt in action.option_strings:
+                out[f"{path}|{opt}"] = [str(c) for c in action.choices]
+    for name, sub in _subparsers(p).items():
+        out.update(option_choices(sub, f"{path} {name}".strip()))
+    return out
+
+
 def bash(p: argparse.ArgumentParser) -> str:
     t = tree(p)
+    opts = "\n".join(
+        f"    {shlex.quote(key)}) words={shlex.quote(' '.join(c))} ;;"
+        for key, c in sorted(option_choices(p).items())
+    )
     cases = "\n".join(
         f"    {shlex.quote(path)}) words={shlex.quote(' '.join(w))} ;;"
         for path, w in sorted(t.items())
@@ -56,8 +72,13 @@ _ambientctl() {{
     if _ambientctl_known "${{path:+$path }}$w"; then path="${{path:+$path }}$w"; fi
   done
   words=""
-  case "$path" in
+  case "$path|${{COMP_WORDS[COMP_CWORD-1]}}" in
+{opts}
+    *)
+      case "$path" in
 {cases}
+      esac
+      ;;
   esac
   COMPREPLY=($(compgen -W "$words" -- "$cur"))
   [[ ${{#COMPREPLY[@]}} -eq 0 ]] && COMPREPLY=($(compgen -f -- "$cur"))
