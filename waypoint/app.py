@@ -1,18 +1,396 @@
-"""Entry point of `waypoint`: the waypoint (L7 proxy) is not built yet (issue #5 builds it).
+"""The `waypoint` process: the L7 proxy for the services/workloads bound to it.
 
-Until then the command refuses to run with a clear message instead of pretending to work.
+Owns: flags -> `WaypointSettings`, loading config, building the `WaypointContext`, the HBONE
+listeners, the admin listener (``/metrics``, ``/stats/prometheus``, ``/healthz/ready``,
+``/debug/config``, ``/debug/clusters``), SIGHUP reload (static mode), graceful drain on
+SIGTERM.
+
+Config channel (static mode, as the node proxy's ``--mesh-config``):
+- ``--mesh-config``: workloads/services/policies (the node proxy's file format); it names the
+  waypoint's own workload (``--workload-uid``, or found by its listen address) and, through
+  each Service's/Workload's ``waypoint``, which traffic the waypoint serves;
+- ``--config`` (repeatable): YAML files (multi-document, ``List`` accepted) with
+  VirtualService, DestinationRule, HTTPRoute and AuthorizationPolicy objects exactly as users
+  write them, plus optional ``kind: WorkloadLabels`` (uid -> labels) for subsets/selectors.
+A bad file on reload is refused and the running config kept (never half-applied).
+Certificates: signed by the mesh CA in ``--ca-dir`` (static mode), for the waypoint's own
+identity ``spiffe://<td>/ns/<namespace>/sa/<service-account>``.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meshcore.ca import MeshCA
+from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
+from meshcore.errors import ConfigError, MeshError
+from meshcore.hbone.pool import HbonePool
+from meshcore.l7.config import WaypointConfig, parse_objects
+from meshcore.l7.route import CompiledConfig
+from meshcore.model import load_mesh_config
+from meshcore.state import MeshState
+from waypoint.context import WaypointContext, WaypointSettings
+from waypoint.handler import Handler, Upstreams
+from waypoint.metrics import WaypointMetrics
+from waypoint.server import WaypointServer
+from waypoint.upstream import H1Upstreams, UpstreamPool
+
+log = logging.getLogger("waypoint")
 
 
-def main() -> int:
-    print(
-        "waypoint: the waypoint (L7 proxy) is not built yet (tracked in issue #5)", file=sys.stderr
+def load_l7_config(paths: Sequence[Path], domain_suffix: str = "cluster.local") -> WaypointConfig:
+    """Read every YAML document of `paths`; unreadable files are a ConfigError."""
+    docs: list[Any] = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
+        try:
+            docs.extend(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), f"invalid YAML: {exc}") from None
+    return parse_objects(docs, domain_suffix=domain_suffix)
+
+
+def make_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+def build_context(
+    settings: WaypointSettings,
+    state: MeshState,
+    config: WaypointConfig,
+    provider: CertificateProvider,
+) -> WaypointContext:
+    ctx: WaypointContext
+
+    async def client_context(identity: Any) -> Any:
+        return await ctx.client_context(identity)
+
+    ctx = WaypointContext(
+        settings=settings,
+        state=state,
+        config=CompiledConfig(config),
+        certs=CertificateManager(provider),
+        pool=HbonePool(
+            client_context,
+            trust_domain=settings.trust_domain,
+            connect_timeout=settings.connect_timeout,
+        ),
+        metrics=WaypointMetrics(),
     )
-    return 2
+    ctx.metrics.log_enabled = settings.access_log
+    ctx.warnings.extend(config.warnings)
+    return ctx
+
+
+@dataclass(slots=True)
+class _Admin:
+    server: asyncio.Server
+
+
+class Waypoint:
+    """One running waypoint: `start()`, then `drain()`."""
+
+    def __init__(self, ctx: WaypointContext) -> None:
+        self.ctx = ctx
+        loop_time = asyncio.get_running_loop().time
+        self.upstream_pool = UpstreamPool(
+            ctx.pool,
+            ctx.settings.identity,
+            clock=loop_time,
+            idle_timeout=ctx.settings.idle_timeout,
+        )
+        upstreams: dict[str, Upstreams] = {"http/1.1": H1Upstreams(self.upstream_pool)}
+        try:
+            from waypoint.http2 import H2Upstreams
+
+            upstreams["h2"] = H2Upstreams(ctx, self.upstream_pool)
+        except ImportError:  # pragma: no cover - HTTP/2 edge not present
+            pass
+        self.handler = Handler(ctx, upstreams)
+        self.server = WaypointServer(ctx, self.handler)
+        self.admin: asyncio.Server | None = None
+        self.ready = False
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        s = self.ctx.settings
+        if s.listen:
+            return list(s.listen)
+        me = self.ctx.me
+        if me is None:
+            raise ConfigError("--workload-uid", "the waypoint's workload is not in the mesh state")
+        return [(str(ip), 15008) for ip in me.addresses]
+
+    async def start(self, socks: list[socket.socket] | None = None) -> None:
+        ctx = self.ctx
+        ctx.certs.add(ctx.settings.identity)
+        self._tasks.append(asyncio.get_running_loop().create_task(ctx.certs.run()))
+        await ctx.certs.get(ctx.settings.identity)
+        if socks is None:
+            socks = [make_listener(h, p) for h, p in self.listen_addresses()]
+        bound = socks[0].getsockname()[0]
+        if bound not in ("0.0.0.0", "::"):
+            self.upstream_pool.source_ip = bound
+        self.server.start(socks)
+        if ctx.settings.admin is not None:
+            self.admin = await self._serve_admin(*ctx.settings.admin)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
+        self.ready = True
+        log.info(
+            "waypoint %s/%s ready on %s as %s", ctx.settings.namespace, ctx.settings.name,
+            ", ".join(f"{h}:{p}" for h, p in (s.getsockname()[:2] for s in socks)),
+            ctx.settings.identity,
+        )  # fmt: skip
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            self.upstream_pool.sweep()
+            self.ctx.pool.sweep(asyncio.get_running_loop().time())
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        self.ready = False
+        self.ctx.draining = True
+        self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for proto in list(self.server.protocols):
+            proto.close()  # GOAWAY: in-flight streams finish
+        while self.server.protocols and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for proto in list(self.server.protocols):
+            proto.abort()
+        self.upstream_pool.close_all()
+        self.ctx.pool.close_all()
+        for task in self._tasks:
+            task.cancel()
+        if self.admin is not None:
+            self.admin.close()
+
+    def debug_config(self) -> dict[str, Any]:
+        ctx = self.ctx
+        cfg = ctx.config.config
+        return {
+            "waypoint": {
+                "name": ctx.settings.name,
+                "namespace": ctx.settings.namespace,
+                "identity": str(ctx.settings.identity),
+                "workload": ctx.me.uid if ctx.me is not None else None,
+            },
+            "served_services": [s.key for s in ctx.state.services if ctx.is_me(s.waypoint)],
+            "route_tables": [
+                {
+                    "kind": t.kind,
+                    "name": f"{t.namespace}/{t.name}",
+                    "hosts": list(t.hosts),
+                    "routes": len(t.routes),
+                }
+                for t in cfg.route_tables
+            ],
+            "destination_rules": [
+                {
+                    "name": f"{d.namespace}/{d.name}",
+                    "host": d.host,
+                    "subsets": [s.name for s in d.subsets],
+                }
+                for d in cfg.destination_rules
+            ],
+            "policies": [
+                {"name": p.key, "action": p.action.value, "error": p.error} for p in cfg.policies
+            ],
+            "warnings": list(ctx.warnings),
+        }
+
+    def debug_clusters(self) -> list[dict[str, Any]]:
+        now = asyncio.get_running_loop().time()
+        out = []
+        for (_key, _subset, _port), (_gen, c) in sorted(self.ctx.clusters.items()):
+            out.append(
+                {
+                    "cluster": c.name,
+                    "active": c.active,
+                    "pending": c.pending,
+                    "overflows": c.overflows,
+                    "endpoints": [
+                        {
+                            "uid": e.uid, "address": f"{e.ip}:{e.port}", "active": e.active,
+                            "requests": e.requests, "ejected": e.ejected(now),
+                            "ejections": e.ejections,
+                        }
+                        for e in c.endpoints.values()
+                    ],
+                }
+            )  # fmt: skip
+        return out
+
+    async def _serve_admin(self, host: str, port: int) -> asyncio.Server:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                target = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[1]
+                path = target.split("?", 1)[0]
+                if path in ("/metrics", "/stats/prometheus"):
+                    status, ctype = 200, CONTENT_TYPE_LATEST
+                    body = generate_latest(self.ctx.metrics.registry)
+                elif path == "/healthz/ready":
+                    status, ctype = (200 if self.ready else 503), "text/plain"
+                    body = b"ready\n" if self.ready else b"not ready\n"
+                elif path == "/debug/config":
+                    status, ctype = 200, "application/json"
+                    body = json.dumps(self.debug_config(), indent=2).encode()
+                elif path == "/debug/clusters":
+                    status, ctype = 200, "application/json"
+                    body = json.dumps(self.debug_clusters(), indent=2).encode()
+                else:
+                    status, ctype, body = 404, "text/plain", b"not found\n"
+                writer.write(
+                    f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: "
+                    f"{len(body)}\r\nconnection: close\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+            except (TimeoutError, asyncio.IncompleteReadError, ValueError, OSError, IndexError):
+                pass
+            finally:
+                writer.close()
+
+        return await asyncio.start_server(handle, host, port, reuse_address=True)
+
+    def reload(self, mesh_config: Path | None, configs: Sequence[Path]) -> bool:
+        """SIGHUP: re-read both files; keep the running config if either is bad."""
+        try:
+            state = MeshState.from_config(load_mesh_config(mesh_config)) if mesh_config else None
+            cfg = load_l7_config(configs, self.ctx.settings.domain_suffix)
+        except (MeshError, OSError) as err:
+            log.error("reload refused, keeping the running config: %s", err)
+            return False
+        if state is not None:
+            self.ctx.set_state(state)
+        self.ctx.set_config(cfg)
+        self.ctx.warnings[:] = list(cfg.warnings)
+        log.info("config reloaded: %d route tables, %d destination rules, %d policies",
+                 len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
+        return True
+
+
+def _addr(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(what, f"{text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, argparse.Namespace]:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="waypoint", description="ambient-mesh waypoint (L7 proxy)")
+    p.add_argument("--name", default=env("WAYPOINT_NAME", "waypoint"), help="Gateway name")
+    p.add_argument("--namespace", default=env("POD_NAMESPACE", "default"))
+    p.add_argument("--service-account", default=env("SERVICE_ACCOUNT"),
+                   help="identity's service account (default: --name)")  # fmt: skip
+    p.add_argument("--workload-uid", default=env("WORKLOAD_UID", ""))
+    p.add_argument("--mesh-config", type=Path, default=env("MESH_CONFIG"),
+                   help="static workloads/services/policies (node proxy format)")  # fmt: skip
+    p.add_argument("--config", type=Path, action="append", default=[],
+                   help="YAML with VirtualService/DestinationRule/HTTPRoute/"
+                        "AuthorizationPolicy objects (repeatable)")  # fmt: skip
+    p.add_argument("--ca-dir", type=Path, default=env("CA_DIR"))
+    p.add_argument("--listen", action="append", default=[],
+                   help="HBONE listener host:port (default: own workload IPs :15008)")  # fmt: skip
+    p.add_argument("--admin", default=env("WAYPOINT_ADMIN", "127.0.0.1:15020"),
+                   help="metrics/debug/readiness host:port ('' = off)")  # fmt: skip
+    p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
+    p.add_argument("--domain-suffix", default="cluster.local")
+    p.add_argument("--cert-ttl", type=float, default=24 * 3600)
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--drain-timeout", type=float, default=5.0)
+    args = p.parse_args(argv)
+    if args.mesh_config is None:
+        p.error("--mesh-config is required (control-plane mode is not wired yet)")
+    if args.ca_dir is None:
+        p.error("--ca-dir is required in static mode")
+    settings = WaypointSettings(
+        name=args.name,
+        namespace=args.namespace,
+        service_account=args.service_account or args.name,
+        workload_uid=args.workload_uid,
+        trust_domain=args.trust_domain,
+        domain_suffix=args.domain_suffix,
+        listen=tuple(_addr(a, "--listen") for a in args.listen),
+        admin=_addr(args.admin, "--admin") if args.admin else None,
+        access_log=args.access_log,
+    )
+    return settings, args
+
+
+async def run(settings: WaypointSettings, args: argparse.Namespace) -> int:
+    state = MeshState.from_config(load_mesh_config(args.mesh_config))
+    config = load_l7_config(args.config, settings.domain_suffix)
+    for w in config.warnings:
+        log.warning("config: %s", w)
+    ca = MeshCA.load_or_create(args.ca_dir, trust_domain=settings.trust_domain)
+    provider = LocalCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
+    ctx = build_context(settings, state, config, provider)
+    wp = Waypoint(ctx)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, wp.stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: wp.reload(args.mesh_config, args.config))
+    await wp.start()
+    await wp.wait_stopped()
+    await wp.drain(args.drain_timeout)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            if os.environ.get("WAYPOINT_UVLOOP", "1") != "0":
+                return uvloop.run(run(settings, args))
+        return asyncio.run(run(settings, args))
+    except ConfigError as err:
+        print(f"waypoint: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

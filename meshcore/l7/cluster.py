@@ -1,0 +1,179 @@
+"""Per-destination ("cluster") accounting for the waypoint: load balancing, outlier detection
+and connection-pool limits, with the clock and randomness injected.
+
+Owns: `Cluster` (one service + subset + port), `EndpointStats` (per endpoint), and the
+decisions: `pick` (LB over the non-ejected endpoints), `record` (a request's outcome ->
+consecutive-error counters -> ejection), and `admit`/`release` (connectionPool limits).
+
+Semantics (Envoy, as Istio configures it from a DestinationRule):
+- LEAST_REQUEST: power of two random choices, fewer active requests wins; ROUND_ROBIN; RANDOM.
+- Outlier detection: ``consecutive5xxErrors`` 5xx responses (a connect failure or timeout counts
+  as 5xx and as a gateway error) in a row eject the endpoint for ``baseEjectionTime`` x the
+  number of times it was ejected; any non-5xx response resets the counters. At most
+  ``maxEjectionPercent`` of the endpoints are ejected at once, but at least one may be (Envoy).
+  Ejections end lazily at `pick` time once their deadline has passed (Envoy ends them at the
+  next ``interval`` tick; the difference is at most one interval, in our favour).
+  If every endpoint is ejected the cluster is in panic and balances over all of them (Envoy's
+  healthy panic threshold).
+- Connection pool: a request runs if fewer than min(tcp.maxConnections, http2MaxRequests)
+  requests are active on the cluster; otherwise it waits if fewer than
+  ``http1MaxPendingRequests`` are waiting, else it overflows (503, response flag UO).
+
+Invariants: counters never go negative; `release` is called exactly once per admitted request
+(the waypoint does it in a ``finally``).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from meshcore.identity import SpiffeId
+from meshcore.l7.config import LbPolicy, TrafficPolicy
+
+
+@dataclass(slots=True, kw_only=True)
+class EndpointStats:
+    uid: str
+    ip: str
+    port: int
+    """Target port on the workload."""
+    identity: SpiffeId
+    active: int = 0
+    consecutive_5xx: int = 0
+    consecutive_gateway: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
+    requests: int = 0
+
+    def ejected(self, now: float) -> bool:
+        return self.ejected_until > now
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointSpec:
+    uid: str
+    ip: str
+    port: int
+    identity: SpiffeId
+
+
+class Admission(enum.Enum):
+    GO = "go"
+    WAIT = "wait"
+    OVERFLOW = "overflow"
+
+
+@dataclass(slots=True)
+class Cluster:
+    name: str
+    """``<host>|<subset>|<port>`` for logs."""
+    policy: TrafficPolicy
+    endpoints: dict[str, EndpointStats] = field(default_factory=dict)
+    active: int = 0
+    pending: int = 0
+    overflows: int = 0
+    _rr: int = 0
+
+    def update(self, specs: Iterable[EndpointSpec], policy: TrafficPolicy) -> None:
+        """New endpoint set (from a new mesh state): counters of endpoints that stay are kept."""
+        self.policy = policy
+        fresh: dict[str, EndpointStats] = {}
+        for s in specs:
+            cur = self.endpoints.get(s.uid)
+            if cur is not None and (cur.ip, cur.port, cur.identity) == (s.ip, s.port, s.identity):
+                fresh[s.uid] = cur
+            else:
+                fresh[s.uid] = EndpointStats(uid=s.uid, ip=s.ip, port=s.port, identity=s.identity)
+        self.endpoints = fresh
+
+    # ---- load balancing ----------------------------------------------------------------------
+
+    def pick(
+        self, now: float, rng: random.Random, avoid: Collection[str] = ()
+    ) -> EndpointStats | None:
+        """An endpoint for the next try: not ejected, not in `avoid` (hosts that already failed
+        this request) unless nothing else is left."""
+        eps = sorted(self.endpoints.values(), key=lambda e: e.uid)
+        if not eps:
+            return None
+        usable = [e for e in eps if not e.ejected(now)] or eps  # all ejected: panic
+        fresh = [e for e in usable if e.uid not in avoid] or usable
+        lb = self.policy.lb
+        if len(fresh) == 1:
+            return fresh[0]
+        if lb is LbPolicy.RANDOM:
+            return rng.choice(fresh)
+        if lb is LbPolicy.ROUND_ROBIN or lb is LbPolicy.PASSTHROUGH:
+            self._rr = (self._rr + 1) % len(fresh)
+            return fresh[self._rr]
+        a, b = rng.sample(fresh, 2)
+        return a if a.active <= b.active else b
+
+    # ---- outlier detection -------------------------------------------------------------------
+
+    def record(self, ep: EndpointStats, status: int | None, now: float) -> bool:
+        """Record a try's outcome (`status` None = connect failure/reset/timeout, counted as a
+        503 gateway error). Returns True if this outcome ejected the endpoint."""
+        ep.requests += 1
+        od = self.policy.outlier
+        code = 503 if status is None else status
+        if code < 500:
+            ep.consecutive_5xx = 0
+            ep.consecutive_gateway = 0
+            return False
+        ep.consecutive_5xx += 1
+        if code in (502, 503, 504):
+            ep.consecutive_gateway += 1
+        if od is None or ep.ejected(now):
+            return False
+        hit = (od.consecutive_5xx and ep.consecutive_5xx >= od.consecutive_5xx) or (
+            od.consecutive_gateway and ep.consecutive_gateway >= od.consecutive_gateway
+        )
+        if not hit:
+            return False
+        ejected_now = sum(1 for e in self.endpoints.values() if e.ejected(now))
+        limit = max(1, int(len(self.endpoints) * od.max_ejection_percent / 100))
+        if ejected_now >= limit:
+            return False
+        ep.ejections += 1
+        ep.ejected_until = now + od.base_ejection_time * ep.ejections
+        ep.consecutive_5xx = 0
+        ep.consecutive_gateway = 0
+        return True
+
+    # ---- connection pool -----------------------------------------------------------------------
+
+    @property
+    def max_active(self) -> int:
+        pool = self.policy.pool
+        return min(pool.max_connections, pool.max_requests)
+
+    def admit(self) -> Admission:
+        """GO: counted as active now. WAIT: counted as pending; call `promote` when woken.
+        OVERFLOW: rejected (503 UO)."""
+        if self.active < self.max_active and self.pending == 0:
+            self.active += 1
+            return Admission.GO
+        if self.pending < self.policy.pool.max_pending:
+            self.pending += 1
+            return Admission.WAIT
+        self.overflows += 1
+        return Admission.OVERFLOW
+
+    def can_promote(self) -> bool:
+        return self.active < self.max_active
+
+    def promote(self) -> None:
+        """A waiting request becomes active."""
+        self.pending -= 1
+        self.active += 1
+
+    def abandon(self) -> None:
+        """A waiting request gave up (timeout or client gone)."""
+        self.pending = max(0, self.pending - 1)
+
+    def release(self) -> None:
+        self.active = max(0, self.active - 1)

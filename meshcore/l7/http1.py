@@ -1,0 +1,482 @@
+"""Sans-I/O HTTP/1.1 message codec (RFC 9112) for a proxy: parse requests or responses from
+bytes into events, and serialise heads and body framing.
+
+Owns: `Http1Parser` (one direction of one connection: requests from a client, or responses from
+a server), its events (`RequestHead`, `ResponseHead`, `Body`, `EndOfMessage`), and the encoders.
+
+Invariants:
+- Bodies are never reassembled: `Body` events carry the bytes as they arrive (bounded by what
+  the caller fed), so a proxy streams a body of any size in constant memory.
+- Message framing follows RFC 9112 §6.3 exactly; anything ambiguous is a `HttpParseError`
+  (status 400 for requests, 502 for responses) instead of a guess, which closes the request
+  smuggling holes a proxy would otherwise open: Transfer-Encoding together with Content-Length,
+  several differing Content-Length values, a Transfer-Encoding other than a final "chunked",
+  obs-fold (§5.2), whitespace before the colon (§5.1), bare LF line ends in the head.
+- Header names are lower-cased (they are case-insensitive, RFC 9110 §5.1); order and repeats
+  are kept.
+- The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
+  message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
+  loop).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from meshcore.errors import MeshError
+
+MAX_HEAD = 64 * 1024
+"""Largest request/response head accepted (Envoy's default max_request_headers_kb is 60)."""
+MAX_CHUNK_LINE = 4096
+
+Headers = tuple[tuple[str, str], ...]
+
+# RFC 9110 §5.6.2 token characters.
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+
+
+class HttpParseError(MeshError):
+    """Malformed HTTP/1.1. `status` is what a proxy answers (400 from a client, 502 upstream)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Role(enum.Enum):
+    REQUEST = "request"
+    """Parse requests (the server side of a connection)."""
+    RESPONSE = "response"
+    """Parse responses (the client side)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestHead:
+    method: str
+    target: str
+    """Request target as sent (origin-form ``/path?query`` normally)."""
+    version: str
+    """``HTTP/1.1`` or ``HTTP/1.0``."""
+    headers: Headers
+    chunked: bool
+    """Body framed with chunked transfer coding."""
+    content_length: int | None
+    """Body length when framed by Content-Length (None if chunked or no body)."""
+
+    @property
+    def keep_alive(self) -> bool:
+        return _keep_alive(self.version, self.headers)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResponseHead:
+    status: int
+    reason: str
+    version: str
+    headers: Headers
+    chunked: bool
+    content_length: int | None
+    until_close: bool
+    """Body delimited by the connection closing (RFC 9112 §6.3 rule 8)."""
+
+    @property
+    def informational(self) -> bool:
+        """1xx: another head follows for the same request (RFC 9110 §15.2)."""
+        return 100 <= self.status < 200
+
+    @property
+    def keep_alive(self) -> bool:
+        return not self.until_close and _keep_alive(self.version, self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfMessage:
+    trailers: Headers = ()
+
+
+Event = RequestHead | ResponseHead | Body | EndOfMessage
+
+
+def header_value(headers: Sequence[tuple[str, str]], name: str) -> str | None:
+    """All values of `name` joined with ", " (RFC 9110 §5.3), or None if absent."""
+    values = [v for k, v in headers if k == name]
+    return ", ".join(values) if values else None
+
+
+def _tokens(value: str | None) -> list[str]:
+    return [t.strip().lower() for t in value.split(",")] if value else []
+
+
+def _keep_alive(version: str, headers: Headers) -> bool:
+    conn = _tokens(header_value(headers, "connection"))
+    if version == "HTTP/1.0":
+        return "keep-alive" in conn
+    return "close" not in conn
+
+
+class _State(enum.Enum):
+    HEAD = 0
+    LENGTH = 1
+    CHUNK_SIZE = 2
+    CHUNK_DATA = 3
+    CHUNK_CRLF = 4
+    TRAILERS = 5
+    UNTIL_CLOSE = 6
+    DONE = 7
+
+
+class Http1Parser:
+    """Parse one direction of an HTTP/1.1 connection. `feed` bytes, then call `next_event`
+    until it returns None (needs more data)."""
+
+    def __init__(self, role: Role, *, max_head: int = MAX_HEAD) -> None:
+        self.role = role
+        self.max_head = max_head
+        self._buf = bytearray()
+        self._state = _State.HEAD
+        self._remaining = 0
+        self._eof = False
+        self._trailers: list[tuple[str, str]] = []
+        self._request_method: str | None = None
+        self._error_status = 400 if role is Role.REQUEST else 502
+
+    # ---- input -------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def feed_eof(self) -> None:
+        self._eof = True
+
+    def expect_response_to(self, method: str) -> None:
+        """Response role: the method of the request this response answers (HEAD: no body,
+        CONNECT 2xx: tunnel, RFC 9112 §6.3 rules 1-2)."""
+        self._request_method = method
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def idle(self) -> bool:
+        """Between messages with nothing buffered."""
+        return self._state is _State.HEAD and not self._buf
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        """The next event, or None when more bytes are needed. Raises HttpParseError, and
+        raises it for a message cut short by EOF."""
+        st = self._state
+        if st is _State.HEAD:
+            return self._head()
+        if st is _State.LENGTH:
+            if not self._buf:
+                if self._eof:
+                    raise self._fail("connection closed inside a Content-Length body")
+                return None
+            n = min(self._remaining, len(self._buf))
+            data = bytes(self._buf[:n])
+            del self._buf[:n]
+            self._remaining -= n
+            if self._remaining == 0:
+                self._state = _State.DONE
+            return Body(data)
+        if st is _State.UNTIL_CLOSE:
+            if self._buf:
+                data = bytes(self._buf)
+                self._buf.clear()
+                return Body(data)
+            if self._eof:
+                return self._end(())
+            return None
+        if st is _State.DONE:
+            return self._end(())
+        return self._chunked()
+
+    def _fail(self, message: str) -> HttpParseError:
+        return HttpParseError(message, self._error_status)
+
+    def _end(self, trailers: Headers) -> EndOfMessage:
+        self._state = _State.HEAD
+        self._trailers = []
+        return EndOfMessage(trailers)
+
+    def _head(self) -> Event | None:
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a request.
+            while self._buf.startswith(b"\r\n"):
+                del self._buf[:2]
+            if len(self._buf) > self.max_head:
+                raise HttpParseError("message head too large", 431 if self._request_role else 502)
+            if self._eof and self._buf:
+                raise self._fail("connection closed inside a message head")
+            return None
+        if end > self.max_head:
+            raise HttpParseError("message head too large", 431 if self._request_role else 502)
+        raw = bytes(self._buf[:end])
+        del self._buf[: end + 4]
+        raw = raw.lstrip(b"\r\n")
+        lines = raw.split(b"\r\n")
+        if any(b"\n" in line or b"\r" in line for line in lines):
+            raise self._fail("bare CR or LF in the message head")
+        headers = self._fields(lines[1:])
+        if self._request_role:
+            return self._request(lines[0], headers)
+        return self._response(lines[0], headers)
+
+    @property
+    def _request_role(self) -> bool:
+        return self.role is Role.REQUEST
+
+    def _fields(self, lines: Sequence[bytes]) -> Headers:
+        out: list[tuple[str, str]] = []
+        for line in lines:
+            if line[:1] in (b" ", b"\t"):
+                raise self._fail("obsolete line folding (RFC 9112 §5.2)")
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.match(name):
+                raise self._fail(f"malformed header field {line[:40]!r}")
+            try:
+                text = value.strip(b" \t").decode("latin-1")
+            except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
+                raise self._fail("undecodable header value") from None
+            if "\x00" in text:
+                raise self._fail("NUL in a header value")
+            out.append((name.decode("ascii").lower(), text))
+        return tuple(out)
+
+    def _framing(self, headers: Headers) -> tuple[bool, int | None]:
+        """(chunked, content_length) per RFC 9112 §6.3."""
+        te = _tokens(header_value(headers, "transfer-encoding"))
+        cls = [v for k, v in headers if k == "content-length"]
+        if te:
+            if cls:
+                raise self._fail("both Transfer-Encoding and Content-Length (§6.3 rule 3)")
+            if te[-1] != "chunked" or te.count("chunked") != 1:
+                raise self._fail(f"unsupported Transfer-Encoding {te!r}")
+            if te != ["chunked"]:
+                raise HttpParseError(f"unsupported transfer coding {te!r}", 501)
+            return True, None
+        if cls:
+            values = {v.strip() for c in cls for v in c.split(",")}
+            if len(values) != 1:
+                raise self._fail("conflicting Content-Length values (§6.3 rule 5)")
+            text = values.pop()
+            if not text.isdigit() or len(text) > 18:
+                raise self._fail(f"bad Content-Length {text!r}")
+            return False, int(text)
+        return False, None
+
+    def _request(self, line: bytes, headers: Headers) -> RequestHead:
+        parts = line.split(b" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+            raise self._fail(f"malformed request line {line[:60]!r}")
+        version = parts[2].decode("ascii", "replace")
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise HttpParseError(f"unsupported HTTP version {version!r}", 505)
+        method = parts[0].decode("ascii")
+        target = parts[1].decode("ascii", "replace")
+        if version == "HTTP/1.1" and header_value(headers, "host") is None:
+            raise self._fail("HTTP/1.1 request without Host (RFC 9112 §3.2)")
+        chunked, length = self._framing(headers)
+        if chunked:
+            self._state = _State.CHUNK_SIZE
+        elif length:
+            self._state, self._remaining = _State.LENGTH, length
+        else:
+            self._state = _State.DONE  # §6.3 rule 6: no framing = no body for a request
+        return RequestHead(
+            method=method,
+            target=target,
+            version=version,
+            headers=headers,
+            chunked=chunked,
+            content_length=length,
+        )
+
+    def _response(self, line: bytes, headers: Headers) -> ResponseHead:
+        parts = line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise self._fail(f"malformed status line {line[:60]!r}")
+        version = parts[0].decode("ascii")
+        status = int(parts[1])
+        if not 100 <= status <= 999:
+            raise self._fail(f"bad status {status}")
+        reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+        chunked, length, until_close = False, None, False
+        no_body = (
+            100 <= status < 200
+            or status in (204, 304)
+            or self._request_method == "HEAD"
+            or (self._request_method == "CONNECT" and 200 <= status < 300)
+        )
+        if no_body:
+            self._state = _State.DONE
+        else:
+            chunked, length = self._framing(headers)
+            if chunked:
+                self._state = _State.CHUNK_SIZE
+            elif length is not None:
+                if length:
+                    self._state, self._remaining = _State.LENGTH, length
+                else:
+                    self._state = _State.DONE
+            else:
+                self._state, until_close = _State.UNTIL_CLOSE, True
+        return ResponseHead(
+            status=status,
+            reason=reason,
+            version=version,
+            headers=headers,
+            chunked=chunked,
+            content_length=length,
+            until_close=until_close,
+        )
+
+    def _chunked(self) -> Event | None:
+        """RFC 9112 §7.1: chunk-size [ext] CRLF data CRLF ... 0 CRLF trailers CRLF."""
+        while True:
+            st = self._state
+            if st is _State.CHUNK_SIZE:
+                eol = self._buf.find(b"\r\n")
+                if eol < 0:
+                    if len(self._buf) > MAX_CHUNK_LINE:
+                        raise self._fail("chunk size line too long")
+                    return self._need_more()
+                line = bytes(self._buf[:eol]).split(b";", 1)[0].strip(b" \t")
+                del self._buf[: eol + 2]
+                if (
+                    not line
+                    or len(line) > 15
+                    or any(c not in b"0123456789abcdefABCDEF" for c in line)
+                ):
+                    raise self._fail(f"bad chunk size {line[:20]!r}")
+                size = int(line, 16)
+                if size == 0:
+                    self._state = _State.TRAILERS
+                else:
+                    self._state, self._remaining = _State.CHUNK_DATA, size
+            elif st is _State.CHUNK_DATA:
+                if not self._buf:
+                    return self._need_more()
+                n = min(self._remaining, len(self._buf))
+                data = bytes(self._buf[:n])
+                del self._buf[:n]
+                self._remaining -= n
+                if self._remaining == 0:
+                    self._state = _State.CHUNK_CRLF
+                return Body(data)
+            elif st is _State.CHUNK_CRLF:
+                if len(self._buf) < 2:
+                    return self._need_more()
+                if self._buf[:2] != b"\r\n":
+                    raise self._fail("chunk data not followed by CRLF")
+                del self._buf[:2]
+                self._state = _State.CHUNK_SIZE
+            else:  # TRAILERS
+                eol = self._buf.find(b"\r\n")
+                if eol < 0:
+                    if len(self._buf) > self.max_head:
+                        raise self._fail("trailer section too large")
+                    return self._need_more()
+                line = bytes(self._buf[:eol])
+                del self._buf[: eol + 2]
+                if not line:
+                    return self._end(tuple(self._trailers))
+                self._trailers.extend(self._fields([line]))
+
+    def _need_more(self) -> Event | None:
+        if self._eof:
+            raise self._fail("connection closed inside a chunked body")
+        return None
+
+
+# ---- encoders ----------------------------------------------------------------------------------
+
+
+def strip_hop_by_hop(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Remove hop-by-hop fields (RFC 9110 §7.6.1), including those named by Connection."""
+    named = set(_tokens(header_value(headers, "connection")))
+    return [(k, v) for k, v in headers if k not in _HOP_BY_HOP and k not in named]
+
+
+def _head_bytes(first: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    parts = [first]
+    for k, v in headers:
+        if "\r" in v or "\n" in v or "\x00" in v:
+            raise HttpParseError(f"header {k!r} value contains CR/LF/NUL", 500)
+        parts.append(f"{k}: {v}")
+    parts.append("\r\n")
+    return "\r\n".join(parts).encode("latin-1")
+
+
+def encode_request_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    return _head_bytes(f"{method} {target} HTTP/1.1", headers)
+
+
+def encode_response_head(status: int, reason: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    return _head_bytes(f"HTTP/1.1 {status} {reason or reason_phrase(status)}", headers)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+
+
+def encode_last_chunk(trailers: Sequence[tuple[str, str]] = ()) -> bytes:
+    return b"0\r\n" + b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in trailers) + b"\r\n"
+
+
+_REASONS = {
+    100: "Continue",
+    101: "Switching Protocols",
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")

@@ -1,0 +1,210 @@
+"""Runtime context of one waypoint process.
+
+Owns: `WaypointSettings` (parsed once from flags), and `WaypointContext`: the current mesh
+state and compiled L7 config (each swapped by one assignment; readers see old or new, never
+half), the waypoint's certificate manager and HBONE pool (the WAYPOINT's identity is the one
+presented upstream), telemetry, the clusters (LB / outlier / pool counters) and the lookups the
+handler needs (which services this waypoint serves, service by hostname, subset endpoints).
+
+Invariant: clusters are rebuilt lazily when the state or config generation changes; their
+counters survive for endpoints that stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from meshcore.certs import CertificateManager
+from meshcore.hbone.pool import HbonePool
+from meshcore.identity import SpiffeId
+from meshcore.l7.authz import WaypointIdentity
+from meshcore.l7.cluster import Cluster, EndpointSpec
+from meshcore.l7.config import (
+    DestinationPolicy,
+    TrafficPolicy,
+    WaypointConfig,
+    labels_match,
+)
+from meshcore.l7.route import CompiledConfig, labels_of
+from meshcore.model import GatewayAddress, Service, Workload
+from meshcore.state import MeshState
+from meshcore.tls import ContextCache
+from waypoint.metrics import WaypointMetrics
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointSettings:
+    """Settings of one waypoint process."""
+
+    name: str
+    """The waypoint Gateway's name (policy targetRefs, labels)."""
+    namespace: str
+    """The waypoint's namespace (and its identity's)."""
+    service_account: str
+    """Service account of the waypoint's identity."""
+    workload_uid: str = ""
+    """The waypoint's own workload in the mesh state (its address, which services bind it).
+    Empty: found by address among `listen` addresses."""
+    trust_domain: str = "cluster.local"
+    network: str = ""
+    domain_suffix: str = "cluster.local"
+    listen: tuple[tuple[str, int], ...] = ()
+    """HBONE listeners (ip, 15008)."""
+    admin: tuple[str, int] | None = None
+    """Metrics/debug/readiness HTTP listener; None = off."""
+    body_buffer: int = 64 * 1024
+    """Request bytes kept for retries and mirrors (Envoy's per-request buffer limit idea)."""
+    max_h2_streams: int = 100
+    """Upstream HTTP/2 streams per tunnel before another tunnel is opened."""
+    idle_timeout: float = 60.0
+    """Idle upstream HTTP/1.1 connections are closed after this."""
+    connect_timeout: float = 5.0
+    access_log: bool = True
+
+    @property
+    def identity(self) -> SpiffeId:
+        return SpiffeId(
+            trust_domain=self.trust_domain,
+            namespace=self.namespace,
+            service_account=self.service_account,
+        )
+
+    @property
+    def waypoint(self) -> WaypointIdentity:
+        return WaypointIdentity(
+            name=self.name,
+            namespace=self.namespace,
+            labels=(
+                ("gateway.networking.k8s.io/gateway-name", self.name),
+                ("istio.io/gateway-name", self.name),
+            ),
+        )
+
+
+@dataclass(slots=True)
+class WaypointContext:
+    settings: WaypointSettings
+    state: MeshState
+    config: CompiledConfig
+    certs: CertificateManager
+    pool: HbonePool
+    metrics: WaypointMetrics
+    contexts: ContextCache = field(default_factory=ContextCache)
+    rng: random.Random = field(default_factory=random.Random)
+    generation: int = 0
+    clusters: dict[tuple[str, str, int], tuple[int, Cluster]] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)
+    _svc_by_host: dict[str, Service] = field(default_factory=dict)
+    _svc_gen: int = -1
+    connections: set[asyncio.Transport] = field(default_factory=set)
+    draining: bool = False
+
+    # ---- updates ---------------------------------------------------------------------------
+
+    def set_state(self, state: MeshState) -> None:
+        self.state = state
+        self.generation += 1
+
+    def set_config(self, config: WaypointConfig) -> None:
+        self.config = CompiledConfig(config)
+        self.generation += 1
+
+    # ---- TLS -------------------------------------------------------------------------------
+
+    async def server_context(self) -> ssl.SSLContext:
+        return self.contexts.server(await self.certs.get(self.settings.identity))
+
+    async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        return self.contexts.client(await self.certs.get(identity))
+
+    # ---- lookups ---------------------------------------------------------------------------
+
+    def warn_once(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            self.warnings.append(message)
+
+    @property
+    def me(self) -> Workload | None:
+        s = self.settings
+        if s.workload_uid:
+            return self.state.workload(s.workload_uid)
+        for host, _ in s.listen:
+            wl = self.state.workload_by_address(host, s.network)
+            if wl is not None:
+                return wl
+        return None
+
+    def is_me(self, gw: GatewayAddress | None) -> bool:
+        """Whether a service's/workload's waypoint binding names this waypoint."""
+        if gw is None:
+            return False
+        me = self.me
+        if me is None:
+            return False
+        if gw.address is not None:
+            if gw.address.address in me.addresses:
+                return True
+            svc = self.state.service_by_vip(gw.address.address, gw.address.network)
+        elif gw.hostname is not None:
+            svc = self.state.service(gw.hostname.key)
+        else:
+            return False
+        return svc is not None and any(ep.workload.uid == me.uid for ep in self.state.endpoints(
+            svc.key))  # fmt: skip
+
+    def service_by_host(self, host: str) -> Service | None:
+        if self._svc_gen != self.generation:
+            self._svc_by_host = {s.hostname: s for s in self.state.services}
+            self._svc_gen = self.generation
+        return self._svc_by_host.get(host)
+
+    def labels(self, wl: Workload) -> Mapping[str, str]:
+        return labels_of(wl.uid, wl.canonical_name, wl.canonical_revision, self.config)
+
+    def cluster(self, svc: Service, subset: str, port: int) -> Cluster:
+        """The cluster for (service, subset, service port), refreshed for the current
+        generation. Unknown subset: ``version: <subset>`` (warned once)."""
+        key = (svc.key, subset, port)
+        cur = self.clusters.get(key)
+        if cur is not None and cur[0] == self.generation:
+            return cur[1]
+        dr: DestinationPolicy | None = self.config.destination_rule(svc.hostname)
+        policy = dr.policy_for(subset, port) if dr is not None else TrafficPolicy()
+        selector: tuple[tuple[str, str], ...] = ()
+        if subset:
+            sub = dr.subset(subset) if dr is not None else None
+            if sub is None:
+                self.warn_once(
+                    f"no DestinationRule defines subset {subset!r} of {svc.hostname}: "
+                    f"selecting version={subset}"
+                )
+                selector = (("version", subset),)
+            else:
+                selector = sub.labels
+        specs = []
+        svc_port = svc.port(port)
+        if svc_port is not None:
+            for ep in self.state.endpoints(svc.key):
+                wl = ep.workload
+                if not ep.healthy or wl.network != self.settings.network or not wl.addresses:
+                    continue
+                target = ep.target_port(svc_port)
+                if target is None:
+                    continue
+                if selector and not labels_match(selector, self.labels(wl)):
+                    continue
+                specs.append(
+                    EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=target,
+                                 identity=wl.identity)
+                )  # fmt: skip
+        cluster = cur[1] if cur is not None else Cluster(
+            name=f"{svc.hostname}|{subset}|{port}", policy=policy)  # fmt: skip
+        cluster.update(specs, policy)
+        self.clusters[key] = (self.generation, cluster)
+        return cluster

@@ -1,0 +1,597 @@
+"""Per-request processing at the waypoint, for both HTTP/1.1 and HTTP/2 edges.
+
+Owns: the order of operations for one request and their I/O:
+  1. `RequestInfo` (normalised path, verified source identity, source workload + labels)
+  2. L7 authorization (`meshcore.l7.authz`): denied -> 403 ``RBAC: access denied``; the request
+     (and its body) never goes upstream
+  3. route selection (`meshcore.l7.route`): none -> 404 (NR)
+  4. direct response / redirect; fault injection (delay, abort)
+  5. weighted destination -> cluster (service + subset + port) -> connection-pool admission
+     (503 UO on overflow)
+  6. tries: endpoint pick (LB, outlier ejection, avoiding hosts that failed this request),
+     per-try timeout, retry conditions, jittered back-off; whole-request timeout (504 UT)
+  7. mirrors (fire and forget, from the replay buffer), response header edits, streaming of the
+     response to the client, telemetry (one record per request), trace context.
+
+The protocol edges (`waypoint.http1`, `waypoint.http2`) only parse and frame; every decision is
+taken by the pure functions in `meshcore.l7` and carried out here. Errors are translated to a
+response at exactly one place (`serve`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from meshcore.identity import SpiffeId
+from meshcore.l7.authz import applicable, evaluate
+from meshcore.l7.cluster import Admission, Cluster, EndpointStats
+from meshcore.l7.config import NO_RETRY, Destination, HttpRoute, RetryPolicy
+from meshcore.l7.route import (
+    RequestInfo,
+    RouteChoice,
+    default_route,
+    normalize_path,
+    pick_destination,
+    redirect_location,
+    rewrite_target,
+    select_route,
+)
+from meshcore.l7.trace import next_traceparent
+from meshcore.model import Service, Workload
+from waypoint.body import Downstream, ReplayBody, Request
+from waypoint.context import WaypointContext
+from waypoint.errors import (
+    FaultAbort,
+    Forbidden,
+    NoHealthyUpstream,
+    NoRoute,
+    Overflow,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+    WaypointError,
+)
+from waypoint.metrics import RequestRecord
+
+log = logging.getLogger("waypoint")
+
+_GRPC_RETRY = {
+    "1": "cancelled",
+    "4": "deadline-exceeded",
+    "8": "resource-exhausted",
+    "13": "internal",
+    "14": "unavailable",
+}
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: list[tuple[str, str]]
+    content_length: int | None
+
+    @property
+    def trailers(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def body_bytes(self) -> int: ...
+
+    async def read(self) -> bytes: ...
+
+    def finish(self) -> None: ...
+
+
+class Upstreams(Protocol):
+    """What the handler needs from the upstream side (per protocol)."""
+
+    async def send(
+        self, req: Request, ep: EndpointStats, *, target: str, authority: str,
+        headers: list[tuple[str, str]], replay: ReplayBody, connect_timeout: float,
+    ) -> UpstreamResponse: ...  # fmt: skip
+
+
+class Tunnel:
+    """Facts about the HBONE tunnel a request arrived in."""
+
+    __slots__ = ("peer_identity", "peer_ip", "service", "target_ip", "target_port", "workload")
+
+    def __init__(
+        self,
+        *,
+        peer_identity: SpiffeId | None,
+        peer_ip: str,
+        target_ip: str,
+        target_port: int,
+        service: Service | None,
+        workload: Workload | None,
+    ) -> None:
+        self.peer_identity = peer_identity
+        self.peer_ip = peer_ip
+        self.target_ip = target_ip
+        self.target_port = target_port
+        self.service = service
+        self.workload = workload
+        """The addressed workload when the tunnel targets a workload (not a service)."""
+
+
+def retriable(policy: RetryPolicy, status: int | None, grpc_status: str | None) -> bool:
+    """Whether a try's outcome is retried (Envoy retry_on semantics). `status` None = connect
+    failure; -1 = reset before headers; -2 = per-try timeout."""
+    on = policy.retry_on
+    if status is None:
+        return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
+    if status == -1:
+        return bool(on & {"reset", "5xx", "refused-stream"})
+    if status == -2:
+        return bool(on & {"5xx", "gateway-error", "reset"})
+    if "5xx" in on and status >= 500:
+        return True
+    if "gateway-error" in on and status in (502, 503, 504):
+        return True
+    if "retriable-4xx" in on and status == 409:
+        return True
+    if "retriable-status-codes" in on and status in policy.status_codes:
+        return True
+    return grpc_status is not None and _GRPC_RETRY.get(grpc_status, "") in on
+
+
+def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
+    return next((v for k, v in headers if k == "grpc-status"), None)
+
+
+class Handler:
+    def __init__(self, ctx: WaypointContext, upstreams: dict[str, Upstreams]) -> None:
+        self.ctx = ctx
+        self.upstreams = upstreams
+        self._waiters: dict[str, asyncio.Condition] = {}
+        self.mirrors: set[asyncio.Task[None]] = set()
+
+    def _loop_time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    # ---- entry -----------------------------------------------------------------------------
+
+    async def serve(self, req: Request, down: Downstream, tunnel: Tunnel) -> RequestRecord:
+        ctx = self.ctx
+        rec = RequestRecord(
+            start=self._loop_time(),
+            method=req.method,
+            authority=req.authority,
+            protocol="grpc" if req.grpc else "http",
+            source_ip=tunnel.peer_ip,
+            source_principal=str(tunnel.peer_identity) if tunnel.peer_identity else "",
+        )
+        replay = ReplayBody(req.body, ctx.settings.body_buffer)
+        try:
+            await self._serve(req, down, tunnel, rec, replay)
+        except WaypointError as err:
+            rec.status = err.status
+            rec.flags = err.flag
+            rec.error = str(err)
+            if not down.head_sent:
+                with contextlib.suppress(ConnectionError):
+                    await self._local_reply(down, req, err.status, err.body, err)
+            else:
+                down.reset()
+        except (ConnectionError, TimeoutError) as err:
+            # The client went away (or broke the stream) mid-request.
+            rec.error = rec.error or f"downstream: {err or type(err).__name__}"
+            rec.flags = "DC" if rec.flags == "-" else rec.flags
+            if not rec.status:
+                rec.status = 0
+            down.reset()
+        except Exception as err:  # a bug must not take the waypoint down; reset this request
+            log.exception("request failed")
+            rec.error = f"internal: {err}"
+            rec.status = rec.status or 500
+            if not down.head_sent:
+                with contextlib.suppress(Exception):
+                    await self._local_reply(down, req, 500, "internal error", None)
+            else:
+                down.reset()
+        rec.request_bytes = replay.total
+        ctx.metrics.record(rec, self._loop_time())
+        return rec
+
+    async def _local_reply(
+        self, down: Downstream, req: Request, status: int, text: str, err: WaypointError | None
+    ) -> None:
+        body = text.encode()
+        headers: list[tuple[str, str]] = [("content-type", "text/plain"), ("server", "waypoint")]
+        if isinstance(err, Overflow):
+            headers.append(("x-envoy-overloaded", "true"))
+        if req.grpc:
+            # gRPC clients read grpc-status; map like Envoy's local replies (RFC-less convention:
+            # 403 PERMISSION_DENIED 7, 404 UNIMPLEMENTED 12, 503 UNAVAILABLE 14, 504 DEADLINE 4).
+            code = {403: "7", 404: "12", 503: "14", 504: "4", 429: "14"}.get(status, "13")
+            await down.send_head(
+                200, [("content-type", "application/grpc"), ("grpc-status", code),
+                      ("grpc-message", text)], content_length=None, end=True,
+            )  # fmt: skip
+            return
+        if req.method == "HEAD":
+            await down.send_head(status, headers, content_length=len(body), end=True)
+            return
+        await down.send_head(status, headers, content_length=len(body))
+        await down.send_data(body)
+        await down.send_end()
+
+    # ---- the request -----------------------------------------------------------------------
+
+    def _source(self, tunnel: Tunnel) -> Workload | None:
+        """The source workload: the one at the peer address, only if its identity is the
+        verified peer identity (an address alone proves nothing)."""
+        src = self.ctx.state.workload_by_address(tunnel.peer_ip, self.ctx.settings.network)
+        if src is None or tunnel.peer_identity is None or src.identity != tunnel.peer_identity:
+            return None
+        return src
+
+    def _info(self, req: Request, tunnel: Tunnel, path: str) -> RequestInfo:
+        ctx = self.ctx
+        src = self._source(tunnel)
+        principal = None
+        ns = None
+        if tunnel.peer_identity is not None:
+            principal = str(tunnel.peer_identity).removeprefix("spiffe://")
+            ns = tunnel.peer_identity.namespace
+        return RequestInfo(
+            method=req.method,
+            path=path,
+            authority=req.authority,
+            scheme=req.scheme,
+            headers=tuple(req.headers),
+            port=tunnel.target_port,
+            source_principal=principal,
+            source_ip=tunnel.peer_ip,
+            source_namespace=ns,
+            source_labels=ctx.labels(src) if src is not None else {},
+            destination_ip=tunnel.target_ip,
+        )
+
+    async def _serve(
+        self, req: Request, down: Downstream, tunnel: Tunnel, rec: RequestRecord,
+        replay: ReplayBody,
+    ) -> None:  # fmt: skip
+        ctx = self.ctx
+        path = normalize_path(req.target)
+        rec.path = path
+        info = self._info(req, tunnel, path)
+        rec.source = self._source(tunnel)
+        svc = tunnel.service
+        if svc is not None:
+            rec.service_host, rec.service_name = svc.hostname, svc.name
+            rec.service_namespace = svc.namespace
+
+        # 2. authorization, before anything can reach the app.
+        policies = applicable(
+            ctx.config.policies,
+            ctx.settings.waypoint,
+            svc.name if svc is not None else None,
+            svc.namespace if svc is not None else None,
+        )
+        if policies:
+            decision = evaluate(policies, info)
+            rec.policy = decision.policy
+            if not decision.allowed:
+                rec.error = decision.reason
+                # Do not read the denied body into the app; drain a little for keep-alive.
+                raise Forbidden(decision.reason)
+
+        # 3. routing.
+        if svc is not None:
+            routes = ctx.config.routes_for(svc.hostname)
+            choice = select_route(routes, info) if routes else RouteChoice(
+                route=default_route(svc.hostname, tunnel.target_port), match=None)  # fmt: skip
+        else:
+            choice = RouteChoice(route=default_route("", tunnel.target_port), match=None)
+        if choice is None:
+            raise NoRoute(f"no route of {svc.hostname if svc else '?'} matches {path}")
+        route = choice.route
+        rec.route = f"{route.source}:{route.name}" if route.name else route.source
+
+        # 4. local answers and faults.
+        if route.direct_status is not None:
+            await self._direct(down, req, route.direct_status, route.direct_body, rec)
+            return
+        if route.redirect is not None:
+            location = redirect_location(route.redirect, choice, info, tunnel.target_port)
+            rec.status = route.redirect.code
+            await down.send_head(
+                route.redirect.code, [("location", location), ("server", "waypoint")],
+                content_length=0, end=True,
+            )  # fmt: skip
+            return
+        fault = route.fault
+        if fault is not None:
+            if fault.delay is not None and ctx.rng.random() * 100 < fault.delay_percent:
+                rec.flags = "DI"
+                await asyncio.sleep(fault.delay)
+            if fault.abort_status is not None and ctx.rng.random() * 100 < fault.abort_percent:
+                raise FaultAbort(fault.abort_status)
+
+        # 5. destination.
+        dest = pick_destination(route.destinations, ctx.rng)
+        await self._forward(req, down, tunnel, rec, replay, info, choice, dest)
+
+    async def _direct(
+        self, down: Downstream, req: Request, status: int, body: str, rec: RequestRecord
+    ) -> None:
+        rec.status = status
+        data = body.encode()
+        await down.send_head(status, [("content-type", "text/plain")], content_length=len(data),
+                             end=not data)  # fmt: skip
+        if data:
+            await down.send_data(data)
+            await down.send_end()
+
+    def _destination(
+        self, dest: Destination, tunnel: Tunnel
+    ) -> tuple[Service | None, Workload | None, int]:
+        port = dest.port or tunnel.target_port
+        if not dest.host:
+            return None, tunnel.workload, port
+        svc = self.ctx.service_by_host(dest.host)
+        if svc is None:
+            raise NoHealthyUpstream(f"unknown destination host {dest.host}")
+        if dest.port is None and svc.port(port) is None and len(svc.ports) == 1:
+            port = svc.ports[0].service_port
+        return svc, None, port
+
+    def _request_headers(
+        self, req: Request, route: HttpRoute, dest: Destination, rec: RequestRecord
+    ) -> list[tuple[str, str]]:
+        headers = list(req.headers)
+        traceparent, trace_id, span = next_traceparent(
+            next((v for k, v in headers if k == "traceparent"), None), self.ctx.rng
+        )
+        rec.trace_id, rec.span_id = trace_id, span
+        headers = [(k, v) for k, v in headers if k != "traceparent"]
+        headers.append(("traceparent", traceparent))
+        if not any(k == "x-request-id" for k, _ in headers):
+            headers.append(("x-request-id", str(uuid.UUID(int=self.ctx.rng.getrandbits(128)))))
+        if not route.request_headers.empty:
+            headers = route.request_headers.apply(headers)
+        if not dest.request_headers.empty:
+            headers = dest.request_headers.apply(headers)
+        return headers
+
+    async def _forward(
+        self, req: Request, down: Downstream, tunnel: Tunnel, rec: RequestRecord,
+        replay: ReplayBody, info: RequestInfo, choice: RouteChoice, dest: Destination,
+    ) -> None:  # fmt: skip
+        ctx = self.ctx
+        route = choice.route
+        svc, wl, port = self._destination(dest, tunnel)
+        if svc is not None:
+            cluster = ctx.cluster(svc, dest.subset, port)
+        else:
+            cluster = self._workload_cluster(wl, port)
+        target = rewrite_target(choice, info.path)
+        authority = route.rewrite.authority if route.rewrite and route.rewrite.authority else (
+            req.authority)  # fmt: skip
+        headers = self._request_headers(req, route, dest, rec)
+        if req.expect_continue:
+            await down.send_continue()
+        for mirror in route.mirrors:
+            if ctx.rng.random() * 100 < mirror.percent:
+                self._start_mirror(req, mirror.destination, tunnel, target, authority, headers,
+                                   replay)  # fmt: skip
+
+        # 5b. connection-pool admission for the whole request (not per try).
+        await self._admit(cluster)
+        try:
+            async with asyncio.timeout(route.timeout):
+                resp = await self._tries(req, rec, cluster, route.retries, target, authority,
+                                         headers, replay)  # fmt: skip
+                await self._respond(resp, down, rec, route, dest, req)
+        except TimeoutError:
+            raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
+        finally:
+            cluster.release()
+            self._wake(cluster)
+
+    def _workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
+        from meshcore.l7.cluster import EndpointSpec
+        from meshcore.l7.config import TrafficPolicy
+
+        if wl is None or not wl.addresses:
+            raise NoHealthyUpstream("no destination workload")
+        key = (f"workload/{wl.uid}", "", port)
+        cur = self.ctx.clusters.get(key)
+        cluster = cur[1] if cur else Cluster(name=f"{wl.uid}|{port}", policy=TrafficPolicy())
+        cluster.update(
+            [EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=port, identity=wl.identity)],
+            cluster.policy,
+        )
+        self.ctx.clusters[key] = (self.ctx.generation, cluster)
+        return cluster
+
+    async def _admit(self, cluster: Cluster) -> None:
+        adm = cluster.admit()
+        if adm is Admission.GO:
+            return
+        if adm is Admission.OVERFLOW:
+            raise Overflow(f"{cluster.name}: connection pool overflow")
+        cond = self._waiters.setdefault(cluster.name, asyncio.Condition())
+        try:
+            async with cond:
+                await cond.wait_for(cluster.can_promote)
+                cluster.promote()
+        except BaseException:
+            cluster.abandon()
+            raise
+
+    def _wake(self, cluster: Cluster) -> None:
+        cond = self._waiters.get(cluster.name)
+        if cond is None:
+            return
+
+        async def notify() -> None:
+            async with cond:
+                cond.notify(1)
+
+        if cluster.pending:
+            asyncio.get_running_loop().create_task(notify())
+
+    async def _tries(
+        self, req: Request, rec: RequestRecord, cluster: Cluster, policy: RetryPolicy,
+        target: str, authority: str, headers: list[tuple[str, str]], replay: ReplayBody,
+    ) -> UpstreamResponse:  # fmt: skip
+        ctx = self.ctx
+        upstream = self.upstreams[req.protocol]
+        avoid: list[str] = []
+        if req.has_body and not replay.replayable:
+            policy = NO_RETRY
+        attempt = 0
+        while True:
+            attempt += 1
+            rec.attempts = attempt
+            now = self._loop_time()
+            ep = cluster.pick(now, ctx.rng, avoid)
+            if ep is None:
+                raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
+            rec.upstream = f"{ep.ip}:{ep.port}"
+            ep.active += 1
+            outcome: int | None
+            error: WaypointError
+            resp: UpstreamResponse | None = None
+            try:
+                async with asyncio.timeout(policy.per_try_timeout):
+                    resp = await upstream.send(
+                        req, ep, target=target, authority=authority, headers=headers,
+                        replay=replay, connect_timeout=cluster.policy.pool.connect_timeout,
+                    )  # fmt: skip
+                outcome = resp.status
+                error = UpstreamProtocolError("unreachable")
+            except TimeoutError:
+                outcome, error = -2, UpstreamTimeout("per-try timeout")
+            except UpstreamConnectError as err:
+                outcome, error = None, err
+            except UpstreamReset as err:
+                outcome, error = -1, err
+            except UpstreamProtocolError as err:
+                outcome, error = 502, err
+            ejected = cluster.record(ep, outcome if outcome is None or outcome > 0 else None,
+                                     self._loop_time())  # fmt: skip
+            if ejected:
+                log.info("outlier detection ejected %s (%s)", ep.uid, cluster.name)
+            grpc = _grpc_status(resp.headers) if resp is not None else None
+            may_retry = (
+                attempt <= policy.attempts
+                and (not req.has_body or replay.replayable)
+                and retriable(policy, outcome, grpc)
+            )
+            if resp is not None and not may_retry:
+                self._track(resp, ep, rec)
+                return resp
+            ep.active -= 1
+            if resp is not None:
+                resp.finish()  # not reused: we drop the rest of this response
+            if not may_retry:
+                raise error
+            avoid.append(ep.uid)
+            # Envoy: fully jittered back-off, base 25 ms doubling, capped at 10x base.
+            cap = min(policy.backoff_base * 10, policy.backoff_base * (2 ** (attempt - 1)))
+            await asyncio.sleep(ctx.rng.uniform(0, cap))
+
+    def _track(self, resp: UpstreamResponse, ep: EndpointStats, rec: RequestRecord) -> None:
+        """The answering endpoint: telemetry; its active count drops when the body ends."""
+        wl = self.ctx.state.workload(ep.uid)
+        rec.destination = wl
+        rec.destination_principal = str(ep.identity)
+        orig = resp.finish
+
+        def finish() -> None:
+            ep.active = max(0, ep.active - 1)
+            orig()
+
+        resp.finish = finish  # type: ignore[method-assign]
+
+    async def _respond(
+        self, resp: UpstreamResponse, down: Downstream, rec: RequestRecord, route: HttpRoute,
+        dest: Destination, req: Request,
+    ) -> None:  # fmt: skip
+        try:
+            rec.status = resp.status
+            headers = resp.headers
+            if not route.response_headers.empty:
+                headers = route.response_headers.apply(headers)
+            if not dest.response_headers.empty:
+                headers = dest.response_headers.apply(headers)
+            grpc = _grpc_status(headers)
+            no_body = req.method == "HEAD" or resp.status in (204, 304)
+            await down.send_head(resp.status, headers, content_length=resp.content_length,
+                                 end=False)  # fmt: skip
+            while chunk := await resp.read():
+                await down.send_data(chunk)
+            rec.response_bytes = resp.body_bytes
+            grpc = grpc or _grpc_status(resp.trailers)
+            rec.grpc_status = grpc or ""
+            del no_body
+            await down.send_end(resp.trailers)
+        except WaypointError:
+            raise
+        finally:
+            resp.finish()
+
+    # ---- mirrors ---------------------------------------------------------------------------
+
+    def _start_mirror(
+        self, req: Request, dest: Destination, tunnel: Tunnel, target: str, authority: str,
+        headers: list[tuple[str, str]], replay: ReplayBody,
+    ) -> None:  # fmt: skip
+        task = asyncio.get_running_loop().create_task(
+            self._mirror(req, dest, tunnel, target, authority, headers, replay)
+        )
+        self.mirrors.add(task)
+        task.add_done_callback(self.mirrors.discard)
+
+    async def _mirror(
+        self, req: Request, dest: Destination, tunnel: Tunnel, target: str, authority: str,
+        headers: list[tuple[str, str]], replay: ReplayBody,
+    ) -> None:  # fmt: skip
+        """Fire and forget: the copy goes once the body is complete and fits the buffer;
+        the authority gets ``-shadow`` appended (Envoy); the response is dropped."""
+        try:
+            if req.has_body:
+                async with asyncio.timeout(30):
+                    await replay.finished.wait()
+                if not replay.replayable:
+                    return
+            svc, wl, port = self._destination(dest, tunnel)
+            cluster = self.ctx.cluster(svc, dest.subset, port) if svc is not None else (
+                self._workload_cluster(wl, port))  # fmt: skip
+            ep = cluster.pick(self._loop_time(), self.ctx.rng)
+            if ep is None:
+                return
+            host, sep, p = authority.rpartition(":")
+            shadow = f"{host}-shadow:{p}" if sep and p.isdigit() else f"{authority}-shadow"
+            copy = ReplayBody(_Kept(replay), self.ctx.settings.body_buffer)
+            async with asyncio.timeout(30):
+                resp = await self.upstreams[req.protocol].send(
+                    req, ep, target=target, authority=shadow, headers=headers, replay=copy,
+                    connect_timeout=5.0,
+                )  # fmt: skip
+                try:
+                    while await resp.read():
+                        pass
+                finally:
+                    resp.finish()
+        except Exception as err:  # mirrors never affect the real request
+            log.debug("mirror to %s failed: %s", dest.host, err)
+
+
+class _Kept:
+    """A body source over a complete replay buffer."""
+
+    def __init__(self, replay: ReplayBody) -> None:
+        self._chunks = list(replay.chunks)
+        self.trailers = replay.trailers
+
+    async def read(self) -> bytes:
+        return self._chunks.pop(0) if self._chunks else b""

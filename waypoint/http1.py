@@ -1,0 +1,224 @@
+"""HTTP/1.1 inside an HBONE tunnel (downstream side): keep-alive request loop.
+
+Owns: reading requests with `meshcore.l7.http1.Http1Parser` from a `TunnelIO`, handing each to
+`waypoint.handler.Handler`, and framing its response (`H1Downstream`): Content-Length when the
+upstream gave one, else chunked (HTTP/1.1 clients) or close-delimited (HTTP/1.0).
+
+Invariants:
+- One request at a time per connection (pipelined requests wait in the parser's buffer), so
+  responses go out in request order (RFC 9112 §9.3.2).
+- A request whose body was not read to the end (denied, answered early) is drained up to
+  64 KiB for keep-alive; past that the connection is closed instead of reading a body nobody
+  wants.
+- A malformed request gets its status (400/431/501/505) and ``connection: close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+from meshcore.l7 import http1
+from waypoint.body import EmptyBody, Request
+from waypoint.handler import Handler, Tunnel
+from waypoint.tunnel import TunnelIO
+
+DRAIN_LIMIT = 64 * 1024
+
+
+class _Reader:
+    def __init__(self, io: TunnelIO, first: bytes) -> None:
+        self.io = io
+        self.parser = http1.Http1Parser(http1.Role.REQUEST)
+        self.parser.feed(first)
+        self.eof = False
+
+    async def next_event(self) -> http1.Event | None:
+        """Next event; None = clean EOF between requests."""
+        while True:
+            ev = self.parser.next_event()
+            if ev is not None:
+                return ev
+            if self.eof:
+                return None
+            data = await self.io.read()
+            if data:
+                self.parser.feed(data)
+            else:
+                self.eof = True
+                if self.parser.idle:
+                    return None
+                self.parser.feed_eof()
+
+
+class H1Body:
+    """The body of the current request (a `BodySource`)."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+        self.trailers: tuple[tuple[str, str], ...] = ()
+        self.finished = False
+
+    async def read(self) -> bytes:
+        if self.finished:
+            return b""
+        ev = await self.reader.next_event()
+        if isinstance(ev, http1.Body):
+            return ev.data
+        if isinstance(ev, http1.EndOfMessage):
+            self.finished = True
+            self.trailers = ev.trailers
+            return b""
+        raise ConnectionResetError("request body cut short")
+
+
+class H1Downstream:
+    """A `Downstream` writing one HTTP/1.1 response."""
+
+    def __init__(self, io: TunnelIO, head: http1.RequestHead) -> None:
+        self.io = io
+        self.method = head.method
+        self.version = head.version
+        self.keep_alive = head.keep_alive
+        self.head_sent = False
+        self.ended = False
+        self.was_reset = False
+        self.chunked = False
+        self.bytes = 0
+
+    async def send_head(
+        self, status: int, headers: Sequence[tuple[str, str]], *, content_length: int | None,
+        end: bool = False,
+    ) -> None:  # fmt: skip
+        out = [(k, v) for k, v in http1.strip_hop_by_hop(headers) if k != "content-length"]
+        bodyless = self.method == "HEAD" or status in (204, 304) or status < 200
+        if content_length is not None and status not in (204, 304):
+            out.append(("content-length", str(content_length)))
+        elif not bodyless and not end:
+            if self.version == "HTTP/1.1":
+                out.append(("transfer-encoding", "chunked"))
+                self.chunked = True
+            else:
+                self.keep_alive = False  # close-delimited body (RFC 9112 §6.3 rule 8)
+        elif end and not bodyless:
+            out.append(("content-length", "0"))
+        if not self.keep_alive:
+            out.append(("connection", "close"))
+        self.io.write(http1.encode_response_head(status, "", out))
+        self.head_sent = True
+        if end:
+            await self.send_end()
+        else:
+            await self.io.drain()
+
+    async def send_data(self, data: bytes) -> None:
+        if not data or self.method == "HEAD":
+            return
+        self.bytes += len(data)
+        self.io.write(http1.encode_chunk(data) if self.chunked else data)
+        await self.io.drain()
+
+    async def send_end(self, trailers: Sequence[tuple[str, str]] = ()) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.chunked:
+            self.io.write(http1.encode_last_chunk(trailers))
+
+    async def send_continue(self) -> None:
+        self.io.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def reset(self) -> None:
+        self.was_reset = True
+        self.io.reset()
+
+
+def _split_target(target: str, host: str) -> tuple[str, str]:
+    """(authority, origin-form target); absolute-form is accepted (RFC 9112 §3.2.2)."""
+    lower = target[:8].lower()
+    if lower.startswith(("http://", "https://")):
+        rest = target.split("://", 1)[1]
+        authority, slash, path = rest.partition("/")
+        return authority, "/" + path if slash else "/"
+    return host, target
+
+
+async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes) -> None:
+    reader = _Reader(io, first)
+    while True:
+        try:
+            ev = await reader.next_event()
+        except http1.HttpParseError as err:
+            await _refuse(io, err.status, str(err))
+            return
+        except ConnectionResetError:
+            return
+        if ev is None:
+            io.write_eof()
+            return
+        if not isinstance(ev, http1.RequestHead):
+            await _refuse(io, 400, "expected a request head")
+            return
+        head = ev
+        host = http1.header_value(head.headers, "host") or ""
+        authority, target = _split_target(head.target, host)
+        expect = (http1.header_value(head.headers, "expect") or "").lower() == "100-continue"
+        has_body = head.chunked or bool(head.content_length)
+        body = H1Body(reader) if has_body else None
+        if body is None:
+            end = reader.parser.next_event()  # a bodiless request ends right after its head
+            assert isinstance(end, http1.EndOfMessage)
+        req = Request(
+            protocol="http/1.1",
+            method=head.method,
+            target=target,
+            authority=authority,
+            scheme="http",
+            headers=[
+                (k, v)
+                for k, v in http1.strip_hop_by_hop(head.headers)
+                if k not in ("host", "content-length", "expect")
+            ],
+            body=body if body is not None else EmptyBody(),
+            has_body=has_body,
+            content_length=head.content_length if not head.chunked else None,
+            expect_continue=expect and has_body,
+        )
+        down = H1Downstream(io, head)
+        await handler.serve(req, down, tunnel)
+        if down.was_reset or io.was_reset:
+            return
+        if not down.head_sent:  # cannot happen: serve always answers or resets
+            io.reset()
+            return
+        if body is not None and not body.finished and not await _drain(body):
+            down.keep_alive = False
+        if not down.keep_alive:
+            io.write_eof()
+            return
+
+
+async def _drain(body: H1Body) -> bool:
+    read = 0
+    try:
+        async with asyncio.timeout(1.0):
+            while chunk := await body.read():
+                read += len(chunk)
+                if read > DRAIN_LIMIT:
+                    return False
+    except (TimeoutError, ConnectionError, http1.HttpParseError):
+        return False
+    return True
+
+
+async def _refuse(io: TunnelIO, status: int, message: str) -> None:
+    body = f"{http1.reason_phrase(status)}: {message}".encode()
+    with contextlib.suppress(ConnectionError):
+        io.write(
+            http1.encode_response_head(
+                status, "", [("content-length", str(len(body))), ("connection", "close")]
+            )
+            + body
+        )
+        io.write_eof()

@@ -1,0 +1,166 @@
+"""The waypoint's HBONE server: accept mTLS on 15008, take CONNECT tunnels, dispatch HTTP.
+
+Owns: the accept loop (sockets we create, like the node proxy's), the TLS handshake with the
+WAYPOINT's certificate and verification of the SOURCE's (`meshcore.hbone.aio.accept_tls`: chain
++ trust domain; the peer identity is what L7 policy sees), and per CONNECT stream:
+- the target (``:authority`` = service VIP:port, or a workload IP:port) must be a service or
+  workload bound to this waypoint, else 400 (nothing is forwarded); a service port it does not
+  declare -> 400;
+- then 200, and the first bytes decide the protocol: the HTTP/2 connection preface
+  (RFC 9113 §3.4, prior knowledge: h2c, gRPC) -> `waypoint.http2`; otherwise HTTP/1.1 ->
+  `waypoint.http1`.
+
+Invariant: nothing reaches an upstream before the tunnel's target was checked and, per
+request, L7 policy allowed it (in the handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
+from meshcore.hbone.connection import Role
+from meshcore.model import ip_from_text
+from waypoint.context import WaypointContext
+from waypoint.handler import Handler, Tunnel
+from waypoint.http1 import serve_h1
+from waypoint.tunnel import TunnelIO
+
+log = logging.getLogger("waypoint.server")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def parse_authority(authority: str) -> tuple[str, int] | None:
+    host, sep, port = authority.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    host = host.strip("[]")
+    try:
+        ip_from_text(host)
+    except ValueError:
+        return None
+    return host, int(port)
+
+
+class WaypointServer:
+    def __init__(self, ctx: WaypointContext, handler: Handler) -> None:
+        self.ctx = ctx
+        self.handler = handler
+        self._accepts: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.socks: list[socket.socket] = []
+        self.protocols: set[HboneProtocol] = set()
+        self.refused = 0
+
+    def start(self, socks: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        self.socks = socks
+        for sock in socks:
+            self._accepts.append(loop.create_task(self._accept_loop(sock)))
+
+    def close(self) -> None:
+        for t in self._accepts:
+            t.cancel()
+        for s in self.socks:
+            s.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as err:
+                log.warning("accept failed: %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._handshake(conn))
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        ctx = self.ctx
+        peer_ip = conn.getpeername()[0]
+        try:
+            tls = await ctx.server_context()
+        except Exception as err:
+            log.warning("no certificate for %s: %s", ctx.settings.identity, err)
+            conn.close()
+            return
+        proto = HboneProtocol(
+            Role.SERVER,
+            trust_domain=ctx.settings.trust_domain,
+            expected=None,
+            on_request=lambda stream: self._spawn(self._tunnel(stream, peer_ip)),
+            on_close=self.protocols.discard,
+        )
+        try:
+            await accept_tls(conn, tls, proto)
+        except Exception as err:
+            log.info("HBONE handshake from %s failed: %s", peer_ip, err)
+            return
+        self.protocols.add(proto)
+
+    def _target(self, authority: str) -> Tunnel | str:
+        """The tunnel's target, or why it is refused."""
+        ctx = self.ctx
+        parsed = parse_authority(authority)
+        if parsed is None:
+            return f"bad :authority {authority!r}"
+        ip, port = parsed
+        net = ctx.settings.network
+        svc = ctx.state.service_by_vip(ip, net)
+        if svc is not None:
+            if not ctx.is_me(svc.waypoint):
+                return f"service {svc.key} is not bound to this waypoint"
+            if svc.port(port) is None:
+                return f"service {svc.key} has no port {port}"
+            return Tunnel(peer_identity=None, peer_ip="", target_ip=ip, target_port=port,
+                          service=svc, workload=None)  # fmt: skip
+        wl = ctx.state.workload_by_address(ip, net)
+        if wl is not None and ctx.is_me(wl.waypoint):
+            return Tunnel(peer_identity=None, peer_ip="", target_ip=ip, target_port=port,
+                          service=None, workload=wl)  # fmt: skip
+        return f"{ip}:{port} is not a service or workload served by this waypoint"
+
+    async def _tunnel(self, stream: HboneStream, peer_ip: str) -> None:
+        target = self._target(stream.authority)
+        if isinstance(target, str):
+            self.refused += 1
+            log.info("CONNECT %s from %s refused: %s", stream.authority, peer_ip, target)
+            stream.respond(400)
+            return
+        target.peer_identity = stream.peer_identity
+        target.peer_ip = peer_ip
+        io = TunnelIO()
+        io.bind(stream)
+        stream.respond(200)
+        try:
+            first = await io.read()
+            if not first:
+                io.write_eof()
+                return
+            while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
+                more = await io.read()
+                if not more:
+                    break
+                first += more
+            if first.startswith(H2_PREFACE):
+                from waypoint.http2 import serve_h2
+
+                await serve_h2(self.handler, io, target, first)
+            else:
+                await serve_h1(self.handler, io, target, first)
+        except ConnectionError:
+            io.reset()
+        except Exception:
+            log.exception("tunnel %s failed", stream.authority)
+            io.reset()

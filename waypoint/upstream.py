@@ -1,0 +1,357 @@
+"""Upstream side of the waypoint: requests to a chosen endpoint over HBONE, with the
+WAYPOINT's identity, through the endpoint's node proxy (:authority ``endpoint_ip:target_port``).
+
+Owns: `UpstreamPool` (idle HTTP/1.1 connections per endpoint, each one HBONE CONNECT stream on
+a pooled mTLS connection from `meshcore.hbone.pool.HbonePool`), `H1Exchange` (one request
+written and its response read, bodies streamed), and the mapping of failures to the error tree:
+the CONNECT refused or the TLS/TCP connect failing -> `UpstreamConnectError` (retry condition
+connect-failure), a reset or EOF before the response head -> `UpstreamReset` (reset), a bad
+response -> `UpstreamProtocolError`.
+
+Invariants:
+- A connection goes back to the idle list only when its response was read to the end, the
+  request body was fully written, and both sides said keep-alive; anything else resets the
+  tunnel stream (never a half-read connection reused).
+- A request that fails on a REUSED idle connection before any response byte is retried once
+  on a fresh connection when its body can be replayed (the server may have closed the idle
+  connection as we reused it, RFC 9112 §9.3.1 retry of idempotent/unsent requests).
+- The request body is pumped concurrently with reading the response (a server may answer
+  before reading everything) with backpressure from the tunnel's send window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.hbone.pool import HbonePool, PoolKey
+from meshcore.identity import SpiffeId
+from meshcore.l7 import http1
+from meshcore.l7.cluster import EndpointStats
+from waypoint.body import ReplayBody, Request
+from waypoint.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamReset
+from waypoint.tunnel import TunnelIO
+
+HBONE_PORT = 15008
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointKey:
+    ip: str
+    port: int
+    identity: SpiffeId
+
+
+class H1Conn:
+    """An HTTP/1.1 connection to one endpoint, carried by one HBONE stream."""
+
+    def __init__(self, key: EndpointKey, io: TunnelIO) -> None:
+        self.key = key
+        self.io = io
+        self.parser = http1.Http1Parser(http1.Role.RESPONSE)
+        self.requests = 0
+        self.idle_since = 0.0
+        self.eof = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.eof and not self.io.closed and not self.io.sent_eof and self.parser.idle
+
+    async def next_event(self) -> http1.Event:
+        """The next response event; ConnectionResetError if the stream ends between
+        messages."""
+        while True:
+            ev = self.parser.next_event()
+            if ev is not None:
+                return ev
+            if self.eof:
+                raise ConnectionResetError("upstream closed the connection")
+            data = await self.io.read()
+            if data:
+                self.parser.feed(data)
+            else:
+                self.eof = True
+                self.parser.feed_eof()
+
+
+class H1Response:
+    """The response of one exchange; read the body with `read()`, then `finish()`."""
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        conn: H1Conn,
+        head: http1.ResponseHead,
+        pump: asyncio.Task[None],
+        keep_alive_request: bool,
+    ) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.head = head
+        self.status = head.status
+        self.headers = list(head.headers)
+        self.content_length = head.content_length
+        self.trailers: tuple[tuple[str, str], ...] = ()
+        self.done = False
+        self.body_bytes = 0
+        self._pump = pump
+        self._keep_alive_request = keep_alive_request
+        self._finished = False
+
+    async def read(self) -> bytes:
+        if self.done:
+            return b""
+        try:
+            ev = await self.conn.next_event()
+        except http1.HttpParseError as err:
+            raise UpstreamProtocolError(str(err)) from err
+        if isinstance(ev, http1.Body):
+            self.body_bytes += len(ev.data)
+            return ev.data
+        if isinstance(ev, http1.EndOfMessage):
+            self.done = True
+            self.trailers = ev.trailers
+            return b""
+        raise UpstreamProtocolError("unexpected message head inside a response body")
+
+    def finish(self) -> None:
+        """Release the connection: back to the idle list if cleanly reusable, else reset."""
+        if self._finished:
+            return
+        self._finished = True
+        pump_ok = self._pump.done() and not self._pump.cancelled() and (
+            self._pump.exception() is None)  # fmt: skip
+        if not self._pump.done():
+            self._pump.cancel()
+        elif not self._pump.cancelled():
+            self._pump.exception()  # retrieved: failures were handled by the caller
+        if self.done and pump_ok and self.head.keep_alive and self._keep_alive_request:
+            self.pool.release(self.conn)
+        else:
+            self.conn.io.reset()
+
+
+async def _pump_body(
+    io: TunnelIO, body: AsyncIterator[bytes], chunked: bool, trailers: Callable[[], Sequence[
+        tuple[str, str]]],
+) -> None:  # fmt: skip
+    async for chunk in body:
+        io.write(http1.encode_chunk(chunk) if chunked else chunk)
+        await io.drain()
+    if chunked:
+        io.write(http1.encode_last_chunk(trailers()))
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        hbone: HbonePool,
+        identity: SpiffeId,
+        *,
+        clock: Callable[[], float],
+        idle_timeout: float = 60.0,
+        max_idle_per_endpoint: int = 64,
+        source_ip: str | None = None,
+    ) -> None:
+        self.hbone = hbone
+        self.source_ip = source_ip
+        """Bind upstream connections to the waypoint's own address (what node proxies see)."""
+        self.identity = identity
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle_per_endpoint
+        self._idle: dict[EndpointKey, list[H1Conn]] = {}
+        self.opened = 0
+        self.reused = 0
+
+    async def _open(self, key: EndpointKey, connect_timeout: float) -> H1Conn:
+        io = TunnelIO()
+        pk = PoolKey(
+            source=self.identity,
+            expected=(key.identity,),
+            address=(key.ip, HBONE_PORT),
+            source_ip=self.source_ip,
+        )
+        authority = f"[{key.ip}]:{key.port}" if ":" in key.ip else f"{key.ip}:{key.port}"
+        try:
+            async with asyncio.timeout(connect_timeout):
+                stream = await self.hbone.open_stream(pk, authority, (), io)
+        except HboneError as err:
+            raise UpstreamConnectError(f"CONNECT {authority}: {err}") from err
+        except (OSError, ConnectionError, TimeoutError, PeerVerificationError, ssl.SSLError) as err:
+            raise UpstreamConnectError(f"HBONE to {key.ip}: {err or type(err).__name__}") from err
+        io.stream = stream
+        self.opened += 1
+        return H1Conn(key, io)
+
+    def _take_idle(self, key: EndpointKey) -> H1Conn | None:
+        conns = self._idle.get(key)
+        now = self.clock()
+        while conns:
+            conn = conns.pop()
+            if conn.usable and now - conn.idle_since < self.idle_timeout:
+                return conn
+            conn.io.reset()
+        return None
+
+    def release(self, conn: H1Conn) -> None:
+        if not conn.usable:
+            conn.io.reset()
+            return
+        conns = self._idle.setdefault(conn.key, [])
+        if len(conns) >= self.max_idle:
+            conn.io.reset()
+            return
+        conn.idle_since = self.clock()
+        conns.append(conn)
+
+    def sweep(self) -> int:
+        now = self.clock()
+        closed = 0
+        for key, conns in list(self._idle.items()):
+            keep = []
+            for c in conns:
+                if c.usable and now - c.idle_since < self.idle_timeout:
+                    keep.append(c)
+                else:
+                    c.io.reset()
+                    closed += 1
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        return closed
+
+    def close_all(self) -> None:
+        for conns in self._idle.values():
+            for c in conns:
+                c.io.reset()
+        self._idle.clear()
+
+    async def request_h1(
+        self,
+        ep: EndpointStats,
+        *,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: Callable[[], AsyncIterator[bytes]],
+        trailers: Callable[[], Sequence[tuple[str, str]]],
+        has_body: bool,
+        content_length: int | None,
+        replayable: Callable[[], bool],
+        connect_timeout: float,
+    ) -> H1Response:
+        """Send one request and wait for its response head (1xx heads are skipped)."""
+        key = EndpointKey(ep.ip, ep.port, ep.identity)
+        conn = self._take_idle(key)
+        reused = conn is not None
+        if conn is None:
+            conn = await self._open(key, connect_timeout)
+        try:
+            return await self._exchange(
+                conn, method, target, headers, body(), trailers, has_body, content_length
+            )
+        except UpstreamReset:
+            if not reused or not replayable():
+                raise
+        # The idle connection died under us before any response byte: once more, fresh.
+        conn = await self._open(key, connect_timeout)
+        return await self._exchange(
+            conn, method, target, headers, body(), trailers, has_body, content_length
+        )
+
+    async def _exchange(
+        self,
+        conn: H1Conn,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: AsyncIterator[bytes],
+        trailers: Callable[[], Sequence[tuple[str, str]]],
+        has_body: bool,
+        content_length: int | None,
+    ) -> H1Response:
+        conn.requests += 1
+        framing: list[tuple[str, str]] = []
+        chunked = False
+        if content_length is not None:
+            framing.append(("content-length", str(content_length)))
+        elif has_body:
+            framing.append(("transfer-encoding", "chunked"))
+            chunked = True
+        conn.parser.expect_response_to(method)
+        try:
+            conn.io.write(http1.encode_request_head(method, target, [*headers, *framing]))
+        except ConnectionResetError as err:
+            raise UpstreamReset(str(err)) from err
+        loop = asyncio.get_running_loop()
+        pump = loop.create_task(_pump_body(conn.io, body, chunked, trailers))
+        head = loop.create_task(self._read_head(conn))
+        try:
+            await asyncio.wait((head, pump), return_when=asyncio.FIRST_COMPLETED)
+            if not head.done():
+                failure = pump.exception()
+                if failure is not None:
+                    # The body could not be sent: the upstream tunnel broke (reset), or the
+                    # downstream went away / sent a malformed body (re-raised as is).
+                    if conn.io.was_reset and isinstance(failure, ConnectionResetError):
+                        raise UpstreamReset(str(failure)) from failure
+                    raise failure
+            return H1Response(self, conn, await head, pump, keep_alive_request=True)
+        except BaseException:
+            for task in (head, pump):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            conn.io.reset()
+            raise
+
+    async def _read_head(self, conn: H1Conn) -> http1.ResponseHead:
+        while True:
+            try:
+                ev = await conn.next_event()
+            except http1.HttpParseError as err:
+                raise UpstreamProtocolError(str(err)) from err
+            except ConnectionResetError as err:
+                raise UpstreamReset(str(err)) from err
+            if isinstance(ev, http1.ResponseHead):
+                if ev.informational:
+                    continue  # 100 Continue etc.: the waypoint answered Expect itself
+                return ev
+            raise UpstreamProtocolError(f"unexpected {type(ev).__name__} before a response")
+
+
+class H1Upstreams:
+    """`waypoint.handler.Upstreams` for HTTP/1.1 requests."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    async def send(
+        self,
+        req: Request,
+        ep: EndpointStats,
+        *,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        replay: ReplayBody,
+        connect_timeout: float,
+    ) -> H1Response:
+        return await self.pool.request_h1(
+            ep,
+            method=req.method,
+            target=target,
+            headers=[("host", authority), *headers],
+            body=replay.iterate,
+            trailers=lambda: replay.trailers,
+            has_body=req.has_body,
+            content_length=req.content_length,
+            replayable=lambda: replay.replayable,
+            connect_timeout=connect_timeout,
+        )
