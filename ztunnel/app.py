@@ -492,6 +492,9 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
         return asyncio.run(run_controlplane_mode(settings, args))
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
     listeners = bind_listeners(settings, state)
+    # Until a worker's loop installs its SIGHUP handler (reload), a SIGHUP must not kill it:
+    # the first worker may already be ready (and signalled) while the others are starting.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.workers <= 1:
         return asyncio.run(run_worker(settings, args, listeners, serve_admin=True))
     metrics_dir = enable_multiprocess_metrics()
