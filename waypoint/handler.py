@@ -299,7 +299,7 @@ class Handler:
             await self._direct(down, req, route.direct_status, route.direct_body, rec)
             return
         if route.redirect is not None:
-            location = redirect_location(route.redirect, choice, info, tunnel.target_port)
+            location = redirect_location(route.redirect, choice, info)
             rec.status = route.redirect.code
             await down.send_head(
                 route.redirect.code, [("location", location), ("server", "waypoint")],

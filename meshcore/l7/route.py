@@ -252,23 +252,27 @@ def _envoy_subst(sub: str) -> str:
     return sub
 
 
-def redirect_location(
-    redirect: Redirect, choice: RouteChoice, req: RequestInfo, default_port: int
-) -> str:
-    """The Location of a redirect response (absolute URI, RFC 9110 §10.2.2)."""
+def redirect_location(redirect: Redirect, choice: RouteChoice, req: RequestInfo) -> str:
+    """The Location of a redirect response (absolute URI, RFC 9110 §10.2.2). Without a
+    configured port the request's port is kept unless the scheme changes (then the scheme's
+    default applies: Gateway API RequestRedirect rules)."""
     scheme = redirect.scheme or req.scheme
     host = redirect.authority or req.host
     port = redirect.port
+    if port is None and redirect.scheme is None:
+        a = req.authority
+        tail = a.rsplit(":", 1)[1] if ":" in a and not a.endswith("]") else ""
+        port = int(tail) if tail.isdigit() else None
     path = req.path
     if redirect.uri is not None:
         path = redirect.uri
     elif redirect.prefix is not None:
         m = choice.match
         if m is not None and m.uri is not None and m.uri.kind is MatchKind.PREFIX:
-            path = redirect.prefix.rstrip("/") + req.path_only[len(m.uri.value) :] or "/"
-    authority = host if port is None or port == {"http": 80, "https": 443}.get(scheme) else (
-        f"{host}:{port}")  # fmt: skip
-    del default_port
+            rest = req.path_only[len(m.uri.value) :]
+            path = (redirect.prefix.rstrip("/") + rest) or "/"
+    default = {"http": 80, "https": 443}.get(scheme)
+    authority = host if port is None or port == default else f"{host}:{port}"
     return f"{scheme}://{authority}{path}"
 
 

@@ -140,8 +140,8 @@ def mesh_config() -> dict[str, Any]:
     return {
         "workloads": [
             _wl("client", CLIENT_IP, "sleep", "node-a"),
-            _wl("reviews-v1", V1, "reviews", "node-b", "v1", reviews=PORT),
-            _wl("reviews-v2", V2, "reviews", "node-b", "v2", reviews=PORT),
+            _wl("reviews-v1", V1, "reviews", "node-b", "v1", reviews=PORT, **{"reviews-v1": PORT}),
+            _wl("reviews-v2", V2, "reviews", "node-b", "v2", reviews=PORT, **{"reviews-v2": PORT}),
             _wl("reviews-v3", V3, "reviews", "node-b", "v3", reviews=PORT),
             _wl("shadow", SHADOW_IP, "shadow", "node-b", "v1", shadow=PORT),
             _wl("grpc-echo", GRPC_IP, "grpc", "node-b", "v1", grpc=GRPC_PORT),
@@ -152,6 +152,8 @@ def mesh_config() -> dict[str, Any]:
             _svc("shadow", SHADOW_VIP, PORT, waypoint=False),
             _svc("grpc", GRPC_VIP, GRPC_PORT, proto="GRPC"),
             _svc("waypoint", "127.0.83.20", 15008, waypoint=False),
+            _svc("reviews-v1", "127.0.83.21", PORT, waypoint=False),
+            _svc("reviews-v2", "127.0.83.22", PORT, waypoint=False),
         ],
     }
 
@@ -219,9 +221,9 @@ async def _handler(backend: Backend, all_: Backends, request: web.Request) -> we
         block = b"x" * 65536
         sent = 0
         while sent < size:
-            n = min(len(block), size - sent)
-            await resp.write(block[:n])
-            sent += n
+            step = min(len(block), size - sent)
+            await resp.write(block[:step])
+            sent += step
             if "slow" in request.query:
                 await asyncio.sleep(0.05)
         await resp.write_eof()
@@ -260,7 +262,7 @@ class WaypointMesh:
     ca: MeshCA
     node_a: NodeProxy
     node_b: NodeProxy
-    waypoint: Waypoint
+    waypoint: Waypoint  # in-process, or an unstarted one when the test runs the CLI
     backends: Backends
     tmp: Path
 
@@ -291,7 +293,7 @@ def waypoint_settings() -> WaypointSettings:
 
 @asynccontextmanager
 async def waypoint_mesh(tmp: Path, *docs: str, config: dict[str, Any] | None = None,
-                        ) -> AsyncIterator[WaypointMesh]:  # fmt: skip
+                        start_waypoint: bool = True) -> AsyncIterator[WaypointMesh]:  # fmt: skip
     state = MeshState.from_config(parse_mesh_config(config or mesh_config()))
     ca = MeshCA.load_or_create(tmp / "ca")
     provider = LocalCAProvider(ca, ttl=timedelta(hours=24), clock=utcnow)
@@ -310,12 +312,14 @@ async def waypoint_mesh(tmp: Path, *docs: str, config: dict[str, Any] | None = N
     await node_a.start()
     await node_b.start()
     wp = Waypoint(wctx)
-    await wp.start()
+    if start_waypoint:
+        await wp.start()
     try:
         yield WaypointMesh(ca=ca, node_a=node_a, node_b=node_b, waypoint=wp, backends=backends,
                            tmp=tmp)  # fmt: skip
     finally:
-        await wp.drain(1.0)
+        if start_waypoint:
+            await wp.drain(1.0)
         await node_a.drain()
         await node_b.drain()
         for b in backends.pods.values():

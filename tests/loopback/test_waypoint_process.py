@@ -1,0 +1,114 @@
+"""The `waypoint` command as a real process in static mode: serves the seed VirtualService,
+reloads on SIGHUP (a bad file keeps the running config), exposes metrics, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from tests.loopback.test_waypoint_harness import (
+    REVIEWS,
+    REVIEWS_DR,
+    SEED_VS,
+    WAYPOINT_IP,
+    mesh_config,
+    run,
+    waypoint_mesh,
+)
+
+ADMIN = ("127.0.84.10", 15920)
+ALL_V3 = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-route}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews, subset: v3}}]
+"""
+
+
+async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def _wait_ready(proc: asyncio.subprocess.Process) -> None:
+    for _ in range(200):
+        if proc.returncode is not None:
+            raise AssertionError(f"waypoint exited with {proc.returncode}")
+        try:
+            status, _ = await _get(*ADMIN, "/healthz/ready")
+            if status == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("waypoint not ready")
+
+
+def test_waypoint_cli_static_mode_reload_and_drain(tmp_path: Path) -> None:
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump(mesh_config()))
+    l7 = tmp_path / "l7.yaml"
+    l7.write_text(SEED_VS + "---\n" + REVIEWS_DR)
+
+    async def main() -> None:
+        async with waypoint_mesh(tmp_path, start_waypoint=False) as mesh:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "waypoint.app", "--name", "waypoint",
+                "--namespace", "default", "--workload-uid", "waypoint",
+                "--mesh-config", str(mesh_file), "--config", str(l7),
+                "--ca-dir", str(tmp_path / "ca"), "--listen", f"{WAYPOINT_IP}:15008",
+                "--admin", f"{ADMIN[0]}:{ADMIN[1]}", "--no-access-log",
+                stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                await _wait_ready(proc)
+                async with mesh.session() as s:
+
+                    async def versions(n: int, headers: dict[str, str]) -> Counter[str]:
+                        c: Counter[str] = Counter()
+                        for _ in range(n):
+                            async with s.get(f"{REVIEWS}/r", headers=headers) as r:
+                                c[r.headers.get("x-version", str(r.status))] += 1
+                        return c
+
+                    assert await versions(20, {"user-type": "beta-tester"}) == {"v2": 20}
+                    # Reload: everything to v3.
+                    l7.write_text(ALL_V3 + "---\n" + REVIEWS_DR)
+                    proc.send_signal(signal.SIGHUP)
+                    for _ in range(100):
+                        if (await versions(1, {}))["v3"]:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert await versions(10, {"user-type": "beta-tester"}) == {"v3": 10}
+                    # A broken file is refused; the running config stays.
+                    l7.write_text("kind: VirtualService\n  bad: [yaml")
+                    proc.send_signal(signal.SIGHUP)
+                    await asyncio.sleep(0.3)
+                    assert await versions(5, {}) == {"v3": 5}
+                status, body = await _get(*ADMIN, "/metrics")
+                assert status == 200
+                assert b'reporter="waypoint"' in body and b"istio_requests_total{" in body
+                status, body = await _get(*ADMIN, "/debug/config")
+                assert b"default/reviews.default.svc.cluster.local" in body
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 15) == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            stderr = (await proc.stderr.read()).decode() if proc.stderr else ""
+            assert "reload refused" in stderr
+
+    run(main())
