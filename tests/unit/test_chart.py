@@ -187,9 +187,7 @@ def test_daemonset_shape() -> None:
     assert zt["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
     assert agent["securityContext"]["capabilities"]["add"] == [
         "NET_ADMIN",
-        "BPF",
-        "PERFMON",
-        "SYS_RESOURCE",
+        "SYS_ADMIN",
     ]
     assert "add" not in cni["securityContext"]["capabilities"]
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
@@ -209,10 +207,14 @@ def test_daemonset_shape() -> None:
     assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
 
 
-def test_legacy_kernel_adds_sys_admin_only_when_asked() -> None:
+def test_legacy_kernel_adds_sys_resource_only_when_asked() -> None:
     _, docs = render(["node.agent.legacyKernel=true"])
     agent = container(find(docs, "DaemonSet", "ztunnel"), "agent")
-    assert "SYS_ADMIN" in agent["securityContext"]["capabilities"]["add"]
+    assert agent["securityContext"]["capabilities"]["add"] == [
+        "NET_ADMIN",
+        "SYS_ADMIN",
+        "SYS_RESOURCE",
+    ]
 
 
 def test_controlplane_rbac_is_read_only() -> None:
