@@ -1,0 +1,198 @@
+"""The sans-I/O HTTP/1.1 codec: framing, smuggling refusals, streaming, keep-alive."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshcore.l7 import http1
+from meshcore.l7.http1 import (
+    Body,
+    EndOfMessage,
+    Http1Parser,
+    HttpParseError,
+    RequestHead,
+    ResponseHead,
+    Role,
+)
+
+
+def events(role: Role, data: bytes, *, eof: bool = False, method: str = "") -> list[object]:
+    p = Http1Parser(role)
+    if method:
+        p.expect_response_to(method)
+    p.feed(data)
+    if eof:
+        p.feed_eof()
+    out: list[object] = []
+    while (ev := p.next_event()) is not None:
+        out.append(ev)
+        if isinstance(ev, EndOfMessage) and p.idle:
+            break
+    return out
+
+
+def body_of(evs: list[object]) -> bytes:
+    return b"".join(e.data for e in evs if isinstance(e, Body))
+
+
+def test_content_length_request_and_keep_alive_pipelining() -> None:
+    p = Http1Parser(Role.REQUEST)
+    p.feed(
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /b HTTP/1.1\r\nhost: y\r\n\r\n"
+    )
+    head = p.next_event()
+    assert isinstance(head, RequestHead)
+    assert (head.method, head.target, head.content_length, head.keep_alive) == (
+        "POST",
+        "/a",
+        5,
+        True,
+    )
+    assert ("host", "x") in head.headers  # names lower-cased
+    assert p.next_event() == Body(b"hello")
+    assert p.next_event() == EndOfMessage()
+    second = p.next_event()
+    assert isinstance(second, RequestHead) and second.target == "/b"
+    assert p.next_event() == EndOfMessage()
+    assert p.next_event() is None and p.idle
+
+
+def test_chunked_with_extensions_and_trailers() -> None:
+    raw = (
+        b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\ngrpc-status: 0\r\n\r\n"
+    )
+    evs = events(Role.REQUEST, raw)
+    assert body_of(evs) == b"hello!"
+    assert evs[-1] == EndOfMessage((("grpc-status", "0"),))
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        # RFC 9112 §6.3 rule 3: TE + CL together is a smuggling vector: refused.
+        (
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
+            b"transfer-encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked, identity\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: -1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nhost: x\r\n folded: value\r\n\r\n", 400),  # obs-fold
+        (b"GET / HTTP/1.1\r\nhost : x\r\n\r\n", 400),  # space before colon
+        (b"GET / HTTP/1.1\r\nx: a\nb: c\r\nhost: x\r\n\r\n", 400),  # bare LF
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET / HTTP/2.0\r\nhost: x\r\n\r\n", 505),
+        (b"GET /\r\nhost: x\r\n\r\n", 400),
+    ],
+)
+def test_ambiguous_or_malformed_requests_are_refused(raw: bytes, status: int) -> None:
+    with pytest.raises(HttpParseError) as err:
+        events(Role.REQUEST, raw)
+    assert err.value.status == status
+
+
+def test_bad_chunk_size_and_truncation() -> None:
+    bad = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+    with pytest.raises(HttpParseError):
+        events(Role.REQUEST, bad)
+    cut = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc"
+    with pytest.raises(HttpParseError):
+        events(Role.REQUEST, cut, eof=True)
+
+
+def test_head_too_large_is_431() -> None:
+    p = Http1Parser(Role.REQUEST, max_head=1024)
+    p.feed(b"GET / HTTP/1.1\r\nx: " + b"a" * 2000)
+    with pytest.raises(HttpParseError) as err:
+        p.next_event()
+    assert err.value.status == 431
+
+
+@pytest.mark.parametrize(
+    ("raw", "method", "body", "until_close"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", "GET", b"ok", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", "HEAD", b"", False),  # HEAD: no body
+        (b"HTTP/1.1 204 No Content\r\n\r\n", "GET", b"", False),
+        (b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n", "GET", b"", False),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", "GET", b"until the end", True),
+        (b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", "GET",
+         b"hi", False),
+    ],
+)  # fmt: skip
+def test_response_framing(raw: bytes, method: str, body: bytes, until_close: bool) -> None:
+    evs = events(Role.RESPONSE, raw, eof=True, method=method)
+    head = evs[0]
+    assert isinstance(head, ResponseHead) and head.until_close is until_close
+    assert body_of(evs) == body
+    assert isinstance(evs[-1], EndOfMessage)
+
+
+def test_informational_response_then_final() -> None:
+    p = Http1Parser(Role.RESPONSE)
+    p.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+    first = p.next_event()
+    assert isinstance(first, ResponseHead) and first.informational
+    assert p.next_event() == EndOfMessage()
+    final = p.next_event()
+    assert isinstance(final, ResponseHead) and final.status == 200
+
+
+def test_keep_alive_rules() -> None:
+    h10 = events(Role.REQUEST, b"GET / HTTP/1.0\r\n\r\n")[0]
+    assert isinstance(h10, RequestHead) and not h10.keep_alive
+    ka = events(Role.REQUEST, b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")[0]
+    assert isinstance(ka, RequestHead) and ka.keep_alive
+    close = events(Role.REQUEST, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: Close\r\n\r\n")[0]
+    assert isinstance(close, RequestHead) and not close.keep_alive
+
+
+def test_strip_hop_by_hop_and_encoders() -> None:
+    headers = [("connection", "x-private, close"), ("x-private", "1"), ("te", "trailers"),
+               ("keep-alive", "5"), ("x-ok", "2")]  # fmt: skip
+    assert http1.strip_hop_by_hop(headers) == [("x-ok", "2")]
+    assert http1.encode_chunk(b"abc") == b"3\r\nabc\r\n"
+    assert http1.encode_chunk(b"") == b""  # never an accidental last-chunk
+    assert http1.encode_last_chunk([("a", "b")]) == b"0\r\na: b\r\n\r\n"
+    with pytest.raises(HttpParseError):
+        http1.encode_request_head("GET", "/", [("x", "a\r\nevil: 1")])  # no header injection
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.binary(max_size=3000),
+    chunk_sizes=st.lists(st.integers(1, 700), min_size=1, max_size=20),
+    cuts=st.lists(st.integers(1, 64), min_size=1, max_size=50),
+)
+def test_any_split_of_a_chunked_stream_gives_the_same_body(
+    body: bytes, chunk_sizes: list[int], cuts: list[int]
+) -> None:
+    """Feeding the same bytes in arbitrary pieces yields the same events' content."""
+    wire = bytearray(b"PUT /x HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n")
+    pos, i = 0, 0
+    while pos < len(body):
+        n = chunk_sizes[i % len(chunk_sizes)]
+        wire += http1.encode_chunk(body[pos : pos + n])
+        pos += n
+        i += 1
+    wire += http1.encode_last_chunk()
+    wire += b"GET /next HTTP/1.1\r\nhost: h\r\n\r\n"
+    p = Http1Parser(Role.REQUEST)
+    got: list[object] = []
+    offset, k = 0, 0
+    while offset < len(wire):
+        step = cuts[k % len(cuts)]
+        p.feed(bytes(wire[offset : offset + step]))
+        offset += step
+        k += 1
+        while (ev := p.next_event()) is not None:
+            got.append(ev)
+    assert body_of(got) == body
+    heads = [e for e in got if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == ["/x", "/next"]

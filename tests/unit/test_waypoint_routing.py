@@ -1,0 +1,351 @@
+"""L7 config parsing and pure routing decisions (tables)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import yaml
+
+from meshcore.errors import ConfigError
+from meshcore.l7.config import (
+    DEFAULT_RETRY,
+    LbPolicy,
+    PolicyAction,
+    parse_duration,
+    parse_objects,
+    resolve_host,
+)
+from meshcore.l7.route import (
+    CompiledConfig,
+    RequestInfo,
+    RouteChoice,
+    normalize_path,
+    pick_destination,
+    redirect_location,
+    rewrite_target,
+    select_route,
+)
+from meshcore.l7.trace import next_traceparent
+
+SEED = """
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: reviews-route
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - headers:
+        user-type:
+          exact: beta-tester
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: 90
+    - destination:
+        host: reviews
+        subset: v2
+      weight: 10
+"""
+HOST = "reviews.default.svc.cluster.local"
+
+
+def compiled(*texts: str) -> CompiledConfig:
+    return CompiledConfig(parse_objects([d for t in texts for d in yaml.safe_load_all(t)]))
+
+
+def req(path: str = "/", **kw: object) -> RequestInfo:
+    base: dict[str, object] = {"method": "GET", "path": path, "authority": "reviews:9080",
+                               "port": 9080}  # fmt: skip
+    base.update(kw)
+    return RequestInfo(**base)  # type: ignore[arg-type]
+
+
+def test_seed_parses_exactly_as_written() -> None:
+    cfg = compiled(SEED)
+    assert not cfg.config.warnings
+    routes = cfg.routes_for(HOST)
+    assert len(routes) == 2
+    beta = select_route(routes, req(headers=(("user-type", "beta-tester"),)))
+    assert beta is not None and [d.subset for d in beta.route.destinations] == ["v2"]
+    other = select_route(routes, req(headers=(("user-type", "beta-testerX"),)))
+    assert other is not None and [(d.subset, d.weight) for d in other.route.destinations] == [
+        ("v1", 90), ("v2", 10)]  # fmt: skip
+    assert other.route.retries == DEFAULT_RETRY
+    rng = random.Random(1)
+    picks = Counter(pick_destination(other.route.destinations, rng).subset for _ in range(10000))
+    assert abs(picks["v2"] - 1000) < 4 * (10000 * 0.09) ** 0.5
+
+
+@pytest.mark.parametrize(
+    ("host", "ns", "want"),
+    [
+        ("reviews", "default", "reviews.default.svc.cluster.local"),
+        ("reviews.prod", "default", "reviews.prod.svc.cluster.local"),
+        ("reviews.prod.svc", "default", "reviews.prod.svc.cluster.local"),
+        ("Reviews.Prod.svc.cluster.local.", "x", "reviews.prod.svc.cluster.local"),
+        ("*.example.com", "x", "*.example.com"),
+        ("api.example.com", "x", "api.example.com"),
+    ],
+)
+def test_host_resolution(host: str, ns: str, want: str) -> None:
+    assert resolve_host(host, ns) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("0.5s", 0.5), ("250ms", 0.25), ("1m30s", 90.0), ("2h", 7200.0), (3, 3.0)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text, "x") == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "1", "s", "1x", "-1s", "1s2"])
+def test_bad_durations(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(bad, "spec.timeout")
+
+
+MATCHES = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: m, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: exact
+    match: [{uri: {exact: /exact}}]
+    route: [{destination: {host: reviews, subset: a}}]
+  - name: regex-method
+    match: [{uri: {regex: "/items/[0-9]+"}, method: {exact: DELETE}}]
+    route: [{destination: {host: reviews, subset: b}}]
+  - name: query
+    match: [{queryParams: {debug: {exact: "1"}}}]
+    route: [{destination: {host: reviews, subset: c}}]
+  - name: without
+    match: [{uri: {prefix: /api}, withoutHeaders: {x-legacy: {}}}]
+    rewrite: {uri: /v2/api}
+    route: [{destination: {host: reviews, subset: d}}]
+  - name: source
+    match: [{sourceLabels: {app: sleep}, uri: {prefix: /src}}]
+    route: [{destination: {host: reviews, subset: e}}]
+  - name: ci
+    match: [{uri: {prefix: /CASE}, ignoreUriCase: true}]
+    route: [{destination: {host: reviews, subset: f}}]
+  - name: fallback
+    route: [{destination: {host: reviews, subset: z}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("request_", "route"),
+    [
+        (req("/exact"), "exact"),
+        (req("/exact/more"), "fallback"),
+        (req("/items/42", method="DELETE"), "regex-method"),
+        (req("/items/42", method="GET"), "fallback"),
+        (req("/items/42x", method="DELETE"), "fallback"),  # regex is a full match
+        (req("/x?a=2&debug=1"), "query"),
+        (req("/x?debug=10"), "fallback"),
+        (req("/api/a"), "without"),
+        (req("/api/a", headers=(("x-legacy", "1"),)), "fallback"),
+        (req("/src/1", source_labels={"app": "sleep"}), "source"),
+        (req("/src/1", source_labels={"app": "other"}), "fallback"),
+        (req("/case/x"), "ci"),
+    ],
+)
+def test_match_table(request_: RequestInfo, route: str) -> None:
+    choice = select_route(compiled(MATCHES).routes_for(HOST), request_)
+    assert choice is not None and choice.route.name == route
+
+
+def test_rewrite_of_matched_prefix_keeps_rest_and_query() -> None:
+    routes = compiled(MATCHES).routes_for(HOST)
+    r = req("/api/users?x=1")
+    choice = select_route(routes, r)
+    assert choice is not None
+    assert rewrite_target(choice, r.path) == "/v2/api/users?x=1"
+
+
+@pytest.mark.parametrize(
+    ("target", "want"),
+    [
+        ("/a/../b", "/b"),
+        ("/a/./b/", "/a/b/"),
+        ("/../../etc", "/etc"),
+        ("/a/b/..", "/a/"),
+        ("/p?x=../y", "/p?x=../y"),  # the query is not a path
+        ("/x#frag", "/x"),
+        ("//double//slash", "//double//slash"),
+    ],
+)
+def test_path_normalisation(target: str, want: str) -> None:
+    assert normalize_path(target) == want
+
+
+def test_no_route_when_nothing_matches_and_no_catch_all() -> None:
+    text = MATCHES.replace(
+        "  - name: fallback\n    route: [{destination: {host: reviews, subset: z}}]\n", ""
+    )
+    assert select_route(compiled(text).routes_for(HOST), req("/nothing")) is None
+
+
+def test_invalid_objects_are_left_out_with_a_warning() -> None:
+    bad = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bad, namespace: default}
+spec:
+  hosts: [reviews]
+  http: [{route: [{destination: {host: reviews}}], tiemout: 1s}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: regex, namespace: default}
+spec:
+  hosts: [reviews]
+  http: [{match: [{uri: {regex: "(["}}], route: [{destination: {host: reviews}}]}]
+"""
+    cfg = compiled(bad)
+    assert cfg.routes_for(HOST) == ()
+    assert any("spec.http[0].tiemout" in w for w in cfg.config.warnings)
+    assert any("spec.http[0].match[0].uri.regex" in w for w in cfg.config.warnings)
+
+
+def test_destination_rule_policy_precedence() -> None:
+    dr = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool: {tcp: {maxConnections: 7}, http: {http1MaxPendingRequests: 3}}
+    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 10s}
+    portLevelSettings:
+    - port: {number: 8080}
+      loadBalancer: {simple: ROUND_ROBIN}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}
+  - name: v2
+    labels: {version: v2}
+"""
+    rule = compiled(dr).destination_rule(HOST)
+    assert rule is not None
+    assert rule.policy_for("", 9080).lb is LbPolicy.RANDOM
+    assert rule.policy_for("", 8080).lb is LbPolicy.ROUND_ROBIN
+    assert rule.policy_for("v1", 9080).lb is LbPolicy.LEAST_REQUEST
+    pol = rule.policy_for("v2", 9080)
+    assert pol.pool.max_connections == 7 and pol.pool.max_pending == 3
+    assert pol.outlier is not None and pol.outlier.consecutive_5xx == 2
+    assert pol.outlier.base_ejection_time == 10.0
+
+
+def test_http_route_precedence_and_filters() -> None:
+    text = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: reviews}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /a}}]
+    backendRefs: [{name: reviews, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /a/b}}]
+    backendRefs: [{name: other, port: 80}]
+  - matches: [{path: {type: Exact, value: /a/b}}]
+    timeouts: {request: 2s}
+    backendRefs: [{name: exact, port: 80}]
+"""
+    routes = compiled(text).routes_for(HOST)
+
+    def pick(path: str) -> RouteChoice | None:
+        return select_route(routes, req(path))
+
+    exact = pick("/a/b")
+    assert exact is not None and exact.route.destinations[0].host.startswith("exact.")
+    assert exact.route.timeout == 2.0
+    longer = pick("/a/b/c")
+    assert longer is not None and longer.route.destinations[0].host.startswith("other.")
+    # PathPrefix matches whole segments: /abc is not under /a.
+    assert pick("/abc") is None
+
+
+def test_redirect_location() -> None:
+    text = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: r, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, authority: example.com, redirectCode: 308}
+"""
+    routes = compiled(text).routes_for(HOST)
+    r = req("/old/x?q=1", authority="reviews:9080")
+    choice = select_route(routes, r)
+    assert choice is not None and choice.route.redirect is not None
+    assert choice.route.redirect.code == 308
+    assert redirect_location(choice.route.redirect, choice, r) == "http://example.com:9080/new"
+
+
+def test_authorization_policy_parsing_fail_closed_and_unsupported() -> None:
+    text = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: default}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  action: DENY
+  rules: [{from: [{source: {ipBlocks: ["not-an-ip"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt, namespace: default}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]
+"""
+    cfg = compiled(text).config
+    broken = next(p for p in cfg.policies if p.name == "broken")
+    # An unreadable DENY becomes an ALLOW of nothing for its targets: it can only deny more.
+    assert broken.action is PolicyAction.ALLOW and broken.rules == () and broken.error
+    assert [t.name for t in broken.targets] == ["reviews"]
+    jwt = next(p for p in cfg.policies if p.name == "jwt")
+    assert jwt.rules[0].never  # ALLOW with an attribute we cannot evaluate matches nothing
+
+
+@pytest.mark.parametrize(
+    ("incoming", "keeps_trace"),
+    [
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", True),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", True),
+        ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", False),
+        ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", False),
+        ("garbage", False),
+        (None, False),
+    ],
+)
+def test_traceparent(incoming: str | None, keeps_trace: bool) -> None:
+    out, trace, span = next_traceparent(incoming, random.Random(3))
+    version, t, parent, flags = out.split("-")
+    assert version == "00" and parent == span and len(parent) == 16 and len(t) == 32
+    if keeps_trace:
+        assert incoming is not None
+        assert t == incoming.split("-")[1] and flags == incoming.split("-")[3]
+        assert parent != incoming.split("-")[2]
+    else:
+        assert t == trace and flags == "01"
