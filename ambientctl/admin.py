@@ -106,6 +106,15 @@ def lab_targets(lab_name: str, node: str | None) -> list[Target]:
     ]
 
 
+def lab_controlplane(lab_name: str) -> tuple[str, str]:
+    """(debug base URL, netns) of a lab's control plane."""
+    from ambientctl.lab import lab as labmod
+    from ambientctl.lab import topology
+
+    labmod.Lab(lab_name).load()  # a clear error if there is no such lab
+    return labmod.CONTROLPLANE_DEBUG, topology.underlay_netns(lab_name)
+
+
 def targets_from_args(
     addresses: list[str], files: list[Path], lab: str | None, node: str | None
 ) -> list[Target]:

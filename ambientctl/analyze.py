@@ -248,7 +248,7 @@ def not_captured(inp: Input) -> list[Message]:
             else:
                 state = None  # not running yet: nothing to compare
             if state is not None and state != "enabled":
-                node = f" on node {pod.node}" if pod.node else ""
+                node = f" on {pod.node}" if pod.node else ""
                 out.append(
                     _msg(
                         "Warning",

@@ -224,12 +224,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _proxy_status(args: argparse.Namespace) -> int:
-    base = f"http://{args.controlplane}"
+    base, netns = f"http://{args.controlplane}", ""
+    if args.lab:  # the lab's control plane: debug endpoint inside the underlay netns
+        base, netns = admin.lab_controlplane(args.lab)
     records = admin.get_json(
-        f"{base}/debug/config", what="the control plane", hint=admin.CONTROLPLANE_HINT
+        f"{base}/debug/config", what="the control plane", hint=admin.CONTROLPLANE_HINT, netns=netns
     )
     connections = admin.get_json(
-        f"{base}/debug/connections", what="the control plane", hint=admin.CONTROLPLANE_HINT
+        f"{base}/debug/connections",
+        what="the control plane",
+        hint=admin.CONTROLPLANE_HINT,
+        netns=netns,
     )
     dumps = []
     if args.address or args.file or args.lab:

@@ -163,7 +163,7 @@ def test_namespace_labelled_but_not_captured(
         ("AMB0101", "Namespace typo"),
     }
     stuck = next(m for m in msgs if m["ref"] == "Pod demo/stuck")
-    assert "redirection=pending" in stuck["message"] and "node-1" in stuck["message"]
+    assert "redirection=pending" in stuck["message"] and "running on node-1" in stuck["message"]
     assert stuck["origin"].endswith("mesh.yaml[1]") and stuck["level"] == "Warning"
 
 
