@@ -91,7 +91,7 @@ def config_dump(target: Target) -> dict[str, Any]:
 
 
 def lab_targets(lab_name: str, node: str | None) -> list[Target]:
-    """Node proxies of a running lab (admin on the node IP inside the node's netns)."""
+    """Node proxies of a running lab (admin on localhost inside the node's netns)."""
     from ambientctl.lab.lab import Lab
 
     lab = Lab(lab_name)
@@ -101,7 +101,7 @@ def lab_targets(lab_name: str, node: str | None) -> list[Target]:
         known = ", ".join(n.plan.name for n in state.nodes)
         raise CtlError(f"no node {node!r} in lab {lab_name} (nodes: {known})")
     return [
-        Target(label=n.plan.name, address=f"{n.plan.ip}:{ADMIN_PORT}", netns=n.plan.netns)
+        Target(label=n.plan.name, address=f"127.0.0.1:{ADMIN_PORT}", netns=n.plan.netns)
         for n in nodes
     ]
 

@@ -115,6 +115,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         default=env("CONTROLPLANE_SERVER_NAME", "ambient-controlplane.istio-system.svc"),
     )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
+    p.add_argument(
+        "--admin-address",
+        default=env("ADMIN_ADDRESS"),
+        help="admin endpoint address (default 127.0.0.1; a loopback --node-ip on test hosts)",
+    )
     p.add_argument("--capture", choices=("bind", "transparent"), default=env("CAPTURE", "bind"))
     p.add_argument(
         "--outbound-listen",
@@ -156,6 +161,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         inbound_plaintext_port=args.inbound_plaintext_port,
         hbone_port=args.hbone_port,
         admin_port=args.admin_port,
+        admin_address=args.admin_address,
         metrics_port=args.metrics_port,
         readiness_port=args.readiness_port,
         drain_timeout=args.drain_timeout,
@@ -234,9 +240,8 @@ class NodeProxy:
                 self.servers.append(server)
         s = ctx.settings
         if self.serve_admin:
-            admin_host = "127.0.0.1" if s.node_ip in ("0.0.0.0", "::") else s.node_ip
             self.admin_servers = [
-                await serve_http(admin_host, s.admin_port, admin_routes(ctx, self.stop)),
+                await serve_http(s.admin_host, s.admin_port, admin_routes(ctx, self.stop)),
                 await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx)),
                 await serve_http(s.node_ip, s.readiness_port, readiness_routes(lambda: self.ready)),
             ]

@@ -546,7 +546,7 @@ class Lab:
         """The node proxy's /config_dump (workloads, services, policies, certificates)."""
         st = self.state or self.load()
         p = st.node(node_name).plan
-        status, body = system.http_get(p.netns, f"http://{p.ip}:15000/config_dump")
+        status, body = system.http_get(p.netns, "http://127.0.0.1:15000/config_dump")
         if status != 200:
             raise LabCommandError(f"node proxy {node_name} /config_dump: HTTP {status}")
         data: dict[str, Any] = json.loads(body)

@@ -301,7 +301,7 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
         assert states["demo/echo"] == "enabled", states
 
         # The node proxy: config over xDS and certificates from the lab's control plane.
-        dump = json.loads(system.http_get(plan.netns, f"http://{plan.ip}:15000/config_dump")[1])
+        dump = json.loads(system.http_get(plan.netns, "http://127.0.0.1:15000/config_dump")[1])
         assert dump["node"] == NODE
         assert {w["name"] for w in dump["workloads"]} >= {"client", "echo"}
         assert [c["identity"] for c in dump["certificates"] if c["state"] == "available"]

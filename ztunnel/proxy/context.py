@@ -41,6 +41,8 @@ class ProxySettings:
     inbound_plaintext_port: int = 15006
     hbone_port: int = 15008
     admin_port: int = 15000
+    admin_address: str | None = None
+    """Admin (config_dump, quitquitquit) address; None: see `admin_host`."""
     metrics_port: int = 15020
     readiness_port: int = 15021
     original_source: bool = True
@@ -48,6 +50,14 @@ class ProxySettings:
     outside loopback)."""
     drain_timeout: float = 30.0
     connect_timeout: float = 5.0
+
+    @property
+    def admin_host(self) -> str:
+        """Where admin listens: localhost of the node (never the network), except on a
+        loopback test host, where each proxy has its own 127.x node address."""
+        if self.admin_address:
+            return self.admin_address
+        return self.node_ip if self.node_ip.startswith("127.") else "127.0.0.1"
 
 
 @dataclass(slots=True)
