@@ -382,18 +382,22 @@ class Handler:
                 self._start_mirror(req, mirror.destination, tunnel, target, authority, headers,
                                    replay)  # fmt: skip
 
-        # 5b. connection-pool admission for the whole request (not per try).
-        await self._admit(cluster)
+        # 5b. connection-pool admission for the whole request (not per try); waiting for a
+        # slot counts against the route timeout.
+        admitted = False
         try:
             async with asyncio.timeout(route.timeout):
+                await self._admit(cluster)
+                admitted = True
                 resp = await self._tries(req, rec, cluster, route.retries, target, authority,
                                          headers, replay)  # fmt: skip
                 await self._respond(resp, down, rec, route, dest, req)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
         finally:
-            cluster.release()
-            self._wake(cluster)
+            if admitted:
+                cluster.release()
+                self._wake(cluster)
 
     def _workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
         from meshcore.l7.cluster import EndpointSpec

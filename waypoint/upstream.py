@@ -86,7 +86,7 @@ class H1Response:
         pool: UpstreamPool,
         conn: H1Conn,
         head: http1.ResponseHead,
-        pump: asyncio.Task[None],
+        pump: asyncio.Task[None] | None,
         keep_alive_request: bool,
     ) -> None:
         self.pool = pool
@@ -123,12 +123,12 @@ class H1Response:
         if self._finished:
             return
         self._finished = True
-        pump_ok = self._pump.done() and not self._pump.cancelled() and (
-            self._pump.exception() is None)  # fmt: skip
-        if not self._pump.done():
-            self._pump.cancel()
-        elif not self._pump.cancelled():
-            self._pump.exception()  # retrieved: failures were handled by the caller
+        pump = self._pump
+        pump_ok = True
+        if pump is not None:
+            pump_ok = pump.done() and not pump.cancelled() and pump.exception() is None
+            if not pump.done():
+                pump.cancel()
         if self.done and pump_ok and self.head.keep_alive and self._keep_alive_request:
             self.pool.release(self.conn)
         else:
@@ -289,6 +289,14 @@ class UpstreamPool:
             conn.io.write(http1.encode_request_head(method, target, [*headers, *framing]))
         except ConnectionResetError as err:
             raise UpstreamReset(str(err)) from err
+        if not has_body:
+            # Fast path (most requests): nothing to pump, just wait for the response head.
+            try:
+                head_ev = await self._read_head(conn)
+            except BaseException:
+                conn.io.reset()
+                raise
+            return H1Response(self, conn, head_ev, None, keep_alive_request=True)
         loop = asyncio.get_running_loop()
         pump = loop.create_task(_pump_body(conn.io, body, chunked, trailers))
         head = loop.create_task(self._read_head(conn))

@@ -1,0 +1,499 @@
+"""Waypoint benchmark (one run, loopback): our waypoint vs the L4-only path vs direct vs Envoy
+configured as a waypoint for the same routing (HBONE in, weighted routes, HBONE out).
+
+Paths (all through the same real processes; wrk/loadgen connect from 127.0.0.1, the client
+workload on node A):
+
+  direct     wrk -> nginx v1 127.0.92.11:8080
+  l4         wrk -> VIP 127.0.93.11:80 -> ztunnel A -> HBONE -> ztunnel B -> nginx (v1|v2)
+  waypoint   wrk -> VIP 127.0.93.10:80 -> ztunnel A -> HBONE -> OUR waypoint 127.0.94.10
+             (VirtualService 90/10 v1/v2) -> HBONE (waypoint identity) -> ztunnel B -> nginx
+  envoy      wrk -> VIP 127.0.93.12:80 -> ztunnel A -> HBONE -> Envoy 127.0.94.20 (terminates
+             CONNECT into an internal listener, HTTP route with weighted clusters 90/10, each
+             cluster an internal listener tunnelling over HBONE with mTLS) -> ztunnel B -> nginx
+
+Figures: rps (wrk, keep-alive, --conns connections), latency p50/p99 at a fixed --rate with
+`bench/loadgen.py fixed` (open loop), added latency over the L4 path, waypoint CPU per 1000 rps
+(process CPU over the fixed-rate run), waypoint RSS. Every process runs in its own group and
+is killed at the end (`hbone_bench.Supervisor`).
+
+Usage: .venv/bin/python bench/waypoint_bench.py [--duration 10] [--rate 1000] [--conns 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from hbone_bench import (  # noqa: E402
+    PY,
+    BenchError,
+    Proc,
+    Settings,
+    Supervisor,
+    envoy_binary,
+    loadgen,
+    log,
+    tree_cpu_seconds,
+    tree_rss_mib,
+    wait_tcp,
+    wrk,
+)
+
+V1, V2 = "127.0.92.11", "127.0.92.12"
+VIP_WP, VIP_L4, VIP_ENVOY = "127.0.93.10", "127.0.93.11", "127.0.93.12"
+WP_IP, ENVOY_IP = "127.0.94.10", "127.0.94.20"
+NODE_A, NODE_B = "127.0.91.1", "127.0.92.1"
+VENV_BIN = HERE.parent / ".venv" / "bin"
+
+
+def wl(
+    uid: str, ip: str, sa: str, node: str, version: str, services: dict[str, int]
+) -> dict[str, Any]:
+    return {
+        "uid": uid, "name": uid, "namespace": "default", "serviceAccount": sa,
+        "addresses": [ip], "node": node, "tunnelProtocol": "HBONE", "canonicalName": sa,
+        "canonicalRevision": version,
+        "services": {
+            f"default/{s}.default.svc.cluster.local": {
+                "ports": [{"servicePort": p, "targetPort": 8080 if p == 80 else p}]
+            }
+            for s, p in services.items()
+        },
+    }  # fmt: skip
+
+
+def svc(name: str, vip: str, port: int, target: int, waypoint: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": name, "namespace": "default", "hostname": f"{name}.default.svc.cluster.local",
+        "addresses": [{"address": vip}], "ports": [{"servicePort": port, "targetPort": target}],
+    }  # fmt: skip
+    if waypoint:
+        out["waypoint"] = {"hostname": f"default/{waypoint}.default.svc.cluster.local"}
+    return out
+
+
+def mesh_config() -> dict[str, Any]:
+    backs = {"reviews": 80, "reviews-l4": 80, "reviews-envoy": 80}
+    return {
+        "workloads": [
+            wl("client", "127.0.0.1", "sleep", "node-a", "", {}),
+            wl("reviews-v1", V1, "reviews", "node-b", "v1", backs),
+            wl("reviews-v2", V2, "reviews", "node-b", "v2", backs),
+            wl("waypoint", WP_IP, "waypoint", "node-w", "", {"waypoint": 15008}),
+            wl(
+                "waypoint-envoy",
+                ENVOY_IP,
+                "waypoint-envoy",
+                "node-w",
+                "",
+                {"waypoint-envoy": 15008},
+            ),
+        ],
+        "services": [
+            svc("reviews", VIP_WP, 80, 8080, "waypoint"),
+            svc("reviews-l4", VIP_L4, 80, 8080, None),
+            svc("reviews-envoy", VIP_ENVOY, 80, 8080, "waypoint-envoy"),
+            svc("waypoint", "127.0.93.20", 15008, 15008, None),
+            svc("waypoint-envoy", "127.0.93.21", 15008, 15008, None),
+        ],
+    }
+
+
+L7 = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+def nginx_conf(work: Path) -> Path:
+    www = work / "www"
+    www.mkdir()
+    (www / "1k").write_bytes(b"x" * 1024)
+    for p in (work, www):
+        p.chmod(0o755)
+    (www / "1k").chmod(0o644)
+    tmp = work / "nginx-tmp"
+    tmp.mkdir()
+    servers = "\n".join(
+        f"  server {{ listen {ip}:8080 backlog=4096; root {www}; location / {{ }} }}"
+        for ip in (V1, V2)
+    )
+    conf = f"""daemon off;
+worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off; tcp_nodelay on; keepalive_timeout 120s; keepalive_requests 10000000;
+  client_body_temp_path {tmp}/b; proxy_temp_path {tmp}/p; fastcgi_temp_path {tmp}/f;
+  uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s; default_type application/octet-stream;
+{servers}
+}}
+"""
+    path = work / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+# ---------------------------------------------------------------------------- Envoy waypoint
+
+
+def _cluster(name: str, address: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name, "connect_timeout": "2s", "type": "STATIC",
+        "load_assignment": {"cluster_name": name, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": address}}]}]},
+        **extra,
+    }  # fmt: skip
+
+
+def _router() -> list[dict[str, Any]]:
+    router = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+    return [{"name": "envoy.filters.http.router", "typed_config": {"@type": router}}]
+
+
+def envoy_waypoint_config(certs: dict[str, Path]) -> dict[str, Any]:
+    """Envoy as a waypoint, in the shape Istio's waypoint uses: HBONE listener -> CONNECT
+    terminated into the internal listener ``main_internal`` -> HTTP routing (weighted clusters)
+    -> each cluster is an internal listener whose tcp_proxy tunnels over HBONE (mTLS, h2
+    CONNECT with :authority endpoint:8080) to the endpoint's node proxy."""
+    tls_params = {"tls_minimum_protocol_version": "TLSv1_3",
+                  "tls_maximum_protocol_version": "TLSv1_3"}  # fmt: skip
+    h2 = {"initial_stream_window_size": 4 << 20, "initial_connection_window_size": 16 << 20}
+    hcm_type = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
+                "v3.HttpConnectionManager")  # fmt: skip
+    cert = [{"certificate_chain": {"filename": str(certs["chain"])},
+             "private_key": {"filename": str(certs["key"])}}]  # fmt: skip
+    downstream_tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_params": tls_params, "alpn_protocols": ["h2"], "tls_certificates": cert,
+                "validation_context": {"trusted_ca": {"filename": str(certs["root"])}},
+            },
+        },
+    }  # fmt: skip
+    hbone_in = {
+        "name": "hbone_in",
+        "address": {"socket_address": {"address": ENVOY_IP, "port_value": 15008}},
+        "filter_chains": [{"transport_socket": downstream_tls, "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": hcm_type, "stat_prefix": "hbone_in", "codec_type": "HTTP2",
+                "http2_protocol_options": {**h2, "allow_connect": True,
+                                           "max_concurrent_streams": 200},
+                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+                    "match": {"connect_matcher": {}},
+                    "route": {"cluster": "main_internal", "upgrade_configs": [
+                        {"upgrade_type": "CONNECT", "connect_config": {}}]},
+                }]}]},
+                "http_filters": _router(),
+            },
+        }]}],
+    }  # fmt: skip
+    main_internal = {
+        "name": "main_internal",
+        "internal_listener": {},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": hcm_type, "stat_prefix": "l7", "codec_type": "AUTO",
+                "route_config": {"virtual_hosts": [{"name": "reviews", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"weighted_clusters": {
+                        "clusters": [{"name": "v1", "weight": 90},
+                                     {"name": "v2", "weight": 10}]}}}]}]},
+                "http_filters": _router(),
+            },
+        }]}],
+    }  # fmt: skip
+    listeners: list[dict[str, Any]] = [hbone_in, main_internal]
+    clusters: list[dict[str, Any]] = [
+        _cluster("main_internal", {"envoy_internal_address": {
+            "server_listener_name": "main_internal"}}),
+    ]  # fmt: skip
+    for name, ip in (("v1", V1), ("v2", V2)):
+        listeners.append({
+            "name": f"connect_{name}", "internal_listener": {},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy."
+                    "v3.TcpProxy",
+                    "stat_prefix": f"tunnel_{name}", "cluster": f"hbone_{name}",
+                    "tunneling_config": {"hostname": f"{ip}:8080"},
+                },
+            }]}],
+        })  # fmt: skip
+        clusters.append(_cluster(name, {"envoy_internal_address": {
+            "server_listener_name": f"connect_{name}"}}))  # fmt: skip
+        clusters.append(_cluster(
+            f"hbone_{name}", {"socket_address": {"address": ip, "port_value": 15008}},
+            typed_extension_protocol_options={
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                    "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": h2},
+                }
+            },
+            transport_socket={
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                    "UpstreamTlsContext",
+                    "common_tls_context": {
+                        "tls_params": tls_params, "alpn_protocols": ["h2"],
+                        "tls_certificates": cert,
+                        "validation_context": {
+                            "trusted_ca": {"filename": str(certs["root"])},
+                            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
+                                "exact": "spiffe://cluster.local/ns/default/sa/reviews"}}],
+                        },
+                    },
+                },
+            },
+        ))  # fmt: skip
+    return {
+        "admin": {"address": {"socket_address": {"address": ENVOY_IP, "port_value": 15000}}},
+        "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3."
+            "InternalListener"}}],
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }  # fmt: skip
+
+
+def envoy_certs(work: Path, ca_dir: Path) -> dict[str, Path]:
+    from meshcore.ca import MeshCA
+    from meshcore.identity import SpiffeId
+
+    ca = MeshCA.load_or_create(ca_dir, trust_domain="cluster.local")
+    ident = SpiffeId(trust_domain="cluster.local", namespace="default",
+                     service_account="waypoint-envoy")  # fmt: skip
+    wc = ca.issue(ident, now=datetime.now(UTC))
+    out = {"chain": work / "envoy-chain.pem", "key": work / "envoy-key.pem",
+           "root": work / "envoy-root.pem"}  # fmt: skip
+    out["chain"].write_bytes(b"".join(wc.chain_pem))
+    out["key"].write_bytes(wc.key_pem)
+    out["root"].write_bytes(wc.roots_pem)
+    return out
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def smoke(addr: tuple[str, int], tries: int = 50) -> None:
+    last: Exception | None = None
+    for _ in range(tries):
+        try:
+            with urllib.request.urlopen(f"http://{addr[0]}:{addr[1]}/1k", timeout=2) as r:
+                if r.status == 200 and len(r.read()) == 1024:
+                    return
+        except Exception as err:  # retried until the deadline
+            last = err
+        time.sleep(0.2)
+    raise BenchError(f"{addr}: no 200 with 1024 bytes: {last}")
+
+
+def split_check(name: str) -> dict[str, int]:
+    """Requests per version as the proxy counted them (proof the weighted route ran)."""
+    import re
+
+    out: dict[str, int] = {}
+    try:
+        if name == "envoy":
+            url = f"http://{ENVOY_IP}:15000/stats?filter=cluster.v[12].upstream_rq_total"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    key, _, value = line.partition(": ")
+                    out[key.split(".")[1]] = int(value)
+        elif name == "waypoint":
+            with urllib.request.urlopen(f"http://{WP_IP}:15020/metrics", timeout=2) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("istio_requests_total{"):
+                        m = re.search(r'destination_version="([^"]+)"', line)
+                        if m:
+                            key = m.group(1)
+                            out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    except OSError as err:
+        log(f"split check for {name} failed: {err}")
+    return out
+
+
+def measure(name: str, addr: tuple[str, int], proxy: Proc | None, s: Settings,
+            rate: float) -> dict[str, Any]:  # fmt: skip
+    log(f"{name}: rps")
+    rps, errors, _ = wrk(addr, s, s.wrk_conns, close=False)
+    log(f"{name}: {rps:.0f} rps ({errors} errors); latency at {rate:g} rps")
+    cpu0 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
+    t0 = time.monotonic()
+    lat = loadgen(["fixed", addr[0], str(addr[1]), "--rate", str(rate), "--duration",
+                   str(s.duration), "--warmup", str(s.warmup)],
+                  timeout=s.duration + s.warmup + 30)  # fmt: skip
+    wall = time.monotonic() - t0
+    out: dict[str, Any] = {"rps": rps, "rps_errors": errors, "latency": lat}
+    if proxy is not None:
+        cpu = tree_cpu_seconds(proxy.pid) - cpu0
+        achieved = max(lat.get("completed", 0), 1) / wall
+        out["proxy_vcpu_per_krps"] = cpu / wall / (achieved / 1000.0)
+        out["proxy_rss_mib"] = tree_rss_mib(proxy.pid)[0]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--paths", default="direct,l4,waypoint,envoy")
+    ap.add_argument("--profile", type=Path, help="run our waypoint under cProfile into FILE")
+    ap.add_argument("--out", type=Path, default=HERE / ".work" / "waypoint-results.json")
+    args = ap.parse_args(argv)
+    s = Settings(reps=1, duration=args.duration, bulk_duration=1, warmup=1.0, wrk_threads=2,
+                 wrk_conns=args.conns, cps_conns=16, fixed_rate=args.rate,
+                 ztunnel_workers=1)  # fmt: skip
+    paths = args.paths.split(",")
+    work = Path(tempfile.mkdtemp(prefix="waypoint-bench-"))
+    sup = Supervisor(work)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results: dict[str, Any] = {"settings": settings, "paths": {}}
+    try:
+        ca = work / "ca"
+        mesh = work / "mesh.yaml"
+        mesh.write_text(yaml.safe_dump(mesh_config()))
+        (work / "l7.yaml").write_text(L7)
+        sup.start("nginx", ["/usr/sbin/nginx", "-c", str(nginx_conf(work))])
+        zt = str(VENV_BIN / "ztunnel")
+        common = ["--mesh-config", str(mesh), "--ca-dir", str(ca), "--capture", "bind",
+                  "--no-access-log", "--log-level", "warning"]  # fmt: skip
+        from meshcore.ca import MeshCA
+
+        MeshCA.load_or_create(ca, trust_domain="cluster.local")  # created once, shared
+        sup.start("ztunnel-a", [zt, "--node", "node-a", "--node-ip", NODE_A, *common,
+                                *(x for v in (VIP_WP, VIP_L4, VIP_ENVOY)
+                                  for x in ("--outbound-listen", f"{v}:80"))])  # fmt: skip
+        sup.start("ztunnel-b", [zt, "--node", "node-b", "--node-ip", NODE_B, *common])
+        prof = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
+        wp = sup.start("waypoint", [PY, *prof, "-m", "waypoint.app", "--name", "waypoint",
+                                    "--workload-uid", "waypoint", "--mesh-config", str(mesh),
+                                    "--config", str(work / "l7.yaml"), "--ca-dir", str(ca),
+                                    "--listen", f"{WP_IP}:15008", "--admin", f"{WP_IP}:15020",
+                                    "--no-access-log", "--log-level", "warning"])  # fmt: skip
+        envoy: Proc | None = None
+        if "envoy" in paths:
+            try:
+                cfg = work / "envoy-waypoint.json"
+                cfg.write_text(json.dumps(envoy_waypoint_config(envoy_certs(work, ca))))
+                argv = [envoy_binary(), "-c", str(cfg), "--concurrency", "1", "-l", "warning"]
+                envoy = sup.start("envoy-waypoint", argv)
+            except BenchError as err:
+                log(f"envoy path skipped: {err}")
+                paths.remove("envoy")
+        for addr in ((V1, 8080), (WP_IP, 15008), (NODE_B, 15021), (NODE_A, 15021)):
+            wait_tcp(addr, 15)
+        targets = {
+            "direct": ((V1, 8080), None),
+            "l4": ((VIP_L4, 80), None),
+            "waypoint": ((VIP_WP, 80), wp),
+            "envoy": ((VIP_ENVOY, 80), envoy),
+        }
+        for name in paths:
+            addr, proxy = targets[name]
+            try:
+                smoke(addr)
+                wrk(addr, Settings(**(vars(s) | {"duration": 1.0})), s.wrk_conns, close=False)
+                results["paths"][name] = measure(name, addr, proxy, s, args.rate)
+                results["paths"][name]["split"] = split_check(name)
+            except BenchError as err:
+                log(f"{name} failed: {err}")
+                if proxy is not None:
+                    log(proxy.log_tail())
+                results["paths"][name] = {"error": str(err)}
+    finally:
+        sup.stop_all()
+    table = summarize(results["paths"])
+    results["table"] = table
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print("\n".join(table))
+    for name, r in results["paths"].items():
+        if r.get("split"):
+            print(f"{name}: requests per version {r['split']}")
+    return 0
+
+
+def _lat(r: dict[str, Any], q: str) -> float | None:
+    lat = r.get("latency") or {}
+    v = lat.get(f"{q}_ms")
+    return float(v) if v is not None else None
+
+
+def summarize(paths: dict[str, dict[str, Any]]) -> list[str]:
+    def cell(name: str, key: str, fmt: str = "{:.0f}") -> str:
+        r = paths.get(name, {})
+        v = r.get(key)
+        return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+    lines = ["| metric | direct | L4 only (ztunnel pair) | our waypoint | Envoy waypoint |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines.append("| rps (1 KiB, keep-alive) | " + " | ".join(
+        cell(n, "rps") for n in ("direct", "l4", "waypoint", "envoy")) + " |")  # fmt: skip
+
+    def lat(name: str) -> str:
+        p50, p99 = _lat(paths.get(name, {}), "p50"), _lat(paths.get(name, {}), "p99")
+        return f"{p50:.3f} / {p99:.3f}" if p50 is not None and p99 is not None else "-"
+
+    lines.append("| latency p50 / p99 at fixed rate (ms) | " + " | ".join(
+        lat(n) for n in ("direct", "l4", "waypoint", "envoy")) + " |")  # fmt: skip
+    base50, base99 = _lat(paths.get("l4", {}), "p50"), _lat(paths.get("l4", {}), "p99")
+
+    def added(name: str) -> str:
+        p50, p99 = _lat(paths.get(name, {}), "p50"), _lat(paths.get(name, {}), "p99")
+        if None in (p50, p99, base50, base99):
+            return "-"
+        assert p50 is not None and p99 is not None and base50 is not None and base99 is not None
+        return f"+{p50 - base50:.3f} / +{p99 - base99:.3f}"
+
+    lines.append("| added over L4, p50 / p99 (ms) | | | " + added("waypoint") + " | "
+                 + added("envoy") + " |")  # fmt: skip
+    cpu = [cell(n, "proxy_vcpu_per_krps", "{:.3f}") for n in ("waypoint", "envoy")]
+    lines.append(f"| proxy vCPU per 1000 rps | | | {cpu[0]} | {cpu[1]} |")
+    lines.append("| proxy RSS (MiB) | | | " + cell("waypoint", "proxy_rss_mib", "{:.1f}") + " | "
+                 + cell("envoy", "proxy_rss_mib", "{:.1f}") + " |")  # fmt: skip
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
