@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from meshcore.certs import CertificateManager, WorkloadCertificate
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
-from meshcore.model import IPAddress
+from meshcore.model import IPAddress, TunnelProtocol
 from meshcore.sockets import can_bind_without_privilege
 from meshcore.state import MeshState
 from meshcore.tls import ContextCache
@@ -103,7 +103,11 @@ class ProxyContext:
 
     def sync_local_identities(self) -> None:
         """Manage certificates for exactly the service accounts with a workload on this node."""
-        wanted = {w.identity for w in self.state.local_workloads(self.settings.node)}
+        wanted = {
+            w.identity
+            for w in self.state.local_workloads(self.settings.node)
+            if w.tunnel_protocol is TunnelProtocol.HBONE  # non-mesh pods get no certificate
+        }
         for identity in self.certs.identities():
             if identity not in wanted:
                 self.certs.remove(identity)
