@@ -3,9 +3,9 @@
 Owns the pure decision `wants_ambient` (ambient-facts.md "Enrollment, labels, waypoints"):
 pod label ``istio.io/dataplane-mode=none`` opts out; pod label ``=ambient`` opts in; otherwise
 the namespace label ``istio.io/dataplane-mode=ambient`` enrolls. And `ManifestLabels`, the lab's
-source of truth: Kubernetes-style YAML manifests (Namespace, Pod) in a directory, overlaid by a
-JSON overrides file that `ambientctl lab label` writes (so labels change live without editing
-the manifests).
+source of truth: Kubernetes-style YAML manifests (Namespace, Pod) in a directory (the lab edits
+them for `ambientctl lab label`, and the control plane watches the same directory), optionally
+overlaid by a JSON overrides file.
 
 Invariant: `ManifestLabels.version()` changes whenever any input file changes (mtime and size),
 so the agent re-reconciles exactly when something could have changed.
