@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--node", action="append", default=[], help="node names (order = index)")
     up.add_argument("--capture", choices=("ebpf", "off"), default="ebpf",
                     help="off: plain network, no agents/node proxies")  # fmt: skip
-    up.add_argument("--cni", choices=topology.PRIMARY_PLUGINS, default=topology.DEFAULT_PRIMARY_PLUGIN,
+    up.add_argument("--cni", choices=topology.PRIMARY_PLUGINS,
+                    default=topology.DEFAULT_PRIMARY_PLUGIN,
                     help="primary CNI plugin (before ambient-cni)")  # fmt: skip
     cmds.add_parser("down", help="tear the lab down, leaving nothing behind")
     cmds.add_parser("pods", help="list pods with their redirection state")
