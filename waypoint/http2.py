@@ -195,8 +195,11 @@ class H2Session:
                 try:
                     events = self.conn.receive_data(data)
                 except h2.exceptions.ProtocolError as err:
-                    log.info("HTTP/2 protocol error: %s", err)
-                    self.flush()
+                    state = self.conn.state_machine.state
+                    if state is not h2.connection.ConnectionState.CLOSED:
+                        # (after a GOAWAY, late frames such as PINGs are moot: no error)
+                        log.info("HTTP/2 protocol error: %s", err)
+                        self.flush()
                     break
                 for ev in events:
                     self.on_event(ev)
