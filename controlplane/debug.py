@@ -9,26 +9,25 @@ Routes (GET, JSON unless noted):
   /metrics            Prometheus text format
   /ready              200 once the sources have synced, else 503
 
-Owns a deliberately small HTTP/1.1 server (one request per connection). Off the push path:
-handlers only read current state.
+Served by `meshcore.opshttp`. Off the push path: handlers only read current state.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-Response = tuple[int, str, bytes]
+from meshcore.opshttp import Handler as HttpHandler
+from meshcore.opshttp import Response, serve_http
+from meshcore.opshttp import json_response as _json_response
+
 Handler = Callable[[], Response]
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 def json_response(obj: object, status: int = 200) -> Response:
-    return status, "application/json", json.dumps(obj, indent=1, default=str).encode() + b"\n"
+    return _json_response(obj, status, indent=1)
 
 
 def metrics_response(registry: object) -> Response:
@@ -36,26 +35,14 @@ def metrics_response(registry: object) -> Response:
 
 
 async def serve_debug(host: str, port: int, routes: dict[str, Handler]) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            handler = routes.get(urlsplit(target).path)
-            if handler is None:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            elif method != "GET":
-                status, ctype, body = 405, "text/plain", b"method not allowed\n"
-            else:
-                status, ctype, body = handler()
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\ncontent-type: {ctype}\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ValueError, OSError):
-            pass
-        finally:
-            writer.close()
+    """GET-only read endpoints over the shared operator HTTP server."""
 
-    return await asyncio.start_server(handle, host, port, reuse_address=True)
+    def adapt(handler: Handler) -> HttpHandler:
+        async def run(method: str, _query: dict[str, list[str]]) -> Response:
+            if method != "GET":
+                return 405, "text/plain", b"method not allowed\n"
+            return handler()
+
+        return run
+
+    return await serve_http(host, port, {path: adapt(h) for path, h in routes.items()})

@@ -1,7 +1,7 @@
 """Admin (15000, localhost), metrics (15020) and readiness (15021) HTTP endpoints.
 
-Owns: a deliberately small HTTP/1.1 server (one request per connection, GET/POST only) and the
-routes. These are operator endpoints, off the data path; nothing here may block the loop.
+Owns the routes (served by `meshcore.opshttp`). These are operator endpoints, off the data path;
+nothing here may block the loop.
 Routes: 15000 /config_dump, /quitquitquit (POST), /logging?level=..;
 15020 /metrics and /stats/prometheus; 15021 /healthz/ready.
 """
@@ -9,54 +9,15 @@ Routes: 15000 /config_dump, /quitquitquit (POST), /logging?level=..;
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meshcore.opshttp import Handler, json_response, serve_http
 from ztunnel.proxy.context import ProxyContext
 
-Handler = Callable[[str, dict[str, list[str]]], Awaitable[tuple[int, str, bytes]]]
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    503: "Service Unavailable",
-}
-
-
-async def serve_http(host: str, port: int, routes: dict[str, Handler]) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            url = urlsplit(target)
-            handler = routes.get(url.path)
-            if handler is None:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            elif method not in ("GET", "POST"):
-                status, ctype, body = 405, "text/plain", b"method not allowed\n"
-            else:
-                status, ctype, body = await handler(method, parse_qs(url.query))
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\ncontent-type: {ctype}\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ValueError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port, reuse_address=True)
-
-
-def _json(obj: object) -> tuple[int, str, bytes]:
-    return 200, "application/json", json.dumps(obj, indent=2, default=str).encode() + b"\n"
+__all__ = ["admin_routes", "metrics_routes", "readiness_routes", "serve_http"]
 
 
 def admin_routes(ctx: ProxyContext, shutdown: Callable[[], None]) -> dict[str, Handler]:
@@ -65,7 +26,7 @@ def admin_routes(ctx: ProxyContext, shutdown: Callable[[], None]) -> dict[str, H
         dump["certificates"] = ctx.certs.snapshot()
         dump["connections"] = ctx.pool.snapshot()
         dump["node"] = ctx.settings.node
-        return _json(dump)
+        return json_response(dump)
 
     async def quit_(method: str, _q: dict[str, list[str]]) -> tuple[int, str, bytes]:
         if method != "POST":
