@@ -331,6 +331,32 @@ def plan_outbound(
     return to_workload(wl, dst, dst_port, None)
 
 
+def _check_no_waypoint_bypass(
+    state: MeshState,
+    receiver: Workload,
+    src_identity: SpiffeId | None,
+    addressed_service: str | None,
+    network: str,
+) -> None:
+    """Traffic that must pass a waypoint may only arrive FROM that waypoint (ambient-facts.md
+    "What users complain about": waypoint bypass). Applies to a workload bound to a waypoint,
+    and to traffic addressed to a service bound to one. Raises Unauthorized (401)."""
+    gateways: list[tuple[str, GatewayAddress]] = []
+    if receiver.waypoint is not None:
+        gateways.append((f"workload {receiver.uid}", receiver.waypoint))
+    if addressed_service is not None:
+        svc = state.service(addressed_service)
+        if svc is not None and svc.waypoint is not None:
+            gateways.append((f"service {svc.key}", svc.waypoint))
+    for what, gw in gateways:
+        _, members = _waypoint_candidates(state, gw)
+        if src_identity is None or all(m.identity != src_identity for m in members):
+            raise Unauthorized(
+                f"{what} is bound to a waypoint; traffic from "
+                f"{src_identity or 'a plaintext client'} did not come through it"
+            )
+
+
 def plan_inbound(
     state: MeshState,
     *,
@@ -341,9 +367,12 @@ def plan_inbound(
     conn_dst_ip: IPAddress | str,
     network: str = "",
     node: str | None = None,
+    addressed_service: str | None = None,
 ) -> InboundPlan:
     """Check and authorize an HBONE CONNECT to `dst_ip:dst_port` (its :authority) that arrived
     on a connection addressed to `conn_dst_ip`, from `src_ip` presenting `src_identity`.
+    `addressed_service` ("ns/hostname") is the service the client addressed, as named by the
+    source proxy (forwarded host=), for the waypoint-bypass check.
 
     Raises BadRequest (400), Unauthorized (401) or UpstreamUnavailable (503). If `node` is
     given, the receiving workload must run on it."""
@@ -379,6 +408,9 @@ def plan_inbound(
             raise BadRequest(
                 f"CONNECT target {dst} does not match connection destination {conn_dst}"
             )
+
+    else:
+        _check_no_waypoint_bypass(state, receiver, src_identity, addressed_service, network)
 
     decision = evaluate(
         state.policies_for(receiver),

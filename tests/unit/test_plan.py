@@ -947,3 +947,53 @@ def test_outbound_then_inbound_agree() -> None:
     )
     assert inbound.target_addr == ("127.0.2.10", 8080)
     assert inbound.destination_workload.identity in out.expected_identities
+
+
+@pytest.mark.parametrize(
+    ("case", "dst", "src_sa", "addressed", "allowed"),
+    [
+        ("workload bound to a waypoint, direct from a client", "127.0.2.40", "sleep", None, False),
+        ("workload bound to a waypoint, from the waypoint", "127.0.2.40", "wp", None, True),
+        ("workload bound to a waypoint, plaintext", "127.0.2.40", None, None, False),
+        (
+            "service bound to a waypoint, bypassed",
+            "127.0.2.30",
+            "sleep",
+            "default/reviews.default.svc",
+            False,
+        ),
+        (
+            "service bound to a waypoint, via a replica",
+            "127.0.2.30",
+            "wp2",
+            "default/reviews.default.svc",
+            True,
+        ),
+        ("service waypoint, pod addressed directly", "127.0.2.30", "sleep", None, True),
+        (
+            "service without waypoint",
+            "127.0.2.30",
+            "sleep",
+            "default/ghost-backed.default.svc",
+            True,
+        ),
+    ],
+)
+def test_inbound_refuses_waypoint_bypass(
+    case: str, dst: str, src_sa: str | None, addressed: str | None, allowed: bool
+) -> None:
+    """Traffic that must pass a waypoint only arrives from that waypoint (401 otherwise)."""
+    kwargs: dict[str, Any] = {
+        "dst_ip": dst,
+        "dst_port": 8080,
+        "src_identity": ident(src_sa) if src_sa else None,
+        "src_ip": "127.0.1.10",
+        "conn_dst_ip": dst,
+        "addressed_service": addressed,
+    }
+    if allowed:
+        plan = plan_inbound(STATE, **kwargs)
+        assert str(plan.destination_workload.addresses[0]) == dst
+    else:
+        with pytest.raises(Unauthorized, match="waypoint"):
+            plan_inbound(STATE, **kwargs)

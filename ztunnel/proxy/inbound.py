@@ -74,21 +74,26 @@ async def connect_upstream(
     return upstream
 
 
-def addressed_service(
-    ctx: ProxyContext, headers: list[tuple[str, str]], plan: InboundPlan
-) -> Service | None:
-    """The service the client addressed, for telemetry only: the source proxy names it in
-    `forwarded: for=...;host=<hostname>` (ambient-facts.md). Trusted only if the destination
-    workload really is an endpoint of it, so a peer cannot relabel metrics arbitrarily."""
+def forwarded_service_key(headers: list[tuple[str, str]]) -> str | None:
+    """ "ns/hostname" of the service the client addressed, as the source proxy names it in
+    `forwarded: for=...;host=<hostname>` (ambient-facts.md); Kubernetes hostnames are
+    <name>.<namespace>.svc..."""
     forwarded = next((v for k, v in headers if k == "forwarded"), "")
     host = next(
         (p.strip()[5:].strip('"') for p in forwarded.split(";") if p.strip().startswith("host=")),
         "",
     )
     parts = host.split(".")
-    if len(parts) < 2:
-        return None
-    service = ctx.state.service(f"{parts[1]}/{host}")  # Kubernetes: <name>.<namespace>.svc...
+    return f"{parts[1]}/{host}" if len(parts) >= 2 else None
+
+
+def addressed_service(
+    ctx: ProxyContext, headers: list[tuple[str, str]], plan: InboundPlan
+) -> Service | None:
+    """The addressed service for telemetry, trusted only if the destination workload really is
+    an endpoint of it, so a peer cannot relabel metrics arbitrarily."""
+    key = forwarded_service_key(headers)
+    service = ctx.state.service(key) if key else None
     if service is None or plan.destination_workload.service_ports(service.key) is None:
         return None
     return service
@@ -193,6 +198,7 @@ class HboneListener:
                 conn_dst_ip=conn_dst_ip,
                 network=ctx.settings.network,
                 node=ctx.settings.node,
+                addressed_service=forwarded_service_key(stream.headers),
             )
             rec.destination = plan.destination_workload
             rec.destination_principal = str(plan.destination_workload.identity)
