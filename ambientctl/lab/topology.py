@@ -6,8 +6,8 @@ Layout for a lab named L with nodes n_1..n_k (k <= 200):
 - control plane: ``ambient-controlplane`` in the underlay netns, on br0's address 172.30.0.2
   (xDS + CA 15012, TLS; debug 15014), reachable from every node netns over its uplink.
 - pods of node i: subnet 10.240.i.0/24 (host-local); the primary CNI plugin is
-  `DEFAULT_PRIMARY_PLUGIN` (``ptp``: a routed veth per pod, gateway 10.240.i.1 on the host
-  side) or ``bridge`` (veth ports of ``cni0``); a pod's netns is ``L-<ns>-<name>``.
+  `DEFAULT_PRIMARY_PLUGIN` (``bridge``: veth ports of ``cni0``, gateway 10.240.i.1 on it, as
+  issue 3 asks) or ``ptp`` (a routed veth per pod); a pod's netns is ``L-<ns>-<name>``.
 - node i routes 10.240.j.0/24 via 172.30.0.(10+j) for every other node j.
 State lives in /run/ambient-lab/L/ (`StatePaths`).
 
@@ -147,10 +147,10 @@ class StatePaths:
 
 
 PRIMARY_PLUGINS = ("ptp", "bridge")
-DEFAULT_PRIMARY_PLUGIN = "ptp"
-"""The primary CNI plugin when none is asked for. ``ptp`` because with ``bridge`` the
-``bpf_sk_assign`` done at the pod veth's tc ingress is lost on the way through ``cni0``
-(docs/lab.md, Known limits); switch this once ebpf/ captures bridge ports."""
+DEFAULT_PRIMARY_PLUGIN = "bridge"
+"""The primary CNI plugin when none is asked for: ``bridge`` + host-local, like most clusters'
+default networks (ebpf/ re-assigns the socket at the bridge's ingress, docs/ebpf.md). ``ptp``
+stays selectable."""
 
 
 def conflist(
