@@ -1181,7 +1181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")
     ap.add_argument("--duration", type=float, help="seconds per load run (default 10)")
     ap.add_argument("--paths", default=",".join(PATHS), help="comma list of direct,envoy,ztunnel")
-    ap.add_argument("--workers", type=int, default=2, help="ztunnel --workers (default 2)")
+    ap.add_argument(
+        "--workers", type=int, default=1, help="ztunnel --workers (default 1, its own default)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     ap.add_argument("--time-limit", type=float, help="overall limit in seconds")
     ap.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")

@@ -262,10 +262,16 @@ class NodeProxy:
         )
 
     async def _sweep(self) -> None:
+        """Housekeeping every few seconds: idle pooled connections are released, and memory
+        freed by finished bulk transfers goes back to the OS (glibc keeps a heap's high-water
+        mark otherwise; malloc_trim costs microseconds when there is nothing to return)."""
         loop = asyncio.get_running_loop()
+        trim = _malloc_trim()
         while True:
-            await asyncio.sleep(30)
+            await asyncio.sleep(5)
             self.ctx.pool.sweep(loop.time())
+            if trim is not None:
+                trim(0)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -417,6 +423,16 @@ async def _wait_child(pid: int, timeout: float) -> None:
         await asyncio.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim(3), or None where it does not exist (musl, other platforms)."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
 
 
 def _die_with_parent() -> None:
