@@ -7,6 +7,11 @@ reconciliation that makes capture match the labels:
     desired and not enrolled -> capture.enroll(uid, ip, veth)       (redirection "enabled")
     not desired              -> capture.unenroll(ip); capture.observe(ip, veth)
     pinned-map entry with no live pod in the registry -> capture.unenroll(ip)  (leftover)
+With a pod inventory (the Kubernetes label source: this node's pods from the API), reconcile
+also ADOPTS pods that run on the node but were never ADDed through the plugin (they started
+before the agent or before the plugin was chained): their IPs come from the API, their
+host-side veth from the kernel (`find_veth`: the route to the pod IP, through a bridge's
+forwarding table if needed); adopted pods leave the registry when the API deletes them.
 Capture is `ebpf.redirect.NodeCapture` in production; tests inject any object with the same
 methods (`Capture`).
 
@@ -31,15 +36,18 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cni import protocol
 from cni.errors import AgentProtocolError, CniError, EnrollFailed, NotEnrolled
 from cni.labels import LabelSource, ManifestLabels, wants_ambient
+
+if TYPE_CHECKING:
+    from cni.kubelabels import LocalPod
 
 log = logging.getLogger("ambient.agent")
 
@@ -61,6 +69,12 @@ class Capture(Protocol):
     def enrolled(self) -> Mapping[str, Any]: ...
     def observed(self) -> Mapping[str, Any]: ...
     def observe(self, *, ip: str, host_ifname: str) -> None: ...
+
+
+class PodInventory(Protocol):
+    """This node's pods as the API server knows them (uid -> pod)."""
+
+    def local_pods(self) -> Mapping[str, LocalPod]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,6 +133,39 @@ def _default_pick_veth(candidates: Sequence[str], guess: str) -> str:
     return guess
 
 
+def _default_find_veth(ip: str) -> str | None:
+    """The host-side veth of the pod that owns `ip`, from the kernel: the route to `ip` leaves
+    through the pod's veth (point-to-point CNIs) or through a bridge; then the bridge's
+    forwarding table maps the pod's MAC (from the neighbour table) to the bridge port. None when
+    it cannot be told (the next reconcile retries)."""
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:  # pragma: no cover - pyroute2 is a dependency
+        return None
+    try:
+        with IPRoute() as ipr:
+            routes = ipr.route("get", dst=ip)
+            oif = routes[0].get_attr("RTA_OIF") if routes else None
+            if oif is None:
+                return None
+            link = ipr.get_links(oif)[0]
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind == "veth":
+                return str(link.get_attr("IFLA_IFNAME"))
+            if kind != "bridge":
+                return None
+            macs = {n.get_attr("NDA_LLADDR") for n in ipr.get_neighbours(dst=ip, ifindex=oif)}
+            macs.discard(None)
+            for entry in ipr.get_neighbours(family=socket.AF_BRIDGE):
+                if entry.get_attr("NDA_LLADDR") in macs and entry.get_attr("NDA_MASTER") == oif:
+                    port = ipr.get_links(entry["ifindex"])[0]
+                    return str(port.get_attr("IFLA_IFNAME"))
+    except Exception as err:  # netlink errors: not found now, retried at the next reconcile
+        log.debug("no veth found for %s: %s", ip, err)
+    return None
+
+
 @dataclass(slots=True, kw_only=True)
 class Agent:
     """The agent's logic around an injected capture and label source (no sockets here)."""
@@ -129,6 +176,9 @@ class Agent:
     state_dir: Path
     exists: Callable[[PodRecord], bool] = _default_exists
     pick_veth: Callable[[Sequence[str], str], str] = _default_pick_veth
+    inventory: PodInventory | None = None
+    """This node's pods from the API (Kubernetes label source): enables adoption."""
+    find_veth: Callable[[str], str | None] = _default_find_veth
     pods: dict[str, PodRecord] = field(default_factory=dict)
     _label_version: object = None
 
@@ -185,6 +235,8 @@ class Agent:
             if not self.exists(pod):
                 changes.append(f"gone {pod.namespace}/{pod.name}")
                 del self.pods[uid]
+        if self.inventory is not None:
+            changes.extend(self._adopt(self.inventory.local_pods()))
         enrolled = self._enrolled_ips()
         live_ips = {ip for pod in self.pods.values() for ip in pod.ips}
         for ip in sorted((set(enrolled) | self._observed_ips()) - live_ips):
@@ -202,6 +254,41 @@ class Agent:
         self.save()
         for change in changes:
             log.info("reconcile: %s", change)
+        return changes
+
+    def _adopt(self, api_pods: Mapping[str, LocalPod]) -> list[str]:
+        """Registry vs the API's pods of this node: adopt running pods the plugin never ADDed,
+        forget adopted pods the API deleted (plugin-ADDed pods wait for their DEL)."""
+        changes: list[str] = []
+        for uid, pod in list(self.pods.items()):
+            adopted = not pod.container_id and not pod.netns
+            if adopted and uid not in api_pods:
+                for ip in pod.ips:
+                    self.capture.unenroll(ip=ip)
+                del self.pods[uid]
+                changes.append(f"deleted {pod.namespace}/{pod.name}")
+        for uid, api_pod in sorted(api_pods.items()):
+            if uid in self.pods or api_pod.host_network or not api_pod.ips:
+                continue
+            veth = self.find_veth(api_pod.ips[0])
+            if not veth:
+                log.warning(
+                    "pod %s/%s (%s): no host veth found yet",
+                    api_pod.namespace,
+                    api_pod.name,
+                    ",".join(api_pod.ips),
+                )
+                continue
+            self.pods[uid] = PodRecord(
+                uid=uid,
+                namespace=api_pod.namespace,
+                name=api_pod.name,
+                container_id="",
+                netns="",
+                ips=api_pod.ips,
+                host_ifname=veth,
+            )
+            changes.append(f"adopted {api_pod.namespace}/{api_pod.name} veth {veth}")
         return changes
 
     def labels_changed(self) -> bool:
@@ -319,8 +406,17 @@ class AgentServer:
     interleave) and blocking kernel work (netlink, bpf) never runs inside the event loop
     (pyroute2's synchronous API refuses to run under a running loop)."""
 
-    def __init__(self, agent: Agent, socket_path: Path, *, poll: float = 0.5) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        socket_path: Path,
+        *,
+        poll: float = 0.5,
+        background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+    ) -> None:
         self.agent = agent
+        self.background = background
+        """Coroutines run for the server's lifetime (the Kubernetes label source's watch)."""
         self.socket_path = socket_path
         self.poll = poll
         self._stop = asyncio.Event()
@@ -373,10 +469,15 @@ class AgentServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        tasks = [loop.create_task(make()) for make in self.background]
         watcher = loop.create_task(self._watch())
         log.info("node agent %s listening on %s", self.agent.node, self.socket_path)
         await self._stop.wait()
         watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
         server.close()
         self._worker.shutdown(wait=True)
         with contextlib.suppress(FileNotFoundError):
@@ -403,6 +504,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--uplink", default="eth0", help="the node's uplink interface")
     p.add_argument("--bpffs-dir", default="/sys/fs/bpf/ambient", help="pin dir (on a bpffs)")
     p.add_argument("--fail-open", action="store_true", help="do not drop when no proxy listens")
+    p.add_argument(
+        "--labels-from",
+        choices=("manifests", "kubernetes"),
+        default=os.environ.get("AMBIENT_LABELS_FROM", "manifests"),
+        help="label source: a manifest directory (lab) or the Kubernetes API (cluster)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=os.environ.get("KUBECONFIG") or None,
+        help="with --labels-from kubernetes: a kubeconfig instead of the in-cluster account",
+    )
     p.add_argument("--manifests", type=Path, help="lab: directory of Namespace/Pod manifests")
     p.add_argument("--label-overrides", type=Path, help="lab: JSON label overrides file")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between label checks")
@@ -422,8 +535,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         capture.uninstall()
         log.info("capture uninstalled on node %s", args.node)
         return 0
+    if args.labels_from == "kubernetes":
+        from cni.kubelabels import KubeLabels
+
+        kube = KubeLabels(args.node, kubeconfig=args.kubeconfig)
+        agent = Agent(
+            node=args.node, capture=capture, labels=kube, inventory=kube, state_dir=args.state_dir
+        )
+        agent.load()
+        capture.install()
+        # No reconcile before the first full list: the watcher reconciles once version() is
+        # set (KubeLabels refuses to answer before), so nothing is released by an empty cache.
+        server = AgentServer(agent, args.socket, poll=args.poll, background=[kube.run])
+        asyncio.run(server.run())
+        return 0
     if args.manifests is None:
-        log.error("--manifests is required (the Kubernetes label source arrives later)")
+        log.error("--manifests is required with --labels-from manifests")
         return 2
     labels = ManifestLabels(args.manifests, args.label_overrides)
     agent = Agent(node=args.node, capture=capture, labels=labels, state_dir=args.state_dir)
