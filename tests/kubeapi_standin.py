@@ -13,6 +13,14 @@ changes" and "Watch bookmarks"):
   ERROR event whose object is a Status with ``code: 410`` (reason Expired), as the real API
   server does; BOOKMARK events carry only ``metadata.resourceVersion``;
 - resourceVersion is one global counter, every write increments it.
+- field selector ``spec.nodeName=<node>`` on pod lists and watches (the node agent's);
+- get: ``GET /api/v1/namespaces/<ns>/pods/<name>`` (404 Status when absent);
+- TokenReview: ``POST /apis/authentication.k8s.io/v1/tokenreviews`` answers 201 with the
+  review's ``status``: tokens registered with `add_token` are authenticated (when the requested
+  ``spec.audiences`` intersect the token's), with ``user.extra`` carrying the bound pod
+  (``authentication.kubernetes.io/pod-name``/``pod-uid``) and, when given, the node
+  (``authentication.kubernetes.io/node-name``, Kubernetes 1.30+); other tokens get
+  ``authenticated: false`` and an ``error``, as the real API server does.
 Test controls: `upsert`, `delete`, `compact` (forget history: older watches get 410),
 `close_watches` (end every open watch stream, as an API server restart or timeout would),
 `available = False` (answer 503: an outage during which history can be compacted).
@@ -50,6 +58,9 @@ class KubeApiStandIn:
         self._watch_generation = 0
         self.available = True
         """False: every request is answered 503 (an API server outage)."""
+        self.tokens: dict[str, dict[str, Any]] = {}
+        """token -> {"username", "audiences", "pod": (ns, name, uid) | None, "node"}"""
+        self.reviews: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -83,6 +94,23 @@ class KubeApiStandIn:
         self.compacted = self.rv
         self.events.clear()
 
+    def add_token(
+        self,
+        token: str,
+        username: str,
+        *,
+        pod: tuple[str, str, str] | None = None,
+        node: str = "",
+        audiences: tuple[str, ...] = ("https://kubernetes.default.svc.cluster.local",),
+    ) -> None:
+        """Register a service account token; `pod` = (namespace, name, uid) it is bound to."""
+        self.tokens[token] = {
+            "username": username,
+            "audiences": list(audiences),
+            "pod": pod,
+            "node": node,
+        }
+
     async def close_watches(self) -> None:
         self._watch_generation += 1
         async with self._changed:
@@ -95,6 +123,8 @@ class KubeApiStandIn:
         app.router.add_get("/api", self._api)
         app.router.add_get("/apis", self._apis)
         app.router.add_get("/api/v1/{plural}", self._collection)
+        app.router.add_get("/api/v1/namespaces/{namespace}/{plural}/{name}", self._get_one)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_get("/apis/{group}/{version}/{plural}", self._collection)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
@@ -106,6 +136,74 @@ class KubeApiStandIn:
         await self.close_watches()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _get_one(self, request: web.Request) -> web.Response:
+        if not self.available:
+            raise web.HTTPServiceUnavailable()
+        plural = self._served(request)
+        key = (request.match_info["namespace"], request.match_info["name"])
+        self.requests.append(f"get {plural} {key[0]}/{key[1]}")
+        obj = self.objects.get(plural, {}).get(key)
+        if obj is None:
+            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                      "message": f'{plural} "{key[1]}" not found', "reason": "NotFound",
+                      "code": 404}  # fmt: skip
+            return web.json_response(status, status=404)
+        return web.json_response(copy.deepcopy(obj))
+
+    async def _token_review(self, request: web.Request) -> web.Response:
+        if not self.available:
+            raise web.HTTPServiceUnavailable()
+        body = await request.json()
+        spec = body.get("spec") or {}
+        self.reviews.append(copy.deepcopy(body))
+        token = str(spec.get("token", ""))
+        wanted = list(spec.get("audiences") or ["https://kubernetes.default.svc.cluster.local"])
+        known = self.tokens.get(token)
+        status: dict[str, Any]
+        if known is None:
+            status = {"authenticated": False, "error": "invalid bearer token"}
+        elif not set(wanted) & set(known["audiences"]):
+            status = {
+                "authenticated": False,
+                "error": "token audiences "
+                f"{known['audiences']} is invalid for the target audiences {wanted}",
+            }
+        else:
+            extra: dict[str, list[str]] = {}
+            if known["pod"] is not None:
+                ns, name, uid = known["pod"]
+                extra["authentication.kubernetes.io/pod-name"] = [name]
+                extra["authentication.kubernetes.io/pod-uid"] = [uid]
+                live = self.objects.get("pods", {}).get((ns, name))
+                if live is None or live["metadata"].get("uid") != uid:
+                    # The API server refuses tokens whose bound object is gone.
+                    status = {"authenticated": False, "error": "pod bound to the token is gone"}
+                    return self._review_answer(body, status)
+            if known["node"]:
+                extra["authentication.kubernetes.io/node-name"] = [known["node"]]
+            status = {
+                "authenticated": True,
+                "user": {
+                    "username": known["username"],
+                    "uid": "uid-" + known["username"],
+                    "groups": ["system:serviceaccounts", "system:authenticated"],
+                    "extra": extra,
+                },
+                "audiences": [a for a in wanted if a in known["audiences"]],
+            }
+        return self._review_answer(body, status)
+
+    @staticmethod
+    def _review_answer(body: dict[str, Any], status: dict[str, Any]) -> web.Response:
+        answer = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": body.get("spec") or {},
+            "status": status,
+        }
+        return web.json_response(answer, status=201)
 
     async def _api(self, request: web.Request) -> web.Response:
         return web.json_response({"kind": "APIVersions", "versions": ["v1"]})
@@ -143,7 +241,8 @@ class KubeApiStandIn:
         self.requests.append(f"{plural}?{request.query_string}")
         if q.get("watch") in ("true", "1"):
             return await self._watch(request, plural)
-        items = [copy.deepcopy(o) for _, o in sorted(self.objects.get(plural, {}).items())]
+        items = [copy.deepcopy(o) for _, o in sorted(self.objects.get(plural, {}).items())
+                 if _selected(request, o)]  # fmt: skip
         return web.json_response(
             {"kind": "List", "metadata": {"resourceVersion": str(self.rv)}, "items": items}
         )
@@ -182,7 +281,7 @@ class KubeApiStandIn:
         try:
             while loop.time() < deadline and generation == self._watch_generation:
                 for rv, p, etype, obj in list(self.events):
-                    if rv > sent_rv and p == plural:
+                    if rv > sent_rv and p == plural and _selected(request, obj):
                         await send({"type": etype, "object": obj})
                         sent_rv = rv
                 if bookmarks and self.rv > sent_rv:
@@ -199,3 +298,14 @@ class KubeApiStandIn:
         except ConnectionResetError:
             pass
         return resp
+
+
+def _selected(request: web.Request, obj: dict[str, Any]) -> bool:
+    """``fieldSelector``: only ``spec.nodeName=<node>`` (what the node agent uses)."""
+    selector = request.query.get("fieldSelector")
+    if not selector:
+        return True
+    field, _, value = selector.partition("=")
+    if field != "spec.nodeName":
+        raise web.HTTPBadRequest(text=f"field label not supported: {field}")
+    return bool((obj.get("spec") or {}).get("nodeName") == value)
