@@ -2,7 +2,8 @@
 
 Owns: `NodeCredentials` (lab: a shared-secret token per node, read from a YAML file
 ``{node-name: token}``), the bearer-token extraction from gRPC metadata, and the in-cluster
-placeholder `ServiceAccountTokenReview`.
+`ServiceAccountTokenReview` (Kubernetes TokenReview of the node proxy's service account token)
+with the gRPC interceptor that runs the review before a handler (`auth_interceptors`).
 
 Invariants:
 - Tokens are compared in constant time (`hmac.compare_digest`) against every known token, so
@@ -10,22 +11,45 @@ Invariants:
 - A caller without a valid credential is refused (`Unauthenticated`); nothing is granted by
   default. The authenticated node name is the only node identity the services trust; a node
   name claimed in xDS metadata must equal it.
-- In-cluster authentication (TokenReview of the ztunnel service account token, plus the pod's
-  node from the token's bound-object claims) is a documented TODO: `ServiceAccountTokenReview`
-  refuses every caller with a clear message rather than trusting an unverified token.
+- TokenReview (authentication.k8s.io/v1 ``POST tokenreviews``, "Authenticating" and
+  "Service account tokens" in the Kubernetes docs): the caller's bearer token must be
+  authenticated by the API server, for the configured audiences if any; its user must be one
+  of the node proxy's service accounts (``system:serviceaccount:<ns>:<sa>``, else
+  PERMISSION_DENIED); it must be bound to a pod (projected token: ``user.extra``
+  ``authentication.kubernetes.io/pod-name``/``pod-uid``). The node is
+  ``authentication.kubernetes.io/node-name`` when the API server sets it (Kubernetes 1.30+),
+  else the bound pod's ``spec.nodeName`` read from the API (its uid must equal the token's).
+- Reviews are asynchronous HTTP; `authenticate()` is synchronous (the CA and xDS services call
+  it inside their handlers). The interceptor therefore reviews every call's token first and
+  caches the outcome (positive for `cache_ttl`, refusals for `negative_ttl`, keyed by the
+  token's SHA-256, one review in flight per token); `authenticate()` only reads that cache.
+  API failures are not cached: the next call reviews again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import grpc
 import yaml
 
-from controlplane.errors import Unauthenticated
+from controlplane.errors import ControlPlaneError, PermissionDenied, Unauthenticated
 from meshcore.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+POD_NAME = "authentication.kubernetes.io/pod-name"
+POD_UID = "authentication.kubernetes.io/pod-uid"
+NODE_NAME = "authentication.kubernetes.io/node-name"
+SA_PREFIX = "system:serviceaccount:"
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -79,11 +103,268 @@ class NodeCredentials:
         return found
 
 
-class ServiceAccountTokenReview:
-    """In-cluster authentication by Kubernetes TokenReview: not implemented yet (TODO)."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BoundPod:
+    """What a TokenReview says about the caller (status.user)."""
 
-    def authenticate(self, token: str | None) -> str:
-        raise Unauthenticated(
-            "service account token authentication is not implemented yet; "
-            "start the control plane with --node-credentials"
+    username: str
+    namespace: str
+    pod_name: str
+    pod_uid: str
+    node: str
+    """From ``authentication.kubernetes.io/node-name``; "" when the API server omits it."""
+
+
+def _first(extra: Mapping[str, Any], key: str) -> str:
+    values = extra.get(key) or []
+    return str(values[0]) if isinstance(values, list) and values else ""
+
+
+def read_review(status: Mapping[str, Any], accounts: Sequence[str]) -> BoundPod:
+    """The caller from a TokenReview ``status``; raises Unauthenticated / PermissionDenied."""
+    if not status.get("authenticated"):
+        reason = status.get("error") or "not authenticated"
+        raise Unauthenticated(f"token rejected by the Kubernetes API: {reason}")
+    user = status.get("user") or {}
+    username = str(user.get("username", ""))
+    if username not in accounts:
+        raise PermissionDenied(
+            f"{username or 'an unnamed user'} is not the node proxy's service account "
+            f"(allowed: {', '.join(accounts)})"
         )
+    extra = user.get("extra") or {}
+    pod_name, pod_uid = _first(extra, POD_NAME), _first(extra, POD_UID)
+    if not pod_name:
+        raise PermissionDenied(
+            f"the token of {username} is not bound to a pod: give the node proxy a projected "
+            "service account token (its node is the bound pod's node)"
+        )
+    namespace = username[len(SA_PREFIX) :].split(":", 1)[0]
+    return BoundPod(
+        username=username,
+        namespace=namespace,
+        pod_name=pod_name,
+        pod_uid=pod_uid,
+        node=_first(extra, NODE_NAME),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Outcome:
+    node: str | None
+    error: ControlPlaneError | None
+    at: float
+
+
+class ServiceAccountTokenReview:
+    """In-cluster node-proxy authentication by Kubernetes TokenReview (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        accounts: Sequence[str] = (),
+        audiences: Sequence[str] = (),
+        kubeconfig: Path | None = None,
+        configuration: Any = None,
+        cache_ttl: float = 10.0,
+        negative_ttl: float = 2.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.accounts = tuple(accounts)
+        self.audiences = tuple(audiences)
+        self.kubeconfig = kubeconfig
+        self.configuration = configuration
+        self.cache_ttl = cache_ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self.reviews = 0
+        """TokenReview requests sent (tests: the cache works)."""
+        self._cache: dict[str, _Outcome] = {}
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._api: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.accounts)
+
+    # -- the synchronous side (inside gRPC handlers) ----------------------------------------
+    def authenticate(self, token: str | None) -> str:
+        if not self.accounts:
+            raise Unauthenticated(
+                "no node authentication configured: start the control plane with "
+                "--node-credentials or --token-review-account"
+            )
+        if token is None:
+            raise Unauthenticated(
+                "no credential: send 'authorization: Bearer <node proxy service account token>'"
+            )
+        outcome = self._cache.get(_key(token))
+        # The interceptor reviewed this call's token just before; the grace covers the gap.
+        if outcome is None or self.clock() - outcome.at > self.cache_ttl + 5.0:
+            raise Unauthenticated("token not reviewed (the TokenReview interceptor is missing)")
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.node is not None
+        return outcome.node
+
+    # -- the asynchronous side (interceptor) ------------------------------------------------
+    async def review(self, token: str) -> None:
+        """Make sure a fresh outcome for `token` is cached (one review in flight per token)."""
+        key = _key(token)
+        now = self.clock()
+        cached = self._cache.get(key)
+        if cached is not None:
+            ttl = self.cache_ttl if cached.error is None else self.negative_ttl
+            if now - cached.at < ttl:
+                return
+        pending = self._inflight.get(key)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            outcome = await self._review(token)
+            if outcome is not None:
+                self._store(key, outcome)
+            else:
+                # This call is refused with the reason; stored already expired, so the next call
+                # asks the API again.
+                self._store(
+                    key,
+                    _Outcome(
+                        node=None,
+                        error=Unauthenticated(
+                            "cannot verify the token: the Kubernetes API did not answer the "
+                            "TokenReview (see the control plane's log)"
+                        ),
+                        at=self.clock() - self.negative_ttl,  # expired for the next call
+                    ),
+                )
+        finally:
+            del self._inflight[key]
+            fut.set_result(None)
+
+    def _store(self, key: str, outcome: _Outcome) -> None:
+        if len(self._cache) >= self.max_entries:
+            now = self.clock()
+            self._cache = {k: o for k, o in self._cache.items() if now - o.at < self.cache_ttl}
+            while len(self._cache) >= self.max_entries:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = outcome
+
+    async def _client(self) -> Any:
+        if self._api is None:
+            from kubernetes_asyncio import client, config
+
+            cfg = self.configuration
+            if cfg is None:
+                cfg = client.Configuration()
+                if self.kubeconfig is not None:
+                    await config.load_kube_config(
+                        config_file=str(self.kubeconfig), client_configuration=cfg
+                    )
+                else:
+                    config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            self._api = client.ApiClient(configuration=cfg)
+        return self._api
+
+    async def _call(self, path: str, method: str, body: Any = None) -> tuple[int, Any]:
+        api = await self._client()
+        resp = await api.call_api(
+            path,
+            method,
+            body=body,
+            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=10,
+        )
+        resp = resp[0] if isinstance(resp, tuple) else resp
+        try:
+            data = await resp.json(content_type=None)
+        except ValueError:
+            data = None
+        finally:
+            resp.release()
+        return int(resp.status), data
+
+    async def _review(self, token: str) -> _Outcome | None:
+        """The outcome for `token`, or None when the API could not be asked (not cached)."""
+        spec: dict[str, Any] = {"token": token}
+        if self.audiences:
+            spec["audiences"] = list(self.audiences)
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        self.reviews += 1
+        try:
+            status, data = await self._call(
+                "/apis/authentication.k8s.io/v1/tokenreviews", "POST", body
+            )
+            if status != 201 and status != 200:
+                log.error("TokenReview: HTTP %d %s", status, data)
+                return None
+            bound = read_review((data or {}).get("status") or {}, self.accounts)
+            node = bound.node or await self._pod_node(bound)
+            log.info("node proxy %s authenticated: node %s", bound.pod_name, node)
+            return _Outcome(node=node, error=None, at=self.clock())
+        except ControlPlaneError as err:
+            log.warning("node proxy refused: %s", err)
+            return _Outcome(node=None, error=err, at=self.clock())
+        except Exception as exc:  # network, TLS, JSON: not the caller's fault; not cached
+            log.error("TokenReview failed: %s", exc)
+            return None
+
+    async def _pod_node(self, bound: BoundPod) -> str:
+        """The bound pod's node (API servers before 1.30 do not put it in the review)."""
+        path = f"/api/v1/namespaces/{bound.namespace}/pods/{bound.pod_name}"
+        status, pod = await self._call(path, "GET")
+        if status == 404:
+            raise Unauthenticated(f"the token's pod {bound.namespace}/{bound.pod_name} is gone")
+        if status != 200 or not isinstance(pod, Mapping):
+            raise RuntimeError(f"GET {path}: HTTP {status}")
+        uid = str((pod.get("metadata") or {}).get("uid", ""))
+        if bound.pod_uid and uid != bound.pod_uid:
+            raise Unauthenticated(
+                f"the token's pod {bound.namespace}/{bound.pod_name} was replaced (uid {uid})"
+            )
+        node = str((pod.get("spec") or {}).get("nodeName") or "")
+        if not node:
+            raise PermissionDenied(f"pod {bound.namespace}/{bound.pod_name} is not on a node")
+        return node
+
+    async def close(self) -> None:
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+
+
+def _key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class _ReviewInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Reviews each call's bearer token before its handler runs (then `authenticate` reads the
+    cached outcome). Calls without a token pass through: the handler refuses them."""
+
+    def __init__(self, reviewer: ServiceAccountTokenReview) -> None:
+        self.reviewer = reviewer
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        metadata = handler_call_details.invocation_metadata
+        token = bearer_token(metadata)
+        if token is not None:
+            await self.reviewer.review(token)
+        return await continuation(handler_call_details)
+
+
+def auth_interceptors(authenticator: Authenticator) -> list[grpc.aio.ServerInterceptor]:
+    """The server interceptors `authenticator` needs (TokenReview's asynchronous review)."""
+    if isinstance(authenticator, ServiceAccountTokenReview) and authenticator.enabled:
+        return [_ReviewInterceptor(authenticator)]
+    return []
