@@ -33,7 +33,12 @@ from typing import Any
 
 import grpc
 
-from controlplane.auth import Authenticator, NodeCredentials, ServiceAccountTokenReview
+from controlplane.auth import (
+    Authenticator,
+    NodeCredentials,
+    ServiceAccountTokenReview,
+    auth_interceptors,
+)
 from controlplane.ca import CertificateService, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
 from controlplane.metrics import ControlPlaneMetrics
@@ -61,6 +66,9 @@ class ControlPlaneSettings:
     additional_roots: Path | None = None
     """PEM file of extra trusted roots (root rollover)."""
     node_credentials: Path | None = None
+    token_review_accounts: tuple[str, ...] = ()
+    """In-cluster auth: node proxy service accounts (system:serviceaccount:<ns>:<sa>)."""
+    token_audiences: tuple[str, ...] = ()
     plaintext: bool = False
     options: TranslateOptions = field(default_factory=TranslateOptions)
     namespace: str = "istio-system"
@@ -81,11 +89,17 @@ class ControlPlane:
         self.authenticator: Authenticator = (
             NodeCredentials.load(settings.node_credentials)
             if settings.node_credentials is not None
-            else ServiceAccountTokenReview()
+            else ServiceAccountTokenReview(
+                accounts=settings.token_review_accounts,
+                audiences=settings.token_audiences,
+                kubeconfig=settings.kubeconfig,
+            )
         )
         self.xds = XdsServer(
             metrics=self.metrics,
-            authenticator=self.authenticator if settings.node_credentials else None,
+            authenticator=self.authenticator
+            if settings.node_credentials or settings.token_review_accounts
+            else None,
         )
         if ca is None:
             if settings.ca_dir is None:
@@ -175,11 +189,12 @@ class ControlPlane:
         self._tasks.append(loop.create_task(self._translate_loop()))
 
         server = grpc.aio.server(
+            interceptors=auth_interceptors(self.authenticator),
             options=[
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-            ]
+            ],
         )
         server.add_generic_rpc_handlers(
             (self.xds.method_handlers(), self.ca_service.method_handlers())
@@ -260,6 +275,8 @@ class ControlPlane:
             await self.server.stop(grace)
         if self.debug_server is not None:
             self.debug_server.close()
+        if isinstance(self.authenticator, ServiceAccountTokenReview):
+            await self.authenticator.close()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
@@ -273,6 +290,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     p.add_argument("--ca-dir", type=Path, default=env("CA_DIR"), required=env("CA_DIR") is None)
     p.add_argument("--additional-roots", type=Path, help="extra trusted roots (rollover)")
     p.add_argument("--node-credentials", type=Path, help="YAML {node: token} (lab)")
+    p.add_argument(
+        "--token-review-account",
+        action="append",
+        default=[],
+        help="TokenReview auth: a node proxy service account (system:serviceaccount:<ns>:<sa>)",
+    )
+    p.add_argument("--token-audience", action="append", default=[], help="TokenReview audience")
     p.add_argument("--plaintext", action="store_true", help="no TLS (loopback lab only)")
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--cluster-id", default=env("CLUSTER_ID", "Kubernetes"))
@@ -300,6 +324,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
         ca_dir=args.ca_dir,
         additional_roots=args.additional_roots,
         node_credentials=args.node_credentials,
+        token_review_accounts=tuple(args.token_review_account),
+        token_audiences=tuple(args.token_audience),
         plaintext=args.plaintext,
         namespace=args.namespace,
         poll_interval=args.poll_interval,
