@@ -66,9 +66,17 @@ MATRIX: dict[str, list[str]] = {
         "controlplane.kubernetes=false",
         "controlplane.manifestConfigMap=mesh-config",
     ],
-    "token-review": ["auth.mode=tokenReview"],
-    "named-nodes": ["auth.nodeCredentials.nodes={node-a,node-b}"],
+    "node-credentials": ["auth.mode=nodeCredentials"],
+    "token-review-tuned": [
+        "auth.tokenReview.audience=mesh-ca",
+        "auth.tokenReview.expirationSeconds=3600",
+        "controlplane.kubernetes=false",
+        "controlplane.manifestConfigMap=mesh-config",
+    ],
+    "named-nodes": ["auth.mode=nodeCredentials", "auth.nodeCredentials.nodes={node-a,node-b}"],
+    "labels-configmap": ["node.agent.labelsFrom=configMap", "node.agent.labelsConfigMap=mine"],
     "existing-secrets": [
+        "auth.mode=nodeCredentials",
         "auth.nodeCredentials.existingSecret=my-tokens",
         "ca.generate=false",
         "ca.secretName=my-cacerts",
@@ -79,6 +87,7 @@ MATRIX: dict[str, list[str]] = {
         "global.imagePullSecrets={regcred}",
         "node.agent.failOpen=true",
         "node.agent.legacyKernel=true",
+        "node.agent.labelsFrom=configMap",
         "node.agent.enrolledNamespaces={demo,shop}",
         "node.ztunnel.accessLog=false",
         "node.xdsAddress=cp.example.com:15012",
@@ -201,7 +210,58 @@ def test_daemonset_shape() -> None:
         {"key": "root-cert.pem", "path": "root-cert.pem"}
     ]
     assert "--xds-address=ambient-controlplane.istio-system.svc:15012" in zt["args"]
+    # Default auth: TokenReview of a projected token bound to the pod, for the control plane's
+    # audience only; no node Secret.
+    assert "--node-credential-file=/var/run/secrets/ambient/token" in zt["args"]
+    assert vols["controlplane-token"]["projected"]["sources"] == [
+        {
+            "serviceAccountToken": {
+                "path": "token",
+                "audience": "ambient-controlplane",
+                "expirationSeconds": 31536000,
+            }
+        }
+    ]
+    zt_mounts = {m["name"]: m for m in zt["volumeMounts"]}
+    assert zt_mounts["controlplane-token"]["mountPath"] == "/var/run/secrets/ambient"
+    assert "node-credentials" not in vols and "node-credentials" not in zt_mounts
+    assert not [d for d in docs if d["kind"] == "Secret" and "credentials" in d["metadata"]["name"]]
+    cp = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"]
+    cp_args = cp["containers"][0]["args"]
+    assert "--token-review-account=system:serviceaccount:istio-system:ztunnel" in cp_args
+    assert "--token-audience=ambient-controlplane" in cp_args
+    assert not [a for a in cp_args if a.startswith("--node-credentials")]
+    # Default labels: the agent watches the API (no ConfigMap, no enrollment volume).
+    assert "--labels-from=kubernetes" in agent["args"]
+    assert not [a for a in agent["args"] if a.startswith("--manifests")]
+    assert "enrollment" not in vols and "/etc/ambient/enrollment" not in mounts
+    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] ==
+                "ambient-enrollment"]  # fmt: skip
+    env_agent = {e["name"]: e for e in agent["env"]}
+    assert env_agent["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_node_credentials_and_configmap_labels_still_work() -> None:
+    _, docs = render(["auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap",
+                      "node.agent.enrolledNamespaces={demo}"])  # fmt: skip
+    ds = find(docs, "DaemonSet", "ztunnel")
+    zt, agent = container(ds, "ztunnel"), container(ds, "agent")
     assert "--node-credential-file=/etc/ambient/node-credentials/$(NODE_NAME)" in zt["args"]
+    assert "--labels-from=manifests" in agent["args"]
+    assert "--manifests=/etc/ambient/enrollment" in agent["args"]
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["enrollment"]["configMap"]["name"] == "ambient-enrollment"
+    assert "controlplane-token" not in vols
+    assert "demo" in find(docs, "ConfigMap", "ambient-enrollment")["data"]["namespaces.yaml"]
+    cp_args = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"][
+        "containers"][0]["args"]  # fmt: skip
+    assert "--node-credentials=/etc/ambient/node-credentials/node-credentials.yaml" in cp_args
+    assert not [a for a in cp_args if a.startswith("--token-review")]
+    kinds_ = {d["kind"] for d in docs}
+    assert "ClusterRole" in kinds_  # the control plane's read-only role only
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == [
+        "ambient-controlplane-istio-system"
+    ]
     env = {e["name"]: e for e in zt["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
@@ -233,8 +293,29 @@ def test_controlplane_rbac_is_read_only() -> None:
             "verbs": ["get"],
         }
     ]
-    # No cluster-wide API access without the Kubernetes source.
-    _, docs = render(["controlplane.kubernetes=false", "controlplane.manifestConfigMap=cfg"])
+    # The node agent's label source: list+watch of namespaces and pods, nothing else (it lists
+    # its node's pods by field selector and never GETs).
+    agent_role = find(docs, "ClusterRole", "ztunnel-istio-system")
+    assert agent_role["rules"] == [
+        {"apiGroups": [""], "resources": ["namespaces", "pods"], "verbs": ["list", "watch"]}
+    ]
+    binding = find(docs, "ClusterRoleBinding", "ztunnel-istio-system")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ztunnel", "namespace": "istio-system"}
+    ]
+    # TokenReview auth: create tokenreviews and get pods (the token's bound pod), nothing else.
+    review = find(docs, "ClusterRole", "ambient-controlplane-tokenreview-istio-system")
+    assert review["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+         "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+    ]  # fmt: skip
+    binding = find(docs, "ClusterRoleBinding", "ambient-controlplane-tokenreview-istio-system")
+    assert binding["subjects"][0]["name"] == "ambient-controlplane"
+    # No cluster-wide API access without the Kubernetes source, the agent's API label source
+    # and TokenReview.
+    _, docs = render(["controlplane.kubernetes=false", "controlplane.manifestConfigMap=cfg",
+                      "auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap"])  # fmt: skip
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 
@@ -280,7 +361,7 @@ def test_crd_switches() -> None:
 
 
 def test_generated_secrets() -> None:
-    _, docs = render(["auth.nodeCredentials.nodes={node-a,node-b}"])
+    _, docs = render(["auth.mode=nodeCredentials", "auth.nodeCredentials.nodes={node-a,node-b}"])
     import base64
 
     creds = find(docs, "Secret", "ambient-node-credentials")["data"]
@@ -290,7 +371,13 @@ def test_generated_secrets() -> None:
     ca = find(docs, "Secret", "cacerts")["data"]
     assert set(ca) == {"root-cert.pem", "root-key.pem"}
     assert ca_usable(base64.b64decode(ca["root-cert.pem"]), base64.b64decode(ca["root-key.pem"]))
-    _, docs = render(["ca.generate=false", "auth.nodeCredentials.existingSecret=mine"])
+    _, docs = render(
+        [
+            "ca.generate=false",
+            "auth.mode=nodeCredentials",
+            "auth.nodeCredentials.existingSecret=mine",
+        ]
+    )
     assert not [d for d in docs if d["kind"] == "Secret"]
 
 
@@ -337,7 +424,9 @@ def test_notes_tell_the_next_two_steps(tmp_path: Path) -> None:
     assert "gatewayClassName: istio-waypoint" in notes
     assert "kubectl label namespace default istio.io/use-waypoint=waypoint" in notes
     assert "rollout status daemonset/ztunnel" in notes
-    assert "WARNING" in render_notes(tmp_path / "t", ["auth.mode=tokenReview"])
+    assert "WARNING" not in notes and "enrolledNamespaces" not in notes  # labels are live
+    configmap = render_notes(tmp_path / "t", ["node.agent.labelsFrom=configMap"])
+    assert "node.agent.enrolledNamespaces={default}" in configmap
 
 
 @pytest.mark.parametrize(
@@ -346,6 +435,8 @@ def test_notes_tell_the_next_two_steps(tmp_path: Path) -> None:
         (["bogus=1"], "Additional property bogus is not allowed"),
         (["node.agent.uplink=eth0/x"], "node.agent.uplink"),
         (["auth.mode=password"], "auth.mode"),
+        (["node.agent.labelsFrom=etcd"], "node.agent.labelsFrom"),
+        (["auth.tokenReview.expirationSeconds=60"], "auth.tokenReview.expirationSeconds"),
         (["controlplane.replicas=0"], "controlplane.replicas"),
         (["cni.confFile=../etc/passwd"], "cni.confFile"),
         (["node.agent.bpffsDir=/tmp/bpf"], "node.agent.bpffsDir"),
