@@ -41,6 +41,7 @@ from controlplane.auth import (
 )
 from controlplane.ca import CertificateService, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
+from controlplane.l7 import l7_resources
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
 from controlplane.store import ConfigStore
@@ -50,6 +51,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId
+from meshcore.proto.l7res import L7_TYPE, pack_l7
 
 log = logging.getLogger("controlplane")
 
@@ -141,6 +143,9 @@ class ControlPlane:
         delta = self.translator.update(self.store.snapshot)
         if delta:
             self.xds.publish(delta, changed_at=t0)
+        # Waypoints' L7 objects after the Address/Authorization records they refer to.
+        l7 = l7_resources(self.store.snapshot, self.settings.options)
+        self.xds.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in l7.items()}, changed_at=t0)
         self.translations += 1
         self.metrics.translate_seconds.observe(time.monotonic() - t0)
         self.metrics.objects.set(self.store.snapshot.count())

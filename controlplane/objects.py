@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -197,6 +198,8 @@ class AuthorizationPolicy:
     """None: the spec had no ``rules`` field (ALLOW: matches nothing; DENY: nothing)."""
     error: str | None = None
     """Why the rules could not be read (translated fail-closed)."""
+    raw_json: str = ""
+    """The object as written (canonical JSON), served to waypoints (``controlplane.l7``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,6 +221,8 @@ class StoredObject:
     name: str
     labels: Labels = ()
     gateway_class: str = ""
+    raw_json: str = ""
+    """The object as written (canonical JSON), served to waypoints (``controlplane.l7``)."""
 
 
 KubeObject = (
@@ -572,11 +577,13 @@ def _parse_authorization_policy(raw: Mapping[str, Any]) -> AuthorizationPolicy:
             )
     except ConfigError as exc:
         return AuthorizationPolicy(
-            namespace=ns, name=name, selector=selector, targeted=targeted, error=str(exc)
-        )
+            namespace=ns, name=name, selector=selector, targeted=targeted, error=str(exc),
+            raw_json=raw_json(raw),
+        )  # fmt: skip
     return AuthorizationPolicy(
-        namespace=ns, name=name, selector=selector, targeted=targeted, action=action, rules=rules
-    )
+        namespace=ns, name=name, selector=selector, targeted=targeted, action=action, rules=rules,
+        raw_json=raw_json(raw),
+    )  # fmt: skip
 
 
 _MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
@@ -606,6 +613,18 @@ def _parse_peer_authentication(raw: Mapping[str, Any]) -> PeerAuthentication:
         mode=mode(spec.get("mtls"), "spec.mtls"),
         port_modes=tuple(sorted(ports)),
     )
+
+
+def raw_json(raw: Mapping[str, Any]) -> str:
+    """Canonical JSON of an object as written, without the fields the API server adds (status,
+    managedFields, resourceVersion...), so an unchanged object keeps the same text."""
+    meta = raw.get("metadata")
+    keep_meta: dict[str, Any] = {}
+    if isinstance(meta, Mapping):
+        keep_meta = {k: meta[k] for k in ("name", "namespace", "labels") if k in meta}
+    out = {k: raw[k] for k in ("apiVersion", "kind", "spec") if k in raw}
+    out["metadata"] = keep_meta
+    return json.dumps(out, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def parse_object(raw: object) -> KubeObject:
@@ -642,5 +661,6 @@ def parse_object(raw: object) -> KubeObject:
             name=name,
             labels=labels,
             gateway_class=gw_class if isinstance(gw_class, str) else "",
+            raw_json=raw_json(raw),
         )
     raise ConfigError(f"{kind}: kind", f"kind {kind!r} is not handled by the control plane")

@@ -87,6 +87,8 @@ USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NS = "istio.io/use-waypoint-namespace"
 WAYPOINT_FOR = "istio.io/waypoint-for"
 GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
+WAYPOINT_CLASS = "istio-waypoint"
+HBONE_PORT = 15008
 STATIC_STRICT = "istio_converted_static_strict"
 """Name of the shared "STRICT mTLS" DENY policy (in the root namespace)."""
 
@@ -540,6 +542,24 @@ def translate_namespace(
         if rec is not None:
             services[rec.key] = rec
 
+    # Waypoint Gateways: a Service <name>.<ns>.svc.<suffix> fronting the waypoint pods (label
+    # gateway.networking.k8s.io/gateway-name), which node proxies resolve GatewayAddress
+    # hostnames to (Istio's waypoint Deployment comes with such a Service). A user Service of the
+    # same name takes precedence.
+    waypoint_hosts: dict[str, str] = {}
+    for obj in objs.stored.values():
+        if obj.kind != "Gateway" or obj.gateway_class != WAYPOINT_CLASS:
+            continue
+        wp = Service(
+            name=obj.name,
+            namespace=ns,
+            hostname=hostname(obj.name, ns, opts),
+            ports=(Port(service_port=HBONE_PORT, target_port=HBONE_PORT),),
+        )
+        waypoint_hosts[obj.name] = wp.key
+        if obj.name not in objs.services:
+            services[wp.key] = wp
+
     policies: dict[str, Authorization] = {}
     selector_policies: list[tuple[Labels, str]] = []
     for ap in objs.authorization_policies.values():
@@ -603,6 +623,11 @@ def translate_namespace(
                 if target is not None and p.protocol in ("TCP", ""):
                     ports.append(Port(service_port=p.port, target_port=target))
             svc_ports[f"{ns}/{hostname(svc.name, ns, opts)}"] = tuple(ports)
+        gw_name = _label(pod.labels, GATEWAY_NAME)
+        if gw_name is not None and gw_name in waypoint_hosts:
+            svc_ports.setdefault(
+                waypoint_hosts[gw_name], (Port(service_port=HBONE_PORT, target_port=HBONE_PORT),)
+            )
         waypoint = None
         if ambient and _label(pod.labels, GATEWAY_NAME) is None:
             sa = objs.service_accounts.get(pod.service_account)

@@ -1,5 +1,6 @@
 """Delta xDS server: ``envoy.service.discovery.v3.AggregatedDiscoveryService/
-DeltaAggregatedResources`` for ``istio.workload.Address`` and ``istio.security.Authorization``.
+DeltaAggregatedResources`` for ``istio.workload.Address`` and ``istio.security.Authorization``
+(node proxies and waypoints) and ``ambient.l7.Resource`` (waypoints: `publish_set`).
 
 Owns: the resource table (every resource serialised once, versioned by content), per-connection
 state (node, what it has, pending nonces, last ACK/NACK), the push loop, and the gRPC method
@@ -35,7 +36,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +49,15 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.translate import Delta
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resource_name
+from meshcore.proto.l7res import L7_TYPE
 
 log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 DELTA_METHOD = "DeltaAggregatedResources"
-PUSH_ORDER = (AUTHORIZATION_TYPE, ADDRESS_TYPE)
+PUSH_ORDER = (AUTHORIZATION_TYPE, ADDRESS_TYPE, L7_TYPE)
+"""L7_TYPE (``ambient.l7.Resource``) is subscribed to by waypoints only (node proxies never ask
+for it, so they are never sent any)."""
 
 
 def _varint(n: int) -> bytes:
@@ -220,6 +224,23 @@ class XdsServer:
         self.table.set_any(type_url, name, resource)
         self.table.version += 1
         self._notify({type_url: {name}}, None)
+
+    def publish_set(
+        self, type_url: str, resources: Mapping[str, any_pb2.Any], changed_at: float | None = None
+    ) -> None:
+        """Make `resources` the complete set of `type_url` (changed ones re-sent, missing ones
+        removed) and schedule pushes (the waypoints' L7 type)."""
+        table = self.table.types[type_url]
+        before = {n: e.version for n, e in table.items()}
+        for name in [n for n in table if n not in resources]:
+            del table[name]
+        for name, res in resources.items():
+            self.table.set_any(type_url, name, res)
+        touched = {n for n in set(before) | set(table)
+                   if before.get(n) != (table[n].version if n in table else None)}  # fmt: skip
+        if touched:
+            self.table.version += 1
+            self._notify({type_url: touched}, changed_at)
 
     def _notify(self, touched: dict[str, set[str]], changed_at: float | None) -> None:
         at = self.clock() if changed_at is None else changed_at

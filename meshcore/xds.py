@@ -18,6 +18,8 @@ Invariants:
   plane sends only what changed meanwhile plus removals: a restarted control plane that
   computes the same content sends nothing new.
 - `synced` is set once the first response of every type URL has been applied (full state).
+- Extra type URLs (`extra_types`, e.g. the waypoint's ``ambient.l7.Resource``) are subscribed to
+  on the same stream and applied by their handler, with the same ACK/NACK and version rules.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,10 @@ def nack_message(errors: Sequence[tuple[str, str]]) -> str:
 
 # ------------------------------------------------------------------------------ client
 
+ExtraHandler = Callable[[dpb.DeltaDiscoveryResponse], Sequence[tuple[str, str]]]
+"""Applies one response of an extra type URL; returns (resource name, error) of the resources
+it rejected (NACKed by name, the rest applied)."""
+
 
 def backoff(attempt: int, rng: random.Random, *, initial: float = 0.5, cap: float = 10.0) -> float:
     base = min(cap, initial * 2.0 ** min(attempt, 32))
@@ -168,6 +174,8 @@ class XdsClient:
         build_state: bool = True,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        extra_types: Mapping[str, ExtraHandler] | None = None,
+        node_kind: str = "ztunnel",
     ) -> None:
         self.endpoint = endpoint
         self.node = node
@@ -177,7 +185,12 @@ class XdsClient:
         self.build_state = build_state
         self.rng = rng or random.Random()
         self.clock = clock
-        self.stats = ClientStats(versions={t: {} for t in TYPE_URLS})
+        self.extra_types: dict[str, ExtraHandler] = dict(extra_types or {})
+        """Further type URLs (e.g. the waypoint's L7 type) and who applies their responses."""
+        self.type_urls: tuple[str, ...] = (*TYPE_URLS, *self.extra_types)
+        self.node_kind = node_kind
+        """Node id prefix: ``<node_kind>~<node>`` (ztunnel, waypoint)."""
+        self.stats = ClientStats(versions={t: {} for t in self.type_urls})
         self.synced = asyncio.Event()
         self.updated = asyncio.Event()
         """Set after every applied response (tests/bench clear and wait on it)."""
@@ -186,7 +199,7 @@ class XdsClient:
     def _node_pb(self) -> dpb.Node:
         meta = struct_pb2.Struct()
         meta.fields["NODE_NAME"].string_value = self.node
-        return dpb.Node(id=f"ztunnel~{self.node}", metadata=meta)
+        return dpb.Node(id=f"{self.node_kind}~{self.node}", metadata=meta)
 
     async def run(self) -> None:
         attempt = 0
@@ -219,7 +232,7 @@ class XdsClient:
         """One stream; returns whether it delivered at least one response."""
         outbox: asyncio.Queue[dpb.DeltaDiscoveryRequest | None] = asyncio.Queue()
         node = self._node_pb()
-        for type_url in TYPE_URLS:
+        for type_url in self.type_urls:
             outbox.put_nowait(
                 dpb.DeltaDiscoveryRequest(
                     node=node,
@@ -249,15 +262,36 @@ class XdsClient:
                     delivered = True
                     outbox.put_nowait(self._handle(resp))
                     seen_types.add(resp.type_url)
-                    if seen_types >= set(TYPE_URLS):
+                    if seen_types >= set(self.type_urls):
                         self.synced.set()
             finally:
                 outbox.put_nowait(None)
                 call.cancel()
         return delivered
 
+    def _handle_extra(
+        self, resp: dpb.DeltaDiscoveryResponse, handler: ExtraHandler
+    ) -> dpb.DeltaDiscoveryRequest:
+        """A response of an extra type: `handler` applies it and names the bad resources."""
+        errors = list(handler(resp))
+        bad = {name for name, _ in errors}
+        versions = self.stats.versions[resp.type_url]
+        for name in resp.removed_resources:
+            versions.pop(name, None)
+        for res in resp.resources:
+            if res.name not in bad:
+                versions[res.name] = res.version
+        self.stats.last_update = self.clock()
+        if self.on_response is not None:
+            self.on_response(resp)
+        self.updated.set()
+        return _nack_or_ack(self, resp, errors)
+
     def _handle(self, resp: dpb.DeltaDiscoveryResponse) -> dpb.DeltaDiscoveryRequest:
         self.stats.responses += 1
+        extra = self.extra_types.get(resp.type_url)
+        if extra is not None:
+            return self._handle_extra(resp, extra)
         if resp.type_url not in TYPE_URLS:
             self.stats.nacks += 1
             return dpb.DeltaDiscoveryRequest(
@@ -293,6 +327,22 @@ class XdsClient:
             )
         self.stats.acks += 1
         return dpb.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+
+
+def _nack_or_ack(
+    self: XdsClient, resp: dpb.DeltaDiscoveryResponse, errors: Sequence[tuple[str, str]]
+) -> dpb.DeltaDiscoveryRequest:
+    if errors:
+        self.stats.nacks += 1
+        self.stats.last_nack = nack_message(errors)
+        log.warning("NACK %s: %s", resp.nonce, self.stats.last_nack)
+        return dpb.DeltaDiscoveryRequest(
+            type_url=resp.type_url,
+            response_nonce=resp.nonce,
+            error_detail=dpb.Status(code=_INVALID_ARGUMENT, message=self.stats.last_nack),
+        )
+    self.stats.acks += 1
+    return dpb.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
 
 
 def _decode_only(state: MeshState, resp: dpb.DeltaDiscoveryResponse) -> Applied:

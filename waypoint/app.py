@@ -13,6 +13,9 @@ Config channel (static mode, as the node proxy's ``--mesh-config``):
   VirtualService, DestinationRule, HTTPRoute and AuthorizationPolicy objects exactly as users
   write them, plus optional ``kind: WorkloadLabels`` (uid -> labels) for subsets/selectors.
 A bad file on reload is refused and the running config kept (never half-applied).
+Control-plane mode (``--xds-address``, `waypoint.xds`): state and L7 objects over delta xDS,
+certificates from the control plane's CA with the node's credential (``--node``,
+``--node-credential-file``, ``--controlplane-roots``).
 Certificates: signed by the mesh CA in ``--ca-dir`` (static mode), for the waypoint's own
 identity ``spiffe://<td>/ns/<namespace>/sa/<service-account>``.
 """
@@ -337,11 +340,38 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--drain-timeout", type=float, default=5.0)
+    cp = p.add_argument_group("control-plane mode (instead of --mesh-config/--config/--ca-dir)")
+    cp.add_argument("--xds-address", default=env("XDS_ADDRESS"),
+                    help="control plane host:port: Address, Authorization and L7 config over "
+                         "delta xDS")  # fmt: skip
+    cp.add_argument("--ca-address", default=env("CA_ADDRESS"),
+                    help="control plane CA host:port (default: --xds-address)")  # fmt: skip
+    cp.add_argument(
+        "--node",
+        default=env("NODE_NAME", ""),
+        help="the node this waypoint's pod runs on (its credential's node)",
+    )
+    cp.add_argument("--node-credential-file", type=Path, default=env("NODE_CREDENTIAL_FILE"),
+                    help="the node's token (first line)")  # fmt: skip
+    cp.add_argument(
+        "--controlplane-roots",
+        type=Path,
+        default=env("CONTROLPLANE_ROOTS"),
+        help="PEM roots of the control plane's TLS certificate; absent = plaintext",
+    )
+    cp.add_argument("--controlplane-server-name",
+                    default="ambient-controlplane.istio-system.svc")  # fmt: skip
     args = p.parse_args(argv)
-    if args.mesh_config is None:
-        p.error("--mesh-config is required (control-plane mode is not wired yet)")
-    if args.ca_dir is None:
-        p.error("--ca-dir is required in static mode")
+    if args.xds_address:
+        if args.mesh_config is not None or args.config:
+            p.error("--xds-address excludes --mesh-config/--config (config comes over xDS)")
+        if not args.node:
+            p.error("--node is required with --xds-address (the credential's node)")
+    else:
+        if args.mesh_config is None:
+            p.error("--mesh-config is required (or --xds-address for control-plane mode)")
+        if args.ca_dir is None:
+            p.error("--ca-dir is required in static mode")
     settings = WaypointSettings(
         name=args.name,
         namespace=args.namespace,
@@ -356,7 +386,36 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     return settings, args
 
 
+async def run_controlplane(settings: WaypointSettings, args: argparse.Namespace) -> int:
+    """Control-plane mode: wait for the full state (and this waypoint's own workload unless
+    --listen is given), then serve; the xDS client keeps swapping state and config."""
+    from waypoint.xds import controlplane_context
+
+    ctx, client, _store = controlplane_context(settings, args, build_context)
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(client.run())
+    try:
+        while not client.synced.is_set() or (not settings.listen and ctx.me is None):
+            log.info("waiting for the config from %s (synced=%s, own workload %s)",
+                     args.xds_address, client.synced.is_set(),
+                     "found" if ctx.me is not None else "not found")  # fmt: skip
+            client.updated.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.updated.wait(), 5)
+        wp = Waypoint(ctx)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, wp.stop)
+        await wp.start()
+        await wp.wait_stopped()
+        await wp.drain(args.drain_timeout)
+        return 0
+    finally:
+        task.cancel()
+
+
 async def run(settings: WaypointSettings, args: argparse.Namespace) -> int:
+    if args.xds_address:
+        return await run_controlplane(settings, args)
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
     config = load_l7_config(args.config, settings.domain_suffix)
     for w in config.warnings:

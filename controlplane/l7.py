@@ -1,0 +1,49 @@
+"""Store snapshot -> the L7 resources served to waypoints (sans-I/O, pure).
+
+Owns: which stored objects waypoints receive and under which names
+(``type.googleapis.com/ambient.l7.Resource``, see `meshcore.proto.l7res`):
+- every VirtualService, DestinationRule, HTTPRoute and AuthorizationPolicy (selector and
+  targetRef(s) forms alike) as written: the waypoint decides which apply to it with the same
+  rules as in static mode (`meshcore.l7`), so the control plane does not pre-filter;
+- per namespace with pods, one ``WorkloadLabels`` resource: workload uid -> pod labels, so
+  DestinationRule subsets and ``sourceLabels`` see the real labels (not only app/version).
+
+Invariants: pure function of the snapshot; equal inputs give equal resources (canonical JSON),
+so the xDS table's content-hash versions only change when an object really changed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from controlplane.store import StoreSnapshot
+from controlplane.translate import TranslateOptions
+from meshcore.proto.l7res import L7Resource
+
+ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute")
+
+
+def l7_resources(snapshot: StoreSnapshot, opts: TranslateOptions) -> dict[str, L7Resource]:
+    out: dict[str, L7Resource] = {}
+
+    def add(res: L7Resource) -> None:
+        out[res.key] = res
+
+    for ns, objs in snapshot.namespaces.items():
+        for obj in objs.stored.values():
+            if obj.kind in ROUTING_KINDS and obj.raw_json:
+                add(L7Resource(kind=obj.kind, namespace=ns, name=obj.name, json=obj.raw_json))
+        for ap in objs.authorization_policies.values():
+            if ap.raw_json:
+                add(L7Resource(kind="AuthorizationPolicy", namespace=ns, name=ap.name,
+                               json=ap.raw_json))  # fmt: skip
+        labels = {
+            f"{opts.cluster_id}//Pod/{ns}/{pod.name}": dict(pod.labels)
+            for pod in objs.pods.values()
+            if pod.ips
+        }
+        if labels:
+            doc = {"kind": "WorkloadLabels", "labels": labels}
+            text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+            add(L7Resource(kind="WorkloadLabels", namespace=ns, name="pods", json=text))
+    return out

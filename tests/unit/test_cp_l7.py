@@ -1,0 +1,222 @@
+"""Control plane -> waypoint config: raw objects kept, L7 resources served, waypoint Gateway ->
+Service fronting the waypoint pods, the waypoint's xDS apply (per-resource NACK), and the
+parsed config equal to what static mode parses from the same YAML."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+from google.protobuf import any_pb2
+
+from controlplane.l7 import l7_resources
+from controlplane.objects import parse_object
+from controlplane.store import ConfigStore
+from controlplane.translate import TranslateOptions, Translator
+from controlplane.xds import XdsServer
+from meshcore.l7.config import parse_objects
+from meshcore.model import Workload
+from meshcore.proto import discovery_pb2 as dpb
+from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7, unpack_l7
+from meshcore.state import MeshState
+from waypoint.xds import L7Store
+
+SEED = """
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: reviews-route
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - headers:
+        user-type:
+          exact: beta-tester
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: 90
+    - destination:
+        host: reviews
+        subset: v2
+      weight: 10
+"""
+AMBIENT_NS = {
+    "kind": "Namespace",
+    "metadata": {
+        "name": "default",
+        "labels": {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"},
+    },
+}
+GATEWAY = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "Gateway",
+    "metadata": {"name": "waypoint", "namespace": "default"},
+    "spec": {"gatewayClassName": "istio-waypoint",
+             "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+}  # fmt: skip
+DENY = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny-private", "namespace": "default"},
+    "spec": {
+        "targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io",
+                        "name": "waypoint"}],
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"paths": ["/private*"]}}]}],
+    },
+}  # fmt: skip
+
+
+def pod(name: str, ip: str, labels: dict[str, str], sa: str = "") -> dict[str, Any]:
+    return {
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {"nodeName": "node-a", "serviceAccountName": sa or name},
+        "status": {"podIP": ip},
+    }
+
+
+REVIEWS_SVC = {
+    "kind": "Service",
+    "metadata": {"name": "reviews", "namespace": "default"},
+    "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "reviews"},
+             "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]},
+}  # fmt: skip
+WP_POD = pod("waypoint-waypoint", "10.0.0.9",
+             {"gateway.networking.k8s.io/gateway-name": "waypoint",
+              "istio.io/dataplane-mode": "none"}, sa="waypoint")  # fmt: skip
+
+
+def snapshot(*docs: Any) -> Any:
+    store = ConfigStore()
+    store.replace_source("test", [parse_object(d) for d in docs])
+    return store.snapshot
+
+
+def objects() -> list[Any]:
+    return [
+        AMBIENT_NS, GATEWAY, REVIEWS_SVC, WP_POD, DENY, *yaml.safe_load_all(SEED),
+        pod("reviews-v1", "10.0.0.1", {"app": "reviews", "version": "v1", "tier": "a"}),
+        pod("reviews-v2", "10.0.0.2", {"app": "reviews", "version": "v2"}),
+    ]  # fmt: skip
+
+
+def test_waypoint_gateway_becomes_a_service_fronting_its_pods_and_binds_the_namespace() -> None:
+    t = Translator(TranslateOptions())
+    t.update(snapshot(*objects()))
+    state = MeshState.empty().with_updates(t.records(), ())
+    wp_key = "default/waypoint.default.svc.cluster.local"
+    assert state.service(wp_key) is not None
+    eps = state.endpoints(wp_key)
+    assert [e.workload.name for e in eps] == ["waypoint-waypoint"]
+    reviews = state.service("default/reviews.default.svc.cluster.local")
+    assert reviews is not None and reviews.waypoint is not None
+    assert reviews.waypoint.hostname is not None and reviews.waypoint.hostname.key == wp_key
+    # The waypoint's own workload is never bound to a waypoint and is not captured.
+    wp = next(r for r in t.records() if isinstance(r, Workload) and r.name == "waypoint-waypoint")
+    assert wp.waypoint is None and wp.tunnel_protocol.name == "NONE"
+    # Its node may obtain its certificate (the CA's impersonation rule).
+    from meshcore.identity import SpiffeId
+
+    sid = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="waypoint")
+    assert t.may_impersonate("node-a", sid) and not t.may_impersonate("node-b", sid)
+
+
+def test_gateway_of_another_class_gets_no_service() -> None:
+    other = json.loads(json.dumps(GATEWAY))
+    other["spec"]["gatewayClassName"] = "istio"
+    t = Translator(TranslateOptions())
+    t.update(snapshot(other))
+    assert not any(getattr(r, "hostname", "").startswith("waypoint.") for r in t.records())
+
+
+def test_l7_resources_carry_the_objects_as_written_and_pod_labels() -> None:
+    res = l7_resources(snapshot(*objects()), TranslateOptions())
+    assert set(res) == {
+        "VirtualService/default/reviews-route",
+        "AuthorizationPolicy/default/deny-private",
+        "WorkloadLabels/default/pods",
+    }
+    vs = res["VirtualService/default/reviews-route"].document()
+    assert vs["spec"] == yaml.safe_load(SEED)["spec"]
+    assert vs["metadata"]["namespace"] == "default"  # filled in: the seed has none
+    labels = json.loads(res["WorkloadLabels/default/pods"].json)["labels"]
+    assert labels["Kubernetes//Pod/default/reviews-v1"]["tier"] == "a"
+    # Same config as static mode parses from the same YAML.
+    store = L7Store()
+    resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="1")
+    for name, r in res.items():
+        resp.resources.add(name=name, version="1", resource=pack_l7(r))
+    assert store.apply(resp) == []
+    cfg = store.config()
+    static = parse_objects([*yaml.safe_load_all(SEED), DENY])
+    assert [t.name for t in cfg.route_tables] == [t.name for t in static.route_tables]
+    assert cfg.route_tables[0].routes == static.route_tables[0].routes
+    assert [p.key for p in cfg.policies] == [p.key for p in static.policies]
+    assert dict(dict(cfg.workload_labels)["Kubernetes//Pod/default/reviews-v1"])["tier"] == "a"
+
+
+def test_l7_versions_change_only_with_the_object() -> None:
+    a = l7_resources(snapshot(*objects()), TranslateOptions())
+    b = l7_resources(snapshot(*reversed(objects())), TranslateOptions())
+    assert a == b
+    changed = yaml.safe_load(SEED)
+    changed["spec"]["http"][1]["route"][0]["weight"] = 50
+    changed["spec"]["http"][1]["route"][1]["weight"] = 50
+    c = l7_resources(snapshot(*[o for o in objects() if o.get("kind") != "VirtualService"],
+                              changed), TranslateOptions())  # fmt: skip
+    key = "VirtualService/default/reviews-route"
+    assert c[key] != a[key] and c["AuthorizationPolicy/default/deny-private"] == \
+        a["AuthorizationPolicy/default/deny-private"]  # fmt: skip
+
+
+def test_xds_publish_set_sends_changes_and_removals_only() -> None:
+    server = XdsServer()
+    res = l7_resources(snapshot(*objects()), TranslateOptions())
+    server.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in res.items()})
+    table = server.table.types[L7_TYPE]
+    assert set(table) == set(res)
+    v0 = server.table.version
+    server.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in res.items()})
+    assert server.table.version == v0  # nothing changed, nothing pushed
+    del res["AuthorizationPolicy/default/deny-private"]
+    server.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in res.items()})
+    assert "AuthorizationPolicy/default/deny-private" not in table
+    assert server.table.version == v0 + 1
+
+
+def test_waypoint_store_nacks_a_bad_resource_alone_and_applies_removals() -> None:
+    store = L7Store()
+    good = L7Resource(kind="VirtualService", namespace="default", name="reviews-route",
+                      json=json.dumps(yaml.safe_load(SEED)))  # fmt: skip
+    bad_kind = L7Resource(kind="Secret", namespace="default", name="x", json="{}")
+    wrong = any_pb2.Any(type_url="type.googleapis.com/other", value=b"")
+    resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="1")
+    resp.resources.add(name=good.key, version="1", resource=pack_l7(good))
+    resp.resources.add(name="Secret/default/x", version="1", resource=pack_l7(bad_kind))
+    resp.resources.add(name="other", version="1", resource=wrong)
+    errors = store.apply(resp)
+    assert [n for n, _ in errors] == ["Secret/default/x", "other"]
+    assert list(store.resources) == [good.key]
+    assert len(store.config().route_tables) == 1
+    rm = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="2", removed_resources=[good.key])
+    assert store.apply(rm) == [] and store.config().route_tables == ()
+
+
+def test_unpack_checks_json_kind() -> None:
+    r = L7Resource(kind="VirtualService", namespace="d", name="n", json='{"kind": "HTTPRoute"}')
+    try:
+        unpack_l7(r.key, pack_l7(r))
+    except Exception as exc:
+        assert "HTTPRoute" in str(exc)
+    else:
+        raise AssertionError("kind mismatch accepted")

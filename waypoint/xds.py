@@ -1,0 +1,114 @@
+"""The waypoint's control-plane config channel: delta xDS + the control plane's CA.
+
+Owns: `L7Store` (the current ``ambient.l7.Resource`` objects by name -> one `WaypointConfig`),
+and `controlplane_context` (the xDS client subscribed to Address + Authorization, like a node
+proxy, plus the L7 type; certificates from the control plane's CA).
+
+Invariants:
+- Each L7 resource is decoded on its own (`meshcore.proto.l7res.unpack_l7`); undecodable ones
+  are NACKed by name and the rest applied. Objects are then parsed exactly as a static
+  ``--config`` file (`meshcore.l7.config.parse_objects`, in resource-name order so the result
+  does not depend on arrival order): a bad object is left out with a warning (a bad
+  AuthorizationPolicy fails closed), never NACKed, as in static mode.
+- State and config are each swapped by one assignment (`WaypointContext.set_state`/
+  `set_config`); while the control plane is unreachable the last good ones stay in force.
+- The waypoint authenticates with its node's credential and asks only for its own identity:
+  the control plane's CA signs it because the waypoint's pod runs on that node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+from meshcore.caclient import ControlPlaneCAProvider
+from meshcore.certs import CertificateProvider
+from meshcore.errors import ConfigError
+from meshcore.l7.config import WaypointConfig, parse_objects
+from meshcore.proto import discovery_pb2 as dpb
+from meshcore.proto.l7res import L7_TYPE, L7Resource, unpack_l7
+from meshcore.state import MeshState
+from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
+from waypoint.context import WaypointContext, WaypointSettings
+
+log = logging.getLogger("waypoint.xds")
+
+
+class L7Store:
+    """The L7 objects received so far, by resource name."""
+
+    def __init__(self, domain_suffix: str = "cluster.local") -> None:
+        self.domain_suffix = domain_suffix
+        self.resources: dict[str, L7Resource] = {}
+
+    def apply(self, resp: dpb.DeltaDiscoveryResponse) -> list[tuple[str, str]]:
+        """Apply removals and every decodable resource; return (name, error) of the others."""
+        errors: list[tuple[str, str]] = []
+        for name in resp.removed_resources:
+            self.resources.pop(name, None)
+        for res in resp.resources:
+            try:
+                self.resources[res.name] = unpack_l7(res.name, res.resource)
+            except ConfigError as exc:
+                errors.append((res.name, str(exc)))
+        return errors
+
+    def config(self) -> WaypointConfig:
+        docs = [self.resources[k].document() for k in sorted(self.resources)]
+        return parse_objects(docs, domain_suffix=self.domain_suffix)
+
+
+def endpoints(args: argparse.Namespace) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:
+    """(xDS, CA) endpoints from the flags."""
+    token = read_token_file(args.node_credential_file) if args.node_credential_file else None
+    try:
+        roots = args.controlplane_roots.read_bytes() if args.controlplane_roots else None
+    except OSError as exc:
+        raise ConfigError("--controlplane-roots", f"cannot read: {exc}") from None
+
+    def endpoint(address: str) -> ControlPlaneEndpoint:
+        return ControlPlaneEndpoint(
+            address=address, token=token, tls_roots=roots,
+            server_name=args.controlplane_server_name,
+        )  # fmt: skip
+
+    return endpoint(args.xds_address), endpoint(args.ca_address or args.xds_address)
+
+
+def controlplane_context(
+    settings: WaypointSettings,
+    args: argparse.Namespace,
+    build: Callable[
+        [WaypointSettings, MeshState, WaypointConfig, CertificateProvider], WaypointContext
+    ],
+) -> tuple[WaypointContext, XdsClient, L7Store]:
+    """The context (empty state/config until the first responses) and its xDS client."""
+    xds_ep, ca_ep = endpoints(args)
+    provider = ControlPlaneCAProvider(ca_ep, ttl=timedelta(seconds=args.cert_ttl))
+    store = L7Store(settings.domain_suffix)
+    ctx = build(settings, MeshState.empty(), parse_objects([]), provider)
+
+    def on_update(state: MeshState) -> None:
+        ctx.set_state(state)
+
+    def on_l7(resp: dpb.DeltaDiscoveryResponse) -> Sequence[tuple[str, str]]:
+        errors = store.apply(resp)
+        cfg = store.config()
+        ctx.set_config(cfg)
+        ctx.warnings[:] = list(cfg.warnings)
+        for w in cfg.warnings:
+            log.warning("config: %s", w)
+        log.info("L7 config: %d route tables, %d destination rules, %d policies",
+                 len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
+        return errors
+
+    client = XdsClient(
+        xds_ep,
+        node=args.node,
+        on_update=on_update,
+        extra_types={L7_TYPE: on_l7},
+        node_kind="waypoint",
+    )
+    return ctx, client, store
