@@ -241,6 +241,22 @@ def test_daemonset_shape() -> None:
     assert env_agent["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
+def test_labels_source_follows_the_values() -> None:
+    """labelsFrom "" (default): manifests when given (older values keep working), else the API;
+    an explicit choice wins."""
+
+    def agent_args(sets: list[str]) -> list[str]:
+        _, docs = render(sets)
+        return list(container(find(docs, "DaemonSet", "ztunnel"), "agent")["args"])
+
+    assert "--labels-from=kubernetes" in agent_args([])
+    assert "--labels-from=manifests" in agent_args(["node.agent.enrolledNamespaces={demo}"])
+    assert "--labels-from=manifests" in agent_args(["node.agent.labelsConfigMap=mine"])
+    assert "--labels-from=kubernetes" in agent_args(
+        ["node.agent.enrolledNamespaces={demo}", "node.agent.labelsFrom=kubernetes"]
+    )
+
+
 def test_node_credentials_and_configmap_labels_still_work() -> None:
     _, docs = render(["auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap",
                       "node.agent.enrolledNamespaces={demo}"])  # fmt: skip

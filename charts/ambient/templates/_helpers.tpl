@@ -22,6 +22,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default "ambient-node-credentials" .Values.auth.nodeCredentials.existingSecret -}}
 {{- end -}}
 
+{{- /* The node agent's label source: node.agent.labelsFrom, or when empty "configMap" if
+manifests are given (labelsConfigMap / enrolledNamespaces: installs from before the API source
+keep working unchanged) and "kubernetes" otherwise. */ -}}
+{{- define "ambient.labelsFrom" -}}
+{{- $a := .Values.node.agent -}}
+{{- if $a.labelsFrom -}}{{ $a.labelsFrom }}
+{{- else if or $a.enrolledNamespaces $a.labelsConfigMap -}}configMap
+{{- else -}}kubernetes
+{{- end -}}
+{{- end -}}
+
 {{- define "ambient.labelsConfigMap" -}}
 {{- default "ambient-enrollment" .Values.node.agent.labelsConfigMap -}}
 {{- end -}}
