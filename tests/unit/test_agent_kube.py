@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
-from cni.agent import Agent
+from cni.agent import Agent, AgentServer
 from cni.errors import TryAgainLater
 from cni.kubelabels import KubeLabels
 from tests.kubeapi_standin import KubeApiStandIn
@@ -164,3 +165,83 @@ def test_parse_args_labels_from() -> None:
     assert args.labels_from == "kubernetes" and args.kubeconfig == Path("/k")
     with pytest.raises(SystemExit):
         parse_args(["--node", "n", "--labels-from", "bogus"])
+
+
+def test_served_agent_with_kubernetes_labels(tmp_path: Path) -> None:
+    """The agent process's wiring (AgentServer + the watch as a background task, reconcile by
+    the poll): the CNI plugin over the real socket gets "try again later" (11) while the API is
+    unreachable, then decisions follow the API live; a pod that ran before is adopted and
+    enrolled without any CNI call."""
+    from tests.unit.test_cni_agent import run_plugin
+
+    loop = asyncio.new_event_loop()
+    api = KubeApiStandIn(bookmark_interval=0.05)
+    capture = FakeCapture()
+    sock = tmp_path / "agent.sock"
+
+    def call(coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    def wait(check: Callable[[], bool]) -> None:
+        call(eventually(check))
+
+    async def setup() -> None:
+        await api.start(API_IP)
+        await api.upsert("namespaces", namespace("mesh", {MODE: "ambient"}))
+        await api.upsert("pods", pod("old", "10.0.0.9", node="n1"))
+        client_pod = pod("client", "10.0.0.2", node="n1")
+        client_pod["metadata"]["uid"] = "a"  # run_plugin's K8S_POD_UID
+        await api.upsert("pods", client_pod)
+        api.available = False
+
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def target() -> None:
+        asyncio.set_event_loop(loop)
+        loop.add_signal_handler = lambda *a, **k: None  # type: ignore[method-assign]
+        loop.run_until_complete(setup())
+        cfg = client.Configuration()
+        cfg.host = f"http://{API_IP}:{api.port}"
+        kube = KubeLabels("n1", configuration=cfg, watch_timeout=30)
+        agent = Agent(
+            node="n1",
+            capture=capture,
+            labels=kube,
+            inventory=kube,
+            state_dir=tmp_path / "state",
+            exists=lambda p: True,
+            pick_veth=lambda candidates, guess: guess,
+            find_veth={"10.0.0.9": "veth9"}.get,
+        )
+        agent.load()
+        server = AgentServer(agent, sock, poll=0.05, background=[kube.run])
+        holder.update(server=server, kube=kube)
+        ready.set()
+        loop.run_until_complete(server.run())
+        loop.run_until_complete(api.stop())
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        wait(sock.exists)
+        code, err = run_plugin("ADD", sock)
+        assert (code, err["code"]) == (1, 11), err  # not synced: the runtime retries
+        assert capture.entries == {}
+        api.available = True
+        wait(lambda: holder["kube"].synced)
+        wait(lambda: "10.0.0.9" in capture.enrolled())  # adopted by the poll's reconcile
+        assert capture.enrolled()["10.0.0.9"].host_ifname == "veth9"
+        code, result = run_plugin("ADD", sock)
+        assert code == 0, result
+        assert set(capture.enrolled()) == {"10.0.0.2", "10.0.0.9"}
+        call(api.upsert("namespaces", namespace("mesh")))  # kubectl label ns mesh mode-
+        wait(lambda: capture.enrolled() == {})
+        assert set(capture.observed()) == {"10.0.0.2", "10.0.0.9"}
+        assert run_plugin("DEL", sock) == (0, None)
+        assert "10.0.0.2" not in capture.entries
+    finally:
+        loop.call_soon_threadsafe(holder["server"]._stop.set)
+        thread.join(10)
+        loop.close()
