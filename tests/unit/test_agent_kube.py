@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -245,3 +249,38 @@ def test_served_agent_with_kubernetes_labels(tmp_path: Path) -> None:
         loop.call_soon_threadsafe(holder["server"]._stop.set)
         thread.join(10)
         loop.close()
+
+
+FIND_VETH_SCRIPT = """
+import subprocess, sys
+from cni.agent import _default_find_veth as find
+def sh(c): subprocess.run(c, shell=True, check=True)
+sh("ip link set lo up")
+sh("ip link add vh1 type veth peer name vp1 && ip link set vh1 up && ip link set vp1 up")
+sh("ip route add 10.1.0.5/32 dev vh1")
+sh("ip link add br0 type bridge && ip link set br0 up && ip addr add 10.2.0.1/24 dev br0")
+for n in (2, 3):
+    sh(f"ip link add vh{n} type veth peer name vp{n} && ip link set vh{n} master br0")
+    sh(f"ip link set vh{n} up && ip link set vp{n} up")
+sh("ip neigh replace 10.2.0.7 lladdr 02:00:00:00:00:07 dev br0")
+sh("bridge fdb replace 02:00:00:00:00:07 dev vh3 master")
+print(find("10.1.0.5"), find("10.2.0.7"), find("10.9.9.9"))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root (a private netns)"
+)
+def test_default_find_veth_in_a_private_netns() -> None:
+    """The kernel lookup adoption relies on, in a throw-away network namespace (unshare -n):
+    a point-to-point route names the veth; behind a bridge, neighbour MAC -> forwarding entry
+    names the bridge port; no route -> None."""
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", FIND_VETH_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["vh1", "vh3", "None"]
