@@ -213,16 +213,18 @@ class ServiceAccountTokenReview:
     async def review(self, token: str) -> None:
         """Make sure a fresh outcome for `token` is cached (one review in flight per token)."""
         key = _key(token)
-        now = self.clock()
-        cached = self._cache.get(key)
-        if cached is not None:
-            ttl = self.cache_ttl if cached.error is None else self.negative_ttl
-            if now - cached.at < ttl:
-                return
-        pending = self._inflight.get(key)
-        if pending is not None:
+        while True:
+            cached = self._cache.get(key)
+            if cached is not None:
+                ttl = self.cache_ttl if cached.error is None else self.negative_ttl
+                if self.clock() - cached.at < ttl:
+                    return
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            # Another call is reviewing this token; if it was cancelled before storing an
+            # outcome, the loop reviews again rather than refusing on a missing entry.
             await asyncio.shield(pending)
-            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:

@@ -91,6 +91,9 @@ async def _token_review_ca() -> None:
         pod=("mesh", "client", "uid-client"),
         audiences=aud,
     )
+    api.add_token(
+        "tok-a2", ZTUNNEL, pod=("istio-system", "ztunnel-a", "uid-ztunnel-a"), audiences=aud
+    )
     api.add_token("tok-unbound", ZTUNNEL, audiences=aud)  # a legacy Secret token
     api.add_token("tok-apiserver", ZTUNNEL, pod=("istio-system", "ztunnel-a", "uid-ztunnel-a"))
 
@@ -131,6 +134,14 @@ async def _token_review_ca() -> None:
         assert "get pods istio-system/ztunnel-a" in api.requests
         err = await refused("tok-a", "server")
         assert "PERMISSION_DENIED" in err and "node 'node-a'" in err
+
+        # Concurrent calls with a new token: one review in flight, shared.
+        before = reviewer.reviews
+        p = provider("tok-a2")
+        certs = await asyncio.gather(*(p.fetch(ident("client")) for _ in range(5)))
+        await p.close()
+        assert {c.identity for c in certs} == {ident("client")}
+        assert reviewer.reviews == before + 1
 
         # Node B's proxy (node from the review, no pod lookup): the mirror image.
         lookups = len([r for r in api.requests if r.startswith("get pods")])
