@@ -189,6 +189,7 @@ class ProxyConnection:
                     "pending_changes": len(s.dirty),
                 }
                 for t, s in self.types.items()
+                if s.subscribed or t != L7_TYPE  # waypoints' type only where asked for
             },
             "unacked_nonces": len(self.pending),
         }
