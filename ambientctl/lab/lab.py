@@ -55,7 +55,7 @@ from typing import Any
 import yaml
 
 from ambientctl.errors import LabCommandError, LabStateError
-from ambientctl.lab import manifests, system, topology
+from ambientctl.lab import manifests, system, topology, waypoints
 from ambientctl.lab.topology import NodePlan, StatePaths
 from cni import protocol
 from cni.errors import CniError
@@ -324,6 +324,8 @@ class Lab:
                 self._start_ztunnel(node)
         for pod in spec.pods:
             self._start_pod(pod)
+        if meshed:
+            self.sync_waypoints()
         self.log(f"lab {self.name} is up: {len(st.nodes)} nodes, {len(spec.pods)} pods")
 
     def _underlay(self, plans: Sequence[NodePlan]) -> None:
@@ -360,6 +362,9 @@ class Lab:
             for q in plans:
                 if q.name != p.name:
                     system.ip(p.netns, "route", "replace", q.pod_subnet, "via", q.ip)
+            # Pods that talk to the control plane themselves (waypoints) are answered via
+            # their node.
+            system.ip(under, "route", "replace", p.pod_subnet, "via", p.ip)
         self.log(f"underlay {under}: nodes {', '.join(f'{p.name}={p.ip}' for p in plans)}")
 
     def _start_agent(self, node: NodeState) -> None:
@@ -453,6 +458,89 @@ class Lab:
             env=_pod_env(pod),
         )
         self.save()
+
+    # -- waypoints -------------------------------------------------------------------------
+    def sync_waypoints(self, *, timeout: float = 60) -> tuple[list[str], list[str]]:
+        """Make the waypoint pods match the waypoint Gateways in the lab's manifests (see
+        `ambientctl.lab.waypoints`): new ones get a pod (real CNI chain), their Pod object with
+        node and IP, a running `waypoint` and a readiness wait; pods whose Gateway is gone are
+        stopped, CNI-deleted and removed. Returns (started, removed) pod keys."""
+        st = self.state or self.load()
+        if st.capture != "ebpf":
+            raise LabCommandError("waypoints need the control plane (a lab with eBPF capture)")
+        path = self.paths.manifests / waypoints.WAYPOINT_FILE
+        gws = waypoints.read_gateways(self.paths.manifests)
+        nodes = [n.plan.name for n in st.nodes]
+        wanted = {gw.pod_key: (i, gw) for i, gw in enumerate(gws)}
+        have: dict[str, dict[str, Any]] = {}
+        for doc in waypoints.pods_in_file(path):
+            meta = doc.get("metadata") or {}
+            have[f"{meta.get('namespace', 'default')}/{meta.get('name')}"] = doc
+        removed = [k for k in have if k not in wanted]
+        for key in removed:
+            ps = st.pods.get(key)
+            if ps is None:
+                continue
+            if ps.pid:
+                system.stop(ps.pid, timeout=3)
+            self._del_pod(st, ps)
+            system.netns_del(ps.netns)
+            shutil.rmtree(Path("/etc/netns") / ps.netns, ignore_errors=True)
+            del st.pods[key]
+            self.save()
+            self.log(f"waypoint pod {key} removed")
+        new = [k for k in wanted if k not in have or k not in st.pods]
+        docs = [d for k, d in have.items() if k in wanted]
+        for key in new:
+            if key in have:
+                continue
+            index, gw = wanted[key]
+            try:
+                node = waypoints.choose_node(gw, index, nodes)
+            except ValueError as err:
+                raise LabCommandError(str(err)) from None
+            docs.append(waypoints.pod_doc(
+                gw, node=node, token_file=self.paths.node_token(node), roots=self.paths.roots
+            ))  # fmt: skip
+        if removed or new:
+            if docs:
+                header = "# Waypoint pods, one per istio-waypoint Gateway (`ambientctl lab`)\n"
+                _atomic_write(path, header + yaml.safe_dump_all(docs, sort_keys=False))
+            else:
+                path.unlink(missing_ok=True)
+        if not new:
+            return [], removed
+        spec = self.spec()
+        for key in new:
+            if key not in st.pods:
+                self._add_pod(spec, spec.pod(key))
+        self._write_pod_facts(spec)
+        for key in new:
+            self._start_pod(spec.pod(key))
+        for key in new:
+            ps = st.pods[key]
+            pid = ps.pid
+            url = f"http://127.0.0.1:{waypoints.ADMIN_PORT}/healthz/ready"
+            system.wait_for(
+                lambda: system.http_ok(ps.netns, url) or not system.alive(pid),  # noqa: B023
+                timeout=timeout,
+                what=f"waypoint {key}",
+                interval=0.1,
+            )
+            log = self.paths.logs / f"pod-{ps.namespace}-{ps.name}.log"
+            if not system.alive(pid):
+                raise LabCommandError(f"waypoint {key} exited during start:\n{_tail(log)}")
+            self.log(f"waypoint {key} on {ps.node}: {ps.ip}, ready (config from the control plane)")
+        return new, removed
+
+    def waypoint_admin(self, pod_key: str, path: str) -> str:
+        """GET a waypoint pod's admin endpoint (``/metrics``, ``/debug/config``...)."""
+        st = self.state or self.load()
+        ps = self._pod(st, pod_key)
+        status, body = system.http_get(ps.netns, f"http://127.0.0.1:{waypoints.ADMIN_PORT}{path}")
+        if status != 200:
+            raise LabCommandError(f"waypoint {pod_key} {path}: HTTP {status}")
+        return body
 
     # -- control plane ---------------------------------------------------------------------
     def _write_credentials(self) -> None:
