@@ -17,6 +17,7 @@ from typing import Any
 
 from ambientctl import admin, analyze, completion, output, proxystatus, ztunnelconfig
 from ambientctl import install as installer
+from ambientctl import waypoint as waypoint_cmd
 from ambientctl.errors import CtlError
 from controlplane.translate import TranslateOptions
 
@@ -131,6 +132,7 @@ def register(sub: Any) -> None:
     _target_flags(ps)
     ps.set_defaults(address=[])
 
+    waypoint_cmd.register(sub)
     comp = sub.add_parser("completion", help="shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh"))
 
@@ -217,6 +219,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if group in ("proxy-status", "ps"):
         return _proxy_status(args)
+    if group == "waypoint":
+        return waypoint_cmd.run(args)
     if group == "completion":
         _out(completion.bash(parser) if args.shell == "bash" else completion.zsh(parser))
         return 0

@@ -1,0 +1,345 @@
+"""`ambientctl waypoint generate|apply|list|delete|status`: waypoints as Gateways.
+
+Owns: the waypoint `Gateway` object (``gatewayClassName: istio-waypoint``, label
+``istio.io/waypoint-for``, listener ``mesh`` HBONE 15008, as istioctl writes it), and writing it
+(and the ``istio.io/use-waypoint`` enrollment label of a namespace or, for our per service
+account waypoints, of a ServiceAccount) into a manifest directory (``-d DIR``) or a running
+lab (``--lab NAME``: its manifest directory, which the control plane watches; the lab then
+starts or removes the waypoint pod and waits until the node proxies route through it).
+
+Invariants:
+- Files are replaced atomically (temp file + rename): the control plane sees the old or the new
+  object, never a partial one. Each Gateway lives in its own file
+  ``waypoint-<namespace>-<name>.yaml``; objects elsewhere are rewritten in place.
+- Order in a lab: the waypoint pod is ready before any namespace/service account is bound to
+  it (traffic never points at a waypoint without endpoints); on delete the binding is removed
+  first, then the Gateway and the pod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ambientctl.errors import CtlError
+
+WAYPOINT_CLASS = "istio-waypoint"
+WAYPOINT_FOR = "istio.io/waypoint-for"
+USE_WAYPOINT = "istio.io/use-waypoint"
+FOR_CHOICES = ("service", "workload", "all", "none")
+
+
+def gateway_doc(name: str, namespace: str, waypoint_for: str = "service") -> dict[str, Any]:
+    """The waypoint Gateway, as `istioctl waypoint generate` writes it."""
+    if waypoint_for not in FOR_CHOICES:
+        raise CtlError(f"--for {waypoint_for!r}: expected one of {', '.join(FOR_CHOICES)}")
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": namespace, "labels": {WAYPOINT_FOR: waypoint_for}},
+        "spec": {
+            "gatewayClassName": WAYPOINT_CLASS,
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
+
+
+def gateway_file(directory: Path, name: str, namespace: str) -> Path:
+    return directory / f"waypoint-{namespace}-{name}.yaml"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise CtlError(f"{directory}: not a directory")
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+
+
+def _docs(path: Path) -> list[Any]:
+    try:
+        return list(yaml.safe_load_all(path.read_text()))
+    except (OSError, yaml.YAMLError) as err:
+        raise CtlError(f"{path}: cannot read: {err}") from None
+
+
+def _ref(doc: Any) -> tuple[str, str, str] | None:
+    if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+        return None
+    meta = doc["metadata"]
+    kind = str(doc.get("kind", ""))
+    ns = "" if kind == "Namespace" else str(meta.get("namespace") or "default")
+    return kind, ns, str(meta.get("name", ""))
+
+
+def waypoints_in(directory: Path) -> list[dict[str, Any]]:
+    """Waypoint Gateways of `directory`: {name, namespace, for, file}."""
+    out = []
+    for path in _files(directory):
+        for doc in _docs(path):
+            ref = _ref(doc)
+            if ref is None or ref[0] != "Gateway":
+                continue
+            if (doc.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+                continue
+            labels = doc["metadata"].get("labels") or {}
+            out.append({"name": ref[2], "namespace": ref[1],
+                        "for": labels.get(WAYPOINT_FOR, "service"), "file": path.name})  # fmt: skip
+    return sorted(out, key=lambda w: (w["namespace"], w["name"]))
+
+
+def bindings_in(directory: Path) -> dict[tuple[str, str], list[str]]:
+    """(namespace, waypoint) -> objects bound with istio.io/use-waypoint."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for path in _files(directory):
+        for doc in _docs(path):
+            ref = _ref(doc)
+            if ref is None:
+                continue
+            labels = doc["metadata"].get("labels") or {}
+            target = labels.get(USE_WAYPOINT)
+            if target and target != "none":
+                ns = ref[2] if ref[0] == "Namespace" else ref[1]
+                wns = labels.get("istio.io/use-waypoint-namespace", ns)
+                out.setdefault((wns, target), []).append(f"{ref[0]}/{ref[2]}")
+    return out
+
+
+def set_labels(
+    directory: Path, kind: str, namespace: str, name: str, changes: Mapping[str, str | None]
+) -> Path:
+    """Set/remove labels of object (kind, namespace, name) in place; create it (Namespace or
+    ServiceAccount) in ``<kind>-<ns>-<name>.yaml`` if no file declares it. Returns the file."""
+    want = (kind, "" if kind == "Namespace" else namespace, name)
+    for path in _files(directory):
+        docs = _docs(path)
+        for doc in docs:
+            if _ref(doc) == want:
+                labels = doc["metadata"].get("labels") or {}
+                for k, v in changes.items():
+                    if v is None:
+                        labels.pop(k, None)
+                    else:
+                        labels[k] = v
+                doc["metadata"]["labels"] = labels
+                _atomic_write(path, yaml.safe_dump_all(docs, sort_keys=False))
+                return path
+    meta: dict[str, Any] = {"name": name}
+    if kind != "Namespace":
+        meta["namespace"] = namespace
+    meta["labels"] = {k: v for k, v in changes.items() if v is not None}
+    path = directory / f"{kind.lower()}-{namespace}-{name}.yaml"
+    _atomic_write(path, yaml.safe_dump({"apiVersion": "v1", "kind": kind, "metadata": meta},
+                                       sort_keys=False))  # fmt: skip
+    return path
+
+
+def remove_gateway(directory: Path, name: str, namespace: str) -> bool:
+    """Delete the waypoint Gateway (its own file, or the document elsewhere)."""
+    found = False
+    for path in _files(directory):
+        docs = _docs(path)
+        keep = [d for d in docs if _ref(d) != ("Gateway", namespace, name)]
+        if len(keep) == len(docs):
+            continue
+        found = True
+        if not [d for d in keep if d is not None]:
+            path.unlink()
+        else:
+            _atomic_write(path, yaml.safe_dump_all(keep, sort_keys=False))
+    return found
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def register(sub: Any) -> None:
+    wp = sub.add_parser(
+        "waypoint",
+        help="waypoints (L7 proxies): generate, apply, list, delete, status",
+        description="Waypoints are Gateways with gatewayClassName istio-waypoint. Work on a "
+        "manifest directory (-d DIR, e.g. the one the control plane watches) or a running lab "
+        "(--lab NAME: the waypoint pod is started and traffic shifts live).",
+    )
+    cmds = wp.add_subparsers(dest="wp_command", required=True, metavar="SUBCOMMAND")
+
+    def common(p: argparse.ArgumentParser, target: bool = True) -> None:
+        p.add_argument("-n", "--namespace", default="default", help="the waypoint's namespace")
+        p.add_argument("--name", default="waypoint", help="Gateway name (default: waypoint)")
+        if target:
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("-d", "--dir", type=Path, help="manifest directory to write into")
+            g.add_argument("--lab", metavar="NAME", help="a running lab (its manifests)")
+
+    gen = cmds.add_parser("generate", help="print the waypoint Gateway (YAML)")
+    common(gen, target=False)
+    gen.add_argument("--for", dest="waypoint_for", choices=FOR_CHOICES, default="service",
+                     help="traffic it serves (label istio.io/waypoint-for)")  # fmt: skip
+    gen.add_argument("--service-account", help="a waypoint for one service account "
+                     "(implies --for workload)")  # fmt: skip
+    ap = cmds.add_parser("apply", help="write the Gateway (and bindings); in a lab start it")
+    common(ap)
+    ap.add_argument("--for", dest="waypoint_for", choices=FOR_CHOICES, default="service")
+    ap.add_argument("--enroll-namespace", action="store_true",
+                    help="label the namespace istio.io/use-waypoint=<name>")  # fmt: skip
+    ap.add_argument("--service-account", help="bind this ServiceAccount (label "
+                    "istio.io/use-waypoint) to a waypoint for its workloads")  # fmt: skip
+    ls = cmds.add_parser("list", help="waypoints and what is bound to them")
+    common(ls)
+    dl = cmds.add_parser("delete", help="remove a waypoint (and its bindings)")
+    common(dl)
+    st = cmds.add_parser("status", help="is the waypoint running and serving (lab)")
+    common(st)
+
+
+def _for(args: argparse.Namespace) -> str:
+    wf: str = args.waypoint_for
+    if getattr(args, "service_account", None) and wf == "service":
+        return "workload"
+    return wf
+
+
+def run(args: argparse.Namespace, out: Callable[[str], None] = print, lab: Any = None) -> int:
+    """Run a parsed ``waypoint`` command; `lab` overrides ``--lab NAME`` (tests, the demo)."""
+    say: Callable[[str], None] = lambda t: print(t, file=sys.stderr, flush=True)  # noqa: E731
+    cmd = args.wp_command
+    if cmd == "generate":
+        out(yaml.safe_dump(gateway_doc(args.name, args.namespace, _for(args)), sort_keys=False))
+        return 0
+    if lab is not None:
+        directory = lab.paths.manifests
+    elif getattr(args, "lab", None):
+        from ambientctl.lab.lab import Lab
+
+        lab = Lab(args.lab, log=say)
+        lab.load()
+        directory = lab.paths.manifests
+    elif getattr(args, "dir", None):
+        directory = args.dir
+    else:
+        raise CtlError(f"waypoint {cmd}: give -d DIR (manifest directory) or --lab NAME")
+    if cmd == "apply":
+        return _apply(args, directory, lab, out)
+    if cmd == "list":
+        binds = bindings_in(directory)
+        rows = [("NAMESPACE", "NAME", "FOR", "BOUND")]
+        for w in waypoints_in(directory):
+            bound = ",".join(binds.get((w["namespace"], w["name"]), [])) or "-"
+            rows.append((w["namespace"], w["name"], w["for"], bound))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            out("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
+        return 0
+    if cmd == "delete":
+        for ref in bindings_in(directory).get((args.namespace, args.name), []):
+            kind, _, name = ref.partition("/")
+            set_labels(directory, kind, args.namespace, name, {USE_WAYPOINT: None})
+            out(f"{ref}: {USE_WAYPOINT} removed")
+        if lab is not None:
+            _wait_bound(lab, args.namespace, args.name, False, out)
+        if not remove_gateway(directory, args.name, args.namespace):
+            raise CtlError(f"no waypoint {args.namespace}/{args.name} in {directory}")
+        out(f"waypoint {args.namespace}/{args.name} deleted")
+        if lab is not None:
+            _started, removed = lab.sync_waypoints()
+            for key in removed:
+                out(f"waypoint pod {key} removed")
+        return 0
+    if cmd == "status":
+        return _status(args, directory, lab, out)
+    raise CtlError(f"unknown waypoint command {cmd!r}")
+
+
+def _apply(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[str], None]) -> int:
+    wf = _for(args)
+    if args.enroll_namespace and wf not in ("service", "all"):
+        raise CtlError("--enroll-namespace binds the namespace's services: needs --for service "
+                       "or all (workload waypoints: --service-account or pod labels)")  # fmt: skip
+    path = gateway_file(directory, args.name, args.namespace)
+    _atomic_write(path, yaml.safe_dump(gateway_doc(args.name, args.namespace, wf),
+                                       sort_keys=False))  # fmt: skip
+    out(f"waypoint {args.namespace}/{args.name} (for {wf}) written to {path}")
+    if lab is not None:
+        started, _removed = lab.sync_waypoints()
+        for key in started:
+            out(f"waypoint pod {key} is ready")
+    if args.service_account:
+        set_labels(directory, "ServiceAccount", args.namespace, args.service_account,
+                   {USE_WAYPOINT: args.name})  # fmt: skip
+        out(f"serviceaccount {args.namespace}/{args.service_account} bound to {args.name}")
+    if args.enroll_namespace:
+        if lab is not None:
+            lab.label_namespace(args.namespace, {USE_WAYPOINT: args.name})
+        else:
+            set_labels(directory, "Namespace", "", args.namespace, {USE_WAYPOINT: args.name})
+        out(f"namespace {args.namespace} labeled with {USE_WAYPOINT}={args.name}")
+    if lab is not None and args.enroll_namespace:
+        _wait_bound(lab, args.namespace, args.name, True, out)
+        out("node proxies send the namespace's services through the waypoint")
+    return 0
+
+
+def _wait_bound(
+    lab: Any, namespace: str, name: str, bound: bool, out: Callable[[str], None]
+) -> None:
+    """Until every node proxy has the namespace's services bound to waypoint `name` (or, with
+    `bound` False, not bound to it). Services that opt out keep their own binding: a timeout is
+    reported, not raised."""
+    host = f"{name}.{namespace}.svc."
+    skip = {w["name"] for w in waypoints_in(lab.paths.manifests)} | {name}
+
+    def ok(dump: dict[str, Any]) -> bool:
+        for svc in dump.get("services", []):
+            if svc.get("namespace") != namespace or svc.get("name") in skip:
+                continue
+            if (host in json.dumps(svc.get("waypoint"))) != bound:
+                return False
+        return True
+
+    what = f"node proxies to {'bind' if bound else 'unbind'} {namespace}'s services"
+    try:
+        lab.wait_proxies(ok, what=what, timeout=20)
+    except CtlError as err:
+        out(f"warning: {err}")
+
+
+def _status(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[str], None]) -> int:
+    gws = [w for w in waypoints_in(directory)
+           if w["namespace"] == args.namespace and w["name"] == args.name]  # fmt: skip
+    if not gws:
+        raise CtlError(f"no waypoint {args.namespace}/{args.name} in {directory}")
+    out(f"waypoint {args.namespace}/{args.name}: for {gws[0]['for']}, file {gws[0]['file']}")
+    if lab is None:
+        out("(not running: -d only writes manifests; the control plane/cluster runs it)")
+        return 0
+    key = f"{args.namespace}/{args.name}-waypoint"
+    try:
+        ps = lab.pod(key)
+    except CtlError:
+        out(f"pod {key}: not created")
+        return 1
+    try:
+        cfg = json.loads(lab.waypoint_admin(key, "/debug/config"))
+    except CtlError as err:
+        out(f"pod {key} on {ps.node} ({ps.ip}): NOT READY ({err})")
+        return 1
+    out(f"pod {key} on {ps.node} ({ps.ip}): ready as {cfg['waypoint']['identity']}")
+    out(f"  serves: {', '.join(cfg['served_services']) or '-'}")
+    for t in cfg["route_tables"]:
+        out(f"  routes: {t['kind']} {t['name']} hosts={','.join(t['hosts'])}")
+    for p in cfg["policies"]:
+        out(f"  policy: {p['name']} {p['action']}{' ERROR ' + p['error'] if p['error'] else ''}")
+    for w in cfg["warnings"]:
+        out(f"  warning: {w}")
+    return 0
