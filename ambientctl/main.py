@@ -9,7 +9,8 @@
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
     ambientctl lab node-exec NODE -- CMD...     (a command in a node's netns, e.g. curl metrics)
-    ambientctl lab demo [--keep]                (the README demo, examples/lab)
+    ambientctl lab demo [--keep] [--waypoint]   (the README demo, examples/lab[-waypoint])
+    ambientctl waypoint generate|apply|list|delete|status [-d DIR | --lab N] (waypoints)
 
 The non-lab commands live in `ambientctl.commands`. Errors are `ambientctl.errors.CtlError`
 (message on stderr, `exit_code` as status), translated here and nowhere else.
@@ -76,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("labels", nargs="+")
     demo = cmds.add_parser("demo", help="the README demo: two nodes, mTLS between pods")
     demo.add_argument("--keep", action="store_true", help="leave the lab running")
+    demo.add_argument("--waypoint", action="store_true",
+                      help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
+                           "shifting traffic, L7 deny, waypoint metrics")  # fmt: skip
     return p
 
 
@@ -121,6 +125,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         for change in lab.label_namespace(args.target, _label_changes(args.labels)):
             print(change)
     elif args.command == "demo":
+        if args.waypoint:
+            from ambientctl.lab.demo_waypoint import run_waypoint_demo
+
+            return run_waypoint_demo(lab, keep=args.keep)
         from ambientctl.lab.demo import run_demo
 
         return run_demo(lab, keep=args.keep)

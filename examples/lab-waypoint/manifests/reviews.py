@@ -1,0 +1,42 @@
+"""The `reviews` app of the waypoint demo: an HTTP/1.1 server answering with its version.
+
+GET any path -> 200 ``{"version": "v1", "pod": "reviews-v1", "path": "/..."}``. Every request
+is logged on stdout (``request <method> <path> from <ip>``), so tests can tell that a request
+denied by the waypoint never reached the app. Standard library only (runs with the system
+python3 in the pod's network namespace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+VERSION = sys.argv[2] if len(sys.argv) > 2 else "v1"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        print(f"request {self.command} {self.path} from {self.client_address[0]}", flush=True)
+        body = json.dumps(
+            {"version": VERSION, "pod": os.environ.get("POD_NAME", "?"), "path": self.path}
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 9080
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server.daemon_threads = True
+    print(f"reviews {VERSION} listening on :{port}", flush=True)
+    server.serve_forever()
