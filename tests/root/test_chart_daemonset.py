@@ -243,6 +243,10 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
             f"cni.socketDir={sock_dir}", f"cni.binDir={bin_dir}", f"cni.confDir={conf_dir}",
             "cni.recheckSeconds=1", f"node.agent.bpffsDir=/sys/fs/bpf/{NODE}",
             "node.agent.uplink=eth0", "node.drainTimeoutSeconds=1",
+            # The lab has no API server: its control plane authenticates node proxies by node
+            # tokens and the agent reads labels from manifests (cluster defaults: TokenReview,
+            # labels from the API; those are tested against the API stand-in).
+            "auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap",
         ])  # fmt: skip
         pod = ds["spec"]["template"]["spec"]
         assert pod["hostNetwork"] is True
