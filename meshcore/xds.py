@@ -73,6 +73,8 @@ class ControlPlaneEndpoint:
     loopback only)."""
     server_name: str = DEFAULT_SERVER_NAME
     """DNS name expected in the control plane's certificate."""
+    token_file: Path | None = None
+    """Re-read for every call when set (projected service-account tokens rotate on disk)."""
 
     def channel(self) -> grpc.aio.Channel:
         options: list[tuple[str, int | str]] = [
@@ -89,7 +91,10 @@ class ControlPlaneEndpoint:
         return grpc.aio.secure_channel(self.address, creds, options=options)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        """Credentials for one call (an xDS stream or a CSR). A token file is read each time,
+        so a token the kubelet rotates on disk is picked up without a restart."""
+        token = read_token_file(self.token_file) if self.token_file is not None else self.token
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 # ------------------------------------------------------------------------------ pure apply

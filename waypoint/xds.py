@@ -71,7 +71,7 @@ def endpoints(args: argparse.Namespace) -> tuple[ControlPlaneEndpoint, ControlPl
     def endpoint(address: str) -> ControlPlaneEndpoint:
         return ControlPlaneEndpoint(
             address=address, token=token, tls_roots=roots,
-            server_name=args.controlplane_server_name,
+            server_name=args.controlplane_server_name, token_file=args.node_credential_file,
         )  # fmt: skip
 
     return endpoint(args.xds_address), endpoint(args.ca_address or args.xds_address)

@@ -465,6 +465,7 @@ def controlplane_context(
         return ControlPlaneEndpoint(
             address=address,
             token=token,
+            token_file=args.node_credential_file,
             tls_roots=roots,
             server_name=args.controlplane_server_name,
         )

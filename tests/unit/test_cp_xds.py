@@ -4,6 +4,7 @@ apply/NACK on the client, and the CA's signing decision."""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from google.protobuf import any_pb2, struct_pb2
@@ -23,7 +24,7 @@ from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto import workload_pb2
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resource_name, unpack
 from meshcore.state import MeshState
-from meshcore.xds import apply_response
+from meshcore.xds import ControlPlaneEndpoint, apply_response
 from tests.loopback.harness import mesh_config
 
 POLICY = {
@@ -162,3 +163,14 @@ def test_ca_answer_carries_bundle_and_client_checks_san() -> None:
     with pytest.raises(InvalidRequest):
         svc.decide("a" * 20, build_request(sleep, csr, timedelta(hours=1)).__class__(
             csr=csr.decode(), metadata=meta))  # fmt: skip
+
+
+def test_endpoint_rereads_a_rotated_token_file(tmp_path: Path) -> None:
+    """Projected service-account tokens are rotated on disk: every call reads the file again."""
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    ep = ControlPlaneEndpoint(address="127.0.0.1:1", token="first", token_file=token)
+    assert ep.metadata() == (("authorization", "Bearer first"),)
+    token.write_text("rotated\n")
+    assert ep.metadata() == (("authorization", "Bearer rotated"),)
+    assert ControlPlaneEndpoint(address="x:1").metadata() == ()
