@@ -21,6 +21,15 @@ changes" and "Watch bookmarks"):
   (``authentication.kubernetes.io/pod-name``/``pod-uid``) and, when given, the node
   (``authentication.kubernetes.io/node-name``, Kubernetes 1.30+); other tokens get
   ``authenticated: false`` and an ``error``, as the real API server does.
+- writes (namespaced, for the waypoint controller): ``POST <collection under
+  /namespaces/<ns>>`` (201; 409 AlreadyExists), ``PATCH <item>`` with
+  ``application/merge-patch+json`` (RFC 7386; 404 when absent), ``DELETE <item>`` (200 with the
+  object; 404 when absent), ``GET <item>`` for any served kind, and the ``status`` subresource of
+  Gateways (``PATCH .../gateways/<name>/status`` changes only ``status``); every write bumps the
+  object's resourceVersion and emits a watch event; a create sets ``metadata.uid``. A PATCH that
+  changes nothing keeps the resourceVersion (as the API server does for a no-op);
+- ``labelSelector`` of equality terms (``k=v,k2=v2``) on lists;
+- ``apps/v1`` deployments (writes only; no controller runs them: tests set ``status``).
 Test controls: `upsert`, `delete`, `compact` (forget history: older watches get 410),
 `close_watches` (end every open watch stream, as an API server restart or timeout would),
 `available = False` (answer 503: an outage during which history can be compacted).
@@ -42,7 +51,9 @@ GROUPS = {
     "security.istio.io/v1": {"authorizationpolicies", "peerauthentications"},
     "networking.istio.io/v1": {"virtualservices", "destinationrules"},
     "gateway.networking.k8s.io/v1": {"gateways", "httproutes"},
+    "apps/v1": {"deployments"},
 }
+SUBRESOURCES = {("gateways", "status")}
 
 
 class KubeApiStandIn:
@@ -62,6 +73,7 @@ class KubeApiStandIn:
         """token -> {"username", "audiences", "pod": (ns, name, uid) | None, "node"}"""
         self.reviews: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
+        self._uids = 0
         self.port = 0
 
     # ---- test controls
@@ -124,6 +136,15 @@ class KubeApiStandIn:
         app.router.add_get("/apis", self._apis)
         app.router.add_get("/api/v1/{plural}", self._collection)
         app.router.add_get("/api/v1/namespaces/{namespace}/{plural}/{name}", self._get_one)
+        app.router.add_post("/api/v1/namespaces/{namespace}/{plural}", self._create)
+        app.router.add_patch("/api/v1/namespaces/{namespace}/{plural}/{name}", self._patch)
+        app.router.add_delete("/api/v1/namespaces/{namespace}/{plural}/{name}", self._delete)
+        ns_prefix = "/apis/{group}/{version}/namespaces/{namespace}/{plural}"
+        app.router.add_post(ns_prefix, self._create)
+        app.router.add_get(ns_prefix + "/{name}", self._get_one)
+        app.router.add_patch(ns_prefix + "/{name}", self._patch)
+        app.router.add_patch(ns_prefix + "/{name}/{subresource}", self._patch)
+        app.router.add_delete(ns_prefix + "/{name}", self._delete)
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_get("/apis/{group}/{version}/{plural}", self._collection)
         self._runner = web.AppRunner(app, handle_signals=False)
@@ -149,6 +170,69 @@ class KubeApiStandIn:
                       "message": f'{plural} "{key[1]}" not found', "reason": "NotFound",
                       "code": 404}  # fmt: skip
             return web.json_response(status, status=404)
+        return web.json_response(copy.deepcopy(obj))
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> web.Response:
+        body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": message, "reason": reason, "code": code}  # fmt: skip
+        return web.json_response(body, status=code)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        if not self.available:
+            raise web.HTTPServiceUnavailable()
+        plural = self._served(request)
+        ns = request.match_info["namespace"]
+        obj = await request.json()
+        meta = obj.setdefault("metadata", {})
+        meta["namespace"] = ns
+        self.requests.append(f"create {plural} {ns}/{meta.get('name')}")
+        if (ns, meta.get("name")) in self.objects.get(plural, {}):
+            return self._status(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
+        self._uids += 1
+        meta["uid"] = f"uid-{self._uids}"
+        meta.pop("resourceVersion", None)
+        await self.upsert(plural, obj)
+        return web.json_response(
+            copy.deepcopy(self.objects[plural][(ns, meta["name"])]), status=201
+        )
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        if not self.available:
+            raise web.HTTPServiceUnavailable()
+        plural = self._served(request)
+        sub = request.match_info.get("subresource")
+        if sub is not None and (plural, sub) not in SUBRESOURCES:
+            raise web.HTTPNotFound()
+        key = (request.match_info["namespace"], request.match_info["name"])
+        self.requests.append(f"patch {plural}{'/' + sub if sub else ''} {key[0]}/{key[1]}")
+        if request.content_type != "application/merge-patch+json":
+            raise web.HTTPUnsupportedMediaType()
+        live = self.objects.get(plural, {}).get(key)
+        if live is None:
+            return self._status(404, "NotFound", f'{plural} "{key[1]}" not found')
+        patch = await request.json()
+        if sub == "status":
+            patch = {"status": patch.get("status")}
+        elif isinstance(patch, dict) and plural in {p for _, p in SUBRESOURCES}:
+            patch.pop("status", None)  # the main resource ignores status (subresource enabled)
+        new = _merge(live, patch)
+        new["metadata"]["uid"] = live["metadata"].get("uid")
+        new["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        if new != live:
+            await self.upsert(plural, new)
+        return web.json_response(copy.deepcopy(self.objects[plural][key]))
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        if not self.available:
+            raise web.HTTPServiceUnavailable()
+        plural = self._served(request)
+        ns, name = request.match_info["namespace"], request.match_info["name"]
+        self.requests.append(f"delete {plural} {ns}/{name}")
+        obj = self.objects.get(plural, {}).get((ns, name))
+        if obj is None:
+            return self._status(404, "NotFound", f'{plural} "{name}" not found')
+        await self.delete(plural, ns, name)
         return web.json_response(copy.deepcopy(obj))
 
     async def _token_review(self, request: web.Request) -> web.Response:
@@ -300,8 +384,31 @@ class KubeApiStandIn:
         return resp
 
 
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON Merge Patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge(out.get(k), v)
+    return out
+
+
 def _selected(request: web.Request, obj: dict[str, Any]) -> bool:
-    """``fieldSelector``: only ``spec.nodeName=<node>`` (what the node agent uses)."""
+    """``fieldSelector``: only ``spec.nodeName=<node>`` (what the node agent uses);
+    ``labelSelector``: equality terms only."""
+    labels_wanted = request.query.get("labelSelector")
+    if labels_wanted:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        for term in labels_wanted.split(","):
+            k, eq, v = term.partition("=")
+            if not eq or k.endswith("!"):
+                raise web.HTTPBadRequest(text=f"label selector not supported: {term}")
+            if labels.get(k.strip()) != v.strip():
+                return False
     selector = request.query.get("fieldSelector")
     if not selector:
         return True

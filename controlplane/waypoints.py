@@ -1,0 +1,506 @@
+"""In-cluster waypoint controller: a ServiceAccount, Deployment and Service per waypoint Gateway.
+
+Owns: the desired objects for a Gateway of class ``istio-waypoint`` (`desired_objects`, pure),
+its status (`gateway_status`, pure, clock injected), and `WaypointController`, which reconciles
+them against the Kubernetes API (create, merge-patch, delete; kubernetes_asyncio, plain JSON).
+
+Rules (Istio ambient "waypoint" deployment, ambient-facts.md "Enrollment, labels, waypoints"):
+- Objects are named after the Gateway, in its namespace; the ServiceAccount is ``<gw>`` unless
+  the Gateway annotates ``gateway.istio.io/service-account: <sa>`` (then that account is used and
+  not created by us). Every object carries ``gateway.networking.k8s.io/gateway-name=<gw>`` and
+  ``app.kubernetes.io/managed-by=ambient-controlplane`` and an ownerReference to the Gateway
+  (controller=true, blockOwnerDeletion=true) so the garbage collector removes them with it.
+- The pods are labelled ``istio.io/dataplane-mode=none`` (never captured) and the gateway-name
+  label (translate.py: the waypoint Service fronts them), run ``waypoint --xds-address``, ready
+  on the admin ``/healthz/ready``; the Service exposes HBONE 15008.
+- Status (Gateway API v1 ``GatewayStatus``): Accepted=True once seen; Programmed=True when the
+  Deployment reports an available replica, else False (reason Pending); addresses = the
+  Service's hostname. Conditions keep their lastTransitionTime unless their status changes.
+
+Invariants: reconciling is idempotent: an object is patched only when applying the desired
+fields (RFC 7386 JSON merge patch) would change it; objects we manage whose Gateway is gone
+are deleted (GC may be absent); nothing we did not label as managed is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client, config
+
+from controlplane.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+WAYPOINT_CLASS = "istio-waypoint"
+GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "ambient-controlplane"
+SA_ANNOTATION = "gateway.istio.io/service-account"
+HBONE_PORT = 15008
+ADMIN_PORT = 15020
+TOKEN_DIR = "/var/run/secrets/ambient"
+ROOTS_DIR = "/etc/ambient/controlplane-roots"
+GATEWAY_API = "/apis/gateway.networking.k8s.io/v1"
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointSettings:
+    """What the chart passes the control plane for the waypoints it starts."""
+
+    image: str = "ghcr.io/ambient-mesh/waypoint:latest"
+    xds_address: str = "ambient-controlplane.istio-system.svc:15012"
+    controlplane_server_name: str = "ambient-controlplane.istio-system.svc"
+    token_audience: str = "ambient-controlplane"
+    roots_config_map: str = "ambient-root-cert"
+    """ConfigMap (key root-cert.pem) in the Gateway's namespace; "" = plaintext control plane."""
+    trust_domain: str = "cluster.local"
+    image_pull_policy: str = "IfNotPresent"
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointObjects:
+    """The desired objects of one waypoint Gateway (plain API JSON)."""
+
+    namespace: str
+    gateway: str
+    service_account_name: str
+    service_account: Json | None
+    """None when the Gateway names an existing account (not ours to create)."""
+    deployment: Json
+    service: Json
+
+
+def is_waypoint(gw: Mapping[str, Any]) -> bool:
+    return bool((gw.get("spec") or {}).get("gatewayClassName") == WAYPOINT_CLASS)
+
+
+def waypoint_service_account(gw: Mapping[str, Any]) -> tuple[str, bool]:
+    """(service account name, whether we create it)."""
+    meta = gw.get("metadata") or {}
+    named = str((meta.get("annotations") or {}).get(SA_ANNOTATION, ""))
+    return (named, False) if named else (str(meta["name"]), True)
+
+
+def _owner(gw: Mapping[str, Any]) -> Json:
+    meta = gw["metadata"]
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> WaypointObjects:
+    """The ServiceAccount/Deployment/Service for waypoint Gateway `gw` (pure)."""
+    meta = gw["metadata"]
+    name, ns = str(meta["name"]), str(meta.get("namespace", "default"))
+    sa, ours = waypoint_service_account(gw)
+    labels = {GATEWAY_NAME: name, MANAGED_BY: MANAGER}
+
+    def metadata() -> Json:
+        return {
+            "name": name,
+            "namespace": ns,
+            "labels": dict(labels),
+            "ownerReferences": [_owner(gw)],
+        }
+
+    args = [
+        "--name", name,
+        "--namespace", ns,
+        "--service-account", sa,
+        "--workload-uid", "Kubernetes//Pod/$(POD_NAMESPACE)/$(POD_NAME)",
+        "--xds-address", settings.xds_address,
+        "--node", "$(NODE_NAME)",
+        "--node-credential-file", f"{TOKEN_DIR}/token",
+        "--trust-domain", settings.trust_domain,
+        "--admin", f"0.0.0.0:{ADMIN_PORT}",
+    ]  # fmt: skip
+    mounts: list[Json] = [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}]
+    volumes: list[Json] = [
+        {
+            "name": "token",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": settings.token_audience,
+                            "expirationSeconds": 3600,
+                            "path": "token",
+                        }
+                    }
+                ]
+            },
+        }
+    ]
+    if settings.roots_config_map:
+        args += [
+            "--controlplane-roots", f"{ROOTS_DIR}/root-cert.pem",
+            "--controlplane-server-name", settings.controlplane_server_name,
+        ]  # fmt: skip
+        mounts.append({"name": "controlplane-roots", "mountPath": ROOTS_DIR, "readOnly": True})
+        volumes.append(
+            {"name": "controlplane-roots", "configMap": {"name": settings.roots_config_map}}
+        )
+    args += list(settings.extra_args)
+
+    def field_env(var: str, path: str) -> Json:
+        return {"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    pod_labels = {GATEWAY_NAME: name, "istio.io/dataplane-mode": "none"}
+    deployment: Json = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {GATEWAY_NAME: name}},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "serviceAccountName": sa,
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "waypoint",
+                            "image": settings.image,
+                            "imagePullPolicy": settings.image_pull_policy,
+                            "command": ["waypoint"],
+                            "args": args,
+                            "env": [
+                                field_env("NODE_NAME", "spec.nodeName"),
+                                field_env("POD_NAME", "metadata.name"),
+                                field_env("POD_NAMESPACE", "metadata.namespace"),
+                            ],
+                            "ports": [
+                                {"name": "hbone", "containerPort": HBONE_PORT},
+                                {"name": "admin", "containerPort": ADMIN_PORT},
+                            ],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/healthz/ready", "port": ADMIN_PORT},
+                                "periodSeconds": 2,
+                            },
+                            "volumeMounts": mounts,
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    service: Json = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(),
+        "spec": {
+            "selector": {GATEWAY_NAME: name},
+            "ports": [
+                {
+                    "name": "mesh",
+                    "port": HBONE_PORT,
+                    "targetPort": HBONE_PORT,
+                    "protocol": "TCP",
+                    "appProtocol": "all",
+                }
+            ],
+        },
+    }
+    account: Json | None = (
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata()} if ours else None
+    )
+    return WaypointObjects(
+        namespace=ns,
+        gateway=name,
+        service_account_name=sa,
+        service_account=account,
+        deployment=deployment,
+        service=service,
+    )
+
+
+def _condition(
+    old: Mapping[str, Any], ctype: str, status: bool, reason: str, message: str, gen: int, now: str
+) -> Json:
+    prev = next((c for c in old.get("conditions") or () if c.get("type") == ctype), None)
+    text = "True" if status else "False"
+    since = prev["lastTransitionTime"] if prev and prev.get("status") == text else now
+    return {
+        "type": ctype,
+        "status": text,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": gen,
+        "lastTransitionTime": since,
+    }
+
+
+def gateway_status(
+    gw: Mapping[str, Any], *, available: int, domain_suffix: str, now: datetime
+) -> Json:
+    """The Gateway's ``status`` (GatewayStatus) given its Deployment's available replicas."""
+    meta = gw["metadata"]
+    old = gw.get("status") or {}
+    gen = int(meta.get("generation") or 0)
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    host = f"{meta['name']}.{meta.get('namespace', 'default')}.svc.{domain_suffix}"
+    programmed = available > 0
+    return {
+        "addresses": [{"type": "Hostname", "value": host}],
+        "conditions": [
+            _condition(old, "Accepted", True, "Accepted", "waypoint resources created", gen, stamp),
+            _condition(
+                old,
+                "Programmed",
+                programmed,
+                "Programmed" if programmed else "Pending",
+                f"{available} waypoint replica(s) available"
+                if programmed
+                else "waiting for the waypoint Deployment to be available",
+                gen,
+                stamp,
+            ),
+        ],
+    }
+
+
+def merge(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON Merge Patch (section 2): `patch` applied to `target` (new value)."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    out: Json = dict(target) if isinstance(target, Mapping) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge(out.get(k), v)
+    return out
+
+
+def needs_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether merge-patching `desired` onto `current` would change it."""
+    return bool(merge(current, desired) != current)
+
+
+# ---- I/O
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Kind:
+    prefix: str
+    plural: str
+
+    def collection(self, ns: str | None = None) -> str:
+        return (
+            f"{self.prefix}/namespaces/{ns}/{self.plural}"
+            if ns
+            else (f"{self.prefix}/{self.plural}")
+        )
+
+    def item(self, ns: str, name: str) -> str:
+        return f"{self.collection(ns)}/{name}"
+
+
+SERVICE_ACCOUNTS = _Kind(prefix="/api/v1", plural="serviceaccounts")
+DEPLOYMENTS = _Kind(prefix="/apis/apps/v1", plural="deployments")
+SERVICES = _Kind(prefix="/api/v1", plural="services")
+GATEWAYS = _Kind(prefix=GATEWAY_API, plural="gateways")
+MANAGED = (DEPLOYMENTS, SERVICES, SERVICE_ACCOUNTS)
+
+
+@dataclass(slots=True)
+class ReconcileStats:
+    created: int = 0
+    patched: int = 0
+    deleted: int = 0
+    status_updates: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class WaypointController:
+    """Reconcile waypoint Gateways against the API every `interval` (or when `kick()`ed)."""
+
+    def __init__(
+        self,
+        settings: WaypointSettings,
+        *,
+        domain_suffix: str = "cluster.local",
+        kubeconfig: Path | None = None,
+        configuration: client.Configuration | None = None,
+        interval: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.domain_suffix = domain_suffix
+        self.kubeconfig = kubeconfig
+        self.configuration = configuration
+        self.interval = interval
+        self.api: client.ApiClient | None = None
+        self.passes = 0
+        self.stats = ReconcileStats()
+        self._kick = asyncio.Event()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    async def _client(self) -> client.ApiClient:
+        if self.api is None:
+            cfg = self.configuration
+            if cfg is None:
+                cfg = client.Configuration()
+                if self.kubeconfig is not None:
+                    await config.load_kube_config(
+                        config_file=str(self.kubeconfig), client_configuration=cfg
+                    )
+                else:
+                    config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            self.api = client.ApiClient(configuration=cfg)
+        return self.api
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        api = await self._client()
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        resp = await api.call_api(
+            path,
+            method,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=30,
+        )
+        resp = resp[0] if isinstance(resp, tuple) else resp
+        try:
+            text = await resp.text()
+            status = int(resp.status)
+        finally:
+            resp.release()
+        try:
+            data = json.loads(text) if text else None
+        except ValueError:
+            data = None
+        return status, data
+
+    async def _ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        status, data = await self._call(method, path, body, **kw)
+        if status >= 300:
+            msg = data.get("message") if isinstance(data, Mapping) else data
+            raise SourceError(f"{method} {path}: HTTP {status} {msg}")
+        return data
+
+    async def _ensure(self, kind: _Kind, obj: Json) -> Json:
+        """Create `obj`, or merge-patch it onto the live object if that changes anything."""
+        meta = obj["metadata"]
+        path = kind.item(meta["namespace"], meta["name"])
+        status, live = await self._call("GET", path)
+        if status == 404:
+            status, created = await self._call("POST", kind.collection(meta["namespace"]), obj)
+            if status in (200, 201):
+                self.stats.created += 1
+                return dict(created)
+            if status != 409:  # 409: created meanwhile; patch below
+                raise SourceError(f"POST {kind.plural} {meta['name']}: HTTP {status}")
+            live = await self._ok("GET", path)
+        elif status != 200:
+            raise SourceError(f"GET {path}: HTTP {status}")
+        if not needs_patch(live, obj):
+            return dict(live)
+        patched = await self._ok("PATCH", path, obj, content_type="application/merge-patch+json")
+        self.stats.patched += 1
+        return dict(patched)
+
+    async def reconcile(self, *, now: datetime) -> None:
+        """One pass: every waypoint Gateway's objects and status; orphans deleted."""
+        gateways = (await self._ok("GET", GATEWAYS.collection())).get("items") or []
+        wanted: set[tuple[str, str]] = set()
+        for gw in gateways:
+            if not is_waypoint(gw):
+                continue
+            meta = gw.get("metadata") or {}
+            key = (str(meta.get("namespace", "default")), str(meta.get("name", "")))
+            wanted.add(key)
+            try:
+                await self._reconcile_one(gw, now=now)
+            except Exception as exc:
+                log.warning("waypoint %s/%s: %s", *key, exc)
+                self.stats.errors.append(f"{key[0]}/{key[1]}: {exc}")
+        selector = f"{MANAGED_BY}={MANAGER}"
+        for kind in MANAGED:
+            listed = await self._ok("GET", kind.collection(), query=[("labelSelector", selector)])
+            for obj in listed.get("items") or []:
+                meta = obj.get("metadata") or {}
+                owner = (
+                    str(meta.get("namespace", "")),
+                    (meta.get("labels") or {}).get(GATEWAY_NAME, ""),
+                )
+                if owner in wanted:
+                    continue
+                status, _ = await self._call("DELETE", kind.item(owner[0], str(meta.get("name"))))
+                if status in (200, 202):
+                    self.stats.deleted += 1
+                elif status != 404:
+                    self.stats.errors.append(f"delete {kind.plural} {meta.get('name')}: {status}")
+        self.passes += 1
+
+    async def _reconcile_one(self, gw: Mapping[str, Any], *, now: datetime) -> None:
+        objs = desired_objects(gw, self.settings)
+        if objs.service_account is not None:
+            await self._ensure(SERVICE_ACCOUNTS, objs.service_account)
+        deployment = await self._ensure(DEPLOYMENTS, objs.deployment)
+        await self._ensure(SERVICES, objs.service)
+        available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
+        status = gateway_status(gw, available=available, domain_suffix=self.domain_suffix,
+                                now=now)  # fmt: skip
+        if status != (gw.get("status") or {}):
+            await self._ok(
+                "PATCH",
+                GATEWAYS.item(objs.namespace, objs.gateway) + "/status",
+                {"status": status},
+                content_type="application/merge-patch+json",
+            )
+            self.stats.status_updates += 1
+
+    async def run(self) -> None:
+        """Reconcile forever (cancel to stop); failures are logged and retried next pass."""
+        from meshcore.certs import utcnow
+
+        try:
+            while True:
+                try:
+                    await self.reconcile(now=utcnow())
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("waypoint reconcile failed: %s", exc)
+                    self.stats.errors.append(str(exc))
+                self._kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), self.interval)
+        finally:
+            if self.api is not None:
+                await self.api.close()

@@ -1,0 +1,151 @@
+"""The in-cluster waypoint controller (controlplane/waypoints.py) against the Kubernetes API
+STAND-IN (tests/kubeapi_standin.py) over real HTTP on loopback.
+
+Asserted: a waypoint Gateway gets its ServiceAccount, Deployment and Service with the desired
+spec and an ownerReference to the Gateway (its uid), and a status (Accepted, Programmed=False
+until the Deployment reports an available replica, then True; the Service's hostname as
+address); a second pass changes nothing (no writes); a changed Gateway (annotation naming a
+service account) and a drifted Deployment are patched; a Gateway of another class gets nothing;
+deleting the Gateway deletes what was created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+
+from controlplane.waypoints import WaypointController, WaypointSettings
+from tests.kubeapi_standin import KubeApiStandIn
+
+pytestmark = pytest.mark.timeout(60)
+API_IP = "127.0.59.1"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def gateway(name: str, cls: str = "istio-waypoint", **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": "shop", "uid": f"gw-uid-{name}",
+                     "generation": 1, "annotations": annotations},
+        "spec": {"gatewayClassName": cls,
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    }  # fmt: skip
+
+
+def writes(api: KubeApiStandIn) -> list[str]:
+    return [r for r in api.requests if r.split(" ")[0] in ("create", "patch", "delete")]
+
+
+def test_controller_lifecycle() -> None:
+    async def main() -> None:
+        api = KubeApiStandIn()
+        await api.start(API_IP)
+        cfg = client.Configuration(host=f"http://{API_IP}:{api.port}")
+        ctl = WaypointController(
+            WaypointSettings(image="reg.example/waypoint:9"), configuration=cfg
+        )
+        try:
+            await api.upsert("gateways", gateway("waypoint"))
+            await api.upsert("gateways", gateway("ingress", cls="istio"))
+            await ctl.reconcile(now=NOW)
+            assert ctl.stats.errors == []
+            dep = api.objects["deployments"][("shop", "waypoint")]
+            svc = api.objects["services"][("shop", "waypoint")]
+            sa = api.objects["serviceaccounts"][("shop", "waypoint")]
+            for obj in (dep, svc, sa):
+                (owner,) = obj["metadata"]["ownerReferences"]
+                assert owner["kind"] == "Gateway" and owner["uid"] == "gw-uid-waypoint"
+                assert owner["controller"] is True
+                assert obj["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] == (
+                    "waypoint"
+                )
+            tmpl = dep["spec"]["template"]
+            assert tmpl["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
+            assert tmpl["spec"]["containers"][0]["image"] == "reg.example/waypoint:9"
+            assert svc["spec"]["ports"][0]["port"] == 15008
+            # the other class is ignored
+            assert ("shop", "ingress") not in api.objects["deployments"]
+            assert "status" not in api.objects["gateways"][("shop", "ingress")]
+            status = api.objects["gateways"][("shop", "waypoint")]["status"]
+            conds = {c["type"]: c["status"] for c in status["conditions"]}
+            assert conds == {"Accepted": "True", "Programmed": "False"}
+            assert status["addresses"][0]["value"] == "waypoint.shop.svc.cluster.local"
+
+            # idempotent: a second pass writes nothing
+            before = len(writes(api))
+            await ctl.reconcile(now=NOW)
+            assert writes(api)[before:] == []
+
+            # the Deployment becomes available (what the deployment controller would report)
+            live = api.objects["deployments"][("shop", "waypoint")]
+            await api.upsert("deployments", {**live, "status": {"availableReplicas": 1}})
+            await ctl.reconcile(now=NOW)
+            status = api.objects["gateways"][("shop", "waypoint")]["status"]
+            assert {c["type"]: c["status"] for c in status["conditions"]}["Programmed"] == "True"
+
+            # drift is patched back; a Gateway naming a service account switches the pods to it
+            live = api.objects["deployments"][("shop", "waypoint")]
+            drifted = {**live, "spec": {**live["spec"], "replicas": 0}}
+            await api.upsert("deployments", drifted)
+            await api.upsert(
+                "gateways",
+                {**api.objects["gateways"][("shop", "waypoint")],
+                 **{"metadata": {**gateway("waypoint")["metadata"],
+                                 "annotations": {"gateway.istio.io/service-account": "reviews"}}}},
+            )  # fmt: skip
+            rv = api.objects["deployments"][("shop", "waypoint")]["metadata"]["resourceVersion"]
+            await ctl.reconcile(now=NOW)
+            dep = api.objects["deployments"][("shop", "waypoint")]
+            assert dep["metadata"]["resourceVersion"] != rv
+            assert dep["spec"]["replicas"] == 1
+            assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "reviews"
+            assert "patch deployments shop/waypoint" in writes(api)
+
+            # the Gateway is deleted: everything we created goes (no garbage collector here)
+            await api.delete("gateways", "shop", "waypoint")
+            await ctl.reconcile(now=NOW)
+            for plural in ("deployments", "services", "serviceaccounts"):
+                assert ("shop", "waypoint") not in api.objects.get(plural, {}), plural
+            assert ctl.stats.deleted == 3 and ctl.stats.errors == []
+        finally:
+            if ctl.api is not None:
+                await ctl.api.close()
+            await api.stop()
+
+    run(main())
+
+
+def test_run_loop_reacts_to_kick() -> None:
+    async def main() -> None:
+        api = KubeApiStandIn()
+        await api.start(API_IP)
+        cfg = client.Configuration(host=f"http://{API_IP}:{api.port}")
+        ctl = WaypointController(WaypointSettings(), configuration=cfg, interval=30)
+        task = asyncio.create_task(ctl.run())
+        try:
+            while ctl.passes < 1:
+                await asyncio.sleep(0.02)
+            await api.upsert("gateways", gateway("wp2"))
+            ctl.kick()
+            for _ in range(250):
+                if ("shop", "wp2") in api.objects.get("deployments", {}):
+                    break
+                await asyncio.sleep(0.02)
+            assert ("shop", "wp2") in api.objects["deployments"]
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await api.stop()
+
+    run(main())

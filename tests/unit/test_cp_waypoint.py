@@ -1,0 +1,128 @@
+"""Desired objects and status of the in-cluster waypoint controller (controlplane/waypoints.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from controlplane.waypoints import (
+    GATEWAY_NAME,
+    MANAGED_BY,
+    WaypointSettings,
+    desired_objects,
+    gateway_status,
+    is_waypoint,
+    merge,
+    needs_patch,
+)
+
+SETTINGS = WaypointSettings(
+    image="reg.example/waypoint:1.2", xds_address="cp.istio-system.svc:15012"
+)
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def gw(name: str = "waypoint", cls: str = "istio-waypoint", **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": "shop", "uid": "u-1", "generation": 3,
+                     "annotations": annotations},
+        "spec": {"gatewayClassName": cls,
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    }  # fmt: skip
+
+
+def test_class_filter() -> None:
+    assert is_waypoint(gw())
+    assert not is_waypoint(gw(cls="istio"))
+    assert not is_waypoint({"metadata": {"name": "x"}})
+
+
+def test_deployment_spec() -> None:
+    objs = desired_objects(gw(), SETTINGS)
+    dep = objs.deployment
+    assert dep["kind"] == "Deployment" and dep["apiVersion"] == "apps/v1"
+    assert dep["metadata"]["name"] == "waypoint" and dep["metadata"]["namespace"] == "shop"
+    assert dep["metadata"]["labels"] == {
+        GATEWAY_NAME: "waypoint",
+        MANAGED_BY: "ambient-controlplane",
+    }
+    owner = dep["metadata"]["ownerReferences"]
+    assert owner == [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                      "name": "waypoint", "uid": "u-1", "controller": True,
+                      "blockOwnerDeletion": True}]  # fmt: skip
+    tmpl = dep["spec"]["template"]
+    assert tmpl["metadata"]["labels"] == {
+        GATEWAY_NAME: "waypoint",
+        "istio.io/dataplane-mode": "none",
+    }
+    assert dep["spec"]["selector"]["matchLabels"] == {GATEWAY_NAME: "waypoint"}
+    (c,) = tmpl["spec"]["containers"]
+    assert c["image"] == "reg.example/waypoint:1.2" and c["command"] == ["waypoint"]
+    args = c["args"]
+    assert args[args.index("--xds-address") + 1] == "cp.istio-system.svc:15012"
+    assert args[args.index("--service-account") + 1] == "waypoint"
+    assert args[args.index("--node") + 1] == "$(NODE_NAME)"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15020}
+    assert args[args.index("--admin") + 1] == "0.0.0.0:15020"
+    assert tmpl["spec"]["serviceAccountName"] == "waypoint"
+    token = tmpl["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == SETTINGS.token_audience
+
+
+def test_service_and_account() -> None:
+    objs = desired_objects(gw(), SETTINGS)
+    assert objs.service["spec"]["ports"][0]["port"] == 15008
+    assert objs.service["spec"]["selector"] == {GATEWAY_NAME: "waypoint"}
+    assert objs.service_account is not None
+    assert objs.service_account["metadata"]["name"] == "waypoint"
+    assert objs.service_account["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def test_named_service_account_not_created() -> None:
+    objs = desired_objects(gw(**{"gateway.istio.io/service-account": "reviews"}), SETTINGS)
+    assert objs.service_account is None and objs.service_account_name == "reviews"
+    assert objs.deployment["spec"]["template"]["spec"]["serviceAccountName"] == "reviews"
+
+
+def test_plaintext_has_no_roots() -> None:
+    objs = desired_objects(gw(), WaypointSettings(roots_config_map=""))
+    args = objs.deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--controlplane-roots" not in args
+    with_roots = desired_objects(gw(), SETTINGS).deployment
+    assert "--controlplane-roots" in with_roots["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_status_programmed_and_transitions() -> None:
+    pending = gateway_status(gw(), available=0, domain_suffix="cluster.local", now=NOW)
+    assert pending["addresses"] == [
+        {"type": "Hostname", "value": "waypoint.shop.svc.cluster.local"}
+    ]
+    cond = {c["type"]: c for c in pending["conditions"]}
+    assert cond["Accepted"]["status"] == "True"
+    assert cond["Programmed"]["status"] == "False" and cond["Programmed"]["reason"] == "Pending"
+    assert cond["Programmed"]["observedGeneration"] == 3
+    later = datetime(2026, 1, 2, 4, 0, 0, tzinfo=UTC)
+    g = {**gw(), "status": pending}
+    ready = gateway_status(g, available=1, domain_suffix="cluster.local", now=later)
+    rc = {c["type"]: c for c in ready["conditions"]}
+    assert rc["Programmed"]["status"] == "True"
+    assert rc["Programmed"]["lastTransitionTime"] == "2026-01-02T04:00:00Z"
+    # unchanged status keeps its transition time: idempotent
+    assert rc["Accepted"]["lastTransitionTime"] == "2026-01-02T03:04:05Z"
+    again = gateway_status({**gw(), "status": ready}, available=1, domain_suffix="cluster.local",
+                           now=datetime(2026, 1, 3, tzinfo=UTC))  # fmt: skip
+    assert again == ready
+
+
+def test_merge_patch_rfc7386() -> None:
+    # RFC 7386 appendix A examples
+    assert merge({"a": "b"}, {"a": "c"}) == {"a": "c"}
+    assert merge({"a": "b"}, {"b": "c"}) == {"a": "b", "b": "c"}
+    assert merge({"a": "b"}, {"a": None}) == {}
+    assert merge({"a": [{"b": "c"}]}, {"a": [1]}) == {"a": [1]}
+    assert merge({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}) == {"a": {"b": "d"}}
+    live = {"metadata": {"name": "x", "resourceVersion": "7"}, "spec": {"a": 1}}
+    assert not needs_patch(live, {"metadata": {"name": "x"}, "spec": {"a": 1}})
+    assert needs_patch(live, {"spec": {"a": 2}})
