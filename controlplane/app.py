@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
+from controlplane.waypoints import WaypointController, WaypointSettings
 from controlplane.xds import XdsServer
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
@@ -78,6 +79,9 @@ class ControlPlaneSettings:
     poll_interval: float = 0.2
     sync_timeout: float = 30.0
     cert_ttl: float = 24 * 3600
+    waypoints: WaypointSettings | None = None
+    """In-cluster waypoint controller (with --kubernetes, not with --manifest-dir); None = off."""
+    waypoint_interval: float = 10.0
 
 
 class ControlPlane:
@@ -125,6 +129,7 @@ class ControlPlane:
             else None
         )
         self.kube: Any = None
+        self.waypoints: WaypointController | None = None
         self.server: grpc.aio.Server | None = None
         self.debug_server: asyncio.Server | None = None
         self.port = 0
@@ -189,6 +194,20 @@ class ControlPlane:
                 await asyncio.wait_for(self.kube.synced.wait(), s.sync_timeout)
             except TimeoutError:
                 log.warning("Kubernetes not synced after %.0fs; serving anyway", s.sync_timeout)
+        if s.kubernetes and s.manifest_dir is None and s.waypoints is not None:
+            # The control plane's TLS roots go to the waypoints (plaintext: none).
+            wp = s.waypoints
+            if not s.plaintext and not wp.roots_pem:
+                wp = replace(wp, roots_pem=self.ca.roots_pem.decode())
+            self.waypoints = WaypointController(
+                wp,
+                domain_suffix=s.options.domain_suffix,
+                kubeconfig=s.kubeconfig,
+                interval=s.waypoint_interval,
+            )
+            controller = self.waypoints
+            self.store.subscribe(lambda _snap: controller.kick())
+            self._tasks.append(loop.create_task(controller.run()))
         self.translate_now()
         self._dirty.clear()
         self._tasks.append(loop.create_task(self._translate_loop()))
@@ -312,6 +331,19 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--cert-ttl", type=float, default=24 * 3600)
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    wp = p.add_argument_group("in-cluster waypoints (with --kubernetes, without --manifest-dir)")
+    wp.add_argument("--waypoint-image", default=env("WAYPOINT_IMAGE"),
+                    help="waypoint Deployments' image; unset = no waypoint controller")  # fmt: skip
+    wp.add_argument("--waypoint-image-pull-policy", default="IfNotPresent")
+    wp.add_argument("--waypoint-xds-address", default=env("WAYPOINT_XDS_ADDRESS"),
+                    help="control plane address for waypoints "
+                         "(default ambient-controlplane.<namespace>.svc:15012)")  # fmt: skip
+    wp.add_argument("--waypoint-token-audience", default=None,
+                    help="audience of the waypoints' projected token (default: first "
+                         "--token-audience)")  # fmt: skip
+    wp.add_argument("--waypoint-arg", action="append", default=[],
+                    help="extra argument for the waypoint command (repeatable)")  # fmt: skip
+    wp.add_argument("--waypoint-resync", type=float, default=10.0)
     args = p.parse_args(argv)
     if args.manifest_dir is None and not args.kubernetes:
         p.error("give --manifest-dir and/or --kubernetes")
@@ -320,7 +352,24 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    waypoints = None
+    if args.waypoint_image:
+        server_name = f"ambient-controlplane.{args.namespace}.svc"
+        audience = args.waypoint_token_audience or (
+            args.token_audience[0] if args.token_audience else "ambient-controlplane"
+        )
+        waypoints = WaypointSettings(
+            image=args.waypoint_image,
+            image_pull_policy=args.waypoint_image_pull_policy,
+            xds_address=args.waypoint_xds_address or f"{server_name}:15012",
+            controlplane_server_name=server_name,
+            token_audience=audience,
+            trust_domain=args.trust_domain,
+            extra_args=tuple(args.waypoint_arg),
+        )
     return ControlPlaneSettings(
+        waypoints=waypoints,
+        waypoint_interval=args.waypoint_resync,
         listen=args.listen,
         debug_listen=args.debug_listen or None,
         manifest_dir=args.manifest_dir,

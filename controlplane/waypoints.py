@@ -10,6 +10,9 @@ Rules (Istio ambient "waypoint" deployment, ambient-facts.md "Enrollment, labels
   not created by us). Every object carries ``gateway.networking.k8s.io/gateway-name=<gw>`` and
   ``app.kubernetes.io/managed-by=ambient-controlplane`` and an ownerReference to the Gateway
   (controller=true, blockOwnerDeletion=true) so the garbage collector removes them with it.
+- With a TLS control plane its roots go to a ConfigMap ``<gw>-controlplane-roots`` (same
+  labels and owner) that the pods mount (ConfigMaps are namespaced; the control plane's own
+  Secret is not readable from the Gateway's namespace).
 - The pods are labelled ``istio.io/dataplane-mode=none`` (never captured) and the gateway-name
   label (translate.py: the waypoint Service fronts them), run ``waypoint --xds-address``, ready
   on the admin ``/healthz/ready``; the Service exposes HBONE 15008.
@@ -63,8 +66,9 @@ class WaypointSettings:
     xds_address: str = "ambient-controlplane.istio-system.svc:15012"
     controlplane_server_name: str = "ambient-controlplane.istio-system.svc"
     token_audience: str = "ambient-controlplane"
-    roots_config_map: str = "ambient-root-cert"
-    """ConfigMap (key root-cert.pem) in the Gateway's namespace; "" = plaintext control plane."""
+    roots_pem: str = ""
+    """The control plane's TLS roots (PEM), published to the waypoint as a ConfigMap
+    ``<gw>-controlplane-roots`` in its namespace; "" = plaintext control plane (lab only)."""
     trust_domain: str = "cluster.local"
     image_pull_policy: str = "IfNotPresent"
     extra_args: tuple[str, ...] = ()
@@ -81,6 +85,8 @@ class WaypointObjects:
     """None when the Gateway names an existing account (not ours to create)."""
     deployment: Json
     service: Json
+    roots: Json | None = None
+    """ConfigMap of the control plane's roots (None: plaintext)."""
 
 
 def is_waypoint(gw: Mapping[str, Any]) -> bool:
@@ -149,14 +155,21 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
             },
         }
     ]
-    if settings.roots_config_map:
+    roots: Json | None = None
+    if settings.roots_pem:
+        roots = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {**metadata(), "name": f"{name}-controlplane-roots"},
+            "data": {"root-cert.pem": settings.roots_pem},
+        }
         args += [
             "--controlplane-roots", f"{ROOTS_DIR}/root-cert.pem",
             "--controlplane-server-name", settings.controlplane_server_name,
         ]  # fmt: skip
         mounts.append({"name": "controlplane-roots", "mountPath": ROOTS_DIR, "readOnly": True})
         volumes.append(
-            {"name": "controlplane-roots", "configMap": {"name": settings.roots_config_map}}
+            {"name": "controlplane-roots", "configMap": {"name": f"{name}-controlplane-roots"}}
         )
     args += list(settings.extra_args)
 
@@ -231,6 +244,7 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
         service_account=account,
         deployment=deployment,
         service=service,
+        roots=roots,
     )
 
 
@@ -319,8 +333,9 @@ class _Kind:
 SERVICE_ACCOUNTS = _Kind(prefix="/api/v1", plural="serviceaccounts")
 DEPLOYMENTS = _Kind(prefix="/apis/apps/v1", plural="deployments")
 SERVICES = _Kind(prefix="/api/v1", plural="services")
+CONFIG_MAPS = _Kind(prefix="/api/v1", plural="configmaps")
 GATEWAYS = _Kind(prefix=GATEWAY_API, plural="gateways")
-MANAGED = (DEPLOYMENTS, SERVICES, SERVICE_ACCOUNTS)
+MANAGED = (DEPLOYMENTS, SERVICES, SERVICE_ACCOUNTS, CONFIG_MAPS)
 
 
 @dataclass(slots=True)
@@ -471,6 +486,8 @@ class WaypointController:
         objs = desired_objects(gw, self.settings)
         if objs.service_account is not None:
             await self._ensure(SERVICE_ACCOUNTS, objs.service_account)
+        if objs.roots is not None:
+            await self._ensure(CONFIG_MAPS, objs.roots)
         deployment = await self._ensure(DEPLOYMENTS, objs.deployment)
         await self._ensure(SERVICES, objs.service)
         available = int((deployment.get("status") or {}).get("availableReplicas") or 0)

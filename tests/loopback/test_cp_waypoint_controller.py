@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes_asyncio import client
 
+from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.waypoints import WaypointController, WaypointSettings
 from tests.kubeapi_standin import KubeApiStandIn
 
@@ -52,7 +55,7 @@ def test_controller_lifecycle() -> None:
         await api.start(API_IP)
         cfg = client.Configuration(host=f"http://{API_IP}:{api.port}")
         ctl = WaypointController(
-            WaypointSettings(image="reg.example/waypoint:9"), configuration=cfg
+            WaypointSettings(image="reg.example/waypoint:9", roots_pem="ROOTS"), configuration=cfg
         )
         try:
             await api.upsert("gateways", gateway("waypoint"))
@@ -62,7 +65,9 @@ def test_controller_lifecycle() -> None:
             dep = api.objects["deployments"][("shop", "waypoint")]
             svc = api.objects["services"][("shop", "waypoint")]
             sa = api.objects["serviceaccounts"][("shop", "waypoint")]
-            for obj in (dep, svc, sa):
+            roots = api.objects["configmaps"][("shop", "waypoint-controlplane-roots")]
+            assert roots["data"] == {"root-cert.pem": "ROOTS"}
+            for obj in (dep, svc, sa, roots):
                 (owner,) = obj["metadata"]["ownerReferences"]
                 assert owner["kind"] == "Gateway" and owner["uid"] == "gw-uid-waypoint"
                 assert owner["controller"] is True
@@ -116,7 +121,8 @@ def test_controller_lifecycle() -> None:
             await ctl.reconcile(now=NOW)
             for plural in ("deployments", "services", "serviceaccounts"):
                 assert ("shop", "waypoint") not in api.objects.get(plural, {}), plural
-            assert ctl.stats.deleted == 3 and ctl.stats.errors == []
+            assert api.objects["configmaps"] == {}
+            assert ctl.stats.deleted == 4 and ctl.stats.errors == []
         finally:
             if ctl.api is not None:
                 await ctl.api.close()
@@ -146,6 +152,56 @@ def test_run_loop_reacts_to_kick() -> None:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            await api.stop()
+
+    run(main())
+
+
+def test_controlplane_runs_the_controller(tmp_path: Path) -> None:
+    """`ControlPlane` with the Kubernetes source and --waypoint-image: a Gateway watched from
+    the API gets its Deployment, and a roots ConfigMap holding the control plane's CA roots."""
+
+    async def main() -> None:
+        api = KubeApiStandIn()
+        await api.start(API_IP)
+        (tmp_path / "kubeconfig").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {"name": "s", "cluster": {"server": f"http://{API_IP}:{api.port}"}}
+                    ],
+                    "users": [{"name": "cp", "user": {"token": "cp-token"}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "s", "user": "cp"}}],
+                    "current-context": "c",
+                }
+            )
+        )
+        settings = ControlPlaneSettings(
+            listen="127.0.59.2:0",
+            debug_listen=None,
+            kubernetes=True,
+            kubeconfig=tmp_path / "kubeconfig",
+            ca_dir=tmp_path / "ca",
+            waypoints=WaypointSettings(image="img:1"),
+            waypoint_interval=30,
+            sync_timeout=10,
+        )
+        cp = ControlPlane(settings)
+        await cp.start()
+        try:
+            assert cp.waypoints is not None
+            await api.upsert("gateways", gateway("waypoint"))
+            for _ in range(250):  # the watch feeds the store, which kicks the controller
+                if ("shop", "waypoint") in api.objects.get("services", {}):  # created last
+                    break
+                await asyncio.sleep(0.02)
+            assert ("shop", "waypoint") in api.objects["deployments"]
+            roots = api.objects["configmaps"][("shop", "waypoint-controlplane-roots")]
+            assert roots["data"]["root-cert.pem"] == cp.ca.roots_pem.decode()
+        finally:
+            await cp.stop()
             await api.stop()
 
     run(main())

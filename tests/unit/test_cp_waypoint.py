@@ -17,7 +17,7 @@ from controlplane.waypoints import (
 )
 
 SETTINGS = WaypointSettings(
-    image="reg.example/waypoint:1.2", xds_address="cp.istio-system.svc:15012"
+    image="reg.example/waypoint:1.2", xds_address="cp.istio-system.svc:15012", roots_pem="PEM"
 )
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -87,11 +87,22 @@ def test_named_service_account_not_created() -> None:
 
 
 def test_plaintext_has_no_roots() -> None:
-    objs = desired_objects(gw(), WaypointSettings(roots_config_map=""))
+    objs = desired_objects(gw(), WaypointSettings(roots_pem=""))
     args = objs.deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--controlplane-roots" not in args
-    with_roots = desired_objects(gw(), SETTINGS).deployment
-    assert "--controlplane-roots" in with_roots["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--controlplane-roots" not in args and objs.roots is None
+    tls = desired_objects(gw(), SETTINGS)
+    assert (
+        "--controlplane-roots"
+        in tls.deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert tls.roots is not None
+    assert tls.roots["metadata"]["name"] == "waypoint-controlplane-roots"
+    assert tls.roots["data"] == {"root-cert.pem": "PEM"}
+    volumes = tls.deployment["spec"]["template"]["spec"]["volumes"]
+    assert {
+        "name": "controlplane-roots",
+        "configMap": {"name": "waypoint-controlplane-roots"},
+    } in volumes
 
 
 def test_status_programmed_and_transitions() -> None:
@@ -126,3 +137,19 @@ def test_merge_patch_rfc7386() -> None:
     live = {"metadata": {"name": "x", "resourceVersion": "7"}, "spec": {"a": 1}}
     assert not needs_patch(live, {"metadata": {"name": "x"}, "spec": {"a": 1}})
     assert needs_patch(live, {"spec": {"a": 2}})
+
+
+def test_flags() -> None:
+    from controlplane.app import parse_args
+
+    base = ["--kubernetes", "--ca-dir", "/nonexistent", "--namespace", "mesh"]
+    assert parse_args(base).waypoints is None
+    s = parse_args([*base, "--waypoint-image", "img:1", "--token-audience", "aud",
+                    "--waypoint-arg=--drain-timeout=3"])  # fmt: skip
+    assert s.waypoints == WaypointSettings(
+        image="img:1",
+        xds_address="ambient-controlplane.mesh.svc:15012",
+        controlplane_server_name="ambient-controlplane.mesh.svc",
+        token_audience="aud",
+        extra_args=("--drain-timeout=3",),
+    )
