@@ -35,9 +35,11 @@ import grpc
 
 from controlplane.auth import (
     Authenticator,
+    CertificatePrincipals,
     NodeCredentials,
     ServiceAccountTokenReview,
     auth_interceptors,
+    restrict_waypoints,
 )
 from controlplane.ca import CertificateService, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
@@ -99,6 +101,7 @@ class ControlPlane:
                 accounts=settings.token_review_accounts,
                 audiences=settings.token_audiences,
                 kubeconfig=settings.kubeconfig,
+                waypoints=settings.waypoints is not None,
             )
         )
         self.xds = XdsServer(
@@ -116,8 +119,11 @@ class ControlPlane:
         self.ca = ca
         self.ca_service = CertificateService(
             ca,
-            authenticator=self.authenticator,
-            may_impersonate=self.translator.may_impersonate,
+            # Waypoints' tokens (TokenReview) get certificates for their own identity only.
+            authenticator=CertificatePrincipals(self.authenticator)
+            if isinstance(self.authenticator, ServiceAccountTokenReview)
+            else self.authenticator,
+            may_impersonate=restrict_waypoints(self.translator.may_impersonate),
             metrics=self.metrics,
             default_ttl=timedelta(seconds=settings.cert_ttl),
         )

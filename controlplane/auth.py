@@ -24,6 +24,14 @@ Invariants:
   caches the outcome (positive for `cache_ttl`, refusals for `negative_ttl`, keyed by the
   token's SHA-256, one review in flight per token); `authenticate()` only reads that cache.
   API failures are not cached: the next call reviews again.
+- Waypoints (``waypoints=True``, the in-cluster waypoint controller, controlplane/waypoints.py):
+  a token of another service account ``<ns>:<sa>`` is accepted only if bound to a pod (same
+  uid) in ``<ns>`` labelled ``gateway.networking.k8s.io/gateway-name=<gw>`` whose Gateway
+  ``<ns>/<gw>`` is of class ``istio-waypoint`` and runs as ``<sa>`` (its
+  ``gateway.istio.io/service-account`` annotation, else its name). Such a caller's node (for
+  xDS) is its pod's; for certificates its principal is `waypoint_principal` (``<ns>/<sa>``
+  behind a prefix no node name has), which `restrict_waypoints` allows exactly its own
+  identity: a waypoint never obtains another service account's certificate.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 NODE_NAME = "authentication.kubernetes.io/node-name"
 SA_PREFIX = "system:serviceaccount:"
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -154,6 +163,41 @@ class _Outcome:
     node: str | None
     error: ControlPlaneError | None
     at: float
+    waypoint: tuple[str, str] | None = None
+    """(namespace, service account) when the caller is a waypoint (certificates: only its own)."""
+
+
+WAYPOINT_PREFIX = "waypoint\x00"
+"""Certificate principals of waypoints; NUL never occurs in a Kubernetes node name."""
+
+
+def waypoint_principal(namespace: str, service_account: str) -> str:
+    return f"{WAYPOINT_PREFIX}{namespace}/{service_account}"
+
+
+def restrict_waypoints(
+    may_impersonate: Callable[[str, Any], bool],
+) -> Callable[[str, Any], bool]:
+    """`may_impersonate` for the CA: a waypoint principal may have only its own identity (a
+    `meshcore.identity.SpiffeId`); node principals are decided by `may_impersonate`."""
+
+    def decide(principal: str, identity: Any) -> bool:
+        if principal.startswith(WAYPOINT_PREFIX):
+            ns, _, sa = principal[len(WAYPOINT_PREFIX) :].partition("/")
+            return bool(identity.namespace == ns and identity.service_account == sa)
+        return may_impersonate(principal, identity)
+
+    return decide
+
+
+class CertificatePrincipals:
+    """The CA's view of a `ServiceAccountTokenReview`: waypoints as `waypoint_principal`."""
+
+    def __init__(self, reviewer: ServiceAccountTokenReview) -> None:
+        self.reviewer = reviewer
+
+    def authenticate(self, token: str | None) -> str:
+        return self.reviewer.certificate_principal(token)
 
 
 class ServiceAccountTokenReview:
@@ -170,7 +214,9 @@ class ServiceAccountTokenReview:
         negative_ttl: float = 2.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        waypoints: bool = False,
     ) -> None:
+        self.waypoints = waypoints
         self.accounts = tuple(accounts)
         self.audiences = tuple(audiences)
         self.kubeconfig = kubeconfig
@@ -208,6 +254,13 @@ class ServiceAccountTokenReview:
             raise outcome.error
         assert outcome.node is not None
         return outcome.node
+
+    def certificate_principal(self, token: str | None) -> str:
+        """`authenticate`, but a waypoint's token yields its `waypoint_principal`."""
+        node = self.authenticate(token)
+        assert token is not None
+        outcome = self._cache[_key(token)]
+        return waypoint_principal(*outcome.waypoint) if outcome.waypoint else node
 
     # -- the asynchronous side (interceptor) ------------------------------------------------
     async def review(self, token: str) -> None:
@@ -307,7 +360,16 @@ class ServiceAccountTokenReview:
             if status != 201 and status != 200:
                 log.error("TokenReview: HTTP %d %s", status, data)
                 return None
-            bound = read_review((data or {}).get("status") or {}, self.accounts)
+            review = (data or {}).get("status") or {}
+            user = str((review.get("user") or {}).get("username", ""))
+            if (
+                self.waypoints
+                and review.get("authenticated")
+                and user.startswith(SA_PREFIX)
+                and user not in self.accounts
+            ):
+                return await self._waypoint(read_review(review, [user]))
+            bound = read_review(review, self.accounts)
             node = bound.node or await self._pod_node(bound)
             log.info("node proxy %s authenticated: node %s", bound.pod_name, node)
             return _Outcome(node=node, error=None, at=self.clock())
@@ -317,6 +379,51 @@ class ServiceAccountTokenReview:
         except Exception as exc:  # network, TLS, JSON: not the caller's fault; not cached
             log.error("TokenReview failed: %s", exc)
             return None
+
+    async def _waypoint(self, bound: BoundPod) -> _Outcome:
+        """A waypoint's token (see module doc); raises PermissionDenied if it is not one."""
+        sa = bound.username[len(SA_PREFIX) :].split(":", 1)[1]
+        pod = await self._bound_pod(bound)
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        gw_name = str(labels.get(GATEWAY_NAME_LABEL, ""))
+        if not gw_name:
+            raise PermissionDenied(
+                f"{bound.username} is neither a node proxy's service account nor a waypoint's "
+                f"(pod {bound.namespace}/{bound.pod_name} has no {GATEWAY_NAME_LABEL} label)"
+            )
+        path = f"/apis/gateway.networking.k8s.io/v1/namespaces/{bound.namespace}/gateways/{gw_name}"
+        status, gw = await self._call(path, "GET")
+        if status == 404:
+            raise PermissionDenied(f"waypoint Gateway {bound.namespace}/{gw_name} does not exist")
+        if status != 200 or not isinstance(gw, Mapping):
+            raise RuntimeError(f"GET {path}: HTTP {status}")
+        if (gw.get("spec") or {}).get("gatewayClassName") != "istio-waypoint":
+            raise PermissionDenied(f"Gateway {bound.namespace}/{gw_name} is not a waypoint")
+        annotations = (gw.get("metadata") or {}).get("annotations") or {}
+        runs_as = str(annotations.get("gateway.istio.io/service-account") or gw_name)
+        if runs_as != sa:
+            raise PermissionDenied(
+                f"waypoint {bound.namespace}/{gw_name} runs as {runs_as}, not {sa}"
+            )
+        node = bound.node or str((pod.get("spec") or {}).get("nodeName") or "")
+        if not node:
+            raise PermissionDenied(f"pod {bound.namespace}/{bound.pod_name} is not on a node")
+        log.info("waypoint %s/%s (pod %s) authenticated", bound.namespace, gw_name, bound.pod_name)
+        return _Outcome(node=node, error=None, at=self.clock(), waypoint=(bound.namespace, sa))
+
+    async def _bound_pod(self, bound: BoundPod) -> Mapping[str, Any]:
+        path = f"/api/v1/namespaces/{bound.namespace}/pods/{bound.pod_name}"
+        status, pod = await self._call(path, "GET")
+        if status == 404:
+            raise Unauthenticated(f"the token's pod {bound.namespace}/{bound.pod_name} is gone")
+        if status != 200 or not isinstance(pod, Mapping):
+            raise RuntimeError(f"GET {path}: HTTP {status}")
+        uid = str((pod.get("metadata") or {}).get("uid", ""))
+        if bound.pod_uid and uid != bound.pod_uid:
+            raise Unauthenticated(
+                f"the token's pod {bound.namespace}/{bound.pod_name} was replaced (uid {uid})"
+            )
+        return pod
 
     async def _pod_node(self, bound: BoundPod) -> str:
         """The bound pod's node (API servers before 1.30 do not put it in the review)."""
