@@ -52,3 +52,8 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{- /* "true" when the control plane runs the in-cluster waypoint controller. */ -}}
+{{- define "ambient.waypoints" -}}
+{{- if and .Values.waypoints.enabled .Values.controlplane.kubernetes (not .Values.controlplane.manifestConfigMap) (eq .Values.auth.mode "tokenReview") -}}true{{- end -}}
+{{- end -}}
