@@ -72,7 +72,9 @@ def may_impersonate(node: str, identity: SpiffeId) -> bool:
     return (node, identity.namespace, identity.service_account) in PLACEMENT
 
 
-async def _serve(api: KubeApiStandIn, *, waypoints: bool) -> tuple[grpc.aio.Server, int]:
+async def _serve(
+    api: KubeApiStandIn, *, waypoints: bool
+) -> tuple[grpc.aio.Server, int, ServiceAccountTokenReview]:
     cfg = client.Configuration()
     cfg.host = f"http://{API_IP}:{api.port}"
     reviewer = ServiceAccountTokenReview(
@@ -87,7 +89,7 @@ async def _serve(api: KubeApiStandIn, *, waypoints: bool) -> tuple[grpc.aio.Serv
     server.add_generic_rpc_handlers((service.method_handlers(),))
     port = server.add_insecure_port(f"{CP_IP}:0")
     await server.start()
-    return server, port
+    return server, port, reviewer
 
 
 async def fetch(port: int, token: str, sa: str) -> str:
@@ -131,9 +133,11 @@ def test_waypoint_token_gets_only_its_own_identity() -> None:
         token("ingress-1", "ingress")
         token("ghost-1", "ghost")
         token("ztunnel-a", "ztunnel", ns="istio-system")
-        server, port = await _serve(api, waypoints=True)
+        server, port, reviewer = await _serve(api, waypoints=True)
         try:
             assert await fetch(port, "tok-waypoint-1", "waypoint") == "OK"
+            # xDS sees the waypoint as its pod's node (its NODE_NAME claim must match)
+            assert reviewer.authenticate("tok-waypoint-1") == "node-a"
             # no impersonation, even of a workload on its own node
             denied = await fetch(port, "tok-waypoint-1", "client")
             assert "PERMISSION_DENIED" in denied and "may not obtain" in denied
@@ -146,7 +150,7 @@ def test_waypoint_token_gets_only_its_own_identity() -> None:
             assert await fetch(port, "tok-ztunnel-a", "waypoint") == "OK"
         finally:
             await server.stop(0)
-        server, port = await _serve(api, waypoints=False)
+        server, port, _ = await _serve(api, waypoints=False)
         try:
             assert "PERMISSION_DENIED" in await fetch(port, "tok-waypoint-1", "waypoint")
         finally:
