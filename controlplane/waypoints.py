@@ -20,8 +20,9 @@ Rules (Istio ambient "waypoint" deployment, ambient-facts.md "Enrollment, labels
   Deployment reports an available replica, else False (reason Pending); addresses = the
   Service's hostname. Conditions keep their lastTransitionTime unless their status changes.
 
-Invariants: reconciling is idempotent: an object is patched only when applying the desired
-fields (RFC 7386 JSON merge patch) would change it; objects we manage whose Gateway is gone
+Invariants: reconciling is idempotent: an object is patched (RFC 7386 JSON merge patch of the
+desired fields) only when it does not already contain them (`contains`: server-defaulted extra
+fields are not drift); objects we manage whose Gateway is gone
 are deleted (GC may be absent); nothing we did not label as managed is touched.
 """
 
@@ -306,9 +307,26 @@ def merge(target: Any, patch: Any) -> Any:
     return out
 
 
+def contains(live: Any, desired: Any) -> bool:
+    """Whether `live` already holds `desired`: every key of a desired object present with a
+    contained value, lists of equal length element-wise contained, scalars equal. Fields the
+    API server defaults (inside containers, ports...) therefore do not count as drift."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(
+            k in live and contains(live[k], v) for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(live) == len(desired)
+            and all(contains(a, b) for a, b in zip(live, desired, strict=True))
+        )
+    return bool(live == desired)
+
+
 def needs_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
-    """Whether merge-patching `desired` onto `current` would change it."""
-    return bool(merge(current, desired) != current)
+    """Whether `current` lacks any field of `desired` (then it is merge-patched)."""
+    return not contains(current, desired)
 
 
 # ---- I/O

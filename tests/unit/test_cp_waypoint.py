@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
 from typing import Any
 
@@ -153,3 +154,17 @@ def test_flags() -> None:
         token_audience="aud",
         extra_args=("--drain-timeout=3",),
     )
+
+
+def test_server_defaults_are_not_drift() -> None:
+    dep = desired_objects(gw(), SETTINGS).deployment
+    live = merge(copy.deepcopy(dep), {"metadata": {"uid": "x", "resourceVersion": "9"}})
+    c = live["spec"]["template"]["spec"]["containers"][0]
+    c["terminationMessagePath"] = "/dev/termination-log"  # a default the API server adds
+    live["spec"]["template"]["spec"]["containers"][0]["ports"][0]["protocol"] = "TCP"
+    assert not needs_patch(live, dep)
+    c["image"] = "other"
+    assert needs_patch(live, dep)
+    c["image"] = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+    c["args"] = c["args"][:-1]  # a list shortened is drift
+    assert needs_patch(live, dep)
