@@ -13,8 +13,6 @@ from enum import IntEnum
 # RFC 9113 §3.4: the client connection preface.
 CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-FRAME_HEADER = struct.Struct(">I")  # length(24) is packed with type(8) into one word
-
 
 class FrameType(IntEnum):
     """RFC 9113 §6 frame types."""
