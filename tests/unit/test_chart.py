@@ -218,7 +218,7 @@ def test_daemonset_shape() -> None:
             "serviceAccountToken": {
                 "path": "token",
                 "audience": "ambient-controlplane",
-                "expirationSeconds": 31536000,
+                "expirationSeconds": 3600,
             }
         }
     ]
