@@ -192,7 +192,10 @@ def test_label_namespace_enrolls_and_releases_running_pod(lab: Lab) -> None:
     try:
         assert session.ask("before") == "echo: before"
         out = lab.label_namespace("legacy", {"istio.io/dataplane-mode": "ambient"})
-        assert "node-1: legacy/outsider redirection disabled -> enabled" in out
+        # The agents also poll the manifests: node-1's may have enrolled the pod on its own just
+        # before the lab asked it to sync, so its line may be missing from `out`; the state is
+        # what counts (checked right below).
+        assert any("node proxies updated live" in line for line in out)
         try:
             # label_namespace returned: the capture is on and both node proxies have the
             # control plane's push (the workload is HBONE now), without a restart.
