@@ -32,7 +32,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import threading
@@ -41,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 
 from cni.errors import CniError, TryAgainLater
+from meshcore.kubeapi import KubeApi, json_lines
 
 log = logging.getLogger("ambient.agent.kube")
 
@@ -112,7 +112,7 @@ class KubeLabels:
         self.configuration = configuration
         self.watch_timeout = watch_timeout
         self.rng = rng or random.Random()
-        self.api: client.ApiClient | None = None
+        self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
         self._lock = threading.Lock()
         self._namespaces: dict[str, dict[str, str]] = {}
         self._pods: dict[str, LocalPod] = {}  # uid -> pod
@@ -191,32 +191,8 @@ class KubeLabels:
             self._version += 1
 
     # -- list+watch -------------------------------------------------------------------------
-    async def _client(self) -> client.ApiClient:
-        if self.api is None:
-            cfg = self.configuration
-            if cfg is None:
-                cfg = client.Configuration()
-                if self.kubeconfig is not None:
-                    await config.load_kube_config(
-                        config_file=str(self.kubeconfig), client_configuration=cfg
-                    )
-                else:
-                    config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-            self.api = client.ApiClient(configuration=cfg)
-        return self.api
-
     async def _get(self, path: str, query: list[tuple[str, Any]], timeout: float) -> Any:
-        api = await self._client()
-        resp = await api.call_api(
-            path,
-            "GET",
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )
-        return resp[0] if isinstance(resp, tuple) else resp
+        return await self._kube.open("GET", path, query=query, timeout=timeout)
 
     def _selector(self, kind: str) -> list[tuple[str, Any]]:
         return [("fieldSelector", f"spec.nodeName={self.node}")] if kind == "pods" else []
@@ -256,11 +232,8 @@ class KubeLabels:
                 raise Gone(f"watch {kind} at {rv}: HTTP 410")
             if resp.status != 200:
                 raise WatchFailed(f"watch {kind}: HTTP {resp.status}")
-            while line := await resp.content.readline():
-                if line.strip():
-                    event = json.loads(line)
-                    if isinstance(event, Mapping):
-                        yield event
+            async for event in json_lines(resp):
+                yield event
         finally:
             resp.release()
 
@@ -308,6 +281,4 @@ class KubeLabels:
         finally:
             for t in tasks:
                 t.cancel()
-            if self.api is not None:
-                await self.api.close()
-                self.api = None
+            await self._kube.close()

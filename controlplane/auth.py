@@ -51,6 +51,7 @@ import yaml
 
 from controlplane.errors import ControlPlaneError, PermissionDenied, Unauthenticated
 from meshcore.errors import ConfigError
+from meshcore.kubeapi import KubeApi
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class ServiceAccountTokenReview:
         """TokenReview requests sent (tests: the cache works)."""
         self._cache: dict[str, _Outcome] = {}
         self._inflight: dict[str, asyncio.Future[None]] = {}
-        self._api: Any = None
+        self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
 
     @property
     def enabled(self) -> bool:
@@ -310,41 +311,8 @@ class ServiceAccountTokenReview:
                 self._cache.pop(next(iter(self._cache)))
         self._cache[key] = outcome
 
-    async def _client(self) -> Any:
-        if self._api is None:
-            from kubernetes_asyncio import client, config
-
-            cfg = self.configuration
-            if cfg is None:
-                cfg = client.Configuration()
-                if self.kubeconfig is not None:
-                    await config.load_kube_config(
-                        config_file=str(self.kubeconfig), client_configuration=cfg
-                    )
-                else:
-                    config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-            self._api = client.ApiClient(configuration=cfg)
-        return self._api
-
     async def _call(self, path: str, method: str, body: Any = None) -> tuple[int, Any]:
-        api = await self._client()
-        resp = await api.call_api(
-            path,
-            method,
-            body=body,
-            header_params={"Accept": "application/json", "Content-Type": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=10,
-        )
-        resp = resp[0] if isinstance(resp, tuple) else resp
-        try:
-            data = await resp.json(content_type=None)
-        except ValueError:
-            data = None
-        finally:
-            resp.release()
-        return int(resp.status), data
+        return await self._kube.call(method, path, body, timeout=10)
 
     async def _review(self, token: str) -> _Outcome | None:
         """The outcome for `token`, or None when the API could not be asked (not cached)."""
@@ -444,9 +412,7 @@ class ServiceAccountTokenReview:
         return node
 
     async def close(self) -> None:
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        await self._kube.close()
 
 
 def _key(token: str) -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,9 +38,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 
 from controlplane.errors import SourceError
+from meshcore.kubeapi import KubeApi
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ class WaypointController:
         self.kubeconfig = kubeconfig
         self.configuration = configuration
         self.interval = interval
-        self.api: client.ApiClient | None = None
+        self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
         self.passes = 0
         self.stats = ReconcileStats()
         self._kick = asyncio.Event()
@@ -390,19 +390,10 @@ class WaypointController:
     def kick(self) -> None:
         self._kick.set()
 
-    async def _client(self) -> client.ApiClient:
-        if self.api is None:
-            cfg = self.configuration
-            if cfg is None:
-                cfg = client.Configuration()
-                if self.kubeconfig is not None:
-                    await config.load_kube_config(
-                        config_file=str(self.kubeconfig), client_configuration=cfg
-                    )
-                else:
-                    config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-            self.api = client.ApiClient(configuration=cfg)
-        return self.api
+    @property
+    def api(self) -> client.ApiClient | None:
+        """The open API client, if any (tests close it)."""
+        return self._kube.api
 
     async def _call(
         self,
@@ -413,31 +404,7 @@ class WaypointController:
         query: list[tuple[str, Any]] | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, Any]:
-        api = await self._client()
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        resp = await api.call_api(
-            path,
-            method,
-            query_params=query or [],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=30,
-        )
-        resp = resp[0] if isinstance(resp, tuple) else resp
-        try:
-            text = await resp.text()
-            status = int(resp.status)
-        finally:
-            resp.release()
-        try:
-            data = json.loads(text) if text else None
-        except ValueError:
-            data = None
-        return status, data
+        return await self._kube.call(method, path, body, query=query, content_type=content_type)
 
     async def _ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         status, data = await self._call(method, path, body, **kw)
@@ -537,5 +504,4 @@ class WaypointController:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self.interval)
         finally:
-            if self.api is not None:
-                await self.api.close()
+            await self._kube.close()

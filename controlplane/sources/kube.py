@@ -22,7 +22,6 @@ skipped; it never stops the watch. Objects are read as plain JSON (no generated 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import AsyncIterator, Mapping
@@ -30,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 
 from controlplane.errors import SourceError
 from controlplane.objects import ObjectKey, parse_object
 from controlplane.store import ConfigStore
 from meshcore.errors import ConfigError
+from meshcore.kubeapi import KubeApi, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class KubernetesSource:
         self.rediscover_interval = rediscover_interval
         self.rng = rng or random.Random()
         self.synced = asyncio.Event()
-        self.api: client.ApiClient | None = None
+        self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
         self.resource_versions: dict[str, str] = {}
         self.lists: dict[str, int] = {}
         """Number of full lists per kind (1 + re-lists after 410 Gone)."""
@@ -126,33 +126,8 @@ class KubernetesSource:
         self._listed: set[str] = set()
         self._served: set[str] = set()
 
-    async def _client(self) -> client.ApiClient:
-        if self.api is None:
-            cfg = self.configuration
-            if cfg is None:
-                cfg = client.Configuration()
-                if self.kubeconfig is not None:
-                    await config.load_kube_config(
-                        config_file=str(self.kubeconfig), client_configuration=cfg
-                    )
-                else:
-                    config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-            self.api = client.ApiClient(configuration=cfg)
-        return self.api
-
     async def _get(self, path: str, query: list[tuple[str, Any]], timeout: float | None) -> Any:
-        api = await self._client()
-        resp = await api.call_api(
-            path,
-            "GET",
-            query_params=query,
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=timeout,
-        )
-        # kubernetes_asyncio returns the aiohttp response when content is not preloaded.
-        return resp[0] if isinstance(resp, tuple) else resp
+        return await self._kube.open("GET", path, query=query, timeout=timeout)
 
     async def discover(self) -> set[str]:
         """group/versions the API server serves (``/api`` + ``/apis``)."""
@@ -195,8 +170,7 @@ class KubernetesSource:
         finally:
             for t in tasks:
                 t.cancel()
-            if self.api is not None:
-                await self.api.close()
+            await self._kube.close()
 
     def _mark_listed(self, kind: str) -> None:
         self._listed.add(kind)
@@ -269,12 +243,8 @@ class KubernetesSource:
                 raise Gone(f"watch {spec.kind} at {rv}: HTTP 410")
             if resp.status != 200:
                 raise SourceError(f"watch {spec.kind}: HTTP {resp.status}")
-            while line := await resp.content.readline():
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                if isinstance(event, Mapping):
-                    yield event
+            async for event in json_lines(resp):
+                yield event
         finally:
             resp.release()
 

@@ -1,0 +1,112 @@
+"""The Kubernetes API client every component shares (kubernetes_asyncio, raw JSON).
+
+Owns: building the client once (in-cluster service account, or a kubeconfig for tests and
+out-of-cluster runs), raw requests that return the aiohttp response (the caller reads and
+releases it: watches stream it), a JSON convenience call, and reading a watch stream's
+newline-delimited events. What a status code means (410 Gone, 409, 404) stays with the caller.
+Used by the control plane's source, waypoint controller and TokenReview, and the node agent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client, config
+
+
+class KubeApi:
+    """One lazily created `ApiClient`; `close()` releases it (a later call reopens)."""
+
+    def __init__(
+        self,
+        *,
+        kubeconfig: Path | None = None,
+        configuration: client.Configuration | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.configuration = configuration
+        self.api: client.ApiClient | None = None
+
+    async def client(self) -> client.ApiClient:
+        if self.api is None:
+            cfg = self.configuration
+            if cfg is None:
+                cfg = client.Configuration()
+                if self.kubeconfig is not None:
+                    await config.load_kube_config(
+                        config_file=str(self.kubeconfig), client_configuration=cfg
+                    )
+                else:
+                    config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            self.api = client.ApiClient(configuration=cfg)
+        return self.api
+
+    async def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | None = 30,
+    ) -> Any:
+        """The raw aiohttp response; the caller must `release()` it."""
+        api = await self.client()
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        resp = await api.call_api(
+            path,
+            method,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+        # kubernetes_asyncio returns the aiohttp response when content is not preloaded.
+        return resp[0] if isinstance(resp, tuple) else resp
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = 30,
+    ) -> tuple[int, Any]:
+        """(status, decoded JSON body or None)."""
+        resp = await self.open(
+            method, path, query=query, body=body, content_type=content_type, timeout=timeout
+        )
+        try:
+            text = await resp.text()
+            status = int(resp.status)
+        finally:
+            resp.release()
+        try:
+            data = json.loads(text) if text else None
+        except ValueError:
+            data = None
+        return status, data
+
+    async def close(self) -> None:
+        if self.api is not None:
+            await self.api.close()
+            self.api = None
+
+
+async def json_lines(resp: Any) -> AsyncIterator[Mapping[str, Any]]:
+    """The events of a watch response (one JSON object per line, blank lines skipped)."""
+    while line := await resp.content.readline():
+        if line.strip():
+            event = json.loads(line)
+            if isinstance(event, Mapping):
+                yield event
