@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -47,6 +46,8 @@ from meshcore.hbone.pool import HbonePool
 from meshcore.l7.config import WaypointConfig, parse_objects
 from meshcore.l7.route import CompiledConfig
 from meshcore.model import load_mesh_config
+from meshcore.opshttp import Handler as HttpHandler
+from meshcore.opshttp import Response, json_response, serve_http
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams
@@ -260,37 +261,30 @@ class Waypoint:
         return out
 
     async def _serve_admin(self, host: str, port: int) -> asyncio.Server:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                target = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[1]
-                path = target.split("?", 1)[0]
-                if path in ("/metrics", "/stats/prometheus"):
-                    status, ctype = 200, CONTENT_TYPE_LATEST
-                    body = generate_latest(self.ctx.metrics.registry)
-                elif path == "/healthz/ready":
-                    status, ctype = (200 if self.ready else 503), "text/plain"
-                    body = b"ready\n" if self.ready else b"not ready\n"
-                elif path == "/debug/config":
-                    status, ctype = 200, "application/json"
-                    body = json.dumps(self.debug_config(), indent=2).encode()
-                elif path == "/debug/clusters":
-                    status, ctype = 200, "application/json"
-                    body = json.dumps(self.debug_clusters(), indent=2).encode()
-                else:
-                    status, ctype, body = 404, "text/plain", b"not found\n"
-                writer.write(
-                    f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: "
-                    f"{len(body)}\r\nconnection: close\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
-            except (TimeoutError, asyncio.IncompleteReadError, ValueError, OSError, IndexError):
-                pass
-            finally:
-                writer.close()
+        """Metrics, readiness and debug over the shared operator HTTP server."""
 
-        return await asyncio.start_server(handle, host, port, reuse_address=True)
+        async def metrics(_m: str, _q: dict[str, list[str]]) -> Response:
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.ctx.metrics.registry)
+
+        async def ready(_m: str, _q: dict[str, list[str]]) -> Response:
+            if self.ready:
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", b"not ready\n"
+
+        async def config(_m: str, _q: dict[str, list[str]]) -> Response:
+            return json_response(self.debug_config())
+
+        async def clusters(_m: str, _q: dict[str, list[str]]) -> Response:
+            return json_response(self.debug_clusters())
+
+        routes: dict[str, HttpHandler] = {
+            "/metrics": metrics,
+            "/stats/prometheus": metrics,
+            "/healthz/ready": ready,
+            "/debug/config": config,
+            "/debug/clusters": clusters,
+        }
+        return await serve_http(host, port, routes)
 
     def reload(self, mesh_config: Path | None, configs: Sequence[Path]) -> bool:
         """SIGHUP: re-read both files; keep the running config if either is bad."""
