@@ -39,11 +39,9 @@ def test_64mib_each_way_on_concurrent_streams_arrive_intact(tmp_path: Path) -> N
             results = await asyncio.gather(
                 *(call_service(seed, per_stream, per_stream) for seed in range(streams))
             )
-            for seed, ((got_hash, got_len), up_hash) in enumerate(results):
+            for seed, ((got_hash, got_len), _sent_hash) in enumerate(results):
                 assert got_len == per_stream
                 assert got_hash == hashlib.sha256(payload_for(seed, per_stream)).hexdigest()
-                # The backend saw exactly what the client sent (after the 8-byte header).
-                assert up_hash  # computed by the client over what it sent
             # Backend records "sha:len" of what it received per connection; check all of them.
             # It records after its own read loop ends, which may be just after ours: wait.
             for _ in range(200):
