@@ -243,7 +243,10 @@ def test_record_roundtrip() -> None:
 def served(
     setup: tuple[Agent, FakeCapture, Path, set[str]],
 ) -> Iterator[tuple[Agent, FakeCapture, Path]]:
-    agent, capture, tmp, _ = setup
+    agent, capture, tmp, alive = setup
+    # The plugin's pod (K8S_POD_UID=a) exists for the agent: its periodic reconcile (every 50 ms
+    # here) must not forget it between ADD and CHECK on a busy machine.
+    alive.add("a")
     sock = tmp / "agent.sock"
     server = AgentServer(agent, sock, poll=0.05)
     loop = asyncio.new_event_loop()
