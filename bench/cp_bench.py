@@ -95,7 +95,11 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 async def serve(n: int, port: int, workdir: Path) -> None:
     settings = ControlPlaneSettings(
-        listen=f"{HOST}:{port}", debug_listen=None, plaintext=True, sync_timeout=1
+        listen=f"{HOST}:{port}",
+        debug_listen=None,
+        plaintext=True,
+        sync_timeout=1,
+        insecure_no_node_auth=True,  # the benchmark's clients send no credential; loopback
     )
     cp = ControlPlane(settings, ca=MeshCA.create_root())
     t = time.perf_counter()

@@ -14,7 +14,9 @@ the pod is ambient (it owns the labels) and enrolls it.
 - CHECK (>= 0.4.0): the agent confirms the pod is enrolled if it should be.
 - VERSION: the versions we support.
 Invariant: exactly one JSON document on stdout per invocation (or none for a successful DEL or
-CHECK), and the exit status is non-zero iff that document is an error.
+CHECK), and the exit status is non-zero iff that document is an error. At most
+`spec.MAX_CONFIG_BYTES` + 1 bytes are read from stdin. An unexpected exception (a bug) is still
+an error JSON (code 999, "internal error") and exit 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def run(environ: Mapping[str, str], stdin: IO[bytes], stdout: IO[str]) -> int:
     version = spec.LATEST_VERSION
     try:
         try:
-            data = stdin.read()
+            # One byte more than allowed, so decode_config sees "too large" (bounded memory).
+            data = stdin.read(spec.MAX_CONFIG_BYTES + 1)
         except OSError as err:
             raise IOFailure("failed to read network configuration", str(err)) from err
         version = spec.peek_version(data)
@@ -93,6 +96,10 @@ def run(environ: Mapping[str, str], stdin: IO[bytes], stdout: IO[str]) -> int:
         result = handle(env, conf)
     except CniError as err:
         stdout.write(json.dumps(spec.error_object(err, version)) + "\n")
+        return 1
+    except Exception as exc:  # a bug; the runtime still gets the spec's error shape
+        internal = CniError("internal error", f"{type(exc).__name__}: {exc}"[:1000])
+        stdout.write(json.dumps(spec.error_object(internal, version)) + "\n")
         return 1
     if result is not None:
         stdout.write(json.dumps(result) + "\n")

@@ -15,6 +15,11 @@ Owns everything the `ambient-cni` plugin decides without I/O, following the CNI 
 Invariants:
 - `convert_result` never changes anything but the version-dependent fields (passthrough).
 - Every rejected input raises a `CniError` subclass whose `code` is the spec's code for it.
+- Bounded work on hostile input: the configuration is at most `MAX_CONFIG_BYTES` (the plugin
+  reads no more) and nests at most `MAX_DEPTH` arrays/objects, checked by a linear scan BEFORE
+  the JSON parser runs (Python's parser recurses: deep nesting is a RecursionError otherwise).
+  Both are DecodingFailure (6). A real network configuration with its prevResult is a few KiB
+  and nests about 4 deep.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ LATEST_VERSION = "1.0.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
 DEFAULT_AGENT_SOCKET = "/run/ambient/cni.sock"
 DEFAULT_TIMEOUT = 10.0
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest configuration read from stdin (1 MiB)."""
+MAX_DEPTH = 64
+"""Deepest nesting of JSON arrays/objects accepted."""
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:
@@ -139,18 +148,54 @@ class NetConf:
 def peek_version(data: bytes) -> str:
     """Best effort cniVersion of the input, for shaping an error; LATEST if unknown."""
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        obj = decode_config(data)
+    except CniError:
         return LATEST_VERSION
-    version = obj.get("cniVersion") if isinstance(obj, dict) else None
+    version = obj.get("cniVersion")
     return version if isinstance(version, str) and version in SUPPORTED_VERSIONS else LATEST_VERSION
 
 
+def nesting_depth(data: bytes, limit: int) -> int:
+    """The deepest nesting of JSON arrays/objects in `data`, counting up to `limit` + 1 (the
+    scan stops there). Brackets inside strings do not count. Linear, no recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def decode_config(data: bytes) -> dict[str, Any]:
-    """stdin -> JSON object, or DecodingFailure (6)."""
+    """stdin -> JSON object, or DecodingFailure (6) (see the bounds in the module doc)."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise DecodingFailure(
+            "network configuration too large",
+            f"more than {MAX_CONFIG_BYTES} bytes on stdin",
+        )
+    if nesting_depth(data, MAX_DEPTH) > MAX_DEPTH:
+        raise DecodingFailure(
+            "network configuration nested too deeply",
+            f"more than {MAX_DEPTH} levels of arrays/objects",
+        )
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise DecodingFailure("failed to decode network configuration", str(err)) from err
     if not isinstance(obj, dict):
         raise DecodingFailure(

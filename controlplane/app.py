@@ -2,12 +2,20 @@
 
 Owns: flag parsing into `ControlPlaneSettings`, the `ControlPlane` object (used as is by tests
 and the benchmark), the translate-and-publish loop, and serving gRPC (xDS + CA on one port,
-15012) and debug HTTP (15014).
+15012), debug HTTP (loopback 15014) and metrics/readiness HTTP (``--metrics-listen``).
 
 Invariants:
 - One port for xDS and CA, TLS with a serving certificate from the mesh CA (DNS SANs
   ``ambient-controlplane.<ns>.svc`` etc.); ``--plaintext`` serves without TLS and is refused on
   anything but a loopback address (lab only).
+- Node authentication is mandatory (`check_node_auth`, run before anything listens): without
+  ``--node-credentials`` or ``--token-review-account`` any caller could claim any node name and
+  read the whole xDS state, so the control plane refuses to start, unless
+  ``--insecure-no-node-auth`` is given AND ``--listen`` is a loopback address (tests,
+  benchmarks). Even then the CA signs nothing (no caller is authenticated).
+- The debug listener (``/debug/config`` shows every workload and policy) binds loopback only
+  (`meshcore.opshttp.require_loopback`); ``--metrics-listen`` (pod IP, for Prometheus) serves
+  only ``/metrics`` and ``/ready``.
 - gRPC is served only after every configured source has done its first full read (bounded by
   ``--sync-timeout``), so the first full state a node proxy receives is complete.
 - Translation runs on the latest store snapshot, coalescing bursts of changes: the loop wakes
@@ -19,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -54,6 +61,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId
+from meshcore.opshttp import is_loopback, require_loopback
 from meshcore.proto.l7res import L7_TYPE, pack_l7
 
 log = logging.getLogger("controlplane")
@@ -64,6 +72,9 @@ class ControlPlaneSettings:
     listen: str = "0.0.0.0:15012"
     """xDS + CA gRPC address."""
     debug_listen: str | None = "127.0.0.1:15014"
+    """Debug + metrics + readiness; a loopback address only (`check_listeners`)."""
+    metrics_listen: str | None = None
+    """Metrics + readiness only (no debug), e.g. the pod IP for Prometheus; None = off."""
     manifest_dir: Path | None = None
     kubernetes: bool = False
     kubeconfig: Path | None = None
@@ -75,6 +86,8 @@ class ControlPlaneSettings:
     """In-cluster auth: node proxy service accounts (system:serviceaccount:<ns>:<sa>)."""
     token_audiences: tuple[str, ...] = ()
     plaintext: bool = False
+    insecure_no_node_auth: bool = False
+    """Serve xDS to unauthenticated callers; allowed on a loopback ``listen`` only."""
     options: TranslateOptions = field(default_factory=TranslateOptions)
     namespace: str = "istio-system"
     """Where the control plane runs (its serving certificate's DNS names)."""
@@ -86,10 +99,48 @@ class ControlPlaneSettings:
     waypoint_interval: float = 10.0
 
 
+NO_NODE_AUTH = (
+    "no node authentication: any caller could claim any node name and read every workload, "
+    "service and policy over xDS; give --node-credentials (lab) or --token-review-account "
+    "(in cluster), or --insecure-no-node-auth with a loopback --listen (tests only)"
+)
+
+
+def _host(address: str) -> str:
+    return address.rpartition(":")[0].strip("[]")
+
+
+def check_node_auth(s: ControlPlaneSettings) -> None:
+    """Refuse settings that would serve the mesh's state to unauthenticated callers."""
+    if s.node_credentials is not None or s.token_review_accounts:
+        return
+    if not s.insecure_no_node_auth:
+        raise ConfigError("--node-credentials/--token-review-account", NO_NODE_AUTH)
+    if not is_loopback(_host(s.listen)):
+        raise ConfigError(
+            "--insecure-no-node-auth",
+            f"--listen {s.listen} is not a loopback address; {NO_NODE_AUTH}",
+        )
+
+
+def check_listeners(s: ControlPlaneSettings) -> None:
+    """Plaintext gRPC and the debug endpoints on loopback only (see module doc)."""
+    if s.plaintext:
+        require_loopback(_host(s.listen), "--plaintext", "plaintext serving is for a local lab")
+    if s.debug_listen:
+        require_loopback(
+            _host(s.debug_listen),
+            "--debug-listen",
+            "/debug/config shows every workload and policy; use --metrics-listen for Prometheus",
+        )
+
+
 class ControlPlane:
     """Sources, store, translator, xDS and CA, wired together. `start()` then `stop()`."""
 
     def __init__(self, settings: ControlPlaneSettings, *, ca: MeshCA | None = None) -> None:
+        check_node_auth(settings)  # before anything is created or bound
+        check_listeners(settings)
         self.settings = settings
         self.metrics = ControlPlaneMetrics()
         self.store = ConfigStore()
@@ -138,6 +189,8 @@ class ControlPlane:
         self.waypoints: WaypointController | None = None
         self.server: grpc.aio.Server | None = None
         self.debug_server: asyncio.Server | None = None
+        self.metrics_server: asyncio.Server | None = None
+        self.metrics_port = 0
         self.port = 0
         self.debug_port = 0
         self.ready = False
@@ -183,10 +236,9 @@ class ControlPlane:
 
     async def start(self) -> None:
         s = self.settings
-        host, _, _port = s.listen.rpartition(":")
-        host = host.strip("[]")
-        if s.plaintext and not ipaddress.ip_address(host or "0.0.0.0").is_loopback:
-            raise ConfigError("--plaintext", f"plaintext serving is for loopback only, not {host}")
+        host = _host(s.listen)
+        if not (s.node_credentials or s.token_review_accounts):
+            log.warning("--insecure-no-node-auth: xDS is served to anyone on %s", s.listen)
         loop = asyncio.get_running_loop()
         if self.files is not None:
             self.files.scan()
@@ -256,6 +308,12 @@ class ControlPlane:
             dhost, _, dport = s.debug_listen.rpartition(":")
             self.debug_server = await serve_debug(dhost.strip("[]"), int(dport), self._routes())
             self.debug_port = self.debug_server.sockets[0].getsockname()[1]
+        if s.metrics_listen:
+            mhost, _, mport = s.metrics_listen.rpartition(":")
+            routes = self._routes()
+            public = {p: routes[p] for p in ("/metrics", "/ready")}
+            self.metrics_server = await serve_debug(mhost.strip("[]"), int(mport), public)
+            self.metrics_port = self.metrics_server.sockets[0].getsockname()[1]
         self.ready = True
         log.info(
             "control plane serving xDS+CA on %s:%d (%s), %d objects, %d records",
@@ -305,6 +363,8 @@ class ControlPlane:
             await self.server.stop(grace)
         if self.debug_server is not None:
             self.debug_server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if isinstance(self.authenticator, ServiceAccountTokenReview):
             await self.authenticator.close()
 
@@ -313,7 +373,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="ambient-controlplane", description=__doc__.split("\n")[0])
     p.add_argument("--listen", default=env("LISTEN", "0.0.0.0:15012"), help="xDS + CA address")
-    p.add_argument("--debug-listen", default="127.0.0.1:15014", help="debug/metrics; '' = off")
+    p.add_argument("--debug-listen", default="127.0.0.1:15014",
+                   help="debug/metrics/readiness, loopback only; '' = off")  # fmt: skip
+    p.add_argument("--metrics-listen", default=env("METRICS_LISTEN", ""),
+                   help="/metrics and /ready only (e.g. $(POD_IP):15014); '' = off")  # fmt: skip
     p.add_argument("--manifest-dir", type=Path, default=env("MANIFEST_DIR"))
     p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API")
     p.add_argument("--kubeconfig", type=Path, default=env("KUBECONFIG"))
@@ -328,6 +391,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     )
     p.add_argument("--token-audience", action="append", default=[], help="TokenReview audience")
     p.add_argument("--plaintext", action="store_true", help="no TLS (loopback lab only)")
+    p.add_argument("--insecure-no-node-auth", action="store_true",
+                   help="serve xDS without node authentication (loopback --listen only; "
+                        "tests)")  # fmt: skip
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--cluster-id", default=env("CLUSTER_ID", "Kubernetes"))
     p.add_argument("--domain-suffix", default="cluster.local")
@@ -378,6 +444,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
         waypoint_interval=args.waypoint_resync,
         listen=args.listen,
         debug_listen=args.debug_listen or None,
+        metrics_listen=args.metrics_listen or None,
+        insecure_no_node_auth=args.insecure_no_node_auth,
         manifest_dir=args.manifest_dir,
         kubernetes=args.kubernetes,
         kubeconfig=args.kubeconfig,

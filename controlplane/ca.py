@@ -7,12 +7,21 @@ Invariants:
 - Every request is authenticated (`controlplane.auth`); there is no anonymous signing.
 - Impersonation check (ambient-facts.md, "CA"): the identity asked for (metadata
   ``ImpersonatedIdentity``, else the CSR's URI SAN) must be a service account with at least one
-  pod scheduled on the caller's node in the current store; anything else is PERMISSION_DENIED
-  naming node and identity. The CSR's SAN must equal that identity (`MeshCA.sign_csr`), so a
-  node cannot obtain a certificate for one identity by naming another.
+  pod on the caller's node that the node proxy serves: a workload the translator publishes
+  (not hostNetwork, so never the node proxy's own service account; not Succeeded/Failed; with
+  an IP; `controlplane.translate.NamespaceResult.node_identities`); anything else is
+  PERMISSION_DENIED naming node and identity. The CSR's SAN must equal that identity
+  (`MeshCA.sign_csr`), so a node cannot obtain a certificate for one identity by naming another.
 - Response ``cert_chain``: leaf, then intermediates, then as LAST element the whole trust bundle
   (every root, more than one during a root rollover), so node proxies trust old and new roots.
-- TTL = the requested ``validity_duration`` clamped to [60 s, max_ttl]; default 24 h.
+- TTL = the requested ``validity_duration`` (int64 seconds) clamped to [60 s, max_ttl] as an
+  integer before any timedelta/datetime arithmetic; 0 = default 24 h; negative is
+  INVALID_ARGUMENT.
+- Every refusal has a precise gRPC status (`controlplane.errors`): UNAUTHENTICATED (no/unknown
+  credential), PERMISSION_DENIED (identity not served by the caller's node), INVALID_ARGUMENT
+  (CSR, metadata, duration), UNAVAILABLE (the CA's own chain expired), and INTERNAL for anything
+  unexpected (message not sent to the caller). Each refusal is one log line and one count of
+  ``controlplane_ca_certificates{outcome=<status>}``; never a traceback to the caller.
 """
 
 from __future__ import annotations
@@ -21,14 +30,21 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NoReturn
 
 import grpc
 from cryptography import x509
 
 from controlplane.auth import Authenticator, bearer_token
-from controlplane.errors import ControlPlaneError, InvalidRequest, PermissionDenied
+from controlplane.errors import (
+    ControlPlaneError,
+    Internal,
+    InvalidRequest,
+    PermissionDenied,
+    Unavailable,
+)
 from controlplane.metrics import ControlPlaneMetrics
-from meshcore.ca import MeshCA
+from meshcore.ca import MeshCA, SigningUnavailable
 from meshcore.certs import split_pem_chain, uri_sans, utcnow
 from meshcore.errors import CertificateError, IdentityError
 from meshcore.identity import SpiffeId
@@ -95,19 +111,28 @@ class CertificateService:
         if not self.may_impersonate(node, identity):
             raise PermissionDenied(
                 f"node {node!r} may not obtain a certificate for {identity}: no pod of service "
-                f"account {identity.namespace}/{identity.service_account} runs on node {node!r}"
+                f"account {identity.namespace}/{identity.service_account} that node {node!r}'s "
+                "proxy serves (running, with an IP, not hostNetwork)"
             )
-        ttl = self.default_ttl
-        if request.validity_duration > 0:
-            ttl = timedelta(seconds=request.validity_duration)
-        ttl = max(MIN_TTL, min(ttl, self.max_ttl))
-        return Grant(node=node, identity=identity, ttl=ttl)
+        return Grant(node=node, identity=identity, ttl=self.lifetime(request.validity_duration))
+
+    def lifetime(self, validity_duration: int) -> timedelta:
+        """The granted TTL for a requested ``validity_duration`` (seconds, int64)."""
+        if validity_duration < 0:
+            raise InvalidRequest(f"validity_duration {validity_duration} is negative")
+        if validity_duration == 0:
+            return self.default_ttl
+        # Clamp the integer first: timedelta(seconds=2**62) itself overflows.
+        lo, hi = int(MIN_TTL.total_seconds()), int(self.max_ttl.total_seconds())
+        return timedelta(seconds=max(lo, min(validity_duration, hi)))
 
     def sign(self, grant: Grant, csr_pem: str) -> list[str]:
         try:
             chain = self.ca.sign_csr(
                 csr_pem.encode(), ttl=grant.ttl, now=self.clock(), identity=grant.identity
             )
+        except SigningUnavailable as exc:
+            raise Unavailable(f"the CA cannot sign: {exc}") from None
         except CertificateError as exc:
             raise InvalidRequest(str(exc)) from None
         roots = {c.strip() for c in split_pem_chain(self.ca.roots_pem)}
@@ -121,13 +146,29 @@ class CertificateService:
             grant = self.decide(bearer_token(context.invocation_metadata()), request)
             chain = self.sign(grant, request.csr)
         except ControlPlaneError as err:
-            self.metrics.certs.labels(outcome=err.code.name.lower()).inc()
-            log.warning("CreateCertificate refused (%s): %s", context.peer(), err)
-            await context.abort(err.code, str(err))
-            raise AssertionError("unreachable") from None
+            await self._refuse(context, err, str(err))
+        except Exception as exc:  # a bug: log it, tell the caller nothing but INTERNAL
+            log.error("CreateCertificate failed (%s): %s: %s", context.peer(),
+                      type(exc).__name__, exc)  # fmt: skip
+            await self._refuse(context, Internal("internal error"), "", logged=True)
         self.metrics.certs.labels(outcome="signed").inc()
         log.info("signed %s for node %s (ttl %s)", grant.identity, grant.node, grant.ttl)
         return ca_pb2.IstioCertificateResponse(cert_chain=chain)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext,
+        err: ControlPlaneError,
+        why: str,
+        *,
+        logged: bool = False,
+    ) -> NoReturn:
+        self.metrics.certs.labels(outcome=err.code.name.lower()).inc()
+        if not logged:
+            log.warning("CreateCertificate refused (%s): %s: %s", context.peer(),
+                        err.code.name, why)  # fmt: skip
+        await context.abort(err.code, str(err))
+        raise AssertionError("unreachable")  # abort raises
 
     def method_handlers(self) -> grpc.GenericRpcHandler:
         handler = grpc.unary_unary_rpc_method_handler(

@@ -43,3 +43,16 @@ class SourceError(ControlPlaneError):
     Kubernetes API answered 410 Gone: the watch must re-list)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unavailable(ControlPlaneError):
+    """The service cannot do this now, through no fault of the caller (e.g. the CA's own chain
+    expired); the caller retries with backoff."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Internal(ControlPlaneError):
+    """An unexpected failure inside the control plane (a bug); the caller learns nothing more."""
+
+    code = grpc.StatusCode.INTERNAL

@@ -130,7 +130,8 @@ class NamespaceResult:
     policies: Mapping[str, Authorization] = field(default_factory=dict)
     warnings: tuple[ConfigWarning, ...] = ()
     node_identities: frozenset[tuple[str, str]] = frozenset()
-    """(node, service account) of every pod of the namespace: the CA's impersonation check."""
+    """(node, service account) of every published workload (running, with an IP, not
+    hostNetwork): the CA's impersonation check (controlplane/ca.py)."""
 
 
 # --------------------------------------------------------------------------------- mesh-wide
@@ -608,8 +609,6 @@ def translate_namespace(
     workloads: dict[str, Workload] = {}
     node_identities: set[tuple[str, str]] = set()
     for pod in objs.pods.values():
-        if pod.node:
-            node_identities.add((pod.node, pod.service_account))
         if pod.host_network or not pod.ips or pod.phase in ("Succeeded", "Failed"):
             continue
         ref = f"Pod {ns}/{pod.name}"
@@ -706,6 +705,8 @@ def translate_namespace(
             services=tuple(sorted(svc_ports.items())),
         )
         workloads[w.uid] = w
+        if pod.node:  # a pod its node proxy serves (the filter above): the CA's check
+            node_identities.add((pod.node, pod.service_account))
     return NamespaceResult(
         workloads=MappingProxyType(workloads),
         services=MappingProxyType(services),

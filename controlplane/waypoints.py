@@ -15,7 +15,9 @@ Rules (Istio ambient "waypoint" deployment, ambient-facts.md "Enrollment, labels
   Secret is not readable from the Gateway's namespace).
 - The pods are labelled ``istio.io/dataplane-mode=none`` (never captured) and the gateway-name
   label (translate.py: the waypoint Service fronts them), run ``waypoint --xds-address``, ready
-  on the admin ``/healthz/ready``; the Service exposes HBONE 15008.
+  on the admin ``/healthz/ready``; the Service exposes HBONE 15008. Metrics and readiness
+  listen on the pod IP (``--admin 0.0.0.0:15020``, Prometheus annotations on the pod); the
+  debug views (every route and policy) on 127.0.0.1:15000 only (``--debug-listen``).
 - Status (Gateway API v1 ``GatewayStatus``): Accepted=True once seen; Programmed=True when the
   Deployment reports an available replica, else False (reason Pending); addresses = the
   Service's hostname. Conditions keep their lastTransitionTime unless their status changes.
@@ -52,6 +54,7 @@ MANAGER = "ambient-controlplane"
 SA_ANNOTATION = "gateway.istio.io/service-account"
 HBONE_PORT = 15008
 ADMIN_PORT = 15020
+DEBUG_PORT = 15000
 TOKEN_DIR = "/var/run/secrets/ambient"
 ROOTS_DIR = "/etc/ambient/controlplane-roots"
 GATEWAY_API = "/apis/gateway.networking.k8s.io/v1"
@@ -138,6 +141,7 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
         "--node-credential-file", f"{TOKEN_DIR}/token",
         "--trust-domain", settings.trust_domain,
         "--admin", f"0.0.0.0:{ADMIN_PORT}",
+        "--debug-listen", f"127.0.0.1:{DEBUG_PORT}",
     ]  # fmt: skip
     mounts: list[Json] = [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}]
     volumes: list[Json] = [
@@ -186,7 +190,14 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
             "replicas": 1,
             "selector": {"matchLabels": {GATEWAY_NAME: name}},
             "template": {
-                "metadata": {"labels": pod_labels},
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(ADMIN_PORT),
+                        "prometheus.io/path": "/stats/prometheus",
+                    },
+                },
                 "spec": {
                     "serviceAccountName": sa,
                     "automountServiceAccountToken": False,

@@ -12,7 +12,10 @@ Invariants:
   basicConstraints CA:false (§4.1), keyUsage digitalSignature (+keyEncipherment for RSA,
   +keyAgreement for EC) (§4.3), EKU serverAuth+clientAuth (§4.4), plus SKI/AKI.
 - A leaf never outlives any certificate above it: notAfter is clamped to the chain's earliest
-  notAfter (a path with an expired issuer fails RFC 5280 §6.1.3 anyway).
+  notAfter (a path with an expired issuer fails RFC 5280 §6.1.3 anyway). The clamp is done on
+  the lifetime before adding it to `now`, so no requested ttl overflows datetime arithmetic.
+- Errors: a request the CA refuses is `CertificateError`; the CA unable to sign anything (its
+  chain expired) is `SigningUnavailable`, so callers can tell "your CSR" from "our CA".
 - notBefore is backdated by `CLOCK_SKEW` (1 minute) so peers whose clocks are slightly behind the
   CA's accept a fresh certificate. The lifetime is therefore ttl + 1 minute.
 - Key files are written 0600 in a 0700 directory, atomically (temp file + rename), under an
@@ -29,7 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -62,6 +65,10 @@ MIN_RSA_BITS = 2048
 _ALLOWED_CSR_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+class SigningUnavailable(CertificateError):
+    """The CA cannot sign at all (its own chain expired): not the requester's fault."""
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -400,15 +407,16 @@ class MeshCA:
             raise CertificateError(f"ttl must be positive, got {ttl}")
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as e:
+            valid = csr.is_signature_valid
+            algorithm = csr.signature_hash_algorithm
+            public_key = csr.public_key()
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise CertificateError(f"invalid CSR: {e}") from e
-        if not csr.is_signature_valid:
+        if not valid:
             raise CertificateError("CSR signature is invalid")
-        algorithm = csr.signature_hash_algorithm
         if not isinstance(algorithm, _ALLOWED_CSR_HASHES):
             name = algorithm.name if algorithm else "none"
             raise CertificateError(f"CSR signature hash {name} is not allowed (SHA-256 or better)")
-        public_key = csr.public_key()
         if isinstance(public_key, ec.EllipticCurvePublicKey):
             if not isinstance(public_key.curve, ec.SECP256R1):
                 raise CertificateError(f"CSR EC key curve {public_key.curve.name} is not P-256")
@@ -432,8 +440,8 @@ class MeshCA:
             chain_above.append(self._root)
         ca_not_after = min(c.not_valid_after_utc for c in chain_above)
         if now >= ca_not_after:
-            raise CertificateError(f"CA certificate chain expired at {ca_not_after.isoformat()}")
-        not_after = min(now + ttl, ca_not_after)
+            raise SigningUnavailable(f"CA certificate chain expired at {ca_not_after.isoformat()}")
+        not_after = now + min(ttl, ca_not_after - now)  # clamp first: no overflow
 
         issuer_ski = _subject_key_identifier(self._signing_cert)
         leaf = (
@@ -502,7 +510,7 @@ class MeshCA:
         if not dns_names:
             raise CertificateError("a serving certificate needs at least one DNS name")
         key = ec.generate_private_key(ec.SECP256R1())
-        not_after = min(now + ttl, self._signing_cert.not_valid_after_utc)
+        not_after = now + min(ttl, self._signing_cert.not_valid_after_utc - now)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans.append(x509.UniformResourceIdentifier(identity.uri))
         cert = (

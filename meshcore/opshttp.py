@@ -1,16 +1,25 @@
 """A deliberately small HTTP/1.1 server for operator endpoints (admin, metrics, readiness, debug).
 
-Owns: one request per connection, GET/POST only, bounded header read, `connection: close`.
-Used by the node proxy (15000/15020/15021) and the control plane (15014); never on a data path.
+Owns: one request per connection, GET/POST only, bounded header read, `connection: close`;
+and the binding rule for operator endpoints (`require_loopback`): endpoints that reveal
+configuration or change the process (debug, config dump, log level, quit) listen on a loopback
+address only, so reaching them takes a shell in the pod/node network namespace (or a
+``kubectl port-forward``); metrics and health listen on the pod/node IP for Prometheus and the
+kubelet. Used by the node proxy (admin 15000 loopback; 15020/15021), the waypoint (debug 15000
+loopback; metrics/health 15020) and the control plane (debug 15014 loopback; metrics
+``--metrics-listen``); never on a data path.
 Handlers receive (method, parsed query) and return (status, content type, body).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
+
+from meshcore.errors import ConfigError
 
 Response = tuple[int, str, bytes]
 Handler = Callable[[str, dict[str, list[str]]], Awaitable[Response]]
@@ -21,6 +30,24 @@ REASONS = {
     405: "Method Not Allowed",
     503: "Service Unavailable",
 }
+
+
+def is_loopback(host: str) -> bool:
+    """True for an IP literal in 127.0.0.0/8 or ::1, or ``localhost``; False for anything else
+    (wildcards, other addresses, other host names: they cannot be known to stay local)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_loopback(host: str, flag: str, why: str) -> None:
+    """Refuse (ConfigError naming `flag`) to bind `host` unless it is a loopback address."""
+    if not is_loopback(host):
+        raise ConfigError(flag, f"{host!r} is not a loopback address: {why}")
 
 
 def json_response(obj: object, status: int = 200, indent: int = 2) -> Response:

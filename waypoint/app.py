@@ -1,9 +1,11 @@
 """The `waypoint` process: the L7 proxy for the services/workloads bound to it.
 
 Owns: flags -> `WaypointSettings`, loading config, building the `WaypointContext`, the HBONE
-listeners, the admin listener (``/metrics``, ``/stats/prometheus``, ``/healthz/ready``,
-``/debug/config``, ``/debug/clusters``), SIGHUP reload (static mode), graceful drain on
-SIGTERM.
+listeners, the admin listener (``--admin``, default 0.0.0.0:15020: ``/metrics``,
+``/stats/prometheus``, ``/healthz/ready``, for Prometheus and the kubelet on the pod IP), the
+debug listener (``--debug-listen``, default 127.0.0.1:15000, loopback only:
+``/debug/config`` and ``/debug/clusters`` reveal every route and policy; as Envoy's admin
+port 15000 in Istio), SIGHUP reload (static mode), graceful drain on SIGTERM.
 
 Config channel (static mode, as the node proxy's ``--mesh-config``):
 - ``--mesh-config``: workloads/services/policies (the node proxy's file format); it names the
@@ -47,7 +49,7 @@ from meshcore.l7.config import WaypointConfig, parse_objects
 from meshcore.l7.route import CompiledConfig
 from meshcore.model import load_mesh_config
 from meshcore.opshttp import Handler as HttpHandler
-from meshcore.opshttp import Response, json_response, serve_http
+from meshcore.opshttp import Response, json_response, require_loopback, serve_http
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams
@@ -56,6 +58,8 @@ from waypoint.server import WaypointServer
 from waypoint.upstream import H1Upstreams, UpstreamPool
 
 log = logging.getLogger("waypoint")
+
+DEBUG_LOOPBACK_WHY = "/debug/config reveals every route and policy (metrics stay on --admin)"
 
 
 def load_l7_config(paths: Sequence[Path], domain_suffix: str = "cluster.local") -> WaypointConfig:
@@ -120,8 +124,13 @@ class _Admin:
 class Waypoint:
     """One running waypoint: `start()`, then `drain()`."""
 
-    def __init__(self, ctx: WaypointContext) -> None:
+    def __init__(
+        self, ctx: WaypointContext, *, debug_listen: tuple[str, int] | None = None
+    ) -> None:
+        if debug_listen is not None:
+            require_loopback(debug_listen[0], "--debug-listen", DEBUG_LOOPBACK_WHY)
         self.ctx = ctx
+        self.debug_listen = debug_listen
         loop_time = asyncio.get_running_loop().time
         self.upstream_pool = UpstreamPool(
             ctx.pool,
@@ -139,6 +148,7 @@ class Waypoint:
         self.handler = Handler(ctx, upstreams)
         self.server = WaypointServer(ctx, self.handler)
         self.admin: asyncio.Server | None = None
+        self.debug: asyncio.Server | None = None
         self.ready = False
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -165,6 +175,8 @@ class Waypoint:
         self.server.start(socks)
         if ctx.settings.admin is not None:
             self.admin = await self._serve_admin(*ctx.settings.admin)
+        if self.debug_listen is not None:
+            self.debug = await self._serve_debug(*self.debug_listen)
         self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
         self.ready = True
         log.info(
@@ -203,6 +215,8 @@ class Waypoint:
             task.cancel()
         if self.admin is not None:
             self.admin.close()
+        if self.debug is not None:
+            self.debug.close()
 
     def debug_config(self) -> dict[str, Any]:
         ctx = self.ctx
@@ -261,7 +275,7 @@ class Waypoint:
         return out
 
     async def _serve_admin(self, host: str, port: int) -> asyncio.Server:
-        """Metrics, readiness and debug over the shared operator HTTP server."""
+        """Metrics and readiness (no debug) over the shared operator HTTP server."""
 
         async def metrics(_m: str, _q: dict[str, list[str]]) -> Response:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.ctx.metrics.registry)
@@ -271,19 +285,23 @@ class Waypoint:
                 return 200, "text/plain", b"ready\n"
             return 503, "text/plain", b"not ready\n"
 
+        routes: dict[str, HttpHandler] = {
+            "/metrics": metrics,
+            "/stats/prometheus": metrics,
+            "/healthz/ready": ready,
+        }
+        return await serve_http(host, port, routes)
+
+    async def _serve_debug(self, host: str, port: int) -> asyncio.Server:
+        """The debug views, on a loopback address only (checked in __init__)."""
+
         async def config(_m: str, _q: dict[str, list[str]]) -> Response:
             return json_response(self.debug_config())
 
         async def clusters(_m: str, _q: dict[str, list[str]]) -> Response:
             return json_response(self.debug_clusters())
 
-        routes: dict[str, HttpHandler] = {
-            "/metrics": metrics,
-            "/stats/prometheus": metrics,
-            "/healthz/ready": ready,
-            "/debug/config": config,
-            "/debug/clusters": clusters,
-        }
+        routes: dict[str, HttpHandler] = {"/debug/config": config, "/debug/clusters": clusters}
         return await serve_http(host, port, routes)
 
     def reload(self, mesh_config: Path | None, configs: Sequence[Path]) -> bool:
@@ -326,8 +344,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     p.add_argument("--ca-dir", type=Path, default=env("CA_DIR"))
     p.add_argument("--listen", action="append", default=[],
                    help="HBONE listener host:port (default: own workload IPs :15008)")  # fmt: skip
-    p.add_argument("--admin", default=env("WAYPOINT_ADMIN", "127.0.0.1:15020"),
-                   help="metrics/debug/readiness host:port ('' = off)")  # fmt: skip
+    p.add_argument("--admin", default=env("WAYPOINT_ADMIN", "0.0.0.0:15020"),
+                   help="metrics/readiness host:port (Prometheus, probes)")  # fmt: skip
+    p.add_argument("--debug-listen", default="127.0.0.1:15000",
+                   help="debug views: loopback host:port ('' = off)")  # fmt: skip
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--domain-suffix", default="cluster.local")
     p.add_argument("--cert-ttl", type=float, default=24 * 3600)
@@ -356,6 +376,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     cp.add_argument("--controlplane-server-name",
                     default="ambient-controlplane.istio-system.svc")  # fmt: skip
     args = p.parse_args(argv)
+    args.debug = _addr(args.debug_listen, "--debug-listen") if args.debug_listen else None
+    if args.debug is not None:
+        try:
+            require_loopback(args.debug[0], "--debug-listen", DEBUG_LOOPBACK_WHY)
+        except ConfigError as err:
+            p.error(str(err))
     if args.xds_address:
         if args.mesh_config is not None or args.config:
             p.error("--xds-address excludes --mesh-config/--config (config comes over xDS)")
@@ -396,7 +422,7 @@ async def run_controlplane(settings: WaypointSettings, args: argparse.Namespace)
             client.updated.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(client.updated.wait(), 5)
-        wp = Waypoint(ctx)
+        wp = Waypoint(ctx, debug_listen=args.debug)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, wp.stop)
         await wp.start()
@@ -417,7 +443,7 @@ async def run(settings: WaypointSettings, args: argparse.Namespace) -> int:
     ca = MeshCA.load_or_create(args.ca_dir, trust_domain=settings.trust_domain)
     provider = LocalCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
     ctx = build_context(settings, state, config, provider)
-    wp = Waypoint(ctx)
+    wp = Waypoint(ctx, debug_listen=args.debug)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, wp.stop)

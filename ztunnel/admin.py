@@ -1,7 +1,9 @@
 """Admin (15000, localhost), metrics (15020) and readiness (15021) HTTP endpoints.
 
 Owns the routes (served by `meshcore.opshttp`). These are operator endpoints, off the data path;
-nothing here may block the loop.
+nothing here may block the loop. Admin (the whole config dump, certificates, quit, log level)
+is served on a loopback address only (`serve_admin`, `meshcore.opshttp.require_loopback`);
+metrics and readiness on the node IP.
 Routes: 15000 /config_dump, /quitquitquit (POST), /logging?level=..;
 15020 /metrics and /stats/prometheus; 15021 /healthz/ready.
 """
@@ -14,10 +16,20 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from meshcore.opshttp import Handler, json_response, serve_http
+from meshcore.opshttp import Handler, json_response, require_loopback, serve_http
 from ztunnel.proxy.context import ProxyContext
 
-__all__ = ["admin_routes", "metrics_routes", "readiness_routes", "serve_http"]
+__all__ = ["admin_routes", "metrics_routes", "readiness_routes", "serve_admin", "serve_http"]
+
+ADMIN_LOOPBACK_WHY = (
+    "the admin endpoint dumps the whole config and can stop the proxy (metrics: 15020)"
+)
+
+
+async def serve_admin(host: str, port: int, routes: dict[str, Handler]) -> asyncio.Server:
+    """The admin routes, on a loopback `host` only (ConfigError otherwise)."""
+    require_loopback(host, "--admin-address", ADMIN_LOOPBACK_WHY)
+    return await serve_http(host, port, routes)
 
 
 def admin_routes(ctx: ProxyContext, shutdown: Callable[[], None]) -> dict[str, Handler]:

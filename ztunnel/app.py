@@ -35,9 +35,17 @@ from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvi
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.model import load_mesh_config
+from meshcore.opshttp import is_loopback
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
-from ztunnel.admin import admin_routes, metrics_routes, readiness_routes, serve_http
+from ztunnel.admin import (
+    ADMIN_LOOPBACK_WHY,
+    admin_routes,
+    metrics_routes,
+    readiness_routes,
+    serve_admin,
+    serve_http,
+)
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
@@ -149,6 +157,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     args = p.parse_args(argv)
     if not args.node:
         p.error("--node (or NODE_NAME) is required")
+    if args.admin_address and not is_loopback(args.admin_address):
+        p.error(f"--admin-address {args.admin_address!r} is not a loopback address: "
+                f"{ADMIN_LOOPBACK_WHY}")  # fmt: skip
     if args.mesh_config is None and not args.xds_address:
         p.error("--mesh-config or --xds-address is required")
     settings = ProxySettings(
@@ -241,7 +252,7 @@ class NodeProxy:
         s = ctx.settings
         if self.serve_admin:
             self.admin_servers = [
-                await serve_http(s.admin_host, s.admin_port, admin_routes(ctx, self.stop)),
+                await serve_admin(s.admin_host, s.admin_port, admin_routes(ctx, self.stop)),
                 await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx)),
                 await serve_http(s.node_ip, s.readiness_port, readiness_routes(lambda: self.ready)),
             ]

@@ -67,7 +67,8 @@ PYTHON = sys.executable
 ZTUNNEL = str(Path(sys.executable).with_name("ztunnel"))
 CONTROLPLANE = str(Path(sys.executable).with_name("ambient-controlplane"))
 XDS_ADDRESS = f"{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_PORT}"
-CONTROLPLANE_DEBUG = f"http://{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_DEBUG_PORT}"
+# Debug views on loopback only (inside the underlay netns); metrics also on the lab address.
+CONTROLPLANE_DEBUG = f"http://127.0.0.1:{topology.CONTROLPLANE_DEBUG_PORT}"
 MANIFEST_HEADER = (
     "# Lab copy of {source}, written by `ambientctl lab`: Pod nodeName/uid/status (the\n"
     "# scheduler's and kubelet's part) and Namespace labels (`lab label`) are filled in.\n"
@@ -534,10 +535,12 @@ class Lab:
         return new, removed
 
     def waypoint_admin(self, pod_key: str, path: str) -> str:
-        """GET a waypoint pod's admin endpoint (``/metrics``, ``/debug/config``...)."""
+        """GET a waypoint pod's admin endpoint (``/metrics``) or debug view (``/debug/config``,
+        on the pod's loopback only)."""
         st = self.state or self.load()
         ps = self._pod(st, pod_key)
-        status, body = system.http_get(ps.netns, f"http://127.0.0.1:{waypoints.ADMIN_PORT}{path}")
+        port = waypoints.DEBUG_PORT if path.startswith("/debug/") else waypoints.ADMIN_PORT
+        status, body = system.http_get(ps.netns, f"http://127.0.0.1:{port}{path}")
         if status != 200:
             raise LabCommandError(f"waypoint {pod_key} {path}: HTTP {status}")
         return body
@@ -568,7 +571,8 @@ class Lab:
             "--ca-dir", str(self.paths.ca),
             "--node-credentials", str(self.paths.node_credentials),
             "--listen", XDS_ADDRESS,
-            "--debug-listen", f"{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_DEBUG_PORT}",
+            "--debug-listen", f"127.0.0.1:{topology.CONTROLPLANE_DEBUG_PORT}",
+            "--metrics-listen", f"{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_DEBUG_PORT}",
             "--trust-domain", topology.TRUST_DOMAIN,
             "--poll-interval", "0.1",
         ])  # fmt: skip

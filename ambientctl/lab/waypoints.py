@@ -35,6 +35,9 @@ GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
 NODE_ANNOTATION = "ambient.io/node"
 WAYPOINT_BIN = str(Path(sys.executable).with_name("waypoint"))
 ADMIN_PORT = 15020
+"""Metrics and readiness, on the pod IP (as the in-cluster controller deploys waypoints)."""
+DEBUG_PORT = 15000
+"""Debug views, on the pod's loopback only."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,7 +116,8 @@ def pod_doc(gw: WaypointGateway, *, node: str, token_file: Path, roots: Path) ->
         "--node-credential-file", str(token_file),
         "--controlplane-roots", str(roots),
         "--trust-domain", topology.TRUST_DOMAIN,
-        "--admin", f"127.0.0.1:{ADMIN_PORT}",
+        "--admin", f"0.0.0.0:{ADMIN_PORT}",
+        "--debug-listen", f"127.0.0.1:{DEBUG_PORT}",
         "--drain-timeout", "1",
     ]  # fmt: skip
     return {

@@ -184,6 +184,7 @@ def test_controlplane_runs_the_controller(tmp_path: Path) -> None:
             kubernetes=True,
             kubeconfig=tmp_path / "kubeconfig",
             ca_dir=tmp_path / "ca",
+            insecure_no_node_auth=True,  # no node proxy in this test; loopback listener
             waypoints=WaypointSettings(image="img:1"),
             waypoint_interval=30,
             sync_timeout=10,

@@ -22,6 +22,7 @@ from tests.loopback.test_waypoint_harness import (
 )
 
 ADMIN = ("127.0.84.10", 15920)
+DEBUG_PORT = 15900
 ALL_V3 = """
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -70,6 +71,7 @@ def test_waypoint_cli_static_mode_reload_and_drain(tmp_path: Path) -> None:
                 "--mesh-config", str(mesh_file), "--config", str(l7),
                 "--ca-dir", str(tmp_path / "ca"), "--listen", f"{WAYPOINT_IP}:15008",
                 "--admin", f"{ADMIN[0]}:{ADMIN[1]}", "--no-access-log",
+                "--debug-listen", f"127.0.0.1:{DEBUG_PORT}",
                 stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
             try:
@@ -100,7 +102,7 @@ def test_waypoint_cli_static_mode_reload_and_drain(tmp_path: Path) -> None:
                 status, body = await _get(*ADMIN, "/metrics")
                 assert status == 200
                 assert b'reporter="waypoint"' in body and b"istio_requests_total{" in body
-                status, body = await _get(*ADMIN, "/debug/config")
+                status, body = await _get("127.0.0.1", DEBUG_PORT, "/debug/config")
                 assert b"default/reviews.default.svc.cluster.local" in body
                 proc.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(proc.wait(), 15) == 0
