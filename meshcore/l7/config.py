@@ -29,20 +29,17 @@ connect-failure, refused-stream, unavailable, cancelled, 503).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshcore.config.authorization import AuthzPolicy, l7_warnings, parse_policy
+from meshcore.config.fields import INVALID, Finding, check_object, kind_support
+from meshcore.config.labels import Labels, selector_matches
 from meshcore.errors import ConfigError
 
-Labels = tuple[tuple[str, str], ...]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 DEFAULT_DOMAIN_SUFFIX = "cluster.local"
-ROOT_NAMESPACE = "istio-system"
-WAYPOINT_CLASS = "istio-waypoint"
 
 
 # ------------------------------------------------------------------------------- primitives
@@ -156,8 +153,7 @@ def _labels(value: object, path: str) -> Labels:
     return tuple(sorted((str(k), str(v)) for k, v in m.items()))
 
 
-def labels_match(selector: Labels, labels: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector)
+labels_match = selector_matches
 
 
 def resolve_host(host: str, namespace: str, suffix: str = DEFAULT_DOMAIN_SUFFIX) -> str:
@@ -408,129 +404,6 @@ class DestinationPolicy:
         return pol
 
 
-# ------------------------------------------------------------------------------- authorization
-
-
-class PolicyAction(enum.Enum):
-    ALLOW = "ALLOW"
-    DENY = "DENY"
-    AUDIT = "AUDIT"
-    CUSTOM = "CUSTOM"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ValueMatch:
-    """AuthorizationPolicy string: exact, ``prefix*``, ``*suffix``, ``*`` (presence), and for
-    paths the templates ``{*}`` (one segment) and ``{**}`` (any rest)."""
-
-    exact: str | None = None
-    prefix: str | None = None
-    suffix: str | None = None
-    template: re.Pattern[str] | None = None
-    presence: bool = False
-
-    def matches(self, text: str | None, *, ignore_case: bool = False) -> bool:
-        if text is None:
-            return False
-        if self.presence:
-            return True
-        if ignore_case:
-            text = text.lower()
-        if self.template is not None:
-            return self.template.fullmatch(text) is not None
-        if self.exact is not None:
-            return text == (self.exact.lower() if ignore_case else self.exact)
-        if self.prefix is not None:
-            return text.startswith(self.prefix.lower() if ignore_case else self.prefix)
-        if self.suffix is not None:
-            return text.endswith(self.suffix.lower() if ignore_case else self.suffix)
-        return False
-
-
-def value_match(text: str, *, path: bool = False) -> ValueMatch:
-    if text == "*":
-        return ValueMatch(presence=True)
-    if path and "{" in text:
-        parts = []
-        for seg in text.split("/"):
-            if seg == "{*}":
-                parts.append("[^/]+")
-            elif seg == "{**}":
-                parts.append(".*")
-            else:
-                parts.append(re.escape(seg))
-        return ValueMatch(template=re.compile("/".join(parts)))
-    if text.endswith("*") and len(text) > 1:
-        return ValueMatch(prefix=text[:-1])
-    if text.startswith("*") and len(text) > 1:
-        return ValueMatch(suffix=text[1:])
-    return ValueMatch(exact=text)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicySource:
-    principals: tuple[ValueMatch, ...] = ()
-    not_principals: tuple[ValueMatch, ...] = ()
-    namespaces: tuple[ValueMatch, ...] = ()
-    not_namespaces: tuple[ValueMatch, ...] = ()
-    ip_blocks: tuple[IPNetwork, ...] = ()
-    not_ip_blocks: tuple[IPNetwork, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyOperation:
-    hosts: tuple[ValueMatch, ...] = ()
-    not_hosts: tuple[ValueMatch, ...] = ()
-    ports: tuple[int, ...] = ()
-    not_ports: tuple[int, ...] = ()
-    methods: tuple[ValueMatch, ...] = ()
-    not_methods: tuple[ValueMatch, ...] = ()
-    paths: tuple[ValueMatch, ...] = ()
-    not_paths: tuple[ValueMatch, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyCondition:
-    key: str
-    values: tuple[ValueMatch, ...] = ()
-    not_values: tuple[ValueMatch, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyRule:
-    sources: tuple[PolicySource, ...] = ()
-    """ORed; empty = any source."""
-    operations: tuple[PolicyOperation, ...] = ()
-    conditions: tuple[PolicyCondition, ...] = ()
-    """ANDed."""
-    never: bool = False
-    """An ALLOW rule that used something we cannot evaluate: it matches nothing (safe)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyTarget:
-    kind: str
-    """``Gateway``, ``Service``, ``GatewayClass`` or ``ServiceEntry``."""
-    name: str
-    namespace: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class L7Policy:
-    namespace: str
-    name: str
-    action: PolicyAction
-    rules: tuple[PolicyRule, ...] = ()
-    targets: tuple[PolicyTarget, ...] = ()
-    selector: Labels | None = None
-    provider: str = ""
-    error: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
 # ------------------------------------------------------------------------------- whole config
 
 
@@ -541,10 +414,12 @@ class WaypointConfig:
 
     route_tables: tuple[RouteTable, ...] = ()
     destination_rules: tuple[DestinationPolicy, ...] = ()
-    policies: tuple[L7Policy, ...] = ()
+    policies: tuple[AuthzPolicy, ...] = ()
     workload_labels: tuple[tuple[str, Labels], ...] = ()
     """Workload uid -> labels (DestinationRule subsets, sourceLabels, selectors)."""
     warnings: tuple[str, ...] = ()
+    findings: tuple[tuple[str, Finding], ...] = ()
+    """(object reference, finding) for every reported field (`meshcore.config.fields`)."""
 
 
 # ------------------------------------------------------------------------------- parsing
@@ -1159,158 +1034,6 @@ def parse_http_route(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> RouteTabl
     )
 
 
-# ---- AuthorizationPolicy
-
-_L7_KEYS_UNSUPPORTED = ("request.auth.", "connection.sni", "experimental.")
-
-
-def _matches_list(value: object, path: str, *, paths: bool = False) -> tuple[ValueMatch, ...]:
-    return tuple(
-        value_match(_text(v, f"{path}[{i}]"), path=paths) for i, v in enumerate(_seq(value, path))
-    )
-
-
-def _principals(value: object, path: str) -> tuple[ValueMatch, ...]:
-    out = []
-    for i, v in enumerate(_seq(value, path)):
-        text = _text(v, f"{path}[{i}]")
-        out.append(value_match(text.removeprefix("spiffe://")))
-    return tuple(out)
-
-
-def _cidrs(value: object, path: str) -> tuple[IPNetwork, ...]:
-    out = []
-    for i, v in enumerate(_seq(value, path)):
-        try:
-            out.append(ipaddress.ip_network(_text(v, f"{path}[{i}]"), strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"{path}[{i}]", str(exc)) from None
-    return tuple(out)
-
-
-def _policy_rule(value: object, path: str, action: PolicyAction) -> PolicyRule:
-    m = _map(value, path)
-    unsupported: list[str] = []
-    sources = []
-    for i, f in enumerate(_seq(m.get("from"), f"{path}.from")):
-        sp = f"{path}.from[{i}].source"
-        s = _map(_map(f, f"{path}.from[{i}]").get("source"), sp)
-        for key in ("requestPrincipals", "notRequestPrincipals"):
-            if key in s:
-                unsupported.append(f"{sp}.{key}")
-        sources.append(
-            PolicySource(
-                principals=_principals(s.get("principals"), f"{sp}.principals"),
-                not_principals=_principals(s.get("notPrincipals"), f"{sp}.notPrincipals"),
-                namespaces=_matches_list(s.get("namespaces"), f"{sp}.namespaces"),
-                not_namespaces=_matches_list(s.get("notNamespaces"), f"{sp}.notNamespaces"),
-                ip_blocks=_cidrs(s.get("ipBlocks"), f"{sp}.ipBlocks")
-                + _cidrs(s.get("remoteIpBlocks"), f"{sp}.remoteIpBlocks"),
-                not_ip_blocks=_cidrs(s.get("notIpBlocks"), f"{sp}.notIpBlocks")
-                + _cidrs(s.get("notRemoteIpBlocks"), f"{sp}.notRemoteIpBlocks"),
-            )
-        )
-    ops = []
-    for i, t in enumerate(_seq(m.get("to"), f"{path}.to")):
-        op_path = f"{path}.to[{i}].operation"
-        o = _map(_map(t, f"{path}.to[{i}]").get("operation"), op_path)
-
-        def ports(key: str, o: Mapping[str, Any] = o, op_path: str = op_path) -> tuple[int, ...]:
-            return tuple(
-                _int(int(p) if isinstance(p, str) and p.isdigit() else p,
-                     f"{op_path}.{key}[{j}]", 1, 65535)
-                for j, p in enumerate(_seq(o.get(key), f"{op_path}.{key}"))
-            )  # fmt: skip
-
-        ops.append(
-            PolicyOperation(
-                hosts=_matches_list(o.get("hosts"), f"{op_path}.hosts"),
-                not_hosts=_matches_list(o.get("notHosts"), f"{op_path}.notHosts"),
-                ports=ports("ports"),
-                not_ports=ports("notPorts"),
-                methods=_matches_list(o.get("methods"), f"{op_path}.methods"),
-                not_methods=_matches_list(o.get("notMethods"), f"{op_path}.notMethods"),
-                paths=_matches_list(o.get("paths"), f"{op_path}.paths", paths=True),
-                not_paths=_matches_list(o.get("notPaths"), f"{op_path}.notPaths", paths=True),
-            )
-        )
-    conds = []
-    for i, w in enumerate(_seq(m.get("when"), f"{path}.when")):
-        wp = f"{path}.when[{i}]"
-        wm = _map(w, wp)
-        key = _text(wm.get("key"), f"{wp}.key")
-        if key.startswith(_L7_KEYS_UNSUPPORTED):
-            unsupported.append(f"{wp} ({key})")
-            continue
-        conds.append(
-            PolicyCondition(
-                key=key,
-                values=_matches_list(wm.get("values"), f"{wp}.values"),
-                not_values=_matches_list(wm.get("notValues"), f"{wp}.notValues"),
-            )
-        )
-    never = bool(unsupported) and action is PolicyAction.ALLOW
-    return PolicyRule(
-        sources=tuple(sources), operations=tuple(ops), conditions=tuple(conds), never=never
-    )
-
-
-def parse_authorization_policy(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> L7Policy | None:
-    """None when the policy is not for waypoints (a plain selector/namespace policy is the node
-    proxies' business; see `_applies_to_waypoint`)."""
-    targets: list[PolicyTarget] = []
-    refs = list(_seq(spec.get("targetRefs"), "spec.targetRefs"))
-    if "targetRef" in spec:
-        refs.append(spec["targetRef"])
-    for i, ref in enumerate(refs):
-        rm = _map(ref, f"spec.targetRefs[{i}]")
-        targets.append(
-            PolicyTarget(
-                kind=str(rm.get("kind", "")),
-                name=_text(rm.get("name"), f"spec.targetRefs[{i}].name"),
-                namespace=str(rm.get("namespace", ctx.namespace)),
-            )
-        )
-    selector = None
-    if "selector" in spec:
-        selector = _labels(
-            _map(spec["selector"], "spec.selector").get("matchLabels"), "spec.selector"
-        )
-    try:
-        action = PolicyAction(str(spec.get("action", "ALLOW")))
-    except ValueError:
-        raise ConfigError("spec.action", f"unknown action {spec.get('action')!r}") from None
-    provider = str(_map(spec.get("provider"), "spec.provider").get("name", ""))
-    if action is PolicyAction.CUSTOM:
-        ctx.warn(
-            "action CUSTOM (external authorization) is not supported by the waypoint: "
-            "requests it matches are denied (fail closed)"
-        )
-    if action is PolicyAction.AUDIT:
-        ctx.warn("action AUDIT is not supported by the waypoint: ignored (audit never decides)")
-    rules_raw = spec.get("rules")
-    if rules_raw is None:
-        rules: tuple[PolicyRule, ...] = ()
-    else:
-        rules = tuple(
-            _policy_rule(r, f"spec.rules[{i}]", action)
-            for i, r in enumerate(_seq(rules_raw, "spec.rules"))
-        )
-    for i, r in enumerate(rules):
-        if r.never:
-            ctx.warn(f"spec.rules[{i}] uses attributes the waypoint cannot evaluate: "
-                     "ALLOW rule dropped (matches nothing)")  # fmt: skip
-    return L7Policy(
-        namespace=ctx.namespace,
-        name=name,
-        action=action,
-        rules=rules,
-        targets=tuple(targets),
-        selector=selector,
-        provider=provider,
-    )
-
-
 # ---- entry point
 
 
@@ -1320,18 +1043,28 @@ def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
     return str(meta.get("namespace") or "default"), name
 
 
+ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute")
+POLICY_KINDS = ("AuthorizationPolicy", "RequestAuthentication")
+
+
 def parse_objects(
     docs: Iterable[object],
     *,
     domain_suffix: str = DEFAULT_DOMAIN_SUFFIX,
 ) -> WaypointConfig:
-    """Parse Kubernetes-style objects (the kinds above, others ignored) into a config. Also
-    accepts ``kind: WorkloadLabels`` (``labels: {<workload uid>: {k: v}}``) for static mode."""
+    """Parse Kubernetes-style objects (the kinds above; a kind in the field table's "not
+    implemented" list is reported; others ignored) into a config. Also accepts
+    ``kind: WorkloadLabels`` (``labels: {<workload uid>: {k: v}}``) for static mode.
+
+    Every object is checked against `meshcore.config.fields` first: a routing object with an
+    unknown or refused field is not applied; warned fields are reported. Policies are read by
+    `meshcore.config.authorization` (fail closed)."""
     tables: list[RouteTable] = []
     rules: list[DestinationPolicy] = []
-    policies: list[L7Policy] = []
+    policies: list[AuthzPolicy] = []
     labels: dict[str, Labels] = {}
     warnings: list[str] = []
+    findings: list[tuple[str, Finding]] = []
     for index, doc in enumerate(docs):
         if doc is None:
             continue
@@ -1346,20 +1079,39 @@ def parse_objects(
             policies += sub.policies
             labels.update(sub.workload_labels)
             warnings += sub.warnings
+            findings += sub.findings
             continue
         if kind == "WorkloadLabels":
             for uid, lab in _map(doc.get("labels"), "labels").items():
                 labels[str(uid)] = _labels(lab, f"labels.{uid}")
             continue
-        if kind not in ("VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy"):
+        if kind not in ROUTING_KINDS + POLICY_KINDS:
+            unsupported = kind_support(kind, doc)
+            if unsupported is not None and kind != "Gateway":
+                ref = _ref(kind, doc, index)
+                findings.append((ref, unsupported))
+                warnings.append(f"{ref}: {unsupported.message}")
             continue
         try:
             namespace, name = _meta(doc)
         except ConfigError as exc:
             warnings.append(f"{kind} #{index}: {exc}: ignored")
             continue
-        ctx = _Ctx(ref=f"{kind} {namespace}/{name}", namespace=namespace, suffix=domain_suffix,
-                   warnings=warnings)  # fmt: skip
+        ref = f"{kind} {namespace}/{name}"
+        if kind in POLICY_KINDS:
+            pol = parse_policy(doc)
+            policies.append(pol)
+            findings += [(ref, f) for f in pol.findings]
+            warnings += [f"{ref}: {f.render()}" for f in pol.findings]
+            warnings += [f"{ref}: {w}" for w in l7_warnings(pol)]
+            continue
+        checked = check_object(kind, doc)
+        findings += [(ref, f) for f in checked]
+        warnings += [f"{ref}: {f.render()}" for f in checked]
+        if any(f.level == "Error" for f in checked):
+            warnings.append(f"{ref}: not applied (unknown or unsupported fields, see above)")
+            continue
+        ctx = _Ctx(ref=ref, namespace=namespace, suffix=domain_suffix, warnings=warnings)
         spec = doc.get("spec") or {}
         try:
             if not isinstance(spec, Mapping):
@@ -1368,18 +1120,13 @@ def parse_objects(
                 tables.append(parse_virtual_service(spec, ctx, name))
             elif kind == "HTTPRoute":
                 tables.append(parse_http_route(spec, ctx, name))
-            elif kind == "DestinationRule":
+            else:
                 rules.append(parse_destination_rule(spec, ctx, name))
-            else:
-                pol = parse_authorization_policy(spec, ctx, name)
-                if pol is not None:
-                    policies.append(pol)
         except ConfigError as exc:
-            if kind == "AuthorizationPolicy":
-                policies.append(_fail_closed(doc, namespace, name, str(exc)))
-                ctx.warn(f"{exc}: policy unreadable, fails closed (allows nothing) until fixed")
-            else:
-                ctx.warn(f"{exc}: ignored")
+            findings.append(
+                (ref, Finding(code=INVALID, level="Error", path=exc.path, message=exc.message))
+            )
+            ctx.warn(f"{exc}: ignored")
     tables.sort(key=lambda t: (t.kind != "HTTPRoute", t.namespace, t.name))
     return WaypointConfig(
         route_tables=tuple(tables),
@@ -1387,28 +1134,13 @@ def parse_objects(
         policies=tuple(sorted(policies, key=lambda p: p.key)),
         workload_labels=tuple(sorted(labels.items())),
         warnings=tuple(warnings),
+        findings=tuple(findings),
     )
 
 
-def _fail_closed(doc: Mapping[str, Any], namespace: str, name: str, error: str) -> L7Policy:
-    spec = doc.get("spec") if isinstance(doc.get("spec"), Mapping) else {}
-    assert isinstance(spec, Mapping)
-    targets: list[PolicyTarget] = []
-    refs = spec.get("targetRefs") if isinstance(spec.get("targetRefs"), list) else []
-    assert isinstance(refs, list)
-    for ref in [*refs, spec.get("targetRef")]:
-        if isinstance(ref, Mapping) and isinstance(ref.get("name"), str):
-            targets.append(
-                PolicyTarget(kind=str(ref.get("kind", "")), name=ref["name"],
-                             namespace=str(ref.get("namespace", namespace)))
-            )  # fmt: skip
-    selector: Labels | None = None
-    sel = spec.get("selector")
-    if isinstance(sel, Mapping):
-        ml = sel.get("matchLabels")
-        selector = tuple(sorted((str(k), str(v)) for k, v in ml.items())) if isinstance(
-            ml, Mapping) else ()  # fmt: skip
-    return L7Policy(
-        namespace=namespace, name=name, action=PolicyAction.ALLOW, rules=(),
-        targets=tuple(targets), selector=selector, error=error,
-    )  # fmt: skip
+def _ref(kind: str, doc: Mapping[str, Any], index: int) -> str:
+    try:
+        namespace, name = _meta(doc)
+    except ConfigError:
+        return f"{kind} #{index}"
+    return f"{kind} {namespace}/{name}"
