@@ -19,6 +19,8 @@ Codes (level: problem):
 - AMB0105 Warning: PeerAuthentication STRICT while non-mesh pods exist (their plaintext
   connections are denied).
 - AMB0106 Error: an AuthorizationPolicy is unreadable and enforced fail-closed.
+- AMB0201..AMB0205: unknown / refused / warned fields, kinds not implemented and invalid
+  values, from the field table (`meshcore.config.fields`, ``docs/config-fields.md``).
 
 Invariants: `analyze` is pure over (documents, live pod states); messages are sorted and
 deduplicated; a clean input gives no messages at all.
@@ -39,7 +41,6 @@ from controlplane.objects import KubeObject, Labels, Pod, labels_match
 from controlplane.sources.files import SUFFIXES, parse_manifest_text
 from controlplane.store import ConfigStore, StoreSnapshot
 from controlplane.translate import (
-    DATAPLANE_MODE,
     GATEWAY_NAME,
     USE_WAYPOINT,
     USE_WAYPOINT_NS,
@@ -48,6 +49,10 @@ from controlplane.translate import (
     Translator,
     is_ambient,
 )
+from meshcore.config.authorization import parse_policy
+from meshcore.config.fields import Finding, check_object
+from meshcore.config.labels import DATAPLANE_MODE
+from meshcore.errors import ConfigError
 
 LEVELS = ("Info", "Warning", "Error")
 REDIRECTION = "ambient.istio.io/redirection"
@@ -354,6 +359,8 @@ def translation_messages(inp: Input, opts: TranslateOptions) -> list[Message]:
     translator.update(inp.snapshot)
     for w in translator.warnings():
         origin = _warning_origin(inp, w.ref)
+        if w.message.startswith("[AMB02"):
+            continue  # a field finding: reported by field_messages with its own code
         if w.ref.startswith("AuthorizationPolicy") and "fail-closed" in w.message:
             out.append(_msg("Error", "AMB0106", w.ref, w.message, origin))
         elif w.ref.startswith("AuthorizationPolicy") and (
@@ -501,9 +508,30 @@ def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Me
     return out
 
 
+def field_messages(inp: Input) -> list[Message]:
+    """Every unknown, refused and warned field, and every kind not implemented, of every
+    document (codes AMB0201..AMB0205 from the field table, `meshcore.config.fields`); policies
+    through the one policy parser, as the control plane and the waypoint read them."""
+    out: list[Message] = []
+    for d in inp.raw:
+        ref = f"{d.kind} {d.namespace}/{d.name}" if d.kind != "Namespace" else f"Namespace {d.name}"
+        if d.kind in ("AuthorizationPolicy", "RequestAuthentication"):
+            try:
+                findings: Iterable[Finding] = parse_policy(d.body).findings
+            except ConfigError:
+                continue  # unreadable metadata: AMB0001 from the source
+        else:
+            findings = check_object(d.kind, d.body)
+        for f in findings:
+            text = f.render() if f.path else f.message
+            out.append(_msg(f.level, f.code, ref, text, d.origin))
+    return out
+
+
 def analyze(inp: Input, opts: TranslateOptions | None = None) -> list[Message]:
     opts = opts or TranslateOptions()
     msgs: Iterable[Message] = [
+        *field_messages(inp),
         *translation_messages(inp, opts),
         *not_captured(inp),
         *missing_waypoints(inp),

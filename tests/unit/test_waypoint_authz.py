@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from meshcore.l7.authz import WaypointIdentity, applicable, evaluate
 from meshcore.config.authorization import AuthzPolicy
+from meshcore.l7.authz import WaypointIdentity, applicable, evaluate
 from meshcore.l7.config import parse_objects
 from meshcore.l7.route import RequestInfo
 
