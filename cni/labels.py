@@ -2,8 +2,8 @@
 `meshcore.config.labels.wants_ambient`, the rule the control plane uses too).
 
 Owns `ManifestLabels`, the lab's source of truth: Kubernetes-style YAML manifests (Namespace,
-Pod) in a directory (the lab edits them for `ambientctl lab label`, and the control plane watches the same directory), optionally
-overlaid by a JSON overrides file.
+Pod) in a directory (the lab edits them for `ambientctl lab label`, and the control plane
+watches the same directory), optionally overlaid by a JSON overrides file.
 
 Invariant: `ManifestLabels.version()` changes whenever any input file changes (mtime and size),
 so the agent re-reconciles exactly when something could have changed.
