@@ -422,8 +422,11 @@ spec.rules[].backendRefs[].filters refused -- per-backend filters are not implem
 spec.rules[].timeouts implemented
 spec.rules[].timeouts.request implemented
 spec.rules[].timeouts.backendRequest implemented
-spec.rules[].retry refused -- HTTPRoute retry (GEP-1731) is not implemented
-spec.rules[].sessionPersistence refused -- session persistence is not implemented
+spec.rules[].retry implemented -- GEP-1731; connection failures are always retried
+spec.rules[].retry.attempts implemented
+spec.rules[].retry.codes implemented -- 400..599
+spec.rules[].retry.backoff implemented -- base interval (Envoy: full jitter, x2, cap 10x)
+spec.rules[].sessionPersistence warned -- session persistence is not implemented (no stickiness)
 """,
     "Gateway": """
 spec implemented

@@ -897,6 +897,31 @@ def _gw_precedence(match: RouteMatch) -> tuple[int, int, int, int, int]:
     )
 
 
+def _gw_retry(value: object, path: str) -> RetryPolicy:
+    """HTTPRoute ``rules[].retry`` (Gateway API v1.2, GEP-1731): ``attempts`` retries,
+    ``codes`` (400..599) retried, ``backoff`` as the base interval. Unset: the mesh default
+    (Istio's: 2 attempts on connect-failure, refused-stream, unavailable, cancelled, 503).
+    Connection failures are always retryable (GEP-1731: "a connection error" is retried)."""
+    if value is None:
+        return DEFAULT_RETRY
+    m = _map(value, path)
+    codes = frozenset(
+        _int(c, f"{path}.codes[{i}]", 400, 599) for i, c in enumerate(_seq(m.get("codes"), path))
+    )
+    backoff = DEFAULT_RETRY.backoff_base
+    if "backoff" in m:
+        backoff = parse_duration(m["backoff"], f"{path}.backoff")
+    on = {"connect-failure", "refused-stream", "reset"}
+    if codes:
+        on.add("retriable-status-codes")
+    return RetryPolicy(
+        attempts=_int(m.get("attempts", DEFAULT_RETRY.attempts), f"{path}.attempts", 0, 1000),
+        retry_on=frozenset(on),
+        status_codes=codes,
+        backoff_base=backoff,
+    )
+
+
 def parse_http_route(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> RouteTable:
     hosts: list[str] = []
     for i, ref in enumerate(_seq(spec.get("parentRefs"), "spec.parentRefs")):
@@ -976,15 +1001,16 @@ def parse_http_route(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> RouteTabl
         timeout = None
         if "request" in timeouts:
             timeout = parse_duration(timeouts["request"], f"{rp}.timeouts.request") or None
-        retry = DEFAULT_RETRY
+        retry = _gw_retry(rm.get("retry"), f"{rp}.retry")
         if "backendRequest" in timeouts:
             retry = RetryPolicy(
-                attempts=DEFAULT_RETRY.attempts,
+                attempts=retry.attempts,
                 per_try_timeout=parse_duration(
                     timeouts["backendRequest"], f"{rp}.timeouts.backendRequest"
                 ),
-                retry_on=DEFAULT_RETRY.retry_on,
-                status_codes=DEFAULT_RETRY.status_codes,
+                retry_on=retry.retry_on,
+                status_codes=retry.status_codes,
+                backoff_base=retry.backoff_base,
             )
         matches = [
             _gw_match(x, f"{rp}.matches[{j}]")
