@@ -54,7 +54,6 @@ IGNORED_KINDS = frozenset(
         "WorkloadEntry",
         "Sidecar",
         "EnvoyFilter",
-        "RequestAuthentication",
         "ReferenceGrant",
     )
 )

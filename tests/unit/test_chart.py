@@ -359,6 +359,7 @@ def test_crd_switches() -> None:
     assert all_crds == {
         "authorizationpolicies.security.istio.io",
         "peerauthentications.security.istio.io",
+        "requestauthentications.security.istio.io",
         "virtualservices.networking.istio.io",
         "destinationrules.networking.istio.io",
         "gateways.gateway.networking.k8s.io",
