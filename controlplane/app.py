@@ -43,7 +43,7 @@ from controlplane.auth import (
 )
 from controlplane.ca import CertificateService, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
-from controlplane.l7 import l7_resources
+from controlplane.l7 import l7_findings, l7_resources
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
 from controlplane.store import ConfigStore
@@ -52,9 +52,10 @@ from controlplane.waypoints import WaypointController, WaypointSettings
 from controlplane.xds import XdsServer
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
+from meshcore.config.fields import Finding
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId
-from meshcore.proto.l7res import L7_TYPE, pack_l7
+from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7
 
 log = logging.getLogger("controlplane")
 
@@ -144,6 +145,9 @@ class ControlPlane:
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.translations = 0
+        self._l7_parsed: dict[str, L7Resource] | None = None
+        self.findings: dict[str, list[Finding]] = {}
+        """``Kind ns/name`` -> field findings of the L7 objects (as waypoints parse them)."""
         self.store.subscribe(lambda _snap: self._dirty.set())
 
     # ---- translation
@@ -157,6 +161,9 @@ class ControlPlane:
         # Waypoints' L7 objects after the Address/Authorization records they refer to.
         l7 = l7_resources(self.store.snapshot, self.settings.options)
         self.xds.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in l7.items()}, changed_at=t0)
+        if l7 != self._l7_parsed:
+            self._l7_parsed = l7
+            self.findings = l7_findings(l7)
         self.translations += 1
         self.metrics.translate_seconds.observe(time.monotonic() - t0)
         self.metrics.objects.set(self.store.snapshot.count())
@@ -176,7 +183,11 @@ class ControlPlane:
         for ref, msg in self.store.source_warnings().items():
             out.setdefault(ref, []).append(msg)
         for w in self.translator.warnings():
+            if w.message.startswith("[AMB02"):
+                continue  # a policy's field finding: in self.findings too
             out.setdefault(w.ref, []).append(w.message)
+        for ref, findings in self.findings.items():
+            out.setdefault(ref, []).extend(f"[{f.code}] {f.render()}" for f in findings)
         return out
 
     # ---- lifecycle
