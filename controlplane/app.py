@@ -46,6 +46,7 @@ from controlplane.debug import json_response, metrics_response, serve_debug
 from controlplane.l7 import l7_findings, l7_resources
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
+from controlplane.status import StatusWriter
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from controlplane.waypoints import WaypointController, WaypointSettings
@@ -55,6 +56,7 @@ from meshcore.certs import utcnow
 from meshcore.config.fields import Finding
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId
+from meshcore.kubeapi import KubeApi
 from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7
 
 log = logging.getLogger("controlplane")
@@ -148,6 +150,8 @@ class ControlPlane:
         self._l7_parsed: dict[str, L7Resource] | None = None
         self.findings: dict[str, list[Finding]] = {}
         """``Kind ns/name`` -> field findings of the L7 objects (as waypoints parse them)."""
+        self.status_writer: StatusWriter | None = None
+        self._status_wake = asyncio.Event()
         self.store.subscribe(lambda _snap: self._dirty.set())
 
     # ---- translation
@@ -164,6 +168,7 @@ class ControlPlane:
         if l7 != self._l7_parsed:
             self._l7_parsed = l7
             self.findings = l7_findings(l7)
+        self._status_wake.set()
         self.translations += 1
         self.metrics.translate_seconds.observe(time.monotonic() - t0)
         self.metrics.objects.set(self.store.snapshot.count())
@@ -225,6 +230,18 @@ class ControlPlane:
             controller = self.waypoints
             self.store.subscribe(lambda _snap: controller.kick())
             self._tasks.append(loop.create_task(controller.run()))
+        if s.kubernetes and s.manifest_dir is None:
+            # Findings go into the objects' status (validationMessages / route conditions).
+            self.status_writer = StatusWriter(KubeApi(kubeconfig=s.kubeconfig))
+            self._tasks.append(
+                loop.create_task(
+                    self.status_writer.run(
+                        lambda: (self.store.snapshot, self.findings),
+                        self._status_wake,
+                        lambda: utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    )
+                )
+            )
         self.translate_now()
         self._dirty.clear()
         self._tasks.append(loop.create_task(self._translate_loop()))
