@@ -53,6 +53,7 @@ from meshcore.config.authorization import parse_policy
 from meshcore.config.fields import Finding, check_object
 from meshcore.config.labels import DATAPLANE_MODE
 from meshcore.errors import ConfigError
+from meshcore.l7.config import ROUTING_KINDS, parse_objects
 
 LEVELS = ("Info", "Warning", "Error")
 REDIRECTION = "ambient.istio.io/redirection"
@@ -515,11 +516,17 @@ def field_messages(inp: Input) -> list[Message]:
     out: list[Message] = []
     for d in inp.raw:
         ref = f"{d.kind} {d.namespace}/{d.name}" if d.kind != "Namespace" else f"Namespace {d.name}"
+        findings: Iterable[Finding]
         if d.kind in ("AuthorizationPolicy", "RequestAuthentication"):
             try:
-                findings: Iterable[Finding] = parse_policy(d.body).findings
+                findings = parse_policy(d.body).findings
             except ConfigError:
                 continue  # unreadable metadata: AMB0001 from the source
+        elif d.kind in ROUTING_KINDS:
+            # The waypoint's own parser: field findings plus what it says about values.
+            body = dict(d.body)
+            body["metadata"] = {**d.meta, "namespace": d.namespace}
+            findings = [f for _ref, f in parse_objects([body]).findings]
         else:
             findings = check_object(d.kind, d.body)
         for f in findings:

@@ -28,6 +28,8 @@ writes them into the object's status):
 - AMB0203 Warning: field accepted but not implemented (ignored).
 - AMB0204 Warning/Error: kind not implemented (Error for security kinds, which deny).
 - AMB0205 Error: a value the field cannot take (the parser's ConfigError).
+- AMB0206 Warning: a value that makes (part of) the object not apply where it is read (for
+  example a VirtualService whose gateways do not include ``mesh``).
 
 Invariants: pure data and pure functions; rows are sorted per kind in the generated table.
 """
@@ -87,6 +89,7 @@ REFUSED = "AMB0202"
 WARNED = "AMB0203"
 KIND = "AMB0204"
 INVALID = "AMB0205"
+NOTE = "AMB0206"
 
 
 # ------------------------------------------------------------------------------ the table
@@ -349,7 +352,7 @@ spec.parentRefs[].group implemented
 spec.parentRefs[].kind implemented -- Service parents (mesh); others are not served by waypoints
 spec.parentRefs[].namespace implemented
 spec.parentRefs[].name implemented
-spec.parentRefs[].port refused -- per-port attachment is not implemented
+spec.parentRefs[].port implemented -- GAMMA: only that service port (one port for all Service parents)
 spec.parentRefs[].sectionName refused -- per-listener attachment is not implemented
 spec.hostnames warned -- ignored for Service parents (the Service decides)
 spec.rules implemented

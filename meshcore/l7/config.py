@@ -28,6 +28,7 @@ connect-failure, refused-stream, unavailable, cancelled, 503).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshcore.config.authorization import AuthzPolicy, l7_warnings, parse_policy
-from meshcore.config.fields import INVALID, Finding, check_object, kind_support
+from meshcore.config.fields import INVALID, NOTE, Finding, check_object, kind_support
 from meshcore.config.labels import Labels, selector_matches
 from meshcore.errors import ConfigError
 
@@ -431,9 +432,13 @@ class _Ctx:
     namespace: str
     suffix: str
     warnings: list[str]
+    findings: list[tuple[str, Finding]] = field(default_factory=list)
 
-    def warn(self, message: str) -> None:
-        self.warnings.append(f"{self.ref}: {message}")
+    def warn(self, message: str, path: str = "") -> None:
+        """A warning about a value (fields themselves are reported from the field table)."""
+        finding = Finding(code=NOTE, level="Warning", path=path, message=message)
+        self.warnings.append(f"{self.ref}: {finding.render()}")
+        self.findings.append((self.ref, finding))
 
 
 def _string_match(value: object, path: str) -> StringMatcher:
@@ -473,7 +478,7 @@ def _vs_match(value: object, path: str, ctx: _Ctx) -> RouteMatch:
         if m.get("ignoreUriCase"):
             uri = matcher(uri.kind, uri.value, ignore_case=True)
     if "gateways" in m and "mesh" not in m["gateways"]:
-        ctx.warn(f"{path}.gateways names no 'mesh': this match never applies at a waypoint")
+        ctx.warn("names no 'mesh': this match never applies at a waypoint", f"{path}.gateways")
     return RouteMatch(
         name=str(m.get("name", "")),
         uri=uri,
@@ -579,8 +584,6 @@ def _vs_http_route(value: object, path: str, ctx: _Ctx, source: str) -> HttpRout
             raise ConfigError(f"{path}.{key}", "unknown field")
     if "delegate" in m:
         raise ConfigError(f"{path}.delegate", "delegate VirtualServices are not supported")
-    if "corsPolicy" in m:
-        ctx.warn(f"{path}.corsPolicy is not supported yet: ignored")
     matches = tuple(
         _vs_match(x, f"{path}.match[{i}]", ctx) for i, x in enumerate(_seq(m.get("match"), path))
     )
@@ -690,12 +693,9 @@ def parse_virtual_service(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> Rout
         raise ConfigError("spec.hosts", "at least one host is required")
     gateways = _seq(spec.get("gateways"), "spec.gateways")
     if gateways and "mesh" not in gateways:
-        ctx.warn("spec.gateways does not include 'mesh': not applied by waypoints")
+        ctx.warn("does not include 'mesh': not applied by waypoints", "spec.gateways")
         return RouteTable(kind="VirtualService", namespace=ctx.namespace, name=name, hosts=(),
                           routes=())  # fmt: skip
-    for key in ("tcp", "tls"):
-        if spec.get(key):
-            ctx.warn(f"spec.{key} routes are not applied by the waypoint (HTTP only)")
     source = f"VirtualService {ctx.namespace}/{name}"
     routes = tuple(
         _vs_http_route(r, f"spec.http[{i}]", ctx, source)
@@ -721,8 +721,6 @@ def _traffic_policy(value: object, path: str, ctx: _Ctx, *, nested: bool = True)
                 raise ConfigError(
                     f"{path}.loadBalancer.simple", f"unknown load balancer {simple!r}"
                 ) from None
-        elif lbm:
-            ctx.warn(f"{path}.loadBalancer: only 'simple' is supported; using LEAST_REQUEST")
     outlier = None
     if "outlierDetection" in m:
         o = _map(m["outlierDetection"], f"{path}.outlierDetection")
@@ -770,8 +768,6 @@ def _traffic_policy(value: object, path: str, ctx: _Ctx, *, nested: bool = True)
             pm = _map(p, pp)
             number = _int(_map(pm.get("port"), f"{pp}.port").get("number"), f"{pp}.port.number")
             overrides.append((number, _traffic_policy(pm, pp, ctx, nested=False)))
-    if m.get("tls"):
-        ctx.warn(f"{path}.tls is ignored: the mesh always uses HBONE mTLS")
     return TrafficPolicy(lb=lb, outlier=outlier, pool=pool, port_overrides=tuple(overrides))
 
 
@@ -923,7 +919,10 @@ def _gw_retry(value: object, path: str) -> RetryPolicy:
 
 
 def parse_http_route(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> RouteTable:
+    """GAMMA: Service parents; a parentRef ``port`` restricts the route to that service port
+    (every match gets ``port``), as Gateway API's mesh profile specifies."""
     hosts: list[str] = []
+    ports: set[int | None] = set()
     for i, ref in enumerate(_seq(spec.get("parentRefs"), "spec.parentRefs")):
         rp = f"spec.parentRefs[{i}]"
         rm = _map(ref, rp)
@@ -933,9 +932,15 @@ def parse_http_route(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> RouteTabl
         if kind == "Service":
             hosts.append(f"{pname}.{ns}.svc.{ctx.suffix}")
         else:
-            ctx.warn(f"{rp}: parent kind {kind!r} is not a mesh Service: not applied by waypoints")
-    if spec.get("hostnames"):
-        ctx.warn("spec.hostnames is ignored for Service parents (the Service decides)")
+            ctx.warn(f"parent kind {kind!r} is not a mesh Service: not applied by waypoints", rp)
+        port = rm.get("port")
+        if kind == "Service":
+            ports.add(None if port is None else _int(port, f"{rp}.port", 1, 65535))
+    if len(ports) > 1:
+        raise ConfigError(
+            "spec.parentRefs", "Service parents with different ports are not supported"
+        )
+    only_port = next(iter(ports), None)
     source = f"HTTPRoute {ctx.namespace}/{name}"
     flat: list[tuple[tuple[int, int, int, int, int], int, HttpRoute]] = []
     for i, rule in enumerate(_seq(spec.get("rules"), "spec.rules")):
@@ -1016,6 +1021,8 @@ def parse_http_route(spec: Mapping[str, Any], ctx: _Ctx, name: str) -> RouteTabl
             _gw_match(x, f"{rp}.matches[{j}]")
             for j, x in enumerate(_seq(rm.get("matches"), f"{rp}.matches"))
         ] or [_gw_match({}, f"{rp}.matches")]
+        if only_port is not None:
+            matches = [dataclasses.replace(mt, port=only_port) for mt in matches]
         if not backends and redirect is None:
             # Gateway API: a rule with no backends answers 500.
             direct: int | None = 500
@@ -1137,7 +1144,8 @@ def parse_objects(
         if any(f.level == "Error" for f in checked):
             warnings.append(f"{ref}: not applied (unknown or unsupported fields, see above)")
             continue
-        ctx = _Ctx(ref=ref, namespace=namespace, suffix=domain_suffix, warnings=warnings)
+        ctx = _Ctx(ref=ref, namespace=namespace, suffix=domain_suffix, warnings=warnings,
+                   findings=findings)  # fmt: skip
         spec = doc.get("spec") or {}
         try:
             if not isinstance(spec, Mapping):

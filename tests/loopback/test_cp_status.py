@@ -48,7 +48,7 @@ ROUTE = {
     "kind": "HTTPRoute",
     "metadata": {"name": "reviews", "namespace": "shop"},
     "spec": {
-        "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080}],
+        "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "sectionName": "http"}],
         "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}],
     },
 }
@@ -100,7 +100,10 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
             (parent,) = route["status"]["parents"]
             (cond,) = parent["conditions"]
             assert cond["type"] == "Accepted" and cond["status"] == "False"
-            assert cond["reason"] == "UnsupportedValue" and "parentRefs[0].port" in cond["message"]
+            assert (
+                cond["reason"] == "UnsupportedValue"
+                and "parentRefs[0].sectionName" in cond["message"]
+            )
             assert parent["parentRef"]["name"] == "reviews"
             assert any(r.startswith("patch authorizationpolicies/status") for r in api.requests)
             # Fixed: the messages go away; nothing else is written.

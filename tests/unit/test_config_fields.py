@@ -32,14 +32,14 @@ def test_check_object_reports_by_path() -> None:
     obj = {
         "kind": "HTTPRoute",
         "spec": {
-            "parentRefs": [{"name": "reviews", "kind": "Service", "port": 9080}],
+            "parentRefs": [{"name": "reviews", "kind": "Service", "sectionName": "http"}],
             "hostnames": ["x"],
             "rules": [{"sessionPersistence": {}, "backendRefs": [{"name": "r", "fliters": []}]}],
         },
     }
     got = {(f.code, f.path) for f in check_object("HTTPRoute", obj)}
     assert got == {
-        (REFUSED, "spec.parentRefs[0].port"),
+        (REFUSED, "spec.parentRefs[0].sectionName"),
         (WARNED, "spec.hostnames"),
         (WARNED, "spec.rules[0].sessionPersistence"),
         (UNKNOWN, "spec.rules[0].backendRefs[0].fliters"),
@@ -85,3 +85,22 @@ spec:
     assert "retriable-status-codes" in retry.retry_on and "connect-failure" in retry.retry_on
     assert retry.backoff_base == 0.1
     assert cfg.warnings == ()
+
+
+def test_http_route_parent_port_restricts_the_route() -> None:
+    # main: parentRefs[].port was ignored, so the route applied to every port of the Service.
+    import yaml
+
+    from meshcore.l7.config import parse_objects
+
+    text = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules: [{backendRefs: [{name: reviews, port: 9080}]}]
+"""
+    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    (table,) = cfg.route_tables
+    assert all(m.port == 9080 for r in table.routes for m in r.matches)
