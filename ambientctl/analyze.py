@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from ambientctl.errors import CtlError
-from controlplane.objects import KubeObject, Labels, Pod, labels_match
+from controlplane.objects import KubeObject, Labels, Pod
 from controlplane.sources.files import SUFFIXES, parse_manifest_text
 from controlplane.store import ConfigStore, StoreSnapshot
 from controlplane.translate import (
@@ -51,9 +51,9 @@ from controlplane.translate import (
 )
 from meshcore.config.authorization import parse_policy
 from meshcore.config.fields import Finding, check_object
-from meshcore.config.labels import DATAPLANE_MODE
+from meshcore.config.labels import DATAPLANE_MODE, selector_matches
+from meshcore.config.objects import ROUTING_KINDS, parse_objects
 from meshcore.errors import ConfigError
-from meshcore.l7.config import ROUTING_KINDS, parse_objects
 
 LEVELS = ("Info", "Warning", "Error")
 REDIRECTION = "ambient.istio.io/redirection"
@@ -465,7 +465,7 @@ def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Me
                 (
                     p
                     for p in sel_pa
-                    if p.selector is not None and labels_match(p.selector, pod.labels)
+                    if p.selector is not None and selector_matches(p.selector, pod.labels)
                 ),
                 None,
             )

@@ -10,7 +10,7 @@ Owns: which stored objects waypoints receive and under which names
   DestinationRule subsets and ``sourceLabels`` see the real labels (not only app/version).
 
 And `l7_findings`: what the waypoints will report about each of those objects, computed with
-the waypoint's own parser (`meshcore.l7.config.parse_objects`), so the control plane reports a
+the waypoint's own parser (`meshcore.config.objects.parse_objects`), so the control plane reports a
 bad object (debug view, status) exactly as the waypoint that applies it (and NACKs it) sees it.
 
 Invariants: pure function of the snapshot; equal inputs give equal resources (canonical JSON),
@@ -24,7 +24,7 @@ import json
 from controlplane.store import StoreSnapshot
 from controlplane.translate import TranslateOptions
 from meshcore.config.fields import Finding
-from meshcore.l7.config import parse_objects
+from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 
 ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication")

@@ -41,9 +41,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
+from meshcore.config.objects import parse_objects
+from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
-from meshcore.l7.config import WaypointConfig, parse_objects
 from meshcore.l7.route import CompiledConfig
 from meshcore.model import load_mesh_config
 from meshcore.opshttp import Handler as HttpHandler

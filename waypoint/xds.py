@@ -7,7 +7,7 @@ proxy, plus the L7 type; certificates from the control plane's CA).
 Invariants:
 - Each L7 resource is decoded on its own (`meshcore.proto.l7res.unpack_l7`); undecodable ones
   are NACKed by name and the rest applied. Objects are then parsed exactly as a static
-  ``--config`` file (`meshcore.l7.config.parse_objects`, in resource-name order so the result
+  ``--config`` file (`meshcore.config.objects.parse_objects`, in resource-name order so the result
   does not depend on arrival order): a bad object is left out with a warning (a bad
   AuthorizationPolicy fails closed), as in static mode, AND NACKed by name with its findings
   (`nacks`), so the control plane's connection view shows which object the waypoint refused.
@@ -26,8 +26,9 @@ from datetime import timedelta
 
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateProvider
+from meshcore.config.objects import parse_objects
+from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError
-from meshcore.l7.config import WaypointConfig, parse_objects
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, unpack_l7
 from meshcore.state import MeshState

@@ -30,8 +30,8 @@ import random
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from meshcore.config.routes import LbPolicy, TrafficPolicy
 from meshcore.identity import SpiffeId
-from meshcore.l7.config import LbPolicy, TrafficPolicy
 
 
 @dataclass(slots=True, kw_only=True)

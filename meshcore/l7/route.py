@@ -23,16 +23,15 @@ from types import MappingProxyType
 from urllib.parse import parse_qsl
 
 from meshcore.config.authorization import AuthzPolicy
-from meshcore.l7.config import (
+from meshcore.config.matchers import MatchKind, host_matches
+from meshcore.config.routes import (
     Destination,
     DestinationPolicy,
     HttpRoute,
-    MatchKind,
     Redirect,
     RouteMatch,
     RouteTable,
     WaypointConfig,
-    host_matches,
 )
 
 

@@ -8,7 +8,7 @@ Invariants:
   pods``), unique per object.
 - `unpack_l7` checks the Any type, the JSON, and that the JSON's kind equals the message's kind;
   every problem is a `ConfigError` whose path starts with the resource name (per-resource NACK).
-- The JSON is parsed by the waypoint with `meshcore.l7.config.parse_objects`, exactly as a
+- The JSON is parsed by the waypoint with `meshcore.config.objects.parse_objects`, exactly as a
   static ``--config`` file, so both channels accept the same objects.
 """
 

@@ -65,7 +65,7 @@ def test_http_route_retry_is_implemented() -> None:
     # main: rules[].retry was silently ignored (the mesh default applied).
     import yaml
 
-    from meshcore.l7.config import parse_objects
+    from meshcore.config.objects import parse_objects
 
     text = """
 apiVersion: gateway.networking.k8s.io/v1
@@ -91,7 +91,7 @@ def test_http_route_parent_port_restricts_the_route() -> None:
     # main: parentRefs[].port was ignored, so the route applied to every port of the Service.
     import yaml
 
-    from meshcore.l7.config import parse_objects
+    from meshcore.config.objects import parse_objects
 
     text = """
 apiVersion: gateway.networking.k8s.io/v1

@@ -15,7 +15,7 @@ from controlplane.objects import parse_object
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from controlplane.xds import XdsServer
-from meshcore.l7.config import parse_objects
+from meshcore.config.objects import parse_objects
 from meshcore.model import Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7, unpack_l7

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from meshcore.config.authorization import AuthzPolicy
+from meshcore.config.objects import parse_objects
 from meshcore.l7.authz import WaypointIdentity, applicable, evaluate
-from meshcore.l7.config import parse_objects
 from meshcore.l7.route import RequestInfo
 
 WAYPOINT = WaypointIdentity(

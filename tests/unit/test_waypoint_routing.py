@@ -9,14 +9,10 @@ import pytest
 import yaml
 
 from meshcore.config.authorization import PolicyAction
+from meshcore.config.objects import parse_objects
+from meshcore.config.reader import parse_duration, resolve_host
+from meshcore.config.routes import DEFAULT_RETRY, LbPolicy
 from meshcore.errors import ConfigError
-from meshcore.l7.config import (
-    DEFAULT_RETRY,
-    LbPolicy,
-    parse_duration,
-    parse_objects,
-    resolve_host,
-)
 from meshcore.l7.route import (
     CompiledConfig,
     RequestInfo,
