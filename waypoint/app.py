@@ -46,9 +46,9 @@ from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.l7.route import CompiledConfig
-from meshcore.model import load_mesh_config
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, json_response, serve_http
+from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams

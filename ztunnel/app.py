@@ -34,7 +34,7 @@ from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
-from meshcore.model import load_mesh_config
+from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from ztunnel.admin import admin_routes, metrics_routes, readiness_routes, serve_http
