@@ -351,6 +351,8 @@ def translation_messages(inp: Input, opts: TranslateOptions) -> list[Message]:
     """Source warnings and the control plane's own translation warnings, classified."""
     out: list[Message] = []
     for ref, text in inp.source_warnings.items():
+        if text.startswith("[AMB02"):
+            continue  # a kind/field finding: reported by field_messages with its own code
         out.append(
             _msg(
                 "Error", "AMB0001", ref, f"the control plane cannot read this and skips it: {text}"

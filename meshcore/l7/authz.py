@@ -14,7 +14,13 @@ Evaluation order (Istio): CUSTOM first (unsupported here: a CUSTOM policy whose 
 denies, fail closed), then any matching DENY denies; then if there is an ALLOW policy, one must
 match; AUDIT never decides. A rule matches when every present part matches: ``from`` (any
 source), ``to`` (any operation), and each ``when``. Inside a source/operation every set field
-must match (values ORed) and no ``not*`` value may match.
+must match (values ORed) and no ``not*`` value may match: ``ipBlocks`` and ``remoteIpBlocks``
+are ANDed; ``serviceAccounts`` compare the peer's (namespace, service account).
+
+Fail closed: a policy the parser (`meshcore.config.authorization`) could not fully read or
+implement (``fail_closed_l7``) matches nothing if it is an ALLOW and everything if it is a DENY
+or CUSTOM; a RequestAuthentication arrives as such a DENY for its targets. An unreadable scope
+applies the policy to every waypoint of its namespace.
 
 Invariant: pure; the decision carries the policy that decided, for the access log.
 """

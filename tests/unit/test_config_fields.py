@@ -104,3 +104,25 @@ spec:
     cfg = parse_objects(list(yaml.safe_load_all(text)))
     (table,) = cfg.route_tables
     assert all(m.port == 9080 for r in table.routes for m in r.matches)
+
+
+def test_control_plane_reports_unimplemented_kinds_in_a_manifest_directory() -> None:
+    # main: ServiceEntry, Telemetry, ... in a manifest directory were dropped with no word.
+    from controlplane.sources.files import parse_manifest_text
+
+    text = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: demo}
+spec: {hosts: [example.com]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: demo}
+spec: {}
+"""
+    parsed = parse_manifest_text(text, "m.yaml")
+    assert dict(parsed.warnings) == {
+        "ServiceEntry demo/ext": "[AMB0204] ServiceEntry is not implemented: ignored",
+        "GRPCRoute demo/g": "[AMB0204] GRPCRoute is not implemented: ignored",
+    }
