@@ -50,7 +50,7 @@ from controlplane.translate import (
     is_ambient,
 )
 from meshcore.config.authorization import parse_policy
-from meshcore.config.fields import Finding, check_object
+from meshcore.config.fields import Finding, check_labels, check_object
 from meshcore.config.labels import DATAPLANE_MODE, selector_matches
 from meshcore.config.objects import ROUTING_KINDS, parse_objects
 from meshcore.errors import ConfigError
@@ -530,7 +530,11 @@ def field_messages(inp: Input) -> list[Message]:
             body["metadata"] = {**d.meta, "namespace": d.namespace}
             findings = [f for _ref, f in parse_objects([body]).findings]
         else:
-            findings = check_object(d.kind, d.body)
+            labels = d.meta.get("labels")
+            findings = [
+                *check_object(d.kind, d.body),
+                *check_labels(d.kind, labels if isinstance(labels, Mapping) else {}),
+            ]
         for f in findings:
             text = f.render() if f.path else f.message
             out.append(_msg(f.level, f.code, ref, text, d.origin))

@@ -537,6 +537,52 @@ CONDITION_KEYS: Mapping[str, tuple[Status, L4, str]] = {
 }
 
 
+# Labels and annotations the mesh reads on Kubernetes objects (ambient-facts.md "Enrollment,
+# labels, waypoints"): key -> (objects, allowed values (empty: any), meaning).
+LABELS: Mapping[str, tuple[str, tuple[str, ...], str]] = {
+    "istio.io/dataplane-mode": (
+        "Namespace, Pod", (),
+        "ambient enrolls; on a pod any other value (none...) opts out (Istio); other values are "
+        "reported by analyze as AMB0101",
+    ),
+    "istio.io/use-waypoint": (
+        "Namespace, Pod, Service, ServiceAccount", (),
+        "name of the waypoint Gateway; none stops inheritance",
+    ),
+    "istio.io/use-waypoint-namespace": (
+        "Namespace, Pod, Service, ServiceAccount", (), "namespace of that Gateway",
+    ),
+    "istio.io/waypoint-for": (
+        "Gateway", ("service", "workload", "all", "none"),
+        "traffic the waypoint serves (default service)",
+    ),
+    "gateway.networking.k8s.io/gateway-name": ("Pod", (), "marks waypoint pods (never bound)"),
+    "istio.io/gateway-name": ("Pod", (), "selector-form policies that target a waypoint"),
+    "ambient.istio.io/redirection (annotation)": (
+        "Pod", ("enabled", "disabled"), "set by the node agent; disabled opts a pod out",
+    ),
+    "kubernetes.io/service-name": ("EndpointSlice", (), "the Service of the slice"),
+}  # fmt: skip
+
+
+def check_labels(kind: str, labels: Mapping[str, Any]) -> list[Finding]:
+    """A value outside a label's allowed set (`LABELS`) is reported: it is not what the user
+    meant, and the mesh reads it as the default."""
+    out = []
+    for key, (kinds, allowed, meaning) in LABELS.items():
+        if kind not in kinds.split(", ") or key not in labels or not allowed:
+            continue
+        value = labels[key]
+        if value not in allowed:
+            out.append(
+                Finding(
+                    code=INVALID, level="Warning", path=f"metadata.labels[{key}]",
+                    message=f"{value!r} is not one of {', '.join(allowed)} ({meaning})",
+                )
+            )  # fmt: skip
+    return out
+
+
 def condition_key(key: str) -> tuple[str, tuple[Status, L4, str]] | None:
     """The `CONDITION_KEYS` row of a ``when`` key (None: unknown key)."""
     for pattern, row in CONDITION_KEYS.items():
@@ -674,6 +720,12 @@ def render_markdown() -> str:
     for key, (key_status, l4, note) in CONDITION_KEYS.items():
         lines.append(f"| `{key}` | {key_status.value} | {l4.value} | {note} |")
     lines += ["", "Any other key is unknown and refused.", ""]
+    lines += ["## Labels and annotations read", "", "| key | on | values | meaning |",
+              "|---|---|---|---|"]  # fmt: skip
+    for key, (kinds, allowed, meaning) in LABELS.items():
+        values = ", ".join(allowed) if allowed else "any"
+        lines.append(f"| `{key}` | {kinds} | {values} | {meaning} |")
+    lines.append("")
     lines += ["## Kinds not implemented", "", "| kind | level | effect |", "|---|---|---|"]
     for kind, (level, message) in sorted(UNSUPPORTED_KINDS.items()):
         lines.append(f"| {kind} | {level} | {message} |")

@@ -126,3 +126,11 @@ spec: {}
         "ServiceEntry demo/ext": "[AMB0204] ServiceEntry is not implemented: ignored",
         "GRPCRoute demo/g": "[AMB0204] GRPCRoute is not implemented: ignored",
     }
+
+
+def test_label_values_outside_the_allowed_set_are_reported() -> None:
+    from meshcore.config.fields import INVALID, check_labels
+
+    (f,) = check_labels("Gateway", {"istio.io/waypoint-for": "services"})
+    assert f.code == INVALID and f.path == "metadata.labels[istio.io/waypoint-for]"
+    assert check_labels("Gateway", {"istio.io/waypoint-for": "all"}) == []
