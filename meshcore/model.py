@@ -43,6 +43,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from meshcore.config.matchers import MatchKind as MatchKind
 from meshcore.identity import DEFAULT_TRUST_DOMAIN, SpiffeId
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -131,15 +132,6 @@ class Action(enum.Enum):
 
     ALLOW = "ALLOW"
     DENY = "DENY"
-
-
-class MatchKind(enum.Enum):
-    """The ``match_type`` oneof of ``istio.security.StringMatch``."""
-
-    EXACT = "exact"
-    PREFIX = "prefix"
-    SUFFIX = "suffix"
-    PRESENCE = "presence"
 
 
 # --------------------------------------------------------------------------------------------

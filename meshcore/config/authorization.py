@@ -51,13 +51,13 @@ from meshcore.config.fields import (
     schema_path,
 )
 from meshcore.config.labels import Labels
+from meshcore.config.matchers import MatchKind, StringMatcher, matcher
 from meshcore.errors import ConfigError
 from meshcore.model import (
     Action,
     Authorization,
     Clause,
     Match,
-    MatchKind,
     Rule,
     Scope,
     ServiceAccountMatch,
@@ -83,54 +83,11 @@ class PolicyAction(enum.Enum):
 # ------------------------------------------------------------------------------ strings
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ValueMatch:
-    """An AuthorizationPolicy string: exact, ``prefix*``, ``*suffix``, ``*`` (presence), and
-    for paths the templates ``{*}`` (one segment) and ``{**}`` (any rest)."""
-
-    exact: str | None = None
-    prefix: str | None = None
-    suffix: str | None = None
-    template: re.Pattern[str] | None = None
-    presence: bool = False
-
-    def matches(self, text: str | None, *, ignore_case: bool = False) -> bool:
-        if text is None:
-            return False
-        if self.presence:
-            return True
-        if ignore_case:
-            text = text.lower()
-        if self.template is not None:
-            return self.template.fullmatch(text) is not None
-
-        def norm(v: str) -> str:
-            return v.lower() if ignore_case else v
-
-        if self.exact is not None:
-            return text == norm(self.exact)
-        if self.prefix is not None:
-            return text.startswith(norm(self.prefix))
-        if self.suffix is not None:
-            return text.endswith(norm(self.suffix))
-        return False
-
-    def to_l4(self) -> StringMatch:
-        """The xDS `StringMatch` node proxies compare with (no templates at L4)."""
-        if self.presence:
-            return StringMatch(kind=MatchKind.PRESENCE)
-        if self.prefix is not None:
-            return StringMatch(kind=MatchKind.PREFIX, value=self.prefix)
-        if self.suffix is not None:
-            return StringMatch(kind=MatchKind.SUFFIX, value=self.suffix)
-        assert self.exact is not None and self.template is None
-        return StringMatch(kind=MatchKind.EXACT, value=self.exact)
-
-
-def value_match(text: str, *, path: bool = False) -> ValueMatch:
-    """Istio's ``StringMatcherWithPrefix`` order: ``*``, leading ``*``, trailing ``*``, exact."""
+def value_match(text: str, *, path: bool = False, ignore_case: bool = False) -> StringMatcher:
+    """Istio's ``StringMatcherWithPrefix`` order: ``*``, leading ``*``, trailing ``*``, exact;
+    for paths also the templates ``{*}`` (one segment) and ``{**}`` (any rest), as REGEX."""
     if text == "*":
-        return ValueMatch(presence=True)
+        return StringMatcher(kind=MatchKind.PRESENCE)
     if path and "{" in text:
         parts = []
         for seg in text.split("/"):
@@ -140,12 +97,18 @@ def value_match(text: str, *, path: bool = False) -> ValueMatch:
                 parts.append(".*")
             else:
                 parts.append(re.escape(seg))
-        return ValueMatch(template=re.compile("/".join(parts)))
+        return matcher(MatchKind.REGEX, "/".join(parts))
     if text.startswith("*"):
-        return ValueMatch(suffix=text[1:])
+        return StringMatcher(kind=MatchKind.SUFFIX, value=text[1:], ignore_case=ignore_case)
     if text.endswith("*"):
-        return ValueMatch(prefix=text[:-1])
-    return ValueMatch(exact=text)
+        return StringMatcher(kind=MatchKind.PREFIX, value=text[:-1], ignore_case=ignore_case)
+    return StringMatcher(kind=MatchKind.EXACT, value=text, ignore_case=ignore_case)
+
+
+def to_wire(m: StringMatcher) -> StringMatch:
+    """The xDS `StringMatch` node proxies compare with (no REGEX at L4: paths are HTTP-only)."""
+    assert m.kind is not MatchKind.REGEX and not m.ignore_case
+    return StringMatch(kind=m.kind, value=m.value)
 
 
 # ------------------------------------------------------------------------------ records
@@ -153,10 +116,10 @@ def value_match(text: str, *, path: bool = False) -> ValueMatch:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolicySource:
-    principals: tuple[ValueMatch, ...] = ()
-    not_principals: tuple[ValueMatch, ...] = ()
-    namespaces: tuple[ValueMatch, ...] = ()
-    not_namespaces: tuple[ValueMatch, ...] = ()
+    principals: tuple[StringMatcher, ...] = ()
+    not_principals: tuple[StringMatcher, ...] = ()
+    namespaces: tuple[StringMatcher, ...] = ()
+    not_namespaces: tuple[StringMatcher, ...] = ()
     service_accounts: tuple[tuple[str, str], ...] = ()
     """(namespace, service account) pairs."""
     not_service_accounts: tuple[tuple[str, str], ...] = ()
@@ -170,14 +133,14 @@ class PolicySource:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PolicyOperation:
-    hosts: tuple[ValueMatch, ...] = ()
-    not_hosts: tuple[ValueMatch, ...] = ()
+    hosts: tuple[StringMatcher, ...] = ()
+    not_hosts: tuple[StringMatcher, ...] = ()
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
-    methods: tuple[ValueMatch, ...] = ()
-    not_methods: tuple[ValueMatch, ...] = ()
-    paths: tuple[ValueMatch, ...] = ()
-    not_paths: tuple[ValueMatch, ...] = ()
+    methods: tuple[StringMatcher, ...] = ()
+    not_methods: tuple[StringMatcher, ...] = ()
+    paths: tuple[StringMatcher, ...] = ()
+    not_paths: tuple[StringMatcher, ...] = ()
     l7_fields: tuple[str, ...] = ()
 
 
@@ -187,8 +150,8 @@ class PolicyCondition:
     destination.port, `values` (strings) for the others."""
 
     key: str
-    values: tuple[ValueMatch, ...] = ()
-    not_values: tuple[ValueMatch, ...] = ()
+    values: tuple[StringMatcher, ...] = ()
+    not_values: tuple[StringMatcher, ...] = ()
     nets: tuple[IPNetwork, ...] = ()
     not_nets: tuple[IPNetwork, ...] = ()
     ports: tuple[int, ...] = ()
@@ -306,11 +269,13 @@ def _strings(value: object, path: str) -> tuple[str, ...]:
     return tuple(_text(v, f"{path}[{i}]") for i, v in enumerate(_list(value, path)))
 
 
-def _matches(value: object, path: str, *, paths: bool = False) -> tuple[ValueMatch, ...]:
-    return tuple(value_match(v, path=paths) for v in _strings(value, path))
+def _matches(
+    value: object, path: str, *, paths: bool = False, ignore_case: bool = False
+) -> tuple[StringMatcher, ...]:
+    return tuple(value_match(v, path=paths, ignore_case=ignore_case) for v in _strings(value, path))
 
 
-def _principals(value: object, path: str) -> tuple[ValueMatch, ...]:
+def _principals(value: object, path: str) -> tuple[StringMatcher, ...]:
     return tuple(value_match(v.removeprefix("spiffe://")) for v in _strings(value, path))
 
 
@@ -388,8 +353,9 @@ def _operation(value: object, path: str) -> PolicyOperation:
     if not o:
         raise ConfigError(path, "an empty operation matches nothing in Istio (rejected)")
     return PolicyOperation(
-        hosts=_matches(o.get("hosts"), f"{path}.hosts"),
-        not_hosts=_matches(o.get("notHosts"), f"{path}.notHosts"),
+        # Hosts compare case-insensitively (DNS names; Istio's host matcher ignores case).
+        hosts=_matches(o.get("hosts"), f"{path}.hosts", ignore_case=True),
+        not_hosts=_matches(o.get("notHosts"), f"{path}.notHosts", ignore_case=True),
         ports=_ports(o.get("ports"), f"{path}.ports"),
         not_ports=_ports(o.get("notPorts"), f"{path}.notPorts"),
         methods=_matches(o.get("methods"), f"{path}.methods"),
@@ -564,10 +530,10 @@ def _l4_rule(rule: PolicyRule, deny: bool) -> tuple[Rule | None, list[str]]:
         for s in rule.sources:
             l7.extend(f"from.source.{f}" for f in s.l7_fields)
             m = Match(
-                principals=tuple(v.to_l4() for v in s.principals),
-                not_principals=tuple(v.to_l4() for v in s.not_principals),
-                namespaces=tuple(v.to_l4() for v in s.namespaces),
-                not_namespaces=tuple(v.to_l4() for v in s.not_namespaces),
+                principals=tuple(to_wire(v) for v in s.principals),
+                not_principals=tuple(to_wire(v) for v in s.not_principals),
+                namespaces=tuple(to_wire(v) for v in s.namespaces),
+                not_namespaces=tuple(to_wire(v) for v in s.not_namespaces),
                 service_accounts=tuple(
                     ServiceAccountMatch(namespace=n, service_account=a)
                     for n, a in s.service_accounts
@@ -618,13 +584,13 @@ def _l4_condition(c: PolicyCondition) -> Match:
         return Match(destination_ports=c.ports, not_destination_ports=c.not_ports)
     if c.key == "source.namespace":
         return Match(
-            namespaces=tuple(v.to_l4() for v in c.values),
-            not_namespaces=tuple(v.to_l4() for v in c.not_values),
+            namespaces=tuple(to_wire(v) for v in c.values),
+            not_namespaces=tuple(to_wire(v) for v in c.not_values),
         )
     assert c.key == "source.principal", c.key
     return Match(
-        principals=tuple(v.to_l4() for v in c.values),
-        not_principals=tuple(v.to_l4() for v in c.not_values),
+        principals=tuple(to_wire(v) for v in c.values),
+        not_principals=tuple(to_wire(v) for v in c.not_values),
     )
 
 

@@ -67,7 +67,7 @@ def _string_match(value: object, path: str) -> StringMatcher:
         except ConfigError as exc:
             raise ConfigError(f"{path}.regex", exc.message) from None
     if not m:
-        return matcher(MatchKind.PRESENT)
+        return matcher(MatchKind.PRESENCE)
     raise ConfigError(path, f"expected exact, prefix or regex, got {sorted(m)}")
 
 

@@ -1,10 +1,10 @@
 """String matchers of routing objects (VirtualService / HTTPRoute matches) and host matching.
 
-Owns: `MatchKind`, `StringMatcher` (exact, prefix, regex with full-match semantics as RE2 in
-Envoy, or presence) and `matcher` (which compiles regexes once), `host_matches`
-(VirtualService host wildcards). AuthorizationPolicy strings have their own grammar
-(`meshcore.config.authorization.value_match`), and node proxies' wire form is
-`meshcore.model.StringMatch`.
+Owns: `MatchKind` (the only one), `StringMatcher` (exact, prefix, suffix, regex with full-match
+semantics as RE2 in Envoy, or presence) and `matcher` (which compiles regexes once),
+`host_matches` (VirtualService host wildcards). AuthorizationPolicy strings are parsed into
+`StringMatcher` by `meshcore.config.authorization.value_match` (Istio's wildcard grammar); node
+proxies' wire record is `meshcore.model.StringMatch`, of the same `MatchKind`.
 
 Invariant: pure; a `StringMatcher` of kind REGEX always carries its compiled pattern.
 """
@@ -19,15 +19,22 @@ from meshcore.errors import ConfigError
 
 
 class MatchKind(enum.Enum):
+    """The one kind of string comparison, for routing and policy matchers alike and for the
+    node proxies' wire record (`meshcore.model.StringMatch`, the ``match_type`` oneof of
+    ``istio.security.StringMatch``, which has no REGEX)."""
+
     EXACT = "exact"
     PREFIX = "prefix"
+    SUFFIX = "suffix"
     REGEX = "regex"
-    PRESENT = "present"
+    PRESENCE = "presence"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StringMatcher:
-    """An Istio StringMatch (exact/prefix/regex) or a presence test."""
+    """One string condition of a route match (Istio StringMatch: exact / prefix / regex, or
+    presence) or of an AuthorizationPolicy value (exact / prefix / suffix / presence, path
+    templates as REGEX). Presence = the value is there (``None`` never matches)."""
 
     kind: MatchKind
     value: str = ""
@@ -38,13 +45,17 @@ class StringMatcher:
     def matches(self, text: str | None) -> bool:
         if text is None:
             return False
-        if self.kind is MatchKind.PRESENT:
+        if self.kind is MatchKind.PRESENCE:
             return True
         if self.kind is MatchKind.REGEX:
             assert self.pattern is not None
             return self.pattern.fullmatch(text) is not None
         a, b = (text.lower(), self.value.lower()) if self.ignore_case else (text, self.value)
-        return a == b if self.kind is MatchKind.EXACT else a.startswith(b)
+        if self.kind is MatchKind.EXACT:
+            return a == b
+        if self.kind is MatchKind.PREFIX:
+            return a.startswith(b)
+        return a.endswith(b)
 
 
 def matcher(kind: MatchKind, value: str = "", *, ignore_case: bool = False) -> StringMatcher:

@@ -41,9 +41,9 @@ from meshcore.config.authorization import (
     PolicyOperation,
     PolicyRule,
     PolicySource,
-    ValueMatch,
 )
 from meshcore.config.labels import selector_matches
+from meshcore.config.matchers import StringMatcher
 from meshcore.l7.route import RequestInfo
 
 
@@ -98,8 +98,8 @@ def applicable(
     return tuple(out)
 
 
-def _any(matches: Sequence[ValueMatch], value: str | None, *, ignore_case: bool = False) -> bool:
-    return any(m.matches(value, ignore_case=ignore_case) for m in matches)
+def _any(matches: Sequence[StringMatcher], value: str | None) -> bool:
+    return any(m.matches(value) for m in matches)
 
 
 def _ip_in(value: str, nets: Sequence[IPNetwork]) -> bool:
@@ -152,9 +152,9 @@ def _source_matches(s: PolicySource, req: RequestInfo) -> bool:
 
 def _op_matches(o: PolicyOperation, req: RequestInfo) -> bool:
     host = req.host
-    if o.hosts and not _any(o.hosts, host, ignore_case=True):
+    if o.hosts and not _any(o.hosts, host):
         return False
-    if o.not_hosts and _any(o.not_hosts, host, ignore_case=True):
+    if o.not_hosts and _any(o.not_hosts, host):
         return False
     if o.ports and req.port not in o.ports:
         return False
