@@ -18,7 +18,8 @@ Codes (level: problem):
 - AMB0104 Error: VirtualServices conflict (same host on the same gateway, or the mesh).
 - AMB0105 Warning: PeerAuthentication STRICT while non-mesh pods exist (their plaintext
   connections are denied).
-- AMB0106 Error: an AuthorizationPolicy is unreadable and enforced fail-closed.
+- AMB0106 Error: a security object (AuthorizationPolicy, RequestAuthentication,
+  PeerAuthentication) is unreadable or not implemented and enforced fail-closed.
 - AMB0201..AMB0205: unknown / refused / warned fields, kinds not implemented and invalid
   values, from the field table (`meshcore.config.fields`, ``docs/config-fields.md``).
 
@@ -56,6 +57,7 @@ from meshcore.config.objects import ROUTING_KINDS, parse_objects
 from meshcore.errors import ConfigError
 
 LEVELS = ("Info", "Warning", "Error")
+_SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication", "PeerAuthentication")
 REDIRECTION = "ambient.istio.io/redirection"
 WAYPOINT_CLASS = "istio-waypoint"
 
@@ -364,7 +366,7 @@ def translation_messages(inp: Input, opts: TranslateOptions) -> list[Message]:
         origin = _warning_origin(inp, w.ref)
         if w.message.startswith("[AMB02"):
             continue  # a field finding: reported by field_messages with its own code
-        if w.ref.startswith("AuthorizationPolicy") and "fail-closed" in w.message:
+        if w.ref.startswith(_SECURITY_KINDS) and "fail-closed" in w.message:
             out.append(_msg("Error", "AMB0106", w.ref, w.message, origin))
         elif w.ref.startswith("AuthorizationPolicy") and (
             "cannot evaluate" in w.message or "not enforced by node proxies" in w.message

@@ -186,6 +186,9 @@ class PeerAuthentication:
     selector: Labels | None = None
     mode: str = "UNSET"
     port_modes: tuple[tuple[int, str], ...] = ()
+    error: str | None = None
+    """Why the object could not be read: it is then enforced as STRICT for its scope (fail
+    closed: skipping it could let plaintext in where the user asked for mTLS)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -465,6 +468,24 @@ _MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
 
 def _parse_peer_authentication(raw: Mapping[str, Any]) -> PeerAuthentication:
     ns, name, _labels, where = _meta(raw, "PeerAuthentication", True)
+    try:
+        return _read_peer_authentication(raw, ns, name, where)
+    except ConfigError as exc:
+        selector: Labels | None = None
+        spec = raw.get("spec")
+        if isinstance(spec, Mapping):
+            try:
+                selector = _selector(_Reader(where), spec)
+            except ConfigError:
+                selector = None  # unreadable scope: the whole namespace (mesh in the root)
+        return PeerAuthentication(
+            namespace=ns, name=name, selector=selector, mode="STRICT", error=str(exc)
+        )
+
+
+def _read_peer_authentication(
+    raw: Mapping[str, Any], ns: str, name: str, where: str
+) -> PeerAuthentication:
     r = _Reader(where)
     spec = r.strict_obj(raw.get("spec"), "spec", ("selector", "mtls", "portLevelMtls"))
 

@@ -32,6 +32,7 @@ Rules (Istio ambient, see ambient-facts.md "Enrollment, labels, waypoints"):
   Istio's own ztunnel translation.
 - Malformed AuthorizationPolicy (rules unreadable): fail closed, i.e. an ALLOW policy with no
   rules in the policy's scope (allows nothing) plus a warning, until it is fixed.
+- Malformed PeerAuthentication: fail closed, i.e. STRICT for its scope, plus a warning.
 - PeerAuthentication: effective mode per workload = its selector policy, else namespace policy,
   else mesh policy (root namespace, no selector), UNSET inheriting; default PERMISSIVE. STRICT at
   L4 is a DENY of connections without a principal (plaintext) (ambient-facts.md). DISABLE is
@@ -437,6 +438,14 @@ def translate_namespace(
         (p for p in objs.peer_authentications.values() if p.selector is None), key=lambda p: p.name
     )
     ns_mode = ns_pas[0].mode if ns_pas else "UNSET"
+    for peer in objs.peer_authentications.values():
+        if peer.error is not None:
+            warnings.append(
+                ConfigWarning(
+                    ref=f"PeerAuthentication {ns}/{peer.name}",
+                    message=f"invalid, enforced fail-closed as STRICT until fixed: {peer.error}",
+                )
+            )
     for extra in ns_pas[1:]:
         warnings.append(
             ConfigWarning(
