@@ -43,7 +43,7 @@ from controlplane.auth import (
 )
 from controlplane.ca import CertificateService, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
-from controlplane.l7 import l7_findings, l7_resources
+from controlplane.l7 import gateway_findings, l7_findings, l7_resources
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
 from controlplane.status import StatusWriter
@@ -148,6 +148,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[Any]] = []
         self.translations = 0
         self._l7_parsed: dict[str, L7Resource] | None = None
+        self._l7_findings: dict[str, list[Finding]] = {}
         self.findings: dict[str, list[Finding]] = {}
         """``Kind ns/name`` -> field findings of the L7 objects (as waypoints parse them)."""
         self.status_writer: StatusWriter | None = None
@@ -165,9 +166,10 @@ class ControlPlane:
         # Waypoints' L7 objects after the Address/Authorization records they refer to.
         l7 = l7_resources(self.store.snapshot, self.settings.options)
         self.xds.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in l7.items()}, changed_at=t0)
-        if l7 != self._l7_parsed:
+        if l7 != self._l7_parsed:  # parsing every L7 object again only when one changed
             self._l7_parsed = l7
-            self.findings = l7_findings(l7)
+            self._l7_findings = l7_findings(l7)
+        self.findings = {**self._l7_findings, **gateway_findings(self.store.snapshot)}
         self._status_wake.set()
         self.translations += 1
         self.metrics.translate_seconds.observe(time.monotonic() - t0)

@@ -23,7 +23,7 @@ import json
 
 from controlplane.store import StoreSnapshot
 from controlplane.translate import TranslateOptions
-from meshcore.config.fields import Finding
+from meshcore.config.fields import Finding, check_object
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 
@@ -62,4 +62,17 @@ def l7_findings(resources: dict[str, L7Resource]) -> dict[str, list[Finding]]:
     out: dict[str, list[Finding]] = {}
     for ref, finding in parse_objects(docs).findings:
         out.setdefault(ref, []).append(finding)
+    return out
+
+
+def gateway_findings(snapshot: StoreSnapshot) -> dict[str, list[Finding]]:
+    """``Gateway ns/name`` -> field findings (waypoint Gateways' unsupported fields; a Gateway
+    of another class is itself reported as not implemented)."""
+    out: dict[str, list[Finding]] = {}
+    for ns, objs in snapshot.namespaces.items():
+        for obj in objs.stored.values():
+            if obj.kind == "Gateway" and obj.raw_json:
+                found = check_object("Gateway", json.loads(obj.raw_json))
+                if found:
+                    out[f"Gateway {ns}/{obj.name}"] = found
     return out

@@ -252,3 +252,12 @@ def test_control_plane_reports_and_waypoint_nacks_a_bad_object() -> None:
     assert [n for n, _ in nacks] == ["HTTPRoute/default/bad"]
     assert "spec.parentRefs[0].sectionName" in nacks[0][1]
     assert [t.name for t in cfg.route_tables] == ["reviews-route"]  # the bad one left out
+
+
+def test_gateway_field_findings() -> None:
+    from controlplane.l7 import gateway_findings
+
+    gw = {**GATEWAY, "spec": {**GATEWAY["spec"], "addresses": [{"value": "10.0.0.9"}]}}
+    found = gateway_findings(snapshot(gw))
+    (f,) = found["Gateway default/waypoint"]
+    assert f.code == "AMB0202" and f.path == "spec.addresses"
