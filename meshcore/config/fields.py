@@ -126,9 +126,9 @@ connectionPool.tcp.idleTimeout warned -- TCP idle timeout is not applied
 connectionPool.http implemented
 connectionPool.http.http1MaxPendingRequests implemented
 connectionPool.http.http2MaxRequests implemented
-connectionPool.http.maxRequestsPerConnection warned -- parsed, connections are reused without limit
+connectionPool.http.maxRequestsPerConnection implemented -- HTTP/1.1 upstream connections
 connectionPool.http.maxRetries warned -- the cluster-wide retry budget is not enforced
-connectionPool.http.idleTimeout warned -- parsed, idle upstream connections are kept
+connectionPool.http.idleTimeout implemented -- idle HTTP/1.1 upstream connections
 connectionPool.http.h2UpgradePolicy warned -- HTTP/1.1 upstream connections are not upgraded
 connectionPool.http.useClientProtocol warned -- the upstream protocol is chosen by the waypoint
 connectionPool.http.maxConcurrentStreams warned -- not applied
