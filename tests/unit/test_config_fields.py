@@ -3,6 +3,8 @@ table is consistent, and the checker reports unknown / refused / warned fields b
 
 from __future__ import annotations
 
+import pytest
+
 from meshcore.config.fields import (
     DOC_PATH,
     FIELDS,
@@ -134,3 +136,39 @@ def test_label_values_outside_the_allowed_set_are_reported() -> None:
     (f,) = check_labels("Gateway", {"istio.io/waypoint-for": "services"})
     assert f.code == INVALID and f.path == "metadata.labels[istio.io/waypoint-for]"
     assert check_labels("Gateway", {"istio.io/waypoint-for": "all"}) == []
+
+
+# Issue 10 item 7: each silently ignored field is now implemented or reported.
+ITEM_7 = [
+    ("HTTPRoute", "spec.rules[0].sessionPersistence", {"rules": [{"sessionPersistence": {}}]}),
+    ("HTTPRoute", "spec.rules[0].backendRefs[0].filters",
+     {"rules": [{"backendRefs": [{"name": "a", "filters": []}]}]}),
+    ("HTTPRoute", "spec.parentRefs[0].sectionName", {"parentRefs": [{"name": "a",
+                                                                      "sectionName": "x"}]}),
+    ("VirtualService", "spec.http[0].retries.backoff", {"http": [{"retries": {"backoff": "1s"}}]}),
+    ("VirtualService", "spec.http[0].retries.retryRemoteLocalities",
+     {"http": [{"retries": {"retryRemoteLocalities": True}}]}),
+    ("VirtualService", "spec.http[0].retries.retryIgnorePreviousHosts",
+     {"http": [{"retries": {"retryIgnorePreviousHosts": True}}]}),
+    ("VirtualService", "spec.http[0].redirect.derivePort",
+     {"http": [{"redirect": {"derivePort": "FROM_PROTOCOL_DEFAULT"}}]}),
+    ("VirtualService", "spec.exportTo", {"exportTo": ["."]}),
+    ("DestinationRule", "spec.trafficPolicy.connectionPool.http.maxRetries",
+     {"trafficPolicy": {"connectionPool": {"http": {"maxRetries": 3}}}}),
+    ("DestinationRule", "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+     {"trafficPolicy": {"connectionPool": {"tcp": {"tcpKeepalive": {}}}}}),
+    ("DestinationRule", "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
+     {"trafficPolicy": {"connectionPool": {"tcp": {"maxConnectionDuration": "1h"}}}}),
+    ("DestinationRule", "spec.trafficPolicy.outlierDetection.minHealthPercent",
+     {"trafficPolicy": {"outlierDetection": {"minHealthPercent": 50}}}),
+    ("DestinationRule", "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
+     {"trafficPolicy": {"outlierDetection": {"splitExternalLocalOriginErrors": True}}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "path", "spec"), ITEM_7, ids=[p for _, p, _ in ITEM_7])
+def test_formerly_ignored_fields_are_reported(
+    kind: str, path: str, spec: dict[str, object]
+) -> None:
+    found = check_object(kind, {"kind": kind, "spec": spec})
+    assert [(f.path, f.code in (REFUSED, WARNED)) for f in found] == [(path, True)]
