@@ -27,7 +27,6 @@ from typing import Any
 
 from meshcore.config.authorization import AuthzPolicy, parse_policy
 from meshcore.config.labels import Labels as Labels
-from meshcore.config.labels import selector_matches
 from meshcore.errors import ConfigError
 
 CORE_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount")
@@ -58,10 +57,6 @@ class ObjectKey:
             if self.namespace
             else (f"{self.kind} {self.name}")
         )
-
-
-labels_match = selector_matches
-"""matchLabels semantics (`meshcore.config.labels`)."""
 
 
 # ------------------------------------------------------------------------------------ records

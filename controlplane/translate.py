@@ -56,7 +56,6 @@ from controlplane.objects import (
     Labels,
     PeerAuthentication,
     Pod,
-    labels_match,
 )
 from controlplane.store import NamespaceObjects, StoreSnapshot
 from meshcore.config.authorization import (
@@ -65,7 +64,7 @@ from meshcore.config.authorization import (
     parse_policy,
     to_l4,
 )
-from meshcore.config.labels import wants_ambient
+from meshcore.config.labels import selector_matches, wants_ambient
 from meshcore.errors import ConfigError
 from meshcore.identity import SpiffeId
 from meshcore.model import (
@@ -479,7 +478,7 @@ def translate_namespace(
         ref = f"Pod {ns}/{pod.name}"
         ambient = is_ambient(pod, ns_labels)
         svc_ports: dict[str, tuple[Port, ...]] = {}
-        members = [s for s in selected if s.selector and labels_match(s.selector, pod.labels)]
+        members = [s for s in selected if s.selector and selector_matches(s.selector, pod.labels)]
         for svc in [*members, *slice_members.get(pod.name, ())]:
             ports = []
             for p in svc.ports:
@@ -508,13 +507,15 @@ def translate_namespace(
             waypoint = _resolve_waypoint(
                 chain, "workload", mesh, opts, ref, warnings if explicit else quiet
             )
-        authz: list[str] = [key for sel, key in selector_policies if labels_match(sel, pod.labels)]
+        authz: list[str] = [
+            key for sel, key in selector_policies if selector_matches(sel, pod.labels)
+        ]
         # PeerAuthentication for this pod
         pa = next(
             (
                 p
                 for p in pa_selectors
-                if p.selector is not None and labels_match(p.selector, pod.labels)
+                if p.selector is not None and selector_matches(p.selector, pod.labels)
             ),
             None,
         )
