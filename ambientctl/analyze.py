@@ -18,7 +18,10 @@ Codes (level: problem):
 - AMB0104 Error: VirtualServices conflict (same host on the same gateway, or the mesh).
 - AMB0105 Warning: PeerAuthentication STRICT while non-mesh pods exist (their plaintext
   connections are denied).
-- AMB0106 Error: an AuthorizationPolicy is unreadable and enforced fail-closed.
+- AMB0106 Error: a security object (AuthorizationPolicy, RequestAuthentication,
+  PeerAuthentication) is unreadable or not implemented and enforced fail-closed.
+- AMB0201..AMB0205: unknown / refused / warned fields, kinds not implemented and invalid
+  values, from the field table (`meshcore.config.fields`, ``docs/config-fields.md``).
 
 Invariants: `analyze` is pure over (documents, live pod states); messages are sorted and
 deduplicated; a clean input gives no messages at all.
@@ -35,11 +38,10 @@ from typing import Any
 import yaml
 
 from ambientctl.errors import CtlError
-from controlplane.objects import KubeObject, Labels, Pod, labels_match
+from controlplane.objects import KubeObject, Labels, Pod
 from controlplane.sources.files import SUFFIXES, parse_manifest_text
 from controlplane.store import ConfigStore, StoreSnapshot
 from controlplane.translate import (
-    DATAPLANE_MODE,
     GATEWAY_NAME,
     USE_WAYPOINT,
     USE_WAYPOINT_NS,
@@ -48,8 +50,14 @@ from controlplane.translate import (
     Translator,
     is_ambient,
 )
+from meshcore.config.authorization import parse_policy
+from meshcore.config.fields import Finding, check_labels, check_object
+from meshcore.config.labels import DATAPLANE_MODE, selector_matches
+from meshcore.config.objects import ROUTING_KINDS, parse_objects
+from meshcore.errors import ConfigError
 
 LEVELS = ("Info", "Warning", "Error")
+_SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication", "PeerAuthentication")
 REDIRECTION = "ambient.istio.io/redirection"
 WAYPOINT_CLASS = "istio-waypoint"
 
@@ -345,6 +353,8 @@ def translation_messages(inp: Input, opts: TranslateOptions) -> list[Message]:
     """Source warnings and the control plane's own translation warnings, classified."""
     out: list[Message] = []
     for ref, text in inp.source_warnings.items():
+        if text.startswith("[AMB02"):
+            continue  # a kind/field finding: reported by field_messages with its own code
         out.append(
             _msg(
                 "Error", "AMB0001", ref, f"the control plane cannot read this and skips it: {text}"
@@ -354,7 +364,9 @@ def translation_messages(inp: Input, opts: TranslateOptions) -> list[Message]:
     translator.update(inp.snapshot)
     for w in translator.warnings():
         origin = _warning_origin(inp, w.ref)
-        if w.ref.startswith("AuthorizationPolicy") and "fail-closed" in w.message:
+        if w.message.startswith("[AMB02"):
+            continue  # a field finding: reported by field_messages with its own code
+        if w.ref.startswith(_SECURITY_KINDS) and "fail-closed" in w.message:
             out.append(_msg("Error", "AMB0106", w.ref, w.message, origin))
         elif w.ref.startswith("AuthorizationPolicy") and (
             "cannot evaluate" in w.message or "not enforced by node proxies" in w.message
@@ -457,7 +469,7 @@ def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Me
                 (
                     p
                     for p in sel_pa
-                    if p.selector is not None and labels_match(p.selector, pod.labels)
+                    if p.selector is not None and selector_matches(p.selector, pod.labels)
                 ),
                 None,
             )
@@ -501,9 +513,40 @@ def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Me
     return out
 
 
+def field_messages(inp: Input) -> list[Message]:
+    """Every unknown, refused and warned field, and every kind not implemented, of every
+    document (codes AMB0201..AMB0205 from the field table, `meshcore.config.fields`); policies
+    through the one policy parser, as the control plane and the waypoint read them."""
+    out: list[Message] = []
+    for d in inp.raw:
+        ref = f"{d.kind} {d.namespace}/{d.name}" if d.kind != "Namespace" else f"Namespace {d.name}"
+        findings: Iterable[Finding]
+        if d.kind in ("AuthorizationPolicy", "RequestAuthentication"):
+            try:
+                findings = parse_policy(d.body).findings
+            except ConfigError:
+                continue  # unreadable metadata: AMB0001 from the source
+        elif d.kind in ROUTING_KINDS:
+            # The waypoint's own parser: field findings plus what it says about values.
+            body = dict(d.body)
+            body["metadata"] = {**d.meta, "namespace": d.namespace}
+            findings = [f for _ref, f in parse_objects([body]).findings]
+        else:
+            labels = d.meta.get("labels")
+            findings = [
+                *check_object(d.kind, d.body),
+                *check_labels(d.kind, labels if isinstance(labels, Mapping) else {}),
+            ]
+        for f in findings:
+            text = f.render() if f.path else f.message
+            out.append(_msg(f.level, f.code, ref, text, d.origin))
+    return out
+
+
 def analyze(inp: Input, opts: TranslateOptions | None = None) -> list[Message]:
     opts = opts or TranslateOptions()
     msgs: Iterable[Message] = [
+        *field_messages(inp),
         *translation_messages(inp, opts),
         *not_captured(inp),
         *missing_waypoints(inp),

@@ -1,11 +1,9 @@
-"""Who is ambient: the label decision and the label sources the node agent reads.
+"""The label sources the node agent reads (who is ambient is decided by
+`meshcore.config.labels.wants_ambient`, the rule the control plane uses too).
 
-Owns the pure decision `wants_ambient` (ambient-facts.md "Enrollment, labels, waypoints"):
-pod label ``istio.io/dataplane-mode=none`` opts out; pod label ``=ambient`` opts in; otherwise
-the namespace label ``istio.io/dataplane-mode=ambient`` enrolls. And `ManifestLabels`, the lab's
-source of truth: Kubernetes-style YAML manifests (Namespace, Pod) in a directory (the lab edits
-them for `ambientctl lab label`, and the control plane watches the same directory), optionally
-overlaid by a JSON overrides file.
+Owns `ManifestLabels`, the lab's source of truth: Kubernetes-style YAML manifests (Namespace,
+Pod) in a directory (the lab edits them for `ambientctl lab label`, and the control plane
+watches the same directory), optionally overlaid by a JSON overrides file.
 
 Invariant: `ManifestLabels.version()` changes whenever any input file changes (mtime and size),
 so the agent re-reconciles exactly when something could have changed.
@@ -21,17 +19,10 @@ from typing import Any, Protocol
 
 import yaml
 
-DATAPLANE_MODE = "istio.io/dataplane-mode"
+from meshcore.config.labels import DATAPLANE_MODE as DATAPLANE_MODE
+from meshcore.config.labels import wants_ambient as wants_ambient
+
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
-
-
-def wants_ambient(ns_labels: Mapping[str, str], pod_labels: Mapping[str, str]) -> bool:
-    pod_mode = pod_labels.get(DATAPLANE_MODE)
-    if pod_mode == "none":
-        return False
-    if pod_mode == "ambient":
-        return True
-    return ns_labels.get(DATAPLANE_MODE) == "ambient"
 
 
 class LabelSource(Protocol):

@@ -50,19 +50,22 @@ from controlplane.auth import (
 )
 from controlplane.ca import CertificateService, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
-from controlplane.l7 import l7_resources
+from controlplane.l7 import gateway_findings, l7_findings, l7_resources
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
+from controlplane.status import StatusWriter
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from controlplane.waypoints import WaypointController, WaypointSettings
 from controlplane.xds import XdsServer
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
+from meshcore.config.fields import Finding
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId
+from meshcore.kubeapi import KubeApi
 from meshcore.opshttp import is_loopback, require_loopback
-from meshcore.proto.l7res import L7_TYPE, pack_l7
+from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7
 
 log = logging.getLogger("controlplane")
 
@@ -197,6 +200,12 @@ class ControlPlane:
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.translations = 0
+        self._l7_parsed: dict[str, L7Resource] | None = None
+        self._l7_findings: dict[str, list[Finding]] = {}
+        self.findings: dict[str, list[Finding]] = {}
+        """``Kind ns/name`` -> field findings of the L7 objects (as waypoints parse them)."""
+        self.status_writer: StatusWriter | None = None
+        self._status_wake = asyncio.Event()
         self.store.subscribe(lambda _snap: self._dirty.set())
 
     # ---- translation
@@ -210,6 +219,11 @@ class ControlPlane:
         # Waypoints' L7 objects after the Address/Authorization records they refer to.
         l7 = l7_resources(self.store.snapshot, self.settings.options)
         self.xds.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in l7.items()}, changed_at=t0)
+        if l7 != self._l7_parsed:  # parsing every L7 object again only when one changed
+            self._l7_parsed = l7
+            self._l7_findings = l7_findings(l7)
+        self.findings = {**self._l7_findings, **gateway_findings(self.store.snapshot)}
+        self._status_wake.set()
         self.translations += 1
         self.metrics.translate_seconds.observe(time.monotonic() - t0)
         self.metrics.objects.set(self.store.snapshot.count())
@@ -229,7 +243,11 @@ class ControlPlane:
         for ref, msg in self.store.source_warnings().items():
             out.setdefault(ref, []).append(msg)
         for w in self.translator.warnings():
+            if w.message.startswith("[AMB02"):
+                continue  # a policy's field finding: in self.findings too
             out.setdefault(w.ref, []).append(w.message)
+        for ref, findings in self.findings.items():
+            out.setdefault(ref, []).extend(f"[{f.code}] {f.render()}" for f in findings)
         return out
 
     # ---- lifecycle
@@ -266,6 +284,18 @@ class ControlPlane:
             controller = self.waypoints
             self.store.subscribe(lambda _snap: controller.kick())
             self._tasks.append(loop.create_task(controller.run()))
+        if s.kubernetes and s.manifest_dir is None:
+            # Findings go into the objects' status (validationMessages / route conditions).
+            self.status_writer = StatusWriter(KubeApi(kubeconfig=s.kubeconfig))
+            self._tasks.append(
+                loop.create_task(
+                    self.status_writer.run(
+                        lambda: (self.store.snapshot, self.findings),
+                        self._status_wake,
+                        lambda: utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    )
+                )
+            )
         self.translate_now()
         self._dirty.clear()
         self._tasks.append(loop.create_task(self._translate_loop()))

@@ -11,9 +11,10 @@ Invariants:
   ignored (real API objects carry many). A problem raises `ConfigError` whose path names the
   object and the field (``Pod default/web-1: spec.nodeName``); the source reports it and skips
   the object.
-- AuthorizationPolicy is the exception to "skip": a policy whose rules cannot be read is kept
-  with `error` set and translated fail-closed (see `controlplane.translate`), because skipping a
-  DENY policy, or the only ALLOW policy of a workload, would silently widen access.
+- AuthorizationPolicy is the exception to "skip": it is read by the one parser
+  (`meshcore.config.authorization`), which never skips: anything it cannot read or does not
+  implement makes the policy fail closed (see there), because skipping a DENY policy, or the
+  only ALLOW policy of a workload, would silently widen access.
 """
 
 from __future__ import annotations
@@ -24,15 +25,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshcore.config.authorization import AuthzPolicy, parse_policy
+from meshcore.config.labels import Labels as Labels
 from meshcore.errors import ConfigError
-
-Labels = tuple[tuple[str, str], ...]
-"""Sorted (key, value) pairs."""
 
 CORE_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount")
 ISTIO_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
-STORED_KINDS = ("VirtualService", "DestinationRule", "Gateway", "HTTPRoute")
-"""Kept in the store (and visible in /debug) but not translated for node proxies yet."""
+STORED_KINDS = (
+    "VirtualService",
+    "DestinationRule",
+    "Gateway",
+    "HTTPRoute",
+    "RequestAuthentication",
+)
+"""Kept in the store (and visible in /debug), served to waypoints as written; a
+RequestAuthentication is also translated (a DENY for its targets: JWT is not implemented)."""
 KINDS = CORE_KINDS + ISTIO_KINDS + STORED_KINDS
 
 
@@ -50,12 +57,6 @@ class ObjectKey:
             if self.namespace
             else (f"{self.kind} {self.name}")
         )
-
-
-def labels_match(selector: Labels, labels: Labels) -> bool:
-    """matchLabels semantics: every selector pair is present in `labels`."""
-    have = dict(labels)
-    return all(have.get(k) == v for k, v in selector)
 
 
 # ------------------------------------------------------------------------------------ records
@@ -144,62 +145,33 @@ class ServiceAccount:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PolicySource:
-    """AuthorizationPolicy ``from[].source``."""
-
-    principals: tuple[str, ...] = ()
-    not_principals: tuple[str, ...] = ()
-    namespaces: tuple[str, ...] = ()
-    not_namespaces: tuple[str, ...] = ()
-    ip_blocks: tuple[str, ...] = ()
-    not_ip_blocks: tuple[str, ...] = ()
-    l7_fields: tuple[str, ...] = ()
-    """Names of set fields a node proxy cannot evaluate (requestPrincipals, remoteIpBlocks...)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyOperation:
-    """AuthorizationPolicy ``to[].operation``."""
-
-    ports: tuple[int, ...] = ()
-    not_ports: tuple[int, ...] = ()
-    l7_fields: tuple[str, ...] = ()
-    """Set fields that need HTTP (hosts, methods, paths and their not_ forms)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyCondition:
-    """AuthorizationPolicy ``when[]``."""
-
-    key: str
-    values: tuple[str, ...] = ()
-    not_values: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyRule:
-    sources: tuple[PolicySource, ...] = ()
-    operations: tuple[PolicyOperation, ...] = ()
-    conditions: tuple[PolicyCondition, ...] = ()
-    has_from: bool = False
-    has_to: bool = False
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class AuthorizationPolicy:
+    """An AuthorizationPolicy as read by the one parser (`meshcore.config.authorization`)."""
+
     namespace: str
     name: str
-    selector: Labels | None = None
-    """None: no selector (namespace- or mesh-wide)."""
-    targeted: bool = False
-    """targetRef(s) set: the policy is for waypoints/gateways, not node proxies."""
-    action: str = "ALLOW"
-    rules: tuple[PolicyRule, ...] | None = ()
-    """None: the spec had no ``rules`` field (ALLOW: matches nothing; DENY: nothing)."""
-    error: str | None = None
-    """Why the rules could not be read (translated fail-closed)."""
+    policy: AuthzPolicy
     raw_json: str = ""
     """The object as written (canonical JSON), served to waypoints (``controlplane.l7``)."""
+
+    @property
+    def selector(self) -> Labels | None:
+        """None: no selector (namespace- or mesh-wide)."""
+        return self.policy.selector
+
+    @property
+    def targeted(self) -> bool:
+        """targetRef(s) set: the policy is for waypoints/gateways, not node proxies."""
+        return self.policy.targeted
+
+    @property
+    def action(self) -> str:
+        return self.policy.action.value
+
+    @property
+    def error(self) -> str | None:
+        """Why the policy is enforced fail-closed (None: enforced as written)."""
+        return self.policy.error
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,6 +181,9 @@ class PeerAuthentication:
     selector: Labels | None = None
     mode: str = "UNSET"
     port_modes: tuple[tuple[int, str], ...] = ()
+    error: str | None = None
+    """Why the object could not be read: it is then enforced as STRICT for its scope (fail
+    closed: skipping it could let plaintext in where the user asked for mTLS)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -467,87 +442,6 @@ def _parse_endpoint_slice(raw: Mapping[str, Any]) -> EndpointSlice:
     return EndpointSlice(namespace=ns, name=name, service_name=svc, endpoints=tuple(eps))
 
 
-_SOURCE_L4 = {
-    "principals": "principals",
-    "notPrincipals": "not_principals",
-    "namespaces": "namespaces",
-    "notNamespaces": "not_namespaces",
-    "ipBlocks": "ip_blocks",
-    "notIpBlocks": "not_ip_blocks",
-}
-_SOURCE_L7 = (
-    "requestPrincipals",
-    "notRequestPrincipals",
-    "remoteIpBlocks",
-    "notRemoteIpBlocks",
-    "serviceAccounts",
-    "notServiceAccounts",
-)
-_OPERATION_L7 = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
-
-
-def _parse_policy_rule(r: _Reader, raw: object, f: str) -> PolicyRule:
-    ro = r.strict_obj(raw, f, ("from", "to", "when"))
-    sources: list[PolicySource] = []
-    for i, item in enumerate(r.seq(ro.get("from"), f"{f}.from")):
-        ff = f"{f}.from[{i}]"
-        src = r.strict_obj(
-            r.strict_obj(item, ff, ("source",)).get("source"),
-            f"{ff}.source",
-            (*_SOURCE_L4, *_SOURCE_L7),
-        )
-        values: dict[str, tuple[str, ...]] = {}
-        for camel, attr in _SOURCE_L4.items():
-            vals = r.strs(src.get(camel), f"{ff}.source.{camel}")
-            if camel.endswith(("IpBlocks", "ipBlocks")):
-                vals = tuple(r.cidr(v, f"{ff}.source.{camel}[{j}]") for j, v in enumerate(vals))
-            values[attr] = vals
-        l7 = tuple(k for k in _SOURCE_L7 if src.get(k))
-        sources.append(PolicySource(l7_fields=l7, **values))
-    operations: list[PolicyOperation] = []
-    for i, item in enumerate(r.seq(ro.get("to"), f"{f}.to")):
-        ff = f"{f}.to[{i}]"
-        op = r.strict_obj(
-            r.strict_obj(item, ff, ("operation",)).get("operation"),
-            f"{ff}.operation",
-            ("ports", "notPorts", *_OPERATION_L7),
-        )
-        operations.append(
-            PolicyOperation(
-                ports=tuple(
-                    r.port(p, f"{ff}.operation.ports[{j}]")
-                    for j, p in enumerate(r.seq(op.get("ports"), f"{ff}.operation.ports"))
-                ),
-                not_ports=tuple(
-                    r.port(p, f"{ff}.operation.notPorts[{j}]")
-                    for j, p in enumerate(r.seq(op.get("notPorts"), f"{ff}.operation.notPorts"))
-                ),
-                l7_fields=tuple(k for k in _OPERATION_L7 if op.get(k)),
-            )
-        )
-    conditions: list[PolicyCondition] = []
-    for i, item in enumerate(r.seq(ro.get("when"), f"{f}.when")):
-        ff = f"{f}.when[{i}]"
-        co = r.strict_obj(item, ff, ("key", "values", "notValues"))
-        key = r.text(co.get("key"), f"{ff}.key")
-        if not key:
-            raise r.fail(f"{ff}.key", "required string is missing")
-        conditions.append(
-            PolicyCondition(
-                key=key,
-                values=r.strs(co.get("values"), f"{ff}.values"),
-                not_values=r.strs(co.get("notValues"), f"{ff}.notValues"),
-            )
-        )
-    return PolicyRule(
-        sources=tuple(sources),
-        operations=tuple(operations),
-        conditions=tuple(conditions),
-        has_from="from" in ro,
-        has_to="to" in ro,
-    )
-
-
 def _selector(r: _Reader, spec: Mapping[str, Any]) -> Labels | None:
     if spec.get("selector") is None:
         return None
@@ -557,33 +451,11 @@ def _selector(r: _Reader, spec: Mapping[str, Any]) -> Labels | None:
 
 def _parse_authorization_policy(raw: Mapping[str, Any]) -> AuthorizationPolicy:
     ns, name, _labels, where = _meta(raw, "AuthorizationPolicy", True)
-    r = _Reader(where)
-    spec = r.obj(raw.get("spec"), "spec")
-    # The scope is read first and strictly: without it we could not even fail closed.
-    selector = _selector(r, spec)
-    targeted = bool(spec.get("targetRef") or spec.get("targetRefs"))
     try:
-        r.strict_obj(
-            spec, "spec", ("selector", "targetRef", "targetRefs", "action", "rules", "provider")
-        )
-        action = r.text(spec.get("action"), "spec.action", "ALLOW") or "ALLOW"
-        if action not in ("ALLOW", "DENY", "AUDIT", "CUSTOM"):
-            raise r.fail("spec.action", f"{action!r} is not one of ALLOW, DENY, AUDIT, CUSTOM")
-        rules: tuple[PolicyRule, ...] | None = None
-        if "rules" in spec:
-            rules = tuple(
-                _parse_policy_rule(r, item, f"spec.rules[{i}]")
-                for i, item in enumerate(r.seq(spec.get("rules"), "spec.rules"))
-            )
-    except ConfigError as exc:
-        return AuthorizationPolicy(
-            namespace=ns, name=name, selector=selector, targeted=targeted, error=str(exc),
-            raw_json=raw_json(raw),
-        )  # fmt: skip
-    return AuthorizationPolicy(
-        namespace=ns, name=name, selector=selector, targeted=targeted, action=action, rules=rules,
-        raw_json=raw_json(raw),
-    )  # fmt: skip
+        policy = parse_policy(raw)
+    except ConfigError as exc:  # metadata only; `_meta` read it already
+        raise ConfigError(f"{where}: {exc.path}", exc.message) from None
+    return AuthorizationPolicy(namespace=ns, name=name, policy=policy, raw_json=raw_json(raw))
 
 
 _MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
@@ -591,6 +463,24 @@ _MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
 
 def _parse_peer_authentication(raw: Mapping[str, Any]) -> PeerAuthentication:
     ns, name, _labels, where = _meta(raw, "PeerAuthentication", True)
+    try:
+        return _read_peer_authentication(raw, ns, name, where)
+    except ConfigError as exc:
+        selector: Labels | None = None
+        spec = raw.get("spec")
+        if isinstance(spec, Mapping):
+            try:
+                selector = _selector(_Reader(where), spec)
+            except ConfigError:
+                selector = None  # unreadable scope: the whole namespace (mesh in the root)
+        return PeerAuthentication(
+            namespace=ns, name=name, selector=selector, mode="STRICT", error=str(exc)
+        )
+
+
+def _read_peer_authentication(
+    raw: Mapping[str, Any], ns: str, name: str, where: str
+) -> PeerAuthentication:
     r = _Reader(where)
     spec = r.strict_obj(raw.get("spec"), "spec", ("selector", "mtls", "portLevelMtls"))
 

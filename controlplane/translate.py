@@ -32,6 +32,7 @@ Rules (Istio ambient, see ambient-facts.md "Enrollment, labels, waypoints"):
   Istio's own ztunnel translation.
 - Malformed AuthorizationPolicy (rules unreadable): fail closed, i.e. an ALLOW policy with no
   rules in the policy's scope (allows nothing) plus a warning, until it is fixed.
+- Malformed PeerAuthentication: fail closed, i.e. STRICT for its scope, plus a warning.
 - PeerAuthentication: effective mode per workload = its selector policy, else namespace policy,
   else mesh policy (root namespace, no selector), UNSET inheriting; default PERMISSIVE. STRICT at
   L4 is a DENY of connections without a principal (plaintext) (ambient-facts.md). DISABLE is
@@ -45,20 +46,26 @@ equal outputs. The `Translator` only caches: its result equals translating from 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from controlplane.objects import (
-    AuthorizationPolicy,
     KubeService,
     Labels,
     PeerAuthentication,
     Pod,
-    PolicyRule,
-    labels_match,
 )
 from controlplane.store import NamespaceObjects, StoreSnapshot
+from meshcore.config.authorization import (
+    REQUEST_AUTHN_PREFIX,
+    AuthzPolicy,
+    parse_policy,
+    to_l4,
+)
+from meshcore.config.labels import selector_matches, wants_ambient
+from meshcore.errors import ConfigError
 from meshcore.identity import SpiffeId
 from meshcore.model import (
     Action,
@@ -66,7 +73,6 @@ from meshcore.model import (
     Authorization,
     Clause,
     GatewayAddress,
-    IPNetwork,
     Match,
     MatchKind,
     NamespacedHostname,
@@ -82,7 +88,6 @@ from meshcore.model import (
     WorkloadType,
 )
 
-DATAPLANE_MODE = "istio.io/dataplane-mode"
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NS = "istio.io/use-waypoint-namespace"
 WAYPOINT_FOR = "istio.io/waypoint-for"
@@ -118,7 +123,7 @@ class MeshWide:
     """Inputs of every namespace's translation that come from outside the namespace."""
 
     mesh_mtls: str = "UNSET"
-    root_selector_policies: tuple[AuthorizationPolicy, ...] = ()
+    root_selector_policies: tuple[AuthzPolicy, ...] = ()
     waypoint_for: tuple[tuple[tuple[str, str], str], ...] = ()
     """((namespace, gateway name), istio.io/waypoint-for) of known Gateways."""
 
@@ -140,7 +145,7 @@ class NamespaceResult:
 def mesh_wide(snapshot: StoreSnapshot, opts: TranslateOptions) -> MeshWide:
     root = snapshot.namespaces.get(opts.root_namespace)
     mode = "UNSET"
-    selector_policies: tuple[AuthorizationPolicy, ...] = ()
+    selector_policies: tuple[AuthzPolicy, ...] = ()
     if root is not None:
         mesh_pas = sorted(
             (p for p in root.peer_authentications.values() if p.selector is None),
@@ -149,14 +154,7 @@ def mesh_wide(snapshot: StoreSnapshot, opts: TranslateOptions) -> MeshWide:
         if mesh_pas:
             mode = mesh_pas[0].mode
         selector_policies = tuple(
-            sorted(
-                (
-                    p
-                    for p in root.authorization_policies.values()
-                    if p.selector is not None and not p.targeted
-                ),
-                key=lambda p: p.name,
-            )
+            p for p in namespace_policies(root) if p.selector is not None and not p.targeted
         )
     gateways = []
     for ns, objs in snapshot.namespaces.items():
@@ -185,10 +183,8 @@ def _label(labels: Labels, key: str) -> str | None:
 
 
 def is_ambient(pod: Pod, ns_labels: Labels) -> bool:
-    mode = _label(pod.labels, DATAPLANE_MODE)
-    if mode is not None:
-        return mode == "ambient"
-    return _label(ns_labels, DATAPLANE_MODE) == "ambient"
+    """Enrollment: `meshcore.config.labels.wants_ambient` (the node agent's rule too)."""
+    return wants_ambient(ns_labels, pod.labels)
 
 
 def _waypoint_ref(labels: Labels, own_ns: str) -> tuple[str, str] | bool | None:
@@ -314,176 +310,30 @@ def translate_service(svc: KubeService, ns_labels: Labels, mesh: MeshWide, opts:
 # --------------------------------------------------------------------------------- policies
 
 
-def _string_match(value: str) -> StringMatch | None:
-    """AuthorizationPolicy wildcard syntax; None if the value is not expressible."""
-    if value == "*":
-        return StringMatch(kind=MatchKind.PRESENCE)
-    if "*" in value[1:-1] or value.count("*") > 1:
-        return None
-    if value.endswith("*"):
-        return StringMatch(kind=MatchKind.PREFIX, value=value[:-1])
-    if value.startswith("*"):
-        return StringMatch(kind=MatchKind.SUFFIX, value=value[1:])
-    return StringMatch(kind=MatchKind.EXACT, value=value)
-
-
-def _principal_match(value: str) -> StringMatch | None:
-    return _string_match(value.removeprefix("spiffe://"))
-
-
-class _Unsupported(Exception):
-    """A rule part a node proxy cannot evaluate (reason in args[0])."""
-
-
-def _strings(values: Iterable[str], principal: bool = False) -> tuple[StringMatch, ...]:
-    out = []
-    for v in values:
-        m = _principal_match(v) if principal else _string_match(v)
-        if m is None:
-            raise _Unsupported(f"value {v!r} uses '*' other than at the start or end")
-        out.append(m)
-    return tuple(out)
-
-
-def _nets(values: Iterable[str]) -> tuple[IPNetwork, ...]:
-    try:
-        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
-    except ValueError as exc:
-        raise _Unsupported(str(exc)) from None
-
-
-def _ports(values: Iterable[str]) -> tuple[int, ...]:
-    out = []
-    for v in values:
-        if not v.isdigit() or not 1 <= int(v) <= 65535:
-            raise _Unsupported(f"{v!r} is not a port")
-        out.append(int(v))
-    return tuple(out)
-
-
-_L4_CONDITIONS = frozenset(
-    ("source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port")
-)
-
-
-def _condition_match(key: str, values: tuple[str, ...], not_values: tuple[str, ...]) -> Match:
-    if key == "source.ip":
-        return Match(source_ips=_nets(values), not_source_ips=_nets(not_values))
-    if key == "destination.ip":
-        return Match(destination_ips=_nets(values), not_destination_ips=_nets(not_values))
-    if key == "destination.port":
-        return Match(destination_ports=_ports(values), not_destination_ports=_ports(not_values))
-    if key == "source.namespace":
-        return Match(namespaces=_strings(values), not_namespaces=_strings(not_values))
-    return Match(principals=_strings(values, True), not_principals=_strings(not_values, True))
-
-
-def _rule(rule: PolicyRule, deny: bool) -> tuple[Rule | None, list[str]]:
-    """One AuthorizationPolicy rule -> L4 Rule (None = the rule matches nothing) + the
-    L7/unsupported parts found. See the module docstring for the safe reading."""
-    l7: list[str] = []
-    clauses: list[Clause] = []
-    # from: entries ORed. An entry whose L4 part is empty matches any L4 connection (its L7
-    # part is ignored for DENY), so then the whole clause matches everything and is left out.
-    if rule.sources:
-        matches = []
-        match_all = False
-        for s in rule.sources:
-            l7.extend(f"from.source.{f}" for f in s.l7_fields)
-            m = Match(
-                principals=_strings(s.principals, True),
-                not_principals=_strings(s.not_principals, True),
-                namespaces=_strings(s.namespaces),
-                not_namespaces=_strings(s.not_namespaces),
-                source_ips=_nets(s.ip_blocks),
-                not_source_ips=_nets(s.not_ip_blocks),
-            )
-            if m.is_empty():
-                match_all = True
-            else:
-                matches.append(m)
-        if not match_all:
-            clauses.append(Clause(matches=tuple(matches)))
-    if rule.operations:
-        matches = []
-        match_all = False
-        for o in rule.operations:
-            l7.extend(f"to.operation.{f}" for f in o.l7_fields)
-            m = Match(destination_ports=o.ports, not_destination_ports=o.not_ports)
-            if m.is_empty():
-                match_all = True
-            else:
-                matches.append(m)
-        if not match_all:
-            clauses.append(Clause(matches=tuple(matches)))
-    for c in rule.conditions:
-        if c.key not in _L4_CONDITIONS:
-            l7.append(f"when.{c.key}")
-            continue
-        m = _condition_match(c.key, c.values, c.not_values)
-        if not m.is_empty():
-            clauses.append(Clause(matches=(m,)))
-    if l7 and not deny:
-        return None, l7
-    return Rule(clauses=tuple(clauses)), l7
+def namespace_policies(objs: NamespaceObjects) -> list[AuthzPolicy]:
+    """The namespace's AuthorizationPolicies and RequestAuthentications, parsed by the one
+    parser (`meshcore.config.authorization`), in name order."""
+    out = [ap.policy for ap in objs.authorization_policies.values()]
+    for obj in objs.stored.values():
+        if obj.kind == "RequestAuthentication" and obj.raw_json:
+            try:
+                out.append(parse_policy(json.loads(obj.raw_json)))
+            except ConfigError:  # metadata was read when the object was stored
+                continue
+    return sorted(out, key=lambda p: (p.kind, p.name))
 
 
 def translate_authorization_policy(
-    ap: AuthorizationPolicy, opts: TranslateOptions, warnings: list[ConfigWarning]
+    ap: AuthzPolicy, opts: TranslateOptions, warnings: list[ConfigWarning]
 ) -> Authorization | None:
-    """The L4 Authorization a node proxy enforces for `ap`, or None if node proxies do not
-    enforce it (targetRef policies, AUDIT, CUSTOM)."""
-    ref = f"AuthorizationPolicy {ap.namespace}/{ap.name}"
-    if ap.targeted:
-        return None  # waypoint/gateway policy (a later issue translates it for waypoints)
-    if ap.selector is not None:
-        scope = Scope.WORKLOAD_SELECTOR
-    elif ap.namespace == opts.root_namespace:
-        scope = Scope.GLOBAL
-    else:
-        scope = Scope.NAMESPACE
-    if ap.error is not None:
-        warnings.append(
-            ConfigWarning(
-                ref=ref,
-                message=f"invalid, enforced fail-closed (allows nothing) until fixed: {ap.error}",
-            )
-        )
-        return Authorization(name=ap.name, namespace=ap.namespace, scope=scope)
-    if ap.action in ("AUDIT", "CUSTOM"):
-        warnings.append(
-            ConfigWarning(ref=ref, message=f"action {ap.action} is not enforced by node proxies")
-        )
-        return None
-    deny = ap.action == "DENY"
-    rules: list[Rule] = []
-    for i, r in enumerate(ap.rules or ()):
-        try:
-            rule, l7 = _rule(r, deny)
-        except _Unsupported as exc:
-            rule, l7 = (Rule() if deny else None), [str(exc)]
-        if l7:
-            effect = (
-                "the rule is enforced on its L4 attributes only (denies more)"
-                if deny
-                else "the rule is dropped (it allows nothing)"
-            )
-            warnings.append(
-                ConfigWarning(
-                    ref=ref,
-                    message=f"rules[{i}] uses {', '.join(sorted(set(l7)))} which node proxies "
-                    f"cannot evaluate; {effect}",
-                )
-            )
-        if rule is not None:
-            rules.append(rule)
-    return Authorization(
-        name=ap.name,
-        namespace=ap.namespace,
-        scope=scope,
-        action=Action.DENY if deny else Action.ALLOW,
-        rules=tuple(rules),
-    )
+    """The L4 Authorization a node proxy enforces for `ap` (`to_l4`), or None if node proxies
+    do not enforce it (targetRef policies, AUDIT); its warnings are added to `warnings`."""
+    ref = f"{ap.kind} {ap.namespace}/{ap.name}"
+    pol, notes = to_l4(ap, root_namespace=opts.root_namespace)
+    for f in ap.findings:
+        warnings.append(ConfigWarning(ref=ref, message=f"[{f.code}] {f.render()}"))
+    warnings.extend(ConfigWarning(ref=ref, message=n) for n in notes)
+    return pol
 
 
 _NO_PRINCIPAL = Match(not_principals=(StringMatch(kind=MatchKind.PRESENCE),))
@@ -529,6 +379,11 @@ def _effective(*modes: str) -> str:
 # --------------------------------------------------------------------------------- namespace
 
 
+def l4_name(ap: AuthzPolicy) -> str:
+    """Name of the L4 record of `ap` (a RequestAuthentication's is prefixed, see `to_l4`)."""
+    return REQUEST_AUTHN_PREFIX + ap.name if ap.kind == "RequestAuthentication" else ap.name
+
+
 def translate_namespace(
     objs: NamespaceObjects, mesh: MeshWide, opts: TranslateOptions
 ) -> NamespaceResult:
@@ -563,7 +418,7 @@ def translate_namespace(
 
     policies: dict[str, Authorization] = {}
     selector_policies: list[tuple[Labels, str]] = []
-    for ap in objs.authorization_policies.values():
+    for ap in namespace_policies(objs):
         pol = translate_authorization_policy(ap, opts, warnings)
         if pol is None:
             continue
@@ -573,7 +428,7 @@ def translate_namespace(
             selector_policies.append((ap.selector, pol.key))
     for ap in mesh.root_selector_policies:  # root-namespace selector policies: every namespace
         if ap.selector is not None:
-            selector_policies.append((ap.selector, f"{ap.namespace}/{ap.name}"))
+            selector_policies.append((ap.selector, f"{ap.namespace}/{l4_name(ap)}"))
     if ns == opts.root_namespace:
         strict = static_strict_policy(opts)
         policies[strict.key] = strict
@@ -583,6 +438,14 @@ def translate_namespace(
         (p for p in objs.peer_authentications.values() if p.selector is None), key=lambda p: p.name
     )
     ns_mode = ns_pas[0].mode if ns_pas else "UNSET"
+    for peer in objs.peer_authentications.values():
+        if peer.error is not None:
+            warnings.append(
+                ConfigWarning(
+                    ref=f"PeerAuthentication {ns}/{peer.name}",
+                    message=f"invalid, enforced fail-closed as STRICT until fixed: {peer.error}",
+                )
+            )
     for extra in ns_pas[1:]:
         warnings.append(
             ConfigWarning(
@@ -614,7 +477,7 @@ def translate_namespace(
         ref = f"Pod {ns}/{pod.name}"
         ambient = is_ambient(pod, ns_labels)
         svc_ports: dict[str, tuple[Port, ...]] = {}
-        members = [s for s in selected if s.selector and labels_match(s.selector, pod.labels)]
+        members = [s for s in selected if s.selector and selector_matches(s.selector, pod.labels)]
         for svc in [*members, *slice_members.get(pod.name, ())]:
             ports = []
             for p in svc.ports:
@@ -643,13 +506,15 @@ def translate_namespace(
             waypoint = _resolve_waypoint(
                 chain, "workload", mesh, opts, ref, warnings if explicit else quiet
             )
-        authz: list[str] = [key for sel, key in selector_policies if labels_match(sel, pod.labels)]
+        authz: list[str] = [
+            key for sel, key in selector_policies if selector_matches(sel, pod.labels)
+        ]
         # PeerAuthentication for this pod
         pa = next(
             (
                 p
                 for p in pa_selectors
-                if p.selector is not None and labels_match(p.selector, pod.labels)
+                if p.selector is not None and selector_matches(p.selector, pod.labels)
             ),
             None,
         )

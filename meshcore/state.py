@@ -36,9 +36,9 @@ from meshcore.model import (
     Service,
     Workload,
     WorkloadStatus,
-    check_unique,
     ip_from_text,
 )
+from meshcore.proto.yamlform import check_unique
 
 Record = Workload | Service | Authorization
 

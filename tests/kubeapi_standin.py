@@ -25,7 +25,8 @@ changes" and "Watch bookmarks"):
   /namespaces/<ns>>`` (201; 409 AlreadyExists), ``PATCH <item>`` with
   ``application/merge-patch+json`` (RFC 7386; 404 when absent), ``DELETE <item>`` (200 with the
   object; 404 when absent), ``GET <item>`` for any served kind, and the ``status`` subresource of
-  Gateways (``PATCH .../gateways/<name>/status`` changes only ``status``); every write bumps the
+  the kinds in `SUBRESOURCES` (``PATCH .../<plural>/<name>/status`` changes only ``status``, a
+  PATCH of the main resource leaves ``status`` alone); every write bumps the
   object's resourceVersion and emits a watch event; a create sets ``metadata.uid``. A PATCH that
   changes nothing keeps the resourceVersion (as the API server does for a no-op);
 - ``labelSelector`` of equality terms (``k=v,k2=v2``) on lists;
@@ -48,12 +49,28 @@ from aiohttp import web
 CORE = {"namespaces", "pods", "services", "serviceaccounts", "configmaps"}
 GROUPS = {
     "discovery.k8s.io/v1": {"endpointslices"},
-    "security.istio.io/v1": {"authorizationpolicies", "peerauthentications"},
+    "security.istio.io/v1": {
+        "authorizationpolicies",
+        "peerauthentications",
+        "requestauthentications",
+    },
     "networking.istio.io/v1": {"virtualservices", "destinationrules"},
     "gateway.networking.k8s.io/v1": {"gateways", "httproutes"},
     "apps/v1": {"deployments"},
 }
-SUBRESOURCES = {("gateways", "status")}
+SUBRESOURCES = {
+    (plural, "status")
+    for plural in (
+        "gateways",
+        "httproutes",
+        "authorizationpolicies",
+        "peerauthentications",
+        "requestauthentications",
+        "virtualservices",
+        "destinationrules",
+    )
+}
+"""Kinds with a ``status`` subresource (all the CRDs the control plane reports on)."""
 
 
 class KubeApiStandIn:
@@ -214,7 +231,7 @@ class KubeApiStandIn:
         patch = await request.json()
         if sub == "status":
             patch = {"status": patch.get("status")}
-        elif isinstance(patch, dict) and plural in {p for _, p in SUBRESOURCES}:
+        elif isinstance(patch, dict) and plural in {p for p, _ in SUBRESOURCES}:
             patch.pop("status", None)  # the main resource ignores status (subresource enabled)
         new = _merge(live, patch)
         new["metadata"]["uid"] = live["metadata"].get("uid")

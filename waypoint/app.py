@@ -43,13 +43,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
+from meshcore.config.objects import parse_objects
+from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
-from meshcore.l7.config import WaypointConfig, parse_objects
 from meshcore.l7.route import CompiledConfig
-from meshcore.model import load_mesh_config
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, json_response, require_loopback, serve_http
+from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams

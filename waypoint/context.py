@@ -19,16 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshcore.certs import CertificateManager
+from meshcore.config.labels import selector_matches
+from meshcore.config.routes import DestinationPolicy, TrafficPolicy, WaypointConfig
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
 from meshcore.l7.authz import WaypointIdentity
 from meshcore.l7.cluster import Cluster, EndpointSpec
-from meshcore.l7.config import (
-    DestinationPolicy,
-    TrafficPolicy,
-    WaypointConfig,
-    labels_match,
-)
 from meshcore.l7.route import CompiledConfig, labels_of
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
@@ -197,7 +193,7 @@ class WaypointContext:
                 target = ep.target_port(svc_port)
                 if target is None:
                     continue
-                if selector and not labels_match(selector, self.labels(wl)):
+                if selector and not selector_matches(selector, self.labels(wl)):
                     continue
                 specs.append(
                     EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=target,

@@ -27,10 +27,10 @@ import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
+from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.identity import SpiffeId
 from meshcore.l7.authz import applicable, evaluate
 from meshcore.l7.cluster import Admission, Cluster, EndpointStats
-from meshcore.l7.config import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.l7.route import (
     RequestInfo,
     RouteChoice,
@@ -400,8 +400,8 @@ class Handler:
                 self._wake(cluster)
 
     def _workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
+        from meshcore.config.routes import TrafficPolicy
         from meshcore.l7.cluster import EndpointSpec
-        from meshcore.l7.config import TrafficPolicy
 
         if wl is None or not wl.addresses:
             raise NoHealthyUpstream("no destination workload")

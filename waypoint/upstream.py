@@ -15,6 +15,9 @@ Invariants:
 - A request that fails on a REUSED idle connection before any response byte is retried once
   on a fresh connection when its body can be replayed (the server may have closed the idle
   connection as we reused it, RFC 9112 §9.3.1 retry of idempotent/unsent requests).
+- DestinationRule ``connectionPool.http``: a connection that served ``maxRequestsPerConnection``
+  requests is closed instead of reused; one idle longer than ``idleTimeout`` (or the pool's
+  own limit, whichever is shorter) is closed.
 - The request body is pumped concurrently with reading the response (a server may answer
   before reading everything) with backpressure from the tunnel's send window.
 """
@@ -56,6 +59,10 @@ class H1Conn:
         self.requests = 0
         self.idle_since = 0.0
         self.eof = False
+        self.max_requests = 0
+        """DestinationRule maxRequestsPerConnection (0 = unlimited)."""
+        self.idle_timeout: float | None = None
+        """DestinationRule http idleTimeout (None: the pool's)."""
 
     @property
     def usable(self) -> bool:
@@ -188,18 +195,22 @@ class UpstreamPool:
         self.opened += 1
         return H1Conn(key, io)
 
+    def _idle_limit(self, conn: H1Conn) -> float:
+        return min(self.idle_timeout, conn.idle_timeout or self.idle_timeout)
+
     def _take_idle(self, key: EndpointKey) -> H1Conn | None:
         conns = self._idle.get(key)
         now = self.clock()
         while conns:
             conn = conns.pop()
-            if conn.usable and now - conn.idle_since < self.idle_timeout:
+            if conn.usable and now - conn.idle_since < self._idle_limit(conn):
                 return conn
             conn.io.reset()
         return None
 
     def release(self, conn: H1Conn) -> None:
-        if not conn.usable:
+        if not conn.usable or (conn.max_requests and conn.requests >= conn.max_requests):
+            # DestinationRule maxRequestsPerConnection: the connection is not reused.
             conn.io.reset()
             return
         conns = self._idle.setdefault(conn.key, [])
@@ -209,13 +220,18 @@ class UpstreamPool:
         conn.idle_since = self.clock()
         conns.append(conn)
 
+    @staticmethod
+    def _limit(conn: H1Conn, ep: EndpointStats) -> None:
+        conn.max_requests = ep.max_requests_per_connection
+        conn.idle_timeout = ep.idle_timeout
+
     def sweep(self) -> int:
         now = self.clock()
         closed = 0
         for key, conns in list(self._idle.items()):
             keep = []
             for c in conns:
-                if c.usable and now - c.idle_since < self.idle_timeout:
+                if c.usable and now - c.idle_since < self._idle_limit(c):
                     keep.append(c)
                 else:
                     c.io.reset()
@@ -252,6 +268,7 @@ class UpstreamPool:
         reused = conn is not None
         if conn is None:
             conn = await self._open(key, connect_timeout)
+        self._limit(conn, ep)
         try:
             return await self._exchange(
                 conn, method, target, headers, body(), trailers, has_body, content_length
@@ -261,6 +278,7 @@ class UpstreamPool:
                 raise
         # The idle connection died under us before any response byte: once more, fresh.
         conn = await self._open(key, connect_timeout)
+        self._limit(conn, ep)
         return await self._exchange(
             conn, method, target, headers, body(), trailers, has_body, content_length
         )

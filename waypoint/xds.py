@@ -7,9 +7,10 @@ proxy, plus the L7 type; certificates from the control plane's CA).
 Invariants:
 - Each L7 resource is decoded on its own (`meshcore.proto.l7res.unpack_l7`); undecodable ones
   are NACKed by name and the rest applied. Objects are then parsed exactly as a static
-  ``--config`` file (`meshcore.l7.config.parse_objects`, in resource-name order so the result
+  ``--config`` file (`meshcore.config.objects.parse_objects`, in resource-name order so the result
   does not depend on arrival order): a bad object is left out with a warning (a bad
-  AuthorizationPolicy fails closed), never NACKed, as in static mode.
+  AuthorizationPolicy fails closed), as in static mode, AND NACKed by name with its findings
+  (`nacks`), so the control plane's connection view shows which object the waypoint refused.
 - State and config are each swapped by one assignment (`WaypointContext.set_state`/
   `set_config`); while the control plane is unreachable the last good ones stay in force.
 - The waypoint authenticates with its node's credential and asks only for its own identity:
@@ -25,8 +26,9 @@ from datetime import timedelta
 
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateProvider
+from meshcore.config.objects import parse_objects
+from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError
-from meshcore.l7.config import WaypointConfig, parse_objects
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, unpack_l7
 from meshcore.state import MeshState
@@ -58,6 +60,23 @@ class L7Store:
     def config(self) -> WaypointConfig:
         docs = [self.resources[k].document() for k in sorted(self.resources)]
         return parse_objects(docs, domain_suffix=self.domain_suffix)
+
+    def nacks(self, cfg: WaypointConfig, names: Sequence[str]) -> list[tuple[str, str]]:
+        """(name, error) of the resources among `names` whose object has Error findings (left
+        out, or fail-closed for a policy)."""
+        errors: dict[str, list[str]] = {}
+        for ref, finding in cfg.findings:
+            if finding.level == "Error":
+                errors.setdefault(ref, []).append(f"[{finding.code}] {finding.render()}")
+        out = []
+        for name in names:
+            res = self.resources.get(name)
+            if res is None:
+                continue
+            found = errors.get(f"{res.kind} {res.namespace}/{res.name}")
+            if found:
+                out.append((name, "; ".join(found)))
+        return out
 
 
 def endpoints(args: argparse.Namespace) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:
@@ -96,6 +115,7 @@ def controlplane_context(
     def on_l7(resp: dpb.DeltaDiscoveryResponse) -> Sequence[tuple[str, str]]:
         errors = store.apply(resp)
         cfg = store.config()
+        errors += store.nacks(cfg, [r.name for r in resp.resources])
         ctx.set_config(cfg)
         ctx.warnings[:] = list(cfg.warnings)
         for w in cfg.warnings:

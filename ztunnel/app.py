@@ -34,8 +34,8 @@ from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
-from meshcore.model import load_mesh_config
 from meshcore.opshttp import is_loopback
+from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from ztunnel.admin import (

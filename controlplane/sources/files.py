@@ -21,11 +21,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from controlplane.objects import KubeObject, ObjectKey, object_key, parse_object
 from controlplane.store import ConfigStore
+from meshcore.config.fields import kind_support
 from meshcore.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,16 @@ IGNORED_KINDS = frozenset(
         "WorkloadEntry",
         "Sidecar",
         "EnvoyFilter",
-        "RequestAuthentication",
         "ReferenceGrant",
+        "GRPCRoute",
+        "TCPRoute",
+        "TLSRoute",
+        "WasmPlugin",
     )
 )
-"""Kinds a manifest directory commonly holds that the control plane does not read."""
+"""Kinds a manifest directory commonly holds that the control plane does not read. Those the
+field table lists as not implemented (ServiceEntry, Telemetry, GRPCRoute...) are reported
+(AMB0204) on /debug/warnings, never dropped silently."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +95,10 @@ def parse_manifest_text(text: str, where: str) -> ParsedFile:
             items.append((f"{where}[{i}]", doc))
     for loc, raw in items:
         if isinstance(raw, dict) and raw.get("kind") in IGNORED_KINDS:
+            unsupported = kind_support(str(raw["kind"]), raw)
+            if unsupported is not None:  # said, not silently dropped (field table, AMB0204)
+                ref = _kind_ref(raw, loc)
+                warnings.append((ref, f"[{unsupported.code}] {unsupported.message}"))
             continue
         try:
             objects.append(parse_object(raw))
@@ -95,6 +106,13 @@ def parse_manifest_text(text: str, where: str) -> ParsedFile:
             ref = exc.path.split(":", 1)[0] if ":" in exc.path else loc
             warnings.append((ref, f"skipped ({loc}): {exc}"))
     return ParsedFile(stamp=(0, 0, 0), objects=tuple(objects), warnings=tuple(warnings))
+
+
+def _kind_ref(raw: dict[str, Any], loc: str) -> str:
+    meta = raw.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+        return f"{raw['kind']} {meta.get('namespace') or 'default'}/{meta['name']}"
+    return loc
 
 
 class ManifestDirectory:

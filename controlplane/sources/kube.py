@@ -78,6 +78,12 @@ KINDS = (
         plural="peerauthentications",
     ),
     KindSpec(
+        kind="RequestAuthentication",
+        group="security.istio.io",
+        version="v1",
+        plural="requestauthentications",
+    ),
+    KindSpec(
         kind="VirtualService", group="networking.istio.io", version="v1", plural="virtualservices"
     ),
     KindSpec(

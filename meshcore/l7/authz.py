@@ -14,7 +14,13 @@ Evaluation order (Istio): CUSTOM first (unsupported here: a CUSTOM policy whose 
 denies, fail closed), then any matching DENY denies; then if there is an ALLOW policy, one must
 match; AUDIT never decides. A rule matches when every present part matches: ``from`` (any
 source), ``to`` (any operation), and each ``when``. Inside a source/operation every set field
-must match (values ORed) and no ``not*`` value may match.
+must match (values ORed) and no ``not*`` value may match: ``ipBlocks`` and ``remoteIpBlocks``
+are ANDed; ``serviceAccounts`` compare the peer's (namespace, service account).
+
+Fail closed: a policy the parser (`meshcore.config.authorization`) could not fully read or
+implement (``fail_closed_l7``) matches nothing if it is an ALLOW and everything if it is a DENY
+or CUSTOM; a RequestAuthentication arrives as such a DENY for its targets. An unreadable scope
+applies the policy to every waypoint of its namespace.
 
 Invariant: pure; the decision carries the policy that decided, for the access log.
 """
@@ -25,18 +31,20 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshcore.l7.config import (
+from meshcore.config.authorization import (
     ROOT_NAMESPACE,
     WAYPOINT_CLASS,
-    L7Policy,
+    AuthzPolicy,
+    IPNetwork,
     PolicyAction,
     PolicyCondition,
     PolicyOperation,
     PolicyRule,
     PolicySource,
-    ValueMatch,
 )
-from meshcore.l7.route import RequestInfo, selector_matches
+from meshcore.config.labels import selector_matches
+from meshcore.config.matchers import StringMatcher
+from meshcore.l7.route import RequestInfo
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,11 +66,11 @@ class L7Decision:
 
 
 def applicable(
-    policies: Sequence[L7Policy],
+    policies: Sequence[AuthzPolicy],
     waypoint: WaypointIdentity,
     service_name: str | None,
     service_namespace: str | None,
-) -> tuple[L7Policy, ...]:
+) -> tuple[AuthzPolicy, ...]:
     wl_labels = dict(waypoint.labels)
     out = []
     for p in policies:
@@ -78,6 +86,9 @@ def applicable(
                 ):  # fmt: skip
                     out.append(p)
                     break
+        elif p.whole_namespace and p.namespace == waypoint.namespace:
+            # Unreadable scope: fail closed over the whole namespace.
+            out.append(p)
         elif (
             p.selector
             and p.namespace in (waypoint.namespace, ROOT_NAMESPACE)
@@ -87,16 +98,32 @@ def applicable(
     return tuple(out)
 
 
-def _any(matches: Sequence[ValueMatch], value: str | None, *, ignore_case: bool = False) -> bool:
-    return any(m.matches(value, ignore_case=ignore_case) for m in matches)
+def _any(matches: Sequence[StringMatcher], value: str | None) -> bool:
+    return any(m.matches(value) for m in matches)
 
 
-def _ip_in(value: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def _ip_in(value: str, nets: Sequence[IPNetwork]) -> bool:
     try:
         ip = ipaddress.ip_address(value)
     except ValueError:
         return False
     return any(ip in n for n in nets)
+
+
+def _service_account(principal: str | None) -> tuple[str, str] | None:
+    """(namespace, service account) of ``<td>/ns/<ns>/sa/<sa>``."""
+    if principal is None:
+        return None
+    parts = principal.split("/")
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa":
+        return None
+    return parts[2], parts[4]
+
+
+def _remote_ip(req: RequestInfo) -> str:
+    """Istio's remote.ip: X-Forwarded-For with the mesh's trusted hops (0 by default, Envoy's
+    ``xff_num_trusted_hops``), so the downstream peer address: the source IP."""
+    return req.source_ip
 
 
 def _source_matches(s: PolicySource, req: RequestInfo) -> bool:
@@ -108,16 +135,26 @@ def _source_matches(s: PolicySource, req: RequestInfo) -> bool:
         return False
     if s.not_namespaces and _any(s.not_namespaces, req.source_namespace):
         return False
+    sa = _service_account(req.source_principal)
+    if s.service_accounts and sa not in s.service_accounts:
+        return False
+    if s.not_service_accounts and sa is not None and sa in s.not_service_accounts:
+        return False
+    # ipBlocks and remoteIpBlocks are separate fields of one source: ANDed (Istio).
     if s.ip_blocks and not _ip_in(req.source_ip, s.ip_blocks):
         return False
-    return not (s.not_ip_blocks and _ip_in(req.source_ip, s.not_ip_blocks))
+    if s.not_ip_blocks and _ip_in(req.source_ip, s.not_ip_blocks):
+        return False
+    if s.remote_ip_blocks and not _ip_in(_remote_ip(req), s.remote_ip_blocks):
+        return False
+    return not (s.not_remote_ip_blocks and _ip_in(_remote_ip(req), s.not_remote_ip_blocks))
 
 
 def _op_matches(o: PolicyOperation, req: RequestInfo) -> bool:
     host = req.host
-    if o.hosts and not _any(o.hosts, host, ignore_case=True):
+    if o.hosts and not _any(o.hosts, host):
         return False
-    if o.not_hosts and _any(o.not_hosts, host, ignore_case=True):
+    if o.not_hosts and _any(o.not_hosts, host):
         return False
     if o.ports and req.port not in o.ports:
         return False
@@ -133,52 +170,33 @@ def _op_matches(o: PolicyOperation, req: RequestInfo) -> bool:
     return not (o.not_paths and _any(o.not_paths, path))
 
 
-def _condition_value(key: str, req: RequestInfo) -> str | None:
-    if key.startswith("request.headers[") and key.endswith("]"):
-        return req.header(key[len("request.headers[") : -1].lower())
-    return {
-        "source.ip": req.source_ip,
-        "remote.ip": req.source_ip,
-        "source.namespace": req.source_namespace,
-        "source.principal": req.source_principal,
-        "destination.port": str(req.port),
-        "destination.ip": req.destination_ip,
-    }.get(key)
-
-
-_IP_KEYS = ("source.ip", "remote.ip", "destination.ip")
-
-
 def _condition_matches(c: PolicyCondition, req: RequestInfo) -> bool:
-    value = _condition_value(c.key, req)
-    if c.key in _IP_KEYS:
-
-        def ip_match(vms: Sequence[ValueMatch]) -> bool:
-            nets = []
-            for vm in vms:
-                text = vm.exact or ""
-                try:
-                    nets.append(ipaddress.ip_network(text, strict=False))
-                except ValueError:
-                    continue
-            return value is not None and _ip_in(value, nets)
-
-        if c.values and not ip_match(c.values):
+    """Keys and value types were checked by the parser (`meshcore.config.authorization`)."""
+    if c.key in ("source.ip", "remote.ip", "destination.ip"):
+        value = {"source.ip": req.source_ip, "remote.ip": _remote_ip(req),
+                 "destination.ip": req.destination_ip}[c.key]  # fmt: skip
+        if c.nets and not _ip_in(value, c.nets):
             return False
-        return not (c.not_values and ip_match(c.not_values))
-    if c.key == "source.principal" and value is not None:
-        if c.values and not (_any(c.values, value) or _any(c.values, "spiffe://" + value)):
+        return not (c.not_nets and _ip_in(value, c.not_nets))
+    if c.key == "destination.port":
+        if c.ports and req.port not in c.ports:
             return False
-        return not (c.not_values and (_any(c.not_values, value)
-                                      or _any(c.not_values, "spiffe://" + value)))  # fmt: skip
-    if c.values and not _any(c.values, value):
+        return not (c.not_ports and req.port in c.not_ports)
+    text: str | None
+    if c.key.startswith("request.headers["):
+        text = req.header(c.key[len("request.headers[") : -1].lower())
+    elif c.key == "source.namespace":
+        text = req.source_namespace
+    elif c.key == "source.principal":
+        text = req.source_principal
+    else:  # pragma: no cover - the parser refuses every other key
         return False
-    return not (c.not_values and _any(c.not_values, value))
+    if c.values and not _any(c.values, text):
+        return False
+    return not (c.not_values and _any(c.not_values, text))
 
 
 def rule_matches(rule: PolicyRule, req: RequestInfo) -> bool:
-    if rule.never:
-        return False
     if rule.sources and not any(_source_matches(s, req) for s in rule.sources):
         return False
     if rule.operations and not any(_op_matches(o, req) for o in rule.operations):
@@ -186,11 +204,14 @@ def rule_matches(rule: PolicyRule, req: RequestInfo) -> bool:
     return all(_condition_matches(c, req) for c in rule.conditions)
 
 
-def _policy_matches(p: L7Policy, req: RequestInfo) -> bool:
+def _policy_matches(p: AuthzPolicy, req: RequestInfo) -> bool:
+    if p.fail_closed_l7:
+        # Something we do not implement: ALLOW rules match nothing, DENY/CUSTOM everything.
+        return p.action is not PolicyAction.ALLOW
     return any(rule_matches(r, req) for r in p.rules)
 
 
-def evaluate(policies: Sequence[L7Policy], req: RequestInfo) -> L7Decision:
+def evaluate(policies: Sequence[AuthzPolicy], req: RequestInfo) -> L7Decision:
     """Decide one request against the applicable policies."""
     for p in policies:
         if p.action is PolicyAction.CUSTOM and _policy_matches(p, req):

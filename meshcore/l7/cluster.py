@@ -30,8 +30,8 @@ import random
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from meshcore.config.routes import LbPolicy, TrafficPolicy
 from meshcore.identity import SpiffeId
-from meshcore.l7.config import LbPolicy, TrafficPolicy
 
 
 @dataclass(slots=True, kw_only=True)
@@ -47,6 +47,10 @@ class EndpointStats:
     ejected_until: float = 0.0
     ejections: int = 0
     requests: int = 0
+    max_requests_per_connection: int = 0
+    """DestinationRule ``connectionPool.http.maxRequestsPerConnection`` (0 = unlimited)."""
+    idle_timeout: float | None = None
+    """DestinationRule ``connectionPool.http.idleTimeout`` (None: the pool's own)."""
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until > now
@@ -87,6 +91,9 @@ class Cluster:
                 fresh[s.uid] = cur
             else:
                 fresh[s.uid] = EndpointStats(uid=s.uid, ip=s.ip, port=s.port, identity=s.identity)
+            # Upstream connection limits travel with the endpoint to the connection pool.
+            fresh[s.uid].max_requests_per_connection = policy.pool.max_requests_per_connection
+            fresh[s.uid].idle_timeout = policy.pool.idle_timeout
         self.endpoints = fresh
 
     # ---- load balancing ----------------------------------------------------------------------

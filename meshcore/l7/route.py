@@ -22,18 +22,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import parse_qsl
 
-from meshcore.l7.config import (
+from meshcore.config.authorization import AuthzPolicy
+from meshcore.config.matchers import MatchKind, host_matches
+from meshcore.config.routes import (
     Destination,
     DestinationPolicy,
     HttpRoute,
-    L7Policy,
-    Labels,
-    MatchKind,
     Redirect,
     RouteMatch,
     RouteTable,
     WaypointConfig,
-    host_matches,
 )
 
 
@@ -188,7 +186,7 @@ class CompiledConfig:
         return self._labels.get(uid)
 
     @property
-    def policies(self) -> tuple[L7Policy, ...]:
+    def policies(self) -> tuple[AuthzPolicy, ...]:
         return self.config.policies
 
 
@@ -293,7 +291,3 @@ def labels_of(
         out["version"] = canonical_revision
         out["service.istio.io/canonical-revision"] = canonical_revision
     return out
-
-
-def selector_matches(selector: Labels, labels: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector)

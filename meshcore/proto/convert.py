@@ -31,12 +31,10 @@ from meshcore.model import (
     Service,
     StringMatch,
     Workload,
-    parse_authorization,
-    parse_service,
-    parse_workload,
 )
 from meshcore.proto import authorization_pb2 as apb
 from meshcore.proto import workload_pb2 as wpb
+from meshcore.proto.yamlform import parse_authorization, parse_service, parse_workload
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 """Type URL of Workload/Service resources (an `istio.workload.Address` oneof)."""

@@ -8,7 +8,7 @@ Invariants:
   pods``), unique per object.
 - `unpack_l7` checks the Any type, the JSON, and that the JSON's kind equals the message's kind;
   every problem is a `ConfigError` whose path starts with the resource name (per-resource NACK).
-- The JSON is parsed by the waypoint with `meshcore.l7.config.parse_objects`, exactly as a
+- The JSON is parsed by the waypoint with `meshcore.config.objects.parse_objects`, exactly as a
   static ``--config`` file, so both channels accept the same objects.
 """
 
@@ -26,7 +26,7 @@ from meshcore.errors import ConfigError
 
 L7_TYPE = "type.googleapis.com/ambient.l7.Resource"
 L7_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy",
-            "WorkloadLabels")  # fmt: skip
+            "RequestAuthentication", "WorkloadLabels")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

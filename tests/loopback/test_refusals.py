@@ -31,7 +31,7 @@ from meshcore.certs import LocalCAProvider, WorkloadCertificate, utcnow
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.aio import HboneProtocol, connect
 from meshcore.identity import SpiffeId
-from meshcore.model import load_mesh_config
+from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from meshcore.tls import client_context
 from tests.loopback.harness import (

@@ -31,8 +31,8 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, utcnow
-from meshcore.l7.config import parse_objects
-from meshcore.model import parse_mesh_config
+from meshcore.config.objects import parse_objects
+from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
 from waypoint.app import Waypoint, build_context
 from waypoint.context import WaypointSettings

@@ -270,6 +270,38 @@ def test_connection_pool_overflow_is_503_uo(tmp_path: Path) -> None:
     run(main())
 
 
+PER_CONNECTION_DR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      http: {maxRequestsPerConnection: %d}
+"""
+
+
+def test_max_requests_per_connection_closes_upstream_connections(tmp_path: Path) -> None:
+    # main: parsed, never used: every request reused the same upstream connection.
+    async def opened(limit: int) -> int:
+        async with (
+            waypoint_mesh(tmp_path / str(limit), NO_RETRY_VS, PER_CONNECTION_DR % limit) as mesh,
+            mesh.session() as s,
+        ):
+            for _ in range(4):  # sequential: each finds the previous connection idle
+                async with s.get(f"{REVIEWS}/p") as r:
+                    assert r.status == 200
+                    await r.read()
+            return mesh.waypoint.upstream_pool.opened
+
+    async def main() -> None:
+        assert await opened(0) <= 3  # unlimited: reused (at most one per endpoint, 3 here)
+        assert await opened(1) == 4  # one request per connection
+
+    run(main())
+
+
 HTTP_ROUTE = """
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute

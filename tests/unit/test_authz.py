@@ -9,7 +9,8 @@ import pytest
 
 from meshcore.authz import ConnectionInfo, evaluate, policy_matches
 from meshcore.identity import SpiffeId
-from meshcore.model import Authorization, MatchKind, StringMatch, parse_authorization
+from meshcore.model import Authorization, MatchKind, StringMatch
+from meshcore.proto.yamlform import parse_authorization
 
 SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 OTHER = "spiffe://cluster.local/ns/other/sa/bot"

@@ -274,10 +274,14 @@ def test_node_credentials_and_configmap_labels_still_work() -> None:
     assert "--node-credentials=/etc/ambient/node-credentials/node-credentials.yaml" in cp_args
     assert not [a for a in cp_args if a.startswith("--token-review")]
     kinds_ = {d["kind"] for d in docs}
-    assert "ClusterRole" in kinds_  # the control plane's read-only role only
+    assert "ClusterRole" in kinds_  # the control plane's read-only role, and status writes
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == [
-        "ambient-controlplane-istio-system"
+        "ambient-controlplane-istio-system",
+        "ambient-controlplane-status-istio-system",
     ]
+    status_role = find(docs, "ClusterRole", "ambient-controlplane-status-istio-system")
+    assert {v for rule in status_role["rules"] for v in rule["verbs"]} == {"patch"}
+    assert all(r.endswith("/status") for rule in status_role["rules"] for r in rule["resources"])
     env = {e["name"]: e for e in zt["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
@@ -359,6 +363,7 @@ def test_crd_switches() -> None:
     assert all_crds == {
         "authorizationpolicies.security.istio.io",
         "peerauthentications.security.istio.io",
+        "requestauthentications.security.istio.io",
         "virtualservices.networking.istio.io",
         "destinationrules.networking.istio.io",
         "gateways.gateway.networking.k8s.io",

@@ -20,6 +20,8 @@ import pytest
 from cni import plugin
 from cni.agent import Agent, AgentServer, PodRecord
 from cni.labels import ManifestLabels, wants_ambient
+from controlplane.objects import Pod
+from controlplane.translate import is_ambient
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,17 @@ metadata: {name: optout, namespace: mesh, labels: {istio.io/dataplane-mode: none
         ({"istio.io/dataplane-mode": "ambient"}, {"istio.io/dataplane-mode": "none"}, False),
         ({}, {"istio.io/dataplane-mode": "ambient"}, True),
         ({"istio.io/dataplane-mode": "other"}, {}, False),
+        # Istio: an explicit pod label other than "ambient" opts out, whatever the namespace
+        # says (the control plane never made such a pod an HBONE workload).
+        ({"istio.io/dataplane-mode": "ambient"}, {"istio.io/dataplane-mode": "Ambient"}, False),
+        ({"istio.io/dataplane-mode": "ambient"}, {"istio.io/dataplane-mode": "sidecar"}, False),
     ],
 )
 def test_wants_ambient(ns: dict[str, str], pod: dict[str, str], want: bool) -> None:
     assert wants_ambient(ns, pod) is want
+    # One owner: the control plane enrolls exactly the same pods.
+    pod_rec = Pod(namespace="mesh", name="p", labels=tuple(sorted(pod.items())))
+    assert is_ambient(pod_rec, tuple(sorted(ns.items()))) is want
 
 
 @pytest.fixture

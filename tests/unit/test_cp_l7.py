@@ -15,7 +15,7 @@ from controlplane.objects import parse_object
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from controlplane.xds import XdsServer
-from meshcore.l7.config import parse_objects
+from meshcore.config.objects import parse_objects
 from meshcore.model import Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7, unpack_l7
@@ -220,3 +220,44 @@ def test_unpack_checks_json_kind() -> None:
         assert "HTTPRoute" in str(exc)
     else:
         raise AssertionError("kind mismatch accepted")
+
+
+BAD_ROUTE = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad, namespace: default}
+spec:
+  parentRefs: [{kind: Service, name: reviews, sectionName: http}]
+  rules: [{backendRefs: [{name: reviews, port: 9080}]}]
+"""
+
+
+def test_control_plane_reports_and_waypoint_nacks_a_bad_object() -> None:
+    # main: an object with a refused field was dropped by the waypoint with a log line only;
+    # the control plane said nothing and the waypoint ACKed.
+    from controlplane.l7 import l7_findings
+
+    objs = [*objects(), yaml.safe_load(BAD_ROUTE)]
+    res = l7_resources(snapshot(*objs), TranslateOptions())
+    findings = l7_findings(res)
+    (f,) = findings["HTTPRoute default/bad"]
+    assert f.code == "AMB0202" and f.path == "spec.parentRefs[0].sectionName"
+    store = L7Store()
+    resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="1")
+    for name, r in res.items():
+        resp.resources.add(name=name, version="1", resource=pack_l7(r))
+    assert store.apply(resp) == []
+    cfg = store.config()
+    nacks = store.nacks(cfg, [r.name for r in resp.resources])
+    assert [n for n, _ in nacks] == ["HTTPRoute/default/bad"]
+    assert "spec.parentRefs[0].sectionName" in nacks[0][1]
+    assert [t.name for t in cfg.route_tables] == ["reviews-route"]  # the bad one left out
+
+
+def test_gateway_field_findings() -> None:
+    from controlplane.l7 import gateway_findings
+
+    gw = {**GATEWAY, "spec": {**GATEWAY["spec"], "addresses": [{"value": "10.0.0.9"}]}}
+    found = gateway_findings(snapshot(gw))
+    (f,) = found["Gateway default/waypoint"]
+    assert f.code == "AMB0202" and f.path == "spec.addresses"

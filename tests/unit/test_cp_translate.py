@@ -231,6 +231,20 @@ def test_peer_authentication_scopes_and_port_levels() -> None:
     assert _decide(recs, _conn(None, 8080))
 
 
+def test_malformed_peer_authentication_fails_closed_as_strict() -> None:
+    # main: a PeerAuthentication with a typo was skipped, so plaintext stayed allowed.
+    typo = {
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mod": "STRICT"}},
+    }
+    t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), typo)  # fmt: skip
+    assert not _decide(recs, _conn(None, 8080)), "plaintext denied: enforced as STRICT"
+    assert _decide(recs, _conn("sleep", 8080))
+    assert any("fail-closed as STRICT" in w.message and "mod" in w.message
+               for w in t.warnings())  # fmt: skip
+
+
 def test_translator_is_incremental_and_reports_deltas() -> None:
     store = ConfigStore()
     store.replace_source("t", [parse_object(AMBIENT_NS), parse_object(pod("a", "10.0.0.1"))])

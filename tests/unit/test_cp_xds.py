@@ -19,10 +19,10 @@ from meshcore.caclient import build_request, parse_response
 from meshcore.certs import split_pem_chain, utcnow
 from meshcore.errors import CertificateError, ConfigError
 from meshcore.identity import SpiffeId
-from meshcore.model import parse_mesh_config
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto import workload_pb2
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resource_name, unpack
+from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, apply_response
 from tests.loopback.harness import mesh_config

@@ -29,6 +29,8 @@ from meshcore.model import (
     Workload,
     WorkloadStatus,
     WorkloadType,
+)
+from meshcore.proto.yamlform import (
     load_mesh_config,
     parse_authorization,
     parse_mesh_config,

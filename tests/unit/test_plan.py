@@ -12,7 +12,7 @@ import pytest
 
 from meshcore.errors import BadRequest, HboneError, Unauthorized, UpstreamUnavailable
 from meshcore.identity import SpiffeId
-from meshcore.model import WorkloadStatus, parse_mesh_config
+from meshcore.model import WorkloadStatus
 from meshcore.plan import (
     InboundPlan,
     PlanKind,
@@ -20,6 +20,7 @@ from meshcore.plan import (
     plan_inbound,
     plan_outbound,
 )
+from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
 
 WAYPOINT_SVC = {"hostname": {"namespace": "default", "hostname": "waypoint.default.svc"}}

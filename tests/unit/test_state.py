@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from meshcore.errors import ConfigError
-from meshcore.model import (
-    Port,
-    Workload,
+from meshcore.model import Port, Workload
+from meshcore.proto.yamlform import (
     load_mesh_config,
     parse_authorization,
     parse_mesh_config,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from meshcore.config.authorization import AuthzPolicy
+from meshcore.config.objects import parse_objects
 from meshcore.l7.authz import WaypointIdentity, applicable, evaluate
-from meshcore.l7.config import L7Policy, parse_objects
 from meshcore.l7.route import RequestInfo
 
 WAYPOINT = WaypointIdentity(
@@ -14,7 +15,7 @@ WAYPOINT = WaypointIdentity(
 )
 
 
-def policies(text: str) -> tuple[L7Policy, ...]:
+def policies(text: str) -> tuple[AuthzPolicy, ...]:
     return parse_objects(list(yaml.safe_load_all(text))).policies
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+from meshcore.config.routes import ConnectionPool, LbPolicy, OutlierDetection, TrafficPolicy
 from meshcore.identity import SpiffeId
 from meshcore.l7.cluster import Admission, Cluster, EndpointSpec
-from meshcore.l7.config import ConnectionPool, LbPolicy, OutlierDetection, TrafficPolicy
 
 ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
 

@@ -8,15 +8,11 @@ from collections import Counter
 import pytest
 import yaml
 
+from meshcore.config.authorization import PolicyAction
+from meshcore.config.objects import parse_objects
+from meshcore.config.reader import parse_duration, resolve_host
+from meshcore.config.routes import DEFAULT_RETRY, LbPolicy
 from meshcore.errors import ConfigError
-from meshcore.l7.config import (
-    DEFAULT_RETRY,
-    LbPolicy,
-    PolicyAction,
-    parse_duration,
-    parse_objects,
-    resolve_host,
-)
 from meshcore.l7.route import (
     CompiledConfig,
     RequestInfo,
@@ -321,11 +317,12 @@ spec:
 """
     cfg = compiled(text).config
     broken = next(p for p in cfg.policies if p.name == "broken")
-    # An unreadable DENY becomes an ALLOW of nothing for its targets: it can only deny more.
-    assert broken.action is PolicyAction.ALLOW and broken.rules == () and broken.error
+    # An unreadable DENY stays a DENY that matches everything for its targets (fail closed).
+    assert broken.action is PolicyAction.DENY and broken.fail_closed_l7 and broken.error
     assert [t.name for t in broken.targets] == ["reviews"]
     jwt = next(p for p in cfg.policies if p.name == "jwt")
-    assert jwt.rules[0].never  # ALLOW with an attribute we cannot evaluate matches nothing
+    # ALLOW with an attribute we cannot evaluate (JWT) matches nothing.
+    assert jwt.action is PolicyAction.ALLOW and jwt.fail_closed_l7
 
 
 @pytest.mark.parametrize(

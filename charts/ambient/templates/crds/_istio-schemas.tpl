@@ -102,6 +102,30 @@ properties:
     type: object
     x-kubernetes-preserve-unknown-fields: true
 {{- end }}
+{{- define "ambient.crd.requestAuthentication" -}}
+type: object
+properties:
+  spec:
+    type: object
+    description: Istio RequestAuthentication. JWT validation is not implemented yet, so requests to its targets are DENIED (fail closed) while it exists.
+    properties:
+      selector:
+        {{- include "ambient.crd.selector" . | nindent 8 }}
+      targetRef:
+        {{- include "ambient.crd.targetRef" . | nindent 8 }}
+      targetRefs:
+        type: array
+        items:
+          {{- include "ambient.crd.targetRef" . | nindent 10 }}
+      jwtRules:
+        type: array
+        items:
+          type: object
+          x-kubernetes-preserve-unknown-fields: true
+  status:
+    type: object
+    x-kubernetes-preserve-unknown-fields: true
+{{- end }}
 {{- define "ambient.crd.peerAuthentication" -}}
 type: object
 properties:

@@ -1,0 +1,749 @@
+# ruff: noqa: E501
+# (the field table rows are data: one row per line)
+"""The field table: every field of every kind the mesh reads, and what we do with it.
+
+Owns: `FIELDS` (kind -> field path -> `FieldSpec`), `Finding`, `check_object` (walks one
+object against the table and reports every field that is unknown, refused or only warned
+about), `kind_support` (whole kinds we do not implement), and `render_markdown` (the generated
+``docs/config-fields.md``; ``python -m meshcore.config.fields`` rewrites it, a unit test checks the
+committed file is current). This table is the single source both for the warnings and for the
+documentation: a field is never implemented, refused or ignored without a row here.
+
+Statuses:
+- ``implemented``: read with Istio's / Gateway API's semantics.
+- ``warned``: accepted, not implemented; the object is applied without it and a finding says so.
+  Only fields whose absence cannot widen access are ``warned``.
+- ``refused``: not implemented. A security object (AuthorizationPolicy) that uses one fails
+  closed (its ALLOW rules match nothing, its DENY rules match everything); a routing object
+  that uses one is not applied. Always reported.
+- an unknown field (no row) is treated as ``refused`` (a misspelt key is never skipped).
+AuthorizationPolicy rows also say how node proxies (L4) treat the field: ``l4`` = enforced,
+``l7-only`` = Istio's ztunnel rule (an ALLOW rule using it matches nothing; a DENY rule is
+enforced on its L4 attributes alone, so it denies more, never less).
+
+Finding codes (``ambientctl analyze`` prints them; the control plane serves them on /debug and
+writes them into the object's status):
+- AMB0201 Error: unknown field.
+- AMB0202 Error: field refused (not implemented).
+- AMB0203 Warning: field accepted but not implemented (ignored).
+- AMB0204 Warning/Error: kind not implemented (Error for security kinds, which deny).
+- AMB0205 Error: a value the field cannot take (the parser's ConfigError).
+- AMB0206 Warning: a value that makes (part of) the object not apply where it is read (for
+  example a VirtualService whose gateways do not include ``mesh``).
+
+Invariants: pure data and pure functions; rows are sorted per kind in the generated table.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class Status(enum.Enum):
+    IMPLEMENTED = "implemented"
+    WARNED = "warned"
+    REFUSED = "refused"
+
+
+class L4(enum.Enum):
+    """How node proxies treat an AuthorizationPolicy field."""
+
+    NA = ""
+    ENFORCED = "l4"
+    L7_ONLY = "l7-only"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FieldSpec:
+    kind: str
+    path: str
+    """``spec.rules[].from[].source.principals`` (``[]`` = every list item)."""
+    status: Status
+    free: bool = False
+    """A map with user-chosen keys (labels, headers): keys below are not checked."""
+    l4: L4 = L4.NA
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, order=True)
+class Finding:
+    """One reported problem of one object. `path` is the concrete field path (with indices)."""
+
+    code: str
+    level: str
+    """``Error``, ``Warning`` or ``Info`` (istioctl analyze levels)."""
+    path: str
+    message: str
+
+    def render(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+UNKNOWN = "AMB0201"
+REFUSED = "AMB0202"
+WARNED = "AMB0203"
+KIND = "AMB0204"
+INVALID = "AMB0205"
+NOTE = "AMB0206"
+
+
+# ------------------------------------------------------------------------------ the table
+#
+# One row per line: ``path status [map] [l4|l7-only] -- note``. Paths are relative to the
+# object (``spec....``). A `@name` line expands a shared block (see _BLOCKS) under a prefix.
+
+_STRING_MATCH = """
+exact implemented
+prefix implemented
+regex implemented -- full match (RE2 syntax as Envoy; Python re here)
+"""
+
+_HEADER_OPS = """
+set implemented map
+add implemented map
+remove implemented
+"""
+
+_TRAFFIC_POLICY = """
+loadBalancer implemented
+loadBalancer.simple implemented -- ROUND_ROBIN, LEAST_REQUEST (LEAST_CONN), RANDOM, PASSTHROUGH
+loadBalancer.consistentHash refused -- consistent-hash load balancing is not implemented
+loadBalancer.localityLbSetting refused -- locality load balancing is not implemented
+loadBalancer.warmupDurationSecs warned -- slow start is not implemented
+loadBalancer.warmup warned -- slow start is not implemented
+connectionPool implemented
+connectionPool.tcp implemented
+connectionPool.tcp.maxConnections implemented
+connectionPool.tcp.connectTimeout implemented
+connectionPool.tcp.tcpKeepalive warned -- TCP keepalive settings are not applied
+connectionPool.tcp.maxConnectionDuration warned -- connections are not closed after a maximum duration
+connectionPool.tcp.idleTimeout warned -- TCP idle timeout is not applied
+connectionPool.http implemented
+connectionPool.http.http1MaxPendingRequests implemented
+connectionPool.http.http2MaxRequests implemented
+connectionPool.http.maxRequestsPerConnection implemented -- HTTP/1.1 upstream connections
+connectionPool.http.maxRetries warned -- the cluster-wide retry budget is not enforced
+connectionPool.http.idleTimeout implemented -- idle HTTP/1.1 upstream connections
+connectionPool.http.h2UpgradePolicy warned -- HTTP/1.1 upstream connections are not upgraded
+connectionPool.http.useClientProtocol warned -- the upstream protocol is chosen by the waypoint
+connectionPool.http.maxConcurrentStreams warned -- not applied
+outlierDetection implemented
+outlierDetection.consecutiveErrors implemented -- deprecated alias of consecutive5xxErrors
+outlierDetection.consecutive5xxErrors implemented
+outlierDetection.consecutiveGatewayErrors implemented
+outlierDetection.consecutiveLocalOriginFailures warned -- local-origin failures are not split
+outlierDetection.interval implemented
+outlierDetection.baseEjectionTime implemented
+outlierDetection.maxEjectionPercent implemented
+outlierDetection.minHealthPercent warned -- ejection is not disabled below a healthy percentage
+outlierDetection.splitExternalLocalOriginErrors warned -- local-origin failures are not split
+tls warned -- the mesh always uses HBONE mTLS between proxies
+tunnel refused -- tunnel settings are not implemented
+proxyProtocol refused -- PROXY protocol to upstreams is not implemented
+"""
+
+_BLOCKS = {
+    "string_match": _STRING_MATCH,
+    "header_ops": _HEADER_OPS,
+    "traffic_policy": _TRAFFIC_POLICY,
+}
+
+_POLICY_TARGET = """
+group implemented
+kind implemented -- Gateway (waypoint), Service, GatewayClass istio-waypoint
+name implemented
+namespace implemented
+"""
+_BLOCKS["policy_target"] = _POLICY_TARGET
+
+_SOURCES = {
+    "AuthorizationPolicy": """
+spec implemented
+spec.selector implemented -- workloads (node proxies) or waypoints (istio.io/gateway-name)
+spec.selector.matchLabels implemented map
+spec.targetRef implemented
+@policy_target spec.targetRef
+spec.targetRefs implemented
+@policy_target spec.targetRefs[]
+spec.action implemented -- ALLOW, DENY; CUSTOM denies what it matches (fail closed); AUDIT never decides
+spec.provider implemented -- only with CUSTOM (external authorization is not implemented: denies)
+spec.provider.name implemented
+spec.rules implemented
+spec.rules[].from implemented
+spec.rules[].from[].source implemented
+spec.rules[].from[].source.principals implemented l4
+spec.rules[].from[].source.notPrincipals implemented l4
+spec.rules[].from[].source.requestPrincipals refused l7-only -- JWT (RequestAuthentication) is not implemented
+spec.rules[].from[].source.notRequestPrincipals refused l7-only -- JWT (RequestAuthentication) is not implemented
+spec.rules[].from[].source.namespaces implemented l4
+spec.rules[].from[].source.notNamespaces implemented l4
+spec.rules[].from[].source.serviceAccounts implemented l4 -- <namespace>/<name>, exact
+spec.rules[].from[].source.notServiceAccounts implemented l4 -- <namespace>/<name>, exact
+spec.rules[].from[].source.ipBlocks implemented l4 -- the peer's source IP; ANDed with remoteIpBlocks
+spec.rules[].from[].source.notIpBlocks implemented l4
+spec.rules[].from[].source.remoteIpBlocks implemented l7-only -- the original client IP (no trusted X-Forwarded-For hops: the peer IP)
+spec.rules[].from[].source.notRemoteIpBlocks implemented l7-only
+spec.rules[].to implemented
+spec.rules[].to[].operation implemented
+spec.rules[].to[].operation.hosts implemented l7-only -- case-insensitive
+spec.rules[].to[].operation.notHosts implemented l7-only
+spec.rules[].to[].operation.ports implemented l4
+spec.rules[].to[].operation.notPorts implemented l4
+spec.rules[].to[].operation.methods implemented l7-only
+spec.rules[].to[].operation.notMethods implemented l7-only
+spec.rules[].to[].operation.paths implemented l7-only -- wildcards and {*}/{**} templates
+spec.rules[].to[].operation.notPaths implemented l7-only
+spec.rules[].when implemented -- keys: see "Authorization Policy Conditions" below
+spec.rules[].when[].key implemented
+spec.rules[].when[].values implemented
+spec.rules[].when[].notValues implemented
+""",
+    "RequestAuthentication": """
+spec implemented
+spec.selector implemented -- requests to the selected workloads are DENIED (JWT is not implemented)
+spec.selector.matchLabels implemented map
+spec.targetRef implemented -- requests through the target are DENIED (JWT is not implemented)
+@policy_target spec.targetRef
+spec.targetRefs implemented -- requests through the targets are DENIED (JWT is not implemented)
+@policy_target spec.targetRefs[]
+spec.jwtRules refused -- JWT validation is not implemented: the policy denies its targets
+""",
+    "PeerAuthentication": """
+spec implemented
+spec.selector implemented
+spec.selector.matchLabels implemented map
+spec.mtls implemented
+spec.mtls.mode implemented -- STRICT denies plaintext at L4; DISABLE acts as PERMISSIVE
+spec.portLevelMtls implemented map
+""",
+    "VirtualService": """
+spec implemented
+spec.hosts implemented
+spec.gateways implemented -- only the mesh (waypoints) is served
+spec.exportTo warned -- visibility is not restricted: every waypoint sees the object
+spec.http implemented
+spec.http[].name implemented
+spec.http[].match implemented
+spec.http[].match[].name implemented
+spec.http[].match[].uri implemented
+@string_match spec.http[].match[].uri
+spec.http[].match[].scheme implemented
+@string_match spec.http[].match[].scheme
+spec.http[].match[].method implemented
+@string_match spec.http[].match[].method
+spec.http[].match[].authority implemented
+@string_match spec.http[].match[].authority
+spec.http[].match[].headers implemented map
+spec.http[].match[].withoutHeaders implemented map
+spec.http[].match[].queryParams implemented map
+spec.http[].match[].port implemented
+spec.http[].match[].sourceLabels implemented map
+spec.http[].match[].sourceNamespace implemented
+spec.http[].match[].ignoreUriCase implemented
+spec.http[].match[].gateways implemented
+spec.http[].match[].statPrefix warned -- per-route stats are not emitted
+spec.http[].route implemented
+spec.http[].route[].destination implemented
+spec.http[].route[].destination.host implemented
+spec.http[].route[].destination.subset implemented
+spec.http[].route[].destination.port implemented
+spec.http[].route[].destination.port.number implemented
+spec.http[].route[].weight implemented
+spec.http[].route[].headers implemented
+spec.http[].route[].headers.request implemented
+@header_ops spec.http[].route[].headers.request
+spec.http[].route[].headers.response implemented
+@header_ops spec.http[].route[].headers.response
+spec.http[].redirect implemented
+spec.http[].redirect.uri implemented
+spec.http[].redirect.authority implemented
+spec.http[].redirect.port implemented
+spec.http[].redirect.derivePort refused -- derivePort is not implemented
+spec.http[].redirect.scheme implemented
+spec.http[].redirect.redirectCode implemented
+spec.http[].directResponse implemented
+spec.http[].directResponse.status implemented
+spec.http[].directResponse.body implemented
+spec.http[].directResponse.body.string implemented
+spec.http[].directResponse.body.bytes refused -- only string bodies are implemented
+spec.http[].delegate refused -- delegate VirtualServices are not implemented
+spec.http[].rewrite implemented
+spec.http[].rewrite.uri implemented
+spec.http[].rewrite.authority implemented
+spec.http[].rewrite.uriRegexRewrite implemented
+spec.http[].rewrite.uriRegexRewrite.match implemented
+spec.http[].rewrite.uriRegexRewrite.rewrite implemented
+spec.http[].timeout implemented
+spec.http[].retries implemented
+spec.http[].retries.attempts implemented
+spec.http[].retries.perTryTimeout implemented
+spec.http[].retries.retryOn implemented
+spec.http[].retries.retryRemoteLocalities warned -- locality-aware retries are not implemented
+spec.http[].retries.retryIgnorePreviousHosts warned -- a retry may pick the same endpoint
+spec.http[].retries.backoff warned -- Envoy's default backoff (25 ms base) is used
+spec.http[].fault implemented
+spec.http[].fault.delay implemented
+spec.http[].fault.delay.fixedDelay implemented
+spec.http[].fault.delay.percentage implemented
+spec.http[].fault.delay.percentage.value implemented
+spec.http[].fault.delay.percent implemented
+spec.http[].fault.delay.exponentialDelay refused -- not implemented
+spec.http[].fault.abort implemented
+spec.http[].fault.abort.httpStatus implemented
+spec.http[].fault.abort.grpcStatus refused -- only httpStatus aborts are implemented
+spec.http[].fault.abort.http2Error refused -- only httpStatus aborts are implemented
+spec.http[].fault.abort.percentage implemented
+spec.http[].fault.abort.percentage.value implemented
+spec.http[].mirror implemented
+spec.http[].mirror.host implemented
+spec.http[].mirror.subset implemented
+spec.http[].mirror.port implemented
+spec.http[].mirror.port.number implemented
+spec.http[].mirrorPercent implemented
+spec.http[].mirrorPercentage implemented
+spec.http[].mirrorPercentage.value implemented
+spec.http[].mirrors implemented
+spec.http[].mirrors[].destination implemented
+spec.http[].mirrors[].destination.host implemented
+spec.http[].mirrors[].destination.subset implemented
+spec.http[].mirrors[].destination.port implemented
+spec.http[].mirrors[].destination.port.number implemented
+spec.http[].mirrors[].percentage implemented
+spec.http[].mirrors[].percentage.value implemented
+spec.http[].corsPolicy warned -- CORS is not implemented (requests are passed unchanged)
+spec.http[].headers implemented
+spec.http[].headers.request implemented
+@header_ops spec.http[].headers.request
+spec.http[].headers.response implemented
+@header_ops spec.http[].headers.response
+spec.tcp warned -- TCP routes are not applied by the waypoint
+spec.tls warned -- TLS routes are not applied by the waypoint
+""",
+    "DestinationRule": """
+spec implemented
+spec.host implemented
+spec.exportTo warned -- visibility is not restricted: every waypoint sees the object
+spec.workloadSelector refused -- workload-scoped DestinationRules are not implemented
+spec.trafficPolicy implemented
+@traffic_policy spec.trafficPolicy
+spec.trafficPolicy.portLevelSettings implemented
+spec.trafficPolicy.portLevelSettings[].port implemented
+spec.trafficPolicy.portLevelSettings[].port.number implemented
+@traffic_policy spec.trafficPolicy.portLevelSettings[]
+spec.subsets implemented
+spec.subsets[].name implemented
+spec.subsets[].labels implemented map
+spec.subsets[].trafficPolicy implemented
+@traffic_policy spec.subsets[].trafficPolicy
+spec.subsets[].trafficPolicy.portLevelSettings implemented
+spec.subsets[].trafficPolicy.portLevelSettings[].port implemented
+spec.subsets[].trafficPolicy.portLevelSettings[].port.number implemented
+@traffic_policy spec.subsets[].trafficPolicy.portLevelSettings[]
+""",
+    "HTTPRoute": """
+spec implemented
+spec.parentRefs implemented
+spec.parentRefs[].group implemented
+spec.parentRefs[].kind implemented -- Service parents (mesh); others are not served by waypoints
+spec.parentRefs[].namespace implemented
+spec.parentRefs[].name implemented
+spec.parentRefs[].port implemented -- GAMMA: only that service port (one port for all Service parents)
+spec.parentRefs[].sectionName refused -- per-listener attachment is not implemented
+spec.hostnames warned -- ignored for Service parents (the Service decides)
+spec.rules implemented
+spec.rules[].name implemented
+spec.rules[].matches implemented
+spec.rules[].matches[].path implemented
+spec.rules[].matches[].path.type implemented
+spec.rules[].matches[].path.value implemented
+spec.rules[].matches[].headers implemented
+spec.rules[].matches[].headers[].type implemented
+spec.rules[].matches[].headers[].name implemented
+spec.rules[].matches[].headers[].value implemented
+spec.rules[].matches[].queryParams implemented
+spec.rules[].matches[].queryParams[].type implemented
+spec.rules[].matches[].queryParams[].name implemented
+spec.rules[].matches[].queryParams[].value implemented
+spec.rules[].matches[].method implemented
+spec.rules[].filters implemented
+spec.rules[].filters[].type implemented
+spec.rules[].filters[].requestHeaderModifier implemented
+spec.rules[].filters[].requestHeaderModifier.set implemented
+spec.rules[].filters[].requestHeaderModifier.set[].name implemented
+spec.rules[].filters[].requestHeaderModifier.set[].value implemented
+spec.rules[].filters[].requestHeaderModifier.add implemented
+spec.rules[].filters[].requestHeaderModifier.add[].name implemented
+spec.rules[].filters[].requestHeaderModifier.add[].value implemented
+spec.rules[].filters[].requestHeaderModifier.remove implemented
+spec.rules[].filters[].responseHeaderModifier implemented
+spec.rules[].filters[].responseHeaderModifier.set implemented
+spec.rules[].filters[].responseHeaderModifier.set[].name implemented
+spec.rules[].filters[].responseHeaderModifier.set[].value implemented
+spec.rules[].filters[].responseHeaderModifier.add implemented
+spec.rules[].filters[].responseHeaderModifier.add[].name implemented
+spec.rules[].filters[].responseHeaderModifier.add[].value implemented
+spec.rules[].filters[].responseHeaderModifier.remove implemented
+spec.rules[].filters[].urlRewrite implemented
+spec.rules[].filters[].urlRewrite.hostname implemented
+spec.rules[].filters[].urlRewrite.path implemented
+spec.rules[].filters[].urlRewrite.path.type implemented
+spec.rules[].filters[].urlRewrite.path.replaceFullPath implemented
+spec.rules[].filters[].urlRewrite.path.replacePrefixMatch implemented
+spec.rules[].filters[].requestRedirect implemented
+spec.rules[].filters[].requestRedirect.scheme implemented
+spec.rules[].filters[].requestRedirect.hostname implemented
+spec.rules[].filters[].requestRedirect.path implemented
+spec.rules[].filters[].requestRedirect.path.type implemented
+spec.rules[].filters[].requestRedirect.path.replaceFullPath implemented
+spec.rules[].filters[].requestRedirect.path.replacePrefixMatch implemented
+spec.rules[].filters[].requestRedirect.port implemented
+spec.rules[].filters[].requestRedirect.statusCode implemented
+spec.rules[].filters[].requestMirror implemented
+spec.rules[].filters[].requestMirror.backendRef implemented
+spec.rules[].filters[].requestMirror.backendRef.group implemented
+spec.rules[].filters[].requestMirror.backendRef.kind implemented
+spec.rules[].filters[].requestMirror.backendRef.name implemented
+spec.rules[].filters[].requestMirror.backendRef.namespace implemented
+spec.rules[].filters[].requestMirror.backendRef.port implemented
+spec.rules[].filters[].requestMirror.percent implemented
+spec.rules[].filters[].requestMirror.fraction refused -- use percent
+spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
+spec.rules[].filters[].cors refused -- CORS is not implemented
+spec.rules[].backendRefs implemented
+spec.rules[].backendRefs[].group implemented
+spec.rules[].backendRefs[].kind implemented
+spec.rules[].backendRefs[].name implemented
+spec.rules[].backendRefs[].namespace implemented
+spec.rules[].backendRefs[].port implemented
+spec.rules[].backendRefs[].weight implemented
+spec.rules[].backendRefs[].filters refused -- per-backend filters are not implemented
+spec.rules[].timeouts implemented
+spec.rules[].timeouts.request implemented
+spec.rules[].timeouts.backendRequest implemented
+spec.rules[].retry implemented -- GEP-1731; connection failures are always retried
+spec.rules[].retry.attempts implemented
+spec.rules[].retry.codes implemented -- 400..599
+spec.rules[].retry.backoff implemented -- base interval (Envoy: full jitter, x2, cap 10x)
+spec.rules[].sessionPersistence warned -- session persistence is not implemented (no stickiness)
+""",
+    "Gateway": """
+spec implemented
+spec.gatewayClassName implemented -- istio-waypoint only (ingress gateways are not implemented)
+spec.listeners implemented
+spec.listeners[].name implemented
+spec.listeners[].port implemented -- 15008 HBONE
+spec.listeners[].protocol implemented -- HBONE
+spec.listeners[].hostname warned -- not used by waypoints
+spec.listeners[].allowedRoutes warned -- not used by waypoints
+spec.listeners[].tls refused -- waypoints terminate HBONE only
+spec.addresses refused -- waypoints get their address from their Service
+spec.infrastructure implemented
+spec.infrastructure.labels implemented map
+spec.infrastructure.annotations implemented map
+spec.infrastructure.parametersRef refused -- not implemented
+""",
+}
+
+UNSUPPORTED_KINDS: Mapping[str, tuple[str, str]] = {
+    # kind -> (level, what happens)
+    "RequestAuthentication": (
+        "Error",
+        "JWT validation is not implemented: requests to its targets are DENIED until it is removed",
+    ),
+    "ServiceEntry": ("Warning", "ServiceEntry is not implemented: ignored"),
+    "Telemetry": ("Warning", "Telemetry is not implemented: ignored (standard metrics are kept)"),
+    "GRPCRoute": ("Warning", "GRPCRoute is not implemented: ignored"),
+    "TCPRoute": ("Warning", "TCPRoute is not implemented: ignored"),
+    "TLSRoute": ("Warning", "TLSRoute is not implemented: ignored"),
+    "Gateway.networking.istio.io": ("Warning", "Istio Gateway is not implemented: ignored"),
+    "Gateway.ingress": (
+        "Warning",
+        "only waypoint Gateways (gatewayClassName istio-waypoint) are implemented: ignored",
+    ),
+    "WorkloadEntry": ("Warning", "WorkloadEntry is not implemented: ignored"),
+    "Sidecar": ("Warning", "Sidecar is not implemented (ambient): ignored"),
+    "EnvoyFilter": ("Warning", "EnvoyFilter is not implemented: ignored"),
+    "WasmPlugin": ("Warning", "WasmPlugin is not implemented: ignored"),
+}
+
+
+def _expand(kind: str, text: str, prefix: str = "") -> list[FieldSpec]:
+    rows: list[FieldSpec] = []
+    for raw in text.strip().splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("@"):
+            block, where = line[1:].split()
+            rows += _expand(kind, _BLOCKS[block], f"{prefix}{where}.")
+            continue
+        head, _, note = line.partition(" -- ")
+        parts = head.split()
+        path, status, flags = parts[0], Status(parts[1]), parts[2:]
+        l4 = L4.NA
+        if "l4" in flags:
+            l4 = L4.ENFORCED
+        elif "l7-only" in flags:
+            l4 = L4.L7_ONLY
+        rows.append(
+            FieldSpec(
+                kind=kind, path=prefix + path, status=status, free="map" in flags, l4=l4,
+                note=note.strip(),
+            )
+        )  # fmt: skip
+    return rows
+
+
+def _build() -> dict[str, dict[str, FieldSpec]]:
+    out: dict[str, dict[str, FieldSpec]] = {}
+    for kind, text in _SOURCES.items():
+        rows = _expand(kind, text)
+        table: dict[str, FieldSpec] = {}
+        for row in rows:
+            assert row.path not in table, f"duplicate row {kind} {row.path}"
+            table[row.path] = row
+        out[kind] = table
+    return out
+
+
+FIELDS: Mapping[str, Mapping[str, FieldSpec]] = _build()
+
+# Istio "Authorization Policy Conditions" (istio.io/latest/docs/reference/config/security/
+# conditions/), and for L4 istio.io "Ambient: Layer 4 authorization policy" (ztunnel evaluates
+# source.ip, source.namespace, source.principal, destination.ip, destination.port).
+CONDITION_KEYS: Mapping[str, tuple[Status, L4, str]] = {
+    "request.headers[<name>]": (Status.IMPLEMENTED, L4.L7_ONLY, "HTTP request header"),
+    "source.ip": (Status.IMPLEMENTED, L4.ENFORCED, "peer IP or CIDR"),
+    "remote.ip": (
+        Status.IMPLEMENTED,
+        L4.L7_ONLY,
+        "original client IP (no trusted XFF hops: peer IP)",
+    ),
+    "source.namespace": (Status.IMPLEMENTED, L4.ENFORCED, "needs mTLS"),
+    "source.principal": (Status.IMPLEMENTED, L4.ENFORCED, "needs mTLS"),
+    "destination.ip": (Status.IMPLEMENTED, L4.ENFORCED, "IP or CIDR"),
+    "destination.port": (Status.IMPLEMENTED, L4.ENFORCED, "0..65535"),
+    "request.auth.principal": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
+    "request.auth.audiences": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
+    "request.auth.presenter": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
+    "request.auth.claims[<name>]": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
+    "connection.sni": (Status.REFUSED, L4.L7_ONLY, "no SNI inside HBONE"),
+    "experimental.envoy.filters.*": (Status.REFUSED, L4.L7_ONLY, "Envoy-specific"),
+}
+
+
+# Labels and annotations the mesh reads on Kubernetes objects (ambient-facts.md "Enrollment,
+# labels, waypoints"): key -> (objects, allowed values (empty: any), meaning).
+LABELS: Mapping[str, tuple[str, tuple[str, ...], str]] = {
+    "istio.io/dataplane-mode": (
+        "Namespace, Pod", (),
+        "ambient enrolls; on a pod any other value (none...) opts out (Istio); other values are "
+        "reported by analyze as AMB0101",
+    ),
+    "istio.io/use-waypoint": (
+        "Namespace, Pod, Service, ServiceAccount", (),
+        "name of the waypoint Gateway; none stops inheritance",
+    ),
+    "istio.io/use-waypoint-namespace": (
+        "Namespace, Pod, Service, ServiceAccount", (), "namespace of that Gateway",
+    ),
+    "istio.io/waypoint-for": (
+        "Gateway", ("service", "workload", "all", "none"),
+        "traffic the waypoint serves (default service)",
+    ),
+    "gateway.networking.k8s.io/gateway-name": ("Pod", (), "marks waypoint pods (never bound)"),
+    "istio.io/gateway-name": ("Pod", (), "selector-form policies that target a waypoint"),
+    "ambient.istio.io/redirection (annotation)": (
+        "Pod", ("enabled", "disabled"), "set by the node agent; disabled opts a pod out",
+    ),
+    "kubernetes.io/service-name": ("EndpointSlice", (), "the Service of the slice"),
+}  # fmt: skip
+
+
+def check_labels(kind: str, labels: Mapping[str, Any]) -> list[Finding]:
+    """A value outside a label's allowed set (`LABELS`) is reported: it is not what the user
+    meant, and the mesh reads it as the default."""
+    out = []
+    for key, (kinds, allowed, meaning) in LABELS.items():
+        if kind not in kinds.split(", ") or key not in labels or not allowed:
+            continue
+        value = labels[key]
+        if value not in allowed:
+            out.append(
+                Finding(
+                    code=INVALID, level="Warning", path=f"metadata.labels[{key}]",
+                    message=f"{value!r} is not one of {', '.join(allowed)} ({meaning})",
+                )
+            )  # fmt: skip
+    return out
+
+
+def condition_key(key: str) -> tuple[str, tuple[Status, L4, str]] | None:
+    """The `CONDITION_KEYS` row of a ``when`` key (None: unknown key)."""
+    for pattern, row in CONDITION_KEYS.items():
+        if pattern.endswith("[<name>]"):
+            head = pattern[: -len("<name>]")]
+            if key.startswith(head) and key.endswith("]") and len(key) > len(head) + 1:
+                return pattern, row
+        elif pattern.endswith(".*"):
+            if key.startswith(pattern[:-1]):
+                return pattern, row
+        elif key == pattern:
+            return pattern, row
+    return None
+
+
+# ------------------------------------------------------------------------------ checking
+
+
+def schema_path(path: str) -> str:
+    """``spec.rules[3].from[0]`` -> ``spec.rules[].from[]``."""
+    out = []
+    i = 0
+    while i < len(path):
+        c = path[i]
+        if c == "[":
+            j = path.index("]", i)
+            out.append("[]")
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def check_object(kind: str, obj: Mapping[str, Any], *, api_group: str = "") -> list[Finding]:
+    """Every unknown, refused and warned field of one object (its ``spec``), in document order.
+    Kinds without a table give one `KIND` finding (or none for kinds we do not read at all)."""
+    unsupported = kind_support(kind, obj, api_group=api_group)
+    if unsupported is not None:
+        return [unsupported]
+    table = FIELDS.get(kind)
+    if table is None:
+        return []
+    findings: list[Finding] = []
+
+    def walk(value: object, path: str) -> None:
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{path}[{i}]")
+            return
+        if not isinstance(value, Mapping):
+            return
+        for key, sub in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            spec = table.get(schema_path(child))
+            if spec is None:
+                findings.append(Finding(code=UNKNOWN, level="Error", path=child,
+                                        message="unknown field"))  # fmt: skip
+                continue
+            if spec.status is Status.REFUSED:
+                findings.append(Finding(code=REFUSED, level="Error", path=child,
+                                        message=f"not supported: {spec.note}"))  # fmt: skip
+                continue
+            if spec.status is Status.WARNED:
+                findings.append(Finding(code=WARNED, level="Warning", path=child,
+                                        message=f"ignored: {spec.note}"))  # fmt: skip
+                continue
+            if not spec.free:
+                walk(sub, child)
+
+    if "spec" in obj:
+        walk({"spec": obj["spec"]}, "")
+    return findings
+
+
+def kind_support(kind: str, obj: Mapping[str, Any], *, api_group: str = "") -> Finding | None:
+    """A `KIND` finding when the whole kind is not implemented, else None."""
+    key = kind
+    if kind == "Gateway":
+        api = str(obj.get("apiVersion", "")) or api_group
+        if api.startswith("networking.istio.io"):
+            key = "Gateway.networking.istio.io"
+        else:
+            spec = obj.get("spec")
+            cls = spec.get("gatewayClassName") if isinstance(spec, Mapping) else None
+            if cls != "istio-waypoint":
+                key = "Gateway.ingress"
+    row = UNSUPPORTED_KINDS.get(key)
+    if row is None:
+        return None
+    level, message = row
+    return Finding(code=KIND, level=level, path="", message=message)
+
+
+# ------------------------------------------------------------------------------ docs
+
+
+def render_markdown() -> str:
+    """The generated ``docs/config-fields.md``."""
+    lines = [
+        "# Configuration fields: implemented, refused, warned",
+        "",
+        "Generated from `meshcore/config/fields.py` by `python -m meshcore.config.fields`;",
+        "do not edit by hand (a unit test checks this file is current).",
+        "",
+        "- **implemented**: Istio / Gateway API semantics.",
+        "- **warned**: accepted, not implemented; the object is applied without it and a",
+        "  finding (AMB0203) says so.",
+        "- **refused**: not implemented (AMB0202). An AuthorizationPolicy using one fails closed",
+        "  (ALLOW rules match nothing, DENY rules match everything); a routing object using one is",
+        "  not applied.",
+        "- a field that is not listed is unknown (AMB0201) and treated as refused.",
+        "- L4 (AuthorizationPolicy): `l4` = node proxies enforce it; `l7-only` = node proxies",
+        "  apply Istio's ztunnel rule (an ALLOW rule using it matches nothing, a DENY rule is",
+        "  enforced on its L4 attributes alone).",
+        "",
+        "Reported on the control plane's `/debug/config`, by `ambientctl analyze`, and in the",
+        "object's status (Istio `status.validationMessages`, Gateway API conditions).",
+        "",
+    ]
+    for kind in sorted(FIELDS):
+        lines += [f"## {kind}", "", "| field | status | L4 | note |", "|---|---|---|---|"]
+        for path in sorted(FIELDS[kind]):
+            row = FIELDS[kind][path]
+            status = row.status.value + (" (map)" if row.free else "")
+            note = row.note.replace("|", "\\|")
+            lines.append(f"| `{path}` | {status} | {row.l4.value} | {note} |")
+        lines.append("")
+    lines += [
+        "## Authorization Policy Conditions (`when` keys)",
+        "",
+        "| key | waypoint (L7) | node proxy (L4) | note |",
+        "|---|---|---|---|",
+    ]
+    for key, (key_status, l4, note) in CONDITION_KEYS.items():
+        lines.append(f"| `{key}` | {key_status.value} | {l4.value} | {note} |")
+    lines += ["", "Any other key is unknown and refused.", ""]
+    lines += ["## Labels and annotations read", "", "| key | on | values | meaning |",
+              "|---|---|---|---|"]  # fmt: skip
+    for key, (kinds, allowed, meaning) in LABELS.items():
+        values = ", ".join(allowed) if allowed else "any"
+        lines.append(f"| `{key}` | {kinds} | {values} | {meaning} |")
+    lines.append("")
+    lines += ["## Kinds not implemented", "", "| kind | level | effect |", "|---|---|---|"]
+    for kind, (level, message) in sorted(UNSUPPORTED_KINDS.items()):
+        lines.append(f"| {kind} | {level} | {message} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config-fields.md"
+
+
+def main(argv: list[str]) -> int:
+    text = render_markdown()
+    if argv[1:] == ["--check"]:
+        current = DOC_PATH.read_text() if DOC_PATH.exists() else ""
+        return 0 if current == text else 1
+    DOC_PATH.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,306 @@
+"""Gateway API HTTPRoute (gateway.networking.k8s.io v1, mesh profile "GAMMA") -> records.
+
+Owns: `parse_http_route`. Service parents only (a parentRef ``port`` restricts the route to
+that service port); matches ordered by the spec's "Matching precedence"; filters
+RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect, RequestMirror;
+``retry`` (GEP-1731); ``timeouts``. Which fields are implemented is `meshcore.config.fields`.
+
+Invariant: pure; a malformed value raises `ConfigError` naming the field path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from meshcore.config.matchers import MatchKind, StringMatcher, matcher
+from meshcore.config.reader import Ctx, parse_duration, read_int, read_map, read_seq, read_text
+from meshcore.config.routes import (
+    DEFAULT_RETRY,
+    NO_HEADER_OPS,
+    Destination,
+    HeaderOps,
+    HttpRoute,
+    Mirror,
+    Redirect,
+    RetryPolicy,
+    Rewrite,
+    RouteMatch,
+    RouteTable,
+)
+from meshcore.errors import ConfigError
+
+# ---- Gateway API HTTPRoute
+
+
+def _gw_path_match(value: object, path: str) -> tuple[StringMatcher, bool]:
+    m = read_map(value, path)
+    kind = str(m.get("type", "PathPrefix"))
+    text = str(m.get("value", "/"))
+    if kind == "Exact":
+        return matcher(MatchKind.EXACT, text), False
+    if kind == "PathPrefix":
+        return matcher(MatchKind.PREFIX, text.rstrip("/") or "/"), True
+    if kind == "RegularExpression":
+        try:
+            return matcher(MatchKind.REGEX, text), False
+        except ConfigError as exc:
+            raise ConfigError(path, exc.message) from None
+    raise ConfigError(f"{path}.type", f"unknown path match type {kind!r}")
+
+
+def _gw_named(value: object, path: str) -> tuple[tuple[str, StringMatcher], ...]:
+    out = []
+    for i, h in enumerate(read_seq(value, path)):
+        hm = read_map(h, f"{path}[{i}]")
+        kind = str(hm.get("type", "Exact"))
+        name = read_text(hm.get("name"), f"{path}[{i}].name")
+        text = str(hm.get("value", ""))
+        if kind == "Exact":
+            out.append((name.lower(), matcher(MatchKind.EXACT, text)))
+        elif kind == "RegularExpression":
+            out.append((name.lower(), matcher(MatchKind.REGEX, text)))
+        else:
+            raise ConfigError(f"{path}[{i}].type", f"unknown match type {kind!r}")
+    return tuple(out)
+
+
+def _gw_match(value: object, path: str) -> RouteMatch:
+    m = read_map(value, path)
+    uri, segments = (None, False)
+    if "path" in m:
+        uri, segments = _gw_path_match(m["path"], f"{path}.path")
+    else:
+        uri, segments = matcher(MatchKind.PREFIX, "/"), True
+    query = tuple((k, v) for k, v in _gw_named(m.get("queryParams"), f"{path}.queryParams"))
+    return RouteMatch(
+        uri=uri,
+        path_prefix_segments=segments,
+        method=matcher(MatchKind.EXACT, str(m["method"])) if "method" in m else None,
+        headers=_gw_named(m.get("headers"), f"{path}.headers"),
+        query_params=query,
+    )
+
+
+def _gw_header_filter(value: object, path: str) -> HeaderOps:
+    m = read_map(value, path)
+
+    def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            (read_text(read_map(x, f"{path}.{key}[{i}]").get("name"),
+                       f"{path}.{key}[{i}].name").lower(),
+             str(read_map(x, f"{path}.{key}[{i}]").get("value", "")))
+            for i, x in enumerate(read_seq(m.get(key), f"{path}.{key}"))
+        )  # fmt: skip
+
+    return HeaderOps(
+        set=pairs("set"),
+        add=pairs("add"),
+        remove=tuple(str(x).lower() for x in read_seq(m.get("remove"), f"{path}.remove")),
+    )
+
+
+def _gw_backend(value: object, path: str, ctx: Ctx) -> Destination:
+    m = read_map(value, path)
+    kind = str(m.get("kind", "Service"))
+    if kind != "Service":
+        raise ConfigError(f"{path}.kind", f"backend kind {kind!r} is not supported")
+    ns = str(m.get("namespace", ctx.namespace))
+    name = read_text(m.get("name"), f"{path}.name")
+    port = m.get("port")
+    return Destination(
+        host=f"{name}.{ns}.svc.{ctx.suffix}",
+        port=read_int(port, f"{path}.port", 1, 65535) if port is not None else None,
+        weight=read_int(m.get("weight", 1), f"{path}.weight", 0, 1_000_000),
+    )
+
+
+def _gw_precedence(match: RouteMatch) -> tuple[int, int, int, int, int]:
+    """Gateway API ordering (HTTPRoute spec, "Matching precedence"): Exact path, longest
+    prefix, method, most headers, most query params. Smaller sorts first."""
+    uri = match.uri
+    exact = 0 if uri is not None and uri.kind is MatchKind.EXACT else 1
+    length = -len(uri.value) if uri is not None and uri.kind is not MatchKind.REGEX else 0
+    return (
+        exact,
+        length,
+        0 if match.method is not None else 1,
+        -len(match.headers),
+        -len(match.query_params),
+    )
+
+
+def _gw_retry(value: object, path: str) -> RetryPolicy:
+    """HTTPRoute ``rules[].retry`` (Gateway API v1.2, GEP-1731): ``attempts`` retries,
+    ``codes`` (400..599) retried, ``backoff`` as the base interval. Unset: the mesh default
+    (Istio's: 2 attempts on connect-failure, refused-stream, unavailable, cancelled, 503).
+    Connection failures are always retryable (GEP-1731: "a connection error" is retried)."""
+    if value is None:
+        return DEFAULT_RETRY
+    m = read_map(value, path)
+    codes = frozenset(
+        read_int(c, f"{path}.codes[{i}]", 400, 599)
+        for i, c in enumerate(read_seq(m.get("codes"), path))
+    )
+    backoff = DEFAULT_RETRY.backoff_base
+    if "backoff" in m:
+        backoff = parse_duration(m["backoff"], f"{path}.backoff")
+    on = {"connect-failure", "refused-stream", "reset"}
+    if codes:
+        on.add("retriable-status-codes")
+    return RetryPolicy(
+        attempts=read_int(m.get("attempts", DEFAULT_RETRY.attempts), f"{path}.attempts", 0, 1000),
+        retry_on=frozenset(on),
+        status_codes=codes,
+        backoff_base=backoff,
+    )
+
+
+def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:
+    """GAMMA: Service parents; a parentRef ``port`` restricts the route to that service port
+    (every match gets ``port``), as Gateway API's mesh profile specifies."""
+    hosts: list[str] = []
+    ports: set[int | None] = set()
+    for i, ref in enumerate(read_seq(spec.get("parentRefs"), "spec.parentRefs")):
+        rp = f"spec.parentRefs[{i}]"
+        rm = read_map(ref, rp)
+        kind = str(rm.get("kind", "Gateway"))
+        ns = str(rm.get("namespace", ctx.namespace))
+        pname = read_text(rm.get("name"), f"{rp}.name")
+        if kind == "Service":
+            hosts.append(f"{pname}.{ns}.svc.{ctx.suffix}")
+        else:
+            ctx.warn(f"parent kind {kind!r} is not a mesh Service: not applied by waypoints", rp)
+        port = rm.get("port")
+        if kind == "Service":
+            ports.add(None if port is None else read_int(port, f"{rp}.port", 1, 65535))
+    if len(ports) > 1:
+        raise ConfigError(
+            "spec.parentRefs", "Service parents with different ports are not supported"
+        )
+    only_port = next(iter(ports), None)
+    source = f"HTTPRoute {ctx.namespace}/{name}"
+    flat: list[tuple[tuple[int, int, int, int, int], int, HttpRoute]] = []
+    for i, rule in enumerate(read_seq(spec.get("rules"), "spec.rules")):
+        rp = f"spec.rules[{i}]"
+        rm = read_map(rule, rp)
+        backends = tuple(
+            _gw_backend(b, f"{rp}.backendRefs[{j}]", ctx)
+            for j, b in enumerate(read_seq(rm.get("backendRefs"), f"{rp}.backendRefs"))
+        )
+        req_ops, resp_ops = NO_HEADER_OPS, NO_HEADER_OPS
+        rewrite_path: tuple[str, str] | None = None
+        rewrite_host: str | None = None
+        redirect: Redirect | None = None
+        mirrors: list[Mirror] = []
+        for j, f in enumerate(read_seq(rm.get("filters"), f"{rp}.filters")):
+            fp = f"{rp}.filters[{j}]"
+            fm = read_map(f, fp)
+            ftype = str(fm.get("type"))
+            if ftype == "RequestHeaderModifier":
+                req_ops = _gw_header_filter(fm.get("requestHeaderModifier"), fp)
+            elif ftype == "ResponseHeaderModifier":
+                resp_ops = _gw_header_filter(fm.get("responseHeaderModifier"), fp)
+            elif ftype == "URLRewrite":
+                u = read_map(fm.get("urlRewrite"), f"{fp}.urlRewrite")
+                rewrite_host = str(u["hostname"]) if "hostname" in u else None
+                if "path" in u:
+                    p = read_map(u["path"], f"{fp}.urlRewrite.path")
+                    ptype = str(p.get("type"))
+                    if ptype == "ReplaceFullPath":
+                        rewrite_path = ("full", str(p.get("replaceFullPath", "/")))
+                    elif ptype == "ReplacePrefixMatch":
+                        rewrite_path = ("prefix", str(p.get("replacePrefixMatch", "/")))
+                    else:
+                        raise ConfigError(f"{fp}.urlRewrite.path.type", f"unknown {ptype!r}")
+            elif ftype == "RequestRedirect":
+                r = read_map(fm.get("requestRedirect"), f"{fp}.requestRedirect")
+                rpath = read_map(r.get("path"), f"{fp}.requestRedirect.path")
+                redirect = Redirect(
+                    uri=str(rpath["replaceFullPath"]) if "replaceFullPath" in rpath else None,
+                    prefix=(
+                        str(rpath["replacePrefixMatch"]) if "replacePrefixMatch" in rpath else None
+                    ),
+                    authority=str(r["hostname"]) if "hostname" in r else None,
+                    scheme=str(r["scheme"]) if "scheme" in r else None,
+                    port=int(r["port"]) if "port" in r else None,
+                    code=read_int(r.get("statusCode", 302), f"{fp}.requestRedirect.statusCode", 300,
+                              399),
+                )  # fmt: skip
+            elif ftype == "RequestMirror":
+                mm = read_map(fm.get("requestMirror"), f"{fp}.requestMirror")
+                pct = 100.0
+                if "percent" in mm:
+                    pct = float(read_int(mm["percent"], f"{fp}.requestMirror.percent", 0, 100))
+                mirrors.append(
+                    Mirror(
+                        destination=_gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx),
+                        percent=pct,
+                    )
+                )
+            else:
+                raise ConfigError(f"{fp}.type", f"filter {ftype!r} is not supported")
+        timeouts = read_map(rm.get("timeouts"), f"{rp}.timeouts")
+        timeout = None
+        if "request" in timeouts:
+            timeout = parse_duration(timeouts["request"], f"{rp}.timeouts.request") or None
+        retry = _gw_retry(rm.get("retry"), f"{rp}.retry")
+        if "backendRequest" in timeouts:
+            retry = RetryPolicy(
+                attempts=retry.attempts,
+                per_try_timeout=parse_duration(
+                    timeouts["backendRequest"], f"{rp}.timeouts.backendRequest"
+                ),
+                retry_on=retry.retry_on,
+                status_codes=retry.status_codes,
+                backoff_base=retry.backoff_base,
+            )
+        matches = [
+            _gw_match(x, f"{rp}.matches[{j}]")
+            for j, x in enumerate(read_seq(rm.get("matches"), f"{rp}.matches"))
+        ] or [_gw_match({}, f"{rp}.matches")]
+        if only_port is not None:
+            matches = [dataclasses.replace(mt, port=only_port) for mt in matches]
+        if not backends and redirect is None:
+            # Gateway API: a rule with no backends answers 500.
+            direct: int | None = 500
+        else:
+            direct = None
+        for match in matches:
+            rewrite = None
+            if rewrite_path is not None or rewrite_host is not None:
+                kind, value = rewrite_path or ("", "")
+                rewrite = Rewrite(
+                    uri=value if kind == "prefix" else None,
+                    full_path=value if kind == "full" else None,
+                    authority=rewrite_host,
+                )
+            flat.append(
+                (
+                    _gw_precedence(match),
+                    len(flat),
+                    HttpRoute(
+                        name=f"{name}.{i}",
+                        source=source,
+                        matches=(match,),
+                        destinations=backends,
+                        redirect=redirect,
+                        direct_status=direct,
+                        rewrite=rewrite,
+                        timeout=timeout,
+                        retries=retry,
+                        mirrors=tuple(mirrors),
+                        request_headers=req_ops,
+                        response_headers=resp_ops,
+                    ),
+                )
+            )
+    flat.sort(key=lambda t: (t[0], t[1]))
+    return RouteTable(
+        kind="HTTPRoute",
+        namespace=ctx.namespace,
+        name=name,
+        hosts=tuple(hosts),
+        routes=tuple(r for _, _, r in flat),
+    )

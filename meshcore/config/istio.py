@@ -1,0 +1,419 @@
+"""Istio routing objects -> records: VirtualService (networking.istio.io v1/v1beta1/v1alpha3)
+and DestinationRule.
+
+Owns: `parse_virtual_service`, `parse_destination_rule`. Short host names resolve against the
+object's namespace (``reviews`` in ``default`` is ``reviews.default.svc.cluster.local``, as
+Istio does). Semantics: istio.io "Virtual Service" and "Destination Rule" references (2026).
+Which fields are implemented is `meshcore.config.fields`; the dispatcher
+(`meshcore.config.objects`) checks them before these parsers run.
+
+Deliberate differences (docs/waypoint.md): retries default to Istio's default policy (2
+attempts on connect-failure, refused-stream, unavailable, cancelled, 503).
+
+Invariant: pure; a malformed value raises `ConfigError` naming the field path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from meshcore.config.matchers import MatchKind, StringMatcher, matcher
+from meshcore.config.reader import (
+    Ctx,
+    parse_duration,
+    read_int,
+    read_labels,
+    read_map,
+    read_percentage,
+    read_seq,
+    read_text,
+    resolve_host,
+)
+from meshcore.config.routes import (
+    DEFAULT_RETRY,
+    ConnectionPool,
+    Destination,
+    DestinationPolicy,
+    Fault,
+    HeaderOps,
+    HttpRoute,
+    LbPolicy,
+    Mirror,
+    OutlierDetection,
+    Redirect,
+    RetryPolicy,
+    Rewrite,
+    RouteMatch,
+    RouteTable,
+    Subset,
+    TrafficPolicy,
+)
+from meshcore.errors import ConfigError
+
+
+def _string_match(value: object, path: str) -> StringMatcher:
+    m = read_map(value, path)
+    ignore = bool(m.get("ignoreCase", False))
+    for key, kind in (("exact", MatchKind.EXACT), ("prefix", MatchKind.PREFIX)):
+        if key in m:
+            return matcher(kind, read_text(m[key], f"{path}.{key}"), ignore_case=ignore)
+    if "regex" in m:
+        try:
+            return matcher(
+                MatchKind.REGEX, read_text(m["regex"], f"{path}.regex"), ignore_case=ignore
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{path}.regex", exc.message) from None
+    if not m:
+        return matcher(MatchKind.PRESENCE)
+    raise ConfigError(path, f"expected exact, prefix or regex, got {sorted(m)}")
+
+
+def _named_matches(value: object, path: str) -> tuple[tuple[str, StringMatcher], ...]:
+    m = read_map(value, path)
+    return tuple((str(k).lower(), _string_match(v, f"{path}.{k}")) for k, v in m.items())
+
+
+def _vs_match(value: object, path: str, ctx: Ctx) -> RouteMatch:
+    m = read_map(value, path)
+    known = {
+        "name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders", "port",
+        "queryParams", "sourceLabels", "sourceNamespace", "ignoreUriCase", "gateways",
+        "statPrefix",
+    }  # fmt: skip
+    for key in m:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}", "unknown field")
+    uri = None
+    if "uri" in m:
+        uri = _string_match(m["uri"], f"{path}.uri")
+        if m.get("ignoreUriCase"):
+            uri = matcher(uri.kind, uri.value, ignore_case=True)
+    if "gateways" in m and "mesh" not in m["gateways"]:
+        ctx.warn("names no 'mesh': this match never applies at a waypoint", f"{path}.gateways")
+    return RouteMatch(
+        name=str(m.get("name", "")),
+        uri=uri,
+        scheme=_string_match(m["scheme"], f"{path}.scheme") if "scheme" in m else None,
+        method=_string_match(m["method"], f"{path}.method") if "method" in m else None,
+        authority=_string_match(m["authority"], f"{path}.authority") if "authority" in m else None,
+        headers=_named_matches(m.get("headers"), f"{path}.headers"),
+        without_headers=_named_matches(m.get("withoutHeaders"), f"{path}.withoutHeaders"),
+        query_params=tuple(
+            (k, v) for k, v in _named_matches(m.get("queryParams"), f"{path}.queryParams")
+        ),
+        port=read_int(m["port"], f"{path}.port", 1, 65535) if "port" in m else None,
+        source_labels=read_labels(m.get("sourceLabels"), f"{path}.sourceLabels"),
+        source_namespace=str(m["sourceNamespace"]) if "sourceNamespace" in m else None,
+    )
+
+
+def _header_ops(value: object, path: str) -> HeaderOps:
+    m = read_map(value, path)
+    return HeaderOps(
+        set=tuple(
+            (str(k).lower(), str(v)) for k, v in read_map(m.get("set"), f"{path}.set").items()
+        ),
+        add=tuple(
+            (str(k).lower(), str(v)) for k, v in read_map(m.get("add"), f"{path}.add").items()
+        ),
+        remove=tuple(str(x).lower() for x in read_seq(m.get("remove"), f"{path}.remove")),
+    )
+
+
+def _vs_headers(value: object, path: str) -> tuple[HeaderOps, HeaderOps]:
+    m = read_map(value, path)
+    return _header_ops(m.get("request"), f"{path}.request"), _header_ops(
+        m.get("response"), f"{path}.response"
+    )
+
+
+def _vs_destination(value: object, path: str, ctx: Ctx, *, weight: int) -> Destination:
+    m = read_map(value, path)
+    host = read_text(m.get("host"), f"{path}.host")
+    port = None
+    if "port" in m:
+        port = read_int(
+            read_map(m["port"], f"{path}.port").get("number"), f"{path}.port.number", 1, 65535
+        )
+    return Destination(
+        host=resolve_host(host, ctx.namespace, ctx.suffix),
+        subset=str(m.get("subset", "")),
+        port=port,
+        weight=weight,
+    )
+
+
+def _retry(value: object, path: str) -> RetryPolicy:
+    m = read_map(value, path)
+    attempts = read_int(m.get("attempts", 2), f"{path}.attempts", 0, 1000)
+    per_try = (
+        parse_duration(m["perTryTimeout"], f"{path}.perTryTimeout")
+        if "perTryTimeout" in m
+        else None
+    )
+    on: set[str] = set()
+    codes: set[int] = set()
+    if "retryOn" in m:
+        for tok in read_text(m["retryOn"], f"{path}.retryOn").split(","):
+            tok = tok.strip().lower()
+            if tok.isdigit():
+                codes.add(int(tok))
+                on.add("retriable-status-codes")
+            elif tok:
+                on.add(tok)
+    else:
+        on = set(DEFAULT_RETRY.retry_on)
+        codes = set(DEFAULT_RETRY.status_codes)
+    return RetryPolicy(
+        attempts=attempts, per_try_timeout=per_try, retry_on=frozenset(on),
+        status_codes=frozenset(codes),
+    )  # fmt: skip
+
+
+def _fault(value: object, path: str, ctx: Ctx) -> Fault:
+    m = read_map(value, path)
+    delay, delay_pct, abort, abort_pct = None, 100.0, None, 100.0
+    if "delay" in m:
+        d = read_map(m["delay"], f"{path}.delay")
+        if "fixedDelay" not in d:
+            raise ConfigError(f"{path}.delay", "fixedDelay is required (exponentialDelay is not)")
+        delay = parse_duration(d["fixedDelay"], f"{path}.delay.fixedDelay")
+        delay_pct = read_percentage(d, f"{path}.delay")
+    if "abort" in m:
+        a = read_map(m["abort"], f"{path}.abort")
+        if "httpStatus" in a:
+            abort = read_int(a["httpStatus"], f"{path}.abort.httpStatus", 200, 599)
+        else:
+            raise ConfigError(f"{path}.abort", "only httpStatus aborts are supported")
+        abort_pct = read_percentage(a, f"{path}.abort")
+    return Fault(delay=delay, delay_percent=delay_pct, abort_status=abort, abort_percent=abort_pct)
+
+
+def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute:
+    m = read_map(value, path)
+    known = {
+        "name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout",
+        "retries", "fault", "mirror", "mirrorPercent", "mirrorPercentage", "mirrors",
+        "corsPolicy", "headers",
+    }  # fmt: skip
+    for key in m:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}", "unknown field")
+    if "delegate" in m:
+        raise ConfigError(f"{path}.delegate", "delegate VirtualServices are not supported")
+    matches = tuple(
+        _vs_match(x, f"{path}.match[{i}]", ctx)
+        for i, x in enumerate(read_seq(m.get("match"), path))
+    )
+    dests: list[Destination] = []
+    routes = read_seq(m.get("route"), f"{path}.route")
+    for i, r in enumerate(routes):
+        rp = f"{path}.route[{i}]"
+        rm = read_map(r, rp)
+        default_weight = 100 if len(routes) == 1 else 0
+        weight = read_int(rm.get("weight", default_weight), f"{rp}.weight", 0, 100000)
+        d = _vs_destination(rm.get("destination"), f"{rp}.destination", ctx, weight=weight)
+        req, resp = _vs_headers(rm.get("headers"), f"{rp}.headers")
+        dests.append(
+            Destination(
+                host=d.host,
+                subset=d.subset,
+                port=d.port,
+                weight=d.weight,
+                request_headers=req,
+                response_headers=resp,
+            )
+        )
+    if len(dests) > 1 and sum(d.weight for d in dests) == 0:
+        raise ConfigError(f"{path}.route", "weights are all zero")
+    redirect = None
+    if "redirect" in m:
+        r = read_map(m["redirect"], f"{path}.redirect")
+        port = r.get("port")
+        redirect = Redirect(
+            uri=str(r["uri"]) if "uri" in r else None,
+            authority=str(r["authority"]) if "authority" in r else None,
+            scheme=str(r["scheme"]) if "scheme" in r else None,
+            port=read_int(port, f"{path}.redirect.port", 1, 65535) if port is not None else None,
+            code=read_int(r.get("redirectCode", 301), f"{path}.redirect.redirectCode", 300, 399),
+        )
+    direct_status, direct_body = None, ""
+    if "directResponse" in m:
+        dr = read_map(m["directResponse"], f"{path}.directResponse")
+        direct_status = read_int(dr.get("status"), f"{path}.directResponse.status", 200, 599)
+        body = read_map(dr.get("body"), f"{path}.directResponse.body")
+        direct_body = str(body.get("string", ""))
+    if not dests and redirect is None and direct_status is None:
+        raise ConfigError(path, "needs route, redirect or directResponse")
+    rewrite = None
+    if "rewrite" in m:
+        rw = read_map(m["rewrite"], f"{path}.rewrite")
+        regex = None
+        if "uriRegexRewrite" in rw:
+            rr = read_map(rw["uriRegexRewrite"], f"{path}.rewrite.uriRegexRewrite")
+            pattern = read_text(rr.get("match"), f"{path}.rewrite.uriRegexRewrite.match")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{path}.rewrite.uriRegexRewrite.match", str(exc)) from None
+            regex = (pattern, str(rr.get("rewrite", "")))
+        rewrite = Rewrite(
+            uri=str(rw["uri"]) if "uri" in rw else None,
+            authority=str(rw["authority"]) if "authority" in rw else None,
+            uri_regex=regex,
+        )
+    mirrors: list[Mirror] = []
+    if "mirror" in m:
+        pct = 100.0
+        if "mirrorPercentage" in m:
+            pct = read_percentage({"percentage": m["mirrorPercentage"]}, path)
+        elif "mirrorPercent" in m:
+            pct = read_percentage({"percent": m["mirrorPercent"]}, path)
+        mirrors.append(
+            Mirror(destination=_vs_destination(m["mirror"], f"{path}.mirror", ctx, weight=100),
+                   percent=pct)
+        )  # fmt: skip
+    for i, mm in enumerate(read_seq(m.get("mirrors"), f"{path}.mirrors")):
+        mp = f"{path}.mirrors[{i}]"
+        mmap = read_map(mm, mp)
+        mirrors.append(
+            Mirror(
+                destination=_vs_destination(mmap.get("destination"), f"{mp}.destination", ctx,
+                                            weight=100),
+                percent=read_percentage(mmap, mp),
+            )
+        )  # fmt: skip
+    req, resp = _vs_headers(m.get("headers"), f"{path}.headers")
+    return HttpRoute(
+        name=str(m.get("name", "")),
+        source=source,
+        matches=matches,
+        destinations=tuple(dests),
+        redirect=redirect,
+        direct_status=direct_status,
+        direct_body=direct_body,
+        rewrite=rewrite,
+        timeout=parse_duration(m["timeout"], f"{path}.timeout") if "timeout" in m else None,
+        retries=_retry(m["retries"], f"{path}.retries") if "retries" in m else DEFAULT_RETRY,
+        fault=_fault(m["fault"], f"{path}.fault", ctx) if "fault" in m else None,
+        mirrors=tuple(mirrors),
+        request_headers=req,
+        response_headers=resp,
+    )
+
+
+def parse_virtual_service(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:
+    hosts = tuple(
+        resolve_host(read_text(h, f"spec.hosts[{i}]"), ctx.namespace, ctx.suffix)
+        for i, h in enumerate(read_seq(spec.get("hosts"), "spec.hosts"))
+    )
+    if not hosts:
+        raise ConfigError("spec.hosts", "at least one host is required")
+    gateways = read_seq(spec.get("gateways"), "spec.gateways")
+    if gateways and "mesh" not in gateways:
+        ctx.warn("does not include 'mesh': not applied by waypoints", "spec.gateways")
+        return RouteTable(kind="VirtualService", namespace=ctx.namespace, name=name, hosts=(),
+                          routes=())  # fmt: skip
+    source = f"VirtualService {ctx.namespace}/{name}"
+    routes = tuple(
+        _vs_http_route(r, f"spec.http[{i}]", ctx, source)
+        for i, r in enumerate(read_seq(spec.get("http"), "spec.http"))
+    )
+    return RouteTable(
+        kind="VirtualService", namespace=ctx.namespace, name=name, hosts=hosts, routes=routes
+    )
+
+
+def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) -> TrafficPolicy:
+    m = read_map(value, path)
+    lb = LbPolicy.LEAST_REQUEST
+    if "loadBalancer" in m:
+        lbm = read_map(m["loadBalancer"], f"{path}.loadBalancer")
+        if "simple" in lbm:
+            simple = str(lbm["simple"]).upper()
+            if simple == "LEAST_CONN":
+                simple = "LEAST_REQUEST"
+            try:
+                lb = LbPolicy(simple)
+            except ValueError:
+                raise ConfigError(
+                    f"{path}.loadBalancer.simple", f"unknown load balancer {simple!r}"
+                ) from None
+    outlier = None
+    if "outlierDetection" in m:
+        o = read_map(m["outlierDetection"], f"{path}.outlierDetection")
+        c5 = o.get("consecutive5xxErrors", o.get("consecutiveErrors", 5))
+        outlier = OutlierDetection(
+            consecutive_5xx=read_int(c5, f"{path}.outlierDetection.consecutive5xxErrors"),
+            consecutive_gateway=read_int(
+                o.get("consecutiveGatewayErrors", 0), f"{path}.outlierDetection.gatewayErrors"
+            ),
+            interval=parse_duration(o.get("interval", "10s"), f"{path}.outlierDetection.interval"),
+            base_ejection_time=parse_duration(
+                o.get("baseEjectionTime", "30s"), f"{path}.outlierDetection.baseEjectionTime"
+            ),
+            max_ejection_percent=float(
+                read_int(o.get("maxEjectionPercent", 10), f"{path}.outlierDetection.max", 0, 100)
+            ),
+        )
+    pool = ConnectionPool()
+    if "connectionPool" in m:
+        cp = read_map(m["connectionPool"], f"{path}.connectionPool")
+        tcp = read_map(cp.get("tcp"), f"{path}.connectionPool.tcp")
+        http = read_map(cp.get("http"), f"{path}.connectionPool.http")
+        big = 2**31 - 1
+
+        def lim(obj: Mapping[str, Any], key: str, where: str) -> int:
+            v = obj.get(key)
+            return (
+                big if v is None or v == 0 else read_int(v, f"{path}.connectionPool.{where}.{key}")
+            )
+
+        pool = ConnectionPool(
+            max_connections=lim(tcp, "maxConnections", "tcp"),
+            connect_timeout=parse_duration(
+                tcp.get("connectTimeout", "10s"), f"{path}.connectionPool.tcp.connectTimeout"
+            ),
+            max_pending=lim(http, "http1MaxPendingRequests", "http"),
+            max_requests=lim(http, "http2MaxRequests", "http"),
+            max_requests_per_connection=int(http.get("maxRequestsPerConnection", 0) or 0),
+            idle_timeout=parse_duration(
+                http.get("idleTimeout", "1h"), f"{path}.connectionPool.http.idleTimeout"
+            ),
+        )
+    overrides: list[tuple[int, TrafficPolicy]] = []
+    if nested:
+        for i, p in enumerate(read_seq(m.get("portLevelSettings"), f"{path}.portLevelSettings")):
+            pp = f"{path}.portLevelSettings[{i}]"
+            pm = read_map(p, pp)
+            number = read_int(
+                read_map(pm.get("port"), f"{pp}.port").get("number"), f"{pp}.port.number"
+            )
+            overrides.append((number, _traffic_policy(pm, pp, ctx, nested=False)))
+    return TrafficPolicy(lb=lb, outlier=outlier, pool=pool, port_overrides=tuple(overrides))
+
+
+def parse_destination_rule(spec: Mapping[str, Any], ctx: Ctx, name: str) -> DestinationPolicy:
+    host = resolve_host(read_text(spec.get("host"), "spec.host"), ctx.namespace, ctx.suffix)
+    policy = _traffic_policy(spec.get("trafficPolicy"), "spec.trafficPolicy", ctx)
+    subsets = []
+    for i, s in enumerate(read_seq(spec.get("subsets"), "spec.subsets")):
+        sp = f"spec.subsets[{i}]"
+        sm = read_map(s, sp)
+        subsets.append(
+            Subset(
+                name=read_text(sm.get("name"), f"{sp}.name"),
+                labels=read_labels(sm.get("labels"), f"{sp}.labels"),
+                policy=(
+                    _traffic_policy(sm["trafficPolicy"], f"{sp}.trafficPolicy", ctx)
+                    if "trafficPolicy" in sm
+                    else None
+                ),
+            )
+        )
+    return DestinationPolicy(
+        namespace=ctx.namespace, name=name, host=host, subsets=tuple(subsets), policy=policy
+    )

@@ -1,0 +1,259 @@
+"""L7 configuration records: what a waypoint routes with, as parsed from the objects users
+write (VirtualService, DestinationRule, HTTPRoute) plus the policies it enforces.
+
+Owns: `WaypointConfig` and its parts (route tables and routes, destinations, retries, faults,
+rewrites, redirects, mirrors, destination policies).
+
+Invariants: records are frozen, slotted, keyword-only; tuples only; safe to share between
+snapshots. Durations are seconds (float); percentages are 0..100 floats.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from meshcore.config.authorization import AuthzPolicy
+from meshcore.config.fields import Finding
+from meshcore.config.labels import Labels
+from meshcore.config.matchers import StringMatcher
+
+# ------------------------------------------------------------------------------- routing records
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderOps:
+    """Header manipulation: set replaces, add appends, remove deletes (in that order: remove,
+    set, add -- Envoy's request_headers_to_remove runs before additions)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.set or self.add or self.remove)
+
+    def apply(self, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        drop = set(self.remove) | {k for k, _ in self.set}
+        out = [(k, v) for k, v in headers if k not in drop]
+        out.extend(self.set)
+        out.extend(self.add)
+        return out
+
+
+NO_HEADER_OPS = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteMatch:
+    """One match block; every set condition must hold (AND). Istio's HTTPMatchRequest."""
+
+    uri: StringMatcher | None = None
+    path_prefix_segments: bool = False
+    """Gateway API PathPrefix: a prefix matches only on '/' element boundaries."""
+    scheme: StringMatcher | None = None
+    method: StringMatcher | None = None
+    authority: StringMatcher | None = None
+    headers: tuple[tuple[str, StringMatcher], ...] = ()
+    without_headers: tuple[tuple[str, StringMatcher], ...] = ()
+    query_params: tuple[tuple[str, StringMatcher], ...] = ()
+    port: int | None = None
+    source_labels: Labels = ()
+    source_namespace: str | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Destination:
+    """Where a request goes: a host (FQDN), optional subset and port, with a weight."""
+
+    host: str
+    subset: str = ""
+    port: int | None = None
+    weight: int = 100
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
+
+
+RETRY_ON_DEFAULT = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    attempts: int = 2
+    """Retries after the first try (Istio's ``attempts``)."""
+    per_try_timeout: float | None = None
+    retry_on: frozenset[str] = RETRY_ON_DEFAULT
+    """Envoy retry conditions: 5xx, gateway-error, reset, connect-failure, retriable-4xx,
+    refused-stream, retriable-status-codes, and gRPC cancelled/deadline-exceeded/internal/
+    resource-exhausted/unavailable."""
+    status_codes: frozenset[int] = frozenset({503})
+    """Codes retried under ``retriable-status-codes`` (a bare number in retryOn adds one)."""
+    backoff_base: float = 0.025
+    """Envoy's default base interval (25 ms), full jitter, x2 per retry, cap 10x base."""
+
+
+DEFAULT_RETRY = RetryPolicy(
+    retry_on=RETRY_ON_DEFAULT | {"retriable-status-codes"}, status_codes=frozenset({503})
+)
+NO_RETRY = RetryPolicy(attempts=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    delay: float | None = None
+    delay_percent: float = 100.0
+    abort_status: int | None = None
+    abort_percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rewrite:
+    uri: str | None = None
+    """Replace the matched prefix (prefix match) or the whole path (otherwise)."""
+    full_path: str | None = None
+    """Gateway API ReplaceFullPath."""
+    uri_regex: tuple[str, str] | None = None
+    """(pattern, substitution) over the path (Istio uriRegexRewrite)."""
+    authority: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Redirect:
+    uri: str | None = None
+    """Replacement path; for Gateway API ReplacePrefixMatch, see `prefix`."""
+    prefix: str | None = None
+    """Replace only the matched prefix with this."""
+    authority: str | None = None
+    scheme: str | None = None
+    port: int | None = None
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mirror:
+    destination: Destination
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpRoute:
+    """One routing rule: first matching rule wins (Istio http[] order)."""
+
+    name: str = ""
+    source: str = ""
+    """``VirtualService ns/name`` or ``HTTPRoute ns/name`` (for logs and debug)."""
+    matches: tuple[RouteMatch, ...] = ()
+    """ORed; empty = matches every request."""
+    destinations: tuple[Destination, ...] = ()
+    redirect: Redirect | None = None
+    direct_status: int | None = None
+    direct_body: str = ""
+    rewrite: Rewrite | None = None
+    timeout: float | None = None
+    retries: RetryPolicy = DEFAULT_RETRY
+    fault: Fault | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteTable:
+    """The routes of one VirtualService or HTTPRoute, bound to hosts (FQDNs / wildcards)."""
+
+    kind: str
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    routes: tuple[HttpRoute, ...]
+
+
+# ------------------------------------------------------------------------------- destination rules
+
+
+class LbPolicy(enum.Enum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+    RANDOM = "RANDOM"
+    PASSTHROUGH = "PASSTHROUGH"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierDetection:
+    consecutive_5xx: int = 5
+    consecutive_gateway: int = 0
+    """0 = off (Envoy's default for gateway errors)."""
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionPool:
+    max_connections: int = 2**31 - 1
+    max_pending: int = 2**31 - 1
+    max_requests: int = 2**31 - 1
+    max_requests_per_connection: int = 0
+    """0 = unlimited."""
+    connect_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrafficPolicy:
+    lb: LbPolicy = LbPolicy.LEAST_REQUEST
+    """Istio's default is LEAST_REQUEST."""
+    outlier: OutlierDetection | None = None
+    pool: ConnectionPool = ConnectionPool()
+    port_overrides: tuple[tuple[int, TrafficPolicy], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subset:
+    name: str
+    labels: Labels
+    policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DestinationPolicy:
+    """A DestinationRule: subsets and traffic policy for one host."""
+
+    namespace: str
+    name: str
+    host: str
+    subsets: tuple[Subset, ...] = ()
+    policy: TrafficPolicy = TrafficPolicy()
+
+    def subset(self, name: str) -> Subset | None:
+        return next((s for s in self.subsets if s.name == name), None)
+
+    def policy_for(self, subset: str, port: int | None) -> TrafficPolicy:
+        """Subset policy over the rule's, then a port-level override (Istio precedence)."""
+        sub = self.subset(subset) if subset else None
+        pol = sub.policy if sub is not None and sub.policy is not None else self.policy
+        for p, override in pol.port_overrides:
+            if p == port:
+                return override
+        return pol
+
+
+# ------------------------------------------------------------------------------- whole config
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaypointConfig:
+    """Everything L7 a waypoint needs, as parsed. `CompiledConfig` (meshcore.l7.route)
+    indexes it for the data path."""
+
+    route_tables: tuple[RouteTable, ...] = ()
+    destination_rules: tuple[DestinationPolicy, ...] = ()
+    policies: tuple[AuthzPolicy, ...] = ()
+    workload_labels: tuple[tuple[str, Labels], ...] = ()
+    """Workload uid -> labels (DestinationRule subsets, sourceLabels, selectors)."""
+    warnings: tuple[str, ...] = ()
+    findings: tuple[tuple[str, Finding], ...] = ()
+    """(object reference, finding) for every reported field (`meshcore.config.fields`)."""
