@@ -19,7 +19,7 @@ import pytest
 from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, utcnow
 from meshcore.errors import ConfigError
-from meshcore.model import load_mesh_config
+from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from ztunnel.app import NodeProxy, build_context
 from ztunnel.proxy.context import ProxySettings
