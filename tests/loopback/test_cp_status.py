@@ -80,6 +80,7 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
             kubernetes=True,
             kubeconfig=tmp_path / "kubeconfig",
             ca_dir=tmp_path / "ca",
+            insecure_no_node_auth=True,  # no node proxy in this test; loopback listener
             sync_timeout=10,
         )
         cp = ControlPlane(settings)
