@@ -71,6 +71,24 @@ class ProxyMetrics:
         self.sent = Counter(
             "istio_tcp_sent_bytes", "Bytes sent to the client side", LABELS, registry=r
         )
+        # Robustness (issue 9): protocol-level refusals and connection errors, by a bounded label.
+        self.hbone_refused = Counter(
+            "ztunnel_hbone_streams_refused",
+            "HBONE streams refused by the HTTP/2 layer, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.hbone_connection_errors = Counter(
+            "ztunnel_hbone_connection_errors",
+            "HBONE connections closed with GOAWAY for a peer's protocol error, by error code",
+            ["code"],
+            registry=r,
+        )
+        self.accept_paused = Counter(
+            "ztunnel_accept_paused",
+            "Times accepting paused because file descriptors ran short",
+            registry=r,
+        )
         self.active = Gauge(
             "ztunnel_active_connections",
             "Connections currently proxied",

@@ -13,6 +13,12 @@ Invariants:
 - Received DATA is credited back to the peer only once the sink has accepted it without being
   paused; a paused sink acknowledges on resume, which keeps per-stream memory bounded by the
   stream window (4 MiB).
+- Work started for a stream (`HboneStream.task`, e.g. the upstream connect of a CONNECT) is
+  cancelled the moment the stream is reset or the connection is lost: a task cancelled before
+  it first runs never creates its socket (CVE-2023-44487 "rapid reset").
+- One timer per connection, armed for `HboneConnection.get_timer()` (no periodic polling).
+- A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) at once, so
+  what an aborted peer left half-received is freed by reference counting, not by a later GC pass.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from typing import Protocol, cast
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError
 from meshcore.hbone.connection import (
+    SERVER_MAX_STREAMS,
     ConnectionTerminated,
     DataReceived,
     Event,
     HboneConnection,
     RequestReceived,
+    RequestRefused,
     ResponseReceived,
     Role,
     StreamEnded,
@@ -88,6 +96,7 @@ class HboneStream:
         "response",
         "sink",
         "stream_id",
+        "task",
     )
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
@@ -100,6 +109,14 @@ class HboneStream:
         self.response: asyncio.Future[int] | None = None
         self._early: list[bytes | None] = []  # data (None = EOF) arriving before a sink attaches
         self.closed = False
+        self.task: asyncio.Task[None] | None = None  # work for this stream; cancelled on reset
+
+    def _gone(self) -> None:
+        """The stream is closed or reset: stop any work still pending for it."""
+        self.closed = True
+        task, self.task = self.task, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
 
     def attach(self, sink: TunnelSink) -> None:
         self.sink = sink
@@ -144,6 +161,7 @@ class HboneStream:
 
 
 RequestHandler = Callable[[HboneStream], None]
+RefusalHandler = Callable[["HboneProtocol", RequestRefused], None]
 
 
 class HboneProtocol(asyncio.BufferedProtocol):
@@ -157,8 +175,13 @@ class HboneProtocol(asyncio.BufferedProtocol):
         expected: Collection[SpiffeId] | None = None,
         on_request: RequestHandler | None = None,
         on_close: Callable[[HboneProtocol], None] | None = None,
+        on_refused: RefusalHandler | None = None,
+        on_error: Callable[[HboneProtocol, ConnectionTerminated], None] | None = None,
+        max_concurrent_streams: int = SERVER_MAX_STREAMS,
     ) -> None:
-        self.conn = HboneConnection(role)
+        self.conn = HboneConnection(role, max_concurrent_streams=max_concurrent_streams)
+        self.on_refused = on_refused
+        self.on_error = on_error
         self.role = role
         self.trust_domain = trust_domain
         self.expected = expected
@@ -198,7 +221,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         self.conn.initiate(self._loop.time())
         self.flush()
-        self._timer = self._loop.call_later(1.0, self._on_timer)
+        self._arm_timer()
         if self.role is Role.SERVER and not self.ready.done():
             self.ready.set_result(None)
 
@@ -206,26 +229,42 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if not self.ready.done():
             self.ready.set_exception(exc or ConnectionResetError("HBONE connection closed"))
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.closed = True
+            stream._gone()
             if stream.response is not None and not stream.response.done():
                 stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
             if stream.sink is not None:
                 stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
-        if self.on_close is not None:
-            self.on_close(self)
+        on_close, self.on_close = self.on_close, None
+        # Drop the protocol state now: a peer cut mid-frame leaves up to a frame (1 MiB) and a
+        # header block in `conn`, and this object may sit in reference cycles (transport,
+        # callbacks) until a full GC pass, which the tuned GC runs rarely.
+        self.conn.discard()
+        self.on_request = None
+        self.on_refused = None
+        self.on_error = None
+        if on_close is not None:
+            on_close(self)
+
+    def _arm_timer(self) -> None:
+        when = self.conn.get_timer()
+        if when is not None and not self.closed:
+            self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
+        self._timer = None
         if self.closed:
             return
         if not self.conn.handle_timer(self._loop.time()):
+            self.flush()  # the GOAWAY, if the connection timed the peer out
             self.abort()  # no PING answer within the timeout: the peer is gone
             return
         self.flush()
-        self._timer = self._loop.call_later(1.0, self._on_timer)
+        self._arm_timer()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -260,7 +299,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def forget(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
-            stream.closed = True
+            stream._gone()
         if not self.streams:
             self.idle_since = self._loop.time()
             if self.conn.goaway_sent and self.transport is not None:
@@ -316,6 +355,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
                         stream.sink.tunnel_eof()
             elif type(ev) is RequestReceived:
                 self._on_request(ev)
+            elif type(ev) is RequestRefused:
+                if self.on_refused is not None:
+                    self.on_refused(self, ev)
             elif type(ev) is ResponseReceived:
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None and stream.response is not None:
@@ -327,7 +369,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             elif type(ev) is StreamReset:
                 stream = self.streams.pop(ev.stream_id, None)
                 if stream is not None:
-                    stream.closed = True
+                    stream._gone()
                     if stream.response is not None and not stream.response.done():
                         stream.response.set_exception(
                             ConnectionResetError(f"stream reset by peer (code {ev.error_code})")
@@ -342,6 +384,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
                         stream.sink.tunnel_resume_source()
             elif type(ev) is ConnectionTerminated:
                 if not ev.remote:
+                    if self.on_error is not None:
+                        self.on_error(self, ev)
                     self.flush()
                     self.abort()  # our GOAWAY for a protocol error: nothing more to say
                 elif not self.streams and self.transport is not None:
@@ -350,16 +394,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
             self.forget(sid)  # closed in both directions by END_STREAMs
 
     def _on_request(self, ev: RequestReceived) -> None:
+        # Validated by the protocol core: a plain CONNECT with a host:port :authority.
         stream = HboneStream(self, ev.stream_id)
         stream.headers = ev.headers
+        stream.authority = ev.authority
         self.streams[ev.stream_id] = stream
-        method = next((v for k, v in ev.headers if k == ":method"), "")
-        stream.authority = next((v for k, v in ev.headers if k == ":authority"), "")
-        if method != "CONNECT" or any(
-            k in (":path", ":scheme", ":protocol") for k, _ in ev.headers
-        ):
-            stream.respond(400)  # RFC 9113 §8.5 / HBONE: only plain CONNECT is accepted
-            return
         if self.on_request is None:
             stream.respond(503)
             return
@@ -388,9 +427,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.flush()
         status = await stream.response
         if status != 200:
-            refused = HboneError(f"CONNECT {authority} refused with {status}")
-            refused.status = status
-            raise refused
+            raise HboneError.for_status(status, f"CONNECT {authority} refused with {status}")
         return stream
 
 

@@ -90,6 +90,10 @@ EMPTY_DATA_BUDGET = 200  # zero-length DATA without END_STREAM (CVE-2019-9518)
 RECENT_RESETS = 1024  # ids of streams we reset, whose late frames are ignored (§5.1)
 PING_INTERVAL = 10.0
 PING_TIMEOUT = 20.0
+# Slowloris bounds: the peer must acknowledge our SETTINGS (RFC 9113 §6.5.3 SETTINGS_TIMEOUT),
+# and finish a header block once begun, within these many seconds.
+SETTINGS_TIMEOUT = 10.0
+HEADER_BLOCK_TIMEOUT = 10.0
 # A stream's pending (window-blocked) bytes above this ask the edge to stop reading its source.
 PENDING_HIGH_WATER = 1024 * 1024
 
@@ -310,6 +314,8 @@ class HboneConnection:
         self._empty_data_budget = RateBudget(EMPTY_DATA_BUDGET, BUDGET_WINDOW)
         self._recent_resets: dict[int, None] = {}  # insertion-ordered, bounded
         self._now = 0.0
+        self._settings_sent_at: float | None = None  # until the peer's SETTINGS ACK
+        self._header_started = 0.0
         self.goaway_received: ConnectionTerminated | None = None
         self.goaway_sent = False
         self.closed = False
@@ -335,6 +341,7 @@ class HboneConnection:
         self._out.append(encode_settings({int(k): v for k, v in settings.items()}))
         self._out.append(encode_window_update(0, CONNECTION_WINDOW - DEFAULT_WINDOW))
         self._last_activity = now
+        self._settings_sent_at = now
 
     def data_to_send(self) -> bytes:
         if not self._out:
@@ -489,11 +496,27 @@ class HboneConnection:
         if self.closed:
             return None
         if self._ping_outstanding is not None:
-            return self._ping_sent_at + PING_TIMEOUT
-        return self._last_activity + PING_INTERVAL
+            when = self._ping_sent_at + PING_TIMEOUT
+        else:
+            when = self._last_activity + PING_INTERVAL
+        if self._settings_sent_at is not None:
+            when = min(when, self._settings_sent_at + SETTINGS_TIMEOUT)
+        if self._header_stream:
+            when = min(when, self._header_started + HEADER_BLOCK_TIMEOUT)
+        return when
 
     def handle_timer(self, now: float) -> bool:
-        """Keepalive: PING after PING_INTERVAL of quiet; returns False when the peer is dead."""
+        """Keepalive: PING after PING_INTERVAL of quiet; returns False when the peer is dead or
+        too slow (our SETTINGS unacknowledged, a header block unfinished): then a GOAWAY is
+        queued, to be flushed before the transport is closed."""
+        if self.closed:
+            return False
+        if self._settings_sent_at is not None and now - self._settings_sent_at >= SETTINGS_TIMEOUT:
+            self.close(ErrorCode.SETTINGS_TIMEOUT, b"SETTINGS not acknowledged")
+            return False
+        if self._header_stream and now - self._header_started >= HEADER_BLOCK_TIMEOUT:
+            self.close(ErrorCode.ENHANCE_YOUR_CALM, b"header block not finished in time")
+            return False
         if self._ping_outstanding is not None:
             return now - self._ping_sent_at < PING_TIMEOUT
         if now - self._last_activity >= PING_INTERVAL:
@@ -508,6 +531,17 @@ class HboneConnection:
         if code != ErrorCode.NO_ERROR:
             self.closed = True
 
+    def discard(self) -> None:
+        """The transport is gone: drop every buffer and stream (nothing more is sent or parsed)."""
+        self.closed = True
+        self._buf = b""
+        self._header_chunks = []
+        self._streams.clear()
+        self._out.clear()
+        self._data_stream = None
+        self._recent_resets.clear()
+        self._decoder = hpack.Decoder()
+
     # ---- receiving ----
 
     def receive_data(self, data: bytes, now: float = 0.0) -> list[Event]:
@@ -520,8 +554,9 @@ class HboneConnection:
         try:
             self._receive(data, events)
         except H2ProtocolError as err:
-            self.close(err.code, str(err).encode()[:200])
-            events.append(ConnectionTerminated(err.code, self._highest_peer_stream, False, b""))
+            debug = str(err).encode()[:200]
+            self.close(err.code, debug)
+            events.append(ConnectionTerminated(err.code, self._highest_peer_stream, False, debug))
         return events
 
     def _receive(self, data: bytes, events: list[Event]) -> None:
@@ -739,6 +774,7 @@ class HboneConnection:
             self._header_size = len(block)
             self._header_frames = 0
             self._header_end_stream = end_stream
+            self._header_started = self._now
 
     def _on_continuation(
         self, flags: int, stream_id: int, payload: bytes, events: list[Event]
@@ -946,6 +982,7 @@ class HboneConnection:
         if flags & Flag.ACK:
             if payload:
                 raise H2ProtocolError("SETTINGS ACK with payload", ErrorCode.FRAME_SIZE_ERROR)
+            self._settings_sent_at = None
             return
         if len(payload) % 6:
             raise H2ProtocolError("SETTINGS length not a multiple of 6", ErrorCode.FRAME_SIZE_ERROR)
