@@ -160,6 +160,7 @@ class HboneStream:
         self._proto.schedule_flush()
 
 
+DELAYED_CLOSE = 1.0  # seconds between our GOAWAY for a protocol error and the abort
 RequestHandler = Callable[[HboneStream], None]
 RefusalHandler = Callable[["HboneProtocol", RequestRefused], None]
 
@@ -232,13 +233,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             self._timer = None
         if not self.ready.done():
             self.ready.set_exception(exc or ConnectionResetError("HBONE connection closed"))
-        streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            stream._gone()
-            if stream.response is not None and not stream.response.done():
-                stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
-            if stream.sink is not None:
-                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+        self._fail_streams()
         on_close, self.on_close = self.on_close, None
         # Drop the protocol state now: a peer cut mid-frame leaves up to a frame (1 MiB) and a
         # header block in `conn`, and this object may sit in reference cycles (transport,
@@ -249,6 +244,16 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.on_error = None
         if on_close is not None:
             on_close(self)
+        self.transport = None  # break the protocol <-> transport cycle
+
+    def _fail_streams(self) -> None:
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream._gone()
+            if stream.response is not None and not stream.response.done():
+                stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
+            if stream.sink is not None:
+                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
 
     def _arm_timer(self) -> None:
         when = self.conn.get_timer()
@@ -302,7 +307,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
             stream._gone()
         if not self.streams:
             self.idle_since = self._loop.time()
-            if self.conn.goaway_sent and self.transport is not None:
+            # After a graceful GOAWAY the last stream closes the connection. After one for a
+            # protocol error (conn.closed) the delayed close does it, once the GOAWAY is out.
+            if self.conn.goaway_sent and not self.conn.closed and self.transport is not None:
+                self.flush()
                 self.transport.close()
 
     # BufferedProtocol: the TLS layer decrypts straight into our buffer. With a plain Protocol,
@@ -384,10 +392,15 @@ class HboneProtocol(asyncio.BufferedProtocol):
                         stream.sink.tunnel_resume_source()
             elif type(ev) is ConnectionTerminated:
                 if not ev.remote:
+                    # Our GOAWAY for a protocol error. Closing now would discard it: a socket
+                    # closed with unread input sends RST, and the peer loses what it had not
+                    # read yet. Like Envoy's delayed close, keep reading (and discarding, the
+                    # connection is closed) for DELAYED_CLOSE, then abort.
                     if self.on_error is not None:
                         self.on_error(self, ev)
                     self.flush()
-                    self.abort()  # our GOAWAY for a protocol error: nothing more to say
+                    self._fail_streams()
+                    self._loop.call_later(DELAYED_CLOSE, self.abort)
                 elif not self.streams and self.transport is not None:
                     self.transport.close()
         for sid in [s for s in self.streams if not self.conn.is_open(s)]:
