@@ -195,6 +195,7 @@ class Seen:
     """What the server sent back to a raw attacker."""
 
     goaway: int | None = None
+    goaway_last: int | None = None
     goaway_debug: bytes = b""
     statuses: dict[int, str] = field(default_factory=dict)
     resets: dict[int, int] = field(default_factory=dict)
@@ -217,9 +218,15 @@ class Raw:
 
     @classmethod
     async def open(cls, cert: WorkloadCertificate, *, settings_ack: bool = True) -> Raw:
+        return await cls.open_to(HBONE, cert, settings_ack=settings_ack)
+
+    @classmethod
+    async def open_to(
+        cls, addr: tuple[str, int], cert: WorkloadCertificate, *, settings_ack: bool = True
+    ) -> Raw:
         ctx = client_context(cert)
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(*HBONE, ssl=ctx, server_hostname=""), 10
+            asyncio.open_connection(*addr, ssl=ctx, server_hostname=""), 10
         )
         raw = cls(reader, writer)
         hello = CLIENT_PREFACE + encode_settings({})
@@ -268,6 +275,7 @@ class Raw:
             self.seen.frames += 1
             if ftype == FrameType.GOAWAY:
                 self.seen.goaway = int.from_bytes(payload[4:8], "big")
+                self.seen.goaway_last = int.from_bytes(payload[:4], "big")
                 self.seen.goaway_debug = payload[8:]
             elif ftype == FrameType.RST_STREAM:
                 self.seen.resets[sid] = int.from_bytes(payload, "big")
