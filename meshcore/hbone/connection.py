@@ -75,6 +75,12 @@ STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
 SERVER_MAX_STREAMS = 200
+# RFC 9113 §6.5.3: a setting binds the peer only once it acknowledged it; before that the peer may
+# rightly assume the initial value (unlimited streams). Envoy, as an HBONE client, puts every
+# pending tunnel on a new connection at once, before our SETTINGS reach it; refusing those loses
+# them (its tcp_proxy does not retry). So, like the h2 crate of Istio's ztunnel, our advertised
+# limit is enforced from the ACK on, and this hard bound applies before it.
+PRE_ACK_MAX_STREAMS = 10_000
 MAX_HEADER_LIST = 64 * 1024
 # A compressed block (HEADERS + CONTINUATIONs) never needs more octets than the list it carries;
 # twice the advertised list size leaves room for a peer's odd encoding. Above: ENHANCE_YOUR_CALM
@@ -855,7 +861,8 @@ class HboneConnection:
         self._highest_peer_stream = stream_id
         if self.goaway_sent:
             return  # §6.8: streams above our GOAWAY's last id are ignored
-        if len(self._streams) >= self.local_max_streams:
+        limit = self.local_max_streams if self._settings_sent_at is None else PRE_ACK_MAX_STREAMS
+        if len(self._streams) >= limit:
             reason = "over MAX_CONCURRENT_STREAMS"
             self._refuse(stream_id, 0, ErrorCode.REFUSED_STREAM, reason, headers, events)
             return

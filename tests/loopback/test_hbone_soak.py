@@ -156,7 +156,8 @@ def test_5000_concurrent_tunnels_none_lost_none_corrupted(pair: Pair) -> None:
                 lost += 1
                 return
             try:
-                await asyncio.wait_for(all_open.wait(), 45)
+                with suppress(TimeoutError):  # then some were lost: counted below
+                    await asyncio.wait_for(all_open.wait(), 30)
                 writer.write(data)
                 writer.write_eof()
                 got = await asyncio.wait_for(reader.read(), 30)
