@@ -45,7 +45,7 @@ SIZE = 4096
 
 
 def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -156,6 +156,12 @@ def start_envoy(
             opts.pop("max_concurrent_streams", None)  # Envoy's default: 2^31 - 1
         else:
             opts["max_concurrent_streams"] = max_streams
+    # Envoy's default circuit breakers (1,024 connections / pending / requests per cluster) would
+    # fail every tunnel above 1,024 by design; lift them so the proxies themselves are measured.
+    limits = {"max_connections": 1_000_000, "max_pending_requests": 1_000_000,
+              "max_requests": 1_000_000, "max_retries": 1_000_000}  # fmt: skip
+    for cluster in cfg["static_resources"]["clusters"]:
+        cluster["circuit_breakers"] = {"thresholds": [limits]}
     path = work / f"envoy-{which}.json"
     path.write_text(json.dumps(cfg, indent=1))
     proc = sup.start(
@@ -173,7 +179,8 @@ def start_ztunnel(sup: hb.Supervisor, work: Path, ca_dir: Path, node: str) -> hb
     mesh = work / "mesh.yaml"
     mesh.write_text(hb.MESH_CONFIG)
     argv = [str(hb.VENV_BIN / "ztunnel"), "--mesh-config", str(mesh), "--node", node,
-            "--ca-dir", str(ca_dir), "--capture", "bind", "--node-ip", hb.NODE_IP[node]]  # fmt: skip
+            "--ca-dir", str(ca_dir), "--capture", "bind",
+            "--node-ip", hb.NODE_IP[node]]  # fmt: skip
     if node == "node-a":
         argv += ["--outbound-listen", f"{hb.SERVICE_VIP[0]}:{hb.SERVICE_VIP[1]}"]
     proc = sup.start(f"ztunnel-{node}", argv)
@@ -248,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         host, _, port = args.target.rpartition(":")
         print(json.dumps(asyncio.run(client(host, int(port), args.tunnels, args.timeout))))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="soak-", dir=hb.WORK_ROOT if hb.WORK_ROOT.exists() else None))
+    hb.WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="soak-", dir=hb.WORK_ROOT))
     results = []
     try:
         ca_dir = work / "ca"
