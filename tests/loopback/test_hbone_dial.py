@@ -13,11 +13,12 @@ from pathlib import Path
 
 from meshcore.hbone.pool import HbonePool, PoolKey
 from meshcore.identity import SpiffeId
-from meshcore.sockets import IP_BIND_ADDRESS_NO_PORT, connect_tcp
+from meshcore.sockets import connect_tcp
 from tests.loopback.harness import BACKEND_PORT, CLIENT_IP, ECHO, SERVER_IP, SLEEP, running_mesh
 from tests.loopback.test_refusals import Sink
 
 FORWARDER = ("127.0.24.1", 15008)
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
 
 
 def test_source_bound_socket_defers_the_port_to_connect() -> None:
