@@ -17,8 +17,11 @@ Invariants:
   cancelled the moment the stream is reset or the connection is lost: a task cancelled before
   it first runs never creates its socket (CVE-2023-44487 "rapid reset").
 - One timer per connection, armed for `HboneConnection.get_timer()` (no periodic polling).
-- A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) at once, so
-  what an aborted peer left half-received is freed by reference counting, not by a later GC pass.
+- A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) and its
+  transport at once. The SSL transport outlives `connection_lost` (measured on asyncio: one
+  reference to it that no GC-tracked object holds, so `gc.collect()` frees nothing); through our
+  `transport` attribute it used to keep this protocol and whatever a peer cut mid-frame had left
+  in its buffers (up to a 1 MiB frame each) alive for good (issue 9).
 """
 
 from __future__ import annotations
@@ -236,8 +239,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._fail_streams()
         on_close, self.on_close = self.on_close, None
         # Drop the protocol state now: a peer cut mid-frame leaves up to a frame (1 MiB) and a
-        # header block in `conn`, and this object may sit in reference cycles (transport,
-        # callbacks) until a full GC pass, which the tuned GC runs rarely.
+        # header block in `conn`, and the closed transport (which outlives this call) must not
+        # keep them: see the module docstring.
         self.conn.discard()
         self.on_request = None
         self.on_refused = None
