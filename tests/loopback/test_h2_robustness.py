@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -328,3 +329,47 @@ def test_memory_returns_after_aborted_continuation_floods(node: NodeB) -> None:
         assert peak > base + 20, rounds  # the flood really held memory while it lasted
         assert after <= base + 4, rounds
     assert rounds[1][2] <= rounds[0][0] + 6, rounds
+
+
+def test_accept_pauses_when_descriptors_run_short(node: NodeB) -> None:
+    """With few descriptors left, the HBONE listener stops accepting (the kernel's backlog holds
+    new connections) instead of looping on EMFILE; readiness keeps answering; once descriptors
+    are free again, accepting resumes and tunnels are served."""
+    import resource
+    import socket
+
+    from tests.loopback.robustness import HBONE
+
+    soft, hard = resource.prlimit(node.pid, resource.RLIMIT_NOFILE)
+    before = node.counter("ztunnel_accept_paused_total")
+
+    async def main() -> None:
+        backend = await start_echo_backend()
+        socks: list[socket.socket] = []
+        try:
+            await legit_tunnel(node.cert)
+            # 256 descriptors are kept in reserve: leave the process ~40 more than that.
+            resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (fd_count(node.pid) + 300, hard))
+            for _ in range(150):  # plain TCP: completes in the kernel, never sends a ClientHello
+                s = socket.socket()
+                s.setblocking(False)
+                with suppress(BlockingIOError):
+                    s.connect(HBONE)
+                socks.append(s)
+            await eventually(lambda: node.counter("ztunnel_accept_paused_total") > before)
+            assert node.ready(), "readiness must keep answering"
+            for s in socks:
+                s.close()
+            socks.clear()
+            resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))
+            await asyncio.sleep(0.3)
+            await legit_tunnel(node.cert)
+            assert "Too many open files" not in node.log.read_text()
+        finally:
+            for s in socks:
+                s.close()
+            resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))
+            assert backend.server is not None
+            backend.server.close()
+
+    run(main())
