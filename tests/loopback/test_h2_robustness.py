@@ -373,3 +373,24 @@ def test_accept_pauses_when_descriptors_run_short(node: NodeB) -> None:
             backend.server.close()
 
     run(main())
+
+
+def test_streams_sent_before_our_settings_arrive_are_served(node: NodeB) -> None:
+    """What Envoy does as an HBONE client: it puts every pending tunnel on a new connection at
+    once, before our SETTINGS (MAX_CONCURRENT_STREAMS 200) reach it, and does not retry a
+    REFUSED_STREAM. RFC 9113 §6.5.3: the limit binds the peer once it acknowledged it, so all
+    1,000 are served (bench/hbone_soak.py runs the real Envoy at 5,000 and 10,000)."""
+    streams = range(1, 2000, 2)
+
+    async def attack() -> Seen:
+        raw = await Raw.open(node.cert, settings_ack=False)
+        await raw.send(b"".join(headers_frame(s, connect_block()) for s in streams))
+        await raw.send(frame(FrameType.SETTINGS, Flag.ACK, 0))
+        await eventually(lambda: len(raw.seen.statuses) + len(raw.seen.resets) >= len(streams), 30)
+        raw.abort()
+        return raw.seen
+
+    seen, backend = run(under_attack(node, attack, legit=1))
+    assert not seen.resets
+    assert set(seen.statuses) == set(streams) and set(seen.statuses.values()) == {"200"}
+    assert backend.accepted == len(streams) + 1
