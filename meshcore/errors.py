@@ -4,6 +4,10 @@ Translation to the wire happens at exactly one boundary per protocol: the HBONE 
 `HboneError.status` to the CONNECT response status; the HTTP/2 layer maps `H2ProtocolError.code`
 to a GOAWAY/RST_STREAM error code (RFC 9113 §7); TLS peer failures close the connection before
 any application data and are counted with response_flags=TLS_FAILURE.
+
+Telemetry: `response_flag(err)` is the access-log/metric `response_flags` value of a failure
+(Istio ztunnel's flags: DENY, CONNECT, TLS_FAILURE), carried by the class, so no caller keeps
+its own isinstance chain.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 
 class MeshError(Exception):
     """Base of every error raised by meshcore."""
+
+    response_flag = "CONNECT"
+    """The `response_flags` telemetry value when this error fails a connection."""
 
 
 class IdentityError(MeshError):
@@ -23,6 +30,8 @@ class CertificateError(MeshError):
 
 class PeerVerificationError(MeshError):
     """The TLS peer is not who we accept (chain, trust domain, SAN). Wire: close before data."""
+
+    response_flag = "TLS_FAILURE"
 
 
 class ConfigError(MeshError):
@@ -39,6 +48,16 @@ class HboneError(MeshError):
 
     status = 500
 
+    @staticmethod
+    def for_status(status: int, message: str) -> HboneError:
+        """The error for a CONNECT the peer refused with `status` (its class by status)."""
+        cls = _BY_STATUS.get(status)
+        if cls is not None:
+            return cls(message)
+        err = HboneError(message)
+        err.status = status
+        return err
+
 
 class BadRequest(HboneError):
     """Not CONNECT, or a malformed/forbidden :authority (400)."""
@@ -50,6 +69,7 @@ class Unauthorized(HboneError):
     """Authorization denied the connection (401)."""
 
     status = 401
+    response_flag = "DENY"
 
 
 class UpstreamUnavailable(HboneError):
@@ -58,9 +78,21 @@ class UpstreamUnavailable(HboneError):
     status = 503
 
 
+_BY_STATUS: dict[int, type[HboneError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    503: UpstreamUnavailable,
+}
+
+
 class H2ProtocolError(MeshError):
     """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM."""
 
     def __init__(self, message: str, code: int = 0x1) -> None:
         super().__init__(message)
         self.code = code
+
+
+def response_flag(err: BaseException) -> str:
+    """`response_flags` for a failure: the class's flag; CONNECT for OS/timeout errors."""
+    return err.response_flag if isinstance(err, MeshError) else "CONNECT"

@@ -4,6 +4,10 @@ Owns: creating the connected socket that asyncio then wraps (plain or TLS). With
 capture the node proxy connects from the ORIGINAL client's IP: IP_TRANSPARENT lets a socket bind
 an address that is not local to the node (ip(7)); replies to it are steered back to the proxy by
 the eBPF established-flow lookup on the pod's veth.
+A socket bound to a chosen source address sets IP_BIND_ADDRESS_NO_PORT (ip(7)): the ephemeral
+port is then picked at connect() for the full 4-tuple, instead of at bind() exclusively for the
+address, so bursts from one client IP do not run out of ports (EADDRINUSE); an EADDRINUSE /
+EADDRNOTAVAIL that still happens is retried with a fresh socket (`BIND_ATTEMPTS` in all).
 Invariant: a socket is returned connected, non-blocking and with TCP_NODELAY, or closed and an
 OSError raised; nothing leaks on timeout or cancellation.
 """
@@ -11,9 +15,12 @@ OSError raised; nothing leaks on timeout or cancellation.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
+BIND_ATTEMPTS = 3
 
 
 def can_bind_without_privilege(ip: str) -> bool:
@@ -30,6 +37,20 @@ async def connect_tcp(
     timeout: float = 10.0,
 ) -> socket.socket:
     """Connect to host:port, from `source_ip` if given (transparently if `transparent`)."""
+    async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                return await _connect_once(host, port, source_ip, transparent)
+            except OSError as err:
+                busy = err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+                if source_ip is None or not busy or attempt == BIND_ATTEMPTS:
+                    raise
+    raise AssertionError("unreachable")
+
+
+async def _connect_once(
+    host: str, port: int, source_ip: str | None, transparent: bool
+) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -38,9 +59,9 @@ async def connect_tcp(
         if source_ip is not None:
             if transparent:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
-        async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
-            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
     except BaseException:
         sock.close()
         raise

@@ -53,6 +53,9 @@ from ztunnel.proxy.outbound import OutboundConnection
 
 log = logging.getLogger("ztunnel")
 IP_TRANSPARENT = 19  # linux/in.h; not exported by the socket module
+# Accept queue of every data-path listener (Envoy's default is 4096 too). asyncio's
+# create_server(sock=...) calls listen() again with ITS backlog (default 100), so it is passed.
+LISTEN_BACKLOG = 4096
 
 
 def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.socket:
@@ -65,7 +68,7 @@ def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
-    sock.listen(4096)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -247,7 +250,9 @@ class NodeProxy:
                 hbone.start()
                 self.hbone_listeners.append(hbone)
             else:
-                server = await loop.create_server(factories[listener.role], sock=listener.sock)
+                server = await loop.create_server(
+                    factories[listener.role], sock=listener.sock, backlog=LISTEN_BACKLOG
+                )
                 self.servers.append(server)
         s = ctx.settings
         if self.serve_admin:
@@ -291,14 +296,21 @@ class NodeProxy:
         await self._stopping.wait()
 
     async def drain(self) -> None:
-        """Graceful drain: not ready, stop accepting, GOAWAY pooled connections, wait for live
-        connections to finish (bounded by drain_timeout), then close what is left."""
+        """Graceful drain that hands over: not ready; listeners AND the admin/metrics/readiness
+        ports released at once (a new node proxy can bind them while this one drains); a
+        GOAWAY(NO_ERROR, last stream id) to every inbound HBONE connection and every pooled one
+        (RFC 9113 §6.8: peers open new tunnels elsewhere, open ones finish); wait for live
+        connections (bounded by drain_timeout), then close what is left."""
         self.ready = False
         self.ctx.draining = True
         for server in self.servers:
             server.close()
         for listener in self.hbone_listeners:
             listener.close()
+        for server in self.admin_servers:
+            server.close()
+        for proto in list(self.ctx.hbone_servers):
+            proto.close()
         self.ctx.pool.close_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.settings.drain_timeout
@@ -308,8 +320,6 @@ class NodeProxy:
             transport.abort()
         for task in self._tasks:
             task.cancel()
-        for server in self.admin_servers:
-            server.close()
 
 
 def build_context(

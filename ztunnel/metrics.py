@@ -2,6 +2,10 @@
 
 Owns: the prometheus registry of the node proxy (metric and label names as Istio's ztunnel, see
 ambient-facts.md "Telemetry names"), and the one access-log line written per connection.
+Beyond Istio's names, three counters of our own record hostile or overloaded peers:
+`ztunnel_hbone_streams_refused_total{reason}` (streams the HTTP/2 layer answered itself; each also
+gets an access-log line), `ztunnel_hbone_connection_errors_total{code}` (GOAWAY for a peer's
+protocol error) and `ztunnel_accept_paused_total` (accepting paused for lack of descriptors).
 Invariant: the data path never touches a metric per chunk; a connection is recorded once when it
 opens and once when it closes (bytes are added at close), so the hot path stays free of locks.
 """
@@ -70,6 +74,24 @@ class ProxyMetrics:
         )
         self.sent = Counter(
             "istio_tcp_sent_bytes", "Bytes sent to the client side", LABELS, registry=r
+        )
+        # Robustness (issue 9): protocol-level refusals and connection errors, by a bounded label.
+        self.hbone_refused = Counter(
+            "ztunnel_hbone_streams_refused",
+            "HBONE streams refused by the HTTP/2 layer, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.hbone_connection_errors = Counter(
+            "ztunnel_hbone_connection_errors",
+            "HBONE connections closed with GOAWAY for a peer's protocol error, by error code",
+            ["code"],
+            registry=r,
+        )
+        self.accept_paused = Counter(
+            "ztunnel_accept_paused",
+            "Times accepting paused because file descriptors ran short",
+            registry=r,
         )
         self.active = Gauge(
             "ztunnel_active_connections",

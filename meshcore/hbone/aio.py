@@ -13,6 +13,15 @@ Invariants:
 - Received DATA is credited back to the peer only once the sink has accepted it without being
   paused; a paused sink acknowledges on resume, which keeps per-stream memory bounded by the
   stream window (4 MiB).
+- Work started for a stream (`HboneStream.task`, e.g. the upstream connect of a CONNECT) is
+  cancelled the moment the stream is reset or the connection is lost: a task cancelled before
+  it first runs never creates its socket (CVE-2023-44487 "rapid reset").
+- One timer per connection, armed for `HboneConnection.get_timer()` (no periodic polling).
+- A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) and its
+  transport at once. The SSL transport outlives `connection_lost` (measured on asyncio: one
+  reference to it that no GC-tracked object holds, so `gc.collect()` frees nothing); through our
+  `transport` attribute it used to keep this protocol and whatever a peer cut mid-frame had left
+  in its buffers (up to a 1 MiB frame each) alive for good (issue 9).
 """
 
 from __future__ import annotations
@@ -25,11 +34,13 @@ from typing import Protocol, cast
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError
 from meshcore.hbone.connection import (
+    SERVER_MAX_STREAMS,
     ConnectionTerminated,
     DataReceived,
     Event,
     HboneConnection,
     RequestReceived,
+    RequestRefused,
     ResponseReceived,
     Role,
     StreamEnded,
@@ -88,6 +99,7 @@ class HboneStream:
         "response",
         "sink",
         "stream_id",
+        "task",
     )
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
@@ -100,6 +112,14 @@ class HboneStream:
         self.response: asyncio.Future[int] | None = None
         self._early: list[bytes | None] = []  # data (None = EOF) arriving before a sink attaches
         self.closed = False
+        self.task: asyncio.Task[None] | None = None  # work for this stream; cancelled on reset
+
+    def _gone(self) -> None:
+        """The stream is closed or reset: stop any work still pending for it."""
+        self.closed = True
+        task, self.task = self.task, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
 
     def attach(self, sink: TunnelSink) -> None:
         self.sink = sink
@@ -143,7 +163,9 @@ class HboneStream:
         self._proto.schedule_flush()
 
 
+DELAYED_CLOSE = 1.0  # seconds between our GOAWAY for a protocol error and the abort
 RequestHandler = Callable[[HboneStream], None]
+RefusalHandler = Callable[["HboneProtocol", RequestRefused], None]
 
 
 class HboneProtocol(asyncio.BufferedProtocol):
@@ -157,8 +179,13 @@ class HboneProtocol(asyncio.BufferedProtocol):
         expected: Collection[SpiffeId] | None = None,
         on_request: RequestHandler | None = None,
         on_close: Callable[[HboneProtocol], None] | None = None,
+        on_refused: RefusalHandler | None = None,
+        on_error: Callable[[HboneProtocol, ConnectionTerminated], None] | None = None,
+        max_concurrent_streams: int = SERVER_MAX_STREAMS,
     ) -> None:
-        self.conn = HboneConnection(role)
+        self.conn = HboneConnection(role, max_concurrent_streams=max_concurrent_streams)
+        self.on_refused = on_refused
+        self.on_error = on_error
         self.role = role
         self.trust_domain = trust_domain
         self.expected = expected
@@ -198,7 +225,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         self.conn.initiate(self._loop.time())
         self.flush()
-        self._timer = self._loop.call_later(1.0, self._on_timer)
+        self._arm_timer()
         if self.role is Role.SERVER and not self.ready.done():
             self.ready.set_result(None)
 
@@ -206,26 +233,46 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if not self.ready.done():
             self.ready.set_exception(exc or ConnectionResetError("HBONE connection closed"))
+        self._fail_streams()
+        on_close, self.on_close = self.on_close, None
+        # Drop the protocol state now: a peer cut mid-frame leaves up to a frame (1 MiB) and a
+        # header block in `conn`, and the closed transport (which outlives this call) must not
+        # keep them: see the module docstring.
+        self.conn.discard()
+        self.on_request = None
+        self.on_refused = None
+        self.on_error = None
+        if on_close is not None:
+            on_close(self)
+        self.transport = None  # break the protocol <-> transport cycle
+
+    def _fail_streams(self) -> None:
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.closed = True
+            stream._gone()
             if stream.response is not None and not stream.response.done():
                 stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
             if stream.sink is not None:
                 stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
-        if self.on_close is not None:
-            self.on_close(self)
+
+    def _arm_timer(self) -> None:
+        when = self.conn.get_timer()
+        if when is not None and not self.closed:
+            self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
+        self._timer = None
         if self.closed:
             return
         if not self.conn.handle_timer(self._loop.time()):
+            self.flush()  # the GOAWAY, if the connection timed the peer out
             self.abort()  # no PING answer within the timeout: the peer is gone
             return
         self.flush()
-        self._timer = self._loop.call_later(1.0, self._on_timer)
+        self._arm_timer()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -260,10 +307,13 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def forget(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
-            stream.closed = True
+            stream._gone()
         if not self.streams:
             self.idle_since = self._loop.time()
-            if self.conn.goaway_sent and self.transport is not None:
+            # After a graceful GOAWAY the last stream closes the connection. After one for a
+            # protocol error (conn.closed) the delayed close does it, once the GOAWAY is out.
+            if self.conn.goaway_sent and not self.conn.closed and self.transport is not None:
+                self.flush()
                 self.transport.close()
 
     # BufferedProtocol: the TLS layer decrypts straight into our buffer. With a plain Protocol,
@@ -316,6 +366,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
                         stream.sink.tunnel_eof()
             elif type(ev) is RequestReceived:
                 self._on_request(ev)
+            elif type(ev) is RequestRefused:
+                if self.on_refused is not None:
+                    self.on_refused(self, ev)
             elif type(ev) is ResponseReceived:
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None and stream.response is not None:
@@ -327,7 +380,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             elif type(ev) is StreamReset:
                 stream = self.streams.pop(ev.stream_id, None)
                 if stream is not None:
-                    stream.closed = True
+                    stream._gone()
                     if stream.response is not None and not stream.response.done():
                         stream.response.set_exception(
                             ConnectionResetError(f"stream reset by peer (code {ev.error_code})")
@@ -342,24 +395,26 @@ class HboneProtocol(asyncio.BufferedProtocol):
                         stream.sink.tunnel_resume_source()
             elif type(ev) is ConnectionTerminated:
                 if not ev.remote:
+                    # Our GOAWAY for a protocol error. Closing now would discard it: a socket
+                    # closed with unread input sends RST, and the peer loses what it had not
+                    # read yet. Like Envoy's delayed close, keep reading (and discarding, the
+                    # connection is closed) for DELAYED_CLOSE, then abort.
+                    if self.on_error is not None:
+                        self.on_error(self, ev)
                     self.flush()
-                    self.abort()  # our GOAWAY for a protocol error: nothing more to say
+                    self._fail_streams()
+                    self._loop.call_later(DELAYED_CLOSE, self.abort)
                 elif not self.streams and self.transport is not None:
                     self.transport.close()
         for sid in [s for s in self.streams if not self.conn.is_open(s)]:
             self.forget(sid)  # closed in both directions by END_STREAMs
 
     def _on_request(self, ev: RequestReceived) -> None:
+        # Validated by the protocol core: a plain CONNECT with a host:port :authority.
         stream = HboneStream(self, ev.stream_id)
         stream.headers = ev.headers
+        stream.authority = ev.authority
         self.streams[ev.stream_id] = stream
-        method = next((v for k, v in ev.headers if k == ":method"), "")
-        stream.authority = next((v for k, v in ev.headers if k == ":authority"), "")
-        if method != "CONNECT" or any(
-            k in (":path", ":scheme", ":protocol") for k, _ in ev.headers
-        ):
-            stream.respond(400)  # RFC 9113 §8.5 / HBONE: only plain CONNECT is accepted
-            return
         if self.on_request is None:
             stream.respond(503)
             return
@@ -388,9 +443,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.flush()
         status = await stream.response
         if status != 200:
-            refused = HboneError(f"CONNECT {authority} refused with {status}")
-            refused.status = status
-            raise refused
+            raise HboneError.for_status(status, f"CONNECT {authority} refused with {status}")
         return stream
 
 

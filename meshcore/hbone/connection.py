@@ -11,6 +11,20 @@ CONNECT tunnel needs: no server push (we send ENABLE_PUSH=0 and treat PUSH_PROMI
 error, §8.4), priorities are ignored (§5.3.2 allows it), requests must be CONNECT (§8.5) or are
 answered 400 by the HBONE layer above.
 
+Hostile peers (RFC 9113 §10.5; CVE-2023-44487 "rapid reset", CVE-2019-9512/9515/9518 floods,
+CVE-2024-27316 CONTINUATION flood, "MadeYouReset"): every piece of work a peer can cause is
+bounded per connection. A header block is bounded while it accumulates (`HEADER_BLOCK_LIMIT`
+octets, `MAX_CONTINUATIONS` frames, `EMPTY_CONTINUATION_ALLOWANCE` empty ones) and its decoded
+list by the advertised MAX_HEADER_LIST_SIZE (a request over it is answered 431, RFC 6585 §5);
+streams the peer resets before we answered, streams we refuse and streams we reset for a stream
+error spend a sliding-window budget, as do PINGs and SETTINGS (each forces a reply) and empty DATA
+frames; an exhausted budget is a connection error ENHANCE_YOUR_CALM (GOAWAY). A new stream id
+must be above every id the peer used before (§5.1.1), else PROTOCOL_ERROR.
+
+Timers follow aioquic: `get_timer()` says when the connection next needs `handle_timer(now)`;
+the edge arms one timer for that instant instead of polling. PING payloads come from the `rng`
+given to the constructor.
+
 Invariants:
 - A stream is in `_streams` exactly while it is open or half-closed (RFC 9113 §5.1); closed streams
   are forgotten, and late frames for them are ignored while still counting toward the connection
@@ -24,7 +38,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
-import os
+import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,9 +75,31 @@ STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
 SERVER_MAX_STREAMS = 200
+# RFC 9113 §6.5.3: a setting binds the peer only once it acknowledged it; before that the peer may
+# rightly assume the initial value (unlimited streams). Envoy, as an HBONE client, puts every
+# pending tunnel on a new connection at once, before our SETTINGS reach it; refusing those loses
+# them (its tcp_proxy does not retry). So, like the h2 crate of Istio's ztunnel, our advertised
+# limit is enforced from the ACK on, and this hard bound applies before it.
+PRE_ACK_MAX_STREAMS = 10_000
 MAX_HEADER_LIST = 64 * 1024
+# A compressed block (HEADERS + CONTINUATIONs) never needs more octets than the list it carries;
+# twice the advertised list size leaves room for a peer's odd encoding. Above: ENHANCE_YOUR_CALM
+# (the block cannot be kept to decode, and HPACK state would be lost with it, §4.3).
+HEADER_BLOCK_LIMIT = 2 * MAX_HEADER_LIST
+MAX_CONTINUATIONS = 16  # per header block; nghttp2 allows 8 after CVE-2024-27316
+EMPTY_CONTINUATION_ALLOWANCE = 4  # per connection; then PROTOCOL_ERROR
+# Sliding-window budgets (events per BUDGET_WINDOW seconds) of work a peer causes cheaply.
+BUDGET_WINDOW = 10.0
+RESET_BUDGET = 200  # streams reset before an answer, refused, or reset for a stream error
+CONTROL_BUDGET = 1000  # PING and SETTINGS frames (each forces a reply frame)
+EMPTY_DATA_BUDGET = 200  # zero-length DATA without END_STREAM (CVE-2019-9518)
+RECENT_RESETS = 1024  # ids of streams we reset, whose late frames are ignored (§5.1)
 PING_INTERVAL = 10.0
 PING_TIMEOUT = 20.0
+# Slowloris bounds: the peer must acknowledge our SETTINGS (RFC 9113 §6.5.3 SETTINGS_TIMEOUT),
+# and finish a header block once begun, within these many seconds.
+SETTINGS_TIMEOUT = 10.0
+HEADER_BLOCK_TIMEOUT = 10.0
 # A stream's pending (window-blocked) bytes above this ask the edge to stop reading its source.
 PENDING_HIGH_WATER = 1024 * 1024
 
@@ -109,11 +145,27 @@ class Event:
 
 
 @dataclass(slots=True)
+class RequestRefused(Event):
+    """Server: a request stream answered or reset by the protocol itself, never handed up: a
+    non-CONNECT request (`status` 400), a header list over our limit (431), a malformed one
+    (status 0, RST_STREAM(PROTOCOL_ERROR), §8.1.1) or one over MAX_CONCURRENT_STREAMS (status 0,
+    RST_STREAM(REFUSED_STREAM), §5.1.2). For the access log and counters."""
+
+    stream_id: int
+    status: int
+    error_code: int
+    reason: str
+    headers: Headers
+
+
+@dataclass(slots=True)
 class RequestReceived(Event):
-    """Server: a peer opened a stream with a request header block (already HPACK-decoded)."""
+    """Server: a peer opened a CONNECT stream (RFC 9113 §8.5, validated: method CONNECT, no
+    :scheme/:path/:protocol, :authority is host:port). `authority` is that value."""
 
     stream_id: int
     headers: Headers
+    authority: str = ""
 
 
 @dataclass(slots=True)
@@ -193,19 +245,60 @@ class _Stream:
     pending_bytes: int = 0
     pending_end: bool = False
     got_headers: bool = False
+    answered: bool = False  # server: our response headers went out
+
+
+@dataclass(slots=True)
+class RateBudget:
+    """At most `limit` events in any `window` seconds, estimated with two fixed buckets (the
+    previous bucket weighted by its overlap with the sliding window). Time is passed in."""
+
+    limit: int
+    window: float
+    _start: float = float("-inf")
+    _current: int = 0
+    _previous: int = 0
+
+    def spend(self, now: float, cost: int = 1) -> bool:
+        """Count `cost` events at `now`; False once the window holds more than `limit`."""
+        elapsed = now - self._start
+        if elapsed >= self.window:
+            if elapsed < 2 * self.window:
+                self._previous, self._start = self._current, self._start + self.window
+            else:
+                self._previous, self._start = 0, now
+            self._current = 0
+            elapsed = now - self._start
+        self._current += cost
+        overlap = 1.0 - elapsed / self.window
+        return self._previous * overlap + self._current <= self.limit
 
 
 class HboneConnection:
     """One HTTP/2 connection carrying HBONE streams. Not thread-safe; one owner at a time."""
 
-    def __init__(self, role: Role, *, max_concurrent_streams: int = SERVER_MAX_STREAMS) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_concurrent_streams: int = SERVER_MAX_STREAMS,
+        rng: random.Random | None = None,
+    ) -> None:
         self.role = role
+        self._rng = rng if rng is not None else random.SystemRandom()
         self._out: list[bytes] = []
-        self._buf = b""
+        # An incomplete frame waits as chunks until `_need` octets are there, then is joined
+        # once: re-concatenating on every read would copy a 1 MiB frame ~64 times (quadratic
+        # CPU and a heap fragmented by ever larger short-lived buffers).
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._need = 0
         self._streams: dict[int, _Stream] = {}
         self._next_stream_id = 1 if role is Role.CLIENT else 2
         self._highest_peer_stream = 0
-        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        # The decoder's own bound stops an HPACK bomb (tiny block, huge list) mid-block; lists
+        # between MAX_HEADER_LIST and it are decoded (keeping HPACK state) and answered 431.
+        self._decoder = hpack.Decoder(max_header_list_size=HEADER_BLOCK_LIMIT)
         # Local settings (what the peer must honour) and the peer's (what we must honour).
         self.local_max_streams = max_concurrent_streams
         self.peer_max_streams = 100  # assume the §6.5.2 suggested minimum until told otherwise
@@ -222,8 +315,18 @@ class HboneConnection:
         self._data_end = False
         # CONTINUATION assembly (RFC 9113 §6.10).
         self._header_stream = 0
-        self._header_block = b""
+        self._header_chunks: list[bytes] = []
+        self._header_size = 0
+        self._header_frames = 0
         self._header_end_stream = False
+        self._empty_continuations = 0
+        self._reset_budget = RateBudget(RESET_BUDGET, BUDGET_WINDOW)
+        self._control_budget = RateBudget(CONTROL_BUDGET, BUDGET_WINDOW)
+        self._empty_data_budget = RateBudget(EMPTY_DATA_BUDGET, BUDGET_WINDOW)
+        self._recent_resets: dict[int, None] = {}  # insertion-ordered, bounded
+        self._now = 0.0
+        self._settings_sent_at: float | None = None  # until the peer's SETTINGS ACK
+        self._header_started = 0.0
         self.goaway_received: ConnectionTerminated | None = None
         self.goaway_sent = False
         self.closed = False
@@ -249,6 +352,7 @@ class HboneConnection:
         self._out.append(encode_settings({int(k): v for k, v in settings.items()}))
         self._out.append(encode_window_update(0, CONNECTION_WINDOW - DEFAULT_WINDOW))
         self._last_activity = now
+        self._settings_sent_at = now
 
     def data_to_send(self) -> bytes:
         if not self._out:
@@ -304,6 +408,7 @@ class HboneConnection:
         if stream is None:
             return  # reset meanwhile; nothing to answer
         end = not 200 <= status < 300
+        stream.answered = True
         self._send_headers(stream_id, [(":status", str(status)), *headers], end_stream=end)
         if end:
             self._transition(stream, _Input.SEND_END)
@@ -368,6 +473,7 @@ class HboneConnection:
         """RST_STREAM. For CONNECT, a TCP reset maps to CONNECT_ERROR (RFC 9113 §8.5)."""
         if self._streams.pop(stream_id, None) is not None:
             self._out.append(encode_rst_stream(stream_id, code))
+            self._remember_reset(stream_id)
 
     def pending_bytes(self, stream_id: int) -> int:
         stream = self._streams.get(stream_id)
@@ -392,12 +498,36 @@ class HboneConnection:
     def ping(self, now: float) -> None:
         """Send a keepalive PING unless one is already outstanding."""
         if self._ping_outstanding is None:
-            self._ping_outstanding = os.urandom(8)
+            self._ping_outstanding = self._rng.getrandbits(64).to_bytes(8, "big")
             self._ping_sent_at = now
             self._out.append(encode_ping(self._ping_outstanding))
 
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must run next (aioquic's contract), or None (closed)."""
+        if self.closed:
+            return None
+        if self._ping_outstanding is not None:
+            when = self._ping_sent_at + PING_TIMEOUT
+        else:
+            when = self._last_activity + PING_INTERVAL
+        if self._settings_sent_at is not None:
+            when = min(when, self._settings_sent_at + SETTINGS_TIMEOUT)
+        if self._header_stream:
+            when = min(when, self._header_started + HEADER_BLOCK_TIMEOUT)
+        return when
+
     def handle_timer(self, now: float) -> bool:
-        """Keepalive: PING after PING_INTERVAL of quiet; returns False when the peer is dead."""
+        """Keepalive: PING after PING_INTERVAL of quiet; returns False when the peer is dead or
+        too slow (our SETTINGS unacknowledged, a header block unfinished): then a GOAWAY is
+        queued, to be flushed before the transport is closed."""
+        if self.closed:
+            return False
+        if self._settings_sent_at is not None and now - self._settings_sent_at >= SETTINGS_TIMEOUT:
+            self.close(ErrorCode.SETTINGS_TIMEOUT, b"SETTINGS not acknowledged")
+            return False
+        if self._header_stream and now - self._header_started >= HEADER_BLOCK_TIMEOUT:
+            self.close(ErrorCode.ENHANCE_YOUR_CALM, b"header block not finished in time")
+            return False
         if self._ping_outstanding is not None:
             return now - self._ping_sent_at < PING_TIMEOUT
         if now - self._last_activity >= PING_INTERVAL:
@@ -412,6 +542,18 @@ class HboneConnection:
         if code != ErrorCode.NO_ERROR:
             self.closed = True
 
+    def discard(self) -> None:
+        """The transport is gone: drop every buffer and stream (nothing more is sent or parsed)."""
+        self.closed = True
+        self._buf = []
+        self._buffered = 0
+        self._header_chunks = []
+        self._streams.clear()
+        self._out.clear()
+        self._data_stream = None
+        self._recent_resets.clear()
+        self._decoder = hpack.Decoder()
+
     # ---- receiving ----
 
     def receive_data(self, data: bytes, now: float = 0.0) -> list[Event]:
@@ -420,23 +562,29 @@ class HboneConnection:
         events: list[Event] = []
         if self.closed:
             return events
-        self._last_activity = now
+        self._last_activity = self._now = now
         try:
             self._receive(data, events)
         except H2ProtocolError as err:
-            self.close(err.code, str(err).encode()[:200])
-            events.append(ConnectionTerminated(err.code, self._highest_peer_stream, False, b""))
+            debug = str(err).encode()[:200]
+            self.close(err.code, debug)
+            events.append(ConnectionTerminated(err.code, self._highest_peer_stream, False, debug))
         return events
 
     def _receive(self, data: bytes, events: list[Event]) -> None:
         if self._buf:
-            data = self._buf + data
-            self._buf = b""
+            self._buf.append(data)
+            self._buffered += len(data)
+            if self._buffered < self._need:
+                return
+            data = b"".join(self._buf)
+            self._buf = []
+            self._buffered = 0
         if self._preface_expected:
             if len(data) < len(CLIENT_PREFACE):
                 if not CLIENT_PREFACE.startswith(data):
                     raise H2ProtocolError("invalid connection preface", ErrorCode.PROTOCOL_ERROR)
-                self._buf = data
+                self._buf, self._buffered, self._need = [data], len(data), len(CLIENT_PREFACE)
                 return
             if not data.startswith(CLIENT_PREFACE):
                 raise H2ProtocolError("invalid connection preface", ErrorCode.PROTOCOL_ERROR)
@@ -475,11 +623,18 @@ class HboneConnection:
             pos += 9 + length
             self._handle_frame(ftype, flags, stream_id, payload, events)
         if pos < end:
-            self._buf = data[pos:]
+            rest = data[pos:]
+            self._buf, self._buffered = [rest], len(rest)
+            if len(rest) < 9:
+                self._need = 9
+            else:  # the payload of a frame other than plain DATA (DATA is streamed)
+                self._need = 9 + (int.from_bytes(rest[:3], "big"))
 
     def _begin_data(self, stream_id: int, flags: int, length: int, events: list[Event]) -> None:
         if stream_id == 0:
             raise H2ProtocolError("DATA on stream 0", ErrorCode.PROTOCOL_ERROR)
+        if length == 0 and not flags & Flag.END_STREAM:
+            self._spend(self._empty_data_budget, "empty DATA frames")
         # RFC 9113 §6.9: the whole frame, padding included, counts against both windows.
         self.conn_recv_window -= length
         if self.conn_recv_window < 0:
@@ -556,7 +711,24 @@ class HboneConnection:
     def _stream_error(self, stream: _Stream, code: int, events: list[Event]) -> None:
         self._streams.pop(stream.stream_id, None)
         self._out.append(encode_rst_stream(stream.stream_id, code))
+        self._remember_reset(stream.stream_id)
         events.append(StreamReset(stream.stream_id, code, False))
+        # "MadeYouReset": stream errors the peer provokes cost as much as its own resets.
+        self._spend(self._reset_budget, "stream resets")
+
+    def _spend(self, budget: RateBudget, what: str) -> None:
+        if not budget.spend(self._now):
+            raise H2ProtocolError(
+                f"too many {what} (over {budget.limit} in {budget.window:.0f}s)",
+                ErrorCode.ENHANCE_YOUR_CALM,
+            )
+
+    def _remember_reset(self, stream_id: int) -> None:
+        """Late frames for streams we reset are ignored (§5.1); keep a bounded memory of them."""
+        recent = self._recent_resets
+        recent[stream_id] = None
+        if len(recent) > RECENT_RESETS:
+            del recent[next(iter(recent))]
 
     def _transition(self, stream: _Stream, inp: _Input) -> None:
         key = (stream.state, inp)
@@ -614,23 +786,39 @@ class HboneConnection:
             raise H2ProtocolError("HEADERS padding exceeds payload", ErrorCode.PROTOCOL_ERROR)
         block = payload[start:stop]
         end_stream = bool(flags & Flag.END_STREAM)
+        if len(block) > HEADER_BLOCK_LIMIT:
+            raise H2ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
         if flags & Flag.END_HEADERS:
             self._on_header_block(stream_id, block, end_stream, events)
         else:
             self._header_stream = stream_id
-            self._header_block = block
+            self._header_chunks = [block]
+            self._header_size = len(block)
+            self._header_frames = 0
             self._header_end_stream = end_stream
+            self._header_started = self._now
 
     def _on_continuation(
         self, flags: int, stream_id: int, payload: bytes, events: list[Event]
     ) -> None:
         if stream_id != self._header_stream or stream_id == 0:
             raise H2ProtocolError("unexpected CONTINUATION", ErrorCode.PROTOCOL_ERROR)
-        self._header_block += payload
-        if len(self._header_block) > MAX_HEADER_LIST:
+        end_headers = bool(flags & Flag.END_HEADERS)
+        if not payload and not end_headers:
+            self._empty_continuations += 1
+            if self._empty_continuations > EMPTY_CONTINUATION_ALLOWANCE:
+                raise H2ProtocolError("empty CONTINUATION frames", ErrorCode.PROTOCOL_ERROR)
+        # Bounded while accumulating, not after (CVE-2024-27316): size and frame count.
+        self._header_frames += 1
+        if self._header_frames > MAX_CONTINUATIONS:
+            raise H2ProtocolError("too many CONTINUATION frames", ErrorCode.ENHANCE_YOUR_CALM)
+        self._header_size += len(payload)
+        if self._header_size > HEADER_BLOCK_LIMIT:
             raise H2ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
-        if flags & Flag.END_HEADERS:
-            block, self._header_block, self._header_stream = self._header_block, b"", 0
+        self._header_chunks.append(payload)
+        if end_headers:
+            block = b"".join(self._header_chunks)
+            self._header_chunks, self._header_size, self._header_stream = [], 0, 0
             self._on_header_block(stream_id, block, self._header_end_stream, events)
 
     def _on_header_block(
@@ -646,22 +834,37 @@ class HboneConnection:
             )
         except Exception as err:  # hpack raises several unrelated classes
             raise H2ProtocolError(f"HPACK: {err}", ErrorCode.COMPRESSION_ERROR) from err
+        # RFC 7541 §4.1 accounting, as SETTINGS_MAX_HEADER_LIST_SIZE is defined (RFC 9113 §6.5.2).
+        oversized = sum(len(k) + len(v) + 32 for k, v in headers) > MAX_HEADER_LIST
         stream = self._streams.get(stream_id)
         if stream is not None:
+            if oversized:
+                self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
+                return
             self._on_stream_headers(stream, headers, end_stream, events)
             return
         peer_initiated = (stream_id % 2 == 1) == (self.role is Role.SERVER)
-        if not peer_initiated or stream_id <= self._highest_peer_stream:
-            if peer_initiated or stream_id < self._next_stream_id:
-                return  # headers for a stream we already closed/reset: ignore
+        if not peer_initiated:
+            if stream_id < self._next_stream_id:
+                return  # headers for a stream we opened and already closed/reset: ignore
             raise H2ProtocolError(
                 "HEADERS on idle stream we did not open", ErrorCode.PROTOCOL_ERROR
+            )
+        if stream_id <= self._highest_peer_stream:
+            if stream_id in self._recent_resets:
+                return  # late HEADERS (trailers) of a stream we reset (§5.1)
+            # §5.1.1: a new stream's id must exceed every id the peer used before.
+            raise H2ProtocolError(
+                f"HEADERS on stream {stream_id}, not above {self._highest_peer_stream}",
+                ErrorCode.PROTOCOL_ERROR,
             )
         self._highest_peer_stream = stream_id
         if self.goaway_sent:
             return  # §6.8: streams above our GOAWAY's last id are ignored
-        if len(self._streams) >= self.local_max_streams:
-            self._out.append(encode_rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
+        limit = self.local_max_streams if self._settings_sent_at is None else PRE_ACK_MAX_STREAMS
+        if len(self._streams) >= limit:
+            reason = "over MAX_CONCURRENT_STREAMS"
+            self._refuse(stream_id, 0, ErrorCode.REFUSED_STREAM, reason, headers, events)
             return
         stream = _Stream(
             stream_id=stream_id,
@@ -671,14 +874,43 @@ class HboneConnection:
             got_headers=True,
         )
         self._streams[stream_id] = stream
+        if oversized:
+            reason = "header list over MAX_HEADER_LIST_SIZE"
+            self._refuse(stream_id, 431, ErrorCode.NO_ERROR, reason, headers, events)
+            return
         problem = _malformed(headers, request=True)
         if problem:
-            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
+            self._refuse(stream_id, 0, ErrorCode.PROTOCOL_ERROR, problem, headers, events)
             return
-        events.append(RequestReceived(stream_id, headers))
+        problem = _not_connect(headers)
+        if problem:
+            self._refuse(stream_id, 400, ErrorCode.NO_ERROR, problem, headers, events)
+            return
+        authority = next((v for k, v in headers if k == ":authority"), "")
+        events.append(RequestReceived(stream_id, headers, authority))
         if end_stream:
             events.append(StreamEnded(stream_id))
             self._transition(stream, _Input.RECV_END)
+
+    def _refuse(
+        self,
+        stream_id: int,
+        status: int,
+        code: int,
+        reason: str,
+        headers: Headers,
+        events: list[Event],
+    ) -> None:
+        """Answer a request stream ourselves: `status` with END_STREAM, then RST_STREAM(`code`)
+        (NO_ERROR after a complete response, §8.1: stop sending the request); with status 0
+        only the RST_STREAM. Spends the reset budget."""
+        self._streams.pop(stream_id, None)
+        if status:
+            self._send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        self._out.append(encode_rst_stream(stream_id, code))
+        self._remember_reset(stream_id)
+        events.append(RequestRefused(stream_id, status, code, reason, headers))
+        self._spend(self._reset_budget, "refused or reset streams")
 
     def _on_stream_headers(
         self, stream: _Stream, headers: Headers, end_stream: bool, events: list[Event]
@@ -773,9 +1005,11 @@ class HboneConnection:
         if flags & Flag.ACK:
             if payload:
                 raise H2ProtocolError("SETTINGS ACK with payload", ErrorCode.FRAME_SIZE_ERROR)
+            self._settings_sent_at = None
             return
         if len(payload) % 6:
             raise H2ProtocolError("SETTINGS length not a multiple of 6", ErrorCode.FRAME_SIZE_ERROR)
+        self._spend(self._control_budget, "PING and SETTINGS frames")
         changed: dict[int, int] = {}
         for off in range(0, len(payload), 6):
             ident = int.from_bytes(payload[off : off + 2], "big")
@@ -820,6 +1054,7 @@ class HboneConnection:
                 self._ping_outstanding = None
                 events.append(PingAcked(payload))
             return
+        self._spend(self._control_budget, "PING and SETTINGS frames")
         self._out.append(encode_ping(payload, ack=True))
 
     def _on_rst_stream(self, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -827,8 +1062,12 @@ class HboneConnection:
             raise H2ProtocolError("RST_STREAM on stream 0", ErrorCode.PROTOCOL_ERROR)
         if len(payload) != 4:
             raise H2ProtocolError("RST_STREAM length", ErrorCode.FRAME_SIZE_ERROR)
-        if self._streams.pop(stream_id, None) is not None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
             events.append(StreamReset(stream_id, int.from_bytes(payload, "big"), True))
+            if self.role is Role.SERVER and not stream.answered:
+                # CVE-2023-44487: a request reset before we could answer it is work for nothing.
+                self._spend(self._reset_budget, "streams reset before an answer")
         elif self._is_idle(stream_id):
             raise H2ProtocolError("RST_STREAM on idle stream", ErrorCode.PROTOCOL_ERROR)
 
@@ -878,4 +1117,19 @@ def _malformed(headers: Headers, *, request: bool) -> str:
         return "missing :method"
     if not request and ":status" not in pseudo:
         return "missing :status"
+    return ""
+
+
+def _not_connect(headers: Headers) -> str:
+    """HBONE accepts only a plain CONNECT (RFC 9113 §8.5): no :scheme, :path or :protocol
+    (extended CONNECT, RFC 8441), and an :authority of host:port. Reason, or ""."""
+    method = next((v for k, v in headers if k == ":method"), "")
+    if method != "CONNECT":
+        return f"method {method!r}: only CONNECT"
+    if any(k in (":path", ":scheme", ":protocol") for k, _ in headers):
+        return "CONNECT with :scheme/:path/:protocol"
+    authority = next((v for k, v in headers if k == ":authority"), "")
+    host, sep, port = authority.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"bad :authority {authority!r}: want host:port"
     return ""

@@ -7,7 +7,9 @@ Invariants (in the spirit of ztunnel's pool.rs):
 - A connection carries at most `max_streams` concurrent streams (capped again by the peer's
   MAX_CONCURRENT_STREAMS); when every pooled connection of a key is full a new one is opened.
 - Concurrent requests for a key with no usable connection share ONE in-flight connect, so a burst
-  does not open a burst of TLS handshakes.
+  does not open a burst of TLS handshakes. A shared connect that fails with a transient error
+  (OSError, timeout) does not fail its waiters: each retries (`DIAL_ATTEMPTS` in all), sharing
+  the next connect again; verification failures are not retried.
 - A connection that has carried no stream for `idle_timeout` is closed by `sweep(now)`; a closed
   or GOAWAY'd connection is never handed out again.
 - The key includes the source identity, so one workload's certificate is never used for another's
@@ -27,6 +29,7 @@ from meshcore.identity import SpiffeId
 
 IDLE_TIMEOUT = 300.0  # Istio: idle connections are released after 5 minutes
 MAX_STREAMS_PER_CONNECTION = 100
+DIAL_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +78,7 @@ class HbonePool:
         return await proto.open_stream(authority, headers, sink)
 
     async def _connection(self, key: PoolKey) -> HboneProtocol:
+        failures = 0
         while True:
             for proto in self._conns.get(key, ()):
                 if not proto.closed and proto.conn.can_open_stream(self.max_streams):
@@ -84,7 +88,15 @@ class HbonePool:
                 task = asyncio.get_running_loop().create_task(self._dial(key))
                 self._connecting[key] = task
                 task.add_done_callback(functools.partial(self._dialed, key))
-            proto = await asyncio.shield(task)
+            try:
+                proto = await asyncio.shield(task)
+            except (OSError, TimeoutError):
+                # One failed dial (e.g. EADDRINUSE after a burst) must not fail every tunnel
+                # that happened to wait on it: each waiter tries again, up to DIAL_ATTEMPTS.
+                failures += 1
+                if failures >= DIAL_ATTEMPTS:
+                    raise
+                continue
             if proto.conn.can_open_stream(self.max_streams):
                 return proto
             # Filled up by others meanwhile: loop, and dial again if still full.

@@ -18,6 +18,7 @@ from meshcore.hbone.connection import (
     Event,
     HboneConnection,
     RequestReceived,
+    RequestRefused,
     ResponseReceived,
     Role,
     StreamEnded,
@@ -224,7 +225,7 @@ def test_h2_client_against_our_server() -> None:
     peer_events = peer.receive_data(server.data_to_send())
     got = b"".join(e.data for e in peer_events if isinstance(e, h2.events.DataReceived))
     assert got == blob[: len(got)] and len(got) > 0
-    # A GET is well-formed HTTP/2 but not CONNECT: the HBONE layer answers 400 (see hbone tests).
+    # A GET is well-formed HTTP/2 but not CONNECT: the protocol core answers 400 itself.
     sid2 = peer.get_next_available_stream_id()
     peer.send_headers(
         sid2,
@@ -232,8 +233,12 @@ def test_h2_client_against_our_server() -> None:
         end_stream=True,
     )
     events = server.receive_data(peer.data_to_send())
-    (req2,) = [e for e in events if isinstance(e, RequestReceived)]
-    assert (":method", "GET") in req2.headers
+    assert not [e for e in events if isinstance(e, RequestReceived)]
+    (refused,) = [e for e in events if isinstance(e, RequestRefused)]
+    assert refused.status == 400 and (":method", "GET") in refused.headers
+    peer_events = peer.receive_data(server.data_to_send())
+    (resp2,) = [e for e in peer_events if isinstance(e, h2.events.ResponseReceived)]
+    assert dict(resp2.headers)[b":status"] == b"400"
 
 
 def test_our_client_against_h2_server() -> None:

@@ -14,6 +14,8 @@ import ssl
 from dataclasses import dataclass, field
 
 from meshcore.certs import CertificateManager, WorkloadCertificate
+from meshcore.hbone.aio import HboneProtocol
+from meshcore.hbone.connection import SERVER_MAX_STREAMS
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
 from meshcore.model import IPAddress, TunnelProtocol
@@ -50,6 +52,10 @@ class ProxySettings:
     outside loopback)."""
     drain_timeout: float = 30.0
     connect_timeout: float = 5.0
+    hbone_max_streams: int = SERVER_MAX_STREAMS
+    """SETTINGS_MAX_CONCURRENT_STREAMS advertised on inbound HBONE connections."""
+    max_pending_connects: int = 1024
+    """Upstream connects in flight in this process (the excess waits)."""
 
     @property
     def admin_host(self) -> str:
@@ -71,7 +77,13 @@ class ProxyContext:
     contexts: ContextCache = field(default_factory=ContextCache)
     rng: random.Random = field(default_factory=random.Random)
     connections: set[asyncio.Transport] = field(default_factory=set)
+    hbone_servers: set[HboneProtocol] = field(default_factory=set)
+    """Inbound HBONE connections (drain sends each a GOAWAY)."""
+    upstream_slots: asyncio.Semaphore = field(init=False)
     draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.upstream_slots = asyncio.Semaphore(self.settings.max_pending_connects)
 
     @property
     def node_proxy_ips(self) -> tuple[IPAddress, ...]:

@@ -5,17 +5,28 @@ connection's destination address (the HBONE client sends no SNI), the TLS handsh
 verification (in `meshcore.hbone.aio`), and per CONNECT: `meshcore.plan.plan_inbound` (target
 checks + L4 authorization, pure), the upstream connect, then the response: 200 only after both
 succeeded, else 400/401/503 (ambient-facts.md). No upstream connect happens for a denied request.
+
+Bounded work (issue 9): the serve task of a CONNECT is the stream's task, cancelled when the
+client resets the stream (no socket is created for a stream already gone); upstream connects in
+flight are capped per HBONE connection and per node proxy (`ProxyContext.upstream_slots`), the
+excess waits; accepting pauses while file descriptors run short (`FD_RESERVE` are kept for the
+operator endpoints and the tunnels already open). Every stream the HTTP/2 layer refuses and every
+connection it closes for a protocol error leaves a log line and a counter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import resource
 import socket
 
 from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
-from meshcore.hbone.connection import Role
+from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
+from meshcore.hbone.frames import ErrorCode
 from meshcore.model import Service
 from meshcore.plan import InboundPlan, plan_inbound
 from meshcore.sockets import connect_tcp
@@ -24,6 +35,35 @@ from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
 
 log = logging.getLogger("ztunnel.inbound")
+
+PENDING_CONNECTS_PER_CONNECTION = 64
+"""Upstream connects in flight for one HBONE connection; more CONNECTs wait their turn."""
+FD_RESERVE = 256
+"""File descriptors kept free: accepting pauses when the next one would eat into them."""
+ACCEPT_PAUSE = 0.1
+
+
+def _refusal_reason(ev: RequestRefused) -> str:
+    """A bounded label for `ztunnel_hbone_streams_refused{reason}`."""
+    if ev.status == 431:
+        return "header_list_too_large"
+    if ev.status == 400:
+        return "not_connect"
+    if ev.error_code == ErrorCode.REFUSED_STREAM:
+        return "max_concurrent_streams"
+    return "malformed"
+
+
+def fds_short(reserve: int = FD_RESERVE) -> bool:
+    """True when fewer than `reserve` descriptors are free. Linux hands out the lowest free
+    descriptor (open(2)), so the number of a fresh one tells how full the table is."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    os.close(fd)
+    return soft != resource.RLIM_INFINITY and fd >= soft - reserve
 
 
 def parse_authority(authority: str) -> tuple[str, int]:
@@ -120,16 +160,29 @@ class HboneListener:
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if fds_short():
+                await self._pause_accepting("file descriptors short")
+                continue
             try:
                 conn, _ = await loop.sock_accept(self.sock)
-            except OSError as err:  # EMFILE and friends: back off instead of spinning
-                log.warning("HBONE accept failed: %s", err)
-                await asyncio.sleep(0.1)
+            except OSError as err:
+                if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("HBONE accept failed: %s", err)
+                    continue
+                await self._pause_accepting(str(err))
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = loop.create_task(self._handshake(conn))
             self._handshakes.add(task)  # keep a reference until done (asyncio holds weak refs)
             task.add_done_callback(self._handshakes.discard)
+
+    async def _pause_accepting(self, why: str) -> None:
+        """Leave new connections in the kernel's backlog until descriptors are free again."""
+        self.ctx.metrics.accept_paused.inc()
+        log.warning("HBONE accept paused: %s", why)
+        while fds_short():
+            await asyncio.sleep(ACCEPT_PAUSE)
+        log.info("HBONE accept resumed")
 
     async def _handshake(self, conn: socket.socket) -> None:
         ctx = self.ctx
@@ -147,12 +200,16 @@ class HboneListener:
             log.warning("HBONE to %s: no certificate for %s: %s", local_ip, workload.identity, err)
             conn.close()
             return
+        slots = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
         proto = HboneProtocol(
             Role.SERVER,
             trust_domain=ctx.settings.trust_domain,
             expected=None,
-            on_request=lambda stream: self._on_request(stream, local_ip, peer_ip),
-            on_close=lambda p: ctx.connections.discard(p.transport) if p.transport else None,
+            on_request=lambda stream: self._on_request(stream, local_ip, peer_ip, slots),
+            on_close=self._closed,
+            on_refused=lambda p, ev: self._on_refused(p, ev, local_ip, peer_ip),
+            on_error=lambda p, ev: self._on_error(ev, peer_ip),
+            max_concurrent_streams=ctx.settings.hbone_max_streams,
         )
         try:
             await accept_tls(conn, tls_ctx, proto)
@@ -168,13 +225,63 @@ class HboneListener:
             )
             ctx.tracker.failed(rec)
             return
-        if proto.transport is not None:
+        if proto.transport is not None and not proto.closed:
             ctx.connections.add(proto.transport)
+            ctx.hbone_servers.add(proto)
+            if ctx.draining:
+                proto.close()  # accepted just before drain began: GOAWAY at once
 
-    def _on_request(self, stream: HboneStream, conn_dst_ip: str, peer_ip: str) -> None:
-        asyncio.get_running_loop().create_task(self._serve(stream, conn_dst_ip, peer_ip))
+    def _closed(self, proto: HboneProtocol) -> None:
+        if proto.transport is not None:
+            self.ctx.connections.discard(proto.transport)
+        self.ctx.hbone_servers.discard(proto)
 
-    async def _serve(self, stream: HboneStream, conn_dst_ip: str, peer_ip: str) -> None:
+    def _on_request(
+        self, stream: HboneStream, conn_dst_ip: str, peer_ip: str, slots: asyncio.Semaphore
+    ) -> None:
+        # The stream owns the task: a RST_STREAM in the same read cancels it before it runs.
+        stream.task = asyncio.get_running_loop().create_task(
+            self._serve(stream, conn_dst_ip, peer_ip, slots)
+        )
+
+    def _on_refused(
+        self, proto: HboneProtocol, ev: RequestRefused, conn_dst_ip: str, peer_ip: str
+    ) -> None:
+        """A stream the HTTP/2 layer answered itself: access-log line and counters."""
+        ctx = self.ctx
+        reason = _refusal_reason(ev)
+        ctx.metrics.hbone_refused.labels(reason).inc()
+        authority = next((v for k, v in ev.headers if k == ":authority"), "")
+        rec = ConnectionRecord(
+            direction="inbound",
+            reporter="destination",
+            src_addr=peer_ip,
+            dst_addr=authority or conn_dst_ip,
+            source_principal=str(proto.peer_identity) if proto.peer_identity else None,
+            mtls=True,
+            hbone_addr=authority or None,
+            response_flags="CONNECT",
+            error=f"stream {ev.stream_id} refused: {ev.reason}"
+            + (f" ({ev.status})" if ev.status else ""),
+        )
+        ctx.tracker.failed(rec)
+
+    def _on_error(self, ev: ConnectionTerminated, peer_ip: str) -> None:
+        try:
+            code = ErrorCode(ev.error_code).name
+        except ValueError:
+            code = str(ev.error_code)
+        self.ctx.metrics.hbone_connection_errors.labels(code).inc()
+        log.warning(
+            "HBONE connection from %s closed with GOAWAY(%s): %s",
+            peer_ip,
+            code,
+            ev.debug.decode("utf-8", "replace"),
+        )
+
+    async def _serve(
+        self, stream: HboneStream, conn_dst_ip: str, peer_ip: str, slots: asyncio.Semaphore
+    ) -> None:
         ctx = self.ctx
         rec = ConnectionRecord(
             direction="inbound",
@@ -207,11 +314,10 @@ class HboneListener:
                 rec.destination_service = service.hostname
                 rec.destination_service_name = service.name
                 rec.destination_service_namespace = service.namespace
-            upstream = await connect_upstream(ctx, plan, rec, src_ip)
+            async with slots, ctx.upstream_slots:
+                upstream = await connect_upstream(ctx, plan, rec, src_ip)
         except HboneError as err:
-            rec.response_flags = {401: "DENY", 400: "CONNECT", 503: "CONNECT"}.get(
-                err.status, "CONNECT"
-            )
+            rec.response_flags = err.response_flag
             rec.error = str(err)
             stream.respond(err.status)
             ctx.tracker.failed(rec)
@@ -267,7 +373,7 @@ class PlaintextInbound(TcpSide):
             rec.destination = plan.destination_workload
             upstream = await connect_upstream(ctx, plan, rec, src_ip)
         except HboneError as err:
-            rec.response_flags = "DENY" if err.status == 401 else "CONNECT"
+            rec.response_flags = err.response_flag
             rec.error = str(err)
             ctx.tracker.failed(rec)
             self.abort()

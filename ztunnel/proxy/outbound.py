@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.errors import HboneError, PeerVerificationError, response_flag
 from meshcore.hbone.pool import PoolKey
 from meshcore.plan import OutboundPlan, PlanKind, plan_inbound, plan_outbound
 from meshcore.sockets import connect_tcp
@@ -110,12 +110,7 @@ class OutboundConnection(TcpSide):
             else:
                 await self._plain(plan, rec, src_ip)
         except (TimeoutError, HboneError, PeerVerificationError, OSError) as err:
-            if isinstance(err, PeerVerificationError):
-                rec.response_flags = "TLS_FAILURE"
-            elif isinstance(err, HboneError) and err.status == 401:
-                rec.response_flags = "DENY"
-            else:
-                rec.response_flags = "CONNECT"
+            rec.response_flags = response_flag(err)
             rec.error = str(err) or type(err).__name__
             ctx.tracker.failed(rec)
             log.debug("outbound %s -> %s failed: %s", rec.src_addr, rec.dst_addr, rec.error)
@@ -193,7 +188,7 @@ class OutboundConnection(TcpSide):
             )
             upstream = await connect_upstream(ctx, inbound, dest_rec, src_ip)
         except HboneError as err:
-            dest_rec.response_flags = "DENY" if err.status == 401 else "CONNECT"
+            dest_rec.response_flags = err.response_flag
             dest_rec.error = str(err)
             ctx.tracker.failed(dest_rec)
             raise

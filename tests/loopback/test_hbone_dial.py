@@ -1,0 +1,88 @@
+"""Outgoing connections under load (issue 9): source-bound sockets and pooled dials.
+
+In-process mesh of `tests.loopback.harness`; a TCP forwarder on 127.0.24.1:15008 stands in front of
+node B's HBONE listener and can drop connections, to make one pooled dial fail for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import suppress
+from pathlib import Path
+
+from meshcore.hbone.pool import HbonePool, PoolKey
+from meshcore.identity import SpiffeId
+from meshcore.sockets import connect_tcp
+from tests.loopback.harness import BACKEND_PORT, CLIENT_IP, ECHO, SERVER_IP, SLEEP, running_mesh
+from tests.loopback.test_refusals import Sink
+
+FORWARDER = ("127.0.24.1", 15008)
+IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
+
+
+def test_source_bound_socket_defers_the_port_to_connect() -> None:
+    """IP_BIND_ADDRESS_NO_PORT (ip(7)): bind() takes only the address; connect() picks the
+    port for the full 4-tuple, so a burst from one client IP does not exhaust ports."""
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.24.2", 9000)
+        try:
+            sock = await connect_tcp("127.0.24.2", 9000, source_ip="127.0.24.3")
+            try:
+                assert sock.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+                assert sock.getsockname()[0] == "127.0.24.3"
+            finally:
+                sock.close()
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_pooled_dial_is_retried_for_each_waiter(tmp_path: Path) -> None:
+    """Twenty tunnels wait on one shared dial; that dial is cut (the forwarder drops the first
+    connection). Each waiter retries and every tunnel opens; before, all twenty failed."""
+
+    async def main() -> None:
+        drops = [1]
+
+        async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if drops[0]:
+                drops[0] -= 1
+                writer.transport.abort()
+                return
+            up_r, up_w = await asyncio.open_connection(SERVER_IP, 15008)
+
+            async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                with suppress(ConnectionError):
+                    while chunk := await r.read(65536):
+                        w.write(chunk)
+                        await w.drain()
+                w.close()
+
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+        fwd = await asyncio.start_server(forward, *FORWARDER)
+        async with running_mesh(tmp_path) as mesh:
+            ctx = mesh.node_a.ctx
+            pool = HbonePool(ctx.client_context, trust_domain="cluster.local")
+            key = PoolKey(
+                source=SpiffeId.parse(SLEEP),
+                expected=(SpiffeId.parse(ECHO),),
+                address=FORWARDER,
+                source_ip=CLIENT_IP,
+            )
+            streams = await asyncio.gather(
+                *(
+                    pool.open_stream(key, f"{SERVER_IP}:{BACKEND_PORT}", [], Sink())
+                    for _ in range(20)
+                )
+            )
+            assert len(streams) == 20 and drops == [0]
+            for stream in streams:
+                stream.reset()
+            pool.close_all()
+        fwd.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -1,0 +1,234 @@
+"""A node-proxy pair (two real `ztunnel` processes) under a burst of concurrent tunnels (issue 9).
+
+Addresses (disjoint from the other loopback modules):
+  node-a 127.0.73.1, client pod 127.0.73.10 (sa sleep), service VIP 127.0.75.10:80 (node-a's
+  outbound listener is bound on it), node-b 127.0.74.1, server pod 127.0.74.10 (sa echo), whose
+  backend (in this test process) echoes on :8080.
+5,000 client connections are opened at once and held until the backend has all 5,000 open at
+the same time; then every one sends its own bytes, half-closes and must get exactly them back.
+The listen backlog is checked with `ss` on the very listeners the processes use, and drain is
+checked at the end (it stops node-b).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshcore.ca import MeshCA
+from meshcore.certs import LocalCAProvider
+from meshcore.hbone.frames import ErrorCode
+from meshcore.identity import SpiffeId
+from tests.loopback.robustness import Raw, headers_frame
+
+NODE_A, CLIENT = "127.0.73.1", "127.0.73.10"
+NODE_B, SERVER = "127.0.74.1", "127.0.74.10"
+VIP = "127.0.75.10"
+TUNNELS = 5_000
+CHUNK = 4096
+
+
+def config() -> dict[str, Any]:
+    port = {"servicePort": 80, "targetPort": 8080}
+    return {
+        "workloads": [
+            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
+             "addresses": [CLIENT], "node": "node-a", "tunnelProtocol": "HBONE"},
+            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
+             "addresses": [SERVER], "node": "node-b", "tunnelProtocol": "HBONE",
+             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
+        ],
+        "services": [
+            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
+             "addresses": [{"address": VIP}], "ports": [port]},
+        ],
+        "policies": [],
+    }  # fmt: skip
+
+
+def ready(ip: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{ip}:15021/healthz/ready", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class Pair:
+    a: subprocess.Popen[bytes]
+    b: subprocess.Popen[bytes]
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    tmp = tmp_path_factory.mktemp("soak")
+    cfg = tmp / "mesh.yaml"
+    cfg.write_text(yaml.safe_dump(config()))
+    exe = str(Path(sys.executable).parent / "ztunnel")
+
+    def spawn(node: str, ip: str, *extra: str) -> subprocess.Popen[bytes]:
+        with (tmp / f"{node}.log").open("wb") as out:
+            return subprocess.Popen(
+                [exe, "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
+                 "--ca-dir", str(tmp / "ca"), "--capture", "bind", "--drain-timeout", "5", *extra],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+
+    a = spawn("node-a", NODE_A, "--outbound-listen", f"{VIP}:80")
+    b = spawn("node-b", NODE_B)
+    try:
+        deadline = time.monotonic() + 20
+        while not (ready(NODE_A) and ready(NODE_B)):
+            assert a.poll() is None and b.poll() is None, (tmp / "node-a.log").read_text()
+            assert time.monotonic() < deadline, "node proxies not ready"
+            time.sleep(0.1)
+        yield Pair(a, b, tmp)
+    finally:
+        for p in (a, b):
+            p.terminate()
+        for p in (a, b):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_every_listener_has_a_4096_backlog(pair: Pair) -> None:
+    """`ss -ltn`: Send-Q of a listening socket is its backlog. asyncio's create_server(sock=...)
+    re-listens with its own default (100) unless told otherwise."""
+    out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+    backlogs = {}
+    for line in out.splitlines():
+        fields = line.split()
+        backlogs[fields[3]] = int(fields[2])
+    data_path = [f"{VIP}:80", f"{NODE_A}:15001", f"{NODE_A}:15006", f"{SERVER}:15008"]
+    assert {addr: backlogs.get(addr) for addr in data_path} == dict.fromkeys(data_path, 4096)
+
+
+def test_5000_concurrent_tunnels_none_lost_none_corrupted(pair: Pair) -> None:
+    async def main() -> tuple[int, int, int, float]:
+        open_now = 0
+        peak = 0
+        all_open = asyncio.Event()
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal open_now, peak
+            open_now += 1
+            peak = max(peak, open_now)
+            if open_now >= TUNNELS:
+                all_open.set()
+            with suppress(ConnectionError):
+                while chunk := await reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.write_eof()
+            writer.close()
+            open_now -= 1
+
+        backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
+        lost = corrupted = 0
+
+        async def tunnel(i: int) -> None:
+            nonlocal lost, corrupted
+            data = hashlib.shake_256(i.to_bytes(4, "big")).digest(CHUNK)
+            try:
+                reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT, 0))
+            except OSError:
+                lost += 1
+                return
+            try:
+                with suppress(TimeoutError):  # then some were lost: counted below
+                    await asyncio.wait_for(all_open.wait(), 30)
+                writer.write(data)
+                writer.write_eof()
+                got = await asyncio.wait_for(reader.read(), 30)
+            except (OSError, TimeoutError):
+                lost += 1
+                return
+            finally:
+                writer.close()
+            if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
+                corrupted += 1
+
+        start = time.monotonic()
+        try:
+            await asyncio.gather(*(tunnel(i) for i in range(TUNNELS)))
+        finally:
+            backend.close()
+        return lost, corrupted, peak, time.monotonic() - start
+
+    lost, corrupted, peak, took = asyncio.run(main())
+    assert (lost, corrupted, peak) == (0, 0, TUNNELS), (lost, corrupted, peak, took)
+    assert took < 45, took
+
+
+def test_drain_hands_over(pair: Pair) -> None:
+    """SIGTERM: a GOAWAY(NO_ERROR) with the last stream id on every inbound HBONE connection,
+    the ports (admin, metrics, readiness, HBONE) free for a successor at once, and an open
+    tunnel carried on until it finishes (drain timeout 5 s)."""
+
+    async def main() -> None:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with suppress(ConnectionError):
+                while chunk := await reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.write_eof()
+            writer.close()
+
+        backend = await asyncio.start_server(echo, SERVER, 8080)
+        ca = MeshCA.load_or_create(pair.tmp / "ca")
+        cert = await LocalCAProvider(ca).fetch(
+            SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
+        )
+        try:
+            # An open tunnel through the pair, and a raw HBONE connection to node-b.
+            reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT, 0))
+            writer.write(b"before")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"before"
+            raw = await Raw.open_to((SERVER, 15008), cert)
+            from meshcore.hbone.headers import encode
+
+            block = encode([(":method", "CONNECT"), (":authority", f"{SERVER}:8080")])
+            await raw.send(headers_frame(1, block))
+            await asyncio.sleep(0.5)
+            pair.b.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            seen = raw.seen
+            assert seen.goaway == ErrorCode.NO_ERROR and seen.goaway_last == 1, seen
+            # Ports released: a successor can bind them while this one drains.
+            for addr in [(NODE_B, 15000), (NODE_B, 15020), (NODE_B, 15021), (SERVER, 15008)]:
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(addr)
+                    s.listen()
+            # The open tunnel still works, through the draining node-b.
+            writer.write(b"during")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"during"
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+        finally:
+            backend.close()
+
+    asyncio.run(main())
+    assert pair.b.wait(15) == 0

@@ -1,0 +1,177 @@
+"""The HBONE protocol core's bounds against hostile peers (issue 9), sans-I/O: frames in, events
+and frames out, time passed in. The same attacks against a real process: tests/loopback/
+test_h2_robustness.py."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from meshcore.hbone.connection import (
+    BUDGET_WINDOW,
+    PING_INTERVAL,
+    RESET_BUDGET,
+    SERVER_MAX_STREAMS,
+    SETTINGS_TIMEOUT,
+    ConnectionTerminated,
+    Event,
+    HboneConnection,
+    RateBudget,
+    RequestReceived,
+    RequestRefused,
+    Role,
+)
+from meshcore.hbone.frames import (
+    CLIENT_PREFACE,
+    ErrorCode,
+    Flag,
+    FrameType,
+    encode_rst_stream,
+    encode_settings,
+    encode_settings_ack,
+    frame_header,
+)
+from meshcore.hbone.headers import encode
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return frame_header(len(payload), ftype, flags, sid) + payload
+
+
+def connect(sid: int, authority: str = "10.0.0.1:80") -> bytes:
+    block = encode([(":method", "CONNECT"), (":authority", authority)])
+    return frame(FrameType.HEADERS, Flag.END_HEADERS, sid, block)
+
+
+def server(*, acked: bool = True) -> HboneConnection:
+    conn = HboneConnection(Role.SERVER)
+    conn.initiate(0.0)
+    hello = CLIENT_PREFACE + encode_settings({})
+    if acked:
+        hello += encode_settings_ack()
+    conn.receive_data(hello, 0.0)
+    conn.data_to_send()
+    return conn
+
+
+def goaway(events: list[Event]) -> int | None:
+    ends = [e for e in events if isinstance(e, ConnectionTerminated) and not e.remote]
+    return ends[-1].error_code if ends else None
+
+
+@pytest.mark.parametrize(
+    ("events", "window", "limit", "ok"),
+    [
+        ([(0.0, 10)], 10.0, 10, True),
+        ([(0.0, 11)], 10.0, 10, False),
+        ([(0.0, 10), (10.0, 1)], 10.0, 10, False),  # the previous window still weighs fully
+        ([(0.0, 10), (15.0, 5)], 10.0, 10, True),  # half of it: 5 + 5
+        ([(0.0, 10), (15.0, 6)], 10.0, 10, False),
+        ([(0.0, 10), (25.0, 10)], 10.0, 10, True),  # two windows later: forgotten
+    ],
+)
+def test_rate_budget(events: list[tuple[float, int]], window: float, limit: int, ok: bool) -> None:
+    budget = RateBudget(limit, window)
+    results = [budget.spend(now, cost) for now, cost in events]
+    assert results[-1] is ok and all(results[:-1])
+
+
+def test_rapid_reset_spends_the_budget_then_goaway() -> None:
+    conn = server()
+    burst = b"".join(
+        connect(s) + encode_rst_stream(s, 8) for s in range(1, 2 * RESET_BUDGET + 4, 2)
+    )
+    events = conn.receive_data(burst, 1.0)
+    assert goaway(events) == ErrorCode.ENHANCE_YOUR_CALM
+    assert len([e for e in events if isinstance(e, RequestReceived)]) == RESET_BUDGET + 1
+
+
+def test_resets_after_an_answer_are_free() -> None:
+    """Tunnels the client closes with RST after 200 (a TCP reset) are normal traffic."""
+    conn = server()
+    for s in range(1, 4 * RESET_BUDGET, 2):
+        conn.receive_data(connect(s), 1.0)
+        conn.respond(s, 200)
+        events = conn.receive_data(encode_rst_stream(s, ErrorCode.CONNECT_ERROR), 1.0)
+        assert goaway(events) is None
+
+
+def test_budget_recovers_after_the_window() -> None:
+    conn = server()
+    sid = 1
+    for now in (0.0, 2 * BUDGET_WINDOW + 1, 4 * BUDGET_WINDOW + 2):
+        for _ in range(RESET_BUDGET):
+            events = conn.receive_data(connect(sid) + encode_rst_stream(sid, 8), now)
+            assert goaway(events) is None
+            sid += 2
+
+
+def test_stream_limit_enforced_once_settings_acknowledged() -> None:
+    early = server(acked=False)
+    events = early.receive_data(b"".join(connect(s) for s in range(1, 2 * 300, 2)), 0.5)
+    assert len([e for e in events if isinstance(e, RequestReceived)]) == 300
+    late = server()
+    events = late.receive_data(b"".join(connect(s) for s in range(1, 2 * 300, 2)), 0.5)
+    refused = [e for e in events if isinstance(e, RequestRefused)]
+    assert len(refused) == 300 - SERVER_MAX_STREAMS
+    assert {e.error_code for e in refused} == {ErrorCode.REFUSED_STREAM}
+
+
+@pytest.mark.parametrize(
+    ("authority", "method", "status"),
+    [("10.0.0.1:80", "GET", 400), ("10.0.0.1", "CONNECT", 400), ("10.0.0.1:0", "CONNECT", 400),
+     (":80", "CONNECT", 400), ("[fd00::1]:8080", "CONNECT", 0)],
+)  # fmt: skip
+def test_connect_validation_in_the_core(authority: str, method: str, status: int) -> None:
+    conn = server()
+    block = encode([(":method", method), (":authority", authority)])
+    events = conn.receive_data(frame(FrameType.HEADERS, Flag.END_HEADERS, 1, block), 1.0)
+    refused = [e for e in events if isinstance(e, RequestRefused)]
+    if status:
+        assert refused and refused[0].status == status
+    else:
+        (req,) = [e for e in events if isinstance(e, RequestReceived)]
+        assert req.authority == authority
+
+
+def test_header_block_bounds() -> None:
+    conn = server()
+    events = conn.receive_data(
+        frame(FrameType.HEADERS, 0, 1, encode([(":method", "CONNECT")]))
+        + frame(FrameType.CONTINUATION, 0, 1) * 5,
+        1.0,
+    )
+    assert goaway(events) == ErrorCode.PROTOCOL_ERROR  # empty CONTINUATIONs past the allowance
+    conn = server()
+    events = conn.receive_data(
+        frame(FrameType.HEADERS, 0, 1, b"") + frame(FrameType.CONTINUATION, 0, 1, b"\x82") * 17,
+        1.0,
+    )
+    assert goaway(events) == ErrorCode.ENHANCE_YOUR_CALM  # frame count
+
+
+def test_stream_ids_must_increase() -> None:
+    conn = server()
+    events = conn.receive_data(connect(5) + connect(3), 1.0)
+    assert goaway(events) == ErrorCode.PROTOCOL_ERROR
+    conn = server()  # late HEADERS for a stream WE reset are ignored (RFC 9113 §5.1)
+    conn.receive_data(connect(1), 1.0)
+    conn.reset_stream(1)
+    assert goaway(conn.receive_data(connect(1), 1.0)) is None
+
+
+def test_timers_and_injected_ping_payload() -> None:
+    conn = HboneConnection(Role.CLIENT, rng=random.Random(7))
+    conn.initiate(100.0)
+    assert conn.get_timer() == 100.0 + min(SETTINGS_TIMEOUT, PING_INTERVAL)
+    assert not conn.handle_timer(100.0 + SETTINGS_TIMEOUT)  # our SETTINGS never acknowledged
+    assert b"SETTINGS not acknowledged" in conn.data_to_send()
+    conn = HboneConnection(Role.CLIENT, rng=random.Random(7))
+    conn.initiate(0.0)
+    conn.receive_data(encode_settings({}) + encode_settings_ack(), 1.0)
+    assert conn.get_timer() == 1.0 + PING_INTERVAL
+    conn.data_to_send()
+    assert conn.handle_timer(1.0 + PING_INTERVAL)
+    expected = random.Random(7).getrandbits(64).to_bytes(8, "big")
+    assert conn.data_to_send() == frame(FrameType.PING, 0, 0, expected)
