@@ -12,7 +12,12 @@ Invariants:
   exhausted waits for WINDOW_UPDATE without blocking other streams.
 - Connection-specific fields (RFC 9113 §8.2.2: connection, keep-alive, proxy-connection,
   transfer-encoding, upgrade; te other than "trailers") are never forwarded; gRPC's
-  ``te: trailers`` and trailers (grpc-status) pass through.
+  ``te: trailers`` and trailers (grpc-status) pass through, minus the fields that must not
+  come from a trailer section (framing, routing, identity: `meshcore.l7.hygiene`).
+- Request hygiene is the handler's (`meshcore.l7.hygiene`, same rules as HTTP/1.1); what only
+  HTTP/2 can express wrongly (several ``host`` fields) is marked ``malformed`` on the request,
+  answered 400 by the handler. The header list is limited to 60 KiB
+  (SETTINGS_MAX_HEADER_LIST_SIZE, Envoy's max_request_headers_kb).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import h2.exceptions
 import h2.settings
 
 from meshcore.l7.cluster import EndpointStats
+from meshcore.l7.hygiene import MAX_HEADERS_BYTES, forwardable_trailers
 from waypoint.body import ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamProtocolError, UpstreamReset
@@ -116,6 +122,7 @@ class H2Session:
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS_BYTES,
             },
         )
         self.bodies: dict[int, StreamBody] = {}
@@ -235,7 +242,7 @@ class H2Session:
         elif isinstance(ev, h2.events.TrailersReceived):
             body = self.bodies.get(ev.stream_id)
             if body is not None:
-                body.trailers = tuple(_text(ev.headers))
+                body.trailers = forwardable_trailers(_text(ev.headers))
         elif isinstance(ev, h2.events.StreamReset):
             body = self.bodies.get(ev.stream_id)
             if body is not None:
@@ -314,6 +321,12 @@ class _ServerSession(H2Session):
         self.bodies[sid] = body
         regular = [(k, v) for k, v in headers if not k.startswith(":")]
         cl = next((v for k, v in regular if k == "content-length"), None)
+        hosts = [v for k, v in regular if k == "host"]
+        malformed = ""
+        if len(hosts) > 1:
+            malformed = "more than one host field (RFC 9110 §7.2)"
+        elif cl is not None and not (cl.isascii() and cl.isdigit()):
+            malformed = "bad content-length"
         req = Request(
             protocol="h2",
             method=pseudo.get(":method", "GET"),
@@ -324,8 +337,10 @@ class _ServerSession(H2Session):
             headers=[(k, v) for k, v in forwardable(regular) if k != "content-length"],
             body=body,
             has_body=not ended,
-            content_length=int(cl) if cl is not None and cl.isdigit() else None,
+            content_length=int(cl) if cl is not None and not malformed else None,
         )
+        if malformed:
+            req.extra["malformed"] = malformed
         task = asyncio.get_running_loop().create_task(self._serve(req, sid))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -18,6 +18,7 @@ Invariants:
 - DestinationRule ``connectionPool.http``: a connection that served ``maxRequestsPerConnection``
   requests is closed instead of reused; one idle longer than ``idleTimeout`` (or the pool's
   own limit, whichever is shorter) is closed.
+- HTTP/1 trailers are neither sent nor passed on (Envoy's default ``enable_trailers`` false).
 - The request body is pumped concurrently with reading the response (a server may answer
   before reading everything) with backpressure from the tunnel's send window.
 """
@@ -120,8 +121,7 @@ class H1Response:
             self.body_bytes += len(ev.data)
             return ev.data
         if isinstance(ev, http1.EndOfMessage):
-            self.done = True
-            self.trailers = ev.trailers
+            self.done = True  # HTTP/1 trailers are not forwarded (Envoy's default)
             return b""
         raise UpstreamProtocolError("unexpected message head inside a response body")
 
@@ -150,7 +150,10 @@ async def _pump_body(
         io.write(http1.encode_chunk(chunk) if chunked else chunk)
         await io.drain()
     if chunked:
-        io.write(http1.encode_last_chunk(trailers()))
+        # HTTP/1 trailers are not sent upstream (Envoy's default, enable_trailers false): an
+        # HTTP/2 client's trailers end here.
+        del trailers
+        io.write(http1.encode_last_chunk())
 
 
 class UpstreamPool:

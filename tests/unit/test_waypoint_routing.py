@@ -13,11 +13,11 @@ from meshcore.config.objects import parse_objects
 from meshcore.config.reader import parse_duration, resolve_host
 from meshcore.config.routes import DEFAULT_RETRY, LbPolicy
 from meshcore.errors import ConfigError
+from meshcore.l7.hygiene import normalize_path
 from meshcore.l7.route import (
     CompiledConfig,
     RequestInfo,
     RouteChoice,
-    normalize_path,
     pick_destination,
     redirect_location,
     rewrite_target,
