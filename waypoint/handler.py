@@ -270,8 +270,6 @@ class Handler:
 
     def _sanitize(self, req: Request, tunnel: Tunnel) -> None:
         """Hygiene before anything looks at the request (raises `BadRequest`)."""
-        if malformed := req.extra.get("malformed"):
-            raise BadRequest(malformed)
         try:
             check_request(req.method, req.target, req.authority, req.headers)
         except RequestRejected as err:

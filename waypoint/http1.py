@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from meshcore.l7 import http1
 from waypoint.body import EmptyBody, Request
+from waypoint.errors import BadRequest
 from waypoint.handler import Handler, Tunnel
 from waypoint.tunnel import TunnelIO
 
@@ -62,11 +63,21 @@ class H1Body:
         self.reader = reader
         self.trailers: tuple[tuple[str, str], ...] = ()
         self.finished = False
+        self.failed = ""
 
     async def read(self) -> bytes:
         if self.finished:
             return b""
-        ev = await self.reader.next_event()
+        if self.failed:
+            raise BadRequest(self.failed)
+        try:
+            ev = await self.reader.next_event()
+        except http1.HttpParseError as err:
+            # A malformed body (chunk framing, trailers) is the client's error: 400 with flag
+            # DPE from the handler (or a reset if the response already started), and the
+            # connection is not reused.
+            self.failed = str(err)
+            raise BadRequest(str(err), status=err.status) from None
         if isinstance(ev, http1.Body):
             return ev.data
         if isinstance(ev, http1.EndOfMessage):
@@ -205,7 +216,9 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
         if not down.head_sent:  # cannot happen: serve always answers or resets
             io.reset()
             return
-        if body is not None and not body.finished and not await _drain(body):
+        if body is not None and body.failed:
+            down.keep_alive = False
+        elif body is not None and not body.finished and not await _drain(body):
             down.keep_alive = False
         if not down.keep_alive:
             io.write_eof()
@@ -220,7 +233,7 @@ async def _drain(body: H1Body) -> bool:
                 read += len(chunk)
                 if read > DRAIN_LIMIT:
                     return False
-    except (TimeoutError, ConnectionError, http1.HttpParseError):
+    except (TimeoutError, ConnectionError, http1.HttpParseError, BadRequest):
         return False
     return True
 

@@ -14,10 +14,12 @@ Invariants:
   transfer-encoding, upgrade; te other than "trailers") are never forwarded; gRPC's
   ``te: trailers`` and trailers (grpc-status) pass through, minus the fields that must not
   come from a trailer section (framing, routing, identity: `meshcore.l7.hygiene`).
-- Request hygiene is the handler's (`meshcore.l7.hygiene`, same rules as HTTP/1.1); what only
-  HTTP/2 can express wrongly (several ``host`` fields) is marked ``malformed`` on the request,
-  answered 400 by the handler. The header list is limited to 60 KiB
-  (SETTINGS_MAX_HEADER_LIST_SIZE, Envoy's max_request_headers_kb).
+- Request hygiene is the handler's (`meshcore.l7.hygiene`, same rules as HTTP/1.1). What the
+  h2 library finds malformed (RFC 9113 §8.1.1: uppercase or invalid field names, CR/LF/NUL in
+  values, several Host fields, Host differing from :authority, connection-specific fields, a
+  content-length that is not digits) closes the connection with PROTOCOL_ERROR, recorded with
+  flag DPE. The header list is limited to 60 KiB (SETTINGS_MAX_HEADER_LIST_SIZE, Envoy's
+  max_request_headers_kb).
 """
 
 from __future__ import annotations
@@ -206,6 +208,7 @@ class H2Session:
                     if state is not h2.connection.ConnectionState.CLOSED:
                         # (after a GOAWAY, late frames such as PINGs are moot: no error)
                         log.info("HTTP/2 protocol error: %s", err)
+                        self.on_protocol_error(err)
                         self.flush()
                     break
                 for ev in events:
@@ -224,6 +227,9 @@ class H2Session:
             self.io.close()
 
     def on_closed(self) -> None:
+        pass
+
+    def on_protocol_error(self, err: h2.exceptions.ProtocolError) -> None:
         pass
 
     def on_event(self, ev: h2.events.Event) -> None:
@@ -321,12 +327,6 @@ class _ServerSession(H2Session):
         self.bodies[sid] = body
         regular = [(k, v) for k, v in headers if not k.startswith(":")]
         cl = next((v for k, v in regular if k == "content-length"), None)
-        hosts = [v for k, v in regular if k == "host"]
-        malformed = ""
-        if len(hosts) > 1:
-            malformed = "more than one host field (RFC 9110 §7.2)"
-        elif cl is not None and not (cl.isascii() and cl.isdigit()):
-            malformed = "bad content-length"
         req = Request(
             protocol="h2",
             method=pseudo.get(":method", "GET"),
@@ -337,10 +337,8 @@ class _ServerSession(H2Session):
             headers=[(k, v) for k, v in forwardable(regular) if k != "content-length"],
             body=body,
             has_body=not ended,
-            content_length=int(cl) if cl is not None and not malformed else None,
+            content_length=int(cl) if cl is not None and cl.isascii() and cl.isdigit() else None,
         )
-        if malformed:
-            req.extra["malformed"] = malformed
         task = asyncio.get_running_loop().create_task(self._serve(req, sid))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -355,13 +353,19 @@ class _ServerSession(H2Session):
         for task in self.tasks:
             task.cancel()
 
+    def on_protocol_error(self, err: h2.exceptions.ProtocolError) -> None:
+        # A malformed request (RFC 9113 §8.1.1) closes the connection with PROTOCOL_ERROR; it
+        # is still one access-log record with flag DPE (status 0: no response was sent).
+        self.handler.refused(self.tunnel, protocol="h2", status=0, error=str(err)[:200])
+
 
 async def serve_h2(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes) -> None:
     session = _ServerSession(handler, io, tunnel)
     session.start()
     try:
         events = session.conn.receive_data(first)
-    except h2.exceptions.ProtocolError:
+    except h2.exceptions.ProtocolError as err:
+        session.on_protocol_error(err)
         session.flush()
         io.close()
         return

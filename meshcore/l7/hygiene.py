@@ -150,11 +150,13 @@ def normalize_target(target: str, policy: PathPolicy | None = None) -> Normalize
     Order as Envoy's HTTP connection manager (and Istio's normalization doc): escaped slashes
     action, then ``normalize_path`` (decode unreserved escapes, ``\\`` -> ``/``, dot segments,
     RFC 3986 §6 + Envoy), then ``merge_slashes``. The query is not a path and is kept as sent.
-    Fragments are never sent (RFC 9110 §7.1); one is stripped, as Envoy does by default."""
+    A fragment is not part of a request-target (RFC 9112 §3.2, RFC 9110 §7.1): refused, as
+    Envoy does."""
     if target == "*":
         return NormalizedTarget("*")  # asterisk-form (OPTIONS *), RFC 9112 §3.2.4
     policy = policy or PathPolicy()
-    target = target.split("#", 1)[0]
+    if "#" in target:
+        raise RequestRejected("fragment in the request-target (RFC 9112 §3.2)")
     path, sep, query = target.partition("?")
     if not path.startswith("/"):
         raise RequestRejected(f"request path {path[:40]!r} is not absolute")
