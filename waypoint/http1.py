@@ -216,9 +216,7 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
         if not down.head_sent:  # cannot happen: serve always answers or resets
             io.reset()
             return
-        if body is not None and body.failed:
-            down.keep_alive = False
-        elif body is not None and not body.finished and not await _drain(body):
+        if body is not None and (body.failed or (not body.finished and not await _drain(body))):
             down.keep_alive = False
         if not down.keep_alive:
             io.write_eof()

@@ -207,10 +207,9 @@ async def send_h2(
                         out.status = int(dict(ev.headers)[b":status"])  # type: ignore[arg-type]
                     elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
                         return out
-                    elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
-                        out.reset = int(ev.error_code)
-                        return out
-                    elif isinstance(ev, h2.events.ConnectionTerminated):
+                    elif (
+                        isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid
+                    ) or isinstance(ev, h2.events.ConnectionTerminated):
                         out.reset = int(ev.error_code)
                         return out
                 writer.write(conn.data_to_send())

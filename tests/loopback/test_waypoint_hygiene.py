@@ -144,12 +144,15 @@ H1_CASES = [
     # Istio: "Istio normalizes the backslash \\ into the forward slash /" (BASE).
     Case("backslashes", h1(b"GET /public\\..\\private"), 403),
     Case("query is not the path", h1(b"GET /private?a=1"), 403),
-    Case("query kept as sent", h1(b"GET /public?x=/../private"), 200,
-         ok("GET", "/public?x=/../private")),
+    Case(
+        "query kept as sent",
+        h1(b"GET /public?x=/../private"),
+        200,
+        ok("GET", "/public?x=/../private"),
+    ),
     # Istio: "normalization happens only once, no double decoding".
     Case("no double decoding", h1(b"GET /%2570rivate"), 200, ok("GET", "/%2570rivate")),
-    Case("unreserved decoded on the way", h1(b"GET /%7Euser/%41%2d"), 200,
-         ok("GET", "/~user/A-")),
+    Case("unreserved decoded on the way", h1(b"GET /%7Euser/%41%2d"), 200, ok("GET", "/~user/A-")),
     # RFC 9112 §3.2: a request-target has no fragment (Envoy refuses it too).
     Case("fragment", h1(b"GET /public#x"), 400),
     # Istio: a NUL is "always rejected with HTTP code 400".
@@ -158,54 +161,98 @@ H1_CASES = [
     Case("lower-case method", h1(b"delete /x"), 400),
     Case("DELETE", h1(b"DELETE /x"), 403),
     # RFC 9112 §3.2: more than one Host field line is a 400.
-    Case("two Host lines", h1(b"GET /public", b"host: admin.example"), 400,
-         envoy=(200, Seen("GET", "/public", (("host", "reviews,admin.example"),))),
-         why="Envoy joins the two lines and the hosts DENY no longer matches (issue 10). RFC "
-             "9112 §3.2: 'A server MUST respond with a 400 (Bad Request) status code to any "
-             "HTTP/1.1 request message that ... contains more than one Host header field "
-             "line'."),
+    Case(
+        "two Host lines",
+        h1(b"GET /public", b"host: admin.example"),
+        400,
+        envoy=(200, Seen("GET", "/public", (("host", "reviews,admin.example"),))),
+        why="Envoy joins the two lines and the hosts DENY no longer matches (issue 10). RFC "
+        "9112 §3.2: 'A server MUST respond with a 400 (Bad Request) status code to any "
+        "HTTP/1.1 request message that ... contains more than one Host header field "
+        "line'.",
+    ),
     Case("denied host", h1(b"GET /public", host=b"admin.example"), 403),
     Case("denied host, other case", h1(b"GET /public", host=b"ADMIN.Example"), 403),
     # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error.
-    Case("userinfo", h1(b"GET http://user@admin.example/x"), 400, envoy=(403, None),
-         why="Envoy drops the userinfo and judges the host (denied); RFC 9110 §4.2.4: a "
-             "recipient SHOULD parse for userinfo and treat its presence as an error. Neither "
-             "forwards it."),
+    Case(
+        "userinfo",
+        h1(b"GET http://user@admin.example/x"),
+        400,
+        envoy=(403, None),
+        why="Envoy drops the userinfo and judges the host (denied); RFC 9110 §4.2.4: a "
+        "recipient SHOULD parse for userinfo and treat its presence as an error. Neither "
+        "forwards it.",
+    ),
     # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host.
     Case("absolute-form denied host", h1(b"GET http://admin.example/x"), 403),
-    Case("absolute-form host", h1(b"GET http://reviews/public", host=b"admin.example"), 200,
-         Seen("GET", "/public", (("host", "reviews"),))),
+    Case(
+        "absolute-form host",
+        h1(b"GET http://reviews/public", host=b"admin.example"),
+        200,
+        Seen("GET", "/public", (("host", "reviews"),)),
+    ),
     # HTTP/1 trailers are dropped (Envoy's default); nothing in them reaches the app.
-    Case("trailers dropped",
-         h1(b"POST /public", b"transfer-encoding: chunked", body=CHUNKED_WITH_TRAILERS), 200,
-         ok("POST", "/public", body=b"abcd")),
-    Case("client XFCC replaced", h1(b"GET /public", b"x-forwarded-client-cert: By=forged"), 200,
-         ok("GET", "/public")),
-    Case("superscript Content-Length", h1(b"POST /public", "content-length: \u00b2".encode(
-        "latin-1"), body=b"xx"), 400),
+    Case(
+        "trailers dropped",
+        h1(b"POST /public", b"transfer-encoding: chunked", body=CHUNKED_WITH_TRAILERS),
+        200,
+        ok("POST", "/public", body=b"abcd"),
+    ),
+    Case(
+        "client XFCC replaced",
+        h1(b"GET /public", b"x-forwarded-client-cert: By=forged"),
+        200,
+        ok("GET", "/public"),
+    ),
+    Case(
+        "superscript Content-Length",
+        h1(b"POST /public", "content-length: \u00b2".encode("latin-1"), body=b"xx"),
+        400,
+    ),
     Case("non-ASCII target", h1("GET /caf\u00e9".encode()), 400),
     Case("DEL in target", h1(b"GET /a\x7fb"), 400),
     Case("control character in a value", h1(b"GET /public", b"x-a: a\x01b"), 400),
-    Case("HTAB inside a value", h1(b"GET /public", b"x-a: a\tb"), 200,
-         ok("GET", "/public", ("x-a", "a\tb"))),
+    Case(
+        "HTAB inside a value",
+        h1(b"GET /public", b"x-a: a\tb"),
+        200,
+        ok("GET", "/public", ("x-a", "a\tb")),
+    ),
     Case("101 fields", h1(b"GET /public", *[b"x-f%d: v" % i for i in range(101)]), 431),
     Case("61 KiB field", h1(b"GET /public", b"x-big: " + b"a" * 61 * 1024), 431),
-    Case("chunked with NBSP",
-         h1(b"POST /public", b"transfer-encoding: chunked\xa0", body=b"2\r\nxx\r\n0\r\n\r\n"),
-         400, envoy=(501, None),
-         why="Both refuse: Envoy with 501 (RFC 9112 §6.1, an unknown transfer coding), we with "
-             "400 because a final coding that is not exactly 'chunked' leaves the framing "
-             "unknown (RFC 9112 §6.3 rule 4: 'the server MUST respond with 400')."),
-    Case("chunk size with a space",
-         h1(b"POST /public", b"transfer-encoding: chunked", body=b"2 \r\nxx\r\n0\r\n\r\n"), 400,
-         envoy=(200, ok("POST", "/public", body=b"xx")),
-         why="Envoy's codec tolerates whitespace after the size; RFC 9112 §7.1: chunk-size is "
-             "1*HEXDIG and whitespace (BWS) is only allowed before a ';' chunk extension. A "
-             "framing disagreement between hops is how requests are smuggled: refused."),
-    Case("chunk size with a leading space",
-         h1(b"POST /public", b"transfer-encoding: chunked", body=b" 2\r\nxx\r\n0\r\n\r\n"), 400),
+    Case(
+        "chunked with NBSP",
+        h1(b"POST /public", b"transfer-encoding: chunked\xa0", body=b"2\r\nxx\r\n0\r\n\r\n"),
+        400,
+        envoy=(501, None),
+        why="Both refuse: Envoy with 501 (RFC 9112 §6.1, an unknown transfer coding), we with "
+        "400 because a final coding that is not exactly 'chunked' leaves the framing "
+        "unknown (RFC 9112 §6.3 rule 4: 'the server MUST respond with 400').",
+    ),
+    Case(
+        "chunk size with a space",
+        h1(b"POST /public", b"transfer-encoding: chunked", body=b"2 \r\nxx\r\n0\r\n\r\n"),
+        400,
+        envoy=(200, ok("POST", "/public", body=b"xx")),
+        why="Envoy's codec tolerates whitespace after the size; RFC 9112 §7.1: chunk-size is "
+        "1*HEXDIG and whitespace (BWS) is only allowed before a ';' chunk extension. A "
+        "framing disagreement between hops is how requests are smuggled: refused.",
+    ),
+    Case(
+        "chunk size with a leading space",
+        h1(b"POST /public", b"transfer-encoding: chunked", body=b" 2\r\nxx\r\n0\r\n\r\n"),
+        400,
+    ),
     Case("header deny", h1(b"GET /public", b"x-evil: 1"), 403),
     Case("header deny, name case", h1(b"GET /public", b"X-Evil: 1"), 403),
+    # Envoy's default headers_with_underscores_action is ALLOW and Istio keeps it: 'x_evil' is
+    # another field (RFC 9110 §5.6.2 tchar includes '_'), forwarded as sent by both.
+    Case(
+        "underscore is another name",
+        h1(b"GET /public", b"x_evil: 1"),
+        200,
+        ok("GET", "/public", ("x_evil", "1")),
+    ),
 ]
 
 _H2_BASE = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"reviews")]
@@ -238,50 +285,87 @@ H2_CASES = [
     H2Case("escaped p", h2(b"/%70rivate"), 403),
     H2Case("backslashes", h2(b"/public\\..\\private"), 403),
     H2Case("escaped NUL", h2(b"/a%00b"), 400),
-    H2Case("lower-case method", h2(b"/x", method=b"delete"), 400,
-           envoy=(200, ok("delete", "/x")),
-           why="Plain Envoy passes any token method over HTTP/2 and the methods: [DELETE] DENY "
-               "does not match 'delete'. Istio's normalization doc: 'If the verb in the HTTP "
-               "request is not uppercase, Istio will reject the request with HTTP code 400'."),
+    H2Case(
+        "lower-case method",
+        h2(b"/x", method=b"delete"),
+        400,
+        envoy=(200, ok("delete", "/x")),
+        why="Plain Envoy passes any token method over HTTP/2 and the methods: [DELETE] DENY "
+        "does not match 'delete'. Istio's normalization doc: 'If the verb in the HTTP "
+        "request is not uppercase, Istio will reject the request with HTTP code 400'.",
+    ),
     H2Case("DELETE", h2(b"/x", method=b"DELETE"), 403),
     H2Case("denied authority", h2(b"/public", authority=b"admin.example"), 403),
     # RFC 9113 §8.1.1: a malformed request is a PROTOCOL_ERROR (the h2 library's check).
-    H2Case("two host fields", h2(b"/public", (b"host", b"reviews"), (b"host", b"admin.example"),
-                                  authority=None), 0),
-    H2Case("host differs from :authority", h2(b"/public", (b"host", b"admin.example")), 0,
-           envoy=(200, ok("GET", "/public")),
-           why="Envoy uses :authority and forwards; RFC 9113 §8.3.1: 'A server SHOULD treat a "
-               "request as malformed if it contains a Host header field that identifies an "
-               "entity that differs from the entity in the :authority pseudo-header field'."),
-    H2Case("content-length not digits", h2(b"/public", (b"content-length", b"1_0"),
-                                           method=b"POST"), 0, body=b"0123456789"),
+    H2Case(
+        "two host fields",
+        h2(b"/public", (b"host", b"reviews"), (b"host", b"admin.example"), authority=None),
+        0,
+    ),
+    H2Case(
+        "host differs from :authority",
+        h2(b"/public", (b"host", b"admin.example")),
+        0,
+        envoy=(200, ok("GET", "/public")),
+        why="Envoy uses :authority and forwards; RFC 9113 §8.3.1: 'A server SHOULD treat a "
+        "request as malformed if it contains a Host header field that identifies an "
+        "entity that differs from the entity in the :authority pseudo-header field'.",
+    ),
+    H2Case(
+        "content-length not digits",
+        h2(b"/public", (b"content-length", b"1_0"), method=b"POST"),
+        0,
+        body=b"0123456789",
+    ),
     # Envoy resets these streams (PROTOCOL_ERROR, RFC 9113 §8.1.1); we answer 400 / 431 as for
     # HTTP/1.1 (a stream error "MAY" be preceded by a response, same section). Both refuse.
     H2Case("userinfo", h2(b"/public", authority=b"u@reviews"), 400, envoy=(0, None)),
     H2Case("relative path", h2(b"private"), 400, envoy=(0, None)),
-    H2Case("non-ASCII path", h2("/caf\u00e9".encode()), 400,
-           envoy=(200, ok("GET", "/caf%C3%A9")),
-           why="Envoy percent-encodes the octets and forwards; RFC 3986 §2 / RFC 9112 §3.2 allow "
-               "only US-ASCII URI characters in a target, and Envoy's own HTTP/1 codec refuses "
-               "the same target (case 'non-ASCII target'): we refuse it on both protocols."),
-    H2Case("control character in a value", h2(b"/public", (b"x-a", b"a\x01b")), 400,
-           envoy=(0, None)),
+    H2Case(
+        "non-ASCII path",
+        h2("/caf\u00e9".encode()),
+        400,
+        envoy=(200, ok("GET", "/caf%C3%A9")),
+        why="Envoy percent-encodes the octets and forwards; RFC 3986 §2 / RFC 9112 §3.2 allow "
+        "only US-ASCII URI characters in a target, and Envoy's own HTTP/1 codec refuses "
+        "the same target (case 'non-ASCII target'): we refuse it on both protocols.",
+    ),
+    H2Case(
+        "control character in a value", h2(b"/public", (b"x-a", b"a\x01b")), 400, envoy=(0, None)
+    ),
     H2Case("CR in a value", h2(b"/public", (b"x-a", b"a\rb")), 0),
-    H2Case("client XFCC replaced", h2(b"/public", (b"x-forwarded-client-cert", b"By=forged")),
-           200, ok("GET", "/public")),
-    H2Case("101 fields", h2(b"/public", *[(b"x-f%d" % i, b"v") for i in range(101)]), 431,
-           envoy=(0, None)),
+    H2Case(
+        "client XFCC replaced",
+        h2(b"/public", (b"x-forwarded-client-cert", b"By=forged")),
+        200,
+        ok("GET", "/public"),
+    ),
+    H2Case(
+        "101 fields",
+        h2(b"/public", *[(b"x-f%d" % i, b"v") for i in range(101)]),
+        431,
+        envoy=(0, None),
+    ),
     H2Case("header deny", h2(b"/public", (b"x-evil", b"1")), 403),
     # HTTP/2 to HTTP/2: trailers pass (gRPC needs them), except fields that must not come from a
     # trailer section (RFC 9110 §6.5.1: framing, routing, authentication; XFCC is identity).
     # Policy is judged on the header section only, as Envoy's RBAC.
-    H2Case("trailers filtered", h2(b"/public", method=b"POST"), 200,
-           ok("POST", "/public", body=b"abcd", trailers=(("x-evil", "1"),)), body=b"abcd",
-           trailers=[(b"content-length", b"99"), (b"host", b"admin.example"),
-                     (b"x-forwarded-client-cert", b"By=forged"), (b"x-evil", b"1")],
-           envoy=(0, None),
-           why="Envoy resets a stream whose trailers carry content-length/host; we drop those "
-               "fields (RFC 9110 §6.5.1) and forward the rest. Neither forwards them."),
+    H2Case(
+        "trailers filtered",
+        h2(b"/public", method=b"POST"),
+        200,
+        ok("POST", "/public", body=b"abcd", trailers=(("x-evil", "1"),)),
+        body=b"abcd",
+        trailers=[
+            (b"content-length", b"99"),
+            (b"host", b"admin.example"),
+            (b"x-forwarded-client-cert", b"By=forged"),
+            (b"x-evil", b"1"),
+        ],
+        envoy=(0, None),
+        why="Envoy resets a stream whose trailers carry content-length/host; we drop those "
+        "fields (RFC 9110 §6.5.1) and forward the rest. Neither forwards them.",
+    ),
 ]
 
 
@@ -339,7 +423,8 @@ async def _through_waypoint(
     try:
         async with waypoint_mesh(tmp, DENY, config=mesh_config()) as mesh:
             ctx = mesh.waypoint.ctx
-            ctx.settings = dataclasses.replace(ctx.settings, path_policy=policy)
+            if policy != PathPolicy():
+                ctx.settings = dataclasses.replace(ctx.settings, path_policy=policy)
             ctx.metrics.log_enabled = True
             outs: list[Outcome] = []
 
@@ -394,28 +479,52 @@ def test_raw_http2_requests_against_the_waypoint(tmp_path: Path) -> None:
 
 # Mesh settings: Istio meshConfig.pathNormalization and Envoy's path_with_escaped_slashes_action.
 SETTINGS_CASES: list[tuple[str, str, list[Case]]] = [
-    ("BASE", "", [
-        # Istio: BASE keeps merged slashes (MERGE_SLASHES is the mitigation of CVE-2021-31920).
-        Case("double slash kept", h1(b"GET //private"), 200, ok("GET", "//private")),
-        Case("escaped slash kept", h1(b"GET /public%2F..%2Fprivate"), 200,
-             ok("GET", "/public%2F..%2Fprivate")),
-    ]),
-    ("MERGE_SLASHES", "", [
-        Case("double slash merged", h1(b"GET //private"), 403),
-        Case("merged on the way", h1(b"GET /public//x"), 200, ok("GET", "/public/x")),
-    ]),
-    ("DECODE_AND_MERGE_SLASHES", "", [
-        Case("escaped slashes decoded", h1(b"GET /public%2F..%2Fprivate"), 403),
-        Case("escaped backslash decoded", h1(b"GET /public%5C..%5cprivate"), 403),
-        Case("decoded on the way", h1(b"GET /a%2fb"), 200, ok("GET", "/a/b")),
-    ]),
-    ("BASE", "REJECT_REQUEST", [
-        Case("escaped slash refused", h1(b"GET /a%2Fb"), 400),
-        Case("no escaped slash", h1(b"GET /a/b"), 200, ok("GET", "/a/b")),
-    ]),
-    ("BASE", "UNESCAPE_AND_REDIRECT", [
-        Case("escaped slash redirected", h1(b"GET /a%2Fb"), 307),
-    ]),
+    (
+        "BASE",
+        "",
+        [
+            # Istio: BASE keeps merged slashes (MERGE_SLASHES is the mitigation of CVE-2021-31920).
+            Case("double slash kept", h1(b"GET //private"), 200, ok("GET", "//private")),
+            Case(
+                "escaped slash kept",
+                h1(b"GET /public%2F..%2Fprivate"),
+                200,
+                ok("GET", "/public%2F..%2Fprivate"),
+            ),
+        ],
+    ),
+    (
+        "MERGE_SLASHES",
+        "",
+        [
+            Case("double slash merged", h1(b"GET //private"), 403),
+            Case("merged on the way", h1(b"GET /public//x"), 200, ok("GET", "/public/x")),
+        ],
+    ),
+    (
+        "DECODE_AND_MERGE_SLASHES",
+        "",
+        [
+            Case("escaped slashes decoded", h1(b"GET /public%2F..%2Fprivate"), 403),
+            Case("escaped backslash decoded", h1(b"GET /public%5C..%5cprivate"), 403),
+            Case("decoded on the way", h1(b"GET /a%2fb"), 200, ok("GET", "/a/b")),
+        ],
+    ),
+    (
+        "BASE",
+        "REJECT_REQUEST",
+        [
+            Case("escaped slash refused", h1(b"GET /a%2Fb"), 400),
+            Case("no escaped slash", h1(b"GET /a/b"), 200, ok("GET", "/a/b")),
+        ],
+    ),
+    (
+        "BASE",
+        "UNESCAPE_AND_REDIRECT",
+        [
+            Case("escaped slash redirected", h1(b"GET /a%2Fb"), 307),
+        ],
+    ),
 ]
 
 
@@ -484,6 +593,7 @@ def envoy_config(policy: PathPolicy, access_log: Path) -> dict[str, Any]:
         "forward_client_cert_details": "SANITIZE_SET",
         "set_current_client_cert_details": {"subject": True, "uri": True},
         "use_remote_address": True,
+        "common_http_protocol_options": {"headers_with_underscores_action": "ALLOW"},
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": str(access_log),
