@@ -461,20 +461,43 @@ def _flag_check(name: str, out: Outcome, status: int) -> None:
         assert want in out.flags, f"{name}: access log flags {out.flags}, want {want}"
 
 
+def _all(checks: list[Callable[[], None]]) -> None:
+    """Run every case's checks and report all failures at once (the table is the spec)."""
+    failures = []
+    for one in checks:
+        try:
+            one()
+        except AssertionError as err:
+            failures.append(str(err).splitlines()[0])
+    assert not failures, "\n".join(failures)
+
+
 def test_raw_http1_requests_against_the_waypoint(tmp_path: Path) -> None:
     outs, _ = run(_through_waypoint(tmp_path, PathPolicy(), H1_CASES, []))
-    for case, out in zip(H1_CASES, outs, strict=True):
-        check(case.name, out, case.status, case.seen, ours=True)
-        _flag_check(case.name, out, case.status)
+
+    def case_check(case: Case, out: Outcome) -> Callable[[], None]:
+        def go() -> None:
+            check(case.name, out, case.status, case.seen, ours=True)
+            _flag_check(case.name, out, case.status)
+
+        return go
+
+    _all([case_check(c, o) for c, o in zip(H1_CASES, outs, strict=True)])
 
 
 def test_raw_http2_requests_against_the_waypoint(tmp_path: Path) -> None:
     _, outs = run(_through_waypoint(tmp_path, PathPolicy(), [], H2_CASES))
-    for case, out in zip(H2_CASES, outs, strict=True):
-        check(f"h2 {case.name}", out, case.status, case.seen, ours=True)
-        _flag_check(case.name, out, case.status)
-        if case.status == 0:
-            assert "DPE" in out.flags, f"h2 {case.name}: no DPE record for the protocol error"
+
+    def case_check(case: H2Case, out: Outcome) -> Callable[[], None]:
+        def go() -> None:
+            check(f"h2 {case.name}", out, case.status, case.seen, ours=True)
+            _flag_check(f"h2 {case.name}", out, case.status)
+            if case.status == 0:
+                assert "DPE" in out.flags, f"h2 {case.name}: no DPE record for the protocol error"
+
+        return go
+
+    _all([case_check(c, o) for c, o in zip(H2_CASES, outs, strict=True)])
 
 
 # Mesh settings: Istio meshConfig.pathNormalization and Envoy's path_with_escaped_slashes_action.
