@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshcore.identity import SpiffeId
 from meshcore.l7.hygiene import PathPolicy
 from tests.loopback.rawhttp import RawApp, Received, send_h1, send_h2
 from tests.loopback.test_waypoint_harness import (
@@ -83,6 +87,8 @@ PROXY_FIELDS = re.compile(
     r"traceparent|x-request-id|x-forwarded-proto|x-forwarded-for|x-envoy-.*|x-forwarded-client-cert"
     r"|content-length|transfer-encoding"
 )
+PEER_HASH = [""]
+"""SHA-256 of the client's certificate as node-a presented it (set by `_through_waypoint`)."""
 XFCC_OURS = re.compile(
     rf'By={re.escape(WAYPOINT)};Hash=[0-9a-f]{{64}};Subject="";URI={re.escape(SLEEP)}'
 )
@@ -384,7 +390,9 @@ def app_view(rec: Received) -> Seen:
     return Seen(rec.method, rec.target, fields, rec.body, tuple(rec.trailers))
 
 
-def check(name: str, out: Outcome, status: int, seen: Seen | None, ours: bool) -> None:
+def check(
+    name: str, out: Outcome, status: int, seen: Seen | None, ours: bool, peer_hash: str = ""
+) -> None:
     assert out.status == status, f"{name}: status {out.status}, want {status}"
     if seen is None:
         assert out.got == [], f"{name}: reached the app: {out.got}"
@@ -395,6 +403,7 @@ def check(name: str, out: Outcome, status: int, seen: Seen | None, ours: bool) -
     xfcc = rec.values("x-forwarded-client-cert")
     if ours:
         assert len(xfcc) == 1 and XFCC_OURS.fullmatch(xfcc[0]), f"{name}: XFCC {xfcc}"
+        assert f";Hash={peer_hash};" in xfcc[0], f"{name}: XFCC hash is not the peer's"
     else:
         # Envoy's listener here has no mTLS: SANITIZE_SET removes what the client sent and has
         # no peer certificate to set (in the mesh the peer is the HBONE mTLS peer, as ours).
@@ -448,6 +457,10 @@ async def _through_waypoint(
                     return res.status if res.reset is None or res.status else 0
 
                 h2_outs.append(await one(send))
+            # The certificate node-a presented for the client (source identity) to the waypoint.
+            cert = await mesh.node_a.ctx.certs.get(SpiffeId.parse(SLEEP))
+            der = x509.load_pem_x509_certificate(cert.chain_pem[0]).public_bytes(Encoding.DER)
+            PEER_HASH[0] = hashlib.sha256(der).hexdigest()
             return outs, h2_outs
     finally:
         logger.removeHandler(log)
@@ -477,7 +490,7 @@ def test_raw_http1_requests_against_the_waypoint(tmp_path: Path) -> None:
 
     def case_check(case: Case, out: Outcome) -> Callable[[], None]:
         def go() -> None:
-            check(case.name, out, case.status, case.seen, ours=True)
+            check(case.name, out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
             _flag_check(case.name, out, case.status)
 
         return go
@@ -490,7 +503,7 @@ def test_raw_http2_requests_against_the_waypoint(tmp_path: Path) -> None:
 
     def case_check(case: H2Case, out: Outcome) -> Callable[[], None]:
         def go() -> None:
-            check(f"h2 {case.name}", out, case.status, case.seen, ours=True)
+            check(f"h2 {case.name}", out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
             _flag_check(f"h2 {case.name}", out, case.status)
             if case.status == 0:
                 assert "DPE" in out.flags, f"h2 {case.name}: no DPE record for the protocol error"
@@ -557,7 +570,7 @@ SETTINGS_CASES: list[tuple[str, str, list[Case]]] = [
 def test_path_settings(tmp_path: Path, normalization: str, slashes: str, cases: list[Case]) -> None:
     outs, _ = run(_through_waypoint(tmp_path, PathPolicy.parse(normalization, slashes), cases, []))
     for case, out in zip(cases, outs, strict=True):
-        check(case.name, out, case.status, case.seen, ours=True)
+        check(case.name, out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
 
 
 # ---------------------------------------------------------------------------- Envoy oracle
