@@ -181,6 +181,15 @@ H1_CASES = [
     Case("denied host, other case", h1(b"GET /public", host=b"ADMIN.Example"), 403),
     # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error.
     Case(
+        "userinfo in Host",
+        h1(b"GET /public", host=b"user@reviews"),
+        400,
+        envoy=(200, Seen("GET", "/public", (("host", "user@reviews"),))),
+        why="Envoy forwards the value as sent. RFC 9110 §7.2: Host = uri-host [':' port], and "
+        "'@' is no reg-name character (RFC 3986 §3.2.2); RFC 9112 §3.2: 'a Host header field "
+        "with an invalid field value' gets a 400.",
+    ),
+    Case(
         "userinfo",
         h1(b"GET http://user@admin.example/x"),
         400,
@@ -352,6 +361,7 @@ H2_CASES = [
         431,
         envoy=(0, None),
     ),
+    H2Case("61 KiB field", h2(b"/public", (b"x-big", b"a" * 61 * 1024)), 431, envoy=(0, None)),
     H2Case("header deny", h2(b"/public", (b"x-evil", b"1")), 403),
     # HTTP/2 to HTTP/2: trailers pass (gRPC needs them), except fields that must not come from a
     # trailer section (RFC 9110 §6.5.1: framing, routing, authentication; XFCC is identity).

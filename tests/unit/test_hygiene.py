@@ -194,3 +194,22 @@ def test_codec_accepts_what_is_valid() -> None:
     assert isinstance(evs[-1], EndOfMessage)
     head2 = parse(b"GET /x HTTP/1.1\r\nhost: a\r\n" + b"x: v\r\n" * 99 + b"\r\n")[0]
     assert isinstance(head2, RequestHead) and len(head2.headers) == 100
+
+
+def test_waypoint_flags_carry_the_mesh_path_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from waypoint.app import parse_args
+
+    base = ["--mesh-config", "mesh.yaml", "--ca-dir", "ca"]
+    assert parse_args(base)[0].path_policy == PathPolicy()
+    settings, _ = parse_args(
+        [*base, "--path-normalization", "merge_slashes", "--escaped-slashes-action",
+         "REJECT_REQUEST"]
+    )  # fmt: skip
+    assert settings.path_policy == PathPolicy(
+        normalization=PathNormalization.MERGE_SLASHES,
+        escaped_slashes=EscapedSlashes.REJECT_REQUEST,
+    )
+    monkeypatch.setenv("PATH_NORMALIZATION", "DECODE_AND_MERGE_SLASHES")
+    assert parse_args(base)[0].path_policy.slashes_action is EscapedSlashes.UNESCAPE_AND_FORWARD
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--path-normalization", "SOMETIMES"])
