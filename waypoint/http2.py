@@ -329,8 +329,8 @@ class _ServerSession(H2Session):
         cl = next((v for k, v in regular if k == "content-length"), None)
         req = Request(
             protocol="h2",
-            method=pseudo.get(":method", "GET"),
-            target=pseudo.get(":path", "/"),
+            method=pseudo.get(":method", ""),  # absent: refused by the handler (400)
+            target=pseudo.get(":path", ""),  # CONNECT has none: refused (400)
             authority=pseudo.get(":authority", "")
             or next((v for k, v in regular if k == "host"), ""),
             scheme=pseudo.get(":scheme", "http"),

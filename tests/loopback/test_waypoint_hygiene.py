@@ -362,6 +362,14 @@ H2_CASES = [
         envoy=(0, None),
     ),
     H2Case("61 KiB field", h2(b"/public", (b"x-big", b"a" * 61 * 1024)), 431, envoy=(0, None)),
+    # No :path: Envoy finds no route (a CONNECT route needs a connect_matcher), we refuse the
+    # request as having no target (RFC 9113 §8.5 CONNECT is not proxied by the waypoint).
+    H2Case(
+        "CONNECT",
+        [(b":method", b"CONNECT"), (b":authority", b"reviews:9080")],
+        400,
+        envoy=(404, None),
+    ),
     H2Case("header deny", h2(b"/public", (b"x-evil", b"1")), 403),
     # HTTP/2 to HTTP/2: trailers pass (gRPC needs them), except fields that must not come from a
     # trailer section (RFC 9110 §6.5.1: framing, routing, authentication; XFCC is identity).
@@ -683,7 +691,7 @@ async def _through_envoy(
     cfg.write_text(json.dumps(envoy_config(policy, alog)))
     proc = subprocess.Popen(
         [binary, "-c", str(cfg), "--base-id", str(os.getpid() % 60000), "-l", "error",
-         "--concurrency", "1", "--disable-hot-restart"],
+         "--concurrency", "1", "--disable-hot-restart", "--file-flush-interval-msec", "10"],
         stdout=subprocess.DEVNULL, stderr=open(tmp / "envoy.err", "wb"),  # noqa: SIM115
     )  # fmt: skip
     try:
@@ -732,12 +740,16 @@ def test_envoy_differential(tmp_path: Path) -> None:
         status, seen = case.envoy or (case.status, case.seen)
         try:
             check(f"envoy {case.name}", out, status, seen, ours=False)
+            if "DPE" in out.flags and not case.why:  # Envoy: protocol error; we refuse too
+                assert case.status in (400, 431), f"envoy {case.name}: DPE, ours {case.status}"
         except AssertionError as err:
             diffs.append(str(err))
     for hc, out in zip(H2_CASES, h2_outs, strict=True):
         status, seen = hc.envoy or (hc.status, hc.seen)
         try:
             check(f"envoy h2 {hc.name}", out, status, seen, ours=False)
+            if "DPE" in out.flags and not hc.why:
+                assert hc.status in (0, 400, 431), f"envoy h2 {hc.name}: DPE, ours {hc.status}"
         except AssertionError as err:
             diffs.append(str(err))
     assert not diffs, "\n".join(diffs)
