@@ -534,6 +534,23 @@ def test_raw_http2_requests_against_the_waypoint(tmp_path: Path) -> None:
 # Mesh settings: Istio meshConfig.pathNormalization and Envoy's path_with_escaped_slashes_action.
 SETTINGS_CASES: list[tuple[str, str, list[Case]]] = [
     (
+        "NONE",
+        "",
+        [
+            # Istio: NONE forwards the path as received (and is vulnerable to CVE-2021-31920).
+            Case("nothing decoded", h1(b"GET /%70rivate/../x"), 200, ok("GET", "/%70rivate/../x")),
+            Case(
+                "escaped NUL still refused",
+                h1(b"GET /a%00b"),
+                400,
+                envoy=(200, ok("GET", "/a%00b")),
+                why="Envoy checks %00 inside normalize_path, which NONE turns off. Istio's "
+                "normalization doc: %00 'The request will always be rejected with HTTP code "
+                "400' (N/A: not subject to the option).",
+            ),
+        ],
+    ),
+    (
         "BASE",
         "",
         [
@@ -752,4 +769,29 @@ def test_envoy_differential(tmp_path: Path) -> None:
                 assert hc.status in (0, 400, 431), f"envoy h2 {hc.name}: DPE, ours {hc.status}"
         except AssertionError as err:
             diffs.append(str(err))
+    assert not diffs, "\n".join(diffs)
+
+
+@pytest.mark.parametrize(
+    ("normalization", "slashes", "cases"),
+    SETTINGS_CASES,
+    ids=[f"{n}-{s or 'default'}" for n, s, _ in SETTINGS_CASES],
+)
+def test_envoy_differential_path_settings(
+    tmp_path: Path, normalization: str, slashes: str, cases: list[Case]
+) -> None:
+    """The mesh path settings as Istio maps them to Envoy (normalize_path, merge_slashes,
+    path_with_escaped_slashes_action) give the same answers as ours."""
+    binary = _envoy_binary()
+    if binary is None:
+        pytest.skip("Envoy is not installed (./scripts/setup --bench)")
+    policy = PathPolicy.parse(normalization, slashes)
+    outs, _ = run(_through_envoy(binary, tmp_path, policy, cases, []))
+    diffs = []
+    for case, out in zip(cases, outs, strict=True):
+        status, seen = case.envoy or (case.status, case.seen)
+        try:
+            check(f"envoy {normalization}/{slashes} {case.name}", out, status, seen, ours=False)
+        except AssertionError as err:
+            diffs.append(str(err).splitlines()[0])
     assert not diffs, "\n".join(diffs)
