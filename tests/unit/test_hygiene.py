@@ -7,7 +7,11 @@ other than HttpParseError)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshcore.l7.http1 import EndOfMessage, Http1Parser, HttpParseError, RequestHead, Role
 from meshcore.l7.hygiene import (
@@ -213,3 +217,35 @@ def test_waypoint_flags_carry_the_mesh_path_settings(monkeypatch: pytest.MonkeyP
     assert parse_args(base)[0].path_policy.slashes_action is EscapedSlashes.UNESCAPE_AND_FORWARD
     with pytest.raises(SystemExit):
         parse_args([*base, "--path-normalization", "SOMETIMES"])
+
+
+_PATH_ALPHABET = st.sampled_from(
+    ["/", "//", ".", "..", "\\", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "%41", "%7e", "%25",
+     "%00", "%zz", "a", "b", "?", "~", "-", ";"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_PATH_ALPHABET, max_size=16).map(lambda parts: "/" + "".join(parts)),
+    st.sampled_from([BASE, MERGE, DECODE]),
+)
+def test_normalised_paths_are_canonical(target: str, policy: PathPolicy) -> None:
+    """What policy and the app see has no dot segment, backslash or escaped unreserved
+    character left, merged slashes when asked, and normalising again changes nothing."""
+    try:
+        out = normalize_target(target, policy)
+    except RequestRejected:
+        assert "%00" in target.split("?", 1)[0]
+        return
+    path = out.target.split("?", 1)[0]
+    segments = path.split("/")
+    assert "." not in segments and ".." not in segments
+    assert "\\" not in path
+    assert not re.search(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])", path)
+    if policy.merge_slashes:
+        assert "//" not in path
+    if policy is DECODE:
+        assert not re.search(r"%(2[fF]|5[cC])", path)
+    assert normalize_target(out.target, policy) == out
+    assert out.target.split("?", 1)[1:] == target.split("?", 1)[1:]  # the query as sent
