@@ -142,18 +142,12 @@ class H1Response:
             self.conn.io.reset()
 
 
-async def _pump_body(
-    io: TunnelIO, body: AsyncIterator[bytes], chunked: bool, trailers: Callable[[], Sequence[
-        tuple[str, str]]],
-) -> None:  # fmt: skip
+async def _pump_body(io: TunnelIO, body: AsyncIterator[bytes], chunked: bool) -> None:
     async for chunk in body:
         io.write(http1.encode_chunk(chunk) if chunked else chunk)
         await io.drain()
     if chunked:
-        # HTTP/1 trailers are not sent upstream (Envoy's default, enable_trailers false): an
-        # HTTP/2 client's trailers end here.
-        del trailers
-        io.write(http1.encode_last_chunk())
+        io.write(http1.encode_last_chunk())  # no trailers (module docstring)
 
 
 class UpstreamPool:
@@ -259,7 +253,6 @@ class UpstreamPool:
         target: str,
         headers: Sequence[tuple[str, str]],
         body: Callable[[], AsyncIterator[bytes]],
-        trailers: Callable[[], Sequence[tuple[str, str]]],
         has_body: bool,
         content_length: int | None,
         replayable: Callable[[], bool],
@@ -274,7 +267,7 @@ class UpstreamPool:
         self._limit(conn, ep)
         try:
             return await self._exchange(
-                conn, method, target, headers, body(), trailers, has_body, content_length
+                conn, method, target, headers, body(), has_body, content_length
             )
         except UpstreamReset:
             if not reused or not replayable():
@@ -282,9 +275,7 @@ class UpstreamPool:
         # The idle connection died under us before any response byte: once more, fresh.
         conn = await self._open(key, connect_timeout)
         self._limit(conn, ep)
-        return await self._exchange(
-            conn, method, target, headers, body(), trailers, has_body, content_length
-        )
+        return await self._exchange(conn, method, target, headers, body(), has_body, content_length)
 
     async def _exchange(
         self,
@@ -293,7 +284,6 @@ class UpstreamPool:
         target: str,
         headers: Sequence[tuple[str, str]],
         body: AsyncIterator[bytes],
-        trailers: Callable[[], Sequence[tuple[str, str]]],
         has_body: bool,
         content_length: int | None,
     ) -> H1Response:
@@ -319,7 +309,7 @@ class UpstreamPool:
                 raise
             return H1Response(self, conn, head_ev, None, keep_alive_request=True)
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(_pump_body(conn.io, body, chunked, trailers))
+        pump = loop.create_task(_pump_body(conn.io, body, chunked))
         head = loop.create_task(self._read_head(conn))
         try:
             await asyncio.wait((head, pump), return_when=asyncio.FIRST_COMPLETED)
@@ -378,7 +368,6 @@ class H1Upstreams:
             target=target,
             headers=[("host", authority), *headers],
             body=replay.iterate,
-            trailers=lambda: replay.trailers,
             has_body=req.has_body,
             content_length=req.content_length,
             replayable=lambda: replay.replayable,
