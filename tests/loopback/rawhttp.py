@@ -135,15 +135,19 @@ class RawApp:
 
 
 async def send_h1(
-    host: str, port: int, raw: bytes, *, local: str | None = None, timeout: float = 10.0
-) -> int:
-    """The response status to `raw`, or 0 when the connection closed without one."""
+    host: str, port: int, raw: bytes, *, local: str | None = None, timeout: float = 10.0,
+    eof: bool = False,
+) -> int:  # fmt: skip
+    """The response status to `raw`, or 0 when the connection closed without one. `eof`:
+    half-close after `raw` (a request cut short is then complete as far as it goes)."""
     reader, writer = await asyncio.open_connection(
         host, port, local_addr=(local, 0) if local else None
     )
     try:
         writer.write(raw)
         await writer.drain()
+        if eof:
+            writer.write_eof()
         async with asyncio.timeout(timeout):
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
