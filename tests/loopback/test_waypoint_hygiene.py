@@ -181,6 +181,17 @@ H1_CASES = [
     Case("denied host, other case", h1(b"GET /public", host=b"ADMIN.Example"), 403),
     # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error.
     Case(
+        "HTTP/1.0 without Host",
+        b"GET /public HTTP/1.0\r\n\r\n",
+        200,
+        Seen("GET", "/public", (("host", ""),)),
+        envoy=(426, None),
+        why="Istio leaves Envoy's accept_http_10 off unless PILOT_HTTP10 is set (426 Upgrade "
+        "Required); we serve HTTP/1.0 (RFC 9112 §2.3), whose Host is optional: the app gets an "
+        "empty one, which no hosts rule matches (a hosts ALLOW denies it).",
+    ),
+    Case("61 KiB target", h1(b"GET /" + b"a" * 61 * 1024), 431),
+    Case(
         "userinfo in Host",
         h1(b"GET /public", host=b"user@reviews"),
         400,
