@@ -191,6 +191,7 @@ class Handler:
             source_principal=str(tunnel.peer_identity) if tunnel.peer_identity else "",
         )
         replay = ReplayBody(req.body, ctx.settings.body_buffer)
+        rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
             self._sanitize(req, tunnel)
             await self._serve(req, down, tunnel, rec, replay)
@@ -322,7 +323,6 @@ class Handler:
         try:
             norm = normalize_target(req.target, ctx.settings.path_policy)
         except RequestRejected as err:
-            rec.path = req.target[:200]
             raise BadRequest(str(err), status=err.status) from None
         path = norm.target
         rec.path = path
