@@ -47,6 +47,7 @@ from meshcore.config.objects import parse_objects
 from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
+from meshcore.l7.hygiene import PathPolicy
 from meshcore.l7.route import CompiledConfig
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, json_response, require_loopback, serve_http
@@ -355,6 +356,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--drain-timeout", type=float, default=5.0)
+    mesh = p.add_argument_group("mesh settings (request hygiene, meshcore.l7.hygiene)")
+    mesh.add_argument("--path-normalization", default=env("PATH_NORMALIZATION", "BASE"),
+                      help="Istio meshConfig.pathNormalization: NONE, BASE (default), "
+                           "MERGE_SLASHES, DECODE_AND_MERGE_SLASHES")  # fmt: skip
+    mesh.add_argument("--escaped-slashes-action", default=env("ESCAPED_SLASHES_ACTION", ""),
+                      help="Envoy path_with_escaped_slashes_action: KEEP_UNCHANGED "
+                           "(default), REJECT_REQUEST, UNESCAPE_AND_REDIRECT, "
+                           "UNESCAPE_AND_FORWARD")  # fmt: skip
     cp = p.add_argument_group("control-plane mode (instead of --mesh-config/--config/--ca-dir)")
     cp.add_argument("--xds-address", default=env("XDS_ADDRESS"),
                     help="control plane host:port: Address, Authorization and L7 config over "
@@ -393,6 +402,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
             p.error("--mesh-config is required (or --xds-address for control-plane mode)")
         if args.ca_dir is None:
             p.error("--ca-dir is required in static mode")
+    try:
+        path_policy = PathPolicy.parse(args.path_normalization, args.escaped_slashes_action)
+    except ValueError as err:
+        p.error(f"--path-normalization/--escaped-slashes-action: {err}")
     settings = WaypointSettings(
         name=args.name,
         namespace=args.namespace,
@@ -403,6 +416,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
         listen=tuple(_addr(a, "--listen") for a in args.listen),
         admin=_addr(args.admin, "--admin") if args.admin else None,
         access_log=args.access_log,
+        path_policy=path_policy,
     )
     return settings, args
 

@@ -25,6 +25,7 @@ from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
 from meshcore.l7.authz import WaypointIdentity
 from meshcore.l7.cluster import Cluster, EndpointSpec
+from meshcore.l7.hygiene import PathPolicy
 from meshcore.l7.route import CompiledConfig, labels_of
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
@@ -60,6 +61,9 @@ class WaypointSettings:
     """Idle upstream HTTP/1.1 connections are closed after this."""
     connect_timeout: float = 5.0
     access_log: bool = True
+    path_policy: PathPolicy = field(default_factory=PathPolicy)
+    """Mesh setting: Istio meshConfig ``pathNormalization`` and Envoy's
+    ``path_with_escaped_slashes_action`` (`meshcore.l7.hygiene`)."""
 
     @property
     def identity(self) -> SpiffeId:

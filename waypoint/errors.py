@@ -26,9 +26,18 @@ class WaypointError(MeshError):
 
 
 class BadRequest(WaypointError):
+    """A request refused by request hygiene (`meshcore.l7.hygiene`): 400, or 431 for too many
+    or too large header fields; flag DPE as Envoy's downstream protocol errors."""
+
     status = 400
     flag = "DPE"
     body = "bad request"
+
+    def __init__(self, message: str = "", *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        if status == 431:
+            self.body = "request header fields too large"
 
 
 class Forbidden(WaypointError):

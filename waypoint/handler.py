@@ -1,6 +1,11 @@
 """Per-request processing at the waypoint, for both HTTP/1.1 and HTTP/2 edges.
 
 Owns: the order of operations for one request and their I/O:
+  0. request hygiene (`meshcore.l7.hygiene`), the same for HTTP/1.1 and HTTP/2: method, target,
+     authority and fields checked (400/431, flag DPE), the path normalised per the mesh's
+     pathNormalization / escaped-slashes settings (the normalised target is what policy,
+     routing AND the upstream see), X-Forwarded-Client-Cert replaced by the verified peer's
+     (Envoy SANITIZE_SET: a client-supplied value never reaches policy or the app)
   1. `RequestInfo` (normalised path, verified source identity, source workload + labels)
   2. L7 authorization (`meshcore.l7.authz`): denied -> 403 ``RBAC: access denied``; the request
      (and its body) never goes upstream
@@ -31,11 +36,18 @@ from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.identity import SpiffeId
 from meshcore.l7.authz import applicable, evaluate
 from meshcore.l7.cluster import Admission, Cluster, EndpointStats
+from meshcore.l7.hygiene import (
+    XFCC,
+    RequestRejected,
+    check_request,
+    forwardable_trailers,
+    normalize_target,
+    xfcc_value,
+)
 from meshcore.l7.route import (
     RequestInfo,
     RouteChoice,
     default_route,
-    normalize_path,
     pick_destination,
     redirect_location,
     rewrite_target,
@@ -46,6 +58,7 @@ from meshcore.model import Service, Workload
 from waypoint.body import Downstream, ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import (
+    BadRequest,
     FaultAbort,
     Forbidden,
     NoHealthyUpstream,
@@ -98,7 +111,15 @@ class Upstreams(Protocol):
 class Tunnel:
     """Facts about the HBONE tunnel a request arrived in."""
 
-    __slots__ = ("peer_identity", "peer_ip", "service", "target_ip", "target_port", "workload")
+    __slots__ = (
+        "peer_cert_hash",
+        "peer_identity",
+        "peer_ip",
+        "service",
+        "target_ip",
+        "target_port",
+        "workload",
+    )
 
     def __init__(
         self,
@@ -109,8 +130,11 @@ class Tunnel:
         target_port: int,
         service: Service | None,
         workload: Workload | None,
+        peer_cert_hash: str = "",
     ) -> None:
         self.peer_identity = peer_identity
+        self.peer_cert_hash = peer_cert_hash
+        """SHA-256 (hex) of the peer's verified certificate (DER), for X-Forwarded-Client-Cert."""
         self.peer_ip = peer_ip
         self.target_ip = target_ip
         self.target_port = target_port
@@ -167,7 +191,9 @@ class Handler:
             source_principal=str(tunnel.peer_identity) if tunnel.peer_identity else "",
         )
         replay = ReplayBody(req.body, ctx.settings.body_buffer)
+        rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
+            self._sanitize(req, tunnel)
             await self._serve(req, down, tunnel, rec, replay)
         except WaypointError as err:
             rec.status = err.status
@@ -221,7 +247,43 @@ class Handler:
         await down.send_data(body)
         await down.send_end()
 
+    def refused(self, tunnel: Tunnel, *, protocol: str, status: int, error: str) -> None:
+        """A request the protocol edge refused before it was a request (a codec error): one
+        telemetry record and access-log line, flag DPE (Envoy's downstream protocol error)."""
+        now = self._loop_time()
+        rec = RequestRecord(
+            start=now,
+            protocol=protocol,
+            source_ip=tunnel.peer_ip,
+            source_principal=str(tunnel.peer_identity) if tunnel.peer_identity else "",
+            status=status,
+            flags="DPE",
+            error=error,
+        )
+        svc = tunnel.service
+        if svc is not None:
+            rec.service_host, rec.service_name = svc.hostname, svc.name
+            rec.service_namespace = svc.namespace
+        log.info("refused a malformed request from %s: %d %s", tunnel.peer_ip, status, error)
+        self.ctx.metrics.record(rec, now)
+
     # ---- the request -----------------------------------------------------------------------
+
+    def _sanitize(self, req: Request, tunnel: Tunnel) -> None:
+        """Hygiene before anything looks at the request (raises `BadRequest`)."""
+        try:
+            check_request(req.method, req.target, req.authority, req.headers)
+        except RequestRejected as err:
+            raise BadRequest(str(err), status=err.status) from None
+        # Envoy forward_client_cert_details SANITIZE_SET (as Istio configures it): whatever the
+        # client sent is dropped; the verified peer's details are set.
+        headers = [(k, v) for k, v in req.headers if k != XFCC]
+        if tunnel.peer_identity is not None and tunnel.peer_cert_hash:
+            headers.append((XFCC, xfcc_value(
+                by=str(self.ctx.settings.identity), cert_hash=tunnel.peer_cert_hash,
+                uri=str(tunnel.peer_identity),
+            )))  # fmt: skip
+        req.headers = headers
 
     def _source(self, tunnel: Tunnel) -> Workload | None:
         """The source workload: the one at the peer address, only if its identity is the
@@ -258,8 +320,18 @@ class Handler:
         replay: ReplayBody,
     ) -> None:  # fmt: skip
         ctx = self.ctx
-        path = normalize_path(req.target)
+        try:
+            norm = normalize_target(req.target, ctx.settings.path_policy)
+        except RequestRejected as err:
+            raise BadRequest(str(err), status=err.status) from None
+        path = norm.target
         rec.path = path
+        if norm.redirect:
+            # Envoy UNESCAPE_AND_REDIRECT: a redirect to the unescaped path, nothing forwarded.
+            rec.status = 307
+            await down.send_head(307, [("location", path), ("server", "waypoint")],
+                                 content_length=0, end=True)  # fmt: skip
+            return
         info = self._info(req, tunnel, path)
         rec.source = self._source(tunnel)
         svc = tunnel.service
@@ -537,7 +609,7 @@ class Handler:
             grpc = grpc or _grpc_status(resp.trailers)
             rec.grpc_status = grpc or ""
             del no_body
-            await down.send_end(resp.trailers)
+            await down.send_end(forwardable_trailers(resp.trailers))
         except WaypointError:
             raise
         finally:

@@ -10,7 +10,10 @@ Invariants:
 - A request whose body was not read to the end (denied, answered early) is drained up to
   64 KiB for keep-alive; past that the connection is closed instead of reading a body nobody
   wants.
-- A malformed request gets its status (400/431/501/505) and ``connection: close``.
+- A malformed request gets its status (400/431/501/505) and ``connection: close``, and one
+  access-log record with flag DPE (`Handler.refused`); never a reset or a traceback.
+- HTTP/1 trailers are parsed (and bounded) but never forwarded, in either direction (Envoy's
+  default: ``enable_trailers`` false), so no field can be smuggled in behind the body.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 
 from meshcore.l7 import http1
 from waypoint.body import EmptyBody, Request
+from waypoint.errors import BadRequest
 from waypoint.handler import Handler, Tunnel
 from waypoint.tunnel import TunnelIO
 
@@ -59,16 +63,25 @@ class H1Body:
         self.reader = reader
         self.trailers: tuple[tuple[str, str], ...] = ()
         self.finished = False
+        self.failed = ""
 
     async def read(self) -> bytes:
         if self.finished:
             return b""
-        ev = await self.reader.next_event()
+        if self.failed:
+            raise BadRequest(self.failed)
+        try:
+            ev = await self.reader.next_event()
+        except http1.HttpParseError as err:
+            # A malformed body (chunk framing, trailers) is the client's error: 400 with flag
+            # DPE from the handler (or a reset if the response already started), and the
+            # connection is not reused.
+            self.failed = str(err)
+            raise BadRequest(str(err), status=err.status) from None
         if isinstance(ev, http1.Body):
             return ev.data
         if isinstance(ev, http1.EndOfMessage):
-            self.finished = True
-            self.trailers = ev.trailers
+            self.finished = True  # trailers dropped (module docstring)
             return b""
         raise ConnectionResetError("request body cut short")
 
@@ -124,7 +137,7 @@ class H1Downstream:
             return
         self.ended = True
         if self.chunked:
-            self.io.write(http1.encode_last_chunk(trailers))
+            self.io.write(http1.encode_last_chunk())  # HTTP/1 trailers are not sent
 
     async def send_continue(self) -> None:
         self.io.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -135,12 +148,19 @@ class H1Downstream:
 
 
 def _split_target(target: str, host: str) -> tuple[str, str]:
-    """(authority, origin-form target); absolute-form is accepted (RFC 9112 §3.2.2)."""
+    """(authority, origin-form target); absolute-form is accepted and its authority replaces
+    Host (RFC 9112 §3.2.2). Userinfo is refused later with the authority (RFC 9110 §4.2.4);
+    an empty host is invalid (RFC 9110 §4.2.1)."""
     lower = target[:8].lower()
     if lower.startswith(("http://", "https://")):
         rest = target.split("://", 1)[1]
-        authority, slash, path = rest.partition("/")
-        return authority, "/" + path if slash else "/"
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        authority, path = rest[:end], rest[end:]
+        if not authority:
+            raise http1.HttpParseError("absolute-form target with an empty host")
+        if not path.startswith("/"):
+            path = "/" + path
+        return authority, path
     return host, target
 
 
@@ -150,7 +170,7 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
         try:
             ev = await reader.next_event()
         except http1.HttpParseError as err:
-            await _refuse(io, err.status, str(err))
+            await _refuse(handler, tunnel, io, err.status, str(err))
             return
         except ConnectionResetError:
             return
@@ -158,11 +178,15 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             io.write_eof()
             return
         if not isinstance(ev, http1.RequestHead):
-            await _refuse(io, 400, "expected a request head")
+            await _refuse(handler, tunnel, io, 400, "expected a request head")
             return
         head = ev
         host = http1.header_value(head.headers, "host") or ""
-        authority, target = _split_target(head.target, host)
+        try:
+            authority, target = _split_target(head.target, host)
+        except http1.HttpParseError as err:
+            await _refuse(handler, tunnel, io, err.status, str(err))
+            return
         expect = (http1.header_value(head.headers, "expect") or "").lower() == "100-continue"
         has_body = head.chunked or bool(head.content_length)
         body = H1Body(reader) if has_body else None
@@ -192,7 +216,7 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
         if not down.head_sent:  # cannot happen: serve always answers or resets
             io.reset()
             return
-        if body is not None and not body.finished and not await _drain(body):
+        if body is not None and (body.failed or (not body.finished and not await _drain(body))):
             down.keep_alive = False
         if not down.keep_alive:
             io.write_eof()
@@ -207,12 +231,15 @@ async def _drain(body: H1Body) -> bool:
                 read += len(chunk)
                 if read > DRAIN_LIMIT:
                     return False
-    except (TimeoutError, ConnectionError, http1.HttpParseError):
+    except (TimeoutError, ConnectionError, http1.HttpParseError, BadRequest):
         return False
     return True
 
 
-async def _refuse(io: TunnelIO, status: int, message: str) -> None:
+async def _refuse(
+    handler: Handler, tunnel: Tunnel, io: TunnelIO, status: int, message: str
+) -> None:
+    handler.refused(tunnel, protocol="http", status=status, error=message)
     body = f"{http1.reason_phrase(status)}: {message}".encode()
     with contextlib.suppress(ConnectionError):
         io.write(

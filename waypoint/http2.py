@@ -12,7 +12,14 @@ Invariants:
   exhausted waits for WINDOW_UPDATE without blocking other streams.
 - Connection-specific fields (RFC 9113 §8.2.2: connection, keep-alive, proxy-connection,
   transfer-encoding, upgrade; te other than "trailers") are never forwarded; gRPC's
-  ``te: trailers`` and trailers (grpc-status) pass through.
+  ``te: trailers`` and trailers (grpc-status) pass through, minus the fields that must not
+  come from a trailer section (framing, routing, identity: `meshcore.l7.hygiene`).
+- Request hygiene is the handler's (`meshcore.l7.hygiene`, same rules as HTTP/1.1). What the
+  h2 library finds malformed (RFC 9113 §8.1.1: uppercase or invalid field names, CR/LF/NUL in
+  values, several Host fields, Host differing from :authority, connection-specific fields, a
+  content-length that is not digits) closes the connection with PROTOCOL_ERROR, recorded with
+  flag DPE. The header list is limited to 60 KiB (SETTINGS_MAX_HEADER_LIST_SIZE, Envoy's
+  max_request_headers_kb).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import h2.exceptions
 import h2.settings
 
 from meshcore.l7.cluster import EndpointStats
+from meshcore.l7.hygiene import MAX_HEADERS_BYTES, forwardable_trailers
 from waypoint.body import ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamProtocolError, UpstreamReset
@@ -116,6 +124,7 @@ class H2Session:
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS_BYTES,
             },
         )
         self.bodies: dict[int, StreamBody] = {}
@@ -199,6 +208,7 @@ class H2Session:
                     if state is not h2.connection.ConnectionState.CLOSED:
                         # (after a GOAWAY, late frames such as PINGs are moot: no error)
                         log.info("HTTP/2 protocol error: %s", err)
+                        self.on_protocol_error(err)
                         self.flush()
                     break
                 for ev in events:
@@ -219,6 +229,9 @@ class H2Session:
     def on_closed(self) -> None:
         pass
 
+    def on_protocol_error(self, err: h2.exceptions.ProtocolError) -> None:
+        pass
+
     def on_event(self, ev: h2.events.Event) -> None:
         if isinstance(ev, h2.events.DataReceived):
             body = self.bodies.get(ev.stream_id)
@@ -235,7 +248,7 @@ class H2Session:
         elif isinstance(ev, h2.events.TrailersReceived):
             body = self.bodies.get(ev.stream_id)
             if body is not None:
-                body.trailers = tuple(_text(ev.headers))
+                body.trailers = forwardable_trailers(_text(ev.headers))
         elif isinstance(ev, h2.events.StreamReset):
             body = self.bodies.get(ev.stream_id)
             if body is not None:
@@ -316,15 +329,15 @@ class _ServerSession(H2Session):
         cl = next((v for k, v in regular if k == "content-length"), None)
         req = Request(
             protocol="h2",
-            method=pseudo.get(":method", "GET"),
-            target=pseudo.get(":path", "/"),
+            method=pseudo.get(":method", ""),  # absent: refused by the handler (400)
+            target=pseudo.get(":path", ""),  # CONNECT has none: refused (400)
             authority=pseudo.get(":authority", "")
             or next((v for k, v in regular if k == "host"), ""),
             scheme=pseudo.get(":scheme", "http"),
             headers=[(k, v) for k, v in forwardable(regular) if k != "content-length"],
             body=body,
             has_body=not ended,
-            content_length=int(cl) if cl is not None and cl.isdigit() else None,
+            content_length=int(cl) if cl is not None and cl.isascii() and cl.isdigit() else None,
         )
         task = asyncio.get_running_loop().create_task(self._serve(req, sid))
         self.tasks.add(task)
@@ -340,13 +353,19 @@ class _ServerSession(H2Session):
         for task in self.tasks:
             task.cancel()
 
+    def on_protocol_error(self, err: h2.exceptions.ProtocolError) -> None:
+        # A malformed request (RFC 9113 §8.1.1) closes the connection with PROTOCOL_ERROR; it
+        # is still one access-log record with flag DPE (status 0: no response was sent).
+        self.handler.refused(self.tunnel, protocol="h2", status=0, error=str(err)[:200])
+
 
 async def serve_h2(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes) -> None:
     session = _ServerSession(handler, io, tunnel)
     session.start()
     try:
         events = session.conn.receive_data(first)
-    except h2.exceptions.ProtocolError:
+    except h2.exceptions.ProtocolError as err:
+        session.on_protocol_error(err)
         session.flush()
         io.close()
         return

@@ -17,6 +17,7 @@ request, L7 policy allowed it (in the handler).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 from collections.abc import Coroutine
@@ -45,6 +46,13 @@ def parse_authority(authority: str) -> tuple[str, int] | None:
     except ValueError:
         return None
     return host, int(port)
+
+
+def _peer_cert_hash(proto: HboneProtocol) -> str:
+    """SHA-256 hex of the verified peer certificate (DER), for X-Forwarded-Client-Cert's Hash."""
+    ssl_object = proto.transport.get_extra_info("ssl_object") if proto.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return hashlib.sha256(der).hexdigest() if der else ""
 
 
 class WaypointServer:
@@ -99,7 +107,7 @@ class WaypointServer:
             Role.SERVER,
             trust_domain=ctx.settings.trust_domain,
             expected=None,
-            on_request=lambda stream: self._spawn(self._tunnel(stream, peer_ip)),
+            on_request=lambda stream: self._spawn(self._tunnel(stream, peer_ip, proto)),
             on_close=self.protocols.discard,
         )
         try:
@@ -131,7 +139,7 @@ class WaypointServer:
                           service=None, workload=wl)  # fmt: skip
         return f"{ip}:{port} is not a service or workload served by this waypoint"
 
-    async def _tunnel(self, stream: HboneStream, peer_ip: str) -> None:
+    async def _tunnel(self, stream: HboneStream, peer_ip: str, proto: HboneProtocol) -> None:
         target = self._target(stream.authority)
         if isinstance(target, str):
             self.refused += 1
@@ -140,6 +148,7 @@ class WaypointServer:
             return
         target.peer_identity = stream.peer_identity
         target.peer_ip = peer_ip
+        target.peer_cert_hash = _peer_cert_hash(proto)
         io = TunnelIO()
         io.bind(stream)
         stream.respond(200)

@@ -18,6 +18,7 @@ Invariants:
 - DestinationRule ``connectionPool.http``: a connection that served ``maxRequestsPerConnection``
   requests is closed instead of reused; one idle longer than ``idleTimeout`` (or the pool's
   own limit, whichever is shorter) is closed.
+- HTTP/1 trailers are neither sent nor passed on (Envoy's default ``enable_trailers`` false).
 - The request body is pumped concurrently with reading the response (a server may answer
   before reading everything) with backpressure from the tunnel's send window.
 """
@@ -120,8 +121,7 @@ class H1Response:
             self.body_bytes += len(ev.data)
             return ev.data
         if isinstance(ev, http1.EndOfMessage):
-            self.done = True
-            self.trailers = ev.trailers
+            self.done = True  # HTTP/1 trailers are not forwarded (Envoy's default)
             return b""
         raise UpstreamProtocolError("unexpected message head inside a response body")
 
@@ -142,15 +142,12 @@ class H1Response:
             self.conn.io.reset()
 
 
-async def _pump_body(
-    io: TunnelIO, body: AsyncIterator[bytes], chunked: bool, trailers: Callable[[], Sequence[
-        tuple[str, str]]],
-) -> None:  # fmt: skip
+async def _pump_body(io: TunnelIO, body: AsyncIterator[bytes], chunked: bool) -> None:
     async for chunk in body:
         io.write(http1.encode_chunk(chunk) if chunked else chunk)
         await io.drain()
     if chunked:
-        io.write(http1.encode_last_chunk(trailers()))
+        io.write(http1.encode_last_chunk())  # no trailers (module docstring)
 
 
 class UpstreamPool:
@@ -256,7 +253,6 @@ class UpstreamPool:
         target: str,
         headers: Sequence[tuple[str, str]],
         body: Callable[[], AsyncIterator[bytes]],
-        trailers: Callable[[], Sequence[tuple[str, str]]],
         has_body: bool,
         content_length: int | None,
         replayable: Callable[[], bool],
@@ -271,7 +267,7 @@ class UpstreamPool:
         self._limit(conn, ep)
         try:
             return await self._exchange(
-                conn, method, target, headers, body(), trailers, has_body, content_length
+                conn, method, target, headers, body(), has_body, content_length
             )
         except UpstreamReset:
             if not reused or not replayable():
@@ -279,9 +275,7 @@ class UpstreamPool:
         # The idle connection died under us before any response byte: once more, fresh.
         conn = await self._open(key, connect_timeout)
         self._limit(conn, ep)
-        return await self._exchange(
-            conn, method, target, headers, body(), trailers, has_body, content_length
-        )
+        return await self._exchange(conn, method, target, headers, body(), has_body, content_length)
 
     async def _exchange(
         self,
@@ -290,7 +284,6 @@ class UpstreamPool:
         target: str,
         headers: Sequence[tuple[str, str]],
         body: AsyncIterator[bytes],
-        trailers: Callable[[], Sequence[tuple[str, str]]],
         has_body: bool,
         content_length: int | None,
     ) -> H1Response:
@@ -316,7 +309,7 @@ class UpstreamPool:
                 raise
             return H1Response(self, conn, head_ev, None, keep_alive_request=True)
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(_pump_body(conn.io, body, chunked, trailers))
+        pump = loop.create_task(_pump_body(conn.io, body, chunked))
         head = loop.create_task(self._read_head(conn))
         try:
             await asyncio.wait((head, pump), return_when=asyncio.FIRST_COMPLETED)
@@ -375,7 +368,6 @@ class H1Upstreams:
             target=target,
             headers=[("host", authority), *headers],
             body=replay.iterate,
-            trailers=lambda: replay.trailers,
             has_body=req.has_body,
             content_length=req.content_length,
             replayable=lambda: replay.replayable,

@@ -13,7 +13,13 @@ Invariants:
   several differing Content-Length values, a Transfer-Encoding other than a final "chunked",
   obs-fold (§5.2), whitespace before the colon (§5.1), bare LF line ends in the head.
 - Header names are lower-cased (they are case-insensitive, RFC 9110 §5.1); order and repeats
-  are kept.
+  are kept. Field values with control characters other than HTAB (RFC 9110 §5.5) are refused;
+  at most `MAX_HEADERS` fields (431 past that, Envoy's default) in a head or a trailer section.
+- A request line has an upper-case token method (RFC 9110 §9.1; Istio refuses other verbs
+  with 400) and a visible-ASCII target (RFC 9112 §3.2); an HTTP/1.1 request has exactly one
+  Host field line (RFC 9112 §3.2). Numbers (Content-Length, chunk sizes) are ASCII digits
+  only, with no surrounding whitespace in chunk sizes (RFC 9112 §7.1); list tokens are split
+  on SP/HTAB only, never on other Unicode whitespace.
 - The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
   message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
   loop).
@@ -28,14 +34,23 @@ from dataclasses import dataclass
 
 from meshcore.errors import MeshError
 
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 60 * 1024
 """Largest request/response head accepted (Envoy's default max_request_headers_kb is 60)."""
+MAX_HEADERS = 100
+"""Most field lines in a head or a trailer section (Envoy's default max_headers_count)."""
 MAX_CHUNK_LINE = 4096
 
 Headers = tuple[tuple[str, str], ...]
 
 # RFC 9110 §5.6.2 token characters.
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A method: a token without lower-case letters (Istio: a verb that is not upper case is a 400).
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]+")
+# RFC 9110 §5.5: CTLs other than HTAB are not field-content.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+# RFC 9112 §7.1.1: chunk-size [ BWS ";" chunk-ext ] -- no whitespace unless an extension follows.
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[\x21-\x7e \t]*)?")
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -125,7 +140,9 @@ def header_value(headers: Sequence[tuple[str, str]], name: str) -> str | None:
 
 
 def _tokens(value: str | None) -> list[str]:
-    return [t.strip().lower() for t in value.split(",")] if value else []
+    # OWS is SP / HTAB only (RFC 9110 §5.6.3): str.strip() would also eat U+00A0 and make
+    # "chunked\xa0" count as chunked.
+    return [t.strip(" \t").lower() for t in value.split(",")] if value else []
 
 
 def _keep_alive(version: str, headers: Headers) -> bool:
@@ -158,6 +175,7 @@ class Http1Parser:
         self._remaining = 0
         self._eof = False
         self._trailers: list[tuple[str, str]] = []
+        self._trailer_bytes = 0
         self._request_method: str | None = None
         self._error_status = 400 if role is Role.REQUEST else 502
 
@@ -221,6 +239,7 @@ class Http1Parser:
     def _end(self, trailers: Headers) -> EndOfMessage:
         self._state = _State.HEAD
         self._trailers = []
+        self._trailer_bytes = 0
         return EndOfMessage(trailers)
 
     def _head(self) -> Event | None:
@@ -242,6 +261,10 @@ class Http1Parser:
         lines = raw.split(b"\r\n")
         if any(b"\n" in line or b"\r" in line for line in lines):
             raise self._fail("bare CR or LF in the message head")
+        if len(lines) - 1 > MAX_HEADERS:
+            raise HttpParseError(
+                f"more than {MAX_HEADERS} header fields", 431 if self._request_role else 502
+            )
         headers = self._fields(lines[1:])
         if self._request_role:
             return self._request(lines[0], headers)
@@ -257,15 +280,13 @@ class Http1Parser:
             if line[:1] in (b" ", b"\t"):
                 raise self._fail("obsolete line folding (RFC 9112 §5.2)")
             name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.match(name):
+            if not sep or not _TOKEN.fullmatch(name):
                 raise self._fail(f"malformed header field {line[:40]!r}")
-            try:
-                text = value.strip(b" \t").decode("latin-1")
-            except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
-                raise self._fail("undecodable header value") from None
-            if "\x00" in text:
-                raise self._fail("NUL in a header value")
-            out.append((name.decode("ascii").lower(), text))
+            value = value.strip(b" \t")
+            if _BAD_VALUE.search(value):
+                raise self._fail(f"control character in the value of {name[:40]!r}")
+            # obs-text (0x80-0xff) is kept as latin-1 (RFC 9110 §5.5).
+            out.append((name.decode("ascii").lower(), value.decode("latin-1")))
         return tuple(out)
 
     def _framing(self, headers: Headers) -> tuple[bool, int | None]:
@@ -285,21 +306,29 @@ class Http1Parser:
             if len(values) != 1:
                 raise self._fail("conflicting Content-Length values (§6.3 rule 5)")
             text = values.pop()
-            if not text.isdigit() or len(text) > 18:
-                raise self._fail(f"bad Content-Length {text!r}")
+            # ASCII digits only: str.isdigit() accepts "²" (then int() raises).
+            if not _DIGITS.fullmatch(text.encode("latin-1")):
+                raise self._fail(f"bad Content-Length {text[:20]!r}")
             return False, int(text)
         return False, None
 
     def _request(self, line: bytes, headers: Headers) -> RequestHead:
         parts = line.split(b" ")
-        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
             raise self._fail(f"malformed request line {line[:60]!r}")
+        if not _METHOD.fullmatch(parts[0]):
+            raise self._fail(f"method {parts[0][:20]!r} is not upper case")
+        if any(c < 0x21 or c > 0x7E for c in parts[1]):
+            raise self._fail("control or non-ASCII character in the request-target")
         version = parts[2].decode("ascii", "replace")
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HttpParseError(f"unsupported HTTP version {version!r}", 505)
         method = parts[0].decode("ascii")
-        target = parts[1].decode("ascii", "replace")
-        if version == "HTTP/1.1" and header_value(headers, "host") is None:
+        target = parts[1].decode("ascii")
+        hosts = sum(1 for k, _ in headers if k == "host")
+        if hosts > 1:
+            raise self._fail("more than one Host field line (RFC 9112 §3.2)")
+        if version == "HTTP/1.1" and hosts == 0:
             raise self._fail("HTTP/1.1 request without Host (RFC 9112 §3.2)")
         chunked, length = self._framing(headers)
         if chunked:
@@ -366,15 +395,12 @@ class Http1Parser:
                     if len(self._buf) > MAX_CHUNK_LINE:
                         raise self._fail("chunk size line too long")
                     return self._need_more()
-                line = bytes(self._buf[:eol]).split(b";", 1)[0].strip(b" \t")
+                line = bytes(self._buf[:eol])
                 del self._buf[: eol + 2]
-                if (
-                    not line
-                    or len(line) > 15
-                    or any(c not in b"0123456789abcdefABCDEF" for c in line)
-                ):
-                    raise self._fail(f"bad chunk size {line[:20]!r}")
-                size = int(line, 16)
+                m = _CHUNK_SIZE.fullmatch(line)
+                if m is None:
+                    raise self._fail(f"bad chunk size line {line[:20]!r}")
+                size = int(m.group(1), 16)
                 if size == 0:
                     self._state = _State.TRAILERS
                 else:
@@ -406,6 +432,14 @@ class Http1Parser:
                 del self._buf[: eol + 2]
                 if not line:
                     return self._end(tuple(self._trailers))
+                self._trailer_bytes += len(line) + 2
+                if self._trailer_bytes > self.max_head:
+                    raise self._fail("trailer section too large")
+                if len(self._trailers) >= MAX_HEADERS:
+                    raise HttpParseError(
+                        f"more than {MAX_HEADERS} trailer fields",
+                        431 if self._request_role else 502,
+                    )
                 self._trailers.extend(self._fields([line]))
 
     def _need_more(self) -> Event | None:

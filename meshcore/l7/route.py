@@ -1,15 +1,15 @@
 """Pure per-request routing for the waypoint: decide first, the proxy carries it out.
 
-Owns: `RequestInfo` (what routing and policy see of a request), path normalisation,
-`CompiledConfig` (a `WaypointConfig` indexed by host), `select_route` (first matching rule, in
+Owns: `RequestInfo` (what routing and policy see of a request), `CompiledConfig` (a
+`WaypointConfig` indexed by host), `select_route` (first matching rule, in
 Istio's http[] order; HTTPRoutes before VirtualServices, both sorted by namespace/name),
 `pick_destination` (weighted, rng injected), `rewrite_target` and `redirect_location`.
 
 Invariants:
 - Functions here are pure: same inputs (and rng state) -> same decision; no I/O, no clock.
-- Paths are normalised (RFC 3986 §5.2.4 dot-segment removal, merged slashes are kept) BEFORE
-  routing and authorization, and the normalised path is what is forwarded, so ``/a/../admin``
-  can neither dodge a deny on ``/admin`` nor reach it through a route for ``/a``.
+- `RequestInfo.path` is already normalised (`meshcore.l7.hygiene`, Istio's pathNormalization)
+  before routing and authorization, and the normalised path is what is forwarded, so
+  ``/a/../admin`` can neither dodge a deny on ``/admin`` nor reach it through a route for ``/a``.
 - Weighted picks use integer weights over their sum: weights 90/10 give exactly 9:1 odds.
 """
 
@@ -75,28 +75,6 @@ class RequestInfo:
         if a.startswith("["):
             return a.split("]", 1)[0] + "]"
         return a.rsplit(":", 1)[0] if a.count(":") == 1 else a
-
-
-def normalize_path(target: str) -> str:
-    """Remove dot segments from the path of an origin-form target (RFC 3986 §5.2.4), keep the
-    query. Fragments are not sent by clients (RFC 9110 §7.1) and are dropped if present."""
-    target = target.split("#", 1)[0]
-    path, sep, query = target.partition("?")
-    if not path.startswith("/"):
-        path = "/" + path
-    if "." in path:
-        out: list[str] = []
-        segs = path.split("/")
-        for seg in segs[1:]:
-            if seg == "..":
-                if out:
-                    out.pop()
-            elif seg != ".":
-                out.append(seg)
-        path = "/" + "/".join(out)
-        if segs[-1] in (".", "..") and not path.endswith("/"):
-            path += "/"
-    return path + sep + query
 
 
 def _segment_prefix(path: str, prefix: str) -> bool:

@@ -1,0 +1,155 @@
+"""Fuzz target for the HTTP/1.1 codec (hypothesis; runs briefly in CI).
+
+Properties, for requests AND responses:
+- whatever the bytes and however they are split, the parser yields events or raises
+  `HttpParseError` with a 4xx/5xx status: never another exception (the issue-10 class:
+  ``Content-Length: ²`` raised ValueError, a non-ASCII target gave a 500);
+- a valid request, encoded and then parsed in arbitrary pieces, gives back exactly its method,
+  target, fields and body (no field or byte invented, dropped or moved);
+- a valid request with random bytes inserted is either refused or parsed consistently (one head,
+  body bytes never exceeding what was sent).
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from meshcore.l7.http1 import (
+    Body,
+    EndOfMessage,
+    Http1Parser,
+    HttpParseError,
+    RequestHead,
+    Role,
+    encode_chunk,
+    encode_last_chunk,
+    encode_request_head,
+)
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+methods = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-", min_size=1, max_size=8)
+names = st.text(_TOKEN_CHARS, min_size=1, max_size=12).filter(
+    lambda n: n not in ("host", "content-length", "transfer-encoding", "connection")
+)
+values = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+    max_size=20,
+).map(lambda v: v.strip(" \t"))
+targets = st.text("abcdefghijklmnopqrstuvwxyz0123456789/-._~%?=&", max_size=30).map(
+    lambda t: "/" + t
+)
+interesting = st.sampled_from(
+    [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b";", b"\x00", b"\xb2", b"\xa0", b"0", b"f",
+     b"chunked", b"content-length: ", b"transfer-encoding: chunked\r\n", b"host: x\r\n",
+     b"\r\n\r\n", b"HTTP/1.1", b"-1", b"99999999999999999999"]
+)  # fmt: skip
+
+
+def run_parser(role: Role, pieces: list[bytes]) -> list[object]:
+    """Feed `pieces` one by one, draining events; then EOF. Only HttpParseError may escape."""
+    p = Http1Parser(role)
+    if role is Role.RESPONSE:
+        p.expect_response_to("GET")
+    out: list[object] = []
+    for piece in [*pieces, None]:
+        if piece is None:
+            p.feed_eof()
+        else:
+            p.feed(piece)
+        for _ in range(10_000):
+            ev = p.next_event()
+            if ev is None:
+                break
+            out.append(ev)
+            if isinstance(ev, EndOfMessage) and p.idle and piece is None:
+                return out
+    return out
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for c in points:
+        pieces.append(data[last:c])
+        last = c
+    pieces.append(data[last:])
+    return pieces
+
+
+@FUZZ
+@given(
+    st.lists(st.one_of(st.binary(max_size=40), interesting), max_size=30),
+    st.sampled_from([Role.REQUEST, Role.RESPONSE]),
+    st.sampled_from([b"", b"GET / HTTP/1.1\r\nhost: a\r\n", b"HTTP/1.1 200 OK\r\n"]),
+)
+@example([b"content-length: \xb2\r\n\r\nxx"], Role.REQUEST, b"POST / HTTP/1.1\r\nhost: a\r\n")
+@example([b"content-length: \xb2\r\n\r\nxx"], Role.RESPONSE, b"HTTP/1.1 200 OK\r\n")
+def test_arbitrary_bytes_only_ever_raise_http_parse_error(
+    parts: list[bytes], role: Role, prefix: bytes
+) -> None:
+    try:
+        run_parser(role, [prefix, *parts])
+    except HttpParseError as err:
+        assert 400 <= err.status <= 599
+
+
+@FUZZ
+@given(
+    methods,
+    targets,
+    st.lists(st.tuples(names, values), max_size=8),
+    st.lists(st.binary(min_size=1, max_size=50), max_size=4),
+    st.booleans(),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+)
+def test_valid_requests_round_trip_in_any_pieces(
+    method: str, target: str, fields: list[tuple[str, str]], chunks: list[bytes],
+    chunked: bool, cuts: list[int],
+) -> None:  # fmt: skip
+    body = b"".join(chunks)
+    framing = [("transfer-encoding", "chunked")] if chunked else (
+        [("content-length", str(len(body)))] if body else [])  # fmt: skip
+    head = encode_request_head(method, target, [("host", "a"), *fields, *framing])
+    wire = head + (b"".join(encode_chunk(c) for c in chunks) + encode_last_chunk()
+                   if chunked else body)  # fmt: skip
+    evs = run_parser(Role.REQUEST, split(wire, cuts))
+    assert isinstance(evs[0], RequestHead)
+    got = evs[0]
+    assert (got.method, got.target) == (method, target)
+    assert list(got.headers) == [("host", "a"), *fields, *framing]
+    assert b"".join(e.data for e in evs if isinstance(e, Body)) == body
+    assert isinstance(evs[-1], EndOfMessage)
+
+
+@FUZZ
+@given(
+    st.binary(min_size=1, max_size=8),
+    st.integers(min_value=0, max_value=10_000),
+    st.booleans(),
+)
+def test_a_valid_request_with_bytes_inserted_is_refused_or_consistent(
+    junk: bytes, where: int, chunked: bool
+) -> None:
+    body = b"hello world"
+    if chunked:
+        wire = (b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+                + encode_chunk(body) + encode_last_chunk())  # fmt: skip
+    else:
+        wire = b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 11\r\n\r\n" + body
+    at = where % (len(wire) + 1)
+    mutated = wire[:at] + junk + wire[at:]
+    try:
+        evs = run_parser(Role.REQUEST, [mutated])
+    except HttpParseError as err:
+        assert 400 <= err.status <= 599
+        return
+    heads = [e for e in evs if isinstance(e, RequestHead)]
+    assert len(heads) <= 2  # junk may complete into a second pipelined message, never more
+    for h in heads:
+        assert h.method == h.method.upper()
+        assert all(0x21 <= ord(c) <= 0x7E for c in h.target)
+        assert sum(1 for k, _ in h.headers if k == "host") <= 1
+    assert sum(len(e.data) for e in evs if isinstance(e, Body)) <= len(mutated)
