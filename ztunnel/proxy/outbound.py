@@ -132,6 +132,11 @@ class OutboundConnection(TcpSide):
             address=plan.target_addr,
             source_ip=source_ip,
             transparent=transparent,
+            transport=ctx.transport_for(
+                plan.destination_workload.node
+                if plan.destination_workload is not None and plan.waypoint is None
+                else None
+            ),
         )
         headers = [("forwarded", f'for="{src_ip}:{src_port}"')]
         if plan.service is not None:
