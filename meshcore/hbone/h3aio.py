@@ -26,7 +26,6 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import cast
 
 from meshcore.certs import WorkloadCertificate, utcnow
 from meshcore.errors import HboneError, PeerVerificationError
@@ -161,11 +160,13 @@ class H3Protocol:
 
     # ---- I/O -------------------------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
+    def datagram_received(self, data: bytes, addr: Address, *, flush: bool = True) -> None:
+        """Feed one datagram; with flush=False the caller flushes once after a batch."""
         if self.closed or addr[:2] != self.peer_addr:
             return  # migration ignored (see module docstring)
         self._dispatch(self.conn.receive_datagram(data, addr, self._loop.time()))
-        self.flush()
+        if flush:
+            self.flush()
 
     def flush(self) -> None:
         self._flush_pending = False
@@ -339,24 +340,45 @@ class H3Protocol:
         return stream
 
 
-class _UdpBridge(asyncio.DatagramProtocol):
-    """Client side: the connected UDP socket of one `H3Protocol`."""
+READ_BATCH = 64  # datagrams read per readiness callback before one flush
 
-    def __init__(self) -> None:
+
+class _UdpClient:
+    """Client side: the connected UDP socket of one `H3Protocol`. Reads are drained in batches
+    (asyncio's datagram transport reads one datagram per loop iteration, and answering each one
+    separately costs a packet build per datagram); one flush follows each batch."""
+
+    def __init__(self, sock: socket.socket, peer: Address) -> None:
+        self.sock = sock
+        self.peer = peer
         self.proto: H3Protocol | None = None
-        self.transport: asyncio.DatagramTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def _readable(self) -> None:
+        proto = self.proto
+        for _ in range(READ_BATCH):
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                # ICMP port unreachable on a connected socket: nobody listens on UDP there.
+                if proto is not None and not proto.ready.done():
+                    proto.abort()
+                return
+            if proto is not None:
+                proto.datagram_received(data, self.peer, flush=False)
+        if proto is not None:
+            proto.flush()
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        if self.proto is not None:
-            self.proto.datagram_received(data, addr)
+    def send(self, data: bytes, _addr: Address) -> None:
+        with contextlib.suppress(OSError):  # full buffer / ICMP error: QUIC recovers the loss
+            self.sock.send(data)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable on a connected socket: nobody listens on UDP there.
-        if self.proto is not None and not self.proto.ready.done():
-            self.proto.abort()
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 def udp_socket(host: str, *, transparent: bool = False) -> socket.socket:
@@ -391,14 +413,13 @@ async def connect_h3(
         if source_ip is not None:
             sock.bind((source_ip, 0))
         sock.connect((host, port))
-        bridge = _UdpBridge()
-        transport, _ = await loop.create_datagram_endpoint(lambda: bridge, sock=sock)
+        udp = _UdpClient(sock, (host, port))
     except BaseException:
         sock.close()
         raise
 
     def closed(proto: H3Protocol) -> None:
-        transport.close()
+        udp.close()
         if on_close is not None:
             on_close(proto)
 
@@ -408,10 +429,10 @@ async def connect_h3(
         trust_domain=trust_domain,
         expected=expected,
         peer_addr=(host, port),
-        send=lambda data, _addr: transport.sendto(data),
+        send=udp.send,
         on_close=closed,
     )
-    bridge.proto = proto
+    udp.proto = proto
     proto.conn.connect((host, port), loop.time())
     proto.flush()
     try:
@@ -424,8 +445,9 @@ async def connect_h3(
     return proto
 
 
-class H3Endpoint(asyncio.DatagramProtocol):
-    """Server side: one UDP socket; a QUIC connection per peer address.
+class H3Endpoint:
+    """Server side: one UDP socket; a QUIC connection per peer address. `start(sock)` begins
+    reading (in batches, see `_UdpClient`).
 
     `certificate()` gives the certificate to present (the listening address names the local
     workload, as for HBONE over TCP). `on_refused(peer, error)` is told about every peer that
@@ -449,7 +471,7 @@ class H3Endpoint(asyncio.DatagramProtocol):
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.max_handshakes_per_ip = max_handshakes_per_ip
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
         self.connections: dict[Address, H3Protocol] = {}
         self._pending: dict[Address, list[bytes]] = {}
         self._handshaking: dict[str, int] = {}
@@ -457,15 +479,38 @@ class H3Endpoint(asyncio.DatagramProtocol):
         self.closing = False
         self.dropped = 0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def start(self, sock: socket.socket) -> None:
+        self.sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        if self.sock is None:
+            return
+        touched: dict[Address, H3Protocol] = {}
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue  # an ICMP error queued on the socket: nothing to do for a server
+            addr = addr[:2]
+            proto = self.connections.get(addr)
+            if proto is not None:
+                proto.datagram_received(data, addr, flush=False)
+                touched[addr] = proto
+            else:
+                self.datagram_received(data, addr)
+        for proto in touched.values():
+            proto.flush()
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, addr)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        addr = addr[:2]
-        proto = self.connections.get(addr)
-        if proto is not None:
-            proto.datagram_received(data, addr)
-            return
+        """A datagram from an address without a connection (yet)."""
         pending = self._pending.get(addr)
         if pending is not None:
             if len(pending) < 8:
@@ -503,8 +548,7 @@ class H3Endpoint(asyncio.DatagramProtocol):
             self._pending.pop(addr, None)
             log.warning("HTTP/3 HBONE from %s: no certificate to present: %s", addr[0], err)
             return
-        transport = self.transport
-        if transport is None or self.closing:
+        if self.sock is None or self.closing:
             self._pending.pop(addr, None)
             return
         proto = H3Protocol(
@@ -513,7 +557,7 @@ class H3Endpoint(asyncio.DatagramProtocol):
             trust_domain=self.trust_domain,
             expected=None,
             peer_addr=addr,
-            send=transport.sendto,
+            send=self.sendto,
             on_request=lambda stream: self._on_request(stream, addr),
             on_close=self._closed,
             original_dcid=dcid,
@@ -548,5 +592,7 @@ class H3Endpoint(asyncio.DatagramProtocol):
             proto.abort()
         for task in self._tasks:
             task.cancel()
-        if self.transport is not None:
-            self.transport.close()
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None

@@ -14,7 +14,6 @@ listener and peers fall back to HTTP/2 (see `meshcore.hbone.pool`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 
@@ -64,12 +63,7 @@ class H3Listener(HboneListener):
             on_request=self._on_h3_request,
             on_refused=refused,
         )
-        endpoint = self.endpoint
-        self._task = asyncio.get_running_loop().create_task(self._open(endpoint))
-
-    async def _open(self, endpoint: H3Endpoint) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: endpoint, sock=self.sock)
+        self.endpoint.start(self.sock)
 
     def _on_h3_request(self, stream: H3Stream, peer: Address) -> None:
         self._on_request(stream, self.local_ip, peer[0])
