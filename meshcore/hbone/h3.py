@@ -195,11 +195,15 @@ class _MeshQuic(QuicConnection):
             limit.used = used
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        if stream.max_stream_data_local:
+        # Called for every stream for every packet built: keep the common case cheap.
+        local = stream.max_stream_data_local
+        if local:
             window = self._configuration.max_stream_data
             target = self.credited.get(stream.stream_id, 0) + window
-            if target - stream.max_stream_data_local >= window // 2:
-                stream.max_stream_data_local = target
+            if target - local >= window // 2:
+                stream.max_stream_data_local = local = target
+        if stream.max_stream_data_local_sent == local:
+            return  # nothing to announce
         receiver = stream.receiver
         highest, receiver.highest_offset = receiver.highest_offset, 0  # same doubling
         try:
@@ -475,6 +479,13 @@ class H3HboneConnection:
         if isinstance(ev, qev.StreamReset | qev.StopSendingReceived):
             self.h3.handle_event(ev)
             stream = self._streams.get(ev.stream_id)
+            if isinstance(ev, qev.StopSendingReceived) and ev.error_code == H3_NO_ERROR:
+                # RFC 9114 §4.1.1: the response is complete, the peer needs no more request
+                # bytes. Our sending side ends; the response (e.g. a 401) is still delivered.
+                if stream is not None and not stream.send_ended:
+                    self.quic.reset_stream(ev.stream_id, H3_NO_ERROR)
+                    self._ended_sending(stream)
+                return
             if stream is not None:
                 if isinstance(ev, qev.StopSendingReceived) and not stream.send_ended:
                     self.quic.reset_stream(ev.stream_id, ev.error_code)  # RFC 9000 §3.5
