@@ -62,6 +62,7 @@ class H3Stream(HboneStream):
     """One CONNECT stream on an `H3Protocol`."""
 
     __slots__ = ("_h3",)
+    transport = "h3"
 
     def __init__(self, proto: H3Protocol, stream_id: int) -> None:
         # Not calling HboneStream.__init__: it binds an HTTP/2 protocol; the slots are the same.

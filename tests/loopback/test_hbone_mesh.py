@@ -79,12 +79,14 @@ def test_identities_in_metrics_and_both_sides(tmp_path: Path, transport: str) ->
             assert f'source_principal="{SLEEP}"' in line
             assert f'destination_principal="{ECHO}"' in line
             assert 'connection_security_policy="mutual_tls"' in line
+            assert f'transport="{transport}"' in line
             # The destination learns the addressed service from `forwarded: ...;host=`.
             assert 'destination_service="echo.default.svc.cluster.local"' in line
             line = next(
                 x for x in src.splitlines() if x.startswith("istio_tcp_connections_opened_total{")
             )
             assert 'reporter="source"' in line and f'destination_principal="{ECHO}"' in line
+            assert f'transport="{transport}"' in line
             assert 'destination_service="echo.default.svc.cluster.local"' in line
             sent = [x for x in dest.splitlines() if x.startswith("istio_tcp_sent_bytes_total{")]
             assert sent and float(sent[0].rsplit(" ", 1)[1]) == 5000

@@ -54,6 +54,7 @@ class H3Listener(HboneListener):
                     destination=workload,
                     response_flags="TLS_FAILURE",
                     error=str(err),
+                    transport="h3",
                 )
             )
 

@@ -148,6 +148,7 @@ class OutboundConnection(TcpSide):
         rec.hbone_addr = plan.authority
         stream = await ctx.pool.open_stream(key, plan.authority, headers, self)
         rec.mtls = True
+        rec.transport = stream.transport
         rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None
         self.attach(stream)
 
