@@ -196,7 +196,7 @@ async def running_mesh(
     try:
         yield Mesh(ca=ca, node_a=node_a, node_b=node_b, backend=backend, tmp=tmp)
         # An HTTP/3 run must not have silently fallen back to HTTP/2.
-        for node in (node_a, node_b):
+        for node in (node_a, node_b) if transport == "h3" else ():
             assert node.ctx.pool.h3_fallbacks == 0, "HTTP/3 fell back to HTTP/2"
     finally:
         await node_a.drain()
