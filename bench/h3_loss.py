@@ -39,7 +39,7 @@ def nft(loss_percent: float) -> None:
     if loss_percent <= 0:
         return
     # numgen random mod 10000 < N: N/100 percent.
-    n = int(round(loss_percent * 100))
+    n = round(loss_percent * 100)
     rules = f"""
 table inet loss {{
   chain out {{
@@ -57,18 +57,20 @@ async def tunnel(seed: int, size: int) -> tuple[float, float]:
     reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
     writer.write(seed.to_bytes(4, "big") + size.to_bytes(4, "big"))
     writer.write_eof()
-    start = last = time.perf_counter()
+    start = time.perf_counter()
+    last: float | None = None
     gap = 0.0
     digest = hashlib.sha256()
     got = 0
     while chunk := await reader.read(1 << 20):
         now = time.perf_counter()
-        gap = max(gap, now - last)
+        if last is not None:  # gaps once data flows (not the time to the first byte)
+            gap = max(gap, now - last)
         last = now
         digest.update(chunk)
         got += len(chunk)
     writer.close()
-    assert got == size, (got, size)
+    assert got == size and last is not None, (got, size)
     assert digest.hexdigest() == hashlib.sha256(payload_for(seed, size)).hexdigest()
     return last - start, gap
 
