@@ -276,6 +276,11 @@ class NodeProxy:
             "plaintext": lambda: PlaintextInbound(ctx),
         }
         for listener in self.listeners:
+            if listener.role == "hbone-udp" and not self.serve_admin:
+                # A UDP socket shared by forked workers would scatter one QUIC connection's
+                # datagrams over all of them: HTTP/3 is served by the first worker only.
+                listener.sock.close()
+                continue
             if listener.role in ("hbone", "hbone-udp"):
                 hbone = (
                     HboneListener(ctx, listener.sock)
