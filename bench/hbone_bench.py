@@ -889,6 +889,10 @@ def start_ztunnel_pair(
         ]
         if node == "node-a":
             argv += ["--outbound-listen", f"{vip[0]}:{vip[1]}"]
+            if http3:
+                # The client workload (127.0.0.1) is node A's in both pairs: node A's own
+                # (unused) inbound HBONE listener on it needs another port than the first pair's.
+                argv += ["--hbone-port", "15018"]
         proc = sup.start(f"{name}-{node}", argv)
         wait_http(f"http://{node_ip[node]}:15021/healthz/ready", 30, proc)
         procs.append(proc)
