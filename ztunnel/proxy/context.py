@@ -104,8 +104,9 @@ class ProxyContext:
     def transport_for(self, node: str | None) -> str:
         """HBONE transport toward a destination workload on `node` (issue 16): "h3" only when
         configured for that node, else "h2"."""
-        peers = self.settings.http3_peers
-        if self.settings.http3 and node is not None and ("*" in peers or node in peers):
+        s = self.settings
+        peers = s.http3_peers
+        if s.http3 and s.capture == "bind" and node is not None and ("*" in peers or node in peers):
             return "h3"
         return "h2"
 
