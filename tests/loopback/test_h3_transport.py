@@ -7,6 +7,8 @@ import asyncio
 import dataclasses
 import hashlib
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -205,3 +207,19 @@ def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
             writer.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("flag", [[], ["--http3"]])
+def test_loopback_demo_runs_over_each_transport(flag: list[str]) -> None:
+    """`scripts/demo --loopback [--http3]`: real node-proxy processes, static config."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ztunnel.demo", *flag],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    want = "h3" if flag else "h2"
+    assert out.count(f"transport={want}") == 2
+    assert f"OK, mutual TLS between node proxies over {want}" in out
