@@ -13,8 +13,10 @@ Invariants:
   opened or served before (the core does not even create its HTTP/3 layer before).
 - Connection migration is ignored: a connection only takes datagrams from the address it began
   with. The server endpoint creates state only for a client Initial of >= 1200 bytes
-  (`initial_dcid`), bounded per peer IP and in total, and drops everything else silently (no
-  Version Negotiation, no Retry, no stateless reset: nothing is sent to an unverified source).
+  (`initial_dcid`), bounded in total, per peer IP (handshakes in progress and connections), and
+  drops everything else silently (no Version Negotiation, no Retry, no stateless reset: nothing
+  is sent to an unverified source). Handshakes not verified within `handshake_timeout` are
+  dropped and reported.
 - Received data is credited back to the peer only once the sink accepted it without pausing,
   as in `meshcore.hbone.aio`.
 """
@@ -464,6 +466,7 @@ class H3Endpoint:
         handshake_timeout: float = 10.0,
         max_connections: int = 4096,
         max_handshakes_per_ip: int = 64,
+        max_connections_per_ip: int = 512,
     ) -> None:
         self._certificate = certificate
         self.trust_domain = trust_domain
@@ -472,6 +475,8 @@ class H3Endpoint:
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         self.max_handshakes_per_ip = max_handshakes_per_ip
+        self.max_connections_per_ip = max_connections_per_ip
+        self._per_ip: dict[str, int] = {}  # connections (any state) per peer IP
         self.sock: socket.socket | None = None
         self.connections: dict[Address, H3Protocol] = {}
         self._pending: dict[Address, list[bytes]] = {}
@@ -523,6 +528,7 @@ class H3Endpoint:
             or self.closing
             or len(self.connections) + len(self._pending) >= self.max_connections
             or self._handshaking.get(addr[0], 0) >= self.max_handshakes_per_ip
+            or self._per_ip.get(addr[0], 0) >= self.max_connections_per_ip
         ):
             self.dropped += 1
             return
@@ -564,6 +570,7 @@ class H3Endpoint:
             original_dcid=dcid,
         )
         self.connections[addr] = proto
+        self._per_ip[addr[0]] = self._per_ip.get(addr[0], 0) + 1
         for data in self._pending.pop(addr, []):
             proto.datagram_received(data, addr)
         try:
@@ -581,6 +588,12 @@ class H3Endpoint:
     def _closed(self, proto: H3Protocol) -> None:
         if self.connections.get(proto.peer_addr) is proto:
             del self.connections[proto.peer_addr]
+            ip = proto.peer_addr[0]
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
 
     def close(self) -> None:
         """Stop accepting; live connections finish their streams (see `abort_all`)."""

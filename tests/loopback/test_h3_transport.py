@@ -179,6 +179,33 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
     run(main())
 
 
+def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            ep = endpoint(mesh)
+            ep.max_connections_per_ip = 2
+            cert = mesh.ca.issue(SLEEP_ID, now=utcnow())
+
+            async def dial() -> Any:
+                return await connect_h3(
+                    *H3, cert, trust_domain="cluster.local", expected=[ECHO_ID],
+                    source_ip=CLIENT_IP, timeout=1.0,
+                )  # fmt: skip
+
+            first, second = await dial(), await dial()
+            with pytest.raises(TimeoutError):
+                await dial()  # no answer at all: the third Initial is dropped
+            assert len(ep.connections) == 2 and ep.dropped >= 1
+            first.abort()
+            await wait_until(lambda: len(ep.connections) == 1)
+            third = await dial()  # a slot is free again
+            assert third.peer_identity == ECHO_ID
+            second.abort()
+            third.abort()
+
+    run(main())
+
+
 def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
     async def main() -> None:
         backend = await start_backend(echo_handler)
