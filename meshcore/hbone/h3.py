@@ -7,8 +7,9 @@ stream events onto the events of `meshcore.hbone.connection` (so the asyncio edg
 out with `datagrams_to_send`; time is passed in (`now`), never read; the timer is aioquic's
 get_timer()/handle_timer(now) pattern plus our keepalive.
 
-aioquic 1.7.2 (pinned in pyproject.toml) is used beyond its public API in three places, each
-checked by tests/unit/test_h3_aioquic_contract.py so an upgrade that changes them fails loudly:
+aioquic 1.7.2 (pinned in pyproject.toml) is used beyond its public API in the places below, each
+checked by tests/unit/test_h3_aioquic_contract.py so an upgrade that changes them fails loudly
+(also: a received GOAWAY is skipped unread by aioquic; `_MeshH3` notes its arrival):
 - A server asks for a client certificate only through the private
   `tls.Context._request_client_certificate` flag; we set it in `_MeshQuic._initialize`.
 - aioquic never verifies a client's chain, accepts an empty client Certificate message, and
@@ -31,6 +32,8 @@ Invariants:
 - ALPN is "h3"; no session tickets are issued or used, so no resumption and no 0-RTT
   (RFC 9001 §4.6); connection migration is ignored by the edge (datagrams from another address
   are dropped).
+- Graceful close (drain, rotation, idle): GOAWAY, no new streams either way, CONNECTION_CLOSE
+  once the last stream ended and its data was acknowledged.
 - TCP FIN <-> stream FIN; TCP RST <-> RESET_STREAM + STOP_SENDING with H3_CONNECT_ERROR
   (RFC 9114 §4.4); HTTP/2 error codes the proxies pass in are mapped by `h3_error_code`.
 """
@@ -44,7 +47,8 @@ from datetime import datetime
 from typing import Any
 
 from aioquic._buffer import Buffer
-from aioquic.h3.connection import H3Connection
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import FrameType, H3Connection, encode_frame
 from aioquic.h3.events import DataReceived as H3DataReceived
 from aioquic.h3.events import HeadersReceived
 from aioquic.quic import events as qev
@@ -159,6 +163,20 @@ def quic_configuration(cert: WorkloadCertificate, role: Role) -> QuicConfigurati
     return cfg
 
 
+class _MeshH3(H3Connection):
+    """aioquic's HTTP/3 layer, which skips a peer's GOAWAY unread: we note that one arrived (its
+    frame header is checked as soon as it is parsed), so no new stream is opened on a connection
+    the peer is draining (RFC 9114 §5.2). The ID it carries is not needed: we open no new
+    streams at all after it."""
+
+    goaway_received = False
+
+    def _check_control_frame_type(self, frame_type: int) -> None:
+        super()._check_control_frame_type(frame_type)  # raises for frames not allowed there
+        if frame_type == FrameType.GOAWAY:
+            self.goaway_received = True
+
+
 class _MeshQuic(QuicConnection):
     """aioquic's QUIC core with a client-certificate request and bounded receive windows."""
 
@@ -242,7 +260,7 @@ class H3HboneConnection:
         Initial packet (RFC 9000 §7.3)."""
         self.role = role
         self.quic = _MeshQuic(quic_configuration(cert, role), original_dcid)
-        self.h3: H3Connection | None = None  # created only once the peer is verified
+        self.h3: _MeshH3 | None = None  # created only once the peer is verified
         self.trust_domain = trust_domain
         self.expected = expected
         self.roots_pem = cert.roots_pem
@@ -255,6 +273,8 @@ class H3HboneConnection:
         self._streams: dict[int, _Stream] = {}
         self._next_ping = 0.0
         self._ping_uid = 0
+        self._highest_request_id = -4
+        self._goaway_id: int | None = None
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -288,11 +308,32 @@ class H3HboneConnection:
             self.quic.handle_timer(now)
         return self._process()
 
-    def close(self, error_code: int = H3_NO_ERROR, reason: str = "") -> None:
-        """Graceful when no stream is open; the edge calls it again when the last one ends."""
+    def close(self) -> None:
+        """Graceful: GOAWAY (server: the first request stream ID it will not serve, RFC 9114
+        §5.2), then CONNECTION_CLOSE(H3_NO_ERROR) once no stream is open and all data is
+        acknowledged."""
+        if not self.goaway_sent and self.h3 is not None and not self.terminated:
+            control = self.h3._local_control_stream_id
+            if control is not None:
+                if self.role is Role.SERVER:
+                    last = max((sid for sid in self._streams if sid % 4 == 0), default=-4)
+                    ident = max(last + 4, self._highest_request_id + 4)
+                else:
+                    ident = 0  # a client's GOAWAY carries a push ID; we allow no pushes
+                self._goaway_id = ident
+                frame = encode_frame(FrameType.GOAWAY, encode_uint_var(ident))
+                self.quic.send_stream_data(control, frame)
         self.goaway_sent = True
-        if not self._streams:
-            self.quic.close(error_code=error_code, reason_phrase=reason)
+        self._maybe_finish_close()
+
+    def _maybe_finish_close(self) -> None:
+        """After GOAWAY: CONNECTION_CLOSE once no stream is open and every byte we sent was
+        acknowledged (aioquic discards unsent stream data when it closes)."""
+        if not self.goaway_sent or self._streams or self.terminated or self.quic._close_pending:
+            return
+        if any(len(qs.sender._buffer) for qs in self.quic._streams.values()):
+            return
+        self.quic.close(error_code=H3_NO_ERROR)
 
     # ---- streams ---------------------------------------------------------------------------
 
@@ -307,6 +348,7 @@ class H3HboneConnection:
             self.h3 is not None
             and not self.terminated
             and not self.goaway_sent
+            and not self.h3.goaway_received
             and len(self._streams) < min(limit, self.max_streams)
         )
 
@@ -404,8 +446,6 @@ class H3HboneConnection:
             final = max(stream.received, qs.receiver.highest_offset if qs is not None else 0)
             self.quic.credit(stream_id, final)
             self.quic.forget_credit(stream_id)
-        if self.goaway_sent and not self._streams and not self.terminated:
-            self.quic.close(error_code=H3_NO_ERROR)
 
     def _verify(self) -> None:
         tls = self.quic.tls
@@ -433,7 +473,7 @@ class H3HboneConnection:
                 reason_phrase=str(err)[:200],
             )
             return
-        self.h3 = H3Connection(self.quic)
+        self.h3 = _MeshH3(self.quic)
 
     def _process(self) -> list[Event]:
         out: list[Event] = []
@@ -472,6 +512,7 @@ class H3HboneConnection:
                 continue
             self._on_quic_event(ev, out)
         self._check_windows(out)
+        self._maybe_finish_close()
         return out
 
     def _on_quic_event(self, ev: qev.QuicEvent, out: list[Event]) -> None:
@@ -499,11 +540,13 @@ class H3HboneConnection:
         stream = self._streams.get(ev.stream_id)
         is_request_stream = ev.stream_id % 4 == 0
         if stream is None and is_request_stream and self.role is Role.SERVER:
-            if self.goaway_sent or len(self._streams) >= self.max_streams:
+            refused_by_goaway = self._goaway_id is not None and ev.stream_id >= self._goaway_id
+            if refused_by_goaway or len(self._streams) >= self.max_streams:
                 self.quic.reset_stream(ev.stream_id, H3_REQUEST_REJECTED)
                 self.quic.stop_stream(ev.stream_id, H3_REQUEST_REJECTED)
                 return
             stream = self._streams[ev.stream_id] = _Stream(ev.stream_id)
+            self._highest_request_id = max(self._highest_request_id, ev.stream_id)
         h3_events = self.h3.handle_event(ev)
         if stream is None:
             if not is_request_stream:

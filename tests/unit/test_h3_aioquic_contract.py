@@ -468,3 +468,29 @@ def test_stream_events_are_withheld_until_verified(ca: MeshCA) -> None:
     )
     kinds: list[type[Event]] = [type(e) for e in s_events]
     assert kinds and kinds[0] is PeerVerified
+
+
+def test_goaway_drains_the_connection(ca: MeshCA) -> None:
+    """aioquic's HTTP/3 layer drops a received GOAWAY; ours notes it: no new stream on that
+    connection, while the open one finishes; the server closes once it has ended."""
+    clock = Clock()
+    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
+    server, _, _ = start(
+        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
+    )
+    sid = client.open_connect("127.0.0.9:80")
+    pump(client, server, clock)
+    server.respond(sid, 200)
+    pump(client, server, clock)
+    assert client.can_open_stream()
+    server.close()
+    pump(client, server, clock)
+    assert client.h3 is not None and client.h3.goaway_received
+    assert not client.can_open_stream()
+    assert not server.quic._close_pending  # a stream is open: no CONNECTION_CLOSE yet
+    client.send_data(sid, b"last", end_stream=True)
+    server.send_data(sid, b"bye", end_stream=True)
+    c_events, s_events = pump(client, server, clock)
+    assert [type(e) for e in s_events] == [DataReceived, StreamEnded]
+    assert [type(e) for e in c_events][:2] == [DataReceived, StreamEnded]
+    assert server.quic._close_event is not None or server.quic._close_pending or server.terminated
