@@ -19,7 +19,8 @@ from aioquic.quic.connection import QuicConnection
 
 from meshcore.certs import utcnow
 from meshcore.errors import PeerVerificationError
-from meshcore.hbone.h3aio import H3Endpoint, connect_h3
+from meshcore.hbone.h3 import _Stream
+from meshcore.hbone.h3aio import H3Endpoint, H3Stream, connect_h3
 from meshcore.hbone.pool import PoolKey
 from meshcore.identity import SpiffeId
 from tests.loopback.harness import (
@@ -202,6 +203,43 @@ def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
             assert third.peer_identity == ECHO_ID
             second.abort()
             third.abort()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/")],  # not CONNECT
+        [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+         (b":path", b"/")],  # extended CONNECT (RFC 9220): not HBONE
+    ],
+)  # fmt: skip
+def test_non_connect_request_gets_400_over_h3(
+    tmp_path: Path, headers: list[tuple[bytes, bytes]]
+) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            proto = await connect_h3(
+                *H3,
+                mesh.ca.issue(SLEEP_ID, now=utcnow()),
+                trust_domain="cluster.local",
+                expected=[ECHO_ID],
+                source_ip=CLIENT_IP,
+            )
+            conn = proto.conn
+            assert conn.h3 is not None
+            sid = conn.quic.get_next_available_stream_id()
+            authority = (b":authority", f"{SERVER_IP}:8080".encode())
+            conn.h3.send_headers(sid, [*headers, authority], end_stream=True)
+            conn._streams[sid] = _Stream(sid)  # track the response like open_connect does
+            stream = H3Stream(proto, sid)
+            stream.response = asyncio.get_running_loop().create_future()
+            proto.streams[sid] = stream
+            proto.flush()
+            assert await asyncio.wait_for(stream.response, 5) == 400
+            proto.abort()
+            assert mesh.backend.accepted == 0
 
     run(main())
 
