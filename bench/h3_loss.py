@@ -10,7 +10,9 @@ backend in one event loop, real sockets on 127.0.0.0/8), one pooled HBONE connec
 Loss is kernel-level: an nftables rule drops `--loss` percent of the packets to or from port
 15008 (TCP and UDP alike, both directions of the node-to-node leg only) with `numgen random`.
 The kernel has no sch_netem (`tc qdisc add ... netem` fails: "Specified qdisc kind is unknown"),
-so there is no added delay or reordering: loopback RTT stays ~0.1 ms. Reported per transport and
+so there is no added delay or reordering: loopback RTT stays ~0.1 ms unless `--rate-mbit` puts
+a token-bucket bottleneck (tbf, 20 ms queue) on lo, whose queue then sets the RTT (every
+loopback leg - client, tunnel, backend - shares it). Reported per transport and
 loss rate: aggregate goodput, and the worst "stall" of a tunnel (longest gap between two reads
 on the client) - head-of-line blocking shows as stalls shared by all tunnels at once.
 """
@@ -32,6 +34,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.loopback.harness import CLIENT_IP, VIP, payload_for, running_mesh
+
+
+def shape(rate_mbit: float) -> None:
+    """Optional bottleneck on lo: a token bucket (tbf, which this kernel has) whose queue gives
+    the connection a real RTT once it is full (up to `latency`), so a loss costs round trips."""
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False, capture_output=True)
+    if rate_mbit > 0:
+        # A 1500-byte MTU (as between real nodes): tbf drops any packet larger than its bucket,
+        # and loopback's 64 KiB segments would be.
+        subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)
+        subprocess.run(
+            ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{rate_mbit}mbit",
+             "burst", "32kb", "latency", "20ms"],
+            check=True,
+        )  # fmt: skip
 
 
 def nft(loss_percent: float) -> None:
@@ -98,12 +115,14 @@ def main() -> int:
     ap.add_argument("--tunnels", type=int, default=16)
     ap.add_argument("--mib", type=float, default=2.0, help="MiB per tunnel")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rate-mbit", type=float, default=0.0, help="tbf bottleneck on lo (0: none)")
     ap.add_argument("--json", type=Path, help="write the raw results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (nftables in a private network namespace: unshare -n)", file=sys.stderr)
         return 2
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    shape(args.rate_mbit)
     size = int(args.mib * 2**20)
     raw: dict[str, list[dict[str, float]]] = {}
     for rep in range(args.reps):
