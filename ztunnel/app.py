@@ -357,13 +357,17 @@ class NodeProxy:
         self.ctx.pool.close_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.settings.drain_timeout
-        while self.ctx.connections and loop.time() < deadline:
+        h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        # HTTP/3 connections (GOAWAY sent by listener.close) live on their UDP socket, which is
+        # therefore held until they end or the drain times out.
+        while (self.ctx.connections or any(x.live_connections for x in h3)) and (
+            loop.time() < deadline
+        ):
             await asyncio.sleep(0.05)
         for transport in list(self.ctx.connections):
             transport.abort()
-        for listener in self.hbone_listeners:
-            if isinstance(listener, H3Listener):
-                listener.abort()
+        for listener in h3:
+            listener.abort()
         for task in self._tasks:
             task.cancel()
 

@@ -327,11 +327,14 @@ class H3HboneConnection:
         self._maybe_finish_close()
 
     def _maybe_finish_close(self) -> None:
-        """After GOAWAY: CONNECTION_CLOSE once no stream is open and every byte we sent was
-        acknowledged (aioquic discards unsent stream data when it closes)."""
+        """After GOAWAY: CONNECTION_CLOSE once no stream is open and every byte we sent on a
+        request stream was acknowledged (aioquic discards unsent stream data when it closes).
+        Control streams are not waited for: CONNECTION_CLOSE supersedes the GOAWAY on them."""
         if not self.goaway_sent or self._streams or self.terminated or self.quic._close_pending:
             return
-        if any(len(qs.sender._buffer) for qs in self.quic._streams.values()):
+        if any(
+            len(qs.sender._buffer) for sid, qs in self.quic._streams.items() if sid % 4 < 2
+        ):  # RFC 9000 §2.1: IDs 0b00 / 0b01 mod 4 are bidirectional (request) streams
             return
         self.quic.close(error_code=H3_NO_ERROR)
 

@@ -77,6 +77,7 @@ class H3Stream(HboneStream):
         self.response: asyncio.Future[int] | None = None
         self._early: list[bytes | None] = []
         self.closed = False
+        self.task: asyncio.Task[None] | None = None  # work for this stream; cancelled when gone
 
     def attach(self, sink: TunnelSink) -> None:
         self.sink = sink
@@ -108,7 +109,7 @@ class H3Stream(HboneStream):
 
     def reset(self, code: int = ErrorCode.CONNECT_ERROR) -> None:
         if not self.closed:
-            self.closed = True
+            self._gone()
             self._h3.conn.reset_stream(self.stream_id, code)
             self._h3.forget(self.stream_id)
             self._h3.schedule_flush()
@@ -229,7 +230,7 @@ class H3Protocol:
             self.ready.set_exception(self.conn.refused or exc)
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.closed = True
+            stream._gone()
             if stream.response is not None and not stream.response.done():
                 stream.response.set_exception(ConnectionResetError("HTTP/3 connection lost"))
             if stream.sink is not None:
@@ -240,7 +241,7 @@ class H3Protocol:
     def forget(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
-            stream.closed = True
+            stream._gone()
         if not self.streams:
             self.idle_since = self._loop.time()
 
@@ -286,7 +287,7 @@ class H3Protocol:
             elif type(ev) is StreamReset:
                 stream = self.streams.pop(ev.stream_id, None)
                 if stream is not None:
-                    stream.closed = True
+                    stream._gone()
                     if stream.response is not None and not stream.response.done():
                         stream.response.set_exception(
                             ConnectionResetError(f"stream reset by peer (code {ev.error_code})")

@@ -14,15 +14,17 @@ listener and peers fall back to HTTP/2 (see `meshcore.hbone.pool`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import weakref
 
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import PeerVerificationError
-from meshcore.hbone.h3aio import Address, H3Endpoint, H3Stream
+from meshcore.hbone.h3aio import Address, H3Endpoint, H3Protocol, H3Stream
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.proxy.context import ProxyContext
-from ztunnel.proxy.inbound import HboneListener
+from ztunnel.proxy.inbound import PENDING_CONNECTS_PER_CONNECTION, HboneListener
 
 log = logging.getLogger("ztunnel.inbound")
 
@@ -34,6 +36,10 @@ class H3Listener(HboneListener):
         super().__init__(ctx, sock)
         self.local_ip = sock.getsockname()[0]
         self.endpoint: H3Endpoint | None = None
+        # Upstream connects in flight per QUIC connection, as per TLS connection over TCP.
+        self._slots: weakref.WeakKeyDictionary[H3Protocol, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def start(self) -> None:
         ctx = self.ctx
@@ -67,7 +73,11 @@ class H3Listener(HboneListener):
         self.endpoint.start(self.sock)
 
     def _on_h3_request(self, stream: H3Stream, peer: Address) -> None:
-        self._on_request(stream, self.local_ip, peer[0])
+        proto = stream._h3
+        slots = self._slots.get(proto)
+        if slots is None:
+            slots = self._slots[proto] = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
+        self._on_request(stream, self.local_ip, peer[0], slots)
 
     def close(self) -> None:
         if self.endpoint is not None:
