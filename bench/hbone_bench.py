@@ -1,4 +1,6 @@
 """HBONE benchmark: direct vs an Envoy HBONE pair vs our node-proxy (ztunnel) pair, on loopback.
+The node-proxy pair runs twice: HBONE over HTTP/2 ("ztunnel") and over HTTP/3 ("ztunnel-h3",
+its own addresses, see H3_PAIR), in the same run.
 
 Owns the whole benchmark run: certificates, the shared nginx backend, the two proxy pairs, the load
 generators (wrk and `loadgen.py`), CPU/RSS accounting from /proc, the results table and
@@ -61,8 +63,20 @@ BODY_SIZE = 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
-PATHS = ("direct", "envoy", "ztunnel")
-LABEL = {"direct": "direct", "envoy": "envoy pair", "ztunnel": "node-proxy pair"}
+PATHS = ("direct", "envoy", "ztunnel", "ztunnel-h3")
+LABEL = {
+    "direct": "direct",
+    "envoy": "envoy pair",
+    "ztunnel": "node-proxy pair",
+    "ztunnel-h3": "node-proxy pair over HTTP/3",
+}
+# The HTTP/3 pair: same mesh, its own server workload address (nginx listens there too), VIP
+# and node addresses, so both pairs run side by side.
+H3_PAIR = {
+    "server": "127.0.2.11",
+    "vip": ("127.0.3.11", 80),
+    "node_ip": {"node-a": "127.0.6.1", "node-b": "127.0.7.1"},
+}
 
 
 def log(msg: str) -> None:
@@ -294,6 +308,7 @@ http {{
   default_type application/octet-stream;
   server {{
     listen {host}:{port} backlog=4096;
+    listen {H3_PAIR["server"]}:{port} backlog=4096;
     root {www};
     location / {{ }}
   }}
@@ -825,16 +840,29 @@ def ztunnel_flags() -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*", out))
 
 
-def start_ztunnel_pair(sup: Supervisor, workdir: Path, ca_dir: Path, workers: int) -> PathRuntime:
+def start_ztunnel_pair(
+    sup: Supervisor, workdir: Path, ca_dir: Path, workers: int, *, http3: bool = False
+) -> PathRuntime:
     if (why := ztunnel_available()) is not None:
         raise BenchError(why)
-    for addr in (SERVICE_VIP, (BACKEND[0], 15008)):
+    vip, server, node_ip = SERVICE_VIP, BACKEND[0], NODE_IP
+    config = MESH_CONFIG
+    name = "ztunnel"
+    if http3:
+        vip, server, node_ip = H3_PAIR["vip"], H3_PAIR["server"], H3_PAIR["node_ip"]  # type: ignore[assignment]
+        config = MESH_CONFIG.replace(BACKEND[0], server).replace(SERVICE_VIP[0], vip[0])
+        name = "ztunnel-h3"
+    for addr in (vip, (server, 15008)):
         if not port_free(addr):
             raise BenchError(f"{addr[0]}:{addr[1]} is in use")
-    mesh = workdir / "mesh.yaml"
-    mesh.write_text(MESH_CONFIG)
+    mesh = workdir / f"mesh-{name}.yaml"
+    mesh.write_text(config)
     flags = ztunnel_flags()
     extra: list[str] = []
+    if http3:
+        if "--http3" not in flags:
+            raise BenchError("ztunnel has no --http3 flag")
+        extra += ["--http3", "--http3-peer", "*"]
     if "--workers" in flags:
         extra += ["--workers", str(workers)]
     else:
@@ -856,17 +884,21 @@ def start_ztunnel_pair(sup: Supervisor, workdir: Path, ca_dir: Path, workers: in
             "--capture",
             "bind",
             "--node-ip",
-            NODE_IP[node],
+            node_ip[node],
             *extra,
         ]
         if node == "node-a":
-            argv += ["--outbound-listen", f"{SERVICE_VIP[0]}:{SERVICE_VIP[1]}"]
-        proc = sup.start(f"ztunnel-{node}", argv)
-        wait_http(f"http://{NODE_IP[node]}:15021/healthz/ready", 30, proc)
+            argv += ["--outbound-listen", f"{vip[0]}:{vip[1]}"]
+            if http3:
+                # The client workload (127.0.0.1) is node A's in both pairs: node A's own
+                # (unused) inbound HBONE listener on it needs another port than the first pair's.
+                argv += ["--hbone-port", "15018"]
+        proc = sup.start(f"{name}-{node}", argv)
+        wait_http(f"http://{node_ip[node]}:15021/healthz/ready", 30, proc)
         procs.append(proc)
     procs.reverse()  # report node A first
-    smoke_get(SERVICE_VIP)
-    return PathRuntime("ztunnel", SERVICE_VIP, procs, workers)
+    smoke_get(vip)
+    return PathRuntime(name, vip, procs, workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -928,8 +960,18 @@ def _fmt(v: float | None, nd: int = 2, signed: bool = False) -> str:
 
 
 def build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[str, Any]]:
-    """Rows: metric, per-path values, ratios and the target verdict (targets: vs the Envoy pair)."""
-    d, e, z = (summary.get(p, {}) for p in PATHS)
+    """Rows: metric, per-path values, ratios and the target verdict (targets: vs the Envoy pair);
+    plus the HTTP/3 pair's value and its ratio to the Envoy pair in the same row."""
+    rows = _build_table(summary, rate)
+    h3 = _build_table({**summary, "ztunnel": summary.get("ztunnel-h3", {})}, rate)
+    for row, h3row in zip(rows, h3, strict=True):
+        row["ztunnel_h3"] = h3row["ztunnel"]
+        row["h3_over_envoy"] = h3row["ours_over_envoy"]
+    return rows
+
+
+def _build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[str, Any]]:
+    d, e, z = (summary.get(p, {}) for p in PATHS[:3])
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -1071,6 +1113,8 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "envoy pair",
         "node-proxy pair",
         "ours/envoy",
+        "node-proxy pair h3",
+        "h3/envoy",
         "ours/direct",
         "target",
         "pass/fail",
@@ -1086,6 +1130,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
                 _fmt(r["envoy"], nd, signed),
                 _fmt(r["ztunnel"], nd, signed),
                 _fmt(r["ours_over_envoy"], 2) + ("x" if r["ours_over_envoy"] is not None else ""),
+                _fmt(r.get("ztunnel_h3"), nd, signed),
+                _fmt(r.get("h3_over_envoy"), 2)
+                + ("x" if r.get("h3_over_envoy") is not None else ""),
                 _fmt(r["ours_over_direct"], 2) + ("x" if r["ours_over_direct"] is not None else ""),
                 r["target"] or "-",
                 verdict,
@@ -1180,7 +1227,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, short runs (~1 min)")
     ap.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")
     ap.add_argument("--duration", type=float, help="seconds per load run (default 10)")
-    ap.add_argument("--paths", default=",".join(PATHS), help="comma list of direct,envoy,ztunnel")
+    ap.add_argument(
+        "--paths", default=",".join(PATHS), help="comma list of direct,envoy,ztunnel,ztunnel-h3"
+    )
     ap.add_argument(
         "--workers", type=int, default=1, help="ztunnel --workers (default 1, its own default)"
     )
@@ -1238,6 +1287,15 @@ def main(argv: list[str] | None = None) -> int:
                 except BenchError as exc:
                     skipped["ztunnel"] = str(exc)
                     log(f"SKIP node-proxy pair: {exc}")
+            if "ztunnel-h3" in wanted:
+                try:
+                    runtimes["ztunnel-h3"] = start_ztunnel_pair(
+                        sup, workdir, ca_dir, s.ztunnel_workers, http3=True
+                    )
+                    log("node-proxy pair over HTTP/3 ready")
+                except BenchError as exc:
+                    skipped["ztunnel-h3"] = str(exc)
+                    log(f"SKIP node-proxy pair over HTTP/3: {exc}")
             order = [p for p in PATHS if p in runtimes]
             # Warm-up: a short keep-alive run through each path (connection pools, JIT-free caches).
             for p in order:

@@ -1,7 +1,9 @@
 """Mutual-TLS contexts for HBONE and verification of the peer's SPIFFE identity.
 
 Owns: building `ssl.SSLContext`s from a `WorkloadCertificate` (server and client side), caching
-them per certificate, and `verify_peer`, run right after the handshake and before any data.
+them per certificate, and `verify_peer`, run right after the handshake and before any data;
+`verify_peer_chain` applies the same checks (plus the chain, which OpenSSL's handshake does for
+`verify_peer`) for HBONE over QUIC, whose TLS stack (aioquic) does not verify client chains.
 
 Invariants (the HBONE wire contract of Istio ambient):
 - TLS 1.3 only (RFC 8446), ALPN "h2" (RFC 7301) on both sides, mutual authentication against the
@@ -25,10 +27,12 @@ import os
 import shutil
 import ssl
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Literal
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import CertificateError, IdentityError, PeerVerificationError
@@ -165,6 +169,15 @@ def verify_peer(
     if not isinstance(sans, tuple):
         raise PeerVerificationError("peer certificate subjectAltName is malformed")
     uris = [str(pair[1]) for pair in sans if len(pair) == 2 and pair[0] == "URI"]
+    return identity_from_uri_sans(uris, trust_domain=trust_domain, expected=expected)
+
+
+def identity_from_uri_sans(
+    uris: Sequence[str], *, trust_domain: str, expected: Collection[SpiffeId] | None
+) -> SpiffeId:
+    """The mesh identity rules on a verified peer leaf's URI SANs, shared by HBONE over TLS
+    (`verify_peer`) and over QUIC (`verify_peer_chain`): exactly one URI SAN, a workload SPIFFE
+    ID, our trust domain, and one of `expected` when given."""
     if len(uris) != 1:
         raise PeerVerificationError(
             f"peer certificate must have exactly one URI SAN, has {len(uris)}"
@@ -182,3 +195,67 @@ def verify_peer(
         allowed = ", ".join(sorted(str(e) for e in expected)) or "<none>"
         raise PeerVerificationError(f"peer {identity} is not an expected identity ({allowed})")
     return identity
+
+
+def _has_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
+    """OpenSSL's purpose check as the ssl module applies it: an extendedKeyUsage extension, if
+    present, must list the usage (RFC 5280 §4.2.1.12); no extension allows every usage."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return usage in eku
+
+
+def verify_peer_chain(
+    leaf_der: bytes | None,
+    chain_der: Sequence[bytes],
+    *,
+    roots_pem: bytes,
+    peer_side: Side,
+    trust_domain: str,
+    expected: Collection[SpiffeId] | None,
+    now: datetime,
+) -> SpiffeId:
+    """`verify_peer` for TLS stacks that do not verify the peer themselves (aioquic, see
+    `meshcore.hbone.h3`): the chain to `roots_pem` by OpenSSL (RFC 5280 §6, validity at `now`),
+    the key usage of the peer's role (`peer_side`), then the same identity rules."""
+    # pyOpenSSL wraps the same OpenSSL verifier the ssl module uses for HBONE over TCP.
+    from OpenSSL import crypto
+
+    if leaf_der is None:
+        raise PeerVerificationError("peer presented no certificate")
+    try:
+        leaf = x509.load_der_x509_certificate(leaf_der)
+        chain = [x509.load_der_x509_certificate(der) for der in chain_der]
+        roots = x509.load_pem_x509_certificates(roots_pem)
+    except ValueError as e:
+        raise PeerVerificationError(f"peer certificate cannot be parsed: {e}") from e
+    store = crypto.X509Store()
+    for root in roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    store.set_time(now)  # the injected clock (aware UTC); X.509 validity is checked at it
+    ctx = crypto.X509StoreContext(
+        store,
+        crypto.X509.from_cryptography(leaf),
+        [crypto.X509.from_cryptography(c) for c in chain],
+    )
+    try:
+        ctx.verify_certificate()
+    except crypto.X509StoreContextError as e:
+        raise PeerVerificationError(f"certificate verify failed: {e}") from e
+    usage = (
+        ExtendedKeyUsageOID.SERVER_AUTH
+        if peer_side == "server"
+        else (ExtendedKeyUsageOID.CLIENT_AUTH)
+    )
+    if not _has_usage(leaf, usage):
+        raise PeerVerificationError(f"peer certificate is not valid for {peer_side} use")
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    except ValueError as e:
+        raise PeerVerificationError(f"peer certificate subjectAltName is malformed: {e}") from e
+    return identity_from_uri_sans(uris, trust_domain=trust_domain, expected=expected)

@@ -7,7 +7,8 @@ Listeners are created from sockets we make ourselves (`make_listener`), never by
 asyncio, so a later zero-drop upgrade can hand the very same listening sockets to a new process.
 
 Ports (ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound HBONE,
-15000 admin (localhost), 15020 metrics, 15021 readiness.
+15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp (HBONE over
+HTTP/3, issue 16).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ztunnel.admin import (
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
+from ztunnel.proxy.inbound_h3 import H3Listener
 from ztunnel.proxy.outbound import OutboundConnection
 
 log = logging.getLogger("ztunnel")
@@ -70,6 +72,15 @@ def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.
     sock.bind((host, port))
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
+    return sock
+
+
+def make_udp_listener(host: str, port: int) -> socket.socket:
+    """A bound, non-blocking UDP socket for HBONE over HTTP/3 (QUIC)."""
+    from meshcore.hbone.h3aio import udp_socket
+
+    sock = udp_socket(host)
+    sock.bind((host, port))
     return sock
 
 
@@ -146,6 +157,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         default=int(env("WORKERS", "1")),
         help="worker processes sharing the listeners (env WORKERS)",
     )
+    p.add_argument(
+        "--http3",
+        action=argparse.BooleanOptionalAction,
+        default=env("HTTP3", "") in ("1", "true"),
+        help="also serve HBONE over HTTP/3 on the HBONE port over UDP (env HTTP3)",
+    )
+    p.add_argument(
+        "--http3-peer",
+        action="append",
+        default=[p for p in env("HTTP3_PEERS", "").split(",") if p],
+        help="node whose proxy is reached over HTTP/3 first ('*' = all; env HTTP3_PEERS)",
+    )
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     for name, default in (
@@ -165,6 +188,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
                 f"{ADMIN_LOOPBACK_WHY}")  # fmt: skip
     if args.mesh_config is None and not args.xds_address:
         p.error("--mesh-config or --xds-address is required")
+    if args.http3 and args.capture == "transparent":
+        # Pod capture is TCP-only (eBPF); UDP to a pod's 15008 would reach the pod, not us.
+        p.error("--http3 needs --capture bind (HTTP/3 under transparent capture: not implemented)")
     settings = ProxySettings(
         node=args.node,
         node_ip=args.node_ip,
@@ -179,6 +205,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         metrics_port=args.metrics_port,
         readiness_port=args.readiness_port,
         drain_timeout=args.drain_timeout,
+        http3=args.http3,
+        http3_peers=tuple(args.http3_peer),
     )
     return settings, args
 
@@ -188,7 +216,7 @@ class Listener:
     """A bound listening socket and what it serves. Created before any worker forks, so every
     worker accepts on the same sockets (and a successor process could inherit them)."""
 
-    role: str  # "outbound" | "plaintext" | "hbone"
+    role: str  # "outbound" | "plaintext" | "hbone" | "hbone-udp"
     sock: socket.socket
 
 
@@ -209,7 +237,13 @@ def bind_listeners(settings: ProxySettings, state: MeshState) -> list[Listener]:
     # socket's local address names the destination workload, as it does with capture.
     for wl in state.local_workloads(s.node):
         specs.extend(("hbone", str(ip), s.hbone_port) for ip in wl.addresses)
-    return [Listener(role, make_listener(host, port)) for role, host, port in specs]
+    listeners = [Listener(role, make_listener(host, port)) for role, host, port in specs]
+    listeners.extend(
+        Listener("hbone-udp", make_udp_listener(host, port))
+        for role, host, port in specs
+        if role == "hbone" and s.http3
+    )
+    return listeners
 
 
 class NodeProxy:
@@ -245,8 +279,17 @@ class NodeProxy:
             "plaintext": lambda: PlaintextInbound(ctx),
         }
         for listener in self.listeners:
-            if listener.role == "hbone":
-                hbone = HboneListener(ctx, listener.sock)
+            if listener.role == "hbone-udp" and not self.serve_admin:
+                # A UDP socket shared by forked workers would scatter one QUIC connection's
+                # datagrams over all of them: HTTP/3 is served by the first worker only.
+                listener.sock.close()
+                continue
+            if listener.role in ("hbone", "hbone-udp"):
+                hbone = (
+                    HboneListener(ctx, listener.sock)
+                    if listener.role == "hbone"
+                    else H3Listener(ctx, listener.sock)
+                )
                 hbone.start()
                 self.hbone_listeners.append(hbone)
             else:
@@ -314,10 +357,17 @@ class NodeProxy:
         self.ctx.pool.close_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ctx.settings.drain_timeout
-        while self.ctx.connections and loop.time() < deadline:
+        h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        # HTTP/3 connections (GOAWAY sent by listener.close) live on their UDP socket, which is
+        # therefore held until they end or the drain times out.
+        while (self.ctx.connections or any(x.live_connections for x in h3)) and (
+            loop.time() < deadline
+        ):
             await asyncio.sleep(0.05)
         for transport in list(self.ctx.connections):
             transport.abort()
+        for listener in h3:
+            listener.abort()
         for task in self._tasks:
             task.cancel()
 
@@ -332,7 +382,11 @@ def build_context(
         certs=CertificateManager(provider),
         metrics=metrics,
         tracker=ConnectionTracker(metrics),
-        pool=HbonePool(lambda ident: ctx.client_context(ident), trust_domain=settings.trust_domain),
+        pool=HbonePool(
+            lambda ident: ctx.client_context(ident),
+            trust_domain=settings.trust_domain,
+            cert_for=lambda ident: ctx.certs.get(ident),
+        ),
     )
     return ctx
 

@@ -7,6 +7,8 @@ Owns nothing the mesh depends on; it starts real processes and prints what happe
 The client connects to the VIP; node-a (bound on the VIP, which is what capture gives it) opens
 HBONE (HTTP/2 CONNECT over mutual TLS) to node-b with the client's certificate; node-b verifies
 it, authorizes it, connects to the server pod and relays. Everything is torn down at the end.
+`--http3`: the node proxies carry HBONE as HTTP/3 CONNECT over QUIC (15008/udp) instead, and the
+demo succeeds only if both access-log lines say transport h3.
 """
 
 from __future__ import annotations
@@ -117,7 +119,12 @@ def _section(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    unknown = [a for a in args if a != "--http3"]
+    if unknown:
+        raise SystemExit(f"usage: python -m ztunnel.demo [--http3]  (unknown: {unknown})")
+    http3 = ["--http3", "--http3-peer", "*"] if "--http3" in args else []
     tmp = Path(tempfile.mkdtemp(prefix="ambient-demo-"))
     (tmp / "mesh.yaml").write_text(yaml.safe_dump(MESH, sort_keys=False))
     procs: list[subprocess.Popen[bytes]] = []
@@ -144,13 +151,15 @@ def main() -> int:
                         "--ca-dir",
                         str(tmp / "ca"),
                         *extra,
+                        *http3,
                     ],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                 )
             )
             _wait_ready(ip, procs[-1])
-            print(f"{name} ready at {ip} (HBONE :15008, metrics :15020, admin :15000)")
+            udp = ", HTTP/3 :15008/udp" if http3 else ""
+            print(f"{name} ready at {ip} (HBONE :15008{udp}, metrics :15020, admin :15000)")
 
         _section("client pod 'sleep' -> echo.default.svc.cluster.local (VIP 127.0.43.10:80)")
         with socket.create_connection((VIP, 80), source_address=(CLIENT, 0), timeout=10) as s:
@@ -163,13 +172,16 @@ def main() -> int:
         time.sleep(0.2)  # let both proxies write their access log lines
 
         _section("identities, as each node proxy saw them (access log)")
+        transports = []
         for name in ("node-a", "node-b"):
             for line in logs[name].read_text().splitlines():
                 if "ztunnel.access" in line:
                     entry = json.loads(line.split("ztunnel.access ", 1)[1])
+                    transports.append(entry.get("transport"))
                     print(
                         f"{name} {entry['direction']:8} src.identity={entry['src.identity']}"
-                        f"  dst.identity={entry['dst.identity']}  bytes_sent="
+                        f"  dst.identity={entry['dst.identity']}  transport="
+                        f"{entry.get('transport')}  bytes_sent="
                         f"{entry['bytes_sent']} bytes_recv={entry['bytes_recv']}"
                     )
 
@@ -192,10 +204,12 @@ def main() -> int:
         certs = [c.get("identity") for c in dump.get("certificates", [])]
         print(f"node-a holds certificates for: {certs}")
         ok = reply.startswith(b"hello from echo, you are " + CLIENT.encode())
+        want = "h3" if http3 else "h2"
+        ok = ok and transports == [want, want]
         _section(
             "result: "
             + (
-                "OK, mutual TLS between node proxies, original source IP kept"
+                f"OK, mutual TLS between node proxies over {want}, original source IP kept"
                 if ok
                 else "UNEXPECTED reply"
             )

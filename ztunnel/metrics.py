@@ -42,6 +42,7 @@ LABELS = (
     "request_protocol",
     "connection_security_policy",
     "response_flags",
+    "transport",  # HBONE transport: "h2" (TLS/TCP) or "h3" (QUIC/UDP); issue 16
 )
 
 access_log = logging.getLogger("ztunnel.access")
@@ -122,6 +123,8 @@ class ConnectionRecord:
     destination_service_name: str | None = None
     destination_service_namespace: str | None = None
     hbone_addr: str | None = None
+    transport: str | None = None
+    """HBONE transport of the tunnel ("h2" / "h3"); None when no tunnel carried it."""
     mtls: bool = False
     response_flags: str = "-"
     error: str | None = None
@@ -152,6 +155,7 @@ class ConnectionRecord:
             "tcp",
             "mutual_tls" if self.mtls else "unknown",
             self.response_flags,
+            _unknown(self.transport),
         )
 
     def labels(self) -> dict[str, str]:
@@ -166,6 +170,7 @@ class ConnectionRecord:
             "src.identity": self.source_principal,
             "dst.addr": self.dst_addr,
             "dst.hbone_addr": self.hbone_addr,
+            "transport": self.transport,
             "dst.service": self.destination_service,
             "dst.workload": self.destination.name if self.destination else None,
             "dst.namespace": self.destination.namespace if self.destination else None,

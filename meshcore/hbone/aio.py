@@ -102,6 +102,8 @@ class HboneStream:
         "task",
     )
 
+    transport = "h2"  # for telemetry; HTTP/3 streams (meshcore.hbone.h3aio) say "h3"
+
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
         self._proto = proto
         self.stream_id = stream_id

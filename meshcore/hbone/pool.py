@@ -14,18 +14,31 @@ Invariants (in the spirit of ztunnel's pool.rs):
   or GOAWAY'd connection is never handed out again.
 - The key includes the source identity, so one workload's certificate is never used for another's
   traffic.
+- Transport (issue 16): a key with ``transport="h3"`` dials HBONE over HTTP/3
+  (`meshcore.hbone.h3aio`) first, bounded by `h3_attempt_timeout`; when that attempt fails for a
+  network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
+  and HTTP/2 is used meanwhile. A refused peer identity never falls back: it is an error on
+  either transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from meshcore.certs import WorkloadCertificate
 from meshcore.hbone.aio import HboneProtocol, HboneStream, TunnelSink, connect
+from meshcore.hbone.h3aio import H3Protocol, connect_h3
 from meshcore.identity import SpiffeId
+
+log = logging.getLogger("meshcore.hbone.pool")
+PooledConnection = HboneProtocol | H3Protocol
+H3_ATTEMPT_TIMEOUT = 2.0
+H3_RETRY_AFTER = 300.0
 
 IDLE_TIMEOUT = 300.0  # Istio: idle connections are released after 5 minutes
 MAX_STREAMS_PER_CONNECTION = 100
@@ -44,6 +57,8 @@ class PoolKey:
     """Bind the connection to this source IP (original-source mode), or None."""
     transparent: bool = False
     """Bind `source_ip` with IP_TRANSPARENT (it is not an address of this node)."""
+    transport: str = "h2"
+    """"h2": HBONE over HTTP/2 (TLS over TCP); "h3": try HTTP/3 (QUIC) first, see above."""
 
 
 class HbonePool:
@@ -55,14 +70,22 @@ class HbonePool:
         max_streams: int = MAX_STREAMS_PER_CONNECTION,
         idle_timeout: float = IDLE_TIMEOUT,
         connect_timeout: float = 10.0,
+        cert_for: Callable[[SpiffeId], Awaitable[WorkloadCertificate]] | None = None,
+        h3_attempt_timeout: float = H3_ATTEMPT_TIMEOUT,
+        h3_retry_after: float = H3_RETRY_AFTER,
     ) -> None:
         self._context_for = context_for
+        self._cert_for = cert_for
+        self.h3_attempt_timeout = h3_attempt_timeout
+        self.h3_retry_after = h3_retry_after
+        self.h3_unreachable: dict[tuple[str, int], float] = {}  # address -> retry HTTP/3 at
+        self.h3_fallbacks = 0
         self.trust_domain = trust_domain
         self.max_streams = max_streams
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
-        self._conns: dict[PoolKey, list[HboneProtocol]] = {}
-        self._connecting: dict[PoolKey, asyncio.Task[HboneProtocol]] = {}
+        self._conns: dict[PoolKey, list[PooledConnection]] = {}
+        self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
         self.connections_opened = 0
 
     async def open_stream(
@@ -77,7 +100,7 @@ class HbonePool:
         proto = await self._connection(key)
         return await proto.open_stream(authority, headers, sink)
 
-    async def _connection(self, key: PoolKey) -> HboneProtocol:
+    async def _connection(self, key: PoolKey) -> PooledConnection:
         failures = 0
         while True:
             for proto in self._conns.get(key, ()):
@@ -101,7 +124,47 @@ class HbonePool:
                 return proto
             # Filled up by others meanwhile: loop, and dial again if still full.
 
-    async def _dial(self, key: PoolKey) -> HboneProtocol:
+    async def _dial(self, key: PoolKey) -> PooledConnection:
+        proto: PooledConnection | None = None
+        if key.transport == "h3" and self._cert_for is not None:
+            proto = await self._dial_h3(key)
+        if proto is None:
+            proto = await self._dial_h2(key)
+        self.connections_opened += 1
+        self._conns.setdefault(key, []).append(proto)
+        return proto
+
+    async def _dial_h3(self, key: PoolKey) -> H3Protocol | None:
+        """HTTP/3, unless the address recently failed; None = use HTTP/2."""
+        assert self._cert_for is not None
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.h3_unreachable.get(key.address, 0.0):
+            return None
+        cert = await self._cert_for(key.source)
+        try:
+            return await connect_h3(
+                key.address[0],
+                key.address[1],
+                cert,
+                trust_domain=self.trust_domain,
+                expected=key.expected,
+                source_ip=key.source_ip,
+                transparent=key.transparent,
+                timeout=min(self.h3_attempt_timeout, self.connect_timeout),
+                on_close=functools.partial(self._remove, key),
+            )
+        except (TimeoutError, OSError) as err:  # not PeerVerificationError: no fallback
+            self.h3_unreachable[key.address] = loop.time() + self.h3_retry_after
+            self.h3_fallbacks += 1
+            log.warning(
+                "HTTP/3 to %s:%d failed (%s): HTTP/2 for %.0fs",
+                *key.address,
+                err or type(err).__name__,
+                self.h3_retry_after,
+            )
+            return None
+
+    async def _dial_h2(self, key: PoolKey) -> HboneProtocol:
         ctx = await self._context_for(key.source)
         proto = await connect(
             key.address[0],
@@ -114,14 +177,12 @@ class HbonePool:
             timeout=self.connect_timeout,
             on_close=functools.partial(self._remove, key),
         )
-        self.connections_opened += 1
-        self._conns.setdefault(key, []).append(proto)
         return proto
 
-    def _dialed(self, key: PoolKey, _task: asyncio.Task[HboneProtocol]) -> None:
+    def _dialed(self, key: PoolKey, _task: asyncio.Task[PooledConnection]) -> None:
         self._connecting.pop(key, None)
 
-    def _remove(self, key: PoolKey, proto: HboneProtocol) -> None:
+    def _remove(self, key: PoolKey, proto: PooledConnection) -> None:
         conns = self._conns.get(key)
         if conns and proto in conns:
             conns.remove(proto)
@@ -160,6 +221,7 @@ class HbonePool:
                 "destination": f"{key.address[0]}:{key.address[1]}",
                 "peer": str(proto.peer_identity) if proto.peer_identity else None,
                 "streams": len(proto.streams),
+                "transport": "h3" if isinstance(proto, H3Protocol) else "h2",
             }
             for key, conns in self._conns.items()
             for proto in conns

@@ -6,6 +6,10 @@ Addresses (loopback is all local on Linux, so no privileges are needed):
   service echo.default.svc.cluster.local VIP 127.0.23.10:80 -> 8080
 Node A's outbound listener is bound on the VIP, so `getsockname()` gives the original destination
 exactly as transparent capture does.
+
+`TRANSPORTS` ("h2", "h3"): the tunnel transport between the nodes. Tests that are about HBONE
+semantics take the `transport` fixture (tests/loopback/conftest.py) and pass it to
+`running_mesh`, so they run over HTTP/2 and over HTTP/3 (issue 16).
 """
 
 from __future__ import annotations
@@ -147,8 +151,21 @@ async def start_backend(
     return backend
 
 
-def settings(node: str, ip: str, outbound: tuple[tuple[str, int], ...] = ()) -> ProxySettings:
-    return ProxySettings(node=node, node_ip=ip, outbound_listen=outbound, drain_timeout=2.0)
+TRANSPORTS = ("h2", "h3")
+
+
+def settings(
+    node: str, ip: str, outbound: tuple[tuple[str, int], ...] = (), transport: str = "h2"
+) -> ProxySettings:
+    h3 = transport == "h3"
+    return ProxySettings(
+        node=node,
+        node_ip=ip,
+        outbound_listen=outbound,
+        drain_timeout=2.0,
+        http3=h3,
+        http3_peers=("*",) if h3 else (),
+    )
 
 
 @asynccontextmanager
@@ -160,6 +177,7 @@ async def running_mesh(
     cert_ttl: timedelta = timedelta(hours=24),
     clock: Callable[[], Any] = utcnow,
     node_b_outbound: tuple[tuple[str, int], ...] = (),
+    transport: str = "h2",
 ) -> AsyncIterator[Mesh]:
     cfg_path = tmp / "mesh.yaml"
     cfg_path.write_text(yaml.safe_dump(config or mesh_config()))
@@ -167,16 +185,19 @@ async def running_mesh(
     ca = MeshCA.load_or_create(tmp / "ca")
     provider = LocalCAProvider(ca, ttl=cert_ttl, clock=clock)
     node_a = NodeProxy(
-        build_context(settings("node-a", "127.0.21.1", ((VIP, 80),)), state, provider)
+        build_context(settings("node-a", "127.0.21.1", ((VIP, 80),), transport), state, provider)
     )
     node_b = NodeProxy(
-        build_context(settings("node-b", "127.0.22.1", node_b_outbound), state, provider)
+        build_context(settings("node-b", "127.0.22.1", node_b_outbound, transport), state, provider)
     )
     backend = backend or await start_backend()
     await node_a.start()
     await node_b.start()
     try:
         yield Mesh(ca=ca, node_a=node_a, node_b=node_b, backend=backend, tmp=tmp)
+        # An HTTP/3 run must not have silently fallen back to HTTP/2.
+        for node in (node_a, node_b) if transport == "h3" else ():
+            assert node.ctx.pool.h3_fallbacks == 0, "HTTP/3 fell back to HTTP/2"
     finally:
         await node_a.drain()
         await node_b.drain()

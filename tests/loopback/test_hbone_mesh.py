@@ -1,4 +1,5 @@
-"""Two real node proxies on loopback carrying TCP over HBONE (mTLS + HTTP/2 CONNECT)."""
+"""Two real node proxies on loopback carrying TCP over HBONE (mTLS + HTTP/2 CONNECT, or QUIC +
+HTTP/3 CONNECT: every test taking `transport` runs over both)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ def metric_text(proxy: object) -> str:
     return generate_latest(proxy.ctx.metrics.registry).decode()  # type: ignore[attr-defined]
 
 
-def test_64mib_each_way_on_concurrent_streams_arrive_intact(tmp_path: Path) -> None:
+def test_64mib_each_way_on_concurrent_streams_arrive_intact(tmp_path: Path, transport: str) -> None:
     streams, per_stream = 16, 4 * 1024 * 1024  # 64 MiB each way in total
 
     async def main() -> None:
-        async with running_mesh(tmp_path) as mesh:
+        async with running_mesh(tmp_path, transport=transport) as mesh:
             results = await asyncio.gather(
                 *(call_service(seed, per_stream, per_stream) for seed in range(streams))
             )
@@ -62,11 +63,12 @@ def test_64mib_each_way_on_concurrent_streams_arrive_intact(tmp_path: Path) -> N
     run(main())
 
 
-def test_identities_in_metrics_and_both_sides(tmp_path: Path) -> None:
+def test_identities_in_metrics_and_both_sides(tmp_path: Path, transport: str) -> None:
     async def main() -> None:
-        async with running_mesh(tmp_path) as mesh:
+        async with running_mesh(tmp_path, transport=transport) as mesh:
             (_got, n), _ = await call_service(7, 1000, 5000)
             assert n == 5000
+            assert [c["transport"] for c in mesh.node_a.ctx.pool.snapshot()] == [transport]
             await asyncio.sleep(0.1)
             dest = metric_text(mesh.node_b)
             src = metric_text(mesh.node_a)
@@ -77,12 +79,14 @@ def test_identities_in_metrics_and_both_sides(tmp_path: Path) -> None:
             assert f'source_principal="{SLEEP}"' in line
             assert f'destination_principal="{ECHO}"' in line
             assert 'connection_security_policy="mutual_tls"' in line
+            assert f'transport="{transport}"' in line
             # The destination learns the addressed service from `forwarded: ...;host=`.
             assert 'destination_service="echo.default.svc.cluster.local"' in line
             line = next(
                 x for x in src.splitlines() if x.startswith("istio_tcp_connections_opened_total{")
             )
             assert 'reporter="source"' in line and f'destination_principal="{ECHO}"' in line
+            assert f'transport="{transport}"' in line
             assert 'destination_service="echo.default.svc.cluster.local"' in line
             sent = [x for x in dest.splitlines() if x.startswith("istio_tcp_sent_bytes_total{")]
             assert sent and float(sent[0].rsplit(" ", 1)[1]) == 5000
@@ -90,7 +94,7 @@ def test_identities_in_metrics_and_both_sides(tmp_path: Path) -> None:
     run(main())
 
 
-def test_denied_connection_never_reaches_backend(tmp_path: Path) -> None:
+def test_denied_connection_never_reaches_backend(tmp_path: Path, transport: str) -> None:
     deny_sleep = {
         "name": "deny-sleep",
         "namespace": "default",
@@ -106,7 +110,7 @@ def test_denied_connection_never_reaches_backend(tmp_path: Path) -> None:
     }
 
     async def main() -> None:
-        async with running_mesh(tmp_path, mesh_config([deny_sleep])) as mesh:
+        async with running_mesh(tmp_path, mesh_config([deny_sleep]), transport=transport) as mesh:
             reader, writer = await asyncio.open_connection(
                 "127.0.23.10", 80, local_addr=(CLIENT_IP, 0)
             )
@@ -223,7 +227,7 @@ def test_same_node_fast_path_keeps_identity_policy_and_source(tmp_path: Path) ->
     run(main())
 
 
-def test_resets_propagate_both_ways(tmp_path: Path) -> None:
+def test_resets_propagate_both_ways(tmp_path: Path, transport: str) -> None:
     """TCP RST <-> RST_STREAM(CONNECT_ERROR) <-> TCP RST (RFC 9113 §8.5), in both directions."""
     import socket
     import struct
@@ -249,7 +253,7 @@ def test_resets_propagate_both_ways(tmp_path: Path) -> None:
 
     async def main() -> None:
         backend = await start_backend(handler)
-        async with running_mesh(tmp_path, backend=backend):
+        async with running_mesh(tmp_path, backend=backend, transport=transport):
             reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
             writer.write(b"reset-me")
             with pytest.raises(ConnectionResetError):
@@ -270,11 +274,11 @@ def test_resets_propagate_both_ways(tmp_path: Path) -> None:
     run(main())
 
 
-def test_idle_pooled_connection_is_released(tmp_path: Path) -> None:
+def test_idle_pooled_connection_is_released(tmp_path: Path, transport: str) -> None:
     """A pooled HBONE connection with no stream for the idle timeout (5 min) is closed."""
 
     async def main() -> None:
-        async with running_mesh(tmp_path) as mesh:
+        async with running_mesh(tmp_path, transport=transport) as mesh:
             pool = mesh.node_a.ctx.pool
             (_h, n), _ = await call_service(1, 100, 100)
             assert n == 100 and len(pool.snapshot()) == 1

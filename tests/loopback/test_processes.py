@@ -92,7 +92,10 @@ def children_of(pid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_two_ztunnel_processes(tmp_path: Path, workers: int) -> None:
+def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> None:
+    """`transport` h3: HBONE over HTTP/3 between the processes; with 2 workers each of node-a's
+    workers dials its own QUIC connection, and node-b's first worker serves 15008/udp."""
+    h3 = ["--http3", "--http3-peer", "*"] if transport == "h3" else []
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(config()))
     logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("node-a", "node-b")}
@@ -101,7 +104,7 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int) -> None:
         return await asyncio.create_subprocess_exec(
             ztunnel_exe(), "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
             "--ca-dir", str(tmp_path / "ca"), "--capture", "bind",
-            "--drain-timeout", str(DRAIN), "--workers", str(workers), *extra,
+            "--drain-timeout", str(DRAIN), "--workers", str(workers), *extra, *h3,
             stdin=asyncio.subprocess.DEVNULL, stdout=logs[node], stderr=logs[node],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
@@ -167,6 +170,7 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int) -> None:
                 assert f'reporter="{reporter}"' in opened[0]
                 assert f'source_principal="{SLEEP}"' in opened[0]
                 assert f'destination_principal="{ECHO}"' in opened[0]
+                assert f'transport="{transport}"' in opened[0]
 
             # SIGTERM: both drain and exit 0 well within the drain timeout.
             loop = asyncio.get_running_loop()

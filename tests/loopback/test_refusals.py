@@ -3,6 +3,8 @@
 Every test uses real certificates and real loopback sockets against the in-process mesh of
 `tests.loopback.harness`. Refusals are checked on both ends: the client sees the failure (or the
 right status / GOAWAY code) and the backend behind node B never accepts a connection.
+Tests taking `transport` run against node B's HTTP/2 listener (15008/tcp) and its HTTP/3 one
+(15008/udp); the malformed-HTTP/2 tests are HTTP/2's own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, WorkloadCertificate, utcnow
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.aio import HboneProtocol, connect
+from meshcore.hbone.h3aio import H3Protocol, connect_h3
 from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
@@ -48,6 +51,7 @@ from tests.loopback.harness import (
     start_backend,
 )
 from ztunnel.app import NodeProxy, build_context
+from ztunnel.proxy.inbound_h3 import H3Listener
 
 HBONE = (SERVER_IP, 15008)
 SLEEP_ID = SpiffeId.parse(SLEEP)
@@ -133,8 +137,18 @@ async def dial(
     *,
     expected: SpiffeId = ECHO_ID,
     trust_domain: str = TD,
-) -> HboneProtocol:
+    transport: str = "h2",
+) -> HboneProtocol | H3Protocol:
     """A raw HBONE client connection to node B's listener, from the client pod's address."""
+    if transport == "h3":
+        return await connect_h3(
+            *HBONE,
+            cert,
+            trust_domain=trust_domain,
+            expected=[expected],
+            source_ip=CLIENT_IP,
+            timeout=5.0,
+        )
     return await connect(
         *HBONE,
         client_context(cert),
@@ -145,12 +159,14 @@ async def dial(
     )
 
 
-async def connect_through(cert: WorkloadCertificate, *, settle: float = 0.0) -> None:
+async def connect_through(
+    cert: WorkloadCertificate, *, settle: float = 0.0, transport: str = "h2"
+) -> None:
     """Dial node B with `cert` and try to open a stream to the backend; must fail.
 
     `settle` waits before the CONNECT, so that a refusal the server sends after the client's
     side of the TLS 1.3 handshake (client certificates are checked last) has already arrived."""
-    proto = await dial(cert)
+    proto = await dial(cert, transport=transport)
     try:
         if settle:
             await asyncio.sleep(settle)
@@ -164,7 +180,7 @@ REFUSED = (ConnectionError, PeerVerificationError, ssl.SSLError, HboneError)
 
 @asynccontextmanager
 async def mesh_with_ca(
-    tmp: Path, ca: MeshCA, config: dict[str, Any] | None = None
+    tmp: Path, ca: MeshCA, config: dict[str, Any] | None = None, transport: str = "h2"
 ) -> AsyncIterator[Mesh]:
     """Like `running_mesh`, but with a CA built by the test (e.g. trusting an extra root)."""
     cfg_path = tmp / "mesh.yaml"
@@ -172,9 +188,11 @@ async def mesh_with_ca(
     state = MeshState.from_config(load_mesh_config(cfg_path))
     provider = LocalCAProvider(ca)
     node_a = NodeProxy(
-        build_context(settings("node-a", "127.0.21.1", ((VIP, 80),)), state, provider)
+        build_context(settings("node-a", "127.0.21.1", ((VIP, 80),), transport), state, provider)
     )
-    node_b = NodeProxy(build_context(settings("node-b", "127.0.22.1"), state, provider))
+    node_b = NodeProxy(
+        build_context(settings("node-b", "127.0.22.1", transport=transport), state, provider)
+    )
     backend = await start_backend()
     await node_a.start()
     await node_b.start()
@@ -193,13 +211,13 @@ async def mesh_with_ca(
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("settle", [0.0, 0.3])
 def test_certificate_from_another_ca_is_refused(
-    tmp_path: Path, settle: float, loop: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, settle: float, loop: str, caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
     """The TLS handshake itself fails on node B (accept_tls, under both event loops)."""
     caplog.set_level(logging.INFO, logger="ztunnel.access")
 
     async def main() -> None:
-        async with running_mesh(tmp_path) as mesh:
+        async with running_mesh(tmp_path, transport=transport) as mesh:
             rogue = MeshCA.create_root(trust_domain=TD)
             issued = rogue.issue(SLEEP_ID, now=utcnow())
             # The client trusts node B (so the refusal is node B's), node B does not trust it.
@@ -207,7 +225,7 @@ def test_certificate_from_another_ca_is_refused(
                 SLEEP_ID, issued.key_pem, issued.chain_pem, rogue.roots_pem + mesh.ca.roots_pem
             )
             with pytest.raises(REFUSED):
-                await connect_through(cert, settle=settle)
+                await connect_through(cert, settle=settle, transport=transport)
             await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
             assert mesh.backend.accepted == 0
             assert "istio_tcp_connections_opened_total{" not in metric_text(mesh.node_b)
@@ -217,7 +235,7 @@ def test_certificate_from_another_ca_is_refused(
 
 
 def test_other_trust_domain_chaining_to_a_trusted_root_is_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="ztunnel.access")
 
@@ -225,7 +243,7 @@ def test_other_trust_domain_chaining_to_a_trusted_root_is_refused(
         other = MeshCA.create_root(trust_domain="other.local")
         ca = MeshCA.create_root(trust_domain=TD)
         ca.add_trusted_root(other.root_pem)  # before any workload certificate is issued
-        async with mesh_with_ca(tmp_path, ca) as mesh:
+        async with mesh_with_ca(tmp_path, ca, transport=transport) as mesh:
             b_cert = await mesh.node_b.ctx.certs.get(ECHO_ID)
             assert other.root_pem in b_cert.roots_pem  # node B's TLS accepts the chain...
             foreign = SpiffeId.parse("spiffe://other.local/ns/default/sa/sleep")
@@ -234,7 +252,7 @@ def test_other_trust_domain_chaining_to_a_trusted_root_is_refused(
                 foreign, issued.key_pem, issued.chain_pem, ca.roots_pem
             )
             with pytest.raises(REFUSED):
-                await connect_through(cert, settle=0.2)
+                await connect_through(cert, settle=0.2, transport=transport)
             # ...and verify_peer refuses the trust domain.
             await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
             assert mesh.backend.accepted == 0
@@ -244,18 +262,18 @@ def test_other_trust_domain_chaining_to_a_trusted_root_is_refused(
 
 
 def test_expired_client_certificate_is_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="ztunnel.access")
 
     async def main() -> None:
-        async with running_mesh(tmp_path) as mesh:
+        async with running_mesh(tmp_path, transport=transport) as mesh:
             cert = mesh.ca.issue(
                 SLEEP_ID, ttl=timedelta(minutes=5), now=utcnow() - timedelta(days=1)
             )
             assert cert.expired(utcnow())
             with pytest.raises(REFUSED):
-                await connect_through(cert, settle=0.2)
+                await connect_through(cert, settle=0.2, transport=transport)
             await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
             assert mesh.backend.accepted == 0
 
@@ -266,13 +284,13 @@ def test_expired_client_certificate_is_refused(
 # ---- 4: the client refuses the server -------------------------------------------------------
 
 
-def test_unexpected_server_san_raises_before_connect(tmp_path: Path) -> None:
+def test_unexpected_server_san_raises_before_connect(tmp_path: Path, transport: str) -> None:
     async def main() -> None:
-        async with running_mesh(tmp_path) as mesh:
+        async with running_mesh(tmp_path, transport=transport) as mesh:
             cert = mesh.ca.issue(SLEEP_ID, now=utcnow())
             other = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/other")
             with pytest.raises(PeerVerificationError, match="not an expected identity"):
-                await dial(cert, expected=other)
+                await dial(cert, expected=other, transport=transport)
             await asyncio.sleep(0.1)
             assert mesh.backend.accepted == 0
             text = metric_text(mesh.node_b)
@@ -341,15 +359,15 @@ def test_non_connect_request_gets_400(tmp_path: Path) -> None:
     run(main())
 
 
-def test_connect_denied_by_policy_gets_401_without_upstream(tmp_path: Path) -> None:
+def test_connect_denied_by_policy_gets_401_without_upstream(tmp_path: Path, transport: str) -> None:
     deny_sleep = {
         "name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE", "action": "DENY",
         "rules": [{"clauses": [{"matches": [{"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}]}]}],
     }  # fmt: skip
 
     async def main() -> None:
-        async with running_mesh(tmp_path, mesh_config([deny_sleep])) as mesh:
-            proto = await dial(mesh.ca.issue(SLEEP_ID, now=utcnow()))
+        async with running_mesh(tmp_path, mesh_config([deny_sleep]), transport=transport) as mesh:
+            proto = await dial(mesh.ca.issue(SLEEP_ID, now=utcnow()), transport=transport)
             with pytest.raises(HboneError) as info:
                 await proto.open_stream(f"{SERVER_IP}:{BACKEND_PORT}", [], Sink())
             assert getattr(info.value, "status", None) == 401
@@ -362,10 +380,10 @@ def test_connect_denied_by_policy_gets_401_without_upstream(tmp_path: Path) -> N
     run(main())
 
 
-def test_refused_upstream_gets_503(tmp_path: Path) -> None:
+def test_refused_upstream_gets_503(tmp_path: Path, transport: str) -> None:
     async def main() -> None:
-        async with running_mesh(tmp_path) as mesh:
-            proto = await dial(mesh.ca.issue(SLEEP_ID, now=utcnow()))
+        async with running_mesh(tmp_path, transport=transport) as mesh:
+            proto = await dial(mesh.ca.issue(SLEEP_ID, now=utcnow()), transport=transport)
             with pytest.raises(HboneError) as info:
                 await proto.open_stream(f"{SERVER_IP}:9", [], Sink())
             assert getattr(info.value, "status", None) == 503
@@ -397,21 +415,39 @@ async def echo_round(
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-def peer_serial(transport: asyncio.BaseTransport) -> int:
-    der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+def peer_serial(conn: asyncio.BaseTransport | H3Protocol) -> int:
+    """Serial of the certificate the peer presented on an HBONE connection (either transport)."""
+    if isinstance(conn, H3Protocol):
+        leaf = conn.conn.quic.tls._peer_certificate
+        assert leaf is not None
+        return leaf.serial_number
+    der = conn.get_extra_info("ssl_object").getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(tmp_path: Path) -> None:
+def inbound_connections(node: NodeProxy) -> list[asyncio.BaseTransport | H3Protocol]:
+    """Node B's accepted HBONE connections: TLS transports, and QUIC connections per listener."""
+    conns: list[asyncio.BaseTransport | H3Protocol] = list(node.ctx.connections)
+    for listener in node.hbone_listeners:
+        if isinstance(listener, H3Listener) and listener.endpoint is not None:
+            conns.extend(listener.endpoint.connections.values())
+    return conns
+
+
+def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(
+    tmp_path: Path, transport: str
+) -> None:
     async def main() -> None:
         backend = await start_backend(echo_handler)
-        async with running_mesh(tmp_path, backend=backend, cert_ttl=timedelta(minutes=10)) as mesh:
+        async with running_mesh(
+            tmp_path, backend=backend, cert_ttl=timedelta(minutes=10), transport=transport
+        ) as mesh:
             a, b = mesh.node_a.ctx, mesh.node_b.ctx
             reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
             await echo_round(reader, writer, 1, 100_000)
             old_sleep, old_echo = await a.certs.get(SLEEP_ID), await b.certs.get(ECHO_ID)
             assert a.pool.connections_opened == 1
-            (old_conn,) = [t for t in b.connections]
+            (old_conn,) = inbound_connections(mesh.node_b)
             assert peer_serial(old_conn) == old_sleep.serial
 
             # Both nodes reach their refresh time (the clock is injected through tick's `now`).
@@ -431,8 +467,9 @@ def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(tmp_path: 
             await echo_round(r2, w2, 9, 50_000)
             assert a.pool.connections_opened == 2
             (proto,) = [p for conns in a.pool._conns.values() for p in conns]
-            assert proto.transport is not None and peer_serial(proto.transport) == new_echo.serial
-            serials = {peer_serial(t) for t in b.connections}
+            conn = proto if isinstance(proto, H3Protocol) else proto.transport
+            assert conn is not None and peer_serial(conn) == new_echo.serial
+            serials = {peer_serial(t) for t in inbound_connections(mesh.node_b)}
             assert serials == {old_sleep.serial, new_sleep.serial}
 
             # Old stream still fine after the new connection came up; then both finish cleanly.
@@ -442,7 +479,7 @@ def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(tmp_path: 
                 assert await asyncio.wait_for(r.read(), 5) == b""
                 w.close()
             # The retired connection closes once its last stream has ended.
-            await wait_until(lambda: old_conn not in b.connections)
+            await wait_until(lambda: old_conn not in inbound_connections(mesh.node_b))
             assert mesh.backend.accepted == 2
 
     run(main())

@@ -56,6 +56,11 @@ class ProxySettings:
     """SETTINGS_MAX_CONCURRENT_STREAMS advertised on inbound HBONE connections."""
     max_pending_connects: int = 1024
     """Upstream connects in flight in this process (the excess waits)."""
+    http3: bool = False
+    """Also serve HBONE over HTTP/3 on 15008/udp (bind capture; see ztunnel.proxy.inbound_h3)."""
+    http3_peers: tuple[str, ...] = ()
+    """Nodes whose proxies we reach over HTTP/3 first ("*" = every node); any other destination,
+    e.g. an Istio ztunnel, keeps HTTP/2. Needs `http3` (our own UDP sockets exist then)."""
 
     @property
     def admin_host(self) -> str:
@@ -95,6 +100,15 @@ class ProxyContext:
 
     async def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
         return self.contexts.server(await self.certs.get(identity))
+
+    def transport_for(self, node: str | None) -> str:
+        """HBONE transport toward a destination workload on `node` (issue 16): "h3" only when
+        configured for that node, else "h2"."""
+        s = self.settings
+        peers = s.http3_peers
+        if s.http3 and s.capture == "bind" and node is not None and ("*" in peers or node in peers):
+            return "h3"
+        return "h2"
 
     def source_binding(self, src_ip: str) -> tuple[str | None, bool]:
         """(source IP to bind, needs IP_TRANSPARENT) for connections made on behalf of `src_ip`.

@@ -291,6 +291,7 @@ class HboneListener:
             source_principal=str(stream.peer_identity) if stream.peer_identity else None,
             mtls=True,
             hbone_addr=stream.authority,
+            transport=stream.transport,
         )
         src_ip = peer_ip
         rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)

@@ -132,6 +132,11 @@ class OutboundConnection(TcpSide):
             address=plan.target_addr,
             source_ip=source_ip,
             transparent=transparent,
+            transport=ctx.transport_for(
+                plan.destination_workload.node
+                if plan.destination_workload is not None and plan.waypoint is None
+                else None
+            ),
         )
         headers = [("forwarded", f'for="{src_ip}:{src_port}"')]
         if plan.service is not None:
@@ -143,6 +148,7 @@ class OutboundConnection(TcpSide):
         rec.hbone_addr = plan.authority
         stream = await ctx.pool.open_stream(key, plan.authority, headers, self)
         rec.mtls = True
+        rec.transport = stream.transport
         rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None
         self.attach(stream)
 

@@ -1,0 +1,613 @@
+"""asyncio edge of HBONE over HTTP/3: moves datagrams between UDP sockets and `H3HboneConnection`.
+
+Owns: `H3Protocol` (one QUIC connection, either role, with its timer), `H3Stream` (the
+`TunnelStream` the proxies use; a subclass of `HboneStream` so the proxies and the pool need not
+know the transport), the client dial `connect_h3` (one connected UDP socket per QUIC connection,
+from the source IP the pool key names) and the server endpoint `H3Endpoint` (one UDP socket per
+listening address, connections keyed by the peer's address).
+
+Invariants:
+- Every batch of events from the core is followed by exactly one flush of its datagrams and a
+  re-armed timer (aioquic's get_timer()/handle_timer(now)).
+- `ready` resolves only after the peer passed `meshcore.tls.verify_peer_chain`; no stream is
+  opened or served before (the core does not even create its HTTP/3 layer before).
+- Connection migration is ignored: a connection only takes datagrams from the address it began
+  with. The server endpoint creates state only for a client Initial of >= 1200 bytes
+  (`initial_dcid`), bounded in total, per peer IP (handshakes in progress and connections), and
+  drops everything else silently (no Version Negotiation, no Retry, no stateless reset: nothing
+  is sent to an unverified source). Handshakes not verified within `handshake_timeout` are
+  dropped and reported.
+- Received data is credited back to the peer only once the sink accepted it without pausing,
+  as in `meshcore.hbone.aio`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Collection, Sequence
+
+from meshcore.certs import WorkloadCertificate, utcnow
+from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.hbone.aio import HboneStream, TunnelSink
+from meshcore.hbone.connection import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    Role,
+    StreamEnded,
+    StreamReset,
+    WindowOpened,
+)
+from meshcore.hbone.frames import ErrorCode
+from meshcore.hbone.h3 import (
+    H3_NO_ERROR,
+    H3HboneConnection,
+    PeerRefused,
+    PeerVerified,
+    initial_dcid,
+)
+from meshcore.identity import SpiffeId
+
+log = logging.getLogger("meshcore.hbone.h3")
+
+Address = tuple[str, int]
+UDP_BUFFER = 4 * 1024 * 1024  # socket buffers: a window's worth of datagrams in flight
+IP_TRANSPARENT = 19  # linux/in.h
+
+
+class H3Stream(HboneStream):
+    """One CONNECT stream on an `H3Protocol`."""
+
+    __slots__ = ("_h3",)
+    transport = "h3"
+
+    def __init__(self, proto: H3Protocol, stream_id: int) -> None:
+        # Not calling HboneStream.__init__: it binds an HTTP/2 protocol; the slots are the same.
+        self._h3 = proto
+        self.stream_id = stream_id
+        self.sink: TunnelSink | None = None
+        self.peer_identity = proto.peer_identity
+        self.headers: list[tuple[str, str]] = []
+        self.authority = ""
+        self.response: asyncio.Future[int] | None = None
+        self._early: list[bytes | None] = []
+        self.closed = False
+        self.task: asyncio.Task[None] | None = None  # work for this stream; cancelled when gone
+
+    def attach(self, sink: TunnelSink) -> None:
+        self.sink = sink
+        early, self._early = self._early, []
+        for chunk in early:
+            if chunk is None:
+                sink.tunnel_eof()
+            else:
+                sink.tunnel_data(chunk)
+                self._h3.conn.acknowledge_received_data(self.stream_id, len(chunk))
+        self._h3.schedule_flush()
+
+    def respond(self, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
+        self._h3.conn.respond(self.stream_id, status, headers)
+        if status != 200:
+            self._h3.forget(self.stream_id)
+        self._h3.schedule_flush()
+
+    def write(self, data: bytes) -> None:
+        if not self._h3.conn.send_data(self.stream_id, data) and self.sink is not None:
+            self.sink.tunnel_pause_source()
+        self._h3.schedule_flush()
+
+    def write_eof(self) -> None:
+        self._h3.conn.end_stream(self.stream_id)
+        if not self._h3.conn.is_open(self.stream_id):
+            self._h3.forget(self.stream_id)
+        self._h3.schedule_flush()
+
+    def reset(self, code: int = ErrorCode.CONNECT_ERROR) -> None:
+        if not self.closed:
+            self._gone()
+            self._h3.conn.reset_stream(self.stream_id, code)
+            self._h3.forget(self.stream_id)
+            self._h3.schedule_flush()
+
+    def acknowledge(self, length: int) -> None:
+        self._h3.conn.acknowledge_received_data(self.stream_id, length)
+        self._h3.schedule_flush()
+
+
+RequestHandler = Callable[[H3Stream], None]
+
+
+class H3Protocol:
+    """One QUIC connection speaking HBONE. Create with `connect_h3()` or `H3Endpoint`."""
+
+    def __init__(
+        self,
+        role: Role,
+        cert: WorkloadCertificate,
+        *,
+        trust_domain: str,
+        expected: Collection[SpiffeId] | None,
+        peer_addr: Address,
+        send: Callable[[bytes, Address], None],
+        on_request: RequestHandler | None = None,
+        on_close: Callable[[H3Protocol], None] | None = None,
+        original_dcid: bytes | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.conn = H3HboneConnection(
+            role,
+            cert,
+            trust_domain=trust_domain,
+            expected=expected,
+            wall_clock=utcnow(),
+            original_dcid=original_dcid,
+        )
+        self.role = role
+        self.peer_addr = peer_addr
+        self._send = send
+        self.on_request = on_request
+        self.on_close = on_close
+        self.peer_identity: SpiffeId | None = None
+        self.streams: dict[int, H3Stream] = {}
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self.closed = False
+        self.idle_since = self._loop.time()
+        self.transport = None  # no TLS transport: the pool/proxies check this for HTTP/2 only
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_pending = False
+
+    # ---- I/O -------------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Address, *, flush: bool = True) -> None:
+        """Feed one datagram; with flush=False the caller flushes once after a batch."""
+        if self.closed or addr[:2] != self.peer_addr:
+            return  # migration ignored (see module docstring)
+        self._dispatch(self.conn.receive_datagram(data, addr, self._loop.time()))
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        if self.closed:
+            return
+        for data, addr in self.conn.datagrams_to_send(self._loop.time()):
+            self._send(data, addr)
+        if self.conn.terminated:
+            self._lost(ConnectionResetError("HTTP/3 connection closed"))
+            return
+        self._arm_timer()
+
+    def schedule_flush(self) -> None:
+        """Coalesce the writes of many streams in one loop iteration into one flush."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush)
+
+    def _arm_timer(self) -> None:
+        at = self.conn.get_timer()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = None if at is None else self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        if self.closed:
+            return
+        self._dispatch(self.conn.handle_timer(self._loop.time()))
+        self.flush()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Graceful: no new streams; the QUIC connection closes once the last stream ended."""
+        self.conn.close()
+        self.flush()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.conn.quic.close(error_code=H3_NO_ERROR, reason_phrase="aborted")
+            for data, addr in self.conn.datagrams_to_send(self._loop.time()):
+                self._send(data, addr)
+            self._lost(ConnectionResetError("HTTP/3 connection aborted"))
+
+    def _lost(self, exc: Exception) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.ready.done():
+            self.ready.set_exception(self.conn.refused or exc)
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream._gone()
+            if stream.response is not None and not stream.response.done():
+                stream.response.set_exception(ConnectionResetError("HTTP/3 connection lost"))
+            if stream.sink is not None:
+                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def forget(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream._gone()
+        if not self.streams:
+            self.idle_since = self._loop.time()
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[Event]) -> None:
+        conn = self.conn
+        for ev in events:
+            if type(ev) is DataReceived:
+                stream = self.streams.get(ev.stream_id)
+                if stream is None:
+                    conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+                elif stream.sink is None:
+                    stream._early.append(ev.data)
+                else:
+                    stream.sink.tunnel_data(ev.data)
+                    if not stream.sink.write_paused:
+                        conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+            elif type(ev) is StreamEnded:
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None:
+                    if stream.sink is None:
+                        stream._early.append(None)
+                    else:
+                        stream.sink.tunnel_eof()
+            elif type(ev) is PeerVerified:
+                self.peer_identity = ev.identity
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif type(ev) is PeerRefused:
+                if not self.ready.done():
+                    self.ready.set_exception(ev.error)
+            elif type(ev) is RequestReceived:
+                self._on_request(ev)
+            elif type(ev) is ResponseReceived:
+                stream = self.streams.get(ev.stream_id)
+                if stream is not None and stream.response is not None:
+                    stream.headers = ev.headers
+                    if not stream.response.done():
+                        stream.response.set_result(ev.status)
+                    if ev.status != 200:
+                        self.forget(ev.stream_id)
+            elif type(ev) is StreamReset:
+                stream = self.streams.pop(ev.stream_id, None)
+                if stream is not None:
+                    stream._gone()
+                    if stream.response is not None and not stream.response.done():
+                        stream.response.set_exception(
+                            ConnectionResetError(f"stream reset by peer (code {ev.error_code})")
+                        )
+                    if stream.sink is not None:
+                        stream.sink.tunnel_reset(ev.error_code)
+                    self.forget(ev.stream_id)
+            elif type(ev) is WindowOpened:
+                for sid in ev.stream_ids:
+                    stream = self.streams.get(sid)
+                    if stream is not None and stream.sink is not None:
+                        stream.sink.tunnel_resume_source()
+            elif type(ev) is ConnectionTerminated:
+                pass  # `flush` sees conn.terminated and tears down
+        for sid in [s for s in self.streams if not conn.is_open(s)]:
+            self.forget(sid)
+
+    def _on_request(self, ev: RequestReceived) -> None:
+        stream = H3Stream(self, ev.stream_id)
+        stream.headers = ev.headers
+        self.streams[ev.stream_id] = stream
+        method = next((v for k, v in ev.headers if k == ":method"), "")
+        stream.authority = next((v for k, v in ev.headers if k == ":authority"), "")
+        if method != "CONNECT" or any(
+            k in (":path", ":scheme", ":protocol") for k, _ in ev.headers
+        ):
+            stream.respond(400)  # RFC 9114 §4.4 / HBONE: only plain CONNECT is accepted
+            return
+        if self.on_request is None:
+            stream.respond(503)
+            return
+        self.on_request(stream)
+
+    # ---- client ----------------------------------------------------------------------------
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
+    ) -> H3Stream:
+        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        if self.closed or not self.conn.can_open_stream(self.conn.max_streams):
+            raise ConnectionResetError("HTTP/3 connection closed")
+        sid = self.conn.open_connect(authority, headers)
+        stream = H3Stream(self, sid)
+        stream.authority = authority
+        stream.response = self._loop.create_future()
+        stream.sink = sink
+        self.streams[sid] = stream
+        self.flush()
+        status = await stream.response
+        if status != 200:
+            refused = HboneError(f"CONNECT {authority} refused with {status}")
+            refused.status = status
+            raise refused
+        return stream
+
+
+READ_BATCH = 64  # datagrams read per readiness callback before one flush
+
+
+class _UdpClient:
+    """Client side: the connected UDP socket of one `H3Protocol`. Reads are drained in batches
+    (asyncio's datagram transport reads one datagram per loop iteration, and answering each one
+    separately costs a packet build per datagram); one flush follows each batch."""
+
+    def __init__(self, sock: socket.socket, peer: Address) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.proto: H3Protocol | None = None
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        proto = self.proto
+        for _ in range(READ_BATCH):
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                # ICMP port unreachable on a connected socket: nobody listens on UDP there.
+                if proto is not None and not proto.ready.done():
+                    proto.abort()
+                return
+            if proto is not None:
+                proto.datagram_received(data, self.peer, flush=False)
+        if proto is not None:
+            proto.flush()
+
+    def send(self, data: bytes, _addr: Address) -> None:
+        with contextlib.suppress(OSError):  # full buffer / ICMP error: QUIC recovers the loss
+            self.sock.send(data)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def udp_socket(host: str, *, transparent: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, UDP_BUFFER)
+    if transparent:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.setblocking(False)
+    return sock
+
+
+async def connect_h3(
+    host: str,
+    port: int,
+    cert: WorkloadCertificate,
+    *,
+    trust_domain: str,
+    expected: Collection[SpiffeId],
+    source_ip: str | None = None,
+    transparent: bool = False,
+    timeout: float = 10.0,
+    on_close: Callable[[H3Protocol], None] | None = None,
+) -> H3Protocol:
+    """Open an HBONE-over-HTTP/3 connection presenting `cert` and verify the server is one of
+    `expected`. Raises PeerVerificationError, TimeoutError or OSError."""
+    loop = asyncio.get_running_loop()
+    sock = udp_socket(host, transparent=transparent)
+    try:
+        if source_ip is not None:
+            sock.bind((source_ip, 0))
+        sock.connect((host, port))
+        udp = _UdpClient(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+
+    def closed(proto: H3Protocol) -> None:
+        udp.close()
+        if on_close is not None:
+            on_close(proto)
+
+    proto = H3Protocol(
+        Role.CLIENT,
+        cert,
+        trust_domain=trust_domain,
+        expected=expected,
+        peer_addr=(host, port),
+        send=udp.send,
+        on_close=closed,
+    )
+    udp.proto = proto
+    proto.conn.connect((host, port), loop.time())
+    proto.flush()
+    try:
+        await asyncio.wait_for(asyncio.shield(proto.ready), timeout)
+    except BaseException:
+        proto.abort()
+        if proto.ready.done() and not proto.ready.cancelled():
+            proto.ready.exception()  # retrieved: we raise it (or the timeout) ourselves
+        raise
+    return proto
+
+
+class H3Endpoint:
+    """Server side: one UDP socket; a QUIC connection per peer address. `start(sock)` begins
+    reading (in batches, see `_UdpClient`).
+
+    `certificate()` gives the certificate to present (the listening address names the local
+    workload, as for HBONE over TCP). `on_refused(peer, error)` is told about every peer that
+    did not pass verification or the handshake timeout; `on_request` gets each CONNECT."""
+
+    def __init__(
+        self,
+        certificate: Callable[[], Awaitable[WorkloadCertificate]],
+        *,
+        trust_domain: str,
+        on_request: Callable[[H3Stream, Address], None],
+        on_refused: Callable[[Address, PeerVerificationError], None],
+        handshake_timeout: float = 10.0,
+        max_connections: int = 4096,
+        max_handshakes_per_ip: int = 64,
+        max_connections_per_ip: int = 512,
+    ) -> None:
+        self._certificate = certificate
+        self.trust_domain = trust_domain
+        self._on_request = on_request
+        self._on_refused = on_refused
+        self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
+        self.max_handshakes_per_ip = max_handshakes_per_ip
+        self.max_connections_per_ip = max_connections_per_ip
+        self._per_ip: dict[str, int] = {}  # connections (any state) per peer IP
+        self.sock: socket.socket | None = None
+        self.connections: dict[Address, H3Protocol] = {}
+        self._pending: dict[Address, list[bytes]] = {}
+        self._handshaking: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self.dropped = 0
+
+    def start(self, sock: socket.socket) -> None:
+        self.sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        if self.sock is None:
+            return
+        touched: dict[Address, H3Protocol] = {}
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue  # an ICMP error queued on the socket: nothing to do for a server
+            addr = addr[:2]
+            proto = self.connections.get(addr)
+            if proto is not None:
+                proto.datagram_received(data, addr, flush=False)
+                touched[addr] = proto
+            else:
+                self.datagram_received(data, addr)
+        for proto in touched.values():
+            proto.flush()
+
+    def sendto(self, data: bytes, addr: Address) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, addr)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        """A datagram from an address without a connection (yet)."""
+        pending = self._pending.get(addr)
+        if pending is not None:
+            if len(pending) < 8:
+                pending.append(data)
+            return
+        dcid = initial_dcid(data)
+        if (
+            dcid is None
+            or self.closing
+            or len(self.connections) + len(self._pending) >= self.max_connections
+            or self._handshaking.get(addr[0], 0) >= self.max_handshakes_per_ip
+            or self._per_ip.get(addr[0], 0) >= self.max_connections_per_ip
+        ):
+            self.dropped += 1
+            return
+        self._pending[addr] = [data]
+        self._handshaking[addr[0]] = self._handshaking.get(addr[0], 0) + 1
+        task = asyncio.get_running_loop().create_task(self._accept(addr, dcid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, addr: Address, dcid: bytes) -> None:
+        try:
+            await self._handshake(addr, dcid)
+        finally:
+            left = self._handshaking.get(addr[0], 1) - 1
+            if left:
+                self._handshaking[addr[0]] = left
+            else:
+                self._handshaking.pop(addr[0], None)
+
+    async def _handshake(self, addr: Address, dcid: bytes) -> None:
+        try:
+            cert = await self._certificate()
+        except Exception as err:
+            self._pending.pop(addr, None)
+            log.warning("HTTP/3 HBONE from %s: no certificate to present: %s", addr[0], err)
+            return
+        if self.sock is None or self.closing:
+            self._pending.pop(addr, None)
+            return
+        proto = H3Protocol(
+            Role.SERVER,
+            cert,
+            trust_domain=self.trust_domain,
+            expected=None,
+            peer_addr=addr,
+            send=self.sendto,
+            on_request=lambda stream: self._on_request(stream, addr),
+            on_close=self._closed,
+            original_dcid=dcid,
+        )
+        self.connections[addr] = proto
+        self._per_ip[addr[0]] = self._per_ip.get(addr[0], 0) + 1
+        for data in self._pending.pop(addr, []):
+            proto.datagram_received(data, addr)
+        try:
+            await asyncio.wait_for(asyncio.shield(proto.ready), self.handshake_timeout)
+        except PeerVerificationError as err:
+            proto.flush()  # our CONNECTION_CLOSE(CRYPTO_ERROR) leaves
+            proto.abort()
+            self._on_refused(addr, err)
+        except (TimeoutError, ConnectionError) as err:
+            proto.abort()
+            self._on_refused(
+                addr, PeerVerificationError(f"QUIC handshake failed: {err or 'timeout'}")
+            )
+
+    def _closed(self, proto: H3Protocol) -> None:
+        if self.connections.get(proto.peer_addr) is proto:
+            del self.connections[proto.peer_addr]
+            ip = proto.peer_addr[0]
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
+
+    def close(self) -> None:
+        """Stop accepting; live connections finish their streams (see `abort_all`)."""
+        self.closing = True
+        for proto in list(self.connections.values()):
+            proto.close()
+
+    def abort_all(self) -> None:
+        for proto in list(self.connections.values()):
+            proto.abort()
+        for task in self._tasks:
+            task.cancel()
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None

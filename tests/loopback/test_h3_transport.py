@@ -1,0 +1,290 @@
+"""HBONE over HTTP/3 specifics on the in-process mesh: the fallback to HTTP/2, and what node B's
+15008/udp listener does with hostile or broken peers (real UDP sockets, real certificates)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from meshcore.certs import utcnow
+from meshcore.errors import PeerVerificationError
+from meshcore.hbone.h3 import _Stream
+from meshcore.hbone.h3aio import H3Endpoint, H3Stream, connect_h3
+from meshcore.hbone.pool import PoolKey
+from meshcore.identity import SpiffeId
+from tests.loopback.harness import (
+    CLIENT_IP,
+    SERVER_IP,
+    VIP,
+    Mesh,
+    call_service,
+    payload_for,
+    running_mesh,
+    start_backend,
+)
+from tests.loopback.test_refusals import Sink, echo_handler, echo_round, metric_text, wait_until
+from ztunnel.proxy.inbound_h3 import H3Listener
+
+SLEEP_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
+ECHO_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")
+H3 = (SERVER_IP, 15008)
+
+
+def run(coro: Any, timeout: float = 60) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def dial_h3_from_node_a(mesh: Mesh) -> None:
+    """Node A tries HTTP/3 toward every node; node B (an "Istio" peer here) may not speak it."""
+    ctx = mesh.node_a.ctx
+    ctx.settings = dataclasses.replace(ctx.settings, http3=True, http3_peers=("*",))
+
+
+def endpoint(mesh: Mesh) -> H3Endpoint:
+    (listener,) = [x for x in mesh.node_b.hbone_listeners if isinstance(x, H3Listener)]
+    assert listener.endpoint is not None
+    return listener.endpoint
+
+
+async def check_call(seed: int) -> None:
+    (got, n), _ = await call_service(seed, 1000, 20_000)
+    assert (got, n) == (hashlib.sha256(payload_for(seed, 20_000)).hexdigest(), 20_000)
+
+
+# ---- choosing the transport --------------------------------------------------------------------
+
+
+def test_no_udp_listener_falls_back_to_h2_at_once_and_remembers(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h2") as mesh:
+            dial_h3_from_node_a(mesh)
+            pool = mesh.node_a.ctx.pool
+            start = time.monotonic()
+            await check_call(1)
+            # ICMP port unreachable ends the attempt well before the attempt timeout.
+            assert time.monotonic() - start < pool.h3_attempt_timeout
+            assert pool.h3_fallbacks == 1
+            assert [c["transport"] for c in pool.snapshot()] == ["h2"]
+            assert 'transport="h2"' in metric_text(mesh.node_a)
+            # Remembered: a new connection to that peer goes straight to HTTP/2.
+            pool.close_all()
+            await wait_until(lambda: not pool.snapshot())
+            await check_call(2)
+            assert pool.h3_fallbacks == 1 and pool.connections_opened == 2
+
+    run(main())
+
+
+def test_silently_dropped_udp_falls_back_after_a_bounded_attempt(tmp_path: Path) -> None:
+    async def main() -> None:
+        black_hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        black_hole.bind(H3)  # takes node B's UDP port and never answers (a firewall's DROP)
+        try:
+            async with running_mesh(tmp_path, transport="h2") as mesh:
+                dial_h3_from_node_a(mesh)
+                pool = mesh.node_a.ctx.pool
+                pool.h3_attempt_timeout = 0.5
+                start = time.monotonic()
+                await check_call(1)
+                assert 0.5 <= time.monotonic() - start < 3.0
+                assert pool.h3_fallbacks == 1
+                assert [c["transport"] for c in pool.snapshot()] == ["h2"]
+        finally:
+            black_hole.close()
+
+    run(main())
+
+
+def test_refused_server_identity_does_not_fall_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            pool = mesh.node_a.ctx.pool
+            other = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/other")
+            key = PoolKey(source=SLEEP_ID, expected=(other,), address=H3, transport="h3")
+            with pytest.raises(PeerVerificationError, match="not an expected identity"):
+                await pool.open_stream(key, f"{SERVER_IP}:8080", [], Sink())
+            assert pool.h3_fallbacks == 0  # no second try over TCP with the same identity
+            assert not mesh.node_b.ctx.connections
+            assert mesh.backend.accepted == 0
+
+    run(main())
+
+
+# ---- hostile peers on 15008/udp -----------------------------------------------------------------
+
+
+def test_junk_datagrams_create_no_state(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            ep = endpoint(mesh)
+            junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            junk.bind((CLIENT_IP, 0))
+            try:
+                for i in range(50):
+                    junk.sendto(bytes([i]) * (10 + i * 30), H3)  # short, or not an Initial
+                junk.sendto(b"\xc0" + b"\0" * 1300, H3)  # long header, version 0: no Initial
+                await wait_until(lambda: ep.dropped >= 51)
+                assert not ep.connections and not ep._pending
+            finally:
+                junk.close()
+            await check_call(1)
+
+    run(main())
+
+
+def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            ep = endpoint(mesh)
+            ep.handshake_timeout = 0.5
+            socks = []
+            try:
+                for _ in range(ep.max_handshakes_per_ip + 10):
+                    # Real client Initials that will never finish (their sender goes silent).
+                    client = QuicConnection(
+                        configuration=QuicConfiguration(is_client=True, alpn_protocols=["h3"])
+                    )
+                    client.connect(H3, now=time.monotonic())
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.bind((CLIENT_IP, 0))
+                    socks.append(s)
+                    for data, _ in client.datagrams_to_send(now=time.monotonic()):
+                        s.sendto(data, H3)
+                await wait_until(lambda: ep.dropped >= 10)
+                assert len(ep.connections) + len(ep._pending) <= ep.max_handshakes_per_ip
+                # Each one is given up after the handshake timeout and recorded.
+                await wait_until(lambda: not ep.connections and not ep._handshaking, 5)
+                failed = [
+                    x
+                    for x in metric_text(mesh.node_b).splitlines()
+                    if x.startswith("istio_tcp_connections_failed_total{")
+                    and 'response_flags="TLS_FAILURE"' in x
+                ]
+                assert failed and float(failed[0].rsplit(" ", 1)[1]) == ep.max_handshakes_per_ip
+            finally:
+                for s in socks:
+                    s.close()
+            await check_call(1)  # the proxy still serves
+
+    run(main())
+
+
+def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            ep = endpoint(mesh)
+            ep.max_connections_per_ip = 2
+            cert = mesh.ca.issue(SLEEP_ID, now=utcnow())
+
+            async def dial() -> Any:
+                return await connect_h3(
+                    *H3, cert, trust_domain="cluster.local", expected=[ECHO_ID],
+                    source_ip=CLIENT_IP, timeout=1.0,
+                )  # fmt: skip
+
+            first, second = await dial(), await dial()
+            with pytest.raises(TimeoutError):
+                await dial()  # no answer at all: the third Initial is dropped
+            assert len(ep.connections) == 2 and ep.dropped >= 1
+            first.abort()
+            await wait_until(lambda: len(ep.connections) == 1)
+            third = await dial()  # a slot is free again
+            assert third.peer_identity == ECHO_ID
+            second.abort()
+            third.abort()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/")],  # not CONNECT
+        [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+         (b":path", b"/")],  # extended CONNECT (RFC 9220): not HBONE
+    ],
+)  # fmt: skip
+def test_non_connect_request_gets_400_over_h3(
+    tmp_path: Path, headers: list[tuple[bytes, bytes]]
+) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            proto = await connect_h3(
+                *H3,
+                mesh.ca.issue(SLEEP_ID, now=utcnow()),
+                trust_domain="cluster.local",
+                expected=[ECHO_ID],
+                source_ip=CLIENT_IP,
+            )
+            conn = proto.conn
+            assert conn.h3 is not None
+            sid = conn.quic.get_next_available_stream_id()
+            authority = (b":authority", f"{SERVER_IP}:8080".encode())
+            conn.h3.send_headers(sid, [*headers, authority], end_stream=True)
+            conn._streams[sid] = _Stream(sid)  # track the response like open_connect does
+            stream = H3Stream(proto, sid)
+            stream.response = asyncio.get_running_loop().create_future()
+            proto.streams[sid] = stream
+            proto.flush()
+            assert await asyncio.wait_for(stream.response, 5) == 400
+            proto.abort()
+            assert mesh.backend.accepted == 0
+
+    run(main())
+
+
+def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
+    async def main() -> None:
+        backend = await start_backend(echo_handler)
+        async with running_mesh(tmp_path, backend=backend, transport="h3") as mesh:
+            reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
+            await echo_round(reader, writer, 1, 10_000)
+            proto = await connect_h3(
+                *H3,
+                mesh.ca.issue(SLEEP_ID, now=utcnow()),
+                trust_domain="cluster.local",
+                expected=[ECHO_ID],
+                source_ip=CLIENT_IP,
+            )
+            quic = proto.conn.quic
+            sid = quic.get_next_available_stream_id()
+            quic.send_stream_data(sid, b"\x00\x01x")  # DATA before HEADERS (RFC 9114 §4.1)
+            proto.flush()
+            await wait_until(lambda: quic._close_event is not None)
+            assert quic._close_event is not None
+            assert quic._close_event.error_code == 0x105  # H3_FRAME_UNEXPECTED
+            proto.abort()
+            assert mesh.backend.accepted == 1
+            await echo_round(reader, writer, 2, 10_000)  # the healthy tunnel is unaffected
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("flag", [[], ["--http3"]])
+def test_loopback_demo_runs_over_each_transport(flag: list[str]) -> None:
+    """`scripts/demo --loopback [--http3]`: real node-proxy processes, static config."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ztunnel.demo", *flag],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    want = "h3" if flag else "h2"
+    assert out.count(f"transport={want}") == 2
+    assert f"OK, mutual TLS between node proxies over {want}" in out
