@@ -11,9 +11,10 @@ Schedule: ``base = min(cap, initial * multiplier ** attempt)``, then
   https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_filters/router_filter
   "x-envoy-max-retries": "fully jittered exponential back-off").
 
-Invariants: pure given the rng (exactly one ``rng.uniform`` call per delay, so a seeded rng gives
-the same sequence as before this module existed); never negative; the exponent is clamped so a
-large attempt number cannot overflow; ``attempt < 0`` is a programming error (ValueError).
+Invariants: pure given the rng (exactly one ``rng.uniform`` call per jittered delay, none
+without jitter, so a seeded rng gives the same sequence as before this module existed); never
+negative; the exponent is clamped so a large attempt number cannot overflow; ``attempt < 0``
+is a programming error (ValueError).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Backoff:
         base = self.base(attempt)
         if self.full:
             return rng.uniform(0, base)
+        if not self.jitter:
+            return base
         return base * (1.0 + rng.uniform(-self.jitter, self.jitter))
 
 

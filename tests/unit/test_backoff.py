@@ -72,3 +72,11 @@ def test_retry_sleeps_the_schedule_and_resets() -> None:
 
     asyncio.run(main())
     assert slept == [1.0, 2.0, 4.0, 4.0, 1.0, 0.5]
+
+
+def test_no_jitter_uses_no_randomness() -> None:
+    class NoRng(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            raise AssertionError("uniform called")
+
+    assert Backoff(initial=0.5, cap=10.0, jitter=0.0).delay(2, NoRng()) == 2.0
