@@ -53,7 +53,7 @@ ENVOY_ADMIN = {"a": ("127.0.0.1", 19101), "b": ("127.0.0.1", 19102)}
 SERVICE_VIP = ("127.0.3.10", 80)  # echo.default.svc VIP:port captured by node A
 NODE_IP = {"node-a": "127.0.4.1", "node-b": "127.0.5.1"}
 
-# Istio's HBONE HTTP/2 settings (ambient-facts.md).
+# Istio's HBONE HTTP/2 settings (docs/reference/ambient-facts.md).
 H2_STREAM_WINDOW = 4 * 1024 * 1024
 H2_CONN_WINDOW = 16 * 1024 * 1024
 ENVOY_CONCURRENCY = 2

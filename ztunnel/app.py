@@ -6,8 +6,8 @@ pool, telemetry), binding listeners, readiness, and graceful drain on SIGTERM.
 Listeners are created from sockets we make ourselves (`make_listener`), never by address inside
 asyncio, so a later zero-drop upgrade can hand the very same listening sockets to a new process.
 
-Ports (ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound HBONE,
-15000 admin (localhost), 15020 metrics, 15021 readiness.
+Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
+HBONE, 15000 admin (localhost), 15020 metrics, 15021 readiness.
 """
 
 from __future__ import annotations

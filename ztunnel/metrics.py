@@ -1,7 +1,8 @@
 """Node-proxy telemetry: Istio's TCP metrics and the structured access log.
 
 Owns: the prometheus registry of the node proxy (metric and label names as Istio's ztunnel, see
-ambient-facts.md "Telemetry names"), and the one access-log line written per connection.
+docs/reference/ambient-facts.md "Telemetry names"), and the one access-log line written per
+connection.
 Beyond Istio's names, three counters of our own record hostile or overloaded peers:
 `ztunnel_hbone_streams_refused_total{reason}` (streams the HTTP/2 layer answered itself; each also
 gets an access-log line), `ztunnel_hbone_connection_errors_total{code}` (GOAWAY for a peer's
