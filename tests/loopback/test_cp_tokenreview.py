@@ -14,7 +14,6 @@ are cached (one per token per TTL).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -29,6 +28,7 @@ from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.xds import ControlPlaneEndpoint
+from tests.helpers import run
 from tests.kubeapi_standin import KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,10 +36,6 @@ API_IP = "127.0.58.1"
 CP_IP = "127.0.58.2"
 ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
 AUDIENCE = "ambient-controlplane"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def pod(ns: str, name: str, node: str, sa: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ deleting the Gateway deletes what was created.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,12 @@ from kubernetes_asyncio import client
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.waypoints import WaypointController, WaypointSettings
+from tests.helpers import run
 from tests.kubeapi_standin import KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
 API_IP = "127.0.59.1"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def gateway(name: str, cls: str = "istio-waypoint", **annotations: str) -> dict[str, Any]:
