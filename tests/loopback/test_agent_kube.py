@@ -24,12 +24,13 @@ from kubernetes_asyncio import client
 from cni.agent import Agent, AgentServer
 from cni.errors import TryAgainLater
 from cni.kubelabels import KubeLabels
-from tests.helpers import eventually, run
+from tests.helpers import eventually, loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.unit.test_cni_agent import FakeCapture, enroll_req
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.57.1"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
 MODE = "istio.io/dataplane-mode"
 
 

@@ -15,12 +15,13 @@ from controlplane.sources.kube import KubernetesSource
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from meshcore.model import Workload
-from tests.helpers import run
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.loopback.cpfixtures import eventually
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.56.1"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
 
 
 def pod(name: str, ip: str, node: str = "node-a", sa: str = "default") -> dict[str, Any]:

@@ -28,12 +28,13 @@ from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.xds import ControlPlaneEndpoint
-from tests.helpers import run
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.58.1"
-CP_IP = "127.0.58.2"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
+CP_IP = BLOCK.ip(2)
 ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
 AUDIENCE = "ambient-controlplane"
 

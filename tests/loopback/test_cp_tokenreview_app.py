@@ -20,13 +20,14 @@ from meshcore.identity import SpiffeId
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE
 from meshcore.xds import DELTA_METHOD, ControlPlaneEndpoint
-from tests.helpers import run
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.loopback.cpfixtures import base_manifests, write_manifests
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.59.1"
-CP_IP = "127.0.59.2"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
+CP_IP = BLOCK.ip(2)
 ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
 
 

@@ -22,11 +22,12 @@ from kubernetes_asyncio import client
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.waypoints import WaypointController, WaypointSettings
-from tests.helpers import run
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.59.1"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -175,7 +176,7 @@ def test_controlplane_runs_the_controller(tmp_path: Path) -> None:
             )
         )
         settings = ControlPlaneSettings(
-            listen="127.0.59.2:0",
+            listen=f"{BLOCK.ip(2)}:0",
             debug_listen=None,
             kubernetes=True,
             kubeconfig=tmp_path / "kubeconfig",

@@ -1,12 +1,16 @@
 """The layout's promises, checked against the source: which meshcore modules may open sockets
-(meshcore/__init__.py), and that meshcore never imports a process package."""
+(meshcore/__init__.py), that meshcore never imports a process package, and that the tests'
+loopback blocks (tests/helpers.py) are disjoint."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 import meshcore
+from tests.helpers import ALLOCATOR_RANGE, loopback_block
 
 ROOT = Path(meshcore.__file__).parent
 SOCKET_MODULES = {
@@ -82,3 +86,14 @@ def test_meshcore_never_imports_a_process_package() -> None:
     for name, tree in _modules().items():
         bad = {i for i in _imports(tree) if i.split(".")[0] in PROCESSES}
         assert not bad, f"meshcore.{name} imports {bad}"
+
+
+def test_loopback_blocks_are_disjoint() -> None:
+    a, b = loopback_block(), loopback_block()
+    assert a.network != b.network
+    assert not a.network.overlaps(b.network)
+    assert a.network.subnet_of(ALLOCATOR_RANGE)
+    assert b.network.subnet_of(ALLOCATOR_RANGE)
+    assert a.ip(1) != b.ip(1)
+    with pytest.raises(ValueError, match="host"):
+        a.ip(255)
