@@ -41,7 +41,7 @@ from kubernetes_asyncio import client
 from cni.errors import TryAgainLater
 from meshcore.backoff import Retry, Sleep
 from meshcore.kubeapi import KubeApi
-from meshcore.reflector import WATCH_BACKOFF, Reflector
+from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector
 
 log = logging.getLogger("ambient.agent.kube")
 
@@ -181,15 +181,18 @@ class KubeLabels:
 
     # -- list+watch -------------------------------------------------------------------------
     def _reflector(self, kind: str, sleep: Sleep) -> Reflector:
-        return Reflector(
-            self._kube,
-            f"/api/v1/{kind}",
+        collection = Collection(
+            path=f"/api/v1/{kind}",
             name=kind,
-            query=[("fieldSelector", f"spec.nodeName={self.node}")] if kind == "pods" else [],
-            replace=lambda items: self._replace(kind, items),
-            event=lambda etype, obj: self._event(kind, etype, obj),
+            query=(("fieldSelector", f"spec.nodeName={self.node}"),) if kind == "pods" else (),
             watch_timeout=self.watch_timeout,
             list_timeout=60,
+        )
+        return Reflector(
+            self._kube,
+            collection,
+            replace=lambda items: self._replace(kind, items),
+            event=lambda etype, obj: self._event(kind, etype, obj),
             retry=Retry(WATCH_BACKOFF, rng=self.rng, sleep=sleep),
         )
 

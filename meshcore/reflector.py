@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from meshcore.backoff import Backoff, Retry
@@ -48,30 +49,41 @@ class WatchFailed(MeshError):
     """The API server answered a list or watch with an error, or sent a malformed event."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Collection:
+    """What a reflector lists and watches."""
+
+    path: str
+    """The collection's API path, e.g. ``/api/v1/pods``."""
+    name: str
+    """For logs and errors (the kind)."""
+    query: Query = ()
+    """Extra query parameters of both list and watch (field/label selectors)."""
+    watch_timeout: int = 300
+    """``timeoutSeconds`` of each watch; the client waits 30 s longer."""
+    list_timeout: float = 30
+
+
 class Reflector:
     """List+watch of one collection; `run()` forever (cancel to stop)."""
 
     def __init__(
         self,
         kube: KubeApi,
-        path: str,
+        collection: Collection,
         *,
-        name: str,
         replace: Callable[[list[Mapping[str, Any]]], None],
         event: Callable[[str, Mapping[str, Any]], None],
-        query: Query = (),
-        watch_timeout: int = 300,
-        list_timeout: float = 30,
         retry: Retry | None = None,
     ) -> None:
         self.kube = kube
-        self.path = path
-        self.name = name
+        self.path = collection.path
+        self.name = collection.name
         self.replace = replace
         self.event = event
-        self.query = list(query)
-        self.watch_timeout = watch_timeout
-        self.list_timeout = list_timeout
+        self.query = list(collection.query)
+        self.watch_timeout = collection.watch_timeout
+        self.list_timeout = collection.list_timeout
         self.retry = retry or Retry(WATCH_BACKOFF)
         self.lists = 0
         """Full lists (1 + re-lists after 410 Gone)."""

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _NEXT_BLOCK = itertools.count(1)
-ALLOCATOR_RANGE = ipaddress.ip_network("127.200.0.0/16")
+ALLOCATOR_RANGE = ipaddress.IPv4Network("127.200.0.0/16")
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 45) -> T:

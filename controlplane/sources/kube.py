@@ -31,7 +31,7 @@ from controlplane.store import ConfigStore
 from meshcore.backoff import Backoff, Retry
 from meshcore.errors import ConfigError
 from meshcore.kubeapi import KubeApi
-from meshcore.reflector import WATCH_BACKOFF, Reflector
+from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +201,9 @@ class KubernetesSource:
         self.store.clear_source_warning(source, spec.kind)
         reflector = Reflector(
             self._kube,
-            spec.path,
-            name=spec.kind,
+            Collection(path=spec.path, name=spec.kind, watch_timeout=self.watch_timeout),
             replace=lambda items: self._replace(spec, source, items),
             event=lambda etype, obj: self._event(spec, source, etype, obj),
-            watch_timeout=self.watch_timeout,
             retry=Retry(WATCH_BACKOFF, rng=self.rng),
         )
         self._reflectors[spec.kind] = reflector
