@@ -4,5 +4,6 @@ node proxies fed by one control plane).
 Modules: `manifests` (pure: Kubernetes-style YAML -> LabSpec, and the Pod/Namespace documents
 the lab writes back), `topology` (pure: names and addresses), `system` (the I/O edge: ip,
 nsenter, processes, CNI exec), `lab` (up/down/pods/exec/label, control plane and node proxies),
-`demo` (the README demo).
+`demo` and `demo_waypoint` (the README demos), `loopback_demo` (the unprivileged demo: two node
+proxies on 127.0.0.0/8 with static config, `scripts/demo --loopback`).
 """
