@@ -6,8 +6,8 @@ verification, the HBONE tunnel protocol (sans-I/O core, asyncio edge, pool), the
 model (workloads, services, authorization policies) and its pure evaluation (L4 authorization,
 outbound/inbound planning), the waypoint's pure HTTP/L7 logic (`l7`), and the clients and small
 servers several processes share: delta-xDS client (`xds`), CA client (`caclient`), Kubernetes
-API client and reflector (`kubeapi`, `reflector`), the operator HTTP server (`opshttp`) and the
-one retry backoff (`backoff`).
+API client and reflector (`kubeapi`, `reflector`), the operator HTTP server (`opshttp`), the
+one retry backoff (`backoff`) and the process lifecycle pieces (`runtime`).
 
 Invariant: exactly these modules open sockets: `hbone.aio`, `hbone.pool` (through `hbone.aio`),
 `sockets`, `xds`, `caclient`, `kubeapi`, `reflector` and `opshttp` (checked by
