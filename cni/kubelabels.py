@@ -41,7 +41,7 @@ from kubernetes_asyncio import client
 from cni.errors import TryAgainLater
 from meshcore.backoff import Retry, Sleep
 from meshcore.kubeapi import KubeApi
-from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector
+from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector, ReflectorCounters
 
 log = logging.getLogger("ambient.agent.kube")
 
@@ -85,7 +85,7 @@ def parse_pod(obj: Mapping[str, Any]) -> LocalPod | None:
     )
 
 
-class KubeLabels:
+class KubeLabels(ReflectorCounters):
     """Namespace labels + this node's pods from the Kubernetes API. `run()` in the event loop."""
 
     def __init__(
@@ -195,20 +195,6 @@ class KubeLabels:
             event=lambda etype, obj: self._event(kind, etype, obj),
             retry=Retry(WATCH_BACKOFF, rng=self.rng, sleep=sleep),
         )
-
-    @property
-    def lists(self) -> dict[str, int]:
-        """Full lists per kind (1 + re-lists after 410 Gone)."""
-        return {k: r.lists for k, r in self._reflectors.items() if r.lists}
-
-    @property
-    def watches(self) -> dict[str, int]:
-        """Watch requests per kind (resumptions included)."""
-        return {k: r.watches for k, r in self._reflectors.items() if r.watches}
-
-    @property
-    def resource_versions(self) -> dict[str, str]:
-        return {k: r.resource_version for k, r in self._reflectors.items() if r.lists}
 
     async def run(self, sleep: Sleep = asyncio.sleep) -> None:
         """List+watch namespaces and this node's pods forever (cancel to stop)."""

@@ -169,3 +169,25 @@ class Reflector:
             if etype in ("ADDED", "MODIFIED", "DELETED"):
                 self.event(etype, obj)
         return rv
+
+
+class ReflectorCounters:
+    """Per-kind counters of an owner's reflectors (`_reflectors`: kind -> Reflector), for tests
+    and operators; a kind appears once its reflector has listed (watched) at least once."""
+
+    _reflectors: dict[str, Reflector]
+
+    @property
+    def lists(self) -> dict[str, int]:
+        """Full lists per kind (1 + re-lists after 410 Gone)."""
+        return {k: r.lists for k, r in self._reflectors.items() if r.lists}
+
+    @property
+    def watches(self) -> dict[str, int]:
+        """Watch requests per kind (resumptions included)."""
+        return {k: r.watches for k, r in self._reflectors.items() if r.watches}
+
+    @property
+    def resource_versions(self) -> dict[str, str]:
+        """The last resourceVersion seen per kind."""
+        return {k: r.resource_version for k, r in self._reflectors.items() if r.lists}

@@ -31,7 +31,7 @@ from controlplane.store import ConfigStore
 from meshcore.backoff import Backoff, Retry
 from meshcore.errors import ConfigError
 from meshcore.kubeapi import KubeApi
-from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector
+from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector, ReflectorCounters
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ KINDS = (
 )
 
 
-class KubernetesSource:
+class KubernetesSource(ReflectorCounters):
     """List+watch every kind of `KINDS` into `store`."""
 
     def __init__(
@@ -124,20 +124,6 @@ class KubernetesSource:
 
     async def _get(self, path: str, query: list[tuple[str, Any]], timeout: float | None) -> Any:
         return await self._kube.open("GET", path, query=query, timeout=timeout)
-
-    @property
-    def lists(self) -> dict[str, int]:
-        """Number of full lists per kind (1 + re-lists after 410 Gone)."""
-        return {k: r.lists for k, r in self._reflectors.items() if r.lists}
-
-    @property
-    def watches(self) -> dict[str, int]:
-        """Number of watch requests per kind (restarts included)."""
-        return {k: r.watches for k, r in self._reflectors.items() if r.watches}
-
-    @property
-    def resource_versions(self) -> dict[str, str]:
-        return {k: r.resource_version for k, r in self._reflectors.items() if r.lists}
 
     async def discover(self) -> set[str]:
         """group/versions the API server serves (``/api`` + ``/apis``)."""
