@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -59,6 +58,7 @@ from cni.reconcile import (
 from cni.reconcile import (
     PodRecord as PodRecord,
 )
+from meshcore.runtime import stop_on_signals
 
 if TYPE_CHECKING:
     from cni.kubelabels import LocalPod
@@ -456,8 +456,7 @@ class AgentServer:
         server = await asyncio.start_unix_server(self._serve_one, path=str(self.socket_path))
         os.chmod(self.socket_path, 0o600)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        stop_on_signals(self._stop.set, loop)
         tasks = [loop.create_task(make()) for make in self.background]
         watcher = loop.create_task(self._watch())
         log.info("node agent %s listening on %s", self.agent.node, self.socket_path)
