@@ -159,7 +159,7 @@ class ConnectionRecord:
         return dict(zip(LABELS, self.label_values(), strict=True))
 
     def log_fields(self) -> dict[str, object]:
-        """Istio's access-log field names (ambient-facts.md)."""
+        """Istio's access-log field names (docs/reference/ambient-facts.md)."""
         return {
             "src.addr": self.src_addr,
             "src.workload": self.source.name if self.source else None,

@@ -57,7 +57,7 @@ AMBIENT_NS = {
         "labels": {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"},
     },
 }
-GATEWAY = {
+GATEWAY: dict[str, Any] = {
     "apiVersion": "gateway.networking.k8s.io/v1",
     "kind": "Gateway",
     "metadata": {"name": "waypoint", "namespace": "default"},

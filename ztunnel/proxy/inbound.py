@@ -117,7 +117,7 @@ async def connect_upstream(
 
 def forwarded_service_key(headers: list[tuple[str, str]]) -> str | None:
     """ "ns/hostname" of the service the client addressed, as the source proxy names it in
-    `forwarded: for=...;host=<hostname>` (ambient-facts.md); Kubernetes hostnames are
+    `forwarded: for=...;host=<hostname>` (docs/reference/ambient-facts.md); Kubernetes hostnames are
     <name>.<namespace>.svc..."""
     forwarded = next((v for k, v in headers if k == "forwarded"), "")
     host = next(
