@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -38,6 +39,9 @@ from typing import Any
 import bench.harness as hb
 from bench import envoy_configs
 
+# The load processes are this module too (`python -m bench.hbone_soak backend|client`), started
+# from the run's scratch directory: the repository root is their import path.
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(hb.ROOT)}
 GREETING = b"ready\n"
 SIZE = 4096
 
@@ -194,7 +198,7 @@ def run_path(
 ) -> dict[str, Any]:
     sup = hb.Supervisor(work)
     try:
-        be = sup.start("backend", [hb.PY, "-m", "bench.hbone_soak", "backend"])
+        be = sup.start("backend", [hb.PY, "-m", "bench.hbone_soak", "backend"], env=CHILD_ENV)
         hb.wait_tcp(hb.BACKEND, 10, be)
         procs: dict[str, hb.Proc] = {}
         if path == "envoy":
@@ -220,6 +224,7 @@ def run_path(
                 [hb.PY, "-m", "bench.hbone_soak", "client", "--target", f"{target[0]}:{target[1]}",
                  "--tunnels", str(tunnels)],
                 capture_output=True, text=True, timeout=args.timeout + 60, check=False,
+                env=CHILD_ENV,
             )  # fmt: skip
         if out.returncode != 0:
             raise hb.BenchError(f"client failed: {out.stderr[-2000:]}")
