@@ -434,7 +434,8 @@ def conflicting_virtual_services(inp: Input, opts: TranslateOptions) -> list[Mes
 
 def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Message]:
     """PeerAuthentication making mesh workloads STRICT while pods outside the mesh exist: those
-    clients talk plaintext, and STRICT denies plaintext at the node proxy (ambient-facts)."""
+    clients talk plaintext, and STRICT denies plaintext at the node proxy
+    (docs/reference/ambient-facts.md)."""
     snap = inp.snapshot
     plain: list[str] = []
     for ns, objs in sorted(snap.namespaces.items()):

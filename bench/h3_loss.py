@@ -87,7 +87,8 @@ async def tunnel(seed: int, size: int) -> tuple[float, float]:
         digest.update(chunk)
         got += len(chunk)
     writer.close()
-    assert got == size and last is not None, (got, size)
+    assert got == size, (got, size)
+    assert last is not None
     assert digest.hexdigest() == hashlib.sha256(payload_for(seed, size)).hexdigest()
     return last - start, gap
 

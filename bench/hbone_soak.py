@@ -15,7 +15,7 @@ the peak per side is reported. Processes and addresses come from `hbone_bench.py
 configuration, certificates, supervisor); the Envoy server runs with Envoy's default stream limit
 unless `--envoy-max-streams` is given.
 
-    .venv/bin/python bench/hbone_soak.py --tunnels 10000 --paths envoy,ours,mixed
+    .venv/bin/python -m bench.hbone_soak --tunnels 10000 --paths envoy,ours,mixed
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -35,8 +36,12 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import hbone_bench as hb
+import bench.harness as hb
+from bench import envoy_configs
 
+# The load processes are this module too (`python -m bench.hbone_soak backend|client`), started
+# from the run's scratch directory: the repository root is their import path.
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(hb.ROOT)}
 GREETING = b"ready\n"
 SIZE = 4096
 
@@ -144,12 +149,12 @@ def start_envoy(
     max_streams: int | None,
 ) -> hb.Proc:  # fmt: skip
     if which == "a":
-        cfg = hb.envoy_client_config(certs)
+        cfg = envoy_configs.envoy_client_config(certs)
         cluster = cfg["static_resources"]["clusters"][0]
         endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         endpoint["address"]["socket_address"] = {"address": hbone[0], "port_value": hbone[1]}
     else:
-        cfg = hb.envoy_server_config(certs)
+        cfg = envoy_configs.envoy_server_config(certs)
         hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         opts = hcm["typed_config"]["http2_protocol_options"]
         if max_streams is None:
@@ -166,7 +171,7 @@ def start_envoy(
     path.write_text(json.dumps(cfg, indent=1))
     proc = sup.start(
         f"envoy-{which}",
-        [hb.envoy_binary(), "-c", str(path), "--concurrency", str(hb.ENVOY_CONCURRENCY),
+        [envoy_configs.envoy_binary(), "-c", str(path), "--concurrency", str(hb.ENVOY_CONCURRENCY),
          "--base-id", str(7401 if which == "a" else 7402), "--disable-hot-restart",
          "--log-level", "warning"],
     )  # fmt: skip
@@ -177,7 +182,7 @@ def start_envoy(
 
 def start_ztunnel(sup: hb.Supervisor, work: Path, ca_dir: Path, node: str) -> hb.Proc:
     mesh = work / "mesh.yaml"
-    mesh.write_text(hb.MESH_CONFIG)
+    mesh.write_text(envoy_configs.MESH_CONFIG)
     argv = [str(hb.VENV_BIN / "ztunnel"), "--mesh-config", str(mesh), "--node", node,
             "--ca-dir", str(ca_dir), "--capture", "bind",
             "--node-ip", hb.NODE_IP[node]]  # fmt: skip
@@ -193,7 +198,7 @@ def run_path(
 ) -> dict[str, Any]:
     sup = hb.Supervisor(work)
     try:
-        be = sup.start("backend", [hb.PY, __file__, "backend"])
+        be = sup.start("backend", [hb.PY, "-m", "bench.hbone_soak", "backend"], env=CHILD_ENV)
         hb.wait_tcp(hb.BACKEND, 10, be)
         procs: dict[str, hb.Proc] = {}
         if path == "envoy":
@@ -216,9 +221,10 @@ def run_path(
             target = hb.ENVOY_A_LISTEN
         with RssSampler(procs) as rss:
             out = subprocess.run(
-                [hb.PY, __file__, "client", "--target", f"{target[0]}:{target[1]}",
+                [hb.PY, "-m", "bench.hbone_soak", "client", "--target", f"{target[0]}:{target[1]}",
                  "--tunnels", str(tunnels)],
                 capture_output=True, text=True, timeout=args.timeout + 60, check=False,
+                env=CHILD_ENV,
             )  # fmt: skip
         if out.returncode != 0:
             raise hb.BenchError(f"client failed: {out.stderr[-2000:]}")

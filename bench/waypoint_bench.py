@@ -15,9 +15,9 @@ workload on node A):
 Figures: rps (wrk, keep-alive, --conns connections), latency p50/p99 at a fixed --rate with
 `bench/loadgen.py fixed` (open loop), added latency over the L4 path, waypoint CPU per 1000 rps
 (process CPU over the fixed-rate run), waypoint RSS. Every process runs in its own group and
-is killed at the end (`hbone_bench.Supervisor`).
+is killed at the end (`bench.harness.Supervisor`).
 
-Usage: .venv/bin/python bench/waypoint_bench.py [--duration 10] [--rate 1000] [--conns 32]
+Usage: .venv/bin/python -m bench.waypoint_bench [--duration 10] [--rate 1000] [--conns 32]
 """
 
 from __future__ import annotations
@@ -34,17 +34,13 @@ from typing import Any
 
 import yaml
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from hbone_bench import (  # noqa: E402
+from bench.envoy_configs import envoy_binary
+from bench.harness import (
     PY,
     BenchError,
     Proc,
     Settings,
     Supervisor,
-    envoy_binary,
     loadgen,
     log,
     tree_cpu_seconds,
@@ -53,6 +49,7 @@ from hbone_bench import (  # noqa: E402
     wrk,
 )
 
+HERE = Path(__file__).resolve().parent
 V1, V2 = "127.0.92.11", "127.0.92.12"
 VIP_WP, VIP_L4, VIP_ENVOY = "127.0.93.10", "127.0.93.11", "127.0.93.12"
 WP_IP, ENVOY_IP = "127.0.94.10", "127.0.94.20"

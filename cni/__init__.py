@@ -1,1 +1,7 @@
-"""Placeholder package; built by a later issue."""
+"""cni: the chained CNI plugin and the node agent.
+
+`plugin` (exec'd by the container runtime; pure spec logic in `spec`) asks the node `agent` over
+`protocol` (JSON lines on a unix socket) to enroll or release a pod; the agent decides who is
+ambient (`labels`, fed by `kubelabels` from the Kubernetes API) and drives the eBPF capture;
+`install` writes the chained conflist.
+"""

@@ -12,8 +12,10 @@ also ADOPTS pods that run on the node but were never ADDed through the plugin (t
 before the agent or before the plugin was chained): their IPs come from the API, their
 host-side veth from the kernel (`find_veth`: the route to the pod IP, through a bridge's
 forwarding table if needed); adopted pods leave the registry when the API deletes them.
-Capture is `ebpf.redirect.NodeCapture` in production; tests inject any object with the same
-methods (`Capture`).
+Reconcile reads the world first (`_world`), computes a plan with the pure
+`cni.reconcile.plan_reconcile`, then applies its kernel steps. Capture is
+`ebpf.redirect.NodeCapture` in production; tests inject any object with the same methods
+(`Capture`).
 
 Invariants:
 - The registry is written (atomically: temp file + rename) before the answer to ADD/DEL is sent,
@@ -33,18 +35,30 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cni import protocol
 from cni.errors import AgentProtocolError, CniError, EnrollFailed, NotEnrolled
 from cni.labels import LabelSource, ManifestLabels, wants_ambient
+from cni.reconcile import (
+    AdoptablePod,
+    PodSteps,
+    World,
+    adoptable,
+    applied,
+    plan_reconcile,
+    pod_steps,
+)
+from cni.reconcile import (
+    PodRecord as PodRecord,
+)
+from meshcore.runtime import stop_on_signals
 
 if TYPE_CHECKING:
     from cni.kubelabels import LocalPod
@@ -75,35 +89,6 @@ class PodInventory(Protocol):
     """This node's pods as the API server knows them (uid -> pod)."""
 
     def local_pods(self) -> Mapping[str, LocalPod]: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PodRecord:
-    """One pod the runtime ADDed on this node."""
-
-    uid: str
-    namespace: str
-    name: str
-    container_id: str
-    netns: str
-    ips: tuple[str, ...]
-    host_ifname: str
-    ambient: bool = False
-    """What the labels said at the last reconcile."""
-    redirection: str = ""
-    """"enabled" (enrolled), "pending" (ambient, not enrolled yet) or "" (not ambient)."""
-    error: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ips"] = list(self.ips)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PodRecord:
-        fields = dict(d)
-        fields["ips"] = tuple(fields.get("ips", ()))
-        return cls(**fields)
 
 
 def _default_exists(pod: PodRecord) -> bool:
@@ -208,87 +193,91 @@ class Agent:
     def _observed_ips(self) -> set[str]:
         return {str(getattr(e, "ip", k)) for k, e in self.capture.observed().items()}
 
+    def _world(self) -> World:
+        """Everything reconcile reads (netns/veth existence, the API's pods and their veths,
+        the pinned map, the labels), before anything is changed."""
+        alive = frozenset(uid for uid, pod in self.pods.items() if self.exists(pod))
+        api_pods: dict[str, AdoptablePod] | None = None
+        veths: dict[str, str] = {}
+        if self.inventory is not None:
+            api_pods = {
+                uid: AdoptablePod(
+                    uid=uid,
+                    namespace=p.namespace,
+                    name=p.name,
+                    ips=p.ips,
+                    host_network=p.host_network,
+                )
+                for uid, p in self.inventory.local_pods().items()
+            }
+            live = {uid: pod for uid, pod in self.pods.items() if uid in alive}
+            for api_pod in adoptable(World(alive=alive, api_pods=api_pods), live):
+                veth = self.find_veth(api_pod.ips[0])
+                if veth:
+                    veths[api_pod.uid] = veth
+                else:
+                    log.warning(
+                        "pod %s/%s (%s): no host veth found yet",
+                        api_pod.namespace,
+                        api_pod.name,
+                        ",".join(api_pod.ips),
+                    )
+        candidates = [(p.uid, p.namespace, p.name) for p in self.pods.values() if p.uid in alive]
+        if api_pods is not None:
+            candidates += [(u, api_pods[u].namespace, api_pods[u].name) for u in veths]
+        ambient = {
+            uid: wants_ambient(*self.labels.labels(namespace, name))
+            for uid, namespace, name in candidates
+        }
+        return World(
+            alive=alive,
+            api_pods=api_pods,
+            veths=veths,
+            enrolled=self._enrolled_ips(),
+            observed=frozenset(self._observed_ips()),
+            ambient=ambient,
+        )
+
     def _apply(self, pod: PodRecord, enrolled: Mapping[str, str]) -> PodRecord:
-        """Make capture match the labels for one pod; returns the updated record."""
-        ns_labels, pod_labels = self.labels.labels(pod.namespace, pod.name)
-        ambient = wants_ambient(ns_labels, pod_labels)
-        if ambient:
-            try:
-                for ip in pod.ips:
-                    if enrolled.get(ip) != pod.uid:
-                        self.capture.enroll(uid=pod.uid, ip=ip, host_ifname=pod.host_ifname)
-            except Exception as err:  # capture errors come from the kernel/bcc; keep them
-                log.error("enroll %s/%s failed: %s", pod.namespace, pod.name, err)
-                return replace(pod, ambient=True, redirection="pending", error=str(err))
-            return replace(pod, ambient=True, redirection="enabled", error="")
+        """Make capture match the labels for one pod (ADD); returns the updated record."""
+        ambient = wants_ambient(*self.labels.labels(pod.namespace, pod.name))
+        return self._apply_pod(pod, pod_steps(pod, ambient, enrolled))
+
+    def _apply_pod(self, pod: PodRecord, steps: PodSteps) -> PodRecord:
+        """One pod's kernel steps; an enroll error leaves the pod pending (kept, reported)."""
+        try:
+            for ip in steps.enroll:
+                self.capture.enroll(uid=pod.uid, ip=ip, host_ifname=pod.host_ifname)
+        except Exception as err:  # capture errors come from the kernel/bcc; keep them
+            log.error("enroll %s/%s failed: %s", pod.namespace, pod.name, err)
+            return applied(pod, steps, str(err))
         # observe() on an enrolled pod releases it in place (the entry's flag changes; the
         # filter stays for anti-spoofing and same-node inbound capture).
-        for ip in pod.ips:
+        for ip in steps.observe:
             self.capture.observe(ip=ip, host_ifname=pod.host_ifname)
-        return replace(pod, ambient=False, redirection="", error="")
+        return applied(pod, steps)
 
     def reconcile(self) -> list[str]:
-        """Registry vs labels vs pinned map; returns human-readable changes (for logs/tests)."""
-        changes: list[str] = []
+        """Registry vs labels vs pinned map: read the world, plan (`cni.reconcile`), apply.
+        Returns human-readable changes (for logs/tests)."""
         self._label_version = self.labels.version()
-        for uid, pod in list(self.pods.items()):
-            if not self.exists(pod):
-                changes.append(f"gone {pod.namespace}/{pod.name}")
-                del self.pods[uid]
-        if self.inventory is not None:
-            changes.extend(self._adopt(self.inventory.local_pods()))
-        enrolled = self._enrolled_ips()
-        live_ips = {ip for pod in self.pods.values() for ip in pod.ips}
-        for ip in sorted((set(enrolled) | self._observed_ips()) - live_ips):
-            changes.append(f"leftover {ip} removed")
+        plan = plan_reconcile(self.pods, self._world())
+        changes = list(plan.changes)
+        self.pods = dict(plan.registry)
+        for ip in plan.unenroll:
             self.capture.unenroll(ip=ip)
-            enrolled.pop(ip, None)
-        for uid, pod in list(self.pods.items()):
-            updated = self._apply(pod, enrolled)
+        for steps in plan.pods:
+            pod = self.pods[steps.uid]
+            updated = self._apply_pod(pod, steps)
             if updated.redirection != pod.redirection:
                 changes.append(
                     f"{pod.namespace}/{pod.name} redirection "
                     f"{pod.redirection or 'disabled'} -> {updated.redirection or 'disabled'}"
                 )
-            self.pods[uid] = updated
+            self.pods[steps.uid] = updated
         self.save()
         for change in changes:
             log.info("reconcile: %s", change)
-        return changes
-
-    def _adopt(self, api_pods: Mapping[str, LocalPod]) -> list[str]:
-        """Registry vs the API's pods of this node: adopt running pods the plugin never ADDed,
-        forget adopted pods the API deleted (plugin-ADDed pods wait for their DEL)."""
-        changes: list[str] = []
-        for uid, pod in list(self.pods.items()):
-            adopted = not pod.container_id and not pod.netns
-            if adopted and uid not in api_pods:
-                for ip in pod.ips:
-                    self.capture.unenroll(ip=ip)
-                del self.pods[uid]
-                changes.append(f"deleted {pod.namespace}/{pod.name}")
-        for uid, api_pod in sorted(api_pods.items()):
-            if uid in self.pods or api_pod.host_network or not api_pod.ips:
-                continue
-            veth = self.find_veth(api_pod.ips[0])
-            if not veth:
-                log.warning(
-                    "pod %s/%s (%s): no host veth found yet",
-                    api_pod.namespace,
-                    api_pod.name,
-                    ",".join(api_pod.ips),
-                )
-                continue
-            self.pods[uid] = PodRecord(
-                uid=uid,
-                namespace=api_pod.namespace,
-                name=api_pod.name,
-                container_id="",
-                netns="",
-                ips=api_pod.ips,
-                host_ifname=veth,
-            )
-            changes.append(f"adopted {api_pod.namespace}/{api_pod.name} veth {veth}")
         return changes
 
     def labels_changed(self) -> bool:
@@ -467,8 +456,7 @@ class AgentServer:
         server = await asyncio.start_unix_server(self._serve_one, path=str(self.socket_path))
         os.chmod(self.socket_path, 0o600)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+        stop_on_signals(self._stop.set, loop)
         tasks = [loop.create_task(make()) for make in self.background]
         watcher = loop.create_task(self._watch())
         log.info("node agent %s listening on %s", self.agent.node, self.socket_path)

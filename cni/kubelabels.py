@@ -7,13 +7,9 @@ models):
 - ``GET /api/v1/pods?fieldSelector=spec.nodeName=<node>``: only the pods scheduled on this
   node (the API server filters; an agent never holds the whole cluster's pods).
 
-Protocol (Kubernetes API concepts, "Efficient detection of changes", "Watch bookmarks"): list,
-then ``watch=true&resourceVersion=<rv>&allowWatchBookmarks=true&timeoutSeconds=N``; each
-event's object advances the resourceVersion, BOOKMARK events only advance it; a watch that ends
-is resumed from the last resourceVersion without a list; ``410 Gone`` (HTTP status or an ERROR
-event carrying a Status with code 410) re-lists and REPLACES the kind's whole cache, so
-deletions missed meanwhile are applied. Other failures back off (0.2 s doubling, cap 10 s,
-jitter 0.2) and retry.
+List+watch, resumption from the resourceVersion, bookmarks and the 410 Gone re-list (which
+REPLACES the kind's whole cache, so deletions missed meanwhile are applied) are
+`meshcore.reflector`'s; this module owns what the objects mean to the agent.
 
 Credentials: the in-cluster service account (token and CA under
 /var/run/secrets/kubernetes.io/serviceaccount, KUBERNETES_SERVICE_HOST/PORT; kubernetes_asyncio
@@ -35,15 +31,17 @@ import asyncio
 import logging
 import random
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
 
-from cni.errors import CniError, TryAgainLater
-from meshcore.kubeapi import KubeApi, json_lines
+from cni.errors import TryAgainLater
+from meshcore.backoff import Retry, Sleep
+from meshcore.kubeapi import KubeApi
+from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector, ReflectorCounters
 
 log = logging.getLogger("ambient.agent.kube")
 
@@ -59,14 +57,6 @@ class LocalPod:
     labels: Mapping[str, str]
     host_network: bool = False
     phase: str = ""
-
-
-class Gone(CniError):
-    """410 Gone: the resourceVersion was compacted; re-list."""
-
-
-class WatchFailed(CniError):
-    """The API server answered a list/watch with an error."""
 
 
 def _labels(meta: Mapping[str, Any]) -> dict[str, str]:
@@ -95,7 +85,7 @@ def parse_pod(obj: Mapping[str, Any]) -> LocalPod | None:
     )
 
 
-class KubeLabels:
+class KubeLabels(ReflectorCounters):
     """Namespace labels + this node's pods from the Kubernetes API. `run()` in the event loop."""
 
     def __init__(
@@ -118,11 +108,7 @@ class KubeLabels:
         self._pods: dict[str, LocalPod] = {}  # uid -> pod
         self._listed: set[str] = set()
         self._version = 0
-        self.lists: dict[str, int] = {}
-        """Full lists per kind (1 + re-lists after 410 Gone)."""
-        self.watches: dict[str, int] = {}
-        """Watch requests per kind (resumptions included)."""
-        self.resource_versions: dict[str, str] = {}
+        self._reflectors: dict[str, Reflector] = {}
 
     # -- LabelSource / inventory (agent worker thread) -------------------------------------
     @property
@@ -164,7 +150,10 @@ class KubeLabels:
                     for o in items
                 }
             else:
-                pods = (parse_pod(o) for o in items)
+                # A finished pod no longer needs capture.
+                finished = ("Succeeded", "Failed")
+                live = [o for o in items if (o.get("status") or {}).get("phase") not in finished]
+                pods = (parse_pod(o) for o in live)
                 self._pods = {p.uid: p for p in pods if p is not None}
             self._listed.add(kind)
             self._version += 1
@@ -191,91 +180,26 @@ class KubeLabels:
             self._version += 1
 
     # -- list+watch -------------------------------------------------------------------------
-    async def _get(self, path: str, query: list[tuple[str, Any]], timeout: float) -> Any:
-        return await self._kube.open("GET", path, query=query, timeout=timeout)
+    def _reflector(self, kind: str, sleep: Sleep) -> Reflector:
+        collection = Collection(
+            path=f"/api/v1/{kind}",
+            name=kind,
+            query=(("fieldSelector", f"spec.nodeName={self.node}"),) if kind == "pods" else (),
+            watch_timeout=self.watch_timeout,
+            list_timeout=60,
+        )
+        return Reflector(
+            self._kube,
+            collection,
+            replace=lambda items: self._replace(kind, items),
+            event=lambda etype, obj: self._event(kind, etype, obj),
+            retry=Retry(WATCH_BACKOFF, rng=self.rng, sleep=sleep),
+        )
 
-    def _selector(self, kind: str) -> list[tuple[str, Any]]:
-        return [("fieldSelector", f"spec.nodeName={self.node}")] if kind == "pods" else []
-
-    async def _list(self, kind: str) -> str:
-        resp = await self._get(f"/api/v1/{kind}", self._selector(kind), 60)
-        try:
-            if resp.status != 200:
-                raise WatchFailed(f"list {kind}: HTTP {resp.status}")
-            data = await resp.json(content_type=None)
-        finally:
-            resp.release()
-        items = [o for o in data.get("items") or [] if isinstance(o, Mapping)]
-        if kind == "pods":
-            items = [o for o in items if (o.get("status") or {}).get("phase") not in
-                     ("Succeeded", "Failed")]  # fmt: skip
-        self._replace(kind, items)
-        self.lists[kind] = self.lists.get(kind, 0) + 1
-        rv = str((data.get("metadata") or {}).get("resourceVersion", ""))
-        self.resource_versions[kind] = rv
-        log.info("listed %d %s (resourceVersion %s)", len(items), kind, rv)
-        return rv
-
-    async def _events(self, kind: str, rv: str) -> AsyncIterator[Mapping[str, Any]]:
-        query: list[tuple[str, Any]] = [
-            *self._selector(kind),
-            ("watch", "true"),
-            ("allowWatchBookmarks", "true"),
-            ("timeoutSeconds", self.watch_timeout),
-        ]
-        if rv:
-            query.append(("resourceVersion", rv))
-        self.watches[kind] = self.watches.get(kind, 0) + 1
-        resp = await self._get(f"/api/v1/{kind}", query, self.watch_timeout + 30)
-        try:
-            if resp.status == 410:
-                raise Gone(f"watch {kind} at {rv}: HTTP 410")
-            if resp.status != 200:
-                raise WatchFailed(f"watch {kind}: HTTP {resp.status}")
-            async for event in json_lines(resp):
-                yield event
-        finally:
-            resp.release()
-
-    async def _watch(self, kind: str, rv: str) -> str:
-        async for event in self._events(kind, rv):
-            etype = str(event.get("type"))
-            obj = event.get("object") or {}
-            if etype == "ERROR":
-                if obj.get("code") == 410:
-                    raise Gone(f"watch {kind}: {obj.get('message', 'Gone')}")
-                raise WatchFailed(f"watch {kind}: error event {obj.get('message')}")
-            new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-            if new_rv:
-                rv = str(new_rv)
-                self.resource_versions[kind] = rv
-            if etype in ("ADDED", "MODIFIED", "DELETED"):
-                self._event(kind, etype, obj)
-        return rv
-
-    async def _loop(self, kind: str, sleep: Callable[[float], Awaitable[None]]) -> None:
-        rv: str | None = None
-        attempt = 0
-        while True:
-            try:
-                if rv is None:
-                    rv = await self._list(kind)
-                rv = await self._watch(kind, rv)
-                attempt = 0
-            except Gone:
-                log.info("%s: resourceVersion %s is gone (410); re-listing", kind, rv)
-                rv = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                delay = min(10.0, 0.2 * 2**attempt) * (1 + self.rng.uniform(-0.2, 0.2))
-                attempt += 1
-                log.warning("%s list/watch failed (%s); retry in %.1fs", kind, exc, delay)
-                await sleep(delay)
-
-    async def run(self) -> None:
+    async def run(self, sleep: Sleep = asyncio.sleep) -> None:
         """List+watch namespaces and this node's pods forever (cancel to stop)."""
-        tasks = [asyncio.create_task(self._loop(k, asyncio.sleep)) for k in ("namespaces", "pods")]
+        self._reflectors = {k: self._reflector(k, sleep) for k in ("namespaces", "pods")}
+        tasks = [asyncio.create_task(r.run()) for r in self._reflectors.values()]
         try:
             await asyncio.gather(*tasks)
         finally:

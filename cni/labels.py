@@ -1,9 +1,12 @@
 """The label sources the node agent reads (who is ambient is decided by
 `meshcore.config.labels.wants_ambient`, the rule the control plane uses too).
 
-Owns `ManifestLabels`, the lab's source of truth: Kubernetes-style YAML manifests (Namespace,
-Pod) in a directory (the lab edits them for `ambientctl lab label`, and the control plane
-watches the same directory), optionally overlaid by a JSON overrides file.
+Owns `ManifestLabels`, the label source without an API server: Kubernetes-style YAML manifests
+(Namespace, Pod) in a directory, optionally overlaid by a JSON overrides file. Two users: the
+chart's ``labelsFrom: configMap`` mode (the agent reads the mounted ConfigMap,
+/etc/ambient/enrollment) and the lab (which edits the directory and the overrides for
+`ambientctl lab label`; the control plane watches the same directory). It is therefore not
+lab-only and stays with the agent.
 
 Invariant: `ManifestLabels.version()` changes whenever any input file changes (mtime and size),
 so the agent re-reconciles exactly when something could have changed.

@@ -1,1 +1,8 @@
-"""Placeholder package; built by a later issue."""
+"""controlplane: the `ambient-controlplane` process (docs/controlplane.md).
+
+Config sources (`sources/`: Kubernetes list+watch, or a manifest directory) feed the `store` with
+strictly parsed `objects`; `translate` (pure) turns the store into the node proxies' xDS records
+and `l7` into the waypoints' L7 resources; `xds` serves them over delta ADS; `ca` signs workload
+certificates after `auth` authenticated the caller; `waypoints` reconciles waypoint Deployments;
+`debug` and `metrics` are the operator endpoints.
+"""

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -66,6 +65,7 @@ from meshcore.identity import SpiffeId
 from meshcore.kubeapi import KubeApi
 from meshcore.opshttp import is_loopback, require_loopback
 from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7
+from meshcore.runtime import stop_on_signals
 
 log = logging.getLogger("controlplane")
 
@@ -501,9 +501,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
 async def run(settings: ControlPlaneSettings) -> None:
     cp = ControlPlane(settings)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop.set)
     await cp.start()
     await stop.wait()
     log.info("stopping")

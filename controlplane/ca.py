@@ -5,7 +5,7 @@ impersonation, pick the TTL), the gRPC handler, and the control plane's own serv
 
 Invariants:
 - Every request is authenticated (`controlplane.auth`); there is no anonymous signing.
-- Impersonation check (ambient-facts.md, "CA"): the identity asked for (metadata
+- Impersonation check (docs/reference/ambient-facts.md, "CA"): the identity asked for (metadata
   ``ImpersonatedIdentity``, else the CSR's URI SAN) must be a service account with at least one
   pod on the caller's node that the node proxy serves: a workload the translator publishes
   (not hostNetwork, so never the node proxy's own service account; not Succeeded/Failed; with

@@ -4,7 +4,7 @@ Owns: ambient enrollment, Workload and Service records, waypoint binding, Author
 -> L4 `Authorization`, PeerAuthentication -> L4 `Authorization`, per-object warnings, and the
 `Translator` that memoises per-namespace results and produces deltas.
 
-Rules (Istio ambient, see ambient-facts.md "Enrollment, labels, waypoints"):
+Rules (Istio ambient, see docs/reference/ambient-facts.md "Enrollment, labels, waypoints"):
 - Enrollment: a pod is in the mesh when its label ``istio.io/dataplane-mode`` is ``ambient``, or
   its namespace's is and the pod's is not ``none``. Every pod with an IP (not host-network, not
   finished) becomes a Workload; mesh pods get ``tunnel_protocol = HBONE``, the others NONE
@@ -35,8 +35,9 @@ Rules (Istio ambient, see ambient-facts.md "Enrollment, labels, waypoints"):
 - Malformed PeerAuthentication: fail closed, i.e. STRICT for its scope, plus a warning.
 - PeerAuthentication: effective mode per workload = its selector policy, else namespace policy,
   else mesh policy (root namespace, no selector), UNSET inheriting; default PERMISSIVE. STRICT at
-  L4 is a DENY of connections without a principal (plaintext) (ambient-facts.md). DISABLE is
-  treated like PERMISSIVE by node proxies (they never originate plaintext inside the mesh).
+  L4 is a DENY of connections without a principal (plaintext) (docs/reference/ambient-facts.md).
+  DISABLE is treated like PERMISSIVE by node proxies (they never originate plaintext inside the
+  mesh).
   Port-level modes (selector policies only) become per-policy DENY records with port lists.
 
 Invariants: every function here is pure (input records -> output records); equal inputs give

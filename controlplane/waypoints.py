@@ -4,7 +4,8 @@ Owns: the desired objects for a Gateway of class ``istio-waypoint`` (`desired_ob
 its status (`gateway_status`, pure, clock injected), and `WaypointController`, which reconciles
 them against the Kubernetes API (create, merge-patch, delete; kubernetes_asyncio, plain JSON).
 
-Rules (Istio ambient "waypoint" deployment, ambient-facts.md "Enrollment, labels, waypoints"):
+Rules (Istio ambient "waypoint" deployment, docs/reference/ambient-facts.md "Enrollment, labels,
+waypoints"):
 - Objects are named after the Gateway, in its namespace; the ServiceAccount is ``<gw>`` unless
   the Gateway annotates ``gateway.istio.io/service-account: <sa>`` (then that account is used and
   not created by us). Every object carries ``gateway.networking.k8s.io/gateway-name=<gw>`` and

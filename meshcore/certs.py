@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from meshcore.backoff import Backoff
 from meshcore.errors import CertificateError, IdentityError
 from meshcore.identity import SpiffeId
 
@@ -258,16 +259,16 @@ class LocalCAProvider:
 # --------------------------------------------------------------------------- manager
 
 
-def backoff_delay(attempt: int, rng: random.Random) -> float:
-    """Seconds to wait before retry number `attempt` (0 = first retry after the first failure).
+CERT_BACKOFF = Backoff(
+    initial=BACKOFF_INITIAL, cap=BACKOFF_CAP, multiplier=BACKOFF_MULTIPLIER, jitter=BACKOFF_JITTER
+)
+"""500 ms x 2**attempt, capped at 150 s, then randomised by ±20% (like ztunnel's
+ExponentialBackoff: the cap applies before jitter, so a capped delay lies in [120, 180])."""
 
-    500 ms x 2**attempt, capped at 150 s, then randomised by ±20% (like ztunnel's
-    ExponentialBackoff: the cap applies before jitter, so a capped delay lies in [120, 180]).
-    """
-    if attempt < 0:
-        raise ValueError(f"attempt must be >= 0, got {attempt}")
-    base = min(BACKOFF_CAP, BACKOFF_INITIAL * BACKOFF_MULTIPLIER ** min(attempt, 64))
-    return base * (1.0 + rng.uniform(-BACKOFF_JITTER, BACKOFF_JITTER))
+
+def backoff_delay(attempt: int, rng: random.Random) -> float:
+    """Seconds to wait before retry number `attempt` (0 = first retry after the first failure)."""
+    return CERT_BACKOFF.delay(attempt, rng)
 
 
 @dataclass(slots=True, kw_only=True, eq=False)

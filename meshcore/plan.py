@@ -21,12 +21,12 @@ Behaviour follows istio/ztunnel's outbound ``build_request`` / inbound handling 
 - Expected server identity: the destination workload's, or the waypoint workload's when going
   through a waypoint. A waypoint (GatewayAddress) resolves to a workload by its address (a
   workload IP, or a service VIP whose endpoint is picked) or by hostname (a service key).
-- Inbound (Istio ambient-facts "Server checks that the CONNECT target IP equals the connection's
-  destination (pod) IP, except for waypoint/service-hostname cases"): reserved target ports ->
-  400; receiving workload unknown or on another node -> 400; target != connection destination
-  unless the receiving workload is the waypoint of the target service/workload -> 400;
-  authorization (meshcore.authz over `MeshState.policies_for(receiving workload)`) denies -> 401;
-  a service target with no usable endpoint -> 503.
+- Inbound (docs/reference/ambient-facts.md, "Server checks that the CONNECT target IP equals the
+  connection's destination (pod) IP, except for waypoint/service-hostname cases"): reserved target
+  ports -> 400; receiving workload unknown or on another node -> 400; target != connection
+  destination unless the receiving workload is the waypoint of the target service/workload -> 400;
+  authorization (meshcore.authz over `MeshState.policies_for(receiving workload)`) denies -> 401; a
+  service target with no usable endpoint -> 503.
 
 Deviations: no locality-aware or STRICT/FAILOVER routing preference yet (uniform random over
 usable endpoints); no network gateways (endpoints on other networks are not usable); service
@@ -338,9 +338,10 @@ def _check_no_waypoint_bypass(
     addressed_service: str | None,
     network: str,
 ) -> None:
-    """Traffic that must pass a waypoint may only arrive FROM that waypoint (ambient-facts.md
-    "What users complain about": waypoint bypass). Applies to a workload bound to a waypoint,
-    and to traffic addressed to a service bound to one. Raises Unauthorized (401)."""
+    """Traffic that must pass a waypoint may only arrive FROM that waypoint
+    (docs/reference/ambient-facts.md "What users complain about": waypoint bypass). Applies to a
+    workload bound to a waypoint, and to traffic addressed to a service bound to one. Raises
+    Unauthorized (401)."""
     gateways: list[tuple[str, GatewayAddress]] = []
     if receiver.waypoint is not None:
         gateways.append((f"workload {receiver.uid}", receiver.waypoint))

@@ -1,6 +1,9 @@
-"""Outgoing TCP sockets for the proxies, optionally from a non-local (original client) address.
+"""TCP sockets for the proxies: listeners, and outgoing connections optionally from a non-local
+(original client) address.
 
-Owns: creating the connected socket that asyncio then wraps (plain or TLS). With transparent
+Owns: `IP_TRANSPARENT` (defined once), `make_listener` (a bound, listening, non-blocking socket: the
+unit a process creates itself and could hand over), and creating the connected socket that asyncio
+then wraps (plain or TLS). With transparent
 capture the node proxy connects from the ORIGINAL client's IP: IP_TRANSPARENT lets a socket bind
 an address that is not local to the node (ip(7)); replies to it are steered back to the proxy by
 the eBPF established-flow lookup on the pod's veth.
@@ -21,6 +24,25 @@ import socket
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 BIND_ATTEMPTS = 3
+
+
+def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket with TCP_NODELAY. `transparent`: accept
+    connections for any destination address steered here (eBPF sk_assign; IP_TRANSPARENT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def can_bind_without_privilege(ip: str) -> bool:

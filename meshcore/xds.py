@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
+from meshcore.backoff import Backoff, Retry
 from meshcore.errors import ConfigError
 from meshcore.model import Authorization, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
@@ -147,11 +148,6 @@ ExtraHandler = Callable[[dpb.DeltaDiscoveryResponse], Sequence[tuple[str, str]]]
 it rejected (NACKed by name, the rest applied)."""
 
 
-def backoff(attempt: int, rng: random.Random, *, initial: float = 0.5, cap: float = 10.0) -> float:
-    base = min(cap, initial * 2.0 ** min(attempt, 32))
-    return base * (1.0 + rng.uniform(-0.2, 0.2))
-
-
 @dataclass(slots=True)
 class ClientStats:
     connects: int = 0
@@ -207,7 +203,7 @@ class XdsClient:
         return dpb.Node(id=f"{self.node_kind}~{self.node}", metadata=meta)
 
     async def run(self) -> None:
-        attempt = 0
+        retry = Retry(Backoff(initial=0.5, cap=self.backoff_cap), rng=self.rng)
         while True:
             delivered = False
             try:
@@ -222,16 +218,15 @@ class XdsClient:
             finally:
                 self.stats.connected = False
             if delivered:
-                attempt = 0
-            delay = backoff(attempt, self.rng, cap=self.backoff_cap)
-            attempt += 1
+                retry.reset()
+            delay = retry.next_delay()
             log.warning(
                 "xDS stream to %s ended (%s); keeping the last config, retry in %.1fs",
                 self.endpoint.address,
                 self.stats.last_error,
                 delay,
             )
-            await asyncio.sleep(delay)
+            await retry.wait(delay)
 
     async def _session(self) -> bool:
         """One stream; returns whether it delivered at least one response."""

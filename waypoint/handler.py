@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
+from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.identity import SpiffeId
 from meshcore.l7.authz import applicable, evaluate
@@ -572,8 +573,8 @@ class Handler:
                 raise error
             avoid.append(ep.uid)
             # Envoy: fully jittered back-off, base 25 ms doubling, capped at 10x base.
-            cap = min(policy.backoff_base * 10, policy.backoff_base * (2 ** (attempt - 1)))
-            await asyncio.sleep(ctx.rng.uniform(0, cap))
+            schedule = Backoff(initial=policy.backoff_base, cap=policy.backoff_base * 10, full=True)
+            await asyncio.sleep(schedule.delay(attempt - 1, ctx.rng))
 
     def _track(self, resp: UpstreamResponse, ep: EndpointStats, rec: RequestRecord) -> None:
         """The answering endpoint: telemetry; its active count drops when the body ends."""

@@ -6,9 +6,9 @@ pool, telemetry), binding listeners, readiness, and graceful drain on SIGTERM.
 Listeners are created from sockets we make ourselves (`make_listener`), never by address inside
 asyncio, so a later zero-drop upgrade can hand the very same listening sockets to a new process.
 
-Ports (ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound HBONE,
-15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp (HBONE over
-HTTP/3, issue 16).
+Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
+HBONE, 15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp
+(HBONE over HTTP/3, issue 16).
 """
 
 from __future__ import annotations

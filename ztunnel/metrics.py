@@ -1,7 +1,8 @@
 """Node-proxy telemetry: Istio's TCP metrics and the structured access log.
 
 Owns: the prometheus registry of the node proxy (metric and label names as Istio's ztunnel, see
-ambient-facts.md "Telemetry names"), and the one access-log line written per connection.
+docs/reference/ambient-facts.md "Telemetry names"), and the one access-log line written per
+connection.
 Beyond Istio's names, three counters of our own record hostile or overloaded peers:
 `ztunnel_hbone_streams_refused_total{reason}` (streams the HTTP/2 layer answered itself; each also
 gets an access-log line), `ztunnel_hbone_connection_errors_total{code}` (GOAWAY for a peer's
@@ -162,7 +163,7 @@ class ConnectionRecord:
         return dict(zip(LABELS, self.label_values(), strict=True))
 
     def log_fields(self) -> dict[str, object]:
-        """Istio's access-log field names (ambient-facts.md)."""
+        """Istio's access-log field names (docs/reference/ambient-facts.md)."""
         return {
             "src.addr": self.src_addr,
             "src.workload": self.source.name if self.source else None,

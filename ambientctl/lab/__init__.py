@@ -1,8 +1,10 @@
 """`ambientctl lab`: a whole ambient mesh on one machine (nodes and pods as network namespaces,
 node proxies fed by one control plane).
 
-Modules: `manifests` (pure: Kubernetes-style YAML -> LabSpec, and the Pod/Namespace documents
-the lab writes back), `topology` (pure: names and addresses), `system` (the I/O edge: ip,
-nsenter, processes, CNI exec), `lab` (up/down/pods/exec/label, control plane and node proxies),
-`demo` (the README demo).
+Modules: `manifests` (pure: Kubernetes-style YAML -> LabSpec, and the Pod/Namespace documents the
+lab writes back), `topology` (pure: names and addresses), `system` (the I/O edge: ip, nsenter,
+processes, CNI exec), `lab` (the order of up/down) built from `state`, `cluster` (manifest
+directory, underlay), `processes` (agents, control plane, node proxies) and `pods` (pods, waypoint
+pods, exec, label), `demo` and `demo_waypoint` (the README demos), `loopback_demo` (the unprivileged
+demo: two node proxies on 127.0.0.0/8 with static config, `scripts/demo --loopback`).
 """

@@ -3,15 +3,9 @@
 Owns: API discovery (which groups/versions the server serves), one list+watch loop per kind,
 and feeding the store as source ``kubernetes/<Kind>``.
 
-Protocol (Kubernetes API concepts, "Efficient detection of changes"):
-- List (``GET <collection>``) gives the items and a collection ``resourceVersion``; the watch
-  (``?watch=1&resourceVersion=<rv>&allowWatchBookmarks=true&timeoutSeconds=N``) streams
-  ADDED/MODIFIED/DELETED events after it. Every event's object carries the new resourceVersion;
-  BOOKMARK events only advance it. A watch that ends (timeout, connection closed) is restarted
-  from the last resourceVersion seen, without a list.
-- ``410 Gone`` (HTTP status, or an ERROR event with a Status of code 410: the version was
-  compacted) means events were lost: the kind is re-listed and the store is given the complete
-  new set (`ConfigStore.replace_source`), so deletions missed meanwhile are applied.
+List+watch (resumption from the resourceVersion, bookmarks, 410 Gone -> re-list with the
+store given the complete new set via `ConfigStore.replace_source`, so deletions missed
+meanwhile are applied) is `meshcore.reflector`'s; this module owns what the objects mean.
 - Kinds whose API group is not served (CRDs not installed) are skipped with a warning and
   re-discovered every `rediscover_interval`.
 
@@ -24,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +28,14 @@ from kubernetes_asyncio import client
 from controlplane.errors import SourceError
 from controlplane.objects import ObjectKey, parse_object
 from controlplane.store import ConfigStore
+from meshcore.backoff import Backoff, Retry
 from meshcore.errors import ConfigError
-from meshcore.kubeapi import KubeApi, json_lines
+from meshcore.kubeapi import KubeApi
+from meshcore.reflector import WATCH_BACKOFF, Collection, Reflector, ReflectorCounters
 
 log = logging.getLogger(__name__)
+
+DISCOVERY_BACKOFF = Backoff(initial=0.5, cap=10.0, jitter=0.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,11 +97,7 @@ KINDS = (
 )
 
 
-class Gone(SourceError):
-    """410 Gone: the resourceVersion is too old; re-list."""
-
-
-class KubernetesSource:
+class KubernetesSource(ReflectorCounters):
     """List+watch every kind of `KINDS` into `store`."""
 
     def __init__(
@@ -124,11 +118,7 @@ class KubernetesSource:
         self.rng = rng or random.Random()
         self.synced = asyncio.Event()
         self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
-        self.resource_versions: dict[str, str] = {}
-        self.lists: dict[str, int] = {}
-        """Number of full lists per kind (1 + re-lists after 410 Gone)."""
-        self.watches: dict[str, int] = {}
-        """Number of watch requests per kind (restarts included)."""
+        self._reflectors: dict[str, Reflector] = {}
         self._listed: set[str] = set()
         self._served: set[str] = set()
 
@@ -160,16 +150,15 @@ class KubernetesSource:
 
     async def run(self) -> None:
         """Discover, then list+watch every served kind forever (cancel to stop)."""
-        attempt = 0
+        retry = Retry(DISCOVERY_BACKOFF, rng=self.rng)
         while True:
             try:
                 self._served = await self.discover()
                 break
             except Exception as exc:
-                delay = min(10.0, 0.5 * 2**attempt)
-                attempt += 1
+                delay = retry.next_delay()
                 log.warning("Kubernetes discovery failed (%s); retry in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+                await retry.wait(delay)
         tasks = [asyncio.create_task(self._kind_loop(spec)) for spec in KINDS]
         try:
             await asyncio.gather(*tasks)
@@ -196,103 +185,46 @@ class KubernetesSource:
             except Exception as exc:
                 log.debug("re-discovery failed: %s", exc)
         self.store.clear_source_warning(source, spec.kind)
-        rv: str | None = None
-        attempt = 0
-        while True:
-            try:
-                if rv is None:
-                    rv = await self._list(spec, source)
-                    self._mark_listed(spec.kind)
-                rv = await self._watch(spec, source, rv)
-                attempt = 0
-            except Gone:
-                log.info("%s: resourceVersion %s is gone (410); re-listing", spec.kind, rv)
-                rv = None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                delay = min(10.0, 0.2 * 2**attempt) * (1 + self.rng.uniform(-0.2, 0.2))
-                attempt += 1
-                log.warning("%s watch failed (%s); retry in %.1fs", spec.kind, exc, delay)
-                await asyncio.sleep(delay)
+        reflector = Reflector(
+            self._kube,
+            Collection(path=spec.path, name=spec.kind, watch_timeout=self.watch_timeout),
+            replace=lambda items: self._replace(spec, source, items),
+            event=lambda etype, obj: self._event(spec, source, etype, obj),
+            retry=Retry(WATCH_BACKOFF, rng=self.rng),
+        )
+        self._reflectors[spec.kind] = reflector
+        await reflector.run()
 
-    async def _list(self, spec: KindSpec, source: str) -> str:
-        data = await self._get_json(spec.path)
+    def _replace(self, spec: KindSpec, source: str, items: list[Mapping[str, Any]]) -> None:
         objects = []
         warnings: dict[str, str] = {}
-        for item in data.get("items", []) or []:
-            if isinstance(item, dict):
-                item = {"kind": spec.kind, "apiVersion": spec.group_version, **item}
+        for raw in items:
+            item = {"kind": spec.kind, "apiVersion": spec.group_version, **raw}
             try:
                 objects.append(parse_object(item))
             except ConfigError as exc:
                 warnings[_ref(spec, item)] = f"skipped: {exc}"
         self.store.set_source_warnings(source, warnings)
         self.store.replace_source(source, objects)
-        self.lists[spec.kind] = self.lists.get(spec.kind, 0) + 1
-        rv = str((data.get("metadata") or {}).get("resourceVersion", ""))
-        self.resource_versions[spec.kind] = rv
-        return rv
+        self._mark_listed(spec.kind)
 
-    async def _events(self, spec: KindSpec, rv: str) -> AsyncIterator[Mapping[str, Any]]:
-        query: list[tuple[str, Any]] = [
-            ("watch", "true"),
-            ("allowWatchBookmarks", "true"),
-            ("timeoutSeconds", self.watch_timeout),
-        ]
-        if rv:
-            query.append(("resourceVersion", rv))
-        self.watches[spec.kind] = self.watches.get(spec.kind, 0) + 1
-        resp = await self._get(spec.path, query, self.watch_timeout + 30)
+    def _event(self, spec: KindSpec, source: str, etype: str, obj: Mapping[str, Any]) -> None:
+        item = {"kind": spec.kind, "apiVersion": spec.group_version, **obj}
+        ref = _ref(spec, item)
+        if etype == "DELETED":
+            meta = obj.get("metadata") or {}
+            namespace = str(meta.get("namespace", "")) if spec.namespaced else ""
+            key = ObjectKey(kind=spec.kind, namespace=namespace, name=str(meta.get("name", "")))
+            self.store.apply(source, (), [key])
+            self.store.clear_source_warning(source, ref)
+            return
         try:
-            if resp.status == 410:
-                raise Gone(f"watch {spec.kind} at {rv}: HTTP 410")
-            if resp.status != 200:
-                raise SourceError(f"watch {spec.kind}: HTTP {resp.status}")
-            async for event in json_lines(resp):
-                yield event
-        finally:
-            resp.release()
-
-    async def _watch(self, spec: KindSpec, source: str, rv: str) -> str:
-        async for event in self._events(spec, rv):
-            etype = event.get("type")
-            obj = event.get("object") or {}
-            if etype == "ERROR":
-                if obj.get("code") == 410:
-                    raise Gone(f"watch {spec.kind}: {obj.get('message', 'Gone')}")
-                raise SourceError(f"watch {spec.kind}: error event {obj.get('message')}")
-            new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-            if new_rv:
-                rv = str(new_rv)
-                self.resource_versions[spec.kind] = rv
-            if etype == "BOOKMARK":
-                continue
-            item = {"kind": spec.kind, "apiVersion": spec.group_version, **obj}
-            ref = _ref(spec, item)
-            if etype == "DELETED":
-                meta = obj.get("metadata") or {}
-                self.store.apply(
-                    source,
-                    (),
-                    [
-                        ObjectKey(
-                            kind=spec.kind,
-                            namespace=str(meta.get("namespace", "")) if spec.namespaced else "",
-                            name=str(meta.get("name", "")),
-                        )
-                    ],
-                )
-                self.store.clear_source_warning(source, ref)
-            elif etype in ("ADDED", "MODIFIED"):
-                try:
-                    parsed = parse_object(item)
-                except ConfigError as exc:
-                    self.store.add_source_warning(source, ref, f"update skipped: {exc}")
-                    continue
-                self.store.clear_source_warning(source, ref)
-                self.store.apply(source, [parsed])
-        return rv
+            parsed = parse_object(item)
+        except ConfigError as exc:
+            self.store.add_source_warning(source, ref, f"update skipped: {exc}")
+            return
+        self.store.clear_source_warning(source, ref)
+        self.store.apply(source, [parsed])
 
 
 def _ref(spec: KindSpec, item: Any) -> str:

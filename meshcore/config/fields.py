@@ -537,8 +537,8 @@ CONDITION_KEYS: Mapping[str, tuple[Status, L4, str]] = {
 }
 
 
-# Labels and annotations the mesh reads on Kubernetes objects (ambient-facts.md "Enrollment,
-# labels, waypoints"): key -> (objects, allowed values (empty: any), meaning).
+# Labels and annotations the mesh reads on Kubernetes objects (docs/reference/ambient-facts.md
+# "Enrollment, labels, waypoints"): key -> (objects, allowed values (empty: any), meaning).
 LABELS: Mapping[str, tuple[str, tuple[str, ...], str]] = {
     "istio.io/dataplane-mode": (
         "Namespace, Pod", (),

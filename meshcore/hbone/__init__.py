@@ -1,1 +1,6 @@
-"""Placeholder package; built by a later issue."""
+"""meshcore.hbone: HBONE, HTTP/2 CONNECT over mutual TLS (docs/reference/ambient-facts.md).
+
+`frames` and `headers` are the HTTP/2 frame layout and HPACK without dynamic tables,
+`connection` the sans-I/O connection (RFC 9113), `aio` its asyncio edge (the protocol, tunnel
+streams, `connect`, `accept_tls`), `pool` the client connection pool.
+"""

@@ -69,8 +69,9 @@ from meshcore.hbone.headers import encode as encode_headers
 
 Headers = list[tuple[str, str]]
 
-# Istio's HBONE HTTP/2 settings (ambient-facts.md): stream window 4 MiB, connection window 16 MiB,
-# max frame 1 MiB, 200 concurrent streams on the server, PING every 10 s, dead after 20 s.
+# Istio's HBONE HTTP/2 settings (docs/reference/ambient-facts.md): stream window 4 MiB,
+# connection window 16 MiB, max frame 1 MiB, 200 concurrent streams on the server, PING every
+# 10 s, dead after 20 s.
 STREAM_WINDOW = 4 * 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
 MAX_FRAME = 1024 * 1024

@@ -22,6 +22,7 @@ from controlplane.app import ControlPlane, ControlPlaneSettings
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient
+from tests.helpers import eventually as eventually
 from ztunnel.app import NodeProxy, build_context
 from ztunnel.proxy.context import ProxySettings
 
@@ -180,20 +181,6 @@ async def call_echo(payload: bytes = b"hello mesh") -> bool:
     finally:
         writer.close()
     return got == payload
-
-
-async def eventually(predicate: object, timeout: float = 5.0, what: str = "") -> float:
-    """Poll an (async) predicate until true; return the seconds it took."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while True:
-        result = predicate()  # type: ignore[operator]
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return loop.time() - start
-        assert loop.time() - start < timeout, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

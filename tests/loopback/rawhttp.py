@@ -208,13 +208,13 @@ async def send_h2(
                     return out
                 for ev in conn.receive_data(data):
                     if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
-                        out.status = int(dict(ev.headers)[b":status"])  # type: ignore[arg-type]
+                        out.status = int(dict(ev.headers)[b":status"])
                     elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
                         return out
                     elif (
                         isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid
                     ) or isinstance(ev, h2.events.ConnectionTerminated):
-                        out.reset = int(ev.error_code)
+                        out.reset = int(ev.error_code) if ev.error_code is not None else 0
                         return out
                 writer.write(conn.data_to_send())
     finally:

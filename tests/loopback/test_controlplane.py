@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +19,7 @@ from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.proto import ca_pb2, workload_pb2
 from meshcore.proto.convert import ADDRESS_TYPE
+from tests.helpers import run
 from tests.loopback.cpfixtures import (
     DENY_SLEEP,
     NODE_A,
@@ -39,10 +38,6 @@ from tests.loopback.cpfixtures import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 60) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def _manifest_edit_reaches_running_node_proxy(tmp_path: Path) -> None:
@@ -264,28 +259,28 @@ async def _debug_endpoints(tmp_path: Path) -> None:
 
 
 def test_manifest_edit_reaches_running_node_proxy(tmp_path: Path) -> None:
-    run(_manifest_edit_reaches_running_node_proxy(tmp_path))
+    run(_manifest_edit_reaches_running_node_proxy(tmp_path), 60)
 
 
 def test_csr_for_service_account_on_another_node_is_refused(tmp_path: Path) -> None:
-    run(_csr_for_service_account_on_another_node_is_refused(tmp_path))
+    run(_csr_for_service_account_on_another_node_is_refused(tmp_path), 60)
 
 
 def test_bad_resource_is_nacked_alone(tmp_path: Path) -> None:
-    run(_bad_resource_is_nacked_alone(tmp_path))
+    run(_bad_resource_is_nacked_alone(tmp_path), 60)
 
 
 def test_controlplane_restart_node_proxies_keep_forwarding_and_resync(tmp_path: Path) -> None:
-    run(_controlplane_restart_node_proxies_keep_forwarding_and_resync(tmp_path))
+    run(_controlplane_restart_node_proxies_keep_forwarding_and_resync(tmp_path), 60)
 
 
 def test_tls_serving_and_trust_bundle(tmp_path: Path) -> None:
-    run(_tls_serving_and_trust_bundle(tmp_path))
+    run(_tls_serving_and_trust_bundle(tmp_path), 60)
 
 
 def test_root_rollover_bundle_has_both_roots(tmp_path: Path) -> None:
-    run(_root_rollover_bundle_has_both_roots(tmp_path))
+    run(_root_rollover_bundle_has_both_roots(tmp_path), 60)
 
 
 def test_debug_endpoints(tmp_path: Path) -> None:
-    run(_debug_endpoints(tmp_path))
+    run(_debug_endpoints(tmp_path), 60)

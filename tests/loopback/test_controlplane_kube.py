@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -15,15 +14,14 @@ from kubernetes_asyncio import client
 from controlplane.sources.kube import KubernetesSource
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
+from meshcore.model import Workload
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.loopback.cpfixtures import eventually
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.56.1"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
 
 
 def pod(name: str, ip: str, node: str = "node-a", sa: str = "default") -> dict[str, Any]:
@@ -153,6 +151,7 @@ async def _translation_from_kubernetes_source() -> None:
             w = next(
                 r for r in t.records() if getattr(r, "uid", "") == "Kubernetes//Pod/default/web"
             )
+            assert isinstance(w, Workload)
             assert w.services_map["default/web.default.svc.cluster.local"][0].target_port == 8080
             assert "istio-system/istio_converted_static_strict" in w.authorization_policies
     finally:

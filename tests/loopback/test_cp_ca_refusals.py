@@ -54,7 +54,7 @@ def pod(
     }
 
 
-MANIFESTS = [
+MANIFESTS: list[dict[str, object]] = [
     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}},
     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}},
     pod("sleep", "sleep", ip="10.1.0.10"),

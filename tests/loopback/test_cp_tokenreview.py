@@ -14,7 +14,6 @@ are cached (one per token per TTL).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -29,17 +28,15 @@ from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.xds import ControlPlaneEndpoint
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.58.1"
-CP_IP = "127.0.58.2"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
+CP_IP = BLOCK.ip(2)
 ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
 AUDIENCE = "ambient-controlplane"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def pod(ns: str, name: str, node: str, sa: str) -> dict[str, Any]:

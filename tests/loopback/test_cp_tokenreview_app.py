@@ -6,9 +6,8 @@ on loopback. The impersonation check reads the control plane's own store (manife
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -21,17 +20,15 @@ from meshcore.identity import SpiffeId
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE
 from meshcore.xds import DELTA_METHOD, ControlPlaneEndpoint
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.loopback.cpfixtures import base_manifests, write_manifests
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.59.1"
-CP_IP = "127.0.59.2"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
+CP_IP = BLOCK.ip(2)
 ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def kubeconfig(path: Path, port: int) -> Path:

@@ -12,8 +12,6 @@ token is refused.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
 from typing import Any
 
 import grpc
@@ -32,18 +30,16 @@ from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.xds import ControlPlaneEndpoint
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.59.5"
-CP_IP = "127.0.59.6"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(5)
+CP_IP = BLOCK.ip(6)
 ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
 AUD = ("ambient-controlplane",)
 GWL = "gateway.networking.k8s.io/gateway-name"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def pod(ns: str, name: str, node: str, sa: str, **labels: str) -> dict[str, Any]:

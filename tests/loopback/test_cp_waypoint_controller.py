@@ -12,7 +12,6 @@ deleting the Gateway deletes what was created.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,13 @@ from kubernetes_asyncio import client
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.waypoints import WaypointController, WaypointSettings
+from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.59.1"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def gateway(name: str, cls: str = "istio-waypoint", **annotations: str) -> dict[str, Any]:
@@ -179,7 +176,7 @@ def test_controlplane_runs_the_controller(tmp_path: Path) -> None:
             )
         )
         settings = ControlPlaneSettings(
-            listen="127.0.59.2:0",
+            listen=f"{BLOCK.ip(2)}:0",
             debug_listen=None,
             kubernetes=True,
             kubeconfig=tmp_path / "kubeconfig",

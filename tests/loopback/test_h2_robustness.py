@@ -44,7 +44,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeB]:
 
 
 def run(coro: Awaitable[Any], timeout: float = 90) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def eventually(pred: Callable[[], bool], timeout: float = 10.0) -> None:

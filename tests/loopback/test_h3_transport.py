@@ -81,7 +81,8 @@ def test_no_udp_listener_falls_back_to_h2_at_once_and_remembers(tmp_path: Path) 
             pool.close_all()
             await wait_until(lambda: not pool.snapshot())
             await check_call(2)
-            assert pool.h3_fallbacks == 1 and pool.connections_opened == 2
+            assert pool.h3_fallbacks == 1
+            assert pool.connections_opened == 2
 
     run(main())
 
@@ -135,7 +136,8 @@ def test_junk_datagrams_create_no_state(tmp_path: Path) -> None:
                     junk.sendto(bytes([i]) * (10 + i * 30), H3)  # short, or not an Initial
                 junk.sendto(b"\xc0" + b"\0" * 1300, H3)  # long header, version 0: no Initial
                 await wait_until(lambda: ep.dropped >= 51)
-                assert not ep.connections and not ep._pending
+                assert not ep.connections
+                assert not ep._pending
             finally:
                 junk.close()
             await check_call(1)
@@ -171,7 +173,8 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
                     if x.startswith("istio_tcp_connections_failed_total{")
                     and 'response_flags="TLS_FAILURE"' in x
                 ]
-                assert failed and float(failed[0].rsplit(" ", 1)[1]) == ep.max_handshakes_per_ip
+                assert failed
+                assert float(failed[0].rsplit(" ", 1)[1]) == ep.max_handshakes_per_ip
             finally:
                 for s in socks:
                     s.close()
@@ -196,7 +199,8 @@ def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
             first, second = await dial(), await dial()
             with pytest.raises(TimeoutError):
                 await dial()  # no answer at all: the third Initial is dropped
-            assert len(ep.connections) == 2 and ep.dropped >= 1
+            assert len(ep.connections) == 2
+            assert ep.dropped >= 1
             first.abort()
             await wait_until(lambda: len(ep.connections) == 1)
             third = await dial()  # a slot is free again

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from tests.helpers import run
 from tests.loopback.harness import (
     CLIENT_IP,
     ECHO,
@@ -22,10 +23,6 @@ from tests.loopback.harness import (
     start_backend,
     stream_exchange,
 )
-
-
-def run(coro: object, timeout: float = 120) -> object:
-    return asyncio.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
 
 
 def metric_text(proxy: object) -> str:
@@ -60,7 +57,7 @@ def test_64mib_each_way_on_concurrent_streams_arrive_intact(tmp_path: Path, tran
             # Streams were multiplexed: far fewer TLS connections than streams.
             assert mesh.node_a.ctx.pool.connections_opened <= 2
 
-    run(main())
+    run(main(), 120)
 
 
 def test_identities_in_metrics_and_both_sides(tmp_path: Path, transport: str) -> None:
@@ -91,7 +88,7 @@ def test_identities_in_metrics_and_both_sides(tmp_path: Path, transport: str) ->
             sent = [x for x in dest.splitlines() if x.startswith("istio_tcp_sent_bytes_total{")]
             assert sent and float(sent[0].rsplit(" ", 1)[1]) == 5000
 
-    run(main())
+    run(main(), 120)
 
 
 def test_denied_connection_never_reaches_backend(tmp_path: Path, transport: str) -> None:
@@ -127,7 +124,7 @@ def test_denied_connection_never_reaches_backend(tmp_path: Path, transport: str)
             assert 'response_flags="DENY"' in text
             assert "istio_tcp_connections_failed_total{" in text
 
-    run(main())
+    run(main(), 120)
 
 
 @pytest.mark.parametrize("uvloop_enabled", [False, True])
@@ -224,7 +221,7 @@ def test_same_node_fast_path_keeps_identity_policy_and_source(tmp_path: Path) ->
                 n = 0
             assert n == 0
 
-    run(main())
+    run(main(), 120)
 
 
 def test_resets_propagate_both_ways(tmp_path: Path, transport: str) -> None:
@@ -271,7 +268,7 @@ def test_resets_propagate_both_ways(tmp_path: Path, transport: str) -> None:
                 await asyncio.sleep(0.02)
             assert server_saw == ["reset"]
 
-    run(main())
+    run(main(), 120)
 
 
 def test_idle_pooled_connection_is_released(tmp_path: Path, transport: str) -> None:
@@ -296,4 +293,4 @@ def test_idle_pooled_connection_is_released(tmp_path: Path, transport: str) -> N
             (_h, n), _ = await call_service(2, 100, 100)  # a new connection is dialled
             assert n == 100 and pool.connections_opened == 2
 
-    run(main())
+    run(main(), 120)

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
+import tests.helpers as helpers
 from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, utcnow
 from meshcore.config.objects import parse_objects
@@ -328,7 +329,7 @@ async def waypoint_mesh(tmp: Path, *docs: str, config: dict[str, Any] | None = N
 
 
 def run(coro: Any, timeout: float = 120) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    return helpers.run(coro, timeout)
 
 
 # ---------------------------------------------------------------------------- HTTP/2 + gRPC

@@ -24,6 +24,7 @@ import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -475,8 +476,8 @@ async def _through_waypoint(
                 return Outcome(status, list(app.received), flags)
 
             for c in cases:
-                outs.append(await one(lambda c=c: send_h1(REVIEWS_VIP, PORT, c.raw,
-                                                          local=CLIENT_IP)))  # fmt: skip
+                outs.append(await one(partial(send_h1, REVIEWS_VIP, PORT, c.raw,
+                                              local=CLIENT_IP)))  # fmt: skip
             h2_outs: list[Outcome] = []
             for hc in h2_cases:
 
@@ -741,7 +742,7 @@ async def _through_envoy(
             lines = alog.read_text().splitlines()[before:]
             return Outcome(status, list(app.received), [ln.split(" ", 1)[1] for ln in lines])
 
-        outs = [await one(lambda c=c: send_h1(ENVOY_IP, ENVOY_PORT, c.raw)) for c in cases]
+        outs = [await one(partial(send_h1, ENVOY_IP, ENVOY_PORT, c.raw)) for c in cases]
         h2_outs = []
         for hc in h2_cases:
 

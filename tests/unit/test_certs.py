@@ -135,7 +135,7 @@ def test_backoff_extremes_and_errors() -> None:
     assert backoff_delay(0, Fixed(1)) == pytest.approx(0.6)
     assert backoff_delay(20, Fixed(1)) == pytest.approx(180.0)
     assert backoff_delay(20, Fixed(-1)) == pytest.approx(120.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attempt"):
         backoff_delay(-1, random.Random(0))
 
 

@@ -99,7 +99,7 @@ def test_wants_ambient(ns: dict[str, str], pod: dict[str, str], want: bool) -> N
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Agent, FakeCapture, Path, set[str]]]:
+def setup(tmp_path: Path) -> tuple[Agent, FakeCapture, Path, set[str]]:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "ns.yaml").write_text(MANIFESTS)
     capture = FakeCapture()
@@ -113,7 +113,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Agent, FakeCapture, Path, set[str]]]
         pick_veth=lambda candidates, guess: guess,
     )
     agent.load()
-    yield agent, capture, tmp_path, alive
+    return agent, capture, tmp_path, alive
 
 
 def enroll_req(uid: str, ns: str, name: str, ip: str, veth: str) -> dict[str, Any]:

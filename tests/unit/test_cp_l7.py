@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import yaml
 from google.protobuf import any_pb2
 
@@ -56,7 +57,7 @@ AMBIENT_NS = {
         "labels": {"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"},
     },
 }
-GATEWAY = {
+GATEWAY: dict[str, Any] = {
     "apiVersion": "gateway.networking.k8s.io/v1",
     "kind": "Gateway",
     "metadata": {"name": "waypoint", "namespace": "default"},
@@ -214,12 +215,8 @@ def test_waypoint_store_nacks_a_bad_resource_alone_and_applies_removals() -> Non
 
 def test_unpack_checks_json_kind() -> None:
     r = L7Resource(kind="VirtualService", namespace="d", name="n", json='{"kind": "HTTPRoute"}')
-    try:
+    with pytest.raises(Exception, match="HTTPRoute"):
         unpack_l7(r.key, pack_l7(r))
-    except Exception as exc:
-        assert "HTTPRoute" in str(exc)
-    else:
-        raise AssertionError("kind mismatch accepted")
 
 
 BAD_ROUTE = """

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2, struct_pb2
 from controlplane.auth import NodeCredentials, bearer_token
 from controlplane.ca import CertificateService
 from controlplane.errors import InvalidRequest, PermissionDenied, Unauthenticated
-from controlplane.translate import Delta
+from controlplane.translate import Delta, Record
 from controlplane.xds import ResourceTable, encode_response
 from meshcore.ca import MeshCA, generate_csr
 from meshcore.caclient import build_request, parse_response
@@ -36,7 +36,7 @@ POLICY = {
     ]}]}],
 }  # fmt: skip
 CONFIG = parse_mesh_config(mesh_config(policies=[POLICY]))
-RECORDS = [*CONFIG.workloads, *CONFIG.services, *CONFIG.policies]
+RECORDS: list[Record] = [*CONFIG.workloads, *CONFIG.services, *CONFIG.policies]
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=resource_name)
@@ -59,9 +59,8 @@ def test_unpack_rejects_name_mismatch_and_garbage() -> None:
 def test_pre_encoded_response_parses_and_versions_are_content_hashes() -> None:
     table = ResourceTable()
     touched = table.apply(Delta(upserts=tuple(RECORDS)))
-    assert touched[ADDRESS_TYPE] == {
-        resource_name(r) for r in [*CONFIG.workloads, *CONFIG.services]
-    }
+    addresses: list[Record] = [*CONFIG.workloads, *CONFIG.services]
+    assert touched[ADDRESS_TYPE] == {resource_name(r) for r in addresses}
     again = ResourceTable()
     again.apply(Delta(upserts=tuple(reversed(RECORDS))))
     assert {n: e.version for n, e in table.types[ADDRESS_TYPE].items()} == {

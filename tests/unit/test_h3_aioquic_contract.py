@@ -195,10 +195,13 @@ def test_client_without_certificate_completes_aioquic_handshake_but_is_refused(
     assert any(isinstance(e, qev.HandshakeCompleted) for e in c_events)
     # ...our server refuses it and closes with CRYPTO_ERROR(bad_certificate = 42).
     refused = [e for e in s_events if isinstance(e, PeerRefused)]
-    assert refused and "no certificate" in str(refused[0].error)
-    assert server.peer_identity is None and server.h3 is None
+    assert refused
+    assert "no certificate" in str(refused[0].error)
+    assert server.peer_identity is None
+    assert server.h3 is None
     closed = client._close_event  # the CONNECTION_CLOSE received (reported after draining)
-    assert closed is not None and closed.error_code == 0x100 + 42
+    assert closed is not None
+    assert closed.error_code == 0x100 + 42
 
 
 def test_aioquic_never_verifies_client_chain_but_we_do(ca: MeshCA) -> None:
@@ -231,7 +234,8 @@ def test_aioquic_never_verifies_client_chain_but_we_do(ca: MeshCA) -> None:
         client, lambda d: ours(Role.SERVER, server_cert, original_dcid=d), clock
     )
     refused = [e for e in s_events if isinstance(e, PeerRefused)]
-    assert refused and "certificate verify failed" in str(refused[0].error)
+    assert refused
+    assert "certificate verify failed" in str(refused[0].error)
     assert not [e for e in s_events if not isinstance(e, PeerRefused)]
     assert server2.h3 is None
 
@@ -292,7 +296,8 @@ def test_wrong_alpn_is_refused_in_the_handshake(ca: MeshCA) -> None:
         clock,
     )
     assert not any(isinstance(e, qev.HandshakeCompleted) for e in c_events)
-    assert server.peer_identity is None and server.h3 is None
+    assert server.peer_identity is None
+    assert server.h3 is None
 
 
 def test_aioquic_doubles_windows_and_ours_stay_bounded(ca: MeshCA) -> None:
@@ -370,7 +375,8 @@ def test_peer_exceeding_our_window_gets_flow_control_error(ca: MeshCA) -> None:
         if server.terminated or server.quic._close_event is not None:
             break
     close = server.quic._close_event
-    assert close is not None and close.error_code == 0x3  # FLOW_CONTROL_ERROR
+    assert close is not None
+    assert close.error_code == 0x3
 
 
 def test_fin_and_reset_map_to_tunnel_events(ca: MeshCA) -> None:
@@ -397,12 +403,15 @@ def test_fin_and_reset_map_to_tunnel_events(ca: MeshCA) -> None:
     server.send_data(a, b"pong", end_stream=True)
     c_events, _ = pump(client, server, clock)
     assert [type(e) for e in c_events] == [DataReceived, StreamEnded]
-    assert not client.is_open(a) and not server.is_open(a)
+    assert not client.is_open(a)
+    assert not server.is_open(a)
     # TCP RST: RESET_STREAM + STOP_SENDING with H3_CONNECT_ERROR, seen as CONNECT_ERROR (0xa).
     client.reset_stream(b)
     _, s_events = pump(client, server, clock)
     resets = [e for e in s_events if isinstance(e, StreamReset)]
-    assert resets and resets[0].stream_id == b and resets[0].error_code == 0xA
+    assert resets
+    assert resets[0].stream_id == b
+    assert resets[0].error_code == 0xA
     sender = client.quic._streams[b].sender if b in client.quic._streams else None
     assert sender is None or sender._reset_error_code == H3_CONNECT_ERROR
     assert not server.is_open(b)
@@ -467,7 +476,8 @@ def test_stream_events_are_withheld_until_verified(ca: MeshCA) -> None:
         client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
     )
     kinds: list[type[Event]] = [type(e) for e in s_events]
-    assert kinds and kinds[0] is PeerVerified
+    assert kinds
+    assert kinds[0] is PeerVerified
 
 
 def test_goaway_drains_the_connection(ca: MeshCA) -> None:
@@ -485,7 +495,8 @@ def test_goaway_drains_the_connection(ca: MeshCA) -> None:
     assert client.can_open_stream()
     server.close()
     pump(client, server, clock)
-    assert client.h3 is not None and client.h3.goaway_received
+    assert client.h3 is not None
+    assert client.h3.goaway_received
     assert not client.can_open_stream()
     assert not server.quic._close_pending  # a stream is open: no CONNECTION_CLOSE yet
     client.send_data(sid, b"last", end_stream=True)

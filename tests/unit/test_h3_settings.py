@@ -17,9 +17,11 @@ BASE = ["--node", "node-a", "--mesh-config", "/dev/null"]
 
 def test_flags() -> None:
     s, _ = parse_args(BASE)
-    assert not s.http3 and s.http3_peers == ()
+    assert not s.http3
+    assert s.http3_peers == ()
     s, _ = parse_args([*BASE, "--http3", "--http3-peer", "node-b", "--http3-peer", "node-c"])
-    assert s.http3 and s.http3_peers == ("node-b", "node-c")
+    assert s.http3
+    assert s.http3_peers == ("node-b", "node-c")
 
 
 def test_http3_with_transparent_capture_is_refused() -> None:

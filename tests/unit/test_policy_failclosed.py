@@ -286,7 +286,7 @@ condition = st.fixed_dictionaries(
             "source.ip": ["10.0.0.0/8"],
             "destination.port": ["9080"],
             "source.namespace": ["default"],
-        }[c["key"]],
+        }[str(c["key"])],
     }
 )
 rule = st.fixed_dictionaries(

@@ -4,7 +4,8 @@ Owns: accepting a TCP connection, choosing the DESTINATION workload's certificat
 connection's destination address (the HBONE client sends no SNI), the TLS handshake and peer
 verification (in `meshcore.hbone.aio`), and per CONNECT: `meshcore.plan.plan_inbound` (target
 checks + L4 authorization, pure), the upstream connect, then the response: 200 only after both
-succeeded, else 400/401/503 (ambient-facts.md). No upstream connect happens for a denied request.
+succeeded, else 400/401/503 (docs/reference/ambient-facts.md). No upstream connect happens for a
+denied request.
 
 Bounded work (issue 9): the serve task of a CONNECT is the stream's task, cancelled when the
 client resets the stream (no socket is created for a stream already gone); upstream connects in
@@ -116,7 +117,7 @@ async def connect_upstream(
 
 def forwarded_service_key(headers: list[tuple[str, str]]) -> str | None:
     """ "ns/hostname" of the service the client addressed, as the source proxy names it in
-    `forwarded: for=...;host=<hostname>` (ambient-facts.md); Kubernetes hostnames are
+    `forwarded: for=...;host=<hostname>` (docs/reference/ambient-facts.md); Kubernetes hostnames are
     <name>.<namespace>.svc..."""
     forwarded = next((v for k, v in headers if k == "forwarded"), "")
     host = next(

@@ -25,7 +25,7 @@ log = logging.getLogger("ztunnel.outbound")
 
 
 def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
-    """W3C baggage with Istio's keys (ambient-facts.md HBONE headers)."""
+    """W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers)."""
     src = plan.source
     if src is None:
         return ""

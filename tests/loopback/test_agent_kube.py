@@ -24,16 +24,14 @@ from kubernetes_asyncio import client
 from cni.agent import Agent, AgentServer
 from cni.errors import TryAgainLater
 from cni.kubelabels import KubeLabels
+from tests.helpers import eventually, loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.unit.test_cni_agent import FakeCapture, enroll_req
 
 pytestmark = pytest.mark.timeout(60)
-API_IP = "127.0.57.1"
+BLOCK = loopback_block()
+API_IP = BLOCK.ip(1)
 MODE = "istio.io/dataplane-mode"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -53,14 +51,6 @@ def pod(
         "spec": {"nodeName": node, "serviceAccountName": "default"},
         "status": {"podIP": ip, "podIPs": [{"ip": ip}], "phase": "Running"},
     }
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def _agent_follows_kubernetes(tmp: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-import tests.unit.test_chart as chart
+import tests.loopback.test_chart as chart
 from controlplane.app import parse_args
 
 

@@ -1,4 +1,5 @@
-"""The README demo: two node proxies on loopback carry a client's TCP connection over HBONE.
+"""The unprivileged README demo (`scripts/demo --loopback`): two node proxies on loopback carry
+a client's TCP connection over HBONE.
 
 Owns nothing the mesh depends on; it starts real processes and prints what happens:
   node-a (127.0.41.1)  client pod 127.0.41.10, service account "sleep"

@@ -129,7 +129,8 @@ def fake_agent(path: Path, answer: bytes) -> Iterator[None]:
     wake_r, wake_w = os.pipe()
 
     def serve() -> None:
-        readable, _, _ = select.select([srv, wake_r], [], [], 30)
+        waitables: list[socket.socket | int] = [srv, wake_r]
+        readable, _, _ = select.select(waitables, [], [], 30)
         if srv not in readable:
             return  # the plugin never connected (the test is over)
         with contextlib.suppress(OSError):

@@ -1,0 +1,70 @@
+"""Helpers every test directory shares: `run` (a coroutine under a timeout), `eventually`
+(poll a condition), and `loopback_block` (disjoint 127.0.0.0/8 address blocks).
+
+Address blocks: `loopback_block()` hands out a fresh /24 under 127.200.0.0/16 per call, so two
+test modules that each take one can never collide (they used to be kept apart by docstrings).
+The fixed 127.0.x.0/24 blocks some modules still use lie outside that range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_NEXT_BLOCK = itertools.count(1)
+ALLOCATOR_RANGE = ipaddress.IPv4Network("127.200.0.0/16")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 45) -> T:
+    """Run `coro` in a fresh event loop; fail (TimeoutError) after `timeout` seconds (below
+    the usual 60 s pytest timeout, so a hang reports where it waited)."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def eventually(
+    predicate: Callable[[], object | Awaitable[object]],
+    timeout: float = 10.0,
+    what: str = "",
+    interval: float = 0.02,
+) -> float:
+    """Poll a (sync or async) predicate until it is true; return the seconds it took.
+    Raises AssertionError naming `what` when it is not true within `timeout`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        result = predicate()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return loop.time() - start
+        if loop.time() - start >= timeout:
+            raise AssertionError(f"not within {timeout}s: {what or 'condition'}")
+        await asyncio.sleep(interval)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopbackBlock:
+    """One /24 of loopback addresses owned by one test module."""
+
+    network: ipaddress.IPv4Network
+
+    def ip(self, host: int) -> str:
+        """The address of host number `host` (1..254) in this block."""
+        if not 0 < host < 255:
+            raise ValueError(f"host must be 1..254, got {host}")
+        return str(self.network.network_address + host)
+
+
+def loopback_block() -> LoopbackBlock:
+    """A /24 no other caller in this process gets."""
+    n = next(_NEXT_BLOCK)
+    if n > 255:
+        raise RuntimeError("loopback allocator exhausted (256 blocks)")
+    base = int(ALLOCATOR_RANGE.network_address) + (n << 8)
+    return LoopbackBlock(ipaddress.IPv4Network((base, 24)))

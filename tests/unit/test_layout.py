@@ -1,0 +1,100 @@
+"""The layout's promises, checked against the source: which meshcore modules may open sockets
+(meshcore/__init__.py), that meshcore never imports a process package, and that the tests'
+loopback blocks (tests/helpers.py) are disjoint."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import meshcore
+from tests.helpers import ALLOCATOR_RANGE, loopback_block
+
+ROOT = Path(meshcore.__file__).parent
+SOCKET_MODULES = {
+    "hbone.aio",
+    "hbone.h3aio",
+    "hbone.pool",
+    "sockets",
+    "xds",
+    "caclient",
+    "kubeapi",
+    "reflector",
+    "opshttp",
+}
+NETWORK_IMPORTS = (
+    "socket",
+    "grpc",
+    "aiohttp",
+    "kubernetes_asyncio",
+    "meshcore.sockets",
+    "meshcore.hbone.aio",
+    "meshcore.kubeapi",
+)
+NETWORK_CALLS = {
+    "open_connection",
+    "start_server",
+    "create_server",
+    "create_connection",
+    "sock_connect",
+    "open_unix_connection",
+    "start_unix_server",
+}
+PROCESSES = ("ztunnel", "waypoint", "cni", "controlplane", "ambientctl")
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        if rel.parts[0] == "proto" or rel.name == "__init__":
+            continue
+        out[".".join(rel.parts)] = ast.parse(path.read_text())
+    return out
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def _does_network_io(tree: ast.Module) -> bool:
+    imports = _imports(tree)
+    if any(i == n or i.startswith(n + ".") for i in imports for n in NETWORK_IMPORTS):
+        return True
+    return any(
+        isinstance(node, ast.Attribute) and node.attr in NETWORK_CALLS for node in ast.walk(tree)
+    )
+
+
+def test_exactly_the_documented_modules_open_sockets() -> None:
+    doing_io = {name for name, tree in _modules().items() if _does_network_io(tree)}
+    assert doing_io == SOCKET_MODULES
+    doc = meshcore.__doc__ or ""
+    for name in SOCKET_MODULES:
+        assert f"`{name}`" in doc
+
+
+def test_meshcore_never_imports_a_process_package() -> None:
+    for name, tree in _modules().items():
+        bad = {i for i in _imports(tree) if i.split(".")[0] in PROCESSES}
+        assert not bad, f"meshcore.{name} imports {bad}"
+
+
+def test_loopback_blocks_are_disjoint() -> None:
+    a, b = loopback_block(), loopback_block()
+    assert a.network != b.network
+    assert not a.network.overlaps(b.network)
+    assert a.network.subnet_of(ALLOCATOR_RANGE)
+    assert b.network.subnet_of(ALLOCATOR_RANGE)
+    assert a.ip(1) != b.ip(1)
+    with pytest.raises(ValueError, match="host"):
+        a.ip(255)
