@@ -10,7 +10,8 @@ API client and reflector (`kubeapi`, `reflector`), the operator HTTP server (`op
 one retry backoff (`backoff`) and the process lifecycle pieces (`runtime`).
 
 Invariant: exactly these modules open sockets: `hbone.aio`, `hbone.h3aio` (HBONE over HTTP/3,
-UDP), `hbone.pool` (through `hbone.aio` and `hbone.h3aio`), `sockets`, `xds`, `caclient`, `kubeapi`, `reflector` and `opshttp` (checked by
-tests/unit/test_layout.py). No other module does network I/O; their decisions take the clock and
-randomness as parameters (`certs.CertificateManager.run()` is the one timer loop among them).
+UDP), `hbone.pool` (through `hbone.aio` and `hbone.h3aio`), `sockets`, `xds`, `caclient`,
+`kubeapi`, `reflector` and `opshttp` (checked by tests/unit/test_layout.py). No other module
+does network I/O; their decisions take the clock and randomness as parameters
+(`certs.CertificateManager.run()` is the one timer loop among them).
 """

@@ -167,6 +167,10 @@ class PolicyRule:
     operations: tuple[PolicyOperation, ...] = ()
     conditions: tuple[PolicyCondition, ...] = ()
     """ANDed."""
+    http_only_refused: tuple[str, ...] = ()
+    """``when`` keys of this rule that are HTTP-only and refused (so not in `conditions`): the
+    L4 view must still see that the rule needs HTTP (Istio's ztunnel rule: an ALLOW rule is
+    dropped, a DENY rule keeps its L4 attributes), never a rule without them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -415,11 +419,20 @@ def _rule(value: object, path: str, problems: _Problems) -> PolicyRule:
         for i, t in enumerate(_list(m.get("to"), f"{path}.to"))
     )
     conds = []
+    refused_http: list[str] = []
     for i, w in enumerate(_list(m.get("when"), f"{path}.when")):
         c = _condition(w, f"{path}.when[{i}]", problems)
         if c is not None:
             conds.append(c)
-    return PolicyRule(sources=sources, operations=ops, conditions=tuple(conds))
+            continue
+        key = _obj(w, f"{path}.when[{i}]").get("key")
+        row = condition_key(key) if isinstance(key, str) else None
+        if isinstance(key, str) and row is not None and row[1][1] is L4.L7_ONLY:
+            refused_http.append(key)
+    return PolicyRule(
+        sources=sources, operations=ops, conditions=tuple(conds),
+        http_only_refused=tuple(refused_http),
+    )  # fmt: skip
 
 
 def _targets(spec: Mapping[str, Any], namespace: str) -> tuple[PolicyTarget, ...]:
@@ -563,6 +576,7 @@ def _l4_rule(rule: PolicyRule, deny: bool) -> tuple[Rule | None, list[str]]:
                 matches.append(m)
         if not match_all:
             clauses.append(Clause(matches=tuple(matches)))
+    l7.extend(f"when.{key}" for key in rule.http_only_refused)
     for c in rule.conditions:
         if not c.l4:
             l7.append(f"when.{c.key}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meshcore.authz import ConnectionInfo
@@ -373,6 +373,21 @@ def _l4_allowed(docs: list[dict[str, Any]], r: tuple[str, str, str, int, str, st
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Found by this property: an ALLOW rule whose only condition is a refused HTTP-only key
+# (request.auth.claims) lost that condition and matched every connection at L4.
+@example(
+    base={
+        "action": "ALLOW",
+        "rules": [{"when": [{"key": "destination.port", "values": ["9080"]}]}],
+    },
+    other={
+        "action": "ALLOW",
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/sleep"]}}]}],
+    },
+    where=("rule", ("when", [{"key": "request.auth.claims[group]", "values": ["admin"]}])),
+    pick=0,
+    req=("sleep", "other", "10.0.0.5", 80, "GET", "/"),
+)
 @given(
     base=policy_spec,
     other=policy_spec,
