@@ -59,7 +59,7 @@ from controlplane.auth import Authenticator, bearer_token
 from controlplane.errors import ControlPlaneError, InvalidRequest, PermissionDenied
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.translate import Delta
-from meshcore.model import Authorization, Service, Workload
+from meshcore.model import Authorization, GatewayAddress, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resource_name
 from meshcore.proto.l7res import L7_TYPE
@@ -117,9 +117,23 @@ class AddressMeta:
     """``network/IP`` of each of its addresses (Istio's on-demand lookup key)."""
     services: tuple[str, ...] = ()
     """Service keys a workload backs."""
+    service: bool = False
+    """A service (else a workload, or not an Address)."""
+    waypoint: str = ""
+    """Its waypoint as a resource name (``ns/hostname``) or alias (``network/IP``); "" none."""
 
 
 _NO_META = AddressMeta()
+
+
+def _gateway_ref(gw: GatewayAddress | None) -> str:
+    if gw is None:
+        return ""
+    if gw.hostname is not None:
+        return gw.hostname.key
+    if gw.address is not None:
+        return f"{gw.address.network}/{gw.address.address}"
+    return ""
 
 
 def address_meta(rec: Workload | Service) -> AddressMeta:
@@ -128,8 +142,13 @@ def address_meta(rec: Workload | Service) -> AddressMeta:
             node=rec.node,
             aliases=tuple(f"{rec.network}/{a}" for a in rec.addresses),
             services=tuple(k for k, _ in rec.services),
+            waypoint=_gateway_ref(rec.waypoint),
         )
-    return AddressMeta(aliases=tuple(f"{na.network}/{na.address}" for na in rec.addresses))
+    return AddressMeta(
+        aliases=tuple(f"{na.network}/{na.address}" for na in rec.addresses),
+        service=True,
+        waypoint=_gateway_ref(rec.waypoint),
+    )
 
 
 @dataclass(slots=True)
@@ -151,6 +170,8 @@ class ResourceTable:
         self.by_alias: dict[str, set[str]] = {}
         self.backing: dict[str, set[str]] = {}
         """service key -> names of the workloads backing it."""
+        self.bound: dict[str, set[str]] = {}
+        """waypoint reference (``ns/hostname`` or ``network/IP``) -> names bound to it."""
 
     def set_any(
         self, type_url: str, name: str, resource: any_pb2.Any, meta: AddressMeta = _NO_META
@@ -181,12 +202,15 @@ class ResourceTable:
             self.by_alias.setdefault(a, set()).add(name)
         for k in meta.services:
             self.backing.setdefault(k, set()).add(name)
+        if meta.waypoint:
+            self.bound.setdefault(meta.waypoint, set()).add(name)
 
     def _unindex(self, name: str, meta: AddressMeta) -> None:
         for index, keys in (
             (self.by_node, (meta.node,) if meta.node else ()),
             (self.by_alias, meta.aliases),
             (self.backing, meta.services),
+            (self.bound, (meta.waypoint,) if meta.waypoint else ()),
         ):
             for k in keys:
                 names = index.get(k)
@@ -195,18 +219,54 @@ class ResourceTable:
                     if not names:
                         del index[k]
 
-    def resolve(self, requested: Iterable[str]) -> set[str]:
-        """Address resource names matching `requested` (resource names or ``network/IP``
-        aliases), plus the workloads backing any service among them (istiod's
-        AdditionalPodSubscriptions)."""
+    def lookup(self, requested: Iterable[str]) -> set[str]:
+        """Address resource names matching `requested` (resource names or ``network/IP``)."""
         table = self.types[ADDRESS_TYPE]
         out: set[str] = set()
         for n in requested:
             if n in table:
                 out.add(n)
             out |= self.by_alias.get(n, set())
-        for n in list(out):
-            out |= self.backing.get(n, set())
+        return out
+
+    def scope(self, roots: Iterable[str], local: Iterable[str] = ()) -> set[str]:
+        """Everything a node proxy needs to decide about `roots` (Address names) and the
+        workloads of its node (`local`) without further lookups, so that it never routes or
+        authorizes on partial state:
+        - a service comes with every workload backing it (istiod AdditionalPodSubscriptions;
+          a service held with some endpoints missing would be load-balanced over the wrong
+          set) and its waypoint;
+        - a workload comes with its waypoint;
+        - a node-local workload also brings the services it backs (inbound checks "addressed
+          to a service bound to a waypoint") and, when it is itself a waypoint, the services
+          and workloads bound to it (inbound CONNECTs it receives as a waypoint);
+        - a waypoint reference brings the waypoint's workloads or service (and so its
+          workloads): the waypoint-bypass check compares the peer with them.
+        """
+        table = self.types[ADDRESS_TYPE]
+        out: set[str] = set()
+        todo: list[str] = list(roots)
+        for name in local:
+            entry = table.get(name)
+            if entry is None:
+                continue
+            todo.append(name)
+            todo.extend(entry.meta.services)
+            for ref in (*entry.meta.aliases, *entry.meta.services):
+                todo.extend(self.bound.get(ref, ()))
+        while todo:
+            name = todo.pop()
+            if name in out:
+                continue
+            entry = table.get(name)
+            if entry is None:
+                continue
+            out.add(name)
+            meta = entry.meta
+            if meta.service:
+                todo.extend(self.backing.get(name, ()))
+            if meta.waypoint:
+                todo.extend(self.lookup((meta.waypoint,)))
         return out
 
     def apply(self, delta: Delta) -> dict[str, set[str]]:
@@ -361,18 +421,29 @@ class XdsServer:
                     conn.wake.set()
 
     def _wanted(self, conn: ProxyConnection, st: TypeState, type_url: str, name: str) -> bool:
-        """Whether a change of `name` concerns an on-demand client (see module doc)."""
+        """Whether a change of `name` concerns an on-demand client (see module doc and
+        ResourceTable.scope): it holds or asked for it, it is on its node, it claims an
+        address the client asked for, it backs a service the client holds, or it is bound to
+        a waypoint running on the client's node."""
         if name in st.known or name in st.subs:
             return True
-        entry = self.table.types[type_url].get(name)
+        table = self.table.types[type_url]
+        entry = table.get(name)
         if entry is None:
             return False
         meta = entry.meta
-        return (
+        if (
             (bool(meta.node) and meta.node == conn.node)
             or any(a in st.subs for a in meta.aliases)
             or any(k in st.known or k in st.subs for k in meta.services)
-        )
+        ):
+            return True
+        for target in self.table.lookup((meta.waypoint,)) if meta.waypoint else ():
+            if table[target].meta.node == conn.node or any(
+                table[b].meta.node == conn.node for b in self.table.backing.get(target, ())
+            ):
+                return True
+        return False
 
     # ---- debug
 
@@ -517,9 +588,9 @@ class XdsServer:
             # Every subscription is answered: its resources (sent even if the client has them,
             # so its lookup completes), or the name as removed when nothing matches.
             for n in st.demanded:
-                found = self.table.resolve((n,))
+                found = self.table.lookup((n,))
                 if found:
-                    force |= found
+                    force |= self.table.scope(found)
                 else:
                     unanswered.append(n)
             if not st.wildcard:
@@ -528,11 +599,9 @@ class XdsServer:
             if st.wildcard:
                 names: set[str] = set(table) | set(st.known)
             else:
-                names = (
-                    set(self.table.by_node.get(conn.node, ()))
-                    | self.table.resolve(st.subs)
-                    | set(st.known)
-                )
+                names = self.table.scope(
+                    self.table.lookup(st.subs), self.table.by_node.get(conn.node, ())
+                ) | set(st.known)
             changed_at = now
         elif st.dirty or force or unanswered:
             names = st.dirty
@@ -540,8 +609,11 @@ class XdsServer:
         else:
             return None
         if not st.wildcard and not st.initial_pending:
-            # Workloads backing a service just sent come along (AdditionalPodSubscriptions).
-            names = names | self.table.resolve(n for n in names | force if n in table)
+            # What a changed resource brings into scope comes along (a local pod's new
+            # service, a service's new waypoint, ...; see ResourceTable.scope).
+            present = [n for n in names if n in table]
+            local = [n for n in present if table[n].meta.node == conn.node]
+            names = names | self.table.scope(present, local)
         names = names | force
         wires: list[bytes] = []
         removed: list[str] = []

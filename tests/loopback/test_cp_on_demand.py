@@ -90,7 +90,9 @@ async def _on_demand(tmp_path: Path) -> None:
             assert {w.uid for w in full.state.workloads} == {SLEEP, ECHO, FAR}
             assert {w.uid for w in a.state.workloads} == {SLEEP}
             assert {w.uid for w in b.state.workloads} == {ECHO}
-            assert a.state.services == b.state.services == ()
+            assert a.state.services == ()
+            # A local pod brings the services it backs (with all their endpoints).
+            assert [v.key for v in b.state.services] == [SVC]
             assert a.state.policies == b.state.policies == full.state.policies != ()
             conns = {c["node"]: c for c in cp.xds.debug_connections() if c["types"]}
             assert any(not t["wildcard"] for c in conns.values() for t in c["types"].values())
