@@ -22,13 +22,19 @@ from meshcore.xds import XdsClient
 from tests.loopback.cpfixtures import (
     CLIENT_IP,
     DENY_SLEEP,
+    NODE_A,
+    NODE_B,
     SERVER_IP,
     VIP,
     base_manifests,
+    call_echo,
     cp_settings,
+    echo_backend,
     endpoint,
     eventually,
     running_controlplane,
+    start_node,
+    stop_node,
     write_manifests,
 )
 
@@ -150,3 +156,28 @@ async def _on_demand(tmp_path: Path) -> None:
 
 def test_on_demand_address_delivery(tmp_path: Path) -> None:
     run(_on_demand(tmp_path))
+
+
+async def _node_proxy_looks_up_on_first_connection(tmp_path: Path) -> None:
+    """Real node proxies in on-demand mode: node-a does not hold the echo service until its pod
+    connects to the VIP; the connection waits for the lookup and is carried by HBONE and
+    authorized on node-b (a DENY policy, always delivered, is enforced)."""
+    write_manifests(tmp_path / "manifests", "mesh.yaml", base_manifests())
+    async with running_controlplane(cp_settings(tmp_path)), echo_backend():
+        a = await start_node("node-a", NODE_A, ((VIP, 80),), on_demand=True)
+        b = await start_node("node-b", NODE_B, on_demand=True)
+        try:
+            assert a.state.service_by_vip(VIP) is None and a.state.workload(ECHO) is None
+            assert await call_echo(), "first connection: looked up, then carried"
+            assert a.state.service_by_vip(VIP) is not None and a.state.workload(ECHO) is not None
+            assert a.state.workload_by_address(FAR_IP) is None
+            write_manifests(tmp_path / "manifests", "policy.yaml", [DENY_SLEEP])
+            await eventually(lambda: b.state.policy("default/deny-sleep") is not None, 5)
+            assert not await call_echo(), "the DENY policy is enforced on node-b"
+        finally:
+            await stop_node(a)
+            await stop_node(b)
+
+
+def test_node_proxy_looks_up_on_first_connection(tmp_path: Path) -> None:
+    run(_node_proxy_looks_up_on_first_connection(tmp_path))
