@@ -50,7 +50,13 @@ from controlplane.auth import (
 )
 from controlplane.ca import CertificateService, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
-from controlplane.l7 import gateway_findings, l7_findings, l7_resources
+from controlplane.l7 import (
+    FindingsCache,
+    NamespaceCache,
+    gateway_findings,
+    l7_findings,
+    l7_resources,
+)
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
 from controlplane.status import StatusWriter
@@ -202,6 +208,8 @@ class ControlPlane:
         self.translations = 0
         self._l7_parsed: dict[str, L7Resource] | None = None
         self._l7_findings: dict[str, list[Finding]] = {}
+        self._l7_ns_cache: NamespaceCache = {}
+        self._l7_findings_cache: FindingsCache = {}
         self.findings: dict[str, list[Finding]] = {}
         """``Kind ns/name`` -> field findings of the L7 objects (as waypoints parse them)."""
         self.status_writer: StatusWriter | None = None
@@ -217,11 +225,11 @@ class ControlPlane:
         if delta:
             self.xds.publish(delta, changed_at=t0)
         # Waypoints' L7 objects after the Address/Authorization records they refer to.
-        l7 = l7_resources(self.store.snapshot, self.settings.options)
-        self.xds.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in l7.items()}, changed_at=t0)
-        if l7 != self._l7_parsed:  # parsing every L7 object again only when one changed
+        l7 = l7_resources(self.store.snapshot, self.settings.options, self._l7_ns_cache)
+        if l7 != self._l7_parsed:  # re-packed and re-parsed only when one changed (memoised)
+            self.xds.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in l7.items()}, changed_at=t0)
             self._l7_parsed = l7
-            self._l7_findings = l7_findings(l7)
+            self._l7_findings = l7_findings(l7, self._l7_findings_cache)
         self.findings = {**self._l7_findings, **gateway_findings(self.store.snapshot)}
         self._status_wake.set()
         self.translations += 1
