@@ -20,7 +20,8 @@ manifest/Kubernetes parsing cost is not part of the figures. Then, in this proce
   for an AuthorizationPolicy change, which every proxy holds: latency until all of them applied
   it; p50/p99/max;
 - delta apply: the time `apply_response` takes to apply each one-workload response received by
-  the wildcard proxy (full 10k state) and by an on-demand proxy, p50/p99;
+  the wildcard proxy (full 10k state) and by an on-demand proxy, p50/p99 (GC off during each
+  timed call, as `timeit` does);
 - RSS of the control-plane process (VmRSS, and VmHWM = peak) after everything synced.
 Every target is printed with PASS/FAIL, and the figures are appended to bench/history.csv.
 Targets (issue 14): a proxy holds only its scope; full state < 2 s; change to every holding
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -253,6 +255,10 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
             fleet.append((c, asyncio.create_task(c.run())))
         await asyncio.wait_for(asyncio.gather(*(c.synced.wait() for c, _ in fleet)), 900)
         fleet_sync = time.perf_counter() - t
+        # This one process holds 100 node proxies' states: keep them out of the cyclic GC's
+        # scans, or its pauses (one proxy's would be 1/100th) land on the fan-out figures.
+        gc.collect()
+        gc.freeze()
         sizes = [len(c.state.workloads) + len(c.state.services) for c, _ in fleet]
         # A new node proxy's full state, on-demand and (for comparison) wildcard.
         od_s, od = await newcomer(ep, "node-0", on_demand=True)
@@ -288,11 +294,14 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
         # Delta apply cost at a node proxy: re-apply each captured one-workload response to
         # the state it was applied to (full state: the wildcard proxy; on-demand: node-0's).
         apply_full, apply_od = [], []
+        # GC off around each timed call, as timeit does: the cost of the update itself.
         for idx, resp in timing.captured:
             base = wc_live.state if idx == -1 else fleet[0][0].state
+            gc.disable()
             t = time.perf_counter()
             apply_response(base, resp)
             (apply_full if idx == -1 else apply_od).append(time.perf_counter() - t)
+            gc.enable()
         wc_task.cancel()
         return {
             "workloads": n,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -306,6 +307,12 @@ class ControlPlane:
             )
         self.translate_now()
         self._dirty.clear()
+        # The initial config (objects, records, serialised resources) lives as long as it is
+        # unchanged: keep it out of the cyclic GC's scans. A full collection over it costs
+        # ~100 ms at 10,000 pods, a stall of every push in flight (issue 14 bench). Objects
+        # freed later are still freed by reference counting.
+        gc.collect()
+        gc.freeze()
         self._tasks.append(loop.create_task(self._translate_loop()))
 
         server = grpc.aio.server(
