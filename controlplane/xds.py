@@ -73,6 +73,10 @@ PUSH_ORDER = (AUTHORIZATION_TYPE, ADDRESS_TYPE, L7_TYPE)
 for it, so they are never sent any)."""
 
 
+MAX_SUBSCRIPTIONS = 100_000
+"""Per connection and type: explicit subscriptions (on-demand lookups) kept at most."""
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -533,14 +537,25 @@ class XdsServer:
         sub, unsub = set(req.resource_names_subscribe), set(req.resource_names_unsubscribe)
         if st.subscribed and (sub or unsub):
             # A subscription change on this stream (on-demand lookups).
-            if "*" in sub and "*" not in unsub:
+            if "*" in sub and "*" not in unsub and not st.wildcard:
                 st.wildcard = True
-            elif "*" in unsub:
+                st.initial_pending = True  # now wildcard: everything it does not have yet
+            elif "*" in unsub and not type_url_wildcard_only(req.type_url):
                 st.wildcard = False
             for n in unsub - {"*"}:
                 st.subs.discard(n)
                 st.known.pop(n, None)
             names = sub - {"*"} - unsub
+            new = names - st.subs
+            room = max(MAX_SUBSCRIPTIONS - len(st.subs), 0)
+            if len(new) > room:
+                # Bounded per connection (a peer must not grow our memory without limit): the
+                # excess lookups get no answer, so that proxy refuses those connections.
+                log.warning(
+                    "node %s: over %d subscriptions; %d names ignored",
+                    conn.node, MAX_SUBSCRIPTIONS, len(new) - room,
+                )  # fmt: skip
+                names = set(sorted(new)[:room]) | (names & st.subs)
             st.subs |= names
             st.demanded |= names
             if names or st.wildcard:
@@ -556,7 +571,11 @@ class XdsServer:
             (not sub or "*" in sub) and "*" not in unsub
         )
         st.subs = set() if st.wildcard else (sub - {"*"} - unsub) | set(st.known)
-        st.demanded = set() if st.wildcard else sub - {"*"} - unsub
+        if len(st.subs) > MAX_SUBSCRIPTIONS:
+            log.warning("node %s: more than %d subscriptions; extra ignored", conn.node,
+                        MAX_SUBSCRIPTIONS)  # fmt: skip
+            st.subs = set(sorted(st.subs)[:MAX_SUBSCRIPTIONS])
+        st.demanded = set() if st.wildcard else (sub - {"*"} - unsub) & st.subs
         conn.wake.set()
 
     async def _write_loop(

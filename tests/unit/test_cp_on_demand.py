@@ -82,3 +82,33 @@ def test_indexes_follow_updates_and_removals() -> None:
     assert t.lookup(["/10.0.2.1"]) == set() and t.lookup(["/10.0.2.9"]) == {"app-2"}
     assert t.scope(t.lookup(["/10.96.0.2"])) == {APP_SVC, WP_SVC, "wp-1"}
     assert "n1" not in t.by_node
+
+
+def test_subscriptions_bounded_and_policies_always_wildcard(monkeypatch: Any) -> None:
+    from controlplane import xds as xds_mod
+    from controlplane.xds import ProxyConnection, XdsServer
+    from meshcore.proto import discovery_pb2 as dpb
+    from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE
+
+    monkeypatch.setattr(xds_mod, "MAX_SUBSCRIPTIONS", 3)
+    srv = XdsServer()
+    conn = ProxyConnection(id=1, node="n1", peer="test", connected_at=0.0)
+
+    def req(type_url: str, sub: list[str], unsub: list[str] = []) -> None:  # noqa: B006
+        srv._handle_request(
+            conn,
+            dpb.DeltaDiscoveryRequest(
+                type_url=type_url, resource_names_subscribe=sub, resource_names_unsubscribe=unsub
+            ),
+        )
+
+    req(ADDRESS_TYPE, ["*"], ["*"])  # ztunnel's on-demand "subscribe to nothing"
+    req(AUTHORIZATION_TYPE, ["*"], ["*"])  # refused for policies: always everything
+    st = conn.types[ADDRESS_TYPE]
+    assert not st.wildcard and conn.types[AUTHORIZATION_TYPE].wildcard
+    req(ADDRESS_TYPE, [f"/10.0.0.{i}" for i in range(10)])
+    assert len(st.subs) == 3 and st.demanded == st.subs  # the excess gets no answer
+    req(AUTHORIZATION_TYPE, [], ["*"])
+    assert conn.types[AUTHORIZATION_TYPE].wildcard
+    req(ADDRESS_TYPE, ["*"])  # back to wildcard: the whole table on the next push
+    assert st.wildcard and st.initial_pending
