@@ -8,7 +8,8 @@ regression shows as a row that got worse (issue 14).
 Columns: date (UTC, ISO), commit (``git describe --always --dirty``; ``issue-14`` for the table
 the issue was filed with), bench (cp, hbone, waypoint), figure, value, unit, envoy (Envoy's
 same-run figure, empty where there is none), ratio (value / envoy), better (``higher`` or
-``lower``), machine (CPUs and model), note.
+``lower``), machine (CPUs and model), note (ends with the 1-minute load average at the end of
+the run: figures from a busy machine are not comparable with a quiet one's).
 
 Compare only rows of the same bench and machine; figures against Envoy compare by ratio (the
 same-run ratio removes most of the machine's run-to-run drift), the others by value. A change
@@ -75,6 +76,7 @@ def append(bench: str, figures: Iterable[Figure], path: Path = HISTORY) -> None:
     new = not path.exists()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     rev, mach = commit(), machine()
+    load = f"load {os.getloadavg()[0]:.1f}"  # a busy machine moves figures (bench/README.md)
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
@@ -83,7 +85,8 @@ def append(bench: str, figures: Iterable[Figure], path: Path = HISTORY) -> None:
             ratio = "" if not fig.envoy else f"{fig.value / fig.envoy:.3f}"
             w.writerow(
                 [date, rev, bench, fig.figure, f"{fig.value:g}", fig.unit,
-                 "" if fig.envoy is None else f"{fig.envoy:g}", ratio, fig.better, mach, fig.note]
+                 "" if fig.envoy is None else f"{fig.envoy:g}", ratio, fig.better, mach,
+                 f"{fig.note}; {load}" if fig.note else load]
             )  # fmt: skip
 
 
