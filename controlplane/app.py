@@ -210,6 +210,7 @@ class ControlPlane:
         self._l7_parsed: dict[str, L7Resource] | None = None
         self._l7_findings: dict[str, list[Finding]] = {}
         self._l7_ns_cache: NamespaceCache = {}
+        self._l7_packed: dict[str, tuple[L7Resource, Any]] = {}
         self._l7_findings_cache: FindingsCache = {}
         self.findings: dict[str, list[Finding]] = {}
         """``Kind ns/name`` -> field findings of the L7 objects (as waypoints parse them)."""
@@ -228,7 +229,12 @@ class ControlPlane:
         # Waypoints' L7 objects after the Address/Authorization records they refer to.
         l7 = l7_resources(self.store.snapshot, self.settings.options, self._l7_ns_cache)
         if l7 != self._l7_parsed:  # re-packed and re-parsed only when one changed (memoised)
-            self.xds.publish_set(L7_TYPE, {k: pack_l7(r) for k, r in l7.items()}, changed_at=t0)
+            packed = {}
+            for k, r in l7.items():  # pack only what changed; unchanged = the same Any object
+                prev = self._l7_packed.get(k)
+                packed[k] = prev[1] if prev is not None and prev[0] == r else pack_l7(r)
+            self._l7_packed = {k: (l7[k], packed[k]) for k in l7}
+            self.xds.publish_set(L7_TYPE, packed, changed_at=t0)
             self._l7_parsed = l7
             self._l7_findings = l7_findings(l7, self._l7_findings_cache)
         self.findings = {**self._l7_findings, **gateway_findings(self.store.snapshot)}

@@ -378,6 +378,8 @@ class XdsServer:
         self.authenticator = authenticator
         self.clock = clock
         self.connections: dict[int, ProxyConnection] = {}
+        self._set_sources: dict[str, dict[str, any_pb2.Any]] = {}
+        """publish_set: the object last published per name (identical = unchanged)."""
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
 
@@ -391,6 +393,7 @@ class XdsServer:
         """Serve `resource` under `name` as-is (tests and debugging: e.g. a resource a client
         must NACK)."""
         self.table.set_any(type_url, name, resource)
+        self._set_sources.get(type_url, {}).pop(name, None)
         self.table.version += 1
         self._notify({type_url: {name}}, None)
 
@@ -400,13 +403,20 @@ class XdsServer:
         """Make `resources` the complete set of `type_url` (changed ones re-sent, missing ones
         removed) and schedule pushes (the waypoints' L7 type)."""
         table = self.table.types[type_url]
-        before = {n: e.version for n, e in table.items()}
+        seen = self._set_sources.setdefault(type_url, {})
+        touched: set[str] = set()
         for name in [n for n in table if n not in resources]:
             del table[name]
+            seen.pop(name, None)
+            touched.add(name)
         for name, res in resources.items():
+            if seen.get(name) is res:
+                continue  # the very object published last time: nothing to serialise again
+            before = table[name].version if name in table else None
             self.table.set_any(type_url, name, res)
-        touched = {n for n in set(before) | set(table)
-                   if before.get(n) != (table[n].version if n in table else None)}  # fmt: skip
+            seen[name] = res
+            if table[name].version != before:
+                touched.add(name)
         if touched:
             self.table.version += 1
             self._notify({type_url: touched}, changed_at)

@@ -296,3 +296,32 @@ def test_memoised_l7_resources_and_findings_equal_uncached() -> None:
             assert ns_cache["other"][1] is previous["other"][1]
             assert cached["VirtualService/other/bad"] is previous["other"][1][0]
     assert found == [["VirtualService other/bad"]] * 3 + [[]]  # reported, then fixed
+
+
+def test_publish_set_skips_identical_objects_and_removes_missing() -> None:
+    srv = XdsServer()
+    a = pack_l7(
+        L7Resource(
+            kind="VirtualService", namespace="d", name="a", json='{"kind":"VirtualService","x":1}'
+        )
+    )
+    b = pack_l7(
+        L7Resource(
+            kind="VirtualService", namespace="d", name="b", json='{"kind":"VirtualService","x":2}'
+        )
+    )
+    srv.publish_set(L7_TYPE, {"a": a, "b": b})
+    v = srv.table.version
+    srv.publish_set(L7_TYPE, {"a": a, "b": b})  # the same objects: nothing to do
+    assert srv.table.version == v
+    b2 = pack_l7(
+        L7Resource(
+            kind="VirtualService", namespace="d", name="b", json='{"kind":"VirtualService","x":3}'
+        )
+    )
+    srv.publish_set(L7_TYPE, {"b": b2})  # a removed, b changed
+    assert srv.table.version == v + 1
+    assert set(srv.table.types[L7_TYPE]) == {"b"}
+    assert srv.table.types[L7_TYPE]["b"].version != ""
+    srv.publish_set(L7_TYPE, {"b": pack_l7(unpack_l7("b", b2))})  # equal content, new object
+    assert srv.table.version == v + 1
