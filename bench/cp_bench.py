@@ -1,22 +1,31 @@
-"""Control-plane benchmark: full-state time, change fan-out latency, memory.
+"""Control-plane benchmark at scale: 100 node proxies, 10,000 workloads (issues 4 and 14).
 
-    .venv/bin/python bench/cp_bench.py                 # 1,000 and 10,000 workloads
-    .venv/bin/python bench/cp_bench.py --sizes 1000 --changes 50 --clients 50
+    .venv/bin/python bench/cp_bench.py                          # 10,000 workloads, 100 proxies
+    .venv/bin/python bench/cp_bench.py --sizes 1000,10000 --changes 50 --proxies 50
 
 For each size N the control plane runs in its own process (so its RSS is its own), serving
 plaintext gRPC on 127.0.59.1 (loopback only). Its store is filled directly with N pods in N/100
-namespaces (one Service per 10 pods, spread over 50 nodes, all ambient, plus one
-AuthorizationPolicy per namespace); the manifest/Kubernetes parsing cost is not part of the
-figures. Then, in this process:
-- 50 delta-xDS clients (meshcore.xds.XdsClient, decode+validate every resource, no MeshState
-  rebuild) connect and sync;
-- full state: one more client that builds the full MeshState like a node proxy, timed from
-  connect to synced (both type URLs applied);
-- fan-out: `--changes` times, the control plane changes one pod's labels (t0 = just before the
-  store update, wall clock) and every client records when the response carrying that workload
-  arrived; the change latency is the slowest client's; we report p50/p99/max over the changes;
+namespaces (one Service per 10 pods, pods spread over `--proxies` nodes round-robin, so a
+service's 10 pods sit on 10 nodes; all ambient; one AuthorizationPolicy per namespace); the
+manifest/Kubernetes parsing cost is not part of the figures. Then, in this process:
+- the fleet: one on-demand node proxy per node (`meshcore.xds.XdsClient(on_demand=True)`, each
+  building its `MeshState` as a node proxy does) connects and syncs;
+- full state per proxy: a new on-demand proxy for node-0, timed from connect to synced (best of
+  3), its size, and whether it holds exactly its scope (the workloads of its node, their
+  services and every workload of those services, every policy; computed here from the
+  generator); a wildcard proxy (the whole mesh) for comparison;
+- change -> proxies: `--changes` times one pod's labels change in the store (t0 = just before
+  the store update, control-plane wall clock); the latency is until the last proxy holding that
+  pod has applied the response carrying it (and no other proxy may receive it); then the same
+  for an AuthorizationPolicy change, which every proxy holds: latency until all of them applied
+  it; p50/p99/max;
+- delta apply: the time `apply_response` takes to apply each one-workload response received by
+  the wildcard proxy (full 10k state) and by an on-demand proxy, p50/p99 (GC off during each
+  timed call, as `timeit` does);
 - RSS of the control-plane process (VmRSS, and VmHWM = peak) after everything synced.
-Targets (issue 4): full state at 10k < 2 s; change to 50 proxies p99 < 100 ms; RSS < 500 MiB.
+Every target is printed with PASS/FAIL, and the figures are appended to bench/history.csv.
+Targets (issue 14): a proxy holds only its scope; full state < 2 s; change to every holding
+proxy p99 < 100 ms; one-workload delta applied < 1 ms (p99); control-plane RSS < 500 MiB.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -34,15 +44,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.history import Figure, append
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.objects import parse_object
 from meshcore.ca import MeshCA
 from meshcore.proto import discovery_pb2 as dpb
-from meshcore.xds import ControlPlaneEndpoint, XdsClient
+from meshcore.xds import ControlPlaneEndpoint, XdsClient, apply_response
 
 HOST = "127.0.59.1"
-NODES = 50
 PER_NS = 100
+NODES = int(os.environ.get("CP_BENCH_NODES", "100"))
+"""Nodes the pods are spread over (one simulated node proxy each); --proxies sets it."""
+
+
+def policy_doc(k: int, version: int = 0) -> dict[str, Any]:
+    ns = f"ns-{k}"
+    sources: list[dict[str, Any]] = [{"source": {"namespaces": [ns]}}]
+    if version:
+        sources.append({"source": {"namespaces": [f"extra-{version}"]}})
+    return {"kind": "AuthorizationPolicy", "metadata": {"name": "allow-ns", "namespace": ns},
+            "spec": {"rules": [{"from": sources}]}}  # fmt: skip
 
 
 def pod_doc(i: int, version: int = 0) -> dict[str, Any]:
@@ -67,10 +88,7 @@ def objects(n: int) -> list[Any]:
             {"kind": "Namespace",
              "metadata": {"name": ns, "labels": {"istio.io/dataplane-mode": "ambient"}}}
         )  # fmt: skip
-        docs.append(
-            {"kind": "AuthorizationPolicy", "metadata": {"name": "allow-ns", "namespace": ns},
-             "spec": {"rules": [{"from": [{"source": {"namespaces": [ns]}}]}]}}
-        )  # fmt: skip
+        docs.append(policy_doc(k))
     for s in range((n + 9) // 10):
         j = s * 10
         docs.append(
@@ -120,6 +138,11 @@ async def serve(n: int, port: int, workdir: Path) -> None:
             t0 = time.time()
             cp.store.apply("bench", [parse_object(pod_doc(i, version))])
             print(json.dumps({"t0": t0}), flush=True)
+        elif cmd[0] == "policy":
+            version += 1
+            t0 = time.time()
+            cp.store.apply("bench", [parse_object(policy_doc(int(cmd[1]), version))])
+            print(json.dumps({"t0": t0}), flush=True)
         elif cmd[0] == "quit":
             break
     await cp.stop()
@@ -128,90 +151,194 @@ async def serve(n: int, port: int, workdir: Path) -> None:
 # ------------------------------------------------------------------- driver
 
 
-async def run_size(n: int, clients: int, changes: int) -> dict[str, Any]:
+def pod_uid(i: int) -> str:
+    return f"Kubernetes//Pod/ns-{i // PER_NS}/pod-{i}"
+
+
+def expected_scope(node: int, n: int) -> set[str]:
+    """What an on-demand proxy of `node` must hold (workload uids): its pods, and every pod of
+    the services its pods back (a service comes with all its endpoints)."""
+    services = {i // 10 for i in range(node, n, NODES)}
+    return {pod_uid(j) for s in services for j in range(s * 10, min(n, s * 10 + 10))}
+
+
+def holders(i: int, n: int) -> set[int]:
+    """Nodes whose proxy holds pod i: the nodes of the pods of its service."""
+    s = i // 10
+    return {j % NODES for j in range(s * 10, min(n, s * 10 + 10))}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * q))]
+
+
+class Timing:
+    """Per change k: when each proxy applied the response carrying the watched name."""
+
+    def __init__(self) -> None:
+        self.watch: dict[str, int] = {}
+        self.got: dict[int, dict[int, float]] = {}
+        self.captured: list[tuple[int, dpb.DeltaDiscoveryResponse]] = []
+
+    def hook(self, idx: int, capture: bool = False) -> Any:
+        def on_response(resp: dpb.DeltaDiscoveryResponse) -> None:
+            # Called by XdsClient after the response was applied to its published state.
+            if len(resp.resources) > 20:
+                return
+            now = time.time()
+            for r in resp.resources:
+                k = self.watch.get(r.name)
+                if k is not None:
+                    self.got.setdefault(k, {})[idx] = now
+            if capture and len(resp.resources) == 1 and not resp.removed_resources:
+                self.captured.append((idx, resp))
+
+        return on_response
+
+
+async def newcomer(ep: ControlPlaneEndpoint, node: str, on_demand: bool) -> tuple[float, XdsClient]:
+    best, client = float("inf"), None
+    for _ in range(3):
+        c = XdsClient(ep, node=node, on_demand=on_demand)
+        t = time.perf_counter()
+        task = asyncio.create_task(c.run())
+        await asyncio.wait_for(c.synced.wait(), 300)
+        best = min(best, time.perf_counter() - t)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        client = c
+    assert client is not None
+    return best, client
+
+
+async def fan_out(
+    proc: asyncio.subprocess.Process, timing: Timing, cmd: str, k: int, name: str,
+    expect: set[int], everyone: int,
+) -> tuple[float, int]:  # fmt: skip
+    """One change; (latency until every expected proxy applied it, proxies not expected that
+    received it)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    timing.watch.clear()
+    timing.watch[name] = k
+    proc.stdin.write(f"{cmd}\n".encode())
+    await proc.stdin.drain()
+    t0 = json.loads(await proc.stdout.readline())["t0"]
+    deadline = time.monotonic() + 10
+    while not expect <= set(timing.got.get(k, {})) and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.03)  # stray pushes to proxies that should not get it
+    got = timing.got.get(k, {})
+    missing = expect - set(got)
+    assert not missing, f"change {k}: proxies {sorted(missing)[:5]} never got {name}"
+    # -1 is the wildcard proxy (holds everything): not a leak.
+    return max(got[i] for i in expect) - t0, len(set(got) - expect - {-1})
+
+
+async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--serve", str(n), "--port", "0",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "CP_BENCH_NODES": str(NODES)},
     )  # fmt: skip
     assert proc.stdout is not None and proc.stdin is not None
+    fleet: list[tuple[XdsClient, asyncio.Task[None]]] = []
     try:
-        hello = json.loads(await asyncio.wait_for(proc.stdout.readline(), 300))
-        port = hello["ready"]
-        ep = ControlPlaneEndpoint(address=f"{HOST}:{port}")
-        received: dict[int, dict[str, float]] = {}
-        expected: dict[str, int] = {}
-
-        def hook(idx: int) -> Any:
-            def on_response(resp: dpb.DeltaDiscoveryResponse) -> None:
-                if len(resp.resources) > 20:
-                    return
-                now = time.time()
-                for r in resp.resources:
-                    k = expected.get(r.name)
-                    if k is not None:
-                        received.setdefault(k, {})[str(idx)] = now
-
-            return on_response
-
-        fleet = []
+        hello = json.loads(await asyncio.wait_for(proc.stdout.readline(), 600))
+        ep = ControlPlaneEndpoint(address=f"{HOST}:{hello['ready']}")
+        timing = Timing()
         t = time.perf_counter()
-        for idx in range(clients):
-            c = XdsClient(ep, node=f"node-{idx % NODES}", build_state=False)
-            c.on_response = hook(idx)
+        for idx in range(proxies):
+            c = XdsClient(ep, node=f"node-{idx}", on_demand=True)
+            c.on_response = timing.hook(idx, capture=idx == 0)
             fleet.append((c, asyncio.create_task(c.run())))
-        await asyncio.wait_for(asyncio.gather(*(c.synced.wait() for c, _ in fleet)), 600)
+        await asyncio.wait_for(asyncio.gather(*(c.synced.wait() for c, _ in fleet)), 900)
         fleet_sync = time.perf_counter() - t
-        # A new node proxy's full state (decode, validate, build MeshState).
-        full: list[float] = []
-        for _ in range(3):
-            newcomer = XdsClient(ep, node="node-0")
-            t = time.perf_counter()
-            task = asyncio.create_task(newcomer.run())
-            await asyncio.wait_for(newcomer.synced.wait(), 120)
-            full.append(time.perf_counter() - t)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        workloads = len(newcomer.state.workloads)
+        # This one process holds 100 node proxies' states: keep them out of the cyclic GC's
+        # scans, or its pauses (one proxy's would be 1/100th) land on the fan-out figures.
+        gc.collect()
+        gc.freeze()
+        sizes = [len(c.state.workloads) + len(c.state.services) for c, _ in fleet]
+        # A new node proxy's full state, on-demand and (for comparison) wildcard.
+        od_s, od = await newcomer(ep, "node-0", on_demand=True)
+        wc_s, wc = await newcomer(ep, "node-0", on_demand=False)
+        scope_ok = {w.uid for w in od.state.workloads} == expected_scope(0, n) and all(
+            {w.uid for w in c.state.workloads} == expected_scope(i, n)
+            for i, (c, _) in enumerate(fleet)
+        )
+        # Keep the wildcard proxy connected: its one-workload responses time the delta apply.
+        wc_live = XdsClient(ep, node="node-0")
+        wc_live.on_response = timing.hook(-1, capture=True)
+        wc_task = asyncio.create_task(wc_live.run())
+        await asyncio.wait_for(wc_live.synced.wait(), 300)
         rss, hwm = rss_kib(proc.pid)
-        # Change fan-out.
-        lat: list[float] = []
+        pod_lat: list[float] = []
+        leaks = 0
         for k in range(changes):
             i = (k * 37) % n
-            name = f"Kubernetes//Pod/ns-{i // PER_NS}/pod-{i}"
-            expected.clear()
-            expected[name] = k
-            proc.stdin.write(f"change {i}\n".encode())
-            await proc.stdin.drain()
-            t0 = json.loads(await proc.stdout.readline())["t0"]
-            deadline = time.monotonic() + 10
-            while len(received.get(k, {})) < clients and time.monotonic() < deadline:
-                await asyncio.sleep(0.001)
-            got = received.get(k, {})
-            assert len(got) == clients, f"change {k}: only {len(got)}/{clients} clients got it"
-            lat.append(max(got.values()) - t0)
-            await asyncio.sleep(0.02)
+            lat, leaked = await fan_out(
+                proc, timing, f"change {i}", k, pod_uid(i), holders(i, n), proxies
+            )
+            pod_lat.append(lat)
+            leaks += leaked
+        pol_lat: list[float] = []
+        for k in range(changes):
+            ns = k % ((n + PER_NS - 1) // PER_NS)
+            lat, _ = await fan_out(
+                proc, timing, f"policy {ns}", changes + k, f"ns-{ns}/allow-ns",
+                set(range(proxies)), proxies,
+            )  # fmt: skip
+            pol_lat.append(lat)
         rss2, hwm2 = rss_kib(proc.pid)
-        for _c, task in fleet:
-            task.cancel()
-        await asyncio.gather(*(task for _, task in fleet), return_exceptions=True)
-        lat.sort()
+        # Delta apply cost at a node proxy: re-apply each captured one-workload response to
+        # the state it was applied to (full state: the wildcard proxy; on-demand: node-0's).
+        apply_full: list[float] = []
+        apply_od: list[float] = []
+        # GC off around each timed call, as timeit does: the cost of the update itself.
+        for idx, resp in timing.captured:
+            base = wc_live.state if idx == -1 else fleet[0][0].state
+            gc.disable()
+            t = time.perf_counter()
+            apply_response(base, resp)
+            (apply_full if idx == -1 else apply_od).append(time.perf_counter() - t)
+            gc.enable()
+        wc_task.cancel()
         return {
             "workloads": n,
             "records": hello["records"],
-            "workloads_received": workloads,
-            "clients": clients,
+            "proxies": proxies,
             "cp_setup_s": round(hello["setup_s"], 3),
             "fleet_sync_s": round(fleet_sync, 3),
-            "full_state_s": [round(x, 3) for x in full],
-            "change_p50_ms": round(statistics.median(lat) * 1000, 1),
-            "change_p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 1),
-            "change_max_ms": round(lat[-1] * 1000, 1),
+            "proxy_resources_mean": round(statistics.mean(sizes), 1),
+            "proxy_resources_max": max(sizes),
+            "whole_mesh_resources": len(wc.state.workloads) + len(wc.state.services),
+            "policies_per_proxy": len(od.state.policies),
+            "scope_exact": scope_ok,
+            "full_state_on_demand_s": round(od_s, 3),
+            "full_state_wildcard_s": round(wc_s, 3),
+            "pod_change_p50_ms": round(statistics.median(pod_lat) * 1000, 1),
+            "pod_change_p99_ms": round(pct(pod_lat, 0.99) * 1000, 1),
+            "pod_change_max_ms": round(max(pod_lat) * 1000, 1),
+            "pod_change_holders": round(
+                statistics.mean(len(holders((k * 37) % n, n)) for k in range(changes)), 1
+            ),
+            "pod_change_leaks": leaks,
+            "policy_change_p50_ms": round(statistics.median(pol_lat) * 1000, 1),
+            "policy_change_p99_ms": round(pct(pol_lat, 0.99) * 1000, 1),
+            "policy_change_max_ms": round(max(pol_lat) * 1000, 1),
             "changes": changes,
+            "delta_apply_full_p50_ms": round(statistics.median(apply_full) * 1000, 3),
+            "delta_apply_full_p99_ms": round(pct(apply_full, 0.99) * 1000, 3),
+            "delta_apply_on_demand_p99_ms": round(pct(apply_od, 0.99) * 1000, 3),
+            "delta_samples": len(apply_full),
             "cp_rss_mib": round(max(rss, rss2) / 1024, 1),
             "cp_peak_rss_mib": round(max(hwm, hwm2) / 1024, 1),
         }
     finally:
+        for _c, task in fleet:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in fleet), return_exceptions=True)
         with contextlib.suppress(Exception):
             proc.stdin.write(b"quit\n")
             await proc.stdin.drain()
@@ -223,39 +350,89 @@ async def run_size(n: int, clients: int, changes: int) -> dict[str, Any]:
 
 
 def verdict(ok: bool) -> str:
-    return "OK " if ok else "MISS"
+    return "PASS" if ok else "FAIL"
+
+
+def report(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(what, figure, met) per target."""
+    n, p = r["workloads"], r["proxies"]
+    return [
+        (f"a node proxy holds only its scope ({n} workloads, {p} proxies)",
+         f"{r['proxy_resources_mean']:.0f} mean / {r['proxy_resources_max']} max of "
+         f"{r['whole_mesh_resources']} addresses, + {r['policies_per_proxy']} policies; "
+         f"exact scope: {r['scope_exact']}; pushed to non-holders: {r['pod_change_leaks']}",
+         r["scope_exact"] and r["pod_change_leaks"] == 0
+         and r["proxy_resources_max"] < r["whole_mesh_resources"]),
+        ("full state, new node proxy < 2 s",
+         f"{r['full_state_on_demand_s']:.3f} s on-demand "
+         f"({r['full_state_wildcard_s']:.3f} s for the whole mesh)",
+         r["full_state_on_demand_s"] < 2.0),
+        ("pod change -> every proxy holding it, p99 < 100 ms",
+         f"p50 {r['pod_change_p50_ms']} / p99 {r['pod_change_p99_ms']} / max "
+         f"{r['pod_change_max_ms']} ms ({r['pod_change_holders']} proxies each)",
+         r["pod_change_p99_ms"] < 100),
+        (f"policy change -> all {p} proxies, p99 < 100 ms",
+         f"p50 {r['policy_change_p50_ms']} / p99 {r['policy_change_p99_ms']} / max "
+         f"{r['policy_change_max_ms']} ms", r["policy_change_p99_ms"] < 100),
+        ("one-workload delta applied at a node proxy < 1 ms (p99)",
+         f"full {n}-workload state p50 {r['delta_apply_full_p50_ms']} / p99 "
+         f"{r['delta_apply_full_p99_ms']} ms; on-demand state p99 "
+         f"{r['delta_apply_on_demand_p99_ms']} ms ({r['delta_samples']} deltas)",
+         r["delta_apply_full_p99_ms"] < 1.0),
+        ("control-plane RSS < 500 MiB",
+         f"{r['cp_rss_mib']} MiB (peak {r['cp_peak_rss_mib']})", r["cp_peak_rss_mib"] < 500),
+    ]  # fmt: skip
+
+
+def history_figures(r: dict[str, Any]) -> list[Any]:
+    note = f"{r['workloads']} workloads, {r['proxies']} proxies"
+    return [
+        Figure(figure="proxy_resources_mean", value=r["proxy_resources_mean"], unit="addresses",
+               better="lower", note=note),
+        Figure(figure="full_state_on_demand_s", value=r["full_state_on_demand_s"], unit="s",
+               better="lower", note=note),
+        Figure(figure="full_state_wildcard_s", value=r["full_state_wildcard_s"], unit="s",
+               better="lower", note=note),
+        Figure(figure="pod_change_p99_ms", value=r["pod_change_p99_ms"], unit="ms",
+               better="lower", note=note),
+        Figure(figure="policy_change_p99_ms", value=r["policy_change_p99_ms"], unit="ms",
+               better="lower", note=note),
+        Figure(figure="delta_apply_ms", value=r["delta_apply_full_p99_ms"], unit="ms",
+               better="lower", note=note + " (p99, full state)"),
+        Figure(figure="cp_peak_rss_mib", value=r["cp_peak_rss_mib"], unit="MiB", better="lower",
+               note=note),
+    ]  # fmt: skip
 
 
 def main() -> int:
+    global NODES
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="1000,10000")
-    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--sizes", default="10000")
+    p.add_argument("--proxies", type=int, default=100, help="node proxies (= nodes)")
     p.add_argument("--changes", type=int, default=100)
+    p.add_argument("--no-history", action="store_true", help="do not append bench/history.csv")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve is not None:
         asyncio.run(serve(args.serve, args.port, Path(".")))
         return 0
+    NODES = args.proxies
     results = []
     for n in (int(x) for x in args.sizes.split(",")):
-        r = asyncio.run(run_size(n, args.clients, args.changes))
+        r = asyncio.run(run_size(n, args.proxies, args.changes))
         results.append(r)
         print(json.dumps(r), flush=True)
     print(f"\nmachine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
-    print(f"{'workloads':>9} {'full state (new proxy)':>24} {'change->50 p50/p99/max ms':>27} "
-          f"{'CP RSS (peak) MiB':>19}")  # fmt: skip
+    failed = 0
     for r in results:
-        best = min(r["full_state_s"])
-        print(
-            f"{r['workloads']:>9} {best:>14.3f} s {verdict(best < 2.0) if r['workloads'] >= 10000 else '   ':>6}"  # noqa: E501
-            f" {r['change_p50_ms']:>8}/{r['change_p99_ms']}/{r['change_max_ms']}"
-            f" {verdict(r['change_p99_ms'] < 100)}"
-            f" {r['cp_rss_mib']:>8} ({r['cp_peak_rss_mib']})"
-            f" {verdict(r['cp_peak_rss_mib'] < 500)}"
-        )
-    print("targets: full state at 10k < 2 s; change to all 50 proxies p99 < 100 ms; RSS < 500 MiB")
-    return 0
+        print(f"\n{r['workloads']} workloads, {r['proxies']} node proxies:")
+        for what, figure, ok in report(r):
+            failed += not ok
+            print(f"  {verdict(ok)}  {what}: {figure}")
+        if not args.no_history:
+            append("cp", history_figures(r))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

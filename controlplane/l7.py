@@ -14,14 +14,19 @@ the waypoint's own parser (`meshcore.config.objects.parse_objects`), so the cont
 bad object (debug view, status) exactly as the waypoint that applies it (and NACKs it) sees it.
 
 Invariants: pure function of the snapshot; equal inputs give equal resources (canonical JSON),
-so the xDS table's content-hash versions only change when an object really changed.
+so the xDS table's content-hash versions only change when an object really changed. The
+optional caches only memoise (issue 14: re-deriving every namespace's resources and re-parsing
+every object on each pod change cost ~75 ms of the control plane's 82 ms per change at 10,000
+pods): a namespace's resources are reused while the store hands over the same (unchanged)
+`NamespaceObjects`, an object's findings while its JSON is the same; results equal the uncached
+ones.
 """
 
 from __future__ import annotations
 
 import json
 
-from controlplane.store import StoreSnapshot
+from controlplane.store import NamespaceObjects, StoreSnapshot
 from controlplane.translate import TranslateOptions
 from meshcore.config.fields import Finding, check_object
 from meshcore.config.objects import parse_objects
@@ -30,38 +35,76 @@ from meshcore.proto.l7res import L7Resource
 ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication")
 
 
-def l7_resources(snapshot: StoreSnapshot, opts: TranslateOptions) -> dict[str, L7Resource]:
+NamespaceCache = dict[str, tuple[NamespaceObjects, tuple[L7Resource, ...]]]
+FindingsCache = dict[str, tuple[str, tuple[tuple[str, Finding], ...]]]
+
+
+def l7_resources(
+    snapshot: StoreSnapshot, opts: TranslateOptions, cache: NamespaceCache | None = None
+) -> dict[str, L7Resource]:
+    """Every L7 resource of the snapshot, by key. `cache` (kept by the caller across calls)
+    memoises per namespace, keyed by the identity of its `NamespaceObjects`."""
     out: dict[str, L7Resource] = {}
-
-    def add(res: L7Resource) -> None:
-        out[res.key] = res
-
+    fresh: NamespaceCache = {}
     for ns, objs in snapshot.namespaces.items():
-        for obj in objs.stored.values():
-            if obj.kind in ROUTING_KINDS and obj.raw_json:
-                add(L7Resource(kind=obj.kind, namespace=ns, name=obj.name, json=obj.raw_json))
-        for ap in objs.authorization_policies.values():
-            if ap.raw_json:
-                add(L7Resource(kind="AuthorizationPolicy", namespace=ns, name=ap.name,
-                               json=ap.raw_json))  # fmt: skip
-        labels = {
-            f"{opts.cluster_id}//Pod/{ns}/{pod.name}": dict(pod.labels)
-            for pod in objs.pods.values()
-            if pod.ips
-        }
-        if labels:
-            doc = {"kind": "WorkloadLabels", "labels": labels}
-            text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
-            add(L7Resource(kind="WorkloadLabels", namespace=ns, name="pods", json=text))
+        hit = cache.get(ns) if cache is not None else None
+        found = (
+            hit[1] if hit is not None and hit[0] is objs else _namespace_resources(ns, objs, opts)
+        )
+        fresh[ns] = (objs, found)
+        for res in found:
+            out[res.key] = res
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return out
 
 
-def l7_findings(resources: dict[str, L7Resource]) -> dict[str, list[Finding]]:
-    """``Kind ns/name`` -> findings, from parsing `resources` as a waypoint does."""
-    docs = [resources[k].document() for k in sorted(resources)]
+def _namespace_resources(
+    ns: str, objs: NamespaceObjects, opts: TranslateOptions
+) -> tuple[L7Resource, ...]:
+    out: list[L7Resource] = []
+    add = out.append
+    for obj in objs.stored.values():
+        if obj.kind in ROUTING_KINDS and obj.raw_json:
+            add(L7Resource(kind=obj.kind, namespace=ns, name=obj.name, json=obj.raw_json))
+    for ap in objs.authorization_policies.values():
+        if ap.raw_json:
+            add(L7Resource(kind="AuthorizationPolicy", namespace=ns, name=ap.name,
+                           json=ap.raw_json))  # fmt: skip
+    labels = {
+        f"{opts.cluster_id}//Pod/{ns}/{pod.name}": dict(pod.labels)
+        for pod in objs.pods.values()
+        if pod.ips
+    }
+    if labels:
+        doc = {"kind": "WorkloadLabels", "labels": labels}
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        add(L7Resource(kind="WorkloadLabels", namespace=ns, name="pods", json=text))
+    return tuple(out)
+
+
+def l7_findings(
+    resources: dict[str, L7Resource], cache: FindingsCache | None = None
+) -> dict[str, list[Finding]]:
+    """``Kind ns/name`` -> findings, from parsing `resources` as a waypoint does. Each object
+    is parsed on its own (a finding concerns one object); `cache` (kept by the caller) reuses
+    an object's findings while its JSON is unchanged."""
     out: dict[str, list[Finding]] = {}
-    for ref, finding in parse_objects(docs).findings:
-        out.setdefault(ref, []).append(finding)
+    fresh: FindingsCache = {}
+    for key in sorted(resources):
+        res = resources[key]
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] == res.json:
+            found = hit[1]
+        else:
+            found = parse_objects([res.document()]).findings
+        fresh[key] = (res.json, found)
+        for ref, finding in found:
+            out.setdefault(ref, []).append(finding)
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return out
 
 

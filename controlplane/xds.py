@@ -7,11 +7,23 @@ state (node, what it has, pending nonces, last ACK/NACK), the push loop, and the
 handler.
 
 Protocol (envoy xDS "incremental" variant, as Istio's ztunnel uses it):
-- The client opens one stream and sends one DeltaDiscoveryRequest per type URL (wildcard
-  subscription; explicit names are treated as wildcard: every node proxy gets every resource,
-  which is "at least what it needs"). ``initial_resource_versions`` (on reconnect) says what the
-  client has: only resources whose version differs are sent, and names the client has that no
-  longer exist are sent in ``removed_resources``.
+- The client opens one stream and sends one DeltaDiscoveryRequest per type URL. A first request
+  with no names, or with ``*`` subscribed and not unsubscribed, is a wildcard subscription: every
+  resource of the type. ``initial_resource_versions`` (on reconnect) says what the client has:
+  only resources whose version differs are sent, and names the client has that no longer exist
+  are sent in ``removed_resources``.
+- On-demand Address delivery (Istio's ztunnel ``XDS_ON_DEMAND``; istiod pilot/pkg/xds/workload.go
+  and AdditionalPodSubscriptions): a first Address request that subscribes and unsubscribes
+  ``*`` ("subscribe to nothing"), or names resources explicitly, is not wildcard. Such a node
+  proxy is sent the workloads of its own node, the resources it subscribed to, and the
+  workloads backing a service it holds; nothing else. A later request's
+  ``resource_names_subscribe`` names a resource, or an address as ``network/IP`` (matched
+  against the resources' ``aliases``: a workload's or service's addresses), and is always
+  answered: the matching resources (a VIP brings its service and the workloads backing it), or
+  the name in ``removed_resources`` when nothing matches (xDS: a removal of a resource that
+  never existed). Everything sent to an on-demand client stays subscribed (its updates and
+  removal follow). Authorization (and the waypoints' L7 type) is always wildcard, as in Istio
+  (a node proxy needs every policy that may apply to its pods).
 - The first response per type is sent even if empty, so a client knows it has the full state.
 - After that, only changed/removed resources are sent. Each response has a fresh nonce. A
   request carrying ``response_nonce`` is an ACK, or a NACK when ``error_detail`` is set; a NACK
@@ -47,6 +59,7 @@ from controlplane.auth import Authenticator, bearer_token
 from controlplane.errors import ControlPlaneError, InvalidRequest, PermissionDenied
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.translate import Delta
+from meshcore.model import Authorization, GatewayAddress, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resource_name
 from meshcore.proto.l7res import L7_TYPE
@@ -58,6 +71,10 @@ DELTA_METHOD = "DeltaAggregatedResources"
 PUSH_ORDER = (AUTHORIZATION_TYPE, ADDRESS_TYPE, L7_TYPE)
 """L7_TYPE (``ambient.l7.Resource``) is subscribed to by waypoints only (node proxies never ask
 for it, so they are never sent any)."""
+
+
+MAX_SUBSCRIPTIONS = 100_000
+"""Per connection and type: explicit subscriptions (on-demand lookups) kept at most."""
 
 
 def _varint(n: int) -> bytes:
@@ -72,11 +89,13 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def resource_field_bytes(name: str, version: str, resource: any_pb2.Any) -> bytes:
+def resource_field_bytes(
+    name: str, version: str, resource: any_pb2.Any, aliases: Iterable[str] = ()
+) -> bytes:
     """One ``DeltaDiscoveryResponse.resources`` entry, encoded as field 2 (tag 0x12)."""
-    body: bytes = dpb.Resource(name=name, version=version, resource=resource).SerializeToString(
-        deterministic=True
-    )
+    body: bytes = dpb.Resource(
+        name=name, version=version, resource=resource, aliases=list(aliases)
+    ).SerializeToString(deterministic=True)
     return b"\x12" + _varint(len(body)) + body
 
 
@@ -92,39 +111,181 @@ def encode_response(
     return head + b"".join(resources)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddressMeta:
+    """What on-demand delivery needs to know of an Address resource."""
+
+    node: str = ""
+    """A workload's node ("" for a service)."""
+    aliases: tuple[str, ...] = ()
+    """``network/IP`` of each of its addresses (Istio's on-demand lookup key)."""
+    services: tuple[str, ...] = ()
+    """Service keys a workload backs."""
+    service: bool = False
+    """A service (else a workload, or not an Address)."""
+    waypoint: str = ""
+    """Its waypoint as a resource name (``ns/hostname``) or alias (``network/IP``); "" none."""
+
+
+_NO_META = AddressMeta()
+
+
+def _gateway_ref(gw: GatewayAddress | None) -> str:
+    if gw is None:
+        return ""
+    if gw.hostname is not None:
+        return gw.hostname.key
+    if gw.address is not None:
+        return f"{gw.address.network}/{gw.address.address}"
+    return ""
+
+
+def address_meta(rec: Workload | Service) -> AddressMeta:
+    if isinstance(rec, Workload):
+        return AddressMeta(
+            node=rec.node,
+            aliases=tuple(f"{rec.network}/{a}" for a in rec.addresses),
+            services=tuple(k for k, _ in rec.services),
+            waypoint=_gateway_ref(rec.waypoint),
+        )
+    return AddressMeta(
+        aliases=tuple(f"{na.network}/{na.address}" for na in rec.addresses),
+        service=True,
+        waypoint=_gateway_ref(rec.waypoint),
+    )
+
+
 @dataclass(slots=True)
 class Entry:
     version: str
     wire: bytes
     """The encoded ``resources`` field (tag + length + Resource)."""
+    meta: AddressMeta = _NO_META
 
 
 class ResourceTable:
-    """Current resources per type URL, each serialised once."""
+    """Current resources per type URL, each serialised once, and the Address indexes of
+    on-demand delivery (by node, by alias, workloads by service)."""
 
     def __init__(self) -> None:
         self.types: dict[str, dict[str, Entry]] = {t: {} for t in PUSH_ORDER}
         self.version = 0
+        self.by_node: dict[str, set[str]] = {}
+        self.by_alias: dict[str, set[str]] = {}
+        self.backing: dict[str, set[str]] = {}
+        """service key -> names of the workloads backing it."""
+        self.bound: dict[str, set[str]] = {}
+        """waypoint reference (``ns/hostname`` or ``network/IP``) -> names bound to it."""
 
-    def set_any(self, type_url: str, name: str, resource: any_pb2.Any) -> None:
+    def set_any(
+        self, type_url: str, name: str, resource: any_pb2.Any, meta: AddressMeta = _NO_META
+    ) -> None:
         raw = resource.SerializeToString(deterministic=True)
         version = hashlib.blake2b(raw, digest_size=8).hexdigest()
         cur = self.types[type_url].get(name)
-        if cur is None or cur.version != version:
+        if cur is None or cur.version != version or cur.meta != meta:
+            if cur is not None:
+                self._unindex(name, cur.meta)
             self.types[type_url][name] = Entry(
-                version=version, wire=resource_field_bytes(name, version, resource)
+                version=version,
+                wire=resource_field_bytes(name, version, resource, meta.aliases),
+                meta=meta,
             )
+            self._index(name, meta)
+
+    def pop(self, type_url: str, name: str) -> Entry | None:
+        entry = self.types[type_url].pop(name, None)
+        if entry is not None:
+            self._unindex(name, entry.meta)
+        return entry
+
+    def _index(self, name: str, meta: AddressMeta) -> None:
+        if meta.node:
+            self.by_node.setdefault(meta.node, set()).add(name)
+        for a in meta.aliases:
+            self.by_alias.setdefault(a, set()).add(name)
+        for k in meta.services:
+            self.backing.setdefault(k, set()).add(name)
+        if meta.waypoint:
+            self.bound.setdefault(meta.waypoint, set()).add(name)
+
+    def _unindex(self, name: str, meta: AddressMeta) -> None:
+        for index, keys in (
+            (self.by_node, (meta.node,) if meta.node else ()),
+            (self.by_alias, meta.aliases),
+            (self.backing, meta.services),
+            (self.bound, (meta.waypoint,) if meta.waypoint else ()),
+        ):
+            for k in keys:
+                names = index.get(k)
+                if names is not None:
+                    names.discard(name)
+                    if not names:
+                        del index[k]
+
+    def lookup(self, requested: Iterable[str]) -> set[str]:
+        """Address resource names matching `requested` (resource names or ``network/IP``)."""
+        table = self.types[ADDRESS_TYPE]
+        out: set[str] = set()
+        for n in requested:
+            if n in table:
+                out.add(n)
+            out |= self.by_alias.get(n, set())
+        return out
+
+    def scope(self, roots: Iterable[str], local: Iterable[str] = ()) -> set[str]:
+        """Everything a node proxy needs to decide about `roots` (Address names) and the
+        workloads of its node (`local`) without further lookups, so that it never routes or
+        authorizes on partial state:
+        - a service comes with every workload backing it (istiod AdditionalPodSubscriptions;
+          a service held with some endpoints missing would be load-balanced over the wrong
+          set) and its waypoint;
+        - a workload comes with its waypoint;
+        - a node-local workload also brings the services it backs (inbound checks "addressed
+          to a service bound to a waypoint") and, when it is itself a waypoint, the services
+          and workloads bound to it (inbound CONNECTs it receives as a waypoint);
+        - a waypoint reference brings the waypoint's workloads or service (and so its
+          workloads): the waypoint-bypass check compares the peer with them.
+        """
+        table = self.types[ADDRESS_TYPE]
+        out: set[str] = set()
+        todo: list[str] = list(roots)
+        for name in local:
+            entry = table.get(name)
+            if entry is None:
+                continue
+            todo.append(name)
+            todo.extend(entry.meta.services)
+            for ref in (*entry.meta.aliases, *entry.meta.services):
+                todo.extend(self.bound.get(ref, ()))
+        while todo:
+            name = todo.pop()
+            if name in out:
+                continue
+            entry = table.get(name)
+            if entry is None:
+                continue
+            out.add(name)
+            meta = entry.meta
+            if meta.service:
+                todo.extend(self.backing.get(name, ()))
+            if meta.waypoint:
+                todo.extend(self.lookup((meta.waypoint,)))
+        return out
 
     def apply(self, delta: Delta) -> dict[str, set[str]]:
         """Apply a translation delta; return the touched names per type URL."""
         touched: dict[str, set[str]] = {t: set() for t in PUSH_ORDER}
         for rec in delta.upserts:
-            type_url = ADDRESS_TYPE if not hasattr(rec, "rules") else AUTHORIZATION_TYPE
             name = resource_name(rec)
-            self.set_any(type_url, name, pack(rec))
-            touched[type_url].add(name)
+            if isinstance(rec, Authorization):
+                self.set_any(AUTHORIZATION_TYPE, name, pack(rec))
+                touched[AUTHORIZATION_TYPE].add(name)
+            else:
+                self.set_any(ADDRESS_TYPE, name, pack(rec), address_meta(rec))
+                touched[ADDRESS_TYPE].add(name)
         for name in delta.removed_addresses:
-            if self.types[ADDRESS_TYPE].pop(name, None) is not None:
+            if self.pop(ADDRESS_TYPE, name) is not None:
                 touched[ADDRESS_TYPE].add(name)
         for name in delta.removed_policies:
             if self.types[AUTHORIZATION_TYPE].pop(name, None) is not None:
@@ -139,6 +300,12 @@ class TypeState:
     """One connection's view of one type URL."""
 
     subscribed: bool = False
+    wildcard: bool = True
+    """False: on-demand (only node-local, subscribed, and what was sent; see module doc)."""
+    subs: set[str] = field(default_factory=set)
+    """On-demand: names and ``network/IP`` aliases the client subscribed to."""
+    demanded: set[str] = field(default_factory=set)
+    """Subscriptions not answered yet (each gets an answer, even "removed")."""
     initial_pending: bool = False
     known: dict[str, str] = field(default_factory=dict)
     """name -> version the client has been sent (or told us it has)."""
@@ -187,6 +354,7 @@ class ProxyConnection:
                     "last_error": s.last_error,
                     "nacks": s.nacks,
                     "pending_changes": len(s.dirty),
+                    "wildcard": s.wildcard,
                 }
                 for t, s in self.types.items()
                 if s.subscribed or t != L7_TYPE  # waypoints' type only where asked for
@@ -210,6 +378,8 @@ class XdsServer:
         self.authenticator = authenticator
         self.clock = clock
         self.connections: dict[int, ProxyConnection] = {}
+        self._set_sources: dict[str, dict[str, any_pb2.Any]] = {}
+        """publish_set: the object last published per name (identical = unchanged)."""
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
 
@@ -223,6 +393,7 @@ class XdsServer:
         """Serve `resource` under `name` as-is (tests and debugging: e.g. a resource a client
         must NACK)."""
         self.table.set_any(type_url, name, resource)
+        self._set_sources.get(type_url, {}).pop(name, None)
         self.table.version += 1
         self._notify({type_url: {name}}, None)
 
@@ -232,13 +403,20 @@ class XdsServer:
         """Make `resources` the complete set of `type_url` (changed ones re-sent, missing ones
         removed) and schedule pushes (the waypoints' L7 type)."""
         table = self.table.types[type_url]
-        before = {n: e.version for n, e in table.items()}
+        seen = self._set_sources.setdefault(type_url, {})
+        touched: set[str] = set()
         for name in [n for n in table if n not in resources]:
             del table[name]
+            seen.pop(name, None)
+            touched.add(name)
         for name, res in resources.items():
+            if seen.get(name) is res:
+                continue  # the very object published last time: nothing to serialise again
+            before = table[name].version if name in table else None
             self.table.set_any(type_url, name, res)
-        touched = {n for n in set(before) | set(table)
-                   if before.get(n) != (table[n].version if n in table else None)}  # fmt: skip
+            seen[name] = res
+            if table[name].version != before:
+                touched.add(name)
         if touched:
             self.table.version += 1
             self._notify({type_url: touched}, changed_at)
@@ -248,11 +426,38 @@ class XdsServer:
         for conn in self.connections.values():
             for type_url, names in touched.items():
                 st = conn.types[type_url]
+                if names and st.subscribed and not st.wildcard:
+                    names = {n for n in names if self._wanted(conn, st, type_url, n)}
                 if names and st.subscribed:
                     st.dirty |= names
                     if st.dirty_since is None:
                         st.dirty_since = at
                     conn.wake.set()
+
+    def _wanted(self, conn: ProxyConnection, st: TypeState, type_url: str, name: str) -> bool:
+        """Whether a change of `name` concerns an on-demand client (see module doc and
+        ResourceTable.scope): it holds or asked for it, it is on its node, it claims an
+        address the client asked for, it backs a service the client holds, or it is bound to
+        a waypoint running on the client's node."""
+        if name in st.known or name in st.subs:
+            return True
+        table = self.table.types[type_url]
+        entry = table.get(name)
+        if entry is None:
+            return False
+        meta = entry.meta
+        if (
+            (bool(meta.node) and meta.node == conn.node)
+            or any(a in st.subs for a in meta.aliases)
+            or any(k in st.known or k in st.subs for k in meta.services)
+        ):
+            return True
+        for target in self.table.lookup((meta.waypoint,)) if meta.waypoint else ():
+            if table[target].meta.node == conn.node or any(
+                table[b].meta.node == conn.node for b in self.table.backing.get(target, ())
+            ):
+                return True
+        return False
 
     # ---- debug
 
@@ -337,11 +542,50 @@ class XdsServer:
                 st.last_ack_at = now
             if sent is not None:
                 self.metrics.push_latency.labels(type=_short(req.type_url)).observe(now - sent[1])
+            if not (req.resource_names_subscribe or req.resource_names_unsubscribe):
+                return
+        sub, unsub = set(req.resource_names_subscribe), set(req.resource_names_unsubscribe)
+        if st.subscribed and (sub or unsub):
+            # A subscription change on this stream (on-demand lookups).
+            if "*" in sub and "*" not in unsub and not st.wildcard:
+                st.wildcard = True
+                st.initial_pending = True  # now wildcard: everything it does not have yet
+            elif "*" in unsub and not type_url_wildcard_only(req.type_url):
+                st.wildcard = False
+            for n in unsub - {"*"}:
+                st.subs.discard(n)
+                st.known.pop(n, None)
+            names = sub - {"*"} - unsub
+            new = names - st.subs
+            room = max(MAX_SUBSCRIPTIONS - len(st.subs), 0)
+            if len(new) > room:
+                # Bounded per connection (a peer must not grow our memory without limit): the
+                # excess lookups get no answer, so that proxy refuses those connections.
+                log.warning(
+                    "node %s: over %d subscriptions; %d names ignored",
+                    conn.node, MAX_SUBSCRIPTIONS, len(new) - room,
+                )  # fmt: skip
+                names = set(sorted(new)[:room]) | (names & st.subs)
+            st.subs |= names
+            st.demanded |= names
+            if names or st.wildcard:
+                conn.wake.set()
             return
         # A (re)subscription: the initial request of this type on this stream.
         st.subscribed = True
         st.initial_pending = True
         st.known = dict(req.initial_resource_versions)
+        # xDS delta: no names, or "*", is wildcard; "*" also unsubscribed = subscribe to nothing
+        # (ztunnel's on-demand initial request). Policies and L7 are always wildcard (Istio).
+        st.wildcard = type_url_wildcard_only(req.type_url) or (
+            (not sub or "*" in sub) and "*" not in unsub
+        )
+        st.subs = set() if st.wildcard else (sub - {"*"} - unsub) | set(st.known)
+        if len(st.subs) > MAX_SUBSCRIPTIONS:
+            log.warning("node %s: more than %d subscriptions; extra ignored", conn.node,
+                        MAX_SUBSCRIPTIONS)  # fmt: skip
+            st.subs = set(sorted(st.subs)[:MAX_SUBSCRIPTIONS])
+        st.demanded = set() if st.wildcard else (sub - {"*"} - unsub) & st.subs
         conn.wake.set()
 
     async def _write_loop(
@@ -367,14 +611,39 @@ class XdsServer:
         st = conn.types[type_url]
         table = self.table.types[type_url]
         now = self.clock()
+        force: set[str] = set()
+        unanswered: list[str] = []
+        if st.demanded:
+            # Every subscription is answered: its resources (sent even if the client has them,
+            # so its lookup completes), or the name as removed when nothing matches.
+            for n in st.demanded:
+                found = self.table.lookup((n,))
+                if found:
+                    force |= self.table.scope(found)
+                else:
+                    unanswered.append(n)
+            if not st.wildcard:
+                st.subs |= force
         if st.initial_pending:
-            names: Iterable[str] = set(table) | set(st.known)
+            if st.wildcard:
+                names: set[str] = set(table) | set(st.known)
+            else:
+                names = self.table.scope(
+                    self.table.lookup(st.subs), self.table.by_node.get(conn.node, ())
+                ) | set(st.known)
             changed_at = now
-        elif st.dirty:
+        elif st.dirty or force or unanswered:
             names = st.dirty
             changed_at = st.dirty_since or now
         else:
             return None
+        if not st.wildcard and not st.initial_pending:
+            # What a changed resource brings into scope comes along (a local pod's new
+            # service, a service's new waypoint, ...; see ResourceTable.scope).
+            present = [n for n in names if n in table]
+            local = [n for n in present if table[n].meta.node == conn.node]
+            names = names | self.table.scope(present, local)
+        names = names | force
         wires: list[bytes] = []
         removed: list[str] = []
         for name in names:
@@ -382,11 +651,13 @@ class XdsServer:
             if entry is None:
                 if st.known.pop(name, None) is not None:
                     removed.append(name)
-            elif st.known.get(name) != entry.version:
+            elif st.known.get(name) != entry.version or name in force:
                 st.known[name] = entry.version
                 wires.append(entry.wire)
-        initial = st.initial_pending
+        removed.extend(n for n in unanswered if n not in removed)
+        initial = st.initial_pending or bool(st.demanded)
         st.initial_pending = False
+        st.demanded = set()
         st.dirty = set()
         st.dirty_since = None
         if not wires and not removed and not initial:
@@ -404,6 +675,11 @@ class XdsServer:
             resources=wires,
             removed=removed,
         )
+
+
+def type_url_wildcard_only(type_url: str) -> bool:
+    """Types always delivered whole (Istio: policies are never on-demand)."""
+    return type_url != ADDRESS_TYPE
 
 
 def _short(type_url: str) -> str:

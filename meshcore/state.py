@@ -9,6 +9,12 @@ Invariants:
 - A snapshot never changes after construction; updates return a new one. The proxy publishes a
   snapshot by swapping one reference, so a reader sees either the old or the new state, never
   half an update (ztunnel state.rs/xds.rs do the same under a lock).
+- Updates are incremental: every index is a persistent map (`meshcore.pmap.PMap`) and
+  `with_updates` touches only the entries of the changed records (their addresses, their
+  services' endpoint lists, their node's list), sharing the rest with the previous snapshot:
+  a one-workload delta costs O(changed), not a rebuild (issue 14: 24 ms -> ~0.07 ms at 10,000
+  workloads). The result equals a from-scratch build of the same records in the same upsert
+  order (hypothesis property in tests/unit/test_state_incremental.py).
 - Indexes are derived from the record set alone. `build` is strict (duplicate uid, service key,
   policy key or address is a ConfigError); `with_updates` is last-writer-wins for an address
   claimed by two records (the most recently upserted record owns it), because xDS deltas can
@@ -22,10 +28,10 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from meshcore.model import (
     Authorization,
@@ -38,9 +44,13 @@ from meshcore.model import (
     WorkloadStatus,
     ip_from_text,
 )
+from meshcore.pmap import PMap
 from meshcore.proto.yamlform import check_unique
 
 Record = Workload | Service | Authorization
+_T = TypeVar("_T")
+SPLICE_MAX = 8
+"""Up to this many changed uids per list: spliced in place; more (a full sync): filter + sort."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,26 +80,93 @@ def _as_ip(ip: IPAddress | str) -> IPAddress:
     return ip if not isinstance(ip, str) else ip_from_text(ip)
 
 
+class _Edit:
+    """The working set of one `with_updates`: final values per touched key, read through to
+    the previous snapshot's maps (never written to). ``None`` = deleted."""
+
+    __slots__ = ("addr_claims", "policies", "services", "vip_claims", "workloads")
+
+    def __init__(self) -> None:
+        self.workloads: dict[str, Workload | None] = {}
+        self.services: dict[str, Service | None] = {}
+        self.policies: dict[str, Authorization | None] = {}
+        self.addr_claims: dict[tuple[str, IPAddress], tuple[str, ...] | None] = {}
+        self.vip_claims: dict[tuple[str, IPAddress], tuple[str, ...] | None] = {}
+
+
+def _workload_addrs(w: Workload) -> tuple[tuple[str, IPAddress], ...]:
+    return tuple(dict.fromkeys((w.network, a) for a in w.addresses))
+
+
+def _service_vips(s: Service) -> tuple[tuple[str, IPAddress], ...]:
+    return tuple(dict.fromkeys((na.network, na.address) for na in s.addresses))
+
+
+def _eps_by_uid(items: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    """Sorted by workload uid (stable: a workload listing a service twice keeps its order)."""
+    return tuple(sorted(items, key=lambda e: e.workload.uid))
+
+
+def _wls_by_uid(items: Iterable[Workload]) -> tuple[Workload, ...]:
+    return tuple(sorted(items, key=lambda w: w.uid))
+
+
+def _endpoint_uid(e: Endpoint) -> str:
+    return e.workload.uid
+
+
+def _uid(w: Workload) -> str:
+    return w.uid
+
+
+def _replace_by_uid(
+    items: tuple[_T, ...], mine: Mapping[str, tuple[_T, ...]], key: Callable[[_T], str]
+) -> tuple[_T, ...]:
+    """`items` (sorted by uid, stable) with the entries of each uid in `mine` replaced by its
+    value. A few uids: two binary searches and one tuple copy (a memcpy of pointers) each, no
+    re-sort; many (a full sync): one filter and one sort."""
+    if len(mine) > SPLICE_MAX:
+        kept = [x for x in items if key(x) not in mine]
+        for uid in mine:
+            kept.extend(mine[uid])
+        return tuple(sorted(kept, key=key))
+    for uid in sorted(mine):
+        lo = bisect_left(items, uid, key=key)
+        hi = bisect_right(items, uid, lo=lo, key=key)
+        if lo != hi or mine[uid]:
+            items = (*items[:lo], *mine[uid], *items[hi:])
+    return items
+
+
 class MeshState:
-    """An immutable, indexed snapshot of the mesh. Construct with `build` / `from_config`."""
+    """An immutable, indexed snapshot of the mesh. Construct with `build` / `from_config`;
+    derive the next one with `with_updates` (O(changed))."""
 
     __slots__ = (
+        "_addr_claims",
         "_endpoints",
         "_policies",
         "_services",
         "_svc_by_vip",
+        "_vip_claims",
         "_wl_by_addr",
         "_wl_by_node",
         "_workloads",
     )
 
-    _workloads: Mapping[str, Workload]
-    _services: Mapping[str, Service]
-    _policies: Mapping[str, Authorization]
-    _wl_by_addr: Mapping[tuple[str, IPAddress], Workload]
-    _svc_by_vip: Mapping[tuple[str, IPAddress], Service]
-    _endpoints: Mapping[str, tuple[Endpoint, ...]]
-    _wl_by_node: Mapping[str, tuple[Workload, ...]]
+    _workloads: PMap[str, Workload]
+    _services: PMap[str, Service]
+    _policies: PMap[str, Authorization]
+    _wl_by_addr: PMap[tuple[str, IPAddress], Workload]
+    _svc_by_vip: PMap[tuple[str, IPAddress], Service]
+    _addr_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
+    """(network, IP) -> uids of the workloads listing it, oldest first; the last one owns it."""
+    _vip_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
+    """(network, VIP) -> keys of the services listing it, oldest first; the last one owns it."""
+    _endpoints: PMap[str, tuple[Endpoint, ...]]
+    """Non-empty endpoint lists only, by uid."""
+    _wl_by_node: PMap[str, tuple[Workload, ...]]
+    """Non-empty lists only, by uid."""
 
     def __init__(
         self,
@@ -99,39 +176,54 @@ class MeshState:
     ) -> None:
         """Index the given records (keyed by uid / service key / policy key). Insertion order
         decides address conflicts: a later record owns the address. Prefer `build`."""
-        wl_by_addr: dict[tuple[str, IPAddress], Workload] = {}
-        svc_by_vip: dict[tuple[str, IPAddress], Service] = {}
+        addr_claims: dict[tuple[str, IPAddress], list[str]] = {}
+        vip_claims: dict[tuple[str, IPAddress], list[str]] = {}
         by_node: dict[str, list[Workload]] = {}
-        endpoints: dict[str, list[Endpoint]] = {key: [] for key in services}
-        for w in workloads.values():
-            for addr in w.addresses:
-                wl_by_addr[(w.network, addr)] = w
+        endpoints: dict[str, list[Endpoint]] = {}
+        for uid, w in workloads.items():
+            for key in _workload_addrs(w):
+                addr_claims.setdefault(key, []).append(uid)
             by_node.setdefault(w.node, []).append(w)
-            for key, ports in w.services:
-                endpoints.setdefault(key, []).append(Endpoint(workload=w, ports=ports))
-        for s in services.values():
-            for na in s.addresses:
-                svc_by_vip[(na.network, na.address)] = s
+            for skey, ports in w.services:
+                endpoints.setdefault(skey, []).append(Endpoint(workload=w, ports=ports))
+        for skey, s in services.items():
+            for vip in _service_vips(s):
+                vip_claims.setdefault(vip, []).append(skey)
+        self._set(
+            workloads=PMap(workloads.items()),
+            services=PMap(services.items()),
+            policies=PMap(policies.items()),
+            addr_claims=PMap((k, tuple(v)) for k, v in addr_claims.items()),
+            wl_by_addr=PMap((k, workloads[v[-1]]) for k, v in addr_claims.items()),
+            vip_claims=PMap((k, tuple(v)) for k, v in vip_claims.items()),
+            svc_by_vip=PMap((k, services[v[-1]]) for k, v in vip_claims.items()),
+            endpoints=PMap((k, _eps_by_uid(v)) for k, v in endpoints.items()),
+            wl_by_node=PMap((k, _wls_by_uid(v)) for k, v in by_node.items()),
+        )
+
+    def _set(
+        self,
+        *,
+        workloads: PMap[str, Workload],
+        services: PMap[str, Service],
+        policies: PMap[str, Authorization],
+        addr_claims: PMap[tuple[str, IPAddress], tuple[str, ...]],
+        wl_by_addr: PMap[tuple[str, IPAddress], Workload],
+        vip_claims: PMap[tuple[str, IPAddress], tuple[str, ...]],
+        svc_by_vip: PMap[tuple[str, IPAddress], Service],
+        endpoints: PMap[str, tuple[Endpoint, ...]],
+        wl_by_node: PMap[str, tuple[Workload, ...]],
+    ) -> None:
         set_ = object.__setattr__
-        set_(self, "_workloads", MappingProxyType(dict(workloads)))
-        set_(self, "_services", MappingProxyType(dict(services)))
-        set_(self, "_policies", MappingProxyType(dict(policies)))
-        set_(self, "_wl_by_addr", MappingProxyType(wl_by_addr))
-        set_(self, "_svc_by_vip", MappingProxyType(svc_by_vip))
-        set_(
-            self,
-            "_endpoints",
-            MappingProxyType(
-                {k: tuple(sorted(v, key=lambda e: e.workload.uid)) for k, v in endpoints.items()}
-            ),
-        )
-        set_(
-            self,
-            "_wl_by_node",
-            MappingProxyType(
-                {k: tuple(sorted(v, key=lambda w: w.uid)) for k, v in by_node.items()}
-            ),
-        )
+        set_(self, "_workloads", workloads)
+        set_(self, "_services", services)
+        set_(self, "_policies", policies)
+        set_(self, "_addr_claims", addr_claims)
+        set_(self, "_wl_by_addr", wl_by_addr)
+        set_(self, "_vip_claims", vip_claims)
+        set_(self, "_svc_by_vip", svc_by_vip)
+        set_(self, "_endpoints", endpoints)
+        set_(self, "_wl_by_node", wl_by_node)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("MeshState is immutable; use with_updates()")
@@ -184,27 +276,125 @@ class MeshState:
         ``ns/hostname``; `policy_removals` are Authorization keys ``ns/name`` (xDS removes per
         type URL, and the two name spaces may overlap). Unknown names are ignored (xDS removals
         are idempotent). An upserted record replaces the one with the same key and, if it
-        claims an address another record holds, takes it over."""
-        workloads = dict(self._workloads)
-        services = dict(self._services)
-        policies = dict(self._policies)
+        claims an address another record holds, takes it over.
+
+        Cost: O(changed records x (their addresses + the endpoint lists of their services and
+        nodes)) plus one shard copy per touched index key (`meshcore.pmap`): the indexes of
+        untouched records are shared with `self`, never rebuilt. The result equals building
+        the same record set from scratch in the same upsert order (tests/unit/test_state.py)."""
+        ed = _Edit()
         for name in removals:
-            workloads.pop(name, None)
-            services.pop(name, None)
+            self._drop_workload(ed, name)
+            self._drop_service(ed, name)
         for name in policy_removals:
-            policies.pop(name, None)
+            if name in ed.policies or name in self._policies:
+                ed.policies[name] = None
         for rec in upserts:
-            # pop first so the upserted record is last in insertion order: it wins addresses.
             if isinstance(rec, Workload):
-                workloads.pop(rec.uid, None)
-                workloads[rec.uid] = rec
+                # drop first so the upserted record is the newest claimant: it wins addresses.
+                self._drop_workload(ed, rec.uid)
+                ed.workloads[rec.uid] = rec
+                for key in _workload_addrs(rec):
+                    ed.addr_claims[key] = (*self._claims(ed.addr_claims, self._addr_claims, key),
+                                           rec.uid)  # fmt: skip
             elif isinstance(rec, Service):
-                services.pop(rec.key, None)
-                services[rec.key] = rec
+                self._drop_service(ed, rec.key)
+                ed.services[rec.key] = rec
+                for key in _service_vips(rec):
+                    ed.vip_claims[key] = (*self._claims(ed.vip_claims, self._vip_claims, key),
+                                          rec.key)  # fmt: skip
             else:
-                policies.pop(rec.key, None)
-                policies[rec.key] = rec
-        return MeshState(workloads, services, policies)
+                ed.policies[rec.key] = rec
+        if not (ed.workloads or ed.services or ed.policies):
+            return self
+        return self._apply(ed)
+
+    @staticmethod
+    def _claims(
+        edited: Mapping[tuple[str, IPAddress], tuple[str, ...] | None],
+        base: PMap[tuple[str, IPAddress], tuple[str, ...]],
+        key: tuple[str, IPAddress],
+    ) -> tuple[str, ...]:
+        if key in edited:
+            return edited[key] or ()
+        return base.get(key, ())
+
+    def _drop_workload(self, ed: _Edit, uid: str) -> None:
+        old = ed.workloads[uid] if uid in ed.workloads else self._workloads.get(uid)
+        if old is None:
+            return
+        ed.workloads[uid] = None
+        for key in _workload_addrs(old):
+            rest = tuple(u for u in self._claims(ed.addr_claims, self._addr_claims, key)
+                         if u != uid)  # fmt: skip
+            ed.addr_claims[key] = rest or None
+
+    def _drop_service(self, ed: _Edit, key: str) -> None:
+        old = ed.services[key] if key in ed.services else self._services.get(key)
+        if old is None:
+            return
+        ed.services[key] = None
+        for vip in _service_vips(old):
+            rest = tuple(k for k in self._claims(ed.vip_claims, self._vip_claims, vip)
+                         if k != key)  # fmt: skip
+            ed.vip_claims[vip] = rest or None
+
+    def _apply(self, ed: _Edit) -> MeshState:
+        workloads = self._workloads.evolve(ed.workloads)
+        services = self._services.evolve(ed.services)
+        # Address owners: the newest claimant of every touched address.
+        wl_by_addr: dict[tuple[str, IPAddress], Workload | None] = {}
+        for key, claims in ed.addr_claims.items():
+            wl_by_addr[key] = workloads[claims[-1]] if claims else None
+        svc_by_vip: dict[tuple[str, IPAddress], Service | None] = {}
+        for key, keys in ed.vip_claims.items():
+            svc_by_vip[key] = services[keys[-1]] if keys else None
+        # Endpoint and per-node lists touched by a changed workload (old or new version).
+        ep_uids: dict[str, set[str]] = {}
+        node_uids: dict[str, set[str]] = {}
+        for uid, new_w in ed.workloads.items():
+            for w in (self._workloads.get(uid), new_w):
+                if w is not None:
+                    node_uids.setdefault(w.node, set()).add(uid)
+                    for skey, _ in w.services:
+                        ep_uids.setdefault(skey, set()).add(uid)
+        endpoints: dict[str, tuple[Endpoint, ...] | None] = {}
+        for skey, uids in ep_uids.items():
+            endpoints[skey] = _replace_by_uid(
+                self._endpoints.get(skey, ()),
+                {
+                    uid: () if w is None else tuple(
+                        Endpoint(workload=w, ports=p) for k, p in w.services if k == skey
+                    )
+                    for uid in uids
+                    for w in (ed.workloads[uid],)
+                },
+                _endpoint_uid,
+            ) or None  # fmt: skip
+        by_node: dict[str, tuple[Workload, ...] | None] = {}
+        for node, uids in node_uids.items():
+            by_node[node] = _replace_by_uid(
+                self._wl_by_node.get(node, ()),
+                {
+                    uid: (w,) if w is not None and w.node == node else ()
+                    for uid in uids
+                    for w in (ed.workloads[uid],)
+                },
+                _uid,
+            ) or None  # fmt: skip
+        new = MeshState.__new__(MeshState)
+        new._set(
+            workloads=workloads,
+            services=services,
+            policies=self._policies.evolve(ed.policies),
+            addr_claims=self._addr_claims.evolve(ed.addr_claims),
+            wl_by_addr=self._wl_by_addr.evolve(wl_by_addr),
+            vip_claims=self._vip_claims.evolve(ed.vip_claims),
+            svc_by_vip=self._svc_by_vip.evolve(svc_by_vip),
+            endpoints=self._endpoints.evolve(endpoints),
+            wl_by_node=self._wl_by_node.evolve(by_node),
+        )
+        return new
 
     # --- lookups ------------------------------------------------------------------------------
 

@@ -18,6 +18,12 @@ Invariants:
   plane sends only what changed meanwhile plus removals: a restarted control plane that
   computes the same content sends nothing new.
 - `synced` is set once the first response of every type URL has been applied (full state).
+- On-demand (``on_demand=True``, Istio ztunnel's ``XDS_ON_DEMAND``): the Address type is
+  subscribed to "nothing" (``*`` subscribed and unsubscribed in the first request), so the
+  control plane sends this node's workloads and what is asked for; `demand` asks for one
+  resource or ``network/IP`` and returns once the response answering it has been applied to
+  the published state (never before: a caller that looks the address up next sees it, or
+  knows it does not exist). Authorization stays wildcard (every policy, always).
 - Extra type URLs (`extra_types`, e.g. the waypoint's ``ambient.l7.Resource``) are subscribed to
   on the same stream and applied by their handler, with the same ACK/NACK and version rules.
 """
@@ -40,7 +46,7 @@ from meshcore.backoff import Backoff, Retry
 from meshcore.errors import ConfigError
 from meshcore.model import Authorization, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
-from meshcore.proto.convert import AUTHORIZATION_TYPE, TYPE_URLS, unpack
+from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPE_URLS, unpack
 from meshcore.state import MeshState
 
 log = logging.getLogger(__name__)
@@ -177,6 +183,7 @@ class XdsClient:
         clock: Callable[[], float] = time.monotonic,
         extra_types: Mapping[str, ExtraHandler] | None = None,
         node_kind: str = "ztunnel",
+        on_demand: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.node = node
@@ -196,6 +203,43 @@ class XdsClient:
         self.updated = asyncio.Event()
         """Set after every applied response (tests/bench clear and wait on it)."""
         self.on_response: Callable[[dpb.DeltaDiscoveryResponse], None] | None = None
+        self.on_demand = on_demand
+        self._demands: dict[str, asyncio.Future[None]] = {}
+        """Address names / ``network/IP`` asked for and not answered yet."""
+        self._outbox: asyncio.Queue[dpb.DeltaDiscoveryRequest | None] | None = None
+
+    async def demand(self, name: str, timeout: float = 5.0) -> bool:
+        """Ask for the Address resource `name` (a uid, ``ns/hostname`` or ``network/IP``) and
+        wait until the control plane's answer is applied (True), or `timeout` (False). Without
+        on-demand every resource is already here: returns True at once."""
+        if not self.on_demand:
+            return True
+        fut = self._demands.get(name)
+        if fut is None:
+            fut = self._demands[name] = asyncio.get_running_loop().create_future()
+            if self._outbox is not None:  # else sent with the next stream's first request
+                self._outbox.put_nowait(
+                    dpb.DeltaDiscoveryRequest(
+                        type_url=ADDRESS_TYPE, resource_names_subscribe=[name]
+                    )
+                )
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _answer_demands(self, resp: dpb.DeltaDiscoveryResponse) -> None:
+        if not self._demands or resp.type_url != ADDRESS_TYPE:
+            return
+        names = set(resp.removed_resources)
+        for res in resp.resources:
+            names.add(res.name)
+            names.update(res.aliases)
+        for n in names & set(self._demands):
+            fut = self._demands.pop(n)
+            if not fut.done():
+                fut.set_result(None)
 
     def _node_pb(self) -> dpb.Node:
         meta = struct_pb2.Struct()
@@ -233,14 +277,19 @@ class XdsClient:
         outbox: asyncio.Queue[dpb.DeltaDiscoveryRequest | None] = asyncio.Queue()
         node = self._node_pb()
         for type_url in self.type_urls:
+            on_demand = self.on_demand and type_url == ADDRESS_TYPE
             outbox.put_nowait(
                 dpb.DeltaDiscoveryRequest(
                     node=node,
                     type_url=type_url,
-                    resource_names_subscribe=["*"],
+                    # on-demand: "*" subscribed and unsubscribed = nothing but node-local
+                    # (ztunnel xds/client.rs), plus the lookups still waiting for an answer.
+                    resource_names_subscribe=["*", *self._demands] if on_demand else ["*"],
+                    resource_names_unsubscribe=["*"] if on_demand else [],
                     initial_resource_versions=self.stats.versions[type_url],
                 )
             )
+        self._outbox = outbox
 
         async def requests() -> AsyncIterator[dpb.DeltaDiscoveryRequest]:
             while (req := await outbox.get()) is not None:
@@ -265,6 +314,7 @@ class XdsClient:
                     if seen_types >= set(self.type_urls):
                         self.synced.set()
             finally:
+                self._outbox = None
                 outbox.put_nowait(None)
                 call.cancel()
         return delivered
@@ -313,6 +363,7 @@ class XdsClient:
         self.stats.last_update = self.clock()
         if self.on_update is not None and self.build_state:
             self.on_update(applied.state)
+        self._answer_demands(resp)  # after the state is published
         if self.on_response is not None:
             self.on_response(resp)
         self.updated.set()

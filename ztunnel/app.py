@@ -116,6 +116,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         help="control plane host:port (15012) for delta xDS; replaces --mesh-config",
     )
     p.add_argument(
+        "--xds-on-demand",
+        action="store_true",
+        default=env("XDS_ON_DEMAND", "") in ("1", "true", "True"),
+        help="on-demand Address delivery (Istio XDS_ON_DEMAND): hold this node's workloads "
+        "and what its pods connect to, looked up on first use, instead of the whole mesh",
+    )
+    p.add_argument(
         "--ca-address",
         default=env("CA_ADDRESS"),
         help="control plane host:port for CreateCertificate (default: --xds-address)",
@@ -559,7 +566,14 @@ def controlplane_context(
         ctx.state = state  # one assignment: readers see the old or the new snapshot
         ctx.sync_local_identities()
 
-    client = XdsClient(endpoint(args.xds_address), node=settings.node, on_update=on_update)
+    client = XdsClient(
+        endpoint(args.xds_address),
+        node=settings.node,
+        on_update=on_update,
+        on_demand=args.xds_on_demand,
+    )
+    if args.xds_on_demand:
+        ctx.demand = client.demand
     return ctx, client
 
 

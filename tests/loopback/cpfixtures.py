@@ -123,7 +123,12 @@ def endpoint(node: str, roots: bytes | None = None) -> ControlPlaneEndpoint:
 
 
 async def start_node(
-    node: str, ip: str, outbound: tuple[tuple[str, int], ...] = (), roots: bytes | None = None
+    node: str,
+    ip: str,
+    outbound: tuple[tuple[str, int], ...] = (),
+    roots: bytes | None = None,
+    *,
+    on_demand: bool = False,
 ) -> Node:
     ep = endpoint(node, roots)
     settings = ProxySettings(node=node, node_ip=ip, outbound_listen=outbound, drain_timeout=1.0)
@@ -133,7 +138,9 @@ async def start_node(
         ctx.state = state
         ctx.sync_local_identities()
 
-    client = XdsClient(ep, node=node, on_update=on_update, backoff_cap=0.5)
+    client = XdsClient(ep, node=node, on_update=on_update, backoff_cap=0.5, on_demand=on_demand)
+    if on_demand:
+        ctx.demand = client.demand
     task = asyncio.get_running_loop().create_task(client.run())
     await asyncio.wait_for(client.synced.wait(), 10)
     proxy = NodeProxy(ctx)

@@ -258,3 +258,67 @@ def test_gateway_field_findings() -> None:
     found = gateway_findings(snapshot(gw))
     (f,) = found["Gateway default/waypoint"]
     assert f.code == "AMB0202" and f.path == "spec.addresses"
+
+
+def test_memoised_l7_resources_and_findings_equal_uncached() -> None:
+    """The control plane's caches (issue 14) only memoise: after every store change the cached
+    resources and findings equal a from-scratch derivation, and an unchanged namespace's
+    resources are reused (same objects)."""
+    from controlplane.l7 import FindingsCache, NamespaceCache, l7_findings
+
+    opts = TranslateOptions()
+    store = ConfigStore()
+    ns_cache: NamespaceCache = {}
+    f_cache: FindingsCache = {}
+    bad_vs = {**yaml.safe_load(SEED), "metadata": {"name": "bad", "namespace": "other"},
+              "spec": {"hosts": ["x"], "bogus": 1}}  # fmt: skip
+    steps: list[list[Any]] = [
+        [AMBIENT_NS, yaml.safe_load(SEED), bad_vs],
+        [{"kind": "Pod", "metadata": {"name": "p", "namespace": "default", "labels": {"a": "1"}},
+          "status": {"podIP": "10.0.0.1"}}],
+        [{"kind": "Pod", "metadata": {"name": "p", "namespace": "default", "labels": {"a": "2"}},
+          "status": {"podIP": "10.0.0.1"}}],
+        [{**bad_vs, "spec": {"hosts": ["x"]}}],
+    ]  # fmt: skip
+    found = []
+    for i, docs in enumerate(steps):
+        previous = dict(ns_cache)
+        store.apply("t", [parse_object(d) for d in docs])
+        cached = l7_resources(store.snapshot, opts, ns_cache)
+        assert cached == l7_resources(store.snapshot, opts)
+        findings = l7_findings(cached, f_cache)
+        assert findings == l7_findings(cached)
+        found.append(sorted(findings))
+        if i in (1, 2):  # a pod of "default" changed: "other" was not derived again
+            assert ns_cache["other"][1] is previous["other"][1]
+            assert cached["VirtualService/other/bad"] is previous["other"][1][0]
+    assert found == [["VirtualService other/bad"]] * 3 + [[]]  # reported, then fixed
+
+
+def test_publish_set_skips_identical_objects_and_removes_missing() -> None:
+    srv = XdsServer()
+    a = pack_l7(
+        L7Resource(
+            kind="VirtualService", namespace="d", name="a", json='{"kind":"VirtualService","x":1}'
+        )
+    )
+    b = pack_l7(
+        L7Resource(
+            kind="VirtualService", namespace="d", name="b", json='{"kind":"VirtualService","x":2}'
+        )
+    )
+    srv.publish_set(L7_TYPE, {"a": a, "b": b})
+    v = srv.table.version
+    srv.publish_set(L7_TYPE, {"a": a, "b": b})  # the same objects: nothing to do
+    assert srv.table.version == v
+    b2 = pack_l7(
+        L7Resource(
+            kind="VirtualService", namespace="d", name="b", json='{"kind":"VirtualService","x":3}'
+        )
+    )
+    srv.publish_set(L7_TYPE, {"b": b2})  # a removed, b changed
+    assert srv.table.version == v + 1
+    assert set(srv.table.types[L7_TYPE]) == {"b"}
+    assert srv.table.types[L7_TYPE]["b"].version != ""
+    srv.publish_set(L7_TYPE, {"b": pack_l7(unpack_l7("b", b2))})  # equal content, new object
+    assert srv.table.version == v + 1

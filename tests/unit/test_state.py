@@ -158,7 +158,7 @@ def test_build_rejects_duplicates() -> None:
 
 def test_snapshot_is_immutable(example: MeshState) -> None:
     with pytest.raises(AttributeError):
-        example._workloads = {}
+        example._workloads = {}  # type: ignore[assignment]
     with pytest.raises(AttributeError):
         example.foo = 1
     with pytest.raises(TypeError):

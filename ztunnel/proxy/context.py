@@ -2,7 +2,8 @@
 
 Owns: the current `MeshState` snapshot (swapped by one assignment: readers never see half an
 update), the certificate manager and TLS context cache, the HBONE pool, telemetry, and the set of
-live connections (for drain). Listeners hold a reference to one `ProxyContext`.
+live connections (for drain), and, with on-demand xDS, the lookup of an address the state does
+not hold yet (`ensure_address`). Listeners hold a reference to one `ProxyContext`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import ipaddress
 import random
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from meshcore.certs import CertificateManager, WorkloadCertificate
@@ -86,6 +88,22 @@ class ProxyContext:
     """Inbound HBONE connections (drain sends each a GOAWAY)."""
     upstream_slots: asyncio.Semaphore = field(init=False)
     draining: bool = False
+    demand: Callable[[str, float], Awaitable[bool]] | None = None
+    """On-demand xDS (`meshcore.xds.XdsClient.demand`); None: the state holds everything."""
+
+    async def ensure_address(self, ip: str) -> bool:
+        """Before deciding about destination `ip`: with on-demand xDS, an address the state
+        does not hold is asked for (``network/IP``, Istio ztunnel's fetch on demand) and waited
+        for until the answer is applied. False if it was not answered in time (control plane
+        unreachable): the caller refuses the connection rather than decide on partial state
+        (a mesh pod would otherwise be reached in plaintext, as "unknown")."""
+        if self.demand is None:
+            return True
+        net = self.settings.network
+        st = self.state
+        if st.service_by_vip(ip, net) is not None or st.workload_by_address(ip, net) is not None:
+            return True
+        return await self.demand(f"{net}/{ip}", self.settings.connect_timeout)
 
     def __post_init__(self) -> None:
         self.upstream_slots = asyncio.Semaphore(self.settings.max_pending_connects)

@@ -74,6 +74,10 @@ class OutboundConnection(TcpSide):
         ctx = self.ctx
         src_ip, src_port = self.transport.get_extra_info("peername")[:2]
         dst_ip, dst_port = self.transport.get_extra_info("sockname")[:2]
+        if ctx.demand is not None and not await ctx.ensure_address(dst_ip):  # on-demand xDS
+            log.warning("outbound to %s refused: on-demand lookup not answered", dst_ip)
+            self.abort()
+            return
         plan = plan_outbound(
             ctx.state,
             src_ip=src_ip,
