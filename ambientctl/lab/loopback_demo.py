@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     unknown = [a for a in args if a != "--http3"]
     if unknown:
-        raise SystemExit(f"usage: python -m ztunnel.demo [--http3]  (unknown: {unknown})")
+        raise SystemExit(
+            f"usage: python -m ambientctl.lab.loopback_demo [--http3]  (unknown: {unknown})"
+        )
     http3 = ["--http3", "--http3-peer", "*"] if "--http3" in args else []
     tmp = Path(tempfile.mkdtemp(prefix="ambient-demo-"))
     (tmp / "mesh.yaml").write_text(yaml.safe_dump(MESH, sort_keys=False))

@@ -282,7 +282,7 @@ def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
 def test_loopback_demo_runs_over_each_transport(flag: list[str]) -> None:
     """`scripts/demo --loopback [--http3]`: real node-proxy processes, static config."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ztunnel.demo", *flag],
+        [sys.executable, "-m", "ambientctl.lab.loopback_demo", *flag],
         capture_output=True,
         timeout=120,
         check=False,
