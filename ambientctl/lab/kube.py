@@ -87,6 +87,13 @@ def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     )
 
 
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+    key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+    decipher_only=False,
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Credential:
     """A PEM certificate and key on disk."""
@@ -114,14 +121,7 @@ class KubePki:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )  # fmt: skip
+            .add_extension(_CA_USAGE, critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
             )
@@ -379,8 +379,7 @@ class KubeCluster:
         for component, pid in self.pids.items():
             if not system.alive(pid):
                 raise LabCommandError(
-                    f"{component} exited while waiting for {what}:\n"
-                    + _tail(self.log(component))
+                    f"{component} exited while waiting for {what}:\n" + _tail(self.log(component))
                 )
         if time.monotonic() > deadline:
             raise LabCommandError(f"timed out waiting for {what}")

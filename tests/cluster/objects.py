@@ -54,8 +54,9 @@ def mark_ready(kube: KubeCluster, ns: str, name: str, ip: str) -> None:
          "started": True, "state": {"running": {"startedAt": now}}}
         for c in pod["spec"]["containers"]
     ]  # fmt: skip
-    body = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip,
-                       "startTime": now, "conditions": conds, "containerStatuses": statuses}}  # fmt: skip
+    status = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip,
+              "startTime": now, "conditions": conds, "containerStatuses": statuses}  # fmt: skip
+    body = {"status": status}
     path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
     ok(kube.request("PATCH", path, body, content_type="application/strategic-merge-patch+json"))
 

@@ -127,6 +127,6 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
             w = next(r for r in t.records() if getattr(r, "uid", "") == f"Kubernetes//Pod/{ns}/web")
             port = w.services_map[f"{ns}/web.{ns}.svc.cluster.local"][0]
             assert port.target_port == 8080
-            assert f"istio-system/istio_converted_static_strict" in w.authorization_policies
+            assert "istio-system/istio_converted_static_strict" in w.authorization_policies
 
     asyncio.run(asyncio.wait_for(main(), 60))

@@ -58,9 +58,10 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
     kc = sa_kubeconfig(kube, tmp_path / "cp.kubeconfig", SYSTEM_NS, "ambient-controlplane")
 
     def on_node(node: str, identity: SpiffeId) -> bool:
-        status, pods = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
+        _, pods = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
+        sa = identity.service_account
         return any(
-            p["spec"]["nodeName"] == node and p["spec"]["serviceAccountName"] == identity.service_account
+            p["spec"]["nodeName"] == node and p["spec"]["serviceAccountName"] == sa
             for p in pods["items"]
         )
 
@@ -127,4 +128,3 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
             await reviewer.close()
 
     asyncio.run(asyncio.wait_for(main(), 90))
-

@@ -90,14 +90,15 @@ def test_waypoint_controller_on_the_real_api(chart: KubeCluster, tmp_path: Path)
             "Deployment": f"/apis/apps/v1/namespaces/{NS}/deployments/waypoint",
         }
         created = {k: wait(k, lambda p=p: get(kube, p)) for k, p in paths.items()}
-        for kind, obj in created.items():
+        for obj in created.values():
             (owner,) = obj["metadata"]["ownerReferences"]
-            assert (owner["kind"], owner["uid"], owner["controller"]) == ("Gateway", uid, True), kind
+            assert (owner["kind"], owner["uid"], owner["controller"]) == ("Gateway", uid, True)
         roots = created["ConfigMap"]["data"]["root-cert.pem"]
         assert roots == cp.ca.roots_pem.decode()
         assert created["Service"]["spec"]["clusterIP"].startswith("10.96.")
         wait("Accepted", lambda: conditions(kube).get("Accepted") == "True")
         assert conditions(kube)["Programmed"] == "False"
+
         # The real controllers and scheduler: a ReplicaSet, a pod bound to the Ready node.
         def bound_pod() -> Any:
             pods = get(kube, f"{base}/pods?labelSelector=gateway.networking.k8s.io/gateway-name"
