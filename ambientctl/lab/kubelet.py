@@ -461,8 +461,8 @@ class LabKubelet:
 
     async def _report(self, pod: Json, rp: RunningPod) -> None:
         for c, pid in list(rp.pids.items()):
-            if c not in rp.exited and not system.alive(pid):
-                rp.exited[c] = _exit_code(pid)
+            if c not in rp.exited and (code := _reap(pid)) is not None:
+                rp.exited[c] = code
         status = pod_status(pod, pod_ip=rp.ip, node_ip=self.node.ip, started=rp.started,
                             exited=rp.exited, now=dt.datetime.now(dt.UTC))  # fmt: skip
         digest = json.dumps(
@@ -517,12 +517,14 @@ def _cni_args(pod: Json) -> str:
     )
 
 
-def _exit_code(pid: int) -> int:
-    """The exit code of a child we spawned (reaped here), or 137 when not ours to reap."""
-    with contextlib.suppress(ChildProcessError):
-        _, code = os.waitpid(pid, os.WNOHANG)
-        return os.waitstatus_to_exitcode(code) if code else 0
-    return 137
+def _reap(pid: int) -> int | None:
+    """The exit code of a process we spawned once it has exited (reaped here), else None;
+    137 when it is gone but was reaped elsewhere."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None if system.alive(pid) else 137
+    return os.waitstatus_to_exitcode(status) if done else None
 
 
 def _b64(data: str) -> bytes:

@@ -1,10 +1,11 @@
-"""Tests against a REAL Kubernetes API server (ambientctl.lab.kube: etcd, kube-apiserver,
+"""Fixtures for tests against a REAL Kubernetes API server (ambientctl.lab.kube: etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler built from source by scripts/kube-build).
 
 One cluster per test session (start ~10-20 s on 2 cores). The binaries must be built: when they
 are missing the tests FAIL with the build command (scripts/test builds them first, so CI always
 runs these tests; a developer runs ./scripts/kube-build once, ~N min cold, instant after).
-Tests use their own namespaces so they do not see each other's objects.
+Tests use their own namespaces (and node names) so they do not see each other's objects.
+Registered for the whole suite by tests/conftest.py (tests/root uses them too).
 """
 
 from __future__ import annotations

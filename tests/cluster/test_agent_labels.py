@@ -22,7 +22,7 @@ from ambientctl.lab.kube import KubeCluster
 from cni.agent import Agent
 from cni.kubelabels import KubeLabels
 from tests.cluster import objects
-from tests.cluster.conftest import SYSTEM_NS, sa_kubeconfig
+from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
 from tests.loopback.cpfixtures import eventually
 from tests.unit.test_cni_agent import FakeCapture, enroll_req
 

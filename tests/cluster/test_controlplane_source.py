@@ -28,7 +28,7 @@ from controlplane.sources.kube import KINDS, KubernetesSource
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from tests.cluster import objects
-from tests.cluster.conftest import SYSTEM_NS, sa_kubeconfig
+from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
 from tests.loopback.cpfixtures import eventually
 
 pytestmark = pytest.mark.timeout(180)

@@ -28,7 +28,7 @@ from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.xds import ControlPlaneEndpoint
 from tests.cluster import objects
-from tests.cluster.conftest import SYSTEM_NS, sa_kubeconfig
+from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
 
 pytestmark = pytest.mark.timeout(120)
 NS = "tr-mesh"

@@ -26,7 +26,7 @@ from ambientctl.lab.kube import KubeCluster
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.waypoints import WaypointSettings
 from tests.cluster import objects
-from tests.cluster.conftest import SYSTEM_NS, sa_kubeconfig
+from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
 
 pytestmark = pytest.mark.timeout(240)
 NS = "wp-shop"
