@@ -1,5 +1,5 @@
-"""Fixtures for tests against a REAL Kubernetes API server (ambientctl.lab.kube: etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler built from source by scripts/kube-build).
+"""Fixtures for tests against a REAL Kubernetes API server (ambientctl.lab.kube: etcd,
+kube-apiserver, kube-controller-manager, kube-scheduler built from source by scripts/kube-build).
 
 One cluster per test session (start ~10-20 s on 2 cores). The binaries must be built: when they
 are missing the tests FAIL with the build command (scripts/test builds them first, so CI always

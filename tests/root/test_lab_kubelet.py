@@ -104,8 +104,12 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
         def running() -> list[dict[str, Any]]:
             _, pods = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
             items = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
-            ready = [p for p in items if {"type": "Ready", "status": "True"}.items()
-                     <= next(c for c in p["status"]["conditions"] if c["type"] == "Ready").items()]
+            ready = [
+                p
+                for p in items
+                if {"type": "Ready", "status": "True"}.items()
+                <= next(c for c in p["status"]["conditions"] if c["type"] == "Ready").items()
+            ]
             return ready if len(ready) == 2 else []  # fmt: skip
 
         pods = wait("two pods Running and Ready on the lab node", running)
@@ -118,10 +122,12 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
             name = p["metadata"]["name"]
             assert code == 200 and body.startswith(f"{name} {NODE} "), body
             assert int(body.split()[2]) > 100  # the projected token was written
+
         # The real endpointslice controller publishes the Ready pods.
         def slice_ips() -> list[str]:
             _, slices = kube.request(
-                "GET", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices")
+                "GET", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
+            )
             return sorted(a for s in slices["items"] for e in s.get("endpoints") or []
                           for a in e["addresses"])  # fmt: skip
 
