@@ -281,7 +281,6 @@ class KubeCluster:
                 f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
                 f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
                 f"--initial-cluster=lab=http://127.0.0.1:{etcd_peer}",
-                "--listen-metrics-urls=",
                 "--log-level=warn",
                 "--quota-backend-bytes=1073741824",
             ],
@@ -354,7 +353,6 @@ class KubeCluster:
                     f"--root-ca-file={pki.ca.cert}",
                     "--use-service-account-credentials=true",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
-                    "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
                 ]
             self._spawn(component, argv)
         # Both report health on their own ports; waiting for the API server's view is enough:
