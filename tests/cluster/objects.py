@@ -7,6 +7,7 @@ a pod's ``status`` written through the ``status`` subresource (phase, podIP, Rea
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 from ambientctl.lab.kube import KubeCluster
@@ -21,8 +22,14 @@ def ok(result: tuple[int, Any], *codes: int) -> Any:
 
 
 def namespace(kube: KubeCluster, name: str, **labels: str) -> None:
+    """A namespace, once its ``default`` ServiceAccount exists (the controller-manager creates
+    it; until then the ServiceAccount admission plugin refuses pods that use it)."""
     body = {"metadata": {"name": name, "labels": labels}}
     ok(kube.request("POST", "/api/v1/namespaces", body), 201)
+    deadline = time.monotonic() + 30
+    while kube.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default")[0] != 200:
+        assert time.monotonic() < deadline, f"no default ServiceAccount in {name}"
+        time.sleep(0.1)
 
 
 def node(kube: KubeCluster, name: str) -> None:
