@@ -95,7 +95,9 @@ def test_agent_follows_the_real_api(chart: KubeCluster, tmp_path: Path) -> None:
             )
             await asyncio.to_thread(kubectl, "label", "namespace", NS, f"{MODE}-")
             await eventually(lambda: uid["a2"] not in labels.local_pods(), 30, "a2 deleted")
-            await eventually(agent.labels_changed, 30, "namespace unlabelled")
+            await eventually(
+                lambda: MODE not in labels.labels(NS, "a1")[0], 30, "namespace unlabelled"
+            )
             changes = agent.reconcile()
             assert f"deleted {NS}/a2" in changes
             assert capture.enrolled() == {}
