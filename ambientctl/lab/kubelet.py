@@ -511,10 +511,7 @@ class LabKubelet:
 
 def _cni_args(pod: Json) -> str:
     meta = pod["metadata"]
-    return (
-        f"K8S_POD_NAMESPACE={meta['namespace']};K8S_POD_NAME={meta['name']};"
-        f"K8S_POD_UID={meta['uid']}"
-    )
+    return topology.cni_args(str(meta["namespace"]), str(meta["name"]), str(meta["uid"]))
 
 
 def _reap(pid: int) -> int | None:
