@@ -36,7 +36,8 @@ def node(kube: KubeCluster, name: str) -> None:
     status, _ = kube.request("GET", f"/api/v1/nodes/{name}")
     if status == 200:
         return
-    ok(kube.request("POST", "/api/v1/nodes", {"metadata": {"name": name}}), 201)
+    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}  # as kubelets do
+    ok(kube.request("POST", "/api/v1/nodes", {"metadata": {"name": name, "labels": labels}}), 201)
 
 
 def ready_node(kube: KubeCluster, name: str) -> None:
