@@ -73,6 +73,9 @@ def test_waypoint_controller_on_the_real_api(chart: KubeCluster, tmp_path: Path)
         kubernetes=True,
         kubeconfig=kc,
         ca_dir=tmp_path / "ca",
+        # As the chart configures it (auth.mode=tokenReview), reviewing with the real API.
+        token_review_accounts=(f"system:serviceaccount:{SYSTEM_NS}:ztunnel",),
+        token_audiences=("ambient-controlplane",),
         waypoints=WaypointSettings(image="lab.invalid/waypoint:1"),
         waypoint_interval=2,
         sync_timeout=30,
