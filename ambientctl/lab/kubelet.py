@@ -215,7 +215,6 @@ class LabKubelet:
         cni_path: Sequence[Path],
         root: Path,
         path_env: str,
-        ca_pem: bytes,
         interval: float = 0.5,
         heartbeat: float = 10.0,
     ) -> None:
@@ -226,7 +225,6 @@ class LabKubelet:
         self.cni_path = list(cni_path)
         self.root = root
         self.path_env = path_env
-        self.ca_pem = ca_pem
         self.interval = interval
         self.heartbeat = heartbeat
         self.pods: dict[str, RunningPod] = {}

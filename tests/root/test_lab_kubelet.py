@@ -88,11 +88,9 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
     api = KubeApi(kubeconfig=kube.credential(
         f"node-{NODE}", user=f"system:node:{NODE}", groups=("system:nodes",)))  # fmt: skip
     conflist = topology.conflist(plan, ipam_dir=tmp_path / "ipam", agent_socket=None)
-    assert kube.pki is not None
     kubelet = LabKubelet(
         api=api, node=plan, lab=LAB, conflist=conflist, cni_path=[Path("/usr/lib/cni")],
         root=tmp_path / "kubelet", path_env="/usr/sbin:/usr/bin:/sbin:/bin",
-        ca_pem=kube.pki.ca_pem,
     )  # fmt: skip
     netns_before = set(Path("/run/netns").iterdir()) if Path("/run/netns").exists() else set()
 
