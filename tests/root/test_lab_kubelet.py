@@ -82,6 +82,13 @@ def wait(what: str, check: Any, timeout: float = 90) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _get(netns: str, ip: str) -> tuple[int, str] | None:
+    try:
+        return system.http_get(netns, f"http://{ip}:8080/")
+    except OSError:
+        return None
+
+
 def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
     plan = topology.node_plan(LAB, NODE, 1)
     system.netns_add(plan.netns)
@@ -116,7 +123,8 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
             assert p["spec"]["nodeName"] == NODE  # bound by the real scheduler
             ip = p["status"]["podIP"]
             assert ip.startswith("10.240.1.")  # from the node's CNI chain (host-local)
-            code, body = system.http_get(plan.netns, f"http://{ip}:8080/")
+            # Ready means "processes started" (no probes): the server may still be binding.
+            code, body = wait(f"{ip}:8080 answers", lambda ip=ip: _get(plan.netns, ip), 30)
             name = p["metadata"]["name"]
             assert code == 200 and body.startswith(f"{name} {NODE} "), body
             assert int(body.split()[2]) > 100  # the projected token was written
