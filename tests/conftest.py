@@ -3,8 +3,12 @@
 - ``unit``: pure logic and in-process sockets; no child processes, no external tools.
 - ``loopback``: real processes, servers and tools (helm) on 127.0.0.0/8; no root.
 - ``root``: the real kernel (network namespaces, eBPF, CNI); root, serialised by CI.
+- ``cluster``: a real kube-apiserver, controller-manager, scheduler and etcd (built by
+  scripts/kube-build) on loopback.
 
-Select with ``-m``, e.g. ``pytest -m unit``. Shared helpers are in tests/helpers.py.
+Select with ``-m``, e.g. ``pytest -m unit``. Shared helpers are in tests/helpers.py. Suite-wide
+fixtures: the real Kubernetes cluster (tests/cluster/fixtures.py), one per session, shared by
+tests/cluster and tests/root.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "loopback", "root")
+from tests.cluster.fixtures import chart, kube
+
+__all__ = ["chart", "kube"]
+
+TIERS = ("unit", "loopback", "root", "cluster")
 HERE = Path(__file__).parent
 
 

@@ -279,10 +279,7 @@ class LabPods(LabProcesses):
 
 
 def _cni_args(pod: manifests.PodSpec, uid: str | None = None) -> str:
-    return (
-        f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
-        f"K8S_POD_UID={uid or pod.uid}"
-    )
+    return topology.cni_args(pod.namespace, pod.name, uid or pod.uid)
 
 
 def _pod_env(pod: manifests.PodSpec) -> dict[str, str]:

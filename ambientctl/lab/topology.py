@@ -146,6 +146,12 @@ class StatePaths:
         return self.bpffs / node
 
 
+def cni_args(namespace: str, name: str, uid: str) -> str:
+    """CNI_ARGS as container runtimes pass them for a Kubernetes pod (IgnoreUnknown: plugins
+    that do not know the K8S_* keys must not fail)."""
+    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={uid}"
+
+
 PRIMARY_PLUGINS = ("ptp", "bridge")
 DEFAULT_PRIMARY_PLUGIN = "bridge"
 """The primary CNI plugin when none is asked for: ``bridge`` + host-local, like most clusters'

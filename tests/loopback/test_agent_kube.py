@@ -3,7 +3,10 @@
 node's pods only (field selector), live enrolment/release on namespace label changes, the pod
 opt-out label, adoption of pods that existed before the agent, re-list after 410 Gone, and
 refusal (CNI code 11) before the first sync. Capture is the in-memory stand-in of
-test_cni_agent (the kernel side is tested in tests/root)."""
+test_cni_agent (the kernel side is tested in tests/root).
+Why the stand-in here: 410 Gone after a compaction and bookmarks on demand, which a real API
+server cannot be made to produce; the rest runs against a real one in
+tests/cluster/test_agent_labels.py."""
 
 from __future__ import annotations
 

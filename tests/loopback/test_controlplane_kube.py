@@ -1,6 +1,10 @@
 """The Kubernetes source against the API STAND-IN (tests/kubeapi_standin.py) over real HTTP on
-loopback: discovery, list, watch from resourceVersion, BOOKMARK, watch restarts, 410 Gone ->
-re-list; and the whole control plane fed by it."""
+loopback, for what a real API server cannot be made to do on demand: 410 Gone after a
+compaction (re-list; a real server's watch cache serves old resourceVersions), a BOOKMARK within
+a second (a real server sends them about once a minute), an outage answered 503, a malformed
+object (a real server's validation refuses it) and missing CRDs per group. Everything a real
+server can serve (list, watch, restarts, an API server restart, translation of real objects)
+runs against one in tests/cluster/test_controlplane_source.py."""
 
 from __future__ import annotations
 
@@ -13,8 +17,6 @@ from kubernetes_asyncio import client
 
 from controlplane.sources.kube import KubernetesSource
 from controlplane.store import ConfigStore
-from controlplane.translate import TranslateOptions, Translator
-from meshcore.model import Workload
 from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.loopback.cpfixtures import eventually
@@ -123,48 +125,9 @@ async def _malformed_object_and_missing_crds_are_reported() -> None:
         await api.stop()
 
 
-async def _translation_from_kubernetes_source() -> None:
-    api = KubeApiStandIn()
-    await api.start(API_IP)
-    try:
-        await api.upsert(
-            "namespaces",
-            {"metadata": {"name": "default", "labels": {"istio.io/dataplane-mode": "ambient"}}},
-        )
-        await api.upsert("pods", pod("web", "10.3.0.1", sa="web"))
-        await api.upsert(
-            "services",
-            {
-                "metadata": {"name": "web", "namespace": "default"},
-                "spec": {"clusterIP": "10.96.0.10", "selector": {"app": "web"},
-                         "ports": [{"port": 80, "targetPort": 8080}]},
-            },
-        )  # fmt: skip
-        await api.upsert(
-            "peerauthentications",
-            {"metadata": {"name": "default", "namespace": "default"},
-             "spec": {"mtls": {"mode": "STRICT"}}},
-        )  # fmt: skip
-        async with source(api) as (store, _src):
-            t = Translator(TranslateOptions())
-            t.update(store.snapshot)
-            w = next(
-                r for r in t.records() if getattr(r, "uid", "") == "Kubernetes//Pod/default/web"
-            )
-            assert isinstance(w, Workload)
-            assert w.services_map["default/web.default.svc.cluster.local"][0].target_port == 8080
-            assert "istio-system/istio_converted_static_strict" in w.authorization_policies
-    finally:
-        await api.stop()
-
-
 def test_list_watch_bookmark_restart_and_gone() -> None:
     run(_list_watch_bookmark_restart_and_gone())
 
 
 def test_malformed_object_and_missing_crds_are_reported() -> None:
     run(_malformed_object_and_missing_crds_are_reported())
-
-
-def test_translation_from_kubernetes_source() -> None:
-    run(_translation_from_kubernetes_source())

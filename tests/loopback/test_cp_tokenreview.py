@@ -9,6 +9,10 @@ from ``authentication.kubernetes.io/node-name`` when present, else from the boun
 unknown token is UNAUTHENTICATED; another service account's token is PERMISSION_DENIED; a
 token not bound to a pod is refused; a token for another audience is UNAUTHENTICATED; reviews
 are cached (one per token per TTL).
+Why the stand-in here: it plays an API server before 1.30 (no node-name in the review: the pod
+is looked up), counts the reviews and pod lookups the cache saves, and goes down (503) on
+demand. The same flow with real projected tokens on a real API server (1.37) is
+tests/cluster/test_tokenreview.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The control plane PROCESS wiring of TokenReview auth (`--token-review-account`,
 `--token-audience`, the API server from a kubeconfig): the CA and the xDS stream both
 authenticate node proxies by the Kubernetes API STAND-IN's TokenReview, over real gRPC and HTTP
-on loopback. The impersonation check reads the control plane's own store (manifests here)."""
+on loopback. The impersonation check reads the control plane's own store (manifests here).
+Not yet moved to the real API server (issue 13); tests/cluster/test_tokenreview.py covers
+TokenReview itself with real projected tokens."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ workload on its node; a token of a pod claiming a Gateway of another class, of a
 does not exist, or of a service account other than the Gateway's is refused; node proxies keep
 working (node A's proxy still gets node A's workloads); with waypoints disabled a waypoint's
 token is refused.
+Not yet moved to the real API server (issue 13).
 """
 
 from __future__ import annotations

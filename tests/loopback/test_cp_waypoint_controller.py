@@ -7,6 +7,10 @@ until the Deployment reports an available replica, then True; the Service's host
 address); a second pass changes nothing (no writes); a changed Gateway (annotation naming a
 service account) and a drifted Deployment are patched; a Gateway of another class gets nothing;
 deleting the Gateway deletes what was created.
+Why the stand-in here: it records every write, so "a second pass writes nothing" and "drift is
+patched" are asserted exactly, and the Deployment's status is set directly. The same controller
+against a real API server (validation, defaulting, RBAC, the real deployment controller,
+scheduler and garbage collector) is tests/cluster/test_waypoint_controller.py.
 """
 
 from __future__ import annotations

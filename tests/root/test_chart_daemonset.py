@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +41,7 @@ import pytest
 import yaml
 
 from ambientctl.lab import system
+from ambientctl.lab.kubelet import expand, map_paths, resolve_env
 from ambientctl.lab.lab import XDS_ADDRESS, Lab
 from cni import protocol
 from cni.install import write_launcher
@@ -78,24 +78,7 @@ def render_daemonset(sets: list[str]) -> dict[str, Any]:
     return ds
 
 
-# ------------------------------------------------------------------------- a tiny kubelet
-
-
-def resolve_env(container: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, str]:
-    env = {}
-    for e in container.get("env", []):
-        if "value" in e:
-            env[e["name"]] = str(e["value"])
-        else:
-            env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
-    return env
-
-
-def expand(text: str, env: Mapping[str, str]) -> str:
-    """Kubernetes $(VAR) expansion in command/args ($$ escapes; unknown vars stay)."""
-    return re.sub(
-        r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text
-    )
+# ------------------------------------------------ a tiny kubelet (env, $(VAR), paths: the lab's)
 
 
 def mount_map(pod: Mapping[str, Any], container: Mapping[str, Any],
@@ -110,17 +93,6 @@ def mount_map(pod: Mapping[str, Any], container: Mapping[str, Any],
         else:
             out[m["mountPath"]] = materialised[m["name"]]
     return out
-
-
-def map_paths(text: str, mounts: Mapping[str, Path]) -> str:
-    """Container paths -> host paths, in one pass (longest mount first; a mapped path is never
-    mapped again)."""
-    if not mounts:
-        return text
-    alternation = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
-    return re.sub(
-        rf"(?<![\w/])({alternation})(?=/|$|\s|\")", lambda m: str(mounts[m.group(1)]), text
-    )
 
 
 def capabilities(container: Mapping[str, Any]) -> str:

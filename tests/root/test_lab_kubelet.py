@@ -1,0 +1,167 @@
+"""A lab node as a node of the REAL cluster (ambientctl.lab.kubelet): the lab kubelet registers
+the Node with its own ``system:node:<name>`` credential, the real scheduler binds a
+Deployment's pods to it, the kubelet gives each pod a network namespace through the real CNI
+chain (bridge + host-local: the lab's conflist; capture off here, so our plugin is not in this
+chain: the node agent is not part of this test), runs the container's command in it with the
+downward-API env and a projected service-account token volume, and reports status; the real
+endpointslice controller then publishes the pod IPs; scaling to zero runs CNI DEL, stops the
+processes and removes the netns, and the kubelet's final delete removes the pod objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ambientctl.lab import system, topology
+from ambientctl.lab.kube import KubeCluster
+from ambientctl.lab.kubelet import LabKubelet
+from meshcore.kubeapi import KubeApi
+
+pytestmark = pytest.mark.timeout(240)
+LAB = "k8lab"
+NODE = "k8lab-n1"
+NS = "kl-demo"
+APP = """
+import http.server, os, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (os.environ["POD_NAME"] + " " + os.environ["NODE_NAME"] + " "
+                + str(len(open(sys.argv[1]).read()))).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+
+
+def deployment(replicas: int) -> dict[str, Any]:
+    container = {
+        "name": "echo",
+        "image": "lab.invalid/python",
+        "command": [sys.executable, "-c", APP, "/var/run/secrets/tokens/token"],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ],
+        "volumeMounts": [{"name": "tok", "mountPath": "/var/run/secrets/tokens"}],
+    }
+    token = {"serviceAccountToken": {"path": "token", "audience": "demo", "expirationSeconds": 600}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "echo", "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "echo"}},
+            "template": {
+                "metadata": {"labels": {"app": "echo"}},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": NODE},
+                    "containers": [container],
+                    "volumes": [{"name": "tok", "projected": {"sources": [token]}}],
+                },
+            },
+        },
+    }
+
+
+def wait(what: str, check: Any, timeout: float = 90) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _get(netns: str, ip: str) -> tuple[int, str] | None:
+    try:
+        return system.http_get(netns, f"http://{ip}:8080/")
+    except OSError:
+        return None
+
+
+def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
+    plan = topology.node_plan(LAB, NODE, 1)
+    system.netns_add(plan.netns)
+    api = KubeApi(kubeconfig=kube.credential(
+        f"node-{NODE}", user=f"system:node:{NODE}", groups=("system:nodes",)))  # fmt: skip
+    conflist = topology.conflist(plan, ipam_dir=tmp_path / "ipam", agent_socket=None)
+    kubelet = LabKubelet(
+        api=api, node=plan, lab=LAB, conflist=conflist, cni_path=[Path("/usr/lib/cni")],
+        root=tmp_path / "kubelet", path_env="/usr/sbin:/usr/bin:/sbin:/bin",
+    )  # fmt: skip
+    netns_before = set(Path("/run/netns").iterdir()) if Path("/run/netns").exists() else set()
+
+    def scenario() -> None:
+        kube.kubectl("create", "namespace", NS)
+        kube.kubectl("apply", "-f", "-", input=json.dumps(deployment(2)))
+        kube.kubectl("expose", "-n", NS, "deployment", "echo", "--port=80", "--target-port=8080")
+
+        def running() -> list[dict[str, Any]]:
+            _, pods = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
+            items = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
+            ready = [
+                p
+                for p in items
+                if {"type": "Ready", "status": "True"}.items()
+                <= next(c for c in p["status"]["conditions"] if c["type"] == "Ready").items()
+            ]
+            return ready if len(ready) == 2 else []  # fmt: skip
+
+        pods = wait("two pods Running and Ready on the lab node", running)
+        ips = sorted(p["status"]["podIP"] for p in pods)
+        for p in pods:
+            assert p["spec"]["nodeName"] == NODE  # bound by the real scheduler
+            ip = p["status"]["podIP"]
+            assert ip.startswith("10.240.1.")  # from the node's CNI chain (host-local)
+            # Ready means "processes started" (no probes): the server may still be binding.
+            code, body = wait(f"{ip}:8080 answers", lambda ip=ip: _get(plan.netns, ip), 30)
+            name = p["metadata"]["name"]
+            assert code == 200, body
+            assert body.startswith(f"{name} {NODE} "), body
+            assert int(body.split()[2]) > 100  # the projected token was written
+
+        # The real endpointslice controller publishes the Ready pods.
+        def slice_ips() -> list[str]:
+            _, slices = kube.request(
+                "GET", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
+            )
+            return sorted(a for s in slices["items"] for e in s.get("endpoints") or []
+                          for a in e["addresses"])  # fmt: skip
+
+        wait("EndpointSlice with both pods", lambda: slice_ips() == ips)
+        # Scale to zero: graceful deletes; the kubelet stops, CNI-DELs and finally deletes.
+        kube.kubectl("scale", "-n", NS, "deployment", "echo", "--replicas=0")
+        wait("pods gone", lambda: not kube.request("GET", f"/api/v1/namespaces/{NS}/pods")[1][
+            "items"])  # fmt: skip
+        assert kubelet.pods == {}
+        left = set(Path("/run/netns").iterdir()) - netns_before - {Path("/run/netns", plan.netns)}
+        assert not left, left
+
+    async def main() -> None:
+        task = asyncio.create_task(kubelet.run())
+        try:
+            await asyncio.to_thread(scenario)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(kubelet.stop)
+            await api.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 200))
+        _, node = kube.request("GET", f"/api/v1/nodes/{NODE}")
+        assert node["status"]["addresses"][0] == {"type": "InternalIP", "address": plan.ip}
+    finally:
+        kube.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+        system.netns_del(plan.netns)
