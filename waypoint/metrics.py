@@ -3,8 +3,9 @@ request.
 
 Owns: the waypoint's prometheus registry with ``istio_requests_total``,
 ``istio_request_duration_milliseconds``, ``istio_request_bytes``, ``istio_response_bytes``
-(names, labels and millisecond buckets as Istio's standard metrics), and `RequestRecord`, the
-per-request facts the handler fills in.
+(names and millisecond buckets as Istio's standard metrics; the labels and the
+workload-to-label mapping are `meshcore.telemetry`'s, shared with the node proxy), and
+`RequestRecord`, the per-request facts the handler fills in.
 
 Invariant: a request is recorded exactly once, when it ends (success, local reply or reset);
 label children are cached per label tuple, so recording costs dict lookups, not registry
@@ -21,30 +22,18 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshcore.model import Workload
-
-LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_canonical_service",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
+from meshcore.telemetry import (
+    HTTP_LABELS,
+    ServiceLabels,
+    Traffic,
+    XdsCollector,
+    cluster_id_from_env,
+    new_registry,
+    peer_labels,
 )
+
+LABELS = HTTP_LABELS
+"""Istio's request metric labels (`meshcore.telemetry`, the one owner)."""
 
 # Istio's default buckets for istio_request_duration_milliseconds.
 DURATION_BUCKETS_MS = (
@@ -89,18 +78,17 @@ class RequestRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _wl(w: Workload | None) -> tuple[str, str, str, str, str]:
-    if w is None:
-        return ("unknown",) * 5
-    name = w.workload_name or w.name
-    app = w.canonical_name or name
-    return name, w.namespace, app, w.canonical_revision or "unknown", app
-
-
 class WaypointMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(
+        self, registry: CollectorRegistry | None = None, cluster_id: str | None = None
+    ) -> None:
+        self.registry = registry or new_registry("waypoint")
+        self.cluster_id = cluster_id or cluster_id_from_env()
+        """This cluster's id (env ``CLUSTER_ID`` as Istio's proxies, default ``Kubernetes``)."""
         r = self.registry
+        self.xds_stats: object | None = None
+        """The xDS client's `ClientStats` (control-plane mode), read at scrape time."""
+        r.register(XdsCollector(lambda: self.xds_stats))
         self.requests = Counter("istio_requests", "Requests", LABELS, registry=r)
         self.duration = Histogram(
             "istio_request_duration_milliseconds", "Request duration (ms)", LABELS,
@@ -118,15 +106,21 @@ class WaypointMetrics:
         self.log_enabled = True
 
     def record(self, rec: RequestRecord, end: float) -> None:
-        sw, sns, sapp, sver, scs = _wl(rec.source)
-        dw, dns, dapp, dver, dcs = _wl(rec.destination)
-        labels = (
-            "waypoint", sw, sns, rec.source_principal or "unknown", sapp, sver, scs,
-            rec.service_host or "unknown", rec.service_name or "unknown",
-            rec.service_namespace or "unknown", dw, dns, rec.destination_principal or "unknown",
-            dapp, dver, dcs, rec.protocol, str(rec.status), rec.grpc_status or "-", rec.flags,
-            "mutual_tls",
-        )  # fmt: skip
+        src = peer_labels(rec.source, self.cluster_id)
+        dst = peer_labels(rec.destination, self.cluster_id)
+        labels = Traffic(
+            reporter="waypoint",
+            source=src,
+            source_principal=rec.source_principal,
+            destination=dst,
+            destination_principal=rec.destination_principal,
+            service=ServiceLabels(
+                rec.service_host or "unknown",
+                rec.service_name or "unknown",
+                rec.service_namespace or "unknown",
+            ),
+            mtls=True,
+        ).http_values(rec.protocol, rec.status, rec.grpc_status, rec.flags)
         children = self._children.get(labels)
         if children is None:
             children = (
@@ -147,13 +141,13 @@ class WaypointMetrics:
                 json.dumps(
                     {
                         "src.addr": rec.source_ip,
-                        "src.workload": sw,
-                        "src.namespace": sns,
+                        "src.workload": src.workload,
+                        "src.namespace": src.namespace,
                         "src.identity": rec.source_principal,
                         "dst.service": rec.service_host,
                         "dst.addr": rec.upstream,
-                        "dst.workload": dw,
-                        "dst.namespace": dns,
+                        "dst.workload": dst.workload,
+                        "dst.namespace": dst.namespace,
                         "dst.identity": rec.destination_principal,
                         "method": rec.method,
                         "path": rec.path,

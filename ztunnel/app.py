@@ -37,6 +37,7 @@ from meshcore.hbone.pool import HbonePool
 from meshcore.opshttp import is_loopback
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
+from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
@@ -127,6 +128,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument(
+        "--cluster-id",
+        default=env("CLUSTER_ID", DEFAULT_CLUSTER_ID),
+        help="this cluster's id for telemetry (env CLUSTER_ID, as istiod)",
+    )
+    p.add_argument(
         "--admin-address",
         default=env("ADMIN_ADDRESS"),
         help="admin endpoint address (default 127.0.0.1; a loopback --node-ip on test hosts)",
@@ -179,6 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         metrics_port=args.metrics_port,
         readiness_port=args.readiness_port,
         drain_timeout=args.drain_timeout,
+        cluster_id=args.cluster_id,
     )
     return settings, args
 
@@ -331,7 +338,7 @@ def build_context(
         state=state,
         certs=CertificateManager(provider),
         metrics=metrics,
-        tracker=ConnectionTracker(metrics),
+        tracker=ConnectionTracker(metrics, settings.cluster_id),
         pool=HbonePool(lambda ident: ctx.client_context(ident), trust_domain=settings.trust_domain),
     )
     return ctx
@@ -506,6 +513,7 @@ def controlplane_context(
         ctx.sync_local_identities()
 
     client = XdsClient(endpoint(args.xds_address), node=settings.node, on_update=on_update)
+    ctx.metrics.xds_stats = client.stats
     return ctx, client
 
 

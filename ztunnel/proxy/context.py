@@ -21,6 +21,7 @@ from meshcore.identity import SpiffeId
 from meshcore.model import IPAddress, TunnelProtocol
 from meshcore.sockets import can_bind_without_privilege
 from meshcore.state import MeshState
+from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tls import ContextCache
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 
@@ -56,6 +57,8 @@ class ProxySettings:
     """SETTINGS_MAX_CONCURRENT_STREAMS advertised on inbound HBONE connections."""
     max_pending_connects: int = 1024
     """Upstream connects in flight in this process (the excess waits)."""
+    cluster_id: str = DEFAULT_CLUSTER_ID
+    """This cluster's id (telemetry ``*_cluster`` of peers whose workload names none)."""
 
     @property
     def admin_host(self) -> str:

@@ -117,7 +117,7 @@ class OutboundConnection(TcpSide):
             self.abort()
             return
         self.record = rec
-        ctx.tracker.opened(rec)
+        ctx.tracker.opened(rec, lambda: (self.received, self.sent))
 
     async def _hbone(
         self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str, src_port: int
@@ -192,7 +192,7 @@ class OutboundConnection(TcpSide):
             dest_rec.error = str(err)
             ctx.tracker.failed(dest_rec)
             raise
-        ctx.tracker.opened(dest_rec)
+        ctx.tracker.opened(dest_rec, lambda: (upstream.sent, upstream.received))
         rec.mtls = True
         rec.destination_principal = dest_rec.destination_principal
         splice(self, upstream)
