@@ -68,10 +68,14 @@ def _files(directory: Path) -> list[Path]:
 
 
 def _docs(path: Path) -> list[Any]:
+    """The documents of `path`; an unreadable file is skipped with a warning on stderr, so one
+    broken file does not block work on the others (it is never rewritten)."""
     try:
         return list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError) as err:
-        raise CtlError(f"{path}: cannot read: {err}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"ambientctl: warning: {path}: cannot read ({first}); skipped", file=sys.stderr)
+        return []
 
 
 def _ref(doc: Any) -> tuple[str, str, str] | None:
@@ -174,9 +178,13 @@ def register(sub: Any) -> None:
     )
     cmds = wp.add_subparsers(dest="wp_command", required=True, metavar="SUBCOMMAND")
 
-    def common(p: argparse.ArgumentParser, target: bool = True) -> None:
+    def common(p: argparse.ArgumentParser, target: bool = True, listing: bool = False) -> None:
         p.add_argument("-n", "--namespace", default="default", help="the waypoint's namespace")
-        p.add_argument("--name", default="waypoint", help="Gateway name (default: waypoint)")
+        if listing:
+            p.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+            p.add_argument("--name", default=None, help="only the waypoint of this name")
+        else:
+            p.add_argument("--name", default="waypoint", help="Gateway name (default: waypoint)")
         if target:
             g = p.add_mutually_exclusive_group()
             g.add_argument("-d", "--dir", type=Path, help="manifest directory to write into")
@@ -196,7 +204,7 @@ def register(sub: Any) -> None:
     ap.add_argument("--service-account", help="bind this ServiceAccount (label "
                     "istio.io/use-waypoint) to a waypoint for its workloads")  # fmt: skip
     ls = cmds.add_parser("list", help="waypoints and what is bound to them")
-    common(ls)
+    common(ls, listing=True)
     dl = cmds.add_parser("delete", help="remove a waypoint (and its bindings)")
     common(dl)
     st = cmds.add_parser("status", help="is the waypoint running and serving (lab)")
@@ -229,12 +237,18 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print, lab: Any =
         directory = args.dir
     else:
         raise CtlError(f"waypoint {cmd}: give -d DIR (manifest directory) or --lab NAME")
+    if not directory.is_dir():
+        raise CtlError(f"waypoint {cmd}: {directory}: not a directory")
     if cmd == "apply":
         return _apply(args, directory, lab, out)
     if cmd == "list":
         binds = bindings_in(directory)
         rows = [("NAMESPACE", "NAME", "FOR", "BOUND")]
         for w in waypoints_in(directory):
+            if not args.all_namespaces and w["namespace"] != args.namespace:
+                continue
+            if args.name is not None and w["name"] != args.name:
+                continue
             bound = ",".join(binds.get((w["namespace"], w["name"]), [])) or "-"
             rows.append((w["namespace"], w["name"], w["for"], bound))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from prometheus_client import (
@@ -41,8 +42,17 @@ UNKNOWN = "unknown"
 DEFAULT_REVISION = "latest"
 DEFAULT_CLUSTER_ID = "Kubernetes"
 """istiod's default cluster id (``CLUSTER_ID``)."""
-VERSION = "1.0.0-ambient-mesh"
-"""The ``tag`` of ``istio_build`` (this project's version, not Istio's)."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ambient-mesh")
+    except metadata.PackageNotFoundError:  # a source tree without an installed package
+        return "unknown"
+
+
+VERSION = _version()
+"""This project's version (``tag`` of ``istio_build``, ``ambientctl version``), not Istio's."""
 
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = (
