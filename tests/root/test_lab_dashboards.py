@@ -55,7 +55,9 @@ scrape_configs:
         action: replace
         target_label: __metrics_path__
         regex: (.+)
-      - source_labels: [__meta_kubernetes_pod_ip, __meta_kubernetes_pod_annotation_prometheus_io_port]
+      - source_labels:
+          - __meta_kubernetes_pod_ip
+          - __meta_kubernetes_pod_annotation_prometheus_io_port
         action: replace
         regex: ([^;]+);(\\d+)
         replacement: $1:$2
