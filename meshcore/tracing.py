@@ -25,6 +25,10 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
 
 log = logging.getLogger("meshcore.tracing")
 
@@ -99,7 +103,7 @@ class Tracer:
         except Exception as exc:  # never into the data path
             log.debug("span dropped: %s", exc)
 
-    def _span(self, rec: SpanRecord) -> object:
+    def _span(self, rec: SpanRecord) -> ReadableSpan:
         from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
@@ -124,7 +128,7 @@ class Tracer:
         )
 
     def shutdown(self) -> None:
-        self.processor.shutdown()
+        self.processor.shutdown()  # type: ignore[no-untyped-call]
 
 
 def tracer_from_env(service_name: str, attributes: Mapping[str, str]) -> Tracer | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from meshcore.telemetry import (
     new_registry,
     peer_labels,
 )
+from meshcore.tracing import SpanRecord, Tracer, tracer_from_env
 
 LABELS = HTTP_LABELS
 """Istio's request metric labels (`meshcore.telemetry`, the one owner)."""
@@ -74,8 +76,16 @@ class RequestRecord:
     response_bytes: int = 0
     trace_id: str = ""
     span_id: str = ""
+    """This hop's span (the parent id in the forwarded ``traceparent``)."""
+    parent_span_id: str = ""
+    """The caller's span id from the incoming ``traceparent`` ("" = a trace started here)."""
+    sampled: bool = False
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _span_name(rec: RequestRecord) -> str:
+    return f"{rec.authority or rec.service_host or 'unknown'}{rec.path.split('?', 1)[0] or '/'}"
 
 
 class WaypointMetrics:
@@ -89,6 +99,10 @@ class WaypointMetrics:
         self.xds_stats: object | None = None
         """The xDS client's `ClientStats` (control-plane mode), read at scrape time."""
         r.register(XdsCollector(lambda: self.xds_stats))
+        self.tracer: Tracer | None = tracer_from_env(
+            "waypoint", {"istio.cluster_id": self.cluster_id}
+        )
+        """One span per request over OTLP (``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``)."""
         self.requests = Counter("istio_requests", "Requests", LABELS, registry=r)
         self.duration = Histogram(
             "istio_request_duration_milliseconds", "Request duration (ms)", LABELS,
@@ -132,6 +146,8 @@ class WaypointMetrics:
             if len(self._children) < 10_000:  # bound the cache (label cardinality is bounded too)
                 self._children[labels] = children
         duration_ms = (end - rec.start) * 1000.0
+        if self.tracer is not None and rec.sampled and rec.trace_id and rec.span_id:
+            self._span(self.tracer, rec, duration_ms, dst.canonical_service)
         children[0].inc()
         children[1].observe(duration_ms)
         children[2].observe(rec.request_bytes)
@@ -169,3 +185,29 @@ class WaypointMetrics:
                     separators=(",", ":"),
                 )
             )
+
+    @staticmethod
+    def _span(tracer: Tracer, rec: RequestRecord, duration_ms: float, dst_service: str) -> None:
+        end_ns = time.time_ns()
+        tracer.record(
+            SpanRecord(
+                name=_span_name(rec),
+                kind="server",
+                trace_id=rec.trace_id,
+                span_id=rec.span_id,
+                parent_id=rec.parent_span_id or None,
+                start_ns=end_ns - int(duration_ms * 1e6),
+                end_ns=end_ns,
+                attributes={
+                    "http.method": rec.method,
+                    "http.url": rec.path,
+                    "http.status_code": rec.status,
+                    "upstream_cluster": rec.service_host or "unknown",
+                    "upstream_address": rec.upstream or "unknown",
+                    "istio.canonical_service": dst_service,
+                    "response_flags": rec.flags,
+                    "peer.identity": rec.source_principal or "unknown",
+                },
+                error=rec.error or (f"HTTP {rec.status}" if rec.status >= 500 else None),
+            )
+        )

@@ -38,6 +38,7 @@ from meshcore.opshttp import is_loopback
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from meshcore.telemetry import DEFAULT_CLUSTER_ID
+from meshcore.tracing import Tracer, endpoint_from_env
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
@@ -128,6 +129,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument(
+        "--tracing-address",
+        default=endpoint_from_env(),
+        help="OTLP gRPC collector host:port for one span per connection "
+        "(env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; default off)",
+    )
+    p.add_argument(
         "--cluster-id",
         default=env("CLUSTER_ID", DEFAULT_CLUSTER_ID),
         help="this cluster's id for telemetry (env CLUSTER_ID, as istiod)",
@@ -186,6 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         readiness_port=args.readiness_port,
         drain_timeout=args.drain_timeout,
         cluster_id=args.cluster_id,
+        tracing_address=args.tracing_address or None,
     )
     return settings, args
 
@@ -329,6 +337,16 @@ class NodeProxy:
             task.cancel()
 
 
+def _tracer(settings: ProxySettings) -> Tracer | None:
+    if not settings.tracing_address:
+        return None
+    return Tracer(
+        settings.tracing_address,
+        "ztunnel",
+        {"k8s.node.name": settings.node, "istio.cluster_id": settings.cluster_id},
+    )
+
+
 def build_context(
     settings: ProxySettings, state: MeshState, provider: CertificateProvider
 ) -> ProxyContext:
@@ -338,7 +356,7 @@ def build_context(
         state=state,
         certs=CertificateManager(provider),
         metrics=metrics,
-        tracker=ConnectionTracker(metrics, settings.cluster_id),
+        tracker=ConnectionTracker(metrics, settings.cluster_id, _tracer(settings)),
         pool=HbonePool(lambda ident: ctx.client_context(ident), trust_domain=settings.trust_domain),
     )
     return ctx

@@ -38,6 +38,7 @@ from meshcore.telemetry import (
     peer_labels,
     process_collectors,
 )
+from meshcore.tracing import SpanRecord, Tracer
 
 LABELS = TCP_LABELS
 """Istio's TCP metric labels (`meshcore.telemetry`, the one owner)."""
@@ -133,6 +134,12 @@ class ConnectionRecord:
     """(bytes received from, bytes sent to) the client side so far, read at flush time."""
     flushed_recv: int = 0
     flushed_sent: int = 0
+    trace_id: str = ""
+    """W3C trace of this connection ("" = none): started here (outbound, sent on the HBONE
+    CONNECT) or continued from the CONNECT's ``traceparent`` (inbound)."""
+    span_id: str = ""
+    parent_span_id: str = ""
+    sampled: bool = False
 
     def label_values(self, cluster_id: str = DEFAULT_CLUSTER_ID) -> tuple[str, ...]:
         """Label values in LABELS order (`cluster_id`: this proxy's cluster, for peers whose
@@ -193,9 +200,16 @@ class ConnectionTracker:
     FLUSH_INTERVAL = 1.0
     """Seconds between two byte flushes of the live connections."""
 
-    def __init__(self, metrics: ProxyMetrics, cluster_id: str = DEFAULT_CLUSTER_ID) -> None:
+    def __init__(
+        self,
+        metrics: ProxyMetrics,
+        cluster_id: str = DEFAULT_CLUSTER_ID,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.metrics = metrics
         self.cluster_id = cluster_id
+        self.tracer = tracer
+        """One span per connection over OTLP (None: tracing off)."""
         self._series: dict[tuple[str, ...], _Series] = {}
         self._active = {d: metrics.active.labels(d) for d in ("inbound", "outbound")}
         self._live: dict[int, ConnectionRecord] = {}
@@ -270,11 +284,41 @@ class ConnectionTracker:
         self._active[rec.direction].dec()
         self._add_bytes(rec, rec.bytes_recv, rec.bytes_sent)
         self.log(rec)
+        self._span(rec)
 
     def failed(self, rec: ConnectionRecord) -> None:
         """A connection that never opened (denied, no upstream, TLS failure)."""
         self.metrics.failed.labels(*rec.label_values(self.cluster_id)).inc()
         self.log(rec)
+        self._span(rec)
+
+    def _span(self, rec: ConnectionRecord) -> None:
+        if self.tracer is None or not (rec.sampled and rec.trace_id and rec.span_id):
+            return
+        end_ns = time.time_ns()
+        start_ns = end_ns - int((time.monotonic() - rec.started) * 1e9)
+        self.tracer.record(
+            SpanRecord(
+                name=f"{rec.direction} {rec.hbone_addr or rec.dst_addr}",
+                kind="client" if rec.direction == "outbound" else "server",
+                trace_id=rec.trace_id,
+                span_id=rec.span_id,
+                parent_id=rec.parent_span_id or None,
+                start_ns=start_ns,
+                end_ns=end_ns,
+                attributes={
+                    "src.addr": rec.src_addr,
+                    "dst.addr": rec.dst_addr,
+                    "src.identity": rec.source_principal or "unknown",
+                    "dst.identity": rec.destination_principal or "unknown",
+                    "dst.service": rec.destination_service or "unknown",
+                    "bytes_sent": rec.bytes_sent,
+                    "bytes_recv": rec.bytes_recv,
+                    "response_flags": rec.response_flags,
+                },
+                error=rec.error,
+            )
+        )
 
     @staticmethod
     def log(rec: ConnectionRecord) -> None:

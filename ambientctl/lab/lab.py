@@ -858,6 +858,9 @@ def _cni_args(pod: manifests.PodSpec, uid: str | None = None) -> str:
 
 
 def _pod_env(pod: manifests.PodSpec) -> dict[str, str]:
+    """A pod's environment; the OTLP collector settings (``OTEL_EXPORTER_OTLP_*``) of the lab's
+    own environment pass through, so waypoint pods export spans where the node proxies do."""
+    otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_EXPORTER_OTLP_")}
     return {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
@@ -865,6 +868,7 @@ def _pod_env(pod: manifests.PodSpec) -> dict[str, str]:
         "POD_NAMESPACE": pod.namespace,
         "NODE_NAME": pod.node,
         "PYTHONUNBUFFERED": "1",
+        **otel,
     }
 
 

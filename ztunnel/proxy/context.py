@@ -59,6 +59,8 @@ class ProxySettings:
     """Upstream connects in flight in this process (the excess waits)."""
     cluster_id: str = DEFAULT_CLUSTER_ID
     """This cluster's id (telemetry ``*_cluster`` of peers whose workload names none)."""
+    tracing_address: str | None = None
+    """OTLP gRPC collector for one span per connection; None = no tracing."""
 
     @property
     def admin_host(self) -> str:

@@ -31,6 +31,7 @@ from meshcore.model import Service
 from meshcore.plan import InboundPlan, plan_inbound
 from meshcore.sockets import connect_tcp
 from meshcore.telemetry import guess_inbound_service
+from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
@@ -302,6 +303,10 @@ class HboneListener:
         )
         src_ip = peer_ip
         rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)
+        caller = parse_traceparent(next((v for k, v in stream.headers if k == "traceparent"), None))
+        if caller is not None:  # this connection's span continues the caller's trace
+            rec.trace_id, rec.parent_span_id = caller.trace_id, caller.parent_id
+            rec.span_id, rec.sampled = f"{ctx.rng.getrandbits(64) or 1:016x}", caller.sampled
         try:
             dst_ip, dst_port = parse_authority(stream.authority)
             plan = plan_inbound(
