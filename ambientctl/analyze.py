@@ -574,6 +574,16 @@ def field_messages(inp: Input) -> list[Message]:
     return out
 
 
+def message_namespace(ref: str) -> str | None:
+    """The namespace a message is about (``Kind ns/name`` or ``Namespace name``); None for a
+    reference without one."""
+    kind, _, rest = ref.partition(" ")
+    if kind == "Namespace":
+        return rest or None
+    ns, sep, _name = rest.partition("/")
+    return ns if sep else None
+
+
 def analyze(inp: Input, opts: TranslateOptions | None = None) -> list[Message]:
     opts = opts or TranslateOptions()
     msgs: Iterable[Message] = [

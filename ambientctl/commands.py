@@ -114,6 +114,7 @@ def register(sub: Any) -> None:
         help="exit 79 (as istioctl) if a message at or above this level is found (default Warning)",
     )
     an.add_argument("--root-namespace", default="istio-system")
+    _namespace_flags(an, default=None)
 
     zc = sub.add_parser(
         "ztunnel-config",
@@ -184,6 +185,8 @@ def _analyze(args: argparse.Namespace) -> int:
         raise CtlError("nothing to analyze: give manifest files/directories, -d DIR or --lab NAME")
     inp = analyze.load(paths, live)
     msgs = analyze.analyze(inp, TranslateOptions(root_namespace=args.root_namespace))
+    if args.namespace and not args.all_namespaces:  # istioctl's -n (default: every namespace)
+        msgs = [m for m in msgs if analyze.message_namespace(m.ref) in (args.namespace, None)]
     if args.output == "text":
         for m in msgs:
             _out(m.render())

@@ -297,3 +297,15 @@ def test_lab_subcommands_take_the_lab_name(
         "true",
     )
     assert code != 0 and "no-such-x" in err and len(err.strip().splitlines()) == 1
+
+
+def test_analyze_namespace_filter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = SVC.replace("namespace: demo", "namespace: prod") % 80
+    (tmp_path / "a.yaml").write_text(NS + "---\n" + SVC % 80 + "---\n" + other)
+    (tmp_path / "b.yaml").write_text(SVC % 81 + "---\n" + other)
+    code, out, _ = run(capsys, "analyze", str(tmp_path), "-o", "json", "-n", "prod")
+    assert code == 79 and [m["ref"] for m in json.loads(out)] == ["Service prod/web"]
+    code, out, _ = run(capsys, "analyze", str(tmp_path), "-o", "json", "-A")
+    assert {m["ref"] for m in json.loads(out)} == {"Service prod/web", "Service demo/web"}
+    code, out, _ = run(capsys, "analyze", str(tmp_path), "-o", "json", "-n", "nothing-here")
+    assert code == 0 and json.loads(out) == []
