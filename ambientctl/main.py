@@ -103,7 +103,9 @@ def parser() -> argparse.ArgumentParser:
                     default=topology.DEFAULT_PRIMARY_PLUGIN,
                     help="primary CNI plugin (before ambient-cni)")  # fmt: skip
     cmds.add_parser("down", help="tear the lab down, leaving nothing behind")
-    cmds.add_parser("pods", help="list pods with their redirection state")
+    pods = cmds.add_parser("pods", help="list pods with their redirection state")
+    pods.add_argument("-n", "--namespace", default=None, help="only this namespace")
+    pods.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
     ex = cmds.add_parser("exec", help="run a command in a pod's network namespace")
     ex.add_argument("pod")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -119,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--waypoint", action="store_true",
                       help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
                            "shifting traffic, L7 deny, waypoint metrics")  # fmt: skip
-    for sp in (up, ex, nx, lb, demo, *(cmds.choices[c] for c in ("down", "pods"))):
+    for sp in (up, ex, nx, lb, demo, pods, cmds.choices["down"]):
         # `lab exec --name X ...` as well as `lab --name X exec ...`
         sp.add_argument("--name", default=argparse.SUPPRESS, help="lab name")
     return p
@@ -151,7 +153,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "down":
         lab.down()
     elif args.command == "pods":
-        rows = lab.pods()
+        rows = [
+            r
+            for r in lab.pods()
+            if args.all_namespaces or not args.namespace or r["namespace"] == args.namespace
+        ]
         header = ("NAMESPACE", "NAME", "NODE", "IP", "STATUS", "REDIRECTION")
         table = [header] + [
             (r["namespace"], r["name"], r["node"], r["ip"], r["status"], r["redirection"])

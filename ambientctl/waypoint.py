@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from ambientctl import output
 from ambientctl.errors import CtlError
 
 WAYPOINT_CLASS = "istio-waypoint"
@@ -183,6 +184,7 @@ def register(sub: Any) -> None:
         if listing:
             p.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
             p.add_argument("--name", default=None, help="only the waypoint of this name")
+            p.add_argument("-o", "--output", choices=output.FORMATS, default="table")
         else:
             p.add_argument("--name", default="waypoint", help="Gateway name (default: waypoint)")
         if target:
@@ -243,17 +245,22 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print, lab: Any =
         return _apply(args, directory, lab, out)
     if cmd == "list":
         binds = bindings_in(directory)
-        rows = [("NAMESPACE", "NAME", "FOR", "BOUND")]
-        for w in waypoints_in(directory):
-            if not args.all_namespaces and w["namespace"] != args.namespace:
-                continue
-            if args.name is not None and w["name"] != args.name:
-                continue
-            bound = ",".join(binds.get((w["namespace"], w["name"]), [])) or "-"
-            rows.append((w["namespace"], w["name"], w["for"], bound))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            out("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
+        rows = [
+            {**w, "bound": binds.get((w["namespace"], w["name"]), [])}
+            for w in waypoints_in(directory)
+            if (args.all_namespaces or w["namespace"] == args.namespace)
+            and (args.name is None or w["name"] == args.name)
+        ]
+        if args.output in ("json", "yaml"):
+            out(output.document(rows, args.output))
+        else:
+            cols = [
+                ("NAMESPACE", "namespace"),
+                ("NAME", "name"),
+                ("FOR", "for"),
+                ("BOUND", "bound"),
+            ]
+            out(output.table(rows, cols))
         return 0
     if cmd == "delete":
         for ref in bindings_in(directory).get((args.namespace, args.name), []):

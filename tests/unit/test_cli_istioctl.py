@@ -255,6 +255,11 @@ def test_waypoint_list_honours_namespace_name_and_all(
     assert listed("-n", "prod") == {("prod", "waypoint")}
     assert listed("--name", "wp2") == {("default", "wp2")}
     assert listed("-A") == {("default", "waypoint"), ("default", "wp2"), ("prod", "waypoint")}
+    code, out, _ = run(capsys, "waypoint", "list", "-d", str(tmp_path), "-n", "prod", "-o", "json")
+    assert code == 0
+    assert json.loads(out) == [
+        {"name": "waypoint", "namespace": "prod", "for": "service", "file": "gws.yaml", "bound": []}
+    ]
 
 
 def test_waypoint_apply_to_a_missing_directory_is_one_line(
@@ -282,8 +287,8 @@ def test_lab_subcommands_take_the_lab_name(
 ) -> None:
     args = parser().parse_args(["lab", "exec", "--name", "other", "pod", "--", "true"])
     assert args.name == "other" and args.pod == "pod"
-    args = parser().parse_args(["lab", "--name", "first", "pods"])
-    assert args.name == "first"
+    args = parser().parse_args(["lab", "--name", "first", "pods", "-n", "demo"])
+    assert args.name == "first" and args.namespace == "demo"
     code, _, err = run(
         capsys,
         "lab",
