@@ -2,8 +2,8 @@
 
 GET any path -> 200 ``{"version": "v1", "pod": "reviews-v1", "path": "/..."}``. Every request
 is logged on stdout (``request <method> <path> from <ip> traceparent=<header or ->``), so tests
-can tell that a request denied by the waypoint never reached the app, and which span called it. Standard library only (runs with the system
-python3 in the pod's network namespace).
+can tell that a request denied by the waypoint never reached the app, and which span called it.
+Standard library only (runs with the system python3 in the pod's network namespace).
 """
 
 from __future__ import annotations
