@@ -22,6 +22,8 @@ Codes (level: problem):
   PeerAuthentication) is unreadable or not implemented and enforced fail-closed.
 - AMB0201..AMB0205: unknown / refused / warned fields, kinds not implemented and invalid
   values, from the field table (`meshcore.config.fields`, ``docs/config-fields.md``).
+- AMB0107 Error: the same object (kind, namespace, name) is defined more than once; the control
+  plane keeps the last definition in file order, the others are silently replaced.
 
 Invariants: `analyze` is pure over (documents, live pod states); messages are sorted and
 deduplicated; a clean input gives no messages at all.
@@ -196,10 +198,39 @@ def _label(labels: Labels, key: str) -> str | None:
 
 
 def _origin(inp: Input, kind: str, ns: str, name: str) -> str:
+    """Where the object the control plane keeps is defined: the LAST definition in file order
+    (`controlplane.store` replaces earlier ones)."""
+    found = ""
     for d in inp.raw:
         if d.kind == kind and d.name == name and (kind == "Namespace" or d.namespace == ns):
-            return d.origin
-    return ""
+            found = d.origin
+    return found
+
+
+def _raw_key(d: RawDoc) -> tuple[str, str, str, str]:
+    group = str(d.body.get("apiVersion", "")).rpartition("/")[0]
+    return (group, d.kind, "" if d.kind == "Namespace" else d.namespace, d.name)
+
+
+def duplicate_objects(inp: Input) -> list[Message]:
+    seen: dict[tuple[str, str, str, str], list[str]] = {}
+    for d in inp.raw:
+        seen.setdefault(_raw_key(d), []).append(d.origin)
+    out = []
+    for (_group, kind, ns, name), origins in seen.items():
+        if len(origins) > 1:
+            ref = f"{kind} {ns + '/' if ns else ''}{name}"
+            out.append(
+                _msg(
+                    "Error",
+                    "AMB0107",
+                    ref,
+                    f"defined {len(origins)} times ({', '.join(origins)}); the control plane "
+                    f"keeps the last one, {origins[-1]}, and ignores the others",
+                    origins[-1],
+                )
+            )
+    return out
 
 
 def _annotations(inp: Input, pod: Pod) -> Mapping[str, str]:
@@ -544,6 +575,16 @@ def field_messages(inp: Input) -> list[Message]:
     return out
 
 
+def message_namespace(ref: str) -> str | None:
+    """The namespace a message is about (``Kind ns/name`` or ``Namespace name``); None for a
+    reference without one."""
+    kind, _, rest = ref.partition(" ")
+    if kind == "Namespace":
+        return rest or None
+    ns, sep, _name = rest.partition("/")
+    return ns if sep else None
+
+
 def analyze(inp: Input, opts: TranslateOptions | None = None) -> list[Message]:
     opts = opts or TranslateOptions()
     msgs: Iterable[Message] = [
@@ -553,5 +594,6 @@ def analyze(inp: Input, opts: TranslateOptions | None = None) -> list[Message]:
         *missing_waypoints(inp),
         *conflicting_virtual_services(inp, opts),
         *strict_with_plaintext_clients(inp, opts),
+        *duplicate_objects(inp),
     ]
     return sorted(set(msgs), key=lambda m: (-m.level_rank, m.code, m.ref, m.text))

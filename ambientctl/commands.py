@@ -4,24 +4,29 @@ Owns each command's flags, help text and exit status; the work is in `install`, 
 `ztunnelconfig`, `proxystatus`, `admin` and `completion`. Output goes to stdout (data) and
 stderr (progress, summaries), so `-o json` output pipes cleanly.
 
-Exit statuses: 0 ok; 1 generic failure; 3 `analyze` found problems at or above
---failure-threshold; 5 no cluster (`install`).
+Exit statuses (istioctl's, istioctl/cmd/sysexits.go): 0 ok; 1 generic failure; 2 usage
+error (argparse); 79 `analyze` found problems at or above --failure-threshold (istioctl's
+``ExitAnalyzerFoundIssues``); 5 no cluster (`install`); `x precheck` 1 if a check failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ambientctl import admin, analyze, completion, output, proxystatus, ztunnelconfig
+from ambientctl import admin, analyze, completion, output, precheck, proxystatus, ztunnelconfig
 from ambientctl import install as installer
 from ambientctl import waypoint as waypoint_cmd
 from ambientctl.errors import CtlError
 from controlplane.translate import TranslateOptions
 
-ANALYZE_FOUND = 3
+ANALYZE_FOUND = 79
+"""istioctl's ``ExitAnalyzerFoundIssues`` (istioctl/cmd/sysexits.go), so CI scripts written for
+istioctl read the result the same way."""
 
 
 def _chart_flags(p: argparse.ArgumentParser) -> None:
@@ -106,17 +111,19 @@ def register(sub: Any) -> None:
         "--failure-threshold",
         choices=analyze.LEVELS,
         default="Warning",
-        help="exit 3 if a message at or above this level is found (default Warning)",
+        help="exit 79 (as istioctl) if a message at or above this level is found (default Warning)",
     )
     an.add_argument("--root-namespace", default="istio-system")
+    _namespace_flags(an, default=None)
 
     zc = sub.add_parser(
         "ztunnel-config",
         aliases=["zc"],
         help="what a node proxy has: workloads, services, policies, certificates",
     )
-    zc.add_argument("section", choices=ztunnelconfig.SECTIONS)
+    zc.add_argument("section", type=ztunnelconfig.section_name, choices=ztunnelconfig.CLI_SECTIONS)
     _target_flags(zc)
+    _namespace_flags(zc, default=None)
 
     ps = sub.add_parser(
         "proxy-status",
@@ -132,9 +139,32 @@ def register(sub: Any) -> None:
     _target_flags(ps)
     ps.set_defaults(address=[])
 
+    ver = sub.add_parser("version", help="client and control plane versions")
+    ver.add_argument(
+        "--remote",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also ask the control plane (default on)",
+    )
+    ver.add_argument("--controlplane", default=admin.DEBUG_ADDRESS, metavar="HOST:PORT")
+    ver.add_argument("--lab", metavar="NAME", help="the control plane of a running lab")
+    ver.add_argument("-o", "--output", choices=("short", "json", "yaml"), default="short")
+
+    x = sub.add_parser("x", aliases=["experimental"], help="experimental commands")
+    xcmds = x.add_subparsers(dest="x_command", required=True, metavar="COMMAND")
+    pre = xcmds.add_parser("precheck", help="can this node run the mesh (kernel, eBPF, CNI)")
+    pre.add_argument("--cni-conf-dir", type=Path, default=Path("/etc/cni/net.d"))
+    pre.add_argument("--proc", type=Path, default=Path("/proc"), help=argparse.SUPPRESS)
+
     waypoint_cmd.register(sub)
     comp = sub.add_parser("completion", help="shell completion script")
     comp.add_argument("shell", choices=("bash", "zsh"))
+
+
+def _namespace_flags(p: argparse.ArgumentParser, default: str | None) -> None:
+    """istioctl's ``-n/--namespace`` and ``-A/--all-namespaces``."""
+    p.add_argument("-n", "--namespace", default=default, help="only this namespace")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
 
 
 def _out(text: str) -> None:
@@ -155,6 +185,8 @@ def _analyze(args: argparse.Namespace) -> int:
         raise CtlError("nothing to analyze: give manifest files/directories, -d DIR or --lab NAME")
     inp = analyze.load(paths, live)
     msgs = analyze.analyze(inp, TranslateOptions(root_namespace=args.root_namespace))
+    if args.namespace and not args.all_namespaces:  # istioctl's -n (default: every namespace)
+        msgs = [m for m in msgs if analyze.message_namespace(m.ref) in (args.namespace, None)]
     if args.output == "text":
         for m in msgs:
             _out(m.render())
@@ -182,7 +214,7 @@ def _redirection(row: dict[str, Any]) -> str:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     group = args.group
     if group == "install":
-        ctx = installer.current_context()
+        ctx = installer.current_context(args.context, args.kubeconfig)
         print(
             f"installing into the cluster of context {ctx!r}, namespace {args.namespace}",
             file=sys.stderr,
@@ -195,6 +227,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 values=args.values,
                 sets=args.sets,
                 wait=not args.no_wait,
+                context=ctx,
+                kubeconfig=args.kubeconfig,
             )
         )
         return 0
@@ -215,8 +249,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if group in ("ztunnel-config", "zc"):
         targets = admin.targets_from_args(args.address, args.file, args.lab, args.node)
         dumps = [(t.label, admin.config_dump(t)) for t in targets]
-        _out(ztunnelconfig.render(args.section, dumps, args.output))
+        ns = None if args.all_namespaces else args.namespace
+        _out(ztunnelconfig.render(args.section, dumps, args.output, namespace=ns))
         return 0
+    if group == "version":
+        return _version(args)
+    if group in ("x", "experimental"):
+        return _precheck(args)
     if group in ("proxy-status", "ps"):
         return _proxy_status(args)
     if group == "waypoint":
@@ -245,8 +284,58 @@ def _proxy_status(args: argparse.Namespace) -> int:
         for t in admin.targets_from_args(args.address, args.file, args.lab, args.node):
             dumps.append((t.label, admin.config_dump(t)))
     rows = proxystatus.status_rows(records, connections, dumps)
-    if args.output == "table":
+    if args.output in ("table", "short"):
         _out(output.table(rows, proxystatus.COLUMNS))
     else:
         _out(output.document(rows, args.output))
     return 0 if all(r["status"] in ("SYNCED", "CONNECTED") for r in rows) else 1
+
+
+def _version(args: argparse.Namespace) -> int:
+    try:
+        client = metadata.version("ambient-mesh")
+    except metadata.PackageNotFoundError:
+        client = "unknown"
+    doc: dict[str, Any] = {"clientVersion": {"version": client}}
+    if args.remote:
+        base, netns = f"http://{args.controlplane}", ""
+        if args.lab:
+            base, netns = admin.lab_controlplane(args.lab)
+        try:
+            remote = admin.get_json(
+                f"{base}/version",
+                what="the control plane",
+                hint=admin.CONTROLPLANE_HINT,
+                netns=netns,
+            )
+            doc["controlPlaneVersion"] = {"version": str(remote.get("version", "unknown"))}
+        except CtlError as err:
+            doc["controlPlaneVersion"] = {"error": str(err).splitlines()[0]}
+    if args.output != "short":
+        _out(output.document(doc, args.output))
+        return 0
+    _out(f"client version: {client}")
+    if "controlPlaneVersion" in doc:
+        cp = doc["controlPlaneVersion"]
+        _out(f"control plane version: {cp.get('version') or 'unreachable (' + cp['error'] + ')'}")
+    return 0
+
+
+def _precheck(args: argparse.Namespace) -> int:
+    def read(path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    release = read(args.proc / "sys/kernel/osrelease").strip() or os.uname().release
+    findings = precheck.run_checks(
+        release=release, mounts=read(args.proc / "mounts"), cni_dir=args.cni_conf_dir
+    )
+    for f in findings:
+        _out(f.render())
+    if precheck.failed(findings):
+        print("precheck: issues found (see \u2718 above)", file=sys.stderr)
+        return 1
+    print("\u2714 No issues found when checking this node.", file=sys.stderr)
+    return 0

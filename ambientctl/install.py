@@ -97,13 +97,26 @@ def generate(
     return _helm(argv, "helm template")
 
 
-def current_context() -> str:
+def current_context(context: str | None = None, kubeconfig: Path | None = None) -> str:
+    """The kubectl context to use: `context` (istioctl's ``--context``) if it exists in the
+    kubeconfig, else the current one."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise ClusterError("kubectl not found: `install` needs a cluster and kubectl")
-    proc = subprocess.run(
-        [kubectl, "config", "current-context"], capture_output=True, text=True, timeout=30
-    )
+    argv = [kubectl, "config"]
+    if kubeconfig is not None:
+        argv += ["--kubeconfig", str(kubeconfig)]
+    if context:
+        proc = subprocess.run(
+            [*argv, "get-contexts", context, "-o", "name"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if proc.returncode != 0:
+            raise ClusterError(f"no context {context!r} in the kubeconfig")
+        return context
+    proc = subprocess.run([*argv, "current-context"], capture_output=True, text=True, timeout=30)
     if proc.returncode != 0 or not proc.stdout.strip():
         detail = proc.stderr.strip() or "no current context"
         raise ClusterError(
@@ -122,8 +135,10 @@ def install(
     values: Sequence[Path] = (),
     sets: Sequence[str] = (),
     wait: bool = True,
+    context: str | None = None,
+    kubeconfig: Path | None = None,
 ) -> str:
-    context = current_context()
+    context = current_context(context, kubeconfig)
     argv = [
         find_helm(),
         "upgrade",
@@ -137,5 +152,8 @@ def install(
     ]
     if wait:
         argv += ["--wait", "--timeout", "5m"]
+    argv += ["--kube-context", context]
+    if kubeconfig is not None:
+        argv += ["--kubeconfig", str(kubeconfig)]
     out = _helm(argv, f"helm upgrade --install (context {context})")
     return out

@@ -3,8 +3,11 @@
     ambientctl install [-f values.yaml] [--set k=v]   (helm upgrade --install; needs a cluster)
     ambientctl manifest generate [-f ...] [--set ...] (render the chart offline)
     ambientctl analyze [-d DIR | FILE ...] [--lab N]  (configuration problems, codes AMB0xxx)
-    ambientctl ztunnel-config workload|service|policy|certificate|connections|all [-o ...]
+    ambientctl ztunnel-config workloads|services|policies|certificates|connections|all
+                              [-o short|json|yaml] [-n NS | -A]  (singular names are aliases)
     ambientctl proxy-status                           (node proxies vs the control plane)
+    ambientctl version                                (client and control plane)
+    ambientctl x precheck                             (kernel, eBPF, CNI chain, conflicts)
     ambientctl completion bash|zsh
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
@@ -12,8 +15,12 @@
     ambientctl lab demo [--keep] [--waypoint]   (the README demo, examples/lab[-waypoint])
     ambientctl waypoint generate|apply|list|delete|status [-d DIR | --lab N] (waypoints)
 
+Global flags accepted anywhere before ``--`` (istioctl's persistent flags): ``--context NAME``,
+``--kubeconfig PATH``.
+
 The non-lab commands live in `ambientctl.commands`. Errors are `ambientctl.errors.CtlError`
-(message on stderr, `exit_code` as status), translated here and nowhere else.
+(message on stderr, `exit_code` as status), translated here and nowhere else; an OS error a
+command did not anticipate (a file it cannot read or write) is one line too, never a traceback.
 """
 
 from __future__ import annotations
@@ -47,8 +54,40 @@ def _label_changes(items: Sequence[str]) -> dict[str, str | None]:
     return changes
 
 
+GLOBAL_FLAGS = ("--context", "--kubeconfig")
+
+
+def split_global_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """(argv without the global flags, {"context"|"kubeconfig": value}); nothing after ``--``
+    is touched (it belongs to a command run in a pod)."""
+    rest: list[str] = []
+    found: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        name, eq, value = arg.partition("=")
+        if name in GLOBAL_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise CtlError(f"{name} needs a value")
+                i += 1
+                value = argv[i]
+            found[name[2:]] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, found
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ambientctl", description="ambient-mesh operator CLI")
+    p = argparse.ArgumentParser(
+        prog="ambientctl",
+        description="ambient-mesh operator CLI",
+        epilog="global flags (anywhere): --context NAME, --kubeconfig PATH",
+    )
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
     commands.register(sub)
     lab = sub.add_parser("lab", help="a whole mesh on one machine (network namespaces)")
@@ -64,7 +103,9 @@ def parser() -> argparse.ArgumentParser:
                     default=topology.DEFAULT_PRIMARY_PLUGIN,
                     help="primary CNI plugin (before ambient-cni)")  # fmt: skip
     cmds.add_parser("down", help="tear the lab down, leaving nothing behind")
-    cmds.add_parser("pods", help="list pods with their redirection state")
+    pods = cmds.add_parser("pods", help="list pods with their redirection state")
+    pods.add_argument("-n", "--namespace", default=None, help="only this namespace")
+    pods.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
     ex = cmds.add_parser("exec", help="run a command in a pod's network namespace")
     ex.add_argument("pod")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -80,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--waypoint", action="store_true",
                       help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
                            "shifting traffic, L7 deny, waypoint metrics")  # fmt: skip
+    for sp in (up, ex, nx, lb, demo, pods, cmds.choices["down"]):
+        # `lab exec --name X ...` as well as `lab --name X exec ...`
+        sp.add_argument("--name", default=argparse.SUPPRESS, help="lab name")
     return p
 
 
@@ -93,7 +137,12 @@ def _strip_dashes(cmd: list[str]) -> list[str]:
 
 def run(argv: Sequence[str] | None = None) -> int:
     p = parser()
-    args = p.parse_args(argv)
+    rest, flags = split_global_flags(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(rest)
+    args.context = flags.get("context")
+    args.kubeconfig = Path(flags["kubeconfig"]) if "kubeconfig" in flags else None
+    if args.kubeconfig is not None and not args.kubeconfig.is_file():
+        raise CtlError(f"--kubeconfig {args.kubeconfig}: no such file")
     if args.group != "lab":
         return commands.run(args, p)
     lab = Lab(args.name, state_root=args.state_root, log=_say)
@@ -104,7 +153,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "down":
         lab.down()
     elif args.command == "pods":
-        rows = lab.pods()
+        rows = [
+            r
+            for r in lab.pods()
+            if args.all_namespaces or not args.namespace or r["namespace"] == args.namespace
+        ]
         header = ("NAMESPACE", "NAME", "NODE", "IP", "STATUS", "REDIRECTION")
         table = [header] + [
             (r["namespace"], r["name"], r["node"], r["ip"], r["status"], r["redirection"])
@@ -143,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as err:
+        print(f"ambientctl: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

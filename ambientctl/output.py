@@ -1,4 +1,5 @@
-"""Output formats shared by the CLI's read commands: ``-o json|yaml|table``.
+"""Output formats shared by the CLI's read commands: ``-o json|yaml|table`` (``short``, istioctl's
+name for the table, is accepted too).
 
 Owns the rendering of rows (list of flat dicts) and documents. Invariants: pure (returns text);
 `table` shows the given columns in order, missing cells as ``-``, and never truncates (an
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-FORMATS = ("table", "json", "yaml")
+FORMATS = ("table", "short", "json", "yaml")
 
 
 def _cell(value: Any) -> str:

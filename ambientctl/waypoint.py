@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from ambientctl import output
 from ambientctl.errors import CtlError
 
 WAYPOINT_CLASS = "istio-waypoint"
@@ -68,10 +69,14 @@ def _files(directory: Path) -> list[Path]:
 
 
 def _docs(path: Path) -> list[Any]:
+    """The documents of `path`; an unreadable file is skipped with a warning on stderr, so one
+    broken file does not block work on the others (it is never rewritten)."""
     try:
         return list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError) as err:
-        raise CtlError(f"{path}: cannot read: {err}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"ambientctl: warning: {path}: cannot read ({first}); skipped", file=sys.stderr)
+        return []
 
 
 def _ref(doc: Any) -> tuple[str, str, str] | None:
@@ -174,9 +179,14 @@ def register(sub: Any) -> None:
     )
     cmds = wp.add_subparsers(dest="wp_command", required=True, metavar="SUBCOMMAND")
 
-    def common(p: argparse.ArgumentParser, target: bool = True) -> None:
+    def common(p: argparse.ArgumentParser, target: bool = True, listing: bool = False) -> None:
         p.add_argument("-n", "--namespace", default="default", help="the waypoint's namespace")
-        p.add_argument("--name", default="waypoint", help="Gateway name (default: waypoint)")
+        if listing:
+            p.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+            p.add_argument("--name", default=None, help="only the waypoint of this name")
+            p.add_argument("-o", "--output", choices=output.FORMATS, default="table")
+        else:
+            p.add_argument("--name", default="waypoint", help="Gateway name (default: waypoint)")
         if target:
             g = p.add_mutually_exclusive_group()
             g.add_argument("-d", "--dir", type=Path, help="manifest directory to write into")
@@ -196,7 +206,7 @@ def register(sub: Any) -> None:
     ap.add_argument("--service-account", help="bind this ServiceAccount (label "
                     "istio.io/use-waypoint) to a waypoint for its workloads")  # fmt: skip
     ls = cmds.add_parser("list", help="waypoints and what is bound to them")
-    common(ls)
+    common(ls, listing=True)
     dl = cmds.add_parser("delete", help="remove a waypoint (and its bindings)")
     common(dl)
     st = cmds.add_parser("status", help="is the waypoint running and serving (lab)")
@@ -229,17 +239,28 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print, lab: Any =
         directory = args.dir
     else:
         raise CtlError(f"waypoint {cmd}: give -d DIR (manifest directory) or --lab NAME")
+    if not directory.is_dir():
+        raise CtlError(f"waypoint {cmd}: {directory}: not a directory")
     if cmd == "apply":
         return _apply(args, directory, lab, out)
     if cmd == "list":
         binds = bindings_in(directory)
-        rows = [("NAMESPACE", "NAME", "FOR", "BOUND")]
-        for w in waypoints_in(directory):
-            bound = ",".join(binds.get((w["namespace"], w["name"]), [])) or "-"
-            rows.append((w["namespace"], w["name"], w["for"], bound))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            out("  ".join(c.ljust(wd) for c, wd in zip(r, widths, strict=True)).rstrip())
+        rows = [
+            {**w, "bound": binds.get((w["namespace"], w["name"]), [])}
+            for w in waypoints_in(directory)
+            if (args.all_namespaces or w["namespace"] == args.namespace)
+            and (args.name is None or w["name"] == args.name)
+        ]
+        if args.output in ("json", "yaml"):
+            out(output.document(rows, args.output))
+        else:
+            cols = [
+                ("NAMESPACE", "namespace"),
+                ("NAME", "name"),
+                ("FOR", "for"),
+                ("BOUND", "bound"),
+            ]
+            out(output.table(rows, cols))
         return 0
     if cmd == "delete":
         for ref in bindings_in(directory).get((args.namespace, args.name), []):

@@ -1,5 +1,6 @@
-"""`ambientctl ztunnel-config workload|service|policy|certificate|connections|all`: what a node
-proxy has, from its admin endpoint's /config_dump (istioctl ztunnel-config's habits).
+"""`ambientctl ztunnel-config workloads|services|policies|certificates|connections|all`: what a
+node proxy has, from its admin endpoint's /config_dump (istioctl ztunnel-config's habits: plural
+section names, the singular kept as aliases; ``-o short|json|yaml``; ``-n NS`` / ``-A``).
 
 Owns the views: pure functions from a config dump to rows (tables) or documents (json/yaml).
 Tables are for eyes; `-o json|yaml` gives the records exactly as the node proxy holds them
@@ -14,6 +15,27 @@ from typing import Any
 from ambientctl import output
 
 SECTIONS = ("workload", "service", "policy", "certificate", "connections", "all")
+"""Internal section keys (the singular: COLUMNS, rows)."""
+CLI_SECTIONS = ("workloads", "services", "policies", "certificates", "connections", "all")
+"""Section names as istioctl's ztunnel-config spells them."""
+_ALIASES = {
+    **{plural: single for plural, single in zip(CLI_SECTIONS, SECTIONS, strict=True)},
+    **{single: single for single in SECTIONS},
+    "certs": "certificate",
+    "connection": "connections",
+}
+
+
+def section_name(text: str) -> str:
+    """The CLI spelling of a section typed as plural, singular or alias (argparse `type`)."""
+    single = _ALIASES.get(text)
+    return CLI_SECTIONS[SECTIONS.index(single)] if single is not None else text
+
+
+def _internal(section: str) -> str:
+    return _ALIASES.get(section, section)
+
+
 _KEYS = {
     "workload": "workloads",
     "service": "services",
@@ -126,9 +148,29 @@ def rows(section: str, dump: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(r) for r in dump.get(_KEYS[section], [])]
 
 
-def render(section: str, dumps: Sequence[tuple[str, Mapping[str, Any]]], fmt: str) -> str:
+def _in_namespace(dump: Mapping[str, Any], namespace: str | None) -> Mapping[str, Any]:
+    """`dump` with only the records of `namespace` (None: all); records without a namespace
+    (certificates, connections) are kept."""
+    if not namespace:
+        return dump
+    out = dict(dump)
+    for key in ("workloads", "services", "policies"):
+        out[key] = [r for r in dump.get(key, []) if r.get("namespace") == namespace]
+    return out
+
+
+def render(
+    section: str,
+    dumps: Sequence[tuple[str, Mapping[str, Any]]],
+    fmt: str,
+    namespace: str | None = None,
+) -> str:
     """`dumps`: (label, config dump) per node proxy. Tables get a header per proxy when there
-    are several; json/yaml give {node: {section: records}} (or the bare records for one)."""
+    are several; json/yaml give {node: {section: records}} (or the bare records for one).
+    `fmt` ``short`` is istioctl's name for the table; `namespace` limits the records."""
+    section = _internal(section)
+    fmt = "table" if fmt == "short" else fmt
+    dumps = [(label, _in_namespace(dump, namespace)) for label, dump in dumps]
     sections = [s for s in SECTIONS if s != "all"] if section == "all" else [section]
     if fmt != "table":
         docs: dict[str, Any] = {}

@@ -88,6 +88,7 @@ from meshcore.model import (
     WorkloadStatus,
     WorkloadType,
 )
+from meshcore.telemetry import canonical_revision, canonical_service
 
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NS = "istio.io/use-waypoint-namespace"
@@ -531,18 +532,8 @@ def translate_namespace(
         status = WorkloadStatus.HEALTHY
         if pod.ready is False or pod.terminating or pod.phase not in ("", "Running"):
             status = WorkloadStatus.UNHEALTHY
-        canonical = (
-            _label(pod.labels, "service.istio.io/canonical-name")
-            or _label(pod.labels, "app.kubernetes.io/name")
-            or _label(pod.labels, "app")
-            or wname
-        )
-        revision = (
-            _label(pod.labels, "service.istio.io/canonical-revision")
-            or _label(pod.labels, "app.kubernetes.io/version")
-            or _label(pod.labels, "version")
-            or "latest"
-        )
+        canonical = canonical_service(pod.labels, wname)
+        revision = canonical_revision(pod.labels)
         try:
             SpiffeId(
                 trust_domain=opts.trust_domain, namespace=ns, service_account=pod.service_account

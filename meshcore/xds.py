@@ -165,6 +165,13 @@ class ClientStats:
     last_update: float | None = None
     connected: bool = False
     versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    terminations: dict[str, int] = field(default_factory=dict)
+    """Ended streams by reason (ztunnel's ``istio_xds_connection_terminations``: Complete,
+    ConnectionError, Error)."""
+    messages: dict[str, int] = field(default_factory=dict)
+    """Responses received per type URL (``istio_xds_message``)."""
+    message_bytes: dict[str, int] = field(default_factory=dict)
+    """Encoded bytes of those responses per type URL (``istio_xds_message_bytes``)."""
 
 
 class XdsClient:
@@ -250,17 +257,22 @@ class XdsClient:
         retry = Retry(Backoff(initial=0.5, cap=self.backoff_cap), rng=self.rng)
         while True:
             delivered = False
+            reason = "Complete"
             try:
                 delivered = await self._session()
                 self.stats.last_error = "stream closed by the control plane"
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
+                reason = "ConnectionError"
                 self.stats.last_error = f"{exc.code().name}: {exc.details()}"
             except Exception as exc:
+                reason = "Error"
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
             finally:
                 self.stats.connected = False
+            terms = self.stats.terminations
+            terms[reason] = terms.get(reason, 0) + 1
             if delivered:
                 retry.reset()
             delay = retry.next_delay()
@@ -339,6 +351,9 @@ class XdsClient:
 
     def _handle(self, resp: dpb.DeltaDiscoveryResponse) -> dpb.DeltaDiscoveryRequest:
         self.stats.responses += 1
+        st, url = self.stats, resp.type_url
+        st.messages[url] = st.messages.get(url, 0) + 1
+        st.message_bytes[url] = st.message_bytes.get(url, 0) + resp.ByteSize()
         extra = self.extra_types.get(resp.type_url)
         if extra is not None:
             return self._handle_extra(resp, extra)

@@ -56,6 +56,7 @@ from meshcore.l7.route import (
 )
 from meshcore.l7.trace import next_traceparent
 from meshcore.model import Service, Workload
+from meshcore.tracing import parse_traceparent
 from waypoint.body import Downstream, ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import (
@@ -419,10 +420,12 @@ class Handler:
         self, req: Request, route: HttpRoute, dest: Destination, rec: RequestRecord
     ) -> list[tuple[str, str]]:
         headers = list(req.headers)
-        traceparent, trace_id, span = next_traceparent(
-            next((v for k, v in headers if k == "traceparent"), None), self.ctx.rng
-        )
+        incoming = next((v for k, v in headers if k == "traceparent"), None)
+        traceparent, trace_id, span = next_traceparent(incoming, self.ctx.rng)
         rec.trace_id, rec.span_id = trace_id, span
+        caller, forwarded = parse_traceparent(incoming), parse_traceparent(traceparent)
+        rec.parent_span_id = caller.parent_id if caller is not None else ""
+        rec.sampled = forwarded is not None and forwarded.sampled
         headers = [(k, v) for k, v in headers if k != "traceparent"]
         headers.append(("traceparent", traceparent))
         if not any(k == "x-request-id" for k, _ in headers):

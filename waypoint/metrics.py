@@ -3,8 +3,9 @@ request.
 
 Owns: the waypoint's prometheus registry with ``istio_requests_total``,
 ``istio_request_duration_milliseconds``, ``istio_request_bytes``, ``istio_response_bytes``
-(names, labels and millisecond buckets as Istio's standard metrics), and `RequestRecord`, the
-per-request facts the handler fills in.
+(names and millisecond buckets as Istio's standard metrics; the labels and the
+workload-to-label mapping are `meshcore.telemetry`'s, shared with the node proxy), and
+`RequestRecord`, the per-request facts the handler fills in.
 
 Invariant: a request is recorded exactly once, when it ends (success, local reply or reset);
 label children are cached per label tuple, so recording costs dict lookups, not registry
@@ -15,36 +16,26 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from meshcore.model import Workload
-
-LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_canonical_service",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
+from meshcore.telemetry import (
+    HTTP_LABELS,
+    ServiceLabels,
+    Traffic,
+    XdsCollector,
+    cluster_id_from_env,
+    new_registry,
+    peer_labels,
 )
+from meshcore.tracing import SpanRecord, Tracer, tracer_from_env
+
+LABELS = HTTP_LABELS
+"""Istio's request metric labels (`meshcore.telemetry`, the one owner)."""
 
 # Istio's default buckets for istio_request_duration_milliseconds.
 DURATION_BUCKETS_MS = (
@@ -85,22 +76,33 @@ class RequestRecord:
     response_bytes: int = 0
     trace_id: str = ""
     span_id: str = ""
+    """This hop's span (the parent id in the forwarded ``traceparent``)."""
+    parent_span_id: str = ""
+    """The caller's span id from the incoming ``traceparent`` ("" = a trace started here)."""
+    sampled: bool = False
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _wl(w: Workload | None) -> tuple[str, str, str, str, str]:
-    if w is None:
-        return ("unknown",) * 5
-    name = w.workload_name or w.name
-    app = w.canonical_name or name
-    return name, w.namespace, app, w.canonical_revision or "unknown", app
+def _span_name(rec: RequestRecord) -> str:
+    return f"{rec.authority or rec.service_host or 'unknown'}{rec.path.split('?', 1)[0] or '/'}"
 
 
 class WaypointMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(
+        self, registry: CollectorRegistry | None = None, cluster_id: str | None = None
+    ) -> None:
+        self.registry = registry or new_registry("waypoint")
+        self.cluster_id = cluster_id or cluster_id_from_env()
+        """This cluster's id (env ``CLUSTER_ID`` as Istio's proxies, default ``Kubernetes``)."""
         r = self.registry
+        self.xds_stats: object | None = None
+        """The xDS client's `ClientStats` (control-plane mode), read at scrape time."""
+        r.register(XdsCollector(lambda: self.xds_stats))
+        self.tracer: Tracer | None = tracer_from_env(
+            "waypoint", {"istio.cluster_id": self.cluster_id}
+        )
+        """One span per request over OTLP (``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``)."""
         self.requests = Counter("istio_requests", "Requests", LABELS, registry=r)
         self.duration = Histogram(
             "istio_request_duration_milliseconds", "Request duration (ms)", LABELS,
@@ -118,15 +120,21 @@ class WaypointMetrics:
         self.log_enabled = True
 
     def record(self, rec: RequestRecord, end: float) -> None:
-        sw, sns, sapp, sver, scs = _wl(rec.source)
-        dw, dns, dapp, dver, dcs = _wl(rec.destination)
-        labels = (
-            "waypoint", sw, sns, rec.source_principal or "unknown", sapp, sver, scs,
-            rec.service_host or "unknown", rec.service_name or "unknown",
-            rec.service_namespace or "unknown", dw, dns, rec.destination_principal or "unknown",
-            dapp, dver, dcs, rec.protocol, str(rec.status), rec.grpc_status or "-", rec.flags,
-            "mutual_tls",
-        )  # fmt: skip
+        src = peer_labels(rec.source, self.cluster_id)
+        dst = peer_labels(rec.destination, self.cluster_id)
+        labels = Traffic(
+            reporter="waypoint",
+            source=src,
+            source_principal=rec.source_principal,
+            destination=dst,
+            destination_principal=rec.destination_principal,
+            service=ServiceLabels(
+                rec.service_host or "unknown",
+                rec.service_name or "unknown",
+                rec.service_namespace or "unknown",
+            ),
+            mtls=True,
+        ).http_values(rec.protocol, rec.status, rec.grpc_status, rec.flags)
         children = self._children.get(labels)
         if children is None:
             children = (
@@ -138,6 +146,8 @@ class WaypointMetrics:
             if len(self._children) < 10_000:  # bound the cache (label cardinality is bounded too)
                 self._children[labels] = children
         duration_ms = (end - rec.start) * 1000.0
+        if self.tracer is not None and rec.sampled and rec.trace_id and rec.span_id:
+            self._span(self.tracer, rec, duration_ms, dst.canonical_service)
         children[0].inc()
         children[1].observe(duration_ms)
         children[2].observe(rec.request_bytes)
@@ -147,13 +157,13 @@ class WaypointMetrics:
                 json.dumps(
                     {
                         "src.addr": rec.source_ip,
-                        "src.workload": sw,
-                        "src.namespace": sns,
+                        "src.workload": src.workload,
+                        "src.namespace": src.namespace,
                         "src.identity": rec.source_principal,
                         "dst.service": rec.service_host,
                         "dst.addr": rec.upstream,
-                        "dst.workload": dw,
-                        "dst.namespace": dns,
+                        "dst.workload": dst.workload,
+                        "dst.namespace": dst.namespace,
                         "dst.identity": rec.destination_principal,
                         "method": rec.method,
                         "path": rec.path,
@@ -175,3 +185,29 @@ class WaypointMetrics:
                     separators=(",", ":"),
                 )
             )
+
+    @staticmethod
+    def _span(tracer: Tracer, rec: RequestRecord, duration_ms: float, dst_service: str) -> None:
+        end_ns = time.time_ns()
+        tracer.record(
+            SpanRecord(
+                name=_span_name(rec),
+                kind="server",
+                trace_id=rec.trace_id,
+                span_id=rec.span_id,
+                parent_id=rec.parent_span_id or None,
+                start_ns=end_ns - int(duration_ms * 1e6),
+                end_ns=end_ns,
+                attributes={
+                    "http.method": rec.method,
+                    "http.url": rec.path,
+                    "http.status_code": rec.status,
+                    "upstream_cluster": rec.service_host or "unknown",
+                    "upstream_address": rec.upstream or "unknown",
+                    "istio.canonical_service": dst_service,
+                    "response_flags": rec.flags,
+                    "peer.identity": rec.source_principal or "unknown",
+                },
+                error=rec.error or (f"HTTP {rec.status}" if rec.status >= 500 else None),
+            )
+        )

@@ -131,4 +131,5 @@ def controlplane_context(
         extra_types={L7_TYPE: on_l7},
         node_kind="waypoint",
     )
+    ctx.metrics.xds_stats = client.stats
     return ctx, client, store

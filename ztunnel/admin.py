@@ -59,6 +59,7 @@ def admin_routes(ctx: ProxyContext, shutdown: Callable[[], None]) -> dict[str, H
 
 def metrics_routes(ctx: ProxyContext) -> dict[str, Handler]:
     async def metrics(_m: str, _q: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        ctx.tracker.flush()  # this worker's live bytes are exact at scrape time
         return 200, CONTENT_TYPE_LATEST, generate_latest(ctx.metrics.exposition_registry())
 
     return {"/metrics": metrics, "/stats/prometheus": metrics}

@@ -38,6 +38,8 @@ from meshcore.hbone.pool import HbonePool
 from meshcore.opshttp import is_loopback
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
+from meshcore.telemetry import DEFAULT_CLUSTER_ID
+from meshcore.tracing import Tracer, endpoint_from_env
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
@@ -145,6 +147,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument(
+        "--tracing-address",
+        default=endpoint_from_env(),
+        help="OTLP gRPC collector host:port for one span per connection "
+        "(env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; default off)",
+    )
+    p.add_argument(
+        "--cluster-id",
+        default=env("CLUSTER_ID", DEFAULT_CLUSTER_ID),
+        help="this cluster's id for telemetry (env CLUSTER_ID, as istiod)",
+    )
+    p.add_argument(
         "--admin-address",
         default=env("ADMIN_ADDRESS"),
         help="admin endpoint address (default 127.0.0.1; a loopback --node-ip on test hosts)",
@@ -214,6 +227,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         drain_timeout=args.drain_timeout,
         http3=args.http3,
         http3_peers=tuple(args.http3_peer),
+        cluster_id=args.cluster_id,
+        tracing_address=args.tracing_address or None,
     )
     return settings, args
 
@@ -379,6 +394,16 @@ class NodeProxy:
             task.cancel()
 
 
+def _tracer(settings: ProxySettings) -> Tracer | None:
+    if not settings.tracing_address:
+        return None
+    return Tracer(
+        settings.tracing_address,
+        "ztunnel",
+        {"k8s.node.name": settings.node, "istio.cluster_id": settings.cluster_id},
+    )
+
+
 def build_context(
     settings: ProxySettings, state: MeshState, provider: CertificateProvider
 ) -> ProxyContext:
@@ -388,7 +413,7 @@ def build_context(
         state=state,
         certs=CertificateManager(provider),
         metrics=metrics,
-        tracker=ConnectionTracker(metrics),
+        tracker=ConnectionTracker(metrics, settings.cluster_id, _tracer(settings)),
         pool=HbonePool(
             lambda ident: ctx.client_context(ident),
             trust_domain=settings.trust_domain,
@@ -574,6 +599,7 @@ def controlplane_context(
     )
     if args.xds_on_demand:
         ctx.demand = client.demand
+    ctx.metrics.xds_stats = client.stats
     return ctx, client
 
 

@@ -1,50 +1,48 @@
 """Node-proxy telemetry: Istio's TCP metrics and the structured access log.
 
-Owns: the prometheus registry of the node proxy (metric and label names as Istio's ztunnel, see
-docs/reference/ambient-facts.md "Telemetry names"), and the one access-log line written per
-connection.
+Owns: the prometheus registry of the node proxy (metric names as Istio's ztunnel; labels and the
+workload-to-label mapping come from `meshcore.telemetry`, shared with the waypoint), byte
+accounting of live connections, and the one access-log line written per connection.
 Beyond Istio's names, three counters of our own record hostile or overloaded peers:
 `ztunnel_hbone_streams_refused_total{reason}` (streams the HTTP/2 layer answered itself; each also
 gets an access-log line), `ztunnel_hbone_connection_errors_total{code}` (GOAWAY for a peer's
 protocol error) and `ztunnel_accept_paused_total` (accepting paused for lack of descriptors).
-Invariant: the data path never touches a metric per chunk; a connection is recorded once when it
-opens and once when it closes (bytes are added at close), so the hot path stays free of locks.
+Invariants: the data path never touches a metric per chunk. The relay counts bytes in plain
+integer attributes (`ztunnel.proxy.relay.TcpSide`); `ConnectionTracker` adds what moved since
+the last flush to the counters once per `FLUSH_INTERVAL` for every live connection, before each
+scrape, and at close, so a long-lived (pooled) connection's bytes show while it carries traffic
+(Istio counts bytes as they are copied) and the totals at close are exact.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
 from meshcore.model import Workload
-
-LABELS = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "request_protocol",
-    "connection_security_policy",
-    "response_flags",
-    "transport",  # HBONE transport: "h2" (TLS/TCP) or "h3" (QUIC/UDP); issue 16
+from meshcore.telemetry import (
+    DEFAULT_CLUSTER_ID,
+    TCP_LABELS,
+    ServiceLabels,
+    Traffic,
+    XdsCollector,
+    new_registry,
+    peer_labels,
+    process_collectors,
 )
+from meshcore.tracing import SpanRecord, Tracer
+
+LABELS = (*TCP_LABELS, "transport")
+"""Istio's TCP metric labels (`meshcore.telemetry`, the one owner), plus our HBONE `transport`:
+"h2" (TLS/TCP) or "h3" (QUIC/UDP), issue 16."""
 
 access_log = logging.getLogger("ztunnel.access")
 
@@ -56,12 +54,18 @@ class ProxyMetrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            process_collectors(registry, "ztunnel")
+            registry.register(self.xds)
             return registry
         return self.registry
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or new_registry("ztunnel")
         r = self.registry
+        self.xds_stats: object | None = None
+        """The xDS client's `ClientStats` (control-plane mode), read at scrape time."""
+        self.xds = XdsCollector(lambda: self.xds_stats)
+        r.register(self.xds)
         self.opened = Counter(
             "istio_tcp_connections_opened", "TCP connections opened", LABELS, registry=r
         )
@@ -104,10 +108,6 @@ class ProxyMetrics:
         )
 
 
-def _unknown(value: object) -> str:
-    return value if isinstance(value, str) and value else "unknown"
-
-
 @dataclass(slots=True)
 class ConnectionRecord:
     """What we know about one proxied connection; filled in as the connection progresses."""
@@ -133,34 +133,39 @@ class ConnectionRecord:
     bytes_sent: int = 0
     bytes_recv: int = 0
     series: _Series | None = None
+    meter: Callable[[], tuple[int, int]] | None = None
+    """(bytes received from, bytes sent to) the client side so far, read at flush time."""
+    flushed_recv: int = 0
+    flushed_sent: int = 0
+    trace_id: str = ""
+    """W3C trace of this connection ("" = none): started here (outbound, sent on the HBONE
+    CONNECT) or continued from the CONNECT's ``traceparent`` (inbound)."""
+    span_id: str = ""
+    parent_span_id: str = ""
+    sampled: bool = False
 
-    def label_values(self) -> tuple[str, ...]:
-        """Label values in LABELS order."""
-        src, dst = self.source, self.destination
+    def label_values(self, cluster_id: str = DEFAULT_CLUSTER_ID) -> tuple[str, ...]:
+        """Label values in LABELS order (`cluster_id`: this proxy's cluster, for peers whose
+        workload names none)."""
         return (
-            self.reporter,
-            _unknown(src and (src.workload_name or src.name)),
-            _unknown(src and src.namespace),
-            _unknown(self.source_principal),
-            _unknown(src and src.canonical_name),
-            _unknown(src and src.canonical_revision),
-            _unknown(src and src.canonical_name),
-            _unknown(self.destination_service),
-            _unknown(self.destination_service_name),
-            _unknown(self.destination_service_namespace),
-            _unknown(dst and (dst.workload_name or dst.name)),
-            _unknown(dst and dst.namespace),
-            _unknown(self.destination_principal),
-            _unknown(dst and dst.canonical_name),
-            _unknown(dst and dst.canonical_revision),
-            "tcp",
-            "mutual_tls" if self.mtls else "unknown",
-            self.response_flags,
-            _unknown(self.transport),
+            *Traffic(
+                reporter=self.reporter,
+                source=peer_labels(self.source, cluster_id),
+                source_principal=self.source_principal,
+                destination=peer_labels(self.destination, cluster_id),
+                destination_principal=self.destination_principal,
+                service=ServiceLabels(
+                    self.destination_service or "unknown",
+                    self.destination_service_name or "unknown",
+                    self.destination_service_namespace or "unknown",
+                ),
+                mtls=self.mtls,
+            ).tcp_values(self.response_flags),
+            self.transport or "unknown",
         )
 
-    def labels(self) -> dict[str, str]:
-        return dict(zip(LABELS, self.label_values(), strict=True))
+    def labels(self, cluster_id: str = DEFAULT_CLUSTER_ID) -> dict[str, str]:
+        return dict(zip(LABELS, self.label_values(cluster_id), strict=True))
 
     def log_fields(self) -> dict[str, object]:
         """Istio's access-log field names (docs/reference/ambient-facts.md)."""
@@ -195,17 +200,30 @@ class _Series:
 
 
 class ConnectionTracker:
-    """Records open/close of connections in metrics and the access log."""
+    """Records open/close of connections in metrics and the access log, and moves the bytes of
+    live connections into the counters in batches (see the module invariant)."""
 
     MAX_CACHED_SERIES = 10_000
+    FLUSH_INTERVAL = 1.0
+    """Seconds between two byte flushes of the live connections."""
 
-    def __init__(self, metrics: ProxyMetrics) -> None:
+    def __init__(
+        self,
+        metrics: ProxyMetrics,
+        cluster_id: str = DEFAULT_CLUSTER_ID,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.metrics = metrics
+        self.cluster_id = cluster_id
+        self.tracer = tracer
+        """One span per connection over OTLP (None: tracing off)."""
         self._series: dict[tuple[str, ...], _Series] = {}
         self._active = {d: metrics.active.labels(d) for d in ("inbound", "outbound")}
+        self._live: dict[int, ConnectionRecord] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
     def _series_for(self, rec: ConnectionRecord) -> _Series:
-        key = rec.label_values()
+        key = rec.label_values(self.cluster_id)
         series = self._series.get(key)
         if series is None:
             if len(self._series) >= self.MAX_CACHED_SERIES:
@@ -220,25 +238,94 @@ class ConnectionTracker:
             self._series[key] = series
         return series
 
-    def opened(self, rec: ConnectionRecord) -> None:
+    def opened(
+        self, rec: ConnectionRecord, meter: Callable[[], tuple[int, int]] | None = None
+    ) -> None:
+        """`meter`: reads (received from, sent to) the client side so far."""
         rec.series = self._series_for(rec)
         rec.series.opened.inc()
         self._active[rec.direction].inc()
+        if meter is not None:
+            rec.meter = meter
+            self._live[id(rec)] = rec
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = loop.call_later(self.FLUSH_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.flush()
+        if self._live:
+            self._arm()
+
+    def flush(self) -> None:
+        """Add the bytes every live connection moved since the last flush."""
+        for rec in self._live.values():
+            if rec.meter is not None:
+                self._add_bytes(rec, *rec.meter())
+
+    @staticmethod
+    def _add_bytes(rec: ConnectionRecord, received: int, sent: int) -> None:
+        series = rec.series
+        if series is None:
+            return
+        if received > rec.flushed_recv:
+            series.received.inc(received - rec.flushed_recv)
+            rec.flushed_recv = received
+        if sent > rec.flushed_sent:
+            series.sent.inc(sent - rec.flushed_sent)
+            rec.flushed_sent = sent
 
     def closed(self, rec: ConnectionRecord) -> None:
-        series = rec.series or self._series_for(rec)
-        series.closed.inc()
+        self._live.pop(id(rec), None)
+        if rec.series is None:
+            rec.series = self._series_for(rec)
+        rec.series.closed.inc()
         self._active[rec.direction].dec()
-        if rec.bytes_recv:
-            series.received.inc(rec.bytes_recv)
-        if rec.bytes_sent:
-            series.sent.inc(rec.bytes_sent)
+        self._add_bytes(rec, rec.bytes_recv, rec.bytes_sent)
         self.log(rec)
+        self._span(rec)
 
     def failed(self, rec: ConnectionRecord) -> None:
         """A connection that never opened (denied, no upstream, TLS failure)."""
-        self.metrics.failed.labels(*rec.label_values()).inc()
+        self.metrics.failed.labels(*rec.label_values(self.cluster_id)).inc()
         self.log(rec)
+        self._span(rec)
+
+    def _span(self, rec: ConnectionRecord) -> None:
+        if self.tracer is None or not (rec.sampled and rec.trace_id and rec.span_id):
+            return
+        end_ns = time.time_ns()
+        start_ns = end_ns - int((time.monotonic() - rec.started) * 1e9)
+        self.tracer.record(
+            SpanRecord(
+                name=f"{rec.direction} {rec.hbone_addr or rec.dst_addr}",
+                kind="client" if rec.direction == "outbound" else "server",
+                trace_id=rec.trace_id,
+                span_id=rec.span_id,
+                parent_id=rec.parent_span_id or None,
+                start_ns=start_ns,
+                end_ns=end_ns,
+                attributes={
+                    "src.addr": rec.src_addr,
+                    "dst.addr": rec.dst_addr,
+                    "src.identity": rec.source_principal or "unknown",
+                    "dst.identity": rec.destination_principal or "unknown",
+                    "dst.service": rec.destination_service or "unknown",
+                    "bytes_sent": rec.bytes_sent,
+                    "bytes_recv": rec.bytes_recv,
+                    "response_flags": rec.response_flags,
+                },
+                error=rec.error,
+            )
+        )
 
     @staticmethod
     def log(rec: ConnectionRecord) -> None:

@@ -9,6 +9,7 @@ has applied the control plane's push.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -283,6 +284,9 @@ def _cni_args(pod: manifests.PodSpec, uid: str | None = None) -> str:
 
 
 def _pod_env(pod: manifests.PodSpec) -> dict[str, str]:
+    """A pod's environment; the OTLP collector settings (``OTEL_EXPORTER_OTLP_*``) of the lab's
+    own environment pass through, so waypoint pods export spans where the node proxies do."""
+    otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_EXPORTER_OTLP_")}
     return {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
@@ -290,4 +294,5 @@ def _pod_env(pod: manifests.PodSpec) -> dict[str, str]:
         "POD_NAMESPACE": pod.namespace,
         "NODE_NAME": pod.node,
         "PYTHONUNBUFFERED": "1",
+        **otel,
     }

@@ -593,3 +593,9 @@ def test_our_crds_refuse_bad_resources(doc: dict[str, Any], problem: str) -> Non
     validator = crd_validators()[(group, version, doc["kind"])]
     errors = [f"{list(e.path)} {e.message}" for e in validator.iter_errors(doc)]
     assert errors and any(problem in e for e in errors), errors
+
+
+def test_node_proxy_reports_the_cluster_id_of_the_values() -> None:
+    _text, docs = render(["clusterId=east"])
+    args = container(find(docs, "DaemonSet", "ztunnel"), "ztunnel")["args"]
+    assert "--cluster-id=east" in args  # Istio metrics' *_cluster label, as the control plane's

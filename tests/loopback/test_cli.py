@@ -37,7 +37,7 @@ def test_every_issue_command_is_registered() -> None:
                 "lab"):  # fmt: skip
         assert cmd in top
     assert completion.tree(parser())["ztunnel-config"][-6:] == [
-        "all", "certificate", "connections", "policy", "service", "workload"
+        "all", "certificates", "connections", "policies", "services", "workloads"
     ]  # fmt: skip
 
 
@@ -57,8 +57,16 @@ def test_bash_completion(capsys: pytest.CaptureFixture[str]) -> None:
     script = capsys.readouterr().out
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert complete(script, ["ambientctl", "ztu"]) == ["ztunnel-config"]
-    assert complete(script, ["ambientctl", "ztunnel-config", "c"]) == ["certificate", "connections"]
-    assert complete(script, ["ambientctl", "zc", "all", "-o", ""]) == ["table", "json", "yaml"]
+    assert complete(script, ["ambientctl", "ztunnel-config", "c"]) == [
+        "certificates",
+        "connections",
+    ]
+    assert complete(script, ["ambientctl", "zc", "all", "-o", ""]) == [
+        "table",
+        "short",
+        "json",
+        "yaml",
+    ]
     assert complete(script, ["ambientctl", "lab", "--name", "x", "d"]) == ["demo", "down"]
     assert "--failure-threshold" in complete(script, ["ambientctl", "analyze", "--f"])
     assert complete(script, ["ambientctl", "manifest", ""])[-1] == "generate"

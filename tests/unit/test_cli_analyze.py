@@ -156,7 +156,7 @@ def test_namespace_labelled_but_not_captured(
         "  labels: {istio.io/dataplane-mode: Ambient}",
     ]
     code, msgs = run(capsys, "-d", str(write(tmp_path / "nc", docs)))
-    assert code == 3
+    assert code == 79  # istioctl ExitAnalyzerFoundIssues
     assert codes(msgs) == {
         ("AMB0101", "Pod demo/stuck"),
         ("AMB0101", "Pod demo/host"),
@@ -188,7 +188,7 @@ def test_service_bound_to_missing_waypoint(
         pod("wl", labels="{app: wl, istio.io/use-waypoint: waypoint}"),
     ]
     code, msgs = run(capsys, "-d", str(write(tmp_path / "wp", docs)))
-    assert code == 3
+    assert code == 79  # istioctl ExitAnalyzerFoundIssues
     assert codes(msgs) == {
         ("AMB0102", "Service demo/echo"),
         ("AMB0102", "Service demo/other"),
@@ -244,7 +244,7 @@ spec:
 """,
     ]
     code, msgs = run(capsys, "-d", str(write(tmp_path / "l7", docs)))
-    assert code == 3
+    assert code == 79  # istioctl ExitAnalyzerFoundIssues
     assert codes(msgs) == {
         ("AMB0103", "AuthorizationPolicy demo/get-only"),
         ("AMB0103", "AuthorizationPolicy demo/deny-jwt"),
@@ -274,7 +274,7 @@ spec:
         % ("d", "demo", "echo"),  # another gateway
     ]
     code, msgs = run(capsys, "-d", str(write(tmp_path / "vs", docs)))
-    assert code == 3
+    assert code == 79  # istioctl ExitAnalyzerFoundIssues
     assert codes(msgs) == {
         ("AMB0104", "VirtualService demo/a"),
         ("AMB0104", "VirtualService shop/b"),
@@ -297,7 +297,7 @@ spec:
 """
     docs = [NS_AMBIENT, NS_LEGACY, pod("echo"), pod("curl", ns="legacy"), strict_ns]
     code, msgs = run(capsys, "-d", str(write(tmp_path / "strict", docs)))
-    assert code == 3
+    assert code == 79  # istioctl ExitAnalyzerFoundIssues
     assert codes(msgs) == {("AMB0105", "PeerAuthentication demo/strict")}
     assert "legacy/curl" in msgs[0]["message"] and "demo/echo" in msgs[0]["message"]
     # Same config with the client enrolled: quiet.
@@ -327,7 +327,7 @@ def test_unreadable_objects_and_thresholds(
     )
     (d / "broken.yaml").write_text("kind: [unclosed\n")
     code, msgs = run(capsys, str(d))
-    assert code == 3
+    assert code == 79  # istioctl ExitAnalyzerFoundIssues
     assert {m["code"] for m in msgs} == {"AMB0001"}
     assert len(msgs) == 2
     # Threshold: warnings alone do not fail with --failure-threshold Error.

@@ -38,6 +38,8 @@ def test_bookinfo_unsupported_fields_and_kinds(capsys: pytest.CaptureFixture[str
         ("AMB0203", "DestinationRule default/ratings"),
         ("AMB0203", "DestinationRule default/reviews"),
         ("AMB0204", "Gateway default/bookinfo-gateway"),  # Istio (ingress) Gateway
+        # Two samples both define DestinationRule details: as one directory, the later wins.
+        ("AMB0107", "DestinationRule default/details"),
         ("AMB0204", "ServiceEntry default/googleapis"),
         ("AMB0206", "VirtualService default/bookinfo"),  # bound to the ingress gateway only
     }

@@ -23,6 +23,7 @@ from meshcore.identity import SpiffeId
 from meshcore.model import IPAddress, TunnelProtocol
 from meshcore.sockets import can_bind_without_privilege
 from meshcore.state import MeshState
+from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tls import ContextCache
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 
@@ -63,6 +64,10 @@ class ProxySettings:
     http3_peers: tuple[str, ...] = ()
     """Nodes whose proxies we reach over HTTP/3 first ("*" = every node); any other destination,
     e.g. an Istio ztunnel, keeps HTTP/2. Needs `http3` (our own UDP sockets exist then)."""
+    cluster_id: str = DEFAULT_CLUSTER_ID
+    """This cluster's id (telemetry ``*_cluster`` of peers whose workload names none)."""
+    tracing_address: str | None = None
+    """OTLP gRPC collector for one span per connection; None = no tracing."""
 
     @property
     def admin_host(self) -> str:

@@ -31,6 +31,8 @@ from meshcore.hbone.frames import ErrorCode
 from meshcore.model import Service
 from meshcore.plan import InboundPlan, plan_inbound
 from meshcore.sockets import connect_tcp
+from meshcore.telemetry import guess_inbound_service
+from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
@@ -138,6 +140,13 @@ def addressed_service(
     if service is None or plan.destination_workload.service_ports(service.key) is None:
         return None
     return service
+
+
+def _set_service(rec: ConnectionRecord, service: Service | None) -> None:
+    if service is not None:
+        rec.destination_service = service.hostname
+        rec.destination_service_name = service.name
+        rec.destination_service_namespace = service.namespace
 
 
 class HboneListener:
@@ -296,6 +305,10 @@ class HboneListener:
         )
         src_ip = peer_ip
         rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)
+        caller = parse_traceparent(next((v for k, v in stream.headers if k == "traceparent"), None))
+        if caller is not None:  # this connection's span continues the caller's trace
+            rec.trace_id, rec.parent_span_id = caller.trace_id, caller.parent_id
+            rec.span_id, rec.sampled = f"{ctx.rng.getrandbits(64) or 1:016x}", caller.sampled
         try:
             dst_ip, dst_port = parse_authority(stream.authority)
             plan = plan_inbound(
@@ -311,11 +324,12 @@ class HboneListener:
             )
             rec.destination = plan.destination_workload
             rec.destination_principal = str(plan.destination_workload.identity)
-            service = plan.service or addressed_service(ctx, stream.headers, plan)
-            if service is not None:
-                rec.destination_service = service.hostname
-                rec.destination_service_name = service.name
-                rec.destination_service_namespace = service.namespace
+            service = (
+                plan.service
+                or addressed_service(ctx, stream.headers, plan)
+                or guess_inbound_service(plan.destination_workload, dst_port, ctx.state.service)
+            )
+            _set_service(rec, service)
             async with slots, ctx.upstream_slots:
                 upstream = await connect_upstream(ctx, plan, rec, src_ip)
         except HboneError as err:
@@ -328,7 +342,7 @@ class HboneListener:
             upstream.abort()
             return
         stream.respond(200)
-        ctx.tracker.opened(rec)
+        ctx.tracker.opened(rec, lambda: (upstream.sent, upstream.received))
         upstream.attach(stream)
 
 
@@ -373,6 +387,7 @@ class PlaintextInbound(TcpSide):
                 node=ctx.settings.node,
             )
             rec.destination = plan.destination_workload
+            _set_service(rec, guess_inbound_service(rec.destination, dst_port, ctx.state.service))
             upstream = await connect_upstream(ctx, plan, rec, src_ip)
         except HboneError as err:
             rec.response_flags = err.response_flag
@@ -382,5 +397,5 @@ class PlaintextInbound(TcpSide):
             return
         upstream._on_done = None  # this side records the connection
         self.record = rec
-        ctx.tracker.opened(rec)
+        ctx.tracker.opened(rec, lambda: (self.received, self.sent))
         splice(self, upstream)

@@ -42,10 +42,14 @@ def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
     return ",".join(items)
 
 
-def _traceparent(ctx: ProxyContext) -> str:
-    """A new W3C trace context (version 00, sampled flag off) for this connection."""
+def _traceparent(ctx: ProxyContext, rec: ConnectionRecord) -> str:
+    """A new W3C trace context (version 00) for this connection, recorded in `rec`: sampled
+    (flag 01) when this proxy exports spans, so the destination's span joins the trace."""
     rng = ctx.rng
-    return f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-00"
+    rec.trace_id = f"{rng.getrandbits(128) or 1:032x}"
+    rec.span_id = f"{rng.getrandbits(64) or 1:016x}"
+    rec.sampled = ctx.tracker.tracer is not None
+    return f"00-{rec.trace_id}-{rec.span_id}-{'01' if rec.sampled else '00'}"
 
 
 class OutboundConnection(TcpSide):
@@ -121,7 +125,7 @@ class OutboundConnection(TcpSide):
             self.abort()
             return
         self.record = rec
-        ctx.tracker.opened(rec)
+        ctx.tracker.opened(rec, lambda: (self.received, self.sent))
 
     async def _hbone(
         self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str, src_port: int
@@ -148,7 +152,7 @@ class OutboundConnection(TcpSide):
         baggage = _baggage(plan)
         if baggage:
             headers.append(("baggage", baggage))
-        headers.append(("traceparent", _traceparent(ctx)))
+        headers.append(("traceparent", _traceparent(ctx, rec)))
         rec.hbone_addr = plan.authority
         stream = await ctx.pool.open_stream(key, plan.authority, headers, self)
         rec.mtls = True
@@ -202,7 +206,7 @@ class OutboundConnection(TcpSide):
             dest_rec.error = str(err)
             ctx.tracker.failed(dest_rec)
             raise
-        ctx.tracker.opened(dest_rec)
+        ctx.tracker.opened(dest_rec, lambda: (upstream.sent, upstream.received))
         rec.mtls = True
         rec.destination_principal = dest_rec.destination_principal
         splice(self, upstream)

@@ -1,9 +1,9 @@
 """The `reviews` app of the waypoint demo: an HTTP/1.1 server answering with its version.
 
 GET any path -> 200 ``{"version": "v1", "pod": "reviews-v1", "path": "/..."}``. Every request
-is logged on stdout (``request <method> <path> from <ip>``), so tests can tell that a request
-denied by the waypoint never reached the app. Standard library only (runs with the system
-python3 in the pod's network namespace).
+is logged on stdout (``request <method> <path> from <ip> traceparent=<header or ->``), so tests
+can tell that a request denied by the waypoint never reached the app, and which span called it.
+Standard library only (runs with the system python3 in the pod's network namespace).
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        print(f"request {self.command} {self.path} from {self.client_address[0]}", flush=True)
+        trace = self.headers.get("traceparent", "-")
+        print(
+            f"request {self.command} {self.path} from {self.client_address[0]} traceparent={trace}",
+            flush=True,
+        )
         body = json.dumps(
             {"version": VERSION, "pod": os.environ.get("POD_NAME", "?"), "path": self.path}
         ).encode()

@@ -1,0 +1,312 @@
+"""Istio's standard telemetry labels and the one workload-to-label mapping, shared by the node
+proxy (TCP metrics, reporter source/destination) and the waypoint (request metrics, reporter
+waypoint).
+
+Owns: the label names of Istio's standard metrics (istio.io "Istio Standard Metrics"; the label
+set and order of ztunnel's ``CommonTrafficLabels``, src/proxy/metrics.rs), the derivation of a
+canonical service/revision from pod labels (as istiod does: ``service.istio.io/canonical-name``,
+``app.kubernetes.io/name``, ``app``, else the workload name; ``service.istio.io/
+canonical-revision``, ``app.kubernetes.io/version``, ``version``, else ``latest``), the mapping
+`Workload` -> `PeerLabels`, the registry every process starts from (no ``_created`` series,
+``process_*``), ``istio_build``, and the xDS client metrics (``istio_xds_*``).
+
+Invariants:
+- ``*_app`` / ``*_version`` are the canonical service / revision on both proxies (as ztunnel);
+  no label is ever empty: an unknown value is ``unknown`` (Istio's ``DefaultedUnknown``).
+- The cluster of a peer is its workload's ``clusterId``, else this process's own cluster id
+  (``--cluster-id``, env ``CLUSTER_ID``, default ``Kubernetes`` as istiod).
+- Label tuples are plain tuples in the order of `TCP_LABELS` / `HTTP_LABELS`, so callers cache
+  metric children per tuple.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meshcore.model import Service, Workload
+
+UNKNOWN = "unknown"
+DEFAULT_REVISION = "latest"
+DEFAULT_CLUSTER_ID = "Kubernetes"
+"""istiod's default cluster id (``CLUSTER_ID``)."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ambient-mesh")
+    except metadata.PackageNotFoundError:  # a source tree without an installed package
+        return "unknown"
+
+
+VERSION = _version()
+"""This project's version (``tag`` of ``istio_build``, ``ambientctl version``), not Istio's."""
+
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = (
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+)
+
+TCP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+"""Labels of ``istio_tcp_*`` (ztunnel's order)."""
+
+HTTP_LABELS = (
+    *TCP_LABELS[:-3],
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+)
+"""Labels of ``istio_requests_total`` and the request histograms: the TCP labels plus
+``response_code`` and ``grpc_response_status``."""
+
+
+PodLabels = Mapping[str, str] | Iterable[tuple[str, str]]
+"""A pod's labels: a mapping or (key, value) pairs."""
+
+
+def _first_label(labels: PodLabels, keys: tuple[str, ...]) -> str:
+    found = labels if isinstance(labels, Mapping) else dict(labels)
+    for key in keys:
+        value = found.get(key, "")
+        if value:
+            return value
+    return ""
+
+
+def canonical_service(labels: PodLabels, workload_name: str) -> str:
+    """The canonical service of a pod with `labels` owned by `workload_name`."""
+    return _first_label(labels, CANONICAL_NAME_LABELS) or workload_name
+
+
+def canonical_revision(labels: PodLabels) -> str:
+    """The canonical revision of a pod with `labels`."""
+    return _first_label(labels, CANONICAL_REVISION_LABELS) or DEFAULT_REVISION
+
+
+def cluster_id_from_env() -> str:
+    return os.environ.get("CLUSTER_ID", "") or DEFAULT_CLUSTER_ID
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLabels:
+    """The label values describing one side (source or destination) of a connection/request."""
+
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = UNKNOWN
+    app: str = UNKNOWN
+    version: str = UNKNOWN
+    cluster: str = UNKNOWN
+
+
+UNKNOWN_PEER = PeerLabels()
+
+
+def peer_labels(w: Workload | None, cluster_id: str) -> PeerLabels:
+    """`w`'s labels; a workload without canonical fields (a static config) gets the defaults
+    istiod would have derived (workload name, ``latest``)."""
+    if w is None:
+        return UNKNOWN_PEER
+    workload = w.workload_name or w.name or UNKNOWN
+    service = w.canonical_name or workload
+    revision = w.canonical_revision or DEFAULT_REVISION
+    return PeerLabels(
+        workload=workload,
+        namespace=w.namespace or UNKNOWN,
+        canonical_service=service,
+        canonical_revision=revision,
+        app=service,
+        version=revision,
+        cluster=w.cluster_id or cluster_id or UNKNOWN,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceLabels:
+    host: str = UNKNOWN
+    name: str = UNKNOWN
+    namespace: str = UNKNOWN
+
+
+UNKNOWN_SERVICE = ServiceLabels()
+
+
+def service_labels(svc: Service | None) -> ServiceLabels:
+    if svc is None:
+        return UNKNOWN_SERVICE
+    return ServiceLabels(svc.hostname or UNKNOWN, svc.name or UNKNOWN, svc.namespace or UNKNOWN)
+
+
+def guess_inbound_service(
+    workload: Workload, target_port: int, lookup: Callable[[str], Service | None]
+) -> Service | None:
+    """The service a connection to `workload`:`target_port` most likely addressed, for
+    telemetry only (ztunnel's ``guess_inbound_service``, src/proxy.rs): the first service the
+    workload backs (in key order) whose port maps to `target_port` (the workload's own port
+    mapping first, then the service's target port). None if nothing matches."""
+    for key, ports in workload.services:
+        svc = lookup(key)
+        if svc is None:
+            continue
+        for port in svc.ports:
+            own = next((p for p in ports if p.service_port == port.service_port), None)
+            target = (own.target_port if own is not None else 0) or port.target_port
+            if target == target_port:
+                return svc
+    return None
+
+
+def _or_unknown(value: str | None) -> str:
+    return value or UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """Who talked to whom: the part shared by TCP and request label sets."""
+
+    reporter: str
+    source: PeerLabels
+    source_principal: str | None
+    destination: PeerLabels
+    destination_principal: str | None
+    service: ServiceLabels
+    mtls: bool
+
+    def _peers(self) -> tuple[str, ...]:
+        s, d, svc = self.source, self.destination, self.service
+        return (
+            self.reporter,
+            s.workload, s.canonical_service, s.canonical_revision, s.namespace,
+            _or_unknown(self.source_principal), s.app, s.version, s.cluster,
+            svc.host, svc.namespace, svc.name,
+            d.workload, d.canonical_service, d.canonical_revision, d.namespace,
+            _or_unknown(self.destination_principal), d.app, d.version, d.cluster,
+        )  # fmt: skip
+
+    @property
+    def security_policy(self) -> str:
+        return "mutual_tls" if self.mtls else UNKNOWN
+
+    def tcp_values(self, response_flags: str = "-") -> tuple[str, ...]:
+        """Values in `TCP_LABELS` order."""
+        return (*self._peers(), "tcp", response_flags, self.security_policy)
+
+    def http_values(
+        self, protocol: str, response_code: int, grpc_status: str, response_flags: str
+    ) -> tuple[str, ...]:
+        """Values in `HTTP_LABELS` order."""
+        return (
+            *self._peers(),
+            protocol,
+            str(response_code),
+            grpc_status or "-",
+            response_flags,
+            self.security_policy,
+        )
+
+
+# ------------------------------------------------------------------------------ process metrics
+
+
+class BuildCollector(Collector):
+    """``istio_build{component, tag} 1`` (Istio's dashboards' "versions" panels)."""
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+
+    def collect(self) -> Iterator[Any]:
+        g = GaugeMetricFamily(
+            "istio_build", "Istio component build info", labels=["component", "tag"]
+        )
+        g.add_metric([self.component, VERSION], 1.0)
+        yield g
+
+
+class XdsCollector(Collector):
+    """ztunnel's xDS client metrics from a live stats object: ``istio_xds_connection_
+    terminations_total{reason}``, ``istio_xds_message_total{url}``,
+    ``istio_xds_message_bytes_total{url}``."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        st = self.stats()
+        if st is None:
+            return
+        term = CounterMetricFamily(
+            "istio_xds_connection_terminations",
+            "Total number of xDS connection terminations",
+            labels=["reason"],
+        )
+        for reason, n in sorted(st.terminations.items()):
+            term.add_metric([reason], n)
+        msgs = CounterMetricFamily(
+            "istio_xds_message", "Total number of xDS messages received", labels=["url"]
+        )
+        size = CounterMetricFamily(
+            "istio_xds_message_bytes", "Total bytes of xDS messages received", labels=["url"]
+        )
+        for url, n in sorted(st.messages.items()):
+            msgs.add_metric([url], n)
+            size.add_metric([url], st.message_bytes.get(url, 0))
+        yield term
+        yield msgs
+        yield size
+
+
+def process_collectors(registry: CollectorRegistry, component: str) -> None:
+    """``process_*`` (CPU, memory, fds, start time), ``python_info`` and ``istio_build``."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(BuildCollector(component))
+
+
+def new_registry(component: str) -> CollectorRegistry:
+    """A registry for one proxy process: process metrics and ``istio_build`` included, and no
+    ``*_created`` series (Istio exports none; prometheus-client's switch is process-wide)."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    process_collectors(registry, component)
+    return registry

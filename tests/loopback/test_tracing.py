@@ -1,0 +1,114 @@
+"""Spans over OTLP from the waypoint (one per request) and the node proxies (one per
+connection), with W3C traceparent propagated, received by a real gRPC OTLP receiver
+(opentelemetry-proto's generated TraceService, tests/otlp_receiver.py).
+
+The lab test (tests/root/test_lab_tracing.py) repeats the request chain with the real
+OpenTelemetry Collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meshcore.tracing import Tracer
+from tests.loopback.harness import call_service, running_mesh
+from tests.loopback.test_waypoint_harness import PORT, REVIEWS_VIP, run, waypoint_mesh
+from tests.otlp_receiver import OtlpReceiver
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+async def wait_spans(
+    receiver: OtlpReceiver, pred: Callable[[list[dict[str, Any]]], bool], timeout: float = 10
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spans = receiver.snapshot()
+        if pred(spans):
+            return spans
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"spans never arrived: {receiver.snapshot()}")
+
+
+def test_waypoint_span_per_request_continues_the_callers_trace(tmp_path: Path) -> None:
+    receiver = OtlpReceiver().start()
+
+    async def main() -> None:
+        async with waypoint_mesh(tmp_path) as mesh:
+            tracer = Tracer(receiver.address, "waypoint", {})
+            mesh.waypoint.ctx.metrics.tracer = tracer
+            headers = {"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-01", "baggage": "k=v"}
+            url = f"http://{REVIEWS_VIP}:{PORT}/a?q=1"
+            async with mesh.session() as s, s.get(url, headers=headers) as r:
+                assert r.status == 200
+            spans = await wait_spans(receiver, lambda sp: any(x["trace_id"] == TRACE for x in sp))
+            (span,) = [x for x in spans if x["trace_id"] == TRACE]
+            assert span["service"] == "waypoint"
+            assert span["parent_id"] == CLIENT_SPAN  # the client's span is the parent
+            assert span["attributes"]["http.status_code"] == 200
+            assert span["attributes"]["http.method"] == "GET"
+            # The server got the waypoint's span as its parent, and the baggage unchanged.
+            got = [r for b in mesh.backends.pods.values() for r in b.requests]
+            assert len(got) == 1
+            assert got[0]["headers"]["traceparent"] == f"00-{TRACE}-{span['span_id']}-01"
+            assert got[0]["headers"]["baggage"] == "k=v"
+
+            # An unsampled trace is propagated but not exported.
+            unsampled = "5bf92f3577b34da6a3ce929d0e0e4736"
+            headers = {"traceparent": f"00-{unsampled}-{CLIENT_SPAN}-00"}
+            url = f"http://{REVIEWS_VIP}:{PORT}/b"
+            async with mesh.session() as s, s.get(url, headers=headers) as r:
+                assert r.status == 200
+            tracer.processor.force_flush()
+            await asyncio.sleep(0.2)
+            assert not [x for x in receiver.snapshot() if x["trace_id"] == unsampled]
+            tracer.shutdown()
+
+    try:
+        run(main())
+    finally:
+        receiver.stop()
+
+
+def test_node_proxy_span_per_connection_with_the_destination_as_child(tmp_path: Path) -> None:
+    receiver = OtlpReceiver().start()
+
+    async def main() -> None:
+        async with running_mesh(tmp_path) as mesh:
+            tracers = []
+            for node in (mesh.node_a, mesh.node_b):
+                tracer = Tracer(
+                    receiver.address, "ztunnel", {"k8s.node.name": node.ctx.settings.node}
+                )
+                node.ctx.tracker.tracer = tracer
+                tracers.append(tracer)
+            (_got, n), _ = await call_service(5, 100, 300)
+            assert n == 300
+
+            def chain(spans: list[dict[str, Any]]) -> bool:
+                return len(spans) >= 2
+
+            spans = await wait_spans(receiver, chain)
+            out = [s for s in spans if s["name"].startswith("outbound")]
+            inb = [s for s in spans if s["name"].startswith("inbound")]
+            assert len(out) == 1, spans
+            assert len(inb) == 1, spans
+            assert out[0]["parent_id"] == ""  # the connection starts the trace at the source
+            assert inb[0]["trace_id"] == out[0]["trace_id"]
+            assert inb[0]["parent_id"] == out[0]["span_id"]  # via the CONNECT's traceparent
+            assert inb[0]["attributes"]["src.identity"].endswith("/sa/sleep")
+            # From the client's side: 8 header + 100 bytes up, 300 down.
+            assert out[0]["attributes"]["bytes_recv"] == 108
+            assert out[0]["attributes"]["bytes_sent"] == 300
+            for tracer in tracers:
+                tracer.shutdown()
+
+    try:
+        run(main())
+    finally:
+        receiver.stop()

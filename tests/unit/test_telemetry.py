@@ -1,0 +1,140 @@
+"""Istio's standard labels on both proxies, and one workload-to-label mapping for both.
+
+Label names are written out from istio.io "Istio Standard Metrics" (request and TCP metrics) and
+ztunnel's ``CommonTrafficLabels`` (src/proxy/metrics.rs), not imported from the code under test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshcore.model import Port, Service, Workload
+from meshcore.telemetry import canonical_revision, canonical_service, guess_inbound_service
+from waypoint.metrics import RequestRecord, WaypointMetrics
+from ztunnel.metrics import ConnectionRecord, ProxyMetrics
+
+PEER: tuple[str, ...] = ("workload", "canonical_service", "canonical_revision")
+PEER += ("workload_namespace", "principal", "app", "version", "cluster")
+ISTIO_HTTP_LABELS = {
+    "reporter",
+    *(f"source_{x}" for x in PEER),
+    *(f"destination_{x}" for x in PEER),
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+}
+
+LABELLED = Workload(
+    uid="Kubernetes//Pod/default/reviews-v2-abc",
+    name="reviews-v2-abc",
+    namespace="default",
+    workload_name="reviews-v2",
+    canonical_name="reviews",
+    canonical_revision="v2",
+    cluster_id="east",
+)
+BARE = Workload(uid="c1", name="sleep-7d9", namespace="default", workload_name="sleep")
+"""A static-config workload without canonical fields."""
+
+
+def request_labels(metrics: WaypointMetrics) -> dict[str, str]:
+    text = generate_latest(metrics.registry).decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "istio_requests_total":
+                return dict(s.labels)
+    raise AssertionError("no istio_requests_total series")
+
+
+def waypoint_labels(source: Workload, destination: Workload, cluster: str) -> dict[str, str]:
+    m = WaypointMetrics(cluster_id=cluster)
+    m.log_enabled = False
+    rec = RequestRecord(start=time.monotonic(), status=200, source=source, destination=destination)
+    m.record(rec, time.monotonic())
+    return request_labels(m)
+
+
+def test_waypoint_request_series_carry_every_istio_standard_label() -> None:
+    labels = waypoint_labels(BARE, LABELLED, "west")
+    assert set(labels) == ISTIO_HTTP_LABELS
+    assert labels["destination_canonical_revision"] == "v2"
+    assert labels["destination_cluster"] == "east"  # the workload's own cluster id
+    assert labels["source_cluster"] == "west"  # else this proxy's (settings)
+    assert labels["source_canonical_revision"] == "latest"
+    assert labels["source_canonical_service"] == "sleep"
+
+
+@pytest.mark.parametrize("workload", [LABELLED, BARE], ids=["labelled", "bare"])
+def test_node_proxy_and_waypoint_map_a_workload_to_the_same_labels(workload: Workload) -> None:
+    http = waypoint_labels(workload, workload, "Kubernetes")
+    tcp = ConnectionRecord(
+        direction="outbound",
+        reporter="source",
+        src_addr="",
+        dst_addr="",
+        source=workload,
+        destination=workload,
+    ).labels("Kubernetes")
+    for side in ("source", "destination"):
+        for key in PEER:
+            if key == "principal":
+                continue
+            name = f"{side}_{key}"
+            assert tcp[name] == http[name], name
+
+
+def test_no_created_series_on_either_proxy() -> None:
+    m = WaypointMetrics()
+    m.log_enabled = False
+    m.record(RequestRecord(start=time.monotonic(), status=200), time.monotonic())
+    text = generate_latest(m.registry).decode()
+    assert "_created" not in text
+    assert 'istio_build{component="waypoint"' in text
+    assert "process_cpu_seconds_total" in text
+    assert "_created" not in generate_latest(ProxyMetrics().registry).decode()
+
+
+@pytest.mark.parametrize(
+    ("labels", "service", "revision"),
+    [
+        ({"service.istio.io/canonical-name": "a", "app": "b", "version": "v1"}, "a", "v1"),
+        ({"app.kubernetes.io/name": "n", "app": "b", "app.kubernetes.io/version": "3"}, "n", "3"),
+        ({"app": "b", "version": "v9", "service.istio.io/canonical-revision": "r"}, "b", "r"),
+        ({}, "owner", "latest"),
+    ],
+)
+def test_canonical_service_and_revision_as_istiod(
+    labels: dict[str, str], service: str, revision: str
+) -> None:
+    assert canonical_service(labels, "owner") == service
+    assert canonical_revision(labels) == revision
+
+
+def test_inbound_service_guessed_by_target_port() -> None:
+    a = Service(
+        name="a",
+        namespace="ns",
+        hostname="a.ns.svc.cluster.local",
+        ports=(Port(service_port=80, target_port=8080),),
+    )
+    b = Service(
+        name="b",
+        namespace="ns",
+        hostname="b.ns.svc.cluster.local",
+        ports=(Port(service_port=90, target_port=0),),
+    )
+    services = {a.key: a, b.key: b}
+    own = (Port(service_port=90, target_port=9090),)
+    w = Workload(uid="w", name="w", namespace="ns", services=((a.key, ()), (b.key, own)))
+    assert guess_inbound_service(w, 8080, services.get) is a
+    assert guess_inbound_service(w, 9090, services.get) is b  # the workload's own mapping
+    assert guess_inbound_service(w, 7070, services.get) is None
