@@ -82,7 +82,9 @@ def test_tcp_series_carry_every_istio_standard_label(tmp_path: Path) -> None:
                     found = [lb for lb, _ in samples(proxy, name) if lb["reporter"] == reporter]
                     assert found, (name, reporter)
                     labels = found[0]
-                    assert set(labels) == ISTIO_TCP_LABELS
+                    # Istio's labels, plus our one documented extra: the HBONE transport.
+                    assert set(labels) == ISTIO_TCP_LABELS | {"transport"}
+                    assert labels["transport"] == "h2"
                     # Canonical fields as istiod derives them when a pod has no such labels:
                     # the workload name and "latest"; the cluster from the proxy's settings.
                     assert labels["source_canonical_service"] == "sleep"
