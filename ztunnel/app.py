@@ -37,6 +37,7 @@ from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.opshttp import is_loopback
 from meshcore.proto.yamlform import load_mesh_config
+from meshcore.sockets import LISTEN_BACKLOG
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from ztunnel.admin import (
@@ -48,6 +49,7 @@ from ztunnel.admin import (
     serve_http,
 )
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
+from ztunnel.proxy.accept import TcpListener
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
 from ztunnel.proxy.inbound_h3 import H3Listener
@@ -55,9 +57,6 @@ from ztunnel.proxy.outbound import OutboundConnection
 
 log = logging.getLogger("ztunnel")
 IP_TRANSPARENT = 19  # linux/in.h; not exported by the socket module
-# Accept queue of every data-path listener (Envoy's default is 4096 too). asyncio's
-# create_server(sock=...) calls listen() again with ITS backlog (default 100), so it is passed.
-LISTEN_BACKLOG = 4096
 
 
 def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.socket:
@@ -262,7 +261,7 @@ class NodeProxy:
         self.ctx = ctx
         self.listeners = listeners
         self.serve_admin = serve_admin
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[TcpListener] = []
         self.hbone_listeners: list[HboneListener] = []
         self.admin_servers: list[asyncio.Server] = []
         self.ready = False
@@ -293,10 +292,11 @@ class NodeProxy:
                 hbone.start()
                 self.hbone_listeners.append(hbone)
             else:
-                server = await loop.create_server(
-                    factories[listener.role], sock=listener.sock, backlog=LISTEN_BACKLOG
-                )
-                self.servers.append(server)
+                # Our accept loop, not create_server: it pauses on fd shortage (accept.py).
+                factory = factories[listener.role]
+                tcp = TcpListener(listener.role, listener.sock, factory, ctx.metrics)
+                tcp.start()
+                self.servers.append(tcp)
         s = ctx.settings
         if self.serve_admin:
             self.admin_servers = [
@@ -346,8 +346,8 @@ class NodeProxy:
         connections (bounded by drain_timeout), then close what is left."""
         self.ready = False
         self.ctx.draining = True
-        for server in self.servers:
-            server.close()
+        for tcp in self.servers:
+            tcp.close()
         for listener in self.hbone_listeners:
             listener.close()
         for server in self.admin_servers:

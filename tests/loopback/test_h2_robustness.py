@@ -394,3 +394,48 @@ def test_streams_sent_before_our_settings_arrive_are_served(node: NodeB) -> None
     assert not seen.resets
     assert set(seen.statuses) == set(streams) and set(seen.statuses.values()) == {"200"}
     assert backend.accepted == len(streams) + 1
+
+
+def test_plain_listeners_pause_accepting_when_descriptors_run_short(node: NodeB) -> None:
+    """The outbound (15001) and plaintext inbound (15006) listeners behave like the HBONE one:
+    with descriptors short they leave connections in the kernel's backlog (`ss` Recv-Q of the
+    listener) instead of asyncio's accept-until-EMFILE; readiness keeps answering from the
+    reserve; once descriptors are back, the queued connections are accepted."""
+    import resource
+    import socket
+    import subprocess
+
+    from tests.loopback.robustness import NODE
+
+    soft, hard = resource.prlimit(node.pid, resource.RLIMIT_NOFILE)
+    listeners = [(NODE, 15001), (NODE, 15006)]
+
+    def queued() -> dict[int, int]:
+        out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+        ports = {f"{h}:{p}": p for h, p in listeners}
+        return {ports[f[3]]: int(f[1]) for f in map(str.split, out.splitlines()) if f[3] in ports}
+
+    socks: list[socket.socket] = []
+    try:
+        # Inside the 256-descriptor reserve, and fewer free than the connections we open.
+        resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (fd_count(node.pid) + 30, hard))
+        for addr in listeners:
+            for _ in range(40):  # plain TCP: the kernel completes the handshake
+                s = socket.socket()
+                s.setblocking(False)
+                with suppress(BlockingIOError):
+                    s.connect(addr)
+                socks.append(s)
+        run(eventually(lambda: "plaintext accept paused" in node.log.read_text()))
+        run(eventually(lambda: "outbound accept paused" in node.log.read_text()))
+        # At most the one accept already waiting when the limit dropped went through.
+        assert all(n >= 39 for n in queued().values()), queued()
+        assert node.ready(), "readiness must keep answering"
+        resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        run(eventually(lambda: queued() == {15001: 0, 15006: 0}))
+        text = node.log.read_text()
+        assert "Too many open files" not in text and "out of system resource" not in text
+    finally:
+        for s in socks:
+            s.close()
+        resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))

@@ -114,14 +114,17 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
 
 def test_every_listener_has_a_4096_backlog(pair: Pair) -> None:
     """`ss -ltn`: Send-Q of a listening socket is its backlog. asyncio's create_server(sock=...)
-    re-listens with its own default (100) unless told otherwise."""
+    and start_server listen with their own default (100) unless told otherwise: the data path
+    and the operator endpoints (metrics 15020, readiness 15021, admin 15000)."""
     out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
     backlogs = {}
     for line in out.splitlines():
         fields = line.split()
         backlogs[fields[3]] = int(fields[2])
     data_path = [f"{VIP}:80", f"{NODE_A}:15001", f"{NODE_A}:15006", f"{SERVER}:15008"]
-    assert {addr: backlogs.get(addr) for addr in data_path} == dict.fromkeys(data_path, 4096)
+    ops = [f"{NODE_A}:15020", f"{NODE_A}:15021", f"{NODE_B}:15021", f"{NODE_A}:15000"]
+    every = data_path + ops
+    assert {addr: backlogs.get(addr) for addr in every} == dict.fromkeys(every, 4096)
 
 
 def test_5000_concurrent_tunnels_none_lost_none_corrupted(pair: Pair) -> None:

@@ -10,18 +10,15 @@ denied request.
 Bounded work (issue 9): the serve task of a CONNECT is the stream's task, cancelled when the
 client resets the stream (no socket is created for a stream already gone); upstream connects in
 flight are capped per HBONE connection and per node proxy (`ProxyContext.upstream_slots`), the
-excess waits; accepting pauses while file descriptors run short (`FD_RESERVE` are kept for the
-operator endpoints and the tunnels already open). Every stream the HTTP/2 layer refuses and every
-connection it closes for a protocol error leaves a log line and a counter.
+excess waits; accepting pauses while file descriptors run short (`ztunnel.proxy.accept`). Every
+stream the HTTP/2 layer refuses and every connection it closes for a protocol error leaves a log
+line and a counter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
-import resource
 import socket
 
 from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
@@ -32,6 +29,7 @@ from meshcore.model import Service
 from meshcore.plan import InboundPlan, plan_inbound
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
+from ztunnel.proxy.accept import AcceptLoop
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
 
@@ -39,9 +37,6 @@ log = logging.getLogger("ztunnel.inbound")
 
 PENDING_CONNECTS_PER_CONNECTION = 64
 """Upstream connects in flight for one HBONE connection; more CONNECTs wait their turn."""
-FD_RESERVE = 256
-"""File descriptors kept free: accepting pauses when the next one would eat into them."""
-ACCEPT_PAUSE = 0.1
 
 
 def _refusal_reason(ev: RequestRefused) -> str:
@@ -53,18 +48,6 @@ def _refusal_reason(ev: RequestRefused) -> str:
     if ev.error_code == ErrorCode.REFUSED_STREAM:
         return "max_concurrent_streams"
     return "malformed"
-
-
-def fds_short(reserve: int = FD_RESERVE) -> bool:
-    """True when fewer than `reserve` descriptors are free. Linux hands out the lowest free
-    descriptor (open(2)), so the number of a fresh one tells how full the table is."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    try:
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True
-    os.close(fd)
-    return soft != resource.RLIM_INFINITY and fd >= soft - reserve
 
 
 def parse_authority(authority: str) -> tuple[str, int]:
@@ -147,43 +130,20 @@ class HboneListener:
     def __init__(self, ctx: ProxyContext, sock: socket.socket) -> None:
         self.ctx = ctx
         self.sock = sock
-        self._task: asyncio.Task[None] | None = None
+        self._accept = AcceptLoop("HBONE", sock, self._accepted, ctx.metrics)
         self._handshakes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._accept.start()
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self.sock.close()
+        self._accept.close()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if fds_short():
-                await self._pause_accepting("file descriptors short")
-                continue
-            try:
-                conn, _ = await loop.sock_accept(self.sock)
-            except OSError as err:
-                if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("HBONE accept failed: %s", err)
-                    continue
-                await self._pause_accepting(str(err))
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._handshake(conn))
-            self._handshakes.add(task)  # keep a reference until done (asyncio holds weak refs)
-            task.add_done_callback(self._handshakes.discard)
-
-    async def _pause_accepting(self, why: str) -> None:
-        """Leave new connections in the kernel's backlog until descriptors are free again."""
-        self.ctx.metrics.accept_paused.inc()
-        log.warning("HBONE accept paused: %s", why)
-        while fds_short():
-            await asyncio.sleep(ACCEPT_PAUSE)
-        log.info("HBONE accept resumed")
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.get_running_loop().create_task(self._handshake(conn))
+        self._handshakes.add(task)  # keep a reference until done (asyncio holds weak refs)
+        task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, conn: socket.socket) -> None:
         ctx = self.ctx
