@@ -39,6 +39,7 @@ from meshcore.hbone.connection import (
     DataReceived,
     Event,
     HboneConnection,
+    RateBudget,
     RequestReceived,
     RequestRefused,
     ResponseReceived,
@@ -184,8 +185,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
         on_refused: RefusalHandler | None = None,
         on_error: Callable[[HboneProtocol, ConnectionTerminated], None] | None = None,
         max_concurrent_streams: int = SERVER_MAX_STREAMS,
+        peer_resets: RateBudget | None = None,
     ) -> None:
-        self.conn = HboneConnection(role, max_concurrent_streams=max_concurrent_streams)
+        self.conn = HboneConnection(
+            role, max_concurrent_streams=max_concurrent_streams, peer_resets=peer_resets
+        )
         self.on_refused = on_refused
         self.on_error = on_error
         self.role = role

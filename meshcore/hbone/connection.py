@@ -18,7 +18,9 @@ octets, `MAX_CONTINUATIONS` frames, `EMPTY_CONTINUATION_ALLOWANCE` empty ones) a
 list by the advertised MAX_HEADER_LIST_SIZE (a request over it is answered 431, RFC 6585 §5);
 streams the peer resets before we answered, streams we refuse and streams we reset for a stream
 error spend a sliding-window budget, as do PINGs and SETTINGS (each forces a reply) and empty DATA
-frames; an exhausted budget is a connection error ENHANCE_YOUR_CALM (GOAWAY). A new stream id
+frames; an exhausted budget is a connection error ENHANCE_YOUR_CALM (GOAWAY). The reset budget
+is also spent from one shared by all connections of the same peer (`peer_resets`, given by the
+edge): spreading resets over many connections does not multiply it. A new stream id
 must be above every id the peer used before (§5.1.1), else PROTOCOL_ERROR.
 
 Timers follow aioquic: `get_timer()` says when the connection next needs `handle_timer(now)`;
@@ -92,6 +94,7 @@ EMPTY_CONTINUATION_ALLOWANCE = 4  # per connection; then PROTOCOL_ERROR
 # Sliding-window budgets (events per BUDGET_WINDOW seconds) of work a peer causes cheaply.
 BUDGET_WINDOW = 10.0
 RESET_BUDGET = 200  # streams reset before an answer, refused, or reset for a stream error
+PEER_RESET_BUDGET = 1000  # the same, summed over all connections of one peer (`peer_resets`)
 CONTROL_BUDGET = 1000  # PING and SETTINGS frames (each forces a reply frame)
 EMPTY_DATA_BUDGET = 200  # zero-length DATA without END_STREAM (CVE-2019-9518)
 RECENT_RESETS = 1024  # ids of streams we reset, whose late frames are ignored (§5.1)
@@ -284,7 +287,10 @@ class HboneConnection:
         *,
         max_concurrent_streams: int = SERVER_MAX_STREAMS,
         rng: random.Random | None = None,
+        peer_resets: RateBudget | None = None,
     ) -> None:
+        """`peer_resets`: a reset budget shared by every connection of the same peer (the
+        edge keys it by peer address), so resets spread over connections stay bounded too."""
         self.role = role
         self._rng = rng if rng is not None else random.SystemRandom()
         self._out: list[bytes] = []
@@ -322,6 +328,7 @@ class HboneConnection:
         self._header_end_stream = False
         self._empty_continuations = 0
         self._reset_budget = RateBudget(RESET_BUDGET, BUDGET_WINDOW)
+        self._peer_resets = peer_resets
         self._control_budget = RateBudget(CONTROL_BUDGET, BUDGET_WINDOW)
         self._empty_data_budget = RateBudget(EMPTY_DATA_BUDGET, BUDGET_WINDOW)
         self._recent_resets: dict[int, None] = {}  # insertion-ordered, bounded
@@ -715,7 +722,7 @@ class HboneConnection:
         self._remember_reset(stream.stream_id)
         events.append(StreamReset(stream.stream_id, code, False))
         # "MadeYouReset": stream errors the peer provokes cost as much as its own resets.
-        self._spend(self._reset_budget, "stream resets")
+        self._spend_reset("stream resets")
 
     def _spend(self, budget: RateBudget, what: str) -> None:
         if not budget.spend(self._now):
@@ -723,6 +730,11 @@ class HboneConnection:
                 f"too many {what} (over {budget.limit} in {budget.window:.0f}s)",
                 ErrorCode.ENHANCE_YOUR_CALM,
             )
+
+    def _spend_reset(self, what: str) -> None:
+        self._spend(self._reset_budget, what)
+        if self._peer_resets is not None:
+            self._spend(self._peer_resets, f"{what} on all connections of this peer")
 
     def _remember_reset(self, stream_id: int) -> None:
         """Late frames for streams we reset are ignored (§5.1); keep a bounded memory of them."""
@@ -911,7 +923,7 @@ class HboneConnection:
         self._out.append(encode_rst_stream(stream_id, code))
         self._remember_reset(stream_id)
         events.append(RequestRefused(stream_id, status, code, reason, headers))
-        self._spend(self._reset_budget, "refused or reset streams")
+        self._spend_reset("refused or reset streams")
 
     def _on_stream_headers(
         self, stream: _Stream, headers: Headers, end_stream: bool, events: list[Event]
@@ -1068,7 +1080,7 @@ class HboneConnection:
             events.append(StreamReset(stream_id, int.from_bytes(payload, "big"), True))
             if self.role is Role.SERVER and not stream.answered:
                 # CVE-2023-44487: a request reset before we could answer it is work for nothing.
-                self._spend(self._reset_budget, "streams reset before an answer")
+                self._spend_reset("streams reset before an answer")
         elif self._is_idle(stream_id):
             raise H2ProtocolError("RST_STREAM on idle stream", ErrorCode.PROTOCOL_ERROR)
 

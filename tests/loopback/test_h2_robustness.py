@@ -439,3 +439,68 @@ def test_plain_listeners_pause_accepting_when_descriptors_run_short(node: NodeB)
         for s in socks:
             s.close()
         resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_rapid_reset_spread_over_connections_is_bounded_per_peer(node: NodeB) -> None:
+    """Budget evasion: 8 connections from one peer IP, each with 150 HEADERS + RST_STREAM
+    pairs, under the per-connection budget (200 per 10 s) every time. The reset budget shared by
+    the peer's connections (1,000) runs out: GOAWAY(ENHANCE_YOUR_CALM) naming the peer budget,
+    and every later connection of that peer is cut at its first reset."""
+    peer = "127.0.77.1"
+
+    async def attack() -> Seen:
+        seen = []
+        for c in range(8):
+            raw = await Raw.open(node.cert, source=peer)
+            burst = b"".join(headers_frame(s, connect_block()) + rst(s) for s in range(1, 301, 2))
+            await raw.send(burst)
+            seen.append(await raw.read_until_closed(1.0 if c < 7 else 5.0))
+            raw.abort()
+        calm = [s for s in seen if s.goaway == ErrorCode.ENHANCE_YOUR_CALM]
+        assert calm, [s.goaway for s in seen]
+        assert b"all connections of this peer" in calm[0].goaway_debug, calm[0]
+        assert seen[-1].goaway == ErrorCode.ENHANCE_YOUR_CALM
+        return calm[0]
+
+    _, backend = run(under_attack(node, attack))
+    assert backend.accepted <= 3 + 5, backend.accepted
+
+
+def test_silent_handshakes_are_bounded_per_peer(node: NodeB) -> None:
+    """Slow TLS: 100 TCP connections from one peer IP that never send a ClientHello. At most
+    64 handshakes per peer wait (for the 10 s handshake timeout); the rest are closed at once,
+    logged and counted; other peers are served meanwhile; descriptors come back."""
+    import socket
+
+    from tests.loopback.robustness import HBONE
+
+    peer = "127.0.77.2"
+    before = node.counter("istio_tcp_connections_failed_total", response_flags="PEER_LIMIT")
+
+    async def attack() -> Seen:
+        socks = []
+        for _ in range(100):
+            s = socket.socket()
+            s.bind((peer, 0))
+            s.setblocking(False)
+            with suppress(BlockingIOError):
+                s.connect(HBONE)
+            socks.append(s)
+        await asyncio.sleep(1.5)
+        closed = 0
+        for s in socks:
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionError:
+                closed += 1
+        for s in socks:
+            s.close()
+        assert closed == 100 - 64, closed
+        return Seen(closed=True)
+
+    run(under_attack(node, attack))
+    after = node.counter("istio_tcp_connections_failed_total", response_flags="PEER_LIMIT")
+    assert after == before + 36
+    assert "peer over its limit: 64 TLS handshakes in progress" in node.log.read_text()

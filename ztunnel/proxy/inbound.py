@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
@@ -29,7 +30,7 @@ from meshcore.model import Service
 from meshcore.plan import InboundPlan, plan_inbound
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
-from ztunnel.proxy.accept import AcceptLoop
+from ztunnel.proxy.accept import AcceptLoop, PeerTable
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
 
@@ -131,6 +132,7 @@ class HboneListener:
         self.ctx = ctx
         self.sock = sock
         self._accept = AcceptLoop("HBONE", sock, self._accepted, ctx.metrics)
+        self.peers = PeerTable()
         self._handshakes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -149,28 +151,78 @@ class HboneListener:
         ctx = self.ctx
         local_ip = conn.getsockname()[0]
         peer_ip = conn.getpeername()[0]
+        refused = self.peers.admit(peer_ip)
+        if refused is not None:
+            conn.close()
+            self._refuse_connection(peer_ip, local_ip, refused)
+            return
+        released = False
+
+        def release(proto: HboneProtocol | None = None) -> None:
+            nonlocal released
+            if proto is not None:
+                self._closed(proto)
+            if not released:
+                released = True
+                self.peers.closed(peer_ip)
+
+        try:
+            proto = await self._authenticate(conn, local_ip, peer_ip, release)
+        finally:
+            self.peers.handshake_done(peer_ip)
+        if proto is None:
+            release()
+        elif proto.transport is not None and not proto.closed:
+            ctx.connections.add(proto.transport)
+            ctx.hbone_servers.add(proto)
+            if ctx.draining:
+                proto.close()  # accepted just before drain began: GOAWAY at once
+
+    def _refuse_connection(self, peer_ip: str, local_ip: str, why: str) -> None:
+        """A connection over the per-peer bounds: closed before TLS, logged and counted."""
+        self.ctx.tracker.failed(
+            ConnectionRecord(
+                direction="inbound",
+                reporter="destination",
+                src_addr=peer_ip,
+                dst_addr=local_ip,
+                response_flags="PEER_LIMIT",
+                error=f"peer over its limit: {why}",
+            )
+        )
+
+    async def _authenticate(
+        self,
+        conn: socket.socket,
+        local_ip: str,
+        peer_ip: str,
+        on_close: Callable[[HboneProtocol], None],
+    ) -> HboneProtocol | None:
+        """TLS handshake + peer verification; the connection, or None (socket closed)."""
+        ctx = self.ctx
         workload = ctx.state.workload_by_address(local_ip, ctx.settings.network)
         if workload is None or workload.node != ctx.settings.node:
             # We only ever present identities of workloads on our own node.
             log.warning("HBONE to %s: no local workload at that address", local_ip)
             conn.close()
-            return
+            return None
         try:
             tls_ctx = await ctx.server_context(workload.identity)
         except Exception as err:
             log.warning("HBONE to %s: no certificate for %s: %s", local_ip, workload.identity, err)
             conn.close()
-            return
+            return None
         slots = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
         proto = HboneProtocol(
             Role.SERVER,
             trust_domain=ctx.settings.trust_domain,
             expected=None,
             on_request=lambda stream: self._on_request(stream, local_ip, peer_ip, slots),
-            on_close=self._closed,
+            on_close=on_close,
             on_refused=lambda p, ev: self._on_refused(p, ev, local_ip, peer_ip),
             on_error=lambda p, ev: self._on_error(ev, peer_ip),
             max_concurrent_streams=ctx.settings.hbone_max_streams,
+            peer_resets=self.peers.resets(peer_ip),
         )
         try:
             await accept_tls(conn, tls_ctx, proto)
@@ -185,12 +237,8 @@ class HboneListener:
                 error=str(err),
             )
             ctx.tracker.failed(rec)
-            return
-        if proto.transport is not None and not proto.closed:
-            ctx.connections.add(proto.transport)
-            ctx.hbone_servers.add(proto)
-            if ctx.draining:
-                proto.close()  # accepted just before drain began: GOAWAY at once
+            return None
+        return proto
 
     def _closed(self, proto: HboneProtocol) -> None:
         if proto.transport is not None:
