@@ -106,6 +106,10 @@ SETTINGS_TIMEOUT = 10.0
 HEADER_BLOCK_TIMEOUT = 10.0
 # A stream's pending (window-blocked) bytes above this ask the edge to stop reading its source.
 PENDING_HIGH_WATER = 1024 * 1024
+# The same for all streams of a connection together: over it, every source of the connection is
+# paused (`pending_blocked`) until the queues are below half of it. Without it, a peer that never
+# opens its windows pins streams x PENDING_HIGH_WATER (200 MiB) per connection (issue 9).
+CONNECTION_PENDING_HIGH_WATER = 4 * PENDING_HIGH_WATER
 
 # RFC 9113 §8.2.2: connection-specific header fields make a message malformed.
 _CONNECTION_HEADERS = frozenset(
@@ -339,6 +343,7 @@ class HboneConnection:
         self.goaway_sent = False
         self.closed = False
         self._ping_outstanding: bytes | None = None
+        self.pending_blocked = False  # queued bytes over CONNECTION_PENDING_HIGH_WATER
         self._ping_sent_at = 0.0
         self._last_activity = 0.0
 
@@ -449,7 +454,7 @@ class HboneConnection:
             stream.pending.append(data)
             stream.pending_bytes += len(data)
             stream.pending_end = end_stream
-            return stream.pending_bytes < PENDING_HIGH_WATER
+            return self._below_high_water(stream)
         size = len(data)
         if (
             size <= stream.send_window
@@ -471,7 +476,28 @@ class HboneConnection:
         stream.pending_bytes += size
         stream.pending_end = end_stream
         self._flush_stream(stream)
-        return stream.pending_bytes < PENDING_HIGH_WATER
+        return self._below_high_water(stream)
+
+    def _below_high_water(self, stream: _Stream) -> bool:
+        """After queueing on `stream`: may its source go on? No when the stream's queue or the
+        connection's (all streams, `pending_blocked`: the edge then pauses every source) is
+        over its high-water mark."""
+        if stream.pending_bytes >= PENDING_HIGH_WATER or self.pending_blocked:
+            return False
+        if self._pending_total() >= CONNECTION_PENDING_HIGH_WATER:
+            self.pending_blocked = True
+            return False
+        return True
+
+    def _pending_total(self) -> int:
+        return sum(s.pending_bytes for s in self._streams.values())
+
+    def _unblock(self, events: list[Event]) -> None:
+        """Resume every stream once the connection's queues fell below half the mark (data
+        sent, or streams with queued data gone)."""
+        if self.pending_blocked and self._pending_total() < CONNECTION_PENDING_HIGH_WATER // 2:
+            self.pending_blocked = False
+            events.append(WindowOpened(tuple(self._streams)))
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (TCP FIN from the local socket -> END_STREAM, RFC 9113 §8.5)."""
@@ -573,6 +599,8 @@ class HboneConnection:
         self._last_activity = self._now = now
         try:
             self._receive(data, events)
+            if self.pending_blocked:
+                self._unblock(events)
         except H2ProtocolError as err:
             debug = str(err).encode()[:200]
             self.close(err.code, debug)

@@ -504,3 +504,31 @@ def test_silent_handshakes_are_bounded_per_peer(node: NodeB) -> None:
     after = node.counter("istio_tcp_connections_failed_total", response_flags="PEER_LIMIT")
     assert after == before + 36
     assert "peer over its limit: 64 TLS handshakes in progress" in node.log.read_text()
+
+
+def test_zero_window_peer_holds_bounded_memory(node: NodeB) -> None:
+    """A peer that never lets us send (SETTINGS_INITIAL_WINDOW_SIZE 0) on 200 echo tunnels, each
+    fed 1 MiB: what the upstreams send back must wait. Per stream it is capped (1 MiB, then the
+    upstream is not read), and per connection too, so one connection cannot pin 200 MiB."""
+    from meshcore.hbone.frames import Setting, encode_settings
+
+    streams = range(1, 401, 2)
+    grown: list[float] = []
+
+    async def attack() -> Seen:
+        base = rss_mib(node.pid)
+        raw = await Raw.open(node.cert)
+        await raw.send(encode_settings({Setting.INITIAL_WINDOW_SIZE: 0}))
+        await raw.send(b"".join(headers_frame(s, connect_block()) for s in streams))
+        await eventually(lambda: len(raw.seen.statuses) == len(streams))
+        chunk = b"\xa5" * 16384
+        for _ in range(64):
+            await raw.send(b"".join(frame(FrameType.DATA, 0, s, chunk) for s in streams))
+        await asyncio.sleep(2.0)
+        grown.append(rss_mib(node.pid) - base)
+        raw.abort()
+        return raw.seen
+
+    seen, _ = run(under_attack(node, attack))
+    assert set(seen.statuses.values()) == {"200"}
+    assert grown[0] < 48, grown

@@ -175,3 +175,32 @@ def test_timers_and_injected_ping_payload() -> None:
     assert conn.handle_timer(1.0 + PING_INTERVAL)
     expected = random.Random(7).getrandbits(64).to_bytes(8, "big")
     assert conn.data_to_send() == frame(FrameType.PING, 0, 0, expected)
+
+
+def test_queued_bytes_are_bounded_per_connection_and_every_stream_resumes() -> None:
+    """A peer with zero windows: the connection's queues stop every source once over
+    CONNECTION_PENDING_HIGH_WATER (each stream is far below its own mark), and one WindowOpened
+    resumes all streams when the queues drain below half (here: the heavy streams reset)."""
+    from meshcore.hbone.connection import (
+        CONNECTION_PENDING_HIGH_WATER,
+        PENDING_HIGH_WATER,
+        WindowOpened,
+    )
+    from meshcore.hbone.frames import Setting
+
+    conn = server()
+    conn.receive_data(encode_settings({Setting.INITIAL_WINDOW_SIZE: 0}), 0.0)
+    sids = list(range(1, 41, 2))
+    conn.receive_data(b"".join(connect(s) for s in sids), 0.0)
+    for s in sids:
+        conn.respond(s, 200)
+    chunk = b"x" * (CONNECTION_PENDING_HIGH_WATER // 8)
+    assert len(chunk) < PENDING_HIGH_WATER
+    answers = [conn.send_data(s, chunk) for s in sids[:10]]
+    assert answers == [True] * 7 + [False] * 3
+    assert conn.pending_blocked
+    assert not conn.send_data(sids[15], b"y")  # any stream: paused while blocked
+    # The peer resets the streams holding the queued bytes: everything resumes.
+    events = conn.receive_data(b"".join(encode_rst_stream(s, ErrorCode.CANCEL) for s in sids[:8]))
+    opened = [e for e in events if isinstance(e, WindowOpened)]
+    assert not conn.pending_blocked and opened and set(opened[0].stream_ids) == set(sids[8:])
