@@ -151,6 +151,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     p.add_argument("--cert-ttl", type=float, default=24 * 3600, help="certificate TTL, seconds")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(
+        "--tunnels-per-peer",
+        type=int,
+        default=int(env("TUNNELS_PER_PEER", "16384")),
+        help="inbound tunnels one peer IP may have open at once (env TUNNELS_PER_PEER)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=int(env("WORKERS", "1")),
@@ -204,6 +210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         metrics_port=args.metrics_port,
         readiness_port=args.readiness_port,
         drain_timeout=args.drain_timeout,
+        tunnels_per_peer=args.tunnels_per_peer,
         http3=args.http3,
         http3_peers=tuple(args.http3_peer),
     )

@@ -148,11 +148,14 @@ class _Peer:
     resets: RateBudget
     handshakes: int = 0
     connections: int = 0
+    tunnels: int = 0
 
 
 class PeerTable:
     """Per-peer-IP bounds on an HBONE listener (issue 9, "per connection and per peer"): TLS
-    handshakes in progress, connections, and one stream-reset budget shared by all connections
+    handshakes in progress, connections, tunnels (upstream sockets: 200 streams on each of
+    512 connections would otherwise let one peer take every descriptor), and one stream-reset
+    budget shared by all connections
     of the peer (`HboneConnection(peer_resets=...)`). A peer is its source IP: before the
     handshake nothing else is known, and the identity a peer presents is chosen by the peer.
     Memory: one small entry per peer with a connection, plus `PEERS_REMEMBERED` idle ones, so
@@ -163,7 +166,9 @@ class PeerTable:
         handshakes: int = HANDSHAKES_PER_PEER,
         connections: int = CONNECTIONS_PER_PEER,
         resets: int = PEER_RESET_BUDGET,
+        tunnels: int = 16_384,
     ) -> None:
+        self.max_tunnels = tunnels
         self.max_handshakes = handshakes
         self.max_connections = connections
         self.reset_limit = resets
@@ -184,7 +189,7 @@ class PeerTable:
         for ip, peer in list(self._peers.items()):
             if len(self._peers) <= PEERS_REMEMBERED:
                 break
-            if peer.connections == 0:
+            if peer.connections == 0 and peer.tunnels == 0:
                 del self._peers[ip]
 
     def admit(self, ip: str) -> str | None:
@@ -203,6 +208,17 @@ class PeerTable:
 
     def closed(self, ip: str) -> None:
         self._peers[ip].connections -= 1
+
+    def open_tunnel(self, ip: str) -> bool:
+        """Count a tunnel (upstream socket) for `ip`; False (not counted) when at the limit."""
+        peer = self._peer(ip)
+        if peer.tunnels >= self.max_tunnels:
+            return False
+        peer.tunnels += 1
+        return True
+
+    def close_tunnel(self, ip: str) -> None:
+        self._peers[ip].tunnels -= 1
 
     def resets(self, ip: str) -> RateBudget:
         return self._peer(ip).resets

@@ -22,7 +22,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
+from meshcore.errors import BadRequest, HboneError, PeerOverLimit, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
 from meshcore.hbone.frames import ErrorCode
@@ -68,6 +68,7 @@ class _Upstream(TcpSide):
         super().__init__(on_done=self._record_close)
         self.ctx = ctx
         self.record = record
+        self.on_closed: Callable[[], None] | None = None  # once, when the tunnel is over
 
     def _record_close(self, _side: TcpSide, error: str | None) -> None:
         rec = self.record
@@ -75,6 +76,9 @@ class _Upstream(TcpSide):
         rec.bytes_sent, rec.bytes_recv = self.received, self.sent
         rec.error = rec.error or error
         self.ctx.tracker.closed(rec)
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
 
 
 async def connect_upstream(
@@ -132,7 +136,7 @@ class HboneListener:
         self.ctx = ctx
         self.sock = sock
         self._accept = AcceptLoop("HBONE", sock, self._accepted, ctx.metrics)
-        self.peers = PeerTable()
+        self.peers = PeerTable(tunnels=ctx.settings.tunnels_per_peer)
         self._handshakes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -324,8 +328,15 @@ class HboneListener:
                 rec.destination_service = service.hostname
                 rec.destination_service_name = service.name
                 rec.destination_service_namespace = service.namespace
-            async with slots, ctx.upstream_slots:
-                upstream = await connect_upstream(ctx, plan, rec, src_ip)
+            if not self.peers.open_tunnel(peer_ip):
+                raise PeerOverLimit(f"peer {peer_ip} has {self.peers.max_tunnels} tunnels open")
+            try:
+                async with slots, ctx.upstream_slots:
+                    upstream = await connect_upstream(ctx, plan, rec, src_ip)
+            except BaseException:
+                self.peers.close_tunnel(peer_ip)
+                raise
+            upstream.on_closed = lambda: self.peers.close_tunnel(peer_ip)
         except HboneError as err:
             rec.response_flags = err.response_flag
             rec.error = str(err)
