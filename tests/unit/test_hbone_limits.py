@@ -204,3 +204,27 @@ def test_queued_bytes_are_bounded_per_connection_and_every_stream_resumes() -> N
     events = conn.receive_data(b"".join(encode_rst_stream(s, ErrorCode.CANCEL) for s in sids[:8]))
     opened = [e for e in events if isinstance(e, WindowOpened)]
     assert not conn.pending_blocked and opened and set(opened[0].stream_ids) == set(sids[8:])
+
+
+def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> None:
+    """Per-peer-IP bounds of the HBONE listener: handshakes in progress, connections, tunnels;
+    a peer that closes all its connections and comes back finds its reset budget spent."""
+    from ztunnel.proxy.accept import PeerTable
+
+    peers = PeerTable(handshakes=2, connections=3, resets=5, tunnels=2)
+    assert peers.admit("10.0.0.1") is None and peers.admit("10.0.0.1") is None
+    assert peers.admit("10.0.0.1") == "2 TLS handshakes in progress"
+    assert peers.admit("10.0.0.2") is None  # another peer is not affected
+    peers.handshake_done("10.0.0.1")
+    peers.handshake_done("10.0.0.1")
+    assert peers.admit("10.0.0.1") is None
+    peers.handshake_done("10.0.0.1")
+    assert peers.admit("10.0.0.1") == "3 connections"
+    assert [peers.open_tunnel("10.0.0.1") for _ in range(3)] == [True, True, False]
+    peers.close_tunnel("10.0.0.1")
+    assert peers.open_tunnel("10.0.0.1")
+    budget = peers.resets("10.0.0.1")
+    assert not all(budget.spend(1.0) for _ in range(6))
+    for _ in range(3):
+        peers.closed("10.0.0.1")
+    assert peers.resets("10.0.0.1") is budget
