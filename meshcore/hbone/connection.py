@@ -85,6 +85,7 @@ SERVER_MAX_STREAMS = 200
 # limit is enforced from the ACK on, and this hard bound applies before it.
 PRE_ACK_MAX_STREAMS = 10_000
 MAX_HEADER_LIST = 64 * 1024
+MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §5.1.1
 # A compressed block (HEADERS + CONTINUATIONs) never needs more octets than the list it carries;
 # twice the advertised list size leaves room for a peer's odd encoding. Above: ENHANCE_YOUR_CALM
 # (the block cannot be kept to decode, and HPACK state would be lost with it, §4.3).
@@ -388,8 +389,12 @@ class HboneConnection:
         return len(self._streams)
 
     def can_open_stream(self, limit: int = 100) -> bool:
-        """A new stream fits under the peer's MAX_CONCURRENT_STREAMS and our pool's `limit`."""
+        """A new stream fits under the peer's MAX_CONCURRENT_STREAMS and our pool's `limit`, and
+        a stream id is left (RFC 9113 §5.1.1: ids are not reused; a client that runs out opens
+        a new connection. 2^30 tunnels on one pooled connection is a day at 12k/s)."""
         if self.closed or self.goaway_received is not None or self.goaway_sent:
+            return False
+        if self._next_stream_id > MAX_STREAM_ID:
             return False
         return len(self._streams) < min(limit, self.peer_max_streams)
 

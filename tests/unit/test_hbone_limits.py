@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from meshcore.errors import H2ProtocolError
 from meshcore.hbone.connection import (
     BUDGET_WINDOW,
     PING_INTERVAL,
@@ -228,3 +229,20 @@ def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> N
     for _ in range(3):
         peers.closed("10.0.0.1")
     assert peers.resets("10.0.0.1") is budget
+
+
+def test_a_client_out_of_stream_ids_opens_no_more_streams() -> None:
+    """RFC 9113 §5.1.1: stream ids are 31 bits and never reused. A pooled connection that used
+    them all must say it can take no more (the pool dials a new one), not send id 2^31 + 1,
+    which the peer reads as 1 (the reserved bit is ignored) and answers with a GOAWAY that
+    ends every tunnel on the connection."""
+    from meshcore.hbone.connection import MAX_STREAM_ID
+
+    conn = HboneConnection(Role.CLIENT)
+    conn.initiate(0.0)
+    conn._next_stream_id = MAX_STREAM_ID  # as after 2^30 tunnels
+    assert conn.can_open_stream()
+    assert conn.open_connect("10.0.0.1:80") == MAX_STREAM_ID
+    assert not conn.can_open_stream()
+    with pytest.raises(H2ProtocolError):
+        conn.open_connect("10.0.0.1:80")
