@@ -78,6 +78,13 @@ class UpstreamUnavailable(HboneError):
     status = 503
 
 
+class PeerOverLimit(HboneError):
+    """The requesting peer already has as many tunnels open as it may (503)."""
+
+    status = 503
+    response_flag = "PEER_LIMIT"
+
+
 _BY_STATUS: dict[int, type[HboneError]] = {
     400: BadRequest,
     401: Unauthorized,

@@ -9,6 +9,8 @@ kubelet. Used by the node proxy (admin 15000 loopback; 15020/15021), the waypoin
 loopback; metrics/health 15020) and the control plane (debug 15014 loopback; metrics
 ``--metrics-listen``); never on a data path.
 Handlers receive (method, parsed query) and return (status, content type, body).
+Listens with `meshcore.sockets.LISTEN_BACKLOG` (not asyncio's 100): a readiness probe or a
+scrape must not be lost in a SYN burst.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from meshcore.errors import ConfigError
+from meshcore.sockets import LISTEN_BACKLOG
 
 Response = tuple[int, str, bytes]
 Handler = Callable[[str, dict[str, list[str]]], Awaitable[Response]]
@@ -78,4 +81,6 @@ async def serve_http(host: str, port: int, routes: dict[str, Handler]) -> asynci
         finally:
             writer.close()
 
-    return await asyncio.start_server(handle, host, port, reuse_address=True)
+    return await asyncio.start_server(
+        handle, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+    )

@@ -24,6 +24,10 @@ import socket
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 BIND_ATTEMPTS = 3
+LISTEN_BACKLOG = 4096
+"""Accept queue of every listener, data path and operator endpoints alike (Envoy's default is
+4096 too; the kernel caps it at net.core.somaxconn). asyncio's default is 100, and
+create_server(sock=...) / start_server call listen() again with it unless told otherwise."""
 
 
 def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.socket:

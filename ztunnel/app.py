@@ -37,6 +37,7 @@ from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.opshttp import is_loopback
 from meshcore.proto.yamlform import load_mesh_config
+from meshcore.sockets import LISTEN_BACKLOG
 from meshcore.state import MeshState
 from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tracing import Tracer, endpoint_from_env
@@ -50,6 +51,7 @@ from ztunnel.admin import (
     serve_http,
 )
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
+from ztunnel.proxy.accept import TcpListener
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
 from ztunnel.proxy.inbound_h3 import H3Listener
@@ -57,9 +59,6 @@ from ztunnel.proxy.outbound import OutboundConnection
 
 log = logging.getLogger("ztunnel")
 IP_TRANSPARENT = 19  # linux/in.h; not exported by the socket module
-# Accept queue of every data-path listener (Envoy's default is 4096 too). asyncio's
-# create_server(sock=...) calls listen() again with ITS backlog (default 100), so it is passed.
-LISTEN_BACKLOG = 4096
 
 
 def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.socket:
@@ -172,6 +171,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     p.add_argument("--cert-ttl", type=float, default=24 * 3600, help="certificate TTL, seconds")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(
+        "--tunnels-per-peer",
+        type=int,
+        default=int(env("TUNNELS_PER_PEER", "16384")),
+        help="inbound tunnels one peer IP may have open at once (env TUNNELS_PER_PEER)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=int(env("WORKERS", "1")),
@@ -225,6 +230,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         metrics_port=args.metrics_port,
         readiness_port=args.readiness_port,
         drain_timeout=args.drain_timeout,
+        tunnels_per_peer=args.tunnels_per_peer,
         http3=args.http3,
         http3_peers=tuple(args.http3_peer),
         cluster_id=args.cluster_id,
@@ -284,7 +290,7 @@ class NodeProxy:
         self.ctx = ctx
         self.listeners = listeners
         self.serve_admin = serve_admin
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[TcpListener] = []
         self.hbone_listeners: list[HboneListener] = []
         self.admin_servers: list[asyncio.Server] = []
         self.ready = False
@@ -315,10 +321,11 @@ class NodeProxy:
                 hbone.start()
                 self.hbone_listeners.append(hbone)
             else:
-                server = await loop.create_server(
-                    factories[listener.role], sock=listener.sock, backlog=LISTEN_BACKLOG
-                )
-                self.servers.append(server)
+                # Our accept loop, not create_server: it pauses on fd shortage (accept.py).
+                factory = factories[listener.role]
+                tcp = TcpListener(listener.role, listener.sock, factory, ctx.metrics)
+                tcp.start()
+                self.servers.append(tcp)
         s = ctx.settings
         if self.serve_admin:
             self.admin_servers = [
@@ -368,8 +375,8 @@ class NodeProxy:
         connections (bounded by drain_timeout), then close what is left."""
         self.ready = False
         self.ctx.draining = True
-        for server in self.servers:
-            server.close()
+        for tcp in self.servers:
+            tcp.close()
         for listener in self.hbone_listeners:
             listener.close()
         for server in self.admin_servers:

@@ -13,6 +13,9 @@ Invariants:
 - Received DATA is credited back to the peer only once the sink has accepted it without being
   paused; a paused sink acknowledges on resume, which keeps per-stream memory bounded by the
   stream window (4 MiB).
+- Bytes queued for a peer that does not open its windows stop the source of their stream past
+  the stream's high-water mark, and EVERY source of the connection past the connection's
+  (`HboneConnection.pending_blocked`), so a connection pins a few MiB, not 200 streams' worth.
 - Work started for a stream (`HboneStream.task`, e.g. the upstream connect of a CONNECT) is
   cancelled the moment the stream is reset or the connection is lost: a task cancelled before
   it first runs never creates its socket (CVE-2023-44487 "rapid reset").
@@ -39,6 +42,7 @@ from meshcore.hbone.connection import (
     DataReceived,
     Event,
     HboneConnection,
+    RateBudget,
     RequestReceived,
     RequestRefused,
     ResponseReceived,
@@ -142,8 +146,11 @@ class HboneStream:
 
     def write(self, data: bytes) -> None:
         proto = self._proto
-        if not proto.conn.send_data(self.stream_id, data) and self.sink is not None:
-            self.sink.tunnel_pause_source()
+        if not proto.conn.send_data(self.stream_id, data):
+            if proto.conn.pending_blocked:
+                proto.pause_all_sources()
+            elif self.sink is not None:
+                self.sink.tunnel_pause_source()
         proto.schedule_flush()
 
     def write_eof(self) -> None:
@@ -184,8 +191,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
         on_refused: RefusalHandler | None = None,
         on_error: Callable[[HboneProtocol, ConnectionTerminated], None] | None = None,
         max_concurrent_streams: int = SERVER_MAX_STREAMS,
+        peer_resets: RateBudget | None = None,
     ) -> None:
-        self.conn = HboneConnection(role, max_concurrent_streams=max_concurrent_streams)
+        self.conn = HboneConnection(
+            role, max_concurrent_streams=max_concurrent_streams, peer_resets=peer_resets
+        )
         self.on_refused = on_refused
         self.on_error = on_error
         self.role = role
@@ -302,6 +312,13 @@ class HboneProtocol(asyncio.BufferedProtocol):
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self.flush)
+
+    def pause_all_sources(self) -> None:
+        """The connection's queued bytes are over their mark: stop reading every source (the
+        protocol core resumes them all with one `WindowOpened`)."""
+        for stream in self.streams.values():
+            if stream.sink is not None:
+                stream.sink.tunnel_pause_source()
 
     def ack(self, stream_id: int, length: int) -> None:
         self.conn.acknowledge_received_data(stream_id, length)

@@ -18,7 +18,9 @@ octets, `MAX_CONTINUATIONS` frames, `EMPTY_CONTINUATION_ALLOWANCE` empty ones) a
 list by the advertised MAX_HEADER_LIST_SIZE (a request over it is answered 431, RFC 6585 §5);
 streams the peer resets before we answered, streams we refuse and streams we reset for a stream
 error spend a sliding-window budget, as do PINGs and SETTINGS (each forces a reply) and empty DATA
-frames; an exhausted budget is a connection error ENHANCE_YOUR_CALM (GOAWAY). A new stream id
+frames; an exhausted budget is a connection error ENHANCE_YOUR_CALM (GOAWAY). The reset budget
+is also spent from one shared by all connections of the same peer (`peer_resets`, given by the
+edge): spreading resets over many connections does not multiply it. A new stream id
 must be above every id the peer used before (§5.1.1), else PROTOCOL_ERROR.
 
 Timers follow aioquic: `get_timer()` says when the connection next needs `handle_timer(now)`;
@@ -83,6 +85,7 @@ SERVER_MAX_STREAMS = 200
 # limit is enforced from the ACK on, and this hard bound applies before it.
 PRE_ACK_MAX_STREAMS = 10_000
 MAX_HEADER_LIST = 64 * 1024
+MAX_STREAM_ID = 2**31 - 1  # RFC 9113 §5.1.1
 # A compressed block (HEADERS + CONTINUATIONs) never needs more octets than the list it carries;
 # twice the advertised list size leaves room for a peer's odd encoding. Above: ENHANCE_YOUR_CALM
 # (the block cannot be kept to decode, and HPACK state would be lost with it, §4.3).
@@ -92,6 +95,7 @@ EMPTY_CONTINUATION_ALLOWANCE = 4  # per connection; then PROTOCOL_ERROR
 # Sliding-window budgets (events per BUDGET_WINDOW seconds) of work a peer causes cheaply.
 BUDGET_WINDOW = 10.0
 RESET_BUDGET = 200  # streams reset before an answer, refused, or reset for a stream error
+PEER_RESET_BUDGET = 1000  # the same, summed over all connections of one peer (`peer_resets`)
 CONTROL_BUDGET = 1000  # PING and SETTINGS frames (each forces a reply frame)
 EMPTY_DATA_BUDGET = 200  # zero-length DATA without END_STREAM (CVE-2019-9518)
 RECENT_RESETS = 1024  # ids of streams we reset, whose late frames are ignored (§5.1)
@@ -103,6 +107,10 @@ SETTINGS_TIMEOUT = 10.0
 HEADER_BLOCK_TIMEOUT = 10.0
 # A stream's pending (window-blocked) bytes above this ask the edge to stop reading its source.
 PENDING_HIGH_WATER = 1024 * 1024
+# The same for all streams of a connection together: over it, every source of the connection is
+# paused (`pending_blocked`) until the queues are below half of it. Without it, a peer that never
+# opens its windows pins streams x PENDING_HIGH_WATER (200 MiB) per connection (issue 9).
+CONNECTION_PENDING_HIGH_WATER = 4 * PENDING_HIGH_WATER
 
 # RFC 9113 §8.2.2: connection-specific header fields make a message malformed.
 _CONNECTION_HEADERS = frozenset(
@@ -284,7 +292,10 @@ class HboneConnection:
         *,
         max_concurrent_streams: int = SERVER_MAX_STREAMS,
         rng: random.Random | None = None,
+        peer_resets: RateBudget | None = None,
     ) -> None:
+        """`peer_resets`: a reset budget shared by every connection of the same peer (the
+        edge keys it by peer address), so resets spread over connections stay bounded too."""
         self.role = role
         self._rng = rng if rng is not None else random.SystemRandom()
         self._out: list[bytes] = []
@@ -322,6 +333,7 @@ class HboneConnection:
         self._header_end_stream = False
         self._empty_continuations = 0
         self._reset_budget = RateBudget(RESET_BUDGET, BUDGET_WINDOW)
+        self._peer_resets = peer_resets
         self._control_budget = RateBudget(CONTROL_BUDGET, BUDGET_WINDOW)
         self._empty_data_budget = RateBudget(EMPTY_DATA_BUDGET, BUDGET_WINDOW)
         self._recent_resets: dict[int, None] = {}  # insertion-ordered, bounded
@@ -332,6 +344,7 @@ class HboneConnection:
         self.goaway_sent = False
         self.closed = False
         self._ping_outstanding: bytes | None = None
+        self.pending_blocked = False  # queued bytes over CONNECTION_PENDING_HIGH_WATER
         self._ping_sent_at = 0.0
         self._last_activity = 0.0
 
@@ -376,8 +389,12 @@ class HboneConnection:
         return len(self._streams)
 
     def can_open_stream(self, limit: int = 100) -> bool:
-        """A new stream fits under the peer's MAX_CONCURRENT_STREAMS and our pool's `limit`."""
+        """A new stream fits under the peer's MAX_CONCURRENT_STREAMS and our pool's `limit`, and
+        a stream id is left (RFC 9113 §5.1.1: ids are not reused; a client that runs out opens
+        a new connection. 2^30 tunnels on one pooled connection is a day at 12k/s)."""
         if self.closed or self.goaway_received is not None or self.goaway_sent:
+            return False
+        if self._next_stream_id > MAX_STREAM_ID:
             return False
         return len(self._streams) < min(limit, self.peer_max_streams)
 
@@ -442,7 +459,7 @@ class HboneConnection:
             stream.pending.append(data)
             stream.pending_bytes += len(data)
             stream.pending_end = end_stream
-            return stream.pending_bytes < PENDING_HIGH_WATER
+            return self._below_high_water(stream)
         size = len(data)
         if (
             size <= stream.send_window
@@ -464,7 +481,28 @@ class HboneConnection:
         stream.pending_bytes += size
         stream.pending_end = end_stream
         self._flush_stream(stream)
-        return stream.pending_bytes < PENDING_HIGH_WATER
+        return self._below_high_water(stream)
+
+    def _below_high_water(self, stream: _Stream) -> bool:
+        """After queueing on `stream`: may its source go on? No when the stream's queue or the
+        connection's (all streams, `pending_blocked`: the edge then pauses every source) is
+        over its high-water mark."""
+        if stream.pending_bytes >= PENDING_HIGH_WATER or self.pending_blocked:
+            return False
+        if self._pending_total() >= CONNECTION_PENDING_HIGH_WATER:
+            self.pending_blocked = True
+            return False
+        return True
+
+    def _pending_total(self) -> int:
+        return sum(s.pending_bytes for s in self._streams.values())
+
+    def _unblock(self, events: list[Event]) -> None:
+        """Resume every stream once the connection's queues fell below half the mark (data
+        sent, or streams with queued data gone)."""
+        if self.pending_blocked and self._pending_total() < CONNECTION_PENDING_HIGH_WATER // 2:
+            self.pending_blocked = False
+            events.append(WindowOpened(tuple(self._streams)))
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (TCP FIN from the local socket -> END_STREAM, RFC 9113 §8.5)."""
@@ -566,6 +604,8 @@ class HboneConnection:
         self._last_activity = self._now = now
         try:
             self._receive(data, events)
+            if self.pending_blocked:
+                self._unblock(events)
         except H2ProtocolError as err:
             debug = str(err).encode()[:200]
             self.close(err.code, debug)
@@ -715,7 +755,7 @@ class HboneConnection:
         self._remember_reset(stream.stream_id)
         events.append(StreamReset(stream.stream_id, code, False))
         # "MadeYouReset": stream errors the peer provokes cost as much as its own resets.
-        self._spend(self._reset_budget, "stream resets")
+        self._spend_reset("stream resets")
 
     def _spend(self, budget: RateBudget, what: str) -> None:
         if not budget.spend(self._now):
@@ -723,6 +763,11 @@ class HboneConnection:
                 f"too many {what} (over {budget.limit} in {budget.window:.0f}s)",
                 ErrorCode.ENHANCE_YOUR_CALM,
             )
+
+    def _spend_reset(self, what: str) -> None:
+        self._spend(self._reset_budget, what)
+        if self._peer_resets is not None:
+            self._spend(self._peer_resets, f"{what} on all connections of this peer")
 
     def _remember_reset(self, stream_id: int) -> None:
         """Late frames for streams we reset are ignored (§5.1); keep a bounded memory of them."""
@@ -911,7 +956,7 @@ class HboneConnection:
         self._out.append(encode_rst_stream(stream_id, code))
         self._remember_reset(stream_id)
         events.append(RequestRefused(stream_id, status, code, reason, headers))
-        self._spend(self._reset_budget, "refused or reset streams")
+        self._spend_reset("refused or reset streams")
 
     def _on_stream_headers(
         self, stream: _Stream, headers: Headers, end_stream: bool, events: list[Event]
@@ -1068,7 +1113,7 @@ class HboneConnection:
             events.append(StreamReset(stream_id, int.from_bytes(payload, "big"), True))
             if self.role is Role.SERVER and not stream.answered:
                 # CVE-2023-44487: a request reset before we could answer it is work for nothing.
-                self._spend(self._reset_budget, "streams reset before an answer")
+                self._spend_reset("streams reset before an answer")
         elif self._is_idle(stream_id):
             raise H2ProtocolError("RST_STREAM on idle stream", ErrorCode.PROTOCOL_ERROR)
 

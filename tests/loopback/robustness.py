@@ -217,16 +217,24 @@ class Raw:
         self._reader_task = asyncio.get_running_loop().create_task(self._read_all())
 
     @classmethod
-    async def open(cls, cert: WorkloadCertificate, *, settings_ack: bool = True) -> Raw:
-        return await cls.open_to(HBONE, cert, settings_ack=settings_ack)
+    async def open(
+        cls, cert: WorkloadCertificate, *, settings_ack: bool = True, source: str | None = None
+    ) -> Raw:
+        return await cls.open_to(HBONE, cert, settings_ack=settings_ack, source=source)
 
     @classmethod
     async def open_to(
-        cls, addr: tuple[str, int], cert: WorkloadCertificate, *, settings_ack: bool = True
+        cls,
+        addr: tuple[str, int],
+        cert: WorkloadCertificate,
+        *,
+        settings_ack: bool = True,
+        source: str | None = None,
     ) -> Raw:
         ctx = client_context(cert)
+        local = (source, 0) if source else None
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(*addr, ssl=ctx, server_hostname=""), 10
+            asyncio.open_connection(*addr, ssl=ctx, server_hostname="", local_addr=local), 10
         )
         raw = cls(reader, writer)
         hello = CLIENT_PREFACE + encode_settings({})

@@ -394,3 +394,141 @@ def test_streams_sent_before_our_settings_arrive_are_served(node: NodeB) -> None
     assert not seen.resets
     assert set(seen.statuses) == set(streams) and set(seen.statuses.values()) == {"200"}
     assert backend.accepted == len(streams) + 1
+
+
+def test_plain_listeners_pause_accepting_when_descriptors_run_short(node: NodeB) -> None:
+    """The outbound (15001) and plaintext inbound (15006) listeners behave like the HBONE one:
+    with descriptors short they leave connections in the kernel's backlog (`ss` Recv-Q of the
+    listener) instead of asyncio's accept-until-EMFILE; readiness keeps answering from the
+    reserve; once descriptors are back, the queued connections are accepted."""
+    import resource
+    import socket
+    import subprocess
+
+    from tests.loopback.robustness import NODE
+
+    soft, hard = resource.prlimit(node.pid, resource.RLIMIT_NOFILE)
+    listeners = [(NODE, 15001), (NODE, 15006)]
+
+    def queued() -> dict[int, int]:
+        out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+        ports = {f"{h}:{p}": p for h, p in listeners}
+        return {ports[f[3]]: int(f[1]) for f in map(str.split, out.splitlines()) if f[3] in ports}
+
+    socks: list[socket.socket] = []
+    try:
+        # Inside the 256-descriptor reserve, and fewer free than the connections we open.
+        resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (fd_count(node.pid) + 30, hard))
+        for addr in listeners:
+            for _ in range(40):  # plain TCP: the kernel completes the handshake
+                s = socket.socket()
+                s.setblocking(False)
+                with suppress(BlockingIOError):
+                    s.connect(addr)
+                socks.append(s)
+        run(eventually(lambda: "plaintext accept paused" in node.log.read_text()))
+        run(eventually(lambda: "outbound accept paused" in node.log.read_text()))
+        # At most the one accept already waiting when the limit dropped went through.
+        assert all(n >= 39 for n in queued().values()), queued()
+        assert node.ready(), "readiness must keep answering"
+        resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        run(eventually(lambda: queued() == {15001: 0, 15006: 0}))
+        text = node.log.read_text()
+        assert "Too many open files" not in text and "out of system resource" not in text
+    finally:
+        for s in socks:
+            s.close()
+        resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_rapid_reset_spread_over_connections_is_bounded_per_peer(node: NodeB) -> None:
+    """Budget evasion: 8 connections from one peer IP, each with 150 HEADERS + RST_STREAM
+    pairs, under the per-connection budget (200 per 10 s) every time. The reset budget shared by
+    the peer's connections (1,000) runs out: GOAWAY(ENHANCE_YOUR_CALM) naming the peer budget,
+    and every later connection of that peer is cut at its first reset."""
+    peer = "127.0.77.1"
+
+    async def attack() -> Seen:
+        seen = []
+        for c in range(8):
+            raw = await Raw.open(node.cert, source=peer)
+            burst = b"".join(headers_frame(s, connect_block()) + rst(s) for s in range(1, 301, 2))
+            await raw.send(burst)
+            seen.append(await raw.read_until_closed(1.0 if c < 7 else 5.0))
+            raw.abort()
+        calm = [s for s in seen if s.goaway == ErrorCode.ENHANCE_YOUR_CALM]
+        assert calm, [s.goaway for s in seen]
+        assert b"all connections of this peer" in calm[0].goaway_debug, calm[0]
+        assert seen[-1].goaway == ErrorCode.ENHANCE_YOUR_CALM
+        return calm[0]
+
+    _, backend = run(under_attack(node, attack))
+    assert backend.accepted <= 3 + 5, backend.accepted
+
+
+def test_silent_handshakes_are_bounded_per_peer(node: NodeB) -> None:
+    """Slow TLS: 100 TCP connections from one peer IP that never send a ClientHello. At most
+    64 handshakes per peer wait (for the 10 s handshake timeout); the rest are closed at once,
+    logged and counted; other peers are served meanwhile; descriptors come back."""
+    import socket
+
+    from tests.loopback.robustness import HBONE
+
+    peer = "127.0.77.2"
+    before = node.counter("istio_tcp_connections_failed_total", response_flags="PEER_LIMIT")
+
+    async def attack() -> Seen:
+        socks = []
+        for _ in range(100):
+            s = socket.socket()
+            s.bind((peer, 0))
+            s.setblocking(False)
+            with suppress(BlockingIOError):
+                s.connect(HBONE)
+            socks.append(s)
+        await asyncio.sleep(1.5)
+        closed = 0
+        for s in socks:
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionError:
+                closed += 1
+        for s in socks:
+            s.close()
+        assert closed == 100 - 64, closed
+        return Seen(closed=True)
+
+    run(under_attack(node, attack))
+    after = node.counter("istio_tcp_connections_failed_total", response_flags="PEER_LIMIT")
+    assert after == before + 36
+    assert "peer over its limit: 64 TLS handshakes in progress" in node.log.read_text()
+
+
+def test_zero_window_peer_holds_bounded_memory(node: NodeB) -> None:
+    """A peer that never lets us send (SETTINGS_INITIAL_WINDOW_SIZE 0) on 200 echo tunnels, each
+    fed 1 MiB: what the upstreams send back must wait. Per stream it is capped (1 MiB, then the
+    upstream is not read), and per connection too, so one connection cannot pin 200 MiB."""
+    from meshcore.hbone.frames import Setting, encode_settings
+
+    streams = range(1, 401, 2)
+    grown: list[float] = []
+
+    async def attack() -> Seen:
+        base = rss_mib(node.pid)
+        raw = await Raw.open(node.cert)
+        await raw.send(encode_settings({Setting.INITIAL_WINDOW_SIZE: 0}))
+        await raw.send(b"".join(headers_frame(s, connect_block()) for s in streams))
+        await eventually(lambda: len(raw.seen.statuses) == len(streams))
+        chunk = b"\xa5" * 16384
+        for _ in range(64):
+            await raw.send(b"".join(frame(FrameType.DATA, 0, s, chunk) for s in streams))
+        await asyncio.sleep(2.0)
+        grown.append(rss_mib(node.pid) - base)
+        raw.abort()
+        return raw.seen
+
+    seen, _ = run(under_attack(node, attack))
+    assert set(seen.statuses.values()) == {"200"}
+    assert grown[0] < 48, grown

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from meshcore.errors import H2ProtocolError
 from meshcore.hbone.connection import (
     BUDGET_WINDOW,
     PING_INTERVAL,
@@ -175,3 +176,73 @@ def test_timers_and_injected_ping_payload() -> None:
     assert conn.handle_timer(1.0 + PING_INTERVAL)
     expected = random.Random(7).getrandbits(64).to_bytes(8, "big")
     assert conn.data_to_send() == frame(FrameType.PING, 0, 0, expected)
+
+
+def test_queued_bytes_are_bounded_per_connection_and_every_stream_resumes() -> None:
+    """A peer with zero windows: the connection's queues stop every source once over
+    CONNECTION_PENDING_HIGH_WATER (each stream is far below its own mark), and one WindowOpened
+    resumes all streams when the queues drain below half (here: the heavy streams reset)."""
+    from meshcore.hbone.connection import (
+        CONNECTION_PENDING_HIGH_WATER,
+        PENDING_HIGH_WATER,
+        WindowOpened,
+    )
+    from meshcore.hbone.frames import Setting
+
+    conn = server()
+    conn.receive_data(encode_settings({Setting.INITIAL_WINDOW_SIZE: 0}), 0.0)
+    sids = list(range(1, 41, 2))
+    conn.receive_data(b"".join(connect(s) for s in sids), 0.0)
+    for s in sids:
+        conn.respond(s, 200)
+    chunk = b"x" * (CONNECTION_PENDING_HIGH_WATER // 8)
+    assert len(chunk) < PENDING_HIGH_WATER
+    answers = [conn.send_data(s, chunk) for s in sids[:10]]
+    assert answers == [True] * 7 + [False] * 3
+    assert conn.pending_blocked
+    assert not conn.send_data(sids[15], b"y")  # any stream: paused while blocked
+    # The peer resets the streams holding the queued bytes: everything resumes.
+    events = conn.receive_data(b"".join(encode_rst_stream(s, ErrorCode.CANCEL) for s in sids[:8]))
+    opened = [e for e in events if isinstance(e, WindowOpened)]
+    assert not conn.pending_blocked and opened and set(opened[0].stream_ids) == set(sids[8:])
+
+
+def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> None:
+    """Per-peer-IP bounds of the HBONE listener: handshakes in progress, connections, tunnels;
+    a peer that closes all its connections and comes back finds its reset budget spent."""
+    from ztunnel.proxy.accept import PeerTable
+
+    peers = PeerTable(handshakes=2, connections=3, resets=5, tunnels=2)
+    assert peers.admit("10.0.0.1") is None and peers.admit("10.0.0.1") is None
+    assert peers.admit("10.0.0.1") == "2 TLS handshakes in progress"
+    assert peers.admit("10.0.0.2") is None  # another peer is not affected
+    peers.handshake_done("10.0.0.1")
+    peers.handshake_done("10.0.0.1")
+    assert peers.admit("10.0.0.1") is None
+    peers.handshake_done("10.0.0.1")
+    assert peers.admit("10.0.0.1") == "3 connections"
+    assert [peers.open_tunnel("10.0.0.1") for _ in range(3)] == [True, True, False]
+    peers.close_tunnel("10.0.0.1")
+    assert peers.open_tunnel("10.0.0.1")
+    budget = peers.resets("10.0.0.1")
+    assert not all(budget.spend(1.0) for _ in range(6))
+    for _ in range(3):
+        peers.closed("10.0.0.1")
+    assert peers.resets("10.0.0.1") is budget
+
+
+def test_a_client_out_of_stream_ids_opens_no_more_streams() -> None:
+    """RFC 9113 §5.1.1: stream ids are 31 bits and never reused. A pooled connection that used
+    them all must say it can take no more (the pool dials a new one), not send id 2^31 + 1,
+    which the peer reads as 1 (the reserved bit is ignored) and answers with a GOAWAY that
+    ends every tunnel on the connection."""
+    from meshcore.hbone.connection import MAX_STREAM_ID
+
+    conn = HboneConnection(Role.CLIENT)
+    conn.initiate(0.0)
+    conn._next_stream_id = MAX_STREAM_ID  # as after 2^30 tunnels
+    assert conn.can_open_stream()
+    assert conn.open_connect("10.0.0.1:80") == MAX_STREAM_ID
+    assert not conn.can_open_stream()
+    with pytest.raises(H2ProtocolError):
+        conn.open_connect("10.0.0.1:80")

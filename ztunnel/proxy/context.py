@@ -57,6 +57,9 @@ class ProxySettings:
     connect_timeout: float = 5.0
     hbone_max_streams: int = SERVER_MAX_STREAMS
     """SETTINGS_MAX_CONCURRENT_STREAMS advertised on inbound HBONE connections."""
+    tunnels_per_peer: int = 16_384
+    """Inbound tunnels (upstream sockets, connecting or open) one peer IP may hold at once, over
+    all its HBONE connections; more CONNECTs get 503 (`ztunnel.proxy.accept.PeerTable`)."""
     max_pending_connects: int = 1024
     """Upstream connects in flight in this process (the excess waits)."""
     http3: bool = False

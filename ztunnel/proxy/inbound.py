@@ -10,21 +10,19 @@ denied request.
 Bounded work (issue 9): the serve task of a CONNECT is the stream's task, cancelled when the
 client resets the stream (no socket is created for a stream already gone); upstream connects in
 flight are capped per HBONE connection and per node proxy (`ProxyContext.upstream_slots`), the
-excess waits; accepting pauses while file descriptors run short (`FD_RESERVE` are kept for the
-operator endpoints and the tunnels already open). Every stream the HTTP/2 layer refuses and every
-connection it closes for a protocol error leaves a log line and a counter.
+excess waits; accepting pauses while file descriptors run short (`ztunnel.proxy.accept`). Every
+stream the HTTP/2 layer refuses and every connection it closes for a protocol error leaves a log
+line and a counter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
-import resource
 import socket
+from collections.abc import Callable
 
-from meshcore.errors import BadRequest, HboneError, UpstreamUnavailable
+from meshcore.errors import BadRequest, HboneError, PeerOverLimit, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
 from meshcore.hbone.frames import ErrorCode
@@ -34,6 +32,7 @@ from meshcore.sockets import connect_tcp
 from meshcore.telemetry import guess_inbound_service
 from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
+from ztunnel.proxy.accept import AcceptLoop, PeerTable
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
 
@@ -41,9 +40,6 @@ log = logging.getLogger("ztunnel.inbound")
 
 PENDING_CONNECTS_PER_CONNECTION = 64
 """Upstream connects in flight for one HBONE connection; more CONNECTs wait their turn."""
-FD_RESERVE = 256
-"""File descriptors kept free: accepting pauses when the next one would eat into them."""
-ACCEPT_PAUSE = 0.1
 
 
 def _refusal_reason(ev: RequestRefused) -> str:
@@ -55,18 +51,6 @@ def _refusal_reason(ev: RequestRefused) -> str:
     if ev.error_code == ErrorCode.REFUSED_STREAM:
         return "max_concurrent_streams"
     return "malformed"
-
-
-def fds_short(reserve: int = FD_RESERVE) -> bool:
-    """True when fewer than `reserve` descriptors are free. Linux hands out the lowest free
-    descriptor (open(2)), so the number of a fresh one tells how full the table is."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    try:
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True
-    os.close(fd)
-    return soft != resource.RLIM_INFINITY and fd >= soft - reserve
 
 
 def parse_authority(authority: str) -> tuple[str, int]:
@@ -86,6 +70,7 @@ class _Upstream(TcpSide):
         super().__init__(on_done=self._record_close)
         self.ctx = ctx
         self.record = record
+        self.on_closed: Callable[[], None] | None = None  # once, when the tunnel is over
 
     def _record_close(self, _side: TcpSide, error: str | None) -> None:
         rec = self.record
@@ -93,6 +78,9 @@ class _Upstream(TcpSide):
         rec.bytes_sent, rec.bytes_recv = self.received, self.sent
         rec.error = rec.error or error
         self.ctx.tracker.closed(rec)
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
 
 
 async def connect_upstream(
@@ -156,70 +144,98 @@ class HboneListener:
     def __init__(self, ctx: ProxyContext, sock: socket.socket) -> None:
         self.ctx = ctx
         self.sock = sock
-        self._task: asyncio.Task[None] | None = None
+        self._accept = AcceptLoop("HBONE", sock, self._accepted, ctx.metrics)
+        self.peers = PeerTable(tunnels=ctx.settings.tunnels_per_peer)
         self._handshakes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._accept.start()
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self.sock.close()
+        self._accept.close()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if fds_short():
-                await self._pause_accepting("file descriptors short")
-                continue
-            try:
-                conn, _ = await loop.sock_accept(self.sock)
-            except OSError as err:
-                if err.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("HBONE accept failed: %s", err)
-                    continue
-                await self._pause_accepting(str(err))
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._handshake(conn))
-            self._handshakes.add(task)  # keep a reference until done (asyncio holds weak refs)
-            task.add_done_callback(self._handshakes.discard)
-
-    async def _pause_accepting(self, why: str) -> None:
-        """Leave new connections in the kernel's backlog until descriptors are free again."""
-        self.ctx.metrics.accept_paused.inc()
-        log.warning("HBONE accept paused: %s", why)
-        while fds_short():
-            await asyncio.sleep(ACCEPT_PAUSE)
-        log.info("HBONE accept resumed")
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.get_running_loop().create_task(self._handshake(conn))
+        self._handshakes.add(task)  # keep a reference until done (asyncio holds weak refs)
+        task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, conn: socket.socket) -> None:
         ctx = self.ctx
         local_ip = conn.getsockname()[0]
         peer_ip = conn.getpeername()[0]
+        refused = self.peers.admit(peer_ip)
+        if refused is not None:
+            conn.close()
+            self._refuse_connection(peer_ip, local_ip, refused)
+            return
+        released = False
+
+        def release(proto: HboneProtocol | None = None) -> None:
+            nonlocal released
+            if proto is not None:
+                self._closed(proto)
+            if not released:
+                released = True
+                self.peers.closed(peer_ip)
+
+        try:
+            proto = await self._authenticate(conn, local_ip, peer_ip, release)
+        finally:
+            self.peers.handshake_done(peer_ip)
+        if proto is None:
+            release()
+        elif proto.transport is not None and not proto.closed:
+            ctx.connections.add(proto.transport)
+            ctx.hbone_servers.add(proto)
+            if ctx.draining:
+                proto.close()  # accepted just before drain began: GOAWAY at once
+
+    def _refuse_connection(self, peer_ip: str, local_ip: str, why: str) -> None:
+        """A connection over the per-peer bounds: closed before TLS, logged and counted."""
+        self.ctx.tracker.failed(
+            ConnectionRecord(
+                direction="inbound",
+                reporter="destination",
+                src_addr=peer_ip,
+                dst_addr=local_ip,
+                response_flags="PEER_LIMIT",
+                error=f"peer over its limit: {why}",
+            )
+        )
+
+    async def _authenticate(
+        self,
+        conn: socket.socket,
+        local_ip: str,
+        peer_ip: str,
+        on_close: Callable[[HboneProtocol], None],
+    ) -> HboneProtocol | None:
+        """TLS handshake + peer verification; the connection, or None (socket closed)."""
+        ctx = self.ctx
         workload = ctx.state.workload_by_address(local_ip, ctx.settings.network)
         if workload is None or workload.node != ctx.settings.node:
             # We only ever present identities of workloads on our own node.
             log.warning("HBONE to %s: no local workload at that address", local_ip)
             conn.close()
-            return
+            return None
         try:
             tls_ctx = await ctx.server_context(workload.identity)
         except Exception as err:
             log.warning("HBONE to %s: no certificate for %s: %s", local_ip, workload.identity, err)
             conn.close()
-            return
+            return None
         slots = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
         proto = HboneProtocol(
             Role.SERVER,
             trust_domain=ctx.settings.trust_domain,
             expected=None,
             on_request=lambda stream: self._on_request(stream, local_ip, peer_ip, slots),
-            on_close=self._closed,
+            on_close=on_close,
             on_refused=lambda p, ev: self._on_refused(p, ev, local_ip, peer_ip),
             on_error=lambda p, ev: self._on_error(ev, peer_ip),
             max_concurrent_streams=ctx.settings.hbone_max_streams,
+            peer_resets=self.peers.resets(peer_ip),
         )
         try:
             await accept_tls(conn, tls_ctx, proto)
@@ -234,12 +250,8 @@ class HboneListener:
                 error=str(err),
             )
             ctx.tracker.failed(rec)
-            return
-        if proto.transport is not None and not proto.closed:
-            ctx.connections.add(proto.transport)
-            ctx.hbone_servers.add(proto)
-            if ctx.draining:
-                proto.close()  # accepted just before drain began: GOAWAY at once
+            return None
+        return proto
 
     def _closed(self, proto: HboneProtocol) -> None:
         if proto.transport is not None:
@@ -330,8 +342,15 @@ class HboneListener:
                 or guess_inbound_service(plan.destination_workload, dst_port, ctx.state.service)
             )
             _set_service(rec, service)
-            async with slots, ctx.upstream_slots:
-                upstream = await connect_upstream(ctx, plan, rec, src_ip)
+            if not self.peers.open_tunnel(peer_ip):
+                raise PeerOverLimit(f"peer {peer_ip} has {self.peers.max_tunnels} tunnels open")
+            try:
+                async with slots, ctx.upstream_slots:
+                    upstream = await connect_upstream(ctx, plan, rec, src_ip)
+            except BaseException:
+                self.peers.close_tunnel(peer_ip)
+                raise
+            upstream.on_closed = lambda: self.peers.close_tunnel(peer_ip)
         except HboneError as err:
             rec.response_flags = err.response_flag
             rec.error = str(err)

@@ -1,0 +1,224 @@
+"""Accepting on the node proxy's TCP listeners (15001 outbound, 15006 plaintext, 15008 HBONE).
+
+Owns: the accept loop of a listening socket we created ourselves, and what happens when file
+descriptors run short (issue 9): accepting PAUSES, so new connections wait in the kernel's
+backlog (4096, `meshcore.sockets.LISTEN_BACKLOG`) until descriptors are free again, instead of
+asyncio's create_server behaviour (accept(2) fails with EMFILE, it logs and retries after a
+second, connections in between are neither served nor refused). `FD_RESERVE` descriptors are
+kept free for the operator endpoints (readiness keeps answering) and the tunnels already open.
+Also owns the per-peer bounds of the HBONE listener (`PeerTable`): handshakes and connections
+per peer IP, and a stream-reset budget shared by a peer's connections.
+Invariants: every accepted socket is handed to `on_accept` (which owns it from then on) or
+closed; the loop never spins on an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import resource
+import socket
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from meshcore.hbone.connection import BUDGET_WINDOW, PEER_RESET_BUDGET, RateBudget
+from ztunnel.metrics import ProxyMetrics
+
+log = logging.getLogger("ztunnel.accept")
+
+FD_RESERVE = 256
+"""File descriptors kept free: accepting pauses when the next one would eat into them."""
+ACCEPT_PAUSE = 0.1
+_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def fds_short(reserve: int = FD_RESERVE) -> bool:
+    """True when fewer than `reserve` descriptors are free. Linux hands out the lowest free
+    descriptor (open(2)), so the number of a fresh one tells how full the table is."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    os.close(fd)
+    return soft != resource.RLIM_INFINITY and fd >= soft - reserve
+
+
+class AcceptLoop:
+    """Accept on `sock` and hand each connection to `on_accept`; pause while fds are short."""
+
+    def __init__(
+        self,
+        name: str,
+        sock: socket.socket,
+        on_accept: Callable[[socket.socket], None],
+        metrics: ProxyMetrics,
+    ) -> None:
+        self.name = name
+        self.sock = sock
+        self.on_accept = on_accept
+        self.metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if fds_short():
+                await self._pause("file descriptors short")
+                continue
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as err:
+                if err.errno not in _SHORTAGE:
+                    log.warning("%s accept failed: %s", self.name, err)
+                    continue
+                await self._pause(str(err))
+                continue
+            try:
+                self.on_accept(conn)
+            except Exception:
+                conn.close()
+                raise
+
+    async def _pause(self, why: str) -> None:
+        """Leave new connections in the kernel's backlog until descriptors are free again."""
+        self.metrics.accept_paused.inc()
+        log.warning("%s accept paused: %s", self.name, why)
+        while fds_short():
+            await asyncio.sleep(ACCEPT_PAUSE)
+        log.info("%s accept resumed", self.name)
+
+
+class TcpListener:
+    """A plain TCP listener (outbound capture, inbound plaintext) served by protocols made by
+    `factory`, accepted through `AcceptLoop`."""
+
+    def __init__(
+        self,
+        name: str,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        metrics: ProxyMetrics,
+    ) -> None:
+        self.factory = factory
+        self._loop = AcceptLoop(name, sock, self._accepted, metrics)
+        self._pending: set[asyncio.Task[object]] = set()
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
+        self._pending.add(task)  # asyncio holds tasks weakly
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[object]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s: accepted connection not served: %s", self._loop.name, task.exception())
+
+
+HANDSHAKES_PER_PEER = 64
+"""TLS handshakes in progress (not yet authenticated) from one peer IP; more are closed at once."""
+CONNECTIONS_PER_PEER = 512
+"""HBONE connections (handshaking or established) from one peer IP; more are closed at once.
+The same bounds as the HTTP/3 endpoint (`meshcore.hbone.h3aio`)."""
+PEERS_REMEMBERED = 16_384
+"""Reset budgets kept for peers with no connection left (least recently used dropped first)."""
+
+
+@dataclass(slots=True)
+class _Peer:
+    resets: RateBudget
+    handshakes: int = 0
+    connections: int = 0
+    tunnels: int = 0
+
+
+class PeerTable:
+    """Per-peer-IP bounds on an HBONE listener (issue 9, "per connection and per peer"): TLS
+    handshakes in progress, connections, tunnels (upstream sockets: 200 streams on each of
+    512 connections would otherwise let one peer take every descriptor), and one stream-reset
+    budget shared by all connections
+    of the peer (`HboneConnection(peer_resets=...)`). A peer is its source IP: before the
+    handshake nothing else is known, and the identity a peer presents is chosen by the peer.
+    Memory: one small entry per peer with a connection, plus `PEERS_REMEMBERED` idle ones, so
+    closing every connection does not refill the reset budget."""
+
+    def __init__(
+        self,
+        handshakes: int = HANDSHAKES_PER_PEER,
+        connections: int = CONNECTIONS_PER_PEER,
+        resets: int = PEER_RESET_BUDGET,
+        tunnels: int = 16_384,
+    ) -> None:
+        self.max_tunnels = tunnels
+        self.max_handshakes = handshakes
+        self.max_connections = connections
+        self.reset_limit = resets
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()
+
+    def _peer(self, ip: str) -> _Peer:
+        peer = self._peers.get(ip)
+        if peer is None:
+            peer = self._peers[ip] = _Peer(RateBudget(self.reset_limit, BUDGET_WINDOW))
+            self._forget_idle()
+        else:
+            self._peers.move_to_end(ip)
+        return peer
+
+    def _forget_idle(self) -> None:
+        if len(self._peers) <= PEERS_REMEMBERED:
+            return
+        for ip, peer in list(self._peers.items()):
+            if len(self._peers) <= PEERS_REMEMBERED:
+                break
+            if peer.connections == 0 and peer.tunnels == 0:
+                del self._peers[ip]
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection (handshaking) from `ip`; the reason it is refused, or None."""
+        peer = self._peer(ip)
+        if peer.handshakes >= self.max_handshakes:
+            return f"{peer.handshakes} TLS handshakes in progress"
+        if peer.connections >= self.max_connections:
+            return f"{peer.connections} connections"
+        peer.handshakes += 1
+        peer.connections += 1
+        return None
+
+    def handshake_done(self, ip: str) -> None:
+        self._peers[ip].handshakes -= 1
+
+    def closed(self, ip: str) -> None:
+        self._peers[ip].connections -= 1
+
+    def open_tunnel(self, ip: str) -> bool:
+        """Count a tunnel (upstream socket) for `ip`; False (not counted) when at the limit."""
+        peer = self._peer(ip)
+        if peer.tunnels >= self.max_tunnels:
+            return False
+        peer.tunnels += 1
+        return True
+
+    def close_tunnel(self, ip: str) -> None:
+        self._peers[ip].tunnels -= 1
+
+    def resets(self, ip: str) -> RateBudget:
+        return self._peer(ip).resets
