@@ -64,6 +64,8 @@ class WaypointSettings:
     path_policy: PathPolicy = field(default_factory=PathPolicy)
     """Mesh setting: Istio meshConfig ``pathNormalization`` and Envoy's
     ``path_with_escaped_slashes_action`` (`meshcore.l7.hygiene`)."""
+    accept_http_10: bool = False
+    """Serve HTTP/1.0 requests (Envoy's ``accept_http_10``, Istio's PILOT_HTTP10); off: 426."""
 
     @property
     def identity(self) -> SpiffeId:
