@@ -622,8 +622,12 @@ def test_http10_served_when_accepted(tmp_path: Path) -> None:
     """With accept_http_10 (Envoy's option; Istio's PILOT_HTTP10) HTTP/1.0 is served, Host
     optional (RFC 9112 §3.2), and a DENY still applies."""
     cases = [
-        Case("HTTP/1.0 without Host", b"GET /public HTTP/1.0\r\n\r\n", 200,
-             Seen("GET", "/public", (("host", ""),))),  # fmt: skip
+        Case(
+            "HTTP/1.0 without Host",
+            b"GET /public HTTP/1.0\r\n\r\n",
+            200,
+            Seen("GET", "/public", (("host", ""),)),
+        ),
         Case("HTTP/1.0 denied path", b"GET /private HTTP/1.0\r\nhost: reviews\r\n\r\n", 403),
     ]
     outs, _ = run(_through_waypoint(tmp_path, PathPolicy(), cases, [], accept_http_10=True))
