@@ -56,6 +56,8 @@ from controlplane.l7 import (
     gateway_findings,
     l7_findings,
     l7_resources,
+    peer_authentication_findings,
+    unimplemented_findings,
 )
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
@@ -238,7 +240,16 @@ class ControlPlane:
             self.xds.publish_set(L7_TYPE, packed, changed_at=t0)
             self._l7_parsed = l7
             self._l7_findings = l7_findings(l7, self._l7_findings_cache)
-        self.findings = {**self._l7_findings, **gateway_findings(self.store.snapshot)}
+        snapshot = self.store.snapshot
+        findings = {
+            **self._l7_findings,
+            **gateway_findings(snapshot),
+            **peer_authentication_findings(snapshot),
+            **unimplemented_findings(snapshot),
+        }
+        if findings != self.findings and self.waypoints is not None:
+            self.waypoints.kick()  # it writes waypoint Gateways' conditions from the findings
+        self.findings = findings
         self._status_wake.set()
         self.translations += 1
         self.metrics.translate_seconds.observe(time.monotonic() - t0)
@@ -296,13 +307,16 @@ class ControlPlane:
                 domain_suffix=s.options.domain_suffix,
                 kubeconfig=s.kubeconfig,
                 interval=s.waypoint_interval,
+                findings=lambda: self.findings,
             )
             controller = self.waypoints
             self.store.subscribe(lambda _snap: controller.kick())
             self._tasks.append(loop.create_task(controller.run()))
         if s.kubernetes and s.manifest_dir is None:
             # Findings go into the objects' status (validationMessages / route conditions).
-            self.status_writer = StatusWriter(KubeApi(kubeconfig=s.kubeconfig))
+            self.status_writer = StatusWriter(
+                KubeApi(kubeconfig=s.kubeconfig), gateways=self.waypoints is None
+            )
             self._tasks.append(
                 loop.create_task(
                     self.status_writer.run(
