@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import json
 
+from controlplane.objects import UNIMPLEMENTED_KINDS
 from controlplane.store import NamespaceObjects, StoreSnapshot
 from controlplane.translate import TranslateOptions
-from controlplane.objects import UNIMPLEMENTED_KINDS
 from meshcore.config.fields import INVALID, Finding, check_object, kind_support
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
@@ -133,7 +133,9 @@ def peer_authentication_findings(snapshot: StoreSnapshot) -> dict[str, list[Find
     out: dict[str, list[Finding]] = {}
     for ns, objs in snapshot.namespaces.items():
         for pa in objs.peer_authentications.values():
-            found = check_object("PeerAuthentication", json.loads(pa.raw_json)) if pa.raw_json else []
+            found = (
+                check_object("PeerAuthentication", json.loads(pa.raw_json)) if pa.raw_json else []
+            )
             if pa.error is not None:
                 found.append(
                     Finding(code=INVALID, level="Error", path="",

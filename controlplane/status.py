@@ -61,6 +61,23 @@ API_PATHS = {
     "Gateway": ("/apis/gateway.networking.k8s.io/v1", "gateways"),
 }
 WAYPOINT_CLASS = "istio-waypoint"
+UNIMPLEMENTED_PLURALS = {
+    "ServiceEntry": "serviceentries",
+    "WorkloadEntry": "workloadentries",
+    "Sidecar": "sidecars",
+    "EnvoyFilter": "envoyfilters",
+    "Gateway.networking.istio.io": "gateways",
+    "Telemetry": "telemetries",
+    "WasmPlugin": "wasmplugins",
+    "GRPCRoute": "grpcroutes",
+    "TCPRoute": "tcproutes",
+    "TLSRoute": "tlsroutes",
+}
+"""Kinds the mesh does not implement (`controlplane.objects.UNIMPLEMENTED_KINDS`): their one
+AMB0204 finding is written like the other kinds of their API (routes: an ``Accepted=False``
+parent condition, reason ``UnsupportedValue``; Istio kinds: a validationMessage), at the
+apiVersion the object was read with."""
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,7 +88,9 @@ class Target:
     namespace: str
     name: str
     parent_refs: tuple[Mapping[str, Any], ...] = ()
-    """HTTPRoute only: ``spec.parentRefs`` as written."""
+    """Routes only: ``spec.parentRefs`` as written."""
+    api_version: str = ""
+    """Kinds of `UNIMPLEMENTED_PLURALS`: the group/version the object was read with."""
 
     @property
     def ref(self) -> str:
@@ -79,7 +98,10 @@ class Target:
 
     @property
     def path(self) -> str:
-        prefix, plural = API_PATHS[self.kind]
+        if self.kind in UNIMPLEMENTED_PLURALS:
+            prefix, plural = f"/apis/{self.api_version}", UNIMPLEMENTED_PLURALS[self.kind]
+        else:
+            prefix, plural = API_PATHS[self.kind]
         return f"{prefix}/namespaces/{self.namespace}/{plural}/{self.name}/status"
 
 
@@ -93,17 +115,24 @@ def status_targets(snapshot: StoreSnapshot, *, gateways: bool = True) -> list[Ta
         for pa in objs.peer_authentications.values():
             out.append(Target(kind="PeerAuthentication", namespace=ns, name=pa.name))
         for obj in objs.stored.values():
-            if obj.kind not in API_PATHS:
+            if obj.kind not in API_PATHS and obj.kind not in UNIMPLEMENTED_PLURALS:
                 continue
             if obj.kind == "Gateway" and (not gateways or obj.gateway_class != WAYPOINT_CLASS):
                 continue
+            doc = json.loads(obj.raw_json) if obj.raw_json else {}
             parents: tuple[Mapping[str, Any], ...] = ()
-            if obj.kind == "HTTPRoute" and obj.raw_json:
-                spec = json.loads(obj.raw_json).get("spec")
+            if obj.kind in ROUTE_KINDS:
+                spec = doc.get("spec")
                 refs = spec.get("parentRefs") if isinstance(spec, Mapping) else None
                 if isinstance(refs, list):
                     parents = tuple(r for r in refs if isinstance(r, Mapping))
-            out.append(Target(kind=obj.kind, namespace=ns, name=obj.name, parent_refs=parents))
+            api_version = (
+                str(doc.get("apiVersion", "")) if obj.kind in UNIMPLEMENTED_PLURALS else ""
+            )
+            if obj.kind in UNIMPLEMENTED_PLURALS and "/" not in api_version:
+                continue  # no group/version to write to (not read from Kubernetes)
+            out.append(Target(kind=obj.kind, namespace=ns, name=obj.name, parent_refs=parents,
+                              api_version=api_version))  # fmt: skip
     return out
 
 
@@ -130,8 +159,9 @@ def desired_status(target: Target, findings: Sequence[Finding], now: str) -> dic
             conds.append({"type": "Programmed", "status": "False", "reason": "Invalid",
                           "message": text, "lastTransitionTime": now})  # fmt: skip
         return {"conditions": conds}
-    if target.kind == "HTTPRoute":
-        errors = [f for f in findings if f.level == "Error"]
+    if target.kind in ROUTE_KINDS:
+        # A kind the mesh does not implement is not applied, whatever the finding's level.
+        errors = [f for f in findings if f.level == "Error" or f.code == KIND]
         if errors:
             cond = {"type": "Accepted", "status": "False", "reason": "UnsupportedValue",
                     "message": _text(errors)}  # fmt: skip

@@ -23,7 +23,8 @@ waypoints"):
   Deployment reports an available replica, else False (reason Pending); addresses = the
   Service's hostname. A Gateway with an Error field finding (the control plane's, e.g.
   ``spec.addresses``) has Accepted and Programmed False (`controlplane.status.
-  gateway_acceptance`); warnings are named in Accepted's message. Conditions keep their lastTransitionTime unless their status changes.
+  gateway_acceptance`); warnings are named in Accepted's message. Conditions keep their
+  lastTransitionTime unless their status changes.
 
 Invariants: reconciling is idempotent: an object is patched (RFC 7386 JSON merge patch of the
 desired fields) only when it does not already contain them (`contains`: server-defaulted extra
