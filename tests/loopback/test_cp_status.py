@@ -255,24 +255,3 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
             await api.stop()
 
     run(main())
-
-
-def test_no_crds_for_unimplemented_kinds_is_not_an_error(tmp_path: Path) -> None:
-    """Without the CRDs of the kinds the mesh does not implement, the control plane syncs and
-    says nothing about them."""
-
-    async def main() -> None:
-        api = KubeApiStandIn(groups={"discovery.k8s.io/v1", "security.istio.io/v1"})
-        await api.start(API_IP)
-        kubeconfig(tmp_path, api.port)
-        cp = ControlPlane(settings(tmp_path))
-        await cp.start()
-        try:
-            assert cp.kube.synced.is_set()
-            unimplemented = ("ServiceEntry", "Sidecar", "Telemetry", "GRPCRoute", "TCPRoute")
-            assert not any(k in ref for ref in cp.warnings() for k in unimplemented)
-        finally:
-            await cp.stop()
-            await api.stop()
-
-    run(main())
