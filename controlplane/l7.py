@@ -100,6 +100,8 @@ def l7_findings(
     fresh: FindingsCache = {}
     for key in sorted(resources):
         res = resources[key]
+        if res.mesh is not None:
+            continue  # MeshSettings: no object to parse
         hit = cache.get(key) if cache is not None else None
         if hit is not None and hit[0] == res.json:
             found = hit[1]

@@ -125,7 +125,9 @@ spec: {}
 """
     parsed = parse_manifest_text(text, "m.yaml")
     assert dict(parsed.warnings) == {
-        "ServiceEntry demo/ext": "[AMB0204] ServiceEntry is not implemented by ambient-mesh: ignored",
+        "ServiceEntry demo/ext": (
+            "[AMB0204] ServiceEntry is not implemented by ambient-mesh: ignored"
+        ),
         "GRPCRoute demo/g": "[AMB0204] GRPCRoute is not implemented by ambient-mesh: ignored",
     }
 
