@@ -94,6 +94,27 @@ class L7Store:
         return out
 
 
+def apply_l7(
+    ctx: WaypointContext, store: L7Store, resp: dpb.DeltaDiscoveryResponse
+) -> list[tuple[str, str]]:
+    """One L7 response: objects and mesh settings into `ctx`; (name, error) to NACK."""
+    errors = store.apply(resp)
+    cfg = store.config()
+    errors += store.nacks(cfg, [r.name for r in resp.resources])
+    policy = store.path_policy(ctx.settings.path_override)
+    if policy != ctx.settings.path_policy:
+        log.info("mesh path settings: %s, %s", policy.normalization.value,
+                 policy.escaped_slashes.value)  # fmt: skip
+        ctx.settings = dataclasses.replace(ctx.settings, path_policy=policy)
+    ctx.set_config(cfg)
+    ctx.warnings[:] = list(cfg.warnings)
+    for w in cfg.warnings:
+        log.warning("config: %s", w)
+    log.info("L7 config: %d route tables, %d destination rules, %d policies",
+             len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
+    return errors
+
+
 def endpoints(args: argparse.Namespace) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:
     """(xDS, CA) endpoints from the flags."""
     token = read_token_file(args.node_credential_file) if args.node_credential_file else None
@@ -128,21 +149,7 @@ def controlplane_context(
         ctx.set_state(state)
 
     def on_l7(resp: dpb.DeltaDiscoveryResponse) -> Sequence[tuple[str, str]]:
-        errors = store.apply(resp)
-        cfg = store.config()
-        errors += store.nacks(cfg, [r.name for r in resp.resources])
-        policy = store.path_policy(settings.path_override)
-        if policy != ctx.settings.path_policy:
-            log.info("mesh path settings: %s, %s", policy.normalization.value,
-                     policy.escaped_slashes.value)  # fmt: skip
-            ctx.settings = dataclasses.replace(ctx.settings, path_policy=policy)
-        ctx.set_config(cfg)
-        ctx.warnings[:] = list(cfg.warnings)
-        for w in cfg.warnings:
-            log.warning("config: %s", w)
-        log.info("L7 config: %d route tables, %d destination rules, %d policies",
-                 len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
-        return errors
+        return apply_l7(ctx, store, resp)
 
     client = XdsClient(
         xds_ep,

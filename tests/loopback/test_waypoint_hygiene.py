@@ -937,3 +937,66 @@ def test_mutated_http2_header_blocks_never_crash_the_waypoint(tmp_path: Path) ->
         assert not re.search(r"%(2[eE]|[46][1-9a-fA-F]|[57][0-9aA])", rec.target), rec
         assert all(not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", v) for _, v in rec.headers), rec
         assert rec.values("host") in (["reviews"], ["admin.example"]) or not rec.values("host")
+
+
+# ---------------------------------------------------------------------------- mesh settings
+
+CP_IP = "127.0.87.1"
+
+
+def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
+    """The control plane's mesh setting (Istio meshConfig pathNormalization MERGE_SLASHES)
+    reaches the waypoint over its xDS (the MeshSettings ``ambient.l7.Resource``) and changes
+    what the app gets for ``/a//b``: as sent before (BASE), ``/a/b`` after."""
+    from controlplane.app import ControlPlane, ControlPlaneSettings
+    from meshcore.proto.l7res import L7_TYPE, MeshSettings
+    from meshcore.xds import ControlPlaneEndpoint, XdsClient
+    from waypoint.xds import L7Store, apply_l7
+
+    async def main() -> tuple[Outcome, Outcome, PathPolicy]:
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        (manifests / "deny.yaml").write_text(DENY)  # the same L7 config as the static one
+        cp = ControlPlane(
+            ControlPlaneSettings(
+                listen=f"{CP_IP}:0", debug_listen=None, manifest_dir=manifests,
+                ca_dir=tmp_path / "cp-ca", plaintext=True, insecure_no_node_auth=True,
+                mesh=MeshSettings(path_normalization="MERGE_SLASHES"),
+            )
+        )  # fmt: skip
+        await cp.start()
+        app = RawApp()
+        await app.start(APP_IP, PORT)
+        try:
+            async with waypoint_mesh(tmp_path, DENY, config=mesh_config()) as mesh:
+                ctx = mesh.waypoint.ctx
+
+                async def one(raw: bytes) -> Outcome:
+                    app.received.clear()
+                    status = await send_h1(REVIEWS_VIP, PORT, raw, local=CLIENT_IP)
+                    return Outcome(status, list(app.received), [])
+
+                before = await one(h1(b"GET /a//b"))
+                store = L7Store()
+                client = XdsClient(
+                    ControlPlaneEndpoint(address=f"{CP_IP}:{cp.port}"), node="node-w",
+                    extra_types={L7_TYPE: lambda resp: apply_l7(ctx, store, resp)},
+                    node_kind="waypoint",
+                )  # fmt: skip
+                task = asyncio.create_task(client.run())
+                try:
+                    await asyncio.wait_for(client.synced.wait(), 10)
+                    after = await one(h1(b"GET /a//b"))
+                    denied = await one(h1(b"GET //private"))  # merged: /private
+                finally:
+                    task.cancel()
+                assert denied.status == 403 and denied.got == [], "//private is /private now"
+                return before, after, ctx.settings.path_policy
+        finally:
+            await app.close()
+            await cp.stop()
+
+    before, after, policy = run(main())
+    assert policy == PathPolicy.parse("MERGE_SLASHES")
+    assert before.status == 200 and [app_view(r) for r in before.got] == [ok("GET", "/a//b")]
+    assert after.status == 200 and [app_view(r) for r in after.got] == [ok("GET", "/a/b")]
