@@ -25,6 +25,9 @@ rule using one matches nothing; a DENY rule is enforced on its L4 attributes alo
 RequestAuthentication (JWT is not implemented) becomes a DENY-everything policy for its targets,
 at L4 (selector / namespace form) and at L7 (targetRef form, or a selector matching a waypoint).
 An unreadable scope (selector / targetRefs) widens the scope to the policy's whole namespace.
+A source or operation whose fields are all empty lists, and a ``when`` whose values and
+notValues are both empty, are invalid (Istio's validation refuses them): read literally they
+would constrain nothing, so an ALLOW rule would match every request.
 
 Invariants: pure; `parse_policy` never raises for a readable ``metadata`` (everything else
 becomes findings); frozen records.
@@ -335,7 +338,7 @@ def _source(value: object, path: str) -> PolicySource:
     s = _obj(value, path)
     if not s:
         raise ConfigError(path, "an empty source matches nothing in Istio (rejected)")
-    return PolicySource(
+    source = PolicySource(
         principals=_principals(s.get("principals"), f"{path}.principals"),
         not_principals=_principals(s.get("notPrincipals"), f"{path}.notPrincipals"),
         namespaces=_matches(s.get("namespaces"), f"{path}.namespaces"),
@@ -350,13 +353,18 @@ def _source(value: object, path: str) -> PolicySource:
         not_remote_ip_blocks=_nets(s.get("notRemoteIpBlocks"), f"{path}.notRemoteIpBlocks"),
         l7_fields=tuple(k for k in _SOURCE_L7 if s.get(k)),
     )
+    if source == PolicySource() and _all_known(s, "spec.rules[].from[].source"):
+        # Only empty lists: constrains nothing, so an ALLOW rule would match every source.
+        # Istio's validation refuses it ("`from.source` must not be empty").
+        raise ConfigError(path, "every field is empty: the source must not be empty (Istio)")
+    return source
 
 
 def _operation(value: object, path: str) -> PolicyOperation:
     o = _obj(value, path)
     if not o:
         raise ConfigError(path, "an empty operation matches nothing in Istio (rejected)")
-    return PolicyOperation(
+    operation = PolicyOperation(
         # Hosts compare case-insensitively (DNS names; Istio's host matcher ignores case).
         hosts=_matches(o.get("hosts"), f"{path}.hosts", ignore_case=True),
         not_hosts=_matches(o.get("notHosts"), f"{path}.notHosts", ignore_case=True),
@@ -368,6 +376,15 @@ def _operation(value: object, path: str) -> PolicyOperation:
         not_paths=_matches(o.get("notPaths"), f"{path}.notPaths", paths=True),
         l7_fields=tuple(k for k in _OPERATION_L7 if o.get(k)),
     )
+    if operation == PolicyOperation() and _all_known(o, "spec.rules[].to[].operation"):
+        raise ConfigError(path, "every field is empty: the operation must not be empty (Istio)")
+    return operation
+
+
+def _all_known(value: Mapping[str, Any], schema: str) -> bool:
+    """Every key of `value` is a field of the table (an unknown one is its own finding)."""
+    table = FIELDS["AuthorizationPolicy"]
+    return all(f"{schema}.{k}" in table for k in value)
 
 
 _IP_KEYS = ("source.ip", "remote.ip", "destination.ip")
@@ -394,6 +411,10 @@ def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition
         )  # fmt: skip
         return None
     vp, np = f"{path}.values", f"{path}.notValues"
+    if not _list(w.get("values"), vp) and not _list(w.get("notValues"), np):
+        # Empty lists constrain nothing (an ALLOW rule would match every request); Istio's
+        # validation refuses them like absent ones.
+        raise ConfigError(path, "values and notValues are both empty (Istio: one must be set)")
     if key in _IP_KEYS:
         return PolicyCondition(key=key, nets=_nets(w.get("values"), vp),
                                not_nets=_nets(w.get("notValues"), np),

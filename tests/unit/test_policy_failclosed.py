@@ -410,3 +410,28 @@ def test_an_unsupported_field_never_widens_access(
         after = [_doc(mutated, "p", target=target), _doc(other, "q", target=target)]
         if allowed(after, req):
             assert allowed(before, req), (target, mutated)
+
+
+# ----------------------------------------------------------------- empty lists (review pass)
+
+EMPTY_LISTS = [
+    "  rules: [{from: [{source: {principals: []}}]}]\n",
+    "  rules: [{from: [{source: {namespaces: [], ipBlocks: []}}]}]\n",
+    "  rules: [{to: [{operation: {paths: []}}]}]\n",
+    "  rules: [{to: [{operation: {methods: [], ports: []}}]}]\n",
+    "  rules: [{when: [{key: source.ip, values: []}]}]\n",
+    '  rules: [{when: [{key: "request.headers[x-user]", values: [], notValues: []}]}]\n',
+]
+
+
+@pytest.mark.parametrize("spec", EMPTY_LISTS)
+def test_empty_value_lists_fail_closed(spec: str) -> None:
+    """Istio rejects a source/operation whose fields are all empty lists and a condition
+    without values ("must not be empty"); here an ALLOW rule with one matched every request
+    (an empty list constrained nothing). Fail closed: the ALLOW allows nothing, at L7 and L4."""
+    text = ap(spec)
+    assert not allowed_l7(text, request(sa="sleep"))
+    (pol,) = l7(text)
+    assert pol.fail_closed_l7 and any(f.code == INVALID for f in pol.findings)
+    (l4,) = l4_policies(ap(spec, target=False))
+    assert not evaluate_l4([l4], conn()).allowed
