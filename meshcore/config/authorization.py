@@ -24,7 +24,10 @@ documents as HTTP-only are not failures at L4: node proxies apply Istio's ztunne
 rule using one matches nothing; a DENY rule is enforced on its L4 attributes alone). A
 RequestAuthentication (JWT is not implemented) becomes a DENY-everything policy for its targets,
 at L4 (selector / namespace form) and at L7 (targetRef form, or a selector matching a waypoint).
-An unreadable scope (selector / targetRefs) widens the scope to the policy's whole namespace.
+An unreadable scope (selector / targetRefs) widens the scope to the policy's whole namespace;
+so do the scope forms Istio's validation refuses (selector AND targetRef(s), targetRef AND
+targetRefs, an unknown target kind/group, a target in another namespace), which would otherwise
+apply nowhere.
 A source or operation whose fields are all empty lists, and a ``when`` whose values and
 notValues are both empty, are invalid (Istio's validation refuses them): read literally they
 would constrain nothing, so an ALLOW rule would match every request.
@@ -456,21 +459,44 @@ def _rule(value: object, path: str, problems: _Problems) -> PolicyRule:
     )  # fmt: skip
 
 
+TARGET_GROUPS = {
+    "Gateway": ("gateway.networking.k8s.io",),
+    "GatewayClass": ("gateway.networking.k8s.io",),
+    "Service": ("core",),
+    "ServiceEntry": ("networking.istio.io",),
+}
+"""The kinds a policy may target, with their API group (Istio's validation; an omitted group is
+read as the kind's own)."""
+
+
 def _targets(spec: Mapping[str, Any], namespace: str) -> tuple[PolicyTarget, ...]:
+    """The targetRef(s); scope forms Istio's validation refuses raise (they would otherwise
+    apply nowhere, silently): both selector and targetRef(s), both targetRef and targetRefs,
+    a kind/group it does not know, a target in another namespace."""
     refs = list(_list(spec.get("targetRefs"), "spec.targetRefs"))
     paths = [f"spec.targetRefs[{i}]" for i in range(len(refs))]
     if spec.get("targetRef") is not None:
+        if refs:
+            raise ConfigError("spec.targetRef", "only one of targetRef or targetRefs (Istio)")
         refs.append(spec["targetRef"])
         paths.append("spec.targetRef")
+    if refs and spec.get("selector") is not None:
+        raise ConfigError(paths[0], "only one of selector or targetRef(s) can be set (Istio)")
     out = []
     for ref, path in zip(refs, paths, strict=True):
         r = _obj(ref, path)
-        out.append(
-            PolicyTarget(
-                kind=_text(r.get("kind"), f"{path}.kind"),
-                name=_text(r.get("name"), f"{path}.name"),
-                namespace=_text(r.get("namespace", namespace), f"{path}.namespace"),
+        kind = _text(r.get("kind"), f"{path}.kind")
+        group = r.get("group") or ""
+        if kind not in TARGET_GROUPS or (group and group not in ("", *TARGET_GROUPS[kind])):
+            known = ", ".join(f"{k} ({g[0]})" for k, g in TARGET_GROUPS.items())
+            raise ConfigError(f"{path}.kind", f"{group}/{kind} is not one of {known}")
+        target_ns = _text(r.get("namespace", namespace), f"{path}.namespace")
+        if target_ns != namespace:
+            raise ConfigError(
+                f"{path}.namespace", "a target in another namespace is not supported (Istio)"
             )
+        out.append(
+            PolicyTarget(kind=kind, name=_text(r.get("name"), f"{path}.name"), namespace=target_ns)
         )
     return tuple(out)
 

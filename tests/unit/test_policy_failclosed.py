@@ -435,3 +435,40 @@ def test_empty_value_lists_fail_closed(spec: str) -> None:
     assert pol.fail_closed_l7 and any(f.code == INVALID for f in pol.findings)
     (l4,) = l4_policies(ap(spec, target=False))
     assert not evaluate_l4([l4], conn()).allowed
+
+
+# ------------------------------------------------------------ scope forms Istio refuses (review)
+
+BAD_SCOPES = [
+    # Istio: "only one of targetRefs or workloadSelector can be set"
+    "  selector: {matchLabels: {app: reviews}}\n  targetRefs: [{kind: Service, name: reviews}]\n",
+    # Istio: only one of targetRef or targetRefs
+    "  targetRef: {kind: Service, name: reviews}\n  targetRefs: [{kind: Service, name: other}]\n",
+    # Istio: cross-namespace targetRef is not supported
+    "  targetRefs: [{kind: Service, name: reviews, namespace: other}]\n",
+    # Istio: a kind/group it does not know
+    "  targetRefs: [{kind: service, name: reviews}]\n",
+    "  targetRefs: [{kind: Service, group: apps, name: reviews}]\n",
+    "  targetRefs: [{kind: Gateway, group: networking.istio.io, name: waypoint}]\n",
+]
+
+
+@pytest.mark.parametrize("scope", BAD_SCOPES)
+def test_scopes_istio_refuses_fail_closed(scope: str) -> None:
+    """A DENY whose scope Istio refuses was enforced nowhere (main: the selector was dropped at
+    L4 because targetRefs were set, and a targetRef naming another namespace or an unknown
+    kind matched nothing), silently. Now invalid: the DENY covers the policy's namespace at L7
+    and L4 and is reported."""
+    text = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: p, namespace: default}}
+spec:
+  action: DENY
+{scope}  rules: [{{to: [{{operation: {{ports: ["9080"]}}}}]}}]
+"""
+    (pol,) = l7(text)
+    assert pol.fail_closed_l7 and any(f.code == INVALID for f in pol.findings)
+    assert not allowed_l7(text, request())
+    (l4,) = l4_policies(text)
+    assert not evaluate_l4([l4], conn()).allowed
