@@ -406,13 +406,16 @@ def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition
         return None
     _pattern, (status, l4, note) = row
     if status is not Status.IMPLEMENTED:
-        # HTTP-only keys are Istio's ztunnel rule at L4, not a failure there.
+        # HTTP-only keys are Istio's ztunnel rule at L4, not a failure there: the condition
+        # stays in the rule as an HTTP-only one (no values), so the L4 view drops an ALLOW rule
+        # using it and keeps a DENY rule's L4 part (dropping the condition itself would turn
+        # the ALLOW rule into allow-everything at L4). The L7 view fails closed.
         problems.add(
             Finding(code=REFUSED, level="Error", path=f"{path}.key",
                     message=f"condition key {key!r} is not supported: {note}"),
             l4=l4 is not L4.L7_ONLY,
         )  # fmt: skip
-        return None
+        return PolicyCondition(key=key, l4=False) if l4 is L4.L7_ONLY else None
     vp, np = f"{path}.values", f"{path}.notValues"
     if not _list(w.get("values"), vp) and not _list(w.get("notValues"), np):
         # Empty lists constrain nothing (an ALLOW rule would match every request); Istio's

@@ -472,3 +472,26 @@ spec:
     assert not allowed_l7(text, request())
     (l4,) = l4_policies(text)
     assert not evaluate_l4([l4], conn()).allowed
+
+
+def test_http_only_condition_key_we_refuse_drops_the_allow_rule_at_l4() -> None:
+    """An ALLOW rule whose only condition is an HTTP-only key we refuse (JWT claims): the L7
+    view fails closed, and at L4 Istio's ztunnel rule drops the rule (allows nothing). main
+    dropped the refused condition instead, leaving a rule without clauses: allow-everything at
+    L4 (found by the property test below)."""
+    text = ap(
+        '  rules: [{when: [{key: "request.auth.claims[group]", values: [admin]}]}]\n',
+        target=False,
+    )
+    (l4,) = l4_policies(text)
+    assert l4.rules == ()
+    assert not evaluate_l4([l4], conn()).allowed
+    deny = ap(
+        '  rules: [{to: [{operation: {ports: ["9080"]}}], '
+        'when: [{key: "request.auth.claims[group]", values: [admin]}]}]\n',
+        action="DENY",
+        target=False,
+    )
+    (l4,) = l4_policies(deny)
+    assert not evaluate_l4([l4], conn(port=9080)).allowed  # its L4 part is enforced
+    assert evaluate_l4([l4], conn(port=80)).allowed
