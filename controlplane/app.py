@@ -18,6 +18,8 @@ Invariants:
   only ``/metrics`` and ``/ready``.
 - gRPC is served only after every configured source has done its first full read (bounded by
   ``--sync-timeout``), so the first full state a node proxy receives is complete.
+- Mesh-wide waypoint settings (``--path-normalization``, ``--escaped-slashes-action``) are
+  served to waypoints as the ``MeshSettings`` L7 resource (`meshcore.proto.l7res`) when set.
 - Translation runs on the latest store snapshot, coalescing bursts of changes: the loop wakes
   on any change and translates whatever the store holds then.
 """
