@@ -18,6 +18,8 @@ Invariants:
   only ``/metrics`` and ``/ready``.
 - gRPC is served only after every configured source has done its first full read (bounded by
   ``--sync-timeout``), so the first full state a node proxy receives is complete.
+- Mesh-wide waypoint settings (``--path-normalization``, ``--escaped-slashes-action``) are
+  served to waypoints as the ``MeshSettings`` L7 resource (`meshcore.proto.l7res`) when set.
 - Translation runs on the latest store snapshot, coalescing bursts of changes: the loop wakes
   on any change and translates whatever the store holds then.
 """
@@ -56,6 +58,8 @@ from controlplane.l7 import (
     gateway_findings,
     l7_findings,
     l7_resources,
+    peer_authentication_findings,
+    unimplemented_findings,
 )
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
@@ -70,8 +74,9 @@ from meshcore.config.fields import Finding
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId
 from meshcore.kubeapi import KubeApi
+from meshcore.l7.hygiene import PathPolicy
 from meshcore.opshttp import is_loopback, require_loopback
-from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7
+from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, pack_l7
 from meshcore.runtime import stop_on_signals
 from meshcore.telemetry import VERSION
 
@@ -108,6 +113,9 @@ class ControlPlaneSettings:
     waypoints: WaypointSettings | None = None
     """In-cluster waypoint controller (with --kubernetes, not with --manifest-dir); None = off."""
     waypoint_interval: float = 10.0
+    mesh: MeshSettings = field(default_factory=MeshSettings)
+    """Mesh-wide waypoint settings (Istio meshConfig ``pathNormalization``, Envoy's escaped-
+    slashes action), served to every waypoint as the ``MeshSettings`` L7 resource when set."""
 
 
 NO_NODE_AUTH = (
@@ -229,6 +237,9 @@ class ControlPlane:
             self.xds.publish(delta, changed_at=t0)
         # Waypoints' L7 objects after the Address/Authorization records they refer to.
         l7 = l7_resources(self.store.snapshot, self.settings.options, self._l7_ns_cache)
+        if self.settings.mesh != MeshSettings():
+            mesh = self.settings.mesh.resource()
+            l7 = {**l7, mesh.key: mesh}
         if l7 != self._l7_parsed:  # re-packed and re-parsed only when one changed (memoised)
             packed = {}
             for k, r in l7.items():  # pack only what changed; unchanged = the same Any object
@@ -238,7 +249,16 @@ class ControlPlane:
             self.xds.publish_set(L7_TYPE, packed, changed_at=t0)
             self._l7_parsed = l7
             self._l7_findings = l7_findings(l7, self._l7_findings_cache)
-        self.findings = {**self._l7_findings, **gateway_findings(self.store.snapshot)}
+        snapshot = self.store.snapshot
+        findings = {
+            **self._l7_findings,
+            **gateway_findings(snapshot),
+            **peer_authentication_findings(snapshot),
+            **unimplemented_findings(snapshot),
+        }
+        if findings != self.findings and self.waypoints is not None:
+            self.waypoints.kick()  # it writes waypoint Gateways' conditions from the findings
+        self.findings = findings
         self._status_wake.set()
         self.translations += 1
         self.metrics.translate_seconds.observe(time.monotonic() - t0)
@@ -296,13 +316,16 @@ class ControlPlane:
                 domain_suffix=s.options.domain_suffix,
                 kubeconfig=s.kubeconfig,
                 interval=s.waypoint_interval,
+                findings=lambda: self.findings,
             )
             controller = self.waypoints
             self.store.subscribe(lambda _snap: controller.kick())
             self._tasks.append(loop.create_task(controller.run()))
         if s.kubernetes and s.manifest_dir is None:
             # Findings go into the objects' status (validationMessages / route conditions).
-            self.status_writer = StatusWriter(KubeApi(kubeconfig=s.kubeconfig))
+            self.status_writer = StatusWriter(
+                KubeApi(kubeconfig=s.kubeconfig), gateways=self.waypoints is None
+            )
             self._tasks.append(
                 loop.create_task(
                     self.status_writer.run(
@@ -456,6 +479,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--cert-ttl", type=float, default=24 * 3600)
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    mesh = p.add_argument_group("mesh settings served to waypoints (they override with flags)")
+    mesh.add_argument("--path-normalization", default=env("PATH_NORMALIZATION", ""),
+                      help="Istio meshConfig.pathNormalization.normalization: NONE, BASE "
+                           "(default), MERGE_SLASHES, DECODE_AND_MERGE_SLASHES")  # fmt: skip
+    mesh.add_argument("--escaped-slashes-action", default=env("ESCAPED_SLASHES_ACTION", ""),
+                      help="Envoy path_with_escaped_slashes_action: KEEP_UNCHANGED "
+                           "(default), REJECT_REQUEST, UNESCAPE_AND_REDIRECT, "
+                           "UNESCAPE_AND_FORWARD")  # fmt: skip
     wp = p.add_argument_group("in-cluster waypoints (with --kubernetes, without --manifest-dir)")
     wp.add_argument("--waypoint-image", default=env("WAYPOINT_IMAGE"),
                     help="waypoint Deployments' image; unset = no waypoint controller")  # fmt: skip
@@ -472,6 +503,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     args = p.parse_args(argv)
     if args.manifest_dir is None and not args.kubernetes:
         p.error("give --manifest-dir and/or --kubernetes")
+    try:
+        PathPolicy.parse(args.path_normalization, args.escaped_slashes_action)
+    except ValueError as err:
+        p.error(f"--path-normalization/--escaped-slashes-action: {err}")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -493,6 +528,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
             extra_args=tuple(args.waypoint_arg),
         )
     return ControlPlaneSettings(
+        mesh=MeshSettings(
+            path_normalization=args.path_normalization.upper(),
+            escaped_slashes_action=args.escaped_slashes_action.upper(),
+        ),
         waypoints=waypoints,
         waypoint_interval=args.waypoint_resync,
         listen=args.listen,

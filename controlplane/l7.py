@@ -13,6 +13,11 @@ And `l7_findings`: what the waypoints will report about each of those objects, c
 the waypoint's own parser (`meshcore.config.objects.parse_objects`), so the control plane reports a
 bad object (debug view, status) exactly as the waypoint that applies it (and NACKs it) sees it.
 
+And the findings of the objects waypoints do not parse: waypoint Gateways' fields
+(`gateway_findings`), PeerAuthentication's fields and values (`peer_authentication_findings`)
+and the kinds the mesh does not implement (`unimplemented_findings`, one AMB0204 each), so
+every object read from Kubernetes is reported in one place (``ControlPlane.findings``).
+
 Invariants: pure function of the snapshot; equal inputs give equal resources (canonical JSON),
 so the xDS table's content-hash versions only change when an object really changed. The
 optional caches only memoise (issue 14: re-deriving every namespace's resources and re-parsing
@@ -26,9 +31,10 @@ from __future__ import annotations
 
 import json
 
+from controlplane.objects import UNIMPLEMENTED_KINDS
 from controlplane.store import NamespaceObjects, StoreSnapshot
 from controlplane.translate import TranslateOptions
-from meshcore.config.fields import Finding, check_object
+from meshcore.config.fields import INVALID, Finding, check_object, kind_support
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 
@@ -94,6 +100,8 @@ def l7_findings(
     fresh: FindingsCache = {}
     for key in sorted(resources):
         res = resources[key]
+        if res.mesh is not None:
+            continue  # MeshSettings: no object to parse
         hit = cache.get(key) if cache is not None else None
         if hit is not None and hit[0] == res.json:
             found = hit[1]
@@ -118,4 +126,38 @@ def gateway_findings(snapshot: StoreSnapshot) -> dict[str, list[Finding]]:
                 found = check_object("Gateway", json.loads(obj.raw_json))
                 if found:
                     out[f"Gateway {ns}/{obj.name}"] = found
+    return out
+
+
+def peer_authentication_findings(snapshot: StoreSnapshot) -> dict[str, list[Finding]]:
+    """``PeerAuthentication ns/name`` -> field findings; an unreadable one (enforced as STRICT
+    for its scope) gets an Error finding saying so."""
+    out: dict[str, list[Finding]] = {}
+    for ns, objs in snapshot.namespaces.items():
+        for pa in objs.peer_authentications.values():
+            found = (
+                check_object("PeerAuthentication", json.loads(pa.raw_json)) if pa.raw_json else []
+            )
+            if pa.error is not None:
+                found.append(
+                    Finding(code=INVALID, level="Error", path="",
+                            message=f"enforced as STRICT for its scope until fixed: {pa.error}")
+                )  # fmt: skip
+            if found:
+                out[f"PeerAuthentication {ns}/{pa.name}"] = found
+    return out
+
+
+def unimplemented_findings(snapshot: StoreSnapshot) -> dict[str, list[Finding]]:
+    """``Kind ns/name`` -> the one AMB0204 finding of each object of a kind the mesh does not
+    implement (`controlplane.objects.UNIMPLEMENTED_KINDS`)."""
+    out: dict[str, list[Finding]] = {}
+    for ns, objs in snapshot.namespaces.items():
+        for obj in objs.stored.values():
+            if obj.kind not in UNIMPLEMENTED_KINDS or not obj.raw_json:
+                continue
+            doc = json.loads(obj.raw_json)
+            found = kind_support(str(doc.get("kind", obj.kind)), doc)
+            if found is not None:
+                out[f"{obj.kind} {ns}/{obj.name}"] = [found]
     return out

@@ -41,6 +41,23 @@ STORED_KINDS = (
 """Kept in the store (and visible in /debug), served to waypoints as written; a
 RequestAuthentication is also translated (a DENY for its targets: JWT is not implemented)."""
 KINDS = CORE_KINDS + ISTIO_KINDS + STORED_KINDS
+UNIMPLEMENTED_KINDS = (
+    "ServiceEntry",
+    "WorkloadEntry",
+    "Sidecar",
+    "EnvoyFilter",
+    "Gateway.networking.istio.io",
+    "Telemetry",
+    "WasmPlugin",
+    "GRPCRoute",
+    "TCPRoute",
+    "TLSRoute",
+)
+"""Kinds the mesh does not implement, read from Kubernetes only to be reported (AMB0204 on
+/debug/warnings and in their status) instead of dropped silently: `parse_unimplemented`
+stores them as `StoredObject` under these names (the keys of
+`meshcore.config.fields.UNSUPPORTED_KINDS`; Istio's Gateway is told from Gateway API's by its
+group). Nothing else reads them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
@@ -184,6 +201,8 @@ class PeerAuthentication:
     error: str | None = None
     """Why the object could not be read: it is then enforced as STRICT for its scope (fail
     closed: skipping it could let plaintext in where the user asked for mTLS)."""
+    raw_json: str = ""
+    """The object as written (canonical JSON): its field findings are reported from it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -474,7 +493,12 @@ def _parse_peer_authentication(raw: Mapping[str, Any]) -> PeerAuthentication:
             except ConfigError:
                 selector = None  # unreadable scope: the whole namespace (mesh in the root)
         return PeerAuthentication(
-            namespace=ns, name=name, selector=selector, mode="STRICT", error=str(exc)
+            namespace=ns,
+            name=name,
+            selector=selector,
+            mode="STRICT",
+            error=str(exc),
+            raw_json=raw_json(raw),
         )
 
 
@@ -502,6 +526,7 @@ def _read_peer_authentication(
         selector=selector,
         mode=mode(spec.get("mtls"), "spec.mtls"),
         port_modes=tuple(sorted(ports)),
+        raw_json=raw_json(raw),
     )
 
 
@@ -515,6 +540,12 @@ def raw_json(raw: Mapping[str, Any]) -> str:
     out = {k: raw[k] for k in ("apiVersion", "kind", "spec") if k in raw}
     out["metadata"] = keep_meta
     return json.dumps(out, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def parse_unimplemented(raw: Mapping[str, Any], kind: str) -> StoredObject:
+    """An object of a kind in `UNIMPLEMENTED_KINDS`, kept only to be reported."""
+    ns, name, labels, _where = _meta(raw, kind, True)
+    return StoredObject(kind=kind, namespace=ns, name=name, labels=labels, raw_json=raw_json(raw))
 
 
 def parse_object(raw: object) -> KubeObject:

@@ -9,10 +9,19 @@ Formats:
   ``status.validationMessages`` as istiod writes them (``analysis.v1alpha1.AnalysisMessageBase``:
   ``type {code, name}``, ``level`` ERROR/WARNING/INFO, ``documentationUrl``), plus our
   ``description`` naming the field path and what happens. No findings: the list is removed.
+- Istio PeerAuthentication: ``status.validationMessages`` too (an unreadable one is enforced
+  as STRICT for its scope, and says so).
 - Gateway API HTTPRoute: ``status.parents[]`` (one per parentRef) with an ``Accepted``
   condition: False/``UnsupportedValue`` when the route is not applied (an Error finding), else
   True/``Accepted``; warnings go into the True condition's message. (Gateway API v1
   RouteParentStatus; our controllerName is `CONTROLLER_NAME`.)
+- Gateway API Gateway of class ``istio-waypoint`` (`gateway_acceptance`, GatewayStatus):
+  Error findings make ``Accepted`` and ``Programmed`` False with reason ``UnsupportedAddress``
+  (``spec.addresses``, as the Gateway API conformance suite expects) or ``Invalid``; warnings go
+  into the ``Accepted`` message. The waypoint controller (`controlplane.waypoints`) writes
+  these conditions when it runs (it owns the Gateway's status); without it, this writer does.
+  Gateways of other classes are not ours: Gateway API reserves their status to their class's
+  controller, so they are reported on /debug/warnings and by ``ambientctl analyze`` only.
 
 Invariants: only objects whose desired status differs from what this writer last wrote are
 patched (one PATCH per change); a failed PATCH is retried on the next sync.
@@ -47,8 +56,28 @@ API_PATHS = {
     "RequestAuthentication": ("/apis/security.istio.io/v1", "requestauthentications"),
     "VirtualService": ("/apis/networking.istio.io/v1", "virtualservices"),
     "DestinationRule": ("/apis/networking.istio.io/v1", "destinationrules"),
+    "PeerAuthentication": ("/apis/security.istio.io/v1", "peerauthentications"),
     "HTTPRoute": ("/apis/gateway.networking.k8s.io/v1", "httproutes"),
+    "Gateway": ("/apis/gateway.networking.k8s.io/v1", "gateways"),
 }
+WAYPOINT_CLASS = "istio-waypoint"
+UNIMPLEMENTED_PLURALS = {
+    "ServiceEntry": "serviceentries",
+    "WorkloadEntry": "workloadentries",
+    "Sidecar": "sidecars",
+    "EnvoyFilter": "envoyfilters",
+    "Gateway.networking.istio.io": "gateways",
+    "Telemetry": "telemetries",
+    "WasmPlugin": "wasmplugins",
+    "GRPCRoute": "grpcroutes",
+    "TCPRoute": "tcproutes",
+    "TLSRoute": "tlsroutes",
+}
+"""Kinds the mesh does not implement (`controlplane.objects.UNIMPLEMENTED_KINDS`): their one
+AMB0204 finding is written like the other kinds of their API (routes: an ``Accepted=False``
+parent condition, reason ``UnsupportedValue``; Istio kinds: a validationMessage), at the
+apiVersion the object was read with."""
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,7 +88,9 @@ class Target:
     namespace: str
     name: str
     parent_refs: tuple[Mapping[str, Any], ...] = ()
-    """HTTPRoute only: ``spec.parentRefs`` as written."""
+    """Routes only: ``spec.parentRefs`` as written."""
+    api_version: str = ""
+    """Kinds of `UNIMPLEMENTED_PLURALS`: the group/version the object was read with."""
 
     @property
     def ref(self) -> str:
@@ -67,33 +98,70 @@ class Target:
 
     @property
     def path(self) -> str:
-        prefix, plural = API_PATHS[self.kind]
+        if self.kind in UNIMPLEMENTED_PLURALS:
+            prefix, plural = f"/apis/{self.api_version}", UNIMPLEMENTED_PLURALS[self.kind]
+        else:
+            prefix, plural = API_PATHS[self.kind]
         return f"{prefix}/namespaces/{self.namespace}/{plural}/{self.name}/status"
 
 
-def status_targets(snapshot: StoreSnapshot) -> list[Target]:
-    """Every object of a kind in `API_PATHS` in the snapshot (pure)."""
+def status_targets(snapshot: StoreSnapshot, *, gateways: bool = True) -> list[Target]:
+    """Every object of a kind in `API_PATHS` in the snapshot (pure); waypoint Gateways only
+    with `gateways` (False: the waypoint controller writes their status)."""
     out: list[Target] = []
     for ns, objs in sorted(snapshot.namespaces.items()):
         for ap in objs.authorization_policies.values():
             out.append(Target(kind="AuthorizationPolicy", namespace=ns, name=ap.name))
+        for pa in objs.peer_authentications.values():
+            out.append(Target(kind="PeerAuthentication", namespace=ns, name=pa.name))
         for obj in objs.stored.values():
-            if obj.kind not in API_PATHS:
+            if obj.kind not in API_PATHS and obj.kind not in UNIMPLEMENTED_PLURALS:
                 continue
+            if obj.kind == "Gateway" and (not gateways or obj.gateway_class != WAYPOINT_CLASS):
+                continue
+            doc = json.loads(obj.raw_json) if obj.raw_json else {}
             parents: tuple[Mapping[str, Any], ...] = ()
-            if obj.kind == "HTTPRoute" and obj.raw_json:
-                spec = json.loads(obj.raw_json).get("spec")
+            if obj.kind in ROUTE_KINDS:
+                spec = doc.get("spec")
                 refs = spec.get("parentRefs") if isinstance(spec, Mapping) else None
                 if isinstance(refs, list):
                     parents = tuple(r for r in refs if isinstance(r, Mapping))
-            out.append(Target(kind=obj.kind, namespace=ns, name=obj.name, parent_refs=parents))
+            api_version = (
+                str(doc.get("apiVersion", "")) if obj.kind in UNIMPLEMENTED_PLURALS else ""
+            )
+            if obj.kind in UNIMPLEMENTED_PLURALS and "/" not in api_version:
+                continue  # no group/version to write to (not read from Kubernetes)
+            out.append(Target(kind=obj.kind, namespace=ns, name=obj.name, parent_refs=parents,
+                              api_version=api_version))  # fmt: skip
     return out
+
+
+def gateway_acceptance(findings: Sequence[Finding]) -> tuple[bool, str, str]:
+    """(accepted, reason, message) of a waypoint Gateway given its findings (pure; Gateway API
+    v1 GatewayConditionReason: ``Accepted``, ``Invalid``, ``UnsupportedAddress``)."""
+    errors = [f for f in findings if f.level == "Error"]
+    if errors:
+        addresses = any(f.path.startswith("spec.addresses") for f in errors)
+        return False, "UnsupportedAddress" if addresses else "Invalid", _text(errors)
+    return True, "Accepted", _text(findings)
 
 
 def desired_status(target: Target, findings: Sequence[Finding], now: str) -> dict[str, Any]:
     """The ``status`` merge patch for `target` (pure; `now` is an RFC 3339 timestamp)."""
-    if target.kind == "HTTPRoute":
-        errors = [f for f in findings if f.level == "Error"]
+    if target.kind == "Gateway":
+        ok, reason, text = gateway_acceptance(findings)
+        flag = "True" if ok else "False"
+        conds = [
+            {"type": "Accepted", "status": flag, "reason": reason,
+             "message": text or "waypoint Gateway is valid", "lastTransitionTime": now},
+        ]  # fmt: skip
+        if not ok:
+            conds.append({"type": "Programmed", "status": "False", "reason": "Invalid",
+                          "message": text, "lastTransitionTime": now})  # fmt: skip
+        return {"conditions": conds}
+    if target.kind in ROUTE_KINDS:
+        # A kind the mesh does not implement is not applied, whatever the finding's level.
+        errors = [f for f in findings if f.level == "Error" or f.code == KIND]
         if errors:
             cond = {"type": "Accepted", "status": "False", "reason": "UnsupportedValue",
                     "message": _text(errors)}  # fmt: skip
@@ -124,6 +192,9 @@ def _text(findings: Sequence[Finding]) -> str:
 
 def _without_time(status: Mapping[str, Any]) -> Any:
     """`status` without lastTransitionTime (what decides whether a PATCH is needed)."""
+    conditions = status.get("conditions")
+    if isinstance(conditions, list):
+        return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
     parents = status.get("parents")
     if not isinstance(parents, list):
         return status
@@ -136,8 +207,10 @@ def _without_time(status: Mapping[str, Any]) -> Any:
 class StatusWriter:
     """Patches the status of objects read from Kubernetes (see the module docstring)."""
 
-    def __init__(self, kube: KubeApi) -> None:
+    def __init__(self, kube: KubeApi, *, gateways: bool = True) -> None:
         self._kube = kube
+        self.gateways = gateways
+        """Write waypoint Gateways' conditions (False when the waypoint controller does)."""
         self.written: dict[str, Any] = {}
         """ref -> the status last written (without timestamps)."""
         self.patches = 0
@@ -183,7 +256,9 @@ class StatusWriter:
                 wake.clear()
                 snapshot, findings = state()
                 try:
-                    await self.sync(status_targets(snapshot), findings, clock())
+                    await self.sync(
+                        status_targets(snapshot, gateways=self.gateways), findings, clock()
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:

@@ -21,7 +21,10 @@ waypoints"):
   debug views (every route and policy) on 127.0.0.1:15000 only (``--debug-listen``).
 - Status (Gateway API v1 ``GatewayStatus``): Accepted=True once seen; Programmed=True when the
   Deployment reports an available replica, else False (reason Pending); addresses = the
-  Service's hostname. Conditions keep their lastTransitionTime unless their status changes.
+  Service's hostname. A Gateway with an Error field finding (the control plane's, e.g.
+  ``spec.addresses``) has Accepted and Programmed False (`controlplane.status.
+  gateway_acceptance`); warnings are named in Accepted's message. Conditions keep their
+  lastTransitionTime unless their status changes.
 
 Invariants: reconciling is idempotent: an object is patched (RFC 7386 JSON merge patch of the
 desired fields) only when it does not already contain them (`contains`: server-defaulted extra
@@ -35,7 +38,7 @@ import asyncio
 import contextlib
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +47,8 @@ from typing import Any
 from kubernetes_asyncio import client
 
 from controlplane.errors import SourceError
+from controlplane.status import gateway_acceptance
+from meshcore.config.fields import Finding
 from meshcore.kubeapi import KubeApi
 
 log = logging.getLogger(__name__)
@@ -278,19 +283,36 @@ def _condition(
 
 
 def gateway_status(
-    gw: Mapping[str, Any], *, available: int, domain_suffix: str, now: datetime
+    gw: Mapping[str, Any],
+    *,
+    available: int,
+    domain_suffix: str,
+    now: datetime,
+    findings: Sequence[Finding] = (),
 ) -> Json:
-    """The Gateway's ``status`` (GatewayStatus) given its Deployment's available replicas."""
+    """The Gateway's ``status`` (GatewayStatus) given its Deployment's available replicas and
+    its field findings (`controlplane.status.gateway_acceptance`: an Error finding makes
+    Accepted and Programmed False, warnings are named in Accepted's message)."""
     meta = gw["metadata"]
     old = gw.get("status") or {}
     gen = int(meta.get("generation") or 0)
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     host = f"{meta['name']}.{meta.get('namespace', 'default')}.svc.{domain_suffix}"
     programmed = available > 0
+    accepted, reason, text = gateway_acceptance(findings)
+    if not accepted:
+        return {
+            "addresses": [{"type": "Hostname", "value": host}],
+            "conditions": [
+                _condition(old, "Accepted", False, reason, text, gen, stamp),
+                _condition(old, "Programmed", False, "Invalid", text, gen, stamp),
+            ],
+        }
+    created = "waypoint resources created" + (f"; {text}" if text else "")
     return {
         "addresses": [{"type": "Hostname", "value": host}],
         "conditions": [
-            _condition(old, "Accepted", True, "Accepted", "waypoint resources created", gen, stamp),
+            _condition(old, "Accepted", True, "Accepted", created, gen, stamp),
             _condition(
                 old,
                 "Programmed",
@@ -388,8 +410,11 @@ class WaypointController:
         kubeconfig: Path | None = None,
         configuration: client.Configuration | None = None,
         interval: float = 10.0,
+        findings: Callable[[], Mapping[str, Sequence[Finding]]] | None = None,
     ) -> None:
         self.settings = settings
+        self.findings = findings or dict
+        """``Gateway ns/name`` -> field findings (the control plane's), for the status."""
         self.domain_suffix = domain_suffix
         self.kubeconfig = kubeconfig
         self.configuration = configuration
@@ -488,8 +513,9 @@ class WaypointController:
         deployment = await self._ensure(DEPLOYMENTS, objs.deployment)
         await self._ensure(SERVICES, objs.service)
         available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
+        found = self.findings().get(f"Gateway {objs.namespace}/{objs.gateway}", ())
         status = gateway_status(gw, available=available, domain_suffix=self.domain_suffix,
-                                now=now)  # fmt: skip
+                                now=now, findings=found)  # fmt: skip
         if status != (gw.get("status") or {}):
             await self._ok(
                 "PATCH",

@@ -4,7 +4,8 @@ This is not Kubernetes: it implements only the protocol the control plane's Kube
 relies on, faithfully enough to exercise it (Kubernetes API concepts, "Efficient detection of
 changes" and "Watch bookmarks"):
 - discovery: ``GET /api`` (APIVersions) and ``GET /apis`` (APIGroupList) listing only the
-  groups given to the constructor (so "CRD not installed" can be tested);
+  groups given to the constructor (so "CRD not installed" can be tested), and
+  ``GET /apis/<group>/<version>`` (APIResourceList: the plurals served there);
 - list: ``GET /api/v1/pods``, ``GET /apis/<group>/<version>/<plural>`` (cluster-wide), with a
   collection ``metadata.resourceVersion``;
 - watch: ``?watch=true&resourceVersion=<rv>&allowWatchBookmarks=true&timeoutSeconds=N``: a
@@ -54,8 +55,9 @@ GROUPS = {
         "peerauthentications",
         "requestauthentications",
     },
-    "networking.istio.io/v1": {"virtualservices", "destinationrules"},
-    "gateway.networking.k8s.io/v1": {"gateways", "httproutes"},
+    "networking.istio.io/v1": {"virtualservices", "destinationrules", "serviceentries", "sidecars"},
+    "telemetry.istio.io/v1": {"telemetries"},
+    "gateway.networking.k8s.io/v1": {"gateways", "httproutes", "grpcroutes"},
     "apps/v1": {"deployments"},
 }
 SUBRESOURCES = {
@@ -68,6 +70,10 @@ SUBRESOURCES = {
         "requestauthentications",
         "virtualservices",
         "destinationrules",
+        "serviceentries",
+        "sidecars",
+        "telemetries",
+        "grpcroutes",
     )
 }
 """Kinds with a ``status`` subresource (all the CRDs the control plane reports on)."""
@@ -164,6 +170,7 @@ class KubeApiStandIn:
         app.router.add_delete(ns_prefix + "/{name}", self._delete)
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_get("/apis/{group}/{version}/{plural}", self._collection)
+        app.router.add_get("/apis/{group}/{version}", self._resources)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, 0)
@@ -322,6 +329,15 @@ class KubeApiStandIn:
                     for g, vs in groups.items()
                 ],
             }
+        )
+
+    async def _resources(self, request: web.Request) -> web.Response:
+        gv = f"{request.match_info['group']}/{request.match_info['version']}"
+        if gv not in self.groups:
+            raise web.HTTPNotFound()
+        resources = [{"name": p, "namespaced": True} for p in sorted(GROUPS.get(gv, set()))]
+        return web.json_response(
+            {"kind": "APIResourceList", "groupVersion": gv, "resources": resources}
         )
 
     def _served(self, request: web.Request) -> str:

@@ -357,13 +357,18 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--drain-timeout", type=float, default=5.0)
     mesh = p.add_argument_group("mesh settings (request hygiene, meshcore.l7.hygiene)")
-    mesh.add_argument("--path-normalization", default=env("PATH_NORMALIZATION", "BASE"),
+    mesh.add_argument("--path-normalization", default=env("PATH_NORMALIZATION", ""),
                       help="Istio meshConfig.pathNormalization: NONE, BASE (default), "
-                           "MERGE_SLASHES, DECODE_AND_MERGE_SLASHES")  # fmt: skip
+                           "MERGE_SLASHES, DECODE_AND_MERGE_SLASHES; overrides the control "
+                           "plane's mesh setting")  # fmt: skip
     mesh.add_argument("--escaped-slashes-action", default=env("ESCAPED_SLASHES_ACTION", ""),
                       help="Envoy path_with_escaped_slashes_action: KEEP_UNCHANGED "
                            "(default), REJECT_REQUEST, UNESCAPE_AND_REDIRECT, "
-                           "UNESCAPE_AND_FORWARD")  # fmt: skip
+                           "UNESCAPE_AND_FORWARD; overrides the control plane's mesh "
+                           "setting")  # fmt: skip
+    mesh.add_argument("--accept-http-10", action="store_true",
+                      help="serve HTTP/1.0 requests (Envoy accept_http_10, Istio PILOT_HTTP10); "
+                           "default: 426 Upgrade Required")  # fmt: skip
     cp = p.add_argument_group("control-plane mode (instead of --mesh-config/--config/--ca-dir)")
     cp.add_argument("--xds-address", default=env("XDS_ADDRESS"),
                     help="control plane host:port: Address, Authorization and L7 config over "
@@ -416,7 +421,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
         listen=tuple(_addr(a, "--listen") for a in args.listen),
         admin=_addr(args.admin, "--admin") if args.admin else None,
         access_log=args.access_log,
+        accept_http_10=args.accept_http_10,
         path_policy=path_policy,
+        path_override=(args.path_normalization, args.escaped_slashes_action),
     )
     return settings, args
 

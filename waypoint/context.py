@@ -64,6 +64,11 @@ class WaypointSettings:
     path_policy: PathPolicy = field(default_factory=PathPolicy)
     """Mesh setting: Istio meshConfig ``pathNormalization`` and Envoy's
     ``path_with_escaped_slashes_action`` (`meshcore.l7.hygiene`)."""
+    path_override: tuple[str, str] = ("", "")
+    """(--path-normalization, --escaped-slashes-action) as given ("" = not given): they win
+    over the control plane's mesh settings (`waypoint.xds.L7Store.path_policy`)."""
+    accept_http_10: bool = False
+    """Serve HTTP/1.0 requests (Envoy's ``accept_http_10``, Istio's PILOT_HTTP10); off: 426."""
 
     @property
     def identity(self) -> SpiffeId:

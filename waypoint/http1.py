@@ -12,6 +12,8 @@ Invariants:
   wants.
 - A malformed request gets its status (400/431/501/505) and ``connection: close``, and one
   access-log record with flag DPE (`Handler.refused`); never a reset or a traceback.
+- An HTTP/1.0 request gets 426 Upgrade Required (Envoy's default, ``accept_http_10`` false)
+  unless the ``accept_http_10`` setting is on (Istio: PILOT_HTTP10).
 - HTTP/1 trailers are parsed (and bounded) but never forwarded, in either direction (Envoy's
   default: ``enable_trailers`` false), so no field can be smuggled in behind the body.
 """
@@ -181,6 +183,12 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             await _refuse(handler, tunnel, io, 400, "expected a request head")
             return
         head = ev
+        if head.version == "HTTP/1.0" and not handler.ctx.settings.accept_http_10:
+            # Envoy's HTTP/1 codec (what Istio's waypoints run) answers 426 unless
+            # ``http_protocol_options.accept_http_10`` is set; Istio sets it only with
+            # PILOT_HTTP10 (envoy.config.core.v3.Http1ProtocolOptions).
+            await _refuse(handler, tunnel, io, 426, "HTTP/1.0 is not accepted (accept_http_10)")
+            return
         host = http1.header_value(head.headers, "host") or ""
         try:
             authority, target = _split_target(head.target, host)

@@ -11,6 +11,9 @@ Invariants:
   does not depend on arrival order): a bad object is left out with a warning (a bad
   AuthorizationPolicy fails closed), as in static mode, AND NACKed by name with its findings
   (`nacks`), so the control plane's connection view shows which object the waypoint refused.
+- The mesh path settings come from the control plane's ``MeshSettings`` resource; a waypoint
+  flag that was given overrides its setting (`L7Store.path_policy`). The settings are swapped
+  by one assignment too.
 - State and config are each swapped by one assignment (`WaypointContext.set_state`/
   `set_config`); while the control plane is unreachable the last good ones stay in force.
 - The waypoint authenticates with its node's credential and asks only for its own identity:
@@ -20,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -29,8 +33,9 @@ from meshcore.certs import CertificateProvider
 from meshcore.config.objects import parse_objects
 from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError
+from meshcore.l7.hygiene import PathPolicy
 from meshcore.proto import discovery_pb2 as dpb
-from meshcore.proto.l7res import L7_TYPE, L7Resource, unpack_l7
+from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, unpack_l7
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
 from waypoint.context import WaypointContext, WaypointSettings
@@ -58,8 +63,18 @@ class L7Store:
         return errors
 
     def config(self) -> WaypointConfig:
-        docs = [self.resources[k].document() for k in sorted(self.resources)]
+        docs = [self.resources[k].document() for k in sorted(self.resources)
+                if self.resources[k].mesh is None]  # fmt: skip
         return parse_objects(docs, domain_suffix=self.domain_suffix)
+
+    def path_policy(self, override: tuple[str, str]) -> PathPolicy:
+        """The mesh's path settings (the control plane's MeshSettings resource), each one
+        overridden by the waypoint's own flag when that was given (`override`)."""
+        mesh = next((r.mesh for r in self.resources.values() if r.mesh is not None), None)
+        mesh = mesh or MeshSettings()
+        return PathPolicy.parse(
+            override[0] or mesh.path_normalization, override[1] or mesh.escaped_slashes_action
+        )
 
     def nacks(self, cfg: WaypointConfig, names: Sequence[str]) -> list[tuple[str, str]]:
         """(name, error) of the resources among `names` whose object has Error findings (left
@@ -77,6 +92,27 @@ class L7Store:
             if found:
                 out.append((name, "; ".join(found)))
         return out
+
+
+def apply_l7(
+    ctx: WaypointContext, store: L7Store, resp: dpb.DeltaDiscoveryResponse
+) -> list[tuple[str, str]]:
+    """One L7 response: objects and mesh settings into `ctx`; (name, error) to NACK."""
+    errors = store.apply(resp)
+    cfg = store.config()
+    errors += store.nacks(cfg, [r.name for r in resp.resources])
+    policy = store.path_policy(ctx.settings.path_override)
+    if policy != ctx.settings.path_policy:
+        log.info("mesh path settings: %s, %s", policy.normalization.value,
+                 policy.escaped_slashes.value)  # fmt: skip
+        ctx.settings = dataclasses.replace(ctx.settings, path_policy=policy)
+    ctx.set_config(cfg)
+    ctx.warnings[:] = list(cfg.warnings)
+    for w in cfg.warnings:
+        log.warning("config: %s", w)
+    log.info("L7 config: %d route tables, %d destination rules, %d policies",
+             len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
+    return errors
 
 
 def endpoints(args: argparse.Namespace) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:
@@ -113,16 +149,7 @@ def controlplane_context(
         ctx.set_state(state)
 
     def on_l7(resp: dpb.DeltaDiscoveryResponse) -> Sequence[tuple[str, str]]:
-        errors = store.apply(resp)
-        cfg = store.config()
-        errors += store.nacks(cfg, [r.name for r in resp.resources])
-        ctx.set_config(cfg)
-        ctx.warnings[:] = list(cfg.warnings)
-        for w in cfg.warnings:
-            log.warning("config: %s", w)
-        log.info("L7 config: %d route tables, %d destination rules, %d policies",
-                 len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
-        return errors
+        return apply_l7(ctx, store, resp)
 
     client = XdsClient(
         xds_ep,

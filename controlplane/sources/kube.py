@@ -8,6 +8,12 @@ store given the complete new set via `ConfigStore.replace_source`, so deletions 
 meanwhile are applied) is `meshcore.reflector`'s; this module owns what the objects mean.
 - Kinds whose API group is not served (CRDs not installed) are skipped with a warning and
   re-discovered every `rediscover_interval`.
+- Kinds the mesh does not implement (`UNIMPLEMENTED`: ServiceEntry, Telemetry, GRPCRoute,
+  Istio's Gateway...) are watched only when their resource is served (the group/version's
+  APIResourceList, ``GET /apis/<group>/<version>``, first served version of the kind wins),
+  and stored as `controlplane.objects.parse_unimplemented` records so each object is
+  reported (AMB0204 on /debug/warnings and in its status); no CRD: nothing watched, nothing
+  said, looked for again every `rediscover_interval`. They never hold the first sync.
 
 Invariants: a malformed object is reported (warning naming object and field) and its update
 skipped; it never stops the watch. Objects are read as plain JSON (no generated models).
@@ -16,17 +22,18 @@ skipped; it never stops the watch. Objects are read as plain JSON (no generated 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
 
 from controlplane.errors import SourceError
-from controlplane.objects import ObjectKey, parse_object
+from controlplane.objects import KubeObject, ObjectKey, parse_object, parse_unimplemented
 from controlplane.store import ConfigStore
 from meshcore.backoff import Backoff, Retry
 from meshcore.errors import ConfigError
@@ -46,6 +53,15 @@ class KindSpec:
     version: str
     plural: str
     namespaced: bool = True
+    unimplemented: str = ""
+    """A `controlplane.objects.UNIMPLEMENTED_KINDS` name: optional, stored only to be reported."""
+    alt_versions: tuple[str, ...] = ()
+    """Other versions to look for (unimplemented kinds), in order of preference."""
+
+    @property
+    def key(self) -> str:
+        """Unique among `KINDS` + `UNIMPLEMENTED` (Istio's and Gateway API's Gateway differ)."""
+        return self.unimplemented or self.kind
 
     @property
     def group_version(self) -> str:
@@ -94,6 +110,30 @@ KINDS = (
     KindSpec(
         kind="HTTPRoute", group="gateway.networking.k8s.io", version="v1", plural="httproutes"
     ),
+)
+
+
+def _unimplemented(
+    kind: str, group: str, plural: str, versions: tuple[str, ...], name: str = ""
+) -> KindSpec:
+    return KindSpec(kind=kind, group=group, version=versions[0], plural=plural,
+                    unimplemented=name or kind, alt_versions=versions[1:])  # fmt: skip
+
+
+_ISTIO_NET = ("v1", "v1beta1", "v1alpha3")
+UNIMPLEMENTED = (
+    _unimplemented("ServiceEntry", "networking.istio.io", "serviceentries", _ISTIO_NET),
+    _unimplemented("WorkloadEntry", "networking.istio.io", "workloadentries", _ISTIO_NET),
+    _unimplemented("Sidecar", "networking.istio.io", "sidecars", _ISTIO_NET),
+    _unimplemented("EnvoyFilter", "networking.istio.io", "envoyfilters", ("v1alpha3",)),
+    _unimplemented(
+        "Gateway", "networking.istio.io", "gateways", _ISTIO_NET, "Gateway.networking.istio.io"
+    ),
+    _unimplemented("Telemetry", "telemetry.istio.io", "telemetries", ("v1", "v1alpha1")),
+    _unimplemented("WasmPlugin", "extensions.istio.io", "wasmplugins", ("v1alpha1",)),
+    _unimplemented("GRPCRoute", "gateway.networking.k8s.io", "grpcroutes", ("v1", "v1alpha2")),
+    _unimplemented("TCPRoute", "gateway.networking.k8s.io", "tcproutes", ("v1alpha2",)),
+    _unimplemented("TLSRoute", "gateway.networking.k8s.io", "tlsroutes", ("v1alpha3", "v1alpha2")),
 )
 
 
@@ -159,7 +199,7 @@ class KubernetesSource(ReflectorCounters):
                 delay = retry.next_delay()
                 log.warning("Kubernetes discovery failed (%s); retry in %.1fs", exc, delay)
                 await retry.wait(delay)
-        tasks = [asyncio.create_task(self._kind_loop(spec)) for spec in KINDS]
+        tasks = [asyncio.create_task(self._kind_loop(spec)) for spec in KINDS + UNIMPLEMENTED]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -169,16 +209,46 @@ class KubernetesSource(ReflectorCounters):
 
     def _mark_listed(self, kind: str) -> None:
         self._listed.add(kind)
-        if self._listed >= {k.kind for k in KINDS}:
+        if self._listed >= {k.key for k in KINDS + UNIMPLEMENTED}:
             self.synced.set()
 
+    async def _resources(self, group_version: str) -> set[str]:
+        """Resource names the API serves in `group_version` (APIResourceList)."""
+        data = await self._get_json(f"/apis/{group_version}")
+        return {
+            str(r.get("name", "")) for r in data.get("resources") or () if isinstance(r, Mapping)
+        }
+
+    async def _resolve(self, spec: KindSpec) -> KindSpec | None:
+        """`spec` at the first of its versions whose resource is served, else None."""
+        for version in (spec.version, *spec.alt_versions):
+            found = replace(spec, version=version, alt_versions=())
+            if found.group_version not in self._served:
+                continue
+            try:
+                if spec.plural in await self._resources(found.group_version):
+                    return found
+            except Exception as exc:
+                log.debug("discovery of %s failed: %s", found.group_version, exc)
+        return None
+
     async def _kind_loop(self, spec: KindSpec) -> None:
-        source = f"kubernetes/{spec.kind}"
+        source = f"kubernetes/{spec.key}"
+        if spec.unimplemented:
+            while (resolved := await self._resolve(spec)) is None:
+                self._mark_listed(spec.key)  # no CRD: nothing to watch, nothing to say
+                await asyncio.sleep(self.rediscover_interval)
+                with contextlib.suppress(Exception):
+                    self._served = await self.discover()
+            spec = resolved
+            # Only reported, never translated: the first sync does not wait for them (a list
+            # refused by an older ClusterRole is retried and logged, it does not hold xDS).
+            self._mark_listed(spec.key)
         while spec.group_version not in self._served:
             self.store.add_source_warning(
                 source, spec.kind, f"API {spec.group_version} is not served; {spec.kind} skipped"
             )
-            self._mark_listed(spec.kind)
+            self._mark_listed(spec.key)
             await asyncio.sleep(self.rediscover_interval)
             try:
                 self._served = await self.discover()
@@ -187,12 +257,12 @@ class KubernetesSource(ReflectorCounters):
         self.store.clear_source_warning(source, spec.kind)
         reflector = Reflector(
             self._kube,
-            Collection(path=spec.path, name=spec.kind, watch_timeout=self.watch_timeout),
+            Collection(path=spec.path, name=spec.key, watch_timeout=self.watch_timeout),
             replace=lambda items: self._replace(spec, source, items),
             event=lambda etype, obj: self._event(spec, source, etype, obj),
             retry=Retry(WATCH_BACKOFF, rng=self.rng),
         )
-        self._reflectors[spec.kind] = reflector
+        self._reflectors[spec.key] = reflector
         await reflector.run()
 
     def _replace(self, spec: KindSpec, source: str, items: list[Mapping[str, Any]]) -> None:
@@ -201,12 +271,12 @@ class KubernetesSource(ReflectorCounters):
         for raw in items:
             item = {"kind": spec.kind, "apiVersion": spec.group_version, **raw}
             try:
-                objects.append(parse_object(item))
+                objects.append(_parse(spec, item))
             except ConfigError as exc:
                 warnings[_ref(spec, item)] = f"skipped: {exc}"
         self.store.set_source_warnings(source, warnings)
         self.store.replace_source(source, objects)
-        self._mark_listed(spec.kind)
+        self._mark_listed(spec.key)
 
     def _event(self, spec: KindSpec, source: str, etype: str, obj: Mapping[str, Any]) -> None:
         item = {"kind": spec.kind, "apiVersion": spec.group_version, **obj}
@@ -214,17 +284,23 @@ class KubernetesSource(ReflectorCounters):
         if etype == "DELETED":
             meta = obj.get("metadata") or {}
             namespace = str(meta.get("namespace", "")) if spec.namespaced else ""
-            key = ObjectKey(kind=spec.kind, namespace=namespace, name=str(meta.get("name", "")))
+            key = ObjectKey(kind=spec.key, namespace=namespace, name=str(meta.get("name", "")))
             self.store.apply(source, (), [key])
             self.store.clear_source_warning(source, ref)
             return
         try:
-            parsed = parse_object(item)
+            parsed = _parse(spec, item)
         except ConfigError as exc:
             self.store.add_source_warning(source, ref, f"update skipped: {exc}")
             return
         self.store.clear_source_warning(source, ref)
         self.store.apply(source, [parsed])
+
+
+def _parse(spec: KindSpec, item: Mapping[str, Any]) -> KubeObject:
+    if spec.unimplemented:
+        return parse_unimplemented(item, spec.unimplemented)
+    return parse_object(item)
 
 
 def _ref(spec: KindSpec, item: Any) -> str:

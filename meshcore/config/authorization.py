@@ -24,7 +24,13 @@ documents as HTTP-only are not failures at L4: node proxies apply Istio's ztunne
 rule using one matches nothing; a DENY rule is enforced on its L4 attributes alone). A
 RequestAuthentication (JWT is not implemented) becomes a DENY-everything policy for its targets,
 at L4 (selector / namespace form) and at L7 (targetRef form, or a selector matching a waypoint).
-An unreadable scope (selector / targetRefs) widens the scope to the policy's whole namespace.
+An unreadable scope (selector / targetRefs) widens the scope to the policy's whole namespace;
+so do the scope forms Istio's validation refuses (selector AND targetRef(s), targetRef AND
+targetRefs, an unknown target kind/group, a target in another namespace), which would otherwise
+apply nowhere.
+A source or operation whose fields are all empty lists, and a ``when`` whose values and
+notValues are both empty, are invalid (Istio's validation refuses them): read literally they
+would constrain nothing, so an ALLOW rule would match every request.
 
 Invariants: pure; `parse_policy` never raises for a readable ``metadata`` (everything else
 becomes findings); frozen records.
@@ -335,7 +341,7 @@ def _source(value: object, path: str) -> PolicySource:
     s = _obj(value, path)
     if not s:
         raise ConfigError(path, "an empty source matches nothing in Istio (rejected)")
-    return PolicySource(
+    source = PolicySource(
         principals=_principals(s.get("principals"), f"{path}.principals"),
         not_principals=_principals(s.get("notPrincipals"), f"{path}.notPrincipals"),
         namespaces=_matches(s.get("namespaces"), f"{path}.namespaces"),
@@ -350,13 +356,18 @@ def _source(value: object, path: str) -> PolicySource:
         not_remote_ip_blocks=_nets(s.get("notRemoteIpBlocks"), f"{path}.notRemoteIpBlocks"),
         l7_fields=tuple(k for k in _SOURCE_L7 if s.get(k)),
     )
+    if source == PolicySource() and _all_known(s, "spec.rules[].from[].source"):
+        # Only empty lists: constrains nothing, so an ALLOW rule would match every source.
+        # Istio's validation refuses it ("`from.source` must not be empty").
+        raise ConfigError(path, "every field is empty: the source must not be empty (Istio)")
+    return source
 
 
 def _operation(value: object, path: str) -> PolicyOperation:
     o = _obj(value, path)
     if not o:
         raise ConfigError(path, "an empty operation matches nothing in Istio (rejected)")
-    return PolicyOperation(
+    operation = PolicyOperation(
         # Hosts compare case-insensitively (DNS names; Istio's host matcher ignores case).
         hosts=_matches(o.get("hosts"), f"{path}.hosts", ignore_case=True),
         not_hosts=_matches(o.get("notHosts"), f"{path}.notHosts", ignore_case=True),
@@ -368,6 +379,15 @@ def _operation(value: object, path: str) -> PolicyOperation:
         not_paths=_matches(o.get("notPaths"), f"{path}.notPaths", paths=True),
         l7_fields=tuple(k for k in _OPERATION_L7 if o.get(k)),
     )
+    if operation == PolicyOperation() and _all_known(o, "spec.rules[].to[].operation"):
+        raise ConfigError(path, "every field is empty: the operation must not be empty (Istio)")
+    return operation
+
+
+def _all_known(value: Mapping[str, Any], schema: str) -> bool:
+    """Every key of `value` is a field of the table (an unknown one is its own finding)."""
+    table = FIELDS["AuthorizationPolicy"]
+    return all(f"{schema}.{k}" in table for k in value)
 
 
 _IP_KEYS = ("source.ip", "remote.ip", "destination.ip")
@@ -386,14 +406,21 @@ def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition
         return None
     _pattern, (status, l4, note) = row
     if status is not Status.IMPLEMENTED:
-        # HTTP-only keys are Istio's ztunnel rule at L4, not a failure there.
+        # HTTP-only keys are Istio's ztunnel rule at L4, not a failure there: the condition
+        # stays in the rule as an HTTP-only one (no values), so the L4 view drops an ALLOW rule
+        # using it and keeps a DENY rule's L4 part (dropping the condition itself would turn
+        # the ALLOW rule into allow-everything at L4). The L7 view fails closed.
         problems.add(
             Finding(code=REFUSED, level="Error", path=f"{path}.key",
                     message=f"condition key {key!r} is not supported: {note}"),
             l4=l4 is not L4.L7_ONLY,
         )  # fmt: skip
-        return None
+        return PolicyCondition(key=key, l4=False) if l4 is L4.L7_ONLY else None
     vp, np = f"{path}.values", f"{path}.notValues"
+    if not _list(w.get("values"), vp) and not _list(w.get("notValues"), np):
+        # Empty lists constrain nothing (an ALLOW rule would match every request); Istio's
+        # validation refuses them like absent ones.
+        raise ConfigError(path, "values and notValues are both empty (Istio: one must be set)")
     if key in _IP_KEYS:
         return PolicyCondition(key=key, nets=_nets(w.get("values"), vp),
                                not_nets=_nets(w.get("notValues"), np),
@@ -435,21 +462,44 @@ def _rule(value: object, path: str, problems: _Problems) -> PolicyRule:
     )  # fmt: skip
 
 
+TARGET_GROUPS = {
+    "Gateway": ("gateway.networking.k8s.io",),
+    "GatewayClass": ("gateway.networking.k8s.io",),
+    "Service": ("core",),
+    "ServiceEntry": ("networking.istio.io",),
+}
+"""The kinds a policy may target, with their API group (Istio's validation; an omitted group is
+read as the kind's own)."""
+
+
 def _targets(spec: Mapping[str, Any], namespace: str) -> tuple[PolicyTarget, ...]:
+    """The targetRef(s); scope forms Istio's validation refuses raise (they would otherwise
+    apply nowhere, silently): both selector and targetRef(s), both targetRef and targetRefs,
+    a kind/group it does not know, a target in another namespace."""
     refs = list(_list(spec.get("targetRefs"), "spec.targetRefs"))
     paths = [f"spec.targetRefs[{i}]" for i in range(len(refs))]
     if spec.get("targetRef") is not None:
+        if refs:
+            raise ConfigError("spec.targetRef", "only one of targetRef or targetRefs (Istio)")
         refs.append(spec["targetRef"])
         paths.append("spec.targetRef")
+    if refs and spec.get("selector") is not None:
+        raise ConfigError(paths[0], "only one of selector or targetRef(s) can be set (Istio)")
     out = []
     for ref, path in zip(refs, paths, strict=True):
         r = _obj(ref, path)
-        out.append(
-            PolicyTarget(
-                kind=_text(r.get("kind"), f"{path}.kind"),
-                name=_text(r.get("name"), f"{path}.name"),
-                namespace=_text(r.get("namespace", namespace), f"{path}.namespace"),
+        kind = _text(r.get("kind"), f"{path}.kind")
+        group = r.get("group") or ""
+        if kind not in TARGET_GROUPS or (group and group not in ("", *TARGET_GROUPS[kind])):
+            known = ", ".join(f"{k} ({g[0]})" for k, g in TARGET_GROUPS.items())
+            raise ConfigError(f"{path}.kind", f"{group}/{kind} is not one of {known}")
+        target_ns = _text(r.get("namespace", namespace), f"{path}.namespace")
+        if target_ns != namespace:
+            raise ConfigError(
+                f"{path}.namespace", "a target in another namespace is not supported (Istio)"
             )
+        out.append(
+            PolicyTarget(kind=kind, name=_text(r.get("name"), f"{path}.name"), namespace=target_ns)
         )
     return tuple(out)
 

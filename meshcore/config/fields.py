@@ -455,20 +455,26 @@ UNSUPPORTED_KINDS: Mapping[str, tuple[str, str]] = {
         "Error",
         "JWT validation is not implemented: requests to its targets are DENIED until it is removed",
     ),
-    "ServiceEntry": ("Warning", "ServiceEntry is not implemented: ignored"),
-    "Telemetry": ("Warning", "Telemetry is not implemented: ignored (standard metrics are kept)"),
-    "GRPCRoute": ("Warning", "GRPCRoute is not implemented: ignored"),
-    "TCPRoute": ("Warning", "TCPRoute is not implemented: ignored"),
-    "TLSRoute": ("Warning", "TLSRoute is not implemented: ignored"),
-    "Gateway.networking.istio.io": ("Warning", "Istio Gateway is not implemented: ignored"),
+    "ServiceEntry": ("Warning", "ServiceEntry is not implemented by ambient-mesh: ignored"),
+    "Telemetry": (
+        "Warning",
+        "Telemetry is not implemented by ambient-mesh: ignored (standard metrics are kept)",
+    ),
+    "GRPCRoute": ("Warning", "GRPCRoute is not implemented by ambient-mesh: ignored"),
+    "TCPRoute": ("Warning", "TCPRoute is not implemented by ambient-mesh: ignored"),
+    "TLSRoute": ("Warning", "TLSRoute is not implemented by ambient-mesh: ignored"),
+    "Gateway.networking.istio.io": (
+        "Warning",
+        "Istio Gateway is not implemented by ambient-mesh: ignored",
+    ),
     "Gateway.ingress": (
         "Warning",
-        "only waypoint Gateways (gatewayClassName istio-waypoint) are implemented: ignored",
+        "only waypoint Gateways (class istio-waypoint) are implemented by ambient-mesh: ignored",
     ),
-    "WorkloadEntry": ("Warning", "WorkloadEntry is not implemented: ignored"),
-    "Sidecar": ("Warning", "Sidecar is not implemented (ambient): ignored"),
-    "EnvoyFilter": ("Warning", "EnvoyFilter is not implemented: ignored"),
-    "WasmPlugin": ("Warning", "WasmPlugin is not implemented: ignored"),
+    "WorkloadEntry": ("Warning", "WorkloadEntry is not implemented by ambient-mesh: ignored"),
+    "Sidecar": ("Warning", "Sidecar is not implemented by ambient-mesh (ambient): ignored"),
+    "EnvoyFilter": ("Warning", "EnvoyFilter is not implemented by ambient-mesh: ignored"),
+    "WasmPlugin": ("Warning", "WasmPlugin is not implemented by ambient-mesh: ignored"),
 }
 
 

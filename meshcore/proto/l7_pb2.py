@@ -22,7 +22,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x17meshcore/proto/l7.proto\x12\nambient.l7"G\n\x08Resource\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\tb\x06proto3'
+    b'\n\x17meshcore/proto/l7.proto\x12\nambient.l7"J\n\x0cMeshSettings\x12\x1a\n\x12path_normalization\x18\x01 \x01(\t\x12\x1e\n\x16\x65scaped_slashes_action\x18\x02 \x01(\t"o\n\x08Resource\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\x12&\n\x04mesh\x18\x05 \x01(\x0b\x32\x18.ambient.l7.MeshSettingsb\x06proto3'
 )
 
 _globals = globals()
@@ -30,6 +30,8 @@ _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "meshcore.proto.l7_pb2", _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
-    _globals["_RESOURCE"]._serialized_start = 39
-    _globals["_RESOURCE"]._serialized_end = 110
+    _globals["_MESHSETTINGS"]._serialized_start = 39
+    _globals["_MESHSETTINGS"]._serialized_end = 113
+    _globals["_RESOURCE"]._serialized_start = 115
+    _globals["_RESOURCE"]._serialized_end = 226
 # @@protoc_insertion_point(module_scope)

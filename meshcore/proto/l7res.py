@@ -10,6 +10,10 @@ Invariants:
   every problem is a `ConfigError` whose path starts with the resource name (per-resource NACK).
 - The JSON is parsed by the waypoint with `meshcore.config.objects.parse_objects`, exactly as a
   static ``--config`` file, so both channels accept the same objects.
+- Kind ``MeshSettings`` (name ``MeshSettings//mesh``) carries the mesh-wide request-hygiene
+  settings (`MeshSettings`: Istio meshConfig ``pathNormalization``, Envoy's escaped-slashes
+  action) in the message's ``mesh`` field instead of JSON; `unpack_l7` refuses names that are
+  not setting names (`meshcore.l7.hygiene.PathPolicy.parse`), so a bad value is NACKed.
 """
 
 from __future__ import annotations
@@ -23,10 +27,23 @@ from google.protobuf.message import DecodeError
 
 import meshcore.proto.l7_pb2 as l7_pb2
 from meshcore.errors import ConfigError
+from meshcore.l7.hygiene import PathPolicy
 
 L7_TYPE = "type.googleapis.com/ambient.l7.Resource"
 L7_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy",
-            "RequestAuthentication", "WorkloadLabels")  # fmt: skip
+            "RequestAuthentication", "WorkloadLabels", "MeshSettings")  # fmt: skip
+MESH_SETTINGS = "MeshSettings"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshSettings:
+    """Mesh-wide waypoint settings; "" = the default (see ``l7.proto``)."""
+
+    path_normalization: str = ""
+    escaped_slashes_action: str = ""
+
+    def resource(self) -> L7Resource:
+        return L7Resource(kind=MESH_SETTINGS, namespace="", name="mesh", json="", mesh=self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,7 +52,9 @@ class L7Resource:
     namespace: str
     name: str
     json: str
-    """The object as written (canonical JSON)."""
+    """The object as written (canonical JSON); "" for MeshSettings."""
+    mesh: MeshSettings | None = None
+    """MeshSettings only."""
 
     @property
     def key(self) -> str:
@@ -55,6 +74,9 @@ class L7Resource:
 
 def pack_l7(res: L7Resource) -> any_pb2.Any:
     msg = l7_pb2.Resource(kind=res.kind, namespace=res.namespace, name=res.name, json=res.json)
+    if res.mesh is not None:
+        msg.mesh.path_normalization = res.mesh.path_normalization
+        msg.mesh.escaped_slashes_action = res.mesh.escaped_slashes_action
     out = any_pb2.Any()
     out.Pack(msg, type_url_prefix="type.googleapis.com/")
     return out
@@ -71,6 +93,17 @@ def unpack_l7(name: str, resource: any_pb2.Any) -> L7Resource:
     res = L7Resource(kind=msg.kind, namespace=msg.namespace, name=msg.name, json=msg.json)
     if res.kind not in L7_KINDS:
         raise ConfigError(f"{name}: kind", f"{res.kind!r} is not one of {', '.join(L7_KINDS)}")
+    if res.kind == MESH_SETTINGS:
+        mesh = MeshSettings(
+            path_normalization=msg.mesh.path_normalization,
+            escaped_slashes_action=msg.mesh.escaped_slashes_action,
+        )
+        try:
+            PathPolicy.parse(mesh.path_normalization, mesh.escaped_slashes_action)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: mesh", str(exc)) from None
+        return L7Resource(kind=res.kind, namespace=res.namespace, name=res.name, json="",
+                          mesh=mesh)  # fmt: skip
     try:
         doc = res.document()
     except ValueError as exc:

@@ -356,6 +356,16 @@ def test_controlplane_deployment() -> None:
     }  # never blocks drains
     svc = find(docs, "Service", "ambient-controlplane")
     assert svc["spec"]["ports"][0]["port"] == 15012
+    args = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"][
+        "containers"][0]["args"]  # fmt: skip
+    assert not [a for a in args if a.startswith(("--path-norm", "--escaped-slashes"))]
+    # Istio's meshConfig names -> the control plane's mesh settings (served to waypoints).
+    _, docs = render(["meshConfig.pathNormalization.normalization=MERGE_SLASHES",
+                      "meshConfig.pathWithEscapedSlashesAction=REJECT_REQUEST"])  # fmt: skip
+    args = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"][
+        "containers"][0]["args"]  # fmt: skip
+    assert "--path-normalization=MERGE_SLASHES" in args
+    assert "--escaped-slashes-action=REJECT_REQUEST" in args
 
 
 def test_crd_switches() -> None:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
-from tests.kubeapi_standin import KubeApiStandIn
+from tests.kubeapi_standin import GROUPS, KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
 API_IP = "127.0.64.1"
@@ -52,6 +52,33 @@ ROUTE = {
         "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}],
     },
 }
+
+
+def kubeconfig(tmp_path: Path, port: int) -> None:
+    (tmp_path / "kubeconfig").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "s", "cluster": {"server": f"http://{API_IP}:{port}"}}],
+                "users": [{"name": "cp", "user": {"token": "cp-token"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "s", "user": "cp"}}],
+                "current-context": "c",
+            }
+        )
+    )
+
+
+def settings(tmp_path: Path) -> ControlPlaneSettings:
+    return ControlPlaneSettings(
+        listen="127.0.64.2:0",
+        debug_listen=None,
+        kubernetes=True,
+        kubeconfig=tmp_path / "kubeconfig",
+        ca_dir=tmp_path / "ca",
+        insecure_no_node_auth=True,  # no node proxy in this test; loopback listener
+        sync_timeout=10,
+    )
 
 
 def test_findings_are_written_into_status(tmp_path: Path) -> None:
@@ -113,6 +140,115 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
                 lambda: not (aps[key].get("status") or {}).get("validationMessages"),
                 "the messages to be removed",
             )
+            assert cp.status_writer is not None and cp.status_writer.errors == []
+        finally:
+            await cp.stop()
+            await api.stop()
+
+    run(main())
+
+
+PEER_AUTH = {
+    "apiVersion": "security.istio.io/v1",
+    "kind": "PeerAuthentication",
+    "metadata": {"name": "strict", "namespace": "shop"},
+    "spec": {"mtls": {"mode": "STRICT", "modes": "x"}},
+}
+WAYPOINT_GW = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "Gateway",
+    "metadata": {"name": "waypoint", "namespace": "shop"},
+    "spec": {
+        "gatewayClassName": "istio-waypoint",
+        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        "addresses": [{"type": "IPAddress", "value": "10.0.0.9"}],
+    },
+}
+INGRESS_GW = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "Gateway",
+    "metadata": {"name": "ingress", "namespace": "shop"},
+    "spec": {
+        "gatewayClassName": "istio",
+        "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}],
+    },
+}
+SERVICE_ENTRY = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "ServiceEntry",
+    "metadata": {"name": "ext", "namespace": "shop"},
+    "spec": {"hosts": ["api.example.com"], "ports": [{"number": 443, "name": "https"}]},
+}
+GRPC_ROUTE = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "GRPCRoute",
+    "metadata": {"name": "grpc", "namespace": "shop"},
+    "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+        "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}],
+    },
+}
+
+
+def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path: Path) -> None:
+    """PeerAuthentication (validationMessages), a waypoint Gateway (Accepted/Programmed False,
+    Gateway API reasons) and kinds the mesh does not implement whose CRDs exist (ServiceEntry:
+    validationMessage; GRPCRoute: Accepted=False parent condition) are reported in their status
+    and on /debug/warnings; Telemetry's CRD is absent: nothing is watched or said about it; an
+    ingress Gateway (another class's) is reported on /debug/warnings but its status is left to
+    its own controller."""
+
+    async def main() -> None:
+        groups = {gv for gv in GROUPS if gv != "telemetry.istio.io/v1"}
+        api = KubeApiStandIn(groups=groups)
+        await api.start(API_IP)
+        kubeconfig(tmp_path, api.port)
+        await api.upsert("peerauthentications", PEER_AUTH)
+        await api.upsert("gateways", WAYPOINT_GW)
+        await api.upsert("gateways", INGRESS_GW)
+        await api.upsert("serviceentries", SERVICE_ENTRY)
+        await api.upsert("grpcroutes", GRPC_ROUTE)
+        cp = ControlPlane(settings(tmp_path))
+        await cp.start()
+        try:
+            objs = api.objects
+            pa_key = ("shop", "strict")
+            await eventually(lambda: "status" in objs["peerauthentications"][pa_key], "PA status")
+            msgs = objs["peerauthentications"][pa_key]["status"]["validationMessages"]
+            assert [m["type"]["code"] for m in msgs] == ["AMB0201", "AMB0205"]
+            assert "spec.mtls.modes" in msgs[0]["description"]
+            assert "enforced as STRICT" in msgs[1]["description"]
+
+            gw_key = ("shop", "waypoint")
+            await eventually(lambda: "status" in objs["gateways"][gw_key], "Gateway status")
+            conds = {c["type"]: c for c in objs["gateways"][gw_key]["status"]["conditions"]}
+            assert conds["Accepted"]["status"] == "False"
+            assert conds["Accepted"]["reason"] == "UnsupportedAddress"
+            assert "spec.addresses" in conds["Accepted"]["message"]
+            assert conds["Programmed"]["status"] == "False"
+            assert conds["Programmed"]["reason"] == "Invalid"
+
+            se_key = ("shop", "ext")
+            await eventually(lambda: "status" in objs["serviceentries"][se_key], "SE status")
+            (msg,) = objs["serviceentries"][se_key]["status"]["validationMessages"]
+            assert msg["type"] == {"code": "AMB0204", "name": "UnsupportedKind"}
+            assert "not implemented by ambient-mesh: ignored" in msg["description"]
+
+            gr_key = ("shop", "grpc")
+            await eventually(lambda: "status" in objs["grpcroutes"][gr_key], "GRPCRoute status")
+            (parent,) = objs["grpcroutes"][gr_key]["status"]["parents"]
+            (cond,) = parent["conditions"]
+            assert (cond["type"], cond["status"]) == ("Accepted", "False")
+            assert cond["reason"] == "UnsupportedValue" and "[AMB0204]" in cond["message"]
+
+            warnings = cp.warnings()
+            assert any("AMB0204" in w for w in warnings["ServiceEntry shop/ext"])
+            assert any("AMB0204" in w for w in warnings["GRPCRoute shop/grpc"])
+            assert any("AMB0204" in w for w in warnings["Gateway shop/ingress"])
+            assert not any("Telemetry" in ref or "telemetr" in " ".join(w).lower()
+                           for ref, w in warnings.items())  # fmt: skip
+            assert not any("telemetries" in r for r in api.requests)
+            assert "status" not in objs["gateways"][("shop", "ingress")]
             assert cp.status_writer is not None and cp.status_writer.errors == []
         finally:
             await cp.stop()

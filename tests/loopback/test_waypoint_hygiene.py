@@ -181,16 +181,11 @@ H1_CASES = [
     Case("denied host", h1(b"GET /public", host=b"admin.example"), 403),
     Case("denied host, other case", h1(b"GET /public", host=b"ADMIN.Example"), 403),
     # RFC 9110 §4.2.4: userinfo in an http(s) URI is an error.
-    Case(
-        "HTTP/1.0 without Host",
-        b"GET /public HTTP/1.0\r\n\r\n",
-        200,
-        Seen("GET", "/public", (("host", ""),)),
-        envoy=(426, None),
-        why="Istio leaves Envoy's accept_http_10 off unless PILOT_HTTP10 is set (426 Upgrade "
-        "Required); we serve HTTP/1.0 (RFC 9112 §2.3), whose Host is optional: the app gets an "
-        "empty one, which no hosts rule matches (a hosts ALLOW denies it).",
-    ),
+    # Envoy's HTTP/1 codec answers 426 to HTTP/1.0 unless accept_http_10 is set (Istio sets it
+    # only with PILOT_HTTP10): the same here, with or without Host.
+    Case("HTTP/1.0 without Host", b"GET /public HTTP/1.0\r\n\r\n", 426),
+    Case("HTTP/1.0 with Host", b"GET /public HTTP/1.0\r\nhost: reviews\r\n\r\n", 426),
+    Case("HTTP/1.0 denied path", b"GET /private HTTP/1.0\r\nhost: reviews\r\n\r\n", 426),
     Case("61 KiB target", h1(b"GET /" + b"a" * 61 * 1024), 431),
     Case(
         "userinfo in Host",
@@ -450,8 +445,9 @@ class AccessLog(logging.Handler):
 
 
 async def _through_waypoint(
-    tmp: Path, policy: PathPolicy, cases: list[Case], h2_cases: list[H2Case]
-) -> tuple[list[Outcome], list[Outcome]]:
+    tmp: Path, policy: PathPolicy, cases: list[Case], h2_cases: list[H2Case],
+    accept_http_10: bool = False,
+) -> tuple[list[Outcome], list[Outcome]]:  # fmt: skip
     app = RawApp()
     await app.start(APP_IP, PORT)
     log = AccessLog()
@@ -464,6 +460,8 @@ async def _through_waypoint(
             ctx = mesh.waypoint.ctx
             if policy != PathPolicy():
                 ctx.settings = dataclasses.replace(ctx.settings, path_policy=policy)
+            if accept_http_10:
+                ctx.settings = dataclasses.replace(ctx.settings, accept_http_10=True)
             ctx.metrics.log_enabled = True
             outs: list[Outcome] = []
 
@@ -499,7 +497,7 @@ async def _through_waypoint(
 
 
 def _flag_check(name: str, out: Outcome, status: int) -> None:
-    want = {403: "RBAC", 400: "DPE", 431: "DPE"}.get(status)
+    want = {403: "RBAC", 400: "DPE", 426: "DPE", 431: "DPE"}.get(status)
     if want is not None:
         assert want in out.flags, f"{name}: access log flags {out.flags}, want {want}"
 
@@ -616,6 +614,23 @@ SETTINGS_CASES: list[tuple[str, str, list[Case]]] = [
         f"{n}-{s or 'default'}" for n, s, _ in SETTINGS_CASES])  # fmt: skip
 def test_path_settings(tmp_path: Path, normalization: str, slashes: str, cases: list[Case]) -> None:
     outs, _ = run(_through_waypoint(tmp_path, PathPolicy.parse(normalization, slashes), cases, []))
+    for case, out in zip(cases, outs, strict=True):
+        check(case.name, out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
+
+
+def test_http10_served_when_accepted(tmp_path: Path) -> None:
+    """With accept_http_10 (Envoy's option; Istio's PILOT_HTTP10) HTTP/1.0 is served, Host
+    optional (RFC 9112 §3.2), and a DENY still applies."""
+    cases = [
+        Case(
+            "HTTP/1.0 without Host",
+            b"GET /public HTTP/1.0\r\n\r\n",
+            200,
+            Seen("GET", "/public", (("host", ""),)),
+        ),
+        Case("HTTP/1.0 denied path", b"GET /private HTTP/1.0\r\nhost: reviews\r\n\r\n", 403),
+    ]
+    outs, _ = run(_through_waypoint(tmp_path, PathPolicy(), cases, [], accept_http_10=True))
     for case, out in zip(cases, outs, strict=True):
         check(case.name, out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
 
@@ -769,7 +784,7 @@ def test_envoy_differential(tmp_path: Path) -> None:
         try:
             check(f"envoy {case.name}", out, status, seen, ours=False)
             if "DPE" in out.flags and not case.why:  # Envoy: protocol error; we refuse too
-                assert case.status in (400, 431), f"envoy {case.name}: DPE, ours {case.status}"
+                assert case.status in (400, 426, 431), f"envoy {case.name}: DPE, ours {case.status}"
         except AssertionError as err:
             diffs.append(str(err))
     for hc, out in zip(H2_CASES, h2_outs, strict=True):
@@ -855,7 +870,7 @@ def test_mutated_requests_never_crash_the_waypoint(tmp_path: Path) -> None:
         results = run(main())
     finally:
         logging.getLogger("waypoint").removeHandler(errors)
-    allowed = {0, 200, 307, 400, 403, 404, 431, 501, 505}
+    allowed = {0, 200, 307, 400, 403, 404, 426, 431, 501, 505}
     bad = [(raw[:80], status) for raw, status in results if status not in allowed]
     assert not bad, bad
     assert not errors.records, errors.records
@@ -922,3 +937,66 @@ def test_mutated_http2_header_blocks_never_crash_the_waypoint(tmp_path: Path) ->
         assert not re.search(r"%(2[eE]|[46][1-9a-fA-F]|[57][0-9aA])", rec.target), rec
         assert all(not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", v) for _, v in rec.headers), rec
         assert rec.values("host") in (["reviews"], ["admin.example"]) or not rec.values("host")
+
+
+# ---------------------------------------------------------------------------- mesh settings
+
+CP_IP = "127.0.87.1"
+
+
+def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
+    """The control plane's mesh setting (Istio meshConfig pathNormalization MERGE_SLASHES)
+    reaches the waypoint over its xDS (the MeshSettings ``ambient.l7.Resource``) and changes
+    what the app gets for ``/a//b``: as sent before (BASE), ``/a/b`` after."""
+    from controlplane.app import ControlPlane, ControlPlaneSettings
+    from meshcore.proto.l7res import L7_TYPE, MeshSettings
+    from meshcore.xds import ControlPlaneEndpoint, XdsClient
+    from waypoint.xds import L7Store, apply_l7
+
+    async def main() -> tuple[Outcome, Outcome, PathPolicy]:
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        (manifests / "deny.yaml").write_text(DENY)  # the same L7 config as the static one
+        cp = ControlPlane(
+            ControlPlaneSettings(
+                listen=f"{CP_IP}:0", debug_listen=None, manifest_dir=manifests,
+                ca_dir=tmp_path / "cp-ca", plaintext=True, insecure_no_node_auth=True,
+                mesh=MeshSettings(path_normalization="MERGE_SLASHES"),
+            )
+        )  # fmt: skip
+        await cp.start()
+        app = RawApp()
+        await app.start(APP_IP, PORT)
+        try:
+            async with waypoint_mesh(tmp_path, DENY, config=mesh_config()) as mesh:
+                ctx = mesh.waypoint.ctx
+
+                async def one(raw: bytes) -> Outcome:
+                    app.received.clear()
+                    status = await send_h1(REVIEWS_VIP, PORT, raw, local=CLIENT_IP)
+                    return Outcome(status, list(app.received), [])
+
+                before = await one(h1(b"GET /a//b"))
+                store = L7Store()
+                client = XdsClient(
+                    ControlPlaneEndpoint(address=f"{CP_IP}:{cp.port}"), node="node-w",
+                    extra_types={L7_TYPE: lambda resp: apply_l7(ctx, store, resp)},
+                    node_kind="waypoint",
+                )  # fmt: skip
+                task = asyncio.create_task(client.run())
+                try:
+                    await asyncio.wait_for(client.synced.wait(), 10)
+                    after = await one(h1(b"GET /a//b"))
+                    denied = await one(h1(b"GET //private"))  # merged: /private
+                finally:
+                    task.cancel()
+                assert denied.status == 403 and denied.got == [], "//private is /private now"
+                return before, after, ctx.settings.path_policy
+        finally:
+            await app.close()
+            await cp.stop()
+
+    before, after, policy = run(main())
+    assert policy == PathPolicy.parse("MERGE_SLASHES")
+    assert before.status == 200 and [app_view(r) for r in before.got] == [ok("GET", "/a//b")]
+    assert after.status == 200 and [app_view(r) for r in after.got] == [ok("GET", "/a/b")]

@@ -125,8 +125,10 @@ spec: {}
 """
     parsed = parse_manifest_text(text, "m.yaml")
     assert dict(parsed.warnings) == {
-        "ServiceEntry demo/ext": "[AMB0204] ServiceEntry is not implemented: ignored",
-        "GRPCRoute demo/g": "[AMB0204] GRPCRoute is not implemented: ignored",
+        "ServiceEntry demo/ext": (
+            "[AMB0204] ServiceEntry is not implemented by ambient-mesh: ignored"
+        ),
+        "GRPCRoute demo/g": "[AMB0204] GRPCRoute is not implemented by ambient-mesh: ignored",
     }
 
 

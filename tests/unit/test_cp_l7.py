@@ -5,6 +5,7 @@ parsed config equal to what static mode parses from the same YAML."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,9 +18,10 @@ from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from controlplane.xds import XdsServer
 from meshcore.config.objects import parse_objects
+from meshcore.l7.hygiene import PathPolicy
 from meshcore.model import Workload
 from meshcore.proto import discovery_pb2 as dpb
-from meshcore.proto.l7res import L7_TYPE, L7Resource, pack_l7, unpack_l7
+from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, pack_l7, unpack_l7
 from meshcore.state import MeshState
 from waypoint.xds import L7Store
 
@@ -322,3 +324,38 @@ def test_publish_set_skips_identical_objects_and_removes_missing() -> None:
     assert srv.table.types[L7_TYPE]["b"].version != ""
     srv.publish_set(L7_TYPE, {"b": pack_l7(unpack_l7("b", b2))})  # equal content, new object
     assert srv.table.version == v + 1
+
+
+def test_mesh_settings_resource_flags_override_and_bad_values_nacked() -> None:
+    """The MeshSettings resource round-trips; each waypoint flag given wins over its mesh
+    setting; a value that is not a setting name is NACKed by name; removal -> defaults."""
+    mesh = MeshSettings(path_normalization="MERGE_SLASHES", escaped_slashes_action="REJECT_REQUEST")
+    res = mesh.resource()
+    assert res.key == "MeshSettings//mesh"
+    assert unpack_l7(res.key, pack_l7(res)) == res
+    store = L7Store()
+    resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="1")
+    resp.resources.add(name=res.key, version="1", resource=pack_l7(res))
+    assert store.apply(resp) == [] and store.config().route_tables == ()
+    assert store.path_policy(("", "")) == PathPolicy.parse("MERGE_SLASHES", "REJECT_REQUEST")
+    assert store.path_policy(("NONE", "")) == PathPolicy.parse("NONE", "REJECT_REQUEST")
+    bad = MeshSettings(path_normalization="MERGE").resource()
+    resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="2")
+    resp.resources.add(name=bad.key, version="2", resource=pack_l7(bad))
+    assert [n for n, _ in store.apply(resp)] == ["MeshSettings//mesh"]
+    rm = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="3", removed_resources=[res.key])
+    assert store.apply(rm) == [] and store.path_policy(("", "")) == PathPolicy()
+
+
+def test_control_plane_serves_mesh_settings_only_when_set(tmp_path: Any) -> None:
+    from controlplane.app import ControlPlane, parse_args
+
+    args = ["--manifest-dir", str(tmp_path), "--ca-dir", str(tmp_path / "ca")]
+    assert parse_args(args).mesh == MeshSettings()
+    settings = parse_args([*args, "--path-normalization", "decode_and_merge_slashes"])
+    assert settings.mesh == MeshSettings(path_normalization="DECODE_AND_MERGE_SLASHES")
+    for mesh, served in ((MeshSettings(), False), (settings.mesh, True)):
+        cp = ControlPlane(replace(settings, listen="127.0.0.1:0", insecure_no_node_auth=True,
+                                  mesh=mesh))  # fmt: skip
+        cp.translate_now()
+        assert ("MeshSettings//mesh" in cp.xds.table.types.get(L7_TYPE, {})) is served

@@ -16,6 +16,7 @@ from controlplane.waypoints import (
     merge,
     needs_patch,
 )
+from meshcore.config.fields import Finding
 
 SETTINGS = WaypointSettings(
     image="reg.example/waypoint:1.2", xds_address="cp.istio-system.svc:15012", roots_pem="PEM"
@@ -126,6 +127,33 @@ def test_status_programmed_and_transitions() -> None:
     again = gateway_status({**gw(), "status": ready}, available=1, domain_suffix="cluster.local",
                            now=datetime(2026, 1, 3, tzinfo=UTC))  # fmt: skip
     assert again == ready
+
+
+def test_status_with_field_findings() -> None:
+    """The controller writes the control plane's findings into the Gateway's conditions:
+    an Error makes Accepted and Programmed False (Gateway API reasons), a warning is named."""
+    refused = Finding(
+        code="AMB0202",
+        level="Error",
+        path="spec.addresses",
+        message="not supported: waypoints get their address from their Service",
+    )
+    warned = Finding(code="AMB0203", level="Warning", path="spec.listeners[0].hostname",
+                     message="ignored: not used by waypoints")  # fmt: skip
+    bad = gateway_status(gw(), available=1, domain_suffix="cluster.local", now=NOW,
+                         findings=[refused])  # fmt: skip
+    cond = {c["type"]: c for c in bad["conditions"]}
+    assert (cond["Accepted"]["status"], cond["Accepted"]["reason"]) == (
+        "False",
+        "UnsupportedAddress",
+    )
+    assert (cond["Programmed"]["status"], cond["Programmed"]["reason"]) == ("False", "Invalid")
+    assert "[AMB0202] spec.addresses" in cond["Accepted"]["message"]
+    ok = gateway_status(gw(), available=1, domain_suffix="cluster.local", now=NOW,
+                        findings=[warned])  # fmt: skip
+    cond = {c["type"]: c for c in ok["conditions"]}
+    assert cond["Accepted"]["status"] == "True" and cond["Programmed"]["status"] == "True"
+    assert "[AMB0203] spec.listeners[0].hostname" in cond["Accepted"]["message"]
 
 
 def test_merge_patch_rfc7386() -> None:

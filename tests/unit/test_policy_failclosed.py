@@ -410,3 +410,88 @@ def test_an_unsupported_field_never_widens_access(
         after = [_doc(mutated, "p", target=target), _doc(other, "q", target=target)]
         if allowed(after, req):
             assert allowed(before, req), (target, mutated)
+
+
+# ----------------------------------------------------------------- empty lists (review pass)
+
+EMPTY_LISTS = [
+    "  rules: [{from: [{source: {principals: []}}]}]\n",
+    "  rules: [{from: [{source: {namespaces: [], ipBlocks: []}}]}]\n",
+    "  rules: [{to: [{operation: {paths: []}}]}]\n",
+    "  rules: [{to: [{operation: {methods: [], ports: []}}]}]\n",
+    "  rules: [{when: [{key: source.ip, values: []}]}]\n",
+    '  rules: [{when: [{key: "request.headers[x-user]", values: [], notValues: []}]}]\n',
+]
+
+
+@pytest.mark.parametrize("spec", EMPTY_LISTS)
+def test_empty_value_lists_fail_closed(spec: str) -> None:
+    """Istio rejects a source/operation whose fields are all empty lists and a condition
+    without values ("must not be empty"); here an ALLOW rule with one matched every request
+    (an empty list constrained nothing). Fail closed: the ALLOW allows nothing, at L7 and L4."""
+    text = ap(spec)
+    assert not allowed_l7(text, request(sa="sleep"))
+    (pol,) = l7(text)
+    assert pol.fail_closed_l7 and any(f.code == INVALID for f in pol.findings)
+    (l4,) = l4_policies(ap(spec, target=False))
+    assert not evaluate_l4([l4], conn()).allowed
+
+
+# ------------------------------------------------------------ scope forms Istio refuses (review)
+
+BAD_SCOPES = [
+    # Istio: "only one of targetRefs or workloadSelector can be set"
+    "  selector: {matchLabels: {app: reviews}}\n  targetRefs: [{kind: Service, name: reviews}]\n",
+    # Istio: only one of targetRef or targetRefs
+    "  targetRef: {kind: Service, name: reviews}\n  targetRefs: [{kind: Service, name: other}]\n",
+    # Istio: cross-namespace targetRef is not supported
+    "  targetRefs: [{kind: Service, name: reviews, namespace: other}]\n",
+    # Istio: a kind/group it does not know
+    "  targetRefs: [{kind: service, name: reviews}]\n",
+    "  targetRefs: [{kind: Service, group: apps, name: reviews}]\n",
+    "  targetRefs: [{kind: Gateway, group: networking.istio.io, name: waypoint}]\n",
+]
+
+
+@pytest.mark.parametrize("scope", BAD_SCOPES)
+def test_scopes_istio_refuses_fail_closed(scope: str) -> None:
+    """A DENY whose scope Istio refuses was enforced nowhere (main: the selector was dropped at
+    L4 because targetRefs were set, and a targetRef naming another namespace or an unknown
+    kind matched nothing), silently. Now invalid: the DENY covers the policy's namespace at L7
+    and L4 and is reported."""
+    text = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: p, namespace: default}}
+spec:
+  action: DENY
+{scope}  rules: [{{to: [{{operation: {{ports: ["9080"]}}}}]}}]
+"""
+    (pol,) = l7(text)
+    assert pol.fail_closed_l7 and any(f.code == INVALID for f in pol.findings)
+    assert not allowed_l7(text, request())
+    (l4,) = l4_policies(text)
+    assert not evaluate_l4([l4], conn()).allowed
+
+
+def test_http_only_condition_key_we_refuse_drops_the_allow_rule_at_l4() -> None:
+    """An ALLOW rule whose only condition is an HTTP-only key we refuse (JWT claims): the L7
+    view fails closed, and at L4 Istio's ztunnel rule drops the rule (allows nothing). main
+    dropped the refused condition instead, leaving a rule without clauses: allow-everything at
+    L4 (found by the property test below)."""
+    text = ap(
+        '  rules: [{when: [{key: "request.auth.claims[group]", values: [admin]}]}]\n',
+        target=False,
+    )
+    (l4,) = l4_policies(text)
+    assert l4.rules == ()
+    assert not evaluate_l4([l4], conn()).allowed
+    deny = ap(
+        '  rules: [{to: [{operation: {ports: ["9080"]}}], '
+        'when: [{key: "request.auth.claims[group]", values: [admin]}]}]\n',
+        action="DENY",
+        target=False,
+    )
+    (l4,) = l4_policies(deny)
+    assert not evaluate_l4([l4], conn(port=9080)).allowed  # its L4 part is enforced
+    assert evaluate_l4([l4], conn(port=80)).allowed
