@@ -30,6 +30,7 @@ from meshcore.l7.route import CompiledConfig, labels_of
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
 from meshcore.tls import ContextCache
+from waypoint.jwks import JwksCache
 from waypoint.metrics import WaypointMetrics
 
 
@@ -103,6 +104,8 @@ class WaypointContext:
     _svc_gen: int = -1
     connections: set[asyncio.Transport] = field(default_factory=set)
     draining: bool = False
+    jwks: JwksCache = field(default_factory=JwksCache)
+    """Keys of RequestAuthentication ``jwksUri`` rules."""
 
     # ---- updates ---------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from meshcore.l7.route import (
 )
 from meshcore.l7.trace import next_traceparent
 from meshcore.model import Service, Workload
+from waypoint.authn import authenticate_request
 from waypoint.body import Downstream, ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import (
@@ -232,10 +233,14 @@ class Handler:
         headers: list[tuple[str, str]] = [("content-type", "text/plain"), ("server", "waypoint")]
         if isinstance(err, Overflow):
             headers.append(("x-envoy-overloaded", "true"))
+        if err is not None:
+            headers.extend(err.headers)
         if req.grpc:
             # gRPC clients read grpc-status; map like Envoy's local replies (RFC-less convention:
             # 403 PERMISSION_DENIED 7, 404 UNIMPLEMENTED 12, 503 UNAVAILABLE 14, 504 DEADLINE 4).
-            code = {403: "7", 404: "12", 503: "14", 504: "4", 429: "14"}.get(status, "13")
+            # 401 UNAUTHENTICATED 16 (a rejected JWT).
+            code = {401: "16", 403: "7", 404: "12", 503: "14", 504: "4", 429: "14"}.get(
+                status, "13")  # fmt: skip
             await down.send_head(
                 200, [("content-type", "application/grpc"), ("grpc-status", code),
                       ("grpc-message", text)], content_length=None, end=True,
@@ -348,6 +353,7 @@ class Handler:
             svc.namespace if svc is not None else None,
         )
         if policies:
+            info = await authenticate_request(ctx, policies, req, info)  # JWT: 401 on bad token
             decision = evaluate(policies, info)
             rec.policy = decision.policy
             if not decision.allowed:
