@@ -39,7 +39,8 @@ STORED_KINDS = (
     "RequestAuthentication",
 )
 """Kept in the store (and visible in /debug), served to waypoints as written; a
-RequestAuthentication is also translated (a DENY for its targets: JWT is not implemented)."""
+RequestAuthentication is also translated for node proxies (a DENY for the workloads it selects:
+they cannot validate JWTs; waypoints do)."""
 KINDS = CORE_KINDS + ISTIO_KINDS + STORED_KINDS
 
 

@@ -525,7 +525,8 @@ def parse_policy(obj: Mapping[str, Any]) -> AuthzPolicy:
             namespace=namespace, name=name, kind=kind, action=PolicyAction.DENY,
             rules=(PolicyRule(),) if problems.l7 else (), targets=targets, selector=selector,
             whole_namespace=whole_namespace, findings=tuple(problems.findings),
-            fail_closed_l7=tuple(problems.l7), fail_closed_l4=(*problems.l4, l4_reason),
+            fail_closed_l7=tuple(problems.l7),
+            fail_closed_l4=(*problems.l4, *(() if targets else (l4_reason,))),
             jwt_rules=jwt_rules if not problems.l7 else (),
         )  # fmt: skip
     action = PolicyAction.DENY
