@@ -32,7 +32,8 @@ from meshcore.config.fields import Finding, check_object
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 
-ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication")
+ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication",
+                 "HTTPLocalRateLimitPolicy")  # fmt: skip
 
 
 NamespaceCache = dict[str, tuple[NamespaceObjects, tuple[L7Resource, ...]]]

@@ -37,6 +37,7 @@ STORED_KINDS = (
     "Gateway",
     "HTTPRoute",
     "RequestAuthentication",
+    "HTTPLocalRateLimitPolicy",
 )
 """Kept in the store (and visible in /debug), served to waypoints as written; a
 RequestAuthentication is also translated for node proxies (a DENY for the workloads it selects:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshcore.certs import CertificateManager
@@ -26,6 +27,7 @@ from meshcore.identity import SpiffeId
 from meshcore.l7.authz import WaypointIdentity
 from meshcore.l7.cluster import Cluster, EndpointSpec
 from meshcore.l7.hygiene import PathPolicy
+from meshcore.l7.ratelimit import RateLimiter
 from meshcore.l7.route import CompiledConfig, labels_of
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
@@ -106,6 +108,10 @@ class WaypointContext:
     draining: bool = False
     jwks: JwksCache = field(default_factory=JwksCache)
     """Keys of RequestAuthentication ``jwksUri`` rules."""
+    ratelimiter: RateLimiter = field(default_factory=RateLimiter)
+    ratelimit_clock: Callable[[], float] = time.monotonic
+    ratelimit_config: CompiledConfig | None = None
+    """The config the limiter's buckets were synced with."""
 
     # ---- updates ---------------------------------------------------------------------------
 

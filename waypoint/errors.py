@@ -62,6 +62,18 @@ class Unauthenticated(WaypointError):
         self.headers = (("www-authenticate", f'Bearer realm="{realm}", error="invalid_token"'),)
 
 
+class RateLimited(WaypointError):
+    """A local rate limit refused the request (Envoy local_ratelimit: 429, flag RL)."""
+
+    status = 429
+    flag = "RL"
+    body = "local_rate_limited"
+
+    def __init__(self, policy: str, headers: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(f"rate limited by HTTPLocalRateLimitPolicy {policy}")
+        self.headers = headers
+
+
 class NoRoute(WaypointError):
     status = 404
     flag = "NR"

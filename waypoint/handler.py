@@ -73,6 +73,7 @@ from waypoint.errors import (
     WaypointError,
 )
 from waypoint.metrics import RequestRecord
+from waypoint.ratelimit import check_rate_limit
 
 log = logging.getLogger("waypoint")
 
@@ -372,6 +373,7 @@ class Handler:
             raise NoRoute(f"no route of {svc.hostname if svc else '?'} matches {path}")
         route = choice.route
         rec.route = f"{route.source}:{route.name}" if route.name else route.source
+        check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
 
         # 4. local answers and faults.
         if route.direct_status is not None:

@@ -446,6 +446,26 @@ spec.rules[].retry.codes implemented -- 400..599
 spec.rules[].retry.backoff implemented -- base interval (Envoy: full jitter, x2, cap 10x)
 spec.rules[].sessionPersistence warned -- session persistence is not implemented (no stickiness)
 """,
+    "HTTPLocalRateLimitPolicy": """
+spec implemented -- Linkerd's policy.linkerd.io/v1alpha1 shape (see meshcore/config/ratelimit.py)
+spec.targetRef implemented -- Service (per service), HTTPRoute (per route), Gateway (the waypoint)
+spec.targetRef.group implemented
+spec.targetRef.kind implemented
+spec.targetRef.name implemented
+spec.targetRef.namespace implemented -- the policy's own
+spec.targetRef.sectionName implemented -- HTTPRoute rule name
+spec.total implemented
+spec.total.requestsPerSecond implemented -- one token bucket for all clients (burst = 1 s)
+spec.identity implemented
+spec.identity.requestsPerSecond implemented -- one bucket per verified client identity
+spec.overrides implemented
+spec.overrides[].requestsPerSecond implemented -- instead of identity for the listed clients
+spec.overrides[].clientRefs implemented
+spec.overrides[].clientRefs[].group implemented
+spec.overrides[].clientRefs[].kind implemented -- ServiceAccount
+spec.overrides[].clientRefs[].name implemented
+spec.overrides[].clientRefs[].namespace implemented
+""",
     "Gateway": """
 spec implemented
 spec.gatewayClassName implemented -- istio-waypoint only (ingress gateways are not implemented)

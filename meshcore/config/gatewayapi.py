@@ -293,6 +293,7 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
                         mirrors=tuple(mirrors),
                         request_headers=req_ops,
                         response_headers=resp_ops,
+                        section=str(rm.get("name") or ""),
                     ),
                 )
             )

@@ -22,6 +22,7 @@ from meshcore.config.fields import INVALID, Finding, check_object, kind_support
 from meshcore.config.gatewayapi import parse_http_route
 from meshcore.config.istio import parse_destination_rule, parse_virtual_service
 from meshcore.config.labels import Labels
+from meshcore.config.ratelimit import RateLimitPolicy, parse_rate_limit
 from meshcore.config.reader import DEFAULT_DOMAIN_SUFFIX, Ctx, read_labels, read_map, read_text
 from meshcore.config.routes import DestinationPolicy, RouteTable, WaypointConfig
 from meshcore.errors import ConfigError
@@ -35,7 +36,7 @@ def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
     return str(meta.get("namespace") or "default"), name
 
 
-ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute")
+ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "HTTPLocalRateLimitPolicy")
 POLICY_KINDS = ("AuthorizationPolicy", "RequestAuthentication")
 
 
@@ -54,6 +55,7 @@ def parse_objects(
     tables: list[RouteTable] = []
     rules: list[DestinationPolicy] = []
     policies: list[AuthzPolicy] = []
+    limits: list[RateLimitPolicy] = []
     labels: dict[str, Labels] = {}
     warnings: list[str] = []
     findings: list[tuple[str, Finding]] = []
@@ -69,6 +71,7 @@ def parse_objects(
             tables += sub.route_tables
             rules += sub.destination_rules
             policies += sub.policies
+            limits += sub.rate_limits
             labels.update(sub.workload_labels)
             warnings += sub.warnings
             findings += sub.findings
@@ -113,6 +116,8 @@ def parse_objects(
                 tables.append(parse_virtual_service(spec, ctx, name))
             elif kind == "HTTPRoute":
                 tables.append(parse_http_route(spec, ctx, name))
+            elif kind == "HTTPLocalRateLimitPolicy":
+                limits.append(parse_rate_limit(spec, namespace, name))
             else:
                 rules.append(parse_destination_rule(spec, ctx, name))
         except ConfigError as exc:
@@ -128,6 +133,7 @@ def parse_objects(
         workload_labels=tuple(sorted(labels.items())),
         warnings=tuple(warnings),
         findings=tuple(findings),
+        rate_limits=tuple(sorted(limits, key=lambda r: r.key)),
     )
 
 

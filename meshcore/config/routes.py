@@ -18,6 +18,7 @@ from meshcore.config.authorization import AuthzPolicy
 from meshcore.config.fields import Finding
 from meshcore.config.labels import Labels
 from meshcore.config.matchers import StringMatcher
+from meshcore.config.ratelimit import RateLimitPolicy
 
 # ------------------------------------------------------------------------------- routing records
 
@@ -158,6 +159,8 @@ class HttpRoute:
     mirrors: tuple[Mirror, ...] = ()
     request_headers: HeaderOps = NO_HEADER_OPS
     response_headers: HeaderOps = NO_HEADER_OPS
+    section: str = ""
+    """HTTPRoute ``rules[].name`` (a policy's ``targetRef.sectionName``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,3 +260,5 @@ class WaypointConfig:
     warnings: tuple[str, ...] = ()
     findings: tuple[tuple[str, Finding], ...] = ()
     """(object reference, finding) for every reported field (`meshcore.config.fields`)."""
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
+    """HTTPLocalRateLimitPolicy objects (`meshcore.config.ratelimit`)."""
