@@ -91,9 +91,16 @@ def test_jwt_through_the_waypoint(tmp_path: Path) -> None:
             async with waypoint_mesh(tmp_path, policies()) as mesh:
                 pods = mesh.backends.pods
 
+                seen: list[int] = [0] * len(pods)
+
                 def last() -> dict[str, Any]:
-                    reqs = [r for p in pods.values() for r in p.requests]
-                    return reqs[-1] if reqs else {}
+                    """The request the app received since the previous call."""
+                    new = []
+                    for i, p in enumerate(pods.values()):
+                        new += p.requests[seen[i] :]
+                        seen[i] = len(p.requests)
+                    assert len(new) == 1, new
+                    return new[0]
 
                 def served() -> int:
                     return sum(len(p.requests) for p in pods.values())
@@ -129,8 +136,10 @@ def test_jwt_through_the_waypoint(tmp_path: Path) -> None:
                             if want == 401:
                                 assert "invalid_token" in r.headers["www-authenticate"]
                         assert served() == before + (want == 200), (path, "reached the app?")
+                        got_request = last() if want == 200 else None
                         if path == "/private" and want == 200 and "authorization" in headers:
-                            got = {k.lower(): v for k, v in last()["headers"].items()}
+                            assert got_request is not None
+                            got = {k.lower(): v for k, v in got_request["headers"].items()}
                             # forwardOriginalToken false: the token is not sent upstream; the
                             # payload header is the verified one.
                             assert "authorization" not in got
