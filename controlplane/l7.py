@@ -33,7 +33,7 @@ from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 
 ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication",
-                 "HTTPLocalRateLimitPolicy")  # fmt: skip
+                 "HTTPLocalRateLimitPolicy", "GRPCRoute", "TCPRoute", "TLSRoute")  # fmt: skip
 
 
 NamespaceCache = dict[str, tuple[NamespaceObjects, tuple[L7Resource, ...]]]

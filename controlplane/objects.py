@@ -38,6 +38,9 @@ STORED_KINDS = (
     "HTTPRoute",
     "RequestAuthentication",
     "HTTPLocalRateLimitPolicy",
+    "GRPCRoute",
+    "TCPRoute",
+    "TLSRoute",
 )
 """Kept in the store (and visible in /debug), served to waypoints as written; a
 RequestAuthentication is also translated for node proxies (a DENY for the workloads it selects:

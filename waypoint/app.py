@@ -57,6 +57,7 @@ from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams
 from waypoint.metrics import WaypointMetrics
 from waypoint.server import WaypointServer
+from waypoint.tcp import TcpProxy
 from waypoint.upstream import H1Upstreams, UpstreamPool
 
 log = logging.getLogger("waypoint")
@@ -148,7 +149,7 @@ class Waypoint:
         except ImportError:  # pragma: no cover - HTTP/2 edge not present
             pass
         self.handler = Handler(ctx, upstreams)
-        self.server = WaypointServer(ctx, self.handler)
+        self.server = WaypointServer(ctx, self.handler, TcpProxy(ctx, self.upstream_pool))
         self.admin: asyncio.Server | None = None
         self.debug: asyncio.Server | None = None
         self.ready = False

@@ -67,6 +67,9 @@ class WaypointSettings:
     path_policy: PathPolicy = field(default_factory=PathPolicy)
     """Mesh setting: Istio meshConfig ``pathNormalization`` and Envoy's
     ``path_with_escaped_slashes_action`` (`meshcore.l7.hygiene`)."""
+    protocol_detection_timeout: float = 1.0
+    """A tunnel to a port without a declared HTTP protocol whose client sends nothing for this
+    long is carried as TCP (server-first protocols); see `meshcore.l7.sniff`."""
 
     @property
     def identity(self) -> SpiffeId:

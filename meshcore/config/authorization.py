@@ -638,11 +638,13 @@ def _l4_condition(c: PolicyCondition) -> Match:
 
 
 def to_l4(
-    policy: AuthzPolicy, *, root_namespace: str = ROOT_NAMESPACE
+    policy: AuthzPolicy, *, root_namespace: str = ROOT_NAMESPACE, waypoint: bool = False
 ) -> tuple[Authorization | None, list[str]]:
     """The L4 Authorization node proxies enforce for `policy` (None: node proxies do not
-    enforce it: targetRef policies, AUDIT) and the warnings to report."""
-    if policy.targeted:
+    enforce it: targetRef policies, AUDIT) and the warnings to report. ``waypoint=True``: the
+    same L4 view for TCP carried through a waypoint (targetRef policies included; the caller
+    chose the applicable ones)."""
+    if policy.targeted and not waypoint:
         return None, []
     if policy.selector is not None:
         scope = Scope.WORKLOAD_SELECTOR

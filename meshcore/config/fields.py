@@ -161,6 +161,31 @@ namespace implemented
 """
 _BLOCKS["policy_target"] = _POLICY_TARGET
 
+_BLOCKS["service_parents"] = """
+[].group implemented
+[].kind implemented -- Service parents (mesh); others are not served by waypoints
+[].namespace implemented
+[].name implemented
+[].port implemented -- GAMMA: only that service port (one port for all Service parents)
+[].sectionName refused -- per-listener attachment is not implemented
+"""
+_BLOCKS["gw_backend"] = """
+group implemented
+kind implemented -- Service
+name implemented
+namespace implemented
+port implemented
+"""
+_BLOCKS["gw_header_mod"] = """
+set implemented
+set[].name implemented
+set[].value implemented
+add implemented
+add[].name implemented
+add[].value implemented
+remove implemented
+"""
+
 _SOURCES = {
     "AuthorizationPolicy": """
 spec implemented
@@ -446,6 +471,61 @@ spec.rules[].retry.codes implemented -- 400..599
 spec.rules[].retry.backoff implemented -- base interval (Envoy: full jitter, x2, cap 10x)
 spec.rules[].sessionPersistence warned -- session persistence is not implemented (no stickiness)
 """,
+    "GRPCRoute": """
+spec implemented
+spec.parentRefs implemented
+@service_parents spec.parentRefs
+spec.hostnames warned -- ignored for Service parents (the Service decides)
+spec.rules implemented
+spec.rules[].name implemented
+spec.rules[].matches implemented
+spec.rules[].matches[].method implemented -- :path /service/method
+spec.rules[].matches[].method.type implemented -- Exact, RegularExpression
+spec.rules[].matches[].method.service implemented
+spec.rules[].matches[].method.method implemented
+spec.rules[].matches[].headers implemented
+spec.rules[].matches[].headers[].type implemented
+spec.rules[].matches[].headers[].name implemented
+spec.rules[].matches[].headers[].value implemented
+spec.rules[].filters implemented
+spec.rules[].filters[].type implemented
+spec.rules[].filters[].requestHeaderModifier implemented
+@gw_header_mod spec.rules[].filters[].requestHeaderModifier
+spec.rules[].filters[].responseHeaderModifier implemented
+@gw_header_mod spec.rules[].filters[].responseHeaderModifier
+spec.rules[].filters[].requestMirror implemented
+spec.rules[].filters[].requestMirror.backendRef implemented
+@gw_backend spec.rules[].filters[].requestMirror.backendRef
+spec.rules[].filters[].requestMirror.percent implemented
+spec.rules[].filters[].requestMirror.fraction refused -- use percent
+spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
+spec.rules[].backendRefs implemented
+@gw_backend spec.rules[].backendRefs[]
+spec.rules[].backendRefs[].weight implemented
+spec.rules[].backendRefs[].filters refused -- per-backend filters are not implemented
+spec.rules[].sessionPersistence warned -- session persistence is not implemented (no stickiness)
+""",
+    "TCPRoute": """
+spec implemented -- connections to the parent Services are carried L4 through the waypoint
+spec.parentRefs implemented
+@service_parents spec.parentRefs
+spec.rules implemented -- one rule (Gateway API)
+spec.rules[].name implemented
+spec.rules[].backendRefs implemented -- weighted; all weights 0: connections are refused
+@gw_backend spec.rules[].backendRefs[]
+spec.rules[].backendRefs[].weight implemented
+""",
+    "TLSRoute": """
+spec implemented -- passthrough: routed by the ClientHello's SNI, never terminated
+spec.parentRefs implemented
+@service_parents spec.parentRefs
+spec.hostnames implemented -- exact or *.suffix SNI; none: any
+spec.rules implemented
+spec.rules[].name implemented
+spec.rules[].backendRefs implemented -- weighted
+@gw_backend spec.rules[].backendRefs[]
+spec.rules[].backendRefs[].weight implemented
+""",
     "HTTPLocalRateLimitPolicy": """
 spec implemented -- Linkerd's policy.linkerd.io/v1alpha1 shape (see meshcore/config/ratelimit.py)
 spec.targetRef implemented -- Service (per service), HTTPRoute (per route), Gateway (the waypoint)
@@ -488,9 +568,6 @@ UNSUPPORTED_KINDS: Mapping[str, tuple[str, str]] = {
     # kind -> (level, what happens)
     "ServiceEntry": ("Warning", "ServiceEntry is not implemented: ignored"),
     "Telemetry": ("Warning", "Telemetry is not implemented: ignored (standard metrics are kept)"),
-    "GRPCRoute": ("Warning", "GRPCRoute is not implemented: ignored"),
-    "TCPRoute": ("Warning", "TCPRoute is not implemented: ignored"),
-    "TLSRoute": ("Warning", "TLSRoute is not implemented: ignored"),
     "Gateway.networking.istio.io": ("Warning", "Istio Gateway is not implemented: ignored"),
     "Gateway.ingress": (
         "Warning",
@@ -516,6 +593,11 @@ def _expand(kind: str, text: str, prefix: str = "") -> list[FieldSpec]:
         head, _, note = line.partition(" -- ")
         parts = head.split()
         path, status, flags = parts[0], Status(parts[1]), parts[2:]
+        if path.startswith("[") and prefix.endswith("."):
+            path = prefix[:-1] + path  # a block of list items: ``spec.parentRefs[].name``
+            prefix_used = ""
+        else:
+            prefix_used = prefix
         l4 = L4.NA
         if "l4" in flags:
             l4 = L4.ENFORCED
@@ -523,7 +605,7 @@ def _expand(kind: str, text: str, prefix: str = "") -> list[FieldSpec]:
             l4 = L4.L7_ONLY
         rows.append(
             FieldSpec(
-                kind=kind, path=prefix + path, status=status, free="map" in flags, l4=l4,
+                kind=kind, path=prefix_used + path, status=status, free="map" in flags, l4=l4,
                 note=note.strip(),
             )
         )  # fmt: skip

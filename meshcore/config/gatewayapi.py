@@ -1,9 +1,11 @@
 """Gateway API HTTPRoute (gateway.networking.k8s.io v1, mesh profile "GAMMA") -> records.
 
-Owns: `parse_http_route`. Service parents only (a parentRef ``port`` restricts the route to
-that service port); matches ordered by the spec's "Matching precedence"; filters
-RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect, RequestMirror;
-``retry`` (GEP-1731); ``timeouts``. Which fields are implemented is `meshcore.config.fields`.
+Owns: `parse_http_route` and `parse_grpc_route` (GRPCRoute read as the HTTPRoute its method
+matches describe), `gw_backend` (a Service backendRef). Service parents only (a parentRef
+``port`` restricts the route to that service port); matches ordered by the spec's "Matching
+precedence"; filters RequestHeaderModifier, ResponseHeaderModifier, URLRewrite,
+RequestRedirect, RequestMirror; ``retry`` (GEP-1731); ``timeouts``. Which fields are
+implemented is `meshcore.config.fields`.
 
 Invariant: pure; a malformed value raises `ConfigError` naming the field path.
 """
@@ -101,7 +103,7 @@ def _gw_header_filter(value: object, path: str) -> HeaderOps:
     )
 
 
-def _gw_backend(value: object, path: str, ctx: Ctx) -> Destination:
+def gw_backend(value: object, path: str, ctx: Ctx) -> Destination:
     m = read_map(value, path)
     kind = str(m.get("kind", "Service"))
     if kind != "Service":
@@ -186,7 +188,7 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         rp = f"spec.rules[{i}]"
         rm = read_map(rule, rp)
         backends = tuple(
-            _gw_backend(b, f"{rp}.backendRefs[{j}]", ctx)
+            gw_backend(b, f"{rp}.backendRefs[{j}]", ctx)
             for j, b in enumerate(read_seq(rm.get("backendRefs"), f"{rp}.backendRefs"))
         )
         req_ops, resp_ops = NO_HEADER_OPS, NO_HEADER_OPS
@@ -235,7 +237,7 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
                     pct = float(read_int(mm["percent"], f"{fp}.requestMirror.percent", 0, 100))
                 mirrors.append(
                     Mirror(
-                        destination=_gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx),
+                        destination=gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx),
                         percent=pct,
                     )
                 )
@@ -305,3 +307,88 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         hosts=tuple(hosts),
         routes=tuple(r for _, _, r in flat),
     )
+
+
+# ------------------------------------------------------------------------------ GRPCRoute
+
+_GRPC_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._")
+
+
+def _grpc_path(value: object, path: str) -> dict[str, str]:
+    """GRPCRoute ``matches[].method`` -> the HTTPRoute path match gRPC's ``/service/method``
+    path (gRPC over HTTP/2 "Path") gives: both -> Exact; service only -> prefix ``/service/``;
+    method only -> ``/<any service>/method``; RegularExpression -> a full-match regex."""
+    m = read_map(value, path)
+    kind = str(m.get("type", "Exact"))
+    service, method = m.get("service"), m.get("method")
+    if service is None and method is None:
+        raise ConfigError(path, "one of service and method is required")
+    parts = []
+    for key, v in (("service", service), ("method", method)):
+        if v is not None:
+            text = read_text(v, f"{path}.{key}")
+            if kind == "Exact" and not set(text) <= _GRPC_NAME:
+                raise ConfigError(f"{path}.{key}", f"{text!r} is not a gRPC {key} name")
+            parts.append(text)
+        else:
+            parts.append("")
+    svc, meth = parts
+    if kind == "RegularExpression":
+        return {"type": "RegularExpression",
+                "value": f"/{svc or '[^/]+'}/{meth or '[^/]+'}"}  # fmt: skip
+    if kind != "Exact":
+        raise ConfigError(f"{path}.type", f"{kind!r} is not Exact or RegularExpression")
+    if svc and meth:
+        return {"type": "Exact", "value": f"/{svc}/{meth}"}
+    if svc:
+        return {"type": "PathPrefix", "value": f"/{svc}"}
+    return {"type": "RegularExpression", "value": f"/[^/]+/{meth.replace('.', '[.]')}"}
+
+
+def parse_grpc_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:
+    """GRPCRoute (gateway.networking.k8s.io v1, GAMMA), read as the HTTPRoute its matches
+    describe (gRPC is HTTP/2 with ``:path`` = ``/service/method``): method and header matches,
+    the filters and backendRefs HTTPRoute shares, Service parents."""
+    rules = []
+    for i, rule in enumerate(read_seq(spec.get("rules"), "spec.rules")):
+        rp = f"spec.rules[{i}]"
+        rm = dict(read_map(rule, rp))
+        matches = []
+        for j, match in enumerate(read_seq(rm.get("matches"), f"{rp}.matches")):
+            mm = dict(read_map(match, f"{rp}.matches[{j}]"))
+            method = mm.pop("method", None)
+            if method is not None:
+                mm["path"] = _grpc_path(method, f"{rp}.matches[{j}].method")
+            matches.append(mm)
+        if matches:
+            rm["matches"] = matches
+        rules.append(rm)
+    table = parse_http_route({**spec, "rules": rules}, ctx, name)
+    source = f"GRPCRoute {ctx.namespace}/{name}"
+    # GRPCRoute precedence (spec "Matching precedence"): most characters of a matching service,
+    # then of a matching method, then most header matches; a rule without matches is last.
+    routes = sorted(table.routes, key=_grpc_precedence)
+    return dataclasses.replace(
+        table, kind="GRPCRoute",
+        routes=tuple(dataclasses.replace(r, source=source) for r in routes),
+    )  # fmt: skip
+
+
+_ANY_SERVICE = "/[^/]+/"
+
+
+def _grpc_precedence(route: HttpRoute) -> tuple[int, int, int]:
+    m = route.matches[0] if route.matches else None
+    if m is None:
+        return (1, 0, 0)
+    uri, svc, meth = m.uri, 0, 0
+    if uri is not None:
+        text = uri.value.lstrip("/")
+        if uri.kind is MatchKind.REGEX and uri.value.startswith(_ANY_SERVICE):
+            meth = len(uri.value) - len(_ANY_SERVICE)
+        else:
+            service, _, method = text.partition("/")
+            svc, meth = len(service), len(method)
+    if not svc and not meth and not m.headers:
+        return (1, 0, 0)  # matches everything
+    return (-svc, -meth, -len(m.headers))

@@ -244,6 +244,38 @@ class DestinationPolicy:
         return pol
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class L4Route:
+    """A TCPRoute or TLSRoute (`meshcore.config.l4routes`): connections to `hosts` (service
+    FQDNs; `port`: only that service port) go to the weighted `backends`; a TLSRoute's `sni`
+    (exact or ``*.suffix``) must match the ClientHello's server name."""
+
+    kind: str
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    port: int | None = None
+    sni: tuple[str, ...] = ()
+    backends: tuple[Destination, ...] = ()
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+    def sni_matches(self, server_name: str | None) -> bool:
+        if not self.sni:
+            return True
+        if server_name is None:
+            return False
+        for h in self.sni:
+            if h.startswith("*."):
+                if server_name.endswith(h[1:]) and len(server_name) > len(h) - 1:
+                    return True
+            elif h == server_name:
+                return True
+        return False
+
+
 # ------------------------------------------------------------------------------- whole config
 
 
@@ -262,3 +294,5 @@ class WaypointConfig:
     """(object reference, finding) for every reported field (`meshcore.config.fields`)."""
     rate_limits: tuple[RateLimitPolicy, ...] = ()
     """HTTPLocalRateLimitPolicy objects (`meshcore.config.ratelimit`)."""
+    l4_routes: tuple[L4Route, ...] = ()
+    """TCPRoute and TLSRoute objects, by namespace/name."""

@@ -26,7 +26,8 @@ from meshcore.errors import ConfigError
 
 L7_TYPE = "type.googleapis.com/ambient.l7.Resource"
 L7_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy",
-            "RequestAuthentication", "WorkloadLabels", "HTTPLocalRateLimitPolicy")  # fmt: skip
+            "RequestAuthentication", "WorkloadLabels", "HTTPLocalRateLimitPolicy", "GRPCRoute",
+            "TCPRoute", "TLSRoute")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

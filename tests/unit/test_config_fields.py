@@ -49,7 +49,7 @@ def test_check_object_reports_by_path() -> None:
 
 
 def test_unimplemented_kinds_are_reported() -> None:
-    for kind in ("ServiceEntry", "Telemetry", "GRPCRoute", "TCPRoute", "TLSRoute"):
+    for kind in ("ServiceEntry", "Telemetry"):
         (f,) = check_object(kind, {"kind": kind, "spec": {}})
         assert f.code == KIND and f.level == "Warning"
     # RequestAuthentication is implemented (JWT at the waypoint, tests/unit/test_jwt.py).
@@ -118,15 +118,16 @@ kind: ServiceEntry
 metadata: {name: ext, namespace: demo}
 spec: {hosts: [example.com]}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata: {name: g, namespace: demo}
+apiVersion: networking.istio.io/v1
+kind: Telemetry
+metadata: {name: t, namespace: demo}
 spec: {}
 """
     parsed = parse_manifest_text(text, "m.yaml")
     assert dict(parsed.warnings) == {
         "ServiceEntry demo/ext": "[AMB0204] ServiceEntry is not implemented: ignored",
-        "GRPCRoute demo/g": "[AMB0204] GRPCRoute is not implemented: ignored",
+        "Telemetry demo/t": "[AMB0204] Telemetry is not implemented: ignored (standard metrics "
+        "are kept)",
     }
 
 
