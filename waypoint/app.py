@@ -58,6 +58,8 @@ from waypoint.handler import Handler, Upstreams
 from waypoint.metrics import WaypointMetrics
 from waypoint.server import WaypointServer
 from waypoint.tcp import TcpProxy
+from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
+from waypoint.upgrade import UpgradeUpstreams
 from waypoint.upstream import H1Upstreams, UpstreamPool
 
 log = logging.getLogger("waypoint")
@@ -148,6 +150,7 @@ class Waypoint:
             upstreams["h2"] = H2Upstreams(ctx, self.upstream_pool)
         except ImportError:  # pragma: no cover - HTTP/2 edge not present
             pass
+        upstreams[UPGRADE_PROTOCOL] = UpgradeUpstreams(ctx, self.upstream_pool)
         self.handler = Handler(ctx, upstreams)
         self.server = WaypointServer(ctx, self.handler, TcpProxy(ctx, self.upstream_pool))
         self.admin: asyncio.Server | None = None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, WSMsgType, web
 
 import tests.helpers as helpers
 from meshcore.ca import MeshCA
@@ -198,6 +198,8 @@ class Backends:
 
 
 async def _handler(backend: Backend, all_: Backends, request: web.Request) -> web.StreamResponse:
+    if request.headers.get("upgrade", "").lower() == "websocket":
+        return await _websocket(backend, request)
     body = await request.read() if request.path != "/echo" else b""
     record = {
         "path": request.path_qs,
@@ -252,6 +254,21 @@ async def _handler(backend: Backend, all_: Backends, request: web.Request) -> we
         text=json.dumps(payload), content_type="application/json",
         headers={"x-version": backend.name, "x-upstream-header": "present"},
     )  # fmt: skip
+
+
+async def _websocket(backend: Backend, request: web.Request) -> web.StreamResponse:
+    """A WebSocket echo: each message comes back as ``<pod>:<message>``."""
+    backend.requests.append({"path": request.path_qs, "method": request.method,
+                             "headers": dict(request.headers), "body_len": 0,
+                             "host": request.host, "peer": ""})  # fmt: skip
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            await ws.send_str(f"{backend.name}:{msg.data}")
+        elif msg.type == WSMsgType.BINARY:
+            await ws.send_bytes(backend.name.encode() + b":" + msg.data)
+    return ws
 
 
 async def start_backends() -> Backends:
