@@ -59,6 +59,7 @@ from meshcore.model import Service, Workload
 from waypoint.authn import authenticate_request
 from waypoint.body import Downstream, ReplayBody, Request
 from waypoint.context import WaypointContext
+from waypoint.cors import apply_cors
 from waypoint.errors import (
     BadRequest,
     FaultAbort,
@@ -374,6 +375,10 @@ class Handler:
         route = choice.route
         rec.route = f"{route.source}:{route.name}" if route.name else route.source
         check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
+        down, answered = await apply_cors(route.cors, req, down)  # CORS preflight: 200 here
+        if answered is not None:
+            rec.status = answered
+            return
 
         # 4. local answers and faults.
         if route.direct_status is not None:

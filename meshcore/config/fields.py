@@ -355,7 +355,16 @@ spec.http[].mirrors[].destination.port implemented
 spec.http[].mirrors[].destination.port.number implemented
 spec.http[].mirrors[].percentage implemented
 spec.http[].mirrors[].percentage.value implemented
-spec.http[].corsPolicy warned -- CORS is not implemented (requests are passed unchanged)
+spec.http[].corsPolicy implemented -- Envoy's CORS filter: allowed preflights answered by the waypoint
+spec.http[].corsPolicy.allowOrigins implemented
+@string_match spec.http[].corsPolicy.allowOrigins[]
+spec.http[].corsPolicy.allowOrigin implemented -- deprecated: exact origins
+spec.http[].corsPolicy.allowMethods implemented
+spec.http[].corsPolicy.allowHeaders implemented
+spec.http[].corsPolicy.exposeHeaders implemented
+spec.http[].corsPolicy.maxAge implemented
+spec.http[].corsPolicy.allowCredentials implemented
+spec.http[].corsPolicy.unmatchedPreflights implemented -- FORWARD (default) or IGNORE
 spec.http[].headers implemented
 spec.http[].headers.request implemented
 @header_ops spec.http[].headers.request
@@ -453,7 +462,13 @@ spec.rules[].filters[].requestMirror.backendRef.port implemented
 spec.rules[].filters[].requestMirror.percent implemented
 spec.rules[].filters[].requestMirror.fraction refused -- use percent
 spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
-spec.rules[].filters[].cors refused -- CORS is not implemented
+spec.rules[].filters[].cors implemented -- Envoy's CORS filter: allowed preflights answered by the waypoint
+spec.rules[].filters[].cors.allowOrigins implemented -- *, exact, or scheme://*.host
+spec.rules[].filters[].cors.allowMethods implemented
+spec.rules[].filters[].cors.allowHeaders implemented
+spec.rules[].filters[].cors.exposeHeaders implemented
+spec.rules[].filters[].cors.maxAge implemented -- seconds (default 5)
+spec.rules[].filters[].cors.allowCredentials implemented
 spec.rules[].backendRefs implemented
 spec.rules[].backendRefs[].group implemented
 spec.rules[].backendRefs[].kind implemented

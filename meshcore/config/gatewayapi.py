@@ -13,6 +13,7 @@ Invariant: pure; a malformed value raises `ConfigError` naming the field path.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from meshcore.config.reader import Ctx, parse_duration, read_int, read_map, read
 from meshcore.config.routes import (
     DEFAULT_RETRY,
     NO_HEADER_OPS,
+    CorsPolicy,
     Destination,
     HeaderOps,
     HttpRoute,
@@ -196,6 +198,7 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         rewrite_host: str | None = None
         redirect: Redirect | None = None
         mirrors: list[Mirror] = []
+        cors: CorsPolicy | None = None
         for j, f in enumerate(read_seq(rm.get("filters"), f"{rp}.filters")):
             fp = f"{rp}.filters[{j}]"
             fm = read_map(f, fp)
@@ -241,6 +244,8 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
                         percent=pct,
                     )
                 )
+            elif ftype == "CORS":
+                cors = _gw_cors(fm.get("cors"), f"{fp}.cors")
             else:
                 raise ConfigError(f"{fp}.type", f"filter {ftype!r} is not supported")
         timeouts = read_map(rm.get("timeouts"), f"{rp}.timeouts")
@@ -296,6 +301,7 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
                         request_headers=req_ops,
                         response_headers=resp_ops,
                         section=str(rm.get("name") or ""),
+                        cors=cors,
                     ),
                 )
             )
@@ -307,6 +313,39 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         hosts=tuple(hosts),
         routes=tuple(r for _, _, r in flat),
     )
+
+
+def _gw_cors(value: object, path: str) -> CorsPolicy:
+    """HTTPRoute ``CORS`` filter (Gateway API HTTPCORSFilter): origins are ``*``, or
+    ``scheme://host[:port]`` where the host may start with ``*.``; ``maxAge`` seconds
+    (default 5)."""
+    m = read_map(value, path)
+    origins: list[StringMatcher] = []
+    for i, o in enumerate(read_seq(m.get("allowOrigins"), f"{path}.allowOrigins")):
+        text = read_text(o, f"{path}.allowOrigins[{i}]")
+        if text == "*":
+            origins.append(matcher(MatchKind.PRESENCE))
+        elif "*" in text:
+            scheme, sep, host = text.partition("://")
+            if not sep or not host.startswith("*.") or "*" in host[1:] or "*" in scheme:
+                raise ConfigError(f"{path}.allowOrigins[{i}]", f"{text!r}: '*' only as '*.'")
+            pattern = re.escape(f"{scheme}://") + r"[^/]+" + re.escape(host[1:])
+            origins.append(matcher(MatchKind.REGEX, pattern))
+        else:
+            origins.append(matcher(MatchKind.EXACT, text))
+
+    def texts(key: str) -> tuple[str, ...]:
+        return tuple(read_text(v, f"{path}.{key}[{i}]")
+                     for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}")))  # fmt: skip
+
+    creds = m.get("allowCredentials", False)
+    if not isinstance(creds, bool):
+        raise ConfigError(f"{path}.allowCredentials", f"expected a boolean, got {creds!r}")
+    return CorsPolicy(
+        allow_origins=tuple(origins), allow_methods=texts("allowMethods"),
+        allow_headers=texts("allowHeaders"), expose_headers=texts("exposeHeaders"),
+        max_age=read_int(m.get("maxAge", 5), f"{path}.maxAge", 1), allow_credentials=creds,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ GRPCRoute

@@ -34,6 +34,7 @@ from meshcore.config.reader import (
 from meshcore.config.routes import (
     DEFAULT_RETRY,
     ConnectionPool,
+    CorsPolicy,
     Destination,
     DestinationPolicy,
     Fault,
@@ -287,6 +288,7 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
             )
         )  # fmt: skip
     req, resp = _vs_headers(m.get("headers"), f"{path}.headers")
+    cors = _cors(m["corsPolicy"], f"{path}.corsPolicy") if "corsPolicy" in m else None
     return HttpRoute(
         name=str(m.get("name", "")),
         source=source,
@@ -302,7 +304,43 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
         mirrors=tuple(mirrors),
         request_headers=req,
         response_headers=resp,
+        cors=cors,
     )
+
+
+def _cors(value: object, path: str) -> CorsPolicy:
+    """VirtualService ``corsPolicy`` (istio.io CorsPolicy): ``allowOrigins`` StringMatch list
+    (and the deprecated exact ``allowOrigin``), methods, headers, ``maxAge`` duration,
+    ``allowCredentials``, ``unmatchedPreflights`` FORWARD (default) or IGNORE."""
+    m = read_map(value, path)
+    origins = [
+        _string_match(o, f"{path}.allowOrigins[{i}]")
+        for i, o in enumerate(read_seq(m.get("allowOrigins"), f"{path}.allowOrigins"))
+    ]
+    origins += [
+        matcher(MatchKind.EXACT, read_text(o, f"{path}.allowOrigin[{i}]"))
+        for i, o in enumerate(read_seq(m.get("allowOrigin"), f"{path}.allowOrigin"))
+    ]
+
+    def texts(key: str) -> tuple[str, ...]:
+        return tuple(read_text(v, f"{path}.{key}[{i}]")
+                     for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}")))  # fmt: skip
+
+    unmatched = str(m.get("unmatchedPreflights", "FORWARD"))
+    if unmatched not in ("FORWARD", "IGNORE", "UNSPECIFIED"):
+        raise ConfigError(f"{path}.unmatchedPreflights", f"{unmatched!r} is not FORWARD or IGNORE")
+    creds = m.get("allowCredentials", False)
+    if not isinstance(creds, bool):
+        raise ConfigError(f"{path}.allowCredentials", f"expected a boolean, got {creds!r}")
+    max_age = None
+    if "maxAge" in m:
+        max_age = int(parse_duration(m["maxAge"], f"{path}.maxAge"))
+    return CorsPolicy(
+        allow_origins=tuple(origins), allow_methods=texts("allowMethods"),
+        allow_headers=texts("allowHeaders"), expose_headers=texts("exposeHeaders"),
+        max_age=max_age, allow_credentials=creds,
+        forward_unmatched_preflights=unmatched != "IGNORE",
+    )  # fmt: skip
 
 
 def parse_virtual_service(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:

@@ -140,6 +140,20 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CorsPolicy:
+    """VirtualService ``corsPolicy`` / HTTPRoute ``CORS`` filter (`meshcore.l7.cors`)."""
+
+    allow_origins: tuple[StringMatcher, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: int | None = None
+    """Seconds."""
+    allow_credentials: bool = False
+    forward_unmatched_preflights: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HttpRoute:
     """One routing rule: first matching rule wins (Istio http[] order)."""
 
@@ -161,6 +175,7 @@ class HttpRoute:
     response_headers: HeaderOps = NO_HEADER_OPS
     section: str = ""
     """HTTPRoute ``rules[].name`` (a policy's ``targetRef.sectionName``)."""
+    cors: CorsPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
