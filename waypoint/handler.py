@@ -36,7 +36,7 @@ from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.identity import SpiffeId
 from meshcore.l7.authz import applicable, evaluate
-from meshcore.l7.cluster import Admission, Cluster, EndpointStats
+from meshcore.l7.cluster import Admission, Cluster, EndpointStats, hash_key
 from meshcore.l7.hygiene import (
     XFCC,
     RequestRejected,
@@ -542,7 +542,8 @@ class Handler:
             attempt += 1
             rec.attempts = attempt
             now = self._loop_time()
-            ep = cluster.pick(now, ctx.rng, avoid)
+            key = hash_key(cluster.policy.hash, headers, target, rec.source_ip)  # consistentHash
+            ep = cluster.pick(now, ctx.rng, avoid, key)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
             rec.upstream = f"{ep.ip}:{ep.port}"

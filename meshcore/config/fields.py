@@ -112,7 +112,20 @@ remove implemented
 _TRAFFIC_POLICY = """
 loadBalancer implemented
 loadBalancer.simple implemented -- ROUND_ROBIN, LEAST_REQUEST (LEAST_CONN), RANDOM, PASSTHROUGH
-loadBalancer.consistentHash refused -- consistent-hash load balancing is not implemented
+loadBalancer.consistentHash implemented -- a ring of virtual nodes; the first usable endpoint clockwise from the key
+loadBalancer.consistentHash.httpHeaderName implemented
+loadBalancer.consistentHash.httpCookie implemented
+loadBalancer.consistentHash.httpCookie.name implemented
+loadBalancer.consistentHash.httpCookie.path warned -- only used to generate a cookie (not implemented)
+loadBalancer.consistentHash.httpCookie.ttl warned -- the cookie is not generated: requests without it are balanced by simple
+loadBalancer.consistentHash.httpCookie.attributes warned -- only used to generate a cookie (not implemented)
+loadBalancer.consistentHash.useSourceIp implemented -- the downstream peer's IP
+loadBalancer.consistentHash.httpQueryParameterName implemented
+loadBalancer.consistentHash.ringHash implemented
+loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024, capped at 65537
+loadBalancer.consistentHash.maglev implemented -- served by the same ring (same stickiness, not Maglev's table)
+loadBalancer.consistentHash.maglev.tableSize implemented
+loadBalancer.consistentHash.minimumRingSize implemented -- deprecated form of ringHash.minimumRingSize
 loadBalancer.localityLbSetting refused -- locality load balancing is not implemented
 loadBalancer.warmupDurationSecs warned -- slow start is not implemented
 loadBalancer.warmup warned -- slow start is not implemented

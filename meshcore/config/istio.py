@@ -34,6 +34,7 @@ from meshcore.config.reader import (
 from meshcore.config.routes import (
     DEFAULT_RETRY,
     ConnectionPool,
+    ConsistentHash,
     CorsPolicy,
     Destination,
     DestinationPolicy,
@@ -368,6 +369,7 @@ def parse_virtual_service(spec: Mapping[str, Any], ctx: Ctx, name: str) -> Route
 def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) -> TrafficPolicy:
     m = read_map(value, path)
     lb = LbPolicy.LEAST_REQUEST
+    chash: ConsistentHash | None = None
     if "loadBalancer" in m:
         lbm = read_map(m["loadBalancer"], f"{path}.loadBalancer")
         if "simple" in lbm:
@@ -380,6 +382,8 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                 raise ConfigError(
                     f"{path}.loadBalancer.simple", f"unknown load balancer {simple!r}"
                 ) from None
+        if "consistentHash" in lbm:
+            chash = _consistent_hash(lbm["consistentHash"], f"{path}.loadBalancer.consistentHash")
     outlier = None
     if "outlierDetection" in m:
         o = read_map(m["outlierDetection"], f"{path}.outlierDetection")
@@ -431,7 +435,43 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                 read_map(pm.get("port"), f"{pp}.port").get("number"), f"{pp}.port.number"
             )
             overrides.append((number, _traffic_policy(pm, pp, ctx, nested=False)))
-    return TrafficPolicy(lb=lb, outlier=outlier, pool=pool, port_overrides=tuple(overrides))
+    return TrafficPolicy(lb=lb, hash=chash, outlier=outlier, pool=pool,
+                         port_overrides=tuple(overrides))  # fmt: skip
+
+
+def _consistent_hash(value: object, path: str) -> ConsistentHash:
+    """``consistentHash``: exactly one key of httpHeaderName, httpCookie (name), useSourceIp,
+    httpQueryParameterName; ``ringHash.minimumRingSize`` / ``maglev.tableSize`` /
+    ``minimumRingSize`` size the ring (Envoy's defaults: 1024 / 65537; capped at 65537)."""
+    m = read_map(value, path)
+    keys = [k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
+            if m.get(k) not in (None, False)]  # fmt: skip
+    if len(keys) != 1:
+        raise ConfigError(path, "exactly one hash key is required (httpHeaderName, httpCookie, "
+                                "useSourceIp, httpQueryParameterName)")  # fmt: skip
+    size = 1024
+    if "ringHash" in m:
+        size = read_int(read_map(m["ringHash"], f"{path}.ringHash").get("minimumRingSize", 1024),
+                        f"{path}.ringHash.minimumRingSize", 1)  # fmt: skip
+    elif "maglev" in m:
+        size = read_int(read_map(m["maglev"], f"{path}.maglev").get("tableSize", 65537),
+                        f"{path}.maglev.tableSize", 1)  # fmt: skip
+    elif "minimumRingSize" in m:
+        size = read_int(m["minimumRingSize"], f"{path}.minimumRingSize", 1)
+    key = keys[0]
+    if key == "httpHeaderName":
+        return ConsistentHash(header=read_text(m[key], f"{path}.{key}").lower(),
+                              ring_size=min(size, 65537))  # fmt: skip
+    if key == "httpCookie":
+        c = read_map(m[key], f"{path}.{key}")
+        return ConsistentHash(cookie=read_text(c.get("name"), f"{path}.{key}.name"),
+                              ring_size=min(size, 65537))  # fmt: skip
+    if key == "useSourceIp":
+        if m[key] is not True:
+            raise ConfigError(f"{path}.{key}", "expected true")
+        return ConsistentHash(source_ip=True, ring_size=min(size, 65537))
+    return ConsistentHash(query_param=read_text(m[key], f"{path}.{key}"),
+                          ring_size=min(size, 65537))  # fmt: skip
 
 
 def parse_destination_rule(spec: Mapping[str, Any], ctx: Ctx, name: str) -> DestinationPolicy:

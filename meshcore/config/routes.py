@@ -221,9 +221,23 @@ class ConnectionPool:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConsistentHash:
+    """DestinationRule ``loadBalancer.consistentHash``: what the hash key is (exactly one)."""
+
+    header: str = ""
+    cookie: str = ""
+    source_ip: bool = False
+    query_param: str = ""
+    ring_size: int = 1024
+    """Virtual nodes on the ring (``ringHash.minimumRingSize``, ``maglev.tableSize``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficPolicy:
     lb: LbPolicy = LbPolicy.LEAST_REQUEST
     """Istio's default is LEAST_REQUEST."""
+    hash: ConsistentHash | None = None
+    """Consistent-hash load balancing (instead of `lb`)."""
     outlier: OutlierDetection | None = None
     pool: ConnectionPool = ConnectionPool()
     port_overrides: tuple[tuple[int, TrafficPolicy], ...] = ()
