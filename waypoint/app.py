@@ -253,7 +253,21 @@ class Waypoint:
                 for d in cfg.destination_rules
             ],
             "policies": [
-                {"name": p.key, "action": p.action.value, "error": p.error} for p in cfg.policies
+                {"name": p.key, "kind": p.kind, "action": p.action.value, "error": p.error}
+                for p in cfg.policies
+            ],
+            "rate_limits": [
+                {
+                    "name": r.key,
+                    "target": f"{r.target_kind}/{r.target_name}",
+                    "total": r.total,
+                    "identity": r.identity,
+                }
+                for r in cfg.rate_limits
+            ],
+            "l4_routes": [
+                {"name": r.source, "hosts": list(r.hosts), "sni": list(r.sni)}
+                for r in cfg.l4_routes
             ],
             "warnings": list(ctx.warnings),
         }
