@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -72,7 +73,9 @@ def mint(
     if alg == "none":
         return signing + "."
     sig: bytes
-    sizes = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+    sizes: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+        "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
+    }  # fmt: skip
     h = sizes.get(alg[2:], hashes.SHA256)
     if isinstance(key, rsa.RSAPrivateKey):
         if alg.startswith("PS"):

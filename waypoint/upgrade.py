@@ -153,7 +153,7 @@ class UpgradeUpstreams:
             raise UpstreamConnectError(f"HBONE to {ep.ip}: {err or type(err).__name__}") from err
         return up
 
-    async def send(
+    async def send(  # noqa: PLR0913 - the handler's Upstreams protocol
         self, req: Request, ep: EndpointStats, *, target: str, authority: str,
         headers: list[tuple[str, str]], replay: ReplayBody, connect_timeout: float,
     ) -> _Response:  # fmt: skip

@@ -173,17 +173,21 @@ def test_jwks_cache_single_flight_retry_and_refresh() -> None:
 
         cache = JwksCache(fetch=fetch, clock=lambda: now[0], refresh=100.0, retry=10.0)
         got = await asyncio.gather(*(cache.get("u", 1.0) for _ in range(20)))
-        assert got == [None] * 20 and len(calls) == 1  # one fetch for 20 waiters, fail closed
-        assert await cache.get("u", 1.0) is None and len(calls) == 1  # no retry before 10 s
+        assert got == [None] * 20
+        assert len(calls) == 1
+        assert await cache.get("u", 1.0) is None
+        assert len(calls) == 1
         now[0] = 11.0
         fail[0] = False
         keys = await cache.get("u", 1.0)
-        assert keys is not None and len(calls) == 2
+        assert keys is not None
+        assert len(calls) == 2
         now[0] = 200.0
         fail[0] = True
         assert await cache.get("u", 1.0) is keys  # refresh runs; the old keys stay in use
         await asyncio.sleep(0.05)
-        assert len(calls) == 3 and await cache.get("u", 1.0) is keys
+        assert len(calls) == 3
+        assert await cache.get("u", 1.0) is keys
 
         async def slow(uri: str, timeout: float) -> bytes:
             await asyncio.sleep(5)

@@ -63,7 +63,8 @@ def test_concurrent_clients_are_admitted_exactly_the_bucket(
             async with mesh.session(limit=60) as s:
                 results = await asyncio.gather(*(one(s, i) for i in range(60)))
                 codes = [c for c, _h, _b in results]
-                assert codes.count(200) == 20 and codes.count(429) == 40, codes
+                assert codes.count(200) == 20, codes
+                assert codes.count(429) == 40, codes
                 assert sum(len(p.requests) for p in pods.values()) == 20
                 _c, headers, body = next(r for r in results if r[0] == 429)
                 assert body == "local_rate_limited"
@@ -77,14 +78,16 @@ def test_concurrent_clients_are_admitted_exactly_the_bucket(
             text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
             limited = [x for x in text.splitlines() if x.startswith("istio_requests_total{")
                        and 'response_code="429"' in x]  # fmt: skip
-            assert len(limited) == 1 and 'response_flags="RL"' in limited[0]
+            assert len(limited) == 1
+            assert 'response_flags="RL"' in limited[0]
             assert limited[0].endswith(" 60.0")
 
     with caplog.at_level(logging.INFO, logger="waypoint.access"):
         run(main())
     entries = [json.loads(r.getMessage()) for r in caplog.records if r.name == "waypoint.access"]
     flags = [e.get("response_flags") for e in entries if e["response_code"] == 429]
-    assert len(flags) == 60 and set(flags) == {"RL"}
+    assert len(flags) == 60
+    assert set(flags) == {"RL"}
 
 
 def test_per_route_limit_leaves_other_routes_alone(tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ def cluster(policy: TrafficPolicy, n: int) -> Cluster:
 def test_header_key_is_sticky_spread_and_moves_only_the_removed_endpoints_keys() -> None:
     # main: consistentHash was refused (the DestinationRule was not applied at all).
     policy = dr("{httpHeaderName: x-user}")
-    assert policy.hash is not None and policy.hash.header == "x-user"
+    assert policy.hash is not None
+    assert policy.hash.header == "x-user"
     c = cluster(policy, 5)
     rng = random.Random(1)
     first = {}
@@ -51,7 +52,8 @@ def test_header_key_is_sticky_spread_and_moves_only_the_removed_endpoints_keys()
         first[u] = ep.uid
         assert all(c.pick(0.0, rng, (), key) is ep for _ in range(3))  # sticky
     spread = Counter(first.values())
-    assert len(spread) == 5 and min(spread.values()) > 50  # every endpoint takes a share
+    assert len(spread) == 5
+    assert min(spread.values()) > 50
     # Remove ep2: its keys move; most others stay (the ring is re-spread over 4 endpoints, as
     # Envoy's ring is; a modulo hash would move ~80% of them).
     c.update([EndpointSpec(uid=f"ep{i}", ip=f"10.0.0.{i}", port=80, identity=ID)
@@ -60,7 +62,8 @@ def test_header_key_is_sticky_spread_and_moves_only_the_removed_endpoints_keys()
     for u, uid in first.items():
         key = hash_key(policy.hash, [("x-user", f"u{u}")], "/", "")
         got = c.pick(0.0, rng, (), key)
-        assert got is not None and got.uid != "ep2"
+        assert got is not None
+        assert got.uid != "ep2"
         if uid != "ep2":
             kept += got.uid == uid
             moved += got.uid != uid
@@ -98,4 +101,5 @@ spec:
   trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}
 """
     cfg = parse_objects(list(yaml.safe_load_all(text)))
-    assert cfg.destination_rules == () and cfg.findings
+    assert cfg.destination_rules == ()
+    assert cfg.findings

@@ -51,7 +51,8 @@ def test_virtual_service_cors_policy() -> None:
     # main: corsPolicy was accepted with a warning and ignored.
     p = policy(VS)
     pre = [("origin", "https://app.example"), ("access-control-request-method", "POST")]
-    assert is_preflight("OPTIONS", pre) and not is_preflight("GET", pre)
+    assert is_preflight("OPTIONS", pre)
+    assert not is_preflight("GET", pre)
     origin = allowed_origin(p, pre)
     assert origin == "https://app.example"
     assert dict(preflight_headers(p, origin)) == {
@@ -70,4 +71,5 @@ def test_http_route_cors_filter() -> None:
     assert allowed_origin(p, [("origin", "https://a.example.com")]) is not None
     assert allowed_origin(p, [("origin", "https://example.com")]) is None
     assert allowed_origin(p, [("origin", "http://a.example.com")]) is None
-    assert p.max_age == 5 and p.allow_methods == ("PUT",)
+    assert p.max_age == 5
+    assert p.allow_methods == ("PUT",)

@@ -17,7 +17,7 @@ from meshcore.config.requestauthn import JwtRule, parse_jwt_rules
 from meshcore.errors import ConfigError, JoseError
 from meshcore.jose import b64url_decode, b64url_encode, parse_jwks
 from meshcore.l7.authz import applicable, evaluate
-from meshcore.l7.jwt import authenticate
+from meshcore.l7.jwt import AuthnResult, authenticate
 from meshcore.l7.route import RequestInfo
 from tests.jwtfixtures import jwk, jwks, mint, new_key
 from tests.unit.test_waypoint_authz import WAYPOINT
@@ -45,8 +45,15 @@ def rules(**kw: Any) -> tuple[JwtRule, ...]:
     return parse_jwt_rules([rule])
 
 
-def auth(token: str | None, rs: tuple[JwtRule, ...] | None = None, *, header: str = "authorization",
-         prefix: str = "Bearer ", query: str = "", extra: tuple[tuple[str, str], ...] = ()):  # type: ignore[no-untyped-def]  # fmt: skip
+def auth(  # noqa: PLR0913
+    token: str | None,
+    rs: tuple[JwtRule, ...] | None = None,
+    *,
+    header: str = "authorization",
+    prefix: str = "Bearer ",
+    query: str = "",
+    extra: tuple[tuple[str, str], ...] = (),
+) -> AuthnResult:
     hs = list(extra)
     if token is not None:
         hs.append((header, prefix + token))
@@ -106,7 +113,8 @@ def test_clock_skew_is_envoys_60s() -> None:
 
 def test_no_token_passes_unauthenticated() -> None:
     res = auth(None, extra=(("x-a", "1"),))
-    assert res.auth is None and res.headers == (("x-a", "1"),)
+    assert res.auth is None
+    assert res.headers == (("x-a", "1"),)
     # A header without the location's prefix holds no token (Envoy).
     assert auth("abc", prefix="Basic ").auth is None
 
@@ -119,7 +127,8 @@ def test_locations_params_cookies_and_forwarding() -> None:
                outputClaimToHeaders=[{"header": "x-sub", "claim": "sub"},
                                      {"header": "x-groups", "claim": "groups"}])  # fmt: skip
     res = auth(tok, rs, header="x-jwt", prefix="")
-    assert res.auth is not None and ("x-jwt", tok) in res.headers  # forwarded
+    assert res.auth is not None
+    assert ("x-jwt", tok) in res.headers
     payload = dict(res.headers)["x-jwt-payload"]
     assert json.loads(b64url_decode(payload))["sub"] == "alice"
     assert ("x-sub", "alice") in res.headers
@@ -194,9 +203,11 @@ def decide(text: str, request: RequestInfo) -> bool:
 def test_request_authentication_alone_denies_nothing_and_has_no_findings() -> None:
     # main: any RequestAuthentication denied every request to its targets.
     cfg = parse_objects(list(yaml.safe_load_all(RA)))
-    assert cfg.findings == () and cfg.warnings == ()
+    assert cfg.findings == ()
+    assert cfg.warnings == ()
     (ra,) = cfg.policies
-    assert ra.jwt_rules and not ra.fail_closed_l7
+    assert ra.jwt_rules
+    assert not ra.fail_closed_l7
     assert decide(RA, req())
 
 
@@ -210,7 +221,9 @@ def test_at_l4_a_selector_request_authentication_still_denies() -> None:
                       "selector: {matchLabels: {app: reviews}}")  # fmt: skip
     (ra,) = parse_objects(list(yaml.safe_load_all(text))).policies
     l4, _ = to_l4(ra)
-    assert l4 is not None and l4.rules and l4.action.name == "DENY"
+    assert l4 is not None
+    assert l4.rules
+    assert l4.action.name == "DENY"
 
 
 def ap(rule: str, action: str = "ALLOW") -> str:
@@ -268,5 +281,6 @@ def test_request_principals_at_l4_follow_the_ztunnel_rule() -> None:
     )
     (p,) = parse_objects(list(yaml.safe_load_all(text))).policies
     l4, warnings = to_l4(p)
-    assert l4 is not None and l4.rules == ()  # ALLOW rule dropped: allows nothing at L4
+    assert l4 is not None
+    assert l4.rules == ()
     assert any("requestPrincipals" in w for w in warnings)

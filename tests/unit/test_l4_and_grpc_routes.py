@@ -44,7 +44,8 @@ def test_grpc_route_matches_service_and_method() -> None:
     # main: GRPCRoute was reported as not implemented and ignored.
     docs = list(yaml.safe_load_all(GRPC_ROUTE))
     cfg = parse_objects(docs)
-    assert cfg.findings == () and check_object("GRPCRoute", docs[0]) == []
+    assert cfg.findings == ()
+    assert check_object("GRPCRoute", docs[0]) == []
     c = CompiledConfig(cfg)
     assert pick(c, "/pkg.Echo/Fail") == "grpc-v2"
     assert pick(c, "/pkg.Echo/Say") == "grpc"
@@ -60,13 +61,15 @@ def test_grpc_route_matches_service_and_method() -> None:
 def test_grpc_route_refusals() -> None:
     bad = GRPC_ROUTE.replace("{method: {service: pkg.Admin}}", "{method: {type: Prefix}}")
     cfg = parse_objects(list(yaml.safe_load_all(bad)))
-    assert cfg.route_tables == () and cfg.findings
+    assert cfg.route_tables == ()
+    assert cfg.findings
     ext = GRPC_ROUTE.replace(
         "backendRefs: [{name: grpc, port: 50051}]",
         "filters: [{type: ExtensionRef, extensionRef: {name: x}}]",
     )
     cfg = parse_objects(list(yaml.safe_load_all(ext)))
-    assert cfg.route_tables == () and any(f.code == "AMB0202" for _r, f in cfg.findings)
+    assert cfg.route_tables == ()
+    assert any(f.code == "AMB0202" for _r, f in cfg.findings)
 
 
 def test_tcp_and_tls_routes() -> None:
@@ -89,12 +92,15 @@ spec:
     cfg = parse_objects(list(yaml.safe_load_all(text)))
     assert cfg.findings == ()
     tcp, tls = cfg.l4_routes
-    assert (
-        tcp.kind == "TCPRoute" and tcp.port == 7000 and [b.weight for b in tcp.backends] == [3, 1]
-    )
-    assert tls.sni_matches("a.example.com") and tls.sni_matches("a.b.example.com")
-    assert not tls.sni_matches("example.com") and not tls.sni_matches(None)
-    assert tls.sni_matches("api.example.org") and not tls.sni_matches("x.api.example.org")
+    assert tcp.kind == "TCPRoute"
+    assert tcp.port == 7000
+    assert [b.weight for b in tcp.backends] == [3, 1]
+    assert tls.sni_matches("a.example.com")
+    assert tls.sni_matches("a.b.example.com")
+    assert not tls.sni_matches("example.com")
+    assert not tls.sni_matches(None)
+    assert tls.sni_matches("api.example.org")
+    assert not tls.sni_matches("x.api.example.org")
     two = text.replace(
         "rules: [{backendRefs: [{name: db-v2, port: 7000, weight: 3}",
         "rules: [{backendRefs: []}, {backendRefs: [{name: db-v2, port: 7000, weight: 3}",

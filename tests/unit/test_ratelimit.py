@@ -42,7 +42,8 @@ def test_parse_is_linkerds_shape_and_every_field_is_in_the_table() -> None:
     # main: the kind was not read at all (no limit anywhere).
     p = policy()
     assert (p.target_kind, p.target_name, p.total, p.identity) == ("Service", "reviews", 10, 4)
-    assert p.overrides[0].rps == 6 and p.overrides[0].clients == (("default", "bot"),)
+    assert p.overrides[0].rps == 6
+    assert p.overrides[0].clients == (("default", "bot"),)
     assert check_object("HTTPLocalRateLimitPolicy", yaml.safe_load(POLICY)) == []
 
 
@@ -67,7 +68,8 @@ def test_bad_policies_are_refused(spec: dict[str, Any], error: str) -> None:
 
 def test_unknown_field_leaves_the_policy_out_and_reports_it() -> None:
     cfg = parse_objects(list(yaml.safe_load_all(POLICY.replace("total:", "totl:"))))
-    assert cfg.rate_limits == () and any(f.code == "AMB0201" for _r, f in cfg.findings)
+    assert cfg.rate_limits == ()
+    assert any(f.code == "AMB0201" for _r, f in cfg.findings)
 
 
 def test_total_identity_and_override_buckets() -> None:
@@ -84,7 +86,8 @@ def test_total_identity_and_override_buckets() -> None:
     assert [rl.take([p], ("default", "bot"), 0.0).allowed for _ in range(7)] == [True] * 6 + [False]
     # total exhausted: anyone else is refused, by the total bucket
     v = rl.take([p], ("default", "other"), 0.0)
-    assert not v.allowed and v.limit == 10
+    assert not v.allowed
+    assert v.limit == 10
     # refill: 0.25 s later the identity bucket (4/s) has one token, the total 2.5
     assert rl.take([p], SLEEP, 0.25).allowed
     assert not rl.take([p], SLEEP, 0.25).allowed
@@ -126,7 +129,11 @@ def test_applicability() -> None:
     gw = policy(POLICY.replace("{kind: Service, name: reviews}", "{kind: Gateway, name: wp}"))
     kw: dict[str, Any] = {"waypoint": ("default", "wp"), "service": ("default", "reviews"),
                           "route_source": "HTTPRoute default/r", "route_name": "slow"}  # fmt: skip
-    assert applies(svc, **kw) and applies(route, **kw) and applies(gw, **kw)
+    assert applies(svc, **kw)
+    assert applies(route, **kw)
+    assert applies(gw, **kw)
     other = {**kw, "service": ("default", "ratings"), "route_name": "fast",
              "waypoint": ("default", "other")}  # fmt: skip
-    assert not applies(svc, **other) and not applies(route, **other) and not applies(gw, **other)
+    assert not applies(svc, **other)
+    assert not applies(route, **other)
+    assert not applies(gw, **other)
