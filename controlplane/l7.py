@@ -38,7 +38,8 @@ from meshcore.config.fields import INVALID, Finding, check_object, kind_support
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 
-ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication")
+ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication",
+                 "HTTPLocalRateLimitPolicy", "GRPCRoute", "TCPRoute", "TLSRoute")  # fmt: skip
 
 
 NamespaceCache = dict[str, tuple[NamespaceObjects, tuple[L7Resource, ...]]]

@@ -37,9 +37,14 @@ STORED_KINDS = (
     "Gateway",
     "HTTPRoute",
     "RequestAuthentication",
+    "HTTPLocalRateLimitPolicy",
+    "GRPCRoute",
+    "TCPRoute",
+    "TLSRoute",
 )
 """Kept in the store (and visible in /debug), served to waypoints as written; a
-RequestAuthentication is also translated (a DENY for its targets: JWT is not implemented)."""
+RequestAuthentication is also translated for node proxies (a DENY for the workloads it selects:
+they cannot validate JWTs; waypoints do)."""
 KINDS = CORE_KINDS + ISTIO_KINDS + STORED_KINDS
 UNIMPLEMENTED_KINDS = (
     "ServiceEntry",
@@ -49,9 +54,6 @@ UNIMPLEMENTED_KINDS = (
     "Gateway.networking.istio.io",
     "Telemetry",
     "WasmPlugin",
-    "GRPCRoute",
-    "TCPRoute",
-    "TLSRoute",
 )
 """Kinds the mesh does not implement, read from Kubernetes only to be reported (AMB0204 on
 /debug/warnings and in their status) instead of dropped silently: `parse_unimplemented`

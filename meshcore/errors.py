@@ -100,6 +100,11 @@ class H2ProtocolError(MeshError):
         self.code = code
 
 
+class JoseError(MeshError):
+    """A JWT or JWKS is unreadable or does not verify (`meshcore.jose`, `meshcore.l7.jwt`).
+    At the waypoint: 401 with Envoy's jwt_authn wording."""
+
+
 def response_flag(err: BaseException) -> str:
     """`response_flags` for a failure: the class's flag; CONNECT for OS/timeout errors."""
     return err.response_flag if isinstance(err, MeshError) else "CONNECT"

@@ -57,6 +57,9 @@ from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams
 from waypoint.metrics import WaypointMetrics
 from waypoint.server import WaypointServer
+from waypoint.tcp import TcpProxy
+from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
+from waypoint.upgrade import UpgradeUpstreams
 from waypoint.upstream import H1Upstreams, UpstreamPool
 
 log = logging.getLogger("waypoint")
@@ -147,8 +150,9 @@ class Waypoint:
             upstreams["h2"] = H2Upstreams(ctx, self.upstream_pool)
         except ImportError:  # pragma: no cover - HTTP/2 edge not present
             pass
+        upstreams[UPGRADE_PROTOCOL] = UpgradeUpstreams(ctx, self.upstream_pool)
         self.handler = Handler(ctx, upstreams)
-        self.server = WaypointServer(ctx, self.handler)
+        self.server = WaypointServer(ctx, self.handler, TcpProxy(ctx, self.upstream_pool))
         self.admin: asyncio.Server | None = None
         self.debug: asyncio.Server | None = None
         self.ready = False
@@ -249,7 +253,21 @@ class Waypoint:
                 for d in cfg.destination_rules
             ],
             "policies": [
-                {"name": p.key, "action": p.action.value, "error": p.error} for p in cfg.policies
+                {"name": p.key, "kind": p.kind, "action": p.action.value, "error": p.error}
+                for p in cfg.policies
+            ],
+            "rate_limits": [
+                {
+                    "name": r.key,
+                    "target": f"{r.target_kind}/{r.target_name}",
+                    "total": r.total,
+                    "identity": r.identity,
+                }
+                for r in cfg.rate_limits
+            ],
+            "l4_routes": [
+                {"name": r.source, "hosts": list(r.hosts), "sni": list(r.sni)}
+                for r in cfg.l4_routes
             ],
             "warnings": list(ctx.warnings),
         }

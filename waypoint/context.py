@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from meshcore.certs import CertificateManager
@@ -26,10 +27,12 @@ from meshcore.identity import SpiffeId
 from meshcore.l7.authz import WaypointIdentity
 from meshcore.l7.cluster import Cluster, EndpointSpec
 from meshcore.l7.hygiene import PathPolicy
+from meshcore.l7.ratelimit import RateLimiter
 from meshcore.l7.route import CompiledConfig, labels_of
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
 from meshcore.tls import ContextCache
+from waypoint.jwks import JwksCache
 from waypoint.metrics import WaypointMetrics
 
 
@@ -69,6 +72,9 @@ class WaypointSettings:
     over the control plane's mesh settings (`waypoint.xds.L7Store.path_policy`)."""
     accept_http_10: bool = False
     """Serve HTTP/1.0 requests (Envoy's ``accept_http_10``, Istio's PILOT_HTTP10); off: 426."""
+    protocol_detection_timeout: float = 1.0
+    """A tunnel to a port without a declared HTTP protocol whose client sends nothing for this
+    long is carried as TCP (server-first protocols); see `meshcore.l7.sniff`."""
 
     @property
     def identity(self) -> SpiffeId:
@@ -108,6 +114,12 @@ class WaypointContext:
     _svc_gen: int = -1
     connections: set[asyncio.Transport] = field(default_factory=set)
     draining: bool = False
+    jwks: JwksCache = field(default_factory=JwksCache)
+    """Keys of RequestAuthentication ``jwksUri`` rules."""
+    ratelimiter: RateLimiter = field(default_factory=RateLimiter)
+    ratelimit_clock: Callable[[], float] = time.monotonic
+    ratelimit_config: CompiledConfig | None = None
+    """The config the limiter's buckets were synced with."""
 
     # ---- updates ---------------------------------------------------------------------------
 

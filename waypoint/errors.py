@@ -18,6 +18,8 @@ class WaypointError(MeshError):
     status = 500
     flag = "-"
     body = "internal error"
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra response headers of the local reply."""
 
     def __init__(self, message: str = "", *, body: str | None = None) -> None:
         super().__init__(message or self.body)
@@ -46,6 +48,30 @@ class Forbidden(WaypointError):
     status = 403
     flag = "RBAC"
     body = "RBAC: access denied"
+
+
+class Unauthenticated(WaypointError):
+    """A RequestAuthentication rejected the request's JWT (Envoy jwt_authn: 401 with
+    ``www-authenticate: Bearer realm=..., error="invalid_token"``, RFC 6750 §3)."""
+
+    status = 401
+    body = "Jwt verification fails"
+
+    def __init__(self, reason: str, realm: str) -> None:
+        super().__init__(reason, body=reason)
+        self.headers = (("www-authenticate", f'Bearer realm="{realm}", error="invalid_token"'),)
+
+
+class RateLimited(WaypointError):
+    """A local rate limit refused the request (Envoy local_ratelimit: 429, flag RL)."""
+
+    status = 429
+    flag = "RL"
+    body = "local_rate_limited"
+
+    def __init__(self, policy: str, headers: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(f"rate limited by HTTPLocalRateLimitPolicy {policy}")
+        self.headers = headers
 
 
 class NoRoute(WaypointError):

@@ -36,7 +36,7 @@ from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.identity import SpiffeId
 from meshcore.l7.authz import applicable, evaluate
-from meshcore.l7.cluster import Admission, Cluster, EndpointStats
+from meshcore.l7.cluster import Admission, Cluster, EndpointStats, hash_key
 from meshcore.l7.hygiene import (
     XFCC,
     RequestRejected,
@@ -57,8 +57,10 @@ from meshcore.l7.route import (
 from meshcore.l7.trace import next_traceparent
 from meshcore.model import Service, Workload
 from meshcore.tracing import parse_traceparent
+from waypoint.authn import authenticate_request
 from waypoint.body import Downstream, ReplayBody, Request
 from waypoint.context import WaypointContext
+from waypoint.cors import apply_cors
 from waypoint.errors import (
     BadRequest,
     FaultAbort,
@@ -73,6 +75,7 @@ from waypoint.errors import (
     WaypointError,
 )
 from waypoint.metrics import RequestRecord
+from waypoint.ratelimit import check_rate_limit
 
 log = logging.getLogger("waypoint")
 
@@ -233,10 +236,14 @@ class Handler:
         headers: list[tuple[str, str]] = [("content-type", "text/plain"), ("server", "waypoint")]
         if isinstance(err, Overflow):
             headers.append(("x-envoy-overloaded", "true"))
+        if err is not None:
+            headers.extend(err.headers)
         if req.grpc:
             # gRPC clients read grpc-status; map like Envoy's local replies (RFC-less convention:
             # 403 PERMISSION_DENIED 7, 404 UNIMPLEMENTED 12, 503 UNAVAILABLE 14, 504 DEADLINE 4).
-            code = {403: "7", 404: "12", 503: "14", 504: "4", 429: "14"}.get(status, "13")
+            # 401 UNAUTHENTICATED 16 (a rejected JWT).
+            code = {401: "16", 403: "7", 404: "12", 503: "14", 504: "4", 429: "14"}.get(
+                status, "13")  # fmt: skip
             await down.send_head(
                 200, [("content-type", "application/grpc"), ("grpc-status", code),
                       ("grpc-message", text)], content_length=None, end=True,
@@ -349,6 +356,7 @@ class Handler:
             svc.namespace if svc is not None else None,
         )
         if policies:
+            info = await authenticate_request(ctx, policies, req, info)  # JWT: 401 on bad token
             decision = evaluate(policies, info)
             rec.policy = decision.policy
             if not decision.allowed:
@@ -367,6 +375,11 @@ class Handler:
             raise NoRoute(f"no route of {svc.hostname if svc else '?'} matches {path}")
         route = choice.route
         rec.route = f"{route.source}:{route.name}" if route.name else route.source
+        check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
+        down, answered = await apply_cors(route.cors, req, down)  # CORS preflight: 200 here
+        if answered is not None:
+            rec.status = answered
+            return
 
         # 4. local answers and faults.
         if route.direct_status is not None:
@@ -532,7 +545,8 @@ class Handler:
             attempt += 1
             rec.attempts = attempt
             now = self._loop_time()
-            ep = cluster.pick(now, ctx.rng, avoid)
+            key = hash_key(cluster.policy.hash, headers, target, rec.source_ip)  # consistentHash
+            ep = cluster.pick(now, ctx.rng, avoid, key)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
             rec.upstream = f"{ep.ip}:{ep.port}"

@@ -29,6 +29,8 @@ from waypoint.body import EmptyBody, Request
 from waypoint.errors import BadRequest
 from waypoint.handler import Handler, Tunnel
 from waypoint.tunnel import TunnelIO
+from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
+from waypoint.upgrade import RawBody, upgrade_of
 
 DRAIN_LIMIT = 64 * 1024
 
@@ -91,8 +93,10 @@ class H1Body:
 class H1Downstream:
     """A `Downstream` writing one HTTP/1.1 response."""
 
-    def __init__(self, io: TunnelIO, head: http1.RequestHead) -> None:
+    def __init__(self, io: TunnelIO, head: http1.RequestHead, upgrade: str | None = None) -> None:
         self.io = io
+        self.upgrade_ok = upgrade
+        """The Upgrade this request asked for (a 101 may only switch to it)."""
         self.method = head.method
         self.version = head.version
         self.keep_alive = head.keep_alive
@@ -101,11 +105,20 @@ class H1Downstream:
         self.was_reset = False
         self.chunked = False
         self.bytes = 0
+        self.upgraded = False
 
     async def send_head(
         self, status: int, headers: Sequence[tuple[str, str]], *, content_length: int | None,
         end: bool = False,
     ) -> None:  # fmt: skip
+        if status == 101 and self.upgrade_ok:
+            # Switching Protocols (waypoint.upgrade): no framing; raw bytes follow both ways.
+            out = [(k, v) for k, v in http1.strip_hop_by_hop(headers)]
+            out += [("connection", "upgrade"), ("upgrade", self.upgrade_ok)]
+            self.io.write(http1.encode_response_head(101, "", out))
+            self.head_sent = self.upgraded = True
+            await self.io.drain()
+            return
         out = [(k, v) for k, v in http1.strip_hop_by_hop(headers) if k != "content-length"]
         bodyless = self.method == "HEAD" or status in (204, 304) or status < 200
         if content_length is not None and status not in (204, 304):
@@ -128,7 +141,7 @@ class H1Downstream:
             await self.io.drain()
 
     async def send_data(self, data: bytes) -> None:
-        if not data or self.method == "HEAD":
+        if not data or (self.method == "HEAD" and not self.upgraded):
             return
         self.bytes += len(data)
         self.io.write(http1.encode_chunk(data) if self.chunked else data)
@@ -189,6 +202,7 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             # PILOT_HTTP10 (envoy.config.core.v3.Http1ProtocolOptions).
             await _refuse(handler, tunnel, io, 426, "HTTP/1.0 is not accepted (accept_http_10)")
             return
+        upgrade = upgrade_of(head.headers) if not head.chunked and not head.content_length else None
         host = http1.header_value(head.headers, "host") or ""
         try:
             authority, target = _split_target(head.target, host)
@@ -202,7 +216,7 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             end = reader.parser.next_event()  # a bodiless request ends right after its head
             assert isinstance(end, http1.EndOfMessage)
         req = Request(
-            protocol="http/1.1",
+            protocol="http/1.1" if upgrade is None else UPGRADE_PROTOCOL,
             method=head.method,
             target=target,
             authority=authority,
@@ -214,11 +228,23 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             ],
             body=body if body is not None else EmptyBody(),
             has_body=has_body,
+            extra={"upgrade": upgrade} if upgrade else {},
             content_length=head.content_length if not head.chunked else None,
             expect_continue=expect and has_body,
         )
-        down = H1Downstream(io, head)
+        if upgrade is not None:
+            # After the handshake the client's bytes are the upgraded protocol (waypoint.upgrade).
+            req.body = RawBody(io, reader.parser.take_buffered())
+        down = H1Downstream(io, head, upgrade)
         await handler.serve(req, down, tunnel)
+        if down.upgraded:
+            io.close()
+            return
+        if upgrade is not None and not down.was_reset:
+            # Not switched (denied, or the app said no): the client's later bytes were handed to
+            # the upgrade, so the connection ends here.
+            io.write_eof()
+            return
         if down.was_reset or io.was_reset:
             return
         if not down.head_sent:  # cannot happen: serve always answers or resets

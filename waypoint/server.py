@@ -8,7 +8,9 @@ WAYPOINT's certificate and verification of the SOURCE's (`meshcore.hbone.aio.acc
   declare -> 400;
 - then 200, and the first bytes decide the protocol: the HTTP/2 connection preface
   (RFC 9113 §3.4, prior knowledge: h2c, gRPC) -> `waypoint.http2`; otherwise HTTP/1.1 ->
-  `waypoint.http1`.
+  `waypoint.http1`; on a port that does not declare HTTP/HTTP2/gRPC, bytes that are not HTTP
+  (`meshcore.l7.sniff.classify`), or none within `protocol_detection_timeout` (server-first
+  protocols), -> `waypoint.tcp` (L4: L4 policy, TCPRoute/TLSRoute, TCP metrics).
 
 Invariant: nothing reaches an upstream before the tunnel's target was checked and, per
 request, L7 policy allowed it (in the handler).
@@ -25,10 +27,12 @@ from typing import Any
 
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
-from meshcore.model import ip_from_text
+from meshcore.l7.sniff import classify
+from meshcore.model import AppProtocol, ip_from_text
 from waypoint.context import WaypointContext
 from waypoint.handler import Handler, Tunnel
 from waypoint.http1 import serve_h1
+from waypoint.tcp import TcpProxy
 from waypoint.tunnel import TunnelIO
 
 log = logging.getLogger("waypoint.server")
@@ -56,9 +60,10 @@ def _peer_cert_hash(proto: HboneProtocol) -> str:
 
 
 class WaypointServer:
-    def __init__(self, ctx: WaypointContext, handler: Handler) -> None:
+    def __init__(self, ctx: WaypointContext, handler: Handler, tcp: TcpProxy | None = None) -> None:
         self.ctx = ctx
         self.handler = handler
+        self.tcp = tcp
         self._accepts: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.socks: list[socket.socket] = []
@@ -139,6 +144,31 @@ class WaypointServer:
                           service=None, workload=wl)  # fmt: skip
         return f"{ip}:{port} is not a service or workload served by this waypoint"
 
+    async def _detect(self, io: TunnelIO, target: Tunnel) -> tuple[str, bytes]:
+        """(``http`` | ``tcp``, the bytes read). Ports declaring HTTP/HTTP2/gRPC are HTTP."""
+        svc = target.service
+        port = svc.port(target.target_port) if svc is not None else None
+        declared = port is not None and port.app_protocol is not AppProtocol.UNKNOWN
+        if declared or self.tcp is None:
+            return "http", await io.read()
+        first = b""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ctx.settings.protocol_detection_timeout
+        while True:
+            kind = classify(first)
+            if kind is not None:
+                return kind, first
+            try:
+                async with asyncio.timeout_at(deadline):
+                    more = await io.read()
+            except TimeoutError:
+                # Nothing (server-first protocol) or a partial token: TCP only when nothing
+                # came; a partial request line goes to the HTTP parser (its 4xx).
+                return ("tcp" if not first else "http"), first
+            if not more:
+                return "http", first
+            first += more
+
     async def _tunnel(self, stream: HboneStream, peer_ip: str, proto: HboneProtocol) -> None:
         target = self._target(stream.authority)
         if isinstance(target, str):
@@ -153,7 +183,10 @@ class WaypointServer:
         io.bind(stream)
         stream.respond(200)
         try:
-            first = await io.read()
+            kind, first = await self._detect(io, target)
+            if kind == "tcp" and self.tcp is not None:
+                await self.tcp.serve(io, target, first, self.handler._source(target))
+                return
             if not first:
                 io.write_eof()
                 return

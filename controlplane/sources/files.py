@@ -57,14 +57,11 @@ IGNORED_KINDS = frozenset(
         "Sidecar",
         "EnvoyFilter",
         "ReferenceGrant",
-        "GRPCRoute",
-        "TCPRoute",
-        "TLSRoute",
         "WasmPlugin",
     )
 )
 """Kinds a manifest directory commonly holds that the control plane does not read. Those the
-field table lists as not implemented (ServiceEntry, Telemetry, GRPCRoute...) are reported
+field table lists as not implemented (ServiceEntry, Telemetry...) are reported
 (AMB0204) on /debug/warnings, never dropped silently."""
 
 

@@ -8,12 +8,15 @@ store given the complete new set via `ConfigStore.replace_source`, so deletions 
 meanwhile are applied) is `meshcore.reflector`'s; this module owns what the objects mean.
 - Kinds whose API group is not served (CRDs not installed) are skipped with a warning and
   re-discovered every `rediscover_interval`.
-- Kinds the mesh does not implement (`UNIMPLEMENTED`: ServiceEntry, Telemetry, GRPCRoute,
-  Istio's Gateway...) are watched only when their resource is served (the group/version's
-  APIResourceList, ``GET /apis/<group>/<version>``, first served version of the kind wins),
-  and stored as `controlplane.objects.parse_unimplemented` records so each object is
-  reported (AMB0204 on /debug/warnings and in its status); no CRD: nothing watched, nothing
-  said, looked for again every `rediscover_interval`. They never hold the first sync.
+- Optional kinds (`UNIMPLEMENTED`: the kinds the mesh does not implement, ServiceEntry,
+  Telemetry, Istio's Gateway...; and the Gateway API route kinds GRPCRoute, TCPRoute and
+  TLSRoute, implemented, whose CRDs are optional) are watched only when their resource is
+  served (the group/version's APIResourceList, ``GET /apis/<group>/<version>``, first served
+  version of the kind wins), and stored as `controlplane.objects.parse_unimplemented` records
+  (StoredObjects under their kind: the route kinds are served to waypoints like manifests'
+  ones; the others are reported, AMB0204 on /debug/warnings and in their status); no CRD:
+  nothing watched, nothing said, looked for again every `rediscover_interval`. They never
+  hold the first sync.
 
 Invariants: a malformed object is reported (warning naming object and field) and its update
 skipped; it never stops the watch. Objects are read as plain JSON (no generated models).

@@ -22,8 +22,12 @@ refused or invalid makes the policy fail closed for the layer it concerns: its A
 nothing, its DENY (and CUSTOM) rules match everything, in the policy's scope. Fields Istio
 documents as HTTP-only are not failures at L4: node proxies apply Istio's ztunnel rule (an ALLOW
 rule using one matches nothing; a DENY rule is enforced on its L4 attributes alone). A
-RequestAuthentication (JWT is not implemented) becomes a DENY-everything policy for its targets,
-at L4 (selector / namespace form) and at L7 (targetRef form, or a selector matching a waypoint).
+RequestAuthentication carries its ``jwtRules`` (`meshcore.config.requestauthn`) to the waypoint,
+which validates tokens (`meshcore.l7.jwt`); it is read as a DENY with no rules (it denies
+nothing by itself) unless it fails closed (then its targets are denied). Node proxies cannot
+read HTTP: at L4 (selector / namespace form) a RequestAuthentication denies its workloads.
+``requestPrincipals`` and ``request.auth.*`` are evaluated by the waypoint from the verified
+token; at L4 they follow Istio's ztunnel rule like every HTTP-only field.
 An unreadable scope (selector / targetRefs) widens the scope to the policy's whole namespace;
 so do the scope forms Istio's validation refuses (selector AND targetRef(s), targetRef AND
 targetRefs, an unknown target kind/group, a target in another namespace), which would otherwise
@@ -58,6 +62,7 @@ from meshcore.config.fields import (
 )
 from meshcore.config.labels import Labels
 from meshcore.config.matchers import MatchKind, StringMatcher, matcher
+from meshcore.config.requestauthn import JwtRule, parse_jwt_rules
 from meshcore.errors import ConfigError
 from meshcore.model import (
     Action,
@@ -133,6 +138,9 @@ class PolicySource:
     not_ip_blocks: tuple[IPNetwork, ...] = ()
     remote_ip_blocks: tuple[IPNetwork, ...] = ()
     not_remote_ip_blocks: tuple[IPNetwork, ...] = ()
+    request_principals: tuple[StringMatcher, ...] = ()
+    """``<iss>/<sub>`` of the verified JWT (HTTP-only)."""
+    not_request_principals: tuple[StringMatcher, ...] = ()
     l7_fields: tuple[str, ...] = ()
     """Set fields Istio documents as HTTP-only (for the L4 view)."""
 
@@ -173,10 +181,6 @@ class PolicyRule:
     operations: tuple[PolicyOperation, ...] = ()
     conditions: tuple[PolicyCondition, ...] = ()
     """ANDed."""
-    http_only_refused: tuple[str, ...] = ()
-    """``when`` keys of this rule that are HTTP-only and refused (so not in `conditions`): the
-    L4 view must still see that the rule needs HTTP (Istio's ztunnel rule: an ALLOW rule is
-    dropped, a DENY rule keeps its L4 attributes), never a rule without them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,6 +212,8 @@ class AuthzPolicy:
     """Why the waypoint's view fails closed (empty: it does not)."""
     fail_closed_l4: tuple[str, ...] = ()
     """Why the node proxies' view fails closed (empty: it does not)."""
+    jwt_rules: tuple[JwtRule, ...] = ()
+    """RequestAuthentication only: the token rules the waypoint validates with."""
 
     @property
     def key(self) -> str:
@@ -354,6 +360,10 @@ def _source(value: object, path: str) -> PolicySource:
         not_ip_blocks=_nets(s.get("notIpBlocks"), f"{path}.notIpBlocks"),
         remote_ip_blocks=_nets(s.get("remoteIpBlocks"), f"{path}.remoteIpBlocks"),
         not_remote_ip_blocks=_nets(s.get("notRemoteIpBlocks"), f"{path}.notRemoteIpBlocks"),
+        request_principals=_matches(s.get("requestPrincipals"), f"{path}.requestPrincipals"),
+        not_request_principals=_matches(
+            s.get("notRequestPrincipals"), f"{path}.notRequestPrincipals"
+        ),
         l7_fields=tuple(k for k in _SOURCE_L7 if s.get(k)),
     )
     if source == PolicySource() and _all_known(s, "spec.rules[].from[].source"):
@@ -394,7 +404,8 @@ _IP_KEYS = ("source.ip", "remote.ip", "destination.ip")
 
 
 def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition | None:
-    """None when the key is refused (a finding is recorded)."""
+    """None when the key is refused at both layers (a finding is recorded); an HTTP-only key
+    refused at the waypoint is kept for the L4 view (Istio's ztunnel rule)."""
     w = _obj(value, path)
     key = _text(w.get("key"), f"{path}.key")
     if "values" not in w and "notValues" not in w:
@@ -415,7 +426,11 @@ def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition
                     message=f"condition key {key!r} is not supported: {note}"),
             l4=l4 is not L4.L7_ONLY,
         )  # fmt: skip
-        return PolicyCondition(key=key, l4=False) if l4 is L4.L7_ONLY else None
+        if l4 is L4.L7_ONLY:
+            # Kept as an HTTP-only condition so node proxies apply Istio's ztunnel rule to the
+            # rule (dropping it would widen an ALLOW rule to "any connection" at L4).
+            return PolicyCondition(key=key, l4=False)
+        return None
     vp, np = f"{path}.values", f"{path}.notValues"
     if not _list(w.get("values"), vp) and not _list(w.get("notValues"), np):
         # Empty lists constrain nothing (an ALLOW rule would match every request); Istio's
@@ -446,20 +461,11 @@ def _rule(value: object, path: str, problems: _Problems) -> PolicyRule:
         for i, t in enumerate(_list(m.get("to"), f"{path}.to"))
     )
     conds = []
-    refused_http: list[str] = []
     for i, w in enumerate(_list(m.get("when"), f"{path}.when")):
         c = _condition(w, f"{path}.when[{i}]", problems)
         if c is not None:
             conds.append(c)
-            continue
-        key = _obj(w, f"{path}.when[{i}]").get("key")
-        row = condition_key(key) if isinstance(key, str) else None
-        if isinstance(key, str) and row is not None and row[1][1] is L4.L7_ONLY:
-            refused_http.append(key)
-    return PolicyRule(
-        sources=sources, operations=ops, conditions=tuple(conds),
-        http_only_refused=tuple(refused_http),
-    )  # fmt: skip
+    return PolicyRule(sources=sources, operations=ops, conditions=tuple(conds))
 
 
 TARGET_GROUPS = {
@@ -543,12 +549,22 @@ def parse_policy(obj: Mapping[str, Any]) -> AuthzPolicy:
         problems.invalid(exc)
         selector, targets, whole_namespace = None, (), True
     if kind == "RequestAuthentication":
-        reason = "RequestAuthentication (JWT) is not implemented: its targets are denied"
+        jwt_rules: tuple[JwtRule, ...] = ()
+        try:
+            jwt_rules = parse_jwt_rules(spec.get("jwtRules"))
+        except ConfigError as exc:
+            problems.invalid(exc)
+        # Node proxies cannot validate tokens: the workloads it selects are denied at L4.
+        l4_reason = ("RequestAuthentication needs a waypoint (node proxies cannot validate "
+                     "JWTs): its workloads are denied")  # fmt: skip
+        # A valid one denies nothing by itself (no rules); a broken one denies its targets.
         return AuthzPolicy(
             namespace=namespace, name=name, kind=kind, action=PolicyAction.DENY,
-            rules=(PolicyRule(),), targets=targets, selector=selector,
+            rules=(PolicyRule(),) if problems.l7 else (), targets=targets, selector=selector,
             whole_namespace=whole_namespace, findings=tuple(problems.findings),
-            fail_closed_l7=(reason,), fail_closed_l4=(reason,),
+            fail_closed_l7=tuple(problems.l7),
+            fail_closed_l4=(*problems.l4, *(() if targets else (l4_reason,))),
+            jwt_rules=jwt_rules if not problems.l7 else (),
         )  # fmt: skip
     action = PolicyAction.DENY
     try:
@@ -626,7 +642,6 @@ def _l4_rule(rule: PolicyRule, deny: bool) -> tuple[Rule | None, list[str]]:
                 matches.append(m)
         if not match_all:
             clauses.append(Clause(matches=tuple(matches)))
-    l7.extend(f"when.{key}" for key in rule.http_only_refused)
     for c in rule.conditions:
         if not c.l4:
             l7.append(f"when.{c.key}")
@@ -659,11 +674,13 @@ def _l4_condition(c: PolicyCondition) -> Match:
 
 
 def to_l4(
-    policy: AuthzPolicy, *, root_namespace: str = ROOT_NAMESPACE
+    policy: AuthzPolicy, *, root_namespace: str = ROOT_NAMESPACE, waypoint: bool = False
 ) -> tuple[Authorization | None, list[str]]:
     """The L4 Authorization node proxies enforce for `policy` (None: node proxies do not
-    enforce it: targetRef policies, AUDIT) and the warnings to report."""
-    if policy.targeted:
+    enforce it: targetRef policies, AUDIT) and the warnings to report. ``waypoint=True``: the
+    same L4 view for TCP carried through a waypoint (targetRef policies included; the caller
+    chose the applicable ones)."""
+    if policy.targeted and not waypoint:
         return None, []
     if policy.selector is not None:
         scope = Scope.WORKLOAD_SELECTOR

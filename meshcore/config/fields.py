@@ -112,7 +112,20 @@ remove implemented
 _TRAFFIC_POLICY = """
 loadBalancer implemented
 loadBalancer.simple implemented -- ROUND_ROBIN, LEAST_REQUEST (LEAST_CONN), RANDOM, PASSTHROUGH
-loadBalancer.consistentHash refused -- consistent-hash load balancing is not implemented
+loadBalancer.consistentHash implemented -- a ring of virtual nodes; the first usable endpoint clockwise from the key
+loadBalancer.consistentHash.httpHeaderName implemented
+loadBalancer.consistentHash.httpCookie implemented
+loadBalancer.consistentHash.httpCookie.name implemented
+loadBalancer.consistentHash.httpCookie.path warned -- only used to generate a cookie (not implemented)
+loadBalancer.consistentHash.httpCookie.ttl warned -- the cookie is not generated: requests without it are balanced by simple
+loadBalancer.consistentHash.httpCookie.attributes warned -- only used to generate a cookie (not implemented)
+loadBalancer.consistentHash.useSourceIp implemented -- the downstream peer's IP
+loadBalancer.consistentHash.httpQueryParameterName implemented
+loadBalancer.consistentHash.ringHash implemented
+loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024, capped at 65537
+loadBalancer.consistentHash.maglev implemented -- served by the same ring (same stickiness, not Maglev's table)
+loadBalancer.consistentHash.maglev.tableSize implemented
+loadBalancer.consistentHash.minimumRingSize implemented -- deprecated form of ringHash.minimumRingSize
 loadBalancer.localityLbSetting refused -- locality load balancing is not implemented
 loadBalancer.warmupDurationSecs warned -- slow start is not implemented
 loadBalancer.warmup warned -- slow start is not implemented
@@ -161,6 +174,31 @@ namespace implemented
 """
 _BLOCKS["policy_target"] = _POLICY_TARGET
 
+_BLOCKS["service_parents"] = """
+[].group implemented
+[].kind implemented -- Service parents (mesh); others are not served by waypoints
+[].namespace implemented
+[].name implemented
+[].port implemented -- GAMMA: only that service port (one port for all Service parents)
+[].sectionName refused -- per-listener attachment is not implemented
+"""
+_BLOCKS["gw_backend"] = """
+group implemented
+kind implemented -- Service
+name implemented
+namespace implemented
+port implemented
+"""
+_BLOCKS["gw_header_mod"] = """
+set implemented
+set[].name implemented
+set[].value implemented
+add implemented
+add[].name implemented
+add[].value implemented
+remove implemented
+"""
+
 _SOURCES = {
     "AuthorizationPolicy": """
 spec implemented
@@ -178,8 +216,8 @@ spec.rules[].from implemented
 spec.rules[].from[].source implemented
 spec.rules[].from[].source.principals implemented l4
 spec.rules[].from[].source.notPrincipals implemented l4
-spec.rules[].from[].source.requestPrincipals refused l7-only -- JWT (RequestAuthentication) is not implemented
-spec.rules[].from[].source.notRequestPrincipals refused l7-only -- JWT (RequestAuthentication) is not implemented
+spec.rules[].from[].source.requestPrincipals implemented l7-only -- <iss>/<sub> of the JWT a RequestAuthentication verified at the waypoint
+spec.rules[].from[].source.notRequestPrincipals implemented l7-only -- requests without a verified JWT have no request principal
 spec.rules[].from[].source.namespaces implemented l4
 spec.rules[].from[].source.notNamespaces implemented l4
 spec.rules[].from[].source.serviceAccounts implemented l4 -- <namespace>/<name>, exact
@@ -205,13 +243,28 @@ spec.rules[].when[].notValues implemented
 """,
     "RequestAuthentication": """
 spec implemented
-spec.selector implemented -- requests to the selected workloads are DENIED (JWT is not implemented)
+spec.selector implemented -- a waypoint it selects (istio.io/gateway-name) validates JWTs; other selected workloads are DENIED at L4 (node proxies cannot read HTTP)
 spec.selector.matchLabels implemented map
-spec.targetRef implemented -- requests through the target are DENIED (JWT is not implemented)
+spec.targetRef implemented -- the waypoint validates JWTs for the target
 @policy_target spec.targetRef
-spec.targetRefs implemented -- requests through the targets are DENIED (JWT is not implemented)
+spec.targetRefs implemented -- the waypoint validates JWTs for the targets
 @policy_target spec.targetRefs[]
-spec.jwtRules refused -- JWT validation is not implemented: the policy denies its targets
+spec.jwtRules implemented -- an invalid token is 401; a request without token passes (an AuthorizationPolicy with requestPrincipals can require one)
+spec.jwtRules[].issuer implemented -- required; a token whose iss has no rule is 401
+spec.jwtRules[].audiences implemented -- the token's aud must contain one (none listed: any)
+spec.jwtRules[].jwksUri implemented -- fetched by the waypoint (http/https, 256 KiB, cached 20 min; unreachable: tokens of this issuer are 401)
+spec.jwtRules[].jwks implemented -- RS/PS/ES 256-512, EdDSA; HMAC (oct) keys are never used
+spec.jwtRules[].fromHeaders implemented
+spec.jwtRules[].fromHeaders[].name implemented
+spec.jwtRules[].fromHeaders[].prefix implemented -- must be present
+spec.jwtRules[].fromParams implemented -- the parameter stays in the query (as Envoy)
+spec.jwtRules[].fromCookies implemented
+spec.jwtRules[].outputPayloadToHeader implemented -- base64url payload as sent; a client's own copy is removed
+spec.jwtRules[].outputClaimToHeaders implemented -- string, number, boolean claims; a client's own copy is removed
+spec.jwtRules[].outputClaimToHeaders[].header implemented
+spec.jwtRules[].outputClaimToHeaders[].claim implemented
+spec.jwtRules[].forwardOriginalToken implemented -- default false: the token's header is removed upstream
+spec.jwtRules[].timeout implemented -- JWKS fetch timeout (default 5s)
 """,
     "PeerAuthentication": """
 spec implemented
@@ -315,7 +368,16 @@ spec.http[].mirrors[].destination.port implemented
 spec.http[].mirrors[].destination.port.number implemented
 spec.http[].mirrors[].percentage implemented
 spec.http[].mirrors[].percentage.value implemented
-spec.http[].corsPolicy warned -- CORS is not implemented (requests are passed unchanged)
+spec.http[].corsPolicy implemented -- Envoy's CORS filter: allowed preflights answered by the waypoint
+spec.http[].corsPolicy.allowOrigins implemented
+@string_match spec.http[].corsPolicy.allowOrigins[]
+spec.http[].corsPolicy.allowOrigin implemented -- deprecated: exact origins
+spec.http[].corsPolicy.allowMethods implemented
+spec.http[].corsPolicy.allowHeaders implemented
+spec.http[].corsPolicy.exposeHeaders implemented
+spec.http[].corsPolicy.maxAge implemented
+spec.http[].corsPolicy.allowCredentials implemented
+spec.http[].corsPolicy.unmatchedPreflights implemented -- FORWARD (default) or IGNORE
 spec.http[].headers implemented
 spec.http[].headers.request implemented
 @header_ops spec.http[].headers.request
@@ -413,7 +475,13 @@ spec.rules[].filters[].requestMirror.backendRef.port implemented
 spec.rules[].filters[].requestMirror.percent implemented
 spec.rules[].filters[].requestMirror.fraction refused -- use percent
 spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
-spec.rules[].filters[].cors refused -- CORS is not implemented
+spec.rules[].filters[].cors implemented -- Envoy's CORS filter: allowed preflights answered by the waypoint
+spec.rules[].filters[].cors.allowOrigins implemented -- *, exact, or scheme://*.host
+spec.rules[].filters[].cors.allowMethods implemented
+spec.rules[].filters[].cors.allowHeaders implemented
+spec.rules[].filters[].cors.exposeHeaders implemented
+spec.rules[].filters[].cors.maxAge implemented -- seconds (default 5)
+spec.rules[].filters[].cors.allowCredentials implemented
 spec.rules[].backendRefs implemented
 spec.rules[].backendRefs[].group implemented
 spec.rules[].backendRefs[].kind implemented
@@ -430,6 +498,81 @@ spec.rules[].retry.attempts implemented
 spec.rules[].retry.codes implemented -- 400..599
 spec.rules[].retry.backoff implemented -- base interval (Envoy: full jitter, x2, cap 10x)
 spec.rules[].sessionPersistence warned -- session persistence is not implemented (no stickiness)
+""",
+    "GRPCRoute": """
+spec implemented
+spec.parentRefs implemented
+@service_parents spec.parentRefs
+spec.hostnames warned -- ignored for Service parents (the Service decides)
+spec.rules implemented
+spec.rules[].name implemented
+spec.rules[].matches implemented
+spec.rules[].matches[].method implemented -- :path /service/method
+spec.rules[].matches[].method.type implemented -- Exact, RegularExpression
+spec.rules[].matches[].method.service implemented
+spec.rules[].matches[].method.method implemented
+spec.rules[].matches[].headers implemented
+spec.rules[].matches[].headers[].type implemented
+spec.rules[].matches[].headers[].name implemented
+spec.rules[].matches[].headers[].value implemented
+spec.rules[].filters implemented
+spec.rules[].filters[].type implemented
+spec.rules[].filters[].requestHeaderModifier implemented
+@gw_header_mod spec.rules[].filters[].requestHeaderModifier
+spec.rules[].filters[].responseHeaderModifier implemented
+@gw_header_mod spec.rules[].filters[].responseHeaderModifier
+spec.rules[].filters[].requestMirror implemented
+spec.rules[].filters[].requestMirror.backendRef implemented
+@gw_backend spec.rules[].filters[].requestMirror.backendRef
+spec.rules[].filters[].requestMirror.percent implemented
+spec.rules[].filters[].requestMirror.fraction refused -- use percent
+spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
+spec.rules[].backendRefs implemented
+@gw_backend spec.rules[].backendRefs[]
+spec.rules[].backendRefs[].weight implemented
+spec.rules[].backendRefs[].filters refused -- per-backend filters are not implemented
+spec.rules[].sessionPersistence warned -- session persistence is not implemented (no stickiness)
+""",
+    "TCPRoute": """
+spec implemented -- connections to the parent Services are carried L4 through the waypoint
+spec.parentRefs implemented
+@service_parents spec.parentRefs
+spec.rules implemented -- one rule (Gateway API)
+spec.rules[].name implemented
+spec.rules[].backendRefs implemented -- weighted; all weights 0: connections are refused
+@gw_backend spec.rules[].backendRefs[]
+spec.rules[].backendRefs[].weight implemented
+""",
+    "TLSRoute": """
+spec implemented -- passthrough: routed by the ClientHello's SNI, never terminated
+spec.parentRefs implemented
+@service_parents spec.parentRefs
+spec.hostnames implemented -- exact or *.suffix SNI; none: any
+spec.rules implemented
+spec.rules[].name implemented
+spec.rules[].backendRefs implemented -- weighted
+@gw_backend spec.rules[].backendRefs[]
+spec.rules[].backendRefs[].weight implemented
+""",
+    "HTTPLocalRateLimitPolicy": """
+spec implemented -- Linkerd's policy.linkerd.io/v1alpha1 shape (see meshcore/config/ratelimit.py)
+spec.targetRef implemented -- Service (per service), HTTPRoute (per route), Gateway (the waypoint)
+spec.targetRef.group implemented
+spec.targetRef.kind implemented
+spec.targetRef.name implemented
+spec.targetRef.namespace implemented -- the policy's own
+spec.targetRef.sectionName implemented -- HTTPRoute rule name
+spec.total implemented
+spec.total.requestsPerSecond implemented -- one token bucket for all clients (burst = 1 s)
+spec.identity implemented
+spec.identity.requestsPerSecond implemented -- one bucket per verified client identity
+spec.overrides implemented
+spec.overrides[].requestsPerSecond implemented -- instead of identity for the listed clients
+spec.overrides[].clientRefs implemented
+spec.overrides[].clientRefs[].group implemented
+spec.overrides[].clientRefs[].kind implemented -- ServiceAccount
+spec.overrides[].clientRefs[].name implemented
+spec.overrides[].clientRefs[].namespace implemented
 """,
     "Gateway": """
 spec implemented
@@ -451,18 +594,11 @@ spec.infrastructure.parametersRef refused -- not implemented
 
 UNSUPPORTED_KINDS: Mapping[str, tuple[str, str]] = {
     # kind -> (level, what happens)
-    "RequestAuthentication": (
-        "Error",
-        "JWT validation is not implemented: requests to its targets are DENIED until it is removed",
-    ),
     "ServiceEntry": ("Warning", "ServiceEntry is not implemented by ambient-mesh: ignored"),
     "Telemetry": (
         "Warning",
         "Telemetry is not implemented by ambient-mesh: ignored (standard metrics are kept)",
     ),
-    "GRPCRoute": ("Warning", "GRPCRoute is not implemented by ambient-mesh: ignored"),
-    "TCPRoute": ("Warning", "TCPRoute is not implemented by ambient-mesh: ignored"),
-    "TLSRoute": ("Warning", "TLSRoute is not implemented by ambient-mesh: ignored"),
     "Gateway.networking.istio.io": (
         "Warning",
         "Istio Gateway is not implemented by ambient-mesh: ignored",
@@ -491,6 +627,11 @@ def _expand(kind: str, text: str, prefix: str = "") -> list[FieldSpec]:
         head, _, note = line.partition(" -- ")
         parts = head.split()
         path, status, flags = parts[0], Status(parts[1]), parts[2:]
+        if path.startswith("[") and prefix.endswith("."):
+            path = prefix[:-1] + path  # a block of list items: ``spec.parentRefs[].name``
+            prefix_used = ""
+        else:
+            prefix_used = prefix
         l4 = L4.NA
         if "l4" in flags:
             l4 = L4.ENFORCED
@@ -498,7 +639,7 @@ def _expand(kind: str, text: str, prefix: str = "") -> list[FieldSpec]:
             l4 = L4.L7_ONLY
         rows.append(
             FieldSpec(
-                kind=kind, path=prefix + path, status=status, free="map" in flags, l4=l4,
+                kind=kind, path=prefix_used + path, status=status, free="map" in flags, l4=l4,
                 note=note.strip(),
             )
         )  # fmt: skip
@@ -534,10 +675,14 @@ CONDITION_KEYS: Mapping[str, tuple[Status, L4, str]] = {
     "source.principal": (Status.IMPLEMENTED, L4.ENFORCED, "needs mTLS"),
     "destination.ip": (Status.IMPLEMENTED, L4.ENFORCED, "IP or CIDR"),
     "destination.port": (Status.IMPLEMENTED, L4.ENFORCED, "0..65535"),
-    "request.auth.principal": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
-    "request.auth.audiences": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
-    "request.auth.presenter": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
-    "request.auth.claims[<name>]": (Status.REFUSED, L4.L7_ONLY, "JWT is not implemented"),
+    "request.auth.principal": (Status.IMPLEMENTED, L4.L7_ONLY, "<iss>/<sub> of the verified JWT"),
+    "request.auth.audiences": (Status.IMPLEMENTED, L4.L7_ONLY, "any aud of the verified JWT"),
+    "request.auth.presenter": (Status.IMPLEMENTED, L4.L7_ONLY, "azp of the verified JWT"),
+    "request.auth.claims[<name>]": (
+        Status.IMPLEMENTED,
+        L4.L7_ONLY,
+        "string claim, or any string of a list claim; nested: claims[a][b]",
+    ),
     "connection.sni": (Status.REFUSED, L4.L7_ONLY, "no SNI inside HBONE"),
     "experimental.envoy.filters.*": (Status.REFUSED, L4.L7_ONLY, "Envoy-specific"),
 }

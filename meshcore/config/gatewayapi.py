@@ -1,9 +1,11 @@
 """Gateway API HTTPRoute (gateway.networking.k8s.io v1, mesh profile "GAMMA") -> records.
 
-Owns: `parse_http_route`. Service parents only (a parentRef ``port`` restricts the route to
-that service port); matches ordered by the spec's "Matching precedence"; filters
-RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect, RequestMirror;
-``retry`` (GEP-1731); ``timeouts``. Which fields are implemented is `meshcore.config.fields`.
+Owns: `parse_http_route` and `parse_grpc_route` (GRPCRoute read as the HTTPRoute its method
+matches describe), `gw_backend` (a Service backendRef). Service parents only (a parentRef
+``port`` restricts the route to that service port); matches ordered by the spec's "Matching
+precedence"; filters RequestHeaderModifier, ResponseHeaderModifier, URLRewrite,
+RequestRedirect, RequestMirror; ``retry`` (GEP-1731); ``timeouts``. Which fields are
+implemented is `meshcore.config.fields`.
 
 Invariant: pure; a malformed value raises `ConfigError` naming the field path.
 """
@@ -11,6 +13,7 @@ Invariant: pure; a malformed value raises `ConfigError` naming the field path.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +22,7 @@ from meshcore.config.reader import Ctx, parse_duration, read_int, read_map, read
 from meshcore.config.routes import (
     DEFAULT_RETRY,
     NO_HEADER_OPS,
+    CorsPolicy,
     Destination,
     HeaderOps,
     HttpRoute,
@@ -101,7 +105,7 @@ def _gw_header_filter(value: object, path: str) -> HeaderOps:
     )
 
 
-def _gw_backend(value: object, path: str, ctx: Ctx) -> Destination:
+def gw_backend(value: object, path: str, ctx: Ctx) -> Destination:
     m = read_map(value, path)
     kind = str(m.get("kind", "Service"))
     if kind != "Service":
@@ -186,7 +190,7 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         rp = f"spec.rules[{i}]"
         rm = read_map(rule, rp)
         backends = tuple(
-            _gw_backend(b, f"{rp}.backendRefs[{j}]", ctx)
+            gw_backend(b, f"{rp}.backendRefs[{j}]", ctx)
             for j, b in enumerate(read_seq(rm.get("backendRefs"), f"{rp}.backendRefs"))
         )
         req_ops, resp_ops = NO_HEADER_OPS, NO_HEADER_OPS
@@ -194,6 +198,7 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         rewrite_host: str | None = None
         redirect: Redirect | None = None
         mirrors: list[Mirror] = []
+        cors: CorsPolicy | None = None
         for j, f in enumerate(read_seq(rm.get("filters"), f"{rp}.filters")):
             fp = f"{rp}.filters[{j}]"
             fm = read_map(f, fp)
@@ -235,10 +240,12 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
                     pct = float(read_int(mm["percent"], f"{fp}.requestMirror.percent", 0, 100))
                 mirrors.append(
                     Mirror(
-                        destination=_gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx),
+                        destination=gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx),
                         percent=pct,
                     )
                 )
+            elif ftype == "CORS":
+                cors = _gw_cors(fm.get("cors"), f"{fp}.cors")
             else:
                 raise ConfigError(f"{fp}.type", f"filter {ftype!r} is not supported")
         timeouts = read_map(rm.get("timeouts"), f"{rp}.timeouts")
@@ -293,6 +300,8 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
                         mirrors=tuple(mirrors),
                         request_headers=req_ops,
                         response_headers=resp_ops,
+                        section=str(rm.get("name") or ""),
+                        cors=cors,
                     ),
                 )
             )
@@ -304,3 +313,121 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         hosts=tuple(hosts),
         routes=tuple(r for _, _, r in flat),
     )
+
+
+def _gw_cors(value: object, path: str) -> CorsPolicy:
+    """HTTPRoute ``CORS`` filter (Gateway API HTTPCORSFilter): origins are ``*``, or
+    ``scheme://host[:port]`` where the host may start with ``*.``; ``maxAge`` seconds
+    (default 5)."""
+    m = read_map(value, path)
+    origins: list[StringMatcher] = []
+    for i, o in enumerate(read_seq(m.get("allowOrigins"), f"{path}.allowOrigins")):
+        text = read_text(o, f"{path}.allowOrigins[{i}]")
+        if text == "*":
+            origins.append(matcher(MatchKind.PRESENCE))
+        elif "*" in text:
+            scheme, sep, host = text.partition("://")
+            if not sep or not host.startswith("*.") or "*" in host[1:] or "*" in scheme:
+                raise ConfigError(f"{path}.allowOrigins[{i}]", f"{text!r}: '*' only as '*.'")
+            pattern = re.escape(f"{scheme}://") + r"[^/]+" + re.escape(host[1:])
+            origins.append(matcher(MatchKind.REGEX, pattern))
+        else:
+            origins.append(matcher(MatchKind.EXACT, text))
+
+    def texts(key: str) -> tuple[str, ...]:
+        return tuple(read_text(v, f"{path}.{key}[{i}]")
+                     for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}")))  # fmt: skip
+
+    creds = m.get("allowCredentials", False)
+    if not isinstance(creds, bool):
+        raise ConfigError(f"{path}.allowCredentials", f"expected a boolean, got {creds!r}")
+    return CorsPolicy(
+        allow_origins=tuple(origins), allow_methods=texts("allowMethods"),
+        allow_headers=texts("allowHeaders"), expose_headers=texts("exposeHeaders"),
+        max_age=read_int(m.get("maxAge", 5), f"{path}.maxAge", 1), allow_credentials=creds,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ GRPCRoute
+
+_GRPC_NAME = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._")
+
+
+def _grpc_path(value: object, path: str) -> dict[str, str]:
+    """GRPCRoute ``matches[].method`` -> the HTTPRoute path match gRPC's ``/service/method``
+    path (gRPC over HTTP/2 "Path") gives: both -> Exact; service only -> prefix ``/service/``;
+    method only -> ``/<any service>/method``; RegularExpression -> a full-match regex."""
+    m = read_map(value, path)
+    kind = str(m.get("type", "Exact"))
+    service, method = m.get("service"), m.get("method")
+    if service is None and method is None:
+        raise ConfigError(path, "one of service and method is required")
+    parts = []
+    for key, v in (("service", service), ("method", method)):
+        if v is not None:
+            text = read_text(v, f"{path}.{key}")
+            if kind == "Exact" and not set(text) <= _GRPC_NAME:
+                raise ConfigError(f"{path}.{key}", f"{text!r} is not a gRPC {key} name")
+            parts.append(text)
+        else:
+            parts.append("")
+    svc, meth = parts
+    if kind == "RegularExpression":
+        return {"type": "RegularExpression",
+                "value": f"/{svc or '[^/]+'}/{meth or '[^/]+'}"}  # fmt: skip
+    if kind != "Exact":
+        raise ConfigError(f"{path}.type", f"{kind!r} is not Exact or RegularExpression")
+    if svc and meth:
+        return {"type": "Exact", "value": f"/{svc}/{meth}"}
+    if svc:
+        return {"type": "PathPrefix", "value": f"/{svc}"}
+    return {"type": "RegularExpression", "value": f"/[^/]+/{meth.replace('.', '[.]')}"}
+
+
+def parse_grpc_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:
+    """GRPCRoute (gateway.networking.k8s.io v1, GAMMA), read as the HTTPRoute its matches
+    describe (gRPC is HTTP/2 with ``:path`` = ``/service/method``): method and header matches,
+    the filters and backendRefs HTTPRoute shares, Service parents."""
+    rules = []
+    for i, rule in enumerate(read_seq(spec.get("rules"), "spec.rules")):
+        rp = f"spec.rules[{i}]"
+        rm = dict(read_map(rule, rp))
+        matches = []
+        for j, match in enumerate(read_seq(rm.get("matches"), f"{rp}.matches")):
+            mm = dict(read_map(match, f"{rp}.matches[{j}]"))
+            method = mm.pop("method", None)
+            if method is not None:
+                mm["path"] = _grpc_path(method, f"{rp}.matches[{j}].method")
+            matches.append(mm)
+        if matches:
+            rm["matches"] = matches
+        rules.append(rm)
+    table = parse_http_route({**spec, "rules": rules}, ctx, name)
+    source = f"GRPCRoute {ctx.namespace}/{name}"
+    # GRPCRoute precedence (spec "Matching precedence"): most characters of a matching service,
+    # then of a matching method, then most header matches; a rule without matches is last.
+    routes = sorted(table.routes, key=_grpc_precedence)
+    return dataclasses.replace(
+        table, kind="GRPCRoute",
+        routes=tuple(dataclasses.replace(r, source=source) for r in routes),
+    )  # fmt: skip
+
+
+_ANY_SERVICE = "/[^/]+/"
+
+
+def _grpc_precedence(route: HttpRoute) -> tuple[int, int, int]:
+    m = route.matches[0] if route.matches else None
+    if m is None:
+        return (1, 0, 0)
+    uri, svc, meth = m.uri, 0, 0
+    if uri is not None:
+        text = uri.value.lstrip("/")
+        if uri.kind is MatchKind.REGEX and uri.value.startswith(_ANY_SERVICE):
+            meth = len(uri.value) - len(_ANY_SERVICE)
+        else:
+            service, _, method = text.partition("/")
+            svc, meth = len(service), len(method)
+    if not svc and not meth and not m.headers:
+        return (1, 0, 0)  # matches everything
+    return (-svc, -meth, -len(m.headers))

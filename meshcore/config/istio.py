@@ -34,6 +34,8 @@ from meshcore.config.reader import (
 from meshcore.config.routes import (
     DEFAULT_RETRY,
     ConnectionPool,
+    ConsistentHash,
+    CorsPolicy,
     Destination,
     DestinationPolicy,
     Fault,
@@ -287,6 +289,7 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
             )
         )  # fmt: skip
     req, resp = _vs_headers(m.get("headers"), f"{path}.headers")
+    cors = _cors(m["corsPolicy"], f"{path}.corsPolicy") if "corsPolicy" in m else None
     return HttpRoute(
         name=str(m.get("name", "")),
         source=source,
@@ -302,7 +305,43 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
         mirrors=tuple(mirrors),
         request_headers=req,
         response_headers=resp,
+        cors=cors,
     )
+
+
+def _cors(value: object, path: str) -> CorsPolicy:
+    """VirtualService ``corsPolicy`` (istio.io CorsPolicy): ``allowOrigins`` StringMatch list
+    (and the deprecated exact ``allowOrigin``), methods, headers, ``maxAge`` duration,
+    ``allowCredentials``, ``unmatchedPreflights`` FORWARD (default) or IGNORE."""
+    m = read_map(value, path)
+    origins = [
+        _string_match(o, f"{path}.allowOrigins[{i}]")
+        for i, o in enumerate(read_seq(m.get("allowOrigins"), f"{path}.allowOrigins"))
+    ]
+    origins += [
+        matcher(MatchKind.EXACT, read_text(o, f"{path}.allowOrigin[{i}]"))
+        for i, o in enumerate(read_seq(m.get("allowOrigin"), f"{path}.allowOrigin"))
+    ]
+
+    def texts(key: str) -> tuple[str, ...]:
+        return tuple(read_text(v, f"{path}.{key}[{i}]")
+                     for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}")))  # fmt: skip
+
+    unmatched = str(m.get("unmatchedPreflights", "FORWARD"))
+    if unmatched not in ("FORWARD", "IGNORE", "UNSPECIFIED"):
+        raise ConfigError(f"{path}.unmatchedPreflights", f"{unmatched!r} is not FORWARD or IGNORE")
+    creds = m.get("allowCredentials", False)
+    if not isinstance(creds, bool):
+        raise ConfigError(f"{path}.allowCredentials", f"expected a boolean, got {creds!r}")
+    max_age = None
+    if "maxAge" in m:
+        max_age = int(parse_duration(m["maxAge"], f"{path}.maxAge"))
+    return CorsPolicy(
+        allow_origins=tuple(origins), allow_methods=texts("allowMethods"),
+        allow_headers=texts("allowHeaders"), expose_headers=texts("exposeHeaders"),
+        max_age=max_age, allow_credentials=creds,
+        forward_unmatched_preflights=unmatched != "IGNORE",
+    )  # fmt: skip
 
 
 def parse_virtual_service(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:
@@ -330,6 +369,7 @@ def parse_virtual_service(spec: Mapping[str, Any], ctx: Ctx, name: str) -> Route
 def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) -> TrafficPolicy:
     m = read_map(value, path)
     lb = LbPolicy.LEAST_REQUEST
+    chash: ConsistentHash | None = None
     if "loadBalancer" in m:
         lbm = read_map(m["loadBalancer"], f"{path}.loadBalancer")
         if "simple" in lbm:
@@ -342,6 +382,8 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                 raise ConfigError(
                     f"{path}.loadBalancer.simple", f"unknown load balancer {simple!r}"
                 ) from None
+        if "consistentHash" in lbm:
+            chash = _consistent_hash(lbm["consistentHash"], f"{path}.loadBalancer.consistentHash")
     outlier = None
     if "outlierDetection" in m:
         o = read_map(m["outlierDetection"], f"{path}.outlierDetection")
@@ -393,7 +435,43 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                 read_map(pm.get("port"), f"{pp}.port").get("number"), f"{pp}.port.number"
             )
             overrides.append((number, _traffic_policy(pm, pp, ctx, nested=False)))
-    return TrafficPolicy(lb=lb, outlier=outlier, pool=pool, port_overrides=tuple(overrides))
+    return TrafficPolicy(lb=lb, hash=chash, outlier=outlier, pool=pool,
+                         port_overrides=tuple(overrides))  # fmt: skip
+
+
+def _consistent_hash(value: object, path: str) -> ConsistentHash:
+    """``consistentHash``: exactly one key of httpHeaderName, httpCookie (name), useSourceIp,
+    httpQueryParameterName; ``ringHash.minimumRingSize`` / ``maglev.tableSize`` /
+    ``minimumRingSize`` size the ring (Envoy's defaults: 1024 / 65537; capped at 65537)."""
+    m = read_map(value, path)
+    keys = [k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
+            if m.get(k) not in (None, False)]  # fmt: skip
+    if len(keys) != 1:
+        raise ConfigError(path, "exactly one hash key is required (httpHeaderName, httpCookie, "
+                                "useSourceIp, httpQueryParameterName)")  # fmt: skip
+    size = 1024
+    if "ringHash" in m:
+        size = read_int(read_map(m["ringHash"], f"{path}.ringHash").get("minimumRingSize", 1024),
+                        f"{path}.ringHash.minimumRingSize", 1)  # fmt: skip
+    elif "maglev" in m:
+        size = read_int(read_map(m["maglev"], f"{path}.maglev").get("tableSize", 65537),
+                        f"{path}.maglev.tableSize", 1)  # fmt: skip
+    elif "minimumRingSize" in m:
+        size = read_int(m["minimumRingSize"], f"{path}.minimumRingSize", 1)
+    key = keys[0]
+    if key == "httpHeaderName":
+        return ConsistentHash(header=read_text(m[key], f"{path}.{key}").lower(),
+                              ring_size=min(size, 65537))  # fmt: skip
+    if key == "httpCookie":
+        c = read_map(m[key], f"{path}.{key}")
+        return ConsistentHash(cookie=read_text(c.get("name"), f"{path}.{key}.name"),
+                              ring_size=min(size, 65537))  # fmt: skip
+    if key == "useSourceIp":
+        if m[key] is not True:
+            raise ConfigError(f"{path}.{key}", "expected true")
+        return ConsistentHash(source_ip=True, ring_size=min(size, 65537))
+    return ConsistentHash(query_param=read_text(m[key], f"{path}.{key}"),
+                          ring_size=min(size, 65537))  # fmt: skip
 
 
 def parse_destination_rule(spec: Mapping[str, Any], ctx: Ctx, name: str) -> DestinationPolicy:

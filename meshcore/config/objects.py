@@ -19,11 +19,13 @@ from typing import Any
 
 from meshcore.config.authorization import AuthzPolicy, l7_warnings, parse_policy
 from meshcore.config.fields import INVALID, Finding, check_object, kind_support
-from meshcore.config.gatewayapi import parse_http_route
+from meshcore.config.gatewayapi import parse_grpc_route, parse_http_route
 from meshcore.config.istio import parse_destination_rule, parse_virtual_service
+from meshcore.config.l4routes import parse_l4_route
 from meshcore.config.labels import Labels
+from meshcore.config.ratelimit import RateLimitPolicy, parse_rate_limit
 from meshcore.config.reader import DEFAULT_DOMAIN_SUFFIX, Ctx, read_labels, read_map, read_text
-from meshcore.config.routes import DestinationPolicy, RouteTable, WaypointConfig
+from meshcore.config.routes import DestinationPolicy, L4Route, RouteTable, WaypointConfig
 from meshcore.errors import ConfigError
 
 # ---- entry point
@@ -35,7 +37,15 @@ def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
     return str(meta.get("namespace") or "default"), name
 
 
-ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute")
+ROUTING_KINDS = (
+    "VirtualService",
+    "DestinationRule",
+    "HTTPRoute",
+    "HTTPLocalRateLimitPolicy",
+    "TCPRoute",
+    "TLSRoute",
+    "GRPCRoute",
+)
 POLICY_KINDS = ("AuthorizationPolicy", "RequestAuthentication")
 
 
@@ -54,6 +64,8 @@ def parse_objects(
     tables: list[RouteTable] = []
     rules: list[DestinationPolicy] = []
     policies: list[AuthzPolicy] = []
+    limits: list[RateLimitPolicy] = []
+    l4: list[L4Route] = []
     labels: dict[str, Labels] = {}
     warnings: list[str] = []
     findings: list[tuple[str, Finding]] = []
@@ -69,6 +81,8 @@ def parse_objects(
             tables += sub.route_tables
             rules += sub.destination_rules
             policies += sub.policies
+            limits += sub.rate_limits
+            l4 += sub.l4_routes
             labels.update(sub.workload_labels)
             warnings += sub.warnings
             findings += sub.findings
@@ -113,6 +127,12 @@ def parse_objects(
                 tables.append(parse_virtual_service(spec, ctx, name))
             elif kind == "HTTPRoute":
                 tables.append(parse_http_route(spec, ctx, name))
+            elif kind == "HTTPLocalRateLimitPolicy":
+                limits.append(parse_rate_limit(spec, namespace, name))
+            elif kind in ("TCPRoute", "TLSRoute"):
+                l4.append(parse_l4_route(kind, spec, ctx, name))
+            elif kind == "GRPCRoute":
+                tables.append(parse_grpc_route(spec, ctx, name))
             else:
                 rules.append(parse_destination_rule(spec, ctx, name))
         except ConfigError as exc:
@@ -120,7 +140,8 @@ def parse_objects(
                 (ref, Finding(code=INVALID, level="Error", path=exc.path, message=exc.message))
             )
             ctx.warn(f"{exc}: ignored")
-    tables.sort(key=lambda t: (t.kind != "HTTPRoute", t.namespace, t.name))
+    # Gateway API routes (HTTPRoute, GRPCRoute) before VirtualServices (Istio's precedence).
+    tables.sort(key=lambda t: (t.kind not in ("HTTPRoute", "GRPCRoute"), t.namespace, t.name))
     return WaypointConfig(
         route_tables=tuple(tables),
         destination_rules=tuple(sorted(rules, key=lambda r: (r.namespace, r.name))),
@@ -128,6 +149,8 @@ def parse_objects(
         workload_labels=tuple(sorted(labels.items())),
         warnings=tuple(warnings),
         findings=tuple(findings),
+        rate_limits=tuple(sorted(limits, key=lambda r: r.key)),
+        l4_routes=tuple(sorted(l4, key=lambda r: (r.namespace, r.name))),
     )
 
 

@@ -18,6 +18,7 @@ from meshcore.config.authorization import AuthzPolicy
 from meshcore.config.fields import Finding
 from meshcore.config.labels import Labels
 from meshcore.config.matchers import StringMatcher
+from meshcore.config.ratelimit import RateLimitPolicy
 
 # ------------------------------------------------------------------------------- routing records
 
@@ -139,6 +140,20 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CorsPolicy:
+    """VirtualService ``corsPolicy`` / HTTPRoute ``CORS`` filter (`meshcore.l7.cors`)."""
+
+    allow_origins: tuple[StringMatcher, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: int | None = None
+    """Seconds."""
+    allow_credentials: bool = False
+    forward_unmatched_preflights: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HttpRoute:
     """One routing rule: first matching rule wins (Istio http[] order)."""
 
@@ -158,6 +173,9 @@ class HttpRoute:
     mirrors: tuple[Mirror, ...] = ()
     request_headers: HeaderOps = NO_HEADER_OPS
     response_headers: HeaderOps = NO_HEADER_OPS
+    section: str = ""
+    """HTTPRoute ``rules[].name`` (a policy's ``targetRef.sectionName``)."""
+    cors: CorsPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,9 +221,23 @@ class ConnectionPool:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConsistentHash:
+    """DestinationRule ``loadBalancer.consistentHash``: what the hash key is (exactly one)."""
+
+    header: str = ""
+    cookie: str = ""
+    source_ip: bool = False
+    query_param: str = ""
+    ring_size: int = 1024
+    """Virtual nodes on the ring (``ringHash.minimumRingSize``, ``maglev.tableSize``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficPolicy:
     lb: LbPolicy = LbPolicy.LEAST_REQUEST
     """Istio's default is LEAST_REQUEST."""
+    hash: ConsistentHash | None = None
+    """Consistent-hash load balancing (instead of `lb`)."""
     outlier: OutlierDetection | None = None
     pool: ConnectionPool = ConnectionPool()
     port_overrides: tuple[tuple[int, TrafficPolicy], ...] = ()
@@ -241,6 +273,38 @@ class DestinationPolicy:
         return pol
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class L4Route:
+    """A TCPRoute or TLSRoute (`meshcore.config.l4routes`): connections to `hosts` (service
+    FQDNs; `port`: only that service port) go to the weighted `backends`; a TLSRoute's `sni`
+    (exact or ``*.suffix``) must match the ClientHello's server name."""
+
+    kind: str
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    port: int | None = None
+    sni: tuple[str, ...] = ()
+    backends: tuple[Destination, ...] = ()
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+    def sni_matches(self, server_name: str | None) -> bool:
+        if not self.sni:
+            return True
+        if server_name is None:
+            return False
+        for h in self.sni:
+            if h.startswith("*."):
+                if server_name.endswith(h[1:]) and len(server_name) > len(h) - 1:
+                    return True
+            elif h == server_name:
+                return True
+        return False
+
+
 # ------------------------------------------------------------------------------- whole config
 
 
@@ -257,3 +321,7 @@ class WaypointConfig:
     warnings: tuple[str, ...] = ()
     findings: tuple[tuple[str, Finding], ...] = ()
     """(object reference, finding) for every reported field (`meshcore.config.fields`)."""
+    rate_limits: tuple[RateLimitPolicy, ...] = ()
+    """HTTPLocalRateLimitPolicy objects (`meshcore.config.ratelimit`)."""
+    l4_routes: tuple[L4Route, ...] = ()
+    """TCPRoute and TLSRoute objects, by namespace/name."""

@@ -147,7 +147,13 @@ def _source_matches(s: PolicySource, req: RequestInfo) -> bool:
         return False
     if s.remote_ip_blocks and not _ip_in(_remote_ip(req), s.remote_ip_blocks):
         return False
-    return not (s.not_remote_ip_blocks and _ip_in(_remote_ip(req), s.not_remote_ip_blocks))
+    if s.not_remote_ip_blocks and _ip_in(_remote_ip(req), s.not_remote_ip_blocks):
+        return False
+    # requestPrincipals: <iss>/<sub> of the verified JWT (`meshcore.l7.jwt`); none: no match.
+    principal = req.auth.principal if req.auth is not None else None
+    if s.request_principals and not _any(s.request_principals, principal):
+        return False
+    return not (s.not_request_principals and _any(s.not_request_principals, principal))
 
 
 def _op_matches(o: PolicyOperation, req: RequestInfo) -> bool:
@@ -182,6 +188,8 @@ def _condition_matches(c: PolicyCondition, req: RequestInfo) -> bool:
         if c.ports and req.port not in c.ports:
             return False
         return not (c.not_ports and req.port in c.not_ports)
+    if c.key.startswith("request.auth."):
+        return _auth_condition(c, req)
     text: str | None
     if c.key.startswith("request.headers["):
         text = req.header(c.key[len("request.headers[") : -1].lower())
@@ -194,6 +202,26 @@ def _condition_matches(c: PolicyCondition, req: RequestInfo) -> bool:
     if c.values and not _any(c.values, text):
         return False
     return not (c.not_values and _any(c.not_values, text))
+
+
+def _auth_condition(c: PolicyCondition, req: RequestInfo) -> bool:
+    """``request.auth.*`` (Istio "Authorization Policy Conditions"): a multi-valued attribute
+    (audiences, a list claim) matches when any of its values does; no token: no value."""
+    auth = req.auth
+    texts: tuple[str, ...] = ()
+    if auth is not None:
+        if c.key == "request.auth.principal":
+            texts = (auth.principal,)
+        elif c.key == "request.auth.audiences":
+            texts = auth.audiences
+        elif c.key == "request.auth.presenter":
+            texts = (auth.presenter,) if auth.presenter else ()
+        else:  # request.auth.claims[a][b]...
+            inner = c.key[len("request.auth.claims[") : -1]
+            texts = auth.claim(inner.split("]["))
+    if c.values and not any(_any(c.values, t) for t in texts):
+        return False
+    return not (c.not_values and any(_any(c.not_values, t) for t in texts))
 
 
 def rule_matches(rule: PolicyRule, req: RequestInfo) -> bool:

@@ -7,6 +7,11 @@ consecutive-error counters -> ejection), and `admit`/`release` (connectionPool l
 
 Semantics (Envoy, as Istio configures it from a DestinationRule):
 - LEAST_REQUEST: power of two random choices, fewer active requests wins; ROUND_ROBIN; RANDOM.
+- Consistent hash (``consistentHash``): a ring of ``ring_size`` virtual nodes spread over the
+  endpoints (Envoy's ring hash; maglev tables are served by the same ring: same stickiness);
+  the request's key (`hash_key`: a header, a cookie, the source IP or a query parameter) picks
+  the first usable endpoint clockwise, so ejected or already-tried endpoints are skipped and
+  every other key keeps its endpoint. A request without the key is balanced by `lb`.
 - Outlier detection: ``consecutive5xxErrors`` 5xx responses (a connect failure or timeout counts
   as 5xx and as a gateway error) in a row eject the endpoint for ``baseEjectionTime`` x the
   number of times it was ejected; any non-5xx response resets the counters. At most
@@ -25,12 +30,16 @@ Invariants: counters never go negative; `release` is called exactly once per adm
 
 from __future__ import annotations
 
+import bisect
 import enum
+import hashlib
 import random
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qsl
 
-from meshcore.config.routes import LbPolicy, TrafficPolicy
+from meshcore.config.routes import ConsistentHash, LbPolicy, TrafficPolicy
 from meshcore.identity import SpiffeId
 
 
@@ -80,6 +89,8 @@ class Cluster:
     pending: int = 0
     overflows: int = 0
     _rr: int = 0
+    _ring: list[tuple[int, str]] = field(default_factory=list)
+    _ring_key: tuple[int, tuple[str, ...]] = (0, ())
 
     def update(self, specs: Iterable[EndpointSpec], policy: TrafficPolicy) -> None:
         """New endpoint set (from a new mesh state): counters of endpoints that stay are kept."""
@@ -98,16 +109,35 @@ class Cluster:
 
     # ---- load balancing ----------------------------------------------------------------------
 
+    def _ring_for(self, size: int) -> list[tuple[int, str]]:
+        uids = tuple(sorted(self.endpoints))
+        if self._ring_key != (size, uids):
+            per = max(1, size // max(1, len(uids)))
+            self._ring = sorted((_hash64(f"{uid}#{i}".encode()), uid)
+                                for uid in uids for i in range(per))  # fmt: skip
+            self._ring_key = (size, uids)
+        return self._ring
+
     def pick(
-        self, now: float, rng: random.Random, avoid: Collection[str] = ()
-    ) -> EndpointStats | None:
+        self, now: float, rng: random.Random, avoid: Collection[str] = (),
+        key: bytes | None = None,
+    ) -> EndpointStats | None:  # fmt: skip
         """An endpoint for the next try: not ejected, not in `avoid` (hosts that already failed
-        this request) unless nothing else is left."""
+        this request) unless nothing else is left; with a consistent-hash `key`, the first such
+        endpoint clockwise from the key on the ring."""
         eps = sorted(self.endpoints.values(), key=lambda e: e.uid)
         if not eps:
             return None
         usable = [e for e in eps if not e.ejected(now)] or eps  # all ejected: panic
         fresh = [e for e in usable if e.uid not in avoid] or usable
+        if key is not None and self.policy.hash is not None:
+            ring = self._ring_for(self.policy.hash.ring_size)
+            ok = {e.uid for e in fresh}
+            start = bisect.bisect_left(ring, (_hash64(key), ""))
+            for i in range(len(ring)):
+                uid = ring[(start + i) % len(ring)][1]
+                if uid in ok:
+                    return self.endpoints[uid]
         lb = self.policy.lb
         if len(fresh) == 1:
             return fresh[0]
@@ -184,3 +214,38 @@ class Cluster:
 
     def release(self) -> None:
         self.active = max(0, self.active - 1)
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def hash_key(
+    policy: ConsistentHash | None, headers: Sequence[tuple[str, str]], target: str, source_ip: str
+) -> bytes | None:
+    """The consistent-hash key of a request (None: no policy, or the request lacks the key:
+    balanced by the simple policy, as Envoy does)."""
+    if policy is None:
+        return None
+    if policy.source_ip:
+        return source_ip.encode() if source_ip else None
+    if policy.header:
+        values = [v for k, v in headers if k == policy.header]
+        return ",".join(values).encode() if values else None
+    if policy.query_param:
+        query = target.partition("?")[2]
+        for k, v in parse_qsl(query, keep_blank_values=True, max_num_fields=1000):
+            if k == policy.query_param:
+                return v.encode()
+        return None
+    for k, v in headers:
+        if k != "cookie":
+            continue
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(v)
+        except CookieError:
+            continue
+        if policy.cookie in jar:
+            return jar[policy.cookie].value.encode()
+    return None

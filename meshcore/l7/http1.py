@@ -196,6 +196,11 @@ class Http1Parser:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def take_buffered(self) -> bytes:
+        """Hand over the unparsed bytes (after an Upgrade's 101 they are not HTTP)."""
+        data, self._buf = bytes(self._buf), bytearray()
+        return data
+
     @property
     def idle(self) -> bool:
         """Between messages with nothing buffered."""

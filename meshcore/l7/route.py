@@ -33,6 +33,7 @@ from meshcore.config.routes import (
     RouteTable,
     WaypointConfig,
 )
+from meshcore.l7.jwt import JwtAuth
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +56,8 @@ class RequestInfo:
     source_namespace: str | None = None
     source_labels: Mapping[str, str] = field(default_factory=dict)
     destination_ip: str = ""
+    auth: JwtAuth | None = None
+    """The JWT a RequestAuthentication verified (`meshcore.l7.jwt`); None: none."""
 
     @property
     def path_only(self) -> str:

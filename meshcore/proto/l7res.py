@@ -31,7 +31,8 @@ from meshcore.l7.hygiene import PathPolicy
 
 L7_TYPE = "type.googleapis.com/ambient.l7.Resource"
 L7_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy",
-            "RequestAuthentication", "WorkloadLabels", "MeshSettings")  # fmt: skip
+            "RequestAuthentication", "WorkloadLabels", "MeshSettings", "HTTPLocalRateLimitPolicy",
+            "GRPCRoute", "TCPRoute", "TLSRoute")  # fmt: skip
 MESH_SETTINGS = "MeshSettings"
 
 

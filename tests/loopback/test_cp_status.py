@@ -193,10 +193,10 @@ GRPC_ROUTE = {
 def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path: Path) -> None:
     """PeerAuthentication (validationMessages), a waypoint Gateway (Accepted/Programmed False,
     Gateway API reasons) and kinds the mesh does not implement whose CRDs exist (ServiceEntry:
-    validationMessage; GRPCRoute: Accepted=False parent condition) are reported in their status
-    and on /debug/warnings; Telemetry's CRD is absent: nothing is watched or said about it; an
-    ingress Gateway (another class's) is reported on /debug/warnings but its status is left to
-    its own controller."""
+    validationMessage) are reported in their status and on /debug/warnings; a GRPCRoute (its
+    CRD is optional; the kind is implemented) is watched and not reported; Telemetry's CRD is
+    absent: nothing is watched or said about it; an ingress Gateway (another class's) is
+    reported on /debug/warnings but its status is left to its own controller."""
 
     async def main() -> None:
         groups = {gv for gv in GROUPS if gv != "telemetry.istio.io/v1"}
@@ -234,16 +234,10 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
             assert msg["type"] == {"code": "AMB0204", "name": "UnsupportedKind"}
             assert "not implemented by ambient-mesh: ignored" in msg["description"]
 
-            gr_key = ("shop", "grpc")
-            await eventually(lambda: "status" in objs["grpcroutes"][gr_key], "GRPCRoute status")
-            (parent,) = objs["grpcroutes"][gr_key]["status"]["parents"]
-            (cond,) = parent["conditions"]
-            assert (cond["type"], cond["status"]) == ("Accepted", "False")
-            assert cond["reason"] == "UnsupportedValue" and "[AMB0204]" in cond["message"]
-
+            assert any("grpcroutes" in r for r in api.requests)
             warnings = cp.warnings()
             assert any("AMB0204" in w for w in warnings["ServiceEntry shop/ext"])
-            assert any("AMB0204" in w for w in warnings["GRPCRoute shop/grpc"])
+            assert not any("AMB0204" in w for w in warnings.get("GRPCRoute shop/grpc", []))
             assert any("AMB0204" in w for w in warnings["Gateway shop/ingress"])
             assert not any("Telemetry" in ref or "telemetr" in " ".join(w).lower()
                            for ref, w in warnings.items())  # fmt: skip

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, WSMsgType, web
 
 import tests.helpers as helpers
 from meshcore.ca import MeshCA
@@ -50,6 +50,9 @@ WAYPOINT_IP = "127.0.84.10"
 PORT = 9080
 GRPC_PORT = 50051
 REVIEWS = f"http://{REVIEWS_VIP}:{PORT}"
+DB_VIP, DB_V2_VIP, DB_PORT = "127.0.83.30", "127.0.83.31", 7000
+"""A non-HTTP service bound to the waypoint (TCP through the waypoint); tests run its servers
+on the reviews-v1/v2 pod addresses."""
 SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 WAYPOINT_ID = "spiffe://cluster.local/ns/default/sa/waypoint"
 WAYPOINT_SVC = "default/waypoint.default.svc.cluster.local"
@@ -138,6 +141,20 @@ def _svc(name: str, vip: str, port: int, waypoint: bool = True, proto: str = "")
 
 
 def mesh_config() -> dict[str, Any]:
+    out = _mesh_config()
+    # db (bound to the waypoint) on reviews-v1 and v2; db-v2 (not bound) on v2 only.
+    for wl in out["workloads"]:
+        if wl["uid"] in ("reviews-v1", "reviews-v2"):
+            names = ("db", "db-v2") if wl["uid"] == "reviews-v2" else ("db",)
+            for name in names:
+                wl["services"][f"default/{name}.default.svc.cluster.local"] = {
+                    "ports": [{"servicePort": DB_PORT, "targetPort": DB_PORT}]
+                }
+    out["services"] += [_svc("db", DB_VIP, DB_PORT), _svc("db-v2", DB_V2_VIP, DB_PORT, False)]
+    return out
+
+
+def _mesh_config() -> dict[str, Any]:
     return {
         "workloads": [
             _wl("client", CLIENT_IP, "sleep", "node-a"),
@@ -181,6 +198,8 @@ class Backends:
 
 
 async def _handler(backend: Backend, all_: Backends, request: web.Request) -> web.StreamResponse:
+    if request.headers.get("upgrade", "").lower() == "websocket":
+        return await _websocket(backend, request)
     body = await request.read() if request.path != "/echo" else b""
     record = {
         "path": request.path_qs,
@@ -235,6 +254,21 @@ async def _handler(backend: Backend, all_: Backends, request: web.Request) -> we
         text=json.dumps(payload), content_type="application/json",
         headers={"x-version": backend.name, "x-upstream-header": "present"},
     )  # fmt: skip
+
+
+async def _websocket(backend: Backend, request: web.Request) -> web.StreamResponse:
+    """A WebSocket echo: each message comes back as ``<pod>:<message>``."""
+    backend.requests.append({"path": request.path_qs, "method": request.method,
+                             "headers": dict(request.headers), "body_len": 0,
+                             "host": request.host, "peer": ""})  # fmt: skip
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type == WSMsgType.TEXT:
+            await ws.send_str(f"{backend.name}:{msg.data}")
+        elif msg.type == WSMsgType.BINARY:
+            await ws.send_bytes(backend.name.encode() + b":" + msg.data)
+    return ws
 
 
 async def start_backends() -> Backends:
@@ -298,7 +332,7 @@ async def waypoint_mesh(tmp: Path, *docs: str, config: dict[str, Any] | None = N
     state = MeshState.from_config(parse_mesh_config(config or mesh_config()))
     ca = MeshCA.load_or_create(tmp / "ca")
     provider = LocalCAProvider(ca, ttl=timedelta(hours=24), clock=utcnow)
-    outbound = ((REVIEWS_VIP, PORT), (SHADOW_VIP, PORT), (GRPC_VIP, GRPC_PORT))
+    outbound = ((REVIEWS_VIP, PORT), (SHADOW_VIP, PORT), (GRPC_VIP, GRPC_PORT), (DB_VIP, DB_PORT))
     node_a = NodeProxy(node_context(
         ProxySettings(node="node-a", node_ip="127.0.81.1", outbound_listen=outbound,
                       drain_timeout=1.0, metrics_port=15920, admin_port=15900,

@@ -5,7 +5,8 @@ node-1. The waypoint is added the way an operator does (`ambientctl waypoint app
 --enroll-namespace`), L7 config by dropping files into the lab's manifests. Checks: the seed's
 VirtualService split over 400 requests within a 4-sigma binomial bound, the header -> 100% v2,
 an L7 AuthorizationPolicy targeting the waypoint -> 403 and the app never sees the request,
-waypoint delete -> traffic back to L4 and the pod gone, lab down leaves nothing.
+waypoint delete -> traffic back to L4 and the pod gone; then (issue 17) JWT and the seed's
+resilience set with a local rate limit through a re-applied waypoint; lab down leaves nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from ambientctl.lab.demo_waypoint import (
     within,
 )
 from ambientctl.lab.lab import XDS_ADDRESS, Lab
+from tests.jwtfixtures import jwk, jwks, mint, new_key
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -170,6 +173,97 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     r = load(lab, 20, url="http://reviews:9080/private/x")
     assert r["status"] == {"200": 20}, r
     assert not system.netns_exists(wp.netns)
+
+
+RESILIENCE = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-resilience, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    timeout: 5s
+    retries: {attempts: 2, perTryTimeout: 2s, retryOn: "5xx,connect-failure"}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-resilience, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 50}, http: {http1MaxPendingRequests: 20}}
+    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
+---
+apiVersion: policy.linkerd.io/v1alpha1
+kind: HTTPLocalRateLimitPolicy
+metadata: {name: reviews-rl, namespace: default}
+spec:
+  targetRef: {kind: Service, name: reviews}
+  total: {requestsPerSecond: 5}
+"""
+
+
+def _jwt_policies(jwks_text: str) -> str:
+    return f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, name: reviews}}]
+  jwtRules: [{{issuer: "https://issuer.lab", jwks: '{jwks_text}'}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, name: reviews}}]
+  action: DENY
+  rules:
+  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
+    to: [{{operation: {{paths: ["/secure*"]}}}}]
+"""
+
+
+def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None:
+    """Issue 17 through the lab's waypoint, configured by files in its manifests: a
+    RequestAuthentication with an AuthorizationPolicy requiring a token on /secure (no token
+    403, a valid token 200, a bad token 401; /secure, since the first test's deny-private stays
+    in the manifests), then the seed's resilience set on one route
+    (retry + timeout + circuit breaker + a local rate limit): requests over the limit get 429
+    with the RL flag in the waypoint's metrics."""
+    assert _apply(lab) == 0
+    key = new_key("RS256")
+    token = mint(key, "RS256", {"iss": "https://issuer.lab", "sub": "alice",
+                                "exp": time.time() + 3600}, kid="k1")  # fmt: skip
+    jwt_file = tmp_path / "jwt.yaml"
+    jwt_file.write_text(_jwt_policies(jwks(jwk(key, "k1"))))
+    apply_file(lab, jwt_file)
+    wait_config(lab, lambda c: {"default/jwt", "default/require-jwt"}
+                <= {p["name"] for p in c["policies"]}, "jwt policies")  # fmt: skip
+    private = "http://reviews:9080/secure/x"
+    assert load(lab, 5, url=private)["status"] == {"403": 5}
+    r = load(lab, 5, f"authorization:Bearer {token}", url=private)
+    log = lab.paths.logs / "pod-default-waypoint-waypoint.log"
+    assert r["status"] == {"200": 5}, (r, waypoint_config(lab)["policies"], log.read_text()[-3000:])
+    r = load(lab, 5, "authorization:Bearer not.a.token", url="http://reviews:9080/public")
+    assert r["status"] == {"401": 5}, r
+    assert load(lab, 5, url="http://reviews:9080/public")["status"] == {"200": 5}
+    (lab.paths.manifests / jwt_file.name).unlink()
+
+    res_file = tmp_path / "resilience.yaml"
+    res_file.write_text(RESILIENCE)
+    apply_file(lab, res_file)
+    wait_config(lab, lambda c: any(x["name"] == "default/reviews-rl"
+                                   for x in c.get("rate_limits", [])), "rate limit")  # fmt: skip
+    r = load(lab, 60)
+    assert r["errors"] == 0 and r["status"].get("429", 0) > 0, r
+    assert r["status"].get("200", 0) >= 5, r
+    metrics = lab.waypoint_admin(WAYPOINT_POD, "/metrics")
+    assert any(line.startswith("istio_requests_total{") and 'response_code="429"' in line
+               and 'response_flags="RL"' in line for line in metrics.splitlines())  # fmt: skip
+    (lab.paths.manifests / res_file.name).unlink()
+    assert _run(lab, "delete") == 0
 
 
 def _log(lab: Lab, version: str) -> str:

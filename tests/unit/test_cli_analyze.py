@@ -248,7 +248,6 @@ spec:
     assert codes(msgs) == {
         ("AMB0103", "AuthorizationPolicy demo/get-only"),
         ("AMB0103", "AuthorizationPolicy demo/deny-jwt"),
-        ("AMB0202", "AuthorizationPolicy demo/deny-jwt"),  # JWT is not implemented anywhere
         ("AMB0106", "AuthorizationPolicy demo/broken"),
         ("AMB0201", "AuthorizationPolicy demo/broken"),  # the misspelt key, by its path
     }

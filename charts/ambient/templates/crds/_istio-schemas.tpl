@@ -107,7 +107,7 @@ type: object
 properties:
   spec:
     type: object
-    description: Istio RequestAuthentication. JWT validation is not implemented yet, so requests to its targets are DENIED (fail closed) while it exists.
+    description: Istio RequestAuthentication. Waypoints validate JWTs (invalid token 401, no token passes); node proxies cannot, so workloads it selects without a waypoint are DENIED at L4 (fail closed).
     properties:
       selector:
         {{- include "ambient.crd.selector" . | nindent 8 }}

@@ -1,0 +1,105 @@
+"""Consistent-hash load balancing (DestinationRule loadBalancer.consistentHash)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import yaml
+
+from meshcore.config.objects import parse_objects
+from meshcore.config.routes import TrafficPolicy
+from meshcore.identity import SpiffeId
+from meshcore.l7.cluster import Cluster, EndpointSpec, hash_key
+
+ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
+
+
+def dr(hash_spec: str) -> TrafficPolicy:
+    text = f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: r, namespace: default}}
+spec:
+  host: reviews
+  trafficPolicy: {{loadBalancer: {{consistentHash: {hash_spec}}}}}
+"""
+    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    assert [f for _r, f in cfg.findings if f.level == "Error"] == [], cfg.findings
+    return cfg.destination_rules[0].policy
+
+
+def cluster(policy: TrafficPolicy, n: int) -> Cluster:
+    c = Cluster(name="c", policy=policy)
+    c.update([EndpointSpec(uid=f"ep{i}", ip=f"10.0.0.{i}", port=80, identity=ID)
+              for i in range(n)], policy)  # fmt: skip
+    return c
+
+
+def test_header_key_is_sticky_spread_and_moves_only_the_removed_endpoints_keys() -> None:
+    # main: consistentHash was refused (the DestinationRule was not applied at all).
+    policy = dr("{httpHeaderName: x-user}")
+    assert policy.hash is not None
+    assert policy.hash.header == "x-user"
+    c = cluster(policy, 5)
+    rng = random.Random(1)
+    first = {}
+    for u in range(500):
+        key = hash_key(policy.hash, [("x-user", f"u{u}")], "/", "10.1.1.1")
+        ep = c.pick(0.0, rng, (), key)
+        assert ep is not None
+        first[u] = ep.uid
+        assert all(c.pick(0.0, rng, (), key) is ep for _ in range(3))  # sticky
+    spread = Counter(first.values())
+    assert len(spread) == 5
+    assert min(spread.values()) > 50
+    # Remove ep2: its keys move; most others stay (the ring is re-spread over 4 endpoints, as
+    # Envoy's ring is; a modulo hash would move ~80% of them).
+    c.update([EndpointSpec(uid=f"ep{i}", ip=f"10.0.0.{i}", port=80, identity=ID)
+              for i in (0, 1, 3, 4)], policy)  # fmt: skip
+    kept = moved = 0
+    for u, uid in first.items():
+        key = hash_key(policy.hash, [("x-user", f"u{u}")], "/", "")
+        got = c.pick(0.0, rng, (), key)
+        assert got is not None
+        assert got.uid != "ep2"
+        if uid != "ep2":
+            kept += got.uid == uid
+            moved += got.uid != uid
+    assert kept / (kept + moved) > 0.7, (kept, moved)
+    # An ejected endpoint is skipped; a retry avoids the tried one.
+    key = hash_key(policy.hash, [("x-user", "u1")], "/", "")
+    home = c.pick(0.0, rng, (), key)
+    assert home is not None
+    assert c.pick(0.0, rng, (home.uid,), key) is not home
+
+
+@pytest.mark.parametrize(
+    ("spec", "headers", "target", "ip", "want"),
+    [
+        ("{useSourceIp: true}", [], "/", "10.1.1.1", b"10.1.1.1"),
+        ("{httpQueryParameterName: user}", [], "/a?x=1&user=bob", "", b"bob"),
+        ("{httpQueryParameterName: user}", [], "/a?x=1", "", None),
+        ("{httpCookie: {name: sid, ttl: 0s}}", [("cookie", "a=1; sid=xyz")], "/", "", b"xyz"),
+        ("{httpCookie: {name: sid}}", [("cookie", "a=1")], "/", "", None),
+        ("{httpHeaderName: X-User, ringHash: {minimumRingSize: 64}}", [], "/", "", None),
+    ],
+)
+def test_keys(spec: str, headers: list[tuple[str, str]], target: str, ip: str,
+              want: bytes | None) -> None:  # fmt: skip
+    assert hash_key(dr(spec).hash, headers, target, ip) == want
+
+
+def test_exactly_one_key() -> None:
+    text = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}
+"""
+    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    assert cfg.destination_rules == ()
+    assert cfg.findings
