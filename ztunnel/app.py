@@ -469,7 +469,8 @@ class NodeProxy:
         for server in self.admin_servers:
             server.close()
         for lst in [*(self.listeners or []), *self.ops]:
-            lst.sock.close()  # not yet served (e.g. stopped mid-start): release it too
+            if lst.role != "hbone-udp":  # HTTP/3 connections live on it until they end
+                lst.sock.close()  # not yet served (e.g. stopped mid-start): release it too
         for proto in list(self.ctx.hbone_servers):
             proto.close()
         self.ctx.pool.close_all()
