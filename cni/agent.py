@@ -455,6 +455,7 @@ class AgentServer:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         server = await asyncio.start_unix_server(self._serve_one, path=str(self.socket_path))
         os.chmod(self.socket_path, 0o600)
+        ours = os.stat(self.socket_path).st_ino
         loop = asyncio.get_running_loop()
         stop_on_signals(self._stop.set, loop)
         tasks = [loop.create_task(make()) for make in self.background]
@@ -468,8 +469,11 @@ class AgentServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         server.close()
         self._worker.shutdown(wait=True)
+        # Only our own socket: during a surge update the new pod's agent already bound the
+        # path, and the plugin must keep reaching it after this (old) agent stops.
         with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+            if os.stat(self.socket_path).st_ino == ours:
+                self.socket_path.unlink()
         log.info("node agent %s stopped (capture stays installed)", self.agent.node)
 
 

@@ -43,6 +43,11 @@ class ConfigError(MeshError):
         self.message = message
 
 
+class HandoverError(MeshError):
+    """A listener hand-over message is malformed, of an unknown version or out of order
+    (`ztunnel.handover`); the hand-over is refused and the running process keeps serving."""
+
+
 class HboneError(MeshError):
     """A CONNECT request that is refused. `status` is the HTTP status sent in the response."""
 

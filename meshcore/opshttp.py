@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
@@ -57,7 +58,12 @@ def json_response(obj: object, status: int = 200, indent: int = 2) -> Response:
     return status, "application/json", json.dumps(obj, indent=indent, default=str).encode() + b"\n"
 
 
-async def serve_http(host: str, port: int, routes: dict[str, Handler]) -> asyncio.Server:
+async def serve_http(
+    host: str, port: int, routes: dict[str, Handler], *, sock: socket.socket | None = None
+) -> asyncio.Server:
+    """Serve `routes` on host:port, or on the listening `sock` when given (a socket bound by the
+    caller, e.g. one a node proxy hands over to its successor)."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -81,6 +87,9 @@ async def serve_http(host: str, port: int, routes: dict[str, Handler]) -> asynci
         finally:
             writer.close()
 
+    if sock is not None:
+        # start_server listens again on a given socket: pass the backlog or it becomes 100.
+        return await asyncio.start_server(handle, sock=sock, backlog=LISTEN_BACKLOG)
     return await asyncio.start_server(
         handle, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
     )

@@ -4,7 +4,9 @@ Owns: flag/env parsing into `ProxySettings`, building the `ProxyContext` (state,
 pool, telemetry), binding listeners, readiness, and graceful drain on SIGTERM.
 
 Listeners are created from sockets we make ourselves (`make_listener`), never by address inside
-asyncio, so a later zero-drop upgrade can hand the very same listening sockets to a new process.
+asyncio, so a zero-drop upgrade hands the very same listening sockets (data path and operator
+ports) to a new process (`ztunnel.handover`, --handover-socket): the successor takes them over
+and turns ready only after the hand-over; the predecessor then serves only what it has.
 
 Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
 HBONE, 15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp
@@ -33,21 +35,21 @@ from pathlib import Path
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
-from meshcore.errors import ConfigError, MeshError
+from meshcore.errors import ConfigError, HandoverError, MeshError
 from meshcore.hbone.pool import HbonePool
-from meshcore.opshttp import is_loopback
+from meshcore.opshttp import is_loopback, require_loopback
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.sockets import LISTEN_BACKLOG
 from meshcore.state import MeshState
 from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tracing import Tracer, endpoint_from_env
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
+from ztunnel import handover
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
     admin_routes,
     metrics_routes,
     readiness_routes,
-    serve_admin,
     serve_http,
 )
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
@@ -177,6 +179,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         help="inbound tunnels one peer IP may have open at once (env TUNNELS_PER_PEER)",
     )
     p.add_argument(
+        "--handover-socket",
+        default=env("HANDOVER_SOCKET"),
+        help="unix socket path: take the listeners from the proxy running there, then offer "
+        "them to the next one (zero-drop upgrade; env HANDOVER_SOCKET)",
+    )
+    p.add_argument(
+        "--ready-file",
+        default=env("READY_FILE"),
+        help="file created once ready (after the hand-over), removed on drain (exec probes)",
+    )
+    p.add_argument(
+        "--handover-drain-timeout",
+        type=float,
+        default=float(env("HANDOVER_DRAIN_TIMEOUT", "0")),
+        help="after a hand-over, cap in seconds on serving existing connections (0: none)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=int(env("WORKERS", "1")),
@@ -235,6 +254,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         http3_peers=tuple(args.http3_peer),
         cluster_id=args.cluster_id,
         tracing_address=args.tracing_address or None,
+        handover_socket=args.handover_socket,
+        handover_drain_timeout=args.handover_drain_timeout,
+        ready_file=args.ready_file,
     )
     return settings, args
 
@@ -248,15 +270,22 @@ class Listener:
     sock: socket.socket
 
 
-def bind_listeners(settings: ProxySettings, state: MeshState) -> list[Listener]:
+def bind_listeners(
+    settings: ProxySettings, state: MeshState, handed: handover.Handed | None = None
+) -> list[Listener]:
+    """The data-path listeners: taken over from a predecessor (`handed`) where it had the same
+    role and address, bound fresh otherwise."""
     s = settings
+
+    def listener(role: str, host: str, port: int, transparent: bool = False) -> Listener:
+        sock = handed.take(role, host, port) if handed is not None else None
+        return Listener(role, sock or make_listener(host, port, transparent=transparent))
+
     if s.capture == "transparent":
         return [
-            Listener("outbound", make_listener("0.0.0.0", s.outbound_port, transparent=True)),
-            Listener(
-                "plaintext", make_listener("0.0.0.0", s.inbound_plaintext_port, transparent=True)
-            ),
-            Listener("hbone", make_listener("0.0.0.0", s.hbone_port, transparent=True)),
+            listener("outbound", "0.0.0.0", s.outbound_port, True),
+            listener("plaintext", "0.0.0.0", s.inbound_plaintext_port, True),
+            listener("hbone", "0.0.0.0", s.hbone_port, True),
         ]
     specs = [("outbound", host, port) for host, port in s.outbound_listen]
     specs.append(("outbound", s.node_ip, s.outbound_port))
@@ -265,7 +294,9 @@ def bind_listeners(settings: ProxySettings, state: MeshState) -> list[Listener]:
     # socket's local address names the destination workload, as it does with capture.
     for wl in state.local_workloads(s.node):
         specs.extend(("hbone", str(ip), s.hbone_port) for ip in wl.addresses)
-    listeners = [Listener(role, make_listener(host, port)) for role, host, port in specs]
+    listeners = [listener(role, host, port) for role, host, port in specs]
+    # UDP (HTTP/3) sockets are not handed over: QUIC connections of the old process would
+    # receive each other's datagrams (docs/upgrade.md).
     listeners.extend(
         Listener("hbone-udp", make_udp_listener(host, port))
         for role, host, port in specs
@@ -286,10 +317,16 @@ class NodeProxy:
         listeners: list[Listener] | None = None,
         *,
         serve_admin: bool = True,
+        handed: handover.Handed | None = None,
     ) -> None:
         self.ctx = ctx
         self.listeners = listeners
         self.serve_admin = serve_admin
+        self.handed = handed
+        self.ops: list[Listener] = []
+        self.handover: handover.HandoverServer | None = None
+        self.handed_over = False
+        self._accepting = True
         self.servers: list[TcpListener] = []
         self.hbone_listeners: list[HboneListener] = []
         self.admin_servers: list[asyncio.Server] = []
@@ -328,11 +365,17 @@ class NodeProxy:
                 self.servers.append(tcp)
         s = ctx.settings
         if self.serve_admin:
-            self.admin_servers = [
-                await serve_admin(s.admin_host, s.admin_port, admin_routes(ctx, self.stop)),
-                await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx)),
-                await serve_http(s.node_ip, s.readiness_port, readiness_routes(lambda: self.ready)),
-            ]
+            require_loopback(s.admin_host, "--admin-address", ADMIN_LOOPBACK_WHY)
+            handed = self.handed
+            for role, host, port in (
+                ("admin", s.admin_host, s.admin_port),
+                ("metrics", s.node_ip, s.metrics_port),
+                ("readiness", s.node_ip, s.readiness_port),
+            ):
+                sock = handed.take(role, host, port) if handed is not None else None
+                self.ops.append(Listener(role, sock or make_listener(host, port)))
+            if handed is not None:
+                handed.close_unused()
         ctx.certs.on_rotate(ctx.on_rotate)
         ctx.sync_local_identities()
         self._tasks.append(loop.create_task(ctx.certs.run()))
@@ -340,7 +383,33 @@ class NodeProxy:
         # Ready once every local identity has a certificate (inbound needs them at once).
         for identity in ctx.certs.identities():
             await ctx.certs.get(identity)
+        if self.handed is not None:
+            # We accept on the data path now; the predecessor stops accepting, then we answer
+            # the operator ports (readiness included) and turn ready.
+            await handover.commit(self.handed)
+            self.handed = None
+        if self.serve_admin:
+            ops = {listener.role: listener.sock for listener in self.ops}
+            self.admin_servers = [
+                await serve_http(s.admin_host, s.admin_port, admin_routes(ctx, self.stop),
+                                 sock=ops["admin"]),
+                await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx),
+                                 sock=ops["metrics"]),
+                await serve_http(s.node_ip, s.readiness_port,
+                                 readiness_routes(lambda: self.ready), sock=ops["readiness"]),
+            ]  # fmt: skip
+            if s.handover_socket:
+                counter = ctx.metrics.handovers
+                self.handover = handover.HandoverServer(
+                    Path(s.handover_socket),
+                    self.offered_sockets,
+                    self.hand_over,
+                    on_result=lambda result: counter.labels(result).inc(),
+                )
+                self.handover.start()
         self.ready = True
+        if s.ready_file and self.serve_admin:
+            Path(s.ready_file).write_text(f"{os.getpid()}\n")
         log.info(
             "node proxy %s worker %d ready: %d listeners, %d local workloads",
             s.node,
@@ -364,6 +433,55 @@ class NodeProxy:
     def stop(self) -> None:
         self._stopping.set()
 
+    def offered_sockets(self) -> list[tuple[str, socket.socket]]:
+        """What a successor takes over: every data-path listener and the operator ports."""
+        return [
+            (lst.role, lst.sock)
+            for lst in [*(self.listeners or []), *self.ops]
+            if lst.role != "hbone-udp"  # see bind_listeners
+        ]
+
+    def hand_over(self) -> None:
+        """The successor accepts now: stop accepting at once, then drain what we have (no
+        deadline unless --handover-drain-timeout)."""
+        self.handed_over = True
+        self.stop_accepting()
+        self.stop()
+
+    def handed_over_elsewhere(self) -> None:
+        """An extra worker: the first worker handed the (shared) listeners over."""
+        self.handed_over = True
+        self.stop()
+
+    def drain_timeout(self) -> float:
+        """Seconds the drain may take; 0: until every connection ends (after a hand-over)."""
+        s = self.ctx.settings
+        return s.handover_drain_timeout if self.handed_over else s.drain_timeout
+
+    def stop_accepting(self) -> None:
+        """Not ready; listeners and operator ports closed in this process (a successor holding
+        the same sockets keeps accepting on them); GOAWAY on every HBONE connection."""
+        if not self._accepting:
+            return
+        self._accepting = False
+        self.ready = False
+        if self.ctx.settings.ready_file and self.serve_admin:
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.ctx.settings.ready_file).unlink()
+        self.ctx.draining = True
+        for tcp in self.servers:
+            tcp.close()
+        for listener in self.hbone_listeners:
+            listener.close()
+        for server in self.admin_servers:
+            server.close()
+        for lst in [*(self.listeners or []), *self.ops]:
+            if lst.role != "hbone-udp":  # HTTP/3 connections live on it until they end
+                lst.sock.close()  # not yet served (e.g. stopped mid-start): release it too
+        for proto in list(self.ctx.hbone_servers):
+            proto.close()
+        self.ctx.pool.close_all()
+
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
 
@@ -372,20 +490,18 @@ class NodeProxy:
         ports released at once (a new node proxy can bind them while this one drains); a
         GOAWAY(NO_ERROR, last stream id) to every inbound HBONE connection and every pooled one
         (RFC 9113 §6.8: peers open new tunnels elsewhere, open ones finish); wait for live
-        connections (bounded by drain_timeout), then close what is left."""
-        self.ready = False
-        self.ctx.draining = True
-        for tcp in self.servers:
-            tcp.close()
-        for listener in self.hbone_listeners:
-            listener.close()
-        for server in self.admin_servers:
-            server.close()
-        for proto in list(self.ctx.hbone_servers):
-            proto.close()
-        self.ctx.pool.close_all()
+        connections (bounded by drain_timeout; after a hand-over by handover_drain_timeout,
+        0 = until each connection ends), then close what is left."""
+        self.stop_accepting()
+        if self.handover is not None:
+            self.handover.close(unlink=not self.handed_over)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ctx.settings.drain_timeout
+        timeout = self.drain_timeout()
+        deadline = loop.time() + timeout if timeout > 0 else float("inf")
+        if self.handed_over:
+            log.info(
+                "handed over: serving %d connections until they end", len(self.ctx.connections)
+            )
         h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
         # HTTP/3 connections (GOAWAY sent by listener.close) live on their UDP socket, which is
         # therefore held until they end or the drain times out.
@@ -448,15 +564,19 @@ async def run_worker(
     serve_admin: bool,
     children: Sequence[int] = (),
     ctx: ProxyContext | None = None,
+    handed: handover.Handed | None = None,
 ) -> int:
     """Run one worker until SIGTERM/SIGINT (or /quitquitquit), then drain. The first worker
     also forwards the signal to the other workers and waits for them. `ctx`: a prepared
     context (control-plane mode); default: static mode from --mesh-config/--ca-dir."""
     ctx = ctx if ctx is not None else static_context(settings, args)
-    proxy = NodeProxy(ctx, listeners, serve_admin=serve_admin)
+    proxy = NodeProxy(ctx, listeners, serve_admin=serve_admin, handed=handed)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, proxy.stop)
+    if not serve_admin:
+        # From the first worker: listeners handed to a successor (drain without deadline).
+        loop.add_signal_handler(signal.SIGUSR1, proxy.handed_over_elsewhere)
     if args.mesh_config is not None and not getattr(args, "xds_address", None):
 
         def reload() -> None:
@@ -489,16 +609,17 @@ async def run_worker(
     await proxy.start()
     tune_gc()
     await proxy.wait_stopped()
-    log.info("draining (timeout %.0fs)", settings.drain_timeout)
+    timeout = proxy.drain_timeout()
+    log.info("draining (timeout %s)", f"{timeout:.0f}s" if timeout else "none")
     for pid in children:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGUSR1 if proxy.handed_over else signal.SIGTERM)
     await proxy.drain()
     if watcher is not None:
         watcher.cancel()
     for pid in children:
         if pid not in lost:
-            await _wait_child(pid, settings.drain_timeout + 5)
+            await _wait_child(pid, timeout + 5 if timeout else float("inf"))
     return 1 if lost else 0
 
 
@@ -622,8 +743,10 @@ async def run_controlplane_mode(settings: ProxySettings, args: argparse.Namespac
             log.info("waiting for the full state from %s", args.xds_address)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(xds.synced.wait(), 5)
-        listeners = bind_listeners(settings, ctx.state)
-        return await run_worker(settings, args, listeners, serve_admin=True, ctx=ctx)
+        loop = asyncio.get_running_loop()
+        handed = await loop.run_in_executor(None, take_over, settings)
+        listeners = bind_listeners(settings, ctx.state, handed)
+        return await run_worker(settings, args, listeners, serve_admin=True, ctx=ctx, handed=handed)
     finally:
         task.cancel()
 
@@ -635,12 +758,14 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
             raise ConfigError("--workers", "control-plane mode runs one worker (for now)")
         return asyncio.run(run_controlplane_mode(settings, args))
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
-    listeners = bind_listeners(settings, state)
+    handed = take_over(settings)
+    listeners = bind_listeners(settings, state, handed)
     # Until a worker's loop installs its SIGHUP handler (reload), a SIGHUP must not kill it:
     # the first worker may already be ready (and signalled) while the others are starting.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # likewise the hand-over notice
     if args.workers <= 1:
-        return asyncio.run(run_worker(settings, args, listeners, serve_admin=True))
+        return asyncio.run(run_worker(settings, args, listeners, serve_admin=True, handed=handed))
     metrics_dir = enable_multiprocess_metrics()
     children: list[int] = []
     try:
@@ -655,10 +780,27 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
                     os._exit(code)
             children.append(pid)
         return asyncio.run(
-            run_worker(settings, args, listeners, serve_admin=True, children=children)
+            run_worker(
+                settings, args, listeners, serve_admin=True, children=children, handed=handed
+            )
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def take_over(settings: ProxySettings) -> handover.Handed | None:
+    """With --handover-socket: the listening sockets of the node proxy running there, if any.
+    A refused or broken hand-over is fatal (the predecessor keeps serving; the supervisor
+    retries): never bind beside a running proxy."""
+    if not settings.handover_socket:
+        return None
+    try:
+        handed = handover.obtain(Path(settings.handover_socket))
+    except HandoverError as err:
+        raise ConfigError("--handover-socket", str(err)) from err
+    if handed is None:
+        log.info("hand-over: no node proxy at %s, binding fresh", settings.handover_socket)
+    return handed
 
 
 def tune_gc() -> None:

@@ -6,7 +6,8 @@ accounting of live connections, and the one access-log line written per connecti
 Beyond Istio's names, three counters of our own record hostile or overloaded peers:
 `ztunnel_hbone_streams_refused_total{reason}` (streams the HTTP/2 layer answered itself; each also
 gets an access-log line), `ztunnel_hbone_connection_errors_total{code}` (GOAWAY for a peer's
-protocol error) and `ztunnel_accept_paused_total` (accepting paused for lack of descriptors).
+protocol error) and `ztunnel_accept_paused_total` (accepting paused for lack of descriptors);
+`ztunnel_handovers_total{result}` counts listener hand-overs to a successor (done/failed).
 Invariants: the data path never touches a metric per chunk. The relay counts bytes in plain
 integer attributes (`ztunnel.proxy.relay.TcpSide`); `ConnectionTracker` adds what moved since
 the last flush to the counters once per `FLUSH_INTERVAL` for every live connection, before each
@@ -97,6 +98,12 @@ class ProxyMetrics:
         self.accept_paused = Counter(
             "ztunnel_accept_paused",
             "Times accepting paused because file descriptors ran short",
+            registry=r,
+        )
+        self.handovers = Counter(
+            "ztunnel_handovers",
+            "Listener hand-overs to a successor process, by result (done, failed)",
+            ["result"],
             registry=r,
         )
         self.active = Gauge(

@@ -144,8 +144,15 @@ class LabProcesses(LabCluster):
         return body if path == "/metrics" else json.loads(body)
 
     def _start_ztunnel(self, node: NodeState) -> None:
+        """Start the node's proxy. With one already running, the new process takes its
+        listeners over (--handover-socket, docs/upgrade.md) and the old one serves what it has
+        until each connection ends; ready is this process's --ready-file (port 15021 is
+        shared with the predecessor until the hand-over is done)."""
         p = node.plan
         log = self.paths.logs / f"ztunnel-{p.name}.log"
+        node_dir = self.paths.node_dir(p.name)
+        ready_file = node_dir / "ztunnel.ready"
+        previous = node.ztunnel_pid if node.ztunnel_pid and system.alive(node.ztunnel_pid) else 0
         argv = system.nsenter(p.netns, [
             ZTUNNEL,
             "--node", p.name,
@@ -157,19 +164,27 @@ class LabProcesses(LabCluster):
             "--controlplane-roots", str(self.paths.roots),
             "--trust-domain", topology.TRUST_DOMAIN,
             "--drain-timeout", "1",
+            "--handover-socket", str(node_dir / "ztunnel-handover.sock"),
+            "--ready-file", str(ready_file),
         ])  # fmt: skip
         node.ztunnel_pid = system.spawn(argv, log=log)
         self.save()
         pid = node.ztunnel_pid
-        ready = f"http://{p.ip}:15021/healthz/ready"
+
+        def ready() -> bool:
+            try:
+                return int(ready_file.read_text()) == pid
+            except (OSError, ValueError):
+                return False
+
         system.wait_for(
-            lambda: system.http_ok(p.netns, ready) or not system.alive(pid),
-            timeout=60,
-            what=f"node proxy {p.name}",
+            lambda: ready() or not system.alive(pid), timeout=60, what=f"node proxy {p.name}"
         )
         if not system.alive(pid):
             raise LabCommandError(f"node proxy {p.name} exited during start:\n{_tail(log)}")
-        self.log(f"node proxy {p.name} up (pid {pid}) on {p.ip}, fed by the control plane")
+        took_over = f", took the listeners over from pid {previous}" if previous else ""
+        self.log(f"node proxy {p.name} up (pid {pid}) on {p.ip}, fed by the control plane"
+                 f"{took_over}")  # fmt: skip
 
     def proxy_config(self, node_name: str) -> dict[str, Any]:
         """The node proxy's /config_dump (workloads, services, policies, certificates)."""
@@ -204,3 +219,12 @@ class LabProcesses(LabCluster):
     def start_ztunnel(self, node_name: str) -> None:
         st = self.state or self.load()
         self._start_ztunnel(st.node(node_name))
+
+    def upgrade_ztunnel(self, node_name: str) -> int:
+        """Replace the node's proxy by a new process through the listener hand-over; returns
+        the old pid (it keeps serving its connections until they end, then exits)."""
+        st = self.state or self.load()
+        node = st.node(node_name)
+        old = node.ztunnel_pid
+        self._start_ztunnel(node)
+        return old

@@ -183,11 +183,18 @@ def test_daemonset_shape() -> None:
     assert {"operator": "Exists"} in pod["tolerations"]
     assert ds["spec"]["updateStrategy"] == {
         "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 1},
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},  # new pod beside the old
     }
-    assert pod["terminationGracePeriodSeconds"] == 35  # drain 30 + margin
+    assert pod["terminationGracePeriodSeconds"] == 3600  # old pod serves what it has
     zt, agent, cni = container(ds, "ztunnel"), container(ds, "agent"), container(ds, "install-cni")
-    assert zt["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    # Ready only once this pod's process took the listeners over (a pod-local file: 15021 is
+    # shared with the old pod in the host network).
+    assert zt["readinessProbe"]["exec"] == {"command": ["test", "-f", "/tmp/ztunnel-ready"]}
+    assert "--handover-socket=/var/run/ambient/ztunnel/handover.sock" in zt["args"]
+    assert "--ready-file=/tmp/ztunnel-ready" in zt["args"]
+    handover = next(v for v in pod["volumes"] if v["name"] == "handover")
+    assert handover["hostPath"] == {"path": "/var/run/ambient/ztunnel", "type": "DirectoryOrCreate"}
+    assert {"name": "handover", "mountPath": "/var/run/ambient/ztunnel"} in zt["volumeMounts"]
     for c in (zt, agent, cni):
         sc = c["securityContext"]
         assert sc["capabilities"]["drop"] == ["ALL"] and not sc.get("privileged")

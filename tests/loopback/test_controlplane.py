@@ -21,6 +21,7 @@ from meshcore.proto import ca_pb2, workload_pb2
 from meshcore.proto.convert import ADDRESS_TYPE
 from tests.helpers import run
 from tests.loopback.cpfixtures import (
+    CLIENT_IP,
     DENY_SLEEP,
     NODE_A,
     NODE_B,
@@ -184,6 +185,44 @@ async def _controlplane_restart_node_proxies_keep_forwarding_and_resync(
             await cp.stop()
 
 
+async def _controlplane_restart_drops_no_held_connection(tmp_path: Path) -> None:
+    """Issue 15: 50 connections held open through the node-proxy pair keep flowing while the
+    control plane is down and after it is back (nothing is reset by the xDS reconnect)."""
+    write_manifests(tmp_path / "manifests", "mesh.yaml", base_manifests())
+    settings = cp_settings(tmp_path)
+    cp = ControlPlane(settings)
+    await cp.start()
+    async with echo_backend():
+        a = await start_node("node-a", NODE_A, ((VIP, 80),))
+        b = await start_node("node-b", NODE_B)
+        held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        try:
+            for _ in range(50):
+                held.append(await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0)))
+
+            async def exchange(tag: str) -> None:
+                for i, (reader, writer) in enumerate(held):
+                    data = f"{tag}/{i}".encode().ljust(64, b".")
+                    writer.write(data)
+                    assert await asyncio.wait_for(reader.readexactly(64), 5) == data
+
+            await exchange("before")
+            await cp.stop()
+            await eventually(lambda: not b.xds.stats.connected, 5, "client noticed")
+            await exchange("down")
+            cp = ControlPlane(settings)
+            await cp.start()
+            await eventually(lambda: a.xds.stats.connected and b.xds.stats.connected, 10)
+            await exchange("after")
+            assert await call_echo()
+        finally:
+            for _, writer in held:
+                writer.close()
+            await stop_node(a)
+            await stop_node(b)
+            await cp.stop()
+
+
 async def _tls_serving_and_trust_bundle(tmp_path: Path) -> None:
     write_manifests(tmp_path / "manifests", "mesh.yaml", base_manifests())
     async with running_controlplane(cp_settings(tmp_path, plaintext=False)) as cp:
@@ -272,6 +311,10 @@ def test_bad_resource_is_nacked_alone(tmp_path: Path) -> None:
 
 def test_controlplane_restart_node_proxies_keep_forwarding_and_resync(tmp_path: Path) -> None:
     run(_controlplane_restart_node_proxies_keep_forwarding_and_resync(tmp_path), 60)
+
+
+def test_controlplane_restart_drops_no_held_connection(tmp_path: Path) -> None:
+    run(_controlplane_restart_drops_no_held_connection(tmp_path))
 
 
 def test_tls_serving_and_trust_bundle(tmp_path: Path) -> None:

@@ -219,6 +219,7 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
             # tokens and the agent reads labels from manifests (cluster defaults: TokenReview,
             # labels from the API; those are tested against the API stand-in).
             "auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap",
+            f"node.handoverDir={host / 'handover'}",
         ])  # fmt: skip
         pod = ds["spec"]["template"]["spec"]
         assert pod["hostNetwork"] is True
@@ -266,10 +267,14 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
         agent_sock = sock_dir / "cni.sock"
         wait_for(lambda: agent_sock.exists(), "agent socket", procs=procs, logs=logs)
         start("ztunnel")
-        probe = next(c for c in pod["containers"] if c["name"] == "ztunnel")["readinessProbe"]
-        ready = f"http://{plan.ip}:{probe['httpGet']['port']}{probe['httpGet']['path']}"
-        wait_for(lambda: system.http_ok(plan.netns, ready), "rendered readiness probe",
-                 procs=procs, logs=logs)  # fmt: skip
+        # The rendered exec probe (a pod-local file: 15021 is shared with a predecessor pod
+        # in the host network until the hand-over completes), with the pod's mounts mapped.
+        zt = next(c for c in pod["containers"] if c["name"] == "ztunnel")
+        zt_mounts = mount_map(pod, zt, materialised)
+        probe = [map_paths(a, zt_mounts) for a in zt["readinessProbe"]["exec"]["command"]]
+        wait_for(lambda: subprocess.run(probe, check=False).returncode == 0,
+                 "rendered readiness probe", procs=procs, logs=logs)  # fmt: skip
+        assert system.http_ok(plan.netns, f"http://{plan.ip}:15021/healthz/ready")
 
         # The agent: answers on the rendered socket and keeps node-2's ambient pod enrolled.
         status = protocol.call(str(agent_sock), {"op": "status"}, timeout=10)

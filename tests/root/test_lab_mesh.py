@@ -160,6 +160,41 @@ def test_agent_restart_keeps_capture_and_connections(lab: Lab) -> None:
         session.close()
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (the lab spawned it; nobody may have reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_node_proxy_upgrade_by_hand_over_keeps_connections(lab: Lab) -> None:
+    """Issue 15: each node's proxy is replaced by a new process through the listener hand-over
+    while a connection crosses both; it survives (past the old drain timeout of 1 s), new
+    connections are captured and served by the new processes, the old ones exit once their
+    connection ended."""
+    session = Session(lab, "demo/client", "echo", 80)
+    old: dict[str, int] = {}
+    try:
+        assert session.ask("before") == "echo: before"
+        for node in ("node-1", "node-2"):
+            old[node] = lab.upgrade_ztunnel(node)
+            assert lab.load().node(node).ztunnel_pid != old[node]
+            assert session.ask(f"after {node}") == f"echo: after {node}"
+            n1 = log_size(lab, "node-1")
+            code, out = call(lab, "demo/client", "echo", 80, "new")
+            assert code == 0, out
+            assert wait_access(lab, "node-1", n1, lambda a: a["src.identity"] == SLEEP)
+        time.sleep(2)  # past the old processes' --drain-timeout 1
+        assert all(_running(pid) for pid in old.values()), "old node proxy cut its connection"
+        assert session.ask("later") == "echo: later"
+        assert redirection(lab)["demo/client"] == "enabled"
+    finally:
+        session.close()
+        for pid in old.values():
+            system.wait_for(lambda pid=pid: not _running(pid), timeout=15, what="old proxy exit")
+
+
 def test_node_proxy_stopped_fails_closed(lab: Lab) -> None:
     lab.stop_ztunnel("node-1")
     try:

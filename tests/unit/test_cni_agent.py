@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -372,3 +373,26 @@ def test_plugin_version() -> None:
     out = io.StringIO()
     assert plugin.run({"CNI_COMMAND": "VERSION"}, io.BytesIO(b'{"cniVersion":"0.4.0"}'), out) == 0
     assert json.loads(out.getvalue())["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
+
+
+def test_stopping_agent_leaves_a_successors_socket(
+    setup: tuple[Agent, FakeCapture, Path, set[str]],
+) -> None:
+    """Surge update: the new pod's agent binds the socket path while the old agent still runs;
+    the old agent stopping must not unlink the new one's socket (the plugin talks to it)."""
+    agent, _capture, tmp, _alive = setup
+    sock = tmp / "agent.sock"
+
+    async def main() -> None:
+        server = AgentServer(agent, sock, poll=0.05)
+        task = asyncio.ensure_future(server.run())
+        while not sock.exists():
+            await asyncio.sleep(0.01)
+        with socket.socket(socket.AF_UNIX) as successor:
+            sock.unlink()
+            successor.bind(str(sock))
+            server._stop.set()
+            await task
+            assert sock.exists()
+
+    asyncio.run(main())

@@ -54,6 +54,14 @@ class ProxySettings:
     """Open upstream/HBONE connections from the source workload's IP (needs IP_TRANSPARENT
     outside loopback)."""
     drain_timeout: float = 30.0
+    handover_socket: str | None = None
+    """Unix socket path of the listener hand-over (`ztunnel.handover`); None: no hand-over."""
+    ready_file: str | None = None
+    """A file created when this process is ready (after any hand-over), removed on drain: a
+    per-pod readiness signal where the readiness port is shared with a predecessor."""
+    handover_drain_timeout: float = 0.0
+    """After handing the listeners to a successor, cap on serving what this process has;
+    0: no deadline (each connection ends on its own)."""
     connect_timeout: float = 5.0
     hbone_max_streams: int = SERVER_MAX_STREAMS
     """SETTINGS_MAX_CONCURRENT_STREAMS advertised on inbound HBONE connections."""

@@ -1,0 +1,371 @@
+"""Zero-drop upgrade of a node-proxy pair (issue 15): listener hand-over under held traffic.
+
+Addresses (disjoint from the other loopback modules):
+  node-a 127.0.76.1, client pod 127.0.76.10 (sa sleep), service VIP 127.0.78.10:80 (node-a's
+  outbound listener is bound on it), node-b 127.0.77.1, server pod 127.0.77.10 (sa echo), whose
+  backend (in this test process) echoes on :8080.
+1,000 tunnels are held open with hash-checked traffic flowing on every one of them; node-a and
+then node-b are replaced by a second process of the same code (--handover-socket); fresh
+tunnels are opened all along. The old processes run with a 2 s drain timeout and the held
+tunnels outlive it by far: after a hand-over the old process serves what it has, no deadline.
+A failed hand-over (the successor takes the sockets and dies before READY) loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ztunnel import handover
+
+NODE_A, CLIENT = "127.0.76.1", "127.0.76.10"
+NODE_B, SERVER = "127.0.77.1", "127.0.77.10"
+VIP = "127.0.78.10"
+HELD = 1_000
+CHUNK = 1024
+
+
+def config() -> dict[str, Any]:
+    port = {"servicePort": 80, "targetPort": 8080}
+    return {
+        "workloads": [
+            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
+             "addresses": [CLIENT], "node": "node-a", "tunnelProtocol": "HBONE"},
+            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
+             "addresses": [SERVER], "node": "node-b", "tunnelProtocol": "HBONE",
+             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
+        ],
+        "services": [
+            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
+             "addresses": [{"address": VIP}], "ports": [port]},
+        ],
+        "policies": [],
+    }  # fmt: skip
+
+
+def ready(ip: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{ip}:15021/healthz/ready", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class Nodes:
+    tmp: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    generation: dict[str, int] = field(default_factory=dict)
+
+    def sock(self, node: str) -> Path:
+        return self.tmp / f"{node}.handover.sock"
+
+    def ready_file(self, node: str, gen: int) -> Path:
+        return self.tmp / f"{node}.{gen}.ready"
+
+    def log(self, node: str, gen: int) -> Path:
+        return self.tmp / f"{node}.{gen}.log"
+
+    def spawn(self, node: str, ip: str, *more: str) -> subprocess.Popen[bytes]:
+        gen = self.generation.get(node, 0) + 1
+        self.generation[node] = gen
+        extra = ["--outbound-listen", f"{VIP}:80"] if node == "node-a" else []
+        exe = str(Path(sys.executable).parent / "ztunnel")
+        with self.log(node, gen).open("wb") as out:
+            proc = subprocess.Popen(
+                [exe, "--node", node, "--node-ip", ip, "--mesh-config", str(self.tmp / "mesh.yaml"),
+                 "--ca-dir", str(self.tmp / "ca"), "--capture", "bind", "--drain-timeout", "2",
+                 "--handover-socket", str(self.sock(node)),
+                 "--ready-file", str(self.ready_file(node, gen)), *extra, *more],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def wait_ready(self, node: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+        """Ready as logged by THIS process (the readiness port is shared with the predecessor
+        until the hand-over is done, so an HTTP probe cannot tell which one answered)."""
+        path = self.log(node, self.generation[node])
+        deadline = time.monotonic() + timeout
+        while " ready: " not in path.read_text():
+            assert proc.poll() is None, path.read_text()
+            assert time.monotonic() < deadline, path.read_text()
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(config()))
+    n = Nodes(tmp_path)
+    try:
+        for node, ip in (("node-a", NODE_A), ("node-b", NODE_B)):
+            n.wait_ready(node, n.spawn(node, ip))
+        assert ready(NODE_A)
+        assert ready(NODE_B)
+        yield n
+    finally:
+        for p in n.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def chunk(i: int, k: int) -> bytes:
+    return hashlib.shake_256(f"{i}/{k}".encode()).digest(CHUNK)
+
+
+@dataclass
+class Traffic:
+    """Held tunnels with hash-checked rounds, and fresh short tunnels opened meanwhile."""
+
+    lost: int = 0
+    corrupted: int = 0
+    rounds: int = 0
+    fresh_ok: int = 0
+    fresh_failed: int = 0
+    opened: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    all_open: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def held(self, i: int, total: int) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT, 0))
+        except OSError:
+            self.lost += 1
+            return
+        self.opened += 1
+        if self.opened == total:
+            self.all_open.set()
+        k = 0
+        try:
+            while True:
+                data = chunk(i, k)
+                writer.write(data)
+                got = await asyncio.wait_for(reader.readexactly(CHUNK), 30)
+                if got != data:
+                    self.corrupted += 1
+                    return
+                self.rounds += 1
+                k += 1
+                if self.stop.is_set():
+                    break
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 0.5 + (i % 50) / 100)
+            writer.write_eof()
+            if await asyncio.wait_for(reader.read(), 30) != b"":
+                self.corrupted += 1
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            self.lost += 1
+        finally:
+            writer.close()
+
+    async def fresh(self) -> None:
+        """A short tunnel every 20 ms until stopped: every one must succeed."""
+        n = 0
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(n: int) -> None:
+            data = hashlib.shake_256(f"fresh/{n}".encode()).digest(8 * CHUNK)
+            try:
+                reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT, 0))
+                writer.write(data)
+                writer.write_eof()
+                got = await asyncio.wait_for(reader.read(), 20)
+                writer.close()
+            except (OSError, TimeoutError):
+                self.fresh_failed += 1
+                return
+            if got == data:
+                self.fresh_ok += 1
+            else:
+                self.fresh_failed += 1
+
+        while not self.stop.is_set():
+            task = asyncio.create_task(one(n))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            n += 1
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.02)
+        await asyncio.gather(*pending)
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    writer.close()
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def test_upgrade_each_side_under_1000_held_tunnels_loses_nothing(nodes: Nodes) -> None:
+    async def main() -> tuple[Traffic, float]:
+        backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
+        t = Traffic()
+        held = [asyncio.create_task(t.held(i, HELD)) for i in range(HELD)]
+        await asyncio.wait_for(t.all_open.wait(), 60)
+        fresh = asyncio.create_task(t.fresh())
+        await asyncio.sleep(0.5)
+        old_a, old_b = nodes.procs
+        took = 0.0
+        for node, ip in (("node-a", NODE_A), ("node-b", NODE_B)):
+            start = time.monotonic()
+            new = nodes.spawn(node, ip)
+            await in_thread(nodes.wait_ready, node, new)
+            took = max(took, time.monotonic() - start)
+            # Per-process readiness: the successor's file exists, the predecessor's is gone.
+            assert nodes.ready_file(node, 2).exists()
+            assert not nodes.ready_file(node, 1).exists()
+            await asyncio.sleep(1.0)
+        # The held tunnels outlive the old processes' 2 s drain timeout by far.
+        await asyncio.sleep(3.0)
+        assert old_a.poll() is None, "old node-a cut its tunnels"
+        assert old_b.poll() is None, "old node-b cut its tunnels"
+        rounds_before_stop = t.rounds
+        t.stop.set()
+        await asyncio.gather(*held, fresh)
+        backend.close()
+        assert t.rounds > rounds_before_stop
+        return t, took
+
+    t, took = asyncio.run(main())
+    print(f"upgrade figures: {t} slowest hand-over {took:.2f}s")  # shown with pytest -s
+    assert (t.lost, t.corrupted, t.opened) == (0, 0, HELD), t
+    assert t.fresh_failed == 0, t
+    assert t.fresh_ok > 100, t
+    old_a, old_b, new_a, new_b = nodes.procs
+    # Their connections ended: the old processes exit on their own, cleanly.
+    assert old_a.wait(15) == 0
+    assert old_b.wait(15) == 0
+    assert new_a.poll() is None
+    assert new_b.poll() is None
+    assert ready(NODE_A)
+    assert ready(NODE_B)
+    for node in ("node-a", "node-b"):
+        old_log = nodes.log(node, 1).read_text()
+        assert "hand-over: done" in old_log, old_log
+        assert "predecessor stopped accepting" in nodes.log(node, 2).read_text()
+    assert took < 15, took
+
+
+def test_upgrade_of_a_two_worker_node_proxy_loses_nothing(nodes: Nodes) -> None:
+    """node-b runs two workers (sharing the listeners): after the hand-over both old workers
+    serve their tunnels past the drain timeout, none is cut; the successor has two workers."""
+
+    async def main() -> Traffic:
+        backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
+        t = Traffic()
+        # Replace the single-worker node-b by a two-worker one first (a hand-over too).
+        two = nodes.spawn("node-b", NODE_B, "--workers", "2")
+        await in_thread(nodes.wait_ready, "node-b", two)
+        held = [asyncio.create_task(t.held(i, 300)) for i in range(300)]
+        await asyncio.wait_for(t.all_open.wait(), 30)
+        fresh = asyncio.create_task(t.fresh())
+        new = nodes.spawn("node-b", NODE_B, "--workers", "2")
+        await in_thread(nodes.wait_ready, "node-b", new)
+        await asyncio.sleep(4.0)  # past the 2 s drain timeout of the old workers
+        assert two.poll() is None
+        t.stop.set()
+        await asyncio.gather(*held, fresh)
+        backend.close()
+        return t
+
+    t = asyncio.run(main())
+    assert (t.lost, t.corrupted, t.opened) == (0, 0, 300), t
+    assert t.fresh_failed == 0, t
+    assert t.fresh_ok > 50, t
+    assert nodes.procs[2].wait(15) == 0
+
+
+def test_failed_hand_over_loses_nothing(nodes: Nodes) -> None:
+    """A successor that takes the sockets and dies before READY (a stand-in, and a real
+    process that fails at start), and a peer that speaks garbage, change nothing: the running
+    node proxy never stopped accepting; a real successor can still take over afterwards."""
+
+    failed_counter = ""
+
+    async def main() -> Traffic:
+        backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
+        t = Traffic()
+        held = [asyncio.create_task(t.held(i, 200)) for i in range(200)]
+        await asyncio.wait_for(t.all_open.wait(), 30)
+        fresh = asyncio.create_task(t.fresh())
+        await asyncio.sleep(0.3)
+        # Dies mid-hand-over: HELLO, OFFER received with every fd, then gone without READY.
+        handed = await in_thread(handover.obtain, nodes.sock("node-a"))
+        assert handed is not None
+        assert {s.role for s in handed.sockets} == {
+            "outbound", "plaintext", "hbone", "admin", "metrics", "readiness"
+        }  # fmt: skip
+        handed.close_unused()
+        handed.conn.close()
+        # A peer speaking another protocol gets REFUSE and nothing else.
+        with socket.socket(socket.AF_UNIX) as bad:
+            bad.settimeout(5)
+            bad.connect(str(nodes.sock("node-a")))
+            bad.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            msgs = handover.Decoder().feed(bad.recv(4096))
+            assert msgs[0].kind is handover.Kind.REFUSE, msgs
+            assert bad.recv(4096) == b""
+        # A real successor process that dies after it received the sockets (its CA directory
+        # is a file: it fails while loading certificates, before READY).
+        (nodes.tmp / "not-a-dir").write_text("")
+        broken = nodes.spawn("node-a", NODE_A, "--ca-dir", str(nodes.tmp / "not-a-dir"))
+        assert await in_thread(broken.wait, 20) == 1
+        assert "received" in nodes.log("node-a", 2).read_text()
+        await asyncio.sleep(1.0)
+        assert ready(NODE_A)
+        nonlocal failed_counter
+        with urllib.request.urlopen(f"http://{NODE_A}:15020/metrics", timeout=5) as r:
+            failed_counter = next(
+                line for line in r.read().decode().splitlines() if "handovers_total{" in line
+            )
+        # A real successor now takes over: the failed attempts left the old one intact.
+        new = nodes.spawn("node-a", NODE_A)
+        await in_thread(nodes.wait_ready, "node-a", new)
+        await asyncio.sleep(0.5)
+        t.stop.set()
+        await asyncio.gather(*held, fresh)
+        backend.close()
+        return t
+
+    t = asyncio.run(main())
+    assert (t.lost, t.corrupted, t.opened) == (0, 0, 200), t
+    assert t.fresh_failed == 0, t
+    assert t.fresh_ok > 50, t
+    log = nodes.log("node-a", 1).read_text()
+    assert log.count("hand-over failed, keep serving") == 3, log
+    assert failed_counter == 'ztunnel_handovers_total{result="failed"} 3.0', failed_counter
+    assert nodes.procs[0].wait(15) == 0
+
+
+def test_sigterm_without_successor_still_releases_the_path(nodes: Nodes) -> None:
+    """A plain stop (no hand-over) removes the hand-over path, so the next start binds fresh."""
+    a = nodes.procs[0]
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(15) == 0
+    assert not nodes.sock("node-a").exists()
+    new = nodes.spawn("node-a", NODE_A)
+    nodes.wait_ready("node-a", new)
+    assert "binding fresh" in nodes.log("node-a", 2).read_text()

@@ -1,0 +1,144 @@
+"""The listener hand-over protocol (`ztunnel.handover`): pure encoder/decoder, and the
+successor/predecessor edges over a real unix socket pair with real SCM_RIGHTS descriptors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from meshcore.errors import HandoverError
+from ztunnel import handover
+from ztunnel.handover import HEADER, MAGIC, Decoder, Kind, Message, SocketSpec, encode
+
+SPECS = (SocketSpec("outbound", "0.0.0.0", 15001), SocketSpec("readiness", "10.0.0.1", 15021))
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Message(Kind.HELLO, pid=42),
+        Message(Kind.OFFER, sockets=SPECS),
+        Message(Kind.READY),
+        Message(Kind.DONE),
+        Message(Kind.REFUSE, reason="busy"),
+    ],
+)
+def test_round_trip_byte_by_byte(msg: Message) -> None:
+    decoder = Decoder()
+    out: list[Message] = []
+    for b in encode(msg) * 2:
+        out += decoder.feed(bytes([b]))
+    assert out == [msg, msg]
+
+
+def raw(version: int, kind: int, body: bytes, magic: bytes = MAGIC) -> bytes:
+    return HEADER.pack(magic, version, kind, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (raw(1, 1, b"{}", magic=b"HTTP"), "bad magic"),
+        (raw(2, 1, b"{}"), "version 2 unsupported"),
+        (raw(1, 9, b"{}"), "unknown hand-over message kind"),
+        (struct.pack("!4sBBI", MAGIC, 1, 2, 1 << 30), "over"),
+        (raw(1, 2, b"{not json"), "not JSON"),
+        (raw(1, 2, b"[]"), "not a JSON object"),
+        (raw(1, 2, b'{"sockets": [{"role": "shell", "host": "x", "port": 1}]}'), "known role"),
+        (raw(1, 2, b'{"sockets": [{"role": "hbone", "host": "x", "port": 70000}]}'), "range"),
+        (raw(1, 2, b'{"sockets": [' + b",".join([b"{}"] * 65) + b"]}"), "at most 64"),
+    ],
+)
+def test_malformed_is_refused(data: bytes, why: str) -> None:
+    with pytest.raises(HandoverError, match=why):
+        Decoder().feed(data)
+
+
+def test_hand_over_edges_pass_the_same_kernel_sockets(tmp_path: Path) -> None:
+    """obtain() gets descriptors of the very sockets the predecessor listens on (same inode);
+    commit() makes the predecessor stop accepting, then DONE."""
+    path = tmp_path / "h.sock"
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopped: list[bool] = []
+
+    async def main() -> None:
+        server = handover.HandoverServer(
+            path, lambda: [("outbound", listener)], lambda: stopped.append(True)
+        )
+        server.start()
+        handed = await asyncio.get_running_loop().run_in_executor(None, handover.obtain, path)
+        assert handed is not None
+        ((spec, got),) = handed.sockets.items()
+        assert spec == SocketSpec("outbound", "127.0.0.1", listener.getsockname()[1])
+        assert os.fstat(got.fileno()).st_ino == os.fstat(listener.fileno()).st_ino
+        assert stopped == []  # nothing changes before READY
+        assert await handover.commit(handed)
+        assert stopped == [True]
+        assert server.handed_over
+        got.close()
+
+    asyncio.run(main())
+    listener.close()
+
+
+def test_nobody_there_means_bind_fresh(tmp_path: Path) -> None:
+    assert handover.obtain(tmp_path / "absent.sock") is None
+
+
+@pytest.mark.parametrize("first", [Kind.READY, Kind.OFFER, Kind.DONE])
+def test_out_of_order_is_refused_and_changes_nothing(tmp_path: Path, first: Kind) -> None:
+    path = tmp_path / "h.sock"
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopped: list[bool] = []
+    results: list[str] = []
+
+    async def main() -> None:
+        server = handover.HandoverServer(
+            path,
+            lambda: [("outbound", listener)],
+            lambda: stopped.append(True),
+            on_result=results.append,
+        )
+        server.start()
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.setblocking(False)
+            await loop.sock_connect(conn, str(path))
+            await loop.sock_sendall(conn, encode(Message(first)))
+            (msg,) = Decoder().feed(await loop.sock_recv(conn, 4096))
+            assert msg.kind is Kind.REFUSE
+            assert "expected HELLO" in msg.reason
+            assert await loop.sock_recv(conn, 4096) == b""
+        assert stopped == []
+        assert results == ["failed"]
+        assert not server.handed_over
+        server.close(unlink=True)
+        assert not path.exists()
+
+    asyncio.run(main())
+    listener.close()
+
+
+def test_a_path_longer_than_sun_path_works(tmp_path: Path) -> None:
+    """Deep directories (hostPath, test dirs) exceed unix(7)'s 108-byte sun_path."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "handover.sock"
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    async def main() -> None:
+        server = handover.HandoverServer(path, lambda: [("hbone", listener)], lambda: None)
+        server.start()
+        handed = await asyncio.get_running_loop().run_in_executor(None, handover.obtain, path)
+        assert handed is not None
+        assert len(handed.sockets) == 1
+        handed.close_unused()
+        assert await handover.commit(handed)
+
+    asyncio.run(main())
+    listener.close()

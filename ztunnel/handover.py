@@ -1,0 +1,380 @@
+"""Listener hand-over between two node-proxy processes (zero-drop upgrade, issue 15).
+
+Owns the hand-over protocol (a pure encoder/decoder) and its thin I/O edge over a unix stream
+socket: the running process (`HandoverServer`) passes its listening sockets to a successor
+(`obtain` + `commit`) with SCM_RIGHTS, so the very same kernel socket objects keep their accept
+queues (no SYN is refused or reset) and eBPF sk_assign keeps steering to them.
+
+Flow (every message is ``MAGIC | version u8 | kind u8 | length u32 | JSON body``):
+  successor -> HELLO {pid, versions}
+  running   -> OFFER {sockets: [{role, host, port}...]} with one fd per entry (SCM_RIGHTS), or
+               REFUSE {reason}
+  successor    starts accepting on the sockets (both processes accept for a moment: fine, each
+               serves what it accepted), then -> READY
+  running      stops accepting, starts draining (GOAWAY, no deadline by default) -> DONE
+  successor    serves the operator ports, turns ready and binds the hand-over path itself
+               (bind at a temporary name, rename over the path: the path never disappears).
+Invariants: the running process stops accepting only after READY, so a successor that dies or
+goes silent before READY changes nothing (it never accepted); every message and body is bounded
+(`MAX_BODY`, `MAX_SOCKETS` fds); a peer speaking another version or out of order gets REFUSE
+and a log line, never a traceback. Only one hand-over at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshcore.errors import HandoverError
+
+log = logging.getLogger("ztunnel.handover")
+
+MAGIC = b"AMHO"
+VERSION = 1
+HEADER = struct.Struct("!4sBBI")
+MAX_BODY = 64 * 1024
+MAX_SOCKETS = 64
+ROLES = ("outbound", "plaintext", "hbone", "admin", "metrics", "readiness")
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    OFFER = 2
+    READY = 3
+    DONE = 4
+    REFUSE = 5
+
+
+@dataclass(frozen=True, slots=True)
+class SocketSpec:
+    """What one handed-over listening socket serves: its role and its bound address."""
+
+    role: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kind: Kind
+    version: int = VERSION
+    pid: int = 0
+    sockets: tuple[SocketSpec, ...] = ()
+    reason: str = ""
+
+
+def encode(msg: Message) -> bytes:
+    body: dict[str, object] = {}
+    if msg.kind is Kind.HELLO:
+        body = {"pid": msg.pid, "versions": [VERSION]}
+    elif msg.kind is Kind.OFFER:
+        body = {"sockets": [{"role": s.role, "host": s.host, "port": s.port} for s in msg.sockets]}
+    elif msg.kind is Kind.REFUSE:
+        body = {"reason": msg.reason}
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if len(data) > MAX_BODY:
+        raise HandoverError(f"hand-over {msg.kind.name} body of {len(data)} bytes over {MAX_BODY}")
+    return HEADER.pack(MAGIC, msg.version, msg.kind, len(data)) + data
+
+
+def _spec(item: object) -> SocketSpec:
+    if not isinstance(item, dict):
+        raise HandoverError("OFFER socket entry is not an object")
+    role, host, port = item.get("role"), item.get("host"), item.get("port")
+    if role not in ROLES or not isinstance(host, str) or not isinstance(port, int):
+        raise HandoverError(f"OFFER socket entry {item!r} is not a known role/host/port")
+    if not 0 < port < 65536:
+        raise HandoverError(f"OFFER port {port} out of range")
+    return SocketSpec(role, host, port)
+
+
+def _message(version: int, kind: Kind, body: dict[str, object]) -> Message:
+    if kind is Kind.HELLO:
+        pid = body.get("pid")
+        return Message(kind, version, pid=pid if isinstance(pid, int) else 0)
+    if kind is Kind.OFFER:
+        items = body.get("sockets")
+        if not isinstance(items, list) or len(items) > MAX_SOCKETS:
+            raise HandoverError(f"OFFER needs a list of at most {MAX_SOCKETS} sockets")
+        return Message(kind, version, sockets=tuple(_spec(i) for i in items))
+    if kind is Kind.REFUSE:
+        return Message(kind, version, reason=str(body.get("reason", ""))[:200])
+    return Message(kind, version)
+
+
+@dataclass
+class Decoder:
+    """Bytes in, messages out (sans I/O). Raises HandoverError on anything malformed."""
+
+    buffer: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[Message]:
+        self.buffer += data
+        out: list[Message] = []
+        while len(self.buffer) >= HEADER.size:
+            magic, version, kind, length = HEADER.unpack_from(self.buffer)
+            if magic != MAGIC:
+                raise HandoverError("not a hand-over peer (bad magic)")
+            if version != VERSION:
+                raise HandoverError(f"hand-over version {version} unsupported (we speak {VERSION})")
+            if kind not in Kind._value2member_map_:
+                raise HandoverError(f"unknown hand-over message kind {kind}")
+            if length > MAX_BODY:
+                raise HandoverError(f"hand-over body of {length} bytes over {MAX_BODY}")
+            if len(self.buffer) < HEADER.size + length:
+                break
+            raw = bytes(self.buffer[HEADER.size : HEADER.size + length])
+            del self.buffer[: HEADER.size + length]
+            try:
+                body = json.loads(raw)
+            except ValueError as err:
+                raise HandoverError(f"hand-over body is not JSON: {err}") from err
+            if not isinstance(body, dict):
+                raise HandoverError("hand-over body is not a JSON object")
+            out.append(_message(version, Kind(kind), body))
+        return out
+
+
+def spec_of(role: str, sock: socket.socket) -> SocketSpec:
+    host, port = sock.getsockname()[:2]
+    return SocketSpec(role, str(host), int(port))
+
+
+# ---- I/O edge: successor side (blocking, before the event loop runs) ------------------------
+
+
+@dataclass
+class Handed:
+    """Sockets received from a running predecessor, and the connection to commit on."""
+
+    conn: socket.socket
+    sockets: dict[SocketSpec, socket.socket]
+
+    def take(self, role: str, host: str, port: int) -> socket.socket | None:
+        return self.sockets.pop(SocketSpec(role, host, port), None)
+
+    def close_unused(self) -> None:
+        for spec, sock in self.sockets.items():
+            log.info("hand-over: %s %s:%d no longer configured, closed", *_fmt(spec))
+            sock.close()
+        self.sockets.clear()
+
+
+def _fmt(spec: SocketSpec) -> tuple[str, str, int]:
+    return spec.role, spec.host, spec.port
+
+
+@contextlib.contextmanager
+def _addressable(path: Path) -> Iterator[str]:
+    """A unix socket address for `path`: itself, or through /proc/self/fd/<dir fd>/<name> when
+    it is longer than sun_path allows (108 bytes, unix(7)); deep hostPath/test directories."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def obtain(path: Path, timeout: float = 10.0) -> Handed | None:
+    """Ask the process listening on `path` for its listening sockets. None when nobody listens
+    there (first start, or a predecessor that already exited): the caller binds fresh."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        with _addressable(path) as address:
+            conn.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError):
+        conn.close()
+        return None
+    fds: list[int] = []
+    try:
+        conn.sendall(encode(Message(Kind.HELLO, pid=os.getpid())))
+        decoder = Decoder()
+        while True:
+            data, got, _flags, _addr = socket.recv_fds(conn, MAX_BODY, MAX_SOCKETS)
+            fds.extend(got)
+            if not data:
+                raise HandoverError("predecessor closed the hand-over connection")
+            msgs = decoder.feed(data)
+            if msgs:
+                break
+        msg = msgs[0]
+        if msg.kind is Kind.REFUSE:
+            raise HandoverError(f"predecessor refused the hand-over: {msg.reason}")
+        if msg.kind is not Kind.OFFER or len(fds) != len(msg.sockets):
+            raise HandoverError(
+                f"expected OFFER with {len(msg.sockets)} fds, got {msg.kind.name}/{len(fds)}"
+            )
+    except (HandoverError, OSError):
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        raise
+    sockets = {spec: socket.socket(fileno=fd) for spec, fd in zip(msg.sockets, fds, strict=True)}
+    for sock in sockets.values():
+        sock.setblocking(False)
+    log.info("hand-over: received %d listening sockets from %s", len(sockets), path)
+    return Handed(conn, sockets)
+
+
+async def commit(handed: Handed, timeout: float = 30.0) -> bool:
+    """READY to the predecessor (we accept now), then wait for DONE (it stopped accepting).
+    False if it went away or timed out: then we simply own the sockets alone."""
+    loop = asyncio.get_running_loop()
+    conn = handed.conn
+    conn.setblocking(False)
+    try:
+        await loop.sock_sendall(conn, encode(Message(Kind.READY)))
+        decoder = Decoder()
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await loop.sock_recv(conn, 4096)
+                if not data:
+                    log.warning("hand-over: predecessor went away before DONE")
+                    return False
+                for msg in decoder.feed(data):
+                    if msg.kind is Kind.DONE:
+                        log.info("hand-over: predecessor stopped accepting")
+                        return True
+                    raise HandoverError(f"expected DONE, got {msg.kind.name}")
+    except (HandoverError, OSError, TimeoutError) as err:
+        log.warning("hand-over: no DONE from predecessor (%s); serving alone", err)
+        return False
+    finally:
+        conn.close()
+
+
+# ---- I/O edge: running side -----------------------------------------------------------------
+
+
+def bind_path(path: Path) -> socket.socket:
+    """A listening unix socket at `path`, replacing any previous one atomically (bind at a
+    temporary name, rename over the path), so a successor always finds somebody there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with _addressable(tmp) as address:
+        sock.bind(address)
+    os.chmod(tmp, 0o600)
+    sock.listen(4)
+    os.replace(tmp, path)
+    sock.setblocking(False)
+    return sock
+
+
+class HandoverServer:
+    """The running process's side: one successor at a time gets our listening sockets.
+
+    `offer()` returns the sockets to pass; `stop_accepting()` is called once on READY (it must
+    stop accepting synchronously); after DONE the hand-over socket is closed (the successor now
+    owns the path)."""
+
+    def __init__(
+        self,
+        path: Path,
+        offer: Callable[[], Iterable[tuple[str, socket.socket]]],
+        stop_accepting: Callable[[], None],
+        *,
+        ready_timeout: float = 60.0,
+        on_result: Callable[[str], None] = lambda _result: None,
+    ) -> None:
+        self.path = path
+        self.offer = offer
+        self.stop_accepting = stop_accepting
+        self.ready_timeout = ready_timeout
+        self.on_result = on_result
+        """Called with "done" or "failed" once per hand-over attempt (a counter)."""
+        self.sock: socket.socket | None = None
+        self.handed_over = False
+        self.failed = 0
+        self._ino = -1
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.sock = bind_path(self.path)
+        self._ino = os.stat(self.path).st_ino  # the path's inode (fstat of a socket is sockfs's)
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+        log.info("hand-over: listening on %s", self.path)
+
+    def close(self, *, unlink: bool) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self.sock is not None:
+            if unlink:
+                # Only if the path is still ours (a successor may have renamed its own over it).
+                with contextlib.suppress(OSError):
+                    if os.stat(self.path).st_ino == self._ino:
+                        self.path.unlink()
+            self.sock.close()
+            self.sock = None
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.sock is not None
+        while not self.handed_over:
+            conn, _ = await loop.sock_accept(self.sock)
+            try:
+                await self._one(conn)
+            except (HandoverError, OSError, TimeoutError) as err:
+                self.failed += 1
+                self.on_result("failed")
+                log.warning("hand-over failed, keep serving: %s", err)
+            finally:
+                conn.close()
+        self._task = None
+        self.close(unlink=False)
+
+    async def _one(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        decoder = Decoder()
+        stage = Kind.HELLO
+        async with asyncio.timeout(self.ready_timeout):
+            while True:
+                data = await loop.sock_recv(conn, 4096)
+                if not data:
+                    raise HandoverError(f"successor went away before {stage.name}")
+                try:
+                    msgs = decoder.feed(data)
+                    expect: Kind | None = stage
+                    for msg in msgs:  # HELLO, then READY, nothing after
+                        if msg.kind is not expect:
+                            want = expect.name if expect else "nothing"
+                            raise HandoverError(f"expected {want}, got {msg.kind.name}")
+                        expect = Kind.READY if expect is Kind.HELLO else None
+                except HandoverError as err:
+                    with contextlib.suppress(OSError):
+                        await loop.sock_sendall(conn, encode(Message(Kind.REFUSE, reason=str(err))))
+                    raise
+                for msg in msgs:
+                    if stage is Kind.HELLO:
+                        offered = list(self.offer())
+                        specs = tuple(spec_of(role, sock) for role, sock in offered)
+                        payload = encode(Message(Kind.OFFER, sockets=specs))
+                        # Small message on an empty unix socket buffer: sent in one call.
+                        conn.settimeout(5.0)
+                        socket.send_fds(conn, [payload], [s.fileno() for _, s in offered])
+                        conn.setblocking(False)
+                        log.info("hand-over: offered %d sockets to pid %d", len(specs), msg.pid)
+                        stage = Kind.READY
+                    else:
+                        self.stop_accepting()
+                        self.handed_over = True
+                        self.on_result("done")
+                        await loop.sock_sendall(conn, encode(Message(Kind.DONE)))
+                        log.info("hand-over: done; this process only serves what it has")
+                        return
