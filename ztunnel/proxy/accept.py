@@ -32,6 +32,8 @@ log = logging.getLogger("ztunnel.accept")
 FD_RESERVE = 256
 """File descriptors kept free: accepting pauses when the next one would eat into them."""
 ACCEPT_PAUSE = 0.1
+ACCEPT_BATCH = 64
+"""Connections accepted per wake-up of a listener at most."""
 _SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -48,7 +50,12 @@ def fds_short(reserve: int = FD_RESERVE) -> bool:
 
 
 class AcceptLoop:
-    """Accept on `sock` and hand each connection to `on_accept`; pause while fds are short."""
+    """Accept on `sock` and hand each connection to `on_accept`; pause while fds are short.
+
+    Accepting is a reader callback, not an awaited ``sock_accept``: a connection the kernel has
+    handed us is always passed on in the same callback, so `close` (e.g. when a successor took
+    the listener over, issue 15) can never drop one that was accepted but not yet served, as
+    cancelling a task blocked in ``sock_accept`` can."""
 
     def __init__(
         self,
@@ -61,43 +68,67 @@ class AcceptLoop:
         self.sock = sock
         self.on_accept = on_accept
         self.metrics = metrics
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._closed = False
+        self._pause_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self._read(True)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._closed = True
+        self._read(False)
+        if self._pause_task is not None:
+            self._pause_task.cancel()
         self.sock.close()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _read(self, on: bool) -> None:
+        if self._loop is None or on == self._reading or (on and self._closed):
+            return
+        if on:
+            self._loop.add_reader(self.sock.fileno(), self._readable)
+        else:
+            self._loop.remove_reader(self.sock.fileno())
+        self._reading = on
+
+    def _readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):  # bounded per wake-up: other work runs in between
             if fds_short():
-                await self._pause("file descriptors short")
-                continue
+                self._pause("file descriptors short")
+                return
             try:
-                conn, _ = await loop.sock_accept(self.sock)
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as err:
-                if err.errno not in _SHORTAGE:
+                if err.errno in _SHORTAGE:
+                    self._pause(str(err))
+                else:  # e.g. ECONNABORTED: that connection is gone; the next one is not
                     log.warning("%s accept failed: %s", self.name, err)
-                    continue
-                await self._pause(str(err))
-                continue
+                return
             try:
                 self.on_accept(conn)
-            except Exception:
+            except Exception as exc:
                 conn.close()
-                raise
+                log.warning("%s: accepted connection not served: %s", self.name, exc)
 
-    async def _pause(self, why: str) -> None:
+    def _pause(self, why: str) -> None:
         """Leave new connections in the kernel's backlog until descriptors are free again."""
         self.metrics.accept_paused.inc()
         log.warning("%s accept paused: %s", self.name, why)
+        self._read(False)
+        assert self._loop is not None
+        self._pause_task = self._loop.create_task(self._resume_when_free())
+
+    async def _resume_when_free(self) -> None:
         while fds_short():
             await asyncio.sleep(ACCEPT_PAUSE)
         log.info("%s accept resumed", self.name)
+        self._pause_task = None
+        self._read(True)
 
 
 class TcpListener:
