@@ -68,3 +68,23 @@ def loopback_block() -> LoopbackBlock:
         raise RuntimeError("loopback allocator exhausted (256 blocks)")
     base = int(ALLOCATOR_RANGE.network_address) + (n << 8)
     return LoopbackBlock(ipaddress.IPv4Network((base, 24)))
+
+
+def echo_mesh_config(client: str, server: str, vip: str) -> dict[str, Any]:
+    """The static mesh config of the process tests: a `sleep` client on node-a, an `echo` server
+    on node-b behind service `echo` (vip:80 -> 8080), HBONE both sides, no policy."""
+    port = {"servicePort": 80, "targetPort": 8080}
+    return {
+        "workloads": [
+            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
+             "addresses": [client], "node": "node-a", "tunnelProtocol": "HBONE"},
+            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
+             "addresses": [server], "node": "node-b", "tunnelProtocol": "HBONE",
+             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
+        ],
+        "services": [
+            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
+             "addresses": [{"address": vip}], "ports": [port]},
+        ],
+        "policies": [],
+    }  # fmt: skip

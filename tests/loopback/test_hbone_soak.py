@@ -37,6 +37,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, utcnow
 from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
+from tests.helpers import echo_mesh_config
 from tests.loopback.robustness import Raw, headers_frame
 
 NODE_A, CLIENT = "127.0.73.1", "127.0.73.10"
@@ -48,21 +49,7 @@ CHUNK = 4096
 
 
 def config() -> dict[str, Any]:
-    port = {"servicePort": 80, "targetPort": 8080}
-    return {
-        "workloads": [
-            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
-             "addresses": [CLIENT], "node": "node-a", "tunnelProtocol": "HBONE"},
-            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
-             "addresses": [SERVER], "node": "node-b", "tunnelProtocol": "HBONE",
-             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
-        ],
-        "services": [
-            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
-             "addresses": [{"address": VIP}], "ports": [port]},
-        ],
-        "policies": [],
-    }  # fmt: skip
+    return echo_mesh_config(CLIENT, SERVER, VIP)
 
 
 def ready(ip: str) -> bool:

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import echo_mesh_config
+
 NODE_A, CLIENT = "127.0.31.1", "127.0.31.10"
 NODE_B, SERVER = "127.0.32.1", "127.0.32.10"
 SVC_VIP = "127.0.33.10"
@@ -31,21 +33,7 @@ DRAIN = 3.0
 
 
 def config() -> dict[str, Any]:
-    port = {"servicePort": 80, "targetPort": 8080}
-    return {
-        "workloads": [
-            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
-             "addresses": [CLIENT], "node": "node-a", "tunnelProtocol": "HBONE"},
-            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
-             "addresses": [SERVER], "node": "node-b", "tunnelProtocol": "HBONE",
-             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
-        ],
-        "services": [
-            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
-             "addresses": [{"address": SVC_VIP}], "ports": [port]},
-        ],
-        "policies": [],
-    }  # fmt: skip
+    return echo_mesh_config(CLIENT, SERVER, SVC_VIP)
 
 
 def ztunnel_exe() -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import echo_mesh_config
 from ztunnel import handover
 
 NODE_A, CLIENT = "127.0.76.1", "127.0.76.10"
@@ -41,21 +42,7 @@ CHUNK = 1024
 
 
 def config() -> dict[str, Any]:
-    port = {"servicePort": 80, "targetPort": 8080}
-    return {
-        "workloads": [
-            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
-             "addresses": [CLIENT], "node": "node-a", "tunnelProtocol": "HBONE"},
-            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
-             "addresses": [SERVER], "node": "node-b", "tunnelProtocol": "HBONE",
-             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
-        ],
-        "services": [
-            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
-             "addresses": [{"address": VIP}], "ports": [port]},
-        ],
-        "policies": [],
-    }  # fmt: skip
+    return echo_mesh_config(CLIENT, SERVER, VIP)
 
 
 def ready(ip: str) -> bool:
