@@ -71,10 +71,10 @@ from controlplane.xds import XdsServer
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
 from meshcore.config.fields import Finding
+from meshcore.config.pathnorm import PathPolicy
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId
 from meshcore.kubeapi import KubeApi
-from meshcore.l7.hygiene import PathPolicy
 from meshcore.opshttp import is_loopback, require_loopback
 from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, pack_l7
 from meshcore.runtime import stop_on_signals

@@ -4,7 +4,7 @@ Owns: which stored objects waypoints receive and under which names
 (``type.googleapis.com/ambient.l7.Resource``, see `meshcore.proto.l7res`):
 - every VirtualService, DestinationRule, HTTPRoute, AuthorizationPolicy and
   RequestAuthentication (selector and targetRef(s) forms alike) as written: the waypoint
-  decides which apply to it with the same rules as in static mode (`meshcore.l7`), so the
+  decides which apply to it with the same rules as in static mode (`waypoint.protocol`), so the
   control plane does not pre-filter;
 - per namespace with pods, one ``WorkloadLabels`` resource: workload uid -> pod labels, so
   DestinationRule subsets and ``sourceLabels`` see the real labels (not only app/version).

@@ -106,7 +106,7 @@ class H2ProtocolError(MeshError):
 
 
 class JoseError(MeshError):
-    """A JWT or JWKS is unreadable or does not verify (`meshcore.jose`, `meshcore.l7.jwt`).
+    """A JWT or JWKS is unreadable or does not verify (`meshcore.jose`, `waypoint.protocol.jwt`).
     At the waypoint: 401 with Envoy's jwt_authn wording."""
 
 

@@ -2,7 +2,7 @@
 
 Owns: `parse_jwks` (a JWKS document -> public keys), `decode_compact` (a token -> header,
 payload, signing input, signature, without trusting any of it) and `verify_signature` (one
-signature against one key). `meshcore.l7.jwt` decides what a verified token means.
+signature against one key). `waypoint.protocol.jwt` decides what a verified token means.
 
 Algorithms are Envoy's jwt_authn set minus the HMAC ones (a JWKS that carries a shared secret
 is refused: it would let anyone holding the JWKS mint tokens): RS256/384/512, PS256/384/512,

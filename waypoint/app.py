@@ -44,11 +44,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.config.objects import parse_objects
+from meshcore.config.pathnorm import PathPolicy
 from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
-from meshcore.l7.hygiene import PathPolicy
-from meshcore.l7.route import CompiledConfig
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, json_response, require_loopback, serve_http
 from meshcore.proto.yamlform import load_mesh_config
@@ -56,6 +55,7 @@ from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams
 from waypoint.metrics import WaypointMetrics
+from waypoint.protocol.route import CompiledConfig
 from waypoint.server import WaypointServer
 from waypoint.tcp import TcpProxy
 from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
@@ -374,7 +374,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--drain-timeout", type=float, default=5.0)
-    mesh = p.add_argument_group("mesh settings (request hygiene, meshcore.l7.hygiene)")
+    mesh = p.add_argument_group("mesh settings (request hygiene, waypoint.protocol.hygiene)")
     mesh.add_argument("--path-normalization", default=env("PATH_NORMALIZATION", ""),
                       help="Istio meshConfig.pathNormalization: NONE, BASE (default), "
                            "MERGE_SLASHES, DECODE_AND_MERGE_SLASHES; overrides the control "

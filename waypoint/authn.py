@@ -2,7 +2,7 @@
 
 Owns: `authenticate_request`: picks the applicable RequestAuthentications' JWT rules, fetches
 ``jwksUri`` keys through the context's cache only when a token is present, runs the pure
-validation (`meshcore.l7.jwt.authenticate`) and applies its outcome: the request headers sent
+validation (`waypoint.protocol.jwt.authenticate`) and applies its outcome: the request headers sent
 upstream (token removed, payload/claim headers set) and the `RequestInfo` policy evaluates
 (``request.auth.*``, ``requestPrincipals``). A bad token raises `Unauthenticated` (401); the
 request and its body never go upstream.
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from meshcore.config.authorization import AuthzPolicy
 from meshcore.errors import JoseError
 from meshcore.jose import Jwk
-from meshcore.l7.jwt import authenticate, extract, keys_needed
-from meshcore.l7.route import RequestInfo
 from waypoint.body import Request
 from waypoint.context import WaypointContext
 from waypoint.errors import Unauthenticated
+from waypoint.protocol.jwt import authenticate, extract, keys_needed
+from waypoint.protocol.route import RequestInfo
 
 log = logging.getLogger("waypoint")
 

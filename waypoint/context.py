@@ -21,19 +21,19 @@ from dataclasses import dataclass, field
 
 from meshcore.certs import CertificateManager
 from meshcore.config.labels import selector_matches
+from meshcore.config.pathnorm import PathPolicy
 from meshcore.config.routes import DestinationPolicy, TrafficPolicy, WaypointConfig
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
-from meshcore.l7.authz import WaypointIdentity
-from meshcore.l7.cluster import Cluster, EndpointSpec
-from meshcore.l7.hygiene import PathPolicy
-from meshcore.l7.ratelimit import RateLimiter
-from meshcore.l7.route import CompiledConfig, labels_of
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
 from meshcore.tls import ContextCache
 from waypoint.jwks import JwksCache
 from waypoint.metrics import WaypointMetrics
+from waypoint.protocol.authz import WaypointIdentity
+from waypoint.protocol.cluster import Cluster, EndpointSpec
+from waypoint.protocol.ratelimit import RateLimiter
+from waypoint.protocol.route import CompiledConfig, labels_of
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,7 +66,7 @@ class WaypointSettings:
     access_log: bool = True
     path_policy: PathPolicy = field(default_factory=PathPolicy)
     """Mesh setting: Istio meshConfig ``pathNormalization`` and Envoy's
-    ``path_with_escaped_slashes_action`` (`meshcore.l7.hygiene`)."""
+    ``path_with_escaped_slashes_action`` (`waypoint.protocol.hygiene`)."""
     path_override: tuple[str, str] = ("", "")
     """(--path-normalization, --escaped-slashes-action) as given ("" = not given): they win
     over the control plane's mesh settings (`waypoint.xds.L7Store.path_policy`)."""
@@ -74,7 +74,7 @@ class WaypointSettings:
     """Serve HTTP/1.0 requests (Envoy's ``accept_http_10``, Istio's PILOT_HTTP10); off: 426."""
     protocol_detection_timeout: float = 1.0
     """A tunnel to a port without a declared HTTP protocol whose client sends nothing for this
-    long is carried as TCP (server-first protocols); see `meshcore.l7.sniff`."""
+    long is carried as TCP (server-first protocols); see `waypoint.protocol.sniff`."""
 
     @property
     def identity(self) -> SpiffeId:

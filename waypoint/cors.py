@@ -2,7 +2,7 @@
 
 Owns: `apply_cors` and `CorsDownstream` (a `Downstream` that adds the CORS response headers to
 whatever response goes out: upstream, local reply or error), with the decisions of
-`meshcore.l7.cors`.
+`waypoint.protocol.cors`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from meshcore.config.routes import CorsPolicy
-from meshcore.l7.cors import (
+from waypoint.body import Downstream, Request
+from waypoint.protocol.cors import (
     allowed_origin,
     is_preflight,
     preflight_headers,
     response_headers,
 )
-from waypoint.body import Downstream, Request
 
 _CORS_NAMES = ("access-control-allow-origin", "access-control-allow-credentials",
                "access-control-expose-headers")  # fmt: skip

@@ -28,7 +28,7 @@ class WaypointError(MeshError):
 
 
 class BadRequest(WaypointError):
-    """A request refused by request hygiene (`meshcore.l7.hygiene`): 400, or 431 for too many
+    """A request refused by request hygiene (`waypoint.protocol.hygiene`): 400, or 431 for too many
     or too large header fields; flag DPE as Envoy's downstream protocol errors."""
 
     status = 400

@@ -1,15 +1,15 @@
 """Per-request processing at the waypoint, for both HTTP/1.1 and HTTP/2 edges.
 
 Owns: the order of operations for one request and their I/O:
-  0. request hygiene (`meshcore.l7.hygiene`), the same for HTTP/1.1 and HTTP/2: method, target,
-     authority and fields checked (400/431, flag DPE), the path normalised per the mesh's
+  0. request hygiene (`waypoint.protocol.hygiene`), the same for HTTP/1.1 and HTTP/2: method,
+     target, authority and fields checked (400/431, flag DPE), the path normalised per the mesh's
      pathNormalization / escaped-slashes settings (the normalised target is what policy,
      routing AND the upstream see), X-Forwarded-Client-Cert replaced by the verified peer's
      (Envoy SANITIZE_SET: a client-supplied value never reaches policy or the app)
   1. `RequestInfo` (normalised path, verified source identity, source workload + labels)
-  2. L7 authorization (`meshcore.l7.authz`): denied -> 403 ``RBAC: access denied``; the request
-     (and its body) never goes upstream
-  3. route selection (`meshcore.l7.route`): none -> 404 (NR)
+  2. L7 authorization (`waypoint.protocol.authz`): denied -> 403 ``RBAC: access denied``; the
+     request (and its body) never goes upstream
+  3. route selection (`waypoint.protocol.route`): none -> 404 (NR)
   4. direct response / redirect; fault injection (delay, abort)
   5. weighted destination -> cluster (service + subset + port) -> connection-pool admission
      (503 UO on overflow)
@@ -19,7 +19,7 @@ Owns: the order of operations for one request and their I/O:
      response to the client, telemetry (one record per request), trace context.
 
 The protocol edges (`waypoint.http1`, `waypoint.http2`) only parse and frame; every decision is
-taken by the pure functions in `meshcore.l7` and carried out here. Errors are translated to a
+taken by the pure functions in `waypoint.protocol` and carried out here. Errors are translated to a
 response at exactly one place (`serve`).
 """
 
@@ -35,26 +35,6 @@ from typing import Protocol
 from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.identity import SpiffeId
-from meshcore.l7.authz import applicable, evaluate
-from meshcore.l7.cluster import Admission, Cluster, EndpointStats, hash_key
-from meshcore.l7.hygiene import (
-    XFCC,
-    RequestRejected,
-    check_request,
-    forwardable_trailers,
-    normalize_target,
-    xfcc_value,
-)
-from meshcore.l7.route import (
-    RequestInfo,
-    RouteChoice,
-    default_route,
-    pick_destination,
-    redirect_location,
-    rewrite_target,
-    select_route,
-)
-from meshcore.l7.trace import next_traceparent
 from meshcore.model import Service, Workload
 from meshcore.tracing import parse_traceparent
 from waypoint.authn import authenticate_request
@@ -75,6 +55,26 @@ from waypoint.errors import (
     WaypointError,
 )
 from waypoint.metrics import RequestRecord
+from waypoint.protocol.authz import applicable, evaluate
+from waypoint.protocol.cluster import Admission, Cluster, EndpointStats, hash_key
+from waypoint.protocol.hygiene import (
+    XFCC,
+    RequestRejected,
+    check_request,
+    forwardable_trailers,
+    normalize_target,
+    xfcc_value,
+)
+from waypoint.protocol.route import (
+    RequestInfo,
+    RouteChoice,
+    default_route,
+    pick_destination,
+    redirect_location,
+    rewrite_target,
+    select_route,
+)
+from waypoint.protocol.trace import next_traceparent
 from waypoint.ratelimit import check_rate_limit
 
 log = logging.getLogger("waypoint")
@@ -490,7 +490,7 @@ class Handler:
 
     def _workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
         from meshcore.config.routes import TrafficPolicy
-        from meshcore.l7.cluster import EndpointSpec
+        from waypoint.protocol.cluster import EndpointSpec
 
         if wl is None or not wl.addresses:
             raise NoHealthyUpstream("no destination workload")

@@ -1,6 +1,6 @@
 """HTTP/1.1 inside an HBONE tunnel (downstream side): keep-alive request loop.
 
-Owns: reading requests with `meshcore.l7.http1.Http1Parser` from a `TunnelIO`, handing each to
+Owns: reading requests with `waypoint.protocol.http1.Http1Parser` from a `TunnelIO`, handing each to
 `waypoint.handler.Handler`, and framing its response (`H1Downstream`): Content-Length when the
 upstream gave one, else chunked (HTTP/1.1 clients) or close-delimited (HTTP/1.0).
 
@@ -24,10 +24,10 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 
-from meshcore.l7 import http1
 from waypoint.body import EmptyBody, Request
 from waypoint.errors import BadRequest
 from waypoint.handler import Handler, Tunnel
+from waypoint.protocol import http1
 from waypoint.tunnel import TunnelIO
 from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
 from waypoint.upgrade import RawBody, upgrade_of

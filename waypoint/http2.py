@@ -13,8 +13,8 @@ Invariants:
 - Connection-specific fields (RFC 9113 §8.2.2: connection, keep-alive, proxy-connection,
   transfer-encoding, upgrade; te other than "trailers") are never forwarded; gRPC's
   ``te: trailers`` and trailers (grpc-status) pass through, minus the fields that must not
-  come from a trailer section (framing, routing, identity: `meshcore.l7.hygiene`).
-- Request hygiene is the handler's (`meshcore.l7.hygiene`, same rules as HTTP/1.1). What the
+  come from a trailer section (framing, routing, identity: `waypoint.protocol.hygiene`).
+- Request hygiene is the handler's (`waypoint.protocol.hygiene`, same rules as HTTP/1.1). What the
   h2 library finds malformed (RFC 9113 §8.1.1: uppercase or invalid field names, CR/LF/NUL in
   values, several Host fields, Host differing from :authority, connection-specific fields, a
   content-length that is not digits) closes the connection with PROTOCOL_ERROR, recorded with
@@ -38,12 +38,12 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from meshcore.l7.cluster import EndpointStats
-from meshcore.l7.hygiene import MAX_HEADERS_BYTES, forwardable_trailers
 from waypoint.body import ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamProtocolError, UpstreamReset
 from waypoint.handler import Handler, Tunnel
+from waypoint.protocol.cluster import EndpointStats
+from waypoint.protocol.hygiene import MAX_HEADERS_BYTES, forwardable_trailers
 from waypoint.tunnel import TunnelIO
 from waypoint.upstream import EndpointKey, UpstreamPool
 

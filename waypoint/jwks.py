@@ -7,7 +7,7 @@ Failure is closed and bounded: a URI that cannot be fetched (timeout, not 200, t
 usable key) yields None, so tokens of that issuer are rejected (401), as Istio does when istiod
 cannot resolve a JWKS. A failed fetch is not retried for `retry` seconds, so hostile traffic
 cannot turn every request into a fetch; concurrent requests share one fetch. Requests without
-a token never wait for a fetch (`meshcore.l7.jwt.keys_needed`).
+a token never wait for a fetch (`waypoint.protocol.jwt.keys_needed`).
 
 Invariants: at most one fetch in flight per URI; a response body is read up to
 `meshcore.jose.MAX_JWKS_BYTES` + 1 bytes, never more; the clock is injected.

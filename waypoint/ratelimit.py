@@ -2,7 +2,7 @@
 
 Owns: `check_rate_limit`: the `HTTPLocalRateLimitPolicy` objects that apply to this request
 (the waypoint, the destination service, the selected HTTPRoute rule), one draw from their
-buckets (`meshcore.l7.ratelimit.RateLimiter`, kept on the context and synced when the config
+buckets (`waypoint.protocol.ratelimit.RateLimiter`, kept on the context and synced when the config
 changes), and `RateLimited` (429, response flag RL, ``local_rate_limited`` and the
 ``x-ratelimit-*`` headers, as Envoy's local_ratelimit filter answers).
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from meshcore.config.routes import HttpRoute
 from meshcore.identity import SpiffeId
-from meshcore.l7.ratelimit import applies
 from meshcore.model import Service
 from waypoint.context import WaypointContext
 from waypoint.errors import RateLimited
+from waypoint.protocol.ratelimit import applies
 
 
 def check_rate_limit(

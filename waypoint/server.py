@@ -9,7 +9,7 @@ WAYPOINT's certificate and verification of the SOURCE's (`meshcore.hbone.aio.acc
 - then 200, and the first bytes decide the protocol: the HTTP/2 connection preface
   (RFC 9113 §3.4, prior knowledge: h2c, gRPC) -> `waypoint.http2`; otherwise HTTP/1.1 ->
   `waypoint.http1`; on a port that does not declare HTTP/HTTP2/gRPC, bytes that are not HTTP
-  (`meshcore.l7.sniff.classify`), or none within `protocol_detection_timeout` (server-first
+  (`waypoint.protocol.sniff.classify`), or none within `protocol_detection_timeout` (server-first
   protocols), -> `waypoint.tcp` (L4: L4 policy, TCPRoute/TLSRoute, TCP metrics).
 
 Invariant: nothing reaches an upstream before the tunnel's target was checked and, per
@@ -27,11 +27,11 @@ from typing import Any
 
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
-from meshcore.l7.sniff import classify
 from meshcore.model import AppProtocol, ip_from_text
 from waypoint.context import WaypointContext
 from waypoint.handler import Handler, Tunnel
 from waypoint.http1 import serve_h1
+from waypoint.protocol.sniff import classify
 from waypoint.tcp import TcpProxy
 from waypoint.tunnel import TunnelIO
 

@@ -16,7 +16,7 @@ TCPRoute/TLSRoute):
   a TCPRoute for the service (and port), else the addressed service / workload itself.
 - No endpoint: reset (UH); the upstream connect fails: reset (UF).
 
-Bounds: the SNI peek reads at most `meshcore.l7.sniff.MAX_HELLO` bytes within
+Bounds: the SNI peek reads at most `waypoint.protocol.sniff.MAX_HELLO` bytes within
 `SNI_TIMEOUT`; a connection idle both ways for `IDLE_TIMEOUT` (Envoy tcp_proxy's 1 h default)
 is closed; flow control is the tunnels' own (`waypoint.tunnel.TunnelIO`).
 """
@@ -41,12 +41,12 @@ from meshcore.config.routes import Destination, L4Route
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import PoolKey
 from meshcore.identity import SpiffeId
-from meshcore.l7.authz import applicable
-from meshcore.l7.route import pick_destination
-from meshcore.l7.sniff import MAX_HELLO, client_hello_sni
 from meshcore.model import Service, Workload
 from waypoint.context import WaypointContext
 from waypoint.handler import Tunnel
+from waypoint.protocol.authz import applicable
+from waypoint.protocol.route import pick_destination
+from waypoint.protocol.sniff import MAX_HELLO, client_hello_sni
 from waypoint.tunnel import TunnelIO
 from waypoint.upstream import HBONE_PORT, UpstreamPool
 

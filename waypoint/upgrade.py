@@ -14,7 +14,7 @@ handler: RequestAuthentication, AuthorizationPolicy, routing, rate limits and fa
 before anything goes upstream; a denied handshake is answered (401/403/429...) and never
 reaches the app. After a 101 the waypoint relays bytes without interpreting WebSocket frames.
 
-Invariants: the response head read from the upstream is bounded (`meshcore.l7.http1` limits);
+Invariants: the response head read from the upstream is bounded (`waypoint.protocol.http1` limits);
 the relay uses the tunnels' flow control (`waypoint.tunnel.TunnelIO`), so memory per upgraded
 connection is bounded whatever the traffic.
 """
@@ -28,11 +28,11 @@ from collections.abc import Sequence
 
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import PoolKey
-from meshcore.l7 import http1
-from meshcore.l7.cluster import EndpointStats
 from waypoint.body import ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamReset
+from waypoint.protocol import http1
+from waypoint.protocol.cluster import EndpointStats
 from waypoint.tunnel import TunnelIO
 from waypoint.upstream import HBONE_PORT, UpstreamPool
 

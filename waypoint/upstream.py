@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import HbonePool, PoolKey
 from meshcore.identity import SpiffeId
-from meshcore.l7 import http1
-from meshcore.l7.cluster import EndpointStats
 from waypoint.body import ReplayBody, Request
 from waypoint.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamReset
+from waypoint.protocol import http1
+from waypoint.protocol.cluster import EndpointStats
 from waypoint.tunnel import TunnelIO
 
 HBONE_PORT = 15008

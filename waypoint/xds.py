@@ -31,9 +31,9 @@ from datetime import timedelta
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateProvider
 from meshcore.config.objects import parse_objects
+from meshcore.config.pathnorm import PathPolicy
 from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError
-from meshcore.l7.hygiene import PathPolicy
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, unpack_l7
 from meshcore.state import MeshState

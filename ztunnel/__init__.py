@@ -1,6 +1,8 @@
 """ztunnel: the node proxy (one per node): HBONE mTLS tunnels, L4 authorization, telemetry.
 
-`app` is the process (flags, listeners, workers, drain, reload), `proxy/` the data path
-(outbound 15001, inbound 15008 HBONE and 15006 plaintext, the relay), `admin` and `metrics` the
-operator endpoints. Decisions come from the shared core (`meshcore.plan`, `meshcore.authz`).
+`protocol/` holds the pure decisions (`protocol.plan`: outbound/inbound planning, over the
+shared `meshcore.state` and `meshcore.authz`); `proxy/` the data path that carries them out
+(accept loops, outbound 15001, inbound 15008 HBONE and 15006 plaintext, the relay); `app` is the
+process (flags, listeners, workers, drain, reload); `handover` the listener hand-over of a
+zero-drop upgrade; `admin` and `metrics` the operator endpoints.
 """

@@ -23,7 +23,7 @@ nothing, its DENY (and CUSTOM) rules match everything, in the policy's scope. Fi
 documents as HTTP-only are not failures at L4: node proxies apply Istio's ztunnel rule (an ALLOW
 rule using one matches nothing; a DENY rule is enforced on its L4 attributes alone). A
 RequestAuthentication carries its ``jwtRules`` (`meshcore.config.requestauthn`) to the waypoint,
-which validates tokens (`meshcore.l7.jwt`); it is read as a DENY with no rules (it denies
+which validates tokens (`waypoint.protocol.jwt`); it is read as a DENY with no rules (it denies
 nothing by itself) unless it fails closed (then its targets are denied). Node proxies cannot
 read HTTP: at L4 (selector / namespace form) a RequestAuthentication denies its workloads.
 ``requestPrincipals`` and ``request.auth.*`` are evaluated by the waypoint from the verified

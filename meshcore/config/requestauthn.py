@@ -2,7 +2,7 @@
 
 Owns: `JwtRule`, `TokenLocation`, `ClaimHeader` and `parse_jwt_rules`. Called by the one policy
 parser (`meshcore.config.authorization.parse_policy`); the waypoint validates tokens with these
-rules (`meshcore.l7.jwt`).
+rules (`waypoint.protocol.jwt`).
 
 Semantics (istio.io "RequestAuthentication" and "JWTRule" reference, checked 2026):
 - ``issuer`` is required. Keys come from inline ``jwks`` or ``jwksUri`` (http/https); at most one

@@ -141,7 +141,7 @@ class Mirror:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CorsPolicy:
-    """VirtualService ``corsPolicy`` / HTTPRoute ``CORS`` filter (`meshcore.l7.cors`)."""
+    """VirtualService ``corsPolicy`` / HTTPRoute ``CORS`` filter (`waypoint.protocol.cors`)."""
 
     allow_origins: tuple[StringMatcher, ...] = ()
     allow_methods: tuple[str, ...] = ()
@@ -310,7 +310,7 @@ class L4Route:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WaypointConfig:
-    """Everything L7 a waypoint needs, as parsed. `CompiledConfig` (meshcore.l7.route)
+    """Everything L7 a waypoint needs, as parsed. `CompiledConfig` (waypoint.protocol.route)
     indexes it for the data path."""
 
     route_tables: tuple[RouteTable, ...] = ()

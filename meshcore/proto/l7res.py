@@ -13,7 +13,7 @@ Invariants:
 - Kind ``MeshSettings`` (name ``MeshSettings//mesh``) carries the mesh-wide request-hygiene
   settings (`MeshSettings`: Istio meshConfig ``pathNormalization``, Envoy's escaped-slashes
   action) in the message's ``mesh`` field instead of JSON; `unpack_l7` refuses names that are
-  not setting names (`meshcore.l7.hygiene.PathPolicy.parse`), so a bad value is NACKed.
+  not setting names (`meshcore.config.pathnorm.PathPolicy.parse`), so a bad value is NACKed.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 import meshcore.proto.l7_pb2 as l7_pb2
+from meshcore.config.pathnorm import PathPolicy
 from meshcore.errors import ConfigError
-from meshcore.l7.hygiene import PathPolicy
 
 L7_TYPE = "type.googleapis.com/ambient.l7.Resource"
 L7_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy",

@@ -32,8 +32,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshcore.config.pathnorm import PathPolicy
 from meshcore.identity import SpiffeId
-from meshcore.l7.hygiene import PathPolicy
 from tests.loopback.rawhttp import RawApp, Received, send_h1, send_h2
 from tests.loopback.test_waypoint_harness import (
     CLIENT_IP,

@@ -11,7 +11,7 @@ import yaml
 from meshcore.config.objects import parse_objects
 from meshcore.config.routes import TrafficPolicy
 from meshcore.identity import SpiffeId
-from meshcore.l7.cluster import Cluster, EndpointSpec, hash_key
+from waypoint.protocol.cluster import Cluster, EndpointSpec, hash_key
 
 ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
 

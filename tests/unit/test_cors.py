@@ -5,8 +5,8 @@ from __future__ import annotations
 import yaml
 
 from meshcore.config.objects import parse_objects
-from meshcore.l7.cors import allowed_origin, is_preflight, preflight_headers, response_headers
-from meshcore.l7.route import CompiledConfig
+from waypoint.protocol.cors import allowed_origin, is_preflight, preflight_headers, response_headers
+from waypoint.protocol.route import CompiledConfig
 
 VS = """
 apiVersion: networking.istio.io/v1

@@ -18,7 +18,7 @@ from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from controlplane.xds import XdsServer
 from meshcore.config.objects import parse_objects
-from meshcore.l7.hygiene import PathPolicy
+from meshcore.config.pathnorm import PathPolicy
 from meshcore.model import Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, pack_l7, unpack_l7

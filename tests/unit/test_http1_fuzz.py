@@ -15,7 +15,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from meshcore.l7.http1 import (
+from waypoint.protocol.http1 import (
     Body,
     EndOfMessage,
     Http1Parser,

@@ -1,4 +1,4 @@
-"""Request hygiene (meshcore.l7.hygiene) and the HTTP/1.1 codec's refusals (issue 10).
+"""Request hygiene (waypoint.protocol.hygiene) and the HTTP/1.1 codec's refusals (issue 10).
 
 Path normalisation follows Istio's "Authorization Policy Normalization" page (BASE,
 MERGE_SLASHES, DECODE_AND_MERGE_SLASHES) and Envoy's path_with_escaped_slashes_action; the
@@ -13,11 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshcore.l7.http1 import EndOfMessage, Http1Parser, HttpParseError, RequestHead, Role
-from meshcore.l7.hygiene import (
-    EscapedSlashes,
-    PathNormalization,
-    PathPolicy,
+from meshcore.config.pathnorm import EscapedSlashes, PathNormalization, PathPolicy
+from waypoint.protocol.http1 import EndOfMessage, Http1Parser, HttpParseError, RequestHead, Role
+from waypoint.protocol.hygiene import (
     RequestRejected,
     check_authority,
     check_fields,

@@ -16,11 +16,11 @@ from meshcore.config.objects import parse_objects
 from meshcore.config.requestauthn import JwtRule, parse_jwt_rules
 from meshcore.errors import ConfigError, JoseError
 from meshcore.jose import b64url_decode, b64url_encode, parse_jwks
-from meshcore.l7.authz import applicable, evaluate
-from meshcore.l7.jwt import AuthnResult, authenticate
-from meshcore.l7.route import RequestInfo
 from tests.jwtfixtures import jwk, jwks, mint, new_key
 from tests.unit.test_waypoint_authz import WAYPOINT
+from waypoint.protocol.authz import applicable, evaluate
+from waypoint.protocol.jwt import AuthnResult, authenticate
+from waypoint.protocol.route import RequestInfo
 
 ISS = "https://issuer.example"
 NOW = 1_800_000_000.0

@@ -10,8 +10,8 @@ import yaml
 
 from meshcore.config.fields import check_object
 from meshcore.config.objects import parse_objects
-from meshcore.l7.route import CompiledConfig, RequestInfo, select_route
-from meshcore.l7.sniff import classify, client_hello_sni
+from waypoint.protocol.route import CompiledConfig, RequestInfo, select_route
+from waypoint.protocol.sniff import classify, client_hello_sni
 
 GRPC_ROUTE = """
 apiVersion: gateway.networking.k8s.io/v1

@@ -1,4 +1,4 @@
-"""Tests for meshcore.plan: outbound and inbound plans as tables over one test mesh."""
+"""Tests for ztunnel.protocol.plan: outbound and inbound plans as tables over one test mesh."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import pytest
 from meshcore.errors import BadRequest, HboneError, Unauthorized, UpstreamUnavailable
 from meshcore.identity import SpiffeId
 from meshcore.model import WorkloadStatus
-from meshcore.plan import (
+from meshcore.proto.yamlform import parse_mesh_config
+from meshcore.state import MeshState
+from ztunnel.protocol.plan import (
     InboundPlan,
     PlanKind,
     format_authority,
     plan_inbound,
     plan_outbound,
 )
-from meshcore.proto.yamlform import parse_mesh_config
-from meshcore.state import MeshState
 
 WAYPOINT_SVC = {"hostname": {"namespace": "default", "hostname": "waypoint.default.svc"}}
 

@@ -19,10 +19,10 @@ from meshcore.config.authorization import AuthzPolicy, parse_policy, to_l4
 from meshcore.config.fields import INVALID, REFUSED, UNKNOWN
 from meshcore.config.objects import parse_objects
 from meshcore.identity import SpiffeId
-from meshcore.l7.authz import WaypointIdentity, applicable
-from meshcore.l7.authz import evaluate as evaluate_l7
-from meshcore.l7.route import RequestInfo
 from meshcore.model import Authorization
+from waypoint.protocol.authz import WaypointIdentity, applicable
+from waypoint.protocol.authz import evaluate as evaluate_l7
+from waypoint.protocol.route import RequestInfo
 
 WAYPOINT = WaypointIdentity(name="waypoint", namespace="default")
 

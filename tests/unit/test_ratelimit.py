@@ -11,8 +11,8 @@ from meshcore.config.fields import check_object
 from meshcore.config.objects import parse_objects
 from meshcore.config.ratelimit import RateLimitPolicy, parse_rate_limit
 from meshcore.errors import ConfigError
-from meshcore.l7 import ratelimit
-from meshcore.l7.ratelimit import RateLimiter, applies
+from waypoint.protocol import ratelimit
+from waypoint.protocol.ratelimit import RateLimiter, applies
 
 POLICY = """
 apiVersion: policy.linkerd.io/v1alpha1

@@ -7,8 +7,8 @@ import yaml
 
 from meshcore.config.authorization import AuthzPolicy
 from meshcore.config.objects import parse_objects
-from meshcore.l7.authz import WaypointIdentity, applicable, evaluate
-from meshcore.l7.route import RequestInfo
+from waypoint.protocol.authz import WaypointIdentity, applicable, evaluate
+from waypoint.protocol.route import RequestInfo
 
 WAYPOINT = WaypointIdentity(
     name="waypoint", namespace="default", labels=(("istio.io/gateway-name", "waypoint"),)

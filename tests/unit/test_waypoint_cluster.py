@@ -7,7 +7,7 @@ from collections import Counter
 
 from meshcore.config.routes import ConnectionPool, LbPolicy, OutlierDetection, TrafficPolicy
 from meshcore.identity import SpiffeId
-from meshcore.l7.cluster import Admission, Cluster, EndpointSpec
+from waypoint.protocol.cluster import Admission, Cluster, EndpointSpec
 
 ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshcore.l7 import http1
-from meshcore.l7.http1 import (
+from waypoint.protocol import http1
+from waypoint.protocol.http1 import (
     Body,
     EndOfMessage,
     Http1Parser,

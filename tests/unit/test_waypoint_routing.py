@@ -13,8 +13,8 @@ from meshcore.config.objects import parse_objects
 from meshcore.config.reader import parse_duration, resolve_host
 from meshcore.config.routes import DEFAULT_RETRY, LbPolicy
 from meshcore.errors import ConfigError
-from meshcore.l7.hygiene import normalize_path
-from meshcore.l7.route import (
+from waypoint.protocol.hygiene import normalize_path
+from waypoint.protocol.route import (
     CompiledConfig,
     RequestInfo,
     RouteChoice,
@@ -23,7 +23,7 @@ from meshcore.l7.route import (
     rewrite_target,
     select_route,
 )
-from meshcore.l7.trace import next_traceparent
+from waypoint.protocol.trace import next_traceparent
 
 SEED = """
 apiVersion: networking.istio.io/v1beta1

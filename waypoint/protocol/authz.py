@@ -44,7 +44,7 @@ from meshcore.config.authorization import (
 )
 from meshcore.config.labels import selector_matches
 from meshcore.config.matchers import StringMatcher
-from meshcore.l7.route import RequestInfo
+from waypoint.protocol.route import RequestInfo
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,7 +149,7 @@ def _source_matches(s: PolicySource, req: RequestInfo) -> bool:
         return False
     if s.not_remote_ip_blocks and _ip_in(_remote_ip(req), s.not_remote_ip_blocks):
         return False
-    # requestPrincipals: <iss>/<sub> of the verified JWT (`meshcore.l7.jwt`); none: no match.
+    # requestPrincipals: <iss>/<sub> of the verified JWT (`waypoint.protocol.jwt`); none: no match.
     principal = req.auth.principal if req.auth is not None else None
     if s.request_principals and not _any(s.request_principals, principal):
         return False

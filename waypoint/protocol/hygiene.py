@@ -2,9 +2,9 @@
 upstream sees it, for HTTP/1.1 and HTTP/2 alike. Istio's and Envoy's defaults are the contract.
 
 Owns:
-- path normalisation (`PathPolicy`, `normalize_target`): Istio's meshConfig
-  ``pathNormalization`` (NONE, BASE = Envoy ``normalize_path``, MERGE_SLASHES,
-  DECODE_AND_MERGE_SLASHES) and Envoy's ``path_with_escaped_slashes_action``;
+- path normalisation (`normalize_target`) as the mesh's `meshcore.config.pathnorm.PathPolicy`
+  asks: Istio's meshConfig ``pathNormalization`` (NONE, BASE = Envoy ``normalize_path``,
+  MERGE_SLASHES, DECODE_AND_MERGE_SLASHES) and Envoy's ``path_with_escaped_slashes_action``;
 - request validation (`check_request`): method, authority, request-target, field values,
   field count (`RequestRejected` with the status and the reason);
 - the X-Forwarded-Client-Cert value the waypoint sets (`xfcc_value`, Envoy SANITIZE_SET);
@@ -22,11 +22,11 @@ Invariants:
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from meshcore.config.pathnorm import EscapedSlashes, PathNormalization, PathPolicy
 from meshcore.errors import MeshError
 
 MAX_HEADERS = 100
@@ -41,61 +41,6 @@ class RequestRejected(MeshError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-class PathNormalization(enum.Enum):
-    """Istio ``meshConfig.pathNormalization.normalization`` (DEFAULT is BASE)."""
-
-    NONE = "NONE"
-    BASE = "BASE"
-    MERGE_SLASHES = "MERGE_SLASHES"
-    DECODE_AND_MERGE_SLASHES = "DECODE_AND_MERGE_SLASHES"
-
-
-class EscapedSlashes(enum.Enum):
-    """Envoy ``path_with_escaped_slashes_action`` (IMPLEMENTATION_SPECIFIC_DEFAULT is
-    KEEP_UNCHANGED)."""
-
-    KEEP_UNCHANGED = "KEEP_UNCHANGED"
-    REJECT_REQUEST = "REJECT_REQUEST"
-    UNESCAPE_AND_REDIRECT = "UNESCAPE_AND_REDIRECT"
-    UNESCAPE_AND_FORWARD = "UNESCAPE_AND_FORWARD"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PathPolicy:
-    """The mesh's path settings as the waypoint applies them."""
-
-    normalization: PathNormalization = PathNormalization.BASE
-    escaped_slashes: EscapedSlashes = EscapedSlashes.KEEP_UNCHANGED
-
-    @classmethod
-    def parse(cls, normalization: str = "", escaped_slashes: str = "") -> PathPolicy:
-        """From the mesh setting names (Istio's ``DEFAULT`` and Envoy's
-        ``IMPLEMENTATION_SPECIFIC_DEFAULT`` accepted); anything else is a `ValueError`."""
-        n = (normalization or "BASE").upper()
-        e = (escaped_slashes or "KEEP_UNCHANGED").upper()
-        n = "BASE" if n == "DEFAULT" else n
-        e = "KEEP_UNCHANGED" if e == "IMPLEMENTATION_SPECIFIC_DEFAULT" else e
-        return cls(normalization=PathNormalization(n), escaped_slashes=EscapedSlashes(e))
-
-    @property
-    def slashes_action(self) -> EscapedSlashes:
-        # Istio DECODE_AND_MERGE_SLASHES = Envoy UNESCAPE_AND_FORWARD + merge_slashes, unless the
-        # mesh explicitly asked for something stricter.
-        if (
-            self.normalization is PathNormalization.DECODE_AND_MERGE_SLASHES
-            and self.escaped_slashes is EscapedSlashes.KEEP_UNCHANGED
-        ):
-            return EscapedSlashes.UNESCAPE_AND_FORWARD
-        return self.escaped_slashes
-
-    @property
-    def merge_slashes(self) -> bool:
-        return self.normalization in (
-            PathNormalization.MERGE_SLASHES,
-            PathNormalization.DECODE_AND_MERGE_SLASHES,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ Istio's http[] order; HTTPRoutes before VirtualServices, both sorted by namespac
 
 Invariants:
 - Functions here are pure: same inputs (and rng state) -> same decision; no I/O, no clock.
-- `RequestInfo.path` is already normalised (`meshcore.l7.hygiene`, Istio's pathNormalization)
+- `RequestInfo.path` is already normalised (`waypoint.protocol.hygiene`, Istio's pathNormalization)
   before routing and authorization, and the normalised path is what is forwarded, so
   ``/a/../admin`` can neither dodge a deny on ``/admin`` nor reach it through a route for ``/a``.
 - Weighted picks use integer weights over their sum: weights 90/10 give exactly 9:1 odds.
@@ -33,7 +33,7 @@ from meshcore.config.routes import (
     RouteTable,
     WaypointConfig,
 )
-from meshcore.l7.jwt import JwtAuth
+from waypoint.protocol.jwt import JwtAuth
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,7 +57,7 @@ class RequestInfo:
     source_labels: Mapping[str, str] = field(default_factory=dict)
     destination_ip: str = ""
     auth: JwtAuth | None = None
-    """The JWT a RequestAuthentication verified (`meshcore.l7.jwt`); None: none."""
+    """The JWT a RequestAuthentication verified (`waypoint.protocol.jwt`); None: none."""
 
     @property
     def path_only(self) -> str:

@@ -2,10 +2,10 @@
 
 Owns: accepting a TCP connection, choosing the DESTINATION workload's certificate from the
 connection's destination address (the HBONE client sends no SNI), the TLS handshake and peer
-verification (in `meshcore.hbone.aio`), and per CONNECT: `meshcore.plan.plan_inbound` (target
-checks + L4 authorization, pure), the upstream connect, then the response: 200 only after both
-succeeded, else 400/401/503 (docs/reference/ambient-facts.md). No upstream connect happens for a
-denied request.
+verification (in `meshcore.hbone.aio`), and per CONNECT: `ztunnel.protocol.plan.plan_inbound`
+(target checks + L4 authorization, pure), the upstream connect, then the response: 200 only
+after both succeeded, else 400/401/503 (docs/reference/ambient-facts.md). No upstream connect
+happens for a denied request.
 
 Bounded work (issue 9): the serve task of a CONNECT is the stream's task, cancelled when the
 client resets the stream (no socket is created for a stream already gone); upstream connects in
@@ -27,11 +27,11 @@ from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
 from meshcore.hbone.frames import ErrorCode
 from meshcore.model import Service
-from meshcore.plan import InboundPlan, plan_inbound
 from meshcore.sockets import connect_tcp
 from meshcore.telemetry import guess_inbound_service
 from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
+from ztunnel.protocol.plan import InboundPlan, plan_inbound
 from ztunnel.proxy.accept import AcceptLoop, PeerTable
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice

@@ -2,9 +2,9 @@
 
 Owns: the 15001 listener's per-connection flow. The original destination is the accepted socket's
 local address (`getsockname()`): with transparent capture the kernel keeps it, and on loopback the
-listener is bound to the destination itself. The decision is `meshcore.plan.plan_outbound` (pure);
-this module only carries it out: HBONE with the SOURCE workload's certificate through the pool,
-or a plain TCP splice.
+listener is bound to the destination itself. The decision is
+`ztunnel.protocol.plan.plan_outbound` (pure); this module only carries it out: HBONE with the
+SOURCE workload's certificate through the pool, or a plain TCP splice.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import logging
 
 from meshcore.errors import HboneError, PeerVerificationError, response_flag
 from meshcore.hbone.pool import PoolKey
-from meshcore.plan import OutboundPlan, PlanKind, plan_inbound, plan_outbound
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
+from ztunnel.protocol.plan import OutboundPlan, PlanKind, plan_inbound, plan_outbound
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import connect_upstream, parse_authority
 from ztunnel.proxy.relay import TcpSide, splice
