@@ -1,17 +1,22 @@
 """meshcore: the shared core the processes (node proxy, waypoint, control plane, node agent,
-CLI) build on. No import runs back up into a process package.
+CLI) build on. No import runs back up into a process package. Code only one process uses lives
+with that process (the waypoint's HTTP logic in `waypoint.protocol`, the node proxy's planning in
+`ztunnel.protocol`), not here.
 
-Owns: workload identity (SPIFFE), the mesh CA and workload certificates, mTLS contexts and peer
-verification, the HBONE tunnel protocol (sans-I/O core, asyncio edge, pool), the mesh state
-model (workloads, services, authorization policies) and its pure evaluation (L4 authorization,
-outbound/inbound planning), the waypoint's pure HTTP/L7 logic (`l7`), and the clients and small
-servers several processes share: delta-xDS client (`xds`), CA client (`caclient`), Kubernetes
-API client and reflector (`kubeapi`, `reflector`), the operator HTTP server (`opshttp`), the
-one retry backoff (`backoff`) and the process lifecycle pieces (`runtime`).
+Owns: workload identity (SPIFFE, `identity`), the mesh CA and workload certificates (`ca`,
+`certs`), mTLS contexts and peer verification (`tls`), JOSE signature checks (`jose`), the HBONE
+tunnel protocol (`hbone`: sans-I/O cores, asyncio edges, pool), the mesh state model and its
+codecs (`model`, `state` over `pmap`, `proto`), L4 authorization evaluation (`authz`), the
+configuration objects users write (`config`), the one exception tree (`errors`), telemetry
+labels and tracing (`telemetry`, `tracing`), and the clients and small servers several
+processes share: sockets (`sockets`), delta-xDS client (`xds`), CA client (`caclient`),
+Kubernetes API client and reflector (`kubeapi`, `reflector`), the operator HTTP server
+(`opshttp`), the one retry backoff (`backoff`) and the process lifecycle pieces (`runtime`).
 
 Invariant: exactly these modules open sockets: `hbone.aio`, `hbone.h3aio` (HBONE over HTTP/3,
 UDP), `hbone.pool` (through `hbone.aio` and `hbone.h3aio`), `sockets`, `xds`, `caclient`,
-`kubeapi`, `reflector` and `opshttp` (checked by tests/unit/test_layout.py). No other module
-does network I/O; their decisions take the clock and randomness as parameters
+`kubeapi`, `reflector`, `opshttp` and `tracing` (OTLP span export through opentelemetry-sdk's
+gRPC exporter, on the SDK's export thread) (checked by tests/unit/test_layout.py). No other
+module does network I/O; their decisions take the clock and randomness as parameters
 (`certs.CertificateManager.run()` is the one timer loop among them).
 """

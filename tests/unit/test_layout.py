@@ -23,6 +23,7 @@ SOCKET_MODULES = {
     "kubeapi",
     "reflector",
     "opshttp",
+    "tracing",
 }
 NETWORK_IMPORTS = (
     "socket",
@@ -32,6 +33,7 @@ NETWORK_IMPORTS = (
     "meshcore.sockets",
     "meshcore.hbone.aio",
     "meshcore.kubeapi",
+    "opentelemetry.exporter",
 )
 NETWORK_CALLS = {
     "open_connection",
