@@ -53,7 +53,7 @@ from controlplane.translate import (
     is_ambient,
 )
 from meshcore.config.authorization import parse_policy
-from meshcore.config.fields import Finding, check_labels, check_object
+from meshcore.config.findings import Finding, check_labels, check_object
 from meshcore.config.labels import DATAPLANE_MODE, selector_matches
 from meshcore.config.objects import ROUTING_KINDS, parse_objects
 from meshcore.errors import ConfigError

@@ -70,7 +70,7 @@ from controlplane.waypoints import WaypointController, WaypointSettings
 from controlplane.xds import XdsServer
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
-from meshcore.config.fields import Finding
+from meshcore.config.findings import Finding
 from meshcore.config.pathnorm import PathPolicy
 from meshcore.errors import ConfigError, MeshError
 from meshcore.identity import SpiffeId

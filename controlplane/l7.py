@@ -34,7 +34,7 @@ import json
 from controlplane.objects import UNIMPLEMENTED_KINDS
 from controlplane.store import NamespaceObjects, StoreSnapshot
 from controlplane.translate import TranslateOptions
-from meshcore.config.fields import INVALID, Finding, check_object, kind_support
+from meshcore.config.findings import INVALID, Finding, check_object, kind_support
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane.store import StoreSnapshot
-from meshcore.config.fields import INVALID, KIND, REFUSED, UNKNOWN, WARNED, Finding
+from meshcore.config.findings import INVALID, KIND, REFUSED, UNKNOWN, WARNED, Finding
 from meshcore.kubeapi import KubeApi
 
 log = logging.getLogger(__name__)

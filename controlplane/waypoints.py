@@ -48,7 +48,7 @@ from kubernetes_asyncio import client
 
 from controlplane.errors import SourceError
 from controlplane.status import gateway_acceptance
-from meshcore.config.fields import Finding
+from meshcore.config.findings import Finding
 from meshcore.kubeapi import KubeApi
 
 log = logging.getLogger(__name__)

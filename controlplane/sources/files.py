@@ -27,7 +27,7 @@ import yaml
 
 from controlplane.objects import KubeObject, ObjectKey, object_key, parse_object
 from controlplane.store import ConfigStore
-from meshcore.config.fields import kind_support
+from meshcore.config.findings import kind_support
 from meshcore.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -49,13 +49,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from meshcore.config.fields import (
-    FIELDS,
+from meshcore.config.fields import FIELDS, L4, Status
+from meshcore.config.findings import (
     INVALID,
-    L4,
     REFUSED,
     Finding,
-    Status,
     check_object,
     condition_key,
     schema_path,

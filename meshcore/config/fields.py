@@ -2,12 +2,13 @@
 # (the field table rows are data: one row per line)
 """The field table: every field of every kind the mesh reads, and what we do with it.
 
-Owns: `FIELDS` (kind -> field path -> `FieldSpec`), `Finding`, `check_object` (walks one
-object against the table and reports every field that is unknown, refused or only warned
-about), `kind_support` (whole kinds we do not implement), and `render_markdown` (the generated
-``docs/config-fields.md``; ``python -m meshcore.config.fields`` rewrites it, a unit test checks the
-committed file is current). This table is the single source both for the warnings and for the
-documentation: a field is never implemented, refused or ignored without a row here.
+Owns: `FIELDS` (kind -> field path -> `FieldSpec`), `UNSUPPORTED_KINDS` (whole kinds we do not
+implement), `CONDITION_KEYS` (AuthorizationPolicy ``when`` keys) and `LABELS` (labels and
+annotations read). Objects are checked against it by `meshcore.config.findings`, and
+``docs/config-fields.md`` is rendered from it by `meshcore.config.fielddoc` (``python -m
+meshcore.config.fielddoc`` rewrites it, a unit test checks the committed file is current). This
+table is the single source both for the warnings and for the documentation: a field is never
+implemented, refused or ignored without a row here.
 
 Statuses:
 - ``implemented``: read with Istio's / Gateway API's semantics.
@@ -21,8 +22,8 @@ AuthorizationPolicy rows also say how node proxies (L4) treat the field: ``l4`` 
 ``l7-only`` = Istio's ztunnel rule (an ALLOW rule using it matches nothing; a DENY rule is
 enforced on its L4 attributes alone, so it denies more, never less).
 
-Finding codes (``ambientctl analyze`` prints them; the control plane serves them on /debug and
-writes them into the object's status):
+Finding codes (`meshcore.config.findings`; ``ambientctl analyze`` prints them; the control plane
+serves them on /debug and writes them into the object's status):
 - AMB0201 Error: unknown field.
 - AMB0202 Error: field refused (not implemented).
 - AMB0203 Warning: field accepted but not implemented (ignored).
@@ -31,17 +32,14 @@ writes them into the object's status):
 - AMB0206 Warning: a value that makes (part of) the object not apply where it is read (for
   example a VirtualService whose gateways do not include ``mesh``).
 
-Invariants: pure data and pure functions; rows are sorted per kind in the generated table.
+Invariants: pure data; rows are sorted per kind in the generated table.
 """
 
 from __future__ import annotations
 
 import enum
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 
 class Status(enum.Enum):
@@ -68,28 +66,6 @@ class FieldSpec:
     """A map with user-chosen keys (labels, headers): keys below are not checked."""
     l4: L4 = L4.NA
     note: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True, order=True)
-class Finding:
-    """One reported problem of one object. `path` is the concrete field path (with indices)."""
-
-    code: str
-    level: str
-    """``Error``, ``Warning`` or ``Info`` (istioctl analyze levels)."""
-    path: str
-    message: str
-
-    def render(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-UNKNOWN = "AMB0201"
-REFUSED = "AMB0202"
-WARNED = "AMB0203"
-KIND = "AMB0204"
-INVALID = "AMB0205"
-NOTE = "AMB0206"
 
 
 # ------------------------------------------------------------------------------ the table
@@ -714,187 +690,3 @@ LABELS: Mapping[str, tuple[str, tuple[str, ...], str]] = {
     ),
     "kubernetes.io/service-name": ("EndpointSlice", (), "the Service of the slice"),
 }  # fmt: skip
-
-
-def check_labels(kind: str, labels: Mapping[str, Any]) -> list[Finding]:
-    """A value outside a label's allowed set (`LABELS`) is reported: it is not what the user
-    meant, and the mesh reads it as the default."""
-    out = []
-    for key, (kinds, allowed, meaning) in LABELS.items():
-        if kind not in kinds.split(", ") or key not in labels or not allowed:
-            continue
-        value = labels[key]
-        if value not in allowed:
-            out.append(
-                Finding(
-                    code=INVALID, level="Warning", path=f"metadata.labels[{key}]",
-                    message=f"{value!r} is not one of {', '.join(allowed)} ({meaning})",
-                )
-            )  # fmt: skip
-    return out
-
-
-def condition_key(key: str) -> tuple[str, tuple[Status, L4, str]] | None:
-    """The `CONDITION_KEYS` row of a ``when`` key (None: unknown key)."""
-    for pattern, row in CONDITION_KEYS.items():
-        if pattern.endswith("[<name>]"):
-            head = pattern[: -len("<name>]")]
-            if key.startswith(head) and key.endswith("]") and len(key) > len(head) + 1:
-                return pattern, row
-        elif pattern.endswith(".*"):
-            if key.startswith(pattern[:-1]):
-                return pattern, row
-        elif key == pattern:
-            return pattern, row
-    return None
-
-
-# ------------------------------------------------------------------------------ checking
-
-
-def schema_path(path: str) -> str:
-    """``spec.rules[3].from[0]`` -> ``spec.rules[].from[]``."""
-    out = []
-    i = 0
-    while i < len(path):
-        c = path[i]
-        if c == "[":
-            j = path.index("]", i)
-            out.append("[]")
-            i = j + 1
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def check_object(kind: str, obj: Mapping[str, Any], *, api_group: str = "") -> list[Finding]:
-    """Every unknown, refused and warned field of one object (its ``spec``), in document order.
-    Kinds without a table give one `KIND` finding (or none for kinds we do not read at all)."""
-    unsupported = kind_support(kind, obj, api_group=api_group)
-    if unsupported is not None:
-        return [unsupported]
-    table = FIELDS.get(kind)
-    if table is None:
-        return []
-    findings: list[Finding] = []
-
-    def walk(value: object, path: str) -> None:
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                walk(item, f"{path}[{i}]")
-            return
-        if not isinstance(value, Mapping):
-            return
-        for key, sub in value.items():
-            child = f"{path}.{key}" if path else str(key)
-            spec = table.get(schema_path(child))
-            if spec is None:
-                findings.append(Finding(code=UNKNOWN, level="Error", path=child,
-                                        message="unknown field"))  # fmt: skip
-                continue
-            if spec.status is Status.REFUSED:
-                findings.append(Finding(code=REFUSED, level="Error", path=child,
-                                        message=f"not supported: {spec.note}"))  # fmt: skip
-                continue
-            if spec.status is Status.WARNED:
-                findings.append(Finding(code=WARNED, level="Warning", path=child,
-                                        message=f"ignored: {spec.note}"))  # fmt: skip
-                continue
-            if not spec.free:
-                walk(sub, child)
-
-    if "spec" in obj:
-        walk({"spec": obj["spec"]}, "")
-    return findings
-
-
-def kind_support(kind: str, obj: Mapping[str, Any], *, api_group: str = "") -> Finding | None:
-    """A `KIND` finding when the whole kind is not implemented, else None."""
-    key = kind
-    if kind == "Gateway":
-        api = str(obj.get("apiVersion", "")) or api_group
-        if api.startswith("networking.istio.io"):
-            key = "Gateway.networking.istio.io"
-        else:
-            spec = obj.get("spec")
-            cls = spec.get("gatewayClassName") if isinstance(spec, Mapping) else None
-            if cls != "istio-waypoint":
-                key = "Gateway.ingress"
-    row = UNSUPPORTED_KINDS.get(key)
-    if row is None:
-        return None
-    level, message = row
-    return Finding(code=KIND, level=level, path="", message=message)
-
-
-# ------------------------------------------------------------------------------ docs
-
-
-def render_markdown() -> str:
-    """The generated ``docs/config-fields.md``."""
-    lines = [
-        "# Configuration fields: implemented, refused, warned",
-        "",
-        "Generated from `meshcore/config/fields.py` by `python -m meshcore.config.fields`;",
-        "do not edit by hand (a unit test checks this file is current).",
-        "",
-        "- **implemented**: Istio / Gateway API semantics.",
-        "- **warned**: accepted, not implemented; the object is applied without it and a",
-        "  finding (AMB0203) says so.",
-        "- **refused**: not implemented (AMB0202). An AuthorizationPolicy using one fails closed",
-        "  (ALLOW rules match nothing, DENY rules match everything); a routing object using one is",
-        "  not applied.",
-        "- a field that is not listed is unknown (AMB0201) and treated as refused.",
-        "- L4 (AuthorizationPolicy): `l4` = node proxies enforce it; `l7-only` = node proxies",
-        "  apply Istio's ztunnel rule (an ALLOW rule using it matches nothing, a DENY rule is",
-        "  enforced on its L4 attributes alone).",
-        "",
-        "Reported on the control plane's `/debug/config`, by `ambientctl analyze`, and in the",
-        "object's status (Istio `status.validationMessages`, Gateway API conditions).",
-        "",
-    ]
-    for kind in sorted(FIELDS):
-        lines += [f"## {kind}", "", "| field | status | L4 | note |", "|---|---|---|---|"]
-        for path in sorted(FIELDS[kind]):
-            row = FIELDS[kind][path]
-            status = row.status.value + (" (map)" if row.free else "")
-            note = row.note.replace("|", "\\|")
-            lines.append(f"| `{path}` | {status} | {row.l4.value} | {note} |")
-        lines.append("")
-    lines += [
-        "## Authorization Policy Conditions (`when` keys)",
-        "",
-        "| key | waypoint (L7) | node proxy (L4) | note |",
-        "|---|---|---|---|",
-    ]
-    for key, (key_status, l4, note) in CONDITION_KEYS.items():
-        lines.append(f"| `{key}` | {key_status.value} | {l4.value} | {note} |")
-    lines += ["", "Any other key is unknown and refused.", ""]
-    lines += ["## Labels and annotations read", "", "| key | on | values | meaning |",
-              "|---|---|---|---|"]  # fmt: skip
-    for key, (kinds, allowed, meaning) in LABELS.items():
-        values = ", ".join(allowed) if allowed else "any"
-        lines.append(f"| `{key}` | {kinds} | {values} | {meaning} |")
-    lines.append("")
-    lines += ["## Kinds not implemented", "", "| kind | level | effect |", "|---|---|---|"]
-    for kind, (level, message) in sorted(UNSUPPORTED_KINDS.items()):
-        lines.append(f"| {kind} | {level} | {message} |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config-fields.md"
-
-
-def main(argv: list[str]) -> int:
-    text = render_markdown()
-    if argv[1:] == ["--check"]:
-        current = DOC_PATH.read_text() if DOC_PATH.exists() else ""
-        return 0 if current == text else 1
-    DOC_PATH.write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv))

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from meshcore.config.authorization import AuthzPolicy, l7_warnings, parse_policy
-from meshcore.config.fields import INVALID, Finding, check_object, kind_support
+from meshcore.config.findings import INVALID, Finding, check_object, kind_support
 from meshcore.config.gatewayapi import parse_grpc_route, parse_http_route
 from meshcore.config.istio import parse_destination_rule, parse_virtual_service
 from meshcore.config.l4routes import parse_l4_route

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshcore.config.fields import NOTE, Finding
+from meshcore.config.findings import NOTE, Finding
 from meshcore.config.labels import Labels
 from meshcore.errors import ConfigError
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshcore.config.authorization import AuthzPolicy
-from meshcore.config.fields import Finding
+from meshcore.config.findings import Finding
 from meshcore.config.labels import Labels
 from meshcore.config.matchers import StringMatcher
 from meshcore.config.ratelimit import RateLimitPolicy

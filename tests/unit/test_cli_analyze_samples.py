@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ambientctl.main import main
-from meshcore.config.fields import check_object
+from meshcore.config.findings import check_object
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "tests" / "data" / "bookinfo"

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from meshcore.config.fields import (
-    DOC_PATH,
-    FIELDS,
-    KIND,
-    REFUSED,
-    UNKNOWN,
-    WARNED,
-    check_object,
-    render_markdown,
-)
+from meshcore.config.fielddoc import DOC_PATH, render_markdown
+from meshcore.config.fields import FIELDS
+from meshcore.config.findings import KIND, REFUSED, UNKNOWN, WARNED, check_object
 
 
 def test_generated_doc_is_current() -> None:
-    # Regenerate with: python -m meshcore.config.fields
+    # Regenerate with: python -m meshcore.config.fielddoc
     assert DOC_PATH.read_text() == render_markdown()
 
 
@@ -134,7 +127,7 @@ spec: {}
 
 
 def test_label_values_outside_the_allowed_set_are_reported() -> None:
-    from meshcore.config.fields import INVALID, check_labels
+    from meshcore.config.findings import INVALID, check_labels
 
     (f,) = check_labels("Gateway", {"istio.io/waypoint-for": "services"})
     assert f.code == INVALID and f.path == "metadata.labels[istio.io/waypoint-for]"

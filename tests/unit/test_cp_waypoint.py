@@ -16,7 +16,7 @@ from controlplane.waypoints import (
     merge,
     needs_patch,
 )
-from meshcore.config.fields import Finding
+from meshcore.config.findings import Finding
 
 SETTINGS = WaypointSettings(
     image="reg.example/waypoint:1.2", xds_address="cp.istio-system.svc:15012", roots_pem="PEM"

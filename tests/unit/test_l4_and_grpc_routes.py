@@ -8,7 +8,7 @@ from contextlib import suppress
 import pytest
 import yaml
 
-from meshcore.config.fields import check_object
+from meshcore.config.findings import check_object
 from meshcore.config.objects import parse_objects
 from waypoint.protocol.route import CompiledConfig, RequestInfo, select_route
 from waypoint.protocol.sniff import classify, client_hello_sni

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from meshcore.authz import ConnectionInfo
 from meshcore.authz import evaluate as evaluate_l4
 from meshcore.config.authorization import AuthzPolicy, parse_policy, to_l4
-from meshcore.config.fields import INVALID, REFUSED, UNKNOWN
+from meshcore.config.findings import INVALID, REFUSED, UNKNOWN
 from meshcore.config.objects import parse_objects
 from meshcore.identity import SpiffeId
 from meshcore.model import Authorization

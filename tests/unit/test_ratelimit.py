@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshcore.config.fields import check_object
+from meshcore.config.findings import check_object
 from meshcore.config.objects import parse_objects
 from meshcore.config.ratelimit import RateLimitPolicy, parse_rate_limit
 from meshcore.errors import ConfigError
