@@ -3,6 +3,7 @@
 `protocol/` holds the pure decisions (`protocol.plan`: outbound/inbound planning, over the
 shared `meshcore.state` and `meshcore.authz`); `proxy/` the data path that carries them out
 (accept loops, outbound 15001, inbound 15008 HBONE and 15006 plaintext, the relay); `app` is the
-process (flags, listeners, workers, drain, reload); `handover` the listener hand-over of a
-zero-drop upgrade; `admin` and `metrics` the operator endpoints.
+process (listeners, workers, drain, reload), started from the settings `flags` parses;
+`handover` the listener hand-over of a zero-drop upgrade; `admin` and `metrics` the operator
+endpoints.
 """

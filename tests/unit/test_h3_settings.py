@@ -8,7 +8,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, LocalCAProvider
 from meshcore.hbone.pool import HbonePool
 from meshcore.state import MeshState
-from ztunnel.app import parse_args
+from ztunnel.flags import parse_args
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 

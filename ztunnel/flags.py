@@ -1,0 +1,196 @@
+"""The `ztunnel` command line: flags and their environment variables, read into `ProxySettings`.
+
+Owns: `parse_args` (argv + environment -> `ProxySettings` and the raw namespace the process
+still reads) and the ``host:port`` flag syntax.
+
+Invariants: pure apart from reading ``os.environ`` for flag defaults; a bad value is a
+`ConfigError` naming the flag, or argparse's usage error; nothing is bound or opened here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from meshcore.errors import ConfigError
+from meshcore.opshttp import is_loopback
+from meshcore.telemetry import DEFAULT_CLUSTER_ID
+from meshcore.tracing import endpoint_from_env
+from ztunnel.admin import ADMIN_LOOPBACK_WHY
+from ztunnel.proxy.context import ProxySettings
+
+
+def _addr(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(what, f"{text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argparse.Namespace]:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="ztunnel", description="ambient-mesh node proxy")
+    p.add_argument("--node", default=env("NODE_NAME"), help="node name (env NODE_NAME)")
+    p.add_argument("--node-ip", default=env("NODE_IP", "0.0.0.0"), help="address of this proxy")
+    p.add_argument(
+        "--mesh-config",
+        type=Path,
+        default=env("MESH_CONFIG"),
+        help="static YAML of workloads/services/policies (no control plane)",
+    )
+    p.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=env("CA_DIR"),
+        help="mesh CA directory for local signing (static mode)",
+    )
+    # Control-plane mode (issue 4): config over delta xDS, certificates from the control plane's
+    # CA. Replaces --mesh-config / --ca-dir when given.
+    p.add_argument(
+        "--xds-address",
+        default=env("XDS_ADDRESS"),
+        help="control plane host:port (15012) for delta xDS; replaces --mesh-config",
+    )
+    p.add_argument(
+        "--xds-on-demand",
+        action="store_true",
+        default=env("XDS_ON_DEMAND", "") in ("1", "true", "True"),
+        help="on-demand Address delivery (Istio XDS_ON_DEMAND): hold this node's workloads "
+        "and what its pods connect to, looked up on first use, instead of the whole mesh",
+    )
+    p.add_argument(
+        "--ca-address",
+        default=env("CA_ADDRESS"),
+        help="control plane host:port for CreateCertificate (default: --xds-address)",
+    )
+    p.add_argument(
+        "--node-credential-file",
+        type=Path,
+        default=env("NODE_CREDENTIAL_FILE"),
+        help="file holding this node's control-plane token (sent as Bearer)",
+    )
+    p.add_argument(
+        "--controlplane-roots",
+        type=Path,
+        default=env("CONTROLPLANE_ROOTS"),
+        help="PEM roots to verify the control plane's TLS certificate; absent = plaintext",
+    )
+    p.add_argument(
+        "--controlplane-server-name",
+        default=env("CONTROLPLANE_SERVER_NAME", "ambient-controlplane.istio-system.svc"),
+    )
+    p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
+    p.add_argument(
+        "--tracing-address",
+        default=endpoint_from_env(),
+        help="OTLP gRPC collector host:port for one span per connection "
+        "(env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; default off)",
+    )
+    p.add_argument(
+        "--cluster-id",
+        default=env("CLUSTER_ID", DEFAULT_CLUSTER_ID),
+        help="this cluster's id for telemetry (env CLUSTER_ID, as istiod)",
+    )
+    p.add_argument(
+        "--admin-address",
+        default=env("ADMIN_ADDRESS"),
+        help="admin endpoint address (default 127.0.0.1; a loopback --node-ip on test hosts)",
+    )
+    p.add_argument("--capture", choices=("bind", "transparent"), default=env("CAPTURE", "bind"))
+    p.add_argument(
+        "--outbound-listen",
+        action="append",
+        default=[],
+        help="bind mode: extra outbound listener host:port (e.g. a service VIP)",
+    )
+    p.add_argument("--cert-ttl", type=float, default=24 * 3600, help="certificate TTL, seconds")
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--tunnels-per-peer",
+        type=int,
+        default=int(env("TUNNELS_PER_PEER", "16384")),
+        help="inbound tunnels one peer IP may have open at once (env TUNNELS_PER_PEER)",
+    )
+    p.add_argument(
+        "--handover-socket",
+        default=env("HANDOVER_SOCKET"),
+        help="unix socket path: take the listeners from the proxy running there, then offer "
+        "them to the next one (zero-drop upgrade; env HANDOVER_SOCKET)",
+    )
+    p.add_argument(
+        "--ready-file",
+        default=env("READY_FILE"),
+        help="file created once ready (after the hand-over), removed on drain (exec probes)",
+    )
+    p.add_argument(
+        "--handover-drain-timeout",
+        type=float,
+        default=float(env("HANDOVER_DRAIN_TIMEOUT", "0")),
+        help="after a hand-over, cap in seconds on serving existing connections (0: none)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(env("WORKERS", "1")),
+        help="worker processes sharing the listeners (env WORKERS)",
+    )
+    p.add_argument(
+        "--http3",
+        action=argparse.BooleanOptionalAction,
+        default=env("HTTP3", "") in ("1", "true"),
+        help="also serve HBONE over HTTP/3 on the HBONE port over UDP (env HTTP3)",
+    )
+    p.add_argument(
+        "--http3-peer",
+        action="append",
+        default=[p for p in env("HTTP3_PEERS", "").split(",") if p],
+        help="node whose proxy is reached over HTTP/3 first ('*' = all; env HTTP3_PEERS)",
+    )
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    for name, default in (
+        ("admin", 15000),
+        ("metrics", 15020),
+        ("readiness", 15021),
+        ("hbone", 15008),
+        ("outbound", 15001),
+        ("inbound-plaintext", 15006),
+    ):
+        p.add_argument(f"--{name}-port", type=int, default=default)
+    args = p.parse_args(argv)
+    if not args.node:
+        p.error("--node (or NODE_NAME) is required")
+    if args.admin_address and not is_loopback(args.admin_address):
+        p.error(f"--admin-address {args.admin_address!r} is not a loopback address: "
+                f"{ADMIN_LOOPBACK_WHY}")  # fmt: skip
+    if args.mesh_config is None and not args.xds_address:
+        p.error("--mesh-config or --xds-address is required")
+    if args.http3 and args.capture == "transparent":
+        # Pod capture is TCP-only (eBPF); UDP to a pod's 15008 would reach the pod, not us.
+        p.error("--http3 needs --capture bind (HTTP/3 under transparent capture: not implemented)")
+    settings = ProxySettings(
+        node=args.node,
+        node_ip=args.node_ip,
+        trust_domain=args.trust_domain,
+        capture=args.capture,
+        outbound_listen=tuple(_addr(a, "--outbound-listen") for a in args.outbound_listen),
+        outbound_port=args.outbound_port,
+        inbound_plaintext_port=args.inbound_plaintext_port,
+        hbone_port=args.hbone_port,
+        admin_port=args.admin_port,
+        admin_address=args.admin_address,
+        metrics_port=args.metrics_port,
+        readiness_port=args.readiness_port,
+        drain_timeout=args.drain_timeout,
+        tunnels_per_peer=args.tunnels_per_peer,
+        http3=args.http3,
+        http3_peers=tuple(args.http3_peer),
+        cluster_id=args.cluster_id,
+        tracing_address=args.tracing_address or None,
+        handover_socket=args.handover_socket,
+        handover_drain_timeout=args.handover_drain_timeout,
+        ready_file=args.ready_file,
+    )
+    return settings, args
