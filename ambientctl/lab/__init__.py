@@ -5,6 +5,8 @@ Modules: `manifests` (pure: Kubernetes-style YAML -> LabSpec, and the Pod/Namesp
 lab writes back), `topology` (pure: names and addresses), `system` (the I/O edge: ip, nsenter,
 processes, CNI exec), `lab` (the order of up/down) built from `state`, `cluster` (manifest
 directory, underlay), `processes` (agents, control plane, node proxies) and `pods` (pods, waypoint
-pods, exec, label), `demo` and `demo_waypoint` (the README demos), `loopback_demo` (the unprivileged
-demo: two node proxies on 127.0.0.0/8 with static config, `scripts/demo --loopback`).
+pods, exec, label), `waypoints` (pure: waypoint pods for the lab's waypoint Gateways), `kube`
+and `kubelet` (a real Kubernetes control plane on this machine, lab nodes as its nodes), `demo`
+and `demo_waypoint` (the README demos), `loopback_demo` (the unprivileged demo: two node
+proxies on 127.0.0.0/8 with static config, `scripts/demo --loopback`).
 """
