@@ -97,6 +97,13 @@ _BY_STATUS: dict[int, type[HboneError]] = {
 }
 
 
+class StreamRefused(MeshError, ConnectionResetError):
+    """The peer did not process our CONNECT stream: it was above the last stream id of the
+    peer's GOAWAY, or reset with REFUSED_STREAM before any response (RFC 9113 §8.7: such a
+    request may be retried safely on another connection; no tunnel byte was sent on it).
+    An OSError, so a caller that does not retry sees a connection failure as before."""
+
+
 class H2ProtocolError(MeshError):
     """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM."""
 

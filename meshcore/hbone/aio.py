@@ -35,7 +35,7 @@ import ssl
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol, cast
 
-from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError
+from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError, StreamRefused
 from meshcore.hbone.connection import (
     SERVER_MAX_STREAMS,
     ConnectionTerminated,
@@ -400,12 +400,20 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 stream = self.streams.pop(ev.stream_id, None)
                 if stream is not None:
                     stream._gone()
-                    if stream.response is not None and not stream.response.done():
-                        stream.response.set_exception(
-                            ConnectionResetError(f"stream reset by peer (code {ev.error_code})")
-                        )
-                    if stream.sink is not None:
-                        stream.sink.tunnel_reset(ev.error_code)
+                    pending = stream.response
+                    if pending is not None and pending.done():
+                        pending = None
+                    if pending is not None and ev.error_code == ErrorCode.REFUSED_STREAM:
+                        # Not processed (GOAWAY's last id, or refused): the pool retries it
+                        # on another connection, so the sink must not see a reset.
+                        pending.set_exception(StreamRefused(f"CONNECT {stream.authority}"))
+                    else:
+                        if pending is not None:
+                            pending.set_exception(
+                                ConnectionResetError(f"stream reset by peer ({ev.error_code})")
+                            )
+                        if stream.sink is not None:
+                            stream.sink.tunnel_reset(ev.error_code)
                     self.forget(ev.stream_id)
             elif type(ev) is WindowOpened:
                 for sid in ev.stream_ids:
@@ -445,11 +453,12 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
     ) -> HboneStream:
         """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
-        if self.closed:
+        if self.closed or self.conn.goaway_received is not None:
             # connection_lost already failed every pending response; a stream opened after it
             # would wait forever (e.g. TLS 1.3: the server rejects our certificate only after
             # our side of the handshake completed, so connect() returned a doomed connection).
-            raise ConnectionResetError("HBONE connection closed")
+            # Nothing was sent on this connection: the pool may retry on another.
+            raise StreamRefused("HBONE connection closed before the CONNECT was sent")
         try:
             sid = self.conn.open_connect(authority, headers)
         except H2ProtocolError as err:

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from meshcore.certs import WorkloadCertificate
+from meshcore.errors import StreamRefused
 from meshcore.hbone.aio import HboneProtocol, HboneStream, TunnelSink, connect
 from meshcore.hbone.h3aio import H3Protocol, connect_h3
 from meshcore.identity import SpiffeId
@@ -87,6 +88,7 @@ class HbonePool:
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
         self.connections_opened = 0
+        self.streams_retried = 0  # CONNECTs the peer did not process, sent again
 
     async def open_stream(
         self,
@@ -96,9 +98,21 @@ class HbonePool:
         sink: TunnelSink,
     ) -> HboneStream:
         """A CONNECT stream on a pooled connection. Raises HboneError (non-200),
-        PeerVerificationError, or OSError/ConnectionError (connect failures)."""
-        proto = await self._connection(key)
-        return await proto.open_stream(authority, headers, sink)
+        PeerVerificationError, or OSError/ConnectionError (connect failures).
+
+        A stream the peer did not process (StreamRefused: above its GOAWAY's last stream id,
+        e.g. while it hands its listeners to a successor) is retried on another connection,
+        `DIAL_ATTEMPTS` in all (RFC 9113 §8.7)."""
+        for attempt in range(1, DIAL_ATTEMPTS + 1):
+            proto = await self._connection(key)
+            try:
+                return await proto.open_stream(authority, headers, sink)
+            except StreamRefused:
+                if attempt == DIAL_ATTEMPTS:
+                    raise
+                self.streams_retried += 1
+                log.debug("CONNECT %s to %s not processed; retrying", authority, key.address)
+        raise AssertionError("unreachable")
 
     async def _connection(self, key: PoolKey) -> PooledConnection:
         failures = 0

@@ -11,6 +11,9 @@ import socket
 from contextlib import suppress
 from pathlib import Path
 
+from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
+from meshcore.hbone.connection import Role
+from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.pool import HbonePool, PoolKey
 from meshcore.identity import SpiffeId
 from meshcore.sockets import connect_tcp
@@ -84,5 +87,54 @@ def test_a_failed_pooled_dial_is_retried_for_each_waiter(tmp_path: Path) -> None
                 stream.reset()
             pool.close_all()
         fwd.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_stream_the_peer_did_not_process_is_retried(tmp_path: Path) -> None:
+    """A peer that refuses a CONNECT before processing it (RST_STREAM REFUSED_STREAM, or a
+    GOAWAY whose last stream id is below it, as a node proxy handing its listeners to a
+    successor sends) leaves the request safe to retry (RFC 9113 §8.7): the pool sends it again
+    and the tunnel opens, its sink never reset. Before, the client's tunnel failed."""
+    refusing = ("127.0.24.5", 15008)
+
+    async def main() -> None:
+        seen: list[int] = []
+
+        def on_request(stream: HboneStream) -> None:
+            seen.append(stream.stream_id)
+            if len(seen) == 1:
+                stream.reset(ErrorCode.REFUSED_STREAM)
+            else:
+                stream.respond(200)
+
+        async with running_mesh(tmp_path) as mesh:
+            server_ctx = await mesh.node_b.ctx.server_context(SpiffeId.parse(ECHO))
+            listener = socket.create_server(refusing)
+            listener.setblocking(False)
+            loop = asyncio.get_running_loop()
+
+            async def serve() -> None:
+                while True:
+                    sock, _ = await loop.sock_accept(listener)
+                    proto = HboneProtocol(
+                        Role.SERVER, trust_domain="cluster.local", on_request=on_request
+                    )
+                    await accept_tls(sock, server_ctx, proto)
+
+            server = asyncio.create_task(serve())
+            pool = HbonePool(mesh.node_a.ctx.client_context, trust_domain="cluster.local")
+            key = PoolKey(
+                source=SpiffeId.parse(SLEEP), expected=(SpiffeId.parse(ECHO),), address=refusing
+            )
+            sink = Sink()
+            stream = await pool.open_stream(key, f"{SERVER_IP}:{BACKEND_PORT}", [], sink)
+            assert seen == [1, 3]  # the refused stream, then the retry on the same connection
+            assert pool.streams_retried == 1
+            assert sink.reset_code is None
+            stream.reset()
+            pool.close_all()
+            server.cancel()
+            listener.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))

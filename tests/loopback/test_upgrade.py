@@ -127,6 +127,7 @@ class Traffic:
     fresh_ok: int = 0
     fresh_failed: int = 0
     opened: int = 0
+    why: list[str] = field(default_factory=list)  # how each loss or failure ended, for the report
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     all_open: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -157,8 +158,9 @@ class Traffic:
             writer.write_eof()
             if await asyncio.wait_for(reader.read(), 30) != b"":
                 self.corrupted += 1
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as err:
             self.lost += 1
+            self.why.append(f"held {i} round {k}: {err!r}")
         finally:
             writer.close()
 
@@ -175,13 +177,15 @@ class Traffic:
                 writer.write_eof()
                 got = await asyncio.wait_for(reader.read(), 20)
                 writer.close()
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as err:
                 self.fresh_failed += 1
+                self.why.append(f"fresh {n}: {err!r}")
                 return
             if got == data:
                 self.fresh_ok += 1
             else:
                 self.fresh_failed += 1
+                self.why.append(f"fresh {n}: {len(got)} of {len(data)} bytes")
 
         while not self.stop.is_set():
             task = asyncio.create_task(one(n))
