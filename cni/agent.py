@@ -20,6 +20,11 @@ Reconcile reads the world first (`_world`), computes a plan with the pure
 Invariants:
 - The registry is written (atomically: temp file + rename) before the answer to ADD/DEL is sent,
   so an agent restart never forgets a pod the runtime believes exists.
+- The registry is shared by every agent of the node (a DaemonSet surge runs the old and the new
+  agent side by side for a moment): each operation (`handle`, `reconcile`) holds the state dir's
+  lock (``pods.lock``, flock) and works on the registry as it is on disk, never on a copy that
+  another agent has changed since. So a pod ADDed through one agent is never a "leftover" to
+  the other.
 - Enrollment lives in the pinned map, not in this process: stopping or restarting the agent
   never uninstalls capture (only `python -m cni.agent uninstall` does: the inverse of install).
 - An ambient pod whose enrollment failed is answered with EnrollFailed (101) so the plugin fails
@@ -32,12 +37,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -166,6 +172,7 @@ class Agent:
     find_veth: Callable[[str], str | None] = _default_find_veth
     pods: dict[str, PodRecord] = field(default_factory=dict)
     _label_version: object = None
+    _lock_depth: int = 0
 
     # -- registry ---------------------------------------------------------------------------
     @property
@@ -177,6 +184,27 @@ class Agent:
         if self.registry_path.exists():
             raw = json.loads(self.registry_path.read_text() or "{}")
             self.pods = {uid: PodRecord.from_dict(d) for uid, d in raw.get("pods", {}).items()}
+
+    @contextlib.contextmanager
+    def _shared_registry(self) -> Iterator[None]:
+        """Hold the node's registry lock and work on the registry as on disk (see Invariants).
+        Re-entrant within this agent (a "sync" request reconciles)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "pods.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.load()
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     def save(self) -> None:
         tmp = self.registry_path.with_suffix(".tmp")
@@ -260,6 +288,10 @@ class Agent:
     def reconcile(self) -> list[str]:
         """Registry vs labels vs pinned map: read the world, plan (`cni.reconcile`), apply.
         Returns human-readable changes (for logs/tests)."""
+        with self._shared_registry():
+            return self._reconcile()
+
+    def _reconcile(self) -> list[str]:
         self._label_version = self.labels.version()
         plan = plan_reconcile(self.pods, self._world())
         changes = list(plan.changes)
@@ -285,6 +317,10 @@ class Agent:
 
     # -- API --------------------------------------------------------------------------------
     def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        with self._shared_registry():
+            return self._handle(request)
+
+    def _handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         try:
             if op == "enroll":

@@ -231,6 +231,36 @@ def test_restart_reconciles_registry_and_leftovers(
     assert set(again.pods) == {"a"}
 
 
+def test_two_agents_of_one_node_share_the_registry(
+    setup: tuple[Agent, FakeCapture, Path, set[str]],
+) -> None:
+    """A DaemonSet surge runs the old and the new agent side by side, on one state dir and one
+    pinned map. A pod ADDed through the new agent is not a leftover to the old one: its
+    reconcile (a label change, or its poll) reads the registry as on disk. Before, the old
+    agent reconciled from its in-memory registry and unenrolled the new pod."""
+    old, capture, tmp, alive = setup
+    alive.update({"a", "b"})
+    old.handle(enroll_req("a", "mesh", "client", "10.0.0.2", "veth1"))
+    new = Agent(
+        node="n1",
+        capture=capture,
+        labels=ManifestLabels(tmp / "m", tmp / "overrides.json"),
+        state_dir=tmp / "state",
+        exists=lambda pod: pod.uid in alive,
+        pick_veth=lambda c, g: g,
+    )
+    new.load()
+    new.handle(enroll_req("b", "mesh", "server", "10.0.0.3", "veth2"))
+    assert old.reconcile() == []
+    assert set(capture.entries) == {"10.0.0.2", "10.0.0.3"}
+    # And the other way round: a DEL through the old agent is seen by the new one.
+    old.handle({"op": "unenroll", "uid": "a"})
+    alive.discard("a")
+    assert new.reconcile() == []
+    assert set(new.pods) == {"b"}
+    assert set(capture.entries) == {"10.0.0.3"}
+
+
 def test_record_roundtrip() -> None:
     rec = PodRecord(
         uid="u",
