@@ -1,9 +1,10 @@
-"""TCP sockets for the proxies: listeners, and outgoing connections optionally from a non-local
+"""Sockets for the proxies: listeners, and outgoing connections optionally from a non-local
 (original client) address.
 
-Owns: `IP_TRANSPARENT` (defined once), `make_listener` (a bound, listening, non-blocking socket: the
-unit a process creates itself and could hand over), and creating the connected socket that asyncio
-then wraps (plain or TLS). With transparent
+Owns: `IP_TRANSPARENT` (defined once), `make_listener` (a bound, listening, non-blocking TCP
+socket: the unit a process creates itself and could hand over; the node proxy and the waypoint
+both use it), `udp_socket` / `make_udp_listener` (the UDP sockets of HBONE over HTTP/3, client and
+server), and creating the connected socket that asyncio then wraps (plain or TLS). With transparent
 capture the node proxy connects from the ORIGINAL client's IP: IP_TRANSPARENT lets a socket bind
 an address that is not local to the node (ip(7)); replies to it are steered back to the proxy by
 the eBPF established-flow lookup on the pod's veth.
@@ -18,12 +19,14 @@ OSError raised; nothing leaks on timeout or cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 BIND_ATTEMPTS = 3
+UDP_BUFFER = 4 * 1024 * 1024  # socket buffers: a window's worth of QUIC datagrams in flight
 LISTEN_BACKLOG = 4096
 """Accept queue of every listener, data path and operator endpoints alike (Envoy's default is
 4096 too; the kernel caps it at net.core.somaxconn). asyncio's default is 100, and
@@ -41,8 +44,38 @@ def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.
             sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def udp_socket(host: str, *, transparent: bool = False) -> socket.socket:
+    """An unbound, non-blocking UDP socket for `host`'s family with `UDP_BUFFER`-sized buffers
+    (best effort: the kernel caps them at net.core.[rw]mem_max). `transparent`: it may bind an
+    address that is not local (IP_TRANSPARENT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, UDP_BUFFER)
+        if transparent:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def make_udp_listener(host: str, port: int) -> socket.socket:
+    """A bound, non-blocking UDP socket for HBONE over HTTP/3 (QUIC) on host:port."""
+    sock = udp_socket(host)
+    try:
+        sock.bind((host, port))
     except BaseException:
         sock.close()
         raise

@@ -39,7 +39,8 @@ from meshcore.errors import ConfigError, HandoverError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.opshttp import require_loopback
 from meshcore.proto.yamlform import load_mesh_config
-from meshcore.sockets import LISTEN_BACKLOG
+from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idle
+from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
 from meshcore.tracing import Tracer
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
@@ -60,31 +61,6 @@ from ztunnel.proxy.inbound_h3 import H3Listener
 from ztunnel.proxy.outbound import OutboundConnection
 
 log = logging.getLogger("ztunnel")
-IP_TRANSPARENT = 19  # linux/in.h; not exported by the socket module
-
-
-def make_listener(host: str, port: int, *, transparent: bool = False) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket (the unit a process hands over)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if transparent:
-        # Accept connections for any destination address steered here by eBPF sk_assign.
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
-
-
-def make_udp_listener(host: str, port: int) -> socket.socket:
-    """A bound, non-blocking UDP socket for HBONE over HTTP/3 (QUIC)."""
-    from meshcore.hbone.h3aio import udp_socket
-
-    sock = udp_socket(host)
-    sock.bind((host, port))
-    return sock
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +181,7 @@ class NodeProxy:
         ctx.certs.on_rotate(ctx.on_rotate)
         ctx.sync_local_identities()
         self._tasks.append(loop.create_task(ctx.certs.run()))
-        self._tasks.append(loop.create_task(self._sweep()))
+        self._tasks.append(loop.create_task(every(5, self._sweep(loop))))
         # Ready once every local identity has a certificate (inbound needs them at once).
         for identity in ctx.certs.identities():
             await ctx.certs.get(identity)
@@ -244,17 +220,19 @@ class NodeProxy:
             len(ctx.state.local_workloads(s.node)),
         )
 
-    async def _sweep(self) -> None:
-        """Housekeeping every few seconds: idle pooled connections are released, and memory
-        freed by finished bulk transfers goes back to the OS (glibc keeps a heap's high-water
-        mark otherwise; malloc_trim costs microseconds when there is nothing to return)."""
-        loop = asyncio.get_running_loop()
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """Housekeeping (every few seconds, `meshcore.runtime.every`): idle pooled connections
+        are released, and memory freed by finished bulk transfers goes back to the OS (glibc
+        keeps a heap's high-water mark otherwise; malloc_trim costs microseconds when there is
+        nothing to return)."""
         trim = _malloc_trim()
-        while True:
-            await asyncio.sleep(5)
+
+        def step() -> None:
             self.ctx.pool.sweep(loop.time())
             if trim is not None:
                 trim(0)
+
+        return step
 
     def stop(self) -> None:
         self._stopping.set()
@@ -331,10 +309,9 @@ class NodeProxy:
         h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
         # HTTP/3 connections (GOAWAY sent by listener.close) live on their UDP socket, which is
         # therefore held until they end or the drain times out.
-        while (self.ctx.connections or any(x.live_connections for x in h3)) and (
-            loop.time() < deadline
-        ):
-            await asyncio.sleep(0.05)
+        await wait_idle(
+            lambda: bool(self.ctx.connections or any(x.live_connections for x in h3)), deadline
+        )
         for transport in list(self.ctx.connections):
             transport.abort()
         for listener in h3:
@@ -398,8 +375,7 @@ async def run_worker(
     ctx = ctx if ctx is not None else static_context(settings, args)
     proxy = NodeProxy(ctx, listeners, serve_admin=serve_admin, handed=handed)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, proxy.stop)
+    stop_on_signals(proxy.stop, loop)
     if not serve_admin:
         # From the first worker: listeners handed to a successor (drain without deadline).
         loop.add_signal_handler(signal.SIGUSR1, proxy.handed_over_elsewhere)
@@ -638,19 +614,6 @@ def tune_gc() -> None:
     gc.set_threshold(70_000, 20, 100)
 
 
-def install_event_loop() -> str:
-    """uvloop when available (and not disabled with ZTUNNEL_UVLOOP=0), else asyncio's."""
-    if os.environ.get("ZTUNNEL_UVLOOP", "1") != "0":
-        try:
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-            return "uvloop"
-        except ImportError:
-            pass
-    return "asyncio"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings, args = parse_args(argv)
     logging.basicConfig(
@@ -660,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.access_log:
         logging.getLogger("ztunnel.access").setLevel(logging.WARNING)
-    loop_kind = install_event_loop()
+    loop_kind = select_event_loop("ZTUNNEL_UVLOOP")  # uvloop unless ZTUNNEL_UVLOOP=0
     log.info("starting node proxy %s (%s event loop)", settings.node, loop_kind)
     try:
         return serve(settings, args)

@@ -52,12 +52,11 @@ from meshcore.hbone.h3 import (
     initial_dcid,
 )
 from meshcore.identity import SpiffeId
+from meshcore.sockets import udp_socket
 
 log = logging.getLogger("meshcore.hbone.h3")
 
 Address = tuple[str, int]
-UDP_BUFFER = 4 * 1024 * 1024  # socket buffers: a window's worth of datagrams in flight
-IP_TRANSPARENT = 19  # linux/in.h
 
 
 class H3Stream(HboneStream):
@@ -383,18 +382,6 @@ class _UdpClient:
     def close(self) -> None:
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
-
-
-def udp_socket(host: str, *, transparent: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, UDP_BUFFER)
-    if transparent:
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    sock.setblocking(False)
-    return sock
 
 
 async def connect_h3(
