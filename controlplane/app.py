@@ -68,6 +68,7 @@ from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
 from controlplane.waypoints import WaypointController, WaypointSettings
 from controlplane.xds import XdsServer
+from meshcore.address import listen_address
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
 from meshcore.config.findings import Finding
@@ -125,8 +126,8 @@ NO_NODE_AUTH = (
 )
 
 
-def _host(address: str) -> str:
-    return address.rpartition(":")[0].strip("[]")
+def _host(address: str, flag: str = "--listen") -> str:
+    return listen_address(address, flag)[0]
 
 
 def check_node_auth(s: ControlPlaneSettings) -> None:
@@ -148,7 +149,7 @@ def check_listeners(s: ControlPlaneSettings) -> None:
         require_loopback(_host(s.listen), "--plaintext", "plaintext serving is for a local lab")
     if s.debug_listen:
         require_loopback(
-            _host(s.debug_listen),
+            _host(s.debug_listen, "--debug-listen"),
             "--debug-listen",
             "/debug/config shows every workload and policy; use --metrics-listen for Prometheus",
         )
@@ -380,14 +381,14 @@ class ControlPlane:
         await server.start()
         self.server = server
         if s.debug_listen:
-            dhost, _, dport = s.debug_listen.rpartition(":")
-            self.debug_server = await serve_debug(dhost.strip("[]"), int(dport), self._routes())
+            dhost, dport = listen_address(s.debug_listen, "--debug-listen")
+            self.debug_server = await serve_debug(dhost, dport, self._routes())
             self.debug_port = self.debug_server.sockets[0].getsockname()[1]
         if s.metrics_listen:
-            mhost, _, mport = s.metrics_listen.rpartition(":")
+            mhost, mport = listen_address(s.metrics_listen, "--metrics-listen")
             routes = self._routes()
             public = {p: routes[p] for p in ("/metrics", "/ready")}
-            self.metrics_server = await serve_debug(mhost.strip("[]"), int(mport), public)
+            self.metrics_server = await serve_debug(mhost, mport, public)
             self.metrics_port = self.metrics_server.sockets[0].getsockname()[1]
         self.ready = True
         log.info(

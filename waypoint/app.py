@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meshcore.address import listen_address
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.config.objects import parse_objects
@@ -51,6 +52,8 @@ from meshcore.hbone.pool import HbonePool
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, json_response, require_loopback, serve_http
 from meshcore.proto.yamlform import load_mesh_config
+from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idle
+from meshcore.sockets import make_listener
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler, Upstreams
@@ -80,17 +83,6 @@ def load_l7_config(paths: Sequence[Path], domain_suffix: str = "cluster.local") 
         except yaml.YAMLError as exc:
             raise ConfigError(str(path), f"invalid YAML: {exc}") from None
     return parse_objects(docs, domain_suffix=domain_suffix)
-
-
-def make_listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
 
 
 def build_context(
@@ -183,7 +175,7 @@ class Waypoint:
             self.admin = await self._serve_admin(*ctx.settings.admin)
         if self.debug_listen is not None:
             self.debug = await self._serve_debug(*self.debug_listen)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._sweep()))
+        self._tasks.append(asyncio.get_running_loop().create_task(every(10, self._sweep)))
         self.ready = True
         log.info(
             "waypoint %s/%s ready on %s as %s", ctx.settings.namespace, ctx.settings.name,
@@ -191,11 +183,11 @@ class Waypoint:
             ctx.settings.identity,
         )  # fmt: skip
 
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(10)
-            self.upstream_pool.sweep()
-            self.ctx.pool.sweep(asyncio.get_running_loop().time())
+    def _sweep(self) -> None:
+        """Housekeeping (every 10 s, `meshcore.runtime.every`): idle upstream and HBONE
+        connections are released."""
+        self.upstream_pool.sweep()
+        self.ctx.pool.sweep(asyncio.get_running_loop().time())
 
     def stop(self) -> None:
         self._stopping.set()
@@ -211,8 +203,7 @@ class Waypoint:
         deadline = loop.time() + timeout
         for proto in list(self.server.protocols):
             proto.close()  # GOAWAY: in-flight streams finish
-        while self.server.protocols and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_idle(lambda: bool(self.server.protocols), deadline)
         for proto in list(self.server.protocols):
             proto.abort()
         self.upstream_pool.close_all()
@@ -341,13 +332,6 @@ class Waypoint:
         return True
 
 
-def _addr(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(what, f"{text!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, argparse.Namespace]:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="waypoint", description="ambient-mesh waypoint (L7 proxy)")
@@ -409,7 +393,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     cp.add_argument("--controlplane-server-name",
                     default="ambient-controlplane.istio-system.svc")  # fmt: skip
     args = p.parse_args(argv)
-    args.debug = _addr(args.debug_listen, "--debug-listen") if args.debug_listen else None
+    args.debug = listen_address(args.debug_listen, "--debug-listen") if args.debug_listen else None
     if args.debug is not None:
         try:
             require_loopback(args.debug[0], "--debug-listen", DEBUG_LOOPBACK_WHY)
@@ -436,8 +420,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
         workload_uid=args.workload_uid,
         trust_domain=args.trust_domain,
         domain_suffix=args.domain_suffix,
-        listen=tuple(_addr(a, "--listen") for a in args.listen),
-        admin=_addr(args.admin, "--admin") if args.admin else None,
+        listen=tuple(listen_address(a, "--listen") for a in args.listen),
+        admin=listen_address(args.admin, "--admin") if args.admin else None,
         access_log=args.access_log,
         accept_http_10=args.accept_http_10,
         path_policy=path_policy,
@@ -463,8 +447,7 @@ async def run_controlplane(settings: WaypointSettings, args: argparse.Namespace)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(client.updated.wait(), 5)
         wp = Waypoint(ctx, debug_listen=args.debug)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, wp.stop)
+        stop_on_signals(wp.stop, loop)
         await wp.start()
         await wp.wait_stopped()
         await wp.drain(args.drain_timeout)
@@ -485,8 +468,7 @@ async def run(settings: WaypointSettings, args: argparse.Namespace) -> int:
     ctx = build_context(settings, state, config, provider)
     wp = Waypoint(ctx, debug_listen=args.debug)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, wp.stop)
+    stop_on_signals(wp.stop, loop)
     loop.add_signal_handler(signal.SIGHUP, lambda: wp.reload(args.mesh_config, args.config))
     await wp.start()
     await wp.wait_stopped()
@@ -500,12 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    select_event_loop("WAYPOINT_UVLOOP")  # uvloop unless WAYPOINT_UVLOOP=0
     try:
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            if os.environ.get("WAYPOINT_UVLOOP", "1") != "0":
-                return uvloop.run(run(settings, args))
         return asyncio.run(run(settings, args))
     except ConfigError as err:
         print(f"waypoint: {err}", file=sys.stderr)

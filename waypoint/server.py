@@ -25,9 +25,11 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
+from meshcore.address import parse_authority
+from meshcore.errors import BadRequest
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
-from meshcore.model import AppProtocol, ip_from_text
+from meshcore.model import AppProtocol
 from waypoint.context import WaypointContext
 from waypoint.handler import Handler, Tunnel
 from waypoint.http1 import serve_h1
@@ -38,18 +40,6 @@ from waypoint.tunnel import TunnelIO
 log = logging.getLogger("waypoint.server")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def parse_authority(authority: str) -> tuple[str, int] | None:
-    host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    host = host.strip("[]")
-    try:
-        ip_from_text(host)
-    except ValueError:
-        return None
-    return host, int(port)
 
 
 def _peer_cert_hash(proto: HboneProtocol) -> str:
@@ -125,10 +115,10 @@ class WaypointServer:
     def _target(self, authority: str) -> Tunnel | str:
         """The tunnel's target, or why it is refused."""
         ctx = self.ctx
-        parsed = parse_authority(authority)
-        if parsed is None:
+        try:
+            ip, port = parse_authority(authority)
+        except BadRequest:
             return f"bad :authority {authority!r}"
-        ip, port = parsed
         net = ctx.settings.network
         svc = ctx.state.service_by_vip(ip, net)
         if svc is not None:

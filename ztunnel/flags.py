@@ -14,19 +14,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshcore.errors import ConfigError
+from meshcore.address import listen_address
 from meshcore.opshttp import is_loopback
 from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tracing import endpoint_from_env
 from ztunnel.admin import ADMIN_LOOPBACK_WHY
 from ztunnel.proxy.context import ProxySettings
-
-
-def _addr(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigError(what, f"{text!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argparse.Namespace]:
@@ -175,7 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         node_ip=args.node_ip,
         trust_domain=args.trust_domain,
         capture=args.capture,
-        outbound_listen=tuple(_addr(a, "--outbound-listen") for a in args.outbound_listen),
+        outbound_listen=tuple(listen_address(a, "--outbound-listen") for a in args.outbound_listen),
         outbound_port=args.outbound_port,
         inbound_plaintext_port=args.inbound_plaintext_port,
         hbone_port=args.hbone_port,

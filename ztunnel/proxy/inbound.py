@@ -22,7 +22,8 @@ import logging
 import socket
 from collections.abc import Callable
 
-from meshcore.errors import BadRequest, HboneError, PeerOverLimit, UpstreamUnavailable
+from meshcore.address import parse_authority
+from meshcore.errors import HboneError, PeerOverLimit, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
 from meshcore.hbone.frames import ErrorCode
@@ -51,16 +52,6 @@ def _refusal_reason(ev: RequestRefused) -> str:
     if ev.error_code == ErrorCode.REFUSED_STREAM:
         return "max_concurrent_streams"
     return "malformed"
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """`ip:port` or `[v6]:port` (RFC 9113 §8.5: CONNECT :authority is host:port)."""
-    host, sep, port_text = authority.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise BadRequest(f"bad :authority {authority!r}: want ip:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port_text)
 
 
 class _Upstream(TcpSide):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from meshcore.address import parse_authority
 from meshcore.errors import HboneError, PeerVerificationError, response_flag
 from meshcore.hbone.pool import PoolKey
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.protocol.plan import OutboundPlan, PlanKind, plan_inbound, plan_outbound
 from ztunnel.proxy.context import ProxyContext
-from ztunnel.proxy.inbound import connect_upstream, parse_authority
+from ztunnel.proxy.inbound import connect_upstream
 from ztunnel.proxy.relay import TcpSide, splice
 
 log = logging.getLogger("ztunnel.outbound")
