@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-from meshcore.caclient import ControlPlaneCAProvider
+from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
 from meshcore.certs import CertificateProvider
 from meshcore.config.objects import parse_objects
 from meshcore.config.pathnorm import PathPolicy
@@ -37,7 +37,7 @@ from meshcore.errors import ConfigError
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, unpack_l7
 from meshcore.state import MeshState
-from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
+from meshcore.xds import XdsClient
 from waypoint.context import WaypointContext, WaypointSettings
 
 log = logging.getLogger("waypoint.xds")
@@ -115,23 +115,6 @@ def apply_l7(
     return errors
 
 
-def endpoints(args: argparse.Namespace) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:
-    """(xDS, CA) endpoints from the flags."""
-    token = read_token_file(args.node_credential_file) if args.node_credential_file else None
-    try:
-        roots = args.controlplane_roots.read_bytes() if args.controlplane_roots else None
-    except OSError as exc:
-        raise ConfigError("--controlplane-roots", f"cannot read: {exc}") from None
-
-    def endpoint(address: str) -> ControlPlaneEndpoint:
-        return ControlPlaneEndpoint(
-            address=address, token=token, tls_roots=roots,
-            server_name=args.controlplane_server_name, token_file=args.node_credential_file,
-        )  # fmt: skip
-
-    return endpoint(args.xds_address), endpoint(args.ca_address or args.xds_address)
-
-
 def controlplane_context(
     settings: WaypointSettings,
     args: argparse.Namespace,
@@ -140,8 +123,8 @@ def controlplane_context(
     ],
 ) -> tuple[WaypointContext, XdsClient, L7Store]:
     """The context (empty state/config until the first responses) and its xDS client."""
-    xds_ep, ca_ep = endpoints(args)
-    provider = ControlPlaneCAProvider(ca_ep, ttl=timedelta(seconds=args.cert_ttl))
+    xds_ep, ca_ep = endpoints(Bootstrap.from_args(args))
+    provider = certificate_provider(ca_ep, ttl=timedelta(seconds=args.cert_ttl))
     store = L7Store(settings.domain_suffix)
     ctx = build(settings, MeshState.empty(), parse_objects([]), provider)
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
 from meshcore.ca import MeshCA
-from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError, HandoverError, MeshError
 from meshcore.hbone.pool import HbonePool
@@ -43,7 +43,7 @@ from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idl
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
 from meshcore.tracing import Tracer
-from meshcore.xds import ControlPlaneEndpoint, XdsClient, read_token_file
+from meshcore.xds import XdsClient
 from ztunnel import handover
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
@@ -495,26 +495,13 @@ def controlplane_context(
     """Control-plane mode: state from delta xDS; certificates from the control plane's CA
     (--ca-address, default the xDS address) unless --ca-dir is given without --ca-address
     (local signing)."""
-    token = read_token_file(args.node_credential_file) if args.node_credential_file else None
-    roots = args.controlplane_roots.read_bytes() if args.controlplane_roots else None
-
-    def endpoint(address: str) -> ControlPlaneEndpoint:
-        return ControlPlaneEndpoint(
-            address=address,
-            token=token,
-            token_file=args.node_credential_file,
-            tls_roots=roots,
-            server_name=args.controlplane_server_name,
-        )
-
-    provider: CertificateProvider
-    if args.ca_address or args.ca_dir is None:
-        provider = ControlPlaneCAProvider(
-            endpoint(args.ca_address or args.xds_address), ttl=timedelta(seconds=args.cert_ttl)
-        )
-    else:
-        ca = MeshCA.load_or_create(args.ca_dir, trust_domain=settings.trust_domain)
-        provider = LocalCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
+    xds_ep, ca_ep = endpoints(Bootstrap.from_args(args))
+    provider = certificate_provider(
+        ca_ep,
+        ttl=timedelta(seconds=args.cert_ttl),
+        local_ca_dir=None if args.ca_address else args.ca_dir,
+        trust_domain=settings.trust_domain,
+    )
     ctx = build_context(settings, MeshState.empty(), provider)
 
     def on_update(state: MeshState) -> None:
@@ -522,7 +509,7 @@ def controlplane_context(
         ctx.sync_local_identities()
 
     client = XdsClient(
-        endpoint(args.xds_address),
+        xds_ep,
         node=settings.node,
         on_update=on_update,
         on_demand=args.xds_on_demand,

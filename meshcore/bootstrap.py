@@ -1,0 +1,86 @@
+"""Control-plane bootstrap shared by the node proxy and the waypoint: how a proxy reaches the
+control plane (xDS and CA endpoints, node credential, serving roots) and where its certificates
+come from.
+
+Owns: `endpoints` (the xDS endpoint and the CA endpoint, which defaults to the xDS address; one
+node credential, read once to fail fast and re-read from its file for every call, and one set
+of roots for both) and `certificate_provider` (the control plane's CA, or local signing from a
+CA directory when the caller's flags ask for it).
+
+Invariants: an unreadable roots or credential file is a `ConfigError` naming it, before anything
+connects; nothing is dialled here (the endpoints connect when the xDS client and the CA
+provider first use them).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from meshcore.ca import MeshCA
+from meshcore.caclient import ControlPlaneCAProvider
+from meshcore.certs import CertificateProvider, LocalCAProvider, utcnow
+from meshcore.errors import ConfigError
+from meshcore.xds import DEFAULT_SERVER_NAME, ControlPlaneEndpoint, read_token_file
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bootstrap:
+    """The control-plane flags every proxy shares (``--xds-address``, ``--ca-address``,
+    ``--node-credential-file``, ``--controlplane-roots``, ``--controlplane-server-name``)."""
+
+    xds_address: str
+    ca_address: str | None = None
+    """Default: the xDS address."""
+    token_file: Path | None = None
+    roots_file: Path | None = None
+    """None: plaintext (lab, loopback only)."""
+    server_name: str = DEFAULT_SERVER_NAME
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Bootstrap:
+        """From the flags both proxies spell the same way."""
+        return cls(
+            xds_address=args.xds_address,
+            ca_address=args.ca_address,
+            token_file=args.node_credential_file,
+            roots_file=args.controlplane_roots,
+            server_name=args.controlplane_server_name,
+        )
+
+
+def endpoints(boot: Bootstrap) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:
+    """(xDS, CA) endpoints. Raises ConfigError for an unreadable credential or roots file."""
+    token = read_token_file(boot.token_file) if boot.token_file else None
+    try:
+        roots = boot.roots_file.read_bytes() if boot.roots_file else None
+    except OSError as exc:
+        raise ConfigError("--controlplane-roots", f"cannot read: {exc}") from None
+
+    def endpoint(address: str) -> ControlPlaneEndpoint:
+        return ControlPlaneEndpoint(
+            address=address,
+            token=token,
+            token_file=boot.token_file,
+            tls_roots=roots,
+            server_name=boot.server_name,
+        )
+
+    return endpoint(boot.xds_address), endpoint(boot.ca_address or boot.xds_address)
+
+
+def certificate_provider(
+    ca: ControlPlaneEndpoint,
+    *,
+    ttl: timedelta,
+    local_ca_dir: Path | None = None,
+    trust_domain: str = "",
+) -> CertificateProvider:
+    """The control plane's CA at `ca`; with `local_ca_dir`, local signing by the mesh CA kept
+    there (created on first use) instead."""
+    if local_ca_dir is None:
+        return ControlPlaneCAProvider(ca, ttl=ttl)
+    mesh_ca = MeshCA.load_or_create(local_ca_dir, trust_domain=trust_domain)
+    return LocalCAProvider(mesh_ca, ttl=ttl, clock=utcnow)
