@@ -9,9 +9,10 @@ tunnel protocol (`hbone`: sans-I/O cores, asyncio edges, pool), the mesh state m
 codecs (`model`, `state` over `pmap`, `proto`), L4 authorization evaluation (`authz`), the
 configuration objects users write (`config`), the one exception tree (`errors`), telemetry
 labels and tracing (`telemetry`, `tracing`), and the clients and small servers several
-processes share: sockets (`sockets`), delta-xDS client (`xds`), CA client (`caclient`),
-Kubernetes API client and reflector (`kubeapi`, `reflector`), the operator HTTP server
-(`opshttp`), the one retry backoff (`backoff`) and the process lifecycle pieces (`runtime`).
+processes share: sockets (`sockets`), `host:port` parsing (`address`), delta-xDS client
+(`xds`), CA client (`caclient`), the proxies' control-plane bootstrap (`bootstrap`), Kubernetes
+API client and reflector (`kubeapi`, `reflector`), the operator HTTP server (`opshttp`), the one
+retry backoff (`backoff`) and the process lifecycle pieces (`runtime`).
 
 Invariant: exactly these modules open sockets: `hbone.aio`, `hbone.h3aio` (HBONE over HTTP/3,
 UDP), `hbone.pool` (through `hbone.aio` and `hbone.h3aio`), `sockets`, `xds`, `caclient`,
