@@ -42,6 +42,7 @@ from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import PoolKey
 from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
+from meshcore.telemetry import TCP_LABELS, Traffic, peer_labels, service_labels
 from waypoint.context import WaypointContext
 from waypoint.handler import Tunnel
 from waypoint.protocol.authz import applicable
@@ -55,15 +56,6 @@ access_log = logging.getLogger("waypoint.access")
 
 IDLE_TIMEOUT = 3600.0
 SNI_TIMEOUT = 5.0
-
-TCP_LABELS = (
-    "reporter", "source_workload", "source_workload_namespace", "source_principal",
-    "source_app", "source_version", "source_canonical_service", "destination_service",
-    "destination_service_name", "destination_service_namespace", "destination_workload",
-    "destination_workload_namespace", "destination_principal", "destination_app",
-    "destination_version", "request_protocol", "connection_security_policy", "response_flags",
-)  # fmt: skip
-"""Istio's TCP metric labels (the node proxy's set, `ztunnel.metrics.LABELS`)."""
 
 
 class TcpMetrics:
@@ -99,23 +91,18 @@ class TcpRecord:
     labels: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _wl(w: Workload | None) -> tuple[str, str, str, str]:
-    if w is None:
-        return "unknown", "unknown", "unknown", "unknown"
-    name = w.workload_name or w.name
-    return name, w.namespace, w.canonical_name or name, w.canonical_revision or "unknown"
-
-
-def _labels(rec: TcpRecord) -> tuple[str, ...]:
-    sw, sns, sapp, sver = _wl(rec.source)
-    dw, dns, dapp, dver = _wl(rec.destination)
-    svc = rec.service
-    return (
-        "waypoint", sw, sns, rec.source_principal or "unknown", sapp, sver, sapp,
-        svc.hostname if svc else "unknown", svc.name if svc else "unknown",
-        svc.namespace if svc else "unknown", dw, dns, rec.destination_principal or "unknown",
-        dapp, dver, "tcp", "mutual_tls", rec.flags,
-    )  # fmt: skip
+def _labels(rec: TcpRecord, cluster_id: str) -> tuple[str, ...]:
+    """Values in `TCP_LABELS` order, from the one workload-to-label mapping the node proxy uses
+    too (`meshcore.telemetry`)."""
+    return Traffic(
+        reporter="waypoint",
+        source=peer_labels(rec.source, cluster_id),
+        source_principal=rec.source_principal,
+        destination=peer_labels(rec.destination, cluster_id),
+        destination_principal=rec.destination_principal,
+        service=service_labels(rec.service),
+        mtls=True,
+    ).tcp_values(rec.flags)
 
 
 class TcpProxy:
@@ -260,7 +247,7 @@ class TcpProxy:
             if up is None:
                 io.reset()
                 return
-            rec.labels = _labels(rec)
+            rec.labels = _labels(rec, self.ctx.metrics.cluster_id)
             self.metrics.opened.labels(*rec.labels).inc()
             self.active += 1
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
+from meshcore.telemetry import TCP_LABELS
 from tests.loopback.test_waypoint_harness import (
     CLIENT_IP,
     DB_PORT,
@@ -86,6 +88,9 @@ def test_tcp_client_is_carried_l4_with_metrics(tmp_path: Path) -> None:
                      'source_workload="client"')  # fmt: skip
             for want in wants:
                 assert want in opened[0], (want, opened[0])
+            # The node proxy's label set and workload mapping (meshcore.telemetry), not a copy.
+            names = re.findall(r'(\w+)="', opened[0])
+            assert sorted(names) == sorted(TCP_LABELS)
             recv = next(x for x in text.splitlines()
                         if x.startswith("istio_tcp_received_bytes_total{"))  # fmt: skip
             assert recv.endswith(f" {float(len(payload))}")
