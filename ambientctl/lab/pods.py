@@ -130,7 +130,8 @@ class LabPods(LabProcesses):
             except ValueError as err:
                 raise LabCommandError(str(err)) from None
             docs.append(waypoints.pod_doc(
-                gw, node=node, token_file=self.paths.node_token(node), roots=self.paths.roots
+                gw, node=node, token_file=self.paths.node_token(node), roots=self.paths.roots,
+                roots_pem=self.paths.roots.read_text(),
             ))  # fmt: skip
         if removed or new:
             if docs:
