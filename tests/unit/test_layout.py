@@ -1,6 +1,7 @@
 """The layout's promises, checked against the source: which meshcore modules may open sockets
-(meshcore/__init__.py), that meshcore never imports a process package, and that the tests'
-loopback blocks (tests/helpers.py) are disjoint."""
+(meshcore/__init__.py), that meshcore never imports a process package, that the tests'
+loopback blocks (tests/helpers.py) are disjoint, and that docs/waypoint.md's module table names
+every waypoint module."""
 
 from __future__ import annotations
 
@@ -100,3 +101,16 @@ def test_loopback_blocks_are_disjoint() -> None:
     assert a.ip(1) != b.ip(1)
     with pytest.raises(ValueError, match="host"):
         a.ip(255)
+
+
+def test_waypoint_module_table_names_every_module() -> None:
+    """docs/waypoint.md's module table has a row naming each waypoint module."""
+    repo = ROOT.parent
+    table = (repo / "docs" / "waypoint.md").read_text()
+    modules = sorted((repo / "waypoint").rglob("*.py"))
+    missing = [
+        str(p.relative_to(repo))
+        for p in modules
+        if p.name != "__init__.py" and f"`{p.relative_to(repo)}`" not in table
+    ]
+    assert missing == []
