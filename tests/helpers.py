@@ -21,9 +21,14 @@ _NEXT_BLOCK = itertools.count(1)
 ALLOCATOR_RANGE = ipaddress.IPv4Network("127.200.0.0/16")
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = 45) -> T:
-    """Run `coro` in a fresh event loop; fail (TimeoutError) after `timeout` seconds (below
-    the usual 60 s pytest timeout, so a hang reports where it waited)."""
+def run(coro: Coroutine[Any, Any, T], timeout: float = 45, loop: str = "asyncio") -> T:
+    """Run `coro` in a fresh event loop (asyncio's, or ``loop="uvloop"``: the one the proxies
+    run on); fail (TimeoutError) after `timeout` seconds (below the usual 60 s pytest timeout,
+    so a hang reports where it waited)."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(asyncio.wait_for(coro, timeout))
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 

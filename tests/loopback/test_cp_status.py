@@ -6,8 +6,6 @@ subresource; fixing the policy removes its messages. Addresses: 127.0.64.0/24.""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +13,11 @@ import pytest
 import yaml
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
+from tests.helpers import eventually, run
 from tests.kubeapi_standin import GROUPS, KubeApiStandIn
 
 pytestmark = pytest.mark.timeout(60)
 API_IP = "127.0.64.1"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def eventually(check: Callable[[], bool], what: str) -> None:
-    for _ in range(400):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def policy(source: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +102,7 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
         try:
             aps = api.objects["authorizationpolicies"]
             key = ("shop", "allow-admin")
-            await eventually(lambda: "status" in aps[key], "the policy's status")
+            await eventually(lambda: "status" in aps[key], what="the policy's status")
             (msg,) = aps[key]["status"]["validationMessages"]
             assert msg["type"] == {"code": "AMB0201", "name": "UnknownField"}
             assert msg["level"] == "ERROR"
@@ -123,7 +110,7 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
             assert aps[key]["spec"]["rules"][0]["from"][0]["source"] == {"principal": ["x"]}
             route = api.objects["httproutes"][("shop", "reviews")]
             await eventually(lambda: "status" in api.objects["httproutes"][("shop", "reviews")],
-                             "the route's status")  # fmt: skip
+                             what="the route's status")  # fmt: skip
             route = api.objects["httproutes"][("shop", "reviews")]
             (parent,) = route["status"]["parents"]
             (cond,) = parent["conditions"]
@@ -138,7 +125,7 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
             await api.upsert("authorizationpolicies", policy({"principals": ["x"]}))
             await eventually(
                 lambda: not (aps[key].get("status") or {}).get("validationMessages"),
-                "the messages to be removed",
+                what="the messages to be removed",
             )
             assert cp.status_writer is not None and cp.status_writer.errors == []
         finally:
@@ -213,14 +200,16 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
         try:
             objs = api.objects
             pa_key = ("shop", "strict")
-            await eventually(lambda: "status" in objs["peerauthentications"][pa_key], "PA status")
+            await eventually(
+                lambda: "status" in objs["peerauthentications"][pa_key], what="PA status"
+            )
             msgs = objs["peerauthentications"][pa_key]["status"]["validationMessages"]
             assert [m["type"]["code"] for m in msgs] == ["AMB0201", "AMB0205"]
             assert "spec.mtls.modes" in msgs[0]["description"]
             assert "enforced as STRICT" in msgs[1]["description"]
 
             gw_key = ("shop", "waypoint")
-            await eventually(lambda: "status" in objs["gateways"][gw_key], "Gateway status")
+            await eventually(lambda: "status" in objs["gateways"][gw_key], what="Gateway status")
             conds = {c["type"]: c for c in objs["gateways"][gw_key]["status"]["conditions"]}
             assert conds["Accepted"]["status"] == "False"
             assert conds["Accepted"]["reason"] == "UnsupportedAddress"
@@ -229,7 +218,7 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
             assert conds["Programmed"]["reason"] == "Invalid"
 
             se_key = ("shop", "ext")
-            await eventually(lambda: "status" in objs["serviceentries"][se_key], "SE status")
+            await eventually(lambda: "status" in objs["serviceentries"][se_key], what="SE status")
             (msg,) = objs["serviceentries"][se_key]["status"]["validationMessages"]
             assert msg["type"] == {"code": "AMB0204", "name": "UnsupportedKind"}
             assert "not implemented by ambient-mesh: ignored" in msg["description"]

@@ -10,14 +10,16 @@ near where they were afterwards (read from /proc).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from meshcore.hbone.frames import ErrorCode, Flag, FrameType
 from meshcore.hbone.headers import encode as encode_headers
+from tests import helpers
+from tests.helpers import eventually
 from tests.loopback.robustness import (
     AUTHORITY,
     Backend,
@@ -35,6 +37,7 @@ from tests.loopback.robustness import (
     start_node_b,
 )
 
+T = TypeVar("T")
 RSS_SLACK_MIB = 25.0  # after an attack; the flood-twice test below is much tighter
 
 
@@ -43,16 +46,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeB]:
     yield from start_node_b(tmp_path_factory.mktemp("robustness"))
 
 
-def run(coro: Awaitable[Any], timeout: float = 90) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def eventually(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """`tests.helpers.run` with the attacks' longer budget."""
+    return helpers.run(coro, 90)
 
 
 async def under_attack(

@@ -23,6 +23,7 @@ from meshcore.hbone.h3 import _Stream
 from meshcore.hbone.h3aio import H3Endpoint, H3Stream, connect_h3
 from meshcore.hbone.pool import PoolKey
 from meshcore.identity import SpiffeId
+from tests.helpers import eventually, run
 from tests.loopback.harness import (
     CLIENT_IP,
     SERVER_IP,
@@ -33,16 +34,12 @@ from tests.loopback.harness import (
     running_mesh,
     start_backend,
 )
-from tests.loopback.test_refusals import Sink, echo_handler, echo_round, metric_text, wait_until
+from tests.loopback.test_refusals import Sink, echo_handler, echo_round, metric_text
 from ztunnel.proxy.inbound_h3 import H3Listener
 
 SLEEP_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
 ECHO_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")
 H3 = (SERVER_IP, 15008)
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def dial_h3_from_node_a(mesh: Mesh) -> None:
@@ -79,12 +76,12 @@ def test_no_udp_listener_falls_back_to_h2_at_once_and_remembers(tmp_path: Path) 
             assert 'transport="h2"' in metric_text(mesh.node_a)
             # Remembered: a new connection to that peer goes straight to HTTP/2.
             pool.close_all()
-            await wait_until(lambda: not pool.snapshot())
+            await eventually(lambda: not pool.snapshot())
             await check_call(2)
             assert pool.h3_fallbacks == 1
             assert pool.connections_opened == 2
 
-    run(main())
+    run(main(), 60)
 
 
 def test_silently_dropped_udp_falls_back_after_a_bounded_attempt(tmp_path: Path) -> None:
@@ -104,7 +101,7 @@ def test_silently_dropped_udp_falls_back_after_a_bounded_attempt(tmp_path: Path)
         finally:
             black_hole.close()
 
-    run(main())
+    run(main(), 60)
 
 
 def test_refused_server_identity_does_not_fall_back(tmp_path: Path) -> None:
@@ -119,7 +116,7 @@ def test_refused_server_identity_does_not_fall_back(tmp_path: Path) -> None:
             assert not mesh.node_b.ctx.connections
             assert mesh.backend.accepted == 0
 
-    run(main())
+    run(main(), 60)
 
 
 # ---- hostile peers on 15008/udp -----------------------------------------------------------------
@@ -135,14 +132,14 @@ def test_junk_datagrams_create_no_state(tmp_path: Path) -> None:
                 for i in range(50):
                     junk.sendto(bytes([i]) * (10 + i * 30), H3)  # short, or not an Initial
                 junk.sendto(b"\xc0" + b"\0" * 1300, H3)  # long header, version 0: no Initial
-                await wait_until(lambda: ep.dropped >= 51)
+                await eventually(lambda: ep.dropped >= 51)
                 assert not ep.connections
                 assert not ep._pending
             finally:
                 junk.close()
             await check_call(1)
 
-    run(main())
+    run(main(), 60)
 
 
 def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) -> None:
@@ -163,10 +160,10 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
                     socks.append(s)
                     for data, _ in client.datagrams_to_send(now=time.monotonic()):
                         s.sendto(data, H3)
-                await wait_until(lambda: ep.dropped >= 10)
+                await eventually(lambda: ep.dropped >= 10)
                 assert len(ep.connections) + len(ep._pending) <= ep.max_handshakes_per_ip
                 # Each one is given up after the handshake timeout and recorded.
-                await wait_until(lambda: not ep.connections and not ep._handshaking, 5)
+                await eventually(lambda: not ep.connections and not ep._handshaking, 5)
                 failed = [
                     x
                     for x in metric_text(mesh.node_b).splitlines()
@@ -180,7 +177,7 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
                     s.close()
             await check_call(1)  # the proxy still serves
 
-    run(main())
+    run(main(), 60)
 
 
 def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
@@ -202,13 +199,13 @@ def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
             assert len(ep.connections) == 2
             assert ep.dropped >= 1
             first.abort()
-            await wait_until(lambda: len(ep.connections) == 1)
+            await eventually(lambda: len(ep.connections) == 1)
             third = await dial()  # a slot is free again
             assert third.peer_identity == ECHO_ID
             second.abort()
             third.abort()
 
-    run(main())
+    run(main(), 60)
 
 
 @pytest.mark.parametrize(
@@ -245,7 +242,7 @@ def test_non_connect_request_gets_400_over_h3(
             proto.abort()
             assert mesh.backend.accepted == 0
 
-    run(main())
+    run(main(), 60)
 
 
 def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
@@ -265,7 +262,7 @@ def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
             sid = quic.get_next_available_stream_id()
             quic.send_stream_data(sid, b"\x00\x01x")  # DATA before HEADERS (RFC 9114 §4.1)
             proto.flush()
-            await wait_until(lambda: quic._close_event is not None)
+            await eventually(lambda: quic._close_event is not None)
             assert quic._close_event is not None
             assert quic._close_event.error_code == 0x105  # H3_FRAME_UNEXPECTED
             proto.abort()
@@ -275,7 +272,7 @@ def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
             assert await asyncio.wait_for(reader.read(), 5) == b""
             writer.close()
 
-    run(main())
+    run(main(), 60)
 
 
 @pytest.mark.parametrize("flag", [[], ["--http3"]])

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +37,7 @@ from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from meshcore.tls import client_context
+from tests.helpers import eventually, run
 from tests.loopback.harness import (
     BACKEND_PORT,
     CLIENT_IP,
@@ -59,13 +60,6 @@ ECHO_ID = SpiffeId.parse(ECHO)
 TD = "cluster.local"
 
 
-def run(coro: Awaitable[Any], timeout: float = 60, loop: str = "asyncio") -> Any:
-    runner: Callable[[Awaitable[Any]], Any] = asyncio.run  # type: ignore[assignment]
-    if loop == "uvloop":
-        runner = pytest.importorskip("uvloop").run
-    return runner(asyncio.wait_for(coro, timeout))
-
-
 def metric_text(proxy: NodeProxy) -> str:
     return generate_latest(proxy.ctx.metrics.registry).decode()
 
@@ -85,15 +79,6 @@ def access_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
         if rec.name == "ztunnel.access":
             out.append(str(json.loads(rec.getMessage()).get("error")))
     return out
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Sink:
@@ -226,11 +211,11 @@ def test_certificate_from_another_ca_is_refused(
             )
             with pytest.raises(REFUSED):
                 await connect_through(cert, settle=settle, transport=transport)
-            await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
+            await eventually(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
             assert mesh.backend.accepted == 0
             assert "istio_tcp_connections_opened_total{" not in metric_text(mesh.node_b)
 
-    run(main(), loop=loop)
+    run(main(), 60, loop=loop)
     assert any("certificate verify failed" in e for e in access_errors(caplog))
 
 
@@ -254,10 +239,10 @@ def test_other_trust_domain_chaining_to_a_trusted_root_is_refused(
             with pytest.raises(REFUSED):
                 await connect_through(cert, settle=0.2, transport=transport)
             # ...and verify_peer refuses the trust domain.
-            await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
+            await eventually(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
             assert mesh.backend.accepted == 0
 
-    run(main())
+    run(main(), 60)
     assert any("trust domain 'other.local'" in e for e in access_errors(caplog))
 
 
@@ -274,10 +259,10 @@ def test_expired_client_certificate_is_refused(
             assert cert.expired(utcnow())
             with pytest.raises(REFUSED):
                 await connect_through(cert, settle=0.2, transport=transport)
-            await wait_until(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
+            await eventually(lambda: any("TLS_FAILURE" in x for x in failed_lines(mesh.node_b)))
             assert mesh.backend.accepted == 0
 
-    run(main())
+    run(main(), 60)
     assert any("expired" in e for e in access_errors(caplog))
 
 
@@ -297,7 +282,7 @@ def test_unexpected_server_san_raises_before_connect(tmp_path: Path, transport: 
             assert "istio_tcp_connections_opened_total{" not in text
             assert 'response_flags="CONNECT"' not in text  # no CONNECT reached node B
 
-    run(main())
+    run(main(), 60)
 
 
 # ---- 5-7: CONNECT-level refusals -------------------------------------------------------------
@@ -358,7 +343,7 @@ def test_non_connect_request_gets_400(tmp_path: Path) -> None:
             assert dict(headers)[":status"] == "400"
             assert mesh.backend.accepted == 0
 
-    run(main())
+    run(main(), 60)
 
 
 def test_connect_denied_by_policy_gets_401_without_upstream(tmp_path: Path, transport: str) -> None:
@@ -379,7 +364,7 @@ def test_connect_denied_by_policy_gets_401_without_upstream(tmp_path: Path, tran
             assert not proto.closed
             proto.abort()
 
-    run(main())
+    run(main(), 60)
 
 
 def test_refused_upstream_gets_503(tmp_path: Path, transport: str) -> None:
@@ -401,7 +386,7 @@ def test_refused_upstream_gets_503(tmp_path: Path, transport: str) -> None:
             assert mesh.backend.accepted == 1
             proto.abort()
 
-    run(main())
+    run(main(), 60)
 
 
 # ---- 8: certificate rotation under live traffic ----------------------------------------------
@@ -481,10 +466,10 @@ def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(
                 assert await asyncio.wait_for(r.read(), 5) == b""
                 w.close()
             # The retired connection closes once its last stream has ended.
-            await wait_until(lambda: old_conn not in inbound_connections(mesh.node_b))
+            await eventually(lambda: old_conn not in inbound_connections(mesh.node_b))
             assert mesh.backend.accepted == 2
 
-    run(main())
+    run(main(), 60)
 
 
 # ---- 9: malformed HTTP/2 from an authenticated peer ------------------------------------------
@@ -536,4 +521,4 @@ def test_malformed_h2_gets_goaway_and_others_keep_working(
                 assert await asyncio.wait_for(rr.read(), 5) == b""
                 ww.close()
 
-    run(main())
+    run(main(), 60)

@@ -7,9 +7,7 @@ ztunnel's ``CommonTrafficLabels`` (src/proxy/metrics.rs), not imported from the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshcore.hbone.aio import connect
 from meshcore.identity import SpiffeId
 from meshcore.tls import client_context
+from tests.helpers import run
 from tests.loopback.harness import (
     BACKEND_PORT,
     CLIENT_IP,
@@ -57,10 +56,6 @@ ISTIO_TCP_LABELS = {
 }
 
 
-def run(coro: Awaitable[Any], timeout: float = 60) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
 def samples(proxy: NodeProxy, name: str) -> list[tuple[dict[str, str], float]]:
     text = generate_latest(proxy.ctx.metrics.exposition_registry()).decode()
     out = []
@@ -96,7 +91,7 @@ def test_tcp_series_carry_every_istio_standard_label(tmp_path: Path) -> None:
                     assert labels["source_cluster"] == "Kubernetes"
                     assert labels["destination_cluster"] == "Kubernetes"
 
-    run(main())
+    run(main(), 60)
 
 
 def test_no_created_series_and_process_and_build_metrics(tmp_path: Path) -> None:
@@ -110,7 +105,7 @@ def test_no_created_series_and_process_and_build_metrics(tmp_path: Path) -> None
             assert "process_resident_memory_bytes" in text
             assert "process_cpu_seconds_total" in text
 
-    run(main())
+    run(main(), 60)
 
 
 def test_bytes_are_counted_while_the_connection_is_open(tmp_path: Path) -> None:
@@ -156,7 +151,7 @@ def test_bytes_are_counted_while_the_connection_is_open(tmp_path: Path) -> None:
             assert samples(mesh.node_a, "istio_tcp_received_bytes_total")[0][1] == 30_000
             assert samples(mesh.node_a, "istio_tcp_sent_bytes_total")[0][1] == 30_000
 
-    run(main())
+    run(main(), 60)
 
 
 def test_destination_infers_the_service_by_target_port(tmp_path: Path) -> None:
@@ -201,4 +196,4 @@ def test_destination_infers_the_service_by_target_port(tmp_path: Path) -> None:
             finally:
                 proto.abort()
 
-    run(main())
+    run(main(), 60)
