@@ -434,8 +434,10 @@ def reload_static_config(ctx: ProxyContext, path: Path) -> bool:
         state = MeshState.from_config(load_mesh_config(path))
     except (MeshError, OSError) as err:
         log.error("config reload from %s refused, keeping the running config: %s", path, err)
+        ctx.metrics.config_reloads.labels("refused").inc()
         return False
     ctx.state = state
+    ctx.metrics.config_reloads.labels("applied").inc()
     ctx.sync_local_identities()
     log.info(
         "config reloaded from %s: %d workloads, %d services, %d policies",

@@ -106,6 +106,13 @@ class ProxyMetrics:
             ["result"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "ztunnel_config_reloads",
+            "Static --mesh-config reloads on SIGHUP, by result (applied, refused); summed over"
+            " workers",
+            ["result"],
+            registry=r,
+        )
         self.active = Gauge(
             "ztunnel_active_connections",
             "Connections currently proxied",

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from controlplane.app import ControlPlane
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.xds import XdsClient
+from tests.helpers import run
 from tests.loopback.cpfixtures import (
     CLIENT_IP,
     DENY_SLEEP,
@@ -63,8 +63,12 @@ def without_echo() -> list[dict[str, object]]:
             "default", "labels": {"app": "echo"}}]  # fmt: skip
 
 
-def run(coro: Coroutine[Any, Any, None], timeout: float = 45) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
+def settled(cp: ControlPlane) -> bool:
+    """No xDS stream has changes waiting to be sent or responses not yet (N)ACKed."""
+    return all(
+        not c["unacked_nonces"] and not any(t["pending_changes"] for t in c["types"].values())
+        for c in cp.xds.debug_connections()
+    )
 
 
 class Seen:
@@ -137,7 +141,9 @@ async def _on_demand(tmp_path: Path) -> None:
             await eventually(lambda: a.state.workload(sleep2) is not None, 5, "new local pod")
             await eventually(lambda: full.state.workload(FAR) is not None
                              and full.state.workload(sleep2) is not None, 5)  # fmt: skip
-            await asyncio.sleep(0.3)  # let any stray push arrive
+            # Every push the change caused has been sent and acknowledged (the server's view of
+            # each stream), so a stray one would have been seen by now.
+            await eventually(lambda: settled(cp), 5, "every push acknowledged")
             assert FAR not in seen[a].names
             assert FAR not in seen[b].names
             assert sleep2 not in seen[b].names  # b looked up sleep, not sleep2

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import echo_mesh_config
+from tests.helpers import echo_mesh_config, eventually
 
 NODE_A, CLIENT = "127.0.31.1", "127.0.31.10"
 NODE_B, SERVER = "127.0.32.1", "127.0.32.10"
@@ -51,6 +51,14 @@ async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
+
+
+async def reloads(node_ip: str, result: str, want: int) -> bool:
+    """Whether the node proxy's `ztunnel_config_reloads_total{result}` reached `want`."""
+    status, body = await http_get(node_ip, 15020, "/stats/prometheus")
+    prefix = f'ztunnel_config_reloads_total{{result="{result}"}} '
+    line = next((x for x in body.decode().splitlines() if x.startswith(prefix)), None)
+    return status == 200 and line is not None and float(line.rsplit(" ", 1)[1]) >= want
 
 
 async def wait_ready(proc: asyncio.subprocess.Process, node_ip: str, timeout: float = 20) -> None:
@@ -249,7 +257,9 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
             assert results == {b""}, "DENY policy not applied after SIGHUP"
             cfg.write_text("workloads: [ {uid: 1} ]\n")  # invalid: refused, old config kept
             procs[1].send_signal(signal.SIGHUP)
-            await asyncio.sleep(0.3)
+            # Every worker has read the bad file and refused it (the reload counter on the
+            # metrics port), not "some time has passed".
+            await eventually(lambda: reloads(NODE_B, "refused", workers), 10, "refused reload")
             assert procs[1].returncode is None
             assert await call() == b""  # still the DENY config
             cfg.write_text(yaml.safe_dump(config()))
