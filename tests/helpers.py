@@ -1,5 +1,6 @@
 """Helpers every test directory shares: `run` (a coroutine under a timeout), `eventually`
-(poll a condition), and `loopback_block` (disjoint 127.0.0.0/8 address blocks).
+(poll a condition), `Sink` (collects what an HBONE tunnel delivers) and `loopback_block`
+(disjoint 127.0.0.0/8 address blocks).
 
 Address blocks: `loopback_block()` hands out a fresh /24 under 127.200.0.0/16 per call, so two
 test modules that each take one can never collide (they used to be kept apart by docstrings).
@@ -51,6 +52,34 @@ async def eventually(
         if loop.time() - start >= timeout:
             raise AssertionError(f"not within {timeout}s: {what or 'condition'}")
         await asyncio.sleep(interval)
+
+
+class Sink:
+    """A `meshcore.hbone.aio.TunnelSink` that collects what a tunnel delivers: `data`, then
+    `eof` set at the end (`reset_code` set too when the tunnel was reset)."""
+
+    write_paused = False
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = asyncio.Event()
+        self.reset_code: int | None = None
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.data += data
+
+    def tunnel_eof(self) -> None:
+        self.eof.set()
+
+    def tunnel_reset(self, code: int) -> None:
+        self.reset_code = code
+        self.eof.set()
+
+    def tunnel_pause_source(self) -> None:
+        pass
+
+    def tunnel_resume_source(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,13 @@
 
 Owns: one `HboneProtocol` per mTLS connection (client or server role), the `HboneStream` handle
 the proxies use, and peer verification timing: the peer certificate is checked right after the
-TLS handshake and before any HTTP/2 byte is processed or sent.
+TLS handshake and before any HTTP/2 byte is processed or sent. Also the stream-event handlers
+both edges share (`on_stream_data`, `on_stream_ended`, `on_response`, `on_window_opened`; the
+HTTP/3 edge `meshcore.hbone.h3aio` calls them with its own streams and core).
 
 Transport independence: proxies see only `TunnelStream` (write / write_eof / reset) and feed a
-`TunnelSink` (data / eof / reset / backpressure). HBONE over HTTP/3 will provide the same two
-interfaces, so nothing above this module knows which transport carries a tunnel.
+`TunnelSink` (data / eof / reset / backpressure). HBONE over HTTP/3 (`h3aio.H3Stream`) provides
+the same two interfaces, so nothing above this module knows which transport carries a tunnel.
 
 Invariants:
 - Every event batch from `receive_data` is followed by exactly one flush of `data_to_send`.
@@ -32,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol, cast
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError, StreamRefused
@@ -110,9 +112,13 @@ class HboneStream:
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
         self._proto = proto
+        self._start(stream_id, proto.peer_identity)
+
+    def _start(self, stream_id: int, peer_identity: SpiffeId | None) -> None:
+        """The stream's state, whatever the transport (`h3aio.H3Stream` starts the same)."""
         self.stream_id = stream_id
         self.sink: TunnelSink | None = None
-        self.peer_identity = proto.peer_identity
+        self.peer_identity = peer_identity
         self.headers: list[tuple[str, str]] = []
         self.authority = ""
         self.response: asyncio.Future[int] | None = None
@@ -170,6 +176,60 @@ class HboneStream:
     def acknowledge(self, length: int) -> None:
         self._proto.ack(self.stream_id, length)
         self._proto.schedule_flush()
+
+
+class AcknowledgesData(Protocol):
+    """The sans-I/O core's flow-control credit (`HboneConnection`, `h3.H3HboneConnection`)."""
+
+    def acknowledge_received_data(self, stream_id: int, flow_length: int) -> None: ...
+
+
+# Stream events handled the same way by both edges (this HTTP/2 one and `h3aio`'s HTTP/3 one).
+
+
+def on_stream_data(
+    streams: Mapping[int, HboneStream], conn: AcknowledgesData, ev: DataReceived
+) -> None:
+    """DATA to the stream's sink (credited at once unless it paused), or kept until a sink
+    attaches; DATA of a stream we forgot is credited and dropped."""
+    stream = streams.get(ev.stream_id)
+    if stream is None:
+        conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+    elif stream.sink is None:
+        stream._early.append(ev.data)
+    else:
+        stream.sink.tunnel_data(ev.data)
+        if not stream.sink.write_paused:
+            conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+
+
+def on_stream_ended(streams: Mapping[int, HboneStream], ev: StreamEnded) -> None:
+    stream = streams.get(ev.stream_id)
+    if stream is not None:
+        if stream.sink is None:
+            stream._early.append(None)
+        else:
+            stream.sink.tunnel_eof()
+
+
+def on_response(
+    streams: Mapping[int, HboneStream], forget: Callable[[int], None], ev: ResponseReceived
+) -> None:
+    """The CONNECT's response to its opener; a refusal (not 200) ends the stream."""
+    stream = streams.get(ev.stream_id)
+    if stream is not None and stream.response is not None:
+        stream.headers = ev.headers
+        if not stream.response.done():
+            stream.response.set_result(ev.status)
+        if ev.status != 200:
+            forget(ev.stream_id)
+
+
+def on_window_opened(streams: Mapping[int, HboneStream], ev: WindowOpened) -> None:
+    for sid in ev.stream_ids:
+        stream = streams.get(sid)
+        if stream is not None and stream.sink is not None:
+            stream.sink.tunnel_resume_source()
 
 
 DELAYED_CLOSE = 1.0  # seconds between our GOAWAY for a protocol error and the abort
@@ -367,35 +427,16 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def _dispatch(self, events: list[Event]) -> None:
         for ev in events:
             if type(ev) is DataReceived:
-                stream = self.streams.get(ev.stream_id)
-                if stream is None:
-                    self.conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
-                elif stream.sink is None:
-                    stream._early.append(ev.data)
-                else:
-                    stream.sink.tunnel_data(ev.data)
-                    if not stream.sink.write_paused:
-                        self.conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+                on_stream_data(self.streams, self.conn, ev)
             elif type(ev) is StreamEnded:
-                stream = self.streams.get(ev.stream_id)
-                if stream is not None:
-                    if stream.sink is None:
-                        stream._early.append(None)
-                    else:
-                        stream.sink.tunnel_eof()
+                on_stream_ended(self.streams, ev)
             elif type(ev) is RequestReceived:
                 self._on_request(ev)
             elif type(ev) is RequestRefused:
                 if self.on_refused is not None:
                     self.on_refused(self, ev)
             elif type(ev) is ResponseReceived:
-                stream = self.streams.get(ev.stream_id)
-                if stream is not None and stream.response is not None:
-                    stream.headers = ev.headers
-                    if not stream.response.done():
-                        stream.response.set_result(ev.status)
-                    if ev.status != 200:
-                        self.forget(ev.stream_id)
+                on_response(self.streams, self.forget, ev)
             elif type(ev) is StreamReset:
                 stream = self.streams.pop(ev.stream_id, None)
                 if stream is not None:
@@ -416,10 +457,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
                             stream.sink.tunnel_reset(ev.error_code)
                     self.forget(ev.stream_id)
             elif type(ev) is WindowOpened:
-                for sid in ev.stream_ids:
-                    stream = self.streams.get(sid)
-                    if stream is not None and stream.sink is not None:
-                        stream.sink.tunnel_resume_source()
+                on_window_opened(self.streams, ev)
             elif type(ev) is ConnectionTerminated:
                 if not ev.remote:
                     # Our GOAWAY for a protocol error. Closing now would discard it: a socket

@@ -31,7 +31,14 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from meshcore.certs import WorkloadCertificate, utcnow
 from meshcore.errors import HboneError, PeerVerificationError
-from meshcore.hbone.aio import HboneStream, TunnelSink
+from meshcore.hbone.aio import (
+    HboneStream,
+    TunnelSink,
+    on_response,
+    on_stream_data,
+    on_stream_ended,
+    on_window_opened,
+)
 from meshcore.hbone.connection import (
     ConnectionTerminated,
     DataReceived,
@@ -66,17 +73,9 @@ class H3Stream(HboneStream):
     transport = "h3"
 
     def __init__(self, proto: H3Protocol, stream_id: int) -> None:
-        # Not calling HboneStream.__init__: it binds an HTTP/2 protocol; the slots are the same.
+        # Not calling HboneStream.__init__: it binds an HTTP/2 protocol; the state is the same.
         self._h3 = proto
-        self.stream_id = stream_id
-        self.sink: TunnelSink | None = None
-        self.peer_identity = proto.peer_identity
-        self.headers: list[tuple[str, str]] = []
-        self.authority = ""
-        self.response: asyncio.Future[int] | None = None
-        self._early: list[bytes | None] = []
-        self.closed = False
-        self.task: asyncio.Task[None] | None = None  # work for this stream; cancelled when gone
+        self._start(stream_id, proto.peer_identity)
 
     def attach(self, sink: TunnelSink) -> None:
         self.sink = sink
@@ -250,22 +249,9 @@ class H3Protocol:
         conn = self.conn
         for ev in events:
             if type(ev) is DataReceived:
-                stream = self.streams.get(ev.stream_id)
-                if stream is None:
-                    conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
-                elif stream.sink is None:
-                    stream._early.append(ev.data)
-                else:
-                    stream.sink.tunnel_data(ev.data)
-                    if not stream.sink.write_paused:
-                        conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+                on_stream_data(self.streams, conn, ev)
             elif type(ev) is StreamEnded:
-                stream = self.streams.get(ev.stream_id)
-                if stream is not None:
-                    if stream.sink is None:
-                        stream._early.append(None)
-                    else:
-                        stream.sink.tunnel_eof()
+                on_stream_ended(self.streams, ev)
             elif type(ev) is PeerVerified:
                 self.peer_identity = ev.identity
                 if not self.ready.done():
@@ -276,13 +262,7 @@ class H3Protocol:
             elif type(ev) is RequestReceived:
                 self._on_request(ev)
             elif type(ev) is ResponseReceived:
-                stream = self.streams.get(ev.stream_id)
-                if stream is not None and stream.response is not None:
-                    stream.headers = ev.headers
-                    if not stream.response.done():
-                        stream.response.set_result(ev.status)
-                    if ev.status != 200:
-                        self.forget(ev.stream_id)
+                on_response(self.streams, self.forget, ev)
             elif type(ev) is StreamReset:
                 stream = self.streams.pop(ev.stream_id, None)
                 if stream is not None:
@@ -295,10 +275,7 @@ class H3Protocol:
                         stream.sink.tunnel_reset(ev.error_code)
                     self.forget(ev.stream_id)
             elif type(ev) is WindowOpened:
-                for sid in ev.stream_ids:
-                    stream = self.streams.get(sid)
-                    if stream is not None and stream.sink is not None:
-                        stream.sink.tunnel_resume_source()
+                on_window_opened(self.streams, ev)
             elif type(ev) is ConnectionTerminated:
                 pass  # `flush` sees conn.terminated and tears down
         for sid in [s for s in self.streams if not conn.is_open(s)]:

@@ -39,6 +39,7 @@ from meshcore.hbone.frames import (
 from meshcore.hbone.headers import encode as encode_headers
 from meshcore.identity import SpiffeId
 from meshcore.tls import client_context
+from tests.helpers import Sink
 
 NODE, SERVER, CLIENT = "127.0.71.1", "127.0.71.10", "127.0.70.10"
 HBONE = (SERVER, 15008)
@@ -303,40 +304,15 @@ async def legit_tunnel(cert: WorkloadCertificate, size: int = 64 * 1024) -> None
         *HBONE, client_context(cert), trust_domain="cluster.local", expected=[ECHO], timeout=10
     )
     try:
-        sink = Collect()
+        sink = Sink()
         stream = await asyncio.wait_for(proto.open_stream(AUTHORITY, [], sink), 10)
         stream.write(data)
         stream.write_eof()
-        await asyncio.wait_for(sink.done.wait(), 10)
-        assert sink.reset is None, f"tunnel reset ({sink.reset})"
+        await asyncio.wait_for(sink.eof.wait(), 10)
+        assert sink.reset_code is None, f"tunnel reset ({sink.reset_code})"
         assert hashlib.sha256(bytes(sink.data)).digest() == hashlib.sha256(data).digest()
     finally:
         proto.abort()
-
-
-class Collect:
-    write_paused = False
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.done = asyncio.Event()
-        self.reset: int | None = None
-
-    def tunnel_data(self, data: bytes) -> None:
-        self.data += data
-
-    def tunnel_eof(self) -> None:
-        self.done.set()
-
-    def tunnel_reset(self, code: int) -> None:
-        self.reset = code
-        self.done.set()
-
-    def tunnel_pause_source(self) -> None:
-        pass
-
-    def tunnel_resume_source(self) -> None:
-        pass
 
 
 @dataclass

@@ -17,8 +17,8 @@ from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.pool import HbonePool, PoolKey
 from meshcore.identity import SpiffeId
 from meshcore.sockets import connect_tcp
+from tests.helpers import Sink
 from tests.loopback.harness import BACKEND_PORT, CLIENT_IP, ECHO, SERVER_IP, SLEEP, running_mesh
-from tests.loopback.test_refusals import Sink
 
 FORWARDER = ("127.0.24.1", 15008)
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h

@@ -37,7 +37,7 @@ from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from meshcore.tls import client_context
-from tests.helpers import eventually, run
+from tests.helpers import Sink, eventually, run
 from tests.loopback.harness import (
     BACKEND_PORT,
     CLIENT_IP,
@@ -79,33 +79,6 @@ def access_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
         if rec.name == "ztunnel.access":
             out.append(str(json.loads(rec.getMessage()).get("error")))
     return out
-
-
-class Sink:
-    """A TunnelSink that collects what the tunnel delivers."""
-
-    write_paused = False
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.eof = asyncio.Event()
-        self.reset_code: int | None = None
-
-    def tunnel_data(self, data: bytes) -> None:
-        self.data += data
-
-    def tunnel_eof(self) -> None:
-        self.eof.set()
-
-    def tunnel_reset(self, code: int) -> None:
-        self.reset_code = code
-        self.eof.set()
-
-    def tunnel_pause_source(self) -> None:
-        pass
-
-    def tunnel_resume_source(self) -> None:
-        pass
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
