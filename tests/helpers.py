@@ -4,7 +4,13 @@
 
 Address blocks: `loopback_block()` hands out a fresh /24 under 127.200.0.0/16 per call, so two
 test modules that each take one can never collide (they used to be kept apart by docstrings).
-The fixed 127.0.x.0/24 blocks some modules still use lie outside that range.
+Fixed 127.0.x.0/24 blocks (outside that range) stay where the addresses are part of what is
+tested: a module or shared mesh fixture (`loopback/harness.py`, `cpfixtures.py`,
+`robustness.py`, `test_waypoint_harness.py`) writes them into mesh configs, manifests and
+certificates, and the tests assert them in metrics, access logs, config dumps and docstrings.
+Each such block belongs to one module and the modules that import it (checked by
+`tests/unit/test_layout.py`). Unit tests use 127.x only as values (no socket). Every pytest run
+has its own network namespace (`/work/bin/isotest`, CI jobs), so separate runs never collide.
 """
 
 from __future__ import annotations
