@@ -1,8 +1,9 @@
 """The control plane's CA over real gRPC: which identities a node may obtain, lifetimes, and the
 gRPC status, log line and counter of every refusal (issue 10, item 5).
 
-Addresses: control plane 127.0.71.1 (port chosen by the kernel). Node proxy "node-a" calls with
-its real node token; certificates are real (the CA's chain is verified by the client side).
+Addresses: control plane on host 1 of a `tests.helpers.loopback_block` (port chosen by the
+kernel). Node proxy "node-a" calls with its real node token; certificates are real (the CA's
+chain is verified by the client side).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from meshcore.ca import generate_csr
 from meshcore.caclient import CREATE_CERTIFICATE, build_request
 from meshcore.identity import SpiffeId
 from meshcore.proto import ca_pb2
+from tests.helpers import loopback_block
 from tests.loopback.cpfixtures import write_manifests
 
-CP_IP = "127.0.71.1"
+CP_IP = loopback_block().ip(1)
 TOKEN = "token-node-a-0123456789"
 
 

@@ -1,7 +1,8 @@
 """`ambient-controlplane` (the real process) refuses to serve without node authentication and
 refuses debug endpoints off loopback; metrics go to their own listener (issue 10, item 5).
 
-Addresses: 127.0.71.2 (gRPC), 127.0.71.3 (metrics listener), 127.0.71.2:15014 (debug).
+Addresses: a `tests.helpers.loopback_block`: host 2 (gRPC, and :15014 debug), host 3 (metrics
+listener).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import loopback_block
+
 BIN = Path(sys.executable).parent / "ambient-controlplane"
-CP = "127.0.71.2"
-METRICS = "127.0.71.3"
+BLOCK = loopback_block()
+CP = BLOCK.ip(2)
+METRICS = BLOCK.ip(3)
 
 
 def argv(tmp: Path, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 from meshcore.hbone.frames import ErrorCode, Flag, FrameType
 from meshcore.hbone.headers import encode as encode_headers
 from tests import helpers
-from tests.helpers import eventually
+from tests.helpers import eventually, loopback_block
 from tests.loopback.robustness import (
     AUTHORITY,
     Backend,
@@ -38,6 +38,7 @@ from tests.loopback.robustness import (
 )
 
 T = TypeVar("T")
+PEERS = loopback_block()  # attackers' source addresses
 RSS_SLACK_MIB = 25.0  # after an attack; the flood-twice test below is much tighter
 
 
@@ -442,7 +443,7 @@ def test_rapid_reset_spread_over_connections_is_bounded_per_peer(node: NodeB) ->
     pairs, under the per-connection budget (200 per 10 s) every time. The reset budget shared by
     the peer's connections (1,000) runs out: GOAWAY(ENHANCE_YOUR_CALM) naming the peer budget,
     and every later connection of that peer is cut at its first reset."""
-    peer = "127.0.77.1"
+    peer = PEERS.ip(1)
 
     async def attack() -> Seen:
         seen = []
@@ -470,7 +471,7 @@ def test_silent_handshakes_are_bounded_per_peer(node: NodeB) -> None:
 
     from tests.loopback.robustness import HBONE
 
-    peer = "127.0.77.2"
+    peer = PEERS.ip(2)
     before = node.counter("istio_tcp_connections_failed_total", response_flags="PEER_LIMIT")
 
     async def attack() -> Seen:

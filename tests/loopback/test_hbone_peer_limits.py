@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import loopback_block
 from tests.loopback.robustness import (
     NodeB,
     Raw,
@@ -31,7 +32,7 @@ def test_tunnels_are_bounded_per_peer_across_connections(node: NodeB) -> None:
     """Two connections x 200 open tunnels from one peer IP: 300 get 200 (upstream sockets), the
     100 beyond the peer's bound get 503 with an access-log line and a counter, no upstream
     socket; another peer is served meanwhile; once the peer's tunnels end, it may open again."""
-    peer = "127.0.77.3"
+    peer = loopback_block().ip(3)
     flag = {"response_flags": "PEER_LIMIT"}
     before = node.counter("istio_tcp_connections_failed_total", **flag)
 

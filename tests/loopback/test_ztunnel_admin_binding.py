@@ -3,7 +3,8 @@ log level) listens on a loopback address only (issue 10, item 5): the real `ztun
 refuses a non-loopback ``--admin-address`` (flag or ADMIN_ADDRESS), and the in-process proxy
 refuses one given through its settings, before serving anything.
 
-Addresses: node 127.0.73.1 (static mode, the repository's example mesh, no workloads on it).
+Addresses: the node is host 1 of a `tests.helpers.loopback_block` (static mode, the repository's
+example mesh, no workloads on it).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from meshcore.certs import LocalCAProvider, utcnow
 from meshcore.errors import ConfigError
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
+from tests.helpers import loopback_block
 from ztunnel.app import NodeProxy, build_context
 from ztunnel.proxy.context import ProxySettings
 
 BIN = Path(sys.executable).parent / "ztunnel"
 MESH = Path(__file__).resolve().parents[2] / "examples" / "static" / "mesh.yaml"
-NODE_IP = "127.0.73.1"
+NODE_IP = loopback_block().ip(1)
 
 
 @pytest.mark.parametrize(

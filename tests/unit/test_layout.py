@@ -6,6 +6,7 @@ every waypoint module."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,21 @@ def test_waypoint_module_table_names_every_module() -> None:
         if p.name != "__init__.py" and f"`{p.relative_to(repo)}`" not in table
     ]
     assert missing == []
+
+
+def test_fixed_loopback_blocks_belong_to_one_module() -> None:
+    """A fixed 127.0.x.0/24 used by loopback or root tests belongs to one module and the modules
+    that import it (tests/helpers.py); new modules take `loopback_block()` instead."""
+    tests = ROOT.parent / "tests"
+    users: dict[str, set[str]] = {}
+    imports: dict[str, set[str]] = {}
+    for path in [*(tests / "loopback").glob("*.py"), *(tests / "root").glob("*.py")]:
+        text = path.read_text()
+        name = path.stem
+        imports[name] = set(re.findall(r"^from tests\.(?:loopback|root)\.(\w+) import", text, re.M))
+        for block in re.findall(r'"127\.(\d+\.\d+)\.\d+', text):
+            if block != "0.0":
+                users.setdefault(block, set()).add(name)
+    for block, names in users.items():
+        owners = [n for n in names if not (names - {n}) - {m for m in names if n in imports[m]}]
+        assert owners, f"127.{block}.0/24 is used by unrelated modules: {sorted(names)}"
