@@ -1,5 +1,6 @@
 """Helpers every test directory shares: `run` (a coroutine under a timeout), `eventually`
-(poll a condition), `Sink` (collects what an HBONE tunnel delivers) and `loopback_block`
+(poll a condition), `Sink` (collects what an HBONE tunnel delivers), `echo_handler` (an echo
+backend), `stop_processes` (SIGTERM, then SIGKILL after a grace period) and `loopback_block`
 (disjoint 127.0.0.0/8 address blocks).
 
 Address blocks: `loopback_block()` hands out a fresh /24 under 127.200.0.0/16 per call, so two
@@ -18,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import subprocess
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,6 +61,29 @@ async def eventually(
         if loop.time() - start >= timeout:
             raise AssertionError(f"not within {timeout}s: {what or 'condition'}")
         await asyncio.sleep(interval)
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An `asyncio.start_server` callback echoing everything back, then a FIN."""
+    with suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+    writer.close()
+
+
+def stop_processes(*procs: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGTERM to every process, then wait for each; one still running after `timeout` seconds
+    is killed."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Sink:

@@ -39,7 +39,7 @@ from meshcore.hbone.frames import (
 from meshcore.hbone.headers import encode as encode_headers
 from meshcore.identity import SpiffeId
 from meshcore.tls import client_context
-from tests.helpers import Sink
+from tests.helpers import Sink, stop_processes
 
 NODE, SERVER, CLIENT = "127.0.71.1", "127.0.71.10", "127.0.70.10"
 HBONE = (SERVER, 15008)
@@ -163,12 +163,7 @@ def start_node_b(tmp: Path, *extra: str) -> Iterator[NodeB]:
             time.sleep(0.1)
         yield node
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc)
 
 
 # ---- frames ----

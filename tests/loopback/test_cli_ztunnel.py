@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from ambientctl.main import main
+from tests.helpers import stop_processes
 
 NODE_A, SLEEP = "127.0.91.1", "127.0.91.10"
 NODE_B, ECHO = "127.0.92.1", "127.0.92.10"
@@ -90,12 +91,7 @@ def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc)
 
 
 def echo_backend(host: str, port: int) -> socket.socket:

@@ -23,7 +23,7 @@ from meshcore.hbone.h3 import _Stream
 from meshcore.hbone.h3aio import H3Endpoint, H3Stream, connect_h3
 from meshcore.hbone.pool import PoolKey
 from meshcore.identity import SpiffeId
-from tests.helpers import Sink, eventually, run
+from tests.helpers import Sink, echo_handler, eventually, run
 from tests.loopback.harness import (
     CLIENT_IP,
     SERVER_IP,
@@ -34,7 +34,7 @@ from tests.loopback.harness import (
     running_mesh,
     start_backend,
 )
-from tests.loopback.test_refusals import echo_handler, echo_round, metric_text
+from tests.loopback.test_refusals import echo_round, metric_text
 from ztunnel.proxy.inbound_h3 import H3Listener
 
 SLEEP_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")

@@ -38,7 +38,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, utcnow
 from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
-from tests.helpers import echo_mesh_config, loopback_block
+from tests.helpers import echo_handler, echo_mesh_config, loopback_block, stop_processes
 from tests.loopback.robustness import Raw, headers_frame
 
 NODE_A, CLIENT = "127.0.73.1", "127.0.73.10"
@@ -94,14 +94,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
             time.sleep(0.1)
         yield Pair(a, b, tmp)
     finally:
-        for p in (a, b):
-            p.terminate()
-        for p in (a, b):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(a, b)
 
 
 def test_every_listener_has_a_4096_backlog(pair: Pair) -> None:
@@ -298,12 +291,7 @@ def test_envoy_as_hbone_client_5000_concurrent_tunnels_none_lost(pair: Pair) -> 
         assert refused_streams(NODE_B) == refused
         assert took < 30, took
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc)
 
 
 def refused_streams(ip: str) -> float:
@@ -322,15 +310,7 @@ def test_drain_hands_over(pair: Pair) -> None:
     tunnel carried on until it finishes (drain timeout 5 s)."""
 
     async def main() -> None:
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with suppress(ConnectionError):
-                while chunk := await reader.read(65536):
-                    writer.write(chunk)
-                    await writer.drain()
-                writer.write_eof()
-            writer.close()
-
-        backend = await asyncio.start_server(echo, SERVER, 8080)
+        backend = await asyncio.start_server(echo_handler, SERVER, 8080)
         ca = MeshCA.load_or_create(pair.tmp / "ca")
         cert = await LocalCAProvider(ca).fetch(
             SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")

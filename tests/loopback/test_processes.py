@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import echo_mesh_config, eventually
+from tests.helpers import echo_handler, echo_mesh_config, eventually
 
 NODE_A, CLIENT = "127.0.31.1", "127.0.31.10"
 NODE_B, SERVER = "127.0.32.1", "127.0.32.10"
@@ -73,15 +73,6 @@ async def wait_ready(proc: asyncio.subprocess.Process, node_ip: str, timeout: fl
         await asyncio.sleep(0.05)
 
 
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with suppress(ConnectionError):
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-    writer.close()
-
-
 def children_of(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []
@@ -110,7 +101,7 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> 
 
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peers.append(writer.get_extra_info("peername")[0])
-            await echo(reader, writer)
+            await echo_handler(reader, writer)
 
         backend = await asyncio.start_server(accept, SERVER, 8080)
         procs = [
@@ -233,7 +224,7 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
             writer.close()
 
     async def main() -> None:
-        backend = await asyncio.start_server(echo, SERVER, 8080)
+        backend = await asyncio.start_server(echo_handler, SERVER, 8080)
         procs = [
             await spawn("node-a", NODE_A, "--outbound-listen", f"{SVC_VIP}:80"),
             await spawn("node-b", NODE_B),

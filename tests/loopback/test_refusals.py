@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -37,7 +37,7 @@ from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from meshcore.tls import client_context
-from tests.helpers import Sink, eventually, run
+from tests.helpers import Sink, echo_handler, eventually, run
 from tests.loopback.harness import (
     BACKEND_PORT,
     CLIENT_IP,
@@ -79,15 +79,6 @@ def access_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
         if rec.name == "ztunnel.access":
             out.append(str(json.loads(rec.getMessage()).get("error")))
     return out
-
-
-async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with suppress(ConnectionError):
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-    writer.close()
 
 
 async def dial(
