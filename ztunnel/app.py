@@ -3,10 +3,11 @@
 Owns: building the `ProxyContext` (state, certificates, pool, telemetry) from the settings
 `ztunnel.flags` parsed, binding listeners, workers, readiness, and graceful drain on SIGTERM.
 
-Listeners are created from sockets we make ourselves (`make_listener`), never by address inside
-asyncio, so a zero-drop upgrade hands the very same listening sockets (data path and operator
-ports) to a new process (`ztunnel.handover`, --handover-socket): the successor takes them over
-and turns ready only after the hand-over; the predecessor then serves only what it has.
+Listeners are created from sockets we make ourselves (`meshcore.sockets.make_listener`), never by
+address inside asyncio, so a zero-drop upgrade hands the very same listening sockets (data path
+and operator ports) to a new process (`ztunnel.handover`, --handover-socket): the successor takes
+them over and turns ready only after the hand-over; the predecessor then serves only what it has.
+Event loop, stop signals, housekeeping sweep and drain wait: `meshcore.runtime`.
 
 Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
 HBONE, 15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp
