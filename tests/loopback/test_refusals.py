@@ -240,7 +240,9 @@ def test_unexpected_server_san_raises_before_connect(tmp_path: Path, transport: 
             other = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/other")
             with pytest.raises(PeerVerificationError, match="not an expected identity"):
                 await dial(cert, expected=other, transport=transport)
-            await asyncio.sleep(0.1)
+            # Node B took part in the handshake, so it holds the connection until it has seen
+            # the client go: once it let go, anything the client sent has been processed.
+            await eventually(lambda: not client_connections(mesh.node_b), what="node B let go")
             assert mesh.backend.accepted == 0
             text = metric_text(mesh.node_b)
             assert "istio_tcp_connections_opened_total{" not in text
@@ -374,6 +376,18 @@ def peer_serial(conn: asyncio.BaseTransport | H3Protocol) -> int:
         return leaf.serial_number
     der = conn.get_extra_info("ssl_object").getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def client_connections(node: NodeProxy) -> int:
+    """Node B's connections (TCP or QUIC, handshaking or established) from the client pod."""
+    count = 0
+    for listener in node.hbone_listeners:
+        if isinstance(listener, H3Listener):
+            if listener.endpoint is not None:
+                count += sum(addr[0] == CLIENT_IP for addr in listener.endpoint.connections)
+        else:
+            count += listener.peers.connections(CLIENT_IP)
+    return count
 
 
 def inbound_connections(node: NodeProxy) -> list[asyncio.BaseTransport | H3Protocol]:

@@ -221,6 +221,7 @@ def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> N
     assert peers.admit("10.0.0.1") is None
     peers.handshake_done("10.0.0.1")
     assert peers.admit("10.0.0.1") == "3 connections"
+    assert (peers.connections("10.0.0.1"), peers.connections("10.9.9.9")) == (3, 0)
     assert [peers.open_tunnel("10.0.0.1") for _ in range(3)] == [True, True, False]
     peers.close_tunnel("10.0.0.1")
     assert peers.open_tunnel("10.0.0.1")
@@ -228,6 +229,7 @@ def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> N
     assert not all(budget.spend(1.0) for _ in range(6))
     for _ in range(3):
         peers.closed("10.0.0.1")
+    assert peers.connections("10.0.0.1") == 0
     assert peers.resets("10.0.0.1") is budget
 
 

@@ -234,6 +234,11 @@ class PeerTable:
         peer.connections += 1
         return None
 
+    def connections(self, ip: str) -> int:
+        """Connections (handshaking or established) from `ip` now."""
+        peer = self._peers.get(ip)
+        return 0 if peer is None else peer.connections
+
     def handshake_done(self, ip: str) -> None:
         self._peers[ip].handshakes -= 1
 
