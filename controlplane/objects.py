@@ -29,6 +29,10 @@ from meshcore.config.authorization import AuthzPolicy, parse_policy
 from meshcore.config.labels import Labels as Labels
 from meshcore.errors import ConfigError
 
+HTTP3_ANNOTATION = "ambient-mesh.io/hbone-http3"
+"""Pod annotation (ours, issue 16): its node proxy takes HBONE over HTTP/3 on the node's address;
+value "true" (UDP port 15008) or a UDP port number."""
+
 CORE_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount")
 ISTIO_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 STORED_KINDS = (
@@ -116,6 +120,11 @@ class Pod:
     container_ports: tuple[ContainerPort, ...] = ()
     owner_kind: str = ""
     owner_name: str = ""
+    host_ip: str = ""
+    """status.hostIP: the node's address (where its node proxy takes HBONE over HTTP/3)."""
+    http3: str = ""
+    """The ``ambient-mesh.io/hbone-http3`` annotation as written ("" = absent), checked by
+    `controlplane.translate` (issue 16)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -378,6 +387,11 @@ def _parse_pod(raw: Mapping[str, Any]) -> Pod:
     host_network = spec.get("hostNetwork", False)
     if not isinstance(host_network, bool):
         raise r.fail("spec.hostNetwork", "expected a boolean")
+    annotations = r.obj(meta.get("annotations"), "metadata.annotations")
+    http3 = annotations.get(HTTP3_ANNOTATION, "")
+    if not isinstance(http3, str):
+        raise r.fail(f"metadata.annotations[{HTTP3_ANNOTATION}]", "expected a string")
+    host_ip = status.get("hostIP")
     return Pod(
         namespace=ns,
         name=name,
@@ -394,6 +408,8 @@ def _parse_pod(raw: Mapping[str, Any]) -> Pod:
         container_ports=tuple(ports),
         owner_kind=owner_kind,
         owner_name=owner_name,
+        host_ip=r.ip(host_ip, "status.hostIP") if host_ip else "",
+        http3=http3,
     )
 
 

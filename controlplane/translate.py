@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from controlplane.objects import (
+    HTTP3_ANNOTATION,
     KubeService,
     Labels,
     PeerAuthentication,
@@ -74,6 +75,7 @@ from meshcore.model import (
     Authorization,
     Clause,
     GatewayAddress,
+    Http3Endpoint,
     Match,
     MatchKind,
     NamespacedHostname,
@@ -253,6 +255,27 @@ def _workload_type(pod: Pod) -> tuple[WorkloadType, str]:
     if pod.owner_kind in ("StatefulSet", "DaemonSet", "Deployment"):
         return WorkloadType.DEPLOYMENT, pod.owner_name
     return WorkloadType.POD, pod.name
+
+
+def _http3_endpoint(pod: Pod, ref: str, warnings: list[ConfigWarning]) -> Http3Endpoint | None:
+    """Our ``ambient-mesh.io/hbone-http3`` annotation -> where the pod's node proxy takes HBONE
+    over HTTP/3 (the node's address, status.hostIP). A value we cannot honour is warned about and
+    publishes nothing: peers keep HTTP/2 (issue 16)."""
+    value = pod.http3.strip()
+    if not value or value == "false":
+        return None
+    port = 15008 if value == "true" else int(value) if value.isdigit() else 0
+    if not 0 < port < 65536:
+        warnings.append(
+            ConfigWarning(ref=ref, message=f"{HTTP3_ANNOTATION}={value!r}: not 'true' or a port")
+        )
+        return None
+    if not pod.host_ip:
+        warnings.append(
+            ConfigWarning(ref=ref, message=f"{HTTP3_ANNOTATION}: no status.hostIP yet: HTTP/2")
+        )
+        return None
+    return Http3Endpoint(address=ipaddress.ip_address(pod.host_ip), port=port)
 
 
 def _target_for(pod: Pod, target: int | str) -> int | None:
@@ -560,6 +583,7 @@ def translate_namespace(
             status=status,
             cluster_id=opts.cluster_id,
             services=tuple(sorted(svc_ports.items())),
+            http3=_http3_endpoint(pod, ref, warnings) if ambient else None,
         )
         workloads[w.uid] = w
         if pod.node:  # a pod its node proxy serves (the filter above): the CA's check

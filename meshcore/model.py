@@ -244,6 +244,20 @@ class Locality:
         return {"region": self.region, "zone": self.zone, "subzone": self.subzone}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Http3Endpoint:
+    """Where a workload's node proxy takes HBONE over HTTP/3 (QUIC; issue 16): the node's own
+    address and UDP port, published by the control plane in our own xDS extension
+    (`meshcore.proto.convert.HTTP3_EXTENSION`) for workloads annotated
+    ``ambient-mesh.io/hbone-http3``. Absent: HTTP/2, as for every Istio peer."""
+
+    address: IPAddress
+    port: int = 15008
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"address": _ip_text(self.address), "port": self.port}
+
+
 # --------------------------------------------------------------------------------------------
 # Workload
 
@@ -293,6 +307,8 @@ class Workload:
     sorted by key."""
     locality: Locality | None = None
     """Region/zone/subzone."""
+    http3: Http3Endpoint | None = None
+    """HBONE over HTTP/3 toward this workload (our extension; None: HTTP/2)."""
 
     @property
     def identity(self) -> SpiffeId:
@@ -342,6 +358,8 @@ class Workload:
         )
         if self.locality is not None:
             out["locality"] = self.locality.to_dict()
+        if self.http3 is not None:
+            out["http3"] = self.http3.to_dict()
         return out
 
 
@@ -366,6 +384,7 @@ _WORKLOAD_FIELDS = (
     "hostname",
     "services",
     "locality",
+    "http3",
 )
 
 

@@ -85,11 +85,14 @@ def bind_listeners(
         return Listener(role, sock or make_listener(host, port, transparent=transparent))
 
     if s.capture == "transparent":
-        return [
+        captured = [
             listener("outbound", "0.0.0.0", s.outbound_port, True),
             listener("plaintext", "0.0.0.0", s.inbound_plaintext_port, True),
             listener("hbone", "0.0.0.0", s.hbone_port, True),
         ]
+        if s.http3:  # node-to-node UDP on the node's own address (ztunnel.proxy.inbound_h3)
+            captured.append(Listener("hbone-udp", make_udp_listener(s.node_ip, s.hbone_port)))
+        return captured
     specs = [("outbound", host, port) for host, port in s.outbound_listen]
     specs.append(("outbound", s.node_ip, s.outbound_port))
     specs.append(("plaintext", s.node_ip, s.inbound_plaintext_port))

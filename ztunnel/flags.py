@@ -160,9 +160,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
                 f"{ADMIN_LOOPBACK_WHY}")  # fmt: skip
     if args.mesh_config is None and not args.xds_address:
         p.error("--mesh-config or --xds-address is required")
-    if args.http3 and args.capture == "transparent":
-        # Pod capture is TCP-only (eBPF); UDP to a pod's 15008 would reach the pod, not us.
-        p.error("--http3 needs --capture bind (HTTP/3 under transparent capture: not implemented)")
     settings = ProxySettings(
         node=args.node,
         node_ip=args.node_ip,

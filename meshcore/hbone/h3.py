@@ -19,6 +19,10 @@ checked by tests/unit/test_h3_aioquic_contract.py so an upgrade that changes the
   (`tls._peer_certificate[_chain]`) when the handshake completes, BEFORE the HTTP/3 layer exists:
   no SETTINGS are sent and no stream byte is looked at until the peer passed. A refused peer
   gets CONNECTION_CLOSE with CRYPTO_ERROR(bad_certificate) (RFC 9001 §4.8).
+- aioquic's server never tells which server name a client asked for, and one node-proxy UDP
+  socket serves many identities; `client_hello_server_name` reads the SNI out of the client's
+  first Initial (decrypted with the public Initial keys, RFC 9001 §5.2) so the endpoint picks
+  the certificate before it creates the connection (`server_name_for` is the naming).
 - aioquic doubles a receive window each time half of it is used, so a peer can make us buffer
   without bound behind a slow reader. `_MeshQuic` keeps MAX_STREAM_DATA at credited + window
   and MAX_DATA at credited + connection window, where "credited" is what the application has
@@ -40,6 +44,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -54,8 +59,15 @@ from aioquic.h3.events import HeadersReceived
 from aioquic.quic import events as qev
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicPacketType, QuicProtocolVersion, pull_quic_header
-from aioquic.tls import AlertDescription
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicPacketType,
+    QuicProtocolVersion,
+    pull_quic_header,
+)
+from aioquic.tls import AlertDescription, pull_client_hello
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -142,9 +154,70 @@ def initial_dcid(datagram: bytes) -> bytes | None:
     return header.destination_cid
 
 
-def quic_configuration(cert: WorkloadCertificate, role: Role) -> QuicConfiguration:
+SNI_SUFFIX = ".hbone.invalid"
+"""Server names we send name a destination workload's address: ``<hex of the packed IP>`` +
+this suffix (RFC 6066 §3 forbids IP literals in SNI; ``.invalid`` never resolves, RFC 6761 §6.4)."""
+
+
+def server_name_for(ip: str) -> str:
+    """The SNI naming destination workload `ip`: the server presents that workload's
+    certificate (one node-proxy UDP socket serves every local workload, see
+    `ztunnel.proxy.inbound_h3`)."""
+    return ipaddress.ip_address(ip).packed.hex() + SNI_SUFFIX
+
+
+def address_from_server_name(name: str) -> str | None:
+    """The workload address a server name made by `server_name_for` names; None otherwise."""
+    label = name.lower().removesuffix(SNI_SUFFIX)
+    if label == name.lower() or len(label) not in (8, 32):
+        return None
+    try:
+        return str(ipaddress.ip_address(bytes.fromhex(label)))
+    except ValueError:
+        return None
+
+
+def client_hello_server_name(datagram: bytes) -> str | None:
+    """The SNI of the ClientHello in a client's first Initial packet, read before any
+    connection state exists, so the server can pick the certificate to present (aioquic 1.7.2
+    has no server-side SNI hook). The Initial is decrypted with the keys every party can derive
+    from its Destination Connection ID (RFC 9001 §5.2); its CRYPTO frames from offset 0 must
+    hold the whole ClientHello (aioquic's and our clients' fit one packet). None when the
+    datagram is not such a packet, the hello is split or has no SNI."""
+    if initial_dcid(datagram) is None:
+        return None
+    buf = Buffer(data=datagram)
+    try:
+        header = pull_quic_header(buf, host_cid_length=8)
+        assert header.version is not None
+        crypto = CryptoPair()
+        crypto.setup_initial(header.destination_cid, is_client=False, version=header.version)
+        _, payload, _ = crypto.decrypt_packet(datagram[: header.packet_length], buf.tell(), 0)
+        frames = Buffer(data=payload)
+        chunks: dict[int, bytes] = {}
+        while not frames.eof():
+            kind = frames.pull_uint_var()
+            if kind == QuicFrameType.CRYPTO:
+                offset = frames.pull_uint_var()
+                chunks[offset] = frames.pull_bytes(frames.pull_uint_var())
+            elif kind not in (QuicFrameType.PADDING, QuicFrameType.PING):
+                return None  # RFC 9000 §17.2.2: a first Initial carries nothing else we need
+        data = b""
+        while len(data) in chunks:
+            data += chunks[len(data)]
+        if len(data) < 4 or len(data) < 4 + int.from_bytes(data[1:4], "big"):
+            return None  # ClientHello split over several packets
+        return pull_client_hello(Buffer(data=data)).server_name
+    except Exception:  # undecryptable or malformed: not a hello we serve
+        return None
+
+
+def quic_configuration(
+    cert: WorkloadCertificate, role: Role, server_name: str | None = None
+) -> QuicConfiguration:
     """aioquic settings for HBONE: our certificate, ALPN h3, our windows, aioquic's own peer
-    verification off (we verify, see the module docstring), no SNI, no session ticket."""
+    verification off (we verify, see the module docstring), no session ticket; a client sends
+    `server_name` as SNI (`server_name_for`) or none."""
     leaf, *chain = [x509.load_pem_x509_certificate(p) for p in _presented_chain(cert)]
     cfg = QuicConfiguration(
         is_client=role is Role.CLIENT,
@@ -155,7 +228,7 @@ def quic_configuration(cert: WorkloadCertificate, role: Role) -> QuicConfigurati
         max_datagram_size=MAX_DATAGRAM,
         congestion_control_algorithm="cubic",
         verify_mode=ssl.CERT_NONE,
-        server_name=None,
+        server_name=server_name,
     )
     cfg.certificate = leaf
     cfg.certificate_chain = chain
@@ -255,11 +328,12 @@ class H3HboneConnection:
         wall_clock: datetime,
         max_streams: int = 100,
         original_dcid: bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         """`original_dcid`: server role, the Destination Connection ID of the client's first
-        Initial packet (RFC 9000 §7.3)."""
+        Initial packet (RFC 9000 §7.3). `server_name`: client role, the SNI to send."""
         self.role = role
-        self.quic = _MeshQuic(quic_configuration(cert, role), original_dcid)
+        self.quic = _MeshQuic(quic_configuration(cert, role, server_name), original_dcid)
         self.h3: _MeshH3 | None = None  # created only once the peer is verified
         self.trust_domain = trust_domain
         self.expected = expected

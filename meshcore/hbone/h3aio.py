@@ -56,6 +56,7 @@ from meshcore.hbone.h3 import (
     H3HboneConnection,
     PeerRefused,
     PeerVerified,
+    client_hello_server_name,
     initial_dcid,
 )
 from meshcore.identity import SpiffeId
@@ -135,6 +136,7 @@ class H3Protocol:
         on_request: RequestHandler | None = None,
         on_close: Callable[[H3Protocol], None] | None = None,
         original_dcid: bytes | None = None,
+        server_name: str | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.conn = H3HboneConnection(
@@ -144,8 +146,11 @@ class H3Protocol:
             expected=expected,
             wall_clock=utcnow(),
             original_dcid=original_dcid,
+            server_name=server_name,
         )
         self.role = role
+        self.server_name = server_name
+        """Client: the SNI sent. Server: the SNI the client sent (set by `H3Endpoint`)."""
         self.peer_addr = peer_addr
         self._send = send
         self.on_request = on_request
@@ -372,9 +377,12 @@ async def connect_h3(
     transparent: bool = False,
     timeout: float = 10.0,
     on_close: Callable[[H3Protocol], None] | None = None,
+    server_name: str | None = None,
 ) -> H3Protocol:
     """Open an HBONE-over-HTTP/3 connection presenting `cert` and verify the server is one of
-    `expected`. Raises PeerVerificationError, TimeoutError or OSError."""
+    `expected`; `server_name` (SNI, `meshcore.hbone.h3.server_name_for`) names the destination
+    workload when the server is a node proxy's shared socket. Raises PeerVerificationError,
+    TimeoutError or OSError."""
     loop = asyncio.get_running_loop()
     sock = udp_socket(host, transparent=transparent)
     try:
@@ -399,6 +407,7 @@ async def connect_h3(
         peer_addr=(host, port),
         send=udp.send,
         on_close=closed,
+        server_name=server_name,
     )
     udp.proto = proto
     proto.conn.connect((host, port), loop.time())
@@ -417,13 +426,15 @@ class H3Endpoint:
     """Server side: one UDP socket; a QUIC connection per peer address. `start(sock)` begins
     reading (in batches, see `_UdpClient`).
 
-    `certificate()` gives the certificate to present (the listening address names the local
-    workload, as for HBONE over TCP). `on_refused(peer, error)` is told about every peer that
-    did not pass verification or the handshake timeout; `on_request` gets each CONNECT."""
+    `certificate(server_name)` gives the certificate to present, chosen by the SNI of the
+    client's first Initial (`client_hello_server_name`; None without one: then the listening
+    address names the local workload, as for HBONE over TCP). `on_refused(peer, error)` is told
+    about every peer that did not pass verification or the handshake timeout, or got no
+    certificate; `on_request` gets each CONNECT."""
 
     def __init__(
         self,
-        certificate: Callable[[], Awaitable[WorkloadCertificate]],
+        certificate: Callable[[str | None], Awaitable[WorkloadCertificate]],
         *,
         trust_domain: str,
         on_request: Callable[[H3Stream, Address], None],
@@ -499,13 +510,14 @@ class H3Endpoint:
             return
         self._pending[addr] = [data]
         self._handshaking[addr[0]] = self._handshaking.get(addr[0], 0) + 1
-        task = asyncio.get_running_loop().create_task(self._accept(addr, dcid))
+        server_name = client_hello_server_name(data)
+        task = asyncio.get_running_loop().create_task(self._accept(addr, dcid, server_name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept(self, addr: Address, dcid: bytes) -> None:
+    async def _accept(self, addr: Address, dcid: bytes, server_name: str | None) -> None:
         try:
-            await self._handshake(addr, dcid)
+            await self._handshake(addr, dcid, server_name)
         finally:
             left = self._handshaking.get(addr[0], 1) - 1
             if left:
@@ -513,12 +525,14 @@ class H3Endpoint:
             else:
                 self._handshaking.pop(addr[0], None)
 
-    async def _handshake(self, addr: Address, dcid: bytes) -> None:
+    async def _handshake(self, addr: Address, dcid: bytes, server_name: str | None) -> None:
         try:
-            cert = await self._certificate()
+            cert = await self._certificate(server_name)
         except Exception as err:
             self._pending.pop(addr, None)
+            self.dropped += 1
             log.warning("HTTP/3 HBONE from %s: no certificate to present: %s", addr[0], err)
+            self._on_refused(addr, PeerVerificationError(f"no certificate to present: {err}"))
             return
         if self.sock is None or self.closing:
             self._pending.pop(addr, None)
@@ -534,6 +548,7 @@ class H3Endpoint:
             on_close=self._closed,
             original_dcid=dcid,
         )
+        proto.server_name = server_name
         self.connections[addr] = proto
         self._per_ip[addr[0]] = self._per_ip.get(addr[0], 0) + 1
         for data in self._pending.pop(addr, []):

@@ -40,6 +40,7 @@ log = logging.getLogger("meshcore.hbone.pool")
 PooledConnection = HboneProtocol | H3Protocol
 H3_ATTEMPT_TIMEOUT = 2.0
 H3_RETRY_AFTER = 300.0
+H3_UNREACHABLE_MAX = 4096  # peers remembered as HTTP/3-unreachable (beyond: not remembered)
 
 IDLE_TIMEOUT = 300.0  # Istio: idle connections are released after 5 minutes
 MAX_STREAMS_PER_CONNECTION = 100
@@ -60,6 +61,10 @@ class PoolKey:
     """Bind `source_ip` with IP_TRANSPARENT (it is not an address of this node)."""
     transport: str = "h2"
     """"h2": HBONE over HTTP/2 (TLS over TCP); "h3": try HTTP/3 (QUIC) first, see above."""
+    h3_address: tuple[str, int] | None = None
+    """Where HTTP/3 goes (UDP) when not `address`: a node proxy's shared socket."""
+    server_name: str | None = None
+    """SNI of the HTTP/3 connection, naming the destination workload (`server_name_for`)."""
 
 
 class HbonePool:
@@ -152,27 +157,35 @@ class HbonePool:
         """HTTP/3, unless the address recently failed; None = use HTTP/2."""
         assert self._cert_for is not None
         loop = asyncio.get_running_loop()
-        if loop.time() < self.h3_unreachable.get(key.address, 0.0):
+        address = key.h3_address or key.address
+        if loop.time() < self.h3_unreachable.get(address, 0.0):
             return None
         cert = await self._cert_for(key.source)
         try:
             return await connect_h3(
-                key.address[0],
-                key.address[1],
+                address[0],
+                address[1],
                 cert,
                 trust_domain=self.trust_domain,
                 expected=key.expected,
-                source_ip=key.source_ip,
-                transparent=key.transparent,
+                # A node's shared socket answers to our address: a transparent source (a pod
+                # IP) would route the replies to the pod, not here.
+                source_ip=None if key.h3_address is not None else key.source_ip,
+                transparent=key.transparent and key.h3_address is None,
                 timeout=min(self.h3_attempt_timeout, self.connect_timeout),
                 on_close=functools.partial(self._remove, key),
+                server_name=key.server_name,
             )
         except (TimeoutError, OSError) as err:  # not PeerVerificationError: no fallback
-            self.h3_unreachable[key.address] = loop.time() + self.h3_retry_after
+            now = loop.time()
+            if len(self.h3_unreachable) >= H3_UNREACHABLE_MAX:  # bounded: expired ones go
+                self.h3_unreachable = {a: t for a, t in self.h3_unreachable.items() if t > now}
+            if len(self.h3_unreachable) < H3_UNREACHABLE_MAX:
+                self.h3_unreachable[address] = now + self.h3_retry_after
             self.h3_fallbacks += 1
             log.warning(
                 "HTTP/3 to %s:%d failed (%s): HTTP/2 for %.0fs",
-                *key.address,
+                *address,
                 err or type(err).__name__,
                 self.h3_retry_after,
             )

@@ -32,9 +32,16 @@ from meshcore.model import (
     StringMatch,
     Workload,
 )
+from meshcore.proto import ambientmesh_pb2 as ampb
 from meshcore.proto import authorization_pb2 as apb
 from meshcore.proto import workload_pb2 as wpb
 from meshcore.proto.yamlform import parse_authorization, parse_service, parse_workload
+
+HTTP3_EXTENSION = "ambient-mesh.io/hbone-http3"
+"""Name of our `istio.workload.Extension` carrying `Workload.http3` (an
+`ambientmesh.v1.Http3Endpoint`). Istio's ztunnel skips extensions it does not know; so do we
+(an extension is opaque config for whoever understands it), except a malformed one of ours."""
+HTTP3_ENDPOINT_TYPE = "type.googleapis.com/ambientmesh.v1.Http3Endpoint"
 
 ADDRESS_TYPE = "type.googleapis.com/istio.workload.Address"
 """Type URL of Workload/Service resources (an `istio.workload.Address` oneof)."""
@@ -112,6 +119,12 @@ def workload_pb(w: Workload) -> wpb.Workload:
         out.locality.region = w.locality.region
         out.locality.zone = w.locality.zone
         out.locality.subzone = w.locality.subzone
+    if w.http3 is not None:
+        ext = out.extensions.add(name=HTTP3_EXTENSION)
+        ext.config.Pack(
+            ampb.Http3Endpoint(address=w.http3.address.packed, port=w.http3.port),
+            type_url_prefix="type.googleapis.com/",
+        )
     return out
 
 
@@ -283,7 +296,21 @@ def workload_from_pb(w: wpb.Workload, path: str) -> Workload:
             "zone": w.locality.zone,
             "subzone": w.locality.subzone,
         }
+    for i, ext in enumerate(w.extensions):
+        if ext.name == HTTP3_EXTENSION:
+            d["http3"] = _http3_dict(ext.config, f"{path}.extensions[{i}]")
     return parse_workload(d, path)
+
+
+def _http3_dict(config: any_pb2.Any, path: str) -> dict[str, Any]:
+    if config.type_url != HTTP3_ENDPOINT_TYPE:
+        raise ConfigError(
+            f"{path}.config", f"expected {HTTP3_ENDPOINT_TYPE}, got {config.type_url!r}"
+        )
+    msg = ampb.Http3Endpoint()
+    if not config.Unpack(msg):
+        raise ConfigError(f"{path}.config", "undecodable Http3Endpoint")
+    return {"address": _ip_text(msg.address, f"{path}.address"), "port": msg.port}
 
 
 def service_from_pb(s: wpb.Service, path: str) -> Service:

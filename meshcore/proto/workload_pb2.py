@@ -21,8 +21,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
+
+
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x1dmeshcore/proto/workload.proto\x12\x0eistio.workload"k\n\x07\x41\x64\x64ress\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x18.istio.workload.WorkloadH\x00\x12*\n\x07service\x18\x02 \x01(\x0b\x32\x17.istio.workload.ServiceH\x00\x42\x06\n\x04type"\x98\x02\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x31\n\taddresses\x18\x04 \x03(\x0b\x32\x1e.istio.workload.NetworkAddress\x12#\n\x05ports\x18\x05 \x03(\x0b\x32\x14.istio.workload.Port\x12\x19\n\x11subject_alt_names\x18\x06 \x03(\t\x12\x30\n\x08waypoint\x18\x07 \x01(\x0b\x32\x1e.istio.workload.GatewayAddress\x12\x35\n\x0eload_balancing\x18\x08 \x01(\x0b\x32\x1d.istio.workload.LoadBalancing"\xa6\x03\n\rLoadBalancing\x12?\n\x12routing_preference\x18\x01 \x03(\x0e\x32#.istio.workload.LoadBalancing.Scope\x12\x30\n\x04mode\x18\x02 \x01(\x0e\x32".istio.workload.LoadBalancing.Mode\x12\x41\n\rhealth_policy\x18\x03 \x01(\x0e\x32*.istio.workload.LoadBalancing.HealthPolicy"e\n\x05Scope\x12\x15\n\x11UNSPECIFIED_SCOPE\x10\x00\x12\n\n\x06REGION\x10\x01\x12\x08\n\x04ZONE\x10\x02\x12\x0b\n\x07SUBZONE\x10\x03\x12\x08\n\x04NODE\x10\x04\x12\x0b\n\x07\x43LUSTER\x10\x05\x12\x0b\n\x07NETWORK\x10\x06"G\n\x04Mode\x12\x14\n\x10UNSPECIFIED_MODE\x10\x00\x12\n\n\x06STRICT\x10\x01\x12\x0c\n\x08\x46\x41ILOVER\x10\x02\x12\x0f\n\x0bPASSTHROUGH\x10\x03"/\n\x0cHealthPolicy\x12\x10\n\x0cONLY_HEALTHY\x10\x00\x12\r\n\tALLOW_ALL\x10\x01"\xb1\x05\n\x08Workload\x12\x0b\n\x03uid\x18\x14 \x01(\t\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\x0c\x12\x10\n\x08hostname\x18\x15 \x01(\t\x12\x0f\n\x07network\x18\x04 \x01(\t\x12\x37\n\x0ftunnel_protocol\x18\x05 \x01(\x0e\x32\x1e.istio.workload.TunnelProtocol\x12\x14\n\x0ctrust_domain\x18\x06 \x01(\t\x12\x17\n\x0fservice_account\x18\x07 \x01(\t\x12\x30\n\x08waypoint\x18\x08 \x01(\x0b\x32\x1e.istio.workload.GatewayAddress\x12\x0c\n\x04node\x18\t \x01(\t\x12\x16\n\x0e\x63\x61nonical_name\x18\n \x01(\t\x12\x1a\n\x12\x63\x61nonical_revision\x18\x0b \x01(\t\x12\x33\n\rworkload_type\x18\x0c \x01(\x0e\x32\x1c.istio.workload.WorkloadType\x12\x15\n\rworkload_name\x18\r \x01(\t\x12\x38\n\x08services\x18\x16 \x03(\x0b\x32&.istio.workload.Workload.ServicesEntry\x12\x1e\n\x16\x61uthorization_policies\x18\x10 \x03(\t\x12.\n\x06status\x18\x11 \x01(\x0e\x32\x1e.istio.workload.WorkloadStatus\x12\x12\n\ncluster_id\x18\x12 \x01(\t\x12*\n\x08locality\x18\x18 \x01(\x0b\x32\x18.istio.workload.Locality\x1aI\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.istio.workload.PortList:\x02\x38\x01J\x04\x08\x0f\x10\x10"9\n\x08Locality\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07subzone\x18\x03 \x01(\t"/\n\x08PortList\x12#\n\x05ports\x18\x01 \x03(\x0b\x32\x14.istio.workload.Port"d\n\x04Port\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x31\n\x0c\x61pp_protocol\x18\x03 \x01(\x0e\x32\x1b.istio.workload.AppProtocol"\xa9\x01\n\x0eGatewayAddress\x12\x36\n\x08hostname\x18\x01 \x01(\x0b\x32".istio.workload.NamespacedHostnameH\x00\x12\x31\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1e.istio.workload.NetworkAddressH\x00\x12\x17\n\x0fhbone_mtls_port\x18\x03 \x01(\rB\r\n\x0b\x64\x65stinationJ\x04\x08\x04\x10\x05"2\n\x0eNetworkAddress\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c"9\n\x12NamespacedHostname\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t*,\n\x0eWorkloadStatus\x12\x0b\n\x07HEALTHY\x10\x00\x12\r\n\tUNHEALTHY\x10\x01*=\n\x0cWorkloadType\x12\x0e\n\nDEPLOYMENT\x10\x00\x12\x0b\n\x07\x43RONJOB\x10\x01\x12\x07\n\x03POD\x10\x02\x12\x07\n\x03JOB\x10\x03*M\n\x0b\x41ppProtocol\x12\x0b\n\x07UNKNOWN\x10\x00\x12\n\n\x06HTTP11\x10\x01\x12\t\n\x05HTTP2\x10\x02\x12\x08\n\x04GRPC\x10\x03\x12\x07\n\x03TCP\x10\x04\x12\x07\n\x03TLS\x10\x05*<\n\x0eTunnelProtocol\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05HBONE\x10\x01\x12\x15\n\x11LEGACY_ISTIO_MTLS\x10\x02\x62\x06proto3'
+    b'\n\x1dmeshcore/proto/workload.proto\x12\x0eistio.workload\x1a\x19google/protobuf/any.proto"k\n\x07\x41\x64\x64ress\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x18.istio.workload.WorkloadH\x00\x12*\n\x07service\x18\x02 \x01(\x0b\x32\x17.istio.workload.ServiceH\x00\x42\x06\n\x04type"\x98\x02\n\x07Service\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x31\n\taddresses\x18\x04 \x03(\x0b\x32\x1e.istio.workload.NetworkAddress\x12#\n\x05ports\x18\x05 \x03(\x0b\x32\x14.istio.workload.Port\x12\x19\n\x11subject_alt_names\x18\x06 \x03(\t\x12\x30\n\x08waypoint\x18\x07 \x01(\x0b\x32\x1e.istio.workload.GatewayAddress\x12\x35\n\x0eload_balancing\x18\x08 \x01(\x0b\x32\x1d.istio.workload.LoadBalancing"\xa6\x03\n\rLoadBalancing\x12?\n\x12routing_preference\x18\x01 \x03(\x0e\x32#.istio.workload.LoadBalancing.Scope\x12\x30\n\x04mode\x18\x02 \x01(\x0e\x32".istio.workload.LoadBalancing.Mode\x12\x41\n\rhealth_policy\x18\x03 \x01(\x0e\x32*.istio.workload.LoadBalancing.HealthPolicy"e\n\x05Scope\x12\x15\n\x11UNSPECIFIED_SCOPE\x10\x00\x12\n\n\x06REGION\x10\x01\x12\x08\n\x04ZONE\x10\x02\x12\x0b\n\x07SUBZONE\x10\x03\x12\x08\n\x04NODE\x10\x04\x12\x0b\n\x07\x43LUSTER\x10\x05\x12\x0b\n\x07NETWORK\x10\x06"G\n\x04Mode\x12\x14\n\x10UNSPECIFIED_MODE\x10\x00\x12\n\n\x06STRICT\x10\x01\x12\x0c\n\x08\x46\x41ILOVER\x10\x02\x12\x0f\n\x0bPASSTHROUGH\x10\x03"/\n\x0cHealthPolicy\x12\x10\n\x0cONLY_HEALTHY\x10\x00\x12\r\n\tALLOW_ALL\x10\x01"\xe0\x05\n\x08Workload\x12\x0b\n\x03uid\x18\x14 \x01(\t\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\x0c\x12\x10\n\x08hostname\x18\x15 \x01(\t\x12\x0f\n\x07network\x18\x04 \x01(\t\x12\x37\n\x0ftunnel_protocol\x18\x05 \x01(\x0e\x32\x1e.istio.workload.TunnelProtocol\x12\x14\n\x0ctrust_domain\x18\x06 \x01(\t\x12\x17\n\x0fservice_account\x18\x07 \x01(\t\x12\x30\n\x08waypoint\x18\x08 \x01(\x0b\x32\x1e.istio.workload.GatewayAddress\x12\x0c\n\x04node\x18\t \x01(\t\x12\x16\n\x0e\x63\x61nonical_name\x18\n \x01(\t\x12\x1a\n\x12\x63\x61nonical_revision\x18\x0b \x01(\t\x12\x33\n\rworkload_type\x18\x0c \x01(\x0e\x32\x1c.istio.workload.WorkloadType\x12\x15\n\rworkload_name\x18\r \x01(\t\x12\x38\n\x08services\x18\x16 \x03(\x0b\x32&.istio.workload.Workload.ServicesEntry\x12\x1e\n\x16\x61uthorization_policies\x18\x10 \x03(\t\x12.\n\x06status\x18\x11 \x01(\x0e\x32\x1e.istio.workload.WorkloadStatus\x12\x12\n\ncluster_id\x18\x12 \x01(\t\x12*\n\x08locality\x18\x18 \x01(\x0b\x32\x18.istio.workload.Locality\x12-\n\nextensions\x18\x1a \x03(\x0b\x32\x19.istio.workload.Extension\x1aI\n\rServicesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.istio.workload.PortList:\x02\x38\x01J\x04\x08\x0f\x10\x10"?\n\tExtension\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any"9\n\x08Locality\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07subzone\x18\x03 \x01(\t"/\n\x08PortList\x12#\n\x05ports\x18\x01 \x03(\x0b\x32\x14.istio.workload.Port"d\n\x04Port\x12\x14\n\x0cservice_port\x18\x01 \x01(\r\x12\x13\n\x0btarget_port\x18\x02 \x01(\r\x12\x31\n\x0c\x61pp_protocol\x18\x03 \x01(\x0e\x32\x1b.istio.workload.AppProtocol"\xa9\x01\n\x0eGatewayAddress\x12\x36\n\x08hostname\x18\x01 \x01(\x0b\x32".istio.workload.NamespacedHostnameH\x00\x12\x31\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1e.istio.workload.NetworkAddressH\x00\x12\x17\n\x0fhbone_mtls_port\x18\x03 \x01(\rB\r\n\x0b\x64\x65stinationJ\x04\x08\x04\x10\x05"2\n\x0eNetworkAddress\x12\x0f\n\x07network\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c"9\n\x12NamespacedHostname\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t*,\n\x0eWorkloadStatus\x12\x0b\n\x07HEALTHY\x10\x00\x12\r\n\tUNHEALTHY\x10\x01*=\n\x0cWorkloadType\x12\x0e\n\nDEPLOYMENT\x10\x00\x12\x0b\n\x07\x43RONJOB\x10\x01\x12\x07\n\x03POD\x10\x02\x12\x07\n\x03JOB\x10\x03*M\n\x0b\x41ppProtocol\x12\x0b\n\x07UNKNOWN\x10\x00\x12\n\n\x06HTTP11\x10\x01\x12\t\n\x05HTTP2\x10\x02\x12\x08\n\x04GRPC\x10\x03\x12\x07\n\x03TCP\x10\x04\x12\x07\n\x03TLS\x10\x05*<\n\x0eTunnelProtocol\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05HBONE\x10\x01\x12\x15\n\x11LEGACY_ISTIO_MTLS\x10\x02\x62\x06proto3'
 )
 
 _globals = globals()
@@ -32,40 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
     _globals["_WORKLOAD_SERVICESENTRY"]._loaded_options = None
     _globals["_WORKLOAD_SERVICESENTRY"]._serialized_options = b"8\001"
-    _globals["_WORKLOADSTATUS"]._serialized_start = 2051
-    _globals["_WORKLOADSTATUS"]._serialized_end = 2095
-    _globals["_WORKLOADTYPE"]._serialized_start = 2097
-    _globals["_WORKLOADTYPE"]._serialized_end = 2158
-    _globals["_APPPROTOCOL"]._serialized_start = 2160
-    _globals["_APPPROTOCOL"]._serialized_end = 2237
-    _globals["_TUNNELPROTOCOL"]._serialized_start = 2239
-    _globals["_TUNNELPROTOCOL"]._serialized_end = 2299
-    _globals["_ADDRESS"]._serialized_start = 49
-    _globals["_ADDRESS"]._serialized_end = 156
-    _globals["_SERVICE"]._serialized_start = 159
-    _globals["_SERVICE"]._serialized_end = 439
-    _globals["_LOADBALANCING"]._serialized_start = 442
-    _globals["_LOADBALANCING"]._serialized_end = 864
-    _globals["_LOADBALANCING_SCOPE"]._serialized_start = 641
-    _globals["_LOADBALANCING_SCOPE"]._serialized_end = 742
-    _globals["_LOADBALANCING_MODE"]._serialized_start = 744
-    _globals["_LOADBALANCING_MODE"]._serialized_end = 815
-    _globals["_LOADBALANCING_HEALTHPOLICY"]._serialized_start = 817
-    _globals["_LOADBALANCING_HEALTHPOLICY"]._serialized_end = 864
-    _globals["_WORKLOAD"]._serialized_start = 867
-    _globals["_WORKLOAD"]._serialized_end = 1556
-    _globals["_WORKLOAD_SERVICESENTRY"]._serialized_start = 1477
-    _globals["_WORKLOAD_SERVICESENTRY"]._serialized_end = 1550
-    _globals["_LOCALITY"]._serialized_start = 1558
-    _globals["_LOCALITY"]._serialized_end = 1615
-    _globals["_PORTLIST"]._serialized_start = 1617
-    _globals["_PORTLIST"]._serialized_end = 1664
-    _globals["_PORT"]._serialized_start = 1666
-    _globals["_PORT"]._serialized_end = 1766
-    _globals["_GATEWAYADDRESS"]._serialized_start = 1769
-    _globals["_GATEWAYADDRESS"]._serialized_end = 1938
-    _globals["_NETWORKADDRESS"]._serialized_start = 1940
-    _globals["_NETWORKADDRESS"]._serialized_end = 1990
-    _globals["_NAMESPACEDHOSTNAME"]._serialized_start = 1992
-    _globals["_NAMESPACEDHOSTNAME"]._serialized_end = 2049
+    _globals["_WORKLOADSTATUS"]._serialized_start = 2190
+    _globals["_WORKLOADSTATUS"]._serialized_end = 2234
+    _globals["_WORKLOADTYPE"]._serialized_start = 2236
+    _globals["_WORKLOADTYPE"]._serialized_end = 2297
+    _globals["_APPPROTOCOL"]._serialized_start = 2299
+    _globals["_APPPROTOCOL"]._serialized_end = 2376
+    _globals["_TUNNELPROTOCOL"]._serialized_start = 2378
+    _globals["_TUNNELPROTOCOL"]._serialized_end = 2438
+    _globals["_ADDRESS"]._serialized_start = 76
+    _globals["_ADDRESS"]._serialized_end = 183
+    _globals["_SERVICE"]._serialized_start = 186
+    _globals["_SERVICE"]._serialized_end = 466
+    _globals["_LOADBALANCING"]._serialized_start = 469
+    _globals["_LOADBALANCING"]._serialized_end = 891
+    _globals["_LOADBALANCING_SCOPE"]._serialized_start = 668
+    _globals["_LOADBALANCING_SCOPE"]._serialized_end = 769
+    _globals["_LOADBALANCING_MODE"]._serialized_start = 771
+    _globals["_LOADBALANCING_MODE"]._serialized_end = 842
+    _globals["_LOADBALANCING_HEALTHPOLICY"]._serialized_start = 844
+    _globals["_LOADBALANCING_HEALTHPOLICY"]._serialized_end = 891
+    _globals["_WORKLOAD"]._serialized_start = 894
+    _globals["_WORKLOAD"]._serialized_end = 1630
+    _globals["_WORKLOAD_SERVICESENTRY"]._serialized_start = 1551
+    _globals["_WORKLOAD_SERVICESENTRY"]._serialized_end = 1624
+    _globals["_EXTENSION"]._serialized_start = 1632
+    _globals["_EXTENSION"]._serialized_end = 1695
+    _globals["_LOCALITY"]._serialized_start = 1697
+    _globals["_LOCALITY"]._serialized_end = 1754
+    _globals["_PORTLIST"]._serialized_start = 1756
+    _globals["_PORTLIST"]._serialized_end = 1803
+    _globals["_PORT"]._serialized_start = 1805
+    _globals["_PORT"]._serialized_end = 1905
+    _globals["_GATEWAYADDRESS"]._serialized_start = 1908
+    _globals["_GATEWAYADDRESS"]._serialized_end = 2077
+    _globals["_NETWORKADDRESS"]._serialized_start = 2079
+    _globals["_NETWORKADDRESS"]._serialized_end = 2129
+    _globals["_NAMESPACEDHOSTNAME"]._serialized_start = 2131
+    _globals["_NAMESPACEDHOSTNAME"]._serialized_end = 2188
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 # ruff: noqa
 # mypy: ignore-errors
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -175,6 +176,7 @@ class Workload(_message.Message):
         "status",
         "cluster_id",
         "locality",
+        "extensions",
     )
     class ServicesEntry(_message.Message):
         __slots__ = ("key", "value")
@@ -206,6 +208,7 @@ class Workload(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     LOCALITY_FIELD_NUMBER: _ClassVar[int]
+    EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     uid: str
     name: str
     namespace: str
@@ -226,6 +229,7 @@ class Workload(_message.Message):
     status: WorkloadStatus
     cluster_id: str
     locality: Locality
+    extensions: _containers.RepeatedCompositeFieldContainer[Extension]
     def __init__(
         self,
         uid: _Optional[str] = ...,
@@ -248,6 +252,17 @@ class Workload(_message.Message):
         status: _Optional[_Union[WorkloadStatus, str]] = ...,
         cluster_id: _Optional[str] = ...,
         locality: _Optional[_Union[Locality, _Mapping]] = ...,
+        extensions: _Optional[_Iterable[_Union[Extension, _Mapping]]] = ...,
+    ) -> None: ...
+
+class Extension(_message.Message):
+    __slots__ = ("name", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: _any_pb2.Any
+    def __init__(
+        self, name: _Optional[str] = ..., config: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...
     ) -> None: ...
 
 class Locality(_message.Message):

@@ -35,6 +35,7 @@ from meshcore.model import (
     Clause,
     GatewayAddress,
     HealthPolicy,
+    Http3Endpoint,
     IPAddress,
     IPNetwork,
     LoadBalancing,
@@ -226,6 +227,16 @@ def _parse_locality(obj: object, path: str) -> Locality:
     )
 
 
+def _parse_http3(obj: object, path: str) -> Http3Endpoint:
+    o = _object(obj, path, ("address", "port"))
+    if o.get("address") is None:
+        raise ConfigError(_join(path, "address"), "required")
+    port = o.get("port", 15008)
+    return Http3Endpoint(
+        address=_ip(o["address"], _join(path, "address")), port=_port(port, _join(path, "port"))
+    )
+
+
 def _parse_policy_key(value: object, path: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(path, f"expected a string, got {_type_name(value)}")
@@ -280,6 +291,9 @@ def parse_workload(obj: object, path: str = "workload") -> Workload:
     locality = None
     if o.get("locality") is not None:
         locality = _parse_locality(o["locality"], _join(path, "locality"))
+    http3 = None
+    if o.get("http3") is not None:
+        http3 = _parse_http3(o["http3"], _join(path, "http3"))
     workload = Workload(
         uid=uid,
         name=name,
@@ -301,6 +315,7 @@ def parse_workload(obj: object, path: str = "workload") -> Workload:
         hostname=hostname,
         services=_parse_workload_services(o, path),
         locality=locality,
+        http3=http3,
     )
     try:
         workload.identity  # noqa: B018 - validates trust domain / namespace / service account

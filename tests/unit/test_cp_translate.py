@@ -15,6 +15,7 @@ from meshcore.authz import ConnectionInfo, evaluate
 from meshcore.errors import ConfigError
 from meshcore.identity import SpiffeId
 from meshcore.model import Action, Authorization, Scope, Service, TunnelProtocol, Workload
+from meshcore.proto.convert import workload_from_pb, workload_pb
 from meshcore.state import MeshState
 
 NS = {"kind": "Namespace", "metadata": {"name": "default"}}
@@ -290,3 +291,50 @@ metadata: {name: typo}
             {"kind": "Service", "metadata": {"name": "s"}, "spec": {"ports": [{"port": 0}]}}
         )
     assert parse_manifest_text("a: [", "x.yaml").warnings[0][1].startswith("invalid YAML")
+
+
+def test_http3_annotation_publishes_the_node_endpoint_in_our_extension() -> None:
+    """issue 16: ``ambient-mesh.io/hbone-http3`` -> Workload.http3 (the node's address from
+    status.hostIP); a value we cannot honour publishes nothing (peers keep HTTP/2) and warns."""
+
+    def annotated(name: str, value: str | None, host_ip: str | None = "192.168.0.2") -> Any:
+        doc = pod(name, "10.0.0.9")
+        if value is not None:
+            doc["metadata"]["annotations"] = {"ambient-mesh.io/hbone-http3": value}
+        if host_ip is not None:
+            doc["status"]["hostIP"] = host_ip
+        return doc
+
+    t, recs = translate(
+        AMBIENT_NS,
+        annotated("on", "true"),
+        annotated("port", "15010"),
+        annotated("off", None),
+        annotated("bad", "yes please"),
+        annotated("nohost", "true", host_ip=None),
+    )
+    got = {n: recs[f"Kubernetes//Pod/default/{n}"].http3 for n in ("on", "port", "off", "bad")}
+    assert {n: (str(h.address), h.port) if h else None for n, h in got.items()} == {
+        "on": ("192.168.0.2", 15008),
+        "port": ("192.168.0.2", 15010),
+        "off": None,
+        "bad": None,
+    }
+    assert recs["Kubernetes//Pod/default/nohost"].http3 is None
+    warned = " ".join(w.message for w in t.warnings())
+    assert "'yes please'" in warned and "no status.hostIP" in warned
+    # Over the wire: our extension round-trips; an Istio-shaped workload carries none.
+    on = recs["Kubernetes//Pod/default/on"]
+    assert workload_from_pb(workload_pb(on), "w") == on
+    assert not workload_pb(recs["Kubernetes//Pod/default/off"]).extensions
+
+
+def test_malformed_http3_extension_is_refused_and_foreign_extensions_ignored() -> None:
+    _, recs = translate(AMBIENT_NS, pod("w", "10.0.0.9"))
+    msg = workload_pb(recs["Kubernetes//Pod/default/w"])
+    msg.extensions.add(name="example.com/other").config.Pack(msg)  # someone else's: skipped
+    assert workload_from_pb(msg, "w").http3 is None
+    ours = msg.extensions.add(name="ambient-mesh.io/hbone-http3")
+    ours.config.Pack(msg)  # wrong message type in our extension
+    with pytest.raises(ConfigError, match="Http3Endpoint"):
+        workload_from_pb(msg, "w")

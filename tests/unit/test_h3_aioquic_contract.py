@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from aioquic import tls
 from aioquic.quic import events as qev
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -38,8 +39,11 @@ from meshcore.hbone.h3 import (
     H3HboneConnection,
     PeerRefused,
     PeerVerified,
+    address_from_server_name,
+    client_hello_server_name,
     initial_dcid,
     quic_configuration,
+    server_name_for,
 )
 from meshcore.identity import SpiffeId
 from meshcore.tls import verify_peer_chain
@@ -505,3 +509,59 @@ def test_goaway_drains_the_connection(ca: MeshCA) -> None:
     assert [type(e) for e in s_events] == [DataReceived, StreamEnded]
     assert [type(e) for e in c_events][:2] == [DataReceived, StreamEnded]
     assert server.quic._close_event is not None or server.quic._close_pending or server.terminated
+
+
+# ---- the certificate choice by SNI (one node-proxy socket, many identities) ------------------
+
+
+def test_aioquic_server_has_no_sni_hook_so_we_read_it_from_the_first_initial(ca: MeshCA) -> None:
+    """aioquic 1.7.2's server never exposes the client's server name (if it ever does, use it):
+    `client_hello_server_name` decrypts the first Initial and reads the ClientHello's SNI."""
+    server_tls = tls.Context(is_client=False)
+    hooks = [a for a in vars(server_tls) if a.endswith("_cb")]
+    assert sorted(hooks) == [
+        "alpn_cb",
+        "get_session_ticket_cb",
+        "new_session_ticket_cb",
+        "update_traffic_key_cb",
+    ]
+    name = server_name_for("10.1.0.7")
+    assert name == "0a010007.hbone.invalid"
+    assert address_from_server_name(name) == "10.1.0.7"
+    assert address_from_server_name(server_name_for("fd00::7")) == "fd00::7"
+    for bad in ("echo.default.svc", "zz010007.hbone.invalid", "0a01.hbone.invalid", ""):
+        assert address_from_server_name(bad) is None
+    clock = Clock()
+    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()), server_name=name)
+    client.connect(SERVER_ADDR, clock.now)
+    first = _send(client, clock.now)[0]
+    assert client_hello_server_name(first) == name
+    # No SNI sent (bind capture): None, and so for anything that is not a client's Initial.
+    plain = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
+    plain.connect(SERVER_ADDR, clock.now)
+    assert client_hello_server_name(_send(plain, clock.now)[0]) is None
+    assert client_hello_server_name(b"\xc0" + bytes(1300)) is None
+    tampered = bytearray(first)
+    tampered[100] ^= 0xFF  # the AEAD tag no longer matches: not decrypted, not trusted
+    assert client_hello_server_name(bytes(tampered)) is None
+
+
+def test_certificate_chosen_by_sni_completes_the_handshake(ca: MeshCA) -> None:
+    """The server presents the certificate the SNI named; the client's verification (expected
+    identity) passes only for that one."""
+    clock = Clock()
+    name = server_name_for("10.1.0.7")
+    certs = {name: ca.issue(ECHO, now=utcnow())}
+    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()), server_name=name)
+    client.connect(SERVER_ADDR, clock.now)
+    first = _send(client, clock.now)
+    chosen = client_hello_server_name(first[0])
+    assert chosen == name
+    server = ours(Role.SERVER, certs[chosen], original_dcid=initial_dcid(first[0]))
+    s_events: list[Any] = []
+    for d in first:
+        s_events += server.receive_datagram(d, CLIENT_ADDR, clock.now)
+    c_events, more = pump(client, server, clock)
+    s_events += more
+    assert any(isinstance(e, PeerVerified) and e.identity == ECHO for e in c_events)
+    assert any(isinstance(e, PeerVerified) and e.identity == SLEEP for e in s_events)

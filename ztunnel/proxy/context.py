@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from meshcore.certs import CertificateManager, WorkloadCertificate
 from meshcore.hbone.aio import HboneProtocol
 from meshcore.hbone.connection import SERVER_MAX_STREAMS
+from meshcore.hbone.h3 import server_name_for
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
-from meshcore.model import IPAddress, TunnelProtocol
+from meshcore.model import IPAddress, TunnelProtocol, Workload
 from meshcore.sockets import can_bind_without_privilege
 from meshcore.state import MeshState
 from meshcore.telemetry import DEFAULT_CLUSTER_ID
@@ -73,8 +74,9 @@ class ProxySettings:
     http3: bool = False
     """Also serve HBONE over HTTP/3 on 15008/udp (bind capture; see ztunnel.proxy.inbound_h3)."""
     http3_peers: tuple[str, ...] = ()
-    """Nodes whose proxies we reach over HTTP/3 first ("*" = every node); any other destination,
-    e.g. an Istio ztunnel, keeps HTTP/2. Needs `http3` (our own UDP sockets exist then)."""
+    """Bind capture: nodes whose proxies we reach over HTTP/3 first ("*" = every node), besides
+    destinations whose HTTP/3 endpoint the control plane publishes (`ProxyContext.h3_target`);
+    any other destination, e.g. an Istio ztunnel, keeps HTTP/2. Needs `http3`."""
     cluster_id: str = DEFAULT_CLUSTER_ID
     """This cluster's id (telemetry ``*_cluster`` of peers whose workload names none)."""
     tracing_address: str | None = None
@@ -135,14 +137,26 @@ class ProxyContext:
     async def server_context(self, identity: SpiffeId) -> ssl.SSLContext:
         return self.contexts.server(await self.certs.get(identity))
 
-    def transport_for(self, node: str | None) -> str:
-        """HBONE transport toward a destination workload on `node` (issue 16): "h3" only when
-        configured for that node, else "h2"."""
+    def h3_target(
+        self, workload: Workload | None, target: tuple[str, int]
+    ) -> tuple[tuple[str, int], str] | None:
+        """Where to try HBONE over HTTP/3 toward destination `workload` reached at `target`, and
+        the server name naming it (`meshcore.hbone.h3.server_name_for`); None: HTTP/2 (issue
+        16). From configuration: the workload's published HTTP/3 endpoint (its node's address,
+        `Workload.http3`); else, bind capture only, the `http3_peers` flag naming its node
+        (UDP to the workload's own address). Never without `http3` (our UDP sockets), never
+        for a workload we know nothing about (e.g. behind a waypoint) or an Istio peer (which
+        publishes no endpoint)."""
         s = self.settings
+        if not s.http3 or workload is None:
+            return None
+        name = server_name_for(target[0])
+        if workload.http3 is not None:
+            return (str(workload.http3.address), workload.http3.port), name
         peers = s.http3_peers
-        if s.http3 and s.capture == "bind" and node is not None and ("*" in peers or node in peers):
-            return "h3"
-        return "h2"
+        if s.capture == "bind" and ("*" in peers or workload.node in peers):
+            return target, name
+        return None
 
     def source_binding(self, src_ip: str) -> tuple[str | None, bool]:
         """(source IP to bind, needs IP_TRANSPARENT) for connections made on behalf of `src_ip`.

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable
 
 from meshcore.address import parse_authority
-from meshcore.errors import HboneError, PeerOverLimit, UpstreamUnavailable
+from meshcore.errors import HboneError, PeerOverLimit, Unauthorized, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
 from meshcore.hbone.frames import ErrorCode
@@ -107,6 +107,37 @@ def forwarded_service_key(headers: list[tuple[str, str]]) -> str | None:
     )
     parts = host.split(".")
     return f"{parts[1]}/{host}" if len(parts) >= 2 else None
+
+
+def forwarded_for_ip(headers: list[tuple[str, str]]) -> str | None:
+    """The client IP of `forwarded: for="ip:port"` / `for="[v6]:port"` (RFC 7239 §6), or None."""
+    forwarded = next((v for k, v in headers if k == "forwarded"), "")
+    node = next(
+        (p.strip()[4:].strip('"') for p in forwarded.split(";") if p.strip().startswith("for=")),
+        "",
+    )
+    if node.startswith("["):
+        return node[1 : node.find("]")] or None
+    return node.rsplit(":", 1)[0] if ":" in node else node or None
+
+
+def tunnel_source_ip(ctx: ProxyContext, stream: HboneStream, peer_ip: str) -> str:
+    """The source workload's IP for a CONNECT from `peer_ip`. Over TCP the connection keeps the
+    original source address (transparent capture), so it is the peer's. An HTTP/3 connection
+    between node proxies comes from the source NODE's address (UDP replies to a pod address
+    would not reach the proxy, see `ztunnel.proxy.inbound_h3`): the source proxy names the client
+    in `forwarded: for=`, trusted only for a workload whose identity is the one the peer proved
+    (a peer can only speak for its own identity's addresses). Raises Unauthorized otherwise."""
+    claimed = forwarded_for_ip(stream.headers)
+    if stream.transport != "h3" or claimed is None or claimed == peer_ip:
+        return peer_ip
+    source = ctx.state.workload_by_address(claimed, ctx.settings.network)
+    if source is None or source.identity != stream.peer_identity:
+        raise Unauthorized(
+            f"HTTP/3 peer {peer_ip} ({stream.peer_identity}) claims source {claimed}, "
+            "not a workload of that identity"
+        )
+    return claimed
 
 
 def addressed_service(
@@ -306,7 +337,14 @@ class HboneListener:
             hbone_addr=stream.authority,
             transport=stream.transport,
         )
-        src_ip = peer_ip
+        try:
+            src_ip = tunnel_source_ip(ctx, stream, peer_ip)
+        except Unauthorized as err:
+            rec.response_flags, rec.error = err.response_flag, str(err)
+            stream.respond(err.status)
+            ctx.tracker.failed(rec)
+            return
+        rec.src_addr = src_ip
         rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)
         caller = parse_traceparent(next((v for k, v in stream.headers if k == "traceparent"), None))
         if caller is not None:  # this connection's span continues the caller's trace

@@ -1,15 +1,21 @@
 """Inbound HBONE over HTTP/3: the UDP listener (15008/udp) beside the TCP one (15008/tcp).
 
-Owns: one `H3Endpoint` per listening UDP socket, the server certificate choice (the socket's
-address names the local destination workload, as for TCP: HBONE clients send no SNI) and the
-TLS_FAILURE record of refused peers. Every CONNECT is served exactly as over HTTP/2, by
-`HboneListener._serve` (plan, authorization, upstream connect, then 200/400/401/503), so both
-transports share one implementation of the inbound semantics.
+Owns: one `H3Endpoint` per listening UDP socket, the server certificate choice and the
+TLS_FAILURE record of refused peers. The certificate is the local destination workload's, named
+by the SNI the client sent (`meshcore.hbone.h3.server_name_for`: node proxies dial a peer node's
+shared socket), else by the socket's address (bind capture: one socket per workload address,
+as for TCP, where HBONE clients send no SNI). A name that is not a local mesh workload's address
+gets no certificate: the handshake is dropped and recorded. Every CONNECT is served exactly as
+over HTTP/2, by `HboneListener._serve` (plan, authorization, upstream connect, then
+200/400/401/503), so both transports share one implementation of the inbound semantics.
 
 UDP port: 15008, the HBONE port, on UDP (a different protocol number: no clash with 15008/tcp).
-Bind capture only: the listener binds each local workload's address. Under transparent capture,
-node-to-node UDP is not redirected by eBPF (it captures TCP only), so there is no HTTP/3
-listener and peers fall back to HTTP/2 (see `meshcore.hbone.pool`).
+Bind capture: the listener binds each local workload's address. Transparent capture: one plain
+socket on the node's own address (node-to-node UDP; the eBPF programs capture pods' TCP only and
+pods are never addressed over UDP); peers reach it through the destination workload's HTTP/3
+endpoint published by the control plane (`meshcore.model.Workload.http3`), and name the
+workload by SNI; the source workload is named by `forwarded: for=` and checked against the
+peer's identity (`ztunnel.proxy.inbound.tunnel_source_ip`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import weakref
 
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import PeerVerificationError
+from meshcore.hbone.h3 import address_from_server_name
 from meshcore.hbone.h3aio import Address, H3Endpoint, H3Protocol, H3Stream
+from meshcore.model import TunnelProtocol
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import PENDING_CONNECTS_PER_CONNECTION, HboneListener
@@ -45,10 +53,22 @@ class H3Listener(HboneListener):
         ctx = self.ctx
         workload = ctx.state.workload_by_address(self.local_ip, ctx.settings.network)
 
-        async def certificate() -> WorkloadCertificate:
-            if workload is None or workload.node != ctx.settings.node:
-                raise PeerVerificationError(f"no local workload at {self.local_ip}")
-            return await ctx.certs.get(workload.identity)
+        async def certificate(server_name: str | None) -> WorkloadCertificate:
+            target = workload
+            if server_name is not None:
+                ip = address_from_server_name(server_name)
+                if ip is None:
+                    raise PeerVerificationError(f"server name {server_name!r} names no address")
+                target = ctx.state.workload_by_address(ip, ctx.settings.network)
+            if (
+                target is None
+                or target.node != ctx.settings.node
+                or target.tunnel_protocol is not TunnelProtocol.HBONE
+            ):
+                raise PeerVerificationError(
+                    f"no local mesh workload at {server_name or self.local_ip}"
+                )
+            return await ctx.certs.get(target.identity)
 
         def refused(addr: Address, err: PeerVerificationError) -> None:
             ctx.tracker.failed(
@@ -77,7 +97,8 @@ class H3Listener(HboneListener):
         slots = self._slots.get(proto)
         if slots is None:
             slots = self._slots[proto] = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
-        self._on_request(stream, self.local_ip, peer[0], slots)
+        named = None if proto.server_name is None else address_from_server_name(proto.server_name)
+        self._on_request(stream, named or self.local_ip, peer[0], slots)
 
     def close(self) -> None:
         if self.endpoint is not None:

@@ -10,6 +10,7 @@ SOURCE workload's certificate through the pool, or a plain TCP splice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from meshcore.address import parse_authority
@@ -141,12 +142,12 @@ class OutboundConnection(TcpSide):
             address=plan.target_addr,
             source_ip=source_ip,
             transparent=transparent,
-            transport=ctx.transport_for(
-                plan.destination_workload.node
-                if plan.destination_workload is not None and plan.waypoint is None
-                else None
-            ),
         )
+        h3 = ctx.h3_target(
+            plan.destination_workload if plan.waypoint is None else None, plan.target_addr
+        )
+        if h3 is not None:
+            key = dataclasses.replace(key, transport="h3", h3_address=h3[0], server_name=h3[1])
         headers = [("forwarded", f'for="{src_ip}:{src_port}"')]
         if plan.service is not None:
             headers[0] = ("forwarded", f'for="{src_ip}:{src_port}";host={plan.service.hostname}')
