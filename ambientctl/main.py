@@ -12,7 +12,7 @@
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
     ambientctl lab node-exec NODE -- CMD...     (a command in a node's netns, e.g. curl metrics)
-    ambientctl lab demo [--keep] [--waypoint]   (the README demo, examples/lab[-waypoint])
+    ambientctl lab demo [--keep] [--waypoint] [--http3]   (the README demo, examples/lab[-waypoint])
     ambientctl waypoint generate|apply|list|delete|status [-d DIR | --lab N] (waypoints)
 
 Global flags accepted anywhere before ``--`` (istioctl's persistent flags): ``--context NAME``,
@@ -118,6 +118,10 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("labels", nargs="+")
     demo = cmds.add_parser("demo", help="the README demo: two nodes, mTLS between pods")
     demo.add_argument("--keep", action="store_true", help="leave the lab running")
+    for sp in (up, demo):
+        sp.add_argument("--http3", action="store_true",
+                        help="HBONE over HTTP/3 (QUIC, 15008/udp on the node address) between "
+                             "the node proxies (issue 16)")  # fmt: skip
     demo.add_argument("--waypoint", action="store_true",
                       help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
                            "shifting traffic, L7 deny, waypoint metrics")  # fmt: skip
@@ -147,7 +151,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return commands.run(args, p)
     lab = Lab(args.name, state_root=args.state_root, log=_say)
     if args.command == "up":
-        lab.up(args.dir, capture=args.capture, nodes=args.node, primary=args.cni)
+        lab.up(args.dir, capture=args.capture, nodes=args.node, primary=args.cni, http3=args.http3)
         for row in lab.pods():
             _say(f"  {row['namespace']}/{row['name']} {row['node']} {row['ip']}")
     elif args.command == "down":
@@ -184,7 +188,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             return run_waypoint_demo(lab, keep=args.keep)
         from ambientctl.lab.demo import run_demo
 
-        return run_demo(lab, keep=args.keep)
+        return run_demo(lab, keep=args.keep, http3=args.http3)
     return 0
 
 

@@ -65,7 +65,11 @@ class LabCluster(LabCore):
         assert st is not None
         facts = {
             key: manifests.PodFacts(
-                node=ps.node, ip=ps.ip, host_ip=st.node(ps.node).plan.ip, uid=ps.uid
+                node=ps.node,
+                ip=ps.ip,
+                host_ip=st.node(ps.node).plan.ip,
+                uid=ps.uid,
+                http3=st.http3,
             )
             for key, ps in st.pods.items()
             if ps.ip

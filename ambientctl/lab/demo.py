@@ -8,6 +8,10 @@ config and certificates came from: the control plane's view of both node proxies
 last ACK per type) and the certificates its CA signed for each node, matched against the
 certificates each node proxy holds (the node proxies have no CA and no config file).
 Then tears the lab down (unless --keep). Exit 0 only if every step showed what it should.
+
+`--http3`: the node proxies also serve HBONE over HTTP/3 (QUIC on 15008/udp of the node's
+address; eBPF capture stays TCP-only for pods) and every pod is annotated for it, so node-1
+reaches node-2 over HTTP/3; the demo then also requires both access-log lines to say h3.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ def _access(lab: Lab, node: str, since: int) -> list[dict[str, object]]:
     return out
 
 
-def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES) -> int:
+def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES, http3: bool = False) -> int:
     say = lab.log
-    lab.up(source)
+    lab.up(source, http3=http3)
+    want_transport = "h3" if http3 else "h2"
     ok = True
     try:
         for row in lab.pods():
@@ -59,9 +64,10 @@ def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES) -> int:
             say(f"\nnode proxy {node} ({direction}) access log:")
             for a in lines:
                 say(f"  {a['src.addr']} {a['src.identity']} -> {a['dst.addr']} "
-                    f"{a['dst.identity']} via {a['dst.hbone_addr']}")  # fmt: skip
+                    f"{a['dst.identity']} via {a['dst.hbone_addr']} "
+                    f"transport {a.get('transport')}")  # fmt: skip
             ok &= any(a["src.identity"] == "spiffe://cluster.local/ns/demo/sa/sleep"
-                      for a in lines)  # fmt: skip
+                      and a.get("transport") == want_transport for a in lines)  # fmt: skip
         node2 = lab.state.node("node-2").plan if lab.state else None
         if node2 is not None:
             _, body = system.http_get(node2.netns, f"http://{node2.ip}:15020/metrics")

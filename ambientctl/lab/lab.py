@@ -74,6 +74,7 @@ class Lab(LabPods):
         capture: str = "ebpf",
         nodes: Sequence[str] = (),
         primary: str = topology.DEFAULT_PRIMARY_PLUGIN,
+        http3: bool = False,
     ) -> None:
         if self.paths.root.exists():
             raise LabStateError(
@@ -82,7 +83,11 @@ class Lab(LabPods):
         spec = manifests.load(source, tuple(nodes))  # validate before creating anything
         self.paths.root.mkdir(parents=True)
         self.state = LabState(
-            name=self.name, capture=capture, source=str(source.resolve()), primary=primary
+            name=self.name,
+            capture=capture,
+            source=str(source.resolve()),
+            primary=primary,
+            http3=http3,
         )
         try:
             shutil.copytree(source, self.paths.manifests)

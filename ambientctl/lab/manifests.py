@@ -29,6 +29,7 @@ import yaml
 
 from ambientctl.errors import ManifestError
 from cni.labels import apply_overrides, wants_ambient
+from controlplane.objects import HTTP3_ANNOTATION
 
 CLUSTER_DOMAIN = "cluster.local"
 CLUSTER_ID = "Kubernetes"
@@ -238,6 +239,9 @@ class PodFacts:
     ip: str
     host_ip: str
     uid: str
+    http3: bool = False
+    """Annotate the pod ``ambient-mesh.io/hbone-http3: "true"`` (the lab's --http3): peers
+    reach its node proxy over HTTP/3 (controlplane/objects.py HTTP3_ANNOTATION)."""
 
 
 def with_pod_facts(doc: Mapping[str, Any], facts: PodFacts) -> dict[str, Any]:
@@ -247,6 +251,8 @@ def with_pod_facts(doc: Mapping[str, Any], facts: PodFacts) -> dict[str, Any]:
     out = dict(doc)
     meta = dict(out.get("metadata") or {})
     meta["uid"] = facts.uid
+    if facts.http3:
+        meta["annotations"] = {**(meta.get("annotations") or {}), HTTP3_ANNOTATION: "true"}
     spec = dict(out.get("spec") or {})
     spec["nodeName"] = facts.node
     status = dict(out.get("status") or {})

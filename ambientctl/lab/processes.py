@@ -166,6 +166,7 @@ class LabProcesses(LabCluster):
             "--drain-timeout", "1",
             "--handover-socket", str(node_dir / "ztunnel-handover.sock"),
             "--ready-file", str(ready_file),
+            *(["--http3"] if self.state is not None and self.state.http3 else []),
         ])  # fmt: skip
         node.ztunnel_pid = system.spawn(argv, log=log)
         self.save()

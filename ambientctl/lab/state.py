@@ -68,6 +68,9 @@ class LabState:
     pods: dict[str, PodState] = field(default_factory=dict)
     bpffs: bool = False
     controlplane_pid: int = 0
+    http3: bool = False
+    """--http3: node proxies serve HBONE over HTTP/3 (15008/udp on the node address) and every
+    pod is annotated so that peers use it (issue 16)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +80,7 @@ class LabState:
             "primary": self.primary,
             "bpffs": self.bpffs,
             "controlplane_pid": self.controlplane_pid,
+            "http3": self.http3,
             "nodes": [
                 {"plan": asdict(n.plan), "agent_pid": n.agent_pid, "ztunnel_pid": n.ztunnel_pid}
                 for n in self.nodes
@@ -93,6 +97,7 @@ class LabState:
             primary=d.get("primary", topology.DEFAULT_PRIMARY_PLUGIN),
             bpffs=d.get("bpffs", False),
             controlplane_pid=d.get("controlplane_pid", 0),
+            http3=d.get("http3", False),
             nodes=[
                 NodeState(
                     plan=NodePlan(**n["plan"]),

@@ -18,8 +18,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from meshcore.certs import utcnow
-from meshcore.errors import PeerVerificationError
-from meshcore.hbone.h3 import _Stream
+from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.hbone.h3 import _Stream, server_name_for
 from meshcore.hbone.h3aio import H3Endpoint, H3Stream, connect_h3
 from meshcore.hbone.pool import PoolKey
 from meshcore.identity import SpiffeId
@@ -243,6 +243,56 @@ def test_non_connect_request_gets_400_over_h3(
             assert mesh.backend.accepted == 0
 
     run(main(), 60)
+
+
+def test_h3_source_named_by_forwarded_only_for_the_peers_own_identity(tmp_path: Path) -> None:
+    """Node proxies dial a peer node's shared UDP socket from their node address, so the source
+    workload comes from `forwarded: for=`; a peer may name only an address of the identity it
+    proved (here sleep claims the echo workload's address: 401, no upstream connect)."""
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            proto = await connect_h3(
+                *H3,
+                mesh.ca.issue(SLEEP_ID, now=utcnow()),
+                trust_domain="cluster.local",
+                expected=[ECHO_ID],
+                source_ip="127.0.21.99",  # not a workload: "a node address"
+                server_name=server_name_for(SERVER_IP),
+            )
+            authority = f"{SERVER_IP}:8080"
+            with pytest.raises(HboneError) as refused:
+                await proto.open_stream(authority, [("forwarded", f'for="{SERVER_IP}:1"')], Sink())
+            assert getattr(refused.value, "status", None) == 401
+            assert mesh.backend.accepted == 0
+            # Its own workload's address is accepted: the backend sees the client workload.
+            stream = await proto.open_stream(
+                authority, [("forwarded", f'for="{CLIENT_IP}:1"')], Sink()
+            )
+            assert stream.transport == "h3"
+            await wait_until(lambda: mesh.backend.accepted == 1)
+            proto.abort()
+
+    run(main())
+
+
+def test_sni_naming_no_local_workload_gets_no_certificate(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            with pytest.raises((TimeoutError, OSError, PeerVerificationError)):
+                await connect_h3(
+                    *H3,
+                    mesh.ca.issue(SLEEP_ID, now=utcnow()),
+                    trust_domain="cluster.local",
+                    expected=[ECHO_ID],
+                    source_ip=CLIENT_IP,
+                    server_name=server_name_for(CLIENT_IP),  # node A's workload, not B's
+                    timeout=1.0,
+                )
+            assert endpoint(mesh).dropped >= 1
+            assert not endpoint(mesh).connections
+
+    run(main())
 
 
 def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
