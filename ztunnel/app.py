@@ -45,7 +45,7 @@ from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
 from meshcore.tracing import Tracer
 from meshcore.xds import XdsClient
-from ztunnel import handover
+from ztunnel import handover, udp_relay
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
     admin_routes,
@@ -71,6 +71,8 @@ class Listener:
 
     role: str  # "outbound" | "plaintext" | "hbone" | "hbone-udp"
     sock: socket.socket
+    handed: bool = False
+    """Taken over from a predecessor (a UDP one is read only after the hand-over's DONE)."""
 
 
 def bind_listeners(
@@ -84,6 +86,10 @@ def bind_listeners(
         sock = handed.take(role, host, port) if handed is not None else None
         return Listener(role, sock or make_listener(host, port, transparent=transparent))
 
+    def udp_listener(host: str, port: int) -> Listener:
+        sock = handed.take("hbone-udp", host, port) if handed is not None else None
+        return Listener("hbone-udp", sock or make_udp_listener(host, port), sock is not None)
+
     if s.capture == "transparent":
         captured = [
             listener("outbound", "0.0.0.0", s.outbound_port, True),
@@ -91,7 +97,7 @@ def bind_listeners(
             listener("hbone", "0.0.0.0", s.hbone_port, True),
         ]
         if s.http3:  # node-to-node UDP on the node's own address (ztunnel.proxy.inbound_h3)
-            captured.append(Listener("hbone-udp", make_udp_listener(s.node_ip, s.hbone_port)))
+            captured.append(udp_listener(s.node_ip, s.hbone_port))
         return captured
     specs = [("outbound", host, port) for host, port in s.outbound_listen]
     specs.append(("outbound", s.node_ip, s.outbound_port))
@@ -101,12 +107,10 @@ def bind_listeners(
     for wl in state.local_workloads(s.node):
         specs.extend(("hbone", str(ip), s.hbone_port) for ip in wl.addresses)
     listeners = [listener(role, host, port) for role, host, port in specs]
-    # UDP (HTTP/3) sockets are not handed over: QUIC connections of the old process would
-    # receive each other's datagrams (docs/upgrade.md).
+    # UDP (HTTP/3) sockets are handed over too; the predecessor's QUIC connections are
+    # relayed to it (ztunnel.udp_relay).
     listeners.extend(
-        Listener("hbone-udp", make_udp_listener(host, port))
-        for role, host, port in specs
-        if role == "hbone" and s.http3
+        udp_listener(host, port) for role, host, port in specs if role == "hbone" and s.http3
     )
     return listeners
 
@@ -137,6 +141,8 @@ class NodeProxy:
         self.hbone_listeners: list[HboneListener] = []
         self.admin_servers: list[asyncio.Server] = []
         self.ready = False
+        self._relay: socket.socket | None = None  # successor: the relay end we were handed
+        self._relay_pair: tuple[socket.socket, ...] = ()  # predecessor: (ours, offered)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -156,12 +162,14 @@ class NodeProxy:
                 listener.sock.close()
                 continue
             if listener.role in ("hbone", "hbone-udp"):
-                hbone = (
-                    HboneListener(ctx, listener.sock)
-                    if listener.role == "hbone"
-                    else H3Listener(ctx, listener.sock)
-                )
-                hbone.start()
+                if listener.role == "hbone":
+                    hbone = HboneListener(ctx, listener.sock)
+                    hbone.start()
+                else:
+                    hbone = H3Listener(ctx, listener.sock)
+                    # A handed-over UDP socket is read after DONE (the predecessor reads it
+                    # until READY): `_take_udp_over`.
+                    hbone.start(reading=not listener.handed)
                 self.hbone_listeners.append(hbone)
             else:
                 # Our accept loop, not create_server: it pauses on fd shortage (accept.py).
@@ -181,6 +189,7 @@ class NodeProxy:
                 sock = handed.take(role, host, port) if handed is not None else None
                 self.ops.append(Listener(role, sock or make_listener(host, port)))
             if handed is not None:
+                self._relay = handed.take(udp_relay.ROLE, "", 0)
                 handed.close_unused()
         ctx.certs.on_rotate(ctx.on_rotate)
         ctx.sync_local_identities()
@@ -194,6 +203,7 @@ class NodeProxy:
             # the operator ports (readiness included) and turn ready.
             await handover.commit(self.handed)
             self.handed = None
+            self._take_udp_over()
         if self.serve_admin:
             ops = {listener.role: listener.sock for listener in self.ops}
             self.admin_servers = [
@@ -241,19 +251,42 @@ class NodeProxy:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _h3_listeners(self) -> list[H3Listener]:
+        return [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+
+    def _take_udp_over(self) -> None:
+        """After DONE: divert the predecessor's QUIC peers to it (`ztunnel.udp_relay`), then
+        read the handed-over UDP sockets ourselves."""
+        endpoints = [x.endpoint for x in self._h3_listeners() if x.endpoint is not None]
+        if self._relay is not None:
+            udp_relay.Successor(self._relay, endpoints).start()
+            self._relay = None
+        for endpoint in endpoints:
+            endpoint.resume_reading()
+
     def offered_sockets(self) -> list[tuple[str, socket.socket]]:
-        """What a successor takes over: every data-path listener and the operator ports."""
-        return [
-            (lst.role, lst.sock)
-            for lst in [*(self.listeners or []), *self.ops]
-            if lst.role != "hbone-udp"  # see bind_listeners
-        ]
+        """What a successor takes over: every data-path listener and the operator ports, and
+        with HTTP/3 a relay for the QUIC connections we keep serving (`ztunnel.udp_relay`)."""
+        offered = [(lst.role, lst.sock) for lst in [*(self.listeners or []), *self.ops]]
+        if any(role == "hbone-udp" for role, _ in offered):
+            for end in self._relay_pair:  # an earlier, failed hand-over's
+                end.close()
+            self._relay_pair = udp_relay.pair()
+            offered.append((udp_relay.ROLE, self._relay_pair[1]))
+        return offered
 
     def hand_over(self) -> None:
         """The successor accepts now: stop accepting at once, then drain what we have (no
-        deadline unless --handover-drain-timeout)."""
+        deadline unless --handover-drain-timeout). Our QUIC peers are named to the successor
+        before it may read the UDP sockets (DONE follows this call)."""
         self.handed_over = True
         self.stop_accepting()
+        if self._relay_pair:
+            ours, theirs = self._relay_pair
+            theirs.close()  # the successor holds its own copy
+            self._relay_pair = ()
+            endpoints = [x.endpoint for x in self._h3_listeners() if x.endpoint is not None]
+            udp_relay.Predecessor(ours, endpoints).start()
         self.stop()
 
     def handed_over_elsewhere(self) -> None:

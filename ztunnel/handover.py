@@ -14,6 +14,9 @@ Flow (every message is ``MAGIC | version u8 | kind u8 | length u32 | JSON body``
   running      stops accepting, starts draining (GOAWAY, no deadline by default) -> DONE
   successor    serves the operator ports, turns ready and binds the hand-over path itself
                (bind at a temporary name, rename over the path: the path never disappears).
+HTTP/3's UDP sockets go along (roles ``hbone-udp`` + one ``hbone-udp-relay``): the successor
+reads them only after DONE and relays the datagrams of the QUIC connections the predecessor
+still serves (`ztunnel.udp_relay`).
 Invariants: the running process stops accepting only after READY, so a successor that dies or
 goes silent before READY changes nothing (it never accepted); every message and body is bounded
 (`MAX_BODY`, `MAX_SOCKETS` fds); a peer speaking another version or out of order gets REFUSE
@@ -43,7 +46,17 @@ VERSION = 1
 HEADER = struct.Struct("!4sBBI")
 MAX_BODY = 64 * 1024
 MAX_SOCKETS = 64
-ROLES = ("outbound", "plaintext", "hbone", "admin", "metrics", "readiness")
+ROLES = (
+    "outbound",
+    "plaintext",
+    "hbone",
+    "admin",
+    "metrics",
+    "readiness",
+    "hbone-udp",  # HTTP/3 (QUIC) socket, with the relay below (`ztunnel.udp_relay`)
+    "hbone-udp-relay",  # unix socketpair end: unnamed (host "", port 0)
+)
+UNNAMED_ROLES = ("hbone-udp-relay",)
 
 
 class Kind(enum.IntEnum):
@@ -92,6 +105,8 @@ def _spec(item: object) -> SocketSpec:
     role, host, port = item.get("role"), item.get("host"), item.get("port")
     if role not in ROLES or not isinstance(host, str) or not isinstance(port, int):
         raise HandoverError(f"OFFER socket entry {item!r} is not a known role/host/port")
+    if role in UNNAMED_ROLES and (host, port) == ("", 0):
+        return SocketSpec(role, host, port)
     if not 0 < port < 65536:
         raise HandoverError(f"OFFER port {port} out of range")
     return SocketSpec(role, host, port)
@@ -145,6 +160,8 @@ class Decoder:
 
 
 def spec_of(role: str, sock: socket.socket) -> SocketSpec:
+    if sock.family == socket.AF_UNIX:
+        return SocketSpec(role, "", 0)
     host, port = sock.getsockname()[:2]
     return SocketSpec(role, str(host), int(port))
 

@@ -19,6 +19,9 @@ Invariants:
   dropped and reported.
 - Received data is credited back to the peer only once the sink accepted it without pausing,
   as in `meshcore.hbone.aio`.
+- Socket hand-over (`ztunnel.udp_relay`): an endpoint may stop reading its socket and still
+  send on it (`pause_reading`), be fed relayed datagrams (`receive`), and divert the datagrams
+  of named peers elsewhere (`diverted`/`divert_to`); it reports each peer it stops serving.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import socket
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from meshcore.certs import WorkloadCertificate, utcnow
-from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.errors import HboneError, PeerVerificationError, StreamRefused
 from meshcore.hbone.aio import (
     HboneStream,
     TunnelSink,
@@ -164,6 +167,7 @@ class H3Protocol:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_pending = False
+        self._graceful_close = False
 
     # ---- I/O -------------------------------------------------------------------------------
 
@@ -235,8 +239,14 @@ class H3Protocol:
         for stream in streams.values():
             stream._gone()
             if stream.response is not None and not stream.response.done():
-                stream.response.set_exception(ConnectionResetError("HTTP/3 connection lost"))
-            if stream.sink is not None:
+                # A graceful close (H3_NO_ERROR) comes only once the peer has no stream open:
+                # one still waiting for its response was never processed (RFC 9114 §5.2).
+                stream.response.set_exception(
+                    StreamRefused("HTTP/3 connection closed before the peer saw this stream")
+                    if self._graceful_close
+                    else ConnectionResetError("HTTP/3 connection lost")
+                )
+            elif stream.sink is not None:
                 stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
         if self.on_close is not None:
             self.on_close(self)
@@ -273,16 +283,21 @@ class H3Protocol:
                 if stream is not None:
                     stream._gone()
                     if stream.response is not None and not stream.response.done():
+                        # Not established yet: the opener gets the error (and may retry a
+                        # refused stream elsewhere); the sink has seen nothing of it.
                         stream.response.set_exception(
-                            ConnectionResetError(f"stream reset by peer (code {ev.error_code})")
+                            StreamRefused(f"CONNECT {stream.authority}")
+                            if ev.error_code == ErrorCode.REFUSED_STREAM  # H3_REQUEST_REJECTED
+                            else ConnectionResetError(f"stream reset by peer ({ev.error_code})")
                         )
-                    if stream.sink is not None:
+                    elif stream.sink is not None:
                         stream.sink.tunnel_reset(ev.error_code)
                     self.forget(ev.stream_id)
             elif type(ev) is WindowOpened:
                 on_window_opened(self.streams, ev)
             elif type(ev) is ConnectionTerminated:
-                pass  # `flush` sees conn.terminated and tears down
+                # `flush` sees conn.terminated and tears down.
+                self._graceful_close = ev.error_code == H3_NO_ERROR
         for sid in [s for s in self.streams if not conn.is_open(s)]:
             self.forget(sid)
 
@@ -309,7 +324,8 @@ class H3Protocol:
     ) -> H3Stream:
         """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
         if self.closed or not self.conn.can_open_stream(self.conn.max_streams):
-            raise ConnectionResetError("HTTP/3 connection closed")
+            # Nothing was sent on this connection: the pool may retry on another.
+            raise StreamRefused("HTTP/3 connection closed before the CONNECT was sent")
         sid = self.conn.open_connect(authority, headers)
         stream = H3Stream(self, sid)
         stream.authority = authority
@@ -460,10 +476,40 @@ class H3Endpoint:
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         self.dropped = 0
+        self._reading = False
+        # Socket hand-over (`ztunnel.udp_relay`): a successor passes the datagrams of the peers
+        # in `diverted` to `divert_to` (its predecessor still serves them); a predecessor is
+        # told of each peer it no longer serves through `on_peer_gone`.
+        self.diverted: set[Address] = set()
+        self.divert_to: Callable[[bytes, Address], None] | None = None
+        self.on_peer_gone: Callable[[Address], None] | None = None
 
-    def start(self, sock: socket.socket) -> None:
+    def start(self, sock: socket.socket, *, reading: bool = True) -> None:
         self.sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        if reading:
+            self.resume_reading()
+
+    def resume_reading(self) -> None:
+        if self.sock is not None and not self._reading:
+            self._reading = True
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket (it stays open for sending: a successor reads it now)."""
+        if self.sock is not None and self._reading:
+            self._reading = False
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+    def served_peers(self) -> list[Address]:
+        """Peers with a connection or a handshake in progress here."""
+        return [*self.connections, *self._pending]
+
+    def receive(self, data: bytes, addr: Address) -> None:
+        """One datagram that did not come from our own read of the socket (a relay)."""
+        touched: dict[Address, H3Protocol] = {}
+        self._one(data, addr, touched)
+        for proto in touched.values():
+            proto.flush()
 
     def _readable(self) -> None:
         if self.sock is None:
@@ -477,14 +523,20 @@ class H3Endpoint:
             except OSError:
                 continue  # an ICMP error queued on the socket: nothing to do for a server
             addr = addr[:2]
-            proto = self.connections.get(addr)
-            if proto is not None:
-                proto.datagram_received(data, addr, flush=False)
-                touched[addr] = proto
-            else:
-                self.datagram_received(data, addr)
+            if self.divert_to is not None and addr in self.diverted:
+                self.divert_to(data, addr)
+                continue
+            self._one(data, addr, touched)
         for proto in touched.values():
             proto.flush()
+
+    def _one(self, data: bytes, addr: Address, touched: dict[Address, H3Protocol]) -> None:
+        proto = self.connections.get(addr)
+        if proto is not None:
+            proto.datagram_received(data, addr, flush=False)
+            touched[addr] = proto
+        else:
+            self.datagram_received(data, addr)
 
     def sendto(self, data: bytes, addr: Address) -> None:
         if self.sock is not None:
@@ -524,6 +576,8 @@ class H3Endpoint:
                 self._handshaking[addr[0]] = left
             else:
                 self._handshaking.pop(addr[0], None)
+            if addr not in self.connections and self.on_peer_gone is not None:
+                self.on_peer_gone(addr)
 
     async def _handshake(self, addr: Address, dcid: bytes, server_name: str | None) -> None:
         try:
@@ -534,9 +588,11 @@ class H3Endpoint:
             log.warning("HTTP/3 HBONE from %s: no certificate to present: %s", addr[0], err)
             self._on_refused(addr, PeerVerificationError(f"no certificate to present: {err}"))
             return
-        if self.sock is None or self.closing:
+        if self.sock is None:
             self._pending.pop(addr, None)
             return
+        # A handshake begun before `close()` completes (then gets GOAWAY): its peer may have
+        # been named to a successor as served here (`served_peers`).
         proto = H3Protocol(
             Role.SERVER,
             cert,
@@ -564,6 +620,9 @@ class H3Endpoint:
             self._on_refused(
                 addr, PeerVerificationError(f"QUIC handshake failed: {err or 'timeout'}")
             )
+            return
+        if self.closing:
+            proto.close()
 
     def _closed(self, proto: H3Protocol) -> None:
         if self.connections.get(proto.peer_addr) is proto:
@@ -574,6 +633,8 @@ class H3Endpoint:
                 self._per_ip[ip] = left
             else:
                 self._per_ip.pop(ip, None)
+            if self.on_peer_gone is not None:
+                self.on_peer_gone(proto.peer_addr)
 
     def close(self) -> None:
         """Stop accepting; live connections finish their streams (see `abort_all`)."""
@@ -587,6 +648,6 @@ class H3Endpoint:
         for task in self._tasks:
             task.cancel()
         if self.sock is not None:
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.pause_reading()
             self.sock.close()
             self.sock = None

@@ -104,6 +104,25 @@ def test_silently_dropped_udp_falls_back_after_a_bounded_attempt(tmp_path: Path)
     run(main(), 60)
 
 
+def test_stream_refused_unprocessed_is_retried_on_another_connection(tmp_path: Path) -> None:
+    """A CONNECT the server rejects without processing it (H3_REQUEST_REJECTED, e.g. one that
+    crossed its GOAWAY during an upgrade) is opened again on another connection: the client's
+    TCP connection never sees it (RFC 9114 §4.1.1)."""
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            await check_call(1)
+            (first,) = endpoint(mesh).connections.values()
+            first.conn.max_streams = 0  # node B now rejects every new stream on it
+            await check_call(2)
+            pool = mesh.node_a.ctx.pool
+            assert pool.refused_retries == 1
+            assert pool.connections_opened == 2
+            assert len(endpoint(mesh).connections) == 2
+
+    run(main())
+
+
 def test_refused_server_identity_does_not_fall_back(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_mesh(tmp_path, transport="h3") as mesh:

@@ -58,6 +58,8 @@ class Nodes:
     tmp: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     generation: dict[str, int] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+    """Extra node-proxy flags for every process (e.g. HTTP/3)."""
 
     def sock(self, node: str) -> Path:
         return self.tmp / f"{node}.handover.sock"
@@ -78,7 +80,7 @@ class Nodes:
                 [exe, "--node", node, "--node-ip", ip, "--mesh-config", str(self.tmp / "mesh.yaml"),
                  "--ca-dir", str(self.tmp / "ca"), "--capture", "bind", "--drain-timeout", "2",
                  "--handover-socket", str(self.sock(node)),
-                 "--ready-file", str(self.ready_file(node, gen)), *extra, *more],
+                 "--ready-file", str(self.ready_file(node, gen)), *extra, *self.flags, *more],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
@@ -98,8 +100,18 @@ class Nodes:
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    yield from _running(tmp_path)
+
+
+@pytest.fixture
+def h3nodes(tmp_path: Path) -> Iterator[Nodes]:
+    """Both node proxies serve and use HBONE over HTTP/3 (15008/udp)."""
+    yield from _running(tmp_path, ("--http3", "--http3-peer", "*"))
+
+
+def _running(tmp_path: Path, flags: tuple[str, ...] = ()) -> Iterator[Nodes]:
     (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(config()))
-    n = Nodes(tmp_path)
+    n = Nodes(tmp_path, flags=flags)
     try:
         for node, ip in (("node-a", NODE_A), ("node-b", NODE_B)):
             n.wait_ready(node, n.spawn(node, ip))
@@ -211,40 +223,71 @@ async def in_thread(fn: Any, *args: Any) -> Any:
 
 
 def test_upgrade_each_side_under_1000_held_tunnels_loses_nothing(nodes: Nodes) -> None:
-    async def main() -> tuple[Traffic, float]:
-        backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
-        t = Traffic()
-        held = [asyncio.create_task(t.held(i, HELD)) for i in range(HELD)]
-        await asyncio.wait_for(t.all_open.wait(), 60)
-        fresh = asyncio.create_task(t.fresh())
-        await asyncio.sleep(0.5)
-        old_a, old_b = nodes.procs
-        took = 0.0
-        for node, ip in (("node-a", NODE_A), ("node-b", NODE_B)):
-            start = time.monotonic()
-            new = nodes.spawn(node, ip)
-            await in_thread(nodes.wait_ready, node, new)
-            took = max(took, time.monotonic() - start)
-            # Per-process readiness: the successor's file exists, the predecessor's is gone.
-            assert nodes.ready_file(node, 2).exists()
-            assert not nodes.ready_file(node, 1).exists()
-            await asyncio.sleep(1.0)
-        # The held tunnels outlive the old processes' 2 s drain timeout by far.
-        await asyncio.sleep(3.0)
-        assert old_a.poll() is None, "old node-a cut its tunnels"
-        assert old_b.poll() is None, "old node-b cut its tunnels"
-        rounds_before_stop = t.rounds
-        t.stop.set()
-        await asyncio.gather(*held, fresh)
-        backend.close()
-        assert t.rounds > rounds_before_stop
-        return t, took
-
-    t, took = asyncio.run(main())
+    t, took = asyncio.run(upgrade_both(nodes, HELD))
     print(f"upgrade figures: {t} slowest hand-over {took:.2f}s")  # shown with pytest -s
     assert (t.lost, t.corrupted, t.opened) == (0, 0, HELD), t
     assert t.fresh_failed == 0, t
     assert t.fresh_ok > 30, t  # one every 20 ms while the loop keeps up; fewer on a loaded machine
+    check_upgraded(nodes)
+    assert took < 15, took
+
+
+def test_upgrade_over_http3_hands_the_udp_socket_over_and_loses_nothing(h3nodes: Nodes) -> None:
+    """HTTP/3 between the node proxies: node-b's 15008/udp socket is handed over with a relay;
+    the held tunnels' QUIC connection stays with the old node-b (its datagrams relayed by the
+    new one) until they end, fresh tunnels go over HTTP/3 to the new one, nothing falls back
+    to HTTP/2."""
+    held = 200
+    t, took = asyncio.run(upgrade_both(h3nodes, held))
+    print(f"HTTP/3 upgrade figures: {t} slowest hand-over {took:.2f}s")
+    assert (t.lost, t.corrupted, t.opened) == (0, 0, held), t
+    assert t.fresh_failed == 0, t
+    assert t.fresh_ok > 30, t
+    check_upgraded(h3nodes)
+    old_b, new_b = h3nodes.log("node-b", 1).read_text(), h3nodes.log("node-b", 2).read_text()
+    assert "QUIC peers stay with this process" in old_b, old_b
+    assert "UDP relay closed" in new_b, new_b  # the old connections ended, then the relay
+    for node in ("node-a", "node-b"):
+        for gen in (1, 2):
+            text = h3nodes.log(node, gen).read_text()
+            assert "HTTP/2 for" not in text, text  # no fallback: UDP worked all along
+            assert '"transport":"h2"' not in text, text
+    assert old_b.count('"transport":"h3"') >= held  # the held tunnels stayed on the old one
+    assert new_b.count('"transport":"h3"') >= 1  # fresh ones reached the new one over h3
+
+
+async def upgrade_both(nodes: Nodes, n_held: int) -> tuple[Traffic, float]:
+    """Hold `n_held` tunnels and open fresh ones while node-a then node-b are replaced."""
+    backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
+    t = Traffic()
+    held = [asyncio.create_task(t.held(i, n_held)) for i in range(n_held)]
+    await asyncio.wait_for(t.all_open.wait(), 60)
+    fresh = asyncio.create_task(t.fresh())
+    await asyncio.sleep(0.5)
+    old_a, old_b = nodes.procs
+    took = 0.0
+    for node, ip in (("node-a", NODE_A), ("node-b", NODE_B)):
+        start = time.monotonic()
+        new = nodes.spawn(node, ip)
+        await in_thread(nodes.wait_ready, node, new)
+        took = max(took, time.monotonic() - start)
+        # Per-process readiness: the successor's file exists, the predecessor's is gone.
+        assert nodes.ready_file(node, 2).exists()
+        assert not nodes.ready_file(node, 1).exists()
+        await asyncio.sleep(1.0)
+    # The held tunnels outlive the old processes' 2 s drain timeout by far.
+    await asyncio.sleep(3.0)
+    assert old_a.poll() is None, "old node-a cut its tunnels"
+    assert old_b.poll() is None, "old node-b cut its tunnels"
+    rounds_before_stop = t.rounds
+    t.stop.set()
+    await asyncio.gather(*held, fresh)
+    backend.close()
+    assert t.rounds > rounds_before_stop
+    return t, took
+
+
+def check_upgraded(nodes: Nodes) -> None:
     old_a, old_b, new_a, new_b = nodes.procs
     # Their connections ended: the old processes exit on their own, cleanly.
     assert old_a.wait(15) == 0
@@ -257,7 +300,6 @@ def test_upgrade_each_side_under_1000_held_tunnels_loses_nothing(nodes: Nodes) -
         old_log = nodes.log(node, 1).read_text()
         assert "hand-over: done" in old_log, old_log
         assert "predecessor stopped accepting" in nodes.log(node, 2).read_text()
-    assert took < 15, took
 
 
 def test_upgrade_of_a_two_worker_node_proxy_loses_nothing(nodes: Nodes) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from meshcore.errors import HandoverError
-from ztunnel import handover
+from ztunnel import handover, udp_relay
 from ztunnel.handover import HEADER, MAGIC, Decoder, Kind, Message, SocketSpec, encode
 
 SPECS = (SocketSpec("outbound", "0.0.0.0", 15001), SocketSpec("readiness", "10.0.0.1", 15021))
@@ -142,3 +142,51 @@ def test_a_path_longer_than_sun_path_works(tmp_path: Path) -> None:
 
     asyncio.run(main())
     listener.close()
+
+
+# ---- HTTP/3: the UDP socket's relay (`ztunnel.udp_relay`) ---------------------------------------
+
+
+def test_udp_relay_roles_pass_the_offer_and_nothing_else_may_be_unnamed() -> None:
+    relay = SocketSpec("hbone-udp-relay", "", 0)
+    offer = Message(Kind.OFFER, sockets=(SocketSpec("hbone-udp", "10.0.0.1", 15008), relay))
+    assert Decoder().feed(encode(offer)) == [offer]
+    unnamed_listener = Message(Kind.OFFER, sockets=(SocketSpec("hbone", "", 0),))
+    with pytest.raises(HandoverError, match="out of range"):
+        Decoder().feed(encode(unnamed_listener))
+    a, b = udp_relay.pair()
+    try:
+        assert handover.spec_of("hbone-udp-relay", a) == relay
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        udp_relay.Frame(
+            udp_relay.DATAGRAM, ("10.0.0.1", 15008), ("10.0.0.2", 40001), b"\x00" * 1350
+        ),
+        udp_relay.Frame(udp_relay.SERVED, ("fd00::1", 15008), ("fd00::2", 1)),
+        udp_relay.Frame(udp_relay.GONE, ("127.0.0.1", 15008), ("127.0.0.2", 65535)),
+    ],
+)
+def test_udp_relay_frames_round_trip(frame: udp_relay.Frame) -> None:
+    assert udp_relay.decode(udp_relay.encode(frame)) == frame
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"X\x01a\x00\x01\x01b\x00\x01",  # unknown kind
+        b"D\x09127.0.0.1",  # truncated address
+        b"+\x011\x00\x01\x012\x00\x02extra",  # a control frame carries no payload
+        b"D\x01\xff\x00\x01\x012\x00\x02",  # address not text
+        b"D" + bytes(udp_relay.MAX_FRAME),  # over the bound
+    ],
+)
+def test_udp_relay_malformed_frames_are_refused(data: bytes) -> None:
+    with pytest.raises(HandoverError):
+        udp_relay.decode(data)

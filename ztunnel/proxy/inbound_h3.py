@@ -49,7 +49,9 @@ class H3Listener(HboneListener):
             weakref.WeakKeyDictionary()
         )
 
-    def start(self) -> None:
+    def start(self, *, reading: bool = True) -> None:
+        """`reading=False`: a socket handed over by a predecessor, read once it stopped
+        (`H3Endpoint.resume_reading`, see `ztunnel.udp_relay`)."""
         ctx = self.ctx
         workload = ctx.state.workload_by_address(self.local_ip, ctx.settings.network)
 
@@ -90,7 +92,7 @@ class H3Listener(HboneListener):
             on_request=self._on_h3_request,
             on_refused=refused,
         )
-        self.endpoint.start(self.sock)
+        self.endpoint.start(self.sock, reading=reading)
 
     def _on_h3_request(self, stream: H3Stream, peer: Address) -> None:
         proto = stream._h3
