@@ -95,6 +95,7 @@ PENDING_HIGH_WATER = 1024 * 1024
 KEEPALIVE_INTERVAL = 10.0  # as HTTP/2 HBONE's PING interval
 IDLE_TIMEOUT = 30.0  # QUIC idle timeout (RFC 9000 §10.1): keepalives keep a live peer within it
 MAX_DATAGRAM = 1350  # fits a 1500-byte MTU with IPv6 + UDP headers
+MIN_STREAM_FRAME_SPACE = 32  # bytes left in a packet below which no STREAM frame is tried
 
 # RFC 9114 §8.1 error codes.
 H3_NO_ERROR = 0x100
@@ -284,6 +285,14 @@ class _MeshQuic(QuicConnection):
             super()._write_connection_limits(builder, space)
         finally:
             limit.used = used
+
+    def _write_stream_frame(self, builder: Any, space: Any, stream: Any, max_offset: int) -> int:
+        # aioquic offers every stream a place in every packet it builds, also once the packet is
+        # full (~14 offers per 1350-byte packet with 16 busy tunnels): skip those at once.
+        if builder.remaining_flight_space < MIN_STREAM_FRAME_SPACE:
+            return 0
+        sent: int = super()._write_stream_frame(builder, space, stream, max_offset)
+        return sent
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         # Called for every stream for every packet built: keep the common case cheap.

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from meshcore.certs import WorkloadCertificate, utcnow
@@ -135,7 +137,7 @@ class H3Protocol:
         trust_domain: str,
         expected: Collection[SpiffeId] | None,
         peer_addr: Address,
-        send: Callable[[bytes, Address], None],
+        send: Callable[[list[bytes], Address], None],
         on_request: RequestHandler | None = None,
         on_close: Callable[[H3Protocol], None] | None = None,
         original_dcid: bytes | None = None,
@@ -183,8 +185,10 @@ class H3Protocol:
         self._flush_pending = False
         if self.closed:
             return
-        for data, addr in self.conn.datagrams_to_send(self._loop.time()):
-            self._send(data, addr)
+        out = self.conn.datagrams_to_send(self._loop.time())
+        if out:
+            # One connection, one path (migration ignored): every datagram goes to the peer.
+            self._send([data for data, _ in out], self.peer_addr)
         if self.conn.terminated:
             self._lost(ConnectionResetError("HTTP/3 connection closed"))
             return
@@ -222,8 +226,9 @@ class H3Protocol:
     def abort(self) -> None:
         if not self.closed:
             self.conn.quic.close(error_code=H3_NO_ERROR, reason_phrase="aborted")
-            for data, addr in self.conn.datagrams_to_send(self._loop.time()):
-                self._send(data, addr)
+            out = self.conn.datagrams_to_send(self._loop.time())
+            if out:
+                self._send([data for data, _ in out], self.peer_addr)
             self._lost(ConnectionResetError("HTTP/3 connection aborted"))
 
     def _lost(self, exc: Exception) -> None:
@@ -342,6 +347,43 @@ class H3Protocol:
 
 
 READ_BATCH = 64  # datagrams read per readiness callback before one flush
+UDP_SEGMENT = 103  # linux/udp.h: UDP generic segmentation offload (Linux 4.18+)
+GSO_MAX_SEGMENTS = 48  # <= UDP_MAX_SEGMENTS (64) and <= 64 KiB of 1350-byte datagrams
+_gso = {"ok": True}  # cleared for good the first time the kernel refuses UDP_SEGMENT
+
+
+def send_datagrams(sock: socket.socket, datagrams: list[bytes], addr: Address | None) -> None:
+    """Send `datagrams` (to `addr`, or on a connected socket). Runs of equal-sized datagrams (the
+    last of a run may be shorter) go out in one sendmsg with UDP_SEGMENT: the kernel cuts them
+    into datagrams (GSO), one system call instead of one per datagram. Errors drop what is left
+    of the batch: QUIC repairs a loss like any other (full buffer, ICMP error)."""
+    i, n = 0, len(datagrams)
+    while i < n:
+        size = len(datagrams[i])
+        j = i + 1
+        if _gso["ok"]:
+            limit = min(GSO_MAX_SEGMENTS, 65000 // max(size, 1))
+            while j < n and j - i < limit and len(datagrams[j - 1]) == size:
+                if len(datagrams[j]) > size:
+                    break
+                j += 1
+        try:
+            if j - i == 1:
+                if addr is None:
+                    sock.send(datagrams[i])
+                else:
+                    sock.sendto(datagrams[i], addr)
+            else:
+                cmsg = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+                sock.sendmsg([b"".join(datagrams[i:j])], cmsg, 0, *([addr] if addr else []))
+        except BlockingIOError:
+            return
+        except OSError as err:
+            if j - i > 1 and err.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT):
+                _gso["ok"] = False  # no GSO here: one datagram per call from now on
+                continue
+            return
+        i = j
 
 
 class _UdpClient:
@@ -373,9 +415,8 @@ class _UdpClient:
         if proto is not None:
             proto.flush()
 
-    def send(self, data: bytes, _addr: Address) -> None:
-        with contextlib.suppress(OSError):  # full buffer / ICMP error: QUIC recovers the loss
-            self.sock.send(data)
+    def send(self, datagrams: list[bytes], _addr: Address) -> None:
+        send_datagrams(self.sock, datagrams, None)
 
     def close(self) -> None:
         self._loop.remove_reader(self.sock.fileno())
@@ -538,10 +579,9 @@ class H3Endpoint:
         else:
             self.datagram_received(data, addr)
 
-    def sendto(self, data: bytes, addr: Address) -> None:
+    def sendto(self, datagrams: list[bytes], addr: Address) -> None:
         if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.sendto(data, addr)
+            send_datagrams(self.sock, datagrams, addr)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         """A datagram from an address without a connection (yet)."""
