@@ -104,6 +104,24 @@ def test_silently_dropped_udp_falls_back_after_a_bounded_attempt(tmp_path: Path)
     run(main(), 60)
 
 
+def test_remembered_fallback_expires_and_http3_is_tried_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            pool = mesh.node_a.ctx.pool
+            loop = asyncio.get_running_loop()
+            pool.h3_unreachable[H3] = loop.time() + 0.5  # as left by a failed attempt
+            await check_call(1)
+            assert [c["transport"] for c in pool.snapshot()] == ["h2"]  # remembered: no try
+            pool.close_all()
+            await wait_until(lambda: not pool.snapshot())
+            await asyncio.sleep(0.6)
+            await check_call(2)
+            assert [c["transport"] for c in pool.snapshot()] == ["h3"]  # expired: tried again
+            assert pool.h3_fallbacks == 0
+
+    run(main())
+
+
 def test_stream_refused_unprocessed_is_retried_on_another_connection(tmp_path: Path) -> None:
     """A CONNECT the server rejects without processing it (H3_REQUEST_REJECTED, e.g. one that
     crossed its GOAWAY during an upgrade) is opened again on another connection: the client's
