@@ -4,6 +4,7 @@
 shared `meshcore.state` and `meshcore.authz`); `proxy/` the data path that carries them out
 (accept loops, outbound 15001, inbound 15008 HBONE and 15006 plaintext, the relay); `app` is the
 process (listeners, workers, drain, reload), started from the settings `flags` parses;
-`handover` the listener hand-over of a zero-drop upgrade; `admin` and `metrics` the operator
+`handover` the listener hand-over of a zero-drop upgrade (`udp_relay` its HTTP/3 UDP part: the
+predecessor's QUIC connections relayed by the successor); `admin` and `metrics` the operator
 endpoints.
 """
