@@ -48,8 +48,8 @@ def test_lab_udp_dropped_falls_back_to_http2_within_the_bound_and_remembers(
         assert call(lab, "h3")[1] == "h3"
         st = lab.state
         assert st is not None
-        rules = b"table inet h3drop { chain in { type filter hook input priority 0; "
-        rules += b"udp dport 15008 drop; } }"
+        rules = b"table inet h3drop {\n chain in {\n type filter hook input priority 0;\n"
+        rules += b" udp dport 15008 drop\n }\n}\n"
         system.run(system.nsenter(st.node("node-2").plan.netns, ["nft", "-f", "-"]), input=rules)
         lab.stop_ztunnel("node-1")  # a fresh node-1 proxy: nothing remembered, no pooled conn
         lab.start_ztunnel("node-1")
