@@ -134,7 +134,7 @@ def test_stream_refused_unprocessed_is_retried_on_another_connection(tmp_path: P
             first.conn.max_streams = 0  # node B now rejects every new stream on it
             await check_call(2)
             pool = mesh.node_a.ctx.pool
-            assert pool.refused_retries == 1
+            assert pool.streams_retried == 1
             assert pool.connections_opened == 2
             assert len(endpoint(mesh).connections) == 2
 
