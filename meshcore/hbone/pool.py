@@ -108,31 +108,22 @@ class HbonePool:
         A stream the peer did not process (StreamRefused: above its GOAWAY's last stream id,
         e.g. while it hands its listeners to a successor) is retried on another connection,
         `DIAL_ATTEMPTS` in all (RFC 9113 §8.7)."""
-        refused_by: PooledConnection | None = None
         for attempt in range(1, DIAL_ATTEMPTS + 1):
-            proto = await self._connection(key, avoid=refused_by)
+            proto = await self._connection(key)
             try:
                 return await proto.open_stream(authority, headers, sink)
             except StreamRefused:
-                refused_by = proto  # the retry goes to another connection (one may say GOAWAY
-                # only after refusing, e.g. HTTP/3's control stream trails the request stream)
                 if attempt == DIAL_ATTEMPTS:
                     raise
                 self.streams_retried += 1
                 log.debug("CONNECT %s to %s not processed; retrying", authority, key.address)
         raise AssertionError("unreachable")
 
-    async def _connection(
-        self, key: PoolKey, avoid: PooledConnection | None = None
-    ) -> PooledConnection:
+    async def _connection(self, key: PoolKey) -> PooledConnection:
         failures = 0
         while True:
             for proto in self._conns.get(key, ()):
-                if (
-                    proto is not avoid
-                    and not proto.closed
-                    and proto.conn.can_open_stream(self.max_streams)
-                ):
+                if not proto.closed and proto.conn.can_open_stream(self.max_streams):
                     return proto
             task = self._connecting.get(key)
             if task is None:
