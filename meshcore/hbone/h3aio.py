@@ -27,7 +27,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket

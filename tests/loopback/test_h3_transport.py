@@ -113,7 +113,7 @@ def test_remembered_fallback_expires_and_http3_is_tried_again(tmp_path: Path) ->
             await check_call(1)
             assert [c["transport"] for c in pool.snapshot()] == ["h2"]  # remembered: no try
             pool.close_all()
-            await wait_until(lambda: not pool.snapshot())
+            await eventually(lambda: not pool.snapshot())
             await asyncio.sleep(0.6)
             await check_call(2)
             assert [c["transport"] for c in pool.snapshot()] == ["h3"]  # expired: tried again
@@ -314,7 +314,7 @@ def test_h3_source_named_by_forwarded_only_for_the_peers_own_identity(tmp_path: 
                 authority, [("forwarded", f'for="{CLIENT_IP}:1"')], Sink()
             )
             assert stream.transport == "h3"
-            await wait_until(lambda: mesh.backend.accepted == 1)
+            await eventually(lambda: mesh.backend.accepted == 1)
             proto.abort()
 
     run(main())
