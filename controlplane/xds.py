@@ -36,7 +36,9 @@ Invariants:
 - A resource's version is a hash of its serialized bytes: a restarted control plane computes
   the same versions, so a reconnecting client that has them receives nothing new.
 - Resources are serialised once per change and shared by every connection; responses are
-  assembled from those bytes without re-encoding (protobuf length-delimited field 2).
+  assembled from those bytes without re-encoding (protobuf length-delimited field 2), and a
+  response carrying the same change to many connections is encoded once (one nonce; nonces
+  strictly increase per stream, so none repeats on a stream).
 - Node identity is the authenticated credential's node; a ``NODE_NAME`` in the node metadata
   that differs is refused (PERMISSION_DENIED).
 """
@@ -72,6 +74,11 @@ PUSH_ORDER = (AUTHORIZATION_TYPE, ADDRESS_TYPE, L7_TYPE)
 """L7_TYPE (``ambient.l7.Resource``) is subscribed to by waypoints only (node proxies never ask
 for it, so they are never sent any)."""
 
+
+SHARED_RESPONSES = 64
+SHARED_MAX_BYTES = 256 * 1024
+"""Encoded responses kept per table version for other connections sent the same change (a
+change's response; a whole initial state is encoded per connection)."""
 
 MAX_SUBSCRIPTIONS = 100_000
 """Per connection and type: explicit subscriptions (on-demand lookups) kept at most."""
@@ -331,6 +338,8 @@ class ProxyConnection:
     )
     pending: dict[str, tuple[str, float]] = field(default_factory=dict)
     """nonce -> (type URL, change time it carries)."""
+    last_nonce: int = 0
+    """The nonce (as a number) of the last response sent on this stream, any type."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def debug(self, now: float) -> dict[str, Any]:
@@ -382,6 +391,10 @@ class XdsServer:
         """publish_set: the object last published per name (identical = unchanged)."""
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
+        self._shared: dict[tuple[str, tuple[str, ...], tuple[str, ...]], tuple[int, bytes]] = {}
+        """Responses encoded at `_shared_version`: (type, names sent, removed) -> (nonce, bytes)."""
+        self._shared_version = -1
+        self._metric_children: dict[str, tuple[Any, Any]] = {}
 
     # ---- feeding
 
@@ -644,6 +657,7 @@ class XdsServer:
             local = [n for n in present if table[n].meta.node == conn.node]
             names = names | self.table.scope(present, local)
         names = names | force
+        sent: list[str] = []
         wires: list[bytes] = []
         removed: list[str] = []
         for name in names:
@@ -653,6 +667,7 @@ class XdsServer:
                     removed.append(name)
             elif st.known.get(name) != entry.version or name in force:
                 st.known[name] = entry.version
+                sent.append(name)
                 wires.append(entry.wire)
         removed.extend(n for n in unanswered if n not in removed)
         initial = st.initial_pending or bool(st.demanded)
@@ -662,19 +677,59 @@ class XdsServer:
         st.dirty_since = None
         if not wires and not removed and not initial:
             return None
-        nonce = f"{next(self._nonces):x}"
-        conn.pending[nonce] = (type_url, changed_at)
         st.sent += 1
-        label = _short(type_url)
-        self.metrics.pushes.labels(type=label).inc()
-        self.metrics.push_resources.labels(type=label).inc(len(wires))
-        return encode_response(
+        pushes, pushed = self._push_metrics(type_url)
+        pushes.inc()
+        pushed.inc(len(wires))
+        number, raw = self._encode(conn, type_url, sent, wires, removed)
+        conn.last_nonce = number
+        conn.pending[f"{number:x}"] = (type_url, changed_at)
+        return raw
+
+    def _encode(
+        self,
+        conn: ProxyConnection,
+        type_url: str,
+        sent: list[str],
+        wires: list[bytes],
+        removed: list[str],
+    ) -> tuple[int, bytes]:
+        """(nonce, response bytes). Every connection sent the same change gets the same bytes:
+        encoded once, under one nonce, per table version (a policy change goes to every
+        proxy). A nonce only has to be unique per stream (xDS); each stream's nonces strictly
+        increase, so none is sent twice on a stream: a stream whose last nonce is newer than
+        the shared one gets its own."""
+        key = (type_url, tuple(sent), tuple(removed))
+        shared = self._shared.get(key) if self._shared_version == self.table.version else None
+        if shared is not None and shared[0] > conn.last_nonce:
+            return shared
+        number = next(self._nonces)
+        raw = encode_response(
             type_url=type_url,
-            nonce=nonce,
+            nonce=f"{number:x}",
             system_version=str(self.table.version),
             resources=wires,
             removed=removed,
         )
+        if self._shared_version != self.table.version:
+            self._shared = {}
+            self._shared_version = self.table.version
+        if len(self._shared) < SHARED_RESPONSES and len(raw) <= SHARED_MAX_BYTES:
+            self._shared[key] = (number, raw)
+        return number, raw
+
+    def _push_metrics(self, type_url: str) -> tuple[Any, Any]:
+        """The (responses, resources) counters of `type_url` (labelled children cached: a
+        `labels()` lookup per push was a visible share of a 100-proxy fan-out)."""
+        children = self._metric_children.get(type_url)
+        if children is None:
+            label = _short(type_url)
+            children = (
+                self.metrics.pushes.labels(type=label),
+                self.metrics.push_resources.labels(type=label),
+            )
+            self._metric_children[type_url] = children
+        return children
 
 
 def type_url_wildcard_only(type_url: str) -> bool:

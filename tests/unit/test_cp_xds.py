@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import any_pb2, struct_pb2
@@ -173,3 +174,157 @@ def test_endpoint_rereads_a_rotated_token_file(tmp_path: Path) -> None:
     token.write_text("rotated\n")
     assert ep.metadata() == (("authorization", "Bearer rotated"),)
     assert ControlPlaneEndpoint(address="x:1").metadata() == ()
+
+
+def test_one_change_encoded_once_for_every_connection_nonces_never_repeat_per_stream() -> None:
+    """A change every proxy gets (a policy) is encoded once and the same bytes (one nonce) go
+    to every connection (issue 14: the 100-proxy fan-out); a stream never sees a nonce twice
+    and its nonces increase, also when a private response came in between."""
+    from controlplane.xds import ProxyConnection, XdsServer
+
+    srv = XdsServer()
+    srv.publish(Delta(upserts=tuple(RECORDS)))
+    conns = [ProxyConnection(id=i, node=f"n{i}", peer="t", connected_at=0.0) for i in range(3)]
+    for conn in conns:
+        srv.connections[conn.id] = conn
+        srv._handle_request(conn, dpb.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE))
+        srv._build(conn, AUTHORIZATION_TYPE)  # the initial state
+    pol = CONFIG.policies[0]
+    changed = parse_mesh_config(mesh_config(policies=[{**POLICY, "action": "ALLOW"}])).policies[0]
+    assert changed != pol and resource_name(changed) == resource_name(pol)
+    srv.publish(Delta(upserts=(changed,)))
+    out = [srv._build(c, AUTHORIZATION_TYPE) for c in conns]
+    assert out[0] is not None and out[1] is out[0] and out[2] is out[0]
+    resp = dpb.DeltaDiscoveryResponse.FromString(out[0])
+    assert [r.name for r in resp.resources] == [resource_name(pol)]
+    assert all(resp.nonce in c.pending for c in conns)
+    # Same table version: connection 2 is sent a private response (an on-demand lookup's
+    # answer, a newer nonce); the shared encoding of the next change must not go to it with
+    # its older nonce.
+    srv.publish(Delta(upserts=(pol,)))
+    first = srv._build(conns[0], AUTHORIZATION_TYPE)
+    srv._handle_request(conns[2], dpb.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE))
+    private = srv._build(conns[2], ADDRESS_TYPE)
+    third = srv._build(conns[2], AUTHORIZATION_TYPE)
+    assert first is not None and private is not None and third is not None
+    assert third is not first and third[1:] != first[1:]
+    last = srv._build(conns[1], AUTHORIZATION_TYPE)
+    assert last is first or last is third  # still one of the encodings, not a third one
+    for c in conns:
+        mine = [int(n, 16) for n in c.pending]
+        assert mine == sorted(mine) and len(mine) == len(set(mine)), mine
+
+
+# The dict route the node proxy used before issue 14 (protobuf -> protobuf-JSON dict -> strict
+# `parse_authorization`): the reference the direct decoder must agree with, value or error.
+def _reference_authorization(a: Any, path: str) -> Any:
+    from meshcore.proto import authorization_pb2 as apb
+    from meshcore.proto.convert import _enum_name, _ip_text
+    from meshcore.proto.yamlform import parse_authorization
+
+    def sm(m: Any) -> dict[str, Any]:
+        which = m.WhichOneof("match_type")
+        return {} if which is None else {"presence": {}} if which == "presence" else {
+            which: getattr(m, which)
+        }  # fmt: skip
+
+    def match(m: Any, p: str) -> dict[str, Any]:
+        def cidrs(items: Any, f: str) -> list[str]:
+            return [f"{_ip_text(x.address, f'{p}.{f}[{i}].address')}/{x.length}"
+                    for i, x in enumerate(items)]  # fmt: skip
+
+        def sas(items: Any) -> list[dict[str, str]]:
+            return [{"namespace": x.namespace, "serviceAccount": x.serviceAccount} for x in items]
+
+        return {
+            "namespaces": [sm(x) for x in m.namespaces],
+            "notNamespaces": [sm(x) for x in m.not_namespaces],
+            "serviceAccounts": sas(m.service_accounts),
+            "notServiceAccounts": sas(m.not_service_accounts),
+            "principals": [sm(x) for x in m.principals],
+            "notPrincipals": [sm(x) for x in m.not_principals],
+            "sourceIps": cidrs(m.source_ips, "sourceIps"),
+            "notSourceIps": cidrs(m.not_source_ips, "notSourceIps"),
+            "destinationIps": cidrs(m.destination_ips, "destinationIps"),
+            "notDestinationIps": cidrs(m.not_destination_ips, "notDestinationIps"),
+            "destinationPorts": list(m.destination_ports),
+            "notDestinationPorts": list(m.not_destination_ports),
+        }
+
+    d = {
+        "name": a.name, "namespace": a.namespace,
+        "scope": _enum_name(apb.Scope, a.scope, f"{path}.scope"),
+        "action": _enum_name(apb.Action, a.action, f"{path}.action"),
+        "rules": [{"clauses": [{"matches": [
+            match(m, f"{path}.rules[{i}].clauses[{j}].matches[{k}]")
+            for k, m in enumerate(c.matches)]} for j, c in enumerate(r.clauses)]}
+            for i, r in enumerate(a.rules)],
+    }  # fmt: skip
+    return parse_authorization(d, path)
+
+
+def _auth_mutations() -> list[tuple[str, Any]]:
+    from google.protobuf import empty_pb2
+
+    from meshcore.proto.convert import authorization_pb
+    from meshcore.proto.yamlform import parse_authorization
+
+    rich = parse_authorization({
+        "name": "rich", "namespace": "ns", "scope": "NAMESPACE", "action": "ALLOW",
+        "rules": [{"clauses": [{"matches": [
+            {"namespaces": ["ns-*", "*-x", "exact", "*"], "notNamespaces": [{"exact": ""}],
+             "principals": ["spiffe://td/ns/a/sa/b", "spiffe://td/*", "*/sa/c"],
+             "notPrincipals": ["*"], "serviceAccounts": [{"namespace": "a", "serviceAccount": "b"}],
+             "notServiceAccounts": [{"namespace": "c", "serviceAccount": "d"}],
+             "sourceIps": ["10.0.0.0/8", "10.1.2.3", "fd00::/64"], "notSourceIps": ["::1"],
+             "destinationIps": ["192.168.0.0/16"], "notDestinationIps": ["0.0.0.0/0"],
+             "destinationPorts": [1, 65535], "notDestinationPorts": [8080]},
+            {}]}, {"matches": []}]}, {"clauses": []}],
+    })  # fmt: skip
+    out: list[tuple[str, Any]] = [("rich", authorization_pb(rich))]
+    out += [("policy-" + resource_name(p), authorization_pb(p)) for p in CONFIG.policies]
+
+    def mutate(label: str, fn: Any) -> None:
+        pb = authorization_pb(rich)
+        fn(pb)
+        out.append((label, pb))
+
+    def m0(pb: Any) -> Any:
+        return pb.rules[0].clauses[0].matches[0]
+
+    mutate("empty name", lambda pb: setattr(pb, "name", ""))
+    mutate("slash name", lambda pb: setattr(pb, "name", "a/b"))
+    mutate("empty namespace", lambda pb: setattr(pb, "namespace", ""))
+    mutate("slash namespace", lambda pb: setattr(pb, "namespace", "a/b"))
+    mutate("unknown scope", lambda pb: setattr(pb, "scope", 7))
+    mutate("unknown action", lambda pb: setattr(pb, "action", 9))
+    mutate("unset string match", lambda pb: m0(pb).namespaces.add())
+    mutate("unset principal", lambda pb: m0(pb).not_principals.add())
+    mutate("empty sa namespace", lambda pb: m0(pb).service_accounts.add(serviceAccount="x"))
+    mutate("empty sa", lambda pb: m0(pb).not_service_accounts.add(namespace="x"))
+    mutate(
+        "cidr host bits", lambda pb: m0(pb).source_ips.add(address=b"\x0a\x00\x00\x01", length=8)
+    )
+    mutate("cidr too long", lambda pb: m0(pb).destination_ips.add(address=b"\x0a" * 4, length=33))
+    mutate("ip 5 bytes", lambda pb: m0(pb).not_source_ips.add(address=b"\x01" * 5, length=8))
+    mutate("port 0", lambda pb: m0(pb).destination_ports.append(0))
+    mutate("port 65536", lambda pb: m0(pb).not_destination_ports.append(65536))
+    mutate("presence principal", lambda pb: m0(pb).principals.add(presence=empty_pb2.Empty()))
+    return out
+
+
+@pytest.mark.parametrize(("label", "pb"), _auth_mutations(), ids=lambda x: str(x)[:24])
+def test_authorization_direct_decoder_agrees_with_strict_dict_parser(label: str, pb: Any) -> None:
+    """Issue 14: Authorization is decoded without the dict detour; every value and every error
+    (field path and message) must stay what the strict dict-form parser gives."""
+    from meshcore.proto.convert import authorization_from_pb
+
+    try:
+        want: Any = _reference_authorization(pb, "p")
+    except ConfigError as exc:
+        want = ("error", str(exc))
+    try:
+        got: Any = authorization_from_pb(pb, "p")
+    except ConfigError as exc:
+        got = ("error", str(exc))
+    assert got == want, label
