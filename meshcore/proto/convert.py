@@ -417,21 +417,32 @@ def _ports(items: Any, path: str) -> tuple[int, ...]:
     return tuple(items)
 
 
+_MATCH_PB_FIELDS = (
+    # (protobuf field, JSON name in error paths, decoder)
+    ("namespaces", "namespaces", lambda v, p: _string_matches(v, p)),
+    ("not_namespaces", "notNamespaces", lambda v, p: _string_matches(v, p)),
+    ("service_accounts", "serviceAccounts", _sa_matches),
+    ("not_service_accounts", "notServiceAccounts", _sa_matches),
+    ("principals", "principals", lambda v, p: _string_matches(v, p, principal=True)),
+    ("not_principals", "notPrincipals", lambda v, p: _string_matches(v, p, principal=True)),
+    ("source_ips", "sourceIps", _cidrs),
+    ("not_source_ips", "notSourceIps", _cidrs),
+    ("destination_ips", "destinationIps", _cidrs),
+    ("not_destination_ips", "notDestinationIps", _cidrs),
+    ("destination_ports", "destinationPorts", _ports),
+    ("not_destination_ports", "notDestinationPorts", _ports),
+)
+_MATCH_PB_ORDER = {name: i for i, (name, _, _) in enumerate(_MATCH_PB_FIELDS)}
+
+
 def _match_from_pb(m: apb.Match, path: str) -> Match:
-    return Match(
-        namespaces=_string_matches(m.namespaces, f"{path}.namespaces"),
-        not_namespaces=_string_matches(m.not_namespaces, f"{path}.notNamespaces"),
-        service_accounts=_sa_matches(m.service_accounts, f"{path}.serviceAccounts"),
-        not_service_accounts=_sa_matches(m.not_service_accounts, f"{path}.notServiceAccounts"),
-        principals=_string_matches(m.principals, f"{path}.principals", principal=True),
-        not_principals=_string_matches(m.not_principals, f"{path}.notPrincipals", True),
-        source_ips=_cidrs(m.source_ips, f"{path}.sourceIps"),
-        not_source_ips=_cidrs(m.not_source_ips, f"{path}.notSourceIps"),
-        destination_ips=_cidrs(m.destination_ips, f"{path}.destinationIps"),
-        not_destination_ips=_cidrs(m.not_destination_ips, f"{path}.notDestinationIps"),
-        destination_ports=_ports(m.destination_ports, f"{path}.destinationPorts"),
-        not_destination_ports=_ports(m.not_destination_ports, f"{path}.notDestinationPorts"),
-    )
+    # Only the fields set (ListFields: one call; a policy sets 1-2 of 12), in declaration
+    # order so that the first error reported is the one the dict-form parser reports.
+    kwargs: dict[str, Any] = {}
+    for fd, value in sorted(m.ListFields(), key=lambda fv: _MATCH_PB_ORDER[fv[0].name]):
+        _, json_name, decode = _MATCH_PB_FIELDS[_MATCH_PB_ORDER[fd.name]]
+        kwargs[fd.name] = decode(value, f"{path}.{json_name}")
+    return Match(**kwargs)
 
 
 def authorization_from_pb(a: apb.Authorization, path: str) -> Authorization:
