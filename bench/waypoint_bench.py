@@ -17,13 +17,22 @@ Figures: rps (wrk, keep-alive, --conns connections), latency p50/p99 at a fixed 
 (process CPU over the fixed-rate run), waypoint RSS. Every process runs in its own group and
 is killed at the end (`bench.harness.Supervisor`).
 
-Usage: .venv/bin/python -m bench.waypoint_bench [--duration 10] [--rate 1000] [--conns 32]
+Every path is measured --reps times, repetitions interleaved (rep 1: every path, rep 2: ...),
+and each figure is the median over repetitions (latency per percentile). The issue-14 targets
+are printed with PASS/FAIL and the same-run Envoy figure (rps >= 1.0x Envoy, vCPU per 1000 rps
+<= 1.0x, added p99 over L4 <= Envoy's), with the 1-minute load average (the 2 vCPUs are shared:
+compare ratios, not absolute figures); the figures are appended to bench/history.csv.
+
+Usage: .venv/bin/python -m bench.waypoint_bench [--reps 3] [--duration 10] [--rate 1000]
+       [--conns 32] [--paths direct,l4,waypoint,envoy] [--no-history]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +57,7 @@ from bench.harness import (
     wait_tcp,
     wrk,
 )
+from bench.history import Figure, append
 
 HERE = Path(__file__).resolve().parent
 V1, V2 = "127.0.92.11", "127.0.92.12"
@@ -375,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--paths", default="direct,l4,waypoint,envoy")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (interleaved), medians")
+    ap.add_argument("--no-history", action="store_true", help="do not append bench/history.csv")
     ap.add_argument("--profile", type=Path, help="run our waypoint under cProfile into FILE")
     ap.add_argument("--out", type=Path, default=HERE / ".work" / "waypoint-results.json")
     args = ap.parse_args(argv)
@@ -426,29 +438,128 @@ def main(argv: list[str] | None = None) -> int:
             "waypoint": ((VIP_WP, 80), wp),
             "envoy": ((VIP_ENVOY, 80), envoy),
         }
+        reps: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+        failed: set[str] = set()
         for name in paths:
             addr, proxy = targets[name]
             try:
                 smoke(addr)
                 wrk(addr, Settings(**(vars(s) | {"duration": 1.0})), s.wrk_conns, close=False)
-                results["paths"][name] = measure(name, addr, proxy, s, args.rate)
-                results["paths"][name]["split"] = split_check(name)
             except BenchError as err:
                 log(f"{name} failed: {err}")
                 if proxy is not None:
                     log(proxy.log_tail())
                 results["paths"][name] = {"error": str(err)}
+                failed.add(name)
+        # Repetitions interleaved (rep 1: every path, rep 2: ...) so that the shared machine's
+        # drift affects every path alike; each figure is the median over repetitions.
+        for rep in range(args.reps):
+            for name in (n for n in paths if n not in failed):
+                addr, proxy = targets[name]
+                log(f"rep {rep + 1}/{args.reps}")
+                try:
+                    reps[name].append(measure(name, addr, proxy, s, args.rate))
+                except BenchError as err:
+                    log(f"{name} failed: {err}")
+                    results["paths"][name] = {"error": str(err)}
+                    failed.add(name)
+        for name in paths:
+            if name not in failed and reps[name]:
+                results["paths"][name] = medians(reps[name])
+                results["paths"][name]["split"] = split_check(name)
     finally:
         sup.stop_all()
+    return report(results, args)
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print the table and the targets, write the JSON, append the history; 1 if a target
+    was missed."""
+    load = os.getloadavg()[0]
     table = summarize(results["paths"])
+    verdicts = targets_met(results["paths"])
     results["table"] = table
+    results["targets"] = verdicts
+    results["load_average_1m"] = load
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
+    print(f"\n{args.reps} repetition(s), medians; load average {load:.1f} (1 min) at the end")
     print("\n".join(table))
     for name, r in results["paths"].items():
         if r.get("split"):
             print(f"{name}: requests per version {r['split']}")
-    return 0
+    print()
+    for what, figure, ok in verdicts:
+        print(f"  {'PASS' if ok else 'FAIL'}  {what}: {figure}")
+    if not args.no_history and "waypoint" in results["paths"]:
+        append("waypoint", history_figures(results["paths"], args.reps))
+    return 0 if all(ok for _, _, ok in verdicts) else 1
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure, the median over repetitions (latency per percentile); the runs kept."""
+    out: dict[str, Any] = {"reps": runs}
+    for key in ("rps", "rps_errors", "proxy_vcpu_per_krps", "proxy_rss_mib"):
+        values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
+        if values:
+            out[key] = statistics.median(values)
+    lat: dict[str, float] = {}
+    for q in ("p50_ms", "p90_ms", "p99_ms"):
+        values = [r["latency"][q] for r in runs if r.get("latency", {}).get(q) is not None]
+        if values:
+            lat[q] = statistics.median(values)
+    out["latency"] = lat
+    return out
+
+
+def _added_p99(paths: dict[str, dict[str, Any]], name: str) -> float | None:
+    p99, base = _lat(paths.get(name, {}), "p99"), _lat(paths.get("l4", {}), "p99")
+    return None if p99 is None or base is None else p99 - base
+
+
+def targets_met(paths: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """Issue 14's waypoint targets against Envoy as a waypoint in the same run: (what,
+    figures, met)."""
+    ours, envoy = paths.get("waypoint", {}), paths.get("envoy", {})
+    out: list[tuple[str, str, bool]] = []
+    a, b = ours.get("rps"), envoy.get("rps")
+    if a and b:
+        out.append(("rps >= 1.0x Envoy waypoint",
+                    f"{a:.0f} vs Envoy {b:.0f} = {a / b:.2f}x", a / b >= 1.0))  # fmt: skip
+    a, b = ours.get("proxy_vcpu_per_krps"), envoy.get("proxy_vcpu_per_krps")
+    if a and b:
+        out.append(("vCPU per 1000 rps <= 1.0x Envoy waypoint",
+                    f"{a:.3f} vs Envoy {b:.3f} = {a / b:.2f}x", a / b <= 1.0))  # fmt: skip
+    a, b = _added_p99(paths, "waypoint"), _added_p99(paths, "envoy")
+    if a is not None and b is not None:
+        out.append(("added p99 over L4 <= Envoy waypoint's",
+                    f"{a:+.3f} ms vs Envoy {b:+.3f} ms", a <= b))  # fmt: skip
+    if not out:
+        out.append(("targets (need the waypoint and envoy paths)", "not measured", False))
+    return out
+
+
+def history_figures(paths: dict[str, dict[str, Any]], reps: int) -> list[Figure]:
+    ours, envoy = paths.get("waypoint", {}), paths.get("envoy", {})
+    note = f"{reps} reps, medians; 1 KiB keep-alive, weighted routes"
+    figs: list[Figure] = []
+    for key, figure, unit, better in (
+        ("rps", "waypoint_rps", "req/s", "higher"),
+        ("proxy_vcpu_per_krps", "waypoint_vcpu_per_1000_rps", "vCPU", "lower"),
+    ):
+        if isinstance(ours.get(key), int | float):
+            figs.append(Figure(figure=figure, value=round(ours[key], 3), unit=unit, better=better,
+                               envoy=envoy.get(key), note=note))  # fmt: skip
+    for q in ("p50", "p99"):
+        p, base = _lat(ours, q), _lat(paths.get("l4", {}), q)
+        e = _lat(envoy, q)
+        if p is not None and base is not None:
+            figs.append(Figure(
+                figure=f"waypoint_added_{q}_ms", value=round(p - base, 3), unit="ms",
+                better="lower", envoy=None if e is None else round(e - base, 3),
+                note=note + " (over L4; ratio meaningless when Envoy's is <= 0)",
+            ))  # fmt: skip
+    return figs
 
 
 def _lat(r: dict[str, Any], q: str) -> float | None:
@@ -481,7 +592,7 @@ def summarize(paths: dict[str, dict[str, Any]]) -> list[str]:
         if None in (p50, p99, base50, base99):
             return "-"
         assert p50 is not None and p99 is not None and base50 is not None and base99 is not None
-        return f"+{p50 - base50:.3f} / +{p99 - base99:.3f}"
+        return f"{p50 - base50:+.3f} / {p99 - base99:+.3f}"
 
     lines.append("| added over L4, p50 / p99 (ms) | | | " + added("waypoint") + " | "
                  + added("envoy") + " |")  # fmt: skip
