@@ -1,0 +1,114 @@
+"""HTTP/1.1 parser microbenchmark (issue 14): the waypoint's own codec against llhttp (through
+`httptools`, measured only if installed: it is not a dependency) on the waypoint bench's
+messages: wrk's request head and nginx's 1 KiB response.
+
+    .venv/bin/python bench/http1_parsers.py
+
+Per message, best of 5 (timeit): a new parser per message, and one parser reused over 100
+keep-alive messages (the waypoint keeps one per connection). Our parser yields every event
+(head, body, end); the llhttp side collects the same (method/status, URL, lower-cased header
+names, body) through httptools' callbacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import contextlib
+
+from waypoint.protocol.http1 import EndOfMessage, Http1Parser, Role
+
+REQUEST = (
+    b"GET /1k HTTP/1.1\r\nHost: 127.0.93.10\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
+    b"x-request-id: 0b7c7ac4-7a3d-4b0e-9b36-1f3f2a8e1a11\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 07:40:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
+    b"Last-Modified: Sun, 06 Dec 2026 07:00:00 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "674f2f00-400"\r\nAccept-Ranges: bytes\r\n\r\n' + b"x" * 1024
+)
+
+
+def ours(role: Role, data: bytes, messages: int) -> None:
+    p = Http1Parser(role)
+    for _ in range(messages):
+        if role is Role.RESPONSE:
+            p.expect_response_to("GET")
+        p.feed(data)
+        while (ev := p.next_event()) is not None:
+            if isinstance(ev, EndOfMessage):
+                break
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.done = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done += 1
+
+
+def llhttp(cls: Any, data: bytes, messages: int) -> None:
+    cb = _Collect()
+    p = cls(cb)
+    for _ in range(messages):
+        p.feed_data(data)
+        cb.headers.clear()
+        cb.body.clear()
+    assert cb.done == messages
+
+
+def per_message(fn: Callable[[], None], messages: int) -> float:
+    return (
+        min(timeit.repeat(fn, number=200 // messages or 1, repeat=5))
+        / max(200 // messages, 1)
+        / messages
+    )
+
+
+def main() -> int:
+    httptools: Any = None
+    with contextlib.suppress(ImportError):
+        httptools = importlib.import_module("httptools")
+    rows: list[tuple[str, float, float | None]] = []
+    for label, role, data in (("request head", Role.REQUEST, REQUEST),
+                              ("response head + 1 KiB", Role.RESPONSE, RESPONSE)):  # fmt: skip
+        for reuse in (1, 100):
+            a = per_message(lambda r=role, d=data, n=reuse: ours(r, d, n), reuse)  # type: ignore[misc]
+            b = None
+            if httptools is not None:
+                cls = (httptools.HttpRequestParser if role is Role.REQUEST
+                       else httptools.HttpResponseParser)  # fmt: skip
+                b = per_message(lambda c=cls, d=data, n=reuse: llhttp(c, d, n), reuse)  # type: ignore[misc]
+            rows.append((f"{label}, {'new parser' if reuse == 1 else 'reused x100'}", a, b))
+    print("| message | ours (us) | llhttp via httptools (us) | ours / llhttp |")
+    print("|---|---:|---:|---:|")
+    for label, a, b in rows:
+        ll = f"{b * 1e6:.2f}" if b is not None else "not installed"
+        ratio = f"{a / b:.1f}x" if b else "-"
+        print(f"| {label} | {a * 1e6:.2f} | {ll} | {ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
