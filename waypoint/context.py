@@ -76,17 +76,18 @@ class WaypointSettings:
     """A tunnel to a port without a declared HTTP protocol whose client sends nothing for this
     long is carried as TCP (server-first protocols); see `waypoint.protocol.sniff`."""
 
-    @property
-    def identity(self) -> SpiffeId:
-        return SpiffeId(
+    _derived: tuple[SpiffeId, str, WaypointIdentity] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    """(identity, its URI, waypoint identity): built once, read by every request."""
+
+    def __post_init__(self) -> None:
+        ident = SpiffeId(
             trust_domain=self.trust_domain,
             namespace=self.namespace,
             service_account=self.service_account,
         )
-
-    @property
-    def waypoint(self) -> WaypointIdentity:
-        return WaypointIdentity(
+        wp = WaypointIdentity(
             name=self.name,
             namespace=self.namespace,
             labels=(
@@ -94,6 +95,23 @@ class WaypointSettings:
                 ("istio.io/gateway-name", self.name),
             ),
         )
+        object.__setattr__(self, "_derived", (ident, str(ident), wp))
+
+    @property
+    def identity(self) -> SpiffeId:
+        assert self._derived is not None
+        return self._derived[0]
+
+    @property
+    def identity_uri(self) -> str:
+        """``spiffe://`` URI of `identity` (the XFCC ``By`` of every request)."""
+        assert self._derived is not None
+        return self._derived[1]
+
+    @property
+    def waypoint(self) -> WaypointIdentity:
+        assert self._derived is not None
+        return self._derived[2]
 
 
 @dataclass(slots=True)

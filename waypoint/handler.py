@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from meshcore.backoff import Backoff
@@ -169,6 +169,15 @@ def retriable(policy: RetryPolicy, status: int | None, grpc_status: str | None) 
     return grpc_status is not None and _GRPC_RETRY.get(grpc_status, "") in on
 
 
+_NO_TIMEOUT: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def _timeout(seconds: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+    """`asyncio.timeout`, or a shared no-op when there is none (the default route and retry
+    policy): a Timeout object per request and try is a measurable share of a request."""
+    return _NO_TIMEOUT if seconds is None else asyncio.timeout(seconds)
+
+
 def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
     return next((v for k, v in headers if k == "grpc-status"), None)
 
@@ -179,9 +188,14 @@ class Handler:
         self.upstreams = upstreams
         self._waiters: dict[str, asyncio.Condition] = {}
         self.mirrors: set[asyncio.Task[None]] = set()
+        self._clock: Callable[[], float] | None = None
+        """The serving loop's clock (bound on first use)."""
 
     def _loop_time(self) -> float:
-        return asyncio.get_running_loop().time()
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = asyncio.get_running_loop().time
+        return clock()
 
     # ---- entry -----------------------------------------------------------------------------
 
@@ -289,7 +303,7 @@ class Handler:
         headers = [(k, v) for k, v in req.headers if k != XFCC]
         if tunnel.peer_identity is not None and tunnel.peer_cert_hash:
             headers.append((XFCC, xfcc_value(
-                by=str(self.ctx.settings.identity), cert_hash=tunnel.peer_cert_hash,
+                by=self.ctx.settings.identity_uri, cert_hash=tunnel.peer_cert_hash,
                 uri=str(tunnel.peer_identity),
             )))  # fmt: skip
         req.headers = headers
@@ -475,7 +489,7 @@ class Handler:
         # slot counts against the route timeout.
         admitted = False
         try:
-            async with asyncio.timeout(route.timeout):
+            async with _timeout(route.timeout):
                 await self._admit(cluster)
                 admitted = True
                 resp = await self._tries(req, rec, cluster, route.retries, target, authority,
@@ -555,7 +569,7 @@ class Handler:
             error: WaypointError
             resp: UpstreamResponse | None = None
             try:
-                async with asyncio.timeout(policy.per_try_timeout):
+                async with _timeout(policy.per_try_timeout):
                     resp = await upstream.send(
                         req, ep, target=target, authority=authority, headers=headers,
                         replay=replay, connect_timeout=cluster.policy.pool.connect_timeout,
