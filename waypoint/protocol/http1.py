@@ -49,6 +49,12 @@ _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]+")
 # RFC 9110 §5.5: CTLs other than HTAB are not field-content.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# The same rule over a whole field section (CR LF separate its lines; bare ones are refused
+# before), and one field line as latin-1 text: token ":" OWS value OWS (RFC 9112 §5).
+_BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*", re.DOTALL)
+# RFC 9112 §3.2: a request-target is visible ASCII.
+_VISIBLE = re.compile(rb"[\x21-\x7e]+")
 # RFC 9112 §7.1.1: chunk-size [ BWS ";" chunk-ext ] -- no whitespace unless an extension follows.
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[\x21-\x7e \t]*)?")
 _HOP_BY_HOP = frozenset(
@@ -264,7 +270,7 @@ class Http1Parser:
         del self._buf[: end + 4]
         raw = raw.lstrip(b"\r\n")
         lines = raw.split(b"\r\n")
-        if any(b"\n" in line or b"\r" in line for line in lines):
+        if raw.count(b"\r") != len(lines) - 1 or raw.count(b"\n") != len(lines) - 1:
             raise self._fail("bare CR or LF in the message head")
         if len(lines) - 1 > MAX_HEADERS:
             raise HttpParseError(
@@ -280,6 +286,24 @@ class Http1Parser:
         return self.role is Role.REQUEST
 
     def _fields(self, lines: Sequence[bytes]) -> Headers:
+        # Fast path (every well-formed head): the field lines decoded once as latin-1 (obs-text
+        # kept, RFC 9110 §5.5; token names are ASCII either way), one regex per line, the
+        # control-character rule checked once for the whole section. Anything it does not
+        # accept goes through `_fields_checked`, which raises the precise error.
+        block = b"\r\n".join(lines)
+        if _BAD_VALUE_BLOCK.search(block) is None:
+            out: list[tuple[str, str]] = []
+            match = _FIELD_LINE.fullmatch
+            for line in block.decode("latin-1").split("\r\n") if lines else ():
+                m = match(line)
+                if m is None:
+                    break
+                out.append((m[1].lower(), m[2]))
+            else:
+                return tuple(out)
+        return self._fields_checked(lines)
+
+    def _fields_checked(self, lines: Sequence[bytes]) -> Headers:
         out: list[tuple[str, str]] = []
         for line in lines:
             if line[:1] in (b" ", b"\t"):
@@ -323,7 +347,7 @@ class Http1Parser:
             raise self._fail(f"malformed request line {line[:60]!r}")
         if not _METHOD.fullmatch(parts[0]):
             raise self._fail(f"method {parts[0][:20]!r} is not upper case")
-        if any(c < 0x21 or c > 0x7E for c in parts[1]):
+        if not _VISIBLE.fullmatch(parts[1]):
             raise self._fail("control or non-ASCII character in the request-target")
         version = parts[2].decode("ascii", "replace")
         if version not in ("HTTP/1.1", "HTTP/1.0"):
