@@ -52,7 +52,7 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 # The same rule over a whole field section (CR LF separate its lines; bare ones are refused
 # before), and one field line as latin-1 text: token ":" OWS value OWS (RFC 9112 §5).
 _BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*", re.DOTALL)
+_FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*")
 # RFC 9112 §3.2: a request-target is visible ASCII.
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
 # RFC 9112 §7.1.1: chunk-size [ BWS ";" chunk-ext ] -- no whitespace unless an extension follows.
@@ -288,19 +288,22 @@ class Http1Parser:
     def _fields(self, lines: Sequence[bytes]) -> Headers:
         # Fast path (every well-formed head): the field lines decoded once as latin-1 (obs-text
         # kept, RFC 9110 §5.5; token names are ASCII either way), one regex per line, the
-        # control-character rule checked once for the whole section. Anything it does not
-        # accept goes through `_fields_checked`, which raises the precise error.
+        # control-character rule checked once for the whole section (CR and LF: a line with
+        # one does not match). Anything it does not accept goes through `_fields_checked`,
+        # which raises the precise error.
         block = b"\r\n".join(lines)
         if _BAD_VALUE_BLOCK.search(block) is None:
-            out: list[tuple[str, str]] = []
-            match = _FIELD_LINE.fullmatch
-            for line in block.decode("latin-1").split("\r\n") if lines else ():
-                m = match(line)
-                if m is None:
-                    break
-                out.append((m[1].lower(), m[2]))
-            else:
-                return tuple(out)
+            texts = block.decode("latin-1").split("\r\n") if lines else []
+            if len(texts) == len(lines):  # no line held a CR LF of its own
+                out: list[tuple[str, str]] = []
+                match = _FIELD_LINE.fullmatch
+                for line in texts:
+                    m = match(line)
+                    if m is None:
+                        break
+                    out.append((m[1].lower(), m[2]))
+                else:
+                    return tuple(out)
         return self._fields_checked(lines)
 
     def _fields_checked(self, lines: Sequence[bytes]) -> Headers:
