@@ -362,7 +362,11 @@ def split_check(name: str) -> dict[str, int]:
 def measure(name: str, addr: tuple[str, int], proxy: Proc | None, s: Settings,
             rate: float) -> dict[str, Any]:  # fmt: skip
     log(f"{name}: rps")
+    wcpu0 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
     rps, errors, _ = wrk(addr, s, s.wrk_conns, close=False)
+    # CPU per request while saturated (proxy CPU-s / requests in the wrk run): depends far
+    # less on the shared machine's load than rps does (bench/README.md, issue 14).
+    wrk_cpu = tree_cpu_seconds(proxy.pid) - wcpu0 if proxy else 0.0
     log(f"{name}: {rps:.0f} rps ({errors} errors); latency at {rate:g} rps")
     cpu0 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
     t0 = time.monotonic()
@@ -372,6 +376,7 @@ def measure(name: str, addr: tuple[str, int], proxy: Proc | None, s: Settings,
     wall = time.monotonic() - t0
     out: dict[str, Any] = {"rps": rps, "rps_errors": errors, "latency": lat}
     if proxy is not None:
+        out["proxy_cpu_us_per_request"] = wrk_cpu / max(rps * s.duration, 1) * 1e6
         cpu = tree_cpu_seconds(proxy.pid) - cpu0
         achieved = max(lat.get("completed", 0), 1) / wall
         out["proxy_vcpu_per_krps"] = cpu / wall / (achieved / 1000.0)
@@ -499,7 +504,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> int:
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per figure, the median over repetitions (latency per percentile); the runs kept."""
     out: dict[str, Any] = {"reps": runs}
-    for key in ("rps", "rps_errors", "proxy_vcpu_per_krps", "proxy_rss_mib"):
+    for key in ("rps", "rps_errors", "proxy_vcpu_per_krps", "proxy_rss_mib",
+                "proxy_cpu_us_per_request"):  # fmt: skip
         values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
         if values:
             out[key] = statistics.median(values)
@@ -546,6 +552,7 @@ def history_figures(paths: dict[str, dict[str, Any]], reps: int) -> list[Figure]
     for key, figure, unit, better in (
         ("rps", "waypoint_rps", "req/s", "higher"),
         ("proxy_vcpu_per_krps", "waypoint_vcpu_per_1000_rps", "vCPU", "lower"),
+        ("proxy_cpu_us_per_request", "waypoint_cpu_us_per_request", "us", "lower"),
     ):
         if isinstance(ours.get(key), int | float):
             figs.append(Figure(figure=figure, value=round(ours[key], 3), unit=unit, better=better,
@@ -598,6 +605,8 @@ def summarize(paths: dict[str, dict[str, Any]]) -> list[str]:
                  + added("envoy") + " |")  # fmt: skip
     cpu = [cell(n, "proxy_vcpu_per_krps", "{:.3f}") for n in ("waypoint", "envoy")]
     lines.append(f"| proxy vCPU per 1000 rps | | | {cpu[0]} | {cpu[1]} |")
+    per = [cell(n, "proxy_cpu_us_per_request", "{:.0f}") for n in ("waypoint", "envoy")]
+    lines.append(f"| proxy CPU per request while saturated (us) | | | {per[0]} | {per[1]} |")
     lines.append("| proxy RSS (MiB) | | | " + cell("waypoint", "proxy_rss_mib", "{:.1f}") + " | "
                  + cell("envoy", "proxy_rss_mib", "{:.1f}") + " |")  # fmt: skip
     return lines
