@@ -73,6 +73,7 @@ from bench.harness import (
     wait_tcp,
     wrk,
 )
+from bench.history import Figure, append
 from bench.report import build_table, render_table, summarize
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     ap.add_argument("--time-limit", type=float, help="overall limit in seconds")
     ap.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
+    ap.add_argument("--no-history", action="store_true", help="do not append bench/history.csv")
     args = ap.parse_args(argv)
     s = settings_from(args)
     wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -400,8 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{s.reps} rep(s), medians; {s.duration:g}s per run; wrk -t{s.wrk_threads} "
         f"-c{s.wrk_conns} (rps) / -c{s.cps_conns} + 'Connection: close' (new conns); "
         f"latency: open-loop {s.fixed_rate:g} rps; bulk {s.bulk_duration:g}s on 1 connection; "
-        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {zt_workers}."
+        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {zt_workers}; "
+        f"load average at the end {os.getloadavg()[0]:.1f}."
     )
+    if not args.no_history and zt is not None:
+        note = f"{s.reps} rep(s) x {s.duration:g}s, ztunnel workers {zt_workers}"
+        append("hbone", history_figures(rows, note))
     doc = {
         "started": started.isoformat(),
         "finished": datetime.now(UTC).isoformat(),
@@ -417,6 +423,42 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(doc, indent=2, default=str))
     print(f"results: {args.json}")
     return 0
+
+
+HISTORY_FIGURES = {
+    "small-request rps (1 KB, keep-alive)": ("small_request_rps", "req/s", "higher"),
+    "new connections/s (conn+GET+close)": ("new_connections_per_s", "conn/s", "higher"),
+    "added latency p50 vs direct (ms)": ("added_latency_p50_ms", "ms", "lower"),
+    "added latency p99 vs direct (ms)": ("added_latency_p99_ms", "ms", "lower"),
+    "bulk throughput, 1 conn (Gb/s)": ("bulk_gbps", "Gb/s", "higher"),
+    "CPU per Gb/s, both proxies (CPU-s/Gbit)": ("cpu_per_gbps", "vCPU", "lower"),
+    "CPU per 1000 rps, busiest proxy (vCPU)": ("cpu_per_1000_rps", "vCPU", "lower"),
+    "RSS per worker, largest proxy (MiB)": ("rss_per_worker_mib", "MiB", "lower"),
+    "PSS per worker, largest proxy (MiB)": ("pss_per_worker_mib", "MiB", "lower"),
+}
+"""Table row -> (history figure name, unit, better): the names bench/history.csv already uses."""
+
+
+def history_figures(rows: list[dict[str, Any]], note: str) -> list[Figure]:
+    """The node-proxy pair's figures of one run, each with the same-run Envoy figure."""
+    out = []
+    for r in rows:
+        spec = HISTORY_FIGURES.get(r["metric"])
+        if spec is None or r["ztunnel"] is None:
+            continue
+        name, unit, better = spec
+        verdict = {True: "PASS", False: "FAIL", None: ""}[r["pass"]]
+        out.append(
+            Figure(
+                figure=name,
+                value=round(float(r["ztunnel"]), 4),
+                unit=unit,
+                better=better,
+                envoy=None if r["envoy"] is None else round(float(r["envoy"]), 4),
+                note=f"{note}; {verdict}" if verdict else note,
+            )
+        )
+    return out
 
 
 def _brief(metric: str, r: dict[str, Any]) -> str:
