@@ -7,3 +7,5 @@ process (listeners, workers, drain, reload), started from the settings `flags` p
 `handover` the listener hand-over of a zero-drop upgrade; `admin` and `metrics` the operator
 endpoints.
 """
+
+import meshcore  # noqa: F401  (first: chooses compiled or pure-Python hot modules, ztunnel.proxy.relay too)

@@ -35,7 +35,9 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Protocol, cast
+from typing import ClassVar, Protocol, cast
+
+from mypy_extensions import mypyc_attr
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError, StreamRefused
 from meshcore.hbone.connection import (
@@ -92,6 +94,7 @@ class TunnelStream(Protocol):
     def acknowledge(self, length: int) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # meshcore.hbone.h3aio.H3Stream
 class HboneStream:
     """One CONNECT stream on an `HboneProtocol`."""
 
@@ -108,7 +111,7 @@ class HboneStream:
         "task",
     )
 
-    transport = "h2"  # for telemetry; HTTP/3 streams (meshcore.hbone.h3aio) say "h3"
+    transport: ClassVar[str] = "h2"  # for telemetry; HTTP/3 streams (meshcore.hbone.h3aio) say "h3"
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
         self._proto = proto
@@ -400,7 +403,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # the decryption of a small record. One buffer serves every connection of the process: the
     # event loop is single-threaded and `buffer_updated` copies the bytes out before any other
     # protocol is asked for the buffer.
-    _read_view = memoryview(bytearray(256 * 1024))
+    _read_view: ClassVar[memoryview] = memoryview(bytearray(256 * 1024))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_view
