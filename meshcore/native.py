@@ -38,7 +38,10 @@ COMPILED: tuple[str, ...] = (
     "meshcore.hbone.headers",
     "meshcore.hbone.connection",
     "meshcore.hbone.aio",
+    "meshcore.hbone.pool",
     "ztunnel.proxy.relay",
+    "ztunnel.proxy.inbound",
+    "ztunnel.proxy.outbound",
 )
 """The node proxy's per-byte and per-stream path (profiles in bench/README.md)."""
 GROUP = "meshcore._native"
