@@ -21,6 +21,7 @@ CORE_TESTS = (
     "tests/unit/test_hbone_headers.py",
     "tests/unit/test_hbone_limits.py",
     "tests/unit/test_accept_path.py",
+    "tests/unit/test_hbone_backpressure.py",
 )
 
 

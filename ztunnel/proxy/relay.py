@@ -137,7 +137,8 @@ class TcpSide(asyncio.Protocol):
             self.transport.pause_reading()
 
     def tunnel_resume_source(self) -> None:
-        if self.transport is not None and not self._tcp_eof:
+        # Not before `attach`: until then nothing drains what is read (`_held`).
+        if self.transport is not None and self.stream is not None and not self._tcp_eof:
             self.transport.resume_reading()
 
     # ---- completion --------------------------------------------------------------------------
