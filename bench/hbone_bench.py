@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import tempfile
 import types
 from collections.abc import Iterator
@@ -405,9 +406,31 @@ def main(argv: list[str] | None = None) -> int:
         f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {zt_workers}; "
         f"load average at the end {os.getloadavg()[0]:.1f}."
     )
+    per_op = cpu_per_op(raw, s.duration)
+    for label, key in (("request (keep-alive rps run)", "rps"), ("new connection", "cps")):
+        z, e = per_op.get(("ztunnel", key)), per_op.get(("envoy", key))
+        if z is not None and e is not None:
+            ratio = z / e
+            print(f"CPU per {label}, both proxies: ours {z:.1f} us, envoy {e:.1f} us", end="")
+            print(f" ({ratio:.2f}x)")
     if not args.no_history and zt is not None:
         note = f"{s.reps} rep(s) x {s.duration:g}s, ztunnel workers {zt_workers}"
-        append("hbone", history_figures(rows, note))
+        figures = history_figures(rows, note)
+        for name, key in (("cpu_us_per_request", "rps"), ("cpu_us_per_connection", "cps")):
+            if (z := per_op.get(("ztunnel", key))) is not None:
+                e = per_op.get(("envoy", key))
+                envoy = None if e is None else round(e, 1)
+                figures.append(
+                    Figure(
+                        figure=name,
+                        value=round(z, 1),
+                        unit="us",
+                        better="lower",
+                        envoy=envoy,
+                        note=note,
+                    )
+                )
+        append("hbone", figures)
     doc = {
         "started": started.isoformat(),
         "finished": datetime.now(UTC).isoformat(),
@@ -458,6 +481,24 @@ def history_figures(rows: list[dict[str, Any]], note: str) -> list[Figure]:
                 note=f"{note}; {verdict}" if verdict else note,
             )
         )
+    return out
+
+
+def cpu_per_op(
+    raw: dict[str, dict[str, list[dict[str, Any]]]], duration: float
+) -> dict[Any, float]:
+    """(path, "rps"|"cps") -> median CPU microseconds of both proxies per request / per new
+    connection: much less load-dependent than the rates themselves (bench/README.md)."""
+    out: dict[Any, float] = {}
+    for path, by_metric in raw.items():
+        for key in ("rps", "cps"):
+            vals = [
+                sum(r["proxy_cpu_s"].values()) / (r[key] * duration) * 1e6
+                for r in by_metric.get(key, [])
+                if r.get(key) and r.get("proxy_cpu_s")
+            ]
+            if vals:
+                out[(path, key)] = statistics.median(vals)
     return out
 
 

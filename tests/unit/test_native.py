@@ -92,3 +92,25 @@ def test_a_stale_build_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     finally:
         sys.meta_path[:] = before
     importlib.invalidate_caches()
+
+
+def test_every_module_imports_with_the_compiled_build() -> None:
+    """A class compiled by mypyc can be subclassed by interpreted code only when it says so
+    (`mypyc_attr(allow_interpreted_subclasses=True)`); otherwise the subclass's module fails
+    at import. Import every module of the packages that use the compiled ones."""
+    code = (
+        "import importlib, pkgutil, meshcore, ztunnel, meshcore.native as n\n"
+        "assert n.select() == 'compiled', n.select()\n"
+        "for pkg in (meshcore, ztunnel):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        env={k: v for k, v in os.environ.items() if k != native.PURE_ENV},
+        capture_output=True,
+        text=True,
+        cwd=native.ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
