@@ -42,6 +42,7 @@ COMPILED: tuple[str, ...] = (
     "ztunnel.proxy.relay",
     "ztunnel.proxy.inbound",
     "ztunnel.proxy.outbound",
+    "ztunnel.protocol.plan",
 )
 """The node proxy's per-byte and per-stream path (profiles in bench/README.md)."""
 GROUP = "meshcore._native"
