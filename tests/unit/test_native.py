@@ -76,6 +76,7 @@ def test_a_stale_build_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     selects the sources, with a warning, instead of running stale compiled code."""
     stamp = tmp_path / "_native.json"
     stamp.write_text(json.dumps({m: "0" * 64 for m in native.COMPILED}))
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
     monkeypatch.setattr(native, "STAMP", stamp)
     monkeypatch.setattr(native, "_built", lambda: True)
     monkeypatch.setitem(native._state, "mode", "unselected")
