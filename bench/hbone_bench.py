@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import tempfile
 import types
 from collections.abc import Iterator
@@ -73,6 +74,7 @@ from bench.harness import (
     wait_tcp,
     wrk,
 )
+from bench.history import Figure, append
 from bench.report import build_table, render_table, summarize
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (debugging)")
     ap.add_argument("--time-limit", type=float, help="overall limit in seconds")
     ap.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
+    ap.add_argument("--no-history", action="store_true", help="do not append bench/history.csv")
     args = ap.parse_args(argv)
     s = settings_from(args)
     wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -400,8 +403,34 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{s.reps} rep(s), medians; {s.duration:g}s per run; wrk -t{s.wrk_threads} "
         f"-c{s.wrk_conns} (rps) / -c{s.cps_conns} + 'Connection: close' (new conns); "
         f"latency: open-loop {s.fixed_rate:g} rps; bulk {s.bulk_duration:g}s on 1 connection; "
-        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {zt_workers}."
+        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {zt_workers}; "
+        f"load average at the end {os.getloadavg()[0]:.1f}."
     )
+    per_op = cpu_per_op(raw, s.duration)
+    for label, key in (("request (keep-alive rps run)", "rps"), ("new connection", "cps")):
+        z, e = per_op.get(("ztunnel", key)), per_op.get(("envoy", key))
+        if z is not None and e is not None:
+            ratio = z / e
+            print(f"CPU per {label}, both proxies: ours {z:.1f} us, envoy {e:.1f} us", end="")
+            print(f" ({ratio:.2f}x)")
+    if not args.no_history and zt is not None:
+        note = f"{s.reps} rep(s) x {s.duration:g}s, ztunnel workers {zt_workers}"
+        figures = history_figures(rows, note)
+        for name, key in (("cpu_us_per_request", "rps"), ("cpu_us_per_connection", "cps")):
+            if (z := per_op.get(("ztunnel", key))) is not None:
+                e = per_op.get(("envoy", key))
+                envoy = None if e is None else round(e, 1)
+                figures.append(
+                    Figure(
+                        figure=name,
+                        value=round(z, 1),
+                        unit="us",
+                        better="lower",
+                        envoy=envoy,
+                        note=note,
+                    )
+                )
+        append("hbone", figures)
     doc = {
         "started": started.isoformat(),
         "finished": datetime.now(UTC).isoformat(),
@@ -417,6 +446,60 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(doc, indent=2, default=str))
     print(f"results: {args.json}")
     return 0
+
+
+HISTORY_FIGURES = {
+    "small-request rps (1 KB, keep-alive)": ("small_request_rps", "req/s", "higher"),
+    "new connections/s (conn+GET+close)": ("new_connections_per_s", "conn/s", "higher"),
+    "added latency p50 vs direct (ms)": ("added_latency_p50_ms", "ms", "lower"),
+    "added latency p99 vs direct (ms)": ("added_latency_p99_ms", "ms", "lower"),
+    "bulk throughput, 1 conn (Gb/s)": ("bulk_gbps", "Gb/s", "higher"),
+    "CPU per Gb/s, both proxies (CPU-s/Gbit)": ("cpu_per_gbps", "vCPU", "lower"),
+    "CPU per 1000 rps, busiest proxy (vCPU)": ("cpu_per_1000_rps", "vCPU", "lower"),
+    "RSS per worker, largest proxy (MiB)": ("rss_per_worker_mib", "MiB", "lower"),
+    "PSS per worker, largest proxy (MiB)": ("pss_per_worker_mib", "MiB", "lower"),
+}
+"""Table row -> (history figure name, unit, better): the names bench/history.csv already uses."""
+
+
+def history_figures(rows: list[dict[str, Any]], note: str) -> list[Figure]:
+    """The node-proxy pair's figures of one run, each with the same-run Envoy figure."""
+    out = []
+    for r in rows:
+        spec = HISTORY_FIGURES.get(r["metric"])
+        if spec is None or r["ztunnel"] is None:
+            continue
+        name, unit, better = spec
+        verdict = {True: "PASS", False: "FAIL", None: ""}[r["pass"]]
+        out.append(
+            Figure(
+                figure=name,
+                value=round(float(r["ztunnel"]), 4),
+                unit=unit,
+                better=better,
+                envoy=None if r["envoy"] is None else round(float(r["envoy"]), 4),
+                note=f"{note}; {verdict}" if verdict else note,
+            )
+        )
+    return out
+
+
+def cpu_per_op(
+    raw: dict[str, dict[str, list[dict[str, Any]]]], duration: float
+) -> dict[Any, float]:
+    """(path, "rps"|"cps") -> median CPU microseconds of both proxies per request / per new
+    connection: much less load-dependent than the rates themselves (bench/README.md)."""
+    out: dict[Any, float] = {}
+    for path, by_metric in raw.items():
+        for key in ("rps", "cps"):
+            vals = [
+                sum(r["proxy_cpu_s"].values()) / (r[key] * duration) * 1e6
+                for r in by_metric.get(key, [])
+                if r.get(key) and r.get("proxy_cpu_s")
+            ]
+            if vals:
+                out[(path, key)] = statistics.median(vals)
+    return out
 
 
 def _brief(metric: str, r: dict[str, Any]) -> str:

@@ -12,7 +12,9 @@ labels and tracing (`telemetry`, `tracing`), and the clients and small servers s
 processes share: sockets (`sockets`), `host:port` parsing (`address`), delta-xDS client
 (`xds`), CA client (`caclient`), the proxies' control-plane bootstrap (`bootstrap`), Kubernetes
 API client and reflector (`kubeapi`, `reflector`), the operator HTTP server (`opshttp`), the one
-retry backoff (`backoff`) and the process lifecycle pieces (`runtime`).
+retry backoff (`backoff`) and the process lifecycle pieces (`runtime`). `native` chooses, before
+any of them is imported, between the compiled (mypyc) build of the hot modules and their
+pure-Python sources.
 
 Invariant: exactly these modules open sockets: `hbone.aio`, `hbone.h3aio` (HBONE over HTTP/3,
 UDP), `hbone.pool` (through `hbone.aio` and `hbone.h3aio`), `sockets`, `xds`, `caclient`,
@@ -21,3 +23,7 @@ gRPC exporter, on the SDK's export thread) (checked by tests/unit/test_layout.py
 module does network I/O; their decisions take the clock and randomness as parameters
 (`certs.CertificateManager.run()` is the one timer loop among them).
 """
+
+from meshcore.native import select as _select_build
+
+_select_build()  # compiled (mypyc) hot modules, or their pure-Python sources: meshcore.native

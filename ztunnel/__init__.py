@@ -8,3 +8,5 @@ process (listeners, workers, drain, reload), started from the settings `flags` p
 predecessor's QUIC connections relayed by the successor); `admin` and `metrics` the operator
 endpoints.
 """
+
+import meshcore  # noqa: F401  (first: chooses compiled or pure-Python hot modules, ztunnel.proxy.relay too)

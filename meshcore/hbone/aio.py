@@ -15,6 +15,9 @@ Invariants:
 - Received DATA is credited back to the peer only once the sink has accepted it without being
   paused; a paused sink acknowledges on resume, which keeps per-stream memory bounded by the
   stream window (4 MiB).
+- Bytes the TLS transport cannot hand to the kernel stop every source of the connection past
+  the transport's high-water mark (`pause_writing`), so a peer that opens its windows but does
+  not read holds us to that mark, not to its windows (4 MiB per stream, 16 MiB per connection).
 - Bytes queued for a peer that does not open its windows stop the source of their stream past
   the stream's high-water mark, and EVERY source of the connection past the connection's
   (`HboneConnection.pending_blocked`), so a connection pins a few MiB, not 200 streams' worth.
@@ -35,10 +38,13 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Protocol, cast
+from typing import ClassVar, Protocol, cast
+
+from mypy_extensions import mypyc_attr
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError, StreamRefused
 from meshcore.hbone.connection import (
+    PENDING_HIGH_WATER,
     SERVER_MAX_STREAMS,
     ConnectionTerminated,
     DataReceived,
@@ -92,6 +98,7 @@ class TunnelStream(Protocol):
     def acknowledge(self, length: int) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # meshcore.hbone.h3aio.H3Stream
 class HboneStream:
     """One CONNECT stream on an `HboneProtocol`."""
 
@@ -108,7 +115,7 @@ class HboneStream:
         "task",
     )
 
-    transport = "h2"  # for telemetry; HTTP/3 streams (meshcore.hbone.h3aio) say "h3"
+    transport: ClassVar[str] = "h2"  # for telemetry; HTTP/3 streams (meshcore.hbone.h3aio) say "h3"
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
         self._proto = proto
@@ -157,6 +164,8 @@ class HboneStream:
                 proto.pause_all_sources()
             elif self.sink is not None:
                 self.sink.tunnel_pause_source()
+        elif proto.write_paused and self.sink is not None:
+            self.sink.tunnel_pause_source()  # the TLS transport is over its mark
         proto.schedule_flush()
 
     def write_eof(self) -> None:
@@ -272,6 +281,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_pending = False
+        self.write_paused = False  # the TLS transport's buffer is over its high-water mark
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -373,6 +383,24 @@ class HboneProtocol(asyncio.BufferedProtocol):
             self._flush_pending = True
             self._loop.call_soon(self.flush)
 
+    def pause_writing(self) -> None:
+        """The TLS transport holds more than its high-water mark (the peer or the network does
+        not take our bytes as fast as the sources produce them): stop reading every source. So
+        what a connection buffers is bounded by the transport's mark, not by the peer's windows
+        (4 MiB per stream, 16 MiB per connection), which only bound what is in flight."""
+        self.write_paused = True
+        self.pause_all_sources()
+
+    def resume_writing(self) -> None:
+        """Below the transport's low-water mark: resume the sources that nothing else holds
+        (their stream's queue and the connection's are below their marks)."""
+        self.write_paused = False
+        if self.conn.pending_blocked:
+            return  # the connection's queues resume every source with one WindowOpened
+        for sid, stream in list(self.streams.items()):
+            if stream.sink is not None and self.conn.pending_bytes(sid) < PENDING_HIGH_WATER:
+                stream.sink.tunnel_resume_source()
+
     def pause_all_sources(self) -> None:
         """The connection's queued bytes are over their mark: stop reading every source (the
         protocol core resumes them all with one `WindowOpened`)."""
@@ -400,7 +428,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # the decryption of a small record. One buffer serves every connection of the process: the
     # event loop is single-threaded and `buffer_updated` copies the bytes out before any other
     # protocol is asked for the buffer.
-    _read_view = memoryview(bytearray(256 * 1024))
+    _read_view: ClassVar[memoryview] = memoryview(bytearray(256 * 1024))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_view
@@ -457,7 +485,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
                             stream.sink.tunnel_reset(ev.error_code)
                     self.forget(ev.stream_id)
             elif type(ev) is WindowOpened:
-                on_window_opened(self.streams, ev)
+                if not self.write_paused:  # else `resume_writing` resumes them
+                    on_window_opened(self.streams, ev)
             elif type(ev) is ConnectionTerminated:
                 if not ev.remote:
                     # Our GOAWAY for a protocol error. Closing now would discard it: a socket

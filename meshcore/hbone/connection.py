@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import hpack
+from mypy_extensions import mypyc_attr
 
 from meshcore.errors import H2ProtocolError
 from meshcore.hbone.frames import (
@@ -148,6 +149,7 @@ _TRANSITIONS: dict[tuple[StreamState, _Input], StreamState | None] = {
 # ---- events ----
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # HTTP/3's own events (meshcore.hbone.h3)
 @dataclass(slots=True)
 class Event:
     """Base of events returned by `receive_data`."""
@@ -281,6 +283,13 @@ class RateBudget:
         self._current += cost
         overlap = 1.0 - elapsed / self.window
         return self._previous * overlap + self._current <= self.limit
+
+
+def _decoded(decoder: hpack.Decoder, block: bytes) -> list[tuple[object, object]]:
+    """hpack's full decoder with ``raw=False``: its annotation says bytes pairs, but it returns
+    str pairs; typed as objects so compiled code (mypyc) checks neither."""
+    pairs: list[tuple[object, object]] = list(decoder.decode(block, raw=False))
+    return pairs
 
 
 class HboneConnection:
@@ -876,7 +885,7 @@ class HboneConnection:
             headers: Headers = (
                 simple
                 if simple is not None
-                else [(str(k), str(v)) for k, v in self._decoder.decode(block, raw=False)]
+                else [(str(k), str(v)) for k, v in _decoded(self._decoder, block)]
             )
         except Exception as err:  # hpack raises several unrelated classes
             raise H2ProtocolError(f"HPACK: {err}", ErrorCode.COMPRESSION_ERROR) from err

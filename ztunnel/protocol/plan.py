@@ -36,6 +36,7 @@ usable endpoints); no network gateways (endpoints on other networks are not usab
 from __future__ import annotations
 
 import enum
+import functools
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -131,8 +132,10 @@ class InboundPlan:
     """True when the CONNECT target differs from the receiving workload (waypoint case)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def format_authority(ip: IPAddress, port: int) -> str:
-    """``host:port`` for :authority, IPv6 in brackets (RFC 9110 §7.2, RFC 3986 §3.2.2)."""
+    """``host:port`` for :authority, IPv6 in brackets (RFC 9110 §7.2, RFC 3986 §3.2.2).
+    Memoised: `str()` of an `ipaddress` object costs more than the rest of a plan."""
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 

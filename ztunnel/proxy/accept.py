@@ -37,16 +37,25 @@ ACCEPT_BATCH = 64
 _SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def fds_short(reserve: int = FD_RESERVE) -> bool:
-    """True when fewer than `reserve` descriptors are free. Linux hands out the lowest free
-    descriptor (open(2)), so the number of a fresh one tells how full the table is."""
+def fd_in_reserve(fd: int, reserve: int = FD_RESERVE) -> bool:
+    """True when `fd`, a descriptor just created, shows fewer than `reserve` descriptors free.
+    Linux hands out the lowest free descriptor (open(2), accept(2)), so the number of a fresh
+    one tells how full the table is. The soft limit is read each time (one syscall, no
+    descriptor): an operator may lower it at run time (prlimit)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft != resource.RLIM_INFINITY and fd >= soft - reserve
+
+
+def fds_short(reserve: int = FD_RESERVE) -> bool:
+    """True when fewer than `reserve` descriptors are free, probed with a fresh descriptor.
+    Costs an open/close pair: only for the paused state, never per accepted connection (the
+    accepted socket is itself the fresh descriptor, see `fd_in_reserve`)."""
     try:
         fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return True
     os.close(fd)
-    return soft != resource.RLIM_INFINITY and fd >= soft - reserve
+    return fd_in_reserve(fd, reserve)
 
 
 class AcceptLoop:
@@ -96,9 +105,6 @@ class AcceptLoop:
 
     def _readable(self) -> None:
         for _ in range(ACCEPT_BATCH):  # bounded per wake-up: other work runs in between
-            if fds_short():
-                self._pause("file descriptors short")
-                return
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -109,11 +115,17 @@ class AcceptLoop:
                 else:  # e.g. ECONNABORTED: that connection is gone; the next one is not
                     log.warning("%s accept failed: %s", self.name, err)
                 return
+            # The accepted socket is the fresh descriptor that tells how full the table is:
+            # it is served (it takes one descriptor of the reserve), the next ones wait.
+            short = fd_in_reserve(conn.fileno())
             try:
                 self.on_accept(conn)
             except Exception as exc:
                 conn.close()
                 log.warning("%s: accepted connection not served: %s", self.name, exc)
+            if short:
+                self._pause("file descriptors short")
+                return
 
     def _pause(self, why: str) -> None:
         """Leave new connections in the kernel's backlog until descriptors are free again."""

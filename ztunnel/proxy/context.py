@@ -105,6 +105,8 @@ class ProxyContext:
     hbone_servers: set[HboneProtocol] = field(default_factory=set)
     """Inbound HBONE connections (drain sends each a GOAWAY)."""
     upstream_slots: asyncio.Semaphore = field(init=False)
+    node_proxy_ips: tuple[IPAddress, ...] = field(init=False)
+    """This proxy's own addresses (the self-call check of `plan_outbound`), parsed once."""
     draining: bool = False
     demand: Callable[[str, float], Awaitable[bool]] | None = None
     """On-demand xDS (`meshcore.xds.XdsClient.demand`); None: the state holds everything."""
@@ -125,11 +127,7 @@ class ProxyContext:
 
     def __post_init__(self) -> None:
         self.upstream_slots = asyncio.Semaphore(self.settings.max_pending_connects)
-
-    @property
-    def node_proxy_ips(self) -> tuple[IPAddress, ...]:
-        ips: list[IPAddress] = [ipaddress.ip_address(self.settings.node_ip)]
-        return tuple(ips)
+        self.node_proxy_ips = (ipaddress.ip_address(self.settings.node_ip),)
 
     async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
         return self.contexts.client(await self.certs.get(identity))

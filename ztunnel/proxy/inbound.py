@@ -22,6 +22,8 @@ import logging
 import socket
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 from meshcore.address import parse_authority
 from meshcore.errors import HboneError, PeerOverLimit, Unauthorized, UpstreamUnavailable
 from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
@@ -159,6 +161,7 @@ def _set_service(rec: ConnectionRecord, service: Service | None) -> None:
         rec.destination_service_namespace = service.namespace
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # ztunnel.proxy.inbound_h3.H3Listener
 class HboneListener:
     """Accept loop of one HBONE listening socket. Accepting by hand (not `create_server`) lets
     us pick the server certificate from the accepted socket's destination address before TLS."""

@@ -20,6 +20,8 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
+from mypy_extensions import mypyc_attr
+
 from meshcore.hbone.aio import TunnelSink, TunnelStream
 from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
@@ -34,6 +36,7 @@ def _abort_with_rst(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the listeners' protocols (inbound, outbound)
 class TcpSide(asyncio.Protocol):
     """One local TCP connection spliced to a tunnel stream.
 
@@ -134,7 +137,8 @@ class TcpSide(asyncio.Protocol):
             self.transport.pause_reading()
 
     def tunnel_resume_source(self) -> None:
-        if self.transport is not None and not self._tcp_eof:
+        # Not before `attach`: until then nothing drains what is read (`_held`).
+        if self.transport is not None and self.stream is not None and not self._tcp_eof:
             self.transport.resume_reading()
 
     # ---- completion --------------------------------------------------------------------------

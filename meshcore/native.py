@@ -1,0 +1,136 @@
+"""The compiled (mypyc) build of the node proxy's hot modules, and the pure-Python fallback.
+
+Owns: which modules are compiled (`COMPILED`), the build (`build()`, run by scripts/setup and
+cached on the sources' hash), and the choice made at import time (`select()`, called from
+`meshcore/__init__.py` before any of them is imported).
+
+The build puts one extension module per compiled module next to its source
+(``connection.cpython-311-x86_64-linux-gnu.so`` beside ``connection.py``), plus their shared
+library ``meshcore/_native__mypyc*.so``; Python's import system prefers an extension module to a
+source file of the same name, so the compiled build is the default once built.
+
+Invariants:
+- All compiled modules run compiled, or none does (they are one mypyc group: compiled code
+  calls compiled classes directly, a mix would have two copies of a class).
+- ``AMBIENT_MESH_PURE_PYTHON=1`` in the environment forces the pure-Python sources.
+- A build whose recorded source hashes (`STAMP`) no longer match the sources is never used: the
+  sources are imported and one warning says so (an edited module must not run as its stale
+  compiled self). `python -m meshcore.native` rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILED: tuple[str, ...] = (
+    "meshcore.hbone.frames",
+    "meshcore.hbone.headers",
+    "meshcore.hbone.connection",
+    "meshcore.hbone.aio",
+    "meshcore.hbone.pool",
+    "ztunnel.proxy.relay",
+    "ztunnel.proxy.inbound",
+    "ztunnel.proxy.outbound",
+    "ztunnel.protocol.plan",
+)
+"""The node proxy's per-byte and per-stream path (profiles in bench/README.md)."""
+GROUP = "meshcore._native"
+STAMP = ROOT / "meshcore" / "_native.json"
+"""Written by `build()`: the sha256 of each compiled module's source."""
+PURE_ENV = "AMBIENT_MESH_PURE_PYTHON"
+
+_state: dict[str, str] = {"mode": "unselected"}
+
+
+def source(module: str) -> Path:
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def source_hashes() -> dict[str, str]:
+    return {m: hashlib.sha256(source(m).read_bytes()).hexdigest() for m in COMPILED}
+
+
+def _built() -> bool:
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    return (
+        all(any(source(m).with_suffix(s).exists() for s in suffixes) for m in COMPILED)
+        and STAMP.exists()
+    )
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Finds the compiled modules' .py sources ahead of their extension modules."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in COMPILED:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source(fullname))
+
+
+def select() -> str:
+    """Choose compiled or pure Python for this process (once); returns the mode: "compiled",
+    "pure" (forced, or nothing built) or "stale" (built from other sources: pure Python)."""
+    if _state["mode"] != "unselected":
+        return _state["mode"]
+    mode = "compiled"
+    if os.environ.get(PURE_ENV, "") not in ("", "0") or not _built():
+        mode = "pure"
+    else:
+        try:
+            recorded = json.loads(STAMP.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        if recorded != source_hashes():
+            mode = "stale"
+            warnings.warn(
+                "the compiled build of the node proxy's hot modules is stale; running the "
+                "pure-Python sources (rebuild: scripts/setup or python -m meshcore.native)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if mode != "compiled" and not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder())
+    _state["mode"] = mode
+    return mode
+
+
+def build(opt_level: str = "3") -> None:
+    """Compile `COMPILED` in place with mypyc and record the sources' hashes."""
+    from mypyc.build import mypycify
+
+    setup = importlib.import_module("setuptools").setup  # untyped; build time only
+
+    hashes = source_hashes()
+    STAMP.unlink(missing_ok=True)  # a failed build leaves no stamp: pure Python is used
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        setup(
+            name="ambient-mesh-native",
+            ext_modules=mypycify(
+                [str(source(m).relative_to(ROOT)) for m in COMPILED],
+                opt_level=opt_level,
+                group_name=GROUP,
+            ),
+            script_args=["build_ext", "--inplace", "--build-temp", "build/native"],
+        )
+    finally:
+        os.chdir(cwd)
+    STAMP.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    build()

@@ -1,0 +1,117 @@
+"""The compiled (mypyc) build of the hot modules is the default, and the pure-Python fallback
+works too (`meshcore.native`, issue 14): the HBONE core's unit tests run once more against the
+sources in a subprocess with AMBIENT_MESH_PURE_PYTHON=1 (the rest of the suite runs whichever
+build this process selected, compiled after scripts/setup)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshcore import native
+
+CORE_TESTS = (
+    "tests/unit/test_hbone_connection.py",
+    "tests/unit/test_hbone_headers.py",
+    "tests/unit/test_hbone_limits.py",
+    "tests/unit/test_accept_path.py",
+    "tests/unit/test_hbone_backpressure.py",
+)
+
+
+def _files(env: dict[str, str]) -> dict[str, str]:
+    code = (
+        "import json, importlib, meshcore.native as n\n"
+        "print(json.dumps({'mode': n.select(), **{m: importlib.import_module(m).__file__ "
+        "for m in n.COMPILED}}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=native.ROOT,
+    ).stdout
+    files: dict[str, str] = json.loads(out)
+    return files
+
+
+def test_compiled_build_is_the_default_once_built() -> None:
+    env = {k: v for k, v in os.environ.items() if k != native.PURE_ENV}
+    if native.select() == "pure" and not os.environ.get(native.PURE_ENV):
+        pytest.fail("no compiled build: scripts/setup builds it (python -m meshcore.native)")
+    files = _files(env)
+    assert files.pop("mode") == "compiled"
+    assert all(f.endswith(".so") for f in files.values()), files
+
+
+def test_pure_python_is_forced_by_the_environment() -> None:
+    files = _files({**os.environ, native.PURE_ENV: "1"})
+    assert files.pop("mode") == "pure"
+    assert all(f.endswith(".py") for f in files.values()), files
+
+
+def test_hbone_core_tests_pass_in_pure_python() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE_TESTS],
+        env={**os.environ, native.PURE_ENV: "1"},
+        capture_output=True,
+        text=True,
+        cwd=native.ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+def test_a_stale_build_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled build whose recorded source hashes differ (a module edited after the build)
+    selects the sources, with a warning, instead of running stale compiled code."""
+    stamp = tmp_path / "_native.json"
+    stamp.write_text(json.dumps({m: "0" * 64 for m in native.COMPILED}))
+    monkeypatch.delenv(native.PURE_ENV, raising=False)
+    monkeypatch.setattr(native, "STAMP", stamp)
+    monkeypatch.setattr(native, "_built", lambda: True)
+    monkeypatch.setitem(native._state, "mode", "unselected")
+    before = list(sys.meta_path)
+    try:
+        with pytest.warns(RuntimeWarning, match="stale"):
+            assert native.select() == "stale"
+        finder = sys.meta_path[0]
+        spec = finder.find_spec("meshcore.hbone.frames", None)
+        assert spec is not None
+        assert spec.origin is not None
+        assert spec.origin.endswith(".py")
+        assert finder.find_spec("meshcore.state", None) is None
+    finally:
+        sys.meta_path[:] = before
+    importlib.invalidate_caches()
+
+
+def test_every_module_imports_with_the_compiled_build() -> None:
+    """A class compiled by mypyc can be subclassed by interpreted code only when it says so
+    (`mypyc_attr(allow_interpreted_subclasses=True)`); otherwise the subclass's module fails
+    at import. Import every module of the packages that use the compiled ones."""
+    code = (
+        "import importlib, pkgutil, meshcore, ztunnel, meshcore.native as n\n"
+        "assert n.select() == 'compiled', n.select()\n"
+        "for pkg in (meshcore, ztunnel):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        env={k: v for k, v in os.environ.items() if k != native.PURE_ENV},
+        capture_output=True,
+        text=True,
+        cwd=native.ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
