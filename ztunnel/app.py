@@ -6,7 +6,9 @@ Owns: building the `ProxyContext` (state, certificates, pool, telemetry) from th
 Listeners are created from sockets we make ourselves (`meshcore.sockets.make_listener`), never by
 address inside asyncio, so a zero-drop upgrade hands the very same listening sockets (data path
 and operator ports) to a new process (`ztunnel.handover`, --handover-socket): the successor takes
-them over and turns ready only after the hand-over; the predecessor then serves only what it has.
+them over and turns ready only after the hand-over; the predecessor then serves only what it has,
+keeping copies of the listeners: if the successor dies after READY (no RELEASE), a single-worker
+predecessor takes them back and serves again (`NodeProxy.resume`, docs/upgrade.md).
 Event loop, stop signals, housekeeping sweep and drain wait: `meshcore.runtime`.
 
 Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
