@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,7 @@ import pytest
 
 from ambientctl.lab import system
 from ambientctl.lab.lab import XDS_ADDRESS, Lab
-from tests.root.labfixture import (
-    SLEEP,
-    HeldTraffic,
-    build,
-    call,
-    log_size,
-    wait_access,
-    ztunnel_pids,
-)
+from tests.root.labfixture import SLEEP, build, call, log_size, wait_access, ztunnel_pids
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -227,25 +218,14 @@ def test_ca_refuses_a_service_account_of_another_node(lab: Lab) -> None:
 
 
 def test_control_plane_restart_keeps_traffic_and_resyncs(lab: Lab) -> None:
-    """The control plane stops and starts again under held, hash-checked connections crossing
-    both nodes and fresh ones opened all along: nothing lost; the proxies resync."""
     proxies = ztunnel_pids(lab)
-    traffic = HeldTraffic(lab, "demo/client", "echo", 80, held=50)
+    lab.stop_controlplane()
     try:
-        lab.stop_controlplane()
-        try:
-            # The node proxies keep serving on the last good config.
-            code, out = call(lab, "demo/client", "echo", 80, "cp-down")
-            assert code == 0, out
-            time.sleep(1.0)
-        finally:
-            lab.start_controlplane()
-        got = traffic.result()
+        # The node proxies keep serving on the last good config.
+        code, out = call(lab, "demo/client", "echo", 80, "cp-down")
+        assert code == 0, out
     finally:
-        traffic.close()
-    print(f"held traffic: {got}")  # shown with pytest -s
-    assert (got["held"], got["lost"], got["corrupted"], got["fresh_failed"]) == (50, 0, 0, 0), got
-    assert got["fresh_ok"] >= 10, got
+        lab.start_controlplane()
     system.wait_for(
         lambda: (
             sorted(c["node"] for c in lab.controlplane_debug("/debug/connections"))
