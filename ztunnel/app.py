@@ -6,7 +6,9 @@ Owns: building the `ProxyContext` (state, certificates, pool, telemetry) from th
 Listeners are created from sockets we make ourselves (`meshcore.sockets.make_listener`), never by
 address inside asyncio, so a zero-drop upgrade hands the very same listening sockets (data path
 and operator ports) to a new process (`ztunnel.handover`, --handover-socket): the successor takes
-them over and turns ready only after the hand-over; the predecessor then serves only what it has.
+them over and turns ready only after the hand-over; the predecessor then serves only what it has,
+keeping copies of the listeners: if the successor dies after READY (no RELEASE), a single-worker
+predecessor takes them back and serves again (`NodeProxy.resume`, docs/upgrade.md).
 Event loop, stop signals, housekeeping sweep and drain wait: `meshcore.runtime`.
 
 Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
@@ -128,6 +130,7 @@ class NodeProxy:
         *,
         serve_admin: bool = True,
         handed: handover.Handed | None = None,
+        take_back: bool = False,
     ) -> None:
         self.ctx = ctx
         self.listeners = listeners
@@ -136,6 +139,15 @@ class NodeProxy:
         self.ops: list[Listener] = []
         self.handover: handover.HandoverServer | None = None
         self.handed_over = False
+        self.take_back = take_back and serve_admin and not ctx.settings.http3
+        """Keep copies of the listeners after a hand-over and resume on them if the successor
+        dies (`ztunnel.handover` version 2); single-worker proxies without HTTP/3 only (the UDP
+        socket's relay, `ztunnel.udp_relay`, is not undone)."""
+        self._kept: list[Listener] = []
+        self._resume = asyncio.Event()
+        self.predecessor: socket.socket | None = None
+        """The hand-over connection to the process we took over from, held open while we
+        serve: its EOF tells it we died; `handover.release` when we stop on purpose."""
         self._accepting = True
         self.servers: list[TcpListener] = []
         self.hbone_listeners: list[HboneListener] = []
@@ -151,6 +163,40 @@ class NodeProxy:
         ctx = self.ctx
         if self.listeners is None:
             self.listeners = bind_listeners(ctx.settings, ctx.state)
+        self._serve_listeners()
+        s = ctx.settings
+        if self.serve_admin:
+            require_loopback(s.admin_host, "--admin-address", ADMIN_LOOPBACK_WHY)
+            handed = self.handed
+            for role, host, port in (
+                ("admin", s.admin_host, s.admin_port),
+                ("metrics", s.node_ip, s.metrics_port),
+                ("readiness", s.node_ip, s.readiness_port),
+            ):
+                sock = handed.take(role, host, port) if handed is not None else None
+                self.ops.append(Listener(role, sock or make_listener(host, port)))
+            if handed is not None:
+                self._relay = handed.take(udp_relay.ROLE, "", 0)
+                handed.close_unused()
+        ctx.certs.on_rotate(ctx.on_rotate)
+        ctx.sync_local_identities()
+        self._tasks.append(loop.create_task(ctx.certs.run()))
+        self._tasks.append(loop.create_task(every(5, self._sweep(loop))))
+        # Ready once every local identity has a certificate (inbound needs them at once).
+        for identity in ctx.certs.identities():
+            await ctx.certs.get(identity)
+        if self.handed is not None:
+            # We accept on the data path now; the predecessor stops accepting, then we answer
+            # the operator ports (readiness included) and turn ready.
+            self.predecessor = await handover.commit(self.handed)
+            self.handed = None
+            self._take_udp_over()
+        await self._serve_operator()
+
+    def _serve_listeners(self) -> None:
+        """Accept on the data-path listeners (at start, and again on a take-back)."""
+        ctx = self.ctx
+        assert self.listeners is not None
         factories: dict[str, Callable[[], asyncio.Protocol]] = {
             "outbound": lambda: OutboundConnection(ctx),
             "plaintext": lambda: PlaintextInbound(ctx),
@@ -177,33 +223,12 @@ class NodeProxy:
                 tcp = TcpListener(listener.role, listener.sock, factory, ctx.metrics)
                 tcp.start()
                 self.servers.append(tcp)
+
+    async def _serve_operator(self) -> None:
+        """Admin/metrics/readiness, the hand-over socket, readiness (after start's hand-over,
+        and again on a take-back)."""
+        ctx = self.ctx
         s = ctx.settings
-        if self.serve_admin:
-            require_loopback(s.admin_host, "--admin-address", ADMIN_LOOPBACK_WHY)
-            handed = self.handed
-            for role, host, port in (
-                ("admin", s.admin_host, s.admin_port),
-                ("metrics", s.node_ip, s.metrics_port),
-                ("readiness", s.node_ip, s.readiness_port),
-            ):
-                sock = handed.take(role, host, port) if handed is not None else None
-                self.ops.append(Listener(role, sock or make_listener(host, port)))
-            if handed is not None:
-                self._relay = handed.take(udp_relay.ROLE, "", 0)
-                handed.close_unused()
-        ctx.certs.on_rotate(ctx.on_rotate)
-        ctx.sync_local_identities()
-        self._tasks.append(loop.create_task(ctx.certs.run()))
-        self._tasks.append(loop.create_task(every(5, self._sweep(loop))))
-        # Ready once every local identity has a certificate (inbound needs them at once).
-        for identity in ctx.certs.identities():
-            await ctx.certs.get(identity)
-        if self.handed is not None:
-            # We accept on the data path now; the predecessor stops accepting, then we answer
-            # the operator ports (readiness included) and turn ready.
-            await handover.commit(self.handed)
-            self.handed = None
-            self._take_udp_over()
         if self.serve_admin:
             ops = {listener.role: listener.sock for listener in self.ops}
             self.admin_servers = [
@@ -214,14 +239,18 @@ class NodeProxy:
                 await serve_http(s.node_ip, s.readiness_port,
                                  readiness_routes(lambda: self.ready), sock=ops["readiness"]),
             ]  # fmt: skip
-            if s.handover_socket:
+            if s.handover_socket and self.handover is None:
                 counter = ctx.metrics.handovers
                 self.handover = handover.HandoverServer(
                     Path(s.handover_socket),
                     self.offered_sockets,
                     self.hand_over,
                     on_result=lambda result: counter.labels(result).inc(),
+                    take_back=handover.TakeBack(self._resume.set, self._drop_kept)
+                    if self.take_back
+                    else None,
                 )
+            if self.handover is not None:
                 self.handover.start()
         self.ready = True
         if s.ready_file and self.serve_admin:
@@ -230,7 +259,7 @@ class NodeProxy:
             "node proxy %s worker %d ready: %d listeners, %d local workloads",
             s.node,
             os.getpid(),
-            len(self.listeners),
+            len(self.listeners or []),
             len(ctx.state.local_workloads(s.node)),
         )
 
@@ -278,8 +307,16 @@ class NodeProxy:
     def hand_over(self) -> None:
         """The successor accepts now: stop accepting at once, then drain what we have (no
         deadline unless --handover-drain-timeout). Our QUIC peers are named to the successor
-        before it may read the UDP sockets (DONE follows this call)."""
+        before it may read the UDP sockets (DONE follows this call). With take-back, copies of
+        the listeners (the same kernel sockets, dup'ed) are kept until the successor RELEASEs
+        them."""
         self.handed_over = True
+        if self.take_back:
+            self._kept = [
+                Listener(lst.role, lst.sock.dup())
+                for lst in [*(self.listeners or []), *self.ops]
+                if lst.role != "hbone-udp"  # not handed over (bind_listeners)
+            ]
         self.stop_accepting()
         if self._relay_pair:
             ours, theirs = self._relay_pair
@@ -288,6 +325,34 @@ class NodeProxy:
             endpoints = [x.endpoint for x in self._h3_listeners() if x.endpoint is not None]
             udp_relay.Predecessor(ours, endpoints).start()
         self.stop()
+
+    def _drop_kept(self) -> None:
+        for lst in self._kept:
+            lst.sock.close()
+        self._kept = []
+
+    async def resume(self) -> None:
+        """Take-back: the successor died after READY. Accept again on our copies of the
+        listeners (queued SYNs are accepted, not refused), turn ready again, and offer the
+        sockets to the next successor; the drain stops, the connections we kept serving go on."""
+        kept, self._kept = self._kept, []
+        self._resume.clear()
+        self._stopping.clear()
+        self.handed_over = False
+        self._accepting = True
+        self.ctx.draining = False
+        ops = ("admin", "metrics", "readiness")
+        udp = [lst for lst in self.listeners or [] if lst.role == "hbone-udp"]
+        self.listeners = [lst for lst in kept if lst.role not in ops]
+        self.ops = [lst for lst in kept if lst.role in ops]
+        self.servers = []
+        h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        self.hbone_listeners = []
+        self._serve_listeners()
+        self.listeners += udp  # HTTP/3 is not handed over: its listener never stopped
+        self.hbone_listeners += h3
+        await self._serve_operator()
+        log.warning("took the listeners back from a dead successor: serving again")
 
     def handed_over_elsewhere(self) -> None:
         """An extra worker: the first worker handed the (shared) listeners over."""
@@ -326,15 +391,19 @@ class NodeProxy:
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
 
-    async def drain(self) -> None:
+    async def drain(self) -> bool:
         """Graceful drain that hands over: not ready; listeners AND the admin/metrics/readiness
         ports released at once (a new node proxy can bind them while this one drains); a
         GOAWAY(NO_ERROR, last stream id) to every inbound HBONE connection and every pooled one
         (RFC 9113 §6.8: peers open new tunnels elsewhere, open ones finish); wait for live
         connections (bounded by drain_timeout; after a hand-over by handover_drain_timeout,
-        0 = until each connection ends), then close what is left."""
+        0 = until each connection ends), then close what is left. True (nothing closed) when
+        the successor died meanwhile and we took the listeners back: `resume()` next."""
         self.stop_accepting()
-        if self.handover is not None:
+        if self.predecessor is not None:
+            handover.release(self.predecessor)  # we stop on purpose: no take-back for us
+            self.predecessor = None
+        if self.handover is not None and not self._kept:
             self.handover.close(unlink=not self.handed_over)
         loop = asyncio.get_running_loop()
         timeout = self.drain_timeout()
@@ -347,14 +416,24 @@ class NodeProxy:
         # HTTP/3 connections (GOAWAY sent by listener.close) live on their UDP socket, which is
         # therefore held until they end or the drain times out.
         await wait_idle(
-            lambda: bool(self.ctx.connections or any(x.live_connections for x in h3)), deadline
+            lambda: (
+                not self._resume.is_set()
+                and bool(self.ctx.connections or any(x.live_connections for x in h3))
+            ),
+            deadline,
         )
+        if self._resume.is_set():
+            return True
+        if self.handover is not None:
+            self.handover.close(unlink=False)  # the successor owns the path
+        self._drop_kept()
         for transport in list(self.ctx.connections):
             transport.abort()
         for listener in h3:
             listener.abort()
         for task in self._tasks:
             task.cancel()
+        return False
 
 
 def _tracer(settings: ProxySettings) -> Tracer | None:
@@ -410,7 +489,11 @@ async def run_worker(
     also forwards the signal to the other workers and waits for them. `ctx`: a prepared
     context (control-plane mode); default: static mode from --mesh-config/--ca-dir."""
     ctx = ctx if ctx is not None else static_context(settings, args)
-    proxy = NodeProxy(ctx, listeners, serve_admin=serve_admin, handed=handed)
+    # Take-back (the successor dies after READY): single-worker proxies only; the extra workers
+    # of a multi-worker proxy drain for good once told (SIGUSR1).
+    proxy = NodeProxy(
+        ctx, listeners, serve_admin=serve_admin, handed=handed, take_back=not children
+    )
     loop = asyncio.get_running_loop()
     stop_on_signals(proxy.stop, loop)
     if not serve_admin:
@@ -447,19 +530,28 @@ async def run_worker(
     watcher = loop.create_task(watch_children()) if children else None
     await proxy.start()
     tune_gc()
-    await proxy.wait_stopped()
-    timeout = proxy.drain_timeout()
-    log.info("draining (timeout %s)", f"{timeout:.0f}s" if timeout else "none")
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGUSR1 if proxy.handed_over else signal.SIGTERM)
-    await proxy.drain()
+    timeout = await serve_until_drained(proxy, children)
     if watcher is not None:
         watcher.cancel()
     for pid in children:
         if pid not in lost:
             await _wait_child(pid, timeout + 5 if timeout else float("inf"))
     return 1 if lost else 0
+
+
+async def serve_until_drained(proxy: NodeProxy, children: Sequence[int]) -> float:
+    """Serve until stopped, then drain (telling the extra workers); again after a take-back.
+    Returns the last drain's timeout."""
+    while True:
+        await proxy.wait_stopped()
+        timeout = proxy.drain_timeout()
+        log.info("draining (timeout %s)", f"{timeout:.0f}s" if timeout else "none")
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1 if proxy.handed_over else signal.SIGTERM)
+        if not await proxy.drain():
+            return timeout
+        await proxy.resume()
 
 
 def reload_static_config(ctx: ProxyContext, path: Path) -> bool:
@@ -601,6 +693,8 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
             pid = os.fork()
             if pid == 0:  # child: its own event loop on the shared sockets
                 _die_with_parent()
+                if handed is not None:  # the first worker alone holds the predecessor's end
+                    handed.conn.close()
                 code = 1
                 try:
                     code = asyncio.run(run_worker(settings, args, listeners, serve_admin=False))

@@ -17,10 +17,20 @@ Flow (every message is ``MAGIC | version u8 | kind u8 | length u32 | JSON body``
 HTTP/3's UDP sockets go along (roles ``hbone-udp`` + one ``hbone-udp-relay``): the successor
 reads them only after DONE and relays the datagrams of the QUIC connections the predecessor
 still serves (`ztunnel.udp_relay`).
+Version 2: the hand-over connection stays open after DONE, for the successor's lifetime
+(take-back). The running process keeps its copies of the listening sockets, not accepting.
+  successor -> RELEASE  when it stops on purpose (handed over to a third process, or a plain
+               stop): the running process closes its copies and finishes its drain.
+  EOF without RELEASE: the successor died (crash, SIGKILL, OOM). The running process takes the
+               listeners back: the same kernel sockets, so the SYNs queued meanwhile are
+               accepted, not refused; it turns ready again, stops its drain and binds the
+               hand-over path again (a restarted successor takes over from it).
 Invariants: the running process stops accepting only after READY, so a successor that dies or
 goes silent before READY changes nothing (it never accepted); every message and body is bounded
 (`MAX_BODY`, `MAX_SOCKETS` fds); a peer speaking another version or out of order gets REFUSE
-and a log line, never a traceback. Only one hand-over at a time.
+and a log line, never a traceback. Only one hand-over at a time. Without take-back (multi-worker
+proxies, no `TakeBack`) the running process closes the connection after DONE, and
+a successor ignores that EOF.
 """
 
 from __future__ import annotations
@@ -42,10 +52,11 @@ from meshcore.errors import HandoverError
 log = logging.getLogger("ztunnel.handover")
 
 MAGIC = b"AMHO"
-VERSION = 1
+VERSION = 2  # 2: the connection outlives DONE (RELEASE / take-back)
 HEADER = struct.Struct("!4sBBI")
 MAX_BODY = 64 * 1024
 MAX_SOCKETS = 64
+READY_TIMEOUT = 60.0  # seconds a successor has from HELLO to READY
 ROLES = (
     "outbound",
     "plaintext",
@@ -65,6 +76,7 @@ class Kind(enum.IntEnum):
     READY = 3
     DONE = 4
     REFUSE = 5
+    RELEASE = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,9 +258,11 @@ def obtain(path: Path, timeout: float = 10.0) -> Handed | None:
     return Handed(conn, sockets)
 
 
-async def commit(handed: Handed, timeout: float = 30.0) -> bool:
+async def commit(handed: Handed, timeout: float = 30.0) -> socket.socket | None:
     """READY to the predecessor (we accept now), then wait for DONE (it stopped accepting).
-    False if it went away or timed out: then we simply own the sockets alone."""
+    Returns the hand-over connection, to hold open while we serve (its EOF tells the
+    predecessor we died: take-back) and to `release` when we stop on purpose. None if it went
+    away or timed out: then we simply own the sockets alone."""
     loop = asyncio.get_running_loop()
     conn = handed.conn
     conn.setblocking(False)
@@ -260,17 +274,25 @@ async def commit(handed: Handed, timeout: float = 30.0) -> bool:
                 data = await loop.sock_recv(conn, 4096)
                 if not data:
                     log.warning("hand-over: predecessor went away before DONE")
-                    return False
+                    conn.close()
+                    return None
                 for msg in decoder.feed(data):
                     if msg.kind is Kind.DONE:
                         log.info("hand-over: predecessor stopped accepting")
-                        return True
+                        return conn
                     raise HandoverError(f"expected DONE, got {msg.kind.name}")
     except (HandoverError, OSError, TimeoutError) as err:
         log.warning("hand-over: no DONE from predecessor (%s); serving alone", err)
-        return False
-    finally:
         conn.close()
+        return None
+
+
+def release(conn: socket.socket) -> None:
+    """We stop on purpose: RELEASE to the predecessor (it keeps no copies for us any more), then
+    close. A predecessor already gone is fine."""
+    with contextlib.suppress(OSError):
+        conn.send(encode(Message(Kind.RELEASE)))  # a few bytes on a unix socket: one call
+    conn.close()
 
 
 # ---- I/O edge: running side -----------------------------------------------------------------
@@ -293,12 +315,27 @@ def bind_path(path: Path) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True, slots=True)
+class TakeBack:
+    """What the running process does once it handed over (version 2): `successor_died` when
+    the hand-over connection ends without RELEASE (resume accepting on the kept copies),
+    `released` on RELEASE (drop them)."""
+
+    successor_died: Callable[[], None]
+    released: Callable[[], None]
+
+
 class HandoverServer:
     """The running process's side: one successor at a time gets our listening sockets.
 
     `offer()` returns the sockets to pass; `stop_accepting()` is called once on READY (it must
-    stop accepting synchronously); after DONE the hand-over socket is closed (the successor now
-    owns the path)."""
+    stop accepting synchronously). After DONE the listening hand-over socket is closed (the
+    successor now owns the path). With `take_back` (version 2) the hand-over connection is
+    watched: RELEASE -> `take_back.released()` (the caller drops the copies it kept); EOF, an
+    error or anything else -> `take_back.successor_died()` (the caller resumes accepting on its
+    copies, then `start()`s this server again: the path is bound again for the next
+    successor). Without it the
+    connection is closed after DONE."""
 
     def __init__(
         self,
@@ -306,15 +343,16 @@ class HandoverServer:
         offer: Callable[[], Iterable[tuple[str, socket.socket]]],
         stop_accepting: Callable[[], None],
         *,
-        ready_timeout: float = 60.0,
         on_result: Callable[[str], None] = lambda _result: None,
+        take_back: TakeBack | None = None,
     ) -> None:
         self.path = path
         self.offer = offer
         self.stop_accepting = stop_accepting
-        self.ready_timeout = ready_timeout
+        self.ready_timeout = READY_TIMEOUT
         self.on_result = on_result
-        """Called with "done" or "failed" once per hand-over attempt (a counter)."""
+        """Called with "done", "failed" or "taken_back" (a counter)."""
+        self.take_back = take_back
         self.sock: socket.socket | None = None
         self.handed_over = False
         self.failed = 0
@@ -322,14 +360,21 @@ class HandoverServer:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self._bind()
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def _bind(self) -> None:
         self.sock = bind_path(self.path)
         self._ino = os.stat(self.path).st_ino  # the path's inode (fstat of a socket is sockfs's)
-        self._task = asyncio.get_running_loop().create_task(self._serve())
         log.info("hand-over: listening on %s", self.path)
 
     def close(self, *, unlink: bool) -> None:
         if self._task is not None:
             self._task.cancel()
+            self._task = None
+        self._close_listening(unlink=unlink)
+
+    def _close_listening(self, *, unlink: bool) -> None:
         if self.sock is not None:
             if unlink:
                 # Only if the path is still ours (a successor may have renamed its own over it).
@@ -341,19 +386,52 @@ class HandoverServer:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
-        assert self.sock is not None
-        while not self.handed_over:
+        while True:
+            assert self.sock is not None
             conn, _ = await loop.sock_accept(self.sock)
             try:
                 await self._one(conn)
             except (HandoverError, OSError, TimeoutError) as err:
-                self.failed += 1
-                self.on_result("failed")
-                log.warning("hand-over failed, keep serving: %s", err)
-            finally:
+                if not self.handed_over:
+                    self.failed += 1
+                    self.on_result("failed")
+                    log.warning("hand-over failed, keep serving: %s", err)
+                    conn.close()
+                    continue
+                log.warning("hand-over: successor lost after READY: %s", err)
+            # Handed over: the successor binds the path (renames its socket over it).
+            self._close_listening(unlink=False)
+            if self.take_back is None:
                 conn.close()
-        self._task = None
-        self.close(unlink=False)
+                return
+            if not await self._watch(conn):
+                self.take_back.released()
+                return
+            self.handed_over = False
+            self._task = None
+            self.on_result("taken_back")
+            self.take_back.successor_died()  # the caller resumes, then start()s us again
+            return
+
+    async def _watch(self, conn: socket.socket) -> bool:
+        """True when the successor died (EOF or an error without RELEASE), False on RELEASE."""
+        loop = asyncio.get_running_loop()
+        decoder = Decoder()
+        try:
+            while data := await loop.sock_recv(conn, 4096):
+                for msg in decoder.feed(data):
+                    if msg.kind is Kind.RELEASE:
+                        log.info("hand-over: successor released our copies")
+                        return False
+                    raise HandoverError(f"expected RELEASE, got {msg.kind.name}")
+            log.warning("hand-over: successor died (no RELEASE): taking the listeners back")
+        except (HandoverError, OSError) as err:
+            log.warning(
+                "hand-over: successor connection broken (%s): taking the listeners back", err
+            )
+        finally:
+            conn.close()
+        return True
 
     async def _one(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -7,7 +7,8 @@ Beyond Istio's names, three counters of our own record hostile or overloaded pee
 `ztunnel_hbone_streams_refused_total{reason}` (streams the HTTP/2 layer answered itself; each also
 gets an access-log line), `ztunnel_hbone_connection_errors_total{code}` (GOAWAY for a peer's
 protocol error) and `ztunnel_accept_paused_total` (accepting paused for lack of descriptors);
-`ztunnel_handovers_total{result}` counts listener hand-overs to a successor (done/failed).
+`ztunnel_handovers_total{result}` counts listener hand-overs to a successor (done/failed, and
+taken_back: the successor died after READY and this process serves again).
 Invariants: the data path never touches a metric per chunk. The relay counts bytes in plain
 integer attributes (`ztunnel.proxy.relay.TcpSide`); `ConnectionTracker` adds what moved since
 the last flush to the counters once per `FLUSH_INTERVAL` for every live connection, before each
@@ -102,7 +103,7 @@ class ProxyMetrics:
         )
         self.handovers = Counter(
             "ztunnel_handovers",
-            "Listener hand-overs to a successor process, by result (done, failed)",
+            "Listener hand-overs to a successor process, by result (done, failed, taken_back)",
             ["result"],
             registry=r,
         )

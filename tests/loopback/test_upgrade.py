@@ -8,7 +8,8 @@ Addresses (disjoint from the other loopback modules):
 then node-b are replaced by a second process of the same code (--handover-socket); fresh
 tunnels are opened all along. The old processes run with a 2 s drain timeout and the held
 tunnels outlive it by far: after a hand-over the old process serves what it has, no deadline.
-A failed hand-over (the successor takes the sockets and dies before READY) loses nothing.
+A failed hand-over (the successor takes the sockets and dies before READY) loses nothing; a
+successor SIGKILLed after READY gives the listeners back to the old process (take-back).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class Traffic:
     fresh_failed: int = 0
     opened: int = 0
     why: list[str] = field(default_factory=list)  # how each loss or failure ended, for the report
+    fresh_failed_started: list[float] = field(default_factory=list)  # monotonic start times
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     all_open: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -183,6 +185,7 @@ class Traffic:
 
         async def one(n: int) -> None:
             data = hashlib.shake_256(f"fresh/{n}".encode()).digest(8 * CHUNK)
+            started = time.monotonic()
             try:
                 reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT, 0))
                 writer.write(data)
@@ -191,12 +194,14 @@ class Traffic:
                 writer.close()
             except (OSError, TimeoutError) as err:
                 self.fresh_failed += 1
+                self.fresh_failed_started.append(started)
                 self.why.append(f"fresh {n}: {err!r}")
                 return
             if got == data:
                 self.fresh_ok += 1
             else:
                 self.fresh_failed += 1
+                self.fresh_failed_started.append(started)
                 self.why.append(f"fresh {n}: {len(got)} of {len(data)} bytes")
 
         while not self.stop.is_set():
@@ -391,6 +396,78 @@ def test_failed_hand_over_loses_nothing(nodes: Nodes) -> None:
     assert log.count("hand-over failed, keep serving") == 3, log
     assert failed_counter == 'ztunnel_handovers_total{result="failed"} 3.0', failed_counter
     assert nodes.procs[0].wait(15) == 0
+
+
+def test_successor_killed_after_ready_gives_the_listeners_back(nodes: Nodes) -> None:
+    """A successor that took over (READY, DONE, ready) and is then SIGKILLed: the old process
+    sees the hand-over connection end without RELEASE, accepts again on its copies of the same
+    kernel sockets, turns ready and re-binds the hand-over path; its held tunnels never
+    noticed, every fresh tunnel started after the kill succeeds, and a third process later
+    takes over from it. Fresh tunnels in flight inside the killed process die with it (as in
+    any crash): they are counted apart, and only those may fail."""
+    figures: dict[str, object] = {}
+
+    async def main() -> Traffic:
+        backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
+        t = Traffic()
+        held = [asyncio.create_task(t.held(i, 300)) for i in range(300)]
+        await asyncio.wait_for(t.all_open.wait(), 30)
+        fresh = asyncio.create_task(t.fresh())
+        await asyncio.sleep(0.3)
+        old = nodes.procs[0]
+        successor = nodes.spawn("node-a", NODE_A)
+        await in_thread(nodes.wait_ready, "node-a", successor)
+        assert not nodes.ready_file("node-a", 1).exists()
+        await asyncio.sleep(1.0)  # fresh tunnels go through the successor
+        ok_before = t.fresh_ok
+        killed = time.monotonic()
+        successor.kill()
+        await in_thread(successor.wait)
+        old_log = nodes.log("node-a", 1)
+        while "took the listeners back" not in old_log.read_text():
+            assert time.monotonic() - killed < 10, old_log.read_text()
+            await asyncio.sleep(0.01)
+        figures["take-back s"] = round(time.monotonic() - killed, 3)
+        assert old.poll() is None
+        assert nodes.ready_file("node-a", 1).exists()
+        assert ready(NODE_A)
+        await asyncio.sleep(1.5)  # fresh tunnels through the old process again
+        with urllib.request.urlopen(f"http://{NODE_A}:15020/metrics", timeout=5) as r:
+            figures["counters"] = sorted(
+                line for line in r.read().decode().splitlines() if "handovers_total{" in line
+            )
+        # A third process takes over from the old one, which then drains as usual.
+        third = nodes.spawn("node-a", NODE_A)
+        await in_thread(nodes.wait_ready, "node-a", third)
+        await asyncio.sleep(0.5)
+        figures["fresh ok before kill"] = ok_before
+        t.stop.set()
+        await asyncio.gather(*held, fresh)
+        backend.close()
+        figures["killed"] = killed
+        return t
+
+    t = asyncio.run(main())
+    killed = figures.pop("killed")
+    assert isinstance(killed, float)
+    print(f"take-back figures: {t} {figures}")  # shown with pytest -s
+    assert (t.lost, t.corrupted, t.opened) == (0, 0, 300), t
+    after_kill = [s for s in t.fresh_failed_started if s >= killed]
+    assert after_kill == [], t.why
+    assert t.fresh_failed <= 10, t.why  # at most those in flight in the killed process
+    assert t.fresh_ok > 60, t
+    assert figures["counters"] == [
+        'ztunnel_handovers_total{result="done"} 1.0',
+        'ztunnel_handovers_total{result="taken_back"} 1.0',
+    ], figures
+    log = nodes.log("node-a", 1).read_text()
+    assert "successor died (no RELEASE)" in log, log
+    assert log.count("hand-over: done") == 2, log
+    assert "predecessor stopped accepting" in nodes.log("node-a", 3).read_text()
+    old, _b, _killed, third = nodes.procs
+    assert old.wait(15) == 0  # its held tunnels ended: it exits on its own
+    assert third.poll() is None
+    assert ready(NODE_A)
 
 
 def test_sigterm_without_successor_still_releases_the_path(nodes: Nodes) -> None:

@@ -26,6 +26,7 @@ SPECS = (SocketSpec("outbound", "0.0.0.0", 15001), SocketSpec("readiness", "10.0
         Message(Kind.READY),
         Message(Kind.DONE),
         Message(Kind.REFUSE, reason="busy"),
+        Message(Kind.RELEASE),
     ],
 )
 def test_round_trip_byte_by_byte(msg: Message) -> None:
@@ -43,15 +44,15 @@ def raw(version: int, kind: int, body: bytes, magic: bytes = MAGIC) -> bytes:
 @pytest.mark.parametrize(
     ("data", "why"),
     [
-        (raw(1, 1, b"{}", magic=b"HTTP"), "bad magic"),
-        (raw(2, 1, b"{}"), "version 2 unsupported"),
-        (raw(1, 9, b"{}"), "unknown hand-over message kind"),
-        (struct.pack("!4sBBI", MAGIC, 1, 2, 1 << 30), "over"),
-        (raw(1, 2, b"{not json"), "not JSON"),
-        (raw(1, 2, b"[]"), "not a JSON object"),
-        (raw(1, 2, b'{"sockets": [{"role": "shell", "host": "x", "port": 1}]}'), "known role"),
-        (raw(1, 2, b'{"sockets": [{"role": "hbone", "host": "x", "port": 70000}]}'), "range"),
-        (raw(1, 2, b'{"sockets": [' + b",".join([b"{}"] * 65) + b"]}"), "at most 64"),
+        (raw(2, 1, b"{}", magic=b"HTTP"), "bad magic"),
+        (raw(1, 1, b"{}"), "version 1 unsupported"),
+        (raw(2, 9, b"{}"), "unknown hand-over message kind"),
+        (struct.pack("!4sBBI", MAGIC, 2, 2, 1 << 30), "over"),
+        (raw(2, 2, b"{not json"), "not JSON"),
+        (raw(2, 2, b"[]"), "not a JSON object"),
+        (raw(2, 2, b'{"sockets": [{"role": "shell", "host": "x", "port": 1}]}'), "known role"),
+        (raw(2, 2, b'{"sockets": [{"role": "hbone", "host": "x", "port": 70000}]}'), "range"),
+        (raw(2, 2, b'{"sockets": [' + b",".join([b"{}"] * 65) + b"]}"), "at most 64"),
     ],
 )
 def test_malformed_is_refused(data: bytes, why: str) -> None:
@@ -190,3 +191,108 @@ def test_udp_relay_frames_round_trip(frame: udp_relay.Frame) -> None:
 def test_udp_relay_malformed_frames_are_refused(data: bytes) -> None:
     with pytest.raises(HandoverError):
         udp_relay.decode(data)
+
+
+def take_back_server(
+    path: Path, listener: socket.socket, events: list[str]
+) -> handover.HandoverServer:
+    return handover.HandoverServer(
+        path,
+        lambda: [("outbound", listener)],
+        lambda: events.append("stopped"),
+        on_result=events.append,
+        take_back=handover.TakeBack(
+            lambda: events.append("died"), lambda: events.append("released")
+        ),
+    )
+
+
+async def until(cond: object) -> None:
+    assert callable(cond)
+    async with asyncio.timeout(5):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+def test_successor_dying_after_ready_gives_the_sockets_back(tmp_path: Path) -> None:
+    """Version 2: the hand-over connection outlives DONE; its EOF without RELEASE (the
+    successor died) calls successor_died, after which the server serves the next successor."""
+    path = tmp_path / "h.sock"
+    listener = socket.create_server(("127.0.0.1", 0))
+    events: list[str] = []
+
+    async def main() -> None:
+        server = take_back_server(path, listener, events)
+        server.start()
+        loop = asyncio.get_running_loop()
+        handed = await loop.run_in_executor(None, handover.obtain, path)
+        assert handed is not None
+        handed.close_unused()
+        conn = await handover.commit(handed)
+        assert conn is not None
+        await asyncio.sleep(0.05)
+        assert events == ["stopped", "done"]  # nothing more while the successor lives
+        conn.close()  # the successor dies: EOF without RELEASE
+        await until(lambda: "died" in events)
+        assert events == ["stopped", "done", "taken_back", "died"]
+        assert not server.handed_over
+        server.start()  # what the node proxy does once it accepts again
+        again = await loop.run_in_executor(None, handover.obtain, path)
+        assert again is not None  # a restarted successor takes over from us again
+        again.close_unused()
+        second = await handover.commit(again)
+        assert second is not None
+        handover.release(second)
+        await until(lambda: "released" in events)
+        assert events[-3:] == ["stopped", "done", "released"]
+        server.close(unlink=False)
+
+    asyncio.run(main())
+    listener.close()
+
+
+def test_release_means_no_take_back(tmp_path: Path) -> None:
+    path = tmp_path / "h.sock"
+    listener = socket.create_server(("127.0.0.1", 0))
+    events: list[str] = []
+
+    async def main() -> None:
+        server = take_back_server(path, listener, events)
+        server.start()
+        handed = await asyncio.get_running_loop().run_in_executor(None, handover.obtain, path)
+        assert handed is not None
+        handed.close_unused()
+        conn = await handover.commit(handed)
+        assert conn is not None
+        handover.release(conn)
+        await until(lambda: "released" in events)
+        await asyncio.sleep(0.05)
+        assert events == ["stopped", "done", "released"]
+        assert server.handed_over
+
+    asyncio.run(main())
+    listener.close()
+
+
+def test_a_version_1_successor_is_refused(tmp_path: Path) -> None:
+    """A peer of another protocol version gets REFUSE; the running process keeps serving."""
+    path = tmp_path / "h.sock"
+    listener = socket.create_server(("127.0.0.1", 0))
+    events: list[str] = []
+
+    async def main() -> None:
+        server = take_back_server(path, listener, events)
+        server.start()
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.setblocking(False)
+            await loop.sock_connect(conn, str(path))
+            await loop.sock_sendall(conn, raw(1, Kind.HELLO, b'{"pid": 1, "versions": [1]}'))
+            (msg,) = Decoder().feed(await loop.sock_recv(conn, 4096))
+            assert msg.kind is Kind.REFUSE
+            assert "version 1 unsupported" in msg.reason
+        await until(lambda: events == ["failed"])
+        server.close(unlink=True)
+
+    asyncio.run(main())
+    listener.close()
