@@ -25,6 +25,7 @@ class Handler(socketserver.StreamRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    request_queue_size = 1024  # socketserver's default backlog is 5: a client burst overflows it
 
 
 if __name__ == "__main__":
