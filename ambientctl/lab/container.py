@@ -87,9 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _mountpoint(b, args.created)
         subprocess.run(["mount", "--bind", str(b.source), str(b.target)], check=True)
         if b.read_only:
-            subprocess.run(
-                ["mount", "-o", "remount,bind,ro", str(b.target)], check=True
-            )
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(b.target)], check=True)
     os.execvp(cmd[0], cmd)
 
 

@@ -339,8 +339,11 @@ class LabKubelet:
             if (meta["namespace"], meta["name"]) == ("default", "kubernetes"):
                 port = str((spec.get("ports") or [{}])[0].get("port", 443))
                 host = str(spec.get("clusterIP", ""))
-                return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
-                        "KUBERNETES_SERVICE_PORT_HTTPS": port}  # fmt: skip
+                return {
+                    "KUBERNETES_SERVICE_HOST": host,
+                    "KUBERNETES_SERVICE_PORT": port,
+                    "KUBERNETES_SERVICE_PORT_HTTPS": port,
+                }
         return {}
 
     async def sync_once(self) -> None:
@@ -411,8 +414,15 @@ class LabKubelet:
                 argv, env = self._launch(c, rp, fields, mounts_by_volume)
                 log_path = rp.dir / f"init-{c['name']}.log"
                 with open(log_path, "ab") as out:
-                    proc = subprocess.run(argv, env=env, cwd=rp.dir, stdout=out,
-                                          stderr=subprocess.STDOUT, timeout=120, check=False)  # fmt: skip
+                    proc = subprocess.run(
+                        argv,
+                        env=env,
+                        cwd=rp.dir,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        timeout=120,
+                        check=False,
+                    )
                 if proc.returncode != 0:
                     raise LabCommandError(
                         f"init container {c['name']} exited {proc.returncode}: "
@@ -455,8 +465,9 @@ class LabKubelet:
         """The prefix that runs a CNI plugin with this node's own directories in place."""
         if not self.node_paths:
             return []
-        binds = [container.Bind(source=src, target=Path(dst))
-                 for dst, src in self.node_paths.items()]  # fmt: skip
+        binds = [
+            container.Bind(source=src, target=Path(dst)) for dst, src in self.node_paths.items()
+        ]
         return container.launcher_argv(self.python, binds, [], created=self.root / "mountpoints")
 
     def _conflist(self) -> Mapping[str, Any]:
@@ -645,11 +656,17 @@ class LabKubelet:
             if c in rp.pids and system.alive(rp.pids[c]):
                 with open(rp.dir / f"{c}.log", "ab") as out:
                     try:
-                        subprocess.run(argv, env=env, cwd=rp.dir, stdout=out,
-                                       stderr=subprocess.STDOUT, timeout=grace, check=False)  # fmt: skip
+                        subprocess.run(
+                            argv,
+                            env=env,
+                            cwd=rp.dir,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            timeout=grace,
+                            check=False,
+                        )
                     except subprocess.TimeoutExpired:
-                        log.warning("pod %s/%s: preStop of %s timed out", rp.namespace,
-                                    rp.name, c)  # fmt: skip
+                        log.warning("pod %s/%s: preStop of %s timed out", rp.namespace, rp.name, c)
         for pid in rp.pids.values():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
@@ -725,8 +742,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", type=Path, required=True, help="the kubelet's pod directories")
     p.add_argument("--conf-dir", type=Path, required=True, help="the node's CNI config dir")
     p.add_argument("--cni-path", type=Path, action="append", default=[])
-    p.add_argument("--node-path", action="append", default=[], metavar="PATH=HOSTDIR",
-                   help="a directory of this node (hostPath PATH is HOSTDIR)")  # fmt: skip
+    p.add_argument(
+        "--node-path",
+        action="append",
+        default=[],
+        metavar="PATH=HOSTDIR",
+        help="a directory of this node (hostPath PATH is HOSTDIR)",
+    )
     p.add_argument("--path-env", default=os.environ.get("PATH", "/usr/bin:/bin"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
