@@ -405,9 +405,8 @@ class KubeCluster:
 
     def ssl_context(self) -> ssl.SSLContext:
         """TLS to the API server as the cluster admin."""
-        assert self.pki is not None
-        ctx = ssl.create_default_context(cafile=str(self.pki.ca.cert))
-        admin = self.root / "pki"
+        admin = self.root / "pki"  # files, so a later process (the CLI) can use them too
+        ctx = ssl.create_default_context(cafile=str(admin / "ca.crt"))
         ctx.load_cert_chain(str(admin / "admin.crt"), str(admin / "admin.key"))
         return ctx
 

@@ -230,6 +230,7 @@ class LabKubelet:
         conf_dir: Path | None = None,
         proxy_api: KubeApi | None = None,
         python: str = sys.executable,
+        image_paths: Mapping[str, Path] | None = None,
     ) -> None:
         """``bind_mounts``: containers run in their own mount namespace with their volumes
         mounted at the rendered paths (`ambientctl.lab.container`), else container paths in
@@ -239,7 +240,9 @@ class LabKubelet:
         machine's filesystem). ``conf_dir``: the CNI config is the first ``*.conflist`` there at
         each ADD (as a container runtime reads it), else ``conflist``. ``proxy_api``: run the
         lab kube-proxy (`ambientctl.lab.kubeproxy`) with this client, and write Services into
-        each pod's /etc/hosts (the lab has no cluster DNS)."""
+        each pod's /etc/hosts (the lab has no cluster DNS). ``image_paths``: files every
+        container sees (what the image would hold beyond the installed entry points, e.g.
+        the node image's ``/opt/ambient/cni``)."""
         self.api = api
         self.node = node
         self.lab = lab
@@ -254,6 +257,7 @@ class LabKubelet:
         self.conf_dir = conf_dir
         self.proxy_api = proxy_api
         self.python = python
+        self.image_paths = dict(image_paths or {})
         self.services: list[Json] = []
         self._proxied = ""
         self._proxy_at = -1e9
@@ -453,7 +457,10 @@ class LabKubelet:
             env = {"PATH": self.path_env, "HOME": "/root", **proc.env}
             return system.nsenter(netns, list(proc.argv)), env
         proc = container_process(c, fields=fields, mounts={})
-        binds = [container.Bind(source=src, target=Path(dst)) for dst, src in mounts.items()]
+        binds = [
+            container.Bind(source=src, target=Path(dst))
+            for dst, src in (*self.image_paths.items(), *mounts.items())
+        ]
         binds.append(container.Bind(source=rp.dir / "hosts", target=Path("/etc/hosts")))
         argv = container.launcher_argv(
             self.python, binds, list(proc.argv), created=self.root / "mountpoints"
@@ -749,13 +756,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PATH=HOSTDIR",
         help="a directory of this node (hostPath PATH is HOSTDIR)",
     )
+    p.add_argument(
+        "--image-path",
+        action="append",
+        default=[],
+        metavar="PATH=HOSTDIR",
+        help="a directory every container sees at PATH",
+    )
     p.add_argument("--path-env", default=os.environ.get("PATH", "/usr/bin:/bin"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    node_paths = {}
+    node_paths, image_paths = {}, {}
     for item in args.node_path:
         dst, _, src = item.partition("=")
         node_paths[dst] = Path(src)
+    for item in args.image_path:
+        dst, _, src = item.partition("=")
+        image_paths[dst] = Path(src)
     kubelet = LabKubelet(
         api=KubeApi(kubeconfig=args.kubeconfig),
         node=topology.node_plan(args.lab, args.node, args.index),
@@ -768,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         node_paths=node_paths,
         conf_dir=args.conf_dir,
         proxy_api=KubeApi(kubeconfig=args.proxy_kubeconfig) if args.proxy_kubeconfig else None,
+        image_paths=image_paths,
     )
     asyncio.run(_serve(kubelet))
     return 0
