@@ -38,7 +38,7 @@ from typing import Any
 
 from ambientctl.errors import LabCommandError, LabStateError
 from ambientctl.lab import system, topology
-from ambientctl.lab.kube import KubeCluster, bin_dir
+from ambientctl.lab.kube import SERVICE_CIDR, KubeCluster, bin_dir
 from ambientctl.lab.lab import Lab
 from ambientctl.lab.state import CNI_PATH_SYSTEM, PYTHON
 from cni.install import write_launcher
@@ -181,9 +181,13 @@ class KubeLab:
         for tool in ("install-cni", "ambient-daemonset-deleted"):
             shutil.copy(REPO / "images" / "node" / tool, binary / tool)
             (binary / tool).chmod(0o755)
+        (self.image / "opt" / "ambient" / "cni").mkdir(parents=True)
         write_launcher(self.image / "opt" / "ambient" / "cni", PYTHON)
 
     def _start_kubelet(self, plan: topology.NodePlan, proxy: Path) -> None:
+        # Locally generated packets are routed before the lab kube-proxy's DNAT: the node
+        # needs a route for the Service range (a real node has its default route).
+        system.ip(plan.netns, "route", "replace", SERVICE_CIDR, "dev", topology.UPLINK)
         for d in self.node_paths(plan.name).values():
             d.mkdir(parents=True, exist_ok=True)
         # The node's network plugin config (the "primary CNI"): install-cni chains us into it.

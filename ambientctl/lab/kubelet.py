@@ -85,8 +85,8 @@ def resolve_env(container: Json, fields: Mapping[str, str]) -> dict[str, str]:
     sources (configMapKeyRef, secretKeyRef, resourceFieldRef) are refused, never dropped."""
     env: dict[str, str] = {}
     for e in container.get("env", []):
-        if "value" in e:
-            env[e["name"]] = expand(str(e["value"]), env)
+        if "value" in e or "valueFrom" not in e:  # an empty value is omitted by the API
+            env[e["name"]] = expand(str(e.get("value", "")), env)
             continue
         ref = (e.get("valueFrom") or {}).get("fieldRef")
         if ref is None or ref.get("fieldPath") not in fields:
@@ -330,7 +330,11 @@ class LabKubelet:
             if status != 200 or not isinstance(data, Mapping):
                 raise LabCommandError(f"kube-proxy: GET {path}: HTTP {status}")
             lists.append(list(data.get("items", [])))
+        names = _service_names(self.services)
         self.services = lists[0]
+        if _service_names(self.services) != names and self.bind_mounts:
+            for rp in list(self.pods.values()):  # the DNS stand-in follows Services
+                await asyncio.to_thread(self._write_hosts, rp)
         script = kubeproxy.ruleset(lists[0], lists[1])
         if script != self._proxied:
             await asyncio.to_thread(kubeproxy.apply, self.node.netns, script)
@@ -412,7 +416,7 @@ class LabKubelet:
                 rp.ip = str(result["ips"][0]["address"]).split("/")[0]
             fields = field_values(pod, node_ip=self.node.ip, pod_ip=rp.ip)
             if self.bind_mounts:
-                self._write_hosts(pod, rp)
+                self._write_hosts(rp)
             # Init containers run to completion, in order, before the app containers.
             for c in spec.get("initContainers", []):
                 argv, env = self._launch(c, rp, fields, mounts_by_volume)
@@ -492,7 +496,7 @@ class LabKubelet:
             raise LabCommandError(f"CNI config {files[0]}: not an object")
         return data
 
-    def _write_hosts(self, pod: Json, rp: RunningPod) -> None:
+    def _write_hosts(self, rp: RunningPod) -> None:
         """The pod's /etc/hosts: itself, and every Service (the lab's stand-in for cluster
         DNS: names resolve to ClusterIPs, which the node proxy or the lab kube-proxy serve)."""
         ns = rp.namespace
@@ -507,7 +511,9 @@ class LabKubelet:
             if sns == ns:
                 names.append(n)
             lines.append(f"{cip} {' '.join(names)}")
-        (rp.dir / "hosts").write_text("\n".join(lines) + "\n")
+        # In place (not rename): the file is bind-mounted on the containers' /etc/hosts.
+        with open(rp.dir / "hosts", "w") as f:
+            f.write("\n".join(lines) + "\n")
 
     def _host_path(self, path: str) -> Path:
         """A hostPath on this node: under one of the node's own directories, or the machine's."""
@@ -696,6 +702,17 @@ class LabKubelet:
         """Stop every pod this kubelet runs (processes, CNI DEL, netns, directory)."""
         for uid in list(self.pods):
             self._teardown(self.pods.pop(uid))
+
+
+def _service_names(services: Sequence[Json]) -> list[tuple[str, str, str]]:
+    return sorted(
+        (
+            str(s["metadata"]["namespace"]),
+            str(s["metadata"]["name"]),
+            str((s.get("spec") or {}).get("clusterIP", "")),
+        )
+        for s in services
+    )
 
 
 def _cni_args(pod: Json) -> str:
