@@ -154,9 +154,9 @@ def _run_kube_lab(args: argparse.Namespace) -> bool:
     kube_up = args.command == "up" and args.kube
     if args.command == "up" and not kube_up and args.dir is None:
         raise CtlError("lab up: a manifest directory, or --kube")
-    if not kube_up and args.command not in ("kubectl", "helm", "down"):
+    if not kube_up and args.command not in ("kubectl", "helm", "down", "exec"):
         return False
-    if args.command == "down" and not kubelab.is_kube_lab(args.name, args.state_root):
+    if args.command in ("down", "exec") and not kubelab.is_kube_lab(args.name, args.state_root):
         return False
     klab = kubelab.KubeLab(args.name, state_root=args.state_root, log=_say)
     if kube_up:
@@ -165,6 +165,10 @@ def _run_kube_lab(args: argparse.Namespace) -> bool:
         klab.up(args.node)
     elif args.command == "down":
         klab.down()
+    elif args.command == "exec":
+        ns, _, pod = args.pod.rpartition("/")
+        argv = klab.exec_argv(ns or "default", pod, _strip_dashes(args.cmd))
+        os.execvp(argv[0], argv)
     else:
         argv = klab.tool_argv(args.command, _strip_dashes(args.cmd))
         os.execvp(argv[0], argv)

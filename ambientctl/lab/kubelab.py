@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ambientctl.errors import LabCommandError, LabStateError
-from ambientctl.lab import system, topology
+from ambientctl.lab import container, system, topology
 from ambientctl.lab.kube import SERVICE_CIDR, KubeCluster, bin_dir
 from ambientctl.lab.lab import Lab
 from ambientctl.lab.state import CNI_PATH_SYSTEM, PYTHON
@@ -272,6 +272,43 @@ class KubeLab:
         else:
             raise LabCommandError(f"unknown tool {tool!r}")
         return self.cluster.in_netns(argv)
+
+    def exec_argv(self, namespace: str, pod: str, argv: Sequence[str]) -> list[str]:
+        """``kubectl exec`` for the lab: ``argv`` in the pod's netns with its first container's
+        volumes and /etc/hosts mounted as the kubelet mounted them."""
+        if not self.cluster.pids and self.state_file.exists():
+            self.load()
+        status, obj = self.cluster.request("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}")
+        if status != 200:
+            raise LabCommandError(f"pod {namespace}/{pod}: HTTP {status}")
+        spec, uid = obj["spec"], obj["metadata"]["uid"]
+        pod_dir = self.pod_dir(str(spec.get("nodeName", ""))) / "pods" / uid
+        if not pod_dir.is_dir():
+            raise LabCommandError(f"pod {namespace}/{pod} is not running on a lab node")
+        volumes = {str(v["name"]): v for v in spec.get("volumes", [])}
+        binds = [container.Bind(source=pod_dir / "hosts", target=Path("/etc/hosts"))]
+        for m in spec["containers"][0].get("volumeMounts", []):
+            if "hostPath" not in volumes.get(str(m["name"]), {}):
+                binds.append(
+                    container.Bind(
+                        source=pod_dir / "volumes" / m["name"], target=Path(m["mountPath"])
+                    )
+                )
+        netns = (
+            self.node_plan(str(spec["nodeName"])).netns
+            if spec.get("hostNetwork")
+            else topology.pod_netns(self.name, namespace, pod)
+        )
+        launch = container.launcher_argv(
+            PYTHON, binds, list(argv), created=self.pod_dir(str(spec["nodeName"])) / "mountpoints"
+        )
+        return system.nsenter(netns, launch)
+
+    def node_plan(self, node: str) -> topology.NodePlan:
+        for plan in self.nodes:
+            if plan.name == node:
+                return plan
+        raise LabCommandError(f"no node {node!r} in lab {self.name}")
 
     # -- down ---------------------------------------------------------------------------------
     def down(self) -> None:
