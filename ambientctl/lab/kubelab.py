@@ -48,13 +48,6 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_NODES = ("node-1", "node-2")
 NODE_DIRS = ("/etc/cni/net.d", "/opt/cni/bin", "/var/run/ambient")
 """A node's own host directories (lab nodes share one machine's filesystem)."""
-LAB_VALUES = (
-    # The lab's nodes are small and its tests quick: drain in a second, re-check the conflist
-    # every second. Everything else is the chart's default (TokenReview, labels from the API).
-    "node.drainTimeoutSeconds=1",
-    "node.handoverGraceSeconds=5",
-    "cni.recheckSeconds=1",
-)
 
 
 def is_kube_lab(name: str, state_root: Path = topology.STATE_ROOT) -> bool:
@@ -286,7 +279,10 @@ class KubeLab:
         if not pod_dir.is_dir():
             raise LabCommandError(f"pod {namespace}/{pod} is not running on a lab node")
         volumes = {str(v["name"]): v for v in spec.get("volumes", [])}
-        binds = [container.Bind(source=pod_dir / "hosts", target=Path("/etc/hosts"))]
+        binds = [
+            container.Bind(source=pod_dir / name, target=Path("/etc") / name)
+            for name in ("hosts", "resolv.conf")
+        ]
         for m in spec["containers"][0].get("volumeMounts", []):
             if "hostPath" not in volumes.get(str(m["name"]), {}):
                 binds.append(

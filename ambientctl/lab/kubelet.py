@@ -466,6 +466,7 @@ class LabKubelet:
             for dst, src in (*self.image_paths.items(), *mounts.items())
         ]
         binds.append(container.Bind(source=rp.dir / "hosts", target=Path("/etc/hosts")))
+        binds.append(container.Bind(source=rp.dir / "resolv.conf", target=Path("/etc/resolv.conf")))
         argv = container.launcher_argv(
             self.python, binds, list(proc.argv), created=self.root / "mountpoints"
         )
@@ -511,6 +512,12 @@ class LabKubelet:
             if sns == ns:
                 names.append(n)
             lines.append(f"{cip} {' '.join(names)}")
+        # No cluster DNS server: a resolver that asks one gets "refused" at once from the pod's
+        # own loopback (gRPC's c-ares resolver asks DNS for AAAA records the hosts file lacks,
+        # and the machine's nameserver is unreachable from a pod: each lookup would hang).
+        (rp.dir / "resolv.conf").write_text(
+            "# lab kubelet: no cluster DNS; names are in /etc/hosts\nnameserver 127.0.0.1\n"
+        )
         # In place (not rename): the file is bind-mounted on the containers' /etc/hosts.
         with open(rp.dir / "hosts", "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -648,12 +655,19 @@ class LabKubelet:
         if code != 200:
             raise LabCommandError(f"status of {rp.namespace}/{rp.name}: HTTP {code}: {data}")
         rp.reported = digest
+        if status["phase"] in ("Succeeded", "Failed"):
+            # A finished pod keeps its object (and logs) but not its sandbox: processes, IP
+            # and netns are released (no restarts in the lab: a controller replaces the pod).
+            self.pods.pop(rp.uid, None)
+            await asyncio.to_thread(self._teardown, rp, keep_dir=True)
 
     async def _finish(self, pod: Json) -> None:
         meta = pod["metadata"]
         rp = self.pods.pop(str(meta["uid"]), None)
         if rp is not None:
             await asyncio.to_thread(self._teardown, rp)
+        else:  # finished earlier: only its directory (logs) is left
+            shutil.rmtree(self.root / "pods" / str(meta["uid"]), ignore_errors=True)
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                 "preconditions": {"uid": meta["uid"]}}  # fmt: skip
@@ -661,7 +675,7 @@ class LabKubelet:
         if code not in (200, 404, 409):
             raise LabCommandError(f"delete {meta['namespace']}/{meta['name']}: HTTP {code}")
 
-    def _teardown(self, rp: RunningPod) -> None:
+    def _teardown(self, rp: RunningPod, *, keep_dir: bool = False) -> None:
         # preStop hooks first (bounded by the grace period), then SIGTERM, SIGKILL at the end
         # of the grace period (capped: the lab does not wait an hour).
         grace = min(rp.grace, 30.0)
@@ -696,7 +710,8 @@ class LabKubelet:
                     prev_result=rp.cni_result, run_in=self.node.netns, wrap=self._node_view(rp),
                 )  # fmt: skip
             system.netns_del(rp.netns)
-        shutil.rmtree(rp.dir, ignore_errors=True)
+        if not keep_dir:
+            shutil.rmtree(rp.dir, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop every pod this kubelet runs (processes, CNI DEL, netns, directory)."""
