@@ -11,7 +11,8 @@
     ambientctl completion bash|zsh
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
     ambientctl lab up --kube [--node NAME ...]    (nodes of a real cluster, docs/kube.md)
-    ambientctl lab kubectl|helm -- ARGS...        (against a --kube lab's API server)
+    ambientctl lab kubectl|helm|ctl -- ARGS...    (against a --kube lab's API server; ctl:
+                                                   ambientctl, e.g. `waypoint apply`)
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
     ambientctl lab node-exec NODE -- CMD...     (a command in a node's netns, e.g. curl metrics)
     ambientctl lab demo [--keep] [--waypoint]   (the README demo, examples/lab[-waypoint])
@@ -124,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("kind", choices=("namespace", "ns"))
     lb.add_argument("target")
     lb.add_argument("labels", nargs="+")
-    for tool in ("kubectl", "helm"):
+    for tool in ("kubectl", "helm", "ctl"):
         tp = cmds.add_parser(tool, help=f"{tool} against a --kube lab's API server")
         tp.add_argument("cmd", nargs=argparse.REMAINDER)
         tp.add_argument("--name", default=argparse.SUPPRESS, help="lab name")
@@ -154,7 +155,7 @@ def _run_kube_lab(args: argparse.Namespace) -> bool:
     kube_up = args.command == "up" and args.kube
     if args.command == "up" and not kube_up and args.dir is None:
         raise CtlError("lab up: a manifest directory, or --kube")
-    if not kube_up and args.command not in ("kubectl", "helm", "down", "exec"):
+    if not kube_up and args.command not in ("kubectl", "helm", "ctl", "down", "exec"):
         return False
     if args.command in ("down", "exec") and not kubelab.is_kube_lab(args.name, args.state_root):
         return False

@@ -254,7 +254,7 @@ class KubeLab:
 
     # -- tools ----------------------------------------------------------------------------------
     def tool_argv(self, tool: str, args: Sequence[str]) -> list[str]:
-        """kubectl or helm as the cluster admin, run in the underlay netns."""
+        """kubectl, helm or ambientctl as the cluster admin, run in the underlay netns."""
         if not self.cluster.pids and self.state_file.exists():
             self.load()
         kubeconfig = str(self.cluster.admin_kubeconfig)
@@ -262,6 +262,8 @@ class KubeLab:
             argv = [str(self.cluster.bin / "kubectl"), f"--kubeconfig={kubeconfig}", *args]
         elif tool == "helm":
             argv = [helm_binary(), f"--kubeconfig={kubeconfig}", *args]
+        elif tool == "ctl":  # ambientctl itself (waypoint apply ...)
+            argv = [str(Path(PYTHON).with_name("ambientctl")), f"--kubeconfig={kubeconfig}", *args]
         else:
             raise LabCommandError(f"unknown tool {tool!r}")
         return self.cluster.in_netns(argv)

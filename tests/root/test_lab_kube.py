@@ -249,7 +249,38 @@ def _try_echo(lab: KubeLab, message: str) -> str | None:
 
 def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     t0 = time.monotonic()
+    # The CLI through the API (server-side apply), then the equivalent YAML changes nothing.
+    out = run(
+        lab,
+        "ctl",
+        "waypoint",
+        "apply",
+        "-n",
+        "demo",
+        "--for",
+        "all",
+        "--service-account",
+        "reviews",
+    )
+    assert "waypoint demo/waypoint programmed" in out, out
+    run(
+        lab,
+        "kubectl",
+        "label",
+        "service",
+        "reviews",
+        "-n",
+        "demo",
+        "istio.io/use-waypoint=waypoint",
+    )
+    gw_path = "/apis/gateway.networking.k8s.io/v1/namespaces/demo/gateways/waypoint"
+    by_cli = lab.cluster.request("GET", gw_path)[1]
     run(lab, "kubectl", "apply", "-f", str(REPO / "examples/kube/waypoint.yaml"))
+    by_yaml = lab.cluster.request("GET", gw_path)[1]
+    assert by_yaml["spec"] == by_cli["spec"]
+    assert by_yaml["metadata"]["generation"] == by_cli["metadata"]["generation"]
+    _, sa = lab.cluster.request("GET", "/api/v1/namespaces/demo/serviceaccounts/reviews")
+    assert sa["metadata"]["labels"] == {"istio.io/use-waypoint": "waypoint"}
     wp = wait(
         "the waypoint pod (waypoint controller -> lab kubelet) Running",
         lambda: running(lab, "demo", "gateway.networking.k8s.io/gateway-name=waypoint", 1),
@@ -306,8 +337,9 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     )
     wp_ip = wp["status"]["podIP"]
     assert all(wp_ip not in str(a.get("dst.hbone_addr")) for a in echo_lines), echo_lines
-    reviews_lines = [a for a in access_lines(lab) if a.get("dst.identity") == REVIEWS]
-    assert reviews_lines  # the waypoint reaches the reviews pods over HBONE
+    # The client's node proxy sent reviews traffic to the waypoint.
+    via_waypoint = [a for a in access_lines(lab) if wp_ip in json.dumps(a)]
+    assert via_waypoint, access_lines(lab)[-5:]
 
 
 def test_4_node_proxy_cannot_obtain_another_nodes_identity(lab: KubeLab) -> None:
