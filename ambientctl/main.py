@@ -16,6 +16,8 @@
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
     ambientctl lab node-exec NODE -- CMD...     (a command in a node's netns, e.g. curl metrics)
     ambientctl lab demo [--keep] [--waypoint]   (the README demo, examples/lab[-waypoint])
+    ambientctl lab demo --kube [--keep]         (helm install -> label -> waypoint per service
+                                                 account, on a real cluster of lab nodes)
     ambientctl waypoint generate|apply|list|delete|status [-d DIR | --lab N] (waypoints)
 
 Global flags accepted anywhere before ``--`` (istioctl's persistent flags): ``--context NAME``,
@@ -131,6 +133,12 @@ def parser() -> argparse.ArgumentParser:
         tp.add_argument("--name", default=argparse.SUPPRESS, help="lab name")
     demo = cmds.add_parser("demo", help="the README demo: two nodes, mTLS between pods")
     demo.add_argument("--keep", action="store_true", help="leave the lab running")
+    demo.add_argument(
+        "--kube",
+        action="store_true",
+        help="on a real Kubernetes cluster of lab nodes: helm install, label, a waypoint per "
+        "service account, helm uninstall (docs/kube.md)",
+    )
     demo.add_argument("--waypoint", action="store_true",
                       help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
                            "shifting traffic, L7 deny, waypoint metrics")  # fmt: skip
@@ -221,6 +229,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         for change in lab.label_namespace(args.target, _label_changes(args.labels)):
             print(change)
     elif args.command == "demo":
+        if args.kube:
+            from ambientctl.lab.demo_kube import run_kube_demo
+            from ambientctl.lab.kubelab import KubeLab
+
+            return run_kube_demo(
+                KubeLab(args.name, state_root=args.state_root, log=_say), keep=args.keep
+            )
         if args.waypoint:
             from ambientctl.lab.demo_waypoint import run_waypoint_demo
 

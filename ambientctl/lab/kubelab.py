@@ -32,7 +32,8 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,47 @@ class KubeLab:
         else:
             raise LabCommandError(f"unknown tool {tool!r}")
         return self.cluster.in_netns(argv)
+
+    def run_tool(self, tool: str, *args: str, input: bytes | None = None) -> str:
+        """`tool_argv` run to completion; its stdout, or LabCommandError with its stderr."""
+        proc = subprocess.run(
+            self.tool_argv(tool, args), input=input, capture_output=True, timeout=300
+        )
+        if proc.returncode != 0:
+            raise LabCommandError(f"{tool} {' '.join(args)}: {proc.stderr.decode().strip()}")
+        return proc.stdout.decode()
+
+    def pods(self, namespace: str, selector: str = "") -> list[dict[str, Any]]:
+        query = f"?labelSelector={selector}" if selector else ""
+        status, body = self.cluster.request("GET", f"/api/v1/namespaces/{namespace}/pods{query}")
+        if status != 200:
+            raise LabCommandError(f"list pods in {namespace}: HTTP {status}")
+        return list(body["items"])
+
+    def running(self, namespace: str, selector: str, count: int) -> list[dict[str, Any]] | None:
+        """Exactly ``count`` Running pods (not being deleted) match, else None."""
+        items = [
+            p
+            for p in self.pods(namespace, selector)
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        ]
+        return items if len(items) == count else None
+
+    def container_log(self, pod: Mapping[str, Any], container: str) -> str:
+        """What a container wrote (the lab kubelet's log file of it)."""
+        node, uid = pod["spec"].get("nodeName", ""), pod["metadata"]["uid"]
+        path = self.pod_dir(str(node)) / "pods" / str(uid) / f"{container}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self) -> list[dict[str, Any]]:
+        """Every node proxy's access-log records (JSON), each with the node it was logged on."""
+        out = []
+        for pod in self.pods("istio-system", "app=ztunnel"):
+            for line in self.container_log(pod, "ztunnel").splitlines():
+                if "ztunnel.access" in line and "{" in line:
+                    record = json.loads(line[line.index("{") :])
+                    out.append({**record, "node": pod["spec"]["nodeName"]})
+        return out
 
     def exec_argv(self, namespace: str, pod: str, argv: Sequence[str]) -> list[str]:
         """``kubectl exec`` for the lab: ``argv`` in the pod's netns with its first container's
