@@ -161,6 +161,13 @@ def _run_kube_lab(args: argparse.Namespace) -> bool:
     from ambientctl.lab import kubelab
 
     kube_up = args.command == "up" and args.kube
+    if args.command == "demo" and args.kube:
+        from ambientctl.lab.demo_kube import run_kube_demo
+
+        demo = kubelab.KubeLab(args.name, state_root=args.state_root, log=_say)
+        if run_kube_demo(demo, keep=args.keep) != 0:
+            raise CtlError("the kube demo failed (see above)")
+        return True
     if args.command == "up" and not kube_up and args.dir is None:
         raise CtlError("lab up: a manifest directory, or --kube")
     if not kube_up and args.command not in ("kubectl", "helm", "ctl", "down", "exec"):
@@ -229,13 +236,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         for change in lab.label_namespace(args.target, _label_changes(args.labels)):
             print(change)
     elif args.command == "demo":
-        if args.kube:
-            from ambientctl.lab.demo_kube import run_kube_demo
-            from ambientctl.lab.kubelab import KubeLab
-
-            return run_kube_demo(
-                KubeLab(args.name, state_root=args.state_root, log=_say), keep=args.keep
-            )
         if args.waypoint:
             from ambientctl.lab.demo_waypoint import run_waypoint_demo
 

@@ -19,6 +19,7 @@ Exit 0 only if every step showed what it should; the lab is torn down unless --k
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import time
@@ -112,7 +113,7 @@ class _Demo:
             *[f"--from-file={REPO / p}" for p in APPS],
         )
         for app, n in (("client", 1), ("reviews", 2), ("echo", 1)):
-            wait(f"{app} running", lambda app=app, n=n: lab.running("demo", f"app={app}", n))
+            wait(f"{app} running", functools.partial(lab.running, "demo", f"app={app}", n))
         self.tool("kubectl", "get", "pods", "-n", "demo", "-o", "wide")
         wait("echo answers", lambda: self.call_echo("before"))
 
