@@ -337,9 +337,21 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     )
     wp_ip = wp["status"]["podIP"]
     assert all(wp_ip not in str(a.get("dst.hbone_addr")) for a in echo_lines), echo_lines
-    # The client's node proxy sent reviews traffic to the waypoint.
-    via_waypoint = [a for a in access_lines(lab) if wp_ip in json.dumps(a)]
-    assert via_waypoint, access_lines(lab)[-5:]
+    # The waypoint's access log: the client's identity in, reviews' identity out (mTLS on both
+    # legs), the direct pod call denied there.
+    records = [
+        json.loads(line[line.index("{") :])
+        for line in container_log(lab, wp, "waypoint").splitlines()
+        if "waypoint.access" in line and "{" in line
+    ]
+    assert any(
+        r["src.identity"] == SLEEP and r["dst.identity"] == REVIEWS and r["response_code"] == 200
+        for r in records
+    ), records[-3:]
+    assert any(r["path"] == "/private-direct" and r["response_code"] == 403 for r in records), (
+        records[-3:]
+    )
+    assert not any(ECHO in json.dumps(r) for r in records)
 
 
 def test_4_node_proxy_cannot_obtain_another_nodes_identity(lab: KubeLab) -> None:
