@@ -64,30 +64,8 @@ def wait(what: str, check: Callable[[], T | None], timeout: float = 90) -> T:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def run(lab: KubeLab, tool: str, *args: str, check: bool = True) -> str:
-    proc = subprocess.run(lab.tool_argv(tool, args), capture_output=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{tool} {' '.join(args)}: {proc.stderr.decode()}")
-    return proc.stdout.decode()
-
-
-def pods(lab: KubeLab, ns: str, selector: str = "") -> list[dict[str, Any]]:
-    query = f"?labelSelector={selector}" if selector else ""
-    _, body = lab.cluster.request("GET", f"/api/v1/namespaces/{ns}/pods{query}")
-    return list(body["items"])
-
-
-def running(lab: KubeLab, ns: str, selector: str, count: int) -> list[dict[str, Any]] | None:
-    items = [
-        p
-        for p in pods(lab, ns, selector)
-        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
-    ]
-    return items if len(items) == count else None
-
-
 def client(lab: KubeLab) -> str:
-    return str(pods(lab, "demo", "app=client")[0]["metadata"]["name"])
+    return str(lab.pods("demo", "app=client")[0]["metadata"]["name"])
 
 
 def exec_in(lab: KubeLab, pod: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
@@ -106,21 +84,6 @@ def load(lab: KubeLab, n: int, *headers: str, path: str = "/") -> dict[str, Any]
     assert proc.returncode == 0, proc.stderr.decode()
     result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     return result
-
-
-def container_log(lab: KubeLab, pod: dict[str, Any], container: str) -> str:
-    node, uid = pod["spec"]["nodeName"], pod["metadata"]["uid"]
-    path = lab.pod_dir(node) / "pods" / uid / f"{container}.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def access_lines(lab: KubeLab) -> list[dict[str, Any]]:
-    out = []
-    for pod in pods(lab, "istio-system", "app=ztunnel"):
-        for line in container_log(lab, pod, "ztunnel").splitlines():
-            if "ztunnel.access" in line and "{" in line:
-                out.append({**json.loads(line[line.index("{") :]), "node": pod["spec"]["nodeName"]})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +106,7 @@ def lab() -> Iterator[KubeLab]:
 
 def test_1_helm_install_runs_the_chart_on_lab_nodes(lab: KubeLab) -> None:
     t0 = time.monotonic()
-    run(
-        lab,
+    lab.run_tool(
         "helm",
         "install",
         "ambient",
@@ -154,14 +116,14 @@ def test_1_helm_install_runs_the_chart_on_lab_nodes(lab: KubeLab) -> None:
         "--create-namespace",
     )
     zt = wait(
-        "a ztunnel pod Running on each node", lambda: running(lab, "istio-system", "app=ztunnel", 2)
+        "a ztunnel pod Running on each node", lambda: lab.running("istio-system", "app=ztunnel", 2)
     )
     assert sorted(p["spec"]["nodeName"] for p in zt) == ["node-1", "node-2"]
     for p in zt:  # hostNetwork: the node's address
         assert p["status"]["podIP"] == lab.node_plan(p["spec"]["nodeName"]).ip
     cp = wait(
         "the control plane Running",
-        lambda: running(lab, "istio-system", "app=ambient-controlplane", 1),
+        lambda: lab.running("istio-system", "app=ambient-controlplane", 1),
     )[0]
     assert cp["status"]["podIP"].startswith("10.240.")
     # Both node proxies authenticated with their projected tokens through the real TokenReview
@@ -169,7 +131,7 @@ def test_1_helm_install_runs_the_chart_on_lab_nodes(lab: KubeLab) -> None:
     wait(
         "both node proxies authenticated by TokenReview",
         lambda: all(
-            f"authenticated: node {n}" in container_log(lab, cp, "controlplane")
+            f"authenticated: node {n}" in lab.container_log(cp, "controlplane")
             for n in ("node-1", "node-2")
         ),
     )
@@ -186,9 +148,8 @@ def test_1_helm_install_runs_the_chart_on_lab_nodes(lab: KubeLab) -> None:
 
 
 def test_2_label_captures_running_pods(lab: KubeLab) -> None:
-    run(lab, "kubectl", "apply", "-f", str(REPO / "examples/kube/apps.yaml"))
-    run(
-        lab,
+    lab.run_tool("kubectl", "apply", "-f", str(REPO / "examples/kube/apps.yaml"))
+    lab.run_tool(
         "kubectl",
         "create",
         "configmap",
@@ -198,19 +159,19 @@ def test_2_label_captures_running_pods(lab: KubeLab) -> None:
         *[f"--from-file={p}" for p in APPS],
     )
     for app, count in (("client", 1), ("reviews", 2), ("echo", 1)):
-        wait(f"{app} Running", functools.partial(running, lab, "demo", f"app={app}", count))
-    client_ip = pods(lab, "demo", "app=client")[0]["status"]["podIP"]
+        wait(f"{app} Running", functools.partial(lab.running, "demo", f"app={app}", count))
+    client_ip = lab.pods("demo", "app=client")[0]["status"]["podIP"]
     # Before the label: plain TCP through the lab kube-proxy, no node proxy involved.
     assert f"you are {client_ip}:" in wait("echo answers", lambda: _try_echo(lab, "before"))
-    assert not [a for a in access_lines(lab) if a.get("dst.service", "").startswith("echo.")]
+    assert not [a for a in lab.access_log() if a.get("dst.service", "").startswith("echo.")]
 
-    run(lab, "kubectl", "label", "namespace", "demo", "istio.io/dataplane-mode=ambient")
+    lab.run_tool("kubectl", "label", "namespace", "demo", "istio.io/dataplane-mode=ambient")
 
     def meshed() -> list[dict[str, Any]]:
         out = _try_echo(lab, "after")
         assert out is None or f"you are {client_ip}:" in out  # the app still sees the client
         return [
-            a for a in access_lines(lab) if a["src.identity"] == SLEEP and a["dst.identity"] == ECHO
+            a for a in lab.access_log() if a["src.identity"] == SLEEP and a["dst.identity"] == ECHO
         ]
 
     lines = wait("mTLS with both identities in the access logs", meshed, 60)
@@ -224,8 +185,8 @@ def test_2_label_captures_running_pods(lab: KubeLab) -> None:
     }
     assert nodes == {"node-1", "node-2"}, lines
     # The pods were running before the label: captured live, not restarted.
-    assert running(lab, "demo", "app=echo", 1)
-    assert all(p["status"]["containerStatuses"][0]["restartCount"] == 0 for p in pods(lab, "demo"))
+    assert lab.running("demo", "app=echo", 1)
+    assert all(p["status"]["containerStatuses"][0]["restartCount"] == 0 for p in lab.pods("demo"))
 
 
 def _chained(conf: Path) -> bool:
@@ -250,8 +211,7 @@ def _try_echo(lab: KubeLab, message: str) -> str | None:
 def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     t0 = time.monotonic()
     # The CLI through the API (server-side apply), then the equivalent YAML changes nothing.
-    out = run(
-        lab,
+    out = lab.run_tool(
         "ctl",
         "waypoint",
         "apply",
@@ -263,8 +223,7 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
         "reviews",
     )
     assert "waypoint demo/waypoint programmed" in out, out
-    run(
-        lab,
+    lab.run_tool(
         "kubectl",
         "label",
         "service",
@@ -275,7 +234,7 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     )
     gw_path = "/apis/gateway.networking.k8s.io/v1/namespaces/demo/gateways/waypoint"
     by_cli = lab.cluster.request("GET", gw_path)[1]
-    run(lab, "kubectl", "apply", "-f", str(REPO / "examples/kube/waypoint.yaml"))
+    lab.run_tool("kubectl", "apply", "-f", str(REPO / "examples/kube/waypoint.yaml"))
     by_yaml = lab.cluster.request("GET", gw_path)[1]
     assert by_yaml["spec"] == by_cli["spec"]
     assert by_yaml["metadata"]["generation"] == by_cli["metadata"]["generation"]
@@ -283,12 +242,11 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     assert sa["metadata"]["labels"] == {"istio.io/use-waypoint": "waypoint"}
     wp = wait(
         "the waypoint pod (waypoint controller -> lab kubelet) Running",
-        lambda: running(lab, "demo", "gateway.networking.k8s.io/gateway-name=waypoint", 1),
+        lambda: lab.running("demo", "gateway.networking.k8s.io/gateway-name=waypoint", 1),
         120,
     )[0]
     assert wp["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
-    run(
-        lab,
+    lab.run_tool(
         "kubectl",
         "apply",
         "-n",
@@ -319,21 +277,21 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     assert mixed["versions"].get("v1", 0) >= 28, mixed
     # The service account binding: a call to a reviews POD's address (workload-addressed, no
     # service) goes through the waypoint too, so the policy applies to it.
-    pod_ip = pods(lab, "demo", "app=reviews")[0]["status"]["podIP"]
+    pod_ip = lab.pods("demo", "app=reviews")[0]["status"]["podIP"]
     direct = exec_in(
         lab, client(lab), "python3", "/apps/load.py", f"http://{pod_ip}:9080/private-direct", "1"
     )
     assert json.loads(direct.stdout.decode().splitlines()[-1])["status"] == {"403": 1}, direct
-    for p in pods(lab, "demo", "app=reviews"):
-        assert "/private" not in container_log(lab, p, "reviews")
+    for p in lab.pods("demo", "app=reviews"):
+        assert "/private" not in lab.container_log(p, "reviews")
     # The waypoint's own log has the requests; `echo` (service account echo, same namespace)
     # stays L4: its connections go node proxy to node proxy, no waypoint in the path.
-    assert "reviews" in container_log(lab, wp, "waypoint")
-    before = len(access_lines(lab))
+    assert "reviews" in lab.container_log(wp, "waypoint")
+    before = len(lab.access_log())
     call_echo(lab, "still L4")
     echo_lines = wait(
         "echo access lines",
-        lambda: [a for a in access_lines(lab)[before:] if a["dst.identity"] == ECHO] or None,
+        lambda: [a for a in lab.access_log()[before:] if a["dst.identity"] == ECHO] or None,
     )
     wp_ip = wp["status"]["podIP"]
     assert all(wp_ip not in str(a.get("dst.hbone_addr")) for a in echo_lines), echo_lines
@@ -341,7 +299,7 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     # legs), the direct pod call denied there.
     records = [
         json.loads(line[line.index("{") :])
-        for line in container_log(lab, wp, "waypoint").splitlines()
+        for line in lab.container_log(wp, "waypoint").splitlines()
         if "waypoint.access" in line and "{" in line
     ]
     assert any(
@@ -366,7 +324,7 @@ def test_4_node_proxy_cannot_obtain_another_nodes_identity(lab: KubeLab) -> None
     from meshcore.xds import ControlPlaneEndpoint
 
     zt = next(
-        p for p in pods(lab, "istio-system", "app=ztunnel") if p["spec"]["nodeName"] == "node-1"
+        p for p in lab.pods("istio-system", "app=ztunnel") if p["spec"]["nodeName"] == "node-1"
     )
     vols = lab.pod_dir("node-1") / "pods" / zt["metadata"]["uid"] / "volumes"
     _, svc = lab.cluster.request(
@@ -412,7 +370,7 @@ def test_5_watches_survive_an_apiserver_restart(lab: KubeLab) -> None:
     # A Service created after the restart reaches the node proxies (control plane watch), and
     # a namespace label reaches the agents (their watch): a new pod in a new ambient namespace
     # is captured.
-    run(lab, "kubectl", "create", "service", "clusterip", "late", "-n", "demo", "--tcp=81:8080")
+    lab.run_tool("kubectl", "create", "service", "clusterip", "late", "-n", "demo", "--tcp=81:8080")
 
     def has_late() -> bool:
         plan = lab.node_plan("node-1")
@@ -420,19 +378,18 @@ def test_5_watches_survive_an_apiserver_restart(lab: KubeLab) -> None:
         return "late.demo.svc" in body
 
     wait("the new Service in node-1's node proxy", has_late, 60)
-    run(lab, "kubectl", "label", "namespace", "demo", "restart-check=1")
-    run(lab, "kubectl", "scale", "-n", "demo", "deployment", "echo", "--replicas=2")
-    wait("a new echo pod", lambda: running(lab, "demo", "app=echo", 2))
+    lab.run_tool("kubectl", "label", "namespace", "demo", "restart-check=1")
+    lab.run_tool("kubectl", "scale", "-n", "demo", "deployment", "echo", "--replicas=2")
+    wait("a new echo pod", lambda: lab.running("demo", "app=echo", 2))
     # Both echo pods (one created after the restart) are enrolled by their node's agent.
-    for p in pods(lab, "demo", "app=echo"):
+    for p in lab.pods("demo", "app=echo"):
         wait(f"{p['metadata']['name']} captured", functools.partial(_captured, lab, p), 60)
 
 
 def test_6_helm_upgrade_and_uninstall_leave_nothing(lab: KubeLab) -> None:
     t0 = time.monotonic()
-    old = {p["metadata"]["uid"] for p in pods(lab, "istio-system", "app=ztunnel")}
-    run(
-        lab,
+    old = {p["metadata"]["uid"] for p in lab.pods("istio-system", "app=ztunnel")}
+    lab.run_tool(
         "helm",
         "upgrade",
         "ambient",
@@ -445,7 +402,7 @@ def test_6_helm_upgrade_and_uninstall_leave_nothing(lab: KubeLab) -> None:
     wait(
         "new ztunnel pods on both nodes",
         lambda: (
-            (zt := running(lab, "istio-system", "app=ztunnel", 2)) is not None
+            (zt := lab.running("istio-system", "app=ztunnel", 2)) is not None
             and not ({p["metadata"]["uid"] for p in zt} & old)
         ),
         180,
@@ -456,13 +413,13 @@ def test_6_helm_upgrade_and_uninstall_leave_nothing(lab: KubeLab) -> None:
     print(f"helm upgrade (node proxies replaced) in {time.monotonic() - t0:.1f}s")
 
     # The waypoint is the user's (its Gateway); remove it, then the mesh.
-    run(lab, "kubectl", "delete", "-f", str(REPO / "examples/kube/waypoint.yaml"))
+    lab.run_tool("kubectl", "delete", "-f", str(REPO / "examples/kube/waypoint.yaml"))
     t0 = time.monotonic()
-    run(lab, "helm", "uninstall", "ambient", "-n", "istio-system", "--wait", "--timeout=3m")
-    wait("no pod left in istio-system", lambda: not pods(lab, "istio-system"), 120)
+    lab.run_tool("helm", "uninstall", "ambient", "-n", "istio-system", "--wait", "--timeout=3m")
+    wait("no pod left in istio-system", lambda: not lab.pods("istio-system"), 120)
     wait(
         "no waypoint pod left",
-        lambda: not pods(lab, "demo", "gateway.networking.k8s.io/gateway-name=waypoint"),
+        lambda: not lab.pods("demo", "gateway.networking.k8s.io/gateway-name=waypoint"),
         60,
     )
     print(f"helm uninstall -> nothing left in {time.monotonic() - t0:.1f}s")
