@@ -65,11 +65,12 @@ def _mountpoint(b: Bind, created: Path) -> None:
     if b.target.exists():
         return
     missing = [p for p in (b.target, *b.target.parents) if not p.exists()]
+    # exist_ok: containers of other pods (other nodes' kubelets) may create it at the same time.
     if b.source.is_dir():
-        b.target.mkdir(parents=True)
+        b.target.mkdir(parents=True, exist_ok=True)
     else:
         b.target.parent.mkdir(parents=True, exist_ok=True)
-        b.target.touch()
+        b.target.touch(exist_ok=True)
     with open(created, "a") as f:
         f.writelines(f"{p}\n" for p in missing)
 

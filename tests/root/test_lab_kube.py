@@ -25,6 +25,7 @@ order, what a user does:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import subprocess
@@ -97,11 +98,29 @@ def lab() -> Iterator[KubeLab]:
     try:
         yield k
     finally:
+        _keep_logs(k)
         k.down()
         assert not k.root.exists()
         left = [n for n in system.run(["ip", "netns", "list"]).split() if n.startswith(LAB)]
         assert not left, left
         assert not Path("/var/run/secrets/kubernetes.io").exists()
+
+
+def _keep_logs(lab: KubeLab) -> None:
+    """Every component's log in /tmp/ambient-lab-kflow-logs (kept after `down`)."""
+    import shutil
+
+    keep = Path(f"/tmp/ambient-lab-{LAB}-logs")
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir()
+    for log in [
+        *lab.root.glob("logs/*.log"),
+        *lab.root.glob("kube/logs/*.log"),
+        *lab.root.glob("kubelet/*/pods/*/*.log"),
+    ]:
+        shutil.copy(log, keep / "_".join(log.relative_to(lab.root).parts))
+    with contextlib.suppress(Exception):
+        (keep / "pods.txt").write_text(lab.run_tool("kubectl", "get", "pods", "-A", "-o", "wide"))
 
 
 def test_1_helm_install_runs_the_chart_on_lab_nodes(lab: KubeLab) -> None:
