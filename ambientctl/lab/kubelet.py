@@ -711,6 +711,12 @@ class LabKubelet:
                 )  # fmt: skip
             system.netns_del(rp.netns)
         if not keep_dir:
+            # The logs outlive the pod (what `kubectl logs --previous` would show).
+            done = self.root / "logs"
+            done.mkdir(parents=True, exist_ok=True)
+            for f in rp.dir.glob("*.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(f, done / f"{rp.namespace}_{rp.name}_{f.name}")
             shutil.rmtree(rp.dir, ignore_errors=True)
 
     def stop(self) -> None:
