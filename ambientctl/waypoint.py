@@ -334,6 +334,11 @@ def _apply_kube(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         )
     env = os.environ.get("KUBECONFIG")
     kubeconfig = getattr(args, "kubeconfig", None) or (Path(env) if env else None)
+    if kubeconfig is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        raise CtlError(
+            "waypoint apply: give -d DIR (manifest directory) or --lab NAME, or a Kubernetes "
+            "cluster (--kubeconfig, $KUBECONFIG, or run in-cluster)"
+        )
     ns, name = args.namespace, args.name
     query = [("fieldManager", "ambientctl"), ("force", "true")]
 
