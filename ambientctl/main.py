@@ -10,9 +10,14 @@
     ambientctl x precheck                             (kernel, eBPF, CNI chain, conflicts)
     ambientctl completion bash|zsh
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
+    ambientctl lab up --kube [--node NAME ...]    (nodes of a real cluster, docs/kube.md)
+    ambientctl lab kubectl|helm|ctl -- ARGS...    (against a --kube lab's API server; ctl:
+                                                   ambientctl, e.g. `waypoint apply`)
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
     ambientctl lab node-exec NODE -- CMD...     (a command in a node's netns, e.g. curl metrics)
     ambientctl lab demo [--keep] [--waypoint] [--http3]   (the README demo, examples/lab[-waypoint])
+    ambientctl lab demo --kube [--keep]         (helm install -> label -> waypoint per service
+                                                 account, on a real cluster of lab nodes)
     ambientctl waypoint generate|apply|list|delete|status [-d DIR | --lab N] (waypoints)
 
 Global flags accepted anywhere before ``--`` (istioctl's persistent flags): ``--context NAME``,
@@ -95,7 +100,13 @@ def parser() -> argparse.ArgumentParser:
     lab.add_argument("--state-root", type=Path, default=topology.STATE_ROOT)
     cmds = lab.add_subparsers(dest="command", required=True)
     up = cmds.add_parser("up", help="build the lab from a directory of manifests")
-    up.add_argument("dir", type=Path)
+    up.add_argument("dir", type=Path, nargs="?", help="manifests (not with --kube)")
+    up.add_argument(
+        "--kube",
+        action="store_true",
+        help="the nodes as nodes of a real Kubernetes cluster (docs/kube.md): "
+        "install the mesh with `lab helm -- install ...`",
+    )
     up.add_argument("--node", action="append", default=[], help="node names (order = index)")
     up.add_argument("--capture", choices=("ebpf", "off"), default="ebpf",
                     help="off: plain network, no agents/node proxies")  # fmt: skip
@@ -116,12 +127,22 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("kind", choices=("namespace", "ns"))
     lb.add_argument("target")
     lb.add_argument("labels", nargs="+")
+    for tool in ("kubectl", "helm", "ctl"):
+        tp = cmds.add_parser(tool, help=f"{tool} against a --kube lab's API server")
+        tp.add_argument("cmd", nargs=argparse.REMAINDER)
+        tp.add_argument("--name", default=argparse.SUPPRESS, help="lab name")
     demo = cmds.add_parser("demo", help="the README demo: two nodes, mTLS between pods")
     demo.add_argument("--keep", action="store_true", help="leave the lab running")
     for sp in (up, demo):
         sp.add_argument("--http3", action="store_true",
                         help="HBONE over HTTP/3 (QUIC, 15008/udp on the node address) between "
                              "the node proxies (issue 16)")  # fmt: skip
+    demo.add_argument(
+        "--kube",
+        action="store_true",
+        help="on a real Kubernetes cluster of lab nodes: helm install, label, a waypoint per "
+        "service account, helm uninstall (docs/kube.md)",
+    )
     demo.add_argument("--waypoint", action="store_true",
                       help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
                            "shifting traffic, L7 deny, waypoint metrics")  # fmt: skip
@@ -139,6 +160,41 @@ def _strip_dashes(cmd: list[str]) -> list[str]:
     return cmd
 
 
+def _run_kube_lab(args: argparse.Namespace) -> bool:
+    """The commands of a ``lab up --kube`` lab (ambientctl.lab.kubelab); False: not one."""
+    from ambientctl.lab import kubelab
+
+    kube_up = args.command == "up" and args.kube
+    if args.command == "demo" and args.kube:
+        from ambientctl.lab.demo_kube import run_kube_demo
+
+        demo = kubelab.KubeLab(args.name, state_root=args.state_root, log=_say)
+        if run_kube_demo(demo, keep=args.keep) != 0:
+            raise CtlError("the kube demo failed (see above)")
+        return True
+    if args.command == "up" and not kube_up and args.dir is None:
+        raise CtlError("lab up: a manifest directory, or --kube")
+    if not kube_up and args.command not in ("kubectl", "helm", "ctl", "down", "exec"):
+        return False
+    if args.command in ("down", "exec") and not kubelab.is_kube_lab(args.name, args.state_root):
+        return False
+    klab = kubelab.KubeLab(args.name, state_root=args.state_root, log=_say)
+    if kube_up:
+        if args.dir is not None:
+            raise CtlError("lab up --kube takes no manifest directory (use `lab kubectl apply`)")
+        klab.up(args.node)
+    elif args.command == "down":
+        klab.down()
+    elif args.command == "exec":
+        ns, _, pod = args.pod.rpartition("/")
+        argv = klab.exec_argv(ns or "default", pod, _strip_dashes(args.cmd))
+        os.execvp(argv[0], argv)
+    else:
+        argv = klab.tool_argv(args.command, _strip_dashes(args.cmd))
+        os.execvp(argv[0], argv)
+    return True
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     p = parser()
     rest, flags = split_global_flags(sys.argv[1:] if argv is None else argv)
@@ -149,6 +205,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise CtlError(f"--kubeconfig {args.kubeconfig}: no such file")
     if args.group != "lab":
         return commands.run(args, p)
+    if _run_kube_lab(args):
+        return 0
     lab = Lab(args.name, state_root=args.state_root, log=_say)
     if args.command == "up":
         lab.up(args.dir, capture=args.capture, nodes=args.node, primary=args.cni, http3=args.http3)

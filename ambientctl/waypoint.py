@@ -237,6 +237,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print, lab: Any =
         directory = lab.paths.manifests
     elif getattr(args, "dir", None):
         directory = args.dir
+    elif cmd == "apply":
+        return _apply_kube(args, out)
     else:
         raise CtlError(f"waypoint {cmd}: give -d DIR (manifest directory) or --lab NAME")
     if not directory.is_dir():
@@ -309,6 +311,89 @@ def _apply(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[s
         _wait_bound(lab, args.namespace, args.name, True, out)
         out("node proxies send the namespace's services through the waypoint")
     return 0
+
+
+APPLY = "application/apply-patch+yaml"
+
+
+def _apply_kube(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    """``waypoint apply`` against the Kubernetes API (no -d/--lab): server-side apply of the
+    Gateway and of the bindings' labels (field manager ``ambientctl``), as ``kubectl apply``
+    of `gateway_doc` and ``kubectl label`` would; then wait (bounded) for the waypoint
+    controller's ``Programmed`` condition. Kubeconfig: ``--kubeconfig``, else $KUBECONFIG,
+    else the in-cluster service account."""
+    import asyncio
+
+    from meshcore.kubeapi import KubeApi
+
+    wf = _for(args)
+    if args.enroll_namespace and wf not in ("service", "all"):
+        raise CtlError(
+            "--enroll-namespace binds the namespace's services: needs --for service "
+            "or all (workload waypoints: --service-account or pod labels)"
+        )
+    env = os.environ.get("KUBECONFIG")
+    kubeconfig = getattr(args, "kubeconfig", None) or (Path(env) if env else None)
+    if kubeconfig is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        raise CtlError(
+            "waypoint apply: give -d DIR (manifest directory) or --lab NAME, or a Kubernetes "
+            "cluster (--kubeconfig, $KUBECONFIG, or run in-cluster)"
+        )
+    ns, name = args.namespace, args.name
+    query = [("fieldManager", "ambientctl"), ("force", "true")]
+
+    async def apply(api: KubeApi, path: str, doc: dict[str, Any], what: str) -> None:
+        status, data = await api.call("PATCH", path, doc, query=query, content_type=APPLY)
+        if status not in (200, 201):
+            msg = (data or {}).get("message", "") if isinstance(data, dict) else ""
+            raise CtlError(f"{what}: HTTP {status} {msg}".rstrip())
+
+    def labelled(kind: str, obj_name: str, namespace: str | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": obj_name, "labels": {USE_WAYPOINT: name}}
+        if namespace:
+            meta["namespace"] = namespace
+        return {"apiVersion": "v1", "kind": kind, "metadata": meta}
+
+    async def main() -> bool:
+        api = KubeApi(kubeconfig=kubeconfig)
+        try:
+            gw_path = f"/apis/gateway.networking.k8s.io/v1/namespaces/{ns}/gateways/{name}"
+            await apply(api, gw_path, gateway_doc(name, ns, wf), f"Gateway {ns}/{name}")
+            out(f"waypoint {ns}/{name} (for {wf}) applied")
+            if args.service_account:
+                sa = args.service_account
+                path = f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}"
+                await apply(api, path, labelled("ServiceAccount", sa, ns), f"serviceaccount {sa}")
+                out(f"serviceaccount {ns}/{sa} bound to {name}")
+            if args.enroll_namespace:
+                path = f"/api/v1/namespaces/{ns}"
+                await apply(api, path, labelled("Namespace", ns, None), f"namespace {ns}")
+                out(f"namespace {ns} labeled with {USE_WAYPOINT}={name}")
+            for _ in range(120):  # the waypoint controller reports Programmed (0.5 s x 120)
+                status, gw = await api.call("GET", gw_path)
+                conds = ((gw or {}).get("status") or {}).get("conditions") or []
+                if status == 200 and any(
+                    c.get("type") == "Programmed" and c.get("status") == "True" for c in conds
+                ):
+                    return True
+                await asyncio.sleep(0.5)
+            return False
+        finally:
+            await api.close()
+
+    try:
+        programmed = asyncio.run(main())
+    except OSError as e:
+        raise CtlError(f"waypoint apply: the Kubernetes API: {e}") from e
+    out(
+        f"waypoint {ns}/{name} "
+        + (
+            "programmed"
+            if programmed
+            else "NOT programmed after 60s (is the control plane's waypoint controller running?)"
+        )
+    )
+    return 0 if programmed else 1
 
 
 def _wait_bound(

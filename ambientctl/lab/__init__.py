@@ -6,7 +6,10 @@ lab writes back), `topology` (pure: names and addresses), `system` (the I/O edge
 processes, CNI exec), `lab` (the order of up/down) built from `state`, `cluster` (manifest
 directory, underlay), `processes` (agents, control plane, node proxies) and `pods` (pods, waypoint
 pods, exec, label), `waypoints` (pure: waypoint pods for the lab's waypoint Gateways), `kube`
-and `kubelet` (a real Kubernetes control plane on this machine, lab nodes as its nodes), `demo`
-and `demo_waypoint` (the README demos), `loopback_demo` (the unprivileged demo: two node
+and `kubelet` (a real Kubernetes control plane on this machine, lab nodes as its nodes),
+`kubelab` (`lab up --kube`: the lab's nodes as nodes of that cluster, one kubelet process per
+node), `container` (a container's mount namespace: its volumes at their paths), `kubeproxy`
+(the lab's kube-proxy: ClusterIP DNAT in a node's netns), `demo`, `demo_waypoint` and
+`demo_kube` (the README demos), `loopback_demo` (the unprivileged demo: two node
 proxies on 127.0.0.0/8 with static config, `scripts/demo --loopback`).
 """

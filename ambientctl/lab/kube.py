@@ -28,12 +28,14 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,6 +44,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ambientctl.errors import LabCommandError
 from ambientctl.lab import system
+from ebpf.netns import entered
+
+_T = TypeVar("_T")
 
 KUBE_VERSION = "v1.37.2"  # scripts/kube-build and tools/kube/go.mod pin the same release
 SERVICE_CIDR = "10.96.0.0/16"  # the lab manifests' ClusterIPs are in it
@@ -241,6 +246,9 @@ class KubeCluster:
     pids: dict[str, int] = field(default_factory=dict)
     argv: dict[str, list[str]] = field(default_factory=dict)
     pki: KubePki | None = None
+    netns: str | None = None
+    """Run every component in this network namespace (the lab underlay); `request`, `kubectl`
+    and `in_netns` reach the API server from there."""
 
     @property
     def server(self) -> str:
@@ -268,7 +276,8 @@ class KubeCluster:
         deadline = time.monotonic() + timeout
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         pki = self.pki = KubePki(self.root / "pki")
-        self.api_port = self.api_port or free_port(self.address)
+        # A fresh lab netns has every port free: the API server's usual one.
+        self.api_port = self.api_port or (6443 if self.netns else free_port(self.address))
         etcd_client, etcd_peer = free_port("127.0.0.1"), free_port("127.0.0.1")
         self._spawn(
             "etcd",
@@ -320,9 +329,15 @@ class KubeCluster:
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
                 "--allow-privileged=true",
-                # The lab has no route to a loopback address as a Service endpoint: the API server
-                # must not publish itself as the `kubernetes` Service's endpoint.
-                "--endpoint-reconciler-type=none",
+                # A loopback address cannot be a Service endpoint: the API server must not
+                # publish itself as the `kubernetes` Service's endpoint there. On the lab
+                # underlay it does (the default lease reconciler), so in-cluster clients
+                # reach it at 10.96.0.1:443 through the lab kube-proxy.
+                *(
+                    ["--endpoint-reconciler-type=none"]
+                    if ipaddress.ip_address(self.address).is_loopback
+                    else []
+                ),
                 "--profiling=false",
                 "--v=1",
             ],
@@ -363,7 +378,13 @@ class KubeCluster:
 
     def _spawn(self, component: str, argv: list[str]) -> None:
         self.argv[component] = argv
-        self.pids[component] = system.spawn(argv, log=self.log(component), cwd=self.root)
+        self.pids[component] = system.spawn(
+            self.in_netns(argv), log=self.log(component), cwd=self.root
+        )
+
+    def in_netns(self, argv: list[str]) -> list[str]:
+        """``argv`` run where the cluster's network is (for kubectl, helm)."""
+        return system.nsenter(self.netns, argv) if self.netns else argv
 
     def restart_apiserver(self, *, down: float = 0.0, timeout: float = 120.0) -> None:
         """Stop the API server (every watch and connection ends), stay down ``down`` seconds,
@@ -384,9 +405,8 @@ class KubeCluster:
 
     def ssl_context(self) -> ssl.SSLContext:
         """TLS to the API server as the cluster admin."""
-        assert self.pki is not None
-        ctx = ssl.create_default_context(cafile=str(self.pki.ca.cert))
-        admin = self.root / "pki"
+        admin = self.root / "pki"  # files, so a later process (the CLI) can use them too
+        ctx = ssl.create_default_context(cafile=str(admin / "ca.crt"))
         ctx.load_cert_chain(str(admin / "admin.crt"), str(admin / "admin.key"))
         return ctx
 
@@ -400,6 +420,15 @@ class KubeCluster:
         content_type: str = "application/json",
     ) -> tuple[int, Any]:
         """One admin request (status, decoded JSON or text); for start-up checks and tests."""
+        if self.netns is not None:
+            return _in_thread_netns(
+                self.netns, lambda: self._request(method, path, body, timeout, content_type)
+            )
+        return self._request(method, path, body, timeout, content_type)
+
+    def _request(
+        self, method: str, path: str, body: object, timeout: float, content_type: str
+    ) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.server + path, data=data, method=method)
         req.add_header("Accept", "application/json")
@@ -431,7 +460,9 @@ class KubeCluster:
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         """kubectl (the one built with the cluster) as the admin."""
         proc = subprocess.run(
-            [str(self.bin / "kubectl"), f"--kubeconfig={self.admin_kubeconfig}", *args],
+            self.in_netns(
+                [str(self.bin / "kubectl"), f"--kubeconfig={self.admin_kubeconfig}", *args]
+            ),
             input=input.encode() if input is not None else None,
             capture_output=True,
             timeout=60,
@@ -462,6 +493,26 @@ class KubeCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _in_thread_netns(netns: str, fn: Callable[[], _T]) -> _T:
+    """``fn()`` on a thread inside ``netns`` (sockets it opens live there); re-raises."""
+    out: list[_T] = []
+    err: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with entered(netns):
+                out.append(fn())
+        except BaseException as e:  # handed to the caller's thread
+            err.append(e)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -33,13 +33,16 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ambientctl.errors import LabCommandError
-from ambientctl.lab import system, topology
+from ambientctl.lab import container, kubeproxy, system, topology
 from meshcore.kubeapi import KubeApi
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,8 @@ def resolve_env(container: Json, fields: Mapping[str, str]) -> dict[str, str]:
     sources (configMapKeyRef, secretKeyRef, resourceFieldRef) are refused, never dropped."""
     env: dict[str, str] = {}
     for e in container.get("env", []):
-        if "value" in e:
-            env[e["name"]] = expand(str(e["value"]), env)
+        if "value" in e or "valueFrom" not in e:  # an empty value is omitted by the API
+            env[e["name"]] = expand(str(e.get("value", "")), env)
             continue
         ref = (e.get("valueFrom") or {}).get("fieldRef")
         if ref is None or ref.get("fieldPath") not in fields:
@@ -197,7 +200,12 @@ class RunningPod:
     dir: Path
     started: dt.datetime
     cni_result: dict[str, Any] | None = None
+    conflist: Mapping[str, Any] | None = None
+    """The CNI config the pod was added with (DEL uses the node's current one if any)."""
     pids: dict[str, int] = field(default_factory=dict)
+    pre_stop: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    """container -> (argv, env) of its preStop exec hook."""
+    grace: float = 10.0
     exited: dict[str, int] = field(default_factory=dict)
     reported: str = ""
 
@@ -217,7 +225,24 @@ class LabKubelet:
         path_env: str,
         interval: float = 0.5,
         heartbeat: float = 10.0,
+        bind_mounts: bool = False,
+        node_paths: Mapping[str, Path] | None = None,
+        conf_dir: Path | None = None,
+        proxy_api: KubeApi | None = None,
+        python: str = sys.executable,
+        image_paths: Mapping[str, Path] | None = None,
     ) -> None:
+        """``bind_mounts``: containers run in their own mount namespace with their volumes
+        mounted at the rendered paths (`ambientctl.lab.container`), else container paths in
+        command/args/env are rewritten (`map_paths`). ``node_paths``: this node's own host
+        directories (``/etc/cni/net.d`` -> a directory of the node): hostPath volumes under
+        them resolve there, and CNI plugins run with them mounted in place (lab nodes share one
+        machine's filesystem). ``conf_dir``: the CNI config is the first ``*.conflist`` there at
+        each ADD (as a container runtime reads it), else ``conflist``. ``proxy_api``: run the
+        lab kube-proxy (`ambientctl.lab.kubeproxy`) with this client, and write Services into
+        each pod's /etc/hosts (the lab has no cluster DNS). ``image_paths``: files every
+        container sees (what the image would hold beyond the installed entry points, e.g.
+        the node image's ``/opt/ambient/cni``)."""
         self.api = api
         self.node = node
         self.lab = lab
@@ -227,6 +252,15 @@ class LabKubelet:
         self.path_env = path_env
         self.interval = interval
         self.heartbeat = heartbeat
+        self.bind_mounts = bind_mounts
+        self.node_paths = dict(node_paths or {})
+        self.conf_dir = conf_dir
+        self.proxy_api = proxy_api
+        self.python = python
+        self.image_paths = dict(image_paths or {})
+        self.services: list[Json] = []
+        self._proxied = ""
+        self._proxy_at = -1e9
         self.pods: dict[str, RunningPod] = {}
         self.failures: dict[str, str] = {}
         """pod key -> why it could not be started (also logged and written as an event)."""
@@ -273,6 +307,8 @@ class LabKubelet:
         beat = asyncio.get_running_loop().time()
         while True:
             try:
+                if self.proxy_api is not None:
+                    await self.sync_proxy()
                 await self.sync_once()
                 if asyncio.get_running_loop().time() - beat > self.heartbeat:
                     await self._node_status()
@@ -280,6 +316,43 @@ class LabKubelet:
             except (TimeoutError, OSError, LabCommandError) as e:
                 log.warning("lab kubelet %s: %s", self.node.name, e)
             await asyncio.sleep(self.interval)
+
+    async def sync_proxy(self, *, every: float = 1.0) -> None:
+        """The lab kube-proxy: Services + EndpointSlices -> the node's nft table (when
+        changed; at most every ``every`` seconds)."""
+        now = asyncio.get_running_loop().time()
+        if self.proxy_api is None or now - self._proxy_at < every:
+            return
+        self._proxy_at = now
+        lists = []
+        for path in ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices"):
+            status, data = await self.proxy_api.call("GET", path)
+            if status != 200 or not isinstance(data, Mapping):
+                raise LabCommandError(f"kube-proxy: GET {path}: HTTP {status}")
+            lists.append(list(data.get("items", [])))
+        names = _service_names(self.services)
+        self.services = lists[0]
+        if _service_names(self.services) != names and self.bind_mounts:
+            for rp in list(self.pods.values()):  # the DNS stand-in follows Services
+                await asyncio.to_thread(self._write_hosts, rp)
+        script = kubeproxy.ruleset(lists[0], lists[1])
+        if script != self._proxied:
+            await asyncio.to_thread(kubeproxy.apply, self.node.netns, script)
+            self._proxied = script
+
+    def service_env(self) -> dict[str, str]:
+        """What a kubelet puts in every container: the ``kubernetes`` Service's address."""
+        for svc in self.services:
+            meta, spec = svc["metadata"], svc.get("spec") or {}
+            if (meta["namespace"], meta["name"]) == ("default", "kubernetes"):
+                port = str((spec.get("ports") or [{}])[0].get("port", 443))
+                host = str(spec.get("clusterIP", ""))
+                return {
+                    "KUBERNETES_SERVICE_HOST": host,
+                    "KUBERNETES_SERVICE_PORT": port,
+                    "KUBERNETES_SERVICE_PORT_HTTPS": port,
+                }
+        return {}
 
     async def sync_once(self) -> None:
         """One pass: list this node's pods (the API server filters by spec.nodeName), start
@@ -318,43 +391,144 @@ class LabKubelet:
         meta, spec = pod["metadata"], pod["spec"]
         ns, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         host = bool(spec.get("hostNetwork"))
+        conflist = None if host else self._conflist()
         rp = RunningPod(
             uid=uid, namespace=ns, name=name,
             netns=None if host else topology.pod_netns(self.lab, ns, name),
             ip=self.node.ip, dir=self.root / "pods" / uid, started=dt.datetime.now(dt.UTC),
+            grace=float(spec.get("terminationGracePeriodSeconds", 30)),
         )  # fmt: skip
         self.pods[uid] = rp
         rp.dir.mkdir(parents=True, exist_ok=True)
         try:
             mounts_by_volume = self._volumes(pod, rp, files)
             if rp.netns is not None:
+                assert conflist is not None
                 system.netns_add(rp.netns)
+                rp.conflist = conflist
                 result = system.cni_chain(
-                    "ADD", self.conflist, container_id=self._container_id(rp),
+                    "ADD", conflist, container_id=self._container_id(rp),
                     netns_path=f"/run/netns/{rp.netns}", cni_args=_cni_args(pod),
-                    cni_path=self.cni_path, run_in=self.node.netns,
+                    cni_path=self.cni_path, run_in=self.node.netns, wrap=self._node_view(rp),
                 )  # fmt: skip
                 assert result is not None
                 rp.cni_result = result
                 rp.ip = str(result["ips"][0]["address"]).split("/")[0]
             fields = field_values(pod, node_ip=self.node.ip, pod_ip=rp.ip)
+            if self.bind_mounts:
+                self._write_hosts(rp)
+            # Init containers run to completion, in order, before the app containers.
+            for c in spec.get("initContainers", []):
+                argv, env = self._launch(c, rp, fields, mounts_by_volume)
+                log_path = rp.dir / f"init-{c['name']}.log"
+                with open(log_path, "ab") as out:
+                    proc = subprocess.run(
+                        argv,
+                        env=env,
+                        cwd=rp.dir,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        timeout=120,
+                        check=False,
+                    )
+                if proc.returncode != 0:
+                    raise LabCommandError(
+                        f"init container {c['name']} exited {proc.returncode}: "
+                        + log_path.read_text(errors="replace")[-500:]
+                    )
             for c in spec.get("containers", []):
-                mounts = {
-                    str(m["mountPath"]): mounts_by_volume[str(m["name"])]
-                    for m in c.get("volumeMounts", [])
-                }
-                proc = container_process(c, fields=fields, mounts=mounts)
-                env = {"PATH": self.path_env, "HOME": "/root", **proc.env}
-                netns = rp.netns or self.node.netns
-                rp.pids[proc.container] = system.spawn(
-                    system.nsenter(netns, list(proc.argv)),
-                    log=rp.dir / f"{proc.container}.log",
-                    cwd=rp.dir,
-                    env=env,
+                argv, env = self._launch(c, rp, fields, mounts_by_volume)
+                rp.pids[str(c["name"])] = system.spawn(
+                    argv, log=rp.dir / f"{c['name']}.log", cwd=rp.dir, env=env
                 )
+                hook = ((c.get("lifecycle") or {}).get("preStop") or {}).get("exec")
+                if hook and hook.get("command"):
+                    hook_c = {**c, "command": hook["command"], "args": []}
+                    rp.pre_stop[str(c["name"])] = self._launch(hook_c, rp, fields, mounts_by_volume)
         except BaseException:
             self._teardown(self.pods.pop(uid))
             raise
+
+    def _launch(
+        self, c: Json, rp: RunningPod, fields: Mapping[str, str], volumes: Mapping[str, Path]
+    ) -> tuple[list[str], dict[str, str]]:
+        """(argv, env) of one container process: in the pod's netns (the node's for
+        hostNetwork), with its volumes bind-mounted at their mountPaths or its paths mapped."""
+        netns = rp.netns or self.node.netns
+        mounts = {str(m["mountPath"]): volumes[str(m["name"])] for m in c.get("volumeMounts", [])}
+        if not self.bind_mounts:
+            proc = container_process(c, fields=fields, mounts=mounts)
+            env = {"PATH": self.path_env, "HOME": "/root", **proc.env}
+            return system.nsenter(netns, list(proc.argv)), env
+        proc = container_process(c, fields=fields, mounts={})
+        binds = [
+            container.Bind(source=src, target=Path(dst))
+            for dst, src in (*self.image_paths.items(), *mounts.items())
+        ]
+        binds.append(container.Bind(source=rp.dir / "hosts", target=Path("/etc/hosts")))
+        binds.append(container.Bind(source=rp.dir / "resolv.conf", target=Path("/etc/resolv.conf")))
+        argv = container.launcher_argv(
+            self.python, binds, list(proc.argv), created=self.root / "mountpoints"
+        )
+        env = {"PATH": self.path_env, "HOME": "/root", **self.service_env(), **proc.env}
+        return system.nsenter(netns, argv), env
+
+    def _node_view(self, rp: RunningPod) -> list[str]:
+        """The prefix that runs a CNI plugin with this node's own directories in place."""
+        if not self.node_paths:
+            return []
+        binds = [
+            container.Bind(source=src, target=Path(dst)) for dst, src in self.node_paths.items()
+        ]
+        return container.launcher_argv(self.python, binds, [], created=self.root / "mountpoints")
+
+    def _conflist(self) -> Mapping[str, Any]:
+        """The network config a runtime would use now: the node's first *.conflist."""
+        if self.conf_dir is None:
+            return self.conflist
+        files = sorted(self.conf_dir.glob("*.conflist"))
+        if not files:
+            raise LabCommandError(f"network not ready: no CNI config in {self.conf_dir}")
+        try:
+            data = json.loads(files[0].read_text())
+        except (OSError, ValueError) as e:
+            raise LabCommandError(f"CNI config {files[0]}: {e}") from e
+        if not isinstance(data, dict):
+            raise LabCommandError(f"CNI config {files[0]}: not an object")
+        return data
+
+    def _write_hosts(self, rp: RunningPod) -> None:
+        """The pod's /etc/hosts: itself, and every Service (the lab's stand-in for cluster
+        DNS: names resolve to ClusterIPs, which the node proxy or the lab kube-proxy serve)."""
+        ns = rp.namespace
+        lines = ["127.0.0.1 localhost", f"{rp.ip} {rp.name}"]
+        for svc in self.services:
+            meta, spec = svc["metadata"], svc.get("spec") or {}
+            cip = spec.get("clusterIP")
+            if not cip or cip == "None":
+                continue
+            n, sns = meta["name"], meta["namespace"]
+            names = [f"{n}.{sns}.svc.{topology.TRUST_DOMAIN}", f"{n}.{sns}.svc", f"{n}.{sns}"]
+            if sns == ns:
+                names.append(n)
+            lines.append(f"{cip} {' '.join(names)}")
+        # No cluster DNS server: a resolver that asks one gets "refused" at once from the pod's
+        # own loopback (gRPC's c-ares resolver asks DNS for AAAA records the hosts file lacks,
+        # and the machine's nameserver is unreachable from a pod: each lookup would hang).
+        (rp.dir / "resolv.conf").write_text(
+            "# lab kubelet: no cluster DNS; names are in /etc/hosts\nnameserver 127.0.0.1\n"
+        )
+        # In place (not rename): the file is bind-mounted on the containers' /etc/hosts.
+        with open(rp.dir / "hosts", "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def _host_path(self, path: str) -> Path:
+        """A hostPath on this node: under one of the node's own directories, or the machine's."""
+        p = Path(path)
+        for prefix in sorted(self.node_paths, key=len, reverse=True):
+            if p == Path(prefix) or Path(prefix) in p.parents:
+                return self.node_paths[prefix] / p.relative_to(prefix)
+        return p
 
     def _container_id(self, rp: RunningPod) -> str:
         return f"{self.lab}-{rp.uid}"
@@ -362,12 +536,18 @@ class LabKubelet:
     def _volumes(
         self, pod: Json, rp: RunningPod, files: Mapping[str, Mapping[str, bytes]]
     ) -> dict[str, Path]:
-        """volume name -> host path; hostPath as is, the others in the pod's directory."""
+        """volume name -> host path; hostPath on the node, the others in the pod's directory."""
         out: dict[str, Path] = {}
         for v in pod["spec"].get("volumes", []):
             name = str(v["name"])
             if "hostPath" in v:
-                out[name] = Path(v["hostPath"]["path"])
+                hp = self._host_path(str(v["hostPath"]["path"]))
+                kind = v["hostPath"].get("type", "")
+                if kind == "DirectoryOrCreate":
+                    hp.mkdir(parents=True, exist_ok=True)
+                elif kind == "Directory" and not hp.is_dir():
+                    raise LabCommandError(f"volume {name}: hostPath {hp} is not a directory")
+                out[name] = hp
                 continue
             d = rp.dir / "volumes" / name
             d.mkdir(parents=True, exist_ok=True)
@@ -475,12 +655,19 @@ class LabKubelet:
         if code != 200:
             raise LabCommandError(f"status of {rp.namespace}/{rp.name}: HTTP {code}: {data}")
         rp.reported = digest
+        if status["phase"] in ("Succeeded", "Failed"):
+            # A finished pod keeps its object (and logs) but not its sandbox: processes, IP
+            # and netns are released (no restarts in the lab: a controller replaces the pod).
+            self.pods.pop(rp.uid, None)
+            await asyncio.to_thread(self._teardown, rp, keep_dir=True)
 
     async def _finish(self, pod: Json) -> None:
         meta = pod["metadata"]
         rp = self.pods.pop(str(meta["uid"]), None)
         if rp is not None:
             await asyncio.to_thread(self._teardown, rp)
+        else:  # finished earlier: only its directory (logs) is left
+            shutil.rmtree(self.root / "pods" / str(meta["uid"]), ignore_errors=True)
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                 "preconditions": {"uid": meta["uid"]}}  # fmt: skip
@@ -488,23 +675,65 @@ class LabKubelet:
         if code not in (200, 404, 409):
             raise LabCommandError(f"delete {meta['namespace']}/{meta['name']}: HTTP {code}")
 
-    def _teardown(self, rp: RunningPod) -> None:
+    def _teardown(self, rp: RunningPod, *, keep_dir: bool = False) -> None:
+        # preStop hooks first (bounded by the grace period), then SIGTERM, SIGKILL at the end
+        # of the grace period (capped: the lab does not wait an hour).
+        grace = min(rp.grace, 30.0)
+        for c, (argv, env) in rp.pre_stop.items():
+            if c in rp.pids and system.alive(rp.pids[c]):
+                with open(rp.dir / f"{c}.log", "ab") as out:
+                    try:
+                        subprocess.run(
+                            argv,
+                            env=env,
+                            cwd=rp.dir,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            timeout=grace,
+                            check=False,
+                        )
+                    except subprocess.TimeoutExpired:
+                        log.warning("pod %s/%s: preStop of %s timed out", rp.namespace, rp.name, c)
         for pid in rp.pids.values():
-            system.stop(pid, timeout=10)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+        for pid in rp.pids.values():
+            system.stop(pid, timeout=grace)
         if rp.netns is not None:
+            conflist = rp.conflist or self.conflist
+            with contextlib.suppress(LabCommandError):
+                conflist = self._conflist()  # DEL with the config the runtime has now
             with contextlib.suppress(LabCommandError):
                 system.cni_chain(
-                    "DEL", self.conflist, container_id=self._container_id(rp),
+                    "DEL", conflist, container_id=self._container_id(rp),
                     netns_path=f"/run/netns/{rp.netns}", cni_path=self.cni_path,
-                    prev_result=rp.cni_result, run_in=self.node.netns,
+                    prev_result=rp.cni_result, run_in=self.node.netns, wrap=self._node_view(rp),
                 )  # fmt: skip
             system.netns_del(rp.netns)
-        shutil.rmtree(rp.dir, ignore_errors=True)
+        if not keep_dir:
+            # The logs outlive the pod (what `kubectl logs --previous` would show).
+            done = self.root / "logs"
+            done.mkdir(parents=True, exist_ok=True)
+            for f in rp.dir.glob("*.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(f, done / f"{rp.namespace}_{rp.name}_{f.name}")
+            shutil.rmtree(rp.dir, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop every pod this kubelet runs (processes, CNI DEL, netns, directory)."""
         for uid in list(self.pods):
             self._teardown(self.pods.pop(uid))
+
+
+def _service_names(services: Sequence[Json]) -> list[tuple[str, str, str]]:
+    return sorted(
+        (
+            str(s["metadata"]["namespace"]),
+            str(s["metadata"]["name"]),
+            str((s.get("spec") or {}).get("clusterIP", "")),
+        )
+        for s in services
+    )
 
 
 def _cni_args(pod: Json) -> str:
@@ -524,3 +753,81 @@ def _reap(pid: int) -> int | None:
 
 def _b64(data: str) -> bytes:
     return base64.b64decode(data)
+
+
+# -- the process (one per lab node, started by ambientctl.lab.kubelab) ---------------------------
+
+
+async def _serve(kubelet: LabKubelet) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(kubelet.run())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("lab kubelet %s: stopping its pods", kubelet.node.name)
+    await asyncio.to_thread(kubelet.stop)
+    await asyncio.to_thread(kubeproxy.remove, kubelet.node.netns)
+    await kubelet.api.close()
+    if kubelet.proxy_api is not None:
+        await kubelet.proxy_api.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ambientctl.lab.kubelet``: the kubelet of one lab node until SIGTERM, which
+    stops every pod it runs (preStop hooks, processes, CNI DEL, netns) before it exits."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="ambientctl.lab.kubelet")
+    p.add_argument("--lab", required=True)
+    p.add_argument("--node", required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--kubeconfig", type=Path, required=True, help="the node's credential")
+    p.add_argument("--proxy-kubeconfig", type=Path, help="system:kube-proxy (lab kube-proxy)")
+    p.add_argument("--root", type=Path, required=True, help="the kubelet's pod directories")
+    p.add_argument("--conf-dir", type=Path, required=True, help="the node's CNI config dir")
+    p.add_argument("--cni-path", type=Path, action="append", default=[])
+    p.add_argument(
+        "--node-path",
+        action="append",
+        default=[],
+        metavar="PATH=HOSTDIR",
+        help="a directory of this node (hostPath PATH is HOSTDIR)",
+    )
+    p.add_argument(
+        "--image-path",
+        action="append",
+        default=[],
+        metavar="PATH=HOSTDIR",
+        help="a directory every container sees at PATH",
+    )
+    p.add_argument("--path-env", default=os.environ.get("PATH", "/usr/bin:/bin"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    node_paths, image_paths = {}, {}
+    for item in args.node_path:
+        dst, _, src = item.partition("=")
+        node_paths[dst] = Path(src)
+    for item in args.image_path:
+        dst, _, src = item.partition("=")
+        image_paths[dst] = Path(src)
+    kubelet = LabKubelet(
+        api=KubeApi(kubeconfig=args.kubeconfig),
+        node=topology.node_plan(args.lab, args.node, args.index),
+        lab=args.lab,
+        conflist={},
+        cni_path=args.cni_path,
+        root=args.root,
+        path_env=args.path_env,
+        bind_mounts=True,
+        node_paths=node_paths,
+        conf_dir=args.conf_dir,
+        proxy_api=KubeApi(kubeconfig=args.proxy_kubeconfig) if args.proxy_kubeconfig else None,
+        image_paths=image_paths,
+    )
+    asyncio.run(_serve(kubelet))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

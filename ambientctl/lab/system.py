@@ -197,6 +197,7 @@ def exec_plugin(
     cni_path: Sequence[Path],
     prev_result: Mapping[str, Any] | None,
     run_in: str | None,
+    wrap: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     config = dict(plugin)
     config["name"] = conflist["name"]
@@ -213,7 +214,8 @@ def exec_plugin(
         "CNI_PATH": ":".join(map(str, cni_path)),
     }
     binary = str(find_plugin(str(plugin["type"]), cni_path))
-    argv = nsenter(run_in, [binary]) if run_in else [binary]
+    argv = [*wrap, binary]  # wrap: e.g. a lab node's filesystem view (ambientctl.lab.container)
+    argv = nsenter(run_in, argv) if run_in else argv
     proc = subprocess.run(
         argv, input=json.dumps(config).encode(), env=env, capture_output=True, timeout=60
     )
@@ -238,6 +240,7 @@ def cni_chain(
     cni_path: Sequence[Path],
     prev_result: Mapping[str, Any] | None = None,
     run_in: str | None = None,
+    wrap: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """ADD: each plugin in order, threading prevResult; DEL: reverse order with the last result
     (0.4.0+); CHECK: in order with the cached result. Returns the final ADD result."""
@@ -257,6 +260,7 @@ def cni_chain(
             cni_path=cni_path,
             prev_result=result,
             run_in=run_in,
+            wrap=wrap,
         )
         if command == "ADD":
             result = out

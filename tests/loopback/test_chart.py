@@ -159,7 +159,7 @@ def test_validator_catches_a_broken_manifest(tmp_path: Path) -> None:
     proc = kubernetes_validate(yaml.safe_dump(ds), tmp_path)
     assert proc.returncode != 0 and "hostNetwrk" in proc.stdout + proc.stderr
     ds = copy.deepcopy(find(docs, "DaemonSet", "ztunnel"))
-    ds["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "15001"
+    ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "35"
     proc = kubernetes_validate(yaml.safe_dump(ds), tmp_path)
     assert proc.returncode != 0
 

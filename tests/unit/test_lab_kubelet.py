@@ -64,3 +64,11 @@ def test_pod_status() -> None:
     assert s["phase"] == "Succeeded"
     s = pod_status(never, pod_ip="", node_ip="", started=T0, exited={"a": 0, "b": 1}, now=T0)
     assert s["phase"] == "Failed"
+
+
+def test_empty_env_value() -> None:
+    """The API server omits an empty ``value`` (the chart's ``CNI_CONF_FILE: ""``): it is "",
+    not an unsupported source."""
+    fields = field_values(POD, node_ip="172.30.0.11", pod_ip="10.240.1.5")
+    c = {"name": "c", "command": ["x"], "env": [{"name": "E"}]}
+    assert container_process(c, fields=fields, mounts={}).env == {"E": ""}

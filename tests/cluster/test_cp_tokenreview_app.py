@@ -1,9 +1,10 @@
 """The control plane PROCESS wiring of TokenReview auth (`--token-review-account`,
-`--token-audience`, the API server from a kubeconfig): the CA and the xDS stream both
-authenticate node proxies by the Kubernetes API STAND-IN's TokenReview, over real gRPC and HTTP
-on loopback. The impersonation check reads the control plane's own store (manifests here).
-Not yet moved to the real API server (issue 13); tests/cluster/test_tokenreview.py covers
-TokenReview itself with real projected tokens."""
+`--token-audience`, the API server from a kubeconfig) against the REAL API server: the CA and
+the xDS stream both authenticate node proxies with a real projected token (TokenRequest, bound
+to a real ztunnel Pod on node-a, audience ``ambient``), reviewed by the real TokenReview as the
+chart's ``ambient-controlplane`` service account. The impersonation check reads the control
+plane's own store (manifests here: sleep on node-a, echo on node-b). A token for another
+audience is refused: the control plane sends its audience in the review."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
+from ambientctl.lab.kube import KubeCluster
 from controlplane.app import ControlPlane, ControlPlaneSettings, parse_args
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
@@ -22,31 +23,14 @@ from meshcore.identity import SpiffeId
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE
 from meshcore.xds import DELTA_METHOD, ControlPlaneEndpoint
-from tests.helpers import loopback_block, run
-from tests.kubeapi_standin import KubeApiStandIn
+from tests.cluster import objects
+from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
+from tests.helpers import run
 from tests.loopback.cpfixtures import base_manifests, write_manifests
 
-pytestmark = pytest.mark.timeout(60)
-BLOCK = loopback_block()
-API_IP = BLOCK.ip(1)
-CP_IP = BLOCK.ip(2)
+pytestmark = pytest.mark.timeout(120)
+CP_IP = "127.0.0.1"
 ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
-
-
-def kubeconfig(path: Path, port: int) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "s", "cluster": {"server": f"http://{API_IP}:{port}"}}],
-                "users": [{"name": "cp", "user": {"token": "controlplane-sa-token"}}],
-                "contexts": [{"name": "c", "context": {"cluster": "s", "user": "cp"}}],
-                "current-context": "c",
-            }
-        )
-    )
-    return path
 
 
 async def xds_code(port: int, token: str | None, node: str) -> grpc.StatusCode:
@@ -74,19 +58,12 @@ async def xds_code(port: int, token: str | None, node: str) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-async def _controlplane_token_review(tmp: Path) -> None:
-    api = KubeApiStandIn()
-    await api.start(API_IP)
-    await api.upsert(
-        "pods",
-        {
-            "metadata": {"name": "ztunnel-a", "namespace": "istio-system", "uid": "u-a"},
-            "spec": {"nodeName": "node-a", "serviceAccountName": "ztunnel"},
-        },
-    )
-    api.add_token(
-        "tok-a", ZTUNNEL, pod=("istio-system", "ztunnel-a", "u-a"), audiences=("ambient",)
-    )
+async def _controlplane_token_review(kube: KubeCluster, tmp: Path) -> None:
+    # node-a's proxy pod; the node is named as in base_manifests (sleep on node-a).
+    za = objects.pod(kube, SYSTEM_NS, "trapp-ztunnel-a", node_name="node-a", sa="ztunnel")
+    tok_a = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=["ambient"], pod=za)
+    tok_other_aud = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=["other"], pod=za)
+    kc = sa_kubeconfig(kube, tmp / "cp.kubeconfig", SYSTEM_NS, "ambient-controlplane")
     write_manifests(tmp / "manifests", "base.yaml", base_manifests())
     settings = ControlPlaneSettings(
         listen=f"{CP_IP}:0",
@@ -94,7 +71,7 @@ async def _controlplane_token_review(tmp: Path) -> None:
         manifest_dir=tmp / "manifests",
         ca_dir=tmp / "ca",
         plaintext=True,
-        kubeconfig=kubeconfig(tmp / "kubeconfig", api.port),
+        kubeconfig=kc,
         token_review_accounts=(ZTUNNEL,),
         token_audiences=("ambient",),
         poll_interval=0.05,
@@ -102,7 +79,7 @@ async def _controlplane_token_review(tmp: Path) -> None:
     cp = ControlPlane(settings)
     await cp.start()
     try:
-        ep = ControlPlaneEndpoint(address=f"{CP_IP}:{cp.port}", token="tok-a")
+        ep = ControlPlaneEndpoint(address=f"{CP_IP}:{cp.port}", token=tok_a)
         ca = ControlPlaneCAProvider(ep)
         sleep = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="sleep")
         echo = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="echo")
@@ -115,18 +92,19 @@ async def _controlplane_token_review(tmp: Path) -> None:
             await bad.fetch(sleep)
         await bad.close()
 
-        assert await xds_code(cp.port, "tok-a", "node-a") == grpc.StatusCode.OK
-        assert await xds_code(cp.port, "tok-a", "node-b") == grpc.StatusCode.PERMISSION_DENIED
+        assert await xds_code(cp.port, tok_a, "node-a") == grpc.StatusCode.OK
+        assert await xds_code(cp.port, tok_a, "node-b") == grpc.StatusCode.PERMISSION_DENIED
         assert await xds_code(cp.port, "nope", "node-a") == grpc.StatusCode.UNAUTHENTICATED
         assert await xds_code(cp.port, None, "node-a") == grpc.StatusCode.UNAUTHENTICATED
-        assert api.reviews and all(r["spec"]["audiences"] == ["ambient"] for r in api.reviews)
+        # The review names the control plane's audience: a token for another is refused.
+        code = await xds_code(cp.port, tok_other_aud, "node-a")
+        assert code == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await cp.stop()
-        await api.stop()
 
 
-def test_controlplane_token_review(tmp_path: Path) -> None:
-    run(_controlplane_token_review(tmp_path))
+def test_controlplane_token_review(chart: KubeCluster, tmp_path: Path) -> None:
+    run(_controlplane_token_review(chart, tmp_path))
 
 
 def test_flags() -> None:
@@ -144,4 +122,5 @@ def test_flags() -> None:
             "a2",
         ]
     )
-    assert s.token_review_accounts == (ZTUNNEL,) and s.token_audiences == ("a1", "a2")
+    assert s.token_review_accounts == (ZTUNNEL,)
+    assert s.token_audiences == ("a1", "a2")
