@@ -83,8 +83,9 @@ def test_tracing_and_cluster_id_reach_node_proxies_and_the_waypoints_created() -
     node = chart.container(chart.find(docs, "DaemonSet", "ztunnel"), "ztunnel")["args"]
     assert "--tracing-address=otel.observability:4317" in node
     assert "--tracing-sampling=2.5" in node
-    zt, _ = ztunnel_args([a.replace("$(NODE_NAME)", "n1").replace("$(NODE_IP)", "10.0.0.1")
-                          for a in node])  # fmt: skip
+    zt, _ = ztunnel_args(
+        [a.replace("$(NODE_NAME)", "n1").replace("$(NODE_IP)", "10.0.0.1") for a in node]
+    )
     assert zt.tracing_address == "otel.observability:4317"
     assert zt.tracing_sampler == Sampler(ratio=0.025)
     assert zt.cluster_id == "east"
@@ -93,8 +94,10 @@ def test_tracing_and_cluster_id_reach_node_proxies_and_the_waypoints_created() -
         + ["--ca-dir", "/nonexistent"]
     )
     assert settings.waypoints is not None
-    gw = {"metadata": {"name": "wp", "namespace": "shop", "uid": "u"},
-          "spec": {"gatewayClassName": "istio-waypoint"}}  # fmt: skip
+    gw = {
+        "metadata": {"name": "wp", "namespace": "shop", "uid": "u"},
+        "spec": {"gatewayClassName": "istio-waypoint"},
+    }
     dep = desired_objects(gw, settings.waypoints).deployment
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in c["env"]}

@@ -147,6 +147,13 @@ BPF = "bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime 0 0\n"
 BRIDGE = {"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}]}
 
 
+@pytest.fixture(autouse=True)
+def _no_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No kubeconfig anywhere: precheck's Kubernetes checks are tests/cluster/test_precheck.py."""
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
 def precheck(capsys: pytest.CaptureFixture[str], root: Path) -> tuple[int, str, str]:
     return run(
         capsys, "x", "precheck", "--proc", str(root / "proc"), "--cni-conf-dir", str(root / "net.d")
@@ -160,7 +167,11 @@ def test_precheck_passes_on_a_good_node(tmp_path: Path, capsys: pytest.CaptureFi
     assert "\u2714 kernel: 6.1.0-18-amd64" in out
     assert "\u2714 eBPF" in out
     assert "\u2714 CNI" in out
+    assert "! Kubernetes: no cluster configured" in out  # said, not silently skipped
     assert "No issues found" in err
+    code, _out, err = run(capsys, "x", "precheck", "--context", "prod")
+    assert code == 1
+    assert err == "ambientctl: --context prod: no kubeconfig (give --kubeconfig)\n"
 
 
 @pytest.mark.parametrize(
