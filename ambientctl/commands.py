@@ -106,7 +106,13 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="analyze a running lab: its manifests and live pod redirection",
     )
-    an.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    an.add_argument(
+        "-o",
+        "--output",
+        choices=("log", "short", "text", "json", "yaml"),
+        default="log",
+        help="log (istioctl's default; also short/text): one line per message",
+    )
     an.add_argument(
         "--failure-threshold",
         choices=analyze.LEVELS,
@@ -196,7 +202,7 @@ def _analyze(args: argparse.Namespace) -> int:
     msgs = analyze.analyze(inp, TranslateOptions(root_namespace=args.root_namespace))
     if args.namespace and not args.all_namespaces:  # istioctl's -n (default: every namespace)
         msgs = [m for m in msgs if analyze.message_namespace(m.ref) in (args.namespace, None)]
-    if args.output == "text":
+    if args.output in ("log", "short", "text"):
         for m in msgs:
             _out(m.render())
         where = ", ".join(map(str, paths))

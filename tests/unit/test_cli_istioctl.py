@@ -5,7 +5,9 @@ exit, never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -345,3 +347,66 @@ def test_analyze_namespace_filter(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, out, _ = run(capsys, "analyze", str(tmp_path), "-o", "json", "-n", "nothing-here")
     assert code == 0
     assert json.loads(out) == []
+
+
+def _leaves(
+    p: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(path), p
+        return
+    seen: set[int] = set()
+    for name, sp in subs[0].choices.items():
+        if id(sp) not in seen:  # aliases (zc, ps, experimental) are the same parser
+            seen.add(id(sp))
+            yield from _leaves(sp, (*path, name))
+
+
+def _documented(flag: str) -> set[str]:
+    """The commands docs/istioctl.md's flag row names (backticked, before any "Not on")."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "istioctl.md").read_text()
+    (row,) = [line for line in doc.splitlines() if line.startswith(f"| `{flag}` |")]
+    notes = row.split(" | ")[2].split("Not on")[0]
+    commands = {name for name, _ in _leaves(parser())}
+    return {token for token in re.findall(r"`([^`]+)`", notes) if token in commands}
+
+
+def test_flags_match_the_istioctl_table() -> None:
+    """Every command with ``-o`` offers json and yaml (and istioctl's ``short`` where the output
+    is rows), and docs/istioctl.md's ``-o``, ``-n`` and ``-A`` rows name exactly the commands
+    that take them."""
+    with_flag: dict[str, set[str]] = {"-o": set(), "-n": set(), "-A": set()}
+    for name, p in _leaves(parser()):
+        for action in p._actions:
+            for flag in with_flag:
+                if flag in action.option_strings:
+                    with_flag[flag].add(name)
+            if "-o" in action.option_strings:
+                choices = set(action.choices or ())
+                assert {"json", "yaml"} <= choices, name
+                assert "short" in choices or name == "waypoint generate", name
+    assert _documented("-o/--output") == with_flag["-o"]
+    assert _documented("-n/--namespace") == with_flag["-n"]
+    assert _documented("-A/--all-namespaces") == with_flag["-A"]
+
+
+def test_analyze_output_log_is_istioctls_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.yaml").write_text(NS + "---\n" + SVC % 80 + "---\n" + SVC % 81)
+    outs = set()
+    for fmt in ((), ("-o", "log"), ("-o", "short"), ("-o", "text")):
+        code, out, _ = run(capsys, "analyze", str(tmp_path), *fmt)
+        assert code == 79
+        outs.add(out)
+    (text,) = outs
+    assert "AMB0107" in text
+
+
+def test_cluster_flags_on_a_command_without_a_cluster_are_said(
+    dump: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "--context", "prod", "zc", "workloads", "--file", str(dump))
+    assert code == 0
+    assert err == "ambientctl: warning: --context not used: `zc` reads no cluster\n"
