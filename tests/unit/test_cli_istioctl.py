@@ -250,9 +250,18 @@ def test_analyze_reports_istio_ingress_gateway(
         + "metadata: {name: ingress, namespace: demo}\n"
         + "spec: {selector: {istio: ingressgateway}, servers: []}\n"
     )
+    (tmp_path / "gwapi.yaml").write_text(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n"
+        "metadata: {name: public, namespace: demo}\n"
+        "spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}\n"
+    )
     code, out, _ = run(capsys, "analyze", str(tmp_path), "-o", "json")
     assert code == 79
-    assert [m["code"] for m in json.loads(out)] == ["AMB0204"]  # kind not implemented (issue 10)
+    # Istio's and Gateway API's ingress Gateways: each said (kind not implemented, issue 10).
+    assert [(m["code"], m["ref"]) for m in json.loads(out)] == [
+        ("AMB0204", "Gateway demo/ingress"),
+        ("AMB0204", "Gateway demo/public"),
+    ]
 
 
 def gateway(name: str, ns: str) -> str:
