@@ -4,12 +4,13 @@ precheck: version, RBAC to install, conflicting installs, CRDs), with the cluste
 (another context of the same kubeconfig) is refused each kind the chart creates; an Istio
 istiod and a Cilium DaemonSet are found; the chart fixture's CRDs (applied by kubectl, not
 by a helm release) are reported as ones helm would not adopt; an API server that does not
-answer is one line and exit 1.
+answer is one line and exit 1. ``ambientctl install`` honours the same ``--context``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ambientctl.main import main
 from ambientctl.precheck import INSTALL_PERMISSIONS
 from tests.cluster import objects
 from tests.cluster.fixtures import sa_kubeconfig
+from tests.loopback.test_chart import helm_binary
 
 NS = "precheck"
 NODE = ["--proc", "/proc", "--cni-conf-dir", "/nonexistent"]
@@ -74,11 +76,15 @@ def two_contexts(kube: KubeCluster, tmp_path: Path) -> Path:
     )
     path = tmp_path / "kubeconfig"
     path.write_text(json.dumps(doc))
+    path.chmod(0o600)
     return path
 
 
 def test_precheck_against_the_real_api_server(
-    chart: KubeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    chart: KubeCluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     kube = chart
     objects.namespace(kube, NS)
@@ -132,6 +138,30 @@ def test_precheck_against_the_real_api_server(
     assert "Traceback" not in err
     assert "\u2718 Kubernetes: cannot use the kubeconfig: " in out, out
     assert "nope" in out
+
+    # `install` honours the same flags: as `viewer`, the real RBAC refuses helm (the admin,
+    # the current context, would install); an unknown context is refused before helm runs.
+    monkeypatch.setenv("PATH", f"{kube.bin}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("AMBIENT_HELM", helm_binary())
+    install = [
+        "install",
+        "--kubeconfig",
+        str(kubeconfig),
+        "-n",
+        NS,
+        "--no-wait",
+        "--set",
+        "crds.install=false",
+    ]
+    code = main([*install, "--context", "viewer"])
+    _out, err = capsys.readouterr()
+    assert code == 1
+    assert "ambientctl: helm upgrade --install (context viewer) failed:\n" in err, err
+    assert 'forbidden: User "system:serviceaccount:precheck:viewer"' in err
+    code = main([*install, "--context=nope"])
+    _out, err = capsys.readouterr()
+    assert code == 5
+    assert err == "ambientctl: no context 'nope' in the kubeconfig\n"
 
 
 def test_precheck_unreachable_api_server(
