@@ -86,3 +86,25 @@ def test_node_proxy_flag(capsys: pytest.CaptureFixture[str]) -> None:
         parse_args([*base, "--tracing-sampling", "200"])
     assert exit_.value.code == 2
     assert "200.0% is not within [0, 100]" in capsys.readouterr().err
+
+
+def test_lab_pods_get_the_labs_collector_and_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ambientctl.lab.manifests import PodSpec
+    from ambientctl.lab.pods import _pod_env
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://10.0.0.1:4317")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "not-passed")
+    pod = PodSpec(
+        name="wp",
+        namespace="default",
+        labels={},
+        service_account="wp",
+        node="node-1",
+        command=("waypoint",),
+    )
+    env = _pod_env(pod)
+    assert sampler_from_env(env) == Sampler(ratio=0.5)
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://10.0.0.1:4317"
+    assert "OTEL_SERVICE_NAME" not in env
