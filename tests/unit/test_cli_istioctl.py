@@ -419,3 +419,26 @@ def test_cluster_flags_on_a_command_without_a_cluster_are_said(
     code, _, err = run(capsys, "--context", "prod", "zc", "workloads", "--file", str(dump))
     assert code == 0
     assert err == "ambientctl: warning: --context not used: `zc` reads no cluster\n"
+
+
+def test_waypoint_generate_and_status_as_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "waypoint", "generate", "-n", "prod", "-o", "json")
+    assert code == 0
+    assert json.loads(out)["metadata"] == {
+        "name": "waypoint",
+        "namespace": "prod",
+        "labels": {"istio.io/waypoint-for": "service"},
+    }
+    (tmp_path / "gw.yaml").write_text(gateway("waypoint", "prod"))
+    code, out, _ = run(
+        capsys, "waypoint", "status", "-d", str(tmp_path), "-n", "prod", "-o", "yaml"
+    )
+    assert code == 0
+    assert yaml.safe_load(out) == {
+        "namespace": "prod",
+        "name": "waypoint",
+        "for": "service",
+        "file": "gw.yaml",
+    }
