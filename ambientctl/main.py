@@ -7,7 +7,7 @@
                               [-o short|json|yaml] [-n NS | -A]  (singular names are aliases)
     ambientctl proxy-status                           (node proxies vs the control plane)
     ambientctl version                                (client and control plane)
-    ambientctl x precheck                             (kernel, eBPF, CNI chain, conflicts)
+    ambientctl x precheck   (kernel, eBPF, CNI chain; Kubernetes version, RBAC, installs, CRDs)
     ambientctl completion bash|zsh
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
     ambientctl lab down | pods | exec POD -- CMD... | label namespace NS key=value|key- ...
@@ -16,7 +16,8 @@
     ambientctl waypoint generate|apply|list|delete|status [-d DIR | --lab N] (waypoints)
 
 Global flags accepted anywhere before ``--`` (istioctl's persistent flags): ``--context NAME``,
-``--kubeconfig PATH``.
+``--kubeconfig PATH``; they act on the commands that talk to a cluster (`USES_CLUSTER`), and
+given to any other command they are named in a warning on stderr, never silently dropped.
 
 The non-lab commands live in `ambientctl.commands`. Errors are `ambientctl.errors.CtlError`
 (message on stderr, `exit_code` as status), translated here and nowhere else; an OS error a
