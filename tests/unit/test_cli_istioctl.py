@@ -65,6 +65,33 @@ def test_ztunnel_config_namespace_filter_and_all_namespaces(
     code, out, _ = run(capsys, "zc", "workloads", "--file", str(dump), "-A", "-o", "yaml")
     assert code == 0
     assert {w["name"] for w in yaml.safe_load(out)} == {"sleep", "echo"}
+    # Certificates by their identity's namespace, connections by their source's.
+    sleep, echo = (
+        "spiffe://cluster.local/ns/apps/sa/sleep",
+        "spiffe://cluster.local/ns/other/sa/echo",
+    )
+    doc = {
+        **DUMP,
+        "certificates": [
+            {"identity": sleep, "state": "available"},
+            {"identity": echo, "state": "available"},
+        ],
+        "connections": [
+            {"source": sleep, "destination": "10.0.0.2:15008", "peer": echo},
+            {"source": echo, "destination": "10.0.0.1:15008", "peer": sleep},
+        ],
+    }
+    dump.write_text(json.dumps(doc))
+    code, out, _ = run(
+        capsys, "zc", "certificates", "--file", str(dump), "-n", "apps", "-o", "json"
+    )
+    assert [c["identity"] for c in json.loads(out)] == [sleep]
+    code, out, _ = run(
+        capsys, "zc", "connections", "--file", str(dump), "-n", "other", "-o", "json"
+    )
+    assert [c["source"] for c in json.loads(out)] == [echo]
+    code, out, _ = run(capsys, "zc", "certificates", "--file", str(dump), "-A", "-o", "json")
+    assert len(json.loads(out)) == 2
 
 
 def test_global_flags_anywhere(
