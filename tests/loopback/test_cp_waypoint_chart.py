@@ -76,7 +76,7 @@ def test_tracing_and_cluster_id_reach_node_proxies_and_the_waypoints_created() -
     Deployment the controller creates; each parsed by the component that reads it."""
     from controlplane.waypoints import desired_objects
     from meshcore.tracing import Sampler, sampler_from_env
-    from ztunnel.app import parse_args as ztunnel_args
+    from ztunnel.flags import parse_args as ztunnel_args
 
     sets = ["tracing.address=otel.observability:4317", "tracing.sampling=2.5", "clusterId=east"]
     _, docs = chart.render(sets)

@@ -23,7 +23,8 @@ from tests.loopback.cpfixtures import (
     eventually,
     write_manifests,
 )
-from ztunnel.app import controlplane_context, parse_args
+from ztunnel.app import controlplane_context
+from ztunnel.flags import parse_args
 
 
 def scrape(registry: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
