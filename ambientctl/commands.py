@@ -106,7 +106,13 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="analyze a running lab: its manifests and live pod redirection",
     )
-    an.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
+    an.add_argument(
+        "-o",
+        "--output",
+        choices=("log", "short", "text", "json", "yaml"),
+        default="log",
+        help="log (istioctl's default; also short/text): one line per message",
+    )
     an.add_argument(
         "--failure-threshold",
         choices=analyze.LEVELS,
@@ -152,9 +158,18 @@ def register(sub: Any) -> None:
 
     x = sub.add_parser("x", aliases=["experimental"], help="experimental commands")
     xcmds = x.add_subparsers(dest="x_command", required=True, metavar="COMMAND")
-    pre = xcmds.add_parser("precheck", help="can this node run the mesh (kernel, eBPF, CNI)")
+    pre = xcmds.add_parser(
+        "precheck",
+        help="can this node and cluster run the mesh (kernel, eBPF, CNI; Kubernetes version, "
+        "RBAC, conflicting installs and CRDs)",
+    )
     pre.add_argument("--cni-conf-dir", type=Path, default=Path("/etc/cni/net.d"))
     pre.add_argument("--proc", type=Path, default=Path("/proc"), help=argparse.SUPPRESS)
+    pre.add_argument(
+        "-n", "--namespace", default=installer.NAMESPACE, help="the install namespace (RBAC)"
+    )
+    pre.add_argument("--release", default=installer.RELEASE, help="helm release name (CRDs)")
+    pre.add_argument("-o", "--output", choices=("short", "json", "yaml"), default="short")
 
     waypoint_cmd.register(sub)
     comp = sub.add_parser("completion", help="shell completion script")
@@ -187,7 +202,7 @@ def _analyze(args: argparse.Namespace) -> int:
     msgs = analyze.analyze(inp, TranslateOptions(root_namespace=args.root_namespace))
     if args.namespace and not args.all_namespaces:  # istioctl's -n (default: every namespace)
         msgs = [m for m in msgs if analyze.message_namespace(m.ref) in (args.namespace, None)]
-    if args.output == "text":
+    if args.output in ("log", "short", "text"):
         for m in msgs:
             _out(m.render())
         where = ", ".join(map(str, paths))
@@ -321,7 +336,24 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kubeconfig(args: argparse.Namespace) -> Path | None:
+    """The kubeconfig istioctl would use: ``--kubeconfig``, else the first of $KUBECONFIG,
+    else ~/.kube/config when it exists; None: no cluster configured."""
+    if args.kubeconfig is not None:
+        return Path(args.kubeconfig)
+    env = os.environ.get("KUBECONFIG", "")
+    first = next((p for p in env.split(os.pathsep) if p), "")
+    if first:
+        return Path(first)
+    default = Path.home() / ".kube" / "config"
+    return default if default.is_file() else None
+
+
 def _precheck(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from meshcore.kubeapi import KubeApi
+
     def read(path: Path) -> str:
         try:
             return path.read_text(encoding="utf-8", errors="replace")
@@ -332,10 +364,38 @@ def _precheck(args: argparse.Namespace) -> int:
     findings = precheck.run_checks(
         release=release, mounts=read(args.proc / "mounts"), cni_dir=args.cni_conf_dir
     )
-    for f in findings:
-        _out(f.render())
+    kubeconfig = _kubeconfig(args)
+    if kubeconfig is None:
+        if args.context:
+            raise CtlError(f"--context {args.context}: no kubeconfig (give --kubeconfig)")
+        findings.append(
+            precheck.Finding(
+                False,
+                "Kubernetes",
+                "no cluster configured (--kubeconfig, $KUBECONFIG, ~/.kube/config): "
+                "the API checks were not run",
+                level="Warning",
+            )
+        )
+    else:
+        api = KubeApi(kubeconfig=kubeconfig, context=args.context)
+
+        async def kube() -> list[precheck.Finding]:
+            try:
+                return await precheck.kubernetes_checks(
+                    api, namespace=args.namespace, release=args.release
+                )
+            finally:
+                await api.close()
+
+        findings += asyncio.run(kube())
+    if args.output == "short":
+        for f in findings:
+            _out(f.render())
+    else:
+        _out(output.document([f.to_dict() for f in findings], args.output))
     if precheck.failed(findings):
         print("precheck: issues found (see \u2718 above)", file=sys.stderr)
         return 1
-    print("\u2714 No issues found when checking this node.", file=sys.stderr)
+    print("\u2714 No issues found when checking this node and cluster.", file=sys.stderr)
     return 0

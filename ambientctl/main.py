@@ -7,7 +7,7 @@
                               [-o short|json|yaml] [-n NS | -A]  (singular names are aliases)
     ambientctl proxy-status                           (node proxies vs the control plane)
     ambientctl version                                (client and control plane)
-    ambientctl x precheck                             (kernel, eBPF, CNI chain, conflicts)
+    ambientctl x precheck   (kernel, eBPF, CNI chain; Kubernetes version, RBAC, installs, CRDs)
     ambientctl completion bash|zsh
     ambientctl lab up DIR [--name N] [--node NAME ...] [--capture ebpf|off]
     ambientctl lab up --kube [--node NAME ...]    (nodes of a real cluster, docs/kube.md)
@@ -21,7 +21,8 @@
     ambientctl waypoint generate|apply|list|delete|status [-d DIR | --lab N] (waypoints)
 
 Global flags accepted anywhere before ``--`` (istioctl's persistent flags): ``--context NAME``,
-``--kubeconfig PATH``.
+``--kubeconfig PATH``; they act on the commands that talk to a cluster (`USES_CLUSTER`), and
+given to any other command they are named in a warning on stderr, never silently dropped.
 
 The non-lab commands live in `ambientctl.commands`. Errors are `ambientctl.errors.CtlError`
 (message on stderr, `exit_code` as status), translated here and nowhere else; an OS error a
@@ -36,7 +37,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ambientctl import commands
+from ambientctl import commands, output
 from ambientctl.errors import CtlError
 from ambientctl.lab import topology
 from ambientctl.lab.lab import Lab
@@ -60,6 +61,9 @@ def _label_changes(items: Sequence[str]) -> dict[str, str | None]:
 
 
 GLOBAL_FLAGS = ("--context", "--kubeconfig")
+USES_CLUSTER = ("install", "x", "experimental")
+"""The commands that talk to a Kubernetes cluster (the others read files, a lab or an admin
+address): where ``--context``/``--kubeconfig`` do something."""
 
 
 def split_global_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -117,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     pods = cmds.add_parser("pods", help="list pods with their redirection state")
     pods.add_argument("-n", "--namespace", default=None, help="only this namespace")
     pods.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    pods.add_argument("-o", "--output", choices=output.FORMATS, default="table")
     ex = cmds.add_parser("exec", help="run a command in a pod's network namespace")
     ex.add_argument("pod")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -203,6 +208,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     args.kubeconfig = Path(flags["kubeconfig"]) if "kubeconfig" in flags else None
     if args.kubeconfig is not None and not args.kubeconfig.is_file():
         raise CtlError(f"--kubeconfig {args.kubeconfig}: no such file")
+    if flags and args.group not in USES_CLUSTER:  # said, not silently ignored
+        given = " and ".join(f"--{k}" for k in flags)
+        _say(f"ambientctl: warning: {given} not used: `{args.group}` reads no cluster")
     if args.group != "lab":
         return commands.run(args, p)
     if _run_kube_lab(args):
@@ -220,14 +228,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             for r in lab.pods()
             if args.all_namespaces or not args.namespace or r["namespace"] == args.namespace
         ]
-        header = ("NAMESPACE", "NAME", "NODE", "IP", "STATUS", "REDIRECTION")
-        table = [header] + [
-            (r["namespace"], r["name"], r["node"], r["ip"], r["status"], r["redirection"])
-            for r in rows
-        ]
-        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-        for line in table:
-            print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+        if args.output in ("json", "yaml"):
+            print(output.document(rows, args.output))
+            return 0
+        columns = [(k.upper(), k) for k in ("namespace", "name", "node", "ip", "status")]
+        print(output.table(rows, [*columns, ("REDIRECTION", "redirection")]))
         print("(REDIRECTION = annotation ambient.istio.io/redirection)", file=sys.stderr)
     elif args.command == "exec":
         argv2 = lab.exec_argv(args.pod, _strip_dashes(args.cmd))

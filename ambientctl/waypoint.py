@@ -194,6 +194,7 @@ def register(sub: Any) -> None:
 
     gen = cmds.add_parser("generate", help="print the waypoint Gateway (YAML)")
     common(gen, target=False)
+    gen.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
     gen.add_argument("--for", dest="waypoint_for", choices=FOR_CHOICES, default="service",
                      help="traffic it serves (label istio.io/waypoint-for)")  # fmt: skip
     gen.add_argument("--service-account", help="a waypoint for one service account "
@@ -211,6 +212,7 @@ def register(sub: Any) -> None:
     common(dl)
     st = cmds.add_parser("status", help="is the waypoint running and serving (lab)")
     common(st)
+    st.add_argument("-o", "--output", choices=output.FORMATS, default="short")
 
 
 def _for(args: argparse.Namespace) -> str:
@@ -225,7 +227,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print, lab: Any =
     say: Callable[[str], None] = lambda t: print(t, file=sys.stderr, flush=True)  # noqa: E731
     cmd = args.wp_command
     if cmd == "generate":
-        out(yaml.safe_dump(gateway_doc(args.name, args.namespace, _for(args)), sort_keys=False))
+        out(output.document(gateway_doc(args.name, args.namespace, _for(args)), args.output))
         return 0
     if lab is not None:
         directory = lab.paths.manifests
@@ -421,31 +423,66 @@ def _wait_bound(
 
 
 def _status(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[str], None]) -> int:
-    gws = [w for w in waypoints_in(directory)
-           if w["namespace"] == args.namespace and w["name"] == args.name]  # fmt: skip
-    if not gws:
-        raise CtlError(f"no waypoint {args.namespace}/{args.name} in {directory}")
-    out(f"waypoint {args.namespace}/{args.name}: for {gws[0]['for']}, file {gws[0]['file']}")
+    doc = status_doc(args.namespace, args.name, directory, lab)
+    if args.output in ("json", "yaml"):
+        out(output.document(doc, args.output))
+        return 0 if doc.get("ready", True) else 1
+    out(f"waypoint {doc['namespace']}/{doc['name']}: for {doc['for']}, file {doc['file']}")
     if lab is None:
         out("(not running: -d only writes manifests; the control plane/cluster runs it)")
         return 0
-    key = f"{args.namespace}/{args.name}-waypoint"
+    pod = doc["pod"]
+    if not pod.get("node"):
+        out(f"pod {pod['name']}: not created")
+        return 1
+    where = f"pod {pod['name']} on {pod['node']} ({pod['ip']})"
+    if not doc["ready"]:
+        out(f"{where}: NOT READY ({doc['error']})")
+        return 1
+    out(f"{where}: ready as {doc['identity']}")
+    out(f"  serves: {', '.join(doc['serves']) or '-'}")
+    for t in doc["routes"]:
+        out(f"  routes: {t['kind']} {t['name']} hosts={','.join(t['hosts'])}")
+    for p in doc["policies"]:
+        out(f"  policy: {p['name']} {p['action']}{' ERROR ' + p['error'] if p['error'] else ''}")
+    for w in doc["warnings"]:
+        out(f"  warning: {w}")
+    return 0
+
+
+def status_doc(namespace: str, name: str, directory: Path, lab: Any) -> dict[str, Any]:
+    """What `waypoint status` reports: the Gateway, and in a lab its pod and what it serves
+    (``ready`` absent without a lab: a manifest directory runs nothing)."""
+    gws = [w for w in waypoints_in(directory) if w["namespace"] == namespace and w["name"] == name]
+    if not gws:
+        raise CtlError(f"no waypoint {namespace}/{name} in {directory}")
+    doc: dict[str, Any] = {
+        "namespace": namespace,
+        "name": name,
+        "for": gws[0]["for"],
+        "file": gws[0]["file"],
+    }
+    if lab is None:
+        return doc
+    key = f"{namespace}/{name}-waypoint"
+    doc["pod"], doc["ready"] = {"name": key}, False
     try:
         ps = lab.pod(key)
     except CtlError:
-        out(f"pod {key}: not created")
-        return 1
+        doc["error"] = "pod not created"
+        return doc
+    doc["pod"] = {"name": key, "node": ps.node, "ip": ps.ip}
     try:
         cfg = json.loads(lab.waypoint_admin(key, "/debug/config"))
     except CtlError as err:
-        out(f"pod {key} on {ps.node} ({ps.ip}): NOT READY ({err})")
-        return 1
-    out(f"pod {key} on {ps.node} ({ps.ip}): ready as {cfg['waypoint']['identity']}")
-    out(f"  serves: {', '.join(cfg['served_services']) or '-'}")
-    for t in cfg["route_tables"]:
-        out(f"  routes: {t['kind']} {t['name']} hosts={','.join(t['hosts'])}")
-    for p in cfg["policies"]:
-        out(f"  policy: {p['name']} {p['action']}{' ERROR ' + p['error'] if p['error'] else ''}")
-    for w in cfg["warnings"]:
-        out(f"  warning: {w}")
-    return 0
+        doc["error"] = str(err)
+        return doc
+    doc.update(
+        ready=True,
+        identity=cfg["waypoint"]["identity"],
+        serves=list(cfg["served_services"]),
+        routes=[{k: t[k] for k in ("kind", "name", "hosts")} for t in cfg["route_tables"]],
+        policies=[{k: p[k] for k in ("name", "action", "error")} for p in cfg["policies"]],
+        warnings=list(cfg["warnings"]),
+    )
+    return doc

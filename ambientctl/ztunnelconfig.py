@@ -148,14 +148,27 @@ def rows(section: str, dump: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(r) for r in dump.get(_KEYS[section], [])]
 
 
+def _spiffe_namespace(identity: Any) -> str | None:
+    """The ``ns`` segment of ``spiffe://<td>/ns/<ns>/sa/<sa>`` (Istio's identity form)."""
+    parts = str(identity or "").split("/")
+    return parts[parts.index("ns") + 1] if "ns" in parts[:-1] else None
+
+
 def _in_namespace(dump: Mapping[str, Any], namespace: str | None) -> Mapping[str, Any]:
-    """`dump` with only the records of `namespace` (None: all); records without a namespace
-    (certificates, connections) are kept."""
+    """`dump` with only the records of `namespace` (None: all): workloads, services and
+    policies by their namespace, certificates by their identity's, connections by their source
+    workload's identity (the local side)."""
     if not namespace:
         return dump
     out = dict(dump)
     for key in ("workloads", "services", "policies"):
         out[key] = [r for r in dump.get(key, []) if r.get("namespace") == namespace]
+    out["certificates"] = [
+        c for c in dump.get("certificates", []) if _spiffe_namespace(c.get("identity")) == namespace
+    ]
+    out["connections"] = [
+        c for c in dump.get("connections", []) if _spiffe_namespace(c.get("source")) == namespace
+    ]
     return out
 
 

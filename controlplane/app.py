@@ -501,6 +501,20 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     wp.add_argument("--waypoint-arg", action="append", default=[],
                     help="extra argument for the waypoint command (repeatable)")  # fmt: skip
     wp.add_argument("--waypoint-resync", type=float, default=10.0)
+    wp.add_argument(
+        "--tracing-address",
+        default=env("TRACING_ADDRESS", ""),
+        help="OTLP gRPC collector host:port for the waypoints' spans (their "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT; default off)",
+    )
+    wp.add_argument(
+        "--tracing-sampling",
+        type=float,
+        default=1.0,
+        metavar="PERCENT",
+        help="percent of new traces the waypoints sample, 0-100 "
+        "(Istio's tracing.sampling; default 1)",
+    )
     args = p.parse_args(argv)
     if args.manifest_dir is None and not args.kubernetes:
         p.error("give --manifest-dir and/or --kubernetes")
@@ -514,6 +528,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
         stream=sys.stderr,
     )
     waypoints = None
+    if not 0 <= args.tracing_sampling <= 100:
+        p.error(f"--tracing-sampling {args.tracing_sampling}: not within 0-100 (percent)")
     if args.waypoint_image:
         server_name = f"ambient-controlplane.{args.namespace}.svc"
         audience = args.waypoint_token_audience or (
@@ -527,6 +543,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
             token_audience=audience,
             trust_domain=args.trust_domain,
             extra_args=tuple(args.waypoint_arg),
+            cluster_id=args.cluster_id,
+            tracing_address=args.tracing_address,
+            tracing_sampling=args.tracing_sampling,
         )
     return ControlPlaneSettings(
         mesh=MeshSettings(

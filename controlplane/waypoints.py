@@ -19,6 +19,11 @@ waypoints"):
   on the admin ``/healthz/ready``; the Service exposes HBONE 15008. Metrics and readiness
   listen on the pod IP (``--admin 0.0.0.0:15020``, Prometheus annotations on the pod); the
   debug views (every route and policy) on 127.0.0.1:15000 only (``--debug-listen``).
+- The pods get ``CLUSTER_ID`` (the control plane's ``--cluster-id``: the ``*_cluster`` labels of
+  Istio's metrics and the workload uid prefix ``<cluster>//Pod/...``, as istiod sets it in
+  the proxies it injects) and, when tracing is configured, the OpenTelemetry exporter and
+  sampler variables (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, ``OTEL_TRACES_SAMPLER=
+  parentbased_traceidratio``, ``OTEL_TRACES_SAMPLER_ARG``: Istio's sampling percent / 100).
 - Status (Gateway API v1 ``GatewayStatus``): Accepted=True once seen; Programmed=True when the
   Deployment reports an available replica, else False (reason Pending); addresses = the
   Service's hostname. A Gateway with an Error field finding (the control plane's, e.g.
@@ -82,6 +87,12 @@ class WaypointSettings:
     trust_domain: str = "cluster.local"
     image_pull_policy: str = "IfNotPresent"
     extra_args: tuple[str, ...] = ()
+    cluster_id: str = "Kubernetes"
+    """This cluster's id (``CLUSTER_ID`` of the waypoint pods)."""
+    tracing_address: str = ""
+    """OTLP gRPC collector host:port for the waypoints' spans ("" = no tracing)."""
+    tracing_sampling: float = 1.0
+    """Percent of new traces the waypoints sample (Istio's ``tracing.sampling``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +152,7 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
         "--name", name,
         "--namespace", ns,
         "--service-account", sa,
-        "--workload-uid", "Kubernetes//Pod/$(POD_NAMESPACE)/$(POD_NAME)",
+        "--workload-uid", f"{settings.cluster_id}//Pod/$(POD_NAMESPACE)/$(POD_NAME)",
         "--xds-address", settings.xds_address,
         "--node", "$(NODE_NAME)",
         "--node-credential-file", f"{TOKEN_DIR}/token",
@@ -187,6 +198,18 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
     def field_env(var: str, path: str) -> Json:
         return {"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
+    env: list[Json] = [
+        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        {"name": "CLUSTER_ID", "value": settings.cluster_id},
+    ]
+    if settings.tracing_address:
+        env += [
+            {"name": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "value": settings.tracing_address},
+            {"name": "OTEL_TRACES_SAMPLER", "value": "parentbased_traceidratio"},
+            {"name": "OTEL_TRACES_SAMPLER_ARG", "value": f"{settings.tracing_sampling / 100:g}"},
+        ]
     pod_labels = {GATEWAY_NAME: name, "istio.io/dataplane-mode": "none"}
     deployment: Json = {
         "apiVersion": "apps/v1",
@@ -214,11 +237,7 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
                             "imagePullPolicy": settings.image_pull_policy,
                             "command": ["waypoint"],
                             "args": args,
-                            "env": [
-                                field_env("NODE_NAME", "spec.nodeName"),
-                                field_env("POD_NAME", "metadata.name"),
-                                field_env("POD_NAMESPACE", "metadata.namespace"),
-                            ],
+                            "env": env,
                             "ports": [
                                 {"name": "hbone", "containerPort": HBONE_PORT},
                                 {"name": "admin", "containerPort": ADMIN_PORT},

@@ -25,8 +25,11 @@ class KubeApi:
         *,
         kubeconfig: Path | None = None,
         configuration: client.Configuration | None = None,
+        context: str | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
+        self.context = context
+        """A kubeconfig context other than its current one (with `kubeconfig`)."""
         self.configuration = configuration
         self.api: client.ApiClient | None = None
 
@@ -37,7 +40,9 @@ class KubeApi:
                 cfg = client.Configuration()
                 if self.kubeconfig is not None:
                     await config.load_kube_config(
-                        config_file=str(self.kubeconfig), client_configuration=cfg
+                        config_file=str(self.kubeconfig),
+                        context=self.context,
+                        client_configuration=cfg,
                     )
                 else:
                     config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]

@@ -10,6 +10,15 @@ Configuration is the OpenTelemetry standard: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOIN
 ``OTEL_EXPORTER_OTLP_ENDPOINT`` (``host:port`` or ``http://host:port``; plaintext gRPC), or an
 explicit address from a flag. No address: no tracer, nothing exported.
 
+Sampling (`Sampler`): which NEW traces are sampled, and whether a caller's decision is followed.
+Istio's setting is a percentage of requests (``meshConfig.defaultConfig.tracing.sampling``,
+default 1%); a request that carries a ``traceparent`` keeps the caller's sampled flag (Envoy's
+behaviour, OpenTelemetry's ``ParentBased`` sampler). The root decision is OpenTelemetry's
+``TraceIdRatioBased`` (SDK spec "TraceIdRatioBased": the trace id's low 64 bits below
+``ratio * 2**64``), so every hop that sees the same trace id decides the same way. From the
+environment: ``OTEL_TRACES_SAMPLER`` and ``OTEL_TRACES_SAMPLER_ARG`` (OpenTelemetry SDK
+environment variables spec); an unknown sampler or a ratio outside [0, 1] is a `ConfigError`.
+
 Invariants:
 - The ids of an exported span are the ones on the wire: the span id is the parent id forwarded
   in ``traceparent`` (waypoint: to the upstream; node proxy: on the HBONE CONNECT), so the
@@ -26,6 +35,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from meshcore.errors import ConfigError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -74,6 +85,66 @@ class SpanRecord:
     end_ns: int
     attributes: Mapping[str, str | int] = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sampler:
+    """OpenTelemetry's ``ParentBased(TraceIdRatioBased(ratio))`` (or the bare ratio sampler
+    when `parent_based` is False). Pure."""
+
+    ratio: float = 1.0
+    parent_based: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError("tracing sampling", f"ratio {self.ratio} is not within [0, 1]")
+
+    @classmethod
+    def from_percent(cls, percent: float) -> Sampler:
+        """Istio's ``tracing.sampling`` (0-100, percent of requests), parent-based."""
+        if not 0.0 <= percent <= 100.0:
+            raise ConfigError("tracing sampling", f"{percent}% is not within [0, 100]")
+        return cls(ratio=percent / 100.0)
+
+    def sampled(self, trace_id: str, parent: TraceParent | None) -> bool:
+        """The decision for a span of trace `trace_id` (32 hex digits) whose caller sent
+        `parent` (None: this span starts the trace)."""
+        if self.parent_based and parent is not None:
+            return parent.sampled
+        if self.ratio >= 1.0:
+            return True
+        if self.ratio <= 0.0:
+            return False
+        return int(trace_id[-16:], 16) < round(self.ratio * 2**64)
+
+
+_SAMPLERS = {
+    "always_on": (1.0, False),
+    "always_off": (0.0, False),
+    "traceidratio": (None, False),
+    "parentbased_always_on": (1.0, True),
+    "parentbased_always_off": (0.0, True),
+    "parentbased_traceidratio": (None, True),
+}
+
+
+def sampler_from_env(environ: Mapping[str, str] | None = None) -> Sampler:
+    """``OTEL_TRACES_SAMPLER`` (default ``parentbased_always_on``, the SDK's default) and, for
+    the ratio samplers, ``OTEL_TRACES_SAMPLER_ARG`` (default 1.0)."""
+    env = os.environ if environ is None else environ
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name not in _SAMPLERS:
+        raise ConfigError(
+            "OTEL_TRACES_SAMPLER", f"{name!r} is not one of {', '.join(sorted(_SAMPLERS))}"
+        )
+    ratio, parent_based = _SAMPLERS[name]
+    if ratio is None:
+        arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or "1.0"
+        try:
+            ratio = float(arg)
+        except ValueError:
+            raise ConfigError("OTEL_TRACES_SAMPLER_ARG", f"{arg!r} is not a number") from None
+    return Sampler(ratio=ratio, parent_based=parent_based)
 
 
 def endpoint_from_env() -> str | None:

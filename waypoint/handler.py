@@ -448,7 +448,9 @@ class Handler:
     ) -> list[tuple[str, str]]:
         headers = list(req.headers)
         incoming = next((v for k, v in headers if k == "traceparent"), None)
-        traceparent, trace_id, span = next_traceparent(incoming, self.ctx.rng)
+        traceparent, trace_id, span = next_traceparent(
+            incoming, self.ctx.rng, self.ctx.metrics.sampler
+        )
         rec.trace_id, rec.span_id = trace_id, span
         caller, forwarded = parse_traceparent(incoming), parse_traceparent(traceparent)
         rec.parent_span_id = caller.parent_id if caller is not None else ""

@@ -32,7 +32,7 @@ from meshcore.telemetry import (
     new_registry,
     peer_labels,
 )
-from meshcore.tracing import SpanRecord, Tracer, tracer_from_env
+from meshcore.tracing import Sampler, SpanRecord, Tracer, sampler_from_env, tracer_from_env
 
 LABELS = HTTP_LABELS
 """Istio's request metric labels (`meshcore.telemetry`, the one owner)."""
@@ -103,6 +103,8 @@ class WaypointMetrics:
             "waypoint", {"istio.cluster_id": self.cluster_id}
         )
         """One span per request over OTLP (``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``)."""
+        self.sampler: Sampler = sampler_from_env()
+        """Which requests' spans are sampled (``OTEL_TRACES_SAMPLER[_ARG]``; parent-based)."""
         self.requests = Counter("istio_requests", "Requests", LABELS, registry=r)
         self.duration = Histogram(
             "istio_request_duration_milliseconds", "Request duration (ms)", LABELS,

@@ -455,7 +455,9 @@ def build_context(
         state=state,
         certs=CertificateManager(provider),
         metrics=metrics,
-        tracker=ConnectionTracker(metrics, settings.cluster_id, _tracer(settings)),
+        tracker=ConnectionTracker(
+            metrics, settings.cluster_id, _tracer(settings), settings.tracing_sampler
+        ),
         pool=HbonePool(
             lambda ident: ctx.client_context(ident),
             trust_domain=settings.trust_domain,

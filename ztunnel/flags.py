@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshcore.address import listen_address
+from meshcore.errors import ConfigError
 from meshcore.opshttp import is_loopback
 from meshcore.telemetry import DEFAULT_CLUSTER_ID
-from meshcore.tracing import endpoint_from_env
+from meshcore.tracing import Sampler, endpoint_from_env, sampler_from_env
 from ztunnel.admin import ADMIN_LOOPBACK_WHY
 from ztunnel.proxy.context import ProxySettings
 
@@ -80,6 +81,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         default=endpoint_from_env(),
         help="OTLP gRPC collector host:port for one span per connection "
         "(env OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; default off)",
+    )
+    p.add_argument(
+        "--tracing-sampling",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="percent of new connections traced, 0-100 (Istio's tracing.sampling); default "
+        "env OTEL_TRACES_SAMPLER[_ARG], else all; a CONNECT's traceparent keeps its flag",
     )
     p.add_argument(
         "--cluster-id",
@@ -160,6 +169,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
                 f"{ADMIN_LOOPBACK_WHY}")  # fmt: skip
     if args.mesh_config is None and not args.xds_address:
         p.error("--mesh-config or --xds-address is required")
+    try:
+        sampler = (
+            sampler_from_env()
+            if args.tracing_sampling is None
+            else Sampler.from_percent(args.tracing_sampling)
+        )
+    except ConfigError as err:
+        p.error(str(err))
     settings = ProxySettings(
         node=args.node,
         node_ip=args.node_ip,
@@ -179,6 +196,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         http3_peers=tuple(args.http3_peer),
         cluster_id=args.cluster_id,
         tracing_address=args.tracing_address or None,
+        tracing_sampler=sampler,
         handover_socket=args.handover_socket,
         handover_drain_timeout=args.handover_drain_timeout,
         ready_file=args.ready_file,

@@ -40,7 +40,7 @@ from meshcore.telemetry import (
     peer_labels,
     process_collectors,
 )
-from meshcore.tracing import SpanRecord, Tracer
+from meshcore.tracing import Sampler, SpanRecord, Tracer
 
 LABELS = (*TCP_LABELS, "transport")
 """Istio's TCP metric labels (`meshcore.telemetry`, the one owner), plus our HBONE `transport`:
@@ -227,11 +227,14 @@ class ConnectionTracker:
         metrics: ProxyMetrics,
         cluster_id: str = DEFAULT_CLUSTER_ID,
         tracer: Tracer | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.metrics = metrics
         self.cluster_id = cluster_id
         self.tracer = tracer
         """One span per connection over OTLP (None: tracing off)."""
+        self.sampler = sampler or Sampler()
+        """Which connections' spans are exported (`meshcore.tracing.Sampler`)."""
         self._series: dict[tuple[str, ...], _Series] = {}
         self._active = {d: metrics.active.labels(d) for d in ("inbound", "outbound")}
         self._live: dict[int, ConnectionRecord] = {}

@@ -285,9 +285,11 @@ def _cni_args(pod: manifests.PodSpec, uid: str | None = None) -> str:
 
 
 def _pod_env(pod: manifests.PodSpec) -> dict[str, str]:
-    """A pod's environment; the OTLP collector settings (``OTEL_EXPORTER_OTLP_*``) of the lab's
-    own environment pass through, so waypoint pods export spans where the node proxies do."""
-    otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_EXPORTER_OTLP_")}
+    """A pod's environment; the OTLP collector and sampler settings (``OTEL_EXPORTER_OTLP_*``,
+    ``OTEL_TRACES_SAMPLER[_ARG]``) of the lab's own environment pass through, so waypoint pods
+    export and sample spans as the node proxies do."""
+    prefixes = ("OTEL_EXPORTER_OTLP_", "OTEL_TRACES_SAMPLER")
+    otel = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
     return {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",

@@ -76,7 +76,13 @@ def test_waypoint_controller_on_the_real_api(chart: KubeCluster, tmp_path: Path)
         # As the chart configures it (auth.mode=tokenReview), reviewing with the real API.
         token_review_accounts=(f"system:serviceaccount:{SYSTEM_NS}:ztunnel",),
         token_audiences=("ambient-controlplane",),
-        waypoints=WaypointSettings(image="lab.invalid/waypoint:1"),
+        # As the chart passes clusterId and tracing.{address,sampling} (test_cp_waypoint_chart).
+        waypoints=WaypointSettings(
+            image="lab.invalid/waypoint:1",
+            cluster_id="east",
+            tracing_address="otel.observability:4317",
+            tracing_sampling=2.5,
+        ),
         waypoint_interval=2,
         sync_timeout=30,
     )
@@ -111,6 +117,10 @@ def test_waypoint_controller_on_the_real_api(chart: KubeCluster, tmp_path: Path)
 
         pod = wait("the scheduler binds the waypoint pod", bound_pod)
         assert pod["spec"]["serviceAccountName"] == "waypoint"
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["CLUSTER_ID"] == "east"
+        assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "otel.observability:4317"
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.025"
         objects.mark_ready(kube, NS, pod["metadata"]["name"], "10.244.0.10")
         wait("Programmed", lambda: conditions(kube).get("Programmed") == "True", 60)
         # A Gateway naming a service account: the pods run as it (no account of ours created).

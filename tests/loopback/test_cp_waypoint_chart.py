@@ -68,3 +68,55 @@ def test_off_without_the_conditions(sets: list[str]) -> None:
     _, docs = chart.render(sets)
     assert not [a for a in cp_args(docs) if a.startswith("--waypoint")]
     assert not [d for d in docs if d["metadata"]["name"] == ROLE]
+
+
+def test_tracing_and_cluster_id_reach_node_proxies_and_the_waypoints_created() -> None:
+    """values tracing.{address,sampling} and clusterId: the node proxy's flags, the control
+    plane's flags, and from there the CLUSTER_ID and OpenTelemetry variables of every waypoint
+    Deployment the controller creates; each parsed by the component that reads it."""
+    from controlplane.waypoints import desired_objects
+    from meshcore.tracing import Sampler, sampler_from_env
+    from ztunnel.flags import parse_args as ztunnel_args
+
+    sets = ["tracing.address=otel.observability:4317", "tracing.sampling=2.5", "clusterId=east"]
+    _, docs = chart.render(sets)
+    node = chart.container(chart.find(docs, "DaemonSet", "ztunnel"), "ztunnel")["args"]
+    assert "--tracing-address=otel.observability:4317" in node
+    assert "--tracing-sampling=2.5" in node
+    zt, _ = ztunnel_args(
+        [a.replace("$(NODE_NAME)", "n1").replace("$(NODE_IP)", "10.0.0.1") for a in node]
+    )
+    assert zt.tracing_address == "otel.observability:4317"
+    assert zt.tracing_sampler == Sampler(ratio=0.025)
+    assert zt.cluster_id == "east"
+    settings = parse_args(
+        [a.replace("$(POD_NAMESPACE)", "istio-system") for a in cp_args(docs) if "ca-dir" not in a]
+        + ["--ca-dir", "/nonexistent"]
+    )
+    assert settings.waypoints is not None
+    gw = {
+        "metadata": {"name": "wp", "namespace": "shop", "uid": "u"},
+        "spec": {"gatewayClassName": "istio-waypoint"},
+    }
+    dep = desired_objects(gw, settings.waypoints).deployment
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CLUSTER_ID"] == "east"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "otel.observability:4317"
+    assert sampler_from_env({k: v for k, v in env.items() if v}) == Sampler(ratio=0.025)
+    assert c["args"][c["args"].index("--workload-uid") + 1].startswith("east//Pod/")
+    # Default: no tracing anywhere, the cluster id still passed.
+    _, docs = chart.render([])
+    node = chart.container(chart.find(docs, "DaemonSet", "ztunnel"), "ztunnel")["args"]
+    assert not [a for a in node + cp_args(docs) if a.startswith("--tracing")]
+
+
+@pytest.mark.parametrize(
+    ("sets", "error"),
+    [
+        (["tracing.sampling=101"], "tracing.sampling"),
+        (["tracing.address=no port"], "tracing.address"),
+    ],
+)
+def test_bad_tracing_values_are_refused(sets: list[str], error: str) -> None:
+    chart.test_bad_values_are_refused(sets, error)

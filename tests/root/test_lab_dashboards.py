@@ -205,3 +205,14 @@ def test_istio_dashboard_queries_return_series(lab: Lab, prometheus: str) -> Non
         and r["metric"]["source_canonical_revision"] != "unknown"
         for r in rows
     ), rows
+
+    # istio_build, the xDS client's and process series from every proxy (node proxies on their
+    # node IP, the waypoint on its pod IP), as Istio's ztunnel dashboard and alerts read them.
+    for expr in (
+        'istio_build{component=~"ztunnel|waypoint"}',
+        "sum by (app, url) (istio_xds_message_total)",
+        "process_resident_memory_bytes",
+    ):
+        apps = [r["metric"].get("app") for r in query(prometheus, expr)]
+        assert sorted(set(apps)) == ["waypoint", "ztunnel"], (expr, apps)
+        assert apps.count("ztunnel") >= 2, (expr, apps)  # both nodes

@@ -8,6 +8,9 @@ after the read-only ones (file order). The fixture always tears the lab down.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import subprocess
 import time
@@ -18,6 +21,7 @@ import pytest
 
 from ambientctl.lab import system
 from ambientctl.lab.lab import Lab
+from ambientctl.main import main
 from tests.root.labfixture import (
     ECHO,
     SLEEP,
@@ -49,6 +53,16 @@ def test_pods_enrolled_by_namespace_label(lab: Lab) -> None:
         "legacy/outsider": "-",
         "legacy/outsider-2": "-",
     }
+    # `ambientctl lab pods -n NS -o json` (istioctl's -n/-o habits), the same state.
+    root = str(lab.paths.root.parent)
+    argv = ["lab", "--state-root", root, "--name", lab.name, "pods", "-n", "legacy", "-o", "json"]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(argv) == 0
+    rows = json.loads(out.getvalue())
+    assert [(r["name"], r["redirection"], r["status"]) for r in rows] == [
+        ("outsider", "-", "Running"),
+        ("outsider-2", "-", "Running"),
+    ]
 
 
 def test_cross_node_service_through_both_proxies(lab: Lab) -> None:

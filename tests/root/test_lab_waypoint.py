@@ -12,6 +12,8 @@ resilience set with a local rate limit through a re-applied waypoint; lab down l
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -289,6 +291,13 @@ def test_down_leaves_nothing(tmp_path: Path) -> None:
         assert _run(lab, "apply", "--enroll-namespace") == 0
         wp = lab.pod("default/waypoint-waypoint")
         assert system.alive(wp.pid)
+        # `waypoint status -o json`: the same facts as the text, as data.
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert _run(lab, "status", "-o", "json") == 0
+        status = json.loads(out.getvalue())
+        assert status["ready"] is True
+        assert status["pod"] == {"name": "default/waypoint-waypoint", "node": wp.node, "ip": wp.ip}
+        assert status["identity"].endswith("/ns/default/sa/waypoint")
     finally:
         lab.down()
     assert not system.alive(wp.pid)

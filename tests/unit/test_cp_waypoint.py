@@ -196,3 +196,22 @@ def test_server_defaults_are_not_drift() -> None:
     c["image"] = dep["spec"]["template"]["spec"]["containers"][0]["image"]
     c["args"] = c["args"][:-1]  # a list shortened is drift
     assert needs_patch(live, dep)
+
+
+def test_cluster_id_and_tracing_env() -> None:
+    """The waypoint pods get the control plane's cluster id (metrics' *_cluster labels, the
+    workload uid) and, only when tracing is configured, the OpenTelemetry variables."""
+    (c,) = desired_objects(gw(), SETTINGS).deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CLUSTER_ID"] == "Kubernetes"
+    assert not [k for k in env if k.startswith("OTEL_")]
+    traced = WaypointSettings(cluster_id="west", tracing_address="otel:4317", tracing_sampling=0)
+    (c,) = desired_objects(gw(), traced).deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["CLUSTER_ID"] == "west"
+    assert (
+        c["args"][c["args"].index("--workload-uid") + 1] == "west//Pod/$(POD_NAMESPACE)/$(POD_NAME)"
+    )
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "otel:4317"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0"

@@ -26,6 +26,7 @@ from meshcore.sockets import can_bind_without_privilege
 from meshcore.state import MeshState
 from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tls import ContextCache
+from meshcore.tracing import Sampler
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 
 
@@ -81,6 +82,9 @@ class ProxySettings:
     """This cluster's id (telemetry ``*_cluster`` of peers whose workload names none)."""
     tracing_address: str | None = None
     """OTLP gRPC collector for one span per connection; None = no tracing."""
+    tracing_sampler: Sampler = field(default_factory=Sampler)
+    """Which connections' spans are sampled (parent-based: an inbound CONNECT's traceparent
+    keeps its flag; new traces by ratio, Istio's ``tracing.sampling``)."""
 
     @property
     def admin_host(self) -> str:

@@ -352,7 +352,8 @@ class HboneListener:
         caller = parse_traceparent(next((v for k, v in stream.headers if k == "traceparent"), None))
         if caller is not None:  # this connection's span continues the caller's trace
             rec.trace_id, rec.parent_span_id = caller.trace_id, caller.parent_id
-            rec.span_id, rec.sampled = f"{ctx.rng.getrandbits(64) or 1:016x}", caller.sampled
+            rec.span_id = f"{ctx.rng.getrandbits(64) or 1:016x}"
+            rec.sampled = ctx.tracker.sampler.sampled(caller.trace_id, caller)
         try:
             dst_ip, dst_port = parse_authority(stream.authority)
             plan = plan_inbound(

@@ -46,11 +46,13 @@ def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
 
 def _traceparent(ctx: ProxyContext, rec: ConnectionRecord) -> str:
     """A new W3C trace context (version 00) for this connection, recorded in `rec`: sampled
-    (flag 01) when this proxy exports spans, so the destination's span joins the trace."""
+    (flag 01) when this proxy exports spans and the sampler picks the trace, so the
+    destination's span joins the trace (and skips it when not sampled)."""
     rng = ctx.rng
     rec.trace_id = f"{rng.getrandbits(128) or 1:032x}"
     rec.span_id = f"{rng.getrandbits(64) or 1:016x}"
-    rec.sampled = ctx.tracker.tracer is not None
+    tracker = ctx.tracker
+    rec.sampled = tracker.tracer is not None and tracker.sampler.sampled(rec.trace_id, None)
     return f"00-{rec.trace_id}-{rec.span_id}-{'01' if rec.sampled else '00'}"
 
 
