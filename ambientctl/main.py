@@ -215,6 +215,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         return commands.run(args, p)
     if _run_kube_lab(args):
         return 0
+    return _run_lab(args)
+
+
+def _run_lab(args: argparse.Namespace) -> int:
+    """`ambientctl lab ...` on a manifest-directory lab."""
     lab = Lab(args.name, state_root=args.state_root, log=_say)
     if args.command == "up":
         lab.up(args.dir, capture=args.capture, nodes=args.node, primary=args.cni, http3=args.http3)
