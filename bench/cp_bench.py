@@ -219,7 +219,8 @@ async def fan_out(
 ) -> tuple[float, int]:  # fmt: skip
     """One change; (latency until every expected proxy applied it, proxies not expected that
     received it)."""
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     timing.watch.clear()
     timing.watch[name] = k
     proc.stdin.write(f"{cmd}\n".encode())
@@ -242,7 +243,8 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "CP_BENCH_NODES": str(NODES)},
     )  # fmt: skip
-    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stdin is not None
     fleet: list[tuple[XdsClient, asyncio.Task[None]]] = []
     try:
         hello = json.loads(await asyncio.wait_for(proc.stdout.readline(), 600))

@@ -480,7 +480,10 @@ def summarize(paths: dict[str, dict[str, Any]]) -> list[str]:
         p50, p99 = _lat(paths.get(name, {}), "p50"), _lat(paths.get(name, {}), "p99")
         if None in (p50, p99, base50, base99):
             return "-"
-        assert p50 is not None and p99 is not None and base50 is not None and base99 is not None
+        assert p50 is not None
+        assert p99 is not None
+        assert base50 is not None
+        assert base99 is not None
         return f"+{p50 - base50:.3f} / +{p99 - base99:.3f}"
 
     lines.append("| added over L4, p50 / p99 (ms) | | | " + added("waypoint") + " | "
