@@ -71,7 +71,8 @@ def test_pre_encoded_response_parses_and_versions_are_content_hashes() -> None:
         resources=[e.wire for e in table.types[ADDRESS_TYPE].values()], removed=["gone"],
     )  # fmt: skip
     resp = dpb.DeltaDiscoveryResponse.FromString(raw)
-    assert resp.nonce == "7" and list(resp.removed_resources) == ["gone"]
+    assert resp.nonce == "7"
+    assert list(resp.removed_resources) == ["gone"]
     assert {r.name for r in resp.resources} == set(table.types[ADDRESS_TYPE])
     applied = apply_response(MeshState.empty(), resp)
     assert not applied.errors
@@ -122,7 +123,8 @@ def test_ca_decision() -> None:
     with pytest.raises(Unauthenticated):
         svc.decide("wrong-token-000000000", req)
     grant = svc.decide("a" * 20, req)
-    assert grant.node == "node-a" and grant.identity == sleep
+    assert grant.node == "node-a"
+    assert grant.identity == sleep
     assert grant.ttl == timedelta(hours=2), "clamped to max_ttl"
     with pytest.raises(PermissionDenied, match="node 'node-b' may not obtain"):
         svc.decide("b" * 20, req)
@@ -145,7 +147,8 @@ def test_ca_answer_carries_bundle_and_client_checks_san() -> None:
     chain = svc.sign(grant, csr.decode())
     assert len(split_pem_chain(chain[-1].encode())) == 2, "trust bundle with both roots"
     cert = parse_response(sleep, key, chain)
-    assert cert.identity == sleep and cert.not_after > utcnow()
+    assert cert.identity == sleep
+    assert cert.not_after > utcnow()
     echo = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")
     with pytest.raises(
         CertificateError, match=r"expected spiffe://cluster\.local/ns/default/sa/echo"

@@ -82,7 +82,8 @@ def test_handshake_both_sides_learn_peer_identity(
     result = handshake(
         server_context(alice), client_context(bob), client_expected=[ALICE, sid("apps", "carol")]
     )
-    assert result.server_error is None and result.client_error is None
+    assert result.server_error is None
+    assert result.client_error is None
     assert result.server_peer == BOB
     assert result.client_peer == ALICE
     assert result.client_received == b"ok"
@@ -119,7 +120,8 @@ def test_handshake_details_tls13_h2_no_ticket(
             assert client.version() == "TLSv1.3"
             assert client.selected_alpn_protocol() == "h2"
             cipher = client.cipher()
-            assert cipher is not None and cipher[0] == "TLS_AES_256_GCM_SHA384"
+            assert cipher is not None
+            assert cipher[0] == "TLS_AES_256_GCM_SHA384"
             server.sendall(b"x")  # tickets (if any) would be sent before application data
             client.setblocking(True)
             client.settimeout(10)
@@ -151,7 +153,8 @@ def test_root_rollover_bundle(ca: MeshCA, alice: WorkloadCertificate) -> None:
         ALICE, alice.key_pem, alice.chain_pem, new.roots_pem
     )
     result = handshake(server_context(server_cert), client_context(client_cert))
-    assert result.server_error is None and result.server_peer == BOB
+    assert result.server_error is None
+    assert result.server_peer == BOB
     # the client trusts both roots too (new.roots_pem holds both), so it accepts the old-CA server
     assert result.client_peer == ALICE
 
@@ -235,7 +238,8 @@ def test_expired_client_cert_refused(ca: MeshCA, alice: WorkloadCertificate) -> 
     result = handshake(server_context(alice), client_context(expired), client_verifies=False)
     assert _is_handshake_failure(result.server_error)
     assert "certificate has expired" in str(result.server_error)
-    assert result.server_peer is None and result.client_received == b""
+    assert result.server_peer is None
+    assert result.client_received == b""
 
 
 def test_expired_server_cert_refused(ca: MeshCA, bob: WorkloadCertificate) -> None:
@@ -270,7 +274,8 @@ def test_tls12_client_refused(alice: WorkloadCertificate, bob: WorkloadCertifica
     result = handshake(server_context(alice), legacy)
     assert _is_handshake_failure(result.server_error)
     assert _is_handshake_failure(result.client_error)
-    assert result.server_peer is None and result.client_peer is None
+    assert result.server_peer is None
+    assert result.client_peer is None
 
 
 def test_verify_peer_refuses_tls12(alice: WorkloadCertificate, bob: WorkloadCertificate) -> None:
@@ -377,7 +382,8 @@ def test_context_cache(ca: MeshCA, alice: WorkloadCertificate) -> None:
     s1 = cache.server(alice)
     assert cache.server(alice) is s1
     c1 = cache.client(alice)
-    assert c1 is not s1 and cache.client(alice) is c1
+    assert c1 is not s1
+    assert cache.client(alice) is c1
     assert len(cache) == 2
     rotated = ca.issue(ALICE, now=real_now())
     s2 = cache.server(rotated)
