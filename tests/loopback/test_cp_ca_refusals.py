@@ -158,7 +158,8 @@ def test_identities_the_node_proxy_does_not_serve_are_refused(
             err = await refused(cp, request_for(identity))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
         assert identity.uri in (err.details() or "")
-        assert count(cp, "permission_denied") == 1 and count(cp, "signed") == 0
+        assert count(cp, "permission_denied") == 1
+        assert count(cp, "signed") == 0
         assert any("PERMISSION_DENIED" in r.getMessage() for r in caplog.records)
         # The same node gets its served pod's identity (the refusal is not a broken CA).
         resp = await call(cp, request_for(sid("sleep")))
@@ -220,6 +221,7 @@ def test_unexpected_failure_is_internal_without_details(
         assert "secret" not in (err.details() or "")
         assert count(cp, "internal") == 1
         (line,) = [r for r in caplog.records if "CreateCertificate failed" in r.getMessage()]
-        assert "KeyError" in line.getMessage() and line.exc_info is None
+        assert "KeyError" in line.getMessage()
+        assert line.exc_info is None
 
     run(tmp_path, body)

@@ -134,7 +134,8 @@ async def _token_review_ca() -> None:
         assert [r["spec"]["audiences"] for r in api.reviews] == [[AUDIENCE]]
         assert "get pods istio-system/ztunnel-a" in api.requests
         err = await refused("tok-a", "server")
-        assert "PERMISSION_DENIED" in err and "node 'node-a'" in err
+        assert "PERMISSION_DENIED" in err
+        assert "node 'node-a'" in err
 
         # Concurrent calls with a new token: one review in flight, shared.
         before = reviewer.reviews
@@ -153,15 +154,20 @@ async def _token_review_ca() -> None:
         assert "PERMISSION_DENIED" in await refused("tok-b", "client")
 
         err = await refused("nope", "client")
-        assert "UNAUTHENTICATED" in err and "invalid bearer token" in err
+        assert "UNAUTHENTICATED" in err
+        assert "invalid bearer token" in err
         err = await refused(None, "client")
-        assert "UNAUTHENTICATED" in err and "no credential" in err
+        assert "UNAUTHENTICATED" in err
+        assert "no credential" in err
         err = await refused("tok-other", "client")
-        assert "PERMISSION_DENIED" in err and "not the node proxy's service account" in err
+        assert "PERMISSION_DENIED" in err
+        assert "not the node proxy's service account" in err
         err = await refused("tok-unbound", "client")
-        assert "PERMISSION_DENIED" in err and "not bound to a pod" in err
+        assert "PERMISSION_DENIED" in err
+        assert "not bound to a pod" in err
         err = await refused("tok-apiserver", "client")
-        assert "UNAUTHENTICATED" in err and "audiences" in err
+        assert "UNAUTHENTICATED" in err
+        assert "audiences" in err
 
         # The node proxy's pod is deleted: its token stops working once the cache expires
         # (the API server refuses tokens of deleted bound objects).
@@ -173,7 +179,8 @@ async def _token_review_ca() -> None:
         # API outage: refused with a clear reason, not cached (works again right after).
         api.available = False
         err = await refused("tok-b", "server")
-        assert "UNAUTHENTICATED" in err and "did not answer the TokenReview" in err
+        assert "UNAUTHENTICATED" in err
+        assert "did not answer the TokenReview" in err
         api.available = True
         p = provider("tok-b")
         assert (await p.fetch(ident("server"))).identity == ident("server")

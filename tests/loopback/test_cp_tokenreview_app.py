@@ -119,7 +119,8 @@ async def _controlplane_token_review(tmp: Path) -> None:
         assert await xds_code(cp.port, "tok-a", "node-b") == grpc.StatusCode.PERMISSION_DENIED
         assert await xds_code(cp.port, "nope", "node-a") == grpc.StatusCode.UNAUTHENTICATED
         assert await xds_code(cp.port, None, "node-a") == grpc.StatusCode.UNAUTHENTICATED
-        assert api.reviews and all(r["spec"]["audiences"] == ["ambient"] for r in api.reviews)
+        assert api.reviews
+        assert all(r["spec"]["audiences"] == ["ambient"] for r in api.reviews)
     finally:
         await cp.stop()
         await api.stop()
@@ -144,4 +145,5 @@ def test_flags() -> None:
             "a2",
         ]
     )
-    assert s.token_review_accounts == (ZTUNNEL,) and s.token_audiences == ("a1", "a2")
+    assert s.token_review_accounts == (ZTUNNEL,)
+    assert s.token_audiences == ("a1", "a2")

@@ -137,7 +137,8 @@ def test_waypoint_token_gets_only_its_own_identity() -> None:
             assert reviewer.authenticate("tok-waypoint-1") == "node-a"
             # no impersonation, even of a workload on its own node
             denied = await fetch(port, "tok-waypoint-1", "client")
-            assert "PERMISSION_DENIED" in denied and "may not obtain" in denied
+            assert "PERMISSION_DENIED" in denied
+            assert "may not obtain" in denied
             # a client pod labelled as the waypoint: not the Gateway's service account
             assert "runs as waypoint, not client" in await fetch(port, "tok-fake-1", "client")
             assert "is not a waypoint" in await fetch(port, "tok-ingress-1", "ingress")

@@ -70,7 +70,8 @@ def test_controller_lifecycle() -> None:
             assert roots["data"] == {"root-cert.pem": "ROOTS"}
             for obj in (dep, svc, sa, roots):
                 (owner,) = obj["metadata"]["ownerReferences"]
-                assert owner["kind"] == "Gateway" and owner["uid"] == "gw-uid-waypoint"
+                assert owner["kind"] == "Gateway"
+                assert owner["uid"] == "gw-uid-waypoint"
                 assert owner["controller"] is True
                 assert obj["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] == (
                     "waypoint"
@@ -123,7 +124,8 @@ def test_controller_lifecycle() -> None:
             for plural in ("deployments", "services", "serviceaccounts"):
                 assert ("shop", "waypoint") not in api.objects.get(plural, {}), plural
             assert api.objects["configmaps"] == {}
-            assert ctl.stats.deleted == 4 and ctl.stats.errors == []
+            assert ctl.stats.deleted == 4
+            assert ctl.stats.errors == []
         finally:
             if ctl.api is not None:
                 await ctl.api.close()
