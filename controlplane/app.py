@@ -47,6 +47,7 @@ from controlplane.auth import (
     CertificatePrincipals,
     NodeCredentials,
     ServiceAccountTokenReview,
+    TokenReviewSettings,
     auth_interceptors,
     restrict_waypoints,
 )
@@ -169,10 +170,12 @@ class ControlPlane:
             NodeCredentials.load(settings.node_credentials)
             if settings.node_credentials is not None
             else ServiceAccountTokenReview(
-                accounts=settings.token_review_accounts,
-                audiences=settings.token_audiences,
+                TokenReviewSettings(
+                    accounts=settings.token_review_accounts,
+                    audiences=settings.token_audiences,
+                    waypoints=settings.waypoints is not None,
+                ),
                 kubeconfig=settings.kubeconfig,
-                waypoints=settings.waypoints is not None,
             )
         )
         self.xds = XdsServer(

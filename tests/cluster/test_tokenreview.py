@@ -14,13 +14,14 @@ token at the API server. The API-outage case stays on the stand-in
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
 from ambientctl.lab.kube import KubeCluster
-from controlplane.auth import ServiceAccountTokenReview, auth_interceptors
+from controlplane.auth import ServiceAccountTokenReview, TokenReviewSettings, auth_interceptors
 from controlplane.ca import CertificateService
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
@@ -67,7 +68,8 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
 
     async def main() -> None:
         reviewer = ServiceAccountTokenReview(
-            accounts=[ZTUNNEL], audiences=[AUDIENCE], kubeconfig=kc, cache_ttl=30
+            TokenReviewSettings(accounts=(ZTUNNEL,), audiences=(AUDIENCE,), cache_ttl=30),
+            kubeconfig=kc,
         )
         service = CertificateService(
             MeshCA.create_root(), authenticator=reviewer, may_impersonate=on_node
@@ -113,7 +115,7 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
             assert "UNAUTHENTICATED" in await refused(tok_apiserver, "client")
             assert "UNAUTHENTICATED" in await refused("not-a-token", "client")
             # The bound pod is deleted: the API server no longer accepts its token.
-            reviewer.cache_ttl = 0.0
+            reviewer.settings = replace(reviewer.settings, cache_ttl=0.0)
             objects.ok(kube.request("DELETE", f"/api/v1/namespaces/{SYSTEM_NS}/pods/tr-ztunnel-a"
                                     "?gracePeriodSeconds=0"))  # fmt: skip
             # (the API server's token cache may answer from before the deletion for a moment)

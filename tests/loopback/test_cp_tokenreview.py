@@ -18,13 +18,19 @@ tests/cluster/test_tokenreview.py.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import pytest
 from kubernetes_asyncio import client
 
-from controlplane.auth import ServiceAccountTokenReview, auth_interceptors, read_review
+from controlplane.auth import (
+    ServiceAccountTokenReview,
+    TokenReviewSettings,
+    auth_interceptors,
+    read_review,
+)
 from controlplane.ca import CertificateService
 from controlplane.errors import PermissionDenied, Unauthenticated
 from meshcore.ca import MeshCA
@@ -101,7 +107,8 @@ async def _token_review_ca() -> None:
     cfg = client.Configuration()
     cfg.host = f"http://{API_IP}:{api.port}"
     reviewer = ServiceAccountTokenReview(
-        accounts=[ZTUNNEL], audiences=[AUDIENCE], configuration=cfg, cache_ttl=30
+        TokenReviewSettings(accounts=(ZTUNNEL,), audiences=(AUDIENCE,), cache_ttl=30),
+        configuration=cfg,
     )
     ca = MeshCA.create_root()
     service = CertificateService(ca, authenticator=reviewer, may_impersonate=may_impersonate)
@@ -171,7 +178,7 @@ async def _token_review_ca() -> None:
 
         # The node proxy's pod is deleted: its token stops working once the cache expires
         # (the API server refuses tokens of deleted bound objects).
-        reviewer.cache_ttl = 0.0
+        reviewer.settings = replace(reviewer.settings, cache_ttl=0.0)
         await api.delete("pods", "istio-system", "ztunnel-a")
         err = await refused("tok-a", "client")
         assert "UNAUTHENTICATED" in err

@@ -22,6 +22,7 @@ from kubernetes_asyncio import client
 from controlplane.auth import (
     CertificatePrincipals,
     ServiceAccountTokenReview,
+    TokenReviewSettings,
     auth_interceptors,
     restrict_waypoints,
 )
@@ -75,7 +76,8 @@ async def _serve(
     cfg = client.Configuration()
     cfg.host = f"http://{API_IP}:{api.port}"
     reviewer = ServiceAccountTokenReview(
-        accounts=[ZTUNNEL], audiences=list(AUD), configuration=cfg, waypoints=waypoints
+        TokenReviewSettings(accounts=(ZTUNNEL,), audiences=AUD, waypoints=waypoints),
+        configuration=cfg,
     )
     service = CertificateService(
         MeshCA.create_root(),
