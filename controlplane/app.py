@@ -51,7 +51,7 @@ from controlplane.auth import (
     auth_interceptors,
     restrict_waypoints,
 )
-from controlplane.ca import CertificateService, serving_certificate
+from controlplane.ca import CertificateService, IssuancePolicy, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
 from controlplane.l7 import (
     FindingsCache,
@@ -197,9 +197,11 @@ class ControlPlane:
             authenticator=CertificatePrincipals(self.authenticator)
             if isinstance(self.authenticator, ServiceAccountTokenReview)
             else self.authenticator,
-            may_impersonate=restrict_waypoints(self.translator.may_impersonate),
+            policy=IssuancePolicy(
+                may_impersonate=restrict_waypoints(self.translator.may_impersonate),
+                default_ttl=timedelta(seconds=settings.cert_ttl),
+            ),
             metrics=self.metrics,
-            default_ttl=timedelta(seconds=settings.cert_ttl),
         )
         self.files = (
             ManifestDirectory(

@@ -22,7 +22,7 @@ import pytest
 
 from ambientctl.lab.kube import KubeCluster
 from controlplane.auth import ServiceAccountTokenReview, TokenReviewSettings, auth_interceptors
-from controlplane.ca import CertificateService
+from controlplane.ca import CertificateService, IssuancePolicy
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
@@ -72,7 +72,9 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
             kubeconfig=kc,
         )
         service = CertificateService(
-            MeshCA.create_root(), authenticator=reviewer, may_impersonate=on_node
+            MeshCA.create_root(),
+            authenticator=reviewer,
+            policy=IssuancePolicy(may_impersonate=on_node),
         )
         server = grpc.aio.server(interceptors=auth_interceptors(reviewer))
         server.add_generic_rpc_handlers((service.method_handlers(),))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -214,7 +215,8 @@ def test_unexpected_failure_is_internal_without_details(
         def broken(_node: str, _identity: SpiffeId) -> bool:
             raise KeyError("secret internals")
 
-        cp.ca_service.may_impersonate = broken  # fault injection: a bug in the decision
+        # fault injection: a bug in the decision
+        cp.ca_service.policy = replace(cp.ca_service.policy, may_impersonate=broken)
         with caplog.at_level(logging.ERROR, logger="controlplane.ca"):
             err = await refused(cp, request_for(sid("sleep")))
         assert err.code() == grpc.StatusCode.INTERNAL

@@ -31,7 +31,7 @@ from controlplane.auth import (
     auth_interceptors,
     read_review,
 )
-from controlplane.ca import CertificateService
+from controlplane.ca import CertificateService, IssuancePolicy
 from controlplane.errors import PermissionDenied, Unauthenticated
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
@@ -111,7 +111,9 @@ async def _token_review_ca() -> None:
         configuration=cfg,
     )
     ca = MeshCA.create_root()
-    service = CertificateService(ca, authenticator=reviewer, may_impersonate=may_impersonate)
+    service = CertificateService(
+        ca, authenticator=reviewer, policy=IssuancePolicy(may_impersonate=may_impersonate)
+    )
     server = grpc.aio.server(interceptors=auth_interceptors(reviewer))
     server.add_generic_rpc_handlers((service.method_handlers(),))
     port = server.add_insecure_port(f"{CP_IP}:0")

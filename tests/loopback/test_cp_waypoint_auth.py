@@ -26,7 +26,7 @@ from controlplane.auth import (
     auth_interceptors,
     restrict_waypoints,
 )
-from controlplane.ca import CertificateService
+from controlplane.ca import CertificateService, IssuancePolicy
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
@@ -82,7 +82,7 @@ async def _serve(
     service = CertificateService(
         MeshCA.create_root(),
         authenticator=CertificatePrincipals(reviewer),
-        may_impersonate=restrict_waypoints(may_impersonate),
+        policy=IssuancePolicy(may_impersonate=restrict_waypoints(may_impersonate)),
     )
     server = grpc.aio.server(interceptors=auth_interceptors(reviewer))
     server.add_generic_rpc_handlers((service.method_handlers(),))

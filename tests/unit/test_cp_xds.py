@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 from controlplane.auth import NodeCredentials, bearer_token
-from controlplane.ca import CertificateService
+from controlplane.ca import CertificateService, IssuancePolicy
 from controlplane.errors import InvalidRequest, PermissionDenied, Unauthenticated
 from controlplane.translate import Delta, Record
 from controlplane.xds import ResourceTable, encode_response
@@ -107,8 +107,10 @@ def _service(ca: MeshCA, node_of: dict[str, str]) -> CertificateService:
     return CertificateService(
         ca,
         authenticator=creds,
-        may_impersonate=lambda node, ident: node_of.get(ident.service_account) == node,
-        max_ttl=timedelta(hours=2),
+        policy=IssuancePolicy(
+            may_impersonate=lambda node, ident: node_of.get(ident.service_account) == node,
+            max_ttl=timedelta(hours=2),
+        ),
     )
 
 
