@@ -439,9 +439,8 @@ class WaypointController:
         body: Any = None,
         *,
         query: list[tuple[str, Any]] | None = None,
-        content_type: str = "application/json",
     ) -> tuple[int, Any]:
-        return await self._kube.call(method, path, body, query=query, content_type=content_type)
+        return await self._kube.call(method, path, body, query=query)
 
     async def _ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         status, data = await self._call(method, path, body, **kw)
@@ -467,7 +466,7 @@ class WaypointController:
             raise SourceError(f"GET {path}: HTTP {status}")
         if not needs_patch(live, obj):
             return dict(live)
-        patched = await self._ok("PATCH", path, obj, content_type="application/merge-patch+json")
+        patched = await self._ok("PATCH", path, obj)
         self.stats.patched += 1
         return dict(patched)
 
@@ -521,7 +520,6 @@ class WaypointController:
                 "PATCH",
                 GATEWAYS.item(objs.namespace, objs.gateway) + "/status",
                 {"status": status},
-                content_type="application/merge-patch+json",
             )
             self.stats.status_updates += 1
 

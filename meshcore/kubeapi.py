@@ -1,9 +1,10 @@
 """The Kubernetes API client every component shares (kubernetes_asyncio, raw JSON).
 
 Owns: building the client once (in-cluster service account, or a kubeconfig for tests and
-out-of-cluster runs), raw requests that return the aiohttp response (the caller reads and
-releases it: watches stream it), a JSON convenience call, and reading a watch stream's
-newline-delimited events. What a status code means (410 Gone, 409, 404) stays with the caller.
+out-of-cluster runs), raw requests that return the aiohttp response (the caller reads and releases
+it: watches stream it), a JSON convenience call, and reading a watch stream's newline-delimited
+events. A PATCH body is a JSON merge patch (RFC 7386, ``application/merge-patch+json``), the only
+patch form the project sends. What a status code means (410 Gone, 409, 404) stays with the caller.
 Used by the control plane's source, waypoint controller and TokenReview, and the node agent.
 """
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client, config
+
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class KubeApi:
@@ -51,14 +54,13 @@ class KubeApi:
         *,
         query: list[tuple[str, Any]] | None = None,
         body: Any = None,
-        content_type: str = "application/json",
         timeout: float | None = 30,
     ) -> Any:
         """The raw aiohttp response; the caller must `release()` it."""
         api = await self.client()
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = content_type
+            headers["Content-Type"] = MERGE_PATCH if method == "PATCH" else "application/json"
         resp = await api.call_api(
             path,
             method,
@@ -79,13 +81,10 @@ class KubeApi:
         body: Any = None,
         *,
         query: list[tuple[str, Any]] | None = None,
-        content_type: str = "application/json",
         timeout: float | None = 30,
     ) -> tuple[int, Any]:
         """(status, decoded JSON body or None)."""
-        resp = await self.open(
-            method, path, query=query, body=body, content_type=content_type, timeout=timeout
-        )
+        resp = await self.open(method, path, query=query, body=body, timeout=timeout)
         try:
             text = await resp.text()
             status = int(resp.status)
