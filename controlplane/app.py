@@ -306,7 +306,7 @@ class ControlPlane:
         if s.kubernetes:
             from controlplane.sources.kube import KubernetesSource
 
-            self.kube = KubernetesSource(self.store, kubeconfig=s.kubeconfig)
+            self.kube = KubernetesSource(self.store, kube=KubeApi(kubeconfig=s.kubeconfig))
             self._tasks.append(loop.create_task(self.kube.run()))
             try:
                 await asyncio.wait_for(self.kube.synced.wait(), s.sync_timeout)

@@ -27,6 +27,7 @@ from ambientctl.lab.kube import KubeCluster
 from controlplane.sources.kube import KINDS, KubernetesSource
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
+from meshcore.kubeapi import KubeApi
 from meshcore.model import Workload
 from tests.cluster import objects
 from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
@@ -39,7 +40,7 @@ NS = "src-mesh"
 @contextlib.asynccontextmanager
 async def source(kubeconfig: Path, **kw: Any) -> AsyncIterator[tuple[ConfigStore, Any]]:
     store = ConfigStore()
-    src = KubernetesSource(store, kubeconfig=kubeconfig, **kw)
+    src = KubernetesSource(store, kube=KubeApi(kubeconfig=kubeconfig), **kw)
     task = asyncio.get_running_loop().create_task(src.run())
     try:
         await asyncio.wait_for(src.synced.wait(), 30)
