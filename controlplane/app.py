@@ -320,7 +320,7 @@ class ControlPlane:
             self.waypoints = WaypointController(
                 wp,
                 domain_suffix=s.options.domain_suffix,
-                kubeconfig=s.kubeconfig,
+                kube=KubeApi(kubeconfig=s.kubeconfig),
                 interval=s.waypoint_interval,
                 findings=lambda: self.findings,
             )

@@ -41,7 +41,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -266,20 +265,27 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
     )
 
 
-def _condition(
-    old: Mapping[str, Any], ctype: str, status: bool, reason: str, message: str, gen: int, now: str
-) -> Json:
-    prev = next((c for c in old.get("conditions") or () if c.get("type") == ctype), None)
-    text = "True" if status else "False"
-    since = prev["lastTransitionTime"] if prev and prev.get("status") == text else now
-    return {
-        "type": ctype,
-        "status": text,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": gen,
-        "lastTransitionTime": since,
-    }
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _StatusUpdate:
+    """A Gateway status being rewritten: its previous status, generation and the time now."""
+
+    old: Mapping[str, Any]
+    generation: int
+    stamp: str
+
+    def condition(self, ctype: str, status: bool, reason: str, message: str) -> Json:
+        """Condition `ctype`; lastTransitionTime is kept while the status does not change."""
+        prev = next((c for c in self.old.get("conditions") or () if c.get("type") == ctype), None)
+        text = "True" if status else "False"
+        since = prev["lastTransitionTime"] if prev and prev.get("status") == text else self.stamp
+        return {
+            "type": ctype,
+            "status": text,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": self.generation,
+            "lastTransitionTime": since,
+        }
 
 
 def gateway_status(
@@ -294,9 +300,11 @@ def gateway_status(
     its field findings (`controlplane.status.gateway_acceptance`: an Error finding makes
     Accepted and Programmed False, warnings are named in Accepted's message)."""
     meta = gw["metadata"]
-    old = gw.get("status") or {}
-    gen = int(meta.get("generation") or 0)
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    update = _StatusUpdate(
+        old=gw.get("status") or {},
+        generation=int(meta.get("generation") or 0),
+        stamp=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
     host = f"{meta['name']}.{meta.get('namespace', 'default')}.svc.{domain_suffix}"
     programmed = available > 0
     accepted, reason, text = gateway_acceptance(findings)
@@ -304,25 +312,22 @@ def gateway_status(
         return {
             "addresses": [{"type": "Hostname", "value": host}],
             "conditions": [
-                _condition(old, "Accepted", False, reason, text, gen, stamp),
-                _condition(old, "Programmed", False, "Invalid", text, gen, stamp),
+                update.condition("Accepted", False, reason, text),
+                update.condition("Programmed", False, "Invalid", text),
             ],
         }
     created = "waypoint resources created" + (f"; {text}" if text else "")
     return {
         "addresses": [{"type": "Hostname", "value": host}],
         "conditions": [
-            _condition(old, "Accepted", True, "Accepted", created, gen, stamp),
-            _condition(
-                old,
+            update.condition("Accepted", True, "Accepted", created),
+            update.condition(
                 "Programmed",
                 programmed,
                 "Programmed" if programmed else "Pending",
                 f"{available} waypoint replica(s) available"
                 if programmed
                 else "waiting for the waypoint Deployment to be available",
-                gen,
-                stamp,
             ),
         ],
     }
@@ -407,8 +412,7 @@ class WaypointController:
         settings: WaypointSettings,
         *,
         domain_suffix: str = "cluster.local",
-        kubeconfig: Path | None = None,
-        configuration: client.Configuration | None = None,
+        kube: KubeApi | None = None,
         interval: float = 10.0,
         findings: Callable[[], Mapping[str, Sequence[Finding]]] | None = None,
     ) -> None:
@@ -416,10 +420,9 @@ class WaypointController:
         self.findings = findings or dict
         """``Gateway ns/name`` -> field findings (the control plane's), for the status."""
         self.domain_suffix = domain_suffix
-        self.kubeconfig = kubeconfig
-        self.configuration = configuration
         self.interval = interval
-        self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
+        self._kube = kube or KubeApi()
+        """The API client (default: in-cluster service account)."""
         self.passes = 0
         self.stats = ReconcileStats()
         self._kick = asyncio.Event()

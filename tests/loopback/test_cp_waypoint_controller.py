@@ -26,6 +26,7 @@ from kubernetes_asyncio import client
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.waypoints import WaypointController, WaypointSettings
+from meshcore.kubeapi import KubeApi
 from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 
@@ -56,7 +57,8 @@ def test_controller_lifecycle() -> None:
         await api.start(API_IP)
         cfg = client.Configuration(host=f"http://{API_IP}:{api.port}")
         ctl = WaypointController(
-            WaypointSettings(image="reg.example/waypoint:9", roots_pem="ROOTS"), configuration=cfg
+            WaypointSettings(image="reg.example/waypoint:9", roots_pem="ROOTS"),
+            kube=KubeApi(configuration=cfg),
         )
         try:
             await api.upsert("gateways", gateway("waypoint"))
@@ -139,7 +141,7 @@ def test_run_loop_reacts_to_kick() -> None:
         api = KubeApiStandIn()
         await api.start(API_IP)
         cfg = client.Configuration(host=f"http://{API_IP}:{api.port}")
-        ctl = WaypointController(WaypointSettings(), configuration=cfg, interval=30)
+        ctl = WaypointController(WaypointSettings(), kube=KubeApi(configuration=cfg), interval=30)
         task = asyncio.create_task(ctl.run())
         try:
             while ctl.passes < 1:
