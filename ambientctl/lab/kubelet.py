@@ -328,11 +328,7 @@ class LabKubelet:
             mounts_by_volume = self._volumes(pod, rp, files)
             if rp.netns is not None:
                 system.netns_add(rp.netns)
-                result = system.cni_chain(
-                    "ADD", self.conflist, container_id=self._container_id(rp),
-                    netns_path=f"/run/netns/{rp.netns}", cni_args=_cni_args(pod),
-                    cni_path=self.cni_path, run_in=self.node.netns,
-                )  # fmt: skip
+                result = system.cni_chain("ADD", self.conflist, self._attachment(rp, pod))
                 assert result is not None
                 rp.cni_result = result
                 rp.ip = str(result["ips"][0]["address"]).split("/")[0]
@@ -357,6 +353,17 @@ class LabKubelet:
 
     def _container_id(self, rp: RunningPod) -> str:
         return f"{self.lab}-{rp.uid}"
+
+    def _attachment(self, rp: RunningPod, pod: Json | None = None) -> system.CniAttachment:
+        """`rp`'s CNI attachment; `pod` (ADD) gives the K8S_POD_* CNI_ARGS."""
+        assert rp.netns is not None
+        return system.CniAttachment(
+            container_id=self._container_id(rp),
+            netns_path=f"/run/netns/{rp.netns}",
+            cni_args=_cni_args(pod) if pod is not None else "",
+            cni_path=self.cni_path,
+            run_in=self.node.netns,
+        )
 
     def _volumes(
         self, pod: Json, rp: RunningPod, files: Mapping[str, Mapping[str, bytes]]
@@ -492,11 +499,7 @@ class LabKubelet:
             system.stop(pid, timeout=10)
         if rp.netns is not None:
             with contextlib.suppress(LabCommandError):
-                system.cni_chain(
-                    "DEL", self.conflist, container_id=self._container_id(rp),
-                    netns_path=f"/run/netns/{rp.netns}", cni_path=self.cni_path,
-                    prev_result=rp.cni_result, run_in=self.node.netns,
-                )  # fmt: skip
+                system.cni_chain("DEL", self.conflist, self._attachment(rp), rp.cni_result)
             system.netns_del(rp.netns)
         shutil.rmtree(rp.dir, ignore_errors=True)
 

@@ -288,23 +288,23 @@ def test_direct_chain_add_check_del(node: Node) -> None:
     netns = f"{node.prefix}-c1"
     system.netns_add(netns)
     try:
-        kw: dict[str, object] = {
-            "container_id": "c1",
-            "netns_path": f"/run/netns/{netns}",
-            "cni_args": "IgnoreUnknown=1;K8S_POD_NAMESPACE=pm;K8S_POD_NAME=bb;K8S_POD_UID=uid-1",
-            "cni_path": [node.tmp / "bin", Path("/usr/lib/cni")],
-            "run_in": node.netns,
-        }
-        result = system.cni_chain("ADD", conflist, **kw)  # type: ignore[arg-type]
+        att = system.CniAttachment(
+            container_id="c1",
+            netns_path=f"/run/netns/{netns}",
+            cni_args="IgnoreUnknown=1;K8S_POD_NAMESPACE=pm;K8S_POD_NAME=bb;K8S_POD_UID=uid-1",
+            cni_path=[node.tmp / "bin", Path("/usr/lib/cni")],
+            run_in=node.netns,
+        )
+        result = system.cni_chain("ADD", conflist, att)
         assert result is not None
         assert result["ips"][0]["address"] == f"{POD_IP}/24"
         status = protocol.call(str(node.sock), {"op": "status"}, timeout=5)
         assert [p["redirection"] for p in status["pods"]] == ["enabled"]
-        system.cni_chain("CHECK", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
-        system.cni_chain("DEL", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
-        system.cni_chain("DEL", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
+        system.cni_chain("CHECK", conflist, att, prev_result=result)
+        system.cni_chain("DEL", conflist, att, prev_result=result)
+        system.cni_chain("DEL", conflist, att, prev_result=result)
         with pytest.raises(system.CniFailure) as info:
-            system.cni_chain("CHECK", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
+            system.cni_chain("CHECK", conflist, att, prev_result=result)
         assert info.value.plugin in ("ptp", "ambient-cni")
     finally:
         system.netns_del(netns)
