@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,19 +131,23 @@ def _ts(now: dt.datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def pod_status(
-    pod: Json,
-    *,
-    pod_ip: str,
-    node_ip: str,
-    started: dt.datetime,
-    exited: Mapping[str, int],
-    now: dt.datetime,
-) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodRun:
+    """What a kubelet knows about one run of a pod."""
+
+    pod_ip: str
+    node_ip: str
+    started: dt.datetime
+    exited: Mapping[str, int]
+    """Container name -> exit code, for the containers that exited."""
+
+
+def pod_status(pod: Json, run: PodRun, now: dt.datetime) -> dict[str, Any]:
     """The status a kubelet reports: Running and Ready while every container runs; a container
     that exited is ``terminated`` with its code (phase Succeeded when all exited 0 and the pod
     does not restart, else Failed)."""
     spec = pod.get("spec") or {}
+    exited, started = run.exited, run.started
     names = [str(c["name"]) for c in spec.get("containers", [])]
     ready = not exited
     statuses = []
@@ -172,10 +176,10 @@ def pod_status(
     ]
     return {
         "phase": phase,
-        "hostIP": node_ip,
-        "hostIPs": [{"ip": node_ip}],
-        "podIP": pod_ip,
-        "podIPs": [{"ip": pod_ip}],
+        "hostIP": run.node_ip,
+        "hostIPs": [{"ip": run.node_ip}],
+        "podIP": run.pod_ip,
+        "podIPs": [{"ip": run.pod_ip}],
         "startTime": t,
         "conditions": conditions,
         "containerStatuses": statuses,
@@ -201,31 +205,33 @@ class RunningPod:
     reported: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KubeletSettings:
+    """How a lab kubelet runs its node's pods."""
+
+    lab: str
+    """The lab's name (prefix of CNI container ids)."""
+    conflist: Mapping[str, Any]
+    """The node's CNI chain."""
+    cni_path: tuple[Path, ...]
+    """Where the CNI plugins are (CNI_PATH)."""
+    root: Path
+    """Pod directories (volumes, logs) go under ``<root>/pods/<uid>``."""
+    path_env: str
+    """PATH of container processes."""
+    interval: float = 0.5
+    """Seconds between pod syncs."""
+    heartbeat: float = 10.0
+    """Seconds between node status updates."""
+
+
 class LabKubelet:
     """The kubelet of one lab node (see module doc). `run()` until cancelled; `stop()` after."""
 
-    def __init__(
-        self,
-        *,
-        api: KubeApi,
-        node: topology.NodePlan,
-        lab: str,
-        conflist: Mapping[str, Any],
-        cni_path: Sequence[Path],
-        root: Path,
-        path_env: str,
-        interval: float = 0.5,
-        heartbeat: float = 10.0,
-    ) -> None:
+    def __init__(self, *, api: KubeApi, node: topology.NodePlan, settings: KubeletSettings) -> None:
         self.api = api
         self.node = node
-        self.lab = lab
-        self.conflist = conflist
-        self.cni_path = list(cni_path)
-        self.root = root
-        self.path_env = path_env
-        self.interval = interval
-        self.heartbeat = heartbeat
+        self.settings = settings
         self.pods: dict[str, RunningPod] = {}
         self.failures: dict[str, str] = {}
         """pod key -> why it could not be started (also logged and written as an event)."""
@@ -273,12 +279,12 @@ class LabKubelet:
         while True:
             try:
                 await self.sync_once()
-                if asyncio.get_running_loop().time() - beat > self.heartbeat:
+                if asyncio.get_running_loop().time() - beat > self.settings.heartbeat:
                     await self._node_status()
                     beat = asyncio.get_running_loop().time()
             except (TimeoutError, OSError, LabCommandError) as e:
                 log.warning("lab kubelet %s: %s", self.node.name, e)
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.settings.interval)
 
     async def sync_once(self) -> None:
         """One pass: list this node's pods (the API server filters by spec.nodeName), start
@@ -318,17 +324,21 @@ class LabKubelet:
         ns, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
         host = bool(spec.get("hostNetwork"))
         rp = RunningPod(
-            uid=uid, namespace=ns, name=name,
-            netns=None if host else topology.pod_netns(self.lab, ns, name),
-            ip=self.node.ip, dir=self.root / "pods" / uid, started=dt.datetime.now(dt.UTC),
-        )  # fmt: skip
+            uid=uid,
+            namespace=ns,
+            name=name,
+            netns=None if host else topology.pod_netns(self.settings.lab, ns, name),
+            ip=self.node.ip,
+            dir=self.settings.root / "pods" / uid,
+            started=dt.datetime.now(dt.UTC),
+        )
         self.pods[uid] = rp
         rp.dir.mkdir(parents=True, exist_ok=True)
         try:
             mounts_by_volume = self._volumes(pod, rp, files)
             if rp.netns is not None:
                 system.netns_add(rp.netns)
-                result = system.cni_chain("ADD", self.conflist, self._attachment(rp, pod))
+                result = system.cni_chain("ADD", self.settings.conflist, self._attachment(rp, pod))
                 assert result is not None
                 rp.cni_result = result
                 rp.ip = str(result["ips"][0]["address"]).split("/")[0]
@@ -339,7 +349,7 @@ class LabKubelet:
                     for m in c.get("volumeMounts", [])
                 }
                 proc = container_process(c, fields=fields, mounts=mounts)
-                env = {"PATH": self.path_env, "HOME": "/root", **proc.env}
+                env = {"PATH": self.settings.path_env, "HOME": "/root", **proc.env}
                 netns = rp.netns or self.node.netns
                 rp.pids[proc.container] = system.spawn(
                     system.nsenter(netns, list(proc.argv)),
@@ -352,7 +362,7 @@ class LabKubelet:
             raise
 
     def _container_id(self, rp: RunningPod) -> str:
-        return f"{self.lab}-{rp.uid}"
+        return f"{self.settings.lab}-{rp.uid}"
 
     def _attachment(self, rp: RunningPod, pod: Json | None = None) -> system.CniAttachment:
         """`rp`'s CNI attachment; `pod` (ADD) gives the K8S_POD_* CNI_ARGS."""
@@ -361,7 +371,7 @@ class LabKubelet:
             container_id=self._container_id(rp),
             netns_path=f"/run/netns/{rp.netns}",
             cni_args=_cni_args(pod) if pod is not None else "",
-            cni_path=self.cni_path,
+            cni_path=self.settings.cni_path,
             run_in=self.node.netns,
         )
 
@@ -467,8 +477,8 @@ class LabKubelet:
         for c, pid in list(rp.pids.items()):
             if c not in rp.exited and (code := _reap(pid)) is not None:
                 rp.exited[c] = code
-        status = pod_status(pod, pod_ip=rp.ip, node_ip=self.node.ip, started=rp.started,
-                            exited=rp.exited, now=dt.datetime.now(dt.UTC))  # fmt: skip
+        run = PodRun(pod_ip=rp.ip, node_ip=self.node.ip, started=rp.started, exited=rp.exited)
+        status = pod_status(pod, run, dt.datetime.now(dt.UTC))
         digest = json.dumps(
             {k: status[k] for k in ("phase", "podIP", "containerStatuses")},
             sort_keys=True,
@@ -499,7 +509,7 @@ class LabKubelet:
             system.stop(pid, timeout=10)
         if rp.netns is not None:
             with contextlib.suppress(LabCommandError):
-                system.cni_chain("DEL", self.conflist, self._attachment(rp), rp.cni_result)
+                system.cni_chain("DEL", self.settings.conflist, self._attachment(rp), rp.cni_result)
             system.netns_del(rp.netns)
         shutil.rmtree(rp.dir, ignore_errors=True)
 
