@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bench.harness import PATHS, PathRuntime
@@ -81,6 +82,23 @@ def build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[st
     return rows
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Metric:
+    """One row of the table: a metric's value per path, its target and how it is checked."""
+
+    metric: str
+    direct: float | None
+    envoy: float | None
+    ours: float | None
+    """The node-proxy pair's value."""
+    target: str
+    ok: Callable[[], bool | None] | None
+    """The verdict against `target` (asked only when `ours` is known)."""
+    nd: int = 2
+    """Decimals shown."""
+    signed: bool = False
+
+
 def _build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[str, Any]]:
     d, e, z = (summary.get(p, {}) for p in PATHS[:3])
 
@@ -102,117 +120,143 @@ def _build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[s
 
     rows: list[dict[str, Any]] = []
 
-    def row(
-        metric: str,
-        dv: float | None,
-        ev: float | None,
-        zv: float | None,
-        target: str,
-        ok: Callable[[], bool | None] | None,
-        nd: int = 2,
-        signed: bool = False,
-    ) -> None:
+    def row(m: _Metric) -> None:
         verdict = None
-        if ok is not None and zv is not None:
-            verdict = ok()
+        if m.ok is not None and m.ours is not None:
+            verdict = m.ok()
         rows.append(
             {
-                "metric": metric,
-                "direct": dv,
-                "envoy": ev,
-                "ztunnel": zv,
-                "ours_over_envoy": ratio(zv, ev),
-                "ours_over_direct": ratio(zv, dv),
-                "target": target,
+                "metric": m.metric,
+                "direct": m.direct,
+                "envoy": m.envoy,
+                "ztunnel": m.ours,
+                "ours_over_envoy": ratio(m.ours, m.envoy),
+                "ours_over_direct": ratio(m.ours, m.direct),
+                "target": m.target,
                 "pass": verdict,
-                "_nd": nd,
-                "_signed": signed,
+                "_nd": m.nd,
+                "_signed": m.signed,
             }
         )
 
     zr = ratio(z.get("rps"), e.get("rps"))
     row(
-        "small-request rps (1 KB, keep-alive)",
-        d.get("rps"),
-        e.get("rps"),
-        z.get("rps"),
-        ">= 0.9x envoy",
-        lambda: None if zr is None else zr >= 0.9,
-        nd=0,
+        _Metric(
+            metric="small-request rps (1 KB, keep-alive)",
+            direct=d.get("rps"),
+            envoy=e.get("rps"),
+            ours=z.get("rps"),
+            target=">= 0.9x envoy",
+            ok=lambda: None if zr is None else zr >= 0.9,
+            nd=0,
+        )
     )
     zc = ratio(z.get("cps"), e.get("cps"))
     row(
-        "new connections/s (conn+GET+close)",
-        d.get("cps"),
-        e.get("cps"),
-        z.get("cps"),
-        ">= 0.7x envoy",
-        lambda: None if zc is None else zc >= 0.7,
-        nd=0,
+        _Metric(
+            metric="new connections/s (conn+GET+close)",
+            direct=d.get("cps"),
+            envoy=e.get("cps"),
+            ours=z.get("cps"),
+            target=">= 0.7x envoy",
+            ok=lambda: None if zc is None else zc >= 0.7,
+            nd=0,
+        )
     )
     for q in ("p50_ms", "p90_ms", "p99_ms"):
-        row(f"latency {q[:3]} @{rate:g} rps (ms)", d.get(q), e.get(q), z.get(q), "", None, nd=3)
+        row(
+            _Metric(
+                metric=f"latency {q[:3]} @{rate:g} rps (ms)",
+                direct=d.get(q),
+                envoy=e.get(q),
+                ours=z.get(q),
+                target="",
+                ok=None,
+                nd=3,
+            )
+        )
     za50, za99 = added(z, "p50_ms"), added(z, "p99_ms")
     row(
-        "added latency p50 vs direct (ms)",
-        None,
-        added(e, "p50_ms"),
-        za50,
-        "<= +0.25 ms",
-        lambda: None if za50 is None else za50 <= 0.25,
-        nd=3,
-        signed=True,
+        _Metric(
+            metric="added latency p50 vs direct (ms)",
+            direct=None,
+            envoy=added(e, "p50_ms"),
+            ours=za50,
+            target="<= +0.25 ms",
+            ok=lambda: None if za50 is None else za50 <= 0.25,
+            nd=3,
+            signed=True,
+        )
     )
     row(
-        "added latency p99 vs direct (ms)",
-        None,
-        added(e, "p99_ms"),
-        za99,
-        "<= +1 ms",
-        lambda: None if za99 is None else za99 <= 1.0,
-        nd=3,
-        signed=True,
+        _Metric(
+            metric="added latency p99 vs direct (ms)",
+            direct=None,
+            envoy=added(e, "p99_ms"),
+            ours=za99,
+            target="<= +1 ms",
+            ok=lambda: None if za99 is None else za99 <= 1.0,
+            nd=3,
+            signed=True,
+        )
     )
-    row("bulk throughput, 1 conn (Gb/s)", d.get("gbps"), e.get("gbps"), z.get("gbps"), "", None)
+    row(
+        _Metric(
+            metric="bulk throughput, 1 conn (Gb/s)",
+            direct=d.get("gbps"),
+            envoy=e.get("gbps"),
+            ours=z.get("gbps"),
+            target="",
+            ok=None,
+        )
+    )
     zg = ratio(z.get("cpu_s_per_gbit"), e.get("cpu_s_per_gbit"))
     row(
-        "CPU per Gb/s, both proxies (CPU-s/Gbit)",
-        None,
-        e.get("cpu_s_per_gbit"),
-        z.get("cpu_s_per_gbit"),
-        "<= 1.0x envoy",
-        lambda: None if zg is None else zg <= 1.0,
-        nd=3,
+        _Metric(
+            metric="CPU per Gb/s, both proxies (CPU-s/Gbit)",
+            direct=None,
+            envoy=e.get("cpu_s_per_gbit"),
+            ours=z.get("cpu_s_per_gbit"),
+            target="<= 1.0x envoy",
+            ok=lambda: None if zg is None else zg <= 1.0,
+            nd=3,
+        )
     )
     zk = max_of(z, "vcpu_per_krps")
     row(
-        "CPU per 1000 rps, busiest proxy (vCPU)",
-        None,
-        max_of(e, "vcpu_per_krps"),
-        zk,
-        "<= 0.06 vCPU",
-        lambda: None if zk is None else zk <= 0.06,
-        nd=3,
+        _Metric(
+            metric="CPU per 1000 rps, busiest proxy (vCPU)",
+            direct=None,
+            envoy=max_of(e, "vcpu_per_krps"),
+            ours=zk,
+            target="<= 0.06 vCPU",
+            ok=lambda: None if zk is None else zk <= 0.06,
+            nd=3,
+        )
     )
     zm = max_of(z, "rss", "per_worker_mib")
     row(
-        "RSS per worker, largest proxy (MiB)",
-        None,
-        max_of(e, "rss", "per_worker_mib"),
-        zm,
-        "<= 40 MiB",
-        lambda: None if zm is None else zm <= 40.0,
-        nd=1,
+        _Metric(
+            metric="RSS per worker, largest proxy (MiB)",
+            direct=None,
+            envoy=max_of(e, "rss", "per_worker_mib"),
+            ours=zm,
+            target="<= 40 MiB",
+            ok=lambda: None if zm is None else zm <= 40.0,
+            nd=1,
+        )
     )
     zp = max_of(z, "rss", "pss_per_worker_mib")
     row(
-        "PSS per worker, largest proxy (MiB)",
-        None,
-        max_of(e, "rss", "pss_per_worker_mib"),
-        zp,
-        "<= 40 MiB",
-        lambda: None if zp is None else zp <= 40.0,
-        nd=1,
+        _Metric(
+            metric="PSS per worker, largest proxy (MiB)",
+            direct=None,
+            envoy=max_of(e, "rss", "pss_per_worker_mib"),
+            ours=zp,
+            target="<= 40 MiB",
+            ok=lambda: None if zp is None else zp <= 40.0,
+            nd=1,
+        )
     )
     return rows
 
