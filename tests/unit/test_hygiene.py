@@ -94,9 +94,9 @@ def test_escaped_slash_actions() -> None:
     )
     with pytest.raises(RequestRejected):
         normalize_target("/a%2fb", strict)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a valid PathNormalization"):
         PathPolicy.parse("MERGE", "")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a valid EscapedSlashes"):
         PathPolicy.parse("BASE", "DROP")
 
 
