@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
     started = datetime.now(UTC)
-    certs_source = None
+    certs_source: str | None = None
     try:
         with guarded(limit):
             log(f"work dir {workdir}; time limit {limit:.0f}s; settings {s}")
@@ -327,54 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"backend nginx ready on {BACKEND[0]}:{BACKEND[1]} (pid {backend.pid})")
             ca_dir = workdir / "ca"
             ca_dir.mkdir()
-            if "direct" in wanted:
-                runtimes["direct"] = PathRuntime("direct", BACKEND, [], 0)
-            if "envoy" in wanted:
-                try:
-                    certs = make_certs(workdir, ca_dir)
-                    certs_source = certs.source
-                    log(f"certificates from {certs.source}")
-                    runtimes["envoy"] = start_envoy_pair(sup, workdir, certs)
-                    log("envoy pair ready")
-                except BenchError as exc:
-                    skipped["envoy"] = str(exc)
-                    log(f"SKIP envoy pair: {exc}")
-            if "ztunnel" in wanted:
-                try:
-                    runtimes["ztunnel"] = start_ztunnel_pair(
-                        sup, workdir, ca_dir, s.ztunnel_workers
-                    )
-                    log("node-proxy pair ready")
-                except BenchError as exc:
-                    skipped["ztunnel"] = str(exc)
-                    log(f"SKIP node-proxy pair: {exc}")
-            if "ztunnel-h3" in wanted:
-                try:
-                    runtimes["ztunnel-h3"] = start_ztunnel_pair(
-                        sup, workdir, ca_dir, s.ztunnel_workers, http3=True
-                    )
-                    log("node-proxy pair over HTTP/3 ready")
-                except BenchError as exc:
-                    skipped["ztunnel-h3"] = str(exc)
-                    log(f"SKIP node-proxy pair over HTTP/3: {exc}")
-            order = [p for p in PATHS if p in runtimes]
-            # Warm-up: a short keep-alive run through each path (connection pools, JIT-free caches).
-            for p in order:
-                wrk(runtimes[p].addr, Settings(**{**s.__dict__, "duration": 1.0}), 8, close=False)
-            for rep in range(s.reps):
-                for metric, fn in MEASUREMENTS:
-                    for p in order:
-                        rt = runtimes[p]
-                        try:
-                            r = fn(rt, s)
-                        except BenchError as exc:
-                            log(f"rep {rep + 1} {metric} {p}: FAILED: {exc}")
-                            r = {"failed": str(exc)}
-                        else:
-                            log(f"rep {rep + 1}/{s.reps} {metric:8s} {p:8s} {_brief(metric, r)}")
-                        raw.setdefault(p, {}).setdefault(metric, [])
-                        if "failed" not in r:
-                            raw[p][metric].append(r)
+            runtimes, skipped, certs_source = _start_paths(sup, workdir, ca_dir, wanted, s)
+            raw = _measure(runtimes, s)
     except KeyboardInterrupt:
         log("interrupted; tearing down")
         return 130
@@ -417,6 +371,71 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(doc, indent=2, default=str))
     print(f"results: {args.json}")
     return 0
+
+
+def _start_paths(
+    sup: Supervisor, workdir: Path, ca_dir: Path, wanted: list[str], s: Settings
+) -> tuple[dict[str, PathRuntime], dict[str, str], str | None]:
+    """(runtimes of the `wanted` paths that started, path -> why it was skipped, where the
+    Envoy pair's certificates came from)."""
+    runtimes: dict[str, PathRuntime] = {}
+    skipped: dict[str, str] = {}
+    certs_source = None
+    if "direct" in wanted:
+        runtimes["direct"] = PathRuntime("direct", BACKEND, [], 0)
+    if "envoy" in wanted:
+        try:
+            certs = make_certs(workdir, ca_dir)
+            certs_source = certs.source
+            log(f"certificates from {certs.source}")
+            runtimes["envoy"] = start_envoy_pair(sup, workdir, certs)
+            log("envoy pair ready")
+        except BenchError as exc:
+            skipped["envoy"] = str(exc)
+            log(f"SKIP envoy pair: {exc}")
+    if "ztunnel" in wanted:
+        try:
+            runtimes["ztunnel"] = start_ztunnel_pair(sup, workdir, ca_dir, s.ztunnel_workers)
+            log("node-proxy pair ready")
+        except BenchError as exc:
+            skipped["ztunnel"] = str(exc)
+            log(f"SKIP node-proxy pair: {exc}")
+    if "ztunnel-h3" in wanted:
+        try:
+            runtimes["ztunnel-h3"] = start_ztunnel_pair(
+                sup, workdir, ca_dir, s.ztunnel_workers, http3=True
+            )
+            log("node-proxy pair over HTTP/3 ready")
+        except BenchError as exc:
+            skipped["ztunnel-h3"] = str(exc)
+            log(f"SKIP node-proxy pair over HTTP/3: {exc}")
+    return runtimes, skipped, certs_source
+
+
+def _measure(
+    runtimes: dict[str, PathRuntime], s: Settings
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """path -> metric -> the successful repetitions' results (failures are logged)."""
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    order = [p for p in PATHS if p in runtimes]
+    # Warm-up: a short keep-alive run through each path (connection pools, JIT-free caches).
+    for p in order:
+        wrk(runtimes[p].addr, Settings(**{**s.__dict__, "duration": 1.0}), 8, close=False)
+    for rep in range(s.reps):
+        for metric, fn in MEASUREMENTS:
+            for p in order:
+                rt = runtimes[p]
+                try:
+                    r = fn(rt, s)
+                except BenchError as exc:
+                    log(f"rep {rep + 1} {metric} {p}: FAILED: {exc}")
+                    r = {"failed": str(exc)}
+                else:
+                    log(f"rep {rep + 1}/{s.reps} {metric:8s} {p:8s} {_brief(metric, r)}")
+                raw.setdefault(p, {}).setdefault(metric, [])
+                if "failed" not in r:
+                    raw[p][metric].append(r)
+    return raw
 
 
 def _brief(metric: str, r: dict[str, Any]) -> str:
