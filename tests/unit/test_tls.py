@@ -21,6 +21,7 @@ from meshcore.identity import SpiffeId
 from meshcore.tls import ContextCache, client_context, server_context, verify_peer
 from tests.unit.certfixtures import (
     TD,
+    PeerChecks,
     handshake,
     key_pem,
     pem,
@@ -80,7 +81,9 @@ def test_handshake_both_sides_learn_peer_identity(
     alice: WorkloadCertificate, bob: WorkloadCertificate
 ) -> None:
     result = handshake(
-        server_context(alice), client_context(bob), client_expected=[ALICE, sid("apps", "carol")]
+        server_context(alice),
+        client_context(bob),
+        PeerChecks(client_expected=[ALICE, sid("apps", "carol")]),
     )
     assert result.server_error is None
     assert result.client_error is None
@@ -202,7 +205,9 @@ def test_client_cert_from_other_ca_refused(ca: MeshCA, alice: WorkloadCertificat
     stranger = WorkloadCertificate.from_chain(
         BOB, issued.key_pem, issued.chain_pem, other.roots_pem + ca.roots_pem
     )
-    result = handshake(server_context(alice), client_context(stranger), client_verifies=False)
+    result = handshake(
+        server_context(alice), client_context(stranger), PeerChecks(client_verifies=False)
+    )
     assert _is_handshake_failure(result.server_error)
     assert "certificate verify failed" in str(result.server_error)
     assert result.server_peer is None
@@ -227,7 +232,9 @@ def test_other_trust_domain_refused_by_verify_peer(ca: MeshCA, alice: WorkloadCe
     server_cert = WorkloadCertificate.from_chain(
         ALICE, alice.key_pem, alice.chain_pem, ca.roots_pem + other.roots_pem
     )
-    result = handshake(server_context(server_cert), client_context(foreign), client_verifies=False)
+    result = handshake(
+        server_context(server_cert), client_context(foreign), PeerChecks(client_verifies=False)
+    )
     assert isinstance(result.server_error, PeerVerificationError)
     assert "in trust domain 'other.example', expected 'cluster.local'" in str(result.server_error)
     assert result.client_received == b""
@@ -235,7 +242,9 @@ def test_other_trust_domain_refused_by_verify_peer(ca: MeshCA, alice: WorkloadCe
 
 def test_expired_client_cert_refused(ca: MeshCA, alice: WorkloadCertificate) -> None:
     expired = ca.issue(BOB, now=real_now() - timedelta(days=2), ttl=timedelta(days=1))
-    result = handshake(server_context(alice), client_context(expired), client_verifies=False)
+    result = handshake(
+        server_context(alice), client_context(expired), PeerChecks(client_verifies=False)
+    )
     assert _is_handshake_failure(result.server_error)
     assert "certificate has expired" in str(result.server_error)
     assert result.server_peer is None
@@ -253,7 +262,9 @@ def test_server_san_not_expected_refused(
     alice: WorkloadCertificate, bob: WorkloadCertificate
 ) -> None:
     carol = sid("apps", "carol")
-    result = handshake(server_context(alice), client_context(bob), client_expected=[carol])
+    result = handshake(
+        server_context(alice), client_context(bob), PeerChecks(client_expected=[carol])
+    )
     assert isinstance(result.client_error, PeerVerificationError)
     assert str(result.client_error) == (f"peer {ALICE} is not an expected identity ({carol})")
     assert result.client_peer is None
@@ -262,7 +273,7 @@ def test_server_san_not_expected_refused(
 def test_client_san_not_expected_refused(
     alice: WorkloadCertificate, bob: WorkloadCertificate
 ) -> None:
-    result = handshake(server_context(alice), client_context(bob), server_expected=[])
+    result = handshake(server_context(alice), client_context(bob), PeerChecks(server_expected=[]))
     assert isinstance(result.server_error, PeerVerificationError)
     assert "not an expected identity (<none>)" in str(result.server_error)
 
@@ -317,7 +328,7 @@ def test_client_without_certificate_refused(alice: WorkloadCertificate) -> None:
     anonymous.check_hostname = False
     anonymous.load_verify_locations(cadata=alice.roots_pem.decode())
     anonymous.set_alpn_protocols(["h2"])
-    result = handshake(server_context(alice), anonymous, client_verifies=False)
+    result = handshake(server_context(alice), anonymous, PeerChecks(client_verifies=False))
     assert _is_handshake_failure(result.server_error)
     assert "certificate" in str(result.server_error).lower()
     assert result.client_received == b""
@@ -371,7 +382,7 @@ def test_peer_san_shape_refused(
         BOB, bob.key_pem, bob.chain_pem, bob.roots_pem + roots
     )
     result = handshake(
-        server_context(server_cert), client_context(client_cert), server_verifies=False
+        server_context(server_cert), client_context(client_cert), PeerChecks(server_verifies=False)
     )
     assert isinstance(result.client_error, PeerVerificationError)
     assert message in str(result.client_error)
