@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -40,14 +41,11 @@ def pod(
     ns: str = "default",
     ip: str | None = "10.1.0.5",
     phase: str = "Running",
-    host_network: bool = False,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     status: dict[str, object] = {"phase": phase}
     if ip is not None:
         status["podIP"] = ip
     spec: dict[str, object] = {"serviceAccountName": sa, "nodeName": "node-a"}
-    if host_network:
-        spec["hostNetwork"] = True
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -57,13 +55,18 @@ def pod(
     }
 
 
+def host_network(p: dict[str, Any]) -> dict[str, object]:
+    """`p` with ``spec.hostNetwork: true``."""
+    return {**p, "spec": {**p["spec"], "hostNetwork": True}}
+
+
 MANIFESTS: list[dict[str, object]] = [
     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}},
     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}},
     pod("sleep", "sleep", ip="10.1.0.10"),
     # The node proxy itself: hostNetwork, its IP is the node's.
-    pod("ztunnel-a", "ztunnel", ns="istio-system", ip="172.18.0.2", host_network=True),
-    pod("agent", "hostagent", ip="172.18.0.2", host_network=True),
+    host_network(pod("ztunnel-a", "ztunnel", ns="istio-system", ip="172.18.0.2")),
+    host_network(pod("agent", "hostagent", ip="172.18.0.2")),
     pod("job", "batch", phase="Succeeded", ip="10.1.0.11"),
     pod("crashed", "crashed", phase="Failed", ip="10.1.0.12"),
     pod("pending", "pending", phase="Pending", ip=None),
