@@ -246,23 +246,24 @@ env_values = st.sampled_from(["", "c1", "/run/netns/p1", "eth0"]) | st.text(max_
     env_extra=st.dictionaries(
         st.sampled_from(["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS"]), env_values
     ),
-    config=configs,
-    raw=stdin_bytes,
-    use_raw=st.booleans(),
+    # Half raw stdin, half a network configuration.
+    payload=st.booleans().flatmap(lambda raw: stdin_bytes if raw else configs),
     answer=agent_answers,
 )
 def test_fuzz_plugin_request_handling(
     tmp_path_factory: Any,
     command: str,
     env_extra: dict[str, str],
-    config: dict[str, Any],
-    raw: bytes,
-    use_raw: bool,
+    payload: dict[str, Any] | bytes,
     answer: bytes,
 ) -> None:
+    """`payload`: a network configuration (sent with this test's agent socket) or raw stdin."""
     sock = Path(tmp_path_factory.mktemp("agent")) / "cni.sock"
     # Never a socket outside this test (a fuzzed path must not reach a real node agent).
-    data = raw if use_raw else json.dumps({**config, "agentSocket": str(sock)}).encode()
+    if isinstance(payload, bytes):
+        data = payload
+    else:
+        data = json.dumps({**payload, "agentSocket": str(sock)}).encode()
     out = io.StringIO()
     with fake_agent(sock, answer):
         rc = plugin.run({**ENV, **env_extra, "CNI_COMMAND": command}, io.BytesIO(data), out)
