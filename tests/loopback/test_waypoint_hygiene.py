@@ -415,9 +415,9 @@ def app_view(rec: Received) -> Seen:
     return Seen(rec.method, rec.target, fields, rec.body, tuple(rec.trailers))
 
 
-def check(
-    name: str, out: Outcome, status: int, seen: Seen | None, ours: bool, peer_hash: str = ""
-) -> None:
+def check(name: str, out: Outcome, status: int, seen: Seen | None, ours: str | None = None) -> None:
+    """`ours`: our waypoint answered and its XFCC must carry this peer certificate hash; None:
+    Envoy's listener answered."""
     assert out.status == status, f"{name}: status {out.status}, want {status}"
     if seen is None:
         assert out.got == [], f"{name}: reached the app: {out.got}"
@@ -426,10 +426,10 @@ def check(
     rec = out.got[0]
     assert app_view(rec) == seen, f"{name}: the app got {app_view(rec)}"
     xfcc = rec.values("x-forwarded-client-cert")
-    if ours:
+    if ours is not None:
         assert len(xfcc) == 1, f"{name}: XFCC {xfcc}"
         assert XFCC_OURS.fullmatch(xfcc[0]), f"{name}: XFCC {xfcc}"
-        assert f";Hash={peer_hash};" in xfcc[0], f"{name}: XFCC hash is not the peer's"
+        assert f";Hash={ours};" in xfcc[0], f"{name}: XFCC hash is not the peer's"
     else:
         # Envoy's listener here has no mTLS: SANITIZE_SET removes what the client sent and has
         # no peer certificate to set (in the mesh the peer is the HBONE mTLS peer, as ours).
@@ -519,7 +519,7 @@ def test_raw_http1_requests_against_the_waypoint(tmp_path: Path) -> None:
 
     def case_check(case: Case, out: Outcome) -> Callable[[], None]:
         def go() -> None:
-            check(case.name, out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
+            check(case.name, out, case.status, case.seen, ours=PEER_HASH[0])
             _flag_check(case.name, out, case.status)
 
         return go
@@ -532,7 +532,7 @@ def test_raw_http2_requests_against_the_waypoint(tmp_path: Path) -> None:
 
     def case_check(case: H2Case, out: Outcome) -> Callable[[], None]:
         def go() -> None:
-            check(f"h2 {case.name}", out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
+            check(f"h2 {case.name}", out, case.status, case.seen, ours=PEER_HASH[0])
             _flag_check(f"h2 {case.name}", out, case.status)
             if case.status == 0:
                 assert "DPE" in out.flags, f"h2 {case.name}: no DPE record for the protocol error"
@@ -616,7 +616,7 @@ SETTINGS_CASES: list[tuple[str, str, list[Case]]] = [
 def test_path_settings(tmp_path: Path, normalization: str, slashes: str, cases: list[Case]) -> None:
     outs, _ = run(_through_waypoint(tmp_path, PathPolicy.parse(normalization, slashes), cases, []))
     for case, out in zip(cases, outs, strict=True):
-        check(case.name, out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
+        check(case.name, out, case.status, case.seen, ours=PEER_HASH[0])
 
 
 def test_http10_served_when_accepted(tmp_path: Path) -> None:
@@ -633,7 +633,7 @@ def test_http10_served_when_accepted(tmp_path: Path) -> None:
     ]
     outs, _ = run(_through_waypoint(tmp_path, PathPolicy(), cases, [], accept_http_10=True))
     for case, out in zip(cases, outs, strict=True):
-        check(case.name, out, case.status, case.seen, ours=True, peer_hash=PEER_HASH[0])
+        check(case.name, out, case.status, case.seen, ours=PEER_HASH[0])
 
 
 # ---------------------------------------------------------------------------- Envoy oracle
@@ -783,7 +783,7 @@ def test_envoy_differential(tmp_path: Path) -> None:
     for case, out in zip(H1_CASES, outs, strict=True):
         status, seen = case.envoy or (case.status, case.seen)
         try:
-            check(f"envoy {case.name}", out, status, seen, ours=False)
+            check(f"envoy {case.name}", out, status, seen)
             if "DPE" in out.flags and not case.why:  # Envoy: protocol error; we refuse too
                 assert case.status in (400, 426, 431), f"envoy {case.name}: DPE, ours {case.status}"
         except AssertionError as err:
@@ -791,7 +791,7 @@ def test_envoy_differential(tmp_path: Path) -> None:
     for hc, out in zip(H2_CASES, h2_outs, strict=True):
         status, seen = hc.envoy or (hc.status, hc.seen)
         try:
-            check(f"envoy h2 {hc.name}", out, status, seen, ours=False)
+            check(f"envoy h2 {hc.name}", out, status, seen)
             if "DPE" in out.flags and not hc.why:
                 assert hc.status in (0, 400, 431), f"envoy h2 {hc.name}: DPE, ours {hc.status}"
         except AssertionError as err:
@@ -817,7 +817,7 @@ def test_envoy_differential_path_settings(
     for case, out in zip(cases, outs, strict=True):
         status, seen = case.envoy or (case.status, case.seen)
         try:
-            check(f"envoy {normalization}/{slashes} {case.name}", out, status, seen, ours=False)
+            check(f"envoy {normalization}/{slashes} {case.name}", out, status, seen)
         except AssertionError as err:
             diffs.append(str(err).splitlines()[0])
     assert not diffs, "\n".join(diffs)
