@@ -16,6 +16,7 @@ from tests.loopback.harness import (
     ECHO,
     SLEEP,
     VIP,
+    MeshOptions,
     call_service,
     mesh_config,
     payload_for,
@@ -198,7 +199,8 @@ def test_same_node_fast_path_keeps_identity_policy_and_source(tmp_path: Path) ->
     ]
 
     async def main() -> None:
-        async with running_mesh(tmp_path, config, node_b_outbound=((vip2, 80),)) as mesh:
+        options = MeshOptions(node_b_outbound=((vip2, 80),))
+        async with running_mesh(tmp_path, config, options=options) as mesh:
             reader, writer = await asyncio.open_connection(vip2, 80, local_addr=(local_client, 0))
             head = (3).to_bytes(4, "big") + (4096).to_bytes(4, "big")
             got = await stream_exchange(reader, writer, head + b"x" * 1000)

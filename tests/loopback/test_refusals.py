@@ -46,6 +46,7 @@ from tests.loopback.harness import (
     SLEEP,
     VIP,
     Mesh,
+    MeshOptions,
     mesh_config,
     running_mesh,
     settings,
@@ -406,7 +407,10 @@ def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(
     async def main() -> None:
         backend = await start_backend(echo_handler)
         async with running_mesh(
-            tmp_path, backend=backend, cert_ttl=timedelta(minutes=10), transport=transport
+            tmp_path,
+            backend=backend,
+            transport=transport,
+            options=MeshOptions(cert_ttl=timedelta(minutes=10)),
         ) as mesh:
             a, b = mesh.node_a.ctx, mesh.node_b.ctx
             reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
