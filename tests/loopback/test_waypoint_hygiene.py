@@ -475,14 +475,20 @@ async def _through_waypoint(
                 return Outcome(status, list(app.received), flags)
 
             for c in cases:
-                outs.append(await one(partial(send_h1, REVIEWS_VIP, PORT, c.raw,
-                                              local=CLIENT_IP)))  # fmt: skip
+                outs.append(
+                    await one(partial(send_h1, (REVIEWS_VIP, PORT), c.raw, local=CLIENT_IP))
+                )
             h2_outs: list[Outcome] = []
             for hc in h2_cases:
 
                 async def send(hc: H2Case = hc) -> int:
-                    res = await send_h2(REVIEWS_VIP, PORT, hc.headers, body=hc.body,
-                                        trailers=hc.trailers or None, local=CLIENT_IP)  # fmt: skip
+                    res = await send_h2(
+                        (REVIEWS_VIP, PORT),
+                        hc.headers,
+                        body=hc.body,
+                        trailers=hc.trailers or None,
+                        local=CLIENT_IP,
+                    )
                     return res.status if res.reset is None or res.status else 0
 
                 h2_outs.append(await one(send))
@@ -758,13 +764,14 @@ async def _through_envoy(
             lines = alog.read_text().splitlines()[before:]
             return Outcome(status, list(app.received), [ln.split(" ", 1)[1] for ln in lines])
 
-        outs = [await one(partial(send_h1, ENVOY_IP, ENVOY_PORT, c.raw)) for c in cases]
+        outs = [await one(partial(send_h1, (ENVOY_IP, ENVOY_PORT), c.raw)) for c in cases]
         h2_outs = []
         for hc in h2_cases:
 
             async def send(hc: H2Case = hc) -> int:
-                res = await send_h2(ENVOY_IP, ENVOY_PORT, hc.headers, body=hc.body,
-                                    trailers=hc.trailers or None)  # fmt: skip
+                res = await send_h2(
+                    (ENVOY_IP, ENVOY_PORT), hc.headers, body=hc.body, trailers=hc.trailers or None
+                )
                 return res.status if res.reset is None or res.status else 0
 
             h2_outs.append(await one(send))
@@ -859,7 +866,7 @@ def test_mutated_requests_never_crash_the_waypoint(tmp_path: Path) -> None:
         try:
             async with waypoint_mesh(tmp_path, DENY, config=mesh_config()):
                 return [
-                    (raw, await send_h1(REVIEWS_VIP, PORT, raw, local=CLIENT_IP, eof=True))
+                    (raw, await send_h1((REVIEWS_VIP, PORT), raw, local=CLIENT_IP, eof=True))
                     for raw in raws
                 ]
         finally:
@@ -916,7 +923,7 @@ def test_mutated_http2_header_blocks_never_crash_the_waypoint(tmp_path: Path) ->
             async with waypoint_mesh(tmp_path, DENY, config=mesh_config()):
                 out = []
                 for block in blocks:
-                    res = await send_h2(REVIEWS_VIP, PORT, block, local=CLIENT_IP)
+                    res = await send_h2((REVIEWS_VIP, PORT), block, local=CLIENT_IP)
                     out.append(res.status if res.reset is None or res.status else 0)
                 return out
         finally:
@@ -975,7 +982,7 @@ def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
 
                 async def one(raw: bytes) -> Outcome:
                     app.received.clear()
-                    status = await send_h1(REVIEWS_VIP, PORT, raw, local=CLIENT_IP)
+                    status = await send_h1((REVIEWS_VIP, PORT), raw, local=CLIENT_IP)
                     return Outcome(status, list(app.received), [])
 
                 before = await one(h1(b"GET /a//b"))
