@@ -149,7 +149,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod]]:
             made.append(ns)
         with ipr_in(NODE) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP, "172.30.0.1")
+            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP)
         pods = {}
         for name, ns in (("pod1", POD1), ("pod2", POD2), ("pod3", POD3)):
             result = cni("ADD", ns, conf)

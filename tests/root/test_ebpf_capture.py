@@ -393,7 +393,8 @@ class Proxy:
 # ------------------------------------------------------------------------ fixtures
 
 
-def _veth(ipr: Any, host: str, ns: str, host_ip: str, pod_ip: str, gw: str) -> None:
+def _veth(ipr: Any, host: str, ns: str, host_ip: str, pod_ip: str) -> None:
+    """A veth pair `host` <-> eth0 in `ns`; the pod's default route is via `host_ip`."""
     ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
     idx = ipr.link_lookup(ifname=host)[0]
     ipr.addr("add", index=idx, address=host_ip, prefixlen=24)
@@ -403,7 +404,7 @@ def _veth(ipr: Any, host: str, ns: str, host_ip: str, pod_ip: str, gw: str) -> N
         pod.addr("add", index=eth0, address=pod_ip, prefixlen=24)
         pod.link("set", index=eth0, state="up")
         pod.link("set", index=pod.link_lookup(ifname="lo")[0], state="up")
-        pod.route("add", dst="0.0.0.0/0", gateway=gw)
+        pod.route("add", dst="0.0.0.0/0", gateway=host_ip)
 
 
 @pytest.fixture(scope="module")
@@ -419,9 +420,9 @@ def lab() -> Iterator[None]:
             made.append(ns)
         with ipr_in(NODE) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP, "172.30.0.1")
-            _veth(ipr, "vp1", POD1, "10.244.1.1", POD1_IP, "10.244.1.1")
-            _veth(ipr, "vp2", POD2, "10.244.2.1", POD2_IP, "10.244.2.1")
+            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP)
+            _veth(ipr, "vp1", POD1, "10.244.1.1", POD1_IP)
+            _veth(ipr, "vp2", POD2, "10.244.2.1", POD2_IP)
         sysctl(NODE, "net.ipv4.ip_forward", "1")
         yield
     finally:
