@@ -496,21 +496,23 @@ OUTBOUND: list[
 ]
 
 
-@pytest.mark.parametrize(
-    ("src", "dst", "port", "kind", "target", "authority", "dest", "sas", "waypoint"),
-    [pytest.param(*row[1:], id=row[0]) for row in OUTBOUND],
-)
+@pytest.mark.parametrize("row", [pytest.param(row[1:], id=row[0]) for row in OUTBOUND])
 def test_plan_outbound(
-    src: str,
-    dst: str,
-    port: int,
-    kind: PlanKind,
-    target: tuple[str, int],
-    authority: str | None,
-    dest: str | None,
-    sas: tuple[str, ...],
-    waypoint: str | None,
+    row: tuple[
+        str,
+        str,
+        int,
+        PlanKind,
+        tuple[str, int],
+        str | None,
+        str | None,
+        tuple[str, ...],
+        str | None,
+    ],
 ) -> None:
+    """`row`: src, dst, port; expected kind, target, authority, destination uid, identities,
+    waypoint uid."""
+    src, dst, port, kind, target, authority, dest, sas, waypoint = row
     plan = plan_outbound(
         STATE,
         src_ip=src,
@@ -868,19 +870,12 @@ INBOUND: list[tuple[str, str, int, SpiffeId | None, str, str | None, Any, str]] 
 ]
 
 
-@pytest.mark.parametrize(
-    ("dst", "port", "src_identity", "conn_dst", "node", "expected", "detail"),
-    [pytest.param(*row[1:], id=row[0]) for row in INBOUND],
-)
-def test_plan_inbound(
-    dst: str,
-    port: int,
-    src_identity: SpiffeId | None,
-    conn_dst: str,
-    node: str | None,
-    expected: Any,
-    detail: str,
-) -> None:
+@pytest.mark.parametrize("row", [pytest.param(row[1:], id=row[0]) for row in INBOUND])
+def test_plan_inbound(row: tuple[str, int, SpiffeId | None, str, str | None, Any, str]) -> None:
+    """`row`: dst, port, source identity, the connection's destination, node; expected (target
+    ip, port, receiver, service, via waypoint) or an error class; a detail of the reason."""
+    dst, port, src_identity, conn_dst, node, expected, detail = row
+
     def run() -> InboundPlan:
         return plan_inbound(
             STATE,
