@@ -46,10 +46,14 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
     objects.namespace(kube, NS)
     for sa in ("client", "server"):
         objects.service_account(kube, NS, sa)
-    za = objects.pod(kube, SYSTEM_NS, "tr-ztunnel-a", node_name="tr-node-a", sa="ztunnel")
-    zb = objects.pod(kube, SYSTEM_NS, "tr-ztunnel-b", node_name="tr-node-b", sa="ztunnel")
-    cl = objects.pod(kube, NS, "client", node_name="tr-node-a", sa="client")
-    objects.pod(kube, NS, "server", node_name="tr-node-b", sa="server")
+    za = objects.pod(
+        kube, SYSTEM_NS, "tr-ztunnel-a", objects.PodOptions(node_name="tr-node-a", sa="ztunnel")
+    )
+    zb = objects.pod(
+        kube, SYSTEM_NS, "tr-ztunnel-b", objects.PodOptions(node_name="tr-node-b", sa="ztunnel")
+    )
+    cl = objects.pod(kube, NS, "client", objects.PodOptions(node_name="tr-node-a", sa="client"))
+    objects.pod(kube, NS, "server", objects.PodOptions(node_name="tr-node-b", sa="server"))
     aud = [AUDIENCE]
     tok_a = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=aud, pod=za)
     tok_b = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=aud, pod=zb)
