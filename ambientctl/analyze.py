@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from ambientctl.errors import CtlError
-from controlplane.objects import KubeObject, Labels, Pod
+from controlplane.objects import KubeObject, Labels, PeerAuthentication, Pod
 from controlplane.sources.files import SUFFIXES, parse_manifest_text
 from controlplane.store import ConfigStore, StoreSnapshot
 from controlplane.translate import (
@@ -463,17 +463,51 @@ def conflicting_virtual_services(inp: Input, opts: TranslateOptions) -> list[Mes
     return out
 
 
-def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Message]:
-    """PeerAuthentication making mesh workloads STRICT while pods outside the mesh exist: those
-    clients talk plaintext, and STRICT denies plaintext at the node proxy
-    (docs/reference/ambient-facts.md)."""
-    snap = inp.snapshot
+def _plaintext_pods(snap: StoreSnapshot) -> list[str]:
+    """``ns/name`` of the running pods outside the mesh, sorted."""
     plain: list[str] = []
     for ns, objs in sorted(snap.namespaces.items()):
         ns_labels = objs.namespace.labels if objs.namespace is not None else ()
         for pod in sorted(objs.pods.values(), key=lambda p: p.name):
             if not is_ambient(pod, ns_labels) and pod.phase not in ("Succeeded", "Failed"):
                 plain.append(f"{ns}/{pod.name}")
+    return plain
+
+
+def _strict_source(
+    pod: Pod,
+    ns: str,
+    selector_pas: Sequence[PeerAuthentication],
+    inherited: Sequence[tuple[str, str]],
+) -> str | None:
+    """The PeerAuthentication that makes mesh pod `pod` STRICT (a port-level one names its
+    ports), or None: the first matching selector policy, else the first set `inherited` mode."""
+    chain: list[tuple[str, str]] = []
+    pa = next(
+        (
+            p
+            for p in selector_pas
+            if p.selector is not None and selector_matches(p.selector, pod.labels)
+        ),
+        None,
+    )
+    if pa is not None:
+        strict_ports = [str(port) for port, m in pa.port_modes if m == "STRICT"]
+        if strict_ports and pa.mode != "STRICT":
+            return f"PeerAuthentication {ns}/{pa.name} (ports {','.join(strict_ports)})"
+        chain.append((pa.mode, f"PeerAuthentication {ns}/{pa.name}"))
+    for mode, ref in [*chain, *inherited]:
+        if mode != "UNSET":
+            return ref if mode == "STRICT" else None
+    return None
+
+
+def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Message]:
+    """PeerAuthentication making mesh workloads STRICT while pods outside the mesh exist: those
+    clients talk plaintext, and STRICT denies plaintext at the node proxy
+    (docs/reference/ambient-facts.md)."""
+    snap = inp.snapshot
+    plain = _plaintext_pods(snap)
     if not plain:
         return []
     root = snap.namespaces.get(opts.root_namespace)
@@ -481,7 +515,6 @@ def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Me
         (p for p in (root.peer_authentications.values() if root else ()) if p.selector is None),
         key=lambda p: p.name,
     )
-    mesh_mode = mesh_pa[0].mode if mesh_pa else "UNSET"
     culprits: dict[str, list[str]] = {}  # PeerAuthentication ref -> strict mesh pods
     for ns, objs in snap.namespaces.items():
         ns_labels = objs.namespace.labels if objs.namespace is not None else ()
@@ -493,38 +526,16 @@ def strict_with_plaintext_clients(inp: Input, opts: TranslateOptions) -> list[Me
             (p for p in objs.peer_authentications.values() if p.selector is not None),
             key=lambda p: p.name,
         )
+        # The namespace's, then the mesh's policy: what a pod without its own policy inherits.
+        inherited = [(p.mode, f"PeerAuthentication {ns}/{p.name}") for p in ns_pa[:1]]
+        inherited += [
+            (p.mode, f"PeerAuthentication {opts.root_namespace}/{p.name}") for p in mesh_pa[:1]
+        ]
         for pod in objs.pods.values():
-            if not is_ambient(pod, ns_labels):
-                continue
-            chain = []
-            pa = next(
-                (
-                    p
-                    for p in sel_pa
-                    if p.selector is not None and selector_matches(p.selector, pod.labels)
-                ),
-                None,
-            )
-            if pa is not None:
-                strict_ports = [str(port) for port, m in pa.port_modes if m == "STRICT"]
-                if strict_ports and pa.mode != "STRICT":
-                    culprits.setdefault(
-                        f"PeerAuthentication {ns}/{pa.name} (ports {','.join(strict_ports)})", []
-                    ).append(f"{ns}/{pod.name}")
-                    continue
-                chain.append((pa.mode, f"PeerAuthentication {ns}/{pa.name}"))
-            if ns_pa:
-                chain.append((ns_pa[0].mode, f"PeerAuthentication {ns}/{ns_pa[0].name}"))
-            if mesh_pa:
-                chain.append(
-                    (mesh_mode, f"PeerAuthentication {opts.root_namespace}/{mesh_pa[0].name}")
-                )
-            for mode, ref in chain:
-                if mode == "UNSET":
-                    continue
-                if mode == "STRICT":
+            if is_ambient(pod, ns_labels):
+                ref = _strict_source(pod, ns, sel_pa, inherited)
+                if ref is not None:
                     culprits.setdefault(ref, []).append(f"{ns}/{pod.name}")
-                break
     out = []
     shown = ", ".join(plain[:3]) + (f" and {len(plain) - 3} more" if len(plain) > 3 else "")
     for ref, pods in sorted(culprits.items()):

@@ -29,6 +29,17 @@ ANALYZE_FOUND = 79
 istioctl read the result the same way."""
 
 
+def _release(args: argparse.Namespace) -> installer.ChartRelease:
+    """The options `_chart_flags` adds."""
+    return installer.ChartRelease(
+        chart=args.chart,
+        namespace=args.namespace,
+        release=args.release,
+        values=tuple(args.values),
+        sets=tuple(args.sets),
+    )
+
+
 def _chart_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chart", type=Path, help="chart directory (default: charts/ambient)")
     p.add_argument("-n", "--namespace", default=installer.NAMESPACE, help="install namespace")
@@ -236,11 +247,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         _out(
             installer.install(
-                chart=args.chart,
-                namespace=args.namespace,
-                release=args.release,
-                values=args.values,
-                sets=args.sets,
+                _release(args),
                 wait=not args.no_wait,
                 context=ctx,
                 kubeconfig=args.kubeconfig,
@@ -248,16 +255,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
         return 0
     if group == "manifest":
-        _out(
-            installer.generate(
-                chart=args.chart,
-                namespace=args.namespace,
-                release=args.release,
-                values=args.values,
-                sets=args.sets,
-                kube_version=args.kube_version,
-            )
-        )
+        _out(installer.generate(_release(args), kube_version=args.kube_version))
         return 0
     if group == "analyze":
         return _analyze(args)

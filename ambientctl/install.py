@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ambientctl.errors import CtlError
@@ -24,6 +25,21 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "ambient"
 RELEASE = "ambient"
 NAMESPACE = "istio-system"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChartRelease:
+    """Which chart, installed as which release into which namespace, with which values (the
+    options `install` and `manifest generate` share)."""
+
+    chart: Path | None = None
+    """Chart directory (None: charts/ambient)."""
+    namespace: str = NAMESPACE
+    release: str = RELEASE
+    values: Sequence[Path] = ()
+    """Values files, in order (helm ``--values``)."""
+    sets: Sequence[str] = ()
+    """``key=value`` overrides (helm ``--set``)."""
 
 
 class ClusterError(CtlError):
@@ -72,27 +88,19 @@ def _helm(argv: Sequence[str], what: str) -> str:
     return proc.stdout
 
 
-def generate(
-    *,
-    chart: Path | None = None,
-    namespace: str = NAMESPACE,
-    release: str = RELEASE,
-    values: Sequence[Path] = (),
-    sets: Sequence[str] = (),
-    kube_version: str = "1.33.0",
-) -> str:
+def generate(rel: ChartRelease, *, kube_version: str = "1.33.0") -> str:
     """The rendered manifests (helm template; values validated by values.schema.json)."""
     argv = [
         find_helm(),
         "template",
-        release,
-        str(chart_path(chart)),
+        rel.release,
+        str(chart_path(rel.chart)),
         "--namespace",
-        namespace,
+        rel.namespace,
         "--kube-version",
         kube_version,
         "--include-crds",
-        *value_args(values, sets),
+        *value_args(rel.values, rel.sets),
     ]
     return _helm(argv, "helm template")
 
@@ -128,12 +136,8 @@ def current_context(context: str | None = None, kubeconfig: Path | None = None) 
 
 
 def install(
+    rel: ChartRelease,
     *,
-    chart: Path | None = None,
-    namespace: str = NAMESPACE,
-    release: str = RELEASE,
-    values: Sequence[Path] = (),
-    sets: Sequence[str] = (),
     wait: bool = True,
     context: str | None = None,
     kubeconfig: Path | None = None,
@@ -143,12 +147,12 @@ def install(
         find_helm(),
         "upgrade",
         "--install",
-        release,
-        str(chart_path(chart)),
+        rel.release,
+        str(chart_path(rel.chart)),
         "--namespace",
-        namespace,
+        rel.namespace,
         "--create-namespace",
-        *value_args(values, sets),
+        *value_args(rel.values, rel.sets),
     ]
     if wait:
         argv += ["--wait", "--timeout", "5m"]

@@ -248,42 +248,50 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print, lab: Any =
     if cmd == "apply":
         return _apply(args, directory, lab, out)
     if cmd == "list":
-        binds = bindings_in(directory)
-        rows = [
-            {**w, "bound": binds.get((w["namespace"], w["name"]), [])}
-            for w in waypoints_in(directory)
-            if (args.all_namespaces or w["namespace"] == args.namespace)
-            and (args.name is None or w["name"] == args.name)
-        ]
-        if args.output in ("json", "yaml"):
-            out(output.document(rows, args.output))
-        else:
-            cols = [
-                ("NAMESPACE", "namespace"),
-                ("NAME", "name"),
-                ("FOR", "for"),
-                ("BOUND", "bound"),
-            ]
-            out(output.table(rows, cols))
-        return 0
+        return _list(args, directory, out)
     if cmd == "delete":
-        for ref in bindings_in(directory).get((args.namespace, args.name), []):
-            kind, _, name = ref.partition("/")
-            set_labels(directory, kind, args.namespace, name, {USE_WAYPOINT: None})
-            out(f"{ref}: {USE_WAYPOINT} removed")
-        if lab is not None:
-            _wait_bound(lab, args.namespace, args.name, False, out)
-        if not remove_gateway(directory, args.name, args.namespace):
-            raise CtlError(f"no waypoint {args.namespace}/{args.name} in {directory}")
-        out(f"waypoint {args.namespace}/{args.name} deleted")
-        if lab is not None:
-            _started, removed = lab.sync_waypoints()
-            for key in removed:
-                out(f"waypoint pod {key} removed")
-        return 0
+        return _delete(args, directory, lab, out)
     if cmd == "status":
         return _status(args, directory, lab, out)
     raise CtlError(f"unknown waypoint command {cmd!r}")
+
+
+def _list(args: argparse.Namespace, directory: Path, out: Callable[[str], None]) -> int:
+    binds = bindings_in(directory)
+    rows = [
+        {**w, "bound": binds.get((w["namespace"], w["name"]), [])}
+        for w in waypoints_in(directory)
+        if (args.all_namespaces or w["namespace"] == args.namespace)
+        and (args.name is None or w["name"] == args.name)
+    ]
+    if args.output in ("json", "yaml"):
+        out(output.document(rows, args.output))
+    else:
+        cols = [
+            ("NAMESPACE", "namespace"),
+            ("NAME", "name"),
+            ("FOR", "for"),
+            ("BOUND", "bound"),
+        ]
+        out(output.table(rows, cols))
+    return 0
+
+
+def _delete(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[str], None]) -> int:
+    for ref in bindings_in(directory).get((args.namespace, args.name), []):
+        kind, _, name = ref.partition("/")
+        set_labels(directory, kind, args.namespace, name, {USE_WAYPOINT: None})
+        out(f"{ref}: {USE_WAYPOINT} removed")
+    if lab is not None:
+        _wait_bound(lab, args.namespace, args.name, False, out)
+    if not remove_gateway(directory, args.name, args.namespace):
+        raise CtlError(f"no waypoint {args.namespace}/{args.name} in {directory}")
+    out(f"waypoint {args.namespace}/{args.name} deleted")
+    if lab is not None:
+        _started, removed = lab.sync_waypoints()
+        for key in removed:
+            out(f"waypoint pod {key} removed")
+    return 0
 
 
 def _apply(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[str], None]) -> int:

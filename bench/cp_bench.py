@@ -43,6 +43,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,13 +229,24 @@ async def newcomer(ep: ControlPlaneEndpoint, node: str, on_demand: bool) -> tupl
     return best, client
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change:
+    """One change for the serving control plane: its stdin command, its number (the key
+    `Timing` records under) and the resource name the proxies receive."""
+
+    command: str
+    seq: int
+    name: str
+
+
 async def fan_out(
-    proc: asyncio.subprocess.Process, timing: Timing, cmd: str, k: int, name: str,
-    expect: set[int], everyone: int,
-) -> tuple[float, int]:  # fmt: skip
+    proc: asyncio.subprocess.Process, timing: Timing, change: Change, expect: set[int]
+) -> tuple[float, int]:
     """One change; (latency until every expected proxy applied it, proxies not expected that
     received it)."""
-    assert proc.stdin is not None and proc.stdout is not None
+    cmd, k, name = change.command, change.seq, change.name
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     timing.watch.clear()
     timing.watch[name] = k
     timing.expect = expect
@@ -258,7 +270,8 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "CP_BENCH_NODES": str(NODES)},
     )  # fmt: skip
-    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stdin is not None
     fleet: list[tuple[XdsClient, asyncio.Task[None]]] = []
     try:
         hello = json.loads(await asyncio.wait_for(proc.stdout.readline(), 600))
@@ -293,18 +306,15 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
         leaks = 0
         for k in range(changes):
             i = (k * 37) % n
-            lat, leaked = await fan_out(
-                proc, timing, f"change {i}", k, pod_uid(i), holders(i, n), proxies
-            )
+            change = Change(command=f"change {i}", seq=k, name=pod_uid(i))
+            lat, leaked = await fan_out(proc, timing, change, holders(i, n))
             pod_lat.append(lat)
             leaks += leaked
         pol_lat: list[float] = []
         for k in range(changes):
             ns = k % ((n + PER_NS - 1) // PER_NS)
-            lat, _ = await fan_out(
-                proc, timing, f"policy {ns}", changes + k, f"ns-{ns}/allow-ns",
-                set(range(proxies)), proxies,
-            )  # fmt: skip
+            change = Change(command=f"policy {ns}", seq=changes + k, name=f"ns-{ns}/allow-ns")
+            lat, _ = await fan_out(proc, timing, change, set(range(proxies)))
             pol_lat.append(lat)
         rss2, hwm2 = rss_kib(proc.pid)
         # Delta apply cost at a node proxy: re-apply each captured one-workload response to

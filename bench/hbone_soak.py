@@ -144,37 +144,59 @@ class RssSampler:
         self._thread.join()
 
 
-def start_envoy(
-    sup: hb.Supervisor, work: Path, certs: hb.CertFiles, which: str, hbone: tuple[str, int],
-    max_streams: int | None,
-) -> hb.Proc:  # fmt: skip
-    if which == "a":
-        cfg = envoy_configs.envoy_client_config(certs)
-        cluster = cfg["static_resources"]["clusters"][0]
-        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        endpoint["address"]["socket_address"] = {"address": hbone[0], "port_value": hbone[1]}
+def start_envoy_client(
+    sup: hb.Supervisor, work: Path, certs: hb.CertFiles, hbone: tuple[str, int]
+) -> hb.Proc:
+    """Envoy as the HBONE client side ("a"), tunnelling to `hbone`."""
+    cfg = envoy_configs.envoy_client_config(certs)
+    cluster = cfg["static_resources"]["clusters"][0]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"] = {"address": hbone[0], "port_value": hbone[1]}
+    return _run_envoy(sup, work, "a", cfg)
+
+
+def start_envoy_server(
+    sup: hb.Supervisor, work: Path, certs: hb.CertFiles, max_streams: int | None
+) -> hb.Proc:
+    """Envoy as the HBONE server side ("b"); `max_streams` None: Envoy's default (2^31 - 1)."""
+    cfg = envoy_configs.envoy_server_config(certs)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    opts = hcm["typed_config"]["http2_protocol_options"]
+    if max_streams is None:
+        opts.pop("max_concurrent_streams", None)  # Envoy's default: 2^31 - 1
     else:
-        cfg = envoy_configs.envoy_server_config(certs)
-        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        opts = hcm["typed_config"]["http2_protocol_options"]
-        if max_streams is None:
-            opts.pop("max_concurrent_streams", None)  # Envoy's default: 2^31 - 1
-        else:
-            opts["max_concurrent_streams"] = max_streams
+        opts["max_concurrent_streams"] = max_streams
+    return _run_envoy(sup, work, "b", cfg)
+
+
+def _run_envoy(sup: hb.Supervisor, work: Path, which: str, cfg: dict[str, Any]) -> hb.Proc:
     # Envoy's default circuit breakers (1,024 connections / pending / requests per cluster) would
     # fail every tunnel above 1,024 by design; lift them so the proxies themselves are measured.
-    limits = {"max_connections": 1_000_000, "max_pending_requests": 1_000_000,
-              "max_requests": 1_000_000, "max_retries": 1_000_000}  # fmt: skip
+    limits = {
+        "max_connections": 1_000_000,
+        "max_pending_requests": 1_000_000,
+        "max_requests": 1_000_000,
+        "max_retries": 1_000_000,
+    }
     for cluster in cfg["static_resources"]["clusters"]:
         cluster["circuit_breakers"] = {"thresholds": [limits]}
     path = work / f"envoy-{which}.json"
     path.write_text(json.dumps(cfg, indent=1))
     proc = sup.start(
         f"envoy-{which}",
-        [envoy_configs.envoy_binary(), "-c", str(path), "--concurrency", str(hb.ENVOY_CONCURRENCY),
-         "--base-id", str(7401 if which == "a" else 7402), "--disable-hot-restart",
-         "--log-level", "warning"],
-    )  # fmt: skip
+        [
+            envoy_configs.envoy_binary(),
+            "-c",
+            str(path),
+            "--concurrency",
+            str(hb.ENVOY_CONCURRENCY),
+            "--base-id",
+            str(7401 if which == "a" else 7402),
+            "--disable-hot-restart",
+            "--log-level",
+            "warning",
+        ],
+    )
     host, port = hb.ENVOY_ADMIN[which]
     hb.wait_http(f"http://{host}:{port}/ready", 30, proc)
     return proc
@@ -194,20 +216,17 @@ def start_ztunnel(sup: hb.Supervisor, work: Path, ca_dir: Path, node: str) -> hb
 
 
 def run_path(
-    path: str, tunnels: int, work: Path, certs: hb.CertFiles, ca_dir: Path, args: argparse.Namespace
+    path: str, work: Path, certs: hb.CertFiles, ca_dir: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
+    """One soak of `args.tunnels` tunnels through the `path` pair (envoy, ours, mixed)."""
     sup = hb.Supervisor(work)
     try:
         be = sup.start("backend", [hb.PY, "-m", "bench.hbone_soak", "backend"], env=CHILD_ENV)
         hb.wait_tcp(hb.BACKEND, 10, be)
         procs: dict[str, hb.Proc] = {}
         if path == "envoy":
-            procs["server side"] = start_envoy(
-                sup, work, certs, "b", hb.ENVOY_B_HBONE, args.envoy_max_streams
-            )
-            procs["client side"] = start_envoy(
-                sup, work, certs, "a", hb.ENVOY_B_HBONE, args.envoy_max_streams
-            )
+            procs["server side"] = start_envoy_server(sup, work, certs, args.envoy_max_streams)
+            procs["client side"] = start_envoy_client(sup, work, certs, hb.ENVOY_B_HBONE)
             target = hb.ENVOY_A_LISTEN
         elif path == "ours":
             procs["server side"] = start_ztunnel(sup, work, ca_dir, "node-b")
@@ -215,14 +234,12 @@ def run_path(
             target = hb.SERVICE_VIP
         else:  # mixed: Envoy as the HBONE client of our node-b
             procs["server side"] = start_ztunnel(sup, work, ca_dir, "node-b")
-            procs["client side"] = start_envoy(
-                sup, work, certs, "a", (hb.BACKEND[0], 15008), args.envoy_max_streams
-            )
+            procs["client side"] = start_envoy_client(sup, work, certs, (hb.BACKEND[0], 15008))
             target = hb.ENVOY_A_LISTEN
         with RssSampler(procs) as rss:
             out = subprocess.run(
                 [hb.PY, "-m", "bench.hbone_soak", "client", "--target", f"{target[0]}:{target[1]}",
-                 "--tunnels", str(tunnels)],
+                 "--tunnels", str(args.tunnels)],
                 capture_output=True, text=True, timeout=args.timeout + 60, check=False,
                 env=CHILD_ENV,
             )  # fmt: skip
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         certs = hb.make_certs(work, ca_dir)
         for path in args.paths.split(","):
             hb.log(f"soak {path}: {args.tunnels} tunnels")
-            r = run_path(path, args.tunnels, work, certs, ca_dir, args)
+            r = run_path(path, work, certs, ca_dir, args)
             hb.log(json.dumps(r))
             results.append(r)
     finally:

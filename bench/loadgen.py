@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 REQUEST_1K = b"GET /1k HTTP/1.1\r\nHost: echo\r\nUser-Agent: hbone-bench\r\n\r\n"
@@ -109,9 +110,19 @@ class _Done:
         self.idle.append(conn)
 
 
-async def run_fixed(
-    host: str, port: int, rate: float, duration: float, warmup: float, conns: int
-) -> dict[str, object]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FixedLoad:
+    """An open-loop load: `rate` requests/s for `duration` s after `warmup` s (not recorded),
+    over `conns` keep-alive connections (more are opened when all are busy)."""
+
+    rate: float = 1000.0
+    duration: float = 10.0
+    warmup: float = 1.0
+    conns: int = 8
+
+
+async def run_fixed(host: str, port: int, load: FixedLoad) -> dict[str, object]:
+    rate, duration, warmup, conns = load.rate, load.duration, load.warmup, load.conns
     loop = asyncio.get_running_loop()
     interval_ns = int(1e9 / rate)
     start_ns = time.perf_counter_ns() + 200_000_000
@@ -255,7 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "fixed":
         # No cyclic-GC pauses inside the timed window (the run allocates little, nothing cyclic).
         gc.disable()
-        coro = run_fixed(args.host, args.port, args.rate, args.duration, args.warmup, args.conns)
+        load = FixedLoad(
+            rate=args.rate, duration=args.duration, warmup=args.warmup, conns=args.conns
+        )
+        coro = run_fixed(args.host, args.port, load)
         try:
             import uvloop
 

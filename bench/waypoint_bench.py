@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,20 +69,36 @@ NODE_A, NODE_B = "127.0.91.1", "127.0.92.1"
 VENV_BIN = HERE.parent / ".venv" / "bin"
 
 
-def wl(
-    uid: str, ip: str, sa: str, node: str, version: str, services: dict[str, int]
-) -> dict[str, Any]:
-    return {
-        "uid": uid, "name": uid, "namespace": "default", "serviceAccount": sa,
-        "addresses": [ip], "node": node, "tunnelProtocol": "HBONE", "canonicalName": sa,
-        "canonicalRevision": version,
-        "services": {
-            f"default/{s}.default.svc.cluster.local": {
-                "ports": [{"servicePort": p, "targetPort": 8080 if p == 80 else p}]
-            }
-            for s, p in services.items()
-        },
-    }  # fmt: skip
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Wl:
+    """A workload of the bench mesh: `services` maps a service name to the port it serves."""
+
+    uid: str
+    ip: str
+    sa: str
+    node: str
+    version: str = ""
+    services: Mapping[str, int] = field(default_factory=dict)
+
+    def doc(self) -> dict[str, Any]:
+        """The workload in the static mesh config format."""
+        return {
+            "uid": self.uid,
+            "name": self.uid,
+            "namespace": "default",
+            "serviceAccount": self.sa,
+            "addresses": [self.ip],
+            "node": self.node,
+            "tunnelProtocol": "HBONE",
+            "canonicalName": self.sa,
+            "canonicalRevision": self.version,
+            "services": {
+                f"default/{s}.default.svc.cluster.local": {
+                    "ports": [{"servicePort": p, "targetPort": 8080 if p == 80 else p}]
+                }
+                for s, p in self.services.items()
+            },
+        }
 
 
 def svc(name: str, vip: str, port: int, target: int, waypoint: str | None) -> dict[str, Any]:
@@ -97,18 +115,23 @@ def mesh_config() -> dict[str, Any]:
     backs = {"reviews": 80, "reviews-l4": 80, "reviews-envoy": 80}
     return {
         "workloads": [
-            wl("client", "127.0.0.1", "sleep", "node-a", "", {}),
-            wl("reviews-v1", V1, "reviews", "node-b", "v1", backs),
-            wl("reviews-v2", V2, "reviews", "node-b", "v2", backs),
-            wl("waypoint", WP_IP, "waypoint", "node-w", "", {"waypoint": 15008}),
-            wl(
-                "waypoint-envoy",
-                ENVOY_IP,
-                "waypoint-envoy",
-                "node-w",
-                "",
-                {"waypoint-envoy": 15008},
-            ),
+            Wl(uid="client", ip="127.0.0.1", sa="sleep", node="node-a").doc(),
+            Wl(
+                uid="reviews-v1", ip=V1, sa="reviews", node="node-b", version="v1", services=backs
+            ).doc(),
+            Wl(
+                uid="reviews-v2", ip=V2, sa="reviews", node="node-b", version="v2", services=backs
+            ).doc(),
+            Wl(
+                uid="waypoint", ip=WP_IP, sa="waypoint", node="node-w", services={"waypoint": 15008}
+            ).doc(),
+            Wl(
+                uid="waypoint-envoy",
+                ip=ENVOY_IP,
+                sa="waypoint-envoy",
+                node="node-w",
+                services={"waypoint-envoy": 15008},
+            ).doc(),
         ],
         "services": [
             svc("reviews", VIP_WP, 80, 8080, "waypoint"),
@@ -598,7 +621,10 @@ def summarize(paths: dict[str, dict[str, Any]]) -> list[str]:
         p50, p99 = _lat(paths.get(name, {}), "p50"), _lat(paths.get(name, {}), "p99")
         if None in (p50, p99, base50, base99):
             return "-"
-        assert p50 is not None and p99 is not None and base50 is not None and base99 is not None
+        assert p50 is not None
+        assert p99 is not None
+        assert base50 is not None
+        assert base99 is not None
         return f"{p50 - base50:+.3f} / {p99 - base99:+.3f}"
 
     lines.append("| added over L4, p50 / p99 (ms) | | | " + added("waypoint") + " | "

@@ -47,10 +47,11 @@ from controlplane.auth import (
     CertificatePrincipals,
     NodeCredentials,
     ServiceAccountTokenReview,
+    TokenReviewSettings,
     auth_interceptors,
     restrict_waypoints,
 )
-from controlplane.ca import CertificateService, serving_certificate
+from controlplane.ca import CertificateService, IssuancePolicy, serving_certificate
 from controlplane.debug import json_response, metrics_response, serve_debug
 from controlplane.l7 import (
     FindingsCache,
@@ -169,10 +170,12 @@ class ControlPlane:
             NodeCredentials.load(settings.node_credentials)
             if settings.node_credentials is not None
             else ServiceAccountTokenReview(
-                accounts=settings.token_review_accounts,
-                audiences=settings.token_audiences,
+                TokenReviewSettings(
+                    accounts=settings.token_review_accounts,
+                    audiences=settings.token_audiences,
+                    waypoints=settings.waypoints is not None,
+                ),
                 kubeconfig=settings.kubeconfig,
-                waypoints=settings.waypoints is not None,
             )
         )
         self.xds = XdsServer(
@@ -194,9 +197,11 @@ class ControlPlane:
             authenticator=CertificatePrincipals(self.authenticator)
             if isinstance(self.authenticator, ServiceAccountTokenReview)
             else self.authenticator,
-            may_impersonate=restrict_waypoints(self.translator.may_impersonate),
+            policy=IssuancePolicy(
+                may_impersonate=restrict_waypoints(self.translator.may_impersonate),
+                default_ttl=timedelta(seconds=settings.cert_ttl),
+            ),
             metrics=self.metrics,
-            default_ttl=timedelta(seconds=settings.cert_ttl),
         )
         self.files = (
             ManifestDirectory(
@@ -301,7 +306,7 @@ class ControlPlane:
         if s.kubernetes:
             from controlplane.sources.kube import KubernetesSource
 
-            self.kube = KubernetesSource(self.store, kubeconfig=s.kubeconfig)
+            self.kube = KubernetesSource(self.store, kube=KubeApi(kubeconfig=s.kubeconfig))
             self._tasks.append(loop.create_task(self.kube.run()))
             try:
                 await asyncio.wait_for(self.kube.synced.wait(), s.sync_timeout)
@@ -315,7 +320,7 @@ class ControlPlane:
             self.waypoints = WaypointController(
                 wp,
                 domain_suffix=s.options.domain_suffix,
-                kubeconfig=s.kubeconfig,
+                kube=KubeApi(kubeconfig=s.kubeconfig),
                 interval=s.waypoint_interval,
                 findings=lambda: self.findings,
             )

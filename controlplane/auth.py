@@ -24,14 +24,15 @@ Invariants:
   caches the outcome (positive for `cache_ttl`, refusals for `negative_ttl`, keyed by the
   token's SHA-256, one review in flight per token); `authenticate()` only reads that cache.
   API failures are not cached: the next call reviews again.
-- Waypoints (``waypoints=True``, the in-cluster waypoint controller, controlplane/waypoints.py):
-  a token of another service account ``<ns>:<sa>`` is accepted only if bound to a pod (same
-  uid) in ``<ns>`` labelled ``gateway.networking.k8s.io/gateway-name=<gw>`` whose Gateway
-  ``<ns>/<gw>`` is of class ``istio-waypoint`` and runs as ``<sa>`` (its
-  ``gateway.istio.io/service-account`` annotation, else its name). Such a caller's node (for
-  xDS) is its pod's; for certificates its principal is `waypoint_principal` (``<ns>/<sa>``
-  behind a prefix no node name has), which `restrict_waypoints` allows exactly its own
-  identity: a waypoint never obtains another service account's certificate.
+- Waypoints (``TokenReviewSettings.waypoints``, the in-cluster waypoint controller,
+  controlplane/waypoints.py): a token of another service account ``<ns>:<sa>`` is accepted only
+  if bound to a pod (same uid) in ``<ns>`` labelled
+  ``gateway.networking.k8s.io/gateway-name=<gw>`` whose Gateway ``<ns>/<gw>`` is of class
+  ``istio-waypoint`` and runs as ``<sa>`` (its ``gateway.istio.io/service-account`` annotation,
+  else its name). Such a caller's node (for xDS) is its pod's; for certificates its principal is
+  `waypoint_principal` (``<ns>/<sa>`` behind a prefix no node name has), which
+  `restrict_waypoints` allows exactly its own identity: a waypoint never obtains another service
+  account's certificate.
 """
 
 from __future__ import annotations
@@ -201,30 +202,37 @@ class CertificatePrincipals:
         return self.reviewer.certificate_principal(token)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenReviewSettings:
+    """Who a `ServiceAccountTokenReview` accepts and how long it remembers an outcome."""
+
+    accounts: tuple[str, ...] = ()
+    """The node proxy's service accounts (``system:serviceaccount:<ns>:<sa>``); none: disabled."""
+    audiences: tuple[str, ...] = ()
+    """Audiences the token must be valid for (none: the API server's default)."""
+    waypoints: bool = False
+    """Accept waypoint pods' tokens too (see the module doc)."""
+    cache_ttl: float = 10.0
+    """Seconds a positive outcome is reused."""
+    negative_ttl: float = 2.0
+    """Seconds a refusal is reused."""
+    max_entries: int = 10_000
+    """Bound of the outcome cache (expired entries go first, then the oldest)."""
+
+
 class ServiceAccountTokenReview:
     """In-cluster node-proxy authentication by Kubernetes TokenReview (see module doc)."""
 
     def __init__(
         self,
+        settings: TokenReviewSettings | None = None,
         *,
-        accounts: Sequence[str] = (),
-        audiences: Sequence[str] = (),
         kubeconfig: Path | None = None,
         configuration: Any = None,
-        cache_ttl: float = 10.0,
-        negative_ttl: float = 2.0,
-        max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
-        waypoints: bool = False,
     ) -> None:
-        self.waypoints = waypoints
-        self.accounts = tuple(accounts)
-        self.audiences = tuple(audiences)
-        self.kubeconfig = kubeconfig
-        self.configuration = configuration
-        self.cache_ttl = cache_ttl
-        self.negative_ttl = negative_ttl
-        self.max_entries = max_entries
+        self.settings = settings or TokenReviewSettings()
+        """Replaceable (tests shorten the cache TTL this way)."""
         self.clock = clock
         self.reviews = 0
         """TokenReview requests sent (tests: the cache works)."""
@@ -234,11 +242,11 @@ class ServiceAccountTokenReview:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.accounts)
+        return bool(self.settings.accounts)
 
     # -- the synchronous side (inside gRPC handlers) ----------------------------------------
     def authenticate(self, token: str | None) -> str:
-        if not self.accounts:
+        if not self.settings.accounts:
             raise Unauthenticated(
                 "no node authentication configured: start the control plane with "
                 "--node-credentials or --token-review-account"
@@ -249,7 +257,7 @@ class ServiceAccountTokenReview:
             )
         outcome = self._cache.get(_key(token))
         # The interceptor reviewed this call's token just before; the grace covers the gap.
-        if outcome is None or self.clock() - outcome.at > self.cache_ttl + 5.0:
+        if outcome is None or self.clock() - outcome.at > self.settings.cache_ttl + 5.0:
             raise Unauthenticated("token not reviewed (the TokenReview interceptor is missing)")
         if outcome.error is not None:
             raise outcome.error
@@ -270,7 +278,8 @@ class ServiceAccountTokenReview:
         while True:
             cached = self._cache.get(key)
             if cached is not None:
-                ttl = self.cache_ttl if cached.error is None else self.negative_ttl
+                cfg = self.settings
+                ttl = cfg.cache_ttl if cached.error is None else cfg.negative_ttl
                 if self.clock() - cached.at < ttl:
                     return
             pending = self._inflight.get(key)
@@ -296,7 +305,7 @@ class ServiceAccountTokenReview:
                             "cannot verify the token: the Kubernetes API did not answer the "
                             "TokenReview (see the control plane's log)"
                         ),
-                        at=self.clock() - self.negative_ttl,  # expired for the next call
+                        at=self.clock() - self.settings.negative_ttl,  # expired for the next call
                     ),
                 )
         finally:
@@ -304,10 +313,11 @@ class ServiceAccountTokenReview:
             fut.set_result(None)
 
     def _store(self, key: str, outcome: _Outcome) -> None:
-        if len(self._cache) >= self.max_entries:
+        if len(self._cache) >= self.settings.max_entries:
             now = self.clock()
-            self._cache = {k: o for k, o in self._cache.items() if now - o.at < self.cache_ttl}
-            while len(self._cache) >= self.max_entries:
+            ttl = self.settings.cache_ttl
+            self._cache = {k: o for k, o in self._cache.items() if now - o.at < ttl}
+            while len(self._cache) >= self.settings.max_entries:
                 self._cache.pop(next(iter(self._cache)))
         self._cache[key] = outcome
 
@@ -317,8 +327,8 @@ class ServiceAccountTokenReview:
     async def _review(self, token: str) -> _Outcome | None:
         """The outcome for `token`, or None when the API could not be asked (not cached)."""
         spec: dict[str, Any] = {"token": token}
-        if self.audiences:
-            spec["audiences"] = list(self.audiences)
+        if self.settings.audiences:
+            spec["audiences"] = list(self.settings.audiences)
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
         self.reviews += 1
         try:
@@ -331,13 +341,13 @@ class ServiceAccountTokenReview:
             review = (data or {}).get("status") or {}
             user = str((review.get("user") or {}).get("username", ""))
             if (
-                self.waypoints
+                self.settings.waypoints
                 and review.get("authenticated")
                 and user.startswith(SA_PREFIX)
-                and user not in self.accounts
+                and user not in self.settings.accounts
             ):
                 return await self._waypoint(read_review(review, [user]))
-            bound = read_review(review, self.accounts)
+            bound = read_review(review, self.settings.accounts)
             node = bound.node or await self._pod_node(bound)
             log.info("node proxy %s authenticated: node %s", bound.pod_name, node)
             return _Outcome(node=node, error=None, at=self.clock())

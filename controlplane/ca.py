@@ -65,24 +65,40 @@ class Grant:
     ttl: timedelta
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IssuancePolicy:
+    """What an authenticated node may obtain: which identities and for how long."""
+
+    may_impersonate: Callable[[str, SpiffeId], bool]
+    """(node, identity) -> whether that node's proxy serves a pod of the identity."""
+    default_ttl: timedelta = timedelta(hours=24)
+    max_ttl: timedelta = timedelta(days=7)
+
+    def lifetime(self, validity_duration: int) -> timedelta:
+        """The granted TTL for a requested ``validity_duration`` (seconds, int64)."""
+        if validity_duration < 0:
+            raise InvalidRequest(f"validity_duration {validity_duration} is negative")
+        if validity_duration == 0:
+            return self.default_ttl
+        # Clamp the integer first: timedelta(seconds=2**62) itself overflows.
+        lo, hi = int(MIN_TTL.total_seconds()), int(self.max_ttl.total_seconds())
+        return timedelta(seconds=max(lo, min(validity_duration, hi)))
+
+
 class CertificateService:
     def __init__(
         self,
         ca: MeshCA,
         *,
         authenticator: Authenticator,
-        may_impersonate: Callable[[str, SpiffeId], bool],
+        policy: IssuancePolicy,
         metrics: ControlPlaneMetrics | None = None,
-        default_ttl: timedelta = timedelta(hours=24),
-        max_ttl: timedelta = timedelta(days=7),
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.ca = ca
         self.authenticator = authenticator
-        self.may_impersonate = may_impersonate
+        self.policy = policy
         self.metrics = metrics or ControlPlaneMetrics()
-        self.default_ttl = default_ttl
-        self.max_ttl = max_ttl
         self.clock = clock
 
     def decide(self, token: str | None, request: ca_pb2.IstioCertificateRequest) -> Grant:
@@ -108,23 +124,14 @@ class CertificateService:
             identity = SpiffeId.parse(wanted)
         except IdentityError as exc:
             raise InvalidRequest(f"{wanted!r} is not a workload identity: {exc}") from None
-        if not self.may_impersonate(node, identity):
+        if not self.policy.may_impersonate(node, identity):
             raise PermissionDenied(
                 f"node {node!r} may not obtain a certificate for {identity}: no pod of service "
                 f"account {identity.namespace}/{identity.service_account} that node {node!r}'s "
                 "proxy serves (running, with an IP, not hostNetwork)"
             )
-        return Grant(node=node, identity=identity, ttl=self.lifetime(request.validity_duration))
-
-    def lifetime(self, validity_duration: int) -> timedelta:
-        """The granted TTL for a requested ``validity_duration`` (seconds, int64)."""
-        if validity_duration < 0:
-            raise InvalidRequest(f"validity_duration {validity_duration} is negative")
-        if validity_duration == 0:
-            return self.default_ttl
-        # Clamp the integer first: timedelta(seconds=2**62) itself overflows.
-        lo, hi = int(MIN_TTL.total_seconds()), int(self.max_ttl.total_seconds())
-        return timedelta(seconds=max(lo, min(validity_duration, hi)))
+        ttl = self.policy.lifetime(request.validity_duration)
+        return Grant(node=node, identity=identity, ttl=ttl)
 
     def sign(self, grant: Grant, csr_pem: str) -> list[str]:
         try:

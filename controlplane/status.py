@@ -229,9 +229,7 @@ class StatusWriter:
             key = _without_time(status)
             if self.written.get(t.ref) == key:
                 continue
-            code, data = await self._kube.call(
-                "PATCH", t.path, {"status": status}, content_type="application/merge-patch+json"
-            )
+            code, data = await self._kube.call("PATCH", t.path, {"status": status})
             if code >= 300:
                 msg = data.get("message") if isinstance(data, Mapping) else data
                 self.errors.append(f"PATCH {t.path}: HTTP {code} {msg}")

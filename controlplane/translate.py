@@ -202,36 +202,27 @@ def _waypoint_ref(labels: Labels, own_ns: str) -> tuple[str, str] | bool | None:
 
 
 def _resolve_waypoint(
-    chain: Iterable[tuple[Labels, str]],
-    kind: str,
-    mesh: MeshWide,
-    opts: TranslateOptions,
-    ref: str,
-    warnings: list[ConfigWarning],
-) -> GatewayAddress | None:
-    """First binding in `chain` (most specific first) that is set; None if opted out/none."""
+    chain: Iterable[tuple[Labels, str]], kind: str, mesh: MeshWide, opts: TranslateOptions
+) -> tuple[GatewayAddress | None, str | None]:
+    """First binding in `chain` (most specific first) that is set: (address, None); (None, None)
+    if opted out or nothing is set; (None, why) if the waypoint does not serve `kind`."""
     for labels, ns in chain:
         target = _waypoint_ref(labels, ns)
         if target is None:
             continue
         if target is False:
-            return None
+            return None, None
         assert isinstance(target, tuple)
         wns, wname = target
         serves = dict(mesh.waypoint_for).get((wns, wname), "service")
         if serves not in (kind, "all"):
-            warnings.append(
-                ConfigWarning(
-                    ref=ref,
-                    message=f"waypoint {wns}/{wname} is for {serves!r} traffic, not {kind}; "
-                    "binding ignored",
-                )
+            return None, (
+                f"waypoint {wns}/{wname} is for {serves!r} traffic, not {kind}; binding ignored"
             )
-            return None
         return GatewayAddress(
             hostname=NamespacedHostname(namespace=wns, hostname=hostname(wname, wns, opts))
-        )
-    return None
+        ), None
+    return None, None
 
 
 def _app_protocol(port_name: str, app_protocol: str) -> AppProtocol:
@@ -311,14 +302,11 @@ def translate_service(svc: KubeService, ns_labels: Labels, mesh: MeshWide, opts:
                 app_protocol=_app_protocol(p.name, p.app_protocol),
             )
         )
-    waypoint = _resolve_waypoint(
-        ((svc.labels, svc.namespace), (ns_labels, svc.namespace)),
-        "service",
-        mesh,
-        opts,
-        ref,
-        warnings,
+    waypoint, problem = _resolve_waypoint(
+        ((svc.labels, svc.namespace), (ns_labels, svc.namespace)), "service", mesh, opts
     )
+    if problem is not None:
+        warnings.append(ConfigWarning(ref=ref, message=problem))
     return Service(
         name=svc.name,
         namespace=svc.namespace,
@@ -409,38 +397,68 @@ def l4_name(ap: AuthzPolicy) -> str:
     return REQUEST_AUTHN_PREFIX + ap.name if ap.kind == "RequestAuthentication" else ap.name
 
 
-def translate_namespace(
-    objs: NamespaceObjects, mesh: MeshWide, opts: TranslateOptions
-) -> NamespaceResult:
-    """Every record contributed by one namespace (pure)."""
-    warnings: list[ConfigWarning] = []
-    ns = objs.name
-    ns_labels = objs.namespace.labels if objs.namespace is not None else ()
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _PodContext:
+    """What every pod of one namespace is translated against (built once per namespace)."""
 
+    objs: NamespaceObjects
+    mesh: MeshWide
+    opts: TranslateOptions
+    ns_labels: Labels
+    waypoint_hosts: Mapping[str, str]
+    """Waypoint Gateway name -> key of the Service fronting its pods."""
+    selector_policies: tuple[tuple[Labels, str], ...]
+    """(selector, policy key) of every selector policy that applies in this namespace."""
+    ns_mode: str
+    """The namespace-wide PeerAuthentication mode (UNSET if none)."""
+    pa_selectors: tuple[PeerAuthentication, ...]
+    """Selector PeerAuthentications, in name order (the first match wins)."""
+    selected: tuple[KubeService, ...]
+    """Services with a selector (pods join them by label)."""
+    slice_members: Mapping[str, tuple[KubeService, ...]]
+    """Pod name -> selector-less Services whose EndpointSlices name the pod."""
+
+
+def _namespace_services(
+    objs: NamespaceObjects,
+    ns_labels: Labels,
+    mesh: MeshWide,
+    opts: TranslateOptions,
+    warnings: list[ConfigWarning],
+) -> tuple[dict[str, Service], dict[str, str]]:
+    """The namespace's Service records, and waypoint Gateway name -> its Service key.
+
+    Waypoint Gateways get a Service <name>.<ns>.svc.<suffix> fronting the waypoint pods (label
+    gateway.networking.k8s.io/gateway-name), which node proxies resolve GatewayAddress
+    hostnames to (Istio's waypoint Deployment comes with such a Service). A user Service of the
+    same name takes precedence."""
     services: dict[str, Service] = {}
     for svc in objs.services.values():
         rec = translate_service(svc, ns_labels, mesh, opts, warnings)
         if rec is not None:
             services[rec.key] = rec
-
-    # Waypoint Gateways: a Service <name>.<ns>.svc.<suffix> fronting the waypoint pods (label
-    # gateway.networking.k8s.io/gateway-name), which node proxies resolve GatewayAddress
-    # hostnames to (Istio's waypoint Deployment comes with such a Service). A user Service of the
-    # same name takes precedence.
     waypoint_hosts: dict[str, str] = {}
     for obj in objs.stored.values():
         if obj.kind != "Gateway" or obj.gateway_class != WAYPOINT_CLASS:
             continue
         wp = Service(
             name=obj.name,
-            namespace=ns,
-            hostname=hostname(obj.name, ns, opts),
+            namespace=objs.name,
+            hostname=hostname(obj.name, objs.name, opts),
             ports=(Port(service_port=HBONE_PORT, target_port=HBONE_PORT),),
         )
         waypoint_hosts[obj.name] = wp.key
         if obj.name not in objs.services:
             services[wp.key] = wp
+    return services, waypoint_hosts
 
+
+def _namespace_authorizations(
+    objs: NamespaceObjects, mesh: MeshWide, opts: TranslateOptions, warnings: list[ConfigWarning]
+) -> tuple[dict[str, Authorization], tuple[tuple[Labels, str], ...]]:
+    """The namespace's L4 policies (plus the shared STRICT policy in the root namespace), and
+    (selector, policy key) of the selector policies its pods are matched against."""
+    root = objs.name == opts.root_namespace
     policies: dict[str, Authorization] = {}
     selector_policies: list[tuple[Labels, str]] = []
     for ap in namespace_policies(objs):
@@ -448,21 +466,26 @@ def translate_namespace(
         if pol is None:
             continue
         policies[pol.key] = pol
-        root = ns == opts.root_namespace
         if pol.scope is Scope.WORKLOAD_SELECTOR and ap.selector is not None and not root:
             selector_policies.append((ap.selector, pol.key))
     for ap in mesh.root_selector_policies:  # root-namespace selector policies: every namespace
         if ap.selector is not None:
             selector_policies.append((ap.selector, f"{ap.namespace}/{l4_name(ap)}"))
-    if ns == opts.root_namespace:
+    if root:
         strict = static_strict_policy(opts)
         policies[strict.key] = strict
+    return policies, tuple(selector_policies)
 
-    # PeerAuthentication
+
+def _namespace_peer_authentication(
+    objs: NamespaceObjects, warnings: list[ConfigWarning]
+) -> tuple[str, tuple[PeerAuthentication, ...]]:
+    """(namespace-wide mode, selector policies in name order); warns about invalid policies
+    and extra namespace-wide ones (the first by name wins)."""
+    ns = objs.name
     ns_pas = sorted(
         (p for p in objs.peer_authentications.values() if p.selector is None), key=lambda p: p.name
     )
-    ns_mode = ns_pas[0].mode if ns_pas else "UNSET"
     for peer in objs.peer_authentications.values():
         if peer.error is not None:
             warnings.append(
@@ -482,109 +505,171 @@ def translate_namespace(
         (p for p in objs.peer_authentications.values() if p.selector is not None),
         key=lambda p: p.name,
     )
+    return (ns_pas[0].mode if ns_pas else "UNSET"), tuple(pa_selectors)
 
-    # Services by selector, and selector-less services' endpoints from EndpointSlices.
-    selected = [s for s in objs.services.values() if s.selector and s.type != "ExternalName"]
-    slice_members: dict[str, list[KubeService]] = {}
+
+def _slice_members(objs: NamespaceObjects) -> dict[str, tuple[KubeService, ...]]:
+    """Pod name -> the selector-less Services whose EndpointSlices name it."""
+    members: dict[str, list[KubeService]] = {}
     for sl in objs.slices.values():
         backing = objs.services.get(sl.service_name)
         if backing is None or backing.selector is not None:
             continue
         for ep in sl.endpoints:
             if ep.pod_name:
-                slice_members.setdefault(ep.pod_name, []).append(backing)
+                members.setdefault(ep.pod_name, []).append(backing)
+    return {pod: tuple(svcs) for pod, svcs in members.items()}
 
+
+def _pod_services(ctx: _PodContext, pod: Pod) -> dict[str, tuple[Port, ...]]:
+    """Service key -> per-port targets of every Service `pod` backs (selector, EndpointSlice,
+    or the Service fronting its waypoint Gateway)."""
+    ns = ctx.objs.name
+    svc_ports: dict[str, tuple[Port, ...]] = {}
+    members = [s for s in ctx.selected if s.selector and selector_matches(s.selector, pod.labels)]
+    for svc in [*members, *ctx.slice_members.get(pod.name, ())]:
+        ports = []
+        for p in svc.ports:
+            target = _target_for(pod, p.target_port)
+            if target is not None and p.protocol in ("TCP", ""):
+                ports.append(Port(service_port=p.port, target_port=target))
+        svc_ports[f"{ns}/{hostname(svc.name, ns, ctx.opts)}"] = tuple(ports)
+    gw_name = _label(pod.labels, GATEWAY_NAME)
+    if gw_name is not None and gw_name in ctx.waypoint_hosts:
+        svc_ports.setdefault(
+            ctx.waypoint_hosts[gw_name], (Port(service_port=HBONE_PORT, target_port=HBONE_PORT),)
+        )
+    return svc_ports
+
+
+def _pod_waypoint(
+    ctx: _PodContext, pod: Pod, ref: str, warnings: list[ConfigWarning]
+) -> GatewayAddress | None:
+    """The waypoint of a mesh pod: pod, else ServiceAccount, else namespace binding. Waypoint
+    pods themselves never get one."""
+    if _label(pod.labels, GATEWAY_NAME) is not None:
+        return None
+    ns = ctx.objs.name
+    sa = ctx.objs.service_accounts.get(pod.service_account)
+    chain = [(pod.labels, ns)]
+    if sa is not None:
+        chain.append((sa.labels, ns))
+    chain.append((ctx.ns_labels, ns))
+    waypoint, problem = _resolve_waypoint(chain, "workload", ctx.mesh, ctx.opts)
+    # Namespace-level bindings apply to workloads only if the waypoint serves them; a mismatch
+    # there is normal (service waypoints), so it is not warned about.
+    explicit = _waypoint_ref(pod.labels, ns) is not None or (
+        sa is not None and _waypoint_ref(sa.labels, ns) is not None
+    )
+    if problem is not None and explicit:
+        warnings.append(ConfigWarning(ref=ref, message=problem))
+    return waypoint
+
+
+def _pod_authorizations(
+    ctx: _PodContext, pod: Pod, policies: dict[str, Authorization]
+) -> tuple[str, ...]:
+    """Keys of the selector policies and PeerAuthentication DENY policy that apply to `pod`; a
+    port-level PeerAuthentication's DENY policy is added to `policies`."""
+    authz = [key for sel, key in ctx.selector_policies if selector_matches(sel, pod.labels)]
+    pa = next(
+        (
+            p
+            for p in ctx.pa_selectors
+            if p.selector is not None and selector_matches(p.selector, pod.labels)
+        ),
+        None,
+    )
+    base = _effective(pa.mode if pa else "UNSET", ctx.ns_mode, ctx.mesh.mesh_mtls)
+    if pa is not None and pa.port_modes:
+        pol = _port_level_policy(pa, base == "STRICT")
+        if pol is not None:
+            policies[pol.key] = pol
+            authz.append(pol.key)
+    elif base == "STRICT":
+        authz.append(f"{ctx.opts.root_namespace}/{STATIC_STRICT}")
+    return tuple(sorted(set(authz)))
+
+
+def _pod_status(pod: Pod) -> WorkloadStatus:
+    if pod.ready is False or pod.terminating or pod.phase not in ("", "Running"):
+        return WorkloadStatus.UNHEALTHY
+    return WorkloadStatus.HEALTHY
+
+
+def _translate_pod(
+    ctx: _PodContext, pod: Pod, policies: dict[str, Authorization], warnings: list[ConfigWarning]
+) -> Workload | None:
+    """The Workload of one running pod with an IP (None, with a warning, if its identity is
+    invalid); port-level PeerAuthentication policies it needs are added to `policies`."""
+    ns = ctx.objs.name
+    opts = ctx.opts
+    ref = f"Pod {ns}/{pod.name}"
+    ambient = is_ambient(pod, ctx.ns_labels)
+    svc_ports = _pod_services(ctx, pod)
+    waypoint = _pod_waypoint(ctx, pod, ref, warnings) if ambient else None
+    authz = _pod_authorizations(ctx, pod, policies)
+    wtype, wname = _workload_type(pod)
+    try:
+        SpiffeId(trust_domain=opts.trust_domain, namespace=ns, service_account=pod.service_account)
+    except Exception as exc:
+        warnings.append(ConfigWarning(ref=ref, message=f"skipped: invalid identity: {exc}"))
+        return None
+    return Workload(
+        uid=f"{opts.cluster_id}//Pod/{ns}/{pod.name}",
+        name=pod.name,
+        namespace=ns,
+        addresses=tuple(ipaddress.ip_address(ip) for ip in pod.ips),
+        network=opts.network,
+        tunnel_protocol=TunnelProtocol.HBONE if ambient else TunnelProtocol.NONE,
+        trust_domain=opts.trust_domain,
+        service_account=pod.service_account,
+        waypoint=waypoint,
+        node=pod.node,
+        canonical_name=canonical_service(pod.labels, wname),
+        canonical_revision=canonical_revision(pod.labels),
+        workload_type=wtype,
+        workload_name=wname,
+        authorization_policies=authz,
+        status=_pod_status(pod),
+        cluster_id=opts.cluster_id,
+        services=tuple(sorted(svc_ports.items())),
+        http3=_http3_endpoint(pod, ref, warnings) if ambient else None,
+    )
+
+
+def translate_namespace(
+    objs: NamespaceObjects, mesh: MeshWide, opts: TranslateOptions
+) -> NamespaceResult:
+    """Every record contributed by one namespace (pure): its Services, its policies, then one
+    Workload per running pod with an IP (not host-network)."""
+    warnings: list[ConfigWarning] = []
+    ns_labels = objs.namespace.labels if objs.namespace is not None else ()
+    services, waypoint_hosts = _namespace_services(objs, ns_labels, mesh, opts, warnings)
+    policies, selector_policies = _namespace_authorizations(objs, mesh, opts, warnings)
+    ns_mode, pa_selectors = _namespace_peer_authentication(objs, warnings)
+    ctx = _PodContext(
+        objs=objs,
+        mesh=mesh,
+        opts=opts,
+        ns_labels=ns_labels,
+        waypoint_hosts=waypoint_hosts,
+        selector_policies=selector_policies,
+        ns_mode=ns_mode,
+        pa_selectors=pa_selectors,
+        selected=tuple(
+            s for s in objs.services.values() if s.selector and s.type != "ExternalName"
+        ),
+        slice_members=_slice_members(objs),
+    )
     workloads: dict[str, Workload] = {}
     node_identities: set[tuple[str, str]] = set()
     for pod in objs.pods.values():
         if pod.host_network or not pod.ips or pod.phase in ("Succeeded", "Failed"):
             continue
-        ref = f"Pod {ns}/{pod.name}"
-        ambient = is_ambient(pod, ns_labels)
-        svc_ports: dict[str, tuple[Port, ...]] = {}
-        members = [s for s in selected if s.selector and selector_matches(s.selector, pod.labels)]
-        for svc in [*members, *slice_members.get(pod.name, ())]:
-            ports = []
-            for p in svc.ports:
-                target = _target_for(pod, p.target_port)
-                if target is not None and p.protocol in ("TCP", ""):
-                    ports.append(Port(service_port=p.port, target_port=target))
-            svc_ports[f"{ns}/{hostname(svc.name, ns, opts)}"] = tuple(ports)
-        gw_name = _label(pod.labels, GATEWAY_NAME)
-        if gw_name is not None and gw_name in waypoint_hosts:
-            svc_ports.setdefault(
-                waypoint_hosts[gw_name], (Port(service_port=HBONE_PORT, target_port=HBONE_PORT),)
-            )
-        waypoint = None
-        if ambient and _label(pod.labels, GATEWAY_NAME) is None:
-            sa = objs.service_accounts.get(pod.service_account)
-            chain = [(pod.labels, ns)]
-            if sa is not None:
-                chain.append((sa.labels, ns))
-            chain.append((ns_labels, ns))
-            # Namespace-level bindings apply to workloads only if the waypoint serves them;
-            # a mismatch there is normal (service waypoints), so it is not warned about.
-            quiet: list[ConfigWarning] = []
-            explicit = _waypoint_ref(pod.labels, ns) is not None or (
-                sa is not None and _waypoint_ref(sa.labels, ns) is not None
-            )
-            waypoint = _resolve_waypoint(
-                chain, "workload", mesh, opts, ref, warnings if explicit else quiet
-            )
-        authz: list[str] = [
-            key for sel, key in selector_policies if selector_matches(sel, pod.labels)
-        ]
-        # PeerAuthentication for this pod
-        pa = next(
-            (
-                p
-                for p in pa_selectors
-                if p.selector is not None and selector_matches(p.selector, pod.labels)
-            ),
-            None,
-        )
-        base = _effective(pa.mode if pa else "UNSET", ns_mode, mesh.mesh_mtls)
-        if pa is not None and pa.port_modes:
-            pol = _port_level_policy(pa, base == "STRICT")
-            if pol is not None:
-                policies[pol.key] = pol
-                authz.append(pol.key)
-        elif base == "STRICT":
-            authz.append(f"{opts.root_namespace}/{STATIC_STRICT}")
-        wtype, wname = _workload_type(pod)
-        status = WorkloadStatus.HEALTHY
-        if pod.ready is False or pod.terminating or pod.phase not in ("", "Running"):
-            status = WorkloadStatus.UNHEALTHY
-        canonical = canonical_service(pod.labels, wname)
-        revision = canonical_revision(pod.labels)
-        try:
-            SpiffeId(
-                trust_domain=opts.trust_domain, namespace=ns, service_account=pod.service_account
-            )
-        except Exception as exc:
-            warnings.append(ConfigWarning(ref=ref, message=f"skipped: invalid identity: {exc}"))
+        w = _translate_pod(ctx, pod, policies, warnings)
+        if w is None:
             continue
-        w = Workload(
-            uid=f"{opts.cluster_id}//Pod/{ns}/{pod.name}",
-            name=pod.name,
-            namespace=ns,
-            addresses=tuple(ipaddress.ip_address(ip) for ip in pod.ips),
-            network=opts.network,
-            tunnel_protocol=TunnelProtocol.HBONE if ambient else TunnelProtocol.NONE,
-            trust_domain=opts.trust_domain,
-            service_account=pod.service_account,
-            waypoint=waypoint,
-            node=pod.node,
-            canonical_name=canonical,
-            canonical_revision=revision,
-            workload_type=wtype,
-            workload_name=wname,
-            authorization_policies=tuple(sorted(set(authz))),
-            status=status,
-            cluster_id=opts.cluster_id,
-            services=tuple(sorted(svc_ports.items())),
-            http3=_http3_endpoint(pod, ref, warnings) if ambient else None,
-        )
         workloads[w.uid] = w
         if pod.node:  # a pod its node proxy serves (the filter above): the CA's check
             node_identities.add((pod.node, pod.service_account))

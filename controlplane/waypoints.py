@@ -46,7 +46,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -285,20 +284,27 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
     )
 
 
-def _condition(
-    old: Mapping[str, Any], ctype: str, status: bool, reason: str, message: str, gen: int, now: str
-) -> Json:
-    prev = next((c for c in old.get("conditions") or () if c.get("type") == ctype), None)
-    text = "True" if status else "False"
-    since = prev["lastTransitionTime"] if prev and prev.get("status") == text else now
-    return {
-        "type": ctype,
-        "status": text,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": gen,
-        "lastTransitionTime": since,
-    }
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _StatusUpdate:
+    """A Gateway status being rewritten: its previous status, generation and the time now."""
+
+    old: Mapping[str, Any]
+    generation: int
+    stamp: str
+
+    def condition(self, ctype: str, status: bool, reason: str, message: str) -> Json:
+        """Condition `ctype`; lastTransitionTime is kept while the status does not change."""
+        prev = next((c for c in self.old.get("conditions") or () if c.get("type") == ctype), None)
+        text = "True" if status else "False"
+        since = prev["lastTransitionTime"] if prev and prev.get("status") == text else self.stamp
+        return {
+            "type": ctype,
+            "status": text,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": self.generation,
+            "lastTransitionTime": since,
+        }
 
 
 def gateway_status(
@@ -313,9 +319,11 @@ def gateway_status(
     its field findings (`controlplane.status.gateway_acceptance`: an Error finding makes
     Accepted and Programmed False, warnings are named in Accepted's message)."""
     meta = gw["metadata"]
-    old = gw.get("status") or {}
-    gen = int(meta.get("generation") or 0)
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    update = _StatusUpdate(
+        old=gw.get("status") or {},
+        generation=int(meta.get("generation") or 0),
+        stamp=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
     host = f"{meta['name']}.{meta.get('namespace', 'default')}.svc.{domain_suffix}"
     programmed = available > 0
     accepted, reason, text = gateway_acceptance(findings)
@@ -323,25 +331,22 @@ def gateway_status(
         return {
             "addresses": [{"type": "Hostname", "value": host}],
             "conditions": [
-                _condition(old, "Accepted", False, reason, text, gen, stamp),
-                _condition(old, "Programmed", False, "Invalid", text, gen, stamp),
+                update.condition("Accepted", False, reason, text),
+                update.condition("Programmed", False, "Invalid", text),
             ],
         }
     created = "waypoint resources created" + (f"; {text}" if text else "")
     return {
         "addresses": [{"type": "Hostname", "value": host}],
         "conditions": [
-            _condition(old, "Accepted", True, "Accepted", created, gen, stamp),
-            _condition(
-                old,
+            update.condition("Accepted", True, "Accepted", created),
+            update.condition(
                 "Programmed",
                 programmed,
                 "Programmed" if programmed else "Pending",
                 f"{available} waypoint replica(s) available"
                 if programmed
                 else "waiting for the waypoint Deployment to be available",
-                gen,
-                stamp,
             ),
         ],
     }
@@ -426,8 +431,7 @@ class WaypointController:
         settings: WaypointSettings,
         *,
         domain_suffix: str = "cluster.local",
-        kubeconfig: Path | None = None,
-        configuration: client.Configuration | None = None,
+        kube: KubeApi | None = None,
         interval: float = 10.0,
         findings: Callable[[], Mapping[str, Sequence[Finding]]] | None = None,
     ) -> None:
@@ -435,10 +439,9 @@ class WaypointController:
         self.findings = findings or dict
         """``Gateway ns/name`` -> field findings (the control plane's), for the status."""
         self.domain_suffix = domain_suffix
-        self.kubeconfig = kubeconfig
-        self.configuration = configuration
         self.interval = interval
-        self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
+        self._kube = kube or KubeApi()
+        """The API client (default: in-cluster service account)."""
         self.passes = 0
         self.stats = ReconcileStats()
         self._kick = asyncio.Event()
@@ -458,9 +461,8 @@ class WaypointController:
         body: Any = None,
         *,
         query: list[tuple[str, Any]] | None = None,
-        content_type: str = "application/json",
     ) -> tuple[int, Any]:
-        return await self._kube.call(method, path, body, query=query, content_type=content_type)
+        return await self._kube.call(method, path, body, query=query)
 
     async def _ok(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         status, data = await self._call(method, path, body, **kw)
@@ -486,7 +488,7 @@ class WaypointController:
             raise SourceError(f"GET {path}: HTTP {status}")
         if not needs_patch(live, obj):
             return dict(live)
-        patched = await self._ok("PATCH", path, obj, content_type="application/merge-patch+json")
+        patched = await self._ok("PATCH", path, obj)
         self.stats.patched += 1
         return dict(patched)
 
@@ -540,7 +542,6 @@ class WaypointController:
                 "PATCH",
                 GATEWAYS.item(objs.namespace, objs.gateway) + "/status",
                 {"status": status},
-                content_type="application/merge-patch+json",
             )
             self.stats.status_updates += 1
 

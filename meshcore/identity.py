@@ -55,6 +55,50 @@ def _validate_segment(kind: str, value: str) -> None:
         raise IdentityError(f"{kind} {value!r} may only contain letters, digits, '.', '-' and '_'")
 
 
+def _authority_and_path(uri: str) -> tuple[str, str]:
+    """(trust domain, path without its leading slash) of a ``spiffe://`` URI; the trust
+    domain is validated, the path only known to be present."""
+    if not uri.startswith(SCHEME):
+        raise IdentityError(f"SPIFFE ID must start with {SCHEME!r}: {uri!r}")
+    rest = uri[len(SCHEME) :]
+    if "?" in rest or "#" in rest:
+        raise IdentityError(f"SPIFFE ID may not have a query or fragment: {uri!r}")
+    trust_domain, slash, path = rest.partition("/")
+    if not trust_domain:
+        raise IdentityError(f"SPIFFE ID has no trust domain: {uri!r}")
+    if "@" in trust_domain:
+        raise IdentityError(f"SPIFFE ID trust domain may not have userinfo: {uri!r}")
+    if ":" in trust_domain:
+        raise IdentityError(f"SPIFFE ID trust domain may not have a port: {uri!r}")
+    validate_trust_domain(trust_domain)
+    if not slash or not path:
+        raise IdentityError(f"SPIFFE ID has no /ns/<namespace>/sa/<service-account> path: {uri!r}")
+    return trust_domain, path
+
+
+def _workload_path(uri: str, path: str) -> tuple[str, str]:
+    """(namespace, service account) of the path ``ns/<ns>/sa/<sa>`` of `uri`."""
+    segments = path.split("/")
+    if len(segments) < 4:
+        raise IdentityError(
+            f"SPIFFE ID path must be /ns/<namespace>/sa/<service-account>, got /{path!r}"
+        )
+    if len(segments) > 4:
+        if path.endswith("/"):
+            raise IdentityError(f"SPIFFE ID may not have a trailing slash: {uri!r}")
+        if "" in segments:
+            raise IdentityError(f"SPIFFE ID path has an empty segment: {uri!r}")
+        raise IdentityError(
+            f"SPIFFE ID has extra path segments after /ns/<namespace>/sa/<service-account>: {uri!r}"
+        )
+    ns_key, namespace, sa_key, service_account = segments
+    if ns_key != "ns":
+        raise IdentityError(f"SPIFFE ID path must start with /ns/, got /{ns_key}/: {uri!r}")
+    if sa_key != "sa":
+        raise IdentityError(f"SPIFFE ID path must have /sa/ after the namespace: {uri!r}")
+    return namespace, service_account
+
+
 @dataclass(frozen=True, slots=True, kw_only=True, order=True)
 class SpiffeId:
     """A workload identity. Ordering is (trust_domain, namespace, service_account)."""
@@ -82,42 +126,8 @@ class SpiffeId:
             raise IdentityError("SPIFFE ID is empty")
         if len(uri.encode()) > MAX_ID_BYTES:
             raise IdentityError(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
-        if not uri.startswith(SCHEME):
-            raise IdentityError(f"SPIFFE ID must start with {SCHEME!r}: {uri!r}")
-        rest = uri[len(SCHEME) :]
-        if "?" in rest or "#" in rest:
-            raise IdentityError(f"SPIFFE ID may not have a query or fragment: {uri!r}")
-        trust_domain, slash, path = rest.partition("/")
-        if not trust_domain:
-            raise IdentityError(f"SPIFFE ID has no trust domain: {uri!r}")
-        if "@" in trust_domain:
-            raise IdentityError(f"SPIFFE ID trust domain may not have userinfo: {uri!r}")
-        if ":" in trust_domain:
-            raise IdentityError(f"SPIFFE ID trust domain may not have a port: {uri!r}")
-        validate_trust_domain(trust_domain)
-        if not slash or not path:
-            raise IdentityError(
-                f"SPIFFE ID has no /ns/<namespace>/sa/<service-account> path: {uri!r}"
-            )
-        segments = path.split("/")
-        if len(segments) < 4:
-            raise IdentityError(
-                f"SPIFFE ID path must be /ns/<namespace>/sa/<service-account>, got /{path!r}"
-            )
-        if len(segments) > 4:
-            if path.endswith("/"):
-                raise IdentityError(f"SPIFFE ID may not have a trailing slash: {uri!r}")
-            if "" in segments:
-                raise IdentityError(f"SPIFFE ID path has an empty segment: {uri!r}")
-            raise IdentityError(
-                f"SPIFFE ID has extra path segments after /ns/<namespace>/sa/<service-account>: "
-                f"{uri!r}"
-            )
-        ns_key, namespace, sa_key, service_account = segments
-        if ns_key != "ns":
-            raise IdentityError(f"SPIFFE ID path must start with /ns/, got /{ns_key}/: {uri!r}")
-        if sa_key != "sa":
-            raise IdentityError(f"SPIFFE ID path must have /sa/ after the namespace: {uri!r}")
+        trust_domain, path = _authority_and_path(uri)
+        namespace, service_account = _workload_path(uri, path)
         return cls(trust_domain=trust_domain, namespace=namespace, service_account=service_account)
 
     @property

@@ -1,9 +1,11 @@
 """The Kubernetes API client every component shares (kubernetes_asyncio, raw JSON).
 
 Owns: building the client once (in-cluster service account, or a kubeconfig for tests and
-out-of-cluster runs), raw requests that return the aiohttp response (the caller reads and
-releases it: watches stream it), a JSON convenience call, and reading a watch stream's
-newline-delimited events. What a status code means (410 Gone, 409, 404) stays with the caller.
+out-of-cluster runs), raw requests that return the aiohttp response (the caller reads and releases
+it: watches stream it), a JSON convenience call, and reading a watch stream's newline-delimited
+events. A PATCH body is a JSON merge patch (RFC 7386, ``application/merge-patch+json``) unless the
+caller names another content type (server-side apply). What a status code means (410 Gone, 409,
+404) stays with the caller.
 Used by the control plane's source, waypoint controller and TokenReview, and the node agent.
 """
 
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client, config
+
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class KubeApi:
@@ -56,14 +60,15 @@ class KubeApi:
         *,
         query: list[tuple[str, Any]] | None = None,
         body: Any = None,
-        content_type: str = "application/json",
+        content_type: str | None = None,
         timeout: float | None = 30,
     ) -> Any:
         """The raw aiohttp response; the caller must `release()` it."""
         api = await self.client()
         headers = {"Accept": "application/json"}
         if body is not None:
-            headers["Content-Type"] = content_type
+            default = MERGE_PATCH if method == "PATCH" else "application/json"
+            headers["Content-Type"] = content_type or default
         resp = await api.call_api(
             path,
             method,
@@ -84,7 +89,7 @@ class KubeApi:
         body: Any = None,
         *,
         query: list[tuple[str, Any]] | None = None,
-        content_type: str = "application/json",
+        content_type: str | None = None,
         timeout: float | None = 30,
     ) -> tuple[int, Any]:
         """(status, decoded JSON body or None)."""

@@ -138,6 +138,21 @@ def _replace_by_uid(
     return items
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Indexes:
+    """The maps one MeshState consists of (documented on MeshState's attributes)."""
+
+    workloads: PMap[str, Workload]
+    services: PMap[str, Service]
+    policies: PMap[str, Authorization]
+    addr_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
+    wl_by_addr: PMap[tuple[str, IPAddress], Workload]
+    vip_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
+    svc_by_vip: PMap[tuple[str, IPAddress], Service]
+    endpoints: PMap[str, tuple[Endpoint, ...]]
+    wl_by_node: PMap[str, tuple[Workload, ...]]
+
+
 class MeshState:
     """An immutable, indexed snapshot of the mesh. Construct with `build` / `from_config`;
     derive the next one with `with_updates` (O(changed))."""
@@ -190,40 +205,30 @@ class MeshState:
             for vip in _service_vips(s):
                 vip_claims.setdefault(vip, []).append(skey)
         self._set(
-            workloads=PMap(workloads.items()),
-            services=PMap(services.items()),
-            policies=PMap(policies.items()),
-            addr_claims=PMap((k, tuple(v)) for k, v in addr_claims.items()),
-            wl_by_addr=PMap((k, workloads[v[-1]]) for k, v in addr_claims.items()),
-            vip_claims=PMap((k, tuple(v)) for k, v in vip_claims.items()),
-            svc_by_vip=PMap((k, services[v[-1]]) for k, v in vip_claims.items()),
-            endpoints=PMap((k, _eps_by_uid(v)) for k, v in endpoints.items()),
-            wl_by_node=PMap((k, _wls_by_uid(v)) for k, v in by_node.items()),
+            _Indexes(
+                workloads=PMap(workloads.items()),
+                services=PMap(services.items()),
+                policies=PMap(policies.items()),
+                addr_claims=PMap((k, tuple(v)) for k, v in addr_claims.items()),
+                wl_by_addr=PMap((k, workloads[v[-1]]) for k, v in addr_claims.items()),
+                vip_claims=PMap((k, tuple(v)) for k, v in vip_claims.items()),
+                svc_by_vip=PMap((k, services[v[-1]]) for k, v in vip_claims.items()),
+                endpoints=PMap((k, _eps_by_uid(v)) for k, v in endpoints.items()),
+                wl_by_node=PMap((k, _wls_by_uid(v)) for k, v in by_node.items()),
+            )
         )
 
-    def _set(
-        self,
-        *,
-        workloads: PMap[str, Workload],
-        services: PMap[str, Service],
-        policies: PMap[str, Authorization],
-        addr_claims: PMap[tuple[str, IPAddress], tuple[str, ...]],
-        wl_by_addr: PMap[tuple[str, IPAddress], Workload],
-        vip_claims: PMap[tuple[str, IPAddress], tuple[str, ...]],
-        svc_by_vip: PMap[tuple[str, IPAddress], Service],
-        endpoints: PMap[str, tuple[Endpoint, ...]],
-        wl_by_node: PMap[str, tuple[Workload, ...]],
-    ) -> None:
+    def _set(self, ix: _Indexes) -> None:
         set_ = object.__setattr__
-        set_(self, "_workloads", workloads)
-        set_(self, "_services", services)
-        set_(self, "_policies", policies)
-        set_(self, "_addr_claims", addr_claims)
-        set_(self, "_wl_by_addr", wl_by_addr)
-        set_(self, "_vip_claims", vip_claims)
-        set_(self, "_svc_by_vip", svc_by_vip)
-        set_(self, "_endpoints", endpoints)
-        set_(self, "_wl_by_node", wl_by_node)
+        set_(self, "_workloads", ix.workloads)
+        set_(self, "_services", ix.services)
+        set_(self, "_policies", ix.policies)
+        set_(self, "_addr_claims", ix.addr_claims)
+        set_(self, "_wl_by_addr", ix.wl_by_addr)
+        set_(self, "_vip_claims", ix.vip_claims)
+        set_(self, "_svc_by_vip", ix.svc_by_vip)
+        set_(self, "_endpoints", ix.endpoints)
+        set_(self, "_wl_by_node", ix.wl_by_node)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("MeshState is immutable; use with_updates()")
@@ -384,15 +389,17 @@ class MeshState:
             ) or None  # fmt: skip
         new = MeshState.__new__(MeshState)
         new._set(
-            workloads=workloads,
-            services=services,
-            policies=self._policies.evolve(ed.policies),
-            addr_claims=self._addr_claims.evolve(ed.addr_claims),
-            wl_by_addr=self._wl_by_addr.evolve(wl_by_addr),
-            vip_claims=self._vip_claims.evolve(ed.vip_claims),
-            svc_by_vip=self._svc_by_vip.evolve(svc_by_vip),
-            endpoints=self._endpoints.evolve(endpoints),
-            wl_by_node=self._wl_by_node.evolve(by_node),
+            _Indexes(
+                workloads=workloads,
+                services=services,
+                policies=self._policies.evolve(ed.policies),
+                addr_claims=self._addr_claims.evolve(ed.addr_claims),
+                wl_by_addr=self._wl_by_addr.evolve(wl_by_addr),
+                vip_claims=self._vip_claims.evolve(ed.vip_claims),
+                svc_by_vip=self._svc_by_vip.evolve(svc_by_vip),
+                endpoints=self._endpoints.evolve(endpoints),
+                wl_by_node=self._wl_by_node.evolve(by_node),
+            )
         )
         return new
 

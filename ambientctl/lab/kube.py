@@ -161,17 +161,28 @@ class KubePki:
         return c
 
     def issue(
+        self, name: str, *, common_name: str, organizations: tuple[str, ...] = ()
+    ) -> Credential:
+        """A client certificate: CN = user, O = groups (Kubernetes x509 client authentication)."""
+        return self._leaf(name, common_name, organizations, sans=None)
+
+    def issue_server(
+        self, name: str, *, common_name: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()
+    ) -> Credential:
+        """A serving certificate for the given DNS names and IPs."""
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        return self._leaf(name, common_name, (), sans=sans)
+
+    def _leaf(
         self,
         name: str,
-        *,
         common_name: str,
-        organizations: tuple[str, ...] = (),
-        dns: tuple[str, ...] = (),
-        ips: tuple[str, ...] = (),
-        server: bool = False,
+        organizations: tuple[str, ...],
+        sans: list[x509.GeneralName] | None,
     ) -> Credential:
-        """A leaf: a client certificate (CN = user, O = groups) or, with ``server``, a serving
-        certificate for the given DNS names and IPs."""
+        """Signed by this CA; `sans` None: a client certificate, else a serving one."""
+        server = sans is not None
         key = ec.generate_private_key(ec.SECP256R1())
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
@@ -196,8 +207,6 @@ class KubePki:
                 critical=False,
             )
         )
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return self._write(name, builder.sign(self._key, hashes.SHA256()), key)
@@ -294,10 +303,9 @@ class KubeCluster:
                 "--quota-backend-bytes=1073741824",
             ],
         )
-        serving = pki.issue(
+        serving = pki.issue_server(
             "apiserver",
             common_name="kube-apiserver",
-            server=True,
             dns=(
                 "localhost",
                 "kubernetes",

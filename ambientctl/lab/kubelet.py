@@ -406,11 +406,7 @@ class LabKubelet:
                 assert conflist is not None
                 system.netns_add(rp.netns)
                 rp.conflist = conflist
-                result = system.cni_chain(
-                    "ADD", conflist, container_id=self._container_id(rp),
-                    netns_path=f"/run/netns/{rp.netns}", cni_args=_cni_args(pod),
-                    cni_path=self.cni_path, run_in=self.node.netns, wrap=self._node_view(rp),
-                )  # fmt: skip
+                result = system.cni_chain("ADD", conflist, self._attachment(rp, pod))
                 assert result is not None
                 rp.cni_result = result
                 rp.ip = str(result["ips"][0]["address"]).split("/")[0]
@@ -529,6 +525,18 @@ class LabKubelet:
             if p == Path(prefix) or Path(prefix) in p.parents:
                 return self.node_paths[prefix] / p.relative_to(prefix)
         return p
+
+    def _attachment(self, rp: RunningPod, pod: Json | None = None) -> system.CniAttachment:
+        """The pod's attachment as the CNI runtime passes it to each plugin of the chain."""
+        assert rp.netns is not None
+        return system.CniAttachment(
+            container_id=self._container_id(rp),
+            netns_path=f"/run/netns/{rp.netns}",
+            cni_args=_cni_args(pod) if pod is not None else "",
+            cni_path=self.cni_path,
+            run_in=self.node.netns,
+            wrap=self._node_view(rp),
+        )
 
     def _container_id(self, rp: RunningPod) -> str:
         return f"{self.lab}-{rp.uid}"
@@ -704,11 +712,7 @@ class LabKubelet:
             with contextlib.suppress(LabCommandError):
                 conflist = self._conflist()  # DEL with the config the runtime has now
             with contextlib.suppress(LabCommandError):
-                system.cni_chain(
-                    "DEL", conflist, container_id=self._container_id(rp),
-                    netns_path=f"/run/netns/{rp.netns}", cni_path=self.cni_path,
-                    prev_result=rp.cni_result, run_in=self.node.netns, wrap=self._node_view(rp),
-                )  # fmt: skip
+                system.cni_chain("DEL", conflist, self._attachment(rp), rp.cni_result)
             system.netns_del(rp.netns)
         if not keep_dir:
             # The logs outlive the pod (what `kubectl logs --previous` would show).

@@ -128,6 +128,55 @@ def _name(meta: Mapping[str, Any], where: str) -> str:
     return name
 
 
+def _pod(where: str, meta: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A Pod's `PodSpec` fields (its node may still be empty)."""
+    name = _name(meta, where)
+    containers = spec.get("containers") or []
+    if not containers or not isinstance(containers[0], dict):
+        raise ManifestError(f"{where}: pod {name}: spec.containers[0] is required")
+    c0 = containers[0]
+    command = [*(c0.get("command") or []), *(c0.get("args") or [])]
+    if not command or not all(isinstance(a, str | int | float) for a in command):
+        raise ManifestError(f"{where}: pod {name}: spec.containers[0].command is required")
+    return {
+        "name": name,
+        "namespace": str(meta.get("namespace", "default")),
+        "labels": _labels(meta, where),
+        "service_account": str(spec.get("serviceAccountName") or "default"),
+        "node": str(spec.get("nodeName") or ""),
+        "command": tuple(str(a) for a in command),
+    }
+
+
+def _service(where: str, meta: Mapping[str, Any], spec: Mapping[str, Any]) -> ServiceSpec:
+    name = _name(meta, where)
+    cip = spec.get("clusterIP")
+    try:
+        ipaddress.IPv4Address(str(cip))
+    except ValueError as err:
+        raise ManifestError(
+            f"{where}: service {name}: spec.clusterIP must be an IPv4 address"
+        ) from err
+    ports = []
+    for i, p in enumerate(spec.get("ports") or []):
+        port = p.get("port") if isinstance(p, dict) else None
+        target = p.get("targetPort", port) if isinstance(p, dict) else None
+        if not isinstance(port, int) or not isinstance(target, int):
+            raise ManifestError(
+                f"{where}: service {name}: ports[{i}] needs integer port/targetPort"
+            )
+        pname = str(p.get("name", ""))
+        ports.append(ServicePort(port=port, target_port=target, name=pname))
+    selector = spec.get("selector") or {}
+    return ServiceSpec(
+        name=name,
+        namespace=str(meta.get("namespace", "default")),
+        cluster_ip=str(cip),
+        selector={str(k): str(v) for k, v in selector.items()},
+        ports=tuple(ports),
+    )
+
+
 def parse(docs: list[tuple[str, dict[str, Any]]], nodes: tuple[str, ...] = ()) -> LabSpec:
     """`docs` = (where, document) pairs; `nodes` = extra node names (kept in order)."""
     namespaces: dict[str, dict[str, str]] = {}
@@ -142,53 +191,9 @@ def parse(docs: list[tuple[str, dict[str, Any]]], nodes: tuple[str, ...] = ()) -
         if kind == "Namespace":
             namespaces[_name(meta, where)] = _labels(meta, where)
         elif kind == "Pod":
-            name = _name(meta, where)
-            containers = spec.get("containers") or []
-            if not containers or not isinstance(containers[0], dict):
-                raise ManifestError(f"{where}: pod {name}: spec.containers[0] is required")
-            c0 = containers[0]
-            command = [*(c0.get("command") or []), *(c0.get("args") or [])]
-            if not command or not all(isinstance(a, str | int | float) for a in command):
-                raise ManifestError(f"{where}: pod {name}: spec.containers[0].command is required")
-            pods.append(
-                {
-                    "name": name,
-                    "namespace": str(meta.get("namespace", "default")),
-                    "labels": _labels(meta, where),
-                    "service_account": str(spec.get("serviceAccountName") or "default"),
-                    "node": str(spec.get("nodeName") or ""),
-                    "command": tuple(str(a) for a in command),
-                }
-            )
+            pods.append(_pod(where, meta, spec))
         elif kind == "Service":
-            name = _name(meta, where)
-            cip = spec.get("clusterIP")
-            try:
-                ipaddress.IPv4Address(str(cip))
-            except ValueError as err:
-                raise ManifestError(
-                    f"{where}: service {name}: spec.clusterIP must be an IPv4 address"
-                ) from err
-            ports = []
-            for i, p in enumerate(spec.get("ports") or []):
-                port = p.get("port") if isinstance(p, dict) else None
-                target = p.get("targetPort", port) if isinstance(p, dict) else None
-                if not isinstance(port, int) or not isinstance(target, int):
-                    raise ManifestError(
-                        f"{where}: service {name}: ports[{i}] needs integer port/targetPort"
-                    )
-                pname = str(p.get("name", ""))
-                ports.append(ServicePort(port=port, target_port=target, name=pname))
-            selector = spec.get("selector") or {}
-            services.append(
-                ServiceSpec(
-                    name=name,
-                    namespace=str(meta.get("namespace", "default")),
-                    cluster_ip=str(cip),
-                    selector={str(k): str(v) for k, v in selector.items()},
-                    ports=tuple(ports),
-                )
-            )
+            services.append(_service(where, meta, spec))
     all_nodes = list(nodes)
     for p in pods:
         if p["node"] and p["node"] not in all_nodes:
@@ -199,8 +204,8 @@ def parse(docs: list[tuple[str, dict[str, Any]]], nodes: tuple[str, ...] = ()) -
     keys = [p.key for p in out_pods]
     if len(set(keys)) != len(keys):
         raise ManifestError(f"duplicate pods: {sorted(k for k in keys if keys.count(k) > 1)}")
-    for p in out_pods:
-        namespaces.setdefault(p.namespace, {})
+    for pod in out_pods:
+        namespaces.setdefault(pod.namespace, {})
     return LabSpec(
         namespaces=namespaces, pods=out_pods, services=tuple(services), nodes=tuple(all_nodes)
     )

@@ -46,11 +46,13 @@ class LabPods(LabProcesses):
         result = system.cni_chain(
             "ADD",
             conflist,
-            container_id=ps.container_id,
-            netns_path=f"/run/netns/{netns}",
-            cni_args=_cni_args(pod),
-            cni_path=self.cni_path(),
-            run_in=node.plan.netns,
+            system.CniAttachment(
+                container_id=ps.container_id,
+                netns_path=f"/run/netns/{netns}",
+                cni_args=_cni_args(pod),
+                cni_path=self.cni_path(),
+                run_in=node.plan.netns,
+            ),
         )
         assert result is not None
         ps.cni_result = result
@@ -90,12 +92,14 @@ class LabPods(LabProcesses):
             system.cni_chain(
                 "DEL",
                 self._conflist(node),
-                container_id=ps.container_id,
-                netns_path=f"/run/netns/{ps.netns}",
-                cni_args=_cni_args(pod, ps.uid),
-                cni_path=self.cni_path(),
-                prev_result=ps.cni_result,
-                run_in=node.plan.netns,
+                system.CniAttachment(
+                    container_id=ps.container_id,
+                    netns_path=f"/run/netns/{ps.netns}",
+                    cni_args=_cni_args(pod, ps.uid),
+                    cni_path=self.cni_path(),
+                    run_in=node.plan.netns,
+                ),
+                ps.cni_result,
             )
         except LabCommandError as err:
             self.log(f"CNI DEL of {ps.key} failed (netns removed anyway): {err}")

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,19 +186,29 @@ class CniFailure(LabCommandError):
         self.error = dict(error)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CniAttachment:
+    """One container's network attachment as a CNI runtime passes it to every plugin of the
+    chain (CNI spec "Parameters": CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS, CNI_PATH),
+    and the network namespace the plugins run in (the node's; None: this one)."""
+
+    container_id: str
+    netns_path: str
+    ifname: str = "eth0"
+    cni_args: str = ""
+    cni_path: Sequence[Path]
+    run_in: str | None = None
+    wrap: Sequence[str] = ()
+    """A command the plugins run under (e.g. a lab node's filesystem view,
+    `ambientctl.lab.container`)."""
+
+
 def exec_plugin(
-    *,
     conflist: Mapping[str, Any],
     plugin: Mapping[str, Any],
     command: str,
-    container_id: str,
-    netns_path: str,
-    ifname: str,
-    cni_args: str,
-    cni_path: Sequence[Path],
+    att: CniAttachment,
     prev_result: Mapping[str, Any] | None,
-    run_in: str | None,
-    wrap: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     config = dict(plugin)
     config["name"] = conflist["name"]
@@ -207,15 +218,15 @@ def exec_plugin(
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": netns_path,
-        "CNI_IFNAME": ifname,
-        "CNI_ARGS": cni_args,
-        "CNI_PATH": ":".join(map(str, cni_path)),
+        "CNI_CONTAINERID": att.container_id,
+        "CNI_NETNS": att.netns_path,
+        "CNI_IFNAME": att.ifname,
+        "CNI_ARGS": att.cni_args,
+        "CNI_PATH": ":".join(map(str, att.cni_path)),
     }
-    binary = str(find_plugin(str(plugin["type"]), cni_path))
-    argv = [*wrap, binary]  # wrap: e.g. a lab node's filesystem view (ambientctl.lab.container)
-    argv = nsenter(run_in, argv) if run_in else argv
+    binary = str(find_plugin(str(plugin["type"]), att.cni_path))
+    argv = [*att.wrap, binary]  # wrap: e.g. a lab node's filesystem view (ambientctl.lab.container)
+    argv = nsenter(att.run_in, argv) if att.run_in else argv
     proc = subprocess.run(
         argv, input=json.dumps(config).encode(), env=env, capture_output=True, timeout=60
     )
@@ -232,15 +243,8 @@ def exec_plugin(
 def cni_chain(
     command: str,
     conflist: Mapping[str, Any],
-    *,
-    container_id: str,
-    netns_path: str,
-    ifname: str = "eth0",
-    cni_args: str = "",
-    cni_path: Sequence[Path],
+    att: CniAttachment,
     prev_result: Mapping[str, Any] | None = None,
-    run_in: str | None = None,
-    wrap: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """ADD: each plugin in order, threading prevResult; DEL: reverse order with the last result
     (0.4.0+); CHECK: in order with the cached result. Returns the final ADD result."""
@@ -249,19 +253,7 @@ def cni_chain(
         plugins.reverse()
     result: Mapping[str, Any] | None = prev_result if command != "ADD" else None
     for plugin in plugins:
-        out = exec_plugin(
-            conflist=conflist,
-            plugin=plugin,
-            command=command,
-            container_id=container_id,
-            netns_path=netns_path,
-            ifname=ifname,
-            cni_args=cni_args,
-            cni_path=cni_path,
-            prev_result=result,
-            run_in=run_in,
-            wrap=wrap,
-        )
+        out = exec_plugin(conflist, plugin, command, att, result)
         if command == "ADD":
             result = out
     return dict(result) if (command == "ADD" and result is not None) else None

@@ -30,10 +30,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
-
-from kubernetes_asyncio import client
 
 from controlplane.errors import SourceError
 from controlplane.objects import KubeObject, ObjectKey, parse_object, parse_unimplemented
@@ -147,20 +144,18 @@ class KubernetesSource(ReflectorCounters):
         self,
         store: ConfigStore,
         *,
-        kubeconfig: Path | None = None,
-        configuration: client.Configuration | None = None,
+        kube: KubeApi | None = None,
         watch_timeout: int = 300,
         rediscover_interval: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
+        """`kube`: the API client (default: in-cluster service account)."""
         self.store = store
-        self.kubeconfig = kubeconfig
-        self.configuration = configuration
         self.watch_timeout = watch_timeout
         self.rediscover_interval = rediscover_interval
         self.rng = rng or random.Random()
         self.synced = asyncio.Event()
-        self._kube = KubeApi(kubeconfig=kubeconfig, configuration=configuration)
+        self._kube = kube or KubeApi()
         self._reflectors: dict[str, Reflector] = {}
         self._listed: set[str] = set()
         self._served: set[str] = set()

@@ -116,7 +116,8 @@ def value_match(text: str, *, path: bool = False, ignore_case: bool = False) -> 
 
 def to_wire(m: StringMatcher) -> StringMatch:
     """The xDS `StringMatch` node proxies compare with (no REGEX at L4: paths are HTTP-only)."""
-    assert m.kind is not MatchKind.REGEX and not m.ignore_case
+    assert m.kind is not MatchKind.REGEX
+    assert not m.ignore_case
     return StringMatch(kind=m.kind, value=m.value)
 
 

@@ -164,6 +164,57 @@ def _gw_retry(value: object, path: str) -> RetryPolicy:
 def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:
     """GAMMA: Service parents; a parentRef ``port`` restricts the route to that service port
     (every match gets ``port``), as Gateway API's mesh profile specifies."""
+    hosts, only_port = _gw_parents(spec, ctx)
+    source = f"HTTPRoute {ctx.namespace}/{name}"
+    flat: list[tuple[tuple[int, int, int, int, int], int, HttpRoute]] = []
+    for i, rule in enumerate(read_seq(spec.get("rules"), "spec.rules")):
+        rp = f"spec.rules[{i}]"
+        rm = read_map(rule, rp)
+        backends = tuple(
+            gw_backend(b, f"{rp}.backendRefs[{j}]", ctx)
+            for j, b in enumerate(read_seq(rm.get("backendRefs"), f"{rp}.backendRefs"))
+        )
+        filters = _gw_filters(rm.get("filters"), f"{rp}.filters", ctx)
+        timeout, retry = _gw_timeouts(rm, rp)
+        matches = [
+            _gw_match(x, f"{rp}.matches[{j}]")
+            for j, x in enumerate(read_seq(rm.get("matches"), f"{rp}.matches"))
+        ] or [_gw_match({}, f"{rp}.matches")]
+        if only_port is not None:
+            matches = [dataclasses.replace(mt, port=only_port) for mt in matches]
+        # Gateway API: a rule with no backends (and no redirect) answers 500.
+        direct = 500 if not backends and filters.redirect is None else None
+        for match in matches:
+            route = HttpRoute(
+                name=f"{name}.{i}",
+                source=source,
+                matches=(match,),
+                destinations=backends,
+                redirect=filters.redirect,
+                direct_status=direct,
+                rewrite=filters.rewrite,
+                timeout=timeout,
+                retries=retry,
+                mirrors=filters.mirrors,
+                request_headers=filters.request_headers,
+                response_headers=filters.response_headers,
+                section=str(rm.get("name") or ""),
+                cors=filters.cors,
+            )
+            flat.append((_gw_precedence(match), len(flat), route))
+    flat.sort(key=lambda t: (t[0], t[1]))
+    return RouteTable(
+        kind="HTTPRoute",
+        namespace=ctx.namespace,
+        name=name,
+        hosts=tuple(hosts),
+        routes=tuple(r for _, _, r in flat),
+    )
+
+
+def _gw_parents(spec: Mapping[str, Any], ctx: Ctx) -> tuple[list[str], int | None]:
+    """(hostnames of the Service parents, the one parentRef ``port`` if any); other parent
+    kinds are warned about; Service parents with different ports are a ConfigError."""
     hosts: list[str] = []
     ports: set[int | None] = set()
     for i, ref in enumerate(read_seq(spec.get("parentRefs"), "spec.parentRefs")):
@@ -183,136 +234,123 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
         raise ConfigError(
             "spec.parentRefs", "Service parents with different ports are not supported"
         )
-    only_port = next(iter(ports), None)
-    source = f"HTTPRoute {ctx.namespace}/{name}"
-    flat: list[tuple[tuple[int, int, int, int, int], int, HttpRoute]] = []
-    for i, rule in enumerate(read_seq(spec.get("rules"), "spec.rules")):
-        rp = f"spec.rules[{i}]"
-        rm = read_map(rule, rp)
-        backends = tuple(
-            gw_backend(b, f"{rp}.backendRefs[{j}]", ctx)
-            for j, b in enumerate(read_seq(rm.get("backendRefs"), f"{rp}.backendRefs"))
-        )
-        req_ops, resp_ops = NO_HEADER_OPS, NO_HEADER_OPS
-        rewrite_path: tuple[str, str] | None = None
-        rewrite_host: str | None = None
-        redirect: Redirect | None = None
-        mirrors: list[Mirror] = []
-        cors: CorsPolicy | None = None
-        for j, f in enumerate(read_seq(rm.get("filters"), f"{rp}.filters")):
-            fp = f"{rp}.filters[{j}]"
-            fm = read_map(f, fp)
-            ftype = str(fm.get("type"))
-            if ftype == "RequestHeaderModifier":
-                req_ops = _gw_header_filter(fm.get("requestHeaderModifier"), fp)
-            elif ftype == "ResponseHeaderModifier":
-                resp_ops = _gw_header_filter(fm.get("responseHeaderModifier"), fp)
-            elif ftype == "URLRewrite":
-                u = read_map(fm.get("urlRewrite"), f"{fp}.urlRewrite")
-                rewrite_host = str(u["hostname"]) if "hostname" in u else None
-                if "path" in u:
-                    p = read_map(u["path"], f"{fp}.urlRewrite.path")
-                    ptype = str(p.get("type"))
-                    if ptype == "ReplaceFullPath":
-                        rewrite_path = ("full", str(p.get("replaceFullPath", "/")))
-                    elif ptype == "ReplacePrefixMatch":
-                        rewrite_path = ("prefix", str(p.get("replacePrefixMatch", "/")))
-                    else:
-                        raise ConfigError(f"{fp}.urlRewrite.path.type", f"unknown {ptype!r}")
-            elif ftype == "RequestRedirect":
-                r = read_map(fm.get("requestRedirect"), f"{fp}.requestRedirect")
-                rpath = read_map(r.get("path"), f"{fp}.requestRedirect.path")
-                redirect = Redirect(
-                    uri=str(rpath["replaceFullPath"]) if "replaceFullPath" in rpath else None,
-                    prefix=(
-                        str(rpath["replacePrefixMatch"]) if "replacePrefixMatch" in rpath else None
-                    ),
-                    authority=str(r["hostname"]) if "hostname" in r else None,
-                    scheme=str(r["scheme"]) if "scheme" in r else None,
-                    port=int(r["port"]) if "port" in r else None,
-                    code=read_int(r.get("statusCode", 302), f"{fp}.requestRedirect.statusCode", 300,
-                              399),
-                )  # fmt: skip
-            elif ftype == "RequestMirror":
-                mm = read_map(fm.get("requestMirror"), f"{fp}.requestMirror")
-                pct = 100.0
-                if "percent" in mm:
-                    pct = float(read_int(mm["percent"], f"{fp}.requestMirror.percent", 0, 100))
-                mirrors.append(
-                    Mirror(
-                        destination=gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx),
-                        percent=pct,
-                    )
-                )
-            elif ftype == "CORS":
-                cors = _gw_cors(fm.get("cors"), f"{fp}.cors")
-            else:
-                raise ConfigError(f"{fp}.type", f"filter {ftype!r} is not supported")
-        timeouts = read_map(rm.get("timeouts"), f"{rp}.timeouts")
-        timeout = None
-        if "request" in timeouts:
-            timeout = parse_duration(timeouts["request"], f"{rp}.timeouts.request") or None
-        retry = _gw_retry(rm.get("retry"), f"{rp}.retry")
-        if "backendRequest" in timeouts:
-            retry = RetryPolicy(
-                attempts=retry.attempts,
-                per_try_timeout=parse_duration(
-                    timeouts["backendRequest"], f"{rp}.timeouts.backendRequest"
-                ),
-                retry_on=retry.retry_on,
-                status_codes=retry.status_codes,
-                backoff_base=retry.backoff_base,
-            )
-        matches = [
-            _gw_match(x, f"{rp}.matches[{j}]")
-            for j, x in enumerate(read_seq(rm.get("matches"), f"{rp}.matches"))
-        ] or [_gw_match({}, f"{rp}.matches")]
-        if only_port is not None:
-            matches = [dataclasses.replace(mt, port=only_port) for mt in matches]
-        if not backends and redirect is None:
-            # Gateway API: a rule with no backends answers 500.
-            direct: int | None = 500
+    return hosts, next(iter(ports), None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _RuleFilters:
+    """What a rule's ``filters`` make of its routes."""
+
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
+    rewrite: Rewrite | None = None
+    redirect: Redirect | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    cors: CorsPolicy | None = None
+
+
+def _gw_filters(value: object, path: str, ctx: Ctx) -> _RuleFilters:
+    """A rule's ``filters``: a later filter of the same type replaces an earlier one (mirrors
+    add up); an unknown type is a ConfigError."""
+    req_ops, resp_ops = NO_HEADER_OPS, NO_HEADER_OPS
+    rewrite_path: tuple[str, str] | None = None
+    rewrite_host: str | None = None
+    redirect: Redirect | None = None
+    mirrors: list[Mirror] = []
+    cors: CorsPolicy | None = None
+    for j, f in enumerate(read_seq(value, path)):
+        fp = f"{path}[{j}]"
+        fm = read_map(f, fp)
+        ftype = str(fm.get("type"))
+        if ftype == "RequestHeaderModifier":
+            req_ops = _gw_header_filter(fm.get("requestHeaderModifier"), fp)
+        elif ftype == "ResponseHeaderModifier":
+            resp_ops = _gw_header_filter(fm.get("responseHeaderModifier"), fp)
+        elif ftype == "URLRewrite":
+            u = read_map(fm.get("urlRewrite"), f"{fp}.urlRewrite")
+            rewrite_host = str(u["hostname"]) if "hostname" in u else None
+            if "path" in u:
+                rewrite_path = _gw_rewrite_path(u["path"], f"{fp}.urlRewrite.path")
+        elif ftype == "RequestRedirect":
+            redirect = _gw_redirect(fm.get("requestRedirect"), f"{fp}.requestRedirect")
+        elif ftype == "RequestMirror":
+            mirrors.append(_gw_mirror(fm.get("requestMirror"), fp, ctx))
+        elif ftype == "CORS":
+            cors = _gw_cors(fm.get("cors"), f"{fp}.cors")
         else:
-            direct = None
-        for match in matches:
-            rewrite = None
-            if rewrite_path is not None or rewrite_host is not None:
-                kind, value = rewrite_path or ("", "")
-                rewrite = Rewrite(
-                    uri=value if kind == "prefix" else None,
-                    full_path=value if kind == "full" else None,
-                    authority=rewrite_host,
-                )
-            flat.append(
-                (
-                    _gw_precedence(match),
-                    len(flat),
-                    HttpRoute(
-                        name=f"{name}.{i}",
-                        source=source,
-                        matches=(match,),
-                        destinations=backends,
-                        redirect=redirect,
-                        direct_status=direct,
-                        rewrite=rewrite,
-                        timeout=timeout,
-                        retries=retry,
-                        mirrors=tuple(mirrors),
-                        request_headers=req_ops,
-                        response_headers=resp_ops,
-                        section=str(rm.get("name") or ""),
-                        cors=cors,
-                    ),
-                )
-            )
-    flat.sort(key=lambda t: (t[0], t[1]))
-    return RouteTable(
-        kind="HTTPRoute",
-        namespace=ctx.namespace,
-        name=name,
-        hosts=tuple(hosts),
-        routes=tuple(r for _, _, r in flat),
+            raise ConfigError(f"{fp}.type", f"filter {ftype!r} is not supported")
+    rewrite = None
+    if rewrite_path is not None or rewrite_host is not None:
+        kind, text = rewrite_path or ("", "")
+        rewrite = Rewrite(
+            uri=text if kind == "prefix" else None,
+            full_path=text if kind == "full" else None,
+            authority=rewrite_host,
+        )
+    return _RuleFilters(
+        request_headers=req_ops,
+        response_headers=resp_ops,
+        rewrite=rewrite,
+        redirect=redirect,
+        mirrors=tuple(mirrors),
+        cors=cors,
     )
+
+
+def _gw_rewrite_path(value: object, path: str) -> tuple[str, str]:
+    """URLRewrite ``path``: ("full", path) or ("prefix", replacement)."""
+    p = read_map(value, path)
+    ptype = str(p.get("type"))
+    if ptype == "ReplaceFullPath":
+        return ("full", str(p.get("replaceFullPath", "/")))
+    if ptype == "ReplacePrefixMatch":
+        return ("prefix", str(p.get("replacePrefixMatch", "/")))
+    raise ConfigError(f"{path}.type", f"unknown {ptype!r}")
+
+
+def _gw_redirect(value: object, path: str) -> Redirect:
+    r = read_map(value, path)
+    rpath = read_map(r.get("path"), f"{path}.path")
+    return Redirect(
+        uri=str(rpath["replaceFullPath"]) if "replaceFullPath" in rpath else None,
+        prefix=str(rpath["replacePrefixMatch"]) if "replacePrefixMatch" in rpath else None,
+        authority=str(r["hostname"]) if "hostname" in r else None,
+        scheme=str(r["scheme"]) if "scheme" in r else None,
+        port=int(r["port"]) if "port" in r else None,
+        code=read_int(r.get("statusCode", 302), f"{path}.statusCode", 300, 399),
+    )
+
+
+def _gw_mirror(value: object, fp: str, ctx: Ctx) -> Mirror:
+    """RequestMirror of filter `fp`; ``percent`` 0-100 (default all requests)."""
+    mm = read_map(value, f"{fp}.requestMirror")
+    pct = 100.0
+    if "percent" in mm:
+        pct = float(read_int(mm["percent"], f"{fp}.requestMirror.percent", 0, 100))
+    return Mirror(
+        destination=gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx), percent=pct
+    )
+
+
+def _gw_timeouts(rm: Mapping[str, Any], rp: str) -> tuple[float | None, RetryPolicy]:
+    """(request timeout or None, retry policy with ``timeouts.backendRequest`` as its
+    per-try timeout) of rule `rp`."""
+    timeouts = read_map(rm.get("timeouts"), f"{rp}.timeouts")
+    timeout = None
+    if "request" in timeouts:
+        timeout = parse_duration(timeouts["request"], f"{rp}.timeouts.request") or None
+    retry = _gw_retry(rm.get("retry"), f"{rp}.retry")
+    if "backendRequest" in timeouts:
+        retry = RetryPolicy(
+            attempts=retry.attempts,
+            per_try_timeout=parse_duration(
+                timeouts["backendRequest"], f"{rp}.timeouts.backendRequest"
+            ),
+            retry_on=retry.retry_on,
+            status_codes=retry.status_codes,
+            backoff_base=retry.backoff_base,
+        )
+    return timeout, retry
 
 
 def _gw_cors(value: object, path: str) -> CorsPolicy:

@@ -231,17 +231,7 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
         )
     if len(dests) > 1 and sum(d.weight for d in dests) == 0:
         raise ConfigError(f"{path}.route", "weights are all zero")
-    redirect = None
-    if "redirect" in m:
-        r = read_map(m["redirect"], f"{path}.redirect")
-        port = r.get("port")
-        redirect = Redirect(
-            uri=str(r["uri"]) if "uri" in r else None,
-            authority=str(r["authority"]) if "authority" in r else None,
-            scheme=str(r["scheme"]) if "scheme" in r else None,
-            port=read_int(port, f"{path}.redirect.port", 1, 65535) if port is not None else None,
-            code=read_int(r.get("redirectCode", 301), f"{path}.redirect.redirectCode", 300, 399),
-        )
+    redirect = _vs_redirect(m["redirect"], f"{path}.redirect") if "redirect" in m else None
     direct_status, direct_body = None, ""
     if "directResponse" in m:
         dr = read_map(m["directResponse"], f"{path}.directResponse")
@@ -250,23 +240,7 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
         direct_body = str(body.get("string", ""))
     if not dests and redirect is None and direct_status is None:
         raise ConfigError(path, "needs route, redirect or directResponse")
-    rewrite = None
-    if "rewrite" in m:
-        rw = read_map(m["rewrite"], f"{path}.rewrite")
-        regex = None
-        if "uriRegexRewrite" in rw:
-            rr = read_map(rw["uriRegexRewrite"], f"{path}.rewrite.uriRegexRewrite")
-            pattern = read_text(rr.get("match"), f"{path}.rewrite.uriRegexRewrite.match")
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{path}.rewrite.uriRegexRewrite.match", str(exc)) from None
-            regex = (pattern, str(rr.get("rewrite", "")))
-        rewrite = Rewrite(
-            uri=str(rw["uri"]) if "uri" in rw else None,
-            authority=str(rw["authority"]) if "authority" in rw else None,
-            uri_regex=regex,
-        )
+    rewrite = _vs_rewrite(m["rewrite"], f"{path}.rewrite") if "rewrite" in m else None
     mirrors: list[Mirror] = []
     if "mirror" in m:
         pct = 100.0
@@ -306,6 +280,38 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
         request_headers=req,
         response_headers=resp,
         cors=cors,
+    )
+
+
+def _vs_redirect(value: object, path: str) -> Redirect:
+    r = read_map(value, path)
+    port = r.get("port")
+    return Redirect(
+        uri=str(r["uri"]) if "uri" in r else None,
+        authority=str(r["authority"]) if "authority" in r else None,
+        scheme=str(r["scheme"]) if "scheme" in r else None,
+        port=read_int(port, f"{path}.port", 1, 65535) if port is not None else None,
+        code=read_int(r.get("redirectCode", 301), f"{path}.redirectCode", 300, 399),
+    )
+
+
+def _vs_rewrite(value: object, path: str) -> Rewrite:
+    """HTTPRewrite: ``uri`` (prefix replacement), ``authority``, ``uriRegexRewrite`` (the
+    pattern must compile)."""
+    rw = read_map(value, path)
+    regex = None
+    if "uriRegexRewrite" in rw:
+        rr = read_map(rw["uriRegexRewrite"], f"{path}.uriRegexRewrite")
+        pattern = read_text(rr.get("match"), f"{path}.uriRegexRewrite.match")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{path}.uriRegexRewrite.match", str(exc)) from None
+        regex = (pattern, str(rr.get("rewrite", "")))
+    return Rewrite(
+        uri=str(rw["uri"]) if "uri" in rw else None,
+        authority=str(rw["authority"]) if "authority" in rw else None,
+        uri_regex=regex,
     )
 
 

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshcore.config.authorization import AuthzPolicy, l7_warnings, parse_policy
@@ -61,97 +62,122 @@ def parse_objects(
     Every object is checked against `meshcore.config.fields` first: a routing object with an
     unknown or refused field is not applied; warned fields are reported. Policies are read by
     `meshcore.config.authorization` (fail closed)."""
-    tables: list[RouteTable] = []
-    rules: list[DestinationPolicy] = []
-    policies: list[AuthzPolicy] = []
-    limits: list[RateLimitPolicy] = []
-    l4: list[L4Route] = []
-    labels: dict[str, Labels] = {}
-    warnings: list[str] = []
-    findings: list[tuple[str, Finding]] = []
+    acc = _Collected(domain_suffix=domain_suffix)
+    _collect(docs, acc)
+    return acc.config()
+
+
+@dataclass(slots=True, kw_only=True)
+class _Collected:
+    """What `parse_objects` has read so far (a ``kind: List`` adds to the same lists)."""
+
+    domain_suffix: str
+    tables: list[RouteTable] = field(default_factory=list)
+    rules: list[DestinationPolicy] = field(default_factory=list)
+    policies: list[AuthzPolicy] = field(default_factory=list)
+    limits: list[RateLimitPolicy] = field(default_factory=list)
+    l4: list[L4Route] = field(default_factory=list)
+    labels: dict[str, Labels] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    findings: list[tuple[str, Finding]] = field(default_factory=list)
+
+    def config(self) -> WaypointConfig:
+        # Gateway API routes (HTTPRoute, GRPCRoute) before VirtualServices (Istio's precedence).
+        tables = sorted(
+            self.tables,
+            key=lambda t: (t.kind not in ("HTTPRoute", "GRPCRoute"), t.namespace, t.name),
+        )
+        return WaypointConfig(
+            route_tables=tuple(tables),
+            destination_rules=tuple(sorted(self.rules, key=lambda r: (r.namespace, r.name))),
+            policies=tuple(sorted(self.policies, key=lambda p: p.key)),
+            workload_labels=tuple(sorted(self.labels.items())),
+            warnings=tuple(self.warnings),
+            findings=tuple(self.findings),
+            rate_limits=tuple(sorted(self.limits, key=lambda r: r.key)),
+            l4_routes=tuple(sorted(self.l4, key=lambda r: (r.namespace, r.name))),
+        )
+
+
+def _collect(docs: Iterable[object], acc: _Collected) -> None:
     for index, doc in enumerate(docs):
         if doc is None:
             continue
         if not isinstance(doc, Mapping):
-            warnings.append(f"object {index}: not a mapping: ignored")
+            acc.warnings.append(f"object {index}: not a mapping: ignored")
             continue
         kind = str(doc.get("kind", ""))
         if kind == "List":
-            sub = parse_objects(doc.get("items") or [], domain_suffix=domain_suffix)
-            tables += sub.route_tables
-            rules += sub.destination_rules
-            policies += sub.policies
-            limits += sub.rate_limits
-            l4 += sub.l4_routes
-            labels.update(sub.workload_labels)
-            warnings += sub.warnings
-            findings += sub.findings
-            continue
-        if kind == "WorkloadLabels":
+            _collect(doc.get("items") or [], acc)
+        elif kind == "WorkloadLabels":
             for uid, lab in read_map(doc.get("labels"), "labels").items():
-                labels[str(uid)] = read_labels(lab, f"labels.{uid}")
-            continue
-        if kind not in ROUTING_KINDS + POLICY_KINDS:
+                acc.labels[str(uid)] = read_labels(lab, f"labels.{uid}")
+        elif kind not in ROUTING_KINDS + POLICY_KINDS:
             unsupported = kind_support(kind, doc)
             if unsupported is not None and kind != "Gateway":
                 ref = _ref(kind, doc, index)
-                findings.append((ref, unsupported))
-                warnings.append(f"{ref}: {unsupported.message}")
-            continue
-        try:
-            namespace, name = _meta(doc)
-        except ConfigError as exc:
-            warnings.append(f"{kind} #{index}: {exc}: ignored")
-            continue
-        ref = f"{kind} {namespace}/{name}"
-        if kind in POLICY_KINDS:
-            pol = parse_policy(doc)
-            policies.append(pol)
-            findings += [(ref, f) for f in pol.findings]
-            warnings += [f"{ref}: {f.render()}" for f in pol.findings]
-            warnings += [f"{ref}: {w}" for w in l7_warnings(pol)]
-            continue
-        checked = check_object(kind, doc)
-        findings += [(ref, f) for f in checked]
-        warnings += [f"{ref}: {f.render()}" for f in checked]
-        if any(f.level == "Error" for f in checked):
-            warnings.append(f"{ref}: not applied (unknown or unsupported fields, see above)")
-            continue
-        ctx = Ctx(ref=ref, namespace=namespace, suffix=domain_suffix, warnings=warnings,
-                   findings=findings)  # fmt: skip
-        spec = doc.get("spec") or {}
-        try:
-            if not isinstance(spec, Mapping):
-                raise ConfigError("spec", "expected an object")
-            if kind == "VirtualService":
-                tables.append(parse_virtual_service(spec, ctx, name))
-            elif kind == "HTTPRoute":
-                tables.append(parse_http_route(spec, ctx, name))
-            elif kind == "HTTPLocalRateLimitPolicy":
-                limits.append(parse_rate_limit(spec, namespace, name))
-            elif kind in ("TCPRoute", "TLSRoute"):
-                l4.append(parse_l4_route(kind, spec, ctx, name))
-            elif kind == "GRPCRoute":
-                tables.append(parse_grpc_route(spec, ctx, name))
+                acc.findings.append((ref, unsupported))
+                acc.warnings.append(f"{ref}: {unsupported.message}")
+        else:
+            try:
+                namespace, name = _meta(doc)
+            except ConfigError as exc:
+                acc.warnings.append(f"{kind} #{index}: {exc}: ignored")
+                continue
+            if kind in POLICY_KINDS:
+                _add_policy(acc, f"{kind} {namespace}/{name}", doc)
             else:
-                rules.append(parse_destination_rule(spec, ctx, name))
-        except ConfigError as exc:
-            findings.append(
-                (ref, Finding(code=INVALID, level="Error", path=exc.path, message=exc.message))
-            )
-            ctx.warn(f"{exc}: ignored")
-    # Gateway API routes (HTTPRoute, GRPCRoute) before VirtualServices (Istio's precedence).
-    tables.sort(key=lambda t: (t.kind not in ("HTTPRoute", "GRPCRoute"), t.namespace, t.name))
-    return WaypointConfig(
-        route_tables=tuple(tables),
-        destination_rules=tuple(sorted(rules, key=lambda r: (r.namespace, r.name))),
-        policies=tuple(sorted(policies, key=lambda p: p.key)),
-        workload_labels=tuple(sorted(labels.items())),
-        warnings=tuple(warnings),
-        findings=tuple(findings),
-        rate_limits=tuple(sorted(limits, key=lambda r: r.key)),
-        l4_routes=tuple(sorted(l4, key=lambda r: (r.namespace, r.name))),
+                _add_routing(acc, kind, doc, namespace, name)
+
+
+def _add_policy(acc: _Collected, ref: str, doc: Mapping[str, Any]) -> None:
+    pol = parse_policy(doc)
+    acc.policies.append(pol)
+    acc.findings += [(ref, f) for f in pol.findings]
+    acc.warnings += [f"{ref}: {f.render()}" for f in pol.findings]
+    acc.warnings += [f"{ref}: {w}" for w in l7_warnings(pol)]
+
+
+def _add_routing(
+    acc: _Collected, kind: str, doc: Mapping[str, Any], namespace: str, name: str
+) -> None:
+    """A routing object, checked against the field table first; left out (and reported) if
+    a field is refused or a value malformed."""
+    ref = f"{kind} {namespace}/{name}"
+    checked = check_object(kind, doc)
+    acc.findings += [(ref, f) for f in checked]
+    acc.warnings += [f"{ref}: {f.render()}" for f in checked]
+    if any(f.level == "Error" for f in checked):
+        acc.warnings.append(f"{ref}: not applied (unknown or unsupported fields, see above)")
+        return
+    ctx = Ctx(
+        ref=ref,
+        namespace=namespace,
+        suffix=acc.domain_suffix,
+        warnings=acc.warnings,
+        findings=acc.findings,
     )
+    spec = doc.get("spec") or {}
+    try:
+        if not isinstance(spec, Mapping):
+            raise ConfigError("spec", "expected an object")
+        if kind == "VirtualService":
+            acc.tables.append(parse_virtual_service(spec, ctx, name))
+        elif kind == "HTTPRoute":
+            acc.tables.append(parse_http_route(spec, ctx, name))
+        elif kind == "HTTPLocalRateLimitPolicy":
+            acc.limits.append(parse_rate_limit(spec, namespace, name))
+        elif kind in ("TCPRoute", "TLSRoute"):
+            acc.l4.append(parse_l4_route(kind, spec, ctx, name))
+        elif kind == "GRPCRoute":
+            acc.tables.append(parse_grpc_route(spec, ctx, name))
+        else:
+            acc.rules.append(parse_destination_rule(spec, ctx, name))
+    except ConfigError as exc:
+        acc.findings.append(
+            (ref, Finding(code=INVALID, level="Error", path=exc.path, message=exc.message))
+        )
+        ctx.warn(f"{exc}: ignored")
 
 
 def _ref(kind: str, doc: Mapping[str, Any], index: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ambientctl.lab.kube import KubeCluster
@@ -76,29 +77,31 @@ def service_account(kube: KubeCluster, ns: str, name: str, **labels: str) -> dic
     return result
 
 
-def pod(
-    kube: KubeCluster,
-    ns: str,
-    name: str,
-    *,
-    node_name: str,
-    sa: str = "default",
-    ip: str | None = None,
-    labels: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """A pod bound to ``node_name`` (the Node must exist); with ``ip``, Running with that podIP."""
-    node(kube, node_name)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodOptions:
+    """What `pod` creates: a pod bound to `node_name` running as `sa`, labelled `labels`
+    (default ``app: <name>``); with `ip`, Running and Ready with that podIP."""
+
+    node_name: str
+    sa: str = "default"
+    ip: str | None = None
+    labels: dict[str, str] | None = None
+
+
+def pod(kube: KubeCluster, ns: str, name: str, opts: PodOptions) -> dict[str, Any]:
+    """A pod as `opts` says (the Node is created if missing)."""
+    node(kube, opts.node_name)
     body = {
-        "metadata": {"name": name, "labels": labels or {"app": name}},
+        "metadata": {"name": name, "labels": opts.labels or {"app": name}},
         "spec": {
-            "nodeName": node_name,
-            "serviceAccountName": sa,
+            "nodeName": opts.node_name,
+            "serviceAccountName": opts.sa,
             "containers": [{"name": "app", "image": "lab.invalid/app"}],
         },
     }
     created: dict[str, Any] = ok(kube.request("POST", f"/api/v1/namespaces/{ns}/pods", body), 201)
-    if ip is not None:
-        created = set_pod_ip(kube, ns, name, ip)
+    if opts.ip is not None:
+        created = set_pod_ip(kube, ns, name, opts.ip)
     return created
 
 

@@ -34,9 +34,14 @@ MODE = "istio.io/dataplane-mode"
 def test_agent_follows_the_real_api(chart: KubeCluster, tmp_path: Path) -> None:
     kube = chart
     objects.namespace(kube, NS)
-    objects.pod(kube, NS, "a1", node_name="lbl-node-a", ip="10.0.0.2")
-    objects.pod(kube, NS, "a2", node_name="lbl-node-a", ip="10.0.0.3", labels={MODE: "none"})
-    objects.pod(kube, NS, "b1", node_name="lbl-node-b", ip="10.0.1.2")
+    objects.pod(kube, NS, "a1", objects.PodOptions(node_name="lbl-node-a", ip="10.0.0.2"))
+    objects.pod(
+        kube,
+        NS,
+        "a2",
+        objects.PodOptions(node_name="lbl-node-a", ip="10.0.0.3", labels={MODE: "none"}),
+    )
+    objects.pod(kube, NS, "b1", objects.PodOptions(node_name="lbl-node-b", ip="10.0.1.2"))
     kc = sa_kubeconfig(kube, tmp_path / "agent.kubeconfig", SYSTEM_NS, "ztunnel")
     labels = KubeLabels("lbl-node-a", kubeconfig=kc, watch_timeout=30)
     veths = {"10.0.0.2": "veth-a1", "10.0.0.3": "veth-a2", "10.0.0.4": "veth-a3"}
@@ -77,7 +82,11 @@ def test_agent_follows_the_real_api(chart: KubeCluster, tmp_path: Path) -> None:
             assert f"{NS}/a1 redirection disabled -> enabled" in changes
             # A new pod through the CNI plugin, then its opt-out label set later.
             pod = await asyncio.to_thread(
-                objects.pod, kube, NS, "a3", node_name="lbl-node-a", ip="10.0.0.4"
+                objects.pod,
+                kube,
+                NS,
+                "a3",
+                objects.PodOptions(node_name="lbl-node-a", ip="10.0.0.4"),
             )
             a3 = pod["metadata"]["uid"]
             await eventually(lambda: a3 in labels.local_pods(), 15, "a3 watched")

@@ -27,6 +27,7 @@ from ambientctl.lab.kube import KubeCluster
 from controlplane.sources.kube import KINDS, KubernetesSource
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
+from meshcore.kubeapi import KubeApi
 from meshcore.model import Workload
 from tests.cluster import objects
 from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
@@ -39,7 +40,7 @@ NS = "src-mesh"
 @contextlib.asynccontextmanager
 async def source(kubeconfig: Path, **kw: Any) -> AsyncIterator[tuple[ConfigStore, Any]]:
     store = ConfigStore()
-    src = KubernetesSource(store, kubeconfig=kubeconfig, **kw)
+    src = KubernetesSource(store, kube=KubeApi(kubeconfig=kubeconfig), **kw)
     task = asyncio.get_running_loop().create_task(src.run())
     try:
         await asyncio.wait_for(src.synced.wait(), 30)
@@ -58,7 +59,7 @@ def pods(store: ConfigStore) -> list[str]:
 def test_source_lists_watches_and_survives_restarts(chart: KubeCluster, tmp_path: Path) -> None:
     kube = chart
     objects.namespace(kube, NS, **{"istio.io/dataplane-mode": "ambient"})
-    objects.pod(kube, NS, "a", node_name="src-node", ip="10.1.0.1")
+    objects.pod(kube, NS, "a", objects.PodOptions(node_name="src-node", ip="10.1.0.1"))
     kc = sa_kubeconfig(kube, tmp_path / "cp.kubeconfig", SYSTEM_NS, "ambient-controlplane")
 
     async def main() -> None:
@@ -68,7 +69,9 @@ def test_source_lists_watches_and_survives_restarts(chart: KubeCluster, tmp_path
             assert not [k for k in warnings if "not served" in warnings[k]], warnings
             assert all(src.lists.get(k.kind) == 1 for k in KINDS), src.lists
             assert pods(store) == ["a"]
-            await asyncio.to_thread(objects.pod, kube, NS, "b", node_name="src-node", ip="10.1.0.2")
+            await asyncio.to_thread(
+                objects.pod, kube, NS, "b", objects.PodOptions(node_name="src-node", ip="10.1.0.2")
+            )
             await eventually(lambda: pods(store) == ["a", "b"], 10, "ADDED")
             await asyncio.to_thread(objects.set_pod_ip, kube, NS, "b", "10.1.0.3")
             await eventually(
@@ -82,12 +85,16 @@ def test_source_lists_watches_and_survives_restarts(chart: KubeCluster, tmp_path
             # The server ends each watch after timeoutSeconds=2: resumed without a re-list.
             watches = src.watches["Pod"]
             await eventually(lambda: src.watches["Pod"] >= watches + 2, 15, "watch restarts")
-            await asyncio.to_thread(objects.pod, kube, NS, "c", node_name="src-node", ip="10.1.0.4")
+            await asyncio.to_thread(
+                objects.pod, kube, NS, "c", objects.PodOptions(node_name="src-node", ip="10.1.0.4")
+            )
             await eventually(lambda: pods(store) == ["b", "c"], 10, "event after restart")
             assert src.lists["Pod"] == 1
             # API server restart: watches are cut and fail while it is down; nothing is lost.
             await asyncio.to_thread(kube.restart_apiserver, down=1.0)
-            await asyncio.to_thread(objects.pod, kube, NS, "d", node_name="src-node", ip="10.1.0.5")
+            await asyncio.to_thread(
+                objects.pod, kube, NS, "d", objects.PodOptions(node_name="src-node", ip="10.1.0.5")
+            )
             await eventually(lambda: pods(store) == ["b", "c", "d"], 30, "event after restart")
 
     asyncio.run(asyncio.wait_for(main(), 150))
@@ -98,7 +105,7 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
     ns = "src-translate"
     objects.namespace(kube, ns, **{"istio.io/dataplane-mode": "ambient"})
     objects.service_account(kube, ns, "web")
-    objects.pod(kube, ns, "web", node_name="src-node", sa="web", ip="10.3.0.1")
+    objects.pod(kube, ns, "web", objects.PodOptions(node_name="src-node", sa="web", ip="10.3.0.1"))
     svc = objects.ok(
         kube.request(
             "POST",

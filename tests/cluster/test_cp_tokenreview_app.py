@@ -60,7 +60,9 @@ async def xds_code(port: int, token: str | None, node: str) -> grpc.StatusCode:
 
 async def _controlplane_token_review(kube: KubeCluster, tmp: Path) -> None:
     # node-a's proxy pod; the node is named as in base_manifests (sleep on node-a).
-    za = objects.pod(kube, SYSTEM_NS, "trapp-ztunnel-a", node_name="node-a", sa="ztunnel")
+    za = objects.pod(
+        kube, SYSTEM_NS, "trapp-ztunnel-a", objects.PodOptions(node_name="node-a", sa="ztunnel")
+    )
     tok_a = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=["ambient"], pod=za)
     tok_other_aud = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=["other"], pod=za)
     kc = sa_kubeconfig(kube, tmp / "cp.kubeconfig", SYSTEM_NS, "ambient-controlplane")

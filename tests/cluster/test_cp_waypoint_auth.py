@@ -23,10 +23,11 @@ from ambientctl.lab.kube import KubeCluster
 from controlplane.auth import (
     CertificatePrincipals,
     ServiceAccountTokenReview,
+    TokenReviewSettings,
     auth_interceptors,
     restrict_waypoints,
 )
-from controlplane.ca import CertificateService
+from controlplane.ca import CertificateService, IssuancePolicy
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
@@ -75,12 +76,13 @@ async def _serve(
     kubeconfig: Path, *, waypoints: bool
 ) -> tuple[grpc.aio.Server, int, ServiceAccountTokenReview]:
     reviewer = ServiceAccountTokenReview(
-        accounts=[ZTUNNEL], audiences=list(AUD), kubeconfig=kubeconfig, waypoints=waypoints
+        TokenReviewSettings(accounts=(ZTUNNEL,), audiences=tuple(AUD), waypoints=waypoints),
+        kubeconfig=kubeconfig,
     )
     service = CertificateService(
         MeshCA.create_root(),
         authenticator=CertificatePrincipals(reviewer),
-        may_impersonate=restrict_waypoints(may_impersonate),
+        policy=IssuancePolicy(may_impersonate=restrict_waypoints(may_impersonate)),
     )
     server = grpc.aio.server(interceptors=auth_interceptors(reviewer))
     server.add_generic_rpc_handlers((service.method_handlers(),))
@@ -119,7 +121,9 @@ def test_waypoint_token_gets_only_its_own_identity(chart: KubeCluster, tmp_path:
     tokens: dict[str, str] = {}
     for name, (ns, sa, labels) in placed.items():
         pod_name = f"wpa-{name}" if ns == SYSTEM_NS else name
-        p = objects.pod(kube, ns, pod_name, node_name=NODE, sa=sa, labels=labels)
+        p = objects.pod(
+            kube, ns, pod_name, objects.PodOptions(node_name=NODE, sa=sa, labels=labels)
+        )
         tokens[name] = objects.token(kube, ns, sa, audiences=list(AUD), pod=p)
     kc = sa_kubeconfig(kube, tmp_path / "cp.kubeconfig", SYSTEM_NS, "ambient-controlplane")
 

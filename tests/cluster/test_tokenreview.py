@@ -14,14 +14,15 @@ token at the API server. The API-outage case stays on the stand-in
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
 from ambientctl.lab.kube import KubeCluster
-from controlplane.auth import ServiceAccountTokenReview, auth_interceptors
-from controlplane.ca import CertificateService
+from controlplane.auth import ServiceAccountTokenReview, TokenReviewSettings, auth_interceptors
+from controlplane.ca import CertificateService, IssuancePolicy
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
@@ -45,10 +46,14 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
     objects.namespace(kube, NS)
     for sa in ("client", "server"):
         objects.service_account(kube, NS, sa)
-    za = objects.pod(kube, SYSTEM_NS, "tr-ztunnel-a", node_name="tr-node-a", sa="ztunnel")
-    zb = objects.pod(kube, SYSTEM_NS, "tr-ztunnel-b", node_name="tr-node-b", sa="ztunnel")
-    cl = objects.pod(kube, NS, "client", node_name="tr-node-a", sa="client")
-    objects.pod(kube, NS, "server", node_name="tr-node-b", sa="server")
+    za = objects.pod(
+        kube, SYSTEM_NS, "tr-ztunnel-a", objects.PodOptions(node_name="tr-node-a", sa="ztunnel")
+    )
+    zb = objects.pod(
+        kube, SYSTEM_NS, "tr-ztunnel-b", objects.PodOptions(node_name="tr-node-b", sa="ztunnel")
+    )
+    cl = objects.pod(kube, NS, "client", objects.PodOptions(node_name="tr-node-a", sa="client"))
+    objects.pod(kube, NS, "server", objects.PodOptions(node_name="tr-node-b", sa="server"))
     aud = [AUDIENCE]
     tok_a = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=aud, pod=za)
     tok_b = objects.token(kube, SYSTEM_NS, "ztunnel", audiences=aud, pod=zb)
@@ -67,10 +72,13 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
 
     async def main() -> None:
         reviewer = ServiceAccountTokenReview(
-            accounts=[ZTUNNEL], audiences=[AUDIENCE], kubeconfig=kc, cache_ttl=30
+            TokenReviewSettings(accounts=(ZTUNNEL,), audiences=(AUDIENCE,), cache_ttl=30),
+            kubeconfig=kc,
         )
         service = CertificateService(
-            MeshCA.create_root(), authenticator=reviewer, may_impersonate=on_node
+            MeshCA.create_root(),
+            authenticator=reviewer,
+            policy=IssuancePolicy(may_impersonate=on_node),
         )
         server = grpc.aio.server(interceptors=auth_interceptors(reviewer))
         server.add_generic_rpc_handlers((service.method_handlers(),))
@@ -113,7 +121,7 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
             assert "UNAUTHENTICATED" in await refused(tok_apiserver, "client")
             assert "UNAUTHENTICATED" in await refused("not-a-token", "client")
             # The bound pod is deleted: the API server no longer accepts its token.
-            reviewer.cache_ttl = 0.0
+            reviewer.settings = replace(reviewer.settings, cache_ttl=0.0)
             objects.ok(kube.request("DELETE", f"/api/v1/namespaces/{SYSTEM_NS}/pods/tr-ztunnel-a"
                                     "?gracePeriodSeconds=0"))  # fmt: skip
             # (the API server's token cache may answer from before the deletion for a moment)

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from meshcore.ca import MeshCA
-from meshcore.certs import LocalCAProvider, utcnow
+from meshcore.certs import LocalCAProvider
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from ztunnel.app import NodeProxy, build_context
@@ -168,28 +168,36 @@ def settings(
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeshOptions:
+    """The less common knobs of `running_mesh`."""
+
+    cert_ttl: timedelta = timedelta(hours=24)
+    """Lifetime of the workload certificates the node proxies get."""
+    node_b_outbound: tuple[tuple[str, int], ...] = ()
+    """Outbound listeners of node-b (node-a always listens on the VIP)."""
+
+
 @asynccontextmanager
 async def running_mesh(
     tmp: Path,
     config: dict[str, Any] | None = None,
     *,
     backend: Backend | None = None,
-    cert_ttl: timedelta = timedelta(hours=24),
-    clock: Callable[[], Any] = utcnow,
-    node_b_outbound: tuple[tuple[str, int], ...] = (),
     transport: str = "h2",
+    options: MeshOptions | None = None,
 ) -> AsyncIterator[Mesh]:
+    opts = options or MeshOptions()
     cfg_path = tmp / "mesh.yaml"
     cfg_path.write_text(yaml.safe_dump(config or mesh_config()))
     state = MeshState.from_config(load_mesh_config(cfg_path))
     ca = MeshCA.load_or_create(tmp / "ca")
-    provider = LocalCAProvider(ca, ttl=cert_ttl, clock=clock)
+    provider = LocalCAProvider(ca, ttl=opts.cert_ttl)
     node_a = NodeProxy(
         build_context(settings("node-a", "127.0.21.1", ((VIP, 80),), transport), state, provider)
     )
-    node_b = NodeProxy(
-        build_context(settings("node-b", "127.0.22.1", node_b_outbound, transport), state, provider)
-    )
+    node_b_settings = settings("node-b", "127.0.22.1", opts.node_b_outbound, transport)
+    node_b = NodeProxy(build_context(node_b_settings, state, provider))
     backend = backend or await start_backend()
     await node_a.start()
     await node_b.start()

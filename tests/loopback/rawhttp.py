@@ -134,21 +134,23 @@ class RawApp:
             head = await reader.readuntil(b"\r\n\r\n")
 
 
+TIMEOUT = 10.0
+"""Seconds `send_h1` and `send_h2` wait for an answer."""
+
+
 async def send_h1(
-    host: str, port: int, raw: bytes, *, local: str | None = None, timeout: float = 10.0,
-    eof: bool = False,
-) -> int:  # fmt: skip
-    """The response status to `raw`, or 0 when the connection closed without one. `eof`:
-    half-close after `raw` (a request cut short is then complete as far as it goes)."""
-    reader, writer = await asyncio.open_connection(
-        host, port, local_addr=(local, 0) if local else None
-    )
+    addr: tuple[str, int], raw: bytes, *, local: str | None = None, eof: bool = False
+) -> int:
+    """The response status to `raw`, or 0 when the connection closed without one (within
+    `TIMEOUT`). `eof`: half-close after `raw` (a request cut short is then complete as far as it
+    goes)."""
+    reader, writer = await asyncio.open_connection(*addr, local_addr=(local, 0) if local else None)
     try:
         writer.write(raw)
         await writer.drain()
         if eof:
             writer.write_eof()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(TIMEOUT):
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -171,10 +173,15 @@ class H2Outcome:
 
 
 async def send_h2(
-    host: str, port: int, headers: list[tuple[bytes, bytes]], *, body: bytes = b"",
-    trailers: list[tuple[bytes, bytes]] | None = None, local: str | None = None,
-    timeout: float = 10.0,
-) -> H2Outcome:  # fmt: skip
+    addr: tuple[str, int],
+    headers: list[tuple[bytes, bytes]],
+    *,
+    body: bytes = b"",
+    trailers: list[tuple[bytes, bytes]] | None = None,
+    local: str | None = None,
+) -> H2Outcome:
+    """Send one request over a new HTTP/2 connection and wait (up to `TIMEOUT`) for its
+    response status or reset."""
     import h2.config
     import h2.connection
     import h2.events
@@ -188,9 +195,7 @@ async def send_h2(
             validate_inbound_headers=False,
         )
     )
-    reader, writer = await asyncio.open_connection(
-        host, port, local_addr=(local, 0) if local else None
-    )
+    reader, writer = await asyncio.open_connection(*addr, local_addr=(local, 0) if local else None)
     out = H2Outcome()
     try:
         conn.initiate_connection()
@@ -201,7 +206,7 @@ async def send_h2(
         if trailers:
             conn.send_headers(sid, trailers, end_stream=True)
         writer.write(conn.data_to_send())
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(TIMEOUT):
             while True:
                 data = await reader.read(65536)
                 if not data:

@@ -98,7 +98,8 @@ async def _agent_follows_kubernetes(tmp: Path) -> None:
         assert capture.enrolled() == {}
         assert set(capture.observed()) == {"10.0.0.2", "10.0.0.3"}
         pod_requests = [r for r in api.requests if r.startswith("pods?")]
-        assert pod_requests and all("fieldSelector=spec.nodeName" in r for r in pod_requests)
+        assert pod_requests
+        assert all("fieldSelector=spec.nodeName" in r for r in pod_requests)
         assert all("node-a" in r for r in pod_requests)
 
         # kubectl label namespace mesh istio.io/dataplane-mode=ambient: enrolled live; the
@@ -159,7 +160,8 @@ def test_parse_args_labels_from() -> None:
     from cni.agent import parse_args
 
     args = parse_args(["--node", "n", "--labels-from", "kubernetes", "--kubeconfig", "/k"])
-    assert args.labels_from == "kubernetes" and args.kubeconfig == Path("/k")
+    assert args.labels_from == "kubernetes"
+    assert args.kubeconfig == Path("/k")
     with pytest.raises(SystemExit):
         parse_args(["--node", "n", "--labels-from", "bogus"])
 

@@ -157,7 +157,8 @@ def test_validator_catches_a_broken_manifest(tmp_path: Path) -> None:
     ds = copy.deepcopy(find(docs, "DaemonSet", "ztunnel"))
     ds["spec"]["template"]["spec"]["hostNetwrk"] = True
     proc = kubernetes_validate(yaml.safe_dump(ds), tmp_path)
-    assert proc.returncode != 0 and "hostNetwrk" in proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "hostNetwrk" in proc.stdout + proc.stderr
     ds = copy.deepcopy(find(docs, "DaemonSet", "ztunnel"))
     ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "35"
     proc = kubernetes_validate(yaml.safe_dump(ds), tmp_path)
@@ -178,7 +179,8 @@ def test_daemonset_shape() -> None:
     _, docs = render([])
     ds = find(docs, "DaemonSet", "ztunnel")
     pod = ds["spec"]["template"]["spec"]
-    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
     assert ds["spec"]["updateStrategy"] == {
@@ -197,8 +199,10 @@ def test_daemonset_shape() -> None:
     assert {"name": "handover", "mountPath": "/var/run/ambient/ztunnel"} in zt["volumeMounts"]
     for c in (zt, agent, cni):
         sc = c["securityContext"]
-        assert sc["capabilities"]["drop"] == ["ALL"] and not sc.get("privileged")
-        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert not sc.get("privileged")
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
         assert c["resources"]["requests"]
     assert zt["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
     assert agent["securityContext"]["capabilities"]["add"] == [
@@ -231,7 +235,8 @@ def test_daemonset_shape() -> None:
     ]
     zt_mounts = {m["name"]: m for m in zt["volumeMounts"]}
     assert zt_mounts["controlplane-token"]["mountPath"] == "/var/run/secrets/ambient"
-    assert "node-credentials" not in vols and "node-credentials" not in zt_mounts
+    assert "node-credentials" not in vols
+    assert "node-credentials" not in zt_mounts
     assert not [d for d in docs if d["kind"] == "Secret" and "credentials" in d["metadata"]["name"]]
     cp = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"]
     cp_args = cp["containers"][0]["args"]
@@ -241,7 +246,8 @@ def test_daemonset_shape() -> None:
     # Default labels: the agent watches the API (no ConfigMap, no enrollment volume).
     assert "--labels-from=kubernetes" in agent["args"]
     assert not [a for a in agent["args"] if a.startswith("--manifests")]
-    assert "enrollment" not in vols and "/etc/ambient/enrollment" not in mounts
+    assert "enrollment" not in vols
+    assert "/etc/ambient/enrollment" not in mounts
     assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] ==
                 "ambient-enrollment"]  # fmt: skip
     env_agent = {e["name"]: e for e in agent["env"]}
@@ -310,7 +316,8 @@ def test_controlplane_rbac_is_read_only() -> None:
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
     assert verbs == {"get", "list", "watch"}
     resources = {r for rule in role["rules"] for r in rule["resources"]}
-    assert "secrets" not in resources and "*" not in resources
+    assert "secrets" not in resources
+    assert "*" not in resources
     node_role = find(docs, "Role", "ztunnel")
     assert node_role["rules"] == [
         {
@@ -350,7 +357,8 @@ def test_controlplane_deployment() -> None:
     _, docs = render(["controlplane.replicas=3", "controlplane.podDisruptionBudget.minAvailable=2"])
     dep = find(docs, "Deployment", "ambient-controlplane")
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["ambient-controlplane"] and "--kubernetes" in c["args"]
+    assert c["command"] == ["ambient-controlplane"]
+    assert "--kubernetes" in c["args"]
     assert c["readinessProbe"]["tcpSocket"]["port"] == 15012
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert "podAntiAffinity" in dep["spec"]["template"]["spec"]["affinity"]
@@ -404,7 +412,8 @@ def test_generated_secrets() -> None:
 
     creds = find(docs, "Secret", "ambient-node-credentials")["data"]
     tokens = yaml.safe_load(base64.b64decode(creds["node-credentials.yaml"]))
-    assert set(tokens) == {"node-a", "node-b"} and all(len(t) == 40 for t in tokens.values())
+    assert set(tokens) == {"node-a", "node-b"}
+    assert all(len(t) == 40 for t in tokens.values())
     assert base64.b64decode(creds["node-a"]).decode() == tokens["node-a"]
     ca = find(docs, "Secret", "cacerts")["data"]
     assert set(ca) == {"root-cert.pem", "root-key.pem"}
@@ -462,7 +471,8 @@ def test_notes_tell_the_next_two_steps(tmp_path: Path) -> None:
     assert "gatewayClassName: istio-waypoint" in notes
     assert "kubectl label namespace default istio.io/use-waypoint=waypoint" in notes
     assert "rollout status daemonset/ztunnel" in notes
-    assert "WARNING" not in notes and "enrolledNamespaces" not in notes  # labels are live
+    assert "WARNING" not in notes
+    assert "enrolledNamespaces" not in notes  # labels are live
     configmap = render_notes(tmp_path / "t", ["node.agent.labelsFrom=configMap"])
     assert "node.agent.enrolledNamespaces={default}" in configmap
 
@@ -487,7 +497,8 @@ def test_bad_values_are_refused(sets: list[str], error: str) -> None:
     for s in sets:
         argv += ["--set", s]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and error in proc.stderr, proc.stderr
+    assert proc.returncode != 0, proc.stderr
+    assert error in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------- our CRs vs our CRDs
@@ -609,7 +620,8 @@ def test_our_crds_refuse_bad_resources(doc: dict[str, Any], problem: str) -> Non
     group, version = doc["apiVersion"].split("/")
     validator = crd_validators()[(group, version, doc["kind"])]
     errors = [f"{list(e.path)} {e.message}" for e in validator.iter_errors(doc)]
-    assert errors and any(problem in e for e in errors), errors
+    assert errors, errors
+    assert any(problem in e for e in errors), errors
 
 
 def test_node_proxy_reports_the_cluster_id_of_the_values() -> None:

@@ -28,7 +28,8 @@ def command_paths() -> list[list[str]]:
 def test_help_everywhere(path: list[str]) -> None:
     proc = subprocess.run([EXE, *path, "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: ambientctl") and proc.stderr == ""
+    assert proc.stdout.startswith("usage: ambientctl")
+    assert proc.stderr == ""
 
 
 def test_every_issue_command_is_registered() -> None:
@@ -106,7 +107,8 @@ def test_manifest_generate_errors_are_helms(
 ) -> None:
     assert main(["manifest", "generate", "--set", "node.agent.uplink=a/b"]) == 1
     err = capsys.readouterr().err
-    assert "helm template failed" in err and "node.agent.uplink" in err
+    assert "helm template failed" in err
+    assert "node.agent.uplink" in err
     assert main(["manifest", "generate", "--set", "novalue"]) == 1
     assert "expected key=value" in capsys.readouterr().err
     assert main(["manifest", "generate", "-f", str(tmp_path / "none.yaml")]) == 1

@@ -154,7 +154,9 @@ def test_workloads(static_mesh: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert lines[0].split() == ["NAMESPACE", "POD", "NAME", "ADDRESS", "NODE", "WAYPOINT",
                                 "PROTOCOL", "IDENTITY", "POLICIES", "STATUS"]  # fmt: skip
     echo_line = next(line for line in lines if " echo " in line)
-    assert ECHO in echo_line and ECHO_ID in echo_line and "HBONE" in echo_line
+    assert ECHO in echo_line
+    assert ECHO_ID in echo_line
+    assert "HBONE" in echo_line
 
 
 def test_services_policies_certificates(
@@ -163,7 +165,9 @@ def test_services_policies_certificates(
     code, out, _ = zc(capsys, "service", "--address", f"{NODE_A}:15000")
     assert code == 0
     row = out.splitlines()[1].split()
-    assert row[:3] == ["default", "echo", VIP] and "80->8080" in row and row[-1] == "1"
+    assert row[:3] == ["default", "echo", VIP]
+    assert "80->8080" in row
+    assert row[-1] == "1"
     code, out, _ = zc(capsys, "policy", "--address", f"{NODE_B}:15000", "-o", "yaml")
     policies = yaml.safe_load(out)
     assert [(p["name"], p["action"], p["scope"]) for p in policies] == [
@@ -174,22 +178,27 @@ def test_services_policies_certificates(
     certs = json.loads(out)
     assert [(c["identity"], c["state"]) for c in certs] == [(SLEEP_ID, "available")]
     code, out, _ = zc(capsys, "certificate", "--address", f"{NODE_B}:15000")
-    assert ECHO_ID in out and SLEEP_ID not in out
+    assert ECHO_ID in out
+    assert SLEEP_ID not in out
 
 
 def test_connections_and_all(static_mesh: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = zc(capsys, "connections", "--address", f"{NODE_A}:15000", "-o", "json")
     conns = json.loads(out)
-    assert conns and conns[0]["source"] == SLEEP_ID and conns[0]["peer"] == ECHO_ID
+    assert conns
+    assert conns[0]["source"] == SLEEP_ID
+    assert conns[0]["peer"] == ECHO_ID
     assert conns[0]["destination"] == f"{ECHO}:15008"
     code, out, _ = zc(capsys, "all", "--address", f"{NODE_A}:15000", "--address", f"{NODE_B}:15000")
     assert code == 0
-    assert "# node proxy node-a" in out and "# node proxy node-b" in out
+    assert "# node proxy node-a" in out
+    assert "# node proxy node-b" in out
     assert out.count("## certificates") == 2
     code, out, _ = zc(capsys, "all", "--address", f"{NODE_A}:15000", "--address",
                       f"{NODE_B}:15000", "-o", "json")  # fmt: skip
     both = json.loads(out)
-    assert set(both) == {"node-a", "node-b"} and set(both["node-b"]) == {
+    assert set(both) == {"node-a", "node-b"}
+    assert set(both["node-b"]) == {
         "workloads",
         "services",
         "policies",
@@ -205,14 +214,18 @@ def test_saved_dump_and_errors(static_mesh: Path, capsys: pytest.CaptureFixture[
     with urllib.request.urlopen(f"http://{NODE_B}:15000/config_dump", timeout=5) as r:
         (tmp_path / "dump.json").write_bytes(r.read())
     code, out, _ = zc(capsys, "workload", "--file", str(tmp_path / "dump.json"), "-o", "json")
-    assert code == 0 and {w["name"] for w in json.loads(out)} == {"sleep", "echo"}
+    assert code == 0
+    assert {w["name"] for w in json.loads(out)} == {"sleep", "echo"}
     # Nothing listens there: a clear error naming the address and what to do.
     code, out, err = zc(capsys, "workload", "--address", "127.0.91.99:15000")
-    assert code == 1 and out == ""
-    assert "cannot reach node proxy 127.0.91.99:15000" in err and "port-forward" in err
+    assert code == 1
+    assert out == ""
+    assert "cannot reach node proxy 127.0.91.99:15000" in err
+    assert "port-forward" in err
     (tmp_path / "junk.json").write_text('{"hello": 1}')
     code, _, err = zc(capsys, "service", "--file", str(tmp_path / "junk.json"))
-    assert code == 1 and "not a node proxy config dump" in err
+    assert code == 1
+    assert "not a node proxy config dump" in err
 
 
 # ----------------------------------------------------------------------------- proxy-status
@@ -266,9 +279,8 @@ def test_proxy_status_against_a_real_control_plane(
 
             # Connected, contents not compared (no address given).
             code, rows = status()
-            assert code == 0 and [(r["node"], r["status"]) for r in rows] == [
-                ("node-c", "CONNECTED")
-            ]
+            assert code == 0
+            assert [(r["node"], r["status"]) for r in rows] == [("node-c", "CONNECTED")]
             # Compared field for field: the proxy has exactly the control plane's records.
             code, rows = status("--address", f"{NODE_C}:15000")
             assert code == 0
@@ -294,7 +306,8 @@ def test_proxy_status_against_a_real_control_plane(
                 main(["ps", "--controlplane", f"{CP}:15014", "--address", f"{NODE_C}:15000"]) == 0
             )
             table = capsys.readouterr().out.splitlines()
-            assert table[0].split()[:3] == ["NODE", "ADDRESS", "STATUS"] and "SYNCED" in table[1]
+            assert table[0].split()[:3] == ["NODE", "ADDRESS", "STATUS"]
+            assert "SYNCED" in table[1]
     # Control plane gone: a clear error.
     assert main(["proxy-status", "--controlplane", f"{CP}:15014"]) == 1
     assert "cannot reach the control plane" in capsys.readouterr().err

@@ -41,9 +41,11 @@ ENV = {
 def check_contract(rc: int, out: str, command: str) -> dict[str, Any] | None:
     assert rc in (0, 1), rc
     if out == "":
-        assert rc == 0 and command in ("DEL", "CHECK"), (rc, command)
+        assert rc == 0, (rc, command)
+        assert command in ("DEL", "CHECK"), (rc, command)
         return None
-    assert out.endswith("\n") and out.count("\n") == 1, out[:300]
+    assert out.endswith("\n"), out[:300]
+    assert out.count("\n") == 1, out[:300]
     obj = json.loads(out)
     assert isinstance(obj, dict)
     is_error = "code" in obj and "msg" in obj
@@ -51,7 +53,8 @@ def check_contract(rc: int, out: str, command: str) -> dict[str, Any] | None:
     if is_error:
         assert set(obj) <= {"cniVersion", "code", "msg", "details"}, obj
         assert obj["cniVersion"] in spec.SUPPORTED_VERSIONS
-        assert isinstance(obj["code"], int) and isinstance(obj["msg"], str)
+        assert isinstance(obj["code"], int)
+        assert isinstance(obj["msg"], str)
         assert obj["code"] != 999, obj  # the catch-all: a bug was reached
     return obj
 
@@ -74,7 +77,9 @@ def exec_plugin(stdin: bytes, command: str = "ADD") -> tuple[int, dict[str, Any]
 def test_deep_nesting_is_a_decoding_error_not_a_recursion_error() -> None:
     for data in (b"[" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
         rc, obj, _ = exec_plugin(data)
-        assert rc == 1 and obj["code"] == 6 and "nested too deeply" in obj["msg"]
+        assert rc == 1
+        assert obj["code"] == 6
+        assert "nested too deeply" in obj["msg"]
 
 
 def test_nesting_limit_applies_inside_a_valid_configuration() -> None:
@@ -86,7 +91,8 @@ def test_nesting_limit_applies_inside_a_valid_configuration() -> None:
 
 def test_version_command_survives_deep_nesting() -> None:
     rc, obj, _ = exec_plugin(b"[" * 100_000, "VERSION")
-    assert rc == 0 and obj["supportedVersions"] == list(spec.SUPPORTED_VERSIONS)
+    assert rc == 0
+    assert obj["supportedVersions"] == list(spec.SUPPORTED_VERSIONS)
 
 
 def test_stdin_is_bounded() -> None:
@@ -99,7 +105,9 @@ def test_stdin_is_bounded() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     blob = b'{"cniVersion":"1.0.0","name":"n","type":"ambient-cni","pad":"' + b"x" * (64 << 20)
     written = 0
     try:
@@ -113,7 +121,9 @@ def test_stdin_is_bounded() -> None:
     assert proc.wait(30) == 1
     assert written < len(blob)
     obj = check_contract(1, out.decode(), "ADD")
-    assert obj is not None and obj["code"] == 6 and "too large" in obj["msg"]
+    assert obj is not None
+    assert obj["code"] == 6
+    assert "too large" in obj["msg"]
     assert b"Traceback" not in err
 
 
@@ -236,23 +246,24 @@ env_values = st.sampled_from(["", "c1", "/run/netns/p1", "eth0"]) | st.text(max_
     env_extra=st.dictionaries(
         st.sampled_from(["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS"]), env_values
     ),
-    config=configs,
-    raw=stdin_bytes,
-    use_raw=st.booleans(),
+    # Half raw stdin, half a network configuration.
+    payload=st.booleans().flatmap(lambda raw: stdin_bytes if raw else configs),
     answer=agent_answers,
 )
 def test_fuzz_plugin_request_handling(
     tmp_path_factory: Any,
     command: str,
     env_extra: dict[str, str],
-    config: dict[str, Any],
-    raw: bytes,
-    use_raw: bool,
+    payload: dict[str, Any] | bytes,
     answer: bytes,
 ) -> None:
+    """`payload`: a network configuration (sent with this test's agent socket) or raw stdin."""
     sock = Path(tmp_path_factory.mktemp("agent")) / "cni.sock"
     # Never a socket outside this test (a fuzzed path must not reach a real node agent).
-    data = raw if use_raw else json.dumps({**config, "agentSocket": str(sock)}).encode()
+    if isinstance(payload, bytes):
+        data = payload
+    else:
+        data = json.dumps({**payload, "agentSocket": str(sock)}).encode()
     out = io.StringIO()
     with fake_agent(sock, answer):
         rc = plugin.run({**ENV, **env_extra, "CNI_COMMAND": command}, io.BytesIO(data), out)

@@ -49,7 +49,8 @@ async def _manifest_edit_reaches_running_node_proxy(tmp_path: Path) -> None:
         try:
             assert await call_echo(), "traffic through the mesh with control-plane config"
             echo = b.state.workload("Kubernetes//Pod/default/echo")
-            assert echo is not None and echo.tunnel_protocol.value == "HBONE"
+            assert echo is not None
+            assert echo.tunnel_protocol.value == "HBONE"
             # Certificates came from the control plane's CA, for the node's own workloads only.
             assert [str(i) for i in b.proxy.ctx.certs.identities()] == [
                 "spiffe://cluster.local/ns/default/sa/echo"
@@ -286,9 +287,13 @@ async def _debug_endpoints(tmp_path: Path) -> None:
                 return int(head.split()[1]), body
 
             status, body = await get("/debug/warnings")
-            assert status == 200 and b"Pod default/broken" in body and b"spec.nodeName" in body
+            assert status == 200
+            assert b"Pod default/broken" in body
+            assert b"spec.nodeName" in body
             status, body = await get("/debug/connections")
-            assert status == 200 and b'"node-a"' in body and b"last_ack_nonce" in body
+            assert status == 200
+            assert b'"node-a"' in body
+            assert b"last_ack_nonce" in body
             status, body = await get("/metrics")
             assert b"controlplane_xds_connected_proxies 1.0" in body
             assert b"controlplane_xds_push_latency_seconds_bucket" in body

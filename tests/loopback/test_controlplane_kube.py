@@ -17,6 +17,7 @@ from kubernetes_asyncio import client
 
 from controlplane.sources.kube import KubernetesSource
 from controlplane.store import ConfigStore
+from meshcore.kubeapi import KubeApi
 from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 from tests.loopback.cpfixtures import eventually
@@ -39,7 +40,7 @@ async def source(api: KubeApiStandIn, **kw: Any) -> Any:
     cfg = client.Configuration()
     cfg.host = f"http://{API_IP}:{api.port}"
     store = ConfigStore()
-    src = KubernetesSource(store, configuration=cfg, **kw)
+    src = KubernetesSource(store, kube=KubeApi(configuration=cfg), **kw)
     task = asyncio.get_running_loop().create_task(src.run())
     try:
         await asyncio.wait_for(src.synced.wait(), 10)

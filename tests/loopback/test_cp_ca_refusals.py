@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -39,14 +41,11 @@ def pod(
     ns: str = "default",
     ip: str | None = "10.1.0.5",
     phase: str = "Running",
-    host_network: bool = False,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     status: dict[str, object] = {"phase": phase}
     if ip is not None:
         status["podIP"] = ip
     spec: dict[str, object] = {"serviceAccountName": sa, "nodeName": "node-a"}
-    if host_network:
-        spec["hostNetwork"] = True
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -56,13 +55,18 @@ def pod(
     }
 
 
+def host_network(p: dict[str, Any]) -> dict[str, object]:
+    """`p` with ``spec.hostNetwork: true``."""
+    return {**p, "spec": {**p["spec"], "hostNetwork": True}}
+
+
 MANIFESTS: list[dict[str, object]] = [
     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}},
     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "istio-system"}},
     pod("sleep", "sleep", ip="10.1.0.10"),
     # The node proxy itself: hostNetwork, its IP is the node's.
-    pod("ztunnel-a", "ztunnel", ns="istio-system", ip="172.18.0.2", host_network=True),
-    pod("agent", "hostagent", ip="172.18.0.2", host_network=True),
+    host_network(pod("ztunnel-a", "ztunnel", ns="istio-system", ip="172.18.0.2")),
+    host_network(pod("agent", "hostagent", ip="172.18.0.2")),
     pod("job", "batch", phase="Succeeded", ip="10.1.0.11"),
     pod("crashed", "crashed", phase="Failed", ip="10.1.0.12"),
     pod("pending", "pending", phase="Pending", ip=None),
@@ -158,7 +162,8 @@ def test_identities_the_node_proxy_does_not_serve_are_refused(
             err = await refused(cp, request_for(identity))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
         assert identity.uri in (err.details() or "")
-        assert count(cp, "permission_denied") == 1 and count(cp, "signed") == 0
+        assert count(cp, "permission_denied") == 1
+        assert count(cp, "signed") == 0
         assert any("PERMISSION_DENIED" in r.getMessage() for r in caplog.records)
         # The same node gets its served pod's identity (the refusal is not a broken CA).
         resp = await call(cp, request_for(sid("sleep")))
@@ -213,13 +218,15 @@ def test_unexpected_failure_is_internal_without_details(
         def broken(_node: str, _identity: SpiffeId) -> bool:
             raise KeyError("secret internals")
 
-        cp.ca_service.may_impersonate = broken  # fault injection: a bug in the decision
+        # fault injection: a bug in the decision
+        cp.ca_service.policy = replace(cp.ca_service.policy, may_impersonate=broken)
         with caplog.at_level(logging.ERROR, logger="controlplane.ca"):
             err = await refused(cp, request_for(sid("sleep")))
         assert err.code() == grpc.StatusCode.INTERNAL
         assert "secret" not in (err.details() or "")
         assert count(cp, "internal") == 1
         (line,) = [r for r in caplog.records if "CreateCertificate failed" in r.getMessage()]
-        assert "KeyError" in line.getMessage() and line.exc_info is None
+        assert "KeyError" in line.getMessage()
+        assert line.exc_info is None
 
     run(tmp_path, body)

@@ -114,11 +114,10 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
             route = api.objects["httproutes"][("shop", "reviews")]
             (parent,) = route["status"]["parents"]
             (cond,) = parent["conditions"]
-            assert cond["type"] == "Accepted" and cond["status"] == "False"
-            assert (
-                cond["reason"] == "UnsupportedValue"
-                and "parentRefs[0].sectionName" in cond["message"]
-            )
+            assert cond["type"] == "Accepted"
+            assert cond["status"] == "False"
+            assert cond["reason"] == "UnsupportedValue"
+            assert "parentRefs[0].sectionName" in cond["message"]
             assert parent["parentRef"]["name"] == "reviews"
             assert any(r.startswith("patch authorizationpolicies/status") for r in api.requests)
             # Fixed: the messages go away; nothing else is written.
@@ -127,7 +126,8 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
                 lambda: not (aps[key].get("status") or {}).get("validationMessages"),
                 what="the messages to be removed",
             )
-            assert cp.status_writer is not None and cp.status_writer.errors == []
+            assert cp.status_writer is not None
+            assert cp.status_writer.errors == []
         finally:
             await cp.stop()
             await api.stop()
@@ -232,7 +232,8 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
                            for ref, w in warnings.items())  # fmt: skip
             assert not any("telemetries" in r for r in api.requests)
             assert "status" not in objs["gateways"][("shop", "ingress")]
-            assert cp.status_writer is not None and cp.status_writer.errors == []
+            assert cp.status_writer is not None
+            assert cp.status_writer.errors == []
         finally:
             await cp.stop()
             await api.stop()

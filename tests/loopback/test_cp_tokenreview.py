@@ -18,14 +18,20 @@ tests/cluster/test_tokenreview.py.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import pytest
 from kubernetes_asyncio import client
 
-from controlplane.auth import ServiceAccountTokenReview, auth_interceptors, read_review
-from controlplane.ca import CertificateService
+from controlplane.auth import (
+    ServiceAccountTokenReview,
+    TokenReviewSettings,
+    auth_interceptors,
+    read_review,
+)
+from controlplane.ca import CertificateService, IssuancePolicy
 from controlplane.errors import PermissionDenied, Unauthenticated
 from meshcore.ca import MeshCA
 from meshcore.caclient import ControlPlaneCAProvider
@@ -101,10 +107,13 @@ async def _token_review_ca() -> None:
     cfg = client.Configuration()
     cfg.host = f"http://{API_IP}:{api.port}"
     reviewer = ServiceAccountTokenReview(
-        accounts=[ZTUNNEL], audiences=[AUDIENCE], configuration=cfg, cache_ttl=30
+        TokenReviewSettings(accounts=(ZTUNNEL,), audiences=(AUDIENCE,), cache_ttl=30),
+        configuration=cfg,
     )
     ca = MeshCA.create_root()
-    service = CertificateService(ca, authenticator=reviewer, may_impersonate=may_impersonate)
+    service = CertificateService(
+        ca, authenticator=reviewer, policy=IssuancePolicy(may_impersonate=may_impersonate)
+    )
     server = grpc.aio.server(interceptors=auth_interceptors(reviewer))
     server.add_generic_rpc_handlers((service.method_handlers(),))
     port = server.add_insecure_port(f"{CP_IP}:0")
@@ -134,7 +143,8 @@ async def _token_review_ca() -> None:
         assert [r["spec"]["audiences"] for r in api.reviews] == [[AUDIENCE]]
         assert "get pods istio-system/ztunnel-a" in api.requests
         err = await refused("tok-a", "server")
-        assert "PERMISSION_DENIED" in err and "node 'node-a'" in err
+        assert "PERMISSION_DENIED" in err
+        assert "node 'node-a'" in err
 
         # Concurrent calls with a new token: one review in flight, shared.
         before = reviewer.reviews
@@ -153,19 +163,24 @@ async def _token_review_ca() -> None:
         assert "PERMISSION_DENIED" in await refused("tok-b", "client")
 
         err = await refused("nope", "client")
-        assert "UNAUTHENTICATED" in err and "invalid bearer token" in err
+        assert "UNAUTHENTICATED" in err
+        assert "invalid bearer token" in err
         err = await refused(None, "client")
-        assert "UNAUTHENTICATED" in err and "no credential" in err
+        assert "UNAUTHENTICATED" in err
+        assert "no credential" in err
         err = await refused("tok-other", "client")
-        assert "PERMISSION_DENIED" in err and "not the node proxy's service account" in err
+        assert "PERMISSION_DENIED" in err
+        assert "not the node proxy's service account" in err
         err = await refused("tok-unbound", "client")
-        assert "PERMISSION_DENIED" in err and "not bound to a pod" in err
+        assert "PERMISSION_DENIED" in err
+        assert "not bound to a pod" in err
         err = await refused("tok-apiserver", "client")
-        assert "UNAUTHENTICATED" in err and "audiences" in err
+        assert "UNAUTHENTICATED" in err
+        assert "audiences" in err
 
         # The node proxy's pod is deleted: its token stops working once the cache expires
         # (the API server refuses tokens of deleted bound objects).
-        reviewer.cache_ttl = 0.0
+        reviewer.settings = replace(reviewer.settings, cache_ttl=0.0)
         await api.delete("pods", "istio-system", "ztunnel-a")
         err = await refused("tok-a", "client")
         assert "UNAUTHENTICATED" in err
@@ -173,7 +188,8 @@ async def _token_review_ca() -> None:
         # API outage: refused with a clear reason, not cached (works again right after).
         api.available = False
         err = await refused("tok-b", "server")
-        assert "UNAUTHENTICATED" in err and "did not answer the TokenReview" in err
+        assert "UNAUTHENTICATED" in err
+        assert "did not answer the TokenReview" in err
         api.available = True
         p = provider("tok-b")
         assert (await p.fetch(ident("server"))).identity == ident("server")

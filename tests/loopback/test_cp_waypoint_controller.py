@@ -26,6 +26,7 @@ from kubernetes_asyncio import client
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.waypoints import WaypointController, WaypointSettings
+from meshcore.kubeapi import KubeApi
 from tests.helpers import loopback_block, run
 from tests.kubeapi_standin import KubeApiStandIn
 
@@ -56,7 +57,8 @@ def test_controller_lifecycle() -> None:
         await api.start(API_IP)
         cfg = client.Configuration(host=f"http://{API_IP}:{api.port}")
         ctl = WaypointController(
-            WaypointSettings(image="reg.example/waypoint:9", roots_pem="ROOTS"), configuration=cfg
+            WaypointSettings(image="reg.example/waypoint:9", roots_pem="ROOTS"),
+            kube=KubeApi(configuration=cfg),
         )
         try:
             await api.upsert("gateways", gateway("waypoint"))
@@ -70,7 +72,8 @@ def test_controller_lifecycle() -> None:
             assert roots["data"] == {"root-cert.pem": "ROOTS"}
             for obj in (dep, svc, sa, roots):
                 (owner,) = obj["metadata"]["ownerReferences"]
-                assert owner["kind"] == "Gateway" and owner["uid"] == "gw-uid-waypoint"
+                assert owner["kind"] == "Gateway"
+                assert owner["uid"] == "gw-uid-waypoint"
                 assert owner["controller"] is True
                 assert obj["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] == (
                     "waypoint"
@@ -123,7 +126,8 @@ def test_controller_lifecycle() -> None:
             for plural in ("deployments", "services", "serviceaccounts"):
                 assert ("shop", "waypoint") not in api.objects.get(plural, {}), plural
             assert api.objects["configmaps"] == {}
-            assert ctl.stats.deleted == 4 and ctl.stats.errors == []
+            assert ctl.stats.deleted == 4
+            assert ctl.stats.errors == []
         finally:
             if ctl.api is not None:
                 await ctl.api.close()
@@ -137,7 +141,7 @@ def test_run_loop_reacts_to_kick() -> None:
         api = KubeApiStandIn()
         await api.start(API_IP)
         cfg = client.Configuration(host=f"http://{API_IP}:{api.port}")
-        ctl = WaypointController(WaypointSettings(), configuration=cfg, interval=30)
+        ctl = WaypointController(WaypointSettings(), kube=KubeApi(configuration=cfg), interval=30)
         task = asyncio.create_task(ctl.run())
         try:
             while ctl.passes < 1:

@@ -100,7 +100,8 @@ def test_rapid_reset_is_cut_off_and_opens_no_upstream(node: NodeB) -> None:
         return await under_attack(node, attack)
 
     seen, backend = run(main())
-    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM and seen.closed
+    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM
+    assert seen.closed
     # The legit client's 3 tunnels reach the backend; the reset streams (almost) never do.
     assert backend.accepted <= 3 + 5, backend.accepted
     assert errors(node, ErrorCode.ENHANCE_YOUR_CALM) == before + 1
@@ -122,8 +123,10 @@ def test_made_you_reset_is_cut_off(node: NodeB) -> None:
         return await raw.read_until_closed(10)
 
     seen, backend = run(under_attack(node, attack))
-    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM and seen.closed
-    assert seen.resets and set(seen.resets.values()) == {ErrorCode.PROTOCOL_ERROR}
+    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM
+    assert seen.closed
+    assert seen.resets
+    assert set(seen.resets.values()) == {ErrorCode.PROTOCOL_ERROR}
     assert backend.accepted <= 3 + 5, backend.accepted
 
 
@@ -145,7 +148,8 @@ def test_continuation_flood_is_cut_off(node: NodeB) -> None:
         return await raw.read_until_closed(10)
 
     seen, _ = run(under_attack(node, attack))
-    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM and seen.closed
+    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM
+    assert seen.closed
     assert seen.goaway_debug == b"too many CONTINUATION frames"
 
 
@@ -157,7 +161,8 @@ def test_empty_continuation_flood_is_a_protocol_error(node: NodeB) -> None:
         return await raw.read_until_closed(10)
 
     seen, _ = run(under_attack(node, attack))
-    assert seen.goaway == ErrorCode.PROTOCOL_ERROR and seen.closed
+    assert seen.goaway == ErrorCode.PROTOCOL_ERROR
+    assert seen.closed
 
 
 def test_header_list_over_the_advertised_limit_gets_431_and_no_upstream(node: NodeB) -> None:
@@ -177,7 +182,8 @@ def test_header_list_over_the_advertised_limit_gets_431_and_no_upstream(node: No
     assert seen.statuses.get(1) == "431"
     assert seen.statuses.get(3) == "200"  # same connection, next stream: served
     assert 5 not in seen.statuses
-    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM and seen.closed
+    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM
+    assert seen.closed
     assert backend.accepted == 3 + 1  # legit tunnels + stream 3; none for 1 and 5
     refused = node.counter("ztunnel_hbone_streams_refused_total", reason="header_list_too_large")
     assert refused >= 1
@@ -204,7 +210,8 @@ def test_hpack_bomb(node: NodeB) -> None:
     assert seen.statuses.get(1) == "200"
     assert seen.statuses.get(3) == "431"
     assert seen.statuses.get(5) == "200"
-    assert seen.goaway == ErrorCode.COMPRESSION_ERROR and seen.closed
+    assert seen.goaway == ErrorCode.COMPRESSION_ERROR
+    assert seen.closed
 
 
 # ---- control-frame floods, slowloris, stream ids --------------------------------------------
@@ -225,7 +232,8 @@ def test_control_frame_flood_is_cut_off(node: NodeB, kind: str) -> None:
         return await raw.read_until_closed(10)
 
     seen, _ = run(under_attack(node, attack))
-    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM and seen.closed
+    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM
+    assert seen.closed
 
 
 def test_slowloris_is_timed_out(node: NodeB) -> None:
@@ -240,11 +248,13 @@ def test_slowloris_is_timed_out(node: NodeB) -> None:
         seen_silent, seen_stalled = await asyncio.gather(
             silent.read_until_closed(15), stalled.read_until_closed(15)
         )
-        assert seen_silent.goaway == ErrorCode.SETTINGS_TIMEOUT and seen_silent.closed
+        assert seen_silent.goaway == ErrorCode.SETTINGS_TIMEOUT
+        assert seen_silent.closed
         return seen_stalled
 
     seen, _ = run(under_attack(node, attack, legit=1))
-    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM and seen.closed
+    assert seen.goaway == ErrorCode.ENHANCE_YOUR_CALM
+    assert seen.closed
 
 
 @pytest.mark.parametrize("case", ["lower", "reused"])
@@ -267,7 +277,8 @@ def test_stream_id_rules(node: NodeB, case: str) -> None:
         return await raw.read_until_closed(10)
 
     seen, _ = run(under_attack(node, attack))
-    assert seen.goaway == ErrorCode.PROTOCOL_ERROR and seen.closed
+    assert seen.goaway == ErrorCode.PROTOCOL_ERROR
+    assert seen.closed
 
 
 def test_refused_stream_leaves_an_access_log_line_and_a_counter(node: NodeB) -> None:
@@ -389,7 +400,8 @@ def test_streams_sent_before_our_settings_arrive_are_served(node: NodeB) -> None
 
     seen, backend = run(under_attack(node, attack, legit=1))
     assert not seen.resets
-    assert set(seen.statuses) == set(streams) and set(seen.statuses.values()) == {"200"}
+    assert set(seen.statuses) == set(streams)
+    assert set(seen.statuses.values()) == {"200"}
     assert backend.accepted == len(streams) + 1
 
 
@@ -431,7 +443,8 @@ def test_plain_listeners_pause_accepting_when_descriptors_run_short(node: NodeB)
         resource.prlimit(node.pid, resource.RLIMIT_NOFILE, (soft, hard))
         run(eventually(lambda: queued() == {15001: 0, 15006: 0}))
         text = node.log.read_text()
-        assert "Too many open files" not in text and "out of system resource" not in text
+        assert "Too many open files" not in text
+        assert "out of system resource" not in text
     finally:
         for s in socks:
             s.close()

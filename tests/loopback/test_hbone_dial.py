@@ -82,7 +82,8 @@ def test_a_failed_pooled_dial_is_retried_for_each_waiter(tmp_path: Path) -> None
                     for _ in range(20)
                 )
             )
-            assert len(streams) == 20 and drops == [0]
+            assert len(streams) == 20
+            assert drops == [0]
             for stream in streams:
                 stream.reset()
             pool.close_all()

@@ -16,6 +16,7 @@ from tests.loopback.harness import (
     ECHO,
     SLEEP,
     VIP,
+    MeshOptions,
     call_service,
     mesh_config,
     payload_for,
@@ -83,11 +84,13 @@ def test_identities_in_metrics_and_both_sides(tmp_path: Path, transport: str) ->
             line = next(
                 x for x in src.splitlines() if x.startswith("istio_tcp_connections_opened_total{")
             )
-            assert 'reporter="source"' in line and f'destination_principal="{ECHO}"' in line
+            assert 'reporter="source"' in line
+            assert f'destination_principal="{ECHO}"' in line
             assert f'transport="{transport}"' in line
             assert 'destination_service="echo.default.svc.cluster.local"' in line
             sent = [x for x in dest.splitlines() if x.startswith("istio_tcp_sent_bytes_total{")]
-            assert sent and float(sent[0].rsplit(" ", 1)[1]) == 5000
+            assert sent
+            assert float(sent[0].rsplit(" ", 1)[1]) == 5000
 
     run(main(), 120)
 
@@ -196,7 +199,8 @@ def test_same_node_fast_path_keeps_identity_policy_and_source(tmp_path: Path) ->
     ]
 
     async def main() -> None:
-        async with running_mesh(tmp_path, config, node_b_outbound=((vip2, 80),)) as mesh:
+        options = MeshOptions(node_b_outbound=((vip2, 80),))
+        async with running_mesh(tmp_path, config, options=options) as mesh:
             reader, writer = await asyncio.open_connection(vip2, 80, local_addr=(local_client, 0))
             head = (3).to_bytes(4, "big") + (4096).to_bytes(4, "big")
             got = await stream_exchange(reader, writer, head + b"x" * 1000)
@@ -211,9 +215,8 @@ def test_same_node_fast_path_keeps_identity_policy_and_source(tmp_path: Path) ->
                 if x.startswith("istio_tcp_connections_opened_total{")
                 and 'reporter="destination"' in x
             ]
-            assert (
-                dest and 'source_principal="spiffe://cluster.local/ns/default/sa/local"' in dest[0]
-            )
+            assert dest
+            assert 'source_principal="spiffe://cluster.local/ns/default/sa/local"' in dest[0]
             assert mesh.node_b.ctx.pool.connections_opened == 0  # no HBONE connection needed
             # The same policy still applies: the node-a client (sa sleep) is now denied.
             try:
@@ -279,7 +282,8 @@ def test_idle_pooled_connection_is_released(tmp_path: Path, transport: str) -> N
         async with running_mesh(tmp_path, transport=transport) as mesh:
             pool = mesh.node_a.ctx.pool
             (_h, n), _ = await call_service(1, 100, 100)
-            assert n == 100 and len(pool.snapshot()) == 1
+            assert n == 100
+            assert len(pool.snapshot()) == 1
             now = asyncio.get_running_loop().time()
             assert pool.sweep(now + 10) == 0  # idle, but not for long enough
             for _ in range(50):  # the stream is forgotten once both sides ended
@@ -292,6 +296,7 @@ def test_idle_pooled_connection_is_released(tmp_path: Path, transport: str) -> N
                 await asyncio.sleep(0.02)
             assert pool.snapshot() == []
             (_h, n), _ = await call_service(2, 100, 100)  # a new connection is dialled
-            assert n == 100 and pool.connections_opened == 2
+            assert n == 100
+            assert pool.connections_opened == 2
 
     run(main(), 120)

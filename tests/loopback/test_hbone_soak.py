@@ -89,7 +89,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     try:
         deadline = time.monotonic() + 20
         while not (ready(NODE_A) and ready(NODE_B)):
-            assert a.poll() is None and b.poll() is None, (tmp / "node-a.log").read_text()
+            assert a.poll() is None, (tmp / "node-a.log").read_text()
+            assert b.poll() is None, (tmp / "node-a.log").read_text()
             assert time.monotonic() < deadline, "node proxies not ready"
             time.sleep(0.1)
         yield Pair(a, b, tmp)
@@ -329,7 +330,8 @@ def test_drain_hands_over(pair: Pair) -> None:
             pair.b.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             seen = raw.seen
-            assert seen.goaway == ErrorCode.NO_ERROR and seen.goaway_last == 1, seen
+            assert seen.goaway == ErrorCode.NO_ERROR, seen
+            assert seen.goaway_last == 1, seen
             # Ports released: a successor can bind them while this one drains.
             for addr in [(NODE_B, 15000), (NODE_B, 15020), (NODE_B, 15021), (SERVER, 15008)]:
                 with socket.socket() as s:

@@ -46,6 +46,7 @@ from tests.loopback.harness import (
     SLEEP,
     VIP,
     Mesh,
+    MeshOptions,
     mesh_config,
     running_mesh,
     settings,
@@ -348,7 +349,8 @@ def test_refused_upstream_gets_503(tmp_path: Path, transport: str) -> None:
             stream.write((1).to_bytes(4, "big") + (1000).to_bytes(4, "big"))
             stream.write_eof()
             await asyncio.wait_for(sink.eof.wait(), 5)
-            assert len(sink.data) == 1000 and sink.reset_code is None
+            assert len(sink.data) == 1000
+            assert sink.reset_code is None
             assert mesh.backend.accepted == 1
             proto.abort()
 
@@ -405,7 +407,10 @@ def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(
     async def main() -> None:
         backend = await start_backend(echo_handler)
         async with running_mesh(
-            tmp_path, backend=backend, cert_ttl=timedelta(minutes=10), transport=transport
+            tmp_path,
+            backend=backend,
+            transport=transport,
+            options=MeshOptions(cert_ttl=timedelta(minutes=10)),
         ) as mesh:
             a, b = mesh.node_a.ctx, mesh.node_b.ctx
             reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
@@ -433,7 +438,8 @@ def test_rotation_keeps_old_streams_and_new_connections_use_new_certs(
             assert a.pool.connections_opened == 2
             (proto,) = [p for conns in a.pool._conns.values() for p in conns]
             conn = proto if isinstance(proto, H3Protocol) else proto.transport
-            assert conn is not None and peer_serial(conn) == new_echo.serial
+            assert conn is not None
+            assert peer_serial(conn) == new_echo.serial
             serials = {peer_serial(t) for t in inbound_connections(mesh.node_b)}
             assert serials == {old_sleep.serial, new_sleep.serial}
 
@@ -488,7 +494,8 @@ def test_malformed_h2_gets_goaway_and_others_keep_working(
             events = await asyncio.wait_for(h2_events(r, conn, h2.events.ConnectionTerminated), 5)
             w.close()
             goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
-            assert goaway and goaway[0].error_code == code
+            assert goaway
+            assert goaway[0].error_code == code
             assert mesh.backend.accepted == 1
 
             await echo_round(reader, writer, 2, 10_000)

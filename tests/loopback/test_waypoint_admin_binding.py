@@ -92,4 +92,5 @@ def test_debug_listener_off_loopback_is_refused(tmp_path: Path, address: str) ->
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "--debug-listen" in proc.stderr and "not a loopback address" in proc.stderr
+    assert "--debug-listen" in proc.stderr
+    assert "not a loopback address" in proc.stderr

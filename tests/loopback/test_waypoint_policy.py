@@ -133,7 +133,8 @@ def test_custom_fails_closed_audit_ignored_selector_form_applies(tmp_path: Path)
             async with s.get(f"{REVIEWS}/other") as r:
                 assert r.status == 200  # AUDIT decides nothing; app selector is not ours
             warnings = " ".join(mesh.waypoint.ctx.warnings)
-            assert "CUSTOM" in warnings and "AUDIT" in warnings
+            assert "CUSTOM" in warnings
+            assert "AUDIT" in warnings
 
     run(main())
 
@@ -158,7 +159,8 @@ def test_metrics_access_log_and_trace_context(
             seen = mesh.backends.pods["v2"].requests[0]["headers"]
             version, trace, parent, flags = seen["traceparent"].split("-")
             assert (version, trace, flags) == ("00", incoming_trace, "01")
-            assert parent != "00f067aa0ba902b7" and len(parent) == 16  # the waypoint's span
+            assert parent != "00f067aa0ba902b7"
+            assert len(parent) == 16  # the waypoint's span
             text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
             lines = [x for x in text.splitlines() if x.startswith("istio_requests_total{")]
             ok = next(x for x in lines if 'response_code="200"' in x)
@@ -173,14 +175,18 @@ def test_metrics_access_log_and_trace_context(
             bad = next(x for x in lines if 'response_code="503"' in x)
             assert bad.endswith(" 1.0")
             assert "istio_request_duration_milliseconds_bucket{" in text
-            assert "istio_request_bytes_count{" in text and "istio_response_bytes_sum{" in text
+            assert "istio_request_bytes_count{" in text
+            assert "istio_response_bytes_sum{" in text
 
     with caplog.at_level(logging.INFO, logger="waypoint.access"):
         run(main())
     entries = [json.loads(r.getMessage()) for r in caplog.records if r.name == "waypoint.access"]
     first = next(e for e in entries if e["path"] == "/reviews/7")
     assert first["trace_id"] == incoming_trace
-    assert first["src.identity"] == SLEEP and first["response_code"] == 200
-    assert first["dst.workload"] == "reviews-v2" and first["attempts"] == 1
+    assert first["src.identity"] == SLEEP
+    assert first["response_code"] == 200
+    assert first["dst.workload"] == "reviews-v2"
+    assert first["attempts"] == 1
     retried = next(e for e in entries if e["path"] == "/reviews/8")
-    assert retried["attempts"] == 3 and retried["response_code"] == 503
+    assert retried["attempts"] == 3
+    assert retried["response_code"] == 503

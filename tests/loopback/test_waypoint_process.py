@@ -101,7 +101,8 @@ def test_waypoint_cli_static_mode_reload_and_drain(tmp_path: Path) -> None:
                     assert await versions(5, {}) == {"v3": 5}
                 status, body = await _get(*ADMIN, "/metrics")
                 assert status == 200
-                assert b'reporter="waypoint"' in body and b"istio_requests_total{" in body
+                assert b'reporter="waypoint"' in body
+                assert b"istio_requests_total{" in body
                 status, body = await _get("127.0.0.1", DEBUG_PORT, "/debug/config")
                 assert b"default/reviews.default.svc.cluster.local" in body
                 proc.send_signal(signal.SIGTERM)

@@ -52,7 +52,8 @@ def test_seed_virtual_service_exactly_as_written(tmp_path: Path) -> None:
             assert beta == Counter({"v2": 300}), beta
             # The header match is exact: other values take the weighted route.
             other = await _versions(mesh, 200, {"user-type": "beta-testers"})
-            assert other["v1"] > 150 and set(other) <= {"v1", "v2"}
+            assert other["v1"] > 150
+            assert set(other) <= {"v1", "v2"}
             # Backends saw the real request path and a traceparent from the waypoint hop.
             req = mesh.backends.pods["v2"].requests[-1]
             assert req["path"].startswith("/reviews/")
@@ -262,7 +263,8 @@ def test_connection_pool_overflow_is_503_uo(tmp_path: Path) -> None:
             ok = [r for r in results if r[0] == 200]
             over = [r for r in results if r[0] == 503]
             # One runs, one waits (pending limit 1), the other four overflow.
-            assert len(ok) == 2 and len(over) == 4, results
+            assert len(ok) == 2, results
+            assert len(over) == 4, results
             assert all(flag == "true" for _, flag in over)
             served = sum(len(p.requests) for p in mesh.backends.pods.values())
             assert served == 2  # overflowed requests never reached a backend
@@ -348,7 +350,8 @@ def test_gateway_api_http_route(tmp_path: Path) -> None:
                 assert "x-drop" not in {k.lower() for k in seen["headers"]}
             counts = await _versions(mesh, 800)
             sigma = math.sqrt(800 * 0.25 * 0.75)
-            assert set(counts) == {"v1", "v2"} and abs(counts["v2"] - 200) <= 4 * sigma, counts
+            assert set(counts) == {"v1", "v2"}, counts
+            assert abs(counts["v2"] - 200) <= 4 * sigma, counts
             for _ in range(100):
                 if len(mesh.backends.pods["shadow"].requests) >= 800:
                     break

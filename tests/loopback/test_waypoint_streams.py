@@ -60,7 +60,8 @@ def test_grpc_and_http2_pass_through(tmp_path: Path) -> None:
                     )
                 )
                 for i, res in enumerate(results):
-                    assert res.status == 200 and res.reset is None
+                    assert res.status == 200
+                    assert res.reset is None
                     assert res.body == grpc_frame(b"grpc-v1:call-%d" % i)
                     assert res.trailers.get("grpc-status") == "0"  # trailers passed through
                     assert res.headers.get("x-version") == "grpc-v1"
@@ -75,7 +76,8 @@ def test_grpc_and_http2_pass_through(tmp_path: Path) -> None:
                                              [*GRPC_HEADERS, ("x-deny", "1")],
                                              grpc_frame(b"x"), authority=auth)  # fmt: skip
                 # A local reply to a gRPC client is a gRPC status, not an HTML page.
-                assert local.status == 200 and local.headers["grpc-status"] == "14"
+                assert local.status == 200
+                assert local.headers["grpc-status"] == "14"
                 # Multiplexed upstream: far fewer HBONE streams than calls.
                 assert mesh.waypoint.upstream_pool.opened <= 3
             finally:
@@ -116,7 +118,8 @@ def test_huge_and_slow_bodies_do_not_stall_other_requests(tmp_path: Path) -> Non
                 latencies.sort()
                 assert latencies[-2] < 0.25, latencies[-5:]
                 slow_resp = await slow
-                assert slow_resp.status == 200 and len(await slow_resp.read()) == 10_000
+                assert slow_resp.status == 200
+                assert len(await slow_resp.read()) == 10_000
                 # 3. The stalled download now arrives intact.
                 got = 0
                 async for chunk in stalled.content.iter_chunked(1 << 20):
@@ -131,7 +134,8 @@ def test_huge_and_slow_bodies_do_not_stall_other_requests(tmp_path: Path) -> Non
                     async for chunk in r.content.iter_chunked(1 << 20):
                         digest.update(chunk)
                         n += len(chunk)
-                assert n == size and digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+                assert n == size
+                assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
                 assert mesh.backends.pods["v2"].requests[-1]["body_len"] == size
 
     run(main(), 180)

@@ -112,7 +112,8 @@ def container_argv(pod: Mapping[str, Any], name: str, fields: Mapping[str, str],
     argv = [map_paths(expand(a, env), mounts) for a in [*c["command"], *c.get("args", [])]]
     env = {k: map_paths(v, mounts) for k, v in env.items()}
     sc = c["securityContext"]
-    assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged")
+    assert sc["allowPrivilegeEscalation"] is False
+    assert not sc.get("privileged")
     limited = ["setpriv", f"--bounding-set={capabilities(c)}", "--inh-caps=-all", "--no-new-privs",
                "--", *argv]  # fmt: skip
     return limited, env
@@ -291,7 +292,8 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
         # chart-started node proxy, with mTLS identities in its access log.
         client_ip = lab.pod("demo/client").ip
         rc, out = call(lab, "demo/client", "echo", 80, "via the chart")
-        assert rc == 0 and f"you are {client_ip}:" in out, out
+        assert rc == 0, out
+        assert f"you are {client_ip}:" in out, out
         wait_for(lambda: SLEEP in logs["ztunnel"].read_text(), "access log", timeout=10,
                  procs=procs, logs=logs)  # fmt: skip
         lines = logs["ztunnel"].read_text().splitlines()
@@ -312,11 +314,13 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
                                               "agentTimeout": 5.0}  # fmt: skip
             assert chained["plugins"][:-1] == conflist["plugins"]
             plugin = bin_dir / "ambient-cni"
-            assert os.access(plugin, os.X_OK) and plugin.read_bytes() == plugin_src.read_bytes()
+            assert os.access(plugin, os.X_OK)
+            assert plugin.read_bytes() == plugin_src.read_bytes()
             version = subprocess.run([str(plugin)], input=b'{"cniVersion": "1.0.0"}',
                                      env={"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]},
                                      capture_output=True, timeout=30)  # fmt: skip
-            assert version.returncode == 0 and "1.0.0" in version.stdout.decode()
+            assert version.returncode == 0
+            assert "1.0.0" in version.stdout.decode()
             # The primary CNI rewrites its conflist: we are chained again within a re-check.
             (conf_dir / "10-lab.conflist").write_text(json.dumps(conflist))
             wait_for(lambda: "ambient-cni" in (conf_dir / "10-lab.conflist").read_text(),

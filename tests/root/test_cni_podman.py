@@ -51,16 +51,26 @@ def plugin(env: dict[str, str], stdin: bytes) -> tuple[int, dict[str, object] | 
 def test_bad_input_gets_spec_error_codes(tmp_path: Path) -> None:
     full = _env(CNI_COMMAND="ADD", CNI_CONTAINERID="c", CNI_NETNS="/run/netns/x", CNI_IFNAME="e")
     code, err = plugin(full, b"{not json")
-    assert code != 0 and err is not None and err["code"] == 6 and "msg" in err
+    assert code != 0
+    assert err is not None
+    assert err["code"] == 6
+    assert "msg" in err
     conf = {"cniVersion": "9.9.9", "name": "n", "type": "ambient-cni"}
     code, err = plugin(full, json.dumps(conf).encode())
-    assert code != 0 and err is not None and err["code"] == 1
+    assert code != 0
+    assert err is not None
+    assert err["code"] == 1
     no_netns = {k: v for k, v in full.items() if k != "CNI_NETNS"}
     conf["cniVersion"] = "1.0.0"
     code, err = plugin(no_netns, json.dumps(conf).encode())
-    assert code != 0 and err is not None and err["code"] == 4 and "CNI_NETNS" in str(err["msg"])
+    assert code != 0
+    assert err is not None
+    assert err["code"] == 4
+    assert "CNI_NETNS" in str(err["msg"])
     code, out = plugin(_env(CNI_COMMAND="VERSION"), b'{"cniVersion":"0.4.0"}')
-    assert code == 0 and out is not None and "1.0.0" in out["supportedVersions"]  # type: ignore[operator]
+    assert code == 0
+    assert out is not None
+    assert "1.0.0" in out["supportedVersions"]  # type: ignore[operator]
 
 
 @dataclass
@@ -265,7 +275,8 @@ def test_podman_container_is_enrolled_and_captured(node: Node) -> None:
     assert str(outbound[0]["src.addr"]).startswith(f"{POD_IP}:")
     assert outbound[0]["dst.addr"] == f"{PEER_IP}:8080"
     agent_log = (node.tmp / "agent.log").read_text()
-    assert f"ADD pm/bb {POD_IP}" in agent_log and "enabled" in agent_log
+    assert f"ADD pm/bb {POD_IP}" in agent_log
+    assert "enabled" in agent_log
     assert "DEL pm/bb" in agent_log  # podman's DEL on --rm reached the agent
     status = protocol.call(str(node.sock), {"op": "status"}, timeout=5)
     assert status["pods"] == []
@@ -277,22 +288,23 @@ def test_direct_chain_add_check_del(node: Node) -> None:
     netns = f"{node.prefix}-c1"
     system.netns_add(netns)
     try:
-        kw: dict[str, object] = {
-            "container_id": "c1",
-            "netns_path": f"/run/netns/{netns}",
-            "cni_args": "IgnoreUnknown=1;K8S_POD_NAMESPACE=pm;K8S_POD_NAME=bb;K8S_POD_UID=uid-1",
-            "cni_path": [node.tmp / "bin", Path("/usr/lib/cni")],
-            "run_in": node.netns,
-        }
-        result = system.cni_chain("ADD", conflist, **kw)  # type: ignore[arg-type]
-        assert result is not None and result["ips"][0]["address"] == f"{POD_IP}/24"
+        att = system.CniAttachment(
+            container_id="c1",
+            netns_path=f"/run/netns/{netns}",
+            cni_args="IgnoreUnknown=1;K8S_POD_NAMESPACE=pm;K8S_POD_NAME=bb;K8S_POD_UID=uid-1",
+            cni_path=[node.tmp / "bin", Path("/usr/lib/cni")],
+            run_in=node.netns,
+        )
+        result = system.cni_chain("ADD", conflist, att)
+        assert result is not None
+        assert result["ips"][0]["address"] == f"{POD_IP}/24"
         status = protocol.call(str(node.sock), {"op": "status"}, timeout=5)
         assert [p["redirection"] for p in status["pods"]] == ["enabled"]
-        system.cni_chain("CHECK", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
-        system.cni_chain("DEL", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
-        system.cni_chain("DEL", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
+        system.cni_chain("CHECK", conflist, att, prev_result=result)
+        system.cni_chain("DEL", conflist, att, prev_result=result)
+        system.cni_chain("DEL", conflist, att, prev_result=result)
         with pytest.raises(system.CniFailure) as info:
-            system.cni_chain("CHECK", conflist, prev_result=result, **kw)  # type: ignore[arg-type]
+            system.cni_chain("CHECK", conflist, att, prev_result=result)
         assert info.value.plugin in ("ptp", "ambient-cni")
     finally:
         system.netns_del(netns)

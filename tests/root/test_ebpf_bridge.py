@@ -120,7 +120,8 @@ class Pod:
         self.ns = ns
         ifaces = result["interfaces"]
         # The bridge plugin reports [bridge, host veth, container interface].
-        assert ifaces[0]["name"] == "cni0" and ifaces[2]["name"] == "eth0", ifaces
+        assert ifaces[0]["name"] == "cni0", ifaces
+        assert ifaces[2]["name"] == "eth0", ifaces
         self.veth = str(ifaces[1]["name"])
         self.ip = str(result["ips"][0]["address"]).split("/")[0]
 
@@ -148,7 +149,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pod]]:
             made.append(ns)
         with ipr_in(NODE) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP, "172.30.0.1")
+            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP)
         pods = {}
         for name, ns in (("pod1", POD1), ("pod2", POD2), ("pod3", POD3)):
             result = cni("ADD", ns, conf)
@@ -303,8 +304,10 @@ def test_install_attaches_to_the_bridge(
     finally:
         c.close()
     assert ours(NODE, "cni0") == [FILTER_BRIDGE]
-    assert ours(NODE, p1.veth) == [FILTER_POD] and ours(NODE, p2.veth) == [FILTER_POD]
-    assert ours(NODE, p3.veth) == [] and ours(NODE, "up0") == [FILTER_UPLINK]
+    assert ours(NODE, p1.veth) == [FILTER_POD]
+    assert ours(NODE, p2.veth) == [FILTER_POD]
+    assert ours(NODE, p3.veth) == []
+    assert ours(NODE, "up0") == [FILTER_UPLINK]
     assert capture.enrolled()[p1.ip].bridge_ifindex == cni0
     assert capture.observed()[p2.ip].bridge_ifindex == cni0
     with ipr_in(NODE) as ipr:
@@ -340,7 +343,8 @@ def test_root_cause_br_netfilter_orphans_the_assignment(
         brnf("0")
         c = Conn(p1.ns, (PEER_IP, PEER_PORT))  # the same path works without br_netfilter
         try:
-            assert px.accept()["port"] == 15001 and c.hello["peer"][0] == p1.ip
+            assert px.accept()["port"] == 15001
+            assert c.hello["peer"][0] == p1.ip
         finally:
             c.close()
     finally:
@@ -366,7 +370,8 @@ def test_outbound_capture_keeps_original_destination(
             assert ev["peer"][0] == p1.ip
             assert tuple(c.sock.getsockname()) == tuple(ev["peer"])
             # The proxy's upstream left from pod1's IP; the peer's replies came back to it.
-            assert c.hello["server"] == "peer" and c.hello["peer"][0] == p1.ip
+            assert c.hello["server"] == "peer"
+            assert c.hello["peer"][0] == p1.ip
             assert c.echo(b"x" * 100_000) == b"x" * 100_000
         finally:
             c.close()
@@ -390,7 +395,8 @@ def test_inbound_from_uplink_to_bridge_pod(
         assert ev["peer"][0] == PEER_IP
         # The proxy reached pod1 (behind cni0) from the ORIGINAL client IP; pod1's replies
         # crossed its veth and the bridge back to the proxy's socket.
-        assert c.hello["server"] == "pod1" and c.hello["peer"][0] == PEER_IP
+        assert c.hello["server"] == "pod1"
+        assert c.hello["peer"][0] == PEER_IP
         assert c.echo(b"inbound" * 1000) == b"inbound" * 1000
     finally:
         c.close()
@@ -400,12 +406,14 @@ def test_inbound_from_uplink_to_bridge_pod(
     try:
         s.connect((p1.ip, 15008))
         ev = px.accept()
-        assert ev["port"] == 15008 and tuple(ev["local"]) == (p1.ip, 15008)
+        assert ev["port"] == 15008
+        assert tuple(ev["local"]) == (p1.ip, 15008)
     finally:
         s.close()
     c2 = Conn(PEER, (p2.ip, SERVER_PORT))  # a non-mesh pod is reached directly
     try:
-        assert c2.hello["server"] == "pod2" and c2.hello["peer"][0] == PEER_IP
+        assert c2.hello["server"] == "pod2"
+        assert c2.hello["peer"][0] == PEER_IP
     finally:
         c2.close()
     assert px.quiet()
@@ -424,7 +432,8 @@ def test_same_node_non_mesh_to_mesh_goes_inbound(
             assert ev["port"] == 15006
             assert tuple(ev["local"]) == (p1.ip, SERVER_PORT)
             assert ev["peer"] == list(c.sock.getsockname())
-            assert c.hello["server"] == "pod1" and c.hello["peer"][0] == p2.ip
+            assert c.hello["server"] == "pod1"
+            assert c.hello["peer"][0] == p2.ip
             assert c.echo(b"same-node") == b"same-node"
         finally:
             c.close()
@@ -444,7 +453,8 @@ def test_mesh_to_same_node_pod_goes_outbound(
             assert ev["port"] == 15001
             assert tuple(ev["local"]) == (p2.ip, SERVER_PORT)
             assert ev["peer"] == list(c.sock.getsockname())
-            assert c.hello["server"] == "pod2" and c.hello["peer"][0] == p1.ip
+            assert c.hello["server"] == "pod2"
+            assert c.hello["peer"][0] == p1.ip
             assert c.echo(b"to-pod2" * 1000) == b"to-pod2" * 1000
         finally:
             c.close()
@@ -463,7 +473,9 @@ def test_unenrolled_pods_untouched(capture: NodeCapture, lab: dict[str, Pod], px
         finally:
             c.close()
         seen = counts()
-    assert seen["marked"] == 0 and seen["out"] >= 3 and seen["back"] >= 3, seen
+    assert seen["marked"] == 0, seen
+    assert seen["out"] >= 3, seen
+    assert seen["back"] >= 3, seen
     for ns, dst, server in (
         (p2.ns, (p3.ip, SERVER_PORT), "pod3"),  # observed -> unknown pod, bridged at L2
         (p3.ns, (p2.ip, SERVER_PORT), "pod2"),
@@ -506,10 +518,12 @@ def test_unenroll_releases_the_bridge_last(
     p1, p2 = lab["pod1"], lab["pod2"]
     try:
         capture.unenroll(ip=p1.ip)
-        assert ours(NODE, p1.veth) == [] and not has_clsact(NODE, p1.veth)
+        assert ours(NODE, p1.veth) == []
+        assert not has_clsact(NODE, p1.veth)
         assert ours(NODE, "cni0") == [FILTER_BRIDGE]  # pod2's veth still relies on it
         capture.unenroll(ip=p2.ip)
-        assert ours(NODE, "cni0") == [] and not has_clsact(NODE, "cni0")
+        assert ours(NODE, "cni0") == []
+        assert not has_clsact(NODE, "cni0")
         with open_ports(PIN_DIR) as ports:
             assert list(ports.all_keys()) == []
         c = Conn(p1.ns, (p2.ip, SERVER_PORT))  # released: direct

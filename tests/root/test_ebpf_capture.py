@@ -393,7 +393,8 @@ class Proxy:
 # ------------------------------------------------------------------------ fixtures
 
 
-def _veth(ipr: Any, host: str, ns: str, host_ip: str, pod_ip: str, gw: str) -> None:
+def _veth(ipr: Any, host: str, ns: str, host_ip: str, pod_ip: str) -> None:
+    """A veth pair `host` <-> eth0 in `ns`; the pod's default route is via `host_ip`."""
     ipr.link("add", ifname=host, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
     idx = ipr.link_lookup(ifname=host)[0]
     ipr.addr("add", index=idx, address=host_ip, prefixlen=24)
@@ -403,7 +404,7 @@ def _veth(ipr: Any, host: str, ns: str, host_ip: str, pod_ip: str, gw: str) -> N
         pod.addr("add", index=eth0, address=pod_ip, prefixlen=24)
         pod.link("set", index=eth0, state="up")
         pod.link("set", index=pod.link_lookup(ifname="lo")[0], state="up")
-        pod.route("add", dst="0.0.0.0/0", gateway=gw)
+        pod.route("add", dst="0.0.0.0/0", gateway=host_ip)
 
 
 @pytest.fixture(scope="module")
@@ -419,9 +420,9 @@ def lab() -> Iterator[None]:
             made.append(ns)
         with ipr_in(NODE) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP, "172.30.0.1")
-            _veth(ipr, "vp1", POD1, "10.244.1.1", POD1_IP, "10.244.1.1")
-            _veth(ipr, "vp2", POD2, "10.244.2.1", POD2_IP, "10.244.2.1")
+            _veth(ipr, "up0", PEER, "172.30.0.1", PEER_IP)
+            _veth(ipr, "vp1", POD1, "10.244.1.1", POD1_IP)
+            _veth(ipr, "vp2", POD2, "10.244.2.1", POD2_IP)
         sysctl(NODE, "net.ipv4.ip_forward", "1")
         yield
     finally:
@@ -521,7 +522,8 @@ def test_install_is_idempotent_and_complete(capture: NodeCapture) -> None:
     assert ours(NODE, "vp2") == [FILTER_POD]
     assert fwmark_rules(NODE) == [(0x400, 0x400, 100)]
     routes = table_routes(NODE, 100)
-    assert len(routes) == 1 and routes[0]["type"] == 2  # RTN_LOCAL
+    assert len(routes) == 1
+    assert routes[0]["type"] == 2  # RTN_LOCAL
     assert "meta mark & 0x00000400 == 0x00000400 notrack" in nft(
         NODE, "list", "table", "ip", "ambient_mesh"
     )
@@ -601,7 +603,8 @@ def test_unenrolled_pod_untouched(capture: NodeCapture, px: Proxy) -> None:
         assert px.quiet()
         seen = counts()
     assert seen["marked"] == 0, seen  # not one packet of it was steered
-    assert seen["out"] >= 3 and seen["back"] >= 3, seen  # the counters did see the flow
+    assert seen["out"] >= 3, seen
+    assert seen["back"] >= 3, seen  # the counters did see the flow
     after = capture.stats()
     for key in ("outbound", "inbound", "hbone"):  # only new steered SYNs move these
         assert after[key] == before[key], key
@@ -635,7 +638,8 @@ def test_inbound_from_uplink_plaintext_and_hbone(capture: NodeCapture, px: Proxy
     # A non-mesh pod is reached directly from the uplink.
     c2 = Conn(PEER, (POD2_IP, SERVER_PORT))
     try:
-        assert c2.hello["server"] == "pod2" and c2.hello["peer"][0] == PEER_IP
+        assert c2.hello["server"] == "pod2"
+        assert c2.hello["peer"][0] == PEER_IP
     finally:
         c2.close()
     assert px.quiet()
@@ -648,7 +652,8 @@ def test_same_node_non_mesh_to_mesh_goes_inbound(capture: NodeCapture, px: Proxy
         assert ev["port"] == 15006
         assert tuple(ev["local"]) == (POD1_IP, SERVER_PORT)
         assert ev["peer"][0] == POD2_IP
-        assert c.hello["server"] == "pod1" and c.hello["peer"][0] == POD2_IP
+        assert c.hello["server"] == "pod1"
+        assert c.hello["peer"][0] == POD2_IP
         assert c.echo(b"same-node") == b"same-node"
     finally:
         c.close()
@@ -674,7 +679,8 @@ def test_established_survive_agent_restart(capture: NodeCapture, px: Proxy) -> N
         c2 = Conn(POD2, (PEER_IP, PEER_PORT))
         try:
             ev = px.accept()
-            assert ev["port"] == 15001 and ev["peer"][0] == POD2_IP
+            assert ev["port"] == 15001
+            assert ev["peer"][0] == POD2_IP
             assert c2.hello["peer"][0] == POD2_IP
         finally:
             c2.close()
@@ -808,7 +814,8 @@ def test_other_marks_coexist(capture: NodeCapture, px: Proxy) -> None:
         packets = [
             e["rule"]["expr"][-1]["counter"]["packets"] for e in listing["nftables"] if "rule" in e
         ]
-        assert packets[0] >= 3 and packets[1] >= 3, packets
+        assert packets[0] >= 3, packets
+        assert packets[1] >= 3, packets
     finally:
         with ipr_in(NODE) as ipr:
             for idx in idxs:
@@ -846,7 +853,8 @@ def test_dnat_coexistence(capture: NodeCapture, px: Proxy) -> None:
         with s:
             s.connect((VIP, 80))
             ev = px.accept()
-            assert ev["port"] == 15001 and tuple(ev["local"]) == (VIP, 80)
+            assert ev["port"] == 15001
+            assert tuple(ev["local"]) == (VIP, 80)
         # Control: without our notrack table, conntrack DNATs the captured packets (the handshake
         # then fails: the reply comes from the VIP, the pod's ACK no longer matches the proxy's
         # socket); in no case does the proxy get a connection to the VIP.
@@ -896,7 +904,8 @@ def test_uninstall_is_exact_inverse(capture: NodeCapture, px: Proxy) -> None:
         for ifname in ("up0", "vp1"):
             assert ours(NODE, ifname) == []
             assert not has_clsact(NODE, ifname)
-        assert ours(NODE, "vp2") == [] and has_clsact(NODE, "vp2")  # foreign one kept
+        assert ours(NODE, "vp2") == []
+        assert has_clsact(NODE, "vp2")  # foreign one kept
         assert fwmark_rules(NODE) == []
         assert table_routes(NODE, 100) == []
         assert "ambient_mesh" not in nft(NODE, "list", "tables")

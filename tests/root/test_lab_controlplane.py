@@ -114,9 +114,12 @@ def test_node_proxies_run_on_the_control_plane_only(lab: Lab) -> None:
     for node in st.nodes:
         argv = Path(f"/proc/{node.ztunnel_pid}/cmdline").read_bytes().split(b"\0")
         args = [a.decode() for a in argv]
-        assert "--xds-address" in args and "--ca-address" in args
-        assert "--node-credential-file" in args and "--controlplane-roots" in args
-        assert "--mesh-config" not in args and "--ca-dir" not in args
+        assert "--xds-address" in args
+        assert "--ca-address" in args
+        assert "--node-credential-file" in args
+        assert "--controlplane-roots" in args
+        assert "--mesh-config" not in args
+        assert "--ca-dir" not in args
     assert not list(lab.paths.root.glob("nodes/*/mesh.yaml"))
     # The control plane sees both node proxies, each with every type ACKed and no NACK.
     conns = lab.controlplane_debug("/debug/connections")
@@ -124,7 +127,9 @@ def test_node_proxies_run_on_the_control_plane_only(lab: Lab) -> None:
     for c in conns:
         assert c["peer"].startswith(f"ipv4:{lab.load().node(c['node']).plan.ip}:")
         for t in c["types"].values():
-            assert t["last_ack_nonce"] and t["nacks"] == 0 and t["pending_changes"] == 0
+            assert t["last_ack_nonce"]
+            assert t["nacks"] == 0
+            assert t["pending_changes"] == 0
     # Every certificate a node proxy holds was signed by the control plane for that node, and
     # only mesh (ambient) workloads have one: the non-mesh `legacy` pods get none.
     log = (lab.paths.logs / "controlplane.log").read_text()
@@ -153,9 +158,11 @@ def test_deny_policy_applied_live_then_removed(lab: Lab) -> None:
         lab.wait_proxies(_has_policy("demo/deny-sleep"), what="DENY policy pushed")
         n2 = log_size(lab, "node-2")
         code, out = call(lab, "demo/client", "echo", 80, "denied")
-        assert code == 1 and "call failed" in out
+        assert code == 1
+        assert "call failed" in out
         denied = wait_access(lab, "node-2", n2, lambda a: a["direction"] == "inbound")
-        assert denied and denied[0]["src.identity"] == SLEEP
+        assert denied
+        assert denied[0]["src.identity"] == SLEEP
         assert "denied" in str(denied[0]["error"]).lower()
         # Same pod, another client (plaintext, no principal): not matched, still allowed.
         code, out = call(lab, "legacy/outsider", lab.pod("demo/echo").ip, 8080, "other")
@@ -183,7 +190,8 @@ def test_peer_authentication_strict_applied_live(lab: Lab) -> None:
             what="STRICT pushed",
         )
         code, out = call(lab, "legacy/outsider", echo_ip, 8080, "plaintext")
-        assert code == 1 and "call failed" in out
+        assert code == 1
+        assert "call failed" in out
         code, out = call(lab, "demo/client", "echo", 80, "mtls")
         assert code == 0, out  # mTLS from the mesh still passes
     finally:
@@ -207,7 +215,8 @@ def test_ca_refuses_a_service_account_of_another_node(lab: Lab) -> None:
     # ...but not for a service account whose only pod runs on node-2.
     refused = _ca_request(lab, "node-1", node1, outsider2)
     assert refused["refused"].startswith("PERMISSION_DENIED")
-    assert "node 'node-1'" in refused["refused"] and outsider2 in refused["refused"]
+    assert "node 'node-1'" in refused["refused"]
+    assert outsider2 in refused["refused"]
     # node-2's own token gets it; and node-2 cannot get node-1's sleep.
     assert _ca_request(lab, "node-2", _token(lab, "node-2"), outsider2) == {"signed": outsider2}
     refused = _ca_request(lab, "node-2", _token(lab, "node-2"), SLEEP)

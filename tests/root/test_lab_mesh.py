@@ -73,11 +73,14 @@ def test_cross_node_service_through_both_proxies(lab: Lab) -> None:
     assert f"hello from echo (demo): you are {client_ip}:" in out  # the app sees the real IP
     assert "echo: cross" in out
     outbound = wait_access(lab, "node-1", n1, lambda a: a["direction"] == "outbound")
-    assert outbound and outbound[0]["src.identity"] == SLEEP
+    assert outbound
+    assert outbound[0]["src.identity"] == SLEEP
     assert outbound[0]["dst.addr"] == "10.96.0.10:80"
     assert outbound[0]["dst.hbone_addr"] == f"{lab.pod('demo/echo').ip}:8080"
     inbound = wait_access(lab, "node-2", n2, lambda a: a["direction"] == "inbound")
-    assert inbound and inbound[0]["src.identity"] == SLEEP and inbound[0]["dst.identity"] == ECHO
+    assert inbound
+    assert inbound[0]["src.identity"] == SLEEP
+    assert inbound[0]["dst.identity"] == ECHO
     text = metrics(lab, "node-2")
     assert any(
         line.startswith("istio_tcp_connections_opened_total")
@@ -94,7 +97,8 @@ def test_same_node_service_through_the_proxy(lab: Lab) -> None:
     assert code == 0, out
     assert f"you are {lab.pod('demo/client').ip}:" in out
     inbound = wait_access(lab, "node-1", n1, lambda a: a["direction"] == "inbound")
-    assert inbound and inbound[0]["src.identity"] == SLEEP
+    assert inbound
+    assert inbound[0]["src.identity"] == SLEEP
     assert inbound[0]["dst.workload"] == "echo-local"
 
 
@@ -105,7 +109,8 @@ def test_unenrolled_pod_traffic_untouched(lab: Lab) -> None:
     assert code == 0, out
     assert f"you are {lab.pod('legacy/outsider').ip}:" in out
     time.sleep(0.5)
-    assert access(lab, "node-1", n1) == [] and access(lab, "node-2", n2) == []
+    assert access(lab, "node-1", n1) == []
+    assert access(lab, "node-2", n2) == []
 
 
 def test_non_mesh_client_to_mesh_pod_is_captured_inbound(lab: Lab) -> None:
@@ -114,7 +119,8 @@ def test_non_mesh_client_to_mesh_pod_is_captured_inbound(lab: Lab) -> None:
     assert code == 0, out
     assert f"you are {lab.pod('legacy/outsider').ip}:" in out
     inbound = wait_access(lab, "node-2", n2, lambda a: a["direction"] == "inbound")
-    assert inbound and inbound[0]["src.identity"] is None  # plaintext, via 15006
+    assert inbound
+    assert inbound[0]["src.identity"] is None  # plaintext, via 15006
 
 
 class Session:
@@ -213,10 +219,12 @@ def test_node_proxy_stopped_fails_closed(lab: Lab) -> None:
     lab.stop_ztunnel("node-1")
     try:
         code, out = call(lab, "demo/client", "echo", 80)
-        assert code == 1 and "call failed" in out
+        assert code == 1
+        assert "call failed" in out
         # direct to the pod IP: no plaintext leak either
         code, out = call(lab, "demo/client", lab.pod("demo/echo").ip, 8080)
-        assert code == 1 and "call failed" in out
+        assert code == 1
+        assert "call failed" in out
         code, out = call(lab, "legacy/outsider", lab.pod("legacy/outsider-2").ip, 8080)
         assert code == 0, out
     finally:
@@ -253,7 +261,8 @@ def test_label_namespace_enrolls_and_releases_running_pod(lab: Lab) -> None:
             assert _tunnel(lab, "node-2", "legacy/outsider") == "HBONE"
             assert ztunnel_pids(lab) == proxies
             assert all(system.alive(p) for p in proxies.values())
-            assert lab.pod("legacy/outsider").pid == pid and system.alive(pid)  # no restart
+            assert lab.pod("legacy/outsider").pid == pid
+            assert system.alive(pid)  # no restart
             assert session.ask("during") == "echo: during"  # established flow survived
             n1, n2 = log_size(lab, "node-1"), log_size(lab, "node-2")
             code, out_ = call(lab, "legacy/outsider", "echo.demo", 80, "now-meshed")
@@ -264,7 +273,8 @@ def test_label_namespace_enrolls_and_releases_running_pod(lab: Lab) -> None:
             # The destination's node proxy verified the new identity's certificate, which the
             # control plane's CA signed for node-1 after the push.
             inbound = wait_access(lab, "node-2", n2, lambda a: a["direction"] == "inbound")
-            assert inbound and inbound[0]["src.identity"] == out_lines[0]["src.identity"]
+            assert inbound
+            assert inbound[0]["src.identity"] == out_lines[0]["src.identity"]
         finally:
             lab.label_namespace("legacy", {"istio.io/dataplane-mode": None})
         assert redirection(lab)["legacy/outsider"] == "-"
@@ -308,7 +318,8 @@ def test_lab_down_leaves_nothing(tmp_path: Path) -> None:
     pids += [n.agent_pid for n in st.nodes] + [n.ztunnel_pid for n in st.nodes]
     pids.append(st.controlplane_pid)
     assert all(system.alive(pid) for pid in pids)
-    assert (lab.paths.node_token("node-1")).exists() and lab.paths.node_credentials.exists()
+    assert (lab.paths.node_token("node-1")).exists()
+    assert lab.paths.node_credentials.exists()
     assert any(f.startswith(name) for f in os.listdir("/run/netns"))
     assert system.is_mounted(bpffs)
     with pytest.raises(StopIteration):

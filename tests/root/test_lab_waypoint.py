@@ -113,7 +113,8 @@ def wait_config(lab: Lab, pred: object, what: str) -> None:
 def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     # Before: L4 only, both versions reached, no waypoint pod.
     r = load(lab, 100)
-    assert r["errors"] == 0 and set(r["versions"]) == {"v1", "v2"}, r
+    assert r["errors"] == 0, r
+    assert set(r["versions"]) == {"v1", "v2"}, r
     assert "default/waypoint-waypoint" not in [f"{p['namespace']}/{p['name']}"
                                                for p in lab.pods()]  # fmt: skip
 
@@ -131,7 +132,8 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     wait_config(lab, lambda c: any(t["name"] == "default/reviews-route"
                                    for t in c["route_tables"]), "reviews-route")  # fmt: skip
     r = load(lab, N)
-    assert r["errors"] == 0 and r["status"] == {"200": N}, r
+    assert r["errors"] == 0, r
+    assert r["status"] == {"200": N}, r
     v1 = r["versions"].get("v1", 0)
     assert within(v1, N, 0.9), f"v1={v1} of {N}: outside 4 sigma of 90%"
     r = load(lab, 100, "user-type:beta-tester")
@@ -259,7 +261,8 @@ def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None
     wait_config(lab, lambda c: any(x["name"] == "default/reviews-rl"
                                    for x in c.get("rate_limits", [])), "rate limit")  # fmt: skip
     r = load(lab, 60)
-    assert r["errors"] == 0 and r["status"].get("429", 0) > 0, r
+    assert r["errors"] == 0, r
+    assert r["status"].get("429", 0) > 0, r
     assert r["status"].get("200", 0) >= 5, r
     metrics = lab.waypoint_admin(WAYPOINT_POD, "/metrics")
     assert any(line.startswith("istio_requests_total{") and 'response_code="429"' in line

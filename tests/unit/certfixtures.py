@@ -68,11 +68,12 @@ def _ca_cert(
     *,
     subject: str,
     key: ec.EllipticCurvePrivateKey,
-    issuer_cert: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
     now: datetime,
     days: int,
 ) -> x509.Certificate:
+    """A CA certificate signed by `issuer` (certificate, key); None: self-signed."""
+    issuer_cert, issuer_key = issuer if issuer is not None else (None, key)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     issuer_ski = (
@@ -125,15 +126,12 @@ def write_plugin_ca(directory: Path, *, now: datetime, intermediate_days: int = 
     cert-chain.pem is intermediate + root, like Istio's tools/certs Makefile produces.
     """
     root_key = ec.generate_private_key(ec.SECP256R1())
-    root = _ca_cert(
-        subject="test root", key=root_key, issuer_cert=None, issuer_key=root_key, now=now, days=3650
-    )
+    root = _ca_cert(subject="test root", key=root_key, issuer=None, now=now, days=3650)
     int_key = ec.generate_private_key(ec.SECP256R1())
     inter = _ca_cert(
         subject="test intermediate",
         key=int_key,
-        issuer_cert=root,
-        issuer_key=root_key,
+        issuer=(root, root_key),
         now=now,
         days=intermediate_days,
     )
@@ -159,15 +157,23 @@ class Handshake:
     client_received: bytes = b""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerChecks:
+    """Which side of a `handshake` runs verify_peer, expecting which identities (None: any of
+    the trust domain)."""
+
+    server_verifies: bool = True
+    client_verifies: bool = True
+    server_expected: list[SpiffeId] | None = None
+    client_expected: list[SpiffeId] | None = None
+
+
 def handshake(
     server_ctx: ssl.SSLContext,
     client_ctx: ssl.SSLContext,
+    checks: PeerChecks | None = None,
     *,
     trust_domain: str = TD,
-    server_expected: list[SpiffeId] | None = None,
-    client_expected: list[SpiffeId] | None = None,
-    server_verifies: bool = True,
-    client_verifies: bool = True,
 ) -> Handshake:
     """Run one TLS connection over 127.0.0.1 (server in a thread, blocking ssl sockets).
 
@@ -175,6 +181,7 @@ def handshake(
     verify_peer and reads: with TLS 1.3 a server-side refusal of the client certificate only
     shows after the client's handshake returned, as an alert or EOF on the first read.
     """
+    checks = checks or PeerChecks()
     result = Handshake()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
@@ -189,9 +196,9 @@ def handshake(
         conn.settimeout(10)
         try:
             with server_ctx.wrap_socket(conn, server_side=True) as tls:
-                if server_verifies:
+                if checks.server_verifies:
                     result.server_peer = verify_peer(
-                        tls, trust_domain=trust_domain, expected=server_expected
+                        tls, trust_domain=trust_domain, expected=checks.server_expected
                     )
                 tls.sendall(b"ok")
                 tls.recv(16)  # wait for the client to finish
@@ -205,9 +212,9 @@ def handshake(
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             try:
                 with client_ctx.wrap_socket(raw, server_hostname=None) as tls:
-                    if client_verifies:
+                    if checks.client_verifies:
                         result.client_peer = verify_peer(
-                            tls, trust_domain=trust_domain, expected=client_expected
+                            tls, trust_domain=trust_domain, expected=checks.client_expected
                         )
                     result.client_received = tls.recv(2)
                     tls.sendall(b"bye")

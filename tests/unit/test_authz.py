@@ -322,7 +322,8 @@ def test_evaluate(
 def test_decision_reasons_name_policies() -> None:
     d = evaluate([ALLOW_SLEEP, ALLOW_PORT_80], conn(OTHER))
     assert not d.allowed
-    assert "default/allow-sleep" in d.reason and "default/allow-80" in d.reason
+    assert "default/allow-sleep" in d.reason
+    assert "default/allow-80" in d.reason
     d = evaluate([DENY_PLAINTEXT], conn(None))
     assert d.reason == "denied by DENY policy default/strict"
     assert evaluate((), conn()).reason == "no ALLOW policy applies"

@@ -63,11 +63,15 @@ def test_root_certificate_profile() -> None:
     assert root.subject == root.issuer
     root.verify_directly_issued_by(root)
     pub = root.public_key()
-    assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp256r1"
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    assert pub.curve.name == "secp256r1"
     bc = root.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca
+    assert bc.critical
+    assert bc.value.ca
     ku = root.extensions.get_extension_for_class(x509.KeyUsage)
-    assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
+    assert ku.critical
+    assert ku.value.key_cert_sign
+    assert ku.value.crl_sign
     assert root.not_valid_after_utc - NOW == timedelta(days=3650)
     san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org"]
@@ -192,7 +196,8 @@ def test_issued_leaf_profile() -> None:
     ca = MeshCA.create_root(now=NOW)
     _, csr_pem = generate_csr(ALICE)
     chain = ca.sign_csr(csr_pem, now=NOW, identity=ALICE)
-    assert len(chain) == 2 and chain[1] == ca.roots_pem
+    assert len(chain) == 2
+    assert chain[1] == ca.roots_pem
     leaf = x509.load_pem_x509_certificate(chain[0])
     assert leaf.subject == x509.Name([])
     assert leaf.not_valid_before_utc == NOW - timedelta(minutes=1)  # clock-skew allowance
@@ -203,9 +208,12 @@ def test_issued_leaf_profile() -> None:
     assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [ALICE.uri]
     assert len(list(san.value)) == 1
     bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and not bc.value.ca
+    assert bc.critical
+    assert not bc.value.ca
     ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    assert ku.digital_signature and ku.key_agreement and not ku.key_encipherment
+    assert ku.digital_signature
+    assert ku.key_agreement
+    assert not ku.key_encipherment
     assert not ku.key_cert_sign
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
@@ -232,7 +240,9 @@ def test_rsa_csr_gets_key_encipherment() -> None:
     chain = ca.sign_csr(make_csr(key, [uri(ALICE.uri)]), now=NOW, ttl=timedelta(hours=1))
     leaf = x509.load_pem_x509_certificate(chain[0])
     ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    assert ku.digital_signature and ku.key_encipherment and not ku.key_agreement
+    assert ku.digital_signature
+    assert ku.key_encipherment
+    assert not ku.key_agreement
     assert leaf.not_valid_after_utc == NOW + timedelta(hours=1)
 
 
@@ -338,7 +348,8 @@ def test_generate_csr() -> None:
     assert csr.is_signature_valid
     assert isinstance(csr.signature_hash_algorithm, hashes.SHA256)
     pub = csr.public_key()
-    assert isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name == "secp256r1"
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    assert pub.curve.name == "secp256r1"
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert list(san) == [uri(ALICE.uri)]
     key = serialization.load_pem_private_key(key_pem, password=None)

@@ -119,7 +119,8 @@ def test_backoff_table(attempt: int, base: float) -> None:
     delays = [backoff_delay(attempt, rng) for _ in range(200)]
     assert all(base * 0.8 <= d <= base * 1.2 for d in delays)
     # the jitter really spreads (not a constant), and reaches both sides of the base
-    assert min(delays) < base * 0.9 and max(delays) > base * 1.1
+    assert min(delays) < base * 0.9
+    assert max(delays) > base * 1.1
 
 
 def test_backoff_extremes_and_errors() -> None:
@@ -211,7 +212,8 @@ def test_cancelled_caller_does_not_cancel_shared_fetch(ca: MeshCA) -> None:
         provider.gate.set()
         cert = await second
         assert first.cancelled()
-        assert cert.identity == ALICE and provider.calls == [ALICE]
+        assert cert.identity == ALICE
+        assert provider.calls == [ALICE]
 
     asyncio.run(main())
 
@@ -233,7 +235,8 @@ def test_refresh_at_half_lifetime(ca: MeshCA) -> None:
         assert manager.refresh_due(clock.now) == [ALICE]
         assert await manager.tick(clock.now) == [ALICE]
         second = manager.current(ALICE)
-        assert second is not None and second.serial != first.serial
+        assert second is not None
+        assert second.serial != first.serial
         assert second.not_before == first.refresh_at - timedelta(minutes=1)
         assert rotated == [first, second]
         assert manager.next_deadline() == second.refresh_at
@@ -261,8 +264,10 @@ def test_failure_backs_off_and_keeps_old_cert_until_expiry(ca: MeshCA) -> None:
             clock.now = deadline
         assert len(provider.calls) == 6
         [snap] = manager.snapshot()
-        assert snap["failures"] == 5 and "CA unavailable" in snap["last_error"]
-        assert snap["serial"] == str(old.serial) and snap["state"] == "available"
+        assert snap["failures"] == 5
+        assert "CA unavailable" in snap["last_error"]
+        assert snap["serial"] == str(old.serial)
+        assert snap["state"] == "available"
 
         # After expiry the old certificate is never handed out.
         clock.now = old.not_after
@@ -282,7 +287,8 @@ def test_failure_backs_off_and_keeps_old_cert_until_expiry(ca: MeshCA) -> None:
         clock.now = next_deadline
         assert await manager.tick(clock.now) == [ALICE]
         fresh = manager.current(ALICE)
-        assert fresh is not None and fresh.not_after == clock.now.replace(microsecond=0) + DAY
+        assert fresh is not None
+        assert fresh.not_after == clock.now.replace(microsecond=0) + DAY
         assert manager.snapshot()[0]["failures"] == 0
         assert manager.next_deadline() == fresh.refresh_at
 
@@ -296,7 +302,8 @@ def test_get_refetches_after_expiry(ca: MeshCA) -> None:
         clock.now = old.not_after + timedelta(seconds=1)  # nobody ran the refresh loop
         assert manager.current(ALICE) is None
         new = await manager.get(ALICE)
-        assert new.serial != old.serial and not new.expired(clock.now)
+        assert new.serial != old.serial
+        assert not new.expired(clock.now)
         assert len(provider.calls) == 2
 
     asyncio.run(main())
@@ -381,7 +388,8 @@ def test_add_remove_and_snapshot(ca: MeshCA) -> None:
         manager.remove(BOB)
         provider.gate.set()
         assert (await waiter).identity == BOB
-        assert manager.current(BOB) is None and BOB not in manager.identities()
+        assert manager.current(BOB) is None
+        assert BOB not in manager.identities()
 
     asyncio.run(main())
 
@@ -425,7 +433,8 @@ def test_run_loop_fetches_refreshes_and_cancels(ca: MeshCA) -> None:
         manager.wake()
         await wait_for(lambda: len(rotated) == 2)
         second = manager.current(ALICE)
-        assert second is not None and second.serial != first.serial
+        assert second is not None
+        assert second.serial != first.serial
         # a workload arriving while the loop sleeps is fetched at once
         manager.add(BOB)
         await wait_for(lambda: manager.current(BOB) is not None)

@@ -163,8 +163,10 @@ def test_namespace_labelled_but_not_captured(
         ("AMB0101", "Namespace typo"),
     }
     stuck = next(m for m in msgs if m["ref"] == "Pod demo/stuck")
-    assert "redirection=pending" in stuck["message"] and "running on node-1" in stuck["message"]
-    assert stuck["origin"].endswith("mesh.yaml[1]") and stuck["level"] == "Warning"
+    assert "redirection=pending" in stuck["message"]
+    assert "running on node-1" in stuck["message"]
+    assert stuck["origin"].endswith("mesh.yaml[1]")
+    assert stuck["level"] == "Warning"
 
 
 def test_service_bound_to_missing_waypoint(
@@ -252,7 +254,8 @@ spec:
         ("AMB0201", "AuthorizationPolicy demo/broken"),  # the misspelt key, by its path
     }
     get_only = next(m for m in msgs if m["ref"].endswith("get-only"))
-    assert "to.operation.methods" in get_only["message"] and "allows nothing" in get_only["message"]
+    assert "to.operation.methods" in get_only["message"]
+    assert "allows nothing" in get_only["message"]
     assert "targetRefs" in get_only["message"]
 
 
@@ -298,7 +301,8 @@ spec:
     code, msgs = run(capsys, "-d", str(write(tmp_path / "strict", docs)))
     assert code == 79  # istioctl ExitAnalyzerFoundIssues
     assert codes(msgs) == {("AMB0105", "PeerAuthentication demo/strict")}
-    assert "legacy/curl" in msgs[0]["message"] and "demo/echo" in msgs[0]["message"]
+    assert "legacy/curl" in msgs[0]["message"]
+    assert "demo/echo" in msgs[0]["message"]
     # Same config with the client enrolled: quiet.
     docs[3] = pod("curl", ns="legacy", labels="{app: curl, istio.io/dataplane-mode: ambient}")
     code, msgs = run(capsys, "-d", str(write(tmp_path / "strict2", docs)))

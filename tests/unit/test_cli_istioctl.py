@@ -204,20 +204,22 @@ def test_precheck_passes_on_a_good_node(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize(
-    ("release", "mounts", "conflists", "finding"),
+    ("node", "finding"),
     [
-        ("5.4.0", BPF, {"10-bridge.conflist": BRIDGE}, "\u2718 kernel: 5.4.0 is older than 5.7"),
-        ("6.1.0", "proc /proc proc rw 0 0\n", {"10-bridge.conflist": BRIDGE}, "\u2718 eBPF"),
-        ("6.1.0", BPF, {}, "\u2718 CNI: no CNI configuration"),
+        (("5.4.0", BPF, {"10-bridge.conflist": BRIDGE}), "\u2718 kernel: 5.4.0 is older than 5.7"),
+        (("6.1.0", "proc /proc proc rw 0 0\n", {"10-bridge.conflist": BRIDGE}), "\u2718 eBPF"),
+        (("6.1.0", BPF, {}), "\u2718 CNI: no CNI configuration"),
         (
-            "6.1.0",
-            BPF,
-            {
-                "10-bridge.conflist": {
-                    **BRIDGE,
-                    "plugins": [{"type": "bridge"}, {"type": "istio-cni"}],
-                }
-            },
+            (
+                "6.1.0",
+                BPF,
+                {
+                    "10-bridge.conflist": {
+                        **BRIDGE,
+                        "plugins": [{"type": "bridge"}, {"type": "istio-cni"}],
+                    }
+                },
+            ),
             "\u2718 conflict: 10-bridge.conflist chains Istio's istio-cni",
         ),
     ],
@@ -225,12 +227,11 @@ def test_precheck_passes_on_a_good_node(tmp_path: Path, capsys: pytest.CaptureFi
 def test_precheck_reports_what_blocks_the_mesh(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    release: str,
-    mounts: str,
-    conflists: dict[str, object],
+    node: tuple[str, str, dict[str, object]],
     finding: str,
 ) -> None:
-    code, out, _ = precheck(capsys, fake_node(tmp_path, release, mounts, conflists))
+    """`node`: the fake node's kernel release, /proc/mounts and CNI conflists."""
+    code, out, _ = precheck(capsys, fake_node(tmp_path, *node))
     assert code == 1
     assert finding in out
 

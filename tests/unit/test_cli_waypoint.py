@@ -50,7 +50,8 @@ def test_generate_prints_a_waypoint_gateway(capsys: pytest.CaptureFixture[str]) 
                        "--for", "all")  # fmt: skip
     assert code == 0
     doc = yaml.safe_load(out)
-    assert doc["kind"] == "Gateway" and doc["spec"]["gatewayClassName"] == "istio-waypoint"
+    assert doc["kind"] == "Gateway"
+    assert doc["spec"]["gatewayClassName"] == "istio-waypoint"
     assert doc["metadata"] == {"name": "wp", "namespace": "shop",
                                "labels": {"istio.io/waypoint-for": "all"}}  # fmt: skip
     assert doc["spec"]["listeners"] == [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]
@@ -65,7 +66,8 @@ def test_apply_enroll_list_delete_round_trip(
     key = "default/reviews.default.svc.cluster.local"
     assert translated(tmp_path)[key].waypoint is None
     code, out, _ = run(capsys, "waypoint", "apply", "-d", str(tmp_path), "--enroll-namespace")
-    assert code == 0 and "labeled" in out
+    assert code == 0
+    assert "labeled" in out
     assert (tmp_path / "waypoint-default-waypoint.yaml").exists()
     ns = next(d for d in yaml.safe_load_all((tmp_path / "base.yaml").read_text())
               if d["kind"] == "Namespace")  # fmt: skip
@@ -73,22 +75,26 @@ def test_apply_enroll_list_delete_round_trip(
                                         "istio.io/use-waypoint": "waypoint"}  # fmt: skip
     svcs = translated(tmp_path)
     wp = svcs[key].waypoint
-    assert wp is not None and wp.hostname is not None
+    assert wp is not None
+    assert wp.hostname is not None
     assert wp.hostname.key == "default/waypoint.default.svc.cluster.local"
     assert "default/waypoint.default.svc.cluster.local" in svcs
     code, out, _ = run(capsys, "waypoint", "list", "-d", str(tmp_path))
     assert code == 0
     assert out.splitlines()[1].split() == ["default", "waypoint", "service", "Namespace/default"]
     code, out, _ = run(capsys, "waypoint", "status", "-d", str(tmp_path))
-    assert code == 0 and "for service" in out
+    assert code == 0
+    assert "for service" in out
     code, out, _ = run(capsys, "waypoint", "delete", "-d", str(tmp_path))
-    assert code == 0 and "deleted" in out
+    assert code == 0
+    assert "deleted" in out
     assert not (tmp_path / "waypoint-default-waypoint.yaml").exists()
     svcs = translated(tmp_path)
     assert svcs[key].waypoint is None
     assert "default/waypoint.default.svc.cluster.local" not in svcs
     code, _, err = run(capsys, "waypoint", "delete", "-d", str(tmp_path))
-    assert code == 1 and "no waypoint default/waypoint" in err
+    assert code == 1
+    assert "no waypoint default/waypoint" in err
 
 
 def test_service_account_waypoint_binds_the_service_account(
@@ -120,7 +126,8 @@ def test_helpful_errors(
 ) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv)
-    assert code != 0 and message in err
+    assert code != 0
+    assert message in err
 
 
 @pytest.mark.parametrize("sub", ["", "generate", "apply", "list", "delete", "status"])

@@ -162,7 +162,8 @@ def test_enroll_failure_is_101_and_pending(
     agent, capture, _, _ = setup
     capture.fail_enroll = True
     answer = agent.handle(enroll_req("a", "mesh", "client", "10.0.0.2", "veth1"))
-    assert answer["ok"] is False and answer["code"] == 101
+    assert answer["ok"] is False
+    assert answer["code"] == 101
     assert "bpf map full" in answer["details"]
     assert agent.pods["a"].redirection == "pending"
 
@@ -173,7 +174,8 @@ def test_unenroll_and_check(setup: tuple[Agent, FakeCapture, Path, set[str]]) ->
     assert agent.handle({"op": "check", "uid": "a"})["result"] == "enrolled"
     capture.entries.clear()  # someone removed the map entry behind our back
     bad = agent.handle({"op": "check", "uid": "a"})
-    assert bad["ok"] is False and bad["code"] == 102
+    assert bad["ok"] is False
+    assert bad["code"] == 102
     assert agent.handle({"op": "unenroll", "uid": "a"})["result"] == "unenrolled"
     assert agent.handle({"op": "unenroll", "uid": "a"})["result"] == "unenrolled"  # idempotent
     assert agent.handle({"op": "check", "uid": "a"})["code"] == 102
@@ -368,7 +370,9 @@ def test_plugin_add_fails_when_enroll_fails(served: tuple[Agent, FakeCapture, Pa
     capture.fail_enroll = True
     code, err = run_plugin("ADD", sock)
     assert code == 1
-    assert err["code"] == 101 and err["cniVersion"] == "1.0.0" and "msg" in err
+    assert err["code"] == 101
+    assert err["cniVersion"] == "1.0.0"
+    assert "msg" in err
 
 
 def test_plugin_add_without_agent_fails_but_del_succeeds(tmp_path: Path) -> None:
@@ -396,7 +400,8 @@ def test_plugin_bad_input_codes(tmp_path: Path) -> None:
     code, err = run_plugin("ADD", tmp_path / "x.sock", "0.4.0", cniVersion="9.0.0")
     assert (code, err["code"]) == (1, 1)
     code, err = run_plugin("ADD", tmp_path / "x.sock", env={"CNI_NETNS": ""})
-    assert (code, err["code"]) == (1, 4) and "CNI_NETNS" in err["msg"]
+    assert (code, err["code"]) == (1, 4)
+    assert "CNI_NETNS" in err["msg"]
 
 
 def test_plugin_version() -> None:

@@ -53,7 +53,8 @@ def test_files_roundtrip(tmp_path: Path) -> None:
         "agentTimeout": 3,
     }
     launcher = bin_dir / "ambient-cni"
-    assert MARKER in launcher.read_text() and launcher.stat().st_mode & 0o111
+    assert MARKER in launcher.read_text()
+    assert launcher.stat().st_mode & 0o111
     uninstall(path, bin_dir=bin_dir)
     uninstall(path, bin_dir=bin_dir)
     assert path.read_text() == original

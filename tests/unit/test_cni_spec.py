@@ -120,7 +120,8 @@ def test_bad_config_codes(data: bytes, cls: type[CniError], code: int) -> None:
 @pytest.mark.parametrize("version", spec.SUPPORTED_VERSIONS)
 def test_supported_versions_parse(version: str) -> None:
     nc = spec.parse_netconf(conf(cniVersion=version, agentSocket="/tmp/a.sock"))
-    assert nc.cni_version == version and nc.agent_socket == "/tmp/a.sock"
+    assert nc.cni_version == version
+    assert nc.agent_socket == "/tmp/a.sock"
 
 
 def test_result_1_0_to_0_4_adds_ip_version_and_keeps_the_rest() -> None:

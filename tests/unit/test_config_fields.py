@@ -44,7 +44,8 @@ def test_check_object_reports_by_path() -> None:
 def test_unimplemented_kinds_are_reported() -> None:
     for kind in ("ServiceEntry", "Telemetry"):
         (f,) = check_object(kind, {"kind": kind, "spec": {}})
-        assert f.code == KIND and f.level == "Warning"
+        assert f.code == KIND
+        assert f.level == "Warning"
     # RequestAuthentication is implemented (JWT at the waypoint, tests/unit/test_jwt.py).
     assert check_object("RequestAuthentication", {"spec": {"jwtRules": [{"issuer": "x"}]}}) == []
     istio_gw = {"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "spec": {}}
@@ -77,7 +78,8 @@ spec:
     retry = table.routes[0].retries
     assert retry.attempts == 5
     assert retry.status_codes == frozenset({502, 503})
-    assert "retriable-status-codes" in retry.retry_on and "connect-failure" in retry.retry_on
+    assert "retriable-status-codes" in retry.retry_on
+    assert "connect-failure" in retry.retry_on
     assert retry.backoff_base == 0.1
     assert cfg.warnings == ()
 
@@ -130,7 +132,8 @@ def test_label_values_outside_the_allowed_set_are_reported() -> None:
     from meshcore.config.findings import INVALID, check_labels
 
     (f,) = check_labels("Gateway", {"istio.io/waypoint-for": "services"})
-    assert f.code == INVALID and f.path == "metadata.labels[istio.io/waypoint-for]"
+    assert f.code == INVALID
+    assert f.path == "metadata.labels[istio.io/waypoint-for]"
     assert check_labels("Gateway", {"istio.io/waypoint-for": "all"}) == []
 
 

@@ -122,16 +122,20 @@ def test_waypoint_gateway_becomes_a_service_fronting_its_pods_and_binds_the_name
     eps = state.endpoints(wp_key)
     assert [e.workload.name for e in eps] == ["waypoint-waypoint"]
     reviews = state.service("default/reviews.default.svc.cluster.local")
-    assert reviews is not None and reviews.waypoint is not None
-    assert reviews.waypoint.hostname is not None and reviews.waypoint.hostname.key == wp_key
+    assert reviews is not None
+    assert reviews.waypoint is not None
+    assert reviews.waypoint.hostname is not None
+    assert reviews.waypoint.hostname.key == wp_key
     # The waypoint's own workload is never bound to a waypoint and is not captured.
     wp = next(r for r in t.records() if isinstance(r, Workload) and r.name == "waypoint-waypoint")
-    assert wp.waypoint is None and wp.tunnel_protocol.name == "NONE"
+    assert wp.waypoint is None
+    assert wp.tunnel_protocol.name == "NONE"
     # Its node may obtain its certificate (the CA's impersonation rule).
     from meshcore.identity import SpiffeId
 
     sid = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="waypoint")
-    assert t.may_impersonate("node-a", sid) and not t.may_impersonate("node-b", sid)
+    assert t.may_impersonate("node-a", sid)
+    assert not t.may_impersonate("node-b", sid)
 
 
 def test_gateway_of_another_class_gets_no_service() -> None:
@@ -178,8 +182,11 @@ def test_l7_versions_change_only_with_the_object() -> None:
     c = l7_resources(snapshot(*[o for o in objects() if o.get("kind") != "VirtualService"],
                               changed), TranslateOptions())  # fmt: skip
     key = "VirtualService/default/reviews-route"
-    assert c[key] != a[key] and c["AuthorizationPolicy/default/deny-private"] == \
-        a["AuthorizationPolicy/default/deny-private"]  # fmt: skip
+    assert c[key] != a[key]
+    assert (
+        c["AuthorizationPolicy/default/deny-private"]
+        == a["AuthorizationPolicy/default/deny-private"]
+    )
 
 
 def test_xds_publish_set_sends_changes_and_removals_only() -> None:
@@ -212,7 +219,8 @@ def test_waypoint_store_nacks_a_bad_resource_alone_and_applies_removals() -> Non
     assert list(store.resources) == [good.key]
     assert len(store.config().route_tables) == 1
     rm = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="2", removed_resources=[good.key])
-    assert store.apply(rm) == [] and store.config().route_tables == ()
+    assert store.apply(rm) == []
+    assert store.config().route_tables == ()
 
 
 def test_unpack_checks_json_kind() -> None:
@@ -240,7 +248,8 @@ def test_control_plane_reports_and_waypoint_nacks_a_bad_object() -> None:
     res = l7_resources(snapshot(*objs), TranslateOptions())
     findings = l7_findings(res)
     (f,) = findings["HTTPRoute default/bad"]
-    assert f.code == "AMB0202" and f.path == "spec.parentRefs[0].sectionName"
+    assert f.code == "AMB0202"
+    assert f.path == "spec.parentRefs[0].sectionName"
     store = L7Store()
     resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="1")
     for name, r in res.items():
@@ -259,7 +268,8 @@ def test_gateway_field_findings() -> None:
     gw = {**GATEWAY, "spec": {**GATEWAY["spec"], "addresses": [{"value": "10.0.0.9"}]}}
     found = gateway_findings(snapshot(gw))
     (f,) = found["Gateway default/waypoint"]
-    assert f.code == "AMB0202" and f.path == "spec.addresses"
+    assert f.code == "AMB0202"
+    assert f.path == "spec.addresses"
 
 
 def test_memoised_l7_resources_and_findings_equal_uncached() -> None:
@@ -336,7 +346,8 @@ def test_mesh_settings_resource_flags_override_and_bad_values_nacked() -> None:
     store = L7Store()
     resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="1")
     resp.resources.add(name=res.key, version="1", resource=pack_l7(res))
-    assert store.apply(resp) == [] and store.config().route_tables == ()
+    assert store.apply(resp) == []
+    assert store.config().route_tables == ()
     assert store.path_policy(("", "")) == PathPolicy.parse("MERGE_SLASHES", "REJECT_REQUEST")
     assert store.path_policy(("NONE", "")) == PathPolicy.parse("NONE", "REJECT_REQUEST")
     bad = MeshSettings(path_normalization="MERGE").resource()
@@ -344,7 +355,8 @@ def test_mesh_settings_resource_flags_override_and_bad_values_nacked() -> None:
     resp.resources.add(name=bad.key, version="2", resource=pack_l7(bad))
     assert [n for n, _ in store.apply(resp)] == ["MeshSettings//mesh"]
     rm = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="3", removed_resources=[res.key])
-    assert store.apply(rm) == [] and store.path_policy(("", "")) == PathPolicy()
+    assert store.apply(rm) == []
+    assert store.path_policy(("", "")) == PathPolicy()
 
 
 def test_control_plane_serves_mesh_settings_only_when_set(tmp_path: Any) -> None:

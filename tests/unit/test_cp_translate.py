@@ -99,7 +99,8 @@ def test_workload_and_service_records() -> None:
     _, recs = translate(*docs)
     w: Workload = recs["Kubernetes//Pod/default/web"]
     assert str(w.identity) == "spiffe://cluster.local/ns/default/sa/web"
-    assert w.node == "node-a" and [str(a) for a in w.addresses] == ["10.0.0.1"]
+    assert w.node == "node-a"
+    assert [str(a) for a in w.addresses] == ["10.0.0.1"]
     ports = w.services_map["default/web.default.svc.cluster.local"]
     assert [(p.service_port, p.target_port) for p in ports] == [(80, 9090), (81, 7070)]
     assert recs["Kubernetes//Pod/default/other"].services == ()
@@ -182,7 +183,8 @@ def test_allow_rule_with_l7_attribute_is_dropped_never_widens() -> None:
     })  # fmt: skip
     t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), ap)
     auth: Authorization = recs["default/allow"]
-    assert auth.scope is Scope.WORKLOAD_SELECTOR and len(auth.rules) == 1
+    assert auth.scope is Scope.WORKLOAD_SELECTOR
+    assert len(auth.rules) == 1
     assert _decide(recs, _conn("sleep"))
     assert not _decide(recs, _conn("other")), "the L7 rule must not allow other callers"
     assert any("to.operation.methods" in w.message and "dropped" in w.message for w in t.warnings())
@@ -205,7 +207,8 @@ def test_malformed_policy_fails_closed() -> None:
     ap = policy("broken", {"selector": {"matchLabels": {"app": "web"}},
                            "rules": [{"from": [{"source": {"ipBlocks": ["nope"]}}]}]})  # fmt: skip
     t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), ap)
-    assert recs["default/broken"].action is Action.ALLOW and recs["default/broken"].rules == ()
+    assert recs["default/broken"].action is Action.ALLOW
+    assert recs["default/broken"].rules == ()
     assert not _decide(recs, _conn("sleep"))
     assert any("fail-closed" in w.message and "ipBlocks" in w.message for w in t.warnings())
 
@@ -259,7 +262,8 @@ def test_translator_is_incremental_and_reports_deltas() -> None:
     assert [r.uid for r in d.upserts if isinstance(r, Workload)] == ["Kubernetes//Pod/default/b"]
     store.apply("t", [], [ObjectKey(kind="Pod", namespace="default", name="a")])
     d = t.update(store.snapshot)
-    assert d.removed_addresses == ("Kubernetes//Pod/default/a",) and not d.upserts
+    assert d.removed_addresses == ("Kubernetes//Pod/default/a",)
+    assert not d.upserts
     ident = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="b")
     assert t.may_impersonate("node-a", ident)
     assert not t.may_impersonate("node-b", ident)
@@ -322,7 +326,8 @@ def test_http3_annotation_publishes_the_node_endpoint_in_our_extension() -> None
     }
     assert recs["Kubernetes//Pod/default/nohost"].http3 is None
     warned = " ".join(w.message for w in t.warnings())
-    assert "'yes please'" in warned and "no status.hostIP" in warned
+    assert "'yes please'" in warned
+    assert "no status.hostIP" in warned
     # Over the wire: our extension round-trips; an Istio-shaped workload carries none.
     on = recs["Kubernetes//Pod/default/on"]
     assert workload_from_pb(workload_pb(on), "w") == on

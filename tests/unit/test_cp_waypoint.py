@@ -44,8 +44,10 @@ def test_class_filter() -> None:
 def test_deployment_spec() -> None:
     objs = desired_objects(gw(), SETTINGS)
     dep = objs.deployment
-    assert dep["kind"] == "Deployment" and dep["apiVersion"] == "apps/v1"
-    assert dep["metadata"]["name"] == "waypoint" and dep["metadata"]["namespace"] == "shop"
+    assert dep["kind"] == "Deployment"
+    assert dep["apiVersion"] == "apps/v1"
+    assert dep["metadata"]["name"] == "waypoint"
+    assert dep["metadata"]["namespace"] == "shop"
     assert dep["metadata"]["labels"] == {
         GATEWAY_NAME: "waypoint",
         MANAGED_BY: "ambient-controlplane",
@@ -61,7 +63,8 @@ def test_deployment_spec() -> None:
     }
     assert dep["spec"]["selector"]["matchLabels"] == {GATEWAY_NAME: "waypoint"}
     (c,) = tmpl["spec"]["containers"]
-    assert c["image"] == "reg.example/waypoint:1.2" and c["command"] == ["waypoint"]
+    assert c["image"] == "reg.example/waypoint:1.2"
+    assert c["command"] == ["waypoint"]
     args = c["args"]
     assert args[args.index("--xds-address") + 1] == "cp.istio-system.svc:15012"
     assert args[args.index("--service-account") + 1] == "waypoint"
@@ -84,14 +87,16 @@ def test_service_and_account() -> None:
 
 def test_named_service_account_not_created() -> None:
     objs = desired_objects(gw(**{"gateway.istio.io/service-account": "reviews"}), SETTINGS)
-    assert objs.service_account is None and objs.service_account_name == "reviews"
+    assert objs.service_account is None
+    assert objs.service_account_name == "reviews"
     assert objs.deployment["spec"]["template"]["spec"]["serviceAccountName"] == "reviews"
 
 
 def test_plaintext_has_no_roots() -> None:
     objs = desired_objects(gw(), WaypointSettings(roots_pem=""))
     args = objs.deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--controlplane-roots" not in args and objs.roots is None
+    assert "--controlplane-roots" not in args
+    assert objs.roots is None
     tls = desired_objects(gw(), SETTINGS)
     assert (
         "--controlplane-roots"
@@ -114,7 +119,8 @@ def test_status_programmed_and_transitions() -> None:
     ]
     cond = {c["type"]: c for c in pending["conditions"]}
     assert cond["Accepted"]["status"] == "True"
-    assert cond["Programmed"]["status"] == "False" and cond["Programmed"]["reason"] == "Pending"
+    assert cond["Programmed"]["status"] == "False"
+    assert cond["Programmed"]["reason"] == "Pending"
     assert cond["Programmed"]["observedGeneration"] == 3
     later = datetime(2026, 1, 2, 4, 0, 0, tzinfo=UTC)
     g = {**gw(), "status": pending}
@@ -152,7 +158,8 @@ def test_status_with_field_findings() -> None:
     ok = gateway_status(gw(), available=1, domain_suffix="cluster.local", now=NOW,
                         findings=[warned])  # fmt: skip
     cond = {c["type"]: c for c in ok["conditions"]}
-    assert cond["Accepted"]["status"] == "True" and cond["Programmed"]["status"] == "True"
+    assert cond["Accepted"]["status"] == "True"
+    assert cond["Programmed"]["status"] == "True"
     assert "[AMB0203] spec.listeners[0].hostname" in cond["Accepted"]["message"]
 
 

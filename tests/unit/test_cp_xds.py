@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 from controlplane.auth import NodeCredentials, bearer_token
-from controlplane.ca import CertificateService
+from controlplane.ca import CertificateService, IssuancePolicy
 from controlplane.errors import InvalidRequest, PermissionDenied, Unauthenticated
 from controlplane.translate import Delta, Record
 from controlplane.xds import ResourceTable, encode_response
@@ -72,7 +72,8 @@ def test_pre_encoded_response_parses_and_versions_are_content_hashes() -> None:
         resources=[e.wire for e in table.types[ADDRESS_TYPE].values()], removed=["gone"],
     )  # fmt: skip
     resp = dpb.DeltaDiscoveryResponse.FromString(raw)
-    assert resp.nonce == "7" and list(resp.removed_resources) == ["gone"]
+    assert resp.nonce == "7"
+    assert list(resp.removed_resources) == ["gone"]
     assert {r.name for r in resp.resources} == set(table.types[ADDRESS_TYPE])
     applied = apply_response(MeshState.empty(), resp)
     assert not applied.errors
@@ -107,8 +108,10 @@ def _service(ca: MeshCA, node_of: dict[str, str]) -> CertificateService:
     return CertificateService(
         ca,
         authenticator=creds,
-        may_impersonate=lambda node, ident: node_of.get(ident.service_account) == node,
-        max_ttl=timedelta(hours=2),
+        policy=IssuancePolicy(
+            may_impersonate=lambda node, ident: node_of.get(ident.service_account) == node,
+            max_ttl=timedelta(hours=2),
+        ),
     )
 
 
@@ -123,7 +126,8 @@ def test_ca_decision() -> None:
     with pytest.raises(Unauthenticated):
         svc.decide("wrong-token-000000000", req)
     grant = svc.decide("a" * 20, req)
-    assert grant.node == "node-a" and grant.identity == sleep
+    assert grant.node == "node-a"
+    assert grant.identity == sleep
     assert grant.ttl == timedelta(hours=2), "clamped to max_ttl"
     with pytest.raises(PermissionDenied, match="node 'node-b' may not obtain"):
         svc.decide("b" * 20, req)
@@ -146,7 +150,8 @@ def test_ca_answer_carries_bundle_and_client_checks_san() -> None:
     chain = svc.sign(grant, csr.decode())
     assert len(split_pem_chain(chain[-1].encode())) == 2, "trust bundle with both roots"
     cert = parse_response(sleep, key, chain)
-    assert cert.identity == sleep and cert.not_after > utcnow()
+    assert cert.identity == sleep
+    assert cert.not_after > utcnow()
     echo = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")
     with pytest.raises(
         CertificateError, match=r"expected spiffe://cluster\.local/ns/default/sa/echo"
@@ -191,10 +196,13 @@ def test_one_change_encoded_once_for_every_connection_nonces_never_repeat_per_st
         srv._build(conn, AUTHORIZATION_TYPE)  # the initial state
     pol = CONFIG.policies[0]
     changed = parse_mesh_config(mesh_config(policies=[{**POLICY, "action": "ALLOW"}])).policies[0]
-    assert changed != pol and resource_name(changed) == resource_name(pol)
+    assert changed != pol
+    assert resource_name(changed) == resource_name(pol)
     srv.publish(Delta(upserts=(changed,)))
     out = [srv._build(c, AUTHORIZATION_TYPE) for c in conns]
-    assert out[0] is not None and out[1] is out[0] and out[2] is out[0]
+    assert out[0] is not None
+    assert out[1] is out[0]
+    assert out[2] is out[0]
     resp = dpb.DeltaDiscoveryResponse.FromString(out[0])
     assert [r.name for r in resp.resources] == [resource_name(pol)]
     assert all(resp.nonce in c.pending for c in conns)
@@ -206,13 +214,17 @@ def test_one_change_encoded_once_for_every_connection_nonces_never_repeat_per_st
     srv._handle_request(conns[2], dpb.DeltaDiscoveryRequest(type_url=ADDRESS_TYPE))
     private = srv._build(conns[2], ADDRESS_TYPE)
     third = srv._build(conns[2], AUTHORIZATION_TYPE)
-    assert first is not None and private is not None and third is not None
-    assert third is not first and third[1:] != first[1:]
+    assert first is not None
+    assert private is not None
+    assert third is not None
+    assert third is not first
+    assert third[1:] != first[1:]
     last = srv._build(conns[1], AUTHORIZATION_TYPE)
     assert last is first or last is third  # still one of the encodings, not a third one
     for c in conns:
         mine = [int(n, 16) for n in c.pending]
-        assert mine == sorted(mine) and len(mine) == len(set(mine)), mine
+        assert mine == sorted(mine), mine
+        assert len(mine) == len(set(mine)), mine
 
 
 # The dict route the node proxy used before issue 14 (protobuf -> protobuf-JSON dict -> strict

@@ -50,7 +50,8 @@ def pair() -> tuple[HboneConnection, HboneConnection]:
     client.initiate()
     server.initiate()
     pump(client, server)
-    assert client.ready and server.ready
+    assert client.ready
+    assert server.ready
     return client, server
 
 
@@ -76,7 +77,8 @@ def test_connect_roundtrip_and_half_close() -> None:
     ev_c, _ = pump(client, server)
     assert b"".join(e.data for e in ev_c if isinstance(e, DataReceived)) == b"bye"
     assert any(isinstance(e, StreamEnded) for e in ev_c)
-    assert client.open_streams == 0 and server.open_streams == 0
+    assert client.open_streams == 0
+    assert server.open_streams == 0
 
 
 def test_error_status_ends_stream() -> None:
@@ -135,7 +137,8 @@ def test_reset_propagates() -> None:
     client.reset_stream(sid, ErrorCode.CONNECT_ERROR)
     _, ev_s = pump(client, server)
     (rst,) = [e for e in ev_s if isinstance(e, StreamReset)]
-    assert rst.error_code == ErrorCode.CONNECT_ERROR and rst.remote
+    assert rst.error_code == ErrorCode.CONNECT_ERROR
+    assert rst.remote
 
 
 def test_bad_preface_is_connection_error() -> None:
@@ -224,7 +227,8 @@ def test_h2_client_against_our_server() -> None:
     server.send_data(sid, blob, end_stream=True)
     peer_events = peer.receive_data(server.data_to_send())
     got = b"".join(e.data for e in peer_events if isinstance(e, h2.events.DataReceived))
-    assert got == blob[: len(got)] and len(got) > 0
+    assert got == blob[: len(got)]
+    assert len(got) > 0
     # A GET is well-formed HTTP/2 but not CONNECT: the protocol core answers 400 itself.
     sid2 = peer.get_next_available_stream_id()
     peer.send_headers(
@@ -235,7 +239,8 @@ def test_h2_client_against_our_server() -> None:
     events = server.receive_data(peer.data_to_send())
     assert not [e for e in events if isinstance(e, RequestReceived)]
     (refused,) = [e for e in events if isinstance(e, RequestRefused)]
-    assert refused.status == 400 and (":method", "GET") in refused.headers
+    assert refused.status == 400
+    assert (":method", "GET") in refused.headers
     peer_events = peer.receive_data(server.data_to_send())
     (resp2,) = [e for e in peer_events if isinstance(e, h2.events.ResponseReceived)]
     assert dict(resp2.headers)[b":status"] == b"400"
@@ -253,7 +258,8 @@ def test_our_client_against_h2_server() -> None:
     peer_events = peer.receive_data(client.data_to_send())
     (req,) = [e for e in peer_events if isinstance(e, h2.events.RequestReceived)]
     headers = dict(req.headers)
-    assert headers[b":method"] == b"CONNECT" and b":path" not in headers
+    assert headers[b":method"] == b"CONNECT"
+    assert b":path" not in headers
     peer.send_headers(sid, [(":status", "200")])
     peer.send_data(sid, b"pong", end_stream=True)
     events = client.receive_data(peer.data_to_send())
@@ -279,7 +285,8 @@ def test_keepalive_ping_and_dead_peer_detection() -> None:
     """Istio's keepalive: PING after 10 s of quiet; no answer within 20 s -> the peer is dead."""
     client, _server = pair()
     client.receive_data(b"", now=0.0)
-    assert client.handle_timer(5.0) and client.data_to_send() == b""  # quiet < 10 s: no PING
+    assert client.handle_timer(5.0)
+    assert client.data_to_send() == b""  # quiet < 10 s: no PING
     assert client.handle_timer(10.0)
     assert frame_types(client.data_to_send()) == [FrameType.PING]
     assert client.handle_timer(29.0)  # still within the 20 s answer timeout

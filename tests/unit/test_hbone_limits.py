@@ -75,7 +75,8 @@ def goaway(events: list[Event]) -> int | None:
 def test_rate_budget(events: list[tuple[float, int]], window: float, limit: int, ok: bool) -> None:
     budget = RateBudget(limit, window)
     results = [budget.spend(now, cost) for now, cost in events]
-    assert results[-1] is ok and all(results[:-1])
+    assert results[-1] is ok
+    assert all(results[:-1])
 
 
 def test_rapid_reset_spends_the_budget_then_goaway() -> None:
@@ -130,7 +131,8 @@ def test_connect_validation_in_the_core(authority: str, method: str, status: int
     events = conn.receive_data(frame(FrameType.HEADERS, Flag.END_HEADERS, 1, block), 1.0)
     refused = [e for e in events if isinstance(e, RequestRefused)]
     if status:
-        assert refused and refused[0].status == status
+        assert refused
+        assert refused[0].status == status
     else:
         (req,) = [e for e in events if isinstance(e, RequestReceived)]
         assert req.authority == authority
@@ -204,7 +206,9 @@ def test_queued_bytes_are_bounded_per_connection_and_every_stream_resumes() -> N
     # The peer resets the streams holding the queued bytes: everything resumes.
     events = conn.receive_data(b"".join(encode_rst_stream(s, ErrorCode.CANCEL) for s in sids[:8]))
     opened = [e for e in events if isinstance(e, WindowOpened)]
-    assert not conn.pending_blocked and opened and set(opened[0].stream_ids) == set(sids[8:])
+    assert not conn.pending_blocked
+    assert opened
+    assert set(opened[0].stream_ids) == set(sids[8:])
 
 
 def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> None:
@@ -213,7 +217,8 @@ def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> N
     from ztunnel.proxy.accept import PeerTable
 
     peers = PeerTable(handshakes=2, connections=3, resets=5, tunnels=2)
-    assert peers.admit("10.0.0.1") is None and peers.admit("10.0.0.1") is None
+    assert peers.admit("10.0.0.1") is None
+    assert peers.admit("10.0.0.1") is None
     assert peers.admit("10.0.0.1") == "2 TLS handshakes in progress"
     assert peers.admit("10.0.0.2") is None  # another peer is not affected
     peers.handshake_done("10.0.0.1")

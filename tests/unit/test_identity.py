@@ -109,7 +109,8 @@ def test_constructor_validates(td: str, ns: str, sa: str, message: str) -> None:
 def test_value_semantics() -> None:
     a = SpiffeId(trust_domain="cluster.local", namespace="a", service_account="b")
     b = SpiffeId.parse("spiffe://cluster.local/ns/a/sa/b")
-    assert a == b and hash(a) == hash(b)
+    assert a == b
+    assert hash(a) == hash(b)
     assert len({a, b}) == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.namespace = "c"  # type: ignore[misc]

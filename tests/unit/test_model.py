@@ -87,7 +87,8 @@ def test_example_config_loads_with_expected_content() -> None:
     assert set(by_name) == {"client", "server"}
     client, server = by_name["client"], by_name["server"]
     assert client.addresses == (ipaddress.ip_address("127.0.1.10"),)
-    assert client.node == "node-a" and server.node == "node-b"
+    assert client.node == "node-a"
+    assert server.node == "node-b"
     assert str(client.identity) == "spiffe://cluster.local/ns/default/sa/sleep"
     assert str(server.identity) == "spiffe://cluster.local/ns/default/sa/echo"
     assert server.tunnel_protocol is TunnelProtocol.HBONE
@@ -97,7 +98,8 @@ def test_example_config_loads_with_expected_content() -> None:
     assert svc.ports == (Port(service_port=80, target_port=8080),)
     assert server.service_ports(svc.key) == (Port(service_port=80, target_port=8080),)
     (pol,) = cfg.policies
-    assert pol.action is Action.ALLOW and pol.key in server.authorization_policies
+    assert pol.action is Action.ALLOW
+    assert pol.key in server.authorization_policies
 
 
 # --- defaults and shapes -------------------------------------------------------------------
@@ -111,7 +113,9 @@ def test_workload_defaults() -> None:
     assert w.tunnel_protocol is TunnelProtocol.NONE
     assert w.status is WorkloadStatus.HEALTHY
     assert w.workload_type is WorkloadType.DEPLOYMENT
-    assert w.waypoint is None and w.services == () and w.network == ""
+    assert w.waypoint is None
+    assert w.services == ()
+    assert w.network == ""
     assert w.identity == SpiffeId(
         trust_domain="cluster.local", namespace="ns", service_account="default"
     )
@@ -155,7 +159,8 @@ def test_workload_full_fields() -> None:
     assert w.services_map["default/z.svc"] == (Port(service_port=1, target_port=2),)
     assert w.service_ports("default/none") is None
     assert w.identity.trust_domain == "td.example"
-    assert w.locality is not None and w.locality.subzone == ""
+    assert w.locality is not None
+    assert w.locality.subzone == ""
 
 
 def test_records_are_frozen_and_hashable() -> None:
@@ -181,7 +186,8 @@ def test_service_fields_and_key() -> None:
     assert s.key == "default/echo.default.svc.cluster.local"
     assert s.port(80) == Port(service_port=80, target_port=8080, app_protocol=AppProtocol.HTTP2)
     assert s.port(81) is None
-    assert s.waypoint is not None and s.waypoint.hbone_mtls_port == 15008
+    assert s.waypoint is not None
+    assert s.waypoint.hbone_mtls_port == 15008
     assert s.load_balancing is not None
     assert [p.value for p in s.load_balancing.routing_preference] == ["ZONE", "NODE"]
 
@@ -189,7 +195,9 @@ def test_service_fields_and_key() -> None:
 def test_authorization_defaults_and_key() -> None:
     p = parse_authorization({"name": "n", "namespace": "ns", "scope": "GLOBAL"})
     assert p.key == "ns/n"
-    assert p.action is Action.ALLOW and p.rules == () and p.scope is Scope.GLOBAL
+    assert p.action is Action.ALLOW
+    assert p.rules == ()
+    assert p.scope is Scope.GLOBAL
 
 
 @pytest.mark.parametrize(

@@ -496,21 +496,23 @@ OUTBOUND: list[
 ]
 
 
-@pytest.mark.parametrize(
-    ("src", "dst", "port", "kind", "target", "authority", "dest", "sas", "waypoint"),
-    [pytest.param(*row[1:], id=row[0]) for row in OUTBOUND],
-)
+@pytest.mark.parametrize("row", [pytest.param(row[1:], id=row[0]) for row in OUTBOUND])
 def test_plan_outbound(
-    src: str,
-    dst: str,
-    port: int,
-    kind: PlanKind,
-    target: tuple[str, int],
-    authority: str | None,
-    dest: str | None,
-    sas: tuple[str, ...],
-    waypoint: str | None,
+    row: tuple[
+        str,
+        str,
+        int,
+        PlanKind,
+        tuple[str, int],
+        str | None,
+        str | None,
+        tuple[str, ...],
+        str | None,
+    ],
 ) -> None:
+    """`row`: src, dst, port; expected kind, target, authority, destination uid, identities,
+    waypoint uid."""
+    src, dst, port, kind, target, authority, dest, sas, waypoint = row
     plan = plan_outbound(
         STATE,
         src_ip=src,
@@ -530,9 +532,11 @@ def test_plan_outbound(
     assert plan.refused is (kind in (PlanKind.NO_ENDPOINTS, PlanKind.REJECT))
     assert plan.response_flags == ("NR" if kind is PlanKind.NO_ENDPOINTS else "-")
     if "unknown source" in plan.reason or "self-call" in plan.reason:
-        assert kind is PlanKind.REJECT and plan.source is None
+        assert kind is PlanKind.REJECT
+        assert plan.source is None
     else:
-        assert plan.source is not None and str(plan.source.addresses[0]) == src
+        assert plan.source is not None
+        assert str(plan.source.addresses[0]) == src
         assert plan.source_identity == plan.source.identity
 
 
@@ -545,7 +549,8 @@ def test_outbound_service_is_reported() -> None:
         node="node-a",
         rng=random.Random(1),
     )
-    assert plan.service is not None and plan.service.name == "reviews"
+    assert plan.service is not None
+    assert plan.service.name == "reviews"
     plan = plan_outbound(
         STATE,
         src_ip="127.0.1.10",
@@ -554,7 +559,8 @@ def test_outbound_service_is_reported() -> None:
         node="node-a",
         rng=random.Random(1),
     )
-    assert plan.service is not None and plan.service.name == "empty"
+    assert plan.service is not None
+    assert plan.service.name == "empty"
     assert "no healthy endpoint" in plan.reason
 
 
@@ -622,7 +628,8 @@ def test_outbound_never_picks_unhealthy_waypoint() -> None:
             node="node-a",
             rng=random.Random(seed),
         )
-        assert plan.waypoint is not None and plan.waypoint.uid == "wp"
+        assert plan.waypoint is not None
+        assert plan.waypoint.uid == "wp"
 
 
 def test_outbound_network_scoping() -> None:
@@ -635,7 +642,8 @@ def test_outbound_network_scoping() -> None:
         rng=random.Random(0),
         network="remote",
     )
-    assert plan.kind is PlanKind.REJECT and "unknown source" in plan.reason
+    assert plan.kind is PlanKind.REJECT
+    assert "unknown source" in plan.reason
 
 
 def test_outbound_with_updated_state() -> None:
@@ -862,19 +870,12 @@ INBOUND: list[tuple[str, str, int, SpiffeId | None, str, str | None, Any, str]] 
 ]
 
 
-@pytest.mark.parametrize(
-    ("dst", "port", "src_identity", "conn_dst", "node", "expected", "detail"),
-    [pytest.param(*row[1:], id=row[0]) for row in INBOUND],
-)
-def test_plan_inbound(
-    dst: str,
-    port: int,
-    src_identity: SpiffeId | None,
-    conn_dst: str,
-    node: str | None,
-    expected: Any,
-    detail: str,
-) -> None:
+@pytest.mark.parametrize("row", [pytest.param(row[1:], id=row[0]) for row in INBOUND])
+def test_plan_inbound(row: tuple[str, int, SpiffeId | None, str, str | None, Any, str]) -> None:
+    """`row`: dst, port, source identity, the connection's destination, node; expected (target
+    ip, port, receiver, service, via waypoint) or an error class; a detail of the reason."""
+    dst, port, src_identity, conn_dst, node, expected, detail = row
+
     def run() -> InboundPlan:
         return plan_inbound(
             STATE,
@@ -922,7 +923,8 @@ def test_inbound_errors_carry_hbone_status(cls: type[HboneError], status: int) -
             src_ip="127.0.1.10",
             **cases[cls],
         )
-    assert type(ei.value) is cls and ei.value.status == status
+    assert type(ei.value) is cls
+    assert ei.value.status == status
 
 
 def test_outbound_then_inbound_agree() -> None:
@@ -935,7 +937,8 @@ def test_outbound_then_inbound_agree() -> None:
         node="node-a",
         rng=random.Random(0),
     )
-    assert out.kind is PlanKind.HBONE and out.authority is not None
+    assert out.kind is PlanKind.HBONE
+    assert out.authority is not None
     host, _, port = out.authority.rpartition(":")
     inbound = plan_inbound(
         STATE,

@@ -107,7 +107,8 @@ def test_unknown_when_key_makes_a_deny_deny_everything() -> None:
     )
     assert not allowed_l7(text, request(path="/public"))
     (pol,) = l7(text)
-    assert pol.findings[0].code == REFUSED and "request.regex" in pol.findings[0].message
+    assert pol.findings[0].code == REFUSED
+    assert "request.regex" in pol.findings[0].message
 
 
 def test_bad_ip_in_a_when_condition_fails_closed() -> None:
@@ -235,7 +236,8 @@ def test_http_only_fields_follow_istios_ztunnel_rule_at_l4() -> None:
         "  rules: [{to: [{operation: {ports: ['9080'], methods: [GET]}}]}]\n", "DENY", target=False
     )
     (a,) = l4_policies(allow)
-    assert a.rules == () and not evaluate_l4([a], conn()).allowed
+    assert a.rules == ()
+    assert not evaluate_l4([a], conn()).allowed
     (d,) = l4_policies(deny)
     assert not evaluate_l4([d], conn(port=9080)).allowed
     assert evaluate_l4([d], conn(port=80)).allowed
@@ -431,7 +433,8 @@ def test_empty_value_lists_fail_closed(spec: str) -> None:
     text = ap(spec)
     assert not allowed_l7(text, request(sa="sleep"))
     (pol,) = l7(text)
-    assert pol.fail_closed_l7 and any(f.code == INVALID for f in pol.findings)
+    assert pol.fail_closed_l7
+    assert any(f.code == INVALID for f in pol.findings)
     (l4,) = l4_policies(ap(spec, target=False))
     assert not evaluate_l4([l4], conn()).allowed
 
@@ -467,7 +470,8 @@ spec:
 {scope}  rules: [{{to: [{{operation: {{ports: ["9080"]}}}}]}}]
 """
     (pol,) = l7(text)
-    assert pol.fail_closed_l7 and any(f.code == INVALID for f in pol.findings)
+    assert pol.fail_closed_l7
+    assert any(f.code == INVALID for f in pol.findings)
     assert not allowed_l7(text, request())
     (l4,) = l4_policies(text)
     assert not evaluate_l4([l4], conn()).allowed

@@ -48,12 +48,15 @@ def example() -> MeshState:
 def test_example_indexes(example: MeshState) -> None:
     client = example.workload_by_address("127.0.1.10")
     server = example.workload_by_address(ipaddress.ip_address("127.0.2.10"))
-    assert client is not None and client.name == "client"
-    assert server is not None and server.name == "server"
+    assert client is not None
+    assert client.name == "client"
+    assert server is not None
+    assert server.name == "server"
     assert example.workload_by_address("127.0.1.10", network="other") is None
     assert example.workload_by_address("127.0.3.10") is None  # a VIP, not a workload
     svc = example.service_by_vip("127.0.3.10")
-    assert svc is not None and svc.key == ECHO
+    assert svc is not None
+    assert svc.key == ECHO
     assert example.service(ECHO) is svc
     assert example.service_by_vip("127.0.2.10") is None
     assert example.workload("Kubernetes//Pod/default/server") is server
@@ -71,7 +74,8 @@ def test_example_indexes(example: MeshState) -> None:
 def test_policies_for_example(example: MeshState) -> None:
     server = example.workload_by_address("127.0.2.10")
     client = example.workload_by_address("127.0.1.10")
-    assert server is not None and client is not None
+    assert server is not None
+    assert client is not None
     assert [p.key for p in example.policies_for(server)] == ["default/allow-sleep-to-echo"]
     assert example.policies_for(client) == ()
 
@@ -93,7 +97,8 @@ def test_policies_for_scopes() -> None:
         ],
     )
     a, b = state.workload("a"), state.workload("b")
-    assert a is not None and b is not None
+    assert a is not None
+    assert b is not None
     # GLOBAL everywhere; NAMESPACE by namespace; selector only when listed; unknown key ignored;
     # a listed NAMESPACE policy is not duplicated.
     assert [p.key for p in state.policies_for(a)] == [
@@ -212,15 +217,18 @@ def test_with_updates_last_upsert_wins_address() -> None:
     s = MeshState.build(workloads=[wl("old-pod", "10.0.0.1")])
     s2 = s.with_updates([wl("new-pod", "10.0.0.1")])
     found = s2.workload_by_address("10.0.0.1")
-    assert found is not None and found.uid == "new-pod"
+    assert found is not None
+    assert found.uid == "new-pod"
     # an unrelated later update does not hand the address back to the old pod
     s3 = s2.with_updates([wl("other", "10.0.0.2")])
     found = s3.workload_by_address("10.0.0.1")
-    assert found is not None and found.uid == "new-pod"
+    assert found is not None
+    assert found.uid == "new-pod"
     # once the new pod goes, the old one (still present) owns it again
     s4 = s3.with_updates(removals=["new-pod"])
     found = s4.workload_by_address("10.0.0.1")
-    assert found is not None and found.uid == "old-pod"
+    assert found is not None
+    assert found.uid == "old-pod"
 
 
 def test_with_updates_policy_upsert_changes_selection(example: MeshState) -> None:
@@ -246,7 +254,9 @@ def test_to_dump_round_trips(example: MeshState) -> None:
 
 def test_empty_and_repr() -> None:
     e = MeshState.empty()
-    assert e.workloads == () and e.services == () and e.policies == ()
+    assert e.workloads == ()
+    assert e.services == ()
+    assert e.policies == ()
     assert e.to_dump() == {"workloads": [], "services": [], "policies": []}
     assert repr(e) == "MeshState(workloads=0, services=0, policies=0)"
     assert e.workload_by_address("1.2.3.4") is None

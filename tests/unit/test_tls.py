@@ -21,6 +21,7 @@ from meshcore.identity import SpiffeId
 from meshcore.tls import ContextCache, client_context, server_context, verify_peer
 from tests.unit.certfixtures import (
     TD,
+    PeerChecks,
     handshake,
     key_pem,
     pem,
@@ -80,9 +81,12 @@ def test_handshake_both_sides_learn_peer_identity(
     alice: WorkloadCertificate, bob: WorkloadCertificate
 ) -> None:
     result = handshake(
-        server_context(alice), client_context(bob), client_expected=[ALICE, sid("apps", "carol")]
+        server_context(alice),
+        client_context(bob),
+        PeerChecks(client_expected=[ALICE, sid("apps", "carol")]),
     )
-    assert result.server_error is None and result.client_error is None
+    assert result.server_error is None
+    assert result.client_error is None
     assert result.server_peer == BOB
     assert result.client_peer == ALICE
     assert result.client_received == b"ok"
@@ -119,7 +123,8 @@ def test_handshake_details_tls13_h2_no_ticket(
             assert client.version() == "TLSv1.3"
             assert client.selected_alpn_protocol() == "h2"
             cipher = client.cipher()
-            assert cipher is not None and cipher[0] == "TLS_AES_256_GCM_SHA384"
+            assert cipher is not None
+            assert cipher[0] == "TLS_AES_256_GCM_SHA384"
             server.sendall(b"x")  # tickets (if any) would be sent before application data
             client.setblocking(True)
             client.settimeout(10)
@@ -151,7 +156,8 @@ def test_root_rollover_bundle(ca: MeshCA, alice: WorkloadCertificate) -> None:
         ALICE, alice.key_pem, alice.chain_pem, new.roots_pem
     )
     result = handshake(server_context(server_cert), client_context(client_cert))
-    assert result.server_error is None and result.server_peer == BOB
+    assert result.server_error is None
+    assert result.server_peer == BOB
     # the client trusts both roots too (new.roots_pem holds both), so it accepts the old-CA server
     assert result.client_peer == ALICE
 
@@ -199,7 +205,9 @@ def test_client_cert_from_other_ca_refused(ca: MeshCA, alice: WorkloadCertificat
     stranger = WorkloadCertificate.from_chain(
         BOB, issued.key_pem, issued.chain_pem, other.roots_pem + ca.roots_pem
     )
-    result = handshake(server_context(alice), client_context(stranger), client_verifies=False)
+    result = handshake(
+        server_context(alice), client_context(stranger), PeerChecks(client_verifies=False)
+    )
     assert _is_handshake_failure(result.server_error)
     assert "certificate verify failed" in str(result.server_error)
     assert result.server_peer is None
@@ -224,7 +232,9 @@ def test_other_trust_domain_refused_by_verify_peer(ca: MeshCA, alice: WorkloadCe
     server_cert = WorkloadCertificate.from_chain(
         ALICE, alice.key_pem, alice.chain_pem, ca.roots_pem + other.roots_pem
     )
-    result = handshake(server_context(server_cert), client_context(foreign), client_verifies=False)
+    result = handshake(
+        server_context(server_cert), client_context(foreign), PeerChecks(client_verifies=False)
+    )
     assert isinstance(result.server_error, PeerVerificationError)
     assert "in trust domain 'other.example', expected 'cluster.local'" in str(result.server_error)
     assert result.client_received == b""
@@ -232,10 +242,13 @@ def test_other_trust_domain_refused_by_verify_peer(ca: MeshCA, alice: WorkloadCe
 
 def test_expired_client_cert_refused(ca: MeshCA, alice: WorkloadCertificate) -> None:
     expired = ca.issue(BOB, now=real_now() - timedelta(days=2), ttl=timedelta(days=1))
-    result = handshake(server_context(alice), client_context(expired), client_verifies=False)
+    result = handshake(
+        server_context(alice), client_context(expired), PeerChecks(client_verifies=False)
+    )
     assert _is_handshake_failure(result.server_error)
     assert "certificate has expired" in str(result.server_error)
-    assert result.server_peer is None and result.client_received == b""
+    assert result.server_peer is None
+    assert result.client_received == b""
 
 
 def test_expired_server_cert_refused(ca: MeshCA, bob: WorkloadCertificate) -> None:
@@ -249,7 +262,9 @@ def test_server_san_not_expected_refused(
     alice: WorkloadCertificate, bob: WorkloadCertificate
 ) -> None:
     carol = sid("apps", "carol")
-    result = handshake(server_context(alice), client_context(bob), client_expected=[carol])
+    result = handshake(
+        server_context(alice), client_context(bob), PeerChecks(client_expected=[carol])
+    )
     assert isinstance(result.client_error, PeerVerificationError)
     assert str(result.client_error) == (f"peer {ALICE} is not an expected identity ({carol})")
     assert result.client_peer is None
@@ -258,7 +273,7 @@ def test_server_san_not_expected_refused(
 def test_client_san_not_expected_refused(
     alice: WorkloadCertificate, bob: WorkloadCertificate
 ) -> None:
-    result = handshake(server_context(alice), client_context(bob), server_expected=[])
+    result = handshake(server_context(alice), client_context(bob), PeerChecks(server_expected=[]))
     assert isinstance(result.server_error, PeerVerificationError)
     assert "not an expected identity (<none>)" in str(result.server_error)
 
@@ -270,7 +285,8 @@ def test_tls12_client_refused(alice: WorkloadCertificate, bob: WorkloadCertifica
     result = handshake(server_context(alice), legacy)
     assert _is_handshake_failure(result.server_error)
     assert _is_handshake_failure(result.client_error)
-    assert result.server_peer is None and result.client_peer is None
+    assert result.server_peer is None
+    assert result.client_peer is None
 
 
 def test_verify_peer_refuses_tls12(alice: WorkloadCertificate, bob: WorkloadCertificate) -> None:
@@ -312,7 +328,7 @@ def test_client_without_certificate_refused(alice: WorkloadCertificate) -> None:
     anonymous.check_hostname = False
     anonymous.load_verify_locations(cadata=alice.roots_pem.decode())
     anonymous.set_alpn_protocols(["h2"])
-    result = handshake(server_context(alice), anonymous, client_verifies=False)
+    result = handshake(server_context(alice), anonymous, PeerChecks(client_verifies=False))
     assert _is_handshake_failure(result.server_error)
     assert "certificate" in str(result.server_error).lower()
     assert result.client_received == b""
@@ -366,7 +382,7 @@ def test_peer_san_shape_refused(
         BOB, bob.key_pem, bob.chain_pem, bob.roots_pem + roots
     )
     result = handshake(
-        server_context(server_cert), client_context(client_cert), server_verifies=False
+        server_context(server_cert), client_context(client_cert), PeerChecks(server_verifies=False)
     )
     assert isinstance(result.client_error, PeerVerificationError)
     assert message in str(result.client_error)
@@ -377,7 +393,8 @@ def test_context_cache(ca: MeshCA, alice: WorkloadCertificate) -> None:
     s1 = cache.server(alice)
     assert cache.server(alice) is s1
     c1 = cache.client(alice)
-    assert c1 is not s1 and cache.client(alice) is c1
+    assert c1 is not s1
+    assert cache.client(alice) is c1
     assert len(cache) == 2
     rotated = ca.issue(ALICE, now=real_now())
     s2 = cache.server(rotated)

@@ -27,7 +27,8 @@ def test_round_robin_and_avoid() -> None:
     assert Counter(p.uid for p in picks if p) == {"e0": 2, "e1": 2, "e2": 2}
     for _ in range(10):
         p = c.pick(0.0, rng, avoid={"e0", "e1"})
-        assert p is not None and p.uid == "e2"
+        assert p is not None
+        assert p.uid == "e2"
 
 
 def test_least_request_prefers_idle_endpoints() -> None:
@@ -83,4 +84,5 @@ def test_update_keeps_counters_of_unchanged_endpoints() -> None:
     c.endpoints["e0"].consecutive_5xx = 2
     c.update([EndpointSpec(uid="e0", ip="10.0.0.0", port=80, identity=ID),
               EndpointSpec(uid="e9", ip="10.0.0.9", port=80, identity=ID)], c.policy)  # fmt: skip
-    assert c.endpoints["e0"].consecutive_5xx == 2 and set(c.endpoints) == {"e0", "e9"}
+    assert c.endpoints["e0"].consecutive_5xx == 2
+    assert set(c.endpoints) == {"e0", "e9"}

@@ -55,9 +55,11 @@ def test_content_length_request_and_keep_alive_pipelining() -> None:
     assert p.next_event() == Body(b"hello")
     assert p.next_event() == EndOfMessage()
     second = p.next_event()
-    assert isinstance(second, RequestHead) and second.target == "/b"
+    assert isinstance(second, RequestHead)
+    assert second.target == "/b"
     assert p.next_event() == EndOfMessage()
-    assert p.next_event() is None and p.idle
+    assert p.next_event() is None
+    assert p.idle
 
 
 def test_chunked_with_extensions_and_trailers() -> None:
@@ -129,7 +131,8 @@ def test_head_too_large_is_431() -> None:
 def test_response_framing(raw: bytes, method: str, body: bytes, until_close: bool) -> None:
     evs = events(Role.RESPONSE, raw, eof=True, method=method)
     head = evs[0]
-    assert isinstance(head, ResponseHead) and head.until_close is until_close
+    assert isinstance(head, ResponseHead)
+    assert head.until_close is until_close
     assert body_of(evs) == body
     assert isinstance(evs[-1], EndOfMessage)
 
@@ -138,19 +141,24 @@ def test_informational_response_then_final() -> None:
     p = Http1Parser(Role.RESPONSE)
     p.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
     first = p.next_event()
-    assert isinstance(first, ResponseHead) and first.informational
+    assert isinstance(first, ResponseHead)
+    assert first.informational
     assert p.next_event() == EndOfMessage()
     final = p.next_event()
-    assert isinstance(final, ResponseHead) and final.status == 200
+    assert isinstance(final, ResponseHead)
+    assert final.status == 200
 
 
 def test_keep_alive_rules() -> None:
     h10 = events(Role.REQUEST, b"GET / HTTP/1.0\r\n\r\n")[0]
-    assert isinstance(h10, RequestHead) and not h10.keep_alive
+    assert isinstance(h10, RequestHead)
+    assert not h10.keep_alive
     ka = events(Role.REQUEST, b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")[0]
-    assert isinstance(ka, RequestHead) and ka.keep_alive
+    assert isinstance(ka, RequestHead)
+    assert ka.keep_alive
     close = events(Role.REQUEST, b"GET / HTTP/1.1\r\nhost: x\r\nconnection: Close\r\n\r\n")[0]
-    assert isinstance(close, RequestHead) and not close.keep_alive
+    assert isinstance(close, RequestHead)
+    assert not close.keep_alive
 
 
 def test_strip_hop_by_hop_and_encoders() -> None:

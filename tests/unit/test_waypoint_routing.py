@@ -72,10 +72,11 @@ def test_seed_parses_exactly_as_written() -> None:
     routes = cfg.routes_for(HOST)
     assert len(routes) == 2
     beta = select_route(routes, req(headers=(("user-type", "beta-tester"),)))
-    assert beta is not None and [d.subset for d in beta.route.destinations] == ["v2"]
+    assert beta is not None
+    assert [d.subset for d in beta.route.destinations] == ["v2"]
     other = select_route(routes, req(headers=(("user-type", "beta-testerX"),)))
-    assert other is not None and [(d.subset, d.weight) for d in other.route.destinations] == [
-        ("v1", 90), ("v2", 10)]  # fmt: skip
+    assert other is not None
+    assert [(d.subset, d.weight) for d in other.route.destinations] == [("v1", 90), ("v2", 10)]
     assert other.route.retries == DEFAULT_RETRY
     rng = random.Random(1)
     picks = Counter(pick_destination(other.route.destinations, rng).subset for _ in range(10000))
@@ -161,7 +162,8 @@ spec:
 )
 def test_match_table(request_: RequestInfo, route: str) -> None:
     choice = select_route(compiled(MATCHES).routes_for(HOST), request_)
-    assert choice is not None and choice.route.name == route
+    assert choice is not None
+    assert choice.route.name == route
 
 
 def test_rewrite_of_matched_prefix_keeps_rest_and_query() -> None:
@@ -243,8 +245,10 @@ spec:
     assert rule.policy_for("", 8080).lb is LbPolicy.ROUND_ROBIN
     assert rule.policy_for("v1", 9080).lb is LbPolicy.LEAST_REQUEST
     pol = rule.policy_for("v2", 9080)
-    assert pol.pool.max_connections == 7 and pol.pool.max_pending == 3
-    assert pol.outlier is not None and pol.outlier.consecutive_5xx == 2
+    assert pol.pool.max_connections == 7
+    assert pol.pool.max_pending == 3
+    assert pol.outlier is not None
+    assert pol.outlier.consecutive_5xx == 2
     assert pol.outlier.base_ejection_time == 10.0
 
 
@@ -270,10 +274,12 @@ spec:
         return select_route(routes, req(path))
 
     exact = pick("/a/b")
-    assert exact is not None and exact.route.destinations[0].host.startswith("exact.")
+    assert exact is not None
+    assert exact.route.destinations[0].host.startswith("exact.")
     assert exact.route.timeout == 2.0
     longer = pick("/a/b/c")
-    assert longer is not None and longer.route.destinations[0].host.startswith("other.")
+    assert longer is not None
+    assert longer.route.destinations[0].host.startswith("other.")
     # PathPrefix matches whole segments: /abc is not under /a.
     assert pick("/abc") is None
 
@@ -292,7 +298,8 @@ spec:
     routes = compiled(text).routes_for(HOST)
     r = req("/old/x?q=1", authority="reviews:9080")
     choice = select_route(routes, r)
-    assert choice is not None and choice.route.redirect is not None
+    assert choice is not None
+    assert choice.route.redirect is not None
     assert choice.route.redirect.code == 308
     assert redirect_location(choice.route.redirect, choice, r) == "http://example.com:9080/new"
 
@@ -317,11 +324,14 @@ spec:
     cfg = compiled(text).config
     broken = next(p for p in cfg.policies if p.name == "broken")
     # An unreadable DENY stays a DENY that matches everything for its targets (fail closed).
-    assert broken.action is PolicyAction.DENY and broken.fail_closed_l7 and broken.error
+    assert broken.action is PolicyAction.DENY
+    assert broken.fail_closed_l7
+    assert broken.error
     assert [t.name for t in broken.targets] == ["reviews"]
     jwt = next(p for p in cfg.policies if p.name == "jwt")
     # requestPrincipals is evaluated by the waypoint (JWT, tests/unit/test_jwt.py).
-    assert jwt.action is PolicyAction.ALLOW and not jwt.fail_closed_l7
+    assert jwt.action is PolicyAction.ALLOW
+    assert not jwt.fail_closed_l7
 
 
 @pytest.mark.parametrize(
@@ -338,10 +348,15 @@ spec:
 def test_traceparent(incoming: str | None, keeps_trace: bool) -> None:
     out, trace, span = next_traceparent(incoming, random.Random(3))
     version, t, parent, flags = out.split("-")
-    assert version == "00" and parent == span and len(parent) == 16 and len(t) == 32
+    assert version == "00"
+    assert parent == span
+    assert len(parent) == 16
+    assert len(t) == 32
     if keeps_trace:
         assert incoming is not None
-        assert t == incoming.split("-")[1] and flags == incoming.split("-")[3]
+        assert t == incoming.split("-")[1]
+        assert flags == incoming.split("-")[3]
         assert parent != incoming.split("-")[2]
     else:
-        assert t == trace and flags == "01"
+        assert t == trace
+        assert flags == "01"
