@@ -1,7 +1,9 @@
 """Request/response plumbing shared by the HTTP/1.1 and HTTP/2 edges.
 
 Owns: the protocol-neutral `Request`, the `BodySource` and `Downstream` interfaces the edges
-implement, and `ReplayBody`, which lets retries and mirrors resend a request body.
+implement, `DecoratedDownstream` (a `Downstream` adding fields to whatever response head goes
+out: CORS, x-ratelimit-*), and `ReplayBody`, which lets retries and mirrors resend a request
+body.
 
 Invariants:
 - `ReplayBody` keeps at most `limit` bytes. Past that it drops what it kept and is no longer
@@ -56,6 +58,46 @@ class Downstream(Protocol):
         """Expect: 100-continue was stripped; tell the client to send its body."""
 
     def reset(self) -> None: ...
+
+
+class DecoratedDownstream:
+    """Delegates to `inner`, adding `extra` to the response head; the response's own fields
+    named in `replace` are dropped first (the waypoint's values win)."""
+
+    def __init__(
+        self, inner: Downstream, extra: Sequence[tuple[str, str]], replace: frozenset[str]
+    ) -> None:
+        self.inner = inner
+        self.extra = list(extra)
+        self.replace = replace
+
+    @property
+    def head_sent(self) -> bool:
+        return self.inner.head_sent
+
+    @head_sent.setter
+    def head_sent(self, value: bool) -> None:
+        self.inner.head_sent = value
+
+    async def send_head(
+        self, status: int, headers: Sequence[tuple[str, str]], *, content_length: int | None,
+        end: bool = False,
+    ) -> None:  # fmt: skip
+        kept = [(k, v) for k, v in headers if k not in self.replace]
+        await self.inner.send_head(status, kept + self.extra, content_length=content_length,
+                                   end=end)  # fmt: skip
+
+    async def send_data(self, data: bytes) -> None:
+        await self.inner.send_data(data)
+
+    async def send_end(self, trailers: Sequence[tuple[str, str]] = ()) -> None:
+        await self.inner.send_end(trailers)
+
+    async def send_continue(self) -> None:
+        await self.inner.send_continue()
+
+    def reset(self) -> None:
+        self.inner.reset()
 
 
 @dataclass(slots=True)

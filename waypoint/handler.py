@@ -75,7 +75,7 @@ from waypoint.protocol.route import (
     select_route,
 )
 from waypoint.protocol.trace import next_traceparent
-from waypoint.ratelimit import check_rate_limit
+from waypoint.ratelimit import check_rate_limit, limited_downstream
 
 log = logging.getLogger("waypoint")
 
@@ -375,7 +375,9 @@ class Handler:
             raise NoRoute(f"no route of {svc.hostname if svc else '?'} matches {path}")
         route = choice.route
         rec.route = f"{route.source}:{route.name}" if route.name else route.source
-        check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
+        limits = check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
+        if limits:
+            down = limited_downstream(down, limits)
         down, answered = await apply_cors(route.cors, req, down)  # CORS preflight: 200 here
         if answered is not None:
             rec.status = answered

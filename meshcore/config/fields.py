@@ -531,7 +531,7 @@ spec.rules[].backendRefs implemented -- weighted
 spec.rules[].backendRefs[].weight implemented
 """,
     "HTTPLocalRateLimitPolicy": """
-spec implemented -- Linkerd's policy.linkerd.io/v1alpha1 shape (see meshcore/config/ratelimit.py)
+spec implemented -- Linkerd's policy.linkerd.io/v1alpha1 shape (see meshcore/config/ratelimit.py); CRD in the chart, watched in Kubernetes; 429 and admitted responses carry x-ratelimit-* (Envoy DRAFT_VERSION_03)
 spec.targetRef implemented -- Service (per service), HTTPRoute (per route), Gateway (the waypoint)
 spec.targetRef.group implemented
 spec.targetRef.kind implemented
