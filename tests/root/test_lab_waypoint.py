@@ -28,6 +28,7 @@ from ambientctl.lab.demo_waypoint import (
     WAYPOINT_POD,
     apply_file,
     load,
+    resilience_demo,
     wait_app,
     within,
 )
@@ -175,35 +176,6 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     assert not system.netns_exists(wp.netns)
 
 
-RESILIENCE = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews-resilience, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews}}]
-    timeout: 5s
-    retries: {attempts: 2, perTryTimeout: 2s, retryOn: "5xx,connect-failure"}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews-resilience, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 50}, http: {http1MaxPendingRequests: 20}}
-    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
----
-apiVersion: policy.linkerd.io/v1alpha1
-kind: HTTPLocalRateLimitPolicy
-metadata: {name: reviews-rl, namespace: default}
-spec:
-  targetRef: {kind: Service, name: reviews}
-  total: {requestsPerSecond: 5}
-"""
-
-
 def _jwt_policies(jwks_text: str) -> str:
     return f"""
 apiVersion: security.istio.io/v1
@@ -229,9 +201,10 @@ def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None
     """Issue 17 through the lab's waypoint, configured by files in its manifests: a
     RequestAuthentication with an AuthorizationPolicy requiring a token on /secure (no token
     403, a valid token 200, a bad token 401; /secure, since the first test's deny-private stays
-    in the manifests), then the seed's resilience set on one route
-    (retry + timeout + circuit breaker + a local rate limit): requests over the limit get 429
-    with the RL flag in the waypoint's metrics."""
+    in the manifests), then the seed's resilience set on one route, the demo's step 6
+    (examples/lab-waypoint/config/resilience.yaml: retries on v1's 503s, outlier ejection after
+    exactly 3, the route timeout, 429s over the limit with the RL flag in the waypoint's
+    metrics, x-ratelimit-limit on admitted and refused responses)."""
     assert _apply(lab) == 0
     key = new_key("RS256")
     token = mint(key, "RS256", {"iss": "https://issuer.lab", "sub": "alice",
@@ -251,18 +224,10 @@ def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None
     assert load(lab, 5, url="http://reviews:9080/public")["status"] == {"200": 5}
     (lab.paths.manifests / jwt_file.name).unlink()
 
-    res_file = tmp_path / "resilience.yaml"
-    res_file.write_text(RESILIENCE)
-    apply_file(lab, res_file)
-    wait_config(lab, lambda c: any(x["name"] == "default/reviews-rl"
-                                   for x in c.get("rate_limits", [])), "rate limit")  # fmt: skip
-    r = load(lab, 60)
-    assert r["errors"] == 0 and r["status"].get("429", 0) > 0, r
-    assert r["status"].get("200", 0) >= 5, r
-    metrics = lab.waypoint_admin(WAYPOINT_POD, "/metrics")
-    assert any(line.startswith("istio_requests_total{") and 'response_code="429"' in line
-               and 'response_flags="RL"' in line for line in metrics.splitlines())  # fmt: skip
-    (lab.paths.manifests / res_file.name).unlink()
+    failed = resilience_demo(lab, print)
+    assert not failed, (failed, lab.paths.logs.joinpath("pod-default-waypoint-waypoint.log")
+                        .read_text()[-3000:])  # fmt: skip
+    (lab.paths.manifests / "resilience.yaml").unlink()
     assert _run(lab, "delete") == 0
 
 
