@@ -228,7 +228,7 @@ spec.targetRefs implemented -- the waypoint validates JWTs for the targets
 spec.jwtRules implemented -- an invalid token is 401; a request without token passes (an AuthorizationPolicy with requestPrincipals can require one)
 spec.jwtRules[].issuer implemented -- required; a token whose iss has no rule is 401
 spec.jwtRules[].audiences implemented -- the token's aud must contain one (none listed: any)
-spec.jwtRules[].jwksUri implemented -- fetched by the waypoint (http/https, 256 KiB, cached 20 min; unreachable: tokens of this issuer are 401)
+spec.jwtRules[].jwksUri implemented -- fetched by the waypoint (http/https, 256 KiB, cached 20 min; unreachable: tokens of this issuer are 401); neither jwksUri nor jwks: OpenID Connect discovery from <issuer>/.well-known/openid-configuration (as Istio)
 spec.jwtRules[].jwks implemented -- RS/PS/ES 256-512, EdDSA; HMAC (oct) keys are never used
 spec.jwtRules[].fromHeaders implemented
 spec.jwtRules[].fromHeaders[].name implemented
