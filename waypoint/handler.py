@@ -56,7 +56,7 @@ from waypoint.errors import (
 )
 from waypoint.metrics import RequestRecord
 from waypoint.protocol.authz import applicable, evaluate
-from waypoint.protocol.cluster import Admission, Cluster, EndpointStats, hash_key
+from waypoint.protocol.cluster import Admission, Cluster, EndpointStats, hash_cookie, hash_key
 from waypoint.protocol.hygiene import (
     XFCC,
     RequestRejected,
@@ -466,6 +466,13 @@ class Handler:
         authority = route.rewrite.authority if route.rewrite and route.rewrite.authority else (
             req.authority)  # fmt: skip
         headers = self._request_headers(req, route, dest, rec)
+        key: bytes | None = None
+        set_cookie: str | None = None
+        ch = cluster.policy.hash
+        if ch is not None:  # consistentHash: one key for every try
+            key = hash_key(ch, headers, target, rec.source_ip)
+            if key is None and ch.cookie and ch.cookie_ttl is not None:
+                key, set_cookie = hash_cookie(ch, ctx.rng)  # Envoy generates the cookie
         if req.expect_continue:
             await down.send_continue()
         for mirror in route.mirrors:
@@ -481,7 +488,9 @@ class Handler:
                 await self._admit(cluster)
                 admitted = True
                 resp = await self._tries(req, rec, cluster, route.retries, target, authority,
-                                         headers, replay)  # fmt: skip
+                                         headers, replay, key)  # fmt: skip
+                if set_cookie is not None:
+                    resp.headers = [*resp.headers, ("set-cookie", set_cookie)]
                 await self._respond(resp, down, rec, route, dest, req)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
@@ -536,6 +545,7 @@ class Handler:
     async def _tries(
         self, req: Request, rec: RequestRecord, cluster: Cluster, policy: RetryPolicy,
         target: str, authority: str, headers: list[tuple[str, str]], replay: ReplayBody,
+        key: bytes | None = None,
     ) -> UpstreamResponse:  # fmt: skip
         ctx = self.ctx
         upstream = self.upstreams[req.protocol]
@@ -547,7 +557,6 @@ class Handler:
             attempt += 1
             rec.attempts = attempt
             now = self._loop_time()
-            key = hash_key(cluster.policy.hash, headers, target, rec.source_ip)  # consistentHash
             ep = cluster.pick(now, ctx.rng, avoid, key)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")

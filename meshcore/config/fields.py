@@ -88,19 +88,21 @@ remove implemented
 _TRAFFIC_POLICY = """
 loadBalancer implemented
 loadBalancer.simple implemented -- ROUND_ROBIN, LEAST_REQUEST (LEAST_CONN), RANDOM, PASSTHROUGH
-loadBalancer.consistentHash implemented -- a ring of virtual nodes; the first usable endpoint clockwise from the key
+loadBalancer.consistentHash implemented -- a ring of virtual nodes (the first usable endpoint clockwise from the key) or a Maglev table
 loadBalancer.consistentHash.httpHeaderName implemented
 loadBalancer.consistentHash.httpCookie implemented
 loadBalancer.consistentHash.httpCookie.name implemented
-loadBalancer.consistentHash.httpCookie.path warned -- only used to generate a cookie (not implemented)
-loadBalancer.consistentHash.httpCookie.ttl warned -- the cookie is not generated: requests without it are balanced by simple
-loadBalancer.consistentHash.httpCookie.attributes warned -- only used to generate a cookie (not implemented)
+loadBalancer.consistentHash.httpCookie.path implemented -- Path of the generated cookie
+loadBalancer.consistentHash.httpCookie.ttl implemented -- set: a request without the cookie gets one generated (Set-Cookie name="<hex>"; Max-Age; HttpOnly; 0s: a session cookie), as Envoy
+loadBalancer.consistentHash.httpCookie.attributes implemented -- added to the generated cookie (RFC 6265 syntax checked)
+loadBalancer.consistentHash.httpCookie.attributes[].name implemented
+loadBalancer.consistentHash.httpCookie.attributes[].value implemented -- absent: a bare attribute (Secure)
 loadBalancer.consistentHash.useSourceIp implemented -- the downstream peer's IP
 loadBalancer.consistentHash.httpQueryParameterName implemented
 loadBalancer.consistentHash.ringHash implemented
 loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024, capped at 65537
-loadBalancer.consistentHash.maglev implemented -- served by the same ring (same stickiness, not Maglev's table)
-loadBalancer.consistentHash.maglev.tableSize implemented
+loadBalancer.consistentHash.maglev implemented -- a Maglev lookup table (NSDI 2016); an ejected or tried entry re-hashes the key
+loadBalancer.consistentHash.maglev.tableSize implemented -- a prime (as Envoy), default 65537, at most 65537
 loadBalancer.consistentHash.minimumRingSize implemented -- deprecated form of ringHash.minimumRingSize
 loadBalancer.localityLbSetting refused -- locality load balancing is not implemented
 loadBalancer.warmupDurationSecs warned -- slow start is not implemented

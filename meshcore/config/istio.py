@@ -439,10 +439,46 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                          port_overrides=tuple(overrides))  # fmt: skip
 
 
+_COOKIE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_COOKIE_VALUE = re.compile(r"^[\x21-\x3a\x3c-\x7e]*$")  # no CTLs, spaces or ';' (RFC 6265 §4.1.1)
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def _http_cookie(value: object, path: str) -> dict[str, Any]:
+    """``httpCookie`` {name, path, ttl, attributes} -> ConsistentHash fields (RFC 6265 syntax:
+    a bad name or attribute is a ConfigError rather than a header we would send)."""
+    c = read_map(value, path)
+    name = read_text(c.get("name"), f"{path}.name")
+    if not _COOKIE_TOKEN.match(name):
+        raise ConfigError(f"{path}.name", f"{name!r} is not a cookie name (RFC 6265 token)")
+    out: dict[str, Any] = {"cookie": name}
+    if c.get("path") is not None:
+        cpath = read_text(c.get("path"), f"{path}.path")
+        if not _COOKIE_VALUE.match(cpath):
+            raise ConfigError(f"{path}.path", f"{cpath!r} is not a cookie path")
+        out["cookie_path"] = cpath
+    if c.get("ttl") is not None:
+        out["cookie_ttl"] = parse_duration(c.get("ttl"), f"{path}.ttl")
+    attrs = []
+    for i, a in enumerate(read_seq(c.get("attributes") or [], f"{path}.attributes")):
+        am = read_map(a, f"{path}.attributes[{i}]")
+        an = read_text(am.get("name"), f"{path}.attributes[{i}].name")
+        av = am.get("value", "")
+        if not _COOKIE_TOKEN.match(an) or not isinstance(av, str) or not _COOKIE_VALUE.match(av):
+            raise ConfigError(f"{path}.attributes[{i}]", "not a cookie attribute (RFC 6265)")
+        attrs.append((an, av))
+    out["cookie_attributes"] = tuple(attrs)
+    return out
+
+
 def _consistent_hash(value: object, path: str) -> ConsistentHash:
-    """``consistentHash``: exactly one key of httpHeaderName, httpCookie (name), useSourceIp,
-    httpQueryParameterName; ``ringHash.minimumRingSize`` / ``maglev.tableSize`` /
-    ``minimumRingSize`` size the ring (Envoy's defaults: 1024 / 65537; capped at 65537)."""
+    """``consistentHash``: exactly one key of httpHeaderName, httpCookie, useSourceIp,
+    httpQueryParameterName; ``ringHash.minimumRingSize`` / ``minimumRingSize`` size the ring
+    (Envoy's default 1024, capped at 65537); ``maglev.tableSize`` sizes a Maglev table
+    (Envoy's default 65537; it must be prime, as Envoy requires; at most 65537 here)."""
     m = read_map(value, path)
     keys = [k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
             if m.get(k) not in (None, False)]  # fmt: skip
@@ -450,28 +486,29 @@ def _consistent_hash(value: object, path: str) -> ConsistentHash:
         raise ConfigError(path, "exactly one hash key is required (httpHeaderName, httpCookie, "
                                 "useSourceIp, httpQueryParameterName)")  # fmt: skip
     size = 1024
+    maglev = False
     if "ringHash" in m:
         size = read_int(read_map(m["ringHash"], f"{path}.ringHash").get("minimumRingSize", 1024),
                         f"{path}.ringHash.minimumRingSize", 1)  # fmt: skip
     elif "maglev" in m:
+        maglev = True
         size = read_int(read_map(m["maglev"], f"{path}.maglev").get("tableSize", 65537),
-                        f"{path}.maglev.tableSize", 1)  # fmt: skip
+                        f"{path}.maglev.tableSize", 1, 65537)  # fmt: skip
+        if not _is_prime(size):
+            raise ConfigError(f"{path}.maglev.tableSize", f"{size} is not a prime (Envoy)")
     elif "minimumRingSize" in m:
         size = read_int(m["minimumRingSize"], f"{path}.minimumRingSize", 1)
+    shape: dict[str, Any] = {"ring_size": min(size, 65537), "maglev": maglev}
     key = keys[0]
     if key == "httpHeaderName":
-        return ConsistentHash(header=read_text(m[key], f"{path}.{key}").lower(),
-                              ring_size=min(size, 65537))  # fmt: skip
+        return ConsistentHash(header=read_text(m[key], f"{path}.{key}").lower(), **shape)
     if key == "httpCookie":
-        c = read_map(m[key], f"{path}.{key}")
-        return ConsistentHash(cookie=read_text(c.get("name"), f"{path}.{key}.name"),
-                              ring_size=min(size, 65537))  # fmt: skip
+        return ConsistentHash(**_http_cookie(m[key], f"{path}.{key}"), **shape)
     if key == "useSourceIp":
         if m[key] is not True:
             raise ConfigError(f"{path}.{key}", "expected true")
-        return ConsistentHash(source_ip=True, ring_size=min(size, 65537))
-    return ConsistentHash(query_param=read_text(m[key], f"{path}.{key}"),
-                          ring_size=min(size, 65537))  # fmt: skip
+        return ConsistentHash(source_ip=True, **shape)
+    return ConsistentHash(query_param=read_text(m[key], f"{path}.{key}"), **shape)
 
 
 def parse_destination_rule(spec: Mapping[str, Any], ctx: Ctx, name: str) -> DestinationPolicy:

@@ -226,10 +226,18 @@ class ConsistentHash:
 
     header: str = ""
     cookie: str = ""
+    cookie_ttl: float | None = None
+    """``httpCookie.ttl``: set -> the waypoint generates the cookie when a request lacks it
+    (0: a session cookie), as Envoy does."""
+    cookie_path: str = ""
+    cookie_attributes: tuple[tuple[str, str], ...] = ()
+    """``httpCookie.attributes`` (name, value; value "" -> a bare attribute such as Secure)."""
     source_ip: bool = False
     query_param: str = ""
     ring_size: int = 1024
-    """Virtual nodes on the ring (``ringHash.minimumRingSize``, ``maglev.tableSize``)."""
+    """Virtual nodes on the ring (``ringHash.minimumRingSize``) or Maglev's table size."""
+    maglev: bool = False
+    """``maglev``: a Maglev lookup table of `ring_size` (a prime) entries instead of a ring."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

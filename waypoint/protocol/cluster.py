@@ -8,10 +8,15 @@ consecutive-error counters -> ejection), and `admit`/`release` (connectionPool l
 Semantics (Envoy, as Istio configures it from a DestinationRule):
 - LEAST_REQUEST: power of two random choices, fewer active requests wins; ROUND_ROBIN; RANDOM.
 - Consistent hash (``consistentHash``): a ring of ``ring_size`` virtual nodes spread over the
-  endpoints (Envoy's ring hash; maglev tables are served by the same ring: same stickiness);
-  the request's key (`hash_key`: a header, a cookie, the source IP or a query parameter) picks
-  the first usable endpoint clockwise, so ejected or already-tried endpoints are skipped and
-  every other key keeps its endpoint. A request without the key is balanced by `lb`.
+  endpoints (Envoy's ring hash); the request's key (`hash_key`: a header, a cookie, the source
+  IP or a query parameter) picks the first usable endpoint clockwise, so ejected or
+  already-tried endpoints are skipped and every other key keeps its endpoint. With ``maglev``,
+  a Maglev lookup table (Eisenbud et al., NSDI 2016, §3.4: per-endpoint offset/skip
+  permutations filled in turns) of ``tableSize`` entries over the endpoints: each endpoint
+  owns ~1/N of the table; a key whose entry is ejected or already tried is re-hashed (key +
+  attempt number) to another entry, so other keys never move. A request without the key is
+  balanced by `lb`; `hash_cookie` makes the cookie Envoy generates when ``httpCookie.ttl`` is
+  set and the request has none (the key is then the new cookie's value).
 - Outlier detection: ``consecutive5xxErrors`` 5xx responses (a connect failure or timeout counts
   as 5xx and as a gateway error) in a row eject the endpoint for ``baseEjectionTime`` x the
   number of times it was ejected; any non-5xx response resets the counters. At most
@@ -91,6 +96,8 @@ class Cluster:
     _rr: int = 0
     _ring: list[tuple[int, str]] = field(default_factory=list)
     _ring_key: tuple[int, tuple[str, ...]] = (0, ())
+    _table: list[str] = field(default_factory=list)
+    _table_key: tuple[int, tuple[str, ...]] = (0, ())
 
     def update(self, specs: Iterable[EndpointSpec], policy: TrafficPolicy) -> None:
         """New endpoint set (from a new mesh state): counters of endpoints that stay are kept."""
@@ -118,6 +125,14 @@ class Cluster:
             self._ring_key = (size, uids)
         return self._ring
 
+    def _table_for(self, size: int) -> list[str]:
+        """The Maglev lookup table (uids) for the current endpoints, rebuilt when they change."""
+        uids = tuple(sorted(self.endpoints))
+        if self._table_key != (size, uids):
+            self._table = maglev_table(uids, size)
+            self._table_key = (size, uids)
+        return self._table
+
     def pick(
         self, now: float, rng: random.Random, avoid: Collection[str] = (),
         key: bytes | None = None,
@@ -130,7 +145,15 @@ class Cluster:
             return None
         usable = [e for e in eps if not e.ejected(now)] or eps  # all ejected: panic
         fresh = [e for e in usable if e.uid not in avoid] or usable
-        if key is not None and self.policy.hash is not None:
+        if key is not None and self.policy.hash is not None and self.policy.hash.maglev:
+            table = self._table_for(self.policy.hash.ring_size)
+            ok = {e.uid for e in fresh}
+            for attempt in range(8 * len(eps) + 8):  # then `lb` (all but ~e^-8 of the time)
+                h = _hash64(key if attempt == 0 else key + b"#%d" % attempt)
+                uid = table[h % len(table)]
+                if uid in ok:
+                    return self.endpoints[uid]
+        elif key is not None and self.policy.hash is not None:
             ring = self._ring_for(self.policy.hash.ring_size)
             ok = {e.uid for e in fresh}
             start = bisect.bisect_left(ring, (_hash64(key), ""))
@@ -218,6 +241,52 @@ class Cluster:
 
 def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def maglev_table(names: Sequence[str], size: int) -> list[str]:
+    """Maglev's lookup table (NSDI 2016, §3.4, Pseudocode 1) of `size` (a prime) entries:
+    endpoint i visits the slots ``(offset_i + j * skip_i) % size`` and, in turns, takes the
+    first one still free; the result gives every endpoint ``size / N`` (+-1) slots."""
+    if not names:
+        return []
+    perms = []
+    for name in names:
+        h = hashlib.blake2b(name.encode(), digest_size=16).digest()
+        offset = int.from_bytes(h[:8], "big") % size
+        skip = int.from_bytes(h[8:], "big") % (size - 1) + 1 if size > 1 else 1
+        perms.append([offset, skip])
+    table: list[str] = [""] * size
+    filled = 0
+    while True:
+        for i, name in enumerate(names):
+            offset, skip = perms[i]
+            c = offset
+            while table[c]:
+                offset = (offset + skip) % size
+                c = offset
+            table[c] = name
+            perms[i][0] = (offset + skip) % size
+            filled += 1
+            if filled == size:
+                return table
+
+
+def hash_cookie(policy: ConsistentHash, rng: random.Random) -> tuple[bytes, str]:
+    """(hash key, ``set-cookie`` value) of a cookie the waypoint generates for a request
+    without one, as Envoy's cookie hash policy with a ``ttl`` does: ``name="<16 hex>"`` with
+    ``Max-Age`` (none when the ttl is 0: a session cookie), ``Path``, the configured attributes
+    and ``HttpOnly``. Envoy derives the value from the downstream address and port (one per
+    connection); the waypoint draws it from `rng` (one per client session, same spread)."""
+    value = f"{rng.getrandbits(64):016x}"
+    parts = [f'{policy.cookie}="{value}"']
+    ttl = policy.cookie_ttl or 0.0
+    if ttl > 0:
+        parts.append(f"Max-Age={int(ttl)}")
+    if policy.cookie_path:
+        parts.append(f"Path={policy.cookie_path}")
+    parts.extend(f"{n}={v}" if v else n for n, v in policy.cookie_attributes)
+    parts.append("HttpOnly")
+    return value.encode(), "; ".join(parts)
 
 
 def hash_key(
