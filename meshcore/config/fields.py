@@ -104,7 +104,15 @@ loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024
 loadBalancer.consistentHash.maglev implemented -- a Maglev lookup table (NSDI 2016); an ejected or tried entry re-hashes the key
 loadBalancer.consistentHash.maglev.tableSize implemented -- a prime (as Envoy), default 65537, at most 65537
 loadBalancer.consistentHash.minimumRingSize implemented -- deprecated form of ringHash.minimumRingSize
-loadBalancer.localityLbSetting refused -- locality load balancing is not implemented
+loadBalancer.localityLbSetting implemented -- the waypoint's locality (its node's topology labels) is the client's; failover priorities need outlierDetection (as Istio)
+loadBalancer.localityLbSetting.enabled implemented -- default true (Istio's mesh default)
+loadBalancer.localityLbSetting.distribute implemented -- locality weights x availability (Envoy's 1.4 overprovisioning); excludes failover
+loadBalancer.localityLbSetting.distribute[].from implemented -- region[/zone[/subzone]]; '*' or a missing segment matches any (Istio)
+loadBalancer.localityLbSetting.distribute[].to implemented map -- weights sum to 100; unlisted localities get none
+loadBalancer.localityLbSetting.failover implemented -- priorities: same zone+subzone, zone, region, the failover region, others; Envoy's health spill-over
+loadBalancer.localityLbSetting.failover[].from implemented -- region
+loadBalancer.localityLbSetting.failover[].to implemented -- region
+loadBalancer.localityLbSetting.failoverPriority implemented -- ordered labels (topology.kubernetes.io/region|zone, topology.istio.io/subzone|network, pod labels); label=value entries and use with failover are refused
 loadBalancer.warmupDurationSecs warned -- slow start is not implemented
 loadBalancer.warmup warned -- slow start is not implemented
 connectionPool implemented

@@ -42,6 +42,7 @@ from meshcore.config.routes import (
     HeaderOps,
     HttpRoute,
     LbPolicy,
+    LocalityLb,
     Mirror,
     OutlierDetection,
     Redirect,
@@ -370,6 +371,7 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
     m = read_map(value, path)
     lb = LbPolicy.LEAST_REQUEST
     chash: ConsistentHash | None = None
+    locality = LocalityLb()
     if "loadBalancer" in m:
         lbm = read_map(m["loadBalancer"], f"{path}.loadBalancer")
         if "simple" in lbm:
@@ -384,6 +386,10 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                 ) from None
         if "consistentHash" in lbm:
             chash = _consistent_hash(lbm["consistentHash"], f"{path}.loadBalancer.consistentHash")
+        if lbm.get("localityLbSetting") is not None:
+            locality = _locality_lb(
+                lbm["localityLbSetting"], f"{path}.loadBalancer.localityLbSetting"
+            )
     outlier = None
     if "outlierDetection" in m:
         o = read_map(m["outlierDetection"], f"{path}.outlierDetection")
@@ -436,7 +442,63 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
             )
             overrides.append((number, _traffic_policy(pm, pp, ctx, nested=False)))
     return TrafficPolicy(lb=lb, hash=chash, outlier=outlier, pool=pool,
-                         port_overrides=tuple(overrides))  # fmt: skip
+                         port_overrides=tuple(overrides), locality=locality)  # fmt: skip
+
+
+_LOCALITY = re.compile(r"^([^/*]+|\*)(/([^/*]+|\*)){0,2}$")
+
+
+def _locality_pattern(value: object, path: str) -> str:
+    """``region[/zone[/subzone]]``, each segment a name or ``*`` (Istio matches segment by
+    segment; ``*`` or a missing segment matches any)."""
+    text = read_text(value, path)
+    if not _LOCALITY.match(text):
+        raise ConfigError(path, f"{text!r} is not a locality (region[/zone[/subzone]])")
+    return text
+
+
+def _locality_lb(value: object, path: str) -> LocalityLb:
+    """``localityLbSetting`` (Istio networking/v1 LocalityLoadBalancerSetting): ``distribute``
+    weights must sum to 100 per ``from``; ``distribute`` excludes ``failover``; a failover's
+    ``from`` and ``to`` are different regions (Istio's validation). ``failover`` together
+    with ``failoverPriority`` is not implemented (refused)."""
+    m = read_map(value, path)
+    enabled = m.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{path}.enabled", "expected a boolean")
+    dist: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+    for i, d in enumerate(read_seq(m.get("distribute"), f"{path}.distribute")):
+        dp = f"{path}.distribute[{i}]"
+        dm = read_map(d, dp)
+        src = _locality_pattern(dm.get("from"), f"{dp}.from")
+        to = read_map(dm.get("to"), f"{dp}.to")
+        weights = tuple(
+            (_locality_pattern(k, f"{dp}.to"), read_int(w, f"{dp}.to[{k}]", 0, 100))
+            for k, w in to.items()
+        )
+        if sum(w for _k, w in weights) != 100:
+            raise ConfigError(f"{dp}.to", "weights must sum to 100")
+        dist.append((src, weights))
+    fail: list[tuple[str, str]] = []
+    for i, f in enumerate(read_seq(m.get("failover"), f"{path}.failover")):
+        fp = f"{path}.failover[{i}]"
+        fm = read_map(f, fp)
+        a, b = read_text(fm.get("from"), f"{fp}.from"), read_text(fm.get("to"), f"{fp}.to")
+        if a == b:
+            raise ConfigError(fp, "from and to must be different regions")
+        fail.append((a, b))
+    prio = tuple(
+        read_text(x, f"{path}.failoverPriority[{i}]")
+        for i, x in enumerate(read_seq(m.get("failoverPriority"), f"{path}.failoverPriority"))
+    )
+    if any("=" in x for x in prio):
+        raise ConfigError(f"{path}.failoverPriority", "label=value entries are not implemented")
+    if dist and (fail or prio):
+        raise ConfigError(path, "distribute cannot be combined with failover/failoverPriority")
+    if fail and prio:
+        raise ConfigError(path, "failover together with failoverPriority is not implemented")
+    return LocalityLb(enabled=enabled, distribute=tuple(dist), failover=tuple(fail),
+                      failover_priority=prio)  # fmt: skip
 
 
 _COOKIE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

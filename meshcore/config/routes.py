@@ -241,6 +241,21 @@ class ConsistentHash:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LocalityLb:
+    """DestinationRule ``loadBalancer.localityLbSetting`` (Istio's mesh default: enabled, no
+    rules: locality-prioritized failover whenever outlier detection is configured)."""
+
+    enabled: bool = True
+    distribute: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    """(from locality pattern, ((to locality pattern, weight percent), ...))."""
+    failover: tuple[tuple[str, str], ...] = ()
+    """(from region, to region)."""
+    failover_priority: tuple[str, ...] = ()
+    """Ordered labels (``topology.kubernetes.io/region|zone``, ``topology.istio.io/subzone``,
+    ``topology.istio.io/network`` or pod labels)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficPolicy:
     lb: LbPolicy = LbPolicy.LEAST_REQUEST
     """Istio's default is LEAST_REQUEST."""
@@ -249,6 +264,7 @@ class TrafficPolicy:
     outlier: OutlierDetection | None = None
     pool: ConnectionPool = ConnectionPool()
     port_overrides: tuple[tuple[int, TrafficPolicy], ...] = ()
+    locality: LocalityLb = LocalityLb()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
