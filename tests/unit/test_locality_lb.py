@@ -116,7 +116,8 @@ def test_without_outlier_detection_there_is_no_failover_priority() -> None:
 def test_failover_priority_labels() -> None:
     pol = policy(OD + "\n    loadBalancer: {localityLbSetting: {failoverPriority: "
                  "[topology.kubernetes.io/region, tier]}}")  # fmt: skip
-    labels = {"a": (("tier", "gold"),), "c": (("tier", "gold"),), "d": (("tier", "gold"),)}
+    gold: tuple[tuple[str, str], ...] = (("tier", "gold"),)
+    labels = {"a": gold, "c": gold, "d": gold}
     # region1+gold: a, c -> 0; region1 only: b -> 1; others -> 2.
     assert priorities(pol, ORIGIN, specs(labels)) == [0, 1, 0, 2, 2]
     c = Cluster(name="c", policy=pol)
