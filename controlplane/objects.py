@@ -29,7 +29,7 @@ from meshcore.config.authorization import AuthzPolicy, parse_policy
 from meshcore.config.labels import Labels as Labels
 from meshcore.errors import ConfigError
 
-CORE_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount")
+CORE_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount", "Node")
 ISTIO_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 STORED_KINDS = (
     "VirtualService",
@@ -570,6 +570,11 @@ def parse_object(raw: object) -> KubeObject:
     if kind == "ServiceAccount":
         ns, name, labels, _w = _meta(raw, kind, True)
         return ServiceAccount(namespace=ns, name=name, labels=labels)
+    if kind == "Node":
+        # Only its labels are read (locality: topology.kubernetes.io/region|zone,
+        # topology.istio.io/subzone); stored cluster-scoped (namespace "").
+        _ns, name, labels, _w = _meta(raw, kind, False)
+        return StoredObject(kind="Node", namespace="", name=name, labels=labels)
     if kind == "AuthorizationPolicy":
         return _parse_authorization_policy(raw)
     if kind == "PeerAuthentication":

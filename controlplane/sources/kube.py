@@ -78,6 +78,7 @@ class KindSpec:
 
 KINDS = (
     KindSpec(kind="Namespace", group="", version="v1", plural="namespaces", namespaced=False),
+    KindSpec(kind="Node", group="", version="v1", plural="nodes", namespaced=False),
     KindSpec(kind="Pod", group="", version="v1", plural="pods"),
     KindSpec(kind="Service", group="", version="v1", plural="services"),
     KindSpec(kind="ServiceAccount", group="", version="v1", plural="serviceaccounts"),

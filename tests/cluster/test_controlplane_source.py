@@ -8,7 +8,7 @@ resourceVersion without a re-list and lose no event; an API server restart (ever
 the server down for a moment) loses no event either; a real Service (ClusterIP allocated by the
 API server) and a PeerAuthentication translate into workload records; an
 HTTPLocalRateLimitPolicy (the chart's CRD) is validated by the server, watched and served to
-waypoints.
+waypoints; a Node's topology labels give its pods their locality.
 Stays on the stand-in (tests/loopback/test_controlplane_kube.py), because a real API server
 cannot be made to do it on demand: 410 Gone after a compaction (its watch cache serves old
 resourceVersions), immediate bookmarks (a real server sends them about once a minute), and
@@ -101,7 +101,12 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
     ns = "src-translate"
     objects.namespace(kube, ns, **{"istio.io/dataplane-mode": "ambient"})
     objects.service_account(kube, ns, "web")
-    objects.pod(kube, ns, "web", node_name="src-node", sa="web", ip="10.3.0.1")
+    # The pod's locality comes from its Node's topology labels (read with the chart's RBAC).
+    objects.node(kube, "zoned-node")
+    topology = {"topology.kubernetes.io/region": "r1", "topology.kubernetes.io/zone": "z1"}
+    patch = {"metadata": {"labels": topology}}
+    objects.ok(kube.request("PATCH", "/api/v1/nodes/zoned-node", patch, content_type=objects.MERGE))
+    objects.pod(kube, ns, "web", node_name="zoned-node", sa="web", ip="10.3.0.1")
     svc = objects.ok(
         kube.request(
             "POST",
@@ -162,6 +167,8 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
                 for r in t.records()
                 if isinstance(r, Workload) and r.uid == f"Kubernetes//Pod/{ns}/web"
             )
+            assert w.locality is not None
+            assert (w.locality.region, w.locality.zone) == ("r1", "z1")
             port = w.services_map[f"{ns}/web.{ns}.svc.cluster.local"][0]
             assert port.target_port == 8080
             assert "istio-system/istio_converted_static_strict" in w.authorization_policies
