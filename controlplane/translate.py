@@ -181,8 +181,11 @@ def mesh_wide(snapshot: StoreSnapshot, opts: TranslateOptions) -> MeshWide:
     for obj in cluster_scoped.stored.values() if cluster_scoped is not None else ():
         if obj.kind == "Node":
             lab = dict(obj.labels)
-            loc = Locality(region=lab.get(REGION_LABEL, ""), zone=lab.get(ZONE_LABEL, ""),
-                           subzone=lab.get(SUBZONE_LABEL, ""))  # fmt: skip
+            loc = Locality(
+                region=lab.get(REGION_LABEL, ""),
+                zone=lab.get(ZONE_LABEL, ""),
+                subzone=lab.get(SUBZONE_LABEL, ""),
+            )
             if loc != Locality():
                 localities.append((obj.name, loc))
     return MeshWide(

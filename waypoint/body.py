@@ -86,12 +86,17 @@ class DecoratedDownstream:
         self.inner.head_sent = value
 
     async def send_head(
-        self, status: int, headers: Sequence[tuple[str, str]], *, content_length: int | None,
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        *,
+        content_length: int | None,
         end: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         kept = [(k, v) for k, v in headers if k not in self.replace]
-        await self.inner.send_head(status, kept + self.extra, content_length=content_length,
-                                   end=end)  # fmt: skip
+        await self.inner.send_head(
+            status, kept + self.extra, content_length=content_length, end=end
+        )
 
     async def send_data(self, data: bytes) -> None:
         await self.inner.send_data(data)

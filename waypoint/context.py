@@ -180,8 +180,9 @@ class WaypointContext:
         me = self.me
         if me is None:
             return Origin(network=self.settings.network)
-        return Origin(locality=_locality(me), network=me.network,
-                      labels=tuple(self.labels(me).items()))  # fmt: skip
+        return Origin(
+            locality=_locality(me), network=me.network, labels=tuple(self.labels(me).items())
+        )
 
     def service_by_host(self, host: str) -> Service | None:
         if self._svc_gen != self.generation:

@@ -732,8 +732,8 @@ class Handler:
         except Exception as err:  # mirrors never affect the real request
             dropped = isinstance(body, MirrorTap) and body.dropped
             counts.labels("dropped" if dropped else "failed").inc()
-            log.info("mirror to %s %s: %s", dest.host, "dropped" if dropped else "failed",
-                     err or type(err).__name__)  # fmt: skip
+            outcome = "dropped" if dropped else "failed"
+            log.info("mirror to %s %s: %s", dest.host, outcome, err or type(err).__name__)
         finally:
             if isinstance(body, MirrorTap):
                 body.on_drop = None  # this task is ending: nothing to cancel

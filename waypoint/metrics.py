@@ -118,9 +118,12 @@ class WaypointMetrics:
             registry=r,
         )  # fmt: skip
         self.mirrors = Counter(
-            "waypoint_mirror_requests", "Mirror copies by result: completed, failed, dropped "
-            "(fell behind the request), skipped (too many in flight)", ["result"], registry=r,
-        )  # fmt: skip
+            "waypoint_mirror_requests",
+            "Mirror copies by result: completed, failed, dropped (fell behind the request), "
+            "skipped (too many in flight)",
+            ["result"],
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.log_enabled = True
 

@@ -105,33 +105,56 @@ def resilience_demo(lab: Lab, say: Any) -> list[str]:
     (lab.paths.manifests / "reviews-route.yaml").unlink(missing_ok=True)  # one route for reviews
     apply_file(lab, EXAMPLE / "config" / "resilience.yaml")
     if not wait_waypoint_config(
-        lab, lambda c: any(x["name"] == "default/reviews-rl" for x in c.get("rate_limits", []))
-        and any(t["name"] == "default/reviews-resilience" for t in c["route_tables"]),
+        lab,
+        lambda c: (
+            any(x["name"] == "default/reviews-rl" for x in c.get("rate_limits", []))
+            and any(t["name"] == "default/reviews-resilience" for t in c["route_tables"])
+        ),
         "resilience set",
-    ):  # fmt: skip
+    ):
         return ["the waypoint never got the resilience set"]
     logs = [lab.paths.logs / f"pod-default-reviews-{v}.log" for v in ("v1", "v2")]
     before = [p.read_text().count("/flaky") for p in logs]
     # Paced under the limit (5/s < 10/s): retries and outlier detection alone decide.
     r = load(lab, 20, "--pace=0.2", url="http://reviews:9080/flaky/x")
-    check(r["status"] == {"200": 20} and r["versions"] == {"v2": 20},
-          "GET /flaky x20 (v1 answers 503): retried on v2", r["status"])  # fmt: skip
+    check(
+        r["status"] == {"200": 20} and r["versions"] == {"v2": 20},
+        "GET /flaky x20 (v1 answers 503): retried on v2",
+        r["status"],
+    )
     seen = [p.read_text().count("/flaky") - b for p, b in zip(logs, before, strict=True)]
     check(seen[0] == 3, "v1 saw consecutive5xxErrors=3 of them, then was ejected", seen[0])
-    check(r["ratelimit"] == {"200:10": 20}, "admitted responses carry x-ratelimit-limit",
-          r["ratelimit"])  # fmt: skip
+    check(
+        r["ratelimit"] == {"200:10": 20},
+        "admitted responses carry x-ratelimit-limit",
+        r["ratelimit"],
+    )
     r = load(lab, 1, url="http://reviews:9080/sleep/5")
-    check(r["status"] == {"504": 1} and r["seconds"] < 4.5,
-          "GET /sleep/5: route timeout 2.5s (perTryTimeout 1s, retried)",
-          (r["status"], r["seconds"]))  # fmt: skip
+    check(
+        r["status"] == {"504": 1} and r["seconds"] < 4.5,
+        "GET /sleep/5: route timeout 2.5s (perTryTimeout 1s, retried)",
+        (r["status"], r["seconds"]),
+    )
     r = load(lab, 60)
-    check(r["errors"] == 0 and r["status"].get("429", 0) > 0 and r["status"].get("200", 0) >= 5
-          and r["ratelimit"].get("429:10", 0) == r["status"].get("429", 0),
-          "60 back-to-back requests over 10/s: 429 local_rate_limited", r["status"])  # fmt: skip
+    check(
+        r["errors"] == 0
+        and r["status"].get("429", 0) > 0
+        and r["status"].get("200", 0) >= 5
+        and r["ratelimit"].get("429:10", 0) == r["status"].get("429", 0),
+        "60 back-to-back requests over 10/s: 429 local_rate_limited",
+        r["status"],
+    )
     metrics = lab.waypoint_admin(WAYPOINT_POD, "/metrics")
-    check(any(ln.startswith("istio_requests_total{") and 'response_code="429"' in ln
-              and 'response_flags="RL"' in ln for ln in metrics.splitlines()),
-          "istio_requests_total has 429 with response_flags RL", "")  # fmt: skip
+    check(
+        any(
+            ln.startswith("istio_requests_total{")
+            and 'response_code="429"' in ln
+            and 'response_flags="RL"' in ln
+            for ln in metrics.splitlines()
+        ),
+        "istio_requests_total has 429 with response_flags RL",
+        "",
+    )
     return failed
 
 

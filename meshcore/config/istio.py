@@ -497,8 +497,9 @@ def _locality_lb(value: object, path: str) -> LocalityLb:
         raise ConfigError(path, "distribute cannot be combined with failover/failoverPriority")
     if fail and prio:
         raise ConfigError(path, "failover together with failoverPriority is not implemented")
-    return LocalityLb(enabled=enabled, distribute=tuple(dist), failover=tuple(fail),
-                      failover_priority=prio)  # fmt: skip
+    return LocalityLb(
+        enabled=enabled, distribute=tuple(dist), failover=tuple(fail), failover_priority=prio
+    )
 
 
 _COOKIE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

@@ -29,8 +29,10 @@ from tests.loopback.test_waypoint_websocket import DENY, _H2Client
 async def _h1(path: str) -> tuple[bytes, bytes]:
     """(what came before the body was sent, the rest until the connection closed)."""
     reader, writer = await asyncio.open_connection(REVIEWS_VIP, PORT, local_addr=(CLIENT_IP, 0))
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: reviews:{PORT}\r\nContent-Length: 5\r\n"
-                 "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: reviews:{PORT}\r\nContent-Length: 5\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n".encode()
+    )
     async with asyncio.timeout(10):
         first = await reader.readuntil(b"\r\n\r\n")
         if first.startswith(b"HTTP/1.1 100"):
@@ -79,15 +81,26 @@ def test_expect_100_continue_on_http1_and_http2(tmp_path: Path) -> None:
             try:
                 for path, admitted in (("/echo.Echo/Say", True), ("/echo.Echo/Denied", False)):
                     sid = c.conn.get_next_available_stream_id()
-                    c.conn.send_headers(sid, [
-                        (":method", "POST"), (":scheme", "http"), (":path", path),
-                        (":authority", f"grpc:{GRPC_PORT}"), ("content-type", "application/grpc"),
-                        ("te", "trailers"), ("expect", "100-continue")])  # fmt: skip
+                    c.conn.send_headers(
+                        sid,
+                        [
+                            (":method", "POST"),
+                            (":scheme", "http"),
+                            (":path", path),
+                            (":authority", f"grpc:{GRPC_PORT}"),
+                            ("content-type", "application/grpc"),
+                            ("te", "trailers"),
+                            ("expect", "100-continue"),
+                        ],
+                    )
                     c.flush()
 
                     def interim(sid: int = sid) -> bool:
-                        return any(isinstance(ev, h2.events.InformationalResponseReceived)
-                                   and ev.stream_id == sid for ev in c.events)  # fmt: skip
+                        return any(
+                            isinstance(ev, h2.events.InformationalResponseReceived)
+                            and ev.stream_id == sid
+                            for ev in c.events
+                        )
 
                     def final(sid: int = sid) -> bool:
                         return c.status(sid) is not None
@@ -102,10 +115,13 @@ def test_expect_100_continue_on_http1_and_http2(tmp_path: Path) -> None:
                         assert c.status(sid) == "200"
                         assert c.data(sid) == grpc_frame(b"grpc-v1:hi")
                     else:
-                        grpc_status = [v for ev in c.events
-                                       if isinstance(ev, h2.events.ResponseReceived)
-                                       and ev.stream_id == sid for k, v in ev.headers or []
-                                       if k in ("grpc-status", b"grpc-status")]  # fmt: skip
+                        grpc_status = [
+                            v
+                            for ev in c.events
+                            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid
+                            for k, v in ev.headers or []
+                            if k in ("grpc-status", b"grpc-status")
+                        ]
                         assert grpc_status in (["7"], [b"7"]), c.events  # PERMISSION_DENIED
             finally:
                 c.writer.close()

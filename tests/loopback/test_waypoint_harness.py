@@ -262,9 +262,15 @@ async def _sink(backend: Backend, request: web.Request) -> web.StreamResponse:
     """``/sink``: count the body without keeping it (large bodies); the shadow pod reads
     slowly (16 KiB per 0.1 s) when the request has ``x-test-slow-shadow``. The record's
     ``body_len`` grows as bytes arrive; ``complete`` says whether the body ended."""
-    record: dict[str, Any] = {"path": request.path_qs, "method": request.method,
-                              "headers": dict(request.headers), "body_len": 0,
-                              "host": request.host, "peer": "", "complete": False}  # fmt: skip
+    record: dict[str, Any] = {
+        "path": request.path_qs,
+        "method": request.method,
+        "headers": dict(request.headers),
+        "body_len": 0,
+        "host": request.host,
+        "peer": "",
+        "complete": False,
+    }
     backend.requests.append(record)
     slow = backend.name == "shadow" and "x-test-slow-shadow" in request.headers
     try:

@@ -54,8 +54,10 @@ def test_locality_failover_follows_ejections(tmp_path: Path) -> None:
     # main: localityLbSetting was refused: the DestinationRule was not applied, and without
     # localities every endpoint took traffic.
     async def main() -> None:
-        async with waypoint_mesh(tmp_path, DR, NO_RETRY, config=config()) as mesh, \
-                mesh.session() as s:  # fmt: skip
+        async with (
+            waypoint_mesh(tmp_path, DR, NO_RETRY, config=config()) as mesh,
+            mesh.session() as s,
+        ):
             pods = mesh.backends.pods
 
             async def versions(n: int) -> Counter[str]:
@@ -77,6 +79,9 @@ def test_locality_failover_follows_ejections(tmp_path: Path) -> None:
             clusters = mesh.waypoint.ctx.clusters
             (cluster,) = [c for _g, c in clusters.values() if c.name.startswith("reviews.")]
             assert {e.uid: e.priority for e in cluster.endpoints.values()} == {
-                "reviews-v1": 0, "reviews-v2": 2, "reviews-v3": 3}  # fmt: skip
+                "reviews-v1": 0,
+                "reviews-v2": 2,
+                "reviews-v3": 3,
+            }
 
     run(main())

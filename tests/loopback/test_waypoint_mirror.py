@@ -47,9 +47,10 @@ def test_64mib_body_is_mirrored_streaming_and_a_slow_mirror_is_dropped(tmp_path:
     # main: bodies over 64 KiB were never mirrored (the copy waited for a complete, buffered
     # body), so the shadow saw nothing here.
     async def main() -> None:
-        async with waypoint_mesh(tmp_path, MIRROR_VS, REVIEWS_DR) as mesh, mesh.session(
-            timeout=120
-        ) as s:  # fmt: skip
+        async with (
+            waypoint_mesh(tmp_path, MIRROR_VS, REVIEWS_DR) as mesh,
+            mesh.session(timeout=120) as s,
+        ):
             pods = mesh.backends.pods
             peak = [rss()]
             base = peak[0]
@@ -90,8 +91,10 @@ def test_64mib_body_is_mirrored_streaming_and_a_slow_mirror_is_dropped(tmp_path:
             finally:
                 sampler.cancel()
             text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
-            print(f"primary 64 MiB with a slow mirror: {took:.1f}s; RSS +{(peak[0] - base) >> 20} "
-                  f"MiB; shadow got {slow['body_len'] >> 10} KiB")  # fmt: skip
+            print(
+                f"primary 64 MiB with a slow mirror: {took:.1f}s; RSS +{(peak[0] - base) >> 20} "
+                f"MiB; shadow got {slow['body_len'] >> 10} KiB"
+            )
             # At 160 KiB/s the shadow would hold the primary for ~7 minutes.
             assert took < 60, took
             assert 0 < slow["body_len"] < SIZE // 4

@@ -120,9 +120,15 @@ def test_admitted_responses_carry_the_ratelimit_headers(tmp_path: Path) -> None:
                 for _ in range(4):
                     async with s.get(f"{REVIEWS}/slow/x") as r:
                         h = {k.lower(): v for k, v in r.headers.items()}
-                        seen.append((r.status, h.get("x-ratelimit-limit"),
-                                     h.get("x-ratelimit-remaining"), h.get("x-ratelimit-reset"),
-                                     h.get("x-envoy-ratelimited")))  # fmt: skip
+                        seen.append(
+                            (
+                                r.status,
+                                h.get("x-ratelimit-limit"),
+                                h.get("x-ratelimit-remaining"),
+                                h.get("x-ratelimit-reset"),
+                                h.get("x-envoy-ratelimited"),
+                            )
+                        )
                 assert seen == [
                     (200, "3", "2", "0", None),
                     (200, "3", "1", "0", None),

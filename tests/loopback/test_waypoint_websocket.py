@@ -104,10 +104,17 @@ class _H2Client:
 
     def connect(self, path: str) -> int:
         sid = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(sid, [(":method", "CONNECT"), (":protocol", "websocket"),
-                                     (":scheme", "http"), (":path", path),
-                                     (":authority", f"reviews:{PORT}"),
-                                     ("sec-websocket-version", "13")])  # fmt: skip
+        self.conn.send_headers(
+            sid,
+            [
+                (":method", "CONNECT"),
+                (":protocol", "websocket"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", f"reviews:{PORT}"),
+                ("sec-websocket-version", "13"),
+            ],
+        )
         self.flush()
         return sid
 
@@ -155,8 +162,11 @@ def test_websocket_over_http2_extended_connect(tmp_path: Path) -> None:
             # The client ends its stream: the upgraded connection closes cleanly.
             c.conn.end_stream(sid)
             c.flush()
-            await c.until(lambda: any(isinstance(ev, h2.events.StreamEnded)
-                                      and ev.stream_id == sid for ev in c.events))  # fmt: skip
+            await c.until(
+                lambda: any(
+                    isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid for ev in c.events
+                )
+            )
             c.writer.close()
             ws = [p for p in pods.values() if any(r["path"] == "/ws" for r in p.requests)]
             assert len(ws) == 1

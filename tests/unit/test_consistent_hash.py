@@ -107,8 +107,10 @@ spec:
 
 def test_cookie_generation_fields_and_set_cookie() -> None:
     # main: ttl/path/attributes were only warned about; no cookie was ever generated.
-    h = dr("{httpCookie: {name: sid, ttl: 3600s, path: /shop, "
-           "attributes: [{name: SameSite, value: Strict}, {name: Secure}]}}").hash  # fmt: skip
+    h = dr(
+        "{httpCookie: {name: sid, ttl: 3600s, path: /shop, "
+        "attributes: [{name: SameSite, value: Strict}, {name: Secure}]}}"
+    ).hash
     assert h is not None
     assert (h.cookie, h.cookie_ttl, h.cookie_path) == ("sid", 3600.0, "/shop")
     assert h.cookie_attributes == (("SameSite", "Strict"), ("Secure", ""))

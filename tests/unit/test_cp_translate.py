@@ -298,13 +298,29 @@ def node(name: str, **labels: str) -> dict[str, Any]:
 
 def test_workload_locality_comes_from_its_nodes_topology_labels() -> None:
     # main: Nodes were ignored, so no workload ever had a locality (locality LB had nothing).
-    zone_a = node("node-a", **{"topology.kubernetes.io/region": "r1",
-                               "topology.kubernetes.io/zone": "z1",
-                               "topology.istio.io/subzone": "rack4", "other": "x"})  # fmt: skip
+    zone_a = node(
+        "node-a",
+        **{
+            "topology.kubernetes.io/region": "r1",
+            "topology.kubernetes.io/zone": "z1",
+            "topology.istio.io/subzone": "rack4",
+            "other": "x",
+        },
+    )
     store = ConfigStore()
-    store.replace_source("test", [parse_object(d) for d in (
-        AMBIENT_NS, zone_a, node("node-b"), pod("web", "10.1.0.1"),
-        pod("db", "10.1.0.2", nodeName="node-b"))])  # fmt: skip
+    store.replace_source(
+        "test",
+        [
+            parse_object(d)
+            for d in (
+                AMBIENT_NS,
+                zone_a,
+                node("node-b"),
+                pod("web", "10.1.0.1"),
+                pod("db", "10.1.0.2", nodeName="node-b"),
+            )
+        ],
+    )
     t = Translator(TranslateOptions())
     t.update(store.snapshot)
     by_uid = {r.uid: r for r in t.records() if isinstance(r, Workload)}
@@ -313,8 +329,9 @@ def test_workload_locality_comes_from_its_nodes_topology_labels() -> None:
     assert (web.locality.region, web.locality.zone, web.locality.subzone) == ("r1", "z1", "rack4")
     assert by_uid["Kubernetes//Pod/default/db"].locality is None  # a node without labels
     # Relabelling the node re-translates its pods (another namespace's input).
-    moved = node("node-a", **{"topology.kubernetes.io/region": "r2",
-                              "topology.kubernetes.io/zone": "z9"})  # fmt: skip
+    moved = node(
+        "node-a", **{"topology.kubernetes.io/region": "r2", "topology.kubernetes.io/zone": "z9"}
+    )
     store.apply("test", [parse_object(moved)])
     delta = t.update(store.snapshot)
     changed = [r for r in delta.upserts if isinstance(r, Workload)]

@@ -23,8 +23,9 @@ FAILOVER = (
     + """
     loadBalancer: {localityLbSetting: {failover: [{from: region1, to: region2}]}}"""
 )
-ORIGIN = Origin(locality=("region1", "zone1", ""), network="n1",
-                labels=(("app", "wp"), ("tier", "gold")))  # fmt: skip
+ORIGIN = Origin(
+    locality=("region1", "zone1", ""), network="n1", labels=(("app", "wp"), ("tier", "gold"))
+)
 # uid -> (region, zone, subzone)
 EPS = {
     "a": ("region1", "zone1", ""),
@@ -50,9 +51,18 @@ spec:
 
 
 def specs(labels: dict[str, tuple[tuple[str, str], ...]] | None = None) -> list[EndpointSpec]:
-    return [EndpointSpec(uid=u, ip=f"10.0.0.{i}", port=80, identity=ID, locality=loc,
-                         network="n1", labels=(labels or {}).get(u, ()))
-            for i, (u, loc) in enumerate(EPS.items())]  # fmt: skip
+    return [
+        EndpointSpec(
+            uid=u,
+            ip=f"10.0.0.{i}",
+            port=80,
+            identity=ID,
+            locality=loc,
+            network="n1",
+            labels=(labels or {}).get(u, ()),
+        )
+        for i, (u, loc) in enumerate(EPS.items())
+    ]
 
 
 def cluster(pol: TrafficPolicy, origin: Origin = ORIGIN) -> Cluster:
@@ -114,8 +124,10 @@ def test_without_outlier_detection_there_is_no_failover_priority() -> None:
 
 
 def test_failover_priority_labels() -> None:
-    pol = policy(OD + "\n    loadBalancer: {localityLbSetting: {failoverPriority: "
-                 "[topology.kubernetes.io/region, tier]}}")  # fmt: skip
+    pol = policy(
+        OD + "\n    loadBalancer: {localityLbSetting: {failoverPriority: "
+        "[topology.kubernetes.io/region, tier]}}"
+    )
     gold: tuple[tuple[str, str], ...] = (("tier", "gold"),)
     labels = {"a": gold, "c": gold, "d": gold}
     # region1+gold: a, c -> 0; region1 only: b -> 1; others -> 2.
@@ -128,8 +140,10 @@ def test_failover_priority_labels() -> None:
 
 
 def test_distribute_weights() -> None:
-    pol = policy(" {loadBalancer: {localityLbSetting: {distribute: [{from: region1/zone1/*, "
-                 "to: {region1/zone1/*: 80, region2: 20}}]}}}")  # fmt: skip
+    pol = policy(
+        " {loadBalancer: {localityLbSetting: {distribute: [{from: region1/zone1/*, "
+        "to: {region1/zone1/*: 80, region2: 20}}]}}}"
+    )
     got = picks(cluster(pol), 4000)
     assert set(got) == {"a", "b", "d"}  # zone2 and region3 are not listed: no traffic
     assert 0.77 < (got["a"] + got["b"]) / 4000 < 0.83, got

@@ -115,8 +115,9 @@ _LOCALITY_LABELS = {
 }
 
 
-def _label(locality: tuple[str, str, str], network: str, labels: Sequence[tuple[str, str]],
-           name: str) -> str | None:  # fmt: skip
+def _label(
+    locality: tuple[str, str, str], network: str, labels: Sequence[tuple[str, str]], name: str
+) -> str | None:
     if name in _LOCALITY_LABELS:
         return locality[_LOCALITY_LABELS[name]]
     if name == "topology.istio.io/network":
