@@ -459,7 +459,9 @@ spec.rules[].filters[].requestMirror.backendRef.name implemented
 spec.rules[].filters[].requestMirror.backendRef.namespace implemented
 spec.rules[].filters[].requestMirror.backendRef.port implemented
 spec.rules[].filters[].requestMirror.percent implemented
-spec.rules[].filters[].requestMirror.fraction refused -- use percent
+spec.rules[].filters[].requestMirror.fraction implemented -- numerator/denominator (default 100); exclusive with percent
+spec.rules[].filters[].requestMirror.fraction.numerator implemented
+spec.rules[].filters[].requestMirror.fraction.denominator implemented
 spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
 spec.rules[].filters[].cors implemented -- Envoy's CORS filter: allowed preflights answered by the waypoint
 spec.rules[].filters[].cors.allowOrigins implemented -- *, exact, or scheme://*.host
@@ -511,7 +513,9 @@ spec.rules[].filters[].requestMirror implemented
 spec.rules[].filters[].requestMirror.backendRef implemented
 @gw_backend spec.rules[].filters[].requestMirror.backendRef
 spec.rules[].filters[].requestMirror.percent implemented
-spec.rules[].filters[].requestMirror.fraction refused -- use percent
+spec.rules[].filters[].requestMirror.fraction implemented -- numerator/denominator (default 100); exclusive with percent
+spec.rules[].filters[].requestMirror.fraction.numerator implemented
+spec.rules[].filters[].requestMirror.fraction.denominator implemented
 spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
 spec.rules[].backendRefs implemented
 @gw_backend spec.rules[].backendRefs[]

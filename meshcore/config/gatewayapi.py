@@ -236,8 +236,12 @@ def parse_http_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
             elif ftype == "RequestMirror":
                 mm = read_map(fm.get("requestMirror"), f"{fp}.requestMirror")
                 pct = 100.0
+                if "percent" in mm and "fraction" in mm:
+                    raise ConfigError(f"{fp}.requestMirror", "percent and fraction are exclusive")
                 if "percent" in mm:
                     pct = float(read_int(mm["percent"], f"{fp}.requestMirror.percent", 0, 100))
+                elif "fraction" in mm:
+                    pct = _fraction(mm["fraction"], f"{fp}.requestMirror.fraction")
                 mirrors.append(
                     Mirror(
                         destination=gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx),
@@ -431,3 +435,12 @@ def _grpc_precedence(route: HttpRoute) -> tuple[int, int, int]:
     if not svc and not meth and not m.headers:
         return (1, 0, 0)  # matches everything
     return (-svc, -meth, -len(m.headers))
+
+
+def _fraction(value: object, path: str) -> float:
+    """Gateway API ``Fraction`` {numerator, denominator (default 100)} as a percentage
+    (numerator <= denominator, denominator >= 1: the API's CEL validation)."""
+    m = read_map(value, path)
+    den = read_int(m.get("denominator", 100), f"{path}.denominator", 1)
+    num = read_int(m.get("numerator"), f"{path}.numerator", 0, den)
+    return 100.0 * num / den
