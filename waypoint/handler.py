@@ -573,6 +573,7 @@ class Handler:
         ctx = self.ctx
         upstream = self.upstreams[req.protocol]
         avoid: list[str] = []
+        tried: tuple[int, ...] = ()  # locality priorities tried (retryRemoteLocalities)
         if req.has_body and not replay.replayable:
             policy = NO_RETRY
         attempt = 0
@@ -580,7 +581,7 @@ class Handler:
             attempt += 1
             rec.attempts = attempt
             now = self._loop_time()
-            ep = cluster.pick(now, ctx.rng, avoid, key)
+            ep = cluster.pick(now, ctx.rng, avoid, key, tried)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
             rec.upstream = f"{ep.ip}:{ep.port}"
@@ -623,6 +624,8 @@ class Handler:
             if not may_retry:
                 raise error
             avoid.append(ep.uid)
+            if policy.remote_localities:
+                tried = (*tried, ep.priority)
             # Envoy: fully jittered back-off, base 25 ms doubling, capped at 10x base.
             schedule = Backoff(initial=policy.backoff_base, cap=policy.backoff_base * 10, full=True)
             await asyncio.sleep(schedule.delay(attempt - 1, ctx.rng))

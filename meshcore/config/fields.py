@@ -322,7 +322,7 @@ spec.http[].retries implemented
 spec.http[].retries.attempts implemented
 spec.http[].retries.perTryTimeout implemented
 spec.http[].retries.retryOn implemented
-spec.http[].retries.retryRemoteLocalities warned -- locality-aware retries are not implemented
+spec.http[].retries.retryRemoteLocalities implemented -- a retry leaves the locality priorities already tried (Envoy previous_priorities)
 spec.http[].retries.retryIgnorePreviousHosts warned -- a retry may pick the same endpoint
 spec.http[].retries.backoff warned -- Envoy's default backoff (25 ms base) is used
 spec.http[].fault implemented

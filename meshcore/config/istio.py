@@ -170,9 +170,12 @@ def _retry(value: object, path: str) -> RetryPolicy:
     else:
         on = set(DEFAULT_RETRY.retry_on)
         codes = set(DEFAULT_RETRY.status_codes)
+    remote = m.get("retryRemoteLocalities", False)
+    if not isinstance(remote, bool):
+        raise ConfigError(f"{path}.retryRemoteLocalities", "expected a boolean")
     return RetryPolicy(
         attempts=attempts, per_try_timeout=per_try, retry_on=frozenset(on),
-        status_codes=frozenset(codes),
+        status_codes=frozenset(codes), remote_localities=remote,
     )  # fmt: skip
 
 

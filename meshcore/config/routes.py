@@ -94,6 +94,9 @@ class RetryPolicy:
     """Codes retried under ``retriable-status-codes`` (a bare number in retryOn adds one)."""
     backoff_base: float = 0.025
     """Envoy's default base interval (25 ms), full jitter, x2 per retry, cap 10x base."""
+    remote_localities: bool = False
+    """``retryRemoteLocalities``: a retry leaves the locality priorities already tried (Envoy's
+    previous_priorities retry plugin, as Istio configures it)."""
 
 
 DEFAULT_RETRY = RetryPolicy(

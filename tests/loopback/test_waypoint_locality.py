@@ -85,3 +85,37 @@ def test_locality_failover_follows_ejections(tmp_path: Path) -> None:
             }
 
     run(main())
+
+
+REMOTE_RETRY = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {x-remote: {exact: "yes"}}}]
+    route: [{destination: {host: reviews}}]
+    retries: {attempts: 1, retryOn: 5xx, retryRemoteLocalities: true}
+  - route: [{destination: {host: reviews}}]
+    retries: {attempts: 1, retryOn: 5xx}
+"""
+
+
+def test_retry_remote_localities(tmp_path: Path) -> None:
+    """A retry stays in the waypoint's locality priority (the same endpoint again: Envoy has no
+    other in that priority) unless retryRemoteLocalities, which leaves the priority tried."""
+
+    # main: retryRemoteLocalities was only warned about; retries stayed local.
+    async def main() -> None:
+        async with (
+            waypoint_mesh(tmp_path, DR, REMOTE_RETRY, config=config()) as mesh,
+            mesh.session() as s,
+        ):
+            for i, (remote, want) in enumerate((("no", "v1"), ("yes", "v2"))):
+                hdrs = {"x-remote": remote, "x-test-fail-times": f"k{i}:1"}  # v1 fails once
+                async with s.get(f"{REVIEWS}/r", headers=hdrs) as r:
+                    assert r.status == 200
+                    assert r.headers["x-version"] == want, (remote, r.headers)
+
+    run(main())

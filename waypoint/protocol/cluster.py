@@ -268,14 +268,17 @@ class Cluster:
 
     def pick(
         self, now: float, rng: random.Random, avoid: Collection[str] = (),
-        key: bytes | None = None,
+        key: bytes | None = None, avoid_priorities: Collection[int] = (),
     ) -> EndpointStats | None:  # fmt: skip
         """An endpoint for the next try: not ejected, not in `avoid` (hosts that already failed
         this request) unless nothing else is left; with a consistent-hash `key`, the first such
-        endpoint clockwise from the key on the ring."""
+        endpoint clockwise from the key on the ring. `avoid_priorities`: locality priorities a
+        ``retryRemoteLocalities`` retry leaves (unless no other is left)."""
         eps = sorted(self.endpoints.values(), key=lambda e: e.uid)
         if not eps:
             return None
+        if self._mode == "priority" and avoid_priorities:
+            eps = [e for e in eps if e.priority not in avoid_priorities] or eps
         if self._mode:
             eps = self._locality_set(eps, now, rng)
         usable = [e for e in eps if not e.ejected(now)] or eps  # all ejected: panic
