@@ -100,7 +100,7 @@ loadBalancer.consistentHash.httpCookie.attributes[].value implemented -- absent:
 loadBalancer.consistentHash.useSourceIp implemented -- the downstream peer's IP
 loadBalancer.consistentHash.httpQueryParameterName implemented
 loadBalancer.consistentHash.ringHash implemented
-loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024, capped at 65537
+loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024; above 65537 served with 65537 (a value warning says so)
 loadBalancer.consistentHash.maglev implemented -- a Maglev lookup table (NSDI 2016); an ejected or tried entry re-hashes the key
 loadBalancer.consistentHash.maglev.tableSize implemented -- a prime (as Envoy), default 65537, at most 65537
 loadBalancer.consistentHash.minimumRingSize implemented -- deprecated form of ringHash.minimumRingSize

@@ -388,7 +388,9 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                     f"{path}.loadBalancer.simple", f"unknown load balancer {simple!r}"
                 ) from None
         if "consistentHash" in lbm:
-            chash = _consistent_hash(lbm["consistentHash"], f"{path}.loadBalancer.consistentHash")
+            chash = _consistent_hash(
+                lbm["consistentHash"], f"{path}.loadBalancer.consistentHash", ctx
+            )
         if lbm.get("localityLbSetting") is not None:
             locality = _locality_lb(
                 lbm["localityLbSetting"], f"{path}.loadBalancer.localityLbSetting"
@@ -540,7 +542,7 @@ def _http_cookie(value: object, path: str) -> dict[str, Any]:
     return out
 
 
-def _consistent_hash(value: object, path: str) -> ConsistentHash:
+def _consistent_hash(value: object, path: str, ctx: Ctx) -> ConsistentHash:
     """``consistentHash``: exactly one key of httpHeaderName, httpCookie, useSourceIp,
     httpQueryParameterName; ``ringHash.minimumRingSize`` / ``minimumRingSize`` size the ring
     (Envoy's default 1024, capped at 65537); ``maglev.tableSize`` sizes a Maglev table
@@ -564,6 +566,9 @@ def _consistent_hash(value: object, path: str) -> ConsistentHash:
             raise ConfigError(f"{path}.maglev.tableSize", f"{size} is not a prime (Envoy)")
     elif "minimumRingSize" in m:
         size = read_int(m["minimumRingSize"], f"{path}.minimumRingSize", 1)
+    if size > 65537:
+        # Reported, not silent: the ring is built in the data path's process.
+        ctx.warn(f"ring size {size} is served with 65537 virtual nodes (the maximum)", path)
     shape: dict[str, Any] = {"ring_size": min(size, 65537), "maglev": maglev}
     key = keys[0]
     if key == "httpHeaderName":

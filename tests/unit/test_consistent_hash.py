@@ -185,3 +185,20 @@ def test_maglev_table_is_even_and_moves_only_the_removed_endpoints_keys() -> Non
     home = c.pick(20.0, rng, (), k)
     assert home is not None
     assert c.pick(20.0, rng, (home.uid,), k) is not home
+
+
+def test_a_ring_larger_than_served_is_reported() -> None:
+    text = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x, ringHash: {minimumRingSize: 1000000}}}
+"""
+    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    (rule,) = cfg.destination_rules
+    assert rule.policy.hash is not None
+    assert rule.policy.hash.ring_size == 65537
+    assert any("65537" in f.render() and f.level == "Warning" for _r, f in cfg.findings)
