@@ -21,7 +21,8 @@ Invariants:
   it) so RequestAuthentication, AuthorizationPolicy, routing and rate limits decide it as any
   handshake, and goes upstream as one (`waypoint.upgrade`); the upstream's ``101`` becomes the
   stream's ``:status 200`` (§5, without the HTTP/1.1 upgrade fields) and DATA frames carry the
-  raw bytes both ways (flow control bounds them). Any other ``:protocol`` is refused (400).
+  raw bytes both ways (flow control bounds them); an upstream 2xx without switching is a 502
+  (a 2xx would tell the client its WebSocket is open). Any other ``:protocol`` is refused (400).
 - Request hygiene is the handler's (`waypoint.protocol.hygiene`, same rules as HTTP/1.1). What the
   h2 library finds malformed (RFC 9113 §8.1.1: uppercase or invalid field names, CR/LF/NUL in
   values, several Host fields, Host differing from :authority, connection-specific fields, a
@@ -339,6 +340,12 @@ class H2ConnectDownstream(H2Downstream):
         if status == 101:
             status, content_length = 200, None
             headers = [(k, v) for k, v in headers if k not in _UPGRADE_ONLY]
+        elif 200 <= status < 300:
+            # The app answered the handshake without switching: a 2xx here would tell the
+            # client its WebSocket is open (RFC 8441 §5), so it is a 502 instead.
+            log.info("extended CONNECT: upstream answered %d, not 101: 502", status)
+            status, headers = 502, [("content-type", "text/plain")]
+            content_length = None
         await super().send_head(status, headers, content_length=content_length, end=end)
 
 

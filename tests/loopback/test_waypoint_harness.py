@@ -198,7 +198,8 @@ class Backends:
 
 
 async def _handler(backend: Backend, all_: Backends, request: web.Request) -> web.StreamResponse:
-    if request.headers.get("upgrade", "").lower() == "websocket":
+    upgrade = request.headers.get("upgrade", "").lower() == "websocket"
+    if upgrade and "x-test-no-upgrade" not in request.headers:
         return await _websocket(backend, request)
     if request.path == "/sink":
         return await _sink(backend, request)

@@ -102,7 +102,7 @@ class _H2Client:
                         self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 self.flush()
 
-    def connect(self, path: str) -> int:
+    def connect(self, path: str, *extra: tuple[str, str]) -> int:
         sid = self.conn.get_next_available_stream_id()
         self.conn.send_headers(
             sid,
@@ -113,6 +113,7 @@ class _H2Client:
                 (":path", path),
                 (":authority", f"reviews:{PORT}"),
                 ("sec-websocket-version", "13"),
+                *extra,
             ],
         )
         self.flush()
@@ -159,6 +160,11 @@ def test_websocket_over_http2_extended_connect(tmp_path: Path) -> None:
             await c.until(lambda: c.status(denied) is not None)
             assert c.status(denied) == "403"
             assert sum(len(p.requests) for p in pods.values()) == before
+            # The app answers without switching (200): never a 2xx to the client, which would
+            # take it for an open WebSocket.
+            plain = c.connect("/ws-refused", ("x-test-no-upgrade", "1"))
+            await c.until(lambda: c.status(plain) is not None)
+            assert c.status(plain) == "502"
             # The client ends its stream: the upgraded connection closes cleanly.
             c.conn.end_stream(sid)
             c.flush()
