@@ -329,6 +329,12 @@ def test_issue17_l7_features_through_the_lab_waypoint(lab: Lab, tmp_path: Path) 
     OpenID discovery from an issuer in the mesh; locality from Node labels: traffic stays in
     the waypoint's zone, and fails over to the other zone once the local endpoint is ejected."""
     assert _apply(lab) == 0
+    apply_file(lab, EXAMPLE / "config" / "deny-private.yaml")  # (also the first test's)
+    wait_config(
+        lab,
+        lambda c: any(p["name"] == "default/deny-private" for p in c["policies"]),
+        "deny-private",
+    )
     files: list[Path] = []
 
     def drop(name: str, text: str) -> None:
@@ -349,8 +355,11 @@ def test_issue17_l7_features_through_the_lab_waypoint(lab: Lab, tmp_path: Path) 
         r = _client(lab, "expect", "/private/upload")
         assert r["interim"].startswith("HTTP/1.1 403"), r
 
-        # 2. Cookie generation + a mirrored 4 MiB body.
-        drop("cookie-mirror.yaml", COOKIE_AND_MIRROR)
+        # The seed's VirtualService (first test) would route by subset: one route for reviews.
+        (lab.paths.manifests / "reviews-route.yaml").unlink(missing_ok=True)
+        # 2. Cookie generation + a mirrored 4 MiB body. (File names sort after demo.yaml: the
+        # manifests' later file wins for the `reviews` DestinationRule, as a re-apply would.)
+        drop("reviews-l7.yaml", COOKIE_AND_MIRROR)
         wait_config(
             lab,
             lambda c: any(t["name"] == "default/reviews-l7" for t in c["route_tables"]),
@@ -375,8 +384,8 @@ def test_issue17_l7_features_through_the_lab_waypoint(lab: Lab, tmp_path: Path) 
         assert line.endswith(f"len={size}"), line
 
         # 3. OpenID discovery: the issuer is the v1 pod itself (a tiny provider in reviews.py).
-        (lab.paths.manifests / "cookie-mirror.yaml").unlink()
-        files.remove(lab.paths.manifests / "cookie-mirror.yaml")
+        (lab.paths.manifests / "reviews-l7.yaml").unlink()
+        files.remove(lab.paths.manifests / "reviews-l7.yaml")
         key = new_key("ES256")
         (lab.paths.manifests / "oidc-keys.txt").write_text(jwks(jwk(key, "lab-1")))
         issuer = f"http://{lab.pod('default/reviews-v1').ip}:9080/oidc"
@@ -408,7 +417,7 @@ def test_issue17_l7_features_through_the_lab_waypoint(lab: Lab, tmp_path: Path) 
         local = "v1" if wp_node == "node-1" else "v2"
         remote = "v2" if local == "v1" else "v1"
         drop("nodes.yaml", _nodes({wp_node: "zone-a", other: "zone-b"}))
-        drop("locality.yaml", LOCALITY_DR)
+        drop("reviews-locality.yaml", LOCALITY_DR)
         system.wait_for(
             lambda: load(lab, 10)["versions"] == {local: 10},
             timeout=30,
