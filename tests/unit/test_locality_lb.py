@@ -13,7 +13,7 @@ import yaml
 from meshcore.config.objects import parse_objects
 from meshcore.config.routes import TrafficPolicy
 from meshcore.identity import SpiffeId
-from meshcore.l7.cluster import Cluster, EndpointSpec, Origin, priorities
+from waypoint.protocol.cluster import Cluster, EndpointSpec, Origin, priorities
 
 ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
 OD = """
