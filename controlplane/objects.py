@@ -33,7 +33,7 @@ HTTP3_ANNOTATION = "ambient-mesh.io/hbone-http3"
 """Pod annotation (ours, issue 16): its node proxy takes HBONE over HTTP/3 on the node's address;
 value "true" (UDP port 15008) or a UDP port number."""
 
-CORE_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount")
+CORE_KINDS = ("Namespace", "Pod", "Service", "EndpointSlice", "ServiceAccount", "Node")
 ISTIO_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
 STORED_KINDS = (
     "VirtualService",
@@ -586,6 +586,11 @@ def parse_object(raw: object) -> KubeObject:
     if kind == "ServiceAccount":
         ns, name, labels, _w = _meta(raw, kind, True)
         return ServiceAccount(namespace=ns, name=name, labels=labels)
+    if kind == "Node":
+        # Only its labels are read (locality: topology.kubernetes.io/region|zone,
+        # topology.istio.io/subzone); stored cluster-scoped (namespace "").
+        _ns, name, labels, _w = _meta(raw, kind, False)
+        return StoredObject(kind="Node", namespace="", name=name, labels=labels)
     if kind == "AuthorizationPolicy":
         return _parse_authorization_policy(raw)
     if kind == "PeerAuthentication":

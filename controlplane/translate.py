@@ -10,9 +10,11 @@ Rules (Istio ambient, see docs/reference/ambient-facts.md "Enrollment, labels, w
   finished) becomes a Workload; mesh pods get ``tunnel_protocol = HBONE``, the others NONE
   (reached in plaintext).
 - Workload uid ``<cluster>//Pod/<ns>/<name>``; identity = trust domain + namespace + pod's
-  ``serviceAccountName``; services = each Service of the namespace whose selector matches the
-  pod's labels (or whose EndpointSlices name the pod), with per-port targets (named target
-  ports resolved against the pod's container ports; unresolvable ports are left out).
+  ``serviceAccountName``; locality = its Node's ``topology.kubernetes.io/region``/``zone`` and
+  ``topology.istio.io/subzone`` labels (Nodes are cluster-scoped: stored under namespace "");
+  services = each Service of the namespace whose selector matches the pod's labels (or whose
+  EndpointSlices name the pod), with per-port targets (named target ports resolved against the
+  pod's container ports; unresolvable ports are left out).
 - Waypoints: ``istio.io/use-waypoint`` (+ optional ``istio.io/use-waypoint-namespace``) on the
   pod, else its ServiceAccount (a waypoint per service account), else its namespace, binds a
   mesh workload; on the Service, else its namespace, binds a service. ``none`` stops
@@ -76,6 +78,7 @@ from meshcore.model import (
     Clause,
     GatewayAddress,
     Http3Endpoint,
+    Locality,
     Match,
     MatchKind,
     NamespacedHostname,
@@ -95,6 +98,11 @@ from meshcore.telemetry import canonical_revision, canonical_service
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NS = "istio.io/use-waypoint-namespace"
 WAYPOINT_FOR = "istio.io/waypoint-for"
+# Locality of a pod = its node's labels (Istio: the well-known Kubernetes topology labels and
+# Istio's own sub-zone label).
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+SUBZONE_LABEL = "topology.istio.io/subzone"
 GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
 WAYPOINT_CLASS = "istio-waypoint"
 HBONE_PORT = 15008
@@ -130,6 +138,11 @@ class MeshWide:
     root_selector_policies: tuple[AuthzPolicy, ...] = ()
     waypoint_for: tuple[tuple[tuple[str, str], str], ...] = ()
     """((namespace, gateway name), istio.io/waypoint-for) of known Gateways."""
+    node_localities: tuple[tuple[str, Locality], ...] = ()
+    """(node name, locality) of Nodes with topology labels."""
+
+    def locality(self, node: str) -> Locality | None:
+        return next((loc for n, loc in self.node_localities if n == node), None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,10 +178,23 @@ def mesh_wide(snapshot: StoreSnapshot, opts: TranslateOptions) -> MeshWide:
         for obj in objs.stored.values():
             if obj.kind == "Gateway":
                 gateways.append(((ns, obj.name), dict(obj.labels).get(WAYPOINT_FOR, "service")))
+    localities = []
+    cluster_scoped = snapshot.namespaces.get("")
+    for obj in cluster_scoped.stored.values() if cluster_scoped is not None else ():
+        if obj.kind == "Node":
+            lab = dict(obj.labels)
+            loc = Locality(
+                region=lab.get(REGION_LABEL, ""),
+                zone=lab.get(ZONE_LABEL, ""),
+                subzone=lab.get(SUBZONE_LABEL, ""),
+            )
+            if loc != Locality():
+                localities.append((obj.name, loc))
     return MeshWide(
         mesh_mtls=mode,
         root_selector_policies=selector_policies,
         waypoint_for=tuple(sorted(gateways)),
+        node_localities=tuple(sorted(localities, key=lambda x: x[0])),
     )
 
 
@@ -635,6 +661,7 @@ def _translate_pod(
         cluster_id=opts.cluster_id,
         services=tuple(sorted(svc_ports.items())),
         http3=_http3_endpoint(pod, ref, warnings) if ambient else None,
+        locality=ctx.mesh.locality(pod.node) if ctx.mesh.node_localities else None,
     )
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 from aiohttp import web
 
-CORE = {"namespaces", "pods", "services", "serviceaccounts", "configmaps"}
+CORE = {"namespaces", "nodes", "pods", "services", "serviceaccounts", "configmaps"}
 GROUPS = {
     "discovery.k8s.io/v1": {"endpointslices"},
     "security.istio.io/v1": {

@@ -44,7 +44,9 @@ async def authenticate_request(
     keys: dict[str, tuple[Jwk, ...] | None] = {}
     for rule in keys_needed(rules, extract(rules, req.headers, query)):
         if rule.jwks_uri not in keys:
-            keys[rule.jwks_uri] = await ctx.jwks.get(rule.jwks_uri, rule.timeout)
+            keys[rule.jwks_uri] = await ctx.jwks.get(
+                rule.jwks_uri, rule.timeout, issuer=rule.issuer if rule.discovery else None
+            )
     try:
         result = authenticate(rules, req.headers, query, keys, time.time())
     except JoseError as exc:

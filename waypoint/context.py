@@ -31,7 +31,7 @@ from meshcore.tls import ContextCache
 from waypoint.jwks import JwksCache
 from waypoint.metrics import WaypointMetrics
 from waypoint.protocol.authz import WaypointIdentity
-from waypoint.protocol.cluster import Cluster, EndpointSpec
+from waypoint.protocol.cluster import Cluster, EndpointSpec, Origin
 from waypoint.protocol.ratelimit import RateLimiter
 from waypoint.protocol.route import CompiledConfig, labels_of
 
@@ -193,6 +193,15 @@ class WaypointContext:
         return svc is not None and any(ep.workload.uid == me.uid for ep in self.state.endpoints(
             svc.key))  # fmt: skip
 
+    def origin(self) -> Origin:
+        """This waypoint's locality, network and labels (locality load balancing)."""
+        me = self.me
+        if me is None:
+            return Origin(network=self.settings.network)
+        return Origin(
+            locality=_locality(me), network=me.network, labels=tuple(self.labels(me).items())
+        )
+
     def service_by_host(self, host: str) -> Service | None:
         if self._svc_gen != self.generation:
             self._svc_by_host = {s.hostname: s for s in self.state.services}
@@ -236,10 +245,18 @@ class WaypointContext:
                     continue
                 specs.append(
                     EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=target,
-                                 identity=wl.identity)
+                                 identity=wl.identity, locality=_locality(wl),
+                                 network=wl.network,
+                                 labels=tuple(self.labels(wl).items())
+                                 if policy.locality.failover_priority else ())
                 )  # fmt: skip
         cluster = cur[1] if cur is not None else Cluster(
             name=f"{svc.hostname}|{subset}|{port}", policy=policy)  # fmt: skip
-        cluster.update(specs, policy)
+        cluster.update(specs, policy, self.origin())
         self.clusters[key] = (self.generation, cluster)
         return cluster
+
+
+def _locality(wl: Workload) -> tuple[str, str, str]:
+    loc = wl.locality
+    return (loc.region, loc.zone, loc.subzone) if loc is not None else ("", "", "")

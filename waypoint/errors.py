@@ -71,7 +71,8 @@ class RateLimited(WaypointError):
 
     def __init__(self, policy: str, headers: tuple[tuple[str, str], ...]) -> None:
         super().__init__(f"rate limited by HTTPLocalRateLimitPolicy {policy}")
-        self.headers = headers
+        # Envoy's local_ratelimit sets x-envoy-ratelimited on the 429 it sends.
+        self.headers = (*headers, ("x-envoy-ratelimited", "true"))
 
 
 class NoRoute(WaypointError):

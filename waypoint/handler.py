@@ -15,8 +15,10 @@ Owns: the order of operations for one request and their I/O:
      (503 UO on overflow)
   6. tries: endpoint pick (LB, outlier ejection, avoiding hosts that failed this request),
      per-try timeout, retry conditions, jittered back-off; whole-request timeout (504 UT)
-  7. mirrors (fire and forget, from the replay buffer), response header edits, streaming of the
-     response to the client, telemetry (one record per request), trace context.
+  7. mirrors (fire and forget, streaming: a `MirrorTap` copies the body as the primary reads it;
+     a mirror more than `MIRROR_BUFFER` behind is dropped, never waited for), response header
+     edits, streaming of the response to the client, telemetry (one record per request), trace
+     context.
 
 The protocol edges (`waypoint.http1`, `waypoint.http2`) only parse and frame; every decision is
 taken by the pure functions in `waypoint.protocol` and carried out here. Errors are translated to a
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -38,7 +41,15 @@ from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
 from meshcore.tracing import parse_traceparent
 from waypoint.authn import authenticate_request
-from waypoint.body import Downstream, ReplayBody, Request
+from waypoint.body import (
+    BodySource,
+    Downstream,
+    EmptyBody,
+    MirrorBudget,
+    MirrorTap,
+    ReplayBody,
+    Request,
+)
 from waypoint.context import WaypointContext
 from waypoint.cors import apply_cors
 from waypoint.errors import (
@@ -56,7 +67,7 @@ from waypoint.errors import (
 )
 from waypoint.metrics import RequestRecord
 from waypoint.protocol.authz import applicable, evaluate
-from waypoint.protocol.cluster import Admission, Cluster, EndpointStats, hash_key
+from waypoint.protocol.cluster import Admission, Cluster, EndpointStats, hash_cookie, hash_key
 from waypoint.protocol.hygiene import (
     XFCC,
     RequestRejected,
@@ -75,9 +86,18 @@ from waypoint.protocol.route import (
     select_route,
 )
 from waypoint.protocol.trace import next_traceparent
-from waypoint.ratelimit import check_rate_limit
+from waypoint.ratelimit import check_rate_limit, limited_downstream
 
 log = logging.getLogger("waypoint")
+
+MIRROR_BUFFER = 4 * 1024 * 1024
+"""Bytes of request body a mirror may fall behind the primary before it is dropped (room for
+the mirror's connection setup while the primary streams)."""
+MIRROR_BUDGET = 64 * 1024 * 1024
+"""Bytes all mirror copies of the waypoint may hold together (then copies are dropped)."""
+MAX_MIRRORS = 1024
+"""Mirror copies in flight per waypoint; more are skipped (counted, logged)."""
+MIRROR_TIMEOUT = 30.0
 
 _GRPC_RETRY = {
     "1": "cancelled",
@@ -190,6 +210,7 @@ class Handler:
         self.mirrors: set[asyncio.Task[None]] = set()
         self._clock: Callable[[], float] | None = None
         """The serving loop's clock (bound on first use)."""
+        self.mirror_budget = MirrorBudget(MIRROR_BUDGET)
 
     def _loop_time(self) -> float:
         clock = self._clock
@@ -239,6 +260,8 @@ class Handler:
                     await self._local_reply(down, req, 500, "internal error", None)
             else:
                 down.reset()
+        if replay.taps:
+            replay.close_taps()  # a mirror copy the primary did not finish is dropped
         rec.request_bytes = replay.total
         ctx.metrics.record(rec, self._loop_time())
         return rec
@@ -389,7 +412,9 @@ class Handler:
             raise NoRoute(f"no route of {svc.hostname if svc else '?'} matches {path}")
         route = choice.route
         rec.route = f"{route.source}:{route.name}" if route.name else route.source
-        check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
+        limits = check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
+        if limits:
+            down = limited_downstream(down, limits)
         down, answered = await apply_cors(route.cors, req, down)  # CORS preflight: 200 here
         if answered is not None:
             rec.status = answered
@@ -480,6 +505,13 @@ class Handler:
         authority = route.rewrite.authority if route.rewrite and route.rewrite.authority else (
             req.authority)  # fmt: skip
         headers = self._request_headers(req, route, dest, rec)
+        key: bytes | None = None
+        set_cookie: str | None = None
+        ch = cluster.policy.hash
+        if ch is not None:  # consistentHash: one key for every try
+            key = hash_key(ch, headers, target, rec.source_ip)
+            if key is None and ch.cookie and ch.cookie_ttl is not None:
+                key, set_cookie = hash_cookie(ch, ctx.rng)  # Envoy generates the cookie
         if req.expect_continue:
             await down.send_continue()
         for mirror in route.mirrors:
@@ -495,7 +527,9 @@ class Handler:
                 await self._admit(cluster)
                 admitted = True
                 resp = await self._tries(req, rec, cluster, route.retries, target, authority,
-                                         headers, replay)  # fmt: skip
+                                         headers, replay, key)  # fmt: skip
+                if set_cookie is not None:
+                    resp.headers = [*resp.headers, ("set-cookie", set_cookie)]
                 await self._respond(resp, down, rec, route, dest, req)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
@@ -550,10 +584,12 @@ class Handler:
     async def _tries(
         self, req: Request, rec: RequestRecord, cluster: Cluster, policy: RetryPolicy,
         target: str, authority: str, headers: list[tuple[str, str]], replay: ReplayBody,
+        key: bytes | None = None,
     ) -> UpstreamResponse:  # fmt: skip
         ctx = self.ctx
         upstream = self.upstreams[req.protocol]
         avoid: list[str] = []
+        tried: tuple[int, ...] = ()  # locality priorities tried (retryRemoteLocalities)
         if req.has_body and not replay.replayable:
             policy = NO_RETRY
         attempt = 0
@@ -561,8 +597,7 @@ class Handler:
             attempt += 1
             rec.attempts = attempt
             now = self._loop_time()
-            key = hash_key(cluster.policy.hash, headers, target, rec.source_ip)  # consistentHash
-            ep = cluster.pick(now, ctx.rng, avoid, key)
+            ep = cluster.pick(now, ctx.rng, avoid, key, tried)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
             rec.upstream = f"{ep.ip}:{ep.port}"
@@ -605,6 +640,8 @@ class Handler:
             if not may_retry:
                 raise error
             avoid.append(ep.uid)
+            if policy.remote_localities:
+                tried = (*tried, ep.priority)
             # Envoy: fully jittered back-off, base 25 ms doubling, capped at 10x base.
             schedule = Backoff(initial=policy.backoff_base, cap=policy.backoff_base * 10, full=True)
             await asyncio.sleep(schedule.delay(attempt - 1, ctx.rng))
@@ -655,34 +692,47 @@ class Handler:
         self, req: Request, dest: Destination, tunnel: Tunnel, target: str, authority: str,
         headers: list[tuple[str, str]], replay: ReplayBody,
     ) -> None:  # fmt: skip
+        """Start a copy now, streaming: the tap is registered before the primary reads a byte
+        of the body. Bounded: at most `MAX_MIRRORS` copies in flight (more are skipped)."""
+        counts = self.ctx.metrics.mirrors
+        if len(self.mirrors) >= MAX_MIRRORS:
+            counts.labels("skipped").inc()
+            log.info("mirror to %s skipped: %d mirrors in flight", dest.host, len(self.mirrors))
+            return
+        body: BodySource = EmptyBody()
+        if req.has_body:
+            tap = replay.tap(MIRROR_BUFFER, self.mirror_budget)
+            if tap is None:
+                counts.labels("skipped").inc()
+                return
+            body = tap
         task = asyncio.get_running_loop().create_task(
-            self._mirror(req, dest, tunnel, target, authority, headers, replay)
+            self._mirror(req, dest, tunnel, target, authority, headers, body)
         )
+        if isinstance(body, MirrorTap):
+            body.on_drop = functools.partial(_cancel, task)
         self.mirrors.add(task)
         task.add_done_callback(self.mirrors.discard)
 
     async def _mirror(
         self, req: Request, dest: Destination, tunnel: Tunnel, target: str, authority: str,
-        headers: list[tuple[str, str]], replay: ReplayBody,
+        headers: list[tuple[str, str]], body: BodySource,
     ) -> None:  # fmt: skip
-        """Fire and forget: the copy goes once the body is complete and fits the buffer;
-        the authority gets ``-shadow`` appended (Envoy); the response is dropped."""
+        """Fire and forget: the copy streams as the primary reads the body (`MirrorTap`: a
+        mirror that falls `MIRROR_BUFFER` bytes behind is dropped, never waited for); the
+        authority gets ``-shadow`` appended (Envoy); the response is dropped."""
+        counts = self.ctx.metrics.mirrors
         try:
-            if req.has_body:
-                async with asyncio.timeout(30):
-                    await replay.finished.wait()
-                if not replay.replayable:
-                    return
             svc, wl, port = self._destination(dest, tunnel)
             cluster = self.ctx.cluster(svc, dest.subset, port) if svc is not None else (
                 self._workload_cluster(wl, port))  # fmt: skip
             ep = cluster.pick(self._loop_time(), self.ctx.rng)
             if ep is None:
-                return
+                raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
             host, sep, p = authority.rpartition(":")
             shadow = f"{host}-shadow:{p}" if sep and p.isdigit() else f"{authority}-shadow"
-            copy = ReplayBody(_Kept(replay), self.ctx.settings.body_buffer)
-            async with asyncio.timeout(30):
+            copy = ReplayBody(body, 0)  # nothing kept: a mirror is never retried
+            async with asyncio.timeout(MIRROR_TIMEOUT):
                 resp = await self.upstreams[req.protocol].send(
                     req, ep, target=target, authority=shadow, headers=headers, replay=copy,
                     connect_timeout=5.0,
@@ -692,16 +742,22 @@ class Handler:
                         pass
                 finally:
                     resp.finish()
+            counts.labels("completed").inc()
+        except asyncio.CancelledError:
+            if not (isinstance(body, MirrorTap) and body.dropped):
+                raise  # the waypoint is stopping
+            counts.labels("dropped").inc()
+            log.info("mirror to %s dropped: it fell behind the request", dest.host)
         except Exception as err:  # mirrors never affect the real request
-            log.debug("mirror to %s failed: %s", dest.host, err)
+            dropped = isinstance(body, MirrorTap) and body.dropped
+            counts.labels("dropped" if dropped else "failed").inc()
+            outcome = "dropped" if dropped else "failed"
+            log.info("mirror to %s %s: %s", dest.host, outcome, err or type(err).__name__)
+        finally:
+            if isinstance(body, MirrorTap):
+                body.on_drop = None  # this task is ending: nothing to cancel
+                body.drop()
 
 
-class _Kept:
-    """A body source over a complete replay buffer."""
-
-    def __init__(self, replay: ReplayBody) -> None:
-        self._chunks = list(replay.chunks)
-        self.trailers = replay.trailers
-
-    async def read(self) -> bytes:
-        return self._chunks.pop(0) if self._chunks else b""
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()

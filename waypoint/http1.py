@@ -106,6 +106,7 @@ class H1Downstream:
         self.chunked = False
         self.bytes = 0
         self.upgraded = False
+        self.continued = False
 
     async def send_head(
         self, status: int, headers: Sequence[tuple[str, str]], *, content_length: int | None,
@@ -155,6 +156,7 @@ class H1Downstream:
             self.io.write(http1.encode_last_chunk())  # HTTP/1 trailers are not sent
 
     async def send_continue(self) -> None:
+        self.continued = True
         self.io.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def reset(self) -> None:
@@ -250,7 +252,11 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
         if not down.head_sent:  # cannot happen: serve always answers or resets
             io.reset()
             return
-        if body is not None and (body.failed or (not body.finished and not await _drain(body))):
+        if req.expect_continue and not down.continued and body is not None and not body.finished:
+            # Answered without 100 Continue (denied, or a local reply): the client may or may
+            # not send its body now (RFC 9110 §10.1.1), so the connection cannot be reused.
+            down.keep_alive = False
+        elif body is not None and (body.failed or (not body.finished and not await _drain(body))):
             down.keep_alive = False
         if not down.keep_alive:
             io.write_eof()

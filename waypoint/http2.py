@@ -14,17 +14,30 @@ Invariants:
   transfer-encoding, upgrade; te other than "trailers") are never forwarded; gRPC's
   ``te: trailers`` and trailers (grpc-status) pass through, minus the fields that must not
   come from a trailer section (framing, routing, identity: `waypoint.protocol.hygiene`).
+- RFC 8441 extended CONNECT (WebSocket over HTTP/2): the server advertises
+  SETTINGS_ENABLE_CONNECT_PROTOCOL (§3). A CONNECT with ``:protocol: websocket`` is read, as
+  Envoy's codec does, as the HTTP/1.1 upgrade handshake (GET + ``Upgrade: websocket``, a fresh
+  ``Sec-WebSocket-Key`` when the client sent none: RFC 8441 §5 drops it, HTTP/1.1 servers need
+  it) so RequestAuthentication, AuthorizationPolicy, routing and rate limits decide it as any
+  handshake, and goes upstream as one (`waypoint.upgrade`); the upstream's ``101`` becomes the
+  stream's ``:status 200`` (§5, without the HTTP/1.1 upgrade fields) and DATA frames carry the
+  raw bytes both ways (flow control bounds them); an upstream 2xx without switching is a 502
+  (a 2xx would tell the client its WebSocket is open). Any other ``:protocol`` is refused (400).
 - Request hygiene is the handler's (`waypoint.protocol.hygiene`, same rules as HTTP/1.1). What the
   h2 library finds malformed (RFC 9113 §8.1.1: uppercase or invalid field names, CR/LF/NUL in
   values, several Host fields, Host differing from :authority, connection-specific fields, a
   content-length that is not digits) closes the connection with PROTOCOL_ERROR, recorded with
   flag DPE. The header list is limited to 60 KiB (SETTINGS_MAX_HEADER_LIST_SIZE, Envoy's
   max_request_headers_kb).
+- ``Expect: 100-continue`` is answered by the waypoint as over HTTP/1.1 (Envoy's default,
+  ``proxy_100_continue: false``): ``:status 100`` once policy and routing admitted the request
+  (none for a denied one), and the field is not forwarded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import logging
@@ -45,12 +58,15 @@ from waypoint.handler import Handler, Tunnel
 from waypoint.protocol.cluster import EndpointStats
 from waypoint.protocol.hygiene import MAX_HEADERS_BYTES, forwardable_trailers
 from waypoint.tunnel import TunnelIO
+from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
+from waypoint.upgrade import UPGRADES
 from waypoint.upstream import EndpointKey, UpstreamPool
 
 log = logging.getLogger("waypoint.h2")
 
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
+_UPGRADE_ONLY = frozenset({"connection", "upgrade", "sec-websocket-accept"})
 _CONNECTION_SPECIFIC = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host"}
 )
@@ -118,15 +134,15 @@ class H2Session:
             client_side=client, header_encoding=None, validate_inbound_headers=True
         )
         self.conn = h2.connection.H2Connection(cfg)
-        self.conn.local_settings = h2.settings.Settings(
-            client=client,
-            initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS_BYTES,
-            },
-        )
+        settings = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS_BYTES,
+        }
+        if not client:  # RFC 8441 §3: extended CONNECT (WebSocket) is accepted
+            settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
+        self.conn.local_settings = h2.settings.Settings(client=client, initial_values=settings)
         self.bodies: dict[int, StreamBody] = {}
         self._window = asyncio.Event()
         self.closed = False
@@ -297,10 +313,40 @@ class H2Downstream:
         self.session.end(self.stream_id, forwardable(trailers) if trailers else ())
 
     async def send_continue(self) -> None:
-        return None
+        # RFC 9113 §8.1: an interim (1xx) header block before the final response; the
+        # request's Expect was not forwarded (the waypoint answers it, as over HTTP/1.1).
+        try:
+            self.session.conn.send_headers(self.stream_id, [(":status", "100")])
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as err:
+            raise ConnectionResetError(str(err)) from err
+        self.session.flush()
 
     def reset(self) -> None:
         self.session.reset(self.stream_id)
+
+
+class H2ConnectDownstream(H2Downstream):
+    """The response to an RFC 8441 WebSocket CONNECT: the upstream's ``101 Switching
+    Protocols`` is the stream's ``200`` (§5), without the HTTP/1.1 upgrade fields."""
+
+    async def send_head(
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        *,
+        content_length: int | None,
+        end: bool = False,
+    ) -> None:
+        if status == 101:
+            status, content_length = 200, None
+            headers = [(k, v) for k, v in headers if k not in _UPGRADE_ONLY]
+        elif 200 <= status < 300:
+            # The app answered the handshake without switching: a 2xx here would tell the
+            # client its WebSocket is open (RFC 8441 §5), so it is a 502 instead.
+            log.info("extended CONNECT: upstream answered %d, not 101: 502", status)
+            status, headers = 502, [("content-type", "text/plain")]
+            content_length = None
+        await super().send_head(status, headers, content_length=content_length, end=end)
 
 
 class _ServerSession(H2Session):
@@ -326,7 +372,11 @@ class _ServerSession(H2Session):
             body.ended = True
         self.bodies[sid] = body
         regular = [(k, v) for k, v in headers if not k.startswith(":")]
+        if pseudo.get(":method") == "CONNECT" and ":protocol" in pseudo:
+            self._extended_connect(sid, pseudo, regular, body)
+            return
         cl = next((v for k, v in regular if k == "content-length"), None)
+        expect = any(k == "expect" and v.lower() == "100-continue" for k, v in regular)
         req = Request(
             protocol="h2",
             method=pseudo.get(":method", ""),  # absent: refused by the handler (400)
@@ -334,18 +384,49 @@ class _ServerSession(H2Session):
             authority=pseudo.get(":authority", "")
             or next((v for k, v in regular if k == "host"), ""),
             scheme=pseudo.get(":scheme", "http"),
-            headers=[(k, v) for k, v in forwardable(regular) if k != "content-length"],
+            headers=[
+                (k, v) for k, v in forwardable(regular) if k not in ("content-length", "expect")
+            ],
             body=body,
             has_body=not ended,
             content_length=int(cl) if cl is not None and cl.isascii() and cl.isdigit() else None,
+            expect_continue=expect and not ended,
         )
         task = asyncio.get_running_loop().create_task(self._serve(req, sid))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, req: Request, sid: int) -> None:
+    def _extended_connect(
+        self, sid: int, pseudo: dict[str, str], regular: list[tuple[str, str]], body: StreamBody
+    ) -> None:
+        """RFC 8441 §4: the WebSocket handshake as an HTTP/1.1 upgrade request (module doc)."""
+        protocol = pseudo[":protocol"].lower()
+        fields = [(k, v) for k, v in forwardable(regular) if k != "content-length"]
+        if protocol in UPGRADES and not any(k == "sec-websocket-key" for k, _ in fields):
+            key = base64.b64encode(self.handler.ctx.rng.getrandbits(128).to_bytes(16, "big"))
+            fields.append(("sec-websocket-key", key.decode()))
+        req = Request(
+            protocol=UPGRADE_PROTOCOL if protocol in UPGRADES else "h2",
+            # Another :protocol stays a CONNECT, which request hygiene refuses (400).
+            method="GET" if protocol in UPGRADES else "CONNECT",
+            target=pseudo.get(":path", ""),
+            authority=pseudo.get(":authority", ""),
+            scheme=pseudo.get(":scheme", "http"),
+            headers=fields,
+            body=body,
+            has_body=False,  # the stream's DATA is the upgraded protocol, not a request body
+            content_length=None,
+            extra={"upgrade": protocol, "rfc8441": "1"},
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._serve(req, sid, H2ConnectDownstream(self, sid))
+        )
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, req: Request, sid: int, down: H2Downstream | None = None) -> None:
         try:
-            await self.handler.serve(req, H2Downstream(self, sid), self.tunnel)
+            await self.handler.serve(req, down or H2Downstream(self, sid), self.tunnel)
         finally:
             self.bodies.pop(sid, None)
 

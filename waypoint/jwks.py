@@ -1,7 +1,14 @@
 """The waypoint's JWKS cache for RequestAuthentication ``jwksUri`` (the I/O edge of JWT).
 
 Owns: `JwksCache` (per-URI keys, fetched once by one task, refreshed every `refresh` seconds,
-kept on a failed refresh) and `http_get` (the bounded fetch).
+kept on a failed refresh), `jwks_location` (OpenID Connect Discovery: the ``jwks_uri`` of an
+issuer's OpenID Provider Configuration) and `http_get` (the bounded fetch).
+
+Discovery (a rule without ``jwks``/``jwksUri``, `meshcore.config.requestauthn`): the entry's URI
+is the issuer's configuration URL; each fetch (first and every refresh) reads the configuration,
+then the JWKS its ``jwks_uri`` names, both bounded and within the rule's one timeout. The
+configuration's ``issuer`` must equal the rule's (OpenID Connect Discovery 1.0 §4.3) and
+``jwks_uri`` must be http(s); otherwise the fetch failed (closed, as above).
 
 Failure is closed and bounded: a URI that cannot be fetched (timeout, not 200, too large, no
 usable key) yields None, so tokens of that issuer are rejected (401), as Istio does when istiod
@@ -16,10 +23,12 @@ Invariants: at most one fetch in flight per URI; a response body is read up to
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from meshcore.errors import JoseError
 from meshcore.jose import MAX_JWKS_BYTES, Jwk, parse_jwks
@@ -52,6 +61,25 @@ async def http_get(uri: str, timeout: float) -> bytes:
         return await asyncio.to_thread(_get_blocking, uri, timeout)
 
 
+def jwks_location(document: bytes, issuer: str) -> str:
+    """The ``jwks_uri`` of an OpenID Provider Configuration document (OpenID Connect Discovery
+    1.0 §3, §4.3). Raises `JoseError` if it is not JSON, its ``issuer`` differs or the URI is
+    not http(s)."""
+    try:
+        doc = json.loads(document)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise JoseError(f"OpenID configuration is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise JoseError("OpenID configuration is not a JSON object")
+    if doc.get("issuer") != issuer:
+        raise JoseError(f"OpenID configuration names issuer {doc.get('issuer')!r}, not {issuer!r}")
+    uri = doc.get("jwks_uri")
+    parts = urlsplit(uri) if isinstance(uri, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JoseError(f"OpenID configuration: jwks_uri {uri!r} is not an http(s) URL")
+    return str(uri)
+
+
 @dataclass(slots=True)
 class _Entry:
     keys: tuple[Jwk, ...] | None = None
@@ -68,18 +96,22 @@ class JwksCache:
     retry: float = RETRY
     fetches: int = 0
     failures: int = 0
-    _entries: dict[str, _Entry] = field(default_factory=dict)
+    _entries: dict[tuple[str, str | None], _Entry] = field(default_factory=dict)
 
     def _due(self, e: _Entry, now: float) -> bool:
         if e.failed is not None and now - e.failed < self.retry:
             return False
         return e.keys is None or now - e.fetched >= self.refresh
 
-    async def _run(self, uri: str, e: _Entry, timeout: float) -> None:
+    async def _load(self, uri: str, timeout: float, issuer: str | None) -> tuple[Jwk, ...]:
+        if issuer is not None:
+            uri = jwks_location(await self.fetch(uri, timeout), issuer)
+        return parse_jwks(await self.fetch(uri, timeout))
+
+    async def _run(self, uri: str, e: _Entry, timeout: float, issuer: str | None) -> None:
         self.fetches += 1
         try:
-            data = await asyncio.wait_for(self.fetch(uri, timeout), timeout)
-            keys = parse_jwks(data)
+            keys = await asyncio.wait_for(self._load(uri, timeout, issuer), timeout)
         except (OSError, TimeoutError, ValueError, JoseError) as exc:
             self.failures += 1
             e.failed = self.clock()
@@ -89,11 +121,14 @@ class JwksCache:
             return
         e.keys, e.fetched, e.failed = keys, self.clock(), None
 
-    async def get(self, uri: str, timeout: float) -> tuple[Jwk, ...] | None:
-        """The keys of `uri` (None: never fetched successfully: fail closed)."""
-        e = self._entries.setdefault(uri, _Entry())
+    async def get(
+        self, uri: str, timeout: float, *, issuer: str | None = None
+    ) -> tuple[Jwk, ...] | None:
+        """The keys of `uri` (None: never fetched successfully: fail closed). With `issuer`,
+        `uri` is that issuer's OpenID Provider Configuration (discovery)."""
+        e = self._entries.setdefault((uri, issuer), _Entry())
         if self._due(e, self.clock()) and (e.task is None or e.task.done()):
-            e.task = asyncio.create_task(self._run(uri, e, timeout))
+            e.task = asyncio.create_task(self._run(uri, e, timeout, issuer))
         if e.keys is None and e.task is not None and not e.task.done():
             # First fetch: wait for it (bounded by the rule's timeout). A refresh does not
             # make requests wait: the current keys stay in use meanwhile.

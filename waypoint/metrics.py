@@ -4,8 +4,9 @@ request.
 Owns: the waypoint's prometheus registry with ``istio_requests_total``,
 ``istio_request_duration_milliseconds``, ``istio_request_bytes``, ``istio_response_bytes``
 (names and millisecond buckets as Istio's standard metrics; the labels and the
-workload-to-label mapping are `meshcore.telemetry`'s, shared with the node proxy), and
-`RequestRecord`, the per-request facts the handler fills in.
+workload-to-label mapping are `meshcore.telemetry`'s, shared with the node proxy),
+``waypoint_mirror_requests_total{result}`` (mirror copies), and `RequestRecord`, the
+per-request facts the handler fills in.
 
 Invariant: a request is recorded exactly once, when it ends (success, local reply or reset);
 label children are cached per label tuple, so recording costs dict lookups, not registry
@@ -118,6 +119,13 @@ class WaypointMetrics:
             "istio_response_bytes", "Response sizes (bytes)", LABELS, buckets=BYTES_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self.mirrors = Counter(
+            "waypoint_mirror_requests",
+            "Mirror copies by result: completed, failed, dropped (fell behind the request), "
+            "skipped (too many in flight)",
+            ["result"],
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self.log_enabled = True
 

@@ -10,7 +10,13 @@ client, all ambient) and shows, with N requests each (new connection per request
    100% v2;
 4. the waypoint's ``istio_requests_total`` (reporter="waypoint");
 5. an L7 AuthorizationPolicy targeting the waypoint: ``GET /private`` -> 403, and the app never
-   saw the request.
+   saw the request;
+6. the seed's resilience set on one route (examples/lab-waypoint/config/resilience.yaml:
+   timeout + retries + circuit breaker + local rate limit), `resilience_demo`: v1 fails
+   ``/flaky`` with 503, every client request still gets 200 (retried on v2) and v1 sees exactly
+   ``consecutive5xxErrors`` of them (then it is ejected); ``/sleep/5`` is cut at the route
+   timeout (504, retried per try); a burst over the limit gets 429s, and every response carries
+   ``x-ratelimit-limit``.
 Exit 0 only if every step showed what it should; the lab is torn down unless --keep.
 """
 
@@ -86,6 +92,72 @@ def _show(say: Any, title: str, r: dict[str, Any]) -> None:
         f"errors={r.get('errors')}")  # fmt: skip
 
 
+def resilience_demo(lab: Lab, say: Any) -> list[str]:
+    """Step 6 (see the module docstring) on a lab whose waypoint serves ``reviews``: apply
+    config/resilience.yaml and check it end to end. The failed checks (empty: all held)."""
+    failed: list[str] = []
+
+    def check(ok: bool, what: str, got: object) -> None:
+        say(f"  {'ok' if ok else 'FAILED'}: {what}: {got}")
+        if not ok:
+            failed.append(f"{what}: {got}")
+
+    (lab.paths.manifests / "reviews-route.yaml").unlink(missing_ok=True)  # one route for reviews
+    apply_file(lab, EXAMPLE / "config" / "resilience.yaml")
+    if not wait_waypoint_config(
+        lab,
+        lambda c: (
+            any(x["name"] == "default/reviews-rl" for x in c.get("rate_limits", []))
+            and any(t["name"] == "default/reviews-resilience" for t in c["route_tables"])
+        ),
+        "resilience set",
+    ):
+        return ["the waypoint never got the resilience set"]
+    logs = [lab.paths.logs / f"pod-default-reviews-{v}.log" for v in ("v1", "v2")]
+    before = [p.read_text().count("/flaky") for p in logs]
+    # Paced under the limit (5/s < 10/s): retries and outlier detection alone decide.
+    r = load(lab, 20, "--pace=0.2", url="http://reviews:9080/flaky/x")
+    check(
+        r["status"] == {"200": 20} and r["versions"] == {"v2": 20},
+        "GET /flaky x20 (v1 answers 503): retried on v2",
+        r["status"],
+    )
+    seen = [p.read_text().count("/flaky") - b for p, b in zip(logs, before, strict=True)]
+    check(seen[0] == 3, "v1 saw consecutive5xxErrors=3 of them, then was ejected", seen[0])
+    check(
+        r["ratelimit"] == {"200:10": 20},
+        "admitted responses carry x-ratelimit-limit",
+        r["ratelimit"],
+    )
+    r = load(lab, 1, url="http://reviews:9080/sleep/5")
+    check(
+        r["status"] == {"504": 1} and r["seconds"] < 4.5,
+        "GET /sleep/5: route timeout 2.5s (perTryTimeout 1s, retried)",
+        (r["status"], r["seconds"]),
+    )
+    r = load(lab, 60)
+    check(
+        r["errors"] == 0
+        and r["status"].get("429", 0) > 0
+        and r["status"].get("200", 0) >= 5
+        and r["ratelimit"].get("429:10", 0) == r["status"].get("429", 0),
+        "60 back-to-back requests over 10/s: 429 local_rate_limited",
+        r["status"],
+    )
+    metrics = lab.waypoint_admin(WAYPOINT_POD, "/metrics")
+    check(
+        any(
+            ln.startswith("istio_requests_total{")
+            and 'response_code="429"' in ln
+            and 'response_flags="RL"' in ln
+            for ln in metrics.splitlines()
+        ),
+        "istio_requests_total has 429 with response_flags RL",
+        "",
+    )
+    return failed
+
+
 def run_waypoint_demo(lab: Lab, *, keep: bool = False, n: int = 200) -> int:
     say = lab.log
     lab.up(EXAMPLE / "manifests")
@@ -143,6 +215,12 @@ def run_waypoint_demo(lab: Lab, *, keep: bool = False, n: int = 200) -> int:
         )  # fmt: skip
         say(f"  requests for /private the reviews pods saw: {seen}")
         ok &= seen == 0
+
+        say(
+            "\n6) the seed's resilience set on one route (timeout + retries + circuit breaker + "
+            f"rate limit): cp {EXAMPLE / 'config' / 'resilience.yaml'} {lab.paths.manifests}/"
+        )
+        ok &= not resilience_demo(lab, say)
     finally:
         if not keep:
             lab.down()

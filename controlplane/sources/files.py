@@ -48,7 +48,6 @@ IGNORED_KINDS = frozenset(
         "ClusterRole",
         "ClusterRoleBinding",
         "Endpoints",
-        "Node",
         "CustomResourceDefinition",
         "GatewayClass",
         "Telemetry",

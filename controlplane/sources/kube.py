@@ -9,14 +9,14 @@ meanwhile are applied) is `meshcore.reflector`'s; this module owns what the obje
 - Kinds whose API group is not served (CRDs not installed) are skipped with a warning and
   re-discovered every `rediscover_interval`.
 - Optional kinds (`UNIMPLEMENTED`: the kinds the mesh does not implement, ServiceEntry,
-  Telemetry, Istio's Gateway...; and the Gateway API route kinds GRPCRoute, TCPRoute and
-  TLSRoute, implemented, whose CRDs are optional) are watched only when their resource is
-  served (the group/version's APIResourceList, ``GET /apis/<group>/<version>``, first served
-  version of the kind wins), and stored as `controlplane.objects.parse_unimplemented` records
-  (StoredObjects under their kind: the route kinds are served to waypoints like manifests'
-  ones; the others are reported, AMB0204 on /debug/warnings and in their status); no CRD:
-  nothing watched, nothing said, looked for again every `rediscover_interval`. They never
-  hold the first sync.
+  Telemetry, Istio's Gateway...; and, implemented but with optional CRDs, the Gateway API route
+  kinds GRPCRoute, TCPRoute and TLSRoute and Linkerd's HTTPLocalRateLimitPolicy) are watched
+  only when their resource is served (the group/version's APIResourceList,
+  ``GET /apis/<group>/<version>``, first served version of the kind wins), and stored as
+  `controlplane.objects.parse_unimplemented` records (StoredObjects under their kind: the route
+  and rate-limit kinds are served to waypoints like manifests' ones; the others are reported,
+  AMB0204 on /debug/warnings and in their status); no CRD: nothing watched, nothing said,
+  looked for again every `rediscover_interval`. They never hold the first sync.
 
 Invariants: a malformed object is reported (warning naming object and field) and its update
 skipped; it never stops the watch. Objects are read as plain JSON (no generated models).
@@ -75,6 +75,7 @@ class KindSpec:
 
 KINDS = (
     KindSpec(kind="Namespace", group="", version="v1", plural="namespaces", namespaced=False),
+    KindSpec(kind="Node", group="", version="v1", plural="nodes", namespaced=False),
     KindSpec(kind="Pod", group="", version="v1", plural="pods"),
     KindSpec(kind="Service", group="", version="v1", plural="services"),
     KindSpec(kind="ServiceAccount", group="", version="v1", plural="serviceaccounts"),
@@ -134,6 +135,10 @@ UNIMPLEMENTED = (
     _unimplemented("GRPCRoute", "gateway.networking.k8s.io", "grpcroutes", ("v1", "v1alpha2")),
     _unimplemented("TCPRoute", "gateway.networking.k8s.io", "tcproutes", ("v1alpha2",)),
     _unimplemented("TLSRoute", "gateway.networking.k8s.io", "tlsroutes", ("v1alpha3", "v1alpha2")),
+    # Local rate limits (the chart's CRD, or Linkerd's own): served to waypoints.
+    _unimplemented(
+        "HTTPLocalRateLimitPolicy", "policy.linkerd.io", "httplocalratelimitpolicies", ("v1alpha1",)
+    ),
 )
 
 

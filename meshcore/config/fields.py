@@ -88,21 +88,31 @@ remove implemented
 _TRAFFIC_POLICY = """
 loadBalancer implemented
 loadBalancer.simple implemented -- ROUND_ROBIN, LEAST_REQUEST (LEAST_CONN), RANDOM, PASSTHROUGH
-loadBalancer.consistentHash implemented -- a ring of virtual nodes; the first usable endpoint clockwise from the key
+loadBalancer.consistentHash implemented -- a ring of virtual nodes (the first usable endpoint clockwise from the key) or a Maglev table
 loadBalancer.consistentHash.httpHeaderName implemented
 loadBalancer.consistentHash.httpCookie implemented
 loadBalancer.consistentHash.httpCookie.name implemented
-loadBalancer.consistentHash.httpCookie.path warned -- only used to generate a cookie (not implemented)
-loadBalancer.consistentHash.httpCookie.ttl warned -- the cookie is not generated: requests without it are balanced by simple
-loadBalancer.consistentHash.httpCookie.attributes warned -- only used to generate a cookie (not implemented)
+loadBalancer.consistentHash.httpCookie.path implemented -- Path of the generated cookie
+loadBalancer.consistentHash.httpCookie.ttl implemented -- set: a request without the cookie gets one generated (Set-Cookie name="<hex>"; Max-Age; HttpOnly; 0s: a session cookie), as Envoy
+loadBalancer.consistentHash.httpCookie.attributes implemented -- added to the generated cookie (RFC 6265 syntax checked)
+loadBalancer.consistentHash.httpCookie.attributes[].name implemented
+loadBalancer.consistentHash.httpCookie.attributes[].value implemented -- absent: a bare attribute (Secure)
 loadBalancer.consistentHash.useSourceIp implemented -- the downstream peer's IP
 loadBalancer.consistentHash.httpQueryParameterName implemented
 loadBalancer.consistentHash.ringHash implemented
-loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024, capped at 65537
-loadBalancer.consistentHash.maglev implemented -- served by the same ring (same stickiness, not Maglev's table)
-loadBalancer.consistentHash.maglev.tableSize implemented
+loadBalancer.consistentHash.ringHash.minimumRingSize implemented -- default 1024; above 65537 served with 65537 (a value warning says so)
+loadBalancer.consistentHash.maglev implemented -- a Maglev lookup table (NSDI 2016); an ejected or tried entry re-hashes the key
+loadBalancer.consistentHash.maglev.tableSize implemented -- a prime (as Envoy), default 65537, at most 65537
 loadBalancer.consistentHash.minimumRingSize implemented -- deprecated form of ringHash.minimumRingSize
-loadBalancer.localityLbSetting refused -- locality load balancing is not implemented
+loadBalancer.localityLbSetting implemented -- the waypoint's locality (its node's topology labels) is the client's; failover priorities need outlierDetection (as Istio)
+loadBalancer.localityLbSetting.enabled implemented -- default true (Istio's mesh default)
+loadBalancer.localityLbSetting.distribute implemented -- locality weights x availability (Envoy's 1.4 overprovisioning); excludes failover
+loadBalancer.localityLbSetting.distribute[].from implemented -- region[/zone[/subzone]]; '*' or a missing segment matches any (Istio)
+loadBalancer.localityLbSetting.distribute[].to implemented map -- weights sum to 100; unlisted localities get none
+loadBalancer.localityLbSetting.failover implemented -- priorities: same zone+subzone, zone, region, the failover region, others; Envoy's health spill-over
+loadBalancer.localityLbSetting.failover[].from implemented -- region
+loadBalancer.localityLbSetting.failover[].to implemented -- region
+loadBalancer.localityLbSetting.failoverPriority implemented -- ordered labels (topology.kubernetes.io/region|zone, topology.istio.io/subzone|network, pod labels); label=value entries and use with failover are refused
 loadBalancer.warmupDurationSecs warned -- slow start is not implemented
 loadBalancer.warmup warned -- slow start is not implemented
 connectionPool implemented
@@ -228,7 +238,7 @@ spec.targetRefs implemented -- the waypoint validates JWTs for the targets
 spec.jwtRules implemented -- an invalid token is 401; a request without token passes (an AuthorizationPolicy with requestPrincipals can require one)
 spec.jwtRules[].issuer implemented -- required; a token whose iss has no rule is 401
 spec.jwtRules[].audiences implemented -- the token's aud must contain one (none listed: any)
-spec.jwtRules[].jwksUri implemented -- fetched by the waypoint (http/https, 256 KiB, cached 20 min; unreachable: tokens of this issuer are 401)
+spec.jwtRules[].jwksUri implemented -- fetched by the waypoint (http/https, 256 KiB, cached 20 min; unreachable: tokens of this issuer are 401); neither jwksUri nor jwks: OpenID Connect discovery from <issuer>/.well-known/openid-configuration (as Istio)
 spec.jwtRules[].jwks implemented -- RS/PS/ES 256-512, EdDSA; HMAC (oct) keys are never used
 spec.jwtRules[].fromHeaders implemented
 spec.jwtRules[].fromHeaders[].name implemented
@@ -312,7 +322,7 @@ spec.http[].retries implemented
 spec.http[].retries.attempts implemented
 spec.http[].retries.perTryTimeout implemented
 spec.http[].retries.retryOn implemented
-spec.http[].retries.retryRemoteLocalities warned -- locality-aware retries are not implemented
+spec.http[].retries.retryRemoteLocalities implemented -- a retry leaves the locality priorities already tried (Envoy previous_priorities)
 spec.http[].retries.retryIgnorePreviousHosts warned -- a retry may pick the same endpoint
 spec.http[].retries.backoff warned -- Envoy's default backoff (25 ms base) is used
 spec.http[].fault implemented
@@ -449,7 +459,9 @@ spec.rules[].filters[].requestMirror.backendRef.name implemented
 spec.rules[].filters[].requestMirror.backendRef.namespace implemented
 spec.rules[].filters[].requestMirror.backendRef.port implemented
 spec.rules[].filters[].requestMirror.percent implemented
-spec.rules[].filters[].requestMirror.fraction refused -- use percent
+spec.rules[].filters[].requestMirror.fraction implemented -- numerator/denominator (default 100); exclusive with percent
+spec.rules[].filters[].requestMirror.fraction.numerator implemented
+spec.rules[].filters[].requestMirror.fraction.denominator implemented
 spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
 spec.rules[].filters[].cors implemented -- Envoy's CORS filter: allowed preflights answered by the waypoint
 spec.rules[].filters[].cors.allowOrigins implemented -- *, exact, or scheme://*.host
@@ -501,7 +513,9 @@ spec.rules[].filters[].requestMirror implemented
 spec.rules[].filters[].requestMirror.backendRef implemented
 @gw_backend spec.rules[].filters[].requestMirror.backendRef
 spec.rules[].filters[].requestMirror.percent implemented
-spec.rules[].filters[].requestMirror.fraction refused -- use percent
+spec.rules[].filters[].requestMirror.fraction implemented -- numerator/denominator (default 100); exclusive with percent
+spec.rules[].filters[].requestMirror.fraction.numerator implemented
+spec.rules[].filters[].requestMirror.fraction.denominator implemented
 spec.rules[].filters[].extensionRef refused -- extension filters are not implemented
 spec.rules[].backendRefs implemented
 @gw_backend spec.rules[].backendRefs[]
@@ -531,7 +545,7 @@ spec.rules[].backendRefs implemented -- weighted
 spec.rules[].backendRefs[].weight implemented
 """,
     "HTTPLocalRateLimitPolicy": """
-spec implemented -- Linkerd's policy.linkerd.io/v1alpha1 shape (see meshcore/config/ratelimit.py)
+spec implemented -- Linkerd's policy.linkerd.io/v1alpha1 shape (see meshcore/config/ratelimit.py); CRD in the chart, watched in Kubernetes; 429 and admitted responses carry x-ratelimit-* (Envoy DRAFT_VERSION_03)
 spec.targetRef implemented -- Service (per service), HTTPRoute (per route), Gateway (the waypoint)
 spec.targetRef.group implemented
 spec.targetRef.kind implemented

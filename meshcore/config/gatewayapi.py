@@ -322,11 +322,15 @@ def _gw_redirect(value: object, path: str) -> Redirect:
 
 
 def _gw_mirror(value: object, fp: str, ctx: Ctx) -> Mirror:
-    """RequestMirror of filter `fp`; ``percent`` 0-100 (default all requests)."""
+    """RequestMirror of filter `fp`; ``percent`` 0-100 or ``fraction`` (default all requests)."""
     mm = read_map(value, f"{fp}.requestMirror")
     pct = 100.0
+    if "percent" in mm and "fraction" in mm:
+        raise ConfigError(f"{fp}.requestMirror", "percent and fraction are exclusive")
     if "percent" in mm:
         pct = float(read_int(mm["percent"], f"{fp}.requestMirror.percent", 0, 100))
+    elif "fraction" in mm:
+        pct = _fraction(mm["fraction"], f"{fp}.requestMirror.fraction")
     return Mirror(
         destination=gw_backend(mm.get("backendRef"), f"{fp}.backendRef", ctx), percent=pct
     )
@@ -469,3 +473,12 @@ def _grpc_precedence(route: HttpRoute) -> tuple[int, int, int]:
     if not svc and not meth and not m.headers:
         return (1, 0, 0)  # matches everything
     return (-svc, -meth, -len(m.headers))
+
+
+def _fraction(value: object, path: str) -> float:
+    """Gateway API ``Fraction`` {numerator, denominator (default 100)} as a percentage
+    (numerator <= denominator, denominator >= 1: the API's CEL validation)."""
+    m = read_map(value, path)
+    den = read_int(m.get("denominator", 100), f"{path}.denominator", 1)
+    num = read_int(m.get("numerator"), f"{path}.numerator", 0, den)
+    return 100.0 * num / den

@@ -42,6 +42,7 @@ from meshcore.config.routes import (
     HeaderOps,
     HttpRoute,
     LbPolicy,
+    LocalityLb,
     Mirror,
     OutlierDetection,
     Redirect,
@@ -169,9 +170,12 @@ def _retry(value: object, path: str) -> RetryPolicy:
     else:
         on = set(DEFAULT_RETRY.retry_on)
         codes = set(DEFAULT_RETRY.status_codes)
+    remote = m.get("retryRemoteLocalities", False)
+    if not isinstance(remote, bool):
+        raise ConfigError(f"{path}.retryRemoteLocalities", "expected a boolean")
     return RetryPolicy(
         attempts=attempts, per_try_timeout=per_try, retry_on=frozenset(on),
-        status_codes=frozenset(codes),
+        status_codes=frozenset(codes), remote_localities=remote,
     )  # fmt: skip
 
 
@@ -376,6 +380,7 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
     m = read_map(value, path)
     lb = LbPolicy.LEAST_REQUEST
     chash: ConsistentHash | None = None
+    locality = LocalityLb()
     if "loadBalancer" in m:
         lbm = read_map(m["loadBalancer"], f"{path}.loadBalancer")
         if "simple" in lbm:
@@ -389,7 +394,13 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                     f"{path}.loadBalancer.simple", f"unknown load balancer {simple!r}"
                 ) from None
         if "consistentHash" in lbm:
-            chash = _consistent_hash(lbm["consistentHash"], f"{path}.loadBalancer.consistentHash")
+            chash = _consistent_hash(
+                lbm["consistentHash"], f"{path}.loadBalancer.consistentHash", ctx
+            )
+        if lbm.get("localityLbSetting") is not None:
+            locality = _locality_lb(
+                lbm["localityLbSetting"], f"{path}.loadBalancer.localityLbSetting"
+            )
     outlier = None
     if "outlierDetection" in m:
         o = read_map(m["outlierDetection"], f"{path}.outlierDetection")
@@ -442,13 +453,106 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
             )
             overrides.append((number, _traffic_policy(pm, pp, ctx, nested=False)))
     return TrafficPolicy(lb=lb, hash=chash, outlier=outlier, pool=pool,
-                         port_overrides=tuple(overrides))  # fmt: skip
+                         port_overrides=tuple(overrides), locality=locality)  # fmt: skip
 
 
-def _consistent_hash(value: object, path: str) -> ConsistentHash:
-    """``consistentHash``: exactly one key of httpHeaderName, httpCookie (name), useSourceIp,
-    httpQueryParameterName; ``ringHash.minimumRingSize`` / ``maglev.tableSize`` /
-    ``minimumRingSize`` size the ring (Envoy's defaults: 1024 / 65537; capped at 65537)."""
+_LOCALITY = re.compile(r"^([^/*]+|\*)(/([^/*]+|\*)){0,2}$")
+
+
+def _locality_pattern(value: object, path: str) -> str:
+    """``region[/zone[/subzone]]``, each segment a name or ``*`` (Istio matches segment by
+    segment; ``*`` or a missing segment matches any)."""
+    text = read_text(value, path)
+    if not _LOCALITY.match(text):
+        raise ConfigError(path, f"{text!r} is not a locality (region[/zone[/subzone]])")
+    return text
+
+
+def _locality_lb(value: object, path: str) -> LocalityLb:
+    """``localityLbSetting`` (Istio networking/v1 LocalityLoadBalancerSetting): ``distribute``
+    weights must sum to 100 per ``from``; ``distribute`` excludes ``failover``; a failover's
+    ``from`` and ``to`` are different regions (Istio's validation). ``failover`` together
+    with ``failoverPriority`` is not implemented (refused)."""
+    m = read_map(value, path)
+    enabled = m.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{path}.enabled", "expected a boolean")
+    dist: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+    for i, d in enumerate(read_seq(m.get("distribute"), f"{path}.distribute")):
+        dp = f"{path}.distribute[{i}]"
+        dm = read_map(d, dp)
+        src = _locality_pattern(dm.get("from"), f"{dp}.from")
+        to = read_map(dm.get("to"), f"{dp}.to")
+        weights = tuple(
+            (_locality_pattern(k, f"{dp}.to"), read_int(w, f"{dp}.to[{k}]", 0, 100))
+            for k, w in to.items()
+        )
+        if sum(w for _k, w in weights) != 100:
+            raise ConfigError(f"{dp}.to", "weights must sum to 100")
+        dist.append((src, weights))
+    fail: list[tuple[str, str]] = []
+    for i, f in enumerate(read_seq(m.get("failover"), f"{path}.failover")):
+        fp = f"{path}.failover[{i}]"
+        fm = read_map(f, fp)
+        a, b = read_text(fm.get("from"), f"{fp}.from"), read_text(fm.get("to"), f"{fp}.to")
+        if a == b:
+            raise ConfigError(fp, "from and to must be different regions")
+        fail.append((a, b))
+    prio = tuple(
+        read_text(x, f"{path}.failoverPriority[{i}]")
+        for i, x in enumerate(read_seq(m.get("failoverPriority"), f"{path}.failoverPriority"))
+    )
+    if any("=" in x for x in prio):
+        raise ConfigError(f"{path}.failoverPriority", "label=value entries are not implemented")
+    if dist and (fail or prio):
+        raise ConfigError(path, "distribute cannot be combined with failover/failoverPriority")
+    if fail and prio:
+        raise ConfigError(path, "failover together with failoverPriority is not implemented")
+    return LocalityLb(
+        enabled=enabled, distribute=tuple(dist), failover=tuple(fail), failover_priority=prio
+    )
+
+
+_COOKIE_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_COOKIE_VALUE = re.compile(r"^[\x21-\x3a\x3c-\x7e]*$")  # no CTLs, spaces or ';' (RFC 6265 §4.1.1)
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def _http_cookie(value: object, path: str) -> dict[str, Any]:
+    """``httpCookie`` {name, path, ttl, attributes} -> ConsistentHash fields (RFC 6265 syntax:
+    a bad name or attribute is a ConfigError rather than a header we would send)."""
+    c = read_map(value, path)
+    name = read_text(c.get("name"), f"{path}.name")
+    if not _COOKIE_TOKEN.match(name):
+        raise ConfigError(f"{path}.name", f"{name!r} is not a cookie name (RFC 6265 token)")
+    out: dict[str, Any] = {"cookie": name}
+    if c.get("path") is not None:
+        cpath = read_text(c.get("path"), f"{path}.path")
+        if not _COOKIE_VALUE.match(cpath):
+            raise ConfigError(f"{path}.path", f"{cpath!r} is not a cookie path")
+        out["cookie_path"] = cpath
+    if c.get("ttl") is not None:
+        out["cookie_ttl"] = parse_duration(c.get("ttl"), f"{path}.ttl")
+    attrs = []
+    for i, a in enumerate(read_seq(c.get("attributes") or [], f"{path}.attributes")):
+        am = read_map(a, f"{path}.attributes[{i}]")
+        an = read_text(am.get("name"), f"{path}.attributes[{i}].name")
+        av = am.get("value", "")
+        if not _COOKIE_TOKEN.match(an) or not isinstance(av, str) or not _COOKIE_VALUE.match(av):
+            raise ConfigError(f"{path}.attributes[{i}]", "not a cookie attribute (RFC 6265)")
+        attrs.append((an, av))
+    out["cookie_attributes"] = tuple(attrs)
+    return out
+
+
+def _consistent_hash(value: object, path: str, ctx: Ctx) -> ConsistentHash:
+    """``consistentHash``: exactly one key of httpHeaderName, httpCookie, useSourceIp,
+    httpQueryParameterName; ``ringHash.minimumRingSize`` / ``minimumRingSize`` size the ring
+    (Envoy's default 1024, capped at 65537); ``maglev.tableSize`` sizes a Maglev table
+    (Envoy's default 65537; it must be prime, as Envoy requires; at most 65537 here)."""
     m = read_map(value, path)
     keys = [k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
             if m.get(k) not in (None, False)]  # fmt: skip
@@ -456,28 +560,32 @@ def _consistent_hash(value: object, path: str) -> ConsistentHash:
         raise ConfigError(path, "exactly one hash key is required (httpHeaderName, httpCookie, "
                                 "useSourceIp, httpQueryParameterName)")  # fmt: skip
     size = 1024
+    maglev = False
     if "ringHash" in m:
         size = read_int(read_map(m["ringHash"], f"{path}.ringHash").get("minimumRingSize", 1024),
                         f"{path}.ringHash.minimumRingSize", 1)  # fmt: skip
     elif "maglev" in m:
+        maglev = True
         size = read_int(read_map(m["maglev"], f"{path}.maglev").get("tableSize", 65537),
-                        f"{path}.maglev.tableSize", 1)  # fmt: skip
+                        f"{path}.maglev.tableSize", 1, 65537)  # fmt: skip
+        if not _is_prime(size):
+            raise ConfigError(f"{path}.maglev.tableSize", f"{size} is not a prime (Envoy)")
     elif "minimumRingSize" in m:
         size = read_int(m["minimumRingSize"], f"{path}.minimumRingSize", 1)
+    if size > 65537:
+        # Reported, not silent: the ring is built in the data path's process.
+        ctx.warn(f"ring size {size} is served with 65537 virtual nodes (the maximum)", path)
+    shape: dict[str, Any] = {"ring_size": min(size, 65537), "maglev": maglev}
     key = keys[0]
     if key == "httpHeaderName":
-        return ConsistentHash(header=read_text(m[key], f"{path}.{key}").lower(),
-                              ring_size=min(size, 65537))  # fmt: skip
+        return ConsistentHash(header=read_text(m[key], f"{path}.{key}").lower(), **shape)
     if key == "httpCookie":
-        c = read_map(m[key], f"{path}.{key}")
-        return ConsistentHash(cookie=read_text(c.get("name"), f"{path}.{key}.name"),
-                              ring_size=min(size, 65537))  # fmt: skip
+        return ConsistentHash(**_http_cookie(m[key], f"{path}.{key}"), **shape)
     if key == "useSourceIp":
         if m[key] is not True:
             raise ConfigError(f"{path}.{key}", "expected true")
-        return ConsistentHash(source_ip=True, ring_size=min(size, 65537))
-    return ConsistentHash(query_param=read_text(m[key], f"{path}.{key}"),
-                          ring_size=min(size, 65537))  # fmt: skip
+        return ConsistentHash(source_ip=True, **shape)
+    return ConsistentHash(query_param=read_text(m[key], f"{path}.{key}"), **shape)
 
 
 def parse_destination_rule(spec: Mapping[str, Any], ctx: Ctx, name: str) -> DestinationPolicy:

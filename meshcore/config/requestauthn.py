@@ -6,8 +6,11 @@ rules (`waypoint.protocol.jwt`).
 
 Semantics (istio.io "RequestAuthentication" and "JWTRule" reference, checked 2026):
 - ``issuer`` is required. Keys come from inline ``jwks`` or ``jwksUri`` (http/https); at most one
-  (Istio validation). Neither: Istio discovers the JWKS with OpenID Connect discovery, which is
-  not implemented here, so the rule is refused (the policy fails closed).
+  (Istio validation). Neither: as Istio ("the public key set is implicitly set from the OpenID
+  Connect spec"), the keys are discovered: the issuer must be an http(s) URL, its OpenID
+  Provider Configuration is ``<issuer>/.well-known/openid-configuration`` (OpenID Connect
+  Discovery 1.0 §4) and its ``jwks_uri`` names the JWKS; the rule carries the configuration URL
+  in `JwtRule.jwks_uri` with `JwtRule.discovery` set (the waypoint's cache fetches both).
 - Token locations: ``fromHeaders`` (name + prefix, the prefix must be present), ``fromParams``,
   ``fromCookies``. None given: ``Authorization: Bearer <token>`` and the ``access_token`` query
   parameter (Envoy's jwt_authn default, which Istio uses).
@@ -64,6 +67,8 @@ class JwtRule:
     jwks: tuple[Jwk, ...] = ()
     """Inline keys (empty: fetched from `jwks_uri`)."""
     jwks_uri: str = ""
+    """The JWKS URL; with `discovery`, the issuer's OpenID Provider Configuration URL."""
+    discovery: bool = False
     locations: tuple[TokenLocation, ...] = DEFAULT_LOCATIONS
     output_payload_to_header: str = ""
     forward_original_token: bool = False
@@ -104,15 +109,11 @@ def _header_name(value: object, path: str) -> str:
     return text.lower()
 
 
-def _rule(value: object, path: str) -> JwtRule:
-    r = _map(value, path)
-    issuer = _text(r.get("issuer"), f"{path}.issuer")
-    audiences = tuple(
-        _text(a, f"{path}.audiences[{i}]")
-        for i, a in enumerate(_list(r.get("audiences"), f"{path}.audiences"))
-    )
+def _keys(r: Mapping[str, Any], issuer: str, path: str) -> tuple[tuple[Jwk, ...], str, bool]:
+    """(inline keys, JWKS or discovery URL, discovery?) of one rule."""
     jwks: tuple[Jwk, ...] = ()
     uri = ""
+    discovery = False
     if r.get("jwks") is not None and r.get("jwksUri") is not None:
         raise ConfigError(path, "only one of jwks and jwksUri may be set")
     if r.get("jwks") is not None:
@@ -126,9 +127,26 @@ def _rule(value: object, path: str) -> JwtRule:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{path}.jwksUri", f"{uri!r} is not an http(s) URL")
     else:
-        raise ConfigError(
-            path, "jwks or jwksUri is required (OpenID Connect discovery is not implemented)"
-        )
+        parts = urlsplit(issuer)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ConfigError(
+                f"{path}.issuer",
+                "without jwks or jwksUri the keys are discovered (OpenID Connect Discovery), "
+                f"which needs an http(s) issuer URL without a query, not {issuer!r}",
+            )
+        uri = issuer.rstrip("/") + "/.well-known/openid-configuration"
+        discovery = True
+    return jwks, uri, discovery
+
+
+def _rule(value: object, path: str) -> JwtRule:
+    r = _map(value, path)
+    issuer = _text(r.get("issuer"), f"{path}.issuer")
+    audiences = tuple(
+        _text(a, f"{path}.audiences[{i}]")
+        for i, a in enumerate(_list(r.get("audiences"), f"{path}.audiences"))
+    )
+    jwks, uri, discovery = _keys(r, issuer, path)
     locations: list[TokenLocation] = []
     for i, h in enumerate(_list(r.get("fromHeaders"), f"{path}.fromHeaders")):
         hp = f"{path}.fromHeaders[{i}]"
@@ -163,7 +181,7 @@ def _rule(value: object, path: str) -> JwtRule:
         if not 0 < timeout <= 60:
             raise ConfigError(f"{path}.timeout", "must be between 0 and 60s")
     return JwtRule(
-        issuer=issuer, audiences=audiences, jwks=jwks, jwks_uri=uri,
+        issuer=issuer, audiences=audiences, jwks=jwks, jwks_uri=uri, discovery=discovery,
         locations=tuple(locations) or DEFAULT_LOCATIONS, output_payload_to_header=payload_header,
         forward_original_token=forward, output_claim_to_headers=tuple(claims), timeout=timeout,
     )  # fmt: skip

@@ -94,6 +94,9 @@ class RetryPolicy:
     """Codes retried under ``retriable-status-codes`` (a bare number in retryOn adds one)."""
     backoff_base: float = 0.025
     """Envoy's default base interval (25 ms), full jitter, x2 per retry, cap 10x base."""
+    remote_localities: bool = False
+    """``retryRemoteLocalities``: a retry leaves the locality priorities already tried (Envoy's
+    previous_priorities retry plugin, as Istio configures it)."""
 
 
 DEFAULT_RETRY = RetryPolicy(
@@ -226,10 +229,33 @@ class ConsistentHash:
 
     header: str = ""
     cookie: str = ""
+    cookie_ttl: float | None = None
+    """``httpCookie.ttl``: set -> the waypoint generates the cookie when a request lacks it
+    (0: a session cookie), as Envoy does."""
+    cookie_path: str = ""
+    cookie_attributes: tuple[tuple[str, str], ...] = ()
+    """``httpCookie.attributes`` (name, value; value "" -> a bare attribute such as Secure)."""
     source_ip: bool = False
     query_param: str = ""
     ring_size: int = 1024
-    """Virtual nodes on the ring (``ringHash.minimumRingSize``, ``maglev.tableSize``)."""
+    """Virtual nodes on the ring (``ringHash.minimumRingSize``) or Maglev's table size."""
+    maglev: bool = False
+    """``maglev``: a Maglev lookup table of `ring_size` (a prime) entries instead of a ring."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalityLb:
+    """DestinationRule ``loadBalancer.localityLbSetting`` (Istio's mesh default: enabled, no
+    rules: locality-prioritized failover whenever outlier detection is configured)."""
+
+    enabled: bool = True
+    distribute: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    """(from locality pattern, ((to locality pattern, weight percent), ...))."""
+    failover: tuple[tuple[str, str], ...] = ()
+    """(from region, to region)."""
+    failover_priority: tuple[str, ...] = ()
+    """Ordered labels (``topology.kubernetes.io/region|zone``, ``topology.istio.io/subzone``,
+    ``topology.istio.io/network`` or pod labels)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,6 +267,7 @@ class TrafficPolicy:
     outlier: OutlierDetection | None = None
     pool: ConnectionPool = ConnectionPool()
     port_overrides: tuple[tuple[int, TrafficPolicy], ...] = ()
+    locality: LocalityLb = LocalityLb()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,7 +6,9 @@ Asserted: discovery finds every kind (no "not served" warning); list, then watch
 MODIFIED / DELETED; watches that the server ends (timeoutSeconds) resume from the last
 resourceVersion without a re-list and lose no event; an API server restart (every watch cut,
 the server down for a moment) loses no event either; a real Service (ClusterIP allocated by the
-API server) and a PeerAuthentication translate into workload records.
+API server) and a PeerAuthentication translate into workload records; an
+HTTPLocalRateLimitPolicy (the chart's CRD) is validated by the server, watched and served to
+waypoints; a Node's topology labels give its pods their locality.
 Stays on the stand-in (tests/loopback/test_controlplane_kube.py), because a real API server
 cannot be made to do it on demand: 410 Gone after a compaction (its watch cache serves old
 resourceVersions), immediate bookmarks (a real server sends them about once a minute), and
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from ambientctl.lab.kube import KubeCluster
+from controlplane.l7 import l7_resources
 from controlplane.sources.kube import KINDS, KubernetesSource
 from controlplane.store import ConfigStore
 from controlplane.translate import TranslateOptions, Translator
@@ -105,7 +108,14 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
     ns = "src-translate"
     objects.namespace(kube, ns, **{"istio.io/dataplane-mode": "ambient"})
     objects.service_account(kube, ns, "web")
-    objects.pod(kube, ns, "web", objects.PodOptions(node_name="src-node", sa="web", ip="10.3.0.1"))
+    # The pod's locality comes from its Node's topology labels (read with the chart's RBAC).
+    objects.node(kube, "zoned-node")
+    topology = {"topology.kubernetes.io/region": "r1", "topology.kubernetes.io/zone": "z1"}
+    patch = {"metadata": {"labels": topology}}
+    objects.ok(kube.request("PATCH", "/api/v1/nodes/zoned-node", patch, content_type=objects.MERGE))
+    objects.pod(
+        kube, ns, "web", objects.PodOptions(node_name="zoned-node", sa="web", ip="10.3.0.1")
+    )
     svc = objects.ok(
         kube.request(
             "POST",
@@ -126,10 +136,39 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
         ),
         201,
     )  # fmt: skip
+    # A local rate limit in the shape of the chart's CRD (Linkerd's HTTPLocalRateLimitPolicy).
+    objects.ok(
+        kube.request(
+            "POST",
+            f"/apis/policy.linkerd.io/v1alpha1/namespaces/{ns}/httplocalratelimitpolicies",
+            {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
+             "metadata": {"name": "web-rl"},
+             "spec": {"targetRef": {"kind": "Service", "name": "web"},
+                      "total": {"requestsPerSecond": 5}}},
+        ),
+        201,
+    )  # fmt: skip
+    # The CRD's schema refuses a rate that is not a positive integer (server-side validation).
+    code, _body = kube.request(
+        "POST",
+        f"/apis/policy.linkerd.io/v1alpha1/namespaces/{ns}/httplocalratelimitpolicies",
+        {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
+         "metadata": {"name": "bad"},
+         "spec": {"targetRef": {"kind": "Service", "name": "web"},
+                  "total": {"requestsPerSecond": 0}}},
+    )  # fmt: skip
+    assert code == 422
     kc = sa_kubeconfig(kube, tmp_path / "cp.kubeconfig", SYSTEM_NS, "ambient-controlplane")
 
     async def main() -> None:
         async with source(kc) as (store, _src):
+            # Watched with the chart's RBAC and served to waypoints as an L7 resource.
+            await eventually(
+                lambda: f"HTTPLocalRateLimitPolicy/{ns}/web-rl"
+                in l7_resources(store.snapshot, TranslateOptions()), 10, "rate limit",
+            )  # fmt: skip
+            res = l7_resources(store.snapshot, TranslateOptions())
+            assert '"requestsPerSecond":5' in res[f"HTTPLocalRateLimitPolicy/{ns}/web-rl"].json
             t = Translator(TranslateOptions())
             t.update(store.snapshot)
             w = next(
@@ -137,6 +176,8 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
                 for r in t.records()
                 if isinstance(r, Workload) and r.uid == f"Kubernetes//Pod/{ns}/web"
             )
+            assert w.locality is not None
+            assert (w.locality.region, w.locality.zone) == ("r1", "z1")
             port = w.services_map[f"{ns}/web.{ns}.svc.cluster.local"][0]
             assert port.target_port == 8080
             assert "istio-system/istio_converted_static_strict" in w.authorization_policies

@@ -393,12 +393,15 @@ def test_crd_switches() -> None:
         "destinationrules.networking.istio.io",
         "gateways.gateway.networking.k8s.io",
         "httproutes.gateway.networking.k8s.io",
+        "httplocalratelimitpolicies.policy.linkerd.io",
     }
     assert not [
         k for k, _ in kinds(render(["crds.install=false"])[1]) if k == "CustomResourceDefinition"
     ]
     istio_only = {
-        n for k, n in kinds(render(["crds.gatewayAPI=false"])[1]) if k == "CustomResourceDefinition"
+        n
+        for k, n in kinds(render(["crds.gatewayAPI=false", "crds.rateLimit=false"])[1])
+        if k == "CustomResourceDefinition"
     }
     assert istio_only == {n for n in all_crds if "istio.io" in n}
     crd = find(render([])[1], "CustomResourceDefinition", "authorizationpolicies.security.istio.io")
@@ -538,13 +541,16 @@ def crd_validators() -> dict[tuple[str, str, str], jsonschema.Draft7Validator]:
     return out
 
 
+_CR_GROUPS = ("istio.io", "gateway.networking.k8s.io", "policy.linkerd.io")
+
+
 def custom_resources(paths: list[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
     for base in paths:
         for path in sorted(base.rglob("*.yaml")):
             for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
                 if isinstance(doc, dict) and "/" in str(doc.get("apiVersion", "")):
                     group = doc["apiVersion"].split("/")[0]
-                    if group.endswith(("istio.io", "gateway.networking.k8s.io")):
+                    if group.endswith(_CR_GROUPS):
                         yield f"{path.relative_to(REPO)}#{i}", doc
 
 

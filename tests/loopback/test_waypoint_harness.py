@@ -198,8 +198,11 @@ class Backends:
 
 
 async def _handler(backend: Backend, all_: Backends, request: web.Request) -> web.StreamResponse:
-    if request.headers.get("upgrade", "").lower() == "websocket":
+    upgrade = request.headers.get("upgrade", "").lower() == "websocket"
+    if upgrade and "x-test-no-upgrade" not in request.headers:
         return await _websocket(backend, request)
+    if request.path == "/sink":
+        return await _sink(backend, request)
     body = await request.read() if request.path != "/echo" else b""
     record = {
         "path": request.path_qs,
@@ -254,6 +257,35 @@ async def _handler(backend: Backend, all_: Backends, request: web.Request) -> we
         text=json.dumps(payload), content_type="application/json",
         headers={"x-version": backend.name, "x-upstream-header": "present"},
     )  # fmt: skip
+
+
+async def _sink(backend: Backend, request: web.Request) -> web.StreamResponse:
+    """``/sink``: count the body without keeping it (large bodies); the shadow pod reads
+    slowly (16 KiB per 0.1 s) when the request has ``x-test-slow-shadow``. The record's
+    ``body_len`` grows as bytes arrive; ``complete`` says whether the body ended."""
+    record: dict[str, Any] = {
+        "path": request.path_qs,
+        "method": request.method,
+        "headers": dict(request.headers),
+        "body_len": 0,
+        "host": request.host,
+        "peer": "",
+        "complete": False,
+    }
+    backend.requests.append(record)
+    slow = backend.name == "shadow" and "x-test-slow-shadow" in request.headers
+    try:
+        while True:
+            chunk = await request.content.read(16384 if slow else 1 << 20)
+            if not chunk:
+                break
+            record["body_len"] += len(chunk)
+            if slow:
+                await asyncio.sleep(0.1)
+    except Exception:  # the sender reset the stream (a dropped mirror): body incomplete
+        return web.Response(status=400)
+    record["complete"] = True
+    return web.Response(text=str(record["body_len"]), headers={"x-version": backend.name})
 
 
 async def _websocket(backend: Backend, request: web.Request) -> web.StreamResponse:

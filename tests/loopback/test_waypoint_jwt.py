@@ -199,3 +199,91 @@ def test_jwks_cache_single_flight_retry_and_refresh() -> None:
         assert time.monotonic() - t0 < 1.0  # bounded by the rule's timeout
 
     run(main())
+
+
+def test_openid_discovery_refresh_and_bounds_through_the_waypoint(tmp_path: Path) -> None:
+    """A rule with neither jwks nor jwksUri (Istio: keys from OpenID Connect discovery): the
+    waypoint reads ``<issuer>/.well-known/openid-configuration``, then its ``jwks_uri``; a key
+    rotation is picked up at the refresh (old keys in use until it lands); a configuration
+    naming another issuer and a JWKS over 256 KiB fail closed (401), and requests without a
+    token still pass."""
+    base = f"http://{JWKS_IP}:{JWKS_PORT + 2}"
+    good_iss, evil_iss, big_iss = f"{base}/good", f"{base}/evil", f"{base}/big"
+    k1, k2 = new_key("ES256"), new_key("RS256")
+    served = {"keys": jwks(jwk(k1, "k1"))}
+    hits: list[str] = []
+
+    async def config(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        hits.append(f"{name}/config")
+        issuer = f"{base}/{name}" if name != "evil" else "https://someone.else"
+        return web.json_response({"issuer": issuer, "jwks_uri": f"{base}/{name}/keys"})
+
+    async def keys(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        hits.append(f"{name}/keys")
+        text = served["keys"] if name != "big" else " " * (300 * 1024) + served["keys"]
+        return web.Response(text=text, content_type="application/json")
+
+    rules = "\n".join(
+        f"  - issuer: {iss}\n    fromHeaders: [{{name: x-{n}}}]"
+        for n, iss in (("good", good_iss), ("evil", evil_iss), ("big", big_iss))
+    )
+    policy = f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: oidc, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, name: reviews}}]
+  jwtRules:
+{rules}
+"""
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/{name}/.well-known/openid-configuration", config)
+        app.router.add_get("/{name}/keys", keys)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, JWKS_IP, JWKS_PORT + 2).start()
+        try:
+            async with waypoint_mesh(tmp_path, policy) as mesh:
+                now = [1000.0]
+                mesh.waypoint.ctx.jwks.clock = lambda: now[0]
+
+                async def status(header: str, token: str) -> int:
+                    async with s.get(f"{REVIEWS}/x", headers={header: token}) as r:
+                        return r.status
+
+                async with mesh.session() as s:
+                    t1 = mint(k1, "ES256", claims(good_iss), kid="k1")
+                    assert await status("x-good", t1) == 200
+                    assert hits == ["good/config", "good/keys"]
+                    assert await status("x-good", t1) == 200
+                    assert len(hits) == 2  # cached
+                    # Rotation: the provider now serves k2 only.
+                    served["keys"] = jwks(jwk(k2, "k2"))
+                    t2 = mint(k2, "RS256", claims(good_iss), kid="k2")
+                    assert await status("x-good", t2) == 401  # not refreshed yet
+                    now[0] += 20 * 60  # Istio's 20 min refresh interval
+                    await status("x-good", t2)  # starts the refresh (old keys meanwhile)
+                    for _ in range(100):
+                        if hits.count("good/keys") == 2:
+                            break
+                        await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.05)
+                    assert hits.count("good/config") == 2  # configuration re-read too
+                    assert await status("x-good", t2) == 200
+                    assert await status("x-good", t1) == 401  # k1 is gone
+                    evil = mint(k1, "ES256", claims(evil_iss), kid="k1")
+                    assert await status("x-evil", evil) == 401
+                    assert "evil/keys" not in hits  # the configuration was refused first
+                    big = mint(k1, "ES256", claims(big_iss), kid="k1")
+                    assert await status("x-big", big) == 401
+                    async with s.get(f"{REVIEWS}/x") as r:
+                        assert r.status == 200
+                assert mesh.waypoint.ctx.jwks.failures == 2
+        finally:
+            await runner.cleanup()
+
+    run(main())

@@ -105,3 +105,38 @@ def test_per_route_limit_leaves_other_routes_alone(tmp_path: Path) -> None:
                         assert r.status == 200
 
     run(main())
+
+
+def test_admitted_responses_carry_the_ratelimit_headers(tmp_path: Path) -> None:
+    """Envoy's local_ratelimit with enable_x_ratelimit_headers DRAFT_VERSION_03: every response
+    of a checked request carries x-ratelimit-limit/-remaining/-reset (remaining counts down);
+    the 429 adds x-envoy-ratelimited; a route no policy applies to gets none of them."""
+
+    async def main() -> None:
+        async with waypoint_mesh(tmp_path, ROUTE) as mesh:
+            mesh.waypoint.ctx.ratelimit_clock = lambda: 5.0
+            async with mesh.session() as s:
+                seen = []
+                for _ in range(4):
+                    async with s.get(f"{REVIEWS}/slow/x") as r:
+                        h = {k.lower(): v for k, v in r.headers.items()}
+                        seen.append(
+                            (
+                                r.status,
+                                h.get("x-ratelimit-limit"),
+                                h.get("x-ratelimit-remaining"),
+                                h.get("x-ratelimit-reset"),
+                                h.get("x-envoy-ratelimited"),
+                            )
+                        )
+                assert seen == [
+                    (200, "3", "2", "0", None),
+                    (200, "3", "1", "0", None),
+                    (200, "3", "0", "1", None),
+                    (429, "3", "0", "1", "true"),
+                ], seen
+                async with s.get(f"{REVIEWS}/fast") as r:
+                    assert r.status == 200
+                    assert not any(k.lower().startswith("x-ratelimit") for k in r.headers)
+
+    run(main())

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from ambientctl.lab.demo_waypoint import (
     WAYPOINT_POD,
     apply_file,
     load,
+    resilience_demo,
     wait_app,
     within,
 )
@@ -179,35 +181,6 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     assert not system.netns_exists(wp.netns)
 
 
-RESILIENCE = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews-resilience, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews}}]
-    timeout: 5s
-    retries: {attempts: 2, perTryTimeout: 2s, retryOn: "5xx,connect-failure"}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews-resilience, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 50}, http: {http1MaxPendingRequests: 20}}
-    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
----
-apiVersion: policy.linkerd.io/v1alpha1
-kind: HTTPLocalRateLimitPolicy
-metadata: {name: reviews-rl, namespace: default}
-spec:
-  targetRef: {kind: Service, name: reviews}
-  total: {requestsPerSecond: 5}
-"""
-
-
 def _jwt_policies(jwks_text: str) -> str:
     return f"""
 apiVersion: security.istio.io/v1
@@ -233,9 +206,10 @@ def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None
     """Issue 17 through the lab's waypoint, configured by files in its manifests: a
     RequestAuthentication with an AuthorizationPolicy requiring a token on /secure (no token
     403, a valid token 200, a bad token 401; /secure, since the first test's deny-private stays
-    in the manifests), then the seed's resilience set on one route
-    (retry + timeout + circuit breaker + a local rate limit): requests over the limit get 429
-    with the RL flag in the waypoint's metrics."""
+    in the manifests), then the seed's resilience set on one route, the demo's step 6
+    (examples/lab-waypoint/config/resilience.yaml: retries on v1's 503s, outlier ejection after
+    exactly 3, the route timeout, 429s over the limit with the RL flag in the waypoint's
+    metrics, x-ratelimit-limit on admitted and refused responses)."""
     assert _apply(lab) == 0
     key = new_key("RS256")
     token = mint(key, "RS256", {"iss": "https://issuer.lab", "sub": "alice",
@@ -255,19 +229,219 @@ def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None
     assert load(lab, 5, url="http://reviews:9080/public")["status"] == {"200": 5}
     (lab.paths.manifests / jwt_file.name).unlink()
 
-    res_file = tmp_path / "resilience.yaml"
-    res_file.write_text(RESILIENCE)
-    apply_file(lab, res_file)
-    wait_config(lab, lambda c: any(x["name"] == "default/reviews-rl"
-                                   for x in c.get("rate_limits", [])), "rate limit")  # fmt: skip
-    r = load(lab, 60)
-    assert r["errors"] == 0, r
-    assert r["status"].get("429", 0) > 0, r
-    assert r["status"].get("200", 0) >= 5, r
-    metrics = lab.waypoint_admin(WAYPOINT_POD, "/metrics")
-    assert any(line.startswith("istio_requests_total{") and 'response_code="429"' in line
-               and 'response_flags="RL"' in line for line in metrics.splitlines())  # fmt: skip
-    (lab.paths.manifests / res_file.name).unlink()
+    failed = resilience_demo(lab, print)
+    assert not failed, (
+        failed,
+        lab.paths.logs.joinpath("pod-default-waypoint-waypoint.log").read_text()[-3000:],
+    )
+    (lab.paths.manifests / "resilience.yaml").unlink()
+    assert _run(lab, "delete") == 0
+
+
+L7_CLIENT = Path(__file__).with_name("lab_l7_client.py")
+
+COOKIE_AND_MIRROR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: session, ttl: 60s, path: /}
+        maglev: {tableSize: 65537}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews-l7, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /mirror}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+    mirror: {host: reviews, subset: v2}
+    mirrorPercentage: {value: 100}
+  - route: [{destination: {host: reviews}}]
+"""
+
+LOCALITY_DR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 120s,
+                       maxEjectionPercent: 100}
+    loadBalancer: {localityLbSetting: {enabled: true}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"""
+
+
+def _nodes(zones: dict[str, str]) -> str:
+    return "".join(
+        f"""---
+apiVersion: v1
+kind: Node
+metadata:
+  name: {node}
+  labels: {{topology.kubernetes.io/region: lab-region, topology.kubernetes.io/zone: {zone}}}
+"""
+        for node, zone in zones.items()
+    )
+
+
+def _client(lab: Lab, *args: str) -> dict[str, Any]:
+    argv = lab.exec_argv("default/client", [sys.executable, str(L7_CLIENT), *args])
+    proc = subprocess.run(argv, capture_output=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return dict(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
+
+
+def _oidc_policies(issuer: str) -> str:
+    return f"""
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: oidc, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, name: reviews}}]
+  jwtRules: [{{issuer: "{issuer}"}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-oidc, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, name: reviews}}]
+  action: DENY
+  rules:
+  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
+    to: [{{operation: {{paths: ["/secure*"]}}}}]
+"""
+
+
+def test_issue17_l7_features_through_the_lab_waypoint(lab: Lab, tmp_path: Path) -> None:
+    """Issue 17 end to end through the lab's waypoint (config by files in the lab's
+    manifests, through the control plane): WebSocket over HTTP/2 (RFC 8441) to the HTTP/1.1
+    app, with policy on the handshake; Expect: 100-continue; the generated consistent-hash
+    cookie pins sessions; a 2 MiB body mirrored whole to v2; RequestAuthentication keys by
+    OpenID discovery from an issuer in the mesh; locality from Node labels: traffic stays in
+    the waypoint's zone, and fails over to the other zone once the local endpoint is ejected."""
+    assert _apply(lab) == 0
+    apply_file(lab, EXAMPLE / "config" / "deny-private.yaml")  # (also the first test's)
+    wait_config(
+        lab,
+        lambda c: any(p["name"] == "default/deny-private" for p in c["policies"]),
+        "deny-private",
+    )
+    files: list[Path] = []
+
+    def drop(name: str, text: str) -> None:
+        src = tmp_path / name
+        src.write_text(text)
+        files.append(apply_file(lab, src))
+
+    try:
+        # 1. WebSocket over HTTP/2 and Expect (the first test's deny-private applies).
+        r = _client(lab, "ws-h2", "/ws")
+        assert r["settings"] == 1, r
+        assert r["status"] == "200", r
+        assert len(r["echo"]) == 3, r
+        assert all(e.endswith(f":m{i}") for i, e in enumerate(r["echo"])), r
+        assert _client(lab, "ws-h2", "/private/ws")["status"] == "403"
+        assert _client(lab, "expect", "/upload") == {
+            "interim": "HTTP/1.1 100 Continue",
+            "final": "HTTP/1.1 200 OK",
+        }
+        r = _client(lab, "expect", "/private/upload")
+        assert r["interim"].startswith("HTTP/1.1 403"), r
+
+        # The seed's VirtualService (first test) would route by subset: one route for reviews.
+        (lab.paths.manifests / "reviews-route.yaml").unlink(missing_ok=True)
+        # 2. Cookie generation + a mirrored 2 MiB body. (File names sort after demo.yaml: the
+        # manifests' later file wins for the `reviews` DestinationRule, as a re-apply would.)
+        drop("reviews-l7.yaml", COOKIE_AND_MIRROR)
+        wait_config(
+            lab,
+            lambda c: any(t["name"] == "default/reviews-l7" for t in c["route_tables"]),
+            "cookie + mirror",
+        )
+        time.sleep(1)  # the DestinationRule arrives with the same push; a moment to be sure
+        sessions = _client(lab, "cookie", "16")["sessions"]
+        for sess in sessions:
+            assert sess["set_cookie"].startswith('session="'), sess
+            assert sess["set_cookie"].endswith("; Max-Age=60; Path=/; HttpOnly"), sess
+            assert len(set(sess["versions"][1:])) == 1, sess  # the cookie pins the session
+        assert {s["versions"][1] for s in sessions} == {"v1", "v2"}  # sessions spread
+        size = 2 * 1024 * 1024  # > 64 KiB, the old limit; the copy streams (tap: 4 MiB lag)
+        r = _client(lab, "post", "/mirror/big", str(size))
+        assert r["status"] == 200, r
+        assert json.loads(r["body"])["version"] == "v1", r
+        system.wait_for(
+            lambda: "request POST /mirror/big from" in _log(lab, "v2"),
+            timeout=20,
+            what="the mirrored POST at v2",
+        )
+        line = next(x for x in _log(lab, "v2").splitlines() if "POST /mirror/big" in x)
+        assert line.endswith(f"len={size}"), line
+
+        # 3. OpenID discovery: the issuer is the v1 pod itself (a tiny provider in reviews.py).
+        (lab.paths.manifests / "reviews-l7.yaml").unlink()
+        files.remove(lab.paths.manifests / "reviews-l7.yaml")
+        key = new_key("ES256")
+        (lab.paths.manifests / "oidc-keys.txt").write_text(jwks(jwk(key, "lab-1")))
+        issuer = f"http://{lab.pod('default/reviews-v1').ip}:9080/oidc"
+        drop("oidc.yaml", _oidc_policies(issuer))
+        wait_config(
+            lab,
+            lambda c: (
+                {"default/oidc", "default/require-oidc"} <= {p["name"] for p in c["policies"]}
+            ),
+            "oidc policies",
+        )
+        token = mint(
+            key, "ES256", {"iss": issuer, "sub": "bob", "exp": time.time() + 600}, kid="lab-1"
+        )
+        secure = "http://reviews:9080/secure/x"
+        assert load(lab, 3, url=secure)["status"] == {"403": 3}
+        r = load(lab, 3, f"authorization:Bearer {token}", url=secure)
+        assert r["status"] == {"200": 3}, (
+            r,
+            lab.paths.logs.joinpath("pod-default-waypoint-waypoint.log").read_text()[-3000:],
+        )
+        assert "GET /oidc/.well-known/openid-configuration" in _log(lab, "v1")
+        (lab.paths.manifests / "oidc.yaml").unlink()
+        files.remove(lab.paths.manifests / "oidc.yaml")
+
+        # 4. Locality: the waypoint's node is zone a, the other node zone b.
+        wp_node = lab.pod(WAYPOINT_POD).node
+        other = "node-2" if wp_node == "node-1" else "node-1"
+        local = "v1" if wp_node == "node-1" else "v2"
+        remote = "v2" if local == "v1" else "v1"
+        drop("nodes.yaml", _nodes({wp_node: "zone-a", other: "zone-b"}))
+        drop("reviews-locality.yaml", LOCALITY_DR)
+        system.wait_for(
+            lambda: load(lab, 10)["versions"] == {local: 10},
+            timeout=30,
+            what="traffic kept in the waypoint's zone",
+            interval=0.5,
+        )
+        r = load(lab, 40)
+        assert r["versions"] == {local: 40}, r
+        # The local endpoint fails: ejected after 2 errors, traffic fails over to zone b.
+        r = load(lab, 10, url=f"http://reviews:9080/fail-{local}/x")
+        assert r["status"].get("200", 0) >= 8, r
+        r = load(lab, 20)
+        assert r["versions"] == {remote: 20}, r
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+        (lab.paths.manifests / "oidc-keys.txt").unlink(missing_ok=True)
     assert _run(lab, "delete") == 0
 
 

@@ -145,8 +145,6 @@ ITEM_7 = [
     ("HTTPRoute", "spec.parentRefs[0].sectionName", {"parentRefs": [{"name": "a",
                                                                       "sectionName": "x"}]}),
     ("VirtualService", "spec.http[0].retries.backoff", {"http": [{"retries": {"backoff": "1s"}}]}),
-    ("VirtualService", "spec.http[0].retries.retryRemoteLocalities",
-     {"http": [{"retries": {"retryRemoteLocalities": True}}]}),
     ("VirtualService", "spec.http[0].retries.retryIgnorePreviousHosts",
      {"http": [{"retries": {"retryIgnorePreviousHosts": True}}]}),
     ("VirtualService", "spec.http[0].redirect.derivePort",

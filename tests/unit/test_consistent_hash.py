@@ -11,7 +11,7 @@ import yaml
 from meshcore.config.objects import parse_objects
 from meshcore.config.routes import TrafficPolicy
 from meshcore.identity import SpiffeId
-from waypoint.protocol.cluster import Cluster, EndpointSpec, hash_key
+from waypoint.protocol.cluster import Cluster, EndpointSpec, hash_cookie, hash_key, maglev_table
 
 ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
 
@@ -103,3 +103,102 @@ spec:
     cfg = parse_objects(list(yaml.safe_load_all(text)))
     assert cfg.destination_rules == ()
     assert cfg.findings
+
+
+def test_cookie_generation_fields_and_set_cookie() -> None:
+    # main: ttl/path/attributes were only warned about; no cookie was ever generated.
+    h = dr(
+        "{httpCookie: {name: sid, ttl: 3600s, path: /shop, "
+        "attributes: [{name: SameSite, value: Strict}, {name: Secure}]}}"
+    ).hash
+    assert h is not None
+    assert (h.cookie, h.cookie_ttl, h.cookie_path) == ("sid", 3600.0, "/shop")
+    assert h.cookie_attributes == (("SameSite", "Strict"), ("Secure", ""))
+    key, header = hash_cookie(h, random.Random(7))
+    value = key.decode()
+    assert len(value) == 16
+    assert int(value, 16) >= 0
+    assert header == f'sid="{value}"; Max-Age=3600; Path=/shop; SameSite=Strict; Secure; HttpOnly'
+    # The client sends it back (quoted, as set): the same key, so the same endpoint.
+    assert hash_key(h, [("cookie", f'sid="{value}"')], "/", "") == key
+    session = dr("{httpCookie: {name: sid, ttl: 0s}}").hash
+    assert session is not None
+    assert hash_cookie(session, random.Random(1))[1].endswith('"; HttpOnly')  # no Max-Age
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ("{httpCookie: {name: 'a b'}}", "cookie name"),
+        ("{httpCookie: {name: sid, attributes: [{name: x, value: 'a;b'}]}}", "attribute"),
+        ("{httpCookie: {name: sid, path: '/a b'}}", "cookie path"),
+        ("{httpHeaderName: x, maglev: {tableSize: 1000}}", "prime"),
+        ("{httpHeaderName: x, maglev: {tableSize: 131071}}", "65537"),
+    ],
+)
+def test_bad_cookie_and_maglev_settings_are_refused(spec: str, error: str) -> None:
+    text = f"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: r, namespace: default}}
+spec:
+  host: reviews
+  trafficPolicy: {{loadBalancer: {{consistentHash: {spec}}}}}
+"""
+    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    assert cfg.destination_rules == ()
+    assert any(error in f.render() for _r, f in cfg.findings), cfg.findings
+
+
+def test_maglev_table_is_even_and_moves_only_the_removed_endpoints_keys() -> None:
+    # main: maglev was served by the ring (no table, tableSize only sized the ring).
+    table = maglev_table([f"ep{i}" for i in range(7)], 65537)
+    counts = Counter(table)
+    assert len(counts) == 7
+    assert max(counts.values()) - min(counts.values()) <= 1
+    policy = dr("{httpHeaderName: x-user, maglev: {tableSize: 4099}}")
+    assert policy.hash is not None
+    assert policy.hash.maglev
+    assert policy.hash.ring_size == 4099
+    c = cluster(policy, 5)
+    rng = random.Random(3)
+    keys = [hash_key(policy.hash, [("x-user", f"u{u}")], "/", "") for u in range(2000)]
+    first = {}
+    for k in keys:
+        assert k is not None
+        ep = c.pick(0.0, rng, (), k)
+        assert ep is not None
+        first[k] = ep.uid
+    spread = Counter(first.values())
+    assert len(spread) == 5, spread
+    assert min(spread.values()) > 300, spread
+    # An ejected endpoint: only its keys move (re-hashed); every other key stays put.
+    c.endpoints["ep2"].ejected_until = 10.0
+    for k, uid in first.items():
+        got = c.pick(1.0, rng, (), k)
+        assert got is not None
+        assert got.uid != "ep2"
+        if uid != "ep2":
+            assert got.uid == uid
+    # A retry avoids the tried endpoint.
+    k = keys[0]
+    home = c.pick(20.0, rng, (), k)
+    assert home is not None
+    assert c.pick(20.0, rng, (home.uid,), k) is not home
+
+
+def test_a_ring_larger_than_served_is_reported() -> None:
+    text = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: r, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x, ringHash: {minimumRingSize: 1000000}}}
+"""
+    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    (rule,) = cfg.destination_rules
+    assert rule.policy.hash is not None
+    assert rule.policy.hash.ring_size == 65537
+    assert any("65537" in f.render() and f.level == "Warning" for _r, f in cfg.findings)

@@ -343,3 +343,51 @@ def test_malformed_http3_extension_is_refused_and_foreign_extensions_ignored() -
     ours.config.Pack(msg)  # wrong message type in our extension
     with pytest.raises(ConfigError, match="Http3Endpoint"):
         workload_from_pb(msg, "w")
+
+
+def node(name: str, **labels: str) -> dict[str, Any]:
+    return {"kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+
+def test_workload_locality_comes_from_its_nodes_topology_labels() -> None:
+    # main: Nodes were ignored, so no workload ever had a locality (locality LB had nothing).
+    zone_a = node(
+        "node-a",
+        **{
+            "topology.kubernetes.io/region": "r1",
+            "topology.kubernetes.io/zone": "z1",
+            "topology.istio.io/subzone": "rack4",
+            "other": "x",
+        },
+    )
+    store = ConfigStore()
+    store.replace_source(
+        "test",
+        [
+            parse_object(d)
+            for d in (
+                AMBIENT_NS,
+                zone_a,
+                node("node-b"),
+                pod("web", "10.1.0.1"),
+                pod("db", "10.1.0.2", nodeName="node-b"),
+            )
+        ],
+    )
+    t = Translator(TranslateOptions())
+    t.update(store.snapshot)
+    by_uid = {r.uid: r for r in t.records() if isinstance(r, Workload)}
+    web = by_uid["Kubernetes//Pod/default/web"]
+    assert web.locality is not None
+    assert (web.locality.region, web.locality.zone, web.locality.subzone) == ("r1", "z1", "rack4")
+    assert by_uid["Kubernetes//Pod/default/db"].locality is None  # a node without labels
+    # Relabelling the node re-translates its pods (another namespace's input).
+    moved = node(
+        "node-a", **{"topology.kubernetes.io/region": "r2", "topology.kubernetes.io/zone": "z9"}
+    )
+    store.apply("test", [parse_object(moved)])
+    delta = t.update(store.snapshot)
+    changed = [r for r in delta.upserts if isinstance(r, Workload)]
+    assert [w.uid for w in changed] == ["Kubernetes//Pod/default/web"]
+    assert changed[0].locality is not None
+    assert (changed[0].locality.region, changed[0].locality.zone) == ("r2", "z9")

@@ -164,7 +164,8 @@ def test_jwks_uri_keys_come_from_the_caller_and_unreachable_fails_closed() -> No
     ("rule", "error"),
     [
         ({"jwks": KEYS}, "issuer"),
-        ({"issuer": ISS}, "OpenID Connect discovery"),
+        ({"issuer": "issuer-foo"}, "OpenID Connect Discovery"),
+        ({"issuer": "https://issuer.example?tenant=1"}, "OpenID Connect Discovery"),
         ({"issuer": ISS, "jwks": KEYS, "jwksUri": "http://x/"}, "only one"),
         ({"issuer": ISS, "jwksUri": "file:///etc/passwd"}, "http"),
         ({"issuer": ISS, "jwks": "{}"}, "keys"),

@@ -151,15 +151,15 @@ def test_unsupported_when_keys_fail_closed_at_the_waypoint(key: str) -> None:
 
 
 def test_request_authentication_it_cannot_implement_denies_its_targets() -> None:
-    # A rule needing OpenID discovery (not implemented) fails closed; see tests/unit/test_jwt.py
-    # for the implemented rules.
+    # A rule the parser refuses (no jwks/jwksUri and an issuer that is not a URL: OpenID
+    # discovery impossible) fails closed; see tests/unit/test_jwt.py for the implemented rules.
     text = """
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: jwt, namespace: default}
 spec:
   targetRefs: [{kind: Service, name: reviews}]
-  jwtRules: [{issuer: https://issuer.example}]
+  jwtRules: [{issuer: issuer-foo}]
 """
     assert not allowed_l7(text, request())
     cfg = parse_objects(list(yaml.safe_load_all(text)))

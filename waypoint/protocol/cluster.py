@@ -8,10 +8,15 @@ consecutive-error counters -> ejection), and `admit`/`release` (connectionPool l
 Semantics (Envoy, as Istio configures it from a DestinationRule):
 - LEAST_REQUEST: power of two random choices, fewer active requests wins; ROUND_ROBIN; RANDOM.
 - Consistent hash (``consistentHash``): a ring of ``ring_size`` virtual nodes spread over the
-  endpoints (Envoy's ring hash; maglev tables are served by the same ring: same stickiness);
-  the request's key (`hash_key`: a header, a cookie, the source IP or a query parameter) picks
-  the first usable endpoint clockwise, so ejected or already-tried endpoints are skipped and
-  every other key keeps its endpoint. A request without the key is balanced by `lb`.
+  endpoints (Envoy's ring hash); the request's key (`hash_key`: a header, a cookie, the source
+  IP or a query parameter) picks the first usable endpoint clockwise, so ejected or
+  already-tried endpoints are skipped and every other key keeps its endpoint. With ``maglev``,
+  a Maglev lookup table (Eisenbud et al., NSDI 2016, §3.4: per-endpoint offset/skip
+  permutations filled in turns) of ``tableSize`` entries over the endpoints: each endpoint
+  owns ~1/N of the table; a key whose entry is ejected or already tried is re-hashed (key +
+  attempt number) to another entry, so other keys never move. A request without the key is
+  balanced by `lb`; `hash_cookie` makes the cookie Envoy generates when ``httpCookie.ttl`` is
+  set and the request has none (the key is then the new cookie's value).
 - Outlier detection: ``consecutive5xxErrors`` 5xx responses (a connect failure or timeout counts
   as 5xx and as a gateway error) in a row eject the endpoint for ``baseEjectionTime`` x the
   number of times it was ejected; any non-5xx response resets the counters. At most
@@ -20,6 +25,19 @@ Semantics (Envoy, as Istio configures it from a DestinationRule):
   next ``interval`` tick; the difference is at most one interval, in our favour).
   If every endpoint is ejected the cluster is in panic and balances over all of them (Envoy's
   healthy panic threshold).
+- Locality (``localityLbSetting``; the balancing proxy is the waypoint, so its `Origin` is the
+  client's locality, as in Istio ambient): with ``distribute`` rules whose ``from`` matches the
+  origin, localities get the ``to`` weights (localities matching one pattern share its weight;
+  unlisted ones get none) and a request first picks a locality by weight x availability
+  (min(1, 1.4 x healthy/total), Envoy's overprovisioning factor); otherwise, when outlier
+  detection is configured (Istio applies failover only then), endpoints get priorities: by
+  ``failoverPriority`` (the number of trailing labels not matched), or by locality (0: same
+  region/zone/subzone, 1: same region/zone, 2: same region, 3: the region a ``failover`` rule
+  of the origin's region names, 4: any other; 3 when there is no rule). A request picks a
+  priority by Envoy's health spill-over: priority p gets min(100, 140 x healthy_p/total_p)
+  percent of the load that the better priorities left (scaled up when the total is under
+  100), so traffic leaves a locality as its endpoints are ejected. All ejected: panic over all.
+  The LB policy / hash then picks within the chosen set.
 - Connection pool: a request runs if fewer than min(tcp.maxConnections, http2MaxRequests)
   requests are active on the cluster; otherwise it waits if fewer than
   ``http1MaxPendingRequests`` are waiting, else it overflows (503, response flag UO).
@@ -60,6 +78,10 @@ class EndpointStats:
     """DestinationRule ``connectionPool.http.maxRequestsPerConnection`` (0 = unlimited)."""
     idle_timeout: float | None = None
     """DestinationRule ``connectionPool.http.idleTimeout`` (None: the pool's own)."""
+    priority: int = 0
+    """Locality failover priority (0 = best; `priorities`)."""
+    locality: str = ""
+    """``region/zone/subzone`` (distribute weights)."""
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until > now
@@ -71,6 +93,103 @@ class EndpointSpec:
     ip: str
     port: int
     identity: SpiffeId
+    locality: tuple[str, str, str] = ("", "", "")
+    """(region, zone, subzone)."""
+    network: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Origin:
+    """Where the balancing proxy runs (its locality, network and labels), for locality LB."""
+
+    locality: tuple[str, str, str] = ("", "", "")
+    network: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+_LOCALITY_LABELS = {
+    "topology.kubernetes.io/region": 0,
+    "topology.kubernetes.io/zone": 1,
+    "topology.istio.io/subzone": 2,
+}
+
+
+def _label(
+    locality: tuple[str, str, str], network: str, labels: Sequence[tuple[str, str]], name: str
+) -> str | None:
+    if name in _LOCALITY_LABELS:
+        return locality[_LOCALITY_LABELS[name]]
+    if name == "topology.istio.io/network":
+        return network
+    return next((v for k, v in labels if k == name), None)
+
+
+def _locality_text(loc: tuple[str, str, str]) -> str:
+    return "/".join(loc).rstrip("/")
+
+
+def locality_matches(pattern: str, loc: tuple[str, str, str]) -> bool:
+    """Istio's locality match: ``region[/zone[/subzone]]``, segment by segment; ``*`` or a
+    missing zone/subzone matches any."""
+    parts = pattern.split("/")
+    parts += [""] * (3 - len(parts))
+    if parts[0] != "*" and parts[0] != loc[0]:
+        return False
+    return all(p in ("", "*") or p == have for p, have in zip(parts[1:], loc[1:], strict=True))
+
+
+def priorities(policy: TrafficPolicy, origin: Origin, specs: Sequence[EndpointSpec]) -> list[int]:
+    """Each endpoint's priority (0 = best) under ``localityLbSetting`` failover (module doc)."""
+    loc = policy.locality
+    if loc.failover_priority:
+        names = loc.failover_priority
+        out = []
+        for s in specs:
+            n = 0
+            for name in names:
+                want = _label(origin.locality, origin.network, origin.labels, name)
+                if want is None or _label(s.locality, s.network, s.labels, name) != want:
+                    break
+                n += 1
+            out.append(len(names) - n)
+        return out
+    region, zone, subzone = origin.locality
+    to = {b for a, b in loc.failover if a == region}
+    out = []
+    for s in specs:
+        r, z, sz = s.locality
+        if r == region and z == zone and sz == subzone:
+            out.append(0)
+        elif r == region and z == zone:
+            out.append(1)
+        elif r == region:
+            out.append(2)
+        elif r in to:
+            out.append(3)
+        else:
+            out.append(4 if to else 3)
+    return out
+
+
+def locality_weights(
+    policy: TrafficPolicy, origin: Origin, specs: Sequence[EndpointSpec]
+) -> dict[str, float] | None:
+    """Locality text -> weight under the first ``distribute`` rule matching the origin (None:
+    no rule applies)."""
+    for src, to in policy.locality.distribute:
+        if not locality_matches(src, origin.locality):
+            continue
+        localities = sorted({s.locality for s in specs})
+        weights: dict[str, float] = {_locality_text(x): 0.0 for x in localities}
+        taken: set[tuple[str, str, str]] = set()
+        for pattern, w in to:
+            group = [x for x in localities if x not in taken and locality_matches(pattern, x)]
+            for x in group:
+                weights[_locality_text(x)] = w / len(group)
+                taken.add(x)
+        return weights
+    return None
 
 
 class Admission(enum.Enum):
@@ -91,17 +210,38 @@ class Cluster:
     _rr: int = 0
     _ring: list[tuple[int, str]] = field(default_factory=list)
     _ring_key: tuple[int, tuple[str, ...]] = (0, ())
+    _table: list[str] = field(default_factory=list)
+    _table_key: tuple[int, tuple[str, ...]] = (0, ())
+    _mode: str = ""
+    """"": no locality LB; "priority": failover priorities; "weighted": distribute weights."""
+    _weights: dict[str, float] = field(default_factory=dict)
 
-    def update(self, specs: Iterable[EndpointSpec], policy: TrafficPolicy) -> None:
-        """New endpoint set (from a new mesh state): counters of endpoints that stay are kept."""
+    def update(
+        self, specs: Iterable[EndpointSpec], policy: TrafficPolicy, origin: Origin | None = None
+    ) -> None:
+        """New endpoint set (from a new mesh state): counters of endpoints that stay are kept.
+        `origin`: the waypoint's locality, for ``localityLbSetting`` (None: no locality LB)."""
         self.policy = policy
+        specs = list(specs)
+        prios = [0] * len(specs)
+        self._mode = ""
+        loc = policy.locality
+        if origin is not None and loc.enabled:
+            weights = locality_weights(policy, origin, specs)
+            if weights is not None:
+                self._mode, self._weights = "weighted", weights
+            elif policy.outlier is not None:
+                prios = priorities(policy, origin, specs)
+                self._mode = "priority" if len(set(prios)) > 1 else ""
         fresh: dict[str, EndpointStats] = {}
-        for s in specs:
+        for s, prio in zip(specs, prios, strict=True):
             cur = self.endpoints.get(s.uid)
             if cur is not None and (cur.ip, cur.port, cur.identity) == (s.ip, s.port, s.identity):
                 fresh[s.uid] = cur
             else:
                 fresh[s.uid] = EndpointStats(uid=s.uid, ip=s.ip, port=s.port, identity=s.identity)
+            fresh[s.uid].priority = prio
+            fresh[s.uid].locality = _locality_text(s.locality)
             # Upstream connection limits travel with the endpoint to the connection pool.
             fresh[s.uid].max_requests_per_connection = policy.pool.max_requests_per_connection
             fresh[s.uid].idle_timeout = policy.pool.idle_timeout
@@ -118,19 +258,40 @@ class Cluster:
             self._ring_key = (size, uids)
         return self._ring
 
+    def _table_for(self, size: int) -> list[str]:
+        """The Maglev lookup table (uids) for the current endpoints, rebuilt when they change."""
+        uids = tuple(sorted(self.endpoints))
+        if self._table_key != (size, uids):
+            self._table = maglev_table(uids, size)
+            self._table_key = (size, uids)
+        return self._table
+
     def pick(
         self, now: float, rng: random.Random, avoid: Collection[str] = (),
-        key: bytes | None = None,
+        key: bytes | None = None, avoid_priorities: Collection[int] = (),
     ) -> EndpointStats | None:  # fmt: skip
         """An endpoint for the next try: not ejected, not in `avoid` (hosts that already failed
         this request) unless nothing else is left; with a consistent-hash `key`, the first such
-        endpoint clockwise from the key on the ring."""
+        endpoint clockwise from the key on the ring. `avoid_priorities`: locality priorities a
+        ``retryRemoteLocalities`` retry leaves (unless no other is left)."""
         eps = sorted(self.endpoints.values(), key=lambda e: e.uid)
         if not eps:
             return None
+        if self._mode == "priority" and avoid_priorities:
+            eps = [e for e in eps if e.priority not in avoid_priorities] or eps
+        if self._mode:
+            eps = self._locality_set(eps, now, rng)
         usable = [e for e in eps if not e.ejected(now)] or eps  # all ejected: panic
         fresh = [e for e in usable if e.uid not in avoid] or usable
-        if key is not None and self.policy.hash is not None:
+        if key is not None and self.policy.hash is not None and self.policy.hash.maglev:
+            table = self._table_for(self.policy.hash.ring_size)
+            ok = {e.uid for e in fresh}
+            for attempt in range(8 * len(eps) + 8):  # then `lb` (all but ~e^-8 of the time)
+                h = _hash64(key if attempt == 0 else key + b"#%d" % attempt)
+                uid = table[h % len(table)]
+                if uid in ok:
+                    return self.endpoints[uid]
+        elif key is not None and self.policy.hash is not None:
             ring = self._ring_for(self.policy.hash.ring_size)
             ok = {e.uid for e in fresh}
             start = bisect.bisect_left(ring, (_hash64(key), ""))
@@ -148,6 +309,45 @@ class Cluster:
             return fresh[self._rr]
         a, b = rng.sample(fresh, 2)
         return a if a.active <= b.active else b
+
+    def _locality_set(
+        self, eps: list[EndpointStats], now: float, rng: random.Random
+    ) -> list[EndpointStats]:
+        """The endpoints of the priority (or locality) this request goes to (module doc)."""
+        prio = self._mode == "priority"
+        groups: dict[str, list[EndpointStats]] = {}
+        for e in eps:  # priority keys zero-padded: sorted = best first
+            groups.setdefault(f"{e.priority:04d}" if prio else e.locality, []).append(e)
+        shares: list[tuple[float, list[EndpointStats]]] = []
+        for key in sorted(groups):
+            members = groups[key]
+            healthy = sum(1 for e in members if not e.ejected(now))
+            avail = min(1.0, 1.4 * healthy / len(members))
+            weight = 100.0 if prio else self._weights.get(key, 0.0)
+            shares.append((weight * avail, members))
+        total = sum(w for w, _m in shares)
+        if total <= 0:
+            return eps  # nothing available anywhere: panic over all endpoints
+        if prio:
+            # Envoy's spill-over: each priority takes what the better ones left, up to its
+            # health; a total under 100 is scaled up to 100.
+            scale = 100.0 / total if total < 100 else 1.0
+            left, loads = 100.0, []
+            for w, members in shares:
+                take = min(left, w * scale)
+                left -= take
+                loads.append((take, members))
+            shares = loads
+            total = 100.0
+        live = [(w, m) for w, m in shares if w > 0]
+        if len(live) == 1:
+            return live[0][1]
+        r = rng.random() * total
+        for w, members in live:
+            r -= w
+            if r < 0:
+                return members
+        return live[-1][1]
 
     # ---- outlier detection -------------------------------------------------------------------
 
@@ -218,6 +418,52 @@ class Cluster:
 
 def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def maglev_table(names: Sequence[str], size: int) -> list[str]:
+    """Maglev's lookup table (NSDI 2016, §3.4, Pseudocode 1) of `size` (a prime) entries:
+    endpoint i visits the slots ``(offset_i + j * skip_i) % size`` and, in turns, takes the
+    first one still free; the result gives every endpoint ``size / N`` (+-1) slots."""
+    if not names:
+        return []
+    perms = []
+    for name in names:
+        h = hashlib.blake2b(name.encode(), digest_size=16).digest()
+        offset = int.from_bytes(h[:8], "big") % size
+        skip = int.from_bytes(h[8:], "big") % (size - 1) + 1 if size > 1 else 1
+        perms.append([offset, skip])
+    table: list[str] = [""] * size
+    filled = 0
+    while True:
+        for i, name in enumerate(names):
+            offset, skip = perms[i]
+            c = offset
+            while table[c]:
+                offset = (offset + skip) % size
+                c = offset
+            table[c] = name
+            perms[i][0] = (offset + skip) % size
+            filled += 1
+            if filled == size:
+                return table
+
+
+def hash_cookie(policy: ConsistentHash, rng: random.Random) -> tuple[bytes, str]:
+    """(hash key, ``set-cookie`` value) of a cookie the waypoint generates for a request
+    without one, as Envoy's cookie hash policy with a ``ttl`` does: ``name="<16 hex>"`` with
+    ``Max-Age`` (none when the ttl is 0: a session cookie), ``Path``, the configured attributes
+    and ``HttpOnly``. Envoy derives the value from the downstream address and port (one per
+    connection); the waypoint draws it from `rng` (one per client session, same spread)."""
+    value = f"{rng.getrandbits(64):016x}"
+    parts = [f'{policy.cookie}="{value}"']
+    ttl = policy.cookie_ttl or 0.0
+    if ttl > 0:
+        parts.append(f"Max-Age={int(ttl)}")
+    if policy.cookie_path:
+        parts.append(f"Path={policy.cookie_path}")
+    parts.extend(f"{n}={v}" if v else n for n, v in policy.cookie_attributes)
+    parts.append("HttpOnly")
+    return value.encode(), "; ".join(parts)
 
 
 def hash_key(
