@@ -112,11 +112,18 @@ def parser() -> argparse.ArgumentParser:
         "install the mesh with `lab helm -- install ...`",
     )
     up.add_argument("--node", action="append", default=[], help="node names (order = index)")
-    up.add_argument("--capture", choices=("ebpf", "off"), default="ebpf",
-                    help="off: plain network, no agents/node proxies")  # fmt: skip
-    up.add_argument("--cni", choices=topology.PRIMARY_PLUGINS,
-                    default=topology.DEFAULT_PRIMARY_PLUGIN,
-                    help="primary CNI plugin (before ambient-cni)")  # fmt: skip
+    up.add_argument(
+        "--capture",
+        choices=("ebpf", "off"),
+        default="ebpf",
+        help="off: plain network, no agents/node proxies",
+    )
+    up.add_argument(
+        "--cni",
+        choices=topology.PRIMARY_PLUGINS,
+        default=topology.DEFAULT_PRIMARY_PLUGIN,
+        help="primary CNI plugin (before ambient-cni)",
+    )
     cmds.add_parser("down", help="tear the lab down, leaving nothing behind")
     pods = cmds.add_parser("pods", help="list pods with their redirection state")
     pods.add_argument("-n", "--namespace", default=None, help="only this namespace")
@@ -139,18 +146,24 @@ def parser() -> argparse.ArgumentParser:
     demo = cmds.add_parser("demo", help="the README demo: two nodes, mTLS between pods")
     demo.add_argument("--keep", action="store_true", help="leave the lab running")
     for sp in (up, demo):
-        sp.add_argument("--http3", action="store_true",
-                        help="HBONE over HTTP/3 (QUIC, 15008/udp on the node address) between "
-                             "the node proxies (issue 16)")  # fmt: skip
+        sp.add_argument(
+            "--http3",
+            action="store_true",
+            help="HBONE over HTTP/3 (QUIC, 15008/udp on the node address) between "
+            "the node proxies (issue 16)",
+        )
     demo.add_argument(
         "--kube",
         action="store_true",
         help="on a real Kubernetes cluster of lab nodes: helm install, label, a waypoint per "
         "service account, helm uninstall (docs/kube.md)",
     )
-    demo.add_argument("--waypoint", action="store_true",
-                      help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
-                           "shifting traffic, L7 deny, waypoint metrics")  # fmt: skip
+    demo.add_argument(
+        "--waypoint",
+        action="store_true",
+        help="the waypoint demo (examples/lab-waypoint): the seed's VirtualService "
+        "shifting traffic, L7 deny, waypoint metrics",
+    )
     for sp in (up, ex, nx, lb, demo, pods, cmds.choices["down"]):
         # `lab exec --name X ...` as well as `lab --name X exec ...`
         sp.add_argument("--name", default=argparse.SUPPRESS, help="lab name")

@@ -99,8 +99,14 @@ def waypoints_in(directory: Path) -> list[dict[str, Any]]:
             if (doc.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
                 continue
             labels = doc["metadata"].get("labels") or {}
-            out.append({"name": ref[2], "namespace": ref[1],
-                        "for": labels.get(WAYPOINT_FOR, "service"), "file": path.name})  # fmt: skip
+            out.append(
+                {
+                    "name": ref[2],
+                    "namespace": ref[1],
+                    "for": labels.get(WAYPOINT_FOR, "service"),
+                    "file": path.name,
+                }
+            )
     return sorted(out, key=lambda w: (w["namespace"], w["name"]))
 
 
@@ -145,8 +151,9 @@ def set_labels(
         meta["namespace"] = namespace
     meta["labels"] = {k: v for k, v in changes.items() if v is not None}
     path = directory / f"{kind.lower()}-{namespace}-{name}.yaml"
-    _atomic_write(path, yaml.safe_dump({"apiVersion": "v1", "kind": kind, "metadata": meta},
-                                       sort_keys=False))  # fmt: skip
+    _atomic_write(
+        path, yaml.safe_dump({"apiVersion": "v1", "kind": kind, "metadata": meta}, sort_keys=False)
+    )
     return path
 
 
@@ -195,17 +202,29 @@ def register(sub: Any) -> None:
     gen = cmds.add_parser("generate", help="print the waypoint Gateway (YAML)")
     common(gen, target=False)
     gen.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
-    gen.add_argument("--for", dest="waypoint_for", choices=FOR_CHOICES, default="service",
-                     help="traffic it serves (label istio.io/waypoint-for)")  # fmt: skip
-    gen.add_argument("--service-account", help="a waypoint for one service account "
-                     "(implies --for workload)")  # fmt: skip
+    gen.add_argument(
+        "--for",
+        dest="waypoint_for",
+        choices=FOR_CHOICES,
+        default="service",
+        help="traffic it serves (label istio.io/waypoint-for)",
+    )
+    gen.add_argument(
+        "--service-account", help="a waypoint for one service account (implies --for workload)"
+    )
     ap = cmds.add_parser("apply", help="write the Gateway (and bindings); in a lab start it")
     common(ap)
     ap.add_argument("--for", dest="waypoint_for", choices=FOR_CHOICES, default="service")
-    ap.add_argument("--enroll-namespace", action="store_true",
-                    help="label the namespace istio.io/use-waypoint=<name>")  # fmt: skip
-    ap.add_argument("--service-account", help="bind this ServiceAccount (label "
-                    "istio.io/use-waypoint) to a waypoint for its workloads")  # fmt: skip
+    ap.add_argument(
+        "--enroll-namespace",
+        action="store_true",
+        help="label the namespace istio.io/use-waypoint=<name>",
+    )
+    ap.add_argument(
+        "--service-account",
+        help="bind this ServiceAccount (label "
+        "istio.io/use-waypoint) to a waypoint for its workloads",
+    )
     ls = cmds.add_parser("list", help="waypoints and what is bound to them")
     common(ls, listing=True)
     dl = cmds.add_parser("delete", help="remove a waypoint (and its bindings)")
@@ -297,19 +316,25 @@ def _delete(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[
 def _apply(args: argparse.Namespace, directory: Path, lab: Any, out: Callable[[str], None]) -> int:
     wf = _for(args)
     if args.enroll_namespace and wf not in ("service", "all"):
-        raise CtlError("--enroll-namespace binds the namespace's services: needs --for service "
-                       "or all (workload waypoints: --service-account or pod labels)")  # fmt: skip
+        raise CtlError(
+            "--enroll-namespace binds the namespace's services: needs --for service "
+            "or all (workload waypoints: --service-account or pod labels)"
+        )
     path = gateway_file(directory, args.name, args.namespace)
-    _atomic_write(path, yaml.safe_dump(gateway_doc(args.name, args.namespace, wf),
-                                       sort_keys=False))  # fmt: skip
+    _atomic_write(path, yaml.safe_dump(gateway_doc(args.name, args.namespace, wf), sort_keys=False))
     out(f"waypoint {args.namespace}/{args.name} (for {wf}) written to {path}")
     if lab is not None:
         started, _removed = lab.sync_waypoints()
         for key in started:
             out(f"waypoint pod {key} is ready")
     if args.service_account:
-        set_labels(directory, "ServiceAccount", args.namespace, args.service_account,
-                   {USE_WAYPOINT: args.name})  # fmt: skip
+        set_labels(
+            directory,
+            "ServiceAccount",
+            args.namespace,
+            args.service_account,
+            {USE_WAYPOINT: args.name},
+        )
         out(f"serviceaccount {args.namespace}/{args.service_account} bound to {args.name}")
     if args.enroll_namespace:
         if lab is not None:

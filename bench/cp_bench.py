@@ -69,8 +69,11 @@ def policy_doc(k: int, version: int = 0) -> dict[str, Any]:
     sources: list[dict[str, Any]] = [{"source": {"namespaces": [ns]}}]
     if version:
         sources.append({"source": {"namespaces": [f"extra-{version}"]}})
-    return {"kind": "AuthorizationPolicy", "metadata": {"name": "allow-ns", "namespace": ns},
-            "spec": {"rules": [{"from": sources}]}}  # fmt: skip
+    return {
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "allow-ns", "namespace": ns},
+        "spec": {"rules": [{"from": sources}]},
+    }
 
 
 def pod_doc(i: int, version: int = 0) -> dict[str, Any]:
@@ -92,17 +95,25 @@ def objects(n: int) -> list[Any]:
     for k in range((n + PER_NS - 1) // PER_NS):
         ns = f"ns-{k}"
         docs.append(
-            {"kind": "Namespace",
-             "metadata": {"name": ns, "labels": {"istio.io/dataplane-mode": "ambient"}}}
-        )  # fmt: skip
+            {
+                "kind": "Namespace",
+                "metadata": {"name": ns, "labels": {"istio.io/dataplane-mode": "ambient"}},
+            }
+        )
         docs.append(policy_doc(k))
     for s in range((n + 9) // 10):
         j = s * 10
         docs.append(
-            {"kind": "Service", "metadata": {"name": f"svc-{s}", "namespace": f"ns-{j // PER_NS}"},
-             "spec": {"clusterIP": f"10.200.{(s >> 8) & 255}.{s & 255}",
-                      "selector": {"app": f"svc-{s}"}, "ports": [{"port": 80, "targetPort": 8080}]}}
-        )  # fmt: skip
+            {
+                "kind": "Service",
+                "metadata": {"name": f"svc-{s}", "namespace": f"ns-{j // PER_NS}"},
+                "spec": {
+                    "clusterIP": f"10.200.{(s >> 8) & 255}.{s & 255}",
+                    "selector": {"app": f"svc-{s}"},
+                    "ports": [{"port": 80, "targetPort": 8080}],
+                },
+            }
+        )
     docs.extend(pod_doc(i) for i in range(n))
     return [parse_object(d) for d in docs]
 
@@ -131,8 +142,10 @@ async def serve(n: int, port: int, workdir: Path) -> None:
     cp.store.apply("bench", objects(n))
     await cp.start()
     setup = time.perf_counter() - t
-    print(json.dumps({"ready": cp.port, "setup_s": setup, "records": len(cp.translator.records())}),
-          flush=True)  # fmt: skip
+    print(
+        json.dumps({"ready": cp.port, "setup_s": setup, "records": len(cp.translator.records())}),
+        flush=True,
+    )
     reader = asyncio.StreamReader()
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -266,10 +279,16 @@ async def fan_out(
 
 async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", str(n), "--port", "0",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        __file__,
+        "--serve",
+        str(n),
+        "--port",
+        "0",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "CP_BENCH_NODES": str(NODES)},
-    )  # fmt: skip
+    )
     assert proc.stdout is not None
     assert proc.stdin is not None
     fleet: list[tuple[XdsClient, asyncio.Task[None]]] = []
@@ -388,51 +407,101 @@ def report(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(what, figure, met) per target."""
     n, p = r["workloads"], r["proxies"]
     return [
-        (f"a node proxy holds only its scope ({n} workloads, {p} proxies)",
-         f"{r['proxy_resources_mean']:.0f} mean / {r['proxy_resources_max']} max of "
-         f"{r['whole_mesh_resources']} addresses, + {r['policies_per_proxy']} policies; "
-         f"exact scope: {r['scope_exact']}; pushed to non-holders: {r['pod_change_leaks']}",
-         r["scope_exact"] and r["pod_change_leaks"] == 0
-         and r["proxy_resources_max"] < r["whole_mesh_resources"]),
-        ("full state, new node proxy < 2 s",
-         f"{r['full_state_on_demand_s']:.3f} s on-demand "
-         f"({r['full_state_wildcard_s']:.3f} s for the whole mesh)",
-         r["full_state_on_demand_s"] < 2.0),
-        ("pod change -> every proxy holding it, p99 < 100 ms",
-         f"p50 {r['pod_change_p50_ms']} / p99 {r['pod_change_p99_ms']} / max "
-         f"{r['pod_change_max_ms']} ms ({r['pod_change_holders']} proxies each)",
-         r["pod_change_p99_ms"] < 100),
-        (f"policy change -> all {p} proxies, p99 < 100 ms",
-         f"p50 {r['policy_change_p50_ms']} / p99 {r['policy_change_p99_ms']} / max "
-         f"{r['policy_change_max_ms']} ms", r["policy_change_p99_ms"] < 100),
-        ("one-workload delta applied at a node proxy < 1 ms (p99)",
-         f"full {n}-workload state p50 {r['delta_apply_full_p50_ms']} / p99 "
-         f"{r['delta_apply_full_p99_ms']} ms; on-demand state p99 "
-         f"{r['delta_apply_on_demand_p99_ms']} ms ({r['delta_samples']} deltas)",
-         r["delta_apply_full_p99_ms"] < 1.0),
-        ("control-plane RSS < 500 MiB",
-         f"{r['cp_rss_mib']} MiB (peak {r['cp_peak_rss_mib']})", r["cp_peak_rss_mib"] < 500),
-    ]  # fmt: skip
+        (
+            f"a node proxy holds only its scope ({n} workloads, {p} proxies)",
+            f"{r['proxy_resources_mean']:.0f} mean / {r['proxy_resources_max']} max of "
+            f"{r['whole_mesh_resources']} addresses, + {r['policies_per_proxy']} policies; "
+            f"exact scope: {r['scope_exact']}; pushed to non-holders: {r['pod_change_leaks']}",
+            r["scope_exact"]
+            and r["pod_change_leaks"] == 0
+            and r["proxy_resources_max"] < r["whole_mesh_resources"],
+        ),
+        (
+            "full state, new node proxy < 2 s",
+            f"{r['full_state_on_demand_s']:.3f} s on-demand "
+            f"({r['full_state_wildcard_s']:.3f} s for the whole mesh)",
+            r["full_state_on_demand_s"] < 2.0,
+        ),
+        (
+            "pod change -> every proxy holding it, p99 < 100 ms",
+            f"p50 {r['pod_change_p50_ms']} / p99 {r['pod_change_p99_ms']} / max "
+            f"{r['pod_change_max_ms']} ms ({r['pod_change_holders']} proxies each)",
+            r["pod_change_p99_ms"] < 100,
+        ),
+        (
+            f"policy change -> all {p} proxies, p99 < 100 ms",
+            f"p50 {r['policy_change_p50_ms']} / p99 {r['policy_change_p99_ms']} / max "
+            f"{r['policy_change_max_ms']} ms",
+            r["policy_change_p99_ms"] < 100,
+        ),
+        (
+            "one-workload delta applied at a node proxy < 1 ms (p99)",
+            f"full {n}-workload state p50 {r['delta_apply_full_p50_ms']} / p99 "
+            f"{r['delta_apply_full_p99_ms']} ms; on-demand state p99 "
+            f"{r['delta_apply_on_demand_p99_ms']} ms ({r['delta_samples']} deltas)",
+            r["delta_apply_full_p99_ms"] < 1.0,
+        ),
+        (
+            "control-plane RSS < 500 MiB",
+            f"{r['cp_rss_mib']} MiB (peak {r['cp_peak_rss_mib']})",
+            r["cp_peak_rss_mib"] < 500,
+        ),
+    ]
 
 
 def history_figures(r: dict[str, Any]) -> list[Any]:
     note = f"{r['workloads']} workloads, {r['proxies']} proxies"
     return [
-        Figure(figure="proxy_resources_mean", value=r["proxy_resources_mean"], unit="addresses",
-               better="lower", note=note),
-        Figure(figure="full_state_on_demand_s", value=r["full_state_on_demand_s"], unit="s",
-               better="lower", note=note),
-        Figure(figure="full_state_wildcard_s", value=r["full_state_wildcard_s"], unit="s",
-               better="lower", note=note),
-        Figure(figure="pod_change_p99_ms", value=r["pod_change_p99_ms"], unit="ms",
-               better="lower", note=note),
-        Figure(figure="policy_change_p99_ms", value=r["policy_change_p99_ms"], unit="ms",
-               better="lower", note=note),
-        Figure(figure="delta_apply_ms", value=r["delta_apply_full_p99_ms"], unit="ms",
-               better="lower", note=note + " (p99, full state)"),
-        Figure(figure="cp_peak_rss_mib", value=r["cp_peak_rss_mib"], unit="MiB", better="lower",
-               note=note),
-    ]  # fmt: skip
+        Figure(
+            figure="proxy_resources_mean",
+            value=r["proxy_resources_mean"],
+            unit="addresses",
+            better="lower",
+            note=note,
+        ),
+        Figure(
+            figure="full_state_on_demand_s",
+            value=r["full_state_on_demand_s"],
+            unit="s",
+            better="lower",
+            note=note,
+        ),
+        Figure(
+            figure="full_state_wildcard_s",
+            value=r["full_state_wildcard_s"],
+            unit="s",
+            better="lower",
+            note=note,
+        ),
+        Figure(
+            figure="pod_change_p99_ms",
+            value=r["pod_change_p99_ms"],
+            unit="ms",
+            better="lower",
+            note=note,
+        ),
+        Figure(
+            figure="policy_change_p99_ms",
+            value=r["policy_change_p99_ms"],
+            unit="ms",
+            better="lower",
+            note=note,
+        ),
+        Figure(
+            figure="delta_apply_ms",
+            value=r["delta_apply_full_p99_ms"],
+            unit="ms",
+            better="lower",
+            note=note + " (p99, full state)",
+        ),
+        Figure(
+            figure="cp_peak_rss_mib",
+            value=r["cp_peak_rss_mib"],
+            unit="MiB",
+            better="lower",
+            note=note,
+        ),
+    ]
 
 
 def main() -> int:

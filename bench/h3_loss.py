@@ -115,10 +115,23 @@ def shape(rate_mbit: float) -> None:
         # and loopback's 64 KiB segments would be.
         subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)
         subprocess.run(
-            ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{rate_mbit}mbit",
-             "burst", "32kb", "latency", "20ms"],
+            [
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "tbf",
+                "rate",
+                f"{rate_mbit}mbit",
+                "burst",
+                "32kb",
+                "latency",
+                "20ms",
+            ],
             check=True,
-        )  # fmt: skip
+        )
 
 
 def nft(loss_percent: float) -> None:

@@ -205,9 +205,19 @@ def _run_envoy(sup: hb.Supervisor, work: Path, which: str, cfg: dict[str, Any]) 
 def start_ztunnel(sup: hb.Supervisor, work: Path, ca_dir: Path, node: str) -> hb.Proc:
     mesh = work / "mesh.yaml"
     mesh.write_text(envoy_configs.MESH_CONFIG)
-    argv = [str(hb.VENV_BIN / "ztunnel"), "--mesh-config", str(mesh), "--node", node,
-            "--ca-dir", str(ca_dir), "--capture", "bind",
-            "--node-ip", hb.NODE_IP[node]]  # fmt: skip
+    argv = [
+        str(hb.VENV_BIN / "ztunnel"),
+        "--mesh-config",
+        str(mesh),
+        "--node",
+        node,
+        "--ca-dir",
+        str(ca_dir),
+        "--capture",
+        "bind",
+        "--node-ip",
+        hb.NODE_IP[node],
+    ]
     if node == "node-a":
         argv += ["--outbound-listen", f"{hb.SERVICE_VIP[0]}:{hb.SERVICE_VIP[1]}"]
     proc = sup.start(f"ztunnel-{node}", argv)
@@ -238,11 +248,22 @@ def run_path(
             target = hb.ENVOY_A_LISTEN
         with RssSampler(procs) as rss:
             out = subprocess.run(
-                [hb.PY, "-m", "bench.hbone_soak", "client", "--target", f"{target[0]}:{target[1]}",
-                 "--tunnels", str(args.tunnels)],
-                capture_output=True, text=True, timeout=args.timeout + 60, check=False,
+                [
+                    hb.PY,
+                    "-m",
+                    "bench.hbone_soak",
+                    "client",
+                    "--target",
+                    f"{target[0]}:{target[1]}",
+                    "--tunnels",
+                    str(args.tunnels),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout + 60,
+                check=False,
                 env=CHILD_ENV,
-            )  # fmt: skip
+            )
         if out.returncode != 0:
             raise hb.BenchError(f"client failed: {out.stderr[-2000:]}")
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -30,9 +30,18 @@ from pathlib import Path
 
 HISTORY = Path(__file__).resolve().parent / "history.csv"
 COLUMNS = (
-    "date", "commit", "bench", "figure", "value", "unit", "envoy", "ratio", "better", "machine",
+    "date",
+    "commit",
+    "bench",
+    "figure",
+    "value",
+    "unit",
+    "envoy",
+    "ratio",
+    "better",
+    "machine",
     "note",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,10 +93,20 @@ def append(bench: str, figures: Iterable[Figure], path: Path = HISTORY) -> None:
         for fig in figures:
             ratio = "" if not fig.envoy else f"{fig.value / fig.envoy:.3f}"
             w.writerow(
-                [date, rev, bench, fig.figure, f"{fig.value:g}", fig.unit,
-                 "" if fig.envoy is None else f"{fig.envoy:g}", ratio, fig.better, mach,
-                 f"{fig.note}; {load}" if fig.note else load]
-            )  # fmt: skip
+                [
+                    date,
+                    rev,
+                    bench,
+                    fig.figure,
+                    f"{fig.value:g}",
+                    fig.unit,
+                    "" if fig.envoy is None else f"{fig.envoy:g}",
+                    ratio,
+                    fig.better,
+                    mach,
+                    f"{fig.note}; {load}" if fig.note else load,
+                ]
+            )
 
 
 def rows(path: Path = HISTORY) -> list[dict[str, str]]:

@@ -91,14 +91,19 @@ def main() -> int:
     with contextlib.suppress(ImportError):
         httptools = importlib.import_module("httptools")
     rows: list[tuple[str, float, float | None]] = []
-    for label, role, data in (("request head", Role.REQUEST, REQUEST),
-                              ("response head + 1 KiB", Role.RESPONSE, RESPONSE)):  # fmt: skip
+    for label, role, data in (
+        ("request head", Role.REQUEST, REQUEST),
+        ("response head + 1 KiB", Role.RESPONSE, RESPONSE),
+    ):
         for reuse in (1, 100):
             a = per_message(lambda r=role, d=data, n=reuse: ours(r, d, n), reuse)  # type: ignore[misc]
             b = None
             if httptools is not None:
-                cls = (httptools.HttpRequestParser if role is Role.REQUEST
-                       else httptools.HttpResponseParser)  # fmt: skip
+                cls = (
+                    httptools.HttpRequestParser
+                    if role is Role.REQUEST
+                    else httptools.HttpResponseParser
+                )
                 b = per_message(lambda c=cls, d=data, n=reuse: llhttp(c, d, n), reuse)  # type: ignore[misc]
             rows.append((f"{label}, {'new parser' if reuse == 1 else 'reused x100'}", a, b))
     print("| message | ours (us) | llhttp via httptools (us) | ours / llhttp |")

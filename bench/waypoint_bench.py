@@ -103,9 +103,12 @@ class Wl:
 
 def svc(name: str, vip: str, port: int, target: int, waypoint: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "name": name, "namespace": "default", "hostname": f"{name}.default.svc.cluster.local",
-        "addresses": [{"address": vip}], "ports": [{"servicePort": port, "targetPort": target}],
-    }  # fmt: skip
+        "name": name,
+        "namespace": "default",
+        "hostname": f"{name}.default.svc.cluster.local",
+        "addresses": [{"address": vip}],
+        "ports": [{"servicePort": port, "targetPort": target}],
+    }
     if waypoint:
         out["waypoint"] = {"hostname": f"default/{waypoint}.default.svc.cluster.local"}
     return out
@@ -200,11 +203,15 @@ http {{
 
 def _cluster(name: str, address: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {
-        "name": name, "connect_timeout": "2s", "type": "STATIC",
-        "load_assignment": {"cluster_name": name, "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": address}}]}]},
+        "name": name,
+        "connect_timeout": "2s",
+        "type": "STATIC",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
         **extra,
-    }  # fmt: skip
+    }
 
 
 def _router() -> list[dict[str, Any]]:
@@ -217,13 +224,21 @@ def envoy_waypoint_config(certs: dict[str, Path]) -> dict[str, Any]:
     terminated into the internal listener ``main_internal`` -> HTTP routing (weighted clusters)
     -> each cluster is an internal listener whose tcp_proxy tunnels over HBONE (mTLS, h2
     CONNECT with :authority endpoint:8080) to the endpoint's node proxy."""
-    tls_params = {"tls_minimum_protocol_version": "TLSv1_3",
-                  "tls_maximum_protocol_version": "TLSv1_3"}  # fmt: skip
+    tls_params = {
+        "tls_minimum_protocol_version": "TLSv1_3",
+        "tls_maximum_protocol_version": "TLSv1_3",
+    }
     h2 = {"initial_stream_window_size": 4 << 20, "initial_connection_window_size": 16 << 20}
-    hcm_type = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
-                "v3.HttpConnectionManager")  # fmt: skip
-    cert = [{"certificate_chain": {"filename": str(certs["chain"])},
-             "private_key": {"filename": str(certs["key"])}}]  # fmt: skip
+    hcm_type = (
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
+        "v3.HttpConnectionManager"
+    )
+    cert = [
+        {
+            "certificate_chain": {"filename": str(certs["chain"])},
+            "private_key": {"filename": str(certs["key"])},
+        }
+    ]
     downstream_tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -231,98 +246,182 @@ def envoy_waypoint_config(certs: dict[str, Path]) -> dict[str, Any]:
             "DownstreamTlsContext",
             "require_client_certificate": True,
             "common_tls_context": {
-                "tls_params": tls_params, "alpn_protocols": ["h2"], "tls_certificates": cert,
+                "tls_params": tls_params,
+                "alpn_protocols": ["h2"],
+                "tls_certificates": cert,
                 "validation_context": {"trusted_ca": {"filename": str(certs["root"])}},
             },
         },
-    }  # fmt: skip
+    }
     hbone_in = {
         "name": "hbone_in",
         "address": {"socket_address": {"address": ENVOY_IP, "port_value": 15008}},
-        "filter_chains": [{"transport_socket": downstream_tls, "filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": hcm_type, "stat_prefix": "hbone_in", "codec_type": "HTTP2",
-                "http2_protocol_options": {**h2, "allow_connect": True,
-                                           "max_concurrent_streams": 200},
-                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
-                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-                    "match": {"connect_matcher": {}},
-                    "route": {"cluster": "main_internal", "upgrade_configs": [
-                        {"upgrade_type": "CONNECT", "connect_config": {}}]},
-                }]}]},
-                "http_filters": _router(),
-            },
-        }]}],
-    }  # fmt: skip
+        "filter_chains": [
+            {
+                "transport_socket": downstream_tls,
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": hcm_type,
+                            "stat_prefix": "hbone_in",
+                            "codec_type": "HTTP2",
+                            "http2_protocol_options": {
+                                **h2,
+                                "allow_connect": True,
+                                "max_concurrent_streams": 200,
+                            },
+                            "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {
+                                        "name": "all",
+                                        "domains": ["*"],
+                                        "routes": [
+                                            {
+                                                "match": {"connect_matcher": {}},
+                                                "route": {
+                                                    "cluster": "main_internal",
+                                                    "upgrade_configs": [
+                                                        {
+                                                            "upgrade_type": "CONNECT",
+                                                            "connect_config": {},
+                                                        }
+                                                    ],
+                                                },
+                                            }
+                                        ],
+                                    }
+                                ]
+                            },
+                            "http_filters": _router(),
+                        },
+                    }
+                ],
+            }
+        ],
+    }
     main_internal = {
         "name": "main_internal",
         "internal_listener": {},
-        "filter_chains": [{"filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": hcm_type, "stat_prefix": "l7", "codec_type": "AUTO",
-                "route_config": {"virtual_hosts": [{"name": "reviews", "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"weighted_clusters": {
-                        "clusters": [{"name": "v1", "weight": 90},
-                                     {"name": "v2", "weight": 10}]}}}]}]},
-                "http_filters": _router(),
-            },
-        }]}],
-    }  # fmt: skip
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": hcm_type,
+                            "stat_prefix": "l7",
+                            "codec_type": "AUTO",
+                            "route_config": {
+                                "virtual_hosts": [
+                                    {
+                                        "name": "reviews",
+                                        "domains": ["*"],
+                                        "routes": [
+                                            {
+                                                "match": {"prefix": "/"},
+                                                "route": {
+                                                    "weighted_clusters": {
+                                                        "clusters": [
+                                                            {"name": "v1", "weight": 90},
+                                                            {"name": "v2", "weight": 10},
+                                                        ]
+                                                    }
+                                                },
+                                            }
+                                        ],
+                                    }
+                                ]
+                            },
+                            "http_filters": _router(),
+                        },
+                    }
+                ]
+            }
+        ],
+    }
     listeners: list[dict[str, Any]] = [hbone_in, main_internal]
     clusters: list[dict[str, Any]] = [
-        _cluster("main_internal", {"envoy_internal_address": {
-            "server_listener_name": "main_internal"}}),
-    ]  # fmt: skip
+        _cluster(
+            "main_internal", {"envoy_internal_address": {"server_listener_name": "main_internal"}}
+        ),
+    ]
     for name, ip in (("v1", V1), ("v2", V2)):
-        listeners.append({
-            "name": f"connect_{name}", "internal_listener": {},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.tcp_proxy",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy."
-                    "v3.TcpProxy",
-                    "stat_prefix": f"tunnel_{name}", "cluster": f"hbone_{name}",
-                    "tunneling_config": {"hostname": f"{ip}:8080"},
+        listeners.append(
+            {
+                "name": f"connect_{name}",
+                "internal_listener": {},
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.tcp_proxy",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions."
+                                    "filters.network.tcp_proxy.v3.TcpProxy",
+                                    "stat_prefix": f"tunnel_{name}",
+                                    "cluster": f"hbone_{name}",
+                                    "tunneling_config": {"hostname": f"{ip}:8080"},
+                                },
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+        clusters.append(
+            _cluster(name, {"envoy_internal_address": {"server_listener_name": f"connect_{name}"}})
+        )
+        clusters.append(
+            _cluster(
+                f"hbone_{name}",
+                {"socket_address": {"address": ip, "port_value": 15008}},
+                typed_extension_protocol_options={
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                        "HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": h2},
+                    }
                 },
-            }]}],
-        })  # fmt: skip
-        clusters.append(_cluster(name, {"envoy_internal_address": {
-            "server_listener_name": f"connect_{name}"}}))  # fmt: skip
-        clusters.append(_cluster(
-            f"hbone_{name}", {"socket_address": {"address": ip, "port_value": 15008}},
-            typed_extension_protocol_options={
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                    "HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": h2},
-                }
-            },
-            transport_socket={
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-                    "UpstreamTlsContext",
-                    "common_tls_context": {
-                        "tls_params": tls_params, "alpn_protocols": ["h2"],
-                        "tls_certificates": cert,
-                        "validation_context": {
-                            "trusted_ca": {"filename": str(certs["root"])},
-                            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
-                                "exact": "spiffe://cluster.local/ns/default/sa/reviews"}}],
+                transport_socket={
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                        "UpstreamTlsContext",
+                        "common_tls_context": {
+                            "tls_params": tls_params,
+                            "alpn_protocols": ["h2"],
+                            "tls_certificates": cert,
+                            "validation_context": {
+                                "trusted_ca": {"filename": str(certs["root"])},
+                                "match_typed_subject_alt_names": [
+                                    {
+                                        "san_type": "URI",
+                                        "matcher": {
+                                            "exact": "spiffe://cluster.local/ns/default/sa/reviews"
+                                        },
+                                    }
+                                ],
+                            },
                         },
                     },
                 },
-            },
-        ))  # fmt: skip
+            )
+        )
     return {
         "admin": {"address": {"socket_address": {"address": ENVOY_IP, "port_value": 15000}}},
-        "bootstrap_extensions": [{"name": "envoy.bootstrap.internal_listener", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3."
-            "InternalListener"}}],
+        "bootstrap_extensions": [
+            {
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3."
+                    "InternalListener"
+                },
+            }
+        ],
         "static_resources": {"listeners": listeners, "clusters": clusters},
-    }  # fmt: skip
+    }
 
 
 def envoy_certs(work: Path, ca_dir: Path) -> dict[str, Path]:
@@ -330,11 +429,15 @@ def envoy_certs(work: Path, ca_dir: Path) -> dict[str, Path]:
     from meshcore.identity import SpiffeId
 
     ca = MeshCA.load_or_create(ca_dir, trust_domain="cluster.local")
-    ident = SpiffeId(trust_domain="cluster.local", namespace="default",
-                     service_account="waypoint-envoy")  # fmt: skip
+    ident = SpiffeId(
+        trust_domain="cluster.local", namespace="default", service_account="waypoint-envoy"
+    )
     wc = ca.issue(ident, now=datetime.now(UTC))
-    out = {"chain": work / "envoy-chain.pem", "key": work / "envoy-key.pem",
-           "root": work / "envoy-root.pem"}  # fmt: skip
+    out = {
+        "chain": work / "envoy-chain.pem",
+        "key": work / "envoy-key.pem",
+        "root": work / "envoy-root.pem",
+    }
     out["chain"].write_bytes(b"".join(wc.chain_pem))
     out["key"].write_bytes(wc.key_pem)
     out["root"].write_bytes(wc.roots_pem)
@@ -382,8 +485,9 @@ def split_check(name: str) -> dict[str, int]:
     return out
 
 
-def measure(name: str, addr: tuple[str, int], proxy: Proc | None, s: Settings,
-            rate: float) -> dict[str, Any]:  # fmt: skip
+def measure(
+    name: str, addr: tuple[str, int], proxy: Proc | None, s: Settings, rate: float
+) -> dict[str, Any]:
     log(f"{name}: rps")
     wcpu0 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
     rps, errors, _ = wrk(addr, s, s.wrk_conns, close=False)
@@ -393,9 +497,20 @@ def measure(name: str, addr: tuple[str, int], proxy: Proc | None, s: Settings,
     log(f"{name}: {rps:.0f} rps ({errors} errors); latency at {rate:g} rps")
     cpu0 = tree_cpu_seconds(proxy.pid) if proxy else 0.0
     t0 = time.monotonic()
-    lat = loadgen(["fixed", addr[0], str(addr[1]), "--rate", str(rate), "--duration",
-                   str(s.duration), "--warmup", str(s.warmup)],
-                  timeout=s.duration + s.warmup + 30)  # fmt: skip
+    lat = loadgen(
+        [
+            "fixed",
+            addr[0],
+            str(addr[1]),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(s.duration),
+            "--warmup",
+            str(s.warmup),
+        ],
+        timeout=s.duration + s.warmup + 30,
+    )
     wall = time.monotonic() - t0
     out: dict[str, Any] = {"rps": rps, "rps_errors": errors, "latency": lat}
     if proxy is not None:
@@ -418,9 +533,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, help="run our waypoint under cProfile into FILE")
     ap.add_argument("--out", type=Path, default=HERE / ".work" / "waypoint-results.json")
     args = ap.parse_args(argv)
-    s = Settings(reps=1, duration=args.duration, bulk_duration=1, warmup=1.0, wrk_threads=2,
-                 wrk_conns=args.conns, cps_conns=16, fixed_rate=args.rate,
-                 ztunnel_workers=1)  # fmt: skip
+    s = Settings(
+        reps=1,
+        duration=args.duration,
+        bulk_duration=1,
+        warmup=1.0,
+        wrk_threads=2,
+        wrk_conns=args.conns,
+        cps_conns=16,
+        fixed_rate=args.rate,
+        ztunnel_workers=1,
+    )
     paths = args.paths.split(",")
     work = Path(tempfile.mkdtemp(prefix="waypoint-bench-"))
     sup = Supervisor(work)
@@ -433,21 +556,60 @@ def main(argv: list[str] | None = None) -> int:
         (work / "l7.yaml").write_text(L7)
         sup.start("nginx", ["/usr/sbin/nginx", "-c", str(nginx_conf(work))])
         zt = str(VENV_BIN / "ztunnel")
-        common = ["--mesh-config", str(mesh), "--ca-dir", str(ca), "--capture", "bind",
-                  "--no-access-log", "--log-level", "warning"]  # fmt: skip
+        common = [
+            "--mesh-config",
+            str(mesh),
+            "--ca-dir",
+            str(ca),
+            "--capture",
+            "bind",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         from meshcore.ca import MeshCA
 
         MeshCA.load_or_create(ca, trust_domain="cluster.local")  # created once, shared
-        sup.start("ztunnel-a", [zt, "--node", "node-a", "--node-ip", NODE_A, *common,
-                                *(x for v in (VIP_WP, VIP_L4, VIP_ENVOY)
-                                  for x in ("--outbound-listen", f"{v}:80"))])  # fmt: skip
+        sup.start(
+            "ztunnel-a",
+            [
+                zt,
+                "--node",
+                "node-a",
+                "--node-ip",
+                NODE_A,
+                *common,
+                *(x for v in (VIP_WP, VIP_L4, VIP_ENVOY) for x in ("--outbound-listen", f"{v}:80")),
+            ],
+        )
         sup.start("ztunnel-b", [zt, "--node", "node-b", "--node-ip", NODE_B, *common])
         prof = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
-        wp = sup.start("waypoint", [PY, *prof, "-m", "waypoint.app", "--name", "waypoint",
-                                    "--workload-uid", "waypoint", "--mesh-config", str(mesh),
-                                    "--config", str(work / "l7.yaml"), "--ca-dir", str(ca),
-                                    "--listen", f"{WP_IP}:15008", "--admin", f"{WP_IP}:15020",
-                                    "--no-access-log", "--log-level", "warning"])  # fmt: skip
+        wp = sup.start(
+            "waypoint",
+            [
+                PY,
+                *prof,
+                "-m",
+                "waypoint.app",
+                "--name",
+                "waypoint",
+                "--workload-uid",
+                "waypoint",
+                "--mesh-config",
+                str(mesh),
+                "--config",
+                str(work / "l7.yaml"),
+                "--ca-dir",
+                str(ca),
+                "--listen",
+                f"{WP_IP}:15008",
+                "--admin",
+                f"{WP_IP}:15020",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+        )
         envoy: Proc | None = None
         if "envoy" in paths:
             try:
@@ -527,8 +689,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> int:
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per figure, the median over repetitions (latency per percentile); the runs kept."""
     out: dict[str, Any] = {"reps": runs}
-    for key in ("rps", "rps_errors", "proxy_vcpu_per_krps", "proxy_rss_mib",
-                "proxy_cpu_us_per_request"):  # fmt: skip
+    for key in (
+        "rps",
+        "rps_errors",
+        "proxy_vcpu_per_krps",
+        "proxy_rss_mib",
+        "proxy_cpu_us_per_request",
+    ):
         values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
         if values:
             out[key] = statistics.median(values)
@@ -553,16 +720,23 @@ def targets_met(paths: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool]]
     out: list[tuple[str, str, bool]] = []
     a, b = ours.get("rps"), envoy.get("rps")
     if a and b:
-        out.append(("rps >= 1.0x Envoy waypoint",
-                    f"{a:.0f} vs Envoy {b:.0f} = {a / b:.2f}x", a / b >= 1.0))  # fmt: skip
+        out.append(
+            ("rps >= 1.0x Envoy waypoint", f"{a:.0f} vs Envoy {b:.0f} = {a / b:.2f}x", a / b >= 1.0)
+        )
     a, b = ours.get("proxy_vcpu_per_krps"), envoy.get("proxy_vcpu_per_krps")
     if a and b:
-        out.append(("vCPU per 1000 rps <= 1.0x Envoy waypoint",
-                    f"{a:.3f} vs Envoy {b:.3f} = {a / b:.2f}x", a / b <= 1.0))  # fmt: skip
+        out.append(
+            (
+                "vCPU per 1000 rps <= 1.0x Envoy waypoint",
+                f"{a:.3f} vs Envoy {b:.3f} = {a / b:.2f}x",
+                a / b <= 1.0,
+            )
+        )
     a, b = _added_p99(paths, "waypoint"), _added_p99(paths, "envoy")
     if a is not None and b is not None:
-        out.append(("added p99 over L4 <= Envoy waypoint's",
-                    f"{a:+.3f} ms vs Envoy {b:+.3f} ms", a <= b))  # fmt: skip
+        out.append(
+            ("added p99 over L4 <= Envoy waypoint's", f"{a:+.3f} ms vs Envoy {b:+.3f} ms", a <= b)
+        )
     if not out:
         out.append(("targets (need the waypoint and envoy paths)", "not measured", False))
     return out
@@ -578,17 +752,30 @@ def history_figures(paths: dict[str, dict[str, Any]], reps: int) -> list[Figure]
         ("proxy_cpu_us_per_request", "waypoint_cpu_us_per_request", "us", "lower"),
     ):
         if isinstance(ours.get(key), int | float):
-            figs.append(Figure(figure=figure, value=round(ours[key], 3), unit=unit, better=better,
-                               envoy=envoy.get(key), note=note))  # fmt: skip
+            figs.append(
+                Figure(
+                    figure=figure,
+                    value=round(ours[key], 3),
+                    unit=unit,
+                    better=better,
+                    envoy=envoy.get(key),
+                    note=note,
+                )
+            )
     for q in ("p50", "p99"):
         p, base = _lat(ours, q), _lat(paths.get("l4", {}), q)
         e = _lat(envoy, q)
         if p is not None and base is not None:
-            figs.append(Figure(
-                figure=f"waypoint_added_{q}_ms", value=round(p - base, 3), unit="ms",
-                better="lower", envoy=None if e is None else round(e - base, 3),
-                note=note + " (over L4; ratio meaningless when Envoy's is <= 0)",
-            ))  # fmt: skip
+            figs.append(
+                Figure(
+                    figure=f"waypoint_added_{q}_ms",
+                    value=round(p - base, 3),
+                    unit="ms",
+                    better="lower",
+                    envoy=None if e is None else round(e - base, 3),
+                    note=note + " (over L4; ratio meaningless when Envoy's is <= 0)",
+                )
+            )
     return figs
 
 
@@ -604,17 +791,25 @@ def summarize(paths: dict[str, dict[str, Any]]) -> list[str]:
         v = r.get(key)
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
-    lines = ["| metric | direct | L4 only (ztunnel pair) | our waypoint | Envoy waypoint |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
-    lines.append("| rps (1 KiB, keep-alive) | " + " | ".join(
-        cell(n, "rps") for n in ("direct", "l4", "waypoint", "envoy")) + " |")  # fmt: skip
+    lines = [
+        "| metric | direct | L4 only (ztunnel pair) | our waypoint | Envoy waypoint |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines.append(
+        "| rps (1 KiB, keep-alive) | "
+        + " | ".join(cell(n, "rps") for n in ("direct", "l4", "waypoint", "envoy"))
+        + " |"
+    )
 
     def lat(name: str) -> str:
         p50, p99 = _lat(paths.get(name, {}), "p50"), _lat(paths.get(name, {}), "p99")
         return f"{p50:.3f} / {p99:.3f}" if p50 is not None and p99 is not None else "-"
 
-    lines.append("| latency p50 / p99 at fixed rate (ms) | " + " | ".join(
-        lat(n) for n in ("direct", "l4", "waypoint", "envoy")) + " |")  # fmt: skip
+    lines.append(
+        "| latency p50 / p99 at fixed rate (ms) | "
+        + " | ".join(lat(n) for n in ("direct", "l4", "waypoint", "envoy"))
+        + " |"
+    )
     base50, base99 = _lat(paths.get("l4", {}), "p50"), _lat(paths.get("l4", {}), "p99")
 
     def added(name: str) -> str:
@@ -627,14 +822,20 @@ def summarize(paths: dict[str, dict[str, Any]]) -> list[str]:
         assert base99 is not None
         return f"{p50 - base50:+.3f} / {p99 - base99:+.3f}"
 
-    lines.append("| added over L4, p50 / p99 (ms) | | | " + added("waypoint") + " | "
-                 + added("envoy") + " |")  # fmt: skip
+    lines.append(
+        "| added over L4, p50 / p99 (ms) | | | " + added("waypoint") + " | " + added("envoy") + " |"
+    )
     cpu = [cell(n, "proxy_vcpu_per_krps", "{:.3f}") for n in ("waypoint", "envoy")]
     lines.append(f"| proxy vCPU per 1000 rps | | | {cpu[0]} | {cpu[1]} |")
     per = [cell(n, "proxy_cpu_us_per_request", "{:.0f}") for n in ("waypoint", "envoy")]
     lines.append(f"| proxy CPU per request while saturated (us) | | | {per[0]} | {per[1]} |")
-    lines.append("| proxy RSS (MiB) | | | " + cell("waypoint", "proxy_rss_mib", "{:.1f}") + " | "
-                 + cell("envoy", "proxy_rss_mib", "{:.1f}") + " |")  # fmt: skip
+    lines.append(
+        "| proxy RSS (MiB) | | | "
+        + cell("waypoint", "proxy_rss_mib", "{:.1f}")
+        + " | "
+        + cell("envoy", "proxy_rss_mib", "{:.1f}")
+        + " |"
+    )
     return lines
 
 

@@ -215,8 +215,10 @@ class Agent:
     # -- capture ----------------------------------------------------------------------------
     def _enrolled_ips(self) -> dict[str, str]:
         """ip -> uid of enrolled pods, from the pinned map (the kernel's truth)."""
-        return {str(getattr(e, "ip", k)): str(getattr(e, "uid", "")) for k, e in
-                self.capture.enrolled().items()}  # fmt: skip
+        return {
+            str(getattr(e, "ip", k)): str(getattr(e, "uid", ""))
+            for k, e in self.capture.enrolled().items()
+        }
 
     def _observed_ips(self) -> set[str]:
         return {str(getattr(e, "ip", k)) for k, e in self.capture.observed().items()}

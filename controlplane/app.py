@@ -455,10 +455,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="ambient-controlplane", description=__doc__.split("\n")[0])
     p.add_argument("--listen", default=env("LISTEN", "0.0.0.0:15012"), help="xDS + CA address")
-    p.add_argument("--debug-listen", default="127.0.0.1:15014",
-                   help="debug/metrics/readiness, loopback only; '' = off")  # fmt: skip
-    p.add_argument("--metrics-listen", default=env("METRICS_LISTEN", ""),
-                   help="/metrics and /ready only (e.g. $(POD_IP):15014); '' = off")  # fmt: skip
+    p.add_argument(
+        "--debug-listen",
+        default="127.0.0.1:15014",
+        help="debug/metrics/readiness, loopback only; '' = off",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=env("METRICS_LISTEN", ""),
+        help="/metrics and /ready only (e.g. $(POD_IP):15014); '' = off",
+    )
     p.add_argument("--manifest-dir", type=Path, default=env("MANIFEST_DIR"))
     p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API")
     p.add_argument("--kubeconfig", type=Path, default=env("KUBECONFIG"))
@@ -473,9 +479,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     )
     p.add_argument("--token-audience", action="append", default=[], help="TokenReview audience")
     p.add_argument("--plaintext", action="store_true", help="no TLS (loopback lab only)")
-    p.add_argument("--insecure-no-node-auth", action="store_true",
-                   help="serve xDS without node authentication (loopback --listen only; "
-                        "tests)")  # fmt: skip
+    p.add_argument(
+        "--insecure-no-node-auth",
+        action="store_true",
+        help="serve xDS without node authentication (loopback --listen only; tests)",
+    )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--cluster-id", default=env("CLUSTER_ID", "Kubernetes"))
     p.add_argument("--domain-suffix", default="cluster.local")
@@ -486,25 +494,43 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     p.add_argument("--cert-ttl", type=float, default=24 * 3600)
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     mesh = p.add_argument_group("mesh settings served to waypoints (they override with flags)")
-    mesh.add_argument("--path-normalization", default=env("PATH_NORMALIZATION", ""),
-                      help="Istio meshConfig.pathNormalization.normalization: NONE, BASE "
-                           "(default), MERGE_SLASHES, DECODE_AND_MERGE_SLASHES")  # fmt: skip
-    mesh.add_argument("--escaped-slashes-action", default=env("ESCAPED_SLASHES_ACTION", ""),
-                      help="Envoy path_with_escaped_slashes_action: KEEP_UNCHANGED "
-                           "(default), REJECT_REQUEST, UNESCAPE_AND_REDIRECT, "
-                           "UNESCAPE_AND_FORWARD")  # fmt: skip
+    mesh.add_argument(
+        "--path-normalization",
+        default=env("PATH_NORMALIZATION", ""),
+        help="Istio meshConfig.pathNormalization.normalization: NONE, BASE "
+        "(default), MERGE_SLASHES, DECODE_AND_MERGE_SLASHES",
+    )
+    mesh.add_argument(
+        "--escaped-slashes-action",
+        default=env("ESCAPED_SLASHES_ACTION", ""),
+        help="Envoy path_with_escaped_slashes_action: KEEP_UNCHANGED "
+        "(default), REJECT_REQUEST, UNESCAPE_AND_REDIRECT, "
+        "UNESCAPE_AND_FORWARD",
+    )
     wp = p.add_argument_group("in-cluster waypoints (with --kubernetes, without --manifest-dir)")
-    wp.add_argument("--waypoint-image", default=env("WAYPOINT_IMAGE"),
-                    help="waypoint Deployments' image; unset = no waypoint controller")  # fmt: skip
+    wp.add_argument(
+        "--waypoint-image",
+        default=env("WAYPOINT_IMAGE"),
+        help="waypoint Deployments' image; unset = no waypoint controller",
+    )
     wp.add_argument("--waypoint-image-pull-policy", default="IfNotPresent")
-    wp.add_argument("--waypoint-xds-address", default=env("WAYPOINT_XDS_ADDRESS"),
-                    help="control plane address for waypoints "
-                         "(default ambient-controlplane.<namespace>.svc:15012)")  # fmt: skip
-    wp.add_argument("--waypoint-token-audience", default=None,
-                    help="audience of the waypoints' projected token (default: first "
-                         "--token-audience)")  # fmt: skip
-    wp.add_argument("--waypoint-arg", action="append", default=[],
-                    help="extra argument for the waypoint command (repeatable)")  # fmt: skip
+    wp.add_argument(
+        "--waypoint-xds-address",
+        default=env("WAYPOINT_XDS_ADDRESS"),
+        help="control plane address for waypoints "
+        "(default ambient-controlplane.<namespace>.svc:15012)",
+    )
+    wp.add_argument(
+        "--waypoint-token-audience",
+        default=None,
+        help="audience of the waypoints' projected token (default: first --token-audience)",
+    )
+    wp.add_argument(
+        "--waypoint-arg",
+        action="append",
+        default=[],
+        help="extra argument for the waypoint command (repeatable)",
+    )
     wp.add_argument("--waypoint-resync", type=float, default=10.0)
     wp.add_argument(
         "--tracing-address",

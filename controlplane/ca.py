@@ -155,8 +155,9 @@ class CertificateService:
         except ControlPlaneError as err:
             await self._refuse(context, err, str(err))
         except Exception as exc:  # a bug: log it, tell the caller nothing but INTERNAL
-            log.error("CreateCertificate failed (%s): %s: %s", context.peer(),
-                      type(exc).__name__, exc)  # fmt: skip
+            log.error(
+                "CreateCertificate failed (%s): %s: %s", context.peer(), type(exc).__name__, exc
+            )
             await self._refuse(context, Internal("internal error"), "", logged=True)
         self.metrics.certs.labels(outcome="signed").inc()
         log.info("signed %s for node %s (ttl %s)", grant.identity, grant.node, grant.ttl)
@@ -172,8 +173,9 @@ class CertificateService:
     ) -> NoReturn:
         self.metrics.certs.labels(outcome=err.code.name.lower()).inc()
         if not logged:
-            log.warning("CreateCertificate refused (%s): %s: %s", context.peer(),
-                        err.code.name, why)  # fmt: skip
+            log.warning(
+                "CreateCertificate refused (%s): %s: %s", context.peer(), err.code.name, why
+            )
         await context.abort(err.code, str(err))
         raise AssertionError("unreachable")  # abort raises
 

@@ -38,8 +38,16 @@ from meshcore.config.findings import INVALID, Finding, check_object, kind_suppor
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
 
-ROUTING_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "RequestAuthentication",
-                 "HTTPLocalRateLimitPolicy", "GRPCRoute", "TCPRoute", "TLSRoute")  # fmt: skip
+ROUTING_KINDS = (
+    "VirtualService",
+    "DestinationRule",
+    "HTTPRoute",
+    "RequestAuthentication",
+    "HTTPLocalRateLimitPolicy",
+    "GRPCRoute",
+    "TCPRoute",
+    "TLSRoute",
+)
 
 
 NamespaceCache = dict[str, tuple[NamespaceObjects, tuple[L7Resource, ...]]]
@@ -77,8 +85,9 @@ def _namespace_resources(
             add(L7Resource(kind=obj.kind, namespace=ns, name=obj.name, json=obj.raw_json))
     for ap in objs.authorization_policies.values():
         if ap.raw_json:
-            add(L7Resource(kind="AuthorizationPolicy", namespace=ns, name=ap.name,
-                           json=ap.raw_json))  # fmt: skip
+            add(
+                L7Resource(kind="AuthorizationPolicy", namespace=ns, name=ap.name, json=ap.raw_json)
+            )
     labels = {
         f"{opts.cluster_id}//Pod/{ns}/{pod.name}": dict(pod.labels)
         for pod in objs.pods.values()
@@ -141,9 +150,13 @@ def peer_authentication_findings(snapshot: StoreSnapshot) -> dict[str, list[Find
             )
             if pa.error is not None:
                 found.append(
-                    Finding(code=INVALID, level="Error", path="",
-                            message=f"enforced as STRICT for its scope until fixed: {pa.error}")
-                )  # fmt: skip
+                    Finding(
+                        code=INVALID,
+                        level="Error",
+                        path="",
+                        message=f"enforced as STRICT for its scope until fixed: {pa.error}",
+                    )
+                )
             if found:
                 out[f"PeerAuthentication {ns}/{pa.name}"] = found
     return out

@@ -19,9 +19,11 @@ class ControlPlaneMetrics:
             "controlplane_xds_pushes", "delta xDS responses sent", ["type"], registry=r
         )
         self.push_resources = Counter(
-            "controlplane_xds_pushed_resources", "resources sent in delta responses", ["type"],
+            "controlplane_xds_pushed_resources",
+            "resources sent in delta responses",
+            ["type"],
             registry=r,
-        )  # fmt: skip
+        )
         self.push_latency = Histogram(
             "controlplane_xds_push_latency_seconds",
             "time from a config change to the node proxy's ACK of the response carrying it",
@@ -31,15 +33,18 @@ class ControlPlaneMetrics:
         )
         self.nacks = Counter("controlplane_xds_nacks", "NACKs received", ["type"], registry=r)
         self.connected = Gauge(
-            "controlplane_xds_connected_proxies", "node proxies with an open xDS stream",
+            "controlplane_xds_connected_proxies",
+            "node proxies with an open xDS stream",
             registry=r,
-        )  # fmt: skip
+        )
         self.certs = Counter(
             "controlplane_ca_certificates", "CreateCertificate outcomes", ["outcome"], registry=r
         )
         self.warnings = Gauge("controlplane_config_warnings", "objects with a warning", registry=r)
         self.objects = Gauge("controlplane_store_objects", "objects in the store", registry=r)
         self.translate_seconds = Histogram(
-            "controlplane_translate_seconds", "time to translate one store update",
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "controlplane_translate_seconds",
+            "time to translate one store update",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )

@@ -131,8 +131,15 @@ def status_targets(snapshot: StoreSnapshot, *, gateways: bool = True) -> list[Ta
             )
             if obj.kind in UNIMPLEMENTED_PLURALS and "/" not in api_version:
                 continue  # no group/version to write to (not read from Kubernetes)
-            out.append(Target(kind=obj.kind, namespace=ns, name=obj.name, parent_refs=parents,
-                              api_version=api_version))  # fmt: skip
+            out.append(
+                Target(
+                    kind=obj.kind,
+                    namespace=ns,
+                    name=obj.name,
+                    parent_refs=parents,
+                    api_version=api_version,
+                )
+            )
     return out
 
 
@@ -152,22 +159,42 @@ def desired_status(target: Target, findings: Sequence[Finding], now: str) -> dic
         ok, reason, text = gateway_acceptance(findings)
         flag = "True" if ok else "False"
         conds = [
-            {"type": "Accepted", "status": flag, "reason": reason,
-             "message": text or "waypoint Gateway is valid", "lastTransitionTime": now},
-        ]  # fmt: skip
+            {
+                "type": "Accepted",
+                "status": flag,
+                "reason": reason,
+                "message": text or "waypoint Gateway is valid",
+                "lastTransitionTime": now,
+            },
+        ]
         if not ok:
-            conds.append({"type": "Programmed", "status": "False", "reason": "Invalid",
-                          "message": text, "lastTransitionTime": now})  # fmt: skip
+            conds.append(
+                {
+                    "type": "Programmed",
+                    "status": "False",
+                    "reason": "Invalid",
+                    "message": text,
+                    "lastTransitionTime": now,
+                }
+            )
         return {"conditions": conds}
     if target.kind in ROUTE_KINDS:
         # A kind the mesh does not implement is not applied, whatever the finding's level.
         errors = [f for f in findings if f.level == "Error" or f.code == KIND]
         if errors:
-            cond = {"type": "Accepted", "status": "False", "reason": "UnsupportedValue",
-                    "message": _text(errors)}  # fmt: skip
+            cond = {
+                "type": "Accepted",
+                "status": "False",
+                "reason": "UnsupportedValue",
+                "message": _text(errors),
+            }
         else:
-            cond = {"type": "Accepted", "status": "True", "reason": "Accepted",
-                    "message": _text(findings) or "Route was valid"}  # fmt: skip
+            cond = {
+                "type": "Accepted",
+                "status": "True",
+                "reason": "Accepted",
+                "message": _text(findings) or "Route was valid",
+            }
         cond["lastTransitionTime"] = now
         parents = [
             {"parentRef": dict(p), "controllerName": CONTROLLER_NAME, "conditions": [cond]}

@@ -307,8 +307,13 @@ def _target_for(pod: Pod, target: int | str) -> int | None:
 # --------------------------------------------------------------------------------- services
 
 
-def translate_service(svc: KubeService, ns_labels: Labels, mesh: MeshWide, opts: TranslateOptions,
-                      warnings: list[ConfigWarning]) -> Service | None:  # fmt: skip
+def translate_service(
+    svc: KubeService,
+    ns_labels: Labels,
+    mesh: MeshWide,
+    opts: TranslateOptions,
+    warnings: list[ConfigWarning],
+) -> Service | None:
     if svc.type == "ExternalName":
         return None
     ref = f"Service {svc.namespace}/{svc.name}"

@@ -148,17 +148,27 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
         }
 
     args = [
-        "--name", name,
-        "--namespace", ns,
-        "--service-account", sa,
-        "--workload-uid", f"{settings.cluster_id}//Pod/$(POD_NAMESPACE)/$(POD_NAME)",
-        "--xds-address", settings.xds_address,
-        "--node", "$(NODE_NAME)",
-        "--node-credential-file", f"{TOKEN_DIR}/token",
-        "--trust-domain", settings.trust_domain,
-        "--admin", f"0.0.0.0:{ADMIN_PORT}",
-        "--debug-listen", f"127.0.0.1:{DEBUG_PORT}",
-    ]  # fmt: skip
+        "--name",
+        name,
+        "--namespace",
+        ns,
+        "--service-account",
+        sa,
+        "--workload-uid",
+        f"{settings.cluster_id}//Pod/$(POD_NAMESPACE)/$(POD_NAME)",
+        "--xds-address",
+        settings.xds_address,
+        "--node",
+        "$(NODE_NAME)",
+        "--node-credential-file",
+        f"{TOKEN_DIR}/token",
+        "--trust-domain",
+        settings.trust_domain,
+        "--admin",
+        f"0.0.0.0:{ADMIN_PORT}",
+        "--debug-listen",
+        f"127.0.0.1:{DEBUG_PORT}",
+    ]
     mounts: list[Json] = [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}]
     volumes: list[Json] = [
         {
@@ -185,9 +195,11 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
             "data": {"root-cert.pem": settings.roots_pem},
         }
         args += [
-            "--controlplane-roots", f"{ROOTS_DIR}/root-cert.pem",
-            "--controlplane-server-name", settings.controlplane_server_name,
-        ]  # fmt: skip
+            "--controlplane-roots",
+            f"{ROOTS_DIR}/root-cert.pem",
+            "--controlplane-server-name",
+            settings.controlplane_server_name,
+        ]
         mounts.append({"name": "controlplane-roots", "mountPath": ROOTS_DIR, "readOnly": True})
         volumes.append(
             {"name": "controlplane-roots", "configMap": {"name": f"{name}-controlplane-roots"}}
@@ -535,8 +547,9 @@ class WaypointController:
         await self._ensure(SERVICES, objs.service)
         available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
         found = self.findings().get(f"Gateway {objs.namespace}/{objs.gateway}", ())
-        status = gateway_status(gw, available=available, domain_suffix=self.domain_suffix,
-                                now=now, findings=found)  # fmt: skip
+        status = gateway_status(
+            gw, available=available, domain_suffix=self.domain_suffix, now=now, findings=found
+        )
         if status != (gw.get("status") or {}):
             await self._ok(
                 "PATCH",

@@ -107,14 +107,20 @@ def resource_field_bytes(
 
 
 def encode_response(
-    *, type_url: str, nonce: str, system_version: str, resources: Iterable[bytes],
+    *,
+    type_url: str,
+    nonce: str,
+    system_version: str,
+    resources: Iterable[bytes],
     removed: Iterable[str],
-) -> bytes:  # fmt: skip
+) -> bytes:
     """A serialized DeltaDiscoveryResponse from pre-encoded resource fields."""
     head: bytes = dpb.DeltaDiscoveryResponse(
-        type_url=type_url, nonce=nonce, system_version_info=system_version,
+        type_url=type_url,
+        nonce=nonce,
+        system_version_info=system_version,
         removed_resources=list(removed),
-    ).SerializeToString()  # fmt: skip
+    ).SerializeToString()
     return head + b"".join(resources)
 
 
@@ -576,8 +582,10 @@ class XdsServer:
                 # excess lookups get no answer, so that proxy refuses those connections.
                 log.warning(
                     "node %s: over %d subscriptions; %d names ignored",
-                    conn.node, MAX_SUBSCRIPTIONS, len(new) - room,
-                )  # fmt: skip
+                    conn.node,
+                    MAX_SUBSCRIPTIONS,
+                    len(new) - room,
+                )
                 names = set(sorted(new)[:room]) | (names & st.subs)
             st.subs |= names
             st.demanded |= names
@@ -595,8 +603,9 @@ class XdsServer:
         )
         st.subs = set() if st.wildcard else (sub - {"*"} - unsub) | set(st.known)
         if len(st.subs) > MAX_SUBSCRIPTIONS:
-            log.warning("node %s: more than %d subscriptions; extra ignored", conn.node,
-                        MAX_SUBSCRIPTIONS)  # fmt: skip
+            log.warning(
+                "node %s: more than %d subscriptions; extra ignored", conn.node, MAX_SUBSCRIPTIONS
+            )
             st.subs = set(sorted(st.subs)[:MAX_SUBSCRIPTIONS])
         st.demanded = set() if st.wildcard else (sub - {"*"} - unsub) & st.subs
         conn.wake.set()

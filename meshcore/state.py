@@ -300,14 +300,18 @@ class MeshState:
                 self._drop_workload(ed, rec.uid)
                 ed.workloads[rec.uid] = rec
                 for key in _workload_addrs(rec):
-                    ed.addr_claims[key] = (*self._claims(ed.addr_claims, self._addr_claims, key),
-                                           rec.uid)  # fmt: skip
+                    ed.addr_claims[key] = (
+                        *self._claims(ed.addr_claims, self._addr_claims, key),
+                        rec.uid,
+                    )
             elif isinstance(rec, Service):
                 self._drop_service(ed, rec.key)
                 ed.services[rec.key] = rec
                 for key in _service_vips(rec):
-                    ed.vip_claims[key] = (*self._claims(ed.vip_claims, self._vip_claims, key),
-                                          rec.key)  # fmt: skip
+                    ed.vip_claims[key] = (
+                        *self._claims(ed.vip_claims, self._vip_claims, key),
+                        rec.key,
+                    )
             else:
                 ed.policies[rec.key] = rec
         if not (ed.workloads or ed.services or ed.policies):
@@ -330,8 +334,9 @@ class MeshState:
             return
         ed.workloads[uid] = None
         for key in _workload_addrs(old):
-            rest = tuple(u for u in self._claims(ed.addr_claims, self._addr_claims, key)
-                         if u != uid)  # fmt: skip
+            rest = tuple(
+                u for u in self._claims(ed.addr_claims, self._addr_claims, key) if u != uid
+            )
             ed.addr_claims[key] = rest or None
 
     def _drop_service(self, ed: _Edit, key: str) -> None:
@@ -340,8 +345,7 @@ class MeshState:
             return
         ed.services[key] = None
         for vip in _service_vips(old):
-            rest = tuple(k for k in self._claims(ed.vip_claims, self._vip_claims, vip)
-                         if k != key)  # fmt: skip
+            rest = tuple(k for k in self._claims(ed.vip_claims, self._vip_claims, vip) if k != key)
             ed.vip_claims[vip] = rest or None
 
     def _apply(self, ed: _Edit) -> MeshState:
@@ -365,28 +369,36 @@ class MeshState:
                         ep_uids.setdefault(skey, set()).add(uid)
         endpoints: dict[str, tuple[Endpoint, ...] | None] = {}
         for skey, uids in ep_uids.items():
-            endpoints[skey] = _replace_by_uid(
-                self._endpoints.get(skey, ()),
-                {
-                    uid: () if w is None else tuple(
-                        Endpoint(workload=w, ports=p) for k, p in w.services if k == skey
-                    )
-                    for uid in uids
-                    for w in (ed.workloads[uid],)
-                },
-                _endpoint_uid,
-            ) or None  # fmt: skip
+            endpoints[skey] = (
+                _replace_by_uid(
+                    self._endpoints.get(skey, ()),
+                    {
+                        uid: ()
+                        if w is None
+                        else tuple(
+                            Endpoint(workload=w, ports=p) for k, p in w.services if k == skey
+                        )
+                        for uid in uids
+                        for w in (ed.workloads[uid],)
+                    },
+                    _endpoint_uid,
+                )
+                or None
+            )
         by_node: dict[str, tuple[Workload, ...] | None] = {}
         for node, uids in node_uids.items():
-            by_node[node] = _replace_by_uid(
-                self._wl_by_node.get(node, ()),
-                {
-                    uid: (w,) if w is not None and w.node == node else ()
-                    for uid in uids
-                    for w in (ed.workloads[uid],)
-                },
-                _uid,
-            ) or None  # fmt: skip
+            by_node[node] = (
+                _replace_by_uid(
+                    self._wl_by_node.get(node, ()),
+                    {
+                        uid: (w,) if w is not None and w.node == node else ()
+                        for uid in uids
+                        for w in (ed.workloads[uid],)
+                    },
+                    _uid,
+                )
+                or None
+            )
         new = MeshState.__new__(MeshState)
         new._set(
             _Indexes(

@@ -217,12 +217,26 @@ class Traffic:
         s, d, svc = self.source, self.destination, self.service
         return (
             self.reporter,
-            s.workload, s.canonical_service, s.canonical_revision, s.namespace,
-            _or_unknown(self.source_principal), s.app, s.version, s.cluster,
-            svc.host, svc.namespace, svc.name,
-            d.workload, d.canonical_service, d.canonical_revision, d.namespace,
-            _or_unknown(self.destination_principal), d.app, d.version, d.cluster,
-        )  # fmt: skip
+            s.workload,
+            s.canonical_service,
+            s.canonical_revision,
+            s.namespace,
+            _or_unknown(self.source_principal),
+            s.app,
+            s.version,
+            s.cluster,
+            svc.host,
+            svc.namespace,
+            svc.name,
+            d.workload,
+            d.canonical_service,
+            d.canonical_revision,
+            d.namespace,
+            _or_unknown(self.destination_principal),
+            d.app,
+            d.version,
+            d.cluster,
+        )
 
     @property
     def security_policy(self) -> str:

@@ -142,15 +142,34 @@ def echo_mesh_config(client: str, server: str, vip: str) -> dict[str, Any]:
     port = {"servicePort": 80, "targetPort": 8080}
     return {
         "workloads": [
-            {"uid": "c1", "name": "sleep", "namespace": "default", "serviceAccount": "sleep",
-             "addresses": [client], "node": "node-a", "tunnelProtocol": "HBONE"},
-            {"uid": "s1", "name": "echo", "namespace": "default", "serviceAccount": "echo",
-             "addresses": [server], "node": "node-b", "tunnelProtocol": "HBONE",
-             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
+            {
+                "uid": "c1",
+                "name": "sleep",
+                "namespace": "default",
+                "serviceAccount": "sleep",
+                "addresses": [client],
+                "node": "node-a",
+                "tunnelProtocol": "HBONE",
+            },
+            {
+                "uid": "s1",
+                "name": "echo",
+                "namespace": "default",
+                "serviceAccount": "echo",
+                "addresses": [server],
+                "node": "node-b",
+                "tunnelProtocol": "HBONE",
+                "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}},
+            },
         ],
         "services": [
-            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
-             "addresses": [{"address": vip}], "ports": [port]},
+            {
+                "name": "echo",
+                "namespace": "default",
+                "hostname": "echo.default.svc.cluster.local",
+                "addresses": [{"address": vip}],
+                "ports": [port],
+            },
         ],
         "policies": [],
-    }  # fmt: skip
+    }

@@ -40,8 +40,12 @@ def jwk(key: PrivateKey, kid: str | None = None, alg: str | None = None) -> dict
         en = pub.public_numbers()
         size = (pub.curve.key_size + 7) // 8
         crv = {256: "P-256", 384: "P-384", 521: "P-521"}[pub.curve.key_size]
-        out = {"kty": "EC", "crv": crv, "x": b64url_encode(en.x.to_bytes(size, "big")),
-               "y": b64url_encode(en.y.to_bytes(size, "big"))}  # fmt: skip
+        out = {
+            "kty": "EC",
+            "crv": crv,
+            "x": b64url_encode(en.x.to_bytes(size, "big")),
+            "y": b64url_encode(en.y.to_bytes(size, "big")),
+        }
     else:
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -59,9 +63,13 @@ def jwks(*keys: dict[str, Any]) -> str:
 
 
 def mint(
-    key: PrivateKey, alg: str, claims: dict[str, Any], *, kid: str | None = None,
+    key: PrivateKey,
+    alg: str,
+    claims: dict[str, Any],
+    *,
+    kid: str | None = None,
     header: dict[str, Any] | None = None,
-) -> str:  # fmt: skip
+) -> str:
     head: dict[str, Any] = {"alg": alg, "typ": "JWT"}
     if kid is not None:
         head["kid"] = kid
@@ -74,13 +82,16 @@ def mint(
         return signing + "."
     sig: bytes
     sizes: dict[str, Callable[[], hashes.HashAlgorithm]] = {
-        "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512,
-    }  # fmt: skip
+        "256": hashes.SHA256,
+        "384": hashes.SHA384,
+        "512": hashes.SHA512,
+    }
     h = sizes.get(alg[2:], hashes.SHA256)
     if isinstance(key, rsa.RSAPrivateKey):
         if alg.startswith("PS"):
-            pad: padding.AsymmetricPadding = padding.PSS(mgf=padding.MGF1(h()),
-                                                         salt_length=h().digest_size)  # fmt: skip
+            pad: padding.AsymmetricPadding = padding.PSS(
+                mgf=padding.MGF1(h()), salt_length=h().digest_size
+            )
         else:
             pad = padding.PKCS1v15()
         sig = key.sign(data, pad, h())

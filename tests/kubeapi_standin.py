@@ -190,16 +190,27 @@ class KubeApiStandIn:
         self.requests.append(f"get {plural} {key[0]}/{key[1]}")
         obj = self.objects.get(plural, {}).get(key)
         if obj is None:
-            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                      "message": f'{plural} "{key[1]}" not found', "reason": "NotFound",
-                      "code": 404}  # fmt: skip
+            status = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": f'{plural} "{key[1]}" not found',
+                "reason": "NotFound",
+                "code": 404,
+            }
             return web.json_response(status, status=404)
         return web.json_response(copy.deepcopy(obj))
 
     @staticmethod
     def _status(code: int, reason: str, message: str) -> web.Response:
-        body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": message, "reason": reason, "code": code}  # fmt: skip
+        body = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
         return web.json_response(body, status=code)
 
     async def _create(self, request: web.Request) -> web.Response:
@@ -358,8 +369,11 @@ class KubeApiStandIn:
         self.requests.append(f"{plural}?{request.query_string}")
         if q.get("watch") in ("true", "1"):
             return await self._watch(request, plural)
-        items = [copy.deepcopy(o) for _, o in sorted(self.objects.get(plural, {}).items())
-                 if _selected(request, o)]  # fmt: skip
+        items = [
+            copy.deepcopy(o)
+            for _, o in sorted(self.objects.get(plural, {}).items())
+            if _selected(request, o)
+        ]
         return web.json_response(
             {"kind": "List", "metadata": {"resourceVersion": str(self.rv)}, "items": items}
         )

@@ -178,10 +178,12 @@ class Waypoint:
         self._tasks.append(asyncio.get_running_loop().create_task(every(10, self._sweep)))
         self.ready = True
         log.info(
-            "waypoint %s/%s ready on %s as %s", ctx.settings.namespace, ctx.settings.name,
+            "waypoint %s/%s ready on %s as %s",
+            ctx.settings.namespace,
+            ctx.settings.name,
             ", ".join(f"{h}:{p}" for h, p in (s.getsockname()[:2] for s in socks)),
             ctx.settings.identity,
-        )  # fmt: skip
+        )
 
     def _sweep(self) -> None:
         """Housekeeping (every 10 s, `meshcore.runtime.every`): idle upstream and HBONE
@@ -275,14 +277,17 @@ class Waypoint:
                     "overflows": c.overflows,
                     "endpoints": [
                         {
-                            "uid": e.uid, "address": f"{e.ip}:{e.port}", "active": e.active,
-                            "requests": e.requests, "ejected": e.ejected(now),
+                            "uid": e.uid,
+                            "address": f"{e.ip}:{e.port}",
+                            "active": e.active,
+                            "requests": e.requests,
+                            "ejected": e.ejected(now),
                             "ejections": e.ejections,
                         }
                         for e in c.endpoints.values()
                     ],
                 }
-            )  # fmt: skip
+            )
         return out
 
     async def _serve_admin(self, host: str, port: int) -> asyncio.Server:
@@ -327,8 +332,12 @@ class Waypoint:
             self.ctx.set_state(state)
         self.ctx.set_config(cfg)
         self.ctx.warnings[:] = list(cfg.warnings)
-        log.info("config reloaded: %d route tables, %d destination rules, %d policies",
-                 len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
+        log.info(
+            "config reloaded: %d route tables, %d destination rules, %d policies",
+            len(cfg.route_tables),
+            len(cfg.destination_rules),
+            len(cfg.policies),
+        )
         return True
 
 
@@ -337,21 +346,43 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     p = argparse.ArgumentParser(prog="waypoint", description="ambient-mesh waypoint (L7 proxy)")
     p.add_argument("--name", default=env("WAYPOINT_NAME", "waypoint"), help="Gateway name")
     p.add_argument("--namespace", default=env("POD_NAMESPACE", "default"))
-    p.add_argument("--service-account", default=env("SERVICE_ACCOUNT"),
-                   help="identity's service account (default: --name)")  # fmt: skip
+    p.add_argument(
+        "--service-account",
+        default=env("SERVICE_ACCOUNT"),
+        help="identity's service account (default: --name)",
+    )
     p.add_argument("--workload-uid", default=env("WORKLOAD_UID", ""))
-    p.add_argument("--mesh-config", type=Path, default=env("MESH_CONFIG"),
-                   help="static workloads/services/policies (node proxy format)")  # fmt: skip
-    p.add_argument("--config", type=Path, action="append", default=[],
-                   help="YAML with VirtualService/DestinationRule/HTTPRoute/"
-                        "AuthorizationPolicy objects (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--mesh-config",
+        type=Path,
+        default=env("MESH_CONFIG"),
+        help="static workloads/services/policies (node proxy format)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=[],
+        help="YAML with VirtualService/DestinationRule/HTTPRoute/"
+        "AuthorizationPolicy objects (repeatable)",
+    )
     p.add_argument("--ca-dir", type=Path, default=env("CA_DIR"))
-    p.add_argument("--listen", action="append", default=[],
-                   help="HBONE listener host:port (default: own workload IPs :15008)")  # fmt: skip
-    p.add_argument("--admin", default=env("WAYPOINT_ADMIN", "0.0.0.0:15020"),
-                   help="metrics/readiness host:port (Prometheus, probes)")  # fmt: skip
-    p.add_argument("--debug-listen", default="127.0.0.1:15000",
-                   help="debug views: loopback host:port ('' = off)")  # fmt: skip
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        help="HBONE listener host:port (default: own workload IPs :15008)",
+    )
+    p.add_argument(
+        "--admin",
+        default=env("WAYPOINT_ADMIN", "0.0.0.0:15020"),
+        help="metrics/readiness host:port (Prometheus, probes)",
+    )
+    p.add_argument(
+        "--debug-listen",
+        default="127.0.0.1:15000",
+        help="debug views: loopback host:port ('' = off)",
+    )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--domain-suffix", default="cluster.local")
     p.add_argument("--cert-ttl", type=float, default=24 * 3600)
@@ -359,39 +390,56 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--drain-timeout", type=float, default=5.0)
     mesh = p.add_argument_group("mesh settings (request hygiene, waypoint.protocol.hygiene)")
-    mesh.add_argument("--path-normalization", default=env("PATH_NORMALIZATION", ""),
-                      help="Istio meshConfig.pathNormalization: NONE, BASE (default), "
-                           "MERGE_SLASHES, DECODE_AND_MERGE_SLASHES; overrides the control "
-                           "plane's mesh setting")  # fmt: skip
-    mesh.add_argument("--escaped-slashes-action", default=env("ESCAPED_SLASHES_ACTION", ""),
-                      help="Envoy path_with_escaped_slashes_action: KEEP_UNCHANGED "
-                           "(default), REJECT_REQUEST, UNESCAPE_AND_REDIRECT, "
-                           "UNESCAPE_AND_FORWARD; overrides the control plane's mesh "
-                           "setting")  # fmt: skip
-    mesh.add_argument("--accept-http-10", action="store_true",
-                      help="serve HTTP/1.0 requests (Envoy accept_http_10, Istio PILOT_HTTP10); "
-                           "default: 426 Upgrade Required")  # fmt: skip
+    mesh.add_argument(
+        "--path-normalization",
+        default=env("PATH_NORMALIZATION", ""),
+        help="Istio meshConfig.pathNormalization: NONE, BASE (default), "
+        "MERGE_SLASHES, DECODE_AND_MERGE_SLASHES; overrides the control "
+        "plane's mesh setting",
+    )
+    mesh.add_argument(
+        "--escaped-slashes-action",
+        default=env("ESCAPED_SLASHES_ACTION", ""),
+        help="Envoy path_with_escaped_slashes_action: KEEP_UNCHANGED "
+        "(default), REJECT_REQUEST, UNESCAPE_AND_REDIRECT, "
+        "UNESCAPE_AND_FORWARD; overrides the control plane's mesh "
+        "setting",
+    )
+    mesh.add_argument(
+        "--accept-http-10",
+        action="store_true",
+        help="serve HTTP/1.0 requests (Envoy accept_http_10, Istio PILOT_HTTP10); "
+        "default: 426 Upgrade Required",
+    )
     cp = p.add_argument_group("control-plane mode (instead of --mesh-config/--config/--ca-dir)")
-    cp.add_argument("--xds-address", default=env("XDS_ADDRESS"),
-                    help="control plane host:port: Address, Authorization and L7 config over "
-                         "delta xDS")  # fmt: skip
-    cp.add_argument("--ca-address", default=env("CA_ADDRESS"),
-                    help="control plane CA host:port (default: --xds-address)")  # fmt: skip
+    cp.add_argument(
+        "--xds-address",
+        default=env("XDS_ADDRESS"),
+        help="control plane host:port: Address, Authorization and L7 config over delta xDS",
+    )
+    cp.add_argument(
+        "--ca-address",
+        default=env("CA_ADDRESS"),
+        help="control plane CA host:port (default: --xds-address)",
+    )
     cp.add_argument(
         "--node",
         default=env("NODE_NAME", ""),
         help="the node this waypoint's pod runs on (its credential's node)",
     )
-    cp.add_argument("--node-credential-file", type=Path, default=env("NODE_CREDENTIAL_FILE"),
-                    help="the node's token (first line)")  # fmt: skip
+    cp.add_argument(
+        "--node-credential-file",
+        type=Path,
+        default=env("NODE_CREDENTIAL_FILE"),
+        help="the node's token (first line)",
+    )
     cp.add_argument(
         "--controlplane-roots",
         type=Path,
         default=env("CONTROLPLANE_ROOTS"),
         help="PEM roots of the control plane's TLS certificate; absent = plaintext",
     )
-    cp.add_argument("--controlplane-server-name",
-                    default="ambient-controlplane.istio-system.svc")  # fmt: skip
+    cp.add_argument("--controlplane-server-name", default="ambient-controlplane.istio-system.svc")
     args = p.parse_args(argv)
     args.debug = listen_address(args.debug_listen, "--debug-listen") if args.debug_listen else None
     if args.debug is not None:
@@ -440,9 +488,12 @@ async def run_controlplane(settings: WaypointSettings, args: argparse.Namespace)
     task = loop.create_task(client.run())
     try:
         while not client.synced.is_set() or (not settings.listen and ctx.me is None):
-            log.info("waiting for the config from %s (synced=%s, own workload %s)",
-                     args.xds_address, client.synced.is_set(),
-                     "found" if ctx.me is not None else "not found")  # fmt: skip
+            log.info(
+                "waiting for the config from %s (synced=%s, own workload %s)",
+                args.xds_address,
+                client.synced.is_set(),
+                "found" if ctx.me is not None else "not found",
+            )
             client.updated.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(client.updated.wait(), 5)

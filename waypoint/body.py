@@ -52,9 +52,13 @@ class Downstream(Protocol):
     head_sent: bool
 
     async def send_head(
-        self, status: int, headers: Sequence[tuple[str, str]], *, content_length: int | None,
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        *,
+        content_length: int | None,
         end: bool = False,
-    ) -> None: ...  # fmt: skip
+    ) -> None: ...
 
     async def send_data(self, data: bytes) -> None: ...
 

@@ -190,8 +190,9 @@ class WaypointContext:
             svc = self.state.service(gw.hostname.key)
         else:
             return False
-        return svc is not None and any(ep.workload.uid == me.uid for ep in self.state.endpoints(
-            svc.key))  # fmt: skip
+        return svc is not None and any(
+            ep.workload.uid == me.uid for ep in self.state.endpoints(svc.key)
+        )
 
     def origin(self) -> Origin:
         """This waypoint's locality, network and labels (locality load balancing)."""
@@ -244,14 +245,23 @@ class WaypointContext:
                 if selector and not selector_matches(selector, self.labels(wl)):
                     continue
                 specs.append(
-                    EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=target,
-                                 identity=wl.identity, locality=_locality(wl),
-                                 network=wl.network,
-                                 labels=tuple(self.labels(wl).items())
-                                 if policy.locality.failover_priority else ())
-                )  # fmt: skip
-        cluster = cur[1] if cur is not None else Cluster(
-            name=f"{svc.hostname}|{subset}|{port}", policy=policy)  # fmt: skip
+                    EndpointSpec(
+                        uid=wl.uid,
+                        ip=str(wl.addresses[0]),
+                        port=target,
+                        identity=wl.identity,
+                        locality=_locality(wl),
+                        network=wl.network,
+                        labels=tuple(self.labels(wl).items())
+                        if policy.locality.failover_priority
+                        else (),
+                    )
+                )
+        cluster = (
+            cur[1]
+            if cur is not None
+            else Cluster(name=f"{svc.hostname}|{subset}|{port}", policy=policy)
+        )
         cluster.update(specs, policy, self.origin())
         self.clusters[key] = (self.generation, cluster)
         return cluster

@@ -33,8 +33,12 @@ async def apply_cors(
     origin = allowed_origin(policy, req.headers)
     if is_preflight(req.method, req.headers):
         if origin is not None:
-            await down.send_head(200, [*preflight_headers(policy, origin), ("server", "waypoint")],
-                                 content_length=0, end=True)  # fmt: skip
+            await down.send_head(
+                200,
+                [*preflight_headers(policy, origin), ("server", "waypoint")],
+                content_length=0,
+                end=True,
+            )
             return down, 200
         if not policy.forward_unmatched_preflights:
             await down.send_head(200, [("server", "waypoint")], content_length=0, end=True)

@@ -128,9 +128,16 @@ class Upstreams(Protocol):
     """What the handler needs from the upstream side (per protocol)."""
 
     async def send(
-        self, req: Request, ep: EndpointStats, *, target: str, authority: str,
-        headers: list[tuple[str, str]], replay: ReplayBody, connect_timeout: float,
-    ) -> UpstreamResponse: ...  # fmt: skip
+        self,
+        req: Request,
+        ep: EndpointStats,
+        *,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        replay: ReplayBody,
+        connect_timeout: float,
+    ) -> UpstreamResponse: ...
 
 
 class Tunnel:
@@ -280,11 +287,18 @@ class Handler:
             # 403 PERMISSION_DENIED 7, 404 UNIMPLEMENTED 12, 503 UNAVAILABLE 14, 504 DEADLINE 4).
             # 401 UNAUTHENTICATED 16 (a rejected JWT).
             code = {401: "16", 403: "7", 404: "12", 503: "14", 504: "4", 429: "14"}.get(
-                status, "13")  # fmt: skip
+                status, "13"
+            )
             await down.send_head(
-                200, [("content-type", "application/grpc"), ("grpc-status", code),
-                      ("grpc-message", text)], content_length=None, end=True,
-            )  # fmt: skip
+                200,
+                [
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", code),
+                    ("grpc-message", text),
+                ],
+                content_length=None,
+                end=True,
+            )
             return
         if req.method == "HEAD":
             await down.send_head(status, headers, content_length=len(body), end=True)
@@ -325,10 +339,16 @@ class Handler:
         # client sent is dropped; the verified peer's details are set.
         headers = [(k, v) for k, v in req.headers if k != XFCC]
         if tunnel.peer_identity is not None and tunnel.peer_cert_hash:
-            headers.append((XFCC, xfcc_value(
-                by=self.ctx.settings.identity_uri, cert_hash=tunnel.peer_cert_hash,
-                uri=str(tunnel.peer_identity),
-            )))  # fmt: skip
+            headers.append(
+                (
+                    XFCC,
+                    xfcc_value(
+                        by=self.ctx.settings.identity_uri,
+                        cert_hash=tunnel.peer_cert_hash,
+                        uri=str(tunnel.peer_identity),
+                    ),
+                )
+            )
         req.headers = headers
 
     def _source(self, tunnel: Tunnel) -> Workload | None:
@@ -362,9 +382,13 @@ class Handler:
         )
 
     async def _serve(
-        self, req: Request, down: Downstream, tunnel: Tunnel, rec: RequestRecord,
+        self,
+        req: Request,
+        down: Downstream,
+        tunnel: Tunnel,
+        rec: RequestRecord,
         replay: ReplayBody,
-    ) -> None:  # fmt: skip
+    ) -> None:
         ctx = self.ctx
         try:
             norm = normalize_target(req.target, ctx.settings.path_policy)
@@ -375,8 +399,9 @@ class Handler:
         if norm.redirect:
             # Envoy UNESCAPE_AND_REDIRECT: a redirect to the unescaped path, nothing forwarded.
             rec.status = 307
-            await down.send_head(307, [("location", path), ("server", "waypoint")],
-                                 content_length=0, end=True)  # fmt: skip
+            await down.send_head(
+                307, [("location", path), ("server", "waypoint")], content_length=0, end=True
+            )
             return
         info = self._info(req, tunnel, path)
         rec.source = self._source(tunnel)
@@ -404,8 +429,11 @@ class Handler:
         # 3. routing.
         if svc is not None:
             routes = ctx.config.routes_for(svc.hostname)
-            choice = select_route(routes, info) if routes else RouteChoice(
-                route=default_route(svc.hostname, tunnel.target_port), match=None)  # fmt: skip
+            choice = (
+                select_route(routes, info)
+                if routes
+                else RouteChoice(route=default_route(svc.hostname, tunnel.target_port), match=None)
+            )
         else:
             choice = RouteChoice(route=default_route("", tunnel.target_port), match=None)
         if choice is None:
@@ -428,9 +456,11 @@ class Handler:
             location = redirect_location(route.redirect, choice, info)
             rec.status = route.redirect.code
             await down.send_head(
-                route.redirect.code, [("location", location), ("server", "waypoint")],
-                content_length=0, end=True,
-            )  # fmt: skip
+                route.redirect.code,
+                [("location", location), ("server", "waypoint")],
+                content_length=0,
+                end=True,
+            )
             return
         fault = route.fault
         if fault is not None:
@@ -449,8 +479,9 @@ class Handler:
     ) -> None:
         rec.status = status
         data = body.encode()
-        await down.send_head(status, [("content-type", "text/plain")], content_length=len(data),
-                             end=not data)  # fmt: skip
+        await down.send_head(
+            status, [("content-type", "text/plain")], content_length=len(data), end=not data
+        )
         if data:
             await down.send_data(data)
             await down.send_end()
@@ -491,9 +522,16 @@ class Handler:
         return headers
 
     async def _forward(
-        self, req: Request, down: Downstream, tunnel: Tunnel, rec: RequestRecord,
-        replay: ReplayBody, info: RequestInfo, choice: RouteChoice, dest: Destination,
-    ) -> None:  # fmt: skip
+        self,
+        req: Request,
+        down: Downstream,
+        tunnel: Tunnel,
+        rec: RequestRecord,
+        replay: ReplayBody,
+        info: RequestInfo,
+        choice: RouteChoice,
+        dest: Destination,
+    ) -> None:
         ctx = self.ctx
         route = choice.route
         svc, wl, port = self._destination(dest, tunnel)
@@ -502,8 +540,11 @@ class Handler:
         else:
             cluster = self._workload_cluster(wl, port)
         target = rewrite_target(choice, info.path)
-        authority = route.rewrite.authority if route.rewrite and route.rewrite.authority else (
-            req.authority)  # fmt: skip
+        authority = (
+            route.rewrite.authority
+            if route.rewrite and route.rewrite.authority
+            else (req.authority)
+        )
         headers = self._request_headers(req, route, dest, rec)
         key: bytes | None = None
         set_cookie: str | None = None
@@ -516,8 +557,9 @@ class Handler:
             await down.send_continue()
         for mirror in route.mirrors:
             if ctx.rng.random() * 100 < mirror.percent:
-                self._start_mirror(req, mirror.destination, tunnel, target, authority, headers,
-                                   replay)  # fmt: skip
+                self._start_mirror(
+                    req, mirror.destination, tunnel, target, authority, headers, replay
+                )
 
         # 5b. connection-pool admission for the whole request (not per try); waiting for a
         # slot counts against the route timeout.
@@ -526,8 +568,9 @@ class Handler:
             async with _timeout(route.timeout):
                 await self._admit(cluster)
                 admitted = True
-                resp = await self._tries(req, rec, cluster, route.retries, target, authority,
-                                         headers, replay, key)  # fmt: skip
+                resp = await self._tries(
+                    req, rec, cluster, route.retries, target, authority, headers, replay, key
+                )
                 if set_cookie is not None:
                     resp.headers = [*resp.headers, ("set-cookie", set_cookie)]
                 await self._respond(resp, down, rec, route, dest, req)
@@ -582,10 +625,17 @@ class Handler:
             asyncio.get_running_loop().create_task(notify())
 
     async def _tries(
-        self, req: Request, rec: RequestRecord, cluster: Cluster, policy: RetryPolicy,
-        target: str, authority: str, headers: list[tuple[str, str]], replay: ReplayBody,
+        self,
+        req: Request,
+        rec: RequestRecord,
+        cluster: Cluster,
+        policy: RetryPolicy,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        replay: ReplayBody,
         key: bytes | None = None,
-    ) -> UpstreamResponse:  # fmt: skip
+    ) -> UpstreamResponse:
         ctx = self.ctx
         upstream = self.upstreams[req.protocol]
         avoid: list[str] = []
@@ -608,9 +658,14 @@ class Handler:
             try:
                 async with _timeout(policy.per_try_timeout):
                     resp = await upstream.send(
-                        req, ep, target=target, authority=authority, headers=headers,
-                        replay=replay, connect_timeout=cluster.policy.pool.connect_timeout,
-                    )  # fmt: skip
+                        req,
+                        ep,
+                        target=target,
+                        authority=authority,
+                        headers=headers,
+                        replay=replay,
+                        connect_timeout=cluster.policy.pool.connect_timeout,
+                    )
                 outcome = resp.status
                 error = UpstreamProtocolError("unreachable")
             except TimeoutError:
@@ -621,8 +676,9 @@ class Handler:
                 outcome, error = -1, err
             except UpstreamProtocolError as err:
                 outcome, error = 502, err
-            ejected = cluster.record(ep, outcome if outcome is None or outcome > 0 else None,
-                                     self._loop_time())  # fmt: skip
+            ejected = cluster.record(
+                ep, outcome if outcome is None or outcome > 0 else None, self._loop_time()
+            )
             if ejected:
                 log.info("outlier detection ejected %s (%s)", ep.uid, cluster.name)
             grpc = _grpc_status(resp.headers) if resp is not None else None
@@ -660,9 +716,14 @@ class Handler:
         resp.finish = finish  # type: ignore[method-assign]
 
     async def _respond(
-        self, resp: UpstreamResponse, down: Downstream, rec: RequestRecord, route: HttpRoute,
-        dest: Destination, req: Request,
-    ) -> None:  # fmt: skip
+        self,
+        resp: UpstreamResponse,
+        down: Downstream,
+        rec: RequestRecord,
+        route: HttpRoute,
+        dest: Destination,
+        req: Request,
+    ) -> None:
         try:
             rec.status = resp.status
             headers = resp.headers
@@ -672,8 +733,9 @@ class Handler:
                 headers = dest.response_headers.apply(headers)
             grpc = _grpc_status(headers)
             no_body = req.method == "HEAD" or resp.status in (204, 304)
-            await down.send_head(resp.status, headers, content_length=resp.content_length,
-                                 end=False)  # fmt: skip
+            await down.send_head(
+                resp.status, headers, content_length=resp.content_length, end=False
+            )
             while chunk := await resp.read():
                 await down.send_data(chunk)
             rec.response_bytes = resp.body_bytes
@@ -689,9 +751,15 @@ class Handler:
     # ---- mirrors ---------------------------------------------------------------------------
 
     def _start_mirror(
-        self, req: Request, dest: Destination, tunnel: Tunnel, target: str, authority: str,
-        headers: list[tuple[str, str]], replay: ReplayBody,
-    ) -> None:  # fmt: skip
+        self,
+        req: Request,
+        dest: Destination,
+        tunnel: Tunnel,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        replay: ReplayBody,
+    ) -> None:
         """Start a copy now, streaming: the tap is registered before the primary reads a byte
         of the body. Bounded: at most `MAX_MIRRORS` copies in flight (more are skipped)."""
         counts = self.ctx.metrics.mirrors
@@ -715,17 +783,26 @@ class Handler:
         task.add_done_callback(self.mirrors.discard)
 
     async def _mirror(
-        self, req: Request, dest: Destination, tunnel: Tunnel, target: str, authority: str,
-        headers: list[tuple[str, str]], body: BodySource,
-    ) -> None:  # fmt: skip
+        self,
+        req: Request,
+        dest: Destination,
+        tunnel: Tunnel,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        body: BodySource,
+    ) -> None:
         """Fire and forget: the copy streams as the primary reads the body (`MirrorTap`: a
         mirror that falls `MIRROR_BUFFER` bytes behind is dropped, never waited for); the
         authority gets ``-shadow`` appended (Envoy); the response is dropped."""
         counts = self.ctx.metrics.mirrors
         try:
             svc, wl, port = self._destination(dest, tunnel)
-            cluster = self.ctx.cluster(svc, dest.subset, port) if svc is not None else (
-                self._workload_cluster(wl, port))  # fmt: skip
+            cluster = (
+                self.ctx.cluster(svc, dest.subset, port)
+                if svc is not None
+                else (self._workload_cluster(wl, port))
+            )
             ep = cluster.pick(self._loop_time(), self.ctx.rng)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
@@ -734,9 +811,14 @@ class Handler:
             copy = ReplayBody(body, 0)  # nothing kept: a mirror is never retried
             async with asyncio.timeout(MIRROR_TIMEOUT):
                 resp = await self.upstreams[req.protocol].send(
-                    req, ep, target=target, authority=shadow, headers=headers, replay=copy,
+                    req,
+                    ep,
+                    target=target,
+                    authority=shadow,
+                    headers=headers,
+                    replay=copy,
                     connect_timeout=5.0,
-                )  # fmt: skip
+                )
                 try:
                     while await resp.read():
                         pass

@@ -109,9 +109,13 @@ class H1Downstream:
         self.continued = False
 
     async def send_head(
-        self, status: int, headers: Sequence[tuple[str, str]], *, content_length: int | None,
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        *,
+        content_length: int | None,
         end: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if status == 101 and self.upgrade_ok:
             # Switching Protocols (waypoint.upgrade): no framing; raw bytes follow both ways.
             out = [(k, v) for k, v in http1.strip_hop_by_hop(headers)]

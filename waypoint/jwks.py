@@ -115,9 +115,12 @@ class JwksCache:
         except (OSError, TimeoutError, ValueError, JoseError) as exc:
             self.failures += 1
             e.failed = self.clock()
-            log.warning("JWKS %s: fetch failed (%s); its tokens are rejected%s", uri,
-                        exc or type(exc).__name__,
-                        " (keeping the last keys)" if e.keys else "")  # fmt: skip
+            log.warning(
+                "JWKS %s: fetch failed (%s); its tokens are rejected%s",
+                uri,
+                exc or type(exc).__name__,
+                " (keeping the last keys)" if e.keys else "",
+            )
             return
         e.keys, e.fetched, e.failed = keys, self.clock(), None
 

@@ -40,9 +40,26 @@ LABELS = HTTP_LABELS
 
 # Istio's default buckets for istio_request_duration_milliseconds.
 DURATION_BUCKETS_MS = (
-    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
-    1800000, 3600000,
-)  # fmt: skip
+    0.5,
+    1,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    300000,
+    600000,
+    1800000,
+    3600000,
+)
 BYTES_BUCKETS = tuple(float(10**i) for i in range(0, 10))
 
 access_log = logging.getLogger("waypoint.access")
@@ -108,17 +125,26 @@ class WaypointMetrics:
         """Which requests' spans are sampled (``OTEL_TRACES_SAMPLER[_ARG]``; parent-based)."""
         self.requests = Counter("istio_requests", "Requests", LABELS, registry=r)
         self.duration = Histogram(
-            "istio_request_duration_milliseconds", "Request duration (ms)", LABELS,
-            buckets=DURATION_BUCKETS_MS, registry=r,
-        )  # fmt: skip
+            "istio_request_duration_milliseconds",
+            "Request duration (ms)",
+            LABELS,
+            buckets=DURATION_BUCKETS_MS,
+            registry=r,
+        )
         self.request_bytes = Histogram(
-            "istio_request_bytes", "Request sizes (bytes)", LABELS, buckets=BYTES_BUCKETS,
+            "istio_request_bytes",
+            "Request sizes (bytes)",
+            LABELS,
+            buckets=BYTES_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
         self.response_bytes = Histogram(
-            "istio_response_bytes", "Response sizes (bytes)", LABELS, buckets=BYTES_BUCKETS,
+            "istio_response_bytes",
+            "Response sizes (bytes)",
+            LABELS,
+            buckets=BYTES_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
         self.mirrors = Counter(
             "waypoint_mirror_requests",
             "Mirror copies by result: completed, failed, dropped (fell behind the request), "

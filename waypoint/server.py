@@ -126,12 +126,24 @@ class WaypointServer:
                 return f"service {svc.key} is not bound to this waypoint"
             if svc.port(port) is None:
                 return f"service {svc.key} has no port {port}"
-            return Tunnel(peer_identity=None, peer_ip="", target_ip=ip, target_port=port,
-                          service=svc, workload=None)  # fmt: skip
+            return Tunnel(
+                peer_identity=None,
+                peer_ip="",
+                target_ip=ip,
+                target_port=port,
+                service=svc,
+                workload=None,
+            )
         wl = ctx.state.workload_by_address(ip, net)
         if wl is not None and ctx.is_me(wl.waypoint):
-            return Tunnel(peer_identity=None, peer_ip="", target_ip=ip, target_port=port,
-                          service=None, workload=wl)  # fmt: skip
+            return Tunnel(
+                peer_identity=None,
+                peer_ip="",
+                target_ip=ip,
+                target_port=port,
+                service=None,
+                workload=wl,
+            )
         return f"{ip}:{port} is not a service or workload served by this waypoint"
 
     async def _detect(self, io: TunnelIO, target: Tunnel) -> tuple[str, bytes]:

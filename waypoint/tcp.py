@@ -61,14 +61,21 @@ SNI_TIMEOUT = 5.0
 class TcpMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.opened = Counter("istio_tcp_connections_opened", "TCP connections opened",
-                              TCP_LABELS, registry=r)  # fmt: skip
-        self.closed = Counter("istio_tcp_connections_closed", "TCP connections closed",
-                              TCP_LABELS, registry=r)  # fmt: skip
-        self.received = Counter("istio_tcp_received_bytes", "Bytes received from the client side",
-                                TCP_LABELS, registry=r)  # fmt: skip
-        self.sent = Counter("istio_tcp_sent_bytes", "Bytes sent to the client side",
-                            TCP_LABELS, registry=r)  # fmt: skip
+        self.opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=r
+        )
+        self.closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed", TCP_LABELS, registry=r
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client side",
+            TCP_LABELS,
+            registry=r,
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes", "Bytes sent to the client side", TCP_LABELS, registry=r
+        )
 
 
 @dataclass(slots=True)
@@ -126,8 +133,12 @@ class TcpProxy:
     def _authorize(self, t: Tunnel) -> tuple[bool, str]:
         ctx = self.ctx
         svc = t.service
-        pols = applicable(ctx.config.config.policies, ctx.settings.waypoint,
-                          svc.name if svc else None, svc.namespace if svc else None)  # fmt: skip
+        pols = applicable(
+            ctx.config.config.policies,
+            ctx.settings.waypoint,
+            svc.name if svc else None,
+            svc.namespace if svc else None,
+        )
         l4 = []
         for p in pols:
             if p.kind == "RequestAuthentication" and not p.fail_closed_l7:
@@ -138,9 +149,11 @@ class TcpProxy:
         if not l4:
             return True, ""
         conn = ConnectionInfo(
-            src_identity=t.peer_identity, src_ip=ipaddress.ip_address(t.peer_ip),
-            dst_ip=ipaddress.ip_address(t.target_ip), dst_port=t.target_port,
-        )  # fmt: skip
+            src_identity=t.peer_identity,
+            src_ip=ipaddress.ip_address(t.peer_ip),
+            dst_ip=ipaddress.ip_address(t.target_ip),
+            dst_port=t.target_port,
+        )
         d = evaluate_l4(l4, conn)
         return d.allowed, d.policy or d.reason
 
@@ -148,9 +161,10 @@ class TcpProxy:
         if svc is None:
             return []
         return [
-            r for r in self.ctx.config.config.l4_routes
+            r
+            for r in self.ctx.config.config.l4_routes
             if svc.hostname in r.hosts and (r.port is None or r.port == port)
-        ]  # fmt: skip
+        ]
 
     def _endpoint(
         self, t: Tunnel, dest: Destination | None
@@ -198,9 +212,13 @@ class TcpProxy:
 
     async def serve(self, io: TunnelIO, t: Tunnel, first: bytes, source: Workload | None) -> None:
         ctx = self.ctx
-        rec = TcpRecord(start=self._now(), source_ip=t.peer_ip,
-                        source_principal=str(t.peer_identity) if t.peer_identity else "",
-                        source=source, service=t.service)  # fmt: skip
+        rec = TcpRecord(
+            start=self._now(),
+            source_ip=t.peer_ip,
+            source_principal=str(t.peer_identity) if t.peer_identity else "",
+            source=source,
+            service=t.service,
+        )
         up: TunnelIO | None = None
         ep_stats: Any = None
         try:
@@ -227,8 +245,9 @@ class TcpProxy:
                         io.reset()
                         return
                     dest = pick_destination(live, ctx.rng)
-                elif rec.sni or any(r.kind == "TLSRoute" for r in self._routes(
-                        t.service, t.target_port)):  # fmt: skip
+                elif rec.sni or any(
+                    r.kind == "TLSRoute" for r in self._routes(t.service, t.target_port)
+                ):
                     rec.flags, rec.error = "NR", f"no TLSRoute matches SNI {rec.sni or '(none)'}"
                     io.reset()
                     return
@@ -270,14 +289,24 @@ class TcpProxy:
     ) -> TunnelIO | None:
         ctx = self.ctx
         up = TunnelIO()
-        pk = PoolKey(source=ctx.settings.identity, expected=(identity,),
-                     address=(ip, HBONE_PORT), source_ip=self.upstream.source_ip)  # fmt: skip
+        pk = PoolKey(
+            source=ctx.settings.identity,
+            expected=(identity,),
+            address=(ip, HBONE_PORT),
+            source_ip=self.upstream.source_ip,
+        )
         authority = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         try:
             async with asyncio.timeout(ctx.settings.connect_timeout):
                 up.stream = await ctx.pool.open_stream(pk, authority, (), up)
-        except (HboneError, OSError, ConnectionError, TimeoutError, PeerVerificationError,
-                ssl.SSLError) as err:  # fmt: skip
+        except (
+            HboneError,
+            OSError,
+            ConnectionError,
+            TimeoutError,
+            PeerVerificationError,
+            ssl.SSLError,
+        ) as err:
             rec.flags, rec.error = "UF", f"CONNECT {authority}: {err or type(err).__name__}"
             return None
         return up
@@ -337,12 +366,19 @@ class TcpProxy:
             m.sent.labels(*rec.labels).inc(rec.sent)
         if self.ctx.metrics.log_enabled:
             entry: dict[str, object] = {
-                "src.addr": rec.source_ip, "src.identity": rec.source_principal,
+                "src.addr": rec.source_ip,
+                "src.identity": rec.source_principal,
                 "dst.service": rec.service.hostname if rec.service else "",
-                "dst.addr": rec.upstream, "dst.identity": rec.destination_principal,
-                "protocol": "tcp", "response_flags": rec.flags, "route": rec.route,
-                "policy": rec.policy, "sni": rec.sni, "bytes_recv": rec.received,
-                "bytes_sent": rec.sent, "duration": round((self._now() - rec.start) * 1000, 3),
+                "dst.addr": rec.upstream,
+                "dst.identity": rec.destination_principal,
+                "protocol": "tcp",
+                "response_flags": rec.flags,
+                "route": rec.route,
+                "policy": rec.policy,
+                "sni": rec.sni,
+                "bytes_recv": rec.received,
+                "bytes_sent": rec.sent,
+                "duration": round((self._now() - rec.start) * 1000, 3),
                 "error": rec.error,
-            }  # fmt: skip
+            }
             access_log.info(json.dumps(entry, separators=(",", ":")))

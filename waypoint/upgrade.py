@@ -71,9 +71,12 @@ class _Response:
     """An `UpstreamResponse` over one upstream stream (raw after a 101)."""
 
     def __init__(
-        self, head: http1.ResponseHead, parser: http1.Http1Parser, up: TunnelIO,
+        self,
+        head: http1.ResponseHead,
+        parser: http1.Http1Parser,
+        up: TunnelIO,
         pump: asyncio.Task[None] | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.status = head.status
         self.headers = list(head.headers)
         self.content_length = None if head.status == 101 else head.content_length
@@ -141,8 +144,12 @@ class UpgradeUpstreams:
 
     async def _open(self, ep: EndpointStats, connect_timeout: float) -> TunnelIO:
         up = TunnelIO()
-        pk = PoolKey(source=self.ctx.settings.identity, expected=(ep.identity,),
-                     address=(ep.ip, HBONE_PORT), source_ip=self.pool.source_ip)  # fmt: skip
+        pk = PoolKey(
+            source=self.ctx.settings.identity,
+            expected=(ep.identity,),
+            address=(ep.ip, HBONE_PORT),
+            source_ip=self.pool.source_ip,
+        )
         authority = f"[{ep.ip}]:{ep.port}" if ":" in ep.ip else f"{ep.ip}:{ep.port}"
         try:
             async with asyncio.timeout(connect_timeout):
@@ -154,9 +161,16 @@ class UpgradeUpstreams:
         return up
 
     async def send(  # noqa: PLR0913 - the handler's Upstreams protocol
-        self, req: Request, ep: EndpointStats, *, target: str, authority: str,
-        headers: list[tuple[str, str]], replay: ReplayBody, connect_timeout: float,
-    ) -> _Response:  # fmt: skip
+        self,
+        req: Request,
+        ep: EndpointStats,
+        *,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        replay: ReplayBody,
+        connect_timeout: float,
+    ) -> _Response:
         up = await self._open(ep, connect_timeout)
         upgrade = req.extra.get("upgrade", "websocket")
         head = [("host", authority), *headers, ("connection", "upgrade"), ("upgrade", upgrade)]
@@ -173,8 +187,9 @@ class UpgradeUpstreams:
                         raise UpstreamReset("upstream closed before the handshake response")
                     parser.feed(data)
                     continue
-                if isinstance(ev, http1.ResponseHead) and (ev.status == 101 or
-                                                           not ev.informational):  # fmt: skip
+                if isinstance(ev, http1.ResponseHead) and (
+                    ev.status == 101 or not ev.informational
+                ):
                     break
                 if isinstance(ev, http1.ResponseHead):
                     parser = _next_head(parser)  # 100/103: another head follows

@@ -63,8 +63,11 @@ class L7Store:
         return errors
 
     def config(self) -> WaypointConfig:
-        docs = [self.resources[k].document() for k in sorted(self.resources)
-                if self.resources[k].mesh is None]  # fmt: skip
+        docs = [
+            self.resources[k].document()
+            for k in sorted(self.resources)
+            if self.resources[k].mesh is None
+        ]
         return parse_objects(docs, domain_suffix=self.domain_suffix)
 
     def path_policy(self, override: tuple[str, str]) -> PathPolicy:
@@ -103,15 +106,20 @@ def apply_l7(
     errors += store.nacks(cfg, [r.name for r in resp.resources])
     policy = store.path_policy(ctx.settings.path_override)
     if policy != ctx.settings.path_policy:
-        log.info("mesh path settings: %s, %s", policy.normalization.value,
-                 policy.escaped_slashes.value)  # fmt: skip
+        log.info(
+            "mesh path settings: %s, %s", policy.normalization.value, policy.escaped_slashes.value
+        )
         ctx.settings = dataclasses.replace(ctx.settings, path_policy=policy)
     ctx.set_config(cfg)
     ctx.warnings[:] = list(cfg.warnings)
     for w in cfg.warnings:
         log.warning("config: %s", w)
-    log.info("L7 config: %d route tables, %d destination rules, %d policies",
-             len(cfg.route_tables), len(cfg.destination_rules), len(cfg.policies))  # fmt: skip
+    log.info(
+        "L7 config: %d route tables, %d destination rules, %d policies",
+        len(cfg.route_tables),
+        len(cfg.destination_rules),
+        len(cfg.policies),
+    )
     return errors
 
 

@@ -232,13 +232,19 @@ class NodeProxy:
         if self.serve_admin:
             ops = {listener.role: listener.sock for listener in self.ops}
             self.admin_servers = [
-                await serve_http(s.admin_host, s.admin_port, admin_routes(ctx, self.stop),
-                                 sock=ops["admin"]),
-                await serve_http(s.node_ip, s.metrics_port, metrics_routes(ctx),
-                                 sock=ops["metrics"]),
-                await serve_http(s.node_ip, s.readiness_port,
-                                 readiness_routes(lambda: self.ready), sock=ops["readiness"]),
-            ]  # fmt: skip
+                await serve_http(
+                    s.admin_host, s.admin_port, admin_routes(ctx, self.stop), sock=ops["admin"]
+                ),
+                await serve_http(
+                    s.node_ip, s.metrics_port, metrics_routes(ctx), sock=ops["metrics"]
+                ),
+                await serve_http(
+                    s.node_ip,
+                    s.readiness_port,
+                    readiness_routes(lambda: self.ready),
+                    sock=ops["readiness"],
+                ),
+            ]
             if s.handover_socket and self.handover is None:
                 counter = ctx.metrics.handovers
                 self.handover = handover.HandoverServer(

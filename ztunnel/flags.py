@@ -165,8 +165,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     if not args.node:
         p.error("--node (or NODE_NAME) is required")
     if args.admin_address and not is_loopback(args.admin_address):
-        p.error(f"--admin-address {args.admin_address!r} is not a loopback address: "
-                f"{ADMIN_LOOPBACK_WHY}")  # fmt: skip
+        p.error(
+            f"--admin-address {args.admin_address!r} is not a loopback address: "
+            f"{ADMIN_LOOPBACK_WHY}"
+        )
     if args.mesh_config is None and not args.xds_address:
         p.error("--mesh-config or --xds-address is required")
     try:

@@ -48,10 +48,10 @@ def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES, http3: bo
     try:
         for row in lab.pods():
             key = f"{row['namespace']}/{row['name']}"
-            say(f"  pod {key:<18} {row['node']} {row['ip']:<11} "
-                f"redirection={row['redirection']}")  # fmt: skip
-        marks = {n: (lab.paths.logs / f"ztunnel-{n}.log").stat().st_size
-                 for n in ("node-1", "node-2")}  # fmt: skip
+            say(f"  pod {key:<18} {row['node']} {row['ip']:<11} redirection={row['redirection']}")
+        marks = {
+            n: (lab.paths.logs / f"ztunnel-{n}.log").stat().st_size for n in ("node-1", "node-2")
+        }
         argv = lab.exec_argv("demo/client", ["python3", "call.py", "echo", "80", "hello mesh"])
         say("\n$ ambientctl lab exec client -- python3 call.py echo 80 'hello mesh'")
         proc = subprocess.run(argv, cwd=lab.paths.manifests, capture_output=True, timeout=30)
@@ -63,11 +63,16 @@ def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES, http3: bo
             lines = [a for a in _access(lab, node, marks[node]) if a["direction"] == direction]
             say(f"\nnode proxy {node} ({direction}) access log:")
             for a in lines:
-                say(f"  {a['src.addr']} {a['src.identity']} -> {a['dst.addr']} "
+                say(
+                    f"  {a['src.addr']} {a['src.identity']} -> {a['dst.addr']} "
                     f"{a['dst.identity']} via {a['dst.hbone_addr']} "
-                    f"transport {a.get('transport')}")  # fmt: skip
-            ok &= any(a["src.identity"] == "spiffe://cluster.local/ns/demo/sa/sleep"
-                      and a.get("transport") == want_transport for a in lines)  # fmt: skip
+                    f"transport {a.get('transport')}"
+                )
+            ok &= any(
+                a["src.identity"] == "spiffe://cluster.local/ns/demo/sa/sleep"
+                and a.get("transport") == want_transport
+                for a in lines
+            )
         node2 = lab.state.node("node-2").plan if lab.state else None
         if node2 is not None:
             _, body = system.http_get(node2.netns, f"http://{node2.ip}:15020/metrics")
@@ -76,8 +81,14 @@ def run_demo(lab: Lab, *, keep: bool = False, source: Path = EXAMPLES, http3: bo
                 if line.startswith("istio_tcp_connections_opened_total") and "mutual_tls" in line:
                     say("  " + line)
         ok &= _show_controlplane(lab)
-        say("\ndemo " + ("OK: the client's connection crossed both node proxies over mTLS"
-                         if ok else "FAILED"))  # fmt: skip
+        say(
+            "\ndemo "
+            + (
+                "OK: the client's connection crossed both node proxies over mTLS"
+                if ok
+                else "FAILED"
+            )
+        )
     finally:
         if not keep:
             lab.down()
@@ -114,8 +125,10 @@ def _show_controlplane(lab: Lab) -> bool:
         for cert in lab.proxy_config(node).get("certificates", []):
             from_cp = (node, cert["identity"]) in signed
             seen = f"signed for {node}" if from_cp else "NOT FOUND"
-            say(f"  {node} {cert['identity']} serial {str(cert['serial'])[:12]}.. "
-                f"{cert['state']}; control plane log: {seen}")  # fmt: skip
+            say(
+                f"  {node} {cert['identity']} serial {str(cert['serial'])[:12]}.. "
+                f"{cert['state']}; control plane log: {seen}"
+            )
             ok &= from_cp
     return ok
 

@@ -88,8 +88,10 @@ def within(count: int, n: int, p: float, sigmas: float = 4.0) -> bool:
 
 def _show(say: Any, title: str, r: dict[str, Any]) -> None:
     v = r.get("versions", {})
-    say(f"  {title}: v1={v.get('v1', 0)} v2={v.get('v2', 0)} status={r.get('status')} "
-        f"errors={r.get('errors')}")  # fmt: skip
+    say(
+        f"  {title}: v1={v.get('v1', 0)} v2={v.get('v2', 0)} status={r.get('status')} "
+        f"errors={r.get('errors')}"
+    )
 
 
 def resilience_demo(lab: Lab, say: Any) -> list[str]:
@@ -174,20 +176,25 @@ def run_waypoint_demo(lab: Lab, *, keep: bool = False, n: int = 200) -> int:
         waypoint_args = ["apply", "--lab", lab.name, "--enroll-namespace"]
         ok &= _cli(waypoint_args, say, lab) == 0
 
-        say("\n3) the seed's VirtualService: "
-            f"cp {EXAMPLE / 'config' / 'reviews-route.yaml'} {lab.paths.manifests}/")  # fmt: skip
+        say(
+            "\n3) the seed's VirtualService: "
+            f"cp {EXAMPLE / 'config' / 'reviews-route.yaml'} {lab.paths.manifests}/"
+        )
         apply_file(lab, EXAMPLE / "config" / "reviews-route.yaml")
         ok &= wait_waypoint_config(
-            lab, lambda c: any(t["name"] == "default/reviews-route" for t in c["route_tables"]),
+            lab,
+            lambda c: any(t["name"] == "default/reviews-route" for t in c["route_tables"]),
             "reviews-route",
-        )  # fmt: skip
+        )
         r = load(lab, n)
         _show(say, "reviews", r)
         v1 = r["versions"].get("v1", 0)
         ok &= r["errors"] == 0 and within(v1, n, 0.9)
         half = 4 * math.sqrt(0.09 / n)
-        say(f"  v1 share {v1 / n:.1%} (expected 90%, 4-sigma bound "
-            f"{0.9 - half:.1%}..{0.9 + half:.1%})")  # fmt: skip
+        say(
+            f"  v1 share {v1 / n:.1%} (expected 90%, 4-sigma bound "
+            f"{0.9 - half:.1%}..{0.9 + half:.1%})"
+        )
         r = load(lab, n // 4, "user-type:beta-tester")
         _show(say, "reviews with user-type: beta-tester", r)
         ok &= r["versions"].get("v2", 0) == n // 4
@@ -199,20 +206,23 @@ def run_waypoint_demo(lab: Lab, *, keep: bool = False, n: int = 200) -> int:
             say(f"  {ln}")
         ok &= bool(lines)
 
-        say("\n5) L7 deny at the waypoint: "
-            f"cp {EXAMPLE / 'config' / 'deny-private.yaml'} {lab.paths.manifests}/")  # fmt: skip
+        say(
+            "\n5) L7 deny at the waypoint: "
+            f"cp {EXAMPLE / 'config' / 'deny-private.yaml'} {lab.paths.manifests}/"
+        )
         apply_file(lab, EXAMPLE / "config" / "deny-private.yaml")
         ok &= wait_waypoint_config(
-            lab, lambda c: any(p["name"] == "default/deny-private" for p in c["policies"]),
+            lab,
+            lambda c: any(p["name"] == "default/deny-private" for p in c["policies"]),
             "deny-private",
-        )  # fmt: skip
+        )
         r = load(lab, 5, url="http://reviews:9080/private/data")
         say(f"  GET /private/data x5: status={r['status']}")
         ok &= r["status"].get("403", 0) == 5
         seen = sum(
             (lab.paths.logs / f"pod-default-reviews-{v}.log").read_text().count("/private")
             for v in ("v1", "v2")
-        )  # fmt: skip
+        )
         say(f"  requests for /private the reviews pods saw: {seen}")
         ok &= seen == 0
 

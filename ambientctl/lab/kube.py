@@ -93,10 +93,16 @@ def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
 
 
 _CA_USAGE = x509.KeyUsage(
-    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-    key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+    digital_signature=True,
+    key_cert_sign=True,
+    crl_sign=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    encipher_only=False,
     decipher_only=False,
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -316,8 +322,13 @@ class KubeCluster:
             ips=tuple({self.address, "127.0.0.1", "10.96.0.1"}),
         )
         admin = pki.issue("admin", common_name="lab-admin", organizations=("system:masters",))
-        kubeconfig(self.admin_kubeconfig, server=self.server, ca=pki.ca.cert, user=admin,
-                   name="ambient-lab")  # fmt: skip
+        kubeconfig(
+            self.admin_kubeconfig,
+            server=self.server,
+            ca=pki.ca.cert,
+            user=admin,
+            name="ambient-lab",
+        )
         self._spawn(
             "kube-apiserver",
             [
@@ -356,8 +367,13 @@ class KubeCluster:
             ("kube-scheduler", "system:kube-scheduler"),
         ):
             cred = pki.issue(component, common_name=user)
-            kc = kubeconfig(self.root / f"{component}.kubeconfig", server=self.server,
-                            ca=pki.ca.cert, user=cred, name="ambient-lab")  # fmt: skip
+            kc = kubeconfig(
+                self.root / f"{component}.kubeconfig",
+                server=self.server,
+                ca=pki.ca.cert,
+                user=cred,
+                name="ambient-lab",
+            )
             argv = [
                 str(self.bin / component),
                 f"--kubeconfig={kc}",
@@ -486,8 +502,13 @@ class KubeCluster:
         """A kubeconfig for another x509 user (a lab node: ``system:node:<n>``/``system:nodes``)."""
         assert self.pki is not None
         cred = self.pki.issue(name, common_name=user, organizations=groups)
-        return kubeconfig(self.root / f"{name}.kubeconfig", server=self.server,
-                          ca=self.pki.ca.cert, user=cred, name="ambient-lab")  # fmt: skip
+        return kubeconfig(
+            self.root / f"{name}.kubeconfig",
+            server=self.server,
+            ca=self.pki.ca.cert,
+            user=cred,
+            name="ambient-lab",
+        )
 
     def stop(self) -> None:
         """Stop in reverse start order (bounded per process), then remove ``root``."""

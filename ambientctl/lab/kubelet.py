@@ -154,14 +154,22 @@ def pod_status(
     for c in spec.get("containers", []):
         name = str(c["name"])
         if name in exited:
-            state: dict[str, Any] = {"terminated": {"exitCode": exited[name],
-                                                    "finishedAt": _ts(now)}}  # fmt: skip
+            state: dict[str, Any] = {
+                "terminated": {"exitCode": exited[name], "finishedAt": _ts(now)}
+            }
         else:
             state = {"running": {"startedAt": _ts(started)}}
-        statuses.append({
-            "name": name, "image": c.get("image", ""), "imageID": "", "started": name not in exited,
-            "ready": name not in exited, "restartCount": 0, "state": state,
-        })  # fmt: skip
+        statuses.append(
+            {
+                "name": name,
+                "image": c.get("image", ""),
+                "imageID": "",
+                "started": name not in exited,
+                "ready": name not in exited,
+                "restartCount": 0,
+                "state": state,
+            }
+        )
     if len(exited) == len(names) and spec.get("restartPolicy") in ("Never", "OnFailure"):
         phase = "Succeeded" if not any(exited.values()) else "Failed"
     else:
@@ -287,15 +295,30 @@ class LabKubelet:
     async def _node_status(self) -> None:
         now = _ts(dt.datetime.now(dt.UTC))
         capacity = {"cpu": "8", "memory": "16Gi", "pods": "110"}
-        ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                 "message": "lab kubelet", "lastHeartbeatTime": now}  # fmt: skip
-        body = {"status": {
-            "capacity": capacity, "allocatable": capacity, "conditions": [ready],
-            "addresses": [{"type": "InternalIP", "address": self.node.ip},
-                          {"type": "Hostname", "address": self.node.name}],
-            "nodeInfo": {"kubeletVersion": "lab", "operatingSystem": "linux",
-                         "architecture": "amd64", "containerRuntimeVersion": "lab://0"},
-        }}  # fmt: skip
+        ready = {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "lab kubelet",
+            "lastHeartbeatTime": now,
+        }
+        body = {
+            "status": {
+                "capacity": capacity,
+                "allocatable": capacity,
+                "conditions": [ready],
+                "addresses": [
+                    {"type": "InternalIP", "address": self.node.ip},
+                    {"type": "Hostname", "address": self.node.name},
+                ],
+                "nodeInfo": {
+                    "kubeletVersion": "lab",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                    "containerRuntimeVersion": "lab://0",
+                },
+            }
+        }
         path = f"/api/v1/nodes/{self.node.name}/status"
         status, data = await self.api.call("PATCH", path, body, content_type=MERGE)
         if status != 200:
@@ -370,8 +393,9 @@ class LabKubelet:
                 await self._finish(pod)
                 continue
             if uid not in self.pods and (pod.get("status") or {}).get("phase") not in (
-                "Succeeded", "Failed",
-            ):  # fmt: skip
+                "Succeeded",
+                "Failed",
+            ):
                 key = f"{meta['namespace']}/{meta['name']}"
                 try:
                     files = await self._materialise(pod)
@@ -393,11 +417,15 @@ class LabKubelet:
         host = bool(spec.get("hostNetwork"))
         conflist = None if host else self._conflist()
         rp = RunningPod(
-            uid=uid, namespace=ns, name=name,
+            uid=uid,
+            namespace=ns,
+            name=name,
             netns=None if host else topology.pod_netns(self.lab, ns, name),
-            ip=self.node.ip, dir=self.root / "pods" / uid, started=dt.datetime.now(dt.UTC),
+            ip=self.node.ip,
+            dir=self.root / "pods" / uid,
+            started=dt.datetime.now(dt.UTC),
             grace=float(spec.get("terminationGracePeriodSeconds", 30)),
-        )  # fmt: skip
+        )
         self.pods[uid] = rp
         rp.dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -633,9 +661,13 @@ class LabKubelet:
         sa = pod["spec"].get("serviceAccountName") or "default"
         spec: dict[str, Any] = {
             "expirationSeconds": int(source.get("expirationSeconds", 3600)),
-            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
-                               "uid": meta["uid"]},
-        }  # fmt: skip
+            "boundObjectRef": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "uid": meta["uid"],
+            },
+        }
         if source.get("audience"):
             spec["audiences"] = [source["audience"]]
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
@@ -649,8 +681,14 @@ class LabKubelet:
         for c, pid in list(rp.pids.items()):
             if c not in rp.exited and (code := _reap(pid)) is not None:
                 rp.exited[c] = code
-        status = pod_status(pod, pod_ip=rp.ip, node_ip=self.node.ip, started=rp.started,
-                            exited=rp.exited, now=dt.datetime.now(dt.UTC))  # fmt: skip
+        status = pod_status(
+            pod,
+            pod_ip=rp.ip,
+            node_ip=self.node.ip,
+            started=rp.started,
+            exited=rp.exited,
+            now=dt.datetime.now(dt.UTC),
+        )
         digest = json.dumps(
             {k: status[k] for k in ("phase", "podIP", "containerStatuses")},
             sort_keys=True,
@@ -677,8 +715,12 @@ class LabKubelet:
         else:  # finished earlier: only its directory (logs) is left
             shutil.rmtree(self.root / "pods" / str(meta["uid"]), ignore_errors=True)
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
-                "preconditions": {"uid": meta["uid"]}}  # fmt: skip
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": meta["uid"]},
+        }
         code, _ = await self.api.call("DELETE", path, body)
         if code not in (200, 404, 409):
             raise LabCommandError(f"delete {meta['namespace']}/{meta['name']}: HTTP {code}")

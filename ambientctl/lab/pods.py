@@ -34,9 +34,14 @@ class LabPods(LabProcesses):
         node = st.node(pod.node)
         netns = topology.pod_netns(self.name, pod.namespace, pod.name)
         ps = PodState(
-            key=pod.key, namespace=pod.namespace, name=pod.name, node=pod.node, netns=netns,
-            uid=pod.uid, container_id=f"{self.name}-{pod.uid}",
-        )  # fmt: skip
+            key=pod.key,
+            namespace=pod.namespace,
+            name=pod.name,
+            node=pod.node,
+            netns=netns,
+            uid=pod.uid,
+            container_id=f"{self.name}-{pod.uid}",
+        )
         st.pods[pod.key] = ps
         self.save()
         system.netns_add(netns)
@@ -85,9 +90,13 @@ class LabPods(LabProcesses):
         if not system.netns_exists(node.plan.netns):
             return
         pod = manifests.PodSpec(
-            name=ps.name, namespace=ps.namespace, labels={}, service_account="", node=ps.node,
+            name=ps.name,
+            namespace=ps.namespace,
+            labels={},
+            service_account="",
+            node=ps.node,
             command=(),
-        )  # fmt: skip
+        )
         try:
             system.cni_chain(
                 "DEL",
@@ -133,10 +142,15 @@ class LabPods(LabProcesses):
                 node = waypoints.choose_node(gw, index, nodes)
             except ValueError as err:
                 raise LabCommandError(str(err)) from None
-            docs.append(waypoints.pod_doc(
-                gw, node=node, token_file=self.paths.node_token(node), roots=self.paths.roots,
-                roots_pem=self.paths.roots.read_text(),
-            ))  # fmt: skip
+            docs.append(
+                waypoints.pod_doc(
+                    gw,
+                    node=node,
+                    token_file=self.paths.node_token(node),
+                    roots=self.paths.roots,
+                    roots_pem=self.paths.roots.read_text(),
+                )
+            )
         if removed or new:
             if docs:
                 header = "# Waypoint pods, one per istio-waypoint Gateway (`ambientctl lab`)\n"

@@ -41,15 +41,27 @@ class LabProcesses(LabCluster):
         sock = self.paths.agent_socket(p.name)
         self.paths.node_dir(p.name).mkdir(parents=True, exist_ok=True)
         self.paths.bpf_dir(p.name).mkdir(exist_ok=True)
-        argv = system.nsenter(p.netns, [
-            PYTHON, "-m", "cni.agent", "run",
-            "--node", p.name,
-            "--socket", str(sock),
-            "--state-dir", str(self.paths.node_dir(p.name) / "agent"),
-            "--uplink", topology.UPLINK,
-            "--bpffs-dir", str(self.paths.bpf_dir(p.name)),
-            "--manifests", str(self.paths.manifests),
-        ])  # fmt: skip
+        argv = system.nsenter(
+            p.netns,
+            [
+                PYTHON,
+                "-m",
+                "cni.agent",
+                "run",
+                "--node",
+                p.name,
+                "--socket",
+                str(sock),
+                "--state-dir",
+                str(self.paths.node_dir(p.name) / "agent"),
+                "--uplink",
+                topology.UPLINK,
+                "--bpffs-dir",
+                str(self.paths.bpf_dir(p.name)),
+                "--manifests",
+                str(self.paths.manifests),
+            ],
+        )
         node.agent_pid = system.spawn(argv, log=self.paths.logs / f"agent-{p.name}.log")
         self.save()
         pid = node.agent_pid
@@ -73,12 +85,21 @@ class LabProcesses(LabCluster):
         p = node.plan
         if not system.netns_exists(p.netns):
             return
-        argv = system.nsenter(p.netns, [
-            PYTHON, "-m", "cni.agent", "uninstall",
-            "--node", p.name,
-            "--uplink", topology.UPLINK,
-            "--bpffs-dir", str(self.paths.bpf_dir(p.name)),
-        ])  # fmt: skip
+        argv = system.nsenter(
+            p.netns,
+            [
+                PYTHON,
+                "-m",
+                "cni.agent",
+                "uninstall",
+                "--node",
+                p.name,
+                "--uplink",
+                topology.UPLINK,
+                "--bpffs-dir",
+                str(self.paths.bpf_dir(p.name)),
+            ],
+        )
         try:
             system.run(argv)
         except LabCommandError as err:
@@ -103,17 +124,28 @@ class LabProcesses(LabCluster):
         assert st is not None
         under = topology.underlay_netns(self.name)
         log = self.paths.logs / "controlplane.log"
-        argv = system.nsenter(under, [
-            CONTROLPLANE,
-            "--manifest-dir", str(self.paths.manifests),
-            "--ca-dir", str(self.paths.ca),
-            "--node-credentials", str(self.paths.node_credentials),
-            "--listen", XDS_ADDRESS,
-            "--debug-listen", f"127.0.0.1:{topology.CONTROLPLANE_DEBUG_PORT}",
-            "--metrics-listen", f"{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_DEBUG_PORT}",
-            "--trust-domain", topology.TRUST_DOMAIN,
-            "--poll-interval", "0.1",
-        ])  # fmt: skip
+        argv = system.nsenter(
+            under,
+            [
+                CONTROLPLANE,
+                "--manifest-dir",
+                str(self.paths.manifests),
+                "--ca-dir",
+                str(self.paths.ca),
+                "--node-credentials",
+                str(self.paths.node_credentials),
+                "--listen",
+                XDS_ADDRESS,
+                "--debug-listen",
+                f"127.0.0.1:{topology.CONTROLPLANE_DEBUG_PORT}",
+                "--metrics-listen",
+                f"{topology.CONTROLPLANE_IP}:{topology.CONTROLPLANE_DEBUG_PORT}",
+                "--trust-domain",
+                topology.TRUST_DOMAIN,
+                "--poll-interval",
+                "0.1",
+            ],
+        )
         st.controlplane_pid = system.spawn(argv, log=log)
         self.save()
         pid = st.controlplane_pid
@@ -153,21 +185,35 @@ class LabProcesses(LabCluster):
         node_dir = self.paths.node_dir(p.name)
         ready_file = node_dir / "ztunnel.ready"
         previous = node.ztunnel_pid if node.ztunnel_pid and system.alive(node.ztunnel_pid) else 0
-        argv = system.nsenter(p.netns, [
-            ZTUNNEL,
-            "--node", p.name,
-            "--node-ip", p.ip,
-            "--capture", "transparent",
-            "--xds-address", XDS_ADDRESS,
-            "--ca-address", XDS_ADDRESS,
-            "--node-credential-file", str(self.paths.node_token(p.name)),
-            "--controlplane-roots", str(self.paths.roots),
-            "--trust-domain", topology.TRUST_DOMAIN,
-            "--drain-timeout", "1",
-            "--handover-socket", str(node_dir / "ztunnel-handover.sock"),
-            "--ready-file", str(ready_file),
-            *(["--http3"] if self.state is not None and self.state.http3 else []),
-        ])  # fmt: skip
+        argv = system.nsenter(
+            p.netns,
+            [
+                ZTUNNEL,
+                "--node",
+                p.name,
+                "--node-ip",
+                p.ip,
+                "--capture",
+                "transparent",
+                "--xds-address",
+                XDS_ADDRESS,
+                "--ca-address",
+                XDS_ADDRESS,
+                "--node-credential-file",
+                str(self.paths.node_token(p.name)),
+                "--controlplane-roots",
+                str(self.paths.roots),
+                "--trust-domain",
+                topology.TRUST_DOMAIN,
+                "--drain-timeout",
+                "1",
+                "--handover-socket",
+                str(node_dir / "ztunnel-handover.sock"),
+                "--ready-file",
+                str(ready_file),
+                *(["--http3"] if self.state is not None and self.state.http3 else []),
+            ],
+        )
         node.ztunnel_pid = system.spawn(argv, log=log)
         self.save()
         pid = node.ztunnel_pid
@@ -184,8 +230,9 @@ class LabProcesses(LabCluster):
         if not system.alive(pid):
             raise LabCommandError(f"node proxy {p.name} exited during start:\n{_tail(log)}")
         took_over = f", took the listeners over from pid {previous}" if previous else ""
-        self.log(f"node proxy {p.name} up (pid {pid}) on {p.ip}, fed by the control plane"
-                 f"{took_over}")  # fmt: skip
+        self.log(
+            f"node proxy {p.name} up (pid {pid}) on {p.ip}, fed by the control plane{took_over}"
+        )
 
     def proxy_config(self, node_name: str) -> dict[str, Any]:
         """The node proxy's /config_dump (workloads, services, policies, certificates)."""

@@ -107,8 +107,10 @@ def read_gateways(directory: Path) -> list[WaypointGateway]:
 def choose_node(gw: WaypointGateway, index: int, nodes: Sequence[str]) -> str:
     if gw.node:
         if gw.node not in nodes:
-            raise ValueError(f"Gateway {gw.key}: {NODE_ANNOTATION}={gw.node!r} is not a lab node "
-                             f"({', '.join(nodes)})")  # fmt: skip
+            raise ValueError(
+                f"Gateway {gw.key}: {NODE_ANNOTATION}={gw.node!r} is not a lab node "
+                f"({', '.join(nodes)})"
+            )
         return gw.node
     return nodes[index % len(nodes)]
 

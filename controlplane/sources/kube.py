@@ -117,8 +117,14 @@ KINDS = (
 def _unimplemented(
     kind: str, group: str, plural: str, versions: tuple[str, ...], name: str = ""
 ) -> KindSpec:
-    return KindSpec(kind=kind, group=group, version=versions[0], plural=plural,
-                    unimplemented=name or kind, alt_versions=versions[1:])  # fmt: skip
+    return KindSpec(
+        kind=kind,
+        group=group,
+        version=versions[0],
+        plural=plural,
+        unimplemented=name or kind,
+        alt_versions=versions[1:],
+    )
 
 
 _ISTIO_NET = ("v1", "v1beta1", "v1alpha3")

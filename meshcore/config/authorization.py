@@ -411,8 +411,14 @@ def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition
         raise ConfigError(path, "at least one of values or notValues must be set")
     row = condition_key(key)
     if row is None:
-        problems.add(Finding(code=REFUSED, level="Error", path=f"{path}.key",
-                             message=f"unknown condition key {key!r}"))  # fmt: skip
+        problems.add(
+            Finding(
+                code=REFUSED,
+                level="Error",
+                path=f"{path}.key",
+                message=f"unknown condition key {key!r}",
+            )
+        )
         return None
     _pattern, (status, l4, note) = row
     if status is not Status.IMPLEMENTED:
@@ -421,10 +427,14 @@ def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition
         # using it and keeps a DENY rule's L4 part (dropping the condition itself would turn
         # the ALLOW rule into allow-everything at L4). The L7 view fails closed.
         problems.add(
-            Finding(code=REFUSED, level="Error", path=f"{path}.key",
-                    message=f"condition key {key!r} is not supported: {note}"),
+            Finding(
+                code=REFUSED,
+                level="Error",
+                path=f"{path}.key",
+                message=f"condition key {key!r} is not supported: {note}",
+            ),
             l4=l4 is not L4.L7_ONLY,
-        )  # fmt: skip
+        )
         if l4 is L4.L7_ONLY:
             # Kept as an HTTP-only condition so node proxies apply Istio's ztunnel rule to the
             # rule (dropping it would widen an ALLOW rule to "any connection" at L4).
@@ -436,17 +446,26 @@ def _condition(value: object, path: str, problems: _Problems) -> PolicyCondition
         # validation refuses them like absent ones.
         raise ConfigError(path, "values and notValues are both empty (Istio: one must be set)")
     if key in _IP_KEYS:
-        return PolicyCondition(key=key, nets=_nets(w.get("values"), vp),
-                               not_nets=_nets(w.get("notValues"), np),
-                               l4=l4 is L4.ENFORCED)  # fmt: skip
+        return PolicyCondition(
+            key=key,
+            nets=_nets(w.get("values"), vp),
+            not_nets=_nets(w.get("notValues"), np),
+            l4=l4 is L4.ENFORCED,
+        )
     if key == "destination.port":
-        return PolicyCondition(key=key, ports=_ports(w.get("values"), vp, 0),
-                               not_ports=_ports(w.get("notValues"), np, 0), l4=True)  # fmt: skip
+        return PolicyCondition(
+            key=key,
+            ports=_ports(w.get("values"), vp, 0),
+            not_ports=_ports(w.get("notValues"), np, 0),
+            l4=True,
+        )
     parse = _principals if key == "source.principal" else _matches
     return PolicyCondition(
-        key=key, values=parse(w.get("values"), vp), not_values=parse(w.get("notValues"), np),
+        key=key,
+        values=parse(w.get("values"), vp),
+        not_values=parse(w.get("notValues"), np),
         l4=l4 is L4.ENFORCED,
-    )  # fmt: skip
+    )
 
 
 def _rule(value: object, path: str, problems: _Problems) -> PolicyRule:
@@ -554,17 +573,25 @@ def parse_policy(obj: Mapping[str, Any]) -> AuthzPolicy:
         except ConfigError as exc:
             problems.invalid(exc)
         # Node proxies cannot validate tokens: the workloads it selects are denied at L4.
-        l4_reason = ("RequestAuthentication needs a waypoint (node proxies cannot validate "
-                     "JWTs): its workloads are denied")  # fmt: skip
+        l4_reason = (
+            "RequestAuthentication needs a waypoint (node proxies cannot validate "
+            "JWTs): its workloads are denied"
+        )
         # A valid one denies nothing by itself (no rules); a broken one denies its targets.
         return AuthzPolicy(
-            namespace=namespace, name=name, kind=kind, action=PolicyAction.DENY,
-            rules=(PolicyRule(),) if problems.l7 else (), targets=targets, selector=selector,
-            whole_namespace=whole_namespace, findings=tuple(problems.findings),
+            namespace=namespace,
+            name=name,
+            kind=kind,
+            action=PolicyAction.DENY,
+            rules=(PolicyRule(),) if problems.l7 else (),
+            targets=targets,
+            selector=selector,
+            whole_namespace=whole_namespace,
+            findings=tuple(problems.findings),
             fail_closed_l7=tuple(problems.l7),
             fail_closed_l4=(*problems.l4, *(() if targets else (l4_reason,))),
             jwt_rules=jwt_rules if not problems.l7 else (),
-        )  # fmt: skip
+        )
     action = PolicyAction.DENY
     try:
         text = spec.get("action", "ALLOW")
@@ -580,11 +607,19 @@ def parse_policy(obj: Mapping[str, Any]) -> AuthzPolicy:
     except ConfigError as exc:
         problems.invalid(exc)
     return AuthzPolicy(
-        namespace=namespace, name=name, action=action, rules=tuple(rules),
-        has_rules=spec.get("rules") is not None, targets=targets, selector=selector,
-        provider=provider, whole_namespace=whole_namespace, findings=tuple(problems.findings),
-        fail_closed_l7=tuple(problems.l7), fail_closed_l4=tuple(problems.l4),
-    )  # fmt: skip
+        namespace=namespace,
+        name=name,
+        action=action,
+        rules=tuple(rules),
+        has_rules=spec.get("rules") is not None,
+        targets=targets,
+        selector=selector,
+        provider=provider,
+        whole_namespace=whole_namespace,
+        findings=tuple(problems.findings),
+        fail_closed_l7=tuple(problems.l7),
+        fail_closed_l4=tuple(problems.l4),
+    )
 
 
 def _l7_only_field(kind: str, path: str) -> bool:
@@ -699,9 +734,12 @@ def to_l4(
         if policy.action is PolicyAction.AUDIT:
             return None, [f"AUDIT policy is not enforced and is invalid: {reasons}"]
         return Authorization(
-            name=name, namespace=policy.namespace, scope=scope, action=Action.DENY,
+            name=name,
+            namespace=policy.namespace,
+            scope=scope,
+            action=Action.DENY,
             rules=(Rule(),),
-        ), [f"enforced fail-closed (denies everything) until fixed: {reasons}"]  # fmt: skip
+        ), [f"enforced fail-closed (denies everything) until fixed: {reasons}"]
     if policy.action is PolicyAction.AUDIT:
         return None, ["action AUDIT is not enforced by node proxies (audit never decides)"]
     warnings: list[str] = []
@@ -727,9 +765,12 @@ def to_l4(
         if rule is not None:
             rules.append(rule)
     return Authorization(
-        name=name, namespace=policy.namespace, scope=scope,
-        action=Action.DENY if deny else Action.ALLOW, rules=tuple(rules),
-    ), warnings  # fmt: skip
+        name=name,
+        namespace=policy.namespace,
+        scope=scope,
+        action=Action.DENY if deny else Action.ALLOW,
+        rules=tuple(rules),
+    ), warnings
 
 
 def l7_warnings(policy: AuthzPolicy) -> list[str]:

@@ -54,8 +54,12 @@ def render_markdown() -> str:
     for key, (key_status, l4, note) in CONDITION_KEYS.items():
         lines.append(f"| `{key}` | {key_status.value} | {l4.value} | {note} |")
     lines += ["", "Any other key is unknown and refused.", ""]
-    lines += ["## Labels and annotations read", "", "| key | on | values | meaning |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Labels and annotations read",
+        "",
+        "| key | on | values | meaning |",
+        "|---|---|---|---|",
+    ]
     for key, (kinds, allowed, meaning) in LABELS.items():
         values = ", ".join(allowed) if allowed else "any"
         lines.append(f"| `{key}` | {kinds} | {values} | {meaning} |")

@@ -629,10 +629,14 @@ def _expand(kind: str, text: str, prefix: str = "") -> list[FieldSpec]:
             l4 = L4.L7_ONLY
         rows.append(
             FieldSpec(
-                kind=kind, path=prefix_used + path, status=status, free="map" in flags, l4=l4,
+                kind=kind,
+                path=prefix_used + path,
+                status=status,
+                free="map" in flags,
+                l4=l4,
                 note=note.strip(),
             )
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -682,25 +686,32 @@ CONDITION_KEYS: Mapping[str, tuple[Status, L4, str]] = {
 # "Enrollment, labels, waypoints"): key -> (objects, allowed values (empty: any), meaning).
 LABELS: Mapping[str, tuple[str, tuple[str, ...], str]] = {
     "istio.io/dataplane-mode": (
-        "Namespace, Pod", (),
+        "Namespace, Pod",
+        (),
         "ambient enrolls; on a pod any other value (none...) opts out (Istio); other values are "
         "reported by analyze as AMB0101",
     ),
     "istio.io/use-waypoint": (
-        "Namespace, Pod, Service, ServiceAccount", (),
+        "Namespace, Pod, Service, ServiceAccount",
+        (),
         "name of the waypoint Gateway; none stops inheritance",
     ),
     "istio.io/use-waypoint-namespace": (
-        "Namespace, Pod, Service, ServiceAccount", (), "namespace of that Gateway",
+        "Namespace, Pod, Service, ServiceAccount",
+        (),
+        "namespace of that Gateway",
     ),
     "istio.io/waypoint-for": (
-        "Gateway", ("service", "workload", "all", "none"),
+        "Gateway",
+        ("service", "workload", "all", "none"),
         "traffic the waypoint serves (default service)",
     ),
     "gateway.networking.k8s.io/gateway-name": ("Pod", (), "marks waypoint pods (never bound)"),
     "istio.io/gateway-name": ("Pod", (), "selector-form policies that target a waypoint"),
     "ambient.istio.io/redirection (annotation)": (
-        "Pod", ("enabled", "disabled"), "set by the node agent; disabled opts a pod out",
+        "Pod",
+        ("enabled", "disabled"),
+        "set by the node agent; disabled opts a pod out",
     ),
     "kubernetes.io/service-name": ("EndpointSlice", (), "the Service of the slice"),
-}  # fmt: skip
+}

@@ -60,10 +60,12 @@ def check_labels(kind: str, labels: Mapping[str, Any]) -> list[Finding]:
         if value not in allowed:
             out.append(
                 Finding(
-                    code=INVALID, level="Warning", path=f"metadata.labels[{key}]",
+                    code=INVALID,
+                    level="Warning",
+                    path=f"metadata.labels[{key}]",
                     message=f"{value!r} is not one of {', '.join(allowed)} ({meaning})",
                 )
-            )  # fmt: skip
+            )
     return out
 
 
@@ -120,16 +122,26 @@ def check_object(kind: str, obj: Mapping[str, Any], *, api_group: str = "") -> l
             child = f"{path}.{key}" if path else str(key)
             spec = table.get(schema_path(child))
             if spec is None:
-                findings.append(Finding(code=UNKNOWN, level="Error", path=child,
-                                        message="unknown field"))  # fmt: skip
+                findings.append(
+                    Finding(code=UNKNOWN, level="Error", path=child, message="unknown field")
+                )
                 continue
             if spec.status is Status.REFUSED:
-                findings.append(Finding(code=REFUSED, level="Error", path=child,
-                                        message=f"not supported: {spec.note}"))  # fmt: skip
+                findings.append(
+                    Finding(
+                        code=REFUSED,
+                        level="Error",
+                        path=child,
+                        message=f"not supported: {spec.note}",
+                    )
+                )
                 continue
             if spec.status is Status.WARNED:
-                findings.append(Finding(code=WARNED, level="Warning", path=child,
-                                        message=f"ignored: {spec.note}"))  # fmt: skip
+                findings.append(
+                    Finding(
+                        code=WARNED, level="Warning", path=child, message=f"ignored: {spec.note}"
+                    )
+                )
                 continue
             if not spec.free:
                 walk(sub, child)

@@ -92,11 +92,14 @@ def _gw_header_filter(value: object, path: str) -> HeaderOps:
 
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
         return tuple(
-            (read_text(read_map(x, f"{path}.{key}[{i}]").get("name"),
-                       f"{path}.{key}[{i}].name").lower(),
-             str(read_map(x, f"{path}.{key}[{i}]").get("value", "")))
+            (
+                read_text(
+                    read_map(x, f"{path}.{key}[{i}]").get("name"), f"{path}.{key}[{i}].name"
+                ).lower(),
+                str(read_map(x, f"{path}.{key}[{i}]").get("value", "")),
+            )
             for i, x in enumerate(read_seq(m.get(key), f"{path}.{key}"))
-        )  # fmt: skip
+        )
 
     return HeaderOps(
         set=pairs("set"),
@@ -377,17 +380,22 @@ def _gw_cors(value: object, path: str) -> CorsPolicy:
             origins.append(matcher(MatchKind.EXACT, text))
 
     def texts(key: str) -> tuple[str, ...]:
-        return tuple(read_text(v, f"{path}.{key}[{i}]")
-                     for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}")))  # fmt: skip
+        return tuple(
+            read_text(v, f"{path}.{key}[{i}]")
+            for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}"))
+        )
 
     creds = m.get("allowCredentials", False)
     if not isinstance(creds, bool):
         raise ConfigError(f"{path}.allowCredentials", f"expected a boolean, got {creds!r}")
     return CorsPolicy(
-        allow_origins=tuple(origins), allow_methods=texts("allowMethods"),
-        allow_headers=texts("allowHeaders"), expose_headers=texts("exposeHeaders"),
-        max_age=read_int(m.get("maxAge", 5), f"{path}.maxAge", 1), allow_credentials=creds,
-    )  # fmt: skip
+        allow_origins=tuple(origins),
+        allow_methods=texts("allowMethods"),
+        allow_headers=texts("allowHeaders"),
+        expose_headers=texts("exposeHeaders"),
+        max_age=read_int(m.get("maxAge", 5), f"{path}.maxAge", 1),
+        allow_credentials=creds,
+    )
 
 
 # ------------------------------------------------------------------------------ GRPCRoute
@@ -415,8 +423,7 @@ def _grpc_path(value: object, path: str) -> dict[str, str]:
             parts.append("")
     svc, meth = parts
     if kind == "RegularExpression":
-        return {"type": "RegularExpression",
-                "value": f"/{svc or '[^/]+'}/{meth or '[^/]+'}"}  # fmt: skip
+        return {"type": "RegularExpression", "value": f"/{svc or '[^/]+'}/{meth or '[^/]+'}"}
     if kind != "Exact":
         raise ConfigError(f"{path}.type", f"{kind!r} is not Exact or RegularExpression")
     if svc and meth:
@@ -450,9 +457,10 @@ def parse_grpc_route(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable
     # then of a matching method, then most header matches; a rule without matches is last.
     routes = sorted(table.routes, key=_grpc_precedence)
     return dataclasses.replace(
-        table, kind="GRPCRoute",
+        table,
+        kind="GRPCRoute",
         routes=tuple(dataclasses.replace(r, source=source) for r in routes),
-    )  # fmt: skip
+    )
 
 
 _ANY_SERVICE = "/[^/]+/"

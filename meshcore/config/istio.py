@@ -82,10 +82,21 @@ def _named_matches(value: object, path: str) -> tuple[tuple[str, StringMatcher],
 def _vs_match(value: object, path: str, ctx: Ctx) -> RouteMatch:
     m = read_map(value, path)
     known = {
-        "name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders", "port",
-        "queryParams", "sourceLabels", "sourceNamespace", "ignoreUriCase", "gateways",
+        "name",
+        "uri",
+        "scheme",
+        "method",
+        "authority",
+        "headers",
+        "withoutHeaders",
+        "port",
+        "queryParams",
+        "sourceLabels",
+        "sourceNamespace",
+        "ignoreUriCase",
+        "gateways",
         "statPrefix",
-    }  # fmt: skip
+    }
     for key in m:
         if key not in known:
             raise ConfigError(f"{path}.{key}", "unknown field")
@@ -174,9 +185,12 @@ def _retry(value: object, path: str) -> RetryPolicy:
     if not isinstance(remote, bool):
         raise ConfigError(f"{path}.retryRemoteLocalities", "expected a boolean")
     return RetryPolicy(
-        attempts=attempts, per_try_timeout=per_try, retry_on=frozenset(on),
-        status_codes=frozenset(codes), remote_localities=remote,
-    )  # fmt: skip
+        attempts=attempts,
+        per_try_timeout=per_try,
+        retry_on=frozenset(on),
+        status_codes=frozenset(codes),
+        remote_localities=remote,
+    )
 
 
 def _fault(value: object, path: str, ctx: Ctx) -> Fault:
@@ -201,10 +215,23 @@ def _fault(value: object, path: str, ctx: Ctx) -> Fault:
 def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute:
     m = read_map(value, path)
     known = {
-        "name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout",
-        "retries", "fault", "mirror", "mirrorPercent", "mirrorPercentage", "mirrors",
-        "corsPolicy", "headers",
-    }  # fmt: skip
+        "name",
+        "match",
+        "route",
+        "redirect",
+        "directResponse",
+        "delegate",
+        "rewrite",
+        "timeout",
+        "retries",
+        "fault",
+        "mirror",
+        "mirrorPercent",
+        "mirrorPercentage",
+        "mirrors",
+        "corsPolicy",
+        "headers",
+    }
     for key in m:
         if key not in known:
             raise ConfigError(f"{path}.{key}", "unknown field")
@@ -253,19 +280,22 @@ def _vs_http_route(value: object, path: str, ctx: Ctx, source: str) -> HttpRoute
         elif "mirrorPercent" in m:
             pct = read_percentage({"percent": m["mirrorPercent"]}, path)
         mirrors.append(
-            Mirror(destination=_vs_destination(m["mirror"], f"{path}.mirror", ctx, weight=100),
-                   percent=pct)
-        )  # fmt: skip
+            Mirror(
+                destination=_vs_destination(m["mirror"], f"{path}.mirror", ctx, weight=100),
+                percent=pct,
+            )
+        )
     for i, mm in enumerate(read_seq(m.get("mirrors"), f"{path}.mirrors")):
         mp = f"{path}.mirrors[{i}]"
         mmap = read_map(mm, mp)
         mirrors.append(
             Mirror(
-                destination=_vs_destination(mmap.get("destination"), f"{mp}.destination", ctx,
-                                            weight=100),
+                destination=_vs_destination(
+                    mmap.get("destination"), f"{mp}.destination", ctx, weight=100
+                ),
                 percent=read_percentage(mmap, mp),
             )
-        )  # fmt: skip
+        )
     req, resp = _vs_headers(m.get("headers"), f"{path}.headers")
     cors = _cors(m["corsPolicy"], f"{path}.corsPolicy") if "corsPolicy" in m else None
     return HttpRoute(
@@ -334,8 +364,10 @@ def _cors(value: object, path: str) -> CorsPolicy:
     ]
 
     def texts(key: str) -> tuple[str, ...]:
-        return tuple(read_text(v, f"{path}.{key}[{i}]")
-                     for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}")))  # fmt: skip
+        return tuple(
+            read_text(v, f"{path}.{key}[{i}]")
+            for i, v in enumerate(read_seq(m.get(key), f"{path}.{key}"))
+        )
 
     unmatched = str(m.get("unmatchedPreflights", "FORWARD"))
     if unmatched not in ("FORWARD", "IGNORE", "UNSPECIFIED"):
@@ -347,11 +379,14 @@ def _cors(value: object, path: str) -> CorsPolicy:
     if "maxAge" in m:
         max_age = int(parse_duration(m["maxAge"], f"{path}.maxAge"))
     return CorsPolicy(
-        allow_origins=tuple(origins), allow_methods=texts("allowMethods"),
-        allow_headers=texts("allowHeaders"), expose_headers=texts("exposeHeaders"),
-        max_age=max_age, allow_credentials=creds,
+        allow_origins=tuple(origins),
+        allow_methods=texts("allowMethods"),
+        allow_headers=texts("allowHeaders"),
+        expose_headers=texts("exposeHeaders"),
+        max_age=max_age,
+        allow_credentials=creds,
         forward_unmatched_preflights=unmatched != "IGNORE",
-    )  # fmt: skip
+    )
 
 
 def parse_virtual_service(spec: Mapping[str, Any], ctx: Ctx, name: str) -> RouteTable:
@@ -364,8 +399,9 @@ def parse_virtual_service(spec: Mapping[str, Any], ctx: Ctx, name: str) -> Route
     gateways = read_seq(spec.get("gateways"), "spec.gateways")
     if gateways and "mesh" not in gateways:
         ctx.warn("does not include 'mesh': not applied by waypoints", "spec.gateways")
-        return RouteTable(kind="VirtualService", namespace=ctx.namespace, name=name, hosts=(),
-                          routes=())  # fmt: skip
+        return RouteTable(
+            kind="VirtualService", namespace=ctx.namespace, name=name, hosts=(), routes=()
+        )
     source = f"VirtualService {ctx.namespace}/{name}"
     routes = tuple(
         _vs_http_route(r, f"spec.http[{i}]", ctx, source)
@@ -452,8 +488,14 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
                 read_map(pm.get("port"), f"{pp}.port").get("number"), f"{pp}.port.number"
             )
             overrides.append((number, _traffic_policy(pm, pp, ctx, nested=False)))
-    return TrafficPolicy(lb=lb, hash=chash, outlier=outlier, pool=pool,
-                         port_overrides=tuple(overrides), locality=locality)  # fmt: skip
+    return TrafficPolicy(
+        lb=lb,
+        hash=chash,
+        outlier=outlier,
+        pool=pool,
+        port_overrides=tuple(overrides),
+        locality=locality,
+    )
 
 
 _LOCALITY = re.compile(r"^([^/*]+|\*)(/([^/*]+|\*)){0,2}$")
@@ -554,20 +596,33 @@ def _consistent_hash(value: object, path: str, ctx: Ctx) -> ConsistentHash:
     (Envoy's default 1024, capped at 65537); ``maglev.tableSize`` sizes a Maglev table
     (Envoy's default 65537; it must be prime, as Envoy requires; at most 65537 here)."""
     m = read_map(value, path)
-    keys = [k for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
-            if m.get(k) not in (None, False)]  # fmt: skip
+    keys = [
+        k
+        for k in ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
+        if m.get(k) not in (None, False)
+    ]
     if len(keys) != 1:
-        raise ConfigError(path, "exactly one hash key is required (httpHeaderName, httpCookie, "
-                                "useSourceIp, httpQueryParameterName)")  # fmt: skip
+        raise ConfigError(
+            path,
+            "exactly one hash key is required (httpHeaderName, httpCookie, "
+            "useSourceIp, httpQueryParameterName)",
+        )
     size = 1024
     maglev = False
     if "ringHash" in m:
-        size = read_int(read_map(m["ringHash"], f"{path}.ringHash").get("minimumRingSize", 1024),
-                        f"{path}.ringHash.minimumRingSize", 1)  # fmt: skip
+        size = read_int(
+            read_map(m["ringHash"], f"{path}.ringHash").get("minimumRingSize", 1024),
+            f"{path}.ringHash.minimumRingSize",
+            1,
+        )
     elif "maglev" in m:
         maglev = True
-        size = read_int(read_map(m["maglev"], f"{path}.maglev").get("tableSize", 65537),
-                        f"{path}.maglev.tableSize", 1, 65537)  # fmt: skip
+        size = read_int(
+            read_map(m["maglev"], f"{path}.maglev").get("tableSize", 65537),
+            f"{path}.maglev.tableSize",
+            1,
+            65537,
+        )
         if not _is_prime(size):
             raise ConfigError(f"{path}.maglev.tableSize", f"{size} is not a prime (Envoy)")
     elif "minimumRingSize" in m:

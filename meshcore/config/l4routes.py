@@ -67,5 +67,12 @@ def parse_l4_route(kind: str, spec: Mapping[str, Any], ctx: Ctx, name: str) -> L
     )
     if sni and kind != "TLSRoute":
         raise ConfigError("spec.hostnames", "only TLSRoute has hostnames")
-    return L4Route(kind=kind, namespace=ctx.namespace, name=name, hosts=tuple(hosts),
-                   port=next(iter(ports), None), sni=sni, backends=tuple(backends))  # fmt: skip
+    return L4Route(
+        kind=kind,
+        namespace=ctx.namespace,
+        name=name,
+        hosts=tuple(hosts),
+        port=next(iter(ports), None),
+        sni=sni,
+        backends=tuple(backends),
+    )

@@ -74,8 +74,9 @@ def _rps(value: object, path: str) -> int:
 def _limit(spec: Mapping[str, Any], key: str) -> int | None:
     if spec.get(key) is None:
         return None
-    return _rps(_map(spec[key], f"spec.{key}").get("requestsPerSecond"),
-                f"spec.{key}.requestsPerSecond")  # fmt: skip
+    return _rps(
+        _map(spec[key], f"spec.{key}").get("requestsPerSecond"), f"spec.{key}.requestsPerSecond"
+    )
 
 
 def parse_rate_limit(spec: Mapping[str, Any], namespace: str, name: str) -> RateLimitPolicy:
@@ -114,11 +115,15 @@ def parse_rate_limit(spec: Mapping[str, Any], namespace: str, name: str) -> Rate
         rps = _rps(om.get("requestsPerSecond"), f"{op}.requestsPerSecond")
         overrides.append(RateOverride(rps=rps, clients=tuple(clients)))
     pol = RateLimitPolicy(
-        namespace=namespace, name=name, target_kind=kind,
+        namespace=namespace,
+        name=name,
+        target_kind=kind,
         target_name=_text(ref.get("name"), "spec.targetRef.name"),
         section=_text(section, "spec.targetRef.sectionName") if section else "",
-        total=_limit(spec, "total"), identity=_limit(spec, "identity"), overrides=tuple(overrides),
-    )  # fmt: skip
+        total=_limit(spec, "total"),
+        identity=_limit(spec, "identity"),
+        overrides=tuple(overrides),
+    )
     if pol.total is None and pol.identity is None and not pol.overrides:
         raise ConfigError("spec", "no limit: set total, identity or overrides")
     return pol

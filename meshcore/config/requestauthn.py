@@ -155,17 +155,19 @@ def _rule(value: object, path: str) -> JwtRule:
         if not isinstance(prefix, str):
             raise ConfigError(f"{hp}.prefix", "expected a string")
         locations.append(
-            TokenLocation(kind="header", name=_header_name(hm.get("name"), f"{hp}.name"),
-                          prefix=prefix)
-        )  # fmt: skip
+            TokenLocation(
+                kind="header", name=_header_name(hm.get("name"), f"{hp}.name"), prefix=prefix
+            )
+        )
     for i, p in enumerate(_list(r.get("fromParams"), f"{path}.fromParams")):
         locations.append(TokenLocation(kind="param", name=_text(p, f"{path}.fromParams[{i}]")))
     for i, c in enumerate(_list(r.get("fromCookies"), f"{path}.fromCookies")):
         locations.append(TokenLocation(kind="cookie", name=_text(c, f"{path}.fromCookies[{i}]")))
     payload_header = ""
     if r.get("outputPayloadToHeader") is not None:
-        payload_header = _header_name(r.get("outputPayloadToHeader"),
-                                      f"{path}.outputPayloadToHeader")  # fmt: skip
+        payload_header = _header_name(
+            r.get("outputPayloadToHeader"), f"{path}.outputPayloadToHeader"
+        )
     forward = r.get("forwardOriginalToken", False)
     if not isinstance(forward, bool):
         raise ConfigError(f"{path}.forwardOriginalToken", f"expected a boolean, got {forward!r}")
@@ -173,18 +175,29 @@ def _rule(value: object, path: str) -> JwtRule:
     for i, c in enumerate(_list(r.get("outputClaimToHeaders"), f"{path}.outputClaimToHeaders")):
         cp = f"{path}.outputClaimToHeaders[{i}]"
         cm = _map(c, cp)
-        claims.append(ClaimHeader(header=_header_name(cm.get("header"), f"{cp}.header"),
-                                  claim=_text(cm.get("claim"), f"{cp}.claim")))  # fmt: skip
+        claims.append(
+            ClaimHeader(
+                header=_header_name(cm.get("header"), f"{cp}.header"),
+                claim=_text(cm.get("claim"), f"{cp}.claim"),
+            )
+        )
     timeout = DEFAULT_JWKS_TIMEOUT
     if r.get("timeout") is not None:
         timeout = parse_duration(r.get("timeout"), f"{path}.timeout")
         if not 0 < timeout <= 60:
             raise ConfigError(f"{path}.timeout", "must be between 0 and 60s")
     return JwtRule(
-        issuer=issuer, audiences=audiences, jwks=jwks, jwks_uri=uri, discovery=discovery,
-        locations=tuple(locations) or DEFAULT_LOCATIONS, output_payload_to_header=payload_header,
-        forward_original_token=forward, output_claim_to_headers=tuple(claims), timeout=timeout,
-    )  # fmt: skip
+        issuer=issuer,
+        audiences=audiences,
+        jwks=jwks,
+        jwks_uri=uri,
+        discovery=discovery,
+        locations=tuple(locations) or DEFAULT_LOCATIONS,
+        output_payload_to_header=payload_header,
+        forward_original_token=forward,
+        output_claim_to_headers=tuple(claims),
+        timeout=timeout,
+    )
 
 
 def parse_jwt_rules(value: object, path: str = "spec.jwtRules") -> tuple[JwtRule, ...]:

@@ -30,9 +30,19 @@ from meshcore.config.pathnorm import PathPolicy
 from meshcore.errors import ConfigError
 
 L7_TYPE = "type.googleapis.com/ambient.l7.Resource"
-L7_KINDS = ("VirtualService", "DestinationRule", "HTTPRoute", "AuthorizationPolicy",
-            "RequestAuthentication", "WorkloadLabels", "MeshSettings", "HTTPLocalRateLimitPolicy",
-            "GRPCRoute", "TCPRoute", "TLSRoute")  # fmt: skip
+L7_KINDS = (
+    "VirtualService",
+    "DestinationRule",
+    "HTTPRoute",
+    "AuthorizationPolicy",
+    "RequestAuthentication",
+    "WorkloadLabels",
+    "MeshSettings",
+    "HTTPLocalRateLimitPolicy",
+    "GRPCRoute",
+    "TCPRoute",
+    "TLSRoute",
+)
 MESH_SETTINGS = "MeshSettings"
 
 
@@ -103,8 +113,7 @@ def unpack_l7(name: str, resource: any_pb2.Any) -> L7Resource:
             PathPolicy.parse(mesh.path_normalization, mesh.escaped_slashes_action)
         except ValueError as exc:
             raise ConfigError(f"{name}: mesh", str(exc)) from None
-        return L7Resource(kind=res.kind, namespace=res.namespace, name=res.name, json="",
-                          mesh=mesh)  # fmt: skip
+        return L7Resource(kind=res.kind, namespace=res.namespace, name=res.name, json="", mesh=mesh)
     try:
         doc = res.document()
     except ValueError as exc:

@@ -81,11 +81,15 @@ def sa_kubeconfig(kube: KubeCluster, path: Path, ns: str, sa: str) -> Path:
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": kube.server,
-                                                "certificate-authority": str(kube.pki.ca.cert)}}],
+        "clusters": [
+            {
+                "name": "c",
+                "cluster": {"server": kube.server, "certificate-authority": str(kube.pki.ca.cert)},
+            }
+        ],
         "users": [{"name": "u", "user": {"token": tok}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
         "current-context": "c",
-    }  # fmt: skip
+    }
     path.write_text(json.dumps(doc))
     return path

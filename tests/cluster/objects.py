@@ -46,8 +46,13 @@ def ready_node(kube: KubeCluster, name: str) -> None:
     node(kube, name)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     capacity = {"cpu": "8", "memory": "16Gi", "pods": "110"}
-    ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
-             "lastHeartbeatTime": now, "lastTransitionTime": now}  # fmt: skip
+    ready = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "KubeletReady",
+        "lastHeartbeatTime": now,
+        "lastTransitionTime": now,
+    }
     body = {"status": {"capacity": capacity, "allocatable": capacity, "conditions": [ready]}}
     ok(kube.request("PATCH", f"/api/v1/nodes/{name}/status", body, content_type=MERGE))
 
@@ -56,15 +61,31 @@ def mark_ready(kube: KubeCluster, ns: str, name: str, ip: str) -> None:
     """What a kubelet reports for a started pod whose container is ready."""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     pod = ok(kube.request("GET", f"/api/v1/namespaces/{ns}/pods/{name}"))
-    conds = [{"type": t, "status": "True", "lastTransitionTime": now}
-             for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]  # fmt: skip
+    conds = [
+        {"type": t, "status": "True", "lastTransitionTime": now}
+        for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+    ]
     statuses = [
-        {"name": c["name"], "image": c["image"], "imageID": "", "ready": True, "restartCount": 0,
-         "started": True, "state": {"running": {"startedAt": now}}}
+        {
+            "name": c["name"],
+            "image": c["image"],
+            "imageID": "",
+            "ready": True,
+            "restartCount": 0,
+            "started": True,
+            "state": {"running": {"startedAt": now}},
+        }
         for c in pod["spec"]["containers"]
-    ]  # fmt: skip
-    status = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": ip,
-              "startTime": now, "conditions": conds, "containerStatuses": statuses}  # fmt: skip
+    ]
+    status = {
+        "phase": "Running",
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "hostIP": ip,
+        "startTime": now,
+        "conditions": conds,
+        "containerStatuses": statuses,
+    }
     body = {"status": status}
     path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
     ok(kube.request("PATCH", path, body, content_type="application/strategic-merge-patch+json"))
@@ -127,8 +148,11 @@ def token(
     if pod is not None:
         meta = pod["metadata"]
         spec["boundObjectRef"] = {
-            "apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"],
-        }  # fmt: skip
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": meta["name"],
+            "uid": meta["uid"],
+        }
     body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
     path = f"/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
     return str(ok(kube.request("POST", path, body), 201)["status"]["token"])

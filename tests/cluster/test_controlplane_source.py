@@ -78,9 +78,10 @@ def test_source_lists_watches_and_survives_restarts(chart: KubeCluster, tmp_path
             await eventually(lambda: pods(store) == ["a", "b"], 10, "ADDED")
             await asyncio.to_thread(objects.set_pod_ip, kube, NS, "b", "10.1.0.3")
             await eventually(
-                lambda: store.snapshot.namespaces[NS].pods["b"].ips == ("10.1.0.3",), 10,
+                lambda: store.snapshot.namespaces[NS].pods["b"].ips == ("10.1.0.3",),
+                10,
                 "MODIFIED",
-            )  # fmt: skip
+            )
             await asyncio.to_thread(
                 kube.request, "DELETE", f"/api/v1/namespaces/{NS}/pods/a?gracePeriodSeconds=0"
             )
@@ -120,43 +121,59 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
         kube.request(
             "POST",
             f"/api/v1/namespaces/{ns}/services",
-            {"metadata": {"name": "web"},
-             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}},
+            {
+                "metadata": {"name": "web"},
+                "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+            },
         ),
         201,
-    )  # fmt: skip
+    )
     vip = svc["spec"]["clusterIP"]
     assert vip.startswith("10.96.")  # allocated by the API server
     objects.ok(
         kube.request(
             "POST",
             f"/apis/security.istio.io/v1/namespaces/{ns}/peerauthentications",
-            {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-             "metadata": {"name": "default"}, "spec": {"mtls": {"mode": "STRICT"}}},
+            {
+                "apiVersion": "security.istio.io/v1",
+                "kind": "PeerAuthentication",
+                "metadata": {"name": "default"},
+                "spec": {"mtls": {"mode": "STRICT"}},
+            },
         ),
         201,
-    )  # fmt: skip
+    )
     # A local rate limit in the shape of the chart's CRD (Linkerd's HTTPLocalRateLimitPolicy).
     objects.ok(
         kube.request(
             "POST",
             f"/apis/policy.linkerd.io/v1alpha1/namespaces/{ns}/httplocalratelimitpolicies",
-            {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
-             "metadata": {"name": "web-rl"},
-             "spec": {"targetRef": {"kind": "Service", "name": "web"},
-                      "total": {"requestsPerSecond": 5}}},
+            {
+                "apiVersion": "policy.linkerd.io/v1alpha1",
+                "kind": "HTTPLocalRateLimitPolicy",
+                "metadata": {"name": "web-rl"},
+                "spec": {
+                    "targetRef": {"kind": "Service", "name": "web"},
+                    "total": {"requestsPerSecond": 5},
+                },
+            },
         ),
         201,
-    )  # fmt: skip
+    )
     # The CRD's schema refuses a rate that is not a positive integer (server-side validation).
     code, _body = kube.request(
         "POST",
         f"/apis/policy.linkerd.io/v1alpha1/namespaces/{ns}/httplocalratelimitpolicies",
-        {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
-         "metadata": {"name": "bad"},
-         "spec": {"targetRef": {"kind": "Service", "name": "web"},
-                  "total": {"requestsPerSecond": 0}}},
-    )  # fmt: skip
+        {
+            "apiVersion": "policy.linkerd.io/v1alpha1",
+            "kind": "HTTPLocalRateLimitPolicy",
+            "metadata": {"name": "bad"},
+            "spec": {
+                "targetRef": {"kind": "Service", "name": "web"},
+                "total": {"requestsPerSecond": 0},
+            },
+        },
+    )
     assert code == 422
     kc = sa_kubeconfig(kube, tmp_path / "cp.kubeconfig", SYSTEM_NS, "ambient-controlplane")
 
@@ -164,9 +181,13 @@ def test_translation_from_real_objects(chart: KubeCluster, tmp_path: Path) -> No
         async with source(kc) as (store, _src):
             # Watched with the chart's RBAC and served to waypoints as an L7 resource.
             await eventually(
-                lambda: f"HTTPLocalRateLimitPolicy/{ns}/web-rl"
-                in l7_resources(store.snapshot, TranslateOptions()), 10, "rate limit",
-            )  # fmt: skip
+                lambda: (
+                    f"HTTPLocalRateLimitPolicy/{ns}/web-rl"
+                    in l7_resources(store.snapshot, TranslateOptions())
+                ),
+                10,
+                "rate limit",
+            )
             res = l7_resources(store.snapshot, TranslateOptions())
             assert '"requestsPerSecond":5' in res[f"HTTPLocalRateLimitPolicy/{ns}/web-rl"].json
             t = Translator(TranslateOptions())

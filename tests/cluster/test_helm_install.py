@@ -28,8 +28,10 @@ NS = "helm-mesh"
 def helm(kube: KubeCluster, *args: str) -> str:
     proc = subprocess.run(
         [helm_binary(), f"--kubeconfig={kube.admin_kubeconfig}", *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -122,8 +122,12 @@ def test_token_review_with_real_projected_tokens(chart: KubeCluster, tmp_path: P
             assert "UNAUTHENTICATED" in await refused("not-a-token", "client")
             # The bound pod is deleted: the API server no longer accepts its token.
             reviewer.settings = replace(reviewer.settings, cache_ttl=0.0)
-            objects.ok(kube.request("DELETE", f"/api/v1/namespaces/{SYSTEM_NS}/pods/tr-ztunnel-a"
-                                    "?gracePeriodSeconds=0"))  # fmt: skip
+            objects.ok(
+                kube.request(
+                    "DELETE",
+                    f"/api/v1/namespaces/{SYSTEM_NS}/pods/tr-ztunnel-a?gracePeriodSeconds=0",
+                )
+            )
             # (the API server's token cache may answer from before the deletion for a moment)
             err = ""
             for _ in range(50):

@@ -110,8 +110,9 @@ def test_waypoint_controller_on_the_real_api(chart: KubeCluster, tmp_path: Path)
 
         # The real controllers and scheduler: a ReplicaSet, a pod bound to the Ready node.
         def bound_pod() -> Any:
-            pods = get(kube, f"{base}/pods?labelSelector=gateway.networking.k8s.io/gateway-name"
-                             "%3Dwaypoint")  # fmt: skip
+            pods = get(
+                kube, f"{base}/pods?labelSelector=gateway.networking.k8s.io/gateway-name%3Dwaypoint"
+            )
             items = [p for p in pods["items"] if p["spec"].get("nodeName") == "wp-node"]
             return items[0] if items else None
 
@@ -124,13 +125,16 @@ def test_waypoint_controller_on_the_real_api(chart: KubeCluster, tmp_path: Path)
         objects.mark_ready(kube, NS, pod["metadata"]["name"], "10.244.0.10")
         wait("Programmed", lambda: conditions(kube).get("Programmed") == "True", 60)
         # A Gateway naming a service account: the pods run as it (no account of ours created).
-        kube.kubectl("annotate", "-n", NS, "gateway", "waypoint",
-                     "gateway.istio.io/service-account=reviews")  # fmt: skip
+        kube.kubectl(
+            "annotate", "-n", NS, "gateway", "waypoint", "gateway.istio.io/service-account=reviews"
+        )
         wait(
             "the Deployment runs as reviews",
-            lambda: get(kube, paths["Deployment"])["spec"]["template"]["spec"][
-                "serviceAccountName"] == "reviews",
-        )  # fmt: skip
+            lambda: (
+                get(kube, paths["Deployment"])["spec"]["template"]["spec"]["serviceAccountName"]
+                == "reviews"
+            ),
+        )
         # Deleting the Gateway: the garbage collector removes what the controller created.
         kube.kubectl("delete", "-n", NS, "gateway", "waypoint", "--wait=false")
         for kind in ("Service", "ConfigMap", "Deployment"):

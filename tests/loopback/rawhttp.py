@@ -81,8 +81,11 @@ class RawApp:
         import h2.connection
         import h2.events
 
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False))  # fmt: skip
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=False, header_encoding=None, validate_inbound_headers=False
+            )
+        )
         conn.initiate_connection()
         streams: dict[int, Received] = {}
         data = first
@@ -104,8 +107,9 @@ class RawApp:
                     streams[ev.stream_id].trailers = _text(ev.headers)
                 elif isinstance(ev, h2.events.StreamEnded):
                     self.received.append(streams.pop(ev.stream_id))
-                    conn.send_headers(ev.stream_id, [(b":status", b"200"),
-                                                     (b"content-length", b"2")])  # fmt: skip
+                    conn.send_headers(
+                        ev.stream_id, [(b":status", b"200"), (b"content-length", b"2")]
+                    )
                     conn.send_data(ev.stream_id, b"ok", end_stream=True)
             writer.write(conn.data_to_send())
             data = await reader.read(65536)

@@ -141,12 +141,30 @@ def start_node_b(tmp: Path, *extra: str) -> Iterator[NodeB]:
     exe = Path(sys.executable).parent / "ztunnel"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(exe), "--node", "node-b", "--node-ip", NODE, "--mesh-config", str(cfg),
-             "--ca-dir", str(tmp / "ca"), "--capture", "bind", "--drain-timeout", "2",
-             "--log-level", "info", "--access-log", *extra],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            [
+                str(exe),
+                "--node",
+                "node-b",
+                "--node-ip",
+                NODE,
+                "--mesh-config",
+                str(cfg),
+                "--ca-dir",
+                str(tmp / "ca"),
+                "--capture",
+                "bind",
+                "--drain-timeout",
+                "2",
+                "--log-level",
+                "info",
+                "--access-log",
+                *extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
     try:
         deadline = time.monotonic() + 20
         node = None

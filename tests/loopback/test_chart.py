@@ -248,8 +248,11 @@ def test_daemonset_shape() -> None:
     assert not [a for a in agent["args"] if a.startswith("--manifests")]
     assert "enrollment" not in vols
     assert "/etc/ambient/enrollment" not in mounts
-    assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] ==
-                "ambient-enrollment"]  # fmt: skip
+    assert not [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "ambient-enrollment"
+    ]
     env_agent = {e["name"]: e for e in agent["env"]}
     assert env_agent["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
@@ -271,8 +274,13 @@ def test_labels_source_follows_the_values() -> None:
 
 
 def test_node_credentials_and_configmap_labels_still_work() -> None:
-    _, docs = render(["auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap",
-                      "node.agent.enrolledNamespaces={demo}"])  # fmt: skip
+    _, docs = render(
+        [
+            "auth.mode=nodeCredentials",
+            "node.agent.labelsFrom=configMap",
+            "node.agent.enrolledNamespaces={demo}",
+        ]
+    )
     ds = find(docs, "DaemonSet", "ztunnel")
     zt, agent = container(ds, "ztunnel"), container(ds, "agent")
     assert "--node-credential-file=/etc/ambient/node-credentials/$(NODE_NAME)" in zt["args"]
@@ -283,7 +291,8 @@ def test_node_credentials_and_configmap_labels_still_work() -> None:
     assert "controlplane-token" not in vols
     assert "demo" in find(docs, "ConfigMap", "ambient-enrollment")["data"]["namespaces.yaml"]
     cp_args = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"][
-        "containers"][0]["args"]  # fmt: skip
+        "containers"
+    ][0]["args"]
     assert "--node-credentials=/etc/ambient/node-credentials/node-credentials.yaml" in cp_args
     assert not [a for a in cp_args if a.startswith("--token-review")]
     kinds_ = {d["kind"] for d in docs}
@@ -340,16 +349,25 @@ def test_controlplane_rbac_is_read_only() -> None:
     # TokenReview auth: create tokenreviews and get pods (the token's bound pod), nothing else.
     review = find(docs, "ClusterRole", "ambient-controlplane-tokenreview-istio-system")
     assert review["rules"] == [
-        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
-         "verbs": ["create"]},
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
-    ]  # fmt: skip
+    ]
     binding = find(docs, "ClusterRoleBinding", "ambient-controlplane-tokenreview-istio-system")
     assert binding["subjects"][0]["name"] == "ambient-controlplane"
     # No cluster-wide API access without the Kubernetes source, the agent's API label source
     # and TokenReview.
-    _, docs = render(["controlplane.kubernetes=false", "controlplane.manifestConfigMap=cfg",
-                      "auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap"])  # fmt: skip
+    _, docs = render(
+        [
+            "controlplane.kubernetes=false",
+            "controlplane.manifestConfigMap=cfg",
+            "auth.mode=nodeCredentials",
+            "node.agent.labelsFrom=configMap",
+        ]
+    )
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 
@@ -372,13 +390,19 @@ def test_controlplane_deployment() -> None:
     svc = find(docs, "Service", "ambient-controlplane")
     assert svc["spec"]["ports"][0]["port"] == 15012
     args = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"][
-        "containers"][0]["args"]  # fmt: skip
+        "containers"
+    ][0]["args"]
     assert not [a for a in args if a.startswith(("--path-norm", "--escaped-slashes"))]
     # Istio's meshConfig names -> the control plane's mesh settings (served to waypoints).
-    _, docs = render(["meshConfig.pathNormalization.normalization=MERGE_SLASHES",
-                      "meshConfig.pathWithEscapedSlashesAction=REJECT_REQUEST"])  # fmt: skip
+    _, docs = render(
+        [
+            "meshConfig.pathNormalization.normalization=MERGE_SLASHES",
+            "meshConfig.pathWithEscapedSlashesAction=REJECT_REQUEST",
+        ]
+    )
     args = find(docs, "Deployment", "ambient-controlplane")["spec"]["template"]["spec"][
-        "containers"][0]["args"]  # fmt: skip
+        "containers"
+    ][0]["args"]
     assert "--path-normalization=MERGE_SLASHES" in args
     assert "--escaped-slashes-action=REJECT_REQUEST" in args
 
@@ -459,8 +483,18 @@ def render_notes(tmp_path: Path, sets: list[str]) -> str:
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n"
         '{{ tpl (.Files.Get "notes.txt") . | indent 4 }}\n'
     )
-    argv = [HELM, "template", "ambient", str(chart), "-n", "istio-system", "--kube-version", KUBE,
-            "--show-only", "templates/zz-notes.yaml"]  # fmt: skip
+    argv = [
+        HELM,
+        "template",
+        "ambient",
+        str(chart),
+        "-n",
+        "istio-system",
+        "--kube-version",
+        KUBE,
+        "--show-only",
+        "templates/zz-notes.yaml",
+    ]
     for s in sets:
         argv += ["--set", s]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)

@@ -34,12 +34,24 @@ def test_help_everywhere(path: list[str]) -> None:
 
 def test_every_issue_command_is_registered() -> None:
     top = completion.tree(parser())[""]
-    for cmd in ("install", "manifest", "analyze", "ztunnel-config", "proxy-status", "completion",
-                "lab"):  # fmt: skip
+    for cmd in (
+        "install",
+        "manifest",
+        "analyze",
+        "ztunnel-config",
+        "proxy-status",
+        "completion",
+        "lab",
+    ):
         assert cmd in top
     assert completion.tree(parser())["ztunnel-config"][-6:] == [
-        "all", "certificates", "connections", "policies", "services", "workloads"
-    ]  # fmt: skip
+        "all",
+        "certificates",
+        "connections",
+        "policies",
+        "services",
+        "workloads",
+    ]
 
 
 def complete(script: str, words: list[str]) -> list[str]:
@@ -86,8 +98,21 @@ def have_helm() -> bool:
 
 @pytest.mark.skipif(not have_helm() and not os.environ.get("CI"), reason="helm not installed")
 def test_manifest_generate_renders_the_chart(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["manifest", "generate", "-n", "mesh", "--set", "cni.enabled=false",
-                 "--set", "node.agent.enrolledNamespaces={demo}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "manifest",
+                "generate",
+                "-n",
+                "mesh",
+                "--set",
+                "cni.enabled=false",
+                "--set",
+                "node.agent.enrolledNamespaces={demo}",
+            ]
+        )
+        == 0
+    )
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
     by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     ds = by_kind[("DaemonSet", "ztunnel")]

@@ -41,24 +41,56 @@ def static_config() -> dict[str, Any]:
     port = {"servicePort": 80, "targetPort": 8080}
     return {
         "workloads": [
-            {"uid": "Kubernetes//Pod/default/sleep", "name": "sleep", "namespace": "default",
-             "serviceAccount": "sleep", "addresses": [SLEEP], "node": "node-a",
-             "tunnelProtocol": "HBONE"},
-            {"uid": "Kubernetes//Pod/default/echo", "name": "echo", "namespace": "default",
-             "serviceAccount": "echo", "addresses": [ECHO], "node": "node-b",
-             "tunnelProtocol": "HBONE", "authorizationPolicies": ["default/echo-allow"],
-             "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}}},
+            {
+                "uid": "Kubernetes//Pod/default/sleep",
+                "name": "sleep",
+                "namespace": "default",
+                "serviceAccount": "sleep",
+                "addresses": [SLEEP],
+                "node": "node-a",
+                "tunnelProtocol": "HBONE",
+            },
+            {
+                "uid": "Kubernetes//Pod/default/echo",
+                "name": "echo",
+                "namespace": "default",
+                "serviceAccount": "echo",
+                "addresses": [ECHO],
+                "node": "node-b",
+                "tunnelProtocol": "HBONE",
+                "authorizationPolicies": ["default/echo-allow"],
+                "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}},
+            },
         ],
         "services": [
-            {"name": "echo", "namespace": "default", "hostname": "echo.default.svc.cluster.local",
-             "addresses": [{"address": VIP}], "ports": [port]},
+            {
+                "name": "echo",
+                "namespace": "default",
+                "hostname": "echo.default.svc.cluster.local",
+                "addresses": [{"address": VIP}],
+                "ports": [port],
+            },
         ],
         "policies": [
-            {"name": "echo-allow", "namespace": "default", "scope": "WORKLOAD_SELECTOR",
-             "action": "ALLOW", "rules": [{"clauses": [{"matches": [
-                 {"principals": [{"exact": "cluster.local/ns/default/sa/sleep"}]}]}]}]},
+            {
+                "name": "echo-allow",
+                "namespace": "default",
+                "scope": "WORKLOAD_SELECTOR",
+                "action": "ALLOW",
+                "rules": [
+                    {
+                        "clauses": [
+                            {
+                                "matches": [
+                                    {"principals": [{"exact": "cluster.local/ns/default/sa/sleep"}]}
+                                ]
+                            }
+                        ]
+                    }
+                ],
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def http_ok(url: str) -> bool:
@@ -85,9 +117,12 @@ def wait(
 def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
     try:
         yield proc
     finally:
@@ -119,9 +154,22 @@ def static_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     backend = echo_backend(ECHO, 8080)
 
     def zt(node: str, ip: str, *extra: str) -> list[str]:
-        return [str(BIN / "ztunnel"), "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
-                "--ca-dir", str(d / "ca"), "--capture", "bind", "--drain-timeout", "1",
-                *extra]  # fmt: skip
+        return [
+            str(BIN / "ztunnel"),
+            "--node",
+            node,
+            "--node-ip",
+            ip,
+            "--mesh-config",
+            str(cfg),
+            "--ca-dir",
+            str(d / "ca"),
+            "--capture",
+            "bind",
+            "--drain-timeout",
+            "1",
+            *extra,
+        ]
 
     with (
         process(zt("node-a", NODE_A, "--outbound-listen", f"{VIP}:80"), d / "a.log") as a,
@@ -151,8 +199,18 @@ def test_workloads(static_mesh: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert by_name["echo"]["authorizationPolicies"] == ["default/echo-allow"]
     code, out, _ = zc(capsys, "workload", "--address", f"{NODE_A}:15000")
     lines = out.splitlines()
-    assert lines[0].split() == ["NAMESPACE", "POD", "NAME", "ADDRESS", "NODE", "WAYPOINT",
-                                "PROTOCOL", "IDENTITY", "POLICIES", "STATUS"]  # fmt: skip
+    assert lines[0].split() == [
+        "NAMESPACE",
+        "POD",
+        "NAME",
+        "ADDRESS",
+        "NODE",
+        "WAYPOINT",
+        "PROTOCOL",
+        "IDENTITY",
+        "POLICIES",
+        "STATUS",
+    ]
     echo_line = next(line for line in lines if " echo " in line)
     assert ECHO in echo_line
     assert ECHO_ID in echo_line
@@ -194,8 +252,9 @@ def test_connections_and_all(static_mesh: Path, capsys: pytest.CaptureFixture[st
     assert "# node proxy node-a" in out
     assert "# node proxy node-b" in out
     assert out.count("## certificates") == 2
-    code, out, _ = zc(capsys, "all", "--address", f"{NODE_A}:15000", "--address",
-                      f"{NODE_B}:15000", "-o", "json")  # fmt: skip
+    code, out, _ = zc(
+        capsys, "all", "--address", f"{NODE_A}:15000", "--address", f"{NODE_B}:15000", "-o", "json"
+    )
     both = json.loads(out)
     assert set(both) == {"node-a", "node-b"}
     assert set(both["node-b"]) == {
@@ -207,8 +266,9 @@ def test_connections_and_all(static_mesh: Path, capsys: pytest.CaptureFixture[st
     }
 
 
-def test_saved_dump_and_errors(static_mesh: Path, capsys: pytest.CaptureFixture[str],
-                               tmp_path: Path) -> None:  # fmt: skip
+def test_saved_dump_and_errors(
+    static_mesh: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     import urllib.request
 
     with urllib.request.urlopen(f"http://{NODE_B}:15000/config_dump", timeout=5) as r:
@@ -233,22 +293,39 @@ def test_saved_dump_and_errors(static_mesh: Path, capsys: pytest.CaptureFixture[
 
 def cp_manifests(extra_pod: bool = False) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace",
-         "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}},
-        {"apiVersion": "v1", "kind": "Pod",
-         "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
-         "spec": {"serviceAccountName": "web", "nodeName": "node-c"}, "status": {"podIP": WEB}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
-         "spec": {"clusterIP": "127.0.95.20", "selector": {"app": "web"},
-                  "ports": [{"port": 80, "targetPort": 8080}]}},
-    ]  # fmt: skip
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"serviceAccountName": "web", "nodeName": "node-c"},
+            "status": {"podIP": WEB},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "clusterIP": "127.0.95.20",
+                "selector": {"app": "web"},
+                "ports": [{"port": 80, "targetPort": 8080}],
+            },
+        },
+    ]
     if extra_pod:
         docs.append(
-            {"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": "web-2", "namespace": "shop", "labels": {"app": "web"}},
-             "spec": {"serviceAccountName": "web", "nodeName": "node-c"},
-             "status": {"podIP": "127.0.95.11"}}
-        )  # fmt: skip
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "web-2", "namespace": "shop", "labels": {"app": "web"}},
+                "spec": {"serviceAccountName": "web", "nodeName": "node-c"},
+                "status": {"podIP": "127.0.95.11"},
+            }
+        )
     return docs
 
 
@@ -260,18 +337,44 @@ def test_proxy_status_against_a_real_control_plane(
     (manifests / "shop.yaml").write_text(yaml.safe_dump_all(cp_manifests()))
     (tmp_path / "creds.yaml").write_text(yaml.safe_dump({"node-c": "node-c-token-0123456789"}))
     (tmp_path / "node-c.token").write_text("node-c-token-0123456789\n")
-    cp_argv = [str(BIN / "ambient-controlplane"), "--listen", f"{CP}:15012", "--debug-listen",
-               f"{CP}:15014", "--plaintext", "--manifest-dir", str(manifests), "--ca-dir",
-               str(tmp_path / "ca"), "--node-credentials",
-               str(tmp_path / "creds.yaml")]  # fmt: skip
-    zt_argv = [str(BIN / "ztunnel"), "--node", "node-c", "--node-ip", NODE_C, "--xds-address",
-               f"{CP}:15012", "--node-credential-file", str(tmp_path / "node-c.token"),
-               "--capture", "bind", "--drain-timeout", "1"]  # fmt: skip
+    cp_argv = [
+        str(BIN / "ambient-controlplane"),
+        "--listen",
+        f"{CP}:15012",
+        "--debug-listen",
+        f"{CP}:15014",
+        "--plaintext",
+        "--manifest-dir",
+        str(manifests),
+        "--ca-dir",
+        str(tmp_path / "ca"),
+        "--node-credentials",
+        str(tmp_path / "creds.yaml"),
+    ]
+    zt_argv = [
+        str(BIN / "ztunnel"),
+        "--node",
+        "node-c",
+        "--node-ip",
+        NODE_C,
+        "--xds-address",
+        f"{CP}:15012",
+        "--node-credential-file",
+        str(tmp_path / "node-c.token"),
+        "--capture",
+        "bind",
+        "--drain-timeout",
+        "1",
+    ]
     with process(cp_argv, tmp_path / "cp.log") as cp:
         wait(lambda: http_ok(f"http://{CP}:15014/ready"), "control plane", cp, tmp_path / "cp.log")
         with process(zt_argv, tmp_path / "zt.log") as zt:
-            wait(lambda: http_ok(f"http://{NODE_C}:15021/healthz/ready"), "node-c", zt,
-                 tmp_path / "zt.log")  # fmt: skip
+            wait(
+                lambda: http_ok(f"http://{NODE_C}:15021/healthz/ready"),
+                "node-c",
+                zt,
+                tmp_path / "zt.log",
+            )
 
             def status(*extra: str) -> tuple[int, list[dict[str, Any]]]:
                 code = main(["proxy-status", "--controlplane", f"{CP}:15014", "-o", "json", *extra])

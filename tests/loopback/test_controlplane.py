@@ -118,16 +118,21 @@ async def _bad_resource_is_nacked_alone(tmp_path: Path) -> None:
             # One response carrying a bad workload (3-byte address) and a good one.
             bad = workload_pb2.Address(
                 workload=workload_pb2.Workload(
-                    uid="Kubernetes//Pod/default/bad", name="bad", namespace="default",
+                    uid="Kubernetes//Pod/default/bad",
+                    name="bad",
+                    namespace="default",
                     addresses=[b"\x01\x02\x03"],
                 )
-            )  # fmt: skip
+            )
             good = workload_pb2.Address(
                 workload=workload_pb2.Workload(
-                    uid="Kubernetes//Pod/default/good", name="good", namespace="default",
-                    addresses=[bytes([127, 0, 55, 9])], node="node-c",
+                    uid="Kubernetes//Pod/default/good",
+                    name="good",
+                    namespace="default",
+                    addresses=[bytes([127, 0, 55, 9])],
+                    node="node-c",
                 )
-            )  # fmt: skip
+            )
             bad_uid, good_uid = "Kubernetes//Pod/default/bad", "Kubernetes//Pod/default/good"
             for name, msg in ((bad_uid, bad), (good_uid, good)):
                 packed = any_pb2.Any()

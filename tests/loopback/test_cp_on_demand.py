@@ -51,16 +51,22 @@ def pod(name: str, node: str, ip: str, app: str, version: str = "v1") -> dict[st
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default",
-                     "labels": {"app": app, "version": version}},
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"app": app, "version": version},
+        },
         "spec": {"serviceAccountName": name, "nodeName": node},
         "status": {"podIP": ip},
-    }  # fmt: skip
+    }
 
 
 def without_echo() -> list[dict[str, object]]:
-    return [d for d in base_manifests() if d["metadata"] != {"name": "echo", "namespace":
-            "default", "labels": {"app": "echo"}}]  # fmt: skip
+    return [
+        d
+        for d in base_manifests()
+        if d["metadata"] != {"name": "echo", "namespace": "default", "labels": {"app": "echo"}}
+    ]
 
 
 def settled(cp: ControlPlane) -> bool:
@@ -84,8 +90,9 @@ class Seen:
 
 async def _on_demand(tmp_path: Path) -> None:
     manifests = tmp_path / "manifests"
-    write_manifests(manifests, "mesh.yaml", [*base_manifests(), DENY_SLEEP,
-                                             pod("far", "node-c", FAR_IP, "far")])  # fmt: skip
+    write_manifests(
+        manifests, "mesh.yaml", [*base_manifests(), DENY_SLEEP, pod("far", "node-c", FAR_IP, "far")]
+    )
     async with running_controlplane(cp_settings(tmp_path)) as cp:
         a = XdsClient(endpoint("node-a"), node="node-a", on_demand=True)
         b = XdsClient(endpoint("node-b"), node="node-b", on_demand=True)
@@ -130,17 +137,34 @@ async def _on_demand(tmp_path: Path) -> None:
             # Changes go to the proxies holding the resource, and to nobody else.
             for s in seen.values():
                 s.names.clear()
-            write_manifests(manifests, "mesh.yaml", [
-                *without_echo(), DENY_SLEEP, pod("far", "node-c", FAR_IP, "far", "v2"),
-                pod("sleep2", "node-a", "127.0.52.11", "sleep"),
-                {**pod("echo", "node-b", SERVER_IP, "echo", "v2"),
-                 "spec": {"serviceAccountName": "echo", "nodeName": "node-b", "containers": [
-                     {"name": "echo", "ports": [{"name": "http", "containerPort": 8080}]}]}},
-            ])  # fmt: skip
+            write_manifests(
+                manifests,
+                "mesh.yaml",
+                [
+                    *without_echo(),
+                    DENY_SLEEP,
+                    pod("far", "node-c", FAR_IP, "far", "v2"),
+                    pod("sleep2", "node-a", "127.0.52.11", "sleep"),
+                    {
+                        **pod("echo", "node-b", SERVER_IP, "echo", "v2"),
+                        "spec": {
+                            "serviceAccountName": "echo",
+                            "nodeName": "node-b",
+                            "containers": [
+                                {"name": "echo", "ports": [{"name": "http", "containerPort": 8080}]}
+                            ],
+                        },
+                    },
+                ],
+            )
             sleep2 = "Kubernetes//Pod/default/sleep2"
             await eventually(lambda: a.state.workload(sleep2) is not None, 5, "new local pod")
-            await eventually(lambda: full.state.workload(FAR) is not None
-                             and full.state.workload(sleep2) is not None, 5)  # fmt: skip
+            await eventually(
+                lambda: (
+                    full.state.workload(FAR) is not None and full.state.workload(sleep2) is not None
+                ),
+                5,
+            )
             # Every push the change caused has been sent and acknowledged (the server's view of
             # each stream), so a stray one would have been seen by now.
             await eventually(lambda: settled(cp), 5, "every push acknowledged")

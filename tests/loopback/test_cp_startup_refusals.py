@@ -27,8 +27,7 @@ METRICS = BLOCK.ip(3)
 
 def argv(tmp: Path, *extra: str) -> list[str]:
     (tmp / "manifests").mkdir(exist_ok=True)
-    return [str(BIN), "--manifest-dir", str(tmp / "manifests"), "--ca-dir", str(tmp / "ca"),
-            *extra]  # fmt: skip
+    return [str(BIN), "--manifest-dir", str(tmp / "manifests"), "--ca-dir", str(tmp / "ca"), *extra]
 
 
 def refused(tmp: Path, *extra: str) -> str:
@@ -60,8 +59,16 @@ def test_insecure_flag_only_on_loopback(tmp_path: Path) -> None:
 def test_debug_listener_only_on_loopback(tmp_path: Path, address: str) -> None:
     creds = tmp_path / "creds.yaml"
     creds.write_text(yaml.safe_dump({"node-a": "token-node-a-0123456789"}))
-    line = refused(tmp_path, "--node-credentials", str(creds), "--listen", f"{CP}:0",
-                   "--plaintext", "--debug-listen", address)  # fmt: skip
+    line = refused(
+        tmp_path,
+        "--node-credentials",
+        str(creds),
+        "--listen",
+        f"{CP}:0",
+        "--plaintext",
+        "--debug-listen",
+        address,
+    )
     assert "--debug-listen" in line
     assert "not a loopback address" in line
 
@@ -75,8 +82,17 @@ def get(url: str) -> int:
 
 
 def test_insecure_on_loopback_serves_and_metrics_listener_has_no_debug(tmp_path: Path) -> None:
-    cmd = argv(tmp_path, "--insecure-no-node-auth", "--listen", f"{CP}:15012", "--plaintext",
-               "--debug-listen", f"{CP}:15014", "--metrics-listen", f"{METRICS}:15014")  # fmt: skip
+    cmd = argv(
+        tmp_path,
+        "--insecure-no-node-auth",
+        "--listen",
+        f"{CP}:15012",
+        "--plaintext",
+        "--debug-listen",
+        f"{CP}:15014",
+        "--metrics-listen",
+        f"{METRICS}:15014",
+    )
     with (tmp_path / "cp.log").open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:

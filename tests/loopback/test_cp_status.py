@@ -25,9 +25,11 @@ def policy(source: dict[str, Any]) -> dict[str, Any]:
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
         "metadata": {"name": "allow-admin", "namespace": "shop"},
-        "spec": {"selector": {"matchLabels": {"app": "db"}},
-                 "rules": [{"from": [{"source": source}]}]},
-    }  # fmt: skip
+        "spec": {
+            "selector": {"matchLabels": {"app": "db"}},
+            "rules": [{"from": [{"source": source}]}],
+        },
+    }
 
 
 ROUTE = {
@@ -109,8 +111,10 @@ def test_findings_are_written_into_status(tmp_path: Path) -> None:
             assert "spec.rules[0].from[0].source.principal" in msg["description"]
             assert aps[key]["spec"]["rules"][0]["from"][0]["source"] == {"principal": ["x"]}
             route = api.objects["httproutes"][("shop", "reviews")]
-            await eventually(lambda: "status" in api.objects["httproutes"][("shop", "reviews")],
-                             what="the route's status")  # fmt: skip
+            await eventually(
+                lambda: "status" in api.objects["httproutes"][("shop", "reviews")],
+                what="the route's status",
+            )
             route = api.objects["httproutes"][("shop", "reviews")]
             (parent,) = route["status"]["parents"]
             (cond,) = parent["conditions"]
@@ -228,8 +232,10 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
             assert any("AMB0204" in w for w in warnings["ServiceEntry shop/ext"])
             assert not any("AMB0204" in w for w in warnings.get("GRPCRoute shop/grpc", []))
             assert any("AMB0204" in w for w in warnings["Gateway shop/ingress"])
-            assert not any("Telemetry" in ref or "telemetr" in " ".join(w).lower()
-                           for ref, w in warnings.items())  # fmt: skip
+            assert not any(
+                "Telemetry" in ref or "telemetr" in " ".join(w).lower()
+                for ref, w in warnings.items()
+            )
             assert not any("telemetries" in r for r in api.requests)
             assert "status" not in objs["gateways"][("shop", "ingress")]
             assert cp.status_writer is not None

@@ -31,15 +31,27 @@ def test_default_runs_the_controller_with_exact_rbac() -> None:
     assert "--waypoint-arg=--drain-timeout=9" in args
     role = chart.find(docs, "ClusterRole", ROLE)
     assert role["rules"] == [
-        {"apiGroups": ["apps"], "resources": ["deployments"],
-         "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
-        {"apiGroups": [""], "resources": ["services", "serviceaccounts", "configmaps"],
-         "verbs": ["create", "get", "list", "watch", "patch", "delete"]},
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/status"],
-         "verbs": ["update", "patch"]},
-        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/finalizers"],
-         "verbs": ["update"]},
-    ]  # fmt: skip
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "verbs": ["create", "get", "list", "watch", "patch", "delete"],
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["services", "serviceaccounts", "configmaps"],
+            "verbs": ["create", "get", "list", "watch", "patch", "delete"],
+        },
+        {
+            "apiGroups": ["gateway.networking.k8s.io"],
+            "resources": ["gateways/status"],
+            "verbs": ["update", "patch"],
+        },
+        {
+            "apiGroups": ["gateway.networking.k8s.io"],
+            "resources": ["gateways/finalizers"],
+            "verbs": ["update"],
+        },
+    ]
     binding = chart.find(docs, "ClusterRoleBinding", ROLE)
     assert binding["roleRef"]["name"] == ROLE
     assert binding["subjects"] == [

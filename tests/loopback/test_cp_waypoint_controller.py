@@ -40,11 +40,18 @@ def gateway(name: str, cls: str = "istio-waypoint", **annotations: str) -> dict[
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
-        "metadata": {"name": name, "namespace": "shop", "uid": f"gw-uid-{name}",
-                     "generation": 1, "annotations": annotations},
-        "spec": {"gatewayClassName": cls,
-                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
-    }  # fmt: skip
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": f"gw-uid-{name}",
+            "generation": 1,
+            "annotations": annotations,
+        },
+        "spec": {
+            "gatewayClassName": cls,
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
 
 
 def writes(api: KubeApiStandIn) -> list[str]:
@@ -108,10 +115,16 @@ def test_controller_lifecycle() -> None:
             await api.upsert("deployments", drifted)
             await api.upsert(
                 "gateways",
-                {**api.objects["gateways"][("shop", "waypoint")],
-                 **{"metadata": {**gateway("waypoint")["metadata"],
-                                 "annotations": {"gateway.istio.io/service-account": "reviews"}}}},
-            )  # fmt: skip
+                {
+                    **api.objects["gateways"][("shop", "waypoint")],
+                    **{
+                        "metadata": {
+                            **gateway("waypoint")["metadata"],
+                            "annotations": {"gateway.istio.io/service-account": "reviews"},
+                        }
+                    },
+                },
+            )
             rv = api.objects["deployments"][("shop", "waypoint")]["metadata"]["resourceVersion"]
             await ctl.reconcile(now=NOW)
             dep = api.objects["deployments"][("shop", "waypoint")]

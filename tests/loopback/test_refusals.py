@@ -315,9 +315,18 @@ def test_non_connect_request_gets_400(tmp_path: Path) -> None:
 
 def test_connect_denied_by_policy_gets_401_without_upstream(tmp_path: Path, transport: str) -> None:
     deny_sleep = {
-        "name": "deny-sleep", "namespace": "default", "scope": "NAMESPACE", "action": "DENY",
-        "rules": [{"clauses": [{"matches": [{"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}]}]}],
-    }  # fmt: skip
+        "name": "deny-sleep",
+        "namespace": "default",
+        "scope": "NAMESPACE",
+        "action": "DENY",
+        "rules": [
+            {
+                "clauses": [
+                    {"matches": [{"principals": [{"exact": SLEEP.removeprefix("spiffe://")}]}]}
+                ]
+            }
+        ],
+    }
 
     async def main() -> None:
         async with running_mesh(tmp_path, mesh_config([deny_sleep]), transport=transport) as mesh:

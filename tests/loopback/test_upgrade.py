@@ -78,13 +78,33 @@ class Nodes:
         exe = str(Path(sys.executable).parent / "ztunnel")
         with self.log(node, gen).open("wb") as out:
             proc = subprocess.Popen(
-                [exe, "--node", node, "--node-ip", ip, "--mesh-config", str(self.tmp / "mesh.yaml"),
-                 "--ca-dir", str(self.tmp / "ca"), "--capture", "bind", "--drain-timeout", "2",
-                 "--handover-socket", str(self.sock(node)),
-                 "--ready-file", str(self.ready_file(node, gen)), *extra, *self.flags, *more],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                [
+                    exe,
+                    "--node",
+                    node,
+                    "--node-ip",
+                    ip,
+                    "--mesh-config",
+                    str(self.tmp / "mesh.yaml"),
+                    "--ca-dir",
+                    str(self.tmp / "ca"),
+                    "--capture",
+                    "bind",
+                    "--drain-timeout",
+                    "2",
+                    "--handover-socket",
+                    str(self.sock(node)),
+                    "--ready-file",
+                    str(self.ready_file(node, gen)),
+                    *extra,
+                    *self.flags,
+                    *more,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
         self.procs.append(proc)
         return proc
 
@@ -354,8 +374,13 @@ def test_failed_hand_over_loses_nothing(nodes: Nodes) -> None:
         handed = await in_thread(handover.obtain, nodes.sock("node-a"))
         assert handed is not None
         assert {s.role for s in handed.sockets} == {
-            "outbound", "plaintext", "hbone", "admin", "metrics", "readiness"
-        }  # fmt: skip
+            "outbound",
+            "plaintext",
+            "hbone",
+            "admin",
+            "metrics",
+            "readiness",
+        }
         handed.close_unused()
         handed.conn.close()
         # A peer speaking another protocol gets REFUSE and nothing else.

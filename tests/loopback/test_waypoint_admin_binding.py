@@ -49,10 +49,25 @@ def status(url: str) -> int | str:
 
 def static_argv(tmp: Path, *extra: str) -> list[str]:
     (tmp / "mesh.yaml").write_text(yaml.safe_dump(mesh_config()))
-    return [sys.executable, "-m", "waypoint.app", "--name", "waypoint", "--namespace", "default",
-            "--workload-uid", "waypoint", "--mesh-config", str(tmp / "mesh.yaml"),
-            "--ca-dir", str(tmp / "ca"), "--listen", f"{WAYPOINT_IP}:15008", "--no-access-log",
-            *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "waypoint.app",
+        "--name",
+        "waypoint",
+        "--namespace",
+        "default",
+        "--workload-uid",
+        "waypoint",
+        "--mesh-config",
+        str(tmp / "mesh.yaml"),
+        "--ca-dir",
+        str(tmp / "ca"),
+        "--listen",
+        f"{WAYPOINT_IP}:15008",
+        "--no-access-log",
+        *extra,
+    ]
 
 
 def test_controller_waypoint_serves_metrics_on_pod_ip_and_debug_on_localhost(

@@ -251,12 +251,16 @@ async def _handler(backend: Backend, all_: Backends, request: web.Request) -> we
                 await asyncio.sleep(0.05)
         await resp.write_eof()
         return resp
-    payload = {"version": backend.name, **{k: record[k] for k in ("path", "method", "body_len")},
-               "headers": record["headers"]}  # fmt: skip
+    payload = {
+        "version": backend.name,
+        **{k: record[k] for k in ("path", "method", "body_len")},
+        "headers": record["headers"],
+    }
     return web.Response(
-        text=json.dumps(payload), content_type="application/json",
+        text=json.dumps(payload),
+        content_type="application/json",
         headers={"x-version": backend.name, "x-upstream-header": "present"},
-    )  # fmt: skip
+    )
 
 
 async def _sink(backend: Backend, request: web.Request) -> web.StreamResponse:
@@ -290,9 +294,16 @@ async def _sink(backend: Backend, request: web.Request) -> web.StreamResponse:
 
 async def _websocket(backend: Backend, request: web.Request) -> web.StreamResponse:
     """A WebSocket echo: each message comes back as ``<pod>:<message>``."""
-    backend.requests.append({"path": request.path_qs, "method": request.method,
-                             "headers": dict(request.headers), "body_len": 0,
-                             "host": request.host, "peer": ""})  # fmt: skip
+    backend.requests.append(
+        {
+            "path": request.path_qs,
+            "method": request.method,
+            "headers": dict(request.headers),
+            "body_len": 0,
+            "host": request.host,
+            "peer": "",
+        }
+    )
     ws = web.WebSocketResponse()
     await ws.prepare(request)
     async for msg in ws:
@@ -359,20 +370,42 @@ def waypoint_settings() -> WaypointSettings:
 
 
 @asynccontextmanager
-async def waypoint_mesh(tmp: Path, *docs: str, config: dict[str, Any] | None = None,
-                        start_waypoint: bool = True) -> AsyncIterator[WaypointMesh]:  # fmt: skip
+async def waypoint_mesh(
+    tmp: Path, *docs: str, config: dict[str, Any] | None = None, start_waypoint: bool = True
+) -> AsyncIterator[WaypointMesh]:
     state = MeshState.from_config(parse_mesh_config(config or mesh_config()))
     ca = MeshCA.load_or_create(tmp / "ca")
     provider = LocalCAProvider(ca, ttl=timedelta(hours=24), clock=utcnow)
     outbound = ((REVIEWS_VIP, PORT), (SHADOW_VIP, PORT), (GRPC_VIP, GRPC_PORT), (DB_VIP, DB_PORT))
-    node_a = NodeProxy(node_context(
-        ProxySettings(node="node-a", node_ip="127.0.81.1", outbound_listen=outbound,
-                      drain_timeout=1.0, metrics_port=15920, admin_port=15900,
-                      readiness_port=15921), state, provider))  # fmt: skip
-    node_b = NodeProxy(node_context(
-        ProxySettings(node="node-b", node_ip="127.0.82.1", drain_timeout=1.0,
-                      metrics_port=15920, admin_port=15900, readiness_port=15921),
-        state, provider))  # fmt: skip
+    node_a = NodeProxy(
+        node_context(
+            ProxySettings(
+                node="node-a",
+                node_ip="127.0.81.1",
+                outbound_listen=outbound,
+                drain_timeout=1.0,
+                metrics_port=15920,
+                admin_port=15900,
+                readiness_port=15921,
+            ),
+            state,
+            provider,
+        )
+    )
+    node_b = NodeProxy(
+        node_context(
+            ProxySettings(
+                node="node-b",
+                node_ip="127.0.82.1",
+                drain_timeout=1.0,
+                metrics_port=15920,
+                admin_port=15900,
+                readiness_port=15921,
+            ),
+            state,
+            provider,
+        )
+    )
     cfg = parse_objects([d for text in docs for d in yaml.safe_load_all(text)])
     wctx = build_context(waypoint_settings(), state, cfg, provider)
     backends = await start_backends()
@@ -382,8 +415,9 @@ async def waypoint_mesh(tmp: Path, *docs: str, config: dict[str, Any] | None = N
     if start_waypoint:
         await wp.start()
     try:
-        yield WaypointMesh(ca=ca, node_a=node_a, node_b=node_b, waypoint=wp, backends=backends,
-                           tmp=tmp)  # fmt: skip
+        yield WaypointMesh(
+            ca=ca, node_a=node_a, node_b=node_b, waypoint=wp, backends=backends, tmp=tmp
+        )
     finally:
         if start_waypoint:
             await wp.drain(1.0)
@@ -470,20 +504,30 @@ class H2Client:
                 fut.set_exception(ConnectionResetError("connection closed"))
 
     async def request(
-        self, method: str, path: str, headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"", authority: str = f"reviews:{PORT}",
-    ) -> H2Result:  # fmt: skip
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"",
+        authority: str = f"reviews:{PORT}",
+    ) -> H2Result:
         sid = self.conn.get_next_available_stream_id()
         self.results[sid] = H2Result()
         self.done[sid] = asyncio.get_running_loop().create_future()
-        block = [(":method", method), (":scheme", "http"), (":authority", authority),
-                 (":path", path), *(headers or [])]  # fmt: skip
+        block = [
+            (":method", method),
+            (":scheme", "http"),
+            (":authority", authority),
+            (":path", path),
+            *(headers or []),
+        ]
         self.conn.send_headers(sid, block, end_stream=not body)
         self._flush()
         view = body
         while view:
-            window = min(self.conn.local_flow_control_window(sid),
-                         self.conn.max_outbound_frame_size)  # fmt: skip
+            window = min(
+                self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size
+            )
             if window <= 0:
                 await asyncio.sleep(0.005)
                 continue

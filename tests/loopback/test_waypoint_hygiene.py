@@ -128,9 +128,12 @@ def h1(line: bytes, *fields: bytes, host: bytes | None = b"reviews", body: bytes
 
 
 def ok(
-    method: str, target: str, *fields: tuple[str, str], body: bytes = b"",
+    method: str,
+    target: str,
+    *fields: tuple[str, str],
+    body: bytes = b"",
     trailers: tuple[tuple[str, str], ...] = (),
-) -> Seen:  # fmt: skip
+) -> Seen:
     return Seen(method, target, (("host", "reviews"), *fields), body, trailers)
 
 
@@ -280,8 +283,12 @@ H1_CASES = [
 _H2_BASE = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"reviews")]
 
 
-def h2(path: bytes, *fields: tuple[bytes, bytes], method: bytes = b"GET",
-       authority: bytes | None = b"reviews") -> list[tuple[bytes, bytes]]:  # fmt: skip
+def h2(
+    path: bytes,
+    *fields: tuple[bytes, bytes],
+    method: bytes = b"GET",
+    authority: bytes | None = b"reviews",
+) -> list[tuple[bytes, bytes]]:
     block = [(b":method", method), (b":scheme", b"http")]
     if authority is not None:
         block.append((b":authority", authority))
@@ -446,9 +453,12 @@ class AccessLog(logging.Handler):
 
 
 async def _through_waypoint(
-    tmp: Path, policy: PathPolicy, cases: list[Case], h2_cases: list[H2Case],
+    tmp: Path,
+    policy: PathPolicy,
+    cases: list[Case],
+    h2_cases: list[H2Case],
     accept_http_10: bool = False,
-) -> tuple[list[Outcome], list[Outcome]]:  # fmt: skip
+) -> tuple[list[Outcome], list[Outcome]]:
     app = RawApp()
     await app.start(APP_IP, PORT)
     log = AccessLog()
@@ -617,8 +627,10 @@ SETTINGS_CASES: list[tuple[str, str, list[Case]]] = [
 
 
 @pytest.mark.parametrize(
-    ("normalization", "slashes", "cases"), SETTINGS_CASES, ids=[
-        f"{n}-{s or 'default'}" for n, s, _ in SETTINGS_CASES])  # fmt: skip
+    ("normalization", "slashes", "cases"),
+    SETTINGS_CASES,
+    ids=[f"{n}-{s or 'default'}" for n, s, _ in SETTINGS_CASES],
+)
 def test_path_settings(tmp_path: Path, normalization: str, slashes: str, cases: list[Case]) -> None:
     outs, _ = run(_through_waypoint(tmp_path, PathPolicy.parse(normalization, slashes), cases, []))
     for case, out in zip(cases, outs, strict=True):
@@ -668,19 +680,42 @@ def _rbac_deny() -> dict[str, Any]:
     any_principal = [{"any": True}]
     return {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-        "rules": {"action": "DENY", "policies": {
-            "paths": {"permissions": [{"or_rules": {"rules": [
-                {"url_path": {"path": {"exact": "/private"}}},
-                {"url_path": {"path": {"prefix": "/private/"}}}]}}],
-                "principals": any_principal},
-            "methods": {"permissions": [header(":method", string_match={"exact": "DELETE"})],
-                        "principals": any_principal},
-            "hosts": {"permissions": [header(":authority", string_match={
-                "exact": "admin.example", "ignore_case": True})], "principals": any_principal},
-            "header": {"permissions": [header("x-evil", present_match=True)],
-                       "principals": any_principal},
-        }},
-    }  # fmt: skip
+        "rules": {
+            "action": "DENY",
+            "policies": {
+                "paths": {
+                    "permissions": [
+                        {
+                            "or_rules": {
+                                "rules": [
+                                    {"url_path": {"path": {"exact": "/private"}}},
+                                    {"url_path": {"path": {"prefix": "/private/"}}},
+                                ]
+                            }
+                        }
+                    ],
+                    "principals": any_principal,
+                },
+                "methods": {
+                    "permissions": [header(":method", string_match={"exact": "DELETE"})],
+                    "principals": any_principal,
+                },
+                "hosts": {
+                    "permissions": [
+                        header(
+                            ":authority",
+                            string_match={"exact": "admin.example", "ignore_case": True},
+                        )
+                    ],
+                    "principals": any_principal,
+                },
+                "header": {
+                    "permissions": [header("x-evil", present_match=True)],
+                    "principals": any_principal,
+                },
+            },
+        },
+    }
 
 
 def envoy_config(policy: PathPolicy, access_log: Path) -> dict[str, Any]:
@@ -699,36 +734,86 @@ def envoy_config(policy: PathPolicy, access_log: Path) -> dict[str, Any]:
         "set_current_client_cert_details": {"subject": True, "uri": True},
         "use_remote_address": True,
         "common_http_protocol_options": {"headers_with_underscores_action": "ALLOW"},
-        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(access_log),
-            "log_format": {"text_format_source": {
-                "inline_string": "%RESPONSE_CODE% %RESPONSE_FLAGS%\n"}}}}],
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]},
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+                    "FileAccessLog",
+                    "path": str(access_log),
+                    "log_format": {
+                        "text_format_source": {
+                            "inline_string": "%RESPONSE_CODE% %RESPONSE_FLAGS%\n"
+                        }
+                    },
+                },
+            }
+        ],
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}],
+                }
+            ]
+        },
         "http_filters": [
             {"name": "envoy.filters.http.rbac", "typed_config": _rbac_deny()},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
         ],
-    }  # fmt: skip
+    }
     return {
         "static_resources": {
-            "listeners": [{
-                "name": "waypoint",
-                "address": {"socket_address": {"address": ENVOY_IP, "port_value": ENVOY_PORT}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm}]}],
-            }],
-            "clusters": [{
-                "name": "app", "type": "STATIC", "connect_timeout": "2s",
-                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{
-                    "endpoint": {"address": {"socket_address": {
-                        "address": ENVOY_APP_IP, "port_value": PORT}}}}]}]},
-            }],
+            "listeners": [
+                {
+                    "name": "waypoint",
+                    "address": {"socket_address": {"address": ENVOY_IP, "port_value": ENVOY_PORT}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "app",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "app",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": ENVOY_APP_IP,
+                                                    "port_value": PORT,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
         },
-    }  # fmt: skip
+    }
 
 
 async def _through_envoy(
@@ -741,10 +826,23 @@ async def _through_envoy(
     alog.touch()
     cfg.write_text(json.dumps(envoy_config(policy, alog)))
     proc = subprocess.Popen(
-        [binary, "-c", str(cfg), "--base-id", str(os.getpid() % 60000), "-l", "error",
-         "--concurrency", "1", "--disable-hot-restart", "--file-flush-interval-msec", "10"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "envoy.err", "wb"),  # noqa: SIM115
-    )  # fmt: skip
+        [
+            binary,
+            "-c",
+            str(cfg),
+            "--base-id",
+            str(os.getpid() % 60000),
+            "-l",
+            "error",
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--file-flush-interval-msec",
+            "10",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "envoy.err", "wb"),  # noqa: SIM115
+    )
     try:
         for _ in range(200):
             try:
@@ -836,8 +934,26 @@ def test_mutated_requests_never_crash_the_waypoint(tmp_path: Path) -> None:
     import random
 
     rng = random.Random(10)
-    junk = [b"\r\n", b"\n", b"\r", b" ", b"\x00", b"\xb2", b":", b";", b"\x7f", b"\xff", b"%",
-            b"0", b"\\", b"#", b"?", b"@", b"\t", b"transfer-encoding: chunked\r\n"]  # fmt: skip
+    junk = [
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b" ",
+        b"\x00",
+        b"\xb2",
+        b":",
+        b";",
+        b"\x7f",
+        b"\xff",
+        b"%",
+        b"0",
+        b"\\",
+        b"#",
+        b"?",
+        b"@",
+        b"\t",
+        b"transfer-encoding: chunked\r\n",
+    ]
     raws = []
     for case in H1_CASES:
         for _ in range(3):
@@ -892,8 +1008,26 @@ def test_mutated_http2_header_blocks_never_crash_the_waypoint(tmp_path: Path) ->
     import random
 
     rng = random.Random(9113)
-    junk = [b"\x00", b"\x01", b"\r", b"\n", b" ", b"\xff", b"\xc3\xa9", b"%00", b"\\", b"..",
-            b"@", b":", b"#", b"?", b"A", b"", b"%2f", b"\x7f"]  # fmt: skip
+    junk = [
+        b"\x00",
+        b"\x01",
+        b"\r",
+        b"\n",
+        b" ",
+        b"\xff",
+        b"\xc3\xa9",
+        b"%00",
+        b"\\",
+        b"..",
+        b"@",
+        b":",
+        b"#",
+        b"?",
+        b"A",
+        b"",
+        b"%2f",
+        b"\x7f",
+    ]
     blocks = []
     for case in H2_CASES:
         for _ in range(3):
@@ -968,11 +1102,15 @@ def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
         (manifests / "deny.yaml").write_text(DENY)  # the same L7 config as the static one
         cp = ControlPlane(
             ControlPlaneSettings(
-                listen=f"{CP_IP}:0", debug_listen=None, manifest_dir=manifests,
-                ca_dir=tmp_path / "cp-ca", plaintext=True, insecure_no_node_auth=True,
+                listen=f"{CP_IP}:0",
+                debug_listen=None,
+                manifest_dir=manifests,
+                ca_dir=tmp_path / "cp-ca",
+                plaintext=True,
+                insecure_no_node_auth=True,
                 mesh=MeshSettings(path_normalization="MERGE_SLASHES"),
             )
-        )  # fmt: skip
+        )
         await cp.start()
         app = RawApp()
         await app.start(APP_IP, PORT)
@@ -988,10 +1126,11 @@ def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
                 before = await one(h1(b"GET /a//b"))
                 store = L7Store()
                 client = XdsClient(
-                    ControlPlaneEndpoint(address=f"{CP_IP}:{cp.port}"), node="node-w",
+                    ControlPlaneEndpoint(address=f"{CP_IP}:{cp.port}"),
+                    node="node-w",
                     extra_types={L7_TYPE: lambda resp: apply_l7(ctx, store, resp)},
                     node_kind="waypoint",
-                )  # fmt: skip
+                )
                 task = asyncio.create_task(client.run())
                 try:
                     await asyncio.wait_for(client.synced.wait(), 10)

@@ -27,8 +27,13 @@ EC = new_key("ES256")
 
 def claims(iss: str = ISS, **kw: Any) -> dict[str, Any]:
     now = time.time()
-    base: dict[str, Any] = {"iss": iss, "sub": "alice", "aud": "reviews", "exp": now + 600,
-                            "groups": ["dev"]}  # fmt: skip
+    base: dict[str, Any] = {
+        "iss": iss,
+        "sub": "alice",
+        "aud": "reviews",
+        "exp": now + 600,
+        "groups": ["dev"],
+    }
     base.update(kw)
     return base
 
@@ -115,18 +120,33 @@ def test_jwt_through_the_waypoint(tmp_path: Path) -> None:
                     ("/private", {}, 403),  # ... an AuthorizationPolicy requires one
                     ("/private", bearer, 200),
                     ("/public", {"authorization": "Bearer garbage"}, 401),
-                    ("/public", {"authorization": "Bearer " + mint(
-                        RSA, "RS256", claims(exp=time.time() - 120), kid="rsa-1")}, 401),
-                    ("/public", {"authorization": "Bearer " + mint(
-                        RSA, "RS256", claims(aud="payments"), kid="rsa-1")}, 401),
-                    ("/public", {"authorization": "Bearer " + mint(
-                        RSA, "none", claims(), kid="rsa-1")}, 401),
+                    (
+                        "/public",
+                        {
+                            "authorization": "Bearer "
+                            + mint(RSA, "RS256", claims(exp=time.time() - 120), kid="rsa-1")
+                        },
+                        401,
+                    ),
+                    (
+                        "/public",
+                        {
+                            "authorization": "Bearer "
+                            + mint(RSA, "RS256", claims(aud="payments"), kid="rsa-1")
+                        },
+                        401,
+                    ),
+                    (
+                        "/public",
+                        {"authorization": "Bearer " + mint(RSA, "none", claims(), kid="rsa-1")},
+                        401,
+                    ),
                     ("/ops", bearer, 403),
                     ("/ops", {"authorization": f"Bearer {ops}"}, 200),
                     ("/private", {"x-token": remote}, 200),  # jwksUri, fetched
                     ("/private", {"x-dead": dead}, 401),  # unreachable JWKS: fail closed
                     ("/public", {}, 200),  # ... and requests without a token still pass
-                ]  # fmt: skip
+                ]
                 async with mesh.session() as s:
                     for path, headers, want in cases:
                         before = served()

@@ -164,11 +164,15 @@ def test_metrics_access_log_and_trace_context(
             text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
             lines = [x for x in text.splitlines() if x.startswith("istio_requests_total{")]
             ok = next(x for x in lines if 'response_code="200"' in x)
-            for want in ('reporter="waypoint"', f'source_principal="{SLEEP}"',
-                         'source_workload="client"',
-                         'destination_service="reviews.default.svc.cluster.local"',
-                         'destination_workload="reviews-v2"', 'destination_version="v2"',
-                         'request_protocol="http"'):  # fmt: skip
+            for want in (
+                'reporter="waypoint"',
+                f'source_principal="{SLEEP}"',
+                'source_workload="client"',
+                'destination_service="reviews.default.svc.cluster.local"',
+                'destination_workload="reviews-v2"',
+                'destination_version="v2"',
+                'request_protocol="http"',
+            ):
                 assert want in ok, (want, ok)
             assert ok.endswith(" 1.0")
             # 503 with the default retry policy: 3 tries, one request counted.

@@ -66,14 +66,30 @@ def test_waypoint_cli_static_mode_reload_and_drain(tmp_path: Path) -> None:
     async def main() -> None:
         async with waypoint_mesh(tmp_path, start_waypoint=False) as mesh:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "waypoint.app", "--name", "waypoint",
-                "--namespace", "default", "--workload-uid", "waypoint",
-                "--mesh-config", str(mesh_file), "--config", str(l7),
-                "--ca-dir", str(tmp_path / "ca"), "--listen", f"{WAYPOINT_IP}:15008",
-                "--admin", f"{ADMIN[0]}:{ADMIN[1]}", "--no-access-log",
-                "--debug-listen", f"127.0.0.1:{DEBUG_PORT}",
+                sys.executable,
+                "-m",
+                "waypoint.app",
+                "--name",
+                "waypoint",
+                "--namespace",
+                "default",
+                "--workload-uid",
+                "waypoint",
+                "--mesh-config",
+                str(mesh_file),
+                "--config",
+                str(l7),
+                "--ca-dir",
+                str(tmp_path / "ca"),
+                "--listen",
+                f"{WAYPOINT_IP}:15008",
+                "--admin",
+                f"{ADMIN[0]}:{ADMIN[1]}",
+                "--no-access-log",
+                "--debug-listen",
+                f"127.0.0.1:{DEBUG_PORT}",
                 stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
+            )
             try:
                 await _wait_ready(proc)
                 async with mesh.session() as s:

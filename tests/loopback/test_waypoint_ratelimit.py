@@ -76,8 +76,11 @@ def test_concurrent_clients_are_admitted_exactly_the_bucket(
                 results = await asyncio.gather(*(one(s, i) for i in range(30)))
                 assert [c for c, _h, _b in results].count(200) == 10
             text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
-            limited = [x for x in text.splitlines() if x.startswith("istio_requests_total{")
-                       and 'response_code="429"' in x]  # fmt: skip
+            limited = [
+                x
+                for x in text.splitlines()
+                if x.startswith("istio_requests_total{") and 'response_code="429"' in x
+            ]
             assert len(limited) == 1
             assert 'response_flags="RL"' in limited[0]
             assert limited[0].endswith(" 60.0")

@@ -22,8 +22,9 @@ from tests.loopback.test_waypoint_harness import (
 )
 
 
-async def _versions(mesh: WaypointMesh, n: int, headers: dict[str, str] | None = None,
-                    concurrency: int = 32) -> Counter[str]:  # fmt: skip
+async def _versions(
+    mesh: WaypointMesh, n: int, headers: dict[str, str] | None = None, concurrency: int = 32
+) -> Counter[str]:
     counts: Counter[str] = Counter()
     sem = asyncio.Semaphore(concurrency)
     async with mesh.session(limit=concurrency) as s:
@@ -116,8 +117,11 @@ def test_retries_turn_503s_into_success_and_stop_at_the_limit(tmp_path: Path) ->
                 assert "injected" in await r.text()  # the last upstream answer is passed on
             assert total() - before == 4  # 1 try + attempts: 3, not one more
             # Retried tries avoid the host that failed (previous-hosts predicate).
-            peers = [p for p in mesh.backends.pods.values() if p.requests
-                     and p.requests[-1]["headers"].get("x-test-fail-times") == "b:100"]  # fmt: skip
+            peers = [
+                p
+                for p in mesh.backends.pods.values()
+                if p.requests and p.requests[-1]["headers"].get("x-test-fail-times") == "b:100"
+            ]
             assert len(peers) >= 2
 
     run(main())
@@ -337,12 +341,14 @@ def test_gateway_api_http_route(tmp_path: Path) -> None:
     async def main() -> None:
         async with waypoint_mesh(tmp_path, HTTP_ROUTE) as mesh:
             async with mesh.session() as s:
-                async with s.get(f"{REVIEWS}/old/x", allow_redirects=False,
-                                 headers={"host": "reviews:9080"}) as r:  # fmt: skip
+                async with s.get(
+                    f"{REVIEWS}/old/x", allow_redirects=False, headers={"host": "reviews:9080"}
+                ) as r:
                     assert r.status == 301
                     assert r.headers["location"] == "http://reviews:9080/new"
-                async with s.get(f"{REVIEWS}/api/items?q=1",
-                                 headers={"x-canary": "1", "x-drop": "y"}) as r:  # fmt: skip
+                async with s.get(
+                    f"{REVIEWS}/api/items?q=1", headers={"x-canary": "1", "x-drop": "y"}
+                ) as r:
                     assert r.headers["x-version"] == "v2"
                 seen = mesh.backends.pods["v2"].requests[-1]
                 assert seen["path"] == "/items?q=1"

@@ -65,16 +65,22 @@ def test_grpc_and_http2_pass_through(tmp_path: Path) -> None:
                     assert res.body == grpc_frame(b"grpc-v1:call-%d" % i)
                     assert res.trailers.get("grpc-status") == "0"  # trailers passed through
                     assert res.headers.get("x-version") == "grpc-v1"
-                stream = await client.request("POST", "/echo.Echo/Many", GRPC_HEADERS,
-                                              grpc_frame(b"5"), authority=auth)  # fmt: skip
+                stream = await client.request(
+                    "POST", "/echo.Echo/Many", GRPC_HEADERS, grpc_frame(b"5"), authority=auth
+                )
                 assert stream.body == b"".join(grpc_frame(b"msg-%d" % i) for i in range(5))
                 assert stream.trailers["grpc-status"] == "0"
-                fail = await client.request("POST", "/echo.Echo/Fail", GRPC_HEADERS,
-                                            grpc_frame(b"x"), authority=auth)  # fmt: skip
+                fail = await client.request(
+                    "POST", "/echo.Echo/Fail", GRPC_HEADERS, grpc_frame(b"x"), authority=auth
+                )
                 assert fail.headers.get("grpc-status") == "14"  # trailers-only error kept
-                local = await client.request("POST", "/echo.Echo/Say",
-                                             [*GRPC_HEADERS, ("x-deny", "1")],
-                                             grpc_frame(b"x"), authority=auth)  # fmt: skip
+                local = await client.request(
+                    "POST",
+                    "/echo.Echo/Say",
+                    [*GRPC_HEADERS, ("x-deny", "1")],
+                    grpc_frame(b"x"),
+                    authority=auth,
+                )
                 # A local reply to a gRPC client is a gRPC status, not an HTML page.
                 assert local.status == 200
                 assert local.headers["grpc-status"] == "14"

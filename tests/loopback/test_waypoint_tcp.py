@@ -79,20 +79,26 @@ def test_tcp_client_is_carried_l4_with_metrics(tmp_path: Path) -> None:
             assert got.endswith(b"binary\r\n"), got[-40:]
             assert len(got) == len(payload) + 3 * (got.count(b"v1:") + got.count(b"v2:"))
             text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
-            opened = [x for x in text.splitlines()
-                      if x.startswith("istio_tcp_connections_opened_total{")]  # fmt: skip
+            opened = [
+                x for x in text.splitlines() if x.startswith("istio_tcp_connections_opened_total{")
+            ]
             assert len(opened) == 1
             assert opened[0].endswith(" 1.0")
-            wants = ('reporter="waypoint"', 'destination_service="db.default.svc.cluster.local"',
-                     f'destination_principal="{REVIEWS_ID}"', 'request_protocol="tcp"',
-                     'source_workload="client"')  # fmt: skip
+            wants = (
+                'reporter="waypoint"',
+                'destination_service="db.default.svc.cluster.local"',
+                f'destination_principal="{REVIEWS_ID}"',
+                'request_protocol="tcp"',
+                'source_workload="client"',
+            )
             for want in wants:
                 assert want in opened[0], (want, opened[0])
             # The node proxy's label set and workload mapping (meshcore.telemetry), not a copy.
             names = re.findall(r'(\w+)="', opened[0])
             assert sorted(names) == sorted(TCP_LABELS)
-            recv = next(x for x in text.splitlines()
-                        if x.startswith("istio_tcp_received_bytes_total{"))  # fmt: skip
+            recv = next(
+                x for x in text.splitlines() if x.startswith("istio_tcp_received_bytes_total{")
+            )
             assert recv.endswith(f" {float(len(payload))}")
             # An HTTP client to the same port is still served as HTTP (routing, L7 policy): the
             # waypoint itself answers (the echo app does not speak HTTP: 502).

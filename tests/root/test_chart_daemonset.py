@@ -67,8 +67,18 @@ def helm() -> str:
 
 
 def render_daemonset(sets: list[str]) -> dict[str, Any]:
-    argv = [helm(), "template", "ambient", str(CHART), "-n", NAMESPACE, "--kube-version", "1.33.0",
-            "--show-only", "templates/node-daemonset.yaml"]  # fmt: skip
+    argv = [
+        helm(),
+        "template",
+        "ambient",
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--kube-version",
+        "1.33.0",
+        "--show-only",
+        "templates/node-daemonset.yaml",
+    ]
     for s in sets:
         argv += ["--set", s]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -81,8 +91,9 @@ def render_daemonset(sets: list[str]) -> dict[str, Any]:
 # ------------------------------------------------ a tiny kubelet (env, $(VAR), paths: the lab's)
 
 
-def mount_map(pod: Mapping[str, Any], container: Mapping[str, Any],
-              materialised: Mapping[str, Path]) -> dict[str, Path]:  # fmt: skip
+def mount_map(
+    pod: Mapping[str, Any], container: Mapping[str, Any], materialised: Mapping[str, Path]
+) -> dict[str, Path]:
     """container mountPath -> host path (hostPath volumes as rendered; others materialised)."""
     volumes = {v["name"]: v for v in pod["volumes"]}
     out = {}
@@ -104,8 +115,9 @@ def capabilities(container: Mapping[str, Any]) -> str:
 Argv = list[str]
 
 
-def container_argv(pod: Mapping[str, Any], name: str, fields: Mapping[str, str],
-                   materialised: Mapping[str, Path]) -> tuple[Argv, dict[str, str]]:  # fmt: skip
+def container_argv(
+    pod: Mapping[str, Any], name: str, fields: Mapping[str, str], materialised: Mapping[str, Path]
+) -> tuple[Argv, dict[str, str]]:
     c = next(c for c in pod["containers"] if c["name"] == name)
     env = resolve_env(c, fields)
     mounts = mount_map(pod, c, materialised)
@@ -114,8 +126,14 @@ def container_argv(pod: Mapping[str, Any], name: str, fields: Mapping[str, str],
     sc = c["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False
     assert not sc.get("privileged")
-    limited = ["setpriv", f"--bounding-set={capabilities(c)}", "--inh-caps=-all", "--no-new-privs",
-               "--", *argv]  # fmt: skip
+    limited = [
+        "setpriv",
+        f"--bounding-set={capabilities(c)}",
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+        *argv,
+    ]
     return limited, env
 
 
@@ -166,8 +184,13 @@ def api_standin(deleted: dict[str, bool], netns: str = "") -> Iterator[str]:
 Procs = Mapping[str, subprocess.Popen[bytes]]
 
 
-def wait_for(pred: Any, what: str, timeout: float = 60, procs: Procs | None = None,
-             logs: Mapping[str, Path] | None = None) -> None:  # fmt: skip
+def wait_for(
+    pred: Any,
+    what: str,
+    timeout: float = 60,
+    procs: Procs | None = None,
+    logs: Mapping[str, Path] | None = None,
+) -> None:
     procs, logs = procs or {}, logs or {}
     deadline = time.monotonic() + timeout
     while not pred():
@@ -211,17 +234,24 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
         sock_dir, bin_dir, conf_dir = host / "run-ambient", host / "cni-bin", host / "cni-conf"
         for d in (sock_dir, bin_dir, conf_dir):
             d.mkdir(parents=True)
-        ds = render_daemonset([
-            f"node.xdsAddress={XDS_ADDRESS}",
-            f"cni.socketDir={sock_dir}", f"cni.binDir={bin_dir}", f"cni.confDir={conf_dir}",
-            "cni.recheckSeconds=1", f"node.agent.bpffsDir=/sys/fs/bpf/{NODE}",
-            "node.agent.uplink=eth0", "node.drainTimeoutSeconds=1",
-            # The lab has no API server: its control plane authenticates node proxies by node
-            # tokens and the agent reads labels from manifests (cluster defaults: TokenReview,
-            # labels from the API; those are tested against the API stand-in).
-            "auth.mode=nodeCredentials", "node.agent.labelsFrom=configMap",
-            f"node.handoverDir={host / 'handover'}",
-        ])  # fmt: skip
+        ds = render_daemonset(
+            [
+                f"node.xdsAddress={XDS_ADDRESS}",
+                f"cni.socketDir={sock_dir}",
+                f"cni.binDir={bin_dir}",
+                f"cni.confDir={conf_dir}",
+                "cni.recheckSeconds=1",
+                f"node.agent.bpffsDir=/sys/fs/bpf/{NODE}",
+                "node.agent.uplink=eth0",
+                "node.drainTimeoutSeconds=1",
+                # The lab has no API server: its control plane authenticates node proxies by node
+                # tokens and the agent reads labels from manifests (cluster defaults: TokenReview,
+                # labels from the API; those are tested against the API stand-in).
+                "auth.mode=nodeCredentials",
+                "node.agent.labelsFrom=configMap",
+                f"node.handoverDir={host / 'handover'}",
+            ]
+        )
         pod = ds["spec"]["template"]["spec"]
         assert pod["hostNetwork"] is True
 
@@ -260,9 +290,13 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
                 argv = system.nsenter(plan.netns, argv)
             logs[name] = host / f"{name}.log"
             with open(logs[name], "wb") as out:
-                procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL,
-                                               env=base_env({**env, **extra_env}))  # fmt: skip
+                procs[name] = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=base_env({**env, **extra_env}),
+                )
 
         start("agent")
         agent_sock = sock_dir / "cni.sock"
@@ -273,8 +307,12 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
         zt = next(c for c in pod["containers"] if c["name"] == "ztunnel")
         zt_mounts = mount_map(pod, zt, materialised)
         probe = [map_paths(a, zt_mounts) for a in zt["readinessProbe"]["exec"]["command"]]
-        wait_for(lambda: subprocess.run(probe, check=False).returncode == 0,
-                 "rendered readiness probe", procs=procs, logs=logs)  # fmt: skip
+        wait_for(
+            lambda: subprocess.run(probe, check=False).returncode == 0,
+            "rendered readiness probe",
+            procs=procs,
+            logs=logs,
+        )
         assert system.http_ok(plan.netns, f"http://{plan.ip}:15021/healthz/ready")
 
         # The agent: answers on the rendered socket and keeps node-2's ambient pod enrolled.
@@ -294,37 +332,64 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
         rc, out = call(lab, "demo/client", "echo", 80, "via the chart")
         assert rc == 0, out
         assert f"you are {client_ip}:" in out, out
-        wait_for(lambda: SLEEP in logs["ztunnel"].read_text(), "access log", timeout=10,
-                 procs=procs, logs=logs)  # fmt: skip
+        wait_for(
+            lambda: SLEEP in logs["ztunnel"].read_text(),
+            "access log",
+            timeout=10,
+            procs=procs,
+            logs=logs,
+        )
         lines = logs["ztunnel"].read_text().splitlines()
-        inbound = [json.loads(line[line.index("{"):]) for line in lines
-                   if "ztunnel.access" in line and "{" in line]  # fmt: skip
+        inbound = [
+            json.loads(line[line.index("{") :])
+            for line in lines
+            if "ztunnel.access" in line and "{" in line
+        ]
         assert any(a["src.identity"] == SLEEP and a["dst.identity"] == ECHO for a in inbound)
 
         # install-cni: plugin copied, ambient-cni chained last with the rendered socket.
         deleted = {"value": False}
         with api_standin(deleted) as api:
-            extra = {"CNI_PLUGIN_SRC": str(plugin_src), "READY_FILE": str(tmp / "cni-installed"),
-                     "AMBIENT_API_SERVER": api}  # fmt: skip
+            extra = {
+                "CNI_PLUGIN_SRC": str(plugin_src),
+                "READY_FILE": str(tmp / "cni-installed"),
+                "AMBIENT_API_SERVER": api,
+            }
             start("install-cni", netns=False, extra_env=extra)  # it only touches files
-            wait_for(lambda: (tmp / "cni-installed").exists(), "install-cni ready",
-                     procs=procs, logs=logs)  # fmt: skip
+            wait_for(
+                lambda: (tmp / "cni-installed").exists(),
+                "install-cni ready",
+                procs=procs,
+                logs=logs,
+            )
             chained = json.loads((conf_dir / "10-lab.conflist").read_text())
-            assert chained["plugins"][-1] == {"type": "ambient-cni", "agentSocket": str(agent_sock),
-                                              "agentTimeout": 5.0}  # fmt: skip
+            assert chained["plugins"][-1] == {
+                "type": "ambient-cni",
+                "agentSocket": str(agent_sock),
+                "agentTimeout": 5.0,
+            }
             assert chained["plugins"][:-1] == conflist["plugins"]
             plugin = bin_dir / "ambient-cni"
             assert os.access(plugin, os.X_OK)
             assert plugin.read_bytes() == plugin_src.read_bytes()
-            version = subprocess.run([str(plugin)], input=b'{"cniVersion": "1.0.0"}',
-                                     env={"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]},
-                                     capture_output=True, timeout=30)  # fmt: skip
+            version = subprocess.run(
+                [str(plugin)],
+                input=b'{"cniVersion": "1.0.0"}',
+                env={"CNI_COMMAND": "VERSION", "PATH": os.environ["PATH"]},
+                capture_output=True,
+                timeout=30,
+            )
             assert version.returncode == 0
             assert "1.0.0" in version.stdout.decode()
             # The primary CNI rewrites its conflist: we are chained again within a re-check.
             (conf_dir / "10-lab.conflist").write_text(json.dumps(conflist))
-            wait_for(lambda: "ambient-cni" in (conf_dir / "10-lab.conflist").read_text(),
-                     "re-chain", timeout=10, procs=procs, logs=logs)  # fmt: skip
+            wait_for(
+                lambda: "ambient-cni" in (conf_dir / "10-lab.conflist").read_text(),
+                "re-chain",
+                timeout=10,
+                procs=procs,
+                logs=logs,
+            )
 
             # Rolling update (the DaemonSet still exists): the entry and the plugin stay.
             stop(procs.pop("install-cni"))
@@ -332,8 +397,12 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
             assert plugin.exists()
             # Uninstall (the DaemonSet is gone): both removed, the conflist as it was.
             start("install-cni", netns=False, extra_env=extra)
-            wait_for(lambda: (tmp / "cni-installed").exists(), "install-cni ready again",
-                     procs=procs, logs=logs)  # fmt: skip
+            wait_for(
+                lambda: (tmp / "cni-installed").exists(),
+                "install-cni ready again",
+                procs=procs,
+                logs=logs,
+            )
             deleted["value"] = True
             stop(procs.pop("install-cni"))
             assert json.loads((conf_dir / "10-lab.conflist").read_text()) == conflist
@@ -345,24 +414,33 @@ def test_rendered_daemonset_runs_in_a_lab_node(tmp_path: Path) -> None:
         agent = next(c for c in pod["containers"] if c["name"] == "agent")
         hook = agent["lifecycle"]["preStop"]["exec"]["command"]
         mounts = mount_map(pod, agent, materialised)
-        hook = ["setpriv", f"--bounding-set={capabilities(agent)}", "--inh-caps=-all",
-                "--no-new-privs", "--", *(map_paths(h, mounts) for h in hook)]  # fmt: skip
+        hook = [
+            "setpriv",
+            f"--bounding-set={capabilities(agent)}",
+            "--inh-caps=-all",
+            "--no-new-privs",
+            "--",
+            *(map_paths(h, mounts) for h in hook),
+        ]
         pins = lab.paths.bpf_dir(NODE)
         assert any(pins.iterdir()), "capture pins expected before the hook"
         deleted = {"value": False}
         with api_standin(deleted, plan.netns) as api:
             env = base_env({**resolve_env(agent, fields), "AMBIENT_API_SERVER": api})
-            proc = subprocess.run(system.nsenter(plan.netns, hook), env=env, capture_output=True,
-                                  timeout=60)  # fmt: skip
+            proc = subprocess.run(
+                system.nsenter(plan.netns, hook), env=env, capture_output=True, timeout=60
+            )
             assert proc.returncode == 0, proc.stderr.decode()
             assert any(pins.iterdir()), "a rolling update must keep capture"
             deleted["value"] = True
-            proc = subprocess.run(system.nsenter(plan.netns, hook), env=env, capture_output=True,
-                                  timeout=60)  # fmt: skip
+            proc = subprocess.run(
+                system.nsenter(plan.netns, hook), env=env, capture_output=True, timeout=60
+            )
             assert proc.returncode == 0, proc.stderr.decode()
             assert not pins.exists() or not any(pins.iterdir()), list(pins.iterdir())
-            tc = system.run(system.nsenter(plan.netns, ["tc", "filter", "show", "dev", "eth0",
-                                                        "ingress"]))  # fmt: skip
+            tc = system.run(
+                system.nsenter(plan.netns, ["tc", "filter", "show", "dev", "eth0", "ingress"])
+            )
             assert "ambient" not in tc
     finally:
         for p in procs.values():

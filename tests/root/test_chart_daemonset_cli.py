@@ -23,8 +23,10 @@ def test_cli_against_a_lab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     try:
         lab.up(manifests(tmp_path))
         capsys.readouterr()
-        assert main(["ztunnel-config", "certificate", "--lab", NAME, "--node", "node-1",
-                     "-o", "json"]) == 0  # fmt: skip
+        assert (
+            main(["ztunnel-config", "certificate", "--lab", NAME, "--node", "node-1", "-o", "json"])
+            == 0
+        )
         certs = json.loads(capsys.readouterr().out)
         assert SLEEP in [c["identity"] for c in certs if c["state"] == "available"]
         assert main(["proxy-status", "--lab", NAME, "-o", "json"]) == 0

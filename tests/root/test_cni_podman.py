@@ -101,10 +101,19 @@ class Node:
     """Short path: podman refuses a runroot longer than 50 characters."""
 
     def podman(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-        argv = system.nsenter(self.netns, [
-            "podman", "--root", str(self.tmp / "root"), "--runroot", str(self.runroot),
-            "--storage-driver", "vfs", *args,
-        ])  # fmt: skip
+        argv = system.nsenter(
+            self.netns,
+            [
+                "podman",
+                "--root",
+                str(self.tmp / "root"),
+                "--runroot",
+                str(self.runroot),
+                "--storage-driver",
+                "vfs",
+                *args,
+            ],
+        )
         env = {**os.environ, "CONTAINERS_CONF": str(self.tmp / "containers.conf")}
         return subprocess.run(argv, env=env, capture_output=True, timeout=timeout)
 
@@ -162,13 +171,19 @@ def _setup(n: Node) -> None:
     # node proxy: the container is workload bb (ns pm, sa default) on this node
     mesh = {
         "workloads": [
-            {"uid": "Kubernetes//Pod/pm/bb", "name": "bb", "namespace": "pm",
-             "serviceAccount": "default", "addresses": [POD_IP], "node": "pm-node",
-             "tunnelProtocol": "HBONE"},
+            {
+                "uid": "Kubernetes//Pod/pm/bb",
+                "name": "bb",
+                "namespace": "pm",
+                "serviceAccount": "default",
+                "addresses": [POD_IP],
+                "node": "pm-node",
+                "tunnelProtocol": "HBONE",
+            },
         ],
         "services": [],
         "policies": [],
-    }  # fmt: skip
+    }
     (t / "mesh.yaml").write_text(yaml.safe_dump(mesh))
     n.ztunnel_pid = system.spawn(
         system.nsenter(
@@ -202,13 +217,21 @@ def _setup(n: Node) -> None:
         "cniVersion": "1.0.0",
         "name": "pmtest",
         "plugins": [
-            {"type": "ptp", "ipMasq": False, "ipam": {
-                "type": "host-local", "dataDir": str(t / "ipam"),
-                "ranges": [[{"subnet": "10.99.0.0/24", "rangeStart": POD_IP, "rangeEnd": POD_IP}]],
-                "routes": [{"dst": "0.0.0.0/0"}]}},
+            {
+                "type": "ptp",
+                "ipMasq": False,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(t / "ipam"),
+                    "ranges": [
+                        [{"subnet": "10.99.0.0/24", "rangeStart": POD_IP, "rangeEnd": POD_IP}]
+                    ],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            },
             {"type": "ambient-cni", "agentSocket": str(n.sock), "defaultNamespace": "pm"},
         ],
-    }  # fmt: skip
+    }
     (t / "cni" / "pmtest.conflist").write_text(json.dumps(conflist))
     (t / "containers.conf").write_text(
         '[engine]\ncgroup_manager = "cgroupfs"\nruntime = "runc"\nevents_logger = "none"\n'
@@ -229,10 +252,24 @@ def _teardown(n: Node) -> None:
         if pid:
             system.stop(pid)
     if system.netns_exists(n.netns):
-        system.run(system.nsenter(n.netns, [
-            sys.executable, "-m", "cni.agent", "uninstall", "--node", "pm-node",
-            "--uplink", "up0", "--bpffs-dir", str(n.bpf / "pins"),
-        ]), check=False)  # fmt: skip
+        system.run(
+            system.nsenter(
+                n.netns,
+                [
+                    sys.executable,
+                    "-m",
+                    "cni.agent",
+                    "uninstall",
+                    "--node",
+                    "pm-node",
+                    "--uplink",
+                    "up0",
+                    "--bpffs-dir",
+                    str(n.bpf / "pins"),
+                ],
+            ),
+            check=False,
+        )
     system.netns_del(n.netns)
     system.netns_del(n.peer)
     system.umount(n.bpf)
@@ -254,11 +291,22 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 def test_podman_container_is_enrolled_and_captured(node: Node) -> None:
     proc = node.podman(
-        "run", "--rm", "--name", "bb", "--network", "pmtest",
-        "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
-        "--rootfs", str(node.tmp / "rootfs"),
-        "sh", "-c", f"ip -4 addr show eth0; echo captured | nc -w 3 {PEER_IP} 8080",
-    )  # fmt: skip
+        "run",
+        "--rm",
+        "--name",
+        "bb",
+        "--network",
+        "pmtest",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--rootfs",
+        str(node.tmp / "rootfs"),
+        "sh",
+        "-c",
+        f"ip -4 addr show eth0; echo captured | nc -w 3 {PEER_IP} 8080",
+    )
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert f"inet {POD_IP}/24" in out

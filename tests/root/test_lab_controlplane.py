@@ -96,9 +96,9 @@ def _has_policy(name: str) -> Any:
 
 def _ca_request(lab: Lab, node: str, token: str, identity: str) -> dict[str, str]:
     argv = lab.node_argv(
-        node, [sys.executable, "-c", CSR_SCRIPT, XDS_ADDRESS, str(lab.paths.roots), token,
-               identity],
-    )  # fmt: skip
+        node,
+        [sys.executable, "-c", CSR_SCRIPT, XDS_ADDRESS, str(lab.paths.roots), token, identity],
+    )
     proc = subprocess.run(argv, capture_output=True, timeout=60, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr.decode()
     result: dict[str, str] = json.loads(proc.stdout.decode().strip().splitlines()[-1])

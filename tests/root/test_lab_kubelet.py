@@ -92,13 +92,21 @@ def _get(netns: str, ip: str) -> tuple[int, str] | None:
 def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
     plan = topology.node_plan(LAB, NODE, 1)
     system.netns_add(plan.netns)
-    api = KubeApi(kubeconfig=kube.credential(
-        f"node-{NODE}", user=f"system:node:{NODE}", groups=("system:nodes",)))  # fmt: skip
+    api = KubeApi(
+        kubeconfig=kube.credential(
+            f"node-{NODE}", user=f"system:node:{NODE}", groups=("system:nodes",)
+        )
+    )
     conflist = topology.conflist(plan, ipam_dir=tmp_path / "ipam", agent_socket=None)
     kubelet = LabKubelet(
-        api=api, node=plan, lab=LAB, conflist=conflist, cni_path=[Path("/usr/lib/cni")],
-        root=tmp_path / "kubelet", path_env="/usr/sbin:/usr/bin:/sbin:/bin",
-    )  # fmt: skip
+        api=api,
+        node=plan,
+        lab=LAB,
+        conflist=conflist,
+        cni_path=[Path("/usr/lib/cni")],
+        root=tmp_path / "kubelet",
+        path_env="/usr/sbin:/usr/bin:/sbin:/bin",
+    )
     netns_before = set(Path("/run/netns").iterdir()) if Path("/run/netns").exists() else set()
 
     def scenario() -> None:
@@ -115,7 +123,7 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
                 if {"type": "Ready", "status": "True"}.items()
                 <= next(c for c in p["status"]["conditions"] if c["type"] == "Ready").items()
             ]
-            return ready if len(ready) == 2 else []  # fmt: skip
+            return ready if len(ready) == 2 else []
 
         pods = wait("two pods Running and Ready on the lab node", running)
         ips = sorted(p["status"]["podIP"] for p in pods)
@@ -135,14 +143,17 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
             _, slices = kube.request(
                 "GET", f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
             )
-            return sorted(a for s in slices["items"] for e in s.get("endpoints") or []
-                          for a in e["addresses"])  # fmt: skip
+            return sorted(
+                a for s in slices["items"] for e in s.get("endpoints") or [] for a in e["addresses"]
+            )
 
         wait("EndpointSlice with both pods", lambda: slice_ips() == ips)
         # Scale to zero: graceful deletes; the kubelet stops, CNI-DELs and finally deletes.
         kube.kubectl("scale", "-n", NS, "deployment", "echo", "--replicas=0")
-        wait("pods gone", lambda: not kube.request("GET", f"/api/v1/namespaces/{NS}/pods")[1][
-            "items"])  # fmt: skip
+        wait(
+            "pods gone",
+            lambda: not kube.request("GET", f"/api/v1/namespaces/{NS}/pods")[1]["items"],
+        )
         assert kubelet.pods == {}
         left = set(Path("/run/netns").iterdir()) - netns_before - {Path("/run/netns", plan.netns)}
         assert not left, left

@@ -117,8 +117,7 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     r = load(lab, 100)
     assert r["errors"] == 0, r
     assert set(r["versions"]) == {"v1", "v2"}, r
-    assert "default/waypoint-waypoint" not in [f"{p['namespace']}/{p['name']}"
-                                               for p in lab.pods()]  # fmt: skip
+    assert "default/waypoint-waypoint" not in [f"{p['namespace']}/{p['name']}" for p in lab.pods()]
 
     assert _apply(lab) == 0
     cfg = waypoint_config(lab)
@@ -131,8 +130,11 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
 
     # The seed's VirtualService, exactly as written.
     apply_file(lab, EXAMPLE / "config" / "reviews-route.yaml")
-    wait_config(lab, lambda c: any(t["name"] == "default/reviews-route"
-                                   for t in c["route_tables"]), "reviews-route")  # fmt: skip
+    wait_config(
+        lab,
+        lambda c: any(t["name"] == "default/reviews-route" for t in c["route_tables"]),
+        "reviews-route",
+    )
     r = load(lab, N)
     assert r["errors"] == 0, r
     assert r["status"] == {"200": N}, r
@@ -145,16 +147,20 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     total = sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
-        if line.startswith("istio_requests_total{") and 'reporter="waypoint"' in line
+        if line.startswith("istio_requests_total{")
+        and 'reporter="waypoint"' in line
         and 'response_code="200"' in line
-    )  # fmt: skip
+    )
     assert total >= N + 100
 
     # L7 deny at the waypoint: 403, and the app never sees the request.
     marks = {v: _log(lab, v).count("/private") for v in ("v1", "v2")}
     apply_file(lab, EXAMPLE / "config" / "deny-private.yaml")
-    wait_config(lab, lambda c: any(p["name"] == "default/deny-private"
-                                   for p in c["policies"]), "deny-private")  # fmt: skip
+    wait_config(
+        lab,
+        lambda c: any(p["name"] == "default/deny-private" for p in c["policies"]),
+        "deny-private",
+    )
     r = load(lab, 20, url="http://reviews:9080/private/x")
     assert r["status"] == {"403": 20}, r
     r = load(lab, 20, url="http://reviews:9080/public")
@@ -164,18 +170,25 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
     # No bypass: straight to the reviews-v2 pod with the bound service -> 401 from its node
     # proxy; the same request as a plain client (through the node proxy) still works.
     v2 = lab.pod("default/reviews-v2")
-    argv = lab.node_argv("node-1", [
-        sys.executable, "-c", BYPASS_SCRIPT, XDS_ADDRESS, str(lab.paths.roots),
-        lab.paths.node_token("node-1").read_text().strip(), v2.ip,
-        "spiffe://cluster.local/ns/default/sa/reviews",
-    ])  # fmt: skip
+    argv = lab.node_argv(
+        "node-1",
+        [
+            sys.executable,
+            "-c",
+            BYPASS_SCRIPT,
+            XDS_ADDRESS,
+            str(lab.paths.roots),
+            lab.paths.node_token("node-1").read_text().strip(),
+            v2.ip,
+            "spiffe://cluster.local/ns/default/sa/reviews",
+        ],
+    )
     proc = subprocess.run(argv, capture_output=True, timeout=60, cwd=Path(__file__).parents[2])
     assert proc.stdout.decode().strip().splitlines()[-1:] == ["401"], proc.stderr.decode()
 
     # Delete: the binding goes first, then the pod; traffic is L4 again (no L7 deny).
     assert _run(lab, "delete") == 0
-    assert "default/waypoint-waypoint" not in [f"{p['namespace']}/{p['name']}"
-                                               for p in lab.pods()]  # fmt: skip
+    assert "default/waypoint-waypoint" not in [f"{p['namespace']}/{p['name']}" for p in lab.pods()]
     r = load(lab, 20, url="http://reviews:9080/private/x")
     assert r["status"] == {"200": 20}, r
     assert not system.netns_exists(wp.netns)
@@ -212,13 +225,20 @@ def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None
     metrics, x-ratelimit-limit on admitted and refused responses)."""
     assert _apply(lab) == 0
     key = new_key("RS256")
-    token = mint(key, "RS256", {"iss": "https://issuer.lab", "sub": "alice",
-                                "exp": time.time() + 3600}, kid="k1")  # fmt: skip
+    token = mint(
+        key,
+        "RS256",
+        {"iss": "https://issuer.lab", "sub": "alice", "exp": time.time() + 3600},
+        kid="k1",
+    )
     jwt_file = tmp_path / "jwt.yaml"
     jwt_file.write_text(_jwt_policies(jwks(jwk(key, "k1"))))
     apply_file(lab, jwt_file)
-    wait_config(lab, lambda c: {"default/jwt", "default/require-jwt"}
-                <= {p["name"] for p in c["policies"]}, "jwt policies")  # fmt: skip
+    wait_config(
+        lab,
+        lambda c: {"default/jwt", "default/require-jwt"} <= {p["name"] for p in c["policies"]},
+        "jwt policies",
+    )
     private = "http://reviews:9080/secure/x"
     assert load(lab, 5, url=private)["status"] == {"403": 5}
     r = load(lab, 5, f"authorization:Bearer {token}", url=private)

@@ -15,8 +15,11 @@ from meshcore.config.findings import check_object
 
 ROOT = Path(__file__).resolve().parents[2]
 BOOKINFO = ROOT / "tests" / "data" / "bookinfo"
-EXAMPLES = [ROOT / "charts" / "ambient" / "examples", ROOT / "examples" / "lab",
-            ROOT / "examples" / "lab-waypoint"]  # fmt: skip
+EXAMPLES = [
+    ROOT / "charts" / "ambient" / "examples",
+    ROOT / "examples" / "lab",
+    ROOT / "examples" / "lab-waypoint",
+]
 
 
 def analyze(capsys: pytest.CaptureFixture[str], *paths: Path) -> list[dict[str, str]]:

@@ -46,14 +46,16 @@ def translated(directory: Path) -> dict[str, Service]:
 
 
 def test_generate_prints_a_waypoint_gateway(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "waypoint", "generate", "--name", "wp", "-n", "shop",
-                       "--for", "all")  # fmt: skip
+    code, out, _ = run(capsys, "waypoint", "generate", "--name", "wp", "-n", "shop", "--for", "all")
     assert code == 0
     doc = yaml.safe_load(out)
     assert doc["kind"] == "Gateway"
     assert doc["spec"]["gatewayClassName"] == "istio-waypoint"
-    assert doc["metadata"] == {"name": "wp", "namespace": "shop",
-                               "labels": {"istio.io/waypoint-for": "all"}}  # fmt: skip
+    assert doc["metadata"] == {
+        "name": "wp",
+        "namespace": "shop",
+        "labels": {"istio.io/waypoint-for": "all"},
+    }
     assert doc["spec"]["listeners"] == [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]
     code, out, _ = run(capsys, "waypoint", "generate", "--service-account", "reviews")
     assert yaml.safe_load(out)["metadata"]["labels"]["istio.io/waypoint-for"] == "workload"
@@ -69,10 +71,15 @@ def test_apply_enroll_list_delete_round_trip(
     assert code == 0
     assert "labeled" in out
     assert (tmp_path / "waypoint-default-waypoint.yaml").exists()
-    ns = next(d for d in yaml.safe_load_all((tmp_path / "base.yaml").read_text())
-              if d["kind"] == "Namespace")  # fmt: skip
-    assert ns["metadata"]["labels"] == {"istio.io/dataplane-mode": "ambient",
-                                        "istio.io/use-waypoint": "waypoint"}  # fmt: skip
+    ns = next(
+        d
+        for d in yaml.safe_load_all((tmp_path / "base.yaml").read_text())
+        if d["kind"] == "Namespace"
+    )
+    assert ns["metadata"]["labels"] == {
+        "istio.io/dataplane-mode": "ambient",
+        "istio.io/use-waypoint": "waypoint",
+    }
     svcs = translated(tmp_path)
     wp = svcs[key].waypoint
     assert wp is not None
@@ -100,8 +107,17 @@ def test_apply_enroll_list_delete_round_trip(
 def test_service_account_waypoint_binds_the_service_account(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _out, _ = run(capsys, "waypoint", "apply", "-d", str(tmp_path), "--name", "rv-wp",
-                       "--service-account", "reviews")  # fmt: skip
+    code, _out, _ = run(
+        capsys,
+        "waypoint",
+        "apply",
+        "-d",
+        str(tmp_path),
+        "--name",
+        "rv-wp",
+        "--service-account",
+        "reviews",
+    )
     assert code == 0
     sa = yaml.safe_load((tmp_path / "serviceaccount-default-reviews.yaml").read_text())
     assert sa["kind"] == "ServiceAccount"
@@ -115,15 +131,20 @@ def test_service_account_waypoint_binds_the_service_account(
     [
         (["waypoint", "apply"], "give -d DIR"),
         (["waypoint", "list", "-d", "/nonexistent-dir-xyz"], "not a directory"),
-        (["waypoint", "apply", "-d", ".", "--for", "workload", "--enroll-namespace"],
-         "needs --for service"),
+        (
+            ["waypoint", "apply", "-d", ".", "--for", "workload", "--enroll-namespace"],
+            "needs --for service",
+        ),
         (["waypoint", "status", "--lab", "no-such-lab-x"], "no lab"),
     ],
-)  # fmt: skip
+)
 def test_helpful_errors(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    argv: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv)
     assert code != 0

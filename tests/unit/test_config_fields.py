@@ -52,8 +52,10 @@ def test_unimplemented_kinds_are_reported() -> None:
     assert check_object("Gateway", istio_gw)[0].code == KIND
     ingress = {"apiVersion": "gateway.networking.k8s.io/v1", "spec": {"gatewayClassName": "x"}}
     assert check_object("Gateway", ingress)[0].code == KIND
-    waypoint = {"apiVersion": "gateway.networking.k8s.io/v1",
-                "spec": {"gatewayClassName": "istio-waypoint"}}  # fmt: skip
+    waypoint = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "spec": {"gatewayClassName": "istio-waypoint"},
+    }
     assert check_object("Gateway", waypoint) == []
 
 
@@ -140,27 +142,54 @@ def test_label_values_outside_the_allowed_set_are_reported() -> None:
 # Issue 10 item 7: each silently ignored field is now implemented or reported.
 ITEM_7 = [
     ("HTTPRoute", "spec.rules[0].sessionPersistence", {"rules": [{"sessionPersistence": {}}]}),
-    ("HTTPRoute", "spec.rules[0].backendRefs[0].filters",
-     {"rules": [{"backendRefs": [{"name": "a", "filters": []}]}]}),
-    ("HTTPRoute", "spec.parentRefs[0].sectionName", {"parentRefs": [{"name": "a",
-                                                                      "sectionName": "x"}]}),
+    (
+        "HTTPRoute",
+        "spec.rules[0].backendRefs[0].filters",
+        {"rules": [{"backendRefs": [{"name": "a", "filters": []}]}]},
+    ),
+    (
+        "HTTPRoute",
+        "spec.parentRefs[0].sectionName",
+        {"parentRefs": [{"name": "a", "sectionName": "x"}]},
+    ),
     ("VirtualService", "spec.http[0].retries.backoff", {"http": [{"retries": {"backoff": "1s"}}]}),
-    ("VirtualService", "spec.http[0].retries.retryIgnorePreviousHosts",
-     {"http": [{"retries": {"retryIgnorePreviousHosts": True}}]}),
-    ("VirtualService", "spec.http[0].redirect.derivePort",
-     {"http": [{"redirect": {"derivePort": "FROM_PROTOCOL_DEFAULT"}}]}),
+    (
+        "VirtualService",
+        "spec.http[0].retries.retryIgnorePreviousHosts",
+        {"http": [{"retries": {"retryIgnorePreviousHosts": True}}]},
+    ),
+    (
+        "VirtualService",
+        "spec.http[0].redirect.derivePort",
+        {"http": [{"redirect": {"derivePort": "FROM_PROTOCOL_DEFAULT"}}]},
+    ),
     ("VirtualService", "spec.exportTo", {"exportTo": ["."]}),
-    ("DestinationRule", "spec.trafficPolicy.connectionPool.http.maxRetries",
-     {"trafficPolicy": {"connectionPool": {"http": {"maxRetries": 3}}}}),
-    ("DestinationRule", "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
-     {"trafficPolicy": {"connectionPool": {"tcp": {"tcpKeepalive": {}}}}}),
-    ("DestinationRule", "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
-     {"trafficPolicy": {"connectionPool": {"tcp": {"maxConnectionDuration": "1h"}}}}),
-    ("DestinationRule", "spec.trafficPolicy.outlierDetection.minHealthPercent",
-     {"trafficPolicy": {"outlierDetection": {"minHealthPercent": 50}}}),
-    ("DestinationRule", "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
-     {"trafficPolicy": {"outlierDetection": {"splitExternalLocalOriginErrors": True}}}),
-]  # fmt: skip
+    (
+        "DestinationRule",
+        "spec.trafficPolicy.connectionPool.http.maxRetries",
+        {"trafficPolicy": {"connectionPool": {"http": {"maxRetries": 3}}}},
+    ),
+    (
+        "DestinationRule",
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        {"trafficPolicy": {"connectionPool": {"tcp": {"tcpKeepalive": {}}}}},
+    ),
+    (
+        "DestinationRule",
+        "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
+        {"trafficPolicy": {"connectionPool": {"tcp": {"maxConnectionDuration": "1h"}}}},
+    ),
+    (
+        "DestinationRule",
+        "spec.trafficPolicy.outlierDetection.minHealthPercent",
+        {"trafficPolicy": {"outlierDetection": {"minHealthPercent": 50}}},
+    ),
+    (
+        "DestinationRule",
+        "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
+        {"trafficPolicy": {"outlierDetection": {"splitExternalLocalOriginErrors": True}}},
+    ),
+]
 
 
 @pytest.mark.parametrize(("kind", "path", "spec"), ITEM_7, ids=[p for _, p, _ in ITEM_7])

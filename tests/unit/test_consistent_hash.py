@@ -32,8 +32,10 @@ spec:
 
 def cluster(policy: TrafficPolicy, n: int) -> Cluster:
     c = Cluster(name="c", policy=policy)
-    c.update([EndpointSpec(uid=f"ep{i}", ip=f"10.0.0.{i}", port=80, identity=ID)
-              for i in range(n)], policy)  # fmt: skip
+    c.update(
+        [EndpointSpec(uid=f"ep{i}", ip=f"10.0.0.{i}", port=80, identity=ID) for i in range(n)],
+        policy,
+    )
     return c
 
 
@@ -56,8 +58,10 @@ def test_header_key_is_sticky_spread_and_moves_only_the_removed_endpoints_keys()
     assert min(spread.values()) > 50
     # Remove ep2: its keys move; most others stay (the ring is re-spread over 4 endpoints, as
     # Envoy's ring is; a modulo hash would move ~80% of them).
-    c.update([EndpointSpec(uid=f"ep{i}", ip=f"10.0.0.{i}", port=80, identity=ID)
-              for i in (0, 1, 3, 4)], policy)  # fmt: skip
+    c.update(
+        [EndpointSpec(uid=f"ep{i}", ip=f"10.0.0.{i}", port=80, identity=ID) for i in (0, 1, 3, 4)],
+        policy,
+    )
     kept = moved = 0
     for u, uid in first.items():
         key = hash_key(policy.hash, [("x-user", f"u{u}")], "/", "")
@@ -86,8 +90,9 @@ def test_header_key_is_sticky_spread_and_moves_only_the_removed_endpoints_keys()
         ("{httpHeaderName: X-User, ringHash: {minimumRingSize: 64}}", [], "/", "", None),
     ],
 )
-def test_keys(spec: str, headers: list[tuple[str, str]], target: str, ip: str,
-              want: bytes | None) -> None:  # fmt: skip
+def test_keys(
+    spec: str, headers: list[tuple[str, str]], target: str, ip: str, want: bytes | None
+) -> None:
     assert hash_key(dr(spec).hash, headers, target, ip) == want
 
 

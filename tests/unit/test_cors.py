@@ -57,9 +57,11 @@ def test_virtual_service_cors_policy() -> None:
     assert origin == "https://app.example"
     assert dict(preflight_headers(p, origin)) == {
         "access-control-allow-origin": "https://app.example",
-        "access-control-allow-methods": "GET,POST", "access-control-allow-headers": "x-a",
-        "access-control-max-age": "86400", "access-control-allow-credentials": "true",
-    }  # fmt: skip
+        "access-control-allow-methods": "GET,POST",
+        "access-control-allow-headers": "x-a",
+        "access-control-max-age": "86400",
+        "access-control-allow-credentials": "true",
+    }
     assert allowed_origin(p, [("origin", "https://x.dev.example")]) == "https://x.dev.example"
     assert allowed_origin(p, [("origin", "https://evil.example")]) is None
     assert allowed_origin(p, []) is None

@@ -63,20 +63,23 @@ GATEWAY: dict[str, Any] = {
     "apiVersion": "gateway.networking.k8s.io/v1",
     "kind": "Gateway",
     "metadata": {"name": "waypoint", "namespace": "default"},
-    "spec": {"gatewayClassName": "istio-waypoint",
-             "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
-}  # fmt: skip
+    "spec": {
+        "gatewayClassName": "istio-waypoint",
+        "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+    },
+}
 DENY = {
     "apiVersion": "security.istio.io/v1",
     "kind": "AuthorizationPolicy",
     "metadata": {"name": "deny-private", "namespace": "default"},
     "spec": {
-        "targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io",
-                        "name": "waypoint"}],
+        "targetRefs": [
+            {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}
+        ],
         "action": "DENY",
         "rules": [{"to": [{"operation": {"paths": ["/private*"]}}]}],
     },
-}  # fmt: skip
+}
 
 
 def pod(name: str, ip: str, labels: dict[str, str], sa: str = "") -> dict[str, Any]:
@@ -91,12 +94,18 @@ def pod(name: str, ip: str, labels: dict[str, str], sa: str = "") -> dict[str, A
 REVIEWS_SVC = {
     "kind": "Service",
     "metadata": {"name": "reviews", "namespace": "default"},
-    "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "reviews"},
-             "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]},
-}  # fmt: skip
-WP_POD = pod("waypoint-waypoint", "10.0.0.9",
-             {"gateway.networking.k8s.io/gateway-name": "waypoint",
-              "istio.io/dataplane-mode": "none"}, sa="waypoint")  # fmt: skip
+    "spec": {
+        "clusterIP": "10.96.0.20",
+        "selector": {"app": "reviews"},
+        "ports": [{"name": "http", "port": 9080, "targetPort": 9080}],
+    },
+}
+WP_POD = pod(
+    "waypoint-waypoint",
+    "10.0.0.9",
+    {"gateway.networking.k8s.io/gateway-name": "waypoint", "istio.io/dataplane-mode": "none"},
+    sa="waypoint",
+)
 
 
 def snapshot(*docs: Any) -> Any:
@@ -107,10 +116,15 @@ def snapshot(*docs: Any) -> Any:
 
 def objects() -> list[Any]:
     return [
-        AMBIENT_NS, GATEWAY, REVIEWS_SVC, WP_POD, DENY, *yaml.safe_load_all(SEED),
+        AMBIENT_NS,
+        GATEWAY,
+        REVIEWS_SVC,
+        WP_POD,
+        DENY,
+        *yaml.safe_load_all(SEED),
         pod("reviews-v1", "10.0.0.1", {"app": "reviews", "version": "v1", "tier": "a"}),
         pod("reviews-v2", "10.0.0.2", {"app": "reviews", "version": "v2"}),
-    ]  # fmt: skip
+    ]
 
 
 def test_waypoint_gateway_becomes_a_service_fronting_its_pods_and_binds_the_namespace() -> None:
@@ -179,8 +193,10 @@ def test_l7_versions_change_only_with_the_object() -> None:
     changed = yaml.safe_load(SEED)
     changed["spec"]["http"][1]["route"][0]["weight"] = 50
     changed["spec"]["http"][1]["route"][1]["weight"] = 50
-    c = l7_resources(snapshot(*[o for o in objects() if o.get("kind") != "VirtualService"],
-                              changed), TranslateOptions())  # fmt: skip
+    c = l7_resources(
+        snapshot(*[o for o in objects() if o.get("kind") != "VirtualService"], changed),
+        TranslateOptions(),
+    )
     key = "VirtualService/default/reviews-route"
     assert c[key] != a[key]
     assert (
@@ -206,8 +222,12 @@ def test_xds_publish_set_sends_changes_and_removals_only() -> None:
 
 def test_waypoint_store_nacks_a_bad_resource_alone_and_applies_removals() -> None:
     store = L7Store()
-    good = L7Resource(kind="VirtualService", namespace="default", name="reviews-route",
-                      json=json.dumps(yaml.safe_load(SEED)))  # fmt: skip
+    good = L7Resource(
+        kind="VirtualService",
+        namespace="default",
+        name="reviews-route",
+        json=json.dumps(yaml.safe_load(SEED)),
+    )
     bad_kind = L7Resource(kind="Secret", namespace="default", name="x", json="{}")
     wrong = any_pb2.Any(type_url="type.googleapis.com/other", value=b"")
     resp = dpb.DeltaDiscoveryResponse(type_url=L7_TYPE, nonce="1")
@@ -282,16 +302,29 @@ def test_memoised_l7_resources_and_findings_equal_uncached() -> None:
     store = ConfigStore()
     ns_cache: NamespaceCache = {}
     f_cache: FindingsCache = {}
-    bad_vs = {**yaml.safe_load(SEED), "metadata": {"name": "bad", "namespace": "other"},
-              "spec": {"hosts": ["x"], "bogus": 1}}  # fmt: skip
+    bad_vs = {
+        **yaml.safe_load(SEED),
+        "metadata": {"name": "bad", "namespace": "other"},
+        "spec": {"hosts": ["x"], "bogus": 1},
+    }
     steps: list[list[Any]] = [
         [AMBIENT_NS, yaml.safe_load(SEED), bad_vs],
-        [{"kind": "Pod", "metadata": {"name": "p", "namespace": "default", "labels": {"a": "1"}},
-          "status": {"podIP": "10.0.0.1"}}],
-        [{"kind": "Pod", "metadata": {"name": "p", "namespace": "default", "labels": {"a": "2"}},
-          "status": {"podIP": "10.0.0.1"}}],
+        [
+            {
+                "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "default", "labels": {"a": "1"}},
+                "status": {"podIP": "10.0.0.1"},
+            }
+        ],
+        [
+            {
+                "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "default", "labels": {"a": "2"}},
+                "status": {"podIP": "10.0.0.1"},
+            }
+        ],
         [{**bad_vs, "spec": {"hosts": ["x"]}}],
-    ]  # fmt: skip
+    ]
     found = []
     for i, docs in enumerate(steps):
         previous = dict(ns_cache)
@@ -367,7 +400,8 @@ def test_control_plane_serves_mesh_settings_only_when_set(tmp_path: Any) -> None
     settings = parse_args([*args, "--path-normalization", "decode_and_merge_slashes"])
     assert settings.mesh == MeshSettings(path_normalization="DECODE_AND_MERGE_SLASHES")
     for mesh, served in ((MeshSettings(), False), (settings.mesh, True)):
-        cp = ControlPlane(replace(settings, listen="127.0.0.1:0", insecure_no_node_auth=True,
-                                  mesh=mesh))  # fmt: skip
+        cp = ControlPlane(
+            replace(settings, listen="127.0.0.1:0", insecure_no_node_auth=True, mesh=mesh)
+        )
         cp.translate_now()
         assert ("MeshSettings//mesh" in cp.xds.table.types.get(L7_TYPE, {})) is served

@@ -16,18 +16,25 @@ OTHER_SVC = "default/other.default.svc.cluster.local"
 
 def wl(name: str, node: str, ip: str, services: tuple[str, ...] = (), **over: Any) -> Any:
     d: dict[str, Any] = {
-        "uid": name, "name": name, "namespace": "default", "addresses": [ip], "node": node,
+        "uid": name,
+        "name": name,
+        "namespace": "default",
+        "addresses": [ip],
+        "node": node,
         "services": {k: {"ports": [{"servicePort": 80, "targetPort": 8080}]} for k in services},
-    }  # fmt: skip
+    }
     d.update(over)
     return parse_workload(d)
 
 
 def svc(name: str, vip: str, **over: Any) -> Any:
     d: dict[str, Any] = {
-        "name": name, "namespace": "default", "hostname": f"{name}.default.svc.cluster.local",
-        "addresses": [{"address": vip}], "ports": [{"servicePort": 80, "targetPort": 8080}],
-    }  # fmt: skip
+        "name": name,
+        "namespace": "default",
+        "hostname": f"{name}.default.svc.cluster.local",
+        "addresses": [{"address": vip}],
+        "ports": [{"servicePort": 80, "targetPort": 8080}],
+    }
     d.update(over)
     return parse_service(d)
 

@@ -121,17 +121,35 @@ def test_waypoint_binding_and_waypoint_for() -> None:
     gw = {"kind": "Gateway", "metadata": {"name": "wp", "namespace": "default"}}
     gw_all = {
         "kind": "Gateway",
-        "metadata": {"name": "wp-all", "namespace": "default",
-                     "labels": {"istio.io/waypoint-for": "all"}},
-    }  # fmt: skip
-    svc = {"kind": "Service", "metadata": {"name": "s", "namespace": "default"},
-           "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 80}]}}  # fmt: skip
-    sa = {"kind": "ServiceAccount", "metadata": {"name": "b", "namespace": "default",
-          "labels": {"istio.io/use-waypoint": "wp-all"}}}  # fmt: skip
+        "metadata": {
+            "name": "wp-all",
+            "namespace": "default",
+            "labels": {"istio.io/waypoint-for": "all"},
+        },
+    }
+    svc = {
+        "kind": "Service",
+        "metadata": {"name": "s", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 80}]},
+    }
+    sa = {
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": "b",
+            "namespace": "default",
+            "labels": {"istio.io/use-waypoint": "wp-all"},
+        },
+    }
     t, recs = translate(
-        ns, gw, gw_all, svc, sa, pod("a", "10.0.0.1"), pod("b", "10.0.0.2"),
+        ns,
+        gw,
+        gw_all,
+        svc,
+        sa,
+        pod("a", "10.0.0.1"),
+        pod("b", "10.0.0.2"),
         pod("c", "10.0.0.3", {"app": "c", "istio.io/use-waypoint": "wp"}),
-    )  # fmt: skip
+    )
     # Namespace binding to a service waypoint: services get it, workloads do not.
     assert recs["default/s.default.svc.cluster.local"].waypoint.hostname.hostname == (
         "wp.default.svc.cluster.local"
@@ -174,13 +192,16 @@ def _decide(recs: dict[str, Any], conn: ConnectionInfo) -> bool:
 
 
 def test_allow_rule_with_l7_attribute_is_dropped_never_widens() -> None:
-    ap = policy("allow", {
-        "selector": {"matchLabels": {"app": "web"}},
-        "rules": [
-            {"from": [{"source": {"principals": ["cluster.local/ns/default/sa/sleep"]}}]},
-            {"to": [{"operation": {"methods": ["GET"]}}]},  # L7: would allow everyone
-        ],
-    })  # fmt: skip
+    ap = policy(
+        "allow",
+        {
+            "selector": {"matchLabels": {"app": "web"}},
+            "rules": [
+                {"from": [{"source": {"principals": ["cluster.local/ns/default/sa/sleep"]}}]},
+                {"to": [{"operation": {"methods": ["GET"]}}]},  # L7: would allow everyone
+            ],
+        },
+    )
     t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), ap)
     auth: Authorization = recs["default/allow"]
     assert auth.scope is Scope.WORKLOAD_SELECTOR
@@ -191,11 +212,18 @@ def test_allow_rule_with_l7_attribute_is_dropped_never_widens() -> None:
 
 
 def test_deny_rule_with_l7_attribute_denies_on_l4_part() -> None:
-    ap = policy("deny", {
-        "action": "DENY",
-        "rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}],
-                   "to": [{"operation": {"ports": ["8080"], "paths": ["/admin"]}}]}],
-    })  # fmt: skip
+    ap = policy(
+        "deny",
+        {
+            "action": "DENY",
+            "rules": [
+                {
+                    "from": [{"source": {"requestPrincipals": ["*"]}}],
+                    "to": [{"operation": {"ports": ["8080"], "paths": ["/admin"]}}],
+                }
+            ],
+        },
+    )
     t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), ap)
     assert recs["default/deny"].scope is Scope.NAMESPACE
     assert not _decide(recs, _conn("sleep", 8080)), "denied on the L4 part (port 8080)"
@@ -204,8 +232,13 @@ def test_deny_rule_with_l7_attribute_denies_on_l4_part() -> None:
 
 
 def test_malformed_policy_fails_closed() -> None:
-    ap = policy("broken", {"selector": {"matchLabels": {"app": "web"}},
-                           "rules": [{"from": [{"source": {"ipBlocks": ["nope"]}}]}]})  # fmt: skip
+    ap = policy(
+        "broken",
+        {
+            "selector": {"matchLabels": {"app": "web"}},
+            "rules": [{"from": [{"source": {"ipBlocks": ["nope"]}}]}],
+        },
+    )
     t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), ap)
     assert recs["default/broken"].action is Action.ALLOW
     assert recs["default/broken"].rules == ()
@@ -214,14 +247,23 @@ def test_malformed_policy_fails_closed() -> None:
 
 
 def test_peer_authentication_scopes_and_port_levels() -> None:
-    mesh_strict = {"kind": "PeerAuthentication",
-                   "metadata": {"name": "default", "namespace": "istio-system"},
-                   "spec": {"mtls": {"mode": "STRICT"}}}  # fmt: skip
-    web_port = {"kind": "PeerAuthentication", "metadata": {"name": "web", "namespace": "default"},
-                "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"},
-                         "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}}}  # fmt: skip
-    _, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), pod("db", "10.0.0.2"), mesh_strict,
-                        web_port)  # fmt: skip
+    mesh_strict = {
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "istio-system"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    }
+    web_port = {
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "mtls": {"mode": "STRICT"},
+            "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}},
+        },
+    }
+    _, recs = translate(
+        AMBIENT_NS, pod("web", "10.0.0.1"), pod("db", "10.0.0.2"), mesh_strict, web_port
+    )
     assert (
         f"istio-system/{STATIC_STRICT}" in recs["Kubernetes//Pod/default/db"].authorization_policies
     )
@@ -229,8 +271,11 @@ def test_peer_authentication_scopes_and_port_levels() -> None:
     assert _decide(recs, _conn(None, 9090)), "port-level PERMISSIVE"
     assert _decide(recs, _conn("sleep", 8080)), "mTLS allowed"
     # Namespace PERMISSIVE overrides mesh STRICT.
-    ns_perm = {"kind": "PeerAuthentication", "metadata": {"name": "p", "namespace": "default"},
-               "spec": {"mtls": {"mode": "PERMISSIVE"}}}  # fmt: skip
+    ns_perm = {
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {"mtls": {"mode": "PERMISSIVE"}},
+    }
     _, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), mesh_strict, ns_perm)
     assert _decide(recs, _conn(None, 8080))
 
@@ -242,11 +287,10 @@ def test_malformed_peer_authentication_fails_closed_as_strict() -> None:
         "metadata": {"name": "web", "namespace": "default"},
         "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mod": "STRICT"}},
     }
-    t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), typo)  # fmt: skip
+    t, recs = translate(AMBIENT_NS, pod("web", "10.0.0.1"), typo)
     assert not _decide(recs, _conn(None, 8080)), "plaintext denied: enforced as STRICT"
     assert _decide(recs, _conn("sleep", 8080))
-    assert any("fail-closed as STRICT" in w.message and "mod" in w.message
-               for w in t.warnings())  # fmt: skip
+    assert any("fail-closed as STRICT" in w.message and "mod" in w.message for w in t.warnings())
 
 
 def test_translator_is_incremental_and_reports_deltas() -> None:

@@ -28,11 +28,18 @@ def gw(name: str = "waypoint", cls: str = "istio-waypoint", **annotations: str) 
     return {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
-        "metadata": {"name": name, "namespace": "shop", "uid": "u-1", "generation": 3,
-                     "annotations": annotations},
-        "spec": {"gatewayClassName": cls,
-                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
-    }  # fmt: skip
+        "metadata": {
+            "name": name,
+            "namespace": "shop",
+            "uid": "u-1",
+            "generation": 3,
+            "annotations": annotations,
+        },
+        "spec": {
+            "gatewayClassName": cls,
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+        },
+    }
 
 
 def test_class_filter() -> None:
@@ -53,9 +60,16 @@ def test_deployment_spec() -> None:
         MANAGED_BY: "ambient-controlplane",
     }
     owner = dep["metadata"]["ownerReferences"]
-    assert owner == [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-                      "name": "waypoint", "uid": "u-1", "controller": True,
-                      "blockOwnerDeletion": True}]  # fmt: skip
+    assert owner == [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "name": "waypoint",
+            "uid": "u-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
     tmpl = dep["spec"]["template"]
     assert tmpl["metadata"]["labels"] == {
         GATEWAY_NAME: "waypoint",
@@ -130,8 +144,12 @@ def test_status_programmed_and_transitions() -> None:
     assert rc["Programmed"]["lastTransitionTime"] == "2026-01-02T04:00:00Z"
     # unchanged status keeps its transition time: idempotent
     assert rc["Accepted"]["lastTransitionTime"] == "2026-01-02T03:04:05Z"
-    again = gateway_status({**gw(), "status": ready}, available=1, domain_suffix="cluster.local",
-                           now=datetime(2026, 1, 3, tzinfo=UTC))  # fmt: skip
+    again = gateway_status(
+        {**gw(), "status": ready},
+        available=1,
+        domain_suffix="cluster.local",
+        now=datetime(2026, 1, 3, tzinfo=UTC),
+    )
     assert again == ready
 
 
@@ -144,10 +162,15 @@ def test_status_with_field_findings() -> None:
         path="spec.addresses",
         message="not supported: waypoints get their address from their Service",
     )
-    warned = Finding(code="AMB0203", level="Warning", path="spec.listeners[0].hostname",
-                     message="ignored: not used by waypoints")  # fmt: skip
-    bad = gateway_status(gw(), available=1, domain_suffix="cluster.local", now=NOW,
-                         findings=[refused])  # fmt: skip
+    warned = Finding(
+        code="AMB0203",
+        level="Warning",
+        path="spec.listeners[0].hostname",
+        message="ignored: not used by waypoints",
+    )
+    bad = gateway_status(
+        gw(), available=1, domain_suffix="cluster.local", now=NOW, findings=[refused]
+    )
     cond = {c["type"]: c for c in bad["conditions"]}
     assert (cond["Accepted"]["status"], cond["Accepted"]["reason"]) == (
         "False",
@@ -155,8 +178,9 @@ def test_status_with_field_findings() -> None:
     )
     assert (cond["Programmed"]["status"], cond["Programmed"]["reason"]) == ("False", "Invalid")
     assert "[AMB0202] spec.addresses" in cond["Accepted"]["message"]
-    ok = gateway_status(gw(), available=1, domain_suffix="cluster.local", now=NOW,
-                        findings=[warned])  # fmt: skip
+    ok = gateway_status(
+        gw(), available=1, domain_suffix="cluster.local", now=NOW, findings=[warned]
+    )
     cond = {c["type"]: c for c in ok["conditions"]}
     assert cond["Accepted"]["status"] == "True"
     assert cond["Programmed"]["status"] == "True"
@@ -180,8 +204,16 @@ def test_flags() -> None:
 
     base = ["--kubernetes", "--ca-dir", "/nonexistent", "--namespace", "mesh"]
     assert parse_args(base).waypoints is None
-    s = parse_args([*base, "--waypoint-image", "img:1", "--token-audience", "aud",
-                    "--waypoint-arg=--drain-timeout=3"])  # fmt: skip
+    s = parse_args(
+        [
+            *base,
+            "--waypoint-image",
+            "img:1",
+            "--token-audience",
+            "aud",
+            "--waypoint-arg=--drain-timeout=3",
+        ]
+    )
     assert s.waypoints == WaypointSettings(
         image="img:1",
         xds_address="ambient-controlplane.mesh.svc:15012",

@@ -29,13 +29,28 @@ from meshcore.xds import ControlPlaneEndpoint, apply_response
 from tests.loopback.harness import mesh_config
 
 POLICY = {
-    "name": "p", "namespace": "default", "scope": "WORKLOAD_SELECTOR", "action": "DENY",
-    "rules": [{"clauses": [{"matches": [
-        {"notPrincipals": ["*"], "sourceIps": ["10.0.0.0/8", "fd00::/64"],
-         "principals": ["cluster.local/ns/*"], "destinationPorts": [80],
-         "serviceAccounts": [{"namespace": "a", "serviceAccount": "b"}]},
-    ]}]}],
-}  # fmt: skip
+    "name": "p",
+    "namespace": "default",
+    "scope": "WORKLOAD_SELECTOR",
+    "action": "DENY",
+    "rules": [
+        {
+            "clauses": [
+                {
+                    "matches": [
+                        {
+                            "notPrincipals": ["*"],
+                            "sourceIps": ["10.0.0.0/8", "fd00::/64"],
+                            "principals": ["cluster.local/ns/*"],
+                            "destinationPorts": [80],
+                            "serviceAccounts": [{"namespace": "a", "serviceAccount": "b"}],
+                        },
+                    ]
+                }
+            ]
+        }
+    ],
+}
 CONFIG = parse_mesh_config(mesh_config(policies=[POLICY]))
 RECORDS: list[Record] = [*CONFIG.workloads, *CONFIG.services, *CONFIG.policies]
 
@@ -68,9 +83,12 @@ def test_pre_encoded_response_parses_and_versions_are_content_hashes() -> None:
         n: e.version for n, e in again.types[ADDRESS_TYPE].items()
     }, "versions depend on content only (a restarted control plane computes the same)"
     raw = encode_response(
-        type_url=ADDRESS_TYPE, nonce="7", system_version="3",
-        resources=[e.wire for e in table.types[ADDRESS_TYPE].values()], removed=["gone"],
-    )  # fmt: skip
+        type_url=ADDRESS_TYPE,
+        nonce="7",
+        system_version="3",
+        resources=[e.wire for e in table.types[ADDRESS_TYPE].values()],
+        removed=["gone"],
+    )
     resp = dpb.DeltaDiscoveryResponse.FromString(raw)
     assert resp.nonce == "7"
     assert list(resp.removed_resources) == ["gone"]
@@ -83,13 +101,21 @@ def test_pre_encoded_response_parses_and_versions_are_content_hashes() -> None:
 def test_apply_response_nacks_one_bad_resource_and_keeps_the_rest() -> None:
     start = MeshState.from_config(CONFIG)
     bad = any_pb2.Any()
-    bad.Pack(workload_pb2.Address(workload=workload_pb2.Workload(
-        uid="bad", name="bad", namespace="default", addresses=[b"\x01"])),
-        type_url_prefix="type.googleapis.com/")  # fmt: skip
+    bad.Pack(
+        workload_pb2.Address(
+            workload=workload_pb2.Workload(
+                uid="bad", name="bad", namespace="default", addresses=[b"\x01"]
+            )
+        ),
+        type_url_prefix="type.googleapis.com/",
+    )
     new_wl = CONFIG.workloads[0].__class__(
-        uid="new", name="new", namespace="default", addresses=CONFIG.workloads[0].addresses[:0],
+        uid="new",
+        name="new",
+        namespace="default",
+        addresses=CONFIG.workloads[0].addresses[:0],
         hostname="new.example",
-    )  # fmt: skip
+    )
     resp = dpb.DeltaDiscoveryResponse(type_url=ADDRESS_TYPE, nonce="1", removed_resources=["c1"])
     resp.resources.add(name="bad", version="1", resource=bad)
     resp.resources.add(name="new", version="1", resource=pack(new_wl))
@@ -166,8 +192,12 @@ def test_ca_answer_carries_bundle_and_client_checks_san() -> None:
     meta = struct_pb2.Struct()
     meta.fields["ImpersonatedIdentity"].number_value = 3
     with pytest.raises(InvalidRequest):
-        svc.decide("a" * 20, build_request(sleep, csr, timedelta(hours=1)).__class__(
-            csr=csr.decode(), metadata=meta))  # fmt: skip
+        svc.decide(
+            "a" * 20,
+            build_request(sleep, csr, timedelta(hours=1)).__class__(
+                csr=csr.decode(), metadata=meta
+            ),
+        )
 
 
 def test_endpoint_rereads_a_rotated_token_file(tmp_path: Path) -> None:
@@ -236,14 +266,20 @@ def _reference_authorization(a: Any, path: str) -> Any:
 
     def sm(m: Any) -> dict[str, Any]:
         which = m.WhichOneof("match_type")
-        return {} if which is None else {"presence": {}} if which == "presence" else {
-            which: getattr(m, which)
-        }  # fmt: skip
+        return (
+            {}
+            if which is None
+            else {"presence": {}}
+            if which == "presence"
+            else {which: getattr(m, which)}
+        )
 
     def match(m: Any, p: str) -> dict[str, Any]:
         def cidrs(items: Any, f: str) -> list[str]:
-            return [f"{_ip_text(x.address, f'{p}.{f}[{i}].address')}/{x.length}"
-                    for i, x in enumerate(items)]  # fmt: skip
+            return [
+                f"{_ip_text(x.address, f'{p}.{f}[{i}].address')}/{x.length}"
+                for i, x in enumerate(items)
+            ]
 
         def sas(items: Any) -> list[dict[str, str]]:
             return [{"namespace": x.namespace, "serviceAccount": x.serviceAccount} for x in items]
@@ -264,14 +300,25 @@ def _reference_authorization(a: Any, path: str) -> Any:
         }
 
     d = {
-        "name": a.name, "namespace": a.namespace,
+        "name": a.name,
+        "namespace": a.namespace,
         "scope": _enum_name(apb.Scope, a.scope, f"{path}.scope"),
         "action": _enum_name(apb.Action, a.action, f"{path}.action"),
-        "rules": [{"clauses": [{"matches": [
-            match(m, f"{path}.rules[{i}].clauses[{j}].matches[{k}]")
-            for k, m in enumerate(c.matches)]} for j, c in enumerate(r.clauses)]}
-            for i, r in enumerate(a.rules)],
-    }  # fmt: skip
+        "rules": [
+            {
+                "clauses": [
+                    {
+                        "matches": [
+                            match(m, f"{path}.rules[{i}].clauses[{j}].matches[{k}]")
+                            for k, m in enumerate(c.matches)
+                        ]
+                    }
+                    for j, c in enumerate(r.clauses)
+                ]
+            }
+            for i, r in enumerate(a.rules)
+        ],
+    }
     return parse_authorization(d, path)
 
 
@@ -281,18 +328,47 @@ def _auth_mutations() -> list[tuple[str, Any]]:
     from meshcore.proto.convert import authorization_pb
     from meshcore.proto.yamlform import parse_authorization
 
-    rich = parse_authorization({
-        "name": "rich", "namespace": "ns", "scope": "NAMESPACE", "action": "ALLOW",
-        "rules": [{"clauses": [{"matches": [
-            {"namespaces": ["ns-*", "*-x", "exact", "*"], "notNamespaces": [{"exact": ""}],
-             "principals": ["spiffe://td/ns/a/sa/b", "spiffe://td/*", "*/sa/c"],
-             "notPrincipals": ["*"], "serviceAccounts": [{"namespace": "a", "serviceAccount": "b"}],
-             "notServiceAccounts": [{"namespace": "c", "serviceAccount": "d"}],
-             "sourceIps": ["10.0.0.0/8", "10.1.2.3", "fd00::/64"], "notSourceIps": ["::1"],
-             "destinationIps": ["192.168.0.0/16"], "notDestinationIps": ["0.0.0.0/0"],
-             "destinationPorts": [1, 65535], "notDestinationPorts": [8080]},
-            {}]}, {"matches": []}]}, {"clauses": []}],
-    })  # fmt: skip
+    rich = parse_authorization(
+        {
+            "name": "rich",
+            "namespace": "ns",
+            "scope": "NAMESPACE",
+            "action": "ALLOW",
+            "rules": [
+                {
+                    "clauses": [
+                        {
+                            "matches": [
+                                {
+                                    "namespaces": ["ns-*", "*-x", "exact", "*"],
+                                    "notNamespaces": [{"exact": ""}],
+                                    "principals": [
+                                        "spiffe://td/ns/a/sa/b",
+                                        "spiffe://td/*",
+                                        "*/sa/c",
+                                    ],
+                                    "notPrincipals": ["*"],
+                                    "serviceAccounts": [{"namespace": "a", "serviceAccount": "b"}],
+                                    "notServiceAccounts": [
+                                        {"namespace": "c", "serviceAccount": "d"}
+                                    ],
+                                    "sourceIps": ["10.0.0.0/8", "10.1.2.3", "fd00::/64"],
+                                    "notSourceIps": ["::1"],
+                                    "destinationIps": ["192.168.0.0/16"],
+                                    "notDestinationIps": ["0.0.0.0/0"],
+                                    "destinationPorts": [1, 65535],
+                                    "notDestinationPorts": [8080],
+                                },
+                                {},
+                            ]
+                        },
+                        {"matches": []},
+                    ]
+                },
+                {"clauses": []},
+            ],
+        }
+    )
     out: list[tuple[str, Any]] = [("rich", authorization_pb(rich))]
     out += [("policy-" + resource_name(p), authorization_pb(p)) for p in CONFIG.policies]
 

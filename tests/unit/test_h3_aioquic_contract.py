@@ -454,9 +454,14 @@ def test_verify_peer_chain_rules(ca: MeshCA) -> None:
         check(good, ca.roots_pem, now=utcnow() + timedelta(days=400))
     with pytest.raises(PeerVerificationError, match="no certificate"):
         verify_peer_chain(
-            None, [], roots_pem=ca.roots_pem, peer_side="client", trust_domain=TD,
-            expected=None, now=utcnow(),
-        )  # fmt: skip
+            None,
+            [],
+            roots_pem=ca.roots_pem,
+            peer_side="client",
+            trust_domain=TD,
+            expected=None,
+            now=utcnow(),
+        )
     # Another trust domain, chaining to a root we trust.
     other = MeshCA.create_root(trust_domain="other.local")
     foreign = other.issue(SpiffeId.parse("spiffe://other.local/ns/a/sa/b"), now=utcnow())

@@ -122,9 +122,14 @@ def test_stream_limit_enforced_once_settings_acknowledged() -> None:
 
 @pytest.mark.parametrize(
     ("authority", "method", "status"),
-    [("10.0.0.1:80", "GET", 400), ("10.0.0.1", "CONNECT", 400), ("10.0.0.1:0", "CONNECT", 400),
-     (":80", "CONNECT", 400), ("[fd00::1]:8080", "CONNECT", 0)],
-)  # fmt: skip
+    [
+        ("10.0.0.1:80", "GET", 400),
+        ("10.0.0.1", "CONNECT", 400),
+        ("10.0.0.1:0", "CONNECT", 400),
+        (":80", "CONNECT", 400),
+        ("[fd00::1]:8080", "CONNECT", 0),
+    ],
+)
 def test_connect_validation_in_the_core(authority: str, method: str, status: int) -> None:
     conn = server()
     block = encode([(":method", method), (":authority", authority)])

@@ -42,10 +42,29 @@ targets = st.text("abcdefghijklmnopqrstuvwxyz0123456789/-._~%?=&", max_size=30).
     lambda t: "/" + t
 )
 interesting = st.sampled_from(
-    [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b";", b"\x00", b"\xb2", b"\xa0", b"0", b"f",
-     b"chunked", b"content-length: ", b"transfer-encoding: chunked\r\n", b"host: x\r\n",
-     b"\r\n\r\n", b"HTTP/1.1", b"-1", b"99999999999999999999"]
-)  # fmt: skip
+    [
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b" ",
+        b"\t",
+        b":",
+        b";",
+        b"\x00",
+        b"\xb2",
+        b"\xa0",
+        b"0",
+        b"f",
+        b"chunked",
+        b"content-length: ",
+        b"transfer-encoding: chunked\r\n",
+        b"host: x\r\n",
+        b"\r\n\r\n",
+        b"HTTP/1.1",
+        b"-1",
+        b"99999999999999999999",
+    ]
+)
 
 
 def parse_or_error(role: Role, pieces: list[bytes]) -> list[object] | HttpParseError:
@@ -121,11 +140,15 @@ def test_valid_requests_round_trip_in_any_pieces(
     """`payload`: the body's chunks, and whether it is sent chunked (else with a length)."""
     chunks, chunked = payload
     body = b"".join(chunks)
-    framing = [("transfer-encoding", "chunked")] if chunked else (
-        [("content-length", str(len(body)))] if body else [])  # fmt: skip
+    framing = (
+        [("transfer-encoding", "chunked")]
+        if chunked
+        else ([("content-length", str(len(body)))] if body else [])
+    )
     head = encode_request_head(method, target, [("host", "a"), *fields, *framing])
-    wire = head + (b"".join(encode_chunk(c) for c in chunks) + encode_last_chunk()
-                   if chunked else body)  # fmt: skip
+    wire = head + (
+        b"".join(encode_chunk(c) for c in chunks) + encode_last_chunk() if chunked else body
+    )
     evs = run_parser(Role.REQUEST, split(wire, cuts))
     assert isinstance(evs[0], RequestHead)
     got = evs[0]
@@ -146,8 +169,11 @@ def test_a_valid_request_with_bytes_inserted_is_refused_or_consistent(
 ) -> None:
     body = b"hello world"
     if chunked:
-        wire = (b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
-                + encode_chunk(body) + encode_last_chunk())  # fmt: skip
+        wire = (
+            b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+            + encode_chunk(body)
+            + encode_last_chunk()
+        )
     else:
         wire = b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 11\r\n\r\n" + body
     at = where % (len(wire) + 1)
@@ -166,11 +192,15 @@ def test_a_valid_request_with_bytes_inserted_is_refused_or_consistent(
 
 
 field_bytes = st.lists(
-    st.one_of(st.binary(max_size=12), interesting, st.sampled_from(
-        [b"x-a", b"X-B", b": ", b":", b" \t", b"\x80\xff", b"\x7f", b"\x0b", b"\x01", b"v"]
-    )),
+    st.one_of(
+        st.binary(max_size=12),
+        interesting,
+        st.sampled_from(
+            [b"x-a", b"X-B", b": ", b":", b" \t", b"\x80\xff", b"\x7f", b"\x0b", b"\x01", b"v"]
+        ),
+    ),
     max_size=8,
-).map(b"".join)  # fmt: skip
+).map(b"".join)
 
 
 @FUZZ

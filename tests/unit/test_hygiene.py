@@ -132,9 +132,14 @@ def test_xfcc_and_trailers() -> None:
         'By=spiffe://td/ns/a/sa/w;Hash=ab;Subject="";URI=spiffe://td/ns/b/sa/s'
     )
     trailers = [
-        ("grpc-status", "0"), ("content-length", "9"), ("host", "x"), (":path", "/"),
-        ("x-forwarded-client-cert", "By=x"), ("authorization", "t"), ("x-a", "1"),
-    ]  # fmt: skip
+        ("grpc-status", "0"),
+        ("content-length", "9"),
+        ("host", "x"),
+        (":path", "/"),
+        ("x-forwarded-client-cert", "By=x"),
+        ("authorization", "t"),
+        ("x-a", "1"),
+    ]
     assert forwardable_trailers(trailers) == (("grpc-status", "0"), ("x-a", "1"))
 
 
@@ -169,16 +174,29 @@ def parse(data: bytes) -> list[object]:
         (b"GET /x HTTP/1.1\r\nhost: a\r\n" + b"x: v\r\n" * 100 + b"\r\n", 431),
         (b"GET /x HTTP/1.1\r\nhost: a\r\nx: " + b"a" * 61 * 1024 + b"\r\n\r\n", 431),
         (b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\xa0\r\n\r\n0\r\n\r\n", 400),
-        (b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n2 \r\nxx\r\n0\r\n\r\n",
-         400),
-        (b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n 2\r\nxx\r\n0\r\n\r\n",
-         400),
-        (b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n"
-         + b"x: v\r\n" * 101 + b"\r\n", 431),
-        (b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx: \x01\r\n\r\n",
-         400),
+        (
+            b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"2 \r\nxx\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+            b" 2\r\nxx\r\n0\r\n\r\n",
+            400,
+        ),
+        (
+            b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n"
+            + b"x: v\r\n" * 101
+            + b"\r\n",
+            431,
+        ),
+        (
+            b"POST /x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"0\r\nx: \x01\r\n\r\n",
+            400,
+        ),
     ],
-)  # fmt: skip
+)
 def test_codec_refusals(raw: bytes, status: int) -> None:
     with pytest.raises(HttpParseError) as err:
         parse(raw)
@@ -205,9 +223,14 @@ def test_waypoint_flags_carry_the_mesh_path_settings(monkeypatch: pytest.MonkeyP
     base = ["--mesh-config", "mesh.yaml", "--ca-dir", "ca"]
     assert parse_args(base)[0].path_policy == PathPolicy()
     settings, _ = parse_args(
-        [*base, "--path-normalization", "merge_slashes", "--escaped-slashes-action",
-         "REJECT_REQUEST"]
-    )  # fmt: skip
+        [
+            *base,
+            "--path-normalization",
+            "merge_slashes",
+            "--escaped-slashes-action",
+            "REJECT_REQUEST",
+        ]
+    )
     assert settings.path_policy == PathPolicy(
         normalization=PathNormalization.MERGE_SLASHES,
         escaped_slashes=EscapedSlashes.REJECT_REQUEST,
@@ -219,9 +242,31 @@ def test_waypoint_flags_carry_the_mesh_path_settings(monkeypatch: pytest.MonkeyP
 
 
 _PATH_ALPHABET = st.sampled_from(
-    ["/", "//", ".", "..", "\\", "%2e", "%2E", "%2f", "%2F", "%5c", "%5C", "%41", "%7e", "%25",
-     "%00", "%zz", "a", "b", "?", "~", "-", ";"]
-)  # fmt: skip
+    [
+        "/",
+        "//",
+        ".",
+        "..",
+        "\\",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%2F",
+        "%5c",
+        "%5C",
+        "%41",
+        "%7e",
+        "%25",
+        "%00",
+        "%zz",
+        "a",
+        "b",
+        "?",
+        "~",
+        "-",
+        ";",
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None)

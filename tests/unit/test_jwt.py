@@ -32,9 +32,16 @@ KEYS = jwks(jwk(RSA, "rsa-1"), jwk(EC, "ec-1", "ES256"), jwk(ED, "ed-1"))
 
 
 def claims(**kw: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"iss": ISS, "sub": "alice", "aud": "reviews", "exp": NOW + 600,
-                            "nbf": NOW - 10, "azp": "web", "groups": ["dev", "ops"],
-                            "org": {"team": "blue"}}  # fmt: skip
+    base: dict[str, Any] = {
+        "iss": ISS,
+        "sub": "alice",
+        "aud": "reviews",
+        "exp": NOW + 600,
+        "nbf": NOW - 10,
+        "azp": "web",
+        "groups": ["dev", "ops"],
+        "org": {"team": "blue"},
+    }
     base.update(kw)
     return {k: v for k, v in base.items() if v is not None}
 
@@ -61,9 +68,15 @@ def auth(  # noqa: PLR0913
 
 
 @pytest.mark.parametrize(
-    ("alg", "key", "kid"), [("RS256", RSA, "rsa-1"), ("PS256", RSA, "rsa-1"), ("ES256", EC, "ec-1"),
-                            ("EdDSA", ED, "ed-1"), ("RS256", RSA, None)],
-)  # fmt: skip
+    ("alg", "key", "kid"),
+    [
+        ("RS256", RSA, "rsa-1"),
+        ("PS256", RSA, "rsa-1"),
+        ("ES256", EC, "ec-1"),
+        ("EdDSA", ED, "ed-1"),
+        ("RS256", RSA, None),
+    ],
+)
 def test_valid_tokens_of_every_algorithm(alg: str, key: Any, kid: str | None) -> None:
     res = auth(mint(key, alg, claims(), kid=kid))
     assert res.auth is not None
@@ -92,7 +105,7 @@ def test_valid_tokens_of_every_algorithm(alg: str, key: Any, kid: str | None) ->
         ("a.b", "Header.Payload.Signature"),
         ("!!!.e30.e30", "base64url"),
     ],
-)  # fmt: skip
+)
 def test_invalid_tokens_are_rejected(token: str, reason: str) -> None:
     with pytest.raises(JoseError, match=reason.replace("(", r"\(")):
         auth(token)
@@ -121,11 +134,17 @@ def test_no_token_passes_unauthenticated() -> None:
 
 def test_locations_params_cookies_and_forwarding() -> None:
     tok = mint(EC, "ES256", claims(), kid="ec-1")
-    rs = rules(fromHeaders=[{"name": "X-Jwt", "prefix": ""}], fromParams=["tok"],
-               fromCookies=["session"], forwardOriginalToken=True,
-               outputPayloadToHeader="x-jwt-payload",
-               outputClaimToHeaders=[{"header": "x-sub", "claim": "sub"},
-                                     {"header": "x-groups", "claim": "groups"}])  # fmt: skip
+    rs = rules(
+        fromHeaders=[{"name": "X-Jwt", "prefix": ""}],
+        fromParams=["tok"],
+        fromCookies=["session"],
+        forwardOriginalToken=True,
+        outputPayloadToHeader="x-jwt-payload",
+        outputClaimToHeaders=[
+            {"header": "x-sub", "claim": "sub"},
+            {"header": "x-groups", "claim": "groups"},
+        ],
+    )
     res = auth(tok, rs, header="x-jwt", prefix="")
     assert res.auth is not None
     assert ("x-jwt", tok) in res.headers
@@ -190,8 +209,13 @@ spec:
 
 
 def req(**kw: Any) -> RequestInfo:
-    base: dict[str, Any] = {"method": "GET", "path": "/", "authority": "reviews:9080",
-                            "port": 9080, "source_ip": "10.0.0.5"}  # fmt: skip
+    base: dict[str, Any] = {
+        "method": "GET",
+        "path": "/",
+        "authority": "reviews:9080",
+        "port": 9080,
+        "source_ip": "10.0.0.5",
+    }
     base.update(kw)
     return RequestInfo(**base)
 
@@ -218,8 +242,9 @@ def test_broken_request_authentication_still_denies_its_targets() -> None:
 
 
 def test_at_l4_a_selector_request_authentication_still_denies() -> None:
-    text = RA.replace("targetRefs: [{kind: Service, name: reviews}]",
-                      "selector: {matchLabels: {app: reviews}}")  # fmt: skip
+    text = RA.replace(
+        "targetRefs: [{kind: Service, name: reviews}]", "selector: {matchLabels: {app: reviews}}"
+    )
     (ra,) = parse_objects(list(yaml.safe_load_all(text))).policies
     l4, _ = to_l4(ra)
     assert l4 is not None
@@ -241,8 +266,13 @@ spec:
 
 def with_token(**kw: Any) -> RequestInfo:
     tok = mint(RSA, "RS256", claims(**kw), kid="rsa-1")
-    res = authenticate(rules(audiences=None), [("authorization", f"Bearer {tok}")], "", {},
-                       time.time() if "exp" in kw else NOW)  # fmt: skip
+    res = authenticate(
+        rules(audiences=None),
+        [("authorization", f"Bearer {tok}")],
+        "",
+        {},
+        time.time() if "exp" in kw else NOW,
+    )
     return req(auth=res.auth)
 
 

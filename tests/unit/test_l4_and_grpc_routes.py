@@ -33,8 +33,9 @@ spec:
 
 
 def pick(cfg: CompiledConfig, path: str, **headers: str) -> str:
-    req = RequestInfo(method="POST", path=path, authority="grpc:50051", port=50051,
-                      headers=tuple(headers.items()))  # fmt: skip
+    req = RequestInfo(
+        method="POST", path=path, authority="grpc:50051", port=50051, headers=tuple(headers.items())
+    )
     choice = select_route(cfg.routes_for("grpc.default.svc.cluster.local"), req)
     assert choice is not None
     return choice.route.destinations[0].host.split(".")[0]

@@ -15,9 +15,12 @@ from ambientctl.lab.kubelet import container_process, expand, field_values, pod_
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 POD = {
     "metadata": {"name": "p", "namespace": "ns", "uid": "u1"},
-    "spec": {"nodeName": "n1", "serviceAccountName": "sa",
-             "containers": [{"name": "a", "image": "i"}, {"name": "b", "image": "i"}]},
-}  # fmt: skip
+    "spec": {
+        "nodeName": "n1",
+        "serviceAccountName": "sa",
+        "containers": [{"name": "a", "image": "i"}, {"name": "b", "image": "i"}],
+    },
+}
 
 
 def test_expand() -> None:
@@ -53,8 +56,7 @@ def test_pod_status() -> None:
     assert s["phase"] == "Running"
     assert s["podIP"] == "10.0.0.2"
     assert {c["type"]: c["status"] for c in s["conditions"]}["Ready"] == "True"
-    s = pod_status(POD, pod_ip="10.0.0.2", node_ip="1.1.1.1", started=T0, exited={"a": 3},
-                   now=T0)  # fmt: skip
+    s = pod_status(POD, pod_ip="10.0.0.2", node_ip="1.1.1.1", started=T0, exited={"a": 3}, now=T0)
     assert {c["type"]: c["status"] for c in s["conditions"]}["Ready"] == "False"
     states = {c["name"]: c["state"] for c in s["containerStatuses"]}
     assert states["a"]["terminated"]["exitCode"] == 3

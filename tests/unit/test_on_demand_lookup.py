@@ -31,9 +31,18 @@ def test_unanswered_lookup_is_not_success_and_held_addresses_need_none() -> None
         assert not await ctx.ensure_address("10.0.0.9")
         assert asked == [("/10.0.0.9", 0.2)]
         ctx.state = MeshState.build(
-            workloads=[parse_workload({"uid": "w", "name": "w", "namespace": "d",
-                                       "addresses": ["10.0.0.1"], "node": "n2"})]
-        )  # fmt: skip
+            workloads=[
+                parse_workload(
+                    {
+                        "uid": "w",
+                        "name": "w",
+                        "namespace": "d",
+                        "addresses": ["10.0.0.1"],
+                        "node": "n2",
+                    }
+                )
+            ]
+        )
         assert await ctx.ensure_address("10.0.0.1")  # held: no lookup
         assert len(asked) == 1
 

@@ -33,10 +33,15 @@ def l7(text: str) -> tuple[AuthzPolicy, ...]:
 
 def request(sa: str = "sleep", ns: str = "default", ip: str = "10.0.0.5", **kw: Any) -> RequestInfo:
     base: dict[str, Any] = {
-        "method": "GET", "path": "/", "authority": "reviews.default:9080", "port": 9080,
-        "source_principal": f"cluster.local/ns/{ns}/sa/{sa}", "source_namespace": ns,
-        "source_ip": ip, "destination_ip": "10.1.0.9",
-    }  # fmt: skip
+        "method": "GET",
+        "path": "/",
+        "authority": "reviews.default:9080",
+        "port": 9080,
+        "source_principal": f"cluster.local/ns/{ns}/sa/{sa}",
+        "source_namespace": ns,
+        "source_ip": ip,
+        "destination_ip": "10.1.0.9",
+    }
     base.update(kw)
     return RequestInfo(**base)
 
@@ -257,7 +262,8 @@ source_fields = st.fixed_dictionaries(
     optional={
         "principals": st.lists(
             st.sampled_from([f"cluster.local/ns/{n}/sa/{s}" for n in NSS for s in SAS] + ["*"]),
-            min_size=1, max_size=2,
+            min_size=1,
+            max_size=2,
         ),
         "namespaces": st.lists(st.sampled_from(NSS), min_size=1, max_size=2),
         "serviceAccounts": st.lists(
@@ -266,7 +272,7 @@ source_fields = st.fixed_dictionaries(
         "ipBlocks": st.lists(st.sampled_from(["10.0.0.0/8", "192.168.0.0/16"]), min_size=1),
         "notIpBlocks": st.lists(st.sampled_from(["10.0.0.0/8"]), min_size=1, max_size=1),
     },
-).filter(bool)  # fmt: skip
+).filter(bool)
 operation_fields = st.fixed_dictionaries(
     {},
     optional={
@@ -299,7 +305,7 @@ rule = st.fixed_dictionaries(
         ),
         "when": st.lists(condition, min_size=1, max_size=2),
     },
-)  # fmt: skip
+)
 policy_spec = st.fixed_dictionaries(
     {"action": st.sampled_from(["ALLOW", "DENY"]), "rules": st.lists(rule, min_size=1, max_size=3)}
 )
@@ -355,9 +361,13 @@ def _doc(spec: dict[str, Any], name: str, *, target: bool) -> dict[str, Any]:
 
 
 requests = st.tuples(
-    st.sampled_from(SAS), st.sampled_from(NSS), st.sampled_from(IPS), st.sampled_from(PORTS),
-    st.sampled_from(METHODS), st.sampled_from(PATHS),
-)  # fmt: skip
+    st.sampled_from(SAS),
+    st.sampled_from(NSS),
+    st.sampled_from(IPS),
+    st.sampled_from(PORTS),
+    st.sampled_from(METHODS),
+    st.sampled_from(PATHS),
+)
 
 
 def _l7_allowed(docs: list[dict[str, Any]], r: tuple[str, str, str, int, str, str]) -> bool:

@@ -54,13 +54,24 @@ def test_parse_is_linkerds_shape_and_every_field_is_in_the_table() -> None:
         ({"targetRef": {"kind": "Service", "name": "x"}}, "no limit"),
         ({"targetRef": SVC, "total": {"requestsPerSecond": 0}}, ">= 1"),
         ({"targetRef": SVC, "total": {"requestsPerSecond": "9"}}, ">= 1"),
-        ({"targetRef": {"kind": "Service", "name": "x", "namespace": "other"},
-          "total": {"requestsPerSecond": 1}}, "namespace"),
-        ({"targetRef": {"kind": "Service", "name": "x"},
-          "overrides": [{"requestsPerSecond": 1, "clientRefs": [{"kind": "Pod", "name": "p"}]}]},
-         "ServiceAccount"),
+        (
+            {
+                "targetRef": {"kind": "Service", "name": "x", "namespace": "other"},
+                "total": {"requestsPerSecond": 1},
+            },
+            "namespace",
+        ),
+        (
+            {
+                "targetRef": {"kind": "Service", "name": "x"},
+                "overrides": [
+                    {"requestsPerSecond": 1, "clientRefs": [{"kind": "Pod", "name": "p"}]}
+                ],
+            },
+            "ServiceAccount",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_policies_are_refused(spec: dict[str, Any], error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         parse_rate_limit(spec, "default", "rl")
@@ -80,8 +91,11 @@ def test_total_identity_and_override_buckets() -> None:
     got = [rl.take([p], SLEEP, 0.0).allowed for _ in range(5)]
     assert got == [True] * 4 + [False]
     denied = rl.take([p], SLEEP, 0.0)
-    assert denied.headers == (("x-ratelimit-limit", "4"), ("x-ratelimit-remaining", "0"),
-                              ("x-ratelimit-reset", "1"))  # fmt: skip
+    assert denied.headers == (
+        ("x-ratelimit-limit", "4"),
+        ("x-ratelimit-remaining", "0"),
+        ("x-ratelimit-reset", "1"),
+    )
     # the override: bot has 6 of its own, but the total (10, 4 used) leaves 6 -> all 6 pass
     assert [rl.take([p], ("default", "bot"), 0.0).allowed for _ in range(7)] == [True] * 6 + [False]
     # total exhausted: anyone else is refused, by the total bucket
@@ -124,16 +138,27 @@ def test_per_client_buckets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_applicability() -> None:
     svc = policy()
-    route = policy(POLICY.replace("{kind: Service, name: reviews}",
-                                  "{kind: HTTPRoute, name: r, sectionName: slow}"))  # fmt: skip
+    route = policy(
+        POLICY.replace(
+            "{kind: Service, name: reviews}", "{kind: HTTPRoute, name: r, sectionName: slow}"
+        )
+    )
     gw = policy(POLICY.replace("{kind: Service, name: reviews}", "{kind: Gateway, name: wp}"))
-    kw: dict[str, Any] = {"waypoint": ("default", "wp"), "service": ("default", "reviews"),
-                          "route_source": "HTTPRoute default/r", "route_name": "slow"}  # fmt: skip
+    kw: dict[str, Any] = {
+        "waypoint": ("default", "wp"),
+        "service": ("default", "reviews"),
+        "route_source": "HTTPRoute default/r",
+        "route_name": "slow",
+    }
     assert applies(svc, **kw)
     assert applies(route, **kw)
     assert applies(gw, **kw)
-    other = {**kw, "service": ("default", "ratings"), "route_name": "fast",
-             "waypoint": ("default", "other")}  # fmt: skip
+    other = {
+        **kw,
+        "service": ("default", "ratings"),
+        "route_name": "fast",
+        "waypoint": ("default", "other"),
+    }
     assert not applies(svc, **other)
     assert not applies(route, **other)
     assert not applies(gw, **other)

@@ -96,9 +96,12 @@ class Reference:
             self.pol.pop(n, None)
         for r in ups:
             d: dict[str, Any] = (
-                self.wl if isinstance(r, Workload) else self.svc if isinstance(r, Service)
+                self.wl
+                if isinstance(r, Workload)
+                else self.svc
+                if isinstance(r, Service)
                 else self.pol
-            )  # fmt: skip
+            )
             key = r.uid if isinstance(r, Workload) else r.key
             d.pop(key, None)
             d[key] = r
@@ -182,10 +185,15 @@ def _check(steps: list[Any]) -> None:
 
 def _big(n: int) -> MeshState:
     wls = [
-        _workload(f"w{i}", [str(ipaddress.ip_address(0x0A000000 + i))], f"n{i % 100}",
-                  [SVC_KEYS[i % 3]], 8080)
+        _workload(
+            f"w{i}",
+            [str(ipaddress.ip_address(0x0A000000 + i))],
+            f"n{i % 100}",
+            [SVC_KEYS[i % 3]],
+            8080,
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
     return MeshState.build(workloads=wls)
 
 

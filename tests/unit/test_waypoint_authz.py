@@ -21,10 +21,14 @@ def policies(text: str) -> tuple[AuthzPolicy, ...]:
 
 def info(**kw: object) -> RequestInfo:
     base: dict[str, object] = {
-        "method": "GET", "path": "/", "authority": "reviews.default:9080", "port": 9080,
-        "source_principal": "cluster.local/ns/default/sa/sleep", "source_namespace": "default",
+        "method": "GET",
+        "path": "/",
+        "authority": "reviews.default:9080",
+        "port": 9080,
+        "source_principal": "cluster.local/ns/default/sa/sleep",
+        "source_namespace": "default",
         "source_ip": "10.0.0.5",
-    }  # fmt: skip
+    }
     base.update(kw)
     return RequestInfo(**base)  # type: ignore[arg-type]
 
@@ -113,31 +117,59 @@ spec:
     [
         (info(), True, "default/allow"),
         (info(method="DELETE"), False, "default/allow"),  # no ALLOW rule matches
-        (info(source_namespace="other", source_principal="cluster.local/ns/other/sa/sleep"),
-         False, "default/deny"),  # notNamespaces
-        (info(source_namespace="trusted", source_principal="cluster.local/ns/trusted/sa/x"),
-         True, "default/allow"),
+        (
+            info(source_namespace="other", source_principal="cluster.local/ns/other/sa/sleep"),
+            False,
+            "default/deny",
+        ),  # notNamespaces
+        (
+            info(source_namespace="trusted", source_principal="cluster.local/ns/trusted/sa/x"),
+            True,
+            "default/allow",
+        ),
         (info(path="/admin/x", method="POST"), False, "default/deny"),
         (info(path="/admin/x"), True, "default/allow"),  # GET is excluded from the deny
         (info(source_ip="192.168.3.4"), False, "default/deny"),
         (info(headers=(("x-block", "truely"),)), False, "default/deny"),
         (info(authority="ratings:9080"), False, "default/allow"),  # hosts
         (info(port=8080, authority="reviews:8080"), False, "default/allow"),  # ports
-        (info(source_principal="cluster.local/ns/default/sa/other", path="/healthz"),
-         True, "default/allow"),
-        (info(source_principal="cluster.local/ns/default/sa/other", path="/static/a.css"),
-         True, "default/allow"),
-        (info(source_principal="cluster.local/ns/default/sa/other", path="/api/v1/items/a/b"),
-         True, "default/allow"),
-        (info(source_principal="cluster.local/ns/default/sa/other", path="/api/v1/x/items/a"),
-         False, "default/allow"),  # {*} is exactly one segment
-        (info(source_principal="cluster.local/ns/default/sa/other", path="/healthz?x=1"),
-         True, "default/allow"),  # paths match without the query
-        (info(source_principal="cluster.local/ns/ops/sa/admin", source_namespace="default",
-              method="PATCH"), True, "default/allow"),  # when: source.principal + port
+        (
+            info(source_principal="cluster.local/ns/default/sa/other", path="/healthz"),
+            True,
+            "default/allow",
+        ),
+        (
+            info(source_principal="cluster.local/ns/default/sa/other", path="/static/a.css"),
+            True,
+            "default/allow",
+        ),
+        (
+            info(source_principal="cluster.local/ns/default/sa/other", path="/api/v1/items/a/b"),
+            True,
+            "default/allow",
+        ),
+        (
+            info(source_principal="cluster.local/ns/default/sa/other", path="/api/v1/x/items/a"),
+            False,
+            "default/allow",
+        ),  # {*} is exactly one segment
+        (
+            info(source_principal="cluster.local/ns/default/sa/other", path="/healthz?x=1"),
+            True,
+            "default/allow",
+        ),  # paths match without the query
+        (
+            info(
+                source_principal="cluster.local/ns/ops/sa/admin",
+                source_namespace="default",
+                method="PATCH",
+            ),
+            True,
+            "default/allow",
+        ),  # when: source.principal + port
         (info(source_principal=None, source_namespace=None), False, "default/deny"),
     ],
-)  # fmt: skip
+)
 def test_evaluation_table(request_: RequestInfo, allowed: bool, decider: str) -> None:
     d = evaluate(policies(RULES), request_)
     assert d.allowed is allowed

@@ -15,8 +15,9 @@ ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account
 def cluster(n: int, **policy: object) -> Cluster:
     pol = TrafficPolicy(**policy)  # type: ignore[arg-type]
     c = Cluster(name="c", policy=pol)
-    c.update([EndpointSpec(uid=f"e{i}", ip=f"10.0.0.{i}", port=80, identity=ID)
-              for i in range(n)], pol)  # fmt: skip
+    c.update(
+        [EndpointSpec(uid=f"e{i}", ip=f"10.0.0.{i}", port=80, identity=ID) for i in range(n)], pol
+    )
     return c
 
 
@@ -71,7 +72,11 @@ def test_max_ejection_percent_keeps_at_least_one_and_panic_uses_all() -> None:
 def test_pool_admission() -> None:
     c = cluster(1, pool=ConnectionPool(max_connections=2, max_pending=1))
     assert [c.admit() for _ in range(4)] == [
-        Admission.GO, Admission.GO, Admission.WAIT, Admission.OVERFLOW]  # fmt: skip
+        Admission.GO,
+        Admission.GO,
+        Admission.WAIT,
+        Admission.OVERFLOW,
+    ]
     assert not c.can_promote()
     c.release()
     assert c.can_promote()
@@ -82,7 +87,12 @@ def test_pool_admission() -> None:
 def test_update_keeps_counters_of_unchanged_endpoints() -> None:
     c = cluster(2)
     c.endpoints["e0"].consecutive_5xx = 2
-    c.update([EndpointSpec(uid="e0", ip="10.0.0.0", port=80, identity=ID),
-              EndpointSpec(uid="e9", ip="10.0.0.9", port=80, identity=ID)], c.policy)  # fmt: skip
+    c.update(
+        [
+            EndpointSpec(uid="e0", ip="10.0.0.0", port=80, identity=ID),
+            EndpointSpec(uid="e9", ip="10.0.0.9", port=80, identity=ID),
+        ],
+        c.policy,
+    )
     assert c.endpoints["e0"].consecutive_5xx == 2
     assert set(c.endpoints) == {"e0", "e9"}

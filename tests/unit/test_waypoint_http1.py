@@ -124,10 +124,14 @@ def test_head_too_large_is_431() -> None:
         (b"HTTP/1.1 204 No Content\r\n\r\n", "GET", b"", False),
         (b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n", "GET", b"", False),
         (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", "GET", b"until the end", True),
-        (b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", "GET",
-         b"hi", False),
+        (
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+            "GET",
+            b"hi",
+            False,
+        ),
     ],
-)  # fmt: skip
+)
 def test_response_framing(raw: bytes, method: str, body: bytes, until_close: bool) -> None:
     evs = events(Role.RESPONSE, raw, eof=True, method=method)
     head = evs[0]
@@ -162,8 +166,13 @@ def test_keep_alive_rules() -> None:
 
 
 def test_strip_hop_by_hop_and_encoders() -> None:
-    headers = [("connection", "x-private, close"), ("x-private", "1"), ("te", "trailers"),
-               ("keep-alive", "5"), ("x-ok", "2")]  # fmt: skip
+    headers = [
+        ("connection", "x-private, close"),
+        ("x-private", "1"),
+        ("te", "trailers"),
+        ("keep-alive", "5"),
+        ("x-ok", "2"),
+    ]
     assert http1.strip_hop_by_hop(headers) == [("x-ok", "2")]
     assert http1.encode_chunk(b"abc") == b"3\r\nabc\r\n"
     assert http1.encode_chunk(b"") == b""  # never an accidental last-chunk

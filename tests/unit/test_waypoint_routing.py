@@ -60,8 +60,12 @@ def compiled(*texts: str) -> CompiledConfig:
 
 
 def req(path: str = "/", **kw: object) -> RequestInfo:
-    base: dict[str, object] = {"method": "GET", "path": path, "authority": "reviews:9080",
-                               "port": 9080}  # fmt: skip
+    base: dict[str, object] = {
+        "method": "GET",
+        "path": path,
+        "authority": "reviews:9080",
+        "port": 9080,
+    }
     base.update(kw)
     return RequestInfo(**base)  # type: ignore[arg-type]
 

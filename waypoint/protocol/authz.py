@@ -77,13 +77,22 @@ def applicable(
         if p.targets:
             for t in p.targets:
                 if (
-                    (t.kind == "Gateway" and t.name == waypoint.name
-                     and t.namespace == waypoint.namespace == p.namespace)
-                    or (t.kind == "Service" and t.name == service_name
-                        and p.namespace == t.namespace == service_namespace)
-                    or (t.kind == "GatewayClass" and t.name == WAYPOINT_CLASS
-                        and p.namespace == ROOT_NAMESPACE)
-                ):  # fmt: skip
+                    (
+                        t.kind == "Gateway"
+                        and t.name == waypoint.name
+                        and t.namespace == waypoint.namespace == p.namespace
+                    )
+                    or (
+                        t.kind == "Service"
+                        and t.name == service_name
+                        and p.namespace == t.namespace == service_namespace
+                    )
+                    or (
+                        t.kind == "GatewayClass"
+                        and t.name == WAYPOINT_CLASS
+                        and p.namespace == ROOT_NAMESPACE
+                    )
+                ):
                     out.append(p)
                     break
         elif p.whole_namespace and p.namespace == waypoint.namespace:
@@ -179,8 +188,11 @@ def _op_matches(o: PolicyOperation, req: RequestInfo) -> bool:
 def _condition_matches(c: PolicyCondition, req: RequestInfo) -> bool:
     """Keys and value types were checked by the parser (`meshcore.config.authorization`)."""
     if c.key in ("source.ip", "remote.ip", "destination.ip"):
-        value = {"source.ip": req.source_ip, "remote.ip": _remote_ip(req),
-                 "destination.ip": req.destination_ip}[c.key]  # fmt: skip
+        value = {
+            "source.ip": req.source_ip,
+            "remote.ip": _remote_ip(req),
+            "destination.ip": req.destination_ip,
+        }[c.key]
         if c.nets and not _ip_in(value, c.nets):
             return False
         return not (c.not_nets and _ip_in(value, c.not_nets))
@@ -244,10 +256,11 @@ def evaluate(policies: Sequence[AuthzPolicy], req: RequestInfo) -> L7Decision:
     for p in policies:
         if p.action is PolicyAction.CUSTOM and _policy_matches(p, req):
             return L7Decision(
-                allowed=False, policy=p.key,
+                allowed=False,
+                policy=p.key,
                 reason=f"CUSTOM policy {p.key} (provider {p.provider or '?'}) is not supported: "
                 "denied (fail closed)",
-            )  # fmt: skip
+            )
     for p in policies:
         if p.action is PolicyAction.DENY and _policy_matches(p, req):
             return L7Decision(allowed=False, policy=p.key, reason=f"denied by DENY {p.key}")

@@ -253,8 +253,9 @@ class Cluster:
         uids = tuple(sorted(self.endpoints))
         if self._ring_key != (size, uids):
             per = max(1, size // max(1, len(uids)))
-            self._ring = sorted((_hash64(f"{uid}#{i}".encode()), uid)
-                                for uid in uids for i in range(per))  # fmt: skip
+            self._ring = sorted(
+                (_hash64(f"{uid}#{i}".encode()), uid) for uid in uids for i in range(per)
+            )
             self._ring_key = (size, uids)
         return self._ring
 
@@ -267,9 +268,13 @@ class Cluster:
         return self._table
 
     def pick(
-        self, now: float, rng: random.Random, avoid: Collection[str] = (),
-        key: bytes | None = None, avoid_priorities: Collection[int] = (),
-    ) -> EndpointStats | None:  # fmt: skip
+        self,
+        now: float,
+        rng: random.Random,
+        avoid: Collection[str] = (),
+        key: bytes | None = None,
+        avoid_priorities: Collection[int] = (),
+    ) -> EndpointStats | None:
         """An endpoint for the next try: not ejected, not in `avoid` (hosts that already failed
         this request) unless nothing else is left; with a consistent-hash `key`, the first such
         endpoint clockwise from the key on the ring. `avoid_priorities`: locality priorities a

@@ -151,9 +151,11 @@ def _audiences(payload: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def verify(
-    cand: Candidate, rules: Sequence[JwtRule], keys: Mapping[str, tuple[Jwk, ...] | None],
+    cand: Candidate,
+    rules: Sequence[JwtRule],
+    keys: Mapping[str, tuple[Jwk, ...] | None],
     now: float,
-) -> tuple[JwtRule, JwtAuth, str]:  # fmt: skip
+) -> tuple[JwtRule, JwtAuth, str]:
     """One token -> (its rule, what it says, its base64url payload). Raises JoseError."""
     tok = decode_compact(cand.token)
     iss = tok.payload.get("iss")
@@ -206,9 +208,12 @@ def _claim_text(value: object) -> str | None:
 
 
 def authenticate(
-    rules: Sequence[JwtRule], headers: Sequence[tuple[str, str]], query: str,
-    keys: Mapping[str, tuple[Jwk, ...] | None], now: float,
-) -> AuthnResult:  # fmt: skip
+    rules: Sequence[JwtRule],
+    headers: Sequence[tuple[str, str]],
+    query: str,
+    keys: Mapping[str, tuple[Jwk, ...] | None],
+    now: float,
+) -> AuthnResult:
     """Istio semantics (module docstring). Raises JoseError (401) for any bad token."""
     cands = extract(rules, headers, query)
     if len(cands) > MAX_TOKENS:

@@ -76,9 +76,13 @@ class _PolicyBuckets:
 
 
 def applies(
-    p: RateLimitPolicy, *, waypoint: tuple[str, str], service: tuple[str, str] | None,
-    route_source: str, route_name: str,
-) -> bool:  # fmt: skip
+    p: RateLimitPolicy,
+    *,
+    waypoint: tuple[str, str],
+    service: tuple[str, str] | None,
+    route_source: str,
+    route_name: str,
+) -> bool:
     """Whether `p` targets this request (waypoint = (namespace, name), service likewise)."""
     if p.target_kind == "Gateway":
         return (p.namespace, p.target_name) == waypoint
@@ -156,10 +160,16 @@ class RateLimiter:
         empty = [(k, b) for k, b in buckets if b.tokens < 1]
         if empty:
             key, b = min(empty, key=lambda kb: kb[1].tokens)
-            return Verdict(allowed=False, policy=key, limit=int(b.capacity), remaining=0,
-                           reset=b.reset_after())  # fmt: skip
+            return Verdict(
+                allowed=False, policy=key, limit=int(b.capacity), remaining=0, reset=b.reset_after()
+            )
         for _key, b in buckets:
             b.tokens -= 1
         key, b = min(buckets, key=lambda kb: kb[1].tokens)
-        return Verdict(allowed=True, policy=key, limit=int(b.capacity),
-                       remaining=int(b.tokens), reset=b.reset_after())  # fmt: skip
+        return Verdict(
+            allowed=True,
+            policy=key,
+            limit=int(b.capacity),
+            remaining=int(b.tokens),
+            reset=b.reset_after(),
+        )

@@ -196,8 +196,9 @@ def pick_destination(dests: Sequence[Destination], rng: random.Random) -> Destin
 
 def default_route(host: str, port: int) -> HttpRoute:
     """No VirtualService/HTTPRoute: everything goes to the addressed service and port."""
-    return HttpRoute(name="default", source="default", destinations=(Destination(host=host,
-                     port=port),))  # fmt: skip
+    return HttpRoute(
+        name="default", source="default", destinations=(Destination(host=host, port=port),)
+    )
 
 
 def rewrite_target(choice: RouteChoice, path: str) -> str:
