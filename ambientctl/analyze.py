@@ -2,7 +2,7 @@
 the mesh, istioctl-analyze style.
 
 Owns the analyzers and their message codes. Parsing and translation are the control plane's
-own (`controlplane.sources.files.parse_manifest_text`, `controlplane.translate.Translator`), so
+own (`controlplane.sources.files.parse_manifest_text`, `controlplane.translator.Translator`), so
 `analyze` reports exactly what the control plane would do with the same objects. What the
 control plane does not keep (annotations, VirtualService hosts) is read from the raw documents.
 
@@ -49,9 +49,9 @@ from controlplane.translate import (
     USE_WAYPOINT_NS,
     WAYPOINT_FOR,
     TranslateOptions,
-    Translator,
     is_ambient,
 )
+from controlplane.translator import Translator
 from meshcore.config.authorization import parse_policy
 from meshcore.config.findings import Finding, check_labels, check_object
 from meshcore.config.labels import DATAPLANE_MODE, selector_matches

@@ -66,7 +66,8 @@ from controlplane.metrics import ControlPlaneMetrics
 from controlplane.sources.files import ManifestDirectory
 from controlplane.status import StatusWriter
 from controlplane.store import ConfigStore
-from controlplane.translate import TranslateOptions, Translator
+from controlplane.translate import TranslateOptions
+from controlplane.translator import Translator
 from controlplane.waypoints import WaypointController, WaypointSettings
 from controlplane.xds import XdsServer
 from meshcore.address import listen_address

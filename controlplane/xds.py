@@ -60,7 +60,7 @@ from google.protobuf import any_pb2
 from controlplane.auth import Authenticator, bearer_token
 from controlplane.errors import ControlPlaneError, InvalidRequest, PermissionDenied
 from controlplane.metrics import ControlPlaneMetrics
-from controlplane.translate import Delta
+from controlplane.translator import Delta
 from meshcore.model import Authorization, GatewayAddress, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resource_name

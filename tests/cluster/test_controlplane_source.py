@@ -29,7 +29,8 @@ from ambientctl.lab.kube import KubeCluster
 from controlplane.l7 import l7_resources
 from controlplane.sources.kube import KINDS, KubernetesSource
 from controlplane.store import ConfigStore
-from controlplane.translate import TranslateOptions, Translator
+from controlplane.translate import TranslateOptions
+from controlplane.translator import Translator
 from meshcore.kubeapi import KubeApi
 from meshcore.model import Workload
 from tests.cluster import objects

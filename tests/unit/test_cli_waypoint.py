@@ -11,7 +11,8 @@ import yaml
 from ambientctl.main import main
 from controlplane.sources.files import ManifestDirectory
 from controlplane.store import ConfigStore
-from controlplane.translate import TranslateOptions, Translator
+from controlplane.translate import TranslateOptions
+from controlplane.translator import Translator
 from meshcore.model import Service
 
 BASE = """

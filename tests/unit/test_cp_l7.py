@@ -15,7 +15,8 @@ from google.protobuf import any_pb2
 from controlplane.l7 import l7_resources
 from controlplane.objects import parse_object
 from controlplane.store import ConfigStore
-from controlplane.translate import TranslateOptions, Translator
+from controlplane.translate import TranslateOptions
+from controlplane.translator import Translator
 from controlplane.xds import XdsServer
 from meshcore.config.objects import parse_objects
 from meshcore.config.pathnorm import PathPolicy

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.translate import Delta
+from controlplane.translator import Delta
 from controlplane.xds import ResourceTable
 from meshcore.proto.yamlform import parse_service, parse_workload
 

@@ -10,7 +10,8 @@ import pytest
 from controlplane.objects import ObjectKey, parse_object
 from controlplane.sources.files import parse_manifest_text
 from controlplane.store import ConfigStore
-from controlplane.translate import STATIC_STRICT, TranslateOptions, Translator
+from controlplane.translate import STATIC_STRICT, TranslateOptions
+from controlplane.translator import Translator
 from meshcore.authz import ConnectionInfo, evaluate
 from meshcore.errors import ConfigError
 from meshcore.identity import SpiffeId

@@ -13,7 +13,8 @@ from google.protobuf import any_pb2, struct_pb2
 from controlplane.auth import NodeCredentials, bearer_token
 from controlplane.ca import CertificateService, IssuancePolicy
 from controlplane.errors import InvalidRequest, PermissionDenied, Unauthenticated
-from controlplane.translate import Delta, Record
+from controlplane.translate import Record
+from controlplane.translator import Delta
 from controlplane.xds import ResourceTable, encode_response
 from meshcore.ca import MeshCA, generate_csr
 from meshcore.caclient import build_request, parse_response
