@@ -17,9 +17,10 @@ ones (``configMap``, ``secret``, ``projected`` service-account token + ``kube-ro
 in a per-pod directory; container paths in command, args and env are rewritten to them
 (`map_paths`).
 
-Pure: `expand`, `resolve_env`, `map_paths`, `container_process`, `pod_status`. The I/O edge is
-`LabKubelet` (API calls through meshcore.kubeapi, processes and CNI through
-ambientctl.lab.system). Invariant: `stop` leaves no process, netns or pod directory behind.
+The pure part (`expand`, `resolve_env`, `map_paths`, `container_process`, `pod_status`) is
+`ambientctl.lab.podspec`. This module is the I/O edge: `LabKubelet` (API calls through
+meshcore.kubeapi, processes and CNI through ambientctl.lab.system). Invariant: `stop` leaves no
+process, netns or pod directory behind.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +43,12 @@ from typing import Any
 
 from ambientctl.errors import LabCommandError
 from ambientctl.lab import container, kubeproxy, system, topology
+from ambientctl.lab.podspec import (
+    container_process,
+    field_values,
+    pod_status,
+    timestamp,
+)
 from meshcore.kubeapi import KubeApi
 
 log = logging.getLogger(__name__)
@@ -50,148 +56,6 @@ log = logging.getLogger(__name__)
 Json = Mapping[str, Any]
 MERGE = "application/merge-patch+json"
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-# -- pure: a container as a host process --------------------------------------------------------
-
-
-def expand(text: str, env: Mapping[str, str]) -> str:
-    """Kubernetes ``$(VAR)`` expansion in command/args/env (``$$`` escapes; unknown stay)."""
-
-    def one(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        return env.get(m.group(1), m.group(0))
-
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, text)
-
-
-def field_values(pod: Json, *, node_ip: str, pod_ip: str) -> dict[str, str]:
-    """The downward-API fields a fieldRef may name."""
-    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-    return {
-        "metadata.name": str(meta.get("name", "")),
-        "metadata.namespace": str(meta.get("namespace", "")),
-        "metadata.uid": str(meta.get("uid", "")),
-        "spec.nodeName": str(spec.get("nodeName", "")),
-        "spec.serviceAccountName": str(spec.get("serviceAccountName", "")),
-        "status.hostIP": node_ip,
-        "status.podIP": pod_ip,
-    }
-
-
-def resolve_env(container: Json, fields: Mapping[str, str]) -> dict[str, str]:
-    """A container's env: values (with ``$(VAR)`` of earlier entries) and fieldRefs. Other
-    sources (configMapKeyRef, secretKeyRef, resourceFieldRef) are refused, never dropped."""
-    env: dict[str, str] = {}
-    for e in container.get("env", []):
-        if "value" in e or "valueFrom" not in e:  # an empty value is omitted by the API
-            env[e["name"]] = expand(str(e.get("value", "")), env)
-            continue
-        ref = (e.get("valueFrom") or {}).get("fieldRef")
-        if ref is None or ref.get("fieldPath") not in fields:
-            raise LabCommandError(f"env {e['name']}: unsupported source {e.get('valueFrom')}")
-        env[e["name"]] = fields[ref["fieldPath"]]
-    return env
-
-
-def map_paths(text: str, mounts: Mapping[str, Path]) -> str:
-    """Container paths -> host paths, in one pass (longest mount first; a mapped path is never
-    mapped again)."""
-    if not mounts:
-        return text
-    alternation = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
-    return re.sub(
-        rf"(?<![\w/])({alternation})(?=/|$|\s|\")", lambda m: str(mounts[m.group(1)]), text
-    )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Process:
-    container: str
-    argv: tuple[str, ...]
-    env: Mapping[str, str]
-
-
-def container_process(
-    container: Json, *, fields: Mapping[str, str], mounts: Mapping[str, Path]
-) -> Process:
-    """The host process of one container: command + args expanded and path-mapped."""
-    env = resolve_env(container, fields)
-    words = [*container.get("command", []), *container.get("args", [])]
-    if not words:
-        raise LabCommandError(
-            f"container {container.get('name')}: no command (images are not run in the lab)"
-        )
-    argv = tuple(map_paths(expand(str(w), env), mounts) for w in words)
-    return Process(
-        container=str(container["name"]),
-        argv=argv,
-        env={k: map_paths(v, mounts) for k, v in env.items()},
-    )
-
-
-def _ts(now: dt.datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def pod_status(
-    pod: Json,
-    *,
-    pod_ip: str,
-    node_ip: str,
-    started: dt.datetime,
-    exited: Mapping[str, int],
-    now: dt.datetime,
-) -> dict[str, Any]:
-    """The status a kubelet reports: Running and Ready while every container runs; a container
-    that exited is ``terminated`` with its code (phase Succeeded when all exited 0 and the pod
-    does not restart, else Failed)."""
-    spec = pod.get("spec") or {}
-    names = [str(c["name"]) for c in spec.get("containers", [])]
-    ready = not exited
-    statuses = []
-    for c in spec.get("containers", []):
-        name = str(c["name"])
-        if name in exited:
-            state: dict[str, Any] = {
-                "terminated": {"exitCode": exited[name], "finishedAt": _ts(now)}
-            }
-        else:
-            state = {"running": {"startedAt": _ts(started)}}
-        statuses.append(
-            {
-                "name": name,
-                "image": c.get("image", ""),
-                "imageID": "",
-                "started": name not in exited,
-                "ready": name not in exited,
-                "restartCount": 0,
-                "state": state,
-            }
-        )
-    if len(exited) == len(names) and spec.get("restartPolicy") in ("Never", "OnFailure"):
-        phase = "Succeeded" if not any(exited.values()) else "Failed"
-    else:
-        phase = "Running" if not exited or len(exited) < len(names) else "Failed"
-    flag = "True" if ready else "False"
-    t = _ts(started)
-    conditions = [
-        {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
-        {"type": "Initialized", "status": "True", "lastTransitionTime": t},
-        {"type": "ContainersReady", "status": flag, "lastTransitionTime": t},
-        {"type": "Ready", "status": flag, "lastTransitionTime": t},
-    ]
-    return {
-        "phase": phase,
-        "hostIP": node_ip,
-        "hostIPs": [{"ip": node_ip}],
-        "podIP": pod_ip,
-        "podIPs": [{"ip": pod_ip}],
-        "startTime": t,
-        "conditions": conditions,
-        "containerStatuses": statuses,
-    }
 
 
 # -- the I/O edge ---------------------------------------------------------------------------------
@@ -293,7 +157,7 @@ class LabKubelet:
         await self._node_status()
 
     async def _node_status(self) -> None:
-        now = _ts(dt.datetime.now(dt.UTC))
+        now = timestamp(dt.datetime.now(dt.UTC))
         capacity = {"cpu": "8", "memory": "16Gi", "pods": "110"}
         ready = {
             "type": "Ready",
@@ -693,7 +557,7 @@ class LabKubelet:
             {k: status[k] for k in ("phase", "podIP", "containerStatuses")},
             sort_keys=True,
             default=str,
-        ).replace(_ts(dt.datetime.now(dt.UTC)), "")
+        ).replace(timestamp(dt.datetime.now(dt.UTC)), "")
         if digest == rp.reported:
             return
         path = f"/api/v1/namespaces/{rp.namespace}/pods/{rp.name}/status"

@@ -41,8 +41,8 @@ import pytest
 import yaml
 
 from ambientctl.lab import system
-from ambientctl.lab.kubelet import expand, map_paths, resolve_env
 from ambientctl.lab.lab import XDS_ADDRESS, Lab
+from ambientctl.lab.podspec import expand, map_paths, resolve_env
 from cni import protocol
 from cni.install import write_launcher
 from tests.root.labfixture import ECHO, SLEEP, call, manifests

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ambientctl.errors import LabCommandError
-from ambientctl.lab.kubelet import container_process, expand, field_values, pod_status
+from ambientctl.lab.podspec import container_process, expand, field_values, pod_status
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 POD = {

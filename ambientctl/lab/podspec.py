@@ -1,0 +1,158 @@
+"""What a pod spec means on a lab node, as pure functions (the lab kubelet's protocol side,
+`ambientctl.lab.kubelet` is its I/O edge): the kubelet's ``$(VAR)`` expansion, fieldRef values,
+each container's environment, container paths rewritten to the host directories backing its
+volumes, the host process a container becomes, and the pod status reported to the API server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ambientctl.errors import LabCommandError
+
+Json = Mapping[str, Any]
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion in command/args/env (``$$`` escapes; unknown stay)."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, text)
+
+
+def field_values(pod: Json, *, node_ip: str, pod_ip: str) -> dict[str, str]:
+    """The downward-API fields a fieldRef may name."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    return {
+        "metadata.name": str(meta.get("name", "")),
+        "metadata.namespace": str(meta.get("namespace", "")),
+        "metadata.uid": str(meta.get("uid", "")),
+        "spec.nodeName": str(spec.get("nodeName", "")),
+        "spec.serviceAccountName": str(spec.get("serviceAccountName", "")),
+        "status.hostIP": node_ip,
+        "status.podIP": pod_ip,
+    }
+
+
+def resolve_env(container: Json, fields: Mapping[str, str]) -> dict[str, str]:
+    """A container's env: values (with ``$(VAR)`` of earlier entries) and fieldRefs. Other
+    sources (configMapKeyRef, secretKeyRef, resourceFieldRef) are refused, never dropped."""
+    env: dict[str, str] = {}
+    for e in container.get("env", []):
+        if "value" in e or "valueFrom" not in e:  # an empty value is omitted by the API
+            env[e["name"]] = expand(str(e.get("value", "")), env)
+            continue
+        ref = (e.get("valueFrom") or {}).get("fieldRef")
+        if ref is None or ref.get("fieldPath") not in fields:
+            raise LabCommandError(f"env {e['name']}: unsupported source {e.get('valueFrom')}")
+        env[e["name"]] = fields[ref["fieldPath"]]
+    return env
+
+
+def map_paths(text: str, mounts: Mapping[str, Path]) -> str:
+    """Container paths -> host paths, in one pass (longest mount first; a mapped path is never
+    mapped again)."""
+    if not mounts:
+        return text
+    alternation = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+    return re.sub(
+        rf"(?<![\w/])({alternation})(?=/|$|\s|\")", lambda m: str(mounts[m.group(1)]), text
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Process:
+    container: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+
+
+def container_process(
+    container: Json, *, fields: Mapping[str, str], mounts: Mapping[str, Path]
+) -> Process:
+    """The host process of one container: command + args expanded and path-mapped."""
+    env = resolve_env(container, fields)
+    words = [*container.get("command", []), *container.get("args", [])]
+    if not words:
+        raise LabCommandError(
+            f"container {container.get('name')}: no command (images are not run in the lab)"
+        )
+    argv = tuple(map_paths(expand(str(w), env), mounts) for w in words)
+    return Process(
+        container=str(container["name"]),
+        argv=argv,
+        env={k: map_paths(v, mounts) for k, v in env.items()},
+    )
+
+
+def timestamp(now: dt.datetime) -> str:
+    """RFC 3339 in UTC, as the API server writes times."""
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_status(
+    pod: Json,
+    *,
+    pod_ip: str,
+    node_ip: str,
+    started: dt.datetime,
+    exited: Mapping[str, int],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The status a kubelet reports: Running and Ready while every container runs; a container
+    that exited is ``terminated`` with its code (phase Succeeded when all exited 0 and the pod
+    does not restart, else Failed)."""
+    spec = pod.get("spec") or {}
+    names = [str(c["name"]) for c in spec.get("containers", [])]
+    ready = not exited
+    statuses = []
+    for c in spec.get("containers", []):
+        name = str(c["name"])
+        if name in exited:
+            state: dict[str, Any] = {
+                "terminated": {"exitCode": exited[name], "finishedAt": timestamp(now)}
+            }
+        else:
+            state = {"running": {"startedAt": timestamp(started)}}
+        statuses.append(
+            {
+                "name": name,
+                "image": c.get("image", ""),
+                "imageID": "",
+                "started": name not in exited,
+                "ready": name not in exited,
+                "restartCount": 0,
+                "state": state,
+            }
+        )
+    if len(exited) == len(names) and spec.get("restartPolicy") in ("Never", "OnFailure"):
+        phase = "Succeeded" if not any(exited.values()) else "Failed"
+    else:
+        phase = "Running" if not exited or len(exited) < len(names) else "Failed"
+    flag = "True" if ready else "False"
+    t = timestamp(started)
+    conditions = [
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+        {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+        {"type": "ContainersReady", "status": flag, "lastTransitionTime": t},
+        {"type": "Ready", "status": flag, "lastTransitionTime": t},
+    ]
+    return {
+        "phase": phase,
+        "hostIP": node_ip,
+        "hostIPs": [{"ip": node_ip}],
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
+        "startTime": t,
+        "conditions": conditions,
+        "containerStatuses": statuses,
+    }
