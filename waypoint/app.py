@@ -56,14 +56,14 @@ from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idl
 from meshcore.sockets import make_listener
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
-from waypoint.handler import Handler, Upstreams
+from waypoint.handler import Handler
 from waypoint.metrics import WaypointMetrics
 from waypoint.protocol.route import CompiledConfig
 from waypoint.server import WaypointServer
 from waypoint.tcp import TcpProxy
 from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
 from waypoint.upgrade import UpgradeUpstreams
-from waypoint.upstream import H1Upstreams, UpstreamPool
+from waypoint.upstream import H1Upstreams, UpstreamPool, Upstreams
 
 log = logging.getLogger("waypoint")
 

@@ -33,11 +33,9 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
-from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
 from meshcore.tracing import parse_traceparent
 from waypoint.authn import authenticate_request
@@ -87,6 +85,8 @@ from waypoint.protocol.route import (
 )
 from waypoint.protocol.trace import next_traceparent
 from waypoint.ratelimit import check_rate_limit, limited_downstream
+from waypoint.tunnel import Tunnel
+from waypoint.upstream import UpstreamResponse, Upstreams
 
 log = logging.getLogger("waypoint")
 
@@ -106,73 +106,6 @@ _GRPC_RETRY = {
     "13": "internal",
     "14": "unavailable",
 }
-
-
-class UpstreamResponse(Protocol):
-    status: int
-    headers: list[tuple[str, str]]
-    content_length: int | None
-
-    @property
-    def trailers(self) -> tuple[tuple[str, str], ...]: ...
-
-    @property
-    def body_bytes(self) -> int: ...
-
-    async def read(self) -> bytes: ...
-
-    def finish(self) -> None: ...
-
-
-class Upstreams(Protocol):
-    """What the handler needs from the upstream side (per protocol)."""
-
-    async def send(
-        self,
-        req: Request,
-        ep: EndpointStats,
-        *,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        replay: ReplayBody,
-        connect_timeout: float,
-    ) -> UpstreamResponse: ...
-
-
-class Tunnel:
-    """Facts about the HBONE tunnel a request arrived in."""
-
-    __slots__ = (
-        "peer_cert_hash",
-        "peer_identity",
-        "peer_ip",
-        "service",
-        "target_ip",
-        "target_port",
-        "workload",
-    )
-
-    def __init__(
-        self,
-        *,
-        peer_identity: SpiffeId | None,
-        peer_ip: str,
-        target_ip: str,
-        target_port: int,
-        service: Service | None,
-        workload: Workload | None,
-        peer_cert_hash: str = "",
-    ) -> None:
-        self.peer_identity = peer_identity
-        self.peer_cert_hash = peer_cert_hash
-        """SHA-256 (hex) of the peer's verified certificate (DER), for X-Forwarded-Client-Cert."""
-        self.peer_ip = peer_ip
-        self.target_ip = target_ip
-        self.target_port = target_port
-        self.service = service
-        self.workload = workload
-        """The addressed workload when the tunnel targets a workload (not a service)."""
 
 
 def retriable(policy: RetryPolicy, status: int | None, grpc_status: str | None) -> bool:

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 from waypoint.body import EmptyBody, Request
 from waypoint.errors import BadRequest
-from waypoint.handler import Handler, Tunnel
+from waypoint.handler import Handler
 from waypoint.protocol import http1
-from waypoint.tunnel import TunnelIO
+from waypoint.tunnel import Tunnel, TunnelIO
 from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
 from waypoint.upgrade import RawBody, upgrade_of
 

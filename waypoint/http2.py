@@ -54,10 +54,10 @@ import h2.settings
 from waypoint.body import ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamProtocolError, UpstreamReset
-from waypoint.handler import Handler, Tunnel
+from waypoint.handler import Handler
 from waypoint.protocol.cluster import EndpointStats
 from waypoint.protocol.hygiene import MAX_HEADERS_BYTES, forwardable_trailers
-from waypoint.tunnel import TunnelIO
+from waypoint.tunnel import Tunnel, TunnelIO
 from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
 from waypoint.upgrade import UPGRADES
 from waypoint.upstream import EndpointKey, UpstreamPool

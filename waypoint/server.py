@@ -19,6 +19,7 @@ request, L7 policy allowed it (in the handler).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import socket
@@ -31,11 +32,11 @@ from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
 from meshcore.model import AppProtocol
 from waypoint.context import WaypointContext
-from waypoint.handler import Handler, Tunnel
+from waypoint.handler import Handler
 from waypoint.http1 import serve_h1
 from waypoint.protocol.sniff import classify
 from waypoint.tcp import TcpProxy
-from waypoint.tunnel import TunnelIO
+from waypoint.tunnel import Tunnel, TunnelIO
 
 log = logging.getLogger("waypoint.server")
 
@@ -178,9 +179,12 @@ class WaypointServer:
             log.info("CONNECT %s from %s refused: %s", stream.authority, peer_ip, target)
             stream.respond(400)
             return
-        target.peer_identity = stream.peer_identity
-        target.peer_ip = peer_ip
-        target.peer_cert_hash = _peer_cert_hash(proto)
+        target = dataclasses.replace(
+            target,
+            peer_identity=stream.peer_identity,
+            peer_ip=peer_ip,
+            peer_cert_hash=_peer_cert_hash(proto),
+        )
         io = TunnelIO()
         io.bind(stream)
         stream.respond(200)

@@ -44,11 +44,10 @@ from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
 from meshcore.telemetry import TCP_LABELS, Traffic, peer_labels, service_labels
 from waypoint.context import WaypointContext
-from waypoint.handler import Tunnel
 from waypoint.protocol.authz import applicable
 from waypoint.protocol.route import pick_destination
 from waypoint.protocol.sniff import MAX_HELLO, client_hello_sni
-from waypoint.tunnel import TunnelIO
+from waypoint.tunnel import Tunnel, TunnelIO
 from waypoint.upstream import HBONE_PORT, UpstreamPool
 
 log = logging.getLogger("waypoint.tcp")

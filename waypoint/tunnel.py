@@ -2,7 +2,8 @@
 
 Owns: `TunnelIO`, a `TunnelSink` that queues what the tunnel delivers and gives it out with
 `read()`, and writes with `write()` + `drain()` (waiting while the HTTP/2 send window is
-exhausted).
+exhausted); and `Tunnel`, the facts about the HBONE tunnel a request arrived in (peer identity
+and address, the addressed service or workload) that the handler decides with.
 
 Invariants:
 - Flow control credit is given only for bytes the application has taken with `read()`
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
 
 from meshcore.hbone.aio import TunnelStream
 from meshcore.hbone.frames import ErrorCode
+from meshcore.identity import SpiffeId
+from meshcore.model import Service, Workload
 
 
 class TunnelIO:
@@ -130,3 +134,18 @@ class TunnelIO:
             self.write_eof()
         else:
             self.reset()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Tunnel:
+    """Facts about the HBONE tunnel a request arrived in."""
+
+    peer_identity: SpiffeId | None
+    peer_ip: str
+    target_ip: str
+    target_port: int
+    service: Service | None
+    workload: Workload | None
+    """The addressed workload when the tunnel targets a workload (not a service)."""
+    peer_cert_hash: str = ""
+    """SHA-256 (hex) of the peer's verified certificate (DER), for X-Forwarded-Client-Cert."""

@@ -1,12 +1,14 @@
 """Upstream side of the waypoint: requests to a chosen endpoint over HBONE, with the
 WAYPOINT's identity, through the endpoint's node proxy (:authority ``endpoint_ip:target_port``).
 
-Owns: `UpstreamPool` (idle HTTP/1.1 connections per endpoint, each one HBONE CONNECT stream on
-a pooled mTLS connection from `meshcore.hbone.pool.HbonePool`), `H1Exchange` (one request
-written and its response read, bodies streamed), and the mapping of failures to the error tree:
-the CONNECT refused or the TLS/TCP connect failing -> `UpstreamConnectError` (retry condition
-connect-failure), a reset or EOF before the response head -> `UpstreamReset` (reset), a bad
-response -> `UpstreamProtocolError`.
+Owns: the `Upstreams` interface the handler sends a request through (one per protocol: this
+module's for HTTP/1.1, `waypoint.http2` and `waypoint.upgrade` for the others) and the
+`UpstreamResponse` it gets back; `UpstreamPool` (idle HTTP/1.1 connections per endpoint, each one
+HBONE CONNECT stream on a pooled mTLS connection from `meshcore.hbone.pool.HbonePool`),
+`H1Exchange` (one request written and its response read, bodies streamed), and the mapping of
+failures to the error tree: the CONNECT refused or the TLS/TCP connect failing ->
+`UpstreamConnectError` (retry condition connect-failure), a reset or EOF before the response head
+-> `UpstreamReset` (reset), a bad response -> `UpstreamProtocolError`.
 
 Invariants:
 - A connection goes back to the idle list only when its response was read to the end, the
@@ -30,6 +32,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import HbonePool, PoolKey
@@ -48,6 +51,38 @@ class EndpointKey:
     ip: str
     port: int
     identity: SpiffeId
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    headers: list[tuple[str, str]]
+    content_length: int | None
+
+    @property
+    def trailers(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def body_bytes(self) -> int: ...
+
+    async def read(self) -> bytes: ...
+
+    def finish(self) -> None: ...
+
+
+class Upstreams(Protocol):
+    """What the handler needs from the upstream side (per protocol)."""
+
+    async def send(
+        self,
+        req: Request,
+        ep: EndpointStats,
+        *,
+        target: str,
+        authority: str,
+        headers: list[tuple[str, str]],
+        replay: ReplayBody,
+        connect_timeout: float,
+    ) -> UpstreamResponse: ...
 
 
 class H1Conn:
