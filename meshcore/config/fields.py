@@ -112,7 +112,7 @@ loadBalancer.localityLbSetting.distribute[].to implemented map -- weights sum to
 loadBalancer.localityLbSetting.failover implemented -- priorities: same zone+subzone, zone, region, the failover region, others; Envoy's health spill-over
 loadBalancer.localityLbSetting.failover[].from implemented -- region
 loadBalancer.localityLbSetting.failover[].to implemented -- region
-loadBalancer.localityLbSetting.failoverPriority implemented -- ordered labels (topology.kubernetes.io/region|zone, topology.istio.io/subzone|network, pod labels); label=value entries and use with failover are refused
+loadBalancer.localityLbSetting.failoverPriority implemented -- ordered labels (topology.kubernetes.io/region|zone, topology.istio.io/subzone|network, pod labels); label=value: the endpoint's label must have that value (not the client's); with failover: label priority x 5 + locality priority (Istio), region/zone/subzone labels then invalid (Istio validation)
 loadBalancer.warmupDurationSecs warned -- slow start is not implemented
 loadBalancer.warmup warned -- slow start is not implemented
 connectionPool implemented

@@ -498,6 +498,11 @@ def _traffic_policy(value: object, path: str, ctx: Ctx, *, nested: bool = True) 
     )
 
 
+_TOPOLOGY_LOCALITY_LABELS = (
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "topology.istio.io/subzone",
+)
 _LOCALITY = re.compile(r"^([^/*]+|\*)(/([^/*]+|\*)){0,2}$")
 
 
@@ -514,7 +519,8 @@ def _locality_lb(value: object, path: str) -> LocalityLb:
     """``localityLbSetting`` (Istio networking/v1 LocalityLoadBalancerSetting): ``distribute``
     weights must sum to 100 per ``from``; ``distribute`` excludes ``failover``; a failover's
     ``from`` and ``to`` are different regions (Istio's validation). ``failover`` together
-    with ``failoverPriority`` is not implemented (refused)."""
+    with ``failoverPriority`` may not list the region/zone/subzone labels, and a
+    ``failoverPriority`` entry is ``label`` or ``label=value`` (Istio's validation)."""
     m = read_map(value, path)
     enabled = m.get("enabled", True)
     if not isinstance(enabled, bool):
@@ -544,12 +550,15 @@ def _locality_lb(value: object, path: str) -> LocalityLb:
         read_text(x, f"{path}.failoverPriority[{i}]")
         for i, x in enumerate(read_seq(m.get("failoverPriority"), f"{path}.failoverPriority"))
     )
-    if any("=" in x for x in prio):
-        raise ConfigError(f"{path}.failoverPriority", "label=value entries are not implemented")
+    for i, x in enumerate(prio):
+        key, eq, val = x.partition("=")
+        if not key or (eq and (not val or "=" in val)):
+            raise ConfigError(f"{path}.failoverPriority[{i}]", f"{x!r} is not label or label=value")
     if dist and (fail or prio):
         raise ConfigError(path, "distribute cannot be combined with failover/failoverPriority")
-    if fail and prio:
-        raise ConfigError(path, "failover together with failoverPriority is not implemented")
+    for x in prio if fail else ():
+        if x in _TOPOLOGY_LOCALITY_LABELS:  # Istio: ValidateLocalityLbSetting
+            raise ConfigError(path, f"failover cannot be combined with {x!r} in failoverPriority")
     return LocalityLb(
         enabled=enabled, distribute=tuple(dist), failover=tuple(fail), failover_priority=prio
     )

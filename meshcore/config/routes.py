@@ -255,7 +255,8 @@ class LocalityLb:
     """(from region, to region)."""
     failover_priority: tuple[str, ...] = ()
     """Ordered labels (``topology.kubernetes.io/region|zone``, ``topology.istio.io/subzone``,
-    ``topology.istio.io/network`` or pod labels)."""
+    ``topology.istio.io/network`` or pod labels), each ``label`` (the endpoint's value must
+    equal the client's) or ``label=value`` (the endpoint's value must equal ``value``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

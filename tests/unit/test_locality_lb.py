@@ -139,6 +139,56 @@ def test_failover_priority_labels() -> None:
     assert set(picks(c, now=1.0)) == {"b"}
 
 
+def test_failover_priority_label_value_matches_the_endpoint_not_the_client() -> None:
+    # Istio: "Specify labels with key and value [key1=value1, ...], istio would compare the
+    # labels with endpoints": the client (network n1, tier gold) does not take part.
+    pol = policy(
+        OD + "\n    loadBalancer: {localityLbSetting: {failoverPriority: "
+        "['topology.istio.io/network=n2', tier=silver]}}"
+    )
+    eps = [
+        EndpointSpec(uid=u, ip=f"10.0.0.{i}", port=80, identity=ID, network=net, labels=lab)
+        for i, (u, net, lab) in enumerate(
+            [
+                ("a", "n1", (("tier", "silver"),)),
+                ("b", "n1", (("tier", "gold"),)),
+                ("c", "n2", (("tier", "silver"),)),
+                ("d", "n2", (("tier", "gold"),)),
+                ("e", "n2", ()),
+            ]
+        )
+    ]
+    assert priorities(pol, ORIGIN, eps) == [2, 2, 0, 1, 1]
+    c = Cluster(name="c", policy=pol)
+    c.update(eps, pol, ORIGIN)
+    assert set(picks(c)) == {"c"}
+    eject(c, "c")
+    assert set(picks(c, now=1.0)) == {"d", "e"}
+
+
+def test_failover_priority_with_failover_orders_localities_within_each_label_priority() -> None:
+    # Istio (ApplyLocalityLoadBalancer): failoverPriority first, then locality failover
+    # within each of its priorities (label priority x 5 + locality priority).
+    pol = policy(
+        OD + "\n    loadBalancer: {localityLbSetting: {failoverPriority: [tier], "
+        "failover: [{from: region1, to: region2}]}}"
+    )
+    gold: tuple[tuple[str, str], ...] = (("tier", "gold"),)
+    labels = {"c": gold, "d": gold, "e": gold}
+    # gold: c (region1/zone2) 2, d (failover region) 3, e (other region) 4; not gold: a, b
+    # (the waypoint's zone) 5 + 0.
+    assert priorities(pol, ORIGIN, specs(labels)) == [5, 5, 2, 3, 4]
+    c = Cluster(name="c", policy=pol)
+    c.update(specs(labels), pol, ORIGIN)
+    assert set(picks(c)) == {"c"}
+    eject(c, "c")
+    assert set(picks(c, now=1.0)) == {"d"}
+    eject(c, "d")
+    assert set(picks(c, now=1.0)) == {"e"}
+    eject(c, "e")
+    assert set(picks(c, now=1.0)) == {"a", "b"}
+
+
 def test_distribute_weights() -> None:
     pol = policy(
         " {loadBalancer: {localityLbSetting: {distribute: [{from: region1/zone1/*, "
@@ -158,8 +208,13 @@ def test_distribute_weights() -> None:
         ("{distribute: [{from: region1, to: {region1: 50}}]}", "sum to 100"),
         ("{failover: [{from: region1, to: region1}]}", "different regions"),
         ("{distribute: [{from: '*', to: {'*': 100}}], failover: [{from: a, to: b}]}", "combined"),
-        ("{failover: [{from: a, to: b}], failoverPriority: [x]}", "not implemented"),
-        ("{failoverPriority: ['topology.istio.io/network=n1']}", "label=value"),
+        (
+            "{failover: [{from: a, to: b}], failoverPriority: [topology.kubernetes.io/zone]}",
+            "failover cannot be combined with 'topology.kubernetes.io/zone'",
+        ),
+        ("{failoverPriority: ['=n1']}", "not label or label=value"),
+        ("{failoverPriority: ['tier=a=b']}", "not label or label=value"),
+        ("{failoverPriority: ['tier=']}", "not label or label=value"),
         ("{distribute: [{from: 'a*b', to: {'*': 100}}]}", "not a locality"),
         ("{enabled: yes-please}", "boolean"),
     ],

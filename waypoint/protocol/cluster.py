@@ -31,9 +31,12 @@ Semantics (Envoy, as Istio configures it from a DestinationRule):
   unlisted ones get none) and a request first picks a locality by weight x availability
   (min(1, 1.4 x healthy/total), Envoy's overprovisioning factor); otherwise, when outlier
   detection is configured (Istio applies failover only then), endpoints get priorities: by
-  ``failoverPriority`` (the number of trailing labels not matched), or by locality (0: same
+  ``failoverPriority`` (the number of trailing entries not matched; an entry ``label`` matches
+  the origin's value, ``label=value`` that value), or by locality (0: same
   region/zone/subzone, 1: same region/zone, 2: same region, 3: the region a ``failover`` rule
-  of the origin's region names, 4: any other; 3 when there is no rule). A request picks a
+  of the origin's region names, 4: any other; 3 when there is no rule), or, with both
+  ``failoverPriority`` and ``failover``, label priority x 5 + locality priority (Istio's
+  order: locality failover within each label priority). A request picks a
   priority by Envoy's health spill-over: priority p gets min(100, 140 x healthy_p/total_p)
   percent of the load that the better priorities left (scaled up when the total is under
   100), so traffic leaves a locality as its endpoints are ejected. All ejected: panic over all.
@@ -57,7 +60,7 @@ from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qsl
 
-from meshcore.config.routes import ConsistentHash, LbPolicy, TrafficPolicy
+from meshcore.config.routes import ConsistentHash, LbPolicy, LocalityLb, TrafficPolicy
 from meshcore.identity import SpiffeId
 
 
@@ -139,21 +142,51 @@ def locality_matches(pattern: str, loc: tuple[str, str, str]) -> bool:
     return all(p in ("", "*") or p == have for p, have in zip(parts[1:], loc[1:], strict=True))
 
 
+def _label_priorities(
+    entries: Sequence[str], origin: Origin, specs: Sequence[EndpointSpec]
+) -> list[int]:
+    """``failoverPriority``: N minus the number of leading entries the endpoint matches. An
+    entry ``label`` matches when the endpoint's value equals the client's; ``label=value``
+    when the endpoint's value equals ``value`` (Istio DestinationRule reference: "Specify
+    labels with key and value [key1=value1, ...], istio would compare the labels with
+    endpoints")."""
+    wants: list[tuple[str, str | None]] = []
+    for entry in entries:
+        name, eq, value = entry.partition("=")
+        wants.append(
+            (name, value if eq else _label(origin.locality, origin.network, origin.labels, name))
+        )
+    out = []
+    for s in specs:
+        n = 0
+        for name, want in wants:
+            if want is None or _label(s.locality, s.network, s.labels, name) != want:
+                break
+            n += 1
+        out.append(len(wants) - n)
+    return out
+
+
 def priorities(policy: TrafficPolicy, origin: Origin, specs: Sequence[EndpointSpec]) -> list[int]:
     """Each endpoint's priority (0 = best) under ``localityLbSetting`` failover (module doc)."""
     loc = policy.locality
     if loc.failover_priority:
-        names = loc.failover_priority
-        out = []
-        for s in specs:
-            n = 0
-            for name in names:
-                want = _label(origin.locality, origin.network, origin.labels, name)
-                if want is None or _label(s.locality, s.network, s.labels, name) != want:
-                    break
-                n += 1
-            out.append(len(names) - n)
-        return out
+        by_label = _label_priorities(loc.failover_priority, origin, specs)
+        if not loc.failover:
+            return by_label
+        # Both set: Istio applies the label priorities, then locality failover within each
+        # (label priority x 5 + locality priority 0-4; ApplyLocalityLoadBalancer). Only the
+        # order matters here: `Cluster` groups by value, best first.
+        return [
+            5 * p + q
+            for p, q in zip(by_label, _locality_priorities(loc, origin, specs), strict=True)
+        ]
+    return _locality_priorities(loc, origin, specs)
+
+
+def _locality_priorities(
+    loc: LocalityLb, origin: Origin, specs: Sequence[EndpointSpec]
+) -> list[int]:
     region, zone, subzone = origin.locality
     to = {b for a, b in loc.failover if a == region}
     out = []
