@@ -166,6 +166,23 @@ def test_failover_priority_label_value_matches_the_endpoint_not_the_client() -> 
     assert set(picks(c, now=1.0)) == {"d", "e"}
 
 
+def test_failover_priority_label_missing_on_both_sides_matches() -> None:
+    # Istio compares label maps (a missing key is ""): the waypoint has no "rack" label, so an
+    # endpoint without one matches and one with a rack does not. Before, neither matched.
+    pol = policy(OD + "\n    loadBalancer: {localityLbSetting: {failoverPriority: [rack, tier]}}")
+    eps = [
+        EndpointSpec(uid=u, ip=f"10.0.0.{i}", port=80, identity=ID, labels=lab)
+        for i, (u, lab) in enumerate(
+            [
+                ("a", (("rack", "r1"), ("tier", "gold"))),
+                ("b", (("tier", "gold"),)),
+                ("c", ()),
+            ]
+        )
+    ]
+    assert priorities(pol, ORIGIN, eps) == [2, 0, 1]
+
+
 def test_failover_priority_with_failover_orders_localities_within_each_label_priority() -> None:
     # Istio (ApplyLocalityLoadBalancer): failoverPriority first, then locality failover
     # within each of its priorities (label priority x 5 + locality priority).

@@ -149,18 +149,18 @@ def _label_priorities(
     entry ``label`` matches when the endpoint's value equals the client's; ``label=value``
     when the endpoint's value equals ``value`` (Istio DestinationRule reference: "Specify
     labels with key and value [key1=value1, ...], istio would compare the labels with
-    endpoints")."""
-    wants: list[tuple[str, str | None]] = []
+    endpoints"). A label missing on either side reads as "" (Istio compares label maps, where
+    a missing key is the empty value), so a label both lack matches."""
+    wants: list[tuple[str, str]] = []
     for entry in entries:
         name, eq, value = entry.partition("=")
-        wants.append(
-            (name, value if eq else _label(origin.locality, origin.network, origin.labels, name))
-        )
+        own = _label(origin.locality, origin.network, origin.labels, name)
+        wants.append((name, value if eq else own or ""))
     out = []
     for s in specs:
         n = 0
         for name, want in wants:
-            if want is None or _label(s.locality, s.network, s.labels, name) != want:
+            if (_label(s.locality, s.network, s.labels, name) or "") != want:
                 break
             n += 1
         out.append(len(wants) - n)
