@@ -29,9 +29,9 @@ import contextlib
 import functools
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -331,17 +331,43 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     assert not any(ECHO in json.dumps(r) for r in records)
 
 
+# Run with the venv's python in node-1's netns: ask the control plane's CA (address, roots file,
+# token file) for IDENTITY; prints "granted <id>" or "refused <error>". A subprocess, not a thread
+# that entered the netns: gRPC connects from its own thread pool, which stays in whichever netns
+# its first gRPC call made it in (the host's, when the whole suite runs in one process).
+CSR_SCRIPT = """\
+import asyncio, sys
+from datetime import timedelta
+from pathlib import Path
+from meshcore.caclient import ControlPlaneCAProvider
+from meshcore.errors import CertificateError
+from meshcore.identity import SpiffeId
+from meshcore.xds import ControlPlaneEndpoint
+
+address, roots, token_file, identity = sys.argv[1:5]
+
+async def main() -> str:
+    endpoint = ControlPlaneEndpoint(
+        address=address, token=None, tls_roots=Path(roots).read_bytes(),
+        server_name="ambient-controlplane.istio-system.svc", token_file=Path(token_file),
+    )
+    provider = ControlPlaneCAProvider(endpoint, ttl=timedelta(hours=1))
+    try:
+        cert = await provider.fetch(SpiffeId.parse(identity))
+        return f"granted {cert.identity}"
+    except CertificateError as e:
+        return f"refused {e}"
+    finally:
+        await provider.close()
+
+print(asyncio.run(main()))
+"""
+
+
 def test_4_node_proxy_cannot_obtain_another_nodes_identity(lab: KubeLab) -> None:
     """node-1's node proxy token (projected, bound to its pod) asks the control plane's CA for
     the identity of a workload that runs only on node-2 (echo): refused; for its own
     node's workload (sleep): granted. The real TokenReview names the pod, hence the node."""
-    import asyncio
-
-    from meshcore.caclient import ControlPlaneCAProvider
-    from meshcore.errors import CertificateError
-    from meshcore.identity import SpiffeId
-    from meshcore.xds import ControlPlaneEndpoint
-
     zt = next(
         p for p in lab.pods("istio-system", "app=ztunnel") if p["spec"]["nodeName"] == "node-1"
     )
@@ -349,35 +375,22 @@ def test_4_node_proxy_cannot_obtain_another_nodes_identity(lab: KubeLab) -> None
     _, svc = lab.cluster.request(
         "GET", "/api/v1/namespaces/istio-system/services/ambient-controlplane"
     )
-    endpoint = ControlPlaneEndpoint(
-        address=f"{svc['spec']['clusterIP']}:15012",
-        token=None,
-        tls_roots=(vols / "controlplane-roots" / "root-cert.pem").read_bytes(),
-        server_name="ambient-controlplane.istio-system.svc",
-        token_file=vols / "controlplane-token" / "token",
-    )
-
-    async def fetch(identity: str) -> str:
-        provider = ControlPlaneCAProvider(endpoint, ttl=timedelta(hours=1))
-        try:
-            cert = await provider.fetch(SpiffeId.parse(identity))
-            return f"granted {cert.identity}"
-        except CertificateError as e:
-            return f"refused {e}"
-        finally:
-            await provider.close()
-
-    from ebpf.netns import entered
 
     def in_node(identity: str) -> str:
-        with entered(lab.node_plan("node-1").netns):
-            return asyncio.run(fetch(identity))
+        argv = [
+            sys.executable,
+            "-c",
+            CSR_SCRIPT,
+            f"{svc['spec']['clusterIP']}:15012",
+            str(vols / "controlplane-roots" / "root-cert.pem"),
+            str(vols / "controlplane-token" / "token"),
+            identity,
+        ]
+        out = system.run(system.nsenter(lab.node_plan("node-1").netns, argv))
+        return out.strip().splitlines()[-1]
 
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        own = ex.submit(in_node, SLEEP).result()
-        other = ex.submit(in_node, ECHO).result()
+    own = in_node(SLEEP)
+    other = in_node(ECHO)
     assert own.startswith("granted"), own
     assert other.startswith("refused"), other
     assert "PERMISSION_DENIED" in other, other
