@@ -46,12 +46,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
 
 from controlplane.errors import SourceError
 from controlplane.status import gateway_acceptance
+from meshcore.bootstrap import Bootstrap
 from meshcore.config.findings import Finding
 from meshcore.kubeapi import KubeApi
 
@@ -156,12 +158,8 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
         sa,
         "--workload-uid",
         f"{settings.cluster_id}//Pod/$(POD_NAMESPACE)/$(POD_NAME)",
-        "--xds-address",
-        settings.xds_address,
         "--node",
         "$(NODE_NAME)",
-        "--node-credential-file",
-        f"{TOKEN_DIR}/token",
         "--trust-domain",
         settings.trust_domain,
         "--admin",
@@ -194,16 +192,16 @@ def desired_objects(gw: Mapping[str, Any], settings: WaypointSettings) -> Waypoi
             "metadata": {**metadata(), "name": f"{name}-controlplane-roots"},
             "data": {"root-cert.pem": settings.roots_pem},
         }
-        args += [
-            "--controlplane-roots",
-            f"{ROOTS_DIR}/root-cert.pem",
-            "--controlplane-server-name",
-            settings.controlplane_server_name,
-        ]
         mounts.append({"name": "controlplane-roots", "mountPath": ROOTS_DIR, "readOnly": True})
         volumes.append(
             {"name": "controlplane-roots", "configMap": {"name": f"{name}-controlplane-roots"}}
         )
+    args += Bootstrap(
+        xds_address=settings.xds_address,
+        token_file=Path(TOKEN_DIR, "token"),
+        roots_file=Path(ROOTS_DIR, "root-cert.pem") if roots is not None else None,
+        server_name=settings.controlplane_server_name,
+    ).argv()
     args += list(settings.extra_args)
 
     def field_env(var: str, path: str) -> Json:

@@ -2,19 +2,24 @@
 control plane (xDS and CA endpoints, node credential, serving roots) and where its certificates
 come from.
 
-Owns: `endpoints` (the xDS endpoint and the CA endpoint, which defaults to the xDS address; one
+Owns: the control-plane flags every proxy spells the same way (`add_arguments`: names, env-var
+defaults, help; `Bootstrap.from_args` reads them back; `Bootstrap.argv` writes them for a proxy
+someone else starts: the control plane's waypoint Deployments, the lab's node proxies),
+`endpoints` (the xDS endpoint and the CA endpoint, which defaults to the xDS address; one
 node credential, read once to fail fast and re-read from its file for every call, and one set
 of roots for both) and `certificate_provider` (the control plane's CA, or local signing from a
 CA directory when the caller's flags ask for it).
 
 Invariants: an unreadable roots or credential file is a `ConfigError` naming it, before anything
 connects; nothing is dialled here (the endpoints connect when the xDS client and the CA
-provider first use them).
+provider first use them); `Bootstrap.from_args` of a parse of `Bootstrap.argv` is the same
+`Bootstrap`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,7 +46,7 @@ class Bootstrap:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Bootstrap:
-        """From the flags both proxies spell the same way."""
+        """From the flags `add_arguments` declared."""
         return cls(
             xds_address=args.xds_address,
             ca_address=args.ca_address,
@@ -49,6 +54,49 @@ class Bootstrap:
             roots_file=args.controlplane_roots,
             server_name=args.controlplane_server_name,
         )
+
+    def argv(self) -> list[str]:
+        """The flags that make a proxy dial this control plane; the server name goes only
+        with roots (it names the TLS certificate to verify, and plaintext has none)."""
+        out = ["--xds-address", self.xds_address]
+        if self.ca_address:
+            out += ["--ca-address", self.ca_address]
+        if self.token_file is not None:
+            out += ["--node-credential-file", str(self.token_file)]
+        if self.roots_file is not None:
+            out += ["--controlplane-roots", str(self.roots_file)]
+            out += ["--controlplane-server-name", self.server_name]
+        return out
+
+
+def add_arguments(group: argparse._ActionsContainer, *, xds_help: str) -> None:
+    """Declare the control-plane flags on `group` (a parser or one of its argument groups),
+    each defaulting to its environment variable; `xds_help` says what the process takes over
+    xDS. Read back with `Bootstrap.from_args`."""
+    env = os.environ.get
+    group.add_argument("--xds-address", default=env("XDS_ADDRESS"), help=xds_help)
+    group.add_argument(
+        "--ca-address",
+        default=env("CA_ADDRESS"),
+        help="control plane host:port for CreateCertificate (default: --xds-address)",
+    )
+    group.add_argument(
+        "--node-credential-file",
+        type=Path,
+        default=env("NODE_CREDENTIAL_FILE"),
+        help="file holding this node's control-plane token (first line, sent as Bearer)",
+    )
+    group.add_argument(
+        "--controlplane-roots",
+        type=Path,
+        default=env("CONTROLPLANE_ROOTS"),
+        help="PEM roots to verify the control plane's TLS certificate; absent = plaintext",
+    )
+    group.add_argument(
+        "--controlplane-server-name",
+        default=env("CONTROLPLANE_SERVER_NAME", DEFAULT_SERVER_NAME),
+        help="name the control plane's TLS certificate is verified against",
+    )
 
 
 def endpoints(boot: Bootstrap) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:

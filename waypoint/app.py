@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meshcore import bootstrap
 from meshcore.address import listen_address
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
@@ -412,34 +413,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
         "default: 426 Upgrade Required",
     )
     cp = p.add_argument_group("control-plane mode (instead of --mesh-config/--config/--ca-dir)")
-    cp.add_argument(
-        "--xds-address",
-        default=env("XDS_ADDRESS"),
-        help="control plane host:port: Address, Authorization and L7 config over delta xDS",
-    )
-    cp.add_argument(
-        "--ca-address",
-        default=env("CA_ADDRESS"),
-        help="control plane CA host:port (default: --xds-address)",
+    bootstrap.add_arguments(
+        cp, xds_help="control plane host:port: Address, Authorization and L7 config over delta xDS"
     )
     cp.add_argument(
         "--node",
         default=env("NODE_NAME", ""),
         help="the node this waypoint's pod runs on (its credential's node)",
     )
-    cp.add_argument(
-        "--node-credential-file",
-        type=Path,
-        default=env("NODE_CREDENTIAL_FILE"),
-        help="the node's token (first line)",
-    )
-    cp.add_argument(
-        "--controlplane-roots",
-        type=Path,
-        default=env("CONTROLPLANE_ROOTS"),
-        help="PEM roots of the control plane's TLS certificate; absent = plaintext",
-    )
-    cp.add_argument("--controlplane-server-name", default="ambient-controlplane.istio-system.svc")
     args = p.parse_args(argv)
     args.debug = listen_address(args.debug_listen, "--debug-listen") if args.debug_listen else None
     if args.debug is not None:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from meshcore import bootstrap
 from meshcore.address import listen_address
 from meshcore.errors import ConfigError
 from meshcore.opshttp import is_loopback
@@ -42,10 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     )
     # Control-plane mode (issue 4): config over delta xDS, certificates from the control plane's
     # CA. Replaces --mesh-config / --ca-dir when given.
-    p.add_argument(
-        "--xds-address",
-        default=env("XDS_ADDRESS"),
-        help="control plane host:port (15012) for delta xDS; replaces --mesh-config",
+    bootstrap.add_arguments(
+        p, xds_help="control plane host:port (15012) for delta xDS; replaces --mesh-config"
     )
     p.add_argument(
         "--xds-on-demand",
@@ -53,27 +52,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         default=env("XDS_ON_DEMAND", "") in ("1", "true", "True"),
         help="on-demand Address delivery (Istio XDS_ON_DEMAND): hold this node's workloads "
         "and what its pods connect to, looked up on first use, instead of the whole mesh",
-    )
-    p.add_argument(
-        "--ca-address",
-        default=env("CA_ADDRESS"),
-        help="control plane host:port for CreateCertificate (default: --xds-address)",
-    )
-    p.add_argument(
-        "--node-credential-file",
-        type=Path,
-        default=env("NODE_CREDENTIAL_FILE"),
-        help="file holding this node's control-plane token (sent as Bearer)",
-    )
-    p.add_argument(
-        "--controlplane-roots",
-        type=Path,
-        default=env("CONTROLPLANE_ROOTS"),
-        help="PEM roots to verify the control plane's TLS certificate; absent = plaintext",
-    )
-    p.add_argument(
-        "--controlplane-server-name",
-        default=env("CONTROLPLANE_SERVER_NAME", "ambient-controlplane.istio-system.svc"),
     )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument(

@@ -30,6 +30,7 @@ from ambientctl.lab.state import (
     _atomic_write,
     _tail,
 )
+from meshcore.bootstrap import Bootstrap
 from meshcore.ca import MeshCA
 
 
@@ -195,14 +196,12 @@ class LabProcesses(LabCluster):
                 p.ip,
                 "--capture",
                 "transparent",
-                "--xds-address",
-                XDS_ADDRESS,
-                "--ca-address",
-                XDS_ADDRESS,
-                "--node-credential-file",
-                str(self.paths.node_token(p.name)),
-                "--controlplane-roots",
-                str(self.paths.roots),
+                *Bootstrap(
+                    xds_address=XDS_ADDRESS,
+                    ca_address=XDS_ADDRESS,
+                    token_file=self.paths.node_token(p.name),
+                    roots_file=self.paths.roots,
+                ).argv(),
                 "--trust-domain",
                 topology.TRUST_DOMAIN,
                 "--drain-timeout",

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.waypoints import ROOTS_DIR, TOKEN_DIR, WaypointSettings, desired_objects
 from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import LocalCAProvider
 from meshcore.errors import ConfigError
+from waypoint import app as waypoint_app
+from ztunnel import flags as ztunnel_flags
 
 
 def test_ca_endpoint_defaults_to_xds_and_shares_the_credential(tmp_path: Path) -> None:
@@ -53,3 +56,70 @@ def test_certificate_source(tmp_path: Path) -> None:
     local = certificate_provider(ca, ttl=ttl, local_ca_dir=tmp_path / "ca", trust_domain="td")
     assert isinstance(local, LocalCAProvider)
     assert (tmp_path / "ca").is_dir()
+
+
+# The three processes: the node proxy and the waypoint declare the control-plane flags
+# (meshcore.bootstrap.add_arguments); the control plane writes them for its waypoints.
+CP_ENV = {
+    "XDS_ADDRESS": "cp.env:15012",
+    "CA_ADDRESS": "ca.env:15012",
+    "NODE_CREDENTIAL_FILE": "/env/token",
+    "CONTROLPLANE_ROOTS": "/env/roots.pem",
+    "CONTROLPLANE_SERVER_NAME": "cp.env.svc",
+}
+FROM_ENV = Bootstrap(
+    xds_address="cp.env:15012",
+    ca_address="ca.env:15012",
+    token_file=Path("/env/token"),
+    roots_file=Path("/env/roots.pem"),
+    server_name="cp.env.svc",
+)
+
+
+def _proxy_parses(argv: list[str]) -> dict[str, Bootstrap]:
+    _, zt = ztunnel_flags.parse_args(["--node", "n1", *argv])
+    _, wp = waypoint_app.parse_args(["--node", "n1", *argv])
+    return {"ztunnel": Bootstrap.from_args(zt), "waypoint": Bootstrap.from_args(wp)}
+
+
+@pytest.mark.parametrize(
+    "boot",
+    [
+        Bootstrap(xds_address="cp:15012"),
+        Bootstrap(
+            xds_address="cp:15012",
+            ca_address="ca:15012",
+            token_file=Path("/t/token"),
+            roots_file=Path("/t/roots.pem"),
+            server_name="cp.example.svc",
+        ),
+    ],
+)
+def test_every_proxy_reads_back_the_flags_bootstrap_writes(boot: Bootstrap) -> None:
+    assert _proxy_parses(boot.argv()) == {"ztunnel": boot, "waypoint": boot}
+
+
+def test_every_proxy_defaults_the_flags_from_the_same_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var, value in CP_ENV.items():
+        monkeypatch.setenv(var, value)
+    assert _proxy_parses([]) == {"ztunnel": FROM_ENV, "waypoint": FROM_ENV}
+
+
+def test_control_plane_starts_waypoints_with_flags_the_waypoint_reads() -> None:
+    settings = WaypointSettings(
+        xds_address="cp.shop.svc:15012", controlplane_server_name="cp.shop.svc", roots_pem="PEM"
+    )
+    gateway = {
+        "metadata": {"name": "wp", "namespace": "shop", "uid": "u-1"},
+        "spec": {"gatewayClassName": "istio-waypoint"},
+    }
+    container = desired_objects(gateway, settings).deployment["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    _, args = waypoint_app.parse_args(container["args"])
+    assert Bootstrap.from_args(args) == Bootstrap(
+        xds_address="cp.shop.svc:15012",
+        token_file=Path(TOKEN_DIR, "token"),
+        roots_file=Path(ROOTS_DIR, "root-cert.pem"),
+        server_name="cp.shop.svc",
+    )
