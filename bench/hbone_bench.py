@@ -31,7 +31,8 @@ import signal
 import statistics
 import tempfile
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -219,30 +220,18 @@ def start_ztunnel_pair(
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    if args.quick:
-        s = Settings(
-            reps=1,
-            duration=3.0,
-            bulk_duration=2.0,
-            warmup=0.5,
-            wrk_threads=2,
-            wrk_conns=32,
-            cps_conns=16,
-            fixed_rate=1000.0,
-            ztunnel_workers=args.workers,
-        )
-    else:
-        s = Settings(
-            reps=3,
-            duration=10.0,
-            bulk_duration=5.0,
-            warmup=1.0,
-            wrk_threads=2,
-            wrk_conns=32,
-            cps_conns=16,
-            fixed_rate=1000.0,
-            ztunnel_workers=args.workers,
-        )
+    quick = args.quick  # smoke run: one short repetition
+    s = Settings(
+        reps=1 if quick else 3,
+        duration=3.0 if quick else 10.0,
+        bulk_duration=2.0 if quick else 5.0,
+        warmup=0.5 if quick else 1.0,
+        wrk_threads=2,
+        wrk_conns=32,
+        cps_conns=16,
+        fixed_rate=1000.0,
+        ztunnel_workers=args.workers,
+    )
     if args.reps is not None:
         s.reps = args.reps
     if args.duration is not None:
@@ -285,7 +274,8 @@ def guarded(time_limit: float) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, list[str]]:
+    """The flags, the run's settings and the paths asked for (usage error for an unknown one)."""
     ap = argparse.ArgumentParser(description="HBONE benchmark: direct vs Envoy pair vs ours.")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 rep, short runs (~1 min)")
     ap.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")
@@ -301,11 +291,134 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     ap.add_argument("--no-history", action="store_true", help="do not append bench/history.csv")
     args = ap.parse_args(argv)
-    s = settings_from(args)
     wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
     for p in wanted:
         if p not in PATHS:
             ap.error(f"unknown path {p!r}")
+    return args, settings_from(args), wanted
+
+
+@dataclass
+class Run:
+    """What one run set up and measured (filled in as it goes)."""
+
+    runtimes: dict[str, PathRuntime] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Path -> why it could not be set up."""
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    """Path -> metric -> one figure per repetition that did not fail."""
+    certs_source: str | None = None
+
+
+def start_paths(sup: Supervisor, workdir: Path, wanted: list[str], s: Settings, run: Run) -> None:
+    """Start the backend and every wanted path (in PATHS order); a path that cannot be set up
+    is skipped with its reason."""
+    backend = start_backend(sup, workdir)
+    log(f"backend nginx ready on {BACKEND[0]}:{BACKEND[1]} (pid {backend.pid})")
+    ca_dir = workdir / "ca"
+    ca_dir.mkdir()
+
+    def envoy() -> PathRuntime:
+        certs = make_certs(workdir, ca_dir)
+        run.certs_source = certs.source
+        log(f"certificates from {certs.source}")
+        return start_envoy_pair(sup, workdir, certs)
+
+    starters: dict[str, Callable[[], PathRuntime]] = {
+        "direct": lambda: PathRuntime("direct", BACKEND, [], 0),
+        "envoy": envoy,
+        "ztunnel": lambda: start_ztunnel_pair(sup, workdir, ca_dir, s.ztunnel_workers),
+        "ztunnel-h3": lambda: start_ztunnel_pair(
+            sup, workdir, ca_dir, s.ztunnel_workers, http3=True
+        ),
+    }
+    for p in PATHS:
+        if p not in wanted:
+            continue
+        try:
+            run.runtimes[p] = starters[p]()
+        except BenchError as exc:
+            run.skipped[p] = str(exc)
+            log(f"SKIP {LABEL[p]}: {exc}")
+        else:
+            if p != "direct":
+                log(f"{LABEL[p]} ready")
+
+
+def measure(run: Run, s: Settings) -> None:
+    """Warm every path up, then the repetitions, the paths interleaved within each metric."""
+    order = [p for p in PATHS if p in run.runtimes]
+    # Warm-up: a short keep-alive run through each path (connection pools, JIT-free caches).
+    for p in order:
+        wrk(run.runtimes[p].addr, Settings(**{**s.__dict__, "duration": 1.0}), 8, close=False)
+    for rep in range(s.reps):
+        for metric, fn in MEASUREMENTS:
+            for p in order:
+                try:
+                    r = fn(run.runtimes[p], s)
+                except BenchError as exc:
+                    log(f"rep {rep + 1} {metric} {p}: FAILED: {exc}")
+                    r = {"failed": str(exc)}
+                else:
+                    log(f"rep {rep + 1}/{s.reps} {metric:8s} {p:8s} {_brief(metric, r)}")
+                run.raw.setdefault(p, {}).setdefault(metric, [])
+                if "failed" not in r:
+                    run.raw[p][metric].append(r)
+
+
+def print_report(
+    rows: list[dict[str, Any]], run: Run, s: Settings, per_op: dict[Any, float]
+) -> None:
+    """The table, the skipped paths, the run's settings and the CPU per operation."""
+    print()
+    print(render_table(rows))
+    for p, why in run.skipped.items():
+        print(f"\nSKIPPED {LABEL[p]}: {why}")
+    print(
+        f"\n{s.reps} rep(s), medians; {s.duration:g}s per run; wrk -t{s.wrk_threads} "
+        f"-c{s.wrk_conns} (rps) / -c{s.cps_conns} + 'Connection: close' (new conns); "
+        f"latency: open-loop {s.fixed_rate:g} rps; bulk {s.bulk_duration:g}s on 1 connection; "
+        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {_workers(run)}; "
+        f"load average at the end {os.getloadavg()[0]:.1f}."
+    )
+    for label, key in (("request (keep-alive rps run)", "rps"), ("new connection", "cps")):
+        z, e = per_op.get(("ztunnel", key)), per_op.get(("envoy", key))
+        if z is not None and e is not None:
+            ratio = z / e
+            print(f"CPU per {label}, both proxies: ours {z:.1f} us, envoy {e:.1f} us", end="")
+            print(f" ({ratio:.2f}x)")
+
+
+def record_history(
+    rows: list[dict[str, Any]], run: Run, s: Settings, per_op: dict[Any, float]
+) -> None:
+    """Append the node-proxy pair's figures, with the same run's Envoy figures, to history."""
+    note = f"{s.reps} rep(s) x {s.duration:g}s, ztunnel workers {_workers(run)}"
+    figures = history_figures(rows, note)
+    for name, key in (("cpu_us_per_request", "rps"), ("cpu_us_per_connection", "cps")):
+        if (z := per_op.get(("ztunnel", key))) is not None:
+            e = per_op.get(("envoy", key))
+            envoy = None if e is None else round(e, 1)
+            figures.append(
+                Figure(
+                    figure=name,
+                    value=round(z, 1),
+                    unit="us",
+                    better="lower",
+                    envoy=envoy,
+                    note=note,
+                )
+            )
+    append("hbone", figures)
+
+
+def _workers(run: Run) -> int | str:
+    zt = run.runtimes.get("ztunnel")
+    return zt.workers if zt is not None else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, s, wanted = parse_args(argv)
     if shutil.which("wrk") is None:
         log("wrk not installed (run ./scripts/setup --bench)")
         return 2
@@ -318,66 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_ROOT))
     workdir.chmod(0o755)
     sup = Supervisor(workdir)
-    runtimes: dict[str, PathRuntime] = {}
-    skipped: dict[str, str] = {}
-    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    run = Run()
     started = datetime.now(UTC)
-    certs_source = None
     try:
         with guarded(limit):
             log(f"work dir {workdir}; time limit {limit:.0f}s; settings {s}")
-            backend = start_backend(sup, workdir)
-            log(f"backend nginx ready on {BACKEND[0]}:{BACKEND[1]} (pid {backend.pid})")
-            ca_dir = workdir / "ca"
-            ca_dir.mkdir()
-            if "direct" in wanted:
-                runtimes["direct"] = PathRuntime("direct", BACKEND, [], 0)
-            if "envoy" in wanted:
-                try:
-                    certs = make_certs(workdir, ca_dir)
-                    certs_source = certs.source
-                    log(f"certificates from {certs.source}")
-                    runtimes["envoy"] = start_envoy_pair(sup, workdir, certs)
-                    log("envoy pair ready")
-                except BenchError as exc:
-                    skipped["envoy"] = str(exc)
-                    log(f"SKIP envoy pair: {exc}")
-            if "ztunnel" in wanted:
-                try:
-                    runtimes["ztunnel"] = start_ztunnel_pair(
-                        sup, workdir, ca_dir, s.ztunnel_workers
-                    )
-                    log("node-proxy pair ready")
-                except BenchError as exc:
-                    skipped["ztunnel"] = str(exc)
-                    log(f"SKIP node-proxy pair: {exc}")
-            if "ztunnel-h3" in wanted:
-                try:
-                    runtimes["ztunnel-h3"] = start_ztunnel_pair(
-                        sup, workdir, ca_dir, s.ztunnel_workers, http3=True
-                    )
-                    log("node-proxy pair over HTTP/3 ready")
-                except BenchError as exc:
-                    skipped["ztunnel-h3"] = str(exc)
-                    log(f"SKIP node-proxy pair over HTTP/3: {exc}")
-            order = [p for p in PATHS if p in runtimes]
-            # Warm-up: a short keep-alive run through each path (connection pools, JIT-free caches).
-            for p in order:
-                wrk(runtimes[p].addr, Settings(**{**s.__dict__, "duration": 1.0}), 8, close=False)
-            for rep in range(s.reps):
-                for metric, fn in MEASUREMENTS:
-                    for p in order:
-                        rt = runtimes[p]
-                        try:
-                            r = fn(rt, s)
-                        except BenchError as exc:
-                            log(f"rep {rep + 1} {metric} {p}: FAILED: {exc}")
-                            r = {"failed": str(exc)}
-                        else:
-                            log(f"rep {rep + 1}/{s.reps} {metric:8s} {p:8s} {_brief(metric, r)}")
-                        raw.setdefault(p, {}).setdefault(metric, [])
-                        if "failed" not in r:
-                            raw[p][metric].append(r)
+            start_paths(sup, workdir, wanted, s, run)
+            measure(run, s)
     except KeyboardInterrupt:
         log("interrupted; tearing down")
         return 130
@@ -391,56 +451,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    zt = runtimes.get("ztunnel")
-    zt_workers = zt.workers if zt is not None else "-"
-    summary = summarize(raw, runtimes)
+    summary = summarize(run.raw, run.runtimes)
     rows = build_table(summary, s.fixed_rate)
-    print()
-    print(render_table(rows))
-    for p, why in skipped.items():
-        print(f"\nSKIPPED {LABEL[p]}: {why}")
-    print(
-        f"\n{s.reps} rep(s), medians; {s.duration:g}s per run; wrk -t{s.wrk_threads} "
-        f"-c{s.wrk_conns} (rps) / -c{s.cps_conns} + 'Connection: close' (new conns); "
-        f"latency: open-loop {s.fixed_rate:g} rps; bulk {s.bulk_duration:g}s on 1 connection; "
-        f"envoy --concurrency {ENVOY_CONCURRENCY}; ztunnel workers {zt_workers}; "
-        f"load average at the end {os.getloadavg()[0]:.1f}."
-    )
-    per_op = cpu_per_op(raw, s.duration)
-    for label, key in (("request (keep-alive rps run)", "rps"), ("new connection", "cps")):
-        z, e = per_op.get(("ztunnel", key)), per_op.get(("envoy", key))
-        if z is not None and e is not None:
-            ratio = z / e
-            print(f"CPU per {label}, both proxies: ours {z:.1f} us, envoy {e:.1f} us", end="")
-            print(f" ({ratio:.2f}x)")
-    if not args.no_history and zt is not None:
-        note = f"{s.reps} rep(s) x {s.duration:g}s, ztunnel workers {zt_workers}"
-        figures = history_figures(rows, note)
-        for name, key in (("cpu_us_per_request", "rps"), ("cpu_us_per_connection", "cps")):
-            if (z := per_op.get(("ztunnel", key))) is not None:
-                e = per_op.get(("envoy", key))
-                envoy = None if e is None else round(e, 1)
-                figures.append(
-                    Figure(
-                        figure=name,
-                        value=round(z, 1),
-                        unit="us",
-                        better="lower",
-                        envoy=envoy,
-                        note=note,
-                    )
-                )
-        append("hbone", figures)
+    per_op = cpu_per_op(run.raw, s.duration)
+    print_report(rows, run, s, per_op)
+    if not args.no_history and "ztunnel" in run.runtimes:
+        record_history(rows, run, s, per_op)
     doc = {
         "started": started.isoformat(),
         "finished": datetime.now(UTC).isoformat(),
         "machine": machine_info(),
-        "settings": {**s.__dict__, "ztunnel_workers_used": zt_workers},
-        "certificates": certs_source,
-        "skipped": skipped,
+        "settings": {**s.__dict__, "ztunnel_workers_used": _workers(run)},
+        "certificates": run.certs_source,
+        "skipped": run.skipped,
         "summary": summary,
         "table": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
-        "raw": raw,
+        "raw": run.raw,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2, default=str))

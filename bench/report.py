@@ -7,7 +7,7 @@ Pure: functions of the raw per-repetition figures; nothing here measures or prin
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bench.harness import PATHS, PathRuntime
@@ -91,11 +91,49 @@ def build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[st
     return rows
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RowInputs:
+    """One table row's figures and its target. The verdict compares `checked` with `limit`
+    (``>=`` when `at_least`, else ``<=``); a row without a limit has no verdict."""
+
+    metric: str
+    direct: float | None = None
+    envoy: float | None = None
+    ours: float | None = None
+    target: str = ""
+    checked: float | None = None
+    """What the target is about: ours / Envoy, or our added latency."""
+    limit: float | None = None
+    at_least: bool = False
+    nd: int = 2
+    """Decimals shown."""
+    signed: bool = False
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _row(r: RowInputs) -> dict[str, Any]:
+    verdict = None
+    if r.ours is not None and r.checked is not None and r.limit is not None:
+        verdict = r.checked >= r.limit if r.at_least else r.checked <= r.limit
+    return {
+        "metric": r.metric,
+        "direct": r.direct,
+        "envoy": r.envoy,
+        "ztunnel": r.ours,
+        "ours_over_envoy": _ratio(r.ours, r.envoy),
+        "ours_over_direct": _ratio(r.ours, r.direct),
+        "target": r.target,
+        "pass": verdict,
+        "_nd": r.nd,
+        "_signed": r.signed,
+    }
+
+
 def _build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[str, Any]]:
     d, e, z = (summary.get(p, {}) for p in PATHS[:3])
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
 
     def added(path: dict[str, Any], q: str) -> float | None:
         if path.get(q) is None or d.get(q) is None:
@@ -110,124 +148,96 @@ def _build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[s
             return float(max(val.values()))
         return float(max(v[sub] for v in val.values()))
 
-    rows: list[dict[str, Any]] = []
+    def vs_envoy(key: str, r: RowInputs) -> RowInputs:
+        """`r` with a target on the ratio ours / Envoy: TARGETS[key], at least or at most."""
+        op = ">=" if r.at_least else "<="
+        target = f"{op} {TARGETS[key]}x envoy"
+        return replace(r, target=target, checked=_ratio(r.ours, r.envoy), limit=TARGETS[key])
 
-    def row(
-        metric: str,
-        dv: float | None,
-        ev: float | None,
-        zv: float | None,
-        target: str,
-        ok: Callable[[], bool | None] | None,
-        nd: int = 2,
-        signed: bool = False,
-    ) -> None:
-        verdict = None
-        if ok is not None and zv is not None:
-            verdict = ok()
-        rows.append(
-            {
-                "metric": metric,
-                "direct": dv,
-                "envoy": ev,
-                "ztunnel": zv,
-                "ours_over_envoy": ratio(zv, ev),
-                "ours_over_direct": ratio(zv, dv),
-                "target": target,
-                "pass": verdict,
-                "_nd": nd,
-                "_signed": signed,
-            }
+    def added_latency(q: str) -> RowInputs:
+        za, ea = added(z, q), added(e, q)
+        return RowInputs(
+            metric=f"added latency {q[:3]} vs direct (ms)",
+            envoy=ea,
+            ours=za,
+            target="<= envoy's",
+            checked=za,
+            limit=ea,
+            nd=3,
+            signed=True,
         )
 
-    zr = ratio(z.get("rps"), e.get("rps"))
-    row(
-        "small-request rps (1 KB, keep-alive)",
-        d.get("rps"),
-        e.get("rps"),
-        z.get("rps"),
-        f">= {TARGETS['rps']}x envoy",
-        lambda: None if zr is None else zr >= TARGETS["rps"],
-        nd=0,
-    )
-    zc = ratio(z.get("cps"), e.get("cps"))
-    row(
-        "new connections/s (conn+GET+close)",
-        d.get("cps"),
-        e.get("cps"),
-        z.get("cps"),
-        f">= {TARGETS['cps']}x envoy",
-        lambda: None if zc is None else zc >= TARGETS["cps"],
-        nd=0,
-    )
-    for q in ("p50_ms", "p90_ms", "p99_ms"):
-        row(f"latency {q[:3]} @{rate:g} rps (ms)", d.get(q), e.get(q), z.get(q), "", None, nd=3)
-    za50, za99 = added(z, "p50_ms"), added(z, "p99_ms")
-    ea50, ea99 = added(e, "p50_ms"), added(e, "p99_ms")
-    row(
-        "added latency p50 vs direct (ms)",
-        None,
-        ea50,
-        za50,
-        "<= envoy's",
-        lambda: None if za50 is None or ea50 is None else za50 <= ea50,
-        nd=3,
-        signed=True,
-    )
-    row(
-        "added latency p99 vs direct (ms)",
-        None,
-        ea99,
-        za99,
-        "<= envoy's",
-        lambda: None if za99 is None or ea99 is None else za99 <= ea99,
-        nd=3,
-        signed=True,
-    )
-    row("bulk throughput, 1 conn (Gb/s)", d.get("gbps"), e.get("gbps"), z.get("gbps"), "", None)
-    zg = ratio(z.get("cpu_s_per_gbit"), e.get("cpu_s_per_gbit"))
-    row(
-        "CPU per Gb/s, both proxies (CPU-s/Gbit)",
-        None,
-        e.get("cpu_s_per_gbit"),
-        z.get("cpu_s_per_gbit"),
-        f"<= {TARGETS['cpu_per_gbit']}x envoy",
-        lambda: None if zg is None else zg <= TARGETS["cpu_per_gbit"],
-        nd=3,
-    )
-    zk, ek = max_of(z, "vcpu_per_krps"), max_of(e, "vcpu_per_krps")
-    rk = ratio(zk, ek)
-    row(
-        "CPU per 1000 rps, busiest proxy (vCPU)",
-        None,
-        ek,
-        zk,
-        f"<= {TARGETS['cpu_per_krps']}x envoy",
-        lambda: None if rk is None else rk <= TARGETS["cpu_per_krps"],
-        nd=3,
-    )
-    zm, em = max_of(z, "rss", "per_worker_mib"), max_of(e, "rss", "per_worker_mib")
-    rm = ratio(zm, em)
-    row(
-        "RSS per worker, largest proxy (MiB)",
-        None,
-        em,
-        zm,
-        f"<= {TARGETS['rss_per_worker']}x envoy",
-        lambda: None if rm is None else rm <= TARGETS["rss_per_worker"],
-        nd=1,
-    )
-    zp = max_of(z, "rss", "pss_per_worker_mib")
-    row(
-        "PSS per worker, largest proxy (MiB)",
-        None,
-        max_of(e, "rss", "pss_per_worker_mib"),
-        zp,
-        "",
-        None,
-        nd=1,
-    )
-    return rows
+    rows = [
+        *(
+            vs_envoy(
+                key,
+                RowInputs(
+                    metric=metric,
+                    direct=d.get(key),
+                    envoy=e.get(key),
+                    ours=z.get(key),
+                    at_least=True,
+                    nd=0,
+                ),
+            )
+            for metric, key in (
+                ("small-request rps (1 KB, keep-alive)", "rps"),
+                ("new connections/s (conn+GET+close)", "cps"),
+            )
+        ),
+        *(
+            RowInputs(
+                metric=f"latency {q[:3]} @{rate:g} rps (ms)",
+                direct=d.get(q),
+                envoy=e.get(q),
+                ours=z.get(q),
+                nd=3,
+            )
+            for q in ("p50_ms", "p90_ms", "p99_ms")
+        ),
+        added_latency("p50_ms"),
+        added_latency("p99_ms"),
+        RowInputs(
+            metric="bulk throughput, 1 conn (Gb/s)",
+            direct=d.get("gbps"),
+            envoy=e.get("gbps"),
+            ours=z.get("gbps"),
+        ),
+        vs_envoy(
+            "cpu_per_gbit",
+            RowInputs(
+                metric="CPU per Gb/s, both proxies (CPU-s/Gbit)",
+                envoy=e.get("cpu_s_per_gbit"),
+                ours=z.get("cpu_s_per_gbit"),
+                nd=3,
+            ),
+        ),
+        vs_envoy(
+            "cpu_per_krps",
+            RowInputs(
+                metric="CPU per 1000 rps, busiest proxy (vCPU)",
+                envoy=max_of(e, "vcpu_per_krps"),
+                ours=max_of(z, "vcpu_per_krps"),
+                nd=3,
+            ),
+        ),
+        vs_envoy(
+            "rss_per_worker",
+            RowInputs(
+                metric="RSS per worker, largest proxy (MiB)",
+                envoy=max_of(e, "rss", "per_worker_mib"),
+                ours=max_of(z, "rss", "per_worker_mib"),
+                nd=1,
+            ),
+        ),
+        RowInputs(
+            metric="PSS per worker, largest proxy (MiB)",
+            envoy=max_of(e, "rss", "pss_per_worker_mib"),
+            ours=max_of(z, "rss", "pss_per_worker_mib"),
+            nd=1,
+        ),
+    ]
+    return [_row(r) for r in rows]
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
