@@ -11,6 +11,7 @@ and `kubelet` (a real Kubernetes control plane on this machine, lab nodes as its
 `kubelab` (`lab up --kube`: the lab's nodes as nodes of that cluster, one kubelet process per
 node), `container` (a container's mount namespace: its volumes at their paths), `kubeproxy`
 (the lab's kube-proxy: ClusterIP DNAT in a node's netns), `demo`, `demo_waypoint` and
-`demo_kube` (the README demos), `loopback_demo` (the unprivileged demo: two node
+`demo_kube` (the README demos; `kubeflow` holds the kube demo's steps, which its test runs
+too), `loopback_demo` (the unprivileged demo: two node
 proxies on 127.0.0.0/8 with static config, `scripts/demo --loopback`).
 """

@@ -19,105 +19,36 @@ Exit 0 only if every step showed what it should; the lab is torn down unless --k
 
 from __future__ import annotations
 
-import functools
 import json
-import subprocess
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ambientctl.errors import LabCommandError
+from ambientctl.lab.kubeflow import WAYPOINT_PODS, KubeFlow, wait
 from ambientctl.lab.kubelab import KubeLab
 
-REPO = Path(__file__).resolve().parents[2]
-APPS = (
-    "examples/lab/echo.py",
-    "examples/lab/call.py",
-    "examples/lab-waypoint/manifests/reviews.py",
-    "examples/lab-waypoint/manifests/load.py",
-)
 SLEEP = "spiffe://cluster.local/ns/demo/sa/sleep"
 ECHO = "spiffe://cluster.local/ns/demo/sa/echo"
-T = TypeVar("T")
 
 
-def wait(what: str, check: Callable[[], T | None], timeout: float = 120) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class _Demo:
+class _Demo(KubeFlow):
     def __init__(self, lab: KubeLab) -> None:
-        self.lab = lab
+        super().__init__(lab)
         self.say = lab.log
 
-    def tool(self, tool: str, *args: str, stdin: bytes | None = None) -> str:
-        shown = {"ctl": "ambientctl"}.get(tool, tool)
-        self.say(f"\n$ {shown} {' '.join(args)}")
-        out = self.lab.run_tool(tool, *args, input=stdin)
-        for line in out.strip().splitlines()[:12]:
-            self.say(f"  {line}")
-        return out
-
-    def client(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
-        name = self.lab.pods("demo", "app=client")[0]["metadata"]["name"]
-        return subprocess.run(
-            self.lab.exec_argv("demo", name, argv), capture_output=True, timeout=120
-        )
-
-    def call_echo(self, message: str) -> str | None:
-        proc = self.client("python3", "/apps/call.py", "echo", "80", message)
-        return proc.stdout.decode() if proc.returncode == 0 else None
-
-    def load(self, n: int, *headers: str, path: str = "/") -> dict[str, Any]:
-        proc = self.client(
-            "python3", "/apps/load.py", f"http://reviews:9080{path}", str(n), *headers
-        )
-        if proc.returncode != 0:
-            return {"n": n, "versions": {}, "status": {}, "errors": n}
-        result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-        return result
+    def load_or_errors(self, n: int, *headers: str, path: str = "/") -> dict[str, Any]:
+        """`load`, a failed client counted as `n` errors."""
+        failed = {"n": n, "versions": {}, "status": {}, "errors": n}
+        return self.load(n, *headers, path=path) or failed
 
     def run(self) -> bool:
         lab, say = self.lab, self.say
         ok = True
-        self.tool(
-            "helm",
-            "install",
-            "ambient",
-            str(REPO / "charts/ambient"),
-            "-n",
-            "istio-system",
-            "--create-namespace",
-        )
-        wait("ztunnel on both nodes", lambda: lab.running("istio-system", "app=ztunnel", 2))
-        wait(
-            "the control plane", lambda: lab.running("istio-system", "app=ambient-controlplane", 1)
-        )
+        self.install()
         self.tool("kubectl", "get", "pods", "-n", "istio-system", "-o", "wide")
-
-        self.tool("kubectl", "apply", "-f", str(REPO / "examples/kube/apps.yaml"))
-        self.tool(
-            "kubectl",
-            "create",
-            "configmap",
-            "demo-apps",
-            "-n",
-            "demo",
-            *[f"--from-file={REPO / p}" for p in APPS],
-        )
-        for app, n in (("client", 1), ("reviews", 2), ("echo", 1)):
-            wait(f"{app} running", functools.partial(lab.running, "demo", f"app={app}", n))
+        self.deploy_apps()
         self.tool("kubectl", "get", "pods", "-n", "demo", "-o", "wide")
         wait("echo answers", lambda: self.call_echo("before"))
-
-        self.tool("kubectl", "label", "namespace", "demo", "istio.io/dataplane-mode=ambient")
+        self.enrol()
 
         def meshed() -> list[dict[str, Any]] | None:
             self.call_echo("hello mesh")
@@ -138,44 +69,22 @@ class _Demo:
                 f"via {a['dst.hbone_addr']}"
             )
 
-        self.tool(
-            "ctl", "waypoint", "apply", "-n", "demo", "--for", "all", "--service-account", "reviews"
-        )
-        self.tool(
-            "kubectl", "label", "service", "reviews", "-n", "demo", "istio.io/use-waypoint=waypoint"
-        )
-        self.tool(
-            "kubectl",
-            "apply",
-            "-n",
-            "demo",
-            "-f",
-            str(REPO / "examples/lab-waypoint/config/reviews-route.yaml"),
-        )
-        deny = (REPO / "examples/lab-waypoint/config/deny-private.yaml").read_text()
-        self.tool(
-            "kubectl",
-            "apply",
-            "-n",
-            "demo",
-            "-f",
-            "-",
-            stdin=deny.replace("namespace: default", "namespace: demo").encode(),
-        )
+        self.waypoint_for_reviews()
+        self.reviews_policies()
 
         def deny_enforced() -> dict[str, Any] | None:
-            r = self.load(1, path="/private")
+            r = self.load_or_errors(1, path="/private")
             return r if r["status"] == {"403": 1} else None
 
         denied = wait("the waypoint's L7 policy", deny_enforced, 120)
-        beta = self.load(10, "user-type:beta-tester")
-        mixed = self.load(40)
+        beta = self.load_or_errors(10, "user-type:beta-tester")
+        mixed = self.load_or_errors(40)
         say("\nreviews through the waypoint (the seed's VirtualService, an L7 DENY):")
         say(f"  GET /private            -> {denied['status']}")
         say(f"  user-type: beta-tester  -> {beta['versions']}")
         say(f"  40 other requests       -> {mixed['versions']} (90/10 weights)")
         ok &= beta["versions"] == {"v2": 10} and mixed["versions"].get("v1", 0) >= 28
-        wp = lab.pods("demo", "gateway.networking.k8s.io/gateway-name=waypoint")[0]
+        wp = lab.pods("demo", WAYPOINT_PODS)[0]
         before = len(lab.access_log())
         ok &= self.call_echo("still L4") is not None
         echo = [a for a in lab.access_log()[before:] if a["dst.identity"] == ECHO]

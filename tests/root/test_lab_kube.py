@@ -28,16 +28,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from ambientctl.lab import system
+from ambientctl.lab.kubeflow import KubeFlow, wait
 from ambientctl.lab.kubelab import KubeLab
 
 pytestmark = pytest.mark.timeout(900)
@@ -46,44 +46,17 @@ LAB = "kflow"
 SLEEP = "spiffe://cluster.local/ns/demo/sa/sleep"
 ECHO = "spiffe://cluster.local/ns/demo/sa/echo"
 REVIEWS = "spiffe://cluster.local/ns/demo/sa/reviews"
-APPS = [
-    REPO / "examples/lab/echo.py",
-    REPO / "examples/lab/call.py",
-    REPO / "examples/lab-waypoint/manifests/reviews.py",
-    REPO / "examples/lab-waypoint/manifests/load.py",
-]
-T = TypeVar("T")
-
-
-def wait(what: str, check: Callable[[], T | None], timeout: float = 90) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def client(lab: KubeLab) -> str:
-    return str(lab.pods("demo", "app=client")[0]["metadata"]["name"])
-
-
-def exec_in(lab: KubeLab, pod: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(lab.exec_argv("demo", pod, argv), capture_output=True, timeout=120)
 
 
 def call_echo(lab: KubeLab, message: str) -> str:
-    proc = exec_in(lab, client(lab), "python3", "/apps/call.py", "echo", "80", message)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode()
+    out = KubeFlow(lab).call_echo(message)
+    assert out is not None, "the client's call to echo failed"
+    return out
 
 
 def load(lab: KubeLab, n: int, *headers: str, path: str = "/") -> dict[str, Any]:
-    url = f"http://reviews:9080{path}"
-    proc = exec_in(lab, client(lab), "python3", "/apps/load.py", url, str(n), *headers)
-    assert proc.returncode == 0, proc.stderr.decode()
-    result: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    result = KubeFlow(lab).load(n, *headers, path=path)
+    assert result is not None, "the client's load to reviews failed"
     return result
 
 
@@ -125,25 +98,10 @@ def _keep_logs(lab: KubeLab) -> None:
 
 def test_1_helm_install_runs_the_chart_on_lab_nodes(lab: KubeLab) -> None:
     t0 = time.monotonic()
-    lab.run_tool(
-        "helm",
-        "install",
-        "ambient",
-        str(REPO / "charts/ambient"),
-        "-n",
-        "istio-system",
-        "--create-namespace",
-    )
-    zt = wait(
-        "a ztunnel pod Running on each node", lambda: lab.running("istio-system", "app=ztunnel", 2)
-    )
+    zt, cp = KubeFlow(lab).install()
     assert sorted(p["spec"]["nodeName"] for p in zt) == ["node-1", "node-2"]
     for p in zt:  # hostNetwork: the node's address
         assert p["status"]["podIP"] == lab.node_plan(p["spec"]["nodeName"]).ip
-    cp = wait(
-        "the control plane Running",
-        lambda: lab.running("istio-system", "app=ambient-controlplane", 1),
-    )[0]
     assert cp["status"]["podIP"].startswith("10.240.")
     # Both node proxies authenticated with their projected tokens through the real TokenReview
     # (node taken from the bound pod) and hold the control plane's config.
@@ -167,24 +125,14 @@ def test_1_helm_install_runs_the_chart_on_lab_nodes(lab: KubeLab) -> None:
 
 
 def test_2_label_captures_running_pods(lab: KubeLab) -> None:
-    lab.run_tool("kubectl", "apply", "-f", str(REPO / "examples/kube/apps.yaml"))
-    lab.run_tool(
-        "kubectl",
-        "create",
-        "configmap",
-        "demo-apps",
-        "-n",
-        "demo",
-        *[f"--from-file={p}" for p in APPS],
-    )
-    for app, count in (("client", 1), ("reviews", 2), ("echo", 1)):
-        wait(f"{app} Running", functools.partial(lab.running, "demo", f"app={app}", count))
+    flow = KubeFlow(lab)
+    flow.deploy_apps()
     client_ip = lab.pods("demo", "app=client")[0]["status"]["podIP"]
     # Before the label: plain TCP through the lab kube-proxy, no node proxy involved.
     assert f"you are {client_ip}:" in wait("echo answers", lambda: _try_echo(lab, "before"))
     assert not [a for a in lab.access_log() if a.get("dst.service", "").startswith("echo.")]
 
-    lab.run_tool("kubectl", "label", "namespace", "demo", "istio.io/dataplane-mode=ambient")
+    flow.enrol()
 
     def meshed() -> list[dict[str, Any]]:
         out = _try_echo(lab, "after")
@@ -223,34 +171,15 @@ def _captured(lab: KubeLab, pod: dict[str, Any]) -> bool:
 
 
 def _try_echo(lab: KubeLab, message: str) -> str | None:
-    proc = exec_in(lab, client(lab), "python3", "/apps/call.py", "echo", "80", message)
-    return proc.stdout.decode() if proc.returncode == 0 else None
+    return KubeFlow(lab).call_echo(message)
 
 
 def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     t0 = time.monotonic()
     # The CLI through the API (server-side apply), then the equivalent YAML changes nothing.
-    out = lab.run_tool(
-        "ctl",
-        "waypoint",
-        "apply",
-        "-n",
-        "demo",
-        "--for",
-        "all",
-        "--service-account",
-        "reviews",
-    )
+    flow = KubeFlow(lab)
+    out = flow.waypoint_for_reviews()
     assert "waypoint demo/waypoint programmed" in out, out
-    lab.run_tool(
-        "kubectl",
-        "label",
-        "service",
-        "reviews",
-        "-n",
-        "demo",
-        "istio.io/use-waypoint=waypoint",
-    )
     gw_path = "/apis/gateway.networking.k8s.io/v1/namespaces/demo/gateways/waypoint"
     by_cli = lab.cluster.request("GET", gw_path)[1]
     lab.run_tool("kubectl", "apply", "-f", str(REPO / "examples/kube/waypoint.yaml"))
@@ -259,27 +188,9 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     assert by_yaml["metadata"]["generation"] == by_cli["metadata"]["generation"]
     _, sa = lab.cluster.request("GET", "/api/v1/namespaces/demo/serviceaccounts/reviews")
     assert sa["metadata"]["labels"] == {"istio.io/use-waypoint": "waypoint"}
-    wp = wait(
-        "the waypoint pod (waypoint controller -> lab kubelet) Running",
-        lambda: lab.running("demo", "gateway.networking.k8s.io/gateway-name=waypoint", 1),
-        120,
-    )[0]
+    wp = flow.waypoint_pod()
     assert wp["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
-    lab.run_tool(
-        "kubectl",
-        "apply",
-        "-n",
-        "demo",
-        "-f",
-        str(REPO / "examples/lab-waypoint/config/reviews-route.yaml"),
-    )
-    deny = (REPO / "examples/lab-waypoint/config/deny-private.yaml").read_text()
-    subprocess.run(
-        lab.tool_argv("kubectl", ["apply", "-n", "demo", "-f", "-"]),
-        input=deny.replace("namespace: default", "namespace: demo").encode(),
-        check=True,
-        capture_output=True,
-    )
+    flow.reviews_policies()
 
     # The L7 DENY (targetRefs: the waypoint) answers 403 before the app sees the request.
     wait(
@@ -297,9 +208,7 @@ def test_3_waypoint_for_one_service_account(lab: KubeLab) -> None:
     # The service account binding: a call to a reviews POD's address (workload-addressed, no
     # service) goes through the waypoint too, so the policy applies to it.
     pod_ip = lab.pods("demo", "app=reviews")[0]["status"]["podIP"]
-    direct = exec_in(
-        lab, client(lab), "python3", "/apps/load.py", f"http://{pod_ip}:9080/private-direct", "1"
-    )
+    direct = flow.client("python3", "/apps/load.py", f"http://{pod_ip}:9080/private-direct", "1")
     assert json.loads(direct.stdout.decode().splitlines()[-1])["status"] == {"403": 1}, direct
     for p in lab.pods("demo", "app=reviews"):
         assert "/private" not in lab.container_log(p, "reviews")
