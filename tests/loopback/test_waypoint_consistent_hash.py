@@ -7,16 +7,14 @@ from pathlib import Path
 from aiohttp import DummyCookieJar
 
 from tests.loopback.test_waypoint_harness import REVIEWS, run, waypoint_mesh
+from tests.waypoint_fixtures import destination_rule
 
-DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
-"""
+DR = destination_rule(
+    """
+trafficPolicy:
+  loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+""",
+)
 
 
 def test_same_key_same_pod(tmp_path: Path) -> None:
@@ -36,18 +34,15 @@ def test_same_key_same_pod(tmp_path: Path) -> None:
     run(main())
 
 
-COOKIE_DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer:
-      consistentHash:
-        httpCookie: {name: route, ttl: 600s, path: /, attributes: [{name: SameSite, value: Lax}]}
-        maglev: {tableSize: 65537}
-"""
+COOKIE_DR = destination_rule(
+    """
+trafficPolicy:
+  loadBalancer:
+    consistentHash:
+      httpCookie: {name: route, ttl: 600s, path: /, attributes: [{name: SameSite, value: Lax}]}
+      maglev: {tableSize: 65537}
+""",
+)
 
 
 def test_generated_cookie_pins_the_session(tmp_path: Path) -> None:

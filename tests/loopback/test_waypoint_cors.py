@@ -5,23 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.loopback.test_waypoint_harness import REVIEWS, REVIEWS_DR, run, waypoint_mesh
+from tests.loopback.test_waypoint_harness import REVIEWS, run, waypoint_mesh
+from tests.waypoint_fixtures import REVIEWS_DR, virtual_service
 
-VS = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews-route, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - corsPolicy:
-      allowOrigins: [{exact: "https://app.example"}]
-      allowMethods: [GET, POST]
-      allowHeaders: [x-a]
-      exposeHeaders: [x-version]
-      maxAge: 10m
-    route: [{destination: {host: reviews, subset: v1}}]
-"""
+VS = virtual_service(
+    """
+- corsPolicy:
+    allowOrigins: [{exact: "https://app.example"}]
+    allowMethods: [GET, POST]
+    allowHeaders: [x-a]
+    exposeHeaders: [x-version]
+    maxAge: 10m
+  route: [{destination: {host: reviews, subset: v1}}]
+""",
+    name="reviews-route",
+)
 
 
 def test_cors_at_the_waypoint(tmp_path: Path) -> None:

@@ -15,15 +15,14 @@ from tests.loopback.test_waypoint_harness import (
     GRPC_PORT,
     GRPC_VIP,
     PORT,
-    REVIEWS_DR,
     REVIEWS_VIP,
-    SEED_VS,
     grpc_frame,
     run,
     start_grpc_backend,
     waypoint_mesh,
 )
 from tests.loopback.test_waypoint_websocket import DENY, _H2Client
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS
 
 
 async def _h1(path: str) -> tuple[bytes, bytes]:

@@ -57,51 +57,6 @@ SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 WAYPOINT_ID = "spiffe://cluster.local/ns/default/sa/waypoint"
 WAYPOINT_SVC = "default/waypoint.default.svc.cluster.local"
 
-SEED_VS = """
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata:
-  name: reviews-route
-spec:
-  hosts:
-  - reviews
-  http:
-  - match:
-    - headers:
-        user-type:
-          exact: beta-tester
-    route:
-    - destination:
-        host: reviews
-        subset: v2
-  - route:
-    - destination:
-        host: reviews
-        subset: v1
-      weight: 90
-    - destination:
-        host: reviews
-        subset: v2
-      weight: 10
-"""
-
-REVIEWS_DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: reviews
-  namespace: default
-spec:
-  host: reviews
-  subsets:
-  - name: v1
-    labels: {version: v1}
-  - name: v2
-    labels: {version: v2}
-  - name: v3
-    labels: {version: v3}
-"""
-
 
 def _wl(
     uid: str, ip: str, sa: str, node: str, version: str = "", **services: int

@@ -9,30 +9,24 @@ from collections import Counter
 from pathlib import Path
 
 from tests.loopback.test_waypoint_harness import REVIEWS, mesh_config, run, waypoint_mesh
+from tests.waypoint_fixtures import destination_rule, virtual_service
 
-DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s,
-                       maxEjectionPercent: 100}
-    loadBalancer:
-      localityLbSetting:
-        failover: [{from: region1, to: region3}]
-"""
-NO_RETRY = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews}}]
-    retries: {attempts: 0}
-"""
+DR = destination_rule(
+    """
+trafficPolicy:
+  outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s,
+                     maxEjectionPercent: 100}
+  loadBalancer:
+    localityLbSetting:
+      failover: [{from: region1, to: region3}]
+""",
+)
+NO_RETRY = virtual_service(
+    """
+- route: [{destination: {host: reviews}}]
+  retries: {attempts: 0}
+""",
+)
 LOCALITY = {
     "waypoint": ("region1", "zone1"),
     "reviews-v1": ("region1", "zone1"),
@@ -87,19 +81,15 @@ def test_locality_failover_follows_ejections(tmp_path: Path) -> None:
     run(main())
 
 
-REMOTE_RETRY = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match: [{headers: {x-remote: {exact: "yes"}}}]
-    route: [{destination: {host: reviews}}]
-    retries: {attempts: 1, retryOn: 5xx, retryRemoteLocalities: true}
-  - route: [{destination: {host: reviews}}]
-    retries: {attempts: 1, retryOn: 5xx}
-"""
+REMOTE_RETRY = virtual_service(
+    """
+- match: [{headers: {x-remote: {exact: "yes"}}}]
+  route: [{destination: {host: reviews}}]
+  retries: {attempts: 1, retryOn: 5xx, retryRemoteLocalities: true}
+- route: [{destination: {host: reviews}}]
+  retries: {attempts: 1, retryOn: 5xx}
+""",
+)
 
 
 def test_retry_remote_localities(tmp_path: Path) -> None:

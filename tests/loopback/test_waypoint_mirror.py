@@ -13,20 +13,17 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from tests.loopback.test_waypoint_harness import REVIEWS, REVIEWS_DR, run, waypoint_mesh
+from tests.loopback.test_waypoint_harness import REVIEWS, run, waypoint_mesh
+from tests.waypoint_fixtures import REVIEWS_DR, virtual_service
 
-MIRROR_VS = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v1}}]
-    timeout: 120s
-    mirror: {host: shadow}
-    mirrorPercentage: {value: 100.0}
-"""
+MIRROR_VS = virtual_service(
+    """
+- route: [{destination: {host: reviews, subset: v1}}]
+  timeout: 120s
+  mirror: {host: shadow}
+  mirrorPercentage: {value: 100.0}
+""",
+)
 SIZE = 64 * 1024 * 1024
 BLOCK = b"m" * (256 * 1024)
 

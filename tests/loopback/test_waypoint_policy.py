@@ -9,14 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from tests.loopback.test_waypoint_harness import (
-    REVIEWS,
-    REVIEWS_DR,
-    SEED_VS,
-    SLEEP,
-    run,
-    waypoint_mesh,
-)
+from tests.loopback.test_waypoint_harness import REVIEWS, SLEEP, run, waypoint_mesh
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS
 
 POLICIES = """
 apiVersion: security.istio.io/v1

@@ -7,31 +7,29 @@ import asyncio
 import signal
 import sys
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 
 import yaml
 
 from tests.loopback.test_waypoint_harness import (
     REVIEWS,
-    REVIEWS_DR,
-    SEED_VS,
     WAYPOINT_IP,
     mesh_config,
     run,
     waypoint_mesh,
 )
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS, versions, virtual_service
 
 ADMIN = ("127.0.84.10", 15920)
 DEBUG_PORT = 15900
-ALL_V3 = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews-route}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v3}}]
-"""
+ALL_V3 = virtual_service(
+    """
+- route: [{destination: {host: reviews, subset: v3}}]
+""",
+    name="reviews-route",
+    namespace=None,
+)
 
 
 async def _get(host: str, port: int, path: str) -> tuple[int, bytes]:
@@ -94,27 +92,23 @@ def test_waypoint_cli_static_mode_reload_and_drain(tmp_path: Path) -> None:
                 await _wait_ready(proc)
                 async with mesh.session() as s:
 
-                    async def versions(n: int, headers: dict[str, str]) -> Counter[str]:
-                        c: Counter[str] = Counter()
-                        for _ in range(n):
-                            async with s.get(f"{REVIEWS}/r", headers=headers) as r:
-                                c[r.headers.get("x-version", str(r.status))] += 1
-                        return c
+                    def reviews(n: int, headers: dict[str, str]) -> Awaitable[Counter[str]]:
+                        return versions(s, [f"{REVIEWS}/r"] * n, headers)
 
-                    assert await versions(20, {"user-type": "beta-tester"}) == {"v2": 20}
+                    assert await reviews(20, {"user-type": "beta-tester"}) == {"v2": 20}
                     # Reload: everything to v3.
                     l7.write_text(ALL_V3 + "---\n" + REVIEWS_DR)
                     proc.send_signal(signal.SIGHUP)
                     for _ in range(100):
-                        if (await versions(1, {}))["v3"]:
+                        if (await reviews(1, {}))["v3"]:
                             break
                         await asyncio.sleep(0.05)
-                    assert await versions(10, {"user-type": "beta-tester"}) == {"v3": 10}
+                    assert await reviews(10, {"user-type": "beta-tester"}) == {"v3": 10}
                     # A broken file is refused; the running config stays.
                     l7.write_text("kind: VirtualService\n  bad: [yaml")
                     proc.send_signal(signal.SIGHUP)
                     await asyncio.sleep(0.3)
-                    assert await versions(5, {}) == {"v3": 5}
+                    assert await reviews(5, {}) == {"v3": 5}
                 status, body = await _get(*ADMIN, "/metrics")
                 assert status == 200
                 assert b'reporter="waypoint"' in body

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from tests.loopback.test_waypoint_harness import REVIEWS, REVIEWS_DR, SEED_VS, run, waypoint_mesh
+from tests.loopback.test_waypoint_harness import REVIEWS, run, waypoint_mesh
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS, statuses
 
 SERVICE_LIMIT = """
 apiVersion: policy.linkerd.io/v1alpha1
@@ -98,14 +99,8 @@ def test_per_route_limit_leaves_other_routes_alone(tmp_path: Path) -> None:
         async with waypoint_mesh(tmp_path, ROUTE) as mesh:
             mesh.waypoint.ctx.ratelimit_clock = lambda: 5.0
             async with mesh.session() as s:
-                codes = []
-                for _ in range(5):
-                    async with s.get(f"{REVIEWS}/slow/x") as r:
-                        codes.append(r.status)
-                assert codes == [200, 200, 200, 429, 429]
-                for _ in range(10):
-                    async with s.get(f"{REVIEWS}/fast") as r:
-                        assert r.status == 200
+                assert await statuses(s, f"{REVIEWS}/slow/x", 5) == [200, 200, 200, 429, 429]
+                assert await statuses(s, f"{REVIEWS}/fast", 10) == [200] * 10
 
     run(main())
 

@@ -12,30 +12,22 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.loopback.test_waypoint_harness import (
-    REVIEWS,
+from tests.loopback.test_waypoint_harness import REVIEWS, WaypointMesh, run, waypoint_mesh
+from tests.waypoint_fixtures import (
     REVIEWS_DR,
     SEED_VS,
-    WaypointMesh,
-    run,
-    waypoint_mesh,
+    destination_rule,
+    versions,
+    virtual_service,
 )
 
 
 async def _versions(
     mesh: WaypointMesh, n: int, headers: dict[str, str] | None = None, concurrency: int = 32
 ) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    sem = asyncio.Semaphore(concurrency)
+    urls = [f"{REVIEWS}/reviews/{i}" for i in range(n)]
     async with mesh.session(limit=concurrency) as s:
-
-        async def one(i: int) -> None:
-            async with sem, s.get(f"{REVIEWS}/reviews/{i}", headers=headers) as r:
-                await r.read()
-                counts[r.headers.get("x-version", str(r.status))] += 1
-
-        await asyncio.gather(*(one(i) for i in range(n)))
-    return counts
+        return await versions(s, urls, headers, concurrency)
 
 
 def test_seed_virtual_service_exactly_as_written(tmp_path: Path) -> None:
@@ -75,29 +67,26 @@ def test_seed_virtual_service_without_destination_rule_uses_version_labels(
     run(main())
 
 
-RETRY_VS = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews.default.svc.cluster.local]
-  http:
-  - match: [{uri: {prefix: /timeout}}]
-    timeout: 0.3s
-    retries: {attempts: 0}
-    route: [{destination: {host: reviews, subset: v1}}]
-  - match: [{uri: {prefix: /delay}}]
-    fault: {delay: {fixedDelay: 0.25s, percentage: {value: 100}}}
-    route: [{destination: {host: reviews, subset: v1}}]
-  - match: [{uri: {prefix: /abort}}]
-    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
-    route: [{destination: {host: reviews, subset: v1}}]
-  - match: [{uri: {prefix: /pertry}}]
-    retries: {attempts: 2, perTryTimeout: 0.2s, retryOn: 5xx}
-    route: [{destination: {host: reviews}}]
-  - route: [{destination: {host: reviews}}]
-    retries: {attempts: 3, retryOn: "5xx"}
-"""
+RETRY_VS = virtual_service(
+    """
+- match: [{uri: {prefix: /timeout}}]
+  timeout: 0.3s
+  retries: {attempts: 0}
+  route: [{destination: {host: reviews, subset: v1}}]
+- match: [{uri: {prefix: /delay}}]
+  fault: {delay: {fixedDelay: 0.25s, percentage: {value: 100}}}
+  route: [{destination: {host: reviews, subset: v1}}]
+- match: [{uri: {prefix: /abort}}]
+  fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+  route: [{destination: {host: reviews, subset: v1}}]
+- match: [{uri: {prefix: /pertry}}]
+  retries: {attempts: 2, perTryTimeout: 0.2s, retryOn: 5xx}
+  route: [{destination: {host: reviews}}]
+- route: [{destination: {host: reviews}}]
+  retries: {attempts: 3, retryOn: "5xx"}
+""",
+    hosts="reviews.default.svc.cluster.local",
+)
 
 
 def test_retries_turn_503s_into_success_and_stop_at_the_limit(tmp_path: Path) -> None:
@@ -156,23 +145,20 @@ def test_timeouts_and_fault_delay_and_abort_are_measured(tmp_path: Path) -> None
     run(main())
 
 
-MIRROR_VS = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v1}}]
-    mirror: {host: shadow}
-    mirrorPercentage: {value: 100.0}
-    headers:
-      request:
-        set: {x-set-by-route: "yes"}
-        remove: [x-remove-me]
-      response:
-        add: {x-added-on-response: "1"}
-"""
+MIRROR_VS = virtual_service(
+    """
+- route: [{destination: {host: reviews, subset: v1}}]
+  mirror: {host: shadow}
+  mirrorPercentage: {value: 100.0}
+  headers:
+    request:
+      set: {x-set-by-route: "yes"}
+      remove: [x-remove-me]
+    response:
+      add: {x-added-on-response: "1"}
+""",
+    namespace=None,
+)
 
 
 def test_mirror_copies_arrive_with_shadow_host(tmp_path: Path) -> None:
@@ -199,30 +185,25 @@ def test_mirror_copies_arrive_with_shadow_host(tmp_path: Path) -> None:
     run(main())
 
 
-OUTLIER_DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer: {simple: ROUND_ROBIN}
-    outlierDetection:
-      consecutive5xxErrors: 3
-      interval: 1s
-      baseEjectionTime: 30s
-      maxEjectionPercent: 100
-"""
-NO_RETRY_VS = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews}}]
-    retries: {attempts: 0}
-"""
+OUTLIER_DR = destination_rule(
+    """
+trafficPolicy:
+  loadBalancer: {simple: ROUND_ROBIN}
+  outlierDetection:
+    consecutive5xxErrors: 3
+    interval: 1s
+    baseEjectionTime: 30s
+    maxEjectionPercent: 100
+""",
+    namespace=None,
+)
+NO_RETRY_VS = virtual_service(
+    """
+- route: [{destination: {host: reviews}}]
+  retries: {attempts: 0}
+""",
+    namespace=None,
+)
 
 
 def test_outlier_detection_ejects_the_failing_endpoint(tmp_path: Path) -> None:
@@ -242,17 +223,15 @@ def test_outlier_detection_ejects_the_failing_endpoint(tmp_path: Path) -> None:
     run(main())
 
 
-POOL_DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  trafficPolicy:
-    connectionPool:
-      tcp: {maxConnections: 1}
-      http: {http1MaxPendingRequests: 1}
-"""
+POOL_DR = destination_rule(
+    """
+trafficPolicy:
+  connectionPool:
+    tcp: {maxConnections: 1}
+    http: {http1MaxPendingRequests: 1}
+""",
+    namespace=None,
+)
 
 
 def test_connection_pool_overflow_is_503_uo(tmp_path: Path) -> None:
@@ -276,16 +255,14 @@ def test_connection_pool_overflow_is_503_uo(tmp_path: Path) -> None:
     run(main())
 
 
-PER_CONNECTION_DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews}
-spec:
-  host: reviews
-  trafficPolicy:
-    connectionPool:
-      http: {maxRequestsPerConnection: %d}
-"""
+PER_CONNECTION_DR = destination_rule(
+    """
+trafficPolicy:
+  connectionPool:
+    http: {maxRequestsPerConnection: %d}
+""",
+    namespace=None,
+)
 
 
 def test_max_requests_per_connection_closes_upstream_connections(tmp_path: Path) -> None:

@@ -11,30 +11,28 @@ from tests.loopback.test_waypoint_harness import (
     GRPC_PORT,
     GRPC_VIP,
     REVIEWS,
-    REVIEWS_DR,
-    SEED_VS,
     H2Client,
     grpc_frame,
     run,
     start_grpc_backend,
     waypoint_mesh,
 )
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS, virtual_service
 
-GRPC_VS = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: grpc}
-spec:
-  hosts: [grpc]
-  http:
-  - match: [{uri: {exact: /echo.Echo/Fail}}]
-    retries: {attempts: 0}
-    route: [{destination: {host: grpc}}]
-  - match: [{headers: {x-deny: {exact: "1"}}}]
-    fault: {abort: {httpStatus: 503}}
-    route: [{destination: {host: grpc}}]
-  - route: [{destination: {host: grpc}}]
-"""
+GRPC_VS = virtual_service(
+    """
+- match: [{uri: {exact: /echo.Echo/Fail}}]
+  retries: {attempts: 0}
+  route: [{destination: {host: grpc}}]
+- match: [{headers: {x-deny: {exact: "1"}}}]
+  fault: {abort: {httpStatus: 503}}
+  route: [{destination: {host: grpc}}]
+- route: [{destination: {host: grpc}}]
+""",
+    name="grpc",
+    namespace=None,
+    hosts="grpc",
+)
 GRPC_HEADERS = [("content-type", "application/grpc"), ("te", "trailers")]
 
 

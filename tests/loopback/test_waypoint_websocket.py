@@ -17,12 +17,11 @@ from tests.loopback.test_waypoint_harness import (
     CLIENT_IP,
     PORT,
     REVIEWS,
-    REVIEWS_DR,
     REVIEWS_VIP,
-    SEED_VS,
     run,
     waypoint_mesh,
 )
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS
 
 DENY = """
 apiVersion: security.istio.io/v1

@@ -5,25 +5,23 @@ from __future__ import annotations
 import yaml
 
 from meshcore.config.objects import parse_objects
+from tests.waypoint_fixtures import virtual_service
 from waypoint.protocol.cors import allowed_origin, is_preflight, preflight_headers, response_headers
 from waypoint.protocol.route import CompiledConfig
 
-VS = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: r, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - corsPolicy:
-      allowOrigins: [{exact: "https://app.example"}, {regex: "https://.*[.]dev[.]example"}]
-      allowMethods: [GET, POST]
-      allowHeaders: [x-a]
-      exposeHeaders: [x-b]
-      maxAge: 24h
-      allowCredentials: true
-    route: [{destination: {host: reviews}}]
-"""
+VS = virtual_service(
+    """
+- corsPolicy:
+    allowOrigins: [{exact: "https://app.example"}, {regex: "https://.*[.]dev[.]example"}]
+    allowMethods: [GET, POST]
+    allowHeaders: [x-a]
+    exposeHeaders: [x-b]
+    maxAge: 24h
+    allowCredentials: true
+  route: [{destination: {host: reviews}}]
+""",
+    name="r",
+)
 
 ROUTE = """
 apiVersion: gateway.networking.k8s.io/v1

@@ -24,35 +24,9 @@ from meshcore.model import Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, pack_l7, unpack_l7
 from meshcore.state import MeshState
+from tests.waypoint_fixtures import SEED_VS
 from waypoint.xds import L7Store
 
-SEED = """
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata:
-  name: reviews-route
-spec:
-  hosts:
-  - reviews
-  http:
-  - match:
-    - headers:
-        user-type:
-          exact: beta-tester
-    route:
-    - destination:
-        host: reviews
-        subset: v2
-  - route:
-    - destination:
-        host: reviews
-        subset: v1
-      weight: 90
-    - destination:
-        host: reviews
-        subset: v2
-      weight: 10
-"""
 AMBIENT_NS = {
     "kind": "Namespace",
     "metadata": {
@@ -122,7 +96,7 @@ def objects() -> list[Any]:
         REVIEWS_SVC,
         WP_POD,
         DENY,
-        *yaml.safe_load_all(SEED),
+        *yaml.safe_load_all(SEED_VS),
         pod("reviews-v1", "10.0.0.1", {"app": "reviews", "version": "v1", "tier": "a"}),
         pod("reviews-v2", "10.0.0.2", {"app": "reviews", "version": "v2"}),
     ]
@@ -169,7 +143,7 @@ def test_l7_resources_carry_the_objects_as_written_and_pod_labels() -> None:
         "WorkloadLabels/default/pods",
     }
     vs = res["VirtualService/default/reviews-route"].document()
-    assert vs["spec"] == yaml.safe_load(SEED)["spec"]
+    assert vs["spec"] == yaml.safe_load(SEED_VS)["spec"]
     assert vs["metadata"]["namespace"] == "default"  # filled in: the seed has none
     labels = json.loads(res["WorkloadLabels/default/pods"].json)["labels"]
     assert labels["Kubernetes//Pod/default/reviews-v1"]["tier"] == "a"
@@ -180,7 +154,7 @@ def test_l7_resources_carry_the_objects_as_written_and_pod_labels() -> None:
         resp.resources.add(name=name, version="1", resource=pack_l7(r))
     assert store.apply(resp) == []
     cfg = store.config()
-    static = parse_objects([*yaml.safe_load_all(SEED), DENY])
+    static = parse_objects([*yaml.safe_load_all(SEED_VS), DENY])
     assert [t.name for t in cfg.route_tables] == [t.name for t in static.route_tables]
     assert cfg.route_tables[0].routes == static.route_tables[0].routes
     assert [p.key for p in cfg.policies] == [p.key for p in static.policies]
@@ -191,7 +165,7 @@ def test_l7_versions_change_only_with_the_object() -> None:
     a = l7_resources(snapshot(*objects()), TranslateOptions())
     b = l7_resources(snapshot(*reversed(objects())), TranslateOptions())
     assert a == b
-    changed = yaml.safe_load(SEED)
+    changed = yaml.safe_load(SEED_VS)
     changed["spec"]["http"][1]["route"][0]["weight"] = 50
     changed["spec"]["http"][1]["route"][1]["weight"] = 50
     c = l7_resources(
@@ -227,7 +201,7 @@ def test_waypoint_store_nacks_a_bad_resource_alone_and_applies_removals() -> Non
         kind="VirtualService",
         namespace="default",
         name="reviews-route",
-        json=json.dumps(yaml.safe_load(SEED)),
+        json=json.dumps(yaml.safe_load(SEED_VS)),
     )
     bad_kind = L7Resource(kind="Secret", namespace="default", name="x", json="{}")
     wrong = any_pb2.Any(type_url="type.googleapis.com/other", value=b"")
@@ -304,12 +278,12 @@ def test_memoised_l7_resources_and_findings_equal_uncached() -> None:
     ns_cache: NamespaceCache = {}
     f_cache: FindingsCache = {}
     bad_vs = {
-        **yaml.safe_load(SEED),
+        **yaml.safe_load(SEED_VS),
         "metadata": {"name": "bad", "namespace": "other"},
         "spec": {"hosts": ["x"], "bogus": 1},
     }
     steps: list[list[Any]] = [
-        [AMBIENT_NS, yaml.safe_load(SEED), bad_vs],
+        [AMBIENT_NS, yaml.safe_load(SEED_VS), bad_vs],
         [
             {
                 "kind": "Pod",

@@ -13,6 +13,7 @@ from meshcore.config.objects import parse_objects
 from meshcore.config.reader import parse_duration, resolve_host
 from meshcore.config.routes import DEFAULT_RETRY, LbPolicy
 from meshcore.errors import ConfigError
+from tests.waypoint_fixtures import SEED_VS, virtual_service
 from waypoint.protocol.hygiene import normalize_path
 from waypoint.protocol.route import (
     CompiledConfig,
@@ -25,33 +26,6 @@ from waypoint.protocol.route import (
 )
 from waypoint.protocol.trace import next_traceparent
 
-SEED = """
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata:
-  name: reviews-route
-spec:
-  hosts:
-  - reviews
-  http:
-  - match:
-    - headers:
-        user-type:
-          exact: beta-tester
-    route:
-    - destination:
-        host: reviews
-        subset: v2
-  - route:
-    - destination:
-        host: reviews
-        subset: v1
-      weight: 90
-    - destination:
-        host: reviews
-        subset: v2
-      weight: 10
-"""
 HOST = "reviews.default.svc.cluster.local"
 
 
@@ -71,7 +45,7 @@ def req(path: str = "/", **kw: object) -> RequestInfo:
 
 
 def test_seed_parses_exactly_as_written() -> None:
-    cfg = compiled(SEED)
+    cfg = compiled(SEED_VS)
     assert not cfg.config.warnings
     routes = cfg.routes_for(HOST)
     assert len(routes) == 2
@@ -116,35 +90,32 @@ def test_bad_durations(bad: str) -> None:
         parse_duration(bad, "spec.timeout")
 
 
-MATCHES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: m, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - name: exact
-    match: [{uri: {exact: /exact}}]
-    route: [{destination: {host: reviews, subset: a}}]
-  - name: regex-method
-    match: [{uri: {regex: "/items/[0-9]+"}, method: {exact: DELETE}}]
-    route: [{destination: {host: reviews, subset: b}}]
-  - name: query
-    match: [{queryParams: {debug: {exact: "1"}}}]
-    route: [{destination: {host: reviews, subset: c}}]
-  - name: without
-    match: [{uri: {prefix: /api}, withoutHeaders: {x-legacy: {}}}]
-    rewrite: {uri: /v2/api}
-    route: [{destination: {host: reviews, subset: d}}]
-  - name: source
-    match: [{sourceLabels: {app: sleep}, uri: {prefix: /src}}]
-    route: [{destination: {host: reviews, subset: e}}]
-  - name: ci
-    match: [{uri: {prefix: /CASE}, ignoreUriCase: true}]
-    route: [{destination: {host: reviews, subset: f}}]
-  - name: fallback
-    route: [{destination: {host: reviews, subset: z}}]
-"""
+MATCHES = virtual_service(
+    """
+- name: exact
+  match: [{uri: {exact: /exact}}]
+  route: [{destination: {host: reviews, subset: a}}]
+- name: regex-method
+  match: [{uri: {regex: "/items/[0-9]+"}, method: {exact: DELETE}}]
+  route: [{destination: {host: reviews, subset: b}}]
+- name: query
+  match: [{queryParams: {debug: {exact: "1"}}}]
+  route: [{destination: {host: reviews, subset: c}}]
+- name: without
+  match: [{uri: {prefix: /api}, withoutHeaders: {x-legacy: {}}}]
+  rewrite: {uri: /v2/api}
+  route: [{destination: {host: reviews, subset: d}}]
+- name: source
+  match: [{sourceLabels: {app: sleep}, uri: {prefix: /src}}]
+  route: [{destination: {host: reviews, subset: e}}]
+- name: ci
+  match: [{uri: {prefix: /CASE}, ignoreUriCase: true}]
+  route: [{destination: {host: reviews, subset: f}}]
+- name: fallback
+  route: [{destination: {host: reviews, subset: z}}]
+""",
+    name="m",
+)
 
 
 @pytest.mark.parametrize(

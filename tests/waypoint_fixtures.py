@@ -1,0 +1,137 @@
+"""What the waypoint feature tests (tests/unit, tests/loopback) share: the seed's routing
+objects, builders for the VirtualService / DestinationRule YAML each test varies, and the
+client loops that count what a run of requests got.
+
+Owns: `SEED_VS` and `REVIEWS_DR` (the Bookinfo-style reviews route and its subsets, as the lab
+seed has them), `virtual_service` and `destination_rule` (one object's YAML around the part a
+test writes), `statuses` and `versions` (requests through an aiohttp session, counted).
+
+Invariants: pure text builders (no I/O); the builders' output parses to the same objects as
+the literal YAML the tests used to spell out (name, namespace, hosts default to ``reviews`` in
+``default``); the client loops only read the responses, every assertion stays in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp import ClientSession
+
+SEED_VS = """
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: reviews-route
+spec:
+  hosts:
+  - reviews
+  http:
+  - match:
+    - headers:
+        user-type:
+          exact: beta-tester
+    route:
+    - destination:
+        host: reviews
+        subset: v2
+  - route:
+    - destination:
+        host: reviews
+        subset: v1
+      weight: 90
+    - destination:
+        host: reviews
+        subset: v2
+      weight: 10
+"""
+"""examples/lab-waypoint/config/reviews-route.yaml: beta-tester -> v2, others 90/10 v1/v2."""
+
+REVIEWS_DR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  namespace: default
+spec:
+  host: reviews
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+  - name: v3
+    labels: {version: v3}
+"""
+"""The reviews subsets v1..v3 by the pods' ``version`` label."""
+
+
+def _block(text: str, indent: str) -> str:
+    return textwrap.indent(textwrap.dedent(text).strip("\n"), indent) + "\n"
+
+
+def _metadata(name: str, namespace: str | None) -> str:
+    if namespace is None:
+        return f"metadata: {{name: {name}}}\n"
+    return f"metadata: {{name: {name}, namespace: {namespace}}}\n"
+
+
+def virtual_service(
+    http: str, *, name: str = "reviews", namespace: str | None = "default", hosts: str = "reviews"
+) -> str:
+    """A ``networking.istio.io/v1`` VirtualService for `hosts` (comma-separated) whose
+    ``spec.http`` is the YAML list `http` (indentation free)."""
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+        + _metadata(name, namespace)
+        + f"spec:\n  hosts: [{hosts}]\n  http:\n"
+        + _block(http, "  ")
+    )
+
+
+def destination_rule(
+    spec: str, *, name: str = "reviews", namespace: str | None = "default", host: str = "reviews"
+) -> str:
+    """A ``networking.istio.io/v1`` DestinationRule for `host`; `spec` is the rest of its spec
+    (trafficPolicy, subsets; indentation free)."""
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+        + _metadata(name, namespace)
+        + f"spec:\n  host: {host}\n"
+        + _block(spec, "  ")
+    )
+
+
+async def statuses(
+    session: ClientSession, url: str, n: int, headers: Mapping[str, str] | None = None
+) -> list[int]:
+    """The status of each of `n` GETs of `url`, one after the other."""
+    out = []
+    for _ in range(n):
+        async with session.get(url, headers=headers) as r:
+            out.append(r.status)
+    return out
+
+
+async def versions(
+    session: ClientSession,
+    urls: Iterable[str],
+    headers: Mapping[str, str] | None = None,
+    concurrency: int = 1,
+) -> Counter[str]:
+    """How many GETs of `urls` each backend version answered (its ``x-version``; the status
+    code for a response no backend sent), at most `concurrency` at a time."""
+    counts: Counter[str] = Counter()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(url: str) -> None:
+        async with sem, session.get(url, headers=headers) as r:
+            await r.read()
+            counts[r.headers.get("x-version", str(r.status))] += 1
+
+    await asyncio.gather(*(one(u) for u in urls))
+    return counts
