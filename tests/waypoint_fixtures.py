@@ -4,11 +4,13 @@ client loops that count what a run of requests got.
 
 Owns: `SEED_VS` and `REVIEWS_DR` (the Bookinfo-style reviews route and its subsets, as the lab
 seed has them), `virtual_service` and `destination_rule` (one object's YAML around the part a
-test writes), `statuses` and `versions` (requests through an aiohttp session, counted).
+test writes), `parsed` and `dr_policy` (that YAML parsed as the waypoint parses it),
+`statuses` and `versions` (requests through an aiohttp session, counted).
 
-Invariants: pure text builders (no I/O); the builders' output parses to the same objects as
+Invariants: pure builders (no I/O); the builders' output parses to the same objects as
 the literal YAML the tests used to spell out (name, namespace, hosts default to ``reviews`` in
-``default``); the client loops only read the responses, every assertion stays in the test.
+``default``); the client loops only read the responses and `dr_policy` checks only that
+its object parsed: what a test asserts stays in the test.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import textwrap
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
+
+import yaml
+
+from meshcore.config.objects import parse_objects
+from meshcore.config.routes import TrafficPolicy, WaypointConfig
 
 if TYPE_CHECKING:
     from aiohttp import ClientSession
@@ -104,6 +111,19 @@ def destination_rule(
         + f"spec:\n  host: {host}\n"
         + _block(spec, "  ")
     )
+
+
+def parsed(*texts: str) -> WaypointConfig:
+    """The waypoint config of the YAML documents in `texts`."""
+    return parse_objects([d for t in texts for d in yaml.safe_load_all(t)])
+
+
+def dr_policy(traffic_policy: str) -> TrafficPolicy:
+    """The traffic policy of a reviews DestinationRule whose ``spec.trafficPolicy`` is
+    `traffic_policy` (flow or block YAML); it must parse without an Error finding."""
+    cfg = parsed(destination_rule(f"trafficPolicy: {traffic_policy}", name="r"))
+    assert [f for _r, f in cfg.findings if f.level == "Error"] == [], cfg.findings
+    return cfg.destination_rules[0].policy
 
 
 async def statuses(

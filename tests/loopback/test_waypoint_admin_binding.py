@@ -10,17 +10,15 @@ in the test's private network namespace, so 0.0.0.0:15020 is free.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from controlplane.waypoints import WaypointSettings, desired_objects
-from tests.loopback.test_waypoint_harness import WAYPOINT_IP, mesh_config
+from tests.loopback.test_waypoint_harness import WAYPOINT_IP, static_waypoint_argv
 
 
 def deployment_flags() -> dict[str, str]:
@@ -47,35 +45,12 @@ def status(url: str) -> int | str:
         return type(e).__name__
 
 
-def static_argv(tmp: Path, *extra: str) -> list[str]:
-    (tmp / "mesh.yaml").write_text(yaml.safe_dump(mesh_config()))
-    return [
-        sys.executable,
-        "-m",
-        "waypoint.app",
-        "--name",
-        "waypoint",
-        "--namespace",
-        "default",
-        "--workload-uid",
-        "waypoint",
-        "--mesh-config",
-        str(tmp / "mesh.yaml"),
-        "--ca-dir",
-        str(tmp / "ca"),
-        "--listen",
-        f"{WAYPOINT_IP}:15008",
-        "--no-access-log",
-        *extra,
-    ]
-
-
 def test_controller_waypoint_serves_metrics_on_pod_ip_and_debug_on_localhost(
     tmp_path: Path,
 ) -> None:
     flags = deployment_flags()
     assert flags == {"--admin": "0.0.0.0:15020", "--debug-listen": "127.0.0.1:15000"}
-    argv = static_argv(tmp_path, *(x for kv in flags.items() for x in kv))
+    argv = static_waypoint_argv(tmp_path, *(x for kv in flags.items() for x in kv))
     with (tmp_path / "wp.log").open("w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -100,7 +75,7 @@ def test_controller_waypoint_serves_metrics_on_pod_ip_and_debug_on_localhost(
 @pytest.mark.parametrize("address", ["0.0.0.0:15000", "[::]:15000", "10.0.0.9:15000"])
 def test_debug_listener_off_loopback_is_refused(tmp_path: Path, address: str) -> None:
     proc = subprocess.run(
-        static_argv(tmp_path, "--admin", "", "--debug-listen", address),
+        static_waypoint_argv(tmp_path, "--admin", "", "--debug-listen", address),
         capture_output=True,
         text=True,
         timeout=60,

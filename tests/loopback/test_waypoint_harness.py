@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -107,6 +108,31 @@ def mesh_config() -> dict[str, Any]:
                 }
     out["services"] += [_svc("db", DB_VIP, DB_PORT), _svc("db-v2", DB_V2_VIP, DB_PORT, False)]
     return out
+
+
+def static_waypoint_argv(tmp: Path, *extra: str) -> list[str]:
+    """The waypoint command in static mode for this mesh (``tmp/mesh.yaml``, written here, and
+    the CA in ``tmp/ca``), listening on its workload address; `extra` flags appended."""
+    (tmp / "mesh.yaml").write_text(yaml.safe_dump(mesh_config()))
+    return [
+        sys.executable,
+        "-m",
+        "waypoint.app",
+        "--name",
+        "waypoint",
+        "--namespace",
+        "default",
+        "--workload-uid",
+        "waypoint",
+        "--mesh-config",
+        str(tmp / "mesh.yaml"),
+        "--ca-dir",
+        str(tmp / "ca"),
+        "--listen",
+        f"{WAYPOINT_IP}:15008",
+        "--no-access-log",
+        *extra,
+    ]
 
 
 def _mesh_config() -> dict[str, Any]:

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
 
-import yaml
-
 from tests.loopback.test_waypoint_harness import (
     REVIEWS,
-    WAYPOINT_IP,
-    mesh_config,
     run,
+    static_waypoint_argv,
     waypoint_mesh,
 )
 from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS, versions, virtual_service
@@ -56,36 +52,21 @@ async def _wait_ready(proc: asyncio.subprocess.Process) -> None:
 
 
 def test_waypoint_cli_static_mode_reload_and_drain(tmp_path: Path) -> None:
-    mesh_file = tmp_path / "mesh.yaml"
-    mesh_file.write_text(yaml.safe_dump(mesh_config()))
     l7 = tmp_path / "l7.yaml"
     l7.write_text(SEED_VS + "---\n" + REVIEWS_DR)
 
     async def main() -> None:
         async with waypoint_mesh(tmp_path, start_waypoint=False) as mesh:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "waypoint.app",
-                "--name",
-                "waypoint",
-                "--namespace",
-                "default",
-                "--workload-uid",
-                "waypoint",
-                "--mesh-config",
-                str(mesh_file),
-                "--config",
-                str(l7),
-                "--ca-dir",
-                str(tmp_path / "ca"),
-                "--listen",
-                f"{WAYPOINT_IP}:15008",
-                "--admin",
-                f"{ADMIN[0]}:{ADMIN[1]}",
-                "--no-access-log",
-                "--debug-listen",
-                f"127.0.0.1:{DEBUG_PORT}",
+                *static_waypoint_argv(
+                    tmp_path,
+                    "--config",
+                    str(l7),
+                    "--admin",
+                    f"{ADMIN[0]}:{ADMIN[1]}",
+                    "--debug-listen",
+                    f"127.0.0.1:{DEBUG_PORT}",
+                ),
                 stderr=asyncio.subprocess.PIPE,
             )
             try:

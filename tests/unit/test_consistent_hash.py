@@ -11,23 +11,14 @@ import yaml
 from meshcore.config.objects import parse_objects
 from meshcore.config.routes import TrafficPolicy
 from meshcore.identity import SpiffeId
+from tests.waypoint_fixtures import destination_rule, dr_policy, parsed
 from waypoint.protocol.cluster import Cluster, EndpointSpec, hash_cookie, hash_key, maglev_table
 
 ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
 
 
 def dr(hash_spec: str) -> TrafficPolicy:
-    text = f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: r, namespace: default}}
-spec:
-  host: reviews
-  trafficPolicy: {{loadBalancer: {{consistentHash: {hash_spec}}}}}
-"""
-    cfg = parse_objects(list(yaml.safe_load_all(text)))
-    assert [f for _r, f in cfg.findings if f.level == "Error"] == [], cfg.findings
-    return cfg.destination_rules[0].policy
+    return dr_policy(f"{{loadBalancer: {{consistentHash: {hash_spec}}}}}")
 
 
 def cluster(policy: TrafficPolicy, n: int) -> Cluster:
@@ -142,15 +133,8 @@ def test_cookie_generation_fields_and_set_cookie() -> None:
     ],
 )
 def test_bad_cookie_and_maglev_settings_are_refused(spec: str, error: str) -> None:
-    text = f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: r, namespace: default}}
-spec:
-  host: reviews
-  trafficPolicy: {{loadBalancer: {{consistentHash: {spec}}}}}
-"""
-    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    policy = f"trafficPolicy: {{loadBalancer: {{consistentHash: {spec}}}}}"
+    cfg = parsed(destination_rule(policy, name="r"))
     assert cfg.destination_rules == ()
     assert any(error in f.render() for _r, f in cfg.findings), cfg.findings
 

@@ -8,11 +8,10 @@ import random
 from collections import Counter
 
 import pytest
-import yaml
 
-from meshcore.config.objects import parse_objects
 from meshcore.config.routes import TrafficPolicy
 from meshcore.identity import SpiffeId
+from tests.waypoint_fixtures import destination_rule, dr_policy, parsed
 from waypoint.protocol.cluster import Cluster, EndpointSpec, Origin, priorities
 
 ID = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="r")
@@ -37,17 +36,7 @@ EPS = {
 
 
 def policy(tp: str) -> TrafficPolicy:
-    text = f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: r, namespace: default}}
-spec:
-  host: reviews
-  trafficPolicy:{tp}
-"""
-    cfg = parse_objects(list(yaml.safe_load_all(text)))
-    assert [f for _r, f in cfg.findings if f.level == "Error"] == [], cfg.findings
-    return cfg.destination_rules[0].policy
+    return dr_policy(tp.lstrip(" "))
 
 
 def specs(labels: dict[str, tuple[tuple[str, str], ...]] | None = None) -> list[EndpointSpec]:
@@ -237,14 +226,7 @@ def test_distribute_weights() -> None:
     ],
 )
 def test_bad_settings_are_refused(setting: str, error: str) -> None:
-    text = f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: r, namespace: default}}
-spec:
-  host: reviews
-  trafficPolicy: {{loadBalancer: {{localityLbSetting: {setting}}}}}
-"""
-    cfg = parse_objects(list(yaml.safe_load_all(text)))
+    policy = f"trafficPolicy: {{loadBalancer: {{localityLbSetting: {setting}}}}}"
+    cfg = parsed(destination_rule(policy, name="r"))
     assert cfg.destination_rules == ()
     assert any(error in f.render() for _r, f in cfg.findings), cfg.findings
