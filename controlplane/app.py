@@ -70,6 +70,7 @@ from controlplane.translate import TranslateOptions
 from controlplane.translator import Translator
 from controlplane.waypoints import WaypointController, WaypointSettings
 from controlplane.xds import XdsServer
+from meshcore import bootstrap
 from meshcore.address import listen_address
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
@@ -469,7 +470,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     p.add_argument("--manifest-dir", type=Path, default=env("MANIFEST_DIR"))
     p.add_argument("--kubernetes", action="store_true", help="watch the Kubernetes API")
     p.add_argument("--kubeconfig", type=Path, default=env("KUBECONFIG"))
-    p.add_argument("--ca-dir", type=Path, default=env("CA_DIR"), required=env("CA_DIR") is None)
+    bootstrap.add_certificate_arguments(
+        p, ca_dir_help="the mesh CA's directory (created on first use)", required=True
+    )
     p.add_argument("--additional-roots", type=Path, help="extra trusted roots (rollover)")
     p.add_argument("--node-credentials", type=Path, help="YAML {node: token} (lab)")
     p.add_argument(
@@ -492,7 +495,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ControlPlaneSettings:
     p.add_argument("--namespace", default=env("POD_NAMESPACE", "istio-system"))
     p.add_argument("--network", default="")
     p.add_argument("--poll-interval", type=float, default=0.2)
-    p.add_argument("--cert-ttl", type=float, default=24 * 3600)
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     mesh = p.add_argument_group("mesh settings served to waypoints (they override with flags)")
     mesh.add_argument(

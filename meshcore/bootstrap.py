@@ -1,10 +1,12 @@
-"""Control-plane bootstrap shared by the node proxy and the waypoint: how a proxy reaches the
-control plane (xDS and CA endpoints, node credential, serving roots) and where its certificates
-come from.
+"""Control-plane bootstrap shared by the node proxy and the waypoint (and the control plane's
+certificate flags): how a proxy reaches the control plane (xDS and CA endpoints, node
+credential, serving roots) and where its certificates come from.
 
 Owns: the control-plane flags every proxy spells the same way (`add_arguments`: names, env-var
 defaults, help; `Bootstrap.from_args` reads them back; `Bootstrap.argv` writes them for a proxy
-someone else starts: the control plane's waypoint Deployments, the lab's node proxies),
+someone else starts: the control plane's waypoint Deployments, the lab's node proxies), the
+CA-directory and certificate-TTL flags all three processes spell the same way
+(`add_certificate_arguments`),
 `endpoints` (the xDS endpoint and the CA endpoint, which defaults to the xDS address; one
 node credential, read once to fail fast and re-read from its file for every call, and one set
 of roots for both) and `certificate_provider` (the control plane's CA, or local signing from a
@@ -97,6 +99,23 @@ def add_arguments(group: argparse._ActionsContainer, *, xds_help: str) -> None:
         default=env("CONTROLPLANE_SERVER_NAME", DEFAULT_SERVER_NAME),
         help="name the control plane's TLS certificate is verified against",
     )
+
+
+def add_certificate_arguments(
+    group: argparse._ActionsContainer, *, ca_dir_help: str, required: bool = False
+) -> None:
+    """Declare ``--ca-dir`` (env CA_DIR; `required` unless that variable is set) and
+    ``--cert-ttl`` (seconds, default a day): the flags of every process that signs or holds
+    workload certificates."""
+    env = os.environ.get
+    group.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=env("CA_DIR"),
+        required=required and env("CA_DIR") is None,
+        help=ca_dir_help,
+    )
+    group.add_argument("--cert-ttl", type=float, default=24 * 3600, help="certificate TTL, seconds")
 
 
 def endpoints(boot: Bootstrap) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:

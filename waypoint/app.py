@@ -367,7 +367,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
         help="YAML with VirtualService/DestinationRule/HTTPRoute/"
         "AuthorizationPolicy objects (repeatable)",
     )
-    p.add_argument("--ca-dir", type=Path, default=env("CA_DIR"))
+    bootstrap.add_certificate_arguments(
+        p, ca_dir_help="mesh CA directory for local signing (static mode)"
+    )
     p.add_argument(
         "--listen",
         action="append",
@@ -386,7 +388,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[WaypointSettings, arg
     )
     p.add_argument("--trust-domain", default=env("TRUST_DOMAIN", "cluster.local"))
     p.add_argument("--domain-suffix", default="cluster.local")
-    p.add_argument("--cert-ttl", type=float, default=24 * 3600)
     p.add_argument("--log-level", default=env("LOG_LEVEL", "info"))
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--drain-timeout", type=float, default=5.0)

@@ -35,11 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         default=env("MESH_CONFIG"),
         help="static YAML of workloads/services/policies (no control plane)",
     )
-    p.add_argument(
-        "--ca-dir",
-        type=Path,
-        default=env("CA_DIR"),
-        help="mesh CA directory for local signing (static mode)",
+    bootstrap.add_certificate_arguments(
+        p, ca_dir_help="mesh CA directory for local signing (static mode)"
     )
     # Control-plane mode (issue 4): config over delta xDS, certificates from the control plane's
     # CA. Replaces --mesh-config / --ca-dir when given.
@@ -85,7 +82,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
         default=[],
         help="bind mode: extra outbound listener host:port (e.g. a service VIP)",
     )
-    p.add_argument("--cert-ttl", type=float, default=24 * 3600, help="certificate TTL, seconds")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument(
         "--tunnels-per-peer",

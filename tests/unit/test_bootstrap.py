@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane import app as controlplane_app
 from controlplane.waypoints import ROOTS_DIR, TOKEN_DIR, WaypointSettings, desired_objects
 from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
 from meshcore.caclient import ControlPlaneCAProvider
@@ -123,3 +124,21 @@ def test_control_plane_starts_waypoints_with_flags_the_waypoint_reads() -> None:
         roots_file=Path(ROOTS_DIR, "root-cert.pem"),
         server_name="cp.shop.svc",
     )
+
+
+def test_all_three_processes_take_the_certificate_flags_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CA_DIR", "/env/ca")
+    mesh = ["--mesh-config", str(tmp_path / "mesh.yaml")]
+    cp = ["--manifest-dir", str(tmp_path)]
+    for extra, ca_dir, ttl in (
+        ([], Path("/env/ca"), 24 * 3600.0),
+        (["--ca-dir", "/x", "--cert-ttl", "60"], Path("/x"), 60.0),
+    ):
+        _, zt = ztunnel_flags.parse_args(["--node", "n1", *mesh, *extra])
+        _, wp = waypoint_app.parse_args(mesh + extra)
+        settings = controlplane_app.parse_args(cp + extra)
+        assert (zt.ca_dir, zt.cert_ttl) == (ca_dir, ttl)
+        assert (wp.ca_dir, wp.cert_ttl) == (ca_dir, ttl)
+        assert (settings.ca_dir, settings.cert_ttl) == (ca_dir, ttl)
