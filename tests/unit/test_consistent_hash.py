@@ -88,14 +88,12 @@ def test_keys(
 
 
 def test_exactly_one_key() -> None:
-    text = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: r, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}
-"""
+    text = destination_rule(
+        """
+trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}
+""",
+        name="r",
+    )
     cfg = parse_objects(list(yaml.safe_load_all(text)))
     assert cfg.destination_rules == ()
     assert cfg.findings
@@ -177,15 +175,13 @@ def test_maglev_table_is_even_and_moves_only_the_removed_endpoints_keys() -> Non
 
 
 def test_a_ring_larger_than_served_is_reported() -> None:
-    text = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: r, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer: {consistentHash: {httpHeaderName: x, ringHash: {minimumRingSize: 1000000}}}
-"""
+    text = destination_rule(
+        """
+trafficPolicy:
+  loadBalancer: {consistentHash: {httpHeaderName: x, ringHash: {minimumRingSize: 1000000}}}
+""",
+        name="r",
+    )
     cfg = parse_objects(list(yaml.safe_load_all(text)))
     (rule,) = cfg.destination_rules
     assert rule.policy.hash is not None

@@ -13,7 +13,7 @@ from meshcore.config.objects import parse_objects
 from meshcore.config.reader import parse_duration, resolve_host
 from meshcore.config.routes import DEFAULT_RETRY, LbPolicy
 from meshcore.errors import ConfigError
-from tests.waypoint_fixtures import SEED_VS, virtual_service
+from tests.waypoint_fixtures import SEED_VS, destination_rule, virtual_service
 from waypoint.protocol.hygiene import normalize_path
 from waypoint.protocol.route import (
     CompiledConfig,
@@ -194,26 +194,24 @@ spec:
 
 
 def test_destination_rule_policy_precedence() -> None:
-    dr = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: r, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer: {simple: RANDOM}
-    connectionPool: {tcp: {maxConnections: 7}, http: {http1MaxPendingRequests: 3}}
-    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 10s}
-    portLevelSettings:
-    - port: {number: 8080}
-      loadBalancer: {simple: ROUND_ROBIN}
-  subsets:
-  - name: v1
-    labels: {version: v1}
-    trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}
-  - name: v2
-    labels: {version: v2}
-"""
+    dr = destination_rule(
+        """
+trafficPolicy:
+  loadBalancer: {simple: RANDOM}
+  connectionPool: {tcp: {maxConnections: 7}, http: {http1MaxPendingRequests: 3}}
+  outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 10s}
+  portLevelSettings:
+  - port: {number: 8080}
+    loadBalancer: {simple: ROUND_ROBIN}
+subsets:
+- name: v1
+  labels: {version: v1}
+  trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}
+- name: v2
+  labels: {version: v2}
+""",
+        name="r",
+    )
     rule = compiled(dr).destination_rule(HOST)
     assert rule is not None
     assert rule.policy_for("", 9080).lb is LbPolicy.RANDOM
@@ -260,16 +258,13 @@ spec:
 
 
 def test_redirect_location() -> None:
-    text = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: r, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match: [{uri: {prefix: /old}}]
-    redirect: {uri: /new, authority: example.com, redirectCode: 308}
-"""
+    text = virtual_service(
+        """
+- match: [{uri: {prefix: /old}}]
+  redirect: {uri: /new, authority: example.com, redirectCode: 308}
+""",
+        name="r",
+    )
     routes = compiled(text).routes_for(HOST)
     r = req("/old/x?q=1", authority="reviews:9080")
     choice = select_route(routes, r)
