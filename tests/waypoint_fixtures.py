@@ -3,9 +3,10 @@ objects, builders for the VirtualService / DestinationRule YAML each test varies
 client loops that count what a run of requests got.
 
 Owns: `SEED_VS` and `REVIEWS_DR` (the Bookinfo-style reviews route and its subsets, as the lab
-seed has them), `virtual_service` and `destination_rule` (one object's YAML around the part a
-test writes), `parsed` and `dr_policy` (that YAML parsed as the waypoint parses it),
-`statuses` and `versions` (requests through an aiohttp session, counted).
+seed has them); `virtual_service`, `destination_rule`, `gateway_route` and
+`authorization_policy` (one object's YAML around the part a test writes); `parsed` and
+`dr_policy` (that YAML parsed as the waypoint parses it); `statuses` and `versions` (requests
+through an aiohttp session, counted).
 
 Invariants: pure builders (no I/O); the builders' output parses to the same objects as
 the literal YAML the tests used to spell out (name, namespace, hosts default to ``reviews`` in
@@ -124,6 +125,37 @@ def dr_policy(traffic_policy: str) -> TrafficPolicy:
     cfg = parsed(destination_rule(f"trafficPolicy: {traffic_policy}", name="r"))
     assert [f for _r, f in cfg.findings if f.level == "Error"] == [], cfg.findings
     return cfg.destination_rules[0].policy
+
+
+ROUTE_VERSIONS = {
+    "HTTPRoute": "v1",
+    "GRPCRoute": "v1",
+    "TCPRoute": "v1alpha2",
+    "TLSRoute": "v1alpha2",
+}
+"""The Gateway API version each route kind is served at (TCPRoute/TLSRoute: experimental)."""
+
+
+def gateway_route(kind: str, spec: str, *, name: str, namespace: str = "default") -> str:
+    """A Gateway API route of `kind` (HTTPRoute, GRPCRoute, TCPRoute, TLSRoute) whose
+    ``spec`` is `spec` (parentRefs, rules; indentation free)."""
+    return (
+        f"apiVersion: gateway.networking.k8s.io/{ROUTE_VERSIONS[kind]}\nkind: {kind}\n"
+        + _metadata(name, namespace)
+        + "spec:\n"
+        + _block(spec, "  ")
+    )
+
+
+def authorization_policy(spec: str, *, name: str, namespace: str = "default") -> str:
+    """An Istio ``security.istio.io/v1`` AuthorizationPolicy whose ``spec`` is `spec`
+    (targetRefs or selector, action, rules; indentation free)."""
+    return (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        + _metadata(name, namespace)
+        + "spec:\n"
+        + _block(spec, "  ")
+    )
 
 
 async def statuses(

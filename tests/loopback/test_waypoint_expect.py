@@ -22,7 +22,7 @@ from tests.loopback.test_waypoint_harness import (
     waypoint_mesh,
 )
 from tests.loopback.test_waypoint_websocket import DENY, _H2Client
-from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS, authorization_policy
 
 
 async def _h1(path: str) -> tuple[bytes, bytes]:
@@ -41,15 +41,14 @@ async def _h1(path: str) -> tuple[bytes, bytes]:
     return first, rest
 
 
-DENY_GRPC = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-grpc, namespace: default}
-spec:
-  targetRefs: [{kind: Service, name: grpc}]
-  action: DENY
-  rules: [{to: [{operation: {paths: ["/echo.Echo/Denied"]}}]}]
-"""
+DENY_GRPC = authorization_policy(
+    """
+targetRefs: [{kind: Service, name: grpc}]
+action: DENY
+rules: [{to: [{operation: {paths: ["/echo.Echo/Denied"]}}]}]
+""",
+    name="deny-grpc",
+)
 
 
 def test_expect_100_continue_on_http1_and_http2(tmp_path: Path) -> None:

@@ -45,24 +45,24 @@ from tests.loopback.test_waypoint_harness import (
     run,
     waypoint_mesh,
 )
+from tests.waypoint_fixtures import authorization_policy
 
 APP_IP = "127.0.82.41"
 SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 WAYPOINT = "spiffe://cluster.local/ns/default/sa/waypoint"
 
-DENY = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny, namespace: default}
-spec:
-  targetRefs: [{kind: Service, group: "", name: reviews}]
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/private", "/private/*"]}}]
-  - to: [{operation: {methods: ["DELETE"]}}]
-  - to: [{operation: {hosts: ["admin.example"]}}]
-  - when: [{key: "request.headers[x-evil]", values: ["*"]}]
-"""
+DENY = authorization_policy(
+    """
+targetRefs: [{kind: Service, group: "", name: reviews}]
+action: DENY
+rules:
+- to: [{operation: {paths: ["/private", "/private/*"]}}]
+- to: [{operation: {methods: ["DELETE"]}}]
+- to: [{operation: {hosts: ["admin.example"]}}]
+- when: [{key: "request.headers[x-evil]", values: ["*"]}]
+""",
+    name="deny",
+)
 
 
 def mesh_config() -> dict[str, Any]:

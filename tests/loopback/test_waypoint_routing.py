@@ -17,6 +17,7 @@ from tests.waypoint_fixtures import (
     REVIEWS_DR,
     SEED_VS,
     destination_rule,
+    gateway_route,
     versions,
     virtual_service,
 )
@@ -285,33 +286,33 @@ def test_max_requests_per_connection_closes_upstream_connections(tmp_path: Path)
     run(main())
 
 
-HTTP_ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: reviews, namespace: default}
-spec:
-  parentRefs:
-  - {group: "", kind: Service, name: reviews, port: 9080}
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /old}}]
-    filters:
-    - type: RequestRedirect
-      requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
-  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-canary, value: "1"}]}]
-    filters:
-    - type: URLRewrite
-      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
-    - type: RequestHeaderModifier
-      requestHeaderModifier: {set: [{name: x-route, value: canary}], remove: [x-drop]}
-    backendRefs: [{name: reviews-v2, port: 9080}]
-  - matches: [{path: {type: PathPrefix, value: /}}]
-    filters:
-    - type: RequestMirror
-      requestMirror: {backendRef: {name: shadow, port: 9080}}
-    backendRefs:
-    - {name: reviews-v1, port: 9080, weight: 3}
-    - {name: reviews-v2, port: 9080, weight: 1}
-"""
+HTTP_ROUTE = gateway_route(
+    "HTTPRoute",
+    """
+parentRefs:
+- {group: "", kind: Service, name: reviews, port: 9080}
+rules:
+- matches: [{path: {type: PathPrefix, value: /old}}]
+  filters:
+  - type: RequestRedirect
+    requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}
+- matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-canary, value: "1"}]}]
+  filters:
+  - type: URLRewrite
+    urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
+  - type: RequestHeaderModifier
+    requestHeaderModifier: {set: [{name: x-route, value: canary}], remove: [x-drop]}
+  backendRefs: [{name: reviews-v2, port: 9080}]
+- matches: [{path: {type: PathPrefix, value: /}}]
+  filters:
+  - type: RequestMirror
+    requestMirror: {backendRef: {name: shadow, port: 9080}}
+  backendRefs:
+  - {name: reviews-v1, port: 9080, weight: 3}
+  - {name: reviews-v2, port: 9080, weight: 1}
+""",
+    name="reviews",
+)
 
 
 def test_gateway_api_http_route(tmp_path: Path) -> None:

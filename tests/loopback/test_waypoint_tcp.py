@@ -25,6 +25,7 @@ from tests.loopback.test_waypoint_harness import (
     run,
     waypoint_mesh,
 )
+from tests.waypoint_fixtures import authorization_policy, gateway_route
 
 REVIEWS_ID = "spiffe://cluster.local/ns/default/sa/reviews"
 
@@ -121,24 +122,22 @@ def test_server_first_protocol_after_the_detection_timeout(tmp_path: Path) -> No
     run(main())
 
 
-DENY_SLEEP = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny, namespace: default}
-spec:
-  targetRefs: [{kind: Service, name: db}]
-  action: DENY
-  rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]}]
-"""
+DENY_SLEEP = authorization_policy(
+    """
+targetRefs: [{kind: Service, name: db}]
+action: DENY
+rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]}]
+""",
+    name="deny",
+)
 
-ALLOW_HTTP_ONLY = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: allow-get, namespace: default}
-spec:
-  targetRefs: [{kind: Service, name: db}]
-  rules: [{to: [{operation: {methods: [GET]}}]}]
-"""
+ALLOW_HTTP_ONLY = authorization_policy(
+    """
+targetRefs: [{kind: Service, name: db}]
+rules: [{to: [{operation: {methods: [GET]}}]}]
+""",
+    name="allow-get",
+)
 
 
 def test_l4_policy_at_the_waypoint(tmp_path: Path) -> None:
@@ -154,24 +153,24 @@ def test_l4_policy_at_the_waypoint(tmp_path: Path) -> None:
     run(main())
 
 
-TCP_ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TCPRoute
-metadata: {name: db, namespace: default}
-spec:
-  parentRefs: [{group: "", kind: Service, name: db, port: 7000}]
-  rules: [{backendRefs: [{name: db-v2, port: 7000}]}]
-"""
+TCP_ROUTE = gateway_route(
+    "TCPRoute",
+    """
+parentRefs: [{group: "", kind: Service, name: db, port: 7000}]
+rules: [{backendRefs: [{name: db-v2, port: 7000}]}]
+""",
+    name="db",
+)
 
-TLS_ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1alpha2
-kind: TLSRoute
-metadata: {name: db-tls, namespace: default}
-spec:
-  parentRefs: [{group: "", kind: Service, name: db}]
-  hostnames: ["*.v2.example"]
-  rules: [{backendRefs: [{name: db-v2, port: 7000}]}]
-"""
+TLS_ROUTE = gateway_route(
+    "TLSRoute",
+    """
+parentRefs: [{group: "", kind: Service, name: db}]
+hostnames: ["*.v2.example"]
+rules: [{backendRefs: [{name: db-v2, port: 7000}]}]
+""",
+    name="db-tls",
+)
 
 
 def client_hello(server_name: str) -> bytes:

@@ -21,17 +21,16 @@ from tests.loopback.test_waypoint_harness import (
     run,
     waypoint_mesh,
 )
-from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS
+from tests.waypoint_fixtures import REVIEWS_DR, SEED_VS, authorization_policy
 
-DENY = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-private, namespace: default}
-spec:
-  targetRefs: [{kind: Service, name: reviews}]
-  action: DENY
-  rules: [{to: [{operation: {paths: ["/private*"]}}]}]
-"""
+DENY = authorization_policy(
+    """
+targetRefs: [{kind: Service, name: reviews}]
+action: DENY
+rules: [{to: [{operation: {paths: ["/private*"]}}]}]
+""",
+    name="deny-private",
+)
 
 
 def test_websocket_through_the_waypoint(tmp_path: Path) -> None:

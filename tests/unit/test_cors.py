@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from meshcore.config.objects import parse_objects
-from tests.waypoint_fixtures import virtual_service
+from tests.waypoint_fixtures import gateway_route, virtual_service
 from waypoint.protocol.cors import allowed_origin, is_preflight, preflight_headers, response_headers
 from waypoint.protocol.route import CompiledConfig
 
@@ -23,18 +23,18 @@ VS = virtual_service(
     name="r",
 )
 
-ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: r, namespace: default}
-spec:
-  parentRefs: [{kind: Service, name: reviews}]
-  rules:
-  - filters:
-    - type: CORS
-      cors: {allowOrigins: ["https://*.example.com"], allowMethods: [PUT]}
-    backendRefs: [{name: reviews, port: 9080}]
-"""
+ROUTE = gateway_route(
+    "HTTPRoute",
+    """
+parentRefs: [{kind: Service, name: reviews}]
+rules:
+- filters:
+  - type: CORS
+    cors: {allowOrigins: ["https://*.example.com"], allowMethods: [PUT]}
+  backendRefs: [{name: reviews, port: 9080}]
+""",
+    name="r",
+)
 
 
 def policy(text: str):  # type: ignore[no-untyped-def]

@@ -10,26 +10,27 @@ import yaml
 
 from meshcore.config.findings import check_object
 from meshcore.config.objects import parse_objects
+from tests.waypoint_fixtures import gateway_route
 from waypoint.protocol.route import CompiledConfig, RequestInfo, select_route
 from waypoint.protocol.sniff import classify, client_hello_sni
 
-GRPC_ROUTE = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata: {name: echo, namespace: default}
-spec:
-  parentRefs: [{group: "", kind: Service, name: grpc, port: 50051}]
-  rules:
-  - matches: [{method: {service: pkg.Echo, method: Fail}}]
-    backendRefs: [{name: grpc-v2, port: 50051}]
-  - matches: [{method: {service: pkg.Admin}}]
-    backendRefs: [{name: grpc-admin, port: 50051}]
-  - matches: [{method: {method: Health}, headers: [{name: x-canary, value: "1"}]}]
-    backendRefs: [{name: grpc-canary, port: 50051}]
-  - matches: [{method: {type: RegularExpression, service: "pkg\\\\.E.*", method: "M[a-z]+"}}]
-    backendRefs: [{name: grpc-regex, port: 50051}]
-  - backendRefs: [{name: grpc, port: 50051}]
-"""
+GRPC_ROUTE = gateway_route(
+    "GRPCRoute",
+    """
+parentRefs: [{group: "", kind: Service, name: grpc, port: 50051}]
+rules:
+- matches: [{method: {service: pkg.Echo, method: Fail}}]
+  backendRefs: [{name: grpc-v2, port: 50051}]
+- matches: [{method: {service: pkg.Admin}}]
+  backendRefs: [{name: grpc-admin, port: 50051}]
+- matches: [{method: {method: Health}, headers: [{name: x-canary, value: "1"}]}]
+  backendRefs: [{name: grpc-canary, port: 50051}]
+- matches: [{method: {type: RegularExpression, service: "pkg\\\\.E.*", method: "M[a-z]+"}}]
+  backendRefs: [{name: grpc-regex, port: 50051}]
+- backendRefs: [{name: grpc, port: 50051}]
+""",
+    name="echo",
+)
 
 
 def pick(cfg: CompiledConfig, path: str, **headers: str) -> str:
