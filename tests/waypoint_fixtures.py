@@ -4,7 +4,8 @@ client loops that count what a run of requests got.
 
 Owns: `SEED_VS` and `REVIEWS_DR` (the Bookinfo-style reviews route and its subsets, as the lab
 seed has them); `virtual_service`, `destination_rule`, `gateway_route` and
-`authorization_policy` (one object's YAML around the part a test writes); `parsed` and
+`authorization_policy` (one object's YAML around the part a test writes), `jwt_required`
+(a RequestAuthentication and the policy that requires its tokens); `parsed` and
 `dr_policy` (that YAML parsed as the waypoint parses it); `statuses` and `versions` (requests
 through an aiohttp session, counted).
 
@@ -156,6 +157,25 @@ def authorization_policy(spec: str, *, name: str, namespace: str = "default") ->
         + "spec:\n"
         + _block(spec, "  ")
     )
+
+
+def jwt_required(jwt_rules: str, *, paths: str, name: str = "jwt", extra_rules: str = "") -> str:
+    """A RequestAuthentication `name` for the reviews Service with `jwt_rules` (the YAML list
+    of ``spec.jwtRules``) and the AuthorizationPolicy ``require-<name>`` that denies requests
+    to `paths` (a YAML list) without a request principal, plus `extra_rules` (YAML list items)."""
+    targets = "targetRefs: [{kind: Service, name: reviews}]\n"
+    authn = (
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        + _metadata(name, "default")
+        + "spec:\n"
+        + _block(targets + "jwtRules:\n" + _block(jwt_rules, "  "), "  ")
+    )
+    deny = (
+        f"{targets}action: DENY\nrules:\n"
+        '- from: [{source: {notRequestPrincipals: ["*"]}}]\n'
+        f"  to: [{{operation: {{paths: {paths}}}}}]\n" + textwrap.dedent(extra_rules).strip("\n")
+    )
+    return authn + "---\n" + authorization_policy(deny, name=f"require-{name}")
 
 
 async def statuses(

@@ -15,6 +15,7 @@ from aiohttp import web
 from meshcore.jose import b64url_decode
 from tests.jwtfixtures import jwk, jwks, mint, new_key
 from tests.loopback.test_waypoint_harness import REVIEWS, run, waypoint_mesh
+from tests.waypoint_fixtures import jwt_required
 from waypoint.jwks import JwksCache
 
 ISS = "https://issuer.example"
@@ -40,37 +41,24 @@ def claims(iss: str = ISS, **kw: Any) -> dict[str, Any]:
 
 def policies() -> str:
     inline = jwks(jwk(RSA, "rsa-1"))
-    return f"""
-apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata: {{name: jwt, namespace: default}}
-spec:
-  targetRefs: [{{kind: Service, name: reviews}}]
-  jwtRules:
-  - issuer: {ISS}
-    audiences: [reviews]
-    jwks: '{inline}'
-    outputPayloadToHeader: x-jwt-payload
-  - issuer: {REMOTE_ISS}
-    jwksUri: http://{JWKS_IP}:{JWKS_PORT}/jwks.json
-    fromHeaders: [{{name: x-token}}]
-  - issuer: {DEAD_ISS}
-    jwksUri: http://{JWKS_IP}:{JWKS_PORT + 1}/jwks.json
-    fromHeaders: [{{name: x-dead}}]
-    timeout: 1s
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: require-jwt, namespace: default}}
-spec:
-  targetRefs: [{{kind: Service, name: reviews}}]
-  action: DENY
-  rules:
-  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
-    to: [{{operation: {{paths: ["/private*"]}}}}]
-  - to: [{{operation: {{paths: ["/ops*"]}}}}]
-    when: [{{key: "request.auth.claims[groups]", notValues: [ops]}}]
+    rules = f"""
+- issuer: {ISS}
+  audiences: [reviews]
+  jwks: '{inline}'
+  outputPayloadToHeader: x-jwt-payload
+- issuer: {REMOTE_ISS}
+  jwksUri: http://{JWKS_IP}:{JWKS_PORT}/jwks.json
+  fromHeaders: [{{name: x-token}}]
+- issuer: {DEAD_ISS}
+  jwksUri: http://{JWKS_IP}:{JWKS_PORT + 1}/jwks.json
+  fromHeaders: [{{name: x-dead}}]
+  timeout: 1s
 """
+    ops = """
+- to: [{operation: {paths: ["/ops*"]}}]
+  when: [{key: "request.auth.claims[groups]", notValues: [ops]}]
+"""
+    return jwt_required(rules, paths='["/private*"]', extra_rules=ops)
 
 
 async def jwks_server(hits: list[int]) -> web.AppRunner:

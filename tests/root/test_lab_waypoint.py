@@ -37,6 +37,7 @@ from ambientctl.lab.demo_waypoint import (
 )
 from ambientctl.lab.lab import XDS_ADDRESS, Lab
 from tests.jwtfixtures import jwk, jwks, mint, new_key
+from tests.waypoint_fixtures import jwt_required
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -195,24 +196,8 @@ def test_waypoint_through_the_control_plane(lab: Lab) -> None:
 
 
 def _jwt_policies(jwks_text: str) -> str:
-    return f"""
-apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata: {{name: jwt, namespace: default}}
-spec:
-  targetRefs: [{{kind: Service, name: reviews}}]
-  jwtRules: [{{issuer: "https://issuer.lab", jwks: '{jwks_text}'}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: require-jwt, namespace: default}}
-spec:
-  targetRefs: [{{kind: Service, name: reviews}}]
-  action: DENY
-  rules:
-  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
-    to: [{{operation: {{paths: ["/secure*"]}}}}]
-"""
+    rules = f"""[{{issuer: "https://issuer.lab", jwks: '{jwks_text}'}}]"""
+    return jwt_required(rules, paths='["/secure*"]')
 
 
 def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None:
@@ -325,24 +310,7 @@ def _client(lab: Lab, *args: str) -> dict[str, Any]:
 
 
 def _oidc_policies(issuer: str) -> str:
-    return f"""
-apiVersion: security.istio.io/v1
-kind: RequestAuthentication
-metadata: {{name: oidc, namespace: default}}
-spec:
-  targetRefs: [{{kind: Service, name: reviews}}]
-  jwtRules: [{{issuer: "{issuer}"}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: require-oidc, namespace: default}}
-spec:
-  targetRefs: [{{kind: Service, name: reviews}}]
-  action: DENY
-  rules:
-  - from: [{{source: {{notRequestPrincipals: ["*"]}}}}]
-    to: [{{operation: {{paths: ["/secure*"]}}}}]
-"""
+    return jwt_required(f'[{{issuer: "{issuer}"}}]', paths='["/secure*"]', name="oidc")
 
 
 def test_issue17_l7_features_through_the_lab_waypoint(lab: Lab, tmp_path: Path) -> None:
