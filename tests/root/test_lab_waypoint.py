@@ -37,7 +37,7 @@ from ambientctl.lab.demo_waypoint import (
 )
 from ambientctl.lab.lab import XDS_ADDRESS, Lab
 from tests.jwtfixtures import jwk, jwks, mint, new_key
-from tests.waypoint_fixtures import jwt_required
+from tests.waypoint_fixtures import destination_rule, jwt_required, virtual_service
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -245,48 +245,44 @@ def test_jwt_rate_limit_and_the_resilience_set(lab: Lab, tmp_path: Path) -> None
 
 L7_CLIENT = Path(__file__).with_name("lab_l7_client.py")
 
-COOKIE_AND_MIRROR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer:
-      consistentHash:
-        httpCookie: {name: session, ttl: 60s, path: /}
-        maglev: {tableSize: 65537}
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews-l7, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match: [{uri: {prefix: /mirror}}]
-    route: [{destination: {host: reviews, subset: v1}}]
-    mirror: {host: reviews, subset: v2}
-    mirrorPercentage: {value: 100}
-  - route: [{destination: {host: reviews}}]
+SUBSETS = """
+subsets:
+- {name: v1, labels: {version: v1}}
+- {name: v2, labels: {version: v2}}
 """
+COOKIE_AND_MIRROR = (
+    destination_rule(
+        """
+trafficPolicy:
+  loadBalancer:
+    consistentHash:
+      httpCookie: {name: session, ttl: 60s, path: /}
+      maglev: {tableSize: 65537}
+"""
+        + SUBSETS
+    )
+    + "---\n"
+    + virtual_service(
+        """
+- match: [{uri: {prefix: /mirror}}]
+  route: [{destination: {host: reviews, subset: v1}}]
+  mirror: {host: reviews, subset: v2}
+  mirrorPercentage: {value: 100}
+- route: [{destination: {host: reviews}}]
+""",
+        name="reviews-l7",
+    )
+)
 
-LOCALITY_DR = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews
-  trafficPolicy:
-    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 120s,
-                       maxEjectionPercent: 100}
-    loadBalancer: {localityLbSetting: {enabled: true}}
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
+LOCALITY_DR = destination_rule(
+    """
+trafficPolicy:
+  outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 120s,
+                     maxEjectionPercent: 100}
+  loadBalancer: {localityLbSetting: {enabled: true}}
 """
+    + SUBSETS
+)
 
 
 def _nodes(zones: dict[str, str]) -> str:
