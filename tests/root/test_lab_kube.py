@@ -48,6 +48,11 @@ ECHO = "spiffe://cluster.local/ns/demo/sa/echo"
 REVIEWS = "spiffe://cluster.local/ns/demo/sa/reviews"
 
 
+def client(lab: KubeLab) -> str:
+    """The demo client pod's name."""
+    return str(lab.pods("demo", "app=client")[0]["metadata"]["name"])
+
+
 def call_echo(lab: KubeLab, message: str) -> str:
     out = KubeFlow(lab).call_echo(message)
     assert out is not None, "the client's call to echo failed"
