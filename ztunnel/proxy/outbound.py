@@ -136,7 +136,8 @@ class OutboundConnection(TcpSide):
     ) -> None:
         ctx = self.ctx
         source = plan.source_identity
-        assert source is not None and plan.authority is not None
+        assert source is not None
+        assert plan.authority is not None
         source_ip, transparent = ctx.source_binding(src_ip)
         key = PoolKey(
             source=source,
@@ -177,7 +178,8 @@ class OutboundConnection(TcpSide):
         is not redirected back to us). Authorization is evaluated exactly as for HBONE, with
         the source workload's identity, which this proxy itself vouches for."""
         ctx = self.ctx
-        assert plan.authority is not None and plan.destination_workload is not None
+        assert plan.authority is not None
+        assert plan.destination_workload is not None
         dst_ip, dst_port = parse_authority(plan.authority)
         dest_rec = ConnectionRecord(
             direction="inbound",
