@@ -422,31 +422,14 @@ class Http1Parser:
         while True:
             st = self._state
             if st is _State.CHUNK_SIZE:
-                eol = self._buf.find(b"\r\n")
-                if eol < 0:
-                    if len(self._buf) > MAX_CHUNK_LINE:
-                        raise self._fail("chunk size line too long")
+                line = self._line(MAX_CHUNK_LINE, "chunk size line too long")
+                if line is None:
                     return self._need_more()
-                line = bytes(self._buf[:eol])
-                del self._buf[: eol + 2]
-                m = _CHUNK_SIZE.fullmatch(line)
-                if m is None:
-                    raise self._fail(f"bad chunk size line {line[:20]!r}")
-                size = int(m.group(1), 16)
-                if size == 0:
-                    self._state = _State.TRAILERS
-                else:
-                    self._state, self._remaining = _State.CHUNK_DATA, size
+                self._chunk_size(line)
             elif st is _State.CHUNK_DATA:
                 if not self._buf:
                     return self._need_more()
-                n = min(self._remaining, len(self._buf))
-                data = bytes(self._buf[:n])
-                del self._buf[:n]
-                self._remaining -= n
-                if self._remaining == 0:
-                    self._state = _State.CHUNK_CRLF
-                return Body(data)
+                return self._chunk_data()
             elif st is _State.CHUNK_CRLF:
                 if len(self._buf) < 2:
                     return self._need_more()
@@ -455,24 +438,55 @@ class Http1Parser:
                 del self._buf[:2]
                 self._state = _State.CHUNK_SIZE
             else:  # TRAILERS
-                eol = self._buf.find(b"\r\n")
-                if eol < 0:
-                    if len(self._buf) > self.max_head:
-                        raise self._fail("trailer section too large")
+                line = self._line(self.max_head, "trailer section too large")
+                if line is None:
                     return self._need_more()
-                line = bytes(self._buf[:eol])
-                del self._buf[: eol + 2]
                 if not line:
                     return self._end(tuple(self._trailers))
-                self._trailer_bytes += len(line) + 2
-                if self._trailer_bytes > self.max_head:
-                    raise self._fail("trailer section too large")
-                if len(self._trailers) >= MAX_HEADERS:
-                    raise HttpParseError(
-                        f"more than {MAX_HEADERS} trailer fields",
-                        431 if self._request_role else 502,
-                    )
-                self._trailers.extend(self._fields([line]))
+                self._trailer(line)
+
+    def _line(self, limit: int, too_long: str) -> bytes | None:
+        """The next CRLF-terminated line, consumed without its CRLF; None while it is
+        incomplete, an error once the incomplete line is past `limit`."""
+        eol = self._buf.find(b"\r\n")
+        if eol < 0:
+            if len(self._buf) > limit:
+                raise self._fail(too_long)
+            return None
+        line = bytes(self._buf[:eol])
+        del self._buf[: eol + 2]
+        return line
+
+    def _chunk_size(self, line: bytes) -> None:
+        m = _CHUNK_SIZE.fullmatch(line)
+        if m is None:
+            raise self._fail(f"bad chunk size line {line[:20]!r}")
+        size = int(m.group(1), 16)
+        if size == 0:
+            self._state = _State.TRAILERS
+        else:
+            self._state, self._remaining = _State.CHUNK_DATA, size
+
+    def _chunk_data(self) -> Body:
+        n = min(self._remaining, len(self._buf))
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._remaining -= n
+        if self._remaining == 0:
+            self._state = _State.CHUNK_CRLF
+        return Body(data)
+
+    def _trailer(self, line: bytes) -> None:
+        """One trailer field line (RFC 9112 §7.1.2), bounded like a head."""
+        self._trailer_bytes += len(line) + 2
+        if self._trailer_bytes > self.max_head:
+            raise self._fail("trailer section too large")
+        if len(self._trailers) >= MAX_HEADERS:
+            raise HttpParseError(
+                f"more than {MAX_HEADERS} trailer fields",
+                431 if self._request_role else 502,
+            )
+        self._trailers.extend(self._fields([line]))
 
     def _need_more(self) -> Event | None:
         if self._eof:

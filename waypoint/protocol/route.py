@@ -102,6 +102,11 @@ def match_request(m: RouteMatch, req: RequestInfo) -> bool:
         return False
     if m.port is not None and m.port != req.port:
         return False
+    return _fields_match(m, req) and _source_matches(m, req)
+
+
+def _fields_match(m: RouteMatch, req: RequestInfo) -> bool:
+    """The header, absent-header and query parameter conditions of `m`."""
     for name, sm in m.headers:
         if not sm.matches(req.authority if name in (":authority", "host") else req.header(name)):
             return False
@@ -113,6 +118,11 @@ def match_request(m: RouteMatch, req: RequestInfo) -> bool:
         for name, sm in m.query_params:
             if not sm.matches(params.get(name)):
                 return False
+    return True
+
+
+def _source_matches(m: RouteMatch, req: RequestInfo) -> bool:
+    """`sourceLabels` and `sourceNamespace` of `m` against the calling workload."""
     if m.source_labels and not all(req.source_labels.get(k) == v for k, v in m.source_labels):
         return False
     return not (m.source_namespace is not None and m.source_namespace != req.source_namespace)
