@@ -243,28 +243,36 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             req.body = RawBody(io, reader.parser.take_buffered())
         down = H1Downstream(io, head, upgrade)
         await handler.serve(req, down, tunnel)
-        if down.upgraded:
-            io.close()
+        if not await _reusable(io, down, req, body):
             return
-        if upgrade is not None and not down.was_reset:
-            # Not switched (denied, or the app said no): the client's later bytes were handed to
-            # the upgrade, so the connection ends here.
-            io.write_eof()
-            return
-        if down.was_reset or io.was_reset:
-            return
-        if not down.head_sent:  # cannot happen: serve always answers or resets
-            io.reset()
-            return
-        if req.expect_continue and not down.continued and body is not None and not body.finished:
-            # Answered without 100 Continue (denied, or a local reply): the client may or may
-            # not send its body now (RFC 9110 §10.1.1), so the connection cannot be reused.
-            down.keep_alive = False
-        elif body is not None and (body.failed or (not body.finished and not await _drain(body))):
-            down.keep_alive = False
-        if not down.keep_alive:
-            io.write_eof()
-            return
+
+
+async def _reusable(io: TunnelIO, down: H1Downstream, req: Request, body: H1Body | None) -> bool:
+    """After the response: whether the connection carries another request. When it does not,
+    it has been ended here (closed, half-closed or reset as the exchange requires)."""
+    if down.upgraded:
+        io.close()
+        return False
+    if down.upgrade_ok is not None and not down.was_reset:
+        # Not switched (denied, or the app said no): the client's later bytes were handed to
+        # the upgrade, so the connection ends here.
+        io.write_eof()
+        return False
+    if down.was_reset or io.was_reset:
+        return False
+    if not down.head_sent:  # cannot happen: serve always answers or resets
+        io.reset()
+        return False
+    if req.expect_continue and not down.continued and body is not None and not body.finished:
+        # Answered without 100 Continue (denied, or a local reply): the client may or may
+        # not send its body now (RFC 9110 §10.1.1), so the connection cannot be reused.
+        down.keep_alive = False
+    elif body is not None and (body.failed or (not body.finished and not await _drain(body))):
+        down.keep_alive = False
+    if not down.keep_alive:
+        io.write_eof()
+        return False
+    return True
 
 
 async def _drain(body: H1Body) -> bool:
