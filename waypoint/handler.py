@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
@@ -86,7 +88,7 @@ from waypoint.protocol.route import (
 from waypoint.protocol.trace import next_traceparent
 from waypoint.ratelimit import check_rate_limit, limited_downstream
 from waypoint.tunnel import Tunnel
-from waypoint.upstream import UpstreamResponse, Upstreams
+from waypoint.upstream import UpstreamRequest, UpstreamResponse, Upstreams
 
 log = logging.getLogger("waypoint")
 
@@ -142,6 +144,19 @@ def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
     return next((v for k, v in headers if k == "grpc-status"), None)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Exchange:
+    """One request being served, as every step after `serve` reads it; built once per request.
+    The `Downstream` travels beside it: rate limiting and CORS may wrap it on the way."""
+
+    req: Request
+    tunnel: Tunnel
+    rec: RequestRecord
+    """Its telemetry record, filled in as the steps go."""
+    replay: ReplayBody
+    """Its body, kept for retries and mirrors."""
+
+
 class Handler:
     def __init__(self, ctx: WaypointContext, upstreams: dict[str, Upstreams]) -> None:
         self.ctx = ctx
@@ -174,7 +189,7 @@ class Handler:
         rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
             self._sanitize(req, tunnel)
-            await self._serve(req, down, tunnel, rec, replay)
+            await self._serve(_Exchange(req=req, tunnel=tunnel, rec=rec, replay=replay), down)
         except WaypointError as err:
             rec.status = err.status
             rec.flags = err.flag
@@ -314,15 +329,11 @@ class Handler:
             destination_ip=tunnel.target_ip,
         )
 
-    async def _serve(
-        self,
-        req: Request,
-        down: Downstream,
-        tunnel: Tunnel,
-        rec: RequestRecord,
-        replay: ReplayBody,
-    ) -> None:
+    async def _serve(self, ex: _Exchange, down: Downstream) -> None:
         ctx = self.ctx
+        req = ex.req
+        tunnel = ex.tunnel
+        rec = ex.rec
         try:
             norm = normalize_target(req.target, ctx.settings.path_policy)
         except RequestRejected as err:
@@ -405,7 +416,7 @@ class Handler:
 
         # 5. destination.
         dest = pick_destination(route.destinations, ctx.rng)
-        await self._forward(req, down, tunnel, rec, replay, info, choice, dest)
+        await self._forward(ex, down, info, choice, dest)
 
     async def _direct(
         self, down: Downstream, req: Request, status: int, body: str, rec: RequestRecord
@@ -456,18 +467,17 @@ class Handler:
 
     async def _forward(
         self,
-        req: Request,
+        ex: _Exchange,
         down: Downstream,
-        tunnel: Tunnel,
-        rec: RequestRecord,
-        replay: ReplayBody,
         info: RequestInfo,
         choice: RouteChoice,
         dest: Destination,
     ) -> None:
         ctx = self.ctx
+        req = ex.req
+        rec = ex.rec
         route = choice.route
-        svc, wl, port = self._destination(dest, tunnel)
+        svc, wl, port = self._destination(dest, ex.tunnel)
         if svc is not None:
             cluster = ctx.cluster(svc, dest.subset, port)
         else:
@@ -478,21 +488,25 @@ class Handler:
             if route.rewrite and route.rewrite.authority
             else (req.authority)
         )
-        headers = self._request_headers(req, route, dest, rec)
+        up = UpstreamRequest(
+            req=req,
+            target=target,
+            authority=authority,
+            headers=self._request_headers(req, route, dest, rec),
+            replay=ex.replay,
+        )
         key: bytes | None = None
         set_cookie: str | None = None
         ch = cluster.policy.hash
         if ch is not None:  # consistentHash: one key for every try
-            key = hash_key(ch, headers, target, rec.source_ip)
+            key = hash_key(ch, up.headers, target, rec.source_ip)
             if key is None and ch.cookie and ch.cookie_ttl is not None:
                 key, set_cookie = hash_cookie(ch, ctx.rng)  # Envoy generates the cookie
         if req.expect_continue:
             await down.send_continue()
         for mirror in route.mirrors:
             if ctx.rng.random() * 100 < mirror.percent:
-                self._start_mirror(
-                    req, mirror.destination, tunnel, target, authority, headers, replay
-                )
+                self._start_mirror(up, mirror.destination, ex.tunnel)
 
         # 5b. connection-pool admission for the whole request (not per try); waiting for a
         # slot counts against the route timeout.
@@ -501,12 +515,10 @@ class Handler:
             async with _timeout(route.timeout):
                 await self._admit(cluster)
                 admitted = True
-                resp = await self._tries(
-                    req, rec, cluster, route.retries, target, authority, headers, replay, key
-                )
+                resp = await self._tries(up, rec, cluster, route.retries, key)
                 if set_cookie is not None:
                     resp.headers = [*resp.headers, ("set-cookie", set_cookie)]
-                await self._respond(resp, down, rec, route, dest, req)
+                await self._respond(resp, down, rec, route, dest)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
         finally:
@@ -559,17 +571,15 @@ class Handler:
 
     async def _tries(
         self,
-        req: Request,
+        up: UpstreamRequest,
         rec: RequestRecord,
         cluster: Cluster,
         policy: RetryPolicy,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        replay: ReplayBody,
         key: bytes | None = None,
     ) -> UpstreamResponse:
         ctx = self.ctx
+        req = up.req
+        replay = up.replay
         upstream = self.upstreams[req.protocol]
         avoid: list[str] = []
         tried: tuple[int, ...] = ()  # locality priorities tried (retryRemoteLocalities)
@@ -590,15 +600,7 @@ class Handler:
             resp: UpstreamResponse | None = None
             try:
                 async with _timeout(policy.per_try_timeout):
-                    resp = await upstream.send(
-                        req,
-                        ep,
-                        target=target,
-                        authority=authority,
-                        headers=headers,
-                        replay=replay,
-                        connect_timeout=cluster.policy.pool.connect_timeout,
-                    )
+                    resp = await upstream.send(up, ep, cluster.policy.pool.connect_timeout)
                 outcome = resp.status
                 error = UpstreamProtocolError("unreachable")
             except TimeoutError:
@@ -655,7 +657,6 @@ class Handler:
         rec: RequestRecord,
         route: HttpRoute,
         dest: Destination,
-        req: Request,
     ) -> None:
         try:
             rec.status = resp.status
@@ -665,7 +666,6 @@ class Handler:
             if not dest.response_headers.empty:
                 headers = dest.response_headers.apply(headers)
             grpc = _grpc_status(headers)
-            no_body = req.method == "HEAD" or resp.status in (204, 304)
             await down.send_head(
                 resp.status, headers, content_length=resp.content_length, end=False
             )
@@ -674,7 +674,6 @@ class Handler:
             rec.response_bytes = resp.body_bytes
             grpc = grpc or _grpc_status(resp.trailers)
             rec.grpc_status = grpc or ""
-            del no_body
             await down.send_end(forwardable_trailers(resp.trailers))
         except WaypointError:
             raise
@@ -683,16 +682,7 @@ class Handler:
 
     # ---- mirrors ---------------------------------------------------------------------------
 
-    def _start_mirror(
-        self,
-        req: Request,
-        dest: Destination,
-        tunnel: Tunnel,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        replay: ReplayBody,
-    ) -> None:
+    def _start_mirror(self, up: UpstreamRequest, dest: Destination, tunnel: Tunnel) -> None:
         """Start a copy now, streaming: the tap is registered before the primary reads a byte
         of the body. Bounded: at most `MAX_MIRRORS` copies in flight (more are skipped)."""
         counts = self.ctx.metrics.mirrors
@@ -701,29 +691,20 @@ class Handler:
             log.info("mirror to %s skipped: %d mirrors in flight", dest.host, len(self.mirrors))
             return
         body: BodySource = EmptyBody()
-        if req.has_body:
-            tap = replay.tap(MIRROR_BUFFER, self.mirror_budget)
+        if up.req.has_body:
+            tap = up.replay.tap(MIRROR_BUFFER, self.mirror_budget)
             if tap is None:
                 counts.labels("skipped").inc()
                 return
             body = tap
-        task = asyncio.get_running_loop().create_task(
-            self._mirror(req, dest, tunnel, target, authority, headers, body)
-        )
+        task = asyncio.get_running_loop().create_task(self._mirror(up, dest, tunnel, body))
         if isinstance(body, MirrorTap):
             body.on_drop = functools.partial(_cancel, task)
         self.mirrors.add(task)
         task.add_done_callback(self.mirrors.discard)
 
     async def _mirror(
-        self,
-        req: Request,
-        dest: Destination,
-        tunnel: Tunnel,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        body: BodySource,
+        self, up: UpstreamRequest, dest: Destination, tunnel: Tunnel, body: BodySource
     ) -> None:
         """Fire and forget: the copy streams as the primary reads the body (`MirrorTap`: a
         mirror that falls `MIRROR_BUFFER` bytes behind is dropped, never waited for); the
@@ -739,19 +720,13 @@ class Handler:
             ep = cluster.pick(self._loop_time(), self.ctx.rng)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")
+            authority = up.authority
             host, sep, p = authority.rpartition(":")
             shadow = f"{host}-shadow:{p}" if sep and p.isdigit() else f"{authority}-shadow"
-            copy = ReplayBody(body, 0)  # nothing kept: a mirror is never retried
+            # Nothing kept of the body: a mirror is never retried.
+            copy = dataclasses.replace(up, authority=shadow, replay=ReplayBody(body, 0))
             async with asyncio.timeout(MIRROR_TIMEOUT):
-                resp = await self.upstreams[req.protocol].send(
-                    req,
-                    ep,
-                    target=target,
-                    authority=shadow,
-                    headers=headers,
-                    replay=copy,
-                    connect_timeout=5.0,
-                )
+                resp = await self.upstreams[up.req.protocol].send(copy, ep, 5.0)
                 try:
                     while await resp.read():
                         pass

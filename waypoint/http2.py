@@ -60,7 +60,7 @@ from waypoint.protocol.hygiene import MAX_HEADERS_BYTES, forwardable_trailers
 from waypoint.tunnel import Tunnel, TunnelIO
 from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
 from waypoint.upgrade import UPGRADES
-from waypoint.upstream import EndpointKey, UpstreamPool
+from waypoint.upstream import EndpointKey, UpstreamPool, UpstreamRequest
 
 log = logging.getLogger("waypoint.h2")
 
@@ -620,28 +620,21 @@ class H2Upstreams:
         return session
 
     async def send(
-        self,
-        req: Request,
-        ep: EndpointStats,
-        *,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        replay: ReplayBody,
-        connect_timeout: float,
+        self, up: UpstreamRequest, ep: EndpointStats, connect_timeout: float
     ) -> H2Response:
         key = EndpointKey(ep.ip, ep.port, ep.identity)
         session = await self._connection(key, connect_timeout)
+        req = up.req
         block = [
             (":method", req.method),
             (":scheme", req.scheme or "http"),
-            (":authority", authority),
-            (":path", target),
-            *forwardable(headers),
+            (":authority", up.authority),
+            (":path", up.target),
+            *forwardable(up.headers),
         ]
         if req.content_length is not None:
             block.append(("content-length", str(req.content_length)))
-        return await session.request(block, replay, req.has_body)
+        return await session.request(block, up.replay, req.has_body)
 
     def close_all(self) -> None:
         for conns in self._conns.values():

@@ -28,13 +28,13 @@ from collections.abc import Sequence
 
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import PoolKey
-from waypoint.body import ReplayBody, Request
+from waypoint.body import ReplayBody
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamReset
 from waypoint.protocol import http1
 from waypoint.protocol.cluster import EndpointStats
 from waypoint.tunnel import TunnelIO
-from waypoint.upstream import HBONE_PORT, UpstreamPool
+from waypoint.upstream import HBONE_PORT, UpstreamPool, UpstreamRequest
 
 PROTOCOL = "http/1.1-upgrade"
 """`Request.protocol` of an upgrade request (selects `UpgradeUpstreams` in the handler)."""
@@ -160,22 +160,20 @@ class UpgradeUpstreams:
             raise UpstreamConnectError(f"HBONE to {ep.ip}: {err or type(err).__name__}") from err
         return up
 
-    async def send(  # noqa: PLR0913 - the handler's Upstreams protocol
-        self,
-        req: Request,
-        ep: EndpointStats,
-        *,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        replay: ReplayBody,
-        connect_timeout: float,
+    async def send(
+        self, request: UpstreamRequest, ep: EndpointStats, connect_timeout: float
     ) -> _Response:
+        req = request.req
         up = await self._open(ep, connect_timeout)
         upgrade = req.extra.get("upgrade", "websocket")
-        head = [("host", authority), *headers, ("connection", "upgrade"), ("upgrade", upgrade)]
+        head = [
+            ("host", request.authority),
+            *request.headers,
+            ("connection", "upgrade"),
+            ("upgrade", upgrade),
+        ]
         try:
-            up.write(http1.encode_request_head(req.method, target, head))
+            up.write(http1.encode_request_head(req.method, request.target, head))
             await up.drain()
             parser = http1.Http1Parser(http1.Role.RESPONSE)
             parser.expect_response_to(req.method)
@@ -202,7 +200,7 @@ class UpgradeUpstreams:
         pump = None
         if ev.status == 101:
             self.upgraded += 1
-            pump = asyncio.ensure_future(_pump(replay, up))
+            pump = asyncio.ensure_future(_pump(request.replay, up))
         return _Response(ev, parser, up, pump)
 
 

@@ -2,7 +2,8 @@
 WAYPOINT's identity, through the endpoint's node proxy (:authority ``endpoint_ip:target_port``).
 
 Owns: the `Upstreams` interface the handler sends a request through (one per protocol: this
-module's for HTTP/1.1, `waypoint.http2` and `waypoint.upgrade` for the others) and the
+module's for HTTP/1.1, `waypoint.http2` and `waypoint.upgrade` for the others), the
+`UpstreamRequest` it sends (built once per request, the same for every try) and the
 `UpstreamResponse` it gets back; `UpstreamPool` (idle HTTP/1.1 connections per endpoint, each one
 HBONE CONNECT stream on a pooled mTLS connection from `meshcore.hbone.pool.HbonePool`),
 `H1Exchange` (one request written and its response read, bodies streamed), and the mapping of
@@ -69,19 +70,26 @@ class UpstreamResponse(Protocol):
     def finish(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamRequest:
+    """A request as it goes upstream: built once per request by the handler, and sent as is by
+    every try (a mirror sends a copy with its own authority and body)."""
+
+    req: Request
+    target: str
+    """The (rewritten) origin-form target."""
+    authority: str
+    headers: list[tuple[str, str]]
+    """Forwarded fields: no pseudo-headers, no host, no framing."""
+    replay: ReplayBody
+    """The body, replayable for retries within its buffer."""
+
+
 class Upstreams(Protocol):
     """What the handler needs from the upstream side (per protocol)."""
 
     async def send(
-        self,
-        req: Request,
-        ep: EndpointStats,
-        *,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        replay: ReplayBody,
-        connect_timeout: float,
+        self, up: UpstreamRequest, ep: EndpointStats, connect_timeout: float
     ) -> UpstreamResponse: ...
 
 
@@ -194,11 +202,11 @@ class UpstreamPool:
         clock: Callable[[], float],
         idle_timeout: float = 60.0,
         max_idle_per_endpoint: int = 64,
-        source_ip: str | None = None,
     ) -> None:
         self.hbone = hbone
-        self.source_ip = source_ip
-        """Bind upstream connections to the waypoint's own address (what node proxies see)."""
+        self.source_ip: str | None = None
+        """Bind upstream connections to the waypoint's own address (what node proxies see; set
+        once the waypoint knows its bound address)."""
         self.identity = identity
         self.clock = clock
         self.idle_timeout = idle_timeout
@@ -281,47 +289,32 @@ class UpstreamPool:
         self._idle.clear()
 
     async def request_h1(
-        self,
-        ep: EndpointStats,
-        *,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[str, str]],
-        body: Callable[[], AsyncIterator[bytes]],
-        has_body: bool,
-        content_length: int | None,
-        replayable: Callable[[], bool],
-        connect_timeout: float,
+        self, up: UpstreamRequest, ep: EndpointStats, connect_timeout: float
     ) -> H1Response:
         """Send one request and wait for its response head (1xx heads are skipped)."""
         key = EndpointKey(ep.ip, ep.port, ep.identity)
+        headers = [("host", up.authority), *up.headers]
         conn = self._take_idle(key)
         reused = conn is not None
         if conn is None:
             conn = await self._open(key, connect_timeout)
         self._limit(conn, ep)
         try:
-            return await self._exchange(
-                conn, method, target, headers, body(), has_body, content_length
-            )
+            return await self._exchange(conn, up, headers)
         except UpstreamReset:
-            if not reused or not replayable():
+            if not reused or not up.replay.replayable:
                 raise
         # The idle connection died under us before any response byte: once more, fresh.
         conn = await self._open(key, connect_timeout)
         self._limit(conn, ep)
-        return await self._exchange(conn, method, target, headers, body(), has_body, content_length)
+        return await self._exchange(conn, up, headers)
 
     async def _exchange(
-        self,
-        conn: H1Conn,
-        method: str,
-        target: str,
-        headers: Sequence[tuple[str, str]],
-        body: AsyncIterator[bytes],
-        has_body: bool,
-        content_length: int | None,
+        self, conn: H1Conn, up: UpstreamRequest, headers: Sequence[tuple[str, str]]
     ) -> H1Response:
+        """`up` on `conn`, with `headers` (host included) as its field section."""
+        method, target = up.req.method, up.target
+        has_body, content_length = up.req.has_body, up.req.content_length
         conn.requests += 1
         framing: list[tuple[str, str]] = []
         chunked = False
@@ -344,7 +337,7 @@ class UpstreamPool:
                 raise
             return H1Response(self, conn, head_ev, None, keep_alive_request=True)
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(_pump_body(conn.io, body, chunked))
+        pump = loop.create_task(_pump_body(conn.io, up.replay.iterate(), chunked))
         head = loop.create_task(self._read_head(conn))
         try:
             await asyncio.wait((head, pump), return_when=asyncio.FIRST_COMPLETED)
@@ -387,24 +380,6 @@ class H1Upstreams:
         self.pool = pool
 
     async def send(
-        self,
-        req: Request,
-        ep: EndpointStats,
-        *,
-        target: str,
-        authority: str,
-        headers: list[tuple[str, str]],
-        replay: ReplayBody,
-        connect_timeout: float,
+        self, up: UpstreamRequest, ep: EndpointStats, connect_timeout: float
     ) -> H1Response:
-        return await self.pool.request_h1(
-            ep,
-            method=req.method,
-            target=target,
-            headers=[("host", authority), *headers],
-            body=replay.iterate,
-            has_body=req.has_body,
-            content_length=req.content_length,
-            replayable=lambda: replay.replayable,
-            connect_timeout=connect_timeout,
-        )
+        return await self.pool.request_h1(up, ep, connect_timeout)
