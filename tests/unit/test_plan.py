@@ -16,8 +16,10 @@ from meshcore.model import WorkloadStatus
 from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
 from ztunnel.protocol.plan import (
+    InboundConnect,
     InboundPlan,
     PlanKind,
+    PlanScope,
     format_authority,
     plan_inbound,
     plan_outbound,
@@ -515,12 +517,14 @@ def test_plan_outbound(
     src, dst, port, kind, target, authority, dest, sas, waypoint = row
     plan = plan_outbound(
         STATE,
+        PlanScope(
+            node="node-a" if not src.startswith("127.0.4.") else "node-b",
+            rng=random.Random(7),
+            node_proxy_ips=(PROXY_IP,),
+        ),
         src_ip=src,
         dst_ip=dst,
         dst_port=port,
-        node="node-a" if not src.startswith("127.0.4.") else "node-b",
-        rng=random.Random(7),
-        node_proxy_ips=(PROXY_IP,),
     )
     assert plan.kind is kind, plan.reason
     assert plan.target_addr == target
@@ -543,21 +547,19 @@ def test_plan_outbound(
 def test_outbound_service_is_reported() -> None:
     plan = plan_outbound(
         STATE,
+        PlanScope(node="node-a", rng=random.Random(1)),
         src_ip="127.0.1.10",
         dst_ip="127.0.3.30",
         dst_port=9080,
-        node="node-a",
-        rng=random.Random(1),
     )
     assert plan.service is not None
     assert plan.service.name == "reviews"
     plan = plan_outbound(
         STATE,
+        PlanScope(node="node-a", rng=random.Random(1)),
         src_ip="127.0.1.10",
         dst_ip="127.0.3.50",
         dst_port=80,
-        node="node-a",
-        rng=random.Random(1),
     )
     assert plan.service is not None
     assert plan.service.name == "empty"
@@ -566,14 +568,9 @@ def test_outbound_service_is_reported() -> None:
 
 def test_outbound_reasons() -> None:
     def reason(**kw: Any) -> str:
-        args: dict[str, Any] = {
-            "src_ip": "127.0.1.10",
-            "dst_port": 80,
-            "node": "node-a",
-            "rng": random.Random(0),
-        }
+        args: dict[str, Any] = {"src_ip": "127.0.1.10", "dst_port": 80}
         args.update(kw)
-        return plan_outbound(STATE, **args).reason
+        return plan_outbound(STATE, PlanScope(node="node-a", rng=random.Random(0)), **args).reason
 
     assert "unknown source" in reason(src_ip="127.0.9.9", dst_ip="127.0.3.10")
     assert "has no port 81" in reason(dst_ip="127.0.3.10", dst_port=81)
@@ -586,11 +583,10 @@ def test_outbound_random_endpoint_uses_rng() -> None:
     for seed in range(200):
         plan = plan_outbound(
             STATE,
+            PlanScope(node="node-a", rng=random.Random(seed)),
             src_ip="127.0.1.10",
             dst_ip="127.0.3.100",
             dst_port=80,
-            node="node-a",
-            rng=random.Random(seed),
         )
         assert plan.kind is PlanKind.HBONE
         assert plan.destination_workload is not None
@@ -601,19 +597,17 @@ def test_outbound_random_endpoint_uses_rng() -> None:
     # deterministic for a given seed
     a = plan_outbound(
         STATE,
+        PlanScope(node="node-a", rng=random.Random(3)),
         src_ip="127.0.1.10",
         dst_ip="127.0.3.100",
         dst_port=80,
-        node="node-a",
-        rng=random.Random(3),
     )
     b = plan_outbound(
         STATE,
+        PlanScope(node="node-a", rng=random.Random(3)),
         src_ip="127.0.1.10",
         dst_ip="127.0.3.100",
         dst_port=80,
-        node="node-a",
-        rng=random.Random(3),
     )
     assert a == b
 
@@ -622,11 +616,10 @@ def test_outbound_never_picks_unhealthy_waypoint() -> None:
     for seed in range(50):
         plan = plan_outbound(
             STATE,
+            PlanScope(node="node-a", rng=random.Random(seed)),
             src_ip="127.0.1.10",
             dst_ip="127.0.3.30",
             dst_port=9080,
-            node="node-a",
-            rng=random.Random(seed),
         )
         assert plan.waypoint is not None
         assert plan.waypoint.uid == "wp"
@@ -635,12 +628,10 @@ def test_outbound_never_picks_unhealthy_waypoint() -> None:
 def test_outbound_network_scoping() -> None:
     plan = plan_outbound(
         STATE,
+        PlanScope(node="node-a", rng=random.Random(0), network="remote"),
         src_ip="127.0.1.10",
         dst_ip="127.0.3.10",
         dst_port=80,
-        node="node-a",
-        rng=random.Random(0),
-        network="remote",
     )
     assert plan.kind is PlanKind.REJECT
     assert "unknown source" in plan.reason
@@ -654,11 +645,10 @@ def test_outbound_with_updated_state() -> None:
     state = STATE.with_updates([sick])
     plan = plan_outbound(
         state,
+        PlanScope(node="node-a", rng=random.Random(0)),
         src_ip="127.0.1.10",
         dst_ip="127.0.3.10",
         dst_port=80,
-        node="node-a",
-        rng=random.Random(0),
     )
     assert plan.kind is PlanKind.NO_ENDPOINTS
 
@@ -879,11 +869,13 @@ def test_plan_inbound(row: tuple[str, int, SpiffeId | None, str, str | None, Any
     def run() -> InboundPlan:
         return plan_inbound(
             STATE,
-            dst_ip=dst,
-            dst_port=port,
-            src_identity=src_identity,
-            src_ip="127.0.1.10",
-            conn_dst_ip=conn_dst,
+            InboundConnect(
+                dst_ip=dst,
+                dst_port=port,
+                src_identity=src_identity,
+                src_ip="127.0.1.10",
+                conn_dst_ip=conn_dst,
+            ),
             node=node,
         )
 
@@ -919,9 +911,9 @@ def test_inbound_errors_carry_hbone_status(cls: type[HboneError], status: int) -
     with pytest.raises(HboneError) as ei:
         plan_inbound(
             STATE,
-            dst_port=80 if cls is not Unauthorized else 8080,
-            src_ip="127.0.1.10",
-            **cases[cls],
+            InboundConnect(
+                dst_port=80 if cls is not Unauthorized else 8080, src_ip="127.0.1.10", **cases[cls]
+            ),
         )
     assert type(ei.value) is cls
     assert ei.value.status == status
@@ -931,22 +923,23 @@ def test_outbound_then_inbound_agree() -> None:
     """The outbound plan's HBONE target and authority are accepted by the inbound side."""
     out = plan_outbound(
         STATE,
+        PlanScope(node="node-a", rng=random.Random(0)),
         src_ip="127.0.1.10",
         dst_ip="127.0.3.10",
         dst_port=80,
-        node="node-a",
-        rng=random.Random(0),
     )
     assert out.kind is PlanKind.HBONE
     assert out.authority is not None
     host, _, port = out.authority.rpartition(":")
     inbound = plan_inbound(
         STATE,
-        dst_ip=host,
-        dst_port=int(port),
-        src_identity=out.source_identity,
-        src_ip="127.0.1.10",
-        conn_dst_ip=out.target_addr[0],
+        InboundConnect(
+            dst_ip=host,
+            dst_port=int(port),
+            src_identity=out.source_identity,
+            src_ip="127.0.1.10",
+            conn_dst_ip=out.target_addr[0],
+        ),
         node="node-b",
     )
     assert inbound.target_addr == ("127.0.2.10", 8080)
@@ -996,8 +989,8 @@ def test_inbound_refuses_waypoint_bypass(
         "addressed_service": addressed,
     }
     if allowed:
-        plan = plan_inbound(STATE, **kwargs)
+        plan = plan_inbound(STATE, InboundConnect(**kwargs))
         assert str(plan.destination_workload.addresses[0]) == dst
     else:
         with pytest.raises(Unauthorized, match="waypoint"):
-            plan_inbound(STATE, **kwargs)
+            plan_inbound(STATE, InboundConnect(**kwargs))

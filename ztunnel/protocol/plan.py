@@ -2,8 +2,10 @@
 
 Owns: `plan_outbound` (a captured connection from a local workload -> where and how to send it)
 and `plan_inbound` (an HBONE CONNECT arriving at this node -> check it, authorize it, say where
-to connect). Both are pure functions of a `MeshState` snapshot and the connection's addresses;
-randomness is injected (`rng`) so tests are deterministic.
+to connect), with what they are given: `PlanScope` (the planning proxy: node, network, own
+addresses, rng; built once per proxy) and `InboundConnect` (one CONNECT's addresses and peer).
+Both are pure functions of a `MeshState` snapshot and the connection's addresses; randomness is
+injected (`PlanScope.rng`) so tests are deterministic.
 
 Behaviour follows istio/ztunnel's outbound ``build_request`` / inbound handling (2026), in short:
 - Outbound. A destination port in {15001, 15006, 15008} on one of the node proxy's own addresses
@@ -60,6 +62,36 @@ from meshcore.state import Endpoint, MeshState
 
 RESERVED_PORTS = frozenset({15001, 15006, 15008})
 """Node-proxy listener ports that clients may not target (self-call)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanScope:
+    """The node proxy outbound connections are planned for; built once per proxy
+    (`ztunnel.proxy.context.ProxyContext.plan_scope`), never per connection."""
+
+    node: str
+    """This proxy's node: an outbound source must be a workload on it."""
+    rng: random.Random
+    """Endpoint and waypoint picks."""
+    network: str = ""
+    node_proxy_ips: Collection[IPAddress] = ()
+    """The proxy's own addresses (the self-call check)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundConnect:
+    """What `plan_inbound` checks: an HBONE CONNECT to `dst_ip:dst_port` (its :authority) that
+    arrived on a connection addressed to `conn_dst_ip`, from `src_ip` presenting
+    `src_identity` (None: a plaintext connection)."""
+
+    dst_ip: IPAddress | str
+    dst_port: int
+    src_identity: SpiffeId | None
+    src_ip: IPAddress | str
+    conn_dst_ip: IPAddress | str
+    addressed_service: str | None = None
+    """The service the client addressed ("ns/hostname"), as named by the source proxy
+    (forwarded host=), for the waypoint-bypass check."""
 
 
 class PlanKind(enum.Enum):
@@ -207,19 +239,18 @@ def _is_waypoint_member(state: MeshState, gw: GatewayAddress, wl: Workload, netw
 
 def plan_outbound(
     state: MeshState,
+    scope: PlanScope,
     *,
     src_ip: IPAddress | str,
     dst_ip: IPAddress | str,
     dst_port: int,
-    node: str,
-    rng: random.Random,
-    network: str = "",
-    node_proxy_ips: Collection[IPAddress] = (),
 ) -> OutboundPlan:
-    """Plan a connection captured from `src_ip` to the original destination `dst_ip:dst_port`.
-
-    `node` is this proxy's node, `network` its network, `node_proxy_ips` the proxy's own
-    addresses (for the self-call check)."""
+    """Plan a connection captured from `src_ip` to the original destination `dst_ip:dst_port`
+    by the node proxy `scope` describes."""
+    node = scope.node
+    rng = scope.rng
+    network = scope.network
+    node_proxy_ips = scope.node_proxy_ips
     src, dst = _ip(src_ip), _ip(dst_ip)
     original = (str(dst), dst_port)
 
@@ -362,26 +393,16 @@ def _check_no_waypoint_bypass(
 
 
 def plan_inbound(
-    state: MeshState,
-    *,
-    dst_ip: IPAddress | str,
-    dst_port: int,
-    src_identity: SpiffeId | None,
-    src_ip: IPAddress | str,
-    conn_dst_ip: IPAddress | str,
-    network: str = "",
-    node: str | None = None,
-    addressed_service: str | None = None,
+    state: MeshState, connect: InboundConnect, *, network: str = "", node: str | None = None
 ) -> InboundPlan:
-    """Check and authorize an HBONE CONNECT to `dst_ip:dst_port` (its :authority) that arrived
-    on a connection addressed to `conn_dst_ip`, from `src_ip` presenting `src_identity`.
-    `addressed_service` ("ns/hostname") is the service the client addressed, as named by the
-    source proxy (forwarded host=), for the waypoint-bypass check.
+    """Check and authorize the HBONE CONNECT `connect`, received on `network`.
 
     Raises BadRequest (400), Unauthorized (401) or UpstreamUnavailable (503). If `node` is
     given, the receiving workload must run on it."""
+    dst_port = connect.dst_port
+    src_identity = connect.src_identity
     try:
-        dst, conn_dst, src = _ip(dst_ip), _ip(conn_dst_ip), _ip(src_ip)
+        dst, conn_dst, src = _ip(connect.dst_ip), _ip(connect.conn_dst_ip), _ip(connect.src_ip)
     except ValueError as exc:
         raise BadRequest(f"bad address: {exc}") from None
     if not 0 < dst_port < 65536:
@@ -414,7 +435,7 @@ def plan_inbound(
             )
 
     else:
-        _check_no_waypoint_bypass(state, receiver, src_identity, addressed_service, network)
+        _check_no_waypoint_bypass(state, receiver, src_identity, connect.addressed_service, network)
 
     decision = evaluate(
         state.policies_for(receiver),

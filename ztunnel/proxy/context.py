@@ -28,6 +28,7 @@ from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tls import ContextCache
 from meshcore.tracing import Sampler
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
+from ztunnel.protocol.plan import PlanScope
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +112,9 @@ class ProxyContext:
     upstream_slots: asyncio.Semaphore = field(init=False)
     node_proxy_ips: tuple[IPAddress, ...] = field(init=False)
     """This proxy's own addresses (the self-call check of `plan_outbound`), parsed once."""
+    plan_scope: PlanScope = field(init=False)
+    """What `plan_outbound` is told about this proxy (node, network, own addresses, rng),
+    built once: the settings' node and network do not change after construction."""
     draining: bool = False
     demand: Callable[[str, float], Awaitable[bool]] | None = None
     """On-demand xDS (`meshcore.xds.XdsClient.demand`); None: the state holds everything."""
@@ -132,6 +136,12 @@ class ProxyContext:
     def __post_init__(self) -> None:
         self.upstream_slots = asyncio.Semaphore(self.settings.max_pending_connects)
         self.node_proxy_ips = (ipaddress.ip_address(self.settings.node_ip),)
+        self.plan_scope = PlanScope(
+            node=self.settings.node,
+            rng=self.rng,
+            network=self.settings.network,
+            node_proxy_ips=self.node_proxy_ips,
+        )
 
     async def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
         return self.contexts.client(await self.certs.get(identity))

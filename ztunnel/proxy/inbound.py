@@ -34,7 +34,7 @@ from meshcore.sockets import connect_tcp
 from meshcore.telemetry import guess_inbound_service
 from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
-from ztunnel.protocol.plan import InboundPlan, plan_inbound
+from ztunnel.protocol.plan import InboundConnect, InboundPlan, plan_inbound
 from ztunnel.proxy.accept import AcceptLoop, PeerTable
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
@@ -356,16 +356,16 @@ class HboneListener:
             rec.sampled = ctx.tracker.sampler.sampled(caller.trace_id, caller)
         try:
             dst_ip, dst_port = parse_authority(stream.authority)
-            plan = plan_inbound(
-                ctx.state,
+            connect = InboundConnect(
                 dst_ip=dst_ip,
                 dst_port=dst_port,
                 src_identity=stream.peer_identity,
                 src_ip=src_ip,
                 conn_dst_ip=conn_dst_ip,
-                network=ctx.settings.network,
-                node=ctx.settings.node,
                 addressed_service=forwarded_service_key(stream.headers),
+            )
+            plan = plan_inbound(
+                ctx.state, connect, network=ctx.settings.network, node=ctx.settings.node
             )
             rec.destination = plan.destination_workload
             rec.destination_principal = str(plan.destination_workload.identity)
@@ -428,15 +428,15 @@ class PlaintextInbound(TcpSide):
             dst_addr=f"{dst_ip}:{dst_port}",
         )
         try:
-            plan = plan_inbound(
-                ctx.state,
+            connect = InboundConnect(
                 dst_ip=dst_ip,
                 dst_port=dst_port,
                 src_identity=None,
                 src_ip=src_ip,
                 conn_dst_ip=dst_ip,
-                network=ctx.settings.network,
-                node=ctx.settings.node,
+            )
+            plan = plan_inbound(
+                ctx.state, connect, network=ctx.settings.network, node=ctx.settings.node
             )
             rec.destination = plan.destination_workload
             _set_service(rec, guess_inbound_service(rec.destination, dst_port, ctx.state.service))

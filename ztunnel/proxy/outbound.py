@@ -18,7 +18,13 @@ from meshcore.errors import HboneError, PeerVerificationError, response_flag
 from meshcore.hbone.pool import PoolKey
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
-from ztunnel.protocol.plan import OutboundPlan, PlanKind, plan_inbound, plan_outbound
+from ztunnel.protocol.plan import (
+    InboundConnect,
+    OutboundPlan,
+    PlanKind,
+    plan_inbound,
+    plan_outbound,
+)
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import connect_upstream
 from ztunnel.proxy.relay import TcpSide, splice
@@ -87,14 +93,7 @@ class OutboundConnection(TcpSide):
             self.abort()
             return
         plan = plan_outbound(
-            ctx.state,
-            src_ip=src_ip,
-            dst_ip=dst_ip,
-            dst_port=dst_port,
-            node=ctx.settings.node,
-            rng=ctx.rng,
-            network=ctx.settings.network,
-            node_proxy_ips=ctx.node_proxy_ips,
+            ctx.state, ctx.plan_scope, src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port
         )
         rec = ConnectionRecord(
             direction="outbound",
@@ -196,15 +195,15 @@ class OutboundConnection(TcpSide):
             mtls=True,
         )
         try:
-            inbound = plan_inbound(
-                ctx.state,
+            connect = InboundConnect(
                 dst_ip=dst_ip,
                 dst_port=dst_port,
                 src_identity=plan.source_identity,
                 src_ip=src_ip,
                 conn_dst_ip=dst_ip,
-                network=ctx.settings.network,
-                node=ctx.settings.node,
+            )
+            inbound = plan_inbound(
+                ctx.state, connect, network=ctx.settings.network, node=ctx.settings.node
             )
             upstream = await connect_upstream(ctx, inbound, dest_rec, src_ip)
         except HboneError as err:
