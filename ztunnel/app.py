@@ -483,20 +483,33 @@ def static_context(settings: ProxySettings, args: argparse.Namespace) -> ProxyCo
     return build_context(settings, state, provider)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerRole:
+    """Which worker of the proxy process `run_worker` runs."""
+
+    serve_admin: bool
+    """The first worker: the admin endpoint, and signals forwarded to the others."""
+    children: Sequence[int] = ()
+    """The first worker's extra workers (pids), which it waits for."""
+    handed: handover.Handed | None = None
+    """The predecessor's listeners, taken over by the first worker."""
+
+
+EXTRA_WORKER = WorkerRole(serve_admin=False)
+
+
 async def run_worker(
     settings: ProxySettings,
     args: argparse.Namespace,
     listeners: list[Listener],
-    *,
-    serve_admin: bool,
-    children: Sequence[int] = (),
+    role: WorkerRole,
     ctx: ProxyContext | None = None,
-    handed: handover.Handed | None = None,
 ) -> int:
     """Run one worker until SIGTERM/SIGINT (or /quitquitquit), then drain. The first worker
     also forwards the signal to the other workers and waits for them. `ctx`: a prepared
     context (control-plane mode); default: static mode from --mesh-config/--ca-dir."""
     ctx = ctx if ctx is not None else static_context(settings, args)
+    serve_admin, children, handed = role.serve_admin, role.children, role.handed
     # Take-back (the successor dies after READY): single-worker proxies only; the extra workers
     # of a multi-worker proxy drain for good once told (SIGUSR1).
     proxy = NodeProxy(
@@ -674,7 +687,8 @@ async def run_controlplane_mode(settings: ProxySettings, args: argparse.Namespac
         loop = asyncio.get_running_loop()
         handed = await loop.run_in_executor(None, take_over, settings)
         listeners = bind_listeners(settings, ctx.state, handed)
-        return await run_worker(settings, args, listeners, serve_admin=True, ctx=ctx, handed=handed)
+        role = WorkerRole(serve_admin=True, handed=handed)
+        return await run_worker(settings, args, listeners, role, ctx)
     finally:
         task.cancel()
 
@@ -693,7 +707,8 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # likewise the hand-over notice
     if args.workers <= 1:
-        return asyncio.run(run_worker(settings, args, listeners, serve_admin=True, handed=handed))
+        role = WorkerRole(serve_admin=True, handed=handed)
+        return asyncio.run(run_worker(settings, args, listeners, role))
     metrics_dir = enable_multiprocess_metrics()
     children: list[int] = []
     try:
@@ -705,15 +720,12 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
                     handed.conn.close()
                 code = 1
                 try:
-                    code = asyncio.run(run_worker(settings, args, listeners, serve_admin=False))
+                    code = asyncio.run(run_worker(settings, args, listeners, EXTRA_WORKER))
                 finally:
                     os._exit(code)
             children.append(pid)
-        return asyncio.run(
-            run_worker(
-                settings, args, listeners, serve_admin=True, children=children, handed=handed
-            )
-        )
+        role = WorkerRole(serve_admin=True, children=children, handed=handed)
+        return asyncio.run(run_worker(settings, args, listeners, role))
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
