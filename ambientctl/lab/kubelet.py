@@ -44,6 +44,7 @@ from typing import Any
 from ambientctl.errors import LabCommandError
 from ambientctl.lab import container, kubeproxy, system, topology
 from ambientctl.lab.podspec import (
+    PodRun,
     container_process,
     field_values,
     pod_status,
@@ -82,6 +83,36 @@ class RunningPod:
     reported: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KubeletSettings:
+    """How a lab node's kubelet runs its pods (`LabKubelet`): fixed for its lifetime."""
+
+    lab: str
+    conflist: Mapping[str, Any]
+    """The CNI config when there is no ``conf_dir``."""
+    cni_path: Sequence[Path]
+    root: Path
+    """The kubelet's pod directories."""
+    path_env: str
+    interval: float = 0.5
+    heartbeat: float = 10.0
+    bind_mounts: bool = False
+    """Containers run in their own mount namespace with their volumes mounted at the rendered
+    paths (`ambientctl.lab.container`), else container paths in command/args/env are rewritten
+    (`map_paths`)."""
+    node_paths: Mapping[str, Path] = field(default_factory=dict)
+    """This node's own host directories (``/etc/cni/net.d`` -> a directory of the node):
+    hostPath volumes under them resolve there, and CNI plugins run with them mounted in place
+    (lab nodes share one machine's filesystem)."""
+    conf_dir: Path | None = None
+    """The CNI config is the first ``*.conflist`` there at each ADD (as a container runtime
+    reads it), else ``conflist``."""
+    python: str = sys.executable
+    image_paths: Mapping[str, Path] = field(default_factory=dict)
+    """Files every container sees (what the image would hold beyond the installed entry
+    points, e.g. the node image's ``/opt/ambient/cni``)."""
+
+
 class LabKubelet:
     """The kubelet of one lab node (see module doc). `run()` until cancelled; `stop()` after."""
 
@@ -90,46 +121,26 @@ class LabKubelet:
         *,
         api: KubeApi,
         node: topology.NodePlan,
-        lab: str,
-        conflist: Mapping[str, Any],
-        cni_path: Sequence[Path],
-        root: Path,
-        path_env: str,
-        interval: float = 0.5,
-        heartbeat: float = 10.0,
-        bind_mounts: bool = False,
-        node_paths: Mapping[str, Path] | None = None,
-        conf_dir: Path | None = None,
+        settings: KubeletSettings,
         proxy_api: KubeApi | None = None,
-        python: str = sys.executable,
-        image_paths: Mapping[str, Path] | None = None,
     ) -> None:
-        """``bind_mounts``: containers run in their own mount namespace with their volumes
-        mounted at the rendered paths (`ambientctl.lab.container`), else container paths in
-        command/args/env are rewritten (`map_paths`). ``node_paths``: this node's own host
-        directories (``/etc/cni/net.d`` -> a directory of the node): hostPath volumes under
-        them resolve there, and CNI plugins run with them mounted in place (lab nodes share one
-        machine's filesystem). ``conf_dir``: the CNI config is the first ``*.conflist`` there at
-        each ADD (as a container runtime reads it), else ``conflist``. ``proxy_api``: run the
-        lab kube-proxy (`ambientctl.lab.kubeproxy`) with this client, and write Services into
-        each pod's /etc/hosts (the lab has no cluster DNS). ``image_paths``: files every
-        container sees (what the image would hold beyond the installed entry points, e.g.
-        the node image's ``/opt/ambient/cni``)."""
+        """``proxy_api``: run the lab kube-proxy (`ambientctl.lab.kubeproxy`) with this client,
+        and write Services into each pod's /etc/hosts (the lab has no cluster DNS)."""
         self.api = api
         self.node = node
-        self.lab = lab
-        self.conflist = conflist
-        self.cni_path = list(cni_path)
-        self.root = root
-        self.path_env = path_env
-        self.interval = interval
-        self.heartbeat = heartbeat
-        self.bind_mounts = bind_mounts
-        self.node_paths = dict(node_paths or {})
-        self.conf_dir = conf_dir
+        self.lab = settings.lab
+        self.conflist = settings.conflist
+        self.cni_path = list(settings.cni_path)
+        self.root = settings.root
+        self.path_env = settings.path_env
+        self.interval = settings.interval
+        self.heartbeat = settings.heartbeat
+        self.bind_mounts = settings.bind_mounts
+        self.node_paths = dict(settings.node_paths)
+        self.conf_dir = settings.conf_dir
         self.proxy_api = proxy_api
-        self.python = python
-        self.image_paths = dict(image_paths or {})
+        self.python = settings.python
+        self.image_paths = dict(settings.image_paths)
         self.services: list[Json] = []
         self._proxied = ""
         self._proxy_at = -1e9
@@ -545,14 +556,8 @@ class LabKubelet:
         for c, pid in list(rp.pids.items()):
             if c not in rp.exited and (code := _reap(pid)) is not None:
                 rp.exited[c] = code
-        status = pod_status(
-            pod,
-            pod_ip=rp.ip,
-            node_ip=self.node.ip,
-            started=rp.started,
-            exited=rp.exited,
-            now=dt.datetime.now(dt.UTC),
-        )
+        run = PodRun(pod_ip=rp.ip, node_ip=self.node.ip, started=rp.started, exited=rp.exited)
+        status = pod_status(pod, run, now=dt.datetime.now(dt.UTC))
         digest = json.dumps(
             {k: status[k] for k in ("phase", "podIP", "containerStatuses")},
             sort_keys=True,
@@ -721,9 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in args.image_path:
         dst, _, src = item.partition("=")
         image_paths[dst] = Path(src)
-    kubelet = LabKubelet(
-        api=KubeApi(kubeconfig=args.kubeconfig),
-        node=topology.node_plan(args.lab, args.node, args.index),
+    settings = KubeletSettings(
         lab=args.lab,
         conflist={},
         cni_path=args.cni_path,
@@ -732,8 +735,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         bind_mounts=True,
         node_paths=node_paths,
         conf_dir=args.conf_dir,
-        proxy_api=KubeApi(kubeconfig=args.proxy_kubeconfig) if args.proxy_kubeconfig else None,
         image_paths=image_paths,
+    )
+    kubelet = LabKubelet(
+        api=KubeApi(kubeconfig=args.kubeconfig),
+        node=topology.node_plan(args.lab, args.node, args.index),
+        settings=settings,
+        proxy_api=KubeApi(kubeconfig=args.proxy_kubeconfig) if args.proxy_kubeconfig else None,
     )
     asyncio.run(_serve(kubelet))
     return 0

@@ -99,18 +99,22 @@ def timestamp(now: dt.datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def pod_status(
-    pod: Json,
-    *,
-    pod_ip: str,
-    node_ip: str,
-    started: dt.datetime,
-    exited: Mapping[str, int],
-    now: dt.datetime,
-) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodRun:
+    """What the kubelet knows of a pod it runs, for the pod's status."""
+
+    pod_ip: str
+    node_ip: str
+    started: dt.datetime
+    exited: Mapping[str, int]
+    """container -> exit code, for the containers that exited."""
+
+
+def pod_status(pod: Json, run: PodRun, *, now: dt.datetime) -> dict[str, Any]:
     """The status a kubelet reports: Running and Ready while every container runs; a container
     that exited is ``terminated`` with its code (phase Succeeded when all exited 0 and the pod
     does not restart, else Failed)."""
+    pod_ip, node_ip, started, exited = run.pod_ip, run.node_ip, run.started, run.exited
     spec = pod.get("spec") or {}
     names = [str(c["name"]) for c in spec.get("containers", [])]
     ready = not exited

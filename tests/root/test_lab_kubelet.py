@@ -22,7 +22,7 @@ import pytest
 
 from ambientctl.lab import system, topology
 from ambientctl.lab.kube import KubeCluster
-from ambientctl.lab.kubelet import LabKubelet
+from ambientctl.lab.kubelet import KubeletSettings, LabKubelet
 from meshcore.kubeapi import KubeApi
 
 pytestmark = pytest.mark.timeout(240)
@@ -98,15 +98,14 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
         )
     )
     conflist = topology.conflist(plan, ipam_dir=tmp_path / "ipam", agent_socket=None)
-    kubelet = LabKubelet(
-        api=api,
-        node=plan,
+    settings = KubeletSettings(
         lab=LAB,
         conflist=conflist,
         cni_path=[Path("/usr/lib/cni")],
         root=tmp_path / "kubelet",
         path_env="/usr/sbin:/usr/bin:/sbin:/bin",
     )
+    kubelet = LabKubelet(api=api, node=plan, settings=settings)
     netns_before = set(Path("/run/netns").iterdir()) if Path("/run/netns").exists() else set()
 
     def scenario() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ambientctl.errors import LabCommandError
-from ambientctl.lab.podspec import container_process, expand, field_values, pod_status
+from ambientctl.lab.podspec import PodRun, container_process, expand, field_values, pod_status
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 POD = {
@@ -51,20 +51,24 @@ def test_container_process() -> None:
         container_process({"name": "x", "image": "i"}, fields=fields, mounts={})
 
 
+def run(pod_ip: str, node_ip: str, exited: dict[str, int]) -> PodRun:
+    return PodRun(pod_ip=pod_ip, node_ip=node_ip, started=T0, exited=exited)
+
+
 def test_pod_status() -> None:
-    s = pod_status(POD, pod_ip="10.0.0.2", node_ip="1.1.1.1", started=T0, exited={}, now=T0)
+    s = pod_status(POD, run("10.0.0.2", "1.1.1.1", {}), now=T0)
     assert s["phase"] == "Running"
     assert s["podIP"] == "10.0.0.2"
     assert {c["type"]: c["status"] for c in s["conditions"]}["Ready"] == "True"
-    s = pod_status(POD, pod_ip="10.0.0.2", node_ip="1.1.1.1", started=T0, exited={"a": 3}, now=T0)
+    s = pod_status(POD, run("10.0.0.2", "1.1.1.1", {"a": 3}), now=T0)
     assert {c["type"]: c["status"] for c in s["conditions"]}["Ready"] == "False"
     states = {c["name"]: c["state"] for c in s["containerStatuses"]}
     assert states["a"]["terminated"]["exitCode"] == 3
     assert "running" in states["b"]
     never = {**POD, "spec": {**POD["spec"], "restartPolicy": "Never"}}  # type: ignore[dict-item]
-    s = pod_status(never, pod_ip="", node_ip="", started=T0, exited={"a": 0, "b": 0}, now=T0)
+    s = pod_status(never, run("", "", {"a": 0, "b": 0}), now=T0)
     assert s["phase"] == "Succeeded"
-    s = pod_status(never, pod_ip="", node_ip="", started=T0, exited={"a": 0, "b": 1}, now=T0)
+    s = pod_status(never, run("", "", {"a": 0, "b": 1}), now=T0)
     assert s["phase"] == "Failed"
 
 
