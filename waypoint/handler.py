@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
@@ -144,10 +143,10 @@ def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
     return next((v for k, v in headers if k == "grpc-status"), None)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Exchange:
-    """One request being served, as every step after `serve` reads it; built once per request.
-    The `Downstream` travels beside it: rate limiting and CORS may wrap it on the way."""
+class _Exchange(NamedTuple):
+    """One request being served, as every step after `serve` reads it; built once per request
+    (immutable; a NamedTuple for the reason given at `UpstreamRequest`). The `Downstream`
+    travels beside it: rate limiting and CORS may wrap it on the way."""
 
     req: Request
     tunnel: Tunnel
@@ -189,7 +188,7 @@ class Handler:
         rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
             self._sanitize(req, tunnel)
-            await self._serve(_Exchange(req=req, tunnel=tunnel, rec=rec, replay=replay), down)
+            await self._serve(_Exchange(req, tunnel, rec, replay), down)
         except WaypointError as err:
             rec.status = err.status
             rec.flags = err.flag
@@ -724,7 +723,7 @@ class Handler:
             host, sep, p = authority.rpartition(":")
             shadow = f"{host}-shadow:{p}" if sep and p.isdigit() else f"{authority}-shadow"
             # Nothing kept of the body: a mirror is never retried.
-            copy = dataclasses.replace(up, authority=shadow, replay=ReplayBody(body, 0))
+            copy = up._replace(authority=shadow, replay=ReplayBody(body, 0))
             async with asyncio.timeout(MIRROR_TIMEOUT):
                 resp = await self.upstreams[up.req.protocol].send(copy, ep, 5.0)
                 try:

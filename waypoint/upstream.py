@@ -33,7 +33,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import HbonePool, PoolKey
@@ -70,10 +70,11 @@ class UpstreamResponse(Protocol):
     def finish(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UpstreamRequest:
+class UpstreamRequest(NamedTuple):
     """A request as it goes upstream: built once per request by the handler, and sent as is by
-    every try (a mirror sends a copy with its own authority and body)."""
+    every try (a mirror sends a copy with its own authority and body). Immutable; a NamedTuple
+    rather than a frozen dataclass because it is built per request, and a frozen dataclass's
+    ``__init__`` (one ``object.__setattr__`` per field) costs several times a tuple's."""
 
     req: Request
     target: str
