@@ -359,7 +359,7 @@ def _apply_kube(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     else the in-cluster service account."""
     import asyncio
 
-    from meshcore.kubeapi import KubeApi
+    from meshcore.kubeapi import KubeApi, TypedBody
 
     wf = _for(args)
     if args.enroll_namespace and wf not in ("service", "all"):
@@ -378,7 +378,9 @@ def _apply_kube(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     query = [("fieldManager", "ambientctl"), ("force", "true")]
 
     async def apply(api: KubeApi, path: str, doc: dict[str, Any], what: str) -> None:
-        status, data = await api.call("PATCH", path, doc, query=query, content_type=APPLY)
+        status, data = await api.call(
+            "PATCH", path, TypedBody(content=doc, content_type=APPLY), query=query
+        )
         if status not in (200, 201):
             msg = (data or {}).get("message", "") if isinstance(data, dict) else ""
             raise CtlError(f"{what}: HTTP {status} {msg}".rstrip())

@@ -4,8 +4,8 @@ Owns: building the client once (in-cluster service account, or a kubeconfig for 
 out-of-cluster runs), raw requests that return the aiohttp response (the caller reads and releases
 it: watches stream it), a JSON convenience call, and reading a watch stream's newline-delimited
 events. A PATCH body is a JSON merge patch (RFC 7386, ``application/merge-patch+json``) unless the
-caller names another content type (server-side apply). What a status code means (410 Gone, 409,
-404) stays with the caller.
+caller sends a `TypedBody` naming another content type (server-side apply). What a status code
+means (410 Gone, 409, 404) stays with the caller.
 Used by the control plane's source, waypoint controller and TokenReview, and the node agent.
 """
 
@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client, config
 
 MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TypedBody:
+    """A request body sent with its own Content-Type (e.g. server-side apply), not the default
+    (JSON, or a JSON merge patch for PATCH)."""
+
+    content: Any
+    content_type: str
 
 
 class KubeApi:
@@ -60,15 +70,16 @@ class KubeApi:
         *,
         query: list[tuple[str, Any]] | None = None,
         body: Any = None,
-        content_type: str | None = None,
         timeout: float | None = 30,
     ) -> Any:
         """The raw aiohttp response; the caller must `release()` it."""
         api = await self.client()
         headers = {"Accept": "application/json"}
-        if body is not None:
-            default = MERGE_PATCH if method == "PATCH" else "application/json"
-            headers["Content-Type"] = content_type or default
+        if isinstance(body, TypedBody):
+            headers["Content-Type"] = body.content_type
+            body = body.content
+        elif body is not None:
+            headers["Content-Type"] = MERGE_PATCH if method == "PATCH" else "application/json"
         resp = await api.call_api(
             path,
             method,
@@ -89,13 +100,10 @@ class KubeApi:
         body: Any = None,
         *,
         query: list[tuple[str, Any]] | None = None,
-        content_type: str | None = None,
         timeout: float | None = 30,
     ) -> tuple[int, Any]:
         """(status, decoded JSON body or None)."""
-        resp = await self.open(
-            method, path, query=query, body=body, content_type=content_type, timeout=timeout
-        )
+        resp = await self.open(method, path, query=query, body=body, timeout=timeout)
         try:
             text = await resp.text()
             status = int(resp.status)

@@ -55,7 +55,6 @@ from meshcore.kubeapi import KubeApi
 log = logging.getLogger(__name__)
 
 Json = Mapping[str, Any]
-MERGE = "application/merge-patch+json"
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
@@ -195,7 +194,7 @@ class LabKubelet:
             }
         }
         path = f"/api/v1/nodes/{self.node.name}/status"
-        status, data = await self.api.call("PATCH", path, body, content_type=MERGE)
+        status, data = await self.api.call("PATCH", path, body)  # a merge patch
         if status != 200:
             raise LabCommandError(f"node {self.node.name} status: HTTP {status}: {data}")
 
@@ -566,7 +565,7 @@ class LabKubelet:
         if digest == rp.reported:
             return
         path = f"/api/v1/namespaces/{rp.namespace}/pods/{rp.name}/status"
-        code, data = await self.api.call("PATCH", path, {"status": status}, content_type=MERGE)
+        code, data = await self.api.call("PATCH", path, {"status": status})  # merge patch
         if code != 200:
             raise LabCommandError(f"status of {rp.namespace}/{rp.name}: HTTP {code}: {data}")
         rp.reported = digest
