@@ -28,6 +28,7 @@ import shutil
 import ssl
 import tempfile
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
@@ -207,19 +208,27 @@ def _has_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
     return usage in eku
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerPolicy:
+    """Whom `verify_peer_chain` accepts: the peer's role, its trust domain, and (a client's
+    view of a server) the identities expected; None accepts any identity of the domain."""
+
+    peer_side: Side
+    trust_domain: str
+    expected: Collection[SpiffeId] | None = None
+
+
 def verify_peer_chain(
     leaf_der: bytes | None,
     chain_der: Sequence[bytes],
+    policy: PeerPolicy,
     *,
     roots_pem: bytes,
-    peer_side: Side,
-    trust_domain: str,
-    expected: Collection[SpiffeId] | None,
     now: datetime,
 ) -> SpiffeId:
     """`verify_peer` for TLS stacks that do not verify the peer themselves (aioquic, see
     `meshcore.hbone.h3`): the chain to `roots_pem` by OpenSSL (RFC 5280 §6, validity at `now`),
-    the key usage of the peer's role (`peer_side`), then the same identity rules."""
+    the key usage of the peer's role (`policy.peer_side`), then the same identity rules."""
     # pyOpenSSL wraps the same OpenSSL verifier the ssl module uses for HBONE over TCP.
     from OpenSSL import crypto
 
@@ -246,11 +255,11 @@ def verify_peer_chain(
         raise PeerVerificationError(f"certificate verify failed: {e}") from e
     usage = (
         ExtendedKeyUsageOID.SERVER_AUTH
-        if peer_side == "server"
+        if policy.peer_side == "server"
         else (ExtendedKeyUsageOID.CLIENT_AUTH)
     )
     if not _has_usage(leaf, usage):
-        raise PeerVerificationError(f"peer certificate is not valid for {peer_side} use")
+        raise PeerVerificationError(f"peer certificate is not valid for {policy.peer_side} use")
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
@@ -258,4 +267,4 @@ def verify_peer_chain(
         uris = []
     except ValueError as e:
         raise PeerVerificationError(f"peer certificate subjectAltName is malformed: {e}") from e
-    return identity_from_uri_sans(uris, trust_domain=trust_domain, expected=expected)
+    return identity_from_uri_sans(uris, trust_domain=policy.trust_domain, expected=policy.expected)

@@ -49,7 +49,7 @@ from meshcore.config.objects import parse_objects
 from meshcore.config.pathnorm import PathPolicy
 from meshcore.config.routes import WaypointConfig
 from meshcore.errors import ConfigError, MeshError
-from meshcore.hbone.pool import HbonePool
+from meshcore.hbone.pool import HbonePool, PoolLimits
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, json_response, require_loopback, serve_http
 from meshcore.proto.yamlform import load_mesh_config
@@ -105,7 +105,7 @@ def build_context(
         pool=HbonePool(
             client_context,
             trust_domain=settings.trust_domain,
-            connect_timeout=settings.connect_timeout,
+            limits=PoolLimits(connect_timeout=settings.connect_timeout),
         ),
         metrics=WaypointMetrics(),
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 from meshcore.address import parse_authority
 from meshcore.errors import BadRequest
-from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
+from meshcore.hbone.aio import HboneHooks, HboneProtocol, HboneSettings, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
 from meshcore.model import AppProtocol
 from waypoint.context import WaypointContext
@@ -60,6 +60,8 @@ class WaypointServer:
         self.socks: list[socket.socket] = []
         self.protocols: set[HboneProtocol] = set()
         self.refused = 0
+        self.hbone = HboneSettings(trust_domain=ctx.settings.trust_domain)
+        """Shared by every HBONE connection accepted."""
 
     def start(self, socks: list[socket.socket]) -> None:
         loop = asyncio.get_running_loop()
@@ -99,13 +101,11 @@ class WaypointServer:
             log.warning("no certificate for %s: %s", ctx.settings.identity, err)
             conn.close()
             return
-        proto = HboneProtocol(
-            Role.SERVER,
-            trust_domain=ctx.settings.trust_domain,
-            expected=None,
+        hooks = HboneHooks(
             on_request=lambda stream: self._spawn(self._tunnel(stream, peer_ip, proto)),
             on_close=self.protocols.discard,
         )
+        proto = HboneProtocol(Role.SERVER, self.hbone, hooks)
         try:
             await accept_tls(conn, tls, proto)
         except Exception as err:

@@ -38,6 +38,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Protocol, cast
 
 from mypy_extensions import mypyc_attr
@@ -246,32 +247,76 @@ RequestHandler = Callable[[HboneStream], None]
 RefusalHandler = Callable[["HboneProtocol", RequestRefused], None]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HboneSettings:
+    """What every connection of one listener or one pool shares: built once, not per connection."""
+
+    trust_domain: str
+    max_concurrent_streams: int = SERVER_MAX_STREAMS
+    """SETTINGS_MAX_CONCURRENT_STREAMS we advertise (RFC 9113 §6.5.2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HboneHooks:
+    """Who an `HboneProtocol` tells about requests, refusals, its protocol errors and its end."""
+
+    on_request: RequestHandler | None = None
+    on_close: Callable[[HboneProtocol], None] | None = None
+    on_refused: RefusalHandler | None = None
+    on_error: Callable[[HboneProtocol, ConnectionTerminated], None] | None = None
+
+
+NO_HOOKS = HboneHooks()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolKey:
+    """Where a client connection goes, from where, and whom it accepts. `connect` and
+    `meshcore.hbone.h3aio.connect_h3` dial one; `meshcore.hbone.pool.HbonePool` keys its
+    connections by it (like Istio's pool)."""
+
+    source: SpiffeId
+    """Identity whose certificate the client presents."""
+    expected: tuple[SpiffeId, ...]
+    """Server identities accepted for this destination."""
+    address: tuple[str, int]
+    """Where the HBONE connection goes (ip, 15008)."""
+    source_ip: str | None = None
+    """Bind the connection to this source IP (original-source mode), or None."""
+    transparent: bool = False
+    """Bind `source_ip` with IP_TRANSPARENT (it is not an address of this node)."""
+    transport: str = "h2"
+    """"h2": HBONE over HTTP/2 (TLS over TCP); "h3": try HTTP/3 (QUIC) first (see the pool)."""
+    h3_address: tuple[str, int] | None = None
+    """Where HTTP/3 goes (UDP) when not `address`: a node proxy's shared socket."""
+    server_name: str | None = None
+    """SNI of the HTTP/3 connection, naming the destination workload (`server_name_for`)."""
+
+
 class HboneProtocol(asyncio.BufferedProtocol):
     """An mTLS connection speaking HBONE. Create with `connect()` or `HboneServer`."""
 
     def __init__(
         self,
         role: Role,
+        settings: HboneSettings,
+        hooks: HboneHooks = NO_HOOKS,
         *,
-        trust_domain: str,
         expected: Collection[SpiffeId] | None = None,
-        on_request: RequestHandler | None = None,
-        on_close: Callable[[HboneProtocol], None] | None = None,
-        on_refused: RefusalHandler | None = None,
-        on_error: Callable[[HboneProtocol, ConnectionTerminated], None] | None = None,
-        max_concurrent_streams: int = SERVER_MAX_STREAMS,
         peer_resets: RateBudget | None = None,
     ) -> None:
+        """`expected`: the server identities a client accepts (None: any of the trust domain).
+        `peer_resets`: a reset budget shared by the peer's connections (`HboneConnection`)."""
         self.conn = HboneConnection(
-            role, max_concurrent_streams=max_concurrent_streams, peer_resets=peer_resets
+            role, max_concurrent_streams=settings.max_concurrent_streams, peer_resets=peer_resets
         )
-        self.on_refused = on_refused
-        self.on_error = on_error
+        self.on_refused = hooks.on_refused
+        self.on_error = hooks.on_error
         self.role = role
-        self.trust_domain = trust_domain
+        self.trust_domain = settings.trust_domain
         self.expected = expected
-        self.on_request = on_request
-        self.on_close = on_close
+        self.on_request = hooks.on_request
+        self.on_close = hooks.on_close
         self.transport: asyncio.Transport | None = None
         self.peer_identity: SpiffeId | None = None
         self.streams: dict[int, HboneStream] = {}
@@ -466,42 +511,49 @@ class HboneProtocol(asyncio.BufferedProtocol):
             elif type(ev) is ResponseReceived:
                 on_response(self.streams, self.forget, ev)
             elif type(ev) is StreamReset:
-                stream = self.streams.pop(ev.stream_id, None)
-                if stream is not None:
-                    stream._gone()
-                    pending = stream.response
-                    if pending is not None and pending.done():
-                        pending = None
-                    if pending is not None and ev.error_code == ErrorCode.REFUSED_STREAM:
-                        # Not processed (GOAWAY's last id, or refused): the pool retries it
-                        # on another connection, so the sink must not see a reset.
-                        pending.set_exception(StreamRefused(f"CONNECT {stream.authority}"))
-                    else:
-                        if pending is not None:
-                            pending.set_exception(
-                                ConnectionResetError(f"stream reset by peer ({ev.error_code})")
-                            )
-                        if stream.sink is not None:
-                            stream.sink.tunnel_reset(ev.error_code)
-                    self.forget(ev.stream_id)
+                self._on_reset(ev)
             elif type(ev) is WindowOpened:
                 if not self.write_paused:  # else `resume_writing` resumes them
                     on_window_opened(self.streams, ev)
             elif type(ev) is ConnectionTerminated:
-                if not ev.remote:
-                    # Our GOAWAY for a protocol error. Closing now would discard it: a socket
-                    # closed with unread input sends RST, and the peer loses what it had not
-                    # read yet. Like Envoy's delayed close, keep reading (and discarding, the
-                    # connection is closed) for DELAYED_CLOSE, then abort.
-                    if self.on_error is not None:
-                        self.on_error(self, ev)
-                    self.flush()
-                    self._fail_streams()
-                    self._loop.call_later(DELAYED_CLOSE, self.abort)
-                elif not self.streams and self.transport is not None:
-                    self.transport.close()
+                self._on_terminated(ev)
         for sid in [s for s in self.streams if not self.conn.is_open(s)]:
             self.forget(sid)  # closed in both directions by END_STREAMs
+
+    def _on_reset(self, ev: StreamReset) -> None:
+        stream = self.streams.pop(ev.stream_id, None)
+        if stream is None:
+            return
+        stream._gone()
+        pending = stream.response
+        if pending is not None and pending.done():
+            pending = None
+        if pending is not None and ev.error_code == ErrorCode.REFUSED_STREAM:
+            # Not processed (GOAWAY's last id, or refused): the pool retries it on another
+            # connection, so the sink must not see a reset.
+            pending.set_exception(StreamRefused(f"CONNECT {stream.authority}"))
+        else:
+            if pending is not None:
+                pending.set_exception(
+                    ConnectionResetError(f"stream reset by peer ({ev.error_code})")
+                )
+            if stream.sink is not None:
+                stream.sink.tunnel_reset(ev.error_code)
+        self.forget(ev.stream_id)
+
+    def _on_terminated(self, ev: ConnectionTerminated) -> None:
+        if not ev.remote:
+            # Our GOAWAY for a protocol error. Closing now would discard it: a socket closed
+            # with unread input sends RST, and the peer loses what it had not read yet. Like
+            # Envoy's delayed close, keep reading (and discarding, the connection is closed)
+            # for DELAYED_CLOSE, then abort.
+            if self.on_error is not None:
+                self.on_error(self, ev)
+            self.flush()
+            self._fail_streams()
+            self._loop.call_later(DELAYED_CLOSE, self.abort)
+        elif not self.streams and self.transport is not None:
+            self.transport.close()
 
     def _on_request(self, ev: RequestReceived) -> None:
         # Validated by the protocol core: a plain CONNECT with a host:port :authority.
@@ -569,29 +621,28 @@ async def accept_tls(
 
 
 async def connect(
-    host: str,
-    port: int,
+    key: PoolKey,
     context: ssl.SSLContext,
+    settings: HboneSettings,
     *,
-    trust_domain: str,
-    expected: Collection[SpiffeId],
-    source_ip: str | None = None,
-    transparent: bool = False,
     timeout: float = 10.0,
     on_close: Callable[[HboneProtocol], None] | None = None,
 ) -> HboneProtocol:
-    """Open an mTLS HBONE connection (from `source_ip`, transparently if asked) and verify the
-    server is one of `expected`."""
+    """Open an mTLS HBONE connection to `key.address` (from `key.source_ip`, transparently if
+    asked) presenting `context`'s certificate, and verify the server is one of `key.expected`."""
     loop = asyncio.get_running_loop()
     sock = await connect_tcp(
-        host, port, source_ip=source_ip, transparent=transparent, timeout=timeout
+        key.address[0],
+        key.address[1],
+        source_ip=key.source_ip,
+        transparent=key.transparent,
+        timeout=timeout,
     )
+    hooks = NO_HOOKS if on_close is None else HboneHooks(on_close=on_close)
     try:
         _, proto = await asyncio.wait_for(
             loop.create_connection(
-                lambda: HboneProtocol(
-                    Role.CLIENT, trust_domain=trust_domain, expected=expected, on_close=on_close
-                ),
+                lambda: HboneProtocol(Role.CLIENT, settings, hooks, expected=key.expected),
                 sock=sock,
                 ssl=context,
                 server_hostname="",  # HBONE sends no SNI

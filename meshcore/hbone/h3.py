@@ -86,7 +86,7 @@ from meshcore.hbone.connection import (
 )
 from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
-from meshcore.tls import _presented_chain, verify_peer_chain
+from meshcore.tls import PeerPolicy, _presented_chain, verify_peer_chain
 
 ALPN_H3 = "h3"
 STREAM_WINDOW = 4 * 1024 * 1024
@@ -324,35 +324,46 @@ class _Stream:
     paused: bool = False
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class H3Settings:
+    """What an `H3HboneConnection` is and whom it accepts. A server endpoint builds one for all
+    its connections; a client builds one per dial (as it builds its QUIC configuration)."""
+
+    role: Role
+    trust_domain: str
+    expected: Collection[SpiffeId] | None = None
+    """Server identities a client accepts; None (a server): any client of the trust domain."""
+    server_name: str | None = None
+    """Client role: the SNI to send (`server_name_for`), or none."""
+    max_streams: int = 100
+
+
 class H3HboneConnection:
     """One QUIC connection carrying HBONE streams. Not thread-safe; one owner at a time."""
 
     def __init__(
         self,
-        role: Role,
         cert: WorkloadCertificate,
+        settings: H3Settings,
         *,
-        trust_domain: str,
-        expected: Collection[SpiffeId] | None,
         wall_clock: datetime,
-        max_streams: int = 100,
         original_dcid: bytes | None = None,
-        server_name: str | None = None,
     ) -> None:
         """`original_dcid`: server role, the Destination Connection ID of the client's first
-        Initial packet (RFC 9000 §7.3). `server_name`: client role, the SNI to send."""
+        Initial packet (RFC 9000 §7.3)."""
+        role = settings.role
         self.role = role
-        self.quic = _MeshQuic(quic_configuration(cert, role, server_name), original_dcid)
+        self.quic = _MeshQuic(quic_configuration(cert, role, settings.server_name), original_dcid)
         self.h3: _MeshH3 | None = None  # created only once the peer is verified
-        self.trust_domain = trust_domain
-        self.expected = expected
+        self.trust_domain = settings.trust_domain
+        self.expected = settings.expected
         self.roots_pem = cert.roots_pem
         self.wall_clock = wall_clock  # validity is checked at this instant (injected clock)
         self.peer_identity: SpiffeId | None = None
         self.refused: PeerVerificationError | None = None
         self.terminated = False
         self.goaway_sent = False
-        self.max_streams = max_streams
+        self.max_streams = settings.max_streams
         self._streams: dict[int, _Stream] = {}
         self._next_ping = 0.0
         self._ping_uid = 0
@@ -546,10 +557,12 @@ class H3HboneConnection:
             self.peer_identity = verify_peer_chain(
                 None if leaf is None else leaf.public_bytes(serialization.Encoding.DER),
                 [c.public_bytes(serialization.Encoding.DER) for c in tls._peer_certificate_chain],
+                PeerPolicy(
+                    peer_side="server" if self.role is Role.CLIENT else "client",
+                    trust_domain=self.trust_domain,
+                    expected=self.expected,
+                ),
                 roots_pem=self.roots_pem,
-                peer_side="server" if self.role is Role.CLIENT else "client",
-                trust_domain=self.trust_domain,
-                expected=self.expected,
                 now=self.wall_clock,
             )
         except PeerVerificationError as err:
@@ -602,46 +615,42 @@ class H3HboneConnection:
         return out
 
     def _on_quic_event(self, ev: qev.QuicEvent, out: list[Event]) -> None:
-        assert self.h3 is not None
         if isinstance(ev, qev.StreamReset | qev.StopSendingReceived):
-            self.h3.handle_event(ev)
-            stream = self._streams.get(ev.stream_id)
-            if isinstance(ev, qev.StopSendingReceived) and ev.error_code == H3_NO_ERROR:
-                # RFC 9114 §4.1.1: the response is complete, the peer needs no more request
-                # bytes. Our sending side ends; the response (e.g. a 401) is still delivered.
-                if stream is not None and not stream.send_ended:
-                    self.quic.reset_stream(ev.stream_id, H3_NO_ERROR)
-                    self._ended_sending(stream)
-                return
-            if stream is not None:
-                if isinstance(ev, qev.StopSendingReceived) and not stream.send_ended:
-                    self.quic.reset_stream(ev.stream_id, ev.error_code)  # RFC 9000 §3.5
-                if isinstance(ev, qev.StreamReset) and not stream.recv_ended:
-                    stream.recv_ended = True
-                self._drop(ev.stream_id)
-                out.append(StreamReset(ev.stream_id, h2_error_code(ev.error_code), remote=True))
+            self._on_reset(ev, out)
+        elif isinstance(ev, qev.StreamDataReceived):
+            self._on_stream_data(ev, out)
+
+    def _on_reset(self, ev: qev.StreamReset | qev.StopSendingReceived, out: list[Event]) -> None:
+        assert self.h3 is not None
+        self.h3.handle_event(ev)
+        stream = self._streams.get(ev.stream_id)
+        if isinstance(ev, qev.StopSendingReceived) and ev.error_code == H3_NO_ERROR:
+            # RFC 9114 §4.1.1: the response is complete, the peer needs no more request
+            # bytes. Our sending side ends; the response (e.g. a 401) is still delivered.
+            if stream is not None and not stream.send_ended:
+                self.quic.reset_stream(ev.stream_id, H3_NO_ERROR)
+                self._ended_sending(stream)
             return
-        if not isinstance(ev, qev.StreamDataReceived):
-            return
+        if stream is not None:
+            if isinstance(ev, qev.StopSendingReceived) and not stream.send_ended:
+                self.quic.reset_stream(ev.stream_id, ev.error_code)  # RFC 9000 §3.5
+            if isinstance(ev, qev.StreamReset) and not stream.recv_ended:
+                stream.recv_ended = True
+            self._drop(ev.stream_id)
+            out.append(StreamReset(ev.stream_id, h2_error_code(ev.error_code), remote=True))
+
+    def _on_stream_data(self, ev: qev.StreamDataReceived, out: list[Event]) -> None:
+        assert self.h3 is not None
         stream = self._streams.get(ev.stream_id)
         is_request_stream = ev.stream_id % 4 == 0
         if stream is None and is_request_stream and self.role is Role.SERVER:
-            refused_by_goaway = self._goaway_id is not None and ev.stream_id >= self._goaway_id
-            if refused_by_goaway or len(self._streams) >= self.max_streams:
-                self.quic.reset_stream(ev.stream_id, H3_REQUEST_REJECTED)
-                self.quic.stop_stream(ev.stream_id, H3_REQUEST_REJECTED)
+            stream = self._admit_request_stream(ev.stream_id)
+            if stream is None:
                 return
-            stream = self._streams[ev.stream_id] = _Stream(ev.stream_id)
-            self._highest_request_id = max(self._highest_request_id, ev.stream_id)
         h3_events = self.h3.handle_event(ev)
         if stream is None:
             if not is_request_stream:
-                # Control / QPACK streams: the HTTP/3 layer consumed what it did not buffer.
-                hs = self.h3._stream.get(ev.stream_id)
-                qs = self.quic._streams.get(ev.stream_id)
-                if qs is not None:
-                    received = qs.receiver.starting_offset()
-                    self.quic.credit(ev.stream_id, received - (len(hs.buffer) if hs else 0))
+                self._credit_consumed(ev.stream_id)
             return
         stream.received += len(ev.data)
         for h in h3_events:
@@ -655,6 +664,27 @@ class H3HboneConnection:
                     self._on_fin(stream, out)
         if stream.stream_id in self._streams:
             self._credit(stream)
+
+    def _admit_request_stream(self, stream_id: int) -> _Stream | None:
+        """A new request stream from the client, or None: refused (above our GOAWAY's id, or
+        over `max_streams`) with H3_REQUEST_REJECTED in both directions (RFC 9114 §4.1.1)."""
+        refused_by_goaway = self._goaway_id is not None and stream_id >= self._goaway_id
+        if refused_by_goaway or len(self._streams) >= self.max_streams:
+            self.quic.reset_stream(stream_id, H3_REQUEST_REJECTED)
+            self.quic.stop_stream(stream_id, H3_REQUEST_REJECTED)
+            return None
+        stream = self._streams[stream_id] = _Stream(stream_id)
+        self._highest_request_id = max(self._highest_request_id, stream_id)
+        return stream
+
+    def _credit_consumed(self, stream_id: int) -> None:
+        """Control / QPACK streams: the HTTP/3 layer consumed what it did not buffer."""
+        assert self.h3 is not None
+        hs = self.h3._stream.get(stream_id)
+        qs = self.quic._streams.get(stream_id)
+        if qs is not None:
+            received = qs.receiver.starting_offset()
+            self.quic.credit(stream_id, received - (len(hs.buffer) if hs else 0))
 
     def _on_headers(self, stream: _Stream, h: HeadersReceived, out: list[Event]) -> None:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in h.headers]

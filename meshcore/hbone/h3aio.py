@@ -31,12 +31,14 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from meshcore.certs import WorkloadCertificate, utcnow
 from meshcore.errors import HboneError, PeerVerificationError, StreamRefused
 from meshcore.hbone.aio import (
+    HboneSettings,
     HboneStream,
+    PoolKey,
     TunnelSink,
     on_response,
     on_stream_data,
@@ -58,11 +60,13 @@ from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.h3 import (
     H3_NO_ERROR,
     H3HboneConnection,
+    H3Settings,
     PeerRefused,
     PeerVerified,
     client_hello_server_name,
     initial_dcid,
 )
+from meshcore.hbone.peers import PeerTable
 from meshcore.identity import SpiffeId
 from meshcore.sockets import udp_socket
 
@@ -130,30 +134,19 @@ class H3Protocol:
 
     def __init__(
         self,
-        role: Role,
-        cert: WorkloadCertificate,
+        conn: H3HboneConnection,
         *,
-        trust_domain: str,
-        expected: Collection[SpiffeId] | None,
         peer_addr: Address,
         send: Callable[[list[bytes], Address], None],
         on_request: RequestHandler | None = None,
         on_close: Callable[[H3Protocol], None] | None = None,
-        original_dcid: bytes | None = None,
-        server_name: str | None = None,
     ) -> None:
+        """`conn`: the protocol core, built by the caller for its role (`connect_h3`,
+        `H3Endpoint`); `send` puts datagrams on the wire toward `peer_addr`."""
         self._loop = asyncio.get_running_loop()
-        self.conn = H3HboneConnection(
-            role,
-            cert,
-            trust_domain=trust_domain,
-            expected=expected,
-            wall_clock=utcnow(),
-            original_dcid=original_dcid,
-            server_name=server_name,
-        )
-        self.role = role
-        self.server_name = server_name
+        self.conn = conn
+        self.role = conn.role
+        self.server_name: str | None = None
         """Client: the SNI sent. Server: the SNI the client sent (set by `H3Endpoint`)."""
         self.peer_addr = peer_addr
         self._send = send
@@ -283,20 +276,7 @@ class H3Protocol:
             elif type(ev) is ResponseReceived:
                 on_response(self.streams, self.forget, ev)
             elif type(ev) is StreamReset:
-                stream = self.streams.pop(ev.stream_id, None)
-                if stream is not None:
-                    stream._gone()
-                    if stream.response is not None and not stream.response.done():
-                        # Not established yet: the opener gets the error (and may retry a
-                        # refused stream elsewhere); the sink has seen nothing of it.
-                        stream.response.set_exception(
-                            StreamRefused(f"CONNECT {stream.authority}")
-                            if ev.error_code == ErrorCode.REFUSED_STREAM  # H3_REQUEST_REJECTED
-                            else ConnectionResetError(f"stream reset by peer ({ev.error_code})")
-                        )
-                    elif stream.sink is not None:
-                        stream.sink.tunnel_reset(ev.error_code)
-                    self.forget(ev.stream_id)
+                self._on_reset(ev)
             elif type(ev) is WindowOpened:
                 on_window_opened(self.streams, ev)
             elif type(ev) is ConnectionTerminated:
@@ -304,6 +284,23 @@ class H3Protocol:
                 self._graceful_close = ev.error_code == H3_NO_ERROR
         for sid in [s for s in self.streams if not conn.is_open(s)]:
             self.forget(sid)
+
+    def _on_reset(self, ev: StreamReset) -> None:
+        stream = self.streams.pop(ev.stream_id, None)
+        if stream is None:
+            return
+        stream._gone()
+        if stream.response is not None and not stream.response.done():
+            # Not established yet: the opener gets the error (and may retry a refused stream
+            # elsewhere); the sink has seen nothing of it.
+            stream.response.set_exception(
+                StreamRefused(f"CONNECT {stream.authority}")
+                if ev.error_code == ErrorCode.REFUSED_STREAM  # H3_REQUEST_REJECTED
+                else ConnectionResetError(f"stream reset by peer ({ev.error_code})")
+            )
+        elif stream.sink is not None:
+            stream.sink.tunnel_reset(ev.error_code)
+        self.forget(ev.stream_id)
 
     def _on_request(self, ev: RequestReceived) -> None:
         stream = H3Stream(self, ev.stream_id)
@@ -423,27 +420,26 @@ class _UdpClient:
 
 
 async def connect_h3(
-    host: str,
-    port: int,
+    key: PoolKey,
     cert: WorkloadCertificate,
+    settings: HboneSettings,
     *,
-    trust_domain: str,
-    expected: Collection[SpiffeId],
-    source_ip: str | None = None,
-    transparent: bool = False,
     timeout: float = 10.0,
     on_close: Callable[[H3Protocol], None] | None = None,
-    server_name: str | None = None,
 ) -> H3Protocol:
-    """Open an HBONE-over-HTTP/3 connection presenting `cert` and verify the server is one of
-    `expected`; `server_name` (SNI, `meshcore.hbone.h3.server_name_for`) names the destination
-    workload when the server is a node proxy's shared socket. Raises PeerVerificationError,
-    TimeoutError or OSError."""
+    """Open an HBONE-over-HTTP/3 connection to `key.h3_address` (else `key.address`) presenting
+    `cert` and verify the server is one of `key.expected`; `key.server_name` (SNI,
+    `meshcore.hbone.h3.server_name_for`) names the destination workload when the server is a
+    node proxy's shared socket. Raises PeerVerificationError, TimeoutError or OSError."""
     loop = asyncio.get_running_loop()
-    sock = udp_socket(host, transparent=transparent)
+    host, port = key.h3_address or key.address
+    # A node's shared socket answers to our address: a transparent source (a pod IP) would
+    # route the replies to the pod, not here.
+    shared = key.h3_address is not None
+    sock = udp_socket(host, transparent=key.transparent and not shared)
     try:
-        if source_ip is not None:
-            sock.bind((source_ip, 0))
+        if key.source_ip is not None and not shared:
+            sock.bind((key.source_ip, 0))
         sock.connect((host, port))
         udp = _UdpClient(sock, (host, port))
     except BaseException:
@@ -455,16 +451,19 @@ async def connect_h3(
         if on_close is not None:
             on_close(proto)
 
+    core = H3Settings(
+        role=Role.CLIENT,
+        trust_domain=settings.trust_domain,
+        expected=key.expected,
+        server_name=key.server_name,
+    )
     proto = H3Protocol(
-        Role.CLIENT,
-        cert,
-        trust_domain=trust_domain,
-        expected=expected,
+        H3HboneConnection(cert, core, wall_clock=utcnow()),
         peer_addr=(host, port),
         send=udp.send,
         on_close=closed,
-        server_name=server_name,
     )
+    proto.server_name = key.server_name
     udp.proto = proto
     proto.conn.connect((host, port), loop.time())
     proto.flush()
@@ -478,6 +477,12 @@ async def connect_h3(
     return proto
 
 
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a QUIC handshake may take before the peer is dropped and reported."""
+MAX_CONNECTIONS = 4096
+"""Connections (handshaking or established) on one endpoint, all peers together."""
+
+
 class H3Endpoint:
     """Server side: one UDP socket; a QUIC connection per peer address. `start(sock)` begins
     reading (in batches, see `_UdpClient`).
@@ -486,33 +491,34 @@ class H3Endpoint:
     client's first Initial (`client_hello_server_name`; None without one: then the listening
     address names the local workload, as for HBONE over TCP). `on_refused(peer, error)` is told
     about every peer that did not pass verification or the handshake timeout, or got no
-    certificate; `on_request` gets each CONNECT."""
+    certificate; `on_request` gets each CONNECT.
+
+    Per-peer-IP bounds (handshakes in progress, connections) are `peers`, the `PeerTable` an
+    HBONE listener shares between its transports (a fresh one when not given); the endpoint
+    bounds its connections of all peers together (`max_connections`) and the handshake time
+    (`handshake_timeout`)."""
 
     def __init__(
         self,
         certificate: Callable[[str | None], Awaitable[WorkloadCertificate]],
+        settings: HboneSettings,
         *,
-        trust_domain: str,
         on_request: Callable[[H3Stream, Address], None],
         on_refused: Callable[[Address, PeerVerificationError], None],
-        handshake_timeout: float = 10.0,
-        max_connections: int = 4096,
-        max_handshakes_per_ip: int = 64,
-        max_connections_per_ip: int = 512,
+        peers: PeerTable | None = None,
     ) -> None:
         self._certificate = certificate
-        self.trust_domain = trust_domain
+        self.trust_domain = settings.trust_domain
+        self._core = H3Settings(role=Role.SERVER, trust_domain=settings.trust_domain)
+        """Shared by every connection of the endpoint."""
         self._on_request = on_request
         self._on_refused = on_refused
-        self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
-        self.max_handshakes_per_ip = max_handshakes_per_ip
-        self.max_connections_per_ip = max_connections_per_ip
-        self._per_ip: dict[str, int] = {}  # connections (any state) per peer IP
+        self.handshake_timeout = HANDSHAKE_TIMEOUT
+        self.max_connections = MAX_CONNECTIONS
+        self.peers = peers if peers is not None else PeerTable()
         self.sock: socket.socket | None = None
         self.connections: dict[Address, H3Protocol] = {}
         self._pending: dict[Address, list[bytes]] = {}
-        self._handshaking: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         self.dropped = 0
@@ -594,31 +600,34 @@ class H3Endpoint:
             dcid is None
             or self.closing
             or len(self.connections) + len(self._pending) >= self.max_connections
-            or self._handshaking.get(addr[0], 0) >= self.max_handshakes_per_ip
-            or self._per_ip.get(addr[0], 0) >= self.max_connections_per_ip
+            or self.peers.admit(addr[0]) is not None  # counted (handshake, connection) if None
         ):
             self.dropped += 1
             return
         self._pending[addr] = [data]
-        self._handshaking[addr[0]] = self._handshaking.get(addr[0], 0) + 1
         server_name = client_hello_server_name(data)
         task = asyncio.get_running_loop().create_task(self._accept(addr, dcid, server_name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _accept(self, addr: Address, dcid: bytes, server_name: str | None) -> None:
+        proto: H3Protocol | None = None
         try:
-            await self._handshake(addr, dcid, server_name)
+            proto = await self._connection(addr, dcid, server_name)
+            if proto is not None:
+                await self._verify(addr, proto)
         finally:
-            left = self._handshaking.get(addr[0], 1) - 1
-            if left:
-                self._handshaking[addr[0]] = left
-            else:
-                self._handshaking.pop(addr[0], None)
+            self.peers.handshake_done(addr[0])
+            if proto is None:
+                self.peers.closed(addr[0])  # else the connection's close uncounts the peer
             if addr not in self.connections and self.on_peer_gone is not None:
                 self.on_peer_gone(addr)
 
-    async def _handshake(self, addr: Address, dcid: bytes, server_name: str | None) -> None:
+    async def _connection(
+        self, addr: Address, dcid: bytes, server_name: str | None
+    ) -> H3Protocol | None:
+        """The server connection for a client's first Initial, fed what it sent so far; None
+        (the handshake dropped) without a certificate to present or a socket."""
         try:
             cert = await self._certificate(server_name)
         except Exception as err:
@@ -626,28 +635,27 @@ class H3Endpoint:
             self.dropped += 1
             log.warning("HTTP/3 HBONE from %s: no certificate to present: %s", addr[0], err)
             self._on_refused(addr, PeerVerificationError(f"no certificate to present: {err}"))
-            return
+            return None
         if self.sock is None:
             self._pending.pop(addr, None)
-            return
+            return None
         # A handshake begun before `close()` completes (then gets GOAWAY): its peer may have
         # been named to a successor as served here (`served_peers`).
         proto = H3Protocol(
-            Role.SERVER,
-            cert,
-            trust_domain=self.trust_domain,
-            expected=None,
+            H3HboneConnection(cert, self._core, wall_clock=utcnow(), original_dcid=dcid),
             peer_addr=addr,
             send=self.sendto,
             on_request=lambda stream: self._on_request(stream, addr),
             on_close=self._closed,
-            original_dcid=dcid,
         )
         proto.server_name = server_name
         self.connections[addr] = proto
-        self._per_ip[addr[0]] = self._per_ip.get(addr[0], 0) + 1
         for data in self._pending.pop(addr, []):
             proto.datagram_received(data, addr)
+        return proto
+
+    async def _verify(self, addr: Address, proto: H3Protocol) -> None:
+        """Wait (bounded) for the peer to pass verification; report and drop it otherwise."""
         try:
             await asyncio.wait_for(asyncio.shield(proto.ready), self.handshake_timeout)
         except PeerVerificationError as err:
@@ -666,12 +674,7 @@ class H3Endpoint:
     def _closed(self, proto: H3Protocol) -> None:
         if self.connections.get(proto.peer_addr) is proto:
             del self.connections[proto.peer_addr]
-            ip = proto.peer_addr[0]
-            left = self._per_ip.get(ip, 1) - 1
-            if left:
-                self._per_ip[ip] = left
-            else:
-                self._per_ip.pop(ip, None)
+            self.peers.closed(proto.peer_addr[0])
             if self.on_peer_gone is not None:
                 self.on_peer_gone(proto.peer_addr)
 

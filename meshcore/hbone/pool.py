@@ -1,7 +1,8 @@
 """HBONE connection pool: reuse mTLS connections for many CONNECT streams.
 
 Owns: the set of client `HboneProtocol`s, keyed like Istio's pool by (source identity, expected
-destination identities, destination address, source IP).
+destination identities, destination address, source IP): `PoolKey` (defined beside `connect`,
+which dials one, in `meshcore.hbone.aio`).
 
 Invariants (in the spirit of ztunnel's pool.rs):
 - A connection carries at most `max_streams` concurrent streams (capped again by the peer's
@@ -32,7 +33,14 @@ from dataclasses import dataclass
 
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import StreamRefused
-from meshcore.hbone.aio import HboneProtocol, HboneStream, TunnelSink, connect
+from meshcore.hbone.aio import (
+    HboneProtocol,
+    HboneSettings,
+    HboneStream,
+    TunnelSink,
+    connect,
+)
+from meshcore.hbone.aio import PoolKey as PoolKey  # re-exported: the pool's key
 from meshcore.hbone.h3aio import H3Protocol, connect_h3
 from meshcore.identity import SpiffeId
 
@@ -48,23 +56,17 @@ DIAL_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PoolKey:
-    source: SpiffeId
-    """Identity whose certificate the client presents."""
-    expected: tuple[SpiffeId, ...]
-    """Server identities accepted for this destination."""
-    address: tuple[str, int]
-    """Where the HBONE connection goes (ip, 15008)."""
-    source_ip: str | None = None
-    """Bind the connection to this source IP (original-source mode), or None."""
-    transparent: bool = False
-    """Bind `source_ip` with IP_TRANSPARENT (it is not an address of this node)."""
-    transport: str = "h2"
-    """"h2": HBONE over HTTP/2 (TLS over TCP); "h3": try HTTP/3 (QUIC) first, see above."""
-    h3_address: tuple[str, int] | None = None
-    """Where HTTP/3 goes (UDP) when not `address`: a node proxy's shared socket."""
-    server_name: str | None = None
-    """SNI of the HTTP/3 connection, naming the destination workload (`server_name_for`)."""
+class PoolLimits:
+    """A pool's bounds and timeouts, fixed when the pool is built."""
+
+    max_streams: int = MAX_STREAMS_PER_CONNECTION
+    idle_timeout: float = IDLE_TIMEOUT
+    connect_timeout: float = 10.0
+    h3_attempt_timeout: float = H3_ATTEMPT_TIMEOUT
+    h3_retry_after: float = H3_RETRY_AFTER
+
+
+DEFAULT_LIMITS = PoolLimits()
 
 
 class HbonePool:
@@ -73,23 +75,22 @@ class HbonePool:
         context_for: Callable[[SpiffeId], Awaitable[ssl.SSLContext]],
         *,
         trust_domain: str,
-        max_streams: int = MAX_STREAMS_PER_CONNECTION,
-        idle_timeout: float = IDLE_TIMEOUT,
-        connect_timeout: float = 10.0,
         cert_for: Callable[[SpiffeId], Awaitable[WorkloadCertificate]] | None = None,
-        h3_attempt_timeout: float = H3_ATTEMPT_TIMEOUT,
-        h3_retry_after: float = H3_RETRY_AFTER,
+        limits: PoolLimits = DEFAULT_LIMITS,
     ) -> None:
+        """`cert_for`: the certificate of an identity, for HTTP/3 (without: HTTP/2 only)."""
         self._context_for = context_for
         self._cert_for = cert_for
-        self.h3_attempt_timeout = h3_attempt_timeout
-        self.h3_retry_after = h3_retry_after
+        self.h3_attempt_timeout = limits.h3_attempt_timeout
+        self.h3_retry_after = limits.h3_retry_after
         self.h3_unreachable: dict[tuple[str, int], float] = {}  # address -> retry HTTP/3 at
         self.h3_fallbacks = 0
         self.trust_domain = trust_domain
-        self.max_streams = max_streams
-        self.idle_timeout = idle_timeout
-        self.connect_timeout = connect_timeout
+        self.settings = HboneSettings(trust_domain=trust_domain)
+        """Shared by every connection the pool dials."""
+        self.max_streams = limits.max_streams
+        self.idle_timeout = limits.idle_timeout
+        self.connect_timeout = limits.connect_timeout
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
         self.connections_opened = 0
@@ -163,18 +164,11 @@ class HbonePool:
         cert = await self._cert_for(key.source)
         try:
             return await connect_h3(
-                address[0],
-                address[1],
+                key,
                 cert,
-                trust_domain=self.trust_domain,
-                expected=key.expected,
-                # A node's shared socket answers to our address: a transparent source (a pod
-                # IP) would route the replies to the pod, not here.
-                source_ip=None if key.h3_address is not None else key.source_ip,
-                transparent=key.transparent and key.h3_address is None,
+                self.settings,
                 timeout=min(self.h3_attempt_timeout, self.connect_timeout),
                 on_close=functools.partial(self._remove, key),
-                server_name=key.server_name,
             )
         except (TimeoutError, OSError) as err:  # not PeerVerificationError: no fallback
             now = loop.time()
@@ -193,18 +187,13 @@ class HbonePool:
 
     async def _dial_h2(self, key: PoolKey) -> HboneProtocol:
         ctx = await self._context_for(key.source)
-        proto = await connect(
-            key.address[0],
-            key.address[1],
+        return await connect(
+            key,
             ctx,
-            trust_domain=self.trust_domain,
-            expected=key.expected,
-            source_ip=key.source_ip,
-            transparent=key.transparent,
+            self.settings,
             timeout=self.connect_timeout,
             on_close=functools.partial(self._remove, key),
         )
-        return proto
 
     def _dialed(self, key: PoolKey, _task: asyncio.Task[PooledConnection]) -> None:
         self._connecting.pop(key, None)

@@ -27,7 +27,7 @@ import yaml
 
 from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, WorkloadCertificate
-from meshcore.hbone.aio import connect
+from meshcore.hbone.aio import HboneSettings, PoolKey, connect
 from meshcore.hbone.frames import (
     CLIENT_PREFACE,
     Flag,
@@ -313,8 +313,9 @@ class Raw:
 async def legit_tunnel(cert: WorkloadCertificate, size: int = 64 * 1024) -> None:
     """A well-behaved client: its own HBONE connection, one tunnel, hash-checked echo."""
     data = hashlib.shake_256(os.urandom(8)).digest(size)
+    key = PoolKey(source=cert.identity, expected=(ECHO,), address=HBONE)
     proto = await connect(
-        *HBONE, client_context(cert), trust_domain="cluster.local", expected=[ECHO], timeout=10
+        key, client_context(cert), HboneSettings(trust_domain="cluster.local"), timeout=10
     )
     try:
         sink = Sink()

@@ -19,6 +19,7 @@ from aioquic.quic.connection import QuicConnection
 
 from meshcore.certs import utcnow
 from meshcore.errors import HboneError, PeerVerificationError
+from meshcore.hbone.aio import HboneSettings
 from meshcore.hbone.h3 import _Stream, server_name_for
 from meshcore.hbone.h3aio import H3Endpoint, H3Stream, connect_h3
 from meshcore.hbone.pool import PoolKey
@@ -40,6 +41,11 @@ from ztunnel.proxy.inbound_h3 import H3Listener
 SLEEP_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
 ECHO_ID = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")
 H3 = (SERVER_IP, 15008)
+HBONE = HboneSettings(trust_domain="cluster.local")
+CLIENT_KEY = PoolKey(
+    source=SLEEP_ID, expected=(ECHO_ID,), address=H3, source_ip=CLIENT_IP, transport="h3"
+)
+"""A raw HTTP/3 dial from the client pod's address to node B."""
 
 
 def dial_h3_from_node_a(mesh: Mesh) -> None:
@@ -193,7 +199,7 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
             ep.handshake_timeout = 0.5
             socks = []
             try:
-                for _ in range(ep.max_handshakes_per_ip + 10):
+                for _ in range(ep.peers.max_handshakes + 10):
                     # Real client Initials that will never finish (their sender goes silent).
                     client = QuicConnection(
                         configuration=QuicConfiguration(is_client=True, alpn_protocols=["h3"])
@@ -205,9 +211,11 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
                     for data, _ in client.datagrams_to_send(now=time.monotonic()):
                         s.sendto(data, H3)
                 await eventually(lambda: ep.dropped >= 10)
-                assert len(ep.connections) + len(ep._pending) <= ep.max_handshakes_per_ip
+                assert len(ep.connections) + len(ep._pending) <= ep.peers.max_handshakes
                 # Each one is given up after the handshake timeout and recorded.
-                await eventually(lambda: not ep.connections and not ep._handshaking, 5)
+                await eventually(
+                    lambda: not ep.connections and not ep.peers.handshakes(CLIENT_IP), 5
+                )
                 failed = [
                     x
                     for x in metric_text(mesh.node_b).splitlines()
@@ -215,7 +223,7 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
                     and 'response_flags="TLS_FAILURE"' in x
                 ]
                 assert failed
-                assert float(failed[0].rsplit(" ", 1)[1]) == ep.max_handshakes_per_ip
+                assert float(failed[0].rsplit(" ", 1)[1]) == ep.peers.max_handshakes
             finally:
                 for s in socks:
                     s.close()
@@ -228,16 +236,14 @@ def test_connections_per_peer_ip_are_bounded(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_mesh(tmp_path, transport="h3") as mesh:
             ep = endpoint(mesh)
-            ep.max_connections_per_ip = 2
+            ep.peers.max_connections = 2
             cert = mesh.ca.issue(SLEEP_ID, now=utcnow())
 
             async def dial() -> Any:
                 return await connect_h3(
-                    *H3,
+                    CLIENT_KEY,
                     cert,
-                    trust_domain="cluster.local",
-                    expected=[ECHO_ID],
-                    source_ip=CLIENT_IP,
+                    HBONE,
                     timeout=1.0,
                 )
 
@@ -274,11 +280,9 @@ def test_non_connect_request_gets_400_over_h3(
     async def main() -> None:
         async with running_mesh(tmp_path, transport="h3") as mesh:
             proto = await connect_h3(
-                *H3,
+                CLIENT_KEY,
                 mesh.ca.issue(SLEEP_ID, now=utcnow()),
-                trust_domain="cluster.local",
-                expected=[ECHO_ID],
-                source_ip=CLIENT_IP,
+                HBONE,
             )
             conn = proto.conn
             assert conn.h3 is not None
@@ -304,14 +308,15 @@ def test_h3_source_named_by_forwarded_only_for_the_peers_own_identity(tmp_path: 
 
     async def main() -> None:
         async with running_mesh(tmp_path, transport="h3") as mesh:
-            proto = await connect_h3(
-                *H3,
-                mesh.ca.issue(SLEEP_ID, now=utcnow()),
-                trust_domain="cluster.local",
-                expected=[ECHO_ID],
+            key = PoolKey(
+                source=SLEEP_ID,
+                expected=(ECHO_ID,),
+                address=H3,
                 source_ip="127.0.21.99",  # not a workload: "a node address"
+                transport="h3",
                 server_name=server_name_for(SERVER_IP),
             )
+            proto = await connect_h3(key, mesh.ca.issue(SLEEP_ID, now=utcnow()), HBONE)
             authority = f"{SERVER_IP}:8080"
             with pytest.raises(HboneError) as refused:
                 await proto.open_stream(authority, [("forwarded", f'for="{SERVER_IP}:1"')], Sink())
@@ -331,16 +336,10 @@ def test_h3_source_named_by_forwarded_only_for_the_peers_own_identity(tmp_path: 
 def test_sni_naming_no_local_workload_gets_no_certificate(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_mesh(tmp_path, transport="h3") as mesh:
+            # SNI naming node A's workload, not B's.
+            key = dataclasses.replace(CLIENT_KEY, server_name=server_name_for(CLIENT_IP))
             with pytest.raises((TimeoutError, OSError, PeerVerificationError)):
-                await connect_h3(
-                    *H3,
-                    mesh.ca.issue(SLEEP_ID, now=utcnow()),
-                    trust_domain="cluster.local",
-                    expected=[ECHO_ID],
-                    source_ip=CLIENT_IP,
-                    server_name=server_name_for(CLIENT_IP),  # node A's workload, not B's
-                    timeout=1.0,
-                )
+                await connect_h3(key, mesh.ca.issue(SLEEP_ID, now=utcnow()), HBONE, timeout=1.0)
             assert endpoint(mesh).dropped >= 1
             assert not endpoint(mesh).connections
 
@@ -354,11 +353,9 @@ def test_malformed_h3_closes_only_that_connection(tmp_path: Path) -> None:
             reader, writer = await asyncio.open_connection(VIP, 80, local_addr=(CLIENT_IP, 0))
             await echo_round(reader, writer, 1, 10_000)
             proto = await connect_h3(
-                *H3,
+                CLIENT_KEY,
                 mesh.ca.issue(SLEEP_ID, now=utcnow()),
-                trust_domain="cluster.local",
-                expected=[ECHO_ID],
-                source_ip=CLIENT_IP,
+                HBONE,
             )
             quic = proto.conn.quic
             sid = quic.get_next_available_stream_id()

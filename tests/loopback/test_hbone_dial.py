@@ -11,7 +11,7 @@ import socket
 from contextlib import suppress
 from pathlib import Path
 
-from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
+from meshcore.hbone.aio import HboneHooks, HboneProtocol, HboneSettings, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
 from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.pool import HbonePool, PoolKey
@@ -115,12 +115,12 @@ def test_a_stream_the_peer_did_not_process_is_retried(tmp_path: Path) -> None:
             listener.setblocking(False)
             loop = asyncio.get_running_loop()
 
+            settings = HboneSettings(trust_domain="cluster.local")
+
             async def serve() -> None:
                 while True:
                     sock, _ = await loop.sock_accept(listener)
-                    proto = HboneProtocol(
-                        Role.SERVER, trust_domain="cluster.local", on_request=on_request
-                    )
+                    proto = HboneProtocol(Role.SERVER, settings, HboneHooks(on_request=on_request))
                     await accept_tls(sock, server_ctx, proto)
 
             server = asyncio.create_task(serve())

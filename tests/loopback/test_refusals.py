@@ -31,7 +31,7 @@ from prometheus_client import generate_latest
 from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, WorkloadCertificate, utcnow
 from meshcore.errors import HboneError, PeerVerificationError
-from meshcore.hbone.aio import HboneProtocol, connect
+from meshcore.hbone.aio import HboneProtocol, HboneSettings, PoolKey, connect
 from meshcore.hbone.h3aio import H3Protocol, connect_h3
 from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import load_mesh_config
@@ -90,23 +90,17 @@ async def dial(
     transport: str = "h2",
 ) -> HboneProtocol | H3Protocol:
     """A raw HBONE client connection to node B's listener, from the client pod's address."""
-    if transport == "h3":
-        return await connect_h3(
-            *HBONE,
-            cert,
-            trust_domain=trust_domain,
-            expected=[expected],
-            source_ip=CLIENT_IP,
-            timeout=5.0,
-        )
-    return await connect(
-        *HBONE,
-        client_context(cert),
-        trust_domain=trust_domain,
-        expected=[expected],
+    key = PoolKey(
+        source=cert.identity,
+        expected=(expected,),
+        address=HBONE,
         source_ip=CLIENT_IP,
-        timeout=5.0,
+        transport=transport,
     )
+    settings = HboneSettings(trust_domain=trust_domain)
+    if transport == "h3":
+        return await connect_h3(key, cert, settings, timeout=5.0)
+    return await connect(key, client_context(cert), settings, timeout=5.0)
 
 
 async def connect_through(

@@ -12,7 +12,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshcore.hbone.aio import connect
+from meshcore.hbone.aio import HboneSettings, PoolKey, connect
 from meshcore.identity import SpiffeId
 from meshcore.tls import client_context
 from tests.helpers import run
@@ -162,14 +162,14 @@ def test_destination_infers_the_service_by_target_port(tmp_path: Path) -> None:
         async with running_mesh(tmp_path) as mesh:
             sleep_id = SpiffeId.parse(SLEEP)
             cert = await mesh.node_a.ctx.certs.get(sleep_id)
-            proto = await connect(
-                SERVER_IP,
-                15008,
-                client_context(cert),
-                trust_domain="cluster.local",
-                expected=[SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")],
+            key = PoolKey(
+                source=sleep_id,
+                expected=(SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo"),),
+                address=(SERVER_IP, 15008),
                 source_ip=CLIENT_IP,
-                timeout=5.0,
+            )
+            proto = await connect(
+                key, client_context(cert), HboneSettings(trust_domain="cluster.local"), timeout=5.0
             )
             try:
 

@@ -50,7 +50,7 @@ import asyncio, sys
 from pathlib import Path
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import HboneError
-from meshcore.hbone.aio import connect
+from meshcore.hbone.aio import HboneSettings, PoolKey, connect
 from meshcore.identity import SpiffeId
 from meshcore.tls import ContextCache
 from meshcore.xds import ControlPlaneEndpoint
@@ -70,8 +70,9 @@ async def main() -> None:
     cert = await provider.fetch(SpiffeId.parse("spiffe://cluster.local/ns/default/sa/client"))
     await provider.close()
     ctx = ContextCache().client(cert)
-    proto = await connect(pod_ip, 15008, ctx, trust_domain="cluster.local",
-                          expected=[SpiffeId.parse(expected)])
+    key = PoolKey(source=cert.identity, expected=(SpiffeId.parse(expected),),
+                  address=(pod_ip, 15008))
+    proto = await connect(key, ctx, HboneSettings(trust_domain="cluster.local"))
     try:
         await proto.open_stream(f"{pod_ip}:9080", [
             ("forwarded", 'for="10.0.0.1:1";host=reviews.default.svc.cluster.local')], Sink())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -37,6 +37,7 @@ from meshcore.hbone.h3 import (
     H3_CONNECT_ERROR,
     STREAM_WINDOW,
     H3HboneConnection,
+    H3Settings,
     PeerRefused,
     PeerVerified,
     address_from_server_name,
@@ -46,7 +47,7 @@ from meshcore.hbone.h3 import (
     server_name_for,
 )
 from meshcore.identity import SpiffeId
-from meshcore.tls import verify_peer_chain
+from meshcore.tls import PeerPolicy, Side, verify_peer_chain
 
 TD = "cluster.local"
 SLEEP = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
@@ -136,15 +137,20 @@ def start(
     return server, c_events, s_events + more
 
 
-def ours(role: Role, cert: WorkloadCertificate, **kw: Any) -> H3HboneConnection:
-    return H3HboneConnection(
-        role,
-        cert,
+def ours(
+    role: Role,
+    cert: WorkloadCertificate,
+    *,
+    original_dcid: bytes | None = None,
+    **kw: Any,
+) -> H3HboneConnection:
+    settings = H3Settings(
+        role=role,
         trust_domain=TD,
         expected=kw.pop("expected", [ECHO] if role is Role.CLIENT else None),
-        wall_clock=utcnow(),
         **kw,
     )
+    return H3HboneConnection(cert, settings, wall_clock=utcnow(), original_dcid=original_dcid)
 
 
 def plain_server(cert: WorkloadCertificate) -> Callable[[bytes], QuicConnection]:
@@ -430,16 +436,16 @@ def _leaf(cert: WorkloadCertificate) -> bytes:
     )
 
 
-def check(cert: WorkloadCertificate, roots: bytes, **kw: Any) -> SpiffeId:
-    args: dict[str, Any] = {
-        "roots_pem": roots,
-        "peer_side": "client",
-        "trust_domain": TD,
-        "expected": None,
-        "now": utcnow(),
-    }
-    args.update(kw)
-    return verify_peer_chain(_leaf(cert), [], **args)
+def check(
+    cert: WorkloadCertificate,
+    roots: bytes,
+    *,
+    expected: list[SpiffeId] | None = None,
+    peer_side: Side = "client",
+    now: datetime | None = None,
+) -> SpiffeId:
+    policy = PeerPolicy(peer_side=peer_side, trust_domain=TD, expected=expected)
+    return verify_peer_chain(_leaf(cert), [], policy, roots_pem=roots, now=now or utcnow())
 
 
 def test_verify_peer_chain_rules(ca: MeshCA) -> None:
@@ -456,10 +462,8 @@ def test_verify_peer_chain_rules(ca: MeshCA) -> None:
         verify_peer_chain(
             None,
             [],
+            PeerPolicy(peer_side="client", trust_domain=TD),
             roots_pem=ca.roots_pem,
-            peer_side="client",
-            trust_domain=TD,
-            expected=None,
             now=utcnow(),
         )
     # Another trust domain, chaining to a root we trust.

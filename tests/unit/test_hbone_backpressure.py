@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from meshcore.hbone.aio import HboneProtocol, HboneStream
+from meshcore.hbone.aio import HboneProtocol, HboneSettings, HboneStream
 from meshcore.hbone.connection import Role, WindowOpened
 
 
@@ -31,7 +31,7 @@ class Sink:
 
 
 async def _protocol_with_streams(n: int) -> tuple[HboneProtocol, list[Sink]]:
-    proto = HboneProtocol(Role.CLIENT, trust_domain="cluster.local")
+    proto = HboneProtocol(Role.CLIENT, HboneSettings(trust_domain="cluster.local"))
     proto.conn.initiate(0.0)
     sinks = []
     for _ in range(n):

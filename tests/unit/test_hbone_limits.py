@@ -219,7 +219,7 @@ def test_queued_bytes_are_bounded_per_connection_and_every_stream_resumes() -> N
 def test_peer_table_bounds_and_keeps_the_reset_budget_of_a_returning_peer() -> None:
     """Per-peer-IP bounds of the HBONE listener: handshakes in progress, connections, tunnels;
     a peer that closes all its connections and comes back finds its reset budget spent."""
-    from ztunnel.proxy.accept import PeerTable
+    from meshcore.hbone.peers import PeerTable
 
     peers = PeerTable(handshakes=2, connections=3, resets=5, tunnels=2)
     assert peers.admit("10.0.0.1") is None

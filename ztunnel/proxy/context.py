@@ -70,7 +70,7 @@ class ProxySettings:
     """SETTINGS_MAX_CONCURRENT_STREAMS advertised on inbound HBONE connections."""
     tunnels_per_peer: int = 16_384
     """Inbound tunnels (upstream sockets, connecting or open) one peer IP may hold at once, over
-    all its HBONE connections; more CONNECTs get 503 (`ztunnel.proxy.accept.PeerTable`)."""
+    all its HBONE connections; more CONNECTs get 503 (`meshcore.hbone.peers.PeerTable`)."""
     max_pending_connects: int = 1024
     """Upstream connects in flight in this process (the excess waits)."""
     http3: bool = False

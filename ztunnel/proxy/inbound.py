@@ -26,16 +26,23 @@ from mypy_extensions import mypyc_attr
 
 from meshcore.address import parse_authority
 from meshcore.errors import HboneError, PeerOverLimit, Unauthorized, UpstreamUnavailable
-from meshcore.hbone.aio import HboneProtocol, HboneStream, accept_tls
+from meshcore.hbone.aio import (
+    HboneHooks,
+    HboneProtocol,
+    HboneSettings,
+    HboneStream,
+    accept_tls,
+)
 from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
 from meshcore.hbone.frames import ErrorCode
+from meshcore.hbone.peers import PeerTable
 from meshcore.model import Service
 from meshcore.sockets import connect_tcp
 from meshcore.telemetry import guess_inbound_service
 from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.protocol.plan import InboundConnect, InboundPlan, plan_inbound
-from ztunnel.proxy.accept import AcceptLoop, PeerTable
+from ztunnel.proxy.accept import AcceptLoop
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
 
@@ -171,6 +178,11 @@ class HboneListener:
         self.sock = sock
         self._accept = AcceptLoop("HBONE", sock, self._accepted, ctx.metrics)
         self.peers = PeerTable(tunnels=ctx.settings.tunnels_per_peer)
+        self.settings = HboneSettings(
+            trust_domain=ctx.settings.trust_domain,
+            max_concurrent_streams=ctx.settings.hbone_max_streams,
+        )
+        """Shared by every connection this listener accepts."""
         self._handshakes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -251,16 +263,14 @@ class HboneListener:
             conn.close()
             return None
         slots = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
-        proto = HboneProtocol(
-            Role.SERVER,
-            trust_domain=ctx.settings.trust_domain,
-            expected=None,
+        hooks = HboneHooks(
             on_request=lambda stream: self._on_request(stream, local_ip, peer_ip, slots),
             on_close=on_close,
             on_refused=lambda p, ev: self._on_refused(p, ev, local_ip, peer_ip),
             on_error=lambda p, ev: self._on_error(ev, peer_ip),
-            max_concurrent_streams=ctx.settings.hbone_max_streams,
-            peer_resets=self.peers.resets(peer_ip),
+        )
+        proto = HboneProtocol(
+            Role.SERVER, self.settings, hooks, peer_resets=self.peers.resets(peer_ip)
         )
         try:
             await accept_tls(conn, tls_ctx, proto)

@@ -88,9 +88,10 @@ class H3Listener(HboneListener):
 
         self.endpoint = H3Endpoint(
             certificate,
-            trust_domain=ctx.settings.trust_domain,
+            self.settings,
             on_request=self._on_h3_request,
             on_refused=refused,
+            peers=self.peers,  # handshakes, connections and tunnels: one table per listener
         )
         self.endpoint.start(self.sock, reading=reading)
 
