@@ -8,7 +8,7 @@ plaintext gRPC on 127.0.59.1 (loopback only). Its store is filled directly with 
 namespaces (one Service per 10 pods, pods spread over `--proxies` nodes round-robin, so a
 service's 10 pods sit on 10 nodes; all ambient; one AuthorizationPolicy per namespace); the
 manifest/Kubernetes parsing cost is not part of the figures. Then, in this process:
-- the fleet: one on-demand node proxy per node (`meshcore.xds.XdsClient(on_demand=True)`, each
+- the fleet: one on-demand node proxy per node (`meshcore.xds.XdsSettings(on_demand=True)`, each
   building its `MeshState` as a node proxy does) connects and syncs;
 - full state per proxy: a new on-demand proxy for node-0, timed from connect to synced (best of
   3), its size, and whether it holds exactly its scope (the workloads of its node, their
@@ -54,7 +54,7 @@ from controlplane.app import ControlPlane, ControlPlaneSettings
 from controlplane.objects import parse_object
 from meshcore.ca import MeshCA
 from meshcore.proto import discovery_pb2 as dpb
-from meshcore.xds import ControlPlaneEndpoint, XdsClient, apply_response
+from meshcore.xds import ControlPlaneEndpoint, XdsClient, XdsSettings, apply_response
 
 HOST = "127.0.59.1"
 PER_NS = 100
@@ -229,7 +229,7 @@ class Timing:
 async def newcomer(ep: ControlPlaneEndpoint, node: str, on_demand: bool) -> tuple[float, XdsClient]:
     best, client = float("inf"), None
     for _ in range(3):
-        c = XdsClient(ep, node=node, on_demand=on_demand)
+        c = XdsClient(ep, XdsSettings(node=node, on_demand=on_demand))
         t = time.perf_counter()
         task = asyncio.create_task(c.run())
         await asyncio.wait_for(c.synced.wait(), 300)
@@ -298,7 +298,7 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
         timing = Timing()
         t = time.perf_counter()
         for idx in range(proxies):
-            c = XdsClient(ep, node=f"node-{idx}", on_demand=True)
+            c = XdsClient(ep, XdsSettings(node=f"node-{idx}", on_demand=True))
             c.on_response = timing.hook(idx, capture=idx == 0)
             fleet.append((c, asyncio.create_task(c.run())))
         await asyncio.wait_for(asyncio.gather(*(c.synced.wait() for c, _ in fleet)), 900)
@@ -316,7 +316,7 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
             for i, (c, _) in enumerate(fleet)
         )
         # Keep the wildcard proxy connected: its one-workload responses time the delta apply.
-        wc_live = XdsClient(ep, node="node-0")
+        wc_live = XdsClient(ep, XdsSettings(node="node-0"))
         wc_live.on_response = timing.hook(-1, capture=True)
         wc_task = asyncio.create_task(wc_live.run())
         await asyncio.wait_for(wc_live.synced.wait(), 300)

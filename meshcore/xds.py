@@ -13,13 +13,13 @@ Invariants:
   (the proxy swaps `ProxyContext.state` by one assignment): readers never see half a response.
 - While the control plane is unreachable the last good state stays in force (nothing is
   cleared on disconnect). Reconnects back off exponentially (0.5 s x2, jitter +-20%, capped
-  at `backoff_cap`); the attempt counter resets once a stream delivered a response.
+  at `XdsSettings.backoff_cap`); the attempt counter resets once a stream delivered a response.
 - On reconnect the client sends ``initial_resource_versions`` (what it has), so the control
   plane sends only what changed meanwhile plus removals: a restarted control plane that
   computes the same content sends nothing new.
 - `synced` is set once the first response of every type URL has been applied (full state).
-- On-demand (``on_demand=True``, Istio ztunnel's ``XDS_ON_DEMAND``): the Address type is
-  subscribed to "nothing" (``*`` subscribed and unsubscribed in the first request), so the
+- On-demand (``XdsSettings(on_demand=True)``, Istio ztunnel's ``XDS_ON_DEMAND``): the Address
+  type is subscribed to "nothing" (``*`` subscribed and unsubscribed in the first request), so the
   control plane sends this node's workloads and what is asked for; `demand` asks for one
   resource or ``network/IP`` and returns once the response answering it has been applied to
   the published state (never before: a caller that looks the address up next sees it, or
@@ -174,43 +174,57 @@ class ClientStats:
     """Encoded bytes of those responses per type URL (``istio_xds_message_bytes``)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class XdsSettings:
+    """Who an `XdsClient` is and how it subscribes: fixed for the process."""
+
+    node: str
+    node_kind: str = "ztunnel"
+    """Node id prefix: ``<node_kind>~<node>`` (ztunnel, waypoint)."""
+    on_demand: bool = False
+    """Addresses on demand (Istio ztunnel's ``XDS_ON_DEMAND``, see the module docstring)."""
+    build_state: bool = True
+    """Build and publish the `MeshState` (False: only count, e.g. a benchmark's fleet)."""
+    backoff_cap: float = 10.0
+    """Seconds between reconnect attempts at most."""
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random | None = None
+    """The reconnect jitter's source (None: a fresh one per client)."""
+
+
 class XdsClient:
     """Delta ADS client for one node proxy. `run()` forever; cancel to stop."""
 
     def __init__(
         self,
         endpoint: ControlPlaneEndpoint,
+        settings: XdsSettings,
         *,
-        node: str,
         on_update: Callable[[MeshState], None] | None = None,
-        state: MeshState | None = None,
-        backoff_cap: float = 10.0,
-        build_state: bool = True,
-        rng: random.Random | None = None,
-        clock: Callable[[], float] = time.monotonic,
         extra_types: Mapping[str, ExtraHandler] | None = None,
-        node_kind: str = "ztunnel",
-        on_demand: bool = False,
+        state: MeshState | None = None,
     ) -> None:
+        """`on_update` gets each new `MeshState`; `extra_types` are further type URLs and who
+        applies their responses; `state` is where to start from (default: empty)."""
         self.endpoint = endpoint
-        self.node = node
+        self.node = settings.node
         self.on_update = on_update
         self.state = state if state is not None else MeshState.empty()
-        self.backoff_cap = backoff_cap
-        self.build_state = build_state
-        self.rng = rng or random.Random()
-        self.clock = clock
+        self.backoff_cap = settings.backoff_cap
+        self.build_state = settings.build_state
+        self.rng = settings.rng or random.Random()
+        self.clock = settings.clock
         self.extra_types: dict[str, ExtraHandler] = dict(extra_types or {})
         """Further type URLs (e.g. the waypoint's L7 type) and who applies their responses."""
         self.type_urls: tuple[str, ...] = (*TYPE_URLS, *self.extra_types)
-        self.node_kind = node_kind
+        self.node_kind = settings.node_kind
         """Node id prefix: ``<node_kind>~<node>`` (ztunnel, waypoint)."""
         self.stats = ClientStats(versions={t: {} for t in self.type_urls})
         self.synced = asyncio.Event()
         self.updated = asyncio.Event()
         """Set after every applied response (tests/bench clear and wait on it)."""
         self.on_response: Callable[[dpb.DeltaDiscoveryResponse], None] | None = None
-        self.on_demand = on_demand
+        self.on_demand = settings.on_demand
         self._demands: dict[str, asyncio.Future[None]] = {}
         """Address names / ``network/IP`` asked for and not answered yet."""
         self._outbox: asyncio.Queue[dpb.DeltaDiscoveryRequest | None] | None = None

@@ -37,7 +37,7 @@ from meshcore.errors import ConfigError
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, unpack_l7
 from meshcore.state import MeshState
-from meshcore.xds import XdsClient
+from meshcore.xds import XdsClient, XdsSettings
 from waypoint.context import WaypointContext, WaypointSettings
 
 log = logging.getLogger("waypoint.xds")
@@ -144,10 +144,9 @@ def controlplane_context(
 
     client = XdsClient(
         xds_ep,
-        node=args.node,
+        XdsSettings(node=args.node, node_kind="waypoint"),
         on_update=on_update,
         extra_types={L7_TYPE: on_l7},
-        node_kind="waypoint",
     )
     ctx.metrics.xds_stats = client.stats
     return ctx, client, store

@@ -46,7 +46,7 @@ from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idl
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
 from meshcore.tracing import Tracer
-from meshcore.xds import XdsClient
+from meshcore.xds import XdsClient, XdsSettings
 from ztunnel import handover, udp_relay
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
@@ -662,9 +662,8 @@ def controlplane_context(
 
     client = XdsClient(
         xds_ep,
-        node=settings.node,
+        XdsSettings(node=settings.node, on_demand=args.xds_on_demand),
         on_update=on_update,
-        on_demand=args.xds_on_demand,
     )
     if args.xds_on_demand:
         ctx.demand = client.demand

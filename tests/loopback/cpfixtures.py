@@ -21,7 +21,7 @@ import yaml
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.state import MeshState
-from meshcore.xds import ControlPlaneEndpoint, XdsClient
+from meshcore.xds import ControlPlaneEndpoint, XdsClient, XdsSettings
 from tests.helpers import eventually as eventually
 from ztunnel.app import NodeProxy, build_context
 from ztunnel.proxy.context import ProxySettings
@@ -138,7 +138,8 @@ async def start_node(
         ctx.state = state
         ctx.sync_local_identities()
 
-    client = XdsClient(ep, node=node, on_update=on_update, backoff_cap=0.5, on_demand=on_demand)
+    xds = XdsSettings(node=node, backoff_cap=0.5, on_demand=on_demand)
+    client = XdsClient(ep, xds, on_update=on_update)
     if on_demand:
         ctx.demand = client.demand
     task = asyncio.get_running_loop().create_task(client.run())

@@ -17,7 +17,7 @@ import pytest
 
 from controlplane.app import ControlPlane
 from meshcore.proto import discovery_pb2 as dpb
-from meshcore.xds import XdsClient
+from meshcore.xds import XdsClient, XdsSettings
 from tests.helpers import run
 from tests.loopback.cpfixtures import (
     CLIENT_IP,
@@ -94,9 +94,9 @@ async def _on_demand(tmp_path: Path) -> None:
         manifests, "mesh.yaml", [*base_manifests(), DENY_SLEEP, pod("far", "node-c", FAR_IP, "far")]
     )
     async with running_controlplane(cp_settings(tmp_path)) as cp:
-        a = XdsClient(endpoint("node-a"), node="node-a", on_demand=True)
-        b = XdsClient(endpoint("node-b"), node="node-b", on_demand=True)
-        full = XdsClient(endpoint("node-a"), node="node-a")
+        a = XdsClient(endpoint("node-a"), XdsSettings(node="node-a", on_demand=True))
+        b = XdsClient(endpoint("node-b"), XdsSettings(node="node-b", on_demand=True))
+        full = XdsClient(endpoint("node-a"), XdsSettings(node="node-a"))
         seen = {c: Seen() for c in (a, b)}
         for c in (a, b):
             c.on_response = seen[c]

@@ -1093,7 +1093,7 @@ def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
     what the app gets for ``/a//b``: as sent before (BASE), ``/a/b`` after."""
     from controlplane.app import ControlPlane, ControlPlaneSettings
     from meshcore.proto.l7res import L7_TYPE, MeshSettings
-    from meshcore.xds import ControlPlaneEndpoint, XdsClient
+    from meshcore.xds import ControlPlaneEndpoint, XdsClient, XdsSettings
     from waypoint.xds import L7Store, apply_l7
 
     async def main() -> tuple[Outcome, Outcome, PathPolicy]:
@@ -1127,9 +1127,8 @@ def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
                 store = L7Store()
                 client = XdsClient(
                     ControlPlaneEndpoint(address=f"{CP_IP}:{cp.port}"),
-                    node="node-w",
+                    XdsSettings(node="node-w", node_kind="waypoint"),
                     extra_types={L7_TYPE: lambda resp: apply_l7(ctx, store, resp)},
-                    node_kind="waypoint",
                 )
                 task = asyncio.create_task(client.run())
                 try:

@@ -11,7 +11,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider
 from meshcore.proto.yamlform import parse_workload
 from meshcore.state import MeshState
-from meshcore.xds import ControlPlaneEndpoint, XdsClient
+from meshcore.xds import ControlPlaneEndpoint, XdsClient, XdsSettings
 from ztunnel.app import build_context
 from ztunnel.proxy.context import ProxySettings
 
@@ -51,9 +51,10 @@ def test_unanswered_lookup_is_not_success_and_held_addresses_need_none() -> None
 
 def test_client_demand_times_out_without_a_control_plane() -> None:
     async def go() -> None:
-        client = XdsClient(ControlPlaneEndpoint(address="127.0.0.1:9"), node="n1", on_demand=True)
+        cp = ControlPlaneEndpoint(address="127.0.0.1:9")
+        client = XdsClient(cp, XdsSettings(node="n1", on_demand=True))
         assert not await client.demand("/10.0.0.9", timeout=0.05)
-        plain = XdsClient(ControlPlaneEndpoint(address="127.0.0.1:9"), node="n1")
+        plain = XdsClient(cp, XdsSettings(node="n1"))
         assert await plain.demand("/10.0.0.9", timeout=0.05)  # wildcard: nothing to ask for
 
     asyncio.run(go())
