@@ -216,6 +216,7 @@ def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) ->
                 await eventually(
                     lambda: not ep.connections and not ep.peers.handshakes(CLIENT_IP), 5
                 )
+                assert ep.peers.connections(CLIENT_IP) == 0  # every dropped one uncounted
                 failed = [
                     x
                     for x in metric_text(mesh.node_b).splitlines()
