@@ -631,15 +631,10 @@ class HboneConnection:
             self._buf = []
             self._buffered = 0
         if self._preface_expected:
-            if len(data) < len(CLIENT_PREFACE):
-                if not CLIENT_PREFACE.startswith(data):
-                    raise H2ProtocolError("invalid connection preface", ErrorCode.PROTOCOL_ERROR)
-                self._buf, self._buffered, self._need = [data], len(data), len(CLIENT_PREFACE)
+            rest = self._after_preface(data)
+            if rest is None:
                 return
-            if not data.startswith(CLIENT_PREFACE):
-                raise H2ProtocolError("invalid connection preface", ErrorCode.PROTOCOL_ERROR)
-            data = data[len(CLIENT_PREFACE) :]
-            self._preface_expected = False
+            data = rest
         pos = 0
         end = len(data)
         while pos < end:
@@ -673,12 +668,28 @@ class HboneConnection:
             pos += 9 + length
             self._handle_frame(ftype, flags, stream_id, payload, events)
         if pos < end:
-            rest = data[pos:]
-            self._buf, self._buffered = [rest], len(rest)
-            if len(rest) < 9:
-                self._need = 9
-            else:  # the payload of a frame other than plain DATA (DATA is streamed)
-                self._need = 9 + (int.from_bytes(rest[:3], "big"))
+            self._keep_partial(data[pos:])
+
+    def _after_preface(self, data: bytes) -> bytes | None:
+        """Server: what follows the client connection preface (RFC 9113 §3.4) in `data`, or
+        None while the preface is still incomplete (kept until it is)."""
+        if len(data) < len(CLIENT_PREFACE):
+            if not CLIENT_PREFACE.startswith(data):
+                raise H2ProtocolError("invalid connection preface", ErrorCode.PROTOCOL_ERROR)
+            self._buf, self._buffered, self._need = [data], len(data), len(CLIENT_PREFACE)
+            return None
+        if not data.startswith(CLIENT_PREFACE):
+            raise H2ProtocolError("invalid connection preface", ErrorCode.PROTOCOL_ERROR)
+        self._preface_expected = False
+        return data[len(CLIENT_PREFACE) :]
+
+    def _keep_partial(self, rest: bytes) -> None:
+        """Buffer the start of a frame until `_need` bytes of it are here."""
+        self._buf, self._buffered = [rest], len(rest)
+        if len(rest) < 9:
+            self._need = 9
+        else:  # the payload of a frame other than plain DATA (DATA is streamed)
+            self._need = 9 + (int.from_bytes(rest[:3], "big"))
 
     def _begin_data(self, stream_id: int, flags: int, length: int, events: list[Event]) -> None:
         if stream_id == 0:
@@ -919,7 +930,9 @@ class HboneConnection:
         limit = self.local_max_streams if self._settings_sent_at is None else PRE_ACK_MAX_STREAMS
         if len(self._streams) >= limit:
             reason = "over MAX_CONCURRENT_STREAMS"
-            self._refuse(stream_id, 0, ErrorCode.REFUSED_STREAM, reason, headers, events)
+            self._refuse(
+                RequestRefused(stream_id, 0, ErrorCode.REFUSED_STREAM, reason, headers), events
+            )
             return
         stream = _Stream(
             stream_id=stream_id,
@@ -931,15 +944,21 @@ class HboneConnection:
         self._streams[stream_id] = stream
         if oversized:
             reason = "header list over MAX_HEADER_LIST_SIZE"
-            self._refuse(stream_id, 431, ErrorCode.NO_ERROR, reason, headers, events)
+            self._refuse(
+                RequestRefused(stream_id, 431, ErrorCode.NO_ERROR, reason, headers), events
+            )
             return
         problem = _malformed(headers, request=True)
         if problem:
-            self._refuse(stream_id, 0, ErrorCode.PROTOCOL_ERROR, problem, headers, events)
+            self._refuse(
+                RequestRefused(stream_id, 0, ErrorCode.PROTOCOL_ERROR, problem, headers), events
+            )
             return
         problem = _not_connect(headers)
         if problem:
-            self._refuse(stream_id, 400, ErrorCode.NO_ERROR, problem, headers, events)
+            self._refuse(
+                RequestRefused(stream_id, 400, ErrorCode.NO_ERROR, problem, headers), events
+            )
             return
         authority = next((v for k, v in headers if k == ":authority"), "")
         events.append(RequestReceived(stream_id, headers, authority))
@@ -947,24 +966,17 @@ class HboneConnection:
             events.append(StreamEnded(stream_id))
             self._transition(stream, _Input.RECV_END)
 
-    def _refuse(
-        self,
-        stream_id: int,
-        status: int,
-        code: int,
-        reason: str,
-        headers: Headers,
-        events: list[Event],
-    ) -> None:
-        """Answer a request stream ourselves: `status` with END_STREAM, then RST_STREAM(`code`)
-        (NO_ERROR after a complete response, §8.1: stop sending the request); with status 0
-        only the RST_STREAM. Spends the reset budget."""
+    def _refuse(self, refused: RequestRefused, events: list[Event]) -> None:
+        """Answer a request stream ourselves, and report it (`refused`): `status` with
+        END_STREAM, then RST_STREAM(`error_code`) (NO_ERROR after a complete response, §8.1:
+        stop sending the request); with status 0 only the RST_STREAM. Spends the reset budget."""
+        stream_id = refused.stream_id
         self._streams.pop(stream_id, None)
-        if status:
-            self._send_headers(stream_id, [(":status", str(status))], end_stream=True)
-        self._out.append(encode_rst_stream(stream_id, code))
+        if refused.status:
+            self._send_headers(stream_id, [(":status", str(refused.status))], end_stream=True)
+        self._out.append(encode_rst_stream(stream_id, refused.error_code))
         self._remember_reset(stream_id)
-        events.append(RequestRefused(stream_id, status, code, reason, headers))
+        events.append(refused)
         self._spend_reset("refused or reset streams")
 
     def _on_stream_headers(
