@@ -1,9 +1,10 @@
 """asyncio edge of HBONE: moves bytes between a TLS transport and `HboneConnection`.
 
-Owns: one `HboneProtocol` per mTLS connection (client or server role), the `HboneStream` handle
-the proxies use, and peer verification timing: the peer certificate is checked right after the
-TLS handshake and before any HTTP/2 byte is processed or sent. Also the stream-event handlers
-both edges share (`on_stream_data`, `on_stream_ended`, `on_response`, `on_window_opened`; the
+Owns: one `HboneProtocol` per mTLS connection (client or server role; what a listener's or a
+pool's connections share is one `HboneSettings`, built once), the client dial `connect` of a
+`PoolKey`, the `HboneStream` handle the proxies use, and peer verification timing: the peer
+certificate is checked right after the TLS handshake and before any HTTP/2 byte is processed or
+sent. Also the stream-event handlers both edges share (`on_stream_data`, `on_stream_ended`, `on_response`, `on_window_opened`; the
 HTTP/3 edge `meshcore.hbone.h3aio` calls them with its own streams and core).
 
 Transport independence: proxies see only `TunnelStream` (write / write_eof / reset) and feed a
