@@ -4,8 +4,9 @@ Owns: one `HboneProtocol` per mTLS connection (client or server role; what a lis
 pool's connections share is one `HboneSettings`, built once), the client dial `connect` of a
 `PoolKey`, the `HboneStream` handle the proxies use, and peer verification timing: the peer
 certificate is checked right after the TLS handshake and before any HTTP/2 byte is processed or
-sent. Also the stream-event handlers both edges share (`on_stream_data`, `on_stream_ended`, `on_response`, `on_window_opened`; the
-HTTP/3 edge `meshcore.hbone.h3aio` calls them with its own streams and core).
+sent. Also the stream-event handlers both edges share (`on_stream_data`, `on_stream_ended`,
+`on_response`, `on_window_opened`; the HTTP/3 edge `meshcore.hbone.h3aio` calls them with its own
+streams and core).
 
 Transport independence: proxies see only `TunnelStream` (write / write_eof / reset) and feed a
 `TunnelSink` (data / eof / reset / backpressure). HBONE over HTTP/3 (`h3aio.H3Stream`) provides
