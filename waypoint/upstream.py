@@ -5,8 +5,9 @@ Owns: the `Upstreams` interface the handler sends a request through (one per pro
 module's for HTTP/1.1, `waypoint.http2` and `waypoint.upgrade` for the others), the
 `UpstreamRequest` it sends (built once per request, the same for every try) and the
 `UpstreamResponse` it gets back; `UpstreamPool` (idle HTTP/1.1 connections per endpoint, each one
-HBONE CONNECT stream on a pooled mTLS connection from `meshcore.hbone.pool.HbonePool`),
-`H1Exchange` (one request written and its response read, bodies streamed), and the mapping of
+HBONE CONNECT stream on a pooled mTLS connection from `meshcore.hbone.pool.HbonePool`; its
+`request_h1` writes one request and reads its response head, `H1Response` streams the body),
+`H1Conn` (one such connection), and the mapping of
 failures to the error tree: the CONNECT refused or the TLS/TCP connect failing ->
 `UpstreamConnectError` (retry condition connect-failure), a reset or EOF before the response head
 -> `UpstreamReset` (reset), a bad response -> `UpstreamProtocolError`.
