@@ -1,8 +1,10 @@
-"""The compiled (mypyc) build of the node proxy's hot modules, and the pure-Python fallback.
+"""The compiled (mypyc) build of the data path's hot modules (node proxy and waypoint), and the
+pure-Python fallback.
 
 Owns: which modules are compiled (`COMPILED`), the build (`build()`, run by scripts/setup and
 cached on the sources' hash), and the choice made at import time (`select()`, called from
-`meshcore/__init__.py` before any of them is imported).
+`meshcore/__init__.py` before any of them is imported; `waypoint/__init__.py` and
+`ztunnel/__init__.py` import `meshcore` first for that).
 
 The build puts one extension module per compiled module next to its source
 (``connection.cpython-311-x86_64-linux-gnu.so`` beside ``connection.py``), plus their shared
@@ -43,8 +45,20 @@ COMPILED: tuple[str, ...] = (
     "ztunnel.proxy.inbound",
     "ztunnel.proxy.outbound",
     "ztunnel.protocol.plan",
+    "waypoint.protocol.http1",
+    "waypoint.protocol.hygiene",
+    "waypoint.protocol.route",
+    "waypoint.protocol.authz",
+    "waypoint.protocol.cluster",
+    "waypoint.protocol.trace",
+    "waypoint.tunnel",
+    "waypoint.upstream",
+    "waypoint.http1",
+    "waypoint.handler",
+    "waypoint.metrics",
 )
-"""The node proxy's per-byte and per-stream path (profiles in bench/README.md)."""
+"""The node proxy's per-byte and per-stream path and the waypoint's per-request path (profiles in
+bench/README.md)."""
 GROUP = "meshcore._native"
 STAMP = ROOT / "meshcore" / "_native.json"
 """Written by `build()`: the sha256 of each compiled module's source."""
@@ -96,7 +110,7 @@ def select() -> str:
         if recorded != source_hashes():
             mode = "stale"
             warnings.warn(
-                "the compiled build of the node proxy's hot modules is stale; running the "
+                "the compiled build of the hot modules is stale; running the "
                 "pure-Python sources (rebuild: scripts/setup or python -m meshcore.native)",
                 RuntimeWarning,
                 stacklevel=2,

@@ -18,3 +18,5 @@ Where a name exists in both layers, the top-level module is the edge (the hook) 
 `waypoint.protocol.http1` (codec), `waypoint.cors` over `waypoint.protocol.cors`,
 `waypoint.ratelimit` over `waypoint.protocol.ratelimit`. Imports always spell the full path.
 """
+
+import meshcore  # noqa: F401  (first: chooses compiled or pure-Python hot modules, these too)

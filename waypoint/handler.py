@@ -31,14 +31,12 @@ import asyncio
 import contextlib
 import functools
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.model import Service, Workload
-from meshcore.tracing import parse_traceparent
 from waypoint.authn import authenticate_request
 from waypoint.body import (
     BodySource,
@@ -84,7 +82,7 @@ from waypoint.protocol.route import (
     rewrite_target,
     select_route,
 )
-from waypoint.protocol.trace import next_traceparent
+from waypoint.protocol.trace import request_id, trace_hop
 from waypoint.ratelimit import check_rate_limit, limited_downstream
 from waypoint.tunnel import Tunnel
 from waypoint.upstream import UpstreamRequest, UpstreamResponse, Upstreams
@@ -306,9 +304,8 @@ class Handler:
             return None
         return src
 
-    def _info(self, req: Request, tunnel: Tunnel, path: str) -> RequestInfo:
+    def _info(self, req: Request, tunnel: Tunnel, path: str, src: Workload | None) -> RequestInfo:
         ctx = self.ctx
-        src = self._source(tunnel)
         principal = None
         ns = None
         if tunnel.peer_identity is not None:
@@ -346,8 +343,8 @@ class Handler:
                 307, [("location", path), ("server", "waypoint")], content_length=0, end=True
             )
             return
-        info = self._info(req, tunnel, path)
         rec.source = self._source(tunnel)
+        info = self._info(req, tunnel, path, rec.source)
         svc = tunnel.service
         if svc is not None:
             rec.service_host, rec.service_name = svc.hostname, svc.name
@@ -445,19 +442,25 @@ class Handler:
     def _request_headers(
         self, req: Request, route: HttpRoute, dest: Destination, rec: RequestRecord
     ) -> list[tuple[str, str]]:
-        headers = list(req.headers)
-        incoming = next((v for k, v in headers if k == "traceparent"), None)
-        traceparent, trace_id, span = next_traceparent(
-            incoming, self.ctx.rng, self.ctx.metrics.sampler
-        )
-        rec.trace_id, rec.span_id = trace_id, span
-        caller, forwarded = parse_traceparent(incoming), parse_traceparent(traceparent)
-        rec.parent_span_id = caller.parent_id if caller is not None else ""
-        rec.sampled = forwarded is not None and forwarded.sampled
-        headers = [(k, v) for k, v in headers if k != "traceparent"]
-        headers.append(("traceparent", traceparent))
-        if not any(k == "x-request-id" for k, _ in headers):
-            headers.append(("x-request-id", str(uuid.UUID(int=self.ctx.rng.getrandbits(128)))))
+        # One pass: the incoming traceparent (the first) is replaced by this hop's, and
+        # x-request-id is added when absent.
+        headers: list[tuple[str, str]] = []
+        incoming: str | None = None
+        has_id = False
+        for k, v in req.headers:
+            if k == "traceparent":
+                if incoming is None:
+                    incoming = v
+                continue
+            if k == "x-request-id":
+                has_id = True
+            headers.append((k, v))
+        hop = trace_hop(incoming, self.ctx.rng, self.ctx.metrics.sampler)
+        rec.trace_id, rec.span_id = hop.trace_id, hop.span_id
+        rec.parent_span_id, rec.sampled = hop.parent_span_id, hop.sampled
+        headers.append(("traceparent", hop.traceparent))
+        if not has_id:
+            headers.append(("x-request-id", request_id(self.ctx.rng.getrandbits(128))))
         if not route.request_headers.empty:
             headers = route.request_headers.apply(headers)
         if not dest.request_headers.empty:
@@ -514,10 +517,13 @@ class Handler:
             async with _timeout(route.timeout):
                 await self._admit(cluster)
                 admitted = True
-                resp = await self._tries(up, rec, cluster, route.retries, key)
-                if set_cookie is not None:
-                    resp.headers = [*resp.headers, ("set-cookie", set_cookie)]
-                await self._respond(resp, down, rec, route, dest)
+                resp, ep = await self._tries(up, rec, cluster, route.retries, key)
+                try:
+                    if set_cookie is not None:
+                        resp.headers = [*resp.headers, ("set-cookie", set_cookie)]
+                    await self._respond(resp, down, rec, route, dest)
+                finally:
+                    ep.active = max(0, ep.active - 1)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
         finally:
@@ -575,7 +581,7 @@ class Handler:
         cluster: Cluster,
         policy: RetryPolicy,
         key: bytes | None = None,
-    ) -> UpstreamResponse:
+    ) -> tuple[UpstreamResponse, EndpointStats]:
         ctx = self.ctx
         req = up.req
         replay = up.replay
@@ -622,8 +628,11 @@ class Handler:
                 and retriable(policy, outcome, grpc)
             )
             if resp is not None and not may_retry:
-                self._track(resp, ep, rec)
-                return resp
+                # The answering endpoint: its active count drops when the response is done
+                # (`_forward`).
+                rec.destination = ctx.state.workload(ep.uid)
+                rec.destination_principal = str(ep.identity)
+                return resp, ep
             ep.active -= 1
             if resp is not None:
                 resp.finish()  # not reused: we drop the rest of this response
@@ -635,19 +644,6 @@ class Handler:
             # Envoy: fully jittered back-off, base 25 ms doubling, capped at 10x base.
             schedule = Backoff(initial=policy.backoff_base, cap=policy.backoff_base * 10, full=True)
             await asyncio.sleep(schedule.delay(attempt - 1, ctx.rng))
-
-    def _track(self, resp: UpstreamResponse, ep: EndpointStats, rec: RequestRecord) -> None:
-        """The answering endpoint: telemetry; its active count drops when the body ends."""
-        wl = self.ctx.state.workload(ep.uid)
-        rec.destination = wl
-        rec.destination_principal = str(ep.identity)
-        orig = resp.finish
-
-        def finish() -> None:
-            ep.active = max(0, ep.active - 1)
-            orig()
-
-        resp.finish = finish  # type: ignore[method-assign]
 
     async def _respond(
         self,

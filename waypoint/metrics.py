@@ -9,7 +9,8 @@ workload-to-label mapping are `meshcore.telemetry`'s, shared with the node proxy
 per-request facts the handler fills in.
 
 Invariant: a request is recorded exactly once, when it ends (success, local reply or reset);
-label children are cached per label tuple, so recording costs dict lookups, not registry
+label children are cached per label tuple, and label tuples per (source, destination)
+workload pair and status, so recording costs one dict lookup, not label building and registry
 lookups.
 """
 
@@ -26,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from meshcore.model import Workload
 from meshcore.telemetry import (
     HTTP_LABELS,
+    PeerLabels,
     ServiceLabels,
     Traffic,
     XdsCollector,
@@ -102,6 +104,18 @@ class RequestRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """One cached label set of `WaypointMetrics.record`: the workloads it was computed for
+    (held, so their ids stay theirs while cached), their labels and the four children."""
+
+    source: Workload | None
+    dest: Workload | None
+    src: PeerLabels
+    dst: PeerLabels
+    children: tuple[Any, Any, Any, Any]
+
+
 def _span_name(rec: RequestRecord) -> str:
     return f"{rec.authority or rec.service_host or 'unknown'}{rec.path.split('?', 1)[0] or '/'}"
 
@@ -153,9 +167,29 @@ class WaypointMetrics:
             registry=r,
         )
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        self._series_cache: dict[tuple[object, ...], _Series] = {}
         self.log_enabled = True
 
-    def record(self, rec: RequestRecord, end: float) -> None:
+    def _series(self, rec: RequestRecord) -> _Series:
+        """The label children (and peer labels) of `rec`'s label set, cached per (source,
+        destination) workload pair (by identity: a workload is immutable, a changed one is a
+        new object) and the record's other label inputs."""
+        key = (
+            id(rec.source),
+            id(rec.destination),
+            rec.source_principal,
+            rec.destination_principal,
+            rec.service_host,
+            rec.service_name,
+            rec.service_namespace,
+            rec.protocol,
+            rec.status,
+            rec.grpc_status,
+            rec.flags,
+        )
+        series = self._series_cache.get(key)
+        if series is not None and series.source is rec.source and series.dest is rec.destination:
+            return series
         src = peer_labels(rec.source, self.cluster_id)
         dst = peer_labels(rec.destination, self.cluster_id)
         labels = Traffic(
@@ -181,6 +215,15 @@ class WaypointMetrics:
             )
             if len(self._children) < 10_000:  # bound the cache (label cardinality is bounded too)
                 self._children[labels] = children
+        series = _Series(rec.source, rec.destination, src, dst, children)
+        if len(self._series_cache) >= 10_000:
+            self._series_cache.clear()  # bounded: workloads replaced by config changes age out
+        self._series_cache[key] = series
+        return series
+
+    def record(self, rec: RequestRecord, end: float) -> None:
+        series = self._series(rec)
+        src, dst, children = series.src, series.dst, series.children
         duration_ms = (end - rec.start) * 1000.0
         if self.tracer is not None and rec.sampled and rec.trace_id and rec.span_id:
             self._span(self.tracer, rec, duration_ms, dst.canonical_service)

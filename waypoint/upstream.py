@@ -30,7 +30,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -353,10 +352,15 @@ class UpstreamPool:
                     raise failure
             return H1Response(self, conn, await head, pump, keep_alive_request=True)
         except BaseException:
+            head.cancel()
+            pump.cancel()
+            # Wait for both to end without raising (compiled with mypyc, a CancelledError
+            # thrown into `with contextlib.suppress(...): await task` is not suppressed), then
+            # take their outcomes so that none is reported as never retrieved.
+            await asyncio.wait((head, pump))
             for task in (head, pump):
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                if not task.cancelled():
+                    task.exception()
             conn.io.reset()
             raise
 

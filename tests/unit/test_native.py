@@ -1,7 +1,8 @@
 """The compiled (mypyc) build of the hot modules is the default, and the pure-Python fallback
-works too (`meshcore.native`, issue 14): the HBONE core's unit tests run once more against the
-sources in a subprocess with AMBIENT_MESH_PURE_PYTHON=1 (the rest of the suite runs whichever
-build this process selected, compiled after scripts/setup)."""
+works too (`meshcore.native`, issue 14): the HBONE core's and the waypoint codec's, routing's
+and authorization's unit tests run once more against the sources in a subprocess with
+AMBIENT_MESH_PURE_PYTHON=1 (the rest of the suite runs whichever build this process selected,
+compiled after scripts/setup)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ CORE_TESTS = (
     "tests/unit/test_hbone_limits.py",
     "tests/unit/test_accept_path.py",
     "tests/unit/test_hbone_backpressure.py",
+    "tests/unit/test_waypoint_http1.py",
+    "tests/unit/test_waypoint_routing.py",
+    "tests/unit/test_waypoint_authz.py",
+    "tests/unit/test_waypoint_cluster.py",
+    "tests/unit/test_hygiene.py",
+    "tests/unit/test_tracing_sampler.py",
 )
 
 
@@ -100,9 +107,9 @@ def test_every_module_imports_with_the_compiled_build() -> None:
     (`mypyc_attr(allow_interpreted_subclasses=True)`); otherwise the subclass's module fails
     at import. Import every module of the packages that use the compiled ones."""
     code = (
-        "import importlib, pkgutil, meshcore, ztunnel, meshcore.native as n\n"
+        "import importlib, pkgutil, meshcore, ztunnel, waypoint, meshcore.native as n\n"
         "assert n.select() == 'compiled', n.select()\n"
-        "for pkg in (meshcore, ztunnel):\n"
+        "for pkg in (meshcore, ztunnel, waypoint):\n"
         "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
         "        importlib.import_module(m.name)\n"
     )
