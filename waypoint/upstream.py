@@ -351,18 +351,20 @@ class UpstreamPool:
                         raise UpstreamReset(str(failure)) from failure
                     raise failure
             return H1Response(self, conn, await head, pump, keep_alive_request=True)
-        except BaseException:
+        except BaseException as exc:
             head.cancel()
             pump.cancel()
-            # Wait for both to end without raising (compiled with mypyc, a CancelledError
-            # thrown into `with contextlib.suppress(...): await task` is not suppressed), then
-            # take their outcomes so that none is reported as never retrieved.
+            # Wait for both to end without raising, take their outcomes (none is reported as
+            # never retrieved), then raise `exc` BY NAME: compiled with mypyc, a bare `raise`
+            # after an `await` inside an except block re-raises whatever exception the thread
+            # state holds after the suspension (a freed one: a crash), and a CancelledError
+            # thrown into `with contextlib.suppress(...): await task` is not suppressed.
             await asyncio.wait((head, pump))
             for task in (head, pump):
                 if not task.cancelled():
                     task.exception()
             conn.io.reset()
-            raise
+            raise exc
 
     async def _read_head(self, conn: H1Conn) -> http1.ResponseHead:
         while True:
