@@ -6,6 +6,7 @@ ztunnel's ``CommonTrafficLabels`` (src/proxy/metrics.rs), not imported from the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -90,6 +91,25 @@ def test_node_proxy_and_waypoint_map_a_workload_to_the_same_labels(workload: Wor
                 continue
             name = f"{side}_{key}"
             assert tcp[name] == http[name], name
+
+
+def test_waypoint_label_cache_follows_a_replaced_workload() -> None:
+    """Label sets are cached per workload pair (by identity): a workload replaced by a config
+    change (a new object, same uid) gets its new labels, and each status its own series."""
+    m = WaypointMetrics(cluster_id="west")
+    m.log_enabled = False
+    v3 = dataclasses.replace(LABELLED, canonical_revision="v3")
+    for dest, status in ((LABELLED, 200), (LABELLED, 200), (v3, 200), (v3, 503)):
+        rec = RequestRecord(start=time.monotonic(), status=status, source=BARE, destination=dest)
+        m.record(rec, time.monotonic())
+    text = generate_latest(m.registry).decode()
+    counts = {
+        (s.labels["destination_canonical_revision"], s.labels["response_code"]): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "istio_requests_total"
+    }
+    assert counts == {("v2", "200"): 2.0, ("v3", "200"): 1.0, ("v3", "503"): 1.0}
 
 
 def test_no_created_series_on_either_proxy() -> None:
