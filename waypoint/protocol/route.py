@@ -195,8 +195,17 @@ def pick_destination(dests: Sequence[Destination], rng: random.Random) -> Destin
     """Weighted choice over integer weights (a single destination always wins)."""
     if len(dests) == 1:
         return dests[0]
-    total = sum(d.weight for d in dests)
-    r = rng.randrange(total)
+    total = 0
+    for d in dests:
+        total += d.weight
+    # rng.randrange(total), drawn as CPython's Random._randbelow does (the same numbers from
+    # the same state) without randrange's argument handling, a measurable share of a request.
+    if total <= 0:
+        raise ValueError("no destination has a weight")  # as randrange(0) did
+    bits = total.bit_length()
+    r = rng.getrandbits(bits)
+    while r >= total:
+        r = rng.getrandbits(bits)
     for d in dests:
         if r < d.weight:
             return d
