@@ -161,6 +161,12 @@ class NodeProxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ctx
+        if ctx.settings.ready_file and self.serve_admin:
+            # A ready file left by a predecessor that was killed (the kubelet restarts a
+            # container in the same pod: its emptyDir /tmp keeps the file) must not make the
+            # exec probe pass before we are ready (written in `_serve_operator`).
+            with contextlib.suppress(FileNotFoundError):
+                Path(ctx.settings.ready_file).unlink()
         if self.listeners is None:
             self.listeners = bind_listeners(ctx.settings, ctx.state)
         self._serve_listeners()

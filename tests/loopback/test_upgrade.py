@@ -461,9 +461,19 @@ def test_successor_killed_after_ready_gives_the_listeners_back(nodes: Nodes) -> 
             figures["counters"] = sorted(
                 line for line in r.read().decode().splitlines() if "handovers_total{" in line
             )
-        # A third process takes over from the old one, which then drains as usual.
-        third = nodes.spawn("node-a", NODE_A)
+        # A third process takes over from the old one, which then drains as usual. It has the
+        # killed one's ready file (a container restarted in its pod: the emptyDir keeps it),
+        # which must be gone until the third is ready (the pod's exec readiness probe).
+        stale = nodes.ready_file("node-a", 2)
+        assert stale.exists()
+        third = nodes.spawn("node-a", NODE_A, "--ready-file", str(stale))
+        third_log = nodes.log("node-a", 3)
+        while stale.exists():
+            assert " ready: " not in third_log.read_text(), "the stale ready file stayed"
+            assert time.monotonic() - killed < 30, third_log.read_text()
+            await asyncio.sleep(0.005)
         await in_thread(nodes.wait_ready, "node-a", third)
+        assert stale.exists()
         await asyncio.sleep(0.5)
         figures["fresh ok before kill"] = ok_before
         t.stop.set()
