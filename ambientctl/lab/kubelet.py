@@ -822,7 +822,12 @@ class LabKubelet:
             shutil.rmtree(rp.dir, ignore_errors=True)
 
     def stop(self) -> None:
-        """Stop every pod this kubelet runs (processes, CNI DEL, netns, directory)."""
+        """Stop every pod this kubelet runs (processes, CNI DEL, netns, directory), the ones
+        being deleted included (their termination is cancelled: `stop` caps the grace)."""
+        for rp in self.pods.values():
+            if rp.terminating is not None:
+                with contextlib.suppress(RuntimeError):  # its loop is closed already
+                    rp.terminating.get_loop().call_soon_threadsafe(rp.terminating.cancel)
         for uid in list(self.pods):
             self._teardown(self.pods.pop(uid))
 

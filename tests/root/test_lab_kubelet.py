@@ -34,9 +34,13 @@ APP = """
 import http.server, os, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        mark = os.path.join(os.environ["READY_DIR"], os.environ["POD_NAME"])
         if self.path == "/ready":  # ready once the test wrote READY_DIR/<pod name>
-            ok = os.path.exists(os.path.join(os.environ["READY_DIR"], os.environ["POD_NAME"]))
+            ok = os.path.exists(mark)
             self.send_response(200 if ok else 503); self.end_headers(); return
+        if self.path == "/alive":  # alive unless the test wrote READY_DIR/<pod name>.sick
+            ok = not os.path.exists(mark + ".sick")
+            self.send_response(200 if ok else 500); self.end_headers(); return
         body = (os.environ["POD_NAME"] + " " + os.environ["NODE_NAME"] + " "
                 + str(len(open(sys.argv[1]).read()))).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body)))
@@ -57,6 +61,13 @@ def deployment(replicas: int, ready_dir: Path) -> dict[str, Any]:
             {"name": "READY_DIR", "value": str(ready_dir)},
         ],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1},
+        "livenessProbe": {
+            "httpGet": {"path": "/alive", "port": "http"},
+            "initialDelaySeconds": 3,
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+        },
+        "ports": [{"name": "http", "containerPort": 8080}],
         "volumeMounts": [{"name": "tok", "mountPath": "/var/run/secrets/tokens"}],
     }
     token = {"serviceAccountToken": {"path": "token", "audience": "demo", "expirationSeconds": 600}}
@@ -155,6 +166,23 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
         for p in pods:
             (ready_dir / p["metadata"]["name"]).touch()
         pods = wait("two pods Running and Ready on the lab node", running)
+        # A failing liveness probe: the kubelet kills the container and starts it again in
+        # the same pod (restartCount 1; Ready again once its readiness probe passes).
+        (ready_dir / f"{first}.sick").touch()
+
+        def restarts() -> dict[str, int]:
+            _, listed = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
+            return {
+                p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
+                for p in listed["items"]
+            }
+
+        wait(f"{first} restarted by its liveness probe", lambda: restarts()[first] == 1, 30)
+        (ready_dir / f"{first}.sick").unlink()
+        pods = wait("both Ready again", running, 30)
+        assert restarts() == {
+            p["metadata"]["name"]: int(p["metadata"]["name"] == first) for p in pods
+        }
         ips = sorted(p["status"]["podIP"] for p in pods)
         for p in pods:
             assert p["spec"]["nodeName"] == NODE  # bound by the real scheduler
