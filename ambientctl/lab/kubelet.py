@@ -771,12 +771,18 @@ class LabKubelet:
         await asyncio.to_thread(self._signal, rp, grace)
         while loop.time() < deadline and any(system.alive(pid) for pid in rp.pids.values()):
             await asyncio.sleep(0.2)
-        await asyncio.to_thread(self._teardown, rp, grace=0.0)
 
-    def _teardown(self, rp: RunningPod, *, keep_dir: bool = False, grace: float = 30.0) -> None:
-        """Stop the pod's processes (preStop, SIGTERM, SIGKILL after ``grace`` seconds, capped
-        by the pod's own: the lab does not wait an hour here), CNI DEL, netns, directory."""
-        grace = min(rp.grace, grace)
+        def kill_and_release() -> None:
+            for pid in rp.pids.values():
+                system.stop(pid, timeout=0.0, sig=signal.SIGKILL)
+            self._release(rp)
+
+        await asyncio.to_thread(kill_and_release)
+
+    def _teardown(self, rp: RunningPod, *, keep_dir: bool = False) -> None:
+        """Stop the pod's processes (preStop, SIGTERM, SIGKILL after the pod's grace period,
+        capped at 30 s: the lab does not wait an hour here), CNI DEL, netns, directory."""
+        grace = min(rp.grace, 30.0)
         self._signal(rp, grace)
         for pid in rp.pids.values():
             system.stop(pid, timeout=grace)
