@@ -396,6 +396,18 @@ def _ztunnel_pid(lab: KubeLab, pod: dict[str, Any]) -> int:
         return 0
 
 
+def _processes_in(lab: KubeLab, pod: dict[str, Any]) -> list[int]:
+    """The pids of the pod's container processes (the lab kubelet starts them in the pod's
+    directory)."""
+    pod_dir = lab.pod_dir(pod["spec"]["nodeName"]) / "pods" / pod["metadata"]["uid"]
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == pod_dir:
+                pids.append(int(proc.name))
+    return sorted(pids)
+
+
 def _ready(pod: dict[str, Any]) -> bool:
     conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions") or []}
     return conditions.get("Ready") == "True"
@@ -452,7 +464,14 @@ def test_6_helm_upgrade_under_held_connections_loses_nothing(lab: KubeLab) -> No
 
         # A crash of the new node-1 proxy: the old one (draining, the held connections are
         # its) takes the listeners back; the kubelet restarts the container, which takes them
-        # over from the old one again and only then turns Ready.
+        # over from the old one again and only then turns Ready. The old pod's SIGTERM came
+        # first (its other containers exited; only its node proxy is left): the take-back
+        # must not forget it (the reverse order is tests/loopback/test_upgrade.py's).
+        wait(
+            "the old node-1 pod's SIGTERM (its agent and install-cni exited)",
+            lambda: _processes_in(lab, old_by_node["node-1"]) == [old_pids["node-1"]],
+            60,
+        )
         new_1 = next(p for p in new if p["spec"]["nodeName"] == "node-1")
         killed_pid = _ztunnel_pid(lab, new_1)
         assert killed_pid, new_1["metadata"]["name"]
@@ -478,7 +497,9 @@ def test_6_helm_upgrade_under_held_connections_loses_nothing(lab: KubeLab) -> No
 
         wait("the restarted container Ready after its hand-over", restarted, 90)
         figures["restart to Ready s"] = round(time.time() - killed, 1)
-        assert lab.container_log(old_by_node["node-1"], "ztunnel").count("hand-over: done") == 2
+        old_log = lab.container_log(old_by_node["node-1"], "ztunnel")
+        assert old_log.count("hand-over: done") == 2, old_log[-3000:]
+        assert "stop requested after a take-back" in old_log, old_log[-3000:]
         after_kill = traffic.command("report", "report")
         assert after_kill["lost"] == 0, after_kill["why"]
         assert after_kill["corrupted"] == 0, after_kill["why"]
