@@ -145,6 +145,9 @@ class NodeProxy:
         socket's relay, `ztunnel.udp_relay`, is not undone)."""
         self._kept: list[Listener] = []
         self._resume = asyncio.Event()
+        self._took_back = False
+        self._terminating = False
+        self._successor_wait: asyncio.TimerHandle | None = None
         self.predecessor: socket.socket | None = None
         """The hand-over connection to the process we took over from, held open while we
         serve: its EOF tells it we died; `handover.release` when we stop on purpose."""
@@ -161,6 +164,12 @@ class NodeProxy:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ctx
+        if ctx.settings.ready_file and self.serve_admin:
+            # A ready file left by a predecessor that was killed (the kubelet restarts a
+            # container in the same pod: its emptyDir /tmp keeps the file) must not make the
+            # exec probe pass before we are ready (written in `_serve_operator`).
+            with contextlib.suppress(FileNotFoundError):
+                Path(ctx.settings.ready_file).unlink()
         if self.listeners is None:
             self.listeners = bind_listeners(ctx.settings, ctx.state)
         self._serve_listeners()
@@ -286,6 +295,32 @@ class NodeProxy:
     def stop(self) -> None:
         self._stopping.set()
 
+    def terminate(self) -> None:
+        """SIGTERM / SIGINT: `stop()`, except in a process that took the listeners back from
+        a dead successor (`resume`): it holds the only copies, and the successor's restart is
+        on its way (the kubelet restarts the crashed container, whose pod the DaemonSet
+        keeps; the SIGTERM is the old pod's deletion after the surge). Stopping now would
+        close the listeners (connections refused until the restart binds fresh) and cut the
+        connections it kept at --drain-timeout. So it keeps serving and offering the
+        listeners for up to --drain-timeout, drains without deadline once a successor took
+        them (`hand_over`), and stops as usual if none came."""
+        self._terminating = True
+        if self._took_back and not self.handed_over:
+            self._await_successor()
+        else:
+            self.stop()
+
+    def _await_successor(self) -> None:
+        if self._successor_wait is not None:
+            return
+        wait = self.ctx.settings.drain_timeout
+        log.warning(
+            "stop requested after a take-back: serving until a successor takes the listeners "
+            "over (at most %.0fs)",
+            wait,
+        )
+        self._successor_wait = asyncio.get_running_loop().call_later(wait, self.stop)
+
     def _h3_listeners(self) -> list[H3Listener]:
         return [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
 
@@ -317,6 +352,9 @@ class NodeProxy:
         the listeners (the same kernel sockets, dup'ed) are kept until the successor RELEASEs
         them."""
         self.handed_over = True
+        if self._successor_wait is not None:  # a successor came after a take-back (terminate)
+            self._successor_wait.cancel()
+            self._successor_wait = None
         if self.take_back:
             self._kept = [
                 Listener(lst.role, lst.sock.dup())
@@ -359,6 +397,9 @@ class NodeProxy:
         self.hbone_listeners += h3
         await self._serve_operator()
         log.warning("took the listeners back from a dead successor: serving again")
+        self._took_back = True
+        if self._terminating:  # asked to stop before the successor died (terminate)
+            self._await_successor()
 
     def handed_over_elsewhere(self) -> None:
         """An extra worker: the first worker handed the (shared) listeners over."""
@@ -516,7 +557,7 @@ async def run_worker(
         ctx, listeners, serve_admin=serve_admin, handed=handed, take_back=not children
     )
     loop = asyncio.get_running_loop()
-    stop_on_signals(proxy.stop, loop)
+    stop_on_signals(proxy.terminate, loop)
     if not serve_admin:
         # From the first worker: listeners handed to a successor (drain without deadline).
         loop.add_signal_handler(signal.SIGUSR1, proxy.handed_over_elsewhere)

@@ -98,7 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argpar
     p.add_argument(
         "--ready-file",
         default=env("READY_FILE"),
-        help="file created once ready (after the hand-over), removed on drain (exec probes)",
+        help="file created once ready (after the hand-over), removed at start and on drain "
+        "(exec probes)",
     )
     p.add_argument(
         "--handover-drain-timeout",

@@ -7,7 +7,7 @@ processes, CNI exec), `lab` (the order of up/down) built from `state`, `cluster`
 directory, underlay), `processes` (agents, control plane, node proxies) and `pods` (pods, waypoint
 pods, exec, label), `waypoints` (pure: waypoint pods for the lab's waypoint Gateways), `kube`
 and `kubelet` (a real Kubernetes control plane on this machine, lab nodes as its nodes;
-`podspec` is the kubelet's pure part),
+`podspec` and `probes` are the kubelet's pure part),
 `kubelab` (`lab up --kube`: the lab's nodes as nodes of that cluster, one kubelet process per
 node), `container` (a container's mount namespace: its volumes at their paths), `kubeproxy`
 (the lab's kube-proxy: ClusterIP DNAT in a node's netns), `demo`, `demo_waypoint` and

@@ -5,10 +5,15 @@ credential, so the API server's Node authorizer and NodeRestriction apply; Ready
 heartbeat, the node IP as InternalIP); the pods bound to it (``spec.nodeName``): each gets a
 network namespace through the node's real CNI chain (the lab's conflist: primary plugin, our
 plugin chained last) unless it is ``hostNetwork``, and each container's command + args run as
-a process in that namespace, with the kubelet's ``$(VAR)`` expansion of the rendered env; the
-pod's status (phase, podIP, conditions, container states) written back through the ``status``
-subresource; a pod being deleted has its processes stopped, CNI DEL run, its netns removed,
-then its object deleted (the kubelet's final delete).
+a process in that namespace, with the kubelet's ``$(VAR)`` expansion of the rendered env; its
+readiness and liveness probes run (exec in the container's namespaces, tcpSocket, httpGet: a
+container is ready only once its readiness probe passes, a failed liveness probe restarts it)
+and a container that exits is restarted as the pod's restartPolicy says, with the crash-loop
+back-off (`ambientctl.lab.probes`); the pod's status (phase, podIP, conditions, container
+states, ready, restart counts) written back through the ``status`` subresource; a pod being
+deleted gets its preStop hooks and SIGTERM, its processes get the deletion's grace period to
+exit (in the background: the kubelet serves its other pods meanwhile) before SIGKILL, then CNI
+DEL runs, its netns is removed and its object deleted (the kubelet's final delete).
 
 Images are not pulled: a container's command names one of the project's installed entry points
 (the chart renders ``ztunnel``, ``python -m cni.agent``, ...) or any program on the node.
@@ -18,9 +23,9 @@ in a per-pod directory; container paths in command, args and env are rewritten t
 (`map_paths`).
 
 The pure part (`expand`, `resolve_env`, `map_paths`, `container_process`, `pod_status`) is
-`ambientctl.lab.podspec`. This module is the I/O edge: `LabKubelet` (API calls through
-meshcore.kubeapi, processes and CNI through ambientctl.lab.system). Invariant: `stop` leaves no
-process, netns or pod directory behind.
+`ambientctl.lab.podspec`, the probes' and restarts' rules `ambientctl.lab.probes`. This module
+is the I/O edge: `LabKubelet` (API calls through meshcore.kubeapi, processes and CNI through
+ambientctl.lab.system). Invariant: `stop` leaves no process, netns or pod directory behind.
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ambientctl.errors import LabCommandError
-from ambientctl.lab import container, kubeproxy, system, topology
+from ambientctl.lab import container, kubeproxy, probes, system, topology
 from ambientctl.lab.podspec import (
     PodRun,
     container_process,
@@ -56,6 +62,20 @@ log = logging.getLogger(__name__)
 
 Json = Mapping[str, Any]
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+PROBE_STARTUP = 2.0
+"""Seconds a check process (nsenter, python) may take to start, on top of a probe's timeout."""
+# tcpSocket / httpGet checks, run as `python -I -S -c` in the pod's netns: HOST PORT TIMEOUT
+# PATH HEADERS-JSON; exit 0 on success (connected; HTTP status 200-399, as the kubelet).
+TCP_CHECK = """\
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3])).close()
+"""
+HTTP_CHECK = """\
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=float(sys.argv[3]))
+c.request("GET", sys.argv[4], headers=dict(json.loads(sys.argv[5])))
+sys.exit(0 if 200 <= c.getresponse().status < 400 else 1)
+"""
 
 
 # -- the I/O edge ---------------------------------------------------------------------------------
@@ -80,6 +100,33 @@ class RunningPod:
     grace: float = 10.0
     exited: dict[str, int] = field(default_factory=dict)
     reported: str = ""
+    containers: dict[str, Container] = field(default_factory=dict)
+    terminating: asyncio.Task[None] | None = None
+    """Set once the pod's deletion began (`LabKubelet._finish`): no probes, no restarts."""
+
+
+@dataclass(slots=True)
+class Container:
+    """One app container of a running pod: how to (re)start it, its probes and restarts."""
+
+    argv: list[str]
+    env: dict[str, str]
+    declared: dict[probes.Which, probes.Probe]
+    state: dict[probes.Which, probes.ProbeState] = field(default_factory=dict)
+    checking: dict[probes.Which, asyncio.Task[None]] = field(default_factory=dict)
+    exec_argv: dict[probes.Which, list[str]] = field(default_factory=dict)
+    """Exec probes when containers do not get a mount namespace: their paths mapped."""
+    restarts: int = 0
+    started: float = 0.0
+    """Monotonic time of the current process's start."""
+    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    exited_at: float = 0.0
+
+    def begin(self, now: float) -> None:
+        """A (re)started process: probes from scratch (readiness False, liveness True)."""
+        self.started = now
+        self.started_at = dt.datetime.now(dt.UTC)
+        self.state = {w: probes.initial(p, now) for w, p in self.declared.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -207,6 +254,7 @@ class LabKubelet:
                 if self.proxy_api is not None:
                     await self.sync_proxy()
                 await self.sync_once()
+                self.probe_due()
                 if asyncio.get_running_loop().time() - beat > self.heartbeat:
                     await self._node_status()
                     beat = asyncio.get_running_loop().time()
@@ -282,7 +330,9 @@ class LabKubelet:
             if uid in self.pods:
                 await self._report(pod, self.pods[uid])
         for uid in set(self.pods) - seen:  # deleted with grace 0 by someone else
-            await asyncio.to_thread(self._teardown, self.pods.pop(uid))
+            rp = self.pods.pop(uid)
+            if rp.terminating is None:
+                await asyncio.to_thread(self._teardown, rp)
 
     # -- a pod --------------------------------------------------------------------------------
     def _start(self, pod: Json, files: Mapping[str, Mapping[str, bytes]]) -> None:
@@ -334,15 +384,26 @@ class LabKubelet:
                         f"init container {c['name']} exited {proc.returncode}: "
                         + log_path.read_text(errors="replace")[-500:]
                     )
-            for c in spec.get("containers", []):
+            # Probes are read first: a probe the lab cannot run fails the pod before it starts.
+            found = [
+                {w: p for w in probes.WHICH if (p := probes.probe(c, w))}
+                for c in spec.get("containers", [])
+            ]
+            for c, probed in zip(spec.get("containers", []), found, strict=True):
+                name = str(c["name"])
                 argv, env = self._launch(c, rp, fields, mounts_by_volume)
-                rp.pids[str(c["name"])] = system.spawn(
-                    argv, log=rp.dir / f"{c['name']}.log", cwd=rp.dir, env=env
-                )
+                ct = rp.containers[name] = Container(argv=argv, env=env, declared=probed)
+                if not self.bind_mounts:
+                    for w, p in probed.items():
+                        probe_c = {**c, "command": list(p.command), "args": []}
+                        if p.kind == "exec":
+                            ct.exec_argv[w] = self._launch(probe_c, rp, fields, mounts_by_volume)[0]
+                rp.pids[name] = system.spawn(argv, log=rp.dir / f"{name}.log", cwd=rp.dir, env=env)
+                ct.begin(time.monotonic())
                 hook = ((c.get("lifecycle") or {}).get("preStop") or {}).get("exec")
                 if hook and hook.get("command"):
                     hook_c = {**c, "command": hook["command"], "args": []}
-                    rp.pre_stop[str(c["name"])] = self._launch(hook_c, rp, fields, mounts_by_volume)
+                    rp.pre_stop[name] = self._launch(hook_c, rp, fields, mounts_by_volume)
         except BaseException:
             self._teardown(self.pods.pop(uid))
             raise
@@ -552,10 +613,26 @@ class LabKubelet:
         return str(data["status"]["token"]).encode()
 
     async def _report(self, pod: Json, rp: RunningPod) -> None:
+        now = time.monotonic()
         for c, pid in list(rp.pids.items()):
             if c not in rp.exited and (code := _reap(pid)) is not None:
                 rp.exited[c] = code
-        run = PodRun(pod_ip=rp.ip, node_ip=self.node.ip, started=rp.started, exited=rp.exited)
+                if c in rp.containers:
+                    rp.containers[c].exited_at = now
+        self._restart(rp, str(pod["spec"].get("restartPolicy", "Always")), now)
+        run = PodRun(
+            pod_ip=rp.ip,
+            node_ip=self.node.ip,
+            started=rp.started,
+            exited=rp.exited,
+            ready={
+                c: ct.state["readiness"].ok
+                for c, ct in rp.containers.items()
+                if "readiness" in ct.state
+            },
+            restarts={c: ct.restarts for c, ct in rp.containers.items()},
+            container_started={c: ct.started_at for c, ct in rp.containers.items()},
+        )
         status = pod_status(pod, run, now=dt.datetime.now(dt.UTC))
         digest = json.dumps(
             {k: status[k] for k in ("phase", "podIP", "containerStatuses")},
@@ -571,15 +648,107 @@ class LabKubelet:
         rp.reported = digest
         if status["phase"] in ("Succeeded", "Failed"):
             # A finished pod keeps its object (and logs) but not its sandbox: processes, IP
-            # and netns are released (no restarts in the lab: a controller replaces the pod).
+            # and netns are released.
             self.pods.pop(rp.uid, None)
             await asyncio.to_thread(self._teardown, rp, keep_dir=True)
 
+    # -- probes and restarts (`ambientctl.lab.probes`) ---------------------------------------
+    def _restart(self, rp: RunningPod, policy: str, now: float) -> None:
+        """Start again the containers that exited, as the pod's restartPolicy says, after
+        the crash-loop back-off (`probes.backoff`)."""
+        for c, code in list(rp.exited.items()):
+            ct = rp.containers.get(c)
+            if ct is None or not probes.restarts(policy, code):
+                continue
+            if now < ct.exited_at + probes.backoff(ct.restarts, ct.exited_at - ct.started):
+                continue
+            log.info("pod %s/%s: restarting %s (exited %d)", rp.namespace, rp.name, c, code)
+            rp.pids[c] = system.spawn(ct.argv, log=rp.dir / f"{c}.log", cwd=rp.dir, env=ct.env)
+            del rp.exited[c]
+            ct.restarts += 1
+            ct.begin(now)
+
+    def probe_due(self) -> None:
+        """Start the checks that are due (each a task, bounded by its probe's timeout); their
+        results are reported by the next `sync_once`."""
+        now = time.monotonic()
+        for rp in self.pods.values():
+            if rp.terminating is not None:
+                continue
+            for c, ct in rp.containers.items():
+                if c in rp.exited:
+                    continue
+                for which, p in ct.declared.items():
+                    busy = ct.checking.get(which)
+                    if (busy is None or busy.done()) and now >= ct.state[which].next_at:
+                        ct.checking[which] = asyncio.create_task(self._check(rp, c, ct, p))
+
+    async def _check(self, rp: RunningPod, c: str, ct: Container, p: probes.Probe) -> None:
+        started = ct.started
+        passed = await self._probe_once(rp, c, ct, p)
+        if ct.started != started or rp.terminating is not None:
+            return  # the container was restarted (or the pod is going) meanwhile
+        state = ct.state[p.which] = probes.step(p, ct.state[p.which], passed, time.monotonic())
+        if p.which == "liveness" and not state.ok and c not in rp.exited:
+            # As the kubelet: a container that failed its liveness probe is killed (grace
+            # period, then SIGKILL) and restarted by the restart policy.
+            log.warning("pod %s/%s: %s failed its liveness probe", rp.namespace, rp.name, c)
+            ct.state[p.which] = probes.ProbeState(ok=True, next_at=float("inf"))
+            await asyncio.to_thread(system.stop, rp.pids[c], timeout=min(rp.grace, 30.0))
+
+    async def _probe_once(self, rp: RunningPod, c: str, ct: Container, p: probes.Probe) -> bool:
+        """One check: exec in the container (its mount and network namespaces), or a TCP
+        connect / HTTP GET from the pod's network namespace (a short-lived process there: the
+        kubelet never enters a netns itself). The check process's own start-up gets
+        `PROBE_STARTUP` seconds on top of the probe's timeout."""
+        netns = rp.netns or self.node.netns
+        if p.kind == "exec":
+            if self.bind_mounts:
+                argv = ["nsenter", "-t", str(rp.pids[c]), "-m", "-n", "--", *p.command]
+            else:
+                argv = ct.exec_argv[p.which]
+            env = ct.env
+        else:
+            host = p.host or rp.ip
+            script = TCP_CHECK if p.kind == "tcpSocket" else HTTP_CHECK
+            words = [host, str(p.port), str(p.timeout), p.path, json.dumps(p.headers)]
+            argv = system.nsenter(netns, [self.python, "-I", "-S", "-c", script, *words])
+            env = {"PATH": self.path_env}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as e:
+            log.warning("pod %s/%s: %s probe of %s: %s", rp.namespace, rp.name, p.which, c, e)
+            return False
+        try:
+            return await asyncio.wait_for(proc.wait(), p.timeout + PROBE_STARTUP) == 0
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return False
+
+    # -- deletion -----------------------------------------------------------------------------
     async def _finish(self, pod: Json) -> None:
+        """A pod being deleted: stop it within its grace period (`_terminate`, in the
+        background: the kubelet goes on serving its other pods, e.g. a surge pod's probes
+        while the old pod's node proxy drains), then the final delete."""
         meta = pod["metadata"]
-        rp = self.pods.pop(str(meta["uid"]), None)
+        rp = self.pods.get(str(meta["uid"]))
         if rp is not None:
-            await asyncio.to_thread(self._teardown, rp)
+            if rp.terminating is None:
+                grace = meta.get("deletionGracePeriodSeconds")
+                grace = rp.grace if grace is None else float(grace)
+                rp.terminating = asyncio.create_task(self._terminate(rp, grace))
+            if not rp.terminating.done():
+                return
+            self.pods.pop(rp.uid, None)
+            rp.terminating.result()
         else:  # finished earlier: only its directory (logs) is left
             shutil.rmtree(self.root / "pods" / str(meta["uid"]), ignore_errors=True)
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}"
@@ -593,10 +762,34 @@ class LabKubelet:
         if code not in (200, 404, 409):
             raise LabCommandError(f"delete {meta['namespace']}/{meta['name']}: HTTP {code}")
 
+    async def _terminate(self, rp: RunningPod, grace: float) -> None:
+        """preStop hooks and SIGTERM, then wait for the processes up to the deletion's grace
+        period (the pod's ``terminationGracePeriodSeconds``: a node proxy that handed over
+        drains its connections for up to an hour), then SIGKILL and release the sandbox."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await asyncio.to_thread(self._signal, rp, grace)
+        while loop.time() < deadline and any(system.alive(pid) for pid in rp.pids.values()):
+            await asyncio.sleep(0.2)
+
+        def kill_and_release() -> None:
+            for pid in rp.pids.values():
+                system.stop(pid, timeout=0.0, sig=signal.SIGKILL)
+            self._release(rp)
+
+        await asyncio.to_thread(kill_and_release)
+
     def _teardown(self, rp: RunningPod, *, keep_dir: bool = False) -> None:
-        # preStop hooks first (bounded by the grace period), then SIGTERM, SIGKILL at the end
-        # of the grace period (capped: the lab does not wait an hour).
+        """Stop the pod's processes (preStop, SIGTERM, SIGKILL after the pod's grace period,
+        capped at 30 s: the lab does not wait an hour here), CNI DEL, netns, directory."""
         grace = min(rp.grace, 30.0)
+        self._signal(rp, grace)
+        for pid in rp.pids.values():
+            system.stop(pid, timeout=grace)
+        self._release(rp, keep_dir=keep_dir)
+
+    def _signal(self, rp: RunningPod, grace: float) -> None:
+        """preStop hooks first (bounded by the grace period), then SIGTERM."""
         for c, (argv, env) in rp.pre_stop.items():
             if c in rp.pids and system.alive(rp.pids[c]):
                 with open(rp.dir / f"{c}.log", "ab") as out:
@@ -615,8 +808,9 @@ class LabKubelet:
         for pid in rp.pids.values():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
-        for pid in rp.pids.values():
-            system.stop(pid, timeout=grace)
+
+    def _release(self, rp: RunningPod, *, keep_dir: bool = False) -> None:
+        """The sandbox of a pod whose processes are gone: CNI DEL, netns, directory."""
         if rp.netns is not None:
             conflist = rp.conflist or self.conflist
             with contextlib.suppress(LabCommandError):
@@ -634,7 +828,12 @@ class LabKubelet:
             shutil.rmtree(rp.dir, ignore_errors=True)
 
     def stop(self) -> None:
-        """Stop every pod this kubelet runs (processes, CNI DEL, netns, directory)."""
+        """Stop every pod this kubelet runs (processes, CNI DEL, netns, directory), the ones
+        being deleted included (their termination is cancelled: `stop` caps the grace)."""
+        for rp in self.pods.values():
+            if rp.terminating is not None:
+                with contextlib.suppress(RuntimeError):  # its loop is closed already
+                    rp.terminating.get_loop().call_soon_threadsafe(rp.terminating.cancel)
         for uid in list(self.pods):
             self._teardown(self.pods.pop(uid))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,16 +108,25 @@ class PodRun:
     started: dt.datetime
     exited: Mapping[str, int]
     """container -> exit code, for the containers that exited."""
+    ready: Mapping[str, bool] = field(default_factory=dict)
+    """container -> its readiness probe's result (a container without one: absent)."""
+    restarts: Mapping[str, int] = field(default_factory=dict)
+    """container -> how often it was restarted."""
+    container_started: Mapping[str, dt.datetime] = field(default_factory=dict)
+    """container -> when its running process started (default: the pod's start)."""
 
 
 def pod_status(pod: Json, run: PodRun, *, now: dt.datetime) -> dict[str, Any]:
-    """The status a kubelet reports: Running and Ready while every container runs; a container
-    that exited is ``terminated`` with its code (phase Succeeded when all exited 0 and the pod
-    does not restart, else Failed)."""
+    """The status a kubelet reports. A container is ready while it runs and its readiness
+    probe passes (``run.ready``; one without a probe is ready while it runs); the pod is Ready
+    when all its containers are. A container that exited is ``terminated`` with its code until
+    it is restarted (``run.restarts``: the count so far). Phase: Succeeded / Failed once every
+    container exited and the pod does not restart them (``restartPolicy`` Never, or OnFailure
+    with every exit 0), else Running."""
     pod_ip, node_ip, started, exited = run.pod_ip, run.node_ip, run.started, run.exited
     spec = pod.get("spec") or {}
     names = [str(c["name"]) for c in spec.get("containers", [])]
-    ready = not exited
+    ready, restarts, container_started = run.ready, run.restarts, run.container_started
     statuses = []
     for c in spec.get("containers", []):
         name = str(c["name"])
@@ -126,24 +135,28 @@ def pod_status(pod: Json, run: PodRun, *, now: dt.datetime) -> dict[str, Any]:
                 "terminated": {"exitCode": exited[name], "finishedAt": timestamp(now)}
             }
         else:
-            state = {"running": {"startedAt": timestamp(started)}}
-        statuses.append(
-            {
-                "name": name,
-                "image": c.get("image", ""),
-                "imageID": "",
-                "started": name not in exited,
-                "ready": name not in exited,
-                "restartCount": 0,
-                "state": state,
-            }
-        )
-    if len(exited) == len(names) and spec.get("restartPolicy") in ("Never", "OnFailure"):
+            since = container_started.get(name, started)
+            state = {"running": {"startedAt": timestamp(since)}}
+        status: dict[str, Any] = {
+            "name": name,
+            "image": c.get("image", ""),
+            "imageID": "",
+            "started": name not in exited,
+            "ready": name not in exited and ready.get(name, True),
+            "restartCount": restarts.get(name, 0),
+            "state": state,
+        }
+        statuses.append(status)
+    all_ready = all(s["ready"] for s in statuses)
+    policy = spec.get("restartPolicy", "Always")
+    if len(exited) == len(names) and (
+        policy == "Never" or (policy == "OnFailure" and not any(exited.values()))
+    ):
         phase = "Succeeded" if not any(exited.values()) else "Failed"
     else:
-        phase = "Running" if not exited or len(exited) < len(names) else "Failed"
-    flag = "True" if ready else "False"
+        phase = "Running"
     t = timestamp(started)
+    flag = "True" if all_ready else "False"
     conditions = [
         {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
         {"type": "Initialized", "status": "True", "lastTransitionTime": t},

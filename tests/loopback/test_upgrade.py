@@ -461,9 +461,17 @@ def test_successor_killed_after_ready_gives_the_listeners_back(nodes: Nodes) -> 
             figures["counters"] = sorted(
                 line for line in r.read().decode().splitlines() if "handovers_total{" in line
             )
-        # A third process takes over from the old one, which then drains as usual.
-        third = nodes.spawn("node-a", NODE_A)
+        # A third process takes over from the old one, which then drains as usual. It has the
+        # killed one's ready file (a container restarted in its pod: the emptyDir keeps it),
+        # which must be gone until the third is ready (the pod's exec readiness probe).
+        stale = nodes.ready_file("node-a", 2)
+        assert stale.exists()
+        third = nodes.spawn("node-a", NODE_A, "--ready-file", str(stale))
+        # Watched from a thread: this loop is busy with the traffic.
+        gone_before_ready = await in_thread(_gone_before_ready, stale, nodes.log("node-a", 3))
         await in_thread(nodes.wait_ready, "node-a", third)
+        assert gone_before_ready, "the stale ready file stayed until the third was ready"
+        assert stale.exists()
         await asyncio.sleep(0.5)
         figures["fresh ok before kill"] = ok_before
         t.stop.set()
@@ -492,6 +500,74 @@ def test_successor_killed_after_ready_gives_the_listeners_back(nodes: Nodes) -> 
     old, _b, _killed, third = nodes.procs
     assert old.wait(15) == 0  # its held tunnels ended: it exits on its own
     assert third.poll() is None
+    assert ready(NODE_A)
+
+
+def _gone_before_ready(path: Path, log: Path, timeout: float = 30) -> bool:
+    """Whether ``path`` was missing at some moment before ``log`` said ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready_logged = log.exists() and " ready: " in log.read_text()
+        if not path.exists():
+            return not ready_logged
+        if ready_logged:
+            return False
+        time.sleep(0.002)
+    return False
+
+
+def test_stop_after_a_take_back_waits_for_the_restarted_successor(nodes: Nodes) -> None:
+    """The cluster's order when the new node proxy crashes during an upgrade: the old process
+    takes the listeners back, then gets SIGTERM (the kubelet deletes the old pod after the
+    surge) while the kubelet restarts the crashed container. The old process holds the only
+    copies of the listeners: it keeps serving and offering them (up to its --drain-timeout)
+    until the restarted process takes them over, then drains without deadline. Nothing is
+    refused meanwhile, no held tunnel is cut at the drain timeout."""
+    figures: dict[str, float] = {}
+
+    async def main() -> Traffic:
+        backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
+        old = nodes.spawn("node-a", NODE_A, "--drain-timeout", "8")  # generation 2
+        await in_thread(nodes.wait_ready, "node-a", old)
+        t = Traffic()
+        held = [asyncio.create_task(t.held(i, 200)) for i in range(200)]
+        await asyncio.wait_for(t.all_open.wait(), 30)
+        fresh = asyncio.create_task(t.fresh())
+        successor = nodes.spawn("node-a", NODE_A)
+        await in_thread(nodes.wait_ready, "node-a", successor)
+        figures["killed"] = time.monotonic()
+        successor.kill()
+        await in_thread(successor.wait)
+        old_log = nodes.log("node-a", 2)
+        while "took the listeners back" not in old_log.read_text():
+            assert time.monotonic() - figures["killed"] < 10, old_log.read_text()
+            await asyncio.sleep(0.01)
+        old.send_signal(signal.SIGTERM)
+        termed = time.monotonic()
+        while "stop requested after a take-back" not in old_log.read_text():
+            assert time.monotonic() - termed < 8, old_log.read_text()
+            await asyncio.sleep(0.01)
+        restarted = nodes.spawn("node-a", NODE_A)
+        await in_thread(nodes.wait_ready, "node-a", restarted)
+        figures["restart took over after SIGTERM s"] = round(time.monotonic() - termed, 2)
+        # Past the old process's 8 s drain timeout: its held tunnels go on.
+        await asyncio.sleep(max(0.5, termed + 9 - time.monotonic()))
+        assert old.poll() is None
+        t.stop.set()
+        await asyncio.gather(*held, fresh)
+        backend.close()
+        return t
+
+    t = asyncio.run(main())
+    print(f"stop after take-back: {t} {figures}")  # shown with pytest -s
+    assert figures["restart took over after SIGTERM s"] < 8
+    assert (t.lost, t.corrupted, t.opened) == (0, 0, 200), t.why
+    assert [s for s in t.fresh_failed_started if s >= figures["killed"]] == [], t.why
+    restarted_log = nodes.log("node-a", 4).read_text()
+    assert "predecessor stopped accepting" in restarted_log, restarted_log
+    assert nodes.log("node-a", 2).read_text().count("hand-over: done") == 2
+    assert nodes.procs[2].wait(15) == 0  # the old process exits once its tunnels ended
+    assert nodes.procs[-1].poll() is None
     assert ready(NODE_A)
 
 

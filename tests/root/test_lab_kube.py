@@ -19,8 +19,15 @@ order, what a user does:
    namespace) stays L4.
 4. a node proxy's projected token cannot obtain an identity that has no pod on its node.
 5. the control plane's and the agents' watches survive an API server restart.
-6. ``helm upgrade`` keeps traffic flowing; ``helm uninstall`` leaves no pod, no CNI entry or
-   plugin, no tc program, no pinned map, no nft table on any node.
+6. ``helm upgrade`` under 300 held, hash-checked connections from the client pod (node-1) to
+   echo (node-2) and a fresh connection every 100 ms: the surge pods take the listeners over
+   and turn Ready (their exec readiness probe, run by the lab kubelet), the old pods are
+   deleted and their node proxies serve the held connections until they end: 0 lost, 0
+   corrupted, 0 fresh failed. Then the new node-1 node proxy is SIGKILLed: the old one (still
+   draining) takes the listeners back, the kubelet restarts the container, which takes them
+   over again: no held connection lost, no fresh connection started after the kill failed.
+7. ``helm uninstall`` leaves no pod, no CNI entry or plugin, no tc program, no pinned map, no
+   nft table on any node.
 """
 
 from __future__ import annotations
@@ -28,7 +35,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import queue
+import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,32 +344,192 @@ def test_5_watches_survive_an_apiserver_restart(lab: KubeLab) -> None:
         wait(f"{p['metadata']['name']} captured", functools.partial(_captured, lab, p), 60)
 
 
-def test_6_helm_upgrade_and_uninstall_leave_nothing(lab: KubeLab) -> None:
-    t0 = time.monotonic()
-    old = {p["metadata"]["uid"] for p in lab.pods("istio-system", "app=ztunnel")}
-    lab.run_tool(
-        "helm",
-        "upgrade",
-        "ambient",
-        str(REPO / "charts/ambient"),
-        "-n",
-        "istio-system",
-        "--set",
-        "node.ztunnel.logLevel=debug",
-    )
+HELD = 300
+TRAFFIC = Path(__file__).with_name("kube_traffic.py")
+
+
+class Traffic:
+    """tests/root/kube_traffic.py running in a pod (a process in its netns, `exec_argv`)."""
+
+    def __init__(self, lab: KubeLab, pod: str, *args: str) -> None:
+        argv = lab.exec_argv("demo", pod, ["python3", str(TRAFFIC), *args])
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(b"")
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        line = self.lines.get(timeout=timeout)
+        if not line:
+            assert self.proc.stderr is not None
+            raise AssertionError(f"traffic exited: {self.proc.stderr.read().decode()[-2000:]}")
+        counts: dict[str, Any] = json.loads(line)
+        assert counts["event"] == event, counts
+        return counts
+
+    def command(self, word: str, event: str, timeout: float = 60) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self.expect(event, timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _ztunnel_pid(lab: KubeLab, pod: dict[str, Any]) -> int:
+    """The node proxy's pid, from its ready file (it writes its pid there; /tmp is an
+    emptyDir); 0 while it is not ready."""
+    path = lab.pod_dir(pod["spec"]["nodeName"]) / "pods" / pod["metadata"]["uid"]
+    try:
+        return int((path / "volumes" / "tmp" / "ztunnel-ready").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _processes_in(lab: KubeLab, pod: dict[str, Any]) -> list[int]:
+    """The pids of the pod's container processes (the lab kubelet starts them in the pod's
+    directory)."""
+    pod_dir = lab.pod_dir(pod["spec"]["nodeName"]) / "pods" / pod["metadata"]["uid"]
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == pod_dir:
+                pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = {c["type"]: c["status"] for c in pod["status"].get("conditions") or []}
+    return conditions.get("Ready") == "True"
+
+
+def _ztunnels(lab: KubeLab) -> dict[str, dict[str, Any]]:
+    return {p["metadata"]["uid"]: p for p in lab.pods("istio-system", "app=ztunnel")}
+
+
+def test_6_helm_upgrade_under_held_connections_loses_nothing(lab: KubeLab) -> None:
+    old = _ztunnels(lab)
+    old_by_node = {p["spec"]["nodeName"]: p for p in old.values()}
+    old_pids = {node: _ztunnel_pid(lab, p) for node, p in old_by_node.items()}
+    assert all(old_pids.values()), old_pids
+    traffic = Traffic(lab, client(lab), "echo", "80", str(HELD))
+    figures: dict[str, Any] = {}
+    try:
+        up = traffic.expect("up", 120)
+        assert up["held"] + up["setup_failed"] == HELD, up
+        # Set-up failures (never connected) are not losses; a few would be the lab's, many a bug.
+        assert up["setup_failed"] <= HELD // 20, up["why"]
+        figures["held"], figures["setup failed"] = up["held"], up["setup_failed"]
+
+        t0 = time.monotonic()
+        chart = str(REPO / "charts/ambient")
+        annotation = "node.podAnnotations.upgrade=held-traffic"
+        lab.run_tool("helm", "upgrade", "ambient", chart, "-n", "istio-system", "--set", annotation)
+
+        def new_ready() -> list[dict[str, Any]] | None:
+            new = [
+                p
+                for uid, p in _ztunnels(lab).items()
+                if uid not in old and not p["metadata"].get("deletionTimestamp") and _ready(p)
+            ]
+            gone_or_going = all(
+                p["metadata"].get("deletionTimestamp")
+                for uid, p in _ztunnels(lab).items()
+                if uid in old
+            )
+            return new if len(new) == 2 and gone_or_going else None
+
+        new = wait("both new ztunnel pods Ready, the old ones deleted", new_ready, 240)
+        figures["upgrade s"] = round(time.monotonic() - t0, 1)
+        # The old pods are Terminating, not gone: their node proxies handed the listeners over
+        # and serve the held connections until they end (grace: node.handoverGraceSeconds).
+        assert all(system.alive(pid) for pid in old_pids.values()), old_pids
+        for p in old_by_node.values():
+            assert "hand-over: done" in lab.container_log(p, "ztunnel")
+        after_upgrade = traffic.command("report", "report")
+        figures["fresh during upgrade"] = after_upgrade["fresh_ok"]
+        assert after_upgrade["lost"] == 0, after_upgrade["why"]
+        assert after_upgrade["corrupted"] == 0, after_upgrade["why"]
+        assert after_upgrade["fresh_failed"] == 0, after_upgrade["why"]
+
+        # A crash of the new node-1 proxy: the old one (draining, the held connections are
+        # its) takes the listeners back; the kubelet restarts the container, which takes them
+        # over from the old one again and only then turns Ready. The old pod's SIGTERM came
+        # first (its other containers exited; only its node proxy is left): the take-back
+        # must not forget it (the reverse order is tests/loopback/test_upgrade.py's).
+        wait(
+            "the old node-1 pod's SIGTERM (its agent and install-cni exited)",
+            lambda: _processes_in(lab, old_by_node["node-1"]) == [old_pids["node-1"]],
+            60,
+        )
+        new_1 = next(p for p in new if p["spec"]["nodeName"] == "node-1")
+        killed_pid = _ztunnel_pid(lab, new_1)
+        assert killed_pid, new_1["metadata"]["name"]
+        killed = time.time()
+        os.kill(killed_pid, signal.SIGKILL)
+        wait(
+            "the old node-1 proxy took the listeners back",
+            lambda: (
+                "took the listeners back" in lab.container_log(old_by_node["node-1"], "ztunnel")
+            ),
+            30,
+        )
+        figures["take-back s"] = round(time.time() - killed, 2)
+
+        def restarted() -> int:
+            pod = _ztunnels(lab).get(new_1["metadata"]["uid"])
+            statuses = {
+                c["name"]: c for c in (pod or {}).get("status", {}).get("containerStatuses") or []
+            }
+            count = statuses.get("ztunnel", {}).get("restartCount", 0)
+            pid = _ztunnel_pid(lab, pod) if pod else 0
+            return pid if count == 1 and pod and _ready(pod) and pid not in (0, killed_pid) else 0
+
+        wait("the restarted container Ready after its hand-over", restarted, 90)
+        figures["restart to Ready s"] = round(time.time() - killed, 1)
+        old_log = lab.container_log(old_by_node["node-1"], "ztunnel")
+        assert old_log.count("hand-over: done") == 2, old_log[-3000:]
+        assert "stop requested after a take-back" in old_log, old_log[-3000:]
+        after_kill = traffic.command("report", "report")
+        assert after_kill["lost"] == 0, after_kill["why"]
+        assert after_kill["corrupted"] == 0, after_kill["why"]
+        # Only fresh connections in flight inside the killed process may have died with it.
+        failed = after_kill["fresh_failed_started"]
+        assert [t for t in failed if t >= killed] == [], after_kill["why"]
+        assert len(failed) <= 5, after_kill["why"]
+        figures["fresh failed in the killed process"] = len(failed)
+
+        done = traffic.command("stop", "done")
+    finally:
+        traffic.close()
+    assert done["lost"] == 0, done["why"]
+    assert done["corrupted"] == 0, done["why"]
+    assert done["fresh_failed"] == len(failed), done["why"]
+    figures["rounds"], figures["fresh"] = done["rounds"], done["fresh_ok"] + done["fresh_failed"]
+    # The held connections ended: the old node proxies exit, the kubelets delete the pods.
     wait(
-        "new ztunnel pods on both nodes",
-        lambda: (
-            (zt := lab.running("istio-system", "app=ztunnel", 2)) is not None
-            and not ({p["metadata"]["uid"] for p in zt} & old)
-        ),
-        180,
+        "the old ztunnel pods gone from the API",
+        lambda: not set(_ztunnels(lab)) & set(old),
+        90,
     )
+    assert not any(system.alive(pid) for pid in old_pids.values())
+    print(f"helm upgrade under held traffic: {figures}")
     assert "echo: after upgrade" in wait(
         "traffic after the upgrade", lambda: _try_echo(lab, "after upgrade"), 60
     )
-    print(f"helm upgrade (node proxies replaced) in {time.monotonic() - t0:.1f}s")
 
+
+def test_7_helm_uninstall_leaves_nothing(lab: KubeLab) -> None:
     # The waypoint is the user's (its Gateway); remove it, then the mesh.
     lab.run_tool("kubectl", "delete", "-f", str(REPO / "examples/kube/waypoint.yaml"))
     t0 = time.monotonic()

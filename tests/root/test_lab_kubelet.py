@@ -3,7 +3,8 @@ the Node with its own ``system:node:<name>`` credential, the real scheduler bind
 Deployment's pods to it, the kubelet gives each pod a network namespace through the real CNI
 chain (bridge + host-local: the lab's conflist; capture off here, so our plugin is not in this
 chain: the node agent is not part of this test), runs the container's command in it with the
-downward-API env and a projected service-account token volume, and reports status; the real
+downward-API env and a projected service-account token volume, and reports status (a pod is
+Ready only once its readiness probe, an httpGet to the pod IP, passes); the real
 endpointslice controller then publishes the pod IPs; scaling to zero runs CNI DEL, stops the
 processes and removes the netns, and the kubelet's final delete removes the pod objects.
 """
@@ -33,6 +34,13 @@ APP = """
 import http.server, os, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        mark = os.path.join(os.environ["READY_DIR"], os.environ["POD_NAME"])
+        if self.path == "/ready":  # ready once the test wrote READY_DIR/<pod name>
+            ok = os.path.exists(mark)
+            self.send_response(200 if ok else 503); self.end_headers(); return
+        if self.path == "/alive":  # alive unless the test wrote READY_DIR/<pod name>.sick
+            ok = not os.path.exists(mark + ".sick")
+            self.send_response(200 if ok else 500); self.end_headers(); return
         body = (os.environ["POD_NAME"] + " " + os.environ["NODE_NAME"] + " "
                 + str(len(open(sys.argv[1]).read()))).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(body)))
@@ -42,7 +50,7 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
 """
 
 
-def deployment(replicas: int) -> dict[str, Any]:
+def deployment(replicas: int, ready_dir: Path) -> dict[str, Any]:
     container = {
         "name": "echo",
         "image": "lab.invalid/python",
@@ -50,7 +58,16 @@ def deployment(replicas: int) -> dict[str, Any]:
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "READY_DIR", "value": str(ready_dir)},
         ],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1},
+        "livenessProbe": {
+            "httpGet": {"path": "/alive", "port": "http"},
+            "initialDelaySeconds": 3,
+            "periodSeconds": 1,
+            "failureThreshold": 2,
+        },
+        "ports": [{"name": "http", "containerPort": 8080}],
         "volumeMounts": [{"name": "tok", "mountPath": "/var/run/secrets/tokens"}],
     }
     token = {"serviceAccountToken": {"path": "token", "audience": "demo", "expirationSeconds": 600}}
@@ -82,6 +99,14 @@ def wait(what: str, check: Any, timeout: float = 90) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _ready(pod: dict[str, Any]) -> bool:
+    """The pod's Ready condition, and every container's ready flag, are True."""
+    status = pod.get("status") or {}
+    cond = {c["type"]: c["status"] for c in status.get("conditions") or []}
+    containers = [c["ready"] for c in status.get("containerStatuses") or []]
+    return cond.get("Ready") == "True" and bool(containers) and all(containers)
+
+
 def _get(netns: str, ip: str) -> tuple[int, str] | None:
     try:
         return system.http_get(netns, f"http://{ip}:8080/")
@@ -110,28 +135,60 @@ def test_lab_node_runs_a_deployment(kube: KubeCluster, tmp_path: Path) -> None:
 
     def scenario() -> None:
         kube.kubectl("create", "namespace", NS)
-        kube.kubectl("apply", "-f", "-", input=json.dumps(deployment(2)))
+        ready_dir = tmp_path / "ready"
+        ready_dir.mkdir()
+        kube.kubectl("apply", "-f", "-", input=json.dumps(deployment(2, ready_dir)))
         kube.kubectl("expose", "-n", NS, "deployment", "echo", "--port=80", "--target-port=8080")
 
-        def running() -> list[dict[str, Any]]:
+        def running(ready: bool = True) -> list[dict[str, Any]]:
             _, pods = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
             items = [p for p in pods["items"] if p["status"].get("phase") == "Running"]
-            ready = [
-                p
-                for p in items
-                if {"type": "Ready", "status": "True"}.items()
-                <= next(c for c in p["status"]["conditions"] if c["type"] == "Ready").items()
-            ]
-            return ready if len(ready) == 2 else []
+            chosen = [p for p in items if _ready(p) == ready]
+            return chosen if len(chosen) == 2 else []
 
+        # The readiness probe (httpGet on the pod IP, every second) fails until the app finds
+        # its file: Running but not Ready, for many probe periods.
+        pods = wait("two pods Running, not Ready", lambda: running(ready=False))
+        first = pods[0]["metadata"]["name"]
+        time.sleep(4)
+        assert running(ready=False)
+        (ready_dir / first).touch()
+
+        def first_ready() -> bool:
+            _, listed = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
+            return any(_ready(p) and p["metadata"]["name"] == first for p in listed["items"])
+
+        wait(f"{first} Ready once its probe passes", first_ready, 20)
+        _, listed = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
+        assert {p["metadata"]["name"]: _ready(p) for p in listed["items"]} == {
+            p["metadata"]["name"]: p["metadata"]["name"] == first for p in pods
+        }
+        for p in pods:
+            (ready_dir / p["metadata"]["name"]).touch()
         pods = wait("two pods Running and Ready on the lab node", running)
+        # A failing liveness probe: the kubelet kills the container and starts it again in
+        # the same pod (restartCount 1; Ready again once its readiness probe passes).
+        (ready_dir / f"{first}.sick").touch()
+
+        def restarts() -> dict[str, int]:
+            _, listed = kube.request("GET", f"/api/v1/namespaces/{NS}/pods")
+            return {
+                p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
+                for p in listed["items"]
+            }
+
+        wait(f"{first} restarted by its liveness probe", lambda: restarts()[first] == 1, 30)
+        (ready_dir / f"{first}.sick").unlink()
+        pods = wait("both Ready again", running, 30)
+        assert restarts() == {
+            p["metadata"]["name"]: int(p["metadata"]["name"] == first) for p in pods
+        }
         ips = sorted(p["status"]["podIP"] for p in pods)
         for p in pods:
             assert p["spec"]["nodeName"] == NODE  # bound by the real scheduler
             ip = p["status"]["podIP"]
             assert ip.startswith("10.240.1.")  # from the node's CNI chain (host-local)
-            # Ready means "processes started" (no probes): the server may still be binding.
-            code, body = wait(f"{ip}:8080 answers", lambda ip=ip: _get(plan.netns, ip), 30)
+            code, body = _get(plan.netns, ip) or (0, "")  # Ready: its probe got answers
             name = p["metadata"]["name"]
             assert code == 200, body
             assert body.startswith(f"{name} {NODE} "), body
