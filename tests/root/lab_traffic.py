@@ -27,7 +27,7 @@ import resource
 import sys
 from typing import Any
 
-RAMP = 3.0
+RAMP = 1.0
 FRESH_EVERY = 0.05
 TIMEOUT = 15.0
 WHY_KEPT = 20
