@@ -109,7 +109,7 @@ MIN_STREAM_FRAME_SPACE = 32  # bytes left in a packet below which no STREAM fram
 RESET_TOKEN_SIZE = 16  # RFC 9000 §10.3
 RESET_KEY_SIZE = 32
 MIN_RESET = 21  # RFC 9000 §10.3: 5 unpredictable bytes (the first 0b01xxxxxx) + the token
-MAX_RESET = 43  # §10.3: the size a reset to a longer packet is padded to (still < the packet)
+MAX_RESET = 43  # §10.3: one byte shorter than a trigger of <= 43 bytes; 43 for longer ones
 
 # RFC 9114 §8.1 error codes.
 H3_NO_ERROR = 0x100
