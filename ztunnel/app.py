@@ -139,10 +139,10 @@ class NodeProxy:
         self.ops: list[Listener] = []
         self.handover: handover.HandoverServer | None = None
         self.handed_over = False
-        self.take_back = take_back and serve_admin and not ctx.settings.http3
+        self.take_back = take_back and serve_admin
         """Keep copies of the listeners after a hand-over and resume on them if the successor
-        dies (`ztunnel.handover` version 2); single-worker proxies without HTTP/3 only (the UDP
-        socket's relay, `ztunnel.udp_relay`, is not undone)."""
+        dies (`ztunnel.handover` version 2); single-worker proxies only. With HTTP/3 the UDP
+        socket stays ours all along: the take-back reads it again (`udp_relay.Predecessor`)."""
         self._kept: list[Listener] = []
         self._resume = asyncio.Event()
         self._took_back = False
@@ -158,6 +158,7 @@ class NodeProxy:
         self.ready = False
         self._relay: socket.socket | None = None  # successor: the relay end we were handed
         self._relay_pair: tuple[socket.socket, ...] = ()  # predecessor: (ours, offered)
+        self._relayed: udp_relay.Predecessor | None = None  # predecessor: after READY
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -367,7 +368,8 @@ class NodeProxy:
             theirs.close()  # the successor holds its own copy
             self._relay_pair = ()
             endpoints = [x.endpoint for x in self._h3_listeners() if x.endpoint is not None]
-            udp_relay.Predecessor(ours, endpoints).start()
+            self._relayed = udp_relay.Predecessor(ours, endpoints)
+            self._relayed.start()
         self.stop()
 
     def _drop_kept(self) -> None:
@@ -378,7 +380,9 @@ class NodeProxy:
     async def resume(self) -> None:
         """Take-back: the successor died after READY. Accept again on our copies of the
         listeners (queued SYNs are accepted, not refused), turn ready again, and offer the
-        sockets to the next successor; the drain stops, the connections we kept serving go on."""
+        sockets to the next successor; the drain stops, the connections we kept serving go on.
+        With HTTP/3: the UDP sockets (never closed here) are read by us again, datagrams queued
+        meanwhile included, and accept new QUIC connections; the relay is closed."""
         kept, self._kept = self._kept, []
         self._resume.clear()
         self._stopping.clear()
@@ -393,8 +397,13 @@ class NodeProxy:
         h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
         self.hbone_listeners = []
         self._serve_listeners()
-        self.listeners += udp  # HTTP/3 is not handed over: its listener never stopped
+        self.listeners += udp  # never closed here: its QUIC connections live on it
         self.hbone_listeners += h3
+        if self._relayed is not None:
+            self._relayed.take_back()
+            self._relayed = None
+        for listener in h3:
+            listener.reopen()
         await self._serve_operator()
         log.warning("took the listeners back from a dead successor: serving again")
         self._took_back = True

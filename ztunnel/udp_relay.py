@@ -11,15 +11,23 @@ send from the very same address/port) and names the peers it still serves; the s
 passes each datagram from one of those peers to the predecessor over this relay, and handles
 everything else itself. A peer the predecessor no longer serves is named gone, and the relay
 closes when the predecessor has no QUIC connection left (or exits), so the successor's list
-only shrinks. Datagrams that queue in the socket between READY and DONE wait in the kernel's
-receive buffer (4 MiB): nothing is read by the wrong process, nothing is dropped by us.
+only shrinks. A successor that dies after READY (no RELEASE on the hand-over connection: the
+take-back, docs/upgrade.md) ends the relay too: the predecessor then reads its sockets again
+(`Predecessor.take_back`), serving its own QUIC connections and accepting new ones. Datagrams
+that queue in the socket between READY and DONE (or between the successor's death and the
+take-back) wait in the kernel's receive buffer (4 MiB): nothing is read by the wrong process,
+nothing is dropped by us.
 
 Frames (one per SOCK_SEQPACKET message, a unix socketpair passed with the hand-over's
 SCM_RIGHTS as role ``hbone-udp-relay``):
-  kind u8 ("D" datagram successor->predecessor, "+" peer served, "-" peer gone, both
-  predecessor->successor) | local address | peer address | payload (D only);
-  an address is ``len u8 | IP text | port u16``. The local address names which UDP socket
-  (bind capture has one per local workload address).
+  kind u8 ("D" datagram successor->predecessor, "+" peer served, "-" peer gone, "K" reset
+  key, all three predecessor->successor) | local address | peer address | payload (D: the
+  datagram; K: the key, the peer address empty); an address is ``len u8 | IP text | port u16``.
+  The local address names which UDP socket (bind capture has one per local workload address).
+  "K" comes first: the successor adopts the key its predecessor's stateless reset tokens
+  derive from (`meshcore.hbone.h3.reset_token`), so after a take-back the predecessor resets
+  the QUIC connections the dead successor had (their peers reconnect at once instead of
+  waiting out the idle timeout), and a successor resets the predecessor's once they ended.
 
 Invariants: frames are bounded (`MAX_FRAME`); a malformed frame or a full relay drops that one
 datagram (QUIC retransmits it), with a counter and a log line, never a traceback; the successor
@@ -37,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshcore.errors import HandoverError
+from meshcore.hbone.h3 import RESET_KEY_SIZE
 from meshcore.hbone.h3aio import Address, H3Endpoint
 
 log = logging.getLogger("ztunnel.handover")
@@ -45,7 +54,7 @@ ROLE = "hbone-udp-relay"
 MAX_FRAME = 65536 + 128
 RELAY_BUFFER = 4 * 1024 * 1024
 _PORT = struct.Struct("!H")
-DATAGRAM, SERVED, GONE = b"D", b"+", b"-"
+DATAGRAM, SERVED, GONE, KEY = b"D", b"+", b"-", b"K"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +76,7 @@ def encode(frame: Frame) -> bytes:
 
 def decode(raw: bytes) -> Frame:
     """Raises HandoverError for anything that is not a well-formed frame."""
-    if len(raw) > MAX_FRAME or raw[:1] not in (DATAGRAM, SERVED, GONE):
+    if len(raw) > MAX_FRAME or raw[:1] not in (DATAGRAM, SERVED, GONE, KEY):
         raise HandoverError(f"relay frame of kind {raw[:1]!r}, {len(raw)} bytes")
     at = 1
     addrs: list[Address] = []
@@ -83,7 +92,9 @@ def decode(raw: bytes) -> Frame:
         addrs.append((host, port))
         at += 1 + n + 2
     kind = raw[:1]
-    if kind != DATAGRAM and at != len(raw):
+    if kind == KEY and len(raw) - at != RESET_KEY_SIZE:
+        raise HandoverError(f"relay key frame of {len(raw) - at} key bytes")
+    if kind in (SERVED, GONE) and at != len(raw):
         raise HandoverError("trailing bytes in a relay control frame")
     return Frame(kind, addrs[0], addrs[1], raw[at:])
 
@@ -124,6 +135,7 @@ class Predecessor:
             for local, endpoint in self.endpoints.items():
                 endpoint.pause_reading()
                 endpoint.on_peer_gone = lambda peer, local=local: self._gone(local, peer)
+                self.sock.send(encode(Frame(KEY, local, ("", 0), endpoint.reset_key)))
                 for peer in endpoint.served_peers():
                     self.sock.send(encode(Frame(SERVED, local, peer)))
                     named += 1
@@ -171,6 +183,15 @@ class Predecessor:
             self._closed = True
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
+
+    def take_back(self) -> None:
+        """The successor died after READY: the relay is closed and we read our sockets again
+        (the same kernel sockets: what queued while nobody read them is read now)."""
+        self.close()
+        for endpoint in self.endpoints.values():
+            endpoint.on_peer_gone = None
+            endpoint.resume_reading()
+        log.info("hand-over: UDP sockets taken back, %d datagrams were relayed", self.relayed)
 
 
 class Successor:
@@ -220,7 +241,9 @@ class Successor:
             endpoint = self.endpoints.get(frame.local)
             if endpoint is None:
                 continue
-            if frame.kind == SERVED and len(endpoint.diverted) < endpoint.max_connections:
+            if frame.kind == KEY:
+                endpoint.reset_key = frame.data
+            elif frame.kind == SERVED and len(endpoint.diverted) < endpoint.max_connections:
                 endpoint.diverted.add(frame.peer)
             elif frame.kind == GONE:
                 endpoint.diverted.discard(frame.peer)

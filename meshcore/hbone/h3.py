@@ -27,6 +27,14 @@ checked by tests/unit/test_h3_aioquic_contract.py so an upgrade that changes the
   without bound behind a slow reader. `_MeshQuic` keeps MAX_STREAM_DATA at credited + window
   and MAX_DATA at credited + connection window, where "credited" is what the application has
   consumed (`acknowledge_received_data`), as `meshcore.hbone.connection` does for HTTP/2.
+- aioquic draws stateless reset tokens at random (`_host_cids`, `_replenish_connection_ids`)
+  and never recognises a Stateless Reset it receives. A server here derives its tokens from a
+  key instead (`reset_token`, RFC 9000 §10.3.2), so another process holding the key (a node
+  proxy that takes its UDP socket back from a dead successor, `ztunnel.udp_relay`) can reset
+  the connections it has no state for (`stateless_reset`); a client compares the tail of each
+  short-header datagram with the tokens its peer issued (`_peer_cid`, `_peer_cid_available`)
+  and ends the connection at once (`is_stateless_reset`, §10.3.1) instead of waiting out the
+  idle timeout.
 
 Invariants:
 - Windows as HTTP/2 HBONE: 4 MiB per stream, 16 MiB per connection; at most 128 concurrent
@@ -44,6 +52,8 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import ssl
 from collections.abc import Collection, Sequence
@@ -96,6 +106,10 @@ KEEPALIVE_INTERVAL = 10.0  # as HTTP/2 HBONE's PING interval
 IDLE_TIMEOUT = 30.0  # QUIC idle timeout (RFC 9000 §10.1): keepalives keep a live peer within it
 MAX_DATAGRAM = 1350  # fits a 1500-byte MTU with IPv6 + UDP headers
 MIN_STREAM_FRAME_SPACE = 32  # bytes left in a packet below which no STREAM frame is tried
+RESET_TOKEN_SIZE = 16  # RFC 9000 §10.3
+RESET_KEY_SIZE = 32
+MIN_RESET = 21  # RFC 9000 §10.3: 5 unpredictable bytes (the first 0b01xxxxxx) + the token
+MAX_RESET = 43  # §10.3: one byte shorter than a trigger of <= 43 bytes; 43 for longer ones
 
 # RFC 9114 §8.1 error codes.
 H3_NO_ERROR = 0x100
@@ -237,6 +251,26 @@ def quic_configuration(
     return cfg
 
 
+def reset_token(key: bytes, cid: bytes) -> bytes:
+    """The stateless reset token of a connection ID we issued: HMAC-SHA256(key, cid), first 16
+    bytes (RFC 9000 §10.3.2: a static key, so whoever holds it can reset without state)."""
+    return hmac.new(key, cid, hashlib.sha256).digest()[:RESET_TOKEN_SIZE]
+
+
+def stateless_reset(key: bytes, datagram: bytes, unpredictable: bytes) -> bytes | None:
+    """The Stateless Reset (RFC 9000 §10.3) answering `datagram`, a short-header packet for a
+    connection we have no state for, whose Destination Connection ID we issued with `key`;
+    None when it is not one or too short to answer with something shorter (§10.3.3: a reset
+    is always smaller than what triggered it, so two endpoints cannot loop; never larger, so
+    no amplification). `unpredictable`: at least MAX_RESET random bytes (injected)."""
+    cid_len = QuicConfiguration.connection_id_length
+    if not datagram or datagram[0] & 0x80 or len(datagram) <= max(MIN_RESET, 1 + cid_len):
+        return None  # a long header (Initial, Handshake...) or too short to be answered
+    size = min(len(datagram) - 1, MAX_RESET)
+    head = bytes([0x40 | (unpredictable[0] & 0x3F)]) + unpredictable[1 : size - RESET_TOKEN_SIZE]
+    return head + reset_token(key, datagram[1 : 1 + cid_len])
+
+
 class _MeshH3(H3Connection):
     """aioquic's HTTP/3 layer, which skips a peer's GOAWAY unread: we note that one arrived (its
     frame header is checked as soon as it is parsed), so no new stream is opened on a connection
@@ -254,10 +288,39 @@ class _MeshH3(H3Connection):
 class _MeshQuic(QuicConnection):
     """aioquic's QUIC core with a client-certificate request and bounded receive windows."""
 
-    def __init__(self, configuration: QuicConfiguration, odcid: bytes | None = None) -> None:
+    def __init__(
+        self,
+        configuration: QuicConfiguration,
+        odcid: bytes | None = None,
+        reset_key: bytes | None = None,
+    ) -> None:
         super().__init__(configuration=configuration, original_destination_connection_id=odcid)
         self.credited: dict[int, int] = {}  # stream id -> stream offset the app has consumed
         self.credited_total = 0
+        self.reset_key = None if configuration.is_client else reset_key
+        self._derive_reset_tokens()
+
+    def _derive_reset_tokens(self) -> None:
+        """Server: each connection ID's token from our key (aioquic drew them at random; none
+        has been sent yet: the first goes out in the transport parameters, the others in
+        NEW_CONNECTION_ID frames written after `_replenish_connection_ids`)."""
+        if self.reset_key is not None:
+            for host_cid in self._host_cids:
+                host_cid.stateless_reset_token = reset_token(self.reset_key, host_cid.cid)
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        self._derive_reset_tokens()
+
+    def is_stateless_reset(self, datagram: bytes) -> bool:
+        """Client: `datagram` ends with a stateless reset token our peer issued (§10.3.1)."""
+        if not self._is_client or len(datagram) < MIN_RESET or datagram[0] & 0x80:
+            return False
+        tail = datagram[-RESET_TOKEN_SIZE:]
+        return any(
+            c.stateless_reset_token and hmac.compare_digest(c.stateless_reset_token, tail)
+            for c in (self._peer_cid, *self._peer_cid_available)
+        )
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -348,12 +411,16 @@ class H3HboneConnection:
         *,
         wall_clock: datetime,
         original_dcid: bytes | None = None,
+        reset_key: bytes | None = None,
     ) -> None:
         """`original_dcid`: server role, the Destination Connection ID of the client's first
-        Initial packet (RFC 9000 §7.3)."""
+        Initial packet (RFC 9000 §7.3). `reset_key`: server role, the key its stateless reset
+        tokens derive from."""
         role = settings.role
         self.role = role
-        self.quic = _MeshQuic(quic_configuration(cert, role, settings.server_name), original_dcid)
+        self.quic = _MeshQuic(
+            quic_configuration(cert, role, settings.server_name), original_dcid, reset_key
+        )
         self.h3: _MeshH3 | None = None  # created only once the peer is verified
         self.trust_domain = settings.trust_domain
         self.expected = settings.expected

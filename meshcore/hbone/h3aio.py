@@ -14,9 +14,15 @@ Invariants:
 - Connection migration is ignored: a connection only takes datagrams from the address it began
   with. The server endpoint creates state only for a client Initial of >= 1200 bytes
   (`initial_dcid`), bounded in total, per peer IP (handshakes in progress and connections), and
-  drops everything else silently (no Version Negotiation, no Retry, no stateless reset: nothing
-  is sent to an unverified source). Handshakes not verified within `handshake_timeout` are
-  dropped and reported.
+  drops everything else silently (no Version Negotiation, no Retry: nothing that could amplify
+  is sent to an unverified source), except a short-header packet for a connection it has no
+  state for: that gets a Stateless Reset (RFC 9000 §10.3, `meshcore.hbone.h3.stateless_reset`:
+  smaller than the packet, at most `RESETS_PER_SECOND`), so a peer of a crashed process whose
+  socket we took back learns at once that its connection is gone. Handshakes not verified
+  within `handshake_timeout` are dropped and reported.
+- A client receiving a Stateless Reset its peer issued ends the connection at once, silently;
+  its CONNECTs still without a response are refused unprocessed (`StreamRefused`: the pool
+  sends them again on a new connection; the peer lost all state of this one).
 - Received data is credited back to the peer only once the sink accepted it without pausing,
   as in `meshcore.hbone.aio`.
 - Socket hand-over (`ztunnel.udp_relay`): an endpoint may stop reading its socket and still
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,12 +66,15 @@ from meshcore.hbone.connection import (
 from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.h3 import (
     H3_NO_ERROR,
+    MAX_RESET,
+    RESET_KEY_SIZE,
     H3HboneConnection,
     H3Settings,
     PeerRefused,
     PeerVerified,
     client_hello_server_name,
     initial_dcid,
+    stateless_reset,
 )
 from meshcore.hbone.peers import PeerTable
 from meshcore.identity import SpiffeId
@@ -162,6 +172,7 @@ class H3Protocol:
         self._timer_at: float | None = None
         self._flush_pending = False
         self._graceful_close = False
+        self._stateless_reset = False
 
     # ---- I/O -------------------------------------------------------------------------------
 
@@ -169,6 +180,11 @@ class H3Protocol:
         """Feed one datagram; with flush=False the caller flushes once after a batch."""
         if self.closed or addr[:2] != self.peer_addr:
             return  # migration ignored (see module docstring)
+        if self.conn.quic.is_stateless_reset(data):
+            log.info("HTTP/3 connection to %s ended by a stateless reset", self.peer_addr[0])
+            self._stateless_reset = True
+            self._lost(ConnectionResetError("HTTP/3 stateless reset: the peer has no state"))
+            return
         self._dispatch(self.conn.receive_datagram(data, addr, self._loop.time()))
         if flush:
             self.flush()
@@ -240,7 +256,7 @@ class H3Protocol:
                 # one still waiting for its response was never processed (RFC 9114 §5.2).
                 stream.response.set_exception(
                     StreamRefused("HTTP/3 connection closed before the peer saw this stream")
-                    if self._graceful_close
+                    if self._graceful_close or self._stateless_reset
                     else ConnectionResetError("HTTP/3 connection lost")
                 )
             elif stream.sink is not None:
@@ -343,6 +359,7 @@ class H3Protocol:
 
 
 READ_BATCH = 64  # datagrams read per readiness callback before one flush
+RESETS_PER_SECOND = 100  # Stateless Resets an endpoint sends at most (RFC 9000 §10.3.3)
 UDP_SEGMENT = 103  # linux/udp.h: UDP generic segmentation offload (Linux 4.18+)
 GSO_MAX_SEGMENTS = 48  # <= UDP_MAX_SEGMENTS (64) and <= 64 KiB of 1350-byte datagrams
 _gso = {"ok": True}  # cleared for good the first time the kernel refuses UDP_SEGMENT
@@ -529,6 +546,12 @@ class H3Endpoint:
         self.diverted: set[Address] = set()
         self.divert_to: Callable[[bytes, Address], None] | None = None
         self.on_peer_gone: Callable[[Address], None] | None = None
+        # Stateless resets (RFC 9000 §10.3): the key our connections' tokens derive from; a
+        # successor adopts its predecessor's (`ztunnel.udp_relay`), so either can reset the
+        # other's connections once it has no state for them.
+        self.reset_key = os.urandom(RESET_KEY_SIZE)
+        self.resets_sent = 0
+        self._reset_second = (0, 0)  # (whole second, resets sent in it)
 
     def start(self, sock: socket.socket, *, reading: bool = True) -> None:
         self.sock = sock
@@ -596,9 +619,12 @@ class H3Endpoint:
                 pending.append(data)
             return
         dcid = initial_dcid(data)
+        if dcid is None:
+            self.dropped += 1
+            self._reset(data, addr)
+            return
         if (
-            dcid is None
-            or self.closing
+            self.closing
             or len(self.connections) + len(self._pending) >= self.max_connections
             or self.peers.admit(addr[0]) is not None  # counted (handshake, connection) if None
         ):
@@ -609,6 +635,18 @@ class H3Endpoint:
         task = asyncio.get_running_loop().create_task(self._accept(addr, dcid, server_name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _reset(self, data: bytes, addr: Address) -> None:
+        """A packet for a connection we have no state for: a Stateless Reset, rate-limited."""
+        second = int(asyncio.get_running_loop().time())
+        sent = self._reset_second[1] if self._reset_second[0] == second else 0
+        if sent >= RESETS_PER_SECOND:
+            return
+        reset = stateless_reset(self.reset_key, data, os.urandom(MAX_RESET))
+        if reset is not None:
+            self._reset_second = (second, sent + 1)
+            self.resets_sent += 1
+            self.sendto([reset], addr)
 
     async def _accept(self, addr: Address, dcid: bytes, server_name: str | None) -> None:
         proto: H3Protocol | None = None
@@ -642,7 +680,9 @@ class H3Endpoint:
         # A handshake begun before `close()` completes (then gets GOAWAY): its peer may have
         # been named to a successor as served here (`served_peers`).
         proto = H3Protocol(
-            H3HboneConnection(cert, self._core, wall_clock=utcnow(), original_dcid=dcid),
+            H3HboneConnection(
+                cert, self._core, wall_clock=utcnow(), original_dcid=dcid, reset_key=self.reset_key
+            ),
             peer_addr=addr,
             send=self.sendto,
             on_request=lambda stream: self._on_request(stream, addr),

@@ -164,6 +164,7 @@ class Traffic:
     fresh_failed_started: list[float] = field(default_factory=list)  # monotonic start times
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     all_open: asyncio.Event = field(default_factory=asyncio.Event)
+    fresh_pending: set[asyncio.Task[None]] = field(default_factory=set)  # started, not ended
 
     async def held(self, i: int, total: int) -> None:
         try:
@@ -201,7 +202,7 @@ class Traffic:
     async def fresh(self) -> None:
         """A short tunnel every 20 ms until stopped: every one must succeed."""
         n = 0
-        pending: set[asyncio.Task[None]] = set()
+        pending = self.fresh_pending
 
         async def one(n: int) -> None:
             data = hashlib.shake_256(f"fresh/{n}".encode()).digest(8 * CHUNK)
@@ -430,46 +431,82 @@ def test_successor_killed_after_ready_gives_the_listeners_back(nodes: Nodes) -> 
     noticed, every fresh tunnel started after the kill succeeds, and a third process later
     takes over from it. Fresh tunnels in flight inside the killed process die with it (as in
     any crash): they are counted apart, and only those may fail."""
+    t, figures = kill_successor_after_ready(nodes, "node-a", NODE_A, 300)
+    print(f"take-back figures: {t} {figures}")  # shown with pytest -s
+    check_taken_back(nodes, "node-a", t, figures, 300)
+    assert t.fresh_failed <= 10, t.why
+
+
+def test_successor_killed_after_ready_over_http3_gives_the_udp_socket_back(
+    h3nodes: Nodes,
+) -> None:
+    """HTTP/3: node-b's successor (which reads the handed-over 15008/udp socket and relays the
+    old process's QUIC peers to it) is SIGKILLed after READY. The old node-b reads its UDP
+    socket again (the relay is gone): the held tunnels' QUIC connection, which it kept, goes
+    on; it accepts new QUIC connections again; nothing falls back to HTTP/2."""
+    t, figures = kill_successor_after_ready(h3nodes, "node-b", NODE_B, 200)
+    print(f"HTTP/3 take-back figures: {t} {figures}")  # shown with pytest -s
+    check_taken_back(h3nodes, "node-b", t, figures, 200)
+    old_b = h3nodes.log("node-b", 1).read_text()
+    assert "QUIC peers stay with this process" in old_b, old_b
+    assert "UDP sockets taken back" in old_b, old_b
+    for node in ("node-a", "node-b"):
+        for gen in range(1, h3nodes.generation[node] + 1):
+            text = h3nodes.log(node, gen).read_text()
+            assert "HTTP/2 for" not in text, text  # no fallback: UDP worked all along
+            assert '"transport":"h2"' not in text, text
+    # Fresh tunnels reached the old node-b over HTTP/3 again after the take-back.
+    after = old_b[old_b.index("UDP sockets taken back") :]
+    assert after.count('"transport":"h3"') >= 10, after
+
+
+def kill_successor_after_ready(
+    nodes: Nodes, node: str, ip: str, n_held: int
+) -> tuple[Traffic, dict[str, object]]:
+    """Hold `n_held` tunnels and open fresh ones; `node` is replaced by a successor, which is
+    SIGKILLed 1 s after it turned ready; then a third process takes over from the old one."""
     figures: dict[str, object] = {}
+    index = {"node-a": 0, "node-b": 1}[node]
 
     async def main() -> Traffic:
         backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
         t = Traffic()
-        held = [asyncio.create_task(t.held(i, 300)) for i in range(300)]
+        held = [asyncio.create_task(t.held(i, n_held)) for i in range(n_held)]
         await asyncio.wait_for(t.all_open.wait(), 30)
         fresh = asyncio.create_task(t.fresh())
         await asyncio.sleep(0.3)
-        old = nodes.procs[0]
-        successor = nodes.spawn("node-a", NODE_A)
-        await in_thread(nodes.wait_ready, "node-a", successor)
-        assert not nodes.ready_file("node-a", 1).exists()
+        old = nodes.procs[index]
+        successor = nodes.spawn(node, ip)
+        await in_thread(nodes.wait_ready, node, successor)
+        assert not nodes.ready_file(node, 1).exists()
         await asyncio.sleep(1.0)  # fresh tunnels go through the successor
         ok_before = t.fresh_ok
+        figures["fresh in flight at kill"] = len(t.fresh_pending)
         killed = time.monotonic()
         successor.kill()
         await in_thread(successor.wait)
-        old_log = nodes.log("node-a", 1)
+        old_log = nodes.log(node, 1)
         while "took the listeners back" not in old_log.read_text():
             assert time.monotonic() - killed < 10, old_log.read_text()
             await asyncio.sleep(0.01)
         figures["take-back s"] = round(time.monotonic() - killed, 3)
         assert old.poll() is None
-        assert nodes.ready_file("node-a", 1).exists()
-        assert ready(NODE_A)
+        assert nodes.ready_file(node, 1).exists()
+        assert ready(ip)
         await asyncio.sleep(1.5)  # fresh tunnels through the old process again
-        with urllib.request.urlopen(f"http://{NODE_A}:15020/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{ip}:15020/metrics", timeout=5) as r:
             figures["counters"] = sorted(
                 line for line in r.read().decode().splitlines() if "handovers_total{" in line
             )
         # A third process takes over from the old one, which then drains as usual. It has the
         # killed one's ready file (a container restarted in its pod: the emptyDir keeps it),
         # which must be gone until the third is ready (the pod's exec readiness probe).
-        stale = nodes.ready_file("node-a", 2)
+        stale = nodes.ready_file(node, 2)
         assert stale.exists()
-        third = nodes.spawn("node-a", NODE_A, "--ready-file", str(stale))
+        third = nodes.spawn(node, ip, "--ready-file", str(stale))
         # Watched from a thread: this loop is busy with the traffic.
-        gone_before_ready = await in_thread(_gone_before_ready, stale, nodes.log("node-a", 3))
-        await in_thread(nodes.wait_ready, "node-a", third)
+        gone_before_ready = await in_thread(_gone_before_ready, stale, nodes.log(node, 3))
+        await in_thread(nodes.wait_ready, node, third)
         assert gone_before_ready, "the stale ready file stayed until the third was ready"
         assert stale.exists()
         await asyncio.sleep(0.5)
@@ -481,26 +518,34 @@ def test_successor_killed_after_ready_gives_the_listeners_back(nodes: Nodes) -> 
         return t
 
     t = asyncio.run(main())
+    return t, figures
+
+
+def check_taken_back(
+    nodes: Nodes, node: str, t: Traffic, figures: dict[str, object], n_held: int
+) -> None:
+    ip = NODE_A if node == "node-a" else NODE_B
     killed = figures.pop("killed")
     assert isinstance(killed, float)
-    print(f"take-back figures: {t} {figures}")  # shown with pytest -s
-    assert (t.lost, t.corrupted, t.opened) == (0, 0, 300), t
+    assert (t.lost, t.corrupted, t.opened) == (0, 0, n_held), t
     after_kill = [s for s in t.fresh_failed_started if s >= killed]
     assert after_kill == [], t.why
-    assert t.fresh_failed <= 10, t.why  # at most those in flight in the killed process
+    # At most those in flight at the kill (established through the killed process).
+    assert t.fresh_failed <= int(str(figures["fresh in flight at kill"])), (t.why, figures)
     assert t.fresh_ok > 60, t
     assert figures["counters"] == [
         'ztunnel_handovers_total{result="done"} 1.0',
         'ztunnel_handovers_total{result="taken_back"} 1.0',
     ], figures
-    log = nodes.log("node-a", 1).read_text()
+    log = nodes.log(node, 1).read_text()
     assert "successor died (no RELEASE)" in log, log
     assert log.count("hand-over: done") == 2, log
-    assert "predecessor stopped accepting" in nodes.log("node-a", 3).read_text()
-    old, _b, _killed, third = nodes.procs
+    assert "predecessor stopped accepting" in nodes.log(node, 3).read_text()
+    index = {"node-a": 0, "node-b": 1}[node]
+    old, third = nodes.procs[index], nodes.procs[-1]
     assert old.wait(15) == 0  # its held tunnels ended: it exits on its own
     assert third.poll() is None
-    assert ready(NODE_A)
+    assert ready(ip)
 
 
 def _gone_before_ready(path: Path, log: Path, timeout: float = 30) -> bool:

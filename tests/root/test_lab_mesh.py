@@ -25,6 +25,7 @@ from ambientctl.main import main
 from tests.root.labfixture import (
     ECHO,
     SLEEP,
+    HeldTraffic,
     access,
     build,
     call,
@@ -36,6 +37,10 @@ from tests.root.labfixture import (
 )
 
 pytestmark = pytest.mark.timeout(300)
+
+HELD = 300
+"""Held, hash-checked connections from demo/client to echo (across both nodes) in the tests
+that restart something; fresh ones are opened every 50 ms meanwhile (tests/root/lab_traffic.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +168,10 @@ class Session:
 
 
 def test_agent_restart_keeps_capture_and_connections(lab: Lab) -> None:
+    """The node agent of the client's node restarts under HELD held, hash-checked connections
+    crossing both nodes and fresh ones opened all along: nothing lost, capture stays on."""
     session = Session(lab, "demo/client", "echo", 80)
+    traffic = HeldTraffic(lab, "demo/client", "echo", 80, HELD)
     try:
         assert "hello from echo" in session.greeting
         assert session.ask("before") == "echo: before"
@@ -176,7 +184,9 @@ def test_agent_restart_keeps_capture_and_connections(lab: Lab) -> None:
         assert code == 0, out
         assert wait_access(lab, "node-1", n1, lambda a: a["src.identity"] == SLEEP)
         assert redirection(lab)["demo/client"] == "enabled"
+        traffic.check(fresh=10)
     finally:
+        traffic.close()
         session.close()
 
 
@@ -190,10 +200,12 @@ def _running(pid: int) -> bool:
 
 def test_node_proxy_upgrade_by_hand_over_keeps_connections(lab: Lab) -> None:
     """Issue 15: each node's proxy is replaced by a new process through the listener hand-over
-    while a connection crosses both; it survives (past the old drain timeout of 1 s), new
-    connections are captured and served by the new processes, the old ones exit once their
-    connection ended."""
+    while HELD held, hash-checked connections cross both, fresh ones opened every 50 ms all
+    along: none lost, corrupted or failed; the held ones outlive the old drain timeout of 1 s
+    (each does a last round after it); new connections are captured and served by the new
+    processes, the old ones exit once their connections ended."""
     session = Session(lab, "demo/client", "echo", 80)
+    traffic = HeldTraffic(lab, "demo/client", "echo", 80, HELD)
     old: dict[str, int] = {}
     try:
         assert session.ask("before") == "echo: before"
@@ -209,7 +221,9 @@ def test_node_proxy_upgrade_by_hand_over_keeps_connections(lab: Lab) -> None:
         assert all(_running(pid) for pid in old.values()), "old node proxy cut its connection"
         assert session.ask("later") == "echo: later"
         assert redirection(lab)["demo/client"] == "enabled"
+        traffic.check(fresh=40)
     finally:
+        traffic.close()
         session.close()
         for pid in old.values():
             system.wait_for(lambda pid=pid: not _running(pid), timeout=15, what="old proxy exit")

@@ -35,6 +35,8 @@ from meshcore.hbone.connection import (
 )
 from meshcore.hbone.h3 import (
     H3_CONNECT_ERROR,
+    MAX_RESET,
+    MIN_RESET,
     STREAM_WINDOW,
     H3HboneConnection,
     H3Settings,
@@ -44,7 +46,9 @@ from meshcore.hbone.h3 import (
     client_hello_server_name,
     initial_dcid,
     quic_configuration,
+    reset_token,
     server_name_for,
+    stateless_reset,
 )
 from meshcore.identity import SpiffeId
 from meshcore.tls import PeerPolicy, Side, verify_peer_chain
@@ -142,6 +146,7 @@ def ours(
     cert: WorkloadCertificate,
     *,
     original_dcid: bytes | None = None,
+    reset_key: bytes | None = None,
     **kw: Any,
 ) -> H3HboneConnection:
     settings = H3Settings(
@@ -150,7 +155,9 @@ def ours(
         expected=kw.pop("expected", [ECHO] if role is Role.CLIENT else None),
         **kw,
     )
-    return H3HboneConnection(cert, settings, wall_clock=utcnow(), original_dcid=original_dcid)
+    return H3HboneConnection(
+        cert, settings, wall_clock=utcnow(), original_dcid=original_dcid, reset_key=reset_key
+    )
 
 
 def plain_server(cert: WorkloadCertificate) -> Callable[[bytes], QuicConnection]:
@@ -296,6 +303,66 @@ def test_no_session_ticket_so_no_resumption_or_0rtt(ca: MeshCA) -> None:
     pump(client, server, clock)
     assert server.peer_identity == SLEEP
     assert tickets == []
+
+
+def test_server_reset_tokens_derive_from_the_key_so_another_process_can_reset(
+    ca: MeshCA,
+) -> None:
+    """aioquic draws its tokens at random; ours are HMAC(key, cid) for every connection ID the
+    server issued (transport parameter and NEW_CONNECTION_ID), so a process that holds only the
+    key resets the connection, and the client (ours; aioquic's own never looks) ends it."""
+    key = bytes(range(32))
+    clock = Clock()
+    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
+    server, _, _ = start(
+        client,
+        lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d, reset_key=key),
+        clock,
+    )
+    pump(client, server, clock)
+    assert client.peer_identity == ECHO
+    issued = [client.quic._peer_cid, *client.quic._peer_cid_available]
+    assert len(issued) > 1  # NEW_CONNECTION_ID ones too
+    for c in issued:
+        assert c.stateless_reset_token == reset_token(key, c.cid)
+    # The client's next short-header packet reaches a process with no state but the key.
+    client.open_connect("echo:8080")
+    sent = _send(client, clock.now)
+    assert sent
+    assert not sent[-1][0] & 0x80
+    reset = stateless_reset(key, sent[-1], bytes(MAX_RESET))
+    assert reset is not None
+    assert MIN_RESET <= len(reset) < len(sent[-1])
+    assert reset[0] & 0xC0 == 0x40
+    assert client.quic.is_stateless_reset(reset)
+    assert not client.quic.is_stateless_reset(stateless_reset(bytes(32), sent[-1], reset) or b"")
+    for data in _send(server, clock.now) or [b""]:
+        assert not client.quic.is_stateless_reset(data)
+    # A plain aioquic client ignores it: it would wait out the idle timeout.
+    plain = plain_client(ca.issue(SLEEP, now=utcnow()))
+    server2, _, _ = start(
+        plain,
+        lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d, reset_key=key),
+        clock,
+    )
+    pump(plain, server2, clock)
+    plain.send_ping(1)
+    short = _send(plain, clock.now)[-1]
+    _recv(plain, stateless_reset(key, short, bytes(MAX_RESET)) or b"", SERVER_ADDR, clock.now)
+    assert plain._state.name not in ("CLOSING", "DRAINING", "TERMINATED")
+    assert plain._peer_cid.stateless_reset_token == reset_token(key, plain._peer_cid.cid)
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        b"",
+        b"\xc0" + bytes(60),  # a long header (Initial, Handshake): never answered
+        b"\x40" + bytes(MIN_RESET - 1),  # too short to answer with something shorter
+    ],
+)
+def test_no_stateless_reset_for_what_may_not_get_one(trigger: bytes) -> None:
+    assert stateless_reset(bytes(32), trigger, bytes(MAX_RESET)) is None
 
 
 def test_wrong_alpn_is_refused_in_the_handshake(ca: MeshCA) -> None:

@@ -171,6 +171,7 @@ def test_udp_relay_roles_pass_the_offer_and_nothing_else_may_be_unnamed() -> Non
         ),
         udp_relay.Frame(udp_relay.SERVED, ("fd00::1", 15008), ("fd00::2", 1)),
         udp_relay.Frame(udp_relay.GONE, ("127.0.0.1", 15008), ("127.0.0.2", 65535)),
+        udp_relay.Frame(udp_relay.KEY, ("10.0.0.1", 15008), ("", 0), bytes(range(32))),
     ],
 )
 def test_udp_relay_frames_round_trip(frame: udp_relay.Frame) -> None:
@@ -186,6 +187,7 @@ def test_udp_relay_frames_round_trip(frame: udp_relay.Frame) -> None:
         b"+\x011\x00\x01\x012\x00\x02extra",  # a control frame carries no payload
         b"D\x01\xff\x00\x01\x012\x00\x02",  # address not text
         b"D" + bytes(udp_relay.MAX_FRAME),  # over the bound
+        b"K\x011\x00\x01\x00\x00\x00" + bytes(31),  # a reset key is 32 bytes
     ],
 )
 def test_udp_relay_malformed_frames_are_refused(data: bytes) -> None:

@@ -107,6 +107,11 @@ class H3Listener(HboneListener):
         if self.endpoint is not None:
             self.endpoint.close()
 
+    def reopen(self) -> None:
+        """Accept new QUIC connections again (a take-back after `close`)."""
+        if self.endpoint is not None:
+            self.endpoint.closing = False
+
     def abort(self) -> None:
         if self.endpoint is not None:
             self.endpoint.abort_all()
