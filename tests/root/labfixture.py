@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import select
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 from ambientctl.lab import system
 from ambientctl.lab.lab import Lab
+from tests.root.pod_traffic import PodTraffic
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "lab"
 SLEEP = "spiffe://cluster.local/ns/demo/sa/sleep"
@@ -95,55 +95,33 @@ def redirection(lab: Lab) -> dict[str, str]:
     return {f"{r['namespace']}/{r['name']}": r["redirection"] for r in lab.pods()}
 
 
-class HeldTraffic:
+class HeldTraffic(PodTraffic):
     """Held, hash-checked connections from a pod plus fresh ones opened all along (issue 15):
-    tests/root/lab_traffic.py run in the pod's network namespace (a subprocess: CI runs the
-    whole suite in one process, whose threads must not change netns). Returns once every held
-    connection is set up (`up`, `setup_failed`); `result()` stops it and returns its counts."""
+    tests/root/pod_traffic.py in the pod's network namespace, the held ones opened over 1 s,
+    a 256-byte round every 0.4-0.9 s, a fresh connection every 50 ms. Returns once every held
+    connection is set up (`setup`); `check` stops it and asserts its counts."""
 
-    SCRIPT = Path(__file__).with_name("lab_traffic.py")
+    SCRIPT = Path(__file__).with_name("pod_traffic.py")
 
     def __init__(self, lab: Lab, pod: str, host: str, port: int, held: int) -> None:
         self.held = held
-        argv = lab.exec_argv(pod, [sys.executable, str(self.SCRIPT), host, str(port), str(held)])
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-        )
+        script = [sys.executable, str(self.SCRIPT), host, str(port), str(held)]
+        shape = ["--ramp-every", str(1.0 / held), "--fresh-every", "0.05"]
+        super().__init__(lab.exec_argv(pod, [*script, *shape, "--period", "0.4,0.9"]))
         try:
-            self.setup: dict[str, Any] = json.loads(self._line(60))
+            self.setup = self.expect("up", 60)
         except BaseException:
             self.close()
             raise
 
-    def _line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, f"traffic generator: no answer within {timeout} s"
-        line = self.proc.stdout.readline()
-        assert line, f"traffic generator exited ({self.proc.wait(5)})"
-        return line
-
-    def result(self) -> dict[str, Any]:
-        """Stop: every held connection does one last round; the counts (also printed)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("stop\n")
-        self.proc.stdin.flush()
-        out: dict[str, Any] = json.loads(self._line(60))
-        self.proc.wait(10)
-        print(f"held traffic: {out}")  # shown with pytest -s
-        return out
-
     def check(self, *, fresh: int) -> dict[str, Any]:
-        """Stop and assert: all held connections set up, none lost or corrupted, at least
-        `fresh` fresh connections, none failed."""
-        got = self.result()
+        """Stop (every held connection does one last round) and assert: all held connections
+        set up, none lost or corrupted, at least `fresh` fresh connections, none failed."""
+        got = self.command("stop", "done")
+        self.proc.wait(10)
+        print(f"held traffic: {got}")  # shown with pytest -s
         want = {"held": self.held, "setup_failed": 0, "lost": 0, "corrupted": 0, "fresh_failed": 0}
         assert {k: got[k] for k in want} == want, got
         assert got["rounds"] >= 2 * self.held, got
         assert got["fresh_ok"] >= fresh, got
         return got
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)

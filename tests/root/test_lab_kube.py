@@ -36,11 +36,8 @@ import contextlib
 import functools
 import json
 import os
-import queue
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +48,7 @@ import pytest
 from ambientctl.lab import system
 from ambientctl.lab.kubeflow import KubeFlow, wait
 from ambientctl.lab.kubelab import KubeLab
+from tests.root.pod_traffic import PodTraffic
 
 pytestmark = pytest.mark.timeout(900)
 REPO = Path(__file__).resolve().parents[2]
@@ -345,45 +343,7 @@ def test_5_watches_survive_an_apiserver_restart(lab: KubeLab) -> None:
 
 
 HELD = 300
-TRAFFIC = Path(__file__).with_name("kube_traffic.py")
-
-
-class Traffic:
-    """tests/root/kube_traffic.py running in a pod (a process in its netns, `exec_argv`)."""
-
-    def __init__(self, lab: KubeLab, pod: str, *args: str) -> None:
-        argv = lab.exec_argv("demo", pod, ["python3", str(TRAFFIC), *args])
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        self.lines: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(b"")
-
-    def expect(self, event: str, timeout: float) -> dict[str, Any]:
-        line = self.lines.get(timeout=timeout)
-        if not line:
-            assert self.proc.stderr is not None
-            raise AssertionError(f"traffic exited: {self.proc.stderr.read().decode()[-2000:]}")
-        counts: dict[str, Any] = json.loads(line)
-        assert counts["event"] == event, counts
-        return counts
-
-    def command(self, word: str, event: str, timeout: float = 60) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(word.encode() + b"\n")
-        self.proc.stdin.flush()
-        return self.expect(event, timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+TRAFFIC = Path(__file__).with_name("pod_traffic.py")
 
 
 def _ztunnel_pid(lab: KubeLab, pod: dict[str, Any]) -> int:
@@ -422,7 +382,9 @@ def test_6_helm_upgrade_under_held_connections_loses_nothing(lab: KubeLab) -> No
     old_by_node = {p["spec"]["nodeName"]: p for p in old.values()}
     old_pids = {node: _ztunnel_pid(lab, p) for node, p in old_by_node.items()}
     assert all(old_pids.values()), old_pids
-    traffic = Traffic(lab, client(lab), "echo", "80", str(HELD))
+    traffic = PodTraffic(
+        lab.exec_argv("demo", client(lab), ["python3", str(TRAFFIC), "echo", "80", str(HELD)])
+    )
     figures: dict[str, Any] = {}
     try:
         up = traffic.expect("up", 120)

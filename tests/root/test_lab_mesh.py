@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(300)
 
 HELD = 300
 """Held, hash-checked connections from demo/client to echo (across both nodes) in the tests
-that restart something; fresh ones are opened every 50 ms meanwhile (tests/root/lab_traffic.py)."""
+that restart something; fresh ones are opened every 50 ms meanwhile (tests/root/pod_traffic.py)."""
 
 
 @pytest.fixture(scope="module")

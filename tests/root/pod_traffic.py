@@ -1,15 +1,18 @@
-"""Held and fresh hash-checked connections from inside a pod (the kube lab's upgrade test,
-tests/root/test_lab_kube.py), run as a process in the pod (``KubeLab.exec_argv``), never as a
-thread of the test: ``python3 kube_traffic.py HOST PORT HELD``.
+"""Held and fresh hash-checked connections from inside a pod (issue 15: the lab's restarts and
+hand-overs, the kube lab's `helm upgrade`), run as a process in the pod's netns (the labs'
+``exec_argv``), never as a thread of the test (CI runs the whole suite in one process, whose
+threads must not change netns): ``python3 pod_traffic.py HOST PORT HELD [options]``.
+The test side is `PodTraffic` below (this module is both).
 
 Talks to the lab's echo (examples/lab/echo.py: a greeting line, then ``echo: <line>`` for every
-line). Opens HELD connections one every `RAMP_EVERY` seconds (a burst would overflow an accept
-queue: set-up failures are counted apart from losses), each a greeting then a 1 KiB round every
-1-2 s: a random line sent, the SHA-256 of the answer compared with the expected echo's. Once
-every held connection is up (or failed to come up) prints ``{"event": "up", ...}`` and opens a
-fresh connection (greeting + one 4 KiB round) every `FRESH_EVERY` seconds. Commands on stdin:
-``report`` prints the counts so far (``"event": "report"``), ``stop`` lets every held
-connection do one last round and close, then prints the final counts (``"event": "done"``).
+line). Opens HELD connections one every ``--ramp-every`` seconds (a burst would overflow an
+accept queue: set-up failures are counted apart from losses), each a greeting then a ``--size``
+round every ``--period`` (LO,HI) seconds: a random line sent, the SHA-256 of the answer compared
+with the expected echo's. Once every held connection is up (or failed to come up) prints
+``{"event": "up", ...}`` and opens a fresh connection (greeting + one 4 KiB round) every
+``--fresh-every`` seconds. Commands on stdin: ``report`` prints the counts so far (``"event":
+"report"``), ``stop`` lets every held connection do one last round and close, then prints the
+final counts (``"event": "done"``).
 
 Counts: held (came up), setup_failed, lost (a held connection that failed after it came up:
 reset, EOF, timeout of `TIMEOUT` s), corrupted (an answer whose hash differs), rounds,
@@ -19,29 +22,41 @@ connection), why (the first reasons). Standard library only (the node's python3)
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
 import json
 import os
+import queue
 import random
 import resource
 import socket
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-RAMP_EVERY = 0.02
-FRESH_EVERY = 0.1
 TIMEOUT = 15.0
 WHY_KEPT = 20
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 FAILURES = (OSError, asyncio.TimeoutError, ConnectionError, ValueError)
 
 
+@dataclass(frozen=True)
+class Shape:
+    ramp_every: float = 0.02
+    fresh_every: float = 0.1
+    period: tuple[float, float] = (1.0, 2.0)
+    size: int = 1024
+
+
 class Traffic:
-    def __init__(self, host: str, port: int, held: int) -> None:
-        self.host, self.port, self.n = host, port, held
+    def __init__(self, host: str, port: int, held: int, shape: Shape) -> None:
+        self.host, self.port, self.n, self.shape = host, port, held, shape
         self.stop = asyncio.Event()
         self.counts: dict[str, Any] = dict.fromkeys(
             ("held", "setup_failed", "lost", "corrupted", "rounds", "fresh_ok", "fresh_failed"),
@@ -77,7 +92,7 @@ class Traffic:
         return hashlib.sha256(got).digest() == hashlib.sha256(b"echo: " + line + b"\n").digest()
 
     async def held(self, i: int, up: asyncio.Event) -> None:
-        await asyncio.sleep(RAMP_EVERY * i)
+        await asyncio.sleep(self.shape.ramp_every * i)
         try:
             stream = await self.connect()
         except FAILURES as err:
@@ -90,7 +105,7 @@ class Traffic:
         try:
             while True:
                 last = self.stop.is_set()
-                if not await self.round(stream, 1024):
+                if not await self.round(stream, self.shape.size):
                     self.fail("corrupted", f"held {i} round {k}: hash differs")
                     return
                 self.counts["rounds"] += 1
@@ -98,7 +113,7 @@ class Traffic:
                 if last:
                     return
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), random.uniform(1.0, 2.0))
+                    await asyncio.wait_for(self.stop.wait(), random.uniform(*self.shape.period))
         except FAILURES as err:
             self.fail("lost", f"held {i} round {k}: {err!r}")
         finally:
@@ -131,7 +146,7 @@ class Traffic:
             task.add_done_callback(tasks.discard)
             j += 1
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), FRESH_EVERY)
+                await asyncio.wait_for(self.stop.wait(), self.shape.fresh_every)
         await asyncio.gather(*tasks)
 
     async def run(self) -> None:
@@ -154,11 +169,62 @@ class Traffic:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("held", type=int)
+    p.add_argument("--ramp-every", type=float, default=Shape.ramp_every)
+    p.add_argument("--fresh-every", type=float, default=Shape.fresh_every)
+    p.add_argument("--period", default="1.0,2.0", help="LO,HI seconds between a held round")
+    p.add_argument("--size", type=int, default=Shape.size)
+    a = p.parse_args()
+    lo, hi = (float(x) for x in a.period.split(","))
+    shape = Shape(a.ramp_every, a.fresh_every, (lo, hi), a.size)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    host, port, held = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
-    asyncio.run(Traffic(str(address), port, held).run())
+    address = socket.getaddrinfo(a.host, a.port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    asyncio.run(Traffic(str(address), a.port, a.held, shape).run())
+
+
+class PodTraffic:
+    """The test's side: this script started with `argv` (the lab's exec argv running it in a
+    pod); `expect` reads its next event line, `command` writes a command and reads the answer."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(b"")
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"traffic generator: no {event!r} within {timeout} s") from None
+        if not line:
+            assert self.proc.stderr is not None
+            raise AssertionError(f"traffic exited: {self.proc.stderr.read().decode()[-2000:]}")
+        counts: dict[str, Any] = json.loads(line)
+        assert counts["event"] == event, counts
+        return counts
+
+    def command(self, word: str, event: str, timeout: float = 60) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self.expect(event, timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
 
 
 if __name__ == "__main__":
