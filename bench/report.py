@@ -13,7 +13,7 @@ from typing import Any
 from bench.harness import PATHS, PathRuntime
 
 TARGETS: dict[str, float] = {
-    "rps": 1.1,
+    "rps": 1.2,  # was 1.1 (issue 14), met at 1.13x and 1.21x in session 3: a target met is raised
     "cps": 1.0,
     "cpu_per_gbit": 1.0,
     "cpu_per_krps": 1.0,
