@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError, HandoverError, MeshError
@@ -46,7 +46,6 @@ from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idl
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
 from meshcore.tracing import Tracer
-from meshcore.xds import XdsClient
 from ztunnel import handover, udp_relay
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
@@ -60,8 +59,13 @@ from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.accept import TcpListener
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
-from ztunnel.proxy.inbound_h3 import H3Listener
 from ztunnel.proxy.outbound import OutboundConnection
+
+if TYPE_CHECKING:
+    # Imported where used: grpc and the xDS/CA clients by control-plane mode, aioquic by
+    # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory).
+    from meshcore.xds import XdsClient
+    from ztunnel.proxy.inbound_h3 import H3Listener
 
 log = logging.getLogger("ztunnel")
 
@@ -151,6 +155,7 @@ class NodeProxy:
         self._accepting = True
         self.servers: list[TcpListener] = []
         self.hbone_listeners: list[HboneListener] = []
+        self._h3: list[H3Listener] = []  # those of hbone_listeners that serve HTTP/3
         self.admin_servers: list[asyncio.Server] = []
         self.ready = False
         self._relay: socket.socket | None = None  # successor: the relay end we were handed
@@ -212,10 +217,13 @@ class NodeProxy:
                     hbone = HboneListener(ctx, listener.sock)
                     hbone.start()
                 else:
-                    hbone = H3Listener(ctx, listener.sock)
+                    from ztunnel.proxy.inbound_h3 import H3Listener
+
+                    hbone = h3 = H3Listener(ctx, listener.sock)
                     # A handed-over UDP socket is read after DONE (the predecessor reads it
                     # until READY): `_take_udp_over`.
-                    hbone.start(reading=not listener.handed)
+                    h3.start(reading=not listener.handed)
+                    self._h3.append(h3)
                 self.hbone_listeners.append(hbone)
             else:
                 # Our accept loop, not create_server: it pauses on fd shortage (accept.py).
@@ -287,7 +295,7 @@ class NodeProxy:
         self._stopping.set()
 
     def _h3_listeners(self) -> list[H3Listener]:
-        return [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        return self._h3
 
     def _take_udp_over(self) -> None:
         """After DONE: divert the predecessor's QUIC peers to it (`ztunnel.udp_relay`), then
@@ -352,7 +360,7 @@ class NodeProxy:
         self.listeners = [lst for lst in kept if lst.role not in ops]
         self.ops = [lst for lst in kept if lst.role in ops]
         self.servers = []
-        h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        h3 = self._h3
         self.hbone_listeners = []
         self._serve_listeners()
         self.listeners += udp  # HTTP/3 is not handed over: its listener never stopped
@@ -418,7 +426,7 @@ class NodeProxy:
             log.info(
                 "handed over: serving %d connections until they end", len(self.ctx.connections)
             )
-        h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        h3 = self._h3
         # HTTP/3 connections (GOAWAY sent by listener.close) live on their UDP socket, which is
         # therefore held until they end or the drain times out.
         await wait_idle(
@@ -647,6 +655,9 @@ def controlplane_context(
     """Control-plane mode: state from delta xDS; certificates from the control plane's CA
     (--ca-address, default the xDS address) unless --ca-dir is given without --ca-address
     (local signing)."""
+    from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
+    from meshcore.xds import XdsClient
+
     xds_ep, ca_ep = endpoints(Bootstrap.from_args(args))
     provider = certificate_provider(
         ca_ep,

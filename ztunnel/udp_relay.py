@@ -35,9 +35,12 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshcore.errors import HandoverError
-from meshcore.hbone.h3aio import Address, H3Endpoint
+
+if TYPE_CHECKING:  # annotations only: aioquic is loaded by --http3 alone
+    from meshcore.hbone.h3aio import Address, H3Endpoint
 
 log = logging.getLogger("ztunnel.handover")
 
