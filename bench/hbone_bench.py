@@ -348,6 +348,8 @@ def start_paths(sup: Supervisor, workdir: Path, wanted: list[str], s: Settings, 
 def measure(run: Run, s: Settings) -> None:
     """Warm every path up, then the repetitions, the paths interleaved within each metric."""
     order = [p for p in PATHS if p in run.runtimes]
+    for p in order:  # idle: every path started, nothing carried yet but the smoke GET
+        run.runtimes[p].sample_idle_rss()
     # Warm-up: a short keep-alive run through each path (connection pools, JIT-free caches).
     for p in order:
         wrk(run.runtimes[p].addr, Settings(**{**s.__dict__, "duration": 1.0}), 8, close=False)
@@ -483,6 +485,7 @@ HISTORY_FIGURES = {
     "CPU per Gb/s, both proxies (CPU-s/Gbit)": ("cpu_per_gbps", "vCPU", "lower"),
     "CPU per 1000 rps, busiest proxy (vCPU)": ("cpu_per_1000_rps", "vCPU", "lower"),
     "RSS per worker, largest proxy (MiB)": ("rss_per_worker_mib", "MiB", "lower"),
+    "idle RSS per worker, largest proxy (MiB)": ("idle_rss_per_worker_mib", "MiB", "lower"),
     "PSS per worker, largest proxy (MiB)": ("pss_per_worker_mib", "MiB", "lower"),
 }
 """Table row -> (history figure name, unit, better): the names bench/history.csv already uses."""
