@@ -46,7 +46,7 @@ from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idl
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
 from meshcore.tracing import Tracer
-from ztunnel import handover, udp_relay
+from ztunnel import handover, udp_relay, workers
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
     admin_routes,
@@ -683,11 +683,19 @@ def controlplane_context(
     return ctx, client
 
 
-async def run_controlplane_mode(settings: ProxySettings, args: argparse.Namespace) -> int:
-    """Control-plane mode (one worker): wait for the full state over xDS (bind mode binds
-    HBONE listeners on local workloads' IPs), then run like static mode. The xDS client keeps
-    running and swaps the state on every update; while the control plane is down the proxy
-    keeps serving the last good state."""
+async def run_controlplane_mode(
+    settings: ProxySettings,
+    args: argparse.Namespace,
+    *,
+    children: Sequence[int] = (),
+    offer_to: Sequence[socket.socket] = (),
+    listeners: list[Listener] | None = None,
+) -> int:
+    """Control-plane mode: wait for the full state over xDS (bind mode binds HBONE listeners
+    on local workloads' IPs), then run like static mode. The xDS client keeps running and
+    swaps the state on every update; while the control plane is down the proxy keeps serving
+    the last good state. The first worker binds the listeners and offers them to the extra
+    workers (`offer_to`, `ztunnel.workers`); an extra worker is given them (`listeners`)."""
     ctx, xds = controlplane_context(settings, args)
     task = asyncio.get_running_loop().create_task(xds.run())
     try:
@@ -695,21 +703,44 @@ async def run_controlplane_mode(settings: ProxySettings, args: argparse.Namespac
             log.info("waiting for the full state from %s", args.xds_address)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(xds.synced.wait(), 5)
+        if listeners is not None:
+            return await run_worker(settings, args, listeners, EXTRA_WORKER, ctx)
         loop = asyncio.get_running_loop()
         handed = await loop.run_in_executor(None, take_over, settings)
         listeners = bind_listeners(settings, ctx.state, handed)
-        role = WorkerRole(serve_admin=True, handed=handed)
+        for conn in offer_to:
+            workers.offer_listeners(conn, [(lst.role, lst.sock) for lst in listeners])
+        role = WorkerRole(serve_admin=True, children=children, handed=handed)
         return await run_worker(settings, args, listeners, role, ctx)
     finally:
         task.cancel()
 
 
+def serve_controlplane(settings: ProxySettings, args: argparse.Namespace) -> int:
+    """Control-plane mode: fork `--workers - 1` more workers before any gRPC exists in the
+    process (`ztunnel.workers`), then run the first one here."""
+    if args.workers <= 1:
+        return asyncio.run(run_controlplane_mode(settings, args))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as in `serve`: until the loops handle them
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    metrics_dir = enable_multiprocess_metrics()
+
+    def extra_worker(conn: socket.socket) -> int:
+        _die_with_parent()
+        given = [Listener(role, sock) for role, sock in workers.receive_listeners(conn)]
+        return asyncio.run(run_controlplane_mode(settings, args, listeners=given))
+
+    try:
+        children, ends = workers.fork_workers(args.workers - 1, extra_worker)
+        return asyncio.run(run_controlplane_mode(settings, args, children=children, offer_to=ends))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
 def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
     """Bind the listeners once, fork `--workers - 1` more workers, run the first one here."""
     if args.xds_address:
-        if args.workers > 1:
-            raise ConfigError("--workers", "control-plane mode runs one worker (for now)")
-        return asyncio.run(run_controlplane_mode(settings, args))
+        return serve_controlplane(settings, args)
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
     handed = take_over(settings)
     listeners = bind_listeners(settings, state, handed)
