@@ -10,6 +10,9 @@ them over and turns ready only after the hand-over; the predecessor then serves 
 keeping copies of the listeners: if the successor dies after READY (no RELEASE), a single-worker
 predecessor takes them back and serves again (`NodeProxy.resume`, docs/upgrade.md).
 Event loop, stop signals, housekeeping sweep and drain wait: `meshcore.runtime`.
+Workers (`--workers N`): static mode binds, then forks; control-plane mode forks first and hands
+the listeners over once its first state is there (`ztunnel.workers`). gRPC and the xDS/CA
+clients are imported by control-plane mode only, aioquic by --http3 only (a worker's RSS).
 
 Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
 HBONE, 15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp
