@@ -132,7 +132,9 @@ async def until(node_a: Node, want: bool, timeout: float) -> bool:
 @contextlib.asynccontextmanager
 async def mesh(tmp: Path) -> AsyncIterator[tuple[Node, list[int], Path]]:
     settings = cp_settings(tmp)
-    write_manifests(settings.manifest_dir, "base.yaml", base_manifests())
+    manifests = tmp / "manifests"
+    assert settings.manifest_dir == manifests
+    write_manifests(manifests, "base.yaml", base_manifests())
     async with running_controlplane(settings), echo_backend():
         with node_b_process(tmp) as (proc, log):
             await ready(proc, log, 60)
@@ -140,7 +142,7 @@ async def mesh(tmp: Path) -> AsyncIterator[tuple[Node, list[int], Path]]:
             try:
                 workers = [proc.pid, *children_of(proc.pid)]
                 assert len(workers) == 2, workers
-                yield node_a, workers, settings.manifest_dir
+                yield node_a, workers, manifests
             finally:
                 await stop_node(node_a)
 
