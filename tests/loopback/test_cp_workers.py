@@ -68,10 +68,13 @@ async def ready(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> Non
 
 
 @contextlib.contextmanager
-def node_b_process(tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def node_b_process(
+    tmp: Path, name: str = "node-b"
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Node B's ztunnel; `name` names its log and ready file (a successor has its own)."""
     token = tmp / "node-b.token"
     token.write_text(TOKENS["node-b"] + "\n")
-    log = tmp / "node-b.log"
+    log = tmp / f"{name}.log"
     argv = [
         str(BIN / "ztunnel"),
         "--node",
@@ -88,6 +91,10 @@ def node_b_process(tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
         "2",
         "--drain-timeout",
         "1",
+        "--handover-socket",
+        str(tmp / "handover.sock"),
+        "--ready-file",
+        str(tmp / f"{name}.ready"),
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -130,7 +137,7 @@ async def until(node_a: Node, want: bool, timeout: float) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def mesh(tmp: Path) -> AsyncIterator[tuple[Node, list[int], Path]]:
+async def mesh(tmp: Path) -> AsyncIterator[tuple[Node, subprocess.Popen[bytes], Path]]:
     settings = cp_settings(tmp)
     manifests = tmp / "manifests"
     assert settings.manifest_dir == manifests
@@ -140,9 +147,7 @@ async def mesh(tmp: Path) -> AsyncIterator[tuple[Node, list[int], Path]]:
             await ready(proc, log, 60)
             node_a = await start_node("node-a", NODE_A, outbound=((VIP, 80),))
             try:
-                workers = [proc.pid, *children_of(proc.pid)]
-                assert len(workers) == 2, workers
-                yield node_a, workers, manifests
+                yield node_a, proc, manifests
             finally:
                 await stop_node(node_a)
 
@@ -150,7 +155,9 @@ async def mesh(tmp: Path) -> AsyncIterator[tuple[Node, list[int], Path]]:
 @pytest.mark.timeout(120)
 def test_two_workers_in_controlplane_mode_serve_and_follow_config(tmp_path: Path) -> None:
     async def main() -> None:
-        async with mesh(tmp_path) as (node_a, workers, manifests):
+        async with mesh(tmp_path) as (node_a, proc, manifests):
+            workers = [proc.pid, *children_of(proc.pid)]
+            assert len(workers) == 2, workers
             for worker in workers:
                 with only(worker, workers):
                     # A worker may still be fetching its state and certificate: bounded wait.
@@ -164,5 +171,39 @@ def test_two_workers_in_controlplane_mode_serve_and_follow_config(tmp_path: Path
             for worker in workers:
                 with only(worker, workers):
                     assert await until(node_a, True, 20), f"worker {worker} still denies"
+
+    run(main(), timeout=100)
+
+
+async def exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return proc.poll() is not None
+
+
+@pytest.mark.timeout(120)
+def test_hand_over_between_two_worker_controlplane_proxies(tmp_path: Path) -> None:
+    """Issue 15's hand-over with control-plane workers on both sides: the successor's first
+    worker takes the listeners over after its first state and passes them to its second; the
+    old workers stop accepting and exit once drained; each new worker serves alone."""
+
+    async def main() -> None:
+        async with mesh(tmp_path) as (node_a, old, _):
+            assert await until(node_a, True, 20)
+            with node_b_process(tmp_path, "node-b-2") as (new, log):
+                deadline = time.monotonic() + 60
+                while not (tmp_path / "node-b-2.ready").exists():  # written after DONE
+                    assert new.poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, log.read_text()[-3000:]
+                    await asyncio.sleep(0.1)
+                workers = [new.pid, *children_of(new.pid)]
+                assert len(workers) == 2, workers
+                node_a.proxy.ctx.pool.close_all()  # GOAWAY'd by the old workers anyway
+                assert await exited(old, 30), "the old node proxy did not finish its drain"
+                assert old.returncode == 0
+                for worker in workers:
+                    with only(worker, workers):
+                        assert await until(node_a, True, 20), f"new worker {worker} does not serve"
 
     run(main(), timeout=100)
