@@ -75,7 +75,8 @@ def fork_workers(
 
 
 def offer_listeners(conn: socket.socket, listeners: Sequence[tuple[str, socket.socket]]) -> None:
-    """First worker: send (role, socket) pairs to one extra worker, then DONE; closes `conn`."""
+    """First worker: send (role, socket) pairs to one extra worker, then DONE; closes `conn`.
+    Raises HandoverError if that worker is gone (the proxy stops: fail fast)."""
     try:
         for start in range(0, len(listeners), handover.MAX_SOCKETS):
             chunk = listeners[start : start + handover.MAX_SOCKETS]
@@ -83,6 +84,8 @@ def offer_listeners(conn: socket.socket, listeners: Sequence[tuple[str, socket.s
             msg = handover.encode(handover.Message(handover.Kind.OFFER, sockets=specs))
             socket.send_fds(conn, [msg], [sock.fileno() for _, sock in chunk])
         conn.sendall(handover.encode(handover.Message(handover.Kind.DONE)))
+    except OSError as err:
+        raise HandoverError(f"a worker exited before taking the listeners: {err}") from err
     finally:
         conn.close()
 

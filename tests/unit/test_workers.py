@@ -108,3 +108,15 @@ def test_fd_count_not_matching_the_offer_is_refused(
     assert open_fds() == before - 1
     for s in socks:
         s.close()
+
+
+def test_offer_to_a_worker_that_is_gone_is_a_handover_error(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    theirs.close()
+    socks = listening(1)
+    with pytest.raises(HandoverError, match="exited before taking"):
+        workers.offer_listeners(ours, [("outbound", socks[0])])
+    assert ours.fileno() == -1  # closed
+    socks[0].close()
