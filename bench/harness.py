@@ -331,10 +331,15 @@ class PathRuntime:
     proxies: list[Proc]  # the proxy process trees charged for CPU/RSS ("A", "B")
     workers: int
     rss_samples: dict[str, list[tuple[float, int, float]]] = field(default_factory=dict)
+    idle_rss: dict[str, tuple[float, int, float]] = field(default_factory=dict)
+    """Each proxy tree's (RSS, processes, PSS) once ready, before any load."""
 
     def sample_rss(self) -> None:
         for p in self.proxies:
             self.rss_samples.setdefault(p.name, []).append(tree_rss_mib(p.pid))
+
+    def sample_idle_rss(self) -> None:
+        self.idle_rss = {p.name: tree_rss_mib(p.pid) for p in self.proxies}
 
     def cpu(self) -> dict[str, float]:
         return {p.name: tree_cpu_seconds(p.pid) for p in self.proxies}

@@ -31,11 +31,13 @@ import signal
 import statistics
 import tempfile
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from bench.envoy_configs import (
     MESH_CONFIG,
@@ -152,9 +154,98 @@ def ztunnel_flags() -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*", out))
 
 
+CONTROLPLANE = ("127.0.8.1", 15012)
+"""`--controlplane`: our control plane (plaintext xDS + CA on loopback; debug/ready on 15014)."""
+NODE_TOKENS = {"node-a": "bench-node-a-token-0123456789", "node-b": "bench-node-b-token-0123456789"}
+
+
+def controlplane_manifests() -> list[dict[str, Any]]:
+    """MESH_CONFIG as Kubernetes objects: the client pod (127.0.0.1, sa sleep) on node-a, the
+    server pod (127.0.2.10, sa echo, port 8080) on node-b, service echo VIP 127.0.3.10:80."""
+    ns = "default"
+
+    def pod(name: str, sa: str, node: str, ip: str, port: int | None = None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"serviceAccountName": sa, "nodeName": node}
+        if port is not None:
+            spec["containers"] = [{"name": name, "ports": [{"containerPort": port}]}]
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+            "spec": spec,
+            "status": {"podIP": ip},
+        }
+
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {"istio.io/dataplane-mode": "ambient"}},
+        },
+        pod("client", "sleep", "node-a", "127.0.0.1"),
+        pod("server", "echo", "node-b", BACKEND[0], BACKEND[1]),
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "echo", "namespace": ns},
+            "spec": {
+                "clusterIP": SERVICE_VIP[0],
+                "selector": {"app": "server"},
+                "ports": [{"port": SERVICE_VIP[1], "targetPort": BACKEND[1]}],
+            },
+        },
+    ]
+
+
+def start_controlplane(sup: Supervisor, workdir: Path, ca_dir: Path) -> dict[str, Path]:
+    """Our control plane serving the bench's mesh (issue 14: the node-proxy pair fed by it,
+    `--controlplane`); returns each node's credential file."""
+    exe = VENV_BIN / "ambient-controlplane"
+    if not exe.exists():
+        raise BenchError(f"{exe} does not exist")
+    if not port_free(CONTROLPLANE):
+        raise BenchError(f"{CONTROLPLANE[0]}:{CONTROLPLANE[1]} is in use")
+    manifests = workdir / "manifests"
+    manifests.mkdir()
+    (manifests / "mesh.yaml").write_text(yaml.safe_dump_all(controlplane_manifests()))
+    creds = workdir / "node-credentials.yaml"
+    creds.write_text(yaml.safe_dump(NODE_TOKENS))
+    tokens = {}
+    for node, token in NODE_TOKENS.items():
+        tokens[node] = workdir / f"{node}.token"
+        tokens[node].write_text(token + "\n")
+    host, port = CONTROLPLANE
+    argv = [
+        str(exe),
+        "--listen",
+        f"{host}:{port}",
+        "--debug-listen",
+        f"{host}:15014",
+        "--plaintext",
+        "--manifest-dir",
+        str(manifests),
+        "--ca-dir",
+        str(ca_dir),
+        "--node-credentials",
+        str(creds),
+        "--log-level",
+        "warning",
+    ]
+    proc = sup.start("controlplane", argv)
+    wait_http(f"http://{host}:15014/ready", 30, proc)
+    return tokens
+
+
 def start_ztunnel_pair(
-    sup: Supervisor, workdir: Path, ca_dir: Path, workers: int, *, http3: bool = False
+    sup: Supervisor,
+    workdir: Path,
+    config_from: Path | Mapping[str, Path],
+    workers: int,
+    *,
+    http3: bool = False,
 ) -> PathRuntime:
+    """`config_from`: the CA directory (static mode: MESH_CONFIG, certificates signed by that
+    CA) or each node's credential file (fed by the control plane, `start_controlplane`)."""
     if (why := ztunnel_available()) is not None:
         raise BenchError(why)
     vip: tuple[str, int] = SERVICE_VIP
@@ -187,14 +278,16 @@ def start_ztunnel_pair(
         extra.append("--no-access-log")
     procs = []
     for node in ("node-b", "node-a"):
+        if isinstance(config_from, Path):
+            feed = ["--mesh-config", str(mesh), "--ca-dir", str(config_from)]
+        else:
+            xds = f"{CONTROLPLANE[0]}:{CONTROLPLANE[1]}"
+            feed = ["--xds-address", xds, "--node-credential-file", str(config_from[node])]
         argv = [
             str(VENV_BIN / "ztunnel"),
-            "--mesh-config",
-            str(mesh),
+            *feed,
             "--node",
             node,
-            "--ca-dir",
-            str(ca_dir),
             "--capture",
             "bind",
             "--node-ip",
@@ -290,6 +383,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, li
     ap.add_argument("--time-limit", type=float, help="overall limit in seconds")
     ap.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     ap.add_argument("--no-history", action="store_true", help="do not append bench/history.csv")
+    ap.add_argument(
+        "--controlplane",
+        action="store_true",
+        help="feed the node-proxy pair (HTTP/2) from our control plane (xDS + CA), not statically",
+    )
     args = ap.parse_args(argv)
     wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
     for p in wanted:
@@ -308,6 +406,8 @@ class Run:
     raw: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     """Path -> metric -> one figure per repetition that did not fail."""
     certs_source: str | None = None
+    controlplane: bool = False
+    """--controlplane: the node-proxy pair (HTTP/2) is fed by our control plane."""
 
 
 def start_paths(sup: Supervisor, workdir: Path, wanted: list[str], s: Settings, run: Run) -> None:
@@ -327,7 +427,12 @@ def start_paths(sup: Supervisor, workdir: Path, wanted: list[str], s: Settings, 
     starters: dict[str, Callable[[], PathRuntime]] = {
         "direct": lambda: PathRuntime("direct", BACKEND, [], 0),
         "envoy": envoy,
-        "ztunnel": lambda: start_ztunnel_pair(sup, workdir, ca_dir, s.ztunnel_workers),
+        "ztunnel": lambda: start_ztunnel_pair(
+            sup,
+            workdir,
+            start_controlplane(sup, workdir, ca_dir) if run.controlplane else ca_dir,
+            s.ztunnel_workers,
+        ),
         "ztunnel-h3": lambda: start_ztunnel_pair(
             sup, workdir, ca_dir, s.ztunnel_workers, http3=True
         ),
@@ -348,6 +453,8 @@ def start_paths(sup: Supervisor, workdir: Path, wanted: list[str], s: Settings, 
 def measure(run: Run, s: Settings) -> None:
     """Warm every path up, then the repetitions, the paths interleaved within each metric."""
     order = [p for p in PATHS if p in run.runtimes]
+    for p in order:  # idle: every path started, nothing carried yet but the smoke GET
+        run.runtimes[p].sample_idle_rss()
     # Warm-up: a short keep-alive run through each path (connection pools, JIT-free caches).
     for p in order:
         wrk(run.runtimes[p].addr, Settings(**{**s.__dict__, "duration": 1.0}), 8, close=False)
@@ -394,6 +501,8 @@ def record_history(
 ) -> None:
     """Append the node-proxy pair's figures, with the same run's Envoy figures, to history."""
     note = f"{s.reps} rep(s) x {s.duration:g}s, ztunnel workers {_workers(run)}"
+    if run.controlplane:
+        note += ", control-plane mode"
     figures = history_figures(rows, note)
     for name, key in (("cpu_us_per_request", "rps"), ("cpu_us_per_connection", "cps")):
         if (z := per_op.get(("ztunnel", key))) is not None:
@@ -431,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_ROOT))
     workdir.chmod(0o755)
     sup = Supervisor(workdir)
-    run = Run()
+    run = Run(controlplane=args.controlplane)
     started = datetime.now(UTC)
     try:
         with guarded(limit):
@@ -483,6 +592,7 @@ HISTORY_FIGURES = {
     "CPU per Gb/s, both proxies (CPU-s/Gbit)": ("cpu_per_gbps", "vCPU", "lower"),
     "CPU per 1000 rps, busiest proxy (vCPU)": ("cpu_per_1000_rps", "vCPU", "lower"),
     "RSS per worker, largest proxy (MiB)": ("rss_per_worker_mib", "MiB", "lower"),
+    "idle RSS per worker, largest proxy (MiB)": ("idle_rss_per_worker_mib", "MiB", "lower"),
     "PSS per worker, largest proxy (MiB)": ("pss_per_worker_mib", "MiB", "lower"),
 }
 """Table row -> (history figure name, unit, better): the names bench/history.csv already uses."""

@@ -68,6 +68,8 @@ def summarize(
                     "pss_per_worker_mib": pss / rt.workers,
                     "processes": max(n for _, n, _ in samples),
                 }
+                if name in rt.idle_rss:
+                    rss[name]["idle_per_worker_mib"] = rt.idle_rss[name][0] / rt.workers
             s["rss"] = rss
         s["errors"] = sum(r.get("errors", 0) for rs in by_metric.values() for r in rs)
         out[path] = s
@@ -146,7 +148,8 @@ def _build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[s
             return None
         if sub is None:
             return float(max(val.values()))
-        return float(max(v[sub] for v in val.values()))
+        subs = [v[sub] for v in val.values() if sub in v]
+        return float(max(subs)) if subs else None
 
     def vs_envoy(key: str, r: RowInputs) -> RowInputs:
         """`r` with a target on the ratio ours / Envoy: TARGETS[key], at least or at most."""
@@ -220,6 +223,12 @@ def _build_table(summary: dict[str, dict[str, Any]], rate: float) -> list[dict[s
                 ours=max_of(z, "vcpu_per_krps"),
                 nd=3,
             ),
+        ),
+        RowInputs(
+            metric="idle RSS per worker, largest proxy (MiB)",
+            envoy=max_of(e, "rss", "idle_per_worker_mib"),
+            ours=max_of(z, "rss", "idle_per_worker_mib"),
+            nd=1,
         ),
         vs_envoy(
             "rss_per_worker",

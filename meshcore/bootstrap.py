@@ -25,12 +25,17 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshcore.ca import MeshCA
-from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.certs import CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError
-from meshcore.xds import DEFAULT_SERVER_NAME, ControlPlaneEndpoint, read_token_file
+
+if TYPE_CHECKING:  # gRPC loads with the clients only: a static node proxy parses these flags too
+    from meshcore.xds import ControlPlaneEndpoint
+
+DEFAULT_SERVER_NAME = "ambient-controlplane.istio-system.svc"
+"""The name the control plane's serving certificate is verified against (its Service)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +125,8 @@ def add_certificate_arguments(
 
 def endpoints(boot: Bootstrap) -> tuple[ControlPlaneEndpoint, ControlPlaneEndpoint]:
     """(xDS, CA) endpoints. Raises ConfigError for an unreadable credential or roots file."""
+    from meshcore.xds import ControlPlaneEndpoint, read_token_file
+
     token = read_token_file(boot.token_file) if boot.token_file else None
     try:
         roots = boot.roots_file.read_bytes() if boot.roots_file else None
@@ -148,6 +155,8 @@ def certificate_provider(
     """The control plane's CA at `ca`; with `local_ca_dir`, local signing by the mesh CA kept
     there (created on first use) instead."""
     if local_ca_dir is None:
+        from meshcore.caclient import ControlPlaneCAProvider
+
         return ControlPlaneCAProvider(ca, ttl=ttl)
     mesh_ca = MeshCA.load_or_create(local_ca_dir, trust_domain=trust_domain)
     return LocalCAProvider(mesh_ca, ttl=ttl, clock=utcnow)

@@ -43,6 +43,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from meshcore.backoff import Backoff, Retry
+from meshcore.bootstrap import DEFAULT_SERVER_NAME
 from meshcore.errors import ConfigError
 from meshcore.model import Authorization, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
@@ -52,7 +53,6 @@ from meshcore.state import MeshState
 log = logging.getLogger(__name__)
 
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
-DEFAULT_SERVER_NAME = "ambient-controlplane.istio-system.svc"
 _INVALID_ARGUMENT = 3  # google.rpc.Code
 
 

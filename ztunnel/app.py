@@ -10,6 +10,9 @@ them over and turns ready only after the hand-over; the predecessor then serves 
 keeping copies of the listeners: if the successor dies after READY (no RELEASE), a single-worker
 predecessor takes them back and serves again (`NodeProxy.resume`, docs/upgrade.md).
 Event loop, stop signals, housekeeping sweep and drain wait: `meshcore.runtime`.
+Workers (`--workers N`): static mode binds, then forks; control-plane mode forks first and hands
+the listeners over once its first state is there (`ztunnel.workers`). gRPC and the xDS/CA
+clients are imported by control-plane mode only, aioquic by --http3 only (a worker's RSS).
 
 Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
 HBONE, 15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp
@@ -34,8 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError, HandoverError, MeshError
@@ -46,8 +49,7 @@ from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idl
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
 from meshcore.tracing import Tracer
-from meshcore.xds import XdsClient, XdsSettings
-from ztunnel import handover, udp_relay
+from ztunnel import handover, udp_relay, workers
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
     admin_routes,
@@ -60,8 +62,13 @@ from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.accept import TcpListener
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
-from ztunnel.proxy.inbound_h3 import H3Listener
 from ztunnel.proxy.outbound import OutboundConnection
+
+if TYPE_CHECKING:
+    # Imported where used: grpc and the xDS/CA clients by control-plane mode, aioquic by
+    # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory).
+    from meshcore.xds import XdsClient
+    from ztunnel.proxy.inbound_h3 import H3Listener
 
 log = logging.getLogger("ztunnel")
 
@@ -154,6 +161,7 @@ class NodeProxy:
         self._accepting = True
         self.servers: list[TcpListener] = []
         self.hbone_listeners: list[HboneListener] = []
+        self._h3: list[H3Listener] = []  # those of hbone_listeners that serve HTTP/3
         self.admin_servers: list[asyncio.Server] = []
         self.ready = False
         self._relay: socket.socket | None = None  # successor: the relay end we were handed
@@ -222,10 +230,13 @@ class NodeProxy:
                     hbone = HboneListener(ctx, listener.sock)
                     hbone.start()
                 else:
-                    hbone = H3Listener(ctx, listener.sock)
+                    from ztunnel.proxy.inbound_h3 import H3Listener
+
+                    hbone = h3 = H3Listener(ctx, listener.sock)
                     # A handed-over UDP socket is read after DONE (the predecessor reads it
                     # until READY): `_take_udp_over`.
-                    hbone.start(reading=not listener.handed)
+                    h3.start(reading=not listener.handed)
+                    self._h3.append(h3)
                 self.hbone_listeners.append(hbone)
             else:
                 # Our accept loop, not create_server: it pauses on fd shortage (accept.py).
@@ -323,7 +334,7 @@ class NodeProxy:
         self._successor_wait = asyncio.get_running_loop().call_later(wait, self.stop)
 
     def _h3_listeners(self) -> list[H3Listener]:
-        return [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        return self._h3
 
     def _take_udp_over(self) -> None:
         """After DONE: divert the predecessor's QUIC peers to it (`ztunnel.udp_relay`), then
@@ -394,7 +405,7 @@ class NodeProxy:
         self.listeners = [lst for lst in kept if lst.role not in ops]
         self.ops = [lst for lst in kept if lst.role in ops]
         self.servers = []
-        h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        h3 = self._h3
         self.hbone_listeners = []
         self._serve_listeners()
         self.listeners += udp  # never closed here: its QUIC connections live on it
@@ -468,7 +479,7 @@ class NodeProxy:
             log.info(
                 "handed over: serving %d connections until they end", len(self.ctx.connections)
             )
-        h3 = [x for x in self.hbone_listeners if isinstance(x, H3Listener)]
+        h3 = self._h3
         # HTTP/3 connections (GOAWAY sent by listener.close) live on their UDP socket, which is
         # therefore held until they end or the drain times out.
         await wait_idle(
@@ -697,6 +708,9 @@ def controlplane_context(
     """Control-plane mode: state from delta xDS; certificates from the control plane's CA
     (--ca-address, default the xDS address) unless --ca-dir is given without --ca-address
     (local signing)."""
+    from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
+    from meshcore.xds import XdsClient, XdsSettings
+
     xds_ep, ca_ep = endpoints(Bootstrap.from_args(args))
     provider = certificate_provider(
         ca_ep,
@@ -721,11 +735,19 @@ def controlplane_context(
     return ctx, client
 
 
-async def run_controlplane_mode(settings: ProxySettings, args: argparse.Namespace) -> int:
-    """Control-plane mode (one worker): wait for the full state over xDS (bind mode binds
-    HBONE listeners on local workloads' IPs), then run like static mode. The xDS client keeps
-    running and swaps the state on every update; while the control plane is down the proxy
-    keeps serving the last good state."""
+async def run_controlplane_mode(
+    settings: ProxySettings,
+    args: argparse.Namespace,
+    *,
+    children: Sequence[int] = (),
+    offer_to: Sequence[socket.socket] = (),
+    listeners: list[Listener] | None = None,
+) -> int:
+    """Control-plane mode: wait for the full state over xDS (bind mode binds HBONE listeners
+    on local workloads' IPs), then run like static mode. The xDS client keeps running and
+    swaps the state on every update; while the control plane is down the proxy keeps serving
+    the last good state. The first worker binds the listeners and offers them to the extra
+    workers (`offer_to`, `ztunnel.workers`); an extra worker is given them (`listeners`)."""
     ctx, xds = controlplane_context(settings, args)
     task = asyncio.get_running_loop().create_task(xds.run())
     try:
@@ -733,21 +755,44 @@ async def run_controlplane_mode(settings: ProxySettings, args: argparse.Namespac
             log.info("waiting for the full state from %s", args.xds_address)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(xds.synced.wait(), 5)
+        if listeners is not None:
+            return await run_worker(settings, args, listeners, EXTRA_WORKER, ctx)
         loop = asyncio.get_running_loop()
         handed = await loop.run_in_executor(None, take_over, settings)
         listeners = bind_listeners(settings, ctx.state, handed)
-        role = WorkerRole(serve_admin=True, handed=handed)
+        for conn in offer_to:
+            workers.offer_listeners(conn, [(lst.role, lst.sock) for lst in listeners])
+        role = WorkerRole(serve_admin=True, children=children, handed=handed)
         return await run_worker(settings, args, listeners, role, ctx)
     finally:
         task.cancel()
 
 
+def serve_controlplane(settings: ProxySettings, args: argparse.Namespace) -> int:
+    """Control-plane mode: fork `--workers - 1` more workers before any gRPC exists in the
+    process (`ztunnel.workers`), then run the first one here."""
+    if args.workers <= 1:
+        return asyncio.run(run_controlplane_mode(settings, args))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as in `serve`: until the loops handle them
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    metrics_dir = enable_multiprocess_metrics()
+
+    def extra_worker(conn: socket.socket) -> int:
+        _die_with_parent()
+        given = [Listener(role, sock) for role, sock in workers.receive_listeners(conn)]
+        return asyncio.run(run_controlplane_mode(settings, args, listeners=given))
+
+    try:
+        children, ends = workers.fork_workers(args.workers - 1, extra_worker)
+        return asyncio.run(run_controlplane_mode(settings, args, children=children, offer_to=ends))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
 def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
     """Bind the listeners once, fork `--workers - 1` more workers, run the first one here."""
     if args.xds_address:
-        if args.workers > 1:
-            raise ConfigError("--workers", "control-plane mode runs one worker (for now)")
-        return asyncio.run(run_controlplane_mode(settings, args))
+        return serve_controlplane(settings, args)
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
     handed = take_over(settings)
     listeners = bind_listeners(settings, state, handed)

@@ -43,10 +43,12 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from meshcore.errors import HandoverError
-from meshcore.hbone.h3 import RESET_KEY_SIZE
-from meshcore.hbone.h3aio import Address, H3Endpoint
+
+if TYPE_CHECKING:  # annotations only: aioquic is loaded by --http3 alone
+    from meshcore.hbone.h3aio import Address, H3Endpoint
 
 log = logging.getLogger("ztunnel.handover")
 
@@ -92,8 +94,11 @@ def decode(raw: bytes) -> Frame:
         addrs.append((host, port))
         at += 1 + n + 2
     kind = raw[:1]
-    if kind == KEY and len(raw) - at != RESET_KEY_SIZE:
-        raise HandoverError(f"relay key frame of {len(raw) - at} key bytes")
+    if kind == KEY:
+        from meshcore.hbone.h3 import RESET_KEY_SIZE  # aioquic: a KEY frame means --http3
+
+        if len(raw) - at != RESET_KEY_SIZE:
+            raise HandoverError(f"relay key frame of {len(raw) - at} key bytes")
     if kind in (SERVED, GONE) and at != len(raw):
         raise HandoverError("trailing bytes in a relay control frame")
     return Frame(kind, addrs[0], addrs[1], raw[at:])

@@ -30,6 +30,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import StreamRefused
@@ -41,11 +42,13 @@ from meshcore.hbone.aio import (
     connect,
 )
 from meshcore.hbone.aio import PoolKey as PoolKey  # re-exported: the pool's key
-from meshcore.hbone.h3aio import H3Protocol, connect_h3
 from meshcore.identity import SpiffeId
 
+if TYPE_CHECKING:  # aioquic is imported by the first HTTP/3 dial only (`_dial_h3`)
+    from meshcore.hbone.h3aio import H3Protocol
+
 log = logging.getLogger("meshcore.hbone.pool")
-PooledConnection = HboneProtocol | H3Protocol
+PooledConnection: TypeAlias = "HboneProtocol | H3Protocol"
 H3_ATTEMPT_TIMEOUT = 2.0
 H3_RETRY_AFTER = 300.0
 H3_UNREACHABLE_MAX = 4096  # peers remembered as HTTP/3-unreachable (beyond: not remembered)
@@ -162,6 +165,8 @@ class HbonePool:
         if loop.time() < self.h3_unreachable.get(address, 0.0):
             return None
         cert = await self._cert_for(key.source)
+        from meshcore.hbone.h3aio import connect_h3  # here: aioquic loads with HTTP/3 only
+
         try:
             return await connect_h3(
                 key,
@@ -237,7 +242,7 @@ class HbonePool:
                 "destination": f"{key.address[0]}:{key.address[1]}",
                 "peer": str(proto.peer_identity) if proto.peer_identity else None,
                 "streams": len(proto.streams),
-                "transport": "h3" if isinstance(proto, H3Protocol) else "h2",
+                "transport": "h2" if isinstance(proto, HboneProtocol) else "h3",
             }
             for key, conns in self._conns.items()
             for proto in conns

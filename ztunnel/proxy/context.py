@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from meshcore.certs import CertificateManager, WorkloadCertificate
 from meshcore.hbone.aio import HboneProtocol
 from meshcore.hbone.connection import SERVER_MAX_STREAMS
-from meshcore.hbone.h3 import server_name_for
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
 from meshcore.model import IPAddress, TunnelProtocol, Workload
@@ -162,6 +161,8 @@ class ProxyContext:
         s = self.settings
         if not s.http3 or workload is None:
             return None
+        from meshcore.hbone.h3 import server_name_for  # here: aioquic loads with --http3 only
+
         name = server_name_for(target[0])
         if workload.http3 is not None:
             return (str(workload.http3.address), workload.http3.port), name
