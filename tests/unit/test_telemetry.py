@@ -6,6 +6,7 @@ ztunnel's ``CommonTrafficLabels`` (src/proxy/metrics.rs), not imported from the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshcore.model import Port, Service, Workload
 from meshcore.telemetry import canonical_revision, canonical_service, guess_inbound_service
 from waypoint.metrics import RequestRecord, WaypointMetrics
-from ztunnel.metrics import ConnectionRecord, ProxyMetrics
+from ztunnel.metrics import ConnectionRecord, ConnectionTracker, ProxyMetrics
 
 PEER: tuple[str, ...] = ("workload", "canonical_service", "canonical_revision")
 PEER += ("workload_namespace", "principal", "app", "version", "cluster")
@@ -90,6 +91,55 @@ def test_node_proxy_and_waypoint_map_a_workload_to_the_same_labels(workload: Wor
                 continue
             name = f"{side}_{key}"
             assert tcp[name] == http[name], name
+
+
+def opened_series(metrics: ProxyMetrics) -> dict[str, float]:
+    """destination_canonical_revision -> istio_tcp_connections_opened_total."""
+    text = generate_latest(metrics.registry).decode()
+    return {
+        s.labels["destination_canonical_revision"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "istio_tcp_connections_opened_total"
+    }
+
+
+def test_node_proxy_resolves_a_pairs_series_once_and_follows_a_replaced_workload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 14: the metric children of a (source, destination) pair are resolved once, not per
+    connection; a workload replaced by a config update (a new object) gets its own labels."""
+    metrics = ProxyMetrics()
+    tracker = ConnectionTracker(metrics)
+    built: list[tuple[str, ...]] = []
+    label_values = ConnectionRecord.label_values
+
+    def counting(rec: ConnectionRecord, cluster_id: str = "Kubernetes") -> tuple[str, ...]:
+        built.append(label_values(rec, cluster_id))
+        return built[-1]
+
+    monkeypatch.setattr(ConnectionRecord, "label_values", counting)
+
+    def connection(destination: Workload) -> None:
+        rec = ConnectionRecord(
+            direction="inbound",
+            reporter="destination",
+            src_addr="10.0.0.1:5000",
+            dst_addr="10.0.0.2:8080",
+            source=BARE,
+            destination=destination,
+            mtls=True,
+        )
+        tracker.opened(rec)
+        tracker.closed(rec)
+
+    for _ in range(3):
+        connection(LABELLED)
+    assert len(built) == 1
+    assert opened_series(metrics) == {"v2": 3.0}
+    connection(dataclasses.replace(LABELLED, canonical_revision="v3"))
+    assert len(built) == 2
+    assert opened_series(metrics) == {"v2": 3.0, "v3": 1.0}
 
 
 def test_no_created_series_on_either_proxy() -> None:
