@@ -62,6 +62,7 @@ from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
 from ztunnel.proxy.inbound_h3 import H3Listener
 from ztunnel.proxy.outbound import OutboundConnection
+from ztunnel.proxy.relay import TcpSide
 
 log = logging.getLogger("ztunnel")
 
@@ -197,7 +198,7 @@ class NodeProxy:
         """Accept on the data-path listeners (at start, and again on a take-back)."""
         ctx = self.ctx
         assert self.listeners is not None
-        factories: dict[str, Callable[[], asyncio.Protocol]] = {
+        factories: dict[str, Callable[[], TcpSide]] = {
             "outbound": lambda: OutboundConnection(ctx),
             "plaintext": lambda: PlaintextInbound(ctx),
         }

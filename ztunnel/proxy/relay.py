@@ -58,6 +58,10 @@ class TcpSide(asyncio.Protocol):
         self._finished = False
         self._on_done = on_done
 
+    async def start(self) -> None:
+        """The connection's work once its transport exists, run by the task that accepted it
+        (`ztunnel.proxy.accept.TcpListener`: one task per connection, not one more for this)."""
+
     # ---- TCP side (asyncio.Protocol) ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
