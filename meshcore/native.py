@@ -43,8 +43,11 @@ COMPILED: tuple[str, ...] = (
     "ztunnel.proxy.inbound",
     "ztunnel.proxy.outbound",
     "ztunnel.protocol.plan",
+    "ztunnel.metrics",
+    "meshcore.sockets",
+    "meshcore.deadlines",
 )
-"""The node proxy's per-byte and per-stream path (profiles in bench/README.md)."""
+"""The node proxy's per-byte, per-stream and per-connection path (profiles in bench/README.md)."""
 GROUP = "meshcore._native"
 STAMP = ROOT / "meshcore" / "_native.json"
 """Written by `build()`: the sha256 of each compiled module's source."""

@@ -13,8 +13,15 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import ztunnel.metrics
 from meshcore.model import Port, Service, Workload
-from meshcore.telemetry import canonical_revision, canonical_service, guess_inbound_service
+from meshcore.telemetry import (
+    PeerLabels,
+    canonical_revision,
+    canonical_service,
+    guess_inbound_service,
+    peer_labels,
+)
 from waypoint.metrics import RequestRecord, WaypointMetrics
 from ztunnel.metrics import ConnectionRecord, ConnectionTracker, ProxyMetrics
 
@@ -111,14 +118,13 @@ def test_node_proxy_resolves_a_pairs_series_once_and_follows_a_replaced_workload
     connection; a workload replaced by a config update (a new object) gets its own labels."""
     metrics = ProxyMetrics()
     tracker = ConnectionTracker(metrics)
-    built: list[tuple[str, ...]] = []
-    label_values = ConnectionRecord.label_values
+    mapped: list[Workload | None] = []
 
-    def counting(rec: ConnectionRecord, cluster_id: str = "Kubernetes") -> tuple[str, ...]:
-        built.append(label_values(rec, cluster_id))
-        return built[-1]
+    def counting(workload: Workload | None, cluster_id: str) -> PeerLabels:
+        mapped.append(workload)
+        return peer_labels(workload, cluster_id)
 
-    monkeypatch.setattr(ConnectionRecord, "label_values", counting)
+    monkeypatch.setattr(ztunnel.metrics, "peer_labels", counting)
 
     def connection(destination: Workload) -> None:
         rec = ConnectionRecord(
@@ -135,10 +141,10 @@ def test_node_proxy_resolves_a_pairs_series_once_and_follows_a_replaced_workload
 
     for _ in range(3):
         connection(LABELLED)
-    assert len(built) == 1
+    assert mapped == [BARE, LABELLED]  # once per pair, not per connection
     assert opened_series(metrics) == {"v2": 3.0}
     connection(dataclasses.replace(LABELLED, canonical_revision="v3"))
-    assert len(built) == 2
+    assert len(mapped) == 4
     assert opened_series(metrics) == {"v2": 3.0, "v3": 1.0}
 
 
