@@ -22,6 +22,8 @@ CORE_TESTS = (
     "tests/unit/test_hbone_limits.py",
     "tests/unit/test_accept_path.py",
     "tests/unit/test_hbone_backpressure.py",
+    "tests/unit/test_deadlines.py",
+    "tests/unit/test_telemetry.py",
 )
 
 
