@@ -153,14 +153,20 @@ async def _connect_once(
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         err = sock.connect_ex(address)
-        if err == errno.EINPROGRESS and not _connected(sock):
-            await _writable(loop, sock, deadline)
-        elif err not in (0, errno.EINPROGRESS, errno.EISCONN):
+        if err in _PENDING:
+            if not _connected(sock):
+                await _writable(loop, sock, deadline)
+        elif err not in (0, errno.EISCONN):
             raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+_PENDING = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR})
+"""connect(2) results that mean "in progress, wait for writability" (as asyncio's
+`sock_connect`: BlockingIOError or InterruptedError; after EINTR the connect goes on)."""
 
 
 def _connected(sock: socket.socket) -> bool:
