@@ -45,6 +45,9 @@ COMPILED: tuple[str, ...] = (
     "ztunnel.proxy.inbound",
     "ztunnel.proxy.outbound",
     "ztunnel.protocol.plan",
+    "ztunnel.metrics",
+    "meshcore.sockets",
+    "meshcore.deadlines",
     "waypoint.protocol.http1",
     "waypoint.protocol.hygiene",
     "waypoint.protocol.route",
@@ -57,8 +60,8 @@ COMPILED: tuple[str, ...] = (
     "waypoint.handler",
     "waypoint.metrics",
 )
-"""The node proxy's per-byte and per-stream path and the waypoint's per-request path (profiles in
-bench/README.md)."""
+"""The node proxy's per-byte, per-stream and per-connection path and the waypoint's
+per-request path (profiles in bench/README.md)."""
 GROUP = "meshcore._native"
 STAMP = ROOT / "meshcore" / "_native.json"
 """Written by `build()`: the sha256 of each compiled module's source."""

@@ -14,6 +14,11 @@ address, so bursts from one client IP do not run out of ports (EADDRINUSE); an E
 EADDRNOTAVAIL that still happens is retried with a fresh socket (`BIND_ATTEMPTS` in all).
 Invariant: a socket is returned connected, non-blocking and with TCP_NODELAY, or closed and an
 OSError raised; nothing leaks on timeout or cancellation.
+Connecting (issue 14, per-connection cost): the socket's own non-blocking connect(2), waited for
+with a writer callback; no resolver round trip for an IP address (uvloop's `sock_connect`
+resolves every address in its thread pool), and no timer per connect: the timeouts of all
+connects in flight on a loop share one timer (`meshcore.deadlines.DeadlineSweep`), so a connect
+times out between `timeout` and `timeout + CONNECT_SWEEP` after it began.
 """
 
 from __future__ import annotations
@@ -21,12 +26,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
+import os
 import socket
+
+from meshcore.deadlines import DeadlineSweep
 
 IP_TRANSPARENT = 19  # linux/in.h; not exported by Python's socket module
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 BIND_ATTEMPTS = 3
 UDP_BUFFER = 4 * 1024 * 1024  # socket buffers: a window's worth of QUIC datagrams in flight
+CONNECT_SWEEP = 0.05
+"""Granularity of connect timeouts (seconds): one wake-up serves every deadline within it."""
 LISTEN_BACKLOG = 4096
 """Accept queue of every listener, data path and operator endpoints alike (Envoy's default is
 4096 too; the kernel caps it at net.core.somaxconn). asyncio's default is 100, and
@@ -95,22 +106,43 @@ async def connect_tcp(
     transparent: bool = False,
     timeout: float = 10.0,
 ) -> socket.socket:
-    """Connect to host:port, from `source_ip` if given (transparently if `transparent`)."""
-    async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
-        for attempt in range(1, BIND_ATTEMPTS + 1):
-            try:
-                return await _connect_once(host, port, source_ip, transparent)
-            except OSError as err:
-                busy = err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
-                if source_ip is None or not busy or attempt == BIND_ATTEMPTS:
-                    raise
+    """Connect to host:port, from `source_ip` if given (transparently if `transparent`), within
+    `timeout` seconds (all attempts together; TimeoutError after it)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = await _numeric(loop, family, host, port, timeout)
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        try:
+            return await _connect_once(loop, address, source_ip, transparent, deadline)
+        except OSError as err:
+            busy = err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+            if source_ip is None or not busy or attempt == BIND_ATTEMPTS:
+                raise
     raise AssertionError("unreachable")
 
 
+async def _numeric(
+    loop: asyncio.AbstractEventLoop, family: int, host: str, port: int, timeout: float
+) -> tuple[str, int]:
+    """(host, port) with `host` as an IP address: as given, or resolved (the rare name)."""
+    try:
+        socket.inet_pton(family, host)
+    except OSError:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+        return str(infos[0][4][0]), port
+    return host, port
+
+
 async def _connect_once(
-    host: str, port: int, source_ip: str | None, transparent: bool
+    loop: asyncio.AbstractEventLoop,
+    address: tuple[str, int],
+    source_ip: str | None,
+    transparent: bool,
+    deadline: float,
 ) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -120,8 +152,103 @@ async def _connect_once(
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        err = sock.connect_ex(address)
+        if err in _PENDING:
+            if not _connected(sock):
+                await _writable(loop, sock, deadline)
+        elif err not in (0, errno.EISCONN):
+            raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+_PENDING = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR})
+"""connect(2) results that mean "in progress, wait for writability" (as asyncio's
+`sock_connect`: BlockingIOError or InterruptedError; after EINTR the connect goes on)."""
+
+
+def _connected(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect already finished: on loopback the kernel runs the whole
+    handshake inside connect(2), so waiting for writability would only cost a loop iteration.
+    Raises the connect's error if it failed."""
+    try:
+        sock.getpeername()
+    except OSError:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err)) from None
+        return False
+    return True
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float) -> None:
+    """Wait until the connect in progress on `sock` finished (or `deadline` passed: TimeoutError);
+    raises its error if it failed."""
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _wake, fut)
+    timers = _connect_timers(loop)
+    token = timers.add(fut, deadline)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+        timers.sweep.discard(token)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _ConnectTimers:
+    """The I/O edge of one loop's `DeadlineSweep` of connects: one timer handle, armed for the
+    sweep's next wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sweep: DeadlineSweep[asyncio.Future[None]] = DeadlineSweep(CONNECT_SWEEP)
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = math.inf
+
+    def add(self, fut: asyncio.Future[None], deadline: float) -> int:
+        token = self.sweep.add(fut, deadline)
+        self._arm()
+        return token
+
+    def _arm(self) -> None:
+        when = self.sweep.get_timer()
+        if when is None or when >= self._armed_at:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self.loop.call_at(when, self._fire)
+        self._armed_at = when
+
+    def _fire(self) -> None:
+        # The loop's timers have ~1 ms resolution: a timer may run just before its time, which
+        # was chosen at or after the deadlines it is for.
+        now = max(self.loop.time(), self._armed_at)
+        self._handle, self._armed_at = None, math.inf
+        for fut in self.sweep.handle_timer(now):
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+        self._arm()
+        if self._handle is None:
+            _timers.pop(id(self.loop), None)  # nothing in flight: forget this loop
+
+
+_timers: dict[int, _ConnectTimers] = {}
+"""Per running loop (by id; an entry keeps its loop alive, so the id is not reused meanwhile)."""
+
+
+def _connect_timers(loop: asyncio.AbstractEventLoop) -> _ConnectTimers:
+    timers = _timers.get(id(loop))
+    if timers is None:
+        timers = _timers[id(loop)] = _ConnectTimers(loop)
+    return timers

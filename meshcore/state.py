@@ -161,6 +161,7 @@ class MeshState:
         "_addr_claims",
         "_endpoints",
         "_policies",
+        "_policies_memo",
         "_services",
         "_svc_by_vip",
         "_vip_claims",
@@ -182,6 +183,9 @@ class MeshState:
     """Non-empty endpoint lists only, by uid."""
     _wl_by_node: PMap[str, tuple[Workload, ...]]
     """Non-empty lists only, by uid."""
+    _policies_memo: dict[tuple[str, tuple[str, ...]], tuple[Authorization, ...]]
+    """`policies_for` by (namespace, listed policies): computed once per snapshot, not per
+    connection (it scans every policy). Bounded by the distinct pairs among the workloads."""
 
     def __init__(
         self,
@@ -229,6 +233,7 @@ class MeshState:
         set_(self, "_svc_by_vip", ix.svc_by_vip)
         set_(self, "_endpoints", ix.endpoints)
         set_(self, "_wl_by_node", ix.wl_by_node)
+        set_(self, "_policies_memo", {})
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("MeshState is immutable; use with_updates()")
@@ -461,13 +466,18 @@ class MeshState:
     def policies_for(self, workload: Workload) -> tuple[Authorization, ...]:
         """Policies applying to `workload` (GLOBAL, its namespace's NAMESPACE policies, and its
         listed WORKLOAD_SELECTOR policies), de-duplicated, ordered by key."""
+        memo_key = (workload.namespace, workload.authorization_policies)
+        found = self._policies_memo.get(memo_key)
+        if found is None:
+            found = self._policies_memo[memo_key] = self._policies_of(*memo_key)
+        return found
+
+    def _policies_of(self, namespace: str, selected: tuple[str, ...]) -> tuple[Authorization, ...]:
         out: dict[str, Authorization] = {}
         for key, p in self._policies.items():
-            if p.scope is Scope.GLOBAL or (
-                p.scope is Scope.NAMESPACE and p.namespace == workload.namespace
-            ):
+            if p.scope is Scope.GLOBAL or (p.scope is Scope.NAMESPACE and p.namespace == namespace):
                 out[key] = p
-        for key in workload.authorization_policies:
+        for key in selected:
             listed = self._policies.get(key)
             if listed is not None:
                 out[key] = listed

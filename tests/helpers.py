@@ -1,7 +1,7 @@
 """Helpers every test directory shares: `run` (a coroutine under a timeout), `eventually`
 (poll a condition), `Sink` (collects what an HBONE tunnel delivers), `echo_handler` (an echo
-backend), `stop_processes` (SIGTERM, then SIGKILL after a grace period) and `loopback_block`
-(disjoint 127.0.0.0/8 address blocks).
+backend), `stop_processes` (SIGTERM, then SIGKILL after a grace period), `blackholed` (an address
+whose TCP connects hang) and `loopback_block` (disjoint 127.0.0.0/8 address blocks).
 
 Address blocks: `loopback_block()` hands out a fresh /24 under 127.200.0.0/16 per call, so two
 test modules that each take one can never collide (they used to be kept apart by docstrings).
@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import socket
 import subprocess
-from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -84,6 +85,26 @@ def stop_processes(*procs: subprocess.Popen[Any], timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def blackholed(addr: tuple[str, int]) -> Iterator[None]:
+    """While open, a TCP connect to `addr` hangs (SYNs unanswered): a listener that never
+    accepts, its accept queue (backlog 0: one connection) already full, so Linux drops further
+    SYNs (no RST, unlike a closed port) and the client retransmits until its own timeout."""
+    listener = socket.socket()
+    try:
+        listener.bind(addr)
+        listener.listen(0)
+        filler = socket.create_connection(addr, timeout=5)
+    except BaseException:
+        listener.close()
+        raise
+    try:
+        yield
+    finally:
+        filler.close()
+        listener.close()
 
 
 class Sink:

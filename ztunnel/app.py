@@ -63,6 +63,7 @@ from ztunnel.proxy.accept import TcpListener
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
 from ztunnel.proxy.outbound import OutboundConnection
+from ztunnel.proxy.relay import TcpSide
 
 if TYPE_CHECKING:
     # Imported where used: grpc and the xDS/CA clients by control-plane mode, aioquic by
@@ -215,7 +216,7 @@ class NodeProxy:
         """Accept on the data-path listeners (at start, and again on a take-back)."""
         ctx = self.ctx
         assert self.listeners is not None
-        factories: dict[str, Callable[[], asyncio.Protocol]] = {
+        factories: dict[str, Callable[[], TcpSide]] = {
             "outbound": lambda: OutboundConnection(ctx),
             "plaintext": lambda: PlaintextInbound(ctx),
         }

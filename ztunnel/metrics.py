@@ -235,25 +235,44 @@ class ConnectionTracker:
         """One span per connection over OTLP (None: tracing off)."""
         self.sampler = sampler or Sampler()
         """Which connections' spans are exported (`meshcore.tracing.Sampler`)."""
-        self._series: dict[tuple[str, ...], _Series] = {}
+        self._series: dict[tuple[object, ...], tuple[Workload | None, Workload | None, _Series]]
+        self._series = {}
         self._active = {d: metrics.active.labels(d) for d in ("inbound", "outbound")}
         self._live: dict[int, ConnectionRecord] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def _series_for(self, rec: ConnectionRecord) -> _Series:
-        key = rec.label_values(self.cluster_id)
-        series = self._series.get(key)
-        if series is None:
-            if len(self._series) >= self.MAX_CACHED_SERIES:
-                self._series.clear()  # label cardinality is bounded by the mesh; just in case
-            m = self.metrics
-            series = _Series(
-                opened=m.opened.labels(*key),
-                closed=m.closed.labels(*key),
-                received=m.received.labels(*key),
-                sent=m.sent.labels(*key),
-            )
-            self._series[key] = series
+        """The children of `rec`'s label set, resolved once per (source, destination, ...):
+        looked up by the workloads' identity, not by their label values, which cost two
+        `peer_labels` and a `Traffic` per connection to build (issue 14). A cache entry holds
+        its workloads, so their ids are not reused while it exists."""
+        key = (
+            rec.reporter,
+            id(rec.source),
+            id(rec.destination),
+            rec.source_principal,
+            rec.destination_principal,
+            rec.destination_service,
+            rec.destination_service_name,
+            rec.destination_service_namespace,
+            rec.mtls,
+            rec.response_flags,
+            rec.transport,
+        )
+        cached = self._series.get(key)
+        if cached is not None:
+            return cached[2]
+        if len(self._series) >= self.MAX_CACHED_SERIES:
+            self._series.clear()  # label cardinality is bounded by the mesh; just in case
+        labels = rec.label_values(self.cluster_id)
+        m = self.metrics
+        series = _Series(
+            opened=m.opened.labels(*labels),
+            closed=m.closed.labels(*labels),
+            received=m.received.labels(*labels),
+            sent=m.sent.labels(*labels),
+        )
+        self._series[key] = (rec.source, rec.destination, series)
         return series
 
     def opened(
@@ -303,6 +322,7 @@ class ConnectionTracker:
 
     def closed(self, rec: ConnectionRecord) -> None:
         self._live.pop(id(rec), None)
+        rec.meter = None  # it refers to the connection, which refers to `rec`: no cycle left
         if rec.series is None:
             rec.series = self._series_for(rec)
         rec.series.closed.inc()

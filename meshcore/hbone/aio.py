@@ -589,7 +589,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         stream.response = self._loop.create_future()
         self.streams[sid] = stream
         stream.sink = sink  # data only flows after 200; attach now so nothing is buffered
-        self.flush()
+        self.schedule_flush()  # the CONNECTs of one loop iteration leave in one TLS write
         status = await stream.response
         if status != 200:
             raise HboneError.for_status(status, f"CONNECT {authority} refused with {status}")

@@ -7,17 +7,20 @@ node B's HBONE listener and can drop connections, to make one pooled dial fail f
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from contextlib import suppress
 from pathlib import Path
+
+import pytest
 
 from meshcore.hbone.aio import HboneHooks, HboneProtocol, HboneSettings, HboneStream, accept_tls
 from meshcore.hbone.connection import Role
 from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.pool import HbonePool, PoolKey
 from meshcore.identity import SpiffeId
-from meshcore.sockets import connect_tcp
-from tests.helpers import Sink
+from meshcore.sockets import CONNECT_SWEEP, connect_tcp
+from tests.helpers import Sink, blackholed, run
 from tests.loopback.harness import BACKEND_PORT, CLIENT_IP, ECHO, SERVER_IP, SLEEP, running_mesh
 
 FORWARDER = ("127.0.24.1", 15008)
@@ -41,6 +44,41 @@ def test_source_bound_socket_defers_the_port_to_connect() -> None:
             server.close()
 
     asyncio.run(main())
+
+
+BLACKHOLE = ("127.0.24.4", 9000)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_blackholed_connect_times_out_at_its_timeout(loop: str) -> None:
+    """Connect timeouts share one coarse timer (issue 14): each still fires at its own timeout,
+    within `CONNECT_SWEEP`, and leaves no socket behind; a connect that succeeds meanwhile is
+    not disturbed."""
+
+    async def attempt(timeout: float) -> float:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await connect_tcp(*BLACKHOLE, timeout=timeout)
+        return asyncio.get_running_loop().time() - started
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.24.2", 9001)
+        try:
+            with blackholed(BLACKHOLE):
+                fds = len(os.listdir("/proc/self/fd"))
+                late, early, sock = await asyncio.gather(
+                    attempt(0.6),
+                    attempt(0.3),
+                    connect_tcp("127.0.24.2", 9001, timeout=0.3),
+                )
+                sock.close()
+                assert 0.3 <= early < 0.3 + CONNECT_SWEEP + 0.15
+                assert 0.6 <= late < 0.6 + CONNECT_SWEEP + 0.15
+                assert len(os.listdir("/proc/self/fd")) == fds
+        finally:
+            server.close()
+
+    run(main(), 30, loop=loop)
 
 
 def test_a_failed_pooled_dial_is_retried_for_each_waiter(tmp_path: Path) -> None:

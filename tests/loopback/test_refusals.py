@@ -10,6 +10,7 @@ Tests taking `transport` run against node B's HTTP/2 listener (15008/tcp) and it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,9 +36,10 @@ from meshcore.hbone.aio import HboneProtocol, HboneSettings, PoolKey, connect
 from meshcore.hbone.h3aio import H3Protocol, connect_h3
 from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import load_mesh_config
+from meshcore.sockets import CONNECT_SWEEP
 from meshcore.state import MeshState
 from meshcore.tls import client_context
-from tests.helpers import Sink, echo_handler, eventually, run
+from tests.helpers import Sink, blackholed, echo_handler, eventually, run
 from tests.loopback.harness import (
     BACKEND_PORT,
     CLIENT_IP,
@@ -355,6 +357,33 @@ def test_refused_upstream_gets_503(tmp_path: Path, transport: str) -> None:
             assert len(sink.data) == 1000
             assert sink.reset_code is None
             assert mesh.backend.accepted == 1
+            proto.abort()
+
+    run(main(), 60)
+
+
+def test_blackholed_upstream_gets_503_at_the_connect_timeout(
+    tmp_path: Path, transport: str
+) -> None:
+    """An upstream whose connect hangs (SYNs dropped): the CONNECT is answered 503 once the
+    node proxy's connect timeout has passed (shared coarse timer, `CONNECT_SWEEP`), recorded as a
+    failed connection; the HBONE connection carries on."""
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport=transport) as mesh:
+            ctx = mesh.node_b.ctx
+            ctx.settings = dataclasses.replace(ctx.settings, connect_timeout=0.5)
+            proto = await dial(mesh.ca.issue(SLEEP_ID, now=utcnow()), transport=transport)
+            loop = asyncio.get_running_loop()
+            with blackholed((SERVER_IP, 9001)):
+                started = loop.time()
+                with pytest.raises(HboneError) as info:
+                    await proto.open_stream(f"{SERVER_IP}:9001", [], Sink())
+                elapsed = loop.time() - started
+            assert getattr(info.value, "status", None) == 503
+            assert 0.5 <= elapsed < 0.5 + CONNECT_SWEEP + 0.5
+            assert any('response_flags="CONNECT"' in x for x in failed_lines(mesh.node_b))
+            assert not proto.closed
             proto.abort()
 
     run(main(), 60)

@@ -29,6 +29,8 @@ CORE_TESTS = (
     "tests/unit/test_waypoint_cluster.py",
     "tests/unit/test_hygiene.py",
     "tests/unit/test_tracing_sampler.py",
+    "tests/unit/test_deadlines.py",
+    "tests/unit/test_telemetry.py",
 )
 
 

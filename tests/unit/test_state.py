@@ -109,6 +109,25 @@ def test_policies_for_scopes() -> None:
     assert [p.key for p in state.policies_for(b)] == ["istio-system/global", "other/ns"]
 
 
+def test_policies_for_is_computed_once_per_snapshot() -> None:
+    """Issue 14: `policies_for` scans every policy, so a snapshot remembers it per (namespace,
+    listed policies) instead of per connection; the next snapshot computes it afresh."""
+    state = MeshState.build(
+        workloads=[wl("a", "10.0.0.1"), wl("b", "10.0.0.2")],
+        policies=[policy("ns", "default", "NAMESPACE")],
+    )
+    a, b = state.workload("a"), state.workload("b")
+    assert a is not None
+    assert b is not None
+    first = state.policies_for(a)
+    assert state.policies_for(b) is first  # same namespace, nothing listed: one computation
+    updated = state.with_updates([policy("global", "istio-system", "GLOBAL")])
+    assert [p.key for p in updated.policies_for(a)] == ["default/ns", "istio-system/global"]
+    assert [p.key for p in state.policies_for(a)] == ["default/ns"]  # the old snapshot's
+    removed = updated.with_updates(policy_removals=["default/ns"])
+    assert [p.key for p in removed.policies_for(a)] == ["istio-system/global"]
+
+
 def test_endpoints_target_port_rules() -> None:
     svc = parse_service(
         {

@@ -13,10 +13,17 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import ztunnel.metrics
 from meshcore.model import Port, Service, Workload
-from meshcore.telemetry import canonical_revision, canonical_service, guess_inbound_service
+from meshcore.telemetry import (
+    PeerLabels,
+    canonical_revision,
+    canonical_service,
+    guess_inbound_service,
+    peer_labels,
+)
 from waypoint.metrics import RequestRecord, WaypointMetrics
-from ztunnel.metrics import ConnectionRecord, ProxyMetrics
+from ztunnel.metrics import ConnectionRecord, ConnectionTracker, ProxyMetrics
 
 PEER: tuple[str, ...] = ("workload", "canonical_service", "canonical_revision")
 PEER += ("workload_namespace", "principal", "app", "version", "cluster")
@@ -110,6 +117,54 @@ def test_waypoint_label_cache_follows_a_replaced_workload() -> None:
         if s.name == "istio_requests_total"
     }
     assert counts == {("v2", "200"): 2.0, ("v3", "200"): 1.0, ("v3", "503"): 1.0}
+
+
+def opened_series(metrics: ProxyMetrics) -> dict[str, float]:
+    """destination_canonical_revision -> istio_tcp_connections_opened_total."""
+    text = generate_latest(metrics.registry).decode()
+    return {
+        s.labels["destination_canonical_revision"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "istio_tcp_connections_opened_total"
+    }
+
+
+def test_node_proxy_resolves_a_pairs_series_once_and_follows_a_replaced_workload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 14: the metric children of a (source, destination) pair are resolved once, not per
+    connection; a workload replaced by a config update (a new object) gets its own labels."""
+    metrics = ProxyMetrics()
+    tracker = ConnectionTracker(metrics)
+    mapped: list[Workload | None] = []
+
+    def counting(workload: Workload | None, cluster_id: str) -> PeerLabels:
+        mapped.append(workload)
+        return peer_labels(workload, cluster_id)
+
+    monkeypatch.setattr(ztunnel.metrics, "peer_labels", counting)
+
+    def connection(destination: Workload) -> None:
+        rec = ConnectionRecord(
+            direction="inbound",
+            reporter="destination",
+            src_addr="10.0.0.1:5000",
+            dst_addr="10.0.0.2:8080",
+            source=BARE,
+            destination=destination,
+            mtls=True,
+        )
+        tracker.opened(rec)
+        tracker.closed(rec)
+
+    for _ in range(3):
+        connection(LABELLED)
+    assert mapped == [BARE, LABELLED]  # once per pair, not per connection
+    assert opened_series(metrics) == {"v2": 3.0}
+    connection(dataclasses.replace(LABELLED, canonical_revision="v3"))
+    assert len(mapped) == 4
+    assert opened_series(metrics) == {"v2": 3.0, "v3": 1.0}
 
 
 def test_no_created_series_on_either_proxy() -> None:

@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable
 
 from ztunnel.metrics import ProxyMetrics
+from ztunnel.proxy.relay import TcpSide
 
 log = logging.getLogger("ztunnel.accept")
 
@@ -142,18 +143,19 @@ class AcceptLoop:
 
 class TcpListener:
     """A plain TCP listener (outbound capture, inbound plaintext) served by protocols made by
-    `factory`, accepted through `AcceptLoop`."""
+    `factory`, accepted through `AcceptLoop`. One task per connection: it makes the transport
+    and then runs the protocol's `start` (issue 14: a task costs per new connection)."""
 
     def __init__(
         self,
         name: str,
         sock: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
+        factory: Callable[[], TcpSide],
         metrics: ProxyMetrics,
     ) -> None:
         self.factory = factory
         self._loop = AcceptLoop(name, sock, self._accepted, metrics)
-        self._pending: set[asyncio.Task[object]] = set()
+        self._pending: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._loop.start()
@@ -163,12 +165,15 @@ class TcpListener:
 
     def _accepted(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(loop.connect_accepted_socket(self.factory, conn))
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
         self._pending.add(task)  # asyncio holds tasks weakly
         task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[object]) -> None:
+    async def _serve(self, conn: socket.socket) -> None:
+        _, proto = await asyncio.get_running_loop().connect_accepted_socket(self.factory, conn)
+        await proto.start()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("%s: accepted connection not served: %s", self._loop.name, task.exception())

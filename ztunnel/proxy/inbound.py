@@ -416,17 +416,13 @@ class PlaintextInbound(TcpSide):
         self.ctx = ctx
         self.record: ConnectionRecord | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        asyncio.get_running_loop().create_task(self._start())
-
     def _record_close(self, _side: TcpSide, error: str | None) -> None:
         if self.record is not None:
             self.record.bytes_recv, self.record.bytes_sent = self.received, self.sent
             self.record.error = self.record.error or error
             self.ctx.tracker.closed(self.record)
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         assert self.transport is not None
         ctx = self.ctx
         src_ip, src_port = self.transport.get_extra_info("peername")[:2]

@@ -72,7 +72,6 @@ class OutboundConnection(TcpSide):
         super().connection_made(transport)
         assert self.transport is not None
         self.ctx.connections.add(self.transport)
-        asyncio.get_running_loop().create_task(self._start())
 
     def _record_close(self, _side: TcpSide, error: str | None) -> None:
         if self.transport is not None:
@@ -83,7 +82,7 @@ class OutboundConnection(TcpSide):
             rec.error = rec.error or error
             self.ctx.tracker.closed(rec)
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         assert self.transport is not None
         ctx = self.ctx
         src_ip, src_port = self.transport.get_extra_info("peername")[:2]

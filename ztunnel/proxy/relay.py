@@ -58,6 +58,10 @@ class TcpSide(asyncio.Protocol):
         self._finished = False
         self._on_done = on_done
 
+    async def start(self) -> None:
+        """The connection's work once its transport exists, run by the task that accepted it
+        (`ztunnel.proxy.accept.TcpListener`: one task per connection, not one more for this)."""
+
     # ---- TCP side (asyncio.Protocol) ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,8 +155,13 @@ class TcpSide(asyncio.Protocol):
     def _finish(self, error: str | None) -> None:
         if not self._finished:
             self._finished = True
-            if self._on_done is not None:
-                self._on_done(self, error)
+            # Drop the links that would make this connection a reference cycle (our bound
+            # `on_done`, stream <-> sink): reference counting frees it at once, not the cyclic
+            # GC in a pass over every young object (bench/README.md, issue 14).
+            on_done, self._on_done = self._on_done, None
+            self.stream = None
+            if on_done is not None:
+                on_done(self, error)
 
     def abort(self) -> None:
         if self.transport is not None:
