@@ -1,7 +1,7 @@
 """The `ztunnel` process: the per-node L4 proxy.
 
-Owns: building the `ProxyContext` (state, certificates, pool, telemetry) from the settings
-`ztunnel.flags` parsed, binding listeners, workers, readiness, and graceful drain on SIGTERM.
+Owns: the process around the `ProxyContext` (built by `ztunnel.contexts` from the settings
+`ztunnel.flags` parsed): binding listeners, workers, readiness, and graceful drain on SIGTERM.
 
 Listeners are created from sockets we make ourselves (`meshcore.sockets.make_listener`), never by
 address inside asyncio, so a zero-drop upgrade hands the very same listening sockets (data path
@@ -35,20 +35,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshcore.ca import MeshCA
-from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError, HandoverError, MeshError
-from meshcore.hbone.pool import HbonePool
 from meshcore.opshttp import require_loopback
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idle
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
-from meshcore.tracing import Tracer
 from ztunnel import handover, udp_relay, workers
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
@@ -57,8 +52,8 @@ from ztunnel.admin import (
     readiness_routes,
     serve_http,
 )
+from ztunnel.contexts import controlplane_context, reload_static_config, static_context
 from ztunnel.flags import parse_args
-from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.accept import TcpListener
 from ztunnel.proxy.context import ProxyContext, ProxySettings
 from ztunnel.proxy.inbound import HboneListener, PlaintextInbound
@@ -68,7 +63,6 @@ from ztunnel.proxy.relay import TcpSide
 if TYPE_CHECKING:
     # Imported where used: grpc and the xDS/CA clients by control-plane mode, aioquic by
     # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory).
-    from meshcore.xds import XdsClient
     from ztunnel.proxy.inbound_h3 import H3Listener
 
 log = logging.getLogger("ztunnel")
@@ -504,47 +498,6 @@ class NodeProxy:
         return False
 
 
-def _tracer(settings: ProxySettings) -> Tracer | None:
-    if not settings.tracing_address:
-        return None
-    return Tracer(
-        settings.tracing_address,
-        "ztunnel",
-        {"k8s.node.name": settings.node, "istio.cluster_id": settings.cluster_id},
-    )
-
-
-def build_context(
-    settings: ProxySettings, state: MeshState, provider: CertificateProvider
-) -> ProxyContext:
-    metrics = ProxyMetrics()
-    ctx = ProxyContext(
-        settings=settings,
-        state=state,
-        certs=CertificateManager(provider),
-        metrics=metrics,
-        tracker=ConnectionTracker(
-            metrics, settings.cluster_id, _tracer(settings), settings.tracing_sampler
-        ),
-        pool=HbonePool(
-            lambda ident: ctx.client_context(ident),
-            trust_domain=settings.trust_domain,
-            cert_for=lambda ident: ctx.certs.get(ident),
-        ),
-    )
-    return ctx
-
-
-def static_context(settings: ProxySettings, args: argparse.Namespace) -> ProxyContext:
-    """No control plane: state from --mesh-config, certificates signed by the CA in --ca-dir."""
-    state = MeshState.from_config(load_mesh_config(args.mesh_config))
-    if args.ca_dir is None:
-        raise ConfigError("--ca-dir", "static mode signs certificates locally and needs a CA dir")
-    ca = MeshCA.load_or_create(args.ca_dir, trust_domain=settings.trust_domain)
-    provider = LocalCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
-    return build_context(settings, state, provider)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerRole:
     """Which worker of the proxy process `run_worker` runs."""
@@ -637,30 +590,6 @@ async def serve_until_drained(proxy: NodeProxy, children: Sequence[int]) -> floa
         await proxy.resume()
 
 
-def reload_static_config(ctx: ProxyContext, path: Path) -> bool:
-    """SIGHUP in static mode: re-read the mesh config and swap the state in one assignment.
-    A bad file is reported and the running config kept (never a half-applied or empty state).
-    In bind capture, listeners for newly added local workloads need a restart (transparent
-    capture has none to add)."""
-    try:
-        state = MeshState.from_config(load_mesh_config(path))
-    except (MeshError, OSError) as err:
-        log.error("config reload from %s refused, keeping the running config: %s", path, err)
-        ctx.metrics.config_reloads.labels("refused").inc()
-        return False
-    ctx.state = state
-    ctx.metrics.config_reloads.labels("applied").inc()
-    ctx.sync_local_identities()
-    log.info(
-        "config reloaded from %s: %d workloads, %d services, %d policies",
-        path,
-        len(state.workloads),
-        len(state.services),
-        len(state.policies),
-    )
-    return True
-
-
 async def _wait_child(pid: int, timeout: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -701,39 +630,6 @@ def enable_multiprocess_metrics() -> str:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     return directory
-
-
-def controlplane_context(
-    settings: ProxySettings, args: argparse.Namespace
-) -> tuple[ProxyContext, XdsClient]:
-    """Control-plane mode: state from delta xDS; certificates from the control plane's CA
-    (--ca-address, default the xDS address) unless --ca-dir is given without --ca-address
-    (local signing)."""
-    from meshcore.bootstrap import Bootstrap, certificate_provider, endpoints
-    from meshcore.xds import XdsClient, XdsSettings
-
-    xds_ep, ca_ep = endpoints(Bootstrap.from_args(args))
-    provider = certificate_provider(
-        ca_ep,
-        ttl=timedelta(seconds=args.cert_ttl),
-        local_ca_dir=None if args.ca_address else args.ca_dir,
-        trust_domain=settings.trust_domain,
-    )
-    ctx = build_context(settings, MeshState.empty(), provider)
-
-    def on_update(state: MeshState) -> None:
-        ctx.state = state  # one assignment: readers see the old or the new snapshot
-        ctx.sync_local_identities()
-
-    client = XdsClient(
-        xds_ep,
-        XdsSettings(node=settings.node, on_demand=args.xds_on_demand),
-        on_update=on_update,
-    )
-    if args.xds_on_demand:
-        ctx.demand = client.demand
-    ctx.metrics.xds_stats = client.stats
-    return ctx, client
 
 
 async def run_controlplane_mode(

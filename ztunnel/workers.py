@@ -7,7 +7,7 @@ state arrives over gRPC, which must not be running in a process that forks (gRPC
 its event engine do not survive fork(2)). So:
 
 1. The first worker forks the others before anything of gRPC is imported or started (the
-   xDS/CA clients are imported lazily, `ztunnel.app.controlplane_context`), one SEQPACKET
+   xDS/CA clients are imported lazily, `ztunnel.contexts.controlplane_context`), one SEQPACKET
    socketpair per extra worker.
 2. The first worker waits for its full state, takes over from a predecessor if there is one
    (`ztunnel.handover`), binds the listeners and sends them to every extra worker: the

@@ -17,13 +17,12 @@ DEL runs, its netns is removed and its object deleted (the kubelet's final delet
 
 Images are not pulled: a container's command names one of the project's installed entry points
 (the chart renders ``ztunnel``, ``python -m cni.agent``, ...) or any program on the node.
-Volumes are mapped onto the host: ``hostPath`` as is, ``emptyDir`` and the kubelet-written
-ones (``configMap``, ``secret``, ``projected`` service-account token + ``kube-root-ca.crt``)
-in a per-pod directory; container paths in command, args and env are rewritten to them
-(`map_paths`).
+Volumes are mapped onto the host (`ambientctl.lab.volumes`); container paths in command, args
+and env are rewritten to them (`map_paths`).
 
 The pure part (`expand`, `resolve_env`, `map_paths`, `container_process`, `pod_status`) is
-`ambientctl.lab.podspec`, the probes' and restarts' rules `ambientctl.lab.probes`. This module
+`ambientctl.lab.podspec`, the probes' and restarts' rules `ambientctl.lab.probes`, the
+kubelet-written volumes' files `ambientctl.lab.volumes`. This module
 is the I/O edge: `LabKubelet` (API calls through meshcore.kubeapi, processes and CNI through
 ambientctl.lab.system). Invariant: `stop` leaves no process, netns or pod directory behind.
 """
@@ -31,7 +30,6 @@ ambientctl.lab.system). Invariant: `stop` leaves no process, netns or pod direct
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import json
@@ -48,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ambientctl.errors import LabCommandError
-from ambientctl.lab import container, kubeproxy, probes, system, topology
+from ambientctl.lab import container, kubeproxy, probecheck, probes, system, topology, volumes
 from ambientctl.lab.podspec import (
     PodRun,
     container_process,
@@ -62,22 +60,6 @@ log = logging.getLogger(__name__)
 
 Json = Mapping[str, Any]
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-PROBE_STARTUP = 2.0
-"""Seconds a check process (nsenter, python) may take to start, on top of a probe's timeout."""
-# tcpSocket / httpGet checks, run as `python -I -S -c` in the pod's netns: HOST PORT TIMEOUT
-# PATH HEADERS-JSON; exit 0 on success (connected; HTTP status 200-399, as the kubelet).
-TCP_CHECK = """\
-import socket, sys
-socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3])).close()
-"""
-HTTP_CHECK = """\
-import http.client, json, sys
-c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=float(sys.argv[3]))
-c.request("GET", sys.argv[4], headers=dict(json.loads(sys.argv[5])))
-sys.exit(0 if 200 <= c.getresponse().status < 400 else 1)
-"""
-
-
 # -- the I/O edge ---------------------------------------------------------------------------------
 
 
@@ -320,7 +302,7 @@ class LabKubelet:
             ):
                 key = f"{meta['namespace']}/{meta['name']}"
                 try:
-                    files = await self._materialise(pod)
+                    files = await volumes.materialise(self.api, pod, node_ip=self.node.ip)
                     await asyncio.to_thread(self._start, pod, files)
                 except LabCommandError as e:
                     if self.failures.get(key) != str(e):
@@ -353,7 +335,7 @@ class LabKubelet:
         self.pods[uid] = rp
         rp.dir.mkdir(parents=True, exist_ok=True)
         try:
-            mounts_by_volume = self._volumes(pod, rp, files)
+            mounts_by_volume = volumes.host_volumes(pod, rp.dir, files, self._host_path)
             if rp.netns is not None:
                 assert conflist is not None
                 system.netns_add(rp.netns)
@@ -504,114 +486,6 @@ class LabKubelet:
     def _container_id(self, rp: RunningPod) -> str:
         return f"{self.lab}-{rp.uid}"
 
-    def _volumes(
-        self, pod: Json, rp: RunningPod, files: Mapping[str, Mapping[str, bytes]]
-    ) -> dict[str, Path]:
-        """volume name -> host path; hostPath on the node, the others in the pod's directory."""
-        out: dict[str, Path] = {}
-        for v in pod["spec"].get("volumes", []):
-            name = str(v["name"])
-            if "hostPath" in v:
-                hp = self._host_path(str(v["hostPath"]["path"]))
-                kind = v["hostPath"].get("type", "")
-                if kind == "DirectoryOrCreate":
-                    hp.mkdir(parents=True, exist_ok=True)
-                elif kind == "Directory" and not hp.is_dir():
-                    raise LabCommandError(f"volume {name}: hostPath {hp} is not a directory")
-                out[name] = hp
-                continue
-            d = rp.dir / "volumes" / name
-            d.mkdir(parents=True, exist_ok=True)
-            out[name] = d
-            for rel, data in files.get(name, {}).items():
-                target = d / rel
-                if d not in target.resolve().parents:
-                    raise LabCommandError(f"volume {name}: path {rel!r} leaves the volume")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-        return out
-
-    async def _materialise(self, pod: Json) -> dict[str, dict[str, bytes]]:
-        """The files of kubelet-written volumes: configMap, secret, projected (service-account
-        token from the TokenRequest API bound to the pod, configMap, downwardAPI); emptyDir and
-        hostPath need none; any other volume type is refused."""
-        meta, spec = pod["metadata"], pod["spec"]
-        ns = str(meta["namespace"])
-        out: dict[str, dict[str, bytes]] = {}
-        for v in spec.get("volumes", []):
-            name = str(v["name"])
-            if "hostPath" in v or "emptyDir" in v:
-                continue
-            if "configMap" in v:
-                out[name] = await self._object_files(ns, "configmaps", v["configMap"])
-            elif "secret" in v:
-                ref = {**v["secret"], "name": v["secret"].get("secretName", "")}
-                out[name] = await self._object_files(ns, "secrets", ref)
-            elif "projected" in v:
-                files: dict[str, bytes] = {}
-                for src in v["projected"].get("sources", []):
-                    if "serviceAccountToken" in src:
-                        t = src["serviceAccountToken"]
-                        files[str(t["path"])] = await self._token(pod, t)
-                    elif "configMap" in src:
-                        files.update(await self._object_files(ns, "configmaps", src["configMap"]))
-                    elif "secret" in src:
-                        files.update(await self._object_files(ns, "secrets", src["secret"]))
-                    elif "downwardAPI" in src:
-                        fields = field_values(pod, node_ip=self.node.ip, pod_ip="")
-                        for item in src["downwardAPI"].get("items", []):
-                            fp = (item.get("fieldRef") or {}).get("fieldPath")
-                            if fp not in fields:
-                                raise LabCommandError(f"volume {name}: unsupported {item}")
-                            files[str(item["path"])] = fields[fp].encode()
-                    else:
-                        raise LabCommandError(f"volume {name}: unsupported source {sorted(src)}")
-                out[name] = files
-            else:
-                raise LabCommandError(f"volume {name}: unsupported type {sorted(v)}")
-        return out
-
-    async def _object_files(self, ns: str, plural: str, ref: Json) -> dict[str, bytes]:
-        path = f"/api/v1/namespaces/{ns}/{plural}/{ref['name']}"
-        status, obj = await self.api.call("GET", path)
-        if status != 200 or not isinstance(obj, Mapping):
-            if status == 404 and ref.get("optional"):
-                return {}
-            raise LabCommandError(f"GET {path}: HTTP {status}")
-        data: dict[str, bytes] = {}
-        if plural == "secrets":
-            data = {k: _b64(str(v)) for k, v in (obj.get("data") or {}).items()}
-        else:
-            data = {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
-            data.update({k: _b64(str(v)) for k, v in (obj.get("binaryData") or {}).items()})
-        items = ref.get("items")
-        if not items:
-            return data
-        return {str(i["path"]): data[str(i["key"])] for i in items if str(i["key"]) in data}
-
-    async def _token(self, pod: Json, source: Json) -> bytes:
-        """A projected token as the kubelet gets it: TokenRequest for the pod's service
-        account, bound to the pod (NodeRestriction lets a node ask only for its pods)."""
-        meta = pod["metadata"]
-        sa = pod["spec"].get("serviceAccountName") or "default"
-        spec: dict[str, Any] = {
-            "expirationSeconds": int(source.get("expirationSeconds", 3600)),
-            "boundObjectRef": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": meta["name"],
-                "uid": meta["uid"],
-            },
-        }
-        if source.get("audience"):
-            spec["audiences"] = [source["audience"]]
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-        path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token"
-        status, data = await self.api.call("POST", path, body)
-        if status != 201 or not isinstance(data, Mapping):
-            raise LabCommandError(f"token for {meta['namespace']}/{sa}: HTTP {status}: {data}")
-        return str(data["status"]["token"]).encode()
-
     async def _report(self, pod: Json, rp: RunningPod) -> None:
         now = time.monotonic()
         for c, pid in list(rp.pids.items()):
@@ -700,7 +574,7 @@ class LabKubelet:
         """One check: exec in the container (its mount and network namespaces), or a TCP
         connect / HTTP GET from the pod's network namespace (a short-lived process there: the
         kubelet never enters a netns itself). The check process's own start-up gets
-        `PROBE_STARTUP` seconds on top of the probe's timeout."""
+        `probecheck.STARTUP` seconds on top of the probe's timeout."""
         netns = rp.netns or self.node.netns
         if p.kind == "exec":
             if self.bind_mounts:
@@ -709,29 +583,10 @@ class LabKubelet:
                 argv = ct.exec_argv[p.which]
             env = ct.env
         else:
-            host = p.host or rp.ip
-            script = TCP_CHECK if p.kind == "tcpSocket" else HTTP_CHECK
-            words = [host, str(p.port), str(p.timeout), p.path, json.dumps(p.headers)]
-            argv = system.nsenter(netns, [self.python, "-I", "-S", "-c", script, *words])
+            argv = probecheck.network_argv(p, netns, rp.ip, self.python)
             env = {"PATH": self.path_env}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=env,
-            )
-        except OSError as e:
-            log.warning("pod %s/%s: %s probe of %s: %s", rp.namespace, rp.name, p.which, c, e)
-            return False
-        try:
-            return await asyncio.wait_for(proc.wait(), p.timeout + PROBE_STARTUP) == 0
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            return False
+        what = f"pod {rp.namespace}/{rp.name}: {p.which} probe of {c}"
+        return await probecheck.run(argv, env, p.timeout, what)
 
     # -- deletion -----------------------------------------------------------------------------
     async def _finish(self, pod: Json) -> None:
@@ -862,10 +717,6 @@ def _reap(pid: int) -> int | None:
     except ChildProcessError:
         return None if system.alive(pid) else 137
     return os.waitstatus_to_exitcode(status) if done else None
-
-
-def _b64(data: str) -> bytes:
-    return base64.b64decode(data)
 
 
 # -- the process (one per lab node, started by ambientctl.lab.kubelab) ---------------------------

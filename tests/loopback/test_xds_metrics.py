@@ -1,7 +1,7 @@
 """ztunnel's xDS client metrics (``istio_xds_message_total{url}``,
 ``istio_xds_message_bytes_total{url}``, ``istio_xds_connection_terminations_total{reason}``,
 issue 12) on the node proxy's scrape, through the app's own control-plane wiring
-(`ztunnel.app.controlplane_context`) against a real control plane."""
+(`ztunnel.contexts.controlplane_context`) against a real control plane."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tests.loopback.cpfixtures import (
     eventually,
     write_manifests,
 )
-from ztunnel.app import controlplane_context
+from ztunnel.contexts import controlplane_context
 from ztunnel.flags import parse_args
 
 
