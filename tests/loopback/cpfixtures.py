@@ -23,7 +23,8 @@ from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, XdsSettings
 from tests.helpers import eventually as eventually
-from ztunnel.app import NodeProxy, build_context
+from ztunnel.app import NodeProxy
+from ztunnel.contexts import build_context
 from ztunnel.proxy.context import ProxySettings
 
 CP_IP = "127.0.51.1"

@@ -30,7 +30,8 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
-from ztunnel.app import NodeProxy, build_context
+from ztunnel.app import NodeProxy
+from ztunnel.contexts import build_context
 from ztunnel.proxy.context import ProxySettings
 
 CLIENT_IP = "127.0.21.10"

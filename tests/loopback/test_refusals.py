@@ -54,7 +54,8 @@ from tests.loopback.harness import (
     settings,
     start_backend,
 )
-from ztunnel.app import NodeProxy, build_context
+from ztunnel.app import NodeProxy
+from ztunnel.contexts import build_context
 from ztunnel.proxy.inbound_h3 import H3Listener
 
 HBONE = (SERVER_IP, 15008)

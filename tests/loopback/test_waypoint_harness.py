@@ -39,7 +39,7 @@ from meshcore.state import MeshState
 from waypoint.app import Waypoint, build_context
 from waypoint.context import WaypointSettings
 from ztunnel.app import NodeProxy
-from ztunnel.app import build_context as node_context
+from ztunnel.contexts import build_context as node_context
 from ztunnel.proxy.context import ProxySettings
 
 CLIENT_IP = "127.0.81.10"

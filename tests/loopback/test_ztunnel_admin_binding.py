@@ -23,7 +23,8 @@ from meshcore.errors import ConfigError
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
 from tests.helpers import loopback_block
-from ztunnel.app import NodeProxy, build_context
+from ztunnel.app import NodeProxy
+from ztunnel.contexts import build_context
 from ztunnel.proxy.context import ProxySettings
 
 BIN = Path(sys.executable).parent / "ztunnel"

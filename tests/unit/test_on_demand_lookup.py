@@ -12,7 +12,7 @@ from meshcore.certs import LocalCAProvider
 from meshcore.proto.yamlform import parse_workload
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, XdsClient, XdsSettings
-from ztunnel.app import build_context
+from ztunnel.contexts import build_context
 from ztunnel.proxy.context import ProxySettings
 
 
