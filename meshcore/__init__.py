@@ -14,7 +14,7 @@ processes share: sockets (`sockets`), `host:port` parsing (`address`), delta-xDS
 API client and reflector (`kubeapi`, `reflector`), the operator HTTP server (`opshttp`), the one
 retry backoff (`backoff`) and the process lifecycle pieces (`runtime`). `native` chooses, before
 any of them is imported, between the compiled (mypyc) build of the hot modules and their
-pure-Python sources.
+pure-Python sources (`nativecache`: that build's cache in the user's cache directory).
 
 Invariant: exactly these modules open sockets: `hbone.aio`, `hbone.h3aio` (HBONE over HTTP/3,
 UDP), `hbone.pool` (through `hbone.aio` and `hbone.h3aio`), `sockets`, `xds`, `caclient`,

@@ -1,10 +1,10 @@
 """The compiled (mypyc) build of the data path's hot modules (node proxy and waypoint), and the
 pure-Python fallback.
 
-Owns: which modules are compiled (`COMPILED`), the build (`build()`, run by scripts/setup and
-cached on the sources' hash), and the choice made at import time (`select()`, called from
-`meshcore/__init__.py` before any of them is imported; `waypoint/__init__.py` and
-`ztunnel/__init__.py` import `meshcore` first for that).
+Owns: which modules are compiled (`COMPILED`), the build (`build()`, run by scripts/setup
+through the user-level build cache `meshcore.nativecache`), and the choice made at import time
+(`select()`, called from `meshcore/__init__.py` before any of them is imported;
+`waypoint/__init__.py` and `ztunnel/__init__.py` import `meshcore` first for that).
 
 The build puts one extension module per compiled module next to its source
 (``connection.cpython-311-x86_64-linux-gnu.so`` beside ``connection.py``), plus their shared
@@ -17,7 +17,8 @@ Invariants:
 - ``AMBIENT_MESH_PURE_PYTHON=1`` in the environment forces the pure-Python sources.
 - A build whose recorded source hashes (`STAMP`) no longer match the sources is never used: the
   sources are imported and one warning says so (an edited module must not run as its stale
-  compiled self). `python -m meshcore.native` rebuilds.
+  compiled self). `python -m meshcore.native` rebuilds; `python -m meshcore.nativecache`
+  restores a build of the same sources from the cache, else builds and caches it.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ CORE_TESTS = (
 )
 
 
-def _files(env: dict[str, str]) -> dict[str, str]:
+def _files(env: dict[str, str], cwd: Path = native.ROOT) -> dict[str, str]:
+    """The mode a fresh interpreter selects and the file each compiled module loads from."""
     code = (
         "import json, importlib, meshcore.native as n\n"
         "print(json.dumps({'mode': n.select(), **{m: importlib.import_module(m).__file__ "
@@ -46,7 +47,7 @@ def _files(env: dict[str, str]) -> dict[str, str]:
         capture_output=True,
         text=True,
         check=True,
-        cwd=native.ROOT,
+        cwd=cwd,
     ).stdout
     files: dict[str, str] = json.loads(out)
     return files
