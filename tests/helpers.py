@@ -1,7 +1,9 @@
 """Helpers every test directory shares: `run` (a coroutine under a timeout), `eventually`
 (poll a condition), `Sink` (collects what an HBONE tunnel delivers), `echo_handler` (an echo
-backend), `stop_processes` (SIGTERM, then SIGKILL after a grace period), `blackholed` (an address
-whose TCP connects hang) and `loopback_block` (disjoint 127.0.0.0/8 address blocks).
+backend), `spawn` (a process logging to a file) and `spawn_ztunnel` (a static-mode `ztunnel`
+console-script process), `stop_processes` (SIGTERM, then SIGKILL after a grace period),
+`blackholed` (an address whose TCP connects hang) and `loopback_block` (disjoint 127.0.0.0/8
+address blocks).
 
 Address blocks: `loopback_block()` hands out a fresh /24 under 127.200.0.0/16 per call, so two
 test modules that each take one can never collide (they used to be kept apart by docstrings).
@@ -19,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
+import os
 import socket
 import subprocess
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -72,6 +77,39 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             await writer.drain()
         writer.write_eof()
     writer.close()
+
+
+BIN = Path(sys.executable).parent
+"""Where the package's console scripts (`ztunnel`, `ambient-controlplane`...) are installed."""
+
+
+def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    """`argv` as a process: stdin closed, stdout and stderr appended to `log`, Python unbuffered
+    (so a failing test's log shows everything up to the failure)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def spawn_ztunnel(
+    node: str, ip: str, *extra: str, mesh_config: Path, drain: float = 5.0, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A node proxy process in static mode: the `ztunnel` console script for `node` at `ip`,
+    config from `mesh_config`, bind capture, a `drain`-second drain timeout, then `extra`
+    flags. Beside the config: the CA directory ``ca`` its certificates are signed with (shared
+    by the processes of one test; created under a file lock by the first) and, unless `log`
+    names another file, its log ``<node>.log``."""
+    exe = BIN / "ztunnel"
+    assert exe.exists(), f"console script not installed at {exe}"
+    d = mesh_config.parent
+    argv = [str(exe), "--node", node, "--node-ip", ip, "--mesh-config", str(mesh_config)]
+    argv += ["--ca-dir", str(d / "ca"), "--capture", "bind", "--drain-timeout", f"{drain:g}"]
+    return spawn([*argv, *extra], log or d / f"{node}.log")
 
 
 def stop_processes(*procs: subprocess.Popen[Any], timeout: float = 10) -> None:

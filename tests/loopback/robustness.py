@@ -15,7 +15,6 @@ import hashlib
 import os
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import suppress
@@ -39,7 +38,7 @@ from meshcore.hbone.frames import (
 from meshcore.hbone.headers import encode as encode_headers
 from meshcore.identity import SpiffeId
 from meshcore.tls import client_context
-from tests.helpers import Sink, stop_processes
+from tests.helpers import Sink, spawn_ztunnel, stop_processes
 
 NODE, SERVER, CLIENT = "127.0.71.1", "127.0.71.10", "127.0.70.10"
 HBONE = (SERVER, 15008)
@@ -138,33 +137,8 @@ def start_node_b(tmp: Path, *extra: str) -> Iterator[NodeB]:
     cfg = tmp / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(mesh_config()))
     log = tmp / "node-b.log"
-    exe = Path(sys.executable).parent / "ztunnel"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(exe),
-                "--node",
-                "node-b",
-                "--node-ip",
-                NODE,
-                "--mesh-config",
-                str(cfg),
-                "--ca-dir",
-                str(tmp / "ca"),
-                "--capture",
-                "bind",
-                "--drain-timeout",
-                "2",
-                "--log-level",
-                "info",
-                "--access-log",
-                *extra,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    flags = ("--log-level", "info", "--access-log", *extra)
+    proc = spawn_ztunnel("node-b", NODE, *flags, mesh_config=cfg, drain=2)
     try:
         deadline = time.monotonic() + 20
         node = None

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ import pytest
 import yaml
 
 from ambientctl.main import main
-from tests.helpers import stop_processes
+from tests.helpers import BIN, spawn, spawn_ztunnel, stop_processes
 
 NODE_A, SLEEP = "127.0.91.1", "127.0.91.10"
 NODE_B, ECHO = "127.0.92.1", "127.0.92.10"
@@ -34,7 +32,6 @@ CP = "127.0.94.1"
 NODE_C, WEB = "127.0.95.1", "127.0.95.10"
 SLEEP_ID = "spiffe://cluster.local/ns/default/sa/sleep"
 ECHO_ID = "spiffe://cluster.local/ns/default/sa/echo"
-BIN = Path(sys.executable).parent
 
 
 def static_config() -> dict[str, Any]:
@@ -114,15 +111,7 @@ def wait(
 
 
 @contextlib.contextmanager
-def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+def stopped(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
@@ -153,30 +142,16 @@ def static_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     cfg.write_text(yaml.safe_dump(static_config()))
     backend = echo_backend(ECHO, 8080)
 
-    def zt(node: str, ip: str, *extra: str) -> list[str]:
-        return [
-            str(BIN / "ztunnel"),
-            "--node",
-            node,
-            "--node-ip",
-            ip,
-            "--mesh-config",
-            str(cfg),
-            "--ca-dir",
-            str(d / "ca"),
-            "--capture",
-            "bind",
-            "--drain-timeout",
-            "1",
-            *extra,
-        ]
-
     with (
-        process(zt("node-a", NODE_A, "--outbound-listen", f"{VIP}:80"), d / "a.log") as a,
-        process(zt("node-b", NODE_B), d / "b.log") as b,
+        stopped(
+            spawn_ztunnel(
+                "node-a", NODE_A, "--outbound-listen", f"{VIP}:80", mesh_config=cfg, drain=1
+            )
+        ) as a,
+        stopped(spawn_ztunnel("node-b", NODE_B, mesh_config=cfg, drain=1)) as b,
     ):
-        wait(lambda: http_ok(f"http://{NODE_A}:15021/healthz/ready"), "node-a", a, d / "a.log")
-        wait(lambda: http_ok(f"http://{NODE_B}:15021/healthz/ready"), "node-b", b, d / "b.log")
+        wait(lambda: http_ok(f"http://{NODE_A}:15021/healthz/ready"), "node-a", a, d / "node-a.log")
+        wait(lambda: http_ok(f"http://{NODE_B}:15021/healthz/ready"), "node-b", b, d / "node-b.log")
         # One connection through the mesh, so node-a's pool holds an HBONE connection.
         with socket.create_connection((VIP, 80), timeout=5, source_address=(SLEEP, 0)) as c:
             c.sendall(b"ping")
@@ -366,9 +341,9 @@ def test_proxy_status_against_a_real_control_plane(
         "--drain-timeout",
         "1",
     ]
-    with process(cp_argv, tmp_path / "cp.log") as cp:
+    with stopped(spawn(cp_argv, tmp_path / "cp.log")) as cp:
         wait(lambda: http_ok(f"http://{CP}:15014/ready"), "control plane", cp, tmp_path / "cp.log")
-        with process(zt_argv, tmp_path / "zt.log") as zt:
+        with stopped(spawn(zt_argv, tmp_path / "zt.log")) as zt:
             wait(
                 lambda: http_ok(f"http://{NODE_C}:15021/healthz/ready"),
                 "node-c",

@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -38,7 +36,13 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider, utcnow
 from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
-from tests.helpers import echo_handler, echo_mesh_config, loopback_block, stop_processes
+from tests.helpers import (
+    echo_handler,
+    echo_mesh_config,
+    loopback_block,
+    spawn_ztunnel,
+    stop_processes,
+)
 from tests.loopback.robustness import Raw, headers_frame
 
 NODE_A, CLIENT = "127.0.73.1", "127.0.73.10"
@@ -73,40 +77,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     tmp = tmp_path_factory.mktemp("soak")
     cfg = tmp / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(config()))
-    exe = str(Path(sys.executable).parent / "ztunnel")
-
-    def spawn(node: str, ip: str, *extra: str) -> subprocess.Popen[bytes]:
-        with (tmp / f"{node}.log").open("wb") as out:
-            return subprocess.Popen(
-                [
-                    exe,
-                    "--node",
-                    node,
-                    "--node-ip",
-                    ip,
-                    "--mesh-config",
-                    str(cfg),
-                    "--ca-dir",
-                    str(tmp / "ca"),
-                    "--capture",
-                    "bind",
-                    "--drain-timeout",
-                    "5",
-                    *extra,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    a = spawn("node-a", NODE_A, "--outbound-listen", f"{VIP}:80")
-    b = spawn("node-b", NODE_B)
+    a = spawn_ztunnel("node-a", NODE_A, "--outbound-listen", f"{VIP}:80", mesh_config=cfg)
+    b = spawn_ztunnel("node-b", NODE_B, mesh_config=cfg)
     try:
         deadline = time.monotonic() + 20
         while not (ready(NODE_A) and ready(NODE_B)):
             assert a.poll() is None, (tmp / "node-a.log").read_text()
-            assert b.poll() is None, (tmp / "node-a.log").read_text()
+            assert b.poll() is None, (tmp / "node-b.log").read_text()
             assert time.monotonic() < deadline, "node proxies not ready"
             time.sleep(0.1)
         yield Pair(a, b, tmp)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import signal
+import subprocess
 import sys
 from contextlib import suppress
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import echo_handler, echo_mesh_config, eventually
+from tests.helpers import echo_handler, echo_mesh_config, eventually, spawn_ztunnel, stop_processes
 
 NODE_A, CLIENT = "127.0.31.1", "127.0.31.10"
 NODE_B, SERVER = "127.0.32.1", "127.0.32.10"
@@ -34,12 +34,6 @@ DRAIN = 3.0
 
 def config() -> dict[str, Any]:
     return echo_mesh_config(CLIENT, SERVER, SVC_VIP)
-
-
-def ztunnel_exe() -> str:
-    exe = Path(sys.executable).parent / "ztunnel"
-    assert exe.exists(), f"console script not installed at {exe}"
-    return str(exe)
 
 
 async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
@@ -61,11 +55,11 @@ async def reloads(node_ip: str, result: str, want: int) -> bool:
     return status == 200 and line is not None and float(line.rsplit(" ", 1)[1]) >= want
 
 
-async def wait_ready(proc: asyncio.subprocess.Process, node_ip: str, timeout: float = 20) -> None:
+async def wait_ready(proc: subprocess.Popen[bytes], node_ip: str, timeout: float = 20) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        assert proc.returncode is None, f"ztunnel on {node_ip} exited with {proc.returncode}"
+        assert proc.poll() is None, f"ztunnel on {node_ip} exited with {proc.returncode}"
         with suppress(OSError, TimeoutError, IndexError, ValueError):
             if (await http_get(node_ip, 15021, "/healthz/ready"))[0] == 200:
                 return
@@ -85,32 +79,10 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> 
     h3 = ["--http3", "--http3-peer", "*"] if transport == "h3" else []
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(config()))
-    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("node-a", "node-b")}
 
-    async def spawn(node: str, ip: str, *extra: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            ztunnel_exe(),
-            "--node",
-            node,
-            "--node-ip",
-            ip,
-            "--mesh-config",
-            str(cfg),
-            "--ca-dir",
-            str(tmp_path / "ca"),
-            "--capture",
-            "bind",
-            "--drain-timeout",
-            str(DRAIN),
-            "--workers",
-            str(workers),
-            *extra,
-            *h3,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=logs[node],
-            stderr=logs[node],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    def spawn(node: str, ip: str, *extra: str) -> subprocess.Popen[bytes]:
+        flags = ("--workers", str(workers), *extra, *h3)
+        return spawn_ztunnel(node, ip, *flags, mesh_config=cfg, drain=DRAIN)
 
     async def main() -> None:
         peers: list[str] = []
@@ -121,8 +93,8 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> 
 
         backend = await asyncio.start_server(accept, SERVER, 8080)
         procs = [
-            await spawn("node-a", NODE_A, "--outbound-listen", f"{SVC_VIP}:80"),
-            await spawn("node-b", NODE_B),
+            spawn("node-a", NODE_A, "--outbound-listen", f"{SVC_VIP}:80"),
+            spawn("node-b", NODE_B),
         ]
         try:
             await asyncio.gather(wait_ready(procs[0], NODE_A), wait_ready(procs[1], NODE_B))
@@ -182,7 +154,8 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> 
             started = loop.time()
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
-            codes = await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), DRAIN + 5)
+            waits = (asyncio.to_thread(p.wait) for p in procs)
+            codes = await asyncio.wait_for(asyncio.gather(*waits), DRAIN + 5)
             assert codes == [0, 0]
             for pids in workers_of.values():  # no worker outlives the drain
                 for pid in pids:
@@ -194,22 +167,18 @@ def test_two_ztunnel_processes(tmp_path: Path, workers: int, transport: str) -> 
             assert loop.time() - started < DRAIN, loop.time() - started
         finally:
             for proc in procs:
-                if proc.returncode is None:
+                if proc.poll() is None:
                     proc.kill()
-                    await proc.wait()
+                    proc.wait()
             backend.close()
             await backend.wait_closed()
 
     try:
         asyncio.run(asyncio.wait_for(main(), 60))
     except BaseException:
-        for name, f in logs.items():
-            f.flush()
+        for name in ("node-a", "node-b"):
             sys.stderr.write(f"--- {name} ---\n{(tmp_path / f'{name}.log').read_text()[-4000:]}\n")
         raise
-    finally:
-        for f in logs.values():
-            f.close()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -218,28 +187,10 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
     restart; a broken file is refused and the running config keeps serving."""
     cfg = tmp_path / "mesh.yaml"
     cfg.write_text(yaml.safe_dump(config()))
-    log = (tmp_path / "node-b.log").open("wb")
 
-    async def spawn(node: str, ip: str, *extra: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            ztunnel_exe(),
-            "--node",
-            node,
-            "--node-ip",
-            ip,
-            "--mesh-config",
-            str(cfg),
-            "--ca-dir",
-            str(tmp_path / "ca"),
-            "--drain-timeout",
-            str(DRAIN),
-            "--workers",
-            str(workers),
-            *extra,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+    def spawn(node: str, ip: str, *extra: str) -> subprocess.Popen[bytes]:
+        flags = ("--workers", str(workers), *extra)
+        return spawn_ztunnel(node, ip, *flags, mesh_config=cfg, drain=DRAIN)
 
     async def call() -> bytes:
         """The echo, or b"" when the mesh refused the connection (closed/reset by node-a; a
@@ -257,8 +208,8 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
     async def main() -> None:
         backend = await asyncio.start_server(echo_handler, SERVER, 8080)
         procs = [
-            await spawn("node-a", NODE_A, "--outbound-listen", f"{SVC_VIP}:80"),
-            await spawn("node-b", NODE_B),
+            spawn("node-a", NODE_A, "--outbound-listen", f"{SVC_VIP}:80"),
+            spawn("node-b", NODE_B),
         ]
         try:
             await asyncio.gather(wait_ready(procs[0], NODE_A), wait_ready(procs[1], NODE_B))
@@ -296,7 +247,7 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
             # Every worker has read the bad file and refused it (the reload counter on the
             # metrics port), not "some time has passed".
             await eventually(lambda: reloads(NODE_B, "refused", workers), 10, "refused reload")
-            assert procs[1].returncode is None
+            assert procs[1].poll() is None
             assert await call() == b""  # still the DENY config
             cfg.write_text(yaml.safe_dump(config()))
             procs[1].send_signal(signal.SIGHUP)
@@ -307,20 +258,9 @@ def test_sighup_reloads_static_config_and_refuses_a_bad_one(tmp_path: Path, work
                 await asyncio.sleep(0.05)
             assert results == {b"ping"}
         finally:
-            for proc in procs:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    await asyncio.wait_for(proc.wait(), DRAIN + 5)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            stop_processes(*procs, timeout=DRAIN + 5)
             backend.close()
             await backend.wait_closed()
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        log.close()
+    asyncio.run(asyncio.wait_for(main(), 60))
     assert "config reload from" in (tmp_path / "node-b.log").read_text()

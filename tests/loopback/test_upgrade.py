@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import echo_mesh_config
+from tests.helpers import echo_mesh_config, spawn_ztunnel
 from ztunnel import handover
 
 NODE_A, CLIENT = "127.0.76.1", "127.0.76.10"
@@ -75,36 +73,10 @@ class Nodes:
         gen = self.generation.get(node, 0) + 1
         self.generation[node] = gen
         extra = ["--outbound-listen", f"{VIP}:80"] if node == "node-a" else []
-        exe = str(Path(sys.executable).parent / "ztunnel")
-        with self.log(node, gen).open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    exe,
-                    "--node",
-                    node,
-                    "--node-ip",
-                    ip,
-                    "--mesh-config",
-                    str(self.tmp / "mesh.yaml"),
-                    "--ca-dir",
-                    str(self.tmp / "ca"),
-                    "--capture",
-                    "bind",
-                    "--drain-timeout",
-                    "2",
-                    "--handover-socket",
-                    str(self.sock(node)),
-                    "--ready-file",
-                    str(self.ready_file(node, gen)),
-                    *extra,
-                    *self.flags,
-                    *more,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        flags = ["--handover-socket", str(self.sock(node))]
+        flags += ["--ready-file", str(self.ready_file(node, gen)), *extra, *self.flags, *more]
+        cfg = self.tmp / "mesh.yaml"
+        proc = spawn_ztunnel(node, ip, *flags, mesh_config=cfg, drain=2, log=self.log(node, gen))
         self.procs.append(proc)
         return proc
 

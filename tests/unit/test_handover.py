@@ -7,6 +7,8 @@ import asyncio
 import os
 import socket
 import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -195,18 +197,37 @@ def test_udp_relay_malformed_frames_are_refused(data: bytes) -> None:
         udp_relay.decode(data)
 
 
-def take_back_server(
-    path: Path, listener: socket.socket, events: list[str]
-) -> handover.HandoverServer:
-    return handover.HandoverServer(
-        path,
-        lambda: [("outbound", listener)],
-        lambda: events.append("stopped"),
-        on_result=events.append,
-        take_back=handover.TakeBack(
-            lambda: events.append("died"), lambda: events.append("released")
-        ),
-    )
+@dataclass
+class Offering:
+    """A running process's side of a hand-over with take-back: it offers `listener` at
+    `path`; `events` records what its callbacks were told."""
+
+    path: Path
+    listener: socket.socket
+    events: list[str] = field(default_factory=list)
+
+    def start(self) -> handover.HandoverServer:
+        """The hand-over server, accepting successors (call in the event loop)."""
+        server = handover.HandoverServer(
+            self.path,
+            lambda: [("outbound", self.listener)],
+            lambda: self.events.append("stopped"),
+            on_result=self.events.append,
+            take_back=handover.TakeBack(
+                lambda: self.events.append("died"), lambda: self.events.append("released")
+            ),
+        )
+        server.start()
+        return server
+
+
+@pytest.fixture
+def offering(tmp_path: Path) -> Iterator[Offering]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        yield Offering(tmp_path / "h.sock", listener)
+    finally:
+        listener.close()
 
 
 async def until(cond: object) -> None:
@@ -216,16 +237,13 @@ async def until(cond: object) -> None:
             await asyncio.sleep(0.01)
 
 
-def test_successor_dying_after_ready_gives_the_sockets_back(tmp_path: Path) -> None:
+def test_successor_dying_after_ready_gives_the_sockets_back(offering: Offering) -> None:
     """Version 2: the hand-over connection outlives DONE; its EOF without RELEASE (the
     successor died) calls successor_died, after which the server serves the next successor."""
-    path = tmp_path / "h.sock"
-    listener = socket.create_server(("127.0.0.1", 0))
-    events: list[str] = []
+    path, events = offering.path, offering.events
 
     async def main() -> None:
-        server = take_back_server(path, listener, events)
-        server.start()
+        server = offering.start()
         loop = asyncio.get_running_loop()
         handed = await loop.run_in_executor(None, handover.obtain, path)
         assert handed is not None
@@ -250,17 +268,13 @@ def test_successor_dying_after_ready_gives_the_sockets_back(tmp_path: Path) -> N
         server.close(unlink=False)
 
     asyncio.run(main())
-    listener.close()
 
 
-def test_release_means_no_take_back(tmp_path: Path) -> None:
-    path = tmp_path / "h.sock"
-    listener = socket.create_server(("127.0.0.1", 0))
-    events: list[str] = []
+def test_release_means_no_take_back(offering: Offering) -> None:
+    path, events = offering.path, offering.events
 
     async def main() -> None:
-        server = take_back_server(path, listener, events)
-        server.start()
+        server = offering.start()
         handed = await asyncio.get_running_loop().run_in_executor(None, handover.obtain, path)
         assert handed is not None
         handed.close_unused()
@@ -273,18 +287,14 @@ def test_release_means_no_take_back(tmp_path: Path) -> None:
         assert server.handed_over
 
     asyncio.run(main())
-    listener.close()
 
 
-def test_a_version_1_successor_is_refused(tmp_path: Path) -> None:
+def test_a_version_1_successor_is_refused(offering: Offering) -> None:
     """A peer of another protocol version gets REFUSE; the running process keeps serving."""
-    path = tmp_path / "h.sock"
-    listener = socket.create_server(("127.0.0.1", 0))
-    events: list[str] = []
+    path, events = offering.path, offering.events
 
     async def main() -> None:
-        server = take_back_server(path, listener, events)
-        server.start()
+        server = offering.start()
         loop = asyncio.get_running_loop()
         with socket.socket(socket.AF_UNIX) as conn:
             conn.setblocking(False)
@@ -297,4 +307,3 @@ def test_a_version_1_successor_is_refused(tmp_path: Path) -> None:
         server.close(unlink=True)
 
     asyncio.run(main())
-    listener.close()
