@@ -21,7 +21,8 @@ Volumes are mapped onto the host (`ambientctl.lab.volumes`); container paths in 
 and env are rewritten to them (`map_paths`).
 
 The pure part (`expand`, `resolve_env`, `map_paths`, `container_process`, `pod_status`) is
-`ambientctl.lab.podspec`, the probes' and restarts' rules `ambientctl.lab.probes`, the
+`ambientctl.lab.podspec`, the probes' and restarts' rules `ambientctl.lab.probes`, their
+scheduling (when a check runs, what its result does, restarts) `ambientctl.lab.supervise`, the
 kubelet-written volumes' files `ambientctl.lab.volumes`. This module
 is the I/O edge: `LabKubelet` (API calls through meshcore.kubeapi, processes and CNI through
 ambientctl.lab.system). Invariant: `stop` leaves no process, netns or pod directory behind.
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ambientctl.errors import LabCommandError
-from ambientctl.lab import container, kubeproxy, probecheck, probes, system, topology, volumes
+from ambientctl.lab import container, kubeproxy, probes, supervise, system, topology, volumes
 from ambientctl.lab.podspec import (
     PodRun,
     container_process,
@@ -82,33 +83,9 @@ class RunningPod:
     grace: float = 10.0
     exited: dict[str, int] = field(default_factory=dict)
     reported: str = ""
-    containers: dict[str, Container] = field(default_factory=dict)
+    containers: dict[str, supervise.Container] = field(default_factory=dict)
     terminating: asyncio.Task[None] | None = None
     """Set once the pod's deletion began (`LabKubelet._finish`): no probes, no restarts."""
-
-
-@dataclass(slots=True)
-class Container:
-    """One app container of a running pod: how to (re)start it, its probes and restarts."""
-
-    argv: list[str]
-    env: dict[str, str]
-    declared: dict[probes.Which, probes.Probe]
-    state: dict[probes.Which, probes.ProbeState] = field(default_factory=dict)
-    checking: dict[probes.Which, asyncio.Task[None]] = field(default_factory=dict)
-    exec_argv: dict[probes.Which, list[str]] = field(default_factory=dict)
-    """Exec probes when containers do not get a mount namespace: their paths mapped."""
-    restarts: int = 0
-    started: float = 0.0
-    """Monotonic time of the current process's start."""
-    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
-    exited_at: float = 0.0
-
-    def begin(self, now: float) -> None:
-        """A (re)started process: probes from scratch (readiness False, liveness True)."""
-        self.started = now
-        self.started_at = dt.datetime.now(dt.UTC)
-        self.state = {w: probes.initial(p, now) for w, p in self.declared.items()}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,6 +146,12 @@ class LabKubelet:
         self.proxy_api = proxy_api
         self.python = settings.python
         self.image_paths = dict(settings.image_paths)
+        self.supervisor = supervise.Supervisor(
+            node_netns=node.netns,
+            python=settings.python,
+            path_env=settings.path_env,
+            bind_mounts=settings.bind_mounts,
+        )
         self.services: list[Json] = []
         self._proxied = ""
         self._proxy_at = -1e9
@@ -236,7 +219,7 @@ class LabKubelet:
                 if self.proxy_api is not None:
                     await self.sync_proxy()
                 await self.sync_once()
-                self.probe_due()
+                self.supervisor.probe_due(self.pods.values())
                 if asyncio.get_running_loop().time() - beat > self.heartbeat:
                     await self._node_status()
                     beat = asyncio.get_running_loop().time()
@@ -374,7 +357,7 @@ class LabKubelet:
             for c, probed in zip(spec.get("containers", []), found, strict=True):
                 name = str(c["name"])
                 argv, env = self._launch(c, rp, fields, mounts_by_volume)
-                ct = rp.containers[name] = Container(argv=argv, env=env, declared=probed)
+                ct = rp.containers[name] = supervise.Container(argv=argv, env=env, declared=probed)
                 if not self.bind_mounts:
                     for w, p in probed.items():
                         probe_c = {**c, "command": list(p.command), "args": []}
@@ -493,7 +476,7 @@ class LabKubelet:
                 rp.exited[c] = code
                 if c in rp.containers:
                     rp.containers[c].exited_at = now
-        self._restart(rp, str(pod["spec"].get("restartPolicy", "Always")), now)
+        self.supervisor.restart(rp, str(pod["spec"].get("restartPolicy", "Always")), now)
         run = PodRun(
             pod_ip=rp.ip,
             node_ip=self.node.ip,
@@ -525,68 +508,6 @@ class LabKubelet:
             # and netns are released.
             self.pods.pop(rp.uid, None)
             await asyncio.to_thread(self._teardown, rp, keep_dir=True)
-
-    # -- probes and restarts (`ambientctl.lab.probes`) ---------------------------------------
-    def _restart(self, rp: RunningPod, policy: str, now: float) -> None:
-        """Start again the containers that exited, as the pod's restartPolicy says, after
-        the crash-loop back-off (`probes.backoff`)."""
-        for c, code in list(rp.exited.items()):
-            ct = rp.containers.get(c)
-            if ct is None or not probes.restarts(policy, code):
-                continue
-            if now < ct.exited_at + probes.backoff(ct.restarts, ct.exited_at - ct.started):
-                continue
-            log.info("pod %s/%s: restarting %s (exited %d)", rp.namespace, rp.name, c, code)
-            rp.pids[c] = system.spawn(ct.argv, log=rp.dir / f"{c}.log", cwd=rp.dir, env=ct.env)
-            del rp.exited[c]
-            ct.restarts += 1
-            ct.begin(now)
-
-    def probe_due(self) -> None:
-        """Start the checks that are due (each a task, bounded by its probe's timeout); their
-        results are reported by the next `sync_once`."""
-        now = time.monotonic()
-        for rp in self.pods.values():
-            if rp.terminating is not None:
-                continue
-            for c, ct in rp.containers.items():
-                if c in rp.exited:
-                    continue
-                for which, p in ct.declared.items():
-                    busy = ct.checking.get(which)
-                    if (busy is None or busy.done()) and now >= ct.state[which].next_at:
-                        ct.checking[which] = asyncio.create_task(self._check(rp, c, ct, p))
-
-    async def _check(self, rp: RunningPod, c: str, ct: Container, p: probes.Probe) -> None:
-        started = ct.started
-        passed = await self._probe_once(rp, c, ct, p)
-        if ct.started != started or rp.terminating is not None:
-            return  # the container was restarted (or the pod is going) meanwhile
-        state = ct.state[p.which] = probes.step(p, ct.state[p.which], passed, time.monotonic())
-        if p.which == "liveness" and not state.ok and c not in rp.exited:
-            # As the kubelet: a container that failed its liveness probe is killed (grace
-            # period, then SIGKILL) and restarted by the restart policy.
-            log.warning("pod %s/%s: %s failed its liveness probe", rp.namespace, rp.name, c)
-            ct.state[p.which] = probes.ProbeState(ok=True, next_at=float("inf"))
-            await asyncio.to_thread(system.stop, rp.pids[c], timeout=min(rp.grace, 30.0))
-
-    async def _probe_once(self, rp: RunningPod, c: str, ct: Container, p: probes.Probe) -> bool:
-        """One check: exec in the container (its mount and network namespaces), or a TCP
-        connect / HTTP GET from the pod's network namespace (a short-lived process there: the
-        kubelet never enters a netns itself). The check process's own start-up gets
-        `probecheck.STARTUP` seconds on top of the probe's timeout."""
-        netns = rp.netns or self.node.netns
-        if p.kind == "exec":
-            if self.bind_mounts:
-                argv = ["nsenter", "-t", str(rp.pids[c]), "-m", "-n", "--", *p.command]
-            else:
-                argv = ct.exec_argv[p.which]
-            env = ct.env
-        else:
-            argv = probecheck.network_argv(p, netns, rp.ip, self.python)
-            env = {"PATH": self.path_env}
-        what = f"pod {rp.namespace}/{rp.name}: {p.which} probe of {c}"
-        return await probecheck.run(argv, env, p.timeout, what)
 
     # -- deletion -----------------------------------------------------------------------------
     async def _finish(self, pod: Json) -> None:
