@@ -8,7 +8,9 @@ Beyond Istio's names, three counters of our own record hostile or overloaded pee
 gets an access-log line), `ztunnel_hbone_connection_errors_total{code}` (GOAWAY for a peer's
 protocol error) and `ztunnel_accept_paused_total` (accepting paused for lack of descriptors);
 `ztunnel_handovers_total{result}` counts listener hand-overs to a successor (done/failed, and
-taken_back: the successor died after READY and this process serves again).
+taken_back: the successor died after READY and this process serves again);
+`ztunnel_hbone_stateless_resets_sent_total` counts the QUIC Stateless Resets the HTTP/3 listener
+sent (RFC 9000 §10.3: packets for connections it has no state for, at most 100/s).
 Invariants: the data path never touches a metric per chunk. The relay counts bytes in plain
 integer attributes (`ztunnel.proxy.relay.TcpSide`); `ConnectionTracker` adds what moved since
 the last flush to the counters once per `FLUSH_INTERVAL` for every live connection, before each
@@ -99,6 +101,11 @@ class ProxyMetrics:
         self.accept_paused = Counter(
             "ztunnel_accept_paused",
             "Times accepting paused because file descriptors ran short",
+            registry=r,
+        )
+        self.stateless_resets = Counter(
+            "ztunnel_hbone_stateless_resets_sent",
+            "QUIC Stateless Resets sent by the HTTP/3 HBONE listener (RFC 9000 section 10.3)",
             registry=r,
         )
         self.handovers = Counter(

@@ -551,6 +551,8 @@ class H3Endpoint:
         # other's connections once it has no state for them.
         self.reset_key = os.urandom(RESET_KEY_SIZE)
         self.resets_sent = 0
+        self.on_reset: Callable[[], None] | None = None
+        """Told of each Stateless Reset sent (the node proxy's counter)."""
         self._reset_second = (0, 0)  # (whole second, resets sent in it)
 
     def start(self, sock: socket.socket, *, reading: bool = True) -> None:
@@ -647,6 +649,8 @@ class H3Endpoint:
             self._reset_second = (second, sent + 1)
             self.resets_sent += 1
             self.sendto([reset], addr)
+            if self.on_reset is not None:
+                self.on_reset()
 
     async def _accept(self, addr: Address, dcid: bytes, server_name: str | None) -> None:
         proto: H3Protocol | None = None

@@ -192,6 +192,39 @@ def test_junk_datagrams_create_no_state(tmp_path: Path) -> None:
     run(main(), 60)
 
 
+def test_stateless_resets_sent_are_counted_in_the_metrics(tmp_path: Path) -> None:
+    """A short-header packet for a connection node B has no state for gets a Stateless Reset
+    (RFC 9000 §10.3), smaller than the packet; each one sent is counted in
+    `ztunnel_hbone_stateless_resets_sent_total`."""
+
+    def sent(text: str) -> float:
+        prefix = "ztunnel_hbone_stateless_resets_sent_total "
+        line = next(x for x in text.splitlines() if x.startswith(prefix))
+        return float(line.removeprefix(prefix))
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            assert sent(metric_text(mesh.node_b)) == 0
+            peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            peer.bind((CLIENT_IP, 0))
+            peer.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                # Short headers (0b01...) naming a connection ID node B never issued.
+                for i in range(5):
+                    peer.sendto(bytes([0x40 | i]) + bytes(range(i, i + 60)), H3)
+                for _ in range(5):
+                    reset = await asyncio.wait_for(loop.sock_recv(peer, 2048), 5)
+                    assert reset[0] & 0xC0 == 0x40  # a short header, as a reset looks
+                    assert 21 <= len(reset) < 61  # smaller than what triggered it
+            finally:
+                peer.close()
+            assert endpoint(mesh).resets_sent == 5
+            assert sent(metric_text(mesh.node_b)) == 5
+
+    run(main(), 60)
+
+
 def test_handshake_flood_from_one_ip_is_bounded_and_times_out(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_mesh(tmp_path, transport="h3") as mesh:

@@ -93,6 +93,7 @@ class H3Listener(HboneListener):
             on_refused=refused,
             peers=self.peers,  # handshakes, connections and tunnels: one table per listener
         )
+        self.endpoint.on_reset = ctx.metrics.stateless_resets.inc
         self.endpoint.start(self.sock, reading=reading)
 
     def _on_h3_request(self, stream: H3Stream, peer: Address) -> None:
