@@ -8,6 +8,10 @@ in order, then replaces itself with ``ARGV``. So a process finds its volumes whe
 manifest says (``/var/run/secrets/kubernetes.io/serviceaccount/token`` for the in-cluster
 client, ``/etc/ambient/controlplane-roots`` for the node proxy) and nothing is rewritten.
 
+A mount hides what was at its mount point: `hidden` tells when a container could not see the
+programs the lab runs it with (the repository, its virtualenv), e.g. a tree under ``/tmp``,
+where the chart's pods mount an emptyDir (the container's exec then fails with ENOENT).
+
 Invariants: the namespace is a slave of the caller's (``unshare --propagation slave``): mounts
 made here never propagate out, while netns bind mounts the host makes later (``ip netns add``)
 still propagate in. A mount point that does not exist is created (directory, or an empty file
@@ -21,7 +25,7 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +53,20 @@ def ordered(binds: Sequence[Bind]) -> list[Bind]:
     """Parents before children (``/var/run/ambient`` before ``/var/run/ambient/ztunnel``), so a
     nested mount lands inside the one it belongs to; same-path binds are dropped."""
     return sorted((b for b in binds if b.source != b.target), key=lambda b: len(b.target.parts))
+
+
+def hidden(needed: Mapping[str, Path], mount_points: Iterable[Path]) -> str | None:
+    """Why a container whose mounts are at `mount_points` would not see one of `needed` (what
+    -> path, e.g. ``{"virtualenv": sys.prefix}``): "the <what> <path> is under <mount
+    point>" for the first at or under a mount point, as given or with its symbolic links
+    resolved; None when every one stays visible."""
+    points = [Path(os.path.abspath(m)) for m in mount_points]
+    for what, path in needed.items():
+        for form in dict.fromkeys((Path(os.path.abspath(path)), path.resolve())):
+            for point in points:
+                if form == point or point in form.parents:
+                    return f"the {what} {path} is under {point}"
+    return None
 
 
 def launcher_argv(

@@ -31,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,36 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_NODES = ("node-1", "node-2")
 NODE_DIRS = ("/etc/cni/net.d", "/opt/cni/bin", "/var/run/ambient")
 """A node's own host directories (lab nodes share one machine's filesystem)."""
+
+
+CHART = REPO / "charts" / "ambient"
+LAB_PATHS = {"repository": REPO, "virtualenv": Path(sys.prefix), "interpreter": Path(PYTHON)}
+"""What the chart's containers run from: the lab has no images, its pods run this tree's entry
+points with this interpreter."""
+
+
+def chart_mount_points(chart: Path = CHART) -> list[Path]:
+    """The container mount points the chart's templates name (the literal ``mountPath`` values:
+    ``/tmp``, an emptyDir in every pod, among them)."""
+    found: set[str] = set()
+    for template in sorted((chart / "templates").glob("*.yaml")):
+        found.update(MOUNT_PATH.findall(template.read_text()))
+    return [Path(p) for p in sorted(found)]
+
+
+MOUNT_PATH = re.compile(r"^\s*(?:-\s+)?mountPath:\s*[\"']?(/[^\s\"'{}]*)[\"']?\s*$", re.M)
+
+
+def check_paths(needed: Mapping[str, Path] = LAB_PATHS, chart: Path = CHART) -> None:
+    """Refuse a lab whose repository or virtualenv the chart's pods would not see: a container
+    mount over it hides it (a venv under /tmp: the node proxy's exec failed with ENOENT)."""
+    why = container.hidden(needed, chart_mount_points(chart))
+    if why is not None:
+        raise LabCommandError(
+            f"kube lab: {why}, which the chart's pods mount over: their containers could not "
+            "run this tree's programs; move the repository and its virtualenv elsewhere "
+            "(and run scripts/setup there)"
+        )
 
 
 def is_kube_lab(name: str, state_root: Path = topology.STATE_ROOT) -> bool:
@@ -130,6 +162,7 @@ class KubeLab:
 
     # -- up -----------------------------------------------------------------------------------
     def up(self, nodes: Sequence[str] = DEFAULT_NODES) -> None:
+        check_paths()
         if self.root.exists():
             raise LabStateError(
                 f"lab {self.name!r} exists ({self.root}); run `ambientctl lab down` first"

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 Json = Mapping[str, Any]
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+REPO = Path(__file__).resolve().parents[2]
 # -- the I/O edge ---------------------------------------------------------------------------------
 
 
@@ -146,6 +147,12 @@ class LabKubelet:
         self.proxy_api = proxy_api
         self.python = settings.python
         self.image_paths = dict(settings.image_paths)
+        self.needed = {
+            "interpreter": Path(settings.python),
+            "virtualenv": Path(sys.prefix),
+            "repository": REPO,
+        }
+        """What every container runs from (`container.hidden`)."""
         self.supervisor = supervise.Supervisor(
             node_netns=node.netns,
             python=settings.python,
@@ -389,6 +396,9 @@ class LabKubelet:
             container.Bind(source=src, target=Path(dst))
             for dst, src in (*self.image_paths.items(), *mounts.items())
         ]
+        over = [b.target for b in binds if b.source != b.target]  # same-path hostPaths hide nothing
+        if why := container.hidden(self.needed, over):
+            raise LabCommandError(f"container {c['name']}: {why}, which it mounts over")
         binds.append(container.Bind(source=rp.dir / "hosts", target=Path("/etc/hosts")))
         binds.append(container.Bind(source=rp.dir / "resolv.conf", target=Path("/etc/resolv.conf")))
         argv = container.launcher_argv(
