@@ -18,8 +18,9 @@ environment (``CC``, ``CFLAGS``, ``LDFLAGS``, ``CPPFLAGS``, ``MYPYC_*``).
 
 Invariants:
 - An entry is published whole or not at all: staged in a temporary directory of the cache
-  and renamed to its key (`os.rename` is atomic and refuses an existing entry); a crash leaves
-  a ``.tmp-*`` directory, never read and removed by a later `prune`.
+  and renamed to its key (`os.rename` is atomic and refuses an existing entry: a whole one is
+  kept, a damaged one replaced); a crash leaves a ``.tmp-*`` directory, never read and removed
+  by a later `prune`.
 - Nothing in a tree changes unless the whole entry checked out first: its manifest names the
   key and exactly the extension modules `meshcore.native.COMPILED` needs, each with its sha256,
   and every file matches. Files then replace the tree's by rename (a running process keeps its
@@ -193,22 +194,32 @@ def _replace(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def restore(key: str, root: Path = native.ROOT, cache: Path | None = None) -> bool:
-    """Copy the entry `key` into the tree at `root`; False (the tree untouched) on a miss or
-    an entry that is not whole and exactly the build this tree needs."""
-    entry = (cache or cache_root()) / key
+def _load(entry: Path, key: str, root: Path) -> dict[str, bytes] | None:
+    """The files of the entry at `entry` (tree-relative path -> content) if it is whole: its
+    manifest names `key` and exactly the extension modules `root` needs, and every file has
+    the recorded sha256; else None."""
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
         files: dict[str, str] = manifest["files"]
         want = {p.relative_to(root).as_posix() for p in outputs(root)}
         if manifest.get("key") != key or set(files) != want:
-            return False
+            return None
         blobs: dict[str, bytes] = {}
         for rel, digest in files.items():
             blobs[rel] = (entry / "files" / rel).read_bytes()
             if hashlib.sha256(blobs[rel]).hexdigest() != digest:
-                return False
+                return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return blobs
+
+
+def restore(key: str, root: Path = native.ROOT, cache: Path | None = None) -> bool:
+    """Copy the entry `key` into the tree at `root`; False (the tree untouched) on a miss or
+    an entry that is not whole and exactly the build this tree needs."""
+    entry = (cache or cache_root()) / key
+    blobs = _load(entry, key, root)
+    if blobs is None:
         return False
     stamp = _stamp(root)
     stamp.unlink(missing_ok=True)  # until every module is in place: pure Python
@@ -218,6 +229,16 @@ def restore(key: str, root: Path = native.ROOT, cache: Path | None = None) -> bo
     with contextlib.suppress(OSError):  # pruned meanwhile: what we read was whole
         os.utime(entry)  # recently used (`prune`)
     return True
+
+
+def _discard(cache: Path, entry: Path) -> None:
+    """Remove `entry`, renamed away first: a concurrent restore sees a miss, not half of it."""
+    gone = cache / f".tmp-gone-{entry.name}-{os.getpid()}"
+    try:
+        os.rename(entry, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def publish(key: str, root: Path = native.ROOT, cache: Path | None = None) -> bool:
@@ -245,8 +266,14 @@ def publish(key: str, root: Path = native.ROOT, cache: Path | None = None) -> bo
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         try:
             os.rename(staging, cache / key)
-        except OSError:  # ENOTEMPTY / EEXIST: published meanwhile by another process
-            return False
+        except OSError:  # ENOTEMPTY / EEXIST: there is an entry already
+            if _load(cache / key, key, root) is not None:
+                return False  # published meanwhile by another process: kept
+            _discard(cache, cache / key)  # damaged: replaced by ours
+            try:
+                os.rename(staging, cache / key)
+            except OSError:
+                return False
         return True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -272,13 +299,7 @@ def prune(cache: Path, keep: int = KEEP, now: float | None = None) -> None:
         elif child.is_dir():
             entries.append((mtime, child))
     for _, old in sorted(entries, reverse=True)[keep:]:
-        # Renamed away first: a concurrent restore reading it sees a miss, not half a tree.
-        gone = cache / f".tmp-gone-{old.name}-{os.getpid()}"
-        try:
-            os.rename(old, gone)
-        except OSError:
-            continue
-        shutil.rmtree(gone, ignore_errors=True)
+        _discard(cache, old)
 
 
 def build_cached(

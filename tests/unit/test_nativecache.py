@@ -141,6 +141,9 @@ def test_an_entry_that_is_not_whole_is_never_used(tree: Path, tmp_path: Path, da
     # Untouched: neither the modules nor the stamp.
     assert {p: p.read_bytes() for p in nativecache.outputs(tree)} == before
     assert (tree / "meshcore" / "_native.json").read_text() == stamp
+    if damage != "wrong-key":  # the next build replaces the damaged entry
+        nativecache.build_cached(tree, cache, build=lambda: None)
+        assert nativecache.restore(key, tree, cache)
 
 
 def test_publish_is_atomic_and_first_wins(tree: Path, tmp_path: Path) -> None:
