@@ -75,23 +75,32 @@ def _module_file(root: Path, name: str) -> Path | None:
     return None
 
 
-def _imported(path: Path, module: str) -> set[str]:
-    """Module names an import statement of `path` may load (``from a import b``: ``a`` and
+_parsed: dict[tuple[str, str, bool], frozenset[str]] = {}
+"""(sha256 of a source, its module, is a package) -> `_imported`: parsing is most of a key's
+cost, and a source's imports are a function of its text."""
+
+
+def _imported(source: bytes, digest: str, module: str, *, package: bool) -> frozenset[str]:
+    """Module names an import statement of `source` may load (``from a import b``: ``a`` and
     ``a.b``, which may be a submodule); relative imports resolved against `module`."""
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    memo = _parsed.get((digest, module, package))
+    if memo is not None:
+        return memo
+    base_package = module if package else module.rpartition(".")[0]
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+    for node in ast.walk(ast.parse(source, module)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parts = package.split(".")
+                parts = base_package.split(".")
                 parent = ".".join(parts[: len(parts) - node.level + 1])
                 base = f"{parent}.{base}" if base else parent
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
-    return {n for n in names if n}
+    found = _parsed[(digest, module, package)] = frozenset(n for n in names if n)
+    return found
 
 
 def inputs(root: Path = native.ROOT) -> tuple[dict[str, str], set[str]]:
@@ -116,9 +125,9 @@ def inputs(root: Path = native.ROOT) -> tuple[dict[str, str], set[str]]:
         path = _module_file(root, name)
         if path is None:
             continue  # ``from pkg import function``: not a module
-        rel = path.relative_to(root).as_posix()
-        files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        todo += sorted(_imported(path, name))
+        source = path.read_bytes()
+        digest = files[path.relative_to(root).as_posix()] = hashlib.sha256(source).hexdigest()
+        todo += sorted(_imported(source, digest, name, package=path.name == "__init__.py"))
     return files, third
 
 
