@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -79,7 +79,24 @@ def _load_identity(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+class DirectSSLObject(ssl.SSLObject):
+    """`ssl.SSLObject` whose `read`, `write` and `pending` are the methods of the underlying
+    `_ssl` object itself. The event loop's TLS layer (uvloop's and asyncio's `SSLProtocol`)
+    calls `read` and `pending` once per TLS record received and `write` once per write; the
+    stdlib's wrappers only forward the same arguments, at the cost of an interpreted frame per
+    call (bench/README.md, "Bulk and memory, session 5"). Set as the contexts' `sslobject_class`."""
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> DirectSSLObject:
+        create = vars(ssl.SSLObject)["_create"].__func__  # the stdlib's, for this class
+        obj: DirectSSLObject = create(cls, *args, **kwargs)
+        inner = obj.__dict__["_sslobj"]
+        obj.__dict__.update(read=inner.read, write=inner.write, pending=inner.pending)
+        return obj
+
+
 def _common(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> ssl.SSLContext:
+    ctx.sslobject_class = DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_alpn_protocols([ALPN_H2])

@@ -13,7 +13,8 @@ Transport independence: proxies see only `TunnelStream` (write / write_eof / res
 the same two interfaces, so nothing above this module knows which transport carries a tunnel.
 
 Invariants:
-- Every event batch from `receive_data` is followed by exactly one flush of `data_to_send`.
+- Every event batch from `receive_data` is followed by exactly one flush of the connection's
+  output (`data_to_send_parts`: one TLS write, or one vectored write when it carries large DATA).
 - Received DATA is credited back to the peer only once the sink has accepted it without being
   paused; a paused sink acknowledges on resume, which keeps per-stream memory bounded by the
   stream window (4 MiB).
@@ -418,9 +419,12 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         self._flush_pending = False
-        data = self.conn.data_to_send()
-        if data and self.transport is not None:
-            self.transport.write(data)
+        parts = self.conn.data_to_send_parts()  # large DATA payloads are not copied (joined)
+        if parts and self.transport is not None:
+            if len(parts) == 1:
+                self.transport.write(parts[0])
+            else:
+                self.transport.writelines(parts)
 
     def schedule_flush(self) -> None:
         """Coalesce: frames queued by many streams in one loop iteration (each fed by its own
@@ -474,16 +478,18 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # uvloop's TLS reader allocates a fresh 256 KiB bytes object per read, which costs more than
     # the decryption of a small record. One buffer serves every connection of the process: the
     # event loop is single-threaded and `buffer_updated` copies the bytes out before any other
-    # protocol is asked for the buffer.
+    # protocol is asked for the buffer. The protocol core parses the frames in place and copies
+    # each DATA payload out once (a copy of the whole read first, then of the payloads, cost a
+    # second pass over every byte: bench/README.md, "Bulk and memory, session 5").
     _read_view: ClassVar[memoryview] = memoryview(bytearray(256 * 1024))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._read_view[:nbytes].tobytes())
+        self.data_received(self._read_view[:nbytes])
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         events = self.conn.receive_data(data, self._loop.time())
         if len(events) == 1 and type(events[0]) is DataReceived:
             # Hot path: one DATA chunk for an attached, unpaused sink.

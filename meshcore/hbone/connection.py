@@ -106,6 +106,11 @@ PING_TIMEOUT = 20.0
 # and finish a header block once begun, within these many seconds.
 SETTINGS_TIMEOUT = 10.0
 HEADER_BLOCK_TIMEOUT = 10.0
+# Output (`data_to_send_parts`): a DATA payload this large is written as a view of itself, not
+# joined with the frames around it (a copy of every payload byte); the joined frames before it
+# are topped up to whole TLS records (RFC 8446 §5.1: at most 2^14 octets of plaintext each).
+TLS_RECORD = 16_384
+BIG_PAYLOAD = 4 * TLS_RECORD
 # A stream's pending (window-blocked) bytes above this ask the edge to stop reading its source.
 PENDING_HIGH_WATER = 1024 * 1024
 # The same for all streams of a connection together: over it, every source of the connection is
@@ -252,7 +257,7 @@ class _Stream:
     send_window: int
     recv_window: int
     unacked: int = 0
-    pending: deque[bytes] = field(default_factory=deque)
+    pending: deque[bytes | memoryview] = field(default_factory=deque)
     pending_bytes: int = 0
     pending_end: bool = False
     got_headers: bool = False
@@ -307,7 +312,7 @@ class HboneConnection:
         edge keys it by peer address), so resets spread over connections stay bounded too."""
         self.role = role
         self._rng = rng if rng is not None else random.SystemRandom()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         # An incomplete frame waits as chunks until `_need` octets are there, then is joined
         # once: re-concatenating on every read would copy a 1 MiB frame ~64 times (quadratic
         # CPU and a heap fragmented by ever larger short-lived buffers).
@@ -383,6 +388,39 @@ class HboneConnection:
         data = b"".join(self._out)
         self._out.clear()
         return data
+
+    def data_to_send_parts(self) -> list[bytes | memoryview]:
+        """What `data_to_send` returns, as parts for a vectored write that copies no large DATA
+        payload: small frames are joined, a payload of at least `BIG_PAYLOAD` octets is passed
+        as a view of itself, after the joined part has been topped up with its first octets to
+        a whole number of TLS records (`TLS_RECORD`). Each part becomes one TLS write, so the
+        records stay full-sized and no tiny record carries a frame header alone."""
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        parts: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = []
+        small_len = 0
+        for item in out:
+            size = len(item)
+            if size < BIG_PAYLOAD:
+                small.append(item)
+                small_len += size
+                continue
+            fill = -small_len % TLS_RECORD
+            view = memoryview(item)
+            if small:
+                small.append(view[:fill])
+                parts.append(b"".join(small))
+                small = []
+                small_len = 0
+                parts.append(view[fill:])
+            else:
+                parts.append(item)
+        if small:
+            parts.append(b"".join(small))
+        return parts
 
     @property
     def ready(self) -> bool:
@@ -604,9 +642,12 @@ class HboneConnection:
 
     # ---- receiving ----
 
-    def receive_data(self, data: bytes, now: float = 0.0) -> list[Event]:
+    def receive_data(self, data: bytes | memoryview, now: float = 0.0) -> list[Event]:
         """Feed bytes from the transport. On a connection error, GOAWAY is queued and
-        a ConnectionTerminated event ends the list; the caller should flush and close."""
+        a ConnectionTerminated event ends the list; the caller should flush and close.
+
+        `data` may be a view of the edge's read buffer, valid only during this call: what
+        outlives it (DATA payloads in events, a partial frame) is copied out, each byte once."""
         events: list[Event] = []
         if self.closed:
             return events
@@ -621,17 +662,17 @@ class HboneConnection:
             events.append(ConnectionTerminated(err.code, self._highest_peer_stream, False, debug))
         return events
 
-    def _receive(self, data: bytes, events: list[Event]) -> None:
+    def _receive(self, data: bytes | memoryview, events: list[Event]) -> None:
         if self._buf:
-            self._buf.append(data)
             self._buffered += len(data)
             if self._buffered < self._need:
+                self._buf.append(bytes(data))
                 return
-            data = b"".join(self._buf)
+            data = b"".join([*self._buf, data])
             self._buf = []
             self._buffered = 0
         if self._preface_expected:
-            rest = self._after_preface(data)
+            rest = self._after_preface(bytes(data))
             if rest is None:
                 return
             data = rest
@@ -664,11 +705,11 @@ class HboneConnection:
                 continue
             if end - pos < 9 + length:
                 break
-            payload = data[pos + 9 : pos + 9 + length]
+            payload = bytes(data[pos + 9 : pos + 9 + length])
             pos += 9 + length
             self._handle_frame(ftype, flags, stream_id, payload, events)
         if pos < end:
-            self._keep_partial(data[pos:])
+            self._keep_partial(bytes(data[pos:]))
 
     def _after_preface(self, data: bytes) -> bytes | None:
         """Server: what follows the client connection preface (RFC 9113 §3.4) in `data`, or
@@ -721,11 +762,16 @@ class HboneConnection:
         self._data_left = length
         self._data_end = bool(flags & Flag.END_STREAM)
 
-    def _receive_data_payload(self, data: bytes, pos: int, end: int, events: list[Event]) -> int:
+    def _receive_data_payload(
+        self, data: bytes | memoryview, pos: int, end: int, events: list[Event]
+    ) -> int:
         take = min(self._data_left, end - pos)
         stream = self._data_stream
         if stream is not None:
-            chunk = data if (pos == 0 and take == end) else data[pos : pos + take]
+            if pos == 0 and take == end and isinstance(data, bytes):
+                chunk = data
+            else:
+                chunk = bytes(data[pos : pos + take])  # the one copy out of the read buffer
             events.append(DataReceived(stream.stream_id, chunk, take))
         self._data_left -= take
         if self._data_left == 0:
@@ -1046,8 +1092,12 @@ class HboneConnection:
             if len(chunk) > allowed:
                 if allowed <= 0:
                     break
-                stream.pending[0] = chunk[allowed:]
-                chunk = chunk[:allowed]
+                # Views, not copies: a 256 KiB write cut into 16 KiB frames (a peer's default
+                # MAX_FRAME_SIZE) copied the rest of the chunk per frame. A view keeps the whole
+                # chunk until its last frame leaves: one write more than `pending_bytes` counts.
+                view = memoryview(chunk)
+                stream.pending[0] = view[allowed:]
+                chunk = view[:allowed]
             else:
                 stream.pending.popleft()
             size = len(chunk)
