@@ -11,8 +11,8 @@ A/B sections describe); the tree "." is this checkout. Run it in a network names
     unshare -n bash -c 'ip link set lo up; exec .venv/bin/python -m bench.bulk_ab \
         --tree main=/tmp/ab-main --tree branch=. --rounds 3 --duration 5'
 
-`--hold TREE` starts only that tree's pair (and nginx) and runs one long bulk transfer, for
-`perf record` / `py-spy` attached from outside (the pids are printed).
+`--hold TREE` (or `--hold envoy`) starts only that pair (and nginx) and runs one long bulk
+transfer, for `perf record` / `py-spy` attached from outside (the pids are printed).
 
 Invariant: every process it starts is stopped when it ends (the `Supervisor` of `bench.harness`).
 """
@@ -27,7 +27,6 @@ import shutil
 import statistics
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ from bench.harness import (
     BenchError,
     PathRuntime,
     Supervisor,
-    log,
     loadgen,
+    log,
     make_certs,
     tree_cpu_seconds,
 )
@@ -126,7 +125,8 @@ def start_tree(sup: Supervisor, workdir: Path, ca_dir: Path, tree: str) -> PathR
 
 def _brief(name: str, r: dict[str, Any]) -> str:
     cpu = " ".join(f"{k}={v:.3f}" for k, v in r["cpu_per_gbit"].items())
-    peak = " ".join(f"{k}={v:.1f}/{r['peak_heap_mib'][k]:.1f}" for k, v in r["peak_rss_mib"].items())
+    heap = r["peak_heap_mib"]
+    peak = " ".join(f"{k}={v:.1f}/{heap[k]:.1f}" for k, v in r["peak_rss_mib"].items())
     return (
         f"{name:8s} {r['gbps']:5.2f} Gb/s  CPU-s/Gbit {r['cpu_per_gbit_sum']:.3f} ({cpu})  "
         f"peak RSS/heap MiB {peak}  load {r['load']:.1f}"
@@ -139,7 +139,10 @@ def run(args: argparse.Namespace, sup: Supervisor, workdir: Path) -> dict[str, l
     ca_dir = workdir / "ca"
     ca_dir.mkdir()
     if args.hold:
-        rt = start_tree(sup, workdir, ca_dir, trees[args.hold])
+        if args.hold == "envoy":
+            rt = start_envoy_pair(sup, workdir, make_certs(workdir, ca_dir))
+        else:
+            rt = start_tree(sup, workdir, ca_dir, trees[args.hold])
         log("pids: " + " ".join(f"{p.name}={p.pid}" for p in rt.proxies))
         loadgen(["bulk", rt.addr[0], str(rt.addr[1]), "--duration", "1"], 60)  # warm-up
         log(f"holding: bulk for {args.duration:g} s")
@@ -166,7 +169,8 @@ def run(args: argparse.Namespace, sup: Supervisor, workdir: Path) -> dict[str, l
 def report(results: dict[str, list[Any]]) -> None:
     env = results.get("envoy")
     env_cpu = statistics.median(r["cpu_per_gbit_sum"] for r in env) if env else None
-    print("| tree | Gb/s | CPU-s per Gbit, both (A / B) | vs Envoy | peak RSS A / B | heap B | load |")
+    head = "| tree | Gb/s | CPU-s per Gbit, both (A / B) | vs Envoy | peak RSS A / B | heap B |"
+    print(head + " load |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rs in results.items():
         med = statistics.median
@@ -215,4 +219,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -48,6 +48,7 @@ from mypy_extensions import mypyc_attr
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError, StreamRefused
 from meshcore.hbone.connection import (
+    BIG_PAYLOAD,
     PENDING_HIGH_WATER,
     SERVER_MAX_STREAMS,
     ConnectionTerminated,
@@ -63,7 +64,7 @@ from meshcore.hbone.connection import (
     StreamReset,
     WindowOpened,
 )
-from meshcore.hbone.frames import ErrorCode
+from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
 from meshcore.identity import SpiffeId
 from meshcore.sockets import connect_tcp
 from meshcore.tls import verify_peer
@@ -94,6 +95,11 @@ class TunnelStream(Protocol):
     def attach(self, sink: TunnelSink) -> None: ...
 
     def write(self, data: bytes) -> None: ...
+
+    def write_in_place(self, frame: memoryview) -> None:
+        """`write(frame[FRAME_HEADER:])`, where `frame` is a view of the caller's read buffer
+        with FRAME_HEADER octets of room in front of the bytes read. The buffer is the caller's
+        again when this returns (what is kept is copied)."""
 
     def write_eof(self) -> None: ...
 
@@ -171,6 +177,23 @@ class HboneStream:
         elif proto.write_paused and self.sink is not None:
             self.sink.tunnel_pause_source()  # the TLS transport is over its mark
         proto.schedule_flush()
+
+    def write_in_place(self, frame: memoryview) -> None:
+        """A large payload that can leave at once becomes a DATA frame in the caller's buffer
+        (its header in the room in front) and is flushed now: the TLS layer encrypts it during
+        this call, so nothing refers to the buffer afterwards and no byte was copied. Anything
+        else is copied and written as by `write` (coalesced with the loop iteration's flush)."""
+        proto = self._proto
+        if (
+            len(frame) - FRAME_HEADER >= BIG_PAYLOAD
+            and proto.transport is not None
+            and proto.conn.send_data_in_place(self.stream_id, frame)
+        ):
+            proto.flush()
+            if proto.write_paused and self.sink is not None:
+                self.sink.tunnel_pause_source()  # the TLS transport is over its mark
+            return
+        self.write(bytes(frame[FRAME_HEADER:]))
 
     def write_eof(self) -> None:
         proto = self._proto

@@ -53,6 +53,7 @@ from meshcore.hbone.frames import (
     CLIENT_PREFACE,
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
+    FRAME_HEADER,
     MAX_FRAME_LIMIT,
     MAX_WINDOW,
     ErrorCode,
@@ -529,6 +530,30 @@ class HboneConnection:
         stream.pending_end = end_stream
         self._flush_stream(stream)
         return self._below_high_water(stream)
+
+    def send_data_in_place(self, stream_id: int, frame: memoryview) -> bool:
+        """`send_data` of `frame[FRAME_HEADER:]` without a copy, when it can leave as one DATA
+        frame now (nothing queued on the stream, the windows and the peer's MAX_FRAME_SIZE
+        take it all): the header is written into `frame[:FRAME_HEADER]`, room the caller left
+        in front of the payload, and `frame` itself is queued. True if so; then `frame` must be
+        flushed before its buffer is reused. False, and nothing done, otherwise."""
+        size = len(frame) - FRAME_HEADER
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or stream.state is StreamState.HALF_CLOSED_LOCAL
+            or stream.pending_end
+            or stream.pending
+            or size > stream.send_window
+            or size > self.conn_send_window
+            or size > self.peer_max_frame
+        ):
+            return False
+        stream.send_window -= size
+        self.conn_send_window -= size
+        frame[:FRAME_HEADER] = frame_header(size, FrameType.DATA, 0, stream_id)
+        self._out.append(frame)
+        return True
 
     def _below_high_water(self, stream: _Stream) -> bool:
         """After queueing on `stream`: may its source go on? No when the stream's queue or the

@@ -75,10 +75,11 @@ DEFAULT_WINDOW = 65_535
 DEFAULT_MAX_FRAME = 16_384
 MAX_FRAME_LIMIT = 16_777_215
 MAX_WINDOW = 2**31 - 1
+FRAME_HEADER = 9  # octets before every frame's payload (§4.1)
 
 
 def frame_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
-    """The 9-octet frame header (RFC 9113 §4.1)."""
+    """The FRAME_HEADER-octet frame header (RFC 9113 §4.1)."""
     return (
         ((length << 8) | ftype).to_bytes(4, "big") + bytes((flags,)) + stream_id.to_bytes(4, "big")
     )

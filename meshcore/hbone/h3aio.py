@@ -63,7 +63,7 @@ from meshcore.hbone.connection import (
     StreamReset,
     WindowOpened,
 )
-from meshcore.hbone.frames import ErrorCode
+from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
 from meshcore.hbone.h3 import (
     H3_NO_ERROR,
     MAX_RESET,
@@ -117,6 +117,9 @@ class H3Stream(HboneStream):
         if not self._h3.conn.send_data(self.stream_id, data) and self.sink is not None:
             self.sink.tunnel_pause_source()
         self._h3.schedule_flush()
+
+    def write_in_place(self, frame: memoryview) -> None:
+        self.write(bytes(frame[FRAME_HEADER:]))  # QUIC frames its own: the payload is copied
 
     def write_eof(self) -> None:
         self._h3.conn.end_stream(self.stream_id)

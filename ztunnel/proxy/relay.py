@@ -7,8 +7,14 @@ of TCP events to tunnel events that RFC 9113 §8.5 prescribes for CONNECT:
 and flow control both ways: a TCP socket that can't keep up pauses crediting the tunnel (the peer
 stops at its window); a tunnel that can't take more pauses reading the TCP socket.
 
+Reads land in ONE buffer shared by every `TcpSide` of the process (`asyncio.BufferedProtocol`:
+the loop is single-threaded, and a read is written on or copied before the next one), with room
+for an HTTP/2 frame header in front: a large read leaves as a DATA frame straight from it
+(`TunnelStream.write_in_place`), without the two copies of a `bytes` per read and a joined frame.
+
 Invariants: every byte read from one side is written to the other in order or the connection is
-reset; counters `sent`/`received` are exact; `on_done` is called exactly once.
+reset; counters `sent`/`received` are exact; `on_done` is called exactly once; nothing refers to
+the shared read buffer once `buffer_updated` returns.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
-from typing import cast
+from typing import ClassVar, cast
 
 from mypy_extensions import mypyc_attr
 
 from meshcore.hbone.aio import TunnelSink, TunnelStream
-from meshcore.hbone.frames import ErrorCode
+from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
 from meshcore.identity import SpiffeId
 
 
@@ -36,8 +42,11 @@ def _abort_with_rst(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+READ_SIZE = 256 * 1024  # per read, as uvloop's own read buffer for plain protocols
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)  # the listeners' protocols (inbound, outbound)
-class TcpSide(asyncio.Protocol):
+class TcpSide(asyncio.BufferedProtocol):
     """One local TCP connection spliced to a tunnel stream.
 
     Created either around an accepted socket (outbound/inbound listeners) or by
@@ -70,12 +79,18 @@ class TcpSide(asyncio.Protocol):
         if self.stream is None:
             self.transport.pause_reading()  # nothing to send into yet
 
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
+    _frame: ClassVar[memoryview] = memoryview(bytearray(FRAME_HEADER + READ_SIZE))
+    """The shared read buffer: FRAME_HEADER octets of room, then the bytes read."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._frame[FRAME_HEADER:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
         if self.stream is not None:
-            self.stream.write(data)
+            self.stream.write_in_place(self._frame[: FRAME_HEADER + nbytes])
         else:
-            self._held.append(data)
+            self._held.append(bytes(self._frame[FRAME_HEADER : FRAME_HEADER + nbytes]))
 
     def eof_received(self) -> bool:
         self._tcp_eof = True
@@ -185,6 +200,10 @@ class PlainStream:
         self.target.tunnel_data(data)
         if self.target.write_paused and self.source is not None:
             self.source.tunnel_pause_source()
+
+    def write_in_place(self, frame: memoryview) -> None:
+        # A copy: the target's transport keeps what the socket does not take at once.
+        self.write(bytes(frame[FRAME_HEADER:]))
 
     def write_eof(self) -> None:
         self.target.tunnel_eof()
