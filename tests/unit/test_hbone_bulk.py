@@ -88,16 +88,19 @@ def test_large_payloads_leave_as_views_after_whole_records() -> None:
     assert len(tail) < BIG_PAYLOAD
 
 
-def test_a_large_payload_alone_is_passed_as_is() -> None:
+def test_a_frame_header_alone_is_topped_up_to_a_whole_record() -> None:
     client, server = pair()
     stream_id = _open(client, server)
     client.data_to_send()
     big = os.urandom(BIG_PAYLOAD)
     client.send_data(stream_id, big)
-    header, payload = client.data_to_send_parts()
-    assert payload is big
-    assert len(header) == 9
+    head, view = client.data_to_send_parts()
+    assert len(head) == TLS_RECORD
+    assert isinstance(view, memoryview)
+    assert view.obj is big
     assert client.data_to_send_parts() == []
+    events = server.receive_data(bytes(head) + bytes(view))
+    assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == big
 
 
 @pytest.fixture(scope="module")
