@@ -340,6 +340,10 @@ class HboneConnection:
         self._data_left = 0
         self._data_stream: _Stream | None = None
         self._data_end = False
+        # The DataReceived being built in this `receive_data` call and its payload pieces:
+        # consecutive DATA frames of one stream become one event, joined once at the end.
+        self._open_data: DataReceived | None = None
+        self._pieces: list[bytes | memoryview] = []
         # CONTINUATION assembly (RFC 9113 §6.10).
         self._header_stream = 0
         self._header_chunks: list[bytes] = []
@@ -685,6 +689,8 @@ class HboneConnection:
             debug = str(err).encode()[:200]
             self.close(err.code, debug)
             events.append(ConnectionTerminated(err.code, self._highest_peer_stream, False, debug))
+        finally:
+            self._close_data()
         return events
 
     def _receive(self, data: bytes | memoryview, events: list[Event]) -> None:
@@ -793,15 +799,34 @@ class HboneConnection:
         take = min(self._data_left, end - pos)
         stream = self._data_stream
         if stream is not None:
-            if pos == 0 and take == end and isinstance(data, bytes):
-                chunk = data
+            whole = pos == 0 and take == end and isinstance(data, bytes)
+            piece = data if whole else memoryview(data)[pos : pos + take]
+            last = self._open_data
+            if last is not None and events[-1] is last and last.stream_id == stream.stream_id:
+                # The next frame of the same stream, nothing between: one event, so the edge
+                # writes the local socket once per read, not once per frame.
+                self._pieces.append(piece)
+                last.flow_length += take
             else:
-                chunk = bytes(data[pos : pos + take])  # the one copy out of the read buffer
-            events.append(DataReceived(stream.stream_id, chunk, take))
+                self._close_data()
+                event = DataReceived(stream.stream_id, b"", take)
+                events.append(event)
+                self._open_data, self._pieces = event, [piece]
         self._data_left -= take
         if self._data_left == 0:
             self._finish_data(events)
         return pos + take
+
+    def _close_data(self) -> None:
+        """Give the event being built its payload: the one copy out of the read buffer."""
+        event = self._open_data
+        if event is not None:
+            pieces = self._pieces
+            first = pieces[0]
+            event.data = (
+                first if len(pieces) == 1 and isinstance(first, bytes) else b"".join(pieces)
+            )
+            self._open_data, self._pieces = None, []
 
     def _on_padded_data(
         self, flags: int, stream_id: int, payload: bytes, events: list[Event]

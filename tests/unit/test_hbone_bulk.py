@@ -205,3 +205,24 @@ def test_a_large_read_leaves_as_a_frame_built_in_the_read_buffer() -> None:
         assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == big + small
 
     asyncio.run(main())
+
+
+def test_consecutive_frames_of_a_stream_in_one_read_are_one_event() -> None:
+    """The edge writes the local socket once per event: DATA frames of one stream that arrive
+    in one read (nothing between them) are delivered, and credited, as one."""
+    client, server = pair()
+    first = _open(client, server)
+    second = _open(client, server)
+    pieces = [os.urandom(10_000) for _ in range(5)]
+    for piece in pieces[:3]:
+        client.send_data(first, piece)
+    client.send_data(second, pieces[3])
+    client.send_data(first, pieces[4], end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    data = [(e.stream_id, e.data, e.flow_length) for e in events if isinstance(e, DataReceived)]
+    assert data == [
+        (first, b"".join(pieces[:3]), 30_000),
+        (second, pieces[3], 10_000),
+        (first, pieces[4], 10_000),
+    ]
+    assert isinstance(events[-1], StreamEnded)
