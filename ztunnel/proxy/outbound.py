@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from typing import Final
 
 from meshcore.address import parse_authority
 from meshcore.errors import HboneError, PeerVerificationError, response_flag
 from meshcore.hbone.pool import PoolKey
+from meshcore.model import Workload
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.protocol.plan import (
@@ -32,12 +34,22 @@ from ztunnel.proxy.relay import TcpSide, splice
 log = logging.getLogger("ztunnel.outbound")
 
 
+_WORKLOAD_KINDS: Final = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}
+MAX_BAGGAGE_CACHE: Final = 4096
+_baggage_cache: dict[int, tuple[Workload, str, str]] = {}
+"""id(source workload) -> (it, cluster, its baggage): the same few workloads open every
+connection (issue 14). An entry holds its workload, so the id is not reused while it exists."""
+
+
 def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
     """W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers)."""
     src = plan.source
     if src is None:
         return ""
-    kind = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}.get(
+    cached = _baggage_cache.get(id(src))
+    if cached is not None and cached[0] is src and cached[1] == cluster:
+        return cached[2]
+    kind = _WORKLOAD_KINDS.get(
         src.workload_type.name if hasattr(src.workload_type, "name") else "", "pod"
     )
     items = [
@@ -47,7 +59,11 @@ def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
         f"service.name={src.canonical_name or src.name}",
         f"service.version={src.canonical_revision or 'latest'}",
     ]
-    return ",".join(items)
+    text = ",".join(items)
+    if len(_baggage_cache) >= MAX_BAGGAGE_CACHE:
+        _baggage_cache.clear()
+    _baggage_cache[id(src)] = (src, cluster, text)
+    return text
 
 
 def _traceparent(ctx: ProxyContext, rec: ConnectionRecord) -> str:
