@@ -17,6 +17,7 @@ from typing import Final
 from meshcore.address import parse_authority
 from meshcore.errors import HboneError, PeerVerificationError, response_flag
 from meshcore.hbone.pool import PoolKey
+from meshcore.identity import SpiffeId
 from meshcore.model import Workload
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
@@ -64,6 +65,35 @@ def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
         _baggage_cache.clear()
     _baggage_cache[id(src)] = (src, cluster, text)
     return text
+
+
+MAX_POOL_KEYS: Final = 4096
+_pool_keys: dict[tuple[object, ...], PoolKey] = {}
+"""The pool's keys by their fields: one `PoolKey` object per destination and source, so building
+one (a frozen dataclass: microseconds) and the equality check of the pool's lookup (a dict hit
+on the same object compares identity) happen once, not per connection (issue 14)."""
+
+
+def _pool_key(
+    source: SpiffeId,
+    expected: tuple[SpiffeId, ...],
+    address: tuple[str, int],
+    source_ip: str | None,
+    transparent: bool,
+) -> PoolKey:
+    fields = (source, expected, address, source_ip, transparent)
+    key = _pool_keys.get(fields)
+    if key is None:
+        if len(_pool_keys) >= MAX_POOL_KEYS:
+            _pool_keys.clear()
+        key = _pool_keys[fields] = PoolKey(
+            source=source,
+            expected=expected,
+            address=address,
+            source_ip=source_ip,
+            transparent=transparent,
+        )
+    return key
 
 
 def _traceparent(ctx: ProxyContext, rec: ConnectionRecord) -> str:
@@ -153,13 +183,7 @@ class OutboundConnection(TcpSide):
         assert source is not None
         assert plan.authority is not None
         source_ip, transparent = ctx.source_binding(src_ip)
-        key = PoolKey(
-            source=source,
-            expected=plan.expected_identities,
-            address=plan.target_addr,
-            source_ip=source_ip,
-            transparent=transparent,
-        )
+        key = _pool_key(source, plan.expected_identities, plan.target_addr, source_ip, transparent)
         h3 = ctx.h3_target(
             plan.destination_workload if plan.waypoint is None else None, plan.target_addr
         )
