@@ -79,12 +79,6 @@ class AcceptLoop:
         self._reading = False
         self._closed = False
         self._pause_task: asyncio.Task[None] | None = None
-        # accept(2) through the C socket's own method, and the Python socket made from the
-        # descriptor with the listener's family/type/proto as plain ints: `socket.accept`
-        # converts them to enums per connection (issue 14, ~5 % of node A per new connection).
-        # The result is the same: a blocking-mode `socket.socket`, close-on-exec.
-        self._accept_fd: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]
-        self._kind = (int(sock.family), int(sock.type), int(sock.proto))
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -108,10 +102,9 @@ class AcceptLoop:
         self._reading = on
 
     def _readable(self) -> None:
-        family, kind, proto = self._kind
         for _ in range(ACCEPT_BATCH):  # bounded per wake-up: other work runs in between
             try:
-                fd, _ = self._accept_fd()
+                conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
@@ -120,7 +113,6 @@ class AcceptLoop:
                 else:  # e.g. ECONNABORTED: that connection is gone; the next one is not
                     log.warning("%s accept failed: %s", self.name, err)
                 return
-            conn = socket.socket(family, kind, proto, fd)
             # The accepted socket is the fresh descriptor that tells how full the table is:
             # it is served (it takes one descriptor of the reserve), the next ones wait.
             short = fd_in_reserve(conn.fileno())
