@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import ipaddress
 import random
 from collections import Counter
@@ -656,6 +657,41 @@ def test_outbound_with_updated_state() -> None:
 def test_format_authority() -> None:
     assert format_authority(ipaddress.ip_address("10.0.0.1"), 80) == "10.0.0.1:80"
     assert format_authority(ipaddress.ip_address("::1"), 443) == "[::1]:443"
+
+
+def test_planning_leaves_nothing_for_the_cyclic_gc() -> None:
+    """Issue 14: a plan leaves no reference cycle behind, so reference counting frees all of
+    it. Compiled by mypyc, closures over `plan_outbound`'s locals were a cycle per connection
+    (their shared environment object refers to them and they to it): every branch of the
+    table once."""
+    calls = [
+        (
+            PlanScope(
+                node="node-b" if src.startswith("127.0.4.") else "node-a",
+                rng=random.Random(7),
+                node_proxy_ips=(PROXY_IP,),
+            ),
+            src,
+            dst,
+            port,
+        )
+        for _, src, dst, port, *_ in OUTBOUND
+    ]
+    for scope, src, dst, port in calls:  # memoised lookups filled first
+        plan_outbound(STATE, scope, src_ip=src, dst_ip=dst, dst_port=port)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for scope, src, dst, port in calls:
+            plan_outbound(STATE, scope, src_ip=src, dst_ip=dst, dst_port=port)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 # --- inbound -------------------------------------------------------------------------------------

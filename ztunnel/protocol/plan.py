@@ -237,6 +237,112 @@ def _is_waypoint_member(state: MeshState, gw: GatewayAddress, wl: Workload, netw
     return any(c.uid == wl.uid for c in candidates)
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip_text(ip: IPAddress) -> str:
+    """`str()` of an address, memoised like `format_authority` (issue 14: per connection)."""
+    return str(ip)
+
+
+def _refusal(kind: PlanKind, reason: str, original: tuple[str, int]) -> OutboundPlan:
+    """A refusal before the source is known."""
+    return OutboundPlan(
+        kind=kind,
+        target_addr=original,
+        authority=None,
+        source=None,
+        destination_workload=None,
+        service=None,
+        expected_identities=(),
+        reason=reason,
+    )
+
+
+class _OutboundPlanner:
+    """One `plan_outbound` call past its source check: what it was given, and its steps as
+    methods. Not closures over the function's locals: compiled by mypyc, closures share an
+    environment object that refers to them and they to it, a reference cycle per connection
+    that only the cyclic GC frees (bench/README.md, issue 14)."""
+
+    def __init__(
+        self, state: MeshState, scope: PlanScope, source: Workload, original: tuple[str, int]
+    ) -> None:
+        self.state = state
+        self.scope = scope
+        self.source = source
+        self.original = original
+
+    def refuse(
+        self,
+        kind: PlanKind,
+        reason: str,
+        wl: Workload | None = None,
+        svc: Service | None = None,
+    ) -> OutboundPlan:
+        return OutboundPlan(
+            kind=kind,
+            target_addr=self.original,
+            authority=None,
+            source=self.source,
+            destination_workload=wl,
+            service=svc,
+            expected_identities=(),
+            reason=reason,
+        )
+
+    def via_waypoint(
+        self, gw: GatewayAddress, authority: str, wl: Workload | None, svc: Service | None
+    ) -> OutboundPlan:
+        """Through the waypoint `gw` of the workload `wl`, else of the service `svc`."""
+        what = f"workload {wl.uid}" if wl is not None else f"service {svc.key if svc else ''}"
+        picked = _pick_waypoint(self.state, gw, self.scope.network, self.scope.rng)
+        if picked is None:
+            return self.refuse(
+                PlanKind.NO_ENDPOINTS, f"waypoint of {what} has no usable workload", wl=wl
+            )
+        wp, wp_ip = picked
+        return OutboundPlan(
+            kind=PlanKind.HBONE,
+            target_addr=(_ip_text(wp_ip), gw.hbone_mtls_port),
+            authority=authority,
+            source=self.source,
+            destination_workload=wl,
+            service=svc,
+            expected_identities=(wp.identity,),
+            reason=f"{what} via waypoint {wp.uid}",
+            waypoint=wp,
+        )
+
+    def to_workload(
+        self, wl: Workload, ip: IPAddress, port: int, svc: Service | None
+    ) -> OutboundPlan:
+        authority = format_authority(ip, port)
+        if wl.waypoint is not None and not _is_waypoint_member(
+            self.state, wl.waypoint, self.source, self.scope.network
+        ):
+            return self.via_waypoint(wl.waypoint, authority, wl, svc)
+        if wl.tunnel_protocol is TunnelProtocol.HBONE:
+            return OutboundPlan(
+                kind=PlanKind.HBONE,
+                target_addr=(_ip_text(ip), HBONE_PORT),
+                authority=authority,
+                source=self.source,
+                destination_workload=wl,
+                service=svc,
+                expected_identities=(wl.identity,),
+                reason=f"workload {wl.uid} uses HBONE",
+            )
+        return OutboundPlan(
+            kind=PlanKind.DIRECT if svc is not None else PlanKind.PASSTHROUGH,
+            target_addr=(_ip_text(ip), port),
+            authority=None,
+            source=self.source,
+            destination_workload=wl,
+            service=svc,
+            expected_identities=(),
+            reason=f"workload {wl.uid} does not use HBONE",
+        )
+
+
 def plan_outbound(
     state: MeshState,
     scope: PlanScope,
@@ -248,107 +354,37 @@ def plan_outbound(
     """Plan a connection captured from `src_ip` to the original destination `dst_ip:dst_port`
     by the node proxy `scope` describes."""
     node = scope.node
-    rng = scope.rng
     network = scope.network
-    node_proxy_ips = scope.node_proxy_ips
     src, dst = _ip(src_ip), _ip(dst_ip)
-    original = (str(dst), dst_port)
+    original = (_ip_text(dst), dst_port)
 
-    def refuse(
-        kind: PlanKind,
-        reason: str,
-        source: Workload | None,
-        *,
-        wl: Workload | None = None,
-        svc: Service | None = None,
-    ) -> OutboundPlan:
-        return OutboundPlan(
-            kind=kind,
-            target_addr=original,
-            authority=None,
-            source=source,
-            destination_workload=wl,
-            service=svc,
-            expected_identities=(),
-            reason=reason,
-        )
-
-    if dst_port in RESERVED_PORTS and dst in node_proxy_ips:
-        return refuse(PlanKind.REJECT, f"self-call to node proxy port {dst_port}", None)
+    if dst_port in RESERVED_PORTS and dst in scope.node_proxy_ips:
+        return _refusal(PlanKind.REJECT, f"self-call to node proxy port {dst_port}", original)
     source = state.workload_by_address(src, network)
     if source is None or source.node != node:
-        return refuse(PlanKind.REJECT, f"unknown source {src} on node {node!r}", None)
-
-    def via_waypoint(
-        gw: GatewayAddress, authority: str, wl: Workload | None, svc: Service | None, what: str
-    ) -> OutboundPlan:
-        picked = _pick_waypoint(state, gw, network, rng)
-        if picked is None:
-            return refuse(
-                PlanKind.NO_ENDPOINTS, f"waypoint of {what} has no usable workload", source, wl=wl
-            )
-        wp, wp_ip = picked
-        return OutboundPlan(
-            kind=PlanKind.HBONE,
-            target_addr=(str(wp_ip), gw.hbone_mtls_port),
-            authority=authority,
-            source=source,
-            destination_workload=wl,
-            service=svc,
-            expected_identities=(wp.identity,),
-            reason=f"{what} via waypoint {wp.uid}",
-            waypoint=wp,
-        )
-
-    def to_workload(wl: Workload, ip: IPAddress, port: int, svc: Service | None) -> OutboundPlan:
-        authority = format_authority(ip, port)
-        if wl.waypoint is not None and not _is_waypoint_member(state, wl.waypoint, source, network):
-            return via_waypoint(wl.waypoint, authority, wl, svc, f"workload {wl.uid}")
-        if wl.tunnel_protocol is TunnelProtocol.HBONE:
-            return OutboundPlan(
-                kind=PlanKind.HBONE,
-                target_addr=(str(ip), HBONE_PORT),
-                authority=authority,
-                source=source,
-                destination_workload=wl,
-                service=svc,
-                expected_identities=(wl.identity,),
-                reason=f"workload {wl.uid} uses HBONE",
-            )
-        return OutboundPlan(
-            kind=PlanKind.DIRECT if svc is not None else PlanKind.PASSTHROUGH,
-            target_addr=(str(ip), port),
-            authority=None,
-            source=source,
-            destination_workload=wl,
-            service=svc,
-            expected_identities=(),
-            reason=f"workload {wl.uid} does not use HBONE",
-        )
+        return _refusal(PlanKind.REJECT, f"unknown source {src} on node {node!r}", original)
+    planner = _OutboundPlanner(state, scope, source, original)
 
     svc = state.service_by_vip(dst, network)
     if svc is not None:
         port = svc.port(dst_port)
         if port is None:
-            return refuse(
-                PlanKind.REJECT, f"service {svc.key} has no port {dst_port}", source, svc=svc
+            return planner.refuse(
+                PlanKind.REJECT, f"service {svc.key} has no port {dst_port}", svc=svc
             )
         if svc.waypoint is not None and not _is_waypoint_member(
             state, svc.waypoint, source, network
         ):
-            return via_waypoint(
-                svc.waypoint, format_authority(dst, dst_port), None, svc, f"service {svc.key}"
-            )
+            return planner.via_waypoint(svc.waypoint, format_authority(dst, dst_port), None, svc)
         usable = _usable_endpoints(state, svc, port, network)
         if not usable:
-            return refuse(
+            return planner.refuse(
                 PlanKind.NO_ENDPOINTS,
                 f"service {svc.key} has no healthy endpoint for port {dst_port}",
-                source,
                 svc=svc,
             )
-        ep, ep_ip, target_port = rng.choice(usable)
-        return to_workload(ep.workload, ep_ip, target_port, svc)
+        ep, ep_ip, target_port = scope.rng.choice(usable)
+        return planner.to_workload(ep.workload, ep_ip, target_port, svc)
 
     wl = state.workload_by_address(dst, network)
     if wl is None:
@@ -362,7 +398,7 @@ def plan_outbound(
             expected_identities=(),
             reason=f"{dst} is not in the mesh",
         )
-    return to_workload(wl, dst, dst_port, None)
+    return planner.to_workload(wl, dst, dst_port, None)
 
 
 def _check_no_waypoint_bypass(

@@ -137,8 +137,10 @@ def tunnel_source_ip(ctx: ProxyContext, stream: HboneStream, peer_ip: str) -> st
     would not reach the proxy, see `ztunnel.proxy.inbound_h3`): the source proxy names the client
     in `forwarded: for=`, trusted only for a workload whose identity is the one the peer proved
     (a peer can only speak for its own identity's addresses). Raises Unauthorized otherwise."""
+    if stream.transport != "h3":
+        return peer_ip
     claimed = forwarded_for_ip(stream.headers)
-    if stream.transport != "h3" or claimed is None or claimed == peer_ip:
+    if claimed is None or claimed == peer_ip:
         return peer_ip
     source = ctx.state.workload_by_address(claimed, ctx.settings.network)
     if source is None or source.identity != stream.peer_identity:
@@ -149,12 +151,10 @@ def tunnel_source_ip(ctx: ProxyContext, stream: HboneStream, peer_ip: str) -> st
     return claimed
 
 
-def addressed_service(
-    ctx: ProxyContext, headers: list[tuple[str, str]], plan: InboundPlan
-) -> Service | None:
-    """The addressed service for telemetry, trusted only if the destination workload really is
-    an endpoint of it, so a peer cannot relabel metrics arbitrarily."""
-    key = forwarded_service_key(headers)
+def addressed_service(ctx: ProxyContext, key: str | None, plan: InboundPlan) -> Service | None:
+    """The addressed service for telemetry (`key`: as `forwarded_service_key` read it), trusted
+    only if the destination workload really is an endpoint of it, so a peer cannot relabel
+    metrics arbitrarily."""
     service = ctx.state.service(key) if key else None
     if service is None or plan.destination_workload.service_ports(service.key) is None:
         return None
@@ -359,20 +359,24 @@ class HboneListener:
             return
         rec.src_addr = src_ip
         rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)
-        caller = parse_traceparent(next((v for k, v in stream.headers if k == "traceparent"), None))
-        if caller is not None:  # this connection's span continues the caller's trace
-            rec.trace_id, rec.parent_span_id = caller.trace_id, caller.parent_id
-            rec.span_id = f"{ctx.rng.getrandbits(64) or 1:016x}"
-            rec.sampled = ctx.tracker.sampler.sampled(caller.trace_id, caller)
+        if ctx.tracker.tracer is not None:  # else no span is recorded: nothing reads these
+            caller = parse_traceparent(
+                next((v for k, v in stream.headers if k == "traceparent"), None)
+            )
+            if caller is not None:  # this connection's span continues the caller's trace
+                rec.trace_id, rec.parent_span_id = caller.trace_id, caller.parent_id
+                rec.span_id = f"{ctx.rng.getrandbits(64) or 1:016x}"
+                rec.sampled = ctx.tracker.sampler.sampled(caller.trace_id, caller)
         try:
             dst_ip, dst_port = parse_authority(stream.authority)
+            service_key = forwarded_service_key(stream.headers)
             connect = InboundConnect(
                 dst_ip=dst_ip,
                 dst_port=dst_port,
                 src_identity=stream.peer_identity,
                 src_ip=src_ip,
                 conn_dst_ip=conn_dst_ip,
-                addressed_service=forwarded_service_key(stream.headers),
+                addressed_service=service_key,
             )
             plan = plan_inbound(
                 ctx.state, connect, network=ctx.settings.network, node=ctx.settings.node
@@ -381,7 +385,7 @@ class HboneListener:
             rec.destination_principal = str(plan.destination_workload.identity)
             service = (
                 plan.service
-                or addressed_service(ctx, stream.headers, plan)
+                or addressed_service(ctx, service_key, plan)
                 or guess_inbound_service(plan.destination_workload, dst_port, ctx.state.service)
             )
             _set_service(rec, service)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from typing import Final
 
 from meshcore.address import parse_authority
 from meshcore.errors import HboneError, PeerVerificationError, response_flag
 from meshcore.hbone.pool import PoolKey
+from meshcore.identity import SpiffeId
+from meshcore.model import Workload
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.protocol.plan import (
@@ -32,12 +35,22 @@ from ztunnel.proxy.relay import TcpSide, splice
 log = logging.getLogger("ztunnel.outbound")
 
 
+_WORKLOAD_KINDS: Final = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}
+MAX_BAGGAGE_CACHE: Final = 4096
+_baggage_cache: dict[int, tuple[Workload, str, str]] = {}
+"""id(source workload) -> (it, cluster, its baggage): the same few workloads open every
+connection (issue 14). An entry holds its workload, so the id is not reused while it exists."""
+
+
 def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
     """W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers)."""
     src = plan.source
     if src is None:
         return ""
-    kind = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}.get(
+    cached = _baggage_cache.get(id(src))
+    if cached is not None and cached[0] is src and cached[1] == cluster:
+        return cached[2]
+    kind = _WORKLOAD_KINDS.get(
         src.workload_type.name if hasattr(src.workload_type, "name") else "", "pod"
     )
     items = [
@@ -47,7 +60,40 @@ def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
         f"service.name={src.canonical_name or src.name}",
         f"service.version={src.canonical_revision or 'latest'}",
     ]
-    return ",".join(items)
+    text = ",".join(items)
+    if len(_baggage_cache) >= MAX_BAGGAGE_CACHE:
+        _baggage_cache.clear()
+    _baggage_cache[id(src)] = (src, cluster, text)
+    return text
+
+
+MAX_POOL_KEYS: Final = 4096
+_pool_keys: dict[tuple[object, ...], PoolKey] = {}
+"""The pool's keys by their fields: one `PoolKey` object per destination and source, so building
+one (a frozen dataclass: microseconds) and the equality check of the pool's lookup (a dict hit
+on the same object compares identity) happen once, not per connection (issue 14)."""
+
+
+def _pool_key(
+    source: SpiffeId,
+    expected: tuple[SpiffeId, ...],
+    address: tuple[str, int],
+    source_ip: str | None,
+    transparent: bool,
+) -> PoolKey:
+    fields = (source, expected, address, source_ip, transparent)
+    key = _pool_keys.get(fields)
+    if key is None:
+        if len(_pool_keys) >= MAX_POOL_KEYS:
+            _pool_keys.clear()
+        key = _pool_keys[fields] = PoolKey(
+            source=source,
+            expected=expected,
+            address=address,
+            source_ip=source_ip,
+            transparent=transparent,
+        )
+    return key
 
 
 def _traceparent(ctx: ProxyContext, rec: ConnectionRecord) -> str:
@@ -137,13 +183,7 @@ class OutboundConnection(TcpSide):
         assert source is not None
         assert plan.authority is not None
         source_ip, transparent = ctx.source_binding(src_ip)
-        key = PoolKey(
-            source=source,
-            expected=plan.expected_identities,
-            address=plan.target_addr,
-            source_ip=source_ip,
-            transparent=transparent,
-        )
+        key = _pool_key(source, plan.expected_identities, plan.target_addr, source_ip, transparent)
         h3 = ctx.h3_target(
             plan.destination_workload if plan.waypoint is None else None, plan.target_addr
         )
