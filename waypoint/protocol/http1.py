@@ -375,13 +375,18 @@ class Http1Parser:
         # merged).
         if not ll.complete or ll.extra or len(ll.fields) != fields:
             return None
-        # The request line exactly `method SP target SP HTTP-version` (RFC 9112 §3: llhttp
-        # also takes runs of spaces, and "GET /" as HTTP/0.9) with a visible-ASCII target.
+        # The request line exactly `method SP target SP HTTP-version` (RFC 9112 §3; llhttp
+        # also takes runs of spaces, "GET /" as HTTP/0.9 and HTTP/2.0: the checked parser
+        # words those refusals) with a visible-ASCII target (§3.2).
         method: bytes = ll.parser.get_method()
-        version = "HTTP/" + ll.parser.get_http_version()
         eol = raw.find(b"\r\n")
         line = raw if eol < 0 else raw[:eol]
-        if line != b" ".join((method, ll.url, version.encode())):
+        start = method + b" " + ll.url
+        if line == start + b" HTTP/1.1":
+            version = "HTTP/1.1"
+        elif line == start + b" HTTP/1.0":
+            version = "HTTP/1.0"
+        else:
             return None
         if not _VISIBLE.fullmatch(ll.url):
             return None
