@@ -3,10 +3,11 @@
 
     .venv/bin/python bench/http1_parsers.py
 
-Per message, best of 7 (timeit, process CPU time): a new parser per message, and one parser reused over 100
-keep-alive messages (the waypoint keeps one per connection). Columns: our checked parser
-(`Http1Parser(..., llhttp=False)`); `Http1Parser` as the waypoint runs it (requests: llhttp
-reads the head, our checks run on its result; responses: the checked parser); llhttp alone.
+Per message, best of 7 (timeit, on process CPU time): a new parser per message, and one parser
+reused over 100 keep-alive messages (the waypoint keeps one per connection). Columns: our
+checked parser (`Http1Parser(..., llhttp=False)`); `Http1Parser` as the waypoint runs it
+(requests: llhttp reads the head, our checks run on its result; responses: the checked
+parser); llhttp alone.
 Our parser yields every event (head, body, end); the llhttp side collects the same
 (method/status, URL, lower-cased header names, body) through httptools' callbacks. Which build
 runs (mypyc or pure Python) is printed first.
