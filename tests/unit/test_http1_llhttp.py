@@ -147,7 +147,7 @@ def request(draw: st.DrawFn) -> bytes:
     return eol.join([lead + line, *fields]) + eol + b"\r\n" + draw(BODY)
 
 
-@FAST
+@settings(FAST, max_examples=300)
 @given(st.lists(request(), min_size=1, max_size=3), st.lists(st.integers(0, 400), max_size=4))
 @example([b"GET /1k HTTP/1.1\r\nHost: a\r\nUser-Agent: wrk\r\n\r\n"] * 3, [])
 @example([b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello"] * 2, [3, 40])
@@ -234,6 +234,7 @@ ATTACKS: list[tuple[str, bytes, int]] = [
     ("no Host", b"GET / HTTP/1.1\r\nx: a", 400),
     ("lower-case method", b"get / HTTP/1.1\r\n" + H.rstrip(), 400),
     ("double space", b"GET  / HTTP/1.1\r\n" + H.rstrip(), 400),
+    ("no version (HTTP/0.9)", b"GET /\r\n" + H.rstrip(), 400),
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + H.rstrip(), 505),
     ("HTTP/1.2", b"GET / HTTP/1.2\r\n" + H.rstrip(), 505),
     ("bad chunk size", b"POST / HTTP/1.1\r\n" + H + b"transfer-encoding: chunked\r\n\r\nzz", 400),
@@ -338,6 +339,7 @@ def test_llhttp_alone_differs_from_the_checked_parser_where_documented() -> None
         "101 fields": False,
         "HTTP/2.0": False,
         "double space": False,
+        "no version (HTTP/0.9)": False,
         "no Host": False,
         "two Host lines": False,
         "two equal Host lines": False,
