@@ -2,7 +2,8 @@
 bytes into events, and serialise heads and body framing.
 
 Owns: `Http1Parser` (one direction of one connection: requests from a client, or responses from
-a server), its events (`RequestHead`, `ResponseHead`, `Body`, `EndOfMessage`), and the encoders.
+a server), its events (`RequestHead`, `ResponseHead`, `Body`, `EndOfMessage`), and the encoders;
+the use of llhttp (`httptools`) to read request heads.
 
 Invariants:
 - Bodies are never reassembled: `Body` events carry the bytes as they arrive (bounded by what
@@ -20,6 +21,12 @@ Invariants:
   Host field line (RFC 9112 §3.2). Numbers (Content-Length, chunk sizes) are ASCII digits
   only, with no surrounding whitespace in chunk sizes (RFC 9112 §7.1); list tokens are split
   on SP/HTAB only, never on other Unicode whitespace.
+- llhttp reads a request head only as an accelerator: its result is kept only when it is the
+  head the checked parser gives (same method, target, version and field lines; the Host,
+  version and framing checks run on it as on ours), and anything llhttp refuses is read again
+  by the checked parser, so every refusal, its status and its message are the checked
+  parser's (`tests/unit/test_http1_llhttp.py`, differential). Bodies, trailers and responses
+  are always the checked parser's.
 - The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
   message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
   loop).
@@ -28,12 +35,22 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from meshcore.errors import MeshError
+
+_httptools: Any
+try:
+    # llhttp, Node.js's HTTP/1.1 parser, in C: reads request heads ~5x faster than the checked
+    # parser below (bench/README.md, "Waypoint, session 5"). Optional: without it the checked
+    # parser reads every head.
+    _httptools = importlib.import_module("httptools")
+except ImportError:
+    _httptools = None
 
 MAX_HEAD = 60 * 1024
 """Largest request/response head accepted (Envoy's default max_request_headers_kb is 60)."""
@@ -174,11 +191,54 @@ class _State:
     DONE: Final = 7
 
 
+class _LlhttpHead:
+    """llhttp (through httptools) reading the request heads of one `Http1Parser`: httptools
+    calls these methods from `feed_data`. Only heads are fed (the checked parser frames
+    bodies), so the llhttp parser is reused only after a message it saw end (a bodiless
+    request); after a head with a body, an upgrade or a refusal a new one is made."""
+
+    def __init__(self) -> None:
+        self.parser: Any = _httptools.HttpRequestParser(self)
+        self.url = b""
+        self.fields: list[tuple[str, str]] = []
+        self.complete = False
+        self.done = True
+        self.extra = False
+
+    @property
+    def reusable(self) -> bool:
+        return self.done and not self.extra
+
+    def start(self) -> None:
+        self.url = b""
+        self.fields = []
+        self.complete = self.done = self.extra = False
+
+    def on_url(self, url: bytes) -> None:
+        self.extra = self.extra or self.complete
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.extra = self.extra or self.complete
+        # A token (llhttp refuses other names; a non-ASCII byte would raise here, which
+        # httptools reports as a refusal). llhttp drops the value's leading OWS, not its
+        # trailing OWS (RFC 9112 §5: not part of the value); obs-text is kept as latin-1.
+        self.fields.append((name.decode("ascii").lower(), value.rstrip(b" \t").decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
 class Http1Parser:
     """Parse one direction of an HTTP/1.1 connection. `feed` bytes, then call `next_event`
     until it returns None (needs more data)."""
 
-    def __init__(self, role: Role, *, max_head: int = MAX_HEAD) -> None:
+    def __init__(self, role: Role, *, max_head: int = MAX_HEAD, llhttp: bool = True) -> None:
+        """`llhttp`: let llhttp read request heads when httptools is installed (a request head
+        llhttp refuses, or reads differently, is read again by the checked parser)."""
         self.role = role
         self.max_head = max_head
         self._buf = bytearray()
@@ -190,6 +250,8 @@ class Http1Parser:
         self._request_method: str | None = None
         self._request_role = role is Role.REQUEST
         self._error_status = 400 if self._request_role else 502
+        self._llhttp = llhttp and self._request_role and _httptools is not None
+        self._ll: _LlhttpHead | None = None
 
     # ---- input -------------------------------------------------------------------------------
 
@@ -275,17 +337,62 @@ class Http1Parser:
         raw = bytes(self._buf[:end])
         del self._buf[: end + 4]
         raw = raw.lstrip(b"\r\n")
-        lines = raw.split(b"\r\n")
-        if raw.count(b"\r") != len(lines) - 1 or raw.count(b"\n") != len(lines) - 1:
+        crlf = raw.count(b"\r\n")
+        if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
             raise self._fail("bare CR or LF in the message head")
-        if len(lines) - 1 > MAX_HEADERS:
+        if crlf > MAX_HEADERS:
             raise HttpParseError(
                 f"more than {MAX_HEADERS} header fields", 431 if self._request_role else 502
             )
+        if self._llhttp:
+            head = self._llhttp_request(raw, crlf)
+            if head is not None:
+                return head
+        lines = raw.split(b"\r\n")
         headers = self._fields(lines[1:])
         if self._request_role:
             return self._request(lines[0], headers)
         return self._response(lines[0], headers)
+
+    def _llhttp_request(self, raw: bytes, fields: int) -> RequestHead | None:
+        """The request head parsed by llhttp: its request line and `fields` field lines, then
+        the same checks as `_request` from the Host count on. None when llhttp refuses the
+        head, or its result is not one `_fields` + `_request` would give: the checked parser
+        then decides (and words every refusal), so llhttp only ever speeds up a head both
+        parsers accept identically (`tests/unit/test_http1_llhttp.py`, differential)."""
+        ll = self._ll
+        if ll is None or not ll.reusable:
+            ll = self._ll = _LlhttpHead()
+        ll.start()
+        try:
+            ll.parser.feed_data(raw + b"\r\n\r\n")
+        except Exception as err:  # llhttp refused the head (or paused after it: an upgrade)
+            if not isinstance(err, _httptools.HttpParserUpgrade):
+                self._ll = None
+                return None
+            ll.done = False  # paused after an Upgrade or CONNECT head: not reusable
+        # Exactly our head: one head whose end is the blank line we found (no field lost or
+        # merged).
+        if not ll.complete or ll.extra or len(ll.fields) != fields:
+            return None
+        # The request line exactly `method SP target SP HTTP-version` (RFC 9112 §3; llhttp
+        # also takes runs of spaces, "GET /" as HTTP/0.9 and HTTP/2.0: the checked parser
+        # words those refusals) with a visible-ASCII target (§3.2).
+        method: bytes = ll.parser.get_method()
+        eol = raw.find(b"\r\n")
+        line = raw if eol < 0 else raw[:eol]
+        start = method + b" " + ll.url
+        if line == start + b" HTTP/1.1":
+            version = "HTTP/1.1"
+        elif line == start + b" HTTP/1.0":
+            version = "HTTP/1.0"
+        else:
+            return None
+        if not _VISIBLE.fullmatch(ll.url):
+            return None
+        return self._request_head(
+            method.decode("ascii"), ll.url.decode("ascii"), version, tuple(ll.fields)
+        )
 
     def _fields(self, lines: Sequence[bytes]) -> Headers:
         # Fast path (every well-formed head): the field lines decoded once as latin-1 (obs-text
@@ -355,10 +462,17 @@ class Http1Parser:
         if not _VISIBLE.fullmatch(parts[1]):
             raise self._fail("control or non-ASCII character in the request-target")
         version = parts[2].decode("ascii", "replace")
+        return self._request_head(
+            parts[0].decode("ascii"), parts[1].decode("ascii"), version, headers
+        )
+
+    def _request_head(
+        self, method: str, target: str, version: str, headers: Headers
+    ) -> RequestHead:
+        """The checks after the request line's syntax (either parser): version, Host,
+        framing."""
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HttpParseError(f"unsupported HTTP version {version!r}", 505)
-        method = parts[0].decode("ascii")
-        target = parts[1].decode("ascii")
         hosts = sum(1 for k, _ in headers if k == "host")
         if hosts > 1:
             raise self._fail("more than one Host field line (RFC 9112 §3.2)")
