@@ -35,6 +35,8 @@ checked by tests/unit/test_h3_aioquic_contract.py so an upgrade that changes the
   short-header datagram with the tokens its peer issued (`_peer_cid`, `_peer_cid_available`)
   and ends the connection at once (`is_stateless_reset`, §10.3.1) instead of waiting out the
   idle timeout.
+- aioquic's CUBIC restarts the window of a busy connection whose RTT exceeds 2 s: our
+  connections use `meshcore.hbone.h3cc.MeshCubic` (restart after idle only).
 
 Invariants:
 - Windows as HTTP/2 HBONE: 4 MiB per stream, 16 MiB per connection; at most 128 concurrent
@@ -95,6 +97,7 @@ from meshcore.hbone.connection import (
     WindowOpened,
 )
 from meshcore.hbone.frames import ErrorCode
+from meshcore.hbone.h3cc import CONGESTION_CONTROL
 from meshcore.identity import SpiffeId
 from meshcore.tls import PeerPolicy, _presented_chain, verify_peer_chain
 
@@ -241,7 +244,7 @@ def quic_configuration(
         max_data=CONNECTION_WINDOW,
         max_stream_data=STREAM_WINDOW,
         max_datagram_size=MAX_DATAGRAM,
-        congestion_control_algorithm="cubic",
+        congestion_control_algorithm=CONGESTION_CONTROL,
         verify_mode=ssl.CERT_NONE,
         server_name=server_name,
     )

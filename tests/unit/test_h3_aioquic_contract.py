@@ -17,7 +17,10 @@ import pytest
 from aioquic import tls
 from aioquic.quic import events as qev
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.cubic import CubicCongestionControl
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet_builder import QuicSentPacket
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -50,6 +53,7 @@ from meshcore.hbone.h3 import (
     server_name_for,
     stateless_reset,
 )
+from meshcore.hbone.h3cc import CONGESTION_CONTROL, MeshCubic
 from meshcore.identity import SpiffeId
 from meshcore.tls import PeerPolicy, Side, verify_peer_chain
 
@@ -641,3 +645,66 @@ def test_certificate_chosen_by_sni_completes_the_handshake(ca: MeshCA) -> None:
     s_events += more
     assert any(isinstance(e, PeerVerified) and e.identity == ECHO for e in c_events)
     assert any(isinstance(e, PeerVerified) and e.identity == SLEEP for e in s_events)
+
+
+# ---- congestion control: restart after idle (meshcore.hbone.h3cc) -----------------------------
+
+
+def _sent(number: int, at: float, size: int = 1200) -> QuicSentPacket:
+    return QuicSentPacket(
+        epoch=tls.Epoch.ONE_RTT,
+        in_flight=True,
+        is_ack_eliciting=True,
+        is_crypto_packet=False,
+        packet_number=number,
+        packet_type=QuicPacketType.ONE_RTT,
+        sent_time=at,
+        sent_bytes=size,
+    )
+
+
+def _busy_for_3s_over_a_2_5s_rtt(cc: Any) -> tuple[int, int]:
+    """Packets always in flight over a 2.5 s round trip (a CPU-starved peer): (window grown
+    by the ACKs, window after sending on)."""
+    for n in range(20):
+        cc.on_packet_sent(packet=_sent(n, 1.0 + n * 0.1))
+    for n in range(10):  # the first ones acknowledged 2.5 s after they left
+        cc.on_packet_acked(now=3.5 + n * 0.1, packet=_sent(n, 1.0 + n * 0.1))
+    grown = cc.congestion_window
+    cc.on_packet_sent(packet=_sent(20, 4.0))  # 3 s after the last acknowledged one was sent
+    return grown, cc.congestion_window
+
+
+def test_aioquic_cubic_restarts_a_busy_connection_after_2s_without_a_fresh_ack() -> None:
+    """aioquic 1.7.2's CUBIC: a packet sent 2 s after the send time of the last acknowledged
+    one resets the window to 10 packets, however many are in flight (why `MeshCubic`)."""
+    cc = CubicCongestionControl(max_datagram_size=1350)
+    grown, after = _busy_for_3s_over_a_2_5s_rtt(cc)
+    assert grown > 10 * 1350
+    assert after == 10 * 1350
+    assert cc.ssthresh is None  # slow start from scratch
+
+
+def test_our_connections_restart_the_window_only_after_an_idle_period(ca: MeshCA) -> None:
+    """Both roles use `MeshCubic`: a busy connection keeps its window whatever the RTT; one
+    that had nothing in flight for 2 s restarts from the initial window (RFC 5681 §4.1)."""
+    cert = ca.issue(SLEEP, now=utcnow())
+    for role in (Role.CLIENT, Role.SERVER):
+        assert quic_configuration(cert, role).congestion_control_algorithm == CONGESTION_CONTROL
+        dcid = b"\x01" * 8 if role is Role.SERVER else None
+        cc = ours(role, cert, original_dcid=dcid).quic._loss._cc
+        assert isinstance(cc, MeshCubic)
+        grown, after = _busy_for_3s_over_a_2_5s_rtt(cc)
+        assert after == grown > 10 * 1350
+    idle = MeshCubic(max_datagram_size=1350)
+    idle.on_packet_sent(packet=_sent(0, 1.0))
+    idle.on_packet_acked(now=1.1, packet=_sent(0, 1.0))
+    idle.on_packet_sent(packet=_sent(1, 1.2))
+    idle.on_packet_acked(now=1.3, packet=_sent(1, 1.2))
+    grown = idle.congestion_window
+    assert grown > 10 * 1350
+    idle.on_packet_sent(packet=_sent(2, 2.0))  # 0.8 s idle: kept
+    assert idle.congestion_window == grown
+    idle.on_packet_acked(now=2.1, packet=_sent(2, 2.0))
+    idle.on_packet_sent(packet=_sent(3, 4.5))  # nothing in flight for 2.4 s: restart
+    assert idle.congestion_window == 10 * 1350
