@@ -136,8 +136,10 @@ class Request:
 
     @property
     def grpc(self) -> bool:
-        ct = next((v for k, v in self.headers if k == "content-type"), "")
-        return ct.startswith("application/grpc")
+        for k, v in self.headers:  # the first content-type (a loop: no generator per request)
+            if k == "content-type":
+                return v.startswith("application/grpc")
+        return False
 
 
 class MirrorBudget:
@@ -219,7 +221,6 @@ class ReplayBody:
         self.overflow = False
         self.done = False
         self.trailers: tuple[tuple[str, str], ...] = ()
-        self.finished = asyncio.Event()
         self.taps: list[MirrorTap] = []
 
     def tap(self, limit: int, budget: MirrorBudget) -> MirrorTap | None:
@@ -259,7 +260,6 @@ class ReplayBody:
             if not data:
                 self.done = True
                 self.trailers = self.source.trailers
-                self.finished.set()
                 for t in self.taps:
                     t.end(self.trailers)
                 return
@@ -283,7 +283,6 @@ class ReplayBody:
             data = await self.source.read()
             if not data:
                 self.done = True
-                self.finished.set()
                 return True
             read += len(data)
             self.total += len(data)

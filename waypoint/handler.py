@@ -31,12 +31,14 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
+from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
+from meshcore.state import MeshState
 from waypoint.authn import authenticate_request
 from waypoint.body import (
     BodySource,
@@ -47,7 +49,7 @@ from waypoint.body import (
     ReplayBody,
     Request,
 )
-from waypoint.context import WaypointContext
+from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.cors import apply_cors
 from waypoint.errors import (
     BadRequest,
@@ -74,6 +76,7 @@ from waypoint.protocol.hygiene import (
     xfcc_value,
 )
 from waypoint.protocol.route import (
+    CompiledConfig,
     RequestInfo,
     RouteChoice,
     default_route,
@@ -97,6 +100,9 @@ MIRROR_BUDGET = 64 * 1024 * 1024
 MAX_MIRRORS = 1024
 """Mirror copies in flight per waypoint; more are skipped (counted, logged)."""
 MIRROR_TIMEOUT = 30.0
+MAX_PEERS = 4096
+"""Peer addresses whose source workload the handler keeps (`Handler._peer`); more: it starts
+over (bounded whatever the number of clients)."""
 
 _GRPC_RETRY = {
     "1": "cancelled",
@@ -128,17 +134,36 @@ def retriable(policy: RetryPolicy, status: int | None, grpc_status: str | None) 
     return grpc_status is not None and _GRPC_RETRY.get(grpc_status, "") in on
 
 
-_NO_TIMEOUT: contextlib.nullcontext[None] = contextlib.nullcontext()
-
-
-def _timeout(seconds: float | None) -> contextlib.AbstractAsyncContextManager[object]:
-    """`asyncio.timeout`, or a shared no-op when there is none (the default route and retry
-    policy): a Timeout object per request and try is a measurable share of a request."""
-    return _NO_TIMEOUT if seconds is None else asyncio.timeout(seconds)
-
-
 def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
     return next((v for k, v in headers if k == "grpc-status"), None)
+
+
+class _Peer(NamedTuple):
+    """What requests learn from a tunnel's verified peer, for one (state, config): the same for
+    every request from that peer address and identity, so looked up once (`Handler._peer`)."""
+
+    identity: SpiffeId | None
+    principal: str | None
+    """The identity without ``spiffe://`` (``cluster.local/ns/x/sa/y``), as policy sees it."""
+    source: Workload | None
+    """The workload at the peer address, only if its identity is the verified peer identity
+    (an address alone proves nothing)."""
+    labels: Mapping[str, str]
+    """The source workload's labels (empty without one)."""
+
+
+class _Leg(NamedTuple):
+    """A request on its way upstream, as `Handler._admitted` takes it (built once per
+    request)."""
+
+    up: UpstreamRequest
+    cluster: Cluster
+    route: HttpRoute
+    dest: Destination
+    key: bytes | None
+    """The consistent-hash key (one for every try), or None."""
+    set_cookie: str | None
+    """The hash cookie the waypoint generated, for the response, or None."""
 
 
 class _Exchange(NamedTuple):
@@ -163,6 +188,13 @@ class Handler:
         self._clock: Callable[[], float] | None = None
         """The serving loop's clock (bound on first use)."""
         self.mirror_budget = MirrorBudget(MIRROR_BUDGET)
+        self._peers: dict[str, _Peer] = {}
+        """`_Peer` by peer address, valid for `_peers_of` (the state, config and settings it
+        was derived from: a new one of any starts over)."""
+        self._peers_of: tuple[MeshState, CompiledConfig, WaypointSettings] | None = None
+        self._uri_of: SpiffeId | None = None
+        self._uri = ""
+        """``str(_uri_of)``: the last peer identity's URI (`_principal_uri`)."""
 
     def _loop_time(self) -> float:
         clock = self._clock
@@ -180,7 +212,7 @@ class Handler:
             authority=req.authority,
             protocol="grpc" if req.grpc else "http",
             source_ip=tunnel.peer_ip,
-            source_principal=str(tunnel.peer_identity) if tunnel.peer_identity else "",
+            source_principal=self._principal_uri(tunnel.peer_identity),
         )
         replay = ReplayBody(req.body, ctx.settings.body_buffer)
         rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
@@ -290,27 +322,60 @@ class Handler:
                     xfcc_value(
                         by=self.ctx.settings.identity_uri,
                         cert_hash=tunnel.peer_cert_hash,
-                        uri=str(tunnel.peer_identity),
+                        uri=self._principal_uri(tunnel.peer_identity),
                     ),
                 )
             )
         req.headers = headers
 
+    def _principal_uri(self, identity: SpiffeId | None) -> str:
+        """``str(identity)`` ("" for none), kept for the last identity seen (one per HBONE
+        connection, shared by its streams)."""
+        if identity is None:
+            return ""
+        if identity is not self._uri_of:
+            self._uri = str(identity)
+            self._uri_of = identity
+        return self._uri
+
+    def _peer(self, tunnel: Tunnel) -> _Peer:
+        """The tunnel's `_Peer`, derived once per peer address and identity for the current
+        state, config and settings (each replaced, never mutated, on a change)."""
+        ctx = self.ctx
+        of = self._peers_of
+        if (
+            of is None
+            or of[0] is not ctx.state
+            or of[1] is not ctx.config
+            or of[2] is not ctx.settings
+        ):
+            self._peers.clear()
+            self._peers_of = (ctx.state, ctx.config, ctx.settings)
+        ident = tunnel.peer_identity
+        peer = self._peers.get(tunnel.peer_ip)
+        if peer is not None and (peer.identity is ident or peer.identity == ident):
+            return peer
+        src = ctx.state.workload_by_address(tunnel.peer_ip, ctx.settings.network)
+        if src is None or ident is None or src.identity != ident:
+            src = None
+        peer = _Peer(
+            identity=ident,
+            principal=str(ident).removeprefix("spiffe://") if ident is not None else None,
+            source=src,
+            labels=ctx.labels(src) if src is not None else {},
+        )
+        if len(self._peers) >= MAX_PEERS:
+            self._peers.clear()
+        self._peers[tunnel.peer_ip] = peer
+        return peer
+
     def _source(self, tunnel: Tunnel) -> Workload | None:
         """The source workload: the one at the peer address, only if its identity is the
         verified peer identity (an address alone proves nothing)."""
-        src = self.ctx.state.workload_by_address(tunnel.peer_ip, self.ctx.settings.network)
-        if src is None or tunnel.peer_identity is None or src.identity != tunnel.peer_identity:
-            return None
-        return src
+        return self._peer(tunnel).source
 
-    def _info(self, req: Request, tunnel: Tunnel, path: str, src: Workload | None) -> RequestInfo:
-        ctx = self.ctx
-        principal = None
-        ns = None
-        if tunnel.peer_identity is not None:
-            principal = str(tunnel.peer_identity).removeprefix("spiffe://")
-            ns = tunnel.peer_identity.namespace
+    def _info(self, req: Request, tunnel: Tunnel, path: str, peer: _Peer) -> RequestInfo:
+        ident = peer.identity
         return RequestInfo(
             method=req.method,
             path=path,
@@ -318,10 +383,10 @@ class Handler:
             scheme=req.scheme,
             headers=tuple(req.headers),
             port=tunnel.target_port,
-            source_principal=principal,
+            source_principal=peer.principal,
             source_ip=tunnel.peer_ip,
-            source_namespace=ns,
-            source_labels=ctx.labels(src) if src is not None else {},
+            source_namespace=ident.namespace if ident is not None else None,
+            source_labels=peer.labels,
             destination_ip=tunnel.target_ip,
         )
 
@@ -343,8 +408,9 @@ class Handler:
                 307, [("location", path), ("server", "waypoint")], content_length=0, end=True
             )
             return
-        rec.source = self._source(tunnel)
-        info = self._info(req, tunnel, path, rec.source)
+        peer = self._peer(tunnel)
+        rec.source = peer.source
+        info = self._info(req, tunnel, path, peer)
         svc = tunnel.service
         if svc is not None:
             rec.service_host, rec.service_name = svc.hostname, svc.name
@@ -380,13 +446,12 @@ class Handler:
             raise NoRoute(f"no route of {svc.hostname if svc else '?'} matches {path}")
         route = choice.route
         rec.route = f"{route.source}:{route.name}" if route.name else route.source
-        limits = check_rate_limit(ctx, svc, route, tunnel.peer_identity)  # 429 RL
-        if limits:
-            down = limited_downstream(down, limits)
-        down, answered = await apply_cors(route.cors, req, down)  # CORS preflight: 200 here
-        if answered is not None:
-            rec.status = answered
-            return
+        down = self._rate_limit(down, svc, route, tunnel)  # 429 RL
+        if route.cors is not None:
+            down, answered = await apply_cors(route.cors, req, down)  # preflight: 200 here
+            if answered is not None:
+                rec.status = answered
+                return
 
         # 4. local answers and faults.
         if route.direct_status is not None:
@@ -413,6 +478,16 @@ class Handler:
         # 5. destination.
         dest = pick_destination(route.destinations, ctx.rng)
         await self._forward(ex, down, info, choice, dest)
+
+    def _rate_limit(
+        self, down: Downstream, svc: Service | None, route: HttpRoute, tunnel: Tunnel
+    ) -> Downstream:
+        """Local rate limiting (raises `RateLimited`): `down`, decorated with the
+        ``x-ratelimit-*`` fields when a policy applies."""
+        if not self.ctx.config.config.rate_limits:  # the common case: no call into the hook
+            return down
+        limits = check_rate_limit(self.ctx, svc, route, tunnel.peer_identity)
+        return limited_downstream(down, limits) if limits else down
 
     async def _direct(
         self, down: Downstream, req: Request, status: int, body: str, rec: RequestRecord
@@ -510,26 +585,32 @@ class Handler:
             if ctx.rng.random() * 100 < mirror.percent:
                 self._start_mirror(up, mirror.destination, ex.tunnel)
 
-        # 5b. connection-pool admission for the whole request (not per try); waiting for a
-        # slot counts against the route timeout.
-        admitted = False
+        leg = _Leg(up, cluster, route, dest, key, set_cookie)
         try:
-            async with _timeout(route.timeout):
-                await self._admit(cluster)
-                admitted = True
-                resp, ep = await self._tries(up, rec, cluster, route.retries, key)
-                try:
-                    if set_cookie is not None:
-                        resp.headers = [*resp.headers, ("set-cookie", set_cookie)]
-                    await self._respond(resp, down, rec, route, dest)
-                finally:
-                    ep.active = max(0, ep.active - 1)
+            if route.timeout is None:  # no Timeout object per request when there is none
+                await self._admitted(rec, down, leg)
+            else:
+                async with asyncio.timeout(route.timeout):
+                    await self._admitted(rec, down, leg)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
+
+    async def _admitted(self, rec: RequestRecord, down: Downstream, leg: _Leg) -> None:
+        """5b. connection-pool admission for the whole request (not per try; waiting for a
+        slot counts against the route timeout), then the tries and the response."""
+        cluster = leg.cluster
+        await self._admit(cluster)
+        try:
+            resp, ep = await self._tries(leg.up, rec, cluster, leg.route.retries, leg.key)
+            try:
+                if leg.set_cookie is not None:
+                    resp.headers = [*resp.headers, ("set-cookie", leg.set_cookie)]
+                await self._respond(resp, down, rec, leg.route, leg.dest)
+            finally:
+                ep.active = max(0, ep.active - 1)
         finally:
-            if admitted:
-                cluster.release()
-                self._wake(cluster)
+            cluster.release()
+            self._wake(cluster)
 
     def _workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
         from meshcore.config.routes import TrafficPolicy
@@ -601,13 +682,16 @@ class Handler:
             rec.upstream = f"{ep.ip}:{ep.port}"
             ep.active += 1
             outcome: int | None
-            error: WaypointError
+            error: WaypointError | None = None  # set when there is no response
             resp: UpstreamResponse | None = None
             try:
-                async with _timeout(policy.per_try_timeout):
+                per_try = policy.per_try_timeout
+                if per_try is None:  # no Timeout object per try when there is none
                     resp = await upstream.send(up, ep, cluster.policy.pool.connect_timeout)
+                else:
+                    async with asyncio.timeout(per_try):
+                        resp = await upstream.send(up, ep, cluster.policy.pool.connect_timeout)
                 outcome = resp.status
-                error = UpstreamProtocolError("unreachable")
             except TimeoutError:
                 outcome, error = -2, UpstreamTimeout("per-try timeout")
             except UpstreamConnectError as err:
@@ -637,7 +721,7 @@ class Handler:
             if resp is not None:
                 resp.finish()  # not reused: we drop the rest of this response
             if not may_retry:
-                raise error
+                raise error if error is not None else UpstreamProtocolError("unreachable")
             avoid.append(ep.uid)
             if policy.remote_localities:
                 tried = (*tried, ep.priority)

@@ -11,7 +11,9 @@ Invariants:
   memory is therefore bounded by the peer's view of our stream window (4 MiB), whatever the
   body size and however slow the consumer.
 - `read()` returns b"" exactly once the peer ended the stream and everything before was read;
-  a reset raises ConnectionResetError (also for every later read).
+  a reset raises ConnectionResetError (also for every later read). `take()` is `read()` without
+  the wait (None: nothing yet; then await `readable()`), for the per-request loops that parse
+  as they read: no coroutine per read.
 """
 
 from __future__ import annotations
@@ -84,21 +86,33 @@ class TunnelIO:
         return self._reset is not None
 
     async def read(self) -> bytes:
-        while not self._chunks:
+        while True:
+            chunk = self.take()
+            if chunk is not None:
+                return chunk
+            await self.readable()
+
+    def take(self) -> bytes | None:
+        """The next chunk (credited to the peer), b"" at the end, or None when nothing has
+        arrived yet (await `readable()`); a reset raises ConnectionResetError."""
+        if not self._chunks:
             if self._reset is not None:
                 raise ConnectionResetError(f"tunnel reset (code {self._reset})")
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            return None
         chunk = self._chunks.popleft()
         self.bytes_in += len(chunk)
         if self.stream is not None:
             self.stream.acknowledge(len(chunk))
         return chunk
+
+    def readable(self) -> asyncio.Future[None]:
+        """Done when data, the end or a reset arrives (one reader at a time)."""
+        w = self._waiter
+        if w is None or w.done():
+            w = self._waiter = asyncio.get_running_loop().create_future()
+        return w
 
     def write(self, data: bytes) -> None:
         if self._reset is not None:

@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from meshcore.errors import HboneError, PeerVerificationError
 from meshcore.hbone.pool import HbonePool, PoolKey
@@ -47,8 +46,10 @@ from waypoint.tunnel import TunnelIO
 HBONE_PORT = 15008
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointKey:
+class EndpointKey(NamedTuple):
+    """An endpoint as the pools key their connections (immutable; built per request: a
+    NamedTuple, cheaper to build, hash and compare than a frozen dataclass)."""
+
     ip: str
     port: int
     identity: SpiffeId
@@ -113,21 +114,32 @@ class H1Conn:
     def usable(self) -> bool:
         return not self.eof and not self.io.closed and not self.io.sent_eof and self.parser.idle
 
-    async def next_event(self) -> http1.Event:
-        """The next response event; ConnectionResetError if the stream ends between
-        messages."""
+    def poll(self) -> http1.Event | None:
+        """The next response event if what has arrived holds one, else None (await
+        `io.readable()`); ConnectionResetError if the stream ends between messages."""
+        parser = self.parser
         while True:
-            ev = self.parser.next_event()
+            ev = parser.next_event()
             if ev is not None:
                 return ev
             if self.eof:
                 raise ConnectionResetError("upstream closed the connection")
-            data = await self.io.read()
+            data = self.io.take()
+            if data is None:
+                return None
             if data:
-                self.parser.feed(data)
+                parser.feed(data)
             else:
                 self.eof = True
-                self.parser.feed_eof()
+                parser.feed_eof()
+
+    async def next_event(self) -> http1.Event:
+        """The next response event (`poll`, waiting as needed)."""
+        while True:
+            ev = self.poll()
+            if ev is not None:
+                return ev
+            await self.io.readable()
 
 
 class H1Response:
@@ -158,7 +170,10 @@ class H1Response:
         if self.done:
             return b""
         try:
-            ev = await self.conn.next_event()
+            # The body of a small response came with its head: no wait (nor coroutine).
+            ev = self.conn.poll()
+            if ev is None:
+                ev = await self.conn.next_event()
         except http1.HttpParseError as err:
             raise UpstreamProtocolError(str(err)) from err
         if isinstance(ev, http1.Body):
@@ -330,9 +345,13 @@ class UpstreamPool:
         except ConnectionResetError as err:
             raise UpstreamReset(str(err)) from err
         if not has_body:
-            # Fast path (most requests): nothing to pump, just wait for the response head.
+            # Fast path (most requests): nothing to pump, just wait for the response head
+            # (here: no coroutine per read).
             try:
-                head_ev = await self._read_head(conn)
+                head_ev = _poll_head(conn)
+                while head_ev is None:
+                    await conn.io.readable()
+                    head_ev = _poll_head(conn)
             except BaseException:
                 conn.io.reset()
                 raise
@@ -368,17 +387,29 @@ class UpstreamPool:
 
     async def _read_head(self, conn: H1Conn) -> http1.ResponseHead:
         while True:
-            try:
-                ev = await conn.next_event()
-            except http1.HttpParseError as err:
-                raise UpstreamProtocolError(str(err)) from err
-            except ConnectionResetError as err:
-                raise UpstreamReset(str(err)) from err
-            if isinstance(ev, http1.ResponseHead):
-                if ev.informational:
-                    continue  # 100 Continue etc.: the waypoint answered Expect itself
-                return ev
-            raise UpstreamProtocolError(f"unexpected {type(ev).__name__} before a response")
+            head = _poll_head(conn)
+            if head is not None:
+                return head
+            await conn.io.readable()
+
+
+def _poll_head(conn: H1Conn) -> http1.ResponseHead | None:
+    """The response head if it has arrived (1xx heads skipped), else None; a bad response ->
+    `UpstreamProtocolError`, the stream ending before it -> `UpstreamReset`."""
+    while True:
+        try:
+            ev = conn.poll()
+        except http1.HttpParseError as err:
+            raise UpstreamProtocolError(str(err)) from err
+        except ConnectionResetError as err:
+            raise UpstreamReset(str(err)) from err
+        if ev is None:
+            return None
+        if isinstance(ev, http1.ResponseHead):
+            if ev.informational:
+                continue  # 100 Continue etc.: the waypoint answered Expect itself
+            return ev
+        raise UpstreamProtocolError(f"unexpected {type(ev).__name__} before a response")
 
 
 class H1Upstreams:
@@ -387,7 +418,9 @@ class H1Upstreams:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
 
-    async def send(
+    def send(
         self, up: UpstreamRequest, ep: EndpointStats, connect_timeout: float
-    ) -> H1Response:
-        return await self.pool.request_h1(up, ep, connect_timeout)
+    ) -> Coroutine[Any, Any, H1Response]:
+        """`UpstreamPool.request_h1`'s coroutine itself (no coroutine wrapping it per
+        request)."""
+        return self.pool.request_h1(up, ep, connect_timeout)

@@ -210,8 +210,10 @@ class HboneStream:
             self._proto.schedule_flush()
 
     def acknowledge(self, length: int) -> None:
-        self._proto.ack(self.stream_id, length)
-        self._proto.schedule_flush()
+        proto = self._proto
+        proto.ack(self.stream_id, length)
+        if proto.conn.has_output:  # credit is batched (half a window): most acks queue nothing
+            proto.schedule_flush()
 
 
 class AcknowledgesData(Protocol):

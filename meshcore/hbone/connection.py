@@ -428,6 +428,11 @@ class HboneConnection:
         return parts
 
     @property
+    def has_output(self) -> bool:
+        """Frames are queued for `data_to_send`."""
+        return bool(self._out)
+
+    @property
     def ready(self) -> bool:
         """True once the peer's SETTINGS arrived (client: safe to size streams by them)."""
         return self._settings_received

@@ -15,7 +15,7 @@ Invariant: pure; the random source is injected. Parsing is `meshcore.tracing.par
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from meshcore.tracing import Sampler, parse_traceparent
 
@@ -27,9 +27,10 @@ def _hex(rng: random.Random, nbytes: int) -> str:
             return f"{value:0{nbytes * 2}x}"
 
 
-@dataclass(frozen=True, slots=True)
-class TraceHop:
-    """The waypoint's hop of a trace."""
+class TraceHop(NamedTuple):
+    """The waypoint's hop of a trace (immutable; a NamedTuple, not a frozen dataclass: one is
+    built per request, and a compiled frozen dataclass still runs the interpreted ``__init__``
+    of `dataclasses`, one ``object.__setattr__`` per field)."""
 
     traceparent: str
     """The header to forward (this hop's span as the parent id)."""
