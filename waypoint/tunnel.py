@@ -37,6 +37,8 @@ class TunnelIO:
         self._eof = False
         self._reset: int | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The reading loop, taken once: `asyncio.get_running_loop` costs a getpid() call."""
         self._writable = asyncio.Event()
         self._writable.set()
         self.sent_eof = False
@@ -111,7 +113,10 @@ class TunnelIO:
         """Done when data, the end or a reset arrives (one reader at a time)."""
         w = self._waiter
         if w is None or w.done():
-            w = self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            w = self._waiter = loop.create_future()
         return w
 
     def write(self, data: bytes) -> None:

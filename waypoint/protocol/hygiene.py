@@ -60,6 +60,8 @@ _HEX = "0123456789ABCDEF"
 def _decode_unreserved(path: str) -> str:
     """RFC 3986 §6.2.2.2: %-escapes of unreserved characters are decoded, once; the hex
     digits of escapes that stay are upper-cased (§6.2.2.1), as Envoy's normalize_path."""
+    if "%" not in path:  # the common case: nothing to decode (no closure, no regex pass)
+        return path
 
     def one(m: re.Match[str]) -> str:
         byte = int(m.group(1), 16)

@@ -24,6 +24,11 @@ def _hex(rng: random.Random, nbytes: int) -> str:
     while True:
         value = rng.getrandbits(nbytes * 8)
         if value:  # all-zero ids are invalid (§3.2.2.3, §3.2.2.4)
+            # (constant format specs for the two sizes used: no spec built per id)
+            if nbytes == 8:
+                return f"{value:016x}"
+            if nbytes == 16:
+                return f"{value:032x}"
             return f"{value:0{nbytes * 2}x}"
 
 
