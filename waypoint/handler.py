@@ -206,14 +206,12 @@ class Handler:
 
     async def serve(self, req: Request, down: Downstream, tunnel: Tunnel) -> RequestRecord:
         ctx = self.ctx
-        rec = RequestRecord(
-            start=self._loop_time(),
-            method=req.method,
-            authority=req.authority,
-            protocol="grpc" if req.grpc else "http",
-            source_ip=tunnel.peer_ip,
-            source_principal=self._principal_uri(tunnel.peer_identity),
-        )
+        rec = RequestRecord(self._loop_time())
+        rec.method = req.method
+        rec.authority = req.authority
+        rec.protocol = "grpc" if req.grpc else "http"
+        rec.source_ip = tunnel.peer_ip
+        rec.source_principal = self._principal_uri(tunnel.peer_identity)
         replay = ReplayBody(req.body, ctx.settings.body_buffer)
         rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
@@ -288,15 +286,11 @@ class Handler:
         """A request the protocol edge refused before it was a request (a codec error): one
         telemetry record and access-log line, flag DPE (Envoy's downstream protocol error)."""
         now = self._loop_time()
-        rec = RequestRecord(
-            start=now,
-            protocol=protocol,
-            source_ip=tunnel.peer_ip,
-            source_principal=str(tunnel.peer_identity) if tunnel.peer_identity else "",
-            status=status,
-            flags="DPE",
-            error=error,
-        )
+        rec = RequestRecord(now)
+        rec.protocol = protocol
+        rec.source_ip = tunnel.peer_ip
+        rec.source_principal = str(tunnel.peer_identity) if tunnel.peer_identity else ""
+        rec.status, rec.flags, rec.error = status, "DPE", error
         svc = tunnel.service
         if svc is not None:
             rec.service_host, rec.service_name = svc.hostname, svc.name

@@ -66,7 +66,8 @@ def request_labels(metrics: WaypointMetrics) -> dict[str, str]:
 def waypoint_labels(source: Workload, destination: Workload, cluster: str) -> dict[str, str]:
     m = WaypointMetrics(cluster_id=cluster)
     m.log_enabled = False
-    rec = RequestRecord(start=time.monotonic(), status=200, source=source, destination=destination)
+    rec = RequestRecord(time.monotonic())
+    rec.status, rec.source, rec.destination = 200, source, destination
     m.record(rec, time.monotonic())
     return request_labels(m)
 
@@ -107,7 +108,8 @@ def test_waypoint_label_cache_follows_a_replaced_workload() -> None:
     m.log_enabled = False
     v3 = dataclasses.replace(LABELLED, canonical_revision="v3")
     for dest, status in ((LABELLED, 200), (LABELLED, 200), (v3, 200), (v3, 503)):
-        rec = RequestRecord(start=time.monotonic(), status=status, source=BARE, destination=dest)
+        rec = RequestRecord(time.monotonic())
+        rec.status, rec.source, rec.destination = status, BARE, dest
         m.record(rec, time.monotonic())
     text = generate_latest(m.registry).decode()
     counts = {
@@ -170,7 +172,9 @@ def test_node_proxy_resolves_a_pairs_series_once_and_follows_a_replaced_workload
 def test_no_created_series_on_either_proxy() -> None:
     m = WaypointMetrics()
     m.log_enabled = False
-    m.record(RequestRecord(start=time.monotonic(), status=200), time.monotonic())
+    rec = RequestRecord(time.monotonic())
+    rec.status = 200
+    m.record(rec, time.monotonic())
     text = generate_latest(m.registry).decode()
     assert "_created" not in text
     assert 'istio_build{component="waypoint"' in text

@@ -111,14 +111,15 @@ def normalize_target(target: str, policy: PathPolicy | None = None) -> Normalize
         raise RequestRejected("%00 in the path (Istio: always rejected)")
     redirect = False
     if policy.normalization is not PathNormalization.NONE:
-        action = policy.slashes_action
+        # (the policy's properties are read only when the path has what they act on)
+        action = policy.slashes_action if "%" in path else EscapedSlashes.KEEP_UNCHANGED
         if action is not EscapedSlashes.KEEP_UNCHANGED and _ESCAPED_SLASH.search(path):
             if action is EscapedSlashes.REJECT_REQUEST:
                 raise RequestRejected("escaped slash in the path (REJECT_REQUEST)")
             redirect = action is EscapedSlashes.UNESCAPE_AND_REDIRECT
             path = _ESCAPED_SLASH.sub(lambda m: "/" if m.group(1) in ("2F", "2f") else "\\", path)
         path = remove_dot_segments(_decode_unreserved(path).replace("\\", "/"))
-        if policy.merge_slashes:
+        if "//" in path and policy.merge_slashes:
             path = re.sub(r"/{2,}", "/", path)
     return NormalizedTarget(path + sep + query, redirect)
 
