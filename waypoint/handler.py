@@ -82,6 +82,7 @@ from waypoint.protocol.route import (
     default_route,
     pick_destination,
     redirect_location,
+    retriable,
     rewrite_target,
     select_route,
 )
@@ -103,35 +104,6 @@ MIRROR_TIMEOUT = 30.0
 MAX_PEERS = 4096
 """Peer addresses whose source workload the handler keeps (`Handler._peer`); more: it starts
 over (bounded whatever the number of clients)."""
-
-_GRPC_RETRY = {
-    "1": "cancelled",
-    "4": "deadline-exceeded",
-    "8": "resource-exhausted",
-    "13": "internal",
-    "14": "unavailable",
-}
-
-
-def retriable(policy: RetryPolicy, status: int | None, grpc_status: str | None) -> bool:
-    """Whether a try's outcome is retried (Envoy retry_on semantics). `status` None = connect
-    failure; -1 = reset before headers; -2 = per-try timeout."""
-    on = policy.retry_on
-    if status is None:
-        return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
-    if status == -1:
-        return bool(on & {"reset", "5xx", "refused-stream"})
-    if status == -2:
-        return bool(on & {"5xx", "gateway-error", "reset"})
-    if "5xx" in on and status >= 500:
-        return True
-    if "gateway-error" in on and status in (502, 503, 504):
-        return True
-    if "retriable-4xx" in on and status == 409:
-        return True
-    if "retriable-status-codes" in on and status in policy.status_codes:
-        return True
-    return grpc_status is not None and _GRPC_RETRY.get(grpc_status, "") in on
 
 
 def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:

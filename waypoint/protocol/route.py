@@ -3,7 +3,8 @@
 Owns: `RequestInfo` (what routing and policy see of a request), `CompiledConfig` (a
 `WaypointConfig` indexed by host), `select_route` (first matching rule, in
 Istio's http[] order; HTTPRoutes before VirtualServices, both sorted by namespace/name),
-`pick_destination` (weighted, rng injected), `rewrite_target` and `redirect_location`.
+`pick_destination` (weighted, rng injected), `rewrite_target`, `redirect_location` and
+`retriable` (whether a try's outcome is retried: Envoy's ``retry_on`` conditions).
 
 Invariants:
 - Functions here are pure: same inputs (and rng state) -> same decision; no I/O, no clock.
@@ -29,6 +30,7 @@ from meshcore.config.routes import (
     DestinationPolicy,
     HttpRoute,
     Redirect,
+    RetryPolicy,
     RouteMatch,
     RouteTable,
     WaypointConfig,
@@ -292,3 +294,35 @@ def labels_of(
         out["version"] = canonical_revision
         out["service.istio.io/canonical-revision"] = canonical_revision
     return out
+
+
+# ---- retries -----------------------------------------------------------------------------------
+
+_GRPC_RETRY = {
+    "1": "cancelled",
+    "4": "deadline-exceeded",
+    "8": "resource-exhausted",
+    "13": "internal",
+    "14": "unavailable",
+}
+
+
+def retriable(policy: RetryPolicy, status: int | None, grpc_status: str | None) -> bool:
+    """Whether a try's outcome is retried (Envoy retry_on semantics). `status` None = connect
+    failure; -1 = reset before headers; -2 = per-try timeout."""
+    on = policy.retry_on
+    if status is None:
+        return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
+    if status == -1:
+        return bool(on & {"reset", "5xx", "refused-stream"})
+    if status == -2:
+        return bool(on & {"5xx", "gateway-error", "reset"})
+    if "5xx" in on and status >= 500:
+        return True
+    if "gateway-error" in on and status in (502, 503, 504):
+        return True
+    if "retriable-4xx" in on and status == 409:
+        return True
+    if "retriable-status-codes" in on and status in policy.status_codes:
+        return True
+    return grpc_status is not None and _GRPC_RETRY.get(grpc_status, "") in on
