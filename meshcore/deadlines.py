@@ -9,12 +9,13 @@ returns what expired by then. The clock is the caller's (times are passed in), a
 Why (issue 14, bench/README.md): a timer handle per new connection (asyncio.timeout) costs an
 allocation, a heap push and a cancel per connection, and the connect almost never times out.
 Here a connect costs one heap push; the loop wakes at most once per `granularity` for all of
-them, and not at all while none is in flight.
+them (after the last one ends, a caller's armed timer may still fire once, finding nothing).
 
 Invariants: `handle_timer(now)` returns every key added with an expiry <= now and not discarded,
 exactly once, oldest expiry first; an entry expires no earlier than its expiry and, when the
 caller's timer fires at `get_timer()`, less than `granularity` after it. Memory is bounded by
-the live deadlines: discarded entries are compacted away once they outnumber the live ones.
+the live deadlines: discarded entries are compacted away once the heap holds more than twice
+the live ones (+64).
 """
 
 from __future__ import annotations

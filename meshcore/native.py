@@ -71,12 +71,22 @@ PURE_ENV = "AMBIENT_MESH_PURE_PYTHON"
 _state: dict[str, str] = {"mode": "unselected"}
 
 
-def source(module: str) -> Path:
-    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+def source(module: str, root: Path = ROOT) -> Path:
+    return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def source_hashes() -> dict[str, str]:
-    return {m: hashlib.sha256(source(m).read_bytes()).hexdigest() for m in COMPILED}
+def source_hashes(root: Path = ROOT) -> dict[str, str]:
+    return {m: hashlib.sha256(source(m, root).read_bytes()).hexdigest() for m in COMPILED}
+
+
+def stamp_path(root: Path = ROOT) -> Path:
+    """`STAMP` of the tree at `root`."""
+    return root / STAMP.relative_to(ROOT)
+
+
+def stamp_text(root: Path = ROOT) -> str:
+    """The stamp `build()` writes for the sources of the tree at `root`."""
+    return json.dumps(source_hashes(root), indent=1, sort_keys=True) + "\n"
 
 
 def _built() -> bool:
@@ -131,7 +141,7 @@ def build(opt_level: str = "3") -> None:
 
     setup = importlib.import_module("setuptools").setup  # untyped; build time only
 
-    hashes = source_hashes()
+    stamp = stamp_text()
     STAMP.unlink(missing_ok=True)  # a failed build leaves no stamp: pure Python is used
     cwd = os.getcwd()
     os.chdir(ROOT)
@@ -147,7 +157,7 @@ def build(opt_level: str = "3") -> None:
         )
     finally:
         os.chdir(cwd)
-    STAMP.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
+    STAMP.write_text(stamp)
 
 
 if __name__ == "__main__":

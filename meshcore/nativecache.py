@@ -180,18 +180,6 @@ def outputs(root: Path = native.ROOT) -> list[Path]:
     return [shared, *modules]
 
 
-def _stamp(root: Path) -> Path:
-    return root / "meshcore" / "_native.json"  # `meshcore.native.STAMP` of that tree
-
-
-def _stamp_text(root: Path) -> str:
-    hashes = {
-        m: hashlib.sha256(root.joinpath(*m.split(".")).with_suffix(".py").read_bytes()).hexdigest()
-        for m in native.COMPILED
-    }
-    return json.dumps(hashes, indent=1, sort_keys=True) + "\n"
-
-
 def _replace(path: Path, data: bytes) -> None:
     """Write `path` by rename: a process that has the old file mapped keeps it intact."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -230,11 +218,11 @@ def restore(key: str, root: Path = native.ROOT, cache: Path | None = None) -> bo
     blobs = _load(entry, key, root)
     if blobs is None:
         return False
-    stamp = _stamp(root)
+    stamp = native.stamp_path(root)
     stamp.unlink(missing_ok=True)  # until every module is in place: pure Python
     for rel, data in blobs.items():
         _replace(root / rel, data)
-    _replace(stamp, _stamp_text(root).encode())
+    _replace(stamp, native.stamp_text(root).encode())
     with contextlib.suppress(OSError):  # pruned meanwhile: what we read was whole
         os.utime(entry)  # recently used (`prune`)
     return True
@@ -255,10 +243,10 @@ def publish(key: str, root: Path = native.ROOT, cache: Path | None = None) -> bo
     tree has no complete build or another process published `key` first."""
     cache = cache or cache_root()
     built = outputs(root)
-    stamp = _stamp(root)
+    stamp = native.stamp_path(root)
     if not all(p.is_file() for p in built) or not stamp.is_file():
         return False
-    if stamp.read_text() != _stamp_text(root):
+    if stamp.read_text() != native.stamp_text(root):
         return False
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))

@@ -328,13 +328,10 @@ class NodeProxy:
         )
         self._successor_wait = asyncio.get_running_loop().call_later(wait, self.stop)
 
-    def _h3_listeners(self) -> list[H3Listener]:
-        return self._h3
-
     def _take_udp_over(self) -> None:
         """After DONE: divert the predecessor's QUIC peers to it (`ztunnel.udp_relay`), then
         read the handed-over UDP sockets ourselves."""
-        endpoints = [x.endpoint for x in self._h3_listeners() if x.endpoint is not None]
+        endpoints = [x.endpoint for x in self._h3 if x.endpoint is not None]
         if self._relay is not None:
             udp_relay.Successor(self._relay, endpoints).start()
             self._relay = None
@@ -373,7 +370,7 @@ class NodeProxy:
             ours, theirs = self._relay_pair
             theirs.close()  # the successor holds its own copy
             self._relay_pair = ()
-            endpoints = [x.endpoint for x in self._h3_listeners() if x.endpoint is not None]
+            endpoints = [x.endpoint for x in self._h3 if x.endpoint is not None]
             self._relayed = udp_relay.Predecessor(ours, endpoints)
             self._relayed.start()
         self.stop()

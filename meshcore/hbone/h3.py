@@ -316,14 +316,13 @@ class _MeshQuic(QuicConnection):
         self._derive_reset_tokens()
 
     def is_stateless_reset(self, datagram: bytes) -> bool:
-        """Client: `datagram` ends with a stateless reset token our peer issued (§10.3.1)."""
+        """Client: `datagram` ends with the stateless reset token our peer issued for the
+        connection ID we use. RFC 9000 §10.3.1: an endpoint MUST NOT check the tokens of
+        connection IDs it has not used (nor of retired ones)."""
         if not self._is_client or len(datagram) < MIN_RESET or datagram[0] & 0x80:
             return False
-        tail = datagram[-RESET_TOKEN_SIZE:]
-        return any(
-            c.stateless_reset_token and hmac.compare_digest(c.stateless_reset_token, tail)
-            for c in (self._peer_cid, *self._peer_cid_available)
-        )
+        token = self._peer_cid.stateless_reset_token
+        return bool(token) and hmac.compare_digest(token, datagram[-RESET_TOKEN_SIZE:])
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

@@ -645,8 +645,8 @@ class H3Endpoint:
         """A packet for a connection we have no state for: a Stateless Reset, rate-limited."""
         second = int(asyncio.get_running_loop().time())
         sent = self._reset_second[1] if self._reset_second[0] == second else 0
-        if sent >= RESETS_PER_SECOND:
-            return
+        if sent >= RESETS_PER_SECOND or not data or data[0] & 0x80:
+            return  # over the budget, or a long header: never answered (stateless_reset)
         reset = stateless_reset(self.reset_key, data, os.urandom(MAX_RESET))
         if reset is not None:
             self._reset_second = (second, sent + 1)

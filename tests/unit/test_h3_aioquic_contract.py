@@ -40,6 +40,7 @@ from meshcore.hbone.h3 import (
     H3_CONNECT_ERROR,
     MAX_RESET,
     MIN_RESET,
+    RESET_TOKEN_SIZE,
     STREAM_WINDOW,
     H3HboneConnection,
     H3Settings,
@@ -340,6 +341,9 @@ def test_server_reset_tokens_derive_from_the_key_so_another_process_can_reset(
     assert reset[0] & 0xC0 == 0x40
     assert client.quic.is_stateless_reset(reset)
     assert not client.quic.is_stateless_reset(stateless_reset(bytes(32), sent[-1], reset) or b"")
+    # RFC 9000 §10.3.1: never the token of a connection ID the client has not used.
+    unused = client.quic._peer_cid_available[0].stateless_reset_token
+    assert not client.quic.is_stateless_reset(reset[:-RESET_TOKEN_SIZE] + unused)
     for data in _send(server, clock.now) or [b""]:
         assert not client.quic.is_stateless_reset(data)
     # A plain aioquic client ignores it: it would wait out the idle timeout.

@@ -21,12 +21,15 @@ Invariants:
   Host field line (RFC 9112 §3.2). Numbers (Content-Length, chunk sizes) are ASCII digits
   only, with no surrounding whitespace in chunk sizes (RFC 9112 §7.1); list tokens are split
   on SP/HTAB only, never on other Unicode whitespace.
-- llhttp reads a request head only as an accelerator: its result is kept only when it is the
-  head the checked parser gives (same method, target, version and field lines; the Host,
-  version and framing checks run on it as on ours), and anything llhttp refuses is read again
-  by the checked parser, so every refusal, its status and its message are the checked
-  parser's (`tests/unit/test_http1_llhttp.py`, differential). Bodies, trailers and responses
-  are always the checked parser's.
+- llhttp reads a request head only as an accelerator, and fails closed whatever its own
+  character tables say: its result is kept only when the head has no control character our
+  field rules refuse, every field name is a token, llhttp read exactly as many field lines as
+  the head has, and the request line is byte for byte `method SP target SP HTTP/1.x` with a
+  visible-ASCII target; the Host, version and framing checks then run on it as on ours.
+  Anything else, and anything llhttp refuses, is read again by the checked parser, so every
+  refusal, its status and its message are the checked parser's
+  (`tests/unit/test_http1_llhttp.py`, differential). Bodies, trailers and responses are
+  always the checked parser's.
 - The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
   message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
   loop).
@@ -219,10 +222,11 @@ class _LlhttpHead:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.extra = self.extra or self.complete
-        # A token (llhttp refuses other names; a non-ASCII byte would raise here, which
-        # httptools reports as a refusal). llhttp drops the value's leading OWS, not its
-        # trailing OWS (RFC 9112 §5: not part of the value); obs-text is kept as latin-1.
+        # Not a token (RFC 9110 §5.1): not our head, whatever llhttp's tables allow.
+        self.extra = self.extra or self.complete or _TOKEN.fullmatch(name) is None
+        # (A non-ASCII name byte would raise here, which httptools reports as a refusal.)
+        # llhttp drops the value's leading OWS, not its trailing OWS (RFC 9112 §5: not part
+        # of the value); obs-text is kept as latin-1.
         self.fields.append((name.decode("ascii").lower(), value.rstrip(b" \t").decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -360,6 +364,8 @@ class Http1Parser:
         head, or its result is not one `_fields` + `_request` would give: the checked parser
         then decides (and words every refusal), so llhttp only ever speeds up a head both
         parsers accept identically (`tests/unit/test_http1_llhttp.py`, differential)."""
+        if _BAD_VALUE_BLOCK.search(raw) is not None:
+            return None  # a control character our field rules refuse: the checked parser words it
         ll = self._ll
         if ll is None or not ll.reusable:
             ll = self._ll = _LlhttpHead()

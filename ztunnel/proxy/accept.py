@@ -170,8 +170,14 @@ class TcpListener:
         task.add_done_callback(self._done)
 
     async def _serve(self, conn: socket.socket) -> None:
-        _, proto = await asyncio.get_running_loop().connect_accepted_socket(self.factory, conn)
-        await proto.start()
+        transport, proto = await asyncio.get_running_loop().connect_accepted_socket(
+            self.factory, conn
+        )
+        try:
+            await proto.start()
+        except BaseException:
+            transport.abort()  # never leave the client's connection open and unread (_done logs)
+            raise
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)

@@ -37,24 +37,24 @@ log = logging.getLogger("ztunnel.outbound")
 
 _WORKLOAD_KINDS: Final = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}
 MAX_BAGGAGE_CACHE: Final = 4096
-_baggage_cache: dict[int, tuple[Workload, str, str]] = {}
-"""id(source workload) -> (it, cluster, its baggage): the same few workloads open every
+_baggage_cache: dict[int, tuple[Workload, str]] = {}
+"""id(source workload) -> (it, its baggage): the same few workloads open every
 connection (issue 14). An entry holds its workload, so the id is not reused while it exists."""
 
 
-def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
+def _baggage(plan: OutboundPlan) -> str:
     """W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers)."""
     src = plan.source
     if src is None:
         return ""
     cached = _baggage_cache.get(id(src))
-    if cached is not None and cached[0] is src and cached[1] == cluster:
-        return cached[2]
+    if cached is not None and cached[0] is src:
+        return cached[1]
     kind = _WORKLOAD_KINDS.get(
         src.workload_type.name if hasattr(src.workload_type, "name") else "", "pod"
     )
     items = [
-        f"k8s.cluster.name={src.cluster_id or cluster}",
+        f"k8s.cluster.name={src.cluster_id or 'Kubernetes'}",
         f"k8s.namespace.name={src.namespace}",
         f"k8s.{kind}.name={src.workload_name or src.name}",
         f"service.name={src.canonical_name or src.name}",
@@ -63,7 +63,7 @@ def _baggage(plan: OutboundPlan, cluster: str = "Kubernetes") -> str:
     text = ",".join(items)
     if len(_baggage_cache) >= MAX_BAGGAGE_CACHE:
         _baggage_cache.clear()
-    _baggage_cache[id(src)] = (src, cluster, text)
+    _baggage_cache[id(src)] = (src, text)
     return text
 
 
