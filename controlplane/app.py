@@ -82,7 +82,7 @@ from meshcore.kubeapi import KubeApi
 from meshcore.opshttp import is_loopback, require_loopback
 from meshcore.proto.l7res import L7_TYPE, L7Resource, MeshSettings, pack_l7
 from meshcore.runtime import stop_on_signals
-from meshcore.telemetry import VERSION
+from meshcore.telemetry import version
 
 log = logging.getLogger("controlplane")
 
@@ -427,7 +427,7 @@ class ControlPlane:
                 sorted((r.to_dict() for r in self.translator.records()), key=str)
             ),
             "/debug/store": lambda: json_response(store_counts()),
-            "/version": lambda: json_response({"component": "controlplane", "version": VERSION}),
+            "/version": lambda: json_response({"component": "controlplane", "version": version()}),
             "/metrics": lambda: metrics_response(self.metrics.registry),
             "/ready": lambda: (
                 (200, "text/plain", b"ready\n")

@@ -24,7 +24,6 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
@@ -97,8 +96,10 @@ def _built() -> bool:
     )
 
 
-class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Finds the compiled modules' .py sources ahead of their extension modules."""
+class _SourceFinder:
+    """Finds the compiled modules' .py sources ahead of their extension modules. A meta path
+    finder is any object with `find_spec` (PEP 451); not subclassing `importlib.abc` keeps that
+    module (and `importlib.resources`, `tempfile`... it imports) out of every process."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None

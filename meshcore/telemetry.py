@@ -21,10 +21,10 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 from prometheus_client import (
@@ -44,15 +44,17 @@ DEFAULT_CLUSTER_ID = "Kubernetes"
 """istiod's default cluster id (``CLUSTER_ID``)."""
 
 
-def _version() -> str:
+@functools.cache
+def version() -> str:
+    """This project's version (``tag`` of ``istio_build``, ``ambientctl version``), not Istio's.
+    Read at the first scrape, not at import: `importlib.metadata` (with `zipfile`, `csv`...)
+    costs every node-proxy worker ~0.3 MiB that only /metrics needs (issue 14, memory)."""
+    from importlib import metadata
+
     try:
         return metadata.version("ambient-mesh")
     except metadata.PackageNotFoundError:  # a source tree without an installed package
         return "unknown"
-
-
-VERSION = _version()
-"""This project's version (``tag`` of ``istio_build``, ``ambientctl version``), not Istio's."""
 
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = (
@@ -273,7 +275,7 @@ class BuildCollector(Collector):
         g = GaugeMetricFamily(
             "istio_build", "Istio component build info", labels=["component", "tag"]
         )
-        g.add_metric([self.component, VERSION], 1.0)
+        g.add_metric([self.component, version()], 1.0)
         yield g
 
 

@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from meshcore.errors import ConfigError, IdentityError
 from meshcore.identity import DEFAULT_TRUST_DOMAIN
 from meshcore.model import (
@@ -532,7 +530,11 @@ def parse_mesh_config(obj: object, path: str = "") -> MeshConfig:
 
 
 def load_mesh_config(path: Path) -> MeshConfig:
-    """Load a YAML mesh config file; any problem is a ConfigError (path names the field)."""
+    """Load a YAML mesh config file; any problem is a ConfigError (path names the field).
+    `yaml` is imported here, not with the module: a node proxy fed by the control plane uses
+    this module's strict readers (`meshcore.state`) but never a file (issue 14, memory)."""
+    import yaml
+
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
