@@ -1,21 +1,37 @@
 """What a running node proxy has imported (issue 14, memory): a static-mode worker carries no
 gRPC, protobuf or xDS/CA client, and no aioquic unless --http3 asks for HTTP/3; each of them
-costs several MiB of RSS per worker (bench/README.md, Memory).
+costs several MiB of RSS per worker (bench/README.md, Memory). Neither carries what only a
+scrape or a build needs (`importlib.metadata` with `zipfile`/`csv`, `importlib.abc` with
+`importlib.resources`), and a worker fed by the control plane has no `yaml` (session 6, memory).
 
 The real `ztunnel.app.main` runs in a subprocess (a fresh interpreter: this test process has
 imported everything); once it is ready (--ready-file) it prints its `sys.modules` and stops.
 
-Addresses: node 127.0.97.1, local workload 127.0.97.10.
+Addresses: node 127.0.97.1, local workload 127.0.97.10; the control-plane test uses
+tests/loopback/cpfixtures.py's (node B, control plane in this test's event loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from tests.helpers import run
+from tests.loopback.cpfixtures import (
+    CP_ADDR,
+    NODE_B,
+    TOKENS,
+    base_manifests,
+    cp_settings,
+    running_controlplane,
+    write_manifests,
+)
 
 NODE = "127.0.97.1"
 POD = "127.0.97.10"
@@ -38,6 +54,7 @@ sys.exit(ztunnel.app.main(sys.argv[2:]))
 """
 
 NOT_IN_STATIC_MODE = ("grpc", "google.protobuf", "meshcore.xds", "meshcore.caclient", "aioquic")
+NOT_IN_ANY_WORKER = ("importlib.metadata", "importlib.abc", "importlib.resources", "zipfile", "csv")
 
 
 def loaded_modules(tmp: Path, *extra: str) -> set[str]:
@@ -74,6 +91,10 @@ def loaded_modules(tmp: Path, *extra: str) -> set[str]:
         str(ready),
         *extra,
     ]
+    return probe(argv)
+
+
+def probe(argv: list[str]) -> set[str]:
     done = subprocess.run(argv, capture_output=True, timeout=60, check=False, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -87,6 +108,7 @@ def test_static_node_proxy_imports_no_grpc_xds_or_aioquic(tmp_path: Path) -> Non
     modules = loaded_modules(tmp_path)
     assert imported(modules, "ztunnel.proxy.outbound")  # it did run the node proxy
     assert [p for p in NOT_IN_STATIC_MODE if imported(modules, p)] == []
+    assert [p for p in NOT_IN_ANY_WORKER if imported(modules, p)] == []
 
 
 def test_http3_flag_loads_aioquic(tmp_path: Path) -> None:
@@ -94,3 +116,43 @@ def test_http3_flag_loads_aioquic(tmp_path: Path) -> None:
     modules = loaded_modules(tmp_path, "--http3")
     assert imported(modules, "aioquic")
     assert not imported(modules, "grpc")
+
+
+@pytest.mark.timeout(90)
+def test_controlplane_node_proxy_imports_no_yaml(tmp_path: Path) -> None:
+    """A worker fed by the control plane, ready (its first state applied, listeners bound):
+    no YAML parser and none of the scrape-only modules."""
+    token = tmp_path / "node-b.token"
+    token.write_text(TOKENS["node-b"] + "\n")
+    ready = tmp_path / "ready"
+    argv = [
+        sys.executable,
+        "-c",
+        PROBE,
+        str(ready),
+        "--node",
+        "node-b",
+        "--node-ip",
+        NODE_B,
+        "--xds-address",
+        CP_ADDR,
+        "--node-credential-file",
+        str(token),
+        "--capture",
+        "bind",
+        "--drain-timeout",
+        "1",
+        "--ready-file",
+        str(ready),
+    ]
+
+    async def main() -> set[str]:
+        settings = cp_settings(tmp_path)
+        write_manifests(tmp_path / "manifests", "base.yaml", base_manifests())
+        async with running_controlplane(settings):
+            return await asyncio.to_thread(probe, argv)
+
+    modules = run(main(), timeout=80)
+    assert imported(modules, "meshcore.xds")  # it was fed by the control plane
+    assert imported(modules, "ztunnel.proxy.outbound")
+    assert [p for p in ("yaml", *NOT_IN_ANY_WORKER) if imported(modules, p)] == []
