@@ -676,6 +676,7 @@ def serve_controlplane(settings: ProxySettings, args: argparse.Namespace) -> int
         given = [Listener(role, sock) for role, sock in workers.receive_listeners(conn)]
         return asyncio.run(run_controlplane_mode(settings, args, listeners=given))
 
+    freeze_before_fork()
     try:
         children, ends = workers.fork_workers(args.workers - 1, extra_worker)
         return asyncio.run(run_controlplane_mode(settings, args, children=children, offer_to=ends))
@@ -699,6 +700,7 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
         return asyncio.run(run_worker(settings, args, listeners, role))
     metrics_dir = enable_multiprocess_metrics()
     children: list[int] = []
+    freeze_before_fork()
     try:
         for _ in range(args.workers - 1):
             pid = os.fork()
@@ -731,6 +733,15 @@ def take_over(settings: ProxySettings) -> handover.Handed | None:
     if handed is None:
         log.info("hand-over: no node proxy at %s, binding fresh", settings.handover_socket)
     return handed
+
+
+def freeze_before_fork() -> None:
+    """Move everything imported so far out of the collector's reach before forking workers, so
+    a worker's collections never write the GC headers of the objects it shares with the first
+    worker (each write copies a page: copy-on-write). Python's `gc.freeze` docs recommend
+    exactly this ("gc.freeze() right before fork()"); each worker's `tune_gc` then freezes what
+    it allocated itself at start-up."""
+    gc.freeze()
 
 
 def tune_gc() -> None:
