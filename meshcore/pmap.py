@@ -12,12 +12,15 @@ Invariants:
   and never writes to a shard it shares). Readers holding an old map see the old content.
 - Iteration order is by shard, not insertion: callers that need an order sort.
 - ``None`` is not a storable value: in `evolve` it means "delete".
+- Every empty shard is the one `_EMPTY` dict, shared by all maps (a small mesh's node proxy
+  holds ~20 maps of mostly empty shards: 64 bytes each, 0.3 MiB a worker otherwise); nothing
+  writes to it, since `evolve` copies a shard before writing to it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Iterator, Mapping
-from typing import Final, Generic, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -26,6 +29,7 @@ D = TypeVar("D")
 SHARDS: Final = 256
 """At 10,000 keys a shard holds ~40 entries: an update copies ~40 entries plus 256 pointers."""
 _MASK: Final = SHARDS - 1
+_EMPTY: Final[dict[Any, Any]] = {}
 
 
 class PMap(Generic[K, V]):
@@ -40,7 +44,7 @@ class PMap(Generic[K, V]):
         shards: list[dict[K, V]] = [{} for _ in range(SHARDS)]
         for k, v in items:
             shards[hash(k) & _MASK][k] = v
-        self._shards = tuple(shards)
+        self._shards = tuple(s if s else _EMPTY for s in shards)
         self._len = sum(len(s) for s in shards)
 
     @classmethod
