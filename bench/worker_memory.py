@@ -1,0 +1,211 @@
+"""What an idle node-proxy worker holds, by mapping and by imported package (issue 14, memory).
+
+Owns: the idle-worker probe (the real `ztunnel.app.main`, static mode, one worker, in a fresh
+interpreter under `-X importtime`; once ready it reports VmRSS, Pss, its modules and the RSS of
+each mapping of `/proc/self/smaps`, then stops) and the marginal cost of a package: a fresh
+interpreter imports every module the worker imported except the package's import subtree (the
+modules first imported under it) and those that would pull it in, reads VmRSS, imports the
+subtree, reads VmRSS again (median of 3). The marginal cost is what making the package lazy
+could save at most; modules imported by something else too are not counted.
+
+Run it in a network namespace of its own (fixed addresses 127.0.96.x):
+
+    unshare -n bash -c 'ip link set lo up; exec .venv/bin/python -m bench.worker_memory \
+        --packages prometheus_client,yaml,cryptography.x509'
+
+`PYTHONPATH=<tree>` runs another source tree's worker (A/B, as bench/README.md describes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+NODE, POD = "127.0.96.1", "127.0.96.10"
+MESH = f"""workloads:
+- {{uid: w1, name: web, namespace: default, serviceAccount: web, addresses: [{POD}],
+   node: node-w, tunnelProtocol: HBONE}}
+services: []
+policies: []
+"""
+
+PROBE = """
+import json, os, signal, sys, threading, time
+from pathlib import Path
+import ztunnel.app
+
+ready, out = Path(sys.argv[1]), Path(sys.argv[2])
+
+def mappings() -> dict[str, int]:
+    by: dict[str, int] = {}
+    name = ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        parts = line.split()
+        if not parts[0].endswith(":"):
+            name = parts[5] if len(parts) > 5 else "[anon]"
+        elif parts[0] == "Rss:":
+            by[name] = by.get(name, 0) + int(parts[1])
+    return by
+
+def field(path: str, key: str) -> int:
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+def report() -> None:
+    while not ready.exists():
+        time.sleep(0.02)
+    time.sleep(1)
+    out.write_text(json.dumps({
+        "rss_kib": field("/proc/self/status", "VmRSS"),
+        "pss_kib": field("/proc/self/smaps_rollup", "Pss"),
+        "modules": sorted(sys.modules),
+        "mappings": mappings(),
+    }))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=report, daemon=True).start()
+sys.exit(ztunnel.app.main(sys.argv[3:]))
+"""
+
+MARGINAL = """
+import gc, importlib, sys
+def rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    return 0
+base, sub, probe = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3] == "probe"
+subset, pulled = set(sub), []
+for m in base:
+    if m in sys.modules:
+        continue
+    try:
+        importlib.import_module(m)
+    except Exception:
+        pass
+    if probe and subset & set(sys.modules):
+        pulled.append(m)
+        for k in [k for k in sys.modules if k in subset]:
+            del sys.modules[k]
+if probe:
+    print(",".join(pulled))
+    sys.exit()
+gc.collect()
+before = rss()
+for m in sub:
+    try:
+        importlib.import_module(m)
+    except Exception:
+        pass
+gc.collect()
+print(rss() - before)
+"""
+
+# Platform modules the import log names on other systems, or that fail outside their package.
+SKIP = frozenset({"__main__", "_winapi", "winreg", "nt", "_overlapped", "snappy"})
+
+
+def idle_worker(workdir: Path) -> tuple[dict[str, object], str]:
+    """Run the probe; its report and its `-X importtime` log."""
+    mesh = workdir / "mesh.yaml"
+    mesh.write_text(MESH)
+    ready, out = workdir / "ready", workdir / "report.json"
+    argv = [sys.executable, "-X", "importtime", "-c", PROBE, str(ready), str(out)]
+    argv += ["--node", "node-w", "--node-ip", NODE, "--mesh-config", str(mesh)]
+    argv += ["--ca-dir", str(workdir / "ca"), "--capture", "bind", "--drain-timeout", "1"]
+    argv += ["--ready-file", str(ready), "--no-access-log"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if not out.exists():
+        sys.exit(f"the probe did not report:\n{done.stderr[-3000:]}")
+    report: dict[str, object] = json.loads(out.read_text())
+    return report, done.stderr
+
+
+def import_log(text: str) -> list[tuple[int, str]]:
+    """(depth, module) per `-X importtime` line, in the log's order (children first)."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        raw = line.split("|")[2].rstrip("\n")
+        out.append(((len(raw) - len(raw.lstrip(" "))) // 2, raw.strip()))
+    return out
+
+
+def subtree(entries: list[tuple[int, str]], package: str) -> set[str]:
+    """`package` and every module first imported while it was being imported."""
+    found: set[str] = set()
+    for i, (depth, name) in enumerate(entries):
+        if name != package:
+            continue
+        found.add(name)
+        j = i - 1
+        while j >= 0 and entries[j][0] > depth:
+            found.add(entries[j][1])
+            j -= 1
+    return found
+
+
+def marginal_mib(entries: list[tuple[int, str]], package: str) -> tuple[float, int]:
+    """(marginal RSS in MiB, modules in the subtree); see the module docstring."""
+    sub = subtree(entries, package)
+    order = [n for _, n in entries if n not in SKIP and not n.startswith("encodings")]
+    cand = [m for m in order if m in sub]
+    excluded: set[str] = set()
+    base: list[str] = []
+    for _ in range(40):  # drop the importers that pull the subtree in, until none does
+        base = [m for m in order if m not in sub and m not in excluded]
+        pulled = _child(base, cand, "probe").split(",")
+        if pulled == [""]:
+            break
+        excluded.update(pulled)
+    runs = [int(_child(base, cand, "run")) for _ in range(3)]
+    return statistics.median(runs) / 1024, len(sub)
+
+
+def _child(base: list[str], cand: list[str], mode: str) -> str:
+    argv = [sys.executable, "-c", MARGINAL, ",".join(base), ",".join(cand), mode]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True, cwd="/")
+    return done.stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--packages", default="", help="comma list: marginal RSS of each")
+    ap.add_argument("--mappings", type=int, default=12, help="largest mappings to print")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="worker-memory-") as tmp:
+        report, log_text = idle_worker(Path(tmp))
+    modules = report["modules"]
+    assert isinstance(modules, list)
+    rss, pss = report["rss_kib"], report["pss_kib"]
+    assert isinstance(rss, int)
+    assert isinstance(pss, int)
+    print(f"idle static worker: VmRSS {rss / 1024:.1f} MiB, Pss {pss / 1024:.1f} MiB, ", end="")
+    print(f"{len(modules)} modules")
+    print("\n| mapping | RSS (MiB) |\n|---|---:|")
+    by = report["mappings"]
+    assert isinstance(by, dict)
+    for name, kib in sorted(by.items(), key=lambda kv: -int(kv[1]))[: args.mappings]:
+        print(f"| `{name}` | {int(kib) / 1024:.2f} |")
+    entries = import_log(log_text)
+    packages = [p for p in args.packages.split(",") if p]
+    if packages:
+        print("\n| package (import subtree) | modules | marginal RSS (MiB) |\n|---|---:|---:|")
+    for package in packages:
+        if not subtree(entries, package):
+            print(f"| `{package}` | not imported | |")
+            continue
+        mib, n = marginal_mib(entries, package)
+        print(f"| `{package}` | {n} | {mib:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
