@@ -56,6 +56,7 @@ def version() -> str:
     except metadata.PackageNotFoundError:  # a source tree without an installed package
         return "unknown"
 
+
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = (
     "service.istio.io/canonical-revision",

@@ -43,7 +43,7 @@ sys.exit(ztunnel.app.main(sys.argv[3:]))
 
 
 # Every module, class and function imported before the fork: tens of thousands of objects
-# (~37,000 in a static worker); without the freeze the count is 0 until the worker's own
+# (~35,000 in a static worker); without the freeze the count is 0 until the worker's own
 # `tune_gc` after start-up.
 FROZEN_AT_LEAST = 10_000
 
