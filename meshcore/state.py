@@ -15,6 +15,12 @@ Invariants:
   a one-workload delta costs O(changed), not a rebuild (issue 14: 24 ms -> ~0.07 ms at 10,000
   workloads). The result equals a from-scratch build of the same records in the same upsert
   order (hypothesis property in tests/unit/test_state_incremental.py).
+- The address indexes are keyed by `AddressKey` ``(network, packed address)``, never by
+  `ipaddress` objects: an address's text from a socket maps to its key through one memoised
+  call (`address_key`), and a lookup hashes bytes, not an `IPv4Address` (whose `__hash__` is
+  interpreted Python; issue 14: per connection). The key distinguishes what `ipaddress`
+  equality distinguishes: the version (4 vs 16 bytes; an IPv4-mapped IPv6 address is not the
+  IPv4 address) and an IPv6 scope id.
 - Indexes are derived from the record set alone. `build` is strict (duplicate uid, service key,
   policy key or address is a ConfigError); `with_updates` is last-writer-wins for an address
   claimed by two records (the most recently upserted record owns it), because xDS deltas can
@@ -28,6 +34,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -48,6 +55,8 @@ from meshcore.pmap import PMap
 from meshcore.proto.yamlform import check_unique
 
 Record = Workload | Service | Authorization
+AddressKey = tuple[str, bytes]
+"""(network, packed address [+ b"%" + IPv6 scope id]): the key of the address indexes."""
 _T = TypeVar("_T")
 SPLICE_MAX = 8
 """Up to this many changed uids per list: spliced in place; more (a full sync): filter + sort."""
@@ -76,8 +85,23 @@ class Endpoint:
         return self.workload.status is WorkloadStatus.HEALTHY
 
 
-def _as_ip(ip: IPAddress | str) -> IPAddress:
-    return ip if not isinstance(ip, str) else ip_from_text(ip)
+def packed_address(ip: IPAddress) -> bytes:
+    """`ip`'s index form: its packed bytes (4 or 16), with ``%scope`` for a scoped IPv6 address
+    (`ipaddress` tells ``fe80::1%eth0`` from ``fe80::1``, so the index must too)."""
+    scope = getattr(ip, "scope_id", None)
+    return ip.packed if scope is None else ip.packed + b"%" + scope.encode()
+
+
+@functools.lru_cache(maxsize=65536)
+def _packed_text(text: str) -> bytes:
+    return packed_address(ip_from_text(text))
+
+
+def address_key(ip: IPAddress | str, network: str = "") -> AddressKey:
+    """The index key of `ip` on `network`; a text address is parsed as `ip_from_text` parses it
+    (memoised, so the addresses a proxy sees on every connection are parsed once). Raises
+    ValueError for a text that is not an address."""
+    return (network, _packed_text(ip) if isinstance(ip, str) else packed_address(ip))
 
 
 class _Edit:
@@ -90,16 +114,16 @@ class _Edit:
         self.workloads: dict[str, Workload | None] = {}
         self.services: dict[str, Service | None] = {}
         self.policies: dict[str, Authorization | None] = {}
-        self.addr_claims: dict[tuple[str, IPAddress], tuple[str, ...] | None] = {}
-        self.vip_claims: dict[tuple[str, IPAddress], tuple[str, ...] | None] = {}
+        self.addr_claims: dict[AddressKey, tuple[str, ...] | None] = {}
+        self.vip_claims: dict[AddressKey, tuple[str, ...] | None] = {}
 
 
-def _workload_addrs(w: Workload) -> tuple[tuple[str, IPAddress], ...]:
-    return tuple(dict.fromkeys((w.network, a) for a in w.addresses))
+def _workload_addrs(w: Workload) -> tuple[AddressKey, ...]:
+    return tuple(dict.fromkeys(address_key(a, w.network) for a in w.addresses))
 
 
-def _service_vips(s: Service) -> tuple[tuple[str, IPAddress], ...]:
-    return tuple(dict.fromkeys((na.network, na.address) for na in s.addresses))
+def _service_vips(s: Service) -> tuple[AddressKey, ...]:
+    return tuple(dict.fromkeys(address_key(na.address, na.network) for na in s.addresses))
 
 
 def _eps_by_uid(items: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
@@ -145,10 +169,10 @@ class _Indexes:
     workloads: PMap[str, Workload]
     services: PMap[str, Service]
     policies: PMap[str, Authorization]
-    addr_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
-    wl_by_addr: PMap[tuple[str, IPAddress], Workload]
-    vip_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
-    svc_by_vip: PMap[tuple[str, IPAddress], Service]
+    addr_claims: PMap[AddressKey, tuple[str, ...]]
+    wl_by_addr: PMap[AddressKey, Workload]
+    vip_claims: PMap[AddressKey, tuple[str, ...]]
+    svc_by_vip: PMap[AddressKey, Service]
     endpoints: PMap[str, tuple[Endpoint, ...]]
     wl_by_node: PMap[str, tuple[Workload, ...]]
 
@@ -173,11 +197,11 @@ class MeshState:
     _workloads: PMap[str, Workload]
     _services: PMap[str, Service]
     _policies: PMap[str, Authorization]
-    _wl_by_addr: PMap[tuple[str, IPAddress], Workload]
-    _svc_by_vip: PMap[tuple[str, IPAddress], Service]
-    _addr_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
+    _wl_by_addr: PMap[AddressKey, Workload]
+    _svc_by_vip: PMap[AddressKey, Service]
+    _addr_claims: PMap[AddressKey, tuple[str, ...]]
     """(network, IP) -> uids of the workloads listing it, oldest first; the last one owns it."""
-    _vip_claims: PMap[tuple[str, IPAddress], tuple[str, ...]]
+    _vip_claims: PMap[AddressKey, tuple[str, ...]]
     """(network, VIP) -> keys of the services listing it, oldest first; the last one owns it."""
     _endpoints: PMap[str, tuple[Endpoint, ...]]
     """Non-empty endpoint lists only, by uid."""
@@ -195,8 +219,8 @@ class MeshState:
     ) -> None:
         """Index the given records (keyed by uid / service key / policy key). Insertion order
         decides address conflicts: a later record owns the address. Prefer `build`."""
-        addr_claims: dict[tuple[str, IPAddress], list[str]] = {}
-        vip_claims: dict[tuple[str, IPAddress], list[str]] = {}
+        addr_claims: dict[AddressKey, list[str]] = {}
+        vip_claims: dict[AddressKey, list[str]] = {}
         by_node: dict[str, list[Workload]] = {}
         endpoints: dict[str, list[Endpoint]] = {}
         for uid, w in workloads.items():
@@ -325,9 +349,9 @@ class MeshState:
 
     @staticmethod
     def _claims(
-        edited: Mapping[tuple[str, IPAddress], tuple[str, ...] | None],
-        base: PMap[tuple[str, IPAddress], tuple[str, ...]],
-        key: tuple[str, IPAddress],
+        edited: Mapping[AddressKey, tuple[str, ...] | None],
+        base: PMap[AddressKey, tuple[str, ...]],
+        key: AddressKey,
     ) -> tuple[str, ...]:
         if key in edited:
             return edited[key] or ()
@@ -357,10 +381,10 @@ class MeshState:
         workloads = self._workloads.evolve(ed.workloads)
         services = self._services.evolve(ed.services)
         # Address owners: the newest claimant of every touched address.
-        wl_by_addr: dict[tuple[str, IPAddress], Workload | None] = {}
+        wl_by_addr: dict[AddressKey, Workload | None] = {}
         for key, claims in ed.addr_claims.items():
             wl_by_addr[key] = workloads[claims[-1]] if claims else None
-        svc_by_vip: dict[tuple[str, IPAddress], Service | None] = {}
+        svc_by_vip: dict[AddressKey, Service | None] = {}
         for key, keys in ed.vip_claims.items():
             svc_by_vip[key] = services[keys[-1]] if keys else None
         # Endpoint and per-node lists touched by a changed workload (old or new version).
@@ -441,16 +465,18 @@ class MeshState:
         return self._workloads.get(uid)
 
     def workload_by_address(self, ip: IPAddress | str, network: str = "") -> Workload | None:
-        """The workload owning `ip` on `network`."""
-        return self._wl_by_addr.get((network, _as_ip(ip)))
+        """The workload owning `ip` on `network`. Raises ValueError for a text that is not an
+        address."""
+        return self._wl_by_addr.get(address_key(ip, network))
 
     def service(self, key: str) -> Service | None:
         """The service named ``ns/hostname``."""
         return self._services.get(key)
 
     def service_by_vip(self, ip: IPAddress | str, network: str = "") -> Service | None:
-        """The service whose VIP is `ip` on `network`."""
-        return self._svc_by_vip.get((network, _as_ip(ip)))
+        """The service whose VIP is `ip` on `network`. Raises ValueError for a text that is
+        not an address."""
+        return self._svc_by_vip.get(address_key(ip, network))
 
     def policy(self, key: str) -> Authorization | None:
         return self._policies.get(key)
