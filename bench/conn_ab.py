@@ -2,12 +2,13 @@
 the same rounds (issue 14: CPU per new connection of node A and node B).
 
 Owns: the interleaved rounds (per round: Envoy's pair, then each tree's node-proxy pair started
-fresh, since all trees bind the same addresses), each a `wrk -c16 -H 'Connection: close'` run
-(every request is connect + `GET /1k` + close: a new HBONE stream per connection), the CPU
-microseconds each proxy spends per connection, and the table of medians. Each tree runs from its
-own directory through `PYTHONPATH` (a `git archive` of main with its compiled build copied in,
-as bench/README.md's A/B sections describe); the tree "." is this checkout. Run it in a network
-namespace of its own (`unshare -n`, loopback up) so its fixed addresses do not collide:
+fresh, since all trees bind the same addresses; the trees' order is reversed every other round),
+each a `wrk -c16 -H 'Connection: close'` run (every request is connect + `GET /1k` + close: a
+new HBONE stream per connection), the CPU microseconds each proxy spends per connection, and the
+table of medians. Each tree runs from its own directory through `PYTHONPATH` (a `git archive`
+of main with its compiled build copied in, as bench/README.md's A/B sections describe); the
+tree "." is this checkout. Run it in a network namespace of its own (`unshare -n`, loopback up)
+so its fixed addresses do not collide:
 
     unshare -n bash -c 'ip link set lo up; exec .venv/bin/python -m bench.conn_ab \
         --tree main=/tmp/ab-main --tree branch=. --rounds 5 --duration 4'
@@ -87,7 +88,10 @@ def run(args: argparse.Namespace, sup: Supervisor, workdir: Path) -> dict[str, l
             r = conn_round(envoy, args.duration, args.conns)
             results.setdefault("envoy", []).append(r)
             log(f"round {rnd + 1} " + _brief("envoy", r))
-        for name, tree in trees.items():
+        order = list(trees.items())
+        if rnd % 2:  # every other round in reverse: no tree always runs first
+            order.reverse()
+        for name, tree in order:
             rt = start_tree(sup, workdir, ca_dir, tree)
             conn_round(rt, 1.0, args.conns)  # warm-up: the pooled HBONE connection, imports
             r = conn_round(rt, args.duration, args.conns)
@@ -110,7 +114,9 @@ def report(results: dict[str, list[Any]]) -> None:
         per = " / ".join(f"{med(r['cpu_us'][n] for r in rs):.0f}" for n in names)
         ratio = f"{cpu / env_cpu:.2f}x" if env_cpu else "-"
         loads = f"{min(r['load'] for r in rs):.1f}-{max(r['load'] for r in rs):.1f}"
-        print(f"| {name} | {med(r['cps'] for r in rs):.0f} | {cpu:.0f} ({per}) | {ratio} | {loads} |")
+        print(
+            f"| {name} | {med(r['cps'] for r in rs):.0f} | {cpu:.0f} ({per}) | {ratio} | {loads} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
