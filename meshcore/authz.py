@@ -119,6 +119,10 @@ def policy_matches(policy: Authorization, conn: ConnectionInfo) -> bool:
     return False
 
 
+_NO_ALLOW_POLICY = Decision(allowed=True, policy=None, reason="no ALLOW policy applies")
+"""The decision of most connections, built once (a frozen dataclass: shared safely)."""
+
+
 def evaluate(policies: Iterable[Authorization], conn: ConnectionInfo) -> Decision:
     """Combine the policies applying to the destination (Istio order: DENY, then ALLOW)."""
     allow: list[Authorization] = []
@@ -133,7 +137,7 @@ def evaluate(policies: Iterable[Authorization], conn: ConnectionInfo) -> Decisio
         else:
             allow.append(policy)
     if not allow:
-        return Decision(allowed=True, policy=None, reason="no ALLOW policy applies")
+        return _NO_ALLOW_POLICY
     for policy in allow:
         if policy_matches(policy, conn):
             return Decision(

@@ -1,8 +1,8 @@
 """The compiled (mypyc) build of the hot modules is the default, and the pure-Python fallback
-works too (`meshcore.native`, issue 14): the HBONE core's and the waypoint codec's, routing's
-and authorization's unit tests run once more against the sources in a subprocess with
-AMBIENT_MESH_PURE_PYTHON=1 (the rest of the suite runs whichever build this process selected,
-compiled after scripts/setup)."""
+works too (`meshcore.native`, issue 14): the HBONE core's, the node proxy's planning and
+telemetry, and the waypoint codec's, routing's and authorization's unit tests run once more
+against the sources in a subprocess with AMBIENT_MESH_PURE_PYTHON=1 (the rest of the suite runs
+whichever build this process selected, compiled after scripts/setup)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ CORE_TESTS = (
     "tests/unit/test_tracing_sampler.py",
     "tests/unit/test_deadlines.py",
     "tests/unit/test_telemetry.py",
+    "tests/unit/test_plan.py",
 )
 
 

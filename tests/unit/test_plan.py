@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from meshcore import native
 from meshcore.errors import BadRequest, HboneError, Unauthorized, UpstreamUnavailable
 from meshcore.identity import SpiffeId
 from meshcore.model import WorkloadStatus
@@ -893,6 +894,26 @@ INBOUND: list[tuple[str, str, int, SpiffeId | None, str, str | None, Any, str]] 
         Unauthorized,
         "deny-blocked",
     ),
+    (
+        "ipv6 target spelled otherwise is the connection's destination",
+        "FD00:0:0::10",
+        8080,
+        SLEEP,
+        "fd00::10",
+        "node-b",
+        ("fd00::10", 8080, "v6b", None, False),
+        "",
+    ),
+    (
+        "ipv4-mapped target is not the ipv4 destination",
+        "::ffff:127.0.2.10",
+        8080,
+        SLEEP,
+        "127.0.2.10",
+        None,
+        BadRequest,
+        "CONNECT target ::ffff:7f00:20a does not match connection destination 127.0.2.10",
+    ),
 ]
 
 
@@ -928,6 +949,25 @@ def test_plan_inbound(row: tuple[str, int, SpiffeId | None, str, str | None, Any
     assert plan.via_waypoint is via
     assert plan.decision.allowed
     assert detail in (plan.decision.policy or "") + plan.decision.reason
+
+
+def test_an_inbound_plan_is_immutable() -> None:
+    """`InboundPlan` is a plain class (a native constructor in the compiled build, issue 14)
+    whose attributes are `Final`: mypy refuses an assignment, and so does the compiled build."""
+    plan = plan_inbound(
+        STATE,
+        InboundConnect(
+            dst_ip="127.0.2.10",
+            dst_port=8080,
+            src_identity=SLEEP,
+            src_ip="127.0.1.10",
+            conn_dst_ip="127.0.2.10",
+        ),
+    )
+    if native.select() != "compiled":
+        pytest.skip("the pure-Python fallback relies on mypy for Final attributes")
+    with pytest.raises(AttributeError):
+        plan.target_addr = ("127.0.0.1", 1)  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

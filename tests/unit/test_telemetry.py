@@ -85,14 +85,9 @@ def test_waypoint_request_series_carry_every_istio_standard_label() -> None:
 @pytest.mark.parametrize("workload", [LABELLED, BARE], ids=["labelled", "bare"])
 def test_node_proxy_and_waypoint_map_a_workload_to_the_same_labels(workload: Workload) -> None:
     http = waypoint_labels(workload, workload, "Kubernetes")
-    tcp = ConnectionRecord(
-        direction="outbound",
-        reporter="source",
-        src_addr="",
-        dst_addr="",
-        source=workload,
-        destination=workload,
-    ).labels("Kubernetes")
+    rec = ConnectionRecord(direction="outbound", reporter="source", src_addr="", dst_addr="")
+    rec.source = rec.destination = workload
+    tcp = rec.labels("Kubernetes")
     for side in ("source", "destination"):
         for key in PEER:
             if key == "principal":
@@ -153,10 +148,8 @@ def test_node_proxy_resolves_a_pairs_series_once_and_follows_a_replaced_workload
             reporter="destination",
             src_addr="10.0.0.1:5000",
             dst_addr="10.0.0.2:8080",
-            source=BARE,
-            destination=destination,
-            mtls=True,
         )
+        rec.source, rec.destination, rec.mtls = BARE, destination, True
         tracker.opened(rec)
         tracker.closed(rec)
 

@@ -42,6 +42,7 @@ import functools
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Final
 
 from meshcore.authz import ConnectionInfo, Decision, evaluate
 from meshcore.errors import BadRequest, Unauthorized, UpstreamUnavailable
@@ -58,7 +59,7 @@ from meshcore.model import (
     WorkloadStatus,
     ip_from_text,
 )
-from meshcore.state import Endpoint, MeshState
+from meshcore.state import Endpoint, MeshState, address_key
 
 RESERVED_PORTS = frozenset({15001, 15006, 15008})
 """Node-proxy listener ports that clients may not target (self-call)."""
@@ -148,20 +149,42 @@ class OutboundPlan:
         return self.source.identity if self.source is not None else None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class InboundPlan:
-    """The outcome of `plan_inbound` (errors are raised instead)."""
+    """The outcome of `plan_inbound` (errors are raised instead). Immutable (`Final`: mypy
+    refuses assignment, the compiled build too). A plain class, not a frozen dataclass: one is
+    built per connection, and mypyc leaves a dataclass its stdlib-generated, interpreted
+    ``__init__`` (a frozen one sets every field through ``object.__setattr__``: ~0.7 us
+    against ~0.04 us for a native constructor; bench/README.md "session 6, per new
+    connection")."""
 
-    target_addr: tuple[str, int]
-    """Where to open the upstream TCP connection."""
-    destination_workload: Workload
-    """The workload receiving the connection (the waypoint in the waypoint case)."""
-    service: Service | None
-    """The service addressed by the CONNECT target (waypoint case)."""
-    decision: Decision
-    """The (allowing) authorization decision."""
-    via_waypoint: bool
-    """True when the CONNECT target differs from the receiving workload (waypoint case)."""
+    __slots__ = ("decision", "destination_workload", "service", "target_addr", "via_waypoint")
+
+    def __init__(
+        self,
+        *,
+        target_addr: tuple[str, int],
+        destination_workload: Workload,
+        service: Service | None,
+        decision: Decision,
+        via_waypoint: bool,
+    ) -> None:
+        self.target_addr: Final = target_addr
+        """Where to open the upstream TCP connection."""
+        self.destination_workload: Final = destination_workload
+        """The workload receiving the connection (the waypoint in the waypoint case)."""
+        self.service: Final = service
+        """The service addressed by the CONNECT target (waypoint case)."""
+        self.decision: Final = decision
+        """The (allowing) authorization decision."""
+        self.via_waypoint: Final = via_waypoint
+        """True when the CONNECT target differs from the receiving workload (waypoint case)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"InboundPlan(target_addr={self.target_addr!r}, "
+            f"destination_workload={self.destination_workload.uid!r}, "
+            f"via_waypoint={self.via_waypoint})"
+        )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -243,18 +266,37 @@ def _ip_text(ip: IPAddress) -> str:
     return str(ip)
 
 
-def _refusal(kind: PlanKind, reason: str, original: tuple[str, int]) -> OutboundPlan:
-    """A refusal before the source is known."""
+def _unforwarded(
+    kind: PlanKind,
+    reason: str,
+    original: tuple[str, int],
+    source: Workload | None = None,
+    to: Workload | Service | None = None,
+) -> OutboundPlan:
+    """The one builder of a plan that opens no tunnel and picks no endpoint: a refusal
+    (REJECT, NO_ENDPOINTS) or a PASSTHROUGH to a destination outside the mesh. Its target is
+    the original destination; `to` is the workload or service it was addressed to, if known."""
     return OutboundPlan(
         kind=kind,
         target_addr=original,
         authority=None,
-        source=None,
-        destination_workload=None,
-        service=None,
+        source=source,
+        destination_workload=to if isinstance(to, Workload) else None,
+        service=to if isinstance(to, Service) else None,
         expected_identities=(),
         reason=reason,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_of(text: str) -> str:
+    """The canonical text of a text address (`str()` of its `ipaddress` object), memoised by
+    the text: hashing a `str` is C, hashing an `ipaddress` object is interpreted Python."""
+    return str(ip_from_text(text))
+
+
+def _address_text(value: IPAddress | str) -> str:
+    return _text_of(value) if isinstance(value, str) else _ip_text(value)
 
 
 class _OutboundPlanner:
@@ -272,22 +314,9 @@ class _OutboundPlanner:
         self.original = original
 
     def refuse(
-        self,
-        kind: PlanKind,
-        reason: str,
-        wl: Workload | None = None,
-        svc: Service | None = None,
+        self, kind: PlanKind, reason: str, to: Workload | Service | None = None
     ) -> OutboundPlan:
-        return OutboundPlan(
-            kind=kind,
-            target_addr=self.original,
-            authority=None,
-            source=self.source,
-            destination_workload=wl,
-            service=svc,
-            expected_identities=(),
-            reason=reason,
-        )
+        return _unforwarded(kind, reason, self.original, self.source, to)
 
     def via_waypoint(
         self, gw: GatewayAddress, authority: str, wl: Workload | None, svc: Service | None
@@ -297,7 +326,7 @@ class _OutboundPlanner:
         picked = _pick_waypoint(self.state, gw, self.scope.network, self.scope.rng)
         if picked is None:
             return self.refuse(
-                PlanKind.NO_ENDPOINTS, f"waypoint of {what} has no usable workload", wl=wl
+                PlanKind.NO_ENDPOINTS, f"waypoint of {what} has no usable workload", wl
             )
         wp, wp_ip = picked
         return OutboundPlan(
@@ -355,50 +384,45 @@ def plan_outbound(
     by the node proxy `scope` describes."""
     node = scope.node
     network = scope.network
-    src, dst = _ip(src_ip), _ip(dst_ip)
-    original = (_ip_text(dst), dst_port)
+    # The state's lookups take the text as it came (their keys are memoised per text); an
+    # `ipaddress` object is built only where one is needed.
+    original = (_address_text(dst_ip), dst_port)
 
-    if dst_port in RESERVED_PORTS and dst in scope.node_proxy_ips:
-        return _refusal(PlanKind.REJECT, f"self-call to node proxy port {dst_port}", original)
-    source = state.workload_by_address(src, network)
+    if dst_port in RESERVED_PORTS and _ip(dst_ip) in scope.node_proxy_ips:
+        return _unforwarded(PlanKind.REJECT, f"self-call to node proxy port {dst_port}", original)
+    source = state.workload_by_address(src_ip, network)
     if source is None or source.node != node:
-        return _refusal(PlanKind.REJECT, f"unknown source {src} on node {node!r}", original)
+        return _unforwarded(
+            PlanKind.REJECT, f"unknown source {_ip(src_ip)} on node {node!r}", original
+        )
     planner = _OutboundPlanner(state, scope, source, original)
 
-    svc = state.service_by_vip(dst, network)
+    svc = state.service_by_vip(dst_ip, network)
     if svc is not None:
         port = svc.port(dst_port)
         if port is None:
-            return planner.refuse(
-                PlanKind.REJECT, f"service {svc.key} has no port {dst_port}", svc=svc
-            )
+            return planner.refuse(PlanKind.REJECT, f"service {svc.key} has no port {dst_port}", svc)
         if svc.waypoint is not None and not _is_waypoint_member(
             state, svc.waypoint, source, network
         ):
-            return planner.via_waypoint(svc.waypoint, format_authority(dst, dst_port), None, svc)
+            authority = format_authority(_ip(dst_ip), dst_port)
+            return planner.via_waypoint(svc.waypoint, authority, None, svc)
         usable = _usable_endpoints(state, svc, port, network)
         if not usable:
             return planner.refuse(
                 PlanKind.NO_ENDPOINTS,
                 f"service {svc.key} has no healthy endpoint for port {dst_port}",
-                svc=svc,
+                svc,
             )
         ep, ep_ip, target_port = scope.rng.choice(usable)
         return planner.to_workload(ep.workload, ep_ip, target_port, svc)
 
-    wl = state.workload_by_address(dst, network)
+    wl = state.workload_by_address(dst_ip, network)
     if wl is None:
-        return OutboundPlan(
-            kind=PlanKind.PASSTHROUGH,
-            target_addr=original,
-            authority=None,
-            source=source,
-            destination_workload=None,
-            service=None,
-            expected_identities=(),
-            reason=f"{dst} is not in the mesh",
+        return _unforwarded(
+            PlanKind.PASSTHROUGH, f"{original[0]} is not in the mesh", original, source
         )
-    return planner.to_workload(wl, dst, dst_port, None)
+    return planner.to_workload(wl, _ip(dst_ip), dst_port, None)
 
 
 def _check_no_waypoint_bypass(
@@ -438,21 +462,25 @@ def plan_inbound(
     dst_port = connect.dst_port
     src_identity = connect.src_identity
     try:
-        dst, conn_dst, src = _ip(connect.dst_ip), _ip(connect.conn_dst_ip), _ip(connect.src_ip)
+        conn_dst, src = _ip(connect.conn_dst_ip), _ip(connect.src_ip)
+        dst_key = address_key(connect.dst_ip, network)
+        conn_dst_key = address_key(connect.conn_dst_ip, network)
     except ValueError as exc:
         raise BadRequest(f"bad address: {exc}") from None
     if not 0 < dst_port < 65536:
         raise BadRequest(f"bad port {dst_port}")
     if dst_port in RESERVED_PORTS:
         raise BadRequest(f"self-call: port {dst_port} is reserved for the node proxy")
-    receiver = state.workload_by_address(conn_dst, network)
+    receiver = state.workload_by_address(connect.conn_dst_ip, network)
     if receiver is None:
         raise BadRequest(f"unknown destination {conn_dst}")
     if node is not None and receiver.node != node:
         raise BadRequest(f"destination {receiver.uid} is not on node {node!r}")
 
     service: Service | None = None
-    via_waypoint = dst != conn_dst
+    # Address keys compare as the `ipaddress` objects do (version, value, IPv6 scope).
+    via_waypoint = dst_key != conn_dst_key
+    dst = connect.dst_ip
     if via_waypoint:
         # The one exception to "CONNECT target == connection destination": the receiver is the
         # waypoint of the addressed service or workload.
@@ -467,7 +495,8 @@ def plan_inbound(
         )
         if gw is None or not _is_waypoint_member(state, gw, receiver, network):
             raise BadRequest(
-                f"CONNECT target {dst} does not match connection destination {conn_dst}"
+                f"CONNECT target {_address_text(dst)} does not match connection destination "
+                f"{conn_dst}"
             )
 
     else:
@@ -485,7 +514,7 @@ def plan_inbound(
         if port is None or not _usable_endpoints(state, service, port, network):
             raise UpstreamUnavailable(f"service {service.key} has no usable endpoint on {dst_port}")
     return InboundPlan(
-        target_addr=(str(dst), dst_port),
+        target_addr=(_address_text(dst), dst_port),
         destination_workload=receiver,
         service=service,
         decision=decision,

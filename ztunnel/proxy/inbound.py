@@ -230,16 +230,11 @@ class HboneListener:
 
     def _refuse_connection(self, peer_ip: str, local_ip: str, why: str) -> None:
         """A connection over the per-peer bounds: closed before TLS, logged and counted."""
-        self.ctx.tracker.failed(
-            ConnectionRecord(
-                direction="inbound",
-                reporter="destination",
-                src_addr=peer_ip,
-                dst_addr=local_ip,
-                response_flags="PEER_LIMIT",
-                error=f"peer over its limit: {why}",
-            )
+        rec = ConnectionRecord(
+            direction="inbound", reporter="destination", src_addr=peer_ip, dst_addr=local_ip
         )
+        rec.response_flags, rec.error = "PEER_LIMIT", f"peer over its limit: {why}"
+        self.ctx.tracker.failed(rec)
 
     async def _authenticate(
         self,
@@ -276,14 +271,10 @@ class HboneListener:
             await accept_tls(conn, tls_ctx, proto)
         except Exception as err:
             rec = ConnectionRecord(
-                direction="inbound",
-                reporter="destination",
-                src_addr=peer_ip,
-                dst_addr=local_ip,
-                destination=workload,
-                response_flags="TLS_FAILURE",
-                error=str(err),
+                direction="inbound", reporter="destination", src_addr=peer_ip, dst_addr=local_ip
             )
+            rec.destination = workload
+            rec.response_flags, rec.error = "TLS_FAILURE", str(err)
             ctx.tracker.failed(rec)
             return None
         return proto
@@ -314,12 +305,13 @@ class HboneListener:
             reporter="destination",
             src_addr=peer_ip,
             dst_addr=authority or conn_dst_ip,
-            source_principal=str(proto.peer_identity) if proto.peer_identity else None,
-            mtls=True,
-            hbone_addr=authority or None,
-            response_flags="CONNECT",
-            error=f"stream {ev.stream_id} refused: {ev.reason}"
-            + (f" ({ev.status})" if ev.status else ""),
+        )
+        rec.source_principal = str(proto.peer_identity) if proto.peer_identity else None
+        rec.mtls = True
+        rec.hbone_addr = authority or None
+        rec.response_flags = "CONNECT"
+        rec.error = f"stream {ev.stream_id} refused: {ev.reason}" + (
+            f" ({ev.status})" if ev.status else ""
         )
         ctx.tracker.failed(rec)
 
@@ -341,15 +333,12 @@ class HboneListener:
     ) -> None:
         ctx = self.ctx
         rec = ConnectionRecord(
-            direction="inbound",
-            reporter="destination",
-            src_addr=peer_ip,
-            dst_addr=stream.authority,
-            source_principal=str(stream.peer_identity) if stream.peer_identity else None,
-            mtls=True,
-            hbone_addr=stream.authority,
-            transport=stream.transport,
+            direction="inbound", reporter="destination", src_addr=peer_ip, dst_addr=stream.authority
         )
+        rec.source_principal = str(stream.peer_identity) if stream.peer_identity else None
+        rec.mtls = True
+        rec.hbone_addr = stream.authority
+        rec.transport = stream.transport
         try:
             src_ip = tunnel_source_ip(ctx, stream, peer_ip)
         except Unauthorized as err:

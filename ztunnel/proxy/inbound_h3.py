@@ -73,18 +73,15 @@ class H3Listener(HboneListener):
             return await ctx.certs.get(target.identity)
 
         def refused(addr: Address, err: PeerVerificationError) -> None:
-            ctx.tracker.failed(
-                ConnectionRecord(
-                    direction="inbound",
-                    reporter="destination",
-                    src_addr=addr[0],
-                    dst_addr=self.local_ip,
-                    destination=workload,
-                    response_flags="TLS_FAILURE",
-                    error=str(err),
-                    transport="h3",
-                )
+            rec = ConnectionRecord(
+                direction="inbound",
+                reporter="destination",
+                src_addr=addr[0],
+                dst_addr=self.local_ip,
             )
+            rec.destination = workload
+            rec.response_flags, rec.error, rec.transport = "TLS_FAILURE", str(err), "h3"
+            ctx.tracker.failed(rec)
 
         self.endpoint = H3Endpoint(
             certificate,

@@ -145,14 +145,15 @@ class OutboundConnection(TcpSide):
             reporter="source",
             src_addr=f"{src_ip}:{src_port}",
             dst_addr=f"{dst_ip}:{dst_port}",
-            source=plan.source,
-            source_principal=str(plan.source_identity) if plan.source_identity else None,
-            destination=plan.destination_workload,
-            destination_service=plan.service.hostname if plan.service else None,
-            destination_service_name=plan.service.name if plan.service else None,
-            destination_service_namespace=plan.service.namespace if plan.service else None,
-            response_flags=plan.response_flags,
         )
+        rec.source = plan.source
+        rec.source_principal = str(plan.source_identity) if plan.source_identity else None
+        rec.destination = plan.destination_workload
+        if plan.service is not None:
+            rec.destination_service = plan.service.hostname
+            rec.destination_service_name = plan.service.name
+            rec.destination_service_namespace = plan.service.namespace
+        rec.response_flags = plan.response_flags
         if plan.refused:
             rec.error = plan.reason
             ctx.tracker.failed(rec)
@@ -224,15 +225,15 @@ class OutboundConnection(TcpSide):
             reporter="destination",
             src_addr=f"{src_ip}:{src_port}",
             dst_addr=plan.authority,
-            source=plan.source,
-            source_principal=rec.source_principal,
-            destination=plan.destination_workload,
-            destination_principal=str(plan.destination_workload.identity),
-            destination_service=rec.destination_service,
-            destination_service_name=rec.destination_service_name,
-            destination_service_namespace=rec.destination_service_namespace,
-            mtls=True,
         )
+        dest_rec.source = plan.source
+        dest_rec.source_principal = rec.source_principal
+        dest_rec.destination = plan.destination_workload
+        dest_rec.destination_principal = str(plan.destination_workload.identity)
+        dest_rec.destination_service = rec.destination_service
+        dest_rec.destination_service_name = rec.destination_service_name
+        dest_rec.destination_service_namespace = rec.destination_service_namespace
+        dest_rec.mtls = True
         try:
             connect = InboundConnect(
                 dst_ip=dst_ip,
