@@ -14,6 +14,12 @@ address, so bursts from one client IP do not run out of ports (EADDRINUSE); an E
 EADDRNOTAVAIL that still happens is retried with a fresh socket (`BIND_ATTEMPTS` in all).
 Invariant: a socket is returned connected, non-blocking and with TCP_NODELAY, or closed and an
 OSError raised; nothing leaks on timeout or cancellation.
+Per-connection sockets are `TcpSocket`s (issue 14): the connected sockets the proxies accept
+(`accept`) and open (`connect_tcp`). uvloop reads `family` and `type` of every socket it wraps
+(`connect_accepted_socket`, `create_connection(sock=...)`), and `socket.socket`'s properties
+convert the C integer through the enum machinery each time (~1.7 us per read); a `TcpSocket`
+returns the same enum members from a table. `accept` builds one from `accept(2)`'s descriptor
+directly (`socket.socket.accept` reads the listener's `family` and `type` the slow way first).
 Connecting (issue 14, per-connection cost): the socket's own non-blocking connect(2), waited for
 with a writer callback; no resolver round trip for an IP address (uvloop's `sock_connect`
 resolves every address in its thread pool), and no timer per connect: the timeouts of all
@@ -23,12 +29,16 @@ times out between `timeout` and `timeout + CONNECT_SWEEP` after it began.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
 import math
 import os
 import socket
+from typing import Any, Final
+
+from mypy_extensions import mypyc_attr
 
 from meshcore.deadlines import DeadlineSweep
 
@@ -38,6 +48,40 @@ BIND_ATTEMPTS = 3
 UDP_BUFFER = 4 * 1024 * 1024  # socket buffers: a window's worth of QUIC datagrams in flight
 CONNECT_SWEEP = 0.05
 """Granularity of connect timeouts (seconds): one wake-up serves every deadline within it."""
+
+_FAMILIES: Final = {int(f): f for f in socket.AddressFamily}
+_KINDS: Final = {int(k): k for k in socket.SocketKind}
+_C_FAMILY: Final[Any] = _socket.socket.family  # the C getters: plain integers
+_C_TYPE: Final[Any] = _socket.socket.type
+_C_ACCEPT: Final[Any] = _socket.socket._accept  # type: ignore[attr-defined]
+
+
+@mypyc_attr(native_class=False)  # a subclass of socket.socket, which is no native class
+class TcpSocket(socket.socket):
+    """A `socket.socket` whose `family` and `type` are table lookups (the same enum members;
+    a value the enums lack: as `socket.socket` answers)."""
+
+    __slots__ = ()
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        found = _FAMILIES.get(_C_FAMILY.__get__(self))
+        return found if found is not None else super().family
+
+    @property
+    def type(self) -> socket.SocketKind:
+        found = _KINDS.get(_C_TYPE.__get__(self))
+        return found if found is not None else super().type
+
+
+def accept(listener: socket.socket) -> TcpSocket:
+    """`listener.accept()`'s connection as a `TcpSocket` (blocking mode and timeout as
+    `socket.socket.accept` leaves them without a default timeout). Raises what accept(2)
+    raises (BlockingIOError when none is waiting)."""
+    fd, _ = _C_ACCEPT(listener)
+    return TcpSocket(_C_FAMILY.__get__(listener), socket.SOCK_STREAM, 0, fileno=fd)
+
+
 LISTEN_BACKLOG = 4096
 """Accept queue of every listener, data path and operator endpoints alike (Envoy's default is
 4096 too; the kernel caps it at net.core.somaxconn). asyncio's default is 100, and
@@ -143,7 +187,7 @@ async def _connect_once(
     deadline: float,
 ) -> socket.socket:
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = TcpSocket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

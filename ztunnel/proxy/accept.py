@@ -22,6 +22,7 @@ import resource
 import socket
 from collections.abc import Callable
 
+from meshcore.sockets import accept
 from ztunnel.metrics import ProxyMetrics
 from ztunnel.proxy.relay import TcpSide
 
@@ -104,7 +105,7 @@ class AcceptLoop:
     def _readable(self) -> None:
         for _ in range(ACCEPT_BATCH):  # bounded per wake-up: other work runs in between
             try:
-                conn, _ = self.sock.accept()
+                conn = accept(self.sock)  # a TcpSocket: uvloop reads its family/type cheaply
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
