@@ -135,8 +135,8 @@ class ConnectionRecord:
 
     A plain class with an explicit constructor, not a dataclass: one is built per connection
     and side, and mypyc leaves a dataclass the stdlib-generated, interpreted ``__init__``
-    (1.3 us for this one against ~0.1 us native; bench/README.md "session 6, per new
-    connection")."""
+    (~1 us for this one against ~0.6 us native; bench/README.md "Per new connection,
+    session 6")."""
 
     __slots__ = (
         "bytes_recv",

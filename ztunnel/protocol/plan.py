@@ -154,8 +154,8 @@ class InboundPlan:
     refuses assignment, the compiled build too). A plain class, not a frozen dataclass: one is
     built per connection, and mypyc leaves a dataclass its stdlib-generated, interpreted
     ``__init__`` (a frozen one sets every field through ``object.__setattr__``: ~0.7 us
-    against ~0.04 us for a native constructor; bench/README.md "session 6, per new
-    connection")."""
+    against ~0.04 us for a native constructor; bench/README.md "Per new connection,
+    session 6")."""
 
     __slots__ = ("decision", "destination_workload", "service", "target_addr", "via_waypoint")
 
