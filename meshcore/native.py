@@ -38,6 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPILED: tuple[str, ...] = (
     "meshcore.hbone.frames",
     "meshcore.hbone.headers",
+    "meshcore.hbone.events",
+    "meshcore.hbone.budget",
+    "meshcore.hbone.output",
+    "meshcore.hbone.streams",
+    "meshcore.hbone.flow",
+    "meshcore.hbone.control",
+    "meshcore.hbone.headerblock",
     "meshcore.hbone.connection",
     "meshcore.hbone.aio",
     "meshcore.hbone.pool",

@@ -29,7 +29,7 @@ from typing import Any
 from meshcore.address import parse_authority
 from meshcore.errors import BadRequest
 from meshcore.hbone.aio import HboneHooks, HboneProtocol, HboneSettings, HboneStream, accept_tls
-from meshcore.hbone.connection import Role
+from meshcore.hbone.streams import Role
 from meshcore.model import AppProtocol
 from waypoint.context import WaypointContext
 from waypoint.handler import Handler

@@ -47,24 +47,24 @@ from typing import ClassVar, Protocol, cast
 from mypy_extensions import mypyc_attr
 
 from meshcore.errors import H2ProtocolError, HboneError, PeerVerificationError, StreamRefused
-from meshcore.hbone.connection import (
-    BIG_PAYLOAD,
-    PENDING_HIGH_WATER,
-    SERVER_MAX_STREAMS,
+from meshcore.hbone.budget import RateBudget
+from meshcore.hbone.connection import HboneConnection
+from meshcore.hbone.control import SERVER_MAX_STREAMS
+from meshcore.hbone.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
-    HboneConnection,
-    RateBudget,
     RequestReceived,
     RequestRefused,
     ResponseReceived,
-    Role,
     StreamEnded,
     StreamReset,
     WindowOpened,
 )
+from meshcore.hbone.flow import PENDING_HIGH_WATER
 from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
+from meshcore.hbone.output import BIG_PAYLOAD
+from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
 from meshcore.sockets import connect_tcp
 from meshcore.tls import verify_peer

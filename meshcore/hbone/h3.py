@@ -2,7 +2,7 @@
 
 Owns: one QUIC connection carrying HBONE CONNECT streams (RFC 9114 §4.4) in either role, with
 our mutual-TLS peer verification, bounded flow control, keepalive, and the mapping of QUIC/HTTP/3
-stream events onto the events of `meshcore.hbone.connection` (so the asyncio edge,
+stream events onto the events of `meshcore.hbone.events` (so the asyncio edge,
 `meshcore.hbone.h3aio`, mirrors `meshcore.hbone.aio`). Datagrams go in with `receive_datagram`,
 out with `datagrams_to_send`; time is passed in (`now`), never read; the timer is aioquic's
 get_timer()/handle_timer(now) pattern plus our keepalive.
@@ -85,19 +85,19 @@ from cryptography.hazmat.primitives import serialization
 
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import PeerVerificationError
-from meshcore.hbone.connection import (
+from meshcore.hbone.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
     RequestReceived,
     ResponseReceived,
-    Role,
     StreamEnded,
     StreamReset,
     WindowOpened,
 )
 from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.h3cc import CONGESTION_CONTROL
+from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
 from meshcore.tls import PeerPolicy, _presented_chain, verify_peer_chain
 

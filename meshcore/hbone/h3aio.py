@@ -52,13 +52,12 @@ from meshcore.hbone.aio import (
     on_stream_ended,
     on_window_opened,
 )
-from meshcore.hbone.connection import (
+from meshcore.hbone.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
     RequestReceived,
     ResponseReceived,
-    Role,
     StreamEnded,
     StreamReset,
     WindowOpened,
@@ -77,6 +76,7 @@ from meshcore.hbone.h3 import (
     stateless_reset,
 )
 from meshcore.hbone.peers import PeerTable
+from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
 from meshcore.sockets import udp_socket
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from meshcore.hbone.connection import BUDGET_WINDOW, PEER_RESET_BUDGET, RateBudget
+from meshcore.hbone.budget import BUDGET_WINDOW, PEER_RESET_BUDGET, RateBudget
 
 HANDSHAKES_PER_PEER = 64
 """TLS handshakes in progress (not yet authenticated) from one peer IP; more are closed at once."""

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from meshcore.hbone.aio import HboneHooks, HboneProtocol, HboneSettings, HboneStream, accept_tls
-from meshcore.hbone.connection import Role
 from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.pool import HbonePool, PoolKey
+from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
 from meshcore.sockets import CONNECT_SWEEP, connect_tcp
 from tests.helpers import Sink, blackholed, run

@@ -27,12 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from meshcore.ca import MeshCA
 from meshcore.certs import WorkloadCertificate, utcnow
 from meshcore.errors import PeerVerificationError
-from meshcore.hbone.connection import (
+from meshcore.hbone.events import (
     DataReceived,
     Event,
     RequestReceived,
     ResponseReceived,
-    Role,
     StreamEnded,
     StreamReset,
 )
@@ -55,6 +54,7 @@ from meshcore.hbone.h3 import (
     stateless_reset,
 )
 from meshcore.hbone.h3cc import CONGESTION_CONTROL, MeshCubic
+from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
 from meshcore.tls import PeerPolicy, Side, verify_peer_chain
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 
 from meshcore.hbone.aio import HboneProtocol, HboneSettings, HboneStream
-from meshcore.hbone.connection import Role, WindowOpened
+from meshcore.hbone.events import WindowOpened
+from meshcore.hbone.streams import Role
 
 
 class Sink:

@@ -16,17 +16,11 @@ import pytest
 from meshcore.ca import MeshCA
 from meshcore.certs import WorkloadCertificate
 from meshcore.hbone.aio import HboneProtocol, HboneSettings, HboneStream
-from meshcore.hbone.connection import (
-    BIG_PAYLOAD,
-    TLS_RECORD,
-    DataReceived,
-    Event,
-    HboneConnection,
-    RequestReceived,
-    Role,
-    StreamEnded,
-)
+from meshcore.hbone.connection import HboneConnection
+from meshcore.hbone.events import DataReceived, Event, RequestReceived, StreamEnded
 from meshcore.hbone.frames import FRAME_HEADER, Setting, encode_settings
+from meshcore.hbone.output import BIG_PAYLOAD, TLS_RECORD
+from meshcore.hbone.streams import Role
 from meshcore.tls import DirectSSLObject, client_context, server_context
 from tests.unit.certfixtures import real_now, sid
 from tests.unit.test_hbone_connection import pair, pump

@@ -10,22 +10,21 @@ import h2.events
 import h2.exceptions
 import pytest
 
-from meshcore.hbone.connection import (
-    CONNECTION_WINDOW,
-    STREAM_WINDOW,
+from meshcore.hbone.connection import HboneConnection
+from meshcore.hbone.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
-    HboneConnection,
     RequestReceived,
     RequestRefused,
     ResponseReceived,
-    Role,
     StreamEnded,
     StreamReset,
     WindowOpened,
 )
+from meshcore.hbone.flow import CONNECTION_WINDOW, STREAM_WINDOW
 from meshcore.hbone.frames import ErrorCode, FrameType, frame_header
+from meshcore.hbone.streams import Role
 
 
 def pump(a: HboneConnection, b: HboneConnection) -> tuple[list[Event], list[Event]]:

@@ -9,20 +9,10 @@ import random
 import pytest
 
 from meshcore.errors import H2ProtocolError
-from meshcore.hbone.connection import (
-    BUDGET_WINDOW,
-    PING_INTERVAL,
-    RESET_BUDGET,
-    SERVER_MAX_STREAMS,
-    SETTINGS_TIMEOUT,
-    ConnectionTerminated,
-    Event,
-    HboneConnection,
-    RateBudget,
-    RequestReceived,
-    RequestRefused,
-    Role,
-)
+from meshcore.hbone.budget import BUDGET_WINDOW, RESET_BUDGET, RateBudget
+from meshcore.hbone.connection import HboneConnection
+from meshcore.hbone.control import PING_INTERVAL, SERVER_MAX_STREAMS, SETTINGS_TIMEOUT
+from meshcore.hbone.events import ConnectionTerminated, Event, RequestReceived, RequestRefused
 from meshcore.hbone.frames import (
     CLIENT_PREFACE,
     ErrorCode,
@@ -34,6 +24,7 @@ from meshcore.hbone.frames import (
     frame_header,
 )
 from meshcore.hbone.headers import encode
+from meshcore.hbone.streams import Role
 
 
 def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -189,11 +180,8 @@ def test_queued_bytes_are_bounded_per_connection_and_every_stream_resumes() -> N
     """A peer with zero windows: the connection's queues stop every source once over
     CONNECTION_PENDING_HIGH_WATER (each stream is far below its own mark), and one WindowOpened
     resumes all streams when the queues drain below half (here: the heavy streams reset)."""
-    from meshcore.hbone.connection import (
-        CONNECTION_PENDING_HIGH_WATER,
-        PENDING_HIGH_WATER,
-        WindowOpened,
-    )
+    from meshcore.hbone.events import WindowOpened
+    from meshcore.hbone.flow import CONNECTION_PENDING_HIGH_WATER, PENDING_HIGH_WATER
     from meshcore.hbone.frames import Setting
 
     conn = server()
@@ -248,7 +236,7 @@ def test_a_client_out_of_stream_ids_opens_no_more_streams() -> None:
     them all must say it can take no more (the pool dials a new one), not send id 2^31 + 1,
     which the peer reads as 1 (the reserved bit is ignored) and answers with a GOAWAY that
     ends every tunnel on the connection."""
-    from meshcore.hbone.connection import MAX_STREAM_ID
+    from meshcore.hbone.streams import MAX_STREAM_ID
 
     conn = HboneConnection(Role.CLIENT)
     conn.initiate(0.0)

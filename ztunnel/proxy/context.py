@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from meshcore.certs import CertificateManager, WorkloadCertificate
 from meshcore.hbone.aio import HboneProtocol
-from meshcore.hbone.connection import SERVER_MAX_STREAMS
+from meshcore.hbone.control import SERVER_MAX_STREAMS
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity import SpiffeId
 from meshcore.model import IPAddress, TunnelProtocol, Workload

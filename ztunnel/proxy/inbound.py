@@ -33,9 +33,10 @@ from meshcore.hbone.aio import (
     HboneStream,
     accept_tls,
 )
-from meshcore.hbone.connection import ConnectionTerminated, RequestRefused, Role
+from meshcore.hbone.events import ConnectionTerminated, RequestRefused
 from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.peers import PeerTable
+from meshcore.hbone.streams import Role
 from meshcore.model import Service
 from meshcore.sockets import connect_tcp
 from meshcore.telemetry import guess_inbound_service
