@@ -108,6 +108,11 @@ class TunnelStream(Protocol):
     def acknowledge(self, length: int) -> None: ...
 
 
+def write_copied(stream: TunnelStream, frame: memoryview) -> None:
+    """`write_in_place` by a copy: for what cannot leave from the caller's buffer at once."""
+    stream.write(bytes(frame[FRAME_HEADER:]))
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)  # meshcore.hbone.h3aio.H3Stream
 class HboneStream:
     """One CONNECT stream on an `HboneProtocol`."""
@@ -193,7 +198,7 @@ class HboneStream:
             if proto.write_paused and self.sink is not None:
                 self.sink.tunnel_pause_source()  # the TLS transport is over its mark
             return
-        self.write(bytes(frame[FRAME_HEADER:]))
+        write_copied(self, frame)
 
     def write_eof(self) -> None:
         proto = self._proto

@@ -51,6 +51,7 @@ from meshcore.hbone.aio import (
     on_stream_data,
     on_stream_ended,
     on_window_opened,
+    write_copied,
 )
 from meshcore.hbone.events import (
     ConnectionTerminated,
@@ -62,7 +63,7 @@ from meshcore.hbone.events import (
     StreamReset,
     WindowOpened,
 )
-from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
+from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.h3 import (
     H3_NO_ERROR,
     MAX_RESET,
@@ -119,7 +120,7 @@ class H3Stream(HboneStream):
         self._h3.schedule_flush()
 
     def write_in_place(self, frame: memoryview) -> None:
-        self.write(bytes(frame[FRAME_HEADER:]))  # QUIC frames its own: the payload is copied
+        write_copied(self, frame)  # QUIC frames its own: the payload is copied
 
     def write_eof(self) -> None:
         self._h3.conn.end_stream(self.stream_id)
