@@ -108,9 +108,9 @@ class TunnelStream(Protocol):
     def acknowledge(self, length: int) -> None: ...
 
 
-def write_copied(stream: TunnelStream, frame: memoryview) -> None:
-    """`write_in_place` by a copy: for what cannot leave from the caller's buffer at once."""
-    stream.write(bytes(frame[FRAME_HEADER:]))
+def copied_payload(frame: memoryview) -> bytes:
+    """`write_in_place`'s fallback: its payload copied, for `write` (what can't leave at once)."""
+    return bytes(frame[FRAME_HEADER:])
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # meshcore.hbone.h3aio.H3Stream
@@ -198,7 +198,7 @@ class HboneStream:
             if proto.write_paused and self.sink is not None:
                 self.sink.tunnel_pause_source()  # the TLS transport is over its mark
             return
-        write_copied(self, frame)
+        self.write(copied_payload(frame))
 
     def write_eof(self) -> None:
         proto = self._proto

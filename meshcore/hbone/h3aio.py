@@ -47,11 +47,11 @@ from meshcore.hbone.aio import (
     HboneStream,
     PoolKey,
     TunnelSink,
+    copied_payload,
     on_response,
     on_stream_data,
     on_stream_ended,
     on_window_opened,
-    write_copied,
 )
 from meshcore.hbone.events import (
     ConnectionTerminated,
@@ -120,7 +120,7 @@ class H3Stream(HboneStream):
         self._h3.schedule_flush()
 
     def write_in_place(self, frame: memoryview) -> None:
-        write_copied(self, frame)  # QUIC frames its own: the payload is copied
+        self.write(copied_payload(frame))  # QUIC frames its own: the payload is copied
 
     def write_eof(self) -> None:
         self._h3.conn.end_stream(self.stream_id)

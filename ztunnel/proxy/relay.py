@@ -28,7 +28,7 @@ from typing import ClassVar, cast
 
 from mypy_extensions import mypyc_attr
 
-from meshcore.hbone.aio import TunnelSink, TunnelStream, write_copied
+from meshcore.hbone.aio import TunnelSink, TunnelStream, copied_payload
 from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
 from meshcore.identity import SpiffeId
 
@@ -203,7 +203,7 @@ class PlainStream:
 
     def write_in_place(self, frame: memoryview) -> None:
         # A copy: the target's transport keeps what the socket does not take at once.
-        write_copied(self, frame)
+        self.write(copied_payload(frame))
 
     def write_eof(self) -> None:
         self.target.tunnel_eof()
