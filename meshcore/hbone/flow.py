@@ -17,8 +17,9 @@ Invariants:
 - Received DATA is credited back (WINDOW_UPDATE) only when the application calls
   `acknowledge_received_data`, batched at half a window, so a slow reader applies backpressure
   to the remote writer. DATA for streams that are gone or in error still counts toward the
-  connection window and is credited back at once (§6.9); DATA over a window is
-  FLOW_CONTROL_ERROR (the connection's: a connection error; a stream's: a stream error).
+  connection window (§6.9) and is credited back without waiting for an application; DATA over
+  a window is FLOW_CONTROL_ERROR (the connection's: a connection error; a stream's: a stream
+  error).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ Invariants:
   counts their DATA toward the connection window, §6.9). The ids of streams we reset are
   remembered (at most `RECENT_RESETS`) so their late HEADERS are ignored too.
 - A new stream id of the peer must be above every id it used before (§5.1.1), else
-  PROTOCOL_ERROR (checked where streams open, `meshcore.hbone.headerblock`); a frame other than
-  HEADERS for an id never used (`_is_idle`) is PROTOCOL_ERROR too.
+  PROTOCOL_ERROR (checked where streams open, `meshcore.hbone.headerblock`); DATA,
+  WINDOW_UPDATE or RST_STREAM for an id never used (`_is_idle`) is PROTOCOL_ERROR too.
 - Streams the peer resets before we answered (CVE-2023-44487 "rapid reset"), streams we refuse
   and streams we reset for a stream error ("MadeYouReset") spend the reset budget, and the one
   shared by all connections of the same peer (`peer_resets`, given by the edge): spreading
