@@ -554,7 +554,6 @@ class H3Endpoint:
         # successor adopts its predecessor's (`ztunnel.udp_relay`), so either can reset the
         # other's connections once it has no state for them.
         self.reset_key = os.urandom(RESET_KEY_SIZE)
-        self.resets_sent = 0
         self.on_reset: Callable[[], None] | None = None
         """Told of each Stateless Reset sent (the node proxy's counter)."""
         self._reset_second = (0, 0)  # (whole second, resets sent in it)
@@ -651,7 +650,6 @@ class H3Endpoint:
         reset = stateless_reset(self.reset_key, data, os.urandom(MAX_RESET))
         if reset is not None:
             self._reset_second = (second, sent + 1)
-            self.resets_sent += 1
             self.sendto([reset], addr)
             if self.on_reset is not None:
                 self.on_reset()

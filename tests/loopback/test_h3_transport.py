@@ -219,7 +219,6 @@ def test_stateless_resets_sent_are_counted_in_the_metrics(tmp_path: Path) -> Non
                     assert 21 <= len(reset) < 61  # smaller than what triggered it
             finally:
                 peer.close()
-            assert endpoint(mesh).resets_sent == 5
             assert sent(metric_text(mesh.node_b)) == 5
 
     run(main(), 60)
