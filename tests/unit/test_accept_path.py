@@ -15,7 +15,8 @@ import pytest
 
 from ztunnel.metrics import ProxyMetrics
 from ztunnel.proxy import accept
-from ztunnel.proxy.accept import AcceptLoop
+from ztunnel.proxy.accept import AcceptLoop, TcpListener
+from ztunnel.proxy.relay import TcpSide
 
 
 def _listener() -> socket.socket:
@@ -96,3 +97,34 @@ def test_accepting_pauses_inside_the_reserve(monkeypatch: pytest.MonkeyPatch) ->
             s.close()
     assert len(served) == 1
     assert metrics.accept_paused._value.get() == 1
+
+
+class _FailingStart(TcpSide):
+    """A listener protocol whose `start` fails (e.g. its plan raised): the connection it was
+    accepted for must be aborted, not left open with nobody reading it."""
+
+    async def start(self) -> None:
+        raise RuntimeError("start failed")
+
+
+def test_a_connection_whose_start_fails_is_aborted() -> None:
+    async def main() -> None:
+        listener = TcpListener("test", _listener(), _FailingStart, ProxyMetrics())
+        listener.start()
+        loop = asyncio.get_running_loop()
+        client = socket.socket()
+        client.setblocking(False)
+        try:
+            await loop.sock_connect(client, listener._loop.sock.getsockname())
+            # Aborted: the client sees the connection end (RST: ECONNRESET, or EOF), at once;
+            # left open it would wait here until the timeout.
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(client, 10), 5)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""
+        finally:
+            client.close()
+            listener.close()
+
+    asyncio.run(main())
