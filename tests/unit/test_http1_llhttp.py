@@ -18,11 +18,15 @@ why its output is re-checked (bench/README.md, "Waypoint, session 5: llhttp").
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import httptools
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from waypoint.protocol import http1
 from waypoint.protocol.http1 import (
     EndOfMessage,
     Http1Parser,
@@ -347,3 +351,75 @@ def test_llhttp_alone_differs_from_the_checked_parser_where_documented() -> None
         "CL equal twice": True,
         "CL equal list": True,
     }
+
+
+# ---- our checks on llhttp's output, whatever llhttp's tables say -------------------------------
+
+
+class _PermissiveLlhttp:
+    """Stands in for httptools' parser: accepts any head of `method SP target SP version` and
+    `name:value` lines, as an llhttp build with looser character tables would. Today's llhttp
+    refuses control characters and non-token names itself, so only this shows that
+    `Http1Parser`'s own checks (not llhttp's) keep such heads from being accepted."""
+
+    def __init__(self, proto: Any) -> None:
+        self._proto = proto
+        self._method = b""
+
+    def feed_data(self, data: bytes) -> None:
+        head, _, _ = data.partition(b"\r\n\r\n")
+        line, *fields = head.split(b"\r\n")
+        self._method, target, _ = line.split(b" ", 2)
+        self._proto.on_url(target)
+        for field in fields:
+            name, _, value = field.partition(b":")
+            self._proto.on_header(name, value.lstrip(b" \t"))
+        self._proto.on_headers_complete()
+        self._proto.on_message_complete()
+
+    def get_method(self) -> bytes:
+        return self._method
+
+
+@pytest.fixture
+def permissive_llhttp(monkeypatch: pytest.MonkeyPatch) -> None:
+    loose = SimpleNamespace(
+        HttpRequestParser=_PermissiveLlhttp, HttpParserUpgrade=httptools.HttpParserUpgrade
+    )
+    monkeypatch.setattr(http1, "_httptools", loose)
+
+
+@pytest.mark.usefixtures("permissive_llhttp")
+@pytest.mark.parametrize(
+    "field",
+    [b"x: a\x01b", b"x: a\x7fb", b"x: a\x00b", b"x(y): 1", b"x y: 1", b"x\x0by: 1", b"\x01: 1"],
+    ids=[
+        "SOH in value",
+        "DEL in value",
+        "NUL in value",
+        "( in name",
+        "SP in name",
+        "VT in name",
+        "SOH name",
+    ],
+)
+def test_heads_a_looser_llhttp_accepts_get_the_checked_parsers_verdict(field: bytes) -> None:
+    """A control character the field rules refuse (RFC 9110 §5.5) or a field name that is not
+    a token (§5.1): refused by the checked parser's words even though "llhttp" accepted it."""
+    p = Http1Parser(Role.REQUEST)
+    p.feed(b"GET / HTTP/1.1\r\nhost: a\r\n" + field + b"\r\n\r\n")
+    with pytest.raises(HttpParseError) as got:
+        p.next_event()
+    assert got.value.status == 400
+    assert same([b"GET / HTTP/1.1\r\nhost: a\r\n" + field + b"\r\n\r\n"])[0] == "error"
+
+
+@pytest.mark.usefixtures("permissive_llhttp")
+def test_the_permissive_stand_in_is_used_for_a_clean_head() -> None:
+    p = Http1Parser(Role.REQUEST)
+    p.feed(b"GET /a HTTP/1.1\r\nhost: a\r\nx-y: 1\r\n\r\n")
+    head = p.next_event()
+    assert isinstance(head, RequestHead)
+    assert isinstance(p._ll, http1._LlhttpHead)
+    assert isinstance(p._ll.parser, _PermissiveLlhttp)
+    assert head.headers == (("host", "a"), ("x-y", "1"))
