@@ -1,7 +1,8 @@
 """The compiled (mypyc) build of the data path's hot modules (node proxy and waypoint), and the
 pure-Python fallback.
 
-Owns: which modules are compiled (`COMPILED`), the build (`build()`, run by scripts/setup
+Owns: which modules are compiled (`COMPILED`), which sources a build depends on
+(`build_inputs`), the build (`build()`, run by scripts/setup
 through the user-level build cache `meshcore.nativecache`), and the choice made at import time
 (`select()`, called from `meshcore/__init__.py` before any of them is imported;
 `waypoint/__init__.py` and `ztunnel/__init__.py` import `meshcore` first for that).
@@ -15,14 +16,20 @@ Invariants:
 - All compiled modules run compiled, or none does (they are one mypyc group: compiled code
   calls compiled classes directly, a mix would have two copies of a class).
 - ``AMBIENT_MESH_PURE_PYTHON=1`` in the environment forces the pure-Python sources.
+- The sources a build depends on are the compiled modules and every first-party module they
+  import, transitively (`build_inputs`: mypyc compiles against their types and inlines their
+  `Final` constants); one set for both the stamp and the build cache's key
+  (`meshcore.nativecache`).
 - A build whose recorded source hashes (`STAMP`) no longer match the sources is never used: the
-  sources are imported and one warning says so (an edited module must not run as its stale
-  compiled self). `python -m meshcore.native` rebuilds; `python -m meshcore.nativecache`
-  restores a build of the same sources from the cache, else builds and caches it.
+  sources are imported and one warning says so (an edited module, or a module it imports such
+  as `meshcore.errors`, must not run as its stale compiled self). `python -m meshcore.native`
+  rebuilds; `python -m meshcore.nativecache` restores a build of the same sources from the
+  cache, else builds and caches it.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -71,7 +78,8 @@ COMPILED: tuple[str, ...] = (
 per-request path (profiles in bench/README.md)."""
 GROUP = "meshcore._native"
 STAMP = ROOT / "meshcore" / "_native.json"
-"""Written by `build()`: the sha256 of each compiled module's source."""
+"""Written by `build()`: the sha256 of each source the build depends on (`stamp_text`)."""
+FIRST_PARTY = ("meshcore", "ztunnel", "waypoint")
 PURE_ENV = "AMBIENT_MESH_PURE_PYTHON"
 
 _state: dict[str, str] = {"mode": "unselected"}
@@ -81,8 +89,68 @@ def source(module: str, root: Path = ROOT) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def source_hashes(root: Path = ROOT) -> dict[str, str]:
-    return {m: hashlib.sha256(source(m, root).read_bytes()).hexdigest() for m in COMPILED}
+def _module_file(root: Path, name: str) -> Path | None:
+    base = root.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+_parsed: dict[tuple[str, str, bool], frozenset[str]] = {}
+"""(sha256 of a source, its module, is a package) -> `_imported`: parsing is most of a key's
+cost, and a source's imports are a function of its text."""
+
+
+def _imported(source: bytes, digest: str, module: str, *, package: bool) -> frozenset[str]:
+    """Module names an import statement of `source` may load (``from a import b``: ``a`` and
+    ``a.b``, which may be a submodule); relative imports resolved against `module`."""
+    memo = _parsed.get((digest, module, package))
+    if memo is not None:
+        return memo
+    base_package = module if package else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source, module)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = base_package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    found = _parsed[(digest, module, package)] = frozenset(n for n in names if n)
+    return found
+
+
+def build_inputs(root: Path = ROOT) -> tuple[dict[str, str], set[str]]:
+    """(relative path -> sha256 of every first-party source the compiled modules depend on,
+    with their packages' ``__init__``; top-level names of the third-party modules they import)."""
+    files: dict[str, str] = {}
+    third: set[str] = set()
+    todo = list(COMPILED)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        top = name.partition(".")[0]
+        if top not in FIRST_PARTY:
+            if top not in sys.stdlib_module_names:
+                third.add(top)
+            continue
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # packages run first
+        path = _module_file(root, name)
+        if path is None:
+            continue  # ``from pkg import function``: not a module
+        text = path.read_bytes()
+        digest = files[path.relative_to(root).as_posix()] = hashlib.sha256(text).hexdigest()
+        todo += sorted(_imported(text, digest, name, package=path.name == "__init__.py"))
+    return files, third
 
 
 def stamp_path(root: Path = ROOT) -> Path:
@@ -91,8 +159,25 @@ def stamp_path(root: Path = ROOT) -> Path:
 
 
 def stamp_text(root: Path = ROOT) -> str:
-    """The stamp `build()` writes for the sources of the tree at `root`."""
-    return json.dumps(source_hashes(root), indent=1, sort_keys=True) + "\n"
+    """The stamp `build()` writes for the sources of the tree at `root`: the sha256 of every
+    source the build depends on (`build_inputs`), by tree-relative path."""
+    return json.dumps(build_inputs(root)[0], indent=1, sort_keys=True) + "\n"
+
+
+def _stamp_current(recorded: object, root: Path = ROOT) -> bool:
+    """Whether every source the stamp names still has its recorded hash. Hashing the recorded
+    files (not walking the imports again) suffices: the set of sources changes only through an
+    edit to one of them."""
+    if not isinstance(recorded, dict) or not recorded:
+        return False
+    for rel, digest in recorded.items():
+        try:
+            data = (root / str(rel)).read_bytes()
+        except OSError:
+            return False
+        if hashlib.sha256(data).hexdigest() != digest:
+            return False
+    return all(source(m, root).relative_to(root).as_posix() in recorded for m in COMPILED)
 
 
 def _built() -> bool:
@@ -129,7 +214,7 @@ def select() -> str:
             recorded = json.loads(STAMP.read_text())
         except (OSError, ValueError):
             recorded = {}
-        if recorded != source_hashes():
+        if not _stamp_current(recorded):
             mode = "stale"
             warnings.warn(
                 "the compiled build of the hot modules is stale; running the "

@@ -8,13 +8,12 @@ meshcore.nativecache``) when the tree has no current build: a fresh clone of sou
 built on this machine (CI clones fresh every run) restores the extension modules in about a
 second instead of compiling them (~100 s of CPU).
 
-The key is the sha256 of everything that changes the compiled output: the source of every
-compiled module and of every first-party module they import, transitively (mypyc compiles
-against their types and inlines their `Final` constants; `meshcore/native.py` is among them:
-the list of modules, the group and the build recipe), the versions of the third-party
-distributions they import, mypy/mypyc's and setuptools' versions, the interpreter (version,
-ABI tag, extension suffix, machine), the optimisation level and the compiler settings of the
-environment (``CC``, ``CFLAGS``, ``LDFLAGS``, ``CPPFLAGS``, ``MYPYC_*``).
+The key is the sha256 of everything that changes the compiled output: the sources the build
+depends on (`meshcore.native.build_inputs`, the set the tree's stamp records too;
+`meshcore/native.py` is among them: the list of modules, the group and the build recipe), the
+versions of the third-party distributions they import, mypy/mypyc's and setuptools' versions,
+the interpreter (version, ABI tag, extension suffix, machine), the optimisation level and the
+compiler settings of the environment (``CC``, ``CFLAGS``, ``LDFLAGS``, ``CPPFLAGS``, ``MYPYC_*``).
 
 Invariants:
 - An entry is published whole or not at all: staged in a temporary directory of the cache
@@ -34,7 +33,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import hashlib
 import importlib.metadata
@@ -51,7 +49,6 @@ from pathlib import Path
 
 from meshcore import native
 
-FIRST_PARTY = ("meshcore", "ztunnel", "waypoint")
 KEEP = 8
 """Entries kept (one per combination of sources in use: branches, worktrees)."""
 STALE_STAGING = 3600.0
@@ -65,70 +62,6 @@ def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
     return root / "ambient-mesh" / "mypyc"
-
-
-def _module_file(root: Path, name: str) -> Path | None:
-    base = root.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-_parsed: dict[tuple[str, str, bool], frozenset[str]] = {}
-"""(sha256 of a source, its module, is a package) -> `_imported`: parsing is most of a key's
-cost, and a source's imports are a function of its text."""
-
-
-def _imported(source: bytes, digest: str, module: str, *, package: bool) -> frozenset[str]:
-    """Module names an import statement of `source` may load (``from a import b``: ``a`` and
-    ``a.b``, which may be a submodule); relative imports resolved against `module`."""
-    memo = _parsed.get((digest, module, package))
-    if memo is not None:
-        return memo
-    base_package = module if package else module.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source, module)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = base_package.split(".")
-                parent = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{parent}.{base}" if base else parent
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    found = _parsed[(digest, module, package)] = frozenset(n for n in names if n)
-    return found
-
-
-def inputs(root: Path = native.ROOT) -> tuple[dict[str, str], set[str]]:
-    """(relative path -> sha256 of every first-party source the compiled modules depend on,
-    with their packages' ``__init__``; top-level names of the third-party modules they import)."""
-    files: dict[str, str] = {}
-    third: set[str] = set()
-    todo = list(native.COMPILED)
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        top = name.partition(".")[0]
-        if top not in FIRST_PARTY:
-            if top not in sys.stdlib_module_names:
-                third.add(top)
-            continue
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # packages run first
-        path = _module_file(root, name)
-        if path is None:
-            continue  # ``from pkg import function``: not a module
-        source = path.read_bytes()
-        digest = files[path.relative_to(root).as_posix()] = hashlib.sha256(source).hexdigest()
-        todo += sorted(_imported(source, digest, name, package=path.name == "__init__.py"))
-    return files, third
 
 
 def _versions(top_names: set[str]) -> dict[str, str]:
@@ -150,7 +83,7 @@ def cache_key(root: Path = native.ROOT, opt_level: str = "3") -> str:
     """The sha256 (hex) of everything that changes the compiled output (module doc)."""
     import mypy.version  # build time only
 
-    files, third = inputs(root)
+    files, third = native.build_inputs(root)
     doc = {
         "files": files,
         "distributions": _versions({*third, "mypy", "setuptools"}),

@@ -169,3 +169,14 @@ def test_prune_keeps_the_recently_used_and_drops_crashed_staging(tmp_path: Path)
     nativecache.prune(cache, keep=2, now=2000.0 + nativecache.STALE_STAGING)
     left = sorted(p.name for p in cache.iterdir())
     assert left == [".tmp-live", f"{3:064x}", f"{4:064x}"]
+
+
+def test_an_edit_to_a_module_the_compiled_ones_import_makes_the_build_stale(tree: Path) -> None:
+    """`meshcore.errors` is not compiled, but the compiled modules import it (mypyc compiled
+    against its classes): after an edit to it the tree's build is stale, as the cache key
+    already said (one set of sources for both: `meshcore.native.build_inputs`). Before, only
+    the compiled modules' own sources were compared and the stale build ran."""
+    assert _selected(tree)["mode"] == "compiled"
+    errors = tree / "meshcore" / "errors.py"
+    errors.write_text(errors.read_text() + "\n# edited after the build\n")
+    assert _selected(tree)["mode"] == "stale"
