@@ -16,14 +16,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run
+from tests.helpers import BIN, run, spawn, stop_processes
 from tests.loopback.cpfixtures import (
     CP_ADDR,
     DENY_SLEEP,
@@ -41,8 +40,6 @@ from tests.loopback.cpfixtures import (
     stop_node,
     write_manifests,
 )
-
-BIN = Path(sys.executable).parent
 
 
 def children_of(pid: int) -> list[int]:
@@ -96,19 +93,11 @@ def node_b_process(
         "--ready-file",
         str(tmp / f"{name}.ready"),
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+    proc = spawn(argv, log)
     try:
         yield proc, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc)
 
 
 @contextlib.contextmanager
