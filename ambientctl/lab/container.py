@@ -9,8 +9,9 @@ manifest says (``/var/run/secrets/kubernetes.io/serviceaccount/token`` for the i
 client, ``/etc/ambient/controlplane-roots`` for the node proxy) and nothing is rewritten.
 
 A mount hides what was at its mount point: `hidden` tells when a container could not see the
-programs the lab runs it with (the repository, its virtualenv), e.g. a tree under ``/tmp``,
-where the chart's pods mount an emptyDir (the container's exec then fails with ENOENT).
+programs the lab runs it with (`lab_paths`: the repository `REPO`, its virtualenv), e.g. a tree
+under ``/tmp``, where the chart's pods mount an emptyDir (the container's exec then fails with
+ENOENT).
 
 Invariants: the namespace is a slave of the caller's (``unshare --propagation slave``): mounts
 made here never propagate out, while netns bind mounts the host makes later (``ip netns add``)
@@ -28,6 +29,15 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+"""The repository the lab runs from (its sources, examples and chart)."""
+
+
+def lab_paths(python: str = sys.executable) -> dict[str, Path]:
+    """What every lab container runs from, for `hidden`: the lab has no images, its pods run
+    the repository's entry points from its virtualenv with the interpreter `python`."""
+    return {"repository": REPO, "virtualenv": Path(sys.prefix), "interpreter": Path(python)}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -53,7 +53,6 @@ SERVICE_CIDR = "10.96.0.0/16"  # the lab manifests' ClusterIPs are in it
 CLUSTER_DOMAIN = "cluster.local"
 SA_ISSUER = f"https://kubernetes.default.svc.{CLUSTER_DOMAIN}"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def bin_dir() -> Path:

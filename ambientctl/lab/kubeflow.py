@@ -18,12 +18,11 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
+from ambientctl.lab.container import REPO
 from ambientctl.lab.kubelab import KubeLab
 
-REPO = Path(__file__).resolve().parents[2]
 APPS = (
     REPO / "examples/lab/echo.py",
     REPO / "examples/lab/call.py",

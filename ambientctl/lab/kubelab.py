@@ -34,29 +34,25 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ambientctl.errors import LabCommandError, LabStateError
 from ambientctl.lab import container, system, topology
+from ambientctl.lab.container import REPO
 from ambientctl.lab.kube import SERVICE_CIDR, KubeCluster, bin_dir
 from ambientctl.lab.lab import Lab
 from ambientctl.lab.state import CNI_PATH_SYSTEM, PYTHON
 from cni.install import write_launcher
 
 STATE_FILE = "kube-lab.json"
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_NODES = ("node-1", "node-2")
 NODE_DIRS = ("/etc/cni/net.d", "/opt/cni/bin", "/var/run/ambient")
 """A node's own host directories (lab nodes share one machine's filesystem)."""
 
 
 CHART = REPO / "charts" / "ambient"
-LAB_PATHS = {"repository": REPO, "virtualenv": Path(sys.prefix), "interpreter": Path(PYTHON)}
-"""What the chart's containers run from: the lab has no images, its pods run this tree's entry
-points with this interpreter."""
 
 
 def chart_mount_points(chart: Path = CHART) -> list[Path]:
@@ -71,10 +67,11 @@ def chart_mount_points(chart: Path = CHART) -> list[Path]:
 MOUNT_PATH = re.compile(r"^\s*(?:-\s+)?mountPath:\s*[\"']?(/[^\s\"'{}]*)[\"']?\s*$", re.M)
 
 
-def check_paths(needed: Mapping[str, Path] = LAB_PATHS, chart: Path = CHART) -> None:
+def check_paths(needed: Mapping[str, Path] | None = None, chart: Path = CHART) -> None:
     """Refuse a lab whose repository or virtualenv the chart's pods would not see: a container
     mount over it hides it (a venv under /tmp: the node proxy's exec failed with ENOENT)."""
-    why = container.hidden(needed, chart_mount_points(chart))
+    paths = container.lab_paths(PYTHON) if needed is None else needed
+    why = container.hidden(paths, chart_mount_points(chart))
     if why is not None:
         raise LabCommandError(
             f"kube lab: {why}, which the chart's pods mount over: their containers could not "

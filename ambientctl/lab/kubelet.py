@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 Json = Mapping[str, Any]
 TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-REPO = Path(__file__).resolve().parents[2]
 # -- the I/O edge ---------------------------------------------------------------------------------
 
 
@@ -147,11 +146,7 @@ class LabKubelet:
         self.proxy_api = proxy_api
         self.python = settings.python
         self.image_paths = dict(settings.image_paths)
-        self.needed = {
-            "interpreter": Path(settings.python),
-            "virtualenv": Path(sys.prefix),
-            "repository": REPO,
-        }
+        self.needed = container.lab_paths(settings.python)
         """What every container runs from (`container.hidden`)."""
         self.supervisor = supervise.Supervisor(
             node_netns=node.netns,

@@ -20,7 +20,8 @@ import yaml
 
 from ambientctl.errors import LabCommandError
 from ambientctl.lab import system
-from ambientctl.lab.kube import REPO, SA_ISSUER, KubeCluster, bin_dir, require_binaries
+from ambientctl.lab.container import REPO
+from ambientctl.lab.kube import SA_ISSUER, KubeCluster, bin_dir, require_binaries
 from tests.cluster import objects
 from tests.loopback.test_chart import helm_binary
 

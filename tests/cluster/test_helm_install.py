@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from ambientctl.lab.kube import REPO, KubeCluster
+from ambientctl.lab.container import REPO
+from ambientctl.lab.kube import KubeCluster
 from tests.cluster import objects
 from tests.loopback.test_chart import helm_binary
 
