@@ -62,6 +62,10 @@ class Nodes:
     generation: dict[str, int] = field(default_factory=dict)
     flags: tuple[str, ...] = ()
     """Extra node-proxy flags for every process (e.g. HTTP/3)."""
+    first: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    """Each node's first process (generation 1: the one the tests replace)."""
+    ip: dict[str, str] = field(default_factory=dict)
+    """Each node's address, as spawned."""
 
     def sock(self, node: str) -> Path:
         return self.tmp / f"{node}.handover.sock"
@@ -81,6 +85,8 @@ class Nodes:
         cfg = self.tmp / "mesh.yaml"
         proc = spawn_ztunnel(node, ip, *flags, mesh_config=cfg, drain=2, log=self.log(node, gen))
         self.procs.append(proc)
+        self.first.setdefault(node, proc)
+        self.ip[node] = ip
         return proc
 
     def wait_ready(self, node: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -448,7 +454,6 @@ def kill_successor_after_ready(
     """Hold `n_held` tunnels and open fresh ones; `node` is replaced by a successor, which is
     SIGKILLed 1 s after it turned ready; then a third process takes over from the old one."""
     figures: dict[str, object] = {}
-    index = {"node-a": 0, "node-b": 1}[node]
 
     async def main() -> Traffic:
         backend = await asyncio.start_server(echo, SERVER, 8080, backlog=4096)
@@ -457,7 +462,7 @@ def kill_successor_after_ready(
         await asyncio.wait_for(t.all_open.wait(), 30)
         fresh = asyncio.create_task(t.fresh())
         await asyncio.sleep(0.3)
-        old = nodes.procs[index]
+        old = nodes.first[node]
         successor = nodes.spawn(node, ip)
         await in_thread(nodes.wait_ready, node, successor)
         assert not nodes.ready_file(node, 1).exists()
@@ -506,7 +511,6 @@ def kill_successor_after_ready(
 def check_taken_back(
     nodes: Nodes, node: str, t: Traffic, figures: dict[str, object], n_held: int
 ) -> None:
-    ip = NODE_A if node == "node-a" else NODE_B
     killed = figures.pop("killed")
     assert isinstance(killed, float)
     assert (t.lost, t.corrupted, t.opened) == (0, 0, n_held), t
@@ -523,11 +527,10 @@ def check_taken_back(
     assert "successor died (no RELEASE)" in log, log
     assert log.count("hand-over: done") == 2, log
     assert "predecessor stopped accepting" in nodes.log(node, 3).read_text()
-    index = {"node-a": 0, "node-b": 1}[node]
-    old, third = nodes.procs[index], nodes.procs[-1]
+    old, third = nodes.first[node], nodes.procs[-1]
     assert old.wait(15) == 0  # its held tunnels ended: it exits on its own
     assert third.poll() is None
-    assert ready(ip)
+    assert ready(nodes.ip[node])
 
 
 def _gone_before_ready(path: Path, log: Path, timeout: float = 30) -> bool:
