@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import hashlib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -140,6 +141,32 @@ def test_slow_http3_handshake_is_kept_not_marked_broken(tmp_path: Path) -> None:
             assert [c["transport"] for c in pool.snapshot()] == ["h3"]
             assert len(ep.connections) == 1
             assert pool.connections_opened == 2  # one HTTP/2 fallback, then one HTTP/3
+
+    run(main(), 60)
+
+
+def test_http2_failing_while_http3_is_slow_waits_for_http3(tmp_path: Path) -> None:
+    """The race's other order: HTTP/2 fails (injected: no TLS context) while the slow QUIC
+    handshake is still going; the request is served once HTTP/3 is up, not failed."""
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            pool = mesh.node_a.ctx.pool
+            pool.h3_head_start = 0.1
+            tried: list[SpiffeId] = []
+
+            async def no_tls(identity: SpiffeId) -> ssl.SSLContext:
+                tried.append(identity)
+                raise OSError("HTTP/2 unavailable")
+
+            pool._context_for = no_tls
+            ep = endpoint(mesh)
+            ep.pause_reading()
+            asyncio.get_running_loop().call_later(0.5, ep.resume_reading)
+            await check_call(1)
+            assert tried  # HTTP/2 was raced, and failed
+            assert [c["transport"] for c in pool.snapshot()] == ["h3"]
+            assert pool.h3_fallbacks == 0
 
     run(main(), 60)
 
