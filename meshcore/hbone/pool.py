@@ -164,17 +164,15 @@ class HbonePool:
         return self._add(key, await self._dial_h2(key))
 
     def _add(self, key: PoolKey, proto: PooledConnection) -> PooledConnection:
-        """Pool a new connection. An HTTP/3 one goes first and retires the key's HTTP/2
-        fallbacks (GOAWAY: their streams finish, new ones take HTTP/3)."""
+        """Pool a new connection. An HTTP/3 one retires the key's HTTP/2 fallbacks (GOAWAY:
+        their streams finish, new ones take HTTP/3)."""
         self.connections_opened += 1
         conns = self._conns.setdefault(key, [])
-        if isinstance(proto, HboneProtocol):
-            conns.append(proto)
-            return proto
-        for old in [c for c in conns if isinstance(c, HboneProtocol)]:
-            old.close()
-            conns.remove(old)
-        conns.insert(0, proto)
+        if not isinstance(proto, HboneProtocol):
+            for old in [c for c in conns if isinstance(c, HboneProtocol)]:
+                old.close()
+                conns.remove(old)
+        conns.append(proto)
         return proto
 
     async def _dial_h3_first(self, key: PoolKey) -> PooledConnection:
