@@ -54,8 +54,9 @@ def pytest_configure(config: pytest.Config) -> None:
     def netns_add(name: str) -> None:
         runreaper.record_netns(runreaper.RUNS_DIR, token, name)
         create(name)
+        runreaper.record_created(runreaper.RUNS_DIR, token, name)
 
-    system.netns_add = netns_add  # this run's netns, recorded before they exist
+    system.netns_add = netns_add  # this run's netns: named before they exist, then identified
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

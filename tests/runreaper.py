@@ -14,17 +14,20 @@ leftovers of runs that are gone.
   so every process the run starts inherits it, whatever session, process group or netns it
   moves to (containers the lab kubelet starts get their pod's environment instead: they are
   found through their netns).
-- The run records each named netns it creates (`record_netns`, wrapping
-  `ambientctl.lab.system.netns_add` for the session) in ``<runs dir>/<token>.netns`` before
-  it exists; a lab's underlay netns ``<lab>-underlay`` records the prefix ``<lab>-`` too (the
-  lab kubelet, another process, names its pods' netns ``<lab>-<namespace>-<pod>``).
+- The run records each named netns it creates (wrapping `ambientctl.lab.system.netns_add`
+  for the session) in ``<runs dir>/<token>.netns``: its name before it exists
+  (`record_netns`), then its name with the namespace's identity (`record_created`). A lab's
+  underlay netns ``<lab>-underlay`` stands for the lab's other netns too (the lab kubelet,
+  another process, names its pods' netns ``<lab>-<namespace>-<pod>``).
 
 Invariants: only what belongs to a run whose pytest process no longer exists is touched: a
-process carrying a live run's token, and a netns (or prefix) a live run recorded too (fixed
-lab names are reused by every run), are left alone; helpers run concurrent test runs in
-other network namespaces of the same machine. A process without a token is killed only
-when it is inside a netns of a dead run. Reaping never raises: what cannot be removed is
-reported and left.
+process carrying a live run's token, and a netns (or lab prefix) a live run recorded too, are
+left alone; helpers run concurrent test runs in other network namespaces of the same machine.
+Fixed lab names are reused by every run, also by runs without this mechanism: a netns is
+reaped only while it is the very namespace the gone run created (same nsfs inode, made at
+the same time), and a lab's other netns only while its underlay is; one created again
+since, by anyone, is never touched. A process without a token is killed only when it is
+inside such a netns. Reaping never raises: what cannot be removed is reported and left.
 """
 
 from __future__ import annotations
@@ -79,25 +82,73 @@ def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
 
-def record_netns(runs_dir: Path, token: str, name: str) -> None:
-    """Note that run `token` creates the named netns `name` (before it exists)."""
+def _append(runs_dir: Path, token: str, line: str) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True, mode=0o1777)
-    lines = [name]
-    if name.endswith(UNDERLAY_SUFFIX):
-        lines.append(name.removesuffix("underlay") + "*")  # the lab's prefix
     with (runs_dir / f"{token}.netns").open("a") as f:
-        f.write("".join(f"{line}\n" for line in lines))
+        f.write(line + "\n")
 
 
-def _recorded(path: Path) -> set[str]:
+def record_netns(runs_dir: Path, token: str, name: str) -> None:
+    """Note that run `token` is about to create the named netns `name`: a live run's names
+    are never reaped, whoever recorded them before."""
+    _append(runs_dir, token, name)
+
+
+def _identity(name: str, netns_dir: Path = NETNS_DIR) -> str | None:
+    """The namespace `name` names: its nsfs inode and that inode's change time (inode numbers
+    of deleted namespaces are reused; the time, set when the namespace was made, is not)."""
     try:
-        return {line for line in path.read_text().splitlines() if line}
+        st = (netns_dir / name).stat()
     except OSError:
-        return set()
+        return None
+    return f"{st.st_ino}.{st.st_ctime_ns}"
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in patterns)
+def record_created(runs_dir: Path, token: str, name: str, netns_dir: Path = NETNS_DIR) -> None:
+    """Note the namespace `name` now is (`_identity`): the one run `token` created."""
+    ident = _identity(name, netns_dir)
+    if ident is not None:
+        _append(runs_dir, token, f"{name} {ident}")
+
+
+def _recorded(path: Path) -> tuple[set[str], dict[str, str]]:
+    """(names, name -> identity of the namespace created) of a run's record."""
+    names: set[str] = set()
+    created: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return names, created
+    for line in lines:
+        name, _, ident = line.partition(" ")
+        if name:
+            names.add(name)
+        if name and ident:
+            created[name] = ident
+    return names, created
+
+
+def _lab_of(name: str, labs: Iterable[str]) -> str | None:
+    """The lab (``<lab>-`` prefix of a recorded underlay) `name` belongs to, if any."""
+    for underlay in labs:
+        if name.startswith(underlay.removesuffix("underlay")):
+            return underlay
+    return None
+
+
+def _owned(name: str, created: dict[str, str], netns_dir: Path) -> bool:
+    """Whether `name` is (in) a namespace the run created and that was not made again."""
+    if name in created:
+        return _identity(name, netns_dir) == created[name]
+    lab = _lab_of(name, (n for n in created if n.endswith(UNDERLAY_SUFFIX)))
+    return lab is not None and _identity(lab, netns_dir) == created[lab]
+
+
+def _shielded(name: str, live: set[str]) -> bool:
+    """A name a live run recorded, or in a lab a live run recorded."""
+    return (
+        name in live or _lab_of(name, (n for n in live if n.endswith(UNDERLAY_SUFFIX))) is not None
+    )
 
 
 def _netns_pids(name: str) -> list[int]:
@@ -143,17 +194,19 @@ def reap(
             done.append(f"process {pid} of gone run {token}")
     files = sorted(runs_dir.glob("*.netns")) if runs_dir.is_dir() else []
     live: set[str] = set()
-    dead: dict[Path, set[str]] = {}
+    dead: dict[Path, dict[str, str]] = {}
     for path in files:
+        names_, created = _recorded(path)
         if alive(path.name.removesuffix(".netns")):
-            live |= _recorded(path)
+            live |= names_
         else:
-            dead[path] = _recorded(path)
+            dead[path] = created
     names = sorted(p.name for p in netns_dir.iterdir()) if netns_dir.is_dir() else []
-    for path, patterns in dead.items() if os.geteuid() == 0 else ():
+    for path, created in dead.items() if os.geteuid() == 0 else ():
         kept = False
-        for name in names:
-            if not _matches(name, patterns) or _matches(name, live):
+        # Pods' netns before their lab's underlay (whose inode vouches for them).
+        for name in sorted(names, key=lambda n: n.endswith(UNDERLAY_SUFFIX)):
+            if not _owned(name, created, netns_dir) or _shielded(name, live):
                 continue
             inside = _netns_pids(name)
             if any(pid in live_pids for pid in inside):

@@ -20,28 +20,43 @@ def netns(name: str) -> None:
 def test_the_netns_of_a_gone_run_are_deleted_a_live_runs_are_not(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     dead, live = gone_run(), runreaper.token_of(os.getpid())
-    lab, other = f"rr{os.getpid()}", f"rl{os.getpid()}"
-    # The gone run made its lab's underlay; its kubelet (another process) made a pod's netns.
-    runreaper.record_netns(runs, dead, f"{lab}-underlay")
-    runreaper.record_netns(runs, live, f"{other}-underlay")
+    pid = os.getpid()
+    lab, other, again = f"rr{pid}", f"rl{pid}", f"ra{pid}"
     names = [f"{lab}-underlay", f"{lab}-default-echo", f"{other}-underlay", f"{lab}x-n1"]
+    names += [f"{again}-underlay", f"{again}-default-echo"]
+    # The gone run made its lab's underlay; its kubelet (another process) made a pod's netns.
+    # A live run made its own lab. The lab `again` was the gone run's too, but someone (a run
+    # without this mechanism) has made it again since: not the gone run's namespaces any more.
     for name in names:
+        runreaper.record_netns(runs, live if name.startswith(other) else dead, name)
         netns(name)
+    runreaper.record_created(runs, dead, f"{lab}-underlay")
+    runreaper.record_created(runs, live, f"{other}-underlay")
+    runreaper.record_created(runs, dead, f"{again}-underlay")
+    subprocess.run(["ip", "netns", "del", f"{again}-underlay"], check=True)
+    netns(f"{again}-underlay")
     env = {k: v for k, v in os.environ.items() if k != runreaper.ENV}  # a pod's own environment
-    pod = subprocess.Popen(["nsenter", f"--net=/run/netns/{lab}-default-echo", *SLEEPER], env=env)
+    pods = [
+        subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}-default-echo", *SLEEPER], env=env)
+        for ns in (lab, again)
+    ]
     try:
         reaped = runreaper.reap(runs, log=print)
-        assert pod.wait(10) == -9
+        assert pods[0].wait(10) == -9
         assert not Path(f"/run/netns/{lab}-underlay").exists()
         assert not Path(f"/run/netns/{lab}-default-echo").exists()
         assert f"netns {lab}-default-echo of gone run {dead} (1 processes)" in reaped
         assert Path(f"/run/netns/{other}-underlay").exists()  # a live run's
         assert Path(f"/run/netns/{lab}x-n1").exists()  # not the lab's prefix
+        assert Path(f"/run/netns/{again}-underlay").exists()  # made again since
+        assert Path(f"/run/netns/{again}-default-echo").exists()
+        assert pods[1].poll() is None
         assert not (runs / f"{dead}.netns").exists()  # reaped: its record goes
         assert (runs / f"{live}.netns").exists()
     finally:
-        pod.kill()
-        pod.wait()
+        for pod in pods:
+            pod.kill()
+            pod.wait()
         for name in names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
@@ -55,7 +70,8 @@ def test_this_run_records_the_netns_it_creates() -> None:
         system.netns_add(name)
         assert system.netns_exists(name)
         recorded = record.read_text().splitlines()
-        assert name in recorded
-        assert f"rs{os.getpid()}-*" in recorded  # the lab's prefix: its pods' netns
+        st = Path(f"/run/netns/{name}").stat()
+        made = f"{name} {st.st_ino}.{st.st_ctime_ns}"
+        assert recorded == [name, made]  # named before, then the namespace made
     finally:
         system.netns_del(name)
