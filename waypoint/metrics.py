@@ -74,6 +74,15 @@ DURATION_BUCKETS_MS = (
 )
 BYTES_BUCKETS = tuple(float(10**i) for i in range(0, 10))
 _DURATION_BOUNDS = tuple(float(b) for b in DURATION_BUCKETS_MS)
+# The ``le`` label of each bound, formatted once as prometheus_client formats it.
+_DURATION_LE: tuple[str, ...] = tuple(
+    floatToGoString(b)  # type: ignore[no-untyped-call]
+    for b in _DURATION_BOUNDS
+)
+_BYTES_LE: tuple[str, ...] = tuple(
+    floatToGoString(b)  # type: ignore[no-untyped-call]
+    for b in BYTES_BUCKETS
+)
 
 access_log = logging.getLogger("waypoint.access")
 
@@ -136,13 +145,13 @@ class _Counts:
         self.response_bytes_sum = 0.0
 
 
-def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+def _buckets(les: tuple[str, ...], counts: list[int]) -> list[tuple[str, float]]:
     """Cumulative ``(le, count)`` pairs as prometheus_client's `Histogram` exports them."""
     out: list[tuple[str, float]] = []
     total = 0
-    for bound, n in zip(bounds, counts, strict=False):
+    for le, n in zip(les, counts, strict=False):
         total += n
-        out.append((floatToGoString(bound), float(total)))
+        out.append((le, float(total)))
     out.append(("+Inf", float(total + counts[-1])))
     return out
 
@@ -167,9 +176,9 @@ class _RequestCollector(Collector):
         )
         for labels, c in series:
             requests.add_metric(labels, float(c.requests))
-            duration.add_metric(labels, _buckets(_DURATION_BOUNDS, c.duration), c.duration_sum)
-            req.add_metric(labels, _buckets(BYTES_BUCKETS, c.request_bytes), c.request_bytes_sum)
-            resp.add_metric(labels, _buckets(BYTES_BUCKETS, c.response_bytes), c.response_bytes_sum)
+            duration.add_metric(labels, _buckets(_DURATION_LE, c.duration), c.duration_sum)
+            req.add_metric(labels, _buckets(_BYTES_LE, c.request_bytes), c.request_bytes_sum)
+            resp.add_metric(labels, _buckets(_BYTES_LE, c.response_bytes), c.response_bytes_sum)
         yield requests
         yield duration
         yield req

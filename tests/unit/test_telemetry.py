@@ -123,8 +123,7 @@ def test_waypoint_label_cache_follows_a_replaced_workload() -> None:
 
 
 def _request_lines(text: str) -> list[str]:
-    names = ("istio_requests", "istio_request_duration", "istio_request_bytes")
-    names += ("istio_response_bytes",)
+    names = ("istio_requests", "istio_request_duration", "istio_request_bytes", "istio_response_")
     return [x for x in text.splitlines() if any(n in x for n in names)]
 
 
