@@ -207,6 +207,8 @@ ATTACKS: list[tuple[str, str, bytes, int]] = [
     ("status 2000", "GET", b"HTTP/1.1 2000 OK\r\ncontent-length: 0", 502),
     ("status 099", "GET", b"HTTP/1.1 099 X\r\ncontent-length: 0", 502),
     ("HTTP/2 status line", "GET", b"HTTP/2 200 OK\r\ncontent-length: 0", 502),
+    ("non-ASCII version", "GET", b"HTTP/1.\xff1 200 OK\r\ncontent-length: 0", 502),
+    ("version with a suffix", "GET", b"HTTP/1.1x 200 OK\r\ncontent-length: 0", 502),
     ("101 fields", "GET", OK + b"x: a\r\n" * 101, 502),
     # Accepted, identically, whatever llhttp thinks of them on its own:
     ("CL equal twice", "GET", OK + b"content-length: 0\r\ncontent-length: 0", 0),

@@ -75,6 +75,7 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 # before), and one field line as latin-1 text: token ":" OWS value OWS (RFC 9112 §5).
 _BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*")
+_RESPONSE_VERSION = re.compile(rb"HTTP/1\.[0-9]")
 # RFC 9112 §3.2: a request-target is visible ASCII.
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
 # RFC 9112 §7.1.1: chunk-size [ BWS ";" chunk-ext ] -- no whitespace unless an extension follows.
@@ -548,7 +549,13 @@ class Http1Parser:
 
     def _response(self, line: bytes, headers: Headers) -> ResponseHead:
         parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        # HTTP-version = "HTTP/" DIGIT "." DIGIT (RFC 9112 §2.3): anything else after
+        # "HTTP/1." (a non-ASCII byte raised UnicodeDecodeError here) is a malformed line.
+        if (
+            len(parts) < 2
+            or _RESPONSE_VERSION.fullmatch(parts[0]) is None
+            or not parts[1].isdigit()
+        ):
             raise self._fail(f"malformed status line {line[:60]!r}")
         reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
         return self._response_head(int(parts[1]), reason, parts[0].decode("ascii"), headers)
