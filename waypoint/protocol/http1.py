@@ -43,7 +43,7 @@ import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from meshcore.errors import MeshError
 
@@ -110,8 +110,11 @@ class Role(enum.Enum):
     """Parse responses (the client side)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """A request head (immutable; a NamedTuple, not a frozen dataclass: one is built per
+    request, and a frozen dataclass's ``__init__`` runs interpreted, one ``object.__setattr__``
+    per field, about twice a tuple's cost)."""
+
     method: str
     target: str
     """Request target as sent (origin-form ``/path?query`` normally)."""
@@ -128,8 +131,9 @@ class RequestHead:
         return _keep_alive(self.version, self.headers)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
+    """A response head (a NamedTuple for the reason given at `RequestHead`)."""
+
     status: int
     reason: str
     version: str
@@ -160,6 +164,8 @@ class EndOfMessage:
 
 
 Event = RequestHead | ResponseHead | Body | EndOfMessage
+_END: Final = EndOfMessage()
+"""The end of a message without trailers (immutable: one for all)."""
 
 
 def header_value(headers: Sequence[tuple[str, str]], name: str) -> str | None:
@@ -332,7 +338,7 @@ class Http1Parser:
         self._state = _State.HEAD
         self._trailers = []
         self._trailer_bytes = 0
-        return EndOfMessage(trailers)
+        return EndOfMessage(trailers) if trailers else _END
 
     def _head(self) -> Event | None:
         end = self._buf.find(b"\r\n\r\n")
