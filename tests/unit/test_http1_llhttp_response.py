@@ -15,6 +15,8 @@ streams of responses to one request method (HEAD and CONNECT change the framing)
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -32,6 +34,7 @@ from tests.unit.test_http1_llhttp import (
     cut,
     pool,
 )
+from waypoint.protocol import http1
 from waypoint.protocol.http1 import (
     Body,
     EndOfMessage,
@@ -269,3 +272,54 @@ def test_llhttp_reads_the_bench_response_heads() -> None:
     assert isinstance(p.next_event(), ResponseHead)
     assert calls == []
     assert Http1Parser(Role.RESPONSE, llhttp=False)._llhttp is False
+
+
+class _LenientLlhttp:
+    """An llhttp that accepts a field name with a space in it (as a laxer build or a future
+    table change could): httptools' interface, driving the callbacks by hand."""
+
+    class _Parser:
+        def __init__(self, cb: object) -> None:
+            self.cb: Any = cb
+
+        def feed_data(self, data: bytes) -> None:
+            self.cb.on_url(b"/")
+            self.cb.on_status(b"OK")
+            self.cb.on_header(b"host", b"a")
+            self.cb.on_header(b"x y", b"1")
+            self.cb.on_headers_complete()
+            self.cb.on_message_complete()
+
+        def get_method(self) -> bytes:
+            return b"GET"
+
+        def get_http_version(self) -> str:
+            return "1.1"
+
+        def get_status_code(self) -> int:
+            return 200
+
+    HttpRequestParser = _Parser
+    HttpResponseParser = _Parser
+    HttpParserUpgrade = type("HttpParserUpgrade", (Exception,), {})
+
+
+@pytest.mark.parametrize(
+    ("role", "wire"),
+    [
+        (Role.REQUEST, b"GET / HTTP/1.1\r\nhost: a\r\nx y: 1\r\n\r\n"),
+        (Role.RESPONSE, b"HTTP/1.1 200 OK\r\nhost: a\r\nx y: 1\r\n\r\n"),
+    ],
+)
+def test_a_non_token_name_llhttp_accepts_gets_the_checked_parsers_refusal(
+    monkeypatch: pytest.MonkeyPatch, role: Role, wire: bytes
+) -> None:
+    """Fail closed whatever llhttp's tables say: a name that is not a token (RFC 9110 §5.1)
+    sends the head to the checked parser, which refuses it."""
+    monkeypatch.setattr(http1, "_httptools", _LenientLlhttp)
+    p = Http1Parser(role)
+    assert p._llhttp
+    p.expect_response_to("GET")
+    p.feed(wire)
+    with pytest.raises(HttpParseError, match="malformed header field"):
+        p.next_event()
