@@ -194,11 +194,11 @@ class Handler:
         rec.authority = req.authority
         rec.protocol = "grpc" if req.grpc else "http"
         rec.source_ip = tunnel.peer_ip
-        rec.source_principal = self._peer(tunnel).uri
+        uri = rec.source_principal = self._peer(tunnel).uri
         replay = ReplayBody(req.body, ctx.settings.body_buffer)
         rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
-            self._sanitize(req, tunnel)
+            self._sanitize(req, tunnel, uri)
             await self._serve(_Exchange(req, tunnel, rec, replay), down)
         except WaypointError as err:
             rec.status = err.status
@@ -283,8 +283,9 @@ class Handler:
 
     # ---- the request -----------------------------------------------------------------------
 
-    def _sanitize(self, req: Request, tunnel: Tunnel) -> None:
-        """Hygiene before anything looks at the request (raises `BadRequest`)."""
+    def _sanitize(self, req: Request, tunnel: Tunnel, uri: str) -> None:
+        """Hygiene before anything looks at the request (raises `BadRequest`); `uri`: the
+        peer's (`_Peer.uri`)."""
         try:
             check_request(req.method, req.target, req.authority, req.headers)
         except RequestRejected as err:
@@ -299,7 +300,7 @@ class Handler:
                     xfcc_value(
                         by=self.ctx.settings.identity_uri,
                         cert_hash=tunnel.peer_cert_hash,
-                        uri=self._peer(tunnel).uri,
+                        uri=uri,
                     ),
                 )
             )
