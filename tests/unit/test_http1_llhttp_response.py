@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httptools
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -249,28 +250,37 @@ def test_response_attacks_get_the_checked_parsers_verdict(
             assert got[1] == EndOfMessage()
 
 
-def test_llhttp_reads_the_bench_response_heads() -> None:
+def test_llhttp_reads_the_bench_response_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The upstream's usual response (nginx, Content-Length) and a chunked one are read by
-    llhttp, not re-read by the checked parser."""
+    llhttp and kept (its head-complete callback ran and its fields are the head's)."""
+    seen: list[Any] = []
+
+    class Counting:
+        HttpParserUpgrade = httptools.HttpParserUpgrade
+
+        @staticmethod
+        def HttpResponseParser(cb: Any) -> Any:
+            seen.append(cb)
+            return httptools.HttpResponseParser(cb)
+
+    monkeypatch.setattr(http1, "_httptools", Counting)
     p = Http1Parser(Role.RESPONSE)
     p.expect_response_to("GET")
-    calls: list[bytes] = []
-    checked = p._response
-
-    def spy(line: bytes, headers: tuple[tuple[str, str], ...]) -> ResponseHead:
-        calls.append(line)
-        return checked(line, headers)
-
-    p._response = spy  # type: ignore[method-assign]
     p.feed(BASE[0] + BASE[1])
     head = p.next_event()
     assert isinstance(head, ResponseHead)
     assert (head.status, head.reason, head.content_length) == (200, "OK", 5)
     assert head.headers[0] == ("server", "nginx/1.22.1")
+    assert len(seen) == 1
+    assert seen[0].complete
+    assert seen[0].fields == list(head.headers)
     assert p.next_event() == Body(b"hello")
     assert p.next_event() == EndOfMessage()
-    assert isinstance(p.next_event(), ResponseHead)
-    assert calls == []
+    second = p.next_event()
+    assert isinstance(second, ResponseHead)
+    assert second.chunked
+    assert len(seen) == 2
+    assert seen[1].fields == list(second.headers)
     assert Http1Parser(Role.RESPONSE, llhttp=False)._llhttp is False
 
 
