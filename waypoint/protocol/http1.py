@@ -205,10 +205,11 @@ class _State:
 
 
 class _LlhttpHead:
-    """llhttp (through httptools) reading the request heads of one `Http1Parser`: httptools
-    calls these methods from `feed_data`. Only heads are fed (the checked parser frames
-    bodies), so the llhttp parser is reused only after a message it saw end (a bodiless
-    request); after a head with a body, an upgrade or a refusal a new one is made."""
+    """llhttp (through httptools) reading the heads of one `Http1Parser`: httptools calls
+    these methods from `feed_data`. Only heads are fed (the checked parser frames bodies), so
+    a request parser is reused only after a message it saw end (a bodiless request); after a
+    head with a body, an upgrade or a refusal a new one is made. A response head gets a new
+    one each time (`Http1Parser._llhttp_response`)."""
 
     def __init__(self, response: bool = False) -> None:
         self.parser: Any = (
@@ -226,7 +227,7 @@ class _LlhttpHead:
         return self.done and not self.extra
 
     def start(self) -> None:
-        self.url = b""
+        self.url = self.reason = b""
         self.fields = []
         self.complete = self.done = self.extra = False
 
