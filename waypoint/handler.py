@@ -31,8 +31,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import NamedTuple, TypeVar
 
 from meshcore.backoff import Backoff
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
@@ -101,9 +101,21 @@ MIRROR_BUDGET = 64 * 1024 * 1024
 MAX_MIRRORS = 1024
 """Mirror copies in flight per waypoint; more are skipped (counted, logged)."""
 MIRROR_TIMEOUT = 30.0
+T = TypeVar("T")
 MAX_PEERS = 4096
 """Peer addresses whose source workload the handler keeps (`Handler._peer`); more: it starts
 over (bounded whatever the number of clients)."""
+
+
+def _within(aw: Awaitable[T], timeout: float | None) -> Awaitable[T]:
+    """`aw` bounded by `timeout` seconds (TimeoutError past it), or `aw` itself without a
+    timeout (the default: no Timeout object nor coroutine per request or per try)."""
+    return aw if timeout is None else _bounded(aw, timeout)
+
+
+async def _bounded(aw: Awaitable[T], timeout: float) -> T:
+    async with asyncio.timeout(timeout):
+        return await aw
 
 
 def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
@@ -115,6 +127,8 @@ class _Peer(NamedTuple):
     every request from that peer address and identity, so looked up once (`Handler._peer`)."""
 
     identity: SpiffeId | None
+    uri: str
+    """`Tunnel.peer_uri`: the identity's URI ("" for none), for telemetry and XFCC."""
     principal: str | None
     """The identity without ``spiffe://`` (``cluster.local/ns/x/sa/y``), as policy sees it."""
     source: Workload | None
@@ -164,9 +178,6 @@ class Handler:
         """`_Peer` by peer address, valid for `_peers_of` (the state, config and settings it
         was derived from: a new one of any starts over)."""
         self._peers_of: tuple[MeshState, CompiledConfig, WaypointSettings] | None = None
-        self._uri_of: SpiffeId | None = None
-        self._uri = ""
-        """``str(_uri_of)``: the last peer identity's URI (`_principal_uri`)."""
 
     def _loop_time(self) -> float:
         clock = self._clock
@@ -183,11 +194,11 @@ class Handler:
         rec.authority = req.authority
         rec.protocol = "grpc" if req.grpc else "http"
         rec.source_ip = tunnel.peer_ip
-        rec.source_principal = self._principal_uri(tunnel.peer_identity)
+        uri = rec.source_principal = self._peer(tunnel).uri
         replay = ReplayBody(req.body, ctx.settings.body_buffer)
         rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
-            self._sanitize(req, tunnel)
+            self._sanitize(req, tunnel, uri)
             await self._serve(_Exchange(req, tunnel, rec, replay), down)
         except WaypointError as err:
             rec.status = err.status
@@ -261,7 +272,7 @@ class Handler:
         rec = RequestRecord(now)
         rec.protocol = protocol
         rec.source_ip = tunnel.peer_ip
-        rec.source_principal = str(tunnel.peer_identity) if tunnel.peer_identity else ""
+        rec.source_principal = tunnel.peer_uri
         rec.status, rec.flags, rec.error = status, "DPE", error
         svc = tunnel.service
         if svc is not None:
@@ -272,8 +283,9 @@ class Handler:
 
     # ---- the request -----------------------------------------------------------------------
 
-    def _sanitize(self, req: Request, tunnel: Tunnel) -> None:
-        """Hygiene before anything looks at the request (raises `BadRequest`)."""
+    def _sanitize(self, req: Request, tunnel: Tunnel, uri: str) -> None:
+        """Hygiene before anything looks at the request (raises `BadRequest`); `uri`: the
+        peer's (`_Peer.uri`)."""
         try:
             check_request(req.method, req.target, req.authority, req.headers)
         except RequestRejected as err:
@@ -288,21 +300,11 @@ class Handler:
                     xfcc_value(
                         by=self.ctx.settings.identity_uri,
                         cert_hash=tunnel.peer_cert_hash,
-                        uri=self._principal_uri(tunnel.peer_identity),
+                        uri=uri,
                     ),
                 )
             )
         req.headers = headers
-
-    def _principal_uri(self, identity: SpiffeId | None) -> str:
-        """``str(identity)`` ("" for none), kept for the last identity seen (one per HBONE
-        connection, shared by its streams)."""
-        if identity is None:
-            return ""
-        if identity is not self._uri_of:
-            self._uri = str(identity)
-            self._uri_of = identity
-        return self._uri
 
     def _peer(self, tunnel: Tunnel) -> _Peer:
         """The tunnel's `_Peer`, derived once per peer address and identity for the current
@@ -324,9 +326,11 @@ class Handler:
         src = ctx.state.workload_by_address(tunnel.peer_ip, ctx.settings.network)
         if src is None or ident is None or src.identity != ident:
             src = None
+        uri = tunnel.peer_uri
         peer = _Peer(
             identity=ident,
-            principal=str(ident).removeprefix("spiffe://") if ident is not None else None,
+            uri=uri,
+            principal=uri.removeprefix("spiffe://") if ident is not None else None,
             source=src,
             labels=ctx.labels(src) if src is not None else {},
         )
@@ -553,11 +557,7 @@ class Handler:
 
         leg = _Leg(up, cluster, route, dest, key, set_cookie)
         try:
-            if route.timeout is None:  # no Timeout object per request when there is none
-                await self._admitted(rec, down, leg)
-            else:
-                async with asyncio.timeout(route.timeout):
-                    await self._admitted(rec, down, leg)
+            await _within(self._admitted(rec, down, leg), route.timeout)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {route.timeout}s") from None
 
@@ -651,12 +651,10 @@ class Handler:
             error: WaypointError | None = None  # set when there is no response
             resp: UpstreamResponse | None = None
             try:
-                per_try = policy.per_try_timeout
-                if per_try is None:  # no Timeout object per try when there is none
-                    resp = await upstream.send(up, ep, cluster.policy.pool.connect_timeout)
-                else:
-                    async with asyncio.timeout(per_try):
-                        resp = await upstream.send(up, ep, cluster.policy.pool.connect_timeout)
+                resp = await _within(
+                    upstream.send(up, ep, cluster.policy.pool.connect_timeout),
+                    policy.per_try_timeout,
+                )
                 outcome = resp.status
             except TimeoutError:
                 outcome, error = -2, UpstreamTimeout("per-try timeout")

@@ -36,28 +36,41 @@ DRAIN_LIMIT = 64 * 1024
 
 
 class _Reader:
+    """The request parser fed from the tunnel without a coroutine per read: `poll` parses what
+    has arrived (`TunnelIO.take`), and the callers await `io.readable()` only when it holds no
+    event yet."""
+
     def __init__(self, io: TunnelIO, first: bytes) -> None:
         self.io = io
         self.parser = http1.Http1Parser(http1.Role.REQUEST)
         self.parser.feed(first)
         self.eof = False
+        self.ended = False
+        """The client ended the stream cleanly between requests."""
 
-    async def next_event(self) -> http1.Event | None:
-        """Next event; None = clean EOF between requests."""
+    def poll(self) -> http1.Event | None:
+        """The next event if what has arrived holds one; None: wait for `io.readable()`, or,
+        with `ended`, no more requests. A message cut short by the end raises
+        HttpParseError, a reset ConnectionResetError."""
+        parser = self.parser
         while True:
-            ev = self.parser.next_event()
+            ev = parser.next_event()
             if ev is not None:
                 return ev
             if self.eof:
+                self.ended = True
                 return None
-            data = await self.io.read()
+            data = self.io.take()
+            if data is None:
+                return None
             if data:
-                self.parser.feed(data)
+                parser.feed(data)
             else:
                 self.eof = True
-                if self.parser.idle:
+                if parser.idle:
+                    self.ended = True
                     return None
-                self.parser.feed_eof()
+                parser.feed_eof()
 
 
 class H1Body:
@@ -74,8 +87,12 @@ class H1Body:
             return b""
         if self.failed:
             raise BadRequest(self.failed)
+        reader = self.reader
         try:
-            ev = await self.reader.next_event()
+            ev = reader.poll()
+            while ev is None and not reader.ended:
+                await reader.io.readable()
+                ev = reader.poll()
         except http1.HttpParseError as err:
             # A malformed body (chunk framing, trailers) is the client's error: 400 with flag
             # DPE from the handler (or a reset if the response already started), and the
@@ -189,7 +206,10 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
     reader = _Reader(io, first)
     while True:
         try:
-            ev = await reader.next_event()
+            ev = reader.poll()
+            while ev is None and not reader.ended:
+                await io.readable()
+                ev = reader.poll()
         except http1.HttpParseError as err:
             await _refuse(handler, tunnel, io, err.status, str(err))
             return

@@ -8,10 +8,15 @@ workload-to-label mapping are `meshcore.telemetry`'s, shared with the node proxy
 ``waypoint_mirror_requests_total{result}`` (mirror copies), and `RequestRecord`, the
 per-request facts the handler fills in.
 
-Invariant: a request is recorded exactly once, when it ends (success, local reply or reset);
-label children are cached per label tuple, and label tuples per (source, destination)
-workload pair and status, so recording costs one dict lookup, not label building and registry
-lookups.
+Invariants:
+- A request is recorded exactly once, when it ends (success, local reply or reset); label sets
+  are cached per (source, destination) workload pair and status, so recording costs one dict
+  lookup, not label building.
+- The four request metrics are counted in plain per-label-set integers and bucket lists
+  (`_Counts`, no lock: only the event loop's thread records, and the scrape runs on that loop
+  too) and rendered at scrape time by `_RequestCollector` as prometheus_client's `Counter` and
+  `Histogram` would render them: same names, help, label names and order, series order, bucket
+  bounds (``le``) and values (`tests/unit/test_telemetry.py` compares the exposition bytes).
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from meshcore.model import Workload
 from meshcore.telemetry import (
@@ -63,6 +73,16 @@ DURATION_BUCKETS_MS = (
     3600000,
 )
 BYTES_BUCKETS = tuple(float(10**i) for i in range(0, 10))
+_DURATION_BOUNDS = tuple(float(b) for b in DURATION_BUCKETS_MS)
+# The ``le`` label of each bound, formatted once as prometheus_client formats it.
+_DURATION_LE: tuple[str, ...] = tuple(
+    floatToGoString(b)  # type: ignore[no-untyped-call]
+    for b in _DURATION_BOUNDS
+)
+_BYTES_LE: tuple[str, ...] = tuple(
+    floatToGoString(b)  # type: ignore[no-untyped-call]
+    for b in BYTES_BUCKETS
+)
 
 access_log = logging.getLogger("waypoint.access")
 
@@ -109,16 +129,72 @@ class RequestRecord:
         self.extra = {}
 
 
+class _Counts:
+    """One label set's request counts: ``istio_requests_total`` and, per histogram, the
+    observations per bucket (not cumulative; the last one is ``+Inf``) and their sum. Plain
+    attributes: one is updated per request without prometheus_client's per-metric locks
+    (bench/README.md, session 6: 5 % of the waypoint's CPU)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.duration = [0] * (len(_DURATION_BOUNDS) + 1)
+        self.duration_sum = 0.0
+        self.request_bytes = [0] * (len(BYTES_BUCKETS) + 1)
+        self.request_bytes_sum = 0.0
+        self.response_bytes = [0] * (len(BYTES_BUCKETS) + 1)
+        self.response_bytes_sum = 0.0
+
+
+def _buckets(les: tuple[str, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs as prometheus_client's `Histogram` exports them."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for le, n in zip(les, counts, strict=False):
+        total += n
+        out.append((le, float(total)))
+    out.append(("+Inf", float(total + counts[-1])))
+    return out
+
+
+class _RequestCollector(Collector):
+    """``istio_requests_total`` and the three request histograms, rendered at scrape time from
+    the `_Counts` of each label set (in the order the label sets were first recorded, as
+    prometheus_client's label children)."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, ...], _Counts] = {}
+
+    def collect(self) -> Iterator[Any]:
+        series = list(self.series.items())
+        requests = CounterMetricFamily("istio_requests", "Requests", labels=LABELS)
+        duration = HistogramMetricFamily(
+            "istio_request_duration_milliseconds", "Request duration (ms)", labels=LABELS
+        )
+        req = HistogramMetricFamily("istio_request_bytes", "Request sizes (bytes)", labels=LABELS)
+        resp = HistogramMetricFamily(
+            "istio_response_bytes", "Response sizes (bytes)", labels=LABELS
+        )
+        for labels, c in series:
+            requests.add_metric(labels, float(c.requests))
+            duration.add_metric(labels, _buckets(_DURATION_LE, c.duration), c.duration_sum)
+            req.add_metric(labels, _buckets(_BYTES_LE, c.request_bytes), c.request_bytes_sum)
+            resp.add_metric(labels, _buckets(_BYTES_LE, c.response_bytes), c.response_bytes_sum)
+        yield requests
+        yield duration
+        yield req
+        yield resp
+
+
 @dataclass(frozen=True, slots=True)
 class _Series:
     """One cached label set of `WaypointMetrics.record`: the workloads it was computed for
-    (held, so their ids stay theirs while cached), their labels and the four children."""
+    (held, so their ids stay theirs while cached), their labels and their counts."""
 
     source: Workload | None
     dest: Workload | None
     src: PeerLabels
     dst: PeerLabels
-    children: tuple[Any, Any, Any, Any]
+    counts: _Counts
 
 
 def _span_name(rec: RequestRecord) -> str:
@@ -142,28 +218,8 @@ class WaypointMetrics:
         """One span per request over OTLP (``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``)."""
         self.sampler: Sampler = sampler_from_env()
         """Which requests' spans are sampled (``OTEL_TRACES_SAMPLER[_ARG]``; parent-based)."""
-        self.requests = Counter("istio_requests", "Requests", LABELS, registry=r)
-        self.duration = Histogram(
-            "istio_request_duration_milliseconds",
-            "Request duration (ms)",
-            LABELS,
-            buckets=DURATION_BUCKETS_MS,
-            registry=r,
-        )
-        self.request_bytes = Histogram(
-            "istio_request_bytes",
-            "Request sizes (bytes)",
-            LABELS,
-            buckets=BYTES_BUCKETS,
-            registry=r,
-        )
-        self.response_bytes = Histogram(
-            "istio_response_bytes",
-            "Response sizes (bytes)",
-            LABELS,
-            buckets=BYTES_BUCKETS,
-            registry=r,
-        )
+        self._requests = _RequestCollector()
+        r.register(self._requests)
         self.mirrors = Counter(
             "waypoint_mirror_requests",
             "Mirror copies by result: completed, failed, dropped (fell behind the request), "
@@ -171,12 +227,11 @@ class WaypointMetrics:
             ["result"],
             registry=r,
         )
-        self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
         self._series_cache: dict[tuple[object, ...], _Series] = {}
         self.log_enabled = True
 
     def _series(self, rec: RequestRecord) -> _Series:
-        """The label children (and peer labels) of `rec`'s label set, cached per (source,
+        """The counts (and peer labels) of `rec`'s label set, cached per (source,
         destination) workload pair (by identity: a workload is immutable, a changed one is a
         new object) and the record's other label inputs."""
         key = (
@@ -210,17 +265,12 @@ class WaypointMetrics:
             ),
             mtls=True,
         ).http_values(rec.protocol, rec.status, rec.grpc_status, rec.flags)
-        children = self._children.get(labels)
-        if children is None:
-            children = (
-                self.requests.labels(*labels),
-                self.duration.labels(*labels),
-                self.request_bytes.labels(*labels),
-                self.response_bytes.labels(*labels),
-            )
-            if len(self._children) < 10_000:  # bound the cache (label cardinality is bounded too)
-                self._children[labels] = children
-        series = _Series(rec.source, rec.destination, src, dst, children)
+        counts = self._requests.series.get(labels)
+        if counts is None:
+            # Kept as long as the process (as prometheus_client's label children): the label
+            # cardinality is bounded by the mesh's workloads, statuses and flags.
+            counts = self._requests.series[labels] = _Counts()
+        series = _Series(rec.source, rec.destination, src, dst, counts)
         if len(self._series_cache) >= 10_000:
             self._series_cache.clear()  # bounded: workloads replaced by config changes age out
         self._series_cache[key] = series
@@ -228,14 +278,18 @@ class WaypointMetrics:
 
     def record(self, rec: RequestRecord, end: float) -> None:
         series = self._series(rec)
-        src, dst, children = series.src, series.dst, series.children
+        src, dst, c = series.src, series.dst, series.counts
         duration_ms = (end - rec.start) * 1000.0
         if self.tracer is not None and rec.sampled and rec.trace_id and rec.span_id:
             self._span(self.tracer, rec, duration_ms, dst.canonical_service)
-        children[0].inc()
-        children[1].observe(duration_ms)
-        children[2].observe(rec.request_bytes)
-        children[3].observe(rec.response_bytes)
+        # A bucket counts the observations <= its bound (prometheus_client's `Histogram`).
+        c.requests += 1
+        c.duration[bisect_left(_DURATION_BOUNDS, duration_ms)] += 1
+        c.duration_sum += duration_ms
+        c.request_bytes[bisect_left(BYTES_BUCKETS, rec.request_bytes)] += 1
+        c.request_bytes_sum += rec.request_bytes
+        c.response_bytes[bisect_left(BYTES_BUCKETS, rec.response_bytes)] += 1
+        c.response_bytes_sum += rec.response_bytes
         if self.log_enabled and access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 json.dumps(

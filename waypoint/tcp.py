@@ -214,7 +214,7 @@ class TcpProxy:
         rec = TcpRecord(
             start=self._now(),
             source_ip=t.peer_ip,
-            source_principal=str(t.peer_identity) if t.peer_identity else "",
+            source_principal=t.peer_uri,
             source=source,
             service=t.service,
         )

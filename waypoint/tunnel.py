@@ -168,3 +168,10 @@ class Tunnel:
     """The addressed workload when the tunnel targets a workload (not a service)."""
     peer_cert_hash: str = ""
     """SHA-256 (hex) of the peer's verified certificate (DER), for X-Forwarded-Client-Cert."""
+
+    @property
+    def peer_uri(self) -> str:
+        """The verified peer's SPIFFE URI (``spiffe://td/ns/x/sa/y``), "" without one: how
+        the access log, the metrics' principal labels and XFCC's ``URI`` name the peer (the
+        one formatting; the handler keeps it per peer in `waypoint.handler._Peer`)."""
+        return str(self.peer_identity) if self.peer_identity is not None else ""

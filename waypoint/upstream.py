@@ -170,10 +170,13 @@ class H1Response:
         if self.done:
             return b""
         try:
-            # The body of a small response came with its head: no wait (nor coroutine).
-            ev = self.conn.poll()
-            if ev is None:
-                ev = await self.conn.next_event()
+            # The body of a small response came with its head: no wait (nor coroutine), and
+            # one poll per wake-up.
+            conn = self.conn
+            ev = conn.poll()
+            while ev is None:
+                await conn.io.readable()
+                ev = conn.poll()
         except http1.HttpParseError as err:
             raise UpstreamProtocolError(str(err)) from err
         if isinstance(ev, http1.Body):
@@ -406,8 +409,16 @@ def _poll_head(conn: H1Conn) -> http1.ResponseHead | None:
         if ev is None:
             return None
         if isinstance(ev, http1.ResponseHead):
+            if ev.status == 101:
+                # Switching Protocols to a request without Upgrade (the upgrade path is
+                # waypoint.upgrade's): what follows is not HTTP/1.1 (RFC 9110 §15.2.2).
+                raise UpstreamProtocolError("101 Switching Protocols to a request without Upgrade")
             if ev.informational:
-                continue  # 100 Continue etc.: the waypoint answered Expect itself
+                # 100 Continue (the waypoint answered Expect itself), 103 Early Hints: a 1xx
+                # has no body, its end follows at once, then the final head (RFC 9110 §15.2:
+                # a client parses any number of them before the final response).
+                conn.parser.next_event()
+                continue
             return ev
         raise UpstreamProtocolError(f"unexpected {type(ev).__name__} before a response")
 

@@ -302,7 +302,7 @@ def test_llhttp_reads_the_bench_request_and_is_reused_over_keep_alive() -> None:
         assert ev is not None
     assert p._ll is not ll  # after a head with a body: a new llhttp parser
     assert Http1Parser(Role.REQUEST, llhttp=False)._llhttp is False
-    assert Http1Parser(Role.RESPONSE)._llhttp is False
+    assert Http1Parser(Role.RESPONSE)._llhttp is True  # responses too (test_http1_llhttp_response)
 
 
 # ---- what llhttp does on its own (contract) ----------------------------------------------------

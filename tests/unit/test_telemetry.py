@@ -10,7 +10,7 @@ import dataclasses
 import time
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import ztunnel.metrics
@@ -22,7 +22,13 @@ from meshcore.telemetry import (
     guess_inbound_service,
     peer_labels,
 )
-from waypoint.metrics import RequestRecord, WaypointMetrics
+from waypoint.metrics import (
+    BYTES_BUCKETS,
+    DURATION_BUCKETS_MS,
+    LABELS,
+    RequestRecord,
+    WaypointMetrics,
+)
 from ztunnel.metrics import ConnectionRecord, ConnectionTracker, ProxyMetrics
 
 PEER: tuple[str, ...] = ("workload", "canonical_service", "canonical_revision")
@@ -114,6 +120,68 @@ def test_waypoint_label_cache_follows_a_replaced_workload() -> None:
         if s.name == "istio_requests_total"
     }
     assert counts == {("v2", "200"): 2.0, ("v3", "200"): 1.0, ("v3", "503"): 1.0}
+
+
+def _request_lines(text: str) -> list[str]:
+    names = ("istio_requests", "istio_request_duration", "istio_request_bytes", "istio_response_")
+    return [x for x in text.splitlines() if any(n in x for n in names)]
+
+
+def test_waypoint_request_metrics_render_as_prometheus_client_would() -> None:
+    """Session 6: the request metrics are counted without prometheus_client's per-metric
+    objects and rendered at scrape time; the exposition must be byte for byte what its
+    `Counter` / `Histogram` (the previous implementation) give for the same requests: names,
+    help, types, label order, series order, bucket bounds, cumulative counts, sums."""
+    ref = CollectorRegistry()
+    requests = Counter("istio_requests", "Requests", LABELS, registry=ref)
+    duration = Histogram(
+        "istio_request_duration_milliseconds",
+        "Request duration (ms)",
+        LABELS,
+        buckets=DURATION_BUCKETS_MS,
+        registry=ref,
+    )
+    sizes = [
+        Histogram(name, doc, LABELS, buckets=BYTES_BUCKETS, registry=ref)
+        for name, doc in (
+            ("istio_request_bytes", "Request sizes (bytes)"),
+            ("istio_response_bytes", "Response sizes (bytes)"),
+        )
+    ]
+    m = WaypointMetrics(cluster_id="west")
+    m.log_enabled = False
+    cases = [  # (status, duration s, request bytes, response bytes): bounds, between, past all
+        (200, 0.0005, 0, 1),
+        (200, 0.005, 10, 1024),
+        (503, 0.0123, 1, 10**10),
+        (200, 4000.0, 99, 100),
+        (404, 0.0, 10**9, 10**9 + 1),
+        (200, 0.0249, 5, 0),
+    ]
+    for status, seconds, sent, received in cases:
+        rec = RequestRecord(100.0)
+        rec.status, rec.source, rec.destination = status, BARE, LABELLED
+        rec.request_bytes, rec.response_bytes = sent, received
+        m.record(rec, 100.0 + seconds)
+        labels = request_labels_of(m, status)
+        requests.labels(*labels).inc()
+        duration.labels(*labels).observe(((100.0 + seconds) - 100.0) * 1000.0)
+        sizes[0].labels(*labels).observe(sent)
+        sizes[1].labels(*labels).observe(received)
+    ours = _request_lines(generate_latest(m.registry).decode())
+    assert len(ours) > 100
+    assert ours == _request_lines(generate_latest(ref).decode())
+
+
+def request_labels_of(metrics: WaypointMetrics, status: int) -> tuple[str, ...]:
+    """The label values (in `LABELS` order) of `metrics`' istio_requests_total series for
+    `status`."""
+    text = generate_latest(metrics.registry).decode()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "istio_requests_total" and s.labels["response_code"] == str(status):
+                return tuple(s.labels[n] for n in LABELS)
+    raise AssertionError(f"no series for {status}")
 
 
 def opened_series(metrics: ProxyMetrics) -> dict[str, float]:

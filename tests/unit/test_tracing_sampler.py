@@ -9,7 +9,7 @@ import pytest
 
 from meshcore.errors import ConfigError
 from meshcore.tracing import Sampler, TraceParent, sampler_from_env
-from waypoint.protocol.trace import next_traceparent
+from waypoint.protocol.trace import trace_hop
 
 
 def ids(n: int, seed: int = 1) -> list[str]:
@@ -38,15 +38,15 @@ def test_parent_decision_is_kept() -> None:
     assert not Sampler(ratio=0.0, parent_based=False).sampled(t, yes)
 
 
-def test_next_traceparent_carries_the_decision() -> None:
+def test_trace_hop_carries_the_decision() -> None:
     rng = random.Random(5)
-    out, _trace, _span = next_traceparent(None, rng, Sampler(ratio=0.0))
+    out, *_ = trace_hop(None, rng, Sampler(ratio=0.0))
     assert out.endswith("-00")
-    out, _trace, _span = next_traceparent(None, rng, Sampler(ratio=1.0))
+    out, *_ = trace_hop(None, rng, Sampler(ratio=1.0))
     assert out.endswith("-01")
     # Other flag bits pass through unchanged (W3C Trace Context §3.2.2.5).
     incoming = f"00-{ids(1)[0]}-{'2' * 16}-03"
-    out, _trace, _span = next_traceparent(incoming, rng, Sampler(ratio=0.0))
+    out, *_ = trace_hop(incoming, rng, Sampler(ratio=0.0))
     assert out.endswith("-03")
 
 

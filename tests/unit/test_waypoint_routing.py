@@ -24,7 +24,7 @@ from waypoint.protocol.route import (
     rewrite_target,
     select_route,
 )
-from waypoint.protocol.trace import next_traceparent
+from waypoint.protocol.trace import trace_hop
 
 HOST = "reviews.default.svc.cluster.local"
 
@@ -316,7 +316,7 @@ spec:
     ],
 )
 def test_traceparent(incoming: str | None, keeps_trace: bool) -> None:
-    out, trace, span = next_traceparent(incoming, random.Random(3))
+    out, trace, span, _parent, _sampled = trace_hop(incoming, random.Random(3))
     version, t, parent, flags = out.split("-")
     assert version == "00"
     assert parent == span

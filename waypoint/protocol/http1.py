@@ -3,7 +3,7 @@ bytes into events, and serialise heads and body framing.
 
 Owns: `Http1Parser` (one direction of one connection: requests from a client, or responses from
 a server), its events (`RequestHead`, `ResponseHead`, `Body`, `EndOfMessage`), and the encoders;
-the use of llhttp (`httptools`) to read request heads.
+the use of llhttp (`httptools`) to read request and response heads.
 
 Invariants:
 - Bodies are never reassembled: `Body` events carry the bytes as they arrive (bounded by what
@@ -21,15 +21,16 @@ Invariants:
   Host field line (RFC 9112 §3.2). Numbers (Content-Length, chunk sizes) are ASCII digits
   only, with no surrounding whitespace in chunk sizes (RFC 9112 §7.1); list tokens are split
   on SP/HTAB only, never on other Unicode whitespace.
-- llhttp reads a request head only as an accelerator, and fails closed whatever its own
-  character tables say: its result is kept only when the head has no control character our
-  field rules refuse, every field name is a token, llhttp read exactly as many field lines as
-  the head has, and the request line is byte for byte `method SP target SP HTTP/1.x` with a
-  visible-ASCII target; the Host, version and framing checks then run on it as on ours.
-  Anything else, and anything llhttp refuses, is read again by the checked parser, so every
-  refusal, its status and its message are the checked parser's
-  (`tests/unit/test_http1_llhttp.py`, differential). Bodies, trailers and responses are
-  always the checked parser's.
+- llhttp reads a head only as an accelerator, and fails closed whatever its own character
+  tables say: its result is kept only when the head has no control character our field rules
+  refuse, every field name is a token, llhttp read exactly as many field lines as the head
+  has, and the start line is byte for byte what llhttp read: `method SP target SP HTTP/1.x`
+  with a visible-ASCII target, or `HTTP/1.x SP status [SP reason]`; the Host, version, status
+  and framing checks then run on it as on ours. Anything else, and anything llhttp refuses,
+  is read again by the checked parser, so every refusal, its status and its message are the
+  checked parser's (`tests/unit/test_http1_llhttp.py`, `test_http1_llhttp_response.py`,
+  differential). Bodies and trailers are always the checked parser's (only it knows that a
+  response answers HEAD or CONNECT).
 - The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
   message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
   loop).
@@ -42,7 +43,7 @@ import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from meshcore.errors import MeshError
 
@@ -74,6 +75,9 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 # before), and one field line as latin-1 text: token ":" OWS value OWS (RFC 9112 §5).
 _BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*")
+_RESPONSE_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+# Lower-cased token field names, one per line (`_LlhttpHead.tokens`).
+_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+(?:\n[!#$%&'*+\-.^_`|~0-9a-z]+)*")
 # RFC 9112 §3.2: a request-target is visible ASCII.
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
 # RFC 9112 §7.1.1: chunk-size [ BWS ";" chunk-ext ] -- no whitespace unless an extension follows.
@@ -108,8 +112,11 @@ class Role(enum.Enum):
     """Parse responses (the client side)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RequestHead:
+class RequestHead(NamedTuple):
+    """A request head (immutable; a NamedTuple, not a frozen dataclass: one is built per
+    request, and a frozen dataclass's ``__init__`` runs interpreted, one ``object.__setattr__``
+    per field, about twice a tuple's cost)."""
+
     method: str
     target: str
     """Request target as sent (origin-form ``/path?query`` normally)."""
@@ -126,8 +133,9 @@ class RequestHead:
         return _keep_alive(self.version, self.headers)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
+    """A response head (a NamedTuple for the reason given at `RequestHead`)."""
+
     status: int
     reason: str
     version: str
@@ -158,6 +166,8 @@ class EndOfMessage:
 
 
 Event = RequestHead | ResponseHead | Body | EndOfMessage
+_END: Final = EndOfMessage()
+"""The end of a message without trailers (immutable: one for all)."""
 
 
 def header_value(headers: Sequence[tuple[str, str]], name: str) -> str | None:
@@ -195,14 +205,18 @@ class _State:
 
 
 class _LlhttpHead:
-    """llhttp (through httptools) reading the request heads of one `Http1Parser`: httptools
-    calls these methods from `feed_data`. Only heads are fed (the checked parser frames
-    bodies), so the llhttp parser is reused only after a message it saw end (a bodiless
-    request); after a head with a body, an upgrade or a refusal a new one is made."""
+    """llhttp (through httptools) reading the heads of one `Http1Parser`: httptools calls
+    these methods from `feed_data`. Only heads are fed (the checked parser frames bodies), so
+    a request parser is reused only after a message it saw end (a bodiless request); after a
+    head with a body, an upgrade or a refusal a new one is made. A response head gets a new
+    one each time (`Http1Parser._llhttp_response`)."""
 
-    def __init__(self) -> None:
-        self.parser: Any = _httptools.HttpRequestParser(self)
+    def __init__(self, response: bool = False) -> None:
+        self.parser: Any = (
+            _httptools.HttpResponseParser(self) if response else _httptools.HttpRequestParser(self)
+        )
         self.url = b""
+        self.reason = b""
         self.fields: list[tuple[str, str]] = []
         self.complete = False
         self.done = True
@@ -213,7 +227,7 @@ class _LlhttpHead:
         return self.done and not self.extra
 
     def start(self) -> None:
-        self.url = b""
+        self.url = self.reason = b""
         self.fields = []
         self.complete = self.done = self.extra = False
 
@@ -221,16 +235,26 @@ class _LlhttpHead:
         self.extra = self.extra or self.complete
         self.url += url
 
+    def on_status(self, reason: bytes) -> None:
+        self.extra = self.extra or self.complete
+        self.reason += reason
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Not a token (RFC 9110 §5.1): not our head, whatever llhttp's tables allow.
-        self.extra = self.extra or self.complete or _TOKEN.fullmatch(name) is None
-        # (A non-ASCII name byte would raise here, which httptools reports as a refusal.)
+        self.extra = self.extra or self.complete
+        # (A non-ASCII name byte would raise here, which httptools reports as a refusal; the
+        # names are checked to be tokens together, `tokens`.)
         # llhttp drops the value's leading OWS, not its trailing OWS (RFC 9112 §5: not part
         # of the value); obs-text is kept as latin-1.
         self.fields.append((name.decode("ascii").lower(), value.rstrip(b" \t").decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self.complete = True
+
+    def tokens(self) -> bool:
+        """Every field name is a token (RFC 9110 §5.1), whatever llhttp's tables allow: one
+        regex over the names for the whole head (one per name cost ~2 us a head)."""
+        fields = self.fields
+        return not fields or _NAMES.fullmatch("\n".join([k for k, _ in fields])) is not None
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -241,8 +265,8 @@ class Http1Parser:
     until it returns None (needs more data)."""
 
     def __init__(self, role: Role, *, max_head: int = MAX_HEAD, llhttp: bool = True) -> None:
-        """`llhttp`: let llhttp read request heads when httptools is installed (a request head
-        llhttp refuses, or reads differently, is read again by the checked parser)."""
+        """`llhttp`: let llhttp read the heads when httptools is installed (a head llhttp
+        refuses, or reads differently, is read again by the checked parser)."""
         self.role = role
         self.max_head = max_head
         self._buf = bytearray()
@@ -254,7 +278,7 @@ class Http1Parser:
         self._request_method: str | None = None
         self._request_role = role is Role.REQUEST
         self._error_status = 400 if self._request_role else 502
-        self._llhttp = llhttp and self._request_role and _httptools is not None
+        self._llhttp = llhttp and _httptools is not None
         self._ll: _LlhttpHead | None = None
 
     # ---- input -------------------------------------------------------------------------------
@@ -323,7 +347,7 @@ class Http1Parser:
         self._state = _State.HEAD
         self._trailers = []
         self._trailer_bytes = 0
-        return EndOfMessage(trailers)
+        return EndOfMessage(trailers) if trailers else _END
 
     def _head(self) -> Event | None:
         end = self._buf.find(b"\r\n\r\n")
@@ -349,7 +373,11 @@ class Http1Parser:
                 f"more than {MAX_HEADERS} header fields", 431 if self._request_role else 502
             )
         if self._llhttp:
-            head = self._llhttp_request(raw, crlf)
+            head: Event | None = (
+                self._llhttp_request(raw, crlf)
+                if self._request_role
+                else self._llhttp_response(raw, crlf)
+            )
             if head is not None:
                 return head
         lines = raw.split(b"\r\n")
@@ -379,7 +407,7 @@ class Http1Parser:
             ll.done = False  # paused after an Upgrade or CONNECT head: not reusable
         # Exactly our head: one head whose end is the blank line we found (no field lost or
         # merged).
-        if not ll.complete or ll.extra or len(ll.fields) != fields:
+        if not ll.complete or ll.extra or len(ll.fields) != fields or not ll.tokens():
             return None
         # The request line exactly `method SP target SP HTTP-version` (RFC 9112 §3; llhttp
         # also takes runs of spaces, "GET /" as HTTP/0.9 and HTTP/2.0: the checked parser
@@ -399,6 +427,40 @@ class Http1Parser:
         return self._request_head(
             method.decode("ascii"), ll.url.decode("ascii"), version, tuple(ll.fields)
         )
+
+    def _llhttp_response(self, raw: bytes, fields: int) -> ResponseHead | None:
+        """The response head parsed by llhttp, under the same discipline as
+        `_llhttp_request`: kept only when llhttp read exactly `fields` field lines with token
+        names, the head has no control character our field rules refuse, and the status line
+        is byte for byte ``HTTP/1.x SP status [SP reason]`` as llhttp read it; then the same
+        status and framing checks as `_response` (`_response_head`). A new llhttp parser per
+        head (0.2 us): after a head with a body llhttp waits for the body, which it is never
+        fed (the checked parser frames bodies, and only it knows the request was HEAD)."""
+        if _BAD_VALUE_BLOCK.search(raw) is not None:
+            return None
+        ll = _LlhttpHead(response=True)
+        ll.start()
+        try:
+            ll.parser.feed_data(raw + b"\r\n\r\n")
+        except Exception as err:  # llhttp refused the head (or paused after it: a 101)
+            if not isinstance(err, _httptools.HttpParserUpgrade):
+                return None
+        if not ll.complete or ll.extra or len(ll.fields) != fields or not ll.tokens():
+            return None
+        version: str = ll.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            return None
+        status: int = ll.parser.get_status_code()
+        eol = raw.find(b"\r\n")
+        line = raw if eol < 0 else raw[:eol]
+        start = b"HTTP/%s %03d" % (version.encode("ascii"), status)
+        if line == start:
+            reason = ""
+        elif line == start + b" " + ll.reason:
+            reason = ll.reason.decode("latin-1")
+        else:
+            return None
+        return self._response_head(status, reason, "HTTP/" + version, tuple(ll.fields))
 
     def _fields(self, lines: Sequence[bytes]) -> Headers:
         # Fast path (every well-formed head): the field lines decoded once as latin-1 (obs-text
@@ -502,13 +564,24 @@ class Http1Parser:
 
     def _response(self, line: bytes, headers: Headers) -> ResponseHead:
         parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        # HTTP-version = "HTTP/" DIGIT "." DIGIT (RFC 9112 §2.3): anything else after
+        # "HTTP/1." (a non-ASCII byte raised UnicodeDecodeError here) is a malformed line.
+        if (
+            len(parts) < 2
+            or _RESPONSE_VERSION.fullmatch(parts[0]) is None
+            or not parts[1].isdigit()
+        ):
             raise self._fail(f"malformed status line {line[:60]!r}")
-        version = parts[0].decode("ascii")
-        status = int(parts[1])
+        reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+        return self._response_head(int(parts[1]), reason, parts[0].decode("ascii"), headers)
+
+    def _response_head(
+        self, status: int, reason: str, version: str, headers: Headers
+    ) -> ResponseHead:
+        """The checks after the status line's syntax (either parser): status range, framing
+        (RFC 9112 §6.3)."""
         if not 100 <= status <= 999:
             raise self._fail(f"bad status {status}")
-        reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
         chunked, length, until_close = False, None, False
         no_body = (
             100 <= status < 200

@@ -1,8 +1,7 @@
 """W3C Trace Context (https://www.w3.org/TR/trace-context/) for the waypoint hop.
 
-Owns: `trace_hop` (and its tuple form `next_traceparent`): given the incoming ``traceparent``
-(or none), the header to forward,
-which keeps the trace id and flags and carries a NEW parent id (the waypoint's span), as a
+Owns: `trace_hop`: given the incoming ``traceparent`` (or none), the header to forward, which
+keeps the trace id and flags and carries a NEW parent id (the waypoint's span), as a
 proxy participating in the trace does (§3.2.2.3 "parent-id ... of the current operation").
 A missing or invalid header starts a new trace (version 00), per §4.3. The sampled flag is the
 `Sampler`'s decision (meshcore.tracing: parent-based as Envoy in Istio, ratio for new traces).
@@ -64,14 +63,6 @@ def trace_hop(incoming: str | None, rng: random.Random, sampler: Sampler | None 
         parent_span_id=parent.parent_id if parent is not None else "",
         sampled=sampled,
     )
-
-
-def next_traceparent(
-    incoming: str | None, rng: random.Random, sampler: Sampler | None = None
-) -> tuple[str, str, str]:
-    """(traceparent to forward, trace id, new span id): `trace_hop` as a tuple."""
-    hop = trace_hop(incoming, rng, sampler)
-    return hop.traceparent, hop.trace_id, hop.span_id
 
 
 def request_id(bits: int) -> str:

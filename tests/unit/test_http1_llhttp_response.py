@@ -1,0 +1,335 @@
+"""llhttp (through httptools) reading response heads, against the checked parser (issue 14).
+
+`Http1Parser(Role.RESPONSE)` lets llhttp read a response head and keeps it only when it is
+the head the checked parser would give; every refusal is the checked parser's (status 502 or
+what `_framing` words, same message, so the same access-log error and counter upstream).
+Differential properties, both paths fed the same bytes in the same pieces, whole keep-alive
+streams of responses to one request method (HEAD and CONNECT change the framing):
+- generated response heads over the splitting/smuggling-shaped space (status lines with odd
+  versions, digits, spacing and reasons; CL+TE, duplicate and list Content-Length, huge
+  sizes, obs-fold, whitespace before the colon, bare CR/LF, NUL, 1xx before the final
+  response, no-body statuses 204/304, HEAD) give the same events or the same error;
+- the same with arbitrary bytes inserted, replaced or removed;
+- a corpus of named attacks, each with the verdict it must get.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httptools
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tests.unit.test_http1_llhttp import (
+    BODY,
+    CODING,
+    EOL,
+    FAST,
+    LENGTH,
+    NAME,
+    SEP,
+    VALUE,
+    VALUE_OWS,
+    cut,
+    pool,
+)
+from waypoint.protocol import http1
+from waypoint.protocol.http1 import (
+    Body,
+    EndOfMessage,
+    Http1Parser,
+    HttpParseError,
+    ResponseHead,
+    Role,
+)
+
+Outcome = list[object] | tuple[str, str, int]
+
+
+def outcome(pieces: list[bytes], method: str, *, llhttp: bool) -> Outcome:
+    """Every event of the response stream fed in `pieces` then EOF (each response answering
+    a `method` request), or the error it ended with."""
+    p = Http1Parser(Role.RESPONSE, llhttp=llhttp)
+    p.expect_response_to(method)
+    out: list[object] = []
+    try:
+        for piece in [*pieces, None]:
+            if piece is None:
+                p.feed_eof()
+            else:
+                p.feed(piece)
+            while (ev := p.next_event()) is not None:
+                out.append(ev)
+                if piece is None and isinstance(ev, EndOfMessage) and p.idle:
+                    return out
+    except HttpParseError as err:
+        return ("error", str(err), err.status)
+    return out
+
+
+def same(pieces: list[bytes], method: str = "GET") -> Outcome:
+    fast = outcome(pieces, method, llhttp=True)
+    assert fast == outcome(pieces, method, llhttp=False)
+    return fast
+
+
+STATUS_LINE = pool(
+    [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.0 200 OK",
+        b"HTTP/1.1 204 No Content",
+        b"HTTP/1.1 304 Not Modified",
+        b"HTTP/1.1 100 Continue",
+        b"HTTP/1.1 404 Not Found",
+        b"HTTP/1.1 503 Service Unavailable",
+        b"HTTP/1.1 200 ",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 999 X",
+    ],
+    [
+        b"HTTP/1.1 2000 OK",
+        b"HTTP/1.1 099 X",
+        b"HTTP/1.1 0200 OK",
+        b"HTTP/1.1  200 OK",
+        b"HTTP/1.1 200  OK",
+        b"HTTP/2 200 OK",
+        b"HTTP/1.2 200 OK",
+        b"HTTP/1.1x 200 OK",
+        b"http/1.1 200 OK",
+        b"HTTP/1.1 abc OK",
+        b"HTTP/1.1 200 O\x00K",
+        b"HTTP/1.1 200 O\xffK",
+        b"HTTP/1.1 200 O\tK",
+        b"ICY 200 OK",
+        b"",
+    ],
+)
+FIELD = st.one_of(
+    st.tuples(NAME, SEP, VALUE_OWS, VALUE),
+    st.tuples(st.sampled_from([b"content-length", b"Content-Length"]), SEP, VALUE_OWS, LENGTH),
+    st.tuples(st.sampled_from([b"transfer-encoding"]), SEP, VALUE_OWS, CODING),
+    st.tuples(st.sampled_from([b"set-cookie", b"location"]), SEP, VALUE_OWS, VALUE),
+    st.tuples(st.sampled_from([b"connection"]), SEP, VALUE_OWS, st.just(b"close")),
+)
+
+
+@st.composite
+def response(draw: st.DrawFn) -> bytes:
+    fields = [a + b + c + d + c for a, b, c, d in draw(st.lists(FIELD, max_size=5))]
+    if draw(pool([b""], [b" folded", b"\tfolded", b" "])) and fields:
+        fields.insert(draw(st.integers(1, len(fields))), b" folded")
+    lead = draw(pool([b""], [b"\r\n", b"\n", b" "]))
+    eol = draw(EOL)
+    return eol.join([lead + draw(STATUS_LINE), *fields]) + eol + b"\r\n" + draw(BODY)
+
+
+METHODS = st.sampled_from(["GET", "GET", "POST", "HEAD", "CONNECT"])
+
+
+@FAST
+@given(
+    st.lists(response(), min_size=1, max_size=3),
+    st.lists(st.integers(0, 400), max_size=4),
+    METHODS,
+)
+@example([b"HTTP/1.1 200 OK\r\nServer: nginx\r\ncontent-length: 2\r\n\r\nok"] * 3, [], "GET")
+@example([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"], [], "POST")
+@example([b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"] * 2, [9], "HEAD")
+@example([b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"], [], "GET")
+def test_generated_response_streams_agree(
+    messages: list[bytes], cuts: list[int], method: str
+) -> None:
+    same(cut(b"".join(messages), cuts), method)
+
+
+BASE = [
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 06 Dec 2026 16:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\nx-a: b\r\n\r\n",
+]
+INSERTS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b",", b"0"]
+INSERTS += [b"set-cookie: a=b\r\n", b"content-length: 1\r\n", b"transfer-encoding: chunked\r\n"]
+
+
+@FAST
+@given(
+    st.sampled_from(BASE),
+    st.lists(
+        st.tuples(
+            st.integers(0, 200),
+            st.integers(0, 2),
+            st.one_of(st.sampled_from(INSERTS), st.binary(min_size=1, max_size=3)),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+    METHODS,
+)
+def test_mutated_responses_agree(
+    base: bytes, edits: list[tuple[int, int, bytes]], twice: bool, method: str
+) -> None:
+    """Bytes inserted, replaced or removed anywhere in a valid response (then a valid
+    response again, for the keep-alive path)."""
+    wire = base
+    for where, how, junk in edits:
+        at = where % (len(wire) + 1)
+        if how == 0:
+            wire = wire[:at] + junk + wire[at:]
+        elif how == 1:
+            wire = wire[:at] + junk + wire[at + len(junk) :]
+        else:
+            wire = wire[:at] + wire[at + len(junk) :]
+    same([wire + (BASE[0] if twice else b"")], method)
+
+
+# ---- named attacks -----------------------------------------------------------------------------
+
+OK = b"HTTP/1.1 200 OK\r\n"
+ATTACKS: list[tuple[str, str, bytes, int]] = [
+    ("CL+TE", "GET", OK + b"content-length: 3\r\ntransfer-encoding: chunked", 502),
+    ("TE+CL", "GET", OK + b"transfer-encoding: chunked\r\ncontent-length: 3", 502),
+    ("CL differing", "GET", OK + b"content-length: 3\r\ncontent-length: 4", 502),
+    ("CL list differing", "GET", OK + b"content-length: 3, 4", 502),
+    ("CL plus sign", "GET", OK + b"content-length: +3", 502),
+    ("CL 20 digits", "GET", OK + b"content-length: 99999999999999999999", 502),
+    ("TE not final chunked", "GET", OK + b"transfer-encoding: chunked, x", 502),
+    ("TE nbsp", "GET", OK + b"transfer-encoding: chunked\xa0", 502),
+    ("obs-fold", "GET", OK + b"x-a: b\r\n c", 502),
+    ("obs-fold tab", "GET", OK + b"x-a: b\r\n\tc", 502),
+    ("space before colon", "GET", OK + b"content-length : 0", 502),
+    ("splitting: bare LF in value", "GET", OK + b"location: /a\nset-cookie: x=1", 502),
+    ("splitting: bare CR in value", "GET", OK + b"location: /a\rset-cookie: x=1", 502),
+    ("bare LF line end", "GET", b"HTTP/1.1 200 OK\ncontent-length: 0", 502),
+    ("bare CR in status line", "GET", b"HTTP/1.1 200 O\rK\r\ncontent-length: 0", 502),
+    ("NUL in value", "GET", OK + b"x: a\x00b", 502),
+    ("NUL in reason", "GET", b"HTTP/1.1 200 O\x00K\r\ncontent-length: 0", 0),
+    ("status 2000", "GET", b"HTTP/1.1 2000 OK\r\ncontent-length: 0", 502),
+    ("status 099", "GET", b"HTTP/1.1 099 X\r\ncontent-length: 0", 502),
+    ("HTTP/2 status line", "GET", b"HTTP/2 200 OK\r\ncontent-length: 0", 502),
+    ("non-ASCII version", "GET", b"HTTP/1.\xff1 200 OK\r\ncontent-length: 0", 502),
+    ("version with a suffix", "GET", b"HTTP/1.1x 200 OK\r\ncontent-length: 0", 502),
+    ("101 fields", "GET", OK + b"x: a\r\n" * 101, 502),
+    # Accepted, identically, whatever llhttp thinks of them on its own:
+    ("CL equal twice", "GET", OK + b"content-length: 0\r\ncontent-length: 0", 0),
+    ("CL equal list", "GET", OK + b"content-length: 0, 0", 0),
+    ("no reason", "GET", b"HTTP/1.1 200\r\ncontent-length: 0", 0),
+    ("two spaces before reason", "GET", b"HTTP/1.1 200  OK\r\ncontent-length: 0", 0),
+    ("obs-text reason", "GET", b"HTTP/1.1 200 \xe9t\xe9\r\ncontent-length: 0", 0),
+    ("1xx then final", "POST", b"HTTP/1.1 100 Continue\r\n\r\n" + OK + b"content-length: 0", 0),
+    ("204 with CL+TE", "GET", b"HTTP/1.1 204 No\r\ncontent-length: 3\r\ntransfer-encoding: x", 0),
+    ("304 with CL", "GET", b"HTTP/1.1 304 Not Modified\r\ncontent-length: 10", 0),
+    ("HEAD with CL", "HEAD", OK + b"content-length: 1024", 0),
+    ("CONNECT 200 with CL", "CONNECT", OK + b"content-length: 1024", 0),
+    ("HTTP/1.0 until close", "GET", b"HTTP/1.0 200 OK\r\nx: a", 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "wire", "status"), [a[1:] for a in ATTACKS], ids=[a[0] for a in ATTACKS]
+)
+def test_response_attacks_get_the_checked_parsers_verdict(
+    method: str, wire: bytes, status: int
+) -> None:
+    """Refused with the checked parser's status and message, or accepted by both alike (the
+    no-body cases with no body event); also split byte by byte."""
+    wire += b"\r\n\r\n"
+    got = same([wire], method)
+    assert same([wire[i : i + 1] for i in range(len(wire))], method) == got
+    if status:
+        assert isinstance(got, tuple)
+        assert got[2] == status
+    else:
+        assert isinstance(got, list)
+        assert isinstance(got[0], ResponseHead)
+        if got[0].status in (204, 304) or method in ("HEAD", "CONNECT"):
+            assert got[1] == EndOfMessage()
+
+
+def test_llhttp_reads_the_bench_response_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream's usual response (nginx, Content-Length) and a chunked one are read by
+    llhttp and kept (its head-complete callback ran and its fields are the head's)."""
+    seen: list[Any] = []
+
+    class Counting:
+        HttpParserUpgrade = httptools.HttpParserUpgrade
+
+        @staticmethod
+        def HttpResponseParser(cb: Any) -> Any:
+            seen.append(cb)
+            return httptools.HttpResponseParser(cb)
+
+    monkeypatch.setattr(http1, "_httptools", Counting)
+    p = Http1Parser(Role.RESPONSE)
+    p.expect_response_to("GET")
+    p.feed(BASE[0] + BASE[1])
+    head = p.next_event()
+    assert isinstance(head, ResponseHead)
+    assert (head.status, head.reason, head.content_length) == (200, "OK", 5)
+    assert head.headers[0] == ("server", "nginx/1.22.1")
+    assert len(seen) == 1
+    assert seen[0].complete
+    assert seen[0].fields == list(head.headers)
+    assert p.next_event() == Body(b"hello")
+    assert p.next_event() == EndOfMessage()
+    second = p.next_event()
+    assert isinstance(second, ResponseHead)
+    assert second.chunked
+    assert len(seen) == 2
+    assert seen[1].fields == list(second.headers)
+    assert Http1Parser(Role.RESPONSE, llhttp=False)._llhttp is False
+
+
+class _LenientLlhttp:
+    """An llhttp that accepts a field name with a space in it (as a laxer build or a future
+    table change could): httptools' interface, driving the callbacks by hand."""
+
+    class _Parser:
+        def __init__(self, cb: object) -> None:
+            self.cb: Any = cb
+
+        def feed_data(self, data: bytes) -> None:
+            self.cb.on_url(b"/")
+            self.cb.on_status(b"OK")
+            self.cb.on_header(b"host", b"a")
+            self.cb.on_header(b"x y", b"1")
+            self.cb.on_headers_complete()
+            self.cb.on_message_complete()
+
+        def get_method(self) -> bytes:
+            return b"GET"
+
+        def get_http_version(self) -> str:
+            return "1.1"
+
+        def get_status_code(self) -> int:
+            return 200
+
+    HttpRequestParser = _Parser
+    HttpResponseParser = _Parser
+    HttpParserUpgrade = type("HttpParserUpgrade", (Exception,), {})
+
+
+@pytest.mark.parametrize(
+    ("role", "wire"),
+    [
+        (Role.REQUEST, b"GET / HTTP/1.1\r\nhost: a\r\nx y: 1\r\n\r\n"),
+        (Role.RESPONSE, b"HTTP/1.1 200 OK\r\nhost: a\r\nx y: 1\r\n\r\n"),
+    ],
+)
+def test_a_non_token_name_llhttp_accepts_gets_the_checked_parsers_refusal(
+    monkeypatch: pytest.MonkeyPatch, role: Role, wire: bytes
+) -> None:
+    """Fail closed whatever llhttp's tables say: a name that is not a token (RFC 9110 §5.1)
+    sends the head to the checked parser, which refuses it."""
+    monkeypatch.setattr(http1, "_httptools", _LenientLlhttp)
+    p = Http1Parser(role)
+    assert p._llhttp
+    p.expect_response_to("GET")
+    p.feed(wire)
+    with pytest.raises(HttpParseError, match="malformed header field"):
+        p.next_event()
