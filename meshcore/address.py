@@ -13,7 +13,7 @@ ValueError, `parse_authority` `BadRequest` (HTTP 400 on the wire), `listen_addre
 from __future__ import annotations
 
 from meshcore.errors import BadRequest, ConfigError
-from meshcore.model import ip_from_text
+from meshcore.state import parse_address
 
 MAX_PORT = 65535
 
@@ -33,7 +33,7 @@ def parse_authority(authority: str) -> tuple[str, int]:
     destination by address, docs/reference/ambient-facts.md). Raises BadRequest (400)."""
     try:
         host, port = split_host_port(authority)
-        ip_from_text(host)
+        parse_address(host)  # memoised for the addresses the mesh knows, only those
     except ValueError:
         raise BadRequest(f"bad :authority {authority!r}: want ip:port") from None
     if port == 0:

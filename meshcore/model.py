@@ -144,10 +144,10 @@ def _identity_of(trust_domain: str, namespace: str, service_account: str) -> Spi
     return SpiffeId(trust_domain=trust_domain, namespace=namespace, service_account=service_account)
 
 
-@functools.lru_cache(maxsize=65536)
 def ip_from_text(text: str) -> IPAddress:
-    """Parse an address, memoised: the proxies look up the same few thousand addresses on
-    every connection, and ipaddress parsing costs microseconds each time. Raises ValueError."""
+    """Parse an address. Raises ValueError. Not memoised: the text may be a peer's (a CONNECT
+    target), and a memo keyed by it would grow with the peer's choices; the per-connection
+    memo of the addresses the mesh knows is `meshcore.state.parse_address`'s."""
     return ipaddress.ip_address(text)
 
 

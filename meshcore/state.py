@@ -18,9 +18,12 @@ Invariants:
 - The address indexes are keyed by `AddressKey` ``(network, packed address)``, never by
   `ipaddress` objects: an address's text from a socket maps to its key through one memoised
   call (`address_key`), and a lookup hashes bytes, not an `IPv4Address` (whose `__hash__` is
-  interpreted Python; issue 14: per connection). The key distinguishes what `ipaddress`
-  equality distinguishes: the version (4 vs 16 bytes; an IPv4-mapped IPv6 address is not the
-  IPv4 address) and an IPv6 scope id.
+  interpreted Python; issue 14: per connection). The memo of address texts (`_known`, also
+  behind `parse_address` and `address_text`) holds only the canonical texts of addresses a
+  snapshot's lookup found, at most max(`MEMO_FLOOR`, 2 x that snapshot's addresses): texts a
+  peer picks that the mesh does not know are parsed each time and never stored. The key
+  distinguishes what `ipaddress` equality distinguishes: the version (4 vs 16 bytes; an
+  IPv4-mapped IPv6 address is not the IPv4 address) and an IPv6 scope id.
 - Indexes are derived from the record set alone. `build` is strict (duplicate uid, service key,
   policy key or address is a ConfigError); `with_updates` is last-writer-wins for an address
   claimed by two records (the most recently upserted record owns it), because xDS deltas can
@@ -34,7 +37,6 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -92,16 +94,43 @@ def packed_address(ip: IPAddress) -> bytes:
     return ip.packed if scope is None else ip.packed + b"%" + scope.encode()
 
 
-@functools.lru_cache(maxsize=65536)
-def _packed_text(text: str) -> bytes:
-    return packed_address(ip_from_text(text))
+MEMO_FLOOR = 1024
+"""The known-address memo is emptied when it reaches max(MEMO_FLOOR, 2 x the addresses of the
+snapshot admitting a text): the addresses of removed records leave it within that bound."""
+_known: dict[str, tuple[IPAddress, bytes]] = {}
+"""The memo of address texts: canonical text (`str()` of the address) -> (its `ipaddress`
+object, its `packed_address`), for texts that a snapshot's lookup found in its address indexes
+(`MeshState._admit`). A text nobody knows (a peer's CONNECT target, a passthrough destination),
+or a second spelling of a known address, is parsed on every use and never stored: the memo is
+bounded by the control plane's state, not by what peers send. Shared by all snapshots: its
+values are a pure function of the text, only what it admits depends on a snapshot."""
+
+
+def parse_address(text: str) -> IPAddress:
+    """`text` parsed (`ip_from_text`), from the memo if the mesh knows it. Raises ValueError."""
+    hit = _known.get(text)
+    return ip_from_text(text) if hit is None else hit[0]
+
+
+def address_text(text: str) -> str:
+    """The canonical text of a text address (`str()` of its `ipaddress` object); a known one
+    is its own. Raises ValueError."""
+    return text if text in _known else str(ip_from_text(text))
+
+
+def known_address_texts() -> int:
+    """How many address texts the memo holds (bounded by the state; tests and diagnostics)."""
+    return len(_known)
 
 
 def address_key(ip: IPAddress | str, network: str = "") -> AddressKey:
-    """The index key of `ip` on `network`; a text address is parsed as `ip_from_text` parses it
-    (memoised, so the addresses a proxy sees on every connection are parsed once). Raises
+    """The index key of `ip` on `network`; a text address is parsed as `ip_from_text` parses it,
+    from the memo if the mesh knows it (a lookup through `MeshState` adds it there). Raises
     ValueError for a text that is not an address."""
-    return (network, _packed_text(ip) if isinstance(ip, str) else packed_address(ip))
+    if isinstance(ip, str):
+        hit = _known.get(ip)
+        return (network, packed_address(ip_from_text(ip)) if hit is None else hit[1])
+    return (network, packed_address(ip))
 
 
 class _Edit:
@@ -464,10 +493,28 @@ class MeshState:
     def workload(self, uid: str) -> Workload | None:
         return self._workloads.get(uid)
 
+    def _key(self, ip: IPAddress | str, network: str) -> AddressKey:
+        """`address_key`, memoising a text this snapshot knows (`_admit`)."""
+        if isinstance(ip, str):
+            hit = _known.get(ip)
+            return (network, hit[1]) if hit is not None else self._admit(ip, network)
+        return (network, packed_address(ip))
+
+    def _admit(self, text: str, network: str) -> AddressKey:
+        """The key of a text not in the memo; stored there only if it is the canonical text of
+        an address of this snapshot (so one entry per known address, whatever peers send)."""
+        ip = ip_from_text(text)
+        key = (network, packed_address(ip))
+        if (key in self._wl_by_addr or key in self._svc_by_vip) and str(ip) == text:
+            if len(_known) >= max(MEMO_FLOOR, 2 * (len(self._wl_by_addr) + len(self._svc_by_vip))):
+                _known.clear()
+            _known[text] = (ip, key[1])
+        return key
+
     def workload_by_address(self, ip: IPAddress | str, network: str = "") -> Workload | None:
         """The workload owning `ip` on `network`. Raises ValueError for a text that is not an
         address."""
-        return self._wl_by_addr.get(address_key(ip, network))
+        return self._wl_by_addr.get(self._key(ip, network))
 
     def service(self, key: str) -> Service | None:
         """The service named ``ns/hostname``."""
@@ -476,7 +523,7 @@ class MeshState:
     def service_by_vip(self, ip: IPAddress | str, network: str = "") -> Service | None:
         """The service whose VIP is `ip` on `network`. Raises ValueError for a text that is
         not an address."""
-        return self._svc_by_vip.get(address_key(ip, network))
+        return self._svc_by_vip.get(self._key(ip, network))
 
     def policy(self, key: str) -> Authorization | None:
         return self._policies.get(key)

@@ -57,9 +57,8 @@ from meshcore.model import (
     TunnelProtocol,
     Workload,
     WorkloadStatus,
-    ip_from_text,
 )
-from meshcore.state import Endpoint, MeshState, address_key
+from meshcore.state import Endpoint, MeshState, address_key, address_text, parse_address
 
 RESERVED_PORTS = frozenset({15001, 15006, 15008})
 """Node-proxy listener ports that clients may not target (self-call)."""
@@ -187,15 +186,15 @@ class InboundPlan:
         )
 
 
-@functools.lru_cache(maxsize=4096)
 def format_authority(ip: IPAddress, port: int) -> str:
-    """``host:port`` for :authority, IPv6 in brackets (RFC 9110 §7.2, RFC 3986 §3.2.2).
-    Memoised: `str()` of an `ipaddress` object costs more than the rest of a plan."""
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    """``host:port`` for :authority, IPv6 in brackets (RFC 9110 §7.2, RFC 3986 §3.2.2). The
+    address's text is `_ip_text`'s (memoised); the port, which the client picks, keys no memo."""
+    text = _ip_text(ip)
+    return f"[{text}]:{port}" if ip.version == 6 else f"{text}:{port}"
 
 
 def _ip(value: IPAddress | str) -> IPAddress:
-    return ip_from_text(value) if isinstance(value, str) else value
+    return parse_address(value) if isinstance(value, str) else value
 
 
 def _address_on(workload: Workload, network: str) -> IPAddress | None:
@@ -262,7 +261,9 @@ def _is_waypoint_member(state: MeshState, gw: GatewayAddress, wl: Workload, netw
 
 @functools.lru_cache(maxsize=4096)
 def _ip_text(ip: IPAddress) -> str:
-    """`str()` of an address, memoised like `format_authority` (issue 14: per connection)."""
+    """`str()` of an address, memoised (issue 14: `str()` of an `ipaddress` object costs more
+    than the rest of a plan). Called only with addresses the state holds (a workload's, a
+    waypoint's, a known VIP), never with a peer's text: bounded by the state."""
     return str(ip)
 
 
@@ -288,15 +289,10 @@ def _unforwarded(
     )
 
 
-@functools.lru_cache(maxsize=4096)
-def _text_of(text: str) -> str:
-    """The canonical text of a text address (`str()` of its `ipaddress` object), memoised by
-    the text: hashing a `str` is C, hashing an `ipaddress` object is interpreted Python."""
-    return str(ip_from_text(text))
-
-
 def _address_text(value: IPAddress | str) -> str:
-    return _text_of(value) if isinstance(value, str) else _ip_text(value)
+    """The canonical text of an address; a text one through the state's memo of known
+    addresses (a text keys it by hashing a `str`, in C, not an `ipaddress` object)."""
+    return address_text(value) if isinstance(value, str) else _ip_text(value)
 
 
 class _OutboundPlanner:
