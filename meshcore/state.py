@@ -18,10 +18,11 @@ Invariants:
 - The address indexes are keyed by `AddressKey` ``(network, packed address)``, never by
   `ipaddress` objects: an address's text from a socket maps to its key through one memoised
   call (`address_key`), and a lookup hashes bytes, not an `IPv4Address` (whose `__hash__` is
-  interpreted Python; issue 14: per connection). The memo of address texts (`_known`, also
-  behind `parse_address` and `address_text`) holds only the canonical texts of addresses a
-  snapshot's lookup found, at most max(`MEMO_FLOOR`, 2 x that snapshot's addresses): texts a
-  peer picks that the mesh does not know are parsed each time and never stored. The key
+  interpreted Python; issue 14: per connection). The memo of address texts (also behind
+  `parse_address` and `address_text`) is bounded by the state, not by what peers send: the
+  canonical texts of addresses a snapshot's lookup found (`_known`, at most max(`MEMO_FLOOR`,
+  2 x that snapshot's addresses)), and at most `RECENT_MAX` other texts (`_recent`, emptied
+  when full: a peer cycling through addresses the mesh does not know only empties it). The key
   distinguishes what `ipaddress` equality distinguishes: the version (4 vs 16 bytes; an
   IPv4-mapped IPv6 address is not the IPv4 address) and an IPv6 scope id.
 - Indexes are derived from the record set alone. `build` is strict (duplicate uid, service key,
@@ -97,40 +98,59 @@ def packed_address(ip: IPAddress) -> bytes:
 MEMO_FLOOR = 1024
 """The known-address memo is emptied when it reaches max(MEMO_FLOOR, 2 x the addresses of the
 snapshot admitting a text): the addresses of removed records leave it within that bound."""
-_known: dict[str, tuple[IPAddress, bytes]] = {}
-"""The memo of address texts: canonical text (`str()` of the address) -> (its `ipaddress`
-object, its `packed_address`), for texts that a snapshot's lookup found in its address indexes
-(`MeshState._admit`). A text nobody knows (a peer's CONNECT target, a passthrough destination),
-or a second spelling of a known address, is parsed on every use and never stored: the memo is
-bounded by the control plane's state, not by what peers send. Shared by all snapshots: its
-values are a pure function of the text, only what it admits depends on a snapshot."""
+RECENT_MAX = 256
+"""Entries of the memo of other texts (emptied when full): a constant, whatever peers send."""
+RECENT_TEXT_MAX = 64
+"""Longer texts (an IPv6 scope id is free text) are parsed each time, never stored."""
+Parsed = tuple[IPAddress, bytes, str]
+"""An address text's `ipaddress` object, `packed_address` and canonical text (`str()`)."""
+_known: dict[str, Parsed] = {}
+"""The memo of known address texts: canonical text -> `Parsed`, for texts a snapshot's lookup
+found in its address indexes (`MeshState._admit`): bounded by the control plane's state, not
+by what peers send. Shared by all snapshots: a value is a pure function of its text, only what
+is admitted depends on a snapshot."""
+_recent: dict[str, Parsed] = {}
+"""Every other valid text (a peer's CONNECT target, a passthrough destination, a second
+spelling of a known address), at most `RECENT_MAX` of them: repeated passthrough destinations
+stay cheap, and a peer cycling through addresses only empties it."""
+
+
+def _parsed(text: str) -> Parsed:
+    """`text`'s `Parsed`, from the memos, else parsed (and kept in `_recent`)."""
+    hit = _known.get(text)
+    if hit is None:
+        hit = _recent.get(text)
+        if hit is None:
+            ip = ip_from_text(text)
+            hit = (ip, packed_address(ip), str(ip))
+            if len(text) <= RECENT_TEXT_MAX:
+                if len(_recent) >= RECENT_MAX:
+                    _recent.clear()
+                _recent[text] = hit
+    return hit
 
 
 def parse_address(text: str) -> IPAddress:
-    """`text` parsed (`ip_from_text`), from the memo if the mesh knows it. Raises ValueError."""
-    hit = _known.get(text)
-    return ip_from_text(text) if hit is None else hit[0]
+    """`text` parsed as `ip_from_text` parses it, memoised (bounded). Raises ValueError."""
+    return _parsed(text)[0]
 
 
 def address_text(text: str) -> str:
-    """The canonical text of a text address (`str()` of its `ipaddress` object); a known one
-    is its own. Raises ValueError."""
-    return text if text in _known else str(ip_from_text(text))
+    """The canonical text of a text address (`str()` of its `ipaddress` object), memoised
+    (bounded). Raises ValueError."""
+    return _parsed(text)[2]
 
 
 def known_address_texts() -> int:
-    """How many address texts the memo holds (bounded by the state; tests and diagnostics)."""
+    """How many texts the memo of known addresses holds (bounded by the state; tests)."""
     return len(_known)
 
 
 def address_key(ip: IPAddress | str, network: str = "") -> AddressKey:
     """The index key of `ip` on `network`; a text address is parsed as `ip_from_text` parses it,
-    from the memo if the mesh knows it (a lookup through `MeshState` adds it there). Raises
-    ValueError for a text that is not an address."""
-    if isinstance(ip, str):
-        hit = _known.get(ip)
-        return (network, packed_address(ip_from_text(ip)) if hit is None else hit[1])
-    return (network, packed_address(ip))
+    memoised (bounded; a lookup through `MeshState` moves a known text to the memo of known
+    addresses). Raises ValueError for a text that is not an address."""
+    return (network, _parsed(ip)[1] if isinstance(ip, str) else packed_address(ip))
 
 
 class _Edit:
@@ -494,21 +514,23 @@ class MeshState:
         return self._workloads.get(uid)
 
     def _key(self, ip: IPAddress | str, network: str) -> AddressKey:
-        """`address_key`, memoising a text this snapshot knows (`_admit`)."""
+        """`address_key`, moving a text this snapshot knows to the known memo (`_admit`)."""
         if isinstance(ip, str):
             hit = _known.get(ip)
             return (network, hit[1]) if hit is not None else self._admit(ip, network)
         return (network, packed_address(ip))
 
     def _admit(self, text: str, network: str) -> AddressKey:
-        """The key of a text not in the memo; stored there only if it is the canonical text of
-        an address of this snapshot (so one entry per known address, whatever peers send)."""
-        ip = ip_from_text(text)
-        key = (network, packed_address(ip))
-        if (key in self._wl_by_addr or key in self._svc_by_vip) and str(ip) == text:
+        """The key of a text not in the known memo; stored there only if it is the canonical
+        text of an address of this snapshot (so one entry per known address, whatever peers
+        send)."""
+        parsed = _parsed(text)
+        key = (network, parsed[1])
+        if parsed[2] == text and (key in self._wl_by_addr or key in self._svc_by_vip):
             if len(_known) >= max(MEMO_FLOOR, 2 * (len(self._wl_by_addr) + len(self._svc_by_vip))):
                 _known.clear()
-            _known[text] = (ip, key[1])
+            _known[text] = parsed
+            _recent.pop(text, None)
         return key
 
     def workload_by_address(self, ip: IPAddress | str, network: str = "") -> Workload | None:

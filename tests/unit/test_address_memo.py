@@ -1,13 +1,14 @@
 """The memo of address texts (`meshcore.state`) under a hostile peer: the per-connection memo
-holds the addresses the control plane's state knows, never the texts a peer chooses.
+holds the addresses the control plane's state knows, and a constant few texts a peer chose.
 
 A peer with a mesh certificate picks its CONNECT targets (`:authority`), and a local workload
 picks the destinations its connections are captured with. Before, each text was memoised by an
 LRU (65,536 entries in `meshcore.model` and `meshcore.state`, 4,096 in the plan), so a peer's
 distinct addresses stayed in a worker's memory for good (+14.9 MiB for 65,536 of them in one
 cache). Here: the memory the real parsing and planning path retains after many distinct
-peer-chosen texts, and which texts the memo admits (canonical texts of known addresses only,
-bounded by the state's size, correct for IPv4, IPv6, IPv4-mapped, scoped addresses, networks)."""
+peer-chosen texts, and which texts the memo admits (canonical texts of known addresses, bounded
+by the state's size; a constant few others), correct for IPv4, IPv6, IPv4-mapped, scoped
+addresses and networks."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def fresh_memo(monkeypatch: pytest.MonkeyPatch) -> None:
     module's new names are read through `state_mod` so that the attack test runs on main too
     (there it fails)."""
     monkeypatch.setattr(state_mod, "_known", {}, raising=False)
+    monkeypatch.setattr(state_mod, "_recent", {}, raising=False)
 
 
 def _peer_texts(n: int) -> Iterator[tuple[str, str]]:
@@ -121,14 +123,14 @@ def _retained(n: int) -> int:
 
 
 def test_peer_chosen_addresses_leave_no_memory_behind() -> None:
-    """2,400 distinct peer-chosen texts (1,200 IPv4 and IPv6 CONNECT targets, 600 outside
-    destinations, 600 client-picked ports) through the real parsing and planning path leave
-    nothing behind: the retained memory does not grow with the number of distinct inputs.
-    Before, the LRUs kept every text: ~0.5 MB for this run, ~0.8 KB per distinct input."""
-    small = _retained(100)
-    large = _retained(600)
-    assert large < 32 * 1024, f"{large} bytes retained after 2,400 distinct peer texts"
-    assert large - small < 16 * 1024, (small, large)
+    """3,200 distinct peer-chosen texts (1,600 IPv4 and IPv6 CONNECT targets, 800 outside
+    destinations, 800 client-picked ports) through the real parsing and planning path retain
+    at most the constant memo of recent texts (256 entries, ~70 KB), whatever their number.
+    Before, the LRUs kept every text: ~0.65 MB for this run, ~0.8 KB per distinct input."""
+    bound = 112 * 1024
+    assert _retained(100) < bound
+    large = _retained(800)
+    assert large < bound, f"{large} bytes retained after 3,200 distinct peer texts"
 
 
 def test_the_memo_holds_the_canonical_texts_of_known_addresses_only() -> None:
@@ -140,7 +142,7 @@ def test_the_memo_holds_the_canonical_texts_of_known_addresses_only() -> None:
     assert (
         state_mod.known_address_texts() == len(known) + 1
     )  # one text for both networks' 10.1.0.10
-    # Other spellings of known addresses, and unknown addresses, are answered, not stored.
+    # Other spellings of known addresses, and unknown addresses, are answered, not admitted.
     for text in ("fd00:0:0::10", "FD00::10", "fd00:0000::0010", "FE80::1%eth0", "fe80::1"):
         found = STATE.workload_by_address(text)
         assert (found is None) == (text == "fe80::1"), text
@@ -149,8 +151,12 @@ def test_the_memo_holds_the_canonical_texts_of_known_addresses_only() -> None:
         assert STATE.service_by_vip(text) is None
     assert STATE.workload_by_address(CLIENT, "net-2") is None  # known text, other network
     assert state_mod.known_address_texts() == len(known) + 1
-    _attack(200)  # peer-chosen texts add nothing; the client's own address was known
+    _attack(1000)  # peer-chosen texts are not admitted; the recent ones stay a constant few
     assert state_mod.known_address_texts() == len(known) + 1
+    assert 0 < len(state_mod._recent) <= state_mod.RECENT_MAX
+    long_scope = "fe80::1%" + "x" * 1000  # a scope id is free text: parsed, never kept
+    assert STATE.workload_by_address(long_scope) is None
+    assert long_scope not in state_mod._recent
 
 
 @pytest.mark.parametrize(

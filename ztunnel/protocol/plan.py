@@ -190,7 +190,7 @@ def format_authority(ip: IPAddress, port: int) -> str:
     """``host:port`` for :authority, IPv6 in brackets (RFC 9110 §7.2, RFC 3986 §3.2.2). The
     address's text is `_ip_text`'s (memoised); the port, which the client picks, keys no memo."""
     text = _ip_text(ip)
-    return f"[{text}]:{port}" if ip.version == 6 else f"{text}:{port}"
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
 def _ip(value: IPAddress | str) -> IPAddress:
@@ -290,8 +290,8 @@ def _unforwarded(
 
 
 def _address_text(value: IPAddress | str) -> str:
-    """The canonical text of an address; a text one through the state's memo of known
-    addresses (a text keys it by hashing a `str`, in C, not an `ipaddress` object)."""
+    """The canonical text of an address; a text one through the state's (bounded) memo of
+    address texts (keyed by hashing a `str`, in C, not an `ipaddress` object)."""
     return address_text(value) if isinstance(value, str) else _ip_text(value)
 
 
