@@ -41,7 +41,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from meshcore.model import (
     Authorization,
@@ -104,41 +104,55 @@ RECENT_TEXT_MAX = 64
 """Longer texts (an IPv6 scope id is free text) are parsed each time, never stored."""
 Parsed = tuple[IPAddress, bytes, str]
 """An address text's `ipaddress` object, `packed_address` and canonical text (`str()`)."""
-_known: dict[str, Parsed] = {}
-"""The memo of known address texts: canonical text -> `Parsed`, for texts a snapshot's lookup
-found in its address indexes (`MeshState._admit`): bounded by the control plane's state, not
-by what peers send. Shared by all snapshots: a value is a pure function of its text, only what
-is admitted depends on a snapshot."""
+
+
+class _KnownTexts(dict[str, Parsed]):
+    """The memo of known address texts: canonical text -> `Parsed`, for texts a snapshot's
+    lookup found in its address indexes (`MeshState._admit`): bounded by the control plane's
+    state, not by what peers send. Shared by all snapshots: a value is a pure function of its
+    text, only what is admitted depends on a snapshot. Subscripting answers every valid text
+    (a miss: from `_recent`, else parsed, never stored here), so a hit costs one C-level dict
+    lookup for a caller, with no Python frame: the per-connection case."""
+
+    __slots__ = ()
+
+    def __missing__(self, text: str) -> Parsed:
+        return _recent.get(text) or _remember(text, _parse(text))
+
+
+_known = _KnownTexts()
+address_texts: Final[Mapping[str, Parsed]] = _known
+"""Address text -> `Parsed`, memoised (bounded as above); ``address_texts[text]`` raises
+ValueError for a text that is not an address."""
 _recent: dict[str, Parsed] = {}
 """Every other valid text (a peer's CONNECT target, a passthrough destination, a second
 spelling of a known address), at most `RECENT_MAX` of them: repeated passthrough destinations
 stay cheap, and a peer cycling through addresses only empties it."""
 
 
-def _parsed(text: str) -> Parsed:
-    """`text`'s `Parsed`, from the memos, else parsed (and kept in `_recent`)."""
-    hit = _known.get(text)
-    if hit is None:
-        hit = _recent.get(text)
-        if hit is None:
-            ip = ip_from_text(text)
-            hit = (ip, packed_address(ip), str(ip))
-            if len(text) <= RECENT_TEXT_MAX:
-                if len(_recent) >= RECENT_MAX:
-                    _recent.clear()
-                _recent[text] = hit
-    return hit
+def _parse(text: str) -> Parsed:
+    ip = ip_from_text(text)
+    return (ip, packed_address(ip), str(ip))
+
+
+def _remember(text: str, parsed: Parsed) -> Parsed:
+    """Keep `parsed` in `_recent` (emptied when full) unless its text is long."""
+    if len(text) <= RECENT_TEXT_MAX:
+        if len(_recent) >= RECENT_MAX:
+            _recent.clear()
+        _recent[text] = parsed
+    return parsed
 
 
 def parse_address(text: str) -> IPAddress:
     """`text` parsed as `ip_from_text` parses it, memoised (bounded). Raises ValueError."""
-    return _parsed(text)[0]
+    return _known[text][0]
 
 
 def address_text(text: str) -> str:
     """The canonical text of a text address (`str()` of its `ipaddress` object), memoised
     (bounded). Raises ValueError."""
-    return _parsed(text)[2]
+    return _known[text][2]
 
 
 def known_address_texts() -> int:
@@ -150,7 +164,7 @@ def address_key(ip: IPAddress | str, network: str = "") -> AddressKey:
     """The index key of `ip` on `network`; a text address is parsed as `ip_from_text` parses it,
     memoised (bounded; a lookup through `MeshState` moves a known text to the memo of known
     addresses). Raises ValueError for a text that is not an address."""
-    return (network, _parsed(ip)[1] if isinstance(ip, str) else packed_address(ip))
+    return (network, _known[ip][1] if isinstance(ip, str) else packed_address(ip))
 
 
 class _Edit:
@@ -514,24 +528,25 @@ class MeshState:
         return self._workloads.get(uid)
 
     def _key(self, ip: IPAddress | str, network: str) -> AddressKey:
-        """`address_key`, moving a text this snapshot knows to the known memo (`_admit`)."""
+        """`address_key`, admitting a text this snapshot knows to the known memo (`_admit`)."""
         if isinstance(ip, str):
-            hit = _known.get(ip)
-            return (network, hit[1]) if hit is not None else self._admit(ip, network)
+            hit = _known.get(ip) or _recent.get(ip)
+            return (network, (hit or self._admit(ip, network))[1])
         return (network, packed_address(ip))
 
-    def _admit(self, text: str, network: str) -> AddressKey:
-        """The key of a text not in the known memo; stored there only if it is the canonical
+    def _admit(self, text: str, network: str) -> Parsed:
+        """A text in neither memo, parsed: kept in the known memo only if it is the canonical
         text of an address of this snapshot (so one entry per known address, whatever peers
-        send)."""
-        parsed = _parsed(text)
+        send), else in `_recent`. (A known text already in `_recent` stays there until that
+        is emptied; its next lookup admits it.)"""
+        parsed = _parse(text)
         key = (network, parsed[1])
-        if parsed[2] == text and (key in self._wl_by_addr or key in self._svc_by_vip):
-            if len(_known) >= max(MEMO_FLOOR, 2 * (len(self._wl_by_addr) + len(self._svc_by_vip))):
-                _known.clear()
-            _known[text] = parsed
-            _recent.pop(text, None)
-        return key
+        if parsed[2] != text or (key not in self._wl_by_addr and key not in self._svc_by_vip):
+            return _remember(text, parsed)
+        if len(_known) >= max(MEMO_FLOOR, 2 * (len(self._wl_by_addr) + len(self._svc_by_vip))):
+            _known.clear()
+        _known[text] = parsed
+        return parsed
 
     def workload_by_address(self, ip: IPAddress | str, network: str = "") -> Workload | None:
         """The workload owning `ip` on `network`. Raises ValueError for a text that is not an

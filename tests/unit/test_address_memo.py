@@ -73,12 +73,12 @@ SCOPE = PlanScope(node="node-a", rng=random.Random(1))
 
 
 @pytest.fixture(autouse=True)
-def fresh_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+def fresh_memo() -> None:
     """Each test starts from an empty memo (it is shared by the process's snapshots). The
     module's new names are read through `state_mod` so that the attack test runs on main too
     (there it fails)."""
-    monkeypatch.setattr(state_mod, "_known", {}, raising=False)
-    monkeypatch.setattr(state_mod, "_recent", {}, raising=False)
+    getattr(state_mod, "_known", {}).clear()
+    getattr(state_mod, "_recent", {}).clear()
 
 
 def _peer_texts(n: int) -> Iterator[tuple[str, str]]:

@@ -58,7 +58,7 @@ from meshcore.model import (
     Workload,
     WorkloadStatus,
 )
-from meshcore.state import Endpoint, MeshState, address_key, address_text, parse_address
+from meshcore.state import Endpoint, MeshState, address_key, address_texts
 
 RESERVED_PORTS = frozenset({15001, 15006, 15008})
 """Node-proxy listener ports that clients may not target (self-call)."""
@@ -194,7 +194,8 @@ def format_authority(ip: IPAddress, port: int) -> str:
 
 
 def _ip(value: IPAddress | str) -> IPAddress:
-    return parse_address(value) if isinstance(value, str) else value
+    # `address_texts`: the state's bounded memo, subscripted directly (a C-level dict hit).
+    return address_texts[value][0] if isinstance(value, str) else value
 
 
 def _address_on(workload: Workload, network: str) -> IPAddress | None:
@@ -292,7 +293,7 @@ def _unforwarded(
 def _address_text(value: IPAddress | str) -> str:
     """The canonical text of an address; a text one through the state's (bounded) memo of
     address texts (keyed by hashing a `str`, in C, not an `ipaddress` object)."""
-    return address_text(value) if isinstance(value, str) else _ip_text(value)
+    return address_texts[value][2] if isinstance(value, str) else _ip_text(value)
 
 
 class _OutboundPlanner:
