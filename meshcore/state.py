@@ -530,22 +530,22 @@ class MeshState:
     def _key(self, ip: IPAddress | str, network: str) -> AddressKey:
         """`address_key`, admitting a text this snapshot knows to the known memo (`_admit`)."""
         if isinstance(ip, str):
-            hit = _known.get(ip) or _recent.get(ip)
+            hit = _known.get(ip)
             return (network, (hit or self._admit(ip, network))[1])
         return (network, packed_address(ip))
 
     def _admit(self, text: str, network: str) -> Parsed:
-        """A text in neither memo, parsed: kept in the known memo only if it is the canonical
-        text of an address of this snapshot (so one entry per known address, whatever peers
-        send), else in `_recent`. (A known text already in `_recent` stays there until that
-        is emptied; its next lookup admits it.)"""
-        parsed = _parse(text)
+        """A text not in the known memo (from `_recent`, else parsed): moved to the known memo
+        only if it is the canonical text of an address of this snapshot (so one entry per
+        known address, whatever peers send), else kept in `_recent`."""
+        parsed = _recent.get(text) or _remember(text, _parse(text))
         key = (network, parsed[1])
         if parsed[2] != text or (key not in self._wl_by_addr and key not in self._svc_by_vip):
-            return _remember(text, parsed)
+            return parsed
         if len(_known) >= max(MEMO_FLOOR, 2 * (len(self._wl_by_addr) + len(self._svc_by_vip))):
             _known.clear()
         _known[text] = parsed
+        _recent.pop(text, None)
         return parsed
 
     def workload_by_address(self, ip: IPAddress | str, network: str = "") -> Workload | None:
