@@ -147,7 +147,7 @@ def _identity_of(trust_domain: str, namespace: str, service_account: str) -> Spi
 def ip_from_text(text: str) -> IPAddress:
     """Parse an address. Raises ValueError. Not memoised: the text may be a peer's (a CONNECT
     target), and a memo keyed by it would grow with the peer's choices; the per-connection
-    memo of the addresses the mesh knows is `meshcore.state.parse_address`'s."""
+    memo of address texts, bounded by the state, is `meshcore.state.address_texts`."""
     return ipaddress.ip_address(text)
 
 
