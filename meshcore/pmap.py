@@ -114,5 +114,7 @@ class PMap(Generic[K, V]):
         return PMap._of(tuple(shards), length)
 
     def shared_shards(self, other: PMap[K, V]) -> int:
-        """How many shards `self` and `other` share (same object): tests of structural sharing."""
-        return sum(a is b for a, b in zip(self._shards, other._shards, strict=True))
+        """How many non-empty shards `self` and `other` share (same object; every empty shard
+        is the one `_EMPTY`): tests of structural sharing. `m.shared_shards(m)` counts `m`'s
+        non-empty shards."""
+        return sum(bool(a) and a is b for a, b in zip(self._shards, other._shards, strict=True))

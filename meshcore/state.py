@@ -117,7 +117,7 @@ class _KnownTexts(dict[str, Parsed]):
     __slots__ = ()
 
     def __missing__(self, text: str) -> Parsed:
-        return _recent.get(text) or _remember(text, _parse(text))
+        return _other(text)
 
 
 _known = _KnownTexts()
@@ -135,12 +135,16 @@ def _parse(text: str) -> Parsed:
     return (ip, packed_address(ip), str(ip))
 
 
-def _remember(text: str, parsed: Parsed) -> Parsed:
-    """Keep `parsed` in `_recent` (emptied when full) unless its text is long."""
-    if len(text) <= RECENT_TEXT_MAX:
-        if len(_recent) >= RECENT_MAX:
-            _recent.clear()
-        _recent[text] = parsed
+def _other(text: str) -> Parsed:
+    """A text not in the known memo: from `_recent`, else parsed and kept there (emptied when
+    full) unless the text is long."""
+    parsed = _recent.get(text)
+    if parsed is None:
+        parsed = _parse(text)
+        if len(text) <= RECENT_TEXT_MAX:
+            if len(_recent) >= RECENT_MAX:
+                _recent.clear()
+            _recent[text] = parsed
     return parsed
 
 
@@ -538,7 +542,7 @@ class MeshState:
         """A text not in the known memo (from `_recent`, else parsed): moved to the known memo
         only if it is the canonical text of an address of this snapshot (so one entry per
         known address, whatever peers send), else kept in `_recent`."""
-        parsed = _recent.get(text) or _remember(text, _parse(text))
+        parsed = _other(text)
         key = (network, parsed[1])
         if parsed[2] != text or (key not in self._wl_by_addr and key not in self._svc_by_vip):
             return parsed

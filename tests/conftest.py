@@ -53,8 +53,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     def netns_add(name: str) -> None:
         runreaper.record_netns(runreaper.RUNS_DIR, token, name)
+        existed = system.netns_exists(name)
         create(name)
-        runreaper.record_created(runreaper.RUNS_DIR, token, name)
+        if not existed:  # one reused (netns_add keeps an existing one) is not this run's
+            runreaper.record_created(runreaper.RUNS_DIR, token, name)
 
     system.netns_add = netns_add  # this run's netns: named before they exist, then identified
 

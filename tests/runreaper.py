@@ -26,8 +26,11 @@ left alone; helpers run concurrent test runs in other network namespaces of the 
 Fixed lab names are reused by every run, also by runs without this mechanism: a netns is
 reaped only while it is the very namespace the gone run created (same nsfs inode, made at
 the same time), and a lab's other netns only while its underlay is; one created again
-since, by anyone, is never touched. A process without a token is killed only when it is
-inside such a netns. Reaping never raises: what cannot be removed is reported and left.
+since, by anyone, is never touched. A run reusing an existing netns (`netns_add` keeps one)
+records its name, which protects it, but not its identity: it did not create it. Not covered:
+something outside test runs (`ambientctl lab`) reusing a gone run's netns as it was left. A
+process without a token is killed only when it is inside such a netns. Reaping never raises:
+what cannot be removed is reported and left.
 """
 
 from __future__ import annotations

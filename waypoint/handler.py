@@ -119,7 +119,11 @@ async def _bounded(aw: Awaitable[T], timeout: float) -> T:
 
 
 def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
-    return next((v for k, v in headers if k == "grpc-status"), None)
+    """The `grpc_response_status` label: gRPC's status codes are 0-16 (gRPC's doc
+    statuscodes.md), so only a one- or two-digit value is a label; anything else an upstream
+    sends is not one (a label per distinct value would grow the metrics without bound)."""
+    value = next((v for k, v in headers if k == "grpc-status"), None)
+    return value if value and len(value) <= 2 and value.isascii() and value.isdigit() else None
 
 
 class _Peer(NamedTuple):

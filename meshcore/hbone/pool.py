@@ -107,6 +107,9 @@ class HbonePool:
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
         self._h3_attempts: dict[PoolKey, asyncio.Task[H3Protocol | None]] = {}
+        self._h3_trying: set[tuple[str, int]] = set()
+        """Addresses an attempt is dialling: one QUIC attempt per peer address, not per key
+        (a key is also its source identity and IP), so a blocked UDP path delays one dial."""
         self.connections_opened = 0
         self.streams_retried = 0  # CONNECTs the peer did not process, sent again
 
@@ -179,10 +182,11 @@ class HbonePool:
         """HTTP/3 with a head start, then raced against HTTP/2 (module doc)."""
         loop = asyncio.get_running_loop()
         address = key.h3_address or key.address
-        if loop.time() < self.h3_unreachable.get(address, 0.0) or key in self._h3_attempts:
+        if loop.time() < self.h3_unreachable.get(address, 0.0) or address in self._h3_trying:
             return self._add(key, await self._dial_h2(key))  # broken, or already being tried
         h3 = loop.create_task(self._attempt_h3(key, address))
         self._h3_attempts[key] = h3
+        self._h3_trying.add(address)
         h3.add_done_callback(functools.partial(self._h3_settled, key))
         await asyncio.wait((h3,), timeout=self.h3_head_start)
         h2: asyncio.Task[HboneProtocol] | None = None
@@ -247,6 +251,7 @@ class HbonePool:
     def _h3_settled(self, key: PoolKey, task: asyncio.Task[H3Protocol | None]) -> None:
         if self._h3_attempts.get(key) is task:
             del self._h3_attempts[key]
+            self._h3_trying.discard(key.h3_address or key.address)
         if not task.cancelled() and task.exception() is not None:
             # Retrieved here too: an attempt that lost the race has no caller left to raise
             # it to (its HTTP/2 connection verified the peer on its own).
@@ -290,6 +295,9 @@ class HbonePool:
                 for proto in list(conns):
                     proto.close()
                     self._remove(key, proto)
+        for key, attempt in list(self._h3_attempts.items()):
+            if key.source == source:
+                attempt.cancel()  # it dialled with the old certificate: not pooled
 
     def close_all(self) -> None:
         for attempt in list(self._h3_attempts.values()):

@@ -145,6 +145,34 @@ def test_slow_http3_handshake_is_kept_not_marked_broken(tmp_path: Path) -> None:
     run(main(), 60)
 
 
+def test_certificate_rotation_cancels_a_slow_http3_attempt(tmp_path: Path) -> None:
+    """An HTTP/3 dial still going when its source's certificate rotates presents the old
+    certificate: `retire` cancels it, so it is never pooled and never sends the fresh HTTP/2
+    connection GOAWAY; the peer is not marked HTTP/3-broken either."""
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            pool = mesh.node_a.ctx.pool
+            pool.h3_head_start = 0.1
+            ep = endpoint(mesh)
+            ep.pause_reading()
+            await check_call(1)  # served by the HTTP/2 raced against the slow dial
+            attempts = list(pool._h3_attempts)
+            assert attempts
+            assert pool._h3_trying
+            for key in attempts:
+                pool.retire(key.source)
+            await eventually(lambda: not pool._h3_attempts and not pool._h3_trying)
+            ep.resume_reading()
+            await asyncio.sleep(1.0)  # what the cancelled dial would have needed to finish
+            assert not ep.connections
+            assert "h3" not in [c["transport"] for c in pool.snapshot()]
+            assert not pool.h3_unreachable
+            assert pool.h3_fallbacks == 0
+
+    run(main(), 60)
+
+
 def test_http2_failing_while_http3_is_slow_waits_for_http3(tmp_path: Path) -> None:
     """The race's other order: HTTP/2 fails (injected: no TLS context) while the slow QUIC
     handshake is still going; the request is served once HTTP/3 is up, not failed."""
@@ -414,6 +442,13 @@ def test_h3_source_named_by_forwarded_only_for_the_peers_own_identity(tmp_path: 
             authority = f"{SERVER_IP}:8080"
             with pytest.raises(HboneError) as refused:
                 await proto.open_stream(authority, [("forwarded", f'for="{SERVER_IP}:1"')], Sink())
+            assert getattr(refused.value, "status", None) == 401
+            # A claim that is not an address is refused the same way (it killed the stream's
+            # task with a ValueError: no answer, no counter).
+            with pytest.raises(HboneError) as refused:
+                await asyncio.wait_for(
+                    proto.open_stream(authority, [("forwarded", 'for="not-an-ip:1"')], Sink()), 10
+                )
             assert getattr(refused.value, "status", None) == 401
             assert mesh.backend.accepted == 0
             # Its own workload's address is accepted: the backend sees the client workload.

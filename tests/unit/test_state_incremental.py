@@ -211,7 +211,7 @@ def test_one_workload_delta_shares_untouched_index_shards() -> None:
     for name in ("_workloads", "_wl_by_addr", "_addr_claims", "_wl_by_node", "_endpoints"):
         a: PMap[Any, Any] = getattr(before, name)
         b: PMap[Any, Any] = getattr(after, name)
-        assert b.shared_shards(a) >= 256 - 4, name
+        assert b.shared_shards(a) >= a.shared_shards(a) - 4, name  # non-empty ones
 
 
 def test_pmap_evolve_is_persistent() -> None:

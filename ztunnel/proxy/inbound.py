@@ -143,7 +143,10 @@ def tunnel_source_ip(ctx: ProxyContext, stream: HboneStream, peer_ip: str) -> st
     claimed = forwarded_for_ip(stream.headers)
     if claimed is None or claimed == peer_ip:
         return peer_ip
-    source = ctx.state.workload_by_address(claimed, ctx.settings.network)
+    try:
+        source = ctx.state.workload_by_address(claimed, ctx.settings.network)
+    except ValueError:
+        source = None  # not an address: refused like any claim we cannot trust
     if source is None or source.identity != stream.peer_identity:
         raise Unauthorized(
             f"HTTP/3 peer {peer_ip} ({stream.peer_identity}) claims source {claimed}, "
