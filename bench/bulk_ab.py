@@ -20,24 +20,20 @@ Invariant: every process it starts is stopped when it ends (the `Supervisor` of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import statistics
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from bench.harness import (
-    WORK_ROOT,
-    BenchError,
     PathRuntime,
     Supervisor,
     loadgen,
     log,
     make_certs,
+    run_ab,
     tree_cpu_seconds,
 )
 from bench.hbone_bench import start_backend, start_envoy_pair, start_ztunnel_pair
@@ -198,23 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.tree:
         args.tree = ["branch=."]
-    WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bulk-", dir=WORK_ROOT))
-    workdir.chmod(0o755)
-    sup = Supervisor(workdir)
-    try:
-        results = run(args, sup, workdir)
-    except BenchError as exc:
-        log(f"ABORTED: {exc}")
-        return 1
-    finally:
-        sup.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
-    if results:
-        report(results)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    return run_ab(args, "bulk-", run, report)
 
 
 if __name__ == "__main__":

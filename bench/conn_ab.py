@@ -22,23 +22,19 @@ Invariant: every process it starts is stopped when it ends (the `Supervisor` of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.bulk_ab import start_tree
 from bench.harness import (
-    WORK_ROOT,
-    BenchError,
     PathRuntime,
     Settings,
     Supervisor,
     log,
     make_certs,
+    run_ab,
     wrk,
 )
 from bench.hbone_bench import start_backend, start_envoy_pair
@@ -131,23 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.tree:
         args.tree = ["branch=."]
-    WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="conn-", dir=WORK_ROOT))
-    workdir.chmod(0o755)
-    sup = Supervisor(workdir)
-    try:
-        results = run(args, sup, workdir)
-    except BenchError as exc:
-        log(f"ABORTED: {exc}")
-        return 1
-    finally:
-        sup.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
-    if results:
-        report(results)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    return run_ab(args, "conn-", run, report)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ Invariant: a process started through `Supervisor` never outlives the run (`stop_
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -471,3 +474,34 @@ MEASUREMENTS: list[tuple[str, Callable[[PathRuntime, Settings], dict[str, Any]]]
     ("latency", measure_latency),
     ("bulk", measure_bulk),
 ]
+
+
+Results = dict[str, list[Any]]
+
+
+def run_ab(
+    args: argparse.Namespace,
+    prefix: str,
+    run: Callable[[argparse.Namespace, Supervisor, Path], Results],
+    report: Callable[[Results], None],
+) -> int:
+    """The A/B benches' main (`bench.bulk_ab`, `bench.conn_ab`): `run` in a fresh work dir
+    under `WORK_ROOT` with a `Supervisor` that stops everything it started, then `report` and,
+    with `--json`, every round's figures. Exit status 1 when a run aborts."""
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=WORK_ROOT))
+    workdir.chmod(0o755)
+    sup = Supervisor(workdir)
+    try:
+        results = run(args, sup, workdir)
+    except BenchError as exc:
+        log(f"ABORTED: {exc}")
+        return 1
+    finally:
+        sup.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if results:
+        report(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    return 0
