@@ -19,7 +19,7 @@ Invariants:
   `ipaddress` objects: an address's text from a socket maps to its key through one memoised
   call (`address_key`), and a lookup hashes bytes, not an `IPv4Address` (whose `__hash__` is
   interpreted Python; issue 14: per connection). The memo of address texts (also behind
-  `parse_address` and `address_text`) is bounded by the state, not by what peers send: the
+  `parse_address` and the plans' address texts) is bounded by the state, not by what peers send: the
   canonical texts of addresses a snapshot's lookup found (`_known`, at most max(`MEMO_FLOOR`,
   2 x that snapshot's addresses)), and at most `RECENT_MAX` other texts (`_recent`, emptied
   when full: a peer cycling through addresses the mesh does not know only empties it). The key
@@ -151,12 +151,6 @@ def _other(text: str) -> Parsed:
 def parse_address(text: str) -> IPAddress:
     """`text` parsed as `ip_from_text` parses it, memoised (bounded). Raises ValueError."""
     return _known[text][0]
-
-
-def address_text(text: str) -> str:
-    """The canonical text of a text address (`str()` of its `ipaddress` object), memoised
-    (bounded). Raises ValueError."""
-    return _known[text][2]
 
 
 def known_address_texts() -> int:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 T = TypeVar("T")
 
 _NEXT_BLOCK = itertools.count(1)
@@ -96,6 +98,29 @@ def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def static_args(node: str, ip: str, mesh_config: Path, drain: float = 5.0) -> list[str]:
+    """A static-mode node proxy's flags: `node` at `ip`, config from `mesh_config`, the CA
+    directory ``ca`` beside it, bind capture, a `drain`-second drain timeout."""
+    d = mesh_config.parent
+    argv = ["--node", node, "--node-ip", ip, "--mesh-config", str(mesh_config)]
+    return [*argv, "--ca-dir", str(d / "ca"), "--capture", "bind", "--drain-timeout", f"{drain:g}"]
+
+
+def one_workload_mesh(path: Path, pod: str, node: str) -> Path:
+    """Write (to `path`) a static mesh config of one HBONE workload `web` at `pod` on `node`."""
+    workload = {
+        "uid": "w1",
+        "name": "web",
+        "namespace": "default",
+        "serviceAccount": "web",
+        "addresses": [pod],
+        "node": node,
+        "tunnelProtocol": "HBONE",
+    }
+    path.write_text(yaml.safe_dump({"workloads": [workload], "services": [], "policies": []}))
+    return path
+
+
 def spawn_ztunnel(
     node: str, ip: str, *extra: str, mesh_config: Path, drain: float = 5.0, log: Path | None = None
 ) -> subprocess.Popen[bytes]:
@@ -106,10 +131,8 @@ def spawn_ztunnel(
     names another file, its log ``<node>.log``."""
     exe = BIN / "ztunnel"
     assert exe.exists(), f"console script not installed at {exe}"
-    d = mesh_config.parent
-    argv = [str(exe), "--node", node, "--node-ip", ip, "--mesh-config", str(mesh_config)]
-    argv += ["--ca-dir", str(d / "ca"), "--capture", "bind", "--drain-timeout", f"{drain:g}"]
-    return spawn([*argv, *extra], log or d / f"{node}.log")
+    argv = [str(exe), *static_args(node, ip, mesh_config, drain), *extra]
+    return spawn(argv, log or mesh_config.parent / f"{node}.log")
 
 
 def stop_processes(*procs: subprocess.Popen[Any], timeout: float = 10) -> None:

@@ -35,6 +35,14 @@ VIP = "127.0.54.10"
 TOKENS = {"node-a": "token-node-a-0123456789", "node-b": "token-node-b-0123456789"}
 
 
+def node_b_args(tmp: Path) -> list[str]:
+    """Node B's flags in control-plane mode (its token file written into `tmp`), bind capture."""
+    token = tmp / "node-b.token"
+    token.write_text(TOKENS["node-b"] + "\n")
+    argv = ["--node", "node-b", "--node-ip", NODE_B, "--xds-address", CP_ADDR]
+    return [*argv, "--node-credential-file", str(token), "--capture", "bind"]
+
+
 def base_manifests() -> list[dict[str, object]]:
     return [
         {

@@ -24,17 +24,16 @@ import pytest
 
 from tests.helpers import BIN, run, spawn, stop_processes
 from tests.loopback.cpfixtures import (
-    CP_ADDR,
     DENY_SLEEP,
     NODE_A,
     NODE_B,
-    TOKENS,
     VIP,
     Node,
     base_manifests,
     call_echo,
     cp_settings,
     echo_backend,
+    node_b_args,
     running_controlplane,
     start_node,
     stop_node,
@@ -69,30 +68,10 @@ def node_b_process(
     tmp: Path, name: str = "node-b"
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """Node B's ztunnel; `name` names its log and ready file (a successor has its own)."""
-    token = tmp / "node-b.token"
-    token.write_text(TOKENS["node-b"] + "\n")
     log = tmp / f"{name}.log"
-    argv = [
-        str(BIN / "ztunnel"),
-        "--node",
-        "node-b",
-        "--node-ip",
-        NODE_B,
-        "--xds-address",
-        CP_ADDR,
-        "--node-credential-file",
-        str(token),
-        "--capture",
-        "bind",
-        "--workers",
-        "2",
-        "--drain-timeout",
-        "1",
-        "--handover-socket",
-        str(tmp / "handover.sock"),
-        "--ready-file",
-        str(tmp / f"{name}.ready"),
-    ]
+    argv = [str(BIN / "ztunnel"), *node_b_args(tmp), "--workers", "2", "--drain-timeout", "1"]
+    argv += ["--handover-socket", str(tmp / "handover.sock")]
+    argv += ["--ready-file", str(tmp / f"{name}.ready")]
     proc = spawn(argv, log)
     try:
         yield proc, log

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from tests.helpers import one_workload_mesh, static_args
 
 NODE = "127.0.98.1"
 POD = "127.0.98.10"
@@ -56,38 +56,10 @@ def run_probe(stop_when: Path, frozen: Path, *args: str) -> int:
 
 
 def test_static_workers_fork_with_startup_objects_frozen(tmp_path: Path) -> None:
-    mesh = tmp_path / "mesh.yaml"
-    workload = {
-        "uid": "w1",
-        "name": "web",
-        "namespace": "default",
-        "serviceAccount": "web",
-        "addresses": [POD],
-        "node": "node-f",
-        "tunnelProtocol": "HBONE",
-    }
-    mesh.write_text(yaml.safe_dump({"workloads": [workload], "services": [], "policies": []}))
+    mesh = one_workload_mesh(tmp_path / "mesh.yaml", POD, "node-f")
     ready, frozen = tmp_path / "ready", tmp_path / "frozen"
-    code = run_probe(
-        ready,
-        frozen,
-        "--node",
-        "node-f",
-        "--node-ip",
-        NODE,
-        "--mesh-config",
-        str(mesh),
-        "--ca-dir",
-        str(tmp_path / "ca"),
-        "--capture",
-        "bind",
-        "--workers",
-        "2",
-        "--drain-timeout",
-        "1",
-        "--ready-file",
-        str(ready),
-    )
+    flags = [*static_args("node-f", NODE, mesh, drain=1), "--workers", "2"]
+    code = run_probe(ready, frozen, *flags, "--ready-file", str(ready))
     assert code == 0
     assert int(frozen.read_text()) > FROZEN_AT_LEAST
 

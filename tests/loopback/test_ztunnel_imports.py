@@ -20,15 +20,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.helpers import run
+from tests.helpers import one_workload_mesh, run, static_args
 from tests.loopback.cpfixtures import (
-    CP_ADDR,
-    NODE_B,
-    TOKENS,
     base_manifests,
     cp_settings,
+    node_b_args,
     running_controlplane,
     write_manifests,
 )
@@ -58,40 +55,10 @@ NOT_IN_ANY_WORKER = ("importlib.metadata", "importlib.abc", "importlib.resources
 
 
 def loaded_modules(tmp: Path, *extra: str) -> set[str]:
-    mesh = tmp / "mesh.yaml"
-    workload = {
-        "uid": "w1",
-        "name": "web",
-        "namespace": "default",
-        "serviceAccount": "web",
-        "addresses": [POD],
-        "node": "node-m",
-        "tunnelProtocol": "HBONE",
-    }
-    mesh.write_text(yaml.safe_dump({"workloads": [workload], "services": [], "policies": []}))
+    mesh = one_workload_mesh(tmp / "mesh.yaml", POD, "node-m")
     ready = tmp / "ready"
-    argv = [
-        sys.executable,
-        "-c",
-        PROBE,
-        str(ready),
-        "--node",
-        "node-m",
-        "--node-ip",
-        NODE,
-        "--mesh-config",
-        str(mesh),
-        "--ca-dir",
-        str(tmp / "ca"),
-        "--capture",
-        "bind",
-        "--drain-timeout",
-        "1",
-        "--ready-file",
-        str(ready),
-        *extra,
-    ]
-    return probe(argv)
+    flags = [*static_args("node-m", NODE, mesh, drain=1), "--ready-file", str(ready), *extra]
+    return probe([sys.executable, "-c", PROBE, str(ready), *flags])
 
 
 def probe(argv: list[str]) -> set[str]:
@@ -122,29 +89,9 @@ def test_http3_flag_loads_aioquic(tmp_path: Path) -> None:
 def test_controlplane_node_proxy_imports_no_yaml(tmp_path: Path) -> None:
     """A worker fed by the control plane, ready (its first state applied, listeners bound):
     no YAML parser and none of the scrape-only modules."""
-    token = tmp_path / "node-b.token"
-    token.write_text(TOKENS["node-b"] + "\n")
     ready = tmp_path / "ready"
-    argv = [
-        sys.executable,
-        "-c",
-        PROBE,
-        str(ready),
-        "--node",
-        "node-b",
-        "--node-ip",
-        NODE_B,
-        "--xds-address",
-        CP_ADDR,
-        "--node-credential-file",
-        str(token),
-        "--capture",
-        "bind",
-        "--drain-timeout",
-        "1",
-        "--ready-file",
-        str(ready),
-    ]
+    flags = [*node_b_args(tmp_path), "--drain-timeout", "1", "--ready-file", str(ready)]
+    argv = [sys.executable, "-c", PROBE, str(ready), *flags]
 
     async def main() -> set[str]:
         settings = cp_settings(tmp_path)

@@ -40,9 +40,12 @@ FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 Outcome = list[object] | tuple[str, str, int]
 
 
-def outcome(pieces: list[bytes], *, llhttp: bool) -> Outcome:
-    """Every event of the stream fed in `pieces` then EOF, or the error it ended with."""
-    p = Http1Parser(Role.REQUEST, llhttp=llhttp)
+def outcome(pieces: list[bytes], *, llhttp: bool, response_to: str | None = None) -> Outcome:
+    """Every event of the stream fed in `pieces` then EOF, or the error it ended with: a
+    request stream, or with `response_to` a response stream answering that method."""
+    p = Http1Parser(Role.REQUEST if response_to is None else Role.RESPONSE, llhttp=llhttp)
+    if response_to is not None:
+        p.expect_response_to(response_to)
     out: list[object] = []
     try:
         for piece in [*pieces, None]:
@@ -59,9 +62,10 @@ def outcome(pieces: list[bytes], *, llhttp: bool) -> Outcome:
     return out
 
 
-def same(pieces: list[bytes]) -> Outcome:
-    fast = outcome(pieces, llhttp=True)
-    assert fast == outcome(pieces, llhttp=False)
+def same(pieces: list[bytes], response_to: str | None = None) -> Outcome:
+    """`outcome` through llhttp, asserted equal to the checked parser's alone."""
+    fast = outcome(pieces, llhttp=True, response_to=response_to)
+    assert fast == outcome(pieces, llhttp=False, response_to=response_to)
     return fast
 
 

@@ -34,6 +34,7 @@ from tests.unit.test_http1_llhttp import (
     VALUE_OWS,
     cut,
     pool,
+    same,
 )
 from waypoint.protocol import http1
 from waypoint.protocol.http1 import (
@@ -44,36 +45,6 @@ from waypoint.protocol.http1 import (
     ResponseHead,
     Role,
 )
-
-Outcome = list[object] | tuple[str, str, int]
-
-
-def outcome(pieces: list[bytes], method: str, *, llhttp: bool) -> Outcome:
-    """Every event of the response stream fed in `pieces` then EOF (each response answering
-    a `method` request), or the error it ended with."""
-    p = Http1Parser(Role.RESPONSE, llhttp=llhttp)
-    p.expect_response_to(method)
-    out: list[object] = []
-    try:
-        for piece in [*pieces, None]:
-            if piece is None:
-                p.feed_eof()
-            else:
-                p.feed(piece)
-            while (ev := p.next_event()) is not None:
-                out.append(ev)
-                if piece is None and isinstance(ev, EndOfMessage) and p.idle:
-                    return out
-    except HttpParseError as err:
-        return ("error", str(err), err.status)
-    return out
-
-
-def same(pieces: list[bytes], method: str = "GET") -> Outcome:
-    fast = outcome(pieces, method, llhttp=True)
-    assert fast == outcome(pieces, method, llhttp=False)
-    return fast
-
 
 STATUS_LINE = pool(
     [

@@ -215,12 +215,10 @@ class _LlhttpHead:
         self.parser: Any = (
             _httptools.HttpResponseParser(self) if response else _httptools.HttpRequestParser(self)
         )
-        self.url = b""
-        self.reason = b""
+        self.url = self.reason = b""
         self.fields: list[tuple[str, str]] = []
-        self.complete = False
-        self.done = True
-        self.extra = False
+        self.complete = self.extra = False
+        self.done = True  # a fresh parser is reusable
 
     @property
     def reusable(self) -> bool:
@@ -258,6 +256,23 @@ class _LlhttpHead:
 
     def on_message_complete(self) -> None:
         self.done = True
+
+    def read(self, raw: bytes, fields: int) -> bool:
+        """Feed one head (`raw`, without its blank line) from the start: whether llhttp read
+        exactly it, i.e. one complete head of `fields` field lines with token names and nothing
+        after (no field lost or merged), and `raw` has no control character our field rules
+        refuse (the checked parser words that refusal). A head llhttp refuses, or pauses after
+        (an upgrade, CONNECT, a 101), leaves this parser not reusable."""
+        if _BAD_VALUE_BLOCK.search(raw) is not None:
+            return False
+        self.start()
+        try:
+            self.parser.feed_data(raw + b"\r\n\r\n")
+        except Exception as err:  # llhttp refused the head, or paused after it
+            self.done = False
+            if not isinstance(err, _httptools.HttpParserUpgrade):
+                return False
+        return self.complete and not self.extra and len(self.fields) == fields and self.tokens()
 
 
 class Http1Parser:
@@ -392,22 +407,10 @@ class Http1Parser:
         head, or its result is not one `_fields` + `_request` would give: the checked parser
         then decides (and words every refusal), so llhttp only ever speeds up a head both
         parsers accept identically (`tests/unit/test_http1_llhttp.py`, differential)."""
-        if _BAD_VALUE_BLOCK.search(raw) is not None:
-            return None  # a control character our field rules refuse: the checked parser words it
         ll = self._ll
         if ll is None or not ll.reusable:
             ll = self._ll = _LlhttpHead()
-        ll.start()
-        try:
-            ll.parser.feed_data(raw + b"\r\n\r\n")
-        except Exception as err:  # llhttp refused the head (or paused after it: an upgrade)
-            if not isinstance(err, _httptools.HttpParserUpgrade):
-                self._ll = None
-                return None
-            ll.done = False  # paused after an Upgrade or CONNECT head: not reusable
-        # Exactly our head: one head whose end is the blank line we found (no field lost or
-        # merged).
-        if not ll.complete or ll.extra or len(ll.fields) != fields or not ll.tokens():
+        if not ll.read(raw, fields):
             return None
         # The request line exactly `method SP target SP HTTP-version` (RFC 9112 §3; llhttp
         # also takes runs of spaces, "GET /" as HTTP/0.9 and HTTP/2.0: the checked parser
@@ -436,16 +439,8 @@ class Http1Parser:
         status and framing checks as `_response` (`_response_head`). A new llhttp parser per
         head (0.2 us): after a head with a body llhttp waits for the body, which it is never
         fed (the checked parser frames bodies, and only it knows the request was HEAD)."""
-        if _BAD_VALUE_BLOCK.search(raw) is not None:
-            return None
         ll = _LlhttpHead(response=True)
-        ll.start()
-        try:
-            ll.parser.feed_data(raw + b"\r\n\r\n")
-        except Exception as err:  # llhttp refused the head (or paused after it: a 101)
-            if not isinstance(err, _httptools.HttpParserUpgrade):
-                return None
-        if not ll.complete or ll.extra or len(ll.fields) != fields or not ll.tokens():
+        if not ll.read(raw, fields):
             return None
         version: str = ll.parser.get_http_version()
         if version not in ("1.1", "1.0"):
