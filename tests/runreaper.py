@@ -31,6 +31,13 @@ records its name, which protects it, but not its identity: it did not create it.
 something outside test runs (`ambientctl lab`) reusing a gone run's netns as it was left. A
 process without a token is killed only when it is inside such a netns. Reaping never raises:
 what cannot be removed is reported and left.
+
+The runs directory is trusted only when it is a real directory (not a symlink) owned by this
+user and writable by no one else: root's is ``/run/ambient-mesh-test-runs``, another user's
+``<tmp>/ambient-mesh-test-runs-<uid>``, both mode 0700, so no other user can plant a record
+that makes a root run kill or delete what it names, and records are opened with
+``O_NOFOLLOW`` (a planted symlink is not written through). An untrusted directory is reported
+and neither read nor written.
 """
 
 from __future__ import annotations
@@ -38,13 +45,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ENV = "AMBIENT_MESH_TEST_RUN"
-RUNS_DIR = Path(tempfile.gettempdir()) / "ambient-mesh-test-runs"
+RUNS_DIR = (
+    Path("/run/ambient-mesh-test-runs")
+    if os.geteuid() == 0
+    else Path(tempfile.gettempdir()) / f"ambient-mesh-test-runs-{os.geteuid()}"
+)
 NETNS_DIR = Path("/run/netns")
 UNDERLAY_SUFFIX = "-underlay"  # ambientctl.lab.topology.underlay_netns
 
@@ -85,9 +98,24 @@ def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
 
+def trusted(runs_dir: Path) -> bool:
+    """Whether `runs_dir` is a directory (not a symlink) of this user that no one else may
+    write to (module docstring)."""
+    try:
+        st = runs_dir.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 def _append(runs_dir: Path, token: str, line: str) -> None:
-    runs_dir.mkdir(parents=True, exist_ok=True, mode=0o1777)
-    with (runs_dir / f"{token}.netns").open("a") as f:
+    runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not trusted(runs_dir):
+        sys.stderr.write(f"runreaper: {runs_dir} is not this user's own directory: not used\n")
+        return
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    fd = os.open(runs_dir / f"{token}.netns", flags, 0o600)
+    with os.fdopen(fd, "a") as f:
         f.write(line + "\n")
 
 
@@ -119,7 +147,8 @@ def _recorded(path: Path) -> tuple[set[str], dict[str, str]]:
     names: set[str] = set()
     created: dict[str, str] = {}
     try:
-        lines = path.read_text().splitlines()
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW)) as f:
+            lines = f.read().splitlines()
     except OSError:
         return names, created
     for line in lines:
@@ -195,7 +224,9 @@ def reap(
         else:
             _kill(pid)
             done.append(f"process {pid} of gone run {token}")
-    files = sorted(runs_dir.glob("*.netns")) if runs_dir.is_dir() else []
+    if runs_dir.exists() and not trusted(runs_dir):
+        log(f"runreaper: {runs_dir} is not this user's own directory: no netns reaped")
+    files = sorted(runs_dir.glob("*.netns")) if trusted(runs_dir) else []
     live: set[str] = set()
     dead: dict[Path, dict[str, str]] = {}
     for path in files:

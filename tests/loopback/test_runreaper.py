@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import runreaper
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
@@ -59,6 +61,8 @@ def test_the_processes_of_a_gone_run_are_killed_a_live_runs_are_not(tmp_path: Pa
 INNER = """
 import time
 from pathlib import Path
+
+import pytest
 from ambientctl.lab import system
 
 def test_starts_a_control_plane_and_is_killed(tmp_path):
@@ -102,3 +106,29 @@ def test_a_killed_runs_leftovers_carry_its_token_and_the_next_run_reaps_them(
     finally:
         inner.kill()
         inner.wait()
+
+
+def test_a_runs_directory_others_may_write_to_is_neither_read_nor_written(tmp_path: Path) -> None:
+    """Another user able to write to the runs directory could plant a record naming a
+    namespace, which a root run would then delete: such a directory is not used at all, and a
+    record that is a symlink is never written through."""
+    runs = tmp_path / "runs"
+    runs.mkdir(mode=0o700)
+    assert runreaper.trusted(runs)
+    victim = tmp_path / "victim"
+    victim.write_text("kept\n")
+    (runs / "1.2.netns").symlink_to(victim)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        runreaper.record_netns(runs, "1.2", "planted")
+    assert victim.read_text() == "kept\n"
+
+    runs.chmod(0o777)
+    assert not runreaper.trusted(runs)
+    runreaper.record_netns(runs, "3.4", "x")
+    assert not (runs / "3.4.netns").exists()
+    logged: list[str] = []
+    runreaper.reap(runs, log=logged.append)
+    assert any("is not this user's own directory" in line for line in logged)
+    link = tmp_path / "link"
+    link.symlink_to(runs.parent)
+    assert not runreaper.trusted(link)  # the directory itself may not be a symlink
