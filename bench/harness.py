@@ -485,9 +485,9 @@ def run_ab(
     run: Callable[[argparse.Namespace, Supervisor, Path], Results],
     report: Callable[[Results], None],
 ) -> int:
-    """The A/B benches' main (`bench.bulk_ab`, `bench.conn_ab`): `run` in a fresh work dir
-    under `WORK_ROOT` with a `Supervisor` that stops everything it started, then `report` and,
-    with `--json`, every round's figures. Exit status 1 when a run aborts."""
+    """The A/B benches' main (`bench.bulk_ab`, `bench.conn_ab`, `bench.hop_probe`): `run` in a
+    fresh work dir under `WORK_ROOT` with a `Supervisor` that stops everything it started, then
+    `report` and, with `--json`, every round's figures. Exit status 1 when a run aborts."""
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=WORK_ROOT))
     workdir.chmod(0o755)

@@ -42,7 +42,6 @@ import ctypes
 import json
 import os
 import re
-import shutil
 import socket
 import statistics
 import struct
@@ -57,14 +56,14 @@ from typing import Any
 from bench.harness import (
     BACKEND,
     SERVICE_VIP,
-    WORK_ROOT,
-    BenchError,
     PathRuntime,
+    Results,
     Settings,
     Supervisor,
     loadgen,
     log,
     make_certs,
+    run_ab,
     wrk,
 )
 from bench.hbone_bench import start_backend, start_envoy_pair, start_ztunnel_pair
@@ -485,7 +484,7 @@ def _med(rs: list[dict[str, Any]], key: str, fmt: str) -> str:
     return format(statistics.median(vals), fmt) if vals else "-"
 
 
-def report(results: dict[str, list[dict[str, Any]]]) -> None:
+def report(results: Results) -> None:
     med = statistics.median
     direct = results.get("direct")
     print(
@@ -525,6 +524,37 @@ def report(results: dict[str, list[dict[str, Any]]]) -> None:
                 print(f"per wake-up, {name}: {json.dumps(r['turns'])}")
 
 
+def _rounds(args: argparse.Namespace, sup: Supervisor, workdir: Path) -> Results:
+    """`--rounds` rounds over the direct path, Envoy's pair and each tree's pair."""
+    trees = dict(t.split("=", 1) for t in args.tree)
+    results: Results = {}
+    start_backend(sup, workdir)
+    ca_dir = workdir / "ca"
+    ca_dir.mkdir()
+    envoy = None
+    if not args.no_envoy:
+        envoy = start_envoy_pair(sup, workdir, make_certs(workdir, ca_dir))
+    for rnd in range(args.rounds):
+        targets: list[tuple[str, str, PathRuntime | None]] = [("direct", "direct", None)]
+        if envoy is not None:
+            targets.append(("envoy", "envoy", envoy))
+        targets += [(name, "ztunnel", None) for name in trees]
+        for name, kind, rt in targets:
+            if name == "direct":
+                rt = PathRuntime("direct", BACKEND, [], 0)
+            elif rt is None:
+                rt = start_tree(sup, workdir, ca_dir, trees[name])
+            try:
+                r = measure(rt, kind, args)
+            finally:
+                if kind == "ztunnel":
+                    for p in rt.proxies:
+                        sup.stop(p)
+            results.setdefault(name, []).append(r)
+            log(f"round {rnd + 1} " + _brief(name, r))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--tree", action="append", default=[], help="NAME=DIR (repeatable)")
@@ -540,47 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.tree:
         args.tree = ["branch=."]
-    trees = dict(t.split("=", 1) for t in args.tree)
-    WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="hops-", dir=WORK_ROOT))
-    workdir.chmod(0o755)
-    sup = Supervisor(workdir)
-    results: dict[str, list[dict[str, Any]]] = {}
-    try:
-        start_backend(sup, workdir)
-        ca_dir = workdir / "ca"
-        ca_dir.mkdir()
-        envoy = None
-        if not args.no_envoy:
-            envoy = start_envoy_pair(sup, workdir, make_certs(workdir, ca_dir))
-        for rnd in range(args.rounds):
-            targets: list[tuple[str, str, PathRuntime | None]] = [("direct", "direct", None)]
-            if envoy is not None:
-                targets.append(("envoy", "envoy", envoy))
-            targets += [(name, "ztunnel", None) for name in trees]
-            for name, kind, rt in targets:
-                if name == "direct":
-                    rt = PathRuntime("direct", BACKEND, [], 0)
-                elif rt is None:
-                    rt = start_tree(sup, workdir, ca_dir, trees[name])
-                try:
-                    r = measure(rt, kind, args)
-                finally:
-                    if kind == "ztunnel":
-                        for p in rt.proxies:
-                            sup.stop(p)
-                results.setdefault(name, []).append(r)
-                log(f"round {rnd + 1} " + _brief(name, r))
-    except BenchError as exc:
-        log(f"ABORTED: {exc}")
-        return 1
-    finally:
-        sup.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
-    report(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    return run_ab(args, "hops-", _rounds, report)
 
 
 if __name__ == "__main__":
