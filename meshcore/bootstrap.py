@@ -27,11 +27,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshcore.ca import MeshCA
 from meshcore.certs import CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError
 
 if TYPE_CHECKING:  # gRPC loads with the clients only: a static node proxy parses these flags too
+    from meshcore.certhelper import CertHelper
     from meshcore.xds import ControlPlaneEndpoint
 
 DEFAULT_SERVER_NAME = "ambient-controlplane.istio-system.svc"
@@ -151,12 +151,21 @@ def certificate_provider(
     ttl: timedelta,
     local_ca_dir: Path | None = None,
     trust_domain: str = "",
+    helper: CertHelper | None = None,
 ) -> CertificateProvider:
     """The control plane's CA at `ca`; with `local_ca_dir`, local signing by the mesh CA kept
-    there (created on first use) instead."""
+    there (created on first use) instead. With `helper` (the node proxy's), keys, CSRs, signing
+    and checks run in its helper processes, never in this one (`meshcore.certhelper`)."""
     if local_ca_dir is None:
         from meshcore.caclient import ControlPlaneCAProvider
 
-        return ControlPlaneCAProvider(ca, ttl=ttl)
+        return ControlPlaneCAProvider(ca, ttl=ttl, helper=helper)
+    if helper is not None:
+        from meshcore.certhelper import HelperCAProvider, load_local_ca
+
+        material = load_local_ca(local_ca_dir, trust_domain)
+        return HelperCAProvider(material, ttl=ttl, clock=utcnow, helper=helper)
+    from meshcore.ca import MeshCA
+
     mesh_ca = MeshCA.load_or_create(local_ca_dir, trust_domain=trust_domain)
     return LocalCAProvider(mesh_ca, ttl=ttl, clock=utcnow)

@@ -374,6 +374,12 @@ class MeshCA:
     def signing_cert_pem(self) -> bytes:
         return _pem(self._signing_cert)
 
+    def pem_material(self) -> tuple[bytes, bytes, bytes, bytes]:
+        """(signing cert, its key, the intermediates above it, every root): what `from_pem`
+        rebuilds this CA from (`meshcore.certhelper` hands a CA to its helper process so)."""
+        chain = b"".join(_pem(c) for c in self._intermediates)
+        return self.signing_cert_pem, _key_pem(self._signing_key), chain, self.roots_pem
+
     def add_trusted_root(self, pem: bytes) -> None:
         """Trust additional root(s) (root rollover). Duplicates are ignored."""
         certs = [load_cert(p) for p in split_pem_chain(pem)]

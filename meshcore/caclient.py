@@ -2,7 +2,9 @@
 
 Owns: building the CreateCertificate request (fresh ECDSA P-256 key + CSR per fetch,
 ``ImpersonatedIdentity`` metadata, requested TTL), the call with the node credential, and
-validating the answer before it is installed.
+validating the answer before it is installed. Key, CSR and validation are `meshcore.certhelper`'s
+(a helper process for the node proxy, whose workers never import `cryptography`; in-process
+for the waypoint).
 
 Invariants:
 - The private key never leaves the node proxy; only the CSR is sent.
@@ -24,8 +26,8 @@ from datetime import timedelta
 import grpc
 from google.protobuf import struct_pb2
 
-from meshcore.ca import generate_csr
-from meshcore.certs import WorkloadCertificate, split_pem_chain
+from meshcore.certhelper import CertHelper
+from meshcore.certs import WorkloadCertificate
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.proto import ca_pb2
@@ -45,16 +47,23 @@ def build_request(
     )
 
 
-def parse_response(identity: SpiffeId, key_pem: bytes, chain: list[str]) -> WorkloadCertificate:
-    """Validate a CreateCertificate answer for `identity` (see module invariants)."""
+def response_parts(identity: SpiffeId, chain: list[str]) -> tuple[list[bytes], bytes]:
+    """A CreateCertificate answer's layout (see module invariants): (leaf .. intermediates,
+    trust bundle)."""
     if len(chain) < 2:
         raise CertificateError(
             f"CA answer for {identity} has {len(chain)} element(s); expected leaf .. roots"
         )
     roots_pem = chain[-1].encode()
-    if not split_pem_chain(roots_pem):
+    if not roots_pem.strip():
         raise CertificateError("CA answer carries no trust bundle")
-    body = [p.encode() for p in chain[:-1]]
+    return [p.encode() for p in chain[:-1]], roots_pem
+
+
+def parse_response(identity: SpiffeId, key_pem: bytes, chain: list[str]) -> WorkloadCertificate:
+    """Validate a CreateCertificate answer for `identity` in-process (see module invariants):
+    what `ControlPlaneCAProvider.fetch` has its `CertHelper` do."""
+    body, roots_pem = response_parts(identity, chain)
     # from_chain checks SAN == identity, key match, and chain linkage to a bundle root.
     return WorkloadCertificate.from_chain(identity, key_pem, body, roots_pem)
 
@@ -68,10 +77,12 @@ class ControlPlaneCAProvider:
         *,
         ttl: timedelta = timedelta(hours=24),
         timeout: float = 10.0,
+        helper: CertHelper | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.ttl = ttl
         self.timeout = timeout
+        self.helper = helper if helper is not None else CertHelper(in_process=True)
         self._channel: grpc.aio.Channel | None = None
 
     def _call(self) -> grpc.aio.UnaryUnaryMultiCallable:
@@ -84,8 +95,7 @@ class ControlPlaneCAProvider:
         )
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
-        # Key generation is CPU work (~1 ms for P-256); fine on the loop.
-        key_pem, csr_pem = generate_csr(identity)
+        key_pem, csr_pem = await self.helper.csr(identity)
         request = build_request(identity, csr_pem, self.ttl)
         try:
             resp = await self._call()(
@@ -97,7 +107,9 @@ class ControlPlaneCAProvider:
             ) from None
         except asyncio.CancelledError:
             raise
-        return parse_response(identity, key_pem, list(resp.cert_chain))
+        body, roots_pem = response_parts(identity, list(resp.cert_chain))
+        # from_chain (by the helper) checks SAN == identity, key match, and chain linkage.
+        return await self.helper.check(identity, key_pem, body, roots_pem)
 
     async def close(self) -> None:
         if self._channel is not None:

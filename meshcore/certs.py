@@ -8,7 +8,9 @@ fresh.
 Invariants:
 - A `WorkloadCertificate` is checked on construction via `from_chain`: the leaf's single URI SAN
   equals the identity asked for, the private key matches the leaf, and each chain link is signed
-  by the next (ending at a trusted root). A wrong answer from a CA is never installed.
+  by the next (ending at a trusted root). A wrong answer from a CA is never installed. A node
+  proxy's workers run `from_chain` (and every other X.509 function here, the only ones that
+  import `cryptography`) in `meshcore.certhelper`'s helper process, never in their own.
 - Refresh at 50% of the lifetime (ztunnel/istio-agent default); on failure retry with exponential
   backoff (500 ms, x2, jitter ±20%, cap 150 s) and keep serving the old certificate until it
   expires; an expired certificate is never handed out.
@@ -28,16 +30,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-
 from meshcore.backoff import Backoff
 from meshcore.errors import CertificateError, IdentityError
 from meshcore.identity import SpiffeId
 
 if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
     from meshcore.ca import MeshCA
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ def utcnow() -> datetime:
 
 
 # --------------------------------------------------------------------------- PEM / X.509 helpers
+# Each imports `cryptography` itself: a node proxy's worker never calls them (its certificates are
+# made and checked by `meshcore.certhelper`'s helper process), so it never loads the package.
 
 
 def split_pem_chain(pem: bytes) -> list[bytes]:
@@ -63,6 +65,9 @@ def split_pem_chain(pem: bytes) -> list[bytes]:
     Blank input gives an empty list."""
     if not pem.strip():
         return []
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError as e:
@@ -72,6 +77,8 @@ def split_pem_chain(pem: bytes) -> list[bytes]:
 
 def load_cert(pem: bytes) -> x509.Certificate:
     """Load exactly one PEM certificate, as CertificateError on failure."""
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificate(pem)
     except ValueError as e:
@@ -80,6 +87,8 @@ def load_cert(pem: bytes) -> x509.Certificate:
 
 def load_private_key(pem: bytes) -> PrivateKeyTypes:
     """Load an unencrypted PEM private key (PKCS#8, SEC1 or PKCS#1), as CertificateError."""
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:
@@ -88,6 +97,8 @@ def load_private_key(pem: bytes) -> PrivateKeyTypes:
 
 def public_key_der(key: Any) -> bytes:
     """SubjectPublicKeyInfo DER of a public key (for comparing keys)."""
+    from cryptography.hazmat.primitives import serialization
+
     der: bytes = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -96,6 +107,8 @@ def public_key_der(key: Any) -> bytes:
 
 def uri_sans(ext_holder: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
     """All URI SubjectAltNames of a certificate or CSR (empty if there is no SAN extension)."""
+    from cryptography import x509
+
     try:
         san = ext_holder.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
@@ -122,6 +135,9 @@ def verify_chain_links(
     This is signature/issuer linkage only (RFC 5280 §6.1.3 (a)(1) and (a)(4)); validity periods
     and extensions are checked by OpenSSL at handshake time.
     """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
     if not chain:
         raise CertificateError("certificate chain is empty")
     for child, parent in itertools.pairwise(chain):
@@ -162,6 +178,11 @@ class WorkloadCertificate:
     """Leaf notAfter (aware, UTC)."""
     roots_pem: bytes
     """Trust bundle (one or more concatenated root PEMs) used to verify peers."""
+    serial: int
+    """The leaf's serial number."""
+    presented_pem: tuple[bytes, ...]
+    """What a TLS handshake sends: the leaf and its intermediates, without self-issued
+    certificates (roots: RFC 8446 §4.4.2 allows omitting the trust anchor; peers have it)."""
 
     @classmethod
     def from_chain(
@@ -182,8 +203,8 @@ class WorkloadCertificate:
         pems = split_pem_chain(blob)
         if not pems:
             raise CertificateError("certificate chain is empty")
-        certs = [x509.load_pem_x509_certificate(p) for p in pems]
-        roots = x509.load_pem_x509_certificates(roots_pem) if roots_pem.strip() else []
+        certs = [load_cert(p) for p in pems]
+        roots = [load_cert(p) for p in split_pem_chain(roots_pem)]
         if not roots:
             raise CertificateError("trust bundle (roots_pem) is empty")
         leaf = certs[0]
@@ -194,6 +215,8 @@ class WorkloadCertificate:
         if public_key_der(key.public_key()) != public_key_der(leaf.public_key()):
             raise CertificateError(f"private key does not match the certificate for {identity}")
         verify_chain_links(certs, roots)
+        above = zip(pems[1:], certs[1:], strict=True)
+        presented = [pems[0], *(pem for pem, c in above if c.subject != c.issuer)]
         return cls(
             identity=identity,
             key_pem=key_pem,
@@ -201,19 +224,13 @@ class WorkloadCertificate:
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
             roots_pem=roots_pem,
+            serial=leaf.serial_number,
+            presented_pem=tuple(presented),
         )
 
     @property
     def leaf_pem(self) -> bytes:
         return self.chain_pem[0]
-
-    @property
-    def leaf(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(self.chain_pem[0])
-
-    @property
-    def serial(self) -> int:
-        return self.leaf.serial_number
 
     @property
     def lifetime(self) -> timedelta:

@@ -4,6 +4,8 @@ Owns: building `ssl.SSLContext`s from a `WorkloadCertificate` (server and client
 them per certificate, and `verify_peer`, run right after the handshake and before any data;
 `verify_peer_chain` applies the same checks (plus the chain, which OpenSSL's handshake does for
 `verify_peer`) for HBONE over QUIC, whose TLS stack (aioquic) does not verify client chains.
+Only `verify_peer_chain` imports `cryptography` (with HTTP/3, which needs it anyway): HBONE over
+TCP runs on the stdlib `ssl` alone, so a node proxy's worker never loads it.
 
 Invariants (the HBONE wire contract of Istio ambient):
 - TLS 1.3 only (RFC 8446), ALPN "h2" (RFC 7301) on both sides, mutual authentication against the
@@ -30,14 +32,14 @@ import tempfile
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
-
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from typing import TYPE_CHECKING, Any, Literal
 
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import CertificateError, IdentityError, PeerVerificationError
 from meshcore.identity import SpiffeId
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 ALPN_H2 = "h2"
 Side = Literal["server", "client"]
@@ -49,24 +51,13 @@ def _secret_dir() -> str | None:
     return _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK | os.X_OK) else None
 
 
-def _presented_chain(cert: WorkloadCertificate) -> list[bytes]:
-    """Leaf + intermediates: self-issued certificates (roots) are not sent (RFC 8446 §4.4.2
-    allows omitting the trust anchor; the peer has it in its bundle)."""
-    out = [cert.chain_pem[0]]
-    for pem in cert.chain_pem[1:]:
-        c = x509.load_pem_x509_certificate(pem)
-        if c.subject != c.issuer:
-            out.append(pem)
-    return out
-
-
 def _load_identity(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
     tmpdir = tempfile.mkdtemp(prefix="mesh-key-", dir=_secret_dir())  # mode 0700
     try:
         path = os.path.join(tmpdir, "identity.pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, cert.key_pem + b"".join(_presented_chain(cert)))
+            os.write(fd, cert.key_pem + b"".join(cert.presented_pem))
         finally:
             os.close(fd)
         try:
@@ -218,6 +209,8 @@ def identity_from_uri_sans(
 def _has_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
     """OpenSSL's purpose check as the ssl module applies it: an extendedKeyUsage extension, if
     present, must list the usage (RFC 5280 §4.2.1.12); no extension allows every usage."""
+    from cryptography import x509
+
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
@@ -246,7 +239,10 @@ def verify_peer_chain(
     """`verify_peer` for TLS stacks that do not verify the peer themselves (aioquic, see
     `meshcore.hbone.h3`): the chain to `roots_pem` by OpenSSL (RFC 5280 §6, validity at `now`),
     the key usage of the peer's role (`policy.peer_side`), then the same identity rules."""
-    # pyOpenSSL wraps the same OpenSSL verifier the ssl module uses for HBONE over TCP.
+    # pyOpenSSL wraps the same OpenSSL verifier the ssl module uses for HBONE over TCP. Both it
+    # and `cryptography` load with HTTP/3 only (aioquic needs them anyway).
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
     from OpenSSL import crypto
 
     if leaf_der is None:

@@ -6,7 +6,9 @@ and the control plane's CA). The processes' lifecycle around it is `ztunnel.app`
 Invariants: a context's state is replaced in one assignment (readers see the old or the new
 snapshot, never a half-applied one); a bad mesh config at reload is refused and the running one
 kept; gRPC and the xDS/CA clients are imported by `controlplane_context` only (a static node
-proxy's worker does not carry them: bench/README.md, Memory).
+proxy's worker does not carry them: bench/README.md, Memory); `cryptography` is imported by no
+worker in either mode: keys, CSRs, signing and chain checks run in `meshcore.certhelper`'s
+short-lived helper processes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshcore.ca import MeshCA
-from meshcore.certs import CertificateManager, CertificateProvider, LocalCAProvider, utcnow
+from meshcore.certhelper import CertHelper, HelperCAProvider, load_local_ca
+from meshcore.certs import CertificateManager, CertificateProvider, utcnow
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.proto.yamlform import load_mesh_config
@@ -69,8 +71,8 @@ def static_context(settings: ProxySettings, args: argparse.Namespace) -> ProxyCo
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
     if args.ca_dir is None:
         raise ConfigError("--ca-dir", "static mode signs certificates locally and needs a CA dir")
-    ca = MeshCA.load_or_create(args.ca_dir, trust_domain=settings.trust_domain)
-    provider = LocalCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
+    ca = load_local_ca(args.ca_dir, settings.trust_domain)  # in a helper process, like signing
+    provider = HelperCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
     return build_context(settings, state, provider)
 
 
@@ -113,6 +115,7 @@ def controlplane_context(
         ttl=timedelta(seconds=args.cert_ttl),
         local_ca_dir=None if args.ca_address else args.ca_dir,
         trust_domain=settings.trust_domain,
+        helper=CertHelper(),
     )
     ctx = build_context(settings, MeshState.empty(), provider)
 

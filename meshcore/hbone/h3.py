@@ -99,7 +99,7 @@ from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.h3cc import CONGESTION_CONTROL
 from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
-from meshcore.tls import PeerPolicy, _presented_chain, verify_peer_chain
+from meshcore.tls import PeerPolicy, verify_peer_chain
 
 ALPN_H3 = "h3"
 STREAM_WINDOW = 4 * 1024 * 1024
@@ -236,7 +236,7 @@ def quic_configuration(
     """aioquic settings for HBONE: our certificate, ALPN h3, our windows, aioquic's own peer
     verification off (we verify, see the module docstring), no session ticket; a client sends
     `server_name` as SNI (`server_name_for`) or none."""
-    leaf, *chain = [x509.load_pem_x509_certificate(p) for p in _presented_chain(cert)]
+    leaf, *chain = [x509.load_pem_x509_certificate(p) for p in cert.presented_pem]
     cfg = QuicConfiguration(
         is_client=role is Role.CLIENT,
         alpn_protocols=[ALPN_H3],

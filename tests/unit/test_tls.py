@@ -362,6 +362,8 @@ def _odd_leaf(sans: list[x509.GeneralName]) -> tuple[WorkloadCertificate, bytes]
         not_before=now,
         not_after=now + timedelta(hours=1),
         roots_pem=roots,
+        serial=leaf.serial_number,
+        presented_pem=(pem(leaf), pem(plugin.intermediate)),
     )
     return cert, roots
 
