@@ -321,10 +321,16 @@ class CertHelper:
             self.runs += 1
             try:
                 answers = await run_helper([r for r, _ in batch], timeout=self.timeout)
-            except CertificateError as e:
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    fut.cancel()
+                raise
+            except Exception as e:  # fail closed: every request of the batch fails
+                failed = e if isinstance(e, CertificateError) else None
+                message = str(failed or f"certificate helper: {type(e).__name__}: {e}")
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(CertificateError(str(e)))
+                        fut.set_exception(CertificateError(message))
                 continue
             for (_, fut), reply in zip(batch, answers, strict=True):
                 if not fut.done():

@@ -3,6 +3,9 @@ gRPC, protobuf or xDS/CA client, and no aioquic unless --http3 asks for HTTP/3; 
 costs several MiB of RSS per worker (bench/README.md, Memory). Neither carries what only a
 scrape or a build needs (`importlib.metadata` with `zipfile`/`csv`, `importlib.abc` with
 `importlib.resources`), and a worker fed by the control plane has no `yaml` (session 6, memory).
+No worker, in either mode, imports `cryptography` (nor pyOpenSSL): its certificates (ready means
+every local identity has one) were made and checked by `meshcore.certhelper`'s helper processes
+(session 7).
 
 The real `ztunnel.app.main` runs in a subprocess (a fresh interpreter: this test process has
 imported everything); once it is ready (--ready-file) it prints its `sys.modules` and stops.
@@ -51,7 +54,16 @@ sys.exit(ztunnel.app.main(sys.argv[2:]))
 """
 
 NOT_IN_STATIC_MODE = ("grpc", "google.protobuf", "meshcore.xds", "meshcore.caclient", "aioquic")
-NOT_IN_ANY_WORKER = ("importlib.metadata", "importlib.abc", "importlib.resources", "zipfile", "csv")
+NOT_IN_ANY_WORKER = (
+    "importlib.metadata",
+    "importlib.abc",
+    "importlib.resources",
+    "zipfile",
+    "csv",
+    "cryptography",
+    "_cffi_backend",
+    "OpenSSL",
+)
 
 
 def loaded_modules(tmp: Path, *extra: str) -> set[str]:
@@ -79,9 +91,11 @@ def test_static_node_proxy_imports_no_grpc_xds_or_aioquic(tmp_path: Path) -> Non
 
 
 def test_http3_flag_loads_aioquic(tmp_path: Path) -> None:
-    """The probe sees what is loaded: with --http3 the QUIC stack is there (and still no gRPC)."""
+    """The probe sees what is loaded: with --http3 the QUIC stack is there, with the
+    `cryptography` it needs (and still no gRPC)."""
     modules = loaded_modules(tmp_path, "--http3")
     assert imported(modules, "aioquic")
+    assert imported(modules, "cryptography")
     assert not imported(modules, "grpc")
 
 
