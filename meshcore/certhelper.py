@@ -246,7 +246,8 @@ def _result(reply: Answer) -> Answer:
 
 
 def run_helper_sync(requests: Sequence[Request], *, timeout: float = TIMEOUT) -> list[Answer]:
-    """One helper run, blocking (start-up, before the event loop)."""
+    """One helper run, blocking (start-up; `run_helper` from the event loop): killed after
+    `timeout` seconds."""
     try:
         done = subprocess.run(
             HELPER_ARGV,
@@ -255,8 +256,10 @@ def run_helper_sync(requests: Sequence[Request], *, timeout: float = TIMEOUT) ->
             timeout=timeout,
             check=False,
         )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise CertificateError(f"certificate helper failed: {e}") from e
+    except subprocess.TimeoutExpired:  # the helper was killed
+        raise CertificateError(f"certificate helper took more than {timeout:g} s") from None
+    except OSError as e:
+        raise CertificateError(f"certificate helper cannot start: {e}") from e
     if done.returncode != 0:
         tail = done.stderr[-500:].decode(errors="replace").strip()
         raise CertificateError(f"certificate helper exited {done.returncode}: {tail}")
@@ -264,30 +267,11 @@ def run_helper_sync(requests: Sequence[Request], *, timeout: float = TIMEOUT) ->
 
 
 async def run_helper(requests: Sequence[Request], *, timeout: float = TIMEOUT) -> list[Answer]:
-    """One helper run on the event loop: killed after `timeout` seconds."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *HELPER_ARGV,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as e:
-        raise CertificateError(f"certificate helper cannot start: {e}") from e
-    try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(json.dumps(list(requests)).encode()), timeout
-        )
-    except TimeoutError:
-        raise CertificateError(f"certificate helper took more than {timeout:g} s") from None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        tail = err[-500:].decode(errors="replace").strip()
-        raise CertificateError(f"certificate helper exited {proc.returncode}: {tail}")
-    return _answers(out, len(requests))
+    """`run_helper_sync` in a thread. Not the event loop's subprocess support: uvloop's calls
+    fork(), which runs gRPC's fork handlers in a control-plane worker (`ztunnel.workers`: no
+    gRPC in a process that forks), and its stdin transport was seen closed before the request
+    was written ("the handler is closed"); `subprocess` spawns with vfork, no fork handler."""
+    return await asyncio.to_thread(run_helper_sync, requests, timeout=timeout)
 
 
 class CertHelper:
