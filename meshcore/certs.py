@@ -257,7 +257,8 @@ class CertificateProvider(Protocol):
 
 
 class LocalCAProvider:
-    """Signs with an in-process MeshCA (static / no-control-plane mode, and tests)."""
+    """Signs with an in-process MeshCA (the waypoint without a control plane, and tests; the
+    node proxy's is `meshcore.certhelper.HelperCAProvider`, which signs in a helper process)."""
 
     def __init__(
         self,
