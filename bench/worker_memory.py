@@ -11,7 +11,7 @@ could save at most; modules imported by something else too are not counted.
 Run it in a network namespace of its own (fixed addresses 127.0.96.x):
 
     unshare -n bash -c 'ip link set lo up; exec .venv/bin/python -m bench.worker_memory \
-        --packages prometheus_client,yaml,cryptography.x509'
+        --packages prometheus_client,yaml'
 
 `PYTHONPATH=<tree>` runs another source tree's worker (A/B, as bench/README.md describes).
 """
