@@ -60,14 +60,6 @@ def response_parts(identity: SpiffeId, chain: list[str]) -> tuple[list[bytes], b
     return [p.encode() for p in chain[:-1]], roots_pem
 
 
-def parse_response(identity: SpiffeId, key_pem: bytes, chain: list[str]) -> WorkloadCertificate:
-    """Validate a CreateCertificate answer for `identity` in-process (see module invariants):
-    what `ControlPlaneCAProvider.fetch` has its `CertHelper` do."""
-    body, roots_pem = response_parts(identity, chain)
-    # from_chain checks SAN == identity, key match, and chain linkage to a bundle root.
-    return WorkloadCertificate.from_chain(identity, key_pem, body, roots_pem)
-
-
 class ControlPlaneCAProvider:
     """Fetches workload certificates from the control plane (one channel, reused)."""
 

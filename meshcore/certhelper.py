@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +50,11 @@ MAX_BATCH = 64
 """Requests answered by one helper run (a node's identities at start fit in one or two)."""
 TIMEOUT = 30.0
 """Seconds a helper run may take before it is killed and its requests fail."""
-HELPER_ARGV = (sys.executable, "-m", "meshcore.certhelper")
+HELPER_ARGV = (sys.executable, "-P", "-m", "meshcore.certhelper")
+"""``-P``: the caller's working directory is not on the helper's path (a ``meshcore/`` or
+``json.py`` there would run with the CA key in hand); `_helper_env` puts this process's own
+package root first, so the helper runs the code the caller runs."""
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 Request = dict[str, Any]
 Answer = dict[str, Any]
@@ -78,11 +84,30 @@ def cert_to_json(cert: WorkloadCertificate) -> Answer:
     }
 
 
+def _ascii(text: str, key: str) -> bytes:
+    try:
+        return text.encode("ascii")
+    except UnicodeError:
+        raise CertificateError(f"certificate helper: field {key!r} is not ASCII") from None
+
+
+def _pem(obj: Mapping[str, Any], key: str) -> bytes:
+    return _ascii(_text(obj, key), key)
+
+
 def _pems(obj: Mapping[str, Any], key: str) -> tuple[bytes, ...]:
     value = obj.get(key)
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise CertificateError(f"certificate helper: field {key!r} is not a list of strings")
-    return tuple(p.encode("ascii") for p in value)
+    return tuple(_ascii(p, key) for p in value)
+
+
+def _texts(pems: Sequence[bytes]) -> list[str]:
+    """PEMs as JSON strings (PEM is ASCII; anything else is refused, not sent)."""
+    try:
+        return [p.decode("ascii") for p in pems]
+    except UnicodeError:
+        raise CertificateError("a certificate is not ASCII PEM") from None
 
 
 def _time(obj: Mapping[str, Any], key: str) -> datetime:
@@ -110,12 +135,12 @@ def cert_from_json(obj: Mapping[str, Any], identity: SpiffeId) -> WorkloadCertif
         raise CertificateError("certificate helper: malformed certificate")
     return WorkloadCertificate(
         identity=got,
-        key_pem=_text(obj, "key").encode("ascii"),
+        key_pem=_pem(obj, "key"),
         chain_pem=chain,
         presented_pem=presented,
         not_before=_time(obj, "not_before"),
         not_after=_time(obj, "not_after"),
-        roots_pem=_text(obj, "roots").encode("ascii"),
+        roots_pem=_pem(obj, "roots"),
         serial=serial,
     )
 
@@ -139,6 +164,25 @@ class CAMaterial:
             "roots": self.roots_pem,
             "trust_domain": self.trust_domain,
         }
+
+    @classmethod
+    def of(
+        cls,
+        cert_pem: bytes,
+        key_pem: bytes,
+        chain_pem: bytes,
+        roots_pem: bytes,
+        *,
+        trust_domain: str,
+    ) -> CAMaterial:
+        """From `MeshCA.pem_material()`'s four PEMs."""
+        return cls(
+            cert_pem=cert_pem.decode("ascii"),
+            key_pem=key_pem.decode("ascii"),
+            chain_pem=chain_pem.decode("ascii"),
+            roots_pem=roots_pem.decode("ascii"),
+            trust_domain=trust_domain,
+        )
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> CAMaterial:
@@ -178,19 +222,19 @@ def _answer(request: Mapping[str, Any]) -> Answer:
     if op == "chain":
         cert = WorkloadCertificate.from_chain(
             _identity(request),
-            _text(request, "key").encode("ascii"),
+            _pem(request, "key"),
             _pems(request, "chain"),
-            _text(request, "roots").encode("ascii"),
+            _pem(request, "roots"),
         )
         return cert_to_json(cert)
     if op == "issue":
-        material = CAMaterial.from_json(request.get("ca") or {})
+        material = request.get("ca") or {}
         ca = MeshCA.from_pem(
-            cert_pem=material.cert_pem.encode("ascii"),
-            key_pem=material.key_pem.encode("ascii"),
-            chain_pem=material.chain_pem.encode("ascii"),
-            root_pem=material.roots_pem.encode("ascii"),
-            trust_domain=material.trust_domain,
+            cert_pem=_pem(material, "cert"),
+            key_pem=_pem(material, "key"),
+            chain_pem=_pem(material, "chain"),
+            root_pem=_pem(material, "roots"),
+            trust_domain=_text(material, "trust_domain"),
         )
         ttl = request.get("ttl")
         if not isinstance(ttl, int | float) or isinstance(ttl, bool):
@@ -200,19 +244,14 @@ def _answer(request: Mapping[str, Any]) -> Answer:
     if op == "load_ca":
         trust_domain = _text(request, "trust_domain")
         loaded = MeshCA.load_or_create(Path(_text(request, "dir")), trust_domain=trust_domain)
-        cert_pem, key_pem, chain_pem, roots_pem = loaded.pem_material()
-        return CAMaterial(
-            cert_pem=cert_pem.decode("ascii"),
-            key_pem=key_pem.decode("ascii"),
-            chain_pem=chain_pem.decode("ascii"),
-            roots_pem=roots_pem.decode("ascii"),
-            trust_domain=trust_domain,
-        ).to_json()
+        return CAMaterial.of(*loaded.pem_material(), trust_domain=trust_domain).to_json()
     raise CertificateError(f"unknown certificate helper request {op!r}")
 
 
 def main() -> int:
-    """The helper process: a JSON list of requests on stdin, their answers on stdout."""
+    """The helper process: a JSON list of requests on stdin, their answers on stdout. It ends
+    itself past `TIMEOUT` (SIGALRM): an orphan whose caller was killed does not linger."""
+    signal.alarm(int(TIMEOUT) + 1)
     try:
         requests = json.loads(sys.stdin.buffer.read())
     except ValueError as e:
@@ -251,6 +290,7 @@ def run_helper_sync(requests: Sequence[Request], *, timeout: float = TIMEOUT) ->
     try:
         done = subprocess.run(
             HELPER_ARGV,
+            env=_helper_env(),
             input=json.dumps(list(requests)).encode(),
             capture_output=True,
             timeout=timeout,
@@ -266,12 +306,23 @@ def run_helper_sync(requests: Sequence[Request], *, timeout: float = TIMEOUT) ->
     return _answers(done.stdout, len(requests))
 
 
+def _helper_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": PACKAGE_ROOT + (os.pathsep + path if path else "")}
+
+
 async def run_helper(requests: Sequence[Request], *, timeout: float = TIMEOUT) -> list[Answer]:
     """`run_helper_sync` in a thread. Not the event loop's subprocess support: uvloop's calls
     fork(), which runs gRPC's fork handlers in a control-plane worker (`ztunnel.workers`: no
     gRPC in a process that forks), and its stdin transport was seen closed before the request
     was written ("the handler is closed"); `subprocess` spawns with vfork, no fork handler."""
     return await asyncio.to_thread(run_helper_sync, requests, timeout=timeout)
+
+
+def _fail(requests: Sequence[tuple[Request, asyncio.Future[Answer]]], message: str) -> None:
+    for _, fut in requests:
+        if not fut.done():
+            fut.set_exception(CertificateError(message))
 
 
 class CertHelper:
@@ -299,26 +350,24 @@ class CertHelper:
         return _result(await fut)
 
     async def _run(self) -> None:
-        await asyncio.sleep(0)  # the requests of this loop turn join the batch
-        while self._queue:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            self.runs += 1
-            try:
-                answers = await run_helper([r for r, _ in batch], timeout=self.timeout)
-            except asyncio.CancelledError:
-                for _, fut in batch:
-                    fut.cancel()
-                raise
-            except Exception as e:  # fail closed: every request of the batch fails
-                failed = e if isinstance(e, CertificateError) else None
-                message = str(failed or f"certificate helper: {type(e).__name__}: {e}")
-                for _, fut in batch:
+        batch: list[tuple[Request, asyncio.Future[Answer]]] = []
+        try:
+            await asyncio.sleep(0)  # the requests of this loop turn join the batch
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                self.runs += 1
+                try:
+                    answers = await run_helper([r for r, _ in batch], timeout=self.timeout)
+                except Exception as e:  # fail closed: every request of the batch fails
+                    failed = e if isinstance(e, CertificateError) else None
+                    _fail(batch, str(failed or f"certificate helper: {type(e).__name__}: {e}"))
+                    continue
+                for (_, fut), reply in zip(batch, answers, strict=True):
                     if not fut.done():
-                        fut.set_exception(CertificateError(message))
-                continue
-            for (_, fut), reply in zip(batch, answers, strict=True):
-                if not fut.done():
-                    fut.set_result(reply)
+                        fut.set_result(reply)
+        finally:  # stopped (loop shut down): no request, queued or in flight, waits for ever
+            _fail(batch + self._queue, "certificate helper stopped")
+            self._queue = []
 
     async def csr(self, identity: SpiffeId) -> tuple[bytes, bytes]:
         """A fresh key and a CSR for `identity`: (key PEM, CSR PEM)."""
@@ -332,9 +381,9 @@ class CertHelper:
         request = {
             "op": "chain",
             "identity": identity.uri,
-            "key": key_pem.decode("ascii"),
-            "chain": [p.decode("ascii") for p in chain_pem],
-            "roots": roots_pem.decode("ascii"),
+            "key": _texts([key_pem])[0],
+            "chain": _texts(chain_pem),
+            "roots": _texts([roots_pem])[0],
         }
         return cert_from_json(await self.call(request), identity)
 

@@ -13,7 +13,8 @@ Event loop, stop signals, housekeeping sweep and drain wait: `meshcore.runtime`.
 Workers (`--workers N`): static mode binds, then forks; control-plane mode forks first and hands
 the listeners over once its first state is there (`ztunnel.workers`). gRPC and the xDS/CA
 clients are imported by control-plane mode only, aioquic by --http3 only, `cryptography` by
-no worker (`meshcore.certhelper`'s helper processes do its X.509 work): a worker's RSS.
+no worker over TCP (`meshcore.certhelper`'s helper processes do its X.509 work; --http3 loads
+it with aioquic): a worker's RSS.
 
 Ports (docs/reference/ambient-facts.md): 15001 outbound, 15006 inbound plaintext, 15008 inbound
 HBONE, 15000 admin (localhost), 15020 metrics, 15021 readiness; with --http3 also 15008/udp

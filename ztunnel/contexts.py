@@ -7,8 +7,8 @@ Invariants: a context's state is replaced in one assignment (readers see the old
 snapshot, never a half-applied one); a bad mesh config at reload is refused and the running one
 kept; gRPC and the xDS/CA clients are imported by `controlplane_context` only (a static node
 proxy's worker does not carry them: bench/README.md, Memory); `cryptography` is imported by no
-worker in either mode: keys, CSRs, signing and chain checks run in `meshcore.certhelper`'s
-short-lived helper processes.
+worker in either mode (HBONE over TCP; --http3 loads it with aioquic): keys, CSRs, signing and
+chain checks run in `meshcore.certhelper`'s short-lived helper processes.
 """
 
 from __future__ import annotations

@@ -31,14 +31,7 @@ BOB = sid("default", "bob")
 
 
 def material(ca: MeshCA) -> CAMaterial:
-    cert, key, chain, roots = ca.pem_material()
-    return CAMaterial(
-        cert_pem=cert.decode(),
-        key_pem=key.decode(),
-        chain_pem=chain.decode(),
-        roots_pem=roots.decode(),
-        trust_domain=ca.trust_domain,
-    )
+    return CAMaterial.of(*ca.pem_material(), trust_domain=ca.trust_domain)
 
 
 def same_as_in_process(got: WorkloadCertificate, ca: MeshCA) -> None:
@@ -163,3 +156,48 @@ def test_in_process_helper_answers_the_same_without_a_process() -> None:
 
     same_as_in_process(run(main()), ca)
     assert helper.runs == 0
+
+
+def test_the_working_directory_does_not_shadow_the_helpers_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``meshcore`` package in the caller's working directory does not run in the helper
+    (which may hold the CA key): the helper runs the caller's own code."""
+    fake = tmp_path / "meshcore"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "certhelper.py").write_text('print(\'[{"key": "planted", "csr": "x"}]\')\n')
+    monkeypatch.chdir(tmp_path)
+    key, csr = run(CertHelper().csr(ALICE))
+    assert key.startswith(b"-----BEGIN")
+    assert csr.startswith(b"-----BEGIN CERTIFICATE REQUEST")
+
+
+def test_a_stopped_helper_fails_every_waiting_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop shutting down cancels the runner: the requests in flight and those queued
+    behind them get a CertificateError, none waits for ever or sees CancelledError."""
+    monkeypatch.setattr(certhelper, "MAX_BATCH", 1)
+    monkeypatch.setattr(
+        certhelper, "HELPER_ARGV", (sys.executable, "-c", "import time; time.sleep(30)")
+    )
+    helper = CertHelper(timeout=1)
+
+    async def main() -> list[BaseException | tuple[bytes, bytes]]:
+        calls = [asyncio.ensure_future(helper.csr(ident)) for ident in (ALICE, BOB)]
+        await asyncio.sleep(0.2)
+        assert helper._runner is not None
+        helper._runner.cancel()
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    results = run(main())
+    assert [type(r) for r in results] == [CertificateError, CertificateError]
+    assert all("certificate helper stopped" in str(r) for r in results)
+
+
+def test_a_non_ascii_pem_is_a_certificate_error() -> None:
+    ca = MeshCA.create_root()
+    answer = certhelper.cert_to_json(ca.issue(ALICE, now=utcnow()))
+    with pytest.raises(CertificateError, match="not ASCII"):
+        certhelper.cert_from_json({**answer, "key": "-----BEGIN é"}, ALICE)
+    with pytest.raises(CertificateError, match="not ASCII"):
+        run(CertHelper(in_process=True).check(ALICE, "é".encode(), [b"x"], b"y"))

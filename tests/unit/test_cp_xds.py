@@ -17,8 +17,9 @@ from controlplane.translate import Record
 from controlplane.translator import Delta
 from controlplane.xds import ResourceTable, encode_response
 from meshcore.ca import MeshCA, generate_csr
-from meshcore.caclient import build_request, parse_response
-from meshcore.certs import split_pem_chain, utcnow
+from meshcore.caclient import build_request, response_parts
+from meshcore.certhelper import CertHelper
+from meshcore.certs import WorkloadCertificate, split_pem_chain, utcnow
 from meshcore.errors import CertificateError, ConfigError
 from meshcore.identity import SpiffeId
 from meshcore.proto import discovery_pb2 as dpb
@@ -27,6 +28,7 @@ from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resou
 from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
 from meshcore.xds import ControlPlaneEndpoint, apply_response
+from tests.helpers import run
 from tests.loopback.harness import mesh_config
 
 POLICY = {
@@ -54,6 +56,11 @@ POLICY = {
 }
 CONFIG = parse_mesh_config(mesh_config(policies=[POLICY]))
 RECORDS: list[Record] = [*CONFIG.workloads, *CONFIG.services, *CONFIG.policies]
+
+
+def checked(identity: SpiffeId, key: bytes, chain: list[str]) -> WorkloadCertificate:
+    """A CA answer validated as `ControlPlaneCAProvider.fetch` does (in-process helper)."""
+    return run(CertHelper(in_process=True).check(identity, key, *response_parts(identity, chain)))
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=resource_name)
@@ -176,16 +183,16 @@ def test_ca_answer_carries_bundle_and_client_checks_san() -> None:
     grant = svc.decide("a" * 20, build_request(sleep, csr, timedelta(hours=1)))
     chain = svc.sign(grant, csr.decode())
     assert len(split_pem_chain(chain[-1].encode())) == 2, "trust bundle with both roots"
-    cert = parse_response(sleep, key, chain)
+    cert = checked(sleep, key, chain)
     assert cert.identity == sleep
     assert cert.not_after > utcnow()
     echo = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/echo")
     with pytest.raises(
         CertificateError, match=r"expected spiffe://cluster\.local/ns/default/sa/echo"
     ):
-        parse_response(echo, key, chain)
+        checked(echo, key, chain)
     with pytest.raises(CertificateError):
-        parse_response(sleep, key, chain[:1])
+        checked(sleep, key, chain[:1])
     # CSR SAN must equal the impersonated identity.
     _, echo_csr = generate_csr(echo)
     with pytest.raises(InvalidRequest):
