@@ -8,9 +8,11 @@ Invariants (in the spirit of ztunnel's pool.rs):
 - A connection carries at most `max_streams` concurrent streams (capped again by the peer's
   MAX_CONCURRENT_STREAMS); when every pooled connection of a key is full a new one is opened.
 - Concurrent requests for a key with no usable connection share ONE in-flight connect, so a burst
-  does not open a burst of TLS handshakes. A shared connect that fails with a transient error
-  (OSError, timeout) does not fail its waiters: each retries (`DIAL_ATTEMPTS` in all), sharing
-  the next connect again; verification failures are not retried.
+  does not open a burst of TLS handshakes. A finished connect is never waited on again: a request
+  that finds every connection full dials anew (each pass of its loop yields to the event loop). A
+  shared connect that fails with a transient error (OSError, timeout) does not fail its waiters:
+  each retries (`DIAL_ATTEMPTS` in all), sharing the next connect again; verification failures
+  are not retried.
 - A connection that has carried no stream for `idle_timeout` is closed by `sweep(now)`; a closed
   or GOAWAY'd connection is never handed out again.
 - The key includes the source identity, so one workload's certificate is never used for another's
@@ -130,7 +132,11 @@ class HbonePool:
                 if not proto.closed and proto.conn.can_open_stream(self.max_streams):
                     return proto
             task = self._connecting.get(key)
-            if task is None:
+            if task is None or task.done():
+                # A finished dial is never awaited again: awaiting a done task does not yield,
+                # so a caller that found its connection full would loop here without end, and
+                # the event loop with it. It is done but still here between its last step and
+                # `_dialed` (a callback, run one loop iteration later).
                 task = asyncio.get_running_loop().create_task(self._dial(key))
                 self._connecting[key] = task
                 task.add_done_callback(functools.partial(self._dialed, key))
@@ -200,8 +206,9 @@ class HbonePool:
             on_close=functools.partial(self._remove, key),
         )
 
-    def _dialed(self, key: PoolKey, _task: asyncio.Task[PooledConnection]) -> None:
-        self._connecting.pop(key, None)
+    def _dialed(self, key: PoolKey, task: asyncio.Task[PooledConnection]) -> None:
+        if self._connecting.get(key) is task:  # not a dial started after it finished
+            del self._connecting[key]
 
     def _remove(self, key: PoolKey, proto: PooledConnection) -> None:
         conns = self._conns.get(key)

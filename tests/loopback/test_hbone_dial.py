@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 from contextlib import suppress
 from pathlib import Path
 
@@ -177,3 +179,25 @@ def test_a_stream_the_peer_did_not_process_is_retried(tmp_path: Path) -> None:
             listener.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("transport", ["h2", "h3"])
+def test_tunnels_arriving_as_a_dial_finishes_never_spin_the_event_loop(
+    tmp_path: Path, transport: str
+) -> None:
+    """Tunnels that arrive in the loop iteration in which their key's dial finished, and find
+    every pooled connection full, dial anew. Before, they awaited the finished dial again
+    (still registered until its done callback, an iteration later): that returns at once, so
+    the pool's loop never yielded and the whole event loop spun. Under load it froze node A
+    of test_upgrade's HTTP/3 take-back (one QUIC connection, 100 tunnels opened, no byte
+    relayed; py-spy: `HbonePool._connection`). `tests.loopback.pool_burst` runs the burst in
+    its own process, since a spinning loop cannot be stopped from inside."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.loopback.pool_burst", str(tmp_path), transport],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok: 160 tunnels"), proc.stdout
