@@ -506,6 +506,7 @@ class H3HboneConnection:
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    @property
     def open_streams(self) -> int:
         return len(self._streams)
 

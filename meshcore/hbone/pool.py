@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from meshcore.certs import WorkloadCertificate
-from meshcore.errors import StreamRefused
+from meshcore.errors import PeerVerificationError, StreamRefused
 from meshcore.hbone.aio import (
     HboneProtocol,
     HboneSettings,
@@ -165,6 +165,16 @@ class HbonePool:
                 continue
             if proto.conn.can_open_stream(self.max_streams):
                 return proto
+            if proto.conn.open_streams == 0:
+                # Not filled by others: a peer that takes no stream on a new connection
+                # (MAX_CONCURRENT_STREAMS 0, GOAWAY at once) gets DIAL_ATTEMPTS dials per
+                # tunnel, not one per pass of this loop (thousands a second, each pooled).
+                proto.close()
+                failures += 1
+                if failures >= DIAL_ATTEMPTS:
+                    raise ConnectionRefusedError(
+                        f"HBONE peer {key.address} takes no stream on a new connection"
+                    )
             # Filled up by others meanwhile: loop, and dial again if still full.
 
     async def _dial(self, key: PoolKey) -> PooledConnection:
@@ -203,7 +213,11 @@ class HbonePool:
             except asyncio.CancelledError as err:
                 h2.cancel()
                 raise err
-            if h2.done() and not h2.cancelled() and h2.exception() is None:
+            failed = h2.exception() if h2.done() and not h2.cancelled() else None
+            if isinstance(failed, PeerVerificationError):
+                h3.cancel()  # a refused identity is an error on either transport: no waiting
+                raise failed
+            if h2.done() and not h2.cancelled() and failed is None:
                 if not h3.done():  # HTTP/3 runs on and takes over when it completes
                     return self._add(key, h2.result())
             elif not h3.done():  # HTTP/2 failed: HTTP/3 is all there is

@@ -27,8 +27,11 @@ from meshcore.hbone.pool import PoolKey
 from meshcore.identity import SpiffeId
 from tests.helpers import Sink, echo_handler, eventually, run
 from tests.loopback.harness import (
+    BACKEND_PORT,
     CLIENT_IP,
+    ECHO,
     SERVER_IP,
+    SLEEP,
     VIP,
     Mesh,
     call_service,
@@ -195,6 +198,39 @@ def test_http2_failing_while_http3_is_slow_waits_for_http3(tmp_path: Path) -> No
             assert tried  # HTTP/2 was raced, and failed
             assert [c["transport"] for c in pool.snapshot()] == ["h3"]
             assert pool.h3_fallbacks == 0
+
+    run(main(), 60)
+
+
+def test_http2_refusing_the_peer_identity_ends_a_slow_http3_race(tmp_path: Path) -> None:
+    """A refused peer identity is an error on either transport: HTTP/2 refusing it (injected)
+    while the QUIC handshake is still going fails the dial at once and cancels the attempt.
+    Before, the dial waited up to `connect_timeout` for HTTP/3 and could then use it."""
+
+    async def main() -> None:
+        async with running_mesh(tmp_path, transport="h3") as mesh:
+            pool = mesh.node_a.ctx.pool
+            pool.h3_head_start = 0.1
+
+            async def refused(identity: SpiffeId) -> ssl.SSLContext:
+                raise PeerVerificationError("peer presented spiffe://cluster.local/ns/x/sa/y")
+
+            pool._context_for = refused
+            ep = endpoint(mesh)
+            ep.pause_reading()  # HTTP/3 stays slow for the whole test
+            key = PoolKey(
+                source=SpiffeId.parse(SLEEP),
+                expected=(SpiffeId.parse(ECHO),),
+                address=H3,
+                transport="h3",
+            )
+            start = time.monotonic()
+            with pytest.raises(PeerVerificationError):
+                await pool.open_stream(key, f"{SERVER_IP}:{BACKEND_PORT}", [], Sink())
+            assert time.monotonic() - start < pool.connect_timeout / 2
+            await eventually(lambda: not pool._h3_attempts and not pool._h3_trying)
+            assert not pool.snapshot()
+            assert not pool.h3_unreachable
 
     run(main(), 60)
 

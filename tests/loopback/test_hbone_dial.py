@@ -18,11 +18,11 @@ import pytest
 
 from meshcore.hbone.aio import HboneHooks, HboneProtocol, HboneSettings, HboneStream, accept_tls
 from meshcore.hbone.frames import ErrorCode
-from meshcore.hbone.pool import HbonePool, PoolKey
+from meshcore.hbone.pool import DIAL_ATTEMPTS, HbonePool, PoolKey
 from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
 from meshcore.sockets import CONNECT_SWEEP, connect_tcp
-from tests.helpers import Sink, blackholed, run
+from tests.helpers import Sink, blackholed, eventually, run
 from tests.loopback.harness import BACKEND_PORT, CLIENT_IP, ECHO, SERVER_IP, SLEEP, running_mesh
 
 FORWARDER = ("127.0.24.1", 15008)
@@ -179,6 +179,43 @@ def test_a_stream_the_peer_did_not_process_is_retried(tmp_path: Path) -> None:
             listener.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_peer_taking_no_stream_gets_a_bounded_number_of_dials(tmp_path: Path) -> None:
+    """A peer that advertises MAX_CONCURRENT_STREAMS 0 takes no stream on any new connection:
+    a tunnel to it fails after `DIAL_ATTEMPTS` dials, each closed. Before, the pool dialled
+    again on every pass (2,208 TLS connections in 10 s for one tunnel, all kept pooled)."""
+    zero = ("127.0.24.6", 15008)
+
+    async def main() -> None:
+        accepted: list[socket.socket] = []
+        async with running_mesh(tmp_path) as mesh:
+            server_ctx = await mesh.node_b.ctx.server_context(SpiffeId.parse(ECHO))
+            listener = socket.create_server(zero)
+            listener.setblocking(False)
+            loop = asyncio.get_running_loop()
+            settings = HboneSettings(trust_domain="cluster.local", max_concurrent_streams=0)
+
+            async def serve() -> None:
+                while True:
+                    sock, _ = await loop.sock_accept(listener)
+                    accepted.append(sock)
+                    proto = HboneProtocol(Role.SERVER, settings, HboneHooks())
+                    await accept_tls(sock, server_ctx, proto)
+
+            server = asyncio.create_task(serve())
+            pool = HbonePool(mesh.node_a.ctx.client_context, trust_domain="cluster.local")
+            key = PoolKey(
+                source=SpiffeId.parse(SLEEP), expected=(SpiffeId.parse(ECHO),), address=zero
+            )
+            with pytest.raises(ConnectionRefusedError, match="takes no stream"):
+                await pool.open_stream(key, f"{SERVER_IP}:{BACKEND_PORT}", [], Sink())
+            assert len(accepted) == pool.connections_opened == DIAL_ATTEMPTS
+            await eventually(lambda: not pool.snapshot())  # each closed, none kept
+            server.cancel()
+            listener.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 @pytest.mark.parametrize("transport", ["h2", "h3"])
