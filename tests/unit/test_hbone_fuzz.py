@@ -102,8 +102,8 @@ def check_bounds(conn: HboneConnection) -> None:
     assert sum(len(c) for c in conn._buf) <= FRAME_HEADER + MAX_FRAME
     assert conn._header_size <= HEADER_BLOCK_LIMIT
     assert sum(len(c) for c in conn._header_chunks) <= HEADER_BLOCK_LIMIT
-    limit = LIMIT if conn.role is Role.SERVER else len(CLIENT_STREAMS)
-    assert conn.open_streams <= limit
+    # ours once acknowledged (server); the pool's bound on what we open (client)
+    assert conn.open_streams <= (LIMIT if conn.role is Role.SERVER else 100)
     assert len(conn._recent_resets) <= RECENT_RESETS
 
 
@@ -551,3 +551,75 @@ def test_a_value_outside_utf8_reads_the_same_through_either_decoder() -> None:
         )
         got.append([e.headers for e in events if isinstance(e, RequestReceived)])
     assert got[0] == got[1] == [fields]
+
+
+# ---- the peer's input interleaved with our own actions ----
+
+actions = st.lists(
+    st.tuples(
+        st.sampled_from(["send", "end", "ack", "reset", "respond", "open", "ping", "timer"]),
+        st.sampled_from([1, 3, 5, 7]),
+        st.integers(0, 70_000),
+    ),
+    max_size=8,
+)
+
+
+def act(conn: HboneConnection, action: tuple[str, int, int]) -> None:
+    """One thing the edge above may do at any time (`HboneConnection`'s public API)."""
+    what, sid, n = action
+    if what == "send":
+        conn.send_data(sid, bytes(n % 20_000))
+    elif what == "end":
+        conn.end_stream(sid)
+    elif what == "ack":
+        conn.acknowledge_received_data(sid, n)
+    elif what == "reset":
+        conn.reset_stream(sid, ErrorCode.CANCEL)
+    elif what == "respond" and conn.role is Role.SERVER:
+        conn.respond(sid, 200 if n % 2 else 503)
+    elif what == "open" and conn.role is Role.CLIENT and conn.can_open_stream():
+        conn.open_connect("10.0.0.9:80")
+    elif what == "ping":
+        conn.ping(float(n))
+    elif what == "timer":
+        conn.handle_timer(n / 1000)
+
+
+@FUZZ
+@given(
+    st.data(),
+    st.sampled_from([Role.SERVER, Role.CLIENT]),
+    st.lists(st.tuples(mutations, st.booleans()), max_size=1),
+    st.lists(st.integers(0, 2**12), max_size=6),
+    actions,
+)
+def test_peer_input_interleaved_with_local_actions(
+    data: st.DataObject,
+    role: Role,
+    mutation: list[tuple[tuple[str, int, bytes], bool]],
+    cuts: list[int],
+    todo: list[tuple[str, int, int]],
+) -> None:
+    """Our sends, acknowledgements, resets and answers between the peer's reads: never an
+    exception, whole frames out, and no DATA frame beyond the peer's windows or frame size
+    (RFC 9113 §6.9.1, §4.2)."""
+    wire = b"".join(data.draw(valid_sequences(role)))
+    if mutation:
+        wire = mutated(wire, mutation[0][0])
+    conn = connection(role)
+    pieces = split(wire, cuts)
+    out = b""
+    for i, piece in enumerate(pieces):
+        max_frame = conn.peer_max_frame
+        events, more = feed(conn, [piece])
+        check_terminated(events, more)
+        for action in todo[i :: len(pieces)]:
+            act(conn, action)
+            check_bounds(conn)
+        out += more + conn.data_to_send()
+        assert conn.conn_send_window >= 0
+        for ftype, _, _, payload in frames_of(more):
+            if ftype == FrameType.DATA:
+                assert len(payload) <= max(max_frame, conn.peer_max_frame)
+    frames_of(out)
