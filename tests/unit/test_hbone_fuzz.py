@@ -566,8 +566,13 @@ actions = st.lists(
 
 
 def act(conn: HboneConnection, action: tuple[str, int, int]) -> None:
-    """One thing the edge above may do at any time (`HboneConnection`'s public API)."""
+    """One thing the edge above may do at any time (`HboneConnection`'s public API, as the
+    edge uses it: a server sends on a stream only after answering it, and answers it once)."""
     what, sid, n = action
+    stream = conn._streams.get(sid)
+    answered = stream is None or stream.answered or conn.role is Role.CLIENT
+    if what in ("send", "end") and not answered:
+        return
     if what == "send":
         conn.send_data(sid, bytes(n % 20_000))
     elif what == "end":
@@ -576,7 +581,7 @@ def act(conn: HboneConnection, action: tuple[str, int, int]) -> None:
         conn.acknowledge_received_data(sid, n)
     elif what == "reset":
         conn.reset_stream(sid, ErrorCode.CANCEL)
-    elif what == "respond" and conn.role is Role.SERVER:
+    elif what == "respond" and not answered:
         conn.respond(sid, 200 if n % 2 else 503)
     elif what == "open" and conn.role is Role.CLIENT and conn.can_open_stream():
         conn.open_connect("10.0.0.9:80")
