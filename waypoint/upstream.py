@@ -405,10 +405,12 @@ def poll_head(conn: H1Conn, *, upgrade: bool = False) -> http1.ResponseHead | No
     while True:
         try:
             ev = conn.poll()
-        except http1.HttpParseError as err:
-            raise UpstreamProtocolError(str(err)) from err
-        except ConnectionResetError as err:
-            raise UpstreamReset(str(err)) from err
+        except http1.HttpParseError as bad:
+            raise UpstreamProtocolError(str(bad)) from bad
+        except ConnectionResetError as reset:
+            # Its own name: compiled, one name for both would be typed as the native
+            # HttpParseError, and binding this to it raised TypeError (`test_native`).
+            raise UpstreamReset(str(reset)) from reset
         if ev is None:
             return None
         if isinstance(ev, http1.ResponseHead):

@@ -131,3 +131,12 @@ def test_an_upgrade_reads_its_head_through_the_same_reader(
     # The upstream closing before any head: a reset, as before.
     resp, io, err = asyncio.run(send(b""))
     assert isinstance(err, UpstreamReset)
+
+
+def test_the_upstream_closing_before_the_head_is_a_reset() -> None:
+    """UpstreamReset (503 UR, and the retry of a request that met a stale idle connection),
+    never another exception: compiled, this raised TypeError (tests/unit/test_native.py)."""
+    with pytest.raises(UpstreamReset):
+        poll_head(conn_with(b""))
+    with pytest.raises(UpstreamProtocolError):
+        poll_head(conn_with(b"HTTP/1.1 200 OK\r\ncontent-", b""))
