@@ -76,7 +76,13 @@ _CONNECTION_HEADERS = frozenset(
 # and, but for a pseudo-header's leading one, no colon; a value no NUL, CR or LF, and neither
 # starts nor ends with SP or HTAB. Either makes the message malformed (a stream error).
 _BAD_NAME = re.compile("[\x00-\x20A-Z:\x7f-\xff]")
-_BAD_VALUE = re.compile("[\x00\r\n]|^[ \t]|[ \t]$")
+
+
+def _bad_value(value: str) -> bool:
+    """RFC 9113 §8.2.1 (above); `in` tests, several times faster than one regex."""
+    if "\x00" in value or "\r" in value or "\n" in value:
+        return True
+    return bool(value) and (value[0] in " \t" or value[-1] in " \t")
 
 
 def _decoded(decoder: hpack.Decoder, block: bytes) -> Headers:
@@ -359,7 +365,7 @@ def _malformed(headers: Headers, *, request: bool | None) -> str:
     seen_regular = False
     pseudo: set[str] = set()
     for name, value in headers:
-        if _BAD_VALUE.search(value):
+        if _bad_value(value):
             return f"invalid value of {name!r}"
         if name.startswith(":"):
             if seen_regular or request is None:
