@@ -40,7 +40,8 @@ Invariants:
   response carrying the same change to many connections is encoded once (one nonce; nonces
   strictly increase per stream, so none repeats on a stream).
 - Node identity is the authenticated credential's node; a ``NODE_NAME`` in the node metadata
-  that differs is refused (PERMISSION_DENIED).
+  that differs is refused (PERMISSION_DENIED). A stream is refused only after its first
+  request was read (at most `FIRST_REQUEST_TIMEOUT` waited for), never while it is sent.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ SHARED_MAX_BYTES = 256 * 1024
 change's response; a whole initial state is encoded per connection)."""
 
 MAX_SUBSCRIPTIONS = 100_000
+# A stream's first request must arrive within this (a node proxy sends it at once): a peer,
+# authenticated or not, cannot hold a stream open by sending nothing.
+FIRST_REQUEST_TIMEOUT = 10.0
 """Per connection and type: explicit subscriptions (on-demand lookups) kept at most."""
 
 
@@ -498,10 +502,19 @@ class XdsServer:
         self, requests: AsyncIterator[dpb.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> None:
         try:
+            # The first request is read before any refusal: refusing while the client still
+            # sends it races its send (a grpc-core client may then report the trailers
+            # followed by RST_STREAM(NO_ERROR), RFC 9113 §8.1, as INTERNAL, not the status).
+            try:
+                first = await asyncio.wait_for(anext(aiter(requests), None), FIRST_REQUEST_TIMEOUT)
+                late = False
+            except TimeoutError:
+                first, late = None, True
             node = None
             if self.authenticator is not None:
                 node = self.authenticator.authenticate(bearer_token(context.invocation_metadata()))
-            first = await anext(aiter(requests), None)
+            if late:
+                raise InvalidRequest(f"no request within {FIRST_REQUEST_TIMEOUT:.0f}s")
             if first is None:
                 return
             claimed = _node_name(first.node)

@@ -562,13 +562,15 @@ class _ClientSession(H2Session):
             resp.finish()
             raise
         status = next((v for k, v in got if k == ":status"), "")
-        if not status.isdigit():
+        # RFC 9110 §15: three digits (h2 lets any text through; "²" is a str.isdigit() digit
+        # int() refuses: that was a 500 and a traceback, not the upstream's 502).
+        if len(status) != 3 or not status.isascii() or not status.isdigit():
             resp.finish()
-            raise UpstreamProtocolError("response without :status")
+            raise UpstreamProtocolError(f"response without a valid :status ({status[:8]!r})")
         resp.status = int(status)
         resp.headers = [(k, v) for k, v in got if not k.startswith(":")]
         cl = next((v for k, v in resp.headers if k == "content-length"), None)
-        resp.content_length = int(cl) if cl is not None and cl.isdigit() else None
+        resp.content_length = int(cl) if cl is not None and cl.isascii() and cl.isdigit() else None
         return resp
 
     async def _pump(self, sid: int, replay: ReplayBody) -> None:

@@ -34,7 +34,14 @@ from waypoint.errors import UpstreamConnectError, UpstreamProtocolError, Upstrea
 from waypoint.protocol import http1
 from waypoint.protocol.cluster import EndpointStats
 from waypoint.tunnel import TunnelIO
-from waypoint.upstream import HBONE_PORT, UpstreamPool, UpstreamRequest
+from waypoint.upstream import (
+    HBONE_PORT,
+    EndpointKey,
+    H1Conn,
+    UpstreamPool,
+    UpstreamRequest,
+    poll_head,
+)
 
 PROTOCOL = "http/1.1-upgrade"
 """`Request.protocol` of an upgrade request (selects `UpgradeUpstreams` in the handler)."""
@@ -172,28 +179,20 @@ class UpgradeUpstreams:
             ("connection", "upgrade"),
             ("upgrade", upgrade),
         ]
+        # The head is read as every HTTP/1.1 upstream's is (`poll_head`: 1xx heads skipped
+        # and capped, a 101 final here); this connection is never pooled.
+        conn = H1Conn(EndpointKey(ep.ip, ep.port, ep.identity), up)
+        conn.parser.expect_response_to(req.method)
         try:
             up.write(http1.encode_request_head(req.method, request.target, head))
             await up.drain()
-            parser = http1.Http1Parser(http1.Role.RESPONSE)
-            parser.expect_response_to(req.method)
-            while True:
-                ev = parser.next_event()
-                if ev is None:
-                    data = await up.read()
-                    if not data:
-                        raise UpstreamReset("upstream closed before the handshake response")
-                    parser.feed(data)
-                    continue
-                if isinstance(ev, http1.ResponseHead) and (
-                    ev.status == 101 or not ev.informational
-                ):
-                    break
-                if isinstance(ev, http1.ResponseHead):
-                    parser = _next_head(parser)  # 100/103: another head follows
-        except http1.HttpParseError as err:
+            ev = poll_head(conn, upgrade=True)
+            while ev is None:
+                await up.readable()
+                ev = poll_head(conn, upgrade=True)
+        except (UpstreamProtocolError, UpstreamReset) as err:
             up.reset()
-            raise UpstreamProtocolError(str(err)) from err
+            raise err
         except ConnectionError as err:
             up.reset()
             raise UpstreamReset(f"upstream reset during the handshake: {err}") from err
@@ -201,15 +200,7 @@ class UpgradeUpstreams:
         if ev.status == 101:
             self.upgraded += 1
             pump = asyncio.ensure_future(_pump(request.replay, up))
-        return _Response(ev, parser, up, pump)
-
-
-def _next_head(parser: http1.Http1Parser) -> http1.Http1Parser:
-    """A parser for the next response head, keeping what was buffered."""
-    fresh = http1.Http1Parser(http1.Role.RESPONSE)
-    fresh.expect_response_to("GET")
-    fresh.feed(parser.take_buffered())
-    return fresh
+        return _Response(ev, conn.parser, up, pump)
 
 
 async def _pump(replay: ReplayBody, up: TunnelIO) -> None:

@@ -33,8 +33,9 @@ Invariants:
   FRAME_SIZE_ERROR; an incomplete frame waits as chunks joined once when complete (no
   re-concatenation per read); DATA payloads are never reassembled, and each payload byte is
   copied out of the edge's read buffer once.
-- A frame other than CONTINUATION while a header block is open is PROTOCOL_ERROR (§6.10);
-  PUSH_PROMISE is PROTOCOL_ERROR (§8.4); unknown frame types are ignored (§4.1).
+- The peer's first frame is SETTINGS (§3.4); a frame other than CONTINUATION while a header
+  block is open is PROTOCOL_ERROR (§6.10); PUSH_PROMISE is PROTOCOL_ERROR (§8.4); unknown frame
+  types are ignored (§4.1). A frame too short for its fixed fields is FRAME_SIZE_ERROR (§4.2).
 - A connection error raised by any layer ends the input: GOAWAY is queued and a
   `ConnectionTerminated` event ends the list; a closed connection parses nothing more.
 - The peer must acknowledge our SETTINGS within `SETTINGS_TIMEOUT`, finish a header block
@@ -93,6 +94,9 @@ class HboneConnection(HeaderBlocks):
         self._buffered = 0
         self._need = 0
         self._preface_expected = role is Role.SERVER
+        # §3.4: the peer's connection preface ends with (server: is) a SETTINGS frame, its
+        # first frame; anything else first is an invalid preface, PROTOCOL_ERROR.
+        self._settings_expected = True
         # Streaming DATA payload state: bytes left of the current frame, its stream and flags.
         self._data_left = 0
         self._data_stream: Stream | None = None
@@ -227,8 +231,8 @@ class HboneConnection(HeaderBlocks):
                     f"frame of {length} octets exceeds SETTINGS_MAX_FRAME_SIZE",
                     ErrorCode.FRAME_SIZE_ERROR,
                 )
-            if self._header_stream and ftype != FrameType.CONTINUATION:
-                raise H2ProtocolError("expected CONTINUATION", ErrorCode.PROTOCOL_ERROR)
+            if self._header_stream or self._settings_expected:
+                self._check_order(ftype, flags)
             if ftype == FrameType.DATA and not flags & Flag.PADDED:
                 # Fast path: stream the payload out as it arrives, no reassembly.
                 pos += 9
@@ -243,6 +247,16 @@ class HboneConnection(HeaderBlocks):
             self._handle_frame(ftype, flags, stream_id, payload, events)
         if pos < end:
             self._keep_partial(bytes(data[pos:]))
+
+    def _check_order(self, ftype: int, flags: int) -> None:
+        """The frames that must come next: the CONTINUATIONs of an open header block (§6.10),
+        the peer's SETTINGS first (§3.4)."""
+        if self._header_stream and ftype != FrameType.CONTINUATION:
+            raise H2ProtocolError("expected CONTINUATION", ErrorCode.PROTOCOL_ERROR)
+        if self._settings_expected:
+            if ftype != FrameType.SETTINGS or flags & Flag.ACK:
+                raise H2ProtocolError("preface not followed by SETTINGS", ErrorCode.PROTOCOL_ERROR)
+            self._settings_expected = False
 
     def _after_preface(self, data: bytes) -> bytes | None:
         """Server: what follows the client connection preface (RFC 9113 §3.4) in `data`, or
@@ -309,7 +323,9 @@ class HboneConnection(HeaderBlocks):
         self, flags: int, stream_id: int, payload: bytes, events: list[Event]
     ) -> None:
         """Slow path for PADDED DATA (RFC 9113 §6.1): padding counts toward flow control."""
-        if not payload or payload[0] >= len(payload):
+        if not payload:  # §4.2: too small for the Pad Length field
+            raise H2ProtocolError("empty padded DATA", ErrorCode.FRAME_SIZE_ERROR)
+        if payload[0] >= len(payload):
             raise H2ProtocolError("DATA padding exceeds payload", ErrorCode.PROTOCOL_ERROR)
         self._begin_data(stream_id, flags, len(payload), events)
         self._data_left = 0
@@ -349,8 +365,13 @@ class HboneConnection(HeaderBlocks):
         elif ftype == FrameType.GOAWAY:
             self._on_goaway(stream_id, payload, events)
         elif ftype == FrameType.PRIORITY:
-            if stream_id == 0 or len(payload) != 5:  # §6.3
-                raise H2ProtocolError("malformed PRIORITY", ErrorCode.PROTOCOL_ERROR)
+            # §6.3: on stream 0 PROTOCOL_ERROR; not 5 octets FRAME_SIZE_ERROR (a stream error
+            # there, §5.4.1 lets us end the connection instead: the frame may name an idle
+            # stream, which RST_STREAM must not, §5.1).
+            if stream_id == 0:
+                raise H2ProtocolError("PRIORITY on stream 0", ErrorCode.PROTOCOL_ERROR)
+            if len(payload) != 5:
+                raise H2ProtocolError("PRIORITY length", ErrorCode.FRAME_SIZE_ERROR)
         elif ftype == FrameType.PUSH_PROMISE:
             # §8.4: we disabled push (client) / clients never push (server).
             raise H2ProtocolError("PUSH_PROMISE not allowed", ErrorCode.PROTOCOL_ERROR)

@@ -16,6 +16,10 @@ Invariants (hostile peers, RFC 9113 §10.5; CVE-2024-27316 CONTINUATION flood):
   431, RFC 6585 §5). Every block is decoded, even a refused stream's: the HPACK table is
   connection state (§4.3).
 - A new stream id must be above every id the peer used before (§5.1.1), else PROTOCOL_ERROR.
+- Field octets are read as Latin-1 by both HPACK decoders (§8.2.1: values are octets); a name
+  or value §8.2.1 forbids, a pseudo-header in trailers, an informational response ending its
+  stream or a 101 (§8.1, §8.6), a :status not three digits make a message malformed: a stream
+  error (a request's: `RequestRefused`). A client's peer opens no stream (we disable push).
 - A request is handed up (`RequestReceived`) only when well formed (§8.2-8.3) and a plain
   CONNECT (§8.5: no :scheme/:path/:protocol, :authority host:port); otherwise the protocol
   answers it itself (`RequestRefused`: 400, 431, or RST_STREAM), spending the reset budget.
@@ -26,6 +30,7 @@ Invariants (hostile peers, RFC 9113 §10.5; CVE-2024-27316 CONTINUATION flood):
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
 import hpack
@@ -67,13 +72,32 @@ HEADER_BLOCK_TIMEOUT = 10.0
 _CONNECTION_HEADERS = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
 )
+# RFC 9113 §8.2.1: a field name holds no octet in 0x00-0x20, 0x41-0x5a (uppercase), 0x7f-0xff
+# and, but for a pseudo-header's leading one, no colon; a value no NUL, CR or LF, and neither
+# starts nor ends with SP or HTAB. Either makes the message malformed (a stream error).
+_BAD_NAME = re.compile("[\x00-\x20A-Z:\x7f-\xff]")
 
 
-def _decoded(decoder: hpack.Decoder, block: bytes) -> list[tuple[object, object]]:
-    """hpack's full decoder with ``raw=False``: its annotation says bytes pairs, but it returns
-    str pairs; typed as objects so compiled code (mypyc) checks neither."""
-    pairs: list[tuple[object, object]] = list(decoder.decode(block, raw=False))
-    return pairs
+def _bad_value(value: str) -> bool:
+    """RFC 9113 §8.2.1 (above); `in` tests, several times faster than one regex."""
+    if "\x00" in value or "\r" in value or "\n" in value:
+        return True
+    return bool(value) and (value[0] in " \t" or value[-1] in " \t")
+
+
+def _decoded(decoder: hpack.Decoder, block: bytes) -> Headers:
+    """hpack's full decoder, its octets read as Latin-1 like `decode_simple` does: field values
+    are octets (RFC 9113 §8.2.1, RFC 9110 §5.5 obs-text), not UTF-8 (hpack's ``raw=False`` made a
+    non-UTF-8 value a COMPRESSION_ERROR only when the block used Huffman or indexing). Typed
+    loosely inside: hpack's annotation says bytes pairs, mypyc must check neither."""
+    pairs: list[tuple[object, object]] = list(decoder.decode(block, raw=True))
+    return [(_text(k), _text(v)) for k, v in pairs]
+
+
+def _text(octets: object) -> str:
+    return (
+        bytes(octets).decode("latin-1") if isinstance(octets, (bytes, bytearray)) else str(octets)
+    )
 
 
 class HeaderBlocks(ConnectionControl):
@@ -168,6 +192,8 @@ class HeaderBlocks(ConnectionControl):
             stop -= payload[0]
         if flags & Flag.PRIORITY:
             start += 5
+            if len(payload) < start:  # §4.2: too small for the priority fields
+                raise H2ProtocolError("HEADERS too short", ErrorCode.FRAME_SIZE_ERROR)
         if stop < start:
             raise H2ProtocolError("HEADERS padding exceeds payload", ErrorCode.PROTOCOL_ERROR)
         block = payload[start:stop]
@@ -213,11 +239,7 @@ class HeaderBlocks(ConnectionControl):
         try:
             # Always decode: the HPACK table is connection state even for refused streams (§4.3).
             simple = decode_simple(block)
-            headers: Headers = (
-                simple
-                if simple is not None
-                else [(str(k), str(v)) for k, v in _decoded(self._decoder, block)]
-            )
+            headers: Headers = simple if simple is not None else _decoded(self._decoder, block)
         except Exception as err:  # hpack raises several unrelated classes
             raise H2ProtocolError(f"HPACK: {err}", ErrorCode.COMPRESSION_ERROR) from err
         # RFC 7541 §4.1 accounting, as SETTINGS_MAX_HEADER_LIST_SIZE is defined (RFC 9113 §6.5.2).
@@ -229,13 +251,12 @@ class HeaderBlocks(ConnectionControl):
                 return
             self._on_stream_headers(stream, headers, end_stream, events)
             return
-        peer_initiated = (stream_id % 2 == 1) == (self.role is Role.SERVER)
-        if not peer_initiated:
-            if stream_id < self._next_stream_id:
+        if self.role is Role.CLIENT:
+            if stream_id % 2 == 1 and stream_id < self._next_stream_id:
                 return  # headers for a stream we opened and already closed/reset: ignore
-            raise H2ProtocolError(
-                "HEADERS on idle stream we did not open", ErrorCode.PROTOCOL_ERROR
-            )
+            # §5.1: HEADERS may open only a stream the receiver may see opened; a server opens
+            # one only by PUSH_PROMISE (§8.4), which we disabled: a connection error.
+            raise H2ProtocolError("HEADERS on a stream the client did not open")
         if stream_id <= self._highest_peer_stream:
             if stream_id in self._recent_resets:
                 return  # late HEADERS (trailers) of a stream we reset (§5.1)
@@ -306,17 +327,22 @@ class HeaderBlocks(ConnectionControl):
             self._stream_error(stream, ErrorCode.STREAM_CLOSED, events)
             return
         if not stream.got_headers and self.role is Role.CLIENT:
-            status_text = next((v for k, v in headers if k == ":status"), "")
-            if _malformed(headers, request=False) or not status_text.isdigit():
+            status = _status(headers)
+            # §8.1: an informational response never ends the stream, and HTTP/2 has no 101
+            # (§8.6); either is malformed like a missing or non-numeric :status (§8.3.2).
+            if (
+                _malformed(headers, request=False)
+                or not status
+                or (status < 200 and (end_stream or status == 101))
+            ):
                 self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
                 return
-            status = int(status_text)
-            if 100 <= status < 200:
+            if status < 200:
                 return  # §8.1: informational responses precede the final one
             stream.got_headers = True
             events.append(ResponseReceived(stream.stream_id, status, headers))
-        elif not end_stream:
-            # Trailers must end the stream (§8.1).
+        elif not end_stream or _malformed(headers, request=None):
+            # Trailers must end the stream and carry no pseudo-header (§8.1).
             self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
             return
         if end_stream:
@@ -324,14 +350,26 @@ class HeaderBlocks(ConnectionControl):
             self._transition(stream, StreamInput.RECV_END)
 
 
-def _malformed(headers: Headers, *, request: bool) -> str:
-    """RFC 9113 §8.2-8.3 checks; returns a reason or "" when the header block is well formed."""
+def _status(headers: Headers) -> int:
+    """A response's :status when it is three digits in 100..599 (RFC 9110 §15), else 0."""
+    text = next((v for k, v in headers if k == ":status"), "")
+    if len(text) != 3 or not text.isascii() or not text.isdigit():
+        return 0  # "²" is a str.isdigit() digit that int() refuses
+    status = int(text)
+    return status if 100 <= status <= 599 else 0
+
+
+def _malformed(headers: Headers, *, request: bool | None) -> str:
+    """RFC 9113 §8.2-8.3 checks of a request's (`request` True), a response's (False) or
+    trailers' (None: no pseudo-header at all) fields; a reason, or "" when well formed."""
     seen_regular = False
     pseudo: set[str] = set()
     for name, value in headers:
+        if _bad_value(value):
+            return f"invalid value of {name!r}"
         if name.startswith(":"):
-            if seen_regular:
-                return "pseudo-header after regular header"
+            if seen_regular or request is None:
+                return f"pseudo-header {name} after regular header or in trailers"
             if name in pseudo:
                 return f"duplicate {name}"
             allowed = (
@@ -344,10 +382,12 @@ def _malformed(headers: Headers, *, request: bool) -> str:
             pseudo.add(name)
         else:
             seen_regular = True
-            if name != name.lower():
-                return "uppercase header name"
+            if not name or _BAD_NAME.search(name):
+                return f"invalid header name {name!r}"
             if name in _CONNECTION_HEADERS or (name == "te" and value != "trailers"):
                 return f"connection-specific header {name}"
+    if request is None:
+        return ""
     if request and ":method" not in pseudo:
         return "missing :method"
     if not request and ":status" not in pseudo:
@@ -365,6 +405,6 @@ def _not_connect(headers: Headers) -> str:
         return "CONNECT with :scheme/:path/:protocol"
     authority = next((v for k, v in headers if k == ":authority"), "")
     host, sep, port = authority.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
         return f"bad :authority {authority!r}: want host:port"
     return ""

@@ -34,7 +34,10 @@ ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
 
 
 async def xds_code(port: int, token: str | None, node: str) -> grpc.StatusCode:
-    """The status of a delta xDS stream opened with `token` claiming `node` (OK = served)."""
+    """The status of a delta xDS stream opened with `token` claiming `node` (OK = served).
+    Like a node proxy, it sends its first request at once and keeps its side open; the control
+    plane reads that request before refusing (`controlplane.xds.FIRST_REQUEST_TIMEOUT`), so a
+    refusal never races the send (grpc-core then reported INTERNAL, once, under load)."""
     async with grpc.aio.insecure_channel(f"{CP_IP}:{port}") as channel:
         call = channel.stream_stream(
             DELTA_METHOD,

@@ -178,7 +178,12 @@ ATTACKS: list[tuple[str, str, bytes, int]] = [
     ("bare LF line end", "GET", b"HTTP/1.1 200 OK\ncontent-length: 0", 502),
     ("bare CR in status line", "GET", b"HTTP/1.1 200 O\rK\r\ncontent-length: 0", 502),
     ("NUL in value", "GET", OK + b"x: a\x00b", 502),
-    ("NUL in reason", "GET", b"HTTP/1.1 200 O\x00K\r\ncontent-length: 0", 0),
+    # RFC 9112 §4: a reason phrase is HTAB / SP / VCHAR / obs-text, like a field value.
+    ("NUL in reason", "GET", b"HTTP/1.1 200 O\x00K\r\ncontent-length: 0", 502),
+    ("ESC in reason", "GET", b"HTTP/1.1 200 O\x1b[2JK\r\ncontent-length: 0", 502),
+    ("DEL in reason", "GET", b"HTTP/1.1 200 O\x7fK\r\ncontent-length: 0", 502),
+    # An upstream's unknown coding is a bad gateway (502), not our 501 (RFC 9112 §6.1).
+    ("TE gzip, chunked", "GET", OK + b"transfer-encoding: gzip, chunked", 502),
     ("status 2000", "GET", b"HTTP/1.1 2000 OK\r\ncontent-length: 0", 502),
     ("status 099", "GET", b"HTTP/1.1 099 X\r\ncontent-length: 0", 502),
     ("HTTP/2 status line", "GET", b"HTTP/2 200 OK\r\ncontent-length: 0", 502),
@@ -191,6 +196,9 @@ ATTACKS: list[tuple[str, str, bytes, int]] = [
     ("no reason", "GET", b"HTTP/1.1 200\r\ncontent-length: 0", 0),
     ("two spaces before reason", "GET", b"HTTP/1.1 200  OK\r\ncontent-length: 0", 0),
     ("obs-text reason", "GET", b"HTTP/1.1 200 \xe9t\xe9\r\ncontent-length: 0", 0),
+    ("HTAB in reason", "GET", b"HTTP/1.1 200 O\tK\r\ncontent-length: 0", 0),
+    ("16 interim heads", "POST", b"HTTP/1.1 100 Continue\r\n\r\n" * 16 + OK + b"x: a", 0),
+    ("17 interim heads", "POST", b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + OK + b"x: a", 502),
     ("1xx then final", "POST", b"HTTP/1.1 100 Continue\r\n\r\n" + OK + b"content-length: 0", 0),
     ("204 with CL+TE", "GET", b"HTTP/1.1 204 No\r\ncontent-length: 3\r\ntransfer-encoding: x", 0),
     ("304 with CL", "GET", b"HTTP/1.1 304 Not Modified\r\ncontent-length: 10", 0),

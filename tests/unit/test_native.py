@@ -6,6 +6,7 @@ whichever build this process selected, compiled after scripts/setup)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -24,6 +25,7 @@ CORE_TESTS = (
     "tests/unit/test_accept_path.py",
     "tests/unit/test_hbone_backpressure.py",
     "tests/unit/test_hbone_bulk.py",
+    "tests/unit/test_hbone_fuzz.py",
     "tests/unit/test_waypoint_http1.py",
     "tests/unit/test_waypoint_routing.py",
     "tests/unit/test_waypoint_authz.py",
@@ -127,3 +129,35 @@ def test_every_module_imports_with_the_compiled_build() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_no_except_name_bound_to_a_native_class_and_another() -> None:
+    """mypyc gives a name bound by several `except ... as name` of one function the type of
+    the first: when that is a class compiled with the module (a native class), binding the
+    name to another exception raises TypeError ("HttpParseError object expected; got
+    ConnectionResetError": an upstream closing before its response head was a 500, not a
+    reset, in the compiled build). Each handler of a native class gets a name of its own."""
+    trees = {
+        m: ast.parse((native.ROOT / (m.replace(".", "/") + ".py")).read_text())
+        for m in native.COMPILED
+    }
+    native_classes = {
+        node.name
+        for tree in trees.values()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+    }
+    found = []
+    for module, tree in trees.items():
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            types: dict[str, set[str]] = {}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ExceptHandler) and node.name and node.type is not None:
+                    types.setdefault(node.name, set()).add(ast.unparse(node.type))
+            for name, bound in types.items():
+                natives = {t for t in bound if t.rsplit(".", 1)[-1] in native_classes}
+                if natives and len(bound) > 1:
+                    found.append(f"{module}.{fn.name}: {name} as {sorted(bound)}")
+    assert not found, found

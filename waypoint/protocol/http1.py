@@ -14,8 +14,10 @@ Invariants:
   several differing Content-Length values, a Transfer-Encoding other than a final "chunked",
   obs-fold (§5.2), whitespace before the colon (§5.1), bare LF line ends in the head.
 - Header names are lower-cased (they are case-insensitive, RFC 9110 §5.1); order and repeats
-  are kept. Field values with control characters other than HTAB (RFC 9110 §5.5) are refused;
-  at most `MAX_HEADERS` fields (431 past that, Envoy's default) in a head or a trailer section.
+  are kept. Field values and reason phrases with control characters other than HTAB (RFC 9110
+  §5.5, RFC 9112 §4) are refused; at most `MAX_HEADERS` fields (431 past that, Envoy's
+  default) in a head or a trailer section, at most `MAX_INTERIM_HEADS` 1xx heads before one
+  final response.
 - A request line has an upper-case token method (RFC 9110 §9.1; Istio refuses other verbs
   with 400) and a visible-ASCII target (RFC 9112 §3.2); an HTTP/1.1 request has exactly one
   Host field line (RFC 9112 §3.2). Numbers (Content-Length, chunk sizes) are ASCII digits
@@ -61,6 +63,9 @@ MAX_HEAD = 60 * 1024
 MAX_HEADERS = 100
 """Most field lines in a head or a trailer section (Envoy's default max_headers_count)."""
 MAX_CHUNK_LINE = 4096
+MAX_INTERIM_HEADS = 16
+"""Most interim (1xx) heads before one final response (RFC 9110 §15.2 sets no limit; each one
+is a head to parse and a wait that makes no progress: past it, the response is refused, 502)."""
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -70,6 +75,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]+")
 # RFC 9110 §5.5: CTLs other than HTAB are not field-content.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ), the same octets.
+_BAD_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # The same rule over a whole field section (CR LF separate its lines; bare ones are refused
 # before), and one field line as latin-1 text: token ":" OWS value OWS (RFC 9112 §5).
@@ -291,6 +298,7 @@ class Http1Parser:
         self._trailers: list[tuple[str, str]] = []
         self._trailer_bytes = 0
         self._request_method: str | None = None
+        self._interim = 0  # interim (1xx) heads before the current response's final one
         self._request_role = role is Role.REQUEST
         self._error_status = 400 if self._request_role else 502
         self._llhttp = llhttp and _httptools is not None
@@ -503,7 +511,11 @@ class Http1Parser:
             if te[-1] != "chunked" or te.count("chunked") != 1:
                 raise self._fail(f"unsupported Transfer-Encoding {te!r}")
             if te != ["chunked"]:
-                raise HttpParseError(f"unsupported transfer coding {te!r}", 501)
+                # RFC 9112 §6.1: a server answers a coding it does not know 501; a response
+                # in one is the upstream's fault, a bad gateway for the client (RFC 9110 §15.6.3).
+                raise HttpParseError(
+                    f"unsupported transfer coding {te!r}", 501 if self._request_role else 502
+                )
             return True, None
         if cls:
             values = {v.strip() for c in cls for v in c.split(",")}
@@ -577,6 +589,14 @@ class Http1Parser:
         (RFC 9112 §6.3)."""
         if not 100 <= status <= 999:
             raise self._fail(f"bad status {status}")
+        if _BAD_REASON.search(reason):
+            raise self._fail("control character in the reason phrase")
+        if 100 <= status < 200 and status != 101:
+            self._interim += 1
+            if self._interim > MAX_INTERIM_HEADS:
+                raise self._fail(f"more than {MAX_INTERIM_HEADS} interim (1xx) responses")
+        else:
+            self._interim = 0
         chunked, length, until_close = False, None, False
         no_body = (
             100 <= status < 200

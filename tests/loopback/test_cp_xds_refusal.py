@@ -1,0 +1,92 @@
+"""The delta xDS stream refuses an unauthenticated node proxy only after reading its first
+request, over real gRPC on loopback.
+
+Why: refused while the client was still sending that request (the handler refused at once,
+before reading), a grpc-core client sometimes reported INTERNAL instead of UNAUTHENTICATED (the
+server's trailers, then RST_STREAM(NO_ERROR) racing the client's pending send; seen once in
+tests/cluster/test_cp_tokenreview_app.py under load). A node proxy (ztunnel) sends its first
+request at once, so reading it first changes nothing for it; a peer that sends nothing is
+refused after `FIRST_REQUEST_TIMEOUT`, so waiting costs a bounded time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from controlplane import xds
+from controlplane.errors import Unauthenticated
+from controlplane.xds import XdsServer
+from meshcore.proto import discovery_pb2 as dpb
+from meshcore.proto.convert import ADDRESS_TYPE
+from meshcore.xds import DELTA_METHOD
+from tests.helpers import loopback_block, run
+
+pytestmark = pytest.mark.timeout(60)
+CP_IP = loopback_block().ip(1)
+
+
+class TokenOnly:
+    """An authenticator: any bearer token is node-a's, none is refused."""
+
+    def authenticate(self, token: str | None) -> str:
+        if token is None:
+            raise Unauthenticated("no credential")
+        return "node-a"
+
+
+async def stream_status(port: int, delay: float | None) -> tuple[grpc.StatusCode, bool, float]:
+    """Open a stream without credential; send the first request after `delay` seconds (None:
+    never). The status, whether the request was sent before it arrived, and when it did."""
+    sent = False
+    async with grpc.aio.insecure_channel(f"{CP_IP}:{port}") as channel:
+        call = channel.stream_stream(
+            DELTA_METHOD,
+            request_serializer=dpb.DeltaDiscoveryRequest.SerializeToString,
+            response_deserializer=dpb.DeltaDiscoveryResponse.FromString,
+        )
+
+        async def requests() -> AsyncIterator[dpb.DeltaDiscoveryRequest]:
+            nonlocal sent
+            if delay is not None:
+                await asyncio.sleep(delay)
+                sent = True
+                yield dpb.DeltaDiscoveryRequest(node=dpb.Node(id="node-a"), type_url=ADDRESS_TYPE)
+            await asyncio.sleep(10)
+
+        start = time.monotonic()
+        stream = call(requests())
+        try:
+            async for _ in stream:
+                return grpc.StatusCode.OK, sent, time.monotonic() - start
+        except grpc.aio.AioRpcError as err:
+            return err.code(), sent, time.monotonic() - start
+        finally:
+            stream.cancel()
+    return grpc.StatusCode.UNKNOWN, sent, 0.0
+
+
+async def _refusals() -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((XdsServer(authenticator=TokenOnly()).method_handlers(),))
+    port = server.add_insecure_port(f"{CP_IP}:0")
+    await server.start()
+    try:
+        # The refusal waits for the first request, however late it comes.
+        code, sent, _ = await stream_status(port, 0.3)
+        assert (code, sent) == (grpc.StatusCode.UNAUTHENTICATED, True)
+        # A peer that sends nothing is refused all the same once the wait is over.
+        code, sent, took = await stream_status(port, None)
+        assert (code, sent) == (grpc.StatusCode.UNAUTHENTICATED, False)
+        assert 0.5 <= took < 5.5
+    finally:
+        await server.stop(None)
+
+
+def test_refused_after_the_first_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xds, "FIRST_REQUEST_TIMEOUT", 0.5, raising=False)
+    run(_refusals())
