@@ -82,10 +82,13 @@ SHARED_MAX_BYTES = 256 * 1024
 change's response; a whole initial state is encoded per connection)."""
 
 MAX_SUBSCRIPTIONS = 100_000
-# A stream's first request must arrive within this (a node proxy sends it at once): a peer,
-# authenticated or not, cannot hold a stream open by sending nothing.
-FIRST_REQUEST_TIMEOUT = 10.0
 """Per connection and type: explicit subscriptions (on-demand lookups) kept at most."""
+FIRST_REQUEST_TIMEOUT = 10.0
+"""A stream's first request must arrive within this (a node proxy sends it at once): a peer,
+authenticated or not, cannot hold a stream open by sending nothing."""
+REFUSED_FIRST_REQUEST_WAIT = 1.0
+"""How long a stream already refused (its credential) waits for its first request before the
+refusal is sent: a stream without a valid credential is held this long at most."""
 
 
 def _varint(n: int) -> bytes:
@@ -502,19 +505,28 @@ class XdsServer:
         self, requests: AsyncIterator[dpb.DeltaDiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> None:
         try:
-            # The first request is read before any refusal: refusing while the client still
-            # sends it races its send (a grpc-core client may then report the trailers
-            # followed by RST_STREAM(NO_ERROR), RFC 9113 §8.1, as INTERNAL, not the status).
-            try:
-                first = await asyncio.wait_for(anext(aiter(requests), None), FIRST_REQUEST_TIMEOUT)
-                late = False
-            except TimeoutError:
-                first, late = None, True
-            node = None
+            # The credential is checked at once (the token review's outcome is the one its
+            # interceptor cached just before), but the refusal is sent only after the first
+            # request is read, or `REFUSED_FIRST_REQUEST_WAIT`: refusing while the client still
+            # sends it races its send (a grpc-core client may then report the trailers followed
+            # by RST_STREAM(NO_ERROR), RFC 9113 §8.1, as INTERNAL, not the status).
+            node, refusal = None, None
             if self.authenticator is not None:
-                node = self.authenticator.authenticate(bearer_token(context.invocation_metadata()))
-            if late:
-                raise InvalidRequest(f"no request within {FIRST_REQUEST_TIMEOUT:.0f}s")
+                try:
+                    node = self.authenticator.authenticate(
+                        bearer_token(context.invocation_metadata())
+                    )
+                except ControlPlaneError as err:
+                    refusal = err
+            wait = FIRST_REQUEST_TIMEOUT if refusal is None else REFUSED_FIRST_REQUEST_WAIT
+            try:
+                first = await asyncio.wait_for(anext(aiter(requests), None), wait)
+            except TimeoutError:
+                if refusal is None:
+                    refusal = InvalidRequest(f"no request within {FIRST_REQUEST_TIMEOUT:.0f}s")
+                first = None
+            if refusal is not None:
+                raise refusal
             if first is None:
                 return
             claimed = _node_name(first.node)

@@ -257,6 +257,9 @@ class HeaderBlocks(ConnectionControl):
             # §5.1: HEADERS may open only a stream the receiver may see opened; a server opens
             # one only by PUSH_PROMISE (§8.4), which we disabled: a connection error.
             raise H2ProtocolError("HEADERS on a stream the client did not open")
+        if stream_id % 2 == 0:
+            # §5.1.1: a client opens odd streams only; an unexpected id is a connection error.
+            raise H2ProtocolError(f"HEADERS on even stream {stream_id} from a client")
         if stream_id <= self._highest_peer_stream:
             if stream_id in self._recent_resets:
                 return  # late HEADERS (trailers) of a stream we reset (§5.1)

@@ -469,6 +469,8 @@ _CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
         ),
         # §5.1, §8.4: a server opening a stream (no PUSH_PROMISE, push disabled)
         (Role.CLIENT, _headers(2, [(":status", "200")]), ErrorCode.PROTOCOL_ERROR, None),
+        # §5.1.1: a client opening an even stream (client streams are odd)
+        (Role.SERVER, _headers(2, _CONNECT), ErrorCode.PROTOCOL_ERROR, None),
         # §6.3: PRIORITY of the wrong size; §4.2: frames too short for their fields
         (Role.SERVER, frame(FrameType.PRIORITY, 0, 1, bytes(4)), ErrorCode.FRAME_SIZE_ERROR, None),
         (Role.SERVER, frame(FrameType.DATA, Flag.PADDED, 1), ErrorCode.FRAME_SIZE_ERROR, None),
@@ -492,6 +494,7 @@ _CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
         "name-empty",
         "value-nul",
         "server-opened-stream",
+        "client-even-stream",
         "priority-size",
         "padded-data-empty",
         "headers-priority-short",
