@@ -63,7 +63,7 @@ from meshcore.hbone.events import (
     Event,
     StreamEnded,
 )
-from meshcore.hbone.frames import CLIENT_PREFACE, ErrorCode, Flag, FrameType
+from meshcore.hbone.frames import CLIENT_PREFACE, HEADER_LAYOUT, ErrorCode, Flag, FrameType
 from meshcore.hbone.headerblock import HEADER_BLOCK_TIMEOUT, HeaderBlocks
 from meshcore.hbone.output import vectored
 from meshcore.hbone.streams import Role, Stream, StreamInput
@@ -211,17 +211,19 @@ class HboneConnection(HeaderBlocks):
             data = rest
         pos = 0
         end = len(data)
+        word: int
+        flags: int
+        stream_id: int
         while pos < end:
             if self._data_left:
                 pos = self._receive_data_payload(data, pos, end, events)
                 continue
             if end - pos < 9:
                 break
-            word = int.from_bytes(data[pos : pos + 4], "big")
+            word, flags, stream_id = HEADER_LAYOUT.unpack_from(data, pos)
             length = word >> 8
             ftype = word & 0xFF
-            flags = data[pos + 4]
-            stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            stream_id &= 0x7FFFFFFF  # §4.1: the reserved bit is ignored
             if length > MAX_FRAME:
                 raise H2ProtocolError(
                     f"frame of {length} octets exceeds SETTINGS_MAX_FRAME_SIZE",
