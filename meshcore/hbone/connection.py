@@ -118,6 +118,8 @@ class HboneConnection(HeaderBlocks):
         if not out:
             return []
         self._out = []
+        if len(out) == 1 and type(out[0]) is bytes:
+            return out  # one frame (the common case): `vectored` would return it as its part
         return vectored(out)
 
     @property
@@ -278,8 +280,13 @@ class HboneConnection(HeaderBlocks):
         take = min(self._data_left, end - pos)
         stream = self._data_stream
         if stream is not None:
-            whole = pos == 0 and take == end and isinstance(data, bytes)
-            piece = data if whole else memoryview(data)[pos : pos + take]
+            piece: bytes | memoryview
+            if isinstance(data, memoryview):
+                piece = data[pos : pos + take]  # the edge's read buffer: copied in _close_data
+            elif pos == 0 and take == end:
+                piece = data
+            else:
+                piece = memoryview(data)[pos : pos + take]
             last = self._open_data
             if last is not None and events[-1] is last and last.stream_id == stream.stream_id:
                 # The next frame of the same stream, nothing between: one event, so the edge
