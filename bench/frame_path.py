@@ -7,6 +7,8 @@ frame:
   `HboneProtocol.buffer_updated` (a view of the shared read buffer, as uvloop's TLS layer hands
   it over): frame parse, flow-control accounting, the event, the sink's `tunnel_data`, the
   credit and the flush;
+- **receive_many**: the same with one DATA frame for each of `--streams` streams in every read
+  (as `wrk -c32` keep-alive traffic arrives: several streams' frames per TLS read), per frame;
 - **send**: one read of `--size` octets from a local socket, as `ztunnel.proxy.relay.TcpSide`
   hands it to `HboneStream.write_in_place` (room for the frame header in front), then the
   coalesced flush (`HboneProtocol.flush`) into the transport.
@@ -72,39 +74,45 @@ def _pump(a: HboneConnection, b: HboneConnection) -> None:
             return
 
 
-def _edge() -> tuple[HboneProtocol, int, _Stubs]:
+def _edge(streams: int = 1) -> tuple[HboneProtocol, list[int], _Stubs]:
+    """A client edge with `streams` open streams, each with a sink, over stub I/O."""
     proto = HboneProtocol(Role.CLIENT, HboneSettings(trust_domain="cluster.local"))
     peer = HboneConnection(Role.SERVER)
     proto.conn.initiate(0.0)
     peer.initiate()
     _pump(proto.conn, peer)
-    stream_id = proto.conn.open_connect("10.0.0.1:80")
-    _pump(proto.conn, peer)
-    peer.respond(stream_id, 200)
-    _pump(proto.conn, peer)
     stubs = _Stubs()
+    ids = []
+    for i in range(streams):
+        stream_id = proto.conn.open_connect(f"10.0.0.{i + 1}:80")
+        _pump(proto.conn, peer)
+        peer.respond(stream_id, 200)
+        _pump(proto.conn, peer)
+        stream = HboneStream(proto, stream_id)
+        proto.streams[stream_id] = stream
+        stream.attach(cast(TunnelSink, stubs.sink))
+        ids.append(stream_id)
     proto._loop = cast(asyncio.AbstractEventLoop, stubs.loop)
-    stream = HboneStream(proto, stream_id)
-    proto.streams[stream_id] = stream
-    stream.attach(cast(TunnelSink, stubs.sink))
     proto.transport = cast(asyncio.Transport, stubs.transport)
-    return proto, stream_id, stubs
+    return proto, ids, stubs
 
 
-def time_receive(frames: int, size: int) -> float:
-    proto, stream_id, _ = _edge()
-    frame = frame_header(size, FrameType.DATA, 0, stream_id) + bytes(size)
+def time_receive(frames: int, size: int, streams: int = 1) -> float:
+    """CPU ns per DATA frame of reads holding one frame for each of `streams` streams."""
+    proto, ids, _ = _edge(streams)
+    read = b"".join(frame_header(size, FrameType.DATA, 0, sid) + bytes(size) for sid in ids)
     view = HboneProtocol._read_view
-    view[: len(frame)] = frame
-    n = len(frame)
+    view[: len(read)] = read
+    n = len(read)
+    reads = max(1, frames // streams)
     start = time.thread_time_ns()
-    for _ in range(frames):
+    for _ in range(reads):
         proto.buffer_updated(n)
-    return (time.thread_time_ns() - start) / frames
+    return (time.thread_time_ns() - start) / (reads * streams)
 
 
 def time_send(frames: int, size: int) -> float:
-    proto, stream_id, _ = _edge()
+    proto, (stream_id,), _ = _edge()
     stream = proto.streams[stream_id]
     buffer = memoryview(bytearray(FRAME_HEADER + size))
     credit = encode_window_update(0, 1 << 20) + encode_window_update(stream_id, 1 << 20)
@@ -123,12 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--size", type=int, default=1100, help="DATA payload octets per frame")
+    ap.add_argument(
+        "--streams", type=int, default=32, help="streams with a frame in each read (receive_many)"
+    )
     args = ap.parse_args(argv)
 
     async def run() -> dict[str, float]:
         rx = min(time_receive(args.frames, args.size) for _ in range(args.repeat))
+        many = min(time_receive(args.frames, args.size, args.streams) for _ in range(args.repeat))
         tx = min(time_send(args.frames, args.size) for _ in range(args.repeat))
-        return {"receive_ns": round(rx, 1), "send_ns": round(tx, 1)}
+        return {
+            "receive_ns": round(rx, 1),
+            "receive_many_ns": round(many, 1),
+            "send_ns": round(tx, 1),
+        }
 
     result = asyncio.run(run())
     result["compiled"] = float(aio.__file__.endswith(".so"))
