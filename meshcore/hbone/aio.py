@@ -363,7 +363,6 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_pending = False
-        self._removed_seen = 0  # `conn.streams_removed` at the last look for streams to forget
         self.write_paused = False  # the TLS transport's buffer is over its high-water mark
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -562,13 +561,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     on_window_opened(self.streams, ev)
             elif type(ev) is ConnectionTerminated:
                 self._on_terminated(ev)
-        removed = self.conn.streams_removed
-        if removed != self._removed_seen:
-            # Only when the core removed a stream since the last look: a read of DATA frames
-            # for many streams does not test every open stream.
-            self._removed_seen = removed
-            for sid in [s for s in self.streams if not self.conn.is_open(s)]:
-                self.forget(sid)  # closed in both directions by END_STREAMs
+        for sid in [s for s in self.streams if not self.conn.is_open(s)]:
+            self.forget(sid)  # closed in both directions by END_STREAMs
 
     def _on_reset(self, ev: StreamReset) -> None:
         stream = self.streams.pop(ev.stream_id, None)

@@ -168,7 +168,6 @@ class HboneConnection(HeaderBlocks):
         self._buffered = 0
         self._header_chunks = []
         self._streams.clear()
-        self.streams_removed += 1
         self._out.clear()
         self._data_stream = None
         self._recent_resets.clear()

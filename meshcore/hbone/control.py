@@ -199,5 +199,4 @@ class ConnectionControl(FlowControl):
             s for s in self._streams if s > last and (s % 2 == 1) == (self.role is Role.CLIENT)
         ]:
             del self._streams[sid]
-            self.streams_removed += 1
             events.append(StreamReset(sid, ErrorCode.REFUSED_STREAM, True))

@@ -291,8 +291,7 @@ class HeaderBlocks(ConnectionControl):
         END_STREAM, then RST_STREAM(`error_code`) (NO_ERROR after a complete response, §8.1:
         stop sending the request); with status 0 only the RST_STREAM. Spends the reset budget."""
         stream_id = refused.stream_id
-        if self._streams.pop(stream_id, None) is not None:
-            self.streams_removed += 1
+        self._streams.pop(stream_id, None)
         if refused.status:
             self._send_headers(stream_id, [(":status", str(refused.status))], end_stream=True)
         self._out.append(encode_rst_stream(stream_id, refused.error_code))

@@ -13,8 +13,6 @@ Invariants:
   streams are forgotten, and late frames for them are ignored (`meshcore.hbone.flow` still
   counts their DATA toward the connection window, §6.9). The ids of streams we reset are
   remembered (at most `RECENT_RESETS`) so their late HEADERS are ignored too.
-- Every removal from the table (closed, reset, refused, discarded) counts in
-  `streams_removed`, so the edge can tell without a scan whether a stream it holds may be gone.
 - A new stream id of the peer must be above every id it used before (§5.1.1), else
   PROTOCOL_ERROR (checked where streams open, `meshcore.hbone.headerblock`); DATA,
   WINDOW_UPDATE or RST_STREAM for an id never used (`_is_idle`) is PROTOCOL_ERROR too.
@@ -88,9 +86,6 @@ class StreamTable:
         self._out: list[bytes | memoryview] = []
         self._now = 0.0
         self._streams: dict[int, Stream] = {}
-        # Streams removed from the table so far (closed, reset or refused): the edge looks for
-        # streams to forget only when this moved (`meshcore.hbone.aio.HboneProtocol._dispatch`).
-        self.streams_removed = 0
         self._next_stream_id = 1 if role is Role.CLIENT else 2
         self._highest_peer_stream = 0
         self._recent_resets: dict[int, None] = {}  # insertion-ordered, bounded
@@ -108,7 +103,6 @@ class StreamTable:
     def reset_stream(self, stream_id: int, code: int = ErrorCode.CANCEL) -> None:
         """RST_STREAM. For CONNECT, a TCP reset maps to CONNECT_ERROR (RFC 9113 §8.5)."""
         if self._streams.pop(stream_id, None) is not None:
-            self.streams_removed += 1
             self._out.append(encode_rst_stream(stream_id, code))
             self._remember_reset(stream_id)
 
@@ -120,7 +114,6 @@ class StreamTable:
 
     def _stream_error(self, stream: Stream, code: int, events: list[Event]) -> None:
         self._streams.pop(stream.stream_id, None)
-        self.streams_removed += 1
         self._out.append(encode_rst_stream(stream.stream_id, code))
         self._remember_reset(stream.stream_id)
         events.append(StreamReset(stream.stream_id, code, False))
@@ -149,7 +142,6 @@ class StreamTable:
         new_state = _TRANSITIONS[key]
         if new_state is None:
             del self._streams[stream.stream_id]
-            self.streams_removed += 1
         else:
             stream.state = new_state
 
@@ -160,7 +152,6 @@ class StreamTable:
             raise H2ProtocolError("RST_STREAM length", ErrorCode.FRAME_SIZE_ERROR)
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
-            self.streams_removed += 1
             events.append(StreamReset(stream_id, int.from_bytes(payload, "big"), True))
             if self.role is Role.SERVER and not stream.answered:
                 # CVE-2023-44487: a request reset before we could answer it is work for nothing.
