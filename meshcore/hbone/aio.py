@@ -184,19 +184,23 @@ class HboneStream:
         proto.schedule_flush()
 
     def write_in_place(self, frame: memoryview) -> None:
-        """A large payload that can leave at once becomes a DATA frame in the caller's buffer
-        (its header in the room in front) and is flushed now: the TLS layer encrypts it during
-        this call, so nothing refers to the buffer afterwards and no byte was copied. Anything
-        else is copied and written as by `write` (coalesced with the loop iteration's flush)."""
+        """A payload that can leave at once becomes a DATA frame in the caller's buffer (its
+        header in the room in front). A large one is flushed now: the TLS layer encrypts it
+        during this call, so nothing refers to the buffer afterwards and no byte was copied. A
+        small one is copied once, header and payload together, and leaves with the loop
+        iteration's coalesced flush. Anything else (windows shut, data queued) is copied and
+        written as by `write`."""
         proto = self._proto
-        if (
-            len(frame) - FRAME_HEADER >= BIG_PAYLOAD
-            and proto.transport is not None
-            and proto.conn.send_data_in_place(self.stream_id, frame)
+        big = len(frame) - FRAME_HEADER >= BIG_PAYLOAD
+        if proto.transport is not None and proto.conn.send_data_in_place(
+            self.stream_id, frame, copy=not big
         ):
-            proto.flush()
+            if big:
+                proto.flush()
             if proto.write_paused and self.sink is not None:
                 self.sink.tunnel_pause_source()  # the TLS transport is over its mark
+            if not big:
+                proto.schedule_flush()
             return
         self.write(copied_payload(frame))
 
@@ -449,6 +453,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         self._flush_pending = False
+        if not self.conn.has_output:
+            return  # most reads queue nothing to send (credit is batched at half a window)
         parts = self.conn.data_to_send_parts()  # large DATA payloads are not copied (joined)
         if parts and self.transport is not None:
             if len(parts) == 1:

@@ -64,7 +64,7 @@ from meshcore.hbone.events import (
     Event,
     StreamEnded,
 )
-from meshcore.hbone.frames import CLIENT_PREFACE, ErrorCode, Flag, FrameType
+from meshcore.hbone.frames import CLIENT_PREFACE, HEADER_LAYOUT, ErrorCode, Flag, FrameType
 from meshcore.hbone.headerblock import HEADER_BLOCK_TIMEOUT, HeaderBlocks
 from meshcore.hbone.output import vectored
 from meshcore.hbone.streams import Role, Stream, StreamInput
@@ -122,6 +122,8 @@ class HboneConnection(HeaderBlocks):
         if not out:
             return []
         self._out = []
+        if len(out) == 1 and type(out[0]) is bytes:
+            return out  # one frame (the common case): `vectored` would return it as its part
         return vectored(out)
 
     @property
@@ -215,17 +217,19 @@ class HboneConnection(HeaderBlocks):
             data = rest
         pos = 0
         end = len(data)
+        word: int
+        flags: int
+        stream_id: int
         while pos < end:
             if self._data_left:
                 pos = self._receive_data_payload(data, pos, end, events)
                 continue
             if end - pos < 9:
                 break
-            word = int.from_bytes(data[pos : pos + 4], "big")
+            word, flags, stream_id = HEADER_LAYOUT.unpack_from(data, pos)
             length = word >> 8
             ftype = word & 0xFF
-            flags = data[pos + 4]
-            stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+            stream_id &= 0x7FFFFFFF  # §4.1: the reserved bit is ignored
             if length > MAX_FRAME:
                 raise H2ProtocolError(
                     f"frame of {length} octets exceeds SETTINGS_MAX_FRAME_SIZE",
@@ -290,8 +294,13 @@ class HboneConnection(HeaderBlocks):
         take = min(self._data_left, end - pos)
         stream = self._data_stream
         if stream is not None:
-            whole = pos == 0 and take == end and isinstance(data, bytes)
-            piece = data if whole else memoryview(data)[pos : pos + take]
+            piece: bytes | memoryview
+            if isinstance(data, memoryview):
+                piece = data[pos : pos + take]  # the edge's read buffer: copied in _close_data
+            elif pos == 0 and take == end:
+                piece = data
+            else:
+                piece = memoryview(data)[pos : pos + take]
             last = self._open_data
             if last is not None and events[-1] is last and last.stream_id == stream.stream_id:
                 # The next frame of the same stream, nothing between: one event, so the edge

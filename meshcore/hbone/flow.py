@@ -31,6 +31,7 @@ from meshcore.hbone.frames import (
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
     FRAME_HEADER,
+    HEADER_LAYOUT,
     MAX_WINDOW,
     ErrorCode,
     Flag,
@@ -99,12 +100,14 @@ class FlowControl(StreamTable):
         self._flush_stream(stream)
         return self._below_high_water(stream)
 
-    def send_data_in_place(self, stream_id: int, frame: memoryview) -> bool:
-        """`send_data` of `frame[FRAME_HEADER:]` without a copy, when it can leave as one DATA
-        frame now (nothing queued on the stream, the windows and the peer's MAX_FRAME_SIZE
-        take it all): the header is written into `frame[:FRAME_HEADER]`, room the caller left
-        in front of the payload, and `frame` itself is queued. True if so; then `frame` must be
-        flushed before its buffer is reused. False, and nothing done, otherwise."""
+    def send_data_in_place(self, stream_id: int, frame: memoryview, *, copy: bool = False) -> bool:
+        """`send_data` of `frame[FRAME_HEADER:]` without a copy of the payload alone, when it can
+        leave as one DATA frame now (nothing queued on the stream, the windows and the peer's
+        MAX_FRAME_SIZE take it all): the header is written into `frame[:FRAME_HEADER]`, room
+        the caller left in front of the payload. Then `frame` itself is queued, to be flushed
+        before its buffer is reused, or with `copy` one `bytes` copy of the whole frame (header
+        and payload in one object: a small write costs one copy, not a copied payload, a
+        header and their join). True if so; False, and nothing done, otherwise."""
         size = len(frame) - FRAME_HEADER
         stream = self._streams.get(stream_id)
         if (
@@ -119,8 +122,8 @@ class FlowControl(StreamTable):
             return False
         stream.send_window -= size
         self.conn_send_window -= size
-        frame[:FRAME_HEADER] = frame_header(size, FrameType.DATA, 0, stream_id)
-        self._out.append(frame)
+        HEADER_LAYOUT.pack_into(frame, 0, size << 8 | FrameType.DATA, 0, stream_id)
+        self._out.append(bytes(frame) if copy else frame)
         return True
 
     def _below_high_water(self, stream: Stream) -> bool:
