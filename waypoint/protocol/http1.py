@@ -83,7 +83,7 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*")
 _RESPONSE_VERSION = re.compile(rb"HTTP/1\.[0-9]")
-# Lower-cased token field names, one per line (`_LlhttpHead.decode`).
+# Lower-cased token field names, one per line (`_LlhttpHead.tokens`).
 _NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+(?:\n[!#$%&'*+\-.^_`|~0-9a-z]+)*")
 # RFC 9112 §3.2: a request-target is visible ASCII.
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
@@ -216,11 +216,7 @@ class _LlhttpHead:
     these methods from `feed_data`. Only heads are fed (the checked parser frames bodies), so
     a request parser is reused only after a message it saw end (a bodiless request); after a
     head with a body, an upgrade or a refusal a new one is made. A response head gets a new
-    one each time (`Http1Parser._llhttp_response`).
-
-    `on_header` only collects llhttp's name and value bytes (a C-to-Python call per field is
-    the one cost per field left); `read` decodes them at once, after llhttp read the whole
-    head (`fields`: the head's field lines, lower-cased names)."""
+    one each time (`Http1Parser._llhttp_response`)."""
 
     def __init__(self, response: bool = False) -> None:
         self.parser: Any = (
@@ -228,9 +224,6 @@ class _LlhttpHead:
         )
         self.url = self.reason = b""
         self.fields: list[tuple[str, str]] = []
-        self._names: list[bytes] = []
-        self._values: list[bytes] = []
-        self._at_complete = -1
         self.complete = self.extra = False
         self.done = True  # a fresh parser is reusable
 
@@ -241,9 +234,6 @@ class _LlhttpHead:
     def start(self) -> None:
         self.url = self.reason = b""
         self.fields = []
-        self._names = []
-        self._values = []
-        self._at_complete = -1
         self.complete = self.done = self.extra = False
 
     def on_url(self, url: bytes) -> None:
@@ -255,47 +245,21 @@ class _LlhttpHead:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # A field after the head's end is caught by `_at_complete` (`decode`).
-        self._names.append(name)
-        self._values.append(value)
+        self.extra = self.extra or self.complete
+        # (A non-ASCII name byte would raise here, which httptools reports as a refusal; the
+        # names are checked to be tokens together, `tokens`.)
+        # llhttp drops the value's leading OWS, not its trailing OWS (RFC 9112 §5: not part
+        # of the value); obs-text is kept as latin-1.
+        self.fields.append((name.decode("ascii").lower(), value.rstrip(b" \t").decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self.complete = True
-        self._at_complete = len(self._names)
 
-    def decode(self, fields: int) -> bool:
-        """llhttp's fields as `fields` (str pairs) when it read exactly `fields` of them, all
-        before the head's end, every name a token (RFC 9110 §5.1, whatever llhttp's tables
-        allow: one regex over the names for the whole head, not one per name); False
-        otherwise. Names are ASCII and lower-cased (case-insensitive, §5.1); llhttp drops a
-        value's leading OWS, not its trailing OWS (RFC 9112 §5: not part of the value), which
-        goes here; obs-text is kept as latin-1. Joined with LF, which no name or value holds
-        (the head's CR/LF are its line ends, `Http1Parser._head`): a count that does not come
-        back is refused all the same."""
-        if self._at_complete != len(self._names):  # a field after the head's end
-            self.extra = True
-            return False
-        if self._at_complete != fields:
-            return False
-        if not fields:
-            return True
-        try:
-            names = b"\n".join(self._names).decode("ascii").lower()
-        except UnicodeDecodeError:
-            return False
-        if _NAMES.fullmatch(names) is None:
-            return False
-        keys = names.split("\n")
-        text = b"\n".join(self._values).decode("latin-1")
-        values = text.split("\n")
-        if len(keys) != fields or len(values) != fields:
-            return False
-        if text.endswith((" ", "\t")) or " \n" in text or "\t\n" in text:
-            values = [v.rstrip(" \t") for v in values]
-        # (by index: compiled, one native loop; zip(strict=True) is a generic call with
-        # keywords, ~0.8 us, and the lengths are checked above)
-        self.fields = [(keys[i], values[i]) for i in range(fields)]
-        return True
+    def tokens(self) -> bool:
+        """Every field name is a token (RFC 9110 §5.1), whatever llhttp's tables allow: one
+        regex over the names for the whole head (one per name cost ~2 us a head)."""
+        fields = self.fields
+        return not fields or _NAMES.fullmatch("\n".join([k for k, _ in fields])) is not None
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -315,7 +279,7 @@ class _LlhttpHead:
             self.done = False
             if not isinstance(err, _httptools.HttpParserUpgrade):
                 return False
-        return self.complete and self.decode(fields) and not self.extra
+        return self.complete and not self.extra and len(self.fields) == fields and self.tokens()
 
 
 class Http1Parser:
