@@ -4,9 +4,8 @@ housekeeping and the drain wait.
 Owns: `select_event_loop` (uvloop when installed and not disabled by the process's environment
 switch, else asyncio's loop; returns which one, for the log), `stop_on_signals` (SIGTERM and
 SIGINT call the process's stop; the loop must be the running one, in the main thread), `every`
-(a housekeeping sweep: one step per interval until cancelled), `wait_idle` (a drain waits
-while anything is live, up to a deadline on the loop's clock) and `tune_gc` (the data-path
-processes' collector settings once they serve).
+(a housekeeping sweep: one step per interval until cancelled) and `wait_idle` (a drain waits
+while anything is live, up to a deadline on the loop's clock).
 Listening sockets are `meshcore.sockets.make_listener`.
 
 Used by every process: the node proxy (`ZTUNNEL_UVLOOP`) and the waypoint (`WAYPOINT_UVLOOP`) run
@@ -17,7 +16,6 @@ path, and grpc.aio's poller is built for asyncio's) and share the signals.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -39,18 +37,6 @@ def select_event_loop(switch: str) -> str:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         return "uvloop"
     return "asyncio"
-
-
-def tune_gc() -> None:
-    """Keep the cyclic GC off the data path (the node proxy's workers and the waypoint, once
-    they serve): everything allocated at start-up (modules, config, certificates) is frozen out
-    of collection, and young-generation passes run 100x less often (the proxies create few
-    reference cycles per request or connection; a full pass over a big heap is a latency
-    spike). Memory stays bounded: the thresholds count allocations, so a pass still runs every
-    70 000 net container allocations."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(70_000, 20, 100)
 
 
 def stop_on_signals(

@@ -53,7 +53,7 @@ from meshcore.hbone.pool import HbonePool, PoolLimits
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, json_response, require_loopback, serve_http
 from meshcore.proto.yamlform import load_mesh_config
-from meshcore.runtime import every, select_event_loop, stop_on_signals, tune_gc, wait_idle
+from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idle
 from meshcore.sockets import make_listener
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
@@ -482,7 +482,6 @@ async def run_controlplane(settings: WaypointSettings, args: argparse.Namespace)
         wp = Waypoint(ctx, debug_listen=args.debug)
         stop_on_signals(wp.stop, loop)
         await wp.start()
-        tune_gc()  # start-up's objects frozen, the collector off the request path
         await wp.wait_stopped()
         await wp.drain(args.drain_timeout)
         return 0
@@ -505,7 +504,6 @@ async def run(settings: WaypointSettings, args: argparse.Namespace) -> int:
     stop_on_signals(wp.stop, loop)
     loop.add_signal_handler(signal.SIGHUP, lambda: wp.reload(args.mesh_config, args.config))
     await wp.start()
-    tune_gc()
     await wp.wait_stopped()
     await wp.drain(args.drain_timeout)
     return 0
