@@ -503,14 +503,8 @@ class Http1Parser:
 
     def _framing(self, headers: Headers) -> tuple[bool, int | None]:
         """(chunked, content_length) per RFC 9112 §6.3."""
-        tes: list[str] = []
-        cls: list[str] = []
-        for k, v in headers:  # one pass over the head for both fields
-            if k == "transfer-encoding":
-                tes.append(v)
-            elif k == "content-length":
-                cls.append(v)
-        te = _tokens(", ".join(tes)) if tes else []
+        te = _tokens(header_value(headers, "transfer-encoding"))
+        cls = [v for k, v in headers if k == "content-length"]
         if te:
             if cls:
                 raise self._fail("both Transfer-Encoding and Content-Length (§6.3 rule 3)")
@@ -554,10 +548,7 @@ class Http1Parser:
         framing."""
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HttpParseError(f"unsupported HTTP version {version!r}", 505)
-        hosts = 0
-        for k, _ in headers:
-            if k == "host":
-                hosts += 1
+        hosts = sum(1 for k, _ in headers if k == "host")
         if hosts > 1:
             raise self._fail("more than one Host field line (RFC 9112 §3.2)")
         if version == "HTTP/1.1" and hosts == 0:
