@@ -12,7 +12,6 @@ Invariant: the wall clock is read here (token times are absolute), nowhere in th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -53,4 +52,4 @@ async def authenticate_request(
         log.info("JWT rejected (%s) for %s %s", exc, req.method, info.path_only)
         raise Unauthenticated(str(exc), f"{req.scheme}://{req.authority}{info.path_only}") from None
     req.headers = list(result.headers)
-    return dataclasses.replace(info, headers=tuple(result.headers), auth=result.auth)
+    return info._replace(headers=tuple(result.headers), auth=result.auth)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from meshcore.config.pathnorm import EscapedSlashes, PathNormalization, PathPolicy
 from meshcore.errors import MeshError
@@ -43,8 +43,10 @@ class RequestRejected(MeshError):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class NormalizedTarget:
+class NormalizedTarget(NamedTuple):
+    """A request target after normalisation (a NamedTuple: one per request, see
+    `waypoint.protocol.route.RequestInfo`)."""
+
     target: str
     """Normalised path plus the untouched query (no fragment)."""
     redirect: bool = False
