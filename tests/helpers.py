@@ -255,3 +255,15 @@ def echo_mesh_config(client: str, server: str, vip: str) -> dict[str, Any]:
         ],
         "policies": [],
     }
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` cut at `cuts` (each taken modulo its length + 1, repeats merged): the fuzz
+    tests' arbitrary splits of one input into reads."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for c in points:
+        pieces.append(data[last:c])
+        last = c
+    pieces.append(data[last:])
+    return pieces

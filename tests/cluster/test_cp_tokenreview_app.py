@@ -8,8 +8,6 @@ audience is refused: the control plane sends its audience in the review."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -20,13 +18,12 @@ from controlplane.app import ControlPlane, ControlPlaneSettings, parse_args
 from meshcore.caclient import ControlPlaneCAProvider
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
-from meshcore.proto import discovery_pb2 as dpb
-from meshcore.proto.convert import ADDRESS_TYPE
-from meshcore.xds import DELTA_METHOD, ControlPlaneEndpoint
+from meshcore.xds import ControlPlaneEndpoint
 from tests.cluster import objects
 from tests.cluster.fixtures import SYSTEM_NS, sa_kubeconfig
 from tests.helpers import run
 from tests.loopback.cpfixtures import base_manifests, write_manifests
+from tests.loopback.test_cp_xds_refusal import stream_status
 
 pytestmark = pytest.mark.timeout(120)
 CP_IP = "127.0.0.1"
@@ -36,29 +33,10 @@ ZTUNNEL = "system:serviceaccount:istio-system:ztunnel"
 async def xds_code(port: int, token: str | None, node: str) -> grpc.StatusCode:
     """The status of a delta xDS stream opened with `token` claiming `node` (OK = served).
     Like a node proxy, it sends its first request at once and keeps its side open; the control
-    plane reads that request before refusing (`controlplane.xds.FIRST_REQUEST_TIMEOUT`), so a
-    refusal never races the send (grpc-core then reported INTERNAL, once, under load)."""
-    async with grpc.aio.insecure_channel(f"{CP_IP}:{port}") as channel:
-        call = channel.stream_stream(
-            DELTA_METHOD,
-            request_serializer=dpb.DeltaDiscoveryRequest.SerializeToString,
-            response_deserializer=dpb.DeltaDiscoveryResponse.FromString,
-        )
-
-        async def requests() -> AsyncIterator[dpb.DeltaDiscoveryRequest]:
-            yield dpb.DeltaDiscoveryRequest(node=dpb.Node(id=node), type_url=ADDRESS_TYPE)
-            await asyncio.sleep(5)
-
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        stream = call(requests(), metadata=metadata)
-        try:
-            async for _ in stream:
-                return grpc.StatusCode.OK
-        except grpc.aio.AioRpcError as err:
-            return err.code()
-        finally:
-            stream.cancel()
-    return grpc.StatusCode.UNKNOWN
+    plane reads that request before refusing (`controlplane.xds.REFUSED_FIRST_REQUEST_WAIT`), so
+    a refusal never races the send (grpc-core then reported INTERNAL, once, under load)."""
+    code, _, _ = await stream_status(port, 0.0, token=token, node=node, ip=CP_IP)
+    return code
 
 
 async def _controlplane_token_review(kube: KubeCluster, tmp: Path) -> None:

@@ -46,11 +46,20 @@ class TokenOnly:
         return "node-a"
 
 
-async def stream_status(port: int, delay: float | None) -> tuple[grpc.StatusCode, bool, float]:
-    """Open a stream without credential; send the first request after `delay` seconds (None:
-    never). The status, whether the request was sent before it arrived, and when it did."""
+async def stream_status(
+    port: int,
+    delay: float | None,
+    *,
+    token: str | None = None,
+    node: str = "node-a",
+    ip: str = CP_IP,
+) -> tuple[grpc.StatusCode, bool, float]:
+    """Open a delta xDS stream with `token` (None: no credential) claiming `node`; send the
+    first request after `delay` seconds (None: never) and keep the client's side open, as a
+    node proxy does. The status (OK: served), whether the request was sent before it arrived,
+    and when it did."""
     sent = False
-    async with grpc.aio.insecure_channel(f"{CP_IP}:{port}") as channel:
+    async with grpc.aio.insecure_channel(f"{ip}:{port}") as channel:
         call = channel.stream_stream(
             DELTA_METHOD,
             request_serializer=dpb.DeltaDiscoveryRequest.SerializeToString,
@@ -62,11 +71,12 @@ async def stream_status(port: int, delay: float | None) -> tuple[grpc.StatusCode
             if delay is not None:
                 await asyncio.sleep(delay)
                 sent = True
-                yield dpb.DeltaDiscoveryRequest(node=dpb.Node(id="node-a"), type_url=ADDRESS_TYPE)
+                yield dpb.DeltaDiscoveryRequest(node=dpb.Node(id=node), type_url=ADDRESS_TYPE)
             await asyncio.sleep(10)
 
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
         start = time.monotonic()
-        stream = call(requests())
+        stream = call(requests(), metadata=metadata)
         try:
             async for _ in stream:
                 return grpc.StatusCode.OK, sent, time.monotonic() - start

@@ -50,6 +50,7 @@ from meshcore.hbone.frames import (
 from meshcore.hbone.headerblock import HEADER_BLOCK_LIMIT
 from meshcore.hbone.headers import encode
 from meshcore.hbone.streams import RECENT_RESETS, Role
+from tests.helpers import split
 
 # HBONE_FUZZ_EXAMPLES=5000 for a longer hunt than CI's.
 FUZZ = settings(
@@ -138,16 +139,6 @@ def check_terminated(events: list[Event], out: bytes) -> None:
     goaways = [p for t, _, _, p in frames_of(out) if t == FrameType.GOAWAY]
     assert goaways, "GOAWAY queued"
     assert int.from_bytes(goaways[-1][4:8], "big") == end.error_code
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for c in points:
-        pieces.append(data[last:c])
-        last = c
-    pieces.append(data[last:])
-    return pieces
 
 
 def normalized(events: list[Event]) -> list[tuple[object, ...]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import split
 from waypoint.protocol.http1 import (
     Body,
     EndOfMessage,
@@ -94,16 +95,6 @@ def run_parser(role: Role, pieces: list[bytes]) -> list[object]:
             if isinstance(ev, EndOfMessage) and p.idle and piece is None:
                 return out
     return out
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for c in points:
-        pieces.append(data[last:c])
-        last = c
-    pieces.append(data[last:])
-    return pieces
 
 
 @FUZZ
