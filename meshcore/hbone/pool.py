@@ -18,16 +18,10 @@ Invariants (in the spirit of ztunnel's pool.rs):
 - The key includes the source identity, so one workload's certificate is never used for another's
   traffic.
 - Transport (issue 16): a key with ``transport="h3"`` dials HBONE over HTTP/3
-  (`meshcore.hbone.h3aio`) first. HTTP/3 gets a head start (`h3_head_start`); when it has not
-  settled by then, HTTP/2 is dialled beside it and the first connection up serves the request,
-  as Chromium races its QUIC job against TCP (and RFC 8305 §5 staggers its attempts). A slow
-  HTTP/3 handshake (a loaded machine) is not a failure: the attempt runs on in the background,
-  bounded by `connect_timeout`, and when it completes the HTTP/3 connection takes the key's new
-  streams (its HTTP/2 fallbacks get GOAWAY; their streams finish). Only an attempt that fails
-  (UDP blocked, no listener, the whole `connect_timeout` without an answer) remembers the peer
-  address as HTTP/3-broken for `h3_retry_after`, as Chromium marks an alternative service
-  broken only when its job fails. One HTTP/3 attempt per key at a time. A refused peer
-  identity never falls back: it is an error on either transport.
+  (`meshcore.hbone.h3aio`) first, bounded by `h3_attempt_timeout`; when that attempt fails for a
+  network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
+  and HTTP/2 is used meanwhile. A refused peer identity never falls back: it is an error on
+  either transport.
 """
 
 from __future__ import annotations
@@ -41,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from meshcore.certs import WorkloadCertificate
-from meshcore.errors import PeerVerificationError, StreamRefused
+from meshcore.errors import StreamRefused
 from meshcore.hbone.aio import (
     HboneProtocol,
     HboneSettings,
@@ -57,11 +51,7 @@ if TYPE_CHECKING:  # aioquic is imported by the first HTTP/3 dial only (`_dial_h
 
 log = logging.getLogger("meshcore.hbone.pool")
 PooledConnection: TypeAlias = "HboneProtocol | H3Protocol"
-H3_HEAD_START = 2.0
-"""Seconds HTTP/3 runs alone before HTTP/2 is dialled beside it. A QUIC handshake takes
-milliseconds on an idle node but seconds on a loaded one (2.9 s measured at load 12): past the
-head start HTTP/2 serves the request while HTTP/3 goes on (RFC 8305 §5 staggers its attempts
-the same way, with a shorter default delay for a single RTT's handshake)."""
+H3_ATTEMPT_TIMEOUT = 2.0
 H3_RETRY_AFTER = 300.0
 H3_UNREACHABLE_MAX = 4096  # peers remembered as HTTP/3-unreachable (beyond: not remembered)
 
@@ -77,7 +67,7 @@ class PoolLimits:
     max_streams: int = MAX_STREAMS_PER_CONNECTION
     idle_timeout: float = IDLE_TIMEOUT
     connect_timeout: float = 10.0
-    h3_head_start: float = H3_HEAD_START
+    h3_attempt_timeout: float = H3_ATTEMPT_TIMEOUT
     h3_retry_after: float = H3_RETRY_AFTER
 
 
@@ -96,7 +86,7 @@ class HbonePool:
         """`cert_for`: the certificate of an identity, for HTTP/3 (without: HTTP/2 only)."""
         self._context_for = context_for
         self._cert_for = cert_for
-        self.h3_head_start = limits.h3_head_start
+        self.h3_attempt_timeout = limits.h3_attempt_timeout
         self.h3_retry_after = limits.h3_retry_after
         self.h3_unreachable: dict[tuple[str, int], float] = {}  # address -> retry HTTP/3 at
         self.h3_fallbacks = 0
@@ -108,10 +98,6 @@ class HbonePool:
         self.connect_timeout = limits.connect_timeout
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
-        self._h3_attempts: dict[PoolKey, asyncio.Task[H3Protocol | None]] = {}
-        self._h3_trying: set[tuple[str, int]] = set()
-        """Addresses an attempt is dialling: one QUIC attempt per peer address, not per key
-        (a key is also its source identity and IP), so a blocked UDP path delays one dial."""
         self.connections_opened = 0
         self.streams_retried = 0  # CONNECTs the peer did not process, sent again
 
@@ -178,81 +164,35 @@ class HbonePool:
             # Filled up by others meanwhile: loop, and dial again if still full.
 
     async def _dial(self, key: PoolKey) -> PooledConnection:
+        proto: PooledConnection | None = None
         if key.transport == "h3" and self._cert_for is not None:
-            return await self._dial_h3_first(key)
-        return self._add(key, await self._dial_h2(key))
-
-    def _add(self, key: PoolKey, proto: PooledConnection) -> PooledConnection:
-        """Pool a new connection. An HTTP/3 one retires the key's HTTP/2 fallbacks (GOAWAY:
-        their streams finish, new ones take HTTP/3)."""
+            proto = await self._dial_h3(key)
+        if proto is None:
+            proto = await self._dial_h2(key)
         self.connections_opened += 1
-        conns = self._conns.setdefault(key, [])
-        if not isinstance(proto, HboneProtocol):
-            for old in [c for c in conns if isinstance(c, HboneProtocol)]:
-                old.close()
-                conns.remove(old)
-        conns.append(proto)
+        self._conns.setdefault(key, []).append(proto)
         return proto
 
-    async def _dial_h3_first(self, key: PoolKey) -> PooledConnection:
-        """HTTP/3 with a head start, then raced against HTTP/2 (module doc)."""
+    async def _dial_h3(self, key: PoolKey) -> H3Protocol | None:
+        """HTTP/3, unless the address recently failed; None = use HTTP/2."""
+        assert self._cert_for is not None
         loop = asyncio.get_running_loop()
         address = key.h3_address or key.address
-        if loop.time() < self.h3_unreachable.get(address, 0.0) or address in self._h3_trying:
-            return self._add(key, await self._dial_h2(key))  # broken, or already being tried
-        h3 = loop.create_task(self._attempt_h3(key, address))
-        self._h3_attempts[key] = h3
-        self._h3_trying.add(address)
-        h3.add_done_callback(functools.partial(self._h3_settled, key))
-        await asyncio.wait((h3,), timeout=self.h3_head_start)
-        h2: asyncio.Task[HboneProtocol] | None = None
-        if not h3.done():
-            h2 = loop.create_task(self._dial_h2(key))
-            try:
-                await asyncio.wait((h3, h2), return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError as err:
-                h2.cancel()
-                raise err
-            failed = h2.exception() if h2.done() and not h2.cancelled() else None
-            if isinstance(failed, PeerVerificationError):
-                h3.cancel()  # a refused identity is an error on either transport: no waiting
-                raise failed
-            if h2.done() and not h2.cancelled() and failed is None:
-                if not h3.done():  # HTTP/3 runs on and takes over when it completes
-                    return self._add(key, h2.result())
-            elif not h3.done():  # HTTP/2 failed: HTTP/3 is all there is
-                await asyncio.wait((h3,))
-        refused = None if h3.cancelled() else h3.exception()
-        proto = None if h3.cancelled() or refused is not None else h3.result()
-        if h2 is not None and (proto is not None or refused is not None):
-            h2.cancel()  # HTTP/3 settled it; one that came up at the same time is dropped
-            if h2.done() and not h2.cancelled() and h2.exception() is None:
-                h2.result().close()
-        if refused is not None:
-            raise refused  # PeerVerificationError: never a fallback
-        if proto is not None:
-            return proto
-        if h2 is None:
-            return self._add(key, await self._dial_h2(key))
-        return self._add(key, await h2)
-
-    async def _attempt_h3(self, key: PoolKey, address: tuple[str, int]) -> H3Protocol | None:
-        """One HTTP/3 dial, bounded by `connect_timeout`; pooled when it succeeds. None: it
-        failed for a network reason and `address` is remembered as HTTP/3-broken."""
-        assert self._cert_for is not None
+        if loop.time() < self.h3_unreachable.get(address, 0.0):
+            return None
         cert = await self._cert_for(key.source)
         from meshcore.hbone.h3aio import connect_h3  # here: aioquic loads with HTTP/3 only
 
         try:
-            proto = await connect_h3(
+            return await connect_h3(
                 key,
                 cert,
                 self.settings,
-                timeout=self.connect_timeout,
+                timeout=min(self.h3_attempt_timeout, self.connect_timeout),
                 on_close=functools.partial(self._remove, key),
             )
         except (TimeoutError, OSError) as err:  # not PeerVerificationError: no fallback
-            now = asyncio.get_running_loop().time()
+            now = loop.time()
             if len(self.h3_unreachable) >= H3_UNREACHABLE_MAX:  # bounded: expired ones go
                 self.h3_unreachable = {a: t for a, t in self.h3_unreachable.items() if t > now}
             if len(self.h3_unreachable) < H3_UNREACHABLE_MAX:
@@ -261,21 +201,10 @@ class HbonePool:
             log.warning(
                 "HTTP/3 to %s:%d failed (%s): HTTP/2 for %.0fs",
                 *address,
-                str(err) or type(err).__name__,
+                err or type(err).__name__,
                 self.h3_retry_after,
             )
             return None
-        self._add(key, proto)
-        return proto
-
-    def _h3_settled(self, key: PoolKey, task: asyncio.Task[H3Protocol | None]) -> None:
-        if self._h3_attempts.get(key) is task:
-            del self._h3_attempts[key]
-            self._h3_trying.discard(key.h3_address or key.address)
-        if not task.cancelled() and task.exception() is not None:
-            # Retrieved here too: an attempt that lost the race has no caller left to raise
-            # it to (its HTTP/2 connection verified the peer on its own).
-            log.warning("HTTP/3 to %s:%d refused: %s", *key.address, task.exception())
 
     async def _dial_h2(self, key: PoolKey) -> HboneProtocol:
         ctx = await self._context_for(key.source)
@@ -316,13 +245,8 @@ class HbonePool:
                 for proto in list(conns):
                     proto.close()
                     self._remove(key, proto)
-        for key, attempt in list(self._h3_attempts.items()):
-            if key.source == source:
-                attempt.cancel()  # it dialled with the old certificate: not pooled
 
     def close_all(self) -> None:
-        for attempt in list(self._h3_attempts.values()):
-            attempt.cancel()
         for conns in list(self._conns.values()):
             for proto in list(conns):
                 proto.close()
