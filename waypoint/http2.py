@@ -51,6 +51,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from meshcore.hbone.headerblock import status_code
 from waypoint.body import ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamProtocolError, UpstreamReset
@@ -562,12 +563,12 @@ class _ClientSession(H2Session):
             resp.finish()
             raise
         status = next((v for k, v in got if k == ":status"), "")
-        # RFC 9110 §15: three digits (h2 lets any text through; "²" is a str.isdigit() digit
-        # int() refuses: that was a 500 and a traceback, not the upstream's 502).
-        if len(status) != 3 or not status.isascii() or not status.isdigit():
+        # RFC 9110 §15: three digits in 100..599 (h2 lets any text through; "²" is a
+        # str.isdigit() digit int() refuses: that was a 500 and a traceback, not a 502).
+        resp.status = status_code(status)
+        if not resp.status:
             resp.finish()
             raise UpstreamProtocolError(f"response without a valid :status ({status[:8]!r})")
-        resp.status = int(status)
         resp.headers = [(k, v) for k, v in got if not k.startswith(":")]
         cl = next((v for k, v in resp.headers if k == "content-length"), None)
         resp.content_length = int(cl) if cl is not None and cl.isascii() and cl.isdigit() else None

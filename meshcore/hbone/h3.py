@@ -97,6 +97,7 @@ from meshcore.hbone.events import (
 )
 from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.h3cc import CONGESTION_CONTROL
+from meshcore.hbone.headerblock import status_code
 from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
 from meshcore.tls import PeerPolicy, verify_peer_chain
@@ -767,8 +768,8 @@ class H3HboneConnection:
         if self.role is Role.SERVER:
             out.append(RequestReceived(stream.stream_id, headers))
         else:
-            status_text = next((v for k, v in headers if k == ":status"), "")
-            status = int(status_text) if status_text.isdigit() else 0
+            # RFC 9114 §4.3.2 / RFC 9110 §15: "²" (str.isdigit) raised ValueError out of here.
+            status = status_code(next((v for k, v in headers if k == ":status"), ""))
             out.append(ResponseReceived(stream.stream_id, status, headers))
             if status != 200 and not stream.send_ended:
                 self.quic.reset_stream(stream.stream_id, H3_REQUEST_CANCELLED)

@@ -353,13 +353,18 @@ class HeaderBlocks(ConnectionControl):
             self._transition(stream, StreamInput.RECV_END)
 
 
-def _status(headers: Headers) -> int:
-    """A response's :status when it is three digits in 100..599 (RFC 9110 §15), else 0."""
-    text = next((v for k, v in headers if k == ":status"), "")
+def status_code(text: str) -> int:
+    """A :status value as a status code when it is three digits in 100..599 (RFC 9110 §15),
+    else 0. One owner for HTTP/2 and HTTP/3 HBONE and the waypoint's HTTP/2 upstream."""
     if len(text) != 3 or not text.isascii() or not text.isdigit():
         return 0  # "²" is a str.isdigit() digit that int() refuses
     status = int(text)
     return status if 100 <= status <= 599 else 0
+
+
+def _status(headers: Headers) -> int:
+    """A response's :status (`status_code`), 0 when missing or malformed."""
+    return status_code(next((v for k, v in headers if k == ":status"), ""))
 
 
 def _malformed(headers: Headers, *, request: bool | None) -> str:

@@ -502,6 +502,28 @@ def test_fin_and_reset_map_to_tunnel_events(ca: MeshCA) -> None:
     assert not server.is_open(b)
 
 
+@pytest.mark.parametrize("status", ["²²²", "2000", "20", "099"])
+def test_a_malformed_status_from_a_hostile_server_is_a_refused_tunnel(
+    ca: MeshCA, status: str
+) -> None:
+    """RFC 9114 §4.3.2, RFC 9110 §15: a :status that is not three digits in 100..599 is no
+    status (`headerblock.status_code`, HTTP/2's rule): the client sees status 0 and resets its
+    side, as for any non-200. Before, "099" was status 99; "²²²" reached `int()` only because
+    aioquic refuses it first."""
+    clock = Clock()
+    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
+    server, _, _ = start(
+        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
+    )
+    a = client.open_connect("127.0.0.9:80")
+    pump(client, server, clock)
+    assert server.h3 is not None
+    server.h3.send_headers(a, [(b":status", status.encode("latin-1"))])
+    c_events, _ = pump(client, server, clock)
+    # aioquic refuses some itself (no event at all); what it passes on is status 0, not 99.
+    assert [e.status for e in c_events if isinstance(e, ResponseReceived)] in ([], [0])
+
+
 # ---- verify_peer_chain: the same rules as verify_peer -----------------------------------------
 
 
