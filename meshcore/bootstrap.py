@@ -161,10 +161,9 @@ def certificate_provider(
 
         return ControlPlaneCAProvider(ca, ttl=ttl, helper=helper)
     if helper is not None:
-        from meshcore.certhelper import HelperCAProvider, load_local_ca
+        from meshcore.certhelper import local_provider
 
-        material = load_local_ca(local_ca_dir, trust_domain)
-        return HelperCAProvider(material, ttl=ttl, clock=utcnow, helper=helper)
+        return local_provider(local_ca_dir, trust_domain, ttl=ttl, helper=helper)
     from meshcore.ca import MeshCA
 
     mesh_ca = MeshCA.load_or_create(local_ca_dir, trust_domain=trust_domain)

@@ -4,7 +4,8 @@ Owns: the helper process (`python -m meshcore.certhelper`: one JSON batch of req
 one JSON list of answers on stdout, then it exits) and both ends of its protocol:
 `CertHelper` (the caller's side: batches concurrent requests into one short-lived helper run,
 or answers them in-process), `load_local_ca` (the local CA's material, read once at start),
-`HelperCAProvider` (static-mode signing by that CA) and the codec of a `WorkloadCertificate`.
+`HelperCAProvider` (static-mode signing by that CA; `local_provider` builds one) and the codec
+of a `WorkloadCertificate`.
 The requests: `load_ca` (`MeshCA.load_or_create` of a directory), `issue` (key, CSR and
 signature by a CA given as PEM material: `MeshCA.from_pem(...).issue`), `csr` (a fresh key and
 CSR, `meshcore.ca.generate_csr`) and `chain` (a CA's answer checked by
@@ -425,6 +426,20 @@ class HelperCAProvider:
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         return await self.helper.issue(self.ca, identity, ttl=self.ttl, now=self.clock())
+
+
+def local_provider(
+    directory: Path,
+    trust_domain: str,
+    *,
+    ttl: timedelta,
+    clock: Callable[[], datetime] = utcnow,
+    helper: CertHelper | None = None,
+) -> HelperCAProvider:
+    """Static-mode signing by the local CA in `directory` (read once, by a helper), in helpers."""
+    return HelperCAProvider(
+        load_local_ca(directory, trust_domain), ttl=ttl, clock=clock, helper=helper
+    )
 
 
 if __name__ == "__main__":

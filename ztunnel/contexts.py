@@ -19,8 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meshcore.certhelper import CertHelper, HelperCAProvider, load_local_ca
-from meshcore.certs import CertificateManager, CertificateProvider, utcnow
+from meshcore.certhelper import CertHelper, local_provider
+from meshcore.certs import CertificateManager, CertificateProvider
 from meshcore.errors import ConfigError, MeshError
 from meshcore.hbone.pool import HbonePool
 from meshcore.proto.yamlform import load_mesh_config
@@ -71,9 +71,10 @@ def static_context(settings: ProxySettings, args: argparse.Namespace) -> ProxyCo
     state = MeshState.from_config(load_mesh_config(args.mesh_config))
     if args.ca_dir is None:
         raise ConfigError("--ca-dir", "static mode signs certificates locally and needs a CA dir")
-    ca = load_local_ca(args.ca_dir, settings.trust_domain)  # in a helper process, like signing
-    provider = HelperCAProvider(ca, ttl=timedelta(seconds=args.cert_ttl), clock=utcnow)
-    return build_context(settings, state, provider)
+    ttl = timedelta(seconds=args.cert_ttl)  # the CA read and the signing: in helper processes
+    return build_context(
+        settings, state, local_provider(args.ca_dir, settings.trust_domain, ttl=ttl)
+    )
 
 
 def reload_static_config(ctx: ProxyContext, path: Path) -> bool:

@@ -165,6 +165,15 @@ def ours(
     )
 
 
+def connected(ca: MeshCA, clock: Clock) -> tuple[H3HboneConnection, Endpoint]:
+    """Our client (sleep) connected to our server (echo), handshake done."""
+    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
+    server, _, _ = start(
+        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
+    )
+    return client, server
+
+
 def plain_server(cert: WorkloadCertificate) -> Callable[[bytes], QuicConnection]:
     return lambda dcid: QuicConnection(
         configuration=quic_configuration(cert, Role.SERVER),
@@ -389,10 +398,7 @@ def test_aioquic_doubles_windows_and_ours_stay_bounded(ca: MeshCA) -> None:
     """aioquic raises MAX_STREAM_DATA by doubling whenever half is used, whether or not the
     application consumed anything; ours credits only what the application acknowledged."""
     clock = Clock()
-    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
-    server, _, _ = start(
-        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
-    )
+    client, server = connected(ca, clock)
     sid = client.open_connect("127.0.0.9:80")
     _, s_events = pump(client, server, clock)
     assert [type(e) for e in s_events] == [RequestReceived]
@@ -440,10 +446,7 @@ def test_aioquic_doubles_windows_and_ours_stay_bounded(ca: MeshCA) -> None:
 
 def test_peer_exceeding_our_window_gets_flow_control_error(ca: MeshCA) -> None:
     clock = Clock()
-    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
-    server, _, _ = start(
-        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
-    )
+    client, server = connected(ca, clock)
     sid = client.open_connect("127.0.0.9:80")
     pump(client, server, clock)
     server.respond(sid, 200)
@@ -466,10 +469,7 @@ def test_peer_exceeding_our_window_gets_flow_control_error(ca: MeshCA) -> None:
 
 def test_fin_and_reset_map_to_tunnel_events(ca: MeshCA) -> None:
     clock = Clock()
-    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
-    server, _, _ = start(
-        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
-    )
+    client, server = connected(ca, clock)
     a = client.open_connect("127.0.0.9:80")
     b = client.open_connect("127.0.0.9:81", [("baggage", "k=v"), ("traceparent", "00-x")])
     _, s_events = pump(client, server, clock)
@@ -511,10 +511,7 @@ def test_a_malformed_status_from_a_hostile_server_is_a_refused_tunnel(
     side, as for any non-200. Before, "099" was status 99; "²²²" reached `int()` only because
     aioquic refuses it first."""
     clock = Clock()
-    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
-    server, _, _ = start(
-        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
-    )
+    client, server = connected(ca, clock)
     a = client.open_connect("127.0.0.9:80")
     pump(client, server, clock)
     assert server.h3 is not None
@@ -594,10 +591,7 @@ def test_goaway_drains_the_connection(ca: MeshCA) -> None:
     """aioquic's HTTP/3 layer drops a received GOAWAY; ours notes it: no new stream on that
     connection, while the open one finishes; the server closes once it has ended."""
     clock = Clock()
-    client = ours(Role.CLIENT, ca.issue(SLEEP, now=utcnow()))
-    server, _, _ = start(
-        client, lambda d: ours(Role.SERVER, ca.issue(ECHO, now=utcnow()), original_dcid=d), clock
-    )
+    client, server = connected(ca, clock)
     sid = client.open_connect("127.0.0.9:80")
     pump(client, server, clock)
     server.respond(sid, 200)
