@@ -421,6 +421,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
             if stream.sink is not None:
                 stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+            stream.sink = None  # see `forget`
 
     def _arm_timer(self) -> None:
         when = self.conn.get_timer()
@@ -502,6 +503,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             stream._gone()
+            # Nothing is delivered to a forgotten stream: let go of its sink, which holds the
+            # stream (a `waypoint.tunnel.TunnelIO`), so the two are not a reference cycle that
+            # only the cyclic GC would free (one per tunnel).
+            stream.sink = None
         if not self.streams:
             self.idle_since = self._loop.time()
             # After a graceful GOAWAY the last stream closes the connection. After one for a
@@ -583,6 +588,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 )
             if stream.sink is not None:
                 stream.sink.tunnel_reset(ev.error_code)
+        stream.sink = None  # see `forget`
         self.forget(ev.stream_id)
 
     def _on_terminated(self, ev: ConnectionTerminated) -> None:
