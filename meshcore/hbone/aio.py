@@ -28,6 +28,9 @@ Invariants:
   cancelled the moment the stream is reset or the connection is lost: a task cancelled before
   it first runs never creates its socket (CVE-2023-44487 "rapid reset").
 - One timer per connection, armed for `HboneConnection.get_timer()` (no periodic polling).
+- A stream that leaves the connection's table (closed both ways, reset, refused, or its
+  connection lost) lets go of its sink: a sink holds its stream, and the two must not be a
+  reference cycle per tunnel that only the cyclic GC frees.
 - A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) and its
   transport at once. The SSL transport outlives `connection_lost` (measured on asyncio: one
   reference to it that no GC-tracked object holds, so `gc.collect()` frees nothing); through our
