@@ -28,6 +28,9 @@ Invariants:
   cancelled the moment the stream is reset or the connection is lost: a task cancelled before
   it first runs never creates its socket (CVE-2023-44487 "rapid reset").
 - One timer per connection, armed for `HboneConnection.get_timer()` (no periodic polling).
+- A stream that leaves the connection's table (closed both ways, reset, refused, or its
+  connection lost) lets go of its sink: a sink holds its stream, and the two must not be a
+  reference cycle per tunnel that only the cyclic GC frees.
 - A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) and its
   transport at once. The SSL transport outlives `connection_lost` (measured on asyncio: one
   reference to it that no GC-tracked object holds, so `gc.collect()` frees nothing); through our
@@ -421,6 +424,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
             if stream.sink is not None:
                 stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+            stream.sink = None  # see `forget`
 
     def _arm_timer(self) -> None:
         when = self.conn.get_timer()
@@ -502,6 +506,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             stream._gone()
+            # Nothing is delivered to a forgotten stream: let go of its sink, which holds the
+            # stream (a `waypoint.tunnel.TunnelIO`), so the two are not a reference cycle that
+            # only the cyclic GC would free (one per tunnel).
+            stream.sink = None
         if not self.streams:
             self.idle_since = self._loop.time()
             # After a graceful GOAWAY the last stream closes the connection. After one for a
@@ -583,6 +591,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 )
             if stream.sink is not None:
                 stream.sink.tunnel_reset(ev.error_code)
+        stream.sink = None  # see `forget`
         self.forget(ev.stream_id)
 
     def _on_terminated(self, ev: ConnectionTerminated) -> None:

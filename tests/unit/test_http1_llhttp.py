@@ -292,8 +292,8 @@ def test_llhttp_reads_the_bench_request_and_is_reused_over_keep_alive() -> None:
     ll = p._ll
     assert ll is not None
     assert isinstance(first, RequestHead)
-    assert ll.complete
-    assert ll.fields == list(first.headers)
+    assert ll.got.complete
+    assert ll.got.fields == list(first.headers)
     assert p.next_event() == EndOfMessage()
     assert p.next_event() == first
     assert p._ll is ll  # the same llhttp parser read the second head

@@ -83,7 +83,7 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 _BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*")
 _RESPONSE_VERSION = re.compile(rb"HTTP/1\.[0-9]")
-# Lower-cased token field names, one per line (`_LlhttpHead.tokens`).
+# Lower-cased token field names, one per line (`_LlhttpFields.tokens`).
 _NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+(?:\n[!#$%&'*+\-.^_`|~0-9a-z]+)*")
 # RFC 9112 §3.2: a request-target is visible ASCII.
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
@@ -211,25 +211,18 @@ class _State:
     DONE: Final = 7
 
 
-class _LlhttpHead:
-    """llhttp (through httptools) reading the heads of one `Http1Parser`: httptools calls
-    these methods from `feed_data`. Only heads are fed (the checked parser frames bodies), so
-    a request parser is reused only after a message it saw end (a bodiless request); after a
-    head with a body, an upgrade or a refusal a new one is made. A response head gets a new
-    one each time (`Http1Parser._llhttp_response`)."""
+class _LlhttpFields:
+    """What llhttp (httptools) calls back while it reads one head: the target or reason, the
+    field lines, whether the head completed and whether anything followed it. It never refers
+    to its parser: httptools' parser holds this object's bound methods, so a reference back
+    would make a reference cycle per parser, garbage only the cyclic GC frees (one per
+    response head; `tests/loopback/test_waypoint_garbage.py`)."""
 
-    def __init__(self, response: bool = False) -> None:
-        self.parser: Any = (
-            _httptools.HttpResponseParser(self) if response else _httptools.HttpRequestParser(self)
-        )
+    def __init__(self) -> None:
         self.url = self.reason = b""
         self.fields: list[tuple[str, str]] = []
         self.complete = self.extra = False
         self.done = True  # a fresh parser is reusable
-
-    @property
-    def reusable(self) -> bool:
-        return self.done and not self.extra
 
     def start(self) -> None:
         self.url = self.reason = b""
@@ -255,14 +248,35 @@ class _LlhttpHead:
     def on_headers_complete(self) -> None:
         self.complete = True
 
+    def on_message_complete(self) -> None:
+        self.done = True
+
     def tokens(self) -> bool:
         """Every field name is a token (RFC 9110 §5.1), whatever llhttp's tables allow: one
         regex over the names for the whole head (one per name cost ~2 us a head)."""
         fields = self.fields
         return not fields or _NAMES.fullmatch("\n".join([k for k, _ in fields])) is not None
 
-    def on_message_complete(self) -> None:
-        self.done = True
+
+class _LlhttpHead:
+    """llhttp (through httptools) reading the heads of one `Http1Parser`: the parser and what
+    it read (`got`, the object httptools calls back). Only heads are fed (the checked parser
+    frames bodies), so a request parser is reused only after a message it saw end (a bodiless
+    request); after a head with a body, an upgrade or a refusal a new one is made. A response
+    head gets a new one each time (`Http1Parser._llhttp_response`). Freed by reference
+    counting alone: this object holds the parser and `got`, the parser holds `got`, and
+    nothing refers back."""
+
+    def __init__(self, response: bool = False) -> None:
+        self.got = got = _LlhttpFields()
+        self.parser: Any = (
+            _httptools.HttpResponseParser(got) if response else _httptools.HttpRequestParser(got)
+        )
+
+    @property
+    def reusable(self) -> bool:
+        got = self.got
+        return got.done and not got.extra
 
     def read(self, raw: bytes, fields: int) -> bool:
         """Feed one head (`raw`, without its blank line) from the start: whether llhttp read
@@ -272,14 +286,15 @@ class _LlhttpHead:
         (an upgrade, CONNECT, a 101), leaves this parser not reusable."""
         if _BAD_VALUE_BLOCK.search(raw) is not None:
             return False
-        self.start()
+        got = self.got
+        got.start()
         try:
             self.parser.feed_data(raw + b"\r\n\r\n")
         except Exception as err:  # llhttp refused the head, or paused after it
-            self.done = False
+            got.done = False
             if not isinstance(err, _httptools.HttpParserUpgrade):
                 return False
-        return self.complete and not self.extra and len(self.fields) == fields and self.tokens()
+        return got.complete and not got.extra and len(got.fields) == fields and got.tokens()
 
 
 class Http1Parser:
@@ -420,23 +435,24 @@ class Http1Parser:
             ll = self._ll = _LlhttpHead()
         if not ll.read(raw, fields):
             return None
+        got = ll.got
         # The request line exactly `method SP target SP HTTP-version` (RFC 9112 §3; llhttp
         # also takes runs of spaces, "GET /" as HTTP/0.9 and HTTP/2.0: the checked parser
         # words those refusals) with a visible-ASCII target (§3.2).
         method: bytes = ll.parser.get_method()
         eol = raw.find(b"\r\n")
         line = raw if eol < 0 else raw[:eol]
-        start = method + b" " + ll.url
+        start = method + b" " + got.url
         if line == start + b" HTTP/1.1":
             version = "HTTP/1.1"
         elif line == start + b" HTTP/1.0":
             version = "HTTP/1.0"
         else:
             return None
-        if not _VISIBLE.fullmatch(ll.url):
+        if not _VISIBLE.fullmatch(got.url):
             return None
         return self._request_head(
-            method.decode("ascii"), ll.url.decode("ascii"), version, tuple(ll.fields)
+            method.decode("ascii"), got.url.decode("ascii"), version, tuple(got.fields)
         )
 
     def _llhttp_response(self, raw: bytes, fields: int) -> ResponseHead | None:
@@ -459,11 +475,11 @@ class Http1Parser:
         start = b"HTTP/%s %03d" % (version.encode("ascii"), status)
         if line == start:
             reason = ""
-        elif line == start + b" " + ll.reason:
-            reason = ll.reason.decode("latin-1")
+        elif line == start + b" " + ll.got.reason:
+            reason = ll.got.reason.decode("latin-1")
         else:
             return None
-        return self._response_head(status, reason, "HTTP/" + version, tuple(ll.fields))
+        return self._response_head(status, reason, "HTTP/" + version, tuple(ll.got.fields))
 
     def _fields(self, lines: Sequence[bytes]) -> Headers:
         # Fast path (every well-formed head): the field lines decoded once as latin-1 (obs-text
