@@ -586,9 +586,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
             pending.set_exception(StreamRefused(f"CONNECT {stream.authority}"))
         else:
             if pending is not None:
-                pending.set_exception(
-                    ConnectionResetError(f"stream reset by peer ({ev.error_code})")
-                )
+                # Ours (`remote` False): the peer broke the protocol on this stream (a malformed
+                # response, 1xx past MAX_INTERIM_HEADS); the opener's access log says which.
+                who = "by peer" if ev.remote else "for a peer error"
+                pending.set_exception(ConnectionResetError(f"stream reset {who} ({ev.error_code})"))
             if stream.sink is not None:
                 stream.sink.tunnel_reset(ev.error_code)
         stream.sink = None  # see `forget`

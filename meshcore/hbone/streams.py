@@ -76,6 +76,7 @@ class Stream:
     pending_end: bool = False
     got_headers: bool = False
     answered: bool = False  # server: our response headers went out
+    interim: int = 0  # client: informational (1xx) responses received (`MAX_INTERIM_HEADS`)
 
 
 class StreamTable:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from meshcore.errors import MeshError
+from meshcore.hbone.headerblock import MAX_INTERIM_HEADS as MAX_INTERIM_HEADS  # one bound, 502 here
 
 _httptools: Any
 try:
@@ -64,9 +65,6 @@ MAX_HEAD = 60 * 1024
 MAX_HEADERS = 100
 """Most field lines in a head or a trailer section (Envoy's default max_headers_count)."""
 MAX_CHUNK_LINE = 4096
-MAX_INTERIM_HEADS = 16
-"""Most interim (1xx) heads before one final response (RFC 9110 §15.2 sets no limit; each one
-is a head to parse and a wait that makes no progress: past it, the response is refused, 502)."""
 
 Headers = tuple[tuple[str, str], ...]
 
