@@ -17,6 +17,11 @@ Invariants (in the spirit of ztunnel's pool.rs):
   or GOAWAY'd connection is never handed out again.
 - The key includes the source identity, so one workload's certificate is never used for another's
   traffic.
+- A dial in flight when its source is retired (`retire`: certificate rotation) or every connection
+  is closed (`close_all`: drain, shutdown) is never pooled: the connection it returns (made with
+  the context fetched before) is closed, counted (`stale_dials`) and logged, and its waiters dial
+  again (with the new context), within their `DIAL_ATTEMPTS`. A retired dial is no longer shared:
+  a request arriving after the retirement starts its own.
 - Transport (issue 16): a key with ``transport="h3"`` dials HBONE over HTTP/3
   (`meshcore.hbone.h3aio`) first, bounded by `h3_attempt_timeout`; when that attempt fails for a
   network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
@@ -98,8 +103,10 @@ class HbonePool:
         self.connect_timeout = limits.connect_timeout
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
+        self._retired: set[asyncio.Task[PooledConnection]] = set()  # in flight, never pooled
         self.connections_opened = 0
         self.streams_retried = 0  # CONNECTs the peer did not process, sent again
+        self.stale_dials = 0  # dials that finished after their generation was retired: closed
 
     async def open_stream(
         self,
@@ -169,6 +176,14 @@ class HbonePool:
             proto = await self._dial_h3(key)
         if proto is None:
             proto = await self._dial_h2(key)
+        task = asyncio.current_task()
+        if task in self._retired:
+            # Dialled with the certificate (context) of before `retire`, or before `close_all`:
+            # never pooled. A transient error for the waiters, who dial again.
+            proto.close()
+            self.stale_dials += 1
+            log.info("HBONE dial to %s:%d finished after its pool retired it: closed", *key.address)
+            raise ConnectionAbortedError(f"HBONE dial to {key.address} retired while in flight")
         self.connections_opened += 1
         self._conns.setdefault(key, []).append(proto)
         return proto
@@ -217,8 +232,17 @@ class HbonePool:
         )
 
     def _dialed(self, key: PoolKey, task: asyncio.Task[PooledConnection]) -> None:
+        self._retired.discard(task)
         if self._connecting.get(key) is task:  # not a dial started after it finished
             del self._connecting[key]
+
+    def _retire_dials(self, source: SpiffeId | None) -> None:
+        """Dials in flight (of `source`, or all): their connection will not be pooled, and
+        they are not shared any more (`_connection` starts a new one)."""
+        for key, task in list(self._connecting.items()):
+            if (source is None or key.source == source) and not task.done():
+                self._retired.add(task)
+                del self._connecting[key]
 
     def _remove(self, key: PoolKey, proto: PooledConnection) -> None:
         conns = self._conns.get(key)
@@ -239,7 +263,9 @@ class HbonePool:
 
     def retire(self, source: SpiffeId) -> None:
         """Stop handing out connections that present `source`'s old certificate (after a
-        rotation): GOAWAY lets their streams finish while new streams get new connections."""
+        rotation): GOAWAY lets their streams finish while new streams get new connections.
+        A dial in flight with the old certificate is not pooled (`_dial`)."""
+        self._retire_dials(source)
         for key, conns in list(self._conns.items()):
             if key.source == source:
                 for proto in list(conns):
@@ -247,6 +273,9 @@ class HbonePool:
                     self._remove(key, proto)
 
     def close_all(self) -> None:
+        """GOAWAY on every pooled connection; dials in flight are not pooled (`_dial`). The
+        pool stays usable: a tunnel still waiting (one accepted before a drain) dials anew."""
+        self._retire_dials(None)
         for conns in list(self._conns.values()):
             for proto in list(conns):
                 proto.close()
