@@ -31,6 +31,10 @@ Invariants:
 - A stream that leaves the connection's table (closed both ways, reset, refused, or its
   connection lost) lets go of its sink: a sink holds its stream, and the two must not be a
   reference cycle per tunnel that only the cyclic GC frees.
+- `connect`'s socket has one owner: the dial until the loop's transport takes it, then the
+  transport (closed by the loop when the dial fails or is cancelled; uvloop >= 0.23 detaches
+  the socket object then), never closed by the dial once taken: a second close hits whatever
+  connection was given the number meanwhile (tests/unit/test_hbone_connect.py).
 - A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) and its
   transport at once. The SSL transport outlives `connection_lost` (measured on asyncio: one
   reference to it that no GC-tracked object holds, so `gc.collect()` frees nothing); through our
@@ -693,20 +697,34 @@ async def connect(
         timeout=timeout,
     )
     hooks = NO_HOOKS if on_close is None else HboneHooks(on_close=on_close)
+    made: list[HboneProtocol] = []
+
+    def factory() -> HboneProtocol:
+        # Called by the loop as it takes `sock` into its transport (asyncio and uvloop alike,
+        # in the same step): from here on the transport owns the descriptor.
+        made.append(HboneProtocol(Role.CLIENT, settings, hooks, expected=key.expected))
+        return made[0]
+
     try:
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: HboneProtocol(Role.CLIENT, settings, hooks, expected=key.expected),
+        # Inline (not wait_for's task): a cancel or the timeout reaches create_connection only
+        # where it waits, so the socket is either never taken or the transport's.
+        async with asyncio.timeout(timeout):
+            _, proto = await loop.create_connection(
+                factory,
                 sock=sock,
                 ssl=context,
                 server_hostname="",  # HBONE sends no SNI
                 ssl_handshake_timeout=timeout,
-            ),
-            timeout,
-        )
-    except BaseException:
-        sock.close()
-        raise
+            )
+    except BaseException as err:
+        # One owner of the descriptor. The loop closed (aborted) its transport when the wait
+        # ended mid-handshake; closing `sock` too closed the descriptor under uvloop's handle,
+        # whose own close later hit whatever connection had reused the number.
+        if not made:
+            sock.close()  # never taken by the loop
+        elif made[0].transport is not None:
+            made[0].abort()  # established after all: its transport is ours to end
+        raise err
     if proto.closed:
         await proto.ready  # raises the PeerVerificationError
     if not proto.ready.done():

@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 
 from meshcore.ca import MeshCA
+from meshcore.certs import WorkloadCertificate
 from meshcore.hbone.aio import HboneHooks, HboneProtocol, HboneSettings, HboneStream, accept_tls
 from meshcore.hbone.pool import HbonePool, PoolKey
 from meshcore.hbone.streams import Role
@@ -23,6 +24,14 @@ from tests.helpers import Sink, run
 from tests.unit.certfixtures import real_now, sid
 
 ALICE, BOB = sid("apps", "alice"), sid("apps", "bob")
+
+
+def identities() -> tuple[WorkloadCertificate, ssl.SSLContext, ssl.SSLContext]:
+    """ALICE's certificate (a server's), and client contexts of two certificates of BOB."""
+    ca = MeshCA.create_root(now=real_now() - timedelta(days=1))
+    now = real_now() - timedelta(minutes=1)
+    alice = ca.issue(ALICE, now=now)
+    return alice, client_context(ca.issue(BOB, now=now)), client_context(ca.issue(BOB, now=now))
 
 
 def _client_cert(stream: HboneStream) -> bytes:
@@ -37,10 +46,7 @@ async def _dial_while(retire: Callable[[HbonePool], None]) -> tuple[HbonePool, l
     """One tunnel whose dial is in flight (its context fetched, TLS not done) when `retire`
     runs and the client's context changes to a new certificate. Returns the pool, the client
     certificate of each connection the server accepted, in order, and the one its tunnel had."""
-    ca = MeshCA.create_root(now=real_now() - timedelta(days=1))
-    now = real_now() - timedelta(minutes=1)
-    alice = ca.issue(ALICE, now=now)
-    old, new = client_context(ca.issue(BOB, now=now)), client_context(ca.issue(BOB, now=now))
+    alice, old, new = identities()
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)

@@ -1,0 +1,83 @@
+"""`meshcore.hbone.aio.connect` cancelled while it dials, on asyncio and uvloop: the socket has
+one owner (ours until the loop's transport takes it, then the transport's, closed by the loop),
+so nothing is leaked and no descriptor number is closed twice (under another connection that
+had been given the number meanwhile). Runs compiled and pure (tests/unit/test_native.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from meshcore.hbone.aio import HboneSettings, PoolKey, connect
+from tests.helpers import run
+from tests.unit.test_hbone_pool import ALICE, BOB, identities
+
+ROUNDS = 60
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_connects_cancelled_while_dialling_leak_nothing_and_close_once(loop: str) -> None:
+    """A peer that takes the TCP connection and never answers the ClientHello. Each connect is
+    cancelled at another point: once its ClientHello arrived (the TLS stage), or after 0 to 5
+    turns of the loop (the TCP transport's set-up included); then a socket pair is opened,
+    which gets a descriptor number just freed. Each connect ends with CancelledError (before,
+    on uvloop 0.22: OSError EBADF, the number closed twice), every pair still works after the
+    loop has finished closing the cancelled transports, and the descriptors are back to where
+    they were."""
+    _alice, context, _new = identities()
+    settings = HboneSettings(trust_domain="cluster.local")
+
+    async def main() -> None:
+        ev = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0), backlog=ROUNDS + 8)
+        listener.setblocking(False)
+        key = PoolKey(source=BOB, expected=(ALICE,), address=listener.getsockname())
+        accepted: list[socket.socket] = []
+
+        async def cancelled(turns: int) -> None:
+            dial = ev.create_task(connect(key, context, settings, timeout=10.0))
+            if turns < 0:
+                peer, _ = await ev.sock_accept(listener)
+                accepted.append(peer)
+                assert await ev.sock_recv(peer, 1)  # the ClientHello: the TLS stage
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            dial.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await dial
+
+        await cancelled(-1)  # uvloop opens /dev/null once, on its first such close
+        await asyncio.sleep(0.05)
+        accepted.pop().close()
+        before = _fds()
+        pairs: list[tuple[socket.socket, socket.socket]] = []
+        for i in range(ROUNDS):
+            await cancelled(-1 if i % 2 else (i // 2) % 6)
+            pairs.append(socket.socketpair())
+        for _ in range(20):  # the loop's deferred closes
+            await asyncio.sleep(0.01)
+        for a, b in pairs:
+            os.fstat(a.fileno())
+            a.sendall(b"x")
+            assert b.recv(1) == b"x"
+            a.close()
+            b.close()
+        while True:  # connections the kernel completed but nobody accepted yet
+            try:
+                accepted.append(listener.accept()[0])
+            except BlockingIOError:
+                break
+        for peer in accepted:
+            peer.close()
+        listener.close()
+        await asyncio.sleep(0.05)
+        assert _fds() == before - 1  # the listener
+
+    run(main(), 60, loop=loop)
