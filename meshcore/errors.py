@@ -105,7 +105,9 @@ class StreamRefused(MeshError, ConnectionResetError):
 
 
 class H2ProtocolError(MeshError):
-    """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM."""
+    """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM.
+    Raised too by the HTTP/2 core's API when our own code misuses it (a stream opened by a
+    server, DATA before a response): then the code is INTERNAL_ERROR or REFUSED_STREAM."""
 
     def __init__(self, message: str, code: int = 0x1) -> None:
         super().__init__(message)

@@ -153,6 +153,7 @@ class HeaderBlocks(ConnectionControl):
             state=StreamState.OPEN,
             send_window=self.peer_initial_window,
             recv_window=STREAM_WINDOW,
+            answered=True,  # the CONNECT's HEADERS: DATA may follow (§8.5)
         )
         return stream_id
 
