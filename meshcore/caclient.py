@@ -1,6 +1,6 @@
 """A `CertificateProvider` that asks the control plane's CA (IstioCertificateService).
 
-Owns: building the CreateCertificate request (fresh ECDSA P-256 key + CSR per fetch,
+Owns: building the CreateCertificate request (a fresh ECDSA P-256 key + CSR per certificate,
 ``ImpersonatedIdentity`` metadata, requested TTL), the call with the node credential, and
 validating the answer before it is installed. Key, CSR and validation are `meshcore.certhelper`'s
 (a helper process for the node proxy, whose workers never import `cryptography`; in-process
@@ -8,6 +8,10 @@ for the waypoint).
 
 Invariants:
 - The private key never leaves the node proxy; only the CSR is sent.
+- A key is made once per certificate, not per attempt: while the CA cannot be reached, the
+  retries of an identity's fetch send the same CSR (its key pending, in memory) instead of
+  making a key (a helper process, ~0.2 s of CPU) per retry. The pending key goes as soon as the
+  CA answered, whatever the answer, and after `PENDING_KEY_TTL` (then a fresh one).
 - The answer is accepted only if the leaf's single URI SAN equals the identity asked for, the
   key matches, and the chain links up to a root of the returned trust bundle
   (`WorkloadCertificate.from_chain`); otherwise `CertificateError` (the manager retries with
@@ -21,6 +25,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
@@ -35,6 +42,10 @@ from meshcore.xds import ControlPlaneEndpoint
 
 CREATE_CERTIFICATE = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 IMPERSONATED_IDENTITY = "ImpersonatedIdentity"
+PENDING_KEY_TTL = 300.0
+"""Seconds a key whose CSR got no answer (the CA down or unreachable) is reused by the retries
+of the same identity's fetch (the certificate manager's backoff: 0.5 s doubling, cap 150 s)."""
+log = logging.getLogger("meshcore.caclient")
 
 
 def build_request(
@@ -60,6 +71,15 @@ def response_parts(identity: SpiffeId, chain: list[str]) -> tuple[list[bytes], b
     return [p.encode() for p in chain[:-1]], roots_pem
 
 
+_UNREACHED = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+_ANSWERED = frozenset(c for c in grpc.StatusCode if c not in _UNREACHED)
+"""gRPC statuses of a call the CA (or the control plane in front of it) answered: its CSR was
+read, a retry gets a new key. The others: the CA was not reached (down, unreachable, too slow),
+the CSR is sent again (`PENDING_KEY_TTL`)."""
+
+
 class ControlPlaneCAProvider:
     """Fetches workload certificates from the control plane (one channel, reused)."""
 
@@ -70,12 +90,18 @@ class ControlPlaneCAProvider:
         ttl: timedelta = timedelta(hours=24),
         timeout: float = 10.0,
         helper: CertHelper | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = endpoint
         self.ttl = ttl
         self.timeout = timeout
         self.helper = helper if helper is not None else CertHelper(in_process=True)
+        self._clock = clock
         self._channel: grpc.aio.Channel | None = None
+        self._pending: dict[SpiffeId, tuple[float, bytes, bytes]] = {}
+        """identity -> (made at, key PEM, CSR PEM) of a CSR the CA has not answered yet."""
+        self.keys_made = 0
+        self.keys_reused = 0
 
     def _call(self) -> grpc.aio.UnaryUnaryMultiCallable:
         if self._channel is None:
@@ -86,19 +112,39 @@ class ControlPlaneCAProvider:
             response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
         )
 
-    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+    async def _key(self, identity: SpiffeId) -> tuple[bytes, bytes]:
+        """(key PEM, CSR PEM) for `identity`: the pending ones, else fresh ones (kept pending
+        until the CA answers)."""
+        now = self._clock()
+        # Bounded: entries past their time go (an identity no longer fetched included).
+        self._pending = {i: p for i, p in self._pending.items() if now - p[0] < PENDING_KEY_TTL}
+        pending = self._pending.get(identity)
+        if pending is not None:
+            self.keys_reused += 1
+            return pending[1], pending[2]
         key_pem, csr_pem = await self.helper.csr(identity)
+        self.keys_made += 1
+        self._pending[identity] = (self._clock(), key_pem, csr_pem)
+        return key_pem, csr_pem
+
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        key_pem, csr_pem = await self._key(identity)
         request = build_request(identity, csr_pem, self.ttl)
         try:
             resp = await self._call()(
                 request, metadata=self.endpoint.metadata(), timeout=self.timeout
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() in _ANSWERED:
+                self._pending.pop(identity, None)  # the CA read this CSR: never sent again
+            else:
+                log.debug("CA unreachable for %s: its CSR is kept for the retry", identity)
             raise CertificateError(
                 f"CA refused {identity}: {exc.code().name}: {exc.details()}"
             ) from None
         except asyncio.CancelledError:
             raise
+        self._pending.pop(identity, None)  # answered: the next certificate gets a new key
         body, roots_pem = response_parts(identity, list(resp.cert_chain))
         # from_chain (by the helper) checks SAN == identity, key match, and chain linkage.
         return await self.helper.check(identity, key_pem, body, roots_pem)
