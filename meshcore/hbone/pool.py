@@ -17,11 +17,13 @@ Invariants (in the spirit of ztunnel's pool.rs):
   or GOAWAY'd connection is never handed out again.
 - The key includes the source identity, so one workload's certificate is never used for another's
   traffic.
-- A dial in flight when its source is retired (`retire`: certificate rotation) or every connection
-  is closed (`close_all`: drain, shutdown) is never pooled: the connection it returns (made with
-  the context fetched before) is closed, counted (`stale_dials`) and logged, and its waiters dial
-  again (with the new context), within their `DIAL_ATTEMPTS`. A retired dial is no longer shared:
-  a request arriving after the retirement starts its own.
+- A dial in flight when its source is retired (`retire`: certificate rotation) is never pooled
+  nor used: the connection it returns (made with the old certificate) is closed, counted
+  (`stale_dials`) and logged, and its waiters dial again with the new certificate. A dial in
+  flight when every connection is closed (`close_all`: drain, shutdown; certificates unchanged)
+  serves the tunnels that waited for it and is never pooled: GOAWAY once each of them has its
+  answer (their streams finish), counted (`drained_dials`); one none of them took is closed by
+  `sweep`. Either dial is no longer shared: a request arriving after it starts its own (pooled).
 - Transport (issue 16): a key with ``transport="h3"`` dials HBONE over HTTP/3
   (`meshcore.hbone.h3aio`) first, bounded by `h3_attempt_timeout`; when that attempt fails for a
   network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
@@ -103,10 +105,14 @@ class HbonePool:
         self.connect_timeout = limits.connect_timeout
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
-        self._retired: set[asyncio.Task[PooledConnection]] = set()  # in flight, never pooled
+        self._retired: set[asyncio.Task[PooledConnection]] = set()  # in flight, never used
+        self._draining: set[asyncio.Task[PooledConnection]] = set()  # in flight, never pooled
+        self._unpooled: dict[PooledConnection, int] = {}
+        """A draining dial's connection -> tunnels opening a stream on it (GOAWAY at 0)."""
         self.connections_opened = 0
         self.streams_retried = 0  # CONNECTs the peer did not process, sent again
         self.stale_dials = 0  # dials that finished after their generation was retired: closed
+        self.drained_dials = 0  # dials that finished after close_all: served, never pooled
 
     async def open_stream(
         self,
@@ -130,6 +136,9 @@ class HbonePool:
                     raise
                 self.streams_retried += 1
                 log.debug("CONNECT %s to %s not processed; retrying", authority, key.address)
+            finally:
+                if proto in self._unpooled:
+                    self._release(proto)
         raise AssertionError("unreachable")
 
     async def _connection(self, key: PoolKey) -> PooledConnection:
@@ -157,6 +166,8 @@ class HbonePool:
                     raise
                 continue
             if proto.conn.can_open_stream(self.max_streams):
+                if proto in self._unpooled:
+                    self._unpooled[proto] += 1  # released by `open_stream` (GOAWAY at 0)
                 return proto
             if proto.conn.open_streams == 0:
                 # Not filled by others: a peer that takes no stream on a new connection
@@ -177,9 +188,17 @@ class HbonePool:
         if proto is None:
             proto = await self._dial_h2(key)
         task = asyncio.current_task()
+        if task in self._draining:
+            # Finished after `close_all`: the certificate is still good, the tunnels that
+            # waited for it use it (`open_stream` sends GOAWAY after the last one's answer).
+            self._unpooled[proto] = 0
+            self.connections_opened += 1
+            self.drained_dials += 1
+            log.info("HBONE dial to %s:%d finished after close_all: not pooled", *key.address)
+            return proto
         if task in self._retired:
-            # Dialled with the certificate (context) of before `retire`, or before `close_all`:
-            # never pooled. A transient error for the waiters, who dial again.
+            # Dialled with the certificate (context) of before `retire`: never pooled nor used.
+            # A transient error for the waiters, who dial again with the new one.
             proto.close()
             self.stale_dials += 1
             log.info("HBONE dial to %s:%d finished after its pool retired it: closed", *key.address)
@@ -233,16 +252,25 @@ class HbonePool:
 
     def _dialed(self, key: PoolKey, task: asyncio.Task[PooledConnection]) -> None:
         self._retired.discard(task)
+        self._draining.discard(task)
         if self._connecting.get(key) is task:  # not a dial started after it finished
             del self._connecting[key]
 
     def _retire_dials(self, source: SpiffeId | None) -> None:
-        """Dials in flight (of `source`, or all): their connection will not be pooled, and
-        they are not shared any more (`_connection` starts a new one)."""
+        """Dials in flight (of `source`: retired, never used; or all: draining, never pooled):
+        not shared any more (`_connection` starts a new one)."""
         for key, task in list(self._connecting.items()):
             if (source is None or key.source == source) and not task.done():
-                self._retired.add(task)
+                (self._draining if source is None else self._retired).add(task)
                 del self._connecting[key]
+
+    def _release(self, proto: PooledConnection) -> None:
+        """A tunnel is done opening its stream on a draining dial's connection: after the
+        last, GOAWAY (graceful: open streams finish, then it closes)."""
+        self._unpooled[proto] -= 1
+        if self._unpooled[proto] <= 0:
+            del self._unpooled[proto]
+            proto.close()
 
     def _remove(self, key: PoolKey, proto: PooledConnection) -> None:
         conns = self._conns.get(key)
@@ -254,6 +282,11 @@ class HbonePool:
     def sweep(self, now: float) -> int:
         """Close connections idle for longer than `idle_timeout`; returns how many."""
         closed = 0
+        for proto, users in list(self._unpooled.items()):
+            if users == 0:  # a draining dial's connection no tunnel took
+                del self._unpooled[proto]
+                proto.close()
+                closed += 1
         for conns in list(self._conns.values()):
             for proto in list(conns):
                 if not proto.streams and now - proto.idle_since >= self.idle_timeout:
@@ -264,7 +297,8 @@ class HbonePool:
     def retire(self, source: SpiffeId) -> None:
         """Stop handing out connections that present `source`'s old certificate (after a
         rotation): GOAWAY lets their streams finish while new streams get new connections.
-        A dial in flight with the old certificate is not pooled (`_dial`)."""
+        A dial in flight with the old certificate is closed when it finishes; its waiters
+        dial again (`_dial`)."""
         self._retire_dials(source)
         for key, conns in list(self._conns.items()):
             if key.source == source:
@@ -273,8 +307,9 @@ class HbonePool:
                     self._remove(key, proto)
 
     def close_all(self) -> None:
-        """GOAWAY on every pooled connection; dials in flight are not pooled (`_dial`). The
-        pool stays usable: a tunnel still waiting (one accepted before a drain) dials anew."""
+        """GOAWAY on every pooled connection. A dial in flight serves the tunnels waiting for it
+        and is never pooled (GOAWAY after their answers, `_dial`); the pool stays usable: a
+        later tunnel (one accepted before a drain) dials anew, and that dial is pooled."""
         self._retire_dials(None)
         for conns in list(self._conns.values()):
             for proto in list(conns):

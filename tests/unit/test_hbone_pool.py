@@ -1,7 +1,8 @@
 """`meshcore.hbone.pool` against a real HBONE server on 127.0.0.1 (real certificates, TLS, HTTP/2):
-a dial still in flight when the pool retires its certificate (`retire`, a rotation) or closes
-every connection (`close_all`, drain and shutdown) is never pooled; its waiting tunnel dials
-again with the new context. Runs compiled and pure (tests/unit/test_native.py)."""
+a dial still in flight when the pool retires its certificate (`retire`, a rotation) is never
+used: its waiting tunnel dials again with the new context; one in flight when the pool closes
+every connection (`close_all`, drain and shutdown) serves its waiting tunnel and is never
+pooled. Runs compiled and pure (tests/unit/test_native.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import socket
 import ssl
 from collections.abc import Callable
 from datetime import timedelta
-
-import pytest
 
 from meshcore.ca import MeshCA
 from meshcore.certs import WorkloadCertificate
@@ -42,10 +41,13 @@ def _client_cert(stream: HboneStream) -> bytes:
     return der
 
 
-async def _dial_while(retire: Callable[[HbonePool], None]) -> tuple[HbonePool, list[bytes], bytes]:
+async def _dial_while(
+    retire: Callable[[HbonePool], None], check: Callable[[HboneStream], None] = lambda s: None
+) -> tuple[HbonePool, list[bytes], bytes]:
     """One tunnel whose dial is in flight (its context fetched, TLS not done) when `retire`
-    runs and the client's context changes to a new certificate. Returns the pool, the client
-    certificate of each connection the server accepted, in order, and the one its tunnel had."""
+    runs and the client's context changes to a new certificate; `check` sees its stream.
+    Returns the pool, the client certificate of each connection the server accepted, in
+    order, and the one its tunnel had."""
     alice, old, new = identities()
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -87,6 +89,7 @@ async def _dial_while(retire: Callable[[HbonePool], None]) -> tuple[HbonePool, l
         retire(pool)
         stream = await asyncio.wait_for(tunnel, 10)
         await asyncio.gather(*handshakes)
+        check(stream)
         stream.reset()
         return pool, certs, tunnels[0]
     finally:
@@ -95,26 +98,41 @@ async def _dial_while(retire: Callable[[HbonePool], None]) -> tuple[HbonePool, l
         listener.close()
 
 
-@pytest.mark.parametrize("what", ["retire", "close_all"])
-def test_a_dial_in_flight_when_its_generation_is_retired_is_not_pooled(what: str) -> None:
+def test_a_dial_in_flight_when_its_certificate_is_retired_is_not_used() -> None:
     """The connection made with the old certificate is closed, not pooled (before: pooled, and
-    every later tunnel of the identity went out with the old certificate, or after the pool was
-    closed); the tunnel that waited for it opens on a new dial, with the new certificate."""
-
-    def retire(pool: HbonePool) -> None:
-        if what == "retire":
-            pool.retire(BOB)
-        else:
-            pool.close_all()
+    every later tunnel of the identity went out with the old certificate); the tunnel that
+    waited for it opens on a new dial, with the new certificate."""
 
     async def main() -> None:
-        pool, certs, tunnel_cert = await _dial_while(retire)
+        pool, certs, tunnel_cert = await _dial_while(lambda p: p.retire(BOB))
         assert len(certs) == 2
         assert tunnel_cert == certs[1] != certs[0]
         (pooled,) = pool.snapshot()
         assert pooled["streams"] == 0
         assert pool.connections_opened == 1
         assert pool.stale_dials == 1
+
+    run(main(), 30)
+
+
+def test_a_dial_in_flight_at_close_all_serves_its_tunnel_and_is_not_pooled() -> None:
+    """close_all changes no certificate: the waiting tunnel opens on the dial it waited for
+    (one connection, not two), which is never pooled and says GOAWAY once the tunnel has its
+    answer, the tunnel's stream still open (before: closed, its tunnel dialled again and that
+    dial was pooled after close_all)."""
+    seen: list[tuple[bool, bool]] = []
+
+    def check(stream: HboneStream) -> None:
+        seen.append((stream._proto.conn.goaway_sent, stream._proto.closed))
+
+    async def main() -> None:
+        pool, certs, tunnel_cert = await _dial_while(lambda p: p.close_all(), check)
+        assert certs == [tunnel_cert]
+        assert seen == [(True, False)]  # GOAWAY sent; the connection lives for its stream
+        assert pool.snapshot() == []
+        assert pool.connections_opened == pool.drained_dials == 1
+        assert getattr(pool, "stale_dials", 0) == 0
+        assert not pool._unpooled
 
     run(main(), 30)
 
