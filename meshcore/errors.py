@@ -104,6 +104,12 @@ class StreamRefused(MeshError, ConnectionResetError):
     An OSError, so a caller that does not retry sees a connection failure as before."""
 
 
+class DialRetired(MeshError, ConnectionAbortedError):
+    """An HBONE dial finished after the pool retired its certificate (`HbonePool.retire`): its
+    connection was closed unused. Not a failure of the peer: the waiters dial again without
+    counting it against their attempts (each needs a `retire` call, so this is bounded)."""
+
+
 class H2ProtocolError(MeshError):
     """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM.
     Raised too by the HTTP/2 core's API when our own code misuses it (a stream opened by a

@@ -19,7 +19,8 @@ Invariants (in the spirit of ztunnel's pool.rs):
   traffic.
 - A dial in flight when its source is retired (`retire`: certificate rotation) is never pooled
   nor used: the connection it returns (made with the old certificate) is closed, counted
-  (`stale_dials`) and logged, and its waiters dial again with the new certificate. A dial in
+  (`stale_dials`) and logged, and its waiters dial again with the new certificate, not counting
+  it against their `DIAL_ATTEMPTS` (`DialRetired`: one per `retire` call). A dial in
   flight when every connection is closed (`close_all`: drain, shutdown; certificates unchanged)
   serves the tunnels that waited for it and is never pooled: GOAWAY once each of them has its
   answer (their streams finish), counted (`drained_dials`); one none of them took is closed by
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from meshcore.certs import WorkloadCertificate
-from meshcore.errors import StreamRefused
+from meshcore.errors import DialRetired, StreamRefused
 from meshcore.hbone.aio import (
     HboneProtocol,
     HboneSettings,
@@ -158,6 +159,8 @@ class HbonePool:
                 task.add_done_callback(functools.partial(self._dialed, key))
             try:
                 proto = await asyncio.shield(task)
+            except DialRetired:
+                continue  # our rotation, not a failed dial: not counted (one per `retire`)
             except (OSError, TimeoutError):
                 # One failed dial (e.g. EADDRINUSE after a burst) must not fail every tunnel
                 # that happened to wait on it: each waiter tries again, up to DIAL_ATTEMPTS.
@@ -202,7 +205,7 @@ class HbonePool:
             proto.close()
             self.stale_dials += 1
             log.info("HBONE dial to %s:%d finished after its pool retired it: closed", *key.address)
-            raise ConnectionAbortedError(f"HBONE dial to {key.address} retired while in flight")
+            raise DialRetired(f"HBONE dial to {key.address} retired while in flight")
         self.connections_opened += 1
         self._conns.setdefault(key, []).append(proto)
         return proto

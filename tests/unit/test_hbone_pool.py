@@ -42,10 +42,13 @@ def _client_cert(stream: HboneStream) -> bytes:
 
 
 async def _dial_while(
-    retire: Callable[[HbonePool], None], check: Callable[[HboneStream], None] = lambda s: None
+    retire: Callable[[HbonePool], None],
+    check: Callable[[HboneStream], None] = lambda s: None,
+    failures: int = 0,
 ) -> tuple[HbonePool, list[bytes], bytes]:
     """One tunnel whose dial is in flight (its context fetched, TLS not done) when `retire`
-    runs and the client's context changes to a new certificate; `check` sees its stream.
+    runs and the client's context changes to a new certificate; `check` sees its stream;
+    the first `failures` dials fail (a transient OSError).
     Returns the pool, the client certificate of each connection the server accepted, in
     order, and the one its tunnel had."""
     alice, old, new = identities()
@@ -75,7 +78,12 @@ async def _dial_while(
     current = [old]
     handed = asyncio.Event()
 
+    failed = [0]
+
     async def context_for(source: SpiffeId) -> ssl.SSLContext:
+        if failed[0] < failures:
+            failed[0] += 1
+            raise ConnectionRefusedError("a transient failure")
         handed.set()
         return current[0]
 
@@ -110,6 +118,19 @@ def test_a_dial_in_flight_when_its_certificate_is_retired_is_not_used() -> None:
         (pooled,) = pool.snapshot()
         assert pooled["streams"] == 0
         assert pool.connections_opened == 1
+        assert pool.stale_dials == 1
+
+    run(main(), 30)
+
+
+def test_a_retired_dial_does_not_count_against_the_tunnels_attempts() -> None:
+    """Two transient failures, then a dial retired by our own rotation: the tunnel dials again
+    and opens (before: the retired dial was its third failure of DIAL_ATTEMPTS, and it failed)."""
+
+    async def main() -> None:
+        pool, certs, tunnel_cert = await _dial_while(lambda p: p.retire(BOB), failures=2)
+        assert len(certs) == 2
+        assert tunnel_cert == certs[1] != certs[0]
         assert pool.stale_dials == 1
 
     run(main(), 30)
