@@ -112,12 +112,16 @@ class DialRetired(MeshError, ConnectionAbortedError):
 
 class H2ProtocolError(MeshError):
     """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM.
-    Raised too by the HTTP/2 core's API when our own code misuses it (a stream opened by a
-    server, DATA before a response): then the code is INTERNAL_ERROR or REFUSED_STREAM."""
+    Our own misuse of the HTTP/2 core is the `H2UsageError` subclass."""
 
     def __init__(self, message: str, code: int = 0x1) -> None:
         super().__init__(message)
         self.code = code
+
+
+class H2UsageError(H2ProtocolError):
+    """Our own code misused the HTTP/2 core's API, not the peer: a stream opened by a server or
+    past the peer's limit (REFUSED_STREAM), DATA before our HEADERS (INTERNAL_ERROR)."""
 
 
 class JoseError(MeshError):

@@ -12,7 +12,7 @@ Invariants:
   `pending` queue and leaves when WINDOW_UPDATE (or a larger INITIAL_WINDOW_SIZE, §6.9.2)
   arrives (a `WindowOpened` event tells the edge).
 - DATA (END_STREAM included) never precedes our HEADERS on a stream (RFC 9113 §8.1): a server
-  sending before `respond` is our misuse of the core, `H2ProtocolError(INTERNAL_ERROR)`.
+  sending before `respond` is our misuse of the core, `H2UsageError(INTERNAL_ERROR)`.
 - Queued bytes are bounded: a stream over `PENDING_HIGH_WATER` asks the edge to pause its source
   (`send_data` returns False); all streams together over `CONNECTION_PENDING_HIGH_WATER` set
   `pending_blocked` (every source paused) until they are below half of it.
@@ -26,7 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
-from meshcore.errors import H2ProtocolError
+from meshcore.errors import H2ProtocolError, H2UsageError
 from meshcore.hbone.budget import BUDGET_WINDOW, EMPTY_DATA_BUDGET, RateBudget, spend
 from meshcore.hbone.events import Event, WindowOpened
 from meshcore.hbone.frames import (
@@ -77,7 +77,7 @@ class FlowControl(StreamTable):
         if not stream.answered:
             # RFC 9113 §8.1: a response is HEADERS, then DATA; DATA first is malformed for the
             # peer. Our misuse of the core (a server before `respond`), never the peer's.
-            raise H2ProtocolError(
+            raise H2UsageError(
                 f"stream {stream_id}: DATA before our HEADERS", ErrorCode.INTERNAL_ERROR
             )
         if stream.pending:

@@ -38,7 +38,7 @@ from typing import Final
 
 import hpack
 
-from meshcore.errors import H2ProtocolError
+from meshcore.errors import H2ProtocolError, H2UsageError
 from meshcore.hbone.budget import RateBudget
 from meshcore.hbone.control import MAX_HEADER_LIST, ConnectionControl
 from meshcore.hbone.events import (
@@ -139,11 +139,9 @@ class HeaderBlocks(ConnectionControl):
     def open_connect(self, authority: str, headers: Sequence[tuple[str, str]] = ()) -> int:
         """Client: open a CONNECT stream (RFC 9113 §8.5: no :scheme, no :path). Returns its id."""
         if self.role is not Role.CLIENT:
-            raise H2ProtocolError("only a client opens streams")
+            raise H2UsageError("only a client opens streams", ErrorCode.INTERNAL_ERROR)
         if not self.can_open_stream(limit=self.peer_max_streams):
-            raise H2ProtocolError(
-                "no stream available on this connection", ErrorCode.REFUSED_STREAM
-            )
+            raise H2UsageError("no stream available on this connection", ErrorCode.REFUSED_STREAM)
         stream_id = self._next_stream_id
         self._next_stream_id += 2
         block = [(":method", "CONNECT"), (":authority", authority), *headers]

@@ -304,10 +304,10 @@ def test_keepalive_ping_and_dead_peer_detection() -> None:
 @pytest.mark.parametrize("call", ["send_data", "end_stream", "send_data_in_place"])
 def test_a_server_sends_no_data_before_its_response(call: str) -> None:
     """RFC 9113 §8.1: a response's HEADERS come first. A server calling send_data/end_stream
-    before respond is misuse of the core: H2ProtocolError(INTERNAL_ERROR), nothing queued
-    (before: a DATA frame went out ahead of the HEADERS, a malformed response for the peer).
-    After respond, the same calls work."""
-    from meshcore.errors import H2ProtocolError
+    before respond is misuse of the core: H2UsageError(INTERNAL_ERROR) (not the peer's
+    H2ProtocolError), nothing queued (before: a DATA frame went out ahead of the HEADERS, a
+    malformed response for the peer). After respond, the same calls work."""
+    from meshcore.errors import H2UsageError
     from meshcore.hbone.frames import FRAME_HEADER
 
     client, server = pair()
@@ -324,9 +324,11 @@ def test_a_server_sends_no_data_before_its_response(call: str) -> None:
         elif not server.send_data_in_place(sid, frame):
             server.send_data(sid, bytes(frame[FRAME_HEADER:]))  # its documented fallback
 
-    with pytest.raises(H2ProtocolError) as err:
+    with pytest.raises(H2UsageError) as err:
         early()
     assert err.value.code == ErrorCode.INTERNAL_ERROR
+    with pytest.raises(H2UsageError):
+        server.open_connect("10.0.0.2:80")  # a server opens no stream: ours too
     assert server.data_to_send() == b""
     server.respond(sid, 200)
     server.send_data(sid, b"late", end_stream=True)
