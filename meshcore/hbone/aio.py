@@ -70,6 +70,7 @@ from meshcore.hbone.events import (
 )
 from meshcore.hbone.flow import PENDING_HIGH_WATER
 from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
+from meshcore.hbone.headerblock import MAX_INTERIM_HEADS
 from meshcore.hbone.output import BIG_PAYLOAD
 from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
@@ -86,7 +87,9 @@ class TunnelSink(Protocol):
 
     def tunnel_eof(self) -> None: ...
 
-    def tunnel_reset(self, code: int) -> None: ...
+    def tunnel_reset(self, code: int, remote: bool) -> None:
+        """The stream was reset: by the peer or with the connection (`remote`), or by us for
+        the peer's error on it (a malformed response, too many interim ones)."""
 
     def tunnel_pause_source(self) -> None:
         """The tunnel can't take more now: stop reading the local source."""
@@ -427,7 +430,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             if stream.response is not None and not stream.response.done():
                 stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
             if stream.sink is not None:
-                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR, True)
             stream.sink = None  # see `forget`
 
     def _arm_timer(self) -> None:
@@ -590,12 +593,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
             pending.set_exception(StreamRefused(f"CONNECT {stream.authority}"))
         else:
             if pending is not None:
-                # Ours (`remote` False): the peer broke the protocol on this stream (a malformed
-                # response, 1xx past MAX_INTERIM_HEADS); the opener's access log says which.
-                who = "by peer" if ev.remote else "for a peer error"
-                pending.set_exception(ConnectionResetError(f"stream reset {who} ({ev.error_code})"))
+                pending.set_exception(ConnectionResetError(_reset_reason(ev)))
             if stream.sink is not None:
-                stream.sink.tunnel_reset(ev.error_code)
+                stream.sink.tunnel_reset(ev.error_code, ev.remote)
         stream.sink = None  # see `forget`
         self.forget(ev.stream_id)
 
@@ -676,6 +676,18 @@ async def accept_tls(
             proto.ready.exception()  # mark retrieved: we raise it ourselves
         raise failure from err
     await proto.ready
+
+
+def _reset_reason(ev: StreamReset) -> str:
+    """Who reset a CONNECT before its answer, for the opener's access log. Ours (`remote`
+    False): the peer broke the protocol on the stream; a client's only stream error with
+    ENHANCE_YOUR_CALM is the interim cap (`headerblock.MAX_INTERIM_HEADS`), the rest a
+    malformed response (PROTOCOL_ERROR)."""
+    if ev.remote:
+        return f"stream reset by peer ({ev.error_code})"
+    if ev.error_code == ErrorCode.ENHANCE_YOUR_CALM:
+        return f"stream reset by us: more than {MAX_INTERIM_HEADS} interim (1xx) responses"
+    return f"stream reset by us for a peer error ({ev.error_code})"
 
 
 async def connect(

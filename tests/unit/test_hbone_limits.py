@@ -299,3 +299,53 @@ def test_interim_responses_are_capped_per_stream() -> None:
     # Its late 1xx blocks are ignored (§5.1), the connection lives.
     assert conn.receive_data(status("103", hostile) * 4 + status("200", hostile), 1.0) == []
     assert goaway(conn.receive_data(b"", 1.0)) is None
+
+
+def test_the_opener_is_told_who_reset_its_connect() -> None:
+    """The CONNECT's error and the tunnel's end say who reset the stream: the peer, or us for
+    its error, the interim cap by name (before: 'reset by peer' for our own resets too, the
+    interim cap a generic 'stream reset for a peer error (11)')."""
+    import asyncio
+
+    from meshcore.hbone.aio import HboneProtocol, HboneSettings, HboneStream
+    from meshcore.hbone.events import StreamReset
+    from meshcore.hbone.headerblock import MAX_INTERIM_HEADS
+    from meshcore.hbone.streams import Role
+    from tests.helpers import Sink
+
+    class Told(Sink):
+        def tunnel_reset(self, code: int, remote: bool) -> None:
+            told.append((code, remote))
+
+    told: list[tuple[int, bool]] = []
+
+    async def main() -> list[str]:
+        proto = HboneProtocol(Role.CLIENT, HboneSettings(trust_domain="cluster.local"))
+        proto.conn.initiate(0.0)
+        reasons = []
+        for code, remote in [
+            (ErrorCode.ENHANCE_YOUR_CALM, False),
+            (ErrorCode.PROTOCOL_ERROR, False),
+            (ErrorCode.CANCEL, True),
+        ]:
+            sid = proto.conn.open_connect("10.0.0.1:80", [])
+            stream = HboneStream(proto, sid)
+            stream.response = asyncio.get_running_loop().create_future()
+            stream.sink = Told()
+            proto.streams[sid] = stream
+            proto._dispatch([StreamReset(sid, code, remote)])
+            with pytest.raises(ConnectionResetError) as err:
+                await stream.response
+            reasons.append(str(err.value))
+        return reasons
+
+    assert asyncio.run(main()) == [
+        f"stream reset by us: more than {MAX_INTERIM_HEADS} interim (1xx) responses",
+        f"stream reset by us for a peer error ({ErrorCode.PROTOCOL_ERROR})",
+        f"stream reset by peer ({ErrorCode.CANCEL})",
+    ]
+    assert told == [
+        (ErrorCode.ENHANCE_YOUR_CALM, False),
+        (ErrorCode.PROTOCOL_ERROR, False),
+        (ErrorCode.CANCEL, True),
+    ]
