@@ -710,11 +710,13 @@ async def connect(
     )
     hooks = NO_HOOKS if on_close is None else HboneHooks(on_close=on_close)
     made: list[HboneProtocol] = []
+    turned: list[bool] = []
 
     def factory() -> HboneProtocol:
         # Called by the loop as it takes `sock` into its transport (asyncio and uvloop alike,
-        # in the same step): from here on the transport owns the descriptor.
+        # in the same step): from here on the transport owns the descriptor, once built.
         made.append(HboneProtocol(Role.CLIENT, settings, hooks, expected=key.expected))
+        loop.call_soon(turned.append, True)  # create_connection waited after the factory
         return made[0]
 
     try:
@@ -732,8 +734,11 @@ async def connect(
         # One owner of the descriptor. The loop closed (aborted) its transport when the wait
         # ended mid-handshake; closing `sock` too closed the descriptor under uvloop's handle,
         # whose own close later hit whatever connection had reused the number.
-        if not made:
-            sock.close()  # never taken by the loop
+        if not made or not turned:
+            # Never taken by the loop, or its transport's constructor raised (an error in the
+            # same turn as the factory, before create_connection first waited: e.g. the TLS
+            # object refused the context): nobody else closes it.
+            sock.close()
         elif made[0].transport is not None:
             made[0].abort()  # established after all: its transport is ours to end
         raise err
