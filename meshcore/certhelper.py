@@ -450,6 +450,9 @@ class HelperCAProvider:
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         return await self.helper.issue(self.ca, identity, ttl=self.ttl, now=self.clock())
 
+    def forget(self, identity: SpiffeId) -> None:
+        pass  # nothing kept between fetches
+
 
 def local_provider(
     directory: Path,
