@@ -5,16 +5,20 @@ had been given the number meanwhile). Runs compiled and pure (tests/unit/test_na
 
 The cancel test passes on the code before the one-owner change too, with uvloop 0.23 (which
 detaches the socket itself); it failed there with uvloop 0.22.1 (EBADF, a number closed twice):
-it guards the `uvloop>=0.23` pin in pyproject.toml and the dial's ownership together."""
+it guards the `uvloop>=0.23` pin in pyproject.toml and the dial's ownership together. The
+connect awaited inline instead of in `asyncio.wait_for`'s task is tested by
+`test_a_cancelled_connect_never_returns_a_connection` (fails with wait_for, Python 3.11)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 
 import pytest
 
+from meshcore.errors import PeerVerificationError
 from meshcore.hbone.aio import HboneSettings, PoolKey, connect
 from tests.helpers import run
 from tests.unit.test_hbone_pool import ALICE, BOB, identities
@@ -121,3 +125,64 @@ def test_a_transport_that_cannot_be_built_leaves_no_descriptor(loop: str) -> Non
         listener.close()
 
     run(main(), 30, loop=loop)
+
+
+def test_a_cancelled_connect_never_returns_a_connection() -> None:
+    """A peer that completes the handshake; each connect is cancelled after another number of
+    loop turns, so one cancel lands in the turn where the TLS handshake finished. A connect
+    still running when cancelled ends with CancelledError and leaves no connection behind
+    (Python 3.11's wait_for returned the inner task's result and swallowed the cancel when the
+    two met in one turn: a connection handed to a cancelled caller, who never closes it)."""
+    from meshcore.hbone.aio import HboneHooks, HboneProtocol, accept_tls
+    from meshcore.hbone.streams import Role
+    from meshcore.tls import server_context
+
+    alice, context, _new = identities()
+    settings = HboneSettings(trust_domain="cluster.local")
+
+    async def main() -> list[str]:
+        ev = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        listener.setblocking(False)
+        key = PoolKey(source=BOB, expected=(ALICE,), address=listener.getsockname())
+        servers: list[asyncio.Task[None]] = []
+
+        async def handshake(sock: socket.socket) -> None:
+            proto = HboneProtocol(Role.SERVER, settings, HboneHooks())
+            with contextlib.suppress(OSError, asyncio.CancelledError, PeerVerificationError):
+                await accept_tls(sock, server_context(alice), proto)
+
+        async def serve() -> None:
+            while True:
+                sock, _ = await ev.sock_accept(listener)
+                servers.append(ev.create_task(handshake(sock)))
+
+        server = ev.create_task(serve())
+        outcomes = []
+        try:
+            for turns in range(60):
+                dial = ev.create_task(connect(key, context, settings, timeout=10.0))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                if dial.done():
+                    dial.result().abort()
+                    outcomes.append("done")
+                    continue
+                dial.cancel()
+                try:
+                    proto = await dial
+                except asyncio.CancelledError:
+                    outcomes.append("cancelled")
+                else:
+                    proto.abort()
+                    outcomes.append("returned after cancel")
+        finally:
+            server.cancel()
+            for task in servers:
+                task.cancel()
+            listener.close()
+        return outcomes
+
+    outcomes = run(main(), 60)
+    assert "returned after cancel" not in outcomes, outcomes
+    assert "cancelled" in outcomes
