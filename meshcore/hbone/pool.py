@@ -24,7 +24,8 @@ Invariants (in the spirit of ztunnel's pool.rs):
   flight when every connection is closed (`close_all`: drain, shutdown; certificates unchanged)
   serves the tunnels that waited for it and is never pooled: GOAWAY once each of them has its
   answer (their streams finish), counted (`drained_dials`); one none of them took is closed by
-  `sweep`. Either dial is no longer shared: a request arriving after it starts its own (pooled).
+  `sweep`; one retired too (a rotation after `close_all`) is a retired dial. Either dial is no
+  longer shared: a request arriving after it starts its own (pooled).
 - Transport (issue 16): a key with ``transport="h3"`` dials HBONE over HTTP/3
   (`meshcore.hbone.h3aio`) first, bounded by `h3_attempt_timeout`; when that attempt fails for a
   network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
@@ -107,7 +108,7 @@ class HbonePool:
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
         self._retired: set[asyncio.Task[PooledConnection]] = set()  # in flight, never used
-        self._draining: set[asyncio.Task[PooledConnection]] = set()  # in flight, never pooled
+        self._draining: dict[asyncio.Task[PooledConnection], PoolKey] = {}  # never pooled
         self._unpooled: dict[PooledConnection, int] = {}
         """A draining dial's connection -> tunnels opening a stream on it (GOAWAY at 0)."""
         self.connections_opened = 0
@@ -191,7 +192,7 @@ class HbonePool:
         if proto is None:
             proto = await self._dial_h2(key)
         task = asyncio.current_task()
-        if task in self._draining:
+        if task in self._draining and task not in self._retired:
             # Finished after `close_all`: the certificate is still good, the tunnels that
             # waited for it use it (`open_stream` sends GOAWAY after the last one's answer).
             self._unpooled[proto] = 0
@@ -255,7 +256,7 @@ class HbonePool:
 
     def _dialed(self, key: PoolKey, task: asyncio.Task[PooledConnection]) -> None:
         self._retired.discard(task)
-        self._draining.discard(task)
+        self._draining.pop(task, None)
         if self._connecting.get(key) is task:  # not a dial started after it finished
             del self._connecting[key]
 
@@ -264,8 +265,13 @@ class HbonePool:
         not shared any more (`_connection` starts a new one)."""
         for key, task in list(self._connecting.items()):
             if (source is None or key.source == source) and not task.done():
-                (self._draining if source is None else self._retired).add(task)
+                if source is None:
+                    self._draining[task] = key
+                else:
+                    self._retired.add(task)
                 del self._connecting[key]
+        if source is not None:  # draining, then retired: the old certificate is not used
+            self._retired.update(t for t, k in self._draining.items() if k.source == source)
 
     def _release(self, proto: PooledConnection) -> None:
         """A tunnel is done opening its stream on a draining dial's connection: after the

@@ -166,3 +166,20 @@ def test_retiring_another_identity_keeps_the_dial() -> None:
         assert getattr(pool, "stale_dials", 0) == 0
 
     run(main(), 30)
+
+
+def test_a_draining_dial_retired_afterwards_is_not_used() -> None:
+    """close_all, then a rotation, while the dial is in flight: its old certificate is not
+    used, the tunnel dials again with the new one."""
+
+    def both(pool: HbonePool) -> None:
+        pool.close_all()
+        pool.retire(BOB)
+
+    async def main() -> None:
+        pool, certs, tunnel_cert = await _dial_while(both)
+        assert len(certs) == 2
+        assert tunnel_cert == certs[1] != certs[0]
+        assert pool.stale_dials == 1
+
+    run(main(), 30)
