@@ -27,6 +27,7 @@ Invariants:
 - Bounded: at most `MAX_BATCH` requests per helper run, one run at a time per `CertHelper`
   (so at most one helper process per worker), `TIMEOUT` seconds per run (then it is killed).
 - Private keys cross only the pipe between the two processes, never argv or a file.
+- A batch builds each CA it names once (`answers`): its `issue` requests share it.
 """
 
 from __future__ import annotations
@@ -199,10 +200,22 @@ class CAMaterial:
 # --------------------------------------------------------------------------- helper side
 
 
-def answer(request: Mapping[str, Any]) -> Answer:
-    """One request's answer: its result, or ``{"error": message}`` (never raises)."""
+CAs = dict[tuple[str, ...], Any]
+"""The CAs one batch built (`MeshCA` by its material's fields): an `issue` batch of a node's
+identities, all by the same CA, parses and checks that CA once, not per request."""
+
+
+def answers(requests: Sequence[Mapping[str, Any]]) -> list[Answer]:
+    """A batch's answers (the helper process's work), the CAs it names built once."""
+    cas: CAs = {}
+    return [answer(r, cas) for r in requests]
+
+
+def answer(request: Mapping[str, Any], cas: CAs | None = None) -> Answer:
+    """One request's answer: its result, or ``{"error": message}`` (never raises). `cas`: the
+    CAs built by the batch so far (`answers`)."""
     try:
-        return _answer(request)
+        return _answer(request, {} if cas is None else cas)
     except CertificateError as e:
         return {"error": str(e)}
     except Exception as e:  # fail closed: anything unexpected is a refused request
@@ -213,7 +226,24 @@ def _identity(request: Mapping[str, Any]) -> SpiffeId:
     return SpiffeId.parse(_text(request, "identity"))
 
 
-def _answer(request: Mapping[str, Any]) -> Answer:
+def _ca(material: Mapping[str, Any], cas: CAs) -> Any:
+    from meshcore.ca import MeshCA
+
+    fields = ("cert", "key", "chain", "roots", "trust_domain")
+    key = tuple(_text(material, f) for f in fields)
+    ca = cas.get(key)
+    if ca is None:
+        ca = cas[key] = MeshCA.from_pem(
+            cert_pem=_pem(material, "cert"),
+            key_pem=_pem(material, "key"),
+            chain_pem=_pem(material, "chain"),
+            root_pem=_pem(material, "roots"),
+            trust_domain=_text(material, "trust_domain"),
+        )
+    return ca
+
+
+def _answer(request: Mapping[str, Any], cas: CAs) -> Answer:
     from meshcore.ca import MeshCA, generate_csr
 
     op = request.get("op")
@@ -229,14 +259,7 @@ def _answer(request: Mapping[str, Any]) -> Answer:
         )
         return cert_to_json(cert)
     if op == "issue":
-        material = request.get("ca") or {}
-        ca = MeshCA.from_pem(
-            cert_pem=_pem(material, "cert"),
-            key_pem=_pem(material, "key"),
-            chain_pem=_pem(material, "chain"),
-            root_pem=_pem(material, "roots"),
-            trust_domain=_text(material, "trust_domain"),
-        )
+        ca = _ca(request.get("ca") or {}, cas)
         ttl = request.get("ttl")
         if not isinstance(ttl, int | float) or isinstance(ttl, bool):
             raise CertificateError("issue: ttl is not a number")
@@ -261,7 +284,7 @@ def main() -> int:
     if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
         print("certificate helper: the request is not a list of objects", file=sys.stderr)
         return 2
-    sys.stdout.write(json.dumps([answer(r) for r in requests]))
+    sys.stdout.write(json.dumps(answers(requests)))
     return 0
 
 
@@ -426,6 +449,9 @@ class HelperCAProvider:
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         return await self.helper.issue(self.ca, identity, ttl=self.ttl, now=self.clock())
+
+    def forget(self, identity: SpiffeId) -> None:
+        pass  # nothing kept between fetches
 
 
 def local_provider(

@@ -255,6 +255,9 @@ class CertificateProvider(Protocol):
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate: ...
 
+    def forget(self, identity: SpiffeId) -> None:
+        """`identity` is no longer managed: drop what is kept for its next fetch (if any)."""
+
 
 class LocalCAProvider:
     """Signs with an in-process MeshCA (the waypoint without a control plane, and tests; the
@@ -272,6 +275,9 @@ class LocalCAProvider:
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         return self.ca.issue(identity, ttl=self.ttl, now=self.clock())
+
+    def forget(self, identity: SpiffeId) -> None:
+        pass  # nothing kept between fetches
 
 
 # --------------------------------------------------------------------------- manager
@@ -334,8 +340,9 @@ class CertificateManager:
 
     def remove(self, identity: SpiffeId) -> None:
         """Stop managing `identity`. An in-flight fetch still completes for its waiters but its
-        result is not installed."""
+        result is not installed; the provider forgets what it kept for it (a pending key)."""
         self._entries.pop(identity, None)
+        self._provider.forget(identity)
         self._wake.set()
 
     def identities(self) -> list[SpiffeId]:

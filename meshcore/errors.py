@@ -104,12 +104,24 @@ class StreamRefused(MeshError, ConnectionResetError):
     An OSError, so a caller that does not retry sees a connection failure as before."""
 
 
+class DialRetired(MeshError, ConnectionAbortedError):
+    """An HBONE dial finished after the pool retired its certificate (`HbonePool.retire`): its
+    connection was closed unused. Not a failure of the peer: the waiters dial again without
+    counting it against their attempts (each needs a `retire` call, so this is bounded)."""
+
+
 class H2ProtocolError(MeshError):
-    """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM."""
+    """The peer violated HTTP/2 (RFC 9113). `code` is the §7 error code for GOAWAY/RST_STREAM.
+    Our own misuse of the HTTP/2 core is the `H2UsageError` subclass."""
 
     def __init__(self, message: str, code: int = 0x1) -> None:
         super().__init__(message)
         self.code = code
+
+
+class H2UsageError(H2ProtocolError):
+    """Our own code misused the HTTP/2 core's API, not the peer: a stream opened by a server or
+    past the peer's limit (REFUSED_STREAM), DATA before our HEADERS (INTERNAL_ERROR)."""
 
 
 class JoseError(MeshError):

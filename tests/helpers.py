@@ -185,7 +185,7 @@ class Sink:
     def tunnel_eof(self) -> None:
         self.eof.set()
 
-    def tunnel_reset(self, code: int) -> None:
+    def tunnel_reset(self, code: int, remote: bool) -> None:
         self.reset_code = code
         self.eof.set()
 

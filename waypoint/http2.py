@@ -29,6 +29,8 @@ Invariants:
   content-length that is not digits) closes the connection with PROTOCOL_ERROR, recorded with
   flag DPE. The header list is limited to 60 KiB (SETTINGS_MAX_HEADER_LIST_SIZE, Envoy's
   max_request_headers_kb).
+- An upstream response stream takes at most `MAX_INTERIM_HEADS` 1xx heads before its final
+  one; then RST_STREAM(ENHANCE_YOUR_CALM) and 502 (UPE), as the HTTP/1.1 codec does.
 - ``Expect: 100-continue`` is answered by the waypoint as over HTTP/1.1 (Envoy's default,
   ``proxy_100_continue: false``): ``:status 100`` once policy and routing admitted the request
   (none for a denied one), and the field is not forwarded.
@@ -51,7 +53,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from meshcore.hbone.headerblock import status_code
+from meshcore.hbone.headerblock import MAX_INTERIM_HEADS, status_code
 from waypoint.body import ReplayBody, Request
 from waypoint.context import WaypointContext
 from waypoint.errors import UpstreamProtocolError, UpstreamReset
@@ -500,6 +502,7 @@ class _ClientSession(H2Session):
         super().__init__(io, client=True)
         self.key = key
         self.heads: dict[int, asyncio.Future[list[tuple[str, str]]]] = {}
+        self.interim: dict[int, int] = {}  # stream -> 1xx heads received (`MAX_INTERIM_HEADS`)
         self.active = 0
         self.task: asyncio.Task[None] | None = None
 
@@ -508,6 +511,8 @@ class _ClientSession(H2Session):
             fut = self.heads.get(ev.stream_id)
             if fut is not None and not fut.done():
                 fut.set_result(_text(ev.headers or []))
+        elif isinstance(ev, h2.events.InformationalResponseReceived):
+            self._interim(ev.stream_id)
         elif isinstance(ev, h2.events.StreamReset):
             fut = self.heads.get(ev.stream_id)
             if fut is not None and not fut.done():
@@ -515,6 +520,28 @@ class _ClientSession(H2Session):
             super().on_event(ev)
         else:
             super().on_event(ev)
+
+    def _interim(self, sid: int) -> None:
+        """A 1xx head (RFC 9110 §15.2: no limit on their number, each one decoded and a wait
+        without progress): past `MAX_INTERIM_HEADS`, the bound of the HTTP/1.1 codec and the
+        HBONE client, the stream is reset with ENHANCE_YOUR_CALM (RFC 9113 §5.4.2) and the
+        request fails as a bad response (502, UPE: counted with the requests)."""
+        fut = self.heads.get(sid)
+        if fut is None or fut.done():
+            return
+        self.interim[sid] = count = self.interim.get(sid, 0) + 1
+        if count > MAX_INTERIM_HEADS:
+            log.info(
+                "HTTP/2 upstream %s:%d: more than %d interim (1xx) responses on stream %d: reset",
+                self.key.ip,
+                self.key.port,
+                MAX_INTERIM_HEADS,
+                sid,
+            )
+            self.reset(sid, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            fut.set_exception(
+                UpstreamProtocolError(f"more than {MAX_INTERIM_HEADS} interim (1xx) responses")
+            )
 
     def on_closed(self) -> None:
         for fut in self.heads.values():
@@ -524,6 +551,7 @@ class _ClientSession(H2Session):
     def forget(self, sid: int) -> None:
         self.bodies.pop(sid, None)
         self.heads.pop(sid, None)
+        self.interim.pop(sid, None)
         self.active -= 1
 
     @property

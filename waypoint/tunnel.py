@@ -65,7 +65,7 @@ class TunnelIO:
         self._eof = True
         self._wake()
 
-    def tunnel_reset(self, code: int) -> None:
+    def tunnel_reset(self, code: int, remote: bool) -> None:
         self._reset = code
         self._writable.set()
         self._wake()

@@ -31,6 +31,10 @@ Invariants:
 - A stream that leaves the connection's table (closed both ways, reset, refused, or its
   connection lost) lets go of its sink: a sink holds its stream, and the two must not be a
   reference cycle per tunnel that only the cyclic GC frees.
+- `connect`'s socket has one owner: the dial until the loop's transport takes it, then the
+  transport (closed by the loop when the dial fails or is cancelled; uvloop >= 0.23 detaches
+  the socket object then), never closed by the dial once taken: a second close hits whatever
+  connection was given the number meanwhile (tests/unit/test_hbone_connect.py).
 - A closed connection drops its protocol state (`conn`'s buffers, streams, callbacks) and its
   transport at once. The SSL transport outlives `connection_lost` (measured on asyncio: one
   reference to it that no GC-tracked object holds, so `gc.collect()` frees nothing); through our
@@ -66,6 +70,7 @@ from meshcore.hbone.events import (
 )
 from meshcore.hbone.flow import PENDING_HIGH_WATER
 from meshcore.hbone.frames import FRAME_HEADER, ErrorCode
+from meshcore.hbone.headerblock import MAX_INTERIM_HEADS
 from meshcore.hbone.output import BIG_PAYLOAD
 from meshcore.hbone.streams import Role
 from meshcore.identity import SpiffeId
@@ -82,7 +87,9 @@ class TunnelSink(Protocol):
 
     def tunnel_eof(self) -> None: ...
 
-    def tunnel_reset(self, code: int) -> None: ...
+    def tunnel_reset(self, code: int, remote: bool) -> None:
+        """The stream was reset: by the peer or with the connection (`remote`), or by us for
+        the peer's error on it (a malformed response, too many interim ones)."""
 
     def tunnel_pause_source(self) -> None:
         """The tunnel can't take more now: stop reading the local source."""
@@ -423,7 +430,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             if stream.response is not None and not stream.response.done():
                 stream.response.set_exception(ConnectionResetError("HBONE connection lost"))
             if stream.sink is not None:
-                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR, True)
             stream.sink = None  # see `forget`
 
     def _arm_timer(self) -> None:
@@ -586,11 +593,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
             pending.set_exception(StreamRefused(f"CONNECT {stream.authority}"))
         else:
             if pending is not None:
-                pending.set_exception(
-                    ConnectionResetError(f"stream reset by peer ({ev.error_code})")
-                )
+                pending.set_exception(ConnectionResetError(_reset_reason(ev)))
             if stream.sink is not None:
-                stream.sink.tunnel_reset(ev.error_code)
+                stream.sink.tunnel_reset(ev.error_code, ev.remote)
         stream.sink = None  # see `forget`
         self.forget(ev.stream_id)
 
@@ -673,6 +678,18 @@ async def accept_tls(
     await proto.ready
 
 
+def _reset_reason(ev: StreamReset) -> str:
+    """Who reset a CONNECT before its answer, for the opener's access log. Ours (`remote`
+    False): the peer broke the protocol on the stream; a client's only stream error with
+    ENHANCE_YOUR_CALM is the interim cap (`headerblock.MAX_INTERIM_HEADS`), the rest a
+    malformed response (PROTOCOL_ERROR)."""
+    if ev.remote:
+        return f"stream reset by peer ({ev.error_code})"
+    if ev.error_code == ErrorCode.ENHANCE_YOUR_CALM:
+        return f"stream reset by us: more than {MAX_INTERIM_HEADS} interim (1xx) responses"
+    return f"stream reset by us for a peer error ({ev.error_code})"
+
+
 async def connect(
     key: PoolKey,
     context: ssl.SSLContext,
@@ -692,20 +709,39 @@ async def connect(
         timeout=timeout,
     )
     hooks = NO_HOOKS if on_close is None else HboneHooks(on_close=on_close)
+    made: list[HboneProtocol] = []
+    turned: list[bool] = []
+
+    def factory() -> HboneProtocol:
+        # Called by the loop as it takes `sock` into its transport (asyncio and uvloop alike,
+        # in the same step): from here on the transport owns the descriptor, once built.
+        made.append(HboneProtocol(Role.CLIENT, settings, hooks, expected=key.expected))
+        loop.call_soon(turned.append, True)  # create_connection waited after the factory
+        return made[0]
+
     try:
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: HboneProtocol(Role.CLIENT, settings, hooks, expected=key.expected),
+        # Inline (not wait_for's task): a cancel or the timeout reaches create_connection only
+        # where it waits, so the socket is either never taken or the transport's.
+        async with asyncio.timeout(timeout):
+            _, proto = await loop.create_connection(
+                factory,
                 sock=sock,
                 ssl=context,
                 server_hostname="",  # HBONE sends no SNI
                 ssl_handshake_timeout=timeout,
-            ),
-            timeout,
-        )
-    except BaseException:
-        sock.close()
-        raise
+            )
+    except BaseException as err:
+        # One owner of the descriptor. The loop closed (aborted) its transport when the wait
+        # ended mid-handshake; closing `sock` too closed the descriptor under uvloop's handle,
+        # whose own close later hit whatever connection had reused the number.
+        if not made or not turned:
+            # Never taken by the loop, or its transport's constructor raised (an error in the
+            # same turn as the factory, before create_connection first waited: e.g. the TLS
+            # object refused the context): nobody else closes it.
+            sock.close()
+        elif made[0].transport is not None:
+            made[0].abort()  # established after all: its transport is ours to end
+        raise err
     if proto.closed:
         await proto.ready  # raises the PeerVerificationError
     if not proto.ready.done():

@@ -11,6 +11,8 @@ Invariants:
 - Outbound DATA never exceeds the peer's windows or MAX_FRAME_SIZE: excess waits in the stream's
   `pending` queue and leaves when WINDOW_UPDATE (or a larger INITIAL_WINDOW_SIZE, §6.9.2)
   arrives (a `WindowOpened` event tells the edge).
+- DATA (END_STREAM included) never precedes our HEADERS on a stream (RFC 9113 §8.1): a server
+  sending before `respond` is our misuse of the core, `H2UsageError(INTERNAL_ERROR)`.
 - Queued bytes are bounded: a stream over `PENDING_HIGH_WATER` asks the edge to pause its source
   (`send_data` returns False); all streams together over `CONNECTION_PENDING_HIGH_WATER` set
   `pending_blocked` (every source paused) until they are below half of it.
@@ -24,7 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
-from meshcore.errors import H2ProtocolError
+from meshcore.errors import H2ProtocolError, H2UsageError
 from meshcore.hbone.budget import BUDGET_WINDOW, EMPTY_DATA_BUDGET, RateBudget, spend
 from meshcore.hbone.events import Event, WindowOpened
 from meshcore.hbone.frames import (
@@ -72,6 +74,12 @@ class FlowControl(StreamTable):
         stream = self._streams.get(stream_id)
         if stream is None or stream.state is StreamState.HALF_CLOSED_LOCAL or stream.pending_end:
             return True  # stream gone or already ended: the bytes have nowhere to go
+        if not stream.answered:
+            # RFC 9113 §8.1: a response is HEADERS, then DATA; DATA first is malformed for the
+            # peer. Our misuse of the core (a server before `respond`), never the peer's.
+            raise H2UsageError(
+                f"stream {stream_id}: DATA before our HEADERS", ErrorCode.INTERNAL_ERROR
+            )
         if stream.pending:
             stream.pending.append(data)
             stream.pending_bytes += len(data)
@@ -114,6 +122,7 @@ class FlowControl(StreamTable):
             stream is None
             or stream.state is StreamState.HALF_CLOSED_LOCAL
             or stream.pending_end
+            or not stream.answered  # `send_data` raises
             or stream.pending
             or size > stream.send_window
             or size > self.conn_send_window

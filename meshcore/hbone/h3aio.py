@@ -264,7 +264,7 @@ class H3Protocol:
                     else ConnectionResetError("HTTP/3 connection lost")
                 )
             elif stream.sink is not None:
-                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR)
+                stream.sink.tunnel_reset(ErrorCode.CONNECT_ERROR, True)
         if self.on_close is not None:
             self.on_close(self)
 
@@ -316,10 +316,13 @@ class H3Protocol:
             stream.response.set_exception(
                 StreamRefused(f"CONNECT {stream.authority}")
                 if ev.error_code == ErrorCode.REFUSED_STREAM  # H3_REQUEST_REJECTED
-                else ConnectionResetError(f"stream reset by peer ({ev.error_code})")
+                else ConnectionResetError(
+                    f"stream reset {'by peer' if ev.remote else 'by us for a peer error'} "
+                    f"({ev.error_code})"
+                )
             )
         elif stream.sink is not None:
-            stream.sink.tunnel_reset(ev.error_code)
+            stream.sink.tunnel_reset(ev.error_code, ev.remote)
         self.forget(ev.stream_id)
 
     def _on_request(self, ev: RequestReceived) -> None:

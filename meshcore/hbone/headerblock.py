@@ -20,6 +20,8 @@ Invariants (hostile peers, RFC 9113 §10.5; CVE-2024-27316 CONTINUATION flood):
   or value §8.2.1 forbids, a pseudo-header in trailers, an informational response ending its
   stream or a 101 (§8.1, §8.6), a :status not three digits make a message malformed: a stream
   error (a request's: `RequestRefused`). A client's peer opens no stream (we disable push).
+  A response stream takes at most `MAX_INTERIM_HEADS` informational (1xx) header blocks, then
+  RST_STREAM(ENHANCE_YOUR_CALM).
 - A request is handed up (`RequestReceived`) only when well formed (§8.2-8.3) and a plain
   CONNECT (§8.5: no :scheme/:path/:protocol, :authority host:port); otherwise the protocol
   answers it itself (`RequestRefused`: 400, 431, or RST_STREAM), spending the reset budget.
@@ -32,10 +34,11 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+from typing import Final
 
 import hpack
 
-from meshcore.errors import H2ProtocolError
+from meshcore.errors import H2ProtocolError, H2UsageError
 from meshcore.hbone.budget import RateBudget
 from meshcore.hbone.control import MAX_HEADER_LIST, ConnectionControl
 from meshcore.hbone.events import (
@@ -66,6 +69,11 @@ MAX_CONTINUATIONS = 16  # per header block; nghttp2 allows 8 after CVE-2024-2731
 EMPTY_CONTINUATION_ALLOWANCE = 4  # per connection; then PROTOCOL_ERROR
 # Slowloris bound: a header block once begun must be finished within these many seconds.
 HEADER_BLOCK_TIMEOUT = 10.0
+MAX_INTERIM_HEADS: Final = 16
+"""Most interim (1xx) responses before the final one, per request (RFC 9110 §15.2 sets no
+limit; each is a header block to decode and a wait that makes no progress). The HBONE client
+resets a stream past it (RST_STREAM(ENHANCE_YOUR_CALM), RFC 9113 §5.4.2); the waypoint's
+HTTP/1.1 codec refuses the response (502)."""
 
 
 # RFC 9113 §8.2.2: connection-specific header fields make a message malformed.
@@ -131,11 +139,9 @@ class HeaderBlocks(ConnectionControl):
     def open_connect(self, authority: str, headers: Sequence[tuple[str, str]] = ()) -> int:
         """Client: open a CONNECT stream (RFC 9113 §8.5: no :scheme, no :path). Returns its id."""
         if self.role is not Role.CLIENT:
-            raise H2ProtocolError("only a client opens streams")
+            raise H2UsageError("only a client opens streams", ErrorCode.INTERNAL_ERROR)
         if not self.can_open_stream(limit=self.peer_max_streams):
-            raise H2ProtocolError(
-                "no stream available on this connection", ErrorCode.REFUSED_STREAM
-            )
+            raise H2UsageError("no stream available on this connection", ErrorCode.REFUSED_STREAM)
         stream_id = self._next_stream_id
         self._next_stream_id += 2
         block = [(":method", "CONNECT"), (":authority", authority), *headers]
@@ -145,6 +151,7 @@ class HeaderBlocks(ConnectionControl):
             state=StreamState.OPEN,
             send_window=self.peer_initial_window,
             recv_window=STREAM_WINDOW,
+            answered=True,  # the CONNECT's HEADERS: DATA may follow (§8.5)
         )
         return stream_id
 
@@ -341,7 +348,12 @@ class HeaderBlocks(ConnectionControl):
                 self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
                 return
             if status < 200:
-                return  # §8.1: informational responses precede the final one
+                # §8.1: informational responses precede the final one; a peer sending them
+                # without end is refused with the code for excessive load (§5.4.2, §7).
+                stream.interim += 1
+                if stream.interim > MAX_INTERIM_HEADS:
+                    self._stream_error(stream, ErrorCode.ENHANCE_YOUR_CALM, events)
+                return
             stream.got_headers = True
             events.append(ResponseReceived(stream.stream_id, status, headers))
         elif not end_stream or _malformed(headers, request=None):

@@ -17,6 +17,15 @@ Invariants (in the spirit of ztunnel's pool.rs):
   or GOAWAY'd connection is never handed out again.
 - The key includes the source identity, so one workload's certificate is never used for another's
   traffic.
+- A dial in flight when its source is retired (`retire`: certificate rotation) is never pooled
+  nor used: the connection it returns (made with the old certificate) is closed, counted
+  (`stale_dials`) and logged, and its waiters dial again with the new certificate, not counting
+  it against their `DIAL_ATTEMPTS` (`DialRetired`: one per `retire` call). A dial in
+  flight when every connection is closed (`close_all`: drain, shutdown; certificates unchanged)
+  serves the tunnels that waited for it and is never pooled: GOAWAY once each of them has its
+  answer (their streams finish), counted (`drained_dials`); one none of them took is closed by
+  `sweep`; one retired too (a rotation after `close_all`) is a retired dial. Either dial is no
+  longer shared: a request arriving after it starts its own (pooled).
 - Transport (issue 16): a key with ``transport="h3"`` dials HBONE over HTTP/3
   (`meshcore.hbone.h3aio`) first, bounded by `h3_attempt_timeout`; when that attempt fails for a
   network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
@@ -35,7 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from meshcore.certs import WorkloadCertificate
-from meshcore.errors import StreamRefused
+from meshcore.errors import DialRetired, StreamRefused
 from meshcore.hbone.aio import (
     HboneProtocol,
     HboneSettings,
@@ -98,8 +107,14 @@ class HbonePool:
         self.connect_timeout = limits.connect_timeout
         self._conns: dict[PoolKey, list[PooledConnection]] = {}
         self._connecting: dict[PoolKey, asyncio.Task[PooledConnection]] = {}
+        self._retired: set[asyncio.Task[PooledConnection]] = set()  # in flight, never used
+        self._draining: dict[asyncio.Task[PooledConnection], PoolKey] = {}  # never pooled
+        self._unpooled: dict[PooledConnection, int] = {}
+        """A draining dial's connection -> tunnels opening a stream on it (GOAWAY at 0)."""
         self.connections_opened = 0
         self.streams_retried = 0  # CONNECTs the peer did not process, sent again
+        self.stale_dials = 0  # dials that finished after their generation was retired: closed
+        self.drained_dials = 0  # dials that finished after close_all: served, never pooled
 
     async def open_stream(
         self,
@@ -123,6 +138,9 @@ class HbonePool:
                     raise
                 self.streams_retried += 1
                 log.debug("CONNECT %s to %s not processed; retrying", authority, key.address)
+            finally:
+                if proto in self._unpooled:
+                    self._release(proto)
         raise AssertionError("unreachable")
 
     async def _connection(self, key: PoolKey) -> PooledConnection:
@@ -142,6 +160,8 @@ class HbonePool:
                 task.add_done_callback(functools.partial(self._dialed, key))
             try:
                 proto = await asyncio.shield(task)
+            except DialRetired:
+                continue  # our rotation, not a failed dial: not counted (one per `retire`)
             except (OSError, TimeoutError):
                 # One failed dial (e.g. EADDRINUSE after a burst) must not fail every tunnel
                 # that happened to wait on it: each waiter tries again, up to DIAL_ATTEMPTS.
@@ -150,6 +170,8 @@ class HbonePool:
                     raise
                 continue
             if proto.conn.can_open_stream(self.max_streams):
+                if proto in self._unpooled:
+                    self._unpooled[proto] += 1  # released by `open_stream` (GOAWAY at 0)
                 return proto
             if proto.conn.open_streams == 0:
                 # Not filled by others: a peer that takes no stream on a new connection
@@ -169,6 +191,22 @@ class HbonePool:
             proto = await self._dial_h3(key)
         if proto is None:
             proto = await self._dial_h2(key)
+        task = asyncio.current_task()
+        if task in self._draining and task not in self._retired:
+            # Finished after `close_all`: the certificate is still good, the tunnels that
+            # waited for it use it (`open_stream` sends GOAWAY after the last one's answer).
+            self._unpooled[proto] = 0
+            self.connections_opened += 1
+            self.drained_dials += 1
+            log.info("HBONE dial to %s:%d finished after close_all: not pooled", *key.address)
+            return proto
+        if task in self._retired:
+            # Dialled with the certificate (context) of before `retire`: never pooled nor used.
+            # A transient error for the waiters, who dial again with the new one.
+            proto.close()
+            self.stale_dials += 1
+            log.info("HBONE dial to %s:%d finished after its pool retired it: closed", *key.address)
+            raise DialRetired(f"HBONE dial to {key.address} retired while in flight")
         self.connections_opened += 1
         self._conns.setdefault(key, []).append(proto)
         return proto
@@ -217,8 +255,31 @@ class HbonePool:
         )
 
     def _dialed(self, key: PoolKey, task: asyncio.Task[PooledConnection]) -> None:
+        self._retired.discard(task)
+        self._draining.pop(task, None)
         if self._connecting.get(key) is task:  # not a dial started after it finished
             del self._connecting[key]
+
+    def _retire_dials(self, source: SpiffeId | None) -> None:
+        """Dials in flight (of `source`: retired, never used; or all: draining, never pooled):
+        not shared any more (`_connection` starts a new one)."""
+        for key, task in list(self._connecting.items()):
+            if (source is None or key.source == source) and not task.done():
+                if source is None:
+                    self._draining[task] = key
+                else:
+                    self._retired.add(task)
+                del self._connecting[key]
+        if source is not None:  # draining, then retired: the old certificate is not used
+            self._retired.update(t for t, k in self._draining.items() if k.source == source)
+
+    def _release(self, proto: PooledConnection) -> None:
+        """A tunnel is done opening its stream on a draining dial's connection: after the
+        last, GOAWAY (graceful: open streams finish, then it closes)."""
+        self._unpooled[proto] -= 1
+        if self._unpooled[proto] <= 0:
+            del self._unpooled[proto]
+            proto.close()
 
     def _remove(self, key: PoolKey, proto: PooledConnection) -> None:
         conns = self._conns.get(key)
@@ -230,6 +291,11 @@ class HbonePool:
     def sweep(self, now: float) -> int:
         """Close connections idle for longer than `idle_timeout`; returns how many."""
         closed = 0
+        for proto, users in list(self._unpooled.items()):
+            if users == 0:  # a draining dial's connection no tunnel took
+                del self._unpooled[proto]
+                proto.close()
+                closed += 1
         for conns in list(self._conns.values()):
             for proto in list(conns):
                 if not proto.streams and now - proto.idle_since >= self.idle_timeout:
@@ -239,7 +305,10 @@ class HbonePool:
 
     def retire(self, source: SpiffeId) -> None:
         """Stop handing out connections that present `source`'s old certificate (after a
-        rotation): GOAWAY lets their streams finish while new streams get new connections."""
+        rotation): GOAWAY lets their streams finish while new streams get new connections.
+        A dial in flight with the old certificate is closed when it finishes; its waiters
+        dial again (`_dial`)."""
+        self._retire_dials(source)
         for key, conns in list(self._conns.items()):
             if key.source == source:
                 for proto in list(conns):
@@ -247,6 +316,10 @@ class HbonePool:
                     self._remove(key, proto)
 
     def close_all(self) -> None:
+        """GOAWAY on every pooled connection. A dial in flight serves the tunnels waiting for it
+        and is never pooled (GOAWAY after their answers, `_dial`); the pool stays usable: a
+        later tunnel (one accepted before a drain) dials anew, and that dial is pooled."""
+        self._retire_dials(None)
         for conns in list(self._conns.values()):
             for proto in list(conns):
                 proto.close()

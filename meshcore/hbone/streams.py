@@ -75,7 +75,8 @@ class Stream:
     pending_bytes: int = 0
     pending_end: bool = False
     got_headers: bool = False
-    answered: bool = False  # server: our response headers went out
+    answered: bool = False  # our HEADERS went out (client: the CONNECT; server: the response)
+    interim: int = 0  # client: informational (1xx) responses received (`MAX_INTERIM_HEADS`)
 
 
 class StreamTable:

@@ -22,6 +22,7 @@ from meshcore.ca import MeshCA, generate_csr
 from meshcore.certhelper import CAMaterial, CertHelper, HelperCAProvider, load_local_ca
 from meshcore.certs import WorkloadCertificate, utcnow
 from meshcore.errors import CertificateError
+from meshcore.identity import SpiffeId
 from meshcore.tls import ContextCache
 from tests.helpers import run
 from tests.unit.certfixtures import sid, write_plugin_ca
@@ -201,3 +202,36 @@ def test_a_non_ascii_pem_is_a_certificate_error() -> None:
         certhelper.cert_from_json({**answer, "key": "-----BEGIN é"}, ALICE)
     with pytest.raises(CertificateError, match="not ASCII"):
         run(CertHelper(in_process=True).check(ALICE, "é".encode(), [b"x"], b"y"))
+
+
+def test_a_batch_builds_each_ca_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A helper run's `issue` requests by one CA (a node's identities at start) parse and check
+    that CA once (before: `MeshCA.from_pem` per request); a second CA in the same batch is built
+    once too, and each certificate is signed by its own CA."""
+    first, second = MeshCA.create_root(), MeshCA.create_root()
+    built: list[str] = []
+    real = MeshCA.from_pem.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[MeshCA], /, **kwargs: object) -> MeshCA:
+        built.append(str(kwargs["trust_domain"]))
+        ca: MeshCA = real(cls, **kwargs)
+        return ca
+
+    monkeypatch.setattr(MeshCA, "from_pem", classmethod(counting))
+    now = utcnow().isoformat()
+
+    def issue(ca: MeshCA, who: str) -> dict[str, object]:
+        return {
+            "op": "issue",
+            "ca": material(ca).to_json(),
+            "identity": sid("default", who).uri,
+            "ttl": 3600,
+            "now": now,
+        }
+
+    requests = [issue(first, "a"), issue(first, "b"), issue(second, "c"), issue(first, "d")]
+    got = certhelper.answers(requests)
+    assert len(built) == 2
+    for reply, ca in zip(got, [first, first, second, first], strict=True):
+        cert = certhelper.cert_from_json(reply, SpiffeId.parse(str(reply["identity"])))
+        WorkloadCertificate.from_chain(cert.identity, cert.key_pem, cert.chain_pem, ca.roots_pem)

@@ -13,8 +13,8 @@ from google.protobuf import any_pb2
 
 from controlplane.app import ControlPlane
 from meshcore.ca import generate_csr
-from meshcore.caclient import ControlPlaneCAProvider, build_request
-from meshcore.certs import split_pem_chain
+from meshcore.caclient import PENDING_KEY_TTL, ControlPlaneCAProvider, build_request
+from meshcore.certs import WorkloadCertificate, split_pem_chain
 from meshcore.errors import CertificateError
 from meshcore.identity import SpiffeId
 from meshcore.proto import ca_pb2, workload_pb2
@@ -270,6 +270,51 @@ async def _root_rollover_bundle_has_both_roots(tmp_path: Path) -> None:
             await provider.close()
 
 
+async def _retries_while_the_ca_is_down_send_one_csr(tmp_path: Path) -> None:
+    """The CA down: the retries of a fetch send the CSR of the first attempt, the key pending
+    in memory (before: a fresh key, a helper process of ~0.2 s CPU, per retry), fresh after
+    PENDING_KEY_TTL; once the CA is back, the certificate comes for the pending key, and the
+    next certificate gets a new key."""
+    write_manifests(tmp_path / "manifests", "mesh.yaml", base_manifests())
+    sleep = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
+    now = [0.0]
+    provider = ControlPlaneCAProvider(endpoint("node-a"), timeout=2, clock=lambda: now[0])
+    made: list[bytes] = []
+    real_csr = provider.helper.csr
+
+    async def csr(identity: SpiffeId) -> tuple[bytes, bytes]:
+        key_pem, csr_pem = await real_csr(identity)
+        made.append(key_pem)
+        return key_pem, csr_pem
+
+    provider.helper.csr = csr  # type: ignore[method-assign]  # counts the keys made
+    try:
+        for _ in range(3):  # nothing listens on the control plane's address yet
+            with pytest.raises(CertificateError, match="UNAVAILABLE"):
+                await provider.fetch(sleep)
+        assert len(made) == 1
+        now[0] += PENDING_KEY_TTL
+        with pytest.raises(CertificateError, match="UNAVAILABLE"):
+            await provider.fetch(sleep)
+        assert len(made) == 2
+        async with running_controlplane(cp_settings(tmp_path)):
+            got: list[WorkloadCertificate] = []
+
+            async def fetched() -> bool:
+                with contextlib.suppress(CertificateError):  # the channel's reconnect backoff
+                    got.append(await provider.fetch(sleep))
+                return bool(got)
+
+            await eventually(fetched, 20, "a certificate once the CA is back")
+            assert len(made) == 2
+            assert got[0].key_pem == made[1]
+            again = await provider.fetch(sleep)
+            assert len(made) == 3
+            assert again.key_pem == made[2] != got[0].key_pem
+    finally:
+        await provider.close()
+
+
 async def _debug_endpoints(tmp_path: Path) -> None:
     write_manifests(
         tmp_path / "manifests",
@@ -333,6 +378,10 @@ def test_tls_serving_and_trust_bundle(tmp_path: Path) -> None:
 
 def test_root_rollover_bundle_has_both_roots(tmp_path: Path) -> None:
     run(_root_rollover_bundle_has_both_roots(tmp_path), 60)
+
+
+def test_retries_while_the_ca_is_down_send_one_csr(tmp_path: Path) -> None:
+    run(_retries_while_the_ca_is_down_send_one_csr(tmp_path), 60)
 
 
 def test_debug_endpoints(tmp_path: Path) -> None:

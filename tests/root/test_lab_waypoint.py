@@ -60,7 +60,7 @@ address, roots, token, pod_ip, expected = sys.argv[1:6]
 class Sink:
     def tunnel_data(self, data): pass
     def tunnel_eof(self): pass
-    def tunnel_reset(self, code): pass
+    def tunnel_reset(self, code, remote): pass
     def tunnel_pause_source(self): pass
     def tunnel_resume_source(self): pass
 

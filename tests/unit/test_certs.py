@@ -159,6 +159,7 @@ class CountingProvider:
         self.clock = clock
         self.ttl = ttl
         self.calls: list[SpiffeId] = []
+        self.forgotten: list[SpiffeId] = []
         self.fail = False
         self.gate: asyncio.Event | None = None
         self.wrong_identity = False
@@ -171,6 +172,9 @@ class CountingProvider:
             raise CertificateError("CA unavailable")
         ask = BOB if self.wrong_identity else identity
         return self.ca.issue(ask, ttl=self.ttl, now=self.clock())
+
+    def forget(self, identity: SpiffeId) -> None:
+        self.forgotten.append(identity)
 
 
 def make_manager(
@@ -379,6 +383,7 @@ def test_add_remove_and_snapshot(ca: MeshCA) -> None:
         manager.remove(BOB)
         assert manager.identities() == [ALICE]
         assert manager.current(BOB) is None
+        assert provider.forgotten == [BOB]  # its pending key (ControlPlaneCAProvider) goes
         assert [s["identity"] for s in manager.snapshot()] == [ALICE.uri]
 
         # removed while fetching: the waiter gets its certificate, but it is not installed

@@ -299,3 +299,38 @@ def test_keepalive_ping_and_dead_peer_detection() -> None:
     events = client2.receive_data(server2.data_to_send(), now=10.1)
     assert any(type(e).__name__ == "PingAcked" for e in events)
     assert client2.handle_timer(35.0)  # answered: alive, and a new PING may go out
+
+
+@pytest.mark.parametrize("call", ["send_data", "end_stream", "send_data_in_place"])
+def test_a_server_sends_no_data_before_its_response(call: str) -> None:
+    """RFC 9113 §8.1: a response's HEADERS come first. A server calling send_data/end_stream
+    before respond is misuse of the core: H2UsageError(INTERNAL_ERROR) (not the peer's
+    H2ProtocolError), nothing queued (before: a DATA frame went out ahead of the HEADERS, a
+    malformed response for the peer). After respond, the same calls work."""
+    from meshcore.errors import H2UsageError
+    from meshcore.hbone.frames import FRAME_HEADER
+
+    client, server = pair()
+    sid = client.open_connect("10.0.0.1:80")
+    pump(client, server)
+    server.data_to_send()
+    frame = memoryview(bytearray(FRAME_HEADER) + b"early")
+
+    def early() -> None:
+        if call == "send_data":
+            server.send_data(sid, b"early")
+        elif call == "end_stream":
+            server.end_stream(sid)
+        elif not server.send_data_in_place(sid, frame):
+            server.send_data(sid, bytes(frame[FRAME_HEADER:]))  # its documented fallback
+
+    with pytest.raises(H2UsageError) as err:
+        early()
+    assert err.value.code == ErrorCode.INTERNAL_ERROR
+    with pytest.raises(H2UsageError):
+        server.open_connect("10.0.0.2:80")  # a server opens no stream: ours too
+    assert server.data_to_send() == b""
+    server.respond(sid, 200)
+    server.send_data(sid, b"late", end_stream=True)
+    ev_c, _ = pump(client, server)
+    assert [type(e) for e in ev_c] == [ResponseReceived, DataReceived, StreamEnded]

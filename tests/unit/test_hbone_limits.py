@@ -246,3 +246,106 @@ def test_a_client_out_of_stream_ids_opens_no_more_streams() -> None:
     assert not conn.can_open_stream()
     with pytest.raises(H2ProtocolError):
         conn.open_connect("10.0.0.1:80")
+
+
+def client() -> HboneConnection:
+    conn = HboneConnection(Role.CLIENT)
+    conn.initiate(0.0)
+    conn.receive_data(encode_settings({}) + encode_settings_ack(), 0.0)
+    conn.data_to_send()
+    return conn
+
+
+def status(code: str, sid: int) -> bytes:
+    return frame(FrameType.HEADERS, Flag.END_HEADERS, sid, encode([(":status", code)]))
+
+
+def rst_codes(out: bytes) -> list[tuple[int, int]]:
+    """(stream id, error code) of the RST_STREAM frames in `out`."""
+    found = []
+    while out:
+        length = int.from_bytes(out[:3], "big")
+        ftype, sid = out[3], int.from_bytes(out[5:9], "big") & 0x7FFFFFFF
+        if ftype == FrameType.RST_STREAM:
+            found.append((sid, int.from_bytes(out[9:13], "big")))
+        out = out[9 + length :]
+    return found
+
+
+def test_interim_responses_are_capped_per_stream() -> None:
+    """A hostile server answering a CONNECT with 1xx header blocks forever (each one decoded,
+    RFC 9113 §8.1 puts no limit on their number): past MAX_INTERIM_HEADS the stream is reset
+    with ENHANCE_YOUR_CALM (§5.4.2, excessive load) and the opener told (StreamReset, not
+    remote: the edge fails the CONNECT, which the proxy logs and counts); the connection and
+    its other streams go on. As many as the cap, then the final response, are fine."""
+    from meshcore.hbone.events import ResponseReceived, StreamReset
+    from meshcore.hbone.headerblock import MAX_INTERIM_HEADS
+
+    conn = client()
+    ok, hostile = conn.open_connect("10.0.0.1:80"), conn.open_connect("10.0.0.2:80")
+    conn.data_to_send()
+    events = conn.receive_data(status("100", ok) * MAX_INTERIM_HEADS + status("200", ok), 1.0)
+    (final,) = events
+    assert isinstance(final, ResponseReceived)
+    assert (final.stream_id, final.status) == (ok, 200)
+    events = conn.receive_data(status("103", hostile) * MAX_INTERIM_HEADS, 1.0)
+    assert events == []
+    assert conn.data_to_send() == b""
+    events = conn.receive_data(status("103", hostile), 1.0)
+    assert events == [StreamReset(hostile, ErrorCode.ENHANCE_YOUR_CALM, False)]
+    assert rst_codes(conn.data_to_send()) == [(hostile, ErrorCode.ENHANCE_YOUR_CALM)]
+    assert not conn.is_open(hostile)
+    assert conn.is_open(ok)
+    # Its late 1xx blocks are ignored (§5.1), the connection lives.
+    assert conn.receive_data(status("103", hostile) * 4 + status("200", hostile), 1.0) == []
+    assert goaway(conn.receive_data(b"", 1.0)) is None
+
+
+def test_the_opener_is_told_who_reset_its_connect() -> None:
+    """The CONNECT's error and the tunnel's end say who reset the stream: the peer, or us for
+    its error, the interim cap by name (before: 'reset by peer' for our own resets too, the
+    interim cap a generic 'stream reset for a peer error (11)')."""
+    import asyncio
+
+    from meshcore.hbone.aio import HboneProtocol, HboneSettings, HboneStream
+    from meshcore.hbone.events import StreamReset
+    from meshcore.hbone.headerblock import MAX_INTERIM_HEADS
+    from meshcore.hbone.streams import Role
+    from tests.helpers import Sink
+
+    class Told(Sink):
+        def tunnel_reset(self, code: int, remote: bool) -> None:
+            told.append((code, remote))
+
+    told: list[tuple[int, bool]] = []
+
+    async def main() -> list[str]:
+        proto = HboneProtocol(Role.CLIENT, HboneSettings(trust_domain="cluster.local"))
+        proto.conn.initiate(0.0)
+        reasons = []
+        for code, remote in [
+            (ErrorCode.ENHANCE_YOUR_CALM, False),
+            (ErrorCode.PROTOCOL_ERROR, False),
+            (ErrorCode.CANCEL, True),
+        ]:
+            sid = proto.conn.open_connect("10.0.0.1:80", [])
+            stream = HboneStream(proto, sid)
+            stream.response = asyncio.get_running_loop().create_future()
+            stream.sink = Told()
+            proto.streams[sid] = stream
+            proto._dispatch([StreamReset(sid, code, remote)])
+            with pytest.raises(ConnectionResetError) as err:
+                await stream.response
+            reasons.append(str(err.value))
+        return reasons
+
+    assert asyncio.run(main()) == [
+        f"stream reset by us: more than {MAX_INTERIM_HEADS} interim (1xx) responses",
+        f"stream reset by us for a peer error ({ErrorCode.PROTOCOL_ERROR})",
+        f"stream reset by peer ({ErrorCode.CANCEL})",
+    ]
+    assert told == [
+        (ErrorCode.ENHANCE_YOUR_CALM, False),
+        (ErrorCode.PROTOCOL_ERROR, False),
+        (ErrorCode.CANCEL, True),
+    ]

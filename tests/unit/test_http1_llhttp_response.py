@@ -186,6 +186,10 @@ ATTACKS: list[tuple[str, str, bytes, int]] = [
     ("TE gzip, chunked", "GET", OK + b"transfer-encoding: gzip, chunked", 502),
     ("status 2000", "GET", b"HTTP/1.1 2000 OK\r\ncontent-length: 0", 502),
     ("status 099", "GET", b"HTTP/1.1 099 X\r\ncontent-length: 0", 502),
+    # RFC 9112 §4: status-code = 3DIGIT; int() reads "0000200" as 200.
+    ("status 0000200", "GET", b"HTTP/1.1 0000200 OK\r\ncontent-length: 0", 502),
+    ("status 0200", "GET", b"HTTP/1.1 0200\r\ncontent-length: 0", 502),
+    ("status 20", "GET", b"HTTP/1.1 20 OK\r\ncontent-length: 0", 502),
     ("HTTP/2 status line", "GET", b"HTTP/2 200 OK\r\ncontent-length: 0", 502),
     ("non-ASCII version", "GET", b"HTTP/1.\xff1 200 OK\r\ncontent-length: 0", 502),
     ("version with a suffix", "GET", b"HTTP/1.1x 200 OK\r\ncontent-length: 0", 502),

@@ -27,6 +27,8 @@ CORE_TESTS = (
     "tests/unit/test_hbone_bulk.py",
     "tests/unit/test_hbone_fuzz.py",
     "tests/unit/test_hbone_data_path.py",
+    "tests/unit/test_hbone_pool.py",
+    "tests/unit/test_hbone_connect.py",
     "tests/unit/test_waypoint_http1.py",
     "tests/unit/test_waypoint_routing.py",
     "tests/unit/test_waypoint_authz.py",

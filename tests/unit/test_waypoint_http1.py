@@ -153,6 +153,33 @@ def test_informational_response_then_final() -> None:
     assert final.status == 200
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"HTTP/1.1 0000200 OK",
+        b"HTTP/1.1 0200 OK",
+        b"HTTP/1.1 0200",
+        b"HTTP/1.1 20 OK",
+        b"HTTP/1.1 2",
+    ],
+)
+def test_status_code_is_exactly_three_digits(line: bytes) -> None:
+    """RFC 9112 §4: status-code = 3DIGIT. Leading zeros (which int() reads as 200) or fewer
+    digits are a malformed upstream response, 502, on llhttp's path and the checked one (byte
+    by byte, every head goes to the checked parser)."""
+    wire = line + b"\r\ncontent-length: 0\r\n\r\n"
+    for pieces in ([wire], [wire[i : i + 1] for i in range(len(wire))]):
+        p = Http1Parser(Role.RESPONSE)
+        p.expect_response_to("GET")
+        for piece in pieces[:-1]:
+            p.feed(piece)
+            assert p.next_event() is None
+        p.feed(pieces[-1])
+        with pytest.raises(HttpParseError, match="malformed status line") as err:
+            p.next_event()
+        assert err.value.status == 502
+
+
 def test_keep_alive_rules() -> None:
     h10 = events(Role.REQUEST, b"GET / HTTP/1.0\r\n\r\n")[0]
     assert isinstance(h10, RequestHead)

@@ -57,6 +57,9 @@ def test_101_to_a_plain_request_and_a_bad_head_are_protocol_errors() -> None:
         poll_head(conn_with(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n"))
     with pytest.raises(UpstreamProtocolError):
         poll_head(conn_with(b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"))
+    # RFC 9112 §4: exactly three digits (502 UPE to the client, like any bad head).
+    with pytest.raises(UpstreamProtocolError, match="malformed status line"):
+        poll_head(conn_with(b"HTTP/1.1 0000200 OK\r\ncontent-length: 0\r\n\r\n"))
 
 
 def test_interim_heads_are_capped_per_response() -> None:

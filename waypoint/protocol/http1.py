@@ -20,9 +20,10 @@ Invariants:
   final response.
 - A request line has an upper-case token method (RFC 9110 §9.1; Istio refuses other verbs
   with 400) and a visible-ASCII target (RFC 9112 §3.2); an HTTP/1.1 request has exactly one
-  Host field line (RFC 9112 §3.2). Numbers (Content-Length, chunk sizes) are ASCII digits
-  only, with no surrounding whitespace in chunk sizes (RFC 9112 §7.1); list tokens are split
-  on SP/HTAB only, never on other Unicode whitespace.
+  Host field line (RFC 9112 §3.2); a status code is exactly three digits (RFC 9112 §4).
+  Numbers (Content-Length, chunk sizes) are ASCII digits only, with no surrounding whitespace
+  in chunk sizes (RFC 9112 §7.1); list tokens are split on SP/HTAB only, never on other
+  Unicode whitespace.
 - llhttp reads a head only as an accelerator, and fails closed whatever its own character
   tables say: its result is kept only when the head has no control character our field rules
   refuse, every field name is a token, llhttp read exactly as many field lines as the head
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from meshcore.errors import MeshError
+from meshcore.hbone.headerblock import MAX_INTERIM_HEADS as MAX_INTERIM_HEADS  # one bound, 502 here
 
 _httptools: Any
 try:
@@ -63,9 +65,6 @@ MAX_HEAD = 60 * 1024
 MAX_HEADERS = 100
 """Most field lines in a head or a trailer section (Envoy's default max_headers_count)."""
 MAX_CHUNK_LINE = 4096
-MAX_INTERIM_HEADS = 16
-"""Most interim (1xx) heads before one final response (RFC 9110 §15.2 sets no limit; each one
-is a head to parse and a wait that makes no progress: past it, the response is refused, 502)."""
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -78,6 +77,8 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ), the same octets.
 _BAD_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# RFC 9112 §4: status-code = 3DIGIT, exactly three.
+_STATUS_CODE = re.compile(rb"[0-9]{3}")
 # The same rule over a whole field section (CR LF separate its lines; bare ones are refused
 # before), and one field line as latin-1 text: token ":" OWS value OWS (RFC 9112 §5).
 _BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -589,10 +590,11 @@ class Http1Parser:
         parts = line.split(b" ", 2)
         # HTTP-version = "HTTP/" DIGIT "." DIGIT (RFC 9112 §2.3): anything else after
         # "HTTP/1." (a non-ASCII byte raised UnicodeDecodeError here) is a malformed line.
+        # status-code = 3DIGIT (RFC 9112 §4): "0000200" or "20" is not a status code.
         if (
             len(parts) < 2
             or _RESPONSE_VERSION.fullmatch(parts[0]) is None
-            or not parts[1].isdigit()
+            or _STATUS_CODE.fullmatch(parts[1]) is None
         ):
             raise self._fail(f"malformed status line {line[:60]!r}")
         reason = parts[2].decode("latin-1") if len(parts) > 2 else ""

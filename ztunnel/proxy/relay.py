@@ -146,9 +146,9 @@ class TcpSide(asyncio.BufferedProtocol):
             transport.write_eof()
         self._maybe_done()
 
-    def tunnel_reset(self, code: int) -> None:
+    def tunnel_reset(self, code: int, remote: bool) -> None:
         if self.transport is not None and not self._finished:
-            self._finish(f"reset by peer (code {code})")
+            self._finish(f"reset {'by peer' if remote else 'by us for a peer error'} (code {code})")
             _abort_with_rst(self.transport)
 
     def tunnel_pause_source(self) -> None:
@@ -209,7 +209,7 @@ class PlainStream:
         self.target.tunnel_eof()
 
     def reset(self, code: int = ErrorCode.CONNECT_ERROR) -> None:
-        self.target.tunnel_reset(code)
+        self.target.tunnel_reset(code, True)  # by its peer: this side
 
     def acknowledge(self, length: int) -> None:
         if self.source is not None:
