@@ -15,7 +15,9 @@ Invariants:
 - Response layout (ours, Istio-compatible): leaf first, intermediates, and as last element the
   trust bundle (one or more roots; more than one during a root rollover).
 - gRPC failures become `CertificateError` carrying the gRPC status name and the server's
-  message (e.g. PERMISSION_DENIED for an impersonation the control plane refused).
+  message (e.g. PERMISSION_DENIED for an impersonation the control plane refused), counted by
+  status name (`statuses`). The call is our own gRPC client's (`meshcore.grpcclient`), so a
+  node-proxy worker never imports grpcio.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from meshcore.certhelper import CertHelper
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import CertificateError
+from meshcore.grpcclient import GrpcConnection
+from meshcore.grpcwire import GrpcError, code_name
 from meshcore.identity import SpiffeId
 from meshcore.proto import ca_pb2
 from meshcore.xds import ControlPlaneEndpoint
@@ -61,7 +65,9 @@ def response_parts(identity: SpiffeId, chain: list[str]) -> tuple[list[bytes], b
 
 
 class ControlPlaneCAProvider:
-    """Fetches workload certificates from the control plane (one channel, reused)."""
+    """Fetches workload certificates from the control plane (one connection, reused while it
+    lasts; dialled again by the next fetch once lost: the certificate manager's backoff paces
+    the retries)."""
 
     def __init__(
         self,
@@ -75,28 +81,39 @@ class ControlPlaneCAProvider:
         self.ttl = ttl
         self.timeout = timeout
         self.helper = helper if helper is not None else CertHelper(in_process=True)
-        self._channel: grpc.aio.Channel | None = None
+        self._conn: GrpcConnection | None = None
+        self._dialling: asyncio.Lock | None = None
+        self.statuses: dict[str, int] = {}
+        """Calls that ended with a gRPC status other than OK, by status name."""
 
-    def _call(self) -> grpc.aio.UnaryUnaryMultiCallable:
-        if self._channel is None:
-            self._channel = self.endpoint.channel()
-        return self._channel.unary_unary(
-            CREATE_CERTIFICATE,
-            request_serializer=ca_pb2.IstioCertificateRequest.SerializeToString,
-            response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
-        )
+    async def _connection(self) -> GrpcConnection:
+        if self._dialling is None:
+            self._dialling = asyncio.Lock()
+        async with self._dialling:  # concurrent fetches share one dial
+            if self._conn is None or not self._conn.usable:
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = await self.endpoint.connect(self.timeout)
+            return self._conn
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         key_pem, csr_pem = await self.helper.csr(identity)
         request = build_request(identity, csr_pem, self.ttl)
         try:
-            resp = await self._call()(
-                request, metadata=self.endpoint.metadata(), timeout=self.timeout
+            conn = await self._connection()
+            raw = await conn.unary(
+                CREATE_CERTIFICATE,
+                request.SerializeToString(),
+                metadata=self.endpoint.metadata(),
+                timeout=self.timeout,
             )
-        except grpc.aio.AioRpcError as exc:
-            raise CertificateError(
-                f"CA refused {identity}: {exc.code().name}: {exc.details()}"
-            ) from None
+            resp = ca_pb2.IstioCertificateResponse.FromString(raw)
+        except GrpcError as exc:
+            name = code_name(exc.code)
+            self.statuses[name] = self.statuses.get(name, 0) + 1
+            raise CertificateError(f"CA refused {identity}: {exc}") from None
+        except DecodeError as exc:
+            raise CertificateError(f"CA answer for {identity} is not a response: {exc}") from None
         except asyncio.CancelledError:
             raise
         body, roots_pem = response_parts(identity, list(resp.cert_chain))
@@ -104,6 +121,6 @@ class ControlPlaneCAProvider:
         return await self.helper.check(identity, key_pem, body, roots_pem)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
