@@ -26,6 +26,10 @@ Invariants:
   knows it does not exist). Authorization stays wildcard (every policy, always).
 - Extra type URLs (`extra_types`, e.g. the waypoint's ``ambient.l7.Resource``) are subscribed to
   on the same stream and applied by their handler, with the same ACK/NACK and version rules.
+- The stream is a call of our own gRPC client (`meshcore.grpcclient`, one connection per
+  stream; no grpcio in a proxy): a response message over `ControlPlaneEndpoint.max_message`
+  ends the stream RESOURCE_EXHAUSTED, and a stream ended with a gRPC status other than OK is
+  counted by status (`ClientStats.statuses`) and logged with it.
 """
 
 from __future__ import annotations
