@@ -136,6 +136,8 @@ class GrpcConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._flush_pending = False
+        self._error = ""
+        """Why we ended the connection (our GOAWAY for the server's HTTP/2 violation)."""
 
     # ---- lifecycle
 
@@ -153,7 +155,8 @@ class GrpcConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        reason = f"connection to the control plane lost: {exc or 'closed'}"
+        why = self._error or exc or "closed"
+        reason = f"connection to the control plane lost: {why}"
         calls, self.calls = self.calls, {}
         for call in calls.values():
             call._finish(call.reader.lost(reason))
@@ -210,6 +213,8 @@ class GrpcConnection(asyncio.Protocol):
             if kind is ConnectionTerminated:
                 ev = cast(ConnectionTerminated, ev)
                 if not ev.remote:  # our GOAWAY for a protocol error: every call is over
+                    debug = ev.debug.decode("utf-8", "replace")
+                    self._error = f"HTTP/2 error {ev.error_code} from the server: {debug}"
                     self.flush()
                     self.abort()
                     return

@@ -10,12 +10,14 @@ second (TLS, a serving certificate for ``cp.test`` from a fresh mesh CA).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import grpc
 import pytest
+import uvloop
 
 from controlplane.ca import serving_certificate
 from meshcore.ca import MeshCA
@@ -167,15 +169,23 @@ def test_large_response_and_oversized_message() -> None:
 
 
 def test_tls_verified_against_roots_and_server_name() -> None:
+    """Also on uvloop (the proxies' loop; grpcio's server needs asyncio's, so the client runs
+    in a thread with its own uvloop loop)."""
+
+    async def echo_over_tls(address: str, roots: bytes) -> bytes:
+        conn = await connect(address, tls_roots=roots, server_name="cp.test")
+        try:
+            assert conn.alpn == "h2"
+            return await conn.unary("/t.T/Echo", b"tls", timeout=5)
+        finally:
+            conn.close()
+
     async def main() -> None:
         ca, other = MeshCA.create_root(), MeshCA.create_root()
         async with grpc_server(ca) as address:
-            conn = await connect(address, tls_roots=ca.roots_pem, server_name="cp.test")
-            try:
-                assert conn.alpn == "h2"
-                assert await conn.unary("/t.T/Echo", b"tls", timeout=5) == b"tls"
-            finally:
-                conn.close()
+            assert await echo_over_tls(address, ca.roots_pem) == b"tls"
+            on_uvloop = functools.partial(uvloop.run, echo_over_tls(address, ca.roots_pem))
+            assert await asyncio.to_thread(on_uvloop) == b"tls"
             for roots, name in ((other.roots_pem, "cp.test"), (ca.roots_pem, "other.test")):
                 with pytest.raises(GrpcError) as err:
                     await connect(address, tls_roots=roots, server_name=name, timeout=5)

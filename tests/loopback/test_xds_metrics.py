@@ -116,3 +116,29 @@ def test_refused_stream_is_counted_by_grpc_status(tmp_path: Path) -> None:
             assert scrape(registry)[key] >= 2
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_response_over_max_message_ends_the_stream(tmp_path: Path) -> None:
+    """A response larger than the client's `max_message` (here 64 octets: every response of
+    the base mesh is larger) is refused from its length prefix: the stream ends
+    RESOURCE_EXHAUSTED, nothing of it is applied, the next stream is tried with backoff."""
+    write_manifests(tmp_path / "manifests", "mesh.yaml", base_manifests())
+
+    async def main() -> None:
+        async with running_controlplane(cp_settings(tmp_path)):
+            ep = ControlPlaneEndpoint(address=CP_ADDR, token=TOKENS["node-a"], max_message=64)
+            client = XdsClient(ep, XdsSettings(node="node-a", backoff_cap=0.2))
+            task = asyncio.get_running_loop().create_task(client.run())
+            try:
+                await eventually(
+                    lambda: client.stats.statuses.get("RESOURCE_EXHAUSTED", 0) >= 2, 10, "refused"
+                )
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert "larger than the limit (64 octets)" in client.stats.last_error
+            assert client.stats.responses == 0
+            assert not client.synced.is_set()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
