@@ -47,7 +47,7 @@ from google.protobuf import struct_pb2
 from meshcore.backoff import Backoff, Retry
 from meshcore.bootstrap import DEFAULT_SERVER_NAME
 from meshcore.errors import ConfigError
-from meshcore.grpcclient import GrpcConnection
+from meshcore.grpcclient import GrpcCall, GrpcConnection
 from meshcore.grpcclient import connect as grpc_connect
 from meshcore.grpcwire import DEFAULT_MAX_MESSAGE, GrpcError, code_name
 from meshcore.model import Authorization, Service, Workload
@@ -335,15 +335,16 @@ class XdsClient:
         metadata = self.endpoint.metadata()
         conn = await self.endpoint.connect()
         sender: asyncio.Task[None] | None = None
+        call: GrpcCall | None = None
         try:
             call = conn.start(DELTA_METHOD, metadata=metadata)
             self.stats.connects += 1
 
-            async def send_requests() -> None:
+            async def send_requests(call: GrpcCall) -> None:
                 while (req := await outbox.get()) is not None:
                     call.send(req.SerializeToString())
 
-            sender = asyncio.get_running_loop().create_task(send_requests())
+            sender = asyncio.get_running_loop().create_task(send_requests(call))
             async for raw in call:
                 resp = dpb.DeltaDiscoveryResponse.FromString(raw)
                 self.stats.connected = True
@@ -352,12 +353,13 @@ class XdsClient:
                 seen_types.add(resp.type_url)
                 if seen_types >= set(self.type_urls):
                     self.synced.set()
-            call.cancel()
         finally:
             self._outbox = None
             outbox.put_nowait(None)
             if sender is not None:
                 sender.cancel()
+            if call is not None:
+                call.cancel()  # RST_STREAM(CANCEL) before the GOAWAY: the server ends the RPC
             conn.close()
         return delivered
 
