@@ -22,7 +22,7 @@ import uvloop
 from controlplane.ca import serving_certificate
 from meshcore.ca import MeshCA
 from meshcore.certs import utcnow
-from meshcore.grpcclient import GrpcCall, GrpcConnection, connect
+from meshcore.grpcclient import QUEUE_LIMIT, GrpcCall, GrpcConnection, connect
 from meshcore.grpcwire import GrpcError
 from meshcore.identity import SpiffeId
 from tests.helpers import loopback_block, run
@@ -62,6 +62,11 @@ async def _twice(
         yield req + b"!"
 
 
+async def _flood(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    for i in range(int(request)):
+        yield bytes([i % 256]) * (1024 * 1024)
+
+
 def _handlers() -> grpc.GenericRpcHandler:
     unary = {
         "Echo": _echo,
@@ -72,6 +77,7 @@ def _handlers() -> grpc.GenericRpcHandler:
     }
     methods = {k: grpc.unary_unary_rpc_method_handler(v) for k, v in unary.items()}
     methods["Twice"] = grpc.stream_stream_rpc_method_handler(_twice)
+    methods["Flood"] = grpc.unary_stream_rpc_method_handler(_flood)
     return grpc.method_handlers_generic_handler("t.T", methods)
 
 
@@ -210,5 +216,29 @@ def test_connection_refused_and_lost_are_unavailable() -> None:
                 await drain(call)
             assert err.value.code_name == "UNAVAILABLE"
             assert not conn.usable
+
+    run(main())
+
+
+def test_a_server_that_outruns_the_consumer_is_held_by_flow_control() -> None:
+    """64 messages of 1 MiB while the consumer reads none: credit stops once 4 MiB of them
+    wait (QUEUE_LIMIT), so what the call holds stays below that plus one stream window
+    (4 MiB) and a message; then every message arrives, in order, as the consumer reads."""
+
+    async def main() -> None:
+        async with grpc_server() as address:
+            conn = await plain(address)
+            try:
+                call = conn.start("/t.T/Flood")
+                call.send(b"64", end=True)
+                await asyncio.sleep(1.5)
+                held = sum(len(m) for m in call._messages)
+                assert QUEUE_LIMIT <= held <= QUEUE_LIMIT + 4 * 1024 * 1024 + 1024 * 1024
+                got = []
+                while (message := await call.recv()) is not None:
+                    got.append(message[0])
+                assert got == [i % 256 for i in range(64)]
+            finally:
+                conn.close()
 
     run(main())
