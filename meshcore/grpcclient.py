@@ -62,10 +62,11 @@ QUEUE_LIMIT = 4 * 1024 * 1024
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); ConfigError-free ValueError otherwise."""
+    """``host:port`` or ``[v6]:port`` -> (host, port); GrpcError(UNAVAILABLE) otherwise (the
+    caller's retry loop logs it, as it would a refused connection)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"control-plane address {address!r}: want host:port")
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise GrpcError(UNAVAILABLE, f"control-plane address {address!r}: want host:port")
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 

@@ -206,6 +206,9 @@ def test_connection_refused_and_lost_are_unavailable() -> None:
         with pytest.raises(GrpcError) as err:
             await connect(f"{PLAIN}:1", tls_roots=None, server_name="")
         assert err.value.code_name == "UNAVAILABLE"
+        for bad in ("no-port", f"{PLAIN}:0", f"{PLAIN}:x", ":15012"):
+            with pytest.raises(GrpcError, match="want host:port"):
+                await connect(bad, tls_roots=None, server_name="")
         async with grpc_server() as address:
             conn = await plain(address)
             call = conn.start("/t.T/Twice")
