@@ -32,7 +32,7 @@ from meshcore.certhelper import CertHelper
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import CertificateError
 from meshcore.grpcclient import GrpcConnection
-from meshcore.grpcwire import GrpcError, code_name
+from meshcore.grpcwire import DEADLINE_EXCEEDED, GrpcError, code_name
 from meshcore.identity import SpiffeId
 from meshcore.proto import ca_pb2
 from meshcore.xds import ControlPlaneEndpoint
@@ -86,27 +86,42 @@ class ControlPlaneCAProvider:
         self.statuses: dict[str, int] = {}
         """Calls that ended with a gRPC status other than OK, by status name."""
 
-    async def _connection(self) -> GrpcConnection:
+    async def _connection(self, deadline: float) -> GrpcConnection:
+        """The shared connection; dialled again only once it is dead or going away (never for
+        being full: a call then waits for a stream slot, `GrpcConnection.unary`). The one it
+        replaces is not closed here: its calls drain, then it closes itself."""
         if self._dialling is None:
             self._dialling = asyncio.Lock()
         async with self._dialling:  # concurrent fetches share one dial
-            if self._conn is None or not self._conn.usable:
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = await self.endpoint.connect(self.timeout)
+            if self._conn is None or not self._conn.alive:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise GrpcError(DEADLINE_EXCEEDED, f"no connection within {self.timeout:g}s")
+                self._conn = await self.endpoint.connect(left)
             return self._conn
+
+    async def call(self, request: bytes) -> bytes:
+        """One CreateCertificate call: dial (if needed), the wait for a stream slot and the
+        answer all within one `timeout`. GrpcError otherwise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                conn = await self._connection(deadline)
+        except TimeoutError:
+            raise GrpcError(DEADLINE_EXCEEDED, f"no connection within {self.timeout:g}s") from None
+        return await conn.unary(
+            CREATE_CERTIFICATE,
+            request,
+            metadata=self.endpoint.metadata(),
+            timeout=max(deadline - loop.time(), 0.001),
+        )
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         key_pem, csr_pem = await self.helper.csr(identity)
         request = build_request(identity, csr_pem, self.ttl)
         try:
-            conn = await self._connection()
-            raw = await conn.unary(
-                CREATE_CERTIFICATE,
-                request.SerializeToString(),
-                metadata=self.endpoint.metadata(),
-                timeout=self.timeout,
-            )
+            raw = await self.call(request.SerializeToString())
             resp = ca_pb2.IstioCertificateResponse.FromString(raw)
         except GrpcError as exc:
             name = code_name(exc.code)

@@ -139,6 +139,10 @@ class GrpcConnection(asyncio.Protocol):
         self._flush_pending = False
         self._error = ""
         """Why we ended the connection (our GOAWAY for the server's HTTP/2 violation)."""
+        self._goaway = ""
+        """The server's GOAWAY (code and debug data), once received."""
+        self._slot_freed: asyncio.Future[None] | None = None
+        """Set when a stream slot may have freed or the connection ended (`wait_for_stream`)."""
 
     # ---- lifecycle
 
@@ -163,11 +167,45 @@ class GrpcConnection(asyncio.Protocol):
             call._finish(call.reader.lost(reason))
         self.conn.discard()
         self.transport = None
+        self._wake_slot_waiters()
+
+    @property
+    def alive(self) -> bool:
+        """Not closed and no GOAWAY either way: new calls may start here, perhaps after waiting
+        for a stream slot (`wait_for_stream`). A connection that is not alive is never closed
+        for it by a caller: its open calls drain (the server's GOAWAY lets them finish, RFC
+        9113 §6.8) and it closes itself once the last one ended (`_retire_if_drained`)."""
+        c = self.conn
+        return not self.closed and not c.closed and c.goaway_received is None and not c.goaway_sent
 
     @property
     def usable(self) -> bool:
-        """A new call may start here (not closed, no GOAWAY either way)."""
-        return not self.closed and self.conn.can_open_stream()
+        """A new call may start here now: alive, and a stream slot free under the server's
+        MAX_CONCURRENT_STREAMS."""
+        return self.alive and self.conn.can_open_stream(limit=self.conn.peer_max_streams)
+
+    async def wait_for_stream(self) -> None:
+        """Return once a call may start (`usable`); GrpcError(UNAVAILABLE) once the connection
+        is no longer `alive`. Unbounded here: the caller's deadline bounds it."""
+        while not self.usable:
+            if not self.alive:
+                raise GrpcError(UNAVAILABLE, f"connection to the control plane {self.why_not}")
+            if self._slot_freed is None or self._slot_freed.done():
+                self._slot_freed = self._loop.create_future()
+            await asyncio.shield(self._slot_freed)
+
+    @property
+    def why_not(self) -> str:
+        """Why the connection takes no new call (for a status message)."""
+        return f"is closed ({self._ended_by()})" if self.closed else "is going away"
+
+    def _ended_by(self) -> str:
+        return self._error or self._goaway or "closed"
+
+    def _retire_if_drained(self) -> None:
+        """After the server's GOAWAY, close once no call is left (nothing more can start)."""
+        if self.conn.goaway_received is not None and not self.calls and not self.closed:
+            self.close()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -202,6 +240,12 @@ class GrpcConnection(asyncio.Protocol):
         self._flush_pending = False
         if self.conn.has_output and self.transport is not None:
             self.transport.write(self.conn.data_to_send())
+        self._wake_slot_waiters()
+
+    def _wake_slot_waiters(self) -> None:
+        fut = self._slot_freed
+        if fut is not None and not fut.done() and (self.usable or not self.alive):
+            fut.set_result(None)
 
     def schedule_flush(self) -> None:
         if not self._flush_pending:
@@ -239,6 +283,7 @@ class GrpcConnection(asyncio.Protocol):
                 ev = cast(StreamReset, ev)
                 call._finish(call.reader.reset(ev.error_code, remote=ev.remote))
         self.flush()
+        self._retire_if_drained()
 
     # ---- calls
 
@@ -251,7 +296,8 @@ class GrpcConnection(asyncio.Protocol):
     ) -> GrpcCall:
         """Open a call of method `path` (``/package.Service/Method``)."""
         if not self.usable:
-            raise GrpcError(UNAVAILABLE, "connection to the control plane is closed")
+            why = self.why_not if not self.alive else "has no free stream (wait_for_stream)"
+            raise GrpcError(UNAVAILABLE, f"connection to the control plane {why}")
         block = request_headers(
             path=path,
             authority=self.authority,
@@ -276,21 +322,29 @@ class GrpcConnection(asyncio.Protocol):
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float,
     ) -> bytes:
-        """One request, exactly one response message, within `timeout` (DEADLINE_EXCEEDED)."""
-        call = self.start(path, metadata=metadata, timeout=timeout)
-        call.send(request, end=True)
+        """One request, exactly one response message, within `timeout` (DEADLINE_EXCEEDED),
+        which also bounds the wait for a stream slot when the server's MAX_CONCURRENT_STREAMS
+        calls are open. The call is cancelled (RST_STREAM) on every exit but a whole answer."""
+        call: GrpcCall | None = None
+        deadline = self._loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
+                await self.wait_for_stream()
+                left = max(deadline - self._loop.time(), 0.001)
+                call = self.start(path, metadata=metadata, timeout=left)
+                call.send(request, end=True)
                 response = await call.recv()
                 if response is None:
                     raise GrpcError(INTERNAL, "call ended OK without a response message")
                 if await call.recv() is not None:
                     raise GrpcError(INTERNAL, "more than one response message to a unary call")
         except TimeoutError:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             raise GrpcError(DEADLINE_EXCEEDED, f"no answer within {timeout:g}s") from None
-        except asyncio.CancelledError:
-            call.cancel()
+        except BaseException:
+            if call is not None:
+                call.cancel()
             raise
         return response
 
@@ -408,3 +462,4 @@ class GrpcCall:
             owner.conn.reset_stream(self.stream_id, ErrorCode.NO_ERROR)
         owner.schedule_flush()
         self._wake()
+        owner._retire_if_drained()

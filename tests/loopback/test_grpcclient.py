@@ -21,10 +21,12 @@ import uvloop
 
 from controlplane.ca import serving_certificate
 from meshcore.ca import MeshCA
+from meshcore.caclient import CREATE_CERTIFICATE, ControlPlaneCAProvider
 from meshcore.certs import utcnow
 from meshcore.grpcclient import QUEUE_LIMIT, GrpcCall, GrpcConnection, connect
 from meshcore.grpcwire import GrpcError
 from meshcore.identity import SpiffeId
+from meshcore.xds import ControlPlaneEndpoint
 from tests.helpers import loopback_block, run
 
 BLOCK = loopback_block()
@@ -54,6 +56,11 @@ async def _slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return b""
 
 
+async def _slow_echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    await asyncio.sleep(0.5)
+    return request
+
+
 async def _twice(
     requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
 ) -> AsyncIterator[bytes]:
@@ -81,10 +88,18 @@ def _handlers() -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("t.T", methods)
 
 
+def _ca_handlers() -> grpc.GenericRpcHandler:
+    """CreateCertificate answering after 0.5 s (the bytes echoed: the CA client's gRPC path)."""
+    service, method = CREATE_CERTIFICATE.strip("/").split("/")
+    return grpc.method_handlers_generic_handler(
+        service, {method: grpc.unary_unary_rpc_method_handler(_slow_echo)}
+    )
+
+
 @asynccontextmanager
 async def grpc_server(ca: MeshCA | None = None) -> AsyncIterator[str]:
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    server.add_generic_rpc_handlers((_handlers(),))
+    server.add_generic_rpc_handlers((_handlers(), _ca_handlers()))
     if ca is None:
         port = server.add_insecure_port(f"{PLAIN}:0")
         address = f"{PLAIN}:{port}"
@@ -243,5 +258,29 @@ def test_a_server_that_outruns_the_consumer_is_held_by_flow_control() -> None:
                 assert got == [i % 256 for i in range(64)]
             finally:
                 conn.close()
+
+    run(main())
+
+
+def test_ca_calls_past_the_servers_stream_limit_wait_for_a_slot() -> None:
+    """150 concurrent CA calls, each answered after 0.5 s, on one connection whose server allows
+    100 open streams (RFC 9113 §6.5.2's assumed minimum; grpcio advertises none): the 50 over
+    the limit wait for a slot and every call succeeds (the connection was once closed for being
+    full, failing every call UNAVAILABLE)."""
+
+    async def main() -> None:
+        async with grpc_server() as address:
+            ca = ControlPlaneCAProvider(ControlPlaneEndpoint(address=address), timeout=10)
+            try:
+                answers = await asyncio.gather(
+                    *(ca.call(str(i).encode()) for i in range(150)), return_exceptions=True
+                )
+                assert answers == [str(i).encode() for i in range(150)]
+                conn = ca._conn
+                assert conn is not None
+                assert conn.alive
+                assert not conn.calls
+            finally:
+                await ca.close()
 
     run(main())
