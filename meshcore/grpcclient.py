@@ -14,11 +14,15 @@ Invariants:
 - Nothing reconnects here: a lost connection fails its calls with UNAVAILABLE, and the caller's
   retry loop (`meshcore.backoff`, the one backoff owner) decides when to dial again.
 - Memory per call is bounded: one partial message of at most `max_message` octets
-  (`grpcwire.MessageReader`), plus whole messages the consumer has not taken yet; received DATA
-  is credited back (WINDOW_UPDATE) at once while those are under `QUEUE_LIMIT` octets, and only
-  as the consumer takes them above it, so a peer that outruns the consumer is held by HTTP/2
-  flow control (windows 4 MiB per stream, 16 MiB per connection: large xDS responses flow
-  without waiting for a round trip per window).
+  (`grpcwire.MessageReader`), plus whole messages the consumer has not taken yet, each
+  accounted as its 5-octet prefix, its payload and `MESSAGE_ALLOWANCE` (the object holding it),
+  so empty messages weigh too. Received DATA is credited back (WINDOW_UPDATE) at once while the
+  queue accounts under `QUEUE_LIMIT` octets, and only as the consumer takes messages above it:
+  a peer that outruns the consumer is held by HTTP/2 flow control once it used the credit it
+  has (windows 4 MiB per stream, 16 MiB per connection: large xDS responses flow without
+  waiting for a round trip per window). So a call holds at most QUEUE_LIMIT + one stream window
+  + one message of received octets, and never more than `MAX_QUEUED_MESSAGES` messages: one
+  more ends the call RESOURCE_EXHAUSTED (RST_STREAM CANCEL; a flood of tiny messages).
 - Keepalive is the core's: a PING after 10 s without input, the connection dead (aborted, its
   calls UNAVAILABLE) when no answer came 20 s later (`meshcore.hbone.control`).
 """
@@ -37,6 +41,8 @@ from meshcore.grpcwire import (
     DEADLINE_EXCEEDED,
     DEFAULT_MAX_MESSAGE,
     INTERNAL,
+    PREFIX,
+    RESOURCE_EXHAUSTED,
     UNAVAILABLE,
     GrpcError,
     ResponseReader,
@@ -59,6 +65,12 @@ from meshcore.sockets import connect_tcp
 
 QUEUE_LIMIT = 4 * 1024 * 1024
 """Octets of received, not yet consumed messages per call above which credit waits."""
+MESSAGE_ALLOWANCE = 64
+"""Octets accounted per queued message beside its prefix and payload (the bytes object and its
+queue slot), so a flood of empty messages is held by `QUEUE_LIMIT` too."""
+MAX_QUEUED_MESSAGES = 65_536
+"""Messages a call holds for its consumer at most; one more ends it RESOURCE_EXHAUSTED (credit
+withheld at QUEUE_LIMIT still leaves the peer a stream window: 4 MiB of 5-octet messages)."""
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -400,7 +412,7 @@ class GrpcCall:
             finally:
                 self._waiter = None
         message = self._messages.popleft()
-        self._queued -= len(message)
+        self._queued -= PREFIX + len(message) + MESSAGE_ALLOWANCE
         if self._unacked and self._queued <= QUEUE_LIMIT:
             self._owner.conn.acknowledge_received_data(self.stream_id, self._unacked)
             self._unacked = 0
@@ -432,7 +444,15 @@ class GrpcCall:
             return
         for message in messages:
             self._messages.append(message)
-            self._queued += len(message)
+            self._queued += PREFIX + len(message) + MESSAGE_ALLOWANCE
+        if len(self._messages) > MAX_QUEUED_MESSAGES:
+            self._owner.conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
+            self._owner.conn.reset_stream(self.stream_id, ErrorCode.CANCEL)
+            self._messages.clear()  # the call failed: what it held is dropped with it
+            self._queued = 0
+            held = f"more than {MAX_QUEUED_MESSAGES} response messages not taken yet"
+            self._finish(Status(code=RESOURCE_EXHAUSTED, message=held))
+            return
         if self._queued <= QUEUE_LIMIT:
             self._owner.conn.acknowledge_received_data(ev.stream_id, ev.flow_length)
         else:
