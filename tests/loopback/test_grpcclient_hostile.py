@@ -14,9 +14,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import pytest
 
 from meshcore.grpcclient import MAX_QUEUED_MESSAGES, GrpcConnection, connect
-from meshcore.grpcwire import code_name, frame_message
+from meshcore.grpcwire import GrpcError, code_name, frame_message
 from tests.helpers import loopback_block, run
 
 BLOCK = loopback_block()
@@ -111,6 +112,37 @@ def test_a_flood_of_empty_messages_ends_the_call() -> None:
                 assert not conn.calls
                 assert conn.conn.open_streams == 0
                 assert conn.alive  # the connection serves other calls
+            finally:
+                conn.close()
+
+    run(main())
+
+
+async def answer_twice(
+    c: h2.connection.H2Connection,
+    sid: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Two messages to a unary call, and no trailers."""
+    c.send_headers(sid, GRPC_HEADERS)
+    c.send_data(sid, frame_message(b"a") + frame_message(b"b"))
+
+
+def test_a_unary_call_answered_twice_is_cancelled() -> None:
+    """The call fails INTERNAL and is reset (RST_STREAM CANCEL): no call or stream is left
+    (they leaked, and with them one of the server's MAX_CONCURRENT_STREAMS slots)."""
+
+    async def main() -> None:
+        async with h2_server(answer_twice) as address:
+            conn = await dial(address)
+            try:
+                with pytest.raises(GrpcError, match="more than one response") as err:
+                    await conn.unary("/a.B/C", b"x", timeout=5)
+                assert err.value.code_name == "INTERNAL"
+                await asyncio.sleep(0.1)
+                assert not conn.calls
+                assert conn.conn.open_streams == 0
             finally:
                 conn.close()
 
