@@ -30,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from meshcore.grpcwire import (
     request_headers,
 )
 from meshcore.hbone.connection import HboneConnection
+from meshcore.hbone.control import PING_TIMEOUT
 from meshcore.hbone.events import (
     ConnectionTerminated,
     DataReceived,
@@ -63,6 +65,8 @@ from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.streams import Role
 from meshcore.sockets import connect_tcp
 
+log = logging.getLogger(__name__)
+
 QUEUE_LIMIT = 4 * 1024 * 1024
 """Octets of received, not yet consumed messages per call above which credit waits."""
 MESSAGE_ALLOWANCE = 64
@@ -71,6 +75,19 @@ queue slot), so a flood of empty messages is held by `QUEUE_LIMIT` too."""
 MAX_QUEUED_MESSAGES = 65_536
 """Messages a call holds for its consumer at most; one more ends it RESOURCE_EXHAUSTED (credit
 withheld at QUEUE_LIMIT still leaves the peer a stream window: 4 MiB of 5-octet messages)."""
+
+
+def error_name(code: int) -> str:
+    """An HTTP/2 error code's name (RFC 9113 §7), or its number when unknown."""
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return f"0x{code:x}"
+
+
+def debug_text(debug: bytes) -> str:
+    """GOAWAY debug data as text for a status message (at most 200 characters)."""
+    return debug[:200].decode("utf-8", "replace")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -172,7 +189,7 @@ class GrpcConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        why = self._error or exc or "closed"
+        why = self._error or self._goaway or exc or "closed"
         reason = f"connection to the control plane lost: {why}"
         calls, self.calls = self.calls, {}
         for call in calls.values():
@@ -241,10 +258,17 @@ class GrpcConnection(asyncio.Protocol):
         self._timer = None
         if self.closed:
             return
+        goaway_sent = self.conn.goaway_sent
         alive = self.conn.handle_timer(self._loop.time())
         self.flush()
-        if not alive:
-            self.abort()  # no PING answer (or SETTINGS ACK) in time: the peer is gone
+        if not alive:  # no PING answer (or SETTINGS ACK) in time: the peer is gone
+            if self.conn.goaway_sent and not goaway_sent:  # the core's GOAWAY says which
+                why = "SETTINGS not acknowledged or a header block unfinished in time"
+            else:
+                why = f"no PING answer within {PING_TIMEOUT:g} s"
+            self._error = self._error or why
+            log.warning("control plane %s: %s; connection closed", self.authority, why)
+            self.abort()
             return
         self._arm_timer()
 
@@ -270,12 +294,19 @@ class GrpcConnection(asyncio.Protocol):
             if kind is ConnectionTerminated:
                 ev = cast(ConnectionTerminated, ev)
                 if not ev.remote:  # our GOAWAY for a protocol error: every call is over
-                    debug = ev.debug.decode("utf-8", "replace")
-                    self._error = f"HTTP/2 error {ev.error_code} from the server: {debug}"
+                    debug = debug_text(ev.debug)
+                    self._error = (
+                        f"HTTP/2 error {error_name(ev.error_code)} from the server: {debug}"
+                    )
+                    log.warning("control plane %s: %s", self.authority, self._error)
                     self.flush()
                     self.abort()
                     return
-                continue  # the server's GOAWAY: the core reset the calls it did not take
+                # The server's GOAWAY: the core reset the calls it did not take (REFUSED_STREAM);
+                # the others may finish. Its code and debug data name the cause (RFC 9113 §6.8).
+                self._goaway = f"GOAWAY {error_name(ev.error_code)} {debug_text(ev.debug)}".strip()
+                log.warning("control plane %s sent %s", self.authority, self._goaway)
+                continue
             call = self.calls.get(getattr(ev, "stream_id", -1))
             if call is None:
                 if kind is DataReceived:  # a call we gave up: credit and drop
@@ -293,7 +324,7 @@ class GrpcConnection(asyncio.Protocol):
                 call._finish(call.reader.ended())
             elif kind is StreamReset:
                 ev = cast(StreamReset, ev)
-                call._finish(call.reader.reset(ev.error_code, remote=ev.remote))
+                call._finish(call.reader.reset(ev.error_code, remote=ev.remote, why=self._goaway))
         self.flush()
         self._retire_if_drained()
 

@@ -313,10 +313,12 @@ class ResponseReader:
             return self._end(self._early_status)
         return self._end(Status(code=INTERNAL, message="stream ended without grpc-status"))
 
-    def reset(self, error_code: int, *, remote: bool) -> Status:
+    def reset(self, error_code: int, *, remote: bool, why: str = "") -> Status:
+        """RST_STREAM (ours or the peer's); `why`: the cause when known (the server's GOAWAY)."""
         code = _RESET_CODES.get(error_code, INTERNAL) if remote else INTERNAL
         who = "peer" if remote else "us (malformed response)"
-        return self._end(Status(code=code, message=f"stream reset by {who}, code {error_code}"))
+        message = f"stream reset by {who}, code {error_code}" + (f" ({why})" if why else "")
+        return self._end(Status(code=code, message=message))
 
     def lost(self, reason: str) -> Status:
         """The connection is gone: UNAVAILABLE (the spec's "connection failure")."""

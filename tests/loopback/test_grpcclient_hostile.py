@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -18,6 +19,7 @@ import pytest
 
 from meshcore.grpcclient import MAX_QUEUED_MESSAGES, GrpcConnection, connect
 from meshcore.grpcwire import GrpcError, code_name, frame_message
+from meshcore.hbone.frames import ErrorCode
 from tests.helpers import loopback_block, run
 
 BLOCK = loopback_block()
@@ -145,5 +147,137 @@ def test_a_unary_call_answered_twice_is_cancelled() -> None:
                 assert conn.conn.open_streams == 0
             finally:
                 conn.close()
+
+    run(main())
+
+
+async def goaway_mid_call(
+    c: h2.connection.H2Connection,
+    sid: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Headers and one message on the first call; then GOAWAY ENHANCE_YOUR_CALM taking only
+    that call (a second one, already sent, is refused); then the connection ends."""
+    if sid == 1:
+        c.send_headers(sid, GRPC_HEADERS)
+        c.send_data(sid, frame_message(b"first"))
+        writer.write(c.data_to_send())
+        return
+    c.close_connection(
+        error_code=ErrorCode.ENHANCE_YOUR_CALM, additional_data=b"too_many_pings", last_stream_id=1
+    )
+    writer.write(c.data_to_send())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+
+
+def test_a_goaway_mid_call_names_its_cause() -> None:
+    """The server's GOAWAY code and debug data reach the status of every call it ends: the one
+    above its last stream id (refused) and the one cut off when the connection closes."""
+
+    async def main() -> None:
+        async with h2_server(goaway_mid_call) as address:
+            conn = await dial(address)
+            first = conn.start("/a.B/C")
+            first.send(b"x", end=True)
+            assert await first.recv() == b"first"
+            second = conn.start("/a.B/C")
+            second.send(b"y", end=True)
+            with pytest.raises(GrpcError) as err:
+                await second.recv()
+            assert err.value.code_name == "UNAVAILABLE"  # REFUSED_STREAM: retryable
+            assert "GOAWAY ENHANCE_YOUR_CALM too_many_pings" in err.value.details
+            assert not conn.alive
+            with pytest.raises(GrpcError) as err:
+                await first.recv()
+            assert err.value.code_name == "UNAVAILABLE"
+            assert "lost: GOAWAY ENHANCE_YOUR_CALM too_many_pings" in err.value.details
+            assert not conn.calls
+
+    run(main())
+
+
+async def reset_mid_call(
+    c: h2.connection.H2Connection,
+    sid: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """A message, then RST_STREAM(REFUSED_STREAM) on the first call; the next is answered."""
+    c.send_headers(sid, GRPC_HEADERS)
+    if sid == 1:
+        c.send_data(sid, frame_message(b"part"))
+        c.reset_stream(sid, error_code=ErrorCode.REFUSED_STREAM)
+    else:
+        c.send_data(sid, frame_message(b"ok"))
+        c.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+
+
+def test_a_reset_mid_call_ends_that_call_only() -> None:
+    async def main() -> None:
+        async with h2_server(reset_mid_call) as address:
+            conn = await dial(address)
+            try:
+                call = conn.start("/a.B/C")
+                call.send(b"x", end=True)
+                assert await call.recv() == b"part"
+                with pytest.raises(GrpcError, match="stream reset by peer, code 7") as err:
+                    await call.recv()
+                assert err.value.code_name == "UNAVAILABLE"
+                assert await conn.unary("/a.B/C", b"y", timeout=5) == b"ok"
+                assert conn.alive
+                assert not conn.calls
+                assert conn.conn.open_streams == 0
+            finally:
+                conn.close()
+
+    run(main())
+
+
+async def silent(
+    c: h2.connection.H2Connection,
+    sid: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """Response headers, then the server stops reading (no PING is ever answered)."""
+    c.send_headers(sid, GRPC_HEADERS)
+    writer.write(c.data_to_send())
+    await asyncio.sleep(3600)
+
+
+class _Skewed:
+    """The loop, its clock `offset` seconds ahead (keepalive without waiting 30 s)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return self.loop.time() + self.offset
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.loop, name)
+
+
+def test_a_keepalive_unanswered_names_its_cause() -> None:
+    async def main() -> None:
+        async with h2_server(silent) as address:
+            conn = await dial(address)
+            call = conn.start("/a.B/C")
+            call.send(b"x", end=True)
+            await asyncio.sleep(0.2)
+            clock = _Skewed(asyncio.get_running_loop())
+            conn._loop = cast(asyncio.AbstractEventLoop, clock)
+            clock.offset = 11.0
+            conn._on_timer()  # quiet for 10 s: PING
+            clock.offset = 32.0
+            conn._on_timer()  # no answer 20 s later: the connection is dead
+            with pytest.raises(GrpcError) as err:
+                await call.recv()
+            assert err.value.code_name == "UNAVAILABLE"
+            assert "no PING answer within 20 s" in err.value.details
 
     run(main())
