@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import cast
 
+from meshcore.address import split_host_port
 from meshcore.errors import H2ProtocolError
 from meshcore.grpcwire import (
     CANCELLED,
@@ -91,12 +92,16 @@ def debug_text(debug: bytes) -> str:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port); GrpcError(UNAVAILABLE) otherwise (the
-    caller's retry loop logs it, as it would a refused connection)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+    """``host:port`` or ``[v6]:port`` (`meshcore.address.split_host_port`, port 1..65535) ->
+    (host, port); GrpcError(UNAVAILABLE) otherwise (the caller's retry loop logs it, as it
+    would a refused connection)."""
+    try:
+        host, port = split_host_port(address)
+    except ValueError:
+        port = 0
+    if port == 0:
         raise GrpcError(UNAVAILABLE, f"control-plane address {address!r}: want host:port")
-    return host.removeprefix("[").removesuffix("]"), int(port)
+    return host, port
 
 
 def client_context(roots_pem: bytes) -> ssl.SSLContext:
@@ -122,11 +127,16 @@ async def connect(
     loop = asyncio.get_running_loop()
     host, port = split_address(address)
     authority = server_name if tls_roots is not None else address
+    ctx = None
+    if tls_roots is not None:  # before dialling: nothing to close when the roots are bad
+        try:
+            ctx = client_context(tls_roots)
+        except (ssl.SSLError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+            raise GrpcError(UNAVAILABLE, f"control-plane TLS roots unusable: {err}") from None
     try:
         sock = await connect_tcp(host, port, timeout=timeout)
     except (OSError, TimeoutError) as err:
         raise GrpcError(UNAVAILABLE, f"connect to {address}: {err}") from None
-    ctx = client_context(tls_roots) if tls_roots is not None else None
     try:
         _, proto = await asyncio.wait_for(
             loop.create_connection(

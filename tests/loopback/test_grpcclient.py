@@ -221,7 +221,7 @@ def test_connection_refused_and_lost_are_unavailable() -> None:
         with pytest.raises(GrpcError) as err:
             await connect(f"{PLAIN}:1", tls_roots=None, server_name="")
         assert err.value.code_name == "UNAVAILABLE"
-        for bad in ("no-port", f"{PLAIN}:0", f"{PLAIN}:x", ":15012"):
+        for bad in ("no-port", f"{PLAIN}:0", f"{PLAIN}:x", ":15012", f"{PLAIN}:99999"):
             with pytest.raises(GrpcError, match="want host:port"):
                 await connect(bad, tls_roots=None, server_name="")
         async with grpc_server() as address:
@@ -282,5 +282,18 @@ def test_ca_calls_past_the_servers_stream_limit_wait_for_a_slot() -> None:
                 assert not conn.calls
             finally:
                 await ca.close()
+
+    run(main())
+
+
+def test_bad_tls_roots_are_unavailable_before_any_dial() -> None:
+    """Roots that are not PEM (or not even ASCII) are refused naming them, before a socket is
+    opened (the address has no listener: a dial would say "refused")."""
+
+    async def main() -> None:
+        for roots in (b"not a certificate", b"\xff\xfe"):
+            with pytest.raises(GrpcError, match="TLS roots unusable") as err:
+                await connect(f"{PLAIN}:1", tls_roots=roots, server_name="cp.test", timeout=2)
+            assert err.value.code_name == "UNAVAILABLE"
 
     run(main())
