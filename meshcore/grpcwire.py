@@ -128,8 +128,28 @@ def request_headers(
         lowered = name.lower()
         if lowered.startswith((":", "grpc-")) or lowered in ("te", "content-type"):
             raise ValueError(f"metadata {name!r} is reserved by the protocol")
+        if not _ascii_value(value):
+            # The spec's ASCII-Value is 1*(%x20-%x7E); CR, LF or NUL would also be a malformed
+            # field (RFC 9113 §8.2.1) the peer resets. Refused here, naming the entry.
+            raise GrpcError(
+                INTERNAL, f"metadata {name!r}: value holds a character outside %x20-%x7E"
+            )
         block.append((lowered, value))
     return block
+
+
+def _ascii_value(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def is_grpc_content_type(value: str) -> bool:
+    """The spec's Content-Type: ``application/grpc``, optionally ``+`` a message format
+    (``+proto``) or ``;`` parameters; never ``application/grpc-web`` or ``application/grpcx``.
+    Media types compare case-insensitively (RFC 9110 §8.3.1)."""
+    lowered = value.lower()
+    return lowered == "application/grpc" or lowered.startswith(
+        ("application/grpc+", "application/grpc;")
+    )
 
 
 def frame_message(message: bytes) -> bytes:
@@ -275,8 +295,14 @@ class ResponseReader:
             code = _HTTP_CODES.get(http_status, UNKNOWN)
             return self._end(Status(code=code, message=f"HTTP status {http_status}"))
         ctype = _field(headers, "content-type") or ""
-        if not ctype.startswith("application/grpc"):
-            return self._end(Status(code=UNKNOWN, message=f"content-type {ctype!r}: not gRPC"))
+        if not is_grpc_content_type(ctype):
+            # Not gRPC (the spec's Response-Headers and Trailers-Only both carry Content-Type):
+            # UNKNOWN, as grpc-go treats it, never OK. A grpc-status the server sent anyway is
+            # kept in the message so the operator sees what it said.
+            said = status_of(headers)
+            told = f"; it said {code_name(said.code)} {said.message}".rstrip() if said else ""
+            message = f"content-type {ctype!r}: not gRPC{told}"
+            return self._end(Status(code=UNKNOWN, message=message))
         self._early_status = status_of(headers)
         return None
 

@@ -229,6 +229,35 @@ def test_not_grpc_responses_get_a_synthesized_status() -> None:
     html = [(":status", "200"), ("content-type", "text/html"), ("grpc-status", "0")]
     drive(reader, conn.receive_data(headers_frame(sid, html, end=True)))
     assert code(reader) == UNKNOWN
+    for ctype in ("application/grpc-web", "application/grpcfoo", "application/grpc-web+proto"):
+        conn, sid = client()
+        reader = ResponseReader()
+        fake = [(":status", "200"), ("content-type", ctype), ("grpc-status", "0")]
+        drive(reader, conn.receive_data(headers_frame(sid, fake, end=True)))
+        assert code(reader) == UNKNOWN, ctype
+    for ctype in ("application/grpc+proto", "application/grpc; charset=x", "Application/GRPC"):
+        conn, sid = client()
+        reader = ResponseReader()
+        good = [(":status", "200"), ("content-type", ctype), ("grpc-status", "0")]
+        drive(reader, conn.receive_data(headers_frame(sid, good, end=True)))
+        assert code(reader) == 0, ctype
+    # Trailers-only without content-type: malformed, UNKNOWN; what the server said is kept.
+    conn, sid = client()
+    reader = ResponseReader()
+    bare = [(":status", "200"), ("grpc-status", "7"), ("grpc-message", "denied")]
+    drive(reader, conn.receive_data(headers_frame(sid, bare, end=True)))
+    assert reader.status is not None
+    assert reader.status.code == UNKNOWN
+    assert reader.status.message == "content-type '': not gRPC; it said PERMISSION_DENIED denied"
+
+
+def test_metadata_values_outside_printable_ascii_are_refused_locally() -> None:
+    for value in ("a\r\nx-evil: 1", "a\nb", "a\x00b", "caf\u00e9"):
+        with pytest.raises(GrpcError, match="'authorization': value holds") as err:
+            request_headers(
+                path="/x", authority="a", scheme="http", metadata=[("authorization", value)]
+            )
+        assert err.value.code_name == "INTERNAL"
 
 
 def test_oversized_message_through_the_core_ends_the_call() -> None:
