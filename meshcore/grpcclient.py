@@ -23,6 +23,8 @@ Invariants:
   waiting for a round trip per window). So a call holds at most QUEUE_LIMIT + one stream window
   + one message of received octets, and never more than `MAX_QUEUED_MESSAGES` messages: one
   more ends the call RESOURCE_EXHAUSTED (RST_STREAM CANCEL; a flood of tiny messages).
+- A call queues at most `SEND_LIMIT` request octets the server's window does not take; one
+  more ends it RESOURCE_EXHAUSTED.
 - Keepalive is the core's: a PING after 10 s without input, the connection dead (aborted, its
   calls UNAVAILABLE) when no answer came 20 s later (`meshcore.hbone.control`).
 """
@@ -70,6 +72,9 @@ log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 4 * 1024 * 1024
 """Octets of received, not yet consumed messages per call above which credit waits."""
+SEND_LIMIT = 16 * 1024 * 1024
+"""Request octets a call may have waiting for the server's window (a reconnecting xDS stream's
+first request names every resource it has: ~1 MiB at 10,000 workloads); more ends the call."""
 MESSAGE_ALLOWANCE = 64
 """Octets accounted per queued message beside its prefix and payload (the bytes object and its
 queue slot), so a flood of empty messages is held by `QUEUE_LIMIT` too."""
@@ -418,12 +423,19 @@ class GrpcCall:
     # ---- sending
 
     def send(self, message: bytes, *, end: bool = False) -> None:
-        """Queue one request message (HTTP/2 flow control paces it); `end`: the last one."""
+        """Queue one request message (HTTP/2 flow control paces it); `end`: the last one. A
+        call whose unsent octets exceed `SEND_LIMIT` (the server does not open its window)
+        ends RESOURCE_EXHAUSTED (RST_STREAM CANCEL) instead of queueing more."""
         if self.status is not None:
             return  # the call is over: the message has nowhere to go
         owner = self._owner
         owner.conn.send_data(self.stream_id, frame_message(message), end_stream=end)
         owner.schedule_flush()
+        unsent = owner.conn.pending_bytes(self.stream_id)
+        if unsent > SEND_LIMIT:
+            self._owner.conn.reset_stream(self.stream_id, ErrorCode.CANCEL)
+            held = f"{unsent} request octets the server's flow-control window does not take"
+            self._finish(Status(code=RESOURCE_EXHAUSTED, message=held))
 
     def done_sending(self) -> None:
         if self.status is None:

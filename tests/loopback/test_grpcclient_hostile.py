@@ -15,9 +15,10 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import pytest
 
-from meshcore.grpcclient import MAX_QUEUED_MESSAGES, GrpcConnection, connect
+from meshcore.grpcclient import MAX_QUEUED_MESSAGES, SEND_LIMIT, GrpcConnection, connect
 from meshcore.grpcwire import GrpcError, code_name, frame_message
 from meshcore.hbone.frames import ErrorCode
 from tests.helpers import loopback_block, run
@@ -33,12 +34,16 @@ OnRequest = Callable[
 
 
 @asynccontextmanager
-async def h2_server(on_request: OnRequest) -> AsyncIterator[str]:
+async def h2_server(
+    on_request: OnRequest, settings: dict[int, int] | None = None
+) -> AsyncIterator[str]:
     """A plaintext HTTP/2 server calling `on_request` for each request's headers."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         c.initiate_connection()
+        if settings:
+            c.update_settings(settings)
         writer.write(c.data_to_send())
         try:
             while data := await reader.read(65536):
@@ -279,5 +284,39 @@ def test_a_keepalive_unanswered_names_its_cause() -> None:
                 await call.recv()
             assert err.value.code_name == "UNAVAILABLE"
             assert "no PING answer within 20 s" in err.value.details
+
+    run(main())
+
+
+async def headers_only(
+    c: h2.connection.H2Connection,
+    sid: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    c.send_headers(sid, GRPC_HEADERS)
+
+
+def test_a_server_that_never_opens_its_window_ends_the_call() -> None:
+    """INITIAL_WINDOW_SIZE 0 and no WINDOW_UPDATE ever: our request messages cannot leave.
+    Past SEND_LIMIT unsent octets the call ends RESOURCE_EXHAUSTED rather than queue more."""
+
+    async def main() -> None:
+        zero = {int(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE): 0}
+        async with h2_server(headers_only, zero) as address:
+            conn = await dial(address)
+            try:
+                await asyncio.sleep(0.2)  # the server's SETTINGS applied
+                call = conn.start("/a.B/C")
+                chunk = b"x" * (1024 * 1024)
+                for _ in range(SEND_LIMIT // len(chunk) + 1):
+                    call.send(chunk)
+                with pytest.raises(GrpcError, match="flow-control window") as err:
+                    await call.recv()
+                assert err.value.code_name == "RESOURCE_EXHAUSTED"
+                assert conn.conn.pending_bytes(call.stream_id) == 0
+                assert not conn.calls
+            finally:
+                conn.close()
 
     run(main())
