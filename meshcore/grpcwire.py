@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from meshcore.errors import MeshError
 from meshcore.hbone.frames import ErrorCode
@@ -177,6 +178,16 @@ class MessageReader:
         buf = self._buf
         buf += data
         out: list[bytes] = []
+        view = memoryview(buf)  # a message copied out once (a bytearray slice would copy twice)
+        try:
+            pos = self._split(view, out)
+        finally:
+            view.release()  # before the bytearray is resized
+        del buf[:pos]
+        return out
+
+    def _split(self, buf: memoryview, out: list[bytes]) -> int:
+        """Whole messages of `buf` appended to `out`; returns the octets consumed."""
         pos = 0
         while True:
             if not self._in_body:
@@ -201,8 +212,7 @@ class MessageReader:
             out.append(bytes(buf[pos : pos + self._need]))
             pos += self._need
             self._need, self._in_body = 0, False
-        del buf[:pos]
-        return out
+        return pos
 
 
 # The spec's RST_STREAM -> status mapping (CANCEL from a server: CANCELLED).
@@ -225,29 +235,10 @@ _HTTP_CODES = {
 }
 
 
-_HEX = b"0123456789abcdefABCDEF"
-
-
 def percent_decoded(text: str) -> str:
-    """``grpc-message`` (UTF-8, percent-encoded); a broken escape is left as it is."""
-    if "%" not in text:
-        return text
-    out = bytearray()
-    i = 0
-    raw = text.encode("latin-1", "replace")
-    while i < len(raw):
-        hexpair = raw[i + 1 : i + 3]
-        if (
-            raw[i] == 0x25
-            and len(hexpair) == 2
-            and all(c in b"0123456789abcdefABCDEF" for c in hexpair)
-        ):
-            out.append(int(hexpair, 16))
-            i += 3
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "replace")
+    """``grpc-message``: percent-encoded UTF-8 (the spec's Status-Message); a broken escape is
+    left as it is and invalid UTF-8 replaced, as the spec asks of a receiver."""
+    return unquote(text, errors="replace") if "%" in text else text
 
 
 def _field(headers: Sequence[tuple[str, str]], name: str) -> str | None:

@@ -314,7 +314,7 @@ class XdsCollector(Collector):
             "xDS streams ended with a gRPC status other than OK",
             labels=["code"],
         )
-        for code, n in sorted(getattr(st, "statuses", {}).items()):
+        for code, n in sorted(st.statuses.items()):
             status.add_metric([code], n)
         yield term
         yield msgs

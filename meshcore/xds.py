@@ -29,7 +29,10 @@ Invariants:
 - The stream is a call of our own gRPC client (`meshcore.grpcclient`, one connection per
   stream; no grpcio in a proxy): a response message over `ControlPlaneEndpoint.max_message`
   ends the stream RESOURCE_EXHAUSTED, and a stream ended with a gRPC status other than OK is
-  counted by status (`ClientStats.statuses`) and logged with it.
+  counted by status (`ClientStats.statuses`) and logged with it. Limits that changed with the
+  move off grpcio's client: the largest response message is 64 MiB (was 256 MiB), and the
+  keepalive is the HTTP/2 core's, a PING after 10 s without input and the connection dead when
+  it is not answered within 20 s (grpcio's channel options were 10 s and 5 s).
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class HeaderBlocks(ConnectionControl):
         """Client: open a CONNECT stream (RFC 9113 §8.5: no :scheme, no :path). Returns its id."""
         return self.open_request([(":method", "CONNECT"), (":authority", authority), *headers])
 
-    def open_request(self, block: Sequence[tuple[str, str]], *, end_stream: bool = False) -> int:
+    def open_request(self, block: Sequence[tuple[str, str]]) -> int:
         """Client: open a stream with the request header block `block` (pseudo-headers first,
         the caller's to get right: CONNECT for HBONE, a gRPC POST for `meshcore.grpcwire`).
         Returns its id."""
@@ -146,16 +146,13 @@ class HeaderBlocks(ConnectionControl):
             )
         stream_id = self._next_stream_id
         self._next_stream_id += 2
-        self._send_headers(stream_id, block, end_stream=end_stream)
-        stream = Stream(
+        self._send_headers(stream_id, block, end_stream=False)
+        self._streams[stream_id] = Stream(
             stream_id=stream_id,
             state=StreamState.OPEN,
             send_window=self.peer_initial_window,
             recv_window=STREAM_WINDOW,
         )
-        self._streams[stream_id] = stream
-        if end_stream:
-            self._transition(stream, StreamInput.SEND_END)
         return stream_id
 
     def respond(self, stream_id: int, status: int, headers: Sequence[tuple[str, str]] = ()) -> None:
