@@ -363,6 +363,7 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
             "proxy_resources_mean": round(statistics.mean(sizes), 1),
             "proxy_resources_max": max(sizes),
             "whole_mesh_resources": len(wc.state.workloads) + len(wc.state.services),
+            "whole_mesh_address_bytes": sum(wc.stats.message_bytes.values()),
             "policies_per_proxy": len(od.state.policies),
             "scope_exact": scope_ok,
             "full_state_on_demand_s": round(od_s, 3),
@@ -419,7 +420,8 @@ def report(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
         (
             "full state, new node proxy < 2 s",
             f"{r['full_state_on_demand_s']:.3f} s on-demand "
-            f"({r['full_state_wildcard_s']:.3f} s for the whole mesh)",
+            f"({r['full_state_wildcard_s']:.3f} s for the whole mesh, "
+            f"{r.get('whole_mesh_address_bytes', 0) / 2**20:.1f} MiB of xDS responses)",
             r["full_state_on_demand_s"] < 2.0,
         ),
         (

@@ -1,12 +1,18 @@
 """What an idle node-proxy worker holds, by mapping and by imported package (issue 14, memory).
 
-Owns: the idle-worker probe (the real `ztunnel.app.main`, static mode, one worker, in a fresh
-interpreter under `-X importtime`; once ready it reports VmRSS, Pss, its modules and the RSS of
-each mapping of `/proc/self/smaps`, then stops) and the marginal cost of a package: a fresh
+Owns: the idle-worker probe (the real `ztunnel.app.main`, static mode or fed by the control
+plane, one worker, in a fresh interpreter under `-X importtime`; once ready it reports VmRSS,
+Pss, its modules and the RSS of each mapping of `/proc/self/smaps`, then stops) and the
+marginal cost of a package: a fresh
 interpreter imports every module the worker imported except the package's import subtree (the
 modules first imported under it) and those that would pull it in, reads VmRSS, imports the
 subtree, reads VmRSS again (median of 3). The marginal cost is what making the package lazy
 could save at most; modules imported by something else too are not counted.
+
+`--controlplane`: the worker is fed by our control plane instead (plaintext xDS + CA on
+127.0.96.2:15012, started from the same source tree, serving one pod on the worker's node): its
+first state applied and its certificate fetched before it is ready, so the report is an idle
+control-plane worker with its xDS stream open.
 
 Run it in a network namespace of its own (fixed addresses 127.0.96.x):
 
@@ -112,16 +118,56 @@ print(rss() - before)
 SKIP = frozenset({"__main__", "_winapi", "winreg", "nt", "_overlapped", "snappy"})
 
 
-def idle_worker(workdir: Path) -> tuple[dict[str, object], str]:
+CONTROLPLANE = "127.0.96.2"
+TOKEN = "worker-memory-node-w-token-0123456789"
+MANIFESTS = f"""apiVersion: v1
+kind: Namespace
+metadata: {{name: default, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: default, labels: {{app: web}}}}
+spec: {{serviceAccountName: web, nodeName: node-w}}
+status: {{podIP: {POD}}}
+"""
+CONTROLPLANE_MAIN = "import sys, controlplane.app; sys.exit(controlplane.app.main(sys.argv[1:]))"
+
+
+def start_controlplane(workdir: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Our control plane (plaintext, loopback) serving one pod on node-w; the worker's flags."""
+    (workdir / "manifests").mkdir()
+    (workdir / "manifests" / "mesh.yaml").write_text(MANIFESTS)
+    (workdir / "creds.yaml").write_text(f"node-w: {TOKEN}\n")
+    (workdir / "node-w.token").write_text(TOKEN + "\n")
+    argv = [sys.executable, "-c", CONTROLPLANE_MAIN, "--listen", f"{CONTROLPLANE}:15012"]
+    argv += ["--plaintext", "--manifest-dir", str(workdir / "manifests")]
+    argv += ["--ca-dir", str(workdir / "cp-ca"), "--node-credentials", str(workdir / "creds.yaml")]
+    argv += ["--log-level", "warning"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    feed = ["--xds-address", f"{CONTROLPLANE}:15012"]
+    return proc, [*feed, "--node-credential-file", str(workdir / "node-w.token")]
+
+
+def idle_worker(workdir: Path, controlplane: bool = False) -> tuple[dict[str, object], str]:
     """Run the probe; its report and its `-X importtime` log."""
     mesh = workdir / "mesh.yaml"
     mesh.write_text(MESH)
     ready, out = workdir / "ready", workdir / "report.json"
     argv = [sys.executable, "-X", "importtime", "-c", PROBE, str(ready), str(out)]
-    argv += ["--node", "node-w", "--node-ip", NODE, "--mesh-config", str(mesh)]
-    argv += ["--ca-dir", str(workdir / "ca"), "--capture", "bind", "--drain-timeout", "1"]
+    argv += ["--node", "node-w", "--node-ip", NODE, "--capture", "bind", "--drain-timeout", "1"]
     argv += ["--ready-file", str(ready), "--no-access-log"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    cp: subprocess.Popen[bytes] | None = None
+    if controlplane:
+        cp, feed = start_controlplane(workdir)
+        argv += feed
+    else:
+        argv += ["--mesh-config", str(mesh), "--ca-dir", str(workdir / "ca")]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        if cp is not None:
+            cp.terminate()
+            cp.wait(10)
     if not out.exists():
         sys.exit(f"the probe did not report:\n{done.stderr[-3000:]}")
     report: dict[str, object] = json.loads(out.read_text())
@@ -180,15 +226,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--packages", default="", help="comma list: marginal RSS of each")
     ap.add_argument("--mappings", type=int, default=12, help="largest mappings to print")
+    ap.add_argument("--controlplane", action="store_true", help="a worker fed by the control plane")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="worker-memory-") as tmp:
-        report, log_text = idle_worker(Path(tmp))
+        report, log_text = idle_worker(Path(tmp), args.controlplane)
     modules = report["modules"]
     assert isinstance(modules, list)
     rss, pss = report["rss_kib"], report["pss_kib"]
     assert isinstance(rss, int)
     assert isinstance(pss, int)
-    print(f"idle static worker: VmRSS {rss / 1024:.1f} MiB, Pss {pss / 1024:.1f} MiB, ", end="")
+    mode = "control-plane" if args.controlplane else "static"
+    print(f"idle {mode} worker: VmRSS {rss / 1024:.1f} MiB, Pss {pss / 1024:.1f} MiB, ", end="")
     print(f"{len(modules)} modules")
     print("\n| mapping | RSS (MiB) |\n|---|---:|")
     by = report["mappings"]

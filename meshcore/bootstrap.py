@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from meshcore.certs import CertificateProvider, LocalCAProvider, utcnow
 from meshcore.errors import ConfigError
 
-if TYPE_CHECKING:  # gRPC loads with the clients only: a static node proxy parses these flags too
+if TYPE_CHECKING:  # protobuf loads with the clients only: a static node proxy parses these flags
     from meshcore.certhelper import CertHelper
     from meshcore.xds import ControlPlaneEndpoint
 

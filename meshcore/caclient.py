@@ -24,7 +24,9 @@ Invariants:
 - Response layout (ours, Istio-compatible): leaf first, intermediates, and as last element the
   trust bundle (one or more roots; more than one during a root rollover).
 - gRPC failures become `CertificateError` carrying the gRPC status name and the server's
-  message (e.g. PERMISSION_DENIED for an impersonation the control plane refused).
+  message (e.g. PERMISSION_DENIED for an impersonation the control plane refused), counted by
+  status name (`statuses`). The call is our own gRPC client's (`meshcore.grpcclient`), so a
+  node-proxy worker never imports grpcio.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from meshcore.certhelper import CertHelper
 from meshcore.certs import WorkloadCertificate
 from meshcore.errors import CertificateError
+from meshcore.grpcclient import GrpcConnection
+from meshcore.grpcwire import CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE, GrpcError, code_name
 from meshcore.identity import SpiffeId
 from meshcore.proto import ca_pb2
 from meshcore.xds import ControlPlaneEndpoint
@@ -77,17 +81,16 @@ def response_parts(identity: SpiffeId, chain: list[str]) -> tuple[list[bytes], b
     return [p.encode() for p in chain[:-1]], roots_pem
 
 
-_UNREACHED = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
-_ANSWERED = frozenset(c for c in grpc.StatusCode if c not in _UNREACHED)
-"""gRPC statuses of a call the CA (or the control plane in front of it) answered: its CSR was
-read, a retry gets a new key. The others: the CA was not reached (down, unreachable, too slow),
-the CSR is sent again (`PENDING_KEY_TTL`)."""
+_UNREACHED = frozenset({UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED})
+"""gRPC statuses of a call that did not reach the CA (down, unreachable, too slow): the CSR is
+sent again (`PENDING_KEY_TTL`). Any other status: the CA (or the control plane in front of it)
+answered, its CSR was read, a retry gets a new key."""
 
 
 class ControlPlaneCAProvider:
-    """Fetches workload certificates from the control plane (one channel, reused)."""
+    """Fetches workload certificates from the control plane (one connection, reused while it
+    lasts; dialled again by the next fetch once lost: the certificate manager's backoff paces
+    the retries)."""
 
     def __init__(
         self,
@@ -103,21 +106,46 @@ class ControlPlaneCAProvider:
         self.timeout = timeout
         self.helper = helper if helper is not None else CertHelper(in_process=True)
         self._clock = clock
-        self._channel: grpc.aio.Channel | None = None
         self._pending: dict[SpiffeId, tuple[float, bytes, bytes]] = {}
         """identity -> (made at, key PEM, CSR PEM) of a CSR the CA has not answered yet."""
         self._lent: set[SpiffeId] = set()
         """Identities whose pending key a fetch in flight holds."""
         self.keys_made = 0
         self.keys_reused = 0
+        self._conn: GrpcConnection | None = None
+        self._dialling: asyncio.Lock | None = None
+        self.statuses: dict[str, int] = {}
+        """Calls that ended with a gRPC status other than OK, by status name."""
 
-    def _call(self) -> grpc.aio.UnaryUnaryMultiCallable:
-        if self._channel is None:
-            self._channel = self.endpoint.channel()
-        return self._channel.unary_unary(
+    async def _connection(self, deadline: float) -> GrpcConnection:
+        """The shared connection; dialled again only once it is dead or going away (never for
+        being full: a call then waits for a stream slot, `GrpcConnection.unary`). The one it
+        replaces is not closed here: its calls drain, then it closes itself."""
+        if self._dialling is None:
+            self._dialling = asyncio.Lock()
+        async with self._dialling:  # concurrent fetches share one dial
+            if self._conn is None or not self._conn.alive:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise GrpcError(DEADLINE_EXCEEDED, f"no connection within {self.timeout:g}s")
+                self._conn = await self.endpoint.connect(left)
+            return self._conn
+
+    async def call(self, request: bytes) -> bytes:
+        """One CreateCertificate call: dial (if needed), the wait for a stream slot and the
+        answer all within one `timeout`. GrpcError otherwise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                conn = await self._connection(deadline)
+        except TimeoutError:
+            raise GrpcError(DEADLINE_EXCEEDED, f"no connection within {self.timeout:g}s") from None
+        return await conn.unary(
             CREATE_CERTIFICATE,
-            request_serializer=ca_pb2.IstioCertificateRequest.SerializeToString,
-            response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
+            request,
+            metadata=self.endpoint.metadata(),
+            timeout=max(deadline - loop.time(), 0.001),
         )
 
     async def _key(self, identity: SpiffeId) -> tuple[bytes, bytes, bool]:
@@ -161,19 +189,22 @@ class ControlPlaneCAProvider:
     ) -> ca_pb2.IstioCertificateResponse:
         request = build_request(identity, csr_pem, self.ttl)
         try:
-            resp: ca_pb2.IstioCertificateResponse = await self._call()(
-                request, metadata=self.endpoint.metadata(), timeout=self.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
+            raw = await self.call(request.SerializeToString())
+            resp: ca_pb2.IstioCertificateResponse = ca_pb2.IstioCertificateResponse.FromString(raw)
+        except GrpcError as exc:
+            name = code_name(exc.code)
+            self.statuses[name] = self.statuses.get(name, 0) + 1
             if not held:
                 pass  # a fetch's own key: nothing pending to keep or drop
-            elif exc.code() in _ANSWERED:
+            elif exc.code not in _UNREACHED:
                 self._pending.pop(identity, None)  # the CA read this CSR: never sent again
             else:
                 log.debug("CA unreachable for %s: its CSR is kept for the retry", identity)
-            raise CertificateError(
-                f"CA refused {identity}: {exc.code().name}: {exc.details()}"
-            ) from None
+            raise CertificateError(f"CA refused {identity}: {exc}") from None
+        except DecodeError as exc:
+            if held:
+                self._pending.pop(identity, None)  # answered, however badly
+            raise CertificateError(f"CA answer for {identity} is not a response: {exc}") from None
         except asyncio.CancelledError:
             raise
         if held:
@@ -186,6 +217,6 @@ class ControlPlaneCAProvider:
 
     async def close(self) -> None:
         self._pending.clear()
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -20,6 +20,8 @@ Per-connection sockets are `TcpSocket`s (issue 14): the connected sockets the pr
 convert the C integer through the enum machinery each time (~1.7 us per read); a `TcpSocket`
 returns the same enum members from a table. `accept` builds one from `accept(2)`'s descriptor
 directly (`socket.socket.accept` reads the listener's `family` and `type` the slow way first).
+A name (the rare case: the control plane's DNS name) is resolved for both families and each
+address tried in the resolver's order, the deadline shared between them.
 Connecting (issue 14, per-connection cost): the socket's own non-blocking connect(2), waited for
 with a writer callback; no resolver round trip for an IP address (uvloop's `sock_connect`
 resolves every address in its thread pool), and no timer per connect: the timeouts of all
@@ -154,8 +156,27 @@ async def connect_tcp(
     `timeout` seconds (all attempts together; TimeoutError after it)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    address = await _numeric(loop, family, host, port, timeout)
+    addresses = await _numeric(loop, host, port, timeout)
+    for i, address in enumerate(addresses):
+        # Each address in the resolver's order gets an equal share of the time left.
+        share = (deadline - loop.time()) / (len(addresses) - i)
+        try:
+            return await _connect_bound(
+                loop, address, source_ip, transparent, min(deadline, loop.time() + share)
+            )
+        except OSError:
+            if i == len(addresses) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _connect_bound(
+    loop: asyncio.AbstractEventLoop,
+    address: tuple[str, int],
+    source_ip: str | None,
+    transparent: bool,
+    deadline: float,
+) -> socket.socket:
     for attempt in range(1, BIND_ATTEMPTS + 1):
         try:
             return await _connect_once(loop, address, source_ip, transparent, deadline)
@@ -167,16 +188,25 @@ async def connect_tcp(
 
 
 async def _numeric(
-    loop: asyncio.AbstractEventLoop, family: int, host: str, port: int, timeout: float
-) -> tuple[str, int]:
-    """(host, port) with `host` as an IP address: as given, or resolved (the rare name)."""
+    loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float
+) -> list[tuple[str, int]]:
+    """The (ip, port)s to try: `host` itself when it is an IP address, else every address the
+    resolver gives for the name, IPv6 and IPv4 (AF_UNSPEC), in its order (RFC 6724), once each
+    (the chart's control-plane address is a DNS name; a dual-stack name's first address may be
+    unreachable)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         socket.inet_pton(family, host)
     except OSError:
         async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
-        return str(infos[0][4][0]), port
-    return host, port
+            infos = await loop.getaddrinfo(
+                host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM
+            )
+        ordered = dict.fromkeys(str(info[4][0]) for info in infos)
+        if not ordered:
+            raise OSError(errno.EHOSTUNREACH, f"{host} resolves to no address") from None
+        return [(ip, port) for ip in ordered]
+    return [(host, port)]
 
 
 async def _connect_once(

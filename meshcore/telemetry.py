@@ -283,7 +283,8 @@ class BuildCollector(Collector):
 class XdsCollector(Collector):
     """ztunnel's xDS client metrics from a live stats object: ``istio_xds_connection_
     terminations_total{reason}``, ``istio_xds_message_total{url}``,
-    ``istio_xds_message_bytes_total{url}``."""
+    ``istio_xds_message_bytes_total{url}``; and ours, ``ambient_xds_grpc_status_total{code}``:
+    xDS streams ended with a gRPC status other than OK (`meshcore.grpcwire` names)."""
 
     def __init__(self, stats: Callable[[], Any]) -> None:
         self.stats = stats
@@ -308,9 +309,17 @@ class XdsCollector(Collector):
         for url, n in sorted(st.messages.items()):
             msgs.add_metric([url], n)
             size.add_metric([url], st.message_bytes.get(url, 0))
+        status = CounterMetricFamily(
+            "ambient_xds_grpc_status",
+            "xDS streams ended with a gRPC status other than OK",
+            labels=["code"],
+        )
+        for code, n in sorted(st.statuses.items()):
+            status.add_metric([code], n)
         yield term
         yield msgs
         yield size
+        yield status
 
 
 def process_collectors(registry: CollectorRegistry, component: str) -> None:

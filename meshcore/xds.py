@@ -26,6 +26,13 @@ Invariants:
   knows it does not exist). Authorization stays wildcard (every policy, always).
 - Extra type URLs (`extra_types`, e.g. the waypoint's ``ambient.l7.Resource``) are subscribed to
   on the same stream and applied by their handler, with the same ACK/NACK and version rules.
+- The stream is a call of our own gRPC client (`meshcore.grpcclient`, one connection per
+  stream; no grpcio in a proxy): a response message over `ControlPlaneEndpoint.max_message`
+  ends the stream RESOURCE_EXHAUSTED, and a stream ended with a gRPC status other than OK is
+  counted by status (`ClientStats.statuses`) and logged with it. Limits that changed with the
+  move off grpcio's client: the largest response message is 64 MiB (was 256 MiB), and the
+  keepalive is the HTTP/2 core's, a PING after 10 s without input and the connection dead when
+  it is not answered within 20 s (grpcio's channel options were 10 s and 5 s).
 """
 
 from __future__ import annotations
@@ -34,17 +41,18 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import grpc
 from google.protobuf import struct_pb2
 
 from meshcore.backoff import Backoff, Retry
 from meshcore.bootstrap import DEFAULT_SERVER_NAME
 from meshcore.errors import ConfigError
+from meshcore.grpcclient import GrpcCall, GrpcConnection
+from meshcore.grpcclient import connect as grpc_connect
+from meshcore.grpcwire import DEFAULT_MAX_MESSAGE, GrpcError, code_name
 from meshcore.model import Authorization, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, TYPE_URLS, unpack
@@ -83,19 +91,19 @@ class ControlPlaneEndpoint:
     token_file: Path | None = None
     """Re-read for every call when set (projected service-account tokens rotate on disk)."""
 
-    def channel(self) -> grpc.aio.Channel:
-        options: list[tuple[str, int | str]] = [
-            ("grpc.keepalive_time_ms", 10_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
-            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-        ]
-        if self.tls_roots is None:
-            return grpc.aio.insecure_channel(self.address, options=options)
-        creds = grpc.ssl_channel_credentials(root_certificates=self.tls_roots)
-        options.append(("grpc.ssl_target_name_override", self.server_name))
-        return grpc.aio.secure_channel(self.address, creds, options=options)
+    max_message: int = DEFAULT_MAX_MESSAGE
+    """Largest response message accepted (`meshcore.grpcwire`); larger: RESOURCE_EXHAUSTED."""
+
+    async def connect(self, timeout: float = 10.0) -> GrpcConnection:
+        """One HTTP/2 connection for gRPC calls (`meshcore.grpcclient`): TLS verified against
+        `tls_roots` for `server_name`, or plaintext without roots. GrpcError(UNAVAILABLE)."""
+        return await grpc_connect(
+            self.address,
+            tls_roots=self.tls_roots,
+            server_name=self.server_name,
+            timeout=timeout,
+            max_message=self.max_message,
+        )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Credentials for one call (an xDS stream or a CSR). A token file is read each time,
@@ -172,6 +180,13 @@ class ClientStats:
     """Responses received per type URL (``istio_xds_message``)."""
     message_bytes: dict[str, int] = field(default_factory=dict)
     """Encoded bytes of those responses per type URL (``istio_xds_message_bytes``)."""
+    statuses: dict[str, int] = field(default_factory=dict)
+    """Streams ended with a gRPC status other than OK, by status name (the server's, or the
+    one `meshcore.grpcwire` synthesized: UNAVAILABLE for a lost connection)."""
+
+    def count_status(self, code: int) -> None:
+        name = code_name(code)
+        self.statuses[name] = self.statuses.get(name, 0) + 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,9 +292,10 @@ class XdsClient:
                 self.stats.last_error = "stream closed by the control plane"
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
+            except GrpcError as exc:
                 reason = "ConnectionError"
-                self.stats.last_error = f"{exc.code().name}: {exc.details()}"
+                self.stats.last_error = str(exc)
+                self.stats.count_status(exc.code)
             except Exception as exc:
                 reason = "Error"
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -317,32 +333,37 @@ class XdsClient:
             )
         self._outbox = outbox
 
-        async def requests() -> AsyncIterator[dpb.DeltaDiscoveryRequest]:
-            while (req := await outbox.get()) is not None:
-                yield req
-
         delivered = False
         seen_types: set[str] = set()
-        async with self.endpoint.channel() as channel:
-            method = channel.stream_stream(
-                DELTA_METHOD,
-                request_serializer=dpb.DeltaDiscoveryRequest.SerializeToString,
-                response_deserializer=dpb.DeltaDiscoveryResponse.FromString,
-            )
-            call: Any = method(requests(), metadata=self.endpoint.metadata())
+        metadata = self.endpoint.metadata()
+        conn = await self.endpoint.connect()
+        sender: asyncio.Task[None] | None = None
+        call: GrpcCall | None = None
+        try:
+            call = conn.start(DELTA_METHOD, metadata=metadata)
             self.stats.connects += 1
-            try:
-                async for resp in call:
-                    self.stats.connected = True
-                    delivered = True
-                    outbox.put_nowait(self._handle(resp))
-                    seen_types.add(resp.type_url)
-                    if seen_types >= set(self.type_urls):
-                        self.synced.set()
-            finally:
-                self._outbox = None
-                outbox.put_nowait(None)
-                call.cancel()
+
+            async def send_requests(call: GrpcCall) -> None:
+                while (req := await outbox.get()) is not None:
+                    call.send(req.SerializeToString())
+
+            sender = asyncio.get_running_loop().create_task(send_requests(call))
+            async for raw in call:
+                resp = dpb.DeltaDiscoveryResponse.FromString(raw)
+                self.stats.connected = True
+                delivered = True
+                outbox.put_nowait(self._handle(resp))
+                seen_types.add(resp.type_url)
+                if seen_types >= set(self.type_urls):
+                    self.synced.set()
+        finally:
+            self._outbox = None
+            outbox.put_nowait(None)
+            if sender is not None:
+                sender.cancel()
+            if call is not None:
+                call.cancel()  # RST_STREAM(CANCEL) before the GOAWAY: the server ends the RPC
+            conn.close()
         return delivered
 
     def _handle_extra(

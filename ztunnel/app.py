@@ -63,7 +63,7 @@ from ztunnel.proxy.outbound import OutboundConnection
 from ztunnel.proxy.relay import TcpSide
 
 if TYPE_CHECKING:
-    # Imported where used: grpc and the xDS/CA clients by control-plane mode, aioquic by
+    # Imported where used: protobuf and the xDS/CA clients by control-plane mode, aioquic by
     # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory).
     from ztunnel.proxy.inbound_h3 import H3Listener
 

@@ -3,10 +3,11 @@
 Owns: forking the extra workers of control-plane mode and handing them the first worker's
 listening sockets. Static mode binds before it forks (`ztunnel.app.serve`); here the listeners
 depend on the first full state (bind capture binds each local workload's address), and that
-state arrives over gRPC, which must not be running in a process that forks (gRPC's threads and
-its event engine do not survive fork(2)). So:
+state arrives over the control plane's gRPC stream, whose connection must not be shared with a
+forked child (both would read and write the one socket). The client is our own
+(`meshcore.grpcclient`: no grpcio, whose threads and event engine did not survive fork(2)). So:
 
-1. The first worker forks the others before anything of gRPC is imported or started (the
+1. The first worker forks the others before any control-plane connection is opened (the
    xDS/CA clients are imported lazily, `ztunnel.contexts.controlplane_context`), one SEQPACKET
    socketpair per extra worker.
 2. The first worker waits for its full state, takes over from a predecessor if there is one
@@ -29,10 +30,10 @@ worker holds its own key pair; the keys never leave the process), and for a few 
 after a change two workers may apply different versions, which a single process also shows
 between two connections (every connection sees one snapshot).
 
-Invariants: no gRPC object exists in the process when it forks; an extra worker serves only
-the sockets the first worker bound (never binds itself); a malformed or truncated offer is a
-`HandoverError` (the worker exits and the first worker, seeing it die, stops the proxy: fail
-fast, the supervisor restarts it); every fd received is either used or closed.
+Invariants: no control-plane connection exists in the process when it forks; an extra worker
+serves only the sockets the first worker bound (never binds itself); a malformed or truncated
+offer is a `HandoverError` (the worker exits and the first worker, seeing it die, stops the
+proxy: fail fast, the supervisor restarts it); every fd received is either used or closed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Sans-I/O HBONE connection: the subset of HTTP/2 (RFC 9113) that carries CONNECT tunnels.
+"""Sans-I/O HBONE connection: the subset of HTTP/2 (RFC 9113) that carries CONNECT tunnels,
+and, client role only, our gRPC client's calls (`meshcore.grpcclient`: a POST request, DATA
+both ways, trailers).
 
 Owns: `HboneConnection`, one HTTP/2 connection in either role, and its input: the frame reader
 (connection preface, frame headers, partial frames), the dispatch of each frame to the layer
@@ -22,8 +24,9 @@ Why not the `h2` package for this: HBONE moves bulk bytes, and per-chunk Python 
 This codec streams DATA payloads straight out of the receive buffer (no frame reassembly), sends one
 DATA frame per application write, and batches WINDOW_UPDATEs at half-window. It speaks only what a
 CONNECT tunnel needs: no server push (we send ENABLE_PUSH=0 and treat PUSH_PROMISE as a connection
-error, §8.4), priorities are ignored (§5.3.2 allows it), requests must be CONNECT (§8.5) or are
-answered 400 by the HBONE layer above.
+error, §8.4), priorities are ignored (§5.3.2 allows it). As a server, requests must be CONNECT
+(§8.5) or are answered 400 by the HBONE layer above; as a client it also opens other requests
+(`open_request`, gRPC's POST) and hands up their trailers (`TrailersReceived`).
 
 Timers follow aioquic: `get_timer()` says when the connection next needs `handle_timer(now)`;
 the edge arms one timer for that instant instead of polling.

@@ -57,6 +57,16 @@ class ResponseReceived(Event):
 
 
 @dataclass(slots=True)
+class TrailersReceived(Event):
+    """A trailer section (RFC 9113 §8.1: the last header block, with END_STREAM, no
+    pseudo-header), validated; a `StreamEnded` follows. gRPC's status travels here; HBONE's
+    edges ignore it."""
+
+    stream_id: int
+    headers: Headers
+
+
+@dataclass(slots=True)
 class DataReceived(Event):
     """Tunnel bytes. `flow_length` counts toward flow control; acknowledge it once consumed."""
 

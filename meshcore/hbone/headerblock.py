@@ -2,7 +2,8 @@
 §6.2, §6.10, §8), HPACK (RFC 7541), and the CONNECT requests HBONE accepts (§8.5).
 
 Owns: `HeaderBlocks` (a layer of `meshcore.hbone.connection.HboneConnection`, above the
-connection control): opening a CONNECT stream (`open_connect`) and answering one (`respond`),
+connection control): opening a CONNECT stream (`open_connect`; `open_request` for another
+request, e.g. gRPC's POST) and answering one (`respond`), trailers handed up (`TrailersReceived`),
 header blocks sent (HEADERS + CONTINUATION) and received (HEADERS/CONTINUATION assembly, the
 HPACK decoder, request and response validation, streams the protocol refuses itself), and
 the bounds on them (`HEADER_BLOCK_LIMIT`, `MAX_CONTINUATIONS`, `EMPTY_CONTINUATION_ALLOWANCE`,
@@ -48,6 +49,7 @@ from meshcore.hbone.events import (
     RequestRefused,
     ResponseReceived,
     StreamEnded,
+    TrailersReceived,
 )
 from meshcore.hbone.flow import STREAM_WINDOW
 from meshcore.hbone.frames import ErrorCode, Flag, FrameType, encode_rst_stream, frame_header
@@ -138,13 +140,18 @@ class HeaderBlocks(ConnectionControl):
 
     def open_connect(self, authority: str, headers: Sequence[tuple[str, str]] = ()) -> int:
         """Client: open a CONNECT stream (RFC 9113 §8.5: no :scheme, no :path). Returns its id."""
+        return self.open_request([(":method", "CONNECT"), (":authority", authority), *headers])
+
+    def open_request(self, block: Sequence[tuple[str, str]]) -> int:
+        """Client: open a stream with the request header block `block` (pseudo-headers first,
+        the caller's to get right: CONNECT for HBONE, a gRPC POST for `meshcore.grpcwire`).
+        Returns its id."""
         if self.role is not Role.CLIENT:
             raise H2UsageError("only a client opens streams", ErrorCode.INTERNAL_ERROR)
         if not self.can_open_stream(limit=self.peer_max_streams):
             raise H2UsageError("no stream available on this connection", ErrorCode.REFUSED_STREAM)
         stream_id = self._next_stream_id
         self._next_stream_id += 2
-        block = [(":method", "CONNECT"), (":authority", authority), *headers]
         self._send_headers(stream_id, block, end_stream=False)
         self._streams[stream_id] = Stream(
             stream_id=stream_id,
@@ -360,6 +367,8 @@ class HeaderBlocks(ConnectionControl):
             # Trailers must end the stream and carry no pseudo-header (§8.1).
             self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, events)
             return
+        else:
+            events.append(TrailersReceived(stream.stream_id, headers))
         if end_stream:
             events.append(StreamEnded(stream.stream_id))
             self._transition(stream, StreamInput.RECV_END)

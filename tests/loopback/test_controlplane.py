@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf import any_pb2
 
 from controlplane.app import ControlPlane
 from meshcore.ca import generate_csr
-from meshcore.caclient import PENDING_KEY_TTL, ControlPlaneCAProvider, build_request
+from meshcore.caclient import (
+    CREATE_CERTIFICATE,
+    PENDING_KEY_TTL,
+    ControlPlaneCAProvider,
+    build_request,
+)
 from meshcore.certs import WorkloadCertificate, split_pem_chain
 from meshcore.errors import CertificateError
+from meshcore.grpcwire import GrpcError
 from meshcore.identity import SpiffeId
-from meshcore.proto import ca_pb2, workload_pb2
+from meshcore.proto import workload_pb2
 from meshcore.proto.convert import ADDRESS_TYPE
 from tests.helpers import run
 from tests.loopback.cpfixtures import (
@@ -87,25 +93,22 @@ async def _csr_for_service_account_on_another_node_is_refused(tmp_path: Path) ->
                 await provider_a.fetch(echo)  # echo runs on node-b only
             # A CSR for echo smuggled under a sleep ImpersonatedIdentity is refused too.
             _, csr = generate_csr(echo)
-            channel = endpoint("node-a").channel()
-            call = channel.unary_unary(
-                "/istio.v1.auth.IstioCertificateService/CreateCertificate",
-                request_serializer=ca_pb2.IstioCertificateRequest.SerializeToString,
-                response_deserializer=ca_pb2.IstioCertificateResponse.FromString,
-            )
-            from datetime import timedelta
-
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await call(
-                    build_request(sleep, csr, timedelta(hours=1)),
+            # Over our own gRPC client (meshcore.grpcclient) against the grpcio server.
+            conn = await endpoint("node-a").connect()
+            request = build_request(sleep, csr, timedelta(hours=1)).SerializeToString()
+            with pytest.raises(GrpcError) as err:
+                await conn.unary(
+                    CREATE_CERTIFICATE,
+                    request,
                     metadata=endpoint("node-a").metadata(),
+                    timeout=10,
                 )
-            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.code_name == "INVALID_ARGUMENT"
             # No credential at all.
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await call(build_request(sleep, csr, timedelta(hours=1)))
-            assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
-            await channel.close()
+            with pytest.raises(GrpcError) as err:
+                await conn.unary(CREATE_CERTIFICATE, request, timeout=10)
+            assert err.value.code_name == "UNAUTHENTICATED"
+            conn.close()
         finally:
             await provider_a.close()
 

@@ -85,3 +85,38 @@ def test_the_per_connection_sockets_skip_the_enum_conversions(
         uvloop.run(main())
     finally:
         listener.close()
+
+
+def test_a_name_is_resolved_for_both_families_and_each_address_tried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name whose first address refuses (here: nothing listens there) is reached on the next
+    one; the resolver is asked for every family (AF_UNSPEC: the chart's control-plane address
+    is a DNS name, perhaps IPv6 only or first)."""
+    listener = make_listener("127.0.25.2", 0)
+    port = listener.getsockname()[1]
+    asked: list[int] = []
+
+    async def resolve(host: str, port: int, *, family: int = 0, **kw: Any) -> list[Any]:
+        asked.append(family)
+        stream = socket.SOCK_STREAM
+        return [
+            (socket.AF_INET, stream, 6, "", ("127.0.25.3", port)),  # refused
+            (socket.AF_INET, stream, 6, "", ("127.0.25.3", port)),  # a duplicate: tried once
+            (socket.AF_INET, stream, 6, "", ("127.0.25.2", port)),
+        ]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(loop, "getaddrinfo", resolve)
+        sock = await connect_tcp("cp.example", port, timeout=5)
+        try:
+            assert sock.getpeername() == ("127.0.25.2", port)
+        finally:
+            sock.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+    assert asked == [socket.AF_UNSPEC]

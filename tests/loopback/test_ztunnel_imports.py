@@ -5,7 +5,8 @@ scrape or a build needs (`importlib.metadata` with `zipfile`/`csv`, `importlib.a
 `importlib.resources`), and a worker fed by the control plane has no `yaml` (session 6, memory).
 No worker, in either mode, imports `cryptography` (nor pyOpenSSL): its certificates (ready means
 every local identity has one) were made and checked by `meshcore.certhelper`'s helper processes
-(session 7).
+(session 7). A worker fed by the control plane imports no grpcio either: its xDS stream and CA
+calls go over our own gRPC client on the HTTP/2 core (`meshcore.grpcclient`, session 8).
 
 The real `ztunnel.app.main` runs in a subprocess (a fresh interpreter: this test process has
 imported everything); once it is ready (--ready-file) it prints its `sys.modules` and stops.
@@ -99,10 +100,14 @@ def test_http3_flag_loads_aioquic(tmp_path: Path) -> None:
     assert not imported(modules, "grpc")
 
 
+NOT_IN_CONTROLPLANE_MODE = ("yaml", "grpc")
+
+
 @pytest.mark.timeout(90)
-def test_controlplane_node_proxy_imports_no_yaml(tmp_path: Path) -> None:
-    """A worker fed by the control plane, ready (its first state applied, listeners bound):
-    no YAML parser and none of the scrape-only modules."""
+def test_controlplane_node_proxy_imports_no_yaml_or_grpc(tmp_path: Path) -> None:
+    """A worker fed by the control plane, ready (its first state applied over xDS, its
+    certificates from the control plane's CA, listeners bound): no YAML parser, no grpcio
+    (~13 MiB), none of the scrape-only modules."""
     ready = tmp_path / "ready"
     flags = [*node_b_args(tmp_path), "--drain-timeout", "1", "--ready-file", str(ready)]
     argv = [sys.executable, "-c", PROBE, str(ready), *flags]
@@ -115,5 +120,8 @@ def test_controlplane_node_proxy_imports_no_yaml(tmp_path: Path) -> None:
 
     modules = run(main(), timeout=80)
     assert imported(modules, "meshcore.xds")  # it was fed by the control plane
+    assert imported(modules, "meshcore.caclient")
+    assert imported(modules, "meshcore.grpcclient")
     assert imported(modules, "ztunnel.proxy.outbound")
-    assert [p for p in ("yaml", *NOT_IN_ANY_WORKER) if imported(modules, p)] == []
+    bad = [p for p in (*NOT_IN_CONTROLPLANE_MODE, *NOT_IN_ANY_WORKER) if imported(modules, p)]
+    assert bad == []

@@ -20,6 +20,7 @@ SOCKET_MODULES = {
     "hbone.h3aio",
     "hbone.pool",
     "sockets",
+    "grpcclient",
     "xds",
     "caclient",
     "kubeapi",
@@ -34,6 +35,7 @@ NETWORK_IMPORTS = (
     "kubernetes_asyncio",
     "meshcore.sockets",
     "meshcore.hbone.aio",
+    "meshcore.grpcclient",
     "meshcore.kubeapi",
     "opentelemetry.exporter",
 )
