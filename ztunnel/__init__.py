@@ -10,3 +10,6 @@ endpoints.
 """
 
 import meshcore  # noqa: F401  (first: chooses compiled or pure-Python hot modules, ztunnel.proxy.relay too)
+from meshcore.promlib import defer_package_init
+
+defer_package_init()  # before any metric module: no prometheus_client.exposition in a worker
