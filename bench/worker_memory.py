@@ -6,7 +6,11 @@ each mapping of `/proc/self/smaps`, then stops) and the marginal cost of a packa
 interpreter imports every module the worker imported except the package's import subtree (the
 modules first imported under it) and those that would pull it in, reads VmRSS, imports the
 subtree, reads VmRSS again (median of 3). The marginal cost is what making the package lazy
-could save at most; modules imported by something else too are not counted.
+could save at most; modules imported by something else too are not counted. With
+``--per-module N`` the probe also runs under `tracemalloc` and lists the N modules whose own
+import (its body, or an extension module's initialisation, without the modules it imports)
+left the most memory allocated: the cost of each module (its VmRSS is then tracemalloc's, not
+comparable with a run without it).
 
 Run it in a network namespace of its own (fixed addresses 127.0.96.x):
 
@@ -67,11 +71,38 @@ def report() -> None:
         "pss_kib": field("/proc/self/smaps_rollup", "Pss"),
         "modules": sorted(sys.modules),
         "mappings": mappings(),
+        "per_module": globals().get("_self", {}),
     }))
     os.kill(os.getpid(), signal.SIGTERM)
 
 threading.Thread(target=report, daemon=True).start()
 sys.exit(ztunnel.app.main(sys.argv[3:]))
+"""
+
+PER_MODULE = """
+import tracemalloc
+tracemalloc.start(1)
+import importlib._bootstrap_external as _be
+_stack, _self = [], {}
+
+def _wrap(orig, name_of):
+    def load(self, arg):
+        _stack.append([tracemalloc.get_traced_memory()[0], 0])
+        try:
+            return orig(self, arg)
+        finally:
+            t0, children = _stack.pop()
+            total = tracemalloc.get_traced_memory()[0] - t0
+            name = name_of(arg)
+            _self[name] = _self.get(name, 0) + total - children
+            if _stack:
+                _stack[-1][1] += total
+    return load
+
+_be._LoaderBasics.exec_module = _wrap(_be._LoaderBasics.exec_module, lambda m: m.__name__)
+_be.ExtensionFileLoader.create_module = _wrap(
+    _be.ExtensionFileLoader.create_module, lambda spec: spec.name
+)
 """
 
 MARGINAL = """
@@ -112,12 +143,14 @@ print(rss() - before)
 SKIP = frozenset({"__main__", "_winapi", "winreg", "nt", "_overlapped", "snappy"})
 
 
-def idle_worker(workdir: Path) -> tuple[dict[str, object], str]:
-    """Run the probe; its report and its `-X importtime` log."""
+def idle_worker(workdir: Path, *, per_module: bool = False) -> tuple[dict[str, object], str]:
+    """Run the probe (under `tracemalloc` with `per_module`); its report and its `-X importtime`
+    log."""
     mesh = workdir / "mesh.yaml"
     mesh.write_text(MESH)
     ready, out = workdir / "ready", workdir / "report.json"
-    argv = [sys.executable, "-X", "importtime", "-c", PROBE, str(ready), str(out)]
+    code = PER_MODULE + PROBE if per_module else PROBE
+    argv = [sys.executable, "-X", "importtime", "-c", code, str(ready), str(out)]
     argv += ["--node", "node-w", "--node-ip", NODE, "--mesh-config", str(mesh)]
     argv += ["--ca-dir", str(workdir / "ca"), "--capture", "bind", "--drain-timeout", "1"]
     argv += ["--ready-file", str(ready), "--no-access-log"]
@@ -180,9 +213,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--packages", default="", help="comma list: marginal RSS of each")
     ap.add_argument("--mappings", type=int, default=12, help="largest mappings to print")
+    ap.add_argument(
+        "--per-module", type=int, default=0, help="under tracemalloc: the N costliest modules"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="worker-memory-") as tmp:
-        report, log_text = idle_worker(Path(tmp))
+        report, log_text = idle_worker(Path(tmp), per_module=args.per_module > 0)
     modules = report["modules"]
     assert isinstance(modules, list)
     rss, pss = report["rss_kib"], report["pss_kib"]
@@ -195,6 +231,14 @@ def main() -> None:
     assert isinstance(by, dict)
     for name, kib in sorted(by.items(), key=lambda kv: -int(kv[1]))[: args.mappings]:
         print(f"| `{name}` | {int(kib) / 1024:.2f} |")
+    per = report["per_module"]
+    assert isinstance(per, dict)
+    if per:
+        total = sum(int(v) for v in per.values())
+        print(f"\nimports under tracemalloc: {total / 1024:.0f} KiB in {len(per)} modules")
+        print("\n| module (its own import) | KiB |\n|---|---:|")
+        for name, size in sorted(per.items(), key=lambda kv: -int(kv[1]))[: args.per_module]:
+            print(f"| `{name}` | {int(size) / 1024:.0f} |")
     entries = import_log(log_text)
     packages = [p for p in args.packages.split(",") if p]
     if packages:
