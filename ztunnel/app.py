@@ -44,6 +44,7 @@ from meshcore.proto.yamlform import load_mesh_config
 from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idle
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
+from ztunnel import udp_relay
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
     admin_routes,
@@ -62,10 +63,9 @@ from ztunnel.proxy.relay import TcpSide
 if TYPE_CHECKING:
     # Imported where used: grpc and the xDS/CA clients by control-plane mode, aioquic by
     # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory);
-    # likewise the hand-over (--handover-socket), its UDP relay (HTTP/3 hand-overs), the
-    # extra workers' plumbing and their metrics directory (`shutil`, `tempfile`: --workers)
-    # (bench/README.md, "Session 8: fewer modules per worker").
-    from ztunnel import handover, udp_relay
+    # likewise the hand-over (--handover-socket) and, with --workers > 1, the extra workers'
+    # plumbing and their metrics directory (`shutil`, `tempfile`; "Session 8").
+    from ztunnel import handover
     from ztunnel.proxy.inbound_h3 import H3Listener
 
 log = logging.getLogger("ztunnel")
@@ -192,8 +192,6 @@ class NodeProxy:
                 sock = handed.take(role, host, port) if handed is not None else None
                 self.ops.append(Listener(role, sock or make_listener(host, port)))
             if handed is not None:
-                from ztunnel import udp_relay
-
                 self._relay = handed.take(udp_relay.ROLE, "", 0)
                 handed.close_unused()
         ctx.certs.on_rotate(ctx.on_rotate)
@@ -342,8 +340,6 @@ class NodeProxy:
         read the handed-over UDP sockets ourselves."""
         endpoints = [x.endpoint for x in self._h3 if x.endpoint is not None]
         if self._relay is not None:
-            from ztunnel import udp_relay
-
             udp_relay.Successor(self._relay, endpoints).start()
             self._relay = None
         for endpoint in endpoints:
@@ -354,8 +350,6 @@ class NodeProxy:
         with HTTP/3 a relay for the QUIC connections we keep serving (`ztunnel.udp_relay`)."""
         offered = [(lst.role, lst.sock) for lst in [*(self.listeners or []), *self.ops]]
         if any(role == "hbone-udp" for role, _ in offered):
-            from ztunnel import udp_relay
-
             for end in self._relay_pair:  # an earlier, failed hand-over's
                 end.close()
             self._relay_pair = udp_relay.pair()
@@ -380,8 +374,6 @@ class NodeProxy:
             ]
         self.stop_accepting()
         if self._relay_pair:
-            from ztunnel import udp_relay
-
             ours, theirs = self._relay_pair
             theirs.close()  # the successor holds its own copy
             self._relay_pair = ()

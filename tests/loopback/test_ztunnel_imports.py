@@ -9,7 +9,7 @@ every local identity has one) were made and checked by `meshcore.certhelper`'s h
 server and client modules it imports (`http.server`, `http.client`, `urllib.request`, `wsgiref`,
 `email`...): /metrics is `meshcore.telemetry.text_exposition` and the package `__init__` never
 runs (`meshcore.promlib`); nor `shutil`/`tempfile` (key files: `meshcore.tls`), nor the
-hand-over, its UDP relay or the extra workers' plumbing unless their flags ask (session 8).
+hand-over or the extra workers' plumbing unless their flags ask (session 8).
 
 The real `ztunnel.app.main` runs in a subprocess (a fresh interpreter: this test process has
 imported everything); once it is ready (--ready-file) it prints its `sys.modules`, scrapes its
@@ -85,7 +85,6 @@ NOT_IN_ANY_WORKER = (
     *NOT_EVEN_SCRAPED,
     "email",
     "ztunnel.handover",
-    "ztunnel.udp_relay",
     "importlib.metadata",
     "importlib.abc",
     "importlib.resources",
