@@ -16,6 +16,13 @@ Invariants:
   package's ``__init__`` exactly as an import would have (PEP 562 module ``__getattr__``), so
   afterwards the package is the one an eager import gives. A submodule import
   (``prometheus_client.metrics``, ``from prometheus_client import values``) does not run it.
+- Thread-safe: the ``__init__`` runs once, under a process-wide re-entrant lock (the package's
+  own ``from . import x`` comes back in the same thread); another thread asking for a package
+  name meanwhile waits, then gets it (or the AttributeError an eager package gives). The spec is
+  marked ``_initializing`` meanwhile, as importlib marks a module being imported.
+- Only a name that can be one starts the package: an unknown dunder (``__wrapped__``, probed by
+  tools) or a non-identifier (``getattr(pkg, "a.b", None)``) is an AttributeError, and leaves it
+  deferred.
 - A no-op when the package is already imported or not installed (the import that needs it then
   fails as it always did).
 - The node proxy's own modules import only submodules; tests/loopback/test_ztunnel_imports.py
@@ -27,8 +34,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 
 PACKAGE = "prometheus_client"
+
+# One start-up at a time, process-wide. Re-entrant: the package's own ``from . import x``
+# runs in the thread that holds it and comes back here (a submodule: no wait).
+_INIT_LOCK = threading.RLock()
+# Dunders the package's ``__init__`` binds; any other dunder asked for (``__wrapped__``,
+# ``__file__``-like probes by tools) does not start it.
+_INIT_DUNDERS = frozenset({"__all__"})
 
 
 def defer_package_init() -> None:
@@ -41,26 +56,35 @@ def defer_package_init() -> None:
         return
     module = importlib.util.module_from_spec(spec)
     loader = spec.loader
-    initialised = False
+    started = False
 
     def complete() -> None:
-        nonlocal initialised
-        initialised = True
+        """Run the package ``__init__`` once; callers hold `_INIT_LOCK`."""
+        nonlocal started
+        if started:
+            return  # done, failed, or running in this very thread (re-entered)
+        started = True
+        spec._initializing = True  # type: ignore[attr-defined]  # as importlib marks it
         try:
             loader.exec_module(module)
         except BaseException:
             sys.modules.pop(PACKAGE, None)  # as a failed import leaves it
             raise
+        finally:
+            spec._initializing = False  # type: ignore[attr-defined]
 
     def attribute(name: str) -> object:
         """PEP 562: called for a name the module does not have (yet)."""
-        if not initialised:
+        if (name.startswith("__") and name not in _INIT_DUNDERS) or not name.isidentifier():
+            raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}")
+        if not started:
             submodule = f"{PACKAGE}.{name}"
             if submodule in sys.modules or importlib.util.find_spec(submodule) is not None:
                 return importlib.import_module(submodule)  # sets it on the package too
+        with _INIT_LOCK:  # another thread's start-up: wait for it, then look again
             complete()
-            if name in module.__dict__:
-                return module.__dict__[name]
+        if name in module.__dict__:
+            return module.__dict__[name]
         raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}")
 
     module.__dict__["__getattr__"] = attribute

@@ -120,6 +120,8 @@ text = text_exposition(m.registry)
 from prometheus_client import values  # a submodule: still no package __init__
 before = sorted(k for k in sys.modules if k.startswith(("prometheus_client", "http", "email")))
 import prometheus_client
+odd = [getattr(prometheus_client, n, None) for n in ("a.b", "__wrapped__", "")]
+still = "prometheus_client.exposition" in sys.modules  # neither started the package
 from prometheus_client import Counter, REGISTRY, generate_latest
 from prometheus_client.metrics import Counter as Direct
 names = {}
@@ -136,6 +138,8 @@ print(json.dumps({
     "same_text": generate_latest(m.registry) == text,
     "registry": type(REGISTRY).__name__,
     "missing": missing,
+    "odd": odd,
+    "still": still,
     "after": "prometheus_client.exposition" in sys.modules,
 }))
 """
@@ -164,8 +168,59 @@ def test_deferred_package_init_runs_on_the_first_package_level_name() -> None:
         "same_text": True,
         "registry": "CollectorRegistry",
         "missing": "AttributeError",
+        "odd": [None, None, None],
+        "still": False,
         "after": True,
     }
+
+
+RACE = """
+import json, sys, threading, time
+from meshcore.promlib import defer_package_init
+defer_package_init()
+import prometheus_client.metrics  # as a worker has
+running = threading.Event()
+
+class Slow:  # the package __init__ is importing `exposition`: hold it there a while
+    def find_spec(self, name, path=None, target=None):
+        if name == "prometheus_client.exposition":
+            running.set()
+            time.sleep(0.3)
+        return None
+
+sys.meta_path.insert(0, Slow())
+errors = []
+
+def ask(wait):
+    if wait:
+        running.wait(10)
+    try:
+        from prometheus_client import Counter, generate_latest
+        assert Counter is prometheus_client.metrics.Counter and generate_latest
+    except BaseException as e:
+        errors.append(repr(e))
+
+threads = [threading.Thread(target=ask, args=(i > 0,)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(errors))
+"""
+
+
+def test_deferred_package_init_from_many_threads_at_once() -> None:
+    """Threads asking for package-level names while another thread runs the package
+    `__init__` wait for it and get them (not an ImportError from a half-run `__init__`)."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(RACE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
 @pytest.mark.parametrize("columns", ["123", "0", "junk", None])
