@@ -75,15 +75,14 @@ def _load_identity(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
             os.write(fd, cert.key_pem + b"".join(cert.presented_pem))
         finally:
             os.close(fd)
-        try:
-            ctx.load_cert_chain(path)  # key and chain read from the same file
-        finally:
-            os.unlink(path)
+        ctx.load_cert_chain(path)  # key and chain read from the same file
     except ssl.SSLError as e:
         raise CertificateError(f"cannot load certificate for {cert.identity}: {e}") from e
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # written but not loaded (os.write failed)
+        # Any OSError here (not only "never written") must neither replace the exception
+        # being raised nor skip the rmdir: the directory is 0700 either way.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         with contextlib.suppress(OSError):
             os.rmdir(tmpdir)
 

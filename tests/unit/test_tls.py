@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -101,6 +102,34 @@ def test_key_file_directory_is_fresh_private_and_removed_even_on_error(
     assert len({path for path, _ in made}) == 2
     assert {mode for _, mode in made} == {0o700}
     assert [path for path, _ in made if os.path.exists(path)] == []
+
+
+def test_key_file_removal_error_neither_hides_the_load_error_nor_keeps_the_directory(
+    alice: WorkloadCertificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unlink failing with an OSError other than "no such file" (EACCES, EIO...): the
+    CertificateError still surfaces and the directory is still removed."""
+    made: list[str] = []
+    real_mkdir, real_unlink = os.mkdir, os.unlink
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        made.append(path)
+
+    def unlink(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            real_unlink(path)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "unlink", unlink)
+    bad = dataclasses.replace(
+        alice, key_pem=b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    )
+    with pytest.raises(CertificateError):
+        server_context(bad)
+    assert len(made) == 1
+    assert not os.path.exists(made[0])
 
 
 def test_handshake_both_sides_learn_peer_identity(
