@@ -8,7 +8,8 @@ prometheus_client (issue 14, memory). The package's ``__init__`` imports every s
 (bench/README.md, "Session 8: fewer modules per worker"). A node-proxy worker needs none of them:
 its metrics use `prometheus_client.metrics`, ``.registry``, ``.metrics_core``,
 ``.multiprocess`` and the process collectors, and /metrics is rendered by
-`meshcore.telemetry.text_exposition`.
+`meshcore.telemetry.text_exposition` (``generate_latest``'s bytes, but for a name ending in a
+line feed, which it escapes where the library writes it raw: see there).
 
 Invariants:
 - Nothing changes for code that uses the package's own names (``from prometheus_client import

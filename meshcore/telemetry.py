@@ -333,7 +333,7 @@ def new_registry(component: str) -> CollectorRegistry:
 
 CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 """The content type of `text_exposition`'s output: prometheus_client's ``CONTENT_TYPE_LATEST``
-(tests/unit/test_telemetry.py pins it)."""
+(tests/unit/test_worker_modules.py pins it)."""
 
 # OpenMetrics type -> the text format's (prometheus_client's munging, kept as it is).
 _TEXT_TYPES = {
@@ -381,29 +381,43 @@ def _sample_line(sample: Any) -> str:
 
 def text_exposition(registry: Collector) -> bytes:
     """Prometheus's text format (prometheus.io "Exposition formats", text-based format) of what
-    `registry` collects: byte for byte what prometheus_client's ``generate_latest`` writes
-    (tests/unit/test_telemetry.py compares them), without its ``exposition`` module and the
-    HTTP server and client modules that one imports (`meshcore.promlib`). Counters are named
+    `registry` collects: byte for byte what prometheus_client's (>= 0.22) ``generate_latest``
+    writes (tests/unit/test_worker_modules.py compares them), without its ``exposition`` module
+    and the HTTP server and client modules that one imports (`meshcore.promlib`). One
+    deliberate difference, safer: a metric or label name ending in a line feed. The library
+    checks names with ``re.match(...$)``, which passes a trailing ``\\n``, and writes it raw
+    (a broken line a scraper splits); here it is replaced by ``_`` like every other character
+    outside the legacy set. A collector that raises: its metric is appended to the exception's
+    args, as the library does. Counters are named
     with ``_total``, an info metric with ``_info``; the OpenMetrics-only samples
     (``_created``, ``_gsum``, ``_gcount``) follow their family as gauges."""
     out: list[str] = []
     for metric in registry.collect():
-        name, kind = metric.name, metric.type
-        if kind == "counter":
-            name += "_total"
-        elif kind == "info":
-            name += "_info"
-        help_text = _escaped(metric.documentation)
-        out.append(f"# HELP {_legacy_name(name, metric=True)} {help_text}\n")
-        out.append(f"# TYPE {_legacy_name(name, metric=True)} {_TEXT_TYPES.get(kind, kind)}\n")
-        trailing: dict[str, list[str]] = {}
-        for sample in metric.samples:
-            suffix = next((x for x in _OM_ONLY_SUFFIXES if sample.name == metric.name + x), "")
-            if suffix:
-                trailing.setdefault(suffix, []).append(_sample_line(sample))
-            else:
-                out.append(_sample_line(sample))
-        for suffix, lines in sorted(trailing.items()):
-            gauge = _legacy_name(metric.name + suffix, metric=True)
-            out += [f"# HELP {gauge} {help_text}\n", f"# TYPE {gauge} gauge\n", *lines]
+        try:
+            _family(metric, out)
+        except Exception as e:  # as generate_latest: say which metric, re-raise
+            e.args = (*(e.args or ("",)), metric)
+            raise
     return "".join(out).encode("utf-8")
+
+
+def _family(metric: Any, out: list[str]) -> None:
+    """Append one family's lines to `out` (`text_exposition`)."""
+    name, kind = metric.name, metric.type
+    if kind == "counter":
+        name += "_total"
+    elif kind == "info":
+        name += "_info"
+    help_text = _escaped(metric.documentation)
+    out.append(f"# HELP {_legacy_name(name, metric=True)} {help_text}\n")
+    out.append(f"# TYPE {_legacy_name(name, metric=True)} {_TEXT_TYPES.get(kind, kind)}\n")
+    trailing: dict[str, list[str]] = {}
+    for sample in metric.samples:
+        suffix = next((x for x in _OM_ONLY_SUFFIXES if sample.name == metric.name + x), "")
+        if suffix:
+            trailing.setdefault(suffix, []).append(_sample_line(sample))
+        else:
+            out.append(_sample_line(sample))
+    for suffix, lines in sorted(trailing.items()):
+        gauge = _legacy_name(metric.name + suffix, metric=True)
+        out += [f"# HELP {gauge} {help_text}\n", f"# TYPE {gauge} gauge\n", *lines]

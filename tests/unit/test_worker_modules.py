@@ -102,6 +102,36 @@ def test_text_exposition_is_generate_latest_byte_for_byte() -> None:
     assert ours == generate_latest(frozen)
 
 
+class Raw:
+    """A collector of the families given."""
+
+    def __init__(self, *families: Metric) -> None:
+        self.families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def test_name_ending_in_a_line_feed_is_escaped_where_generate_latest_writes_it_raw() -> None:
+    """The one deliberate difference: prometheus_client checks names with `re.match(...$)`,
+    which passes a trailing line feed, and writes it raw (a line a scraper splits in two)."""
+    family = Metric("nl\n", "doc", "gauge")
+    family.add_sample("nl\n", {"k\n": "v"}, 1)
+    assert text_exposition(Raw(family)) == (b'# HELP nl_ doc\n# TYPE nl_ gauge\nnl_{k_="v"} 1.0\n')
+    assert b"nl\n{k\n" in generate_latest(Raw(family))  # the library's raw line feeds
+
+
+def test_a_failing_metric_is_named_in_the_exception_as_generate_latest_does() -> None:
+    family = Metric("bad", "doc", "gauge")
+    family.add_sample("bad", {}, "not a number")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="could not convert") as ours:
+        text_exposition(Raw(family))
+    with pytest.raises(ValueError, match="could not convert") as theirs:
+        generate_latest(Raw(family))
+    assert ours.value.args[-1] is family
+    assert ours.value.args == theirs.value.args
+
+
 def test_content_type_is_prometheus_clients() -> None:
     assert CONTENT_TYPE == CONTENT_TYPE_LATEST
 
