@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Submodules, not the package's names: a node-proxy worker never runs prometheus_client's
-# package `__init__` (`meshcore.promlib`).
+# package `__init__` (`ztunnel.promlib`).
 from prometheus_client.metrics import disable_created_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
@@ -383,7 +383,7 @@ def text_exposition(registry: Collector) -> bytes:
     """Prometheus's text format (prometheus.io "Exposition formats", text-based format) of what
     `registry` collects: byte for byte what prometheus_client's (>= 0.22) ``generate_latest``
     writes (tests/unit/test_worker_modules.py compares them), without its ``exposition`` module
-    and the HTTP server and client modules that one imports (`meshcore.promlib`). One
+    and the HTTP server and client modules that one imports (`ztunnel.promlib`). One
     deliberate difference, safer: a metric or label name ending in a line feed. The library
     checks names with ``re.match(...$)``, which passes a trailing ``\\n``, and writes it raw
     (a broken line a scraper splits); here it is replaced by ``_`` like every other character

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# Submodules only: a worker never runs prometheus_client's package `__init__` (`meshcore.promlib`).
+# Submodules only: a worker never runs prometheus_client's package `__init__` (`ztunnel.promlib`).
 from prometheus_client.metrics import Counter, Gauge
 from prometheus_client.registry import CollectorRegistry
 

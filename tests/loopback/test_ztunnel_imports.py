@@ -8,7 +8,7 @@ every local identity has one) were made and checked by `meshcore.certhelper`'s h
 (session 7). Nor, even once /metrics was scraped, prometheus_client's `exposition` with the HTTP
 server and client modules it imports (`http.server`, `http.client`, `urllib.request`, `wsgiref`,
 `email`...): /metrics is `meshcore.telemetry.text_exposition` and the package `__init__` never
-runs (`meshcore.promlib`); nor `shutil`/`tempfile` (key files: `meshcore.tls`), nor the
+runs (`ztunnel.promlib`); nor `shutil`/`tempfile` (key files: `meshcore.tls`), nor the
 hand-over or the extra workers' plumbing unless their flags ask (session 8).
 
 The real `ztunnel.app.main` runs in a subprocess (a fresh interpreter: this test process has

@@ -4,7 +4,7 @@ memory; which modules: tests/loopback/test_ztunnel_imports.py).
 `meshcore.telemetry.text_exposition` (/metrics without prometheus_client's `exposition`) must
 write byte for byte what prometheus_client's `generate_latest` writes (the oracle here), for the
 node proxy's own registry and for every kind of family and hostile text a collector can hand it;
-`meshcore.promlib` loads the library's submodules without the package `__init__`, and the
+`ztunnel.promlib` loads the library's submodules without the package `__init__`, and the
 package's names still work (checked in a fresh interpreter: this one has imported everything);
 the flags' help formatter has argparse's default width without `shutil` (key files without
 `tempfile`: tests/unit/test_tls.py).
@@ -138,7 +138,7 @@ def test_content_type_is_prometheus_clients() -> None:
 
 DEFERRED = """
 import json, sys
-from meshcore.promlib import defer_package_init
+from ztunnel.promlib import defer_package_init
 defer_package_init()
 defer_package_init()  # once is enough; a second call changes nothing
 from prometheus_client.registry import CollectorRegistry
@@ -206,7 +206,7 @@ def test_deferred_package_init_runs_on_the_first_package_level_name() -> None:
 
 RACE = """
 import json, sys, threading, time
-from meshcore.promlib import defer_package_init
+from ztunnel.promlib import defer_package_init
 defer_package_init()
 import prometheus_client.metrics  # as a worker has
 running = threading.Event()

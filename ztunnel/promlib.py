@@ -1,10 +1,14 @@
 """How a node-proxy process loads prometheus_client: its parts, not its package `__init__`.
 
 Owns `defer_package_init()`, called by `ztunnel/__init__.py` before anything imports
-prometheus_client (issue 14, memory). The package's ``__init__`` imports every submodule,
-``exposition`` among them, and that one imports `http.server`, `urllib.request`,
-`wsgiref.simple_server`, `gzip`, and through them `http.client`, `email`, `html`,
-`socketserver`, `mimetypes`, `shutil`, `tempfile`...: 48 modules, ~2.1 MiB of RSS per worker
+prometheus_client (issue 14, memory). The node proxy's alone (one per node, N workers): the
+waypoint and the control plane import the package as usual (their /metrics is also
+`meshcore.telemetry.text_exposition`, one owner of the text format).
+
+The package's ``__init__`` imports every submodule, ``exposition`` among them, and that one
+imports `http.server`, `urllib.request`, `wsgiref.simple_server`, `gzip`, and through them
+`http.client`, `email`, `html`, `socketserver`, `mimetypes`...: 40 modules, 1 981 KiB their
+imports leave allocated (tracemalloc) per worker
 (bench/README.md, "Session 8: fewer modules per worker"). A node-proxy worker needs none of them:
 its metrics use `prometheus_client.metrics`, ``.registry``, ``.metrics_core``,
 ``.multiprocess`` and the process collectors, and /metrics is rendered by
