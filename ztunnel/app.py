@@ -64,7 +64,9 @@ if TYPE_CHECKING:
     # Imported where used: grpc and the xDS/CA clients by control-plane mode, aioquic by
     # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory);
     # likewise the hand-over (--handover-socket) and, with --workers > 1, the extra workers'
-    # plumbing and their metrics directory (`shutil`, `tempfile`; "Session 8").
+    # plumbing and their metrics directory (`shutil`, `tempfile`; "Session 8"). Here for the
+    # annotations only: every function that calls `handover` (4) has its own
+    # `from ztunnel import handover` (a no-op after the first), none reads it from the module.
     from ztunnel import handover
     from ztunnel.proxy.inbound_h3 import H3Listener
 
