@@ -22,7 +22,6 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,17 +45,17 @@ DEFAULT_CLUSTER_ID = "Kubernetes"
 """istiod's default cluster id (``CLUSTER_ID``)."""
 
 
-@functools.cache
+VERSION = "0.1.0"
+"""This project's version, pyproject.toml's ``version`` (tests/unit/test_telemetry.py checks
+they agree, and the installed package's metadata)."""
+
+
 def version() -> str:
     """This project's version (``tag`` of ``istio_build``, ``ambientctl version``), not Istio's.
-    Read at the first scrape, not at import: `importlib.metadata` (with `zipfile`, `csv`...)
-    costs every node-proxy worker ~0.3 MiB that only /metrics needs (issue 14, memory)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("ambient-mesh")
-    except metadata.PackageNotFoundError:  # a source tree without an installed package
-        return "unknown"
+    A constant, not `importlib.metadata` (with `email`, `zipfile`, `csv`...: ~0.4 MiB a
+    node-proxy worker would load at its first scrape, issue 14, memory); also right in a source
+    tree without an installed package."""
+    return VERSION
 
 
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
