@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from ambientctl import install as installer
 from ambientctl import waypoint as waypoint_cmd
 from ambientctl.errors import CtlError
 from controlplane.translate import TranslateOptions
+from meshcore.telemetry import version
 
 ANALYZE_FOUND = 79
 """istioctl's ``ExitAnalyzerFoundIssues`` (istioctl/cmd/sysexits.go), so CI scripts written for
@@ -305,10 +305,7 @@ def _proxy_status(args: argparse.Namespace) -> int:
 
 
 def _version(args: argparse.Namespace) -> int:
-    try:
-        client = metadata.version("ambient-mesh")
-    except metadata.PackageNotFoundError:
-        client = "unknown"
+    client = version()  # meshcore.telemetry: the one owner of this project's version
     doc: dict[str, Any] = {"clientVersion": {"version": client}}
     if args.remote:
         base, netns = f"http://{args.controlplane}", ""

@@ -7,7 +7,11 @@ marginal cost of a package: a fresh
 interpreter imports every module the worker imported except the package's import subtree (the
 modules first imported under it) and those that would pull it in, reads VmRSS, imports the
 subtree, reads VmRSS again (median of 3). The marginal cost is what making the package lazy
-could save at most; modules imported by something else too are not counted.
+could save at most; modules imported by something else too are not counted. With
+``--per-module N`` the probe also runs under `tracemalloc` and lists the N modules whose own
+import (its body, or an extension module's initialisation, without the modules it imports)
+left the most memory allocated: the cost of each module (its VmRSS is then tracemalloc's, not
+comparable with a run without it).
 
 `--controlplane`: the worker is fed by our control plane instead (plaintext xDS + CA on
 127.0.96.2:15012, started from the same source tree, serving one pod on the worker's node): its
@@ -73,11 +77,38 @@ def report() -> None:
         "pss_kib": field("/proc/self/smaps_rollup", "Pss"),
         "modules": sorted(sys.modules),
         "mappings": mappings(),
+        "per_module": globals().get("_self", {}),
     }))
     os.kill(os.getpid(), signal.SIGTERM)
 
 threading.Thread(target=report, daemon=True).start()
 sys.exit(ztunnel.app.main(sys.argv[3:]))
+"""
+
+PER_MODULE = """
+import tracemalloc
+tracemalloc.start(1)
+import importlib._bootstrap_external as _be
+_stack, _self = [], {}
+
+def _wrap(orig, name_of):
+    def load(self, arg):
+        _stack.append([tracemalloc.get_traced_memory()[0], 0])
+        try:
+            return orig(self, arg)
+        finally:
+            t0, children = _stack.pop()
+            total = tracemalloc.get_traced_memory()[0] - t0
+            name = name_of(arg)
+            _self[name] = _self.get(name, 0) + total - children
+            if _stack:
+                _stack[-1][1] += total
+    return load
+
+_be._LoaderBasics.exec_module = _wrap(_be._LoaderBasics.exec_module, lambda m: m.__name__)
+_be.ExtensionFileLoader.create_module = _wrap(
+    _be.ExtensionFileLoader.create_module, lambda spec: spec.name
+)
 """
 
 MARGINAL = """
@@ -148,12 +179,16 @@ def start_controlplane(workdir: Path) -> tuple[subprocess.Popen[bytes], list[str
     return proc, [*feed, "--node-credential-file", str(workdir / "node-w.token")]
 
 
-def idle_worker(workdir: Path, controlplane: bool = False) -> tuple[dict[str, object], str]:
-    """Run the probe; its report and its `-X importtime` log."""
+def idle_worker(
+    workdir: Path, controlplane: bool = False, *, per_module: bool = False
+) -> tuple[dict[str, object], str]:
+    """Run the probe (under `tracemalloc` with `per_module`); its report and its `-X importtime`
+    log."""
     mesh = workdir / "mesh.yaml"
     mesh.write_text(MESH)
     ready, out = workdir / "ready", workdir / "report.json"
-    argv = [sys.executable, "-X", "importtime", "-c", PROBE, str(ready), str(out)]
+    code = PER_MODULE + PROBE if per_module else PROBE
+    argv = [sys.executable, "-X", "importtime", "-c", code, str(ready), str(out)]
     argv += ["--node", "node-w", "--node-ip", NODE, "--capture", "bind", "--drain-timeout", "1"]
     argv += ["--ready-file", str(ready), "--no-access-log"]
     cp: subprocess.Popen[bytes] | None = None
@@ -227,9 +262,12 @@ def main() -> None:
     ap.add_argument("--packages", default="", help="comma list: marginal RSS of each")
     ap.add_argument("--mappings", type=int, default=12, help="largest mappings to print")
     ap.add_argument("--controlplane", action="store_true", help="a worker fed by the control plane")
+    ap.add_argument(
+        "--per-module", type=int, default=0, help="under tracemalloc: the N costliest modules"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="worker-memory-") as tmp:
-        report, log_text = idle_worker(Path(tmp), args.controlplane)
+        report, log_text = idle_worker(Path(tmp), args.controlplane, per_module=args.per_module > 0)
     modules = report["modules"]
     assert isinstance(modules, list)
     rss, pss = report["rss_kib"], report["pss_kib"]
@@ -243,6 +281,14 @@ def main() -> None:
     assert isinstance(by, dict)
     for name, kib in sorted(by.items(), key=lambda kv: -int(kv[1]))[: args.mappings]:
         print(f"| `{name}` | {int(kib) / 1024:.2f} |")
+    per = report["per_module"]
+    assert isinstance(per, dict)
+    if per:
+        total = sum(int(v) for v in per.values())
+        print(f"\nimports under tracemalloc: {total / 1024:.0f} KiB in {len(per)} modules")
+        print("\n| module (its own import) | KiB |\n|---|---:|")
+        for name, size in sorted(per.items(), key=lambda kv: -int(kv[1]))[: args.per_module]:
+            print(f"| `{name}` | {int(size) / 1024:.0f} |")
     entries = import_log(log_text)
     packages = [p for p in args.packages.split(",") if p]
     if packages:

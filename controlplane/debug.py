@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from meshcore.opshttp import Handler as HttpHandler
 from meshcore.opshttp import Response, serve_http
 from meshcore.opshttp import json_response as _json_response
+from meshcore.telemetry import CONTENT_TYPE, text_exposition
 
 Handler = Callable[[], Response]
 
@@ -31,7 +30,7 @@ def json_response(obj: object, status: int = 200) -> Response:
 
 
 def metrics_response(registry: object) -> Response:
-    return 200, CONTENT_TYPE_LATEST, generate_latest(registry)  # type: ignore[arg-type]
+    return 200, CONTENT_TYPE, text_exposition(registry)  # type: ignore[arg-type]
 
 
 async def serve_debug(host: str, port: int, routes: dict[str, Handler]) -> asyncio.Server:

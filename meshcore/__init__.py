@@ -8,8 +8,9 @@ Owns: workload identity (SPIFFE, `identity`), the mesh CA and workload certifica
 verification (`tls`), JOSE signature checks (`jose`), the HBONE tunnel protocol (`hbone`: sans-I/O
 cores, asyncio edges, pool), the mesh state model and its codecs (`model`, `state` over `pmap`,
 `proto`), L4 authorization evaluation (`authz`), the configuration objects users write (`config`),
-the one exception tree (`errors`), telemetry labels and tracing (`telemetry`, `tracing`), and the
-clients and small servers several processes share: sockets (`sockets`), `host:port` parsing
+the one exception tree (`errors`), telemetry labels, the /metrics text exposition (`telemetry`:
+`text_exposition`, the one renderer of the Prometheus text format) and tracing (`tracing`), and
+the clients and small servers several processes share: sockets (`sockets`), `host:port` parsing
 (`address`), our gRPC client over the HBONE HTTP/2 core (`grpcwire`: sans-I/O framing and status;
 `grpcclient`: its asyncio edge), delta-xDS client (`xds`), CA client (`caclient`), the proxies'
 control-plane bootstrap (`bootstrap`), Kubernetes API client and reflector (`kubeapi`,

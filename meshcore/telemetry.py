@@ -8,7 +8,8 @@ canonical service/revision from pod labels (as istiod does: ``service.istio.io/c
 ``app.kubernetes.io/name``, ``app``, else the workload name; ``service.istio.io/
 canonical-revision``, ``app.kubernetes.io/version``, ``version``, else ``latest``), the mapping
 `Workload` -> `PeerLabels`, the registry every process starts from (no ``_created`` series,
-``process_*``), ``istio_build``, and the xDS client metrics (``istio_xds_*``).
+``process_*``), ``istio_build``, the xDS client metrics (``istio_xds_*``), and the text
+exposition of a registry (`text_exposition`, the node proxy's /metrics).
 
 Invariants:
 - ``*_app`` / ``*_version`` are the canonical service / revision on both proxies (as ztunnel);
@@ -21,20 +22,20 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    PlatformCollector,
-    ProcessCollector,
-    disable_created_metrics,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+# Submodules, not the package's names: a node-proxy worker never runs prometheus_client's
+# package `__init__` (`ztunnel.promlib`).
+from prometheus_client.metrics import disable_created_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from meshcore.model import Service, Workload
 
@@ -44,17 +45,17 @@ DEFAULT_CLUSTER_ID = "Kubernetes"
 """istiod's default cluster id (``CLUSTER_ID``)."""
 
 
-@functools.cache
+VERSION = "0.1.0"
+"""This project's version, pyproject.toml's ``version`` (tests/unit/test_telemetry.py checks
+they agree, and the installed package's metadata)."""
+
+
 def version() -> str:
     """This project's version (``tag`` of ``istio_build``, ``ambientctl version``), not Istio's.
-    Read at the first scrape, not at import: `importlib.metadata` (with `zipfile`, `csv`...)
-    costs every node-proxy worker ~0.3 MiB that only /metrics needs (issue 14, memory)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("ambient-mesh")
-    except metadata.PackageNotFoundError:  # a source tree without an installed package
-        return "unknown"
+    A constant, not `importlib.metadata` (with `email`, `zipfile`, `csv`...: ~0.4 MiB a
+    node-proxy worker would load at its first scrape, issue 14, memory); also right in a source
+    tree without an installed package."""
+    return VERSION
 
 
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
@@ -336,3 +337,95 @@ def new_registry(component: str) -> CollectorRegistry:
     registry = CollectorRegistry()
     process_collectors(registry, component)
     return registry
+
+
+CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
+"""The content type of `text_exposition`'s output: prometheus_client's ``CONTENT_TYPE_LATEST``
+(tests/unit/test_worker_modules.py pins it)."""
+
+# OpenMetrics type -> the text format's (prometheus_client's munging, kept as it is).
+_TEXT_TYPES = {
+    "info": "gauge",
+    "stateset": "gauge",
+    "gaugehistogram": "histogram",
+    "unknown": "untyped",
+}
+_OM_ONLY_SUFFIXES = ("_created", "_gsum", "_gcount")
+"""Samples the text format has no place for in their family: each suffix is written after the
+family as a gauge of its own."""
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _legacy_name(name: str, *, metric: bool) -> str:
+    """A metric or label name with every character outside the legacy set (`_METRIC_NAME`,
+    `_LABEL_NAME`: no ``:`` in a label name, no digit first) replaced by ``_``."""
+    if (_METRIC_NAME if metric else _LABEL_NAME).fullmatch(name) or not name:
+        return name
+    out = []
+    for i, ch in enumerate(name):
+        ok = ch == "_" or "a" <= ch <= "z" or "A" <= ch <= "Z" or (metric and ch == ":")
+        out.append(ch if ok or ("0" <= ch <= "9" and i > 0) else "_")
+    return "".join(out)
+
+
+def _escaped(text: str) -> str:
+    """A HELP text: backslash and line feed escaped."""
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _sample_line(sample: Any) -> str:
+    name = _legacy_name(sample.name, metric=True)
+    if sample.labels:
+        pairs = []
+        for key, value in sorted(sample.labels.items()):
+            quoted = _escaped(value).replace('"', r"\"")  # a label value escapes '"' too
+            pairs.append(f'{_legacy_name(key, metric=False)}="{quoted}"')
+        name += "{" + ",".join(pairs) + "}"
+    stamp = "" if sample.timestamp is None else f" {int(float(sample.timestamp) * 1000):d}"
+    value = floatToGoString(sample.value)  # type: ignore[no-untyped-call]
+    return f"{name} {value}{stamp}\n"
+
+
+def text_exposition(registry: Collector) -> bytes:
+    """Prometheus's text format (prometheus.io "Exposition formats", text-based format) of what
+    `registry` collects: byte for byte what prometheus_client's (>= 0.22) ``generate_latest``
+    writes (tests/unit/test_worker_modules.py compares them), without its ``exposition`` module
+    and the HTTP server and client modules that one imports (`ztunnel.promlib`). One
+    deliberate difference, safer: a metric or label name ending in a line feed. The library
+    checks names with ``re.match(...$)``, which passes a trailing ``\\n``, and writes it raw
+    (a broken line a scraper splits); here it is replaced by ``_`` like every other character
+    outside the legacy set. A collector that raises: its metric is appended to the exception's
+    args, as the library does. Counters are named
+    with ``_total``, an info metric with ``_info``; the OpenMetrics-only samples
+    (``_created``, ``_gsum``, ``_gcount``) follow their family as gauges."""
+    out: list[str] = []
+    for metric in registry.collect():
+        try:
+            _family(metric, out)
+        except Exception as e:  # as generate_latest: say which metric, re-raise
+            e.args = (*(e.args or ("",)), metric)
+            raise
+    return "".join(out).encode("utf-8")
+
+
+def _family(metric: Any, out: list[str]) -> None:
+    """Append one family's lines to `out` (`text_exposition`)."""
+    name, kind = metric.name, metric.type
+    if kind == "counter":
+        name += "_total"
+    elif kind == "info":
+        name += "_info"
+    help_text = _escaped(metric.documentation)
+    out.append(f"# HELP {_legacy_name(name, metric=True)} {help_text}\n")
+    out.append(f"# TYPE {_legacy_name(name, metric=True)} {_TEXT_TYPES.get(kind, kind)}\n")
+    trailing: dict[str, list[str]] = {}
+    for sample in metric.samples:
+        suffix = next((x for x in _OM_ONLY_SUFFIXES if sample.name == metric.name + x), "")
+        if suffix:
+            trailing.setdefault(suffix, []).append(_sample_line(sample))
+        else:
+            out.append(_sample_line(sample))
+    for suffix, lines in sorted(trailing.items()):
+        gauge = _legacy_name(metric.name + suffix, metric=True)
+        out += [f"# HELP {gauge} {help_text}\n", f"# TYPE {gauge} gauge\n", *lines]

@@ -24,11 +24,10 @@ Invariants (the HBONE wire contract of Istio ambient):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
 import ssl
-import tempfile
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,23 +50,41 @@ def _secret_dir() -> str | None:
     return _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK | os.X_OK) else None
 
 
+def _key_dir() -> str:
+    """A fresh 0700 directory for a key file, on /dev/shm (tmpfs) when available. Not
+    `tempfile.mkdtemp` there: `tempfile` (with `shutil`, `bz2`, `lzma`) would be a
+    worker's only user of it (bench/README.md, "Session 8: fewer modules per worker")."""
+    if _secret_dir() is None:
+        import tempfile  # no usable /dev/shm: tempfile's default directory
+
+        return tempfile.mkdtemp(prefix="mesh-key-")
+    for _ in range(100):  # as mkdtemp: a fresh random name, never an existing directory
+        path = os.path.join(_SHM, f"mesh-key-{os.urandom(8).hex()}")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+            return path
+    raise FileExistsError(f"no fresh directory name under {_SHM}")
+
+
 def _load_identity(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
-    tmpdir = tempfile.mkdtemp(prefix="mesh-key-", dir=_secret_dir())  # mode 0700
+    tmpdir = _key_dir()  # mode 0700
+    path = os.path.join(tmpdir, "identity.pem")
     try:
-        path = os.path.join(tmpdir, "identity.pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, cert.key_pem + b"".join(cert.presented_pem))
         finally:
             os.close(fd)
-        try:
-            ctx.load_cert_chain(path)  # key and chain read from the same file
-        finally:
-            os.unlink(path)
+        ctx.load_cert_chain(path)  # key and chain read from the same file
     except ssl.SSLError as e:
         raise CertificateError(f"cannot load certificate for {cert.identity}: {e}") from e
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        # Any OSError here (not only "never written") must neither replace the exception
+        # being raised nor skip the rmdir: the directory is 0700 either way.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
 
 
 class DirectSSLObject(ssl.SSLObject):

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshcore import bootstrap
 from meshcore.address import listen_address
@@ -56,6 +55,7 @@ from meshcore.proto.yamlform import load_mesh_config
 from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idle
 from meshcore.sockets import make_listener
 from meshcore.state import MeshState
+from meshcore.telemetry import CONTENT_TYPE, text_exposition
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.handler import Handler
 from waypoint.metrics import WaypointMetrics
@@ -295,7 +295,7 @@ class Waypoint:
         """Metrics and readiness (no debug) over the shared operator HTTP server."""
 
         async def metrics(_m: str, _q: dict[str, list[str]]) -> Response:
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.ctx.metrics.registry)
+            return 200, CONTENT_TYPE, text_exposition(self.ctx.metrics.registry)
 
         async def ready(_m: str, _q: dict[str, list[str]]) -> Response:
             if self.ready:

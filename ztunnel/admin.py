@@ -14,9 +14,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from meshcore.opshttp import Handler, json_response, require_loopback, serve_http
+from meshcore.telemetry import CONTENT_TYPE, text_exposition
 from ztunnel.proxy.context import ProxyContext
 
 __all__ = ["admin_routes", "metrics_routes", "readiness_routes", "serve_admin", "serve_http"]
@@ -60,7 +59,7 @@ def admin_routes(ctx: ProxyContext, shutdown: Callable[[], None]) -> dict[str, H
 def metrics_routes(ctx: ProxyContext) -> dict[str, Handler]:
     async def metrics(_m: str, _q: dict[str, list[str]]) -> tuple[int, str, bytes]:
         ctx.tracker.flush()  # this worker's live bytes are exact at scrape time
-        return 200, CONTENT_TYPE_LATEST, generate_latest(ctx.metrics.exposition_registry())
+        return 200, CONTENT_TYPE, text_exposition(ctx.metrics.exposition_registry())
 
     return {"/metrics": metrics, "/stats/prometheus": metrics}
 

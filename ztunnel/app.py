@@ -30,11 +30,9 @@ import ctypes
 import gc
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ from meshcore.proto.yamlform import load_mesh_config
 from meshcore.runtime import every, select_event_loop, stop_on_signals, wait_idle
 from meshcore.sockets import make_listener, make_udp_listener
 from meshcore.state import MeshState
-from ztunnel import handover, udp_relay, workers
+from ztunnel import udp_relay
 from ztunnel.admin import (
     ADMIN_LOOPBACK_WHY,
     admin_routes,
@@ -64,7 +62,12 @@ from ztunnel.proxy.relay import TcpSide
 
 if TYPE_CHECKING:
     # Imported where used: protobuf and the xDS/CA clients by control-plane mode, aioquic by
-    # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory).
+    # --http3, so a static node proxy's worker does not carry them (bench/README.md, Memory);
+    # likewise the hand-over (--handover-socket) and, with --workers > 1, the extra workers'
+    # plumbing and their metrics directory (`shutil`, `tempfile`; "Session 8"). Here for the
+    # annotations only: every function that calls `handover` (4) has its own
+    # `from ztunnel import handover` (a no-op after the first), none reads it from the module.
+    from ztunnel import handover
     from ztunnel.proxy.inbound_h3 import H3Listener
 
 log = logging.getLogger("ztunnel")
@@ -203,6 +206,8 @@ class NodeProxy:
         if self.handed is not None:
             # We accept on the data path now; the predecessor stops accepting, then we answer
             # the operator ports (readiness included) and turn ready.
+            from ztunnel import handover
+
             self.predecessor = await handover.commit(self.handed)
             self.handed = None
             self._take_udp_over()
@@ -264,6 +269,8 @@ class NodeProxy:
                 ),
             ]
             if s.handover_socket and self.handover is None:
+                from ztunnel import handover
+
                 counter = ctx.metrics.handovers
                 self.handover = handover.HandoverServer(
                     Path(s.handover_socket),
@@ -462,6 +469,8 @@ class NodeProxy:
         the successor died meanwhile and we took the listeners back: `resume()` next."""
         self.stop_accepting()
         if self.predecessor is not None:
+            from ztunnel import handover
+
             handover.release(self.predecessor)  # we stop on purpose: no take-back for us
             self.predecessor = None
         if self.handover is not None and not self._kept:
@@ -623,6 +632,8 @@ def _die_with_parent() -> None:
 def enable_multiprocess_metrics() -> str:
     """Counters of all workers go to per-process files that the first worker aggregates
     (prometheus-client's multiprocess mode). Must run before any metric is created."""
+    import tempfile
+
     from prometheus_client import values
 
     directory = tempfile.mkdtemp(prefix="ztunnel-metrics-")
@@ -656,8 +667,11 @@ async def run_controlplane_mode(
         loop = asyncio.get_running_loop()
         handed = await loop.run_in_executor(None, take_over, settings)
         listeners = bind_listeners(settings, ctx.state, handed)
-        for conn in offer_to:
-            workers.offer_listeners(conn, [(lst.role, lst.sock) for lst in listeners])
+        if offer_to:
+            from ztunnel import workers
+
+            for conn in offer_to:
+                workers.offer_listeners(conn, [(lst.role, lst.sock) for lst in listeners])
         role = WorkerRole(serve_admin=True, children=children, handed=handed)
         return await run_worker(settings, args, listeners, role, ctx)
     finally:
@@ -669,6 +683,10 @@ def serve_controlplane(settings: ProxySettings, args: argparse.Namespace) -> int
     process (`ztunnel.workers`), then run the first one here."""
     if args.workers <= 1:
         return asyncio.run(run_controlplane_mode(settings, args))
+    import shutil
+
+    from ztunnel import workers
+
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as in `serve`: until the loops handle them
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     metrics_dir = enable_multiprocess_metrics()
@@ -700,6 +718,8 @@ def serve(settings: ProxySettings, args: argparse.Namespace) -> int:
     if args.workers <= 1:
         role = WorkerRole(serve_admin=True, handed=handed)
         return asyncio.run(run_worker(settings, args, listeners, role))
+    import shutil
+
     metrics_dir = enable_multiprocess_metrics()
     children: list[int] = []
     freeze_before_fork()
@@ -728,6 +748,8 @@ def take_over(settings: ProxySettings) -> handover.Handed | None:
     retries): never bind beside a running proxy."""
     if not settings.handover_socket:
         return None
+    from ztunnel import handover
+
     try:
         handed = handover.obtain(Path(settings.handover_socket))
     except HandoverError as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,9 +25,33 @@ from ztunnel.admin import ADMIN_LOOPBACK_WHY
 from ztunnel.proxy.context import ProxySettings
 
 
+def terminal_columns() -> int:
+    """The width `shutil.get_terminal_size` gives argparse: ``COLUMNS`` when a positive number,
+    else the width of the terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+def help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's default formatter at argparse's default width: given the width, it does not
+    import `shutil` (with `bz2` and `lzma`) for every parser built, which would make a worker
+    carry them (bench/README.md, "Session 8: fewer modules per worker")."""
+    return argparse.HelpFormatter(prog, width=terminal_columns() - 2)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ProxySettings, argparse.Namespace]:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="ztunnel", description="ambient-mesh node proxy")
+    p = argparse.ArgumentParser(
+        prog="ztunnel", description="ambient-mesh node proxy", formatter_class=help_formatter
+    )
     p.add_argument("--node", default=env("NODE_NAME"), help="node name (env NODE_NAME)")
     p.add_argument("--node-ip", default=env("NODE_IP", "0.0.0.0"), help="address of this proxy")
     p.add_argument(

@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
+# Submodules only: a worker never runs prometheus_client's package `__init__` (`ztunnel.promlib`).
+from prometheus_client.metrics import Counter, Gauge
+from prometheus_client.registry import CollectorRegistry
 
 from meshcore.model import Workload
 from meshcore.telemetry import (
@@ -56,6 +58,8 @@ class ProxyMetrics:
         """What /metrics serves: this process's registry, or, with several workers, all
         workers' values aggregated from prometheus-client's multiprocess directory."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess  # --workers > 1 only
+
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             process_collectors(registry, "ztunnel")

@@ -278,3 +278,17 @@ def test_inbound_service_guessed_by_target_port() -> None:
     assert guess_inbound_service(w, 8080, services.get) is a
     assert guess_inbound_service(w, 9090, services.get) is b  # the workload's own mapping
     assert guess_inbound_service(w, 7070, services.get) is None
+
+
+def test_version_is_pyprojects_and_the_installed_packages() -> None:
+    """`VERSION` (no `importlib.metadata` in a node-proxy worker) agrees with pyproject.toml and
+    with the installed package's metadata."""
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    from meshcore.telemetry import VERSION, version
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert version() == VERSION == declared == metadata.version("ambient-mesh")

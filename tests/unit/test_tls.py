@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import socket
 import ssl
@@ -16,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshcore.ca import MeshCA
 from meshcore.certs import WorkloadCertificate
-from meshcore.errors import PeerVerificationError
+from meshcore.errors import CertificateError, PeerVerificationError
 from meshcore.identity import SpiffeId
 from meshcore.tls import ContextCache, client_context, server_context, verify_peer
 from tests.unit.certfixtures import (
@@ -75,6 +77,59 @@ def test_context_settings(alice: WorkloadCertificate) -> None:
     # the temporary key file is gone
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not [n for n in after - before if n.startswith("mesh-key-")]
+
+
+def test_key_file_directory_is_fresh_private_and_removed_even_on_error(
+    alice: WorkloadCertificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_load_identity`'s directory (no `tempfile` in a worker): fresh, 0700, gone afterwards,
+    also when OpenSSL refuses the key."""
+    made: list[tuple[str, int]] = []
+    real_mkdir = os.mkdir
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        made.append((path, os.stat(path).st_mode & 0o777))
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    server_context(alice)
+    bad = dataclasses.replace(
+        alice, key_pem=b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    )
+    with pytest.raises(CertificateError):
+        server_context(bad)
+    assert len(made) == 2
+    assert len({path for path, _ in made}) == 2
+    assert {mode for _, mode in made} == {0o700}
+    assert [path for path, _ in made if os.path.exists(path)] == []
+
+
+def test_key_file_removal_error_neither_hides_the_load_error_nor_keeps_the_directory(
+    alice: WorkloadCertificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unlink failing with an OSError other than "no such file" (EACCES, EIO...): the
+    CertificateError still surfaces and the directory is still removed."""
+    made: list[str] = []
+    real_mkdir, real_unlink = os.mkdir, os.unlink
+
+    def mkdir(path: str, mode: int = 0o777) -> None:
+        real_mkdir(path, mode)
+        made.append(path)
+
+    def unlink(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            real_unlink(path)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "unlink", unlink)
+    bad = dataclasses.replace(
+        alice, key_pem=b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    )
+    with pytest.raises(CertificateError):
+        server_context(bad)
+    assert len(made) == 1
+    assert not os.path.exists(made[0])
 
 
 def test_handshake_both_sides_learn_peer_identity(
