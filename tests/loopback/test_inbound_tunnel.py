@@ -1,0 +1,243 @@
+"""The inbound CONNECT without a task per stream (`ztunnel.proxy.inbound.InboundTunnel`, issue 14).
+
+An HBONE listener runs in this process (real TLS, real sockets, on both event loops), so the
+test reads what a stream holds while it waits: its connect slots (`ConnectSlots`), the peer's
+tunnel count (`PeerTable`), the connecting sockets (this process's descriptors). A hostile peer
+opens streams toward an upstream whose connects hang (a full accept queue drops the SYNs), so
+some streams sit in connect(2) and the rest wait for a slot; then it resets them all, or drops
+the connection. Nothing may stay behind, and the next tunnel must be served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from meshcore.ca import MeshCA
+from meshcore.certs import CertificateManager, LocalCAProvider, WorkloadCertificate
+from meshcore.hbone.pool import HbonePool
+from meshcore.identity import SpiffeId
+from meshcore.proto.yamlform import parse_mesh_config
+from meshcore.sockets import make_listener
+from meshcore.state import MeshState
+from tests.helpers import eventually, loopback_block, run
+from tests.loopback.robustness import Raw, connect_block, headers_frame, rst
+from ztunnel.metrics import ConnectionTracker, ProxyMetrics
+from ztunnel.proxy.context import ProxyContext, ProxySettings
+from ztunnel.proxy.inbound import HboneListener
+
+BLOCK = loopback_block()
+SERVER, CLIENT, PEER = BLOCK.ip(10), BLOCK.ip(20), BLOCK.ip(30)
+PORT = 8080
+AUTHORITY = f"{SERVER}:{PORT}"
+SLEEP = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/sleep")
+PROCESS_SLOTS = 2  # upstream connects in flight in the "process"
+STREAMS = 20  # per attack: PROCESS_SLOTS in connect(2), the rest waiting for a slot
+
+LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+
+
+def _mesh() -> MeshState:
+    workloads = [
+        {
+            "uid": "c1",
+            "name": "sleep",
+            "namespace": "default",
+            "serviceAccount": "sleep",
+            "addresses": [CLIENT, PEER],
+            "node": "node-a",
+            "tunnelProtocol": "HBONE",
+        },
+        {
+            "uid": "s1",
+            "name": "echo",
+            "namespace": "default",
+            "serviceAccount": "echo",
+            "addresses": [SERVER],
+            "node": "node-b",
+            "tunnelProtocol": "HBONE",
+        },
+    ]
+    return MeshState.from_config(parse_mesh_config({"workloads": workloads}))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextmanager
+def hanging_upstream() -> Iterator[None]:
+    """SERVER:PORT listening with a full accept queue: further connects stay in progress."""
+    lsn = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        lsn.bind((SERVER, PORT))
+        lsn.listen(0)
+        while True:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            fillers.append(s)
+            assert len(fillers) < 16, "the accept queue never filled"
+            if s.connect_ex((SERVER, PORT)) == errno.EINPROGRESS:
+                try:
+                    s.getpeername()
+                except OSError:
+                    break  # this SYN was dropped: the queue is full
+        yield
+    finally:
+        for s in fillers:
+            s.close()
+        lsn.close()
+
+
+async def _node(ca: MeshCA, connect_timeout: float = 30.0) -> tuple[ProxyContext, HboneListener]:
+    metrics = ProxyMetrics()
+    settings = ProxySettings(
+        node="node-b",
+        node_ip=SERVER,
+        max_pending_connects=PROCESS_SLOTS,
+        connect_timeout=connect_timeout,
+    )
+    ctx = ProxyContext(
+        settings=settings,
+        state=_mesh(),
+        certs=CertificateManager(LocalCAProvider(ca)),
+        metrics=metrics,
+        tracker=ConnectionTracker(metrics),
+        pool=HbonePool(None, trust_domain="cluster.local"),  # type: ignore[arg-type]
+    )
+    listener = HboneListener(ctx, make_listener(SERVER, 15008))
+    listener.start()
+    return ctx, listener
+
+
+async def _echo_upstream() -> asyncio.Server:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+        writer.close()
+
+    return await asyncio.start_server(echo, SERVER, PORT)
+
+
+async def _served(cert: WorkloadCertificate) -> None:
+    """A new connection from the same peer gets a tunnel: 200 and the bytes echoed."""
+    raw = await Raw.open_to((SERVER, 15008), cert, source=PEER)
+    try:
+        await raw.send(headers_frame(1, connect_block(AUTHORITY)))
+        await eventually(lambda: raw.seen.statuses.get(1), what="an answer to the CONNECT")
+        assert raw.seen.statuses[1] == "200"
+    finally:
+        raw.abort()
+
+
+async def _attack(how: str) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[str] = []
+    loop.set_exception_handler(lambda _, c: errors.append(str(c.get("exception") or c)))
+    ca = MeshCA.create_root(trust_domain="cluster.local")
+    cert = await LocalCAProvider(ca).fetch(SLEEP)
+    ctx, listener = await _node(ca)
+    try:
+        with hanging_upstream():
+            raw = await Raw.open_to((SERVER, 15008), cert, source=PEER)
+            await raw.send(b"")
+            await asyncio.sleep(0.2)  # the handshake's descriptors settle
+            base = _fds()
+            sids = range(1, 2 * STREAMS, 2)
+            await raw.send(b"".join(headers_frame(s, connect_block(AUTHORITY)) for s in sids))
+            slots = ctx.upstream_slots
+            await eventually(lambda: slots.waiting == STREAMS - PROCESS_SLOTS, what="queued")
+            assert slots.held == PROCESS_SLOTS
+            assert listener.peers.tunnels(PEER) == STREAMS
+            assert _fds() == base + PROCESS_SLOTS  # the sockets in connect(2)
+            assert not raw.seen.statuses  # nothing answered: all still connecting or waiting
+            # The queued ones go first: their places in the queue must go with them.
+            await raw.send(b"".join(rst(s) for s in sids[PROCESS_SLOTS:]))
+            await eventually(lambda: slots.waiting == 0, what="queue emptied")
+            assert slots.held == PROCESS_SLOTS
+            await eventually(lambda: listener.peers.tunnels(PEER) == PROCESS_SLOTS)
+            assert _fds() == base + PROCESS_SLOTS
+            # Then the ones in connect(2).
+            if how == "reset":
+                await raw.send(b"".join(rst(s) for s in sids[:PROCESS_SLOTS]))
+            else:
+                raw.abort()
+            await eventually(lambda: slots.held == 0 and slots.waiting == 0, what="slots freed")
+            await eventually(lambda: listener.peers.tunnels(PEER) == 0, what="tunnels closed")
+            await eventually(lambda: _fds() <= base, what="connecting sockets closed")
+            assert not raw.seen.statuses  # a reset stream is never answered
+            if how == "reset":
+                raw.abort()
+        server = await _echo_upstream()
+        try:
+            await _served(cert)
+        finally:
+            server.close()
+        assert errors == []
+    finally:
+        listener.close()
+
+
+@LOOPS
+@pytest.mark.parametrize("how", ["reset", "connection lost"])
+def test_streams_gone_while_connecting_or_queued_leave_nothing(loop: str, how: str) -> None:
+    run(_attack(how), 30, loop=loop)
+
+
+async def _refused_when_connect_fails() -> None:
+    """No listener upstream: connect(2) fails at once; 503, slots and tunnel count returned."""
+    ca = MeshCA.create_root(trust_domain="cluster.local")
+    cert = await LocalCAProvider(ca).fetch(SLEEP)
+    ctx, listener = await _node(ca)
+    try:
+        raw = await Raw.open_to((SERVER, 15008), cert, source=PEER)
+        sids = range(1, 2 * STREAMS, 2)
+        await raw.send(b"".join(headers_frame(s, connect_block(AUTHORITY)) for s in sids))
+        await eventually(lambda: len(raw.seen.statuses) == STREAMS, what="every stream answered")
+        assert set(raw.seen.statuses.values()) == {"503"}
+        assert ctx.upstream_slots.held == 0
+        assert ctx.upstream_slots.waiting == 0
+        assert listener.peers.tunnels(PEER) == 0
+        raw.abort()
+    finally:
+        listener.close()
+
+
+@LOOPS
+def test_a_failed_connect_answers_503_and_returns_its_slots(loop: str) -> None:
+    run(_refused_when_connect_fails(), 30, loop=loop)
+
+
+async def _timed_out() -> float:
+    """Connects that hang past the connect timeout: 503 (the loop's shared connect deadline,
+    `meshcore.sockets.PendingConnect`), then the queued ones get their turn and time out too."""
+    ca = MeshCA.create_root(trust_domain="cluster.local")
+    cert = await LocalCAProvider(ca).fetch(SLEEP)
+    ctx, listener = await _node(ca, connect_timeout=0.3)
+    try:
+        with hanging_upstream():
+            raw = await Raw.open_to((SERVER, 15008), cert, source=PEER)
+            start = asyncio.get_running_loop().time()
+            sids = range(1, 2 * 4, 2)  # 4 streams: 2 connect, 2 wait, then connect
+            await raw.send(b"".join(headers_frame(s, connect_block(AUTHORITY)) for s in sids))
+            await eventually(lambda: len(raw.seen.statuses) == 4, what="every stream answered")
+            took = asyncio.get_running_loop().time() - start
+            assert set(raw.seen.statuses.values()) == {"503"}
+            assert ctx.upstream_slots.held == 0
+            assert listener.peers.tunnels(PEER) == 0
+            raw.abort()
+        return took
+    finally:
+        listener.close()
+
+
+@LOOPS
+def test_a_hanging_connect_times_out_with_503(loop: str) -> None:
+    took = run(_timed_out(), 30, loop=loop)
+    assert 0.6 <= took < 3.0, took  # two rounds of 0.3 s (+ the sweep's 50 ms granularity)
