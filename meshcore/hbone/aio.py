@@ -633,15 +633,16 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     # ---- client ----------------------------------------------------------------------------
 
-    async def open_stream(
+    def start_stream(
         self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
     ) -> HboneStream:
-        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        """Send CONNECT (with this loop iteration's flush); its status arrives in the stream's
+        `response` future. Raises StreamRefused (nothing was sent: the pool may retry on
+        another connection) or ConnectionResetError."""
         if self.closed or self.conn.goaway_received is not None:
             # connection_lost already failed every pending response; a stream opened after it
             # would wait forever (e.g. TLS 1.3: the server rejects our certificate only after
             # our side of the handshake completed, so connect() returned a doomed connection).
-            # Nothing was sent on this connection: the pool may retry on another.
             raise StreamRefused("HBONE connection closed before the CONNECT was sent")
         try:
             sid = self.conn.open_connect(authority, headers)
@@ -653,6 +654,14 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.streams[sid] = stream
         stream.sink = sink  # data only flows after 200; attach now so nothing is buffered
         self.schedule_flush()  # the CONNECTs of one loop iteration leave in one TLS write
+        return stream
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
+    ) -> HboneStream:
+        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        stream = self.start_stream(authority, headers, sink)
+        assert stream.response is not None
         status = await stream.response
         if status != 200:
             raise HboneError.for_status(status, f"CONNECT {authority} refused with {status}")

@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from mypy_extensions import mypyc_attr
 
 from meshcore.address import parse_authority
+from meshcore.aiostep import step_coroutine
 from meshcore.errors import HboneError, PeerOverLimit, Unauthorized, UpstreamUnavailable
 from meshcore.hbone.aio import (
     HboneHooks,
@@ -200,7 +200,6 @@ class InboundTunnel:
 
     __slots__ = (
         "_attempt",
-        "_coro",
         "_deadline",
         "_handle",
         "_held",
@@ -244,7 +243,6 @@ class InboundTunnel:
         self._tunnel_open = False  # counted in the peer's tunnels (`PeerTable.open_tunnel`)
         self._sock: socket.socket | None = None
         self._pending: PendingConnect | None = None
-        self._coro: Coroutine[Any, Any, tuple[asyncio.BaseTransport, _Upstream]] | None = None
         self._attempt = 0
         self._deadline = 0.0
         self._source_ip: str | None = None
@@ -368,36 +366,20 @@ class InboundTunnel:
         self._upstream_unavailable(err)
 
     def _wrap(self, sock: socket.socket) -> None:
-        """The connected socket becomes the upstream's transport. The loop's
-        `create_connection(sock=...)` is a coroutine (uvloop has no other way to make a
-        transport of a socket): it is stepped here, without a task; it awaits only the future
-        its transport completes once `connection_made` ran."""
+        """The connected socket becomes the upstream's transport: the loop's
+        `create_connection(sock=...)`, run without a task (`step_coroutine`)."""
         assert self.rec is not None
         self._state = _WRAPPING
         upstream = _Upstream(self.ctx, self.rec)
-        self._coro = self._loop.create_connection(lambda: upstream, sock=sock)
-        self._step(None)
+        step_coroutine(self._loop.create_connection(lambda: upstream, sock=sock), self._made)
 
-    def _step(self, _done: object) -> None:
-        coro = self._coro
-        if coro is None:
-            return
-        try:
-            awaited = coro.send(None)
-        except StopIteration as stop:
-            self._coro = None
-            _, upstream = stop.value
-            self._opened(upstream)
-            return
-        except (Exception, asyncio.CancelledError) as err:  # no transport (the socket is closed)
-            self._coro = None
-            self._upstream_unavailable(err)
-            return
-        if isinstance(awaited, asyncio.Future):
-            awaited._asyncio_future_blocking = False  # as a task does: we wait on it
-            awaited.add_done_callback(self._step)
-        else:  # a bare yield (sleep(0)): go on next iteration
-            self._loop.call_soon(self._step, None)
+    def _made(
+        self, made: tuple[asyncio.BaseTransport, _Upstream] | None, err: BaseException | None
+    ) -> None:
+        if made is None:  # no transport (the loop closed the socket)
+            self._upstream_unavailable(err or ConnectionError("no transport"))
+        else:
+            self._opened(made[1])
 
     def _opened(self, upstream: _Upstream) -> None:
         if self._state == _OVER:  # cancelled while the transport was being made
