@@ -180,18 +180,16 @@ class TcpListener:
         loop = self._loop.loop
         step_coroutine(
             loop.connect_accepted_socket(lambda: proto, conn),
-            functools.partial(self._made, proto, conn),
+            functools.partial(self._made, proto),
         )
 
     def _made(
         self,
         proto: TcpSide,
-        conn: socket.socket,
         _made: tuple[asyncio.BaseTransport, TcpSide] | None,
         err: BaseException | None,
     ) -> None:
-        if err is not None:
-            conn.close()  # no transport: the loop closed it already (close is idempotent)
+        if err is not None:  # no transport; the loop owns `conn` (as when a task awaited it)
             log.warning("%s: accepted connection not served: %s", self._loop.name, err)
             return
         try:
