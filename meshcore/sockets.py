@@ -13,8 +13,9 @@ port is then picked at connect() for the full 4-tuple, instead of at bind() excl
 address, so bursts from one client IP do not run out of ports (EADDRINUSE); an EADDRINUSE /
 EADDRNOTAVAIL that still happens is retried with a fresh socket (`BIND_ATTEMPTS` in all).
 Invariant: a socket is returned connected and non-blocking, or closed and an OSError raised;
-nothing leaks on timeout or cancellation. TCP_NODELAY is the transport's to set (uvloop and
-asyncio set it on every TCP transport they make of a socket).
+nothing leaks on timeout or cancellation. TCP_NODELAY is the transport's to set: uvloop sets it
+on every TCP transport, asyncio only on a socket whose `proto` is IPPROTO_TCP (`_set_nodelay`),
+so every per-connection socket here is made with IPPROTO_TCP, never protocol 0.
 Per-connection sockets are `TcpSocket`s (issue 14): the connected sockets the proxies accept
 (`accept`) and open (`connect_tcp`). uvloop reads `family` and `type` of every socket it wraps
 (`connect_accepted_socket`, `create_connection(sock=...)`), and `socket.socket`'s properties
@@ -82,7 +83,7 @@ def accept(listener: socket.socket) -> TcpSocket:
     `socket.socket.accept` leaves them without a default timeout). Raises what accept(2)
     raises (BlockingIOError when none is waiting)."""
     fd, _ = _C_ACCEPT(listener)
-    return TcpSocket(_C_FAMILY.__get__(listener), socket.SOCK_STREAM, 0, fileno=fd)
+    return TcpSocket(_C_FAMILY.__get__(listener), socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
 
 
 LISTEN_BACKLOG = 4096
@@ -204,9 +205,10 @@ def start_connect(
     waits for the rest. Raises OSError (the socket closed); `retry_bind` says whether to try
     again. The socket is born non-blocking (SOCK_NONBLOCK: no ioctl) and gets no TCP_NODELAY
     here: the transport that wraps it sets it (uvloop's TCPTransport, asyncio's socket
-    transport), setting it here too cost a syscall per connection (bench/README.md, session 8)."""
+    transport: hence IPPROTO_TCP, which asyncio checks); setting it here too cost a syscall
+    per connection (bench/README.md, session 8)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = TcpSocket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = TcpSocket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, socket.IPPROTO_TCP)
     try:
         if source_ip is not None:
             if transparent:
