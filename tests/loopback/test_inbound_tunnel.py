@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -238,6 +240,13 @@ async def _timed_out() -> float:
 
 
 @LOOPS
-def test_a_hanging_connect_times_out_with_503(loop: str) -> None:
-    took = run(_timed_out(), 30, loop=loop)
-    assert 0.6 <= took < 3.0, took  # two rounds of 0.3 s (+ the sweep's 50 ms granularity)
+def test_a_hanging_connect_times_out_with_503(loop: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The access log says why: "timeout" (a TimeoutError's str() is empty, and an exception
+    object is truthy, so `err or 'timeout'` logged "upstream ...: " with no reason)."""
+    with caplog.at_level(logging.INFO, logger="ztunnel.access"):
+        took = run(_timed_out(), 30, loop=loop)
+    # Two rounds of 0.3 s (+ the sweep's 50 ms granularity); the upper bound only catches a
+    # connect that never timed out (the machine may be loaded).
+    assert 0.6 <= took < 10.0, took
+    errors = [json.loads(r.getMessage())["error"] for r in caplog.records]
+    assert errors == [f"upstream {AUTHORITY}: timeout"] * 4

@@ -105,7 +105,7 @@ async def connect_upstream(
         )
         _, upstream = await loop.create_connection(lambda: _Upstream(ctx, rec), sock=sock)
     except (TimeoutError, OSError) as err:
-        raise UpstreamUnavailable(f"upstream {host}:{port}: {err or 'timeout'}") from err
+        raise UpstreamUnavailable(f"upstream {host}:{port}: {str(err) or 'timeout'}") from err
     return upstream
 
 
@@ -405,7 +405,7 @@ class InboundTunnel:
             return
         assert self._plan is not None
         host, port = self._plan.target_addr
-        self._refuse(UpstreamUnavailable(f"upstream {host}:{port}: {err or 'timeout'}"))
+        self._refuse(UpstreamUnavailable(f"upstream {host}:{port}: {str(err) or 'timeout'}"))
 
     def _refuse(self, err: HboneError) -> None:
         """Answer the CONNECT with `err`'s status, log and count it."""
