@@ -10,10 +10,11 @@ done-callback machinery (bench/README.md, "Session 8: per new connection").
 Invariants: the coroutine's first step runs inside the call (no loop iteration in between), each
 later step in the done callback of the future it awaited (or the next iteration, for a bare
 yield); `on_done` is called exactly once, with (result, None) or (None, error), from a step.
-Only `Exception`s and `CancelledError` are handed over; anything else (KeyboardInterrupt,
-SystemExit) propagates, as from a task. No cancellation: a caller that gives up lets the
-coroutine finish and discards what it made (the transport makers finish within an iteration
-or two).
+A step that yields neither a Future nor None (what a task rejects too) ends the coroutine and
+hands over a RuntimeError. Only `Exception`s and `CancelledError` are handed over; anything
+else (KeyboardInterrupt, SystemExit) propagates, as from a task. No cancellation: a caller
+that gives up lets the coroutine finish and discards what it made (the transport makers
+finish within an iteration or two).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ class _Steps(Generic[T]):
         if isinstance(awaited, asyncio.Future):
             awaited._asyncio_future_blocking = False  # as a task does: we wait on it
             awaited.add_done_callback(self.step)
-        else:  # a bare yield (sleep(0)): go on next iteration
+        elif awaited is None:  # a bare yield (sleep(0)): go on next iteration
             asyncio.get_running_loop().call_soon(self.step)
+        else:  # not awaitable by a task either ("Task got bad yield"): end it, say so
+            self.coro.close()
+            self.on_done(None, RuntimeError(f"step_coroutine got bad yield: {awaited!r}"))
 
 
 def step_coroutine(

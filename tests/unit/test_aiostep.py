@@ -4,6 +4,8 @@ both event loops the proxies run on."""
 from __future__ import annotations
 
 import asyncio
+import types
+from collections.abc import Generator
 
 import pytest
 
@@ -30,9 +32,10 @@ async def _steps() -> list[object]:
         raise ValueError("boom")
 
     f1: asyncio.Future[int] = loop.create_future()
+    tasks = asyncio.all_tasks()
     step_coroutine(work(f1), lambda r, e: seen.append((r, e)))
     assert trace == ["first step"]
-    assert len(asyncio.all_tasks()) == 2  # this test and `run`'s wait_for: no new task
+    assert asyncio.all_tasks() == tasks  # no new task
     f1.set_result(41)
     f2: asyncio.Future[int] = loop.create_future()
     step_coroutine(fails(f2), lambda r, e: seen.append((r, repr(e))))
@@ -53,3 +56,33 @@ def test_step_coroutine(loop: str) -> None:
     assert (None, "ValueError('boom')") in seen
     assert (None, "CancelledError") in seen
     assert len(seen) == 3
+
+
+async def _bad_yield() -> list[object]:
+    seen: list[object] = []
+    closed: list[bool] = []
+
+    @types.coroutine
+    def odd() -> Generator[object, None, None]:
+        yield 5  # neither a Future nor a bare yield
+
+    async def work() -> int:
+        try:
+            await odd()
+        finally:
+            closed.append(True)
+        return 1
+
+    step_coroutine(work(), lambda r, e: seen.append((r, repr(e))))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert closed == [True]
+    return seen
+
+
+@LOOPS
+def test_a_yield_of_neither_future_nor_none_ends_the_coroutine_with_an_error(loop: str) -> None:
+    """As a task rejects it ("Task got bad yield"). Before: taken for a bare yield, the
+    coroutine stepped again each loop iteration."""
+    seen = run(_bad_yield(), 10, loop=loop)
+    assert seen == [(None, "RuntimeError('step_coroutine got bad yield: 5')")]
