@@ -15,12 +15,14 @@ import errno
 import json
 import logging
 import os
+import selectors
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
+from meshcore import sockets
 from meshcore.ca import MeshCA
 from meshcore.certs import CertificateManager, LocalCAProvider, WorkloadCertificate
 from meshcore.hbone.pool import HbonePool
@@ -138,6 +140,18 @@ async def _served(cert: WorkloadCertificate) -> None:
         raw.abort()
 
 
+def _assert_no_connect_left(loop: asyncio.AbstractEventLoop) -> None:
+    """The connects the streams started are forgotten: none left in the loop's connect
+    deadline sweep (`meshcore.sockets`), and (asyncio's loop, which can be asked) no writer
+    callback left registered for a connecting socket."""
+    timers = sockets._timers.get(id(loop))
+    assert timers is None or len(timers.sweep) == 0
+    selector = getattr(loop, "_selector", None)
+    if selector is not None:
+        writers = [k for k in selector.get_map().values() if k.events & selectors.EVENT_WRITE]
+        assert writers == []
+
+
 async def _attack(how: str) -> None:
     loop = asyncio.get_running_loop()
     errors: list[str] = []
@@ -173,6 +187,7 @@ async def _attack(how: str) -> None:
             await eventually(lambda: slots.held == 0 and slots.waiting == 0, what="slots freed")
             await eventually(lambda: listener.peers.tunnels(PEER) == 0, what="tunnels closed")
             await eventually(lambda: _fds() <= base, what="connecting sockets closed")
+            _assert_no_connect_left(loop)
             assert not raw.seen.statuses  # a reset stream is never answered
             if how == "reset":
                 raw.abort()
