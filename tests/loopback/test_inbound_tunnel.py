@@ -19,6 +19,7 @@ import selectors
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -265,3 +266,49 @@ def test_a_hanging_connect_times_out_with_503(loop: str, caplog: pytest.LogCaptu
     assert 0.6 <= took < 10.0, took
     errors = [json.loads(r.getMessage())["error"] for r in caplog.records]
     assert errors == [f"upstream {AUTHORITY}: timeout"] * 4
+
+
+async def _reset_while_wrapping(logged: list[logging.LogRecord]) -> None:
+    """The stream is reset after its connect completed, while the loop makes the upstream's
+    transport (`InboundTunnel._wrap`): the transport, once made, is closed unanswered and
+    the peer's tunnel count returned (not a 200 on a reset stream, an upstream kept open)."""
+    loop = asyncio.get_running_loop()
+    ca = MeshCA.create_root(trust_domain="cluster.local")
+    cert = await LocalCAProvider(ca).fetch(SLEEP)
+    ctx, listener = await _node(ca)
+    server = await _echo_upstream()
+    raw = await Raw.open_to((SERVER, 15008), cert, source=PEER)
+    made = loop.create_connection
+    wrapping = asyncio.Event()
+
+    async def slow_create_connection(*args: Any, **kwargs: Any) -> Any:
+        wrapping.set()
+        await raw.send(rst(1))  # the reset arrives while the transport is being made
+        await asyncio.sleep(0.1)
+        return await made(*args, **kwargs)
+
+    loop.create_connection = slow_create_connection  # type: ignore[method-assign]
+    try:
+        await raw.send(headers_frame(1, connect_block(AUTHORITY)))
+        await asyncio.wait_for(wrapping.wait(), 5)
+        await asyncio.sleep(0.3)
+        await eventually(lambda: listener.peers.tunnels(PEER) == 0, what="tunnel count returned")
+        assert ctx.upstream_slots.held == 0
+        assert not raw.seen.statuses  # a reset stream is never answered
+        assert not logged  # never opened: no access-log line, not in the gauge
+        assert ctx.metrics.active.labels("inbound")._value.get() == 0
+        loop.create_connection = made  # type: ignore[method-assign]
+        await _served(cert)
+    finally:
+        loop.create_connection = made  # type: ignore[method-assign]
+        raw.abort()
+        server.close()
+        listener.close()
+
+
+def test_a_stream_reset_while_its_transport_is_made_is_not_opened(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio's loop only: its `create_connection` can be replaced on the instance."""
+    with caplog.at_level(logging.INFO, logger="ztunnel.access"):
+        run(_reset_while_wrapping(caplog.records), 30, loop="asyncio")
