@@ -22,6 +22,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -175,9 +176,17 @@ def _set_service(rec: ConnectionRecord, service: Service | None) -> None:
         rec.destination_service_namespace = service.namespace
 
 
-_PENDING, _SLOTS, _CONNECTING, _WRAPPING, _OVER = range(5)
-"""`InboundTunnel`'s states: its first step scheduled; waiting for a connect slot; connect(2)
-in flight; the transport being made; answered or cancelled."""
+# `InboundTunnel`'s states (Final: compiled to constants).
+_PENDING: Final[int] = 0
+"""Its first step scheduled."""
+_SLOTS: Final[int] = 1
+"""Waiting for a connect slot."""
+_CONNECTING: Final[int] = 2
+"""connect(2) in flight."""
+_WRAPPING: Final[int] = 3
+"""The transport being made."""
+_OVER: Final[int] = 4
+"""Answered or cancelled."""
 
 
 class InboundTunnel:
