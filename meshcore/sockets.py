@@ -12,8 +12,10 @@ A socket bound to a chosen source address sets IP_BIND_ADDRESS_NO_PORT (ip(7)): 
 port is then picked at connect() for the full 4-tuple, instead of at bind() exclusively for the
 address, so bursts from one client IP do not run out of ports (EADDRINUSE); an EADDRINUSE /
 EADDRNOTAVAIL that still happens is retried with a fresh socket (`BIND_ATTEMPTS` in all).
-Invariant: a socket is returned connected, non-blocking and with TCP_NODELAY, or closed and an
-OSError raised; nothing leaks on timeout or cancellation.
+Invariant: a socket is returned connected and non-blocking, or closed and an OSError raised;
+nothing leaks on timeout or cancellation. TCP_NODELAY is the transport's to set: uvloop sets it
+on every TCP transport, asyncio only on a socket whose `proto` is IPPROTO_TCP (`_set_nodelay`),
+so every per-connection socket here is made with IPPROTO_TCP, never protocol 0.
 Per-connection sockets are `TcpSocket`s (issue 14): the connected sockets the proxies accept
 (`accept`) and open (`connect_tcp`). uvloop reads `family` and `type` of every socket it wraps
 (`connect_accepted_socket`, `create_connection(sock=...)`), and `socket.socket`'s properties
@@ -35,9 +37,11 @@ import _socket
 import asyncio
 import contextlib
 import errno
+import functools
 import math
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
@@ -81,7 +85,7 @@ def accept(listener: socket.socket) -> TcpSocket:
     `socket.socket.accept` leaves them without a default timeout). Raises what accept(2)
     raises (BlockingIOError when none is waiting)."""
     fd, _ = _C_ACCEPT(listener)
-    return TcpSocket(_C_FAMILY.__get__(listener), socket.SOCK_STREAM, 0, fileno=fd)
+    return TcpSocket(_C_FAMILY.__get__(listener), socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
 
 
 LISTEN_BACKLOG = 4096
@@ -179,12 +183,25 @@ async def _connect_bound(
 ) -> socket.socket:
     for attempt in range(1, BIND_ATTEMPTS + 1):
         try:
-            return await _connect_once(loop, address, source_ip, transparent, deadline)
+            sock, done = start_connect(address, source_ip, transparent)
+            if not done:
+                try:
+                    await connected(loop, sock, deadline)
+                except BaseException:
+                    sock.close()
+                    raise
+            return sock
         except OSError as err:
-            busy = err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
-            if source_ip is None or not busy or attempt == BIND_ATTEMPTS:
+            if not retry_bind(err, source_ip, attempt):
                 raise
     raise AssertionError("unreachable")
+
+
+def retry_bind(err: OSError, source_ip: str | None, attempt: int) -> bool:
+    """Whether a connect from `source_ip` that failed with `err` on attempt `attempt` is tried
+    again with a fresh socket (the source port was taken: `BIND_ATTEMPTS` in all)."""
+    busy = err.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+    return source_ip is not None and busy and attempt < BIND_ATTEMPTS
 
 
 async def _numeric(
@@ -209,18 +226,20 @@ async def _numeric(
     return [(host, port)]
 
 
-async def _connect_once(
-    loop: asyncio.AbstractEventLoop,
-    address: tuple[str, int],
-    source_ip: str | None,
-    transparent: bool,
-    deadline: float,
-) -> socket.socket:
+def start_connect(
+    address: tuple[str, int], source_ip: str | None, transparent: bool
+) -> tuple[TcpSocket, bool]:
+    """A non-blocking socket with its connect(2) to `address` (an IP address, not a name)
+    started: (socket, connected already). It does not wait, so a caller without a task (the
+    inbound CONNECT, `ztunnel.proxy.inbound.InboundTunnel`) uses it as is; `PendingConnect`
+    waits for the rest. Raises OSError (the socket closed); `retry_bind` says whether to try
+    again. The socket is born non-blocking (SOCK_NONBLOCK: no ioctl) and gets no TCP_NODELAY
+    here: the transport that wraps it sets it (uvloop's TCPTransport, asyncio's socket
+    transport: hence IPPROTO_TCP, which asyncio checks); setting it here too cost a syscall
+    per connection (bench/README.md, session 8)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = TcpSocket(family, socket.SOCK_STREAM)
+    sock = TcpSocket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, socket.IPPROTO_TCP)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
             if transparent:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
@@ -228,14 +247,13 @@ async def _connect_once(
             sock.bind((source_ip, 0))
         err = sock.connect_ex(address)
         if err in _PENDING:
-            if not _connected(sock):
-                await _writable(loop, sock, deadline)
-        elif err not in (0, errno.EISCONN):
+            return sock, _connected(sock)
+        if err not in (0, errno.EISCONN):
             raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, True
 
 
 _PENDING = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY, errno.EINTR})
@@ -257,27 +275,70 @@ def _connected(sock: socket.socket) -> bool:
     return True
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float) -> None:
-    """Wait until the connect in progress on `sock` finished (or `deadline` passed: TimeoutError);
-    raises its error if it failed."""
+async def connected(loop: asyncio.AbstractEventLoop, sock: socket.socket, deadline: float) -> None:
+    """Wait until the connect in progress on `sock` finished (or `deadline` passed:
+    TimeoutError); raises its error if it failed."""
     fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, _wake, fut)
-    timers = _connect_timers(loop)
-    token = timers.add(fut, deadline)
+    pending = PendingConnect(loop, sock, deadline, functools.partial(_settle, fut))
     try:
         await fut
     finally:
-        loop.remove_writer(fd)
-        timers.sweep.discard(token)
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, os.strerror(err))
+        pending.cancel()
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
+def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is None:
         fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+@mypyc_attr(native_class=False)  # DeadlineSweep's keys; fields set once
+class PendingConnect:
+    """A connect in progress on `sock`, reported once to `on_done`: None (connected), the
+    connect's OSError, or TimeoutError once `deadline` passed (the loop's shared sweep, not a
+    timer per connect). The writer callback and the deadline are dropped before `on_done`
+    runs, and by `cancel` (then `on_done` is never called), so nothing refers to the socket's
+    descriptor afterwards: the caller may close it at once. The socket stays the caller's."""
+
+    __slots__ = ("_fd", "_loop", "_on_done", "_sock", "_timers", "_token")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        deadline: float,
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._on_done: Callable[[BaseException | None], None] | None = on_done
+        loop.add_writer(self._fd, self._writable)
+        self._timers = _connect_timers(loop)
+        self._token = self._timers.add(self, deadline)
+
+    def _writable(self) -> None:
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._report(OSError(err, os.strerror(err)) if err else None)
+
+    def timed_out(self) -> None:
+        self._report(TimeoutError())
+
+    def cancel(self) -> None:
+        """No report: the caller gave up (idempotent)."""
+        if self._on_done is not None:
+            self._on_done = None
+            self._loop.remove_writer(self._fd)
+            self._timers.sweep.discard(self._token)
+
+    def _report(self, err: BaseException | None) -> None:
+        on_done = self._on_done
+        if on_done is not None:
+            self.cancel()
+            on_done(err)
 
 
 class _ConnectTimers:
@@ -286,12 +347,12 @@ class _ConnectTimers:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.sweep: DeadlineSweep[asyncio.Future[None]] = DeadlineSweep(CONNECT_SWEEP)
+        self.sweep: DeadlineSweep[PendingConnect] = DeadlineSweep(CONNECT_SWEEP)
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
 
-    def add(self, fut: asyncio.Future[None], deadline: float) -> int:
-        token = self.sweep.add(fut, deadline)
+    def add(self, pending: PendingConnect, deadline: float) -> int:
+        token = self.sweep.add(pending, deadline)
         self._arm()
         return token
 
@@ -309,9 +370,8 @@ class _ConnectTimers:
         # was chosen at or after the deadlines it is for.
         now = max(self.loop.time(), self._armed_at)
         self._handle, self._armed_at = None, math.inf
-        for fut in self.sweep.handle_timer(now):
-            if not fut.done():
-                fut.set_exception(TimeoutError())
+        for pending in self.sweep.handle_timer(now):
+            pending.timed_out()
         self._arm()
         if self._handle is None:
             _timers.pop(id(self.loop), None)  # nothing in flight: forget this loop

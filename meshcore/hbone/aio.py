@@ -24,8 +24,8 @@ Invariants:
 - Bytes queued for a peer that does not open its windows stop the source of their stream past
   the stream's high-water mark, and EVERY source of the connection past the connection's
   (`HboneConnection.pending_blocked`), so a connection pins a few MiB, not 200 streams' worth.
-- Work started for a stream (`HboneStream.task`, e.g. the upstream connect of a CONNECT) is
-  cancelled the moment the stream is reset or the connection is lost: a task cancelled before
+- Work started for a stream (`HboneStream.work`, e.g. the upstream connect of a CONNECT) is
+  cancelled the moment the stream is reset or the connection is lost: work cancelled before
   it first runs never creates its socket (CVE-2023-44487 "rapid reset").
 - One timer per connection, armed for `HboneConnection.get_timer()` (no periodic polling).
 - A stream that leaves the connection's table (closed both ways, reset, refused, or its
@@ -118,6 +118,13 @@ class TunnelStream(Protocol):
     def acknowledge(self, length: int) -> None: ...
 
 
+class StreamWork(Protocol):
+    """Work started for a stream (`HboneStream.work`): cancelled when the stream goes away
+    (reset, connection lost, or answered), at most once; a no-op once the work is over."""
+
+    def cancel(self) -> object: ...
+
+
 def copied_payload(frame: memoryview) -> bytes:
     """`write_in_place`'s fallback: its payload copied, for `write` (what can't leave at once)."""
     return bytes(frame[FRAME_HEADER:])
@@ -137,7 +144,7 @@ class HboneStream:
         "response",
         "sink",
         "stream_id",
-        "task",
+        "work",
     )
 
     transport: ClassVar[str] = "h2"  # for telemetry; HTTP/3 streams (meshcore.hbone.h3aio) say "h3"
@@ -156,14 +163,14 @@ class HboneStream:
         self.response: asyncio.Future[int] | None = None
         self._early: list[bytes | None] = []  # data (None = EOF) arriving before a sink attaches
         self.closed = False
-        self.task: asyncio.Task[None] | None = None  # work for this stream; cancelled on reset
+        self.work: StreamWork | None = None  # work for this stream; cancelled on reset
 
     def _gone(self) -> None:
         """The stream is closed or reset: stop any work still pending for it."""
         self.closed = True
-        task, self.task = self.task, None
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            task.cancel()
+        work, self.work = self.work, None
+        if work is not None:
+            work.cancel()
 
     def attach(self, sink: TunnelSink) -> None:
         self.sink = sink
@@ -626,15 +633,16 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     # ---- client ----------------------------------------------------------------------------
 
-    async def open_stream(
+    def start_stream(
         self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
     ) -> HboneStream:
-        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        """Send CONNECT (with this loop iteration's flush); its status arrives in the stream's
+        `response` future. Raises StreamRefused (nothing was sent: the pool may retry on
+        another connection) or ConnectionResetError."""
         if self.closed or self.conn.goaway_received is not None:
             # connection_lost already failed every pending response; a stream opened after it
             # would wait forever (e.g. TLS 1.3: the server rejects our certificate only after
             # our side of the handshake completed, so connect() returned a doomed connection).
-            # Nothing was sent on this connection: the pool may retry on another.
             raise StreamRefused("HBONE connection closed before the CONNECT was sent")
         try:
             sid = self.conn.open_connect(authority, headers)
@@ -646,6 +654,14 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.streams[sid] = stream
         stream.sink = sink  # data only flows after 200; attach now so nothing is buffered
         self.schedule_flush()  # the CONNECTs of one loop iteration leave in one TLS write
+        return stream
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
+    ) -> HboneStream:
+        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        stream = self.start_stream(authority, headers, sink)
+        assert stream.response is not None
         status = await stream.response
         if status != 200:
             raise HboneError.for_status(status, f"CONNECT {authority} refused with {status}")

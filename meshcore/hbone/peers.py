@@ -95,6 +95,11 @@ class PeerTable:
         peer = self._peers.get(ip)
         return 0 if peer is None else peer.handshakes
 
+    def tunnels(self, ip: str) -> int:
+        """Tunnels (upstream sockets, connecting or open) of `ip` now."""
+        peer = self._peers.get(ip)
+        return 0 if peer is None else peer.tunnels
+
     def handshake_done(self, ip: str) -> None:
         self._peers[ip].handshakes -= 1
 

@@ -116,25 +116,49 @@ class HbonePool:
         self.stale_dials = 0  # dials that finished after their generation was retired: closed
         self.drained_dials = 0  # dials that finished after close_all: served, never pooled
 
+    def start_stream(
+        self,
+        key: PoolKey,
+        authority: str,
+        headers: Sequence[tuple[str, str]],
+        sink: TunnelSink,
+    ) -> HboneStream | None:
+        """The CONNECT sent at once on the pooled connection `open_stream` would pick, when that
+        is an HTTP/2 one with room; its status arrives in the stream's `response` future (no
+        task waits for it: issue 14). None: no such connection (dial or HTTP/3: `open_stream`),
+        or it refused the stream before sending (`open_stream` retries elsewhere)."""
+        for proto in self._conns.get(key, ()):
+            if not proto.closed and proto.conn.can_open_stream(self.max_streams):
+                if not isinstance(proto, HboneProtocol):
+                    return None
+                try:
+                    return proto.start_stream(authority, headers, sink)
+                except StreamRefused:
+                    return None
+        return None
+
     async def open_stream(
         self,
         key: PoolKey,
         authority: str,
         headers: Sequence[tuple[str, str]],
         sink: TunnelSink,
+        *,
+        attempts: int = DIAL_ATTEMPTS,
     ) -> HboneStream:
         """A CONNECT stream on a pooled connection. Raises HboneError (non-200),
         PeerVerificationError, or OSError/ConnectionError (connect failures).
 
         A stream the peer did not process (StreamRefused: above its GOAWAY's last stream id,
         e.g. while it hands its listeners to a successor) is retried on another connection,
-        `DIAL_ATTEMPTS` in all (RFC 9113 §8.7)."""
-        for attempt in range(1, DIAL_ATTEMPTS + 1):
+        `attempts` in all (RFC 9113 §8.7; `DIAL_ATTEMPTS`, less the ones a caller of
+        `start_stream` made)."""
+        for attempt in range(1, attempts + 1):
             proto = await self._connection(key)
             try:
                 return await proto.open_stream(authority, headers, sink)
             except StreamRefused:
-                if attempt == DIAL_ATTEMPTS:
+                if attempt == attempts:
                     raise
                 self.streams_retried += 1
                 log.debug("CONNECT %s to %s not processed; retrying", authority, key.address)

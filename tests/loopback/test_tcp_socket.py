@@ -120,3 +120,44 @@ def test_a_name_is_resolved_for_both_families_and_each_address_tried(
     finally:
         listener.close()
     assert asked == [socket.AF_UNSPEC]
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_the_per_connection_sockets_get_tcp_nodelay_on_both_loops(kind: str) -> None:
+    """The sockets the proxies accept (`accept`) and open (`connect_tcp`, `start_connect`) get
+    TCP_NODELAY from the transport that wraps them, on either loop (ZTUNNEL_UVLOOP=0 too).
+    asyncio sets it only on a socket whose `proto` is IPPROTO_TCP (`_set_nodelay`): fails with
+    sockets made with protocol 0 (Nagle on every dial and accepted connection)."""
+    listener = make_listener(*ADDR)
+
+    def nodelay(transport: asyncio.BaseTransport) -> int:
+        sock = transport.get_extra_info("socket")
+        return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[socket.socket] = loop.create_future()
+        loop.add_reader(listener.fileno(), lambda: accepted.set_result(accept(listener)))
+        try:
+            outgoing = await connect_tcp(*ADDR, timeout=2.0)
+            assert outgoing.proto == socket.IPPROTO_TCP
+            client_tr, _ = await loop.create_connection(asyncio.Protocol, sock=outgoing)
+            conn = await accepted
+            assert conn.proto == socket.IPPROTO_TCP
+            server_tr, _ = await loop.connect_accepted_socket(asyncio.Protocol, conn)
+            try:
+                assert nodelay(client_tr) == 1
+                assert nodelay(server_tr) == 1
+            finally:
+                server_tr.close()
+                client_tr.close()
+        finally:
+            loop.remove_reader(listener.fileno())
+
+    try:
+        if kind == "uvloop":
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+    finally:
+        listener.close()

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import resource
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from meshcore.aiostep import step_coroutine
 from meshcore.sockets import accept
 from ztunnel.metrics import ProxyMetrics
 from ztunnel.proxy.relay import TcpSide
@@ -86,6 +89,12 @@ class AcceptLoop:
         self.sock.setblocking(False)
         self._read(True)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop `start` found (no `get_running_loop` per connection)."""
+        assert self._loop is not None
+        return self._loop
+
     def close(self) -> None:
         self._closed = True
         self._read(False)
@@ -144,8 +153,9 @@ class AcceptLoop:
 
 class TcpListener:
     """A plain TCP listener (outbound capture, inbound plaintext) served by protocols made by
-    `factory`, accepted through `AcceptLoop`. One task per connection: it makes the transport
-    and then runs the protocol's `start` (issue 14: a task costs per new connection)."""
+    `factory`, accepted through `AcceptLoop`. The transport is made without a task
+    (`meshcore.aiostep.step_coroutine`), then the protocol's `begin` starts its work; only work
+    that must wait (e.g. a dial) runs in a task (issue 14: a task costs per new connection)."""
 
     def __init__(
         self,
@@ -165,19 +175,39 @@ class TcpListener:
         self._loop.close()
 
     def _accepted(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = asyncio.get_running_loop().create_task(self._serve(conn))
-        self._pending.add(task)  # asyncio holds tasks weakly
-        task.add_done_callback(self._done)
-
-    async def _serve(self, conn: socket.socket) -> None:
-        transport, proto = await asyncio.get_running_loop().connect_accepted_socket(
-            self.factory, conn
+        # No TCP_NODELAY here: the transport sets it (uvloop and asyncio, on every TCP socket).
+        proto = self.factory()
+        loop = self._loop.loop
+        step_coroutine(
+            loop.connect_accepted_socket(lambda: proto, conn),
+            functools.partial(self._made, proto),
         )
+
+    def _made(
+        self,
+        proto: TcpSide,
+        _made: tuple[asyncio.BaseTransport, TcpSide] | None,
+        err: BaseException | None,
+    ) -> None:
+        if err is not None:  # no transport; the loop owns `conn` (as when a task awaited it)
+            log.warning("%s: accepted connection not served: %s", self._loop.name, err)
+            return
         try:
-            await proto.start()
+            work = proto.begin()
+        except Exception as exc:
+            proto.abort()  # never leave the client's connection open and unread
+            log.warning("%s: accepted connection not served: %s", self._loop.name, exc)
+            return
+        if work is not None:
+            task = self._loop.loop.create_task(self._serve(proto, work))
+            self._pending.add(task)  # asyncio holds tasks weakly
+            task.add_done_callback(self._done)
+
+    async def _serve(self, proto: TcpSide, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
         except BaseException:
-            transport.abort()  # never leave the client's connection open and unread (_done logs)
+            proto.abort()  # never leave the client's connection open and unread (_done logs)
             raise
 
     def _done(self, task: asyncio.Task[None]) -> None:

@@ -28,6 +28,7 @@ from meshcore.tls import ContextCache
 from meshcore.tracing import Sampler
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.protocol.plan import PlanScope
+from ztunnel.proxy.slots import ConnectSlots
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,7 +109,8 @@ class ProxyContext:
     connections: set[asyncio.Transport] = field(default_factory=set)
     hbone_servers: set[HboneProtocol] = field(default_factory=set)
     """Inbound HBONE connections (drain sends each a GOAWAY)."""
-    upstream_slots: asyncio.Semaphore = field(init=False)
+    upstream_slots: ConnectSlots = field(init=False)
+    """Upstream connects in flight in this process (`ztunnel.proxy.inbound.InboundTunnel`)."""
     node_proxy_ips: tuple[IPAddress, ...] = field(init=False)
     """This proxy's own addresses (the self-call check of `plan_outbound`), parsed once."""
     plan_scope: PlanScope = field(init=False)
@@ -133,7 +135,7 @@ class ProxyContext:
         return await self.demand(f"{net}/{ip}", self.settings.connect_timeout)
 
     def __post_init__(self) -> None:
-        self.upstream_slots = asyncio.Semaphore(self.settings.max_pending_connects)
+        self.upstream_slots = ConnectSlots(self.settings.max_pending_connects)
         self.node_proxy_ips = (ipaddress.ip_address(self.settings.node_ip),)
         self.plan_scope = PlanScope(
             node=self.settings.node,

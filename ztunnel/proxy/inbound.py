@@ -7,12 +7,13 @@ verification (in `meshcore.hbone.aio`), and per CONNECT: `ztunnel.protocol.plan.
 after both succeeded, else 400/401/503 (docs/reference/ambient-facts.md). No upstream connect
 happens for a denied request.
 
-Bounded work (issue 9): the serve task of a CONNECT is the stream's task, cancelled when the
-client resets the stream (no socket is created for a stream already gone); upstream connects in
-flight are capped per HBONE connection and per node proxy (`ProxyContext.upstream_slots`), the
-excess waits; accepting pauses while file descriptors run short (`ztunnel.proxy.accept`). Every
-stream the HTTP/2 layer refuses and every connection it closes for a protocol error leaves a log
-line and a counter.
+Bounded work (issue 9): a CONNECT's work (`InboundTunnel`, callbacks: no task per stream, issue
+14) is the stream's, cancelled when the client resets the stream or the connection is lost (no
+socket is created for a stream already gone); upstream connects in flight are capped per HBONE
+connection and per node proxy (`ConnectSlots`: `ProxyContext.upstream_slots`), the excess
+waits; accepting pauses while file descriptors run short (`ztunnel.proxy.accept`). Every stream
+the HTTP/2 layer refuses and every connection it closes for a protocol error leaves a log line
+and a counter.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
 from meshcore.address import parse_authority
+from meshcore.aiostep import step_coroutine
 from meshcore.errors import HboneError, PeerOverLimit, Unauthorized, UpstreamUnavailable
 from meshcore.hbone.aio import (
     HboneHooks,
@@ -38,7 +41,7 @@ from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.peers import PeerTable
 from meshcore.hbone.streams import Role
 from meshcore.model import Service
-from meshcore.sockets import connect_tcp
+from meshcore.sockets import PendingConnect, connect_tcp, retry_bind, start_connect
 from meshcore.telemetry import guess_inbound_service
 from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
@@ -46,6 +49,7 @@ from ztunnel.protocol.plan import InboundConnect, InboundPlan, plan_inbound
 from ztunnel.proxy.accept import AcceptLoop
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice
+from ztunnel.proxy.slots import ConnectSlots
 
 log = logging.getLogger("ztunnel.inbound")
 
@@ -102,7 +106,7 @@ async def connect_upstream(
         )
         _, upstream = await loop.create_connection(lambda: _Upstream(ctx, rec), sock=sock)
     except (TimeoutError, OSError) as err:
-        raise UpstreamUnavailable(f"upstream {host}:{port}: {err or 'timeout'}") from err
+        raise UpstreamUnavailable(f"upstream {host}:{port}: {str(err) or 'timeout'}") from err
     return upstream
 
 
@@ -170,6 +174,330 @@ def _set_service(rec: ConnectionRecord, service: Service | None) -> None:
         rec.destination_service = service.hostname
         rec.destination_service_name = service.name
         rec.destination_service_namespace = service.namespace
+
+
+# `InboundTunnel`'s states (Final: compiled to constants).
+_PENDING: Final[int] = 0
+"""Its first step scheduled."""
+_SLOTS: Final[int] = 1
+"""Waiting for a connect slot."""
+_CONNECTING: Final[int] = 2
+"""connect(2) in flight."""
+_WRAPPING: Final[int] = 3
+"""The transport being made."""
+_OVER: Final[int] = 4
+"""Answered or cancelled."""
+
+
+class InboundTunnel:
+    """One CONNECT on an HBONE connection, from the request to its answer, driven by callbacks:
+    no task and no coroutine chain per stream (issue 14, bench/README.md "Session 8"). Steps:
+    `_begin` (scheduled with `call_soon` when the request arrives, so a RST_STREAM in the same
+    read cancels it before it opens anything: CVE-2023-44487), the plan and L4 authorization,
+    the peer's tunnel bound, a connect slot of the connection then of the process (the excess
+    waits, `ConnectSlots`), the non-blocking connect (`start_connect`; in progress: a writer
+    callback and the loop's shared connect deadline, `PendingConnect`), the transport (`_wrap`),
+    then 200 and the splice. Any `HboneError` answers with its status, an access-log line and a
+    counter; a connect failure is 503 (`UpstreamUnavailable`).
+
+    Invariants: `cancel` (the stream was reset, its connection lost, or it was answered) leaves
+    nothing behind at any step: the scheduled step, a waiting or held slot, the connecting
+    socket with its writer and deadline, the peer's tunnel count; a transport made after it is
+    aborted. Slots are held from the grant to the transport made or the failure. Exactly one of
+    answered (200 or a refusal) or cancelled (no access-log line, as a cancelled task had none).
+    """
+
+    __slots__ = (
+        "_attempt",
+        "_deadline",
+        "_handle",
+        "_held",
+        "_loop",
+        "_pending",
+        "_plan",
+        "_sock",
+        "_source_ip",
+        "_state",
+        "_transparent",
+        "_tunnel_open",
+        "conn_dst_ip",
+        "ctx",
+        "peer_ip",
+        "peers",
+        "rec",
+        "slots",
+        "src_ip",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        listener: HboneListener,
+        stream: HboneStream,
+        conn_dst_ip: str,
+        peer_ip: str,
+        slots: ConnectSlots,
+    ) -> None:
+        self.ctx = listener.ctx
+        self.peers = listener.peers
+        self.stream = stream
+        self.conn_dst_ip = conn_dst_ip
+        self.peer_ip = peer_ip
+        self.slots = slots
+        self.src_ip = peer_ip
+        self.rec: ConnectionRecord | None = None
+        self._plan: InboundPlan | None = None
+        self._state = _PENDING
+        self._held = 0  # connect slots held: 1 = the connection's, 2 = also the process's
+        self._tunnel_open = False  # counted in the peer's tunnels (`PeerTable.open_tunnel`)
+        self._sock: socket.socket | None = None
+        self._pending: PendingConnect | None = None
+        self._attempt = 0
+        self._deadline = 0.0
+        self._source_ip: str | None = None
+        self._transparent = False
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.Handle | None = self._loop.call_soon(self._step, self._begin)
+
+    # ---- entry points from the loop: each guarded -------------------------------------------
+
+    def _step(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as err:
+            self._internal_error(err)
+
+    def _on_connected(self, err: BaseException | None) -> None:
+        try:
+            self._connected(err)
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _on_made(
+        self, made: tuple[asyncio.BaseTransport, _Upstream] | None, err: BaseException | None
+    ) -> None:
+        try:
+            self._made(made, err)
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _internal_error(self, err: Exception) -> None:
+        """A step raised what no step expects (a bug, not the peer): one log line, then the
+        CONNECT is answered 503 and counted like any refusal and everything it held released,
+        instead of asyncio's "Exception in callback" traceback and a stream left holding its
+        slots (the task-based code unwound them)."""
+        log.error(
+            "inbound CONNECT %s from %s: internal error: %r",
+            self.stream.authority,
+            self.peer_ip,
+            err,
+        )
+        log.debug("internal error in an inbound CONNECT", exc_info=err)
+        if self._state == _OVER:  # answered already (or gone): nothing left to answer
+            self._end()
+        elif self.rec is None:
+            self._end()
+            self.stream.respond(503)
+        else:
+            self._refuse(UpstreamUnavailable(f"internal error: {err!r}"))
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._handle = None
+        ctx, stream = self.ctx, self.stream
+        rec = self.rec = ConnectionRecord(
+            direction="inbound",
+            reporter="destination",
+            src_addr=self.peer_ip,
+            dst_addr=stream.authority,
+        )
+        rec.source_principal = str(stream.peer_identity) if stream.peer_identity else None
+        rec.mtls = True
+        rec.hbone_addr = stream.authority
+        rec.transport = stream.transport
+        try:
+            src_ip = self.src_ip = tunnel_source_ip(ctx, stream, self.peer_ip)
+            rec.src_addr = src_ip
+            rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)
+            if ctx.tracker.tracer is not None:  # else no span is recorded: nothing reads these
+                self._trace(rec)
+            dst_ip, dst_port = parse_authority(stream.authority)
+            service_key = forwarded_service_key(stream.headers)
+            connect = InboundConnect(
+                dst_ip=dst_ip,
+                dst_port=dst_port,
+                src_identity=stream.peer_identity,
+                src_ip=src_ip,
+                conn_dst_ip=self.conn_dst_ip,
+                addressed_service=service_key,
+            )
+            plan = self._plan = plan_inbound(
+                ctx.state, connect, network=ctx.settings.network, node=ctx.settings.node
+            )
+            rec.destination = plan.destination_workload
+            rec.destination_principal = str(plan.destination_workload.identity)
+            service = (
+                plan.service
+                or addressed_service(ctx, service_key, plan)
+                or guess_inbound_service(plan.destination_workload, dst_port, ctx.state.service)
+            )
+            _set_service(rec, service)
+            if not self.peers.open_tunnel(self.peer_ip):
+                raise PeerOverLimit(
+                    f"peer {self.peer_ip} has {self.peers.max_tunnels} tunnels open"
+                )
+        except HboneError as err:
+            self._refuse(err)
+            return
+        self._tunnel_open = True
+        self._source_ip, self._transparent = ctx.source_binding(src_ip)
+        self._state = _SLOTS
+        self._acquire()
+
+    def _trace(self, rec: ConnectionRecord) -> None:
+        ctx = self.ctx
+        caller = parse_traceparent(
+            next((v for k, v in self.stream.headers if k == "traceparent"), None)
+        )
+        if caller is not None:  # this connection's span continues the caller's trace
+            rec.trace_id, rec.parent_span_id = caller.trace_id, caller.parent_id
+            rec.span_id = f"{ctx.rng.getrandbits(64) or 1:016x}"
+            rec.sampled = ctx.tracker.sampler.sampled(caller.trace_id, caller)
+
+    def _acquire(self) -> None:
+        """The connection's connect slot, then the process's (`async with slots, upstream_slots`
+        before): waiting for either leaves this tunnel in that one's queue."""
+        self._handle = None
+        if self._held == 0:
+            if not self.slots.acquire(self):
+                return
+            self._held = 1
+        if self._held == 1:
+            if not self.ctx.upstream_slots.acquire(self):
+                return
+            self._held = 2
+        self._state = _CONNECTING
+        self._deadline = self._loop.time() + self.ctx.settings.connect_timeout
+        self._connect()
+
+    def slot_granted(self) -> None:
+        """`ConnectSlots.release` handed us the slot we waited for; go on in a loop callback of
+        our own (not inside the releasing tunnel's)."""
+        self._held += 1
+        self._handle = self._loop.call_soon(self._step, self._acquire)
+
+    def _connect(self) -> None:
+        assert self._plan is not None
+        self._attempt += 1
+        try:
+            sock, done = start_connect(self._plan.target_addr, self._source_ip, self._transparent)
+        except OSError as err:
+            self._connect_failed(err)
+            return
+        if done:
+            self._wrap(sock)
+        else:
+            self._sock = sock
+            self._pending = PendingConnect(self._loop, sock, self._deadline, self._on_connected)
+
+    def _connected(self, err: BaseException | None) -> None:
+        sock, self._sock, self._pending = self._sock, None, None
+        assert sock is not None
+        if err is None:
+            self._wrap(sock)
+            return
+        sock.close()
+        self._connect_failed(err)
+
+    def _connect_failed(self, err: BaseException) -> None:
+        if isinstance(err, OSError) and retry_bind(err, self._source_ip, self._attempt):
+            self._connect()  # a fresh socket and source port (`BIND_ATTEMPTS` in all)
+            return
+        self._upstream_unavailable(err)
+
+    def _wrap(self, sock: socket.socket) -> None:
+        """The connected socket becomes the upstream's transport: the loop's
+        `create_connection(sock=...)`, run without a task (`step_coroutine`)."""
+        assert self.rec is not None
+        self._state = _WRAPPING
+        upstream = _Upstream(self.ctx, self.rec)
+        step_coroutine(self._loop.create_connection(lambda: upstream, sock=sock), self._on_made)
+
+    def _made(
+        self, made: tuple[asyncio.BaseTransport, _Upstream] | None, err: BaseException | None
+    ) -> None:
+        if made is None:  # no transport (the loop closed the socket)
+            self._upstream_unavailable(err or ConnectionError("no transport"))
+        else:
+            self._opened(made[1])
+
+    def _opened(self, upstream: _Upstream) -> None:
+        if self._state == _OVER:  # cancelled while the transport was being made
+            upstream._on_done = None  # never opened: no access-log line, no gauge
+            upstream.abort()
+            return
+        self._release_slots()
+        self._state = _OVER
+        self._tunnel_open = False  # the upstream owns the peer's tunnel count from here
+        peers, peer_ip = self.peers, self.peer_ip
+        upstream.on_closed = lambda: peers.close_tunnel(peer_ip)
+        stream, rec = self.stream, self.rec
+        assert rec is not None
+        stream.work = None  # over: no stream <-> tunnel cycle left
+        stream.respond(200)
+        self.ctx.tracker.opened(rec, lambda: (upstream.sent, upstream.received))
+        upstream.attach(stream)
+
+    # ---- endings -----------------------------------------------------------------------------
+
+    def _upstream_unavailable(self, err: BaseException) -> None:
+        if self._state == _OVER:  # cancelled meanwhile: the stream is gone, nothing to answer
+            return
+        assert self._plan is not None
+        host, port = self._plan.target_addr
+        self._refuse(UpstreamUnavailable(f"upstream {host}:{port}: {str(err) or 'timeout'}"))
+
+    def _refuse(self, err: HboneError) -> None:
+        """Answer the CONNECT with `err`'s status, log and count it."""
+        self._end()
+        rec = self.rec
+        assert rec is not None
+        rec.response_flags = err.response_flag
+        rec.error = str(err)
+        self.stream.respond(err.status)  # -> forget -> cancel(): a no-op now
+        self.ctx.tracker.failed(rec)
+
+    def cancel(self) -> None:
+        """The stream went away (reset, connection lost): stop, leaving nothing behind."""
+        if self._state != _OVER:
+            self._end()
+
+    def _end(self) -> None:
+        self._state = _OVER
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.slots.cancel(self)
+        self.ctx.upstream_slots.cancel(self)
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._release_slots()
+        if self._tunnel_open:
+            self._tunnel_open = False
+            self.peers.close_tunnel(self.peer_ip)
+        self.stream.work = None
+
+    def _release_slots(self) -> None:
+        held, self._held = self._held, 0
+        if held == 2:
+            self.ctx.upstream_slots.release()
+        if held >= 1:
+            self.slots.release()
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # ztunnel.proxy.inbound_h3.H3Listener
@@ -261,7 +589,7 @@ class HboneListener:
             log.warning("HBONE to %s: no certificate for %s: %s", local_ip, workload.identity, err)
             conn.close()
             return None
-        slots = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
+        slots = ConnectSlots(PENDING_CONNECTS_PER_CONNECTION)
         hooks = HboneHooks(
             on_request=lambda stream: self._on_request(stream, local_ip, peer_ip, slots),
             on_close=on_close,
@@ -289,12 +617,10 @@ class HboneListener:
         self.ctx.hbone_servers.discard(proto)
 
     def _on_request(
-        self, stream: HboneStream, conn_dst_ip: str, peer_ip: str, slots: asyncio.Semaphore
+        self, stream: HboneStream, conn_dst_ip: str, peer_ip: str, slots: ConnectSlots
     ) -> None:
-        # The stream owns the task: a RST_STREAM in the same read cancels it before it runs.
-        stream.task = asyncio.get_running_loop().create_task(
-            self._serve(stream, conn_dst_ip, peer_ip, slots)
-        )
+        # The stream owns its work: a RST_STREAM in the same read cancels it before it runs.
+        stream.work = InboundTunnel(self, stream, conn_dst_ip, peer_ip, slots)
 
     def _on_refused(
         self, proto: HboneProtocol, ev: RequestRefused, conn_dst_ip: str, peer_ip: str
@@ -331,78 +657,6 @@ class HboneListener:
             code,
             ev.debug.decode("utf-8", "replace"),
         )
-
-    async def _serve(
-        self, stream: HboneStream, conn_dst_ip: str, peer_ip: str, slots: asyncio.Semaphore
-    ) -> None:
-        ctx = self.ctx
-        rec = ConnectionRecord(
-            direction="inbound", reporter="destination", src_addr=peer_ip, dst_addr=stream.authority
-        )
-        rec.source_principal = str(stream.peer_identity) if stream.peer_identity else None
-        rec.mtls = True
-        rec.hbone_addr = stream.authority
-        rec.transport = stream.transport
-        try:
-            src_ip = tunnel_source_ip(ctx, stream, peer_ip)
-        except Unauthorized as err:
-            rec.response_flags, rec.error = err.response_flag, str(err)
-            stream.respond(err.status)
-            ctx.tracker.failed(rec)
-            return
-        rec.src_addr = src_ip
-        rec.source = ctx.state.workload_by_address(src_ip, ctx.settings.network)
-        if ctx.tracker.tracer is not None:  # else no span is recorded: nothing reads these
-            caller = parse_traceparent(
-                next((v for k, v in stream.headers if k == "traceparent"), None)
-            )
-            if caller is not None:  # this connection's span continues the caller's trace
-                rec.trace_id, rec.parent_span_id = caller.trace_id, caller.parent_id
-                rec.span_id = f"{ctx.rng.getrandbits(64) or 1:016x}"
-                rec.sampled = ctx.tracker.sampler.sampled(caller.trace_id, caller)
-        try:
-            dst_ip, dst_port = parse_authority(stream.authority)
-            service_key = forwarded_service_key(stream.headers)
-            connect = InboundConnect(
-                dst_ip=dst_ip,
-                dst_port=dst_port,
-                src_identity=stream.peer_identity,
-                src_ip=src_ip,
-                conn_dst_ip=conn_dst_ip,
-                addressed_service=service_key,
-            )
-            plan = plan_inbound(
-                ctx.state, connect, network=ctx.settings.network, node=ctx.settings.node
-            )
-            rec.destination = plan.destination_workload
-            rec.destination_principal = str(plan.destination_workload.identity)
-            service = (
-                plan.service
-                or addressed_service(ctx, service_key, plan)
-                or guess_inbound_service(plan.destination_workload, dst_port, ctx.state.service)
-            )
-            _set_service(rec, service)
-            if not self.peers.open_tunnel(peer_ip):
-                raise PeerOverLimit(f"peer {peer_ip} has {self.peers.max_tunnels} tunnels open")
-            try:
-                async with slots, ctx.upstream_slots:
-                    upstream = await connect_upstream(ctx, plan, rec, src_ip)
-            except BaseException:
-                self.peers.close_tunnel(peer_ip)
-                raise
-            upstream.on_closed = lambda: self.peers.close_tunnel(peer_ip)
-        except HboneError as err:
-            rec.response_flags = err.response_flag
-            rec.error = str(err)
-            stream.respond(err.status)
-            ctx.tracker.failed(rec)
-            return
-        if stream.closed:  # the client gave up while we were connecting
-            upstream.abort()
-            return
-        stream.respond(200)
-        ctx.tracker.opened(rec, lambda: (upstream.sent, upstream.received))
-        upstream.attach(stream)
 
 
 class PlaintextInbound(TcpSide):

@@ -6,7 +6,7 @@ by the SNI the client sent (`meshcore.hbone.h3.server_name_for`: node proxies di
 shared socket), else by the socket's address (bind capture: one socket per workload address,
 as for TCP, where HBONE clients send no SNI). A name that is not a local mesh workload's address
 gets no certificate: the handshake is dropped and recorded. Every CONNECT is served exactly as
-over HTTP/2, by `HboneListener._serve` (plan, authorization, upstream connect, then
+over HTTP/2, by `ztunnel.proxy.inbound.InboundTunnel` (plan, authorization, upstream connect, then
 200/400/401/503), so both transports share one implementation of the inbound semantics.
 
 UDP port: 15008, the HBONE port, on UDP (a different protocol number: no clash with 15008/tcp).
@@ -20,7 +20,6 @@ peer's identity (`ztunnel.proxy.inbound.tunnel_source_ip`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import weakref
@@ -33,6 +32,7 @@ from meshcore.model import TunnelProtocol
 from ztunnel.metrics import ConnectionRecord
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import PENDING_CONNECTS_PER_CONNECTION, HboneListener
+from ztunnel.proxy.slots import ConnectSlots
 
 log = logging.getLogger("ztunnel.inbound")
 
@@ -45,7 +45,7 @@ class H3Listener(HboneListener):
         self.local_ip = sock.getsockname()[0]
         self.endpoint: H3Endpoint | None = None
         # Upstream connects in flight per QUIC connection, as per TLS connection over TCP.
-        self._slots: weakref.WeakKeyDictionary[H3Protocol, asyncio.Semaphore] = (
+        self._slots: weakref.WeakKeyDictionary[H3Protocol, ConnectSlots] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -97,7 +97,7 @@ class H3Listener(HboneListener):
         proto = stream._h3
         slots = self._slots.get(proto)
         if slots is None:
-            slots = self._slots[proto] = asyncio.Semaphore(PENDING_CONNECTS_PER_CONNECTION)
+            slots = self._slots[proto] = ConnectSlots(PENDING_CONNECTS_PER_CONNECTION)
         named = None if proto.server_name is None else address_from_server_name(proto.server_name)
         self._on_request(stream, named or self.local_ip, peer[0], slots)
 

@@ -5,18 +5,27 @@ local address (`getsockname()`): with transparent capture the kernel keeps it, a
 listener is bound to the destination itself. The decision is
 `ztunnel.protocol.plan.plan_outbound` (pure); this module only carries it out: HBONE with the
 SOURCE workload's certificate through the pool, or a plain TCP splice.
+
+Per new connection (issue 14): HBONE on a pooled HTTP/2 connection with room runs without a
+task (`OutboundConnection.begin`: the CONNECT leaves at once, the response future's callback
+opens the tunnel); only what must wait (an on-demand lookup, a dial, a retried stream, the
+same-node path, a passthrough connect) runs in a task. Every path ends the same way: the
+connection's record opened, or failed (recorded, logged at debug, the client's socket aborted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 
 from meshcore.address import parse_authority
-from meshcore.errors import HboneError, PeerVerificationError, response_flag
-from meshcore.hbone.pool import PoolKey
+from meshcore.errors import HboneError, PeerVerificationError, StreamRefused, response_flag
+from meshcore.hbone.aio import HboneStream
+from meshcore.hbone.pool import DIAL_ATTEMPTS, PoolKey
 from meshcore.identity import SpiffeId
 from meshcore.model import Workload
 from meshcore.sockets import connect_tcp
@@ -96,6 +105,16 @@ def _pool_key(
     return key
 
 
+_tasks: set[asyncio.Task[None]] = set()
+"""Tasks `_spawn` started (asyncio holds tasks weakly); each leaves the set when done."""
+
+
+def _spawn(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
 def _traceparent(ctx: ProxyContext, rec: ConnectionRecord) -> str:
     """A new W3C trace context (version 00) for this connection, recorded in `rec`: sampled
     (flag 01) when this proxy exports spans and the sampler picks the trace, so the
@@ -128,15 +147,55 @@ class OutboundConnection(TcpSide):
             rec.error = rec.error or error
             self.ctx.tracker.closed(rec)
 
+    def begin(self) -> Coroutine[Any, Any, None] | None:
+        """Plan and carry out the connection. HBONE on a pooled HTTP/2 connection with room,
+        the common case, runs without a task: the CONNECT leaves now and `_answered` (the
+        response future's callback) finishes it (issue 14). What must wait (an on-demand
+        lookup, a dial, the same-node path, a passthrough connect) returns a coroutine for the
+        listener's task."""
+        if self.ctx.demand is not None:
+            return self.start()  # the on-demand lookup is awaited
+        planned = self._plan()
+        if planned is None:
+            return None
+        plan, rec, src_ip, src_port = planned
+        if plan.kind is PlanKind.HBONE and not self._is_local(plan):
+            key, headers = self._hbone_request(plan, rec, src_ip, src_port)
+            assert plan.authority is not None
+            stream = self.ctx.pool.start_stream(key, plan.authority, headers, self)
+            if stream is not None:
+                assert stream.response is not None
+                answered = functools.partial(self._answered, stream, rec, key, headers)
+                stream.response.add_done_callback(answered)
+                return None
+            return self._carry_out(self._hbone_pooled(key, plan.authority, headers, rec), rec)
+        return self._carry_out(self._other(plan, rec, src_ip, src_port), rec)
+
     async def start(self) -> None:
         assert self.transport is not None
         ctx = self.ctx
-        src_ip, src_port = self.transport.get_extra_info("peername")[:2]
-        dst_ip, dst_port = self.transport.get_extra_info("sockname")[:2]
+        dst_ip = self.transport.get_extra_info("sockname")[0]
         if ctx.demand is not None and not await ctx.ensure_address(dst_ip):  # on-demand xDS
             log.warning("outbound to %s refused: on-demand lookup not answered", dst_ip)
             self.abort()
             return
+        planned = self._plan()
+        if planned is None:
+            return
+        plan, rec, src_ip, src_port = planned
+        if plan.kind is PlanKind.HBONE and not self._is_local(plan):
+            key, headers = self._hbone_request(plan, rec, src_ip, src_port)
+            assert plan.authority is not None
+            await self._carry_out(self._hbone_pooled(key, plan.authority, headers, rec), rec)
+        else:
+            await self._carry_out(self._other(plan, rec, src_ip, src_port), rec)
+
+    def _plan(self) -> tuple[OutboundPlan, ConnectionRecord, str, int] | None:
+        """The plan and the connection's record; None when refused (recorded, aborted)."""
+        assert self.transport is not None
+        ctx = self.ctx
+        src_ip, src_port = self.transport.get_extra_info("peername")[:2]
+        dst_ip, dst_port = self.transport.get_extra_info("sockname")[:2]
         plan = plan_outbound(
             ctx.state, ctx.plan_scope, src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port
         )
@@ -158,27 +217,40 @@ class OutboundConnection(TcpSide):
             rec.error = plan.reason
             ctx.tracker.failed(rec)
             self.abort()
-            return
-        try:
-            if plan.kind is PlanKind.HBONE and self._is_local(plan):
-                await self._local(plan, rec, src_ip, src_port)
-            elif plan.kind is PlanKind.HBONE:
-                await self._hbone(plan, rec, src_ip, src_port)
-            else:
-                await self._plain(plan, rec, src_ip)
-        except (TimeoutError, HboneError, PeerVerificationError, OSError) as err:
-            rec.response_flags = response_flag(err)
-            rec.error = str(err) or type(err).__name__
-            ctx.tracker.failed(rec)
-            log.debug("outbound %s -> %s failed: %s", rec.src_addr, rec.dst_addr, rec.error)
-            self.abort()
-            return
-        self.record = rec
-        ctx.tracker.opened(rec, lambda: (self.received, self.sent))
+            return None
+        return plan, rec, src_ip, src_port
 
-    async def _hbone(
+    async def _carry_out(self, work: Coroutine[Any, Any, None], rec: ConnectionRecord) -> None:
+        try:
+            await work
+        except (TimeoutError, HboneError, PeerVerificationError, OSError) as err:
+            self._failed(rec, err)
+            return
+        self._opened(rec)
+
+    async def _other(
         self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str, src_port: int
     ) -> None:
+        if plan.kind is PlanKind.HBONE:
+            await self._local(plan, rec, src_ip, src_port)
+        else:
+            await self._plain(plan, rec, src_ip)
+
+    def _opened(self, rec: ConnectionRecord) -> None:
+        self.record = rec
+        self.ctx.tracker.opened(rec, lambda: (self.received, self.sent))
+
+    def _failed(self, rec: ConnectionRecord, err: BaseException) -> None:
+        rec.response_flags = response_flag(err)
+        rec.error = str(err) or type(err).__name__
+        self.ctx.tracker.failed(rec)
+        log.debug("outbound %s -> %s failed: %s", rec.src_addr, rec.dst_addr, rec.error)
+        self.abort()
+
+    def _hbone_request(
+        self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str, src_port: int
+    ) -> tuple[PoolKey, list[tuple[str, str]]]:
+        """The pool key and the CONNECT's headers (records the trace context and address)."""
         ctx = self.ctx
         source = plan.source_identity
         assert source is not None
@@ -198,7 +270,50 @@ class OutboundConnection(TcpSide):
             headers.append(("baggage", baggage))
         headers.append(("traceparent", _traceparent(ctx, rec)))
         rec.hbone_addr = plan.authority
-        stream = await ctx.pool.open_stream(key, plan.authority, headers, self)
+        return key, headers
+
+    async def _hbone_pooled(
+        self,
+        key: PoolKey,
+        authority: str,
+        headers: list[tuple[str, str]],
+        rec: ConnectionRecord,
+        attempts: int = DIAL_ATTEMPTS,
+    ) -> None:
+        """The CONNECT through the pool (which may dial, or retry a refused stream)."""
+        stream = await self.ctx.pool.open_stream(key, authority, headers, self, attempts=attempts)
+        self._tunnel(stream, rec)
+
+    def _answered(
+        self,
+        stream: HboneStream,
+        rec: ConnectionRecord,
+        key: PoolKey,
+        headers: list[tuple[str, str]],
+        response: asyncio.Future[int],
+    ) -> None:
+        """The response to a CONNECT `begin` sent without a task: 200 opens the tunnel."""
+        if response.cancelled():
+            self._failed(rec, ConnectionResetError("HBONE connection closed"))
+            return
+        err = response.exception()
+        if err is None:
+            status = response.result()
+            if status == 200:
+                self._tunnel(stream, rec)
+                self._opened(rec)
+                return
+            err = HboneError.for_status(status, f"CONNECT {stream.authority} refused with {status}")
+        elif isinstance(err, StreamRefused):
+            # Not processed by the peer (RFC 9113 §8.7): the pool retries it elsewhere, as
+            # `open_stream` would have, with the attempts left.
+            self.ctx.pool.streams_retried += 1
+            work = self._hbone_pooled(key, stream.authority, headers, rec, DIAL_ATTEMPTS - 1)
+            _spawn(self._carry_out(work, rec))
+            return
+        self._failed(rec, err)
+
+    def _tunnel(self, stream: HboneStream, rec: ConnectionRecord) -> None:
         rec.mtls = True
         rec.transport = stream.transport
         rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None

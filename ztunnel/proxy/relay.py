@@ -23,8 +23,8 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable
-from typing import ClassVar, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, cast
 
 from mypy_extensions import mypyc_attr
 
@@ -68,8 +68,14 @@ class TcpSide(asyncio.BufferedProtocol):
         self._on_done = on_done
 
     async def start(self) -> None:
-        """The connection's work once its transport exists, run by the task that accepted it
-        (`ztunnel.proxy.accept.TcpListener`: one task per connection, not one more for this)."""
+        """The connection's work once its transport exists, when it needs a task
+        (`ztunnel.proxy.accept.TcpListener` runs what `begin` returns in one)."""
+
+    def begin(self) -> Coroutine[Any, Any, None] | None:
+        """The connection's work once its transport exists, started in this call: None when
+        it needs no task (it ran, or goes on in callbacks; issue 14), else the coroutine to run
+        in one (by default `start`)."""
+        return self.start()
 
     # ---- TCP side (asyncio.Protocol) ---------------------------------------------------------
 
