@@ -356,14 +356,16 @@ class _ConnectTimers:
         self._arm()
         return token
 
-    def _arm(self) -> None:
+    def _arm(self) -> bool:
+        """Arm the handle for the sweep's next wake-up; whether a handle is armed."""
         when = self.sweep.get_timer()
         if when is None or when >= self._armed_at:
-            return
+            return self._handle is not None
         if self._handle is not None:
             self._handle.cancel()
         self._handle = self.loop.call_at(when, self._fire)
         self._armed_at = when
+        return True
 
     def _fire(self) -> None:
         # The loop's timers have ~1 ms resolution: a timer may run just before its time, which
@@ -372,8 +374,9 @@ class _ConnectTimers:
         self._handle, self._armed_at = None, math.inf
         for pending in self.sweep.handle_timer(now):
             pending.timed_out()
-        self._arm()
-        if self._handle is None:
+        # `_arm`'s answer, not a second read of `_handle`: mypy (and so mypyc, which checks the
+        # narrowed type at run time) still takes `_handle` for the None assigned above.
+        if not self._arm():
             _timers.pop(id(self.loop), None)  # nothing in flight: forget this loop
 
 
