@@ -218,10 +218,18 @@ def loopback_block() -> LoopbackBlock:
     return LoopbackBlock(ipaddress.IPv4Network((base, 24)))
 
 
-def echo_mesh_config(client: str, server: str, vip: str) -> dict[str, Any]:
-    """The static mesh config of the process tests: a `sleep` client on node-a, an `echo` server
-    on node-b behind service `echo` (vip:80 -> 8080), HBONE both sides, no policy."""
-    port = {"servicePort": 80, "targetPort": 8080}
+def echo_mesh_config(
+    client: str | list[str],
+    server: str,
+    vip: str,
+    *,
+    target_port: int = 8080,
+    policies: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The static mesh config of the process tests: a `sleep` client (at `client`, one address
+    or several) on node-a, an `echo` server on node-b behind service `echo` (vip:80 ->
+    target_port), HBONE both sides, `policies` (none by default)."""
+    port = {"servicePort": 80, "targetPort": target_port}
     return {
         "workloads": [
             {
@@ -229,7 +237,7 @@ def echo_mesh_config(client: str, server: str, vip: str) -> dict[str, Any]:
                 "name": "sleep",
                 "namespace": "default",
                 "serviceAccount": "sleep",
-                "addresses": [client],
+                "addresses": [client] if isinstance(client, str) else client,
                 "node": "node-a",
                 "tunnelProtocol": "HBONE",
             },
@@ -253,7 +261,7 @@ def echo_mesh_config(client: str, server: str, vip: str) -> dict[str, Any]:
                 "ports": [port],
             },
         ],
-        "policies": [],
+        "policies": policies or [],
     }
 
 

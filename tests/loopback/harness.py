@@ -30,6 +30,7 @@ from meshcore.ca import MeshCA
 from meshcore.certs import LocalCAProvider
 from meshcore.proto.yamlform import load_mesh_config
 from meshcore.state import MeshState
+from tests.helpers import echo_mesh_config
 from ztunnel.app import NodeProxy
 from ztunnel.contexts import build_context
 from ztunnel.proxy.context import ProxySettings
@@ -45,43 +46,7 @@ ECHO = "spiffe://cluster.local/ns/default/sa/echo"
 def mesh_config(
     policies: list[dict[str, Any]] | None = None, target_port: int = 8080
 ) -> dict[str, Any]:
-    return {
-        "workloads": [
-            {
-                "uid": "c1",
-                "name": "sleep",
-                "namespace": "default",
-                "serviceAccount": "sleep",
-                "addresses": [CLIENT_IP],
-                "node": "node-a",
-                "tunnelProtocol": "HBONE",
-            },
-            {
-                "uid": "s1",
-                "name": "echo",
-                "namespace": "default",
-                "serviceAccount": "echo",
-                "addresses": [SERVER_IP],
-                "node": "node-b",
-                "tunnelProtocol": "HBONE",
-                "services": {
-                    "default/echo.default.svc.cluster.local": {
-                        "ports": [{"servicePort": 80, "targetPort": target_port}]
-                    }
-                },
-            },
-        ],
-        "services": [
-            {
-                "name": "echo",
-                "namespace": "default",
-                "hostname": "echo.default.svc.cluster.local",
-                "addresses": [{"address": VIP}],
-                "ports": [{"servicePort": 80, "targetPort": target_port}],
-            },
-        ],
-        "policies": policies or [],
-    }
+    return echo_mesh_config(CLIENT_IP, SERVER_IP, VIP, target_port=target_port, policies=policies)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from meshcore.hbone.frames import (
 from meshcore.hbone.headers import encode as encode_headers
 from meshcore.identity import SpiffeId
 from meshcore.tls import client_context
-from tests.helpers import Sink, spawn_ztunnel, stop_processes
+from tests.helpers import Sink, echo_mesh_config, spawn_ztunnel, stop_processes
 
 NODE, SERVER, CLIENT = "127.0.71.1", "127.0.71.10", "127.0.70.10"
 HBONE = (SERVER, 15008)
@@ -49,40 +49,7 @@ AUTHORITY = f"{SERVER}:{BACKEND_PORT}"
 
 
 def mesh_config() -> dict[str, Any]:
-    port = {"servicePort": 80, "targetPort": BACKEND_PORT}
-    return {
-        "workloads": [
-            {
-                "uid": "c1",
-                "name": "sleep",
-                "namespace": "default",
-                "serviceAccount": "sleep",
-                "addresses": [CLIENT],
-                "node": "node-a",
-                "tunnelProtocol": "HBONE",
-            },
-            {
-                "uid": "s1",
-                "name": "echo",
-                "namespace": "default",
-                "serviceAccount": "echo",
-                "addresses": [SERVER],
-                "node": "node-b",
-                "tunnelProtocol": "HBONE",
-                "services": {"default/echo.default.svc.cluster.local": {"ports": [port]}},
-            },
-        ],
-        "services": [
-            {
-                "name": "echo",
-                "namespace": "default",
-                "hostname": "echo.default.svc.cluster.local",
-                "addresses": [{"address": "127.0.72.10"}],
-                "ports": [port],
-            }
-        ],
-        "policies": [],
-    }
+    return echo_mesh_config(CLIENT, SERVER, "127.0.72.10")
 
 
 def rss_mib(pid: int) -> float:

@@ -67,8 +67,17 @@ async def h2_server(
                 await server.wait_closed()
 
 
-async def dial(address: str) -> GrpcConnection:
-    return await connect(address, tls_roots=None, server_name="", timeout=5)
+@asynccontextmanager
+async def connected(
+    on_request: OnRequest, settings: dict[int, int] | None = None
+) -> AsyncIterator[GrpcConnection]:
+    """Our client connected to an `h2_server` running `on_request`; closed at the end."""
+    async with h2_server(on_request, settings) as address:
+        conn = await connect(address, tls_roots=None, server_name="", timeout=5)
+        try:
+            yield conn
+        finally:
+            conn.close()
 
 
 def test_a_flood_of_empty_messages_ends_the_call() -> None:
@@ -104,23 +113,19 @@ def test_a_flood_of_empty_messages_ends_the_call() -> None:
             await writer.drain()
 
     async def main() -> None:
-        async with h2_server(flood) as address:
-            conn = await dial(address)
-            try:
-                call = conn.start("/a.B/C")
-                call.send(b"", end=True)
-                async with asyncio.timeout(20):
-                    while call.status is None:
-                        await asyncio.sleep(0.05)
-                        assert len(call._messages) <= MAX_QUEUED_MESSAGES
-                assert code_name(call.status.code) == "RESOURCE_EXHAUSTED"
-                assert "not taken yet" in call.status.message
-                assert not call._messages
-                assert not conn.calls
-                assert conn.conn.open_streams == 0
-                assert conn.alive  # the connection serves other calls
-            finally:
-                conn.close()
+        async with connected(flood) as conn:
+            call = conn.start("/a.B/C")
+            call.send(b"", end=True)
+            async with asyncio.timeout(20):
+                while call.status is None:
+                    await asyncio.sleep(0.05)
+                    assert len(call._messages) <= MAX_QUEUED_MESSAGES
+            assert code_name(call.status.code) == "RESOURCE_EXHAUSTED"
+            assert "not taken yet" in call.status.message
+            assert not call._messages
+            assert not conn.calls
+            assert conn.conn.open_streams == 0
+            assert conn.alive  # the connection serves other calls
 
     run(main())
 
@@ -141,17 +146,13 @@ def test_a_unary_call_answered_twice_is_cancelled() -> None:
     (they leaked, and with them one of the server's MAX_CONCURRENT_STREAMS slots)."""
 
     async def main() -> None:
-        async with h2_server(answer_twice) as address:
-            conn = await dial(address)
-            try:
-                with pytest.raises(GrpcError, match="more than one response") as err:
-                    await conn.unary("/a.B/C", b"x", timeout=5)
-                assert err.value.code_name == "INTERNAL"
-                await asyncio.sleep(0.1)
-                assert not conn.calls
-                assert conn.conn.open_streams == 0
-            finally:
-                conn.close()
+        async with connected(answer_twice) as conn:
+            with pytest.raises(GrpcError, match="more than one response") as err:
+                await conn.unary("/a.B/C", b"x", timeout=5)
+            assert err.value.code_name == "INTERNAL"
+            await asyncio.sleep(0.1)
+            assert not conn.calls
+            assert conn.conn.open_streams == 0
 
     run(main())
 
@@ -183,8 +184,7 @@ def test_a_goaway_mid_call_names_its_cause() -> None:
     above its last stream id (refused) and the one cut off when the connection closes."""
 
     async def main() -> None:
-        async with h2_server(goaway_mid_call) as address:
-            conn = await dial(address)
+        async with connected(goaway_mid_call) as conn:
             first = conn.start("/a.B/C")
             first.send(b"x", end=True)
             assert await first.recv() == b"first"
@@ -222,21 +222,17 @@ async def reset_mid_call(
 
 def test_a_reset_mid_call_ends_that_call_only() -> None:
     async def main() -> None:
-        async with h2_server(reset_mid_call) as address:
-            conn = await dial(address)
-            try:
-                call = conn.start("/a.B/C")
-                call.send(b"x", end=True)
-                assert await call.recv() == b"part"
-                with pytest.raises(GrpcError, match="stream reset by peer, code 7") as err:
-                    await call.recv()
-                assert err.value.code_name == "UNAVAILABLE"
-                assert await conn.unary("/a.B/C", b"y", timeout=5) == b"ok"
-                assert conn.alive
-                assert not conn.calls
-                assert conn.conn.open_streams == 0
-            finally:
-                conn.close()
+        async with connected(reset_mid_call) as conn:
+            call = conn.start("/a.B/C")
+            call.send(b"x", end=True)
+            assert await call.recv() == b"part"
+            with pytest.raises(GrpcError, match="stream reset by peer, code 7") as err:
+                await call.recv()
+            assert err.value.code_name == "UNAVAILABLE"
+            assert await conn.unary("/a.B/C", b"y", timeout=5) == b"ok"
+            assert conn.alive
+            assert not conn.calls
+            assert conn.conn.open_streams == 0
 
     run(main())
 
@@ -269,8 +265,7 @@ class _Skewed:
 
 def test_a_keepalive_unanswered_names_its_cause() -> None:
     async def main() -> None:
-        async with h2_server(silent) as address:
-            conn = await dial(address)
+        async with connected(silent) as conn:
             call = conn.start("/a.B/C")
             call.send(b"x", end=True)
             await asyncio.sleep(0.2)
@@ -303,20 +298,16 @@ def test_a_server_that_never_opens_its_window_ends_the_call() -> None:
 
     async def main() -> None:
         zero = {int(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE): 0}
-        async with h2_server(headers_only, zero) as address:
-            conn = await dial(address)
-            try:
-                await asyncio.sleep(0.2)  # the server's SETTINGS applied
-                call = conn.start("/a.B/C")
-                chunk = b"x" * (1024 * 1024)
-                for _ in range(SEND_LIMIT // len(chunk) + 1):
-                    call.send(chunk)
-                with pytest.raises(GrpcError, match="flow-control window") as err:
-                    await call.recv()
-                assert err.value.code_name == "RESOURCE_EXHAUSTED"
-                assert conn.conn.pending_bytes(call.stream_id) == 0
-                assert not conn.calls
-            finally:
-                conn.close()
+        async with connected(headers_only, zero) as conn:
+            await asyncio.sleep(0.2)  # the server's SETTINGS applied
+            call = conn.start("/a.B/C")
+            chunk = b"x" * (1024 * 1024)
+            for _ in range(SEND_LIMIT // len(chunk) + 1):
+                call.send(chunk)
+            with pytest.raises(GrpcError, match="flow-control window") as err:
+                await call.recv()
+            assert err.value.code_name == "RESOURCE_EXHAUSTED"
+            assert conn.conn.pending_bytes(call.stream_id) == 0
+            assert not conn.calls
 
     run(main())

@@ -31,7 +31,7 @@ from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.sockets import make_listener
 from meshcore.state import MeshState
-from tests.helpers import eventually, loopback_block, run
+from tests.helpers import echo_mesh_config, eventually, loopback_block, run
 from tests.loopback.robustness import Raw, connect_block, headers_frame, rst
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
 from ztunnel.proxy.context import ProxyContext, ProxySettings
@@ -49,27 +49,8 @@ LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 
 
 def _mesh() -> MeshState:
-    workloads = [
-        {
-            "uid": "c1",
-            "name": "sleep",
-            "namespace": "default",
-            "serviceAccount": "sleep",
-            "addresses": [CLIENT, PEER],
-            "node": "node-a",
-            "tunnelProtocol": "HBONE",
-        },
-        {
-            "uid": "s1",
-            "name": "echo",
-            "namespace": "default",
-            "serviceAccount": "echo",
-            "addresses": [SERVER],
-            "node": "node-b",
-            "tunnelProtocol": "HBONE",
-        },
-    ]
-    return MeshState.from_config(parse_mesh_config({"workloads": workloads}))
+    config = echo_mesh_config([CLIENT, PEER], SERVER, BLOCK.ip(40))
+    return MeshState.from_config(parse_mesh_config(config))
 
 
 def _fds() -> int:
