@@ -252,6 +252,9 @@ class H3Protocol:
             self._timer = None
         if not self.ready.done():
             self.ready.set_exception(self.conn.refused or exc)
+            # Whoever awaits `ready` gets this; a handshake nobody awaits any more (the
+            # server's timed-out `_verify`) was reported there, not by asyncio at GC.
+            self.ready.exception()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream._gone()
