@@ -26,6 +26,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from meshcore.grpcwire import is_grpc_content_type
+
 HeaderList = list[tuple[str, str]]
 
 
@@ -136,9 +138,11 @@ class Request:
 
     @property
     def grpc(self) -> bool:
-        for k, v in self.headers:  # the first content-type (a loop: no generator per request)
+        """A gRPC request by its (first) content-type, the gRPC spec's rule
+        (`meshcore.grpcwire.is_grpc_content_type`): gRPC-Web and ``application/grpcx`` are not."""
+        for k, v in self.headers:  # a loop: no generator per request
             if k == "content-type":
-                return v.startswith("application/grpc")
+                return is_grpc_content_type(v)
         return False
 
 
