@@ -44,13 +44,15 @@ Rules (Istio ambient, see docs/reference/ambient-facts.md "Enrollment, labels, w
   Port-level modes (selector policies only) become per-policy DENY records with port lists.
 
 Invariants: every function here is pure (input records -> output records); equal inputs give
-equal outputs. The `Translator` only caches: its result equals translating from scratch.
+equal outputs. The `Translator` only caches: its result equals translating from scratch
+(`retranslate_policies` included: it returns `translate_namespace`'s result or None).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -712,4 +714,59 @@ def translate_namespace(
         policies=MappingProxyType(policies),
         warnings=tuple(sorted(warnings)),
         node_identities=frozenset(node_identities),
+    )
+
+
+_POLICY_INDEPENDENT = (
+    "name",
+    "namespace",
+    "pods",
+    "services",
+    "slices",
+    "service_accounts",
+    "peer_authentications",
+    "stored",
+)
+"""The `NamespaceObjects` fields other than ``authorization_policies`` (``stored`` carries
+RequestAuthentications, read by `namespace_policies` too: unchanged, they translate the same)."""
+
+
+def retranslate_policies(
+    old_objs: NamespaceObjects,
+    old: NamespaceResult,
+    objs: NamespaceObjects,
+    mesh: MeshWide,
+    opts: TranslateOptions,
+) -> NamespaceResult | None:
+    """`translate_namespace(objs, mesh, opts)` without translating a pod again, when `objs`
+    differs from `old_objs` (translated to `old` against this same `mesh`) only in its
+    AuthorizationPolicies and those select the same pods under the same keys (a policy's rules
+    edited, the common change); None when that does not hold (translate the namespace).
+
+    Why the workloads and services stay: they read the policies only through the
+    (selector, key) pairs (`_pod_authorizations`). A pod's port-level PeerAuthentication DENY
+    policies (added to the policies while its pod is translated) are kept from `old`; a key
+    shared by such a policy and an AuthorizationPolicy takes the full translation instead.
+    """
+    if any(getattr(objs, f) is not getattr(old_objs, f) for f in _POLICY_INDEPENDENT):
+        return None
+    old_notes: list[ConfigWarning] = []
+    old_policies, old_selectors = _namespace_authorizations(old_objs, mesh, opts, old_notes)
+    notes: list[ConfigWarning] = []
+    policies, selectors = _namespace_authorizations(objs, mesh, opts, notes)
+    if selectors != old_selectors:
+        return None
+    from_pods = {k: v for k, v in old.policies.items() if k not in old_policies}
+    if any(old.policies.get(k) != v for k, v in old_policies.items()) or any(
+        k in policies for k in from_pods
+    ):
+        return None
+    # The policies' warnings replaced; every other warning is about an unchanged object.
+    warnings = (Counter(old.warnings) - Counter(old_notes)) + Counter(notes)
+    return NamespaceResult(
+        workloads=old.workloads,
+        services=old.services,
+        policies=MappingProxyType({**policies, **from_pods}),
+        warnings=tuple(sorted(warnings.elements())),
+        node_identities=old.node_identities,
     )
