@@ -12,7 +12,7 @@ import pytest
 
 from controlplane import translator as translator_mod
 from controlplane.objects import ObjectKey, parse_object
-from controlplane.store import ConfigStore
+from controlplane.store import ConfigStore, NamespaceObjects
 from controlplane.translate import (
     TranslateOptions,
     mesh_wide,
@@ -20,6 +20,7 @@ from controlplane.translate import (
     translate_namespace,
 )
 from controlplane.translator import Translator
+from meshcore.model import Action
 
 OPTS = TranslateOptions()
 NS = {
@@ -159,3 +160,110 @@ def test_translator_translates_no_pod_for_a_policy_edit(monkeypatch: pytest.Monk
     store.apply("t", [parse_object(pod("db-1", "10.0.0.2", "db2"))])
     t.update(store.snapshot)
     assert calls == ["default"]
+
+
+RESERVED = "istio_converted_peer_authn_web"  # the name port-level PeerAuthentication "web" gets
+
+
+def test_policy_named_like_a_peer_authentication_deny_keeps_the_deny() -> None:
+    """An AuthorizationPolicy named like the port-level PeerAuthentication's DENY record
+    (the reviewer's reproducer): the shortcut took that key for the policy's own and its next
+    edit replaced the DENY of plaintext; the full translation let the DENY replace the user's
+    policy silently. Now: the shortcut's result is the full translation's, the DENY stays, and
+    the user's policy is enforced fail-closed under another name, with a warning."""
+    # The policy translates to exactly the DENY record the PeerAuthentication gets (STRICT on
+    # every port), so the record under that key looked like the policy's own.
+    strict_pa = {
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": WEB,
+            "mtls": {"mode": "STRICT"},
+            "portLevelMtls": {"80": {"mode": "STRICT"}},
+        },
+    }
+    rules = [{"from": [{"source": {"notPrincipals": ["*"]}}]}]
+    reserved = policy(RESERVED, {"selector": WEB, "action": "DENY", "rules": rules})
+    store = ConfigStore()
+    store.replace_source(
+        "t", [parse_object(d) for d in (NS, pod("web-1", "10.0.0.1", "web"), strict_pa, reserved)]
+    )
+    t = Translator(OPTS)
+    t.update(store.snapshot)
+    key = f"default/{RESERVED}"
+    deny = t.results["default"].policies[key]
+    edited = policy(RESERVED, {"selector": WEB, "action": "DENY", "rules": from_ns("nobody")})
+    store.apply("t", [parse_object(edited)])
+    t.update(store.snapshot)
+    full = translate_namespace(
+        store.snapshot.namespaces["default"], mesh_wide(store.snapshot, OPTS), OPTS
+    )
+    assert dict(t.results["default"].policies) == dict(full.policies)
+    assert t.results["default"].warnings == full.warnings
+    assert full.policies[key] == deny, "the PeerAuthentication's DENY is never displaced"
+    assert deny.action is Action.DENY
+    assert deny.rules[0].clauses[0].matches[0].not_principals
+
+
+def test_reserved_name_policy_is_enforced_fail_closed_and_reported() -> None:
+    """Full translation: an ALLOW policy named with the reserved prefix, selecting a pod the
+    PeerAuthentication does not select (db-1). It was replaced by the PeerAuthentication's DENY
+    record under its key, so db-1 lost its allow-list (allowed everyone with a principal). Now
+    it allows nothing under a name of its own, web-1 keeps the DENY, and a warning says why."""
+    objs = [
+        *BASE,
+        policy(RESERVED, {"selector": {"matchLabels": {"app": "db"}}, "rules": from_ns("a")}),
+    ]
+    store = ConfigStore()
+    store.replace_source("t", [parse_object(d) for d in objs])
+    res = translate_namespace(
+        store.snapshot.namespaces["default"], mesh_wide(store.snapshot, OPTS), OPTS
+    )
+    key = f"default/{RESERVED}"
+    rejected = f"default/istio_converted_rejected_{RESERVED}"
+    assert res.policies[key].action is Action.DENY  # the PeerAuthentication's
+    web = res.workloads["Kubernetes//Pod/default/web-1"]
+    db = res.workloads["Kubernetes//Pod/default/db-1"]
+    assert key in web.authorization_policies
+    assert key not in db.authorization_policies
+    assert rejected in db.authorization_policies
+    fail_closed = res.policies[rejected]
+    assert (fail_closed.action, fail_closed.rules) == (Action.ALLOW, ()), "allows nothing"
+    notes = [w.message for w in res.warnings if w.ref == f"AuthorizationPolicy {key}"]
+    assert any("reserved" in n and "fail-closed" in n for n in notes), notes
+
+
+@pytest.mark.parametrize(
+    ("ns", "name"),
+    [("istio-system", "istio_converted_static_strict"), ("default", "istio_requestauthn_jwt")],
+)
+def test_other_reserved_names_never_displace_a_converted_policy(ns: str, name: str) -> None:
+    """The shared STRICT policy and a RequestAuthentication's record cannot be displaced by an
+    AuthorizationPolicy of the same name either (the STRICT policy replaced such a policy
+    silently; an AuthorizationPolicy sorted before the RequestAuthentication was replaced)."""
+    ra = {
+        "kind": "RequestAuthentication",
+        "metadata": {"name": "jwt", "namespace": "default"},
+        "spec": {"jwtRules": [{"issuer": "x", "jwksUri": "https://x/jwks"}]},
+    }
+    ap = {
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"action": "DENY", "rules": from_ns("a")},
+    }
+    store = ConfigStore()
+    store.replace_source("t", [parse_object(d) for d in (*BASE, ra, ap)])
+    mesh = mesh_wide(store.snapshot, OPTS)
+    res = translate_namespace(store.snapshot.namespaces[ns], mesh, OPTS)
+    alone = ConfigStore()
+    alone.replace_source("t", [parse_object(d) for d in (*BASE, ra)])
+    before = translate_namespace(
+        alone.snapshot.namespaces.get(ns, NamespaceObjects(name=ns)),
+        mesh_wide(alone.snapshot, OPTS),
+        OPTS,
+    )
+    assert res.policies[f"{ns}/{name}"] == before.policies[f"{ns}/{name}"]
+    rejected = res.policies[f"{ns}/istio_converted_rejected_{name}"]
+    assert rejected.action is Action.DENY, "denies everything (fail closed)"
+    assert rejected.rules
+    assert any("reserved" in w.message for w in res.warnings)
