@@ -3,9 +3,9 @@ result and reports what changed since the previous snapshot (a `Delta`).
 
 Invariant: a namespace is re-translated only when its objects (the same `NamespaceObjects`
 instance means unchanged) or the mesh-wide inputs changed, and only its policies when nothing
-else of it changed and they select the same pods (`retranslate_policies`: a policy edit, at
-10,000 pods ~6 ms of pod translation before a change reached any proxy); the delta is exactly
-the records added, changed or removed since the last `update`.
+else of it changed and they select the same pods (`retranslate_policies`: a policy edit then
+translates no pod; figures in bench/README.md); the delta is exactly the records added, changed
+or removed since the last `update`.
 """
 
 from __future__ import annotations
@@ -83,11 +83,12 @@ class Translator:
                 continue
             else:
                 before = self._inputs.get(ns)
-                new = (
+                short = (
                     retranslate_policies(before, old, objs, mesh, self.opts)
                     if before is not None and not mesh_changed and ns in self._results
                     else None
-                ) or translate_namespace(objs, mesh, self.opts)
+                )
+                new = translate_namespace(objs, mesh, self.opts) if short is None else short
                 self._inputs[ns] = objs
                 self._results[ns] = new
             for old_map, new_map in (
