@@ -783,9 +783,10 @@ def retranslate_policies(
     Why the workloads and services stay: they read the policies only through the
     (selector, key) pairs (`_pod_authorizations`). A pod's port-level PeerAuthentication DENY
     policies (added to the policies while its pod is translated; their keys derived from the
-    unchanged PeerAuthentications by `peer_authn_policy_name`) are kept from `old`. Reserved
-    names keep an AuthorizationPolicy's key from ever being one of them; should one be anyway
-    (old or new), or should `old` hold a policy other than its translation, it declines.
+    unchanged PeerAuthentications by `peer_authn_policy_name`) are kept from `old`: the only
+    records of `old` not from `_namespace_authorizations`. Reserved names keep an
+    AuthorizationPolicy's key from ever being one of them; should one be anyway (old or new),
+    it declines (the record under that key would depend on translation order).
     """
     if any(getattr(objs, f) is not getattr(old_objs, f) for f in _POLICY_INDEPENDENT):
         return None
@@ -800,9 +801,7 @@ def retranslate_policies(
         for pa in objs.peer_authentications.values()
         if pa.selector is not None and pa.port_modes
     }
-    if any(old.policies.get(k) != v for k, v in old_policies.items()) or any(
-        k in pa_keys for k in (*old_policies, *policies)
-    ):
+    if any(k in pa_keys for k in (*old_policies, *policies)):
         return None
     from_pods = {k: v for k, v in old.policies.items() if k in pa_keys}
     # The policies' warnings replaced; every other warning is about an unchanged object.

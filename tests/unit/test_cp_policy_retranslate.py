@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from controlplane import translate as translate_mod
 from controlplane import translator as translator_mod
 from controlplane.objects import ObjectKey, parse_object
 from controlplane.store import ConfigStore, NamespaceObjects
@@ -267,3 +268,40 @@ def test_other_reserved_names_never_displace_a_converted_policy(ns: str, name: s
     assert rejected.action is Action.DENY, "denies everything (fail closed)"
     assert rejected.rules
     assert any("reserved" in w.message for w in res.warnings)
+
+
+def test_shortcut_declines_a_shared_key_even_without_reserved_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shortcut's own guard, should the reserved names ever let an AuthorizationPolicy's
+    key be a PeerAuthentication DENY record's: it declines, so the reviewer's edit gives the
+    full translation's result (whatever that is), never the shortcut's own."""
+    monkeypatch.setattr(translate_mod, "_reserved_prefix", lambda ap: None)
+    strict_pa = {
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "selector": WEB,
+            "mtls": {"mode": "STRICT"},
+            "portLevelMtls": {"80": {"mode": "STRICT"}},
+        },
+    }
+    rules = [{"from": [{"source": {"notPrincipals": ["*"]}}]}]
+    objs = (NS, pod("web-1", "10.0.0.1", "web"), strict_pa)
+    store = ConfigStore()
+    store.replace_source(
+        "t",
+        [
+            parse_object(d)
+            for d in (*objs, policy(RESERVED, {"selector": WEB, "action": "DENY", "rules": rules}))
+        ],
+    )
+    before = store.snapshot.namespaces["default"]
+    mesh = mesh_wide(store.snapshot, OPTS)
+    old = translate_namespace(before, mesh, OPTS)
+    assert f"default/{RESERVED}" in old.policies  # the shared key, as on the branch before
+    edited = policy(RESERVED, {"selector": WEB, "action": "DENY", "rules": from_ns("nobody")})
+    store.apply("t", [parse_object(edited)])
+    assert (
+        retranslate_policies(before, old, store.snapshot.namespaces["default"], mesh, OPTS) is None
+    )
