@@ -103,6 +103,12 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def resource_version(raw: bytes) -> str:
+    """A resource's version: a hash of its deterministic encoding (the same record, the same
+    version; a changed one, a new version)."""
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
 def resource_field_bytes(
     name: str, version: str, resource: any_pb2.Any, aliases: Iterable[str] = ()
 ) -> bytes:
@@ -201,7 +207,7 @@ class ResourceTable:
         self, type_url: str, name: str, resource: any_pb2.Any, meta: AddressMeta = _NO_META
     ) -> None:
         raw = resource.SerializeToString(deterministic=True)
-        version = hashlib.blake2b(raw, digest_size=8).hexdigest()
+        version = resource_version(raw)
         cur = self.types[type_url].get(name)
         if cur is None or cur.version != version or cur.meta != meta:
             if cur is not None:

@@ -1,6 +1,7 @@
 """Fan-out of one change to many connections (controlplane.xds, issue 14): the shared encoding
 of a change never carries one proxy's resources to another proxy with a different scope, and
-what is on the wire decodes to exactly the response built for that connection alone."""
+what is on the wire decodes to exactly the response built for that connection alone; the write
+loop (one Event per connection) loses no push, also one published while it is writing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from controlplane.translator import Delta
-from controlplane.xds import ProxyConnection, XdsServer
+from controlplane.xds import ProxyConnection, XdsServer, resource_version
 from meshcore.model import Authorization, Service, Workload
 from meshcore.proto import discovery_pb2 as dpb
 from meshcore.proto.convert import ADDRESS_TYPE, AUTHORIZATION_TYPE, pack, resource_name
@@ -79,10 +80,7 @@ def reference(resp: dpb.DeltaDiscoveryResponse, records: list[Any]) -> dpb.Delta
 
 
 def _version(rec: Any) -> str:
-    import hashlib
-
-    raw = pack(rec).SerializeToString(deterministic=True)
-    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+    return resource_version(pack(rec).SerializeToString(deterministic=True))
 
 
 def decoded(raw: bytes | None) -> dpb.DeltaDiscoveryResponse:
@@ -183,5 +181,68 @@ def test_write_loop_pushes_then_ends_with_its_reader() -> None:
         stop.set()
         await asyncio.wait_for(loop_task, 1)
         assert len(ctx.sent) == 2
+
+    asyncio.run(scenario())
+
+
+def test_write_loop_sends_a_push_queued_during_a_slow_write_next_in_order() -> None:
+    """A change published while `write` still sends the previous response (a slow peer) is not
+    lost: once that write completes, the loop sends it next, with its own (greater) nonce that
+    the connection awaits an ACK for. Fails if the loop cleared its Event after its writes (the
+    wake-up set during the write would be erased: checked)."""
+
+    class SlowContext:
+        def __init__(self, srv: XdsServer) -> None:
+            self.srv = srv
+            self.sent: list[bytes] = []
+            self.gate = asyncio.Event()
+
+        async def write(self, message: bytes) -> None:
+            self.sent.append(message)
+            if len(self.sent) == 1:
+                self.srv.publish(Delta(upserts=(policy("y"),)))  # queued during the write
+                await self.gate.wait()  # the peer reads slowly
+
+    async def settle() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        srv = XdsServer()
+        srv.publish(Delta(upserts=(policy("x"),)))
+        conn = ProxyConnection(id=1, node="n1", peer="test", connected_at=0.0)
+        srv.connections[1] = conn
+        ctx = SlowContext(srv)
+        stop = asyncio.Event()
+
+        async def reader() -> None:
+            srv._handle_request(conn, dpb.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE))
+            await stop.wait()
+
+        task = asyncio.get_running_loop().create_task(reader())
+        loop_task = asyncio.ensure_future(srv._write_loop(conn, ctx, task))
+        await settle()
+        assert len(ctx.sent) == 1, "the first write is still in progress"
+        ctx.gate.set()
+        await settle()
+        assert len(ctx.sent) == 2, "the push queued during the write went out"
+        first, second = decoded(ctx.sent[0]), decoded(ctx.sent[1])
+        assert [(r.name, r.version) for r in first.resources] == [
+            ("default/p", _version(policy("x")))
+        ]
+        assert [(r.name, r.version) for r in second.resources] == [
+            ("default/p", _version(policy("y")))
+        ], "in order: the newer policy last"
+        assert int(second.nonce, 16) > int(first.nonce, 16)
+        assert set(conn.pending) == {first.nonce, second.nonce}
+        for nonce in (first.nonce, second.nonce):
+            ack = dpb.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE, response_nonce=nonce)
+            srv._handle_request(conn, ack)
+        assert not conn.pending
+        assert conn.types[AUTHORIZATION_TYPE].last_ack == second.nonce
+        await settle()
+        assert len(ctx.sent) == 2, "an ACK alone sends nothing"
+        stop.set()
+        await asyncio.wait_for(loop_task, 1)
 
     asyncio.run(scenario())
