@@ -19,6 +19,11 @@ manifest/Kubernetes parsing cost is not part of the figures. Then, in this proce
   pod has applied the response carrying it (and no other proxy may receive it); then the same
   for an AuthorizationPolicy change, which every proxy holds: latency until all of them applied
   it; p50/p99/max;
+- the policy fan-out split in two: the control plane's own part, timed inside its process
+  (`ServeTimes`: published by translation, first and last response built, last response write
+  completed = send-complete) and the rest (loopback, then the 100 simulated proxies, which share
+  this one process and decode, apply and ACK one after the other: a real node proxy does its
+  share on its own node); with the CPU time each process spent per change;
 - delta apply: the time `apply_response` takes to apply each one-workload response received by
   the wildcard proxy (full 10k state) and by an on-demand proxy, p50/p99 (GC off during each
   timed call, best of 5 applications of the same response to the same state, as `timeit`
@@ -118,6 +123,86 @@ def objects(n: int) -> list[Any]:
     return [parse_object(d) for d in docs]
 
 
+class ServeTimes:
+    """The control plane's own side of the change in flight (serving process, wall clock):
+    when translation published it, when the first and the last response was built and when
+    the last response write completed (grpc aio `context.write` returned). The last write is
+    the control plane's send-complete time: what comes after it (loopback, then the 100
+    simulated proxies decoding, applying and ACKing in the bench's one process) is not the
+    control plane's."""
+
+    def __init__(self) -> None:
+        self.t0 = 0.0
+        self.published = 0.0
+        self.first_build = 0.0
+        self.last_build = 0.0
+        self.last_write = 0.0
+        self.writes = 0
+        self.cpu0 = 0.0
+
+    def reset(self, t0: float) -> None:
+        self.t0, self.published, self.first_build, self.last_build = t0, 0.0, 0.0, 0.0
+        self.last_write, self.writes = 0.0, 0
+        self.cpu0 = time.process_time()
+
+    def report(self) -> dict[str, float]:
+        def ms(t: float) -> float:
+            return round((t - self.t0) * 1000, 2) if t else -1.0
+
+        return {
+            "published_ms": ms(self.published),
+            "first_build_ms": ms(self.first_build),
+            "last_build_ms": ms(self.last_build),
+            "last_write_ms": ms(self.last_write),
+            "writes": self.writes,
+            # CPU of the whole process (grpc's threads too) from t0 until asked, after every
+            # proxy applied and ACKed the change: translation, responses, writes, ACKs read.
+            "cpu_ms": round((time.process_time() - self.cpu0) * 1000, 2),
+        }
+
+
+class _TimedContext:
+    """A grpc aio servicer context whose `write` records its completion (bench only)."""
+
+    def __init__(self, context: Any, times: ServeTimes) -> None:
+        self._context = context
+        self._times = times
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._times.last_write = time.time()
+        self._times.writes += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def instrument(cp: ControlPlane, times: ServeTimes) -> None:
+    """Record `times` around the xDS server's publish, per-connection build and write (wrappers
+    on this instance only; the product code is unchanged)."""
+    xds = cp.xds
+    publish, build, write_loop = xds.publish, xds._build, xds._write_loop
+
+    def timed_publish(*args: Any, **kwargs: Any) -> None:
+        publish(*args, **kwargs)
+        times.published = times.published or time.time()
+
+    def timed_build(*args: Any, **kwargs: Any) -> bytes | None:
+        out = build(*args, **kwargs)
+        if out is not None:
+            now = time.time()
+            times.first_build = times.first_build or now
+            times.last_build = now
+        return out
+
+    async def timed_write_loop(conn: Any, context: Any, reader: Any) -> None:
+        await write_loop(conn, _TimedContext(context, times), reader)
+
+    xds.publish = timed_publish  # type: ignore[method-assign]
+    xds._build = timed_build  # type: ignore[method-assign]
+    xds._write_loop = timed_write_loop  # type: ignore[method-assign]
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -138,6 +223,8 @@ async def serve(n: int, port: int, workdir: Path) -> None:
         insecure_no_node_auth=True,  # the benchmark's clients send no credential; loopback
     )
     cp = ControlPlane(settings, ca=MeshCA.create_root())
+    times = ServeTimes()
+    instrument(cp, times)
     t = time.perf_counter()
     cp.store.apply("bench", objects(n))
     await cp.start()
@@ -156,13 +243,17 @@ async def serve(n: int, port: int, workdir: Path) -> None:
             version += 1
             i = int(cmd[1])
             t0 = time.time()
+            times.reset(t0)
             cp.store.apply("bench", [parse_object(pod_doc(i, version))])
             print(json.dumps({"t0": t0}), flush=True)
         elif cmd[0] == "policy":
             version += 1
             t0 = time.time()
+            times.reset(t0)
             cp.store.apply("bench", [parse_object(policy_doc(int(cmd[1]), version))])
             print(json.dumps({"t0": t0}), flush=True)
+        elif cmd[0] == "times":
+            print(json.dumps(times.report()), flush=True)
         elif cmd[0] == "quit":
             break
     await cp.stop()
@@ -252,11 +343,26 @@ class Change:
     name: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FanOut:
+    """One change's outcome (seconds after t0)."""
+
+    latency: float
+    """Until the last expected proxy applied it (the target's figure)."""
+    leaked: int
+    """Proxies not expected that received it."""
+    first_applied: float
+    """The first expected proxy applied it."""
+    cpu: float
+    """CPU time of this (the simulated proxies') process during the change."""
+    cp: dict[str, float]
+    """The control plane's side (`ServeTimes.report`, ms after t0)."""
+
+
 async def fan_out(
     proc: asyncio.subprocess.Process, timing: Timing, change: Change, expect: set[int]
-) -> tuple[float, int]:
-    """One change; (latency until every expected proxy applied it, proxies not expected that
-    received it)."""
+) -> FanOut:
+    """One change, timed at both ends."""
     cmd, k, name = change.command, change.seq, change.name
     assert proc.stdin is not None
     assert proc.stdout is not None
@@ -264,17 +370,28 @@ async def fan_out(
     timing.watch[name] = k
     timing.expect = expect
     timing.done.clear()
+    cpu0 = time.process_time()
     proc.stdin.write(f"{cmd}\n".encode())
     await proc.stdin.drain()
     t0 = json.loads(await proc.stdout.readline())["t0"]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(timing.done.wait(), 10)
     await asyncio.sleep(0.03)  # stray pushes to proxies that should not get it
+    cpu = time.process_time() - cpu0
     got = timing.got.get(k, {})
     missing = expect - set(got)
     assert not missing, f"change {k}: proxies {sorted(missing)[:5]} never got {name}"
-    # -1 is the wildcard proxy (holds everything): not a leak.
-    return max(got[i] for i in expect) - t0, len(set(got) - expect - {-1})
+    proc.stdin.write(b"times\n")
+    await proc.stdin.drain()
+    cp = json.loads(await proc.stdout.readline())
+    return FanOut(
+        latency=max(got[i] for i in expect) - t0,
+        # -1 is the wildcard proxy (holds everything): not a leak.
+        leaked=len(set(got) - expect - {-1}),
+        first_applied=min(got[i] for i in expect) - t0,
+        cpu=cpu,
+        cp=cp,
+    )
 
 
 async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
@@ -326,15 +443,29 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
         for k in range(changes):
             i = (k * 37) % n
             change = Change(command=f"change {i}", seq=k, name=pod_uid(i))
-            lat, leaked = await fan_out(proc, timing, change, holders(i, n))
-            pod_lat.append(lat)
-            leaks += leaked
+            out = await fan_out(proc, timing, change, holders(i, n))
+            pod_lat.append(out.latency)
+            leaks += out.leaked
+        print("[cp_bench] policy changes", file=sys.stderr, flush=True)
         pol_lat: list[float] = []
+        pol_split: dict[str, list[float]] = {}
         for k in range(changes):
             ns = k % ((n + PER_NS - 1) // PER_NS)
             change = Change(command=f"policy {ns}", seq=changes + k, name=f"ns-{ns}/allow-ns")
-            lat, _ = await fan_out(proc, timing, change, set(range(proxies)))
-            pol_lat.append(lat)
+            out = await fan_out(proc, timing, change, set(range(proxies)))
+            pol_lat.append(out.latency)
+            for key, ms in (
+                ("published", out.cp["published_ms"]),
+                ("first_build", out.cp["first_build_ms"]),
+                ("last_build", out.cp["last_build_ms"]),
+                ("last_write", out.cp["last_write_ms"]),
+                ("first_applied", out.first_applied * 1000),
+                ("writes", out.cp["writes"]),
+                ("cp_cpu", out.cp["cpu_ms"]),
+                ("bench_cpu", out.cpu * 1000),
+            ):
+                pol_split.setdefault(key, []).append(ms)
+        print("[cp_bench] policy changes done", file=sys.stderr, flush=True)
         rss2, hwm2 = rss_kib(proc.pid)
         # Delta apply cost at a node proxy: re-apply each captured one-workload response to
         # the state it was applied to (full state: the wildcard proxy; on-demand: node-0's).
@@ -378,6 +509,20 @@ async def run_size(n: int, proxies: int, changes: int) -> dict[str, Any]:
             "policy_change_p50_ms": round(statistics.median(pol_lat) * 1000, 1),
             "policy_change_p99_ms": round(pct(pol_lat, 0.99) * 1000, 1),
             "policy_change_max_ms": round(max(pol_lat) * 1000, 1),
+            # Where a policy change's time goes (ms after t0, p50 / p99 over the changes): the
+            # control plane published it, built the first response, completed its last write
+            # (send-complete: the control plane's part); the first simulated proxy applied it.
+            **{
+                f"policy_{key}_p50_ms": round(statistics.median(xs), 1)
+                for key, xs in pol_split.items()
+                if key != "writes"
+            },
+            **{
+                f"policy_{key}_p99_ms": round(pct(xs, 0.99), 1)
+                for key, xs in pol_split.items()
+                if key != "writes"
+            },
+            "policy_writes_per_change": round(statistics.median(pol_split["writes"]), 1),
             "changes": changes,
             "delta_apply_full_p50_ms": round(statistics.median(apply_full) * 1000, 3),
             "delta_apply_full_p99_ms": round(pct(apply_full, 0.99) * 1000, 3),
@@ -435,6 +580,18 @@ def report(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
             f"p50 {r['policy_change_p50_ms']} / p99 {r['policy_change_p99_ms']} / max "
             f"{r['policy_change_max_ms']} ms",
             r["policy_change_p99_ms"] < 100,
+        ),
+        (
+            "  of which the control plane's part (send-complete), p99 < 100 ms",
+            f"published p50 {r['policy_published_p50_ms']} / first response built "
+            f"{r['policy_first_build_p50_ms']} / last built "
+            f"{r['policy_last_build_p50_ms']} / last write done p50 "
+            f"{r['policy_last_write_p50_ms']} / p99 {r['policy_last_write_p99_ms']} ms "
+            f"({r['policy_writes_per_change']:.0f} writes); first simulated proxy applied p50 "
+            f"{r['policy_first_applied_p50_ms']} ms; CPU per change p50: control plane "
+            f"{r['policy_cp_cpu_p50_ms']} ms, the {p} simulated proxies (one process; a real "
+            f"node proxy applies on its own node) {r['policy_bench_cpu_p50_ms']} ms",
+            r["policy_last_write_p99_ms"] < 100,
         ),
         (
             "one-workload delta applied at a node proxy < 1 ms (p99)",

@@ -1,9 +1,10 @@
 """Translation: store snapshot -> the xDS records node proxies consume (sans-I/O, pure).
 
 Owns: ambient enrollment, Workload and Service records, waypoint binding, AuthorizationPolicy
--> L4 `Authorization`, PeerAuthentication -> L4 `Authorization`, per-object warnings, as pure
-functions of one namespace's objects (`translate_namespace`); `controlplane.translator` keeps the
-per-namespace results and produces deltas.
+-> L4 `Authorization`, PeerAuthentication -> L4 `Authorization`, the names of the converted
+policies (reserved), per-object warnings, as pure functions of one namespace's objects
+(`translate_namespace`), and the policy-only re-translation (`retranslate_policies`);
+`controlplane.translator` keeps the per-namespace results and produces deltas.
 
 Rules (Istio ambient, see docs/reference/ambient-facts.md "Enrollment, labels, waypoints"):
 - Enrollment: a pod is in the mesh when its label ``istio.io/dataplane-mode`` is ``ambient``, or
@@ -42,17 +43,26 @@ Rules (Istio ambient, see docs/reference/ambient-facts.md "Enrollment, labels, w
   DISABLE is treated like PERMISSIVE by node proxies (they never originate plaintext inside the
   mesh).
   Port-level modes (selector policies only) become per-policy DENY records with port lists.
+- Reserved names: the records we convert (``istio_converted_static_strict``, a PeerAuthentication
+  ``<name>``'s ``istio_converted_peer_authn_<name>``, a RequestAuthentication's
+  ``istio_requestauthn_<name>``) share the xDS key space with AuthorizationPolicies. An
+  AuthorizationPolicy named with one of those prefixes would replace one of them or be replaced
+  by one (silently): it is enforced fail-closed instead (allows nothing / denies everything,
+  the malformed-policy rule above), under the name ``istio_converted_rejected_<name>``, with a
+  warning, until it is renamed. The converted records are never displaced.
 
 Invariants: every function here is pure (input records -> output records); equal inputs give
-equal outputs. The `Translator` only caches: its result equals translating from scratch.
+equal outputs. The `Translator` only caches: its result equals translating from scratch
+(`retranslate_policies` included: it returns `translate_namespace`'s result or None).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from controlplane.objects import (
@@ -107,8 +117,15 @@ SUBZONE_LABEL = "topology.istio.io/subzone"
 GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"
 WAYPOINT_CLASS = "istio-waypoint"
 HBONE_PORT = 15008
-STATIC_STRICT = "istio_converted_static_strict"
+CONVERTED_PREFIX = "istio_converted_"
+"""Prefix of the names of the policies we convert (reserved: see "Reserved names" above)."""
+STATIC_STRICT = CONVERTED_PREFIX + "static_strict"
 """Name of the shared "STRICT mTLS" DENY policy (in the root namespace)."""
+PEER_AUTHN_PREFIX = CONVERTED_PREFIX + "peer_authn_"
+"""A port-level PeerAuthentication's DENY policy: this prefix + the PeerAuthentication's name."""
+REJECTED_PREFIX = CONVERTED_PREFIX + "rejected_"
+"""An AuthorizationPolicy named with a reserved prefix: its fail-closed record's name prefix."""
+RESERVED_PREFIXES = (CONVERTED_PREFIX, REQUEST_AUTHN_PREFIX)
 
 Record = Workload | Service | Authorization
 
@@ -374,11 +391,17 @@ def translate_authorization_policy(
     """The L4 Authorization a node proxy enforces for `ap` (`to_l4`), or None if node proxies
     do not enforce it (targetRef policies, AUDIT); its warnings are added to `warnings`."""
     ref = f"{ap.kind} {ap.namespace}/{ap.name}"
+    name = l4_name(ap)
+    if name.startswith(REJECTED_PREFIX):
+        # A reserved name (module docstring): fail closed by the malformed-policy rule, under a
+        # name no converted record takes.
+        reason = f"the name prefix {_reserved_prefix(ap)!r} is reserved for converted policies"
+        ap = replace(ap, fail_closed_l4=(*ap.fail_closed_l4, reason))
     pol, notes = to_l4(ap, root_namespace=opts.root_namespace)
     for f in ap.findings:
         warnings.append(ConfigWarning(ref=ref, message=f"[{f.code}] {f.render()}"))
     warnings.extend(ConfigWarning(ref=ref, message=n) for n in notes)
-    return pol
+    return pol if pol is None or pol.name == name else replace(pol, name=name)
 
 
 _NO_PRINCIPAL = Match(not_principals=(StringMatch(kind=MatchKind.PRESENCE),))
@@ -406,7 +429,7 @@ def _port_level_policy(pa: PeerAuthentication, base_strict: bool) -> Authorizati
     else:
         return None
     return Authorization(
-        name=f"istio_converted_peer_authn_{pa.name}",
+        name=peer_authn_policy_name(pa),
         namespace=pa.namespace,
         scope=Scope.WORKLOAD_SELECTOR,
         action=Action.DENY,
@@ -424,9 +447,25 @@ def _effective(*modes: str) -> str:
 # --------------------------------------------------------------------------------- namespace
 
 
+def peer_authn_policy_name(pa: PeerAuthentication) -> str:
+    """Name of the DENY record of a port-level (selector) PeerAuthentication."""
+    return PEER_AUTHN_PREFIX + pa.name
+
+
+def _reserved_prefix(ap: AuthzPolicy) -> str | None:
+    """The reserved prefix an AuthorizationPolicy's name takes (None: not reserved)."""
+    if ap.kind != "AuthorizationPolicy":
+        return None
+    return next((p for p in RESERVED_PREFIXES if ap.name.startswith(p)), None)
+
+
 def l4_name(ap: AuthzPolicy) -> str:
-    """Name of the L4 record of `ap` (a RequestAuthentication's is prefixed, see `to_l4`)."""
-    return REQUEST_AUTHN_PREFIX + ap.name if ap.kind == "RequestAuthentication" else ap.name
+    """Name of the L4 record of `ap`: a RequestAuthentication's is prefixed (see `to_l4`), an
+    AuthorizationPolicy with a reserved name is renamed (enforced fail-closed, see "Reserved
+    names")."""
+    if ap.kind == "RequestAuthentication":
+        return REQUEST_AUTHN_PREFIX + ap.name
+    return REJECTED_PREFIX + ap.name if _reserved_prefix(ap) is not None else ap.name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -712,4 +751,65 @@ def translate_namespace(
         policies=MappingProxyType(policies),
         warnings=tuple(sorted(warnings)),
         node_identities=frozenset(node_identities),
+    )
+
+
+_POLICY_INDEPENDENT = (
+    "name",
+    "namespace",
+    "pods",
+    "services",
+    "slices",
+    "service_accounts",
+    "peer_authentications",
+    "stored",
+)
+"""The `NamespaceObjects` fields other than ``authorization_policies`` (``stored`` carries
+RequestAuthentications, read by `namespace_policies` too: unchanged, they translate the same)."""
+
+
+def retranslate_policies(
+    old_objs: NamespaceObjects,
+    old: NamespaceResult,
+    objs: NamespaceObjects,
+    mesh: MeshWide,
+    opts: TranslateOptions,
+) -> NamespaceResult | None:
+    """`translate_namespace(objs, mesh, opts)` without translating a pod again, when `objs`
+    differs from `old_objs` (translated to `old` against this same `mesh`) only in its
+    AuthorizationPolicies and those select the same pods under the same keys (a policy's rules
+    edited, the common change); None when that does not hold (translate the namespace).
+
+    Why the workloads and services stay: they read the policies only through the
+    (selector, key) pairs (`_pod_authorizations`). A pod's port-level PeerAuthentication DENY
+    policies (added to the policies while its pod is translated; their keys derived from the
+    unchanged PeerAuthentications by `peer_authn_policy_name`) are kept from `old`: the only
+    records of `old` not from `_namespace_authorizations`. Reserved names keep an
+    AuthorizationPolicy's key from ever being one of them; should one be anyway (old or new),
+    it declines (the record under that key would depend on translation order).
+    """
+    if any(getattr(objs, f) is not getattr(old_objs, f) for f in _POLICY_INDEPENDENT):
+        return None
+    old_notes: list[ConfigWarning] = []
+    old_policies, old_selectors = _namespace_authorizations(old_objs, mesh, opts, old_notes)
+    notes: list[ConfigWarning] = []
+    policies, selectors = _namespace_authorizations(objs, mesh, opts, notes)
+    if selectors != old_selectors:
+        return None
+    pa_keys = {
+        f"{objs.name}/{peer_authn_policy_name(pa)}"
+        for pa in objs.peer_authentications.values()
+        if pa.selector is not None and pa.port_modes
+    }
+    if any(k in pa_keys for k in (*old_policies, *policies)):
+        return None
+    from_pods = {k: v for k, v in old.policies.items() if k in pa_keys}
+    # The policies' warnings replaced; every other warning is about an unchanged object.
+    warnings = (Counter(old.warnings) - Counter(old_notes)) + Counter(notes)
+    return NamespaceResult(
+        workloads=old.workloads,
+        services=old.services,
+        policies=MappingProxyType({**policies, **from_pods}),
+        warnings=tuple(sorted(warnings.elements())),
+        node_identities=old.node_identities,
     )

@@ -2,8 +2,10 @@
 result and reports what changed since the previous snapshot (a `Delta`).
 
 Invariant: a namespace is re-translated only when its objects (the same `NamespaceObjects`
-instance means unchanged) or the mesh-wide inputs changed; the delta is exactly the records added,
-changed or removed since the last `update`.
+instance means unchanged) or the mesh-wide inputs changed, and only its policies when nothing
+else of it changed and they select the same pods (`retranslate_policies`: a policy edit then
+translates no pod; figures in bench/README.md); the delta is exactly the records added, changed
+or removed since the last `update`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from controlplane.translate import (
     Record,
     TranslateOptions,
     mesh_wide,
+    retranslate_policies,
     translate_namespace,
 )
 from meshcore.identity import SpiffeId
@@ -79,7 +82,13 @@ class Translator:
             elif self._inputs.get(ns) is objs and not mesh_changed and ns in self._results:
                 continue
             else:
-                new = translate_namespace(objs, mesh, self.opts)
+                before = self._inputs.get(ns)
+                short = (
+                    retranslate_policies(before, old, objs, mesh, self.opts)
+                    if before is not None and not mesh_changed and ns in self._results
+                    else None
+                )
+                new = translate_namespace(objs, mesh, self.opts) if short is None else short
                 self._inputs[ns] = objs
                 self._results[ns] = new
             for old_map, new_map in (
