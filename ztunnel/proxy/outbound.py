@@ -45,20 +45,18 @@ log = logging.getLogger("ztunnel.outbound")
 
 
 _WORKLOAD_KINDS: Final = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}
-MAX_BAGGAGE_CACHE: Final = 4096
-_baggage_cache: dict[int, tuple[Workload, str]] = {}
-"""id(source workload) -> (it, its baggage): the same few workloads open every
+MAX_SOURCE_CACHE: Final = 4096
+_source_cache: dict[int, tuple[Workload, str, str]] = {}
+"""id(source workload) -> (it, its baggage, its principal): the same few workloads open every
 connection (issue 14). An entry holds its workload, so the id is not reused while it exists."""
 
 
-def _baggage(plan: OutboundPlan) -> str:
-    """W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers)."""
-    src = plan.source
-    if src is None:
-        return ""
-    cached = _baggage_cache.get(id(src))
+def _source_texts(src: Workload) -> tuple[Workload, str, str]:
+    """(`src`, W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers),
+    its SPIFFE ID's text), built once per workload record."""
+    cached = _source_cache.get(id(src))
     if cached is not None and cached[0] is src:
-        return cached[1]
+        return cached
     kind = _WORKLOAD_KINDS.get(
         src.workload_type.name if hasattr(src.workload_type, "name") else "", "pod"
     )
@@ -69,11 +67,15 @@ def _baggage(plan: OutboundPlan) -> str:
         f"service.name={src.canonical_name or src.name}",
         f"service.version={src.canonical_revision or 'latest'}",
     ]
-    text = ",".join(items)
-    if len(_baggage_cache) >= MAX_BAGGAGE_CACHE:
-        _baggage_cache.clear()
-    _baggage_cache[id(src)] = (src, text)
-    return text
+    if len(_source_cache) >= MAX_SOURCE_CACHE:
+        _source_cache.clear()
+    entry = _source_cache[id(src)] = (src, ",".join(items), str(src.identity))
+    return entry
+
+
+def _baggage(plan: OutboundPlan) -> str:
+    src = plan.source
+    return "" if src is None else _source_texts(src)[1]
 
 
 MAX_POOL_KEYS: Final = 4096
@@ -205,8 +207,8 @@ class OutboundConnection(TcpSide):
             src_addr=f"{src_ip}:{src_port}",
             dst_addr=f"{dst_ip}:{dst_port}",
         )
-        rec.source = plan.source
-        rec.source_principal = str(plan.source_identity) if plan.source_identity else None
+        src = rec.source = plan.source
+        rec.source_principal = None if src is None else _source_texts(src)[2]
         rec.destination = plan.destination_workload
         if plan.service is not None:
             rec.destination_service = plan.service.hostname
