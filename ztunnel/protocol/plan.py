@@ -530,19 +530,19 @@ def plan_outbound(
     cache = scope.plans
     key = (src_ip, dst_ip, dst_port)
     outcome = cache.get(state, key)
-    if outcome is not None:
+    if outcome is not None and outcome is not _OVERFLOW:
         return _resolve(outcome, scope.rng)
     svc = state.service_by_vip(dst_ip, scope.network)
-    if svc is None or svc.port(dst_port) is None:
-        # Not cached: the port (and for an address outside the mesh, the address) is the
-        # client's pick, so keeping these would let a local workload fill memory.
-        return _resolve(_plan(state, scope, key, svc, scope.rng), scope.rng)
-    outcome = _plan(state, scope, key, svc, None)
-    if outcome is _OVERFLOW:  # too many alternatives to keep: planned per connection
-        return _resolve(_plan(state, scope, key, svc, scope.rng), scope.rng)
-    if not (isinstance(outcome, OutboundPlan) and outcome.kind is PlanKind.REJECT):
-        cache.put(key, outcome)  # bounded by the state: local sources x declared VIP ports
-    return _resolve(outcome, scope.rng)
+    if outcome is None and svc is not None and svc.port(dst_port) is not None:
+        outcome = _plan(state, scope, key, svc, None)
+        if not (isinstance(outcome, OutboundPlan) and outcome.kind is PlanKind.REJECT):
+            cache.put(key, outcome)  # bounded by the state: local sources x declared VIP ports
+        if outcome is not _OVERFLOW:
+            return _resolve(outcome, scope.rng)
+    # Planned per connection, never kept: a workload IP's port or an address outside the mesh
+    # (the client's pick: keeping them would let a local workload fill memory), or a VIP
+    # with more alternatives than an outcome keeps (`_OVERFLOW`, kept as such).
+    return _resolve(_plan(state, scope, key, svc, scope.rng), scope.rng)
 
 
 def _plan(
