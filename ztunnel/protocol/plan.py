@@ -633,13 +633,83 @@ def _check_no_waypoint_bypass(
             )
 
 
+MAX_CACHED_INBOUND: Final = 256
+"""Allowed inbound plans `InboundPlanCache` keeps at most (the oldest leave first): its keys
+are partly the peer's picks (the target port), so the bound is a constant (~80 KB)."""
+
+
+class InboundPlanCache:
+    """`plan_inbound`'s ALLOWED plans by every field of the CONNECT (and the network and node
+    planned for), for ONE state snapshot (issue 14: the same few clients open every
+    connection). The plan, authorization decision included, is a pure function of the
+    snapshot and those fields, so a plan is reused only while `state` is the very snapshot it
+    was made on: another snapshot (a policy added or changed, a workload removed) empties the
+    cache first and the next CONNECT is checked and authorized on it, as without a cache. A
+    refusal is never kept (each one is decided, logged and counted anew), nor a plan whose
+    addressed service (the peer's text) the snapshot does not know. Bounded:
+    `MAX_CACHED_INBOUND` plans. Holds its snapshot, so its identity is not reused."""
+
+    __slots__ = ("_entries", "_state")
+
+    def __init__(self) -> None:
+        self._state: MeshState | None = None
+        self._entries: dict[tuple[object, ...], InboundPlan] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, state: MeshState, key: tuple[object, ...]) -> InboundPlan | None:
+        if state is not self._state:
+            self._entries.clear()
+            self._state = state
+            return None
+        return self._entries.get(key)
+
+    def put(self, key: tuple[object, ...], plan: InboundPlan) -> None:
+        """Keep `plan` for `key` (planned on the snapshot of the last `get`)."""
+        entries = self._entries
+        if len(entries) >= MAX_CACHED_INBOUND:
+            del entries[next(iter(entries))]  # the oldest
+        entries[key] = plan
+
+
 def plan_inbound(
-    state: MeshState, connect: InboundConnect, *, network: str = "", node: str | None = None
+    state: MeshState,
+    connect: InboundConnect,
+    *,
+    network: str = "",
+    node: str | None = None,
+    cache: InboundPlanCache | None = None,
 ) -> InboundPlan:
-    """Check and authorize the HBONE CONNECT `connect`, received on `network`.
+    """Check and authorize the HBONE CONNECT `connect`, received on `network`; through `cache`
+    (the node proxy's, `InboundPlanCache`) if given.
 
     Raises BadRequest (400), Unauthorized (401) or UpstreamUnavailable (503). If `node` is
     given, the receiving workload must run on it."""
+    if cache is None:
+        return _plan_inbound(state, connect, network, node)
+    key = (
+        connect.dst_ip,
+        connect.dst_port,
+        connect.src_identity,
+        connect.src_ip,
+        connect.conn_dst_ip,
+        connect.addressed_service,
+        network,
+        node,
+    )
+    plan = cache.get(state, key)
+    if plan is None:
+        plan = _plan_inbound(state, connect, network, node)  # raises: nothing kept
+        addressed = connect.addressed_service
+        if addressed is None or state.service(addressed) is not None:
+            cache.put(key, plan)
+    return plan
+
+
+def _plan_inbound(
+    state: MeshState, connect: InboundConnect, network: str, node: str | None
+) -> InboundPlan:
     dst_port = connect.dst_port
     src_identity = connect.src_identity
     try:
