@@ -5,9 +5,11 @@ and `plan_inbound` (an HBONE CONNECT arriving at this node -> check it, authoriz
 to connect), with what they are given: `PlanScope` (the planning proxy: node, network, own
 addresses, rng; built once per proxy) and `InboundConnect` (one CONNECT's addresses and peer).
 Both are pure functions of a `MeshState` snapshot and the connection's addresses; randomness is
-injected (`PlanScope.rng`) so tests are deterministic. `plan_outbound` keeps what it planned for
-a VIP in the scope's `OutboundPlanCache` (issue 14), valid for that one snapshot only: a new
-snapshot is planned on afresh, and random picks are still drawn per connection.
+injected (`PlanScope.rng`) so tests are deterministic. Also owns the two plan caches (issue 14),
+each valid for one snapshot only (a new snapshot is planned on afresh, by the next connection):
+`OutboundPlanCache` (`PlanScope.plans`: what `plan_outbound` planned for a VIP; random picks
+still drawn per connection) and `InboundPlanCache` (`plan_inbound`'s allowed plans, the
+authorization decision included; a refusal is decided anew each time).
 
 Behaviour follows istio/ztunnel's outbound ``build_request`` / inbound handling (2026), in short:
 - Outbound. A destination port in {15001, 15006, 15008} on one of the node proxy's own addresses
