@@ -4,6 +4,7 @@ CONNECT; refusals are never kept; the cache is bounded."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -63,7 +64,15 @@ def state(*, policies: tuple[dict[str, Any], ...] = (), echo: bool = True) -> Me
             "hostname": "echo.default.svc",
             "addresses": [{"address": "127.0.3.10"}],
             "ports": [{"servicePort": 80, "targetPort": 8080}],
-        }
+        },
+        {  # bound to a waypoint: a CONNECT naming it must come from the waypoint
+            "name": "guarded",
+            "namespace": "default",
+            "hostname": "guarded.default.svc",
+            "addresses": [{"address": "127.0.3.20"}],
+            "ports": [{"servicePort": 80, "targetPort": 8080}],
+            "waypoint": {"hostname": {"namespace": "default", "hostname": "wp.default.svc"}},
+        },
     ]
     return MeshState.from_config(
         parse_mesh_config(
@@ -139,3 +148,69 @@ def test_bounded_and_peer_texts_not_kept() -> None:
         c = connect(service=f"default/made-up-{i}.default.svc")
         assert plan(st, cache, c).decision.allowed
     assert len(cache) == 0
+
+
+OTHER = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="other")
+ALLOW_SLEEP_FROM_CLIENT = {
+    "name": "allow-sleep",
+    "namespace": "default",
+    "scope": "NAMESPACE",
+    "action": "ALLOW",
+    "rules": [
+        {
+            "clauses": [
+                {"matches": [{"principals": ["cluster.local/ns/default/sa/sleep"]}]},
+                {"matches": [{"sourceIps": [CLIENT]}]},
+            ]
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        ({"src_identity": OTHER}, Unauthorized),
+        ({"src_identity": None}, Unauthorized),
+        ({"src_ip": "127.0.1.99"}, Unauthorized),
+        ({"conn_dst_ip": "127.0.2.99"}, BadRequest),  # no workload there
+        ({"dst_ip": "127.0.2.99"}, BadRequest),  # not the connection's destination
+        ({"addressed_service": "default/guarded.default.svc"}, Unauthorized),  # waypoint bypass
+    ],
+    ids=[
+        "other-identity",
+        "no-identity",
+        "other-source-ip",
+        "other-conn-dst",
+        "other-target",
+        "other-service",
+    ],
+)
+def test_every_field_the_decision_reads_keys_the_cache(
+    change: dict[str, Any], refusal: type[Exception]
+) -> None:
+    """On ONE snapshot, a CONNECT that differs from an allowed (and kept) one in a field the
+    decision reads is decided anew and refused: a key without that field would hand it the
+    allowed plan (an authorization bypass; reviewer, checked by removing each field)."""
+    st = state(policies=(ALLOW_SLEEP_FROM_CLIENT,))
+    cache = InboundPlanCache()
+    assert plan(st, cache).decision.allowed
+    assert len(cache) == 1
+    with pytest.raises(refusal):
+        plan(st, cache, dataclasses.replace(connect(), **change))
+    assert plan(st, cache).decision.allowed  # the kept plan is still the allowed one's
+
+
+@pytest.mark.parametrize(
+    ("where", "refusal"),
+    [({"node": "node-x"}, "not on node"), ({"network": "other"}, "unknown destination")],
+)
+def test_the_node_and_network_planned_for_key_the_cache(
+    where: dict[str, str], refusal: str
+) -> None:
+    st = state()
+    cache = InboundPlanCache()
+    assert plan(st, cache).decision.allowed
+    place = {"network": "", "node": "node-b"} | where
+    with pytest.raises(BadRequest, match=refusal):
+        plan_inbound(st, connect(), network=place["network"], node=place["node"], cache=cache)

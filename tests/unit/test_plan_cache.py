@@ -14,6 +14,7 @@ from meshcore.state import MeshState
 from ztunnel.protocol.plan import (
     MAX_CACHED_PLANS,
     MAX_PLANS_PER_OUTCOME,
+    OutboundPlan,
     PlanKind,
     PlanScope,
     plan_outbound,
@@ -201,3 +202,55 @@ def test_bounded() -> None:
     assert len(uids) == MAX_PLANS_PER_OUTCOME + 1
     assert len(scope.plans) == 1  # "planned per connection", kept as such
     assert scope.plans.plans == 1
+
+
+def test_the_source_keys_the_outcome() -> None:
+    """On ONE snapshot, with a local client's outcome kept: a source the state does not know
+    and one on another node are still REJECT, and a source that is an instance of the
+    service's waypoint goes straight to the endpoint (a key without the source would hand
+    each of them the kept outcome; reviewer, checked by removing the source from the key)."""
+    front = "127.0.3.60"
+    member = "127.0.1.20"
+    st = MeshState.from_config(
+        parse_mesh_config(
+            {
+                "workloads": [
+                    w("client-0", SRC, node="node-a"),
+                    w("wp-local", member, node="node-a", services=backs("wp")),
+                    w("wp-1", "127.0.4.1", services=backs("wp")),
+                    w("b-1", "127.0.2.1", services=backs("front")),
+                ],
+                "services": [s("front", front, waypoint=WAYPOINT), s("wp", "127.0.3.40", 15008)],
+            }
+        )
+    )
+    scope = PlanScope(node="node-a", rng=random.Random(3))
+
+    def plan(src: str) -> OutboundPlan:
+        return plan_outbound(st, scope, src_ip=src, dst_ip=front, dst_port=80)
+
+    via = plan(SRC)
+    assert via.kind is PlanKind.HBONE
+    assert via.waypoint is not None
+    assert len(scope.plans) == 1
+    assert plan("127.0.1.99").kind is PlanKind.REJECT  # unknown source
+    assert plan("127.0.2.1").kind is PlanKind.REJECT  # a workload on node-b
+    direct = plan(member)
+    assert direct.kind is PlanKind.HBONE
+    assert direct.waypoint is None
+    assert direct.destination_workload is not None
+    assert direct.destination_workload.uid == "b-1"
+    assert plan(SRC).waypoint is not None
+
+
+def test_the_destination_keys_the_outcome() -> None:
+    """On ONE snapshot, with the outcome for VIP:80 kept: a port the service does not declare
+    is still REJECT, and another VIP (same port or not) is planned to its own service (checked
+    by removing the port, then the address, from the key)."""
+    scope = PlanScope(node="node-a", rng=random.Random(5))
+    assert pick(STATE, scope) in {"a-1", "a-2", "guarded via wp-1", "guarded via wp-2"}
+    undeclared = plan_outbound(STATE, scope, src_ip=SRC, dst_ip=VIP, dst_port=81)
+    assert undeclared.kind is PlanKind.REJECT
+    assert pick(STATE, scope, dst="127.0.3.40", port=15008) in {"wp-1", "wp-2"}
+    other = plan_outbound(STATE, scope, src_ip=SRC, dst_ip="127.0.3.50", dst_port=80)
+    assert other.kind is PlanKind.NO_ENDPOINTS  # "many", with no endpoint in STATE
