@@ -254,3 +254,14 @@ def test_the_destination_keys_the_outcome() -> None:
     assert pick(STATE, scope, dst="127.0.3.40", port=15008) in {"wp-1", "wp-2"}
     other = plan_outbound(STATE, scope, src_ip=SRC, dst_ip="127.0.3.50", dst_port=80)
     assert other.kind is PlanKind.NO_ENDPOINTS  # "many", with no endpoint in STATE
+
+
+def test_a_replaced_scope_has_a_cache_of_its_own() -> None:
+    """`dataclasses.replace` of a scope (another node) shares no outcome with the original: the
+    source, local to node-a, is unknown on node-x (fails when the cache is an init field)."""
+    scope = PlanScope(node="node-a", rng=random.Random(1))
+    assert plan_outbound(STATE, scope, src_ip=SRC, dst_ip=VIP, dst_port=80).kind is PlanKind.HBONE
+    other = dataclasses.replace(scope, node="node-x")
+    assert other.plans is not scope.plans
+    refused = plan_outbound(STATE, other, src_ip=SRC, dst_ip=VIP, dst_port=80)
+    assert refused.kind is PlanKind.REJECT

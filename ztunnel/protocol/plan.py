@@ -169,8 +169,12 @@ class PlanScope:
     network: str = ""
     node_proxy_ips: Collection[IPAddress] = ()
     """The proxy's own addresses (the self-call check)."""
-    plans: OutboundPlanCache = field(default_factory=OutboundPlanCache, compare=False, repr=False)
-    """`plan_outbound`'s outcomes on the current snapshot (this scope's only mutable part)."""
+    plans: OutboundPlanCache = field(
+        init=False, default_factory=OutboundPlanCache, compare=False, repr=False
+    )
+    """`plan_outbound`'s outcomes on the current snapshot (this scope's only mutable part). Not
+    an init field: `dataclasses.replace` (another node, network or own addresses) makes a
+    scope with a cache of its own, never one sharing outcomes planned for the other."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
