@@ -11,6 +11,8 @@ from typing import Any
 from meshcore.model import WorkloadStatus
 from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
+from tests.unit.test_plan import backs, w
+from tests.unit.test_plan import s as service
 from ztunnel.protocol.plan import (
     MAX_CACHED_PLANS,
     MAX_PLANS_PER_OUTCOME,
@@ -25,34 +27,8 @@ VIP = "127.0.3.10"
 WAYPOINT = {"hostname": {"namespace": "default", "hostname": "wp.default.svc"}}
 
 
-def w(name: str, ip: str, node: str = "node-b", **over: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "uid": name,
-        "name": name,
-        "namespace": "default",
-        "serviceAccount": name,
-        "addresses": [ip],
-        "tunnelProtocol": "HBONE",
-        "node": node,
-    }
-    d.update(over)
-    return d
-
-
 def s(name: str, vip: str, port: int = 80, **over: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "name": name,
-        "namespace": "default",
-        "hostname": f"{name}.default.svc",
-        "addresses": [{"address": vip}],
-        "ports": [{"servicePort": port, "targetPort": 8080}],
-    }
-    d.update(over)
-    return d
-
-
-def backs(name: str) -> dict[str, Any]:
-    return {f"default/{name}.default.svc": {}}
+    return service(name, vip, [{"servicePort": port, "targetPort": 8080}], **over)
 
 
 def mesh(sources: int = 1, endpoints: int = 0) -> MeshState:
