@@ -11,6 +11,9 @@ task (`OutboundConnection.begin`: the CONNECT leaves at once, the response futur
 opens the tunnel); only what must wait (an on-demand lookup, a dial, a retried stream, the
 same-node path, a passthrough connect) runs in a task. Every path ends the same way: the
 connection's record opened, or failed (recorded, logged at debug, the client's socket aborted).
+It is counted opened right before its tunnel or upstream is attached, and only if the client is
+still there: a client gone first (its reset, the drain's abort) has its CONNECT reset (pending:
+at once; in a task: when answered) or its upstream closed, and is recorded failed.
 """
 
 from __future__ import annotations
