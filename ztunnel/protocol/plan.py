@@ -5,7 +5,11 @@ and `plan_inbound` (an HBONE CONNECT arriving at this node -> check it, authoriz
 to connect), with what they are given: `PlanScope` (the planning proxy: node, network, own
 addresses, rng; built once per proxy) and `InboundConnect` (one CONNECT's addresses and peer).
 Both are pure functions of a `MeshState` snapshot and the connection's addresses; randomness is
-injected (`PlanScope.rng`) so tests are deterministic.
+injected (`PlanScope.rng`) so tests are deterministic. Also owns the two plan caches (issue 14),
+each valid for one snapshot only (a new snapshot is planned on afresh, by the next connection):
+`OutboundPlanCache` (`PlanScope.plans`: what `plan_outbound` planned for a VIP; random picks
+still drawn per connection) and `InboundPlanCache` (`plan_inbound`'s allowed plans, the
+authorization decision included; a refusal is decided anew each time).
 
 Behaviour follows istio/ztunnel's outbound ``build_request`` / inbound handling (2026), in short:
 - Outbound. A destination port in {15001, 15006, 15008} on one of the node proxy's own addresses
@@ -41,7 +45,7 @@ import enum
 import functools
 import random
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from meshcore.authz import ConnectionInfo, Decision, evaluate
@@ -64,6 +68,95 @@ RESERVED_PORTS = frozenset({15001, 15006, 15008})
 """Node-proxy listener ports that clients may not target (self-call)."""
 
 
+class _Choice:
+    """A random pick among `options` (each a plan or another pick), made per connection with
+    the scope's rng: `rng.choice(options)`, as the planner would have made it (`_resolve`)."""
+
+    __slots__ = ("options",)
+
+    def __init__(self, options: tuple[OutboundPlan | _Choice, ...]) -> None:
+        self.options: Final = options
+
+
+def _what(wl: Workload | None, svc: Service | None) -> str:
+    """What a waypoint is in front of, for a plan's reason."""
+    return f"workload {wl.uid}" if wl is not None else f"service {svc.key if svc else ''}"
+
+
+_OVERFLOW: Final = _Choice(())
+"""What an eager pick past the budget returns (the planner's `overflow` says so; never
+resolved: the caller plans again lazily)."""
+
+
+MAX_PLANS_PER_OUTCOME: Final = 64
+"""Plans one cached outcome may hold (its picks' options, all levels): a destination with more
+alternatives is planned per connection, uncached."""
+
+
+MAX_CACHED_PLANS: Final = 4096
+"""Plans `OutboundPlanCache` holds at most (all outcomes' plans; the oldest outcomes leave
+first). What it keeps is bounded by the state anyway (local sources x declared VIP ports)."""
+
+
+class OutboundPlanCache:
+    """`plan_outbound`'s outcomes by (source address, service VIP, declared port), for ONE state
+    snapshot (issue 14: the same few pairs open every connection; a plan took ~5 us). A plan is
+    a pure function of the snapshot, the scope and those three, so an outcome is reused only
+    while `state` is the very snapshot it was planned on: any other snapshot (a workload
+    removed, a service or waypoint changed) empties the cache first, and the next connection
+    is planned on it. Random picks stay per connection: an outcome keeps every option of a
+    pick (`_Choice`) and `_resolve` draws with the scope's rng, the same draws in the same
+    order as planning each time. Bounded by the state: only a known local source to a port a
+    VIP declares is kept (a workload IP's port or an address outside the mesh is the client's
+    pick: planned per connection, never kept); and `MAX_CACHED_PLANS` plans in all (the oldest
+    leave first), `MAX_PLANS_PER_OUTCOME` per outcome (more alternatives: planned per
+    connection). Holds its snapshot, so a snapshot's identity is not reused while cached."""
+
+    __slots__ = ("_entries", "_plans", "_state")
+
+    def __init__(self) -> None:
+        self._state: MeshState | None = None
+        self._entries: dict[tuple[IPAddress | str, IPAddress | str, int], OutboundPlan | _Choice]
+        self._entries = {}
+        self._plans = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def plans(self) -> int:
+        """Plans held (the bound is on these)."""
+        return self._plans
+
+    def get(
+        self, state: MeshState, key: tuple[IPAddress | str, IPAddress | str, int]
+    ) -> OutboundPlan | _Choice | None:
+        if state is not self._state:
+            self._entries.clear()
+            self._plans = 0
+            self._state = state
+            return None
+        return self._entries.get(key)
+
+    def put(
+        self, key: tuple[IPAddress | str, IPAddress | str, int], outcome: OutboundPlan | _Choice
+    ) -> None:
+        """Keep `outcome` for `key` (planned on the snapshot of the last `get`)."""
+        count = _plan_count(outcome)
+        entries = self._entries
+        while entries and self._plans + count > MAX_CACHED_PLANS:  # the oldest go first
+            self._plans -= _plan_count(entries.pop(next(iter(entries))))
+        entries[key] = outcome
+        self._plans += count
+
+
+def _plan_count(outcome: OutboundPlan | _Choice) -> int:
+    """What `outcome` counts against `MAX_CACHED_PLANS`: its plans (`_OVERFLOW`, none: 1)."""
+    if isinstance(outcome, _Choice):
+        return max(sum([_plan_count(o) for o in outcome.options]), 1)
+    return 1
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PlanScope:
     """The node proxy outbound connections are planned for; built once per proxy
@@ -76,6 +169,12 @@ class PlanScope:
     network: str = ""
     node_proxy_ips: Collection[IPAddress] = ()
     """The proxy's own addresses (the self-call check)."""
+    plans: OutboundPlanCache = field(
+        init=False, default_factory=OutboundPlanCache, compare=False, repr=False
+    )
+    """`plan_outbound`'s outcomes on the current snapshot (this scope's only mutable part). Not
+    an init field: `dataclasses.replace` (another node, network or own addresses) makes a
+    scope with a cache of its own, never one sharing outcomes planned for the other."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,20 +338,18 @@ def _waypoint_candidates(
     return svc, tuple(ep.workload for ep in state.endpoints(svc.key))
 
 
-def _pick_waypoint(
-    state: MeshState, gw: GatewayAddress, network: str, rng: random.Random
-) -> tuple[Workload, IPAddress] | None:
-    """A waypoint workload to send to: the addressed workload itself, or a random HEALTHY
-    endpoint of the waypoint's service."""
+def _usable_waypoints(
+    state: MeshState, gw: GatewayAddress, network: str
+) -> list[tuple[Workload, IPAddress]]:
+    """The waypoint workloads to send to, one picked at random: the addressed workload itself,
+    or the HEALTHY endpoints of the waypoint's service."""
     svc, candidates = _waypoint_candidates(state, gw)
     usable: list[tuple[Workload, IPAddress]] = []
     for wl in candidates:
         addr = _address_on(wl, network)
         if addr is not None and (svc is None or wl.status is WorkloadStatus.HEALTHY):
             usable.append((wl, addr))
-    if not usable:
-        return None
-    return rng.choice(usable)
+    return usable
 
 
 def _is_waypoint_member(state: MeshState, gw: GatewayAddress, wl: Workload, network: str) -> bool:
@@ -296,19 +393,48 @@ def _address_text(value: IPAddress | str) -> str:
     return address_texts[value][2] if isinstance(value, str) else _ip_text(value)
 
 
+def _resolve(outcome: OutboundPlan | _Choice, rng: random.Random) -> OutboundPlan:
+    """The plan of one connection: the picks of `outcome` made with `rng`, outermost first
+    (the order in which the planner draws them: endpoint, then that endpoint's waypoint)."""
+    while isinstance(outcome, _Choice):
+        outcome = rng.choice(outcome.options)
+    return outcome
+
+
 class _OutboundPlanner:
     """One `plan_outbound` call past its source check: what it was given, and its steps as
     methods. Not closures over the function's locals: compiled by mypyc, closures share an
     environment object that refers to them and they to it, a reference cycle per connection
-    that only the cyclic GC frees (bench/README.md, issue 14)."""
+    that only the cyclic GC frees (bench/README.md, issue 14).
+
+    Eager (`rng` None): every random pick becomes a `_Choice` holding every option, so the
+    outcome can be cached and resolved per connection; no draw is made while planning. Past
+    `MAX_PLANS_PER_OUTCOME` plans it sets `overflow` and the caller plans again lazily (with
+    `rng`: each pick drawn as it comes, nothing kept)."""
 
     def __init__(
-        self, state: MeshState, scope: PlanScope, source: Workload, original: tuple[str, int]
+        self,
+        state: MeshState,
+        scope: PlanScope,
+        source: Workload,
+        original: tuple[str, int],
+        rng: random.Random | None,
     ) -> None:
         self.state = state
         self.scope = scope
         self.source = source
         self.original = original
+        self.rng = rng
+        self.budget = MAX_PLANS_PER_OUTCOME
+        self.overflow = False
+
+    def _options(self, count: int) -> bool:
+        """Whether an eager pick among `count` options stays within the budget."""
+        if count > self.budget:
+            self.overflow = True
+            return False
+        self.budget -= count
+        return True
 
     def refuse(
         self, kind: PlanKind, reason: str, to: Workload | Service | None = None
@@ -317,14 +443,28 @@ class _OutboundPlanner:
 
     def via_waypoint(
         self, gw: GatewayAddress, authority: str, wl: Workload | None, svc: Service | None
-    ) -> OutboundPlan:
+    ) -> OutboundPlan | _Choice:
         """Through the waypoint `gw` of the workload `wl`, else of the service `svc`."""
-        what = f"workload {wl.uid}" if wl is not None else f"service {svc.key if svc else ''}"
-        picked = _pick_waypoint(self.state, gw, self.scope.network, self.scope.rng)
-        if picked is None:
+        usable = _usable_waypoints(self.state, gw, self.scope.network)
+        if not usable:
             return self.refuse(
-                PlanKind.NO_ENDPOINTS, f"waypoint of {what} has no usable workload", wl
+                PlanKind.NO_ENDPOINTS, f"waypoint of {_what(wl, svc)} has no usable workload", wl
             )
+        rng = self.rng
+        if rng is not None:
+            return self._via(gw, authority, wl, svc, rng.choice(usable))
+        if not self._options(len(usable)):
+            return _OVERFLOW
+        return _Choice(tuple([self._via(gw, authority, wl, svc, picked) for picked in usable]))
+
+    def _via(
+        self,
+        gw: GatewayAddress,
+        authority: str,
+        wl: Workload | None,
+        svc: Service | None,
+        picked: tuple[Workload, IPAddress],
+    ) -> OutboundPlan:
         wp, wp_ip = picked
         return OutboundPlan(
             kind=PlanKind.HBONE,
@@ -334,13 +474,25 @@ class _OutboundPlanner:
             destination_workload=wl,
             service=svc,
             expected_identities=(wp.identity,),
-            reason=f"{what} via waypoint {wp.uid}",
+            reason=f"{_what(wl, svc)} via waypoint {wp.uid}",
             waypoint=wp,
         )
 
+    def to_endpoint(
+        self, usable: list[tuple[Endpoint, IPAddress, int]], svc: Service
+    ) -> OutboundPlan | _Choice:
+        """A random one of a service's usable endpoints (`usable`: not empty)."""
+        rng = self.rng
+        if rng is not None:
+            ep, ep_ip, target_port = rng.choice(usable)
+            return self.to_workload(ep.workload, ep_ip, target_port, svc)
+        if not self._options(len(usable)):
+            return _OVERFLOW
+        return _Choice(tuple([self.to_workload(ep.workload, ip, tp, svc) for ep, ip, tp in usable]))
+
     def to_workload(
         self, wl: Workload, ip: IPAddress, port: int, svc: Service | None
-    ) -> OutboundPlan:
+    ) -> OutboundPlan | _Choice:
         authority = format_authority(ip, port)
         if wl.waypoint is not None and not _is_waypoint_member(
             self.state, wl.waypoint, self.source, self.scope.network
@@ -378,7 +530,38 @@ def plan_outbound(
     dst_port: int,
 ) -> OutboundPlan:
     """Plan a connection captured from `src_ip` to the original destination `dst_ip:dst_port`
-    by the node proxy `scope` describes."""
+    by the node proxy `scope` describes. A known local source to a port a service VIP declares
+    goes through the scope's `OutboundPlanCache` (the outcome planned on this very snapshot, or
+    planned now and kept), random picks drawn now; anything else is planned per connection."""
+    cache = scope.plans
+    key = (src_ip, dst_ip, dst_port)
+    outcome = cache.get(state, key)
+    if outcome is not None and outcome is not _OVERFLOW:
+        return _resolve(outcome, scope.rng)
+    svc = state.service_by_vip(dst_ip, scope.network)
+    if outcome is None and svc is not None and svc.port(dst_port) is not None:
+        outcome = _plan(state, scope, key, svc, None)
+        if not (isinstance(outcome, OutboundPlan) and outcome.kind is PlanKind.REJECT):
+            cache.put(key, outcome)  # bounded by the state: local sources x declared VIP ports
+        if outcome is not _OVERFLOW:
+            return _resolve(outcome, scope.rng)
+    # Planned per connection, never kept: a workload IP's port or an address outside the mesh
+    # (the client's pick: keeping them would let a local workload fill memory), or a VIP
+    # with more alternatives than an outcome keeps (`_OVERFLOW`, kept as such).
+    return _resolve(_plan(state, scope, key, svc, scope.rng), scope.rng)
+
+
+def _plan(
+    state: MeshState,
+    scope: PlanScope,
+    key: tuple[IPAddress | str, IPAddress | str, int],
+    svc: Service | None,
+    rng: random.Random | None,
+) -> OutboundPlan | _Choice:
+    """The outcome for one connection (`rng`: picks drawn now) or for every connection on this
+    snapshot with these addresses (`rng` None: every option kept, `_OVERFLOW` past the budget).
+    `key`: (source, original destination, port); `svc`: the service whose VIP that is, if any."""
+    src_ip, dst_ip, dst_port = key
     node = scope.node
     network = scope.network
     # The state's lookups take the text as it came (their keys are memoised per text); an
@@ -392,15 +575,22 @@ def plan_outbound(
         return _unforwarded(
             PlanKind.REJECT, f"unknown source {_ip(src_ip)} on node {node!r}", original
         )
-    planner = _OutboundPlanner(state, scope, source, original)
+    planner = _OutboundPlanner(state, scope, source, original, rng)
+    outcome = _plan_to(planner, svc, dst_ip, dst_port)
+    return _OVERFLOW if planner.overflow else outcome
 
-    svc = state.service_by_vip(dst_ip, network)
+
+def _plan_to(
+    planner: _OutboundPlanner, svc: Service | None, dst_ip: IPAddress | str, dst_port: int
+) -> OutboundPlan | _Choice:
+    state = planner.state
+    network = planner.scope.network
     if svc is not None:
         port = svc.port(dst_port)
         if port is None:
             return planner.refuse(PlanKind.REJECT, f"service {svc.key} has no port {dst_port}", svc)
         if svc.waypoint is not None and not _is_waypoint_member(
-            state, svc.waypoint, source, network
+            state, svc.waypoint, planner.source, network
         ):
             authority = format_authority(_ip(dst_ip), dst_port)
             return planner.via_waypoint(svc.waypoint, authority, None, svc)
@@ -411,13 +601,13 @@ def plan_outbound(
                 f"service {svc.key} has no healthy endpoint for port {dst_port}",
                 svc,
             )
-        ep, ep_ip, target_port = scope.rng.choice(usable)
-        return planner.to_workload(ep.workload, ep_ip, target_port, svc)
+        return planner.to_endpoint(usable, svc)
 
     wl = state.workload_by_address(dst_ip, network)
     if wl is None:
+        original = planner.original
         return _unforwarded(
-            PlanKind.PASSTHROUGH, f"{original[0]} is not in the mesh", original, source
+            PlanKind.PASSTHROUGH, f"{original[0]} is not in the mesh", original, planner.source
         )
     return planner.to_workload(wl, _ip(dst_ip), dst_port, None)
 
@@ -449,13 +639,83 @@ def _check_no_waypoint_bypass(
             )
 
 
+MAX_CACHED_INBOUND: Final = 256
+"""Allowed inbound plans `InboundPlanCache` keeps at most (the oldest leave first): its keys
+are partly the peer's picks (the target port), so the bound is a constant (~80 KB)."""
+
+
+class InboundPlanCache:
+    """`plan_inbound`'s ALLOWED plans by every field of the CONNECT (and the network and node
+    planned for), for ONE state snapshot (issue 14: the same few clients open every
+    connection). The plan, authorization decision included, is a pure function of the
+    snapshot and those fields, so a plan is reused only while `state` is the very snapshot it
+    was made on: another snapshot (a policy added or changed, a workload removed) empties the
+    cache first and the next CONNECT is checked and authorized on it, as without a cache. A
+    refusal is never kept (each one is decided, logged and counted anew), nor a plan whose
+    addressed service (the peer's text) the snapshot does not know. Bounded:
+    `MAX_CACHED_INBOUND` plans. Holds its snapshot, so its identity is not reused."""
+
+    __slots__ = ("_entries", "_state")
+
+    def __init__(self) -> None:
+        self._state: MeshState | None = None
+        self._entries: dict[tuple[object, ...], InboundPlan] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, state: MeshState, key: tuple[object, ...]) -> InboundPlan | None:
+        if state is not self._state:
+            self._entries.clear()
+            self._state = state
+            return None
+        return self._entries.get(key)
+
+    def put(self, key: tuple[object, ...], plan: InboundPlan) -> None:
+        """Keep `plan` for `key` (planned on the snapshot of the last `get`)."""
+        entries = self._entries
+        if len(entries) >= MAX_CACHED_INBOUND:
+            del entries[next(iter(entries))]  # the oldest
+        entries[key] = plan
+
+
 def plan_inbound(
-    state: MeshState, connect: InboundConnect, *, network: str = "", node: str | None = None
+    state: MeshState,
+    connect: InboundConnect,
+    *,
+    network: str = "",
+    node: str | None = None,
+    cache: InboundPlanCache | None = None,
 ) -> InboundPlan:
-    """Check and authorize the HBONE CONNECT `connect`, received on `network`.
+    """Check and authorize the HBONE CONNECT `connect`, received on `network`; through `cache`
+    (the node proxy's, `InboundPlanCache`) if given.
 
     Raises BadRequest (400), Unauthorized (401) or UpstreamUnavailable (503). If `node` is
     given, the receiving workload must run on it."""
+    if cache is None:
+        return _plan_inbound(state, connect, network, node)
+    key = (
+        connect.dst_ip,
+        connect.dst_port,
+        connect.src_identity,
+        connect.src_ip,
+        connect.conn_dst_ip,
+        connect.addressed_service,
+        network,
+        node,
+    )
+    plan = cache.get(state, key)
+    if plan is None:
+        plan = _plan_inbound(state, connect, network, node)  # raises: nothing kept
+        addressed = connect.addressed_service
+        if addressed is None or state.service(addressed) is not None:
+            cache.put(key, plan)
+    return plan
+
+
+def _plan_inbound(
+    state: MeshState, connect: InboundConnect, network: str, node: str | None
+) -> InboundPlan:
     dst_port = connect.dst_port
     src_identity = connect.src_identity
     try:

@@ -27,7 +27,7 @@ from meshcore.telemetry import DEFAULT_CLUSTER_ID
 from meshcore.tls import ContextCache
 from meshcore.tracing import Sampler
 from ztunnel.metrics import ConnectionTracker, ProxyMetrics
-from ztunnel.protocol.plan import PlanScope
+from ztunnel.protocol.plan import InboundPlanCache, PlanScope
 from ztunnel.proxy.slots import ConnectSlots
 
 
@@ -116,6 +116,8 @@ class ProxyContext:
     plan_scope: PlanScope = field(init=False)
     """What `plan_outbound` is told about this proxy (node, network, own addresses, rng),
     built once: the settings' node and network do not change after construction."""
+    inbound_plans: InboundPlanCache = field(default_factory=InboundPlanCache)
+    """`plan_inbound`'s allowed plans on the current snapshot (HBONE CONNECTs, 15008)."""
     draining: bool = False
     demand: Callable[[str, float], Awaitable[bool]] | None = None
     """On-demand xDS (`meshcore.xds.XdsClient.demand`); None: the state holds everything."""

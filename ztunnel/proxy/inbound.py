@@ -333,7 +333,11 @@ class InboundTunnel:
                 addressed_service=service_key,
             )
             plan = self._plan = plan_inbound(
-                ctx.state, connect, network=ctx.settings.network, node=ctx.settings.node
+                ctx.state,
+                connect,
+                network=ctx.settings.network,
+                node=ctx.settings.node,
+                cache=ctx.inbound_plans,
             )
             rec.destination = plan.destination_workload
             rec.destination_principal = str(plan.destination_workload.identity)

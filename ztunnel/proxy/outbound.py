@@ -11,6 +11,9 @@ task (`OutboundConnection.begin`: the CONNECT leaves at once, the response futur
 opens the tunnel); only what must wait (an on-demand lookup, a dial, a retried stream, the
 same-node path, a passthrough connect) runs in a task. Every path ends the same way: the
 connection's record opened, or failed (recorded, logged at debug, the client's socket aborted).
+It is counted opened right before its tunnel or upstream is attached, and only if the client is
+still there: a client gone first (its reset, the drain's abort) has its CONNECT reset (pending:
+at once; in a task: when answered) or its upstream closed, and is recorded failed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Final
 from meshcore.address import parse_authority
 from meshcore.errors import HboneError, PeerVerificationError, StreamRefused, response_flag
 from meshcore.hbone.aio import HboneStream
+from meshcore.hbone.frames import ErrorCode
 from meshcore.hbone.pool import DIAL_ATTEMPTS, PoolKey
 from meshcore.identity import SpiffeId
 from meshcore.model import Workload
@@ -45,20 +49,18 @@ log = logging.getLogger("ztunnel.outbound")
 
 
 _WORKLOAD_KINDS: Final = {"DEPLOYMENT": "deployment", "JOB": "job", "CRONJOB": "cronjob"}
-MAX_BAGGAGE_CACHE: Final = 4096
-_baggage_cache: dict[int, tuple[Workload, str]] = {}
-"""id(source workload) -> (it, its baggage): the same few workloads open every
+MAX_SOURCE_CACHE: Final = 4096
+_source_cache: dict[int, tuple[Workload, str, str]] = {}
+"""id(source workload) -> (it, its baggage, its principal): the same few workloads open every
 connection (issue 14). An entry holds its workload, so the id is not reused while it exists."""
 
 
-def _baggage(plan: OutboundPlan) -> str:
-    """W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers)."""
-    src = plan.source
-    if src is None:
-        return ""
-    cached = _baggage_cache.get(id(src))
+def _source_texts(src: Workload) -> tuple[Workload, str, str]:
+    """(`src`, W3C baggage with Istio's keys (docs/reference/ambient-facts.md HBONE headers),
+    its SPIFFE ID's text), built once per workload record."""
+    cached = _source_cache.get(id(src))
     if cached is not None and cached[0] is src:
-        return cached[1]
+        return cached
     kind = _WORKLOAD_KINDS.get(
         src.workload_type.name if hasattr(src.workload_type, "name") else "", "pod"
     )
@@ -69,11 +71,15 @@ def _baggage(plan: OutboundPlan) -> str:
         f"service.name={src.canonical_name or src.name}",
         f"service.version={src.canonical_revision or 'latest'}",
     ]
-    text = ",".join(items)
-    if len(_baggage_cache) >= MAX_BAGGAGE_CACHE:
-        _baggage_cache.clear()
-    _baggage_cache[id(src)] = (src, text)
-    return text
+    if len(_source_cache) >= MAX_SOURCE_CACHE:
+        _source_cache.clear()
+    entry = _source_cache[id(src)] = (src, ",".join(items), str(src.identity))
+    return entry
+
+
+def _baggage(plan: OutboundPlan) -> str:
+    src = plan.source
+    return "" if src is None else _source_texts(src)[1]
 
 
 MAX_POOL_KEYS: Final = 4096
@@ -127,11 +133,33 @@ def _traceparent(ctx: ProxyContext, rec: ConnectionRecord) -> str:
     return f"00-{rec.trace_id}-{rec.span_id}-{'01' if rec.sampled else '00'}"
 
 
+_CLIENT_GONE: Final = "client connection closed before the tunnel opened"
+
+
 class OutboundConnection(TcpSide):
+    """A local client's connection. It is counted opened only if the client is still there when
+    its tunnel (or upstream) is attached: a client gone before (its reset, the drain's abort)
+    makes the stream reset, the upstream closed and the connection recorded failed, so nothing
+    stays open on either node (no stream against the pooled connection's limit, no tunnel
+    against node B's per-peer limit)."""
+
     def __init__(self, ctx: ProxyContext) -> None:
         super().__init__(on_done=self._record_close)
         self.ctx = ctx
         self.record: ConnectionRecord | None = None
+        self._pending: HboneStream | None = None
+        """The CONNECT `begin` sent without a task, until `_answered`."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and not self._finished:
+            # Gone before the CONNECT's answer: RST_STREAM(CONNECT_ERROR) now, as for a reset
+            # after it (RFC 9113 §8.5), and `_answered` records the connection failed.
+            pending.reset(ErrorCode.CONNECT_ERROR)
+            response = pending.response
+            if response is not None and not response.done():
+                response.set_exception(ConnectionResetError(_CLIENT_GONE))
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -167,6 +195,7 @@ class OutboundConnection(TcpSide):
                 assert stream.response is not None
                 answered = functools.partial(self._answered, stream, rec, key, headers)
                 stream.response.add_done_callback(answered)
+                self._pending = stream
                 return None
             return self._carry_out(self._hbone_pooled(key, plan.authority, headers, rec), rec)
         return self._carry_out(self._other(plan, rec, src_ip, src_port), rec)
@@ -205,8 +234,8 @@ class OutboundConnection(TcpSide):
             src_addr=f"{src_ip}:{src_port}",
             dst_addr=f"{dst_ip}:{dst_port}",
         )
-        rec.source = plan.source
-        rec.source_principal = str(plan.source_identity) if plan.source_identity else None
+        src = rec.source = plan.source
+        rec.source_principal = None if src is None else _source_texts(src)[2]
         rec.destination = plan.destination_workload
         if plan.service is not None:
             rec.destination_service = plan.service.hostname
@@ -221,12 +250,13 @@ class OutboundConnection(TcpSide):
         return plan, rec, src_ip, src_port
 
     async def _carry_out(self, work: Coroutine[Any, Any, None], rec: ConnectionRecord) -> None:
+        """Run `work`, which counts the connection opened right before it attaches the tunnel
+        or upstream (no await in between: the client cannot go unnoticed after the check), or
+        raises (the client gone included): recorded failed."""
         try:
             await work
         except (TimeoutError, HboneError, PeerVerificationError, OSError) as err:
             self._failed(rec, err)
-            return
-        self._opened(rec)
 
     async def _other(
         self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str, src_port: int
@@ -293,6 +323,7 @@ class OutboundConnection(TcpSide):
         response: asyncio.Future[int],
     ) -> None:
         """The response to a CONNECT `begin` sent without a task: 200 opens the tunnel."""
+        self._pending = None
         if response.cancelled():
             self._failed(rec, ConnectionResetError("HBONE connection closed"))
             return
@@ -300,11 +331,13 @@ class OutboundConnection(TcpSide):
         if err is None:
             status = response.result()
             if status == 200:
-                self._tunnel(stream, rec)
-                self._opened(rec)
+                try:
+                    self._tunnel(stream, rec)
+                except ConnectionResetError as gone:
+                    self._failed(rec, gone)
                 return
             err = HboneError.for_status(status, f"CONNECT {stream.authority} refused with {status}")
-        elif isinstance(err, StreamRefused):
+        elif isinstance(err, StreamRefused) and not self._finished:
             # Not processed by the peer (RFC 9113 §8.7): the pool retries it elsewhere, as
             # `open_stream` would have, with the attempts left.
             self.ctx.pool.streams_retried += 1
@@ -314,9 +347,16 @@ class OutboundConnection(TcpSide):
         self._failed(rec, err)
 
     def _tunnel(self, stream: HboneStream, rec: ConnectionRecord) -> None:
+        """Count the connection opened, then attach the answered stream (opened first: early
+        data and END_STREAM may finish the connection inside `attach`, which counts it closed).
+        Raises ConnectionResetError, the stream reset, when the client is gone already."""
+        if self._finished:
+            stream.reset(ErrorCode.CONNECT_ERROR)
+            raise ConnectionResetError(_CLIENT_GONE)
         rec.mtls = True
         rec.transport = stream.transport
         rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None
+        self._opened(rec)
         self.attach(stream)
 
     def _is_local(self, plan: OutboundPlan) -> bool:
@@ -367,8 +407,13 @@ class OutboundConnection(TcpSide):
             ctx.tracker.failed(dest_rec)
             raise
         ctx.tracker.opened(dest_rec, lambda: (upstream.sent, upstream.received))
+        if self._finished:  # the client went while we connected: the upstream goes too
+            dest_rec.error = _CLIENT_GONE
+            upstream.abort()  # its close counts `dest_rec` closed
+            raise ConnectionResetError(_CLIENT_GONE)
         rec.mtls = True
         rec.destination_principal = dest_rec.destination_principal
+        self._opened(rec)
         splice(self, upstream)
 
     async def _plain(self, plan: OutboundPlan, rec: ConnectionRecord, src_ip: str) -> None:
@@ -388,4 +433,8 @@ class OutboundConnection(TcpSide):
             timeout=self.ctx.settings.connect_timeout,
         )
         _, upstream = await asyncio.get_running_loop().create_connection(TcpSide, sock=sock)
+        if self._finished:  # the client went while we connected
+            upstream.abort()
+            raise ConnectionResetError(_CLIENT_GONE)
+        self._opened(rec)
         splice(self, upstream)
