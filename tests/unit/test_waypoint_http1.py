@@ -201,6 +201,15 @@ def test_strip_hop_by_hop_and_encoders() -> None:
         ("x-ok", "2"),
     ]
     assert http1.strip_hop_by_hop(headers) == [("x-ok", "2")]
+    # With a `drop` set of the caller's: its names go too, and so do those Connection names
+    # (the set is extended for this message only, never changed).
+    drop = http1.hop_by_hop_and("x-ok")
+    assert http1.strip_hop_by_hop([*headers, ("x-b", "3")], drop) == [("x-b", "3")]
+    assert drop == http1.hop_by_hop_and("x-ok")
+    assert "x-private" not in drop
+    alive = [("connection", "keep-alive"), ("keep-alive", "5"), ("content-length", "1")]
+    assert http1.strip_hop_by_hop(alive, http1.hop_by_hop_and("content-length")) == []
+    assert http1.strip_hop_by_hop(alive) == [("content-length", "1")]
     assert http1.encode_chunk(b"abc") == b"3\r\nabc\r\n"
     assert http1.encode_chunk(b"") == b""  # never an accidental last-chunk
     assert http1.encode_last_chunk([("a", "b")]) == b"0\r\na: b\r\n\r\n"
