@@ -223,6 +223,10 @@ ATTACKS: list[tuple[str, bytes, int]] = [
     ("CL negative", b"POST / HTTP/1.1\r\n" + H + b"content-length: -1", 400),
     ("CL superscript", b"POST / HTTP/1.1\r\n" + H + b"content-length: \xb2", 400),
     ("CL hex", b"POST / HTTP/1.1\r\n" + H + b"content-length: 0x3", 400),
+    # 1*DIGIT (RFC 9110 §8.6), OWS is SP / HTAB: U+00A0 / U+0085 (obs-text) are not stripped.
+    ("CL nbsp after", b"POST / HTTP/1.1\r\n" + H + b"content-length: 5\xa0", 400),
+    ("CL nbsp before", b"POST / HTTP/1.1\r\n" + H + b"content-length: \xa05", 400),
+    ("CL NEL in list", b"POST / HTTP/1.1\r\n" + H + b"content-length: 5,\x855", 400),
     ("CL 20 digits", b"POST / HTTP/1.1\r\n" + H + b"content-length: 99999999999999999999", 400),
     ("obs-fold", b"GET / HTTP/1.1\r\n" + H + b"x-a: b\r\n c", 400),
     ("obs-fold tab", b"GET / HTTP/1.1\r\n" + H + b"x-a: b\r\n\tc", 400),

@@ -165,6 +165,8 @@ ATTACKS: list[tuple[str, str, bytes, int]] = [
     ("CL differing", "GET", OK + b"content-length: 3\r\ncontent-length: 4", 502),
     ("CL list differing", "GET", OK + b"content-length: 3, 4", 502),
     ("CL plus sign", "GET", OK + b"content-length: +3", 502),
+    ("CL nbsp", "GET", OK + b"content-length: 3\xa0", 502),
+    ("CL NEL in list", "GET", OK + b"content-length: 3, \x853", 502),
     ("CL 20 digits", "GET", OK + b"content-length: 99999999999999999999", 502),
     ("TE not final chunked", "GET", OK + b"transfer-encoding: chunked, x", 502),
     ("TE nbsp", "GET", OK + b"transfer-encoding: chunked\xa0", 502),

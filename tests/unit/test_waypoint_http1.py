@@ -215,6 +215,22 @@ def test_strip_hop_by_hop_and_encoders() -> None:
     assert http1.encode_last_chunk([("a", "b")]) == b"0\r\na: b\r\n\r\n"
     with pytest.raises(HttpParseError):
         http1.encode_request_head("GET", "/", [("x", "a\r\nevil: 1")])  # no header injection
+    # Nor through a name, the start line, or a bare CR / LF / NUL (one check per head).
+    for name, value, target in [
+        ("x\r\nevil", "1", "/"),
+        ("x", "1", "/\r\nevil: 1"),
+        ("x", "a\rb", "/"),
+        ("x", "a\nb", "/"),
+        ("x\x00", "1", "/"),
+    ]:
+        with pytest.raises(HttpParseError) as err:
+            http1.encode_request_head("GET", target, [("a", "1"), (name, value)])
+        assert err.value.status == 500
+    fields = [("a", "1"), ("b", "x\ty \x80")]
+    assert http1.encode_response_head(204, "", fields) == (
+        b"HTTP/1.1 204 No Content\r\na: 1\r\nb: x\ty \x80\r\n\r\n"
+    )
+    assert http1.encode_request_head("GET", "/", []) == b"GET / HTTP/1.1\r\n\r\n"
 
 
 @settings(max_examples=200, deadline=None)

@@ -424,7 +424,9 @@ class Http1Parser:
                 )
             return True, None
         if cls:
-            values = {v.strip() for c in cls for v in c.split(",")}
+            # A list of equal values is one value (RFC 9110 §8.6); its OWS is SP / HTAB only
+            # (§5.6.3): str.strip() would also take U+00A0 or U+0085 and read "5\xa0" as 5.
+            values = {v.strip(" \t") for c in cls for v in c.split(",")}
             if len(values) != 1:
                 raise self._fail("conflicting Content-Length values (§6.3 rule 5)")
             text = values.pop()
@@ -454,7 +456,10 @@ class Http1Parser:
         framing."""
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HttpParseError(f"unsupported HTTP version {version!r}", 505)
-        hosts = sum(1 for k, _ in headers if k == "host")
+        hosts = 0
+        for k, _ in headers:
+            if k == "host":
+                hosts += 1
         if hosts > 1:
             raise self._fail("more than one Host field line (RFC 9112 §3.2)")
         if version == "HTTP/1.1" and hosts == 0:
@@ -636,13 +641,20 @@ def strip_hop_by_hop(
 
 
 def _head_bytes(first: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    """The head: `first` and one line per field. It must not gain a line (header injection,
+    response splitting: RFC 9112 §11.1), so no part may hold CR, LF or NUL; counted over the
+    joined text at once (one scan per head, not three per field), per field only to name the
+    one that has it."""
     parts = [first]
-    for k, v in headers:
-        if "\r" in v or "\n" in v or "\x00" in v:
-            raise HttpParseError(f"header {k!r} value contains CR/LF/NUL", 500)
-        parts.append(f"{k}: {v}")
-    parts.append("\r\n")
-    return "\r\n".join(parts).encode("latin-1")
+    parts += [f"{k}: {v}" for k, v in headers]
+    text = "\r\n".join(parts)
+    lines = len(parts) - 1
+    if text.count("\r") != lines or text.count("\n") != lines or "\x00" in text:
+        for k, v in headers:
+            if "\r" in v or "\n" in v or "\x00" in v:
+                raise HttpParseError(f"header {k!r} value contains CR/LF/NUL", 500)
+        raise HttpParseError("CR/LF/NUL in a field name or the start line", 500)
+    return (text + "\r\n\r\n").encode("latin-1")
 
 
 def encode_request_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
