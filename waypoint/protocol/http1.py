@@ -22,21 +22,22 @@ Invariants:
   with 400) and a visible-ASCII target (RFC 9112 §3.2); an HTTP/1.1 request has exactly one
   Host field line (RFC 9112 §3.2); a status code is exactly three digits (RFC 9112 §4).
   Numbers (Content-Length, chunk sizes) are ASCII digits only, with no surrounding whitespace
-  in chunk sizes (RFC 9112 §7.1); list tokens are split on SP/HTAB only, never on other
-  Unicode whitespace.
+  in chunk sizes (RFC 9112 §7.1); list members (Transfer-Encoding, Connection, a Content-Length
+  list) are trimmed of SP/HTAB only, never of other Unicode whitespace (U+00A0, U+0085).
 - The fast head reader is the checked parser's rules written as one pattern per start line and
-  one `findall` over the field lines (C, no Python per byte nor per line), and it only ever
-  accepts: a head it does not match exactly (every line, `findall`'s count equal to the line
-  count) is read again by the checked parser, line by line, which words every refusal (same
-  status, same message). The Host, version, status and framing checks are one code for both
-  (`_request_head`, `_response_head`). `tests/unit/test_http1_fast.py`,
-  `test_http1_fast_response.py`: differential, both readers fed the same bytes. (Session 9:
-  it replaced llhttp through httptools, which read heads only under the same discipline and
-  cost more with the checks around it: bench/README.md, "Session 9: waypoint head path".)
+  one `findall` over the field lines (the regex engine's C; Python only builds the field
+  tuples), and it only ever accepts: a head it does not match exactly (every line, `findall`'s
+  count equal to the line count) is read again by the checked parser, line by line, which
+  words every refusal (same status, same message). The Host, version, status and framing
+  checks are one code for both (`_request_head`, `_response_head`).
+  `tests/unit/test_http1_fast.py`, `test_http1_fast_response.py`: differential, both readers
+  fed the same bytes. (Session 9: it replaced llhttp through httptools, which read heads only
+  under the same discipline and cost more with the checks around it: bench/README.md,
+  "Session 9: waypoint head path".)
 - Every pattern here runs in time linear in its input: no nested or adjacent quantifiers that
   can trade characters (possessive ``*+``/``++`` where two could), so a 60 KiB hostile head
-  costs what a 60 KiB valid one does (`_FIELD_LINE`'s lazy value took ~12 s of CPU for one
-  60 KiB head before session 9).
+  costs what a 60 KiB valid one does (the checked parser's former lazy field pattern took
+  ~12 s of CPU for one 60 KiB head before session 9).
 - The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
   message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
   loop).
