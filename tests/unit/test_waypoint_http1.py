@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -114,6 +116,53 @@ def test_head_too_large_is_431() -> None:
     with pytest.raises(HttpParseError) as err:
         p.next_event()
     assert err.value.status == 431
+
+
+_FIELD_600 = b"x-a: " + b"a" * 593 + b"\r\n"
+_CHUNKED = b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n"
+
+
+@pytest.mark.parametrize(
+    ("role", "wire", "want"),
+    [
+        (Role.REQUEST, b"GET / HTTP/1.1\r\nhost: a\r\n" + _FIELD_600 * 99 + b"\r\n", RequestHead),
+        (Role.RESPONSE, b"HTTP/1.1 200 OK\r\n" + _FIELD_600 * 100 + b"\r\n", ResponseHead),
+        (Role.REQUEST, b"GET / HTTP/1.1\r\nx: " + b"a" * http1.MAX_HEAD, 431),
+        (Role.RESPONSE, b"HTTP/1.1 200 OK\r\nx: " + b"a" * http1.MAX_HEAD, 502),
+        (Role.REQUEST, _CHUNKED + b"x: " + b"a" * 60_000 + b"\r\n\r\n", EndOfMessage),
+        (Role.REQUEST, _CHUNKED + b"x: " + b"a" * http1.MAX_HEAD, 400),
+    ],
+    ids=[
+        "request",
+        "response",
+        "request past the limit",
+        "response past the limit",
+        "a long trailer line",
+        "trailer line past the limit",
+    ],
+)
+def test_a_head_trickled_one_byte_per_read_costs_linear_time(
+    role: Role, wire: bytes, want: type | int
+) -> None:
+    """A near-limit head (or trailer section) fed one byte per read, `next_event` after each
+    byte as the proxy does: read, or refused at the limit, in linear time. Searching the whole
+    buffer for the end of the head on every read took ~1 s of CPU for one 60 KiB head."""
+    p = Http1Parser(role)
+    if role is Role.RESPONSE:
+        p.expect_response_to("GET")
+    pieces = [wire[i : i + 1] for i in range(len(wire))]
+    got: list[object] = []
+    start = time.process_time()
+    try:
+        for piece in pieces:
+            p.feed(piece)
+            while (ev := p.next_event()) is not None:
+                got.append(type(ev))
+    except HttpParseError as err:
+        got.append(err.status)
+    spent = time.process_time() - start
+    assert want in got
+    assert spent < 0.2  # ~0.03 s; ~1 s before
 
 
 @pytest.mark.parametrize(

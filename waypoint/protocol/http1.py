@@ -34,10 +34,13 @@ Invariants:
   fed the same bytes. (Session 9: it replaced llhttp through httptools, which read heads only
   under the same discipline and cost more with the checks around it: bench/README.md,
   "Session 9: waypoint head path".)
-- Every pattern here runs in time linear in its input: no nested or adjacent quantifiers that
-  can trade characters (possessive ``*+``/``++`` where two could), so a 60 KiB hostile head
-  costs what a 60 KiB valid one does (the checked parser's former lazy field pattern took
-  ~12 s of CPU for one 60 KiB head before session 9).
+- A hostile head costs time linear in its size, however it arrives: every pattern here runs
+  in time linear in its input (no nested or adjacent quantifiers that can trade characters;
+  possessive ``*+``/``++`` where two could: the checked parser's former lazy field pattern
+  took ~12 s of CPU for one 60 KiB head before session 9), and the search for the end of a
+  head, a chunk size line or a trailer line resumes where the previous read's stopped
+  (`_scanned`), so a head trickled one byte per read is searched once, not once per byte
+  (~1 s of CPU for 60 KiB before).
 - The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
   message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
   loop).
@@ -248,6 +251,11 @@ class Http1Parser:
         self._request_role = role is Role.REQUEST
         self._error_status = 400 if self._request_role else 502
         self._fast = fast
+        # How far the head or line being read has been searched for its end (bytes at the
+        # front of `_buf`): the next search resumes just before it, so a head trickled in one
+        # byte per read costs linear time, not a search of the whole buffer per read. 0 when
+        # that head or line is consumed (nothing else takes bytes from the front meanwhile).
+        self._scanned = 0
 
     # ---- input -------------------------------------------------------------------------------
 
@@ -269,6 +277,7 @@ class Http1Parser:
     def take_buffered(self) -> bytes:
         """Hand over the unparsed bytes (after an Upgrade's 101 they are not HTTP)."""
         data, self._buf = bytes(self._buf), bytearray()
+        self._scanned = 0
         return data
 
     @property
@@ -318,11 +327,14 @@ class Http1Parser:
         return EndOfMessage(trailers) if trailers else _END
 
     def _head(self) -> Event | None:
-        end = self._buf.find(b"\r\n\r\n")
+        # Resumed 3 bytes before where the last search stopped (a CR LF CR LF split across
+        # reads); stripping leading CR LF pairs below cannot make a new one.
+        end = self._buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
             # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a request.
             while self._buf.startswith(b"\r\n"):
                 del self._buf[:2]
+            self._scanned = len(self._buf)
             if len(self._buf) > self.max_head:
                 raise HttpParseError("message head too large", 431 if self._request_role else 502)
             if self._eof and self._buf:
@@ -332,6 +344,7 @@ class Http1Parser:
             raise HttpParseError("message head too large", 431 if self._request_role else 502)
         raw = bytes(self._buf[:end])
         del self._buf[: end + 4]
+        self._scanned = 0
         raw = raw.lstrip(b"\r\n")
         crlf = raw.count(b"\r\n")
         if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
@@ -571,13 +584,15 @@ class Http1Parser:
     def _line(self, limit: int, too_long: str) -> bytes | None:
         """The next CRLF-terminated line, consumed without its CRLF; None while it is
         incomplete, an error once the incomplete line is past `limit`."""
-        eol = self._buf.find(b"\r\n")
+        eol = self._buf.find(b"\r\n", max(0, self._scanned - 1))  # resumed, as in `_head`
         if eol < 0:
+            self._scanned = len(self._buf)
             if len(self._buf) > limit:
                 raise self._fail(too_long)
             return None
         line = bytes(self._buf[:eol])
         del self._buf[: eol + 2]
+        self._scanned = 0
         return line
 
     def _chunk_size(self, line: bytes) -> None:
