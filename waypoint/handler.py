@@ -106,6 +106,9 @@ T = TypeVar("T")
 MAX_PEERS = 4096
 """Peer addresses whose source workload the handler keeps (`Handler._peer`); more: it starts
 over (bounded whatever the number of clients)."""
+MAX_POLICY_SERVICES = 4096
+"""Services whose applicable authorization policies the handler keeps (`Handler._policies`);
+more: it starts over (bounded whatever the number of services addressed)."""
 
 
 def _within(aw: Awaitable[T], timeout: float | None) -> Awaitable[T]:
@@ -185,7 +188,8 @@ class Handler:
         self._peers_of: tuple[MeshState, CompiledConfig, WaypointSettings] | None = None
         self._policies: dict[tuple[str | None, str | None], tuple[AuthzPolicy, ...]] = {}
         """The authorization policies applicable to a service (name, namespace), valid for
-        `_peers_of` like `_peers` (a new config or settings starts over)."""
+        `_peers_of` like `_peers` (a new state, config or settings starts over), at most
+        `MAX_POLICY_SERVICES` of them."""
 
     def _loop_time(self) -> float:
         clock = self._clock
@@ -339,7 +343,7 @@ class Handler:
             return hit
         ctx = self.ctx
         policies = applicable(ctx.config.policies, ctx.settings.waypoint, key[0], key[1])
-        if len(self._policies) >= MAX_PEERS:
+        if len(self._policies) >= MAX_POLICY_SERVICES:
             self._policies.clear()
         self._policies[key] = policies
         return policies

@@ -214,8 +214,9 @@ def test_informational_response_then_final() -> None:
 )
 def test_status_code_is_exactly_three_digits(line: bytes) -> None:
     """RFC 9112 §4: status-code = 3DIGIT. Leading zeros (which int() reads as 200) or fewer
-    digits are a malformed upstream response, 502, on llhttp's path and the checked one (byte
-    by byte, every head goes to the checked parser)."""
+    digits are a malformed upstream response, 502, whether the head arrives whole or byte by
+    byte: the fast reader's status-line pattern does not match it, so the checked parser reads
+    it again and refuses it (`test_http1_fast_response.py` compares the two readers on it)."""
     wire = line + b"\r\ncontent-length: 0\r\n\r\n"
     for pieces in ([wire], [wire[i : i + 1] for i in range(len(wire))]):
         p = Http1Parser(Role.RESPONSE)
