@@ -69,6 +69,20 @@ def same(pieces: list[bytes], response_to: str | None = None) -> Outcome:
     return got
 
 
+def mutated(wire: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """`wire` with each edit (where, how, junk) applied in turn: `junk` inserted (how 0), written
+    over the bytes there (1), or as many bytes removed (2), `where` taken modulo the length."""
+    for where, how, junk in edits:
+        at = where % (len(wire) + 1)
+        if how == 0:
+            wire = wire[:at] + junk + wire[at:]
+        elif how == 1:
+            wire = wire[:at] + junk + wire[at + len(junk) :]
+        else:
+            wire = wire[:at] + wire[at + len(junk) :]
+    return wire
+
+
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     pieces, last = [], 0
@@ -194,16 +208,7 @@ def test_mutated_requests_agree(
 ) -> None:
     """Bytes inserted, replaced or removed anywhere in a valid request (then the same request
     again, for the keep-alive path)."""
-    wire = base
-    for where, how, junk in edits:
-        at = where % (len(wire) + 1)
-        if how == 0:
-            wire = wire[:at] + junk + wire[at:]
-        elif how == 1:
-            wire = wire[:at] + junk + wire[at + len(junk) :]
-        else:
-            wire = wire[:at] + wire[at + len(junk) :]
-    same([wire + (BASE[0] if twice else b"")])
+    same([mutated(base, edits) + (BASE[0] if twice else b"")])
 
 
 # ---- named attacks -----------------------------------------------------------------------------
