@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
 from meshcore.backoff import Backoff
+from meshcore.config.authorization import AuthzPolicy
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
 from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
@@ -105,6 +106,9 @@ T = TypeVar("T")
 MAX_PEERS = 4096
 """Peer addresses whose source workload the handler keeps (`Handler._peer`); more: it starts
 over (bounded whatever the number of clients)."""
+MAX_POLICY_SERVICES = 4096
+"""Services whose applicable authorization policies the handler keeps (`Handler._policies`);
+more: it starts over (bounded whatever the number of services addressed)."""
 
 
 def _within(aw: Awaitable[T], timeout: float | None) -> Awaitable[T]:
@@ -182,6 +186,10 @@ class Handler:
         """`_Peer` by peer address, valid for `_peers_of` (the state, config and settings it
         was derived from: a new one of any starts over)."""
         self._peers_of: tuple[MeshState, CompiledConfig, WaypointSettings] | None = None
+        self._policies: dict[tuple[str | None, str | None], tuple[AuthzPolicy, ...]] = {}
+        """The authorization policies applicable to a service (name, namespace), valid for
+        `_peers_of` like `_peers` (a new state, config or settings starts over), at most
+        `MAX_POLICY_SERVICES` of them."""
 
     def _loop_time(self) -> float:
         clock = self._clock
@@ -310,9 +318,9 @@ class Handler:
             )
         req.headers = headers
 
-    def _peer(self, tunnel: Tunnel) -> _Peer:
-        """The tunnel's `_Peer`, derived once per peer address and identity for the current
-        state, config and settings (each replaced, never mutated, on a change)."""
+    def _fresh(self) -> None:
+        """Forget what was derived from an older state, config or settings (each replaced,
+        never mutated, on a change): `_peers`, `_policies`."""
         ctx = self.ctx
         of = self._peers_of
         if (
@@ -322,7 +330,29 @@ class Handler:
             or of[2] is not ctx.settings
         ):
             self._peers.clear()
+            self._policies.clear()
             self._peers_of = (ctx.state, ctx.config, ctx.settings)
+
+    def _applicable(self, svc: Service | None) -> tuple[AuthzPolicy, ...]:
+        """`authz.applicable` for the addressed service under the current config and settings,
+        derived once per service (not per request)."""
+        self._fresh()
+        key = (svc.name, svc.namespace) if svc is not None else (None, None)
+        hit = self._policies.get(key)
+        if hit is not None:
+            return hit
+        ctx = self.ctx
+        policies = applicable(ctx.config.policies, ctx.settings.waypoint, key[0], key[1])
+        if len(self._policies) >= MAX_POLICY_SERVICES:
+            self._policies.clear()
+        self._policies[key] = policies
+        return policies
+
+    def _peer(self, tunnel: Tunnel) -> _Peer:
+        """The tunnel's `_Peer`, derived once per peer address and identity for the current
+        state, config and settings."""
+        self._fresh()
+        ctx = self.ctx
         ident = tunnel.peer_identity
         peer = self._peers.get(tunnel.peer_ip)
         if peer is not None and (peer.identity is ident or peer.identity == ident):
@@ -391,12 +421,7 @@ class Handler:
             rec.service_namespace = svc.namespace
 
         # 2. authorization, before anything can reach the app.
-        policies = applicable(
-            ctx.config.policies,
-            ctx.settings.waypoint,
-            svc.name if svc is not None else None,
-            svc.namespace if svc is not None else None,
-        )
+        policies = self._applicable(svc)
         if policies:
             info = await authenticate_request(ctx, policies, req, info)  # JWT: 401 on bad token
             decision = evaluate(policies, info)

@@ -33,6 +33,11 @@ from waypoint.upgrade import PROTOCOL as UPGRADE_PROTOCOL
 from waypoint.upgrade import RawBody, upgrade_of
 
 DRAIN_LIMIT = 64 * 1024
+_NOT_FORWARDED_UP = http1.hop_by_hop_and("host", "content-length", "expect")
+"""Request fields the handler never sees as fields: hop-by-hop (RFC 9110 §7.6.1), Host (the
+request's authority), the framing (the upstream side frames anew) and Expect (answered here)."""
+_NOT_FORWARDED_DOWN = http1.hop_by_hop_and("content-length")
+"""Response fields not copied into the client's head: hop-by-hop, and the framing (set anew)."""
 
 
 class _Reader:
@@ -135,13 +140,13 @@ class H1Downstream:
     ) -> None:
         if status == 101 and self.upgrade_ok:
             # Switching Protocols (waypoint.upgrade): no framing; raw bytes follow both ways.
-            out = [(k, v) for k, v in http1.strip_hop_by_hop(headers)]
+            out = http1.strip_hop_by_hop(headers)
             out += [("connection", "upgrade"), ("upgrade", self.upgrade_ok)]
             self.io.write(http1.encode_response_head(101, "", out))
             self.head_sent = self.upgraded = True
             await self.io.drain()
             return
-        out = [(k, v) for k, v in http1.strip_hop_by_hop(headers) if k != "content-length"]
+        out = http1.strip_hop_by_hop(headers, _NOT_FORWARDED_DOWN)
         bodyless = self.method == "HEAD" or status in (204, 304) or status < 200
         if content_length is not None and status not in (204, 304):
             out.append(("content-length", str(content_length)))
@@ -247,11 +252,7 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             target=target,
             authority=authority,
             scheme="http",
-            headers=[
-                (k, v)
-                for k, v in http1.strip_hop_by_hop(head.headers)
-                if k not in ("host", "content-length", "expect")
-            ],
+            headers=http1.strip_hop_by_hop(head.headers, _NOT_FORWARDED_UP),
             body=body if body is not None else EmptyBody(),
             has_body=has_body,
             extra={"upgrade": upgrade} if upgrade else {},

@@ -188,3 +188,45 @@ def test_metrics_access_log_and_trace_context(
     retried = next(e for e in entries if e["path"] == "/reviews/8")
     assert retried["attempts"] == 3
     assert retried["response_code"] == 503
+
+
+DENY_ALL_OF = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-all-{name}, namespace: default}}
+spec:
+  targetRefs: [{{kind: Service, group: "", name: {name}}}]
+  action: DENY
+  rules: [{{}}]
+"""
+
+
+def test_a_policy_change_applies_to_the_next_request_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    """The handler derives the policies applicable to a service once per service and config
+    (session 9): a new config must be evaluated by the very next request (no stale list kept
+    from the config before, in either direction), and a policy of another service never
+    applies."""
+
+    async def main() -> None:
+        other = DENY_ALL_OF.format(name="ratings")
+        async with (
+            waypoint_mesh(tmp_path, SEED_VS, REVIEWS_DR, other) as mesh,
+            mesh.session() as s,
+        ):
+
+            async def status(path: str = "/reviews/1") -> int:
+                async with s.get(f"{REVIEWS}{path}") as r:
+                    await r.read()
+                    return r.status
+
+            assert [await status(), await status()] == [200, 200]
+            mesh.set_config(SEED_VS, REVIEWS_DR, other, DENY_ALL_OF.format(name="reviews"))
+            assert [await status(), await status()] == [403, 403]
+            mesh.set_config(SEED_VS, REVIEWS_DR, other)
+            assert await status() == 200
+            mesh.set_config(SEED_VS, REVIEWS_DR, POLICIES)
+            assert [await status("/admin"), await status()] == [403, 200]
+
+    run(main())

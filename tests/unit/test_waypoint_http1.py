@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,6 +118,53 @@ def test_head_too_large_is_431() -> None:
     assert err.value.status == 431
 
 
+_FIELD_600 = b"x-a: " + b"a" * 593 + b"\r\n"
+_CHUNKED = b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n"
+
+
+@pytest.mark.parametrize(
+    ("role", "wire", "want"),
+    [
+        (Role.REQUEST, b"GET / HTTP/1.1\r\nhost: a\r\n" + _FIELD_600 * 99 + b"\r\n", RequestHead),
+        (Role.RESPONSE, b"HTTP/1.1 200 OK\r\n" + _FIELD_600 * 100 + b"\r\n", ResponseHead),
+        (Role.REQUEST, b"GET / HTTP/1.1\r\nx: " + b"a" * http1.MAX_HEAD, 431),
+        (Role.RESPONSE, b"HTTP/1.1 200 OK\r\nx: " + b"a" * http1.MAX_HEAD, 502),
+        (Role.REQUEST, _CHUNKED + b"x: " + b"a" * 60_000 + b"\r\n\r\n", EndOfMessage),
+        (Role.REQUEST, _CHUNKED + b"x: " + b"a" * http1.MAX_HEAD, 400),
+    ],
+    ids=[
+        "request",
+        "response",
+        "request past the limit",
+        "response past the limit",
+        "a long trailer line",
+        "trailer line past the limit",
+    ],
+)
+def test_a_head_trickled_one_byte_per_read_costs_linear_time(
+    role: Role, wire: bytes, want: type | int
+) -> None:
+    """A near-limit head (or trailer section) fed one byte per read, `next_event` after each
+    byte as the proxy does: read, or refused at the limit, in linear time. Searching the whole
+    buffer for the end of the head on every read took ~1 s of CPU for one 60 KiB head."""
+    p = Http1Parser(role)
+    if role is Role.RESPONSE:
+        p.expect_response_to("GET")
+    pieces = [wire[i : i + 1] for i in range(len(wire))]
+    got: list[object] = []
+    start = time.process_time()
+    try:
+        for piece in pieces:
+            p.feed(piece)
+            while (ev := p.next_event()) is not None:
+                got.append(type(ev))
+    except HttpParseError as err:
+        got.append(err.status)
+    spent = time.process_time() - start
+    assert want in got
+    assert spent < 0.2  # ~0.03 s; ~1 s before
+
+
 @pytest.mark.parametrize(
     ("raw", "method", "body", "until_close"),
     [
@@ -165,8 +214,9 @@ def test_informational_response_then_final() -> None:
 )
 def test_status_code_is_exactly_three_digits(line: bytes) -> None:
     """RFC 9112 §4: status-code = 3DIGIT. Leading zeros (which int() reads as 200) or fewer
-    digits are a malformed upstream response, 502, on llhttp's path and the checked one (byte
-    by byte, every head goes to the checked parser)."""
+    digits are a malformed upstream response, 502, whether the head arrives whole or byte by
+    byte: the fast reader's status-line pattern does not match it, so the checked parser reads
+    it again and refuses it (`test_http1_fast_response.py` compares the two readers on it)."""
     wire = line + b"\r\ncontent-length: 0\r\n\r\n"
     for pieces in ([wire], [wire[i : i + 1] for i in range(len(wire))]):
         p = Http1Parser(Role.RESPONSE)
@@ -201,11 +251,36 @@ def test_strip_hop_by_hop_and_encoders() -> None:
         ("x-ok", "2"),
     ]
     assert http1.strip_hop_by_hop(headers) == [("x-ok", "2")]
+    # With a `drop` set of the caller's: its names go too, and so do those Connection names
+    # (the set is extended for this message only, never changed).
+    drop = http1.hop_by_hop_and("x-ok")
+    assert http1.strip_hop_by_hop([*headers, ("x-b", "3")], drop) == [("x-b", "3")]
+    assert drop == http1.hop_by_hop_and("x-ok")
+    assert "x-private" not in drop
+    alive = [("connection", "keep-alive"), ("keep-alive", "5"), ("content-length", "1")]
+    assert http1.strip_hop_by_hop(alive, http1.hop_by_hop_and("content-length")) == []
+    assert http1.strip_hop_by_hop(alive) == [("content-length", "1")]
     assert http1.encode_chunk(b"abc") == b"3\r\nabc\r\n"
     assert http1.encode_chunk(b"") == b""  # never an accidental last-chunk
     assert http1.encode_last_chunk([("a", "b")]) == b"0\r\na: b\r\n\r\n"
     with pytest.raises(HttpParseError):
         http1.encode_request_head("GET", "/", [("x", "a\r\nevil: 1")])  # no header injection
+    # Nor through a name, the start line, or a bare CR / LF / NUL (one check per head).
+    for name, value, target in [
+        ("x\r\nevil", "1", "/"),
+        ("x", "1", "/\r\nevil: 1"),
+        ("x", "a\rb", "/"),
+        ("x", "a\nb", "/"),
+        ("x\x00", "1", "/"),
+    ]:
+        with pytest.raises(HttpParseError) as err:
+            http1.encode_request_head("GET", target, [("a", "1"), (name, value)])
+        assert err.value.status == 500
+    fields = [("a", "1"), ("b", "x\ty \x80")]
+    assert http1.encode_response_head(204, "", fields) == (
+        b"HTTP/1.1 204 No Content\r\na: 1\r\nb: x\ty \x80\r\n\r\n"
+    )
+    assert http1.encode_request_head("GET", "/", []) == b"GET / HTTP/1.1\r\n\r\n"
 
 
 @settings(max_examples=200, deadline=None)

@@ -2,8 +2,8 @@
 bytes into events, and serialise heads and body framing.
 
 Owns: `Http1Parser` (one direction of one connection: requests from a client, or responses from
-a server), its events (`RequestHead`, `ResponseHead`, `Body`, `EndOfMessage`), and the encoders;
-the use of llhttp (`httptools`) to read request and response heads.
+a server), its events (`RequestHead`, `ResponseHead`, `Body`, `EndOfMessage`), the fast head
+reader (`_field_lines` and the start-line patterns) and the encoders.
 
 Invariants:
 - Bodies are never reassembled: `Body` events carry the bytes as they arrive (bounded by what
@@ -22,18 +22,25 @@ Invariants:
   with 400) and a visible-ASCII target (RFC 9112 §3.2); an HTTP/1.1 request has exactly one
   Host field line (RFC 9112 §3.2); a status code is exactly three digits (RFC 9112 §4).
   Numbers (Content-Length, chunk sizes) are ASCII digits only, with no surrounding whitespace
-  in chunk sizes (RFC 9112 §7.1); list tokens are split on SP/HTAB only, never on other
-  Unicode whitespace.
-- llhttp reads a head only as an accelerator, and fails closed whatever its own character
-  tables say: its result is kept only when the head has no control character our field rules
-  refuse, every field name is a token, llhttp read exactly as many field lines as the head
-  has, and the start line is byte for byte what llhttp read: `method SP target SP HTTP/1.x`
-  with a visible-ASCII target, or `HTTP/1.x SP status [SP reason]`; the Host, version, status
-  and framing checks then run on it as on ours. Anything else, and anything llhttp refuses,
-  is read again by the checked parser, so every refusal, its status and its message are the
-  checked parser's (`tests/unit/test_http1_llhttp.py`, `test_http1_llhttp_response.py`,
-  differential). Bodies and trailers are always the checked parser's (only it knows that a
-  response answers HEAD or CONNECT).
+  in chunk sizes (RFC 9112 §7.1); list members (Transfer-Encoding, Connection, a Content-Length
+  list) are trimmed of SP/HTAB only, never of other Unicode whitespace (U+00A0, U+0085).
+- The fast head reader is the checked parser's rules written as one pattern per start line and
+  one `findall` over the field lines (the regex engine's C; Python only builds the field
+  tuples), and it only ever accepts: a head it does not match exactly (every line, `findall`'s
+  count equal to the line count) is read again by the checked parser, line by line, which
+  words every refusal (same status, same message). The Host, version, status and framing
+  checks are one code for both (`_request_head`, `_response_head`).
+  `tests/unit/test_http1_fast.py`, `test_http1_fast_response.py`: differential, both readers
+  fed the same bytes. (Session 9: it replaced llhttp through httptools, which read heads only
+  under the same discipline and cost more with the checks around it: bench/README.md,
+  "Session 9: waypoint head path".)
+- A hostile head costs time linear in its size, however it arrives: every pattern here runs
+  in time linear in its input (no nested or adjacent quantifiers that can trade characters;
+  possessive ``*+``/``++`` where two could: the checked parser's former lazy field pattern
+  took ~12 s of CPU for one 60 KiB head before session 9), and the search for the end of a
+  head, a chunk size line or a trailer line resumes where the previous read's stopped
+  (`_scanned`), so a head trickled one byte per read is searched once, not once per byte
+  (~1 s of CPU for 60 KiB before).
 - The parser is reusable across keep-alive messages: after `EndOfMessage` it parses the next
   message from the bytes already buffered (pipelining is handled by the caller's one-at-a-time
   loop).
@@ -42,23 +49,13 @@ Invariants:
 from __future__ import annotations
 
 import enum
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple
+from typing import Final, NamedTuple
 
 from meshcore.errors import MeshError
 from meshcore.hbone.headerblock import MAX_INTERIM_HEADS as MAX_INTERIM_HEADS  # one bound, 502 here
-
-_httptools: Any
-try:
-    # llhttp, Node.js's HTTP/1.1 parser, in C: reads request heads ~5x faster than the checked
-    # parser below (bench/README.md, "Waypoint, session 5"). Optional: without it the checked
-    # parser reads every head.
-    _httptools = importlib.import_module("httptools")
-except ImportError:
-    _httptools = None
 
 MAX_HEAD = 60 * 1024
 """Largest request/response head accepted (Envoy's default max_request_headers_kb is 60)."""
@@ -79,13 +76,22 @@ _BAD_REASON = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 # RFC 9112 §4: status-code = 3DIGIT, exactly three.
 _STATUS_CODE = re.compile(rb"[0-9]{3}")
-# The same rule over a whole field section (CR LF separate its lines; bare ones are refused
-# before), and one field line as latin-1 text: token ":" OWS value OWS (RFC 9112 §5).
-_BAD_VALUE_BLOCK = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_FIELD_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*?)[ \t]*")
 _RESPONSE_VERSION = re.compile(rb"HTTP/1\.[0-9]")
-# Lower-cased token field names, one per line (`_LlhttpFields.tokens`).
-_NAMES = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+(?:\n[!#$%&'*+\-.^_`|~0-9a-z]+)*")
+# The fast head reader, over the head as latin-1 text (obs-text kept, RFC 9110 §5.5), every
+# line ended by CR LF. A field line (RFC 9112 §5): token ":" OWS field-value CRLF, the value
+# VCHAR / obs-text / SP / HTAB only (RFC 9110 §5.5: no other control character), its trailing
+# OWS stripped after the match (a lazy value followed by OWS backtracks quadratically). It
+# starts only right after a CR LF, so one match is one whole line.
+_FIELD = re.compile(
+    r"(?<=\r\n)([!#$%&'*+\-.^_`|~0-9A-Za-z]++):[ \t]*+([\t\x20-\x7e\x80-\xff]*+)\r\n"
+)
+# request-line = method SP request-target SP HTTP-version (RFC 9112 §3): an upper-case token
+# method (Istio), a visible-ASCII target (§3.2), HTTP/1.1 or HTTP/1.0 (others: the checked
+# parser's 505).
+_REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Z]++) ([\x21-\x7e]++) (HTTP/1\.[01])\r\n")
+# status-line = HTTP-version SP status-code SP [ reason-phrase ] (RFC 9112 §4; the checked
+# parser also takes a line that ends after the code).
+_STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*+))?\r\n")
 # RFC 9112 §3.2: a request-target is visible ASCII.
 _VISIBLE = re.compile(rb"[\x21-\x7e]+")
 # RFC 9112 §7.1.1: chunk-size [ BWS ";" chunk-ext ] -- no whitespace unless an extension follows.
@@ -212,99 +218,26 @@ class _State:
     DONE: Final = 7
 
 
-class _LlhttpFields:
-    """What llhttp (httptools) calls back while it reads one head: the target or reason, the
-    field lines, whether the head completed and whether anything followed it. It never refers
-    to its parser: httptools' parser holds this object's bound methods, so a reference back
-    would make a reference cycle per parser, garbage only the cyclic GC frees (one per
-    response head; `tests/loopback/test_waypoint_garbage.py`)."""
-
-    def __init__(self) -> None:
-        self.url = self.reason = b""
-        self.fields: list[tuple[str, str]] = []
-        self.complete = self.extra = False
-        self.done = True  # a fresh parser is reusable
-
-    def start(self) -> None:
-        self.url = self.reason = b""
-        self.fields = []
-        self.complete = self.done = self.extra = False
-
-    def on_url(self, url: bytes) -> None:
-        self.extra = self.extra or self.complete
-        self.url += url
-
-    def on_status(self, reason: bytes) -> None:
-        self.extra = self.extra or self.complete
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.extra = self.extra or self.complete
-        # (A non-ASCII name byte would raise here, which httptools reports as a refusal; the
-        # names are checked to be tokens together, `tokens`.)
-        # llhttp drops the value's leading OWS, not its trailing OWS (RFC 9112 §5: not part
-        # of the value); obs-text is kept as latin-1.
-        self.fields.append((name.decode("ascii").lower(), value.rstrip(b" \t").decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-    def tokens(self) -> bool:
-        """Every field name is a token (RFC 9110 §5.1), whatever llhttp's tables allow: one
-        regex over the names for the whole head (one per name cost ~2 us a head)."""
-        fields = self.fields
-        return not fields or _NAMES.fullmatch("\n".join([k for k, _ in fields])) is not None
-
-
-class _LlhttpHead:
-    """llhttp (through httptools) reading the heads of one `Http1Parser`: the parser and what
-    it read (`got`, the object httptools calls back). Only heads are fed (the checked parser
-    frames bodies), so a request parser is reused only after a message it saw end (a bodiless
-    request); after a head with a body, an upgrade or a refusal a new one is made. A response
-    head gets a new one each time (`Http1Parser._llhttp_response`). Freed by reference
-    counting alone: this object holds the parser and `got`, the parser holds `got`, and
-    nothing refers back."""
-
-    def __init__(self, response: bool = False) -> None:
-        self.got = got = _LlhttpFields()
-        self.parser: Any = (
-            _httptools.HttpResponseParser(got) if response else _httptools.HttpRequestParser(got)
-        )
-
-    @property
-    def reusable(self) -> bool:
-        got = self.got
-        return got.done and not got.extra
-
-    def read(self, raw: bytes, fields: int) -> bool:
-        """Feed one head (`raw`, without its blank line) from the start: whether llhttp read
-        exactly it, i.e. one complete head of `fields` field lines with token names and nothing
-        after (no field lost or merged), and `raw` has no control character our field rules
-        refuse (the checked parser words that refusal). A head llhttp refuses, or pauses after
-        (an upgrade, CONNECT, a 101), leaves this parser not reusable."""
-        if _BAD_VALUE_BLOCK.search(raw) is not None:
-            return False
-        got = self.got
-        got.start()
-        try:
-            self.parser.feed_data(raw + b"\r\n\r\n")
-        except Exception as err:  # llhttp refused the head, or paused after it
-            got.done = False
-            if not isinstance(err, _httptools.HttpParserUpgrade):
-                return False
-        return got.complete and not got.extra and len(got.fields) == fields and got.tokens()
+def _field_lines(text: str, pos: int, count: int) -> Headers | None:
+    """The `count` field lines of `text` from `pos` (just after a CR LF; every line, the last
+    one too, ended by CR LF), names lower-cased, values without their OWS; None unless every
+    one of them is a well-formed field line (then the checked parser reads them and words the
+    refusal). `_FIELD` matches only a whole line (it starts right after a CR LF and has no CR
+    or LF inside), so `count` matches are `count` lines when the caller's `text` has `count`
+    line ends after `pos` and no bare CR or LF."""
+    pairs: list[tuple[str, str]] = _FIELD.findall(text, pos)
+    if len(pairs) != count:
+        return None
+    return tuple([(k.lower(), v.rstrip(" \t")) for k, v in pairs])
 
 
 class Http1Parser:
     """Parse one direction of an HTTP/1.1 connection. `feed` bytes, then call `next_event`
     until it returns None (needs more data)."""
 
-    def __init__(self, role: Role, *, max_head: int = MAX_HEAD, llhttp: bool = True) -> None:
-        """`llhttp`: let llhttp read the heads when httptools is installed (a head llhttp
-        refuses, or reads differently, is read again by the checked parser)."""
+    def __init__(self, role: Role, *, max_head: int = MAX_HEAD, fast: bool = True) -> None:
+        """`fast`: the fast head reader first (a head it does not match is read again by the
+        checked parser); False: the checked parser alone (the differential tests' reference)."""
         self.role = role
         self.max_head = max_head
         self._buf = bytearray()
@@ -317,8 +250,12 @@ class Http1Parser:
         self._interim = 0  # interim (1xx) heads before the current response's final one
         self._request_role = role is Role.REQUEST
         self._error_status = 400 if self._request_role else 502
-        self._llhttp = llhttp and _httptools is not None
-        self._ll: _LlhttpHead | None = None
+        self._fast = fast
+        # How far the head or line being read has been searched for its end (bytes at the
+        # front of `_buf`): the next search resumes just before it, so a head trickled in one
+        # byte per read costs linear time, not a search of the whole buffer per read. 0 when
+        # that head or line is consumed (nothing else takes bytes from the front meanwhile).
+        self._scanned = 0
 
     # ---- input -------------------------------------------------------------------------------
 
@@ -340,6 +277,7 @@ class Http1Parser:
     def take_buffered(self) -> bytes:
         """Hand over the unparsed bytes (after an Upgrade's 101 they are not HTTP)."""
         data, self._buf = bytes(self._buf), bytearray()
+        self._scanned = 0
         return data
 
     @property
@@ -389,11 +327,14 @@ class Http1Parser:
         return EndOfMessage(trailers) if trailers else _END
 
     def _head(self) -> Event | None:
-        end = self._buf.find(b"\r\n\r\n")
+        # Resumed 3 bytes before where the last search stopped (a CR LF CR LF split across
+        # reads); stripping leading CR LF pairs below cannot make a new one.
+        end = self._buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
             # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a request.
             while self._buf.startswith(b"\r\n"):
                 del self._buf[:2]
+            self._scanned = len(self._buf)
             if len(self._buf) > self.max_head:
                 raise HttpParseError("message head too large", 431 if self._request_role else 502)
             if self._eof and self._buf:
@@ -403,6 +344,7 @@ class Http1Parser:
             raise HttpParseError("message head too large", 431 if self._request_role else 502)
         raw = bytes(self._buf[:end])
         del self._buf[: end + 4]
+        self._scanned = 0
         raw = raw.lstrip(b"\r\n")
         crlf = raw.count(b"\r\n")
         if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
@@ -411,11 +353,11 @@ class Http1Parser:
             raise HttpParseError(
                 f"more than {MAX_HEADERS} header fields", 431 if self._request_role else 502
             )
-        if self._llhttp:
+        if self._fast:
             head: Event | None = (
-                self._llhttp_request(raw, crlf)
+                self._fast_request(raw, crlf)
                 if self._request_role
-                else self._llhttp_response(raw, crlf)
+                else self._fast_response(raw, crlf)
             )
             if head is not None:
                 return head
@@ -425,82 +367,43 @@ class Http1Parser:
             return self._request(lines[0], headers)
         return self._response(lines[0], headers)
 
-    def _llhttp_request(self, raw: bytes, fields: int) -> RequestHead | None:
-        """The request head parsed by llhttp: its request line and `fields` field lines, then
-        the same checks as `_request` from the Host count on. None when llhttp refuses the
-        head, or its result is not one `_fields` + `_request` would give: the checked parser
-        then decides (and words every refusal), so llhttp only ever speeds up a head both
-        parsers accept identically (`tests/unit/test_http1_llhttp.py`, differential)."""
-        ll = self._ll
-        if ll is None or not ll.reusable:
-            ll = self._ll = _LlhttpHead()
-        if not ll.read(raw, fields):
+    def _fast_request(self, raw: bytes, fields: int) -> RequestHead | None:
+        """The request head read by the fast reader (`raw` has `fields` field lines and no bare
+        CR or LF), then the same checks as `_request` from the version on; None when it does
+        not match exactly what `_request` and `_fields` accept: the checked parser decides."""
+        text = raw.decode("latin-1") + "\r\n"
+        m = _REQUEST_LINE.match(text)
+        if m is None:
             return None
-        got = ll.got
-        # The request line exactly `method SP target SP HTTP-version` (RFC 9112 §3; llhttp
-        # also takes runs of spaces, "GET /" as HTTP/0.9 and HTTP/2.0: the checked parser
-        # words those refusals) with a visible-ASCII target (§3.2).
-        method: bytes = ll.parser.get_method()
-        eol = raw.find(b"\r\n")
-        line = raw if eol < 0 else raw[:eol]
-        start = method + b" " + got.url
-        if line == start + b" HTTP/1.1":
-            version = "HTTP/1.1"
-        elif line == start + b" HTTP/1.0":
-            version = "HTTP/1.0"
-        else:
+        headers = _field_lines(text, m.end(), fields)
+        if headers is None:
             return None
-        if not _VISIBLE.fullmatch(got.url):
-            return None
-        return self._request_head(
-            method.decode("ascii"), got.url.decode("ascii"), version, tuple(got.fields)
-        )
+        return self._request_head(m[1], m[2], m[3], headers)
 
-    def _llhttp_response(self, raw: bytes, fields: int) -> ResponseHead | None:
-        """The response head parsed by llhttp, under the same discipline as
-        `_llhttp_request`: kept only when llhttp read exactly `fields` field lines with token
-        names, the head has no control character our field rules refuse, and the status line
-        is byte for byte ``HTTP/1.x SP status [SP reason]`` as llhttp read it; then the same
-        status and framing checks as `_response` (`_response_head`). A new llhttp parser per
-        head (0.2 us): after a head with a body llhttp waits for the body, which it is never
-        fed (the checked parser frames bodies, and only it knows the request was HEAD)."""
-        ll = _LlhttpHead(response=True)
-        if not ll.read(raw, fields):
+    def _fast_response(self, raw: bytes, fields: int) -> ResponseHead | None:
+        """The response head read by the fast reader, as `_fast_request`; then the same status
+        and framing checks as `_response` (`_response_head`)."""
+        text = raw.decode("latin-1") + "\r\n"
+        m = _STATUS_LINE.match(text)
+        if m is None:
             return None
-        version: str = ll.parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        headers = _field_lines(text, m.end(), fields)
+        if headers is None:
             return None
-        status: int = ll.parser.get_status_code()
-        eol = raw.find(b"\r\n")
-        line = raw if eol < 0 else raw[:eol]
-        start = b"HTTP/%s %03d" % (version.encode("ascii"), status)
-        if line == start:
-            reason = ""
-        elif line == start + b" " + ll.got.reason:
-            reason = ll.got.reason.decode("latin-1")
-        else:
-            return None
-        return self._response_head(status, reason, "HTTP/" + version, tuple(ll.got.fields))
+        return self._response_head(int(m[2]), m[3] or "", m[1], headers)
 
     def _fields(self, lines: Sequence[bytes]) -> Headers:
-        # Fast path (every well-formed head): the field lines decoded once as latin-1 (obs-text
-        # kept, RFC 9110 §5.5; token names are ASCII either way), one regex per line, the
-        # control-character rule checked once for the whole section (CR and LF: a line with
-        # one does not match). Anything it does not accept goes through `_fields_checked`,
-        # which raises the precise error.
-        block = b"\r\n".join(lines)
-        if _BAD_VALUE_BLOCK.search(block) is None:
-            texts = block.decode("latin-1").split("\r\n") if lines else []
-            if len(texts) == len(lines):  # no line held a CR LF of its own
-                out: list[tuple[str, str]] = []
-                match = _FIELD_LINE.fullmatch
-                for line in texts:
-                    m = match(line)
-                    if m is None:
-                        break
-                    out.append((m[1].lower(), m[2]))
-                else:
-                    return tuple(out)
+        # Fast path (every well-formed field section): the lines as latin-1 text, one `findall`
+        # (`_field_lines`; no line here holds a CR LF of its own: they were split on it).
+        # Anything it does not accept goes through `_fields_checked`, which raises the precise
+        # error.
+        if not lines:
+            return ()
+        if self._fast:
+            text = "\r\n" + b"\r\n".join(lines).decode("latin-1") + "\r\n"
+            headers = _field_lines(text, 2, len(lines))
+            if headers is not None:
+                return headers
         return self._fields_checked(lines)
 
     def _fields_checked(self, lines: Sequence[bytes]) -> Headers:
@@ -535,7 +438,9 @@ class Http1Parser:
                 )
             return True, None
         if cls:
-            values = {v.strip() for c in cls for v in c.split(",")}
+            # A list of equal values is one value (RFC 9110 §8.6); its OWS is SP / HTAB only
+            # (§5.6.3): str.strip() would also take U+00A0 or U+0085 and read "5\xa0" as 5.
+            values = {v.strip(" \t") for c in cls for v in c.split(",")}
             if len(values) != 1:
                 raise self._fail("conflicting Content-Length values (§6.3 rule 5)")
             text = values.pop()
@@ -565,7 +470,10 @@ class Http1Parser:
         framing."""
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HttpParseError(f"unsupported HTTP version {version!r}", 505)
-        hosts = sum(1 for k, _ in headers if k == "host")
+        hosts = 0
+        for k, _ in headers:
+            if k == "host":
+                hosts += 1
         if hosts > 1:
             raise self._fail("more than one Host field line (RFC 9112 §3.2)")
         if version == "HTTP/1.1" and hosts == 0:
@@ -676,13 +584,15 @@ class Http1Parser:
     def _line(self, limit: int, too_long: str) -> bytes | None:
         """The next CRLF-terminated line, consumed without its CRLF; None while it is
         incomplete, an error once the incomplete line is past `limit`."""
-        eol = self._buf.find(b"\r\n")
+        eol = self._buf.find(b"\r\n", max(0, self._scanned - 1))  # resumed, as in `_head`
         if eol < 0:
+            self._scanned = len(self._buf)
             if len(self._buf) > limit:
                 raise self._fail(too_long)
             return None
         line = bytes(self._buf[:eol])
         del self._buf[: eol + 2]
+        self._scanned = 0
         return line
 
     def _chunk_size(self, line: bytes) -> None:
@@ -725,20 +635,42 @@ class Http1Parser:
 # ---- encoders ----------------------------------------------------------------------------------
 
 
-def strip_hop_by_hop(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Remove hop-by-hop fields (RFC 9110 §7.6.1), including those named by Connection."""
-    named = set(_tokens(header_value(headers, "connection")))
-    return [(k, v) for k, v in headers if k not in _HOP_BY_HOP and k not in named]
+def hop_by_hop_and(*names: str) -> frozenset[str]:
+    """The hop-by-hop field names and `names` (lower-case): a `strip_hop_by_hop` `drop` set,
+    built once by its caller (not per message)."""
+    return _HOP_BY_HOP.union(names)
+
+
+def strip_hop_by_hop(
+    headers: Sequence[tuple[str, str]], drop: frozenset[str] = _HOP_BY_HOP
+) -> list[tuple[str, str]]:
+    """Remove hop-by-hop fields (RFC 9110 §7.6.1), including those named by Connection, and
+    whatever else `drop` names (`hop_by_hop_and`; the default: the hop-by-hop fields alone).
+    One pass over `headers`; a set is built only when Connection names a field `drop` does
+    not already hold (``Connection: keep-alive`` or ``close`` does not)."""
+    named = _tokens(header_value(headers, "connection"))
+    for name in named:
+        if name not in drop:
+            drop = drop.union(named)
+            break
+    return [(k, v) for k, v in headers if k not in drop]
 
 
 def _head_bytes(first: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    """The head: `first` and one line per field. It must not gain a line (header injection,
+    response splitting: RFC 9112 §11.1), so no part may hold CR, LF or NUL; counted over the
+    joined text at once (one scan per head, not three per field), per field only to name the
+    one that has it."""
     parts = [first]
-    for k, v in headers:
-        if "\r" in v or "\n" in v or "\x00" in v:
-            raise HttpParseError(f"header {k!r} value contains CR/LF/NUL", 500)
-        parts.append(f"{k}: {v}")
-    parts.append("\r\n")
-    return "\r\n".join(parts).encode("latin-1")
+    parts += [f"{k}: {v}" for k, v in headers]
+    text = "\r\n".join(parts)
+    lines = len(parts) - 1
+    if text.count("\r") != lines or text.count("\n") != lines or "\x00" in text:
+        for k, v in headers:
+            if "\r" in v or "\n" in v or "\x00" in v:
+                raise HttpParseError(f"header {k!r} value contains CR/LF/NUL", 500)
+        raise HttpParseError("CR/LF/NUL in a field name or the start line", 500)
+    return (text + "\r\n\r\n").encode("latin-1")
 
 
 def encode_request_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:

@@ -1,32 +1,32 @@
-"""llhttp (through httptools) reading request heads, against the checked parser (issue 14).
+"""The fast head reader on request heads, against the checked parser (issue 14).
 
-`Http1Parser(Role.REQUEST)` lets llhttp read a request head and keeps it only when it is the
-head the checked parser would give; every refusal is the checked parser's (same status, same
-message, so the same access-log error and counter). Differential properties, both paths fed
-the same bytes in the same pieces, whole keep-alive streams (so llhttp's parser reuse is
-covered too):
+`Http1Parser(Role.REQUEST)` reads a request head with the fast reader (one pattern for the
+request line, one `findall` over the field lines) and keeps it only when it matched the whole
+head; anything else is read again by the checked parser (`fast=False`: line by line), whose
+refusal it is (same status, same message, so the same access-log error and counter).
+Differential properties, both paths fed the same bytes in the same pieces, whole keep-alive
+streams:
 - generated request heads over the smuggling-shaped space (extension and lower-case methods,
   absolute/authority/asterisk targets, CTLs and obs-text in targets and values, CL+TE,
   duplicate and list Content-Length, `+5`, huge sizes, duplicate Host, obs-fold, whitespace
   before the colon, bare CR/LF, NUL, chunk extensions, versions) give the same events or the
   same error;
 - the same with arbitrary bytes inserted, replaced or removed;
-- a corpus of named attacks, each with the verdict it must get.
-The contract test records where llhttp on its own differs from the checked parser, which is
-why its output is re-checked (bench/README.md, "Waypoint, session 5: llhttp").
+- a corpus of named attacks, each with the verdict it must get;
+- every byte value in each place of a head (name, value, target, method);
+- a hostile 60 KiB head costs what a valid one does (no pattern backtracks quadratically).
+Until session 9 the accelerator was llhttp (httptools) under the same discipline
+(bench/README.md, "Waypoint, session 5: llhttp", "Session 9: waypoint head path").
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
+import time
 
-import httptools
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from waypoint.protocol import http1
 from waypoint.protocol.http1 import (
     EndOfMessage,
     Http1Parser,
@@ -40,10 +40,10 @@ FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 Outcome = list[object] | tuple[str, str, int]
 
 
-def outcome(pieces: list[bytes], *, llhttp: bool, response_to: str | None = None) -> Outcome:
+def outcome(pieces: list[bytes], *, fast: bool, response_to: str | None = None) -> Outcome:
     """Every event of the stream fed in `pieces` then EOF, or the error it ended with: a
     request stream, or with `response_to` a response stream answering that method."""
-    p = Http1Parser(Role.REQUEST if response_to is None else Role.RESPONSE, llhttp=llhttp)
+    p = Http1Parser(Role.REQUEST if response_to is None else Role.RESPONSE, fast=fast)
     if response_to is not None:
         p.expect_response_to(response_to)
     out: list[object] = []
@@ -63,10 +63,24 @@ def outcome(pieces: list[bytes], *, llhttp: bool, response_to: str | None = None
 
 
 def same(pieces: list[bytes], response_to: str | None = None) -> Outcome:
-    """`outcome` through llhttp, asserted equal to the checked parser's alone."""
-    fast = outcome(pieces, llhttp=True, response_to=response_to)
-    assert fast == outcome(pieces, llhttp=False, response_to=response_to)
-    return fast
+    """`outcome` through the fast reader, asserted equal to the checked parser's alone."""
+    got = outcome(pieces, fast=True, response_to=response_to)
+    assert got == outcome(pieces, fast=False, response_to=response_to)
+    return got
+
+
+def mutated(wire: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """`wire` with each edit (where, how, junk) applied in turn: `junk` inserted (how 0), written
+    over the bytes there (1), or as many bytes removed (2), `where` taken modulo the length."""
+    for where, how, junk in edits:
+        at = where % (len(wire) + 1)
+        if how == 0:
+            wire = wire[:at] + junk + wire[at:]
+        elif how == 1:
+            wire = wire[:at] + junk + wire[at + len(junk) :]
+        else:
+            wire = wire[:at] + wire[at + len(junk) :]
+    return wire
 
 
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -82,7 +96,7 @@ def cut(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 # Each part of a head is drawn from a well-formed pool or, about one time in ten, from a hostile
-# one, so that most heads reach llhttp's accept path with a few odd parts in them.
+# one, so that most heads reach the fast reader's accept path with a few odd parts in them.
 def pool(good: list[bytes], bad: list[bytes]) -> st.SearchStrategy[bytes]:
     return st.sampled_from(good * -(-9 * len(bad) // len(good)) + bad)
 
@@ -194,16 +208,7 @@ def test_mutated_requests_agree(
 ) -> None:
     """Bytes inserted, replaced or removed anywhere in a valid request (then the same request
     again, for the keep-alive path)."""
-    wire = base
-    for where, how, junk in edits:
-        at = where % (len(wire) + 1)
-        if how == 0:
-            wire = wire[:at] + junk + wire[at:]
-        elif how == 1:
-            wire = wire[:at] + junk + wire[at + len(junk) :]
-        else:
-            wire = wire[:at] + wire[at + len(junk) :]
-    same([wire + (BASE[0] if twice else b"")])
+    same([mutated(base, edits) + (BASE[0] if twice else b"")])
 
 
 # ---- named attacks -----------------------------------------------------------------------------
@@ -223,6 +228,7 @@ ATTACKS: list[tuple[str, bytes, int]] = [
     ("CL negative", b"POST / HTTP/1.1\r\n" + H + b"content-length: -1", 400),
     ("CL superscript", b"POST / HTTP/1.1\r\n" + H + b"content-length: \xb2", 400),
     ("CL hex", b"POST / HTTP/1.1\r\n" + H + b"content-length: 0x3", 400),
+    # U+00A0 / U+0085 beside Content-Length digits: CL_OWS below (with the body on the wire).
     ("CL 20 digits", b"POST / HTTP/1.1\r\n" + H + b"content-length: 99999999999999999999", 400),
     ("obs-fold", b"GET / HTTP/1.1\r\n" + H + b"x-a: b\r\n c", 400),
     ("obs-fold tab", b"GET / HTTP/1.1\r\n" + H + b"x-a: b\r\n\tc", 400),
@@ -253,7 +259,7 @@ ATTACKS: list[tuple[str, bytes, int]] = [
         400,
     ),
     ("101 fields", b"GET / HTTP/1.1\r\n" + H + b"x: a\r\n" * 100, 431),
-    # Accepted, identically, whatever llhttp thinks of them on its own:
+    # Accepted, identically (llhttp on its own refused the first three):
     ("extension method", b"BREW /pot HTTP/1.1\r\n" + H.rstrip(), 0),
     ("CL equal twice", b"POST / HTTP/1.1\r\n" + H + b"content-length: 0\r\ncontent-length: 0", 0),
     ("CL equal list", b"POST / HTTP/1.1\r\n" + H + b"content-length: 0, 0", 0),
@@ -282,148 +288,114 @@ def test_smuggling_shapes_get_the_checked_parsers_verdict(wire: bytes, status: i
         assert isinstance(got[0], RequestHead)
 
 
-# ---- llhttp is used -----------------------------------------------------------------------------
+# RFC 9110 §8.6: Content-Length = 1*DIGIT, a list of equal values is one value; OWS around a list
+# member is SP / HTAB (§5.6.1), so U+00A0 / U+0085 are neither trimmed nor digits. Each head is
+# followed by its body: a refusal here is the value's, not "connection closed inside a body".
+CL_OWS: list[tuple[str, bytes, str]] = [
+    ("nbsp after", b"content-length: 5\xa0", "bad Content-Length"),
+    ("nbsp before", b"content-length: \xa05", "bad Content-Length"),
+    ("NEL in list", b"content-length: 5,\x855", "conflicting Content-Length"),
+    (
+        "nbsp then plain",
+        b"content-length: 5\xa0\r\ncontent-length: 5",
+        "conflicting Content-Length",
+    ),
+]
 
 
-def test_llhttp_reads_the_bench_request_and_is_reused_over_keep_alive() -> None:
+@pytest.mark.parametrize(("field", "why"), [c[1:] for c in CL_OWS], ids=[c[0] for c in CL_OWS])
+def test_content_length_ows_is_sp_htab_only(field: bytes, why: str) -> None:
+    """A Content-Length with U+00A0 or U+0085 beside the digits is refused with its body on the
+    wire (str.strip() read each as 5 and took `hello` as the body); also split byte by byte."""
+    wire = b"POST / HTTP/1.1\r\nhost: a\r\n" + field + b"\r\n\r\nhello"
+    got = same([wire])
+    assert isinstance(got, tuple)
+    assert got[2] == 400
+    assert got[1].startswith(why)
+    assert same([wire[i : i + 1] for i in range(len(wire))]) == got
+
+
+# ---- the fast reader is used, and fails closed -------------------------------------------------
+
+
+def test_the_fast_reader_reads_the_bench_request() -> None:
+    """wrk's request (the bench's) is read by the fast reader, over keep-alive too."""
+    raw = BASE[0][: BASE[0].index(b"\r\n\r\n")]
+    p = Http1Parser(Role.REQUEST)
+    fast = p._fast_request(raw, raw.count(b"\r\n"))
+    assert isinstance(fast, RequestHead)
+    assert fast.headers == (
+        ("host", "127.0.93.10"),
+        ("user-agent", "wrk"),
+        ("accept", "*/*"),
+    )
     p = Http1Parser(Role.REQUEST)
     p.feed(BASE[0] * 2)
-    first = p.next_event()
-    ll = p._ll
-    assert ll is not None
-    assert isinstance(first, RequestHead)
-    assert ll.got.complete
-    assert ll.got.fields == list(first.headers)
-    assert p.next_event() == EndOfMessage()
-    assert p.next_event() == first
-    assert p._ll is ll  # the same llhttp parser read the second head
-    assert p.next_event() == EndOfMessage()
-    p.feed(BASE[1])
-    assert isinstance(p.next_event(), RequestHead)
-    assert p._ll is ll
-    p.feed(BASE[0])
-    while not isinstance(ev := p.next_event(), RequestHead):
-        assert ev is not None
-    assert p._ll is not ll  # after a head with a body: a new llhttp parser
-    assert Http1Parser(Role.REQUEST, llhttp=False)._llhttp is False
-    assert Http1Parser(Role.RESPONSE)._llhttp is True  # responses too (test_http1_llhttp_response)
+    assert [p.next_event(), p.next_event(), p.next_event()] == [fast, EndOfMessage(), fast]
+    assert Http1Parser(Role.REQUEST, fast=False)._fast is False
 
 
-# ---- what llhttp does on its own (contract) ----------------------------------------------------
+def _with(byte: int, where: str) -> bytes:
+    b = bytes([byte])
+    return {
+        "name": b"GET / HTTP/1.1\r\nhost: a\r\nx" + b + b"y: 1\r\n\r\n",
+        "name start": b"GET / HTTP/1.1\r\nhost: a\r\n" + b + b"y: 1\r\n\r\n",
+        "value": b"GET / HTTP/1.1\r\nhost: a\r\nx: a" + b + b"b\r\n\r\n",
+        "value end": b"GET / HTTP/1.1\r\nhost: a\r\nx: a" + b + b"\r\n\r\n",
+        "target": b"GET /a" + b + b"b HTTP/1.1\r\nhost: a\r\n\r\n",
+        "method": b"G" + b + b"T / HTTP/1.1\r\nhost: a\r\n\r\n",
+        "version": b"GET / HTTP/1." + b + b"\r\nhost: a\r\n\r\n",
+    }[where]
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.fields: list[tuple[bytes, bytes]] = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value))
-
-
-def _llhttp_alone(wire: bytes) -> bool:
-    try:
-        httptools.HttpRequestParser(_Sink()).feed_data(wire)
-    except httptools.HttpParserUpgrade:
-        return True
-    except httptools.HttpParserError:
-        return False
-    return True
-
-
-def test_llhttp_alone_differs_from_the_checked_parser_where_documented() -> None:
-    """Where llhttp alone accepts what the checked parser refuses (re-checked on llhttp's
-    output: the Host, version, framing and field-count rules, the request line's single
-    spaces) and refuses what it accepts (read again by the checked parser: extension
-    methods, repeated equal Content-Length). If an httptools upgrade changes this,
-    bench/README.md's table needs a look."""
-    differ = {}
-    for name, wire, _ in ATTACKS:
-        wire += b"\r\n\r\n"
-        ours = isinstance(outcome([wire], llhttp=False), list)
-        if _llhttp_alone(wire) != ours:
-            differ[name] = ours
-    assert differ == {
-        "TE gzip, chunked": False,
-        "101 fields": False,
-        "HTTP/2.0": False,
-        "double space": False,
-        "no version (HTTP/0.9)": False,
-        "no Host": False,
-        "two Host lines": False,
-        "two equal Host lines": False,
-        "extension method": True,
-        "CL equal twice": True,
-        "CL equal list": True,
-    }
-
-
-# ---- our checks on llhttp's output, whatever llhttp's tables say -------------------------------
-
-
-class _PermissiveLlhttp:
-    """Stands in for httptools' parser: accepts any head of `method SP target SP version` and
-    `name:value` lines, as an llhttp build with looser character tables would. Today's llhttp
-    refuses control characters and non-token names itself, so only this shows that
-    `Http1Parser`'s own checks (not llhttp's) keep such heads from being accepted."""
-
-    def __init__(self, proto: Any) -> None:
-        self._proto = proto
-        self._method = b""
-
-    def feed_data(self, data: bytes) -> None:
-        head, _, _ = data.partition(b"\r\n\r\n")
-        line, *fields = head.split(b"\r\n")
-        self._method, target, _ = line.split(b" ", 2)
-        self._proto.on_url(target)
-        for field in fields:
-            name, _, value = field.partition(b":")
-            self._proto.on_header(name, value.lstrip(b" \t"))
-        self._proto.on_headers_complete()
-        self._proto.on_message_complete()
-
-    def get_method(self) -> bytes:
-        return self._method
-
-
-@pytest.fixture
-def permissive_llhttp(monkeypatch: pytest.MonkeyPatch) -> None:
-    loose = SimpleNamespace(
-        HttpRequestParser=_PermissiveLlhttp, HttpParserUpgrade=httptools.HttpParserUpgrade
-    )
-    monkeypatch.setattr(http1, "_httptools", loose)
-
-
-@pytest.mark.usefixtures("permissive_llhttp")
 @pytest.mark.parametrize(
-    "field",
-    [b"x: a\x01b", b"x: a\x7fb", b"x: a\x00b", b"x(y): 1", b"x y: 1", b"x\x0by: 1", b"\x01: 1"],
-    ids=[
-        "SOH in value",
-        "DEL in value",
-        "NUL in value",
-        "( in name",
-        "SP in name",
-        "VT in name",
-        "SOH name",
-    ],
+    "where", ["name", "name start", "value", "value end", "target", "method", "version"]
 )
-def test_heads_a_looser_llhttp_accepts_get_the_checked_parsers_verdict(field: bytes) -> None:
-    """A control character the field rules refuse (RFC 9110 §5.5) or a field name that is not
-    a token (§5.1): refused by the checked parser's words even though "llhttp" accepted it."""
-    p = Http1Parser(Role.REQUEST)
-    p.feed(b"GET / HTTP/1.1\r\nhost: a\r\n" + field + b"\r\n\r\n")
-    with pytest.raises(HttpParseError) as got:
-        p.next_event()
-    assert got.value.status == 400
-    assert same([b"GET / HTTP/1.1\r\nhost: a\r\n" + field + b"\r\n\r\n"])[0] == "error"
+def test_every_byte_in_every_place_gets_the_checked_parsers_verdict(where: str) -> None:
+    """All 256 byte values in a field name, a value, the target and the method: the fast
+    reader accepts exactly what the checked parser accepts, with the same result (a control
+    character, a non-token name byte, a non-ASCII target: the checked parser's refusal)."""
+    accepted = 0
+    for byte in range(256):
+        got = same([_with(byte, where)])
+        accepted += isinstance(got, list)
+    # What RFC 9110 §5.1/§5.5, RFC 9112 §3 allow there (a sanity bound on the loop).
+    # ("name": the 77 token bytes, and ":" which makes "x" the name and "y: 1" the value.)
+    assert (
+        accepted
+        == {
+            "name": 78,
+            "name start": 77,
+            "value": 224,
+            "value end": 224,
+            "target": 94,
+            "method": 51,
+            "version": 2,
+        }[where]
+    )
 
 
-@pytest.mark.usefixtures("permissive_llhttp")
-def test_the_permissive_stand_in_is_used_for_a_clean_head() -> None:
-    p = Http1Parser(Role.REQUEST)
-    p.feed(b"GET /a HTTP/1.1\r\nhost: a\r\nx-y: 1\r\n\r\n")
-    head = p.next_event()
-    assert isinstance(head, RequestHead)
-    assert isinstance(p._ll, http1._LlhttpHead)
-    assert isinstance(p._ll.parser, _PermissiveLlhttp)
-    assert head.headers == (("host", "a"), ("x-y", "1"))
+@pytest.mark.parametrize(
+    ("wire", "refused"),
+    [
+        # The request line refused, so the checked parser reads the fields (which it used to
+        # do with a lazy pattern: ~12 s of CPU for this head).
+        (b"GET  / HTTP/1.1\r\nhost: a\r\nx: a" + b" " * 60_000 + b"b\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nhost: a\r\nx: a" + b" " * 60_000 + b"b\r\n\r\n", False),
+        (b"GET / HTTP/1.1\r\nhost: a\r\nx: a" + b" \t" * 30_000 + b"\x01\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nhost: a\r\nx:" + b" " * 60_000 + b"\x01\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nhost: a\r\n" + b"x" * 60_000 + b" : 1\r\n\r\n", True),
+    ],
+    ids=["bad line, spaced value", "spaced value", "spaced value, CTL", "OWS, CTL", "long name"],
+)
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_hostile_60k_head_costs_linear_time(wire: bytes, refused: bool, fast: bool) -> None:
+    p = Http1Parser(Role.REQUEST, fast=fast)
+    p.feed(wire)
+    start = time.process_time()
+    try:
+        got: object = p.next_event()
+    except HttpParseError as err:
+        got = err
+    assert isinstance(got, HttpParseError) == refused
+    assert time.process_time() - start < 0.25  # ~1 ms; the quadratic pattern took ~12 s
