@@ -166,6 +166,19 @@ def test_translator_translates_no_pod_for_a_policy_edit(monkeypatch: pytest.Monk
 RESERVED = "istio_converted_peer_authn_web"  # the name port-level PeerAuthentication "web" gets
 
 
+STRICT_PA = {
+    "kind": "PeerAuthentication",
+    "metadata": {"name": "web", "namespace": "default"},
+    "spec": {
+        "selector": WEB,
+        "mtls": {"mode": "STRICT"},
+        "portLevelMtls": {"80": {"mode": "STRICT"}},
+    },
+}
+"""STRICT on the `web` pods and on port 80 (a port-level policy: its DENY record is named after
+the PeerAuthentication, `istio_converted_peer_authn_web`)."""
+
+
 def test_policy_named_like_a_peer_authentication_deny_keeps_the_deny() -> None:
     """An AuthorizationPolicy named like the port-level PeerAuthentication's DENY record
     (the reviewer's reproducer): the shortcut took that key for the policy's own and its next
@@ -174,20 +187,11 @@ def test_policy_named_like_a_peer_authentication_deny_keeps_the_deny() -> None:
     the user's policy is enforced fail-closed under another name, with a warning."""
     # The policy translates to exactly the DENY record the PeerAuthentication gets (STRICT on
     # every port), so the record under that key looked like the policy's own.
-    strict_pa = {
-        "kind": "PeerAuthentication",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {
-            "selector": WEB,
-            "mtls": {"mode": "STRICT"},
-            "portLevelMtls": {"80": {"mode": "STRICT"}},
-        },
-    }
     rules = [{"from": [{"source": {"notPrincipals": ["*"]}}]}]
     reserved = policy(RESERVED, {"selector": WEB, "action": "DENY", "rules": rules})
     store = ConfigStore()
     store.replace_source(
-        "t", [parse_object(d) for d in (NS, pod("web-1", "10.0.0.1", "web"), strict_pa, reserved)]
+        "t", [parse_object(d) for d in (NS, pod("web-1", "10.0.0.1", "web"), STRICT_PA, reserved)]
     )
     t = Translator(OPTS)
     t.update(store.snapshot)
@@ -277,17 +281,8 @@ def test_shortcut_declines_a_shared_key_even_without_reserved_names(
     key be a PeerAuthentication DENY record's: it declines, so the reviewer's edit gives the
     full translation's result (whatever that is), never the shortcut's own."""
     monkeypatch.setattr(translate_mod, "_reserved_prefix", lambda ap: None)
-    strict_pa = {
-        "kind": "PeerAuthentication",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {
-            "selector": WEB,
-            "mtls": {"mode": "STRICT"},
-            "portLevelMtls": {"80": {"mode": "STRICT"}},
-        },
-    }
     rules = [{"from": [{"source": {"notPrincipals": ["*"]}}]}]
-    objs = (NS, pod("web-1", "10.0.0.1", "web"), strict_pa)
+    objs = (NS, pod("web-1", "10.0.0.1", "web"), STRICT_PA)
     store = ConfigStore()
     store.replace_source(
         "t",
