@@ -3,8 +3,8 @@
 Owns: ambient enrollment, Workload and Service records, waypoint binding, AuthorizationPolicy
 -> L4 `Authorization`, PeerAuthentication -> L4 `Authorization`, the names of the converted
 policies (reserved), per-object warnings, as pure functions of one namespace's objects
-(`translate_namespace`), and the policy-only re-translation (`retranslate_policies`);
-`controlplane.translator` keeps the per-namespace results and produces deltas.
+(`translate_namespace`); `controlplane.translator` keeps the per-namespace results, produces
+deltas and owns the policy-only re-translation (`retranslate_policies`).
 
 Rules (Istio ambient, see docs/reference/ambient-facts.md "Enrollment, labels, waypoints"):
 - Enrollment: a pod is in the mesh when its label ``istio.io/dataplane-mode`` is ``ambient``, or
@@ -52,15 +52,13 @@ Rules (Istio ambient, see docs/reference/ambient-facts.md "Enrollment, labels, w
   warning, until it is renamed. The converted records are never displaced.
 
 Invariants: every function here is pure (input records -> output records); equal inputs give
-equal outputs. The `Translator` only caches: its result equals translating from scratch
-(`retranslate_policies` included: it returns `translate_namespace`'s result or None).
+equal outputs. The `Translator` only caches: its result equals translating from scratch.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -524,7 +522,7 @@ def _namespace_services(
     return services, waypoint_hosts
 
 
-def _namespace_authorizations(
+def namespace_authorizations(
     objs: NamespaceObjects, mesh: MeshWide, opts: TranslateOptions, warnings: list[ConfigWarning]
 ) -> tuple[dict[str, Authorization], tuple[tuple[Labels, str], ...]]:
     """The namespace's L4 policies (plus the shared STRICT policy in the root namespace), and
@@ -718,7 +716,7 @@ def translate_namespace(
     warnings: list[ConfigWarning] = []
     ns_labels = objs.namespace.labels if objs.namespace is not None else ()
     services, waypoint_hosts = _namespace_services(objs, ns_labels, mesh, opts, warnings)
-    policies, selector_policies = _namespace_authorizations(objs, mesh, opts, warnings)
+    policies, selector_policies = namespace_authorizations(objs, mesh, opts, warnings)
     ns_mode, pa_selectors = _namespace_peer_authentication(objs, warnings)
     ctx = _PodContext(
         objs=objs,
@@ -751,65 +749,4 @@ def translate_namespace(
         policies=MappingProxyType(policies),
         warnings=tuple(sorted(warnings)),
         node_identities=frozenset(node_identities),
-    )
-
-
-_POLICY_INDEPENDENT = (
-    "name",
-    "namespace",
-    "pods",
-    "services",
-    "slices",
-    "service_accounts",
-    "peer_authentications",
-    "stored",
-)
-"""The `NamespaceObjects` fields other than ``authorization_policies`` (``stored`` carries
-RequestAuthentications, read by `namespace_policies` too: unchanged, they translate the same)."""
-
-
-def retranslate_policies(
-    old_objs: NamespaceObjects,
-    old: NamespaceResult,
-    objs: NamespaceObjects,
-    mesh: MeshWide,
-    opts: TranslateOptions,
-) -> NamespaceResult | None:
-    """`translate_namespace(objs, mesh, opts)` without translating a pod again, when `objs`
-    differs from `old_objs` (translated to `old` against this same `mesh`) only in its
-    AuthorizationPolicies and those select the same pods under the same keys (a policy's rules
-    edited, the common change); None when that does not hold (translate the namespace).
-
-    Why the workloads and services stay: they read the policies only through the
-    (selector, key) pairs (`_pod_authorizations`). A pod's port-level PeerAuthentication DENY
-    policies (added to the policies while its pod is translated; their keys derived from the
-    unchanged PeerAuthentications by `peer_authn_policy_name`) are kept from `old`: the only
-    records of `old` not from `_namespace_authorizations`. Reserved names keep an
-    AuthorizationPolicy's key from ever being one of them; should one be anyway (old or new),
-    it declines (the record under that key would depend on translation order).
-    """
-    if any(getattr(objs, f) is not getattr(old_objs, f) for f in _POLICY_INDEPENDENT):
-        return None
-    old_notes: list[ConfigWarning] = []
-    old_policies, old_selectors = _namespace_authorizations(old_objs, mesh, opts, old_notes)
-    notes: list[ConfigWarning] = []
-    policies, selectors = _namespace_authorizations(objs, mesh, opts, notes)
-    if selectors != old_selectors:
-        return None
-    pa_keys = {
-        f"{objs.name}/{peer_authn_policy_name(pa)}"
-        for pa in objs.peer_authentications.values()
-        if pa.selector is not None and pa.port_modes
-    }
-    if any(k in pa_keys for k in (*old_policies, *policies)):
-        return None
-    from_pods = {k: v for k, v in old.policies.items() if k in pa_keys}
-    # The policies' warnings replaced; every other warning is about an unchanged object.
-    warnings = (Counter(old.warnings) - Counter(old_notes)) + Counter(notes)
-    return NamespaceResult(
-        workloads=old.workloads,
-        services=old.services,
-        policies=MappingProxyType({**policies, **from_pods}),
-        warnings=tuple(sorted(warnings.elements())),
-        node_identities=old.node_identities,
     )

@@ -5,13 +5,17 @@ Invariant: a namespace is re-translated only when its objects (the same `Namespa
 instance means unchanged) or the mesh-wide inputs changed, and only its policies when nothing
 else of it changed and they select the same pods (`retranslate_policies`: a policy edit then
 translates no pod; figures in bench/README.md); the delta is exactly the records added, changed
-or removed since the last `update`.
+or removed since the last `update`. The `Translator` only caches: its result equals
+`controlplane.translate.translate_namespace` from scratch (`retranslate_policies` included: it
+returns that result or None).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from controlplane.store import NamespaceObjects, StoreSnapshot
 from controlplane.translate import (
@@ -21,10 +25,71 @@ from controlplane.translate import (
     Record,
     TranslateOptions,
     mesh_wide,
-    retranslate_policies,
+    namespace_authorizations,
+    peer_authn_policy_name,
     translate_namespace,
 )
 from meshcore.identity import SpiffeId
+
+_POLICY_INDEPENDENT = (
+    "name",
+    "namespace",
+    "pods",
+    "services",
+    "slices",
+    "service_accounts",
+    "peer_authentications",
+    "stored",
+)
+"""The `NamespaceObjects` fields other than ``authorization_policies`` (``stored`` carries
+RequestAuthentications, read by `namespace_policies` too: unchanged, they translate the same)."""
+
+
+def retranslate_policies(
+    old_objs: NamespaceObjects,
+    old: NamespaceResult,
+    objs: NamespaceObjects,
+    mesh: MeshWide,
+    opts: TranslateOptions,
+) -> NamespaceResult | None:
+    """`translate_namespace(objs, mesh, opts)` without translating a pod again, when `objs`
+    differs from `old_objs` (translated to `old` against this same `mesh`) only in its
+    AuthorizationPolicies and those select the same pods under the same keys (a policy's rules
+    edited, the common change); None when that does not hold (translate the namespace).
+
+    Why the workloads and services stay: they read the policies only through the
+    (selector, key) pairs (`_pod_authorizations`). A pod's port-level PeerAuthentication DENY
+    policies (added to the policies while its pod is translated; their keys derived from the
+    unchanged PeerAuthentications by `peer_authn_policy_name`) are kept from `old`: the only
+    records of `old` not from `namespace_authorizations`. Reserved names keep an
+    AuthorizationPolicy's key from ever being one of them; should one be anyway (old or new),
+    it declines (the record under that key would depend on translation order).
+    """
+    if any(getattr(objs, f) is not getattr(old_objs, f) for f in _POLICY_INDEPENDENT):
+        return None
+    old_notes: list[ConfigWarning] = []
+    old_policies, old_selectors = namespace_authorizations(old_objs, mesh, opts, old_notes)
+    notes: list[ConfigWarning] = []
+    policies, selectors = namespace_authorizations(objs, mesh, opts, notes)
+    if selectors != old_selectors:
+        return None
+    pa_keys = {
+        f"{objs.name}/{peer_authn_policy_name(pa)}"
+        for pa in objs.peer_authentications.values()
+        if pa.selector is not None and pa.port_modes
+    }
+    if any(k in pa_keys for k in (*old_policies, *policies)):
+        return None
+    from_pods = {k: v for k, v in old.policies.items() if k in pa_keys}
+    # The policies' warnings replaced; every other warning is about an unchanged object.
+    warnings = (Counter(old.warnings) - Counter(old_notes)) + Counter(notes)
+    return NamespaceResult(
+        workloads=old.workloads,
+        services=old.services,
+        policies=MappingProxyType({**policies, **from_pods}),
+        warnings=tuple(sorted(warnings.elements())),
+        node_identities=old.node_identities,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,5 +1,5 @@
 """A policy-only change re-translates the namespace's policies, not its pods
-(`controlplane.translate.retranslate_policies`, used by the `Translator`; issue 14: ~6 ms of pod
+(`controlplane.translator.retranslate_policies`, used by the `Translator`; issue 14: ~6 ms of pod
 translation at 10,000 pods before a policy change reached any proxy). Its result must equal the
 full `translate_namespace` of the same objects, warnings and port-level PeerAuthentication
 policies included; when the change is not policy-only, or moves a selector, it declines."""
@@ -17,10 +17,9 @@ from controlplane.store import ConfigStore, NamespaceObjects
 from controlplane.translate import (
     TranslateOptions,
     mesh_wide,
-    retranslate_policies,
     translate_namespace,
 )
-from controlplane.translator import Translator
+from controlplane.translator import Translator, retranslate_policies
 from meshcore.model import Action
 
 OPTS = TranslateOptions()

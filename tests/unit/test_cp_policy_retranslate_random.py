@@ -25,10 +25,9 @@ from controlplane.translate import (
     NamespaceResult,
     TranslateOptions,
     mesh_wide,
-    retranslate_policies,
     translate_namespace,
 )
-from controlplane.translator import Translator
+from controlplane.translator import Translator, retranslate_policies
 from meshcore.errors import ConfigError
 
 OPTS = TranslateOptions()
