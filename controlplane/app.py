@@ -59,7 +59,9 @@ from controlplane.l7 import (
     gateway_findings,
     l7_findings,
     l7_resources,
+    merge_findings,
     peer_authentication_findings,
+    reserved_name_findings,
     unimplemented_findings,
 )
 from controlplane.metrics import ControlPlaneMetrics
@@ -258,12 +260,13 @@ class ControlPlane:
             self._l7_parsed = l7
             self._l7_findings = l7_findings(l7, self._l7_findings_cache)
         snapshot = self.store.snapshot
-        findings = {
-            **self._l7_findings,
-            **gateway_findings(snapshot),
-            **peer_authentication_findings(snapshot),
-            **unimplemented_findings(snapshot),
-        }
+        findings = merge_findings(
+            self._l7_findings,
+            gateway_findings(snapshot),
+            peer_authentication_findings(snapshot),
+            unimplemented_findings(snapshot),
+            reserved_name_findings(snapshot),
+        )
         if findings != self.findings and self.waypoints is not None:
             self.waypoints.kick()  # it writes waypoint Gateways' conditions from the findings
         self.findings = findings

@@ -14,9 +14,11 @@ the waypoint's own parser (`meshcore.config.objects.parse_objects`), so the cont
 bad object (debug view, status) exactly as the waypoint that applies it (and NACKs it) sees it.
 
 And the findings of the objects waypoints do not parse: waypoint Gateways' fields
-(`gateway_findings`), PeerAuthentication's fields and values (`peer_authentication_findings`)
-and the kinds the mesh does not implement (`unimplemented_findings`, one AMB0204 each), so
-every object read from Kubernetes is reported in one place (``ControlPlane.findings``).
+(`gateway_findings`), PeerAuthentication's fields and values (`peer_authentication_findings`),
+the kinds the mesh does not implement (`unimplemented_findings`, one AMB0204 each), and the
+AuthorizationPolicies node proxies enforce fail-closed for their reserved names
+(`reserved_name_findings`, `controlplane.translate` "Reserved names"), so every object read
+from Kubernetes is reported in one place (``ControlPlane.findings``, `merge_findings`).
 
 Invariants: pure function of the snapshot; equal inputs give equal resources (canonical JSON),
 so the xDS table's content-hash versions only change when an object really changed. The
@@ -33,7 +35,8 @@ import json
 
 from controlplane.objects import UNIMPLEMENTED_KINDS
 from controlplane.store import NamespaceObjects, StoreSnapshot
-from controlplane.translate import TranslateOptions
+from controlplane.translate import REJECTED_PREFIX, TranslateOptions, reserved_prefix
+from meshcore.config.authorization import PolicyAction
 from meshcore.config.findings import INVALID, Finding, check_object, kind_support
 from meshcore.config.objects import parse_objects
 from meshcore.proto.l7res import L7Resource
@@ -159,6 +162,37 @@ def peer_authentication_findings(snapshot: StoreSnapshot) -> dict[str, list[Find
                 )
             if found:
                 out[f"PeerAuthentication {ns}/{pa.name}"] = found
+    return out
+
+
+def reserved_name_findings(snapshot: StoreSnapshot) -> dict[str, list[Finding]]:
+    """``AuthorizationPolicy ns/name`` -> an Error finding on ``metadata.name`` for each policy
+    node proxies enforce (no targetRef, not AUDIT) whose name takes a reserved prefix: its L4
+    record is enforced fail-closed under another name until it is renamed."""
+    out: dict[str, list[Finding]] = {}
+    for ns, objs in snapshot.namespaces.items():
+        for ap in objs.authorization_policies.values():
+            prefix = reserved_prefix(ap.name)
+            action = ap.policy.action
+            if prefix is None or ap.targeted or action is PolicyAction.AUDIT:
+                continue
+            effect = "allows nothing" if action is PolicyAction.ALLOW else "denies everything"
+            message = (
+                f"the prefix {prefix!r} is reserved for the policies the mesh converts: node "
+                f"proxies enforce this policy fail-closed ({effect}) as "
+                f"{REJECTED_PREFIX + ap.name!r} until it is renamed"
+            )
+            found = Finding(code=INVALID, level="Error", path="metadata.name", message=message)
+            out[f"AuthorizationPolicy {ns}/{ap.name}"] = [found]
+    return out
+
+
+def merge_findings(*parts: dict[str, list[Finding]]) -> dict[str, list[Finding]]:
+    """One ``Kind ns/name`` -> findings map from several (one object may be in more than one)."""
+    out: dict[str, list[Finding]] = {}
+    for part in parts:
+        for ref, found in part.items():
+            out.setdefault(ref, []).extend(found)
     return out
 
 

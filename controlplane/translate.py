@@ -450,11 +450,13 @@ def peer_authn_policy_name(pa: PeerAuthentication) -> str:
     return PEER_AUTHN_PREFIX + pa.name
 
 
+def reserved_prefix(name: str) -> str | None:
+    """The reserved prefix an AuthorizationPolicy's `name` takes (None: not reserved)."""
+    return next((p for p in RESERVED_PREFIXES if name.startswith(p)), None)
+
+
 def _reserved_prefix(ap: AuthzPolicy) -> str | None:
-    """The reserved prefix an AuthorizationPolicy's name takes (None: not reserved)."""
-    if ap.kind != "AuthorizationPolicy":
-        return None
-    return next((p for p in RESERVED_PREFIXES if ap.name.startswith(p)), None)
+    return reserved_prefix(ap.name) if ap.kind == "AuthorizationPolicy" else None
 
 
 def l4_name(ap: AuthzPolicy) -> str:

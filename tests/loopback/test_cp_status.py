@@ -162,13 +162,22 @@ GRPC_ROUTE = {
 }
 
 
+RESERVED_AP = {
+    **policy({"principals": ["x"]}),
+    "metadata": {"name": "istio_converted_static_strict", "namespace": "shop"},
+}
+
+
 def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path: Path) -> None:
-    """PeerAuthentication (validationMessages), a waypoint Gateway (Accepted/Programmed False,
-    Gateway API reasons) and kinds the mesh does not implement whose CRDs exist (ServiceEntry:
-    validationMessage) are reported in their status and on /debug/warnings; a GRPCRoute (its
-    CRD is optional; the kind is implemented) is watched and not reported; Telemetry's CRD is
-    absent: nothing is watched or said about it; an ingress Gateway (another class's) is
-    reported on /debug/warnings but its status is left to its own controller."""
+    """An AuthorizationPolicy with a reserved name (enforced fail-closed by node proxies; only
+    a manifest directory or a lax API server can hold such a name: Kubernetes names have no
+    ``_``) has an Error message on ``metadata.name``; PeerAuthentication (validationMessages),
+    a waypoint Gateway (Accepted/Programmed False, Gateway API reasons) and kinds the mesh does
+    not implement whose CRDs exist (ServiceEntry: validationMessage) are reported in their
+    status and on /debug/warnings; a GRPCRoute (its CRD is optional; the kind is implemented)
+    is watched and not reported; Telemetry's CRD is absent: nothing is watched or said about
+    it; an ingress Gateway (another class's) is reported on /debug/warnings but its status is
+    left to its own controller."""
 
     async def main() -> None:
         groups = {gv for gv in GROUPS if gv != "telemetry.istio.io/v1"}
@@ -180,6 +189,7 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
         await api.upsert("gateways", INGRESS_GW)
         await api.upsert("serviceentries", SERVICE_ENTRY)
         await api.upsert("grpcroutes", GRPC_ROUTE)
+        await api.upsert("authorizationpolicies", RESERVED_AP)
         cp = ControlPlane(settings(tmp_path))
         await cp.start()
         try:
@@ -192,6 +202,15 @@ def test_peer_authentication_gateway_and_unimplemented_kinds_in_status(tmp_path:
             assert [m["type"]["code"] for m in msgs] == ["AMB0201", "AMB0205"]
             assert "spec.mtls.modes" in msgs[0]["description"]
             assert "enforced as STRICT" in msgs[1]["description"]
+
+            ap_key = ("shop", "istio_converted_static_strict")
+            aps = objs["authorizationpolicies"]
+            await eventually(lambda: "status" in aps[ap_key], what="the reserved AP's status")
+            (msg,) = aps[ap_key]["status"]["validationMessages"]
+            assert msg["type"] == {"code": "AMB0205", "name": "InvalidValue"}
+            assert msg["level"] == "ERROR"
+            assert "metadata.name" in msg["description"]
+            assert "reserved" in msg["description"]
 
             gw_key = ("shop", "waypoint")
             await eventually(lambda: "status" in objs["gateways"][gw_key], what="Gateway status")

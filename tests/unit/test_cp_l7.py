@@ -267,6 +267,49 @@ def test_gateway_field_findings() -> None:
     assert f.path == "spec.addresses"
 
 
+def reserved(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def test_reserved_policy_names_are_findings_merged_with_field_findings() -> None:
+    """A policy node proxies enforce fail-closed for its reserved name is an Error finding on
+    ``metadata.name`` (so the status writer and analyze report it, not only the translator's
+    log); merged with the same object's field findings, neither replaces the other (a dict
+    merge would keep the last map's list only). targetRef and AUDIT policies have no L4 record
+    under that name: nothing to say."""
+    from controlplane.l7 import l7_findings, merge_findings, reserved_name_findings
+
+    bad_field = {"from": [{"source": {"principal": ["x"]}}]}
+    snap = snapshot(
+        reserved("istio_converted_allow", rules=[bad_field]),
+        reserved("istio_requestauthn_deny", action="DENY", rules=[{}]),
+        reserved("istio_converted_waypoint", targetRefs=DENY["spec"]["targetRefs"]),
+        reserved("istio_converted_audit", action="AUDIT", rules=[{}]),
+        reserved("converted_not_reserved", rules=[{}]),
+    )
+    found = reserved_name_findings(snap)
+    assert sorted(found) == [
+        "AuthorizationPolicy default/istio_converted_allow",
+        "AuthorizationPolicy default/istio_requestauthn_deny",
+    ]
+    (allow,) = found["AuthorizationPolicy default/istio_converted_allow"]
+    assert (allow.code, allow.level, allow.path) == ("AMB0205", "Error", "metadata.name")
+    assert "allows nothing" in allow.message
+    assert "'istio_converted_rejected_istio_converted_allow'" in allow.message
+    (deny,) = found["AuthorizationPolicy default/istio_requestauthn_deny"]
+    assert "'istio_requestauthn_'" in deny.message
+    assert "denies everything" in deny.message
+    fields = l7_findings(l7_resources(snap, TranslateOptions()))
+    merged = merge_findings(fields, found)
+    codes = [f.code for f in merged["AuthorizationPolicy default/istio_converted_allow"]]
+    assert codes == ["AMB0201", "AMB0205"]
+
+
 def test_memoised_l7_resources_and_findings_equal_uncached() -> None:
     """The control plane's caches (issue 14) only memoise: after every store change the cached
     resources and findings equal a from-scratch derivation, and an unchanged namespace's
