@@ -288,7 +288,7 @@ def test_reserved_policy_names_are_findings_merged_with_field_findings() -> None
     snap = snapshot(
         reserved("istio_converted_allow", rules=[bad_field]),
         reserved("istio_requestauthn_deny", action="DENY", rules=[{}]),
-        reserved("istio_converted_waypoint", targetRefs=DENY["spec"]["targetRefs"]),
+        reserved("istio_converted_waypoint", targetRefs=[{"kind": "Service", "name": "web"}]),
         reserved("istio_converted_audit", action="AUDIT", rules=[{}]),
         reserved("converted_not_reserved", rules=[{}]),
     )
