@@ -184,6 +184,14 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / CLK_TCK
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine since boot (/proc/stat's ``cpu`` line;
+    idle = idle + iowait, busy = the rest but guest time, already in user/nice)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / CLK_TCK, idle / CLK_TCK
+
+
 def tree_rss_mib(pid: int) -> tuple[float, int, float]:
     """Over the process tree: sum of VmRSS (MiB), the number of processes, and sum of Pss (MiB).
 
@@ -405,11 +413,16 @@ def loadgen(args: list[str], timeout: float) -> dict[str, Any]:
 
 
 def measured(rt: PathRuntime, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run fn, charging the proxies' CPU over its wall time; sample RSS after."""
-    cpu0, t0 = rt.cpu(), time.monotonic()
+    """Run fn, charging the proxies' CPU (and the machine's) over its wall time; sample RSS
+    after."""
+    cpu0, (busy0, idle0), t0 = rt.cpu(), machine_cpu_seconds(), time.monotonic()
     result = fn()
-    cpu1, wall = rt.cpu(), time.monotonic() - t0
+    cpu1, (busy1, idle1), wall = rt.cpu(), machine_cpu_seconds(), time.monotonic() - t0
     result["proxy_cpu_s"] = {k: cpu1[k] - cpu0[k] for k in cpu1}
+    # The whole machine over the same wall time: what the proxies leave to the load generator,
+    # the server and the kernel, and whether the run was CPU-bound (idle share near 0).
+    result["machine_busy_s"] = busy1 - busy0
+    result["machine_idle_share"] = (idle1 - idle0) / max(busy1 - busy0 + idle1 - idle0, 1e-9)
     result["wall_s_outer"] = wall
     rt.sample_rss()
     return result

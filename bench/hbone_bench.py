@@ -494,6 +494,13 @@ def print_report(
             ratio = z / e
             print(f"CPU per {label}, both proxies: ours {z:.1f} us, envoy {e:.1f} us", end="")
             print(f" ({ratio:.2f}x)")
+    z, e = per_op.get(("ztunnel", "rps-rest")), per_op.get(("envoy", "rps-rest"))
+    if z is not None and e is not None:
+        zi, ei = per_op[("ztunnel", "rps-idle")], per_op[("envoy", "rps-idle")]
+        print(
+            f"rest of the machine per request (wrk, nginx, kernel outside the proxies): ours "
+            f"{z:.1f} us, envoy {e:.1f} us; machine idle {zi:.0%} / {ei:.0%}"
+        )
 
 
 def record_history(
@@ -624,17 +631,28 @@ def cpu_per_op(
     raw: dict[str, dict[str, list[dict[str, Any]]]], duration: float
 ) -> dict[Any, float]:
     """(path, "rps"|"cps") -> median CPU microseconds of both proxies per request / per new
-    connection: much less load-dependent than the rates themselves (bench/README.md)."""
+    connection: much less load-dependent than the rates themselves (bench/README.md);
+    (path, "rps-rest") -> the rest of the machine's CPU per request in the same runs (load
+    generator, server, kernel work outside the proxies), (path, "rps-idle") -> the machine's
+    idle share: together they say why an rps ratio differs from the CPU-per-request ratio."""
     out: dict[Any, float] = {}
     for path, by_metric in raw.items():
         for key in ("rps", "cps"):
-            vals = [
-                sum(r["proxy_cpu_s"].values()) / (r[key] * duration) * 1e6
-                for r in by_metric.get(key, [])
-                if r.get(key) and r.get("proxy_cpu_s")
-            ]
-            if vals:
-                out[(path, key)] = statistics.median(vals)
+            runs = [r for r in by_metric.get(key, []) if r.get(key) and r.get("proxy_cpu_s")]
+            if not runs:
+                continue
+            ops = [r[key] * duration for r in runs]
+            proxies = [sum(r["proxy_cpu_s"].values()) for r in runs]
+            out[(path, key)] = statistics.median(
+                c / n * 1e6 for c, n in zip(proxies, ops, strict=True)
+            )
+            if key == "rps" and all("machine_busy_s" in r for r in runs):
+                rest = [
+                    (r["machine_busy_s"] - c) / n * 1e6
+                    for r, c, n in zip(runs, proxies, ops, strict=True)
+                ]
+                out[(path, "rps-rest")] = statistics.median(rest)
+                out[(path, "rps-idle")] = statistics.median(r["machine_idle_share"] for r in runs)
     return out
 
 
@@ -652,7 +670,8 @@ def _brief(metric: str, r: dict[str, Any]) -> str:
     else:
         text = f"{r['gbps']:.2f} Gb/s"
     err = f" errors={r['errors']}" if r.get("errors") else ""
-    return f"{text}{err}" + (f" cpu {cpu}" if cpu else "")
+    idle = f" idle {r['machine_idle_share']:.0%}" if "machine_idle_share" in r else ""
+    return f"{text}{err}" + (f" cpu {cpu}" if cpu else "") + idle
 
 
 if __name__ == "__main__":
