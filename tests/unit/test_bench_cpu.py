@@ -51,3 +51,25 @@ def test_cpu_per_op_splits_proxies_and_the_rest_of_the_machine() -> None:
     out = cpu_per_op({"ztunnel": {"rps": old}}, duration=10.0)
     assert ("ztunnel", "rps-rest") not in out
     assert round(out[("ztunnel", "rps")], 6) == 30.0
+
+
+def test_spy_top_self_and_inclusive_shares() -> None:
+    from bench.spy_top import render, tops
+
+    raw = "\n".join(
+        [
+            "<module> (app.py:1);run (loop.py:10);read (aio.py:5) 6",
+            "<module> (app.py:1);run (loop.py:10);read (aio.py:7);decrypt (tls.py:3) 3",
+            "<module> (app.py:1);run (loop.py:11) 1",
+            "garbage line",
+        ]
+    )
+    total, own, incl = tops(raw)
+    assert total == 10
+    assert own["read (aio.py)"] == 6  # two lines of one function merge
+    assert own["decrypt (tls.py)"] == 3
+    assert incl["read (aio.py)"] == 9
+    assert incl["run (loop.py)"] == 10
+    table = render("nodeA", total, own, incl, top=3)
+    assert "| 60.0 | `read (aio.py)` | 90.0 | `read (aio.py)` |" in table
+    assert "run (loop.py)` |" not in table.split("\n")[4]  # 100 %: in every sample, left out
