@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -190,6 +191,26 @@ def machine_cpu_seconds() -> tuple[float, float]:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     idle = fields[3] + fields[4]
     return (sum(fields) - idle) / CLK_TCK, idle / CLK_TCK
+
+
+def comm_cpu_seconds(comm: str) -> float:
+    """utime+stime of every live process named `comm` (the bench's nginx, say)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")] == comm:
+            fields = text[text.rindex(")") + 2 :].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """utime+stime of this process's children that have ended (wrk, the loadgen)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def tree_rss_mib(pid: int) -> tuple[float, int, float]:
@@ -415,6 +436,7 @@ def loadgen(args: list[str], timeout: float) -> dict[str, Any]:
 def measured(rt: PathRuntime, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run fn, charging the proxies' CPU (and the machine's) over its wall time; sample RSS
     after."""
+    load0, backend0 = children_cpu_seconds(), comm_cpu_seconds("nginx")
     cpu0, (busy0, idle0), t0 = rt.cpu(), machine_cpu_seconds(), time.monotonic()
     result = fn()
     cpu1, (busy1, idle1), wall = rt.cpu(), machine_cpu_seconds(), time.monotonic() - t0
@@ -422,6 +444,8 @@ def measured(rt: PathRuntime, fn: Callable[[], dict[str, Any]]) -> dict[str, Any
     # The whole machine over the same wall time: what the proxies leave to the load generator,
     # the server and the kernel, and whether the run was CPU-bound (idle share near 0).
     result["machine_busy_s"] = busy1 - busy0
+    result["loadgen_cpu_s"] = children_cpu_seconds() - load0
+    result["backend_cpu_s"] = comm_cpu_seconds("nginx") - backend0
     result["machine_idle_share"] = (idle1 - idle0) / max(busy1 - busy0 + idle1 - idle0, 1e-9)
     result["wall_s_outer"] = wall
     rt.sample_rss()

@@ -497,9 +497,16 @@ def print_report(
     z, e = per_op.get(("ztunnel", "rps-rest")), per_op.get(("envoy", "rps-rest"))
     if z is not None and e is not None:
         zi, ei = per_op[("ztunnel", "rps-idle")], per_op[("envoy", "rps-idle")]
+        parts = {
+            p: " (wrk {:.1f}, nginx {:.1f})".format(
+                per_op[(p, "rps-loadgen")], per_op[(p, "rps-backend")]
+            )
+            for p in ("ztunnel", "envoy")
+        }
         print(
             f"rest of the machine per request (wrk, nginx, kernel outside the proxies): ours "
-            f"{z:.1f} us, envoy {e:.1f} us; machine idle {zi:.0%} / {ei:.0%}"
+            f"{z:.1f} us{parts['ztunnel']}, envoy {e:.1f} us{parts['envoy']}; machine idle "
+            f"{zi:.0%} / {ei:.0%}"
         )
 
 
@@ -633,7 +640,8 @@ def cpu_per_op(
     """(path, "rps"|"cps") -> median CPU microseconds of both proxies per request / per new
     connection: much less load-dependent than the rates themselves (bench/README.md);
     (path, "rps-rest") -> the rest of the machine's CPU per request in the same runs (load
-    generator, server, kernel work outside the proxies), (path, "rps-idle") -> the machine's
+    generator, server, kernel work outside the proxies; "rps-loadgen" and "rps-backend": wrk's
+    and nginx's own part of it), (path, "rps-idle") -> the machine's
     idle share: together they say why an rps ratio differs from the CPU-per-request ratio."""
     out: dict[Any, float] = {}
     for path, by_metric in raw.items():
@@ -652,6 +660,12 @@ def cpu_per_op(
                     for r, c, n in zip(runs, proxies, ops, strict=True)
                 ]
                 out[(path, "rps-rest")] = statistics.median(rest)
+                for part in ("loadgen", "backend"):
+                    vals = [
+                        r.get(f"{part}_cpu_s", 0.0) / n * 1e6
+                        for r, n in zip(runs, ops, strict=True)
+                    ]
+                    out[(path, f"rps-{part}")] = statistics.median(vals)
                 out[(path, "rps-idle")] = statistics.median(r["machine_idle_share"] for r in runs)
     return out
 

@@ -20,6 +20,19 @@ def test_machine_cpu_seconds_counts_a_busy_loop() -> None:
     assert idle1 >= idle0
 
 
+def test_children_and_comm_cpu_seconds_see_a_child_process() -> None:
+    import subprocess
+    import sys
+
+    from bench.harness import children_cpu_seconds, comm_cpu_seconds
+
+    before = children_cpu_seconds()
+    busy = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    assert children_cpu_seconds() - before >= 0.25
+    assert comm_cpu_seconds("no-such-process-name") == 0.0
+
+
 def test_cpu_per_op_splits_proxies_and_the_rest_of_the_machine() -> None:
     runs = [
         {
@@ -27,18 +40,21 @@ def test_cpu_per_op_splits_proxies_and_the_rest_of_the_machine() -> None:
             "proxy_cpu_s": {"a": 0.2, "b": 0.1},
             "machine_busy_s": 1.0,
             "machine_idle_share": 0.25,
+            "loadgen_cpu_s": 0.2,
         },
         {
             "rps": 2000.0,
             "proxy_cpu_s": {"a": 0.4, "b": 0.2},
             "machine_busy_s": 1.8,
             "machine_idle_share": 0.05,
+            "loadgen_cpu_s": 0.3,
         },
         {
             "rps": 1000.0,
             "proxy_cpu_s": {"a": 0.3, "b": 0.1},
             "machine_busy_s": 1.2,
             "machine_idle_share": 0.10,
+            "loadgen_cpu_s": 0.1,
         },
     ]
     out = cpu_per_op({"ztunnel": {"rps": runs}}, duration=10.0)
@@ -46,6 +62,8 @@ def test_cpu_per_op_splits_proxies_and_the_rest_of_the_machine() -> None:
     assert round(out[("ztunnel", "rps")], 6) == 30.0
     assert round(out[("ztunnel", "rps-rest")], 6) == 70.0
     assert out[("ztunnel", "rps-idle")] == 0.10
+    assert round(out[("ztunnel", "rps-loadgen")], 6) == 15.0  # 20, 15, 10 us
+    assert out[("ztunnel", "rps-backend")] == 0.0  # not recorded: none
     # Older raw results (no machine figures) still give the proxies' CPU, and no rest.
     old = [{k: v for k, v in r.items() if not k.startswith("machine")} for r in runs]
     out = cpu_per_op({"ztunnel": {"rps": old}}, duration=10.0)
