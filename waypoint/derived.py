@@ -1,0 +1,125 @@
+"""What the waypoint's request handler derives once per (state, config, settings) instead of
+once per request.
+
+Owns: `Derived`, the handler's bounded caches of facts that depend only on the current
+`MeshState`, `CompiledConfig` and `WaypointSettings` (and the key they are kept by):
+  - `Derived.peer`: a tunnel's `Peer` (verified identity, its URI and principal, the source
+    workload at the peer address and its labels), by peer address;
+  - `Derived.applicable`: the L7 authorization policies that apply to an addressed service
+    (`waypoint.protocol.authz.applicable`), by service (name, namespace).
+
+Invariants:
+- Every cache is valid for one (state, config, settings) triple, compared by identity: each is
+  replaced, never mutated, on a change (`WaypointContext.set_state` / `set_config`, a new
+  `WaypointSettings`), so a new one of any starts every cache over before the next lookup
+  (`Derived.fresh`, called by every lookup).
+- Bounded whatever the traffic: at most `MAX_PEERS` peers and `MAX_POLICY_SERVICES` services;
+  past the bound a cache starts over (a miss only costs the derivation again).
+- A source workload is only the one at the peer address whose identity IS the verified peer
+  identity (an address alone proves nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from meshcore.config.authorization import AuthzPolicy
+from meshcore.identity import SpiffeId
+from meshcore.model import Service, Workload
+from meshcore.state import MeshState
+from waypoint.context import WaypointContext, WaypointSettings
+from waypoint.protocol.authz import applicable
+from waypoint.protocol.route import CompiledConfig
+from waypoint.tunnel import Tunnel
+
+MAX_PEERS = 4096
+"""Peer addresses whose source workload the handler keeps (`Derived.peer`); more: it starts
+over (bounded whatever the number of clients)."""
+MAX_POLICY_SERVICES = 4096
+"""Services whose applicable authorization policies the handler keeps (`Derived.applicable`);
+more: it starts over (bounded whatever the number of services addressed)."""
+
+
+class Peer(NamedTuple):
+    """What requests learn from a tunnel's verified peer, for one (state, config): the same for
+    every request from that peer address and identity, so looked up once (`Derived.peer`)."""
+
+    identity: SpiffeId | None
+    uri: str
+    """`Tunnel.peer_uri`: the identity's URI ("" for none), for telemetry and XFCC."""
+    principal: str | None
+    """The identity without ``spiffe://`` (``cluster.local/ns/x/sa/y``), as policy sees it."""
+    source: Workload | None
+    """The workload at the peer address, only if its identity is the verified peer identity
+    (an address alone proves nothing)."""
+    labels: Mapping[str, str]
+    """The source workload's labels (empty without one)."""
+
+
+class Derived:
+    """The handler's per-(state, config, settings) caches (see the module docstring)."""
+
+    def __init__(self, ctx: WaypointContext) -> None:
+        self.ctx = ctx
+        self._of: tuple[MeshState, CompiledConfig, WaypointSettings] | None = None
+        """The state, config and settings every cache below was derived from."""
+        self._peers: dict[str, Peer] = {}
+        """`Peer` by peer address, at most `MAX_PEERS`."""
+        self._policies: dict[tuple[str | None, str | None], tuple[AuthzPolicy, ...]] = {}
+        """The authorization policies applicable to a service (name, namespace), at most
+        `MAX_POLICY_SERVICES` of them."""
+
+    def fresh(self) -> None:
+        """Forget what was derived from an older state, config or settings."""
+        ctx = self.ctx
+        of = self._of
+        if (
+            of is None
+            or of[0] is not ctx.state
+            or of[1] is not ctx.config
+            or of[2] is not ctx.settings
+        ):
+            self._peers.clear()
+            self._policies.clear()
+            self._of = (ctx.state, ctx.config, ctx.settings)
+
+    def applicable(self, svc: Service | None) -> tuple[AuthzPolicy, ...]:
+        """`authz.applicable` for the addressed service under the current config and settings,
+        derived once per service (not per request)."""
+        self.fresh()
+        key = (svc.name, svc.namespace) if svc is not None else (None, None)
+        hit = self._policies.get(key)
+        if hit is not None:
+            return hit
+        ctx = self.ctx
+        policies = applicable(ctx.config.policies, ctx.settings.waypoint, key[0], key[1])
+        if len(self._policies) >= MAX_POLICY_SERVICES:
+            self._policies.clear()
+        self._policies[key] = policies
+        return policies
+
+    def peer(self, tunnel: Tunnel) -> Peer:
+        """The tunnel's `Peer`, derived once per peer address and identity for the current
+        state, config and settings."""
+        self.fresh()
+        ctx = self.ctx
+        ident = tunnel.peer_identity
+        peer = self._peers.get(tunnel.peer_ip)
+        if peer is not None and (peer.identity is ident or peer.identity == ident):
+            return peer
+        src = ctx.state.workload_by_address(tunnel.peer_ip, ctx.settings.network)
+        if src is None or ident is None or src.identity != ident:
+            src = None
+        uri = tunnel.peer_uri
+        peer = Peer(
+            identity=ident,
+            uri=uri,
+            principal=uri.removeprefix("spiffe://") if ident is not None else None,
+            source=src,
+            labels=ctx.labels(src) if src is not None else {},
+        )
+        if len(self._peers) >= MAX_PEERS:
+            self._peers.clear()
+        self._peers[tunnel.peer_ip] = peer
+        return peer
