@@ -1150,3 +1150,78 @@ def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
     assert [app_view(r) for r in before.got] == [ok("GET", "/a//b")]
     assert after.status == 200
     assert [app_view(r) for r in after.got] == [ok("GET", "/a/b")]
+
+
+def test_empty_lines_trickled_before_a_request_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 9112 §2.2 lets a server ignore empty lines before a request line; the waypoint ignores
+    at most `http1.MAX_EMPTY_LINES` (each CR LF in its own read: they never reached the head
+    limit, so only the idle timeout ended such a connection). Past the bound: the protocol's
+    error, 400 with one log line and one DPE record (counter + access log), nothing upstream.
+    Up to the bound the request is served."""
+    from prometheus_client import generate_latest
+
+    from waypoint.protocol.http1 import MAX_EMPTY_LINES
+
+    async def response(reader: asyncio.StreamReader) -> int:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":")[1]))
+            return status
+
+    async def trickle(lines: int) -> tuple[int, int]:
+        """A request, then on the same connection (the protocol is known: HTTP) `lines` empty
+        lines one read each, then another request: the two statuses (0: none)."""
+        reader, writer = await asyncio.open_connection(REVIEWS_VIP, PORT, local_addr=(CLIENT_IP, 0))
+        try:
+            writer.write(h1(b"GET /a"))
+            first = await response(reader)
+            for _ in range(lines):
+                writer.write(b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.01)  # one read each at the waypoint
+            writer.write(h1(b"GET /a"))
+            return first, await response(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return first, 0
+        finally:
+            writer.close()
+
+    async def main() -> tuple[tuple[int, int], tuple[int, int], list[str]]:
+        app = RawApp()
+        await app.start(APP_IP, PORT)
+        try:
+            async with waypoint_mesh(tmp_path, DENY, config=mesh_config()) as mesh:
+                ok_status = await trickle(MAX_EMPTY_LINES)
+                assert ok_status == (200, 200)
+                bad_status = await trickle(MAX_EMPTY_LINES * 4)
+                assert bad_status[0] == 200
+                await asyncio.sleep(0.05)
+                # 3 requests reached the app: the refused one never went upstream.
+                assert len(app.received) == 3, app.received
+                text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
+                refused = [
+                    x
+                    for x in text.splitlines()
+                    if x.startswith("istio_requests_total{") and 'response_code="400"' in x
+                ]
+                return ok_status, bad_status, refused
+        finally:
+            await app.close()
+
+    with caplog.at_level(logging.INFO, logger="waypoint"):
+        ok_status, bad_status, refused = run(main())
+    assert ok_status == (200, 200)
+    assert bad_status == (200, 400)
+    assert len(refused) == 1
+    assert 'response_flags="DPE"' in refused[0]
+    assert refused[0].endswith(" 1.0")
+    lines = [
+        r.getMessage() for r in caplog.records if "refused a malformed request" in r.getMessage()
+    ]
+    assert len(lines) == 1
+    assert "empty lines" in lines[0]

@@ -118,6 +118,43 @@ def test_head_too_large_is_431() -> None:
     assert err.value.status == 431
 
 
+def _trickled(p: Http1Parser, pieces: list[bytes]) -> list[object]:
+    """Feed `pieces` one read each, `next_event` after each as the proxy does."""
+    got: list[object] = []
+    for piece in pieces:
+        p.feed(piece)
+        while (ev := p.next_event()) is not None:
+            got.append(ev)
+    return got
+
+
+@pytest.mark.parametrize(("role", "status"), [(Role.REQUEST, 400), (Role.RESPONSE, 502)])
+def test_empty_lines_before_a_start_line_are_bounded(role: Role, status: int) -> None:
+    """RFC 9112 §2.2: empty lines before a start line are ignored, at most `MAX_EMPTY_LINES` of
+    them. Unbounded, a peer sending CR LF one read at a time kept the connection busy forever
+    (each stripped, never counted against the head limit: ~40 ms of CPU per 80 KB)."""
+    p = Http1Parser(role)
+    if role is Role.RESPONSE:
+        p.expect_response_to("GET")
+    with pytest.raises(HttpParseError) as err:
+        _trickled(p, [b"\r\n"] * 40_000)  # main: all stripped, no error
+    assert err.value.status == status
+    assert "empty lines" in str(err.value)
+    # Split CR and LF are counted too.
+    p = Http1Parser(role)
+    with pytest.raises(HttpParseError):
+        _trickled(p, [b"\r", b"\n"] * (http1.MAX_EMPTY_LINES + 1))
+
+
+def test_empty_lines_up_to_the_bound_are_ignored_before_every_message() -> None:
+    """The bound is per message: a keep-alive connection may send `MAX_EMPTY_LINES` empty
+    lines before each request."""
+    req = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+    pieces = ([b"\r\n"] * http1.MAX_EMPTY_LINES + [req]) * 3
+    got = _trickled(Http1Parser(Role.REQUEST), pieces)
+    assert [type(e) for e in got] == [RequestHead, EndOfMessage] * 3
+
+
 _FIELD_600 = b"x-a: " + b"a" * 593 + b"\r\n"
 _CHUNKED = b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n"
 
