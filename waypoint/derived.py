@@ -6,15 +6,24 @@ Owns: `Derived`, the handler's bounded caches of facts that depend only on the c
   - `Derived.peer`: a tunnel's `Peer` (verified identity, its URI and principal, the source
     workload at the peer address and its labels), by peer address;
   - `Derived.applicable`: the L7 authorization policies that apply to an addressed service
-    (`waypoint.protocol.authz.applicable`), by service (name, namespace).
+    (`waypoint.protocol.authz.applicable`), by service (name, namespace);
+  - `Derived.cluster`: a route destination's service cluster (`WaypointContext.cluster`: the
+    service of the destination host, its port, the subset's endpoints), by (host, subset,
+    port, the tunnel's target port), and `Derived.workload`: an endpoint's workload by uid
+    (the answering endpoint's telemetry labels). An unknown host is not kept (raised each
+    time, `NoHealthyUpstream`).
 
 Invariants:
 - Every cache is valid for one (state, config, settings) triple, compared by identity: each is
   replaced, never mutated, on a change (`WaypointContext.set_state` / `set_config`, a new
   `WaypointSettings`), so a new one of any starts every cache over before the next lookup
   (`Derived.fresh`, called by every lookup).
-- Bounded whatever the traffic: at most `MAX_PEERS` peers and `MAX_POLICY_SERVICES` services;
-  past the bound a cache starts over (a miss only costs the derivation again).
+- Bounded whatever the traffic: at most `MAX_PEERS` peers, `MAX_POLICY_SERVICES` services,
+  `MAX_DESTINATIONS` destinations and endpoint workloads; past the bound a cache starts over (a
+  miss only costs the derivation again).
+- A kept cluster is `WaypointContext.cluster`'s own object for the same state and config (whose
+  `generation` moves exactly when either is replaced): the handler's view of endpoints, their
+  counters and outlier state is the one every other caller sees.
 - A source workload is only the one at the peer address whose identity IS the verified peer
   identity (an address alone proves nothing).
 """
@@ -25,11 +34,14 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from meshcore.config.authorization import AuthzPolicy
+from meshcore.config.routes import Destination
 from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
 from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
+from waypoint.errors import NoHealthyUpstream
 from waypoint.protocol.authz import applicable
+from waypoint.protocol.cluster import Cluster
 from waypoint.protocol.route import CompiledConfig
 from waypoint.tunnel import Tunnel
 
@@ -39,6 +51,9 @@ over (bounded whatever the number of clients)."""
 MAX_POLICY_SERVICES = 4096
 """Services whose applicable authorization policies the handler keeps (`Derived.applicable`);
 more: it starts over (bounded whatever the number of services addressed)."""
+MAX_DESTINATIONS = 4096
+"""Destinations whose cluster, and endpoints whose workload, the handler keeps
+(`Derived.cluster`, `Derived.workload`); more: it starts over."""
 
 
 class Peer(NamedTuple):
@@ -69,6 +84,10 @@ class Derived:
         self._policies: dict[tuple[str | None, str | None], tuple[AuthzPolicy, ...]] = {}
         """The authorization policies applicable to a service (name, namespace), at most
         `MAX_POLICY_SERVICES` of them."""
+        self._clusters: dict[tuple[str, str, int | None, int], Cluster] = {}
+        """A destination's cluster by (host, subset, port, target port)."""
+        self._workloads: dict[str, Workload | None] = {}
+        """An endpoint's workload by uid (None: not in the state)."""
 
     def fresh(self) -> None:
         """Forget what was derived from an older state, config or settings."""
@@ -82,6 +101,8 @@ class Derived:
         ):
             self._peers.clear()
             self._policies.clear()
+            self._clusters.clear()
+            self._workloads.clear()
             self._of = (ctx.state, ctx.config, ctx.settings)
 
     def applicable(self, svc: Service | None) -> tuple[AuthzPolicy, ...]:
@@ -123,3 +144,37 @@ class Derived:
             self._peers.clear()
         self._peers[tunnel.peer_ip] = peer
         return peer
+
+    def cluster(self, dest: Destination, target_port: int) -> Cluster:
+        """The cluster of a destination with a host (raises `NoHealthyUpstream` for a host the
+        state does not know), resolved once per destination and target port for the current
+        state and config. `target_port`: the tunnel's, the port when the destination names
+        none (a service with one port: that port)."""
+        self.fresh()
+        key = (dest.host, dest.subset, dest.port, target_port)
+        hit = self._clusters.get(key)
+        if hit is not None:
+            return hit
+        ctx = self.ctx
+        svc = ctx.service_by_host(dest.host)
+        if svc is None:
+            raise NoHealthyUpstream(f"unknown destination host {dest.host}")
+        port = dest.port or target_port
+        if dest.port is None and svc.port(port) is None and len(svc.ports) == 1:
+            port = svc.ports[0].service_port
+        cluster = ctx.cluster(svc, dest.subset, port)
+        if len(self._clusters) >= MAX_DESTINATIONS:
+            self._clusters.clear()
+        self._clusters[key] = cluster
+        return cluster
+
+    def workload(self, uid: str) -> Workload | None:
+        """The state's workload `uid` (an endpoint's), looked up once per uid and state."""
+        self.fresh()
+        if uid in self._workloads:
+            return self._workloads[uid]
+        wl = self.ctx.state.workload(uid)
+        if len(self._workloads) >= MAX_DESTINATIONS:
+            self._workloads.clear()
+        self._workloads[uid] = wl
+        return wl

@@ -84,7 +84,7 @@ from waypoint.protocol.route import (
     rewrite_target,
     select_route,
 )
-from waypoint.protocol.trace import request_id, trace_hop
+from waypoint.protocol.trace import trace_hop
 from waypoint.ratelimit import check_rate_limit, limited_downstream
 from waypoint.reply import direct_reply, local_reply
 from waypoint.tunnel import Tunnel
@@ -370,18 +370,12 @@ class Handler:
         limits = check_rate_limit(self.ctx, svc, route, tunnel.peer_identity)
         return limited_downstream(down, limits) if limits else down
 
-    def _destination(
-        self, dest: Destination, tunnel: Tunnel
-    ) -> tuple[Service | None, Workload | None, int]:
-        port = dest.port or tunnel.target_port
+    def _cluster(self, dest: Destination, tunnel: Tunnel) -> Cluster:
+        """The cluster a destination goes to: its service's (`Derived.cluster`), or without a
+        host, the tunnel's target workload's."""
         if not dest.host:
-            return None, tunnel.workload, port
-        svc = self.ctx.service_by_host(dest.host)
-        if svc is None:
-            raise NoHealthyUpstream(f"unknown destination host {dest.host}")
-        if dest.port is None and svc.port(port) is None and len(svc.ports) == 1:
-            port = svc.ports[0].service_port
-        return svc, None, port
+            return self._workload_cluster(tunnel.workload, dest.port or tunnel.target_port)
+        return self._derived.cluster(dest, tunnel.target_port)
 
     def _request_headers(
         self, req: Request, route: HttpRoute, dest: Destination, rec: RequestRecord
@@ -404,7 +398,7 @@ class Handler:
         rec.parent_span_id, rec.sampled = hop.parent_span_id, hop.sampled
         headers.append(("traceparent", hop.traceparent))
         if not has_id:
-            headers.append(("x-request-id", request_id(self.ctx.rng.getrandbits(128))))
+            headers.append(("x-request-id", hop.request_id))
         if not route.request_headers.empty:
             headers = route.request_headers.apply(headers)
         if not dest.request_headers.empty:
@@ -423,11 +417,7 @@ class Handler:
         req = ex.req
         rec = ex.rec
         route = choice.route
-        svc, wl, port = self._destination(dest, ex.tunnel)
-        if svc is not None:
-            cluster = ctx.cluster(svc, dest.subset, port)
-        else:
-            cluster = self._workload_cluster(wl, port)
+        cluster = self._cluster(dest, ex.tunnel)
         target = rewrite_target(choice, info.path)
         authority = (
             route.rewrite.authority
@@ -577,7 +567,7 @@ class Handler:
             if resp is not None and not may_retry:
                 # The answering endpoint: its active count drops when the response is done
                 # (`_forward`).
-                rec.destination = ctx.state.workload(ep.uid)
+                rec.destination = self._derived.workload(ep.uid)
                 rec.destination_principal = str(ep.identity)
                 return resp, ep
             ep.active -= 1
@@ -653,12 +643,7 @@ class Handler:
         authority gets ``-shadow`` appended (Envoy); the response is dropped."""
         counts = self.ctx.metrics.mirrors
         try:
-            svc, wl, port = self._destination(dest, tunnel)
-            cluster = (
-                self.ctx.cluster(svc, dest.subset, port)
-                if svc is not None
-                else (self._workload_cluster(wl, port))
-            )
+            cluster = self._cluster(dest, tunnel)
             ep = cluster.pick(self._loop_time(), self.ctx.rng)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")

@@ -343,3 +343,35 @@ def test_gateway_api_http_route(tmp_path: Path) -> None:
             assert len(mesh.backends.pods["shadow"].requests) == 800
 
     run(main(), 180)
+
+
+def test_a_routing_change_applies_to_the_next_request_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    """The handler resolves a destination's cluster once per destination, state and config
+    (session 10, `waypoint.derived`): a new config must take effect on the very next request
+    of a keep-alive connection, also when the destination itself (host, subset, port) is the
+    same and only what its subset selects changed."""
+    to_v1 = virtual_service("- route: [{destination: {host: reviews, subset: v1}}]")
+    v1_is_v3 = destination_rule("subsets: [{name: v1, labels: {version: v3}}]")
+
+    async def main() -> None:
+        async with (
+            waypoint_mesh(tmp_path, to_v1, REVIEWS_DR) as mesh,
+            mesh.session(limit=1) as s,  # one connection: every request after the first reuses it
+        ):
+
+            async def version() -> str:
+                async with s.get(f"{REVIEWS}/reviews/1") as r:
+                    await r.read()
+                    return r.headers.get("x-version", str(r.status))
+
+            assert [await version(), await version()] == ["v1", "v1"]
+            mesh.set_config(to_v1, v1_is_v3)  # same destination, other endpoints
+            assert [await version(), await version()] == ["v3", "v3"]
+            mesh.set_config(to_v1.replace("subset: v1", "subset: v2"), REVIEWS_DR)
+            assert await version() == "v2"
+            mesh.set_config(to_v1, REVIEWS_DR)
+            assert await version() == "v1"
+
+    run(main())

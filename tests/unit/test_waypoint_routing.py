@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+import uuid
 from collections import Counter
 
 import pytest
@@ -316,7 +318,7 @@ spec:
     ],
 )
 def test_traceparent(incoming: str | None, keeps_trace: bool) -> None:
-    out, trace, span, _parent, _sampled = trace_hop(incoming, random.Random(3))
+    out, trace, span, _parent, _sampled, _rid = trace_hop(incoming, random.Random(3))
     version, t, parent, flags = out.split("-")
     assert version == "00"
     assert parent == span
@@ -330,3 +332,50 @@ def test_traceparent(incoming: str | None, keeps_trace: bool) -> None:
     else:
         assert t == trace
         assert flags == "01"
+
+
+class _Draws(random.Random):
+    """A seeded rng that counts its draws and can hand out fixed values first."""
+
+    def __init__(self, seed: int, first: tuple[int, ...] = ()) -> None:
+        super().__init__(seed)
+        self.draws = 0
+        self.first = list(first)
+
+    def getrandbits(self, k: int, /) -> int:
+        self.draws += 1
+        return self.first.pop(0) if self.first else super().getrandbits(k)
+
+
+@pytest.mark.parametrize(
+    "incoming", [None, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]
+)
+def test_trace_and_request_ids_come_from_one_draw_in_their_formats(incoming: str | None) -> None:
+    rng = _Draws(7)
+    hop = trace_hop(incoming, rng)
+    assert rng.draws == 1  # span, trace and request id: one draw per hop, not one per id
+    assert re.fullmatch(r"[0-9a-f]{16}", hop.span_id)
+    assert int(hop.span_id, 16)
+    assert re.fullmatch(r"[0-9a-f]{32}", hop.trace_id)
+    assert int(hop.trace_id, 16)
+    # x-request-id: 128 random bits in UUID text form, as str(uuid.UUID(...)).
+    assert hop.request_id == str(uuid.UUID(hex=hop.request_id.replace("-", "")))
+    # Deterministic under the injected rng; distinct ids per hop.
+    assert trace_hop(incoming, random.Random(7)) == hop
+    other = trace_hop(incoming, rng)
+    assert other.span_id != hop.span_id
+    assert other.request_id != hop.request_id
+
+
+def test_an_all_zero_span_or_trace_id_is_drawn_again() -> None:
+    # W3C trace-context §3.2.2.3/§3.2.2.4: all-zero trace and parent ids are invalid.
+    # 320 bits = span (top 64) | trace (next 128) | request id (low 128).
+    zero_span = 5 << 128  # span digits all zero, trace non-zero
+    zero_trace = 9 << 256  # trace digits all zero, span non-zero
+    rng = _Draws(1, (zero_span, zero_trace))
+    hop = trace_hop(None, rng)
+    assert rng.draws == 3
+    assert int(hop.span_id, 16)
+    assert int(hop.trace_id, 16)
+    assert hop.span_id != "0" * 16
+    assert hop.trace_id != "0" * 32
