@@ -334,31 +334,41 @@ class Http1Parser:
         return EndOfMessage(trailers) if trailers else _END
 
     def _head(self) -> Event | None:
+        buf = self._buf
+        if buf and (buf[0] == 13 or buf[0] == 10):  # CR, LF: a start line never begins so
+            # RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) received
+            # before a request line; at most MAX_EMPTY_LINES of them. Stripped and counted
+            # before the head end is searched for, so the verdict is the same however the lines
+            # were split across reads.
+            if buf[:2] == b"\r\n":
+                while buf[:2] == b"\r\n":
+                    del buf[:2]
+                    self._empty += 1
+                    if self._empty > MAX_EMPTY_LINES:
+                        raise self._fail(
+                            f"more than {MAX_EMPTY_LINES} empty lines before a start line"
+                        )
+                self._scanned = 0
+            # A bare CR or LF before the start line is refused as it is in the rest of a head
+            # (RFC 9112 §2.2: a bare CR MUST be refused or replaced); a lone CR waits for its LF.
+            if buf and (buf[0] == 10 or (buf[0] == 13 and len(buf) > 1)):
+                raise self._fail("bare CR or LF in the message head")
         # Resumed 3 bytes before where the last search stopped (a CR LF CR LF split across
-        # reads); stripping leading CR LF pairs below cannot make a new one.
-        end = self._buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        # reads).
+        end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
-            # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a request;
-            # at most MAX_EMPTY_LINES of them (without a head end in the buffer, at most one
-            # leads it: two would be the CR LF CR LF just searched for).
-            while self._buf.startswith(b"\r\n"):
-                del self._buf[:2]
-                self._empty += 1
-                if self._empty > MAX_EMPTY_LINES:
-                    raise self._fail(f"more than {MAX_EMPTY_LINES} empty lines before a start line")
-            self._scanned = len(self._buf)
-            if len(self._buf) > self.max_head:
+            self._scanned = len(buf)
+            if len(buf) > self.max_head:
                 raise HttpParseError("message head too large", 431 if self._request_role else 502)
-            if self._eof and self._buf:
+            if self._eof and buf:
                 raise self._fail("connection closed inside a message head")
             return None
         if end > self.max_head:
             raise HttpParseError("message head too large", 431 if self._request_role else 502)
-        raw = bytes(self._buf[:end])
-        del self._buf[: end + 4]
+        raw = bytes(buf[:end])
+        del buf[: end + 4]
         self._scanned = 0
         self._empty = 0
-        raw = raw.lstrip(b"\r\n")
         crlf = raw.count(b"\r\n")
         if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
             raise self._fail("bare CR or LF in the message head")
