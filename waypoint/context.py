@@ -6,8 +6,12 @@ half), the waypoint's certificate manager and HBONE pool (the WAYPOINT's identit
 presented upstream), telemetry, the clusters (LB / outlier / pool counters) and the lookups the
 handler needs (which services this waypoint serves, service by hostname, subset endpoints).
 
-Invariant: clusters are rebuilt lazily when the state or config generation changes; their
-counters survive for endpoints that stay.
+Invariants:
+- The state and config change only through `set_state` / `set_config`, each of which moves
+  `generation`: the one key of everything derived from them (clusters here, the handler's
+  `waypoint.derived` caches).
+- Clusters are rebuilt lazily when the generation changes; their counters survive for endpoints
+  that stay.
 """
 
 from __future__ import annotations

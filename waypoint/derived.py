@@ -14,10 +14,11 @@ Owns: `Derived`, the handler's bounded caches of facts that depend only on the c
     time, `NoHealthyUpstream`).
 
 Invariants:
-- Every cache is valid for one (state, config, settings) triple, compared by identity: each is
-  replaced, never mutated, on a change (`WaypointContext.set_state` / `set_config`, a new
-  `WaypointSettings`), so a new one of any starts every cache over before the next lookup
-  (`Derived.fresh`, called by every lookup).
+- Every cache is valid for one (`WaypointContext.generation`, settings) pair: the generation
+  moves on every `set_state` / `set_config` (the only ways the state and config change; the
+  same key `WaypointContext.cluster` keeps its clusters by, so the two cannot drift), and
+  settings are replaced, never mutated (compared by identity); a change of either starts every
+  cache over before the next lookup (`Derived.fresh`, called by every lookup).
 - Bounded whatever the traffic: at most `MAX_PEERS` peers, `MAX_POLICY_SERVICES` services,
   `MAX_DESTINATIONS` destinations and endpoint workloads; past the bound a cache starts over (a
   miss only costs the derivation again).
@@ -37,12 +38,10 @@ from meshcore.config.authorization import AuthzPolicy
 from meshcore.config.routes import Destination
 from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
-from meshcore.state import MeshState
 from waypoint.context import WaypointContext, WaypointSettings
 from waypoint.errors import NoHealthyUpstream
 from waypoint.protocol.authz import applicable
 from waypoint.protocol.cluster import Cluster
-from waypoint.protocol.route import CompiledConfig
 from waypoint.tunnel import Tunnel
 
 MAX_PEERS = 4096
@@ -77,8 +76,9 @@ class Derived:
 
     def __init__(self, ctx: WaypointContext) -> None:
         self.ctx = ctx
-        self._of: tuple[MeshState, CompiledConfig, WaypointSettings] | None = None
-        """The state, config and settings every cache below was derived from."""
+        self._of: tuple[int, WaypointSettings] | None = None
+        """The `WaypointContext.generation` (its state and config) and the settings every cache
+        below was derived from."""
         self._peers: dict[str, Peer] = {}
         """`Peer` by peer address, at most `MAX_PEERS`."""
         self._policies: dict[tuple[str | None, str | None], tuple[AuthzPolicy, ...]] = {}
@@ -93,17 +93,12 @@ class Derived:
         """Forget what was derived from an older state, config or settings."""
         ctx = self.ctx
         of = self._of
-        if (
-            of is None
-            or of[0] is not ctx.state
-            or of[1] is not ctx.config
-            or of[2] is not ctx.settings
-        ):
+        if of is None or of[0] != ctx.generation or of[1] is not ctx.settings:
             self._peers.clear()
             self._policies.clear()
             self._clusters.clear()
             self._workloads.clear()
-            self._of = (ctx.state, ctx.config, ctx.settings)
+            self._of = (ctx.generation, ctx.settings)
 
     def applicable(self, svc: Service | None) -> tuple[AuthzPolicy, ...]:
         """`authz.applicable` for the addressed service under the current config and settings,
