@@ -379,3 +379,36 @@ def test_an_all_zero_span_or_trace_id_is_drawn_again() -> None:
     assert int(hop.trace_id, 16)
     assert hop.span_id != "0" * 16
     assert hop.trace_id != "0" * 32
+
+
+def test_a_fixed_draw_gives_exact_span_trace_and_request_ids() -> None:
+    """The 320-bit split pinned: span = top 64 bits, trace = next 128, request id = low 128 in
+    UUID text form; the request id is never the trace id (sliced from the same digits, an
+    off-by-one or a copy of the trace slice still passes the format checks above)."""
+    span, trace, rid = (
+        "0123456789abcdef",
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "00112233445566778899aabbccddeeff",
+    )
+    rng = _Draws(1, (int(span + trace + rid, 16),))
+    hop = trace_hop(None, rng)
+    assert rng.draws == 1
+    assert hop.span_id == span
+    assert hop.trace_id == trace
+    assert hop.traceparent == f"00-{trace}-{span}-01"
+    assert hop.request_id == "00112233-4455-6677-8899-aabbccddeeff"
+    # With an incoming trace the new trace digits are unused; the span and request id are not.
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    hop = trace_hop(incoming, _Draws(1, (int(span + trace + rid, 16),)))
+    assert (hop.trace_id, hop.span_id, hop.parent_span_id) == (
+        "0af7651916cd43dd8448eb211c80319c",
+        span,
+        "b7ad6b7169203331",
+    )
+    assert hop.request_id == "00112233-4455-6677-8899-aabbccddeeff"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_request_id_is_not_the_trace_id(seed: int) -> None:
+    hop = trace_hop(None, random.Random(seed))
+    assert hop.request_id.replace("-", "") != hop.trace_id
