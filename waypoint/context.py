@@ -32,12 +32,19 @@ from meshcore.identity import SpiffeId
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
 from meshcore.tls import ContextCache
+from waypoint.errors import NoHealthyUpstream, Overflow
 from waypoint.jwks import JwksCache
 from waypoint.metrics import WaypointMetrics
 from waypoint.protocol.authz import WaypointIdentity
 from waypoint.protocol.cluster import Cluster, EndpointSpec, Origin
 from waypoint.protocol.ratelimit import RateLimiter
 from waypoint.protocol.route import CompiledConfig, labels_of
+
+MAX_WORKLOAD_CLUSTERS = 1024
+"""Most (workload, port) clusters kept for workload-addressed traffic (`workload_cluster`). The
+port is the client's (a pod declares none: any port of a workload bound to the waypoint may be
+addressed, as Envoy's original-destination cluster adds hosts on demand and cleans out unused
+ones), so past the bound an idle one is dropped; all in use: `Overflow` (503 UO)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +137,9 @@ class WaypointContext:
     rng: random.Random = field(default_factory=random.Random)
     generation: int = 0
     clusters: dict[tuple[str, str, int], tuple[int, Cluster]] = field(default_factory=dict)
+    workload_clusters: dict[tuple[str, int], Cluster] = field(default_factory=dict)
+    """Clusters of workload-addressed traffic by (workload uid, port), at most
+    `MAX_WORKLOAD_CLUSTERS` (`workload_cluster`)."""
     warned: set[str] = field(default_factory=set)
     warnings: list[str] = field(default_factory=list)
     _svc_by_host: dict[str, Service] = field(default_factory=dict)
@@ -268,6 +278,30 @@ class WaypointContext:
         )
         cluster.update(specs, policy, self.origin())
         self.clusters[key] = (self.generation, cluster)
+        return cluster
+
+    def workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
+        """The cluster of a workload-addressed destination: the workload at `port` (the
+        tunnel's, chosen by the client). Bounded: past `MAX_WORKLOAD_CLUSTERS` an idle one
+        (no request active or queued) is dropped (it holds only counters; its endpoint's
+        pooled connections are the pool's); none idle raises `Overflow`."""
+        if wl is None or not wl.addresses:
+            raise NoHealthyUpstream("no destination workload")
+        key = (wl.uid, port)
+        table = self.workload_clusters
+        cluster = table.get(key)
+        if cluster is None:
+            if len(table) >= MAX_WORKLOAD_CLUSTERS:
+                idle = next((k for k, c in table.items() if not c.active and not c.pending), None)
+                if idle is None:
+                    raise Overflow(f"{MAX_WORKLOAD_CLUSTERS} workload clusters in use")
+                del table[idle]
+            cluster = Cluster(name=f"{wl.uid}|{port}", policy=TrafficPolicy())
+            table[key] = cluster
+        cluster.update(
+            [EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=port, identity=wl.identity)],
+            cluster.policy,
+        )
         return cluster
 
 

@@ -11,7 +11,7 @@ Owns: `Derived`, the handler's bounded caches of facts that depend only on the c
     service of the destination host, its port, the subset's endpoints), by (host, subset,
     port, the tunnel's target port), and `Derived.workload`: an endpoint's workload by uid
     (the answering endpoint's telemetry labels). An unknown host is not kept (raised each
-    time, `NoHealthyUpstream`).
+    time, `NoHealthyUpstream`), nor a port the service does not have.
 
 Invariants:
 - Every cache is valid for one (`WaypointContext.generation`, settings) pair: the generation
@@ -157,6 +157,11 @@ class Derived:
         port = dest.port or target_port
         if dest.port is None and svc.port(port) is None and len(svc.ports) == 1:
             port = svc.ports[0].service_port
+        if svc.port(port) is None:
+            # No such service port (Envoy: no `outbound|port|subset|host` cluster): refused
+            # before a cluster is built, so a client-chosen target port (a workload-addressed
+            # tunnel's) cannot add clusters to `WaypointContext.clusters`.
+            raise NoHealthyUpstream(f"{dest.host} has no port {port}")
         cluster = ctx.cluster(svc, dest.subset, port)
         if len(self._clusters) >= MAX_DESTINATIONS:
             self._clusters.clear()

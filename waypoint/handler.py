@@ -374,7 +374,7 @@ class Handler:
         """The cluster a destination goes to: its service's (`Derived.cluster`), or without a
         host, the tunnel's target workload's."""
         if not dest.host:
-            return self._workload_cluster(tunnel.workload, dest.port or tunnel.target_port)
+            return self.ctx.workload_cluster(tunnel.workload, dest.port or tunnel.target_port)
         return self._derived.cluster(dest, tunnel.target_port)
 
     def _request_headers(
@@ -466,22 +466,6 @@ class Handler:
         finally:
             cluster.release()
             self._wake(cluster)
-
-    def _workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
-        from meshcore.config.routes import TrafficPolicy
-        from waypoint.protocol.cluster import EndpointSpec
-
-        if wl is None or not wl.addresses:
-            raise NoHealthyUpstream("no destination workload")
-        key = (f"workload/{wl.uid}", "", port)
-        cur = self.ctx.clusters.get(key)
-        cluster = cur[1] if cur else Cluster(name=f"{wl.uid}|{port}", policy=TrafficPolicy())
-        cluster.update(
-            [EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=port, identity=wl.identity)],
-            cluster.policy,
-        )
-        self.ctx.clusters[key] = (self.ctx.generation, cluster)
-        return cluster
 
     async def _admit(self, cluster: Cluster) -> None:
         adm = cluster.admit()
