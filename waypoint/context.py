@@ -86,6 +86,12 @@ class WaypointSettings:
     protocol_detection_timeout: float = 1.0
     """A tunnel to a port without a declared HTTP protocol whose client sends nothing for this
     long is carried as TCP (server-first protocols); see `waypoint.protocol.sniff`."""
+    request_head_timeout: float = 30.0
+    """An HTTP/1.1 request head must be complete this long after its first byte arrived, else
+    408 and the connection closes (`waypoint.http1`): a head trickled a byte per read is
+    otherwise bounded only by its size. Envoy's ``request_headers_timeout`` (timer from the
+    first byte to the last of the headers; off by default), nginx's ``client_header_timeout``
+    (60 s, then 408). Not armed while a keep-alive connection waits with nothing received."""
 
     _derived: tuple[SpiffeId, str, WaypointIdentity] | None = field(
         default=None, init=False, repr=False, compare=False
