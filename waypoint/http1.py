@@ -215,8 +215,12 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
     while True:
         try:
             ev = reader.poll()
-            if ev is None and not reader.ended:
-                ev = await _head_event(reader, handler.ctx.settings.request_head_timeout)
+            parser = reader.parser
+            while ev is None and not reader.ended and parser.idle:  # nothing of a head yet
+                await io.readable()
+                ev = reader.poll()
+            if ev is None and not reader.ended:  # part of a head: the rest has a deadline
+                ev = await _head_rest(reader, handler.ctx.settings.request_head_timeout)
         except http1.HttpParseError as err:
             await _refuse(handler, tunnel, io, err.status, str(err))
             return
@@ -274,20 +278,12 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
             return
 
 
-async def _head_event(reader: _Reader, timeout: float) -> http1.Event | None:
-    """Wait for the next request head (`_Reader.poll` returned None): no bound while nothing of
-    it has arrived (an idle keep-alive connection), then `timeout` seconds from its first byte
-    to its end (raises TimeoutError; settings.request_head_timeout)."""
-    io = reader.io
-    parser = reader.parser
-    while parser.idle:
-        await io.readable()
-        ev = reader.poll()
-        if ev is not None or reader.ended:
-            return ev
+async def _head_rest(reader: _Reader, timeout: float) -> http1.Event | None:
+    """The rest of a request head whose first bytes arrived: at most `timeout` seconds more
+    (settings.request_head_timeout; raises TimeoutError)."""
     async with asyncio.timeout(timeout):
         while True:
-            await io.readable()
+            await reader.io.readable()
             ev = reader.poll()
             if ev is not None or reader.ended:
                 return ev
