@@ -72,6 +72,8 @@ COMPILED: tuple[str, ...] = (
     "waypoint.upstream",
     "waypoint.http1",
     "waypoint.handler",
+    "waypoint.derived",
+    "waypoint.reply",
     "waypoint.metrics",
 )
 """The node proxy's per-byte, per-stream and per-connection path and the waypoint's

@@ -269,7 +269,9 @@ class Waypoint:
     def debug_clusters(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
         out = []
-        for (_key, _subset, _port), (_gen, c) in sorted(self.ctx.clusters.items()):
+        clusters = [c for _key, (_gen, c) in sorted(self.ctx.clusters.items())]
+        clusters += [c for _key, c in sorted(self.ctx.workload_clusters.items())]
+        for c in clusters:
             out.append(
                 {
                     "cluster": c.name,

@@ -6,8 +6,12 @@ half), the waypoint's certificate manager and HBONE pool (the WAYPOINT's identit
 presented upstream), telemetry, the clusters (LB / outlier / pool counters) and the lookups the
 handler needs (which services this waypoint serves, service by hostname, subset endpoints).
 
-Invariant: clusters are rebuilt lazily when the state or config generation changes; their
-counters survive for endpoints that stay.
+Invariants:
+- The state and config change only through `set_state` / `set_config`, each of which moves
+  `generation`: the one key of everything derived from them (clusters here, the handler's
+  `waypoint.derived` caches).
+- Clusters are rebuilt lazily when the generation changes; their counters survive for endpoints
+  that stay.
 """
 
 from __future__ import annotations
@@ -28,12 +32,19 @@ from meshcore.identity import SpiffeId
 from meshcore.model import GatewayAddress, Service, Workload
 from meshcore.state import MeshState
 from meshcore.tls import ContextCache
+from waypoint.errors import NoHealthyUpstream, Overflow
 from waypoint.jwks import JwksCache
 from waypoint.metrics import WaypointMetrics
 from waypoint.protocol.authz import WaypointIdentity
 from waypoint.protocol.cluster import Cluster, EndpointSpec, Origin
 from waypoint.protocol.ratelimit import RateLimiter
 from waypoint.protocol.route import CompiledConfig, labels_of
+
+MAX_WORKLOAD_CLUSTERS = 1024
+"""Most (workload, port) clusters kept for workload-addressed traffic (`workload_cluster`). The
+port is the client's (a pod declares none: any port of a workload bound to the waypoint may be
+addressed, as Envoy's original-destination cluster adds hosts on demand and cleans out unused
+ones), so past the bound an idle one is dropped; all in use: `Overflow` (503 UO)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +86,12 @@ class WaypointSettings:
     protocol_detection_timeout: float = 1.0
     """A tunnel to a port without a declared HTTP protocol whose client sends nothing for this
     long is carried as TCP (server-first protocols); see `waypoint.protocol.sniff`."""
+    request_head_timeout: float = 30.0
+    """An HTTP/1.1 request head must be complete this long after its first byte arrived, else
+    408 and the connection closes (`waypoint.http1`): a head trickled a byte per read is
+    otherwise bounded only by its size. Envoy's ``request_headers_timeout`` (timer from the
+    first byte to the last of the headers; off by default), nginx's ``client_header_timeout``
+    (60 s, then 408). Not armed while a keep-alive connection waits with nothing received."""
 
     _derived: tuple[SpiffeId, str, WaypointIdentity] | None = field(
         default=None, init=False, repr=False, compare=False
@@ -126,6 +143,9 @@ class WaypointContext:
     rng: random.Random = field(default_factory=random.Random)
     generation: int = 0
     clusters: dict[tuple[str, str, int], tuple[int, Cluster]] = field(default_factory=dict)
+    workload_clusters: dict[tuple[str, int], Cluster] = field(default_factory=dict)
+    """Clusters of workload-addressed traffic by (workload uid, port), at most
+    `MAX_WORKLOAD_CLUSTERS` (`workload_cluster`)."""
     warned: set[str] = field(default_factory=set)
     warnings: list[str] = field(default_factory=list)
     _svc_by_host: dict[str, Service] = field(default_factory=dict)
@@ -264,6 +284,30 @@ class WaypointContext:
         )
         cluster.update(specs, policy, self.origin())
         self.clusters[key] = (self.generation, cluster)
+        return cluster
+
+    def workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
+        """The cluster of a workload-addressed destination: the workload at `port` (the
+        tunnel's, chosen by the client). Bounded: past `MAX_WORKLOAD_CLUSTERS` an idle one
+        (no request active or queued) is dropped (it holds only counters; its endpoint's
+        pooled connections are the pool's); none idle raises `Overflow`."""
+        if wl is None or not wl.addresses:
+            raise NoHealthyUpstream("no destination workload")
+        key = (wl.uid, port)
+        table = self.workload_clusters
+        cluster = table.get(key)
+        if cluster is None:
+            if len(table) >= MAX_WORKLOAD_CLUSTERS:
+                idle = next((k for k, c in table.items() if not c.active and not c.pending), None)
+                if idle is None:
+                    raise Overflow(f"{MAX_WORKLOAD_CLUSTERS} workload clusters in use")
+                del table[idle]
+            cluster = Cluster(name=f"{wl.uid}|{port}", policy=TrafficPolicy())
+            table[key] = cluster
+        cluster.update(
+            [EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=port, identity=wl.identity)],
+            cluster.policy,
+        )
         return cluster
 
 

@@ -31,15 +31,12 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple, TypeVar
 
 from meshcore.backoff import Backoff
-from meshcore.config.authorization import AuthzPolicy
 from meshcore.config.routes import NO_RETRY, Destination, HttpRoute, RetryPolicy
-from meshcore.identity import SpiffeId
 from meshcore.model import Service, Workload
-from meshcore.state import MeshState
 from waypoint.authn import authenticate_request
 from waypoint.body import (
     BodySource,
@@ -50,8 +47,9 @@ from waypoint.body import (
     ReplayBody,
     Request,
 )
-from waypoint.context import WaypointContext, WaypointSettings
+from waypoint.context import WaypointContext
 from waypoint.cors import apply_cors
+from waypoint.derived import Derived, Peer
 from waypoint.errors import (
     BadRequest,
     FaultAbort,
@@ -66,7 +64,7 @@ from waypoint.errors import (
     WaypointError,
 )
 from waypoint.metrics import RequestRecord
-from waypoint.protocol.authz import applicable, evaluate
+from waypoint.protocol.authz import evaluate
 from waypoint.protocol.cluster import Admission, Cluster, EndpointStats, hash_cookie, hash_key
 from waypoint.protocol.hygiene import (
     XFCC,
@@ -77,7 +75,6 @@ from waypoint.protocol.hygiene import (
     xfcc_value,
 )
 from waypoint.protocol.route import (
-    CompiledConfig,
     RequestInfo,
     RouteChoice,
     default_route,
@@ -87,8 +84,9 @@ from waypoint.protocol.route import (
     rewrite_target,
     select_route,
 )
-from waypoint.protocol.trace import request_id, trace_hop
+from waypoint.protocol.trace import trace_hop
 from waypoint.ratelimit import check_rate_limit, limited_downstream
+from waypoint.reply import direct_reply, local_reply
 from waypoint.tunnel import Tunnel
 from waypoint.upstream import UpstreamRequest, UpstreamResponse, Upstreams
 
@@ -103,12 +101,6 @@ MAX_MIRRORS = 1024
 """Mirror copies in flight per waypoint; more are skipped (counted, logged)."""
 MIRROR_TIMEOUT = 30.0
 T = TypeVar("T")
-MAX_PEERS = 4096
-"""Peer addresses whose source workload the handler keeps (`Handler._peer`); more: it starts
-over (bounded whatever the number of clients)."""
-MAX_POLICY_SERVICES = 4096
-"""Services whose applicable authorization policies the handler keeps (`Handler._policies`);
-more: it starts over (bounded whatever the number of services addressed)."""
 
 
 def _within(aw: Awaitable[T], timeout: float | None) -> Awaitable[T]:
@@ -128,22 +120,6 @@ def _grpc_status(headers: Sequence[tuple[str, str]]) -> str | None:
     sends is not one (a label per distinct value would grow the metrics without bound)."""
     value = next((v for k, v in headers if k == "grpc-status"), None)
     return value if value and len(value) <= 2 and value.isascii() and value.isdigit() else None
-
-
-class _Peer(NamedTuple):
-    """What requests learn from a tunnel's verified peer, for one (state, config): the same for
-    every request from that peer address and identity, so looked up once (`Handler._peer`)."""
-
-    identity: SpiffeId | None
-    uri: str
-    """`Tunnel.peer_uri`: the identity's URI ("" for none), for telemetry and XFCC."""
-    principal: str | None
-    """The identity without ``spiffe://`` (``cluster.local/ns/x/sa/y``), as policy sees it."""
-    source: Workload | None
-    """The workload at the peer address, only if its identity is the verified peer identity
-    (an address alone proves nothing)."""
-    labels: Mapping[str, str]
-    """The source workload's labels (empty without one)."""
 
 
 class _Leg(NamedTuple):
@@ -182,14 +158,8 @@ class Handler:
         self._clock: Callable[[], float] | None = None
         """The serving loop's clock (bound on first use)."""
         self.mirror_budget = MirrorBudget(MIRROR_BUDGET)
-        self._peers: dict[str, _Peer] = {}
-        """`_Peer` by peer address, valid for `_peers_of` (the state, config and settings it
-        was derived from: a new one of any starts over)."""
-        self._peers_of: tuple[MeshState, CompiledConfig, WaypointSettings] | None = None
-        self._policies: dict[tuple[str | None, str | None], tuple[AuthzPolicy, ...]] = {}
-        """The authorization policies applicable to a service (name, namespace), valid for
-        `_peers_of` like `_peers` (a new state, config or settings starts over), at most
-        `MAX_POLICY_SERVICES` of them."""
+        self._derived = Derived(ctx)
+        """What is derived once per state, config and settings (peers, applicable policies)."""
 
     def _loop_time(self) -> float:
         clock = self._clock
@@ -206,7 +176,7 @@ class Handler:
         rec.authority = req.authority
         rec.protocol = "grpc" if req.grpc else "http"
         rec.source_ip = tunnel.peer_ip
-        uri = rec.source_principal = self._peer(tunnel).uri
+        uri = rec.source_principal = self._derived.peer(tunnel).uri
         replay = ReplayBody(req.body, ctx.settings.body_buffer)
         rec.path = req.target[:200]  # as received, until normalised (refusals are logged so)
         try:
@@ -218,7 +188,7 @@ class Handler:
             rec.error = str(err)
             if not down.head_sent:
                 with contextlib.suppress(ConnectionError):
-                    await self._local_reply(down, req, err.status, err.body, err)
+                    await local_reply(down, req, err.status, err.body, err)
             else:
                 down.reset()
         except (ConnectionError, TimeoutError) as err:
@@ -234,7 +204,7 @@ class Handler:
             rec.status = rec.status or 500
             if not down.head_sent:
                 with contextlib.suppress(Exception):
-                    await self._local_reply(down, req, 500, "internal error", None)
+                    await local_reply(down, req, 500, "internal error", None)
             else:
                 down.reset()
         if replay.taps:
@@ -242,40 +212,6 @@ class Handler:
         rec.request_bytes = replay.total
         ctx.metrics.record(rec, self._loop_time())
         return rec
-
-    async def _local_reply(
-        self, down: Downstream, req: Request, status: int, text: str, err: WaypointError | None
-    ) -> None:
-        body = text.encode()
-        headers: list[tuple[str, str]] = [("content-type", "text/plain"), ("server", "waypoint")]
-        if isinstance(err, Overflow):
-            headers.append(("x-envoy-overloaded", "true"))
-        if err is not None:
-            headers.extend(err.headers)
-        if req.grpc:
-            # gRPC clients read grpc-status; map like Envoy's local replies (RFC-less convention:
-            # 403 PERMISSION_DENIED 7, 404 UNIMPLEMENTED 12, 503 UNAVAILABLE 14, 504 DEADLINE 4).
-            # 401 UNAUTHENTICATED 16 (a rejected JWT).
-            code = {401: "16", 403: "7", 404: "12", 503: "14", 504: "4", 429: "14"}.get(
-                status, "13"
-            )
-            await down.send_head(
-                200,
-                [
-                    ("content-type", "application/grpc"),
-                    ("grpc-status", code),
-                    ("grpc-message", text),
-                ],
-                content_length=None,
-                end=True,
-            )
-            return
-        if req.method == "HEAD":
-            await down.send_head(status, headers, content_length=len(body), end=True)
-            return
-        await down.send_head(status, headers, content_length=len(body))
-        await down.send_data(body)
-        await down.send_end()
 
     def refused(self, tunnel: Tunnel, *, protocol: str, status: int, error: str) -> None:
         """A request the protocol edge refused before it was a request (a codec error): one
@@ -297,7 +233,7 @@ class Handler:
 
     def _sanitize(self, req: Request, tunnel: Tunnel, uri: str) -> None:
         """Hygiene before anything looks at the request (raises `BadRequest`); `uri`: the
-        peer's (`_Peer.uri`)."""
+        peer's (`Peer.uri`)."""
         try:
             check_request(req.method, req.target, req.authority, req.headers)
         except RequestRejected as err:
@@ -318,67 +254,12 @@ class Handler:
             )
         req.headers = headers
 
-    def _fresh(self) -> None:
-        """Forget what was derived from an older state, config or settings (each replaced,
-        never mutated, on a change): `_peers`, `_policies`."""
-        ctx = self.ctx
-        of = self._peers_of
-        if (
-            of is None
-            or of[0] is not ctx.state
-            or of[1] is not ctx.config
-            or of[2] is not ctx.settings
-        ):
-            self._peers.clear()
-            self._policies.clear()
-            self._peers_of = (ctx.state, ctx.config, ctx.settings)
-
-    def _applicable(self, svc: Service | None) -> tuple[AuthzPolicy, ...]:
-        """`authz.applicable` for the addressed service under the current config and settings,
-        derived once per service (not per request)."""
-        self._fresh()
-        key = (svc.name, svc.namespace) if svc is not None else (None, None)
-        hit = self._policies.get(key)
-        if hit is not None:
-            return hit
-        ctx = self.ctx
-        policies = applicable(ctx.config.policies, ctx.settings.waypoint, key[0], key[1])
-        if len(self._policies) >= MAX_POLICY_SERVICES:
-            self._policies.clear()
-        self._policies[key] = policies
-        return policies
-
-    def _peer(self, tunnel: Tunnel) -> _Peer:
-        """The tunnel's `_Peer`, derived once per peer address and identity for the current
-        state, config and settings."""
-        self._fresh()
-        ctx = self.ctx
-        ident = tunnel.peer_identity
-        peer = self._peers.get(tunnel.peer_ip)
-        if peer is not None and (peer.identity is ident or peer.identity == ident):
-            return peer
-        src = ctx.state.workload_by_address(tunnel.peer_ip, ctx.settings.network)
-        if src is None or ident is None or src.identity != ident:
-            src = None
-        uri = tunnel.peer_uri
-        peer = _Peer(
-            identity=ident,
-            uri=uri,
-            principal=uri.removeprefix("spiffe://") if ident is not None else None,
-            source=src,
-            labels=ctx.labels(src) if src is not None else {},
-        )
-        if len(self._peers) >= MAX_PEERS:
-            self._peers.clear()
-        self._peers[tunnel.peer_ip] = peer
-        return peer
-
     def _source(self, tunnel: Tunnel) -> Workload | None:
         """The source workload: the one at the peer address, only if its identity is the
         verified peer identity (an address alone proves nothing)."""
-        return self._peer(tunnel).source
+        return self._derived.peer(tunnel).source
 
-    def _info(self, req: Request, tunnel: Tunnel, path: str, peer: _Peer) -> RequestInfo:
+    def _info(self, req: Request, tunnel: Tunnel, path: str, peer: Peer) -> RequestInfo:
         ident = peer.identity
         return RequestInfo(
             method=req.method,
@@ -412,7 +293,7 @@ class Handler:
                 307, [("location", path), ("server", "waypoint")], content_length=0, end=True
             )
             return
-        peer = self._peer(tunnel)
+        peer = self._derived.peer(tunnel)
         rec.source = peer.source
         info = self._info(req, tunnel, path, peer)
         svc = tunnel.service
@@ -421,7 +302,7 @@ class Handler:
             rec.service_namespace = svc.namespace
 
         # 2. authorization, before anything can reach the app.
-        policies = self._applicable(svc)
+        policies = self._derived.applicable(svc)
         if policies:
             info = await authenticate_request(ctx, policies, req, info)  # JWT: 401 on bad token
             decision = evaluate(policies, info)
@@ -454,7 +335,8 @@ class Handler:
 
         # 4. local answers and faults.
         if route.direct_status is not None:
-            await self._direct(down, req, route.direct_status, route.direct_body, rec)
+            rec.status = route.direct_status
+            await direct_reply(down, route.direct_status, route.direct_body)
             return
         if route.redirect is not None:
             location = redirect_location(route.redirect, choice, info)
@@ -488,30 +370,12 @@ class Handler:
         limits = check_rate_limit(self.ctx, svc, route, tunnel.peer_identity)
         return limited_downstream(down, limits) if limits else down
 
-    async def _direct(
-        self, down: Downstream, req: Request, status: int, body: str, rec: RequestRecord
-    ) -> None:
-        rec.status = status
-        data = body.encode()
-        await down.send_head(
-            status, [("content-type", "text/plain")], content_length=len(data), end=not data
-        )
-        if data:
-            await down.send_data(data)
-            await down.send_end()
-
-    def _destination(
-        self, dest: Destination, tunnel: Tunnel
-    ) -> tuple[Service | None, Workload | None, int]:
-        port = dest.port or tunnel.target_port
+    def _cluster(self, dest: Destination, tunnel: Tunnel) -> Cluster:
+        """The cluster a destination goes to: its service's (`Derived.cluster`), or without a
+        host, the tunnel's target workload's."""
         if not dest.host:
-            return None, tunnel.workload, port
-        svc = self.ctx.service_by_host(dest.host)
-        if svc is None:
-            raise NoHealthyUpstream(f"unknown destination host {dest.host}")
-        if dest.port is None and svc.port(port) is None and len(svc.ports) == 1:
-            port = svc.ports[0].service_port
-        return svc, None, port
+            return self.ctx.workload_cluster(tunnel.workload, dest.port or tunnel.target_port)
+        return self._derived.cluster(dest, tunnel.target_port)
 
     def _request_headers(
         self, req: Request, route: HttpRoute, dest: Destination, rec: RequestRecord
@@ -534,7 +398,7 @@ class Handler:
         rec.parent_span_id, rec.sampled = hop.parent_span_id, hop.sampled
         headers.append(("traceparent", hop.traceparent))
         if not has_id:
-            headers.append(("x-request-id", request_id(self.ctx.rng.getrandbits(128))))
+            headers.append(("x-request-id", hop.request_id))
         if not route.request_headers.empty:
             headers = route.request_headers.apply(headers)
         if not dest.request_headers.empty:
@@ -553,11 +417,7 @@ class Handler:
         req = ex.req
         rec = ex.rec
         route = choice.route
-        svc, wl, port = self._destination(dest, ex.tunnel)
-        if svc is not None:
-            cluster = ctx.cluster(svc, dest.subset, port)
-        else:
-            cluster = self._workload_cluster(wl, port)
+        cluster = self._cluster(dest, ex.tunnel)
         target = rewrite_target(choice, info.path)
         authority = (
             route.rewrite.authority
@@ -606,22 +466,6 @@ class Handler:
         finally:
             cluster.release()
             self._wake(cluster)
-
-    def _workload_cluster(self, wl: Workload | None, port: int) -> Cluster:
-        from meshcore.config.routes import TrafficPolicy
-        from waypoint.protocol.cluster import EndpointSpec
-
-        if wl is None or not wl.addresses:
-            raise NoHealthyUpstream("no destination workload")
-        key = (f"workload/{wl.uid}", "", port)
-        cur = self.ctx.clusters.get(key)
-        cluster = cur[1] if cur else Cluster(name=f"{wl.uid}|{port}", policy=TrafficPolicy())
-        cluster.update(
-            [EndpointSpec(uid=wl.uid, ip=str(wl.addresses[0]), port=port, identity=wl.identity)],
-            cluster.policy,
-        )
-        self.ctx.clusters[key] = (self.ctx.generation, cluster)
-        return cluster
 
     async def _admit(self, cluster: Cluster) -> None:
         adm = cluster.admit()
@@ -707,7 +551,7 @@ class Handler:
             if resp is not None and not may_retry:
                 # The answering endpoint: its active count drops when the response is done
                 # (`_forward`).
-                rec.destination = ctx.state.workload(ep.uid)
+                rec.destination = self._derived.workload(ep.uid)
                 rec.destination_principal = str(ep.identity)
                 return resp, ep
             ep.active -= 1
@@ -783,12 +627,7 @@ class Handler:
         authority gets ``-shadow`` appended (Envoy); the response is dropped."""
         counts = self.ctx.metrics.mirrors
         try:
-            svc, wl, port = self._destination(dest, tunnel)
-            cluster = (
-                self.ctx.cluster(svc, dest.subset, port)
-                if svc is not None
-                else (self._workload_cluster(wl, port))
-            )
+            cluster = self._cluster(dest, tunnel)
             ep = cluster.pick(self._loop_time(), self.ctx.rng)
             if ep is None:
                 raise NoHealthyUpstream(f"{cluster.name} has no endpoint")

@@ -12,6 +12,9 @@ Invariants:
   wants.
 - A malformed request gets its status (400/431/501/505) and ``connection: close``, and one
   access-log record with flag DPE (`Handler.refused`); never a reset or a traceback.
+- A request head must be complete `WaypointSettings.request_head_timeout` after its first
+  byte (408 and close; the refusal's record as above); a keep-alive connection waiting with
+  nothing received is not timed here.
 - An HTTP/1.0 request gets 426 Upgrade Required (Envoy's default, ``accept_http_10`` false)
   unless the ``accept_http_10`` setting is on (Istio: PILOT_HTTP10).
 - HTTP/1 trailers are parsed (and bounded) but never forwarded, in either direction (Envoy's
@@ -212,13 +215,20 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
     while True:
         try:
             ev = reader.poll()
-            while ev is None and not reader.ended:
+            parser = reader.parser
+            while ev is None and not reader.ended and parser.idle:  # nothing of a head yet
                 await io.readable()
                 ev = reader.poll()
+            if ev is None and not reader.ended:  # part of a head: the rest has a deadline
+                ev = await _head_rest(reader, handler.ctx.settings.request_head_timeout)
         except http1.HttpParseError as err:
             await _refuse(handler, tunnel, io, err.status, str(err))
             return
         except ConnectionResetError:
+            return
+        except TimeoutError:
+            timeout = handler.ctx.settings.request_head_timeout
+            await _refuse(handler, tunnel, io, 408, f"request head not complete in {timeout:g} s")
             return
         if ev is None:
             io.write_eof()
@@ -266,6 +276,17 @@ async def serve_h1(handler: Handler, io: TunnelIO, tunnel: Tunnel, first: bytes)
         await handler.serve(req, down, tunnel)
         if not await _reusable(io, down, req, body):
             return
+
+
+async def _head_rest(reader: _Reader, timeout: float) -> http1.Event | None:
+    """The rest of a request head whose first bytes arrived: at most `timeout` seconds more
+    (settings.request_head_timeout; raises TimeoutError)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            await reader.io.readable()
+            ev = reader.poll()
+            if ev is not None or reader.ended:
+                return ev
 
 
 async def _reusable(io: TunnelIO, down: H1Downstream, req: Request, body: H1Body | None) -> bool:

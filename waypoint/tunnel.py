@@ -173,5 +173,5 @@ class Tunnel:
     def peer_uri(self) -> str:
         """The verified peer's SPIFFE URI (``spiffe://td/ns/x/sa/y``), "" without one: how
         the access log, the metrics' principal labels and XFCC's ``URI`` name the peer (the
-        one formatting; the handler keeps it per peer in `waypoint.handler._Peer`)."""
+        one formatting; the handler keeps it per peer in `waypoint.derived.Peer`)."""
         return str(self.peer_identity) if self.peer_identity is not None else ""

@@ -1150,3 +1150,161 @@ def test_mesh_path_setting_from_the_control_plane(tmp_path: Path) -> None:
     assert [app_view(r) for r in before.got] == [ok("GET", "/a//b")]
     assert after.status == 200
     assert [app_view(r) for r in after.got] == [ok("GET", "/a/b")]
+
+
+def test_empty_lines_before_a_request_are_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 9112 §2.2 lets a server ignore empty lines before a request line; the waypoint ignores
+    at most `http1.MAX_EMPTY_LINES` (one CR LF per read, they never reached the head limit, so
+    only the idle timeout ended such a connection). Past the bound: the protocol's error, 400
+    with one log line and one DPE record (counter + access log), nothing upstream. Up to the
+    bound the request is served. The lines and the request go in one write: the verdict must not
+    depend on how the waypoint's reads split them (counted only when no head end was in the
+    buffer, 8 lines with the request in one read were a 400 "malformed request line b''")."""
+    from prometheus_client import generate_latest
+
+    from waypoint.protocol.http1 import MAX_EMPTY_LINES
+
+    async def response(reader: asyncio.StreamReader) -> int:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":")[1]))
+            return status
+
+    async def burst(lines: int) -> tuple[int, int]:
+        """A request, then on the same connection (the protocol is known: HTTP) `lines` empty
+        lines and another request in one write: the two statuses (0: none)."""
+        reader, writer = await asyncio.open_connection(REVIEWS_VIP, PORT, local_addr=(CLIENT_IP, 0))
+        try:
+            writer.write(h1(b"GET /a"))
+            first = await response(reader)
+            writer.write(b"\r\n" * lines + h1(b"GET /a"))
+            return first, await response(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return first, 0
+        finally:
+            writer.close()
+
+    async def main() -> tuple[tuple[int, int], tuple[int, int], list[str]]:
+        app = RawApp()
+        await app.start(APP_IP, PORT)
+        try:
+            async with waypoint_mesh(tmp_path, DENY, config=mesh_config()) as mesh:
+                ok_status = await burst(MAX_EMPTY_LINES)
+                assert ok_status == (200, 200)
+                bad_status = await burst(MAX_EMPTY_LINES * 4)
+                assert bad_status[0] == 200
+                await asyncio.sleep(0.05)
+                # 3 requests reached the app: the refused one never went upstream.
+                assert len(app.received) == 3, app.received
+                text = generate_latest(mesh.waypoint.ctx.metrics.registry).decode()
+                refused = [
+                    x
+                    for x in text.splitlines()
+                    if x.startswith("istio_requests_total{") and 'response_code="400"' in x
+                ]
+                return ok_status, bad_status, refused
+        finally:
+            await app.close()
+
+    with caplog.at_level(logging.INFO, logger="waypoint"):
+        ok_status, bad_status, refused = run(main())
+    assert ok_status == (200, 200)
+    assert bad_status == (200, 400)
+    assert len(refused) == 1
+    assert 'response_flags="DPE"' in refused[0]
+    assert refused[0].endswith(" 1.0")
+    lines = [
+        r.getMessage() for r in caplog.records if "refused a malformed request" in r.getMessage()
+    ]
+    assert len(lines) == 1
+    assert "empty lines" in lines[0]
+
+
+def test_a_request_head_trickled_past_its_deadline_is_408(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Slowloris: a head sent a byte per read never reached `http1.MAX_HEAD` and each byte
+    restarted the idle wait, so it held the connection as long as the client liked. Now the
+    head must be complete `request_head_timeout` after its first byte (Envoy's
+    request_headers_timeout, nginx's client_header_timeout): 408, connection closed, one log
+    line and one DPE record, nothing upstream. An idle keep-alive connection is not timed:
+    a request sent after a longer pause is served."""
+    from prometheus_client import generate_latest
+
+    timeout = 0.5
+
+    async def response(reader: asyncio.StreamReader) -> int:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":")[1]))
+            return int(head.split(b" ", 2)[1])
+
+    async def main() -> tuple[int, int, bytes, float, list[str]]:
+        app = RawApp()
+        await app.start(APP_IP, PORT)
+        try:
+            async with waypoint_mesh(tmp_path, DENY, config=mesh_config()) as mesh:
+                ctx = mesh.waypoint.ctx
+                ctx.settings = dataclasses.replace(ctx.settings, request_head_timeout=timeout)
+                reader, writer = await asyncio.open_connection(
+                    REVIEWS_VIP, PORT, local_addr=(CLIENT_IP, 0)
+                )
+                try:
+                    writer.write(h1(b"GET /a"))
+                    first = await response(reader)
+                    await asyncio.sleep(timeout * 2)  # idle between requests: not timed
+                    writer.write(h1(b"GET /a"))
+                    second = await response(reader)
+                    loop = asyncio.get_running_loop()
+                    start = loop.time()
+                    trickled = asyncio.create_task(_trickle(writer, b"GET /a HTTP/1.1\r\nx-a: "))
+                    status = await response(reader)
+                    took = loop.time() - start
+                    trickled.cancel()
+                    try:
+                        rest = await asyncio.wait_for(reader.read(), 5)  # closed after the 408
+                    except ConnectionError:
+                        rest = b""
+                finally:
+                    writer.close()
+                assert (first, second) == (200, 200)
+                await asyncio.sleep(0.05)
+                assert len(app.received) == 2, app.received  # the slow head never went up
+                text = generate_latest(ctx.metrics.registry).decode()
+                refused = [
+                    x
+                    for x in text.splitlines()
+                    if x.startswith("istio_requests_total{") and 'response_code="408"' in x
+                ]
+                return status, len(app.received), rest, took, refused
+        finally:
+            await app.close()
+
+    with caplog.at_level(logging.INFO, logger="waypoint"):
+        status, _n, rest, took, refused = run(main())
+    assert status == 408
+    assert rest == b""  # closed after the 408
+    assert timeout <= took < timeout * 6
+    assert len(refused) == 1
+    assert 'response_flags="DPE"' in refused[0]
+    assert refused[0].endswith(" 1.0")
+    lines = [r.getMessage() for r in caplog.records if "refused a" in r.getMessage()]
+    assert len(lines) == 1
+    assert "request head not complete in 0.5 s" in lines[0]
+
+
+async def _trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """`data` a byte per write 20 ms apart, then ``a`` forever (a slowloris head)."""
+    i = 0
+    while True:
+        writer.write(data[i : i + 1] or b"a")
+        i += 1
+        await writer.drain()
+        await asyncio.sleep(0.02)

@@ -7,12 +7,23 @@ outlier detection, connection-pool overflow, Gateway API HTTPRoute.
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tests.loopback.test_waypoint_harness import REVIEWS, WaypointMesh, run, waypoint_mesh
+from meshcore.proto.yamlform import parse_mesh_config
+from meshcore.state import MeshState
+from tests.loopback.test_waypoint_harness import (
+    REVIEWS,
+    WaypointMesh,
+    mesh_config,
+    run,
+    waypoint_mesh,
+)
 from tests.waypoint_fixtures import (
     REVIEWS_DR,
     SEED_VS,
@@ -343,3 +354,83 @@ def test_gateway_api_http_route(tmp_path: Path) -> None:
             assert len(mesh.backends.pods["shadow"].requests) == 800
 
     run(main(), 180)
+
+
+def test_a_routing_change_applies_to_the_next_request_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    """The handler resolves a destination's cluster once per destination, state and config
+    (session 10, `waypoint.derived`): a new config must take effect on the very next request
+    of a keep-alive connection, also when the destination itself (host, subset, port) is the
+    same and only what its subset selects changed."""
+    to_v1 = virtual_service("- route: [{destination: {host: reviews, subset: v1}}]")
+    v1_is_v3 = destination_rule("subsets: [{name: v1, labels: {version: v3}}]")
+
+    async def main() -> None:
+        async with (
+            waypoint_mesh(tmp_path, to_v1, REVIEWS_DR) as mesh,
+            mesh.session(limit=1) as s,  # one connection: every request after the first reuses it
+        ):
+
+            async def version() -> str:
+                async with s.get(f"{REVIEWS}/reviews/1") as r:
+                    await r.read()
+                    return r.headers.get("x-version", str(r.status))
+
+            assert [await version(), await version()] == ["v1", "v1"]
+            mesh.set_config(to_v1, v1_is_v3)  # same destination, other endpoints
+            assert [await version(), await version()] == ["v3", "v3"]
+            mesh.set_config(to_v1.replace("subset: v1", "subset: v2"), REVIEWS_DR)
+            assert await version() == "v2"
+            mesh.set_config(to_v1, REVIEWS_DR)
+            assert await version() == "v1"
+
+    run(main())
+
+
+def _state(mutate: Callable[[dict[str, Any]], None]) -> MeshState:
+    """The loopback mesh's state with `mutate` applied to (a copy of) its config."""
+    cfg = copy.deepcopy(mesh_config())
+    mutate(cfg)
+    return MeshState.from_config(parse_mesh_config(cfg))
+
+
+def test_a_state_change_applies_to_the_next_request_on_the_same_connection(
+    tmp_path: Path,
+) -> None:
+    """As above for a new mesh state (`WaypointContext.set_state`), the config unchanged: the
+    handler's per-(state, config) destination clusters and endpoint workloads
+    (`waypoint.derived`) must not outlive the state they came from."""
+    to_v1 = virtual_service("- route: [{destination: {host: reviews, subset: v1}}]")
+
+    def drop_v1(cfg: dict[str, Any]) -> None:
+        for wl in cfg["workloads"]:
+            if wl["uid"] == "reviews-v1":
+                wl["services"] = {k: v for k, v in wl["services"].items() if "/reviews." not in k}
+
+    def v3_is_v1(cfg: dict[str, Any]) -> None:
+        drop_v1(cfg)
+        for wl in cfg["workloads"]:
+            if wl["uid"] == "reviews-v3":
+                wl["canonicalRevision"] = "v1"
+
+    async def main() -> None:
+        async with (
+            waypoint_mesh(tmp_path, to_v1, REVIEWS_DR) as mesh,
+            mesh.session(limit=1) as s,  # one connection: every request after the first reuses it
+        ):
+
+            async def version() -> str:
+                async with s.get(f"{REVIEWS}/reviews/1") as r:
+                    await r.read()
+                    return r.headers.get("x-version", str(r.status))
+
+            assert [await version(), await version()] == ["v1", "v1"]
+            mesh.waypoint.ctx.set_state(_state(drop_v1))  # subset v1 has no endpoint
+            assert await version() == "503"
+            mesh.waypoint.ctx.set_state(_state(v3_is_v1))  # subset v1 is the v3 pod
+            assert await version() == "v3"
+            mesh.waypoint.ctx.set_state(_state(lambda cfg: None))
+            assert await version() == "v1"
+
+    run(main())

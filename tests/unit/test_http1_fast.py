@@ -22,6 +22,7 @@ Until session 9 the accelerator was llhttp (httptools) under the same discipline
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -228,7 +229,7 @@ ATTACKS: list[tuple[str, bytes, int]] = [
     ("CL negative", b"POST / HTTP/1.1\r\n" + H + b"content-length: -1", 400),
     ("CL superscript", b"POST / HTTP/1.1\r\n" + H + b"content-length: \xb2", 400),
     ("CL hex", b"POST / HTTP/1.1\r\n" + H + b"content-length: 0x3", 400),
-    # U+00A0 / U+0085 beside Content-Length digits: CL_OWS below (with the body on the wire).
+    # U+00A0 / U+0085 beside Content-Length digits: CL_OWS below (both roles, body on the wire).
     ("CL 20 digits", b"POST / HTTP/1.1\r\n" + H + b"content-length: 99999999999999999999", 400),
     ("obs-fold", b"GET / HTTP/1.1\r\n" + H + b"x-a: b\r\n c", 400),
     ("obs-fold tab", b"GET / HTTP/1.1\r\n" + H + b"x-a: b\r\n\tc", 400),
@@ -292,27 +293,53 @@ def test_smuggling_shapes_get_the_checked_parsers_verdict(wire: bytes, status: i
 # member is SP / HTAB (§5.6.1), so U+00A0 / U+0085 are neither trimmed nor digits. Each head is
 # followed by its body: a refusal here is the value's, not "connection closed inside a body".
 CL_OWS: list[tuple[str, bytes, str]] = [
-    ("nbsp after", b"content-length: 5\xa0", "bad Content-Length"),
-    ("nbsp before", b"content-length: \xa05", "bad Content-Length"),
-    ("NEL in list", b"content-length: 5,\x855", "conflicting Content-Length"),
+    ("nbsp after", b"content-length: %d\xa0", "bad Content-Length"),
+    ("nbsp before", b"content-length: \xa0%d", "bad Content-Length"),
+    ("NEL in list", b"content-length: %d,\x85%d", "conflicting Content-Length"),
+    ("NEL in list after SP", b"content-length: %d, \x85%d", "conflicting Content-Length"),
     (
         "nbsp then plain",
-        b"content-length: 5\xa0\r\ncontent-length: 5",
+        b"content-length: %d\xa0\r\ncontent-length: %d",
         "conflicting Content-Length",
     ),
 ]
+"""Content-Length field lines with U+00A0 / U+0085 beside the digits (``%d``: the body's
+length), for both roles."""
 
 
+class _Side(NamedTuple):
+    """A role as a CL_OWS case sees it."""
+
+    start: bytes
+    """The start line (and fields before the Content-Length)."""
+    body: bytes
+    """The body on the wire."""
+    response_to: str | None
+    """The method a response answers; None for a request."""
+    status: int
+    """The refusal's status."""
+
+
+_SIDES = {
+    "request": _Side(b"POST / HTTP/1.1\r\nhost: a\r\n", b"hello", None, 400),
+    "response": _Side(b"HTTP/1.1 200 OK\r\n", b"abc", "GET", 502),
+}
+
+
+@pytest.mark.parametrize("side", list(_SIDES.values()), ids=list(_SIDES))
 @pytest.mark.parametrize(("field", "why"), [c[1:] for c in CL_OWS], ids=[c[0] for c in CL_OWS])
-def test_content_length_ows_is_sp_htab_only(field: bytes, why: str) -> None:
-    """A Content-Length with U+00A0 or U+0085 beside the digits is refused with its body on the
-    wire (str.strip() read each as 5 and took `hello` as the body); also split byte by byte."""
-    wire = b"POST / HTTP/1.1\r\nhost: a\r\n" + field + b"\r\n\r\nhello"
-    got = same([wire])
+def test_content_length_ows_is_sp_htab_only(field: bytes, why: str, side: _Side) -> None:
+    """A Content-Length with U+00A0 or U+0085 beside the digits is refused (400 from a client,
+    502 from an upstream) with its body on the wire (str.strip() read each as the body's length
+    and took the body as the message's); also split byte by byte."""
+    start, body, response_to, status = side
+    n = len(body)
+    wire = start + field % ((n,) * field.count(b"%d")) + b"\r\n\r\n" + body
+    got = same([wire], response_to)
     assert isinstance(got, tuple)
-    assert got[2] == 400
+    assert got[2] == status
     assert got[1].startswith(why)
-    assert same([wire[i : i + 1] for i in range(len(wire))]) == got
+    assert same([wire[i : i + 1] for i in range(len(wire))], response_to) == got
 
 
 # ---- the fast reader is used, and fails closed -------------------------------------------------

@@ -157,7 +157,7 @@ ATTACKS: list[tuple[str, str, bytes, int]] = [
     ("CL differing", "GET", OK + b"content-length: 3\r\ncontent-length: 4", 502),
     ("CL list differing", "GET", OK + b"content-length: 3, 4", 502),
     ("CL plus sign", "GET", OK + b"content-length: +3", 502),
-    # U+00A0 / U+0085 beside Content-Length digits: CL_OWS below (with the body on the wire).
+    # U+00A0 / U+0085 beside Content-Length digits: test_http1_fast.CL_OWS (both roles).
     ("CL 20 digits", "GET", OK + b"content-length: 99999999999999999999", 502),
     ("TE not final chunked", "GET", OK + b"transfer-encoding: chunked, x", 502),
     ("TE nbsp", "GET", OK + b"transfer-encoding: chunked\xa0", 502),
@@ -222,30 +222,6 @@ def test_response_attacks_get_the_checked_parsers_verdict(
         assert isinstance(got[0], ResponseHead)
         if got[0].status in (204, 304) or method in ("HEAD", "CONNECT"):
             assert got[1] == EndOfMessage()
-
-
-CL_OWS: list[tuple[str, bytes, str]] = [
-    ("nbsp after", b"content-length: 3\xa0", "bad Content-Length"),
-    ("nbsp before", b"content-length: \xa03", "bad Content-Length"),
-    ("NEL in list", b"content-length: 3, \x853", "conflicting Content-Length"),
-    (
-        "nbsp then plain",
-        b"content-length: 3\xa0\r\ncontent-length: 3",
-        "conflicting Content-Length",
-    ),
-]
-
-
-@pytest.mark.parametrize(("field", "why"), [c[1:] for c in CL_OWS], ids=[c[0] for c in CL_OWS])
-def test_response_content_length_ows_is_sp_htab_only(field: bytes, why: str) -> None:
-    """As `test_content_length_ows_is_sp_htab_only`, upstream: refused (502) with the body
-    `abc` on the wire, not read as a 3-byte body; also split byte by byte."""
-    wire = OK + field + b"\r\n\r\nabc"
-    got = same([wire], "GET")
-    assert isinstance(got, tuple)
-    assert got[2] == 502
-    assert got[1].startswith(why)
-    assert same([wire[i : i + 1] for i in range(len(wire))], "GET") == got
 
 
 def test_the_fast_reader_reads_the_bench_response_heads() -> None:

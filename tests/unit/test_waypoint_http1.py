@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -116,6 +117,138 @@ def test_head_too_large_is_431() -> None:
     with pytest.raises(HttpParseError) as err:
         p.next_event()
     assert err.value.status == 431
+
+
+def _trickled(p: Http1Parser, pieces: list[bytes]) -> list[object]:
+    """Feed `pieces` one read each, `next_event` after each as the proxy does."""
+    got: list[object] = []
+    for piece in pieces:
+        p.feed(piece)
+        while (ev := p.next_event()) is not None:
+            got.append(ev)
+    return got
+
+
+@pytest.mark.parametrize(("role", "status"), [(Role.REQUEST, 400), (Role.RESPONSE, 502)])
+def test_empty_lines_before_a_start_line_are_bounded(role: Role, status: int) -> None:
+    """RFC 9112 §2.2: empty lines before a start line are ignored, at most `MAX_EMPTY_LINES` of
+    them. Unbounded, a peer sending CR LF one read at a time kept the connection busy forever
+    (each stripped, never counted against the head limit: ~40 ms of CPU per 80 KB)."""
+    p = Http1Parser(role)
+    if role is Role.RESPONSE:
+        p.expect_response_to("GET")
+    with pytest.raises(HttpParseError) as err:
+        _trickled(p, [b"\r\n"] * 40_000)  # main: all stripped, no error
+    assert err.value.status == status
+    assert "empty lines" in str(err.value)
+    # Split CR and LF are counted too.
+    p = Http1Parser(role)
+    with pytest.raises(HttpParseError):
+        _trickled(p, [b"\r", b"\n"] * (http1.MAX_EMPTY_LINES + 1))
+
+
+def test_empty_lines_up_to_the_bound_are_ignored_before_every_message() -> None:
+    """The bound is per message: a keep-alive connection may send `MAX_EMPTY_LINES` empty
+    lines before each request."""
+    req = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+    pieces = ([b"\r\n"] * http1.MAX_EMPTY_LINES + [req]) * 3
+    got = _trickled(Http1Parser(Role.REQUEST), pieces)
+    assert [type(e) for e in got] == [RequestHead, EndOfMessage] * 3
+
+
+_REQ = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+_RESP = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+_SPLITS: dict[str, Callable[[int, bytes], list[bytes]]] = {
+    "one read": lambda n, start: [b"\r\n" * n + start],
+    "pairs": lambda n, start: [b"\r\n"] * n + [start],
+    "CR|LF": lambda n, start: [b"\r", b"\n"] * n + [start],
+    "last pair with the start line": lambda n, start: [b"\r\n"] * (n - 1) + [b"\r\n" + start],
+    "CR | LF pairs start": lambda n, start: [b"\r", b"\n" + b"\r\n" * (n - 1) + start],
+}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "checked"])
+@pytest.mark.parametrize("split", list(_SPLITS))
+@pytest.mark.parametrize("role", [Role.REQUEST, Role.RESPONSE])
+def test_empty_line_verdict_does_not_depend_on_reads(role: Role, split: str, fast: bool) -> None:
+    """`MAX_EMPTY_LINES` empty lines are ignored and one more refuses the message, however the
+    CR LFs are split across reads. Before, only lines arriving with no head end in the buffer
+    were counted: 9 with the last in the start line's read were accepted, and 2 in one read
+    with the start line were 400 "malformed request line b''"."""
+    start, status = (_REQ, 400) if role is Role.REQUEST else (_RESP, 502)
+    bound = http1.MAX_EMPTY_LINES
+    for n, refused in [(1, False), (2, False), (bound, False), (bound + 1, True)]:
+        p = Http1Parser(role, fast=fast)
+        if role is Role.RESPONSE:
+            p.expect_response_to("GET")
+        pieces = _SPLITS[split](n, start)
+        if refused:
+            with pytest.raises(HttpParseError) as err:
+                _trickled(p, pieces)
+            assert err.value.status == status
+            assert "empty lines" in str(err.value)
+        else:
+            got = _trickled(p, pieces)
+            head = RequestHead if role is Role.REQUEST else ResponseHead
+            assert [type(e) for e in got] == [head, EndOfMessage], (n, split)
+
+
+_POST = b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc"
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "checked"])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [_REQ + b"\r\n\r\n" + _REQ],
+        [_POST + b"\r\n\r\n" + _REQ],
+        [_POST + b"\r\n", _REQ],
+        [_REQ + b"\r", b"\n\r\n" + _REQ],
+    ],
+    ids=["pipelined, 2 lines", "after a body, 2 lines", "after a body, 1 line", "split CR"],
+)
+def test_empty_lines_between_messages_are_ignored(pieces: list[bytes], fast: bool) -> None:
+    """Empty lines after a message and before the next (a client may send one after a body) are
+    ignored whatever arrives in the same read; before, two in the read of the next request made
+    it a 400."""
+    got = _trickled(Http1Parser(Role.REQUEST, fast=fast), pieces)
+    assert [type(e) for e in got if not isinstance(e, Body)] == [
+        RequestHead,
+        EndOfMessage,
+        RequestHead,
+        EndOfMessage,
+    ]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "checked"])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"\n" * 20 + _REQ],
+        [b"\r" * 20 + _REQ],
+        [b"\n\r\r\n\n" + _REQ],
+        [b"\r\n\n" + _REQ],
+        [b"\n"] * 2000 + [_REQ],
+    ],
+    ids=["20 LF", "20 CR", "LF CR mix", "CRLF LF", "2000 LF trickled"],
+)
+def test_bare_cr_or_lf_before_a_start_line_is_refused(pieces: list[bytes], fast: bool) -> None:
+    """A bare CR or LF before the start line is refused as in the rest of a head (RFC 9112
+    §2.2: a bare CR MUST be refused), at the first read that shows it; before, 20 bare CRs or
+    2000 bare LFs one per read were stripped and the request accepted."""
+    p = Http1Parser(Role.REQUEST, fast=fast)
+    p.feed(pieces[0])
+    with pytest.raises(HttpParseError) as err:
+        p.next_event()
+    assert err.value.status == 400
+    assert "bare CR or LF" in str(err.value)
+
+
+def test_a_lone_cr_waits_for_its_lf() -> None:
+    p = Http1Parser(Role.REQUEST)
+    p.feed(b"\r")
+    assert p.next_event() is None
+    assert [type(e) for e in _trickled(p, [b"\n" + _REQ])] == [RequestHead, EndOfMessage]
 
 
 _FIELD_600 = b"x-a: " + b"a" * 593 + b"\r\n"

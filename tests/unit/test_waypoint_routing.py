@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+import uuid
 from collections import Counter
 
 import pytest
@@ -316,7 +318,7 @@ spec:
     ],
 )
 def test_traceparent(incoming: str | None, keeps_trace: bool) -> None:
-    out, trace, span, _parent, _sampled = trace_hop(incoming, random.Random(3))
+    out, trace, span, _parent, _sampled, _rid = trace_hop(incoming, random.Random(3))
     version, t, parent, flags = out.split("-")
     assert version == "00"
     assert parent == span
@@ -330,3 +332,83 @@ def test_traceparent(incoming: str | None, keeps_trace: bool) -> None:
     else:
         assert t == trace
         assert flags == "01"
+
+
+class _Draws(random.Random):
+    """A seeded rng that counts its draws and can hand out fixed values first."""
+
+    def __init__(self, seed: int, first: tuple[int, ...] = ()) -> None:
+        super().__init__(seed)
+        self.draws = 0
+        self.first = list(first)
+
+    def getrandbits(self, k: int, /) -> int:
+        self.draws += 1
+        return self.first.pop(0) if self.first else super().getrandbits(k)
+
+
+@pytest.mark.parametrize(
+    "incoming", [None, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]
+)
+def test_trace_and_request_ids_come_from_one_draw_in_their_formats(incoming: str | None) -> None:
+    rng = _Draws(7)
+    hop = trace_hop(incoming, rng)
+    assert rng.draws == 1  # span, trace and request id: one draw per hop, not one per id
+    assert re.fullmatch(r"[0-9a-f]{16}", hop.span_id)
+    assert int(hop.span_id, 16)
+    assert re.fullmatch(r"[0-9a-f]{32}", hop.trace_id)
+    assert int(hop.trace_id, 16)
+    # x-request-id: 128 random bits in UUID text form, as str(uuid.UUID(...)).
+    assert hop.request_id == str(uuid.UUID(hex=hop.request_id.replace("-", "")))
+    # Deterministic under the injected rng; distinct ids per hop.
+    assert trace_hop(incoming, random.Random(7)) == hop
+    other = trace_hop(incoming, rng)
+    assert other.span_id != hop.span_id
+    assert other.request_id != hop.request_id
+
+
+def test_an_all_zero_span_or_trace_id_is_drawn_again() -> None:
+    # W3C trace-context §3.2.2.3/§3.2.2.4: all-zero trace and parent ids are invalid.
+    # 320 bits = span (top 64) | trace (next 128) | request id (low 128).
+    zero_span = 5 << 128  # span digits all zero, trace non-zero
+    zero_trace = 9 << 256  # trace digits all zero, span non-zero
+    rng = _Draws(1, (zero_span, zero_trace))
+    hop = trace_hop(None, rng)
+    assert rng.draws == 3
+    assert int(hop.span_id, 16)
+    assert int(hop.trace_id, 16)
+    assert hop.span_id != "0" * 16
+    assert hop.trace_id != "0" * 32
+
+
+def test_a_fixed_draw_gives_exact_span_trace_and_request_ids() -> None:
+    """The 320-bit split pinned: span = top 64 bits, trace = next 128, request id = low 128 in
+    UUID text form; the request id is never the trace id (sliced from the same digits, an
+    off-by-one or a copy of the trace slice still passes the format checks above)."""
+    span, trace, rid = (
+        "0123456789abcdef",
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "00112233445566778899aabbccddeeff",
+    )
+    rng = _Draws(1, (int(span + trace + rid, 16),))
+    hop = trace_hop(None, rng)
+    assert rng.draws == 1
+    assert hop.span_id == span
+    assert hop.trace_id == trace
+    assert hop.traceparent == f"00-{trace}-{span}-01"
+    assert hop.request_id == "00112233-4455-6677-8899-aabbccddeeff"
+    # With an incoming trace the new trace digits are unused; the span and request id are not.
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    hop = trace_hop(incoming, _Draws(1, (int(span + trace + rid, 16),)))
+    assert (hop.trace_id, hop.span_id, hop.parent_span_id) == (
+        "0af7651916cd43dd8448eb211c80319c",
+        span,
+        "b7ad6b7169203331",
+    )
+    assert hop.request_id == "00112233-4455-6677-8899-aabbccddeeff"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_request_id_is_not_the_trace_id(seed: int) -> None:
+    hop = trace_hop(None, random.Random(seed))
+    assert hop.request_id.replace("-", "") != hop.trace_id

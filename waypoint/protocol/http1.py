@@ -17,7 +17,9 @@ Invariants:
   are kept. Field values and reason phrases with control characters other than HTAB (RFC 9110
   §5.5, RFC 9112 §4) are refused; at most `MAX_HEADERS` fields (431 past that, Envoy's
   default) in a head or a trailer section, at most `MAX_INTERIM_HEADS` 1xx heads before one
-  final response.
+  final response; at most `MAX_EMPTY_LINES` empty lines before a start line (RFC 9112 §2.2
+  asks to ignore at least one; past the bound the message is refused as malformed, so a peer
+  cannot keep a connection busy on empty lines that never count against `MAX_HEAD`).
 - A request line has an upper-case token method (RFC 9110 §9.1; Istio refuses other verbs
   with 400) and a visible-ASCII target (RFC 9112 §3.2); an HTTP/1.1 request has exactly one
   Host field line (RFC 9112 §3.2); a status code is exactly three digits (RFC 9112 §4).
@@ -61,6 +63,10 @@ MAX_HEAD = 60 * 1024
 """Largest request/response head accepted (Envoy's default max_request_headers_kb is 60)."""
 MAX_HEADERS = 100
 """Most field lines in a head or a trailer section (Envoy's default max_headers_count)."""
+MAX_EMPTY_LINES = 8
+"""Most empty lines (CR LF) ignored before a start line (RFC 9112 §2.2: "SHOULD ignore at least
+one empty line (CRLF) received prior to the request-line"; a client may send one after a
+body); more is a malformed message (400, 502 for a response)."""
 MAX_CHUNK_LINE = 4096
 
 Headers = tuple[tuple[str, str], ...]
@@ -256,6 +262,7 @@ class Http1Parser:
         # byte per read costs linear time, not a search of the whole buffer per read. 0 when
         # that head or line is consumed (nothing else takes bytes from the front meanwhile).
         self._scanned = 0
+        self._empty = 0  # empty lines ignored before the start line being read
 
     # ---- input -------------------------------------------------------------------------------
 
@@ -327,25 +334,41 @@ class Http1Parser:
         return EndOfMessage(trailers) if trailers else _END
 
     def _head(self) -> Event | None:
+        buf = self._buf
+        if buf and (buf[0] == 13 or buf[0] == 10):  # CR, LF: a start line never begins so
+            # RFC 9112 §2.2: a server SHOULD ignore at least one empty line (CRLF) received
+            # before a request line; at most MAX_EMPTY_LINES of them. Stripped and counted
+            # before the head end is searched for, so the verdict is the same however the lines
+            # were split across reads.
+            if buf[:2] == b"\r\n":
+                while buf[:2] == b"\r\n":
+                    del buf[:2]
+                    self._empty += 1
+                    if self._empty > MAX_EMPTY_LINES:
+                        raise self._fail(
+                            f"more than {MAX_EMPTY_LINES} empty lines before a start line"
+                        )
+                self._scanned = 0
+            # A bare CR or LF before the start line is refused as it is in the rest of a head
+            # (RFC 9112 §2.2: a bare CR MUST be refused or replaced); a lone CR waits for its LF.
+            if buf and (buf[0] == 10 or (buf[0] == 13 and len(buf) > 1)):
+                raise self._fail("bare CR or LF in the message head")
         # Resumed 3 bytes before where the last search stopped (a CR LF CR LF split across
-        # reads); stripping leading CR LF pairs below cannot make a new one.
-        end = self._buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        # reads).
+        end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
-            # RFC 9112 §2.2: a server SHOULD ignore at least one empty line before a request.
-            while self._buf.startswith(b"\r\n"):
-                del self._buf[:2]
-            self._scanned = len(self._buf)
-            if len(self._buf) > self.max_head:
+            self._scanned = len(buf)
+            if len(buf) > self.max_head:
                 raise HttpParseError("message head too large", 431 if self._request_role else 502)
-            if self._eof and self._buf:
+            if self._eof and buf:
                 raise self._fail("connection closed inside a message head")
             return None
         if end > self.max_head:
             raise HttpParseError("message head too large", 431 if self._request_role else 502)
-        raw = bytes(self._buf[:end])
-        del self._buf[: end + 4]
+        raw = bytes(buf[:end])
+        del buf[: end + 4]
         self._scanned = 0
-        raw = raw.lstrip(b"\r\n")
+        self._empty = 0
         crlf = raw.count(b"\r\n")
         if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
             raise self._fail("bare CR or LF in the message head")
