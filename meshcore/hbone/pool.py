@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from meshcore.certs import WorkloadCertificate
-from meshcore.errors import DialRetired, StreamRefused
+from meshcore.errors import DialRetired, HboneError, StreamRefused
 from meshcore.hbone.aio import (
     HboneProtocol,
     HboneSettings,
@@ -137,7 +137,7 @@ class HbonePool:
                     return None
         return None
 
-    async def open_stream(
+    async def open_stream(  # noqa: PLR0913 (the CONNECT's 4 fields, then 2 keyword options)
         self,
         key: PoolKey,
         authority: str,
@@ -145,9 +145,16 @@ class HbonePool:
         sink: TunnelSink,
         *,
         attempts: int = DIAL_ATTEMPTS,
+        on_started: Callable[[HboneStream], None] | None = None,
     ) -> HboneStream:
         """A CONNECT stream on a pooled connection. Raises HboneError (non-200),
         PeerVerificationError, or OSError/ConnectionError (connect failures).
+
+        `on_started`: called with each stream as soon as its CONNECT is sent, before its
+        answer (HTTP/2 and HTTP/3 alike, and again for a retried one), so a caller whose
+        client goes meanwhile can reset it at once (RST_STREAM; failing its `response` with
+        ConnectionResetError ends this call) instead of holding it, and the peer's tunnel
+        slot and upstream connect, until the answer.
 
         A stream the peer did not process (StreamRefused: above its GOAWAY's last stream id,
         e.g. while it hands its listeners to a successor) is retried on another connection,
@@ -156,7 +163,16 @@ class HbonePool:
         for attempt in range(1, attempts + 1):
             proto = await self._connection(key)
             try:
-                return await proto.open_stream(authority, headers, sink)
+                stream = proto.start_stream(authority, headers, sink)
+                if on_started is not None:
+                    on_started(stream)
+                assert stream.response is not None
+                status = await stream.response
+                if status != 200:
+                    raise HboneError.for_status(
+                        status, f"CONNECT {authority} refused with {status}"
+                    )
+                return stream
             except StreamRefused:
                 if attempt == attempts:
                     raise

@@ -148,23 +148,38 @@ class OutboundConnection(TcpSide):
         self.ctx = ctx
         self.record: ConnectionRecord | None = None
         self._pending: HboneStream | None = None
-        """The CONNECT `begin` sent without a task, until `_answered`."""
+        """The CONNECT sent and not answered yet (`begin`'s until `_answered`; the pool's
+        `_started` until `open_stream` returns)."""
+        self._peer_reset: str | None = None
+        """Why the peer reset the stream before the tunnel opened (e.g. right after its 200,
+        in the same read): the record's error, not `_CLIENT_GONE`."""
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._finished:
+            self._reset_pending()
+        super().connection_lost(exc)
+
+    def _reset_pending(self) -> None:
+        """The client is gone before the CONNECT's answer: RST_STREAM(CONNECT_ERROR) now, as
+        for a reset after it (RFC 9113 §8.5), and whoever waits for the answer (`_answered`,
+        or the pool's `open_stream` in a task) records the connection failed."""
         pending, self._pending = self._pending, None
-        if pending is not None and not self._finished:
-            # Gone before the CONNECT's answer: RST_STREAM(CONNECT_ERROR) now, as for a reset
-            # after it (RFC 9113 §8.5), and `_answered` records the connection failed.
+        if pending is not None:
             pending.reset(ErrorCode.CONNECT_ERROR)
             response = pending.response
             if response is not None and not response.done():
                 response.set_exception(ConnectionResetError(_CLIENT_GONE))
-        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self.transport is not None
         self.ctx.connections.add(self.transport)
+
+    def tunnel_reset(self, code: int, remote: bool) -> None:
+        if self.record is None and not self._finished:
+            who = "by peer" if remote else "by us for a peer error"
+            self._peer_reset = f"HBONE stream reset {who} (code {code}) before the tunnel opened"
+        super().tunnel_reset(code, remote)
 
     def _record_close(self, _side: TcpSide, error: str | None) -> None:
         if self.transport is not None:
@@ -310,9 +325,23 @@ class OutboundConnection(TcpSide):
         rec: ConnectionRecord,
         attempts: int = DIAL_ATTEMPTS,
     ) -> None:
-        """The CONNECT through the pool (which may dial, or retry a refused stream)."""
-        stream = await self.ctx.pool.open_stream(key, authority, headers, self, attempts=attempts)
+        """The CONNECT through the pool (which may dial, or retry a refused stream). Each
+        stream is `_pending` from its sending on (`_started`), as on the taskless path."""
+        try:
+            stream = await self.ctx.pool.open_stream(
+                key, authority, headers, self, attempts=attempts, on_started=self._started
+            )
+        finally:
+            self._pending = None
         self._tunnel(stream, rec)
+
+    def _started(self, stream: HboneStream) -> None:
+        """A CONNECT the pool just sent for this connection (after a dial, on HTTP/3, or a
+        retried one): reset at once if the client is gone already (it went during the dial),
+        else when it goes (`connection_lost`) before the answer."""
+        self._pending = stream
+        if self._finished:
+            self._reset_pending()
 
     def _answered(
         self,
@@ -349,10 +378,11 @@ class OutboundConnection(TcpSide):
     def _tunnel(self, stream: HboneStream, rec: ConnectionRecord) -> None:
         """Count the connection opened, then attach the answered stream (opened first: early
         data and END_STREAM may finish the connection inside `attach`, which counts it closed).
-        Raises ConnectionResetError, the stream reset, when the client is gone already."""
+        Raises ConnectionResetError, the stream reset, when the connection is finished already:
+        the client gone, or the peer's reset of the stream delivered with its 200."""
         if self._finished:
             stream.reset(ErrorCode.CONNECT_ERROR)
-            raise ConnectionResetError(_CLIENT_GONE)
+            raise ConnectionResetError(self._peer_reset or _CLIENT_GONE)
         rec.mtls = True
         rec.transport = stream.transport
         rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None
