@@ -780,33 +780,43 @@ def plan_inbound(
     given, the receiving workload must run on it."""
     if cache is None:
         return _plan_inbound(state, connect, network, node)
-    try:
-        # The addresses as parsed (packed, scope kept: as `ipaddress` tells them apart), not as
-        # spelled: "fd00::1" and "FD00:0::1" are one address, one plan (the plan names the
-        # canonical text). IPv4 and IPv4-mapped IPv6 stay two addresses, as for the state.
-        dst, src, conn_dst = (
-            address_key(connect.dst_ip)[1],
-            address_key(connect.src_ip)[1],
-            address_key(connect.conn_dst_ip)[1],
-        )
-    except ValueError:
-        return _plan_inbound(state, connect, network, node)  # raises BadRequest: not kept
     key = (
-        dst,
+        connect.dst_ip,
         connect.dst_port,
         connect.src_identity,
-        src,
-        conn_dst,
+        connect.src_ip,
+        connect.conn_dst_ip,
         connect.addressed_service,
         network,
         node,
     )
     plan = cache.get(state, key)
-    if plan is None:
-        plan = _plan_inbound(state, connect, network, node)  # raises: nothing kept
-        addressed = connect.addressed_service
-        if addressed is None or state.service(addressed) is not None:
-            cache.put(key, plan)
+    if plan is not None:
+        return plan
+    try:
+        # Kept under the addresses' canonical texts (as parsed: "FD00:0::1" is "fd00::1", an
+        # IPv6 scope stays, IPv4-mapped IPv6 stays apart from IPv4), so every spelling of one
+        # address shares one plan; a CONNECT spelled so is looked up as typed first (above).
+        canonical = (
+            _address_text(connect.dst_ip),
+            connect.dst_port,
+            connect.src_identity,
+            _address_text(connect.src_ip),
+            _address_text(connect.conn_dst_ip),
+            connect.addressed_service,
+            network,
+            node,
+        )
+    except ValueError:
+        return _plan_inbound(state, connect, network, node)  # raises BadRequest: not kept
+    if canonical != key:
+        plan = cache.get(state, canonical)
+        if plan is not None:
+            return plan
+    plan = _plan_inbound(state, connect, network, node)  # raises: nothing kept
+    addressed = connect.addressed_service
+    if addressed is None or state.service(addressed) is not None:
+        cache.put(canonical, plan)
     return plan
 
 
