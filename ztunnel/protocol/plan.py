@@ -163,14 +163,15 @@ class OutboundPlanCache:
     snapshot (issue 14: the same few pairs open every connection; a plan took ~5 us). A plan is
     a pure function of the snapshot, the scope and those three, so an outcome is reused only
     while `state` is the very snapshot it was planned on: any other snapshot (a workload
-    removed, a service or waypoint changed) empties the cache first, and the next connection
-    is planned on it. Random picks stay per connection: an outcome keeps every option of a
-    pick (`_Choice`) and `_resolve` draws with the scope's rng, the same draws in the same
-    order as planning each time. Bounded by the state: only a known local source to a port a
-    VIP declares is kept (a workload IP's port or an address outside the mesh is the client's
-    pick: planned per connection, never kept); and `MAX_CACHED_PLANS` plans in all (the oldest
-    leave first), `MAX_PLANS_PER_OUTCOME` per outcome (more alternatives: planned per
-    connection). Holds its snapshot, so a snapshot's identity is not reused while cached."""
+    removed, a service or waypoint changed) empties the cache first, and the next connection is
+    planned on it. Random picks stay per connection: an outcome keeps every option of a pick
+    (`_Choice`, each built on first use) and `_resolve` draws with the scope's rng, the same
+    draws in the same order as planning each time. Bounded by the state: only a known local
+    source to a port a VIP declares is kept (a workload IP's port or an address outside the mesh
+    is the client's pick: planned per connection, never kept); and `MAX_CACHED_PLANS` plans in
+    all (the oldest leave first), `MAX_PLANS_PER_OUTCOME` per outcome (more alternatives:
+    planned per connection). Holds its snapshot, so a snapshot's identity is not reused while
+    cached."""
 
     __slots__ = ("_entries", "_plans", "_state")
 

@@ -12,8 +12,9 @@ opens the tunnel); only what must wait (an on-demand lookup, a dial, a retried s
 same-node path, a passthrough connect) runs in a task. Every path ends the same way: the
 connection's record opened, or failed (recorded, logged at debug, the client's socket aborted).
 It is counted opened right before its tunnel or upstream is attached, and only if the client is
-still there: a client gone first (its reset, the drain's abort) has its CONNECT reset (pending:
-at once; in a task: when answered) or its upstream closed, and is recorded failed.
+still there: a client gone first (its reset, the drain's abort) has its CONNECT reset at once,
+whether sent without a task or by the pool in one (`_pending`; a dial still in flight: as soon
+as its CONNECT is sent), or its upstream closed, and is recorded failed.
 """
 
 from __future__ import annotations
