@@ -31,6 +31,9 @@ Invariants (in the spirit of ztunnel's pool.rs):
   network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
   and HTTP/2 is used meanwhile. A refused peer identity never falls back: it is an error on
   either transport.
+- A CONNECT `open_stream` sent is never left open without an answer waiting for it: when the
+  call ends before a 200 (cancelled, e.g. by a caller's connect timeout, or failed) the stream
+  is reset (RST_STREAM CONNECT_ERROR), so its late answer cannot keep it against max streams.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from meshcore.hbone.aio import (
     connect,
 )
 from meshcore.hbone.aio import PoolKey as PoolKey  # re-exported: the pool's key
+from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
 
 if TYPE_CHECKING:  # aioquic is imported by the first HTTP/3 dial only (`_dial_h3`)
@@ -164,10 +168,20 @@ class HbonePool:
             proto = await self._connection(key)
             try:
                 stream = proto.start_stream(authority, headers, sink)
-                if on_started is not None:
-                    on_started(stream)
-                assert stream.response is not None
-                status = await stream.response
+                try:
+                    if on_started is not None:
+                        on_started(stream)
+                    assert stream.response is not None
+                    status = await stream.response
+                except BaseException:
+                    # Cancelled (a caller's connect timeout) or failed: the CONNECT is sent,
+                    # and a late 200 would find no one waiting and leave the stream open (our
+                    # max streams; the peer's tunnel slot and upstream). RST_STREAM now (RFC
+                    # 9113 §8.5); a no-op when the peer or the connection ended it already
+                    # (REFUSED_STREAM, reset, connection lost). The late answer and DATA find
+                    # the stream forgotten: dropped (`aio.on_response`, `on_stream_data`).
+                    stream.reset(ErrorCode.CONNECT_ERROR)
+                    raise
                 if status != 200:
                     raise HboneError.for_status(
                         status, f"CONNECT {authority} refused with {status}"
