@@ -372,9 +372,7 @@ class H3Protocol:
         assert stream.response is not None
         status = await stream.response
         if status != 200:
-            refused = HboneError(f"CONNECT {authority} refused with {status}")
-            refused.status = status
-            raise refused
+            raise HboneError.for_status(status, f"CONNECT {authority} refused with {status}")
         return stream
 
 
