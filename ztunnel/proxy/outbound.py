@@ -152,8 +152,9 @@ class OutboundConnection(TcpSide):
         """The CONNECT sent and not answered yet (`begin`'s until `_answered`; the pool's
         `_started` until `open_stream` returns)."""
         self._peer_reset: str | None = None
-        """Why the peer reset the stream before the tunnel opened (e.g. right after its 200,
-        in the same read): the record's error, not `_CLIENT_GONE`."""
+        """Why the stream or its HBONE connection was reset before the tunnel opened (the
+        peer's RST_STREAM, e.g. right after its 200 in the same read; the connection lost; our
+        reset for a peer error or our GOAWAY): the record's error, not `_CLIENT_GONE`."""
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._finished:
@@ -178,8 +179,11 @@ class OutboundConnection(TcpSide):
 
     def tunnel_reset(self, code: int, remote: bool) -> None:
         if self.record is None and not self._finished:
-            who = "by peer" if remote else "by us for a peer error"
-            self._peer_reset = f"HBONE stream reset {who} (code {code}) before the tunnel opened"
+            # Not only the peer's RST_STREAM: the connection lost and our GOAWAY say so too
+            # (`remote` does not tell them apart), hence no "by peer".
+            self._peer_reset = (
+                f"HBONE stream or connection reset (code {code}) before the tunnel opened"
+            )
         super().tunnel_reset(code, remote)
 
     def _record_close(self, _side: TcpSide, error: str | None) -> None:
@@ -367,13 +371,16 @@ class OutboundConnection(TcpSide):
                     self._failed(rec, gone)
                 return
             err = HboneError.for_status(status, f"CONNECT {stream.authority} refused with {status}")
-        elif isinstance(err, StreamRefused) and not self._finished:
-            # Not processed by the peer (RFC 9113 §8.7): the pool retries it elsewhere, as
-            # `open_stream` would have, with the attempts left.
-            self.ctx.pool.streams_retried += 1
-            work = self._hbone_pooled(key, stream.authority, headers, rec, DIAL_ATTEMPTS - 1)
-            _spawn(self._carry_out(work, rec))
-            return
+        elif isinstance(err, StreamRefused):
+            if self._finished:  # the client went after the refusal: the cause, not the peer
+                err = ConnectionResetError(_CLIENT_GONE)
+            else:
+                # Not processed by the peer (RFC 9113 §8.7): the pool retries it elsewhere,
+                # as `open_stream` would have, with the attempts left.
+                self.ctx.pool.streams_retried += 1
+                work = self._hbone_pooled(key, stream.authority, headers, rec, DIAL_ATTEMPTS - 1)
+                _spawn(self._carry_out(work, rec))
+                return
         self._failed(rec, err)
 
     def _tunnel(self, stream: HboneStream, rec: ConnectionRecord) -> None:
