@@ -8,6 +8,7 @@ backend's accept queue full, so node B's answer is late).
   stream (not the refused id) is the one reset at once when the client goes.
 - The client goes in the same loop iteration as a REFUSED_STREAM on the taskless path: no retry,
   and the record names the client, not the refusal.
+- The client goes during the on-demand lookup: no dial nor CONNECT made for it at all.
 
 The first two patch the pool's and the protocol's classes: pure Python only (a compiled class
 cannot be patched). Reviewer's reproducers; each fails with its path's code removed."""
@@ -28,7 +29,7 @@ from meshcore.hbone.aio import HboneProtocol, HboneStream, PoolKey, TunnelSink
 from meshcore.hbone.events import StreamReset
 from meshcore.hbone.frames import ErrorCode
 from tests.helpers import eventually, run
-from tests.loopback.harness import CLIENT_IP, VIP
+from tests.loopback.harness import CLIENT_IP, VIP, Backend, running_mesh
 from tests.loopback.test_outbound_pending_close import (
     CLIENT_GONE,
     _access_log,
@@ -36,6 +37,7 @@ from tests.loopback.test_outbound_pending_close import (
     _outbound,
     _streams,
 )
+from ztunnel.proxy.context import ProxyContext
 
 pure_only = pytest.mark.skipif(
     native.select() == "compiled", reason="patches classes: pure Python only"
@@ -183,6 +185,57 @@ def test_client_gone_with_a_refusal_is_recorded_as_the_client_gone(
                 )
                 assert mesh.node_a.ctx.pool.streams_retried == retried  # no one to retry for
                 assert _streams(mesh.node_a) == 0
+            errs = [r["error"] for r in records if r["direction"] == "outbound" and r["error"]]
+            assert errs == [CLIENT_GONE], errs
+
+    run(main(), 30, loop=loop)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_client_gone_during_the_on_demand_lookup_sends_nothing(
+    tmp_path: Path, loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookup answered after the client went: recorded failed (the client named), and no
+    dial nor CONNECT made for it (before, one was sent, then reset). `ProxyContext` is not a
+    compiled class: this runs on both builds."""
+    gate = asyncio.Event()
+    asked: list[str] = []
+
+    async def held_lookup(self: ProxyContext, ip: str) -> bool:
+        asked.append(ip)
+        await gate.wait()
+        return True
+
+    monkeypatch.setattr(ProxyContext, "ensure_address", held_lookup)
+
+    async def demand(_name: str, _timeout: float) -> bool:
+        return True
+
+    async def main() -> None:
+        with _access_log() as records:
+            async with running_mesh(tmp_path, backend=Backend()) as mesh:
+                ctx = mesh.node_a.ctx
+                ctx.demand = demand  # on-demand xDS: `start` waits for the lookup
+                failed = _outbound(mesh.node_a, "failed")
+                client = socket.socket()
+                client.bind((CLIENT_IP, 0))
+                client.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(client, (VIP, 80))
+                await eventually(lambda: asked == [VIP], 5, "the lookup asked")
+                if loop == "uvloop":
+                    _rst(client)
+                else:  # asyncio's transport does not see the RST while reading is paused
+                    (transport,) = ctx.connections
+                    transport.abort()  # as node A's drain cuts it
+                await eventually(lambda: not ctx.connections, 2, "node A saw the client go")
+                gate.set()
+                await eventually(
+                    lambda: _outbound(mesh.node_a, "failed") == failed + 1, 2, "recorded failed"
+                )
+                await asyncio.sleep(0.2)
+                assert ctx.pool.connections_opened == 0  # no dial, no CONNECT
+                assert ctx.pool.snapshot() == []
+                client.close()
             errs = [r["error"] for r in records if r["direction"] == "outbound" and r["error"]]
             assert errs == [CLIENT_GONE], errs
 

@@ -232,6 +232,9 @@ class OutboundConnection(TcpSide):
         if planned is None:
             return
         plan, rec, src_ip, src_port = planned
+        if self._finished:  # the client went during the lookup: no dial, no CONNECT for it
+            self._failed(rec, ConnectionResetError(_CLIENT_GONE))
+            return
         if plan.kind is PlanKind.HBONE and not self._is_local(plan):
             key, headers = self._hbone_request(plan, rec, src_ip, src_port)
             assert plan.authority is not None
