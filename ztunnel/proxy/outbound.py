@@ -14,7 +14,8 @@ connection's record opened, or failed (recorded, logged at debug, the client's s
 It is counted opened right before its tunnel or upstream is attached, and only if the client is
 still there: a client gone first (its reset, the drain's abort) has its CONNECT reset at once,
 whether sent without a task or by the pool in one (`_pending`; a dial still in flight: as soon
-as its CONNECT is sent), or its upstream closed, and is recorded failed.
+as its CONNECT is sent), or its upstream closed, and is recorded failed; one gone during the
+on-demand lookup gets no dial nor CONNECT at all.
 """
 
 from __future__ import annotations
