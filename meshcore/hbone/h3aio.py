@@ -346,10 +346,12 @@ class H3Protocol:
 
     # ---- client ----------------------------------------------------------------------------
 
-    async def open_stream(
+    def start_stream(
         self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
     ) -> H3Stream:
-        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        """Send CONNECT now; its status arrives in the stream's `response` future (as
+        `HboneProtocol.start_stream`). Raises StreamRefused (nothing was sent: the pool may
+        retry on another connection)."""
         if self.closed or not self.conn.can_open_stream(self.conn.max_streams):
             # Nothing was sent on this connection: the pool may retry on another.
             raise StreamRefused("HTTP/3 connection closed before the CONNECT was sent")
@@ -360,11 +362,17 @@ class H3Protocol:
         stream.sink = sink
         self.streams[sid] = stream
         self.flush()
+        return stream
+
+    async def open_stream(
+        self, authority: str, headers: Sequence[tuple[str, str]], sink: TunnelSink
+    ) -> H3Stream:
+        """Send CONNECT and wait for the response. Raises HboneError for a non-200 status."""
+        stream = self.start_stream(authority, headers, sink)
+        assert stream.response is not None
         status = await stream.response
         if status != 200:
-            refused = HboneError(f"CONNECT {authority} refused with {status}")
-            refused.status = status
-            raise refused
+            raise HboneError.for_status(status, f"CONNECT {authority} refused with {status}")
         return stream
 
 

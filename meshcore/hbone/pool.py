@@ -31,6 +31,9 @@ Invariants (in the spirit of ztunnel's pool.rs):
   network reason (UDP blocked, no listener) the peer address is remembered for `h3_retry_after`
   and HTTP/2 is used meanwhile. A refused peer identity never falls back: it is an error on
   either transport.
+- A CONNECT `open_stream` sent is never left open without an answer waiting for it: when the
+  call ends before a 200 (cancelled, e.g. by a caller's connect timeout, or failed) the stream
+  is reset (RST_STREAM CONNECT_ERROR), so its late answer cannot keep it against max streams.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from meshcore.certs import WorkloadCertificate
-from meshcore.errors import DialRetired, StreamRefused
+from meshcore.errors import DialRetired, HboneError, StreamRefused
 from meshcore.hbone.aio import (
     HboneProtocol,
     HboneSettings,
@@ -53,6 +56,7 @@ from meshcore.hbone.aio import (
     connect,
 )
 from meshcore.hbone.aio import PoolKey as PoolKey  # re-exported: the pool's key
+from meshcore.hbone.frames import ErrorCode
 from meshcore.identity import SpiffeId
 
 if TYPE_CHECKING:  # aioquic is imported by the first HTTP/3 dial only (`_dial_h3`)
@@ -137,7 +141,7 @@ class HbonePool:
                     return None
         return None
 
-    async def open_stream(
+    async def open_stream(  # noqa: PLR0913 (the CONNECT's 4 fields, then 2 keyword options)
         self,
         key: PoolKey,
         authority: str,
@@ -145,9 +149,16 @@ class HbonePool:
         sink: TunnelSink,
         *,
         attempts: int = DIAL_ATTEMPTS,
+        on_started: Callable[[HboneStream], None] | None = None,
     ) -> HboneStream:
         """A CONNECT stream on a pooled connection. Raises HboneError (non-200),
         PeerVerificationError, or OSError/ConnectionError (connect failures).
+
+        `on_started`: called with each stream as soon as its CONNECT is sent, before its
+        answer (HTTP/2 and HTTP/3 alike, and again for a retried one), so a caller whose
+        client goes meanwhile can reset it at once (RST_STREAM; failing its `response` with
+        ConnectionResetError ends this call) instead of holding it, and the peer's tunnel
+        slot and upstream connect, until the answer.
 
         A stream the peer did not process (StreamRefused: above its GOAWAY's last stream id,
         e.g. while it hands its listeners to a successor) is retried on another connection,
@@ -156,7 +167,26 @@ class HbonePool:
         for attempt in range(1, attempts + 1):
             proto = await self._connection(key)
             try:
-                return await proto.open_stream(authority, headers, sink)
+                stream = proto.start_stream(authority, headers, sink)
+                try:
+                    if on_started is not None:
+                        on_started(stream)
+                    assert stream.response is not None
+                    status = await stream.response
+                except BaseException:
+                    # Cancelled (a caller's connect timeout) or failed: the CONNECT is sent,
+                    # and a late 200 would find no one waiting and leave the stream open (our
+                    # max streams; the peer's tunnel slot and upstream). RST_STREAM now (RFC
+                    # 9113 §8.5); a no-op when the peer or the connection ended it already
+                    # (REFUSED_STREAM, reset, connection lost). The late answer and DATA find
+                    # the stream forgotten: dropped (`aio.on_response`, `on_stream_data`).
+                    stream.reset(ErrorCode.CONNECT_ERROR)
+                    raise
+                if status != 200:
+                    raise HboneError.for_status(
+                        status, f"CONNECT {authority} refused with {status}"
+                    )
+                return stream
             except StreamRefused:
                 if attempt == attempts:
                     raise

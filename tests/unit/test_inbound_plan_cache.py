@@ -173,6 +173,7 @@ ALLOW_SLEEP_FROM_CLIENT = {
         ({"src_identity": OTHER}, Unauthorized),
         ({"src_identity": None}, Unauthorized),
         ({"src_ip": "127.0.1.99"}, Unauthorized),
+        ({"src_ip": "::ffff:127.0.1.10"}, Unauthorized),  # IPv4-mapped: another address
         ({"conn_dst_ip": "127.0.2.99"}, BadRequest),  # no workload there
         ({"dst_ip": "127.0.2.99"}, BadRequest),  # not the connection's destination
         ({"addressed_service": "default/guarded.default.svc"}, Unauthorized),  # waypoint bypass
@@ -181,6 +182,7 @@ ALLOW_SLEEP_FROM_CLIENT = {
         "other-identity",
         "no-identity",
         "other-source-ip",
+        "mapped-source-ip",
         "other-conn-dst",
         "other-target",
         "other-service",
@@ -214,3 +216,46 @@ def test_the_node_and_network_planned_for_key_the_cache(
     place = {"network": "", "node": "node-b"} | where
     with pytest.raises(BadRequest, match=refusal):
         plan_inbound(st, connect(), network=place["network"], node=place["node"], cache=cache)
+
+
+def test_spellings_of_one_address_share_a_plan() -> None:
+    """The key holds the addresses as parsed: other spellings of the CONNECT's IPv6 addresses
+    get the plan kept for the first (fails with the texts in the key: one entry per spelling,
+    as many as a peer cares to send); a scoped address is another address."""
+    v6 = MeshState.from_config(
+        parse_mesh_config(
+            {
+                "workloads": [
+                    {
+                        "uid": "echo6",
+                        "name": "echo6",
+                        "namespace": "default",
+                        "serviceAccount": "echo",
+                        "addresses": ["fd00::10"],
+                        "tunnelProtocol": "HBONE",
+                        "node": "node-b",
+                    }
+                ]
+            }
+        )
+    )
+    cache = InboundPlanCache()
+
+    def spelled(receiver: str, client: str) -> Any:
+        c = InboundConnect(
+            dst_ip=receiver,
+            dst_port=8080,
+            src_identity=SLEEP,
+            src_ip=client,
+            conn_dst_ip=receiver,
+        )
+        return plan_inbound(v6, c, network="", node="node-b", cache=cache)
+
+    first = spelled("fd00::10", "fd00::1")
+    assert first.target_addr == ("fd00::10", 8080)
+    assert spelled("FD00:0:0::0010", "fd00:0::0:1") is first
+    assert spelled("fd00:0000::10", "FD00::1") is first
+    assert len(cache) == 1
+    with pytest.raises(BadRequest, match="unknown destination"):
+        spelled("fd00::10%eth0", "fd00::1")
+    assert len(cache) == 1

@@ -19,6 +19,8 @@ from ztunnel.protocol.plan import (
     OutboundPlan,
     PlanKind,
     PlanScope,
+    _plan,
+    _resolve,
     plan_outbound,
 )
 
@@ -241,3 +243,73 @@ def test_a_replaced_scope_has_a_cache_of_its_own() -> None:
     assert other.plans is not scope.plans
     refused = plan_outbound(STATE, other, src_ip=SRC, dst_ip=VIP, dst_port=80)
     assert refused.kind is PlanKind.REJECT
+
+
+def guarded_mesh(guarded: int, plain: int = 0) -> MeshState:
+    """Service "g" (VIP 127.0.3.60): `guarded` endpoints behind the waypoint "wp" (two healthy
+    instances, one sick) and `plain` endpoints reached directly."""
+    workloads = [w("client-0", SRC, node="node-a")]
+    workloads += [
+        w(f"g-{i}", f"127.0.60.{i}", services=backs("g"), waypoint=WAYPOINT) for i in range(guarded)
+    ]
+    workloads += [w(f"p-{i}", f"127.0.61.{i}", services=backs("g")) for i in range(plain)]
+    workloads += [
+        w("wp-1", "127.0.4.1", services=backs("wp")),
+        w("wp-2", "127.0.4.2", services=backs("wp")),
+        w("wp-3", "127.0.4.3", services=backs("wp"), status="UNHEALTHY"),
+    ]
+    return MeshState.from_config(
+        parse_mesh_config(
+            {"workloads": workloads, "services": [s("g", "127.0.3.60"), s("wp", "127.0.4.40")]}
+        )
+    )
+
+
+def test_cached_outcomes_draw_as_planning_afresh() -> None:
+    """Differential: through the cache (options built on first use) and planned afresh per
+    connection (`_plan` with the rng, nothing kept), the same seed gives equal plans, connection
+    after connection, nested picks included, across snapshot swaps and on both sides of the
+    per-outcome budget (3 per guarded endpoint: itself and its two healthy waypoint
+    instances; 21 fit in `MAX_PLANS_PER_OUTCOME`, 22 do not)."""
+    assert 3 * 21 <= MAX_PLANS_PER_OUTCOME < 3 * 22
+    states = [STATE, guarded_mesh(21, 1), guarded_mesh(22), mesh(endpoints=60), STATE]
+    targets = [(VIP, 80), ("127.0.3.60", 80), ("127.0.3.50", 80), ("127.0.2.3", 80)]
+    cached = PlanScope(node="node-a", rng=random.Random(7))
+    afresh = PlanScope(node="node-a", rng=random.Random(7))
+    for state in states:
+        for i in range(600):
+            dst, port = targets[i % len(targets)]
+            got = plan_outbound(state, cached, src_ip=SRC, dst_ip=dst, dst_port=port)
+            svc = state.service_by_vip(dst, "")
+            want = _resolve(_plan(state, afresh, (SRC, dst, port), svc, afresh.rng), afresh.rng)
+            assert got == want, (state, dst, i)
+    assert cached.plans.plans <= MAX_CACHED_PLANS
+
+
+def test_budget_counts_unbuilt_options() -> None:
+    """An outcome counts the plans it may come to hold, built or not: 21 guarded endpoints
+    and one plain one are 43 plans (kept), 22 guarded are past the budget (kept as "planned
+    per connection", 1)."""
+    scope = PlanScope(node="node-a", rng=random.Random(5))
+    plan_outbound(guarded_mesh(21, 1), scope, src_ip=SRC, dst_ip="127.0.3.60", dst_port=80)
+    assert scope.plans.plans == 2 * 21 + 1
+    plan_outbound(guarded_mesh(22), scope, src_ip=SRC, dst_ip="127.0.3.60", dst_port=80)
+    assert scope.plans.plans == 1
+
+
+def test_options_are_built_on_first_use() -> None:
+    """The first connection after a snapshot swap builds the plan it draws, not every
+    alternative (a 60-endpoint service: one plan built, not 60); each option is built once
+    and then reused."""
+    state = mesh(endpoints=60)
+    scope = PlanScope(node="node-a", rng=random.Random(9))
+    key = (SRC, "127.0.3.50", 80)
+    first = plan_outbound(state, scope, src_ip=SRC, dst_ip=key[1], dst_port=80)
+    outcome: Any = scope.plans._entries[key]
+    built = [o for o in outcome._memo if o is not None]
+    assert built == [first]
+    assert outcome.count == 60
+    plans = [plan_outbound(state, scope, src_ip=SRC, dst_ip=key[1], dst_port=80) for _ in range(30)]
+    built = [o for o in outcome._memo if o is not None]
+    assert len(built) == len({id(p) for p in [first, *plans]}) < 60
+    assert {id(p) for p in plans} <= {id(o) for o in built}

@@ -69,13 +69,73 @@ RESERVED_PORTS = frozenset({15001, 15006, 15008})
 
 
 class _Choice:
-    """A random pick among `options` (each a plan or another pick), made per connection with
-    the scope's rng: `rng.choice(options)`, as the planner would have made it (`_resolve`)."""
+    """A random pick among `len(self)` options (each a plan or another pick), made per
+    connection with the scope's rng: `rng.choice(self)` (`_resolve`), the draw the planner
+    would have made over the same options. Each option is built on first use and kept by its
+    index (`_build`), not all of them on the first connection after a snapshot swap (issue 14:
+    a 60-endpoint service cost 189 us eagerly). `count`: the plans it may come to hold (what
+    `OutboundPlanCache` counts). This base class is the empty pick (`_OVERFLOW`)."""
 
-    __slots__ = ("options",)
+    __slots__ = ("_memo", "count")
 
-    def __init__(self, options: tuple[OutboundPlan | _Choice, ...]) -> None:
-        self.options: Final = options
+    def __init__(self, size: int, count: int) -> None:
+        self._memo: list[OutboundPlan | _Choice | None] = [None] * size
+        self.count: Final = count
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def __getitem__(self, index: int) -> OutboundPlan | _Choice:
+        option = self._memo[index]
+        if option is None:
+            option = self._memo[index] = self._build(index)
+        return option
+
+    def _build(self, index: int) -> OutboundPlan | _Choice:
+        raise IndexError(index)
+
+
+class _EndpointChoice(_Choice):
+    """A random one of a service's usable endpoints (`_OutboundPlanner.to_endpoint`)."""
+
+    __slots__ = ("_planner", "_svc", "_usable")
+
+    def __init__(
+        self,
+        planner: _OutboundPlanner,
+        usable: list[tuple[Endpoint, IPAddress, int]],
+        svc: Service,
+        count: int,
+    ) -> None:
+        super().__init__(len(usable), count)
+        self._planner = planner
+        self._usable = usable
+        self._svc = svc
+
+    def _build(self, index: int) -> OutboundPlan | _Choice:
+        ep, ip, port = self._usable[index]
+        return self._planner.to_workload(ep.workload, ip, port, self._svc)
+
+
+class _WaypointChoice(_Choice):
+    """A random one of a waypoint's usable workloads (`_OutboundPlanner.via_waypoint`)."""
+
+    __slots__ = ("_authority", "_gw", "_planner", "_svc", "_usable", "_wl")
+
+    def __init__(
+        self,
+        planner: _OutboundPlanner,
+        usable: list[tuple[Workload, IPAddress]],
+        via: tuple[GatewayAddress, str, Workload | None, Service | None],
+    ) -> None:
+        super().__init__(len(usable), len(usable))
+        self._planner = planner
+        self._usable = usable
+        self._gw, self._authority, self._wl, self._svc = via
+
+    def _build(self, index: int) -> OutboundPlan | _Choice:
+        picked = self._usable[index]
+        return self._planner._via(self._gw, self._authority, self._wl, self._svc, picked)
 
 
 def _what(wl: Workload | None, svc: Service | None) -> str:
@@ -83,7 +143,7 @@ def _what(wl: Workload | None, svc: Service | None) -> str:
     return f"workload {wl.uid}" if wl is not None else f"service {svc.key if svc else ''}"
 
 
-_OVERFLOW: Final = _Choice(())
+_OVERFLOW: Final = _Choice(0, 1)
 """What an eager pick past the budget returns (the planner's `overflow` says so; never
 resolved: the caller plans again lazily)."""
 
@@ -103,14 +163,15 @@ class OutboundPlanCache:
     snapshot (issue 14: the same few pairs open every connection; a plan took ~5 us). A plan is
     a pure function of the snapshot, the scope and those three, so an outcome is reused only
     while `state` is the very snapshot it was planned on: any other snapshot (a workload
-    removed, a service or waypoint changed) empties the cache first, and the next connection
-    is planned on it. Random picks stay per connection: an outcome keeps every option of a
-    pick (`_Choice`) and `_resolve` draws with the scope's rng, the same draws in the same
-    order as planning each time. Bounded by the state: only a known local source to a port a
-    VIP declares is kept (a workload IP's port or an address outside the mesh is the client's
-    pick: planned per connection, never kept); and `MAX_CACHED_PLANS` plans in all (the oldest
-    leave first), `MAX_PLANS_PER_OUTCOME` per outcome (more alternatives: planned per
-    connection). Holds its snapshot, so a snapshot's identity is not reused while cached."""
+    removed, a service or waypoint changed) empties the cache first, and the next connection is
+    planned on it. Random picks stay per connection: an outcome keeps every option of a pick
+    (`_Choice`, each built on first use) and `_resolve` draws with the scope's rng, the same
+    draws in the same order as planning each time. Bounded by the state: only a known local
+    source to a port a VIP declares is kept (a workload IP's port or an address outside the mesh
+    is the client's pick: planned per connection, never kept); and `MAX_CACHED_PLANS` plans in
+    all (the oldest leave first), `MAX_PLANS_PER_OUTCOME` per outcome (more alternatives:
+    planned per connection). Holds its snapshot, so a snapshot's identity is not reused while
+    cached."""
 
     __slots__ = ("_entries", "_plans", "_state")
 
@@ -151,10 +212,9 @@ class OutboundPlanCache:
 
 
 def _plan_count(outcome: OutboundPlan | _Choice) -> int:
-    """What `outcome` counts against `MAX_CACHED_PLANS`: its plans (`_OVERFLOW`, none: 1)."""
-    if isinstance(outcome, _Choice):
-        return max(sum([_plan_count(o) for o in outcome.options]), 1)
-    return 1
+    """What `outcome` counts against `MAX_CACHED_PLANS`: the plans it may come to hold, built
+    or not (`_OVERFLOW`, none: 1)."""
+    return outcome.count if isinstance(outcome, _Choice) else 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -395,9 +455,10 @@ def _address_text(value: IPAddress | str) -> str:
 
 def _resolve(outcome: OutboundPlan | _Choice, rng: random.Random) -> OutboundPlan:
     """The plan of one connection: the picks of `outcome` made with `rng`, outermost first
-    (the order in which the planner draws them: endpoint, then that endpoint's waypoint)."""
+    (the order in which the planner draws them: endpoint, then that endpoint's waypoint);
+    `rng.choice` over a `_Choice` draws as over the list of its options."""
     while isinstance(outcome, _Choice):
-        outcome = rng.choice(outcome.options)
+        outcome = rng.choice(outcome)
     return outcome
 
 
@@ -407,10 +468,11 @@ class _OutboundPlanner:
     environment object that refers to them and they to it, a reference cycle per connection
     that only the cyclic GC frees (bench/README.md, issue 14).
 
-    Eager (`rng` None): every random pick becomes a `_Choice` holding every option, so the
-    outcome can be cached and resolved per connection; no draw is made while planning. Past
-    `MAX_PLANS_PER_OUTCOME` plans it sets `overflow` and the caller plans again lazily (with
-    `rng`: each pick drawn as it comes, nothing kept)."""
+    For the cache (`rng` None): every random pick becomes a `_Choice` over every option (each
+    built on first use), so the outcome can be cached and resolved per connection; no draw is
+    made while planning. Past `MAX_PLANS_PER_OUTCOME` plans (counted as if every option were
+    built: the same bound as building them all) it sets `overflow` and the caller plans per
+    connection (with `rng`: each pick drawn as it comes, nothing kept)."""
 
     def __init__(
         self,
@@ -427,9 +489,14 @@ class _OutboundPlanner:
         self.rng = rng
         self.budget = MAX_PLANS_PER_OUTCOME
         self.overflow = False
+        self.counted = False
+        """The outcome is planned and within the budget: its picks' options, built later
+        (`_Choice._build`), were counted already."""
 
     def _options(self, count: int) -> bool:
-        """Whether an eager pick among `count` options stays within the budget."""
+        """Whether a pick among `count` options stays within the budget."""
+        if self.counted:
+            return True
         if count > self.budget:
             self.overflow = True
             return False
@@ -455,7 +522,7 @@ class _OutboundPlanner:
             return self._via(gw, authority, wl, svc, rng.choice(usable))
         if not self._options(len(usable)):
             return _OVERFLOW
-        return _Choice(tuple([self._via(gw, authority, wl, svc, picked) for picked in usable]))
+        return _WaypointChoice(self, usable, (gw, authority, wl, svc))
 
     def _via(
         self,
@@ -488,7 +555,24 @@ class _OutboundPlanner:
             return self.to_workload(ep.workload, ep_ip, target_port, svc)
         if not self._options(len(usable)):
             return _OVERFLOW
-        return _Choice(tuple([self.to_workload(ep.workload, ip, tp, svc) for ep, ip, tp in usable]))
+        count = 0
+        for ep, _, _ in usable:  # the budget and count as if built now (`_options`)
+            wps = self._waypoints_of(ep.workload)
+            if wps:
+                if not self._options(wps):
+                    return _OVERFLOW
+                count += wps
+            else:
+                count += 1
+        return _EndpointChoice(self, usable, svc, count)
+
+    def _waypoints_of(self, wl: Workload) -> int:
+        """How many waypoint workloads `to_workload(wl, ...)` would pick among (0: none, it
+        goes straight to `wl` or is refused)."""
+        gw = wl.waypoint
+        if gw is None or _is_waypoint_member(self.state, gw, self.source, self.scope.network):
+            return 0
+        return len(_usable_waypoints(self.state, gw, self.scope.network))
 
     def to_workload(
         self, wl: Workload, ip: IPAddress, port: int, svc: Service | None
@@ -577,7 +661,10 @@ def _plan(
         )
     planner = _OutboundPlanner(state, scope, source, original, rng)
     outcome = _plan_to(planner, svc, dst_ip, dst_port)
-    return _OVERFLOW if planner.overflow else outcome
+    if planner.overflow:
+        return _OVERFLOW
+    planner.counted = True
+    return outcome
 
 
 def _plan_to(
@@ -645,12 +732,12 @@ are partly the peer's picks (the target port), so the bound is a constant (~80 K
 
 
 class InboundPlanCache:
-    """`plan_inbound`'s ALLOWED plans by every field of the CONNECT (and the network and node
-    planned for), for ONE state snapshot (issue 14: the same few clients open every
-    connection). The plan, authorization decision included, is a pure function of the
-    snapshot and those fields, so a plan is reused only while `state` is the very snapshot it
-    was made on: another snapshot (a policy added or changed, a workload removed) empties the
-    cache first and the next CONNECT is checked and authorized on it, as without a cache. A
+    """`plan_inbound`'s ALLOWED plans by every field of the CONNECT (its addresses as parsed, and
+    the network and node planned for), for ONE state snapshot (issue 14: the same few clients
+    open every connection). The plan, authorization decision included, is a pure function of
+    the snapshot and those fields, so a plan is reused only while `state` is the very snapshot
+    it was made on: another snapshot (a policy added or changed, a workload removed) empties
+    the cache first and the next CONNECT is checked and authorized on it, as without a cache. A
     refusal is never kept (each one is decided, logged and counted anew), nor a plan whose
     addressed service (the peer's text) the snapshot does not know. Bounded:
     `MAX_CACHED_INBOUND` plans. Holds its snapshot, so its identity is not reused."""
@@ -705,11 +792,32 @@ def plan_inbound(
         node,
     )
     plan = cache.get(state, key)
-    if plan is None:
-        plan = _plan_inbound(state, connect, network, node)  # raises: nothing kept
-        addressed = connect.addressed_service
-        if addressed is None or state.service(addressed) is not None:
-            cache.put(key, plan)
+    if plan is not None:
+        return plan
+    try:
+        # Kept under the addresses' canonical texts (as parsed: "FD00:0::1" is "fd00::1", an
+        # IPv6 scope stays, IPv4-mapped IPv6 stays apart from IPv4), so every spelling of one
+        # address shares one plan; a CONNECT spelled so is looked up as typed first (above).
+        canonical = (
+            _address_text(connect.dst_ip),
+            connect.dst_port,
+            connect.src_identity,
+            _address_text(connect.src_ip),
+            _address_text(connect.conn_dst_ip),
+            connect.addressed_service,
+            network,
+            node,
+        )
+    except ValueError:
+        return _plan_inbound(state, connect, network, node)  # raises BadRequest: not kept
+    if canonical != key:
+        plan = cache.get(state, canonical)
+        if plan is not None:
+            return plan
+    plan = _plan_inbound(state, connect, network, node)  # raises: nothing kept
+    addressed = connect.addressed_service
+    if addressed is None or state.service(addressed) is not None:
+        cache.put(canonical, plan)
     return plan
 
 

@@ -12,8 +12,10 @@ opens the tunnel); only what must wait (an on-demand lookup, a dial, a retried s
 same-node path, a passthrough connect) runs in a task. Every path ends the same way: the
 connection's record opened, or failed (recorded, logged at debug, the client's socket aborted).
 It is counted opened right before its tunnel or upstream is attached, and only if the client is
-still there: a client gone first (its reset, the drain's abort) has its CONNECT reset (pending:
-at once; in a task: when answered) or its upstream closed, and is recorded failed.
+still there: a client gone first (its reset, the drain's abort) has its CONNECT reset at once,
+whether sent without a task or by the pool in one (`_pending`; a dial still in flight: as soon
+as its CONNECT is sent), or its upstream closed, and is recorded failed; one gone during the
+on-demand lookup gets no dial nor CONNECT at all.
 """
 
 from __future__ import annotations
@@ -148,23 +150,42 @@ class OutboundConnection(TcpSide):
         self.ctx = ctx
         self.record: ConnectionRecord | None = None
         self._pending: HboneStream | None = None
-        """The CONNECT `begin` sent without a task, until `_answered`."""
+        """The CONNECT sent and not answered yet (`begin`'s until `_answered`; the pool's
+        `_started` until `open_stream` returns)."""
+        self._peer_reset: str | None = None
+        """Why the stream or its HBONE connection was reset before the tunnel opened (the
+        peer's RST_STREAM, e.g. right after its 200 in the same read; the connection lost; our
+        reset for a peer error or our GOAWAY): the record's error, not `_CLIENT_GONE`."""
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._finished:
+            self._reset_pending()
+        super().connection_lost(exc)
+
+    def _reset_pending(self) -> None:
+        """The client is gone before the CONNECT's answer: RST_STREAM(CONNECT_ERROR) now, as
+        for a reset after it (RFC 9113 §8.5), and whoever waits for the answer (`_answered`,
+        or the pool's `open_stream` in a task) records the connection failed."""
         pending, self._pending = self._pending, None
-        if pending is not None and not self._finished:
-            # Gone before the CONNECT's answer: RST_STREAM(CONNECT_ERROR) now, as for a reset
-            # after it (RFC 9113 §8.5), and `_answered` records the connection failed.
+        if pending is not None:
             pending.reset(ErrorCode.CONNECT_ERROR)
             response = pending.response
             if response is not None and not response.done():
                 response.set_exception(ConnectionResetError(_CLIENT_GONE))
-        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert self.transport is not None
         self.ctx.connections.add(self.transport)
+
+    def tunnel_reset(self, code: int, remote: bool) -> None:
+        if self.record is None and not self._finished:
+            # Not only the peer's RST_STREAM: the connection lost and our GOAWAY say so too
+            # (`remote` does not tell them apart), hence no "by peer".
+            self._peer_reset = (
+                f"HBONE stream or connection reset (code {code}) before the tunnel opened"
+            )
+        super().tunnel_reset(code, remote)
 
     def _record_close(self, _side: TcpSide, error: str | None) -> None:
         if self.transport is not None:
@@ -212,6 +233,9 @@ class OutboundConnection(TcpSide):
         if planned is None:
             return
         plan, rec, src_ip, src_port = planned
+        if self._finished:  # the client went during the lookup: no dial, no CONNECT for it
+            self._failed(rec, ConnectionResetError(_CLIENT_GONE))
+            return
         if plan.kind is PlanKind.HBONE and not self._is_local(plan):
             key, headers = self._hbone_request(plan, rec, src_ip, src_port)
             assert plan.authority is not None
@@ -310,9 +334,23 @@ class OutboundConnection(TcpSide):
         rec: ConnectionRecord,
         attempts: int = DIAL_ATTEMPTS,
     ) -> None:
-        """The CONNECT through the pool (which may dial, or retry a refused stream)."""
-        stream = await self.ctx.pool.open_stream(key, authority, headers, self, attempts=attempts)
+        """The CONNECT through the pool (which may dial, or retry a refused stream). Each
+        stream is `_pending` from its sending on (`_started`), as on the taskless path."""
+        try:
+            stream = await self.ctx.pool.open_stream(
+                key, authority, headers, self, attempts=attempts, on_started=self._started
+            )
+        finally:
+            self._pending = None
         self._tunnel(stream, rec)
+
+    def _started(self, stream: HboneStream) -> None:
+        """A CONNECT the pool just sent for this connection (after a dial, on HTTP/3, or a
+        retried one): reset at once if the client is gone already (it went during the dial),
+        else when it goes (`connection_lost`) before the answer."""
+        self._pending = stream
+        if self._finished:
+            self._reset_pending()
 
     def _answered(
         self,
@@ -337,22 +375,26 @@ class OutboundConnection(TcpSide):
                     self._failed(rec, gone)
                 return
             err = HboneError.for_status(status, f"CONNECT {stream.authority} refused with {status}")
-        elif isinstance(err, StreamRefused) and not self._finished:
-            # Not processed by the peer (RFC 9113 §8.7): the pool retries it elsewhere, as
-            # `open_stream` would have, with the attempts left.
-            self.ctx.pool.streams_retried += 1
-            work = self._hbone_pooled(key, stream.authority, headers, rec, DIAL_ATTEMPTS - 1)
-            _spawn(self._carry_out(work, rec))
-            return
+        elif isinstance(err, StreamRefused):
+            if self._finished:  # the client went after the refusal: the cause, not the peer
+                err = ConnectionResetError(_CLIENT_GONE)
+            else:
+                # Not processed by the peer (RFC 9113 §8.7): the pool retries it elsewhere,
+                # as `open_stream` would have, with the attempts left.
+                self.ctx.pool.streams_retried += 1
+                work = self._hbone_pooled(key, stream.authority, headers, rec, DIAL_ATTEMPTS - 1)
+                _spawn(self._carry_out(work, rec))
+                return
         self._failed(rec, err)
 
     def _tunnel(self, stream: HboneStream, rec: ConnectionRecord) -> None:
         """Count the connection opened, then attach the answered stream (opened first: early
         data and END_STREAM may finish the connection inside `attach`, which counts it closed).
-        Raises ConnectionResetError, the stream reset, when the client is gone already."""
+        Raises ConnectionResetError, the stream reset, when the connection is finished already:
+        the client gone, or the peer's reset of the stream delivered with its 200."""
         if self._finished:
             stream.reset(ErrorCode.CONNECT_ERROR)
-            raise ConnectionResetError(_CLIENT_GONE)
+            raise ConnectionResetError(self._peer_reset or _CLIENT_GONE)
         rec.mtls = True
         rec.transport = stream.transport
         rec.destination_principal = str(stream.peer_identity) if stream.peer_identity else None
