@@ -105,13 +105,16 @@ def bulk_round(rt: PathRuntime, duration: float) -> dict[str, Any]:
     }
 
 
-def start_tree(sup: Supervisor, workdir: Path, ca_dir: Path, tree: str) -> PathRuntime:
-    """The node-proxy pair running the sources of `tree` ("." = this checkout)."""
+def start_tree(
+    sup: Supervisor, workdir: Path, ca_dir: Path, tree: str, workers: int = 1
+) -> PathRuntime:
+    """The node-proxy pair running the sources of `tree` ("." = this checkout), each proxy with
+    `workers` workers."""
     old = os.environ.get("PYTHONPATH")
     if tree != ".":
         os.environ["PYTHONPATH"] = str(Path(tree).resolve())
     try:
-        return start_ztunnel_pair(sup, workdir, ca_dir, 1)
+        return start_ztunnel_pair(sup, workdir, ca_dir, workers)
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH", None)

@@ -45,7 +45,9 @@ def conn_round(rt: PathRuntime, duration: float, conns: int) -> dict[str, Any]:
     settings = Settings(1, duration, 1, 1, 2, conns, conns, 1000.0, 1)
     cpu0 = rt.cpu()
     load0 = os.getloadavg()[0]
+    idle0 = _machine_ticks()
     rate, errors, _ = wrk(rt.addr, settings, conns, close=True)
+    idle1 = _machine_ticks()
     cpu = {k: v - cpu0[k] for k, v in rt.cpu().items()}
     n = max(rate * duration, 1.0)
     return {
@@ -54,14 +56,23 @@ def conn_round(rt: PathRuntime, duration: float, conns: int) -> dict[str, Any]:
         "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
         "cpu_us_sum": sum(cpu.values()) / n * 1e6,
         "load": (load0 + os.getloadavg()[0]) / 2,
+        "idle": (idle1[0] - idle0[0]) / max(idle1[1] - idle0[1], 1),
     }
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """The machine's idle (idle + iowait) and total CPU ticks so far (/proc/stat's `cpu` line):
+    the idle share of a run says whether the path was CPU-bound (every core busy) or waited."""
+    with open("/proc/stat") as f:
+        ticks = [int(t) for t in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks[:8])
 
 
 def _brief(name: str, r: dict[str, Any]) -> str:
     per = " ".join(f"{k}={v:.0f}" for k, v in r["cpu_us"].items())
     return (
         f"{name:8s} {r['cps']:7.0f} conn/s  CPU us/conn {r['cpu_us_sum']:.0f} ({per})  "
-        f"errors {r['errors']}  load {r['load']:.1f}"
+        f"errors {r['errors']}  idle {r['idle']:.0%}  load {r['load']:.1f}"
     )
 
 
@@ -71,7 +82,7 @@ def run(args: argparse.Namespace, sup: Supervisor, workdir: Path) -> dict[str, l
     ca_dir = workdir / "ca"
     ca_dir.mkdir()
     if args.hold:
-        rt = start_tree(sup, workdir, ca_dir, trees[args.hold])
+        rt = start_tree(sup, workdir, ca_dir, trees[args.hold], args.workers)
         log("pids: " + " ".join(f"{p.name}={p.pid}" for p in rt.proxies))
         conn_round(rt, 1.0, args.conns)  # warm-up
         log(f"holding: new connections for {args.duration:g} s")
@@ -88,7 +99,7 @@ def run(args: argparse.Namespace, sup: Supervisor, workdir: Path) -> dict[str, l
         if rnd % 2:  # every other round in reverse: no tree always runs first
             order.reverse()
         for name, tree in order:
-            rt = start_tree(sup, workdir, ca_dir, tree)
+            rt = start_tree(sup, workdir, ca_dir, tree, args.workers)
             conn_round(rt, 1.0, args.conns)  # warm-up: the pooled HBONE connection, imports
             r = conn_round(rt, args.duration, args.conns)
             for p in rt.proxies:
@@ -102,8 +113,8 @@ def report(results: dict[str, list[Any]]) -> None:
     med = statistics.median
     env = results.get("envoy")
     env_cpu = med(r["cpu_us_sum"] for r in env) if env else None
-    print("| tree | conn/s | CPU us per connection, both (A / B) | vs Envoy | load |")
-    print("|---|---:|---:|---:|---:|")
+    print("| tree | conn/s | CPU us per connection, both (A / B) | vs Envoy | idle | load |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, rs in results.items():
         cpu = med(r["cpu_us_sum"] for r in rs)
         names = list(rs[0]["cpu_us"])
@@ -111,7 +122,8 @@ def report(results: dict[str, list[Any]]) -> None:
         ratio = f"{cpu / env_cpu:.2f}x" if env_cpu else "-"
         loads = f"{min(r['load'] for r in rs):.1f}-{max(r['load'] for r in rs):.1f}"
         print(
-            f"| {name} | {med(r['cps'] for r in rs):.0f} | {cpu:.0f} ({per}) | {ratio} | {loads} |"
+            f"| {name} | {med(r['cps'] for r in rs):.0f} | {cpu:.0f} ({per}) | {ratio} "
+            f"| {med(r['idle'] for r in rs):.0%} | {loads} |"
         )
 
 
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per run")
     ap.add_argument("--conns", type=int, default=16, help="wrk connections")
     ap.add_argument("--no-envoy", action="store_true")
+    ap.add_argument("--workers", type=int, default=1, help="ztunnel --workers of each node proxy")
     ap.add_argument("--hold", help="run only this tree, one run of --duration seconds")
     ap.add_argument("--json", type=Path, help="write every round's figures here")
     args = ap.parse_args(argv)
