@@ -33,6 +33,7 @@ from bench.harness import (
     Settings,
     Supervisor,
     log,
+    machine_cpu_seconds,
     make_certs,
     run_ab,
     wrk,
@@ -45,9 +46,9 @@ def conn_round(rt: PathRuntime, duration: float, conns: int) -> dict[str, Any]:
     settings = Settings(1, duration, 1, 1, 2, conns, conns, 1000.0, 1)
     cpu0 = rt.cpu()
     load0 = os.getloadavg()[0]
-    idle0 = _machine_ticks()
+    busy0, idle0 = machine_cpu_seconds()
     rate, errors, _ = wrk(rt.addr, settings, conns, close=True)
-    idle1 = _machine_ticks()
+    busy1, idle1 = machine_cpu_seconds()
     cpu = {k: v - cpu0[k] for k, v in rt.cpu().items()}
     n = max(rate * duration, 1.0)
     return {
@@ -56,16 +57,9 @@ def conn_round(rt: PathRuntime, duration: float, conns: int) -> dict[str, Any]:
         "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
         "cpu_us_sum": sum(cpu.values()) / n * 1e6,
         "load": (load0 + os.getloadavg()[0]) / 2,
-        "idle": (idle1[0] - idle0[0]) / max(idle1[1] - idle0[1], 1),
+        # The machine's idle share: whether the path was CPU-bound (every core busy) or waited.
+        "idle": (idle1 - idle0) / max(busy1 - busy0 + idle1 - idle0, 1e-9),
     }
-
-
-def _machine_ticks() -> tuple[int, int]:
-    """The machine's idle (idle + iowait) and total CPU ticks so far (/proc/stat's `cpu` line):
-    the idle share of a run says whether the path was CPU-bound (every core busy) or waited."""
-    with open("/proc/stat") as f:
-        ticks = [int(t) for t in f.readline().split()[1:]]
-    return ticks[3] + ticks[4], sum(ticks[:8])
 
 
 def _brief(name: str, r: dict[str, Any]) -> str:
