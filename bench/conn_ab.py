@@ -13,8 +13,9 @@ so its fixed addresses do not collide:
     unshare -n bash -c 'ip link set lo up; exec .venv/bin/python -m bench.conn_ab \
         --tree main=/tmp/ab-main --tree branch=. --rounds 5 --duration 4'
 
-`--hold TREE` starts only that pair (and nginx) and runs one long new-connections run, for
-`py-spy` attached from outside (the pids are printed).
+`--hold TREE` starts only that pair (and nginx) and runs one long new-connections run (with
+`--keepalive`: keep-alive requests), for `py-spy` attached from outside (the pids are printed;
+`bench.spy_top` prints the profile's top).
 
 Invariant: every process it starts is stopped when it ends (the `Supervisor` of `bench.harness`).
 """
@@ -41,13 +42,14 @@ from bench.harness import (
 from bench.hbone_bench import start_backend, start_envoy_pair
 
 
-def conn_round(rt: PathRuntime, duration: float, conns: int) -> dict[str, Any]:
-    """One new-connections run through `rt`: connections/s, each proxy's CPU us per connection."""
+def conn_round(rt: PathRuntime, duration: float, conns: int, close: bool = True) -> dict[str, Any]:
+    """One new-connections run through `rt`: connections/s, each proxy's CPU us per connection
+    (`close` False: keep-alive requests instead, for a profile of the request path)."""
     settings = Settings(1, duration, 1, 1, 2, conns, conns, 1000.0, 1)
     cpu0 = rt.cpu()
     load0 = os.getloadavg()[0]
     busy0, idle0 = machine_cpu_seconds()
-    rate, errors, _ = wrk(rt.addr, settings, conns, close=True)
+    rate, errors, _ = wrk(rt.addr, settings, conns, close=close)
     busy1, idle1 = machine_cpu_seconds()
     cpu = {k: v - cpu0[k] for k, v in rt.cpu().items()}
     n = max(rate * duration, 1.0)
@@ -79,8 +81,9 @@ def run(args: argparse.Namespace, sup: Supervisor, workdir: Path) -> dict[str, l
         rt = start_tree(sup, workdir, ca_dir, trees[args.hold], args.workers)
         log("pids: " + " ".join(f"{p.name}={p.pid}" for p in rt.proxies))
         conn_round(rt, 1.0, args.conns)  # warm-up
-        log(f"holding: new connections for {args.duration:g} s")
-        log(_brief(args.hold, conn_round(rt, args.duration, args.conns)))
+        what = "keep-alive requests" if args.keepalive else "new connections"
+        log(f"holding: {what} for {args.duration:g} s")
+        log(_brief(args.hold, conn_round(rt, args.duration, args.conns, not args.keepalive)))
         return {}
     envoy = None if args.no_envoy else start_envoy_pair(sup, workdir, make_certs(workdir, ca_dir))
     results: dict[str, list[Any]] = {}
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-envoy", action="store_true")
     ap.add_argument("--workers", type=int, default=1, help="ztunnel --workers of each node proxy")
     ap.add_argument("--hold", help="run only this tree, one run of --duration seconds")
+    ap.add_argument(
+        "--keepalive", action="store_true", help="with --hold: keep-alive requests (per second)"
+    )
     ap.add_argument("--json", type=Path, help="write every round's figures here")
     args = ap.parse_args(argv)
     if not args.tree:
