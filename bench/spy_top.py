@@ -1,11 +1,12 @@
 """The top of a py-spy profile of running processes, as the markdown bench/README.md keeps
 (issue 14: "a full run's figures and profiles are in bench/README.md").
 
-Owns: sampling each named process with `py-spy record --format raw` (collapsed stacks) for the
-same wall time, all at once, and the two tables per process: self time (the innermost frame of
-each sample: where the CPU is spent) and inclusive time (every frame of a sample counted once:
-which call path costs what), as shares of that process's samples. Start the load first (for
-instance `bench.conn_ab --hold ztunnel`, which prints the node proxies' pids), then:
+Owns: sampling each named process (and its worker processes) with `py-spy record --format raw`
+(collapsed stacks) for the same wall time, all at once, and the two tables per process: self
+time (the innermost frame of each sample: where the CPU is spent) and inclusive time (every
+frame of a sample counted once: which call path costs what), as shares of that process's
+samples. Start the load first (for instance `bench.conn_ab --hold branch`, with `--keepalive`
+for requests, or `bench.bulk_ab --hold branch`: both print the node proxies' pids), then:
 
     .venv/bin/python -m bench.spy_top --pid nodeA=1234 --pid nodeB=1235 --duration 10
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 name, _, pid = spec.partition("=")
                 out = Path(tmp) / f"{name}.txt"
                 argv_ = [str(spy), "record", "--format", "raw", "-o", str(out), "-p", pid]
-                argv_ += ["-r", str(args.rate), "-d", f"{args.duration:g}"]
+                argv_ += ["-r", str(args.rate), "-d", f"{args.duration:g}", "--subprocesses"]
                 # --native must pause the process to unwind C frames; otherwise do not.
                 argv_ += ["--native"] if args.native else ["--nonblocking"]
                 argv_ += ["--idle"] * args.idle
