@@ -59,6 +59,7 @@ COMPILED: tuple[str, ...] = (
     "ztunnel.proxy.inbound",
     "ztunnel.proxy.outbound",
     "ztunnel.protocol.plan",
+    "ztunnel.protocol.plantypes",
     "ztunnel.metrics",
     "meshcore.sockets",
     "meshcore.deadlines",

@@ -27,7 +27,8 @@ from meshcore.errors import BadRequest
 from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import parse_mesh_config, parse_workload
 from meshcore.state import MeshState, address_key
-from ztunnel.protocol.plan import InboundConnect, PlanKind, PlanScope, plan_inbound, plan_outbound
+from ztunnel.protocol.plan import PlanScope, plan_inbound, plan_outbound
+from ztunnel.protocol.plantypes import InboundConnect, PlanKind
 
 RECEIVER, CLIENT, V6, VIP = "10.1.0.10", "10.1.0.20", "fd00::10", "10.2.0.10"
 SLEEP = SpiffeId(trust_domain="cluster.local", namespace="default", service_account="client")

@@ -13,12 +13,8 @@ from meshcore.errors import BadRequest, Unauthorized
 from meshcore.identity import SpiffeId
 from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
-from ztunnel.protocol.plan import (
-    MAX_CACHED_INBOUND,
-    InboundConnect,
-    InboundPlanCache,
-    plan_inbound,
-)
+from ztunnel.protocol.plan import MAX_CACHED_INBOUND, InboundPlanCache, plan_inbound
+from ztunnel.protocol.plantypes import InboundConnect
 
 RECEIVER = "127.0.2.10"
 CLIENT = "127.0.1.10"

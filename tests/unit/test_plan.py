@@ -17,15 +17,8 @@ from meshcore.identity import SpiffeId
 from meshcore.model import WorkloadStatus
 from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
-from ztunnel.protocol.plan import (
-    InboundConnect,
-    InboundPlan,
-    PlanKind,
-    PlanScope,
-    format_authority,
-    plan_inbound,
-    plan_outbound,
-)
+from ztunnel.protocol.plan import PlanScope, format_authority, plan_inbound, plan_outbound
+from ztunnel.protocol.plantypes import InboundConnect, InboundPlan, PlanKind
 
 WAYPOINT_SVC = {"hostname": {"namespace": "default", "hostname": "waypoint.default.svc"}}
 

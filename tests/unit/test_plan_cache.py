@@ -16,13 +16,12 @@ from tests.unit.test_plan import s as service
 from ztunnel.protocol.plan import (
     MAX_CACHED_PLANS,
     MAX_PLANS_PER_OUTCOME,
-    OutboundPlan,
-    PlanKind,
     PlanScope,
     _plan,
     _resolve,
     plan_outbound,
 )
+from ztunnel.protocol.plantypes import OutboundPlan, PlanKind
 
 SRC = "127.0.1.10"
 VIP = "127.0.3.10"

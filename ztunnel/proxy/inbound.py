@@ -45,7 +45,8 @@ from meshcore.sockets import PendingConnect, connect_tcp, retry_bind, start_conn
 from meshcore.telemetry import guess_inbound_service
 from meshcore.tracing import parse_traceparent
 from ztunnel.metrics import ConnectionRecord
-from ztunnel.protocol.plan import InboundConnect, InboundPlan, plan_inbound
+from ztunnel.protocol.plan import plan_inbound
+from ztunnel.protocol.plantypes import InboundConnect, InboundPlan
 from ztunnel.proxy.accept import AcceptLoop
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.relay import TcpSide, splice

@@ -36,13 +36,8 @@ from meshcore.identity import SpiffeId
 from meshcore.model import Workload
 from meshcore.sockets import connect_tcp
 from ztunnel.metrics import ConnectionRecord
-from ztunnel.protocol.plan import (
-    InboundConnect,
-    OutboundPlan,
-    PlanKind,
-    plan_inbound,
-    plan_outbound,
-)
+from ztunnel.protocol.plan import plan_inbound, plan_outbound
+from ztunnel.protocol.plantypes import InboundConnect, OutboundPlan, PlanKind
 from ztunnel.proxy.context import ProxyContext
 from ztunnel.proxy.inbound import connect_upstream
 from ztunnel.proxy.relay import TcpSide, splice
