@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import ClientSession
+
 from meshcore.proto.yamlform import parse_mesh_config
 from meshcore.state import MeshState
 from tests.loopback.test_waypoint_harness import (
@@ -356,6 +358,13 @@ def test_gateway_api_http_route(tmp_path: Path) -> None:
     run(main(), 180)
 
 
+async def _version(s: ClientSession) -> str:
+    """The version that answers a reviews request on `s` (its status when none did)."""
+    async with s.get(f"{REVIEWS}/reviews/1") as r:
+        await r.read()
+        return r.headers.get("x-version", str(r.status))
+
+
 def test_a_routing_change_applies_to_the_next_request_on_the_same_connection(
     tmp_path: Path,
 ) -> None:
@@ -371,19 +380,13 @@ def test_a_routing_change_applies_to_the_next_request_on_the_same_connection(
             waypoint_mesh(tmp_path, to_v1, REVIEWS_DR) as mesh,
             mesh.session(limit=1) as s,  # one connection: every request after the first reuses it
         ):
-
-            async def version() -> str:
-                async with s.get(f"{REVIEWS}/reviews/1") as r:
-                    await r.read()
-                    return r.headers.get("x-version", str(r.status))
-
-            assert [await version(), await version()] == ["v1", "v1"]
+            assert [await _version(s), await _version(s)] == ["v1", "v1"]
             mesh.set_config(to_v1, v1_is_v3)  # same destination, other endpoints
-            assert [await version(), await version()] == ["v3", "v3"]
+            assert [await _version(s), await _version(s)] == ["v3", "v3"]
             mesh.set_config(to_v1.replace("subset: v1", "subset: v2"), REVIEWS_DR)
-            assert await version() == "v2"
+            assert await _version(s) == "v2"
             mesh.set_config(to_v1, REVIEWS_DR)
-            assert await version() == "v1"
+            assert await _version(s) == "v1"
 
     run(main())
 
@@ -419,18 +422,12 @@ def test_a_state_change_applies_to_the_next_request_on_the_same_connection(
             waypoint_mesh(tmp_path, to_v1, REVIEWS_DR) as mesh,
             mesh.session(limit=1) as s,  # one connection: every request after the first reuses it
         ):
-
-            async def version() -> str:
-                async with s.get(f"{REVIEWS}/reviews/1") as r:
-                    await r.read()
-                    return r.headers.get("x-version", str(r.status))
-
-            assert [await version(), await version()] == ["v1", "v1"]
+            assert [await _version(s), await _version(s)] == ["v1", "v1"]
             mesh.waypoint.ctx.set_state(_state(drop_v1))  # subset v1 has no endpoint
-            assert await version() == "503"
+            assert await _version(s) == "503"
             mesh.waypoint.ctx.set_state(_state(v3_is_v1))  # subset v1 is the v3 pod
-            assert await version() == "v3"
+            assert await _version(s) == "v3"
             mesh.waypoint.ctx.set_state(_state(lambda cfg: None))
-            assert await version() == "v1"
+            assert await _version(s) == "v1"
 
     run(main())

@@ -145,6 +145,23 @@ def test_shared_change_never_crosses_scopes_and_decodes_as_built_alone() -> None
     asyncio.run(scenario())
 
 
+def _write_loop(
+    srv: XdsServer, ctx: Any
+) -> tuple[ProxyConnection, asyncio.Event, asyncio.Future[None]]:
+    """One proxy connection subscribed to Authorization, its reader waiting on the returned
+    Event, and `srv`'s write loop for it writing to `ctx` (a stand-in ServicerContext)."""
+    conn = ProxyConnection(id=1, node="n1", peer="test", connected_at=0.0)
+    srv.connections[1] = conn
+    stop = asyncio.Event()
+
+    async def reader() -> None:
+        srv._handle_request(conn, dpb.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE))
+        await stop.wait()
+
+    task = asyncio.get_running_loop().create_task(reader())
+    return conn, stop, asyncio.ensure_future(srv._write_loop(conn, ctx, task))
+
+
 def test_write_loop_pushes_then_ends_with_its_reader() -> None:
     """The write loop wakes on its connection's Event for each push, and ends when its reader
     does (also when the reader ends while no push is pending)."""
@@ -159,17 +176,8 @@ def test_write_loop_pushes_then_ends_with_its_reader() -> None:
     async def scenario() -> None:
         srv = XdsServer()
         srv.publish(Delta(upserts=(policy("x"),)))
-        conn = ProxyConnection(id=1, node="n1", peer="test", connected_at=0.0)
-        srv.connections[1] = conn
         ctx = Context()
-        stop = asyncio.Event()
-
-        async def reader() -> None:
-            srv._handle_request(conn, dpb.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE))
-            await stop.wait()
-
-        task = asyncio.get_running_loop().create_task(reader())
-        loop_task = asyncio.ensure_future(srv._write_loop(conn, ctx, task))
+        _conn, stop, loop_task = _write_loop(srv, ctx)
         for _ in range(5):
             await asyncio.sleep(0)
         assert len(ctx.sent) == 1  # the initial state
@@ -210,17 +218,8 @@ def test_write_loop_sends_a_push_queued_during_a_slow_write_next_in_order() -> N
     async def scenario() -> None:
         srv = XdsServer()
         srv.publish(Delta(upserts=(policy("x"),)))
-        conn = ProxyConnection(id=1, node="n1", peer="test", connected_at=0.0)
-        srv.connections[1] = conn
         ctx = SlowContext(srv)
-        stop = asyncio.Event()
-
-        async def reader() -> None:
-            srv._handle_request(conn, dpb.DeltaDiscoveryRequest(type_url=AUTHORIZATION_TYPE))
-            await stop.wait()
-
-        task = asyncio.get_running_loop().create_task(reader())
-        loop_task = asyncio.ensure_future(srv._write_loop(conn, ctx, task))
+        conn, stop, loop_task = _write_loop(srv, ctx)
         await settle()
         assert len(ctx.sent) == 1, "the first write is still in progress"
         ctx.gate.set()

@@ -180,8 +180,29 @@ def test_generated_request_streams_agree(messages: list[bytes], cuts: list[int])
     same(cut(b"".join(messages), cuts))
 
 
-INSERTS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b",", b"0"]
-INSERTS += [b"host: b\r\n", b"content-length: 1\r\n", b"transfer-encoding: chunked\r\n"]
+BYTE_INSERTS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b",", b"0"]
+"""Bytes the edits insert in either role (`mutations`), besides random ones."""
+INSERTS = [
+    *BYTE_INSERTS,
+    b"host: b\r\n",
+    b"content-length: 1\r\n",
+    b"transfer-encoding: chunked\r\n",
+]
+
+
+def mutations(inserts: list[bytes]) -> st.SearchStrategy[list[tuple[int, int, bytes]]]:
+    """1-4 edits of a message (`mutated`): at an offset, insert / replace / remove `inserts`
+    or 1-3 random bytes."""
+    return st.lists(
+        st.tuples(
+            st.integers(0, 200),
+            st.integers(0, 2),
+            st.one_of(st.sampled_from(inserts), st.binary(min_size=1, max_size=3)),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+
 
 BASE = [
     b"GET /1k HTTP/1.1\r\nHost: 127.0.93.10\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n",
@@ -193,15 +214,7 @@ BASE = [
 @FAST
 @given(
     st.sampled_from(BASE),
-    st.lists(
-        st.tuples(
-            st.integers(0, 200),
-            st.integers(0, 2),
-            st.one_of(st.sampled_from(INSERTS), st.binary(min_size=1, max_size=3)),
-        ),
-        min_size=1,
-        max_size=4,
-    ),
+    mutations(INSERTS),
     st.booleans(),
 )
 def test_mutated_requests_agree(

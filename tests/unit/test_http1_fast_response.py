@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from tests.unit.test_http1_fast import (
     BODY,
+    BYTE_INSERTS,
     CODING,
     EOL,
     FAST,
@@ -33,6 +34,7 @@ from tests.unit.test_http1_fast import (
     VALUE_OWS,
     cut,
     mutated,
+    mutations,
     pool,
     same,
 )
@@ -121,22 +123,14 @@ BASE = [
     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     b"HTTP/1.1 204 No Content\r\nx-a: b\r\n\r\n",
 ]
-INSERTS = [b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b",", b"0"]
-INSERTS += [b"set-cookie: a=b\r\n", b"content-length: 1\r\n", b"transfer-encoding: chunked\r\n"]
+INSERTS = [*BYTE_INSERTS, b"set-cookie: a=b\r\n", b"content-length: 1\r\n"]
+INSERTS += [b"transfer-encoding: chunked\r\n"]
 
 
 @FAST
 @given(
     st.sampled_from(BASE),
-    st.lists(
-        st.tuples(
-            st.integers(0, 200),
-            st.integers(0, 2),
-            st.one_of(st.sampled_from(INSERTS), st.binary(min_size=1, max_size=3)),
-        ),
-        min_size=1,
-        max_size=4,
-    ),
+    mutations(INSERTS),
     st.booleans(),
     METHODS,
 )
